@@ -1,0 +1,242 @@
+"""The one wire contract between devices and the fleet server (MQTT topics + message schemas).
+
+Kept free of heavy imports (pydantic only) because the server and the simulator
+import it too. Every inbound payload goes through ``decode_*``, which raises
+``ProtocolError`` on anything malformed so callers can count and drop it
+instead of crashing.
+
+Topics (``ef/v1/{device}/...``):
+
+=========  =================  ========  ==========================================
+suffix     direction          retained  payload
+=========  =================  ========  ==========================================
+desired    server -> device   yes       DSSE envelope (fleet key) around Directive
+reported   device -> server   yes       Reported (JSON)
+events     device -> server   no        Event (JSON)
+telemetry  device -> server   no        zlib-compressed JSON TelemetryBatch
+status     broker LWT/device  yes       Status (JSON)
+=========  =================  ========  ==========================================
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PREFIX = "ef/v1"
+DIRECTIVE_PAYLOAD_TYPE = "application/vnd.edgefleet.directive+json"
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_PAYLOAD = 1 << 20  # no legitimate message is larger; refuse before parsing
+
+
+class Channel(StrEnum):
+    DESIRED = "desired"
+    REPORTED = "reported"
+    EVENTS = "events"
+    TELEMETRY = "telemetry"
+    STATUS = "status"
+
+
+class ProtocolError(ValueError):
+    """An inbound message is malformed. Count it, log it, drop it."""
+
+
+def topic(device_id: str, channel: Channel | str) -> str:
+    if not DEVICE_ID_RE.match(device_id):
+        raise ValueError(f"invalid device id {device_id!r}")
+    return f"{PREFIX}/{device_id}/{Channel(channel).value}"
+
+
+def shared_subscription(channel: Channel | str, group: str = "fleet") -> str:
+    """Topic filter for server replicas splitting one channel across the fleet."""
+    return f"$share/{group}/{PREFIX}/+/{Channel(channel).value}"
+
+
+def wildcard(channel: Channel | str) -> str:
+    return f"{PREFIX}/+/{Channel(channel).value}"
+
+
+def parse_topic(t: str) -> tuple[str, Channel]:
+    """Split ``ef/v1/{device}/{channel}``; ProtocolError if it is not one of ours."""
+    parts = t.split("/")
+    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != PREFIX or not DEVICE_ID_RE.match(parts[2]):
+        raise ProtocolError(f"not an edgefleet topic: {t!r}")
+    try:
+        return parts[2], Channel(parts[3])
+    except ValueError as exc:
+        raise ProtocolError(f"unknown channel in {t!r}") from exc
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ModelRef(_Msg):
+    """What a directive asks a device to run; the hash/length must agree with the signed bundle."""
+
+    name: str
+    version: str
+    release: int
+    target: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    length: int = Field(gt=0)
+    model_url: str  # absolute URL of the model file (HTTP, Range supported)
+    envelope_url: str  # absolute URL of the bundle's DSSE envelope (release-signed manifest)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+class Directive(_Msg):
+    """The desired state of one device. Signed by the fleet key; higher ``seq`` wins."""
+
+    device_id: str
+    seq: int = Field(ge=1)
+    issued_at: datetime
+    expires_at: datetime
+    model: ModelRef | None  # None: run nothing new (keep current)
+    rollout_id: str | None = None
+    probation_inferences: int = Field(default=1, ge=0)
+
+
+class DeploymentState(StrEnum):
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    WARMING = "warming"
+    SWAPPING = "swapping"
+    SERVING = "serving"  # the directive's model answers requests
+    FAILED = "failed"
+    REJECTED = "rejected"  # directive refused before any work (bad signature, old seq, ...)
+
+
+class RunningModel(_Msg):
+    name: str
+    version: str
+    sha256: str
+
+
+class Reported(_Msg):
+    """Retained snapshot of a device; the server treats the latest as the truth."""
+
+    device_id: str
+    agent_version: str
+    hardware_id: str
+    running: RunningModel | None = None
+    slots: dict[str, str | None] = Field(default_factory=dict)  # slot name -> model sha256
+    active_slot: str | None = None
+    deployment_seq: int = 0
+    deployment_state: DeploymentState = DeploymentState.IDLE
+    deployment_error: str | None = None
+    served_ok: dict[str, int] = Field(default_factory=dict)  # model sha256 -> successful inferences
+    capabilities: dict[str, Any] = Field(default_factory=dict)
+    ts: datetime = Field(default_factory=utcnow)
+
+
+class Event(_Msg):
+    """A deployment state transition with its reason (not retained)."""
+
+    device_id: str
+    seq: int  # directive seq it concerns (0 when none)
+    state: DeploymentState
+    reason: str | None = None  # error code, e.g. "digest_mismatch", "stale_sequence"
+    detail: str | None = None
+    model_sha256: str | None = None
+    ts: datetime = Field(default_factory=utcnow)
+
+
+class ModelStats(_Msg):
+    """Inference statistics for one model hash within one batch window."""
+
+    inferences: int = 0
+    errors: dict[str, int] = Field(default_factory=dict)  # kind -> count, e.g. "non_finite"
+    latency_buckets: list[int] = Field(default_factory=list)  # counts per LATENCY_BOUNDS_US bucket
+    latency_sum_us: float = 0.0
+    class_hist: dict[str, int] = Field(default_factory=dict)  # top-1 class -> count
+
+
+# Fixed log-spaced latency bucket upper bounds in microseconds (last bucket: +inf).
+LATENCY_BOUNDS_US: tuple[float, ...] = tuple(round(10 * 2 ** (i / 2), 1) for i in range(40))
+
+
+class TelemetryBatch(_Msg):
+    device_id: str
+    batch_id: str  # unique per device; the server dedupes on (device_id, batch_id)
+    window_start: datetime
+    window_end: datetime
+    models: dict[str, ModelStats]  # model sha256 -> stats
+    dropped_batches: int = 0
+
+
+class Status(_Msg):
+    device_id: str
+    state: Literal["online", "offline"]
+    ts: datetime = Field(default_factory=utcnow)
+
+
+_M = TypeVar("_M", bound=_Msg)
+
+
+def encode(msg: BaseModel) -> bytes:
+    return msg.model_dump_json().encode()
+
+
+def encode_telemetry(batch: TelemetryBatch) -> bytes:
+    return zlib.compress(batch.model_dump_json().encode(), 6)
+
+
+def _decode(model: type[_M], payload: bytes, device_id: str | None) -> _M:
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    try:
+        msg = model.model_validate_json(payload)
+    except (ValidationError, ValueError) as exc:
+        raise ProtocolError(f"malformed {model.__name__}: {exc}") from exc
+    if device_id is not None and getattr(msg, "device_id", device_id) != device_id:
+        raise ProtocolError(f"{model.__name__} names device {getattr(msg, 'device_id', None)!r}, topic {device_id!r}")
+    return msg
+
+
+def decode_reported(payload: bytes, device_id: str | None = None) -> Reported:
+    return _decode(Reported, payload, device_id)
+
+
+def decode_event(payload: bytes, device_id: str | None = None) -> Event:
+    return _decode(Event, payload, device_id)
+
+
+def decode_status(payload: bytes, device_id: str | None = None) -> Status:
+    return _decode(Status, payload, device_id)
+
+
+def decode_directive(payload: bytes) -> Directive:
+    return _decode(Directive, payload, None)
+
+
+def decode_telemetry(payload: bytes, device_id: str | None = None) -> TelemetryBatch:
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError("compressed telemetry too large")
+    try:
+        d = zlib.decompressobj()
+        raw = d.decompress(payload, MAX_PAYLOAD * 8)
+        if d.unconsumed_tail:
+            raise ProtocolError("telemetry decompresses past the size limit")
+    except zlib.error as exc:
+        raise ProtocolError(f"telemetry is not zlib data: {exc}") from exc
+    return _decode(TelemetryBatch, raw, device_id)
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, default=str).encode()

@@ -1,0 +1,60 @@
+"""Shared fixtures: a real Mosquitto per test session, a real PostgreSQL database, fresh keys.
+
+Tests that need a service skip with the reason when it is not on this machine;
+everything else runs on the embedded defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgefleet.broker import Broker, BrokerInfo, mosquitto_binary, start_mosquitto
+from signing.keyring import KeyDir, init_keys
+
+PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One Mosquitto for the session, from a generated config on a free loopback port."""
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto): MQTT tests skipped")
+    broker = start_mosquitto(workdir=tmp_path_factory.mktemp("mosquitto"))
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def broker_info(mosquitto: Broker) -> BrokerInfo:
+    return mosquitto.info
+
+
+@pytest.fixture
+def keydir(tmp_path: Path) -> KeyDir:
+    init_keys(tmp_path / "keys")
+    return KeyDir(tmp_path / "keys")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this session, dropped afterwards."""
+    try:
+        import psycopg
+    except ImportError:
+        pytest.skip("psycopg is not installed: PostgreSQL tests skipped")
+    admin = PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
+    name = f"edgefleet_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable at {admin}: {exc}")
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with contextlib.suppress(Exception), psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
