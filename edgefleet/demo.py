@@ -1,0 +1,281 @@
+"""``edgefleet demo``: the product's main job, end to end, on the embedded defaults.
+
+Train a digits classifier, compile it to int8 for arm64-cpu and sign it; start
+a broker, the fleet server (SQLite) and simulated devices running the real
+agent; roll the model out in stages; then roll out a broken model (NaN
+outputs) and show the first stage's gate roll the canaries back while the
+rest of the fleet never receives it. Every part talks over real MQTT and HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+HARDWARE = "rpi4"
+STAGES = [10.0, 50.0, 100.0]
+
+
+@dataclass
+class DemoResult:
+    checks: dict[str, bool] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(self.checks.values())
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, interval: float = 0.2, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextmanager
+def demo_stack(
+    work: Path, devices: int, sample_inputs: np.ndarray, tick_interval: float = 0.2
+) -> Iterator[dict[str, Any]]:
+    """Broker + server + registered simulated fleet, torn down in reverse order."""
+    from edgefleet.broker import free_port, start_broker
+    from fleet_server.runner import ServerThread
+    from fleet_server.settings import ServerSettings
+    from simulator.fleet import DeviceSpec, Fleet
+    from simulator.registry import register_devices
+
+    with ExitStack() as stack:
+        broker = start_broker()
+        stack.callback(broker.stop)
+        port = free_port()
+        settings = ServerSettings(
+            data_dir=work / "server",
+            keys_dir=work / "keys",
+            mqtt_host=broker.info.host,
+            mqtt_port=broker.info.port,
+            mqtt_version=broker.info.mqtt_version,
+            shared_subscriptions=broker.info.shared_subscriptions,
+            public_url=f"http://127.0.0.1:{port}",
+            tick_interval=tick_interval,
+        )
+        server = ServerThread(settings, host="127.0.0.1", port=port)
+        server.start()
+        stack.callback(server.stop)
+        specs = [DeviceSpec(f"dev-{i:03d}", HARDWARE, {"site": "demo"}) for i in range(devices)]
+        register_devices(server.url, specs)
+        fleet = Fleet(
+            specs,
+            broker.info,
+            work / "keys" / "trust.json",
+            work / "devices",
+            workload_hz=5.0,
+            sample_inputs=sample_inputs,
+        )
+        fleet.start()
+        stack.callback(fleet.stop)
+        yield {"broker": broker, "server": server, "fleet": fleet, "specs": specs}
+
+
+def run_demo(devices: int = 50, workdir: Path | None = None, as_json: bool = False) -> bool:
+    console = Console(stderr=as_json)
+    started = time.monotonic()
+    result = DemoResult()
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        _run(work, devices, console, result)
+    except Exception as exc:  # the demo reports any failure as a failed check, then exits 1
+        result.checks[f"ran to the end ({type(exc).__name__}: {exc})"] = False
+    result.figures["wall_seconds"] = round(time.monotonic() - started, 1)
+    result.checks["finished in under 60 s"] = result.figures["wall_seconds"] < 60
+    if as_json:
+        sys.stdout.write(json.dumps({"ok": result.ok, **result.__dict__}, indent=2, default=str) + "\n")
+    else:
+        _print_summary(console, result, work)
+    return result.ok
+
+
+def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None:
+    from compiler.examples import make_nan_model, train_digits
+    from compiler.gate import Gate, GateFailed
+    from compiler.pipeline import compile_model
+    from edgefleet.client import ApiClient
+    from signing.keyring import KeyDir, init_keys
+
+    progress = Progress(
+        TextColumn("{task.description:<46}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        step = progress.add_task("keys, training, compiling", total=4)
+        init_keys(work / "keys")
+        release_key = KeyDir(work / "keys").key("release")
+        progress.advance(step)
+        example = train_digits(work / "digits")
+        result.figures["fp32_accuracy"] = round(example.accuracy, 4)
+        progress.advance(step)
+        good = compile_model(
+            example.model_path,
+            target="arm64-cpu",
+            calib_path=example.calib_path,
+            eval_path=example.eval_path,
+            out_dir=work / "bundles" / "digits-1",
+            release_key=release_key,
+            name="digits",
+            version="1",
+            release=1,
+            hardware_ids=[HARDWARE],
+            gate=Gate(),
+        )
+        report = good.report
+        result.figures["int8_agreement"] = report.get("agreement")
+        result.figures["int8_snr_db"] = report.get("snr_db")
+        progress.advance(step)
+        broken_src = work / "digits" / "broken.onnx"
+        make_nan_model(example.model_path, broken_src)
+        try:
+            compile_model(
+                broken_src,
+                target="arm64-cpu",
+                calib_path=example.calib_path,
+                eval_path=example.eval_path,
+                out_dir=work / "bundles" / "digits-2-gated",
+                release_key=release_key,
+                name="digits",
+                version="2",
+                release=2,
+                hardware_ids=[HARDWARE],
+                gate=Gate(),
+            )
+            result.checks["compiler gate refuses the NaN model"] = False
+        except GateFailed:
+            result.checks["compiler gate refuses the NaN model"] = True
+        # A careless engineer skips the gate (recorded in the manifest); the fleet must still be safe.
+        broken = compile_model(
+            broken_src,
+            target="arm64-cpu",
+            calib_path=example.calib_path,
+            eval_path=example.eval_path,
+            out_dir=work / "bundles" / "digits-2",
+            release_key=release_key,
+            name="digits",
+            version="2",
+            release=2,
+            hardware_ids=[HARDWARE],
+            gate=None,
+        )
+        progress.advance(step)
+        good_sha = good.manifest.model_file.sha256
+        bad_sha = broken.manifest.model_file.sha256
+
+        boot = progress.add_task("broker, server (SQLite), devices", total=3)
+        samples = np.load(example.eval_path)["x"].astype(np.float32)
+        with demo_stack(work, devices, samples) as stack:
+            progress.update(boot, completed=3)
+            fleet = stack["fleet"]
+            server = stack["server"]
+            result.figures["broker"] = stack["broker"].info.kind
+            with ApiClient(server.url) as api:
+                api.push_bundle(good.bundle_dir)
+                rollout = api.create_rollout(
+                    model="digits:1",
+                    selector={"hardware_id": HARDWARE},
+                    stages=STAGES,
+                    soak_seconds=1.0,
+                    device_timeout_seconds=30,
+                    max_error_rate=0.05,
+                    min_inferences=20,
+                )
+                t_rollout = time.monotonic()
+                status = _follow(progress, api, rollout["id"], devices, "rollout digits:1 (10% -> 50% -> 100%)")
+                result.figures["rollout_1_seconds"] = round(time.monotonic() - t_rollout, 1)
+                result.figures["rollout_1_state"] = status["state"]
+                result.checks["digits:1 rollout completed"] = status["state"] == "completed"
+                result.checks["all devices serve digits:1"] = all(
+                    a.serving_sha256 == good_sha for a in fleet.agents.values()
+                )
+                result.checks["every device proved it served digits:1"] = all(
+                    d.get("running_model") and d["running_model"]["sha256"] == good_sha
+                    for d in api.devices()
+                )
+
+                api.push_bundle(broken.bundle_dir)
+                rollout2 = api.create_rollout(
+                    model="digits:2",
+                    selector={"hardware_id": HARDWARE},
+                    stages=STAGES,
+                    soak_seconds=1.0,
+                    device_timeout_seconds=30,
+                    max_error_rate=0.05,
+                    min_inferences=20,
+                )
+                t_bad = time.monotonic()
+                status2 = _follow(progress, api, rollout2["id"], devices, "rollout digits:2 (broken: NaN)")
+                result.figures["rollback_seconds"] = round(time.monotonic() - t_bad, 1)
+                result.figures["rollout_2_state"] = status2["state"]
+                result.checks["broken rollout rolled back"] = status2["state"] == "rolled_back"
+                canary = math.ceil(devices * STAGES[0] / 100)
+                got_bad = [d for d, a in fleet.agents.items() if bad_sha in a.history]
+                result.figures["devices_that_ran_broken"] = len(got_bad)
+                result.checks[f"only the {canary} canaries ever ran the broken model"] = (
+                    0 < len(got_bad) <= canary
+                )
+                wait_until(
+                    lambda: all(a.serving_sha256 == good_sha for a in fleet.agents.values()),
+                    timeout=20,
+                    what="canaries back on digits:1",
+                )
+                result.checks["canaries back on digits:1"] = True
+                stats = api.stats()
+                result.figures["telemetry_batches"] = stats.get("telemetry_batches")
+                result.figures["malformed_messages"] = stats.get("malformed_messages")
+                result.figures["decision"] = next(
+                    (d.get("reason") for d in reversed(status2.get("decisions", [])) if d.get("reason")),
+                    None,
+                )
+
+
+def _follow(progress: Progress, api: Any, rollout_id: Any, devices: int, label: str) -> dict[str, Any]:
+    task = progress.add_task(label, total=devices)
+    deadline = time.monotonic() + 45
+    while True:
+        status: dict[str, Any] = api.rollout(rollout_id)
+        done = sum(1 for s in status.get("devices", {}).values() if s == "done")
+        progress.update(task, completed=done, description=f"{label} [{status['state']}]")
+        if status["state"] in ("completed", "rolled_back", "aborted", "paused"):
+            return status
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rollout {rollout_id} still {status['state']} after 45 s")
+        time.sleep(0.2)
+
+
+def _print_summary(console: Console, result: DemoResult, work: Path) -> None:
+    table = Table("check", "result", title="edgefleet demo")
+    for name, ok in result.checks.items():
+        table.add_row(name, "[green]ok[/]" if ok else "[bold red]FAILED[/]")
+    console.print(table)
+    figures = Table("figure", "value")
+    for name, value in result.figures.items():
+        figures.add_row(name, str(value))
+    console.print(figures)
+    console.print(f"work directory: {work}")
+    console.print("[bold green]demo passed[/]" if result.ok else "[bold red]demo failed[/]")
