@@ -1,1 +1,4 @@
-"""Benchmarks run by ``make bench``: each prints a table with ratios against a baseline measured in the same run."""
+"""Benchmarks run by ``make bench``.
+
+Each prints rows with ratios against a baseline measured in the same run.
+"""

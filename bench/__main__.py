@@ -17,7 +17,12 @@ def main() -> int:
         rows.extend(module.run())
     console = Console()
     table = Table(
-        "bench", "baseline", "baseline", "edgefleet", "ratio", "target",
+        "bench",
+        "baseline",
+        "baseline",
+        "edgefleet",
+        "ratio",
+        "target",
         title=f"edgefleet benchmarks on {platform.machine()} / {platform.python_version()}",
     )
     for r in rows:

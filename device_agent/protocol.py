@@ -205,7 +205,9 @@ def _decode(model: type[_M], payload: bytes, device_id: str | None) -> _M:
     except (ValidationError, ValueError) as exc:
         raise ProtocolError(f"malformed {model.__name__}: {exc}") from exc
     if device_id is not None and getattr(msg, "device_id", device_id) != device_id:
-        raise ProtocolError(f"{model.__name__} names device {getattr(msg, 'device_id', None)!r}, topic {device_id!r}")
+        raise ProtocolError(
+            f"{model.__name__} names device {getattr(msg, 'device_id', None)!r}, topic {device_id!r}"
+        )
     return msg
 
 

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -84,7 +85,7 @@ log_type warning
 class Broker(contextlib.AbstractContextManager["Broker"]):
     """A running broker; ``stop()`` (or leaving the ``with`` block) ends it."""
 
-    def __init__(self, info: BrokerInfo, stop: callable) -> None:  # type: ignore[valid-type]
+    def __init__(self, info: BrokerInfo, stop: Callable[[], None]) -> None:
         self.info = info
         self._stop = stop
 
@@ -114,7 +115,9 @@ def start_mosquitto(port: int | None = None, workdir: Path | None = None, extra_
         wait_for_port("127.0.0.1", port)
     except TimeoutError:
         proc.kill()
-        raise RuntimeError(f"mosquitto did not start: {(workdir / 'mosquitto.log').read_text()[-2000:]}") from None
+        raise RuntimeError(
+            f"mosquitto did not start: {(workdir / 'mosquitto.log').read_text()[-2000:]}"
+        ) from None
 
     def stop() -> None:
         if proc.poll() is None:

@@ -206,7 +206,9 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
                     min_inferences=20,
                 )
                 t_rollout = time.monotonic()
-                status = _follow(progress, api, rollout["id"], devices, "rollout digits:1 (10% -> 50% -> 100%)")
+                status = _follow(
+                    progress, api, rollout["id"], devices, "rollout digits:1 (10% -> 50% -> 100%)"
+                )
                 result.figures["rollout_1_seconds"] = round(time.monotonic() - t_rollout, 1)
                 result.figures["rollout_1_state"] = status["state"]
                 result.checks["digits:1 rollout completed"] = status["state"] == "completed"
@@ -214,8 +216,7 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
                     a.serving_sha256 == good_sha for a in fleet.agents.values()
                 )
                 result.checks["every device proved it served digits:1"] = all(
-                    d.get("running_model") and d["running_model"]["sha256"] == good_sha
-                    for d in api.devices()
+                    d.get("running_model") and d["running_model"]["sha256"] == good_sha for d in api.devices()
                 )
 
                 api.push_bundle(broken.bundle_dir)

@@ -91,7 +91,9 @@ def statement_for(manifest: BundleManifest) -> dict[str, Any]:
     }
 
 
-def sign_bundle(bundle_dir: Path, manifest_fields: Mapping[str, Any], model_files: list[str], key: KeyPair) -> BundleManifest:
+def sign_bundle(
+    bundle_dir: Path, manifest_fields: Mapping[str, Any], model_files: list[str], key: KeyPair
+) -> BundleManifest:
     """Hash ``model_files`` in ``bundle_dir``, build the manifest, and write the signed envelope."""
     files = []
     for name in model_files:
@@ -104,7 +106,9 @@ def sign_bundle(bundle_dir: Path, manifest_fields: Mapping[str, Any], model_file
     return manifest
 
 
-def manifest_from_envelope(raw: bytes | str | Mapping[str, Any], trusted: Mapping[str, PublicKey]) -> BundleManifest:
+def manifest_from_envelope(
+    raw: bytes | str | Mapping[str, Any], trusted: Mapping[str, PublicKey]
+) -> BundleManifest:
     """Verify the envelope's signature against trusted release keys; return the manifest.
 
     Also checks that the statement's subjects agree with the manifest's file list.

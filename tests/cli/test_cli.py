@@ -1,0 +1,95 @@
+"""The CLI's conventions: --help everywhere, --json output, non-zero exit codes with reasons."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgefleet.cli import app, parse_selector
+
+runner = CliRunner()
+
+COMMANDS = [
+    [],
+    ["keys"],
+    ["keys", "init"],
+    ["keys", "show"],
+    ["compile"],
+    ["models"],
+    ["models", "push"],
+    ["models", "list"],
+    ["devices"],
+    ["devices", "list"],
+    ["devices", "register"],
+    ["rollouts"],
+    ["rollouts", "create"],
+    ["rollouts", "status"],
+    ["rollouts", "pause"],
+    ["rollouts", "resume"],
+    ["rollouts", "abort"],
+    ["rollouts", "list"],
+    ["server"],
+    ["agent"],
+    ["sim"],
+    ["demo"],
+    ["broker", "run"],
+]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "edgefleet")
+def test_help_everywhere(cmd: list[str]) -> None:
+    result = runner.invoke(app, [*cmd, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_console_script_installed() -> None:
+    exe = Path(sys.executable).parent / "edgefleet"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert "rollouts" in out.stdout
+
+
+def test_keys_init_and_show_json(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["keys", "init", "--dir", str(tmp_path / "k"), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["version"] == 1 and len(info["release_keys"]) == 1 and len(info["fleet_keys"]) == 1
+    shown = runner.invoke(app, ["keys", "show", "--dir", str(tmp_path / "k"), "--json"])
+    assert json.loads(shown.stdout)["release_keys"] == info["release_keys"]
+    # refusing to overwrite is a failure with a reason, not a silent success
+    again = runner.invoke(app, ["keys", "init", "--dir", str(tmp_path / "k")])
+    assert again.exit_code == 1
+    assert "exists" in again.output
+
+
+def test_keys_show_rejects_tampered_trust_root(tmp_path: Path) -> None:
+    runner.invoke(app, ["keys", "init", "--dir", str(tmp_path / "k")])
+    trust = tmp_path / "k" / "trust.json"
+    env = json.loads(trust.read_text())
+    env["signatures"][0]["sig"] = "A" * 88
+    trust.write_text(json.dumps(env))
+    result = runner.invoke(app, ["keys", "show", "--dir", str(tmp_path / "k")])
+    assert result.exit_code == 1
+    assert "signature" in result.output
+
+
+def test_unreachable_server_exits_nonzero() -> None:
+    result = runner.invoke(app, ["devices", "list", "--server", "http://127.0.0.1:9"])
+    assert result.exit_code == 1
+    assert "unreachable" in result.output
+
+
+def test_bad_stage_list_is_a_usage_error() -> None:
+    result = runner.invoke(app, ["rollouts", "create", "--model", "m:1", "--stages", "50,10"])
+    assert result.exit_code == 2
+
+
+def test_selector_parsing() -> None:
+    assert parse_selector("hw=rpi4,site=berlin") == {"hardware_id": "rpi4", "tags": {"site": "berlin"}}
+    assert parse_selector(None) == {}
