@@ -164,7 +164,7 @@ def compile_cmd(
     """Quantize a float model for a target, measure what it cost, gate, and write a signed bundle."""
     from rich.progress import Progress
 
-    from compiler.gate import Gate, GateFailed
+    from compiler import CompilerError, Gate, GateFailed
     from compiler.pipeline import compile_model
     from signing.keyring import KeyDir
 
@@ -177,7 +177,7 @@ def compile_cmd(
         overrides = {
             k: v
             for k, v in {
-                "min_agreement": min_agreement,
+                "min_top1_agreement": min_agreement,
                 "min_snr_db": min_snr,
                 "min_cosine": min_cosine,
             }.items()
@@ -210,7 +210,7 @@ def compile_cmd(
         if as_json:
             print_json({"ok": False, "failures": exc.failures, "report": exc.report})
         fail("quality gate failed, no bundle written:\n  " + "\n  ".join(exc.failures))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (CompilerError, FileExistsError, FileNotFoundError) as exc:
         fail(str(exc))
     manifest = result.manifest
     if as_json:

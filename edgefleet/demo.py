@@ -147,8 +147,10 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
             gate=Gate(),
         )
         report = good.report
-        result.figures["int8_agreement"] = report.get("agreement")
-        result.figures["int8_snr_db"] = report.get("snr_db")
+        scores = report["outputs"]["scores"]
+        result.figures["int8_agreement"] = scores["top1_agreement"]
+        result.figures["int8_snr_db"] = round(scores["snr_db"], 1)
+        result.figures["int8_accuracy"] = round(report["accuracy"]["int8"], 4)
         progress.advance(step)
         broken_src = work / "digits" / "broken.onnx"
         make_nan_model(example.model_path, broken_src)

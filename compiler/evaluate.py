@@ -1,0 +1,148 @@
+"""Measure the int8 model against the float model on held-out samples.
+
+Both models run in real onnxruntime CPU sessions on the same feeds. Figures
+per output: mean and worst per-sample cosine similarity, SNR in dB over the
+whole output (signal = fp32, noise = int8 - fp32), top-1 agreement for
+classifier-shaped outputs (rank >= 2, last dim > 1), and non-finite counts.
+With labels, accuracy of fp32 and int8 on the first classifier output.
+
+The report must be strict JSON (it is signed into the manifest), so figures
+that cannot be measured (non-finite outputs) are ``None``, and a perfect SNR
+is capped at ``SNR_CAP_DB`` instead of infinity.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from compiler.data import Samples
+from compiler.errors import InvalidModel, QuantizationError
+from compiler.signature import IOSignature
+
+SNR_CAP_DB = 120.0
+
+
+def session(path: Path) -> ort.InferenceSession:
+    """A CPU session with one intra-op thread: deterministic and comparable fp32 vs int8."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_all(sess: ort.InferenceSession, samples: Samples, sig: IOSignature) -> tuple[list[np.ndarray], float]:
+    """Run every batch; return outputs concatenated along the sample axis, and seconds spent."""
+    names = [o.name for o in sig.outputs]
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    elapsed = 0.0
+    for feed in samples.batches(sig.inputs):
+        start = time.perf_counter()
+        results = sess.run(names, feed)
+        elapsed += time.perf_counter() - start
+        for part, result in zip(parts, results, strict=True):
+            part.append(np.asarray(result))
+    return [np.concatenate(p, axis=0) for p in parts], elapsed
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def compare_output(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
+    """Similarity figures of one output (int8 ``out`` against fp32 ``ref``)."""
+    ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+    figures: dict[str, Any] = {
+        "shape": list(ref.shape[1:]),
+        "nonfinite_fp32": int(ref.size - np.isfinite(ref64).sum()),
+        "nonfinite_int8": int(out.size - np.isfinite(out64).sum()),
+    }
+    finite = figures["nonfinite_fp32"] == 0 and figures["nonfinite_int8"] == 0
+    if finite:
+        a, b = ref64.reshape(len(ref64), -1), out64.reshape(len(out64), -1)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = np.where(both_zero, 1.0, (a * b).sum(axis=1) / norms)
+        cos = np.nan_to_num(cos, nan=0.0)  # one side all-zero, the other not: no similarity
+        signal, noise = float((ref64**2).sum()), float(((ref64 - out64) ** 2).sum())
+        snr = SNR_CAP_DB if noise == 0 else min(SNR_CAP_DB, 10 * math.log10(max(signal, 1e-300) / noise))
+        figures.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), snr_db=snr)
+    else:
+        figures.update(cosine_mean=None, cosine_min=None, snr_db=None)
+    if is_classifier(ref):
+        agree = np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)
+        figures["top1_agreement"] = float(agree.mean()) if finite else None
+    return figures
+
+
+def is_classifier(output: np.ndarray) -> bool:
+    return output.ndim >= 2 and output.shape[-1] > 1
+
+
+def evaluate(fp32_path: Path, int8_path: Path, samples: Samples, sig: IOSignature) -> dict[str, Any]:
+    """Run both models on ``samples`` and return the JSON-serialisable comparison report."""
+    try:
+        fp32_sess = session(fp32_path)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented classes
+        raise InvalidModel(f"onnxruntime cannot load the float model: {exc}") from exc
+    try:
+        int8_sess = session(int8_path)
+    except Exception as exc:
+        raise QuantizationError(f"onnxruntime cannot load the int8 model: {exc}") from exc
+    try:
+        ref, ref_s = run_all(fp32_sess, samples, sig)
+    except Exception as exc:
+        raise InvalidModel(f"the float model fails on the evaluation samples: {exc}") from exc
+    try:
+        out, out_s = run_all(int8_sess, samples, sig)
+    except Exception as exc:
+        raise QuantizationError(f"the int8 model fails on the evaluation samples: {exc}") from exc
+
+    n = len(ref[0]) if ref else 0
+    outputs = {spec.name: compare_output(r, o) for spec, r, o in zip(sig.outputs, ref, out, strict=True)}
+    fp32_bytes, int8_bytes = Path(fp32_path).stat().st_size, Path(int8_path).stat().st_size
+    report: dict[str, Any] = {
+        "evaluation_samples": n,
+        "outputs": outputs,
+        "nonfinite_outputs": sum(o["nonfinite_int8"] for o in outputs.values()),
+        "accuracy": _accuracy(samples, sig, ref, out, n),
+        "size": {
+            "fp32_bytes": fp32_bytes,
+            "int8_bytes": int8_bytes,
+            "ratio": round(int8_bytes / fp32_bytes, 3) if fp32_bytes else None,  # int8 / fp32
+        },
+        "latency_ms_per_batch": {
+            "fp32": _per_batch_ms(ref_s, samples, sig),
+            "int8": _per_batch_ms(out_s, samples, sig),
+            "note": "this host, 1 thread; not the device",
+        },
+    }
+    return report
+
+
+def _per_batch_ms(seconds: float, samples: Samples, sig: IOSignature) -> float:
+    batches = sum(1 for _ in samples.batches(sig.inputs))
+    return round(1000 * seconds / max(batches, 1), 4)
+
+
+def _accuracy(
+    samples: Samples, sig: IOSignature, ref: list[np.ndarray], out: list[np.ndarray], n: int
+) -> dict[str, Any] | None:
+    """Accuracy on the first classifier output whose sample axis lines up with the labels."""
+    if samples.labels is None:
+        return None
+    labels = samples.labels[:n]
+    for spec, r, o in zip(sig.outputs, ref, out, strict=True):
+        if r.ndim == 2 and is_classifier(r):
+            fp32 = float((np.argmax(r, axis=-1) == labels).mean())
+            int8 = float((np.argmax(o, axis=-1) == labels).mean())
+            if not (np.isfinite(r).all() and np.isfinite(o).all()):
+                return {"output": spec.name, "fp32": None, "int8": None, "drop": None}
+            return {"output": spec.name, "fp32": fp32, "int8": int8, "drop": fp32 - int8}
+    return None

@@ -1,0 +1,66 @@
+"""The quality gate an int8 model must pass before it may become a bundle.
+
+Thresholds are absolute and per output (worst output counts): a compiled
+model that disagrees with its own float original is refused at build time,
+long before a fleet rollout could notice. A figure that could not be measured
+(non-finite outputs) is a failure, never a pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from compiler.errors import GateFailed
+
+__all__ = ["Gate", "GateFailed"]
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Minimum quality of int8 vs fp32 on the held-out samples."""
+
+    min_top1_agreement: float = 0.98
+    min_cosine: float = 0.99
+    min_snr_db: float = 20.0
+    max_accuracy_drop: float = 0.02
+    max_nonfinite: int = 0
+
+    def thresholds(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check(self, report: dict[str, Any]) -> list[str]:
+        """Human-readable failures (empty list = pass) for an ``evaluate`` report."""
+        failures: list[str] = []
+        nonfinite = int(report.get("nonfinite_outputs", 0))
+        if nonfinite > self.max_nonfinite:
+            failures.append(
+                f"{nonfinite} non-finite output values (NaN/inf) in the int8 model, max {self.max_nonfinite}"
+            )
+        for name, fig in report.get("outputs", {}).items():
+            self._at_least(
+                failures, name, "cosine similarity", fig.get("cosine_mean"), self.min_cosine, ".4f"
+            )
+            self._at_least(failures, name, "SNR (dB)", fig.get("snr_db"), self.min_snr_db, ".1f")
+            if "top1_agreement" in fig:
+                self._at_least(
+                    failures, name, "top-1 agreement", fig["top1_agreement"], self.min_top1_agreement, ".4f"
+                )
+        acc = report.get("accuracy")
+        if acc:
+            drop = acc.get("drop")
+            if drop is None:
+                failures.append(f"accuracy on {acc.get('output')!r} not measurable (non-finite outputs)")
+            elif drop > self.max_accuracy_drop:
+                failures.append(
+                    f"accuracy on {acc['output']!r} drops {drop:.4f} (fp32 {acc['fp32']:.4f} -> "
+                    f"int8 {acc['int8']:.4f}), max {self.max_accuracy_drop:.4f}"
+                )
+        return failures
+
+    @staticmethod
+    def _at_least(failures: list[str], output: str, what: str, value: Any, minimum: float, fmt: str) -> None:
+        if value is None:
+            failures.append(f"{what} of {output!r} not measurable (non-finite outputs)")
+        elif value < minimum:
+            failures.append(f"{what} of {output!r} is {value:{fmt}}, min {minimum:{fmt}}")

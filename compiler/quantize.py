@@ -1,0 +1,245 @@
+"""ONNX float -> static QDQ int8, with the workarounds onnxruntime.quantization needs.
+
+Settings (see docs/DESIGN): QDQ format, per-channel weights, U8S8 (activations
+QUInt8, weights QInt8; S8S8 is slow on x86 and no better on ARM), MinMax
+calibration (as good as Entropy/Percentile on the models tried, far faster).
+
+Pitfalls handled here, each measured with onnxruntime 1.32:
+
+- per-channel QDQ on an opset < 13 model writes an invalid model, so the
+  model is upgraded with ``onnx.version_converter`` first;
+- ``quant_pre_process``'s symbolic shape inference asserts on some real
+  models; we retry with ``skip_symbolic_shape=True``;
+- a Gemm bias of shape ``[1, N]`` (skl2onnx) with per-channel weights raises
+  ValueError in the int32-bias weight adjustment; we retry with
+  ``QDQDisableWeightAdjustForInt32Bias``. We do not set it up front because
+  the adjustment protects against int32 bias overflow on the models it works on;
+- a tensor whose calibrated range is NaN/inf makes ``compute_scale_zp``
+  assert. We calibrate ourselves (same MinMax calibrator), keep such tensors
+  and the nodes touching them in float, and hand the cleaned ranges to
+  ``quantize_static`` as a calibration cache. The model then still computes
+  what it computed (NaN stays NaN, for the gate to see) instead of failing or
+  silently quantizing garbage. The cache also spares the retry a second
+  calibration pass.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import version_converter
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    TensorsData,
+    create_calibrator,
+    quantize_static,
+    save_tensors_data,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from compiler.errors import InvalidModel, QuantizationError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 13
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass
+class QuantizeInfo:
+    """How the model was quantized; goes into the manifest's quantization report."""
+
+    source_opset: int
+    opset: int
+    symbolic_shape_inference: bool = True
+    extra_options: dict[str, Any] = field(default_factory=dict)
+    nonfinite_tensors: list[str] = field(default_factory=list)
+    float_nodes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "QDQ",
+            "activation_type": "QUInt8",
+            "weight_type": "QInt8",
+            "per_channel": True,
+            "calibrate_method": "MinMax",
+            "source_opset": self.source_opset,
+            "opset": self.opset,
+            "symbolic_shape_inference": self.symbolic_shape_inference,
+            "extra_options": dict(self.extra_options),
+            "nonfinite_calibration_tensors": list(self.nonfinite_tensors),
+            "nodes_kept_float": list(self.float_nodes),
+            "notes": list(self.notes),
+        }
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    """Load and check an ONNX model; anything unreadable or invalid becomes ``InvalidModel``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidModel(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises several unrelated classes on garbage input
+        raise InvalidModel(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    if not model.graph.node:
+        raise InvalidModel(f"{path}: the ONNX graph is empty (not a model, or a corrupt file)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise InvalidModel(f"{path}: invalid ONNX model: {exc}") from exc
+    return model
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in DEFAULT_DOMAINS:
+            return int(imp.version)
+    raise InvalidModel("model imports no default (ai.onnx) opset")
+
+
+def upgrade_opset(model: onnx.ModelProto, minimum: int = MIN_OPSET) -> onnx.ModelProto:
+    """Return the model at opset >= ``minimum`` (unchanged when it already is)."""
+    if default_opset(model) >= minimum:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, minimum)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:  # the converter raises RuntimeError/ValidationError/... per op adapter
+        raise InvalidModel(
+            f"cannot upgrade the model from opset {default_opset(model)} to {minimum} "
+            f"(needed for per-channel QDQ): {exc}"
+        ) from exc
+    return upgraded
+
+
+def prepare(model: onnx.ModelProto, work_dir: Path, info: QuantizeInfo) -> Path:
+    """Upgrade the opset and run ``quant_pre_process``; returns the path of the float model to quantize."""
+    upgraded = upgrade_opset(model)
+    info.opset = default_opset(upgraded)
+    upgraded_path = work_dir / "upgraded.onnx"
+    onnx.save(upgraded, str(upgraded_path))
+    prepared = work_dir / "prepared.onnx"
+    if importlib.util.find_spec("sympy") is None:
+        # onnxruntime's symbolic shape inference needs sympy, an optional dependency of ours.
+        info.symbolic_shape_inference = False
+        info.notes.append("symbolic shape inference skipped: sympy is not installed")
+    else:
+        try:
+            quant_pre_process(str(upgraded_path), str(prepared))
+        except Exception as exc:  # symbolic shape inference asserts (AssertionError) on some real models
+            log.warning("symbolic shape inference failed (%s); retrying without it", exc)
+            info.symbolic_shape_inference = False
+            info.notes.append(f"symbolic shape inference failed, skipped: {type(exc).__name__}: {exc}"[:300])
+    if not info.symbolic_shape_inference:
+        try:
+            quant_pre_process(str(upgraded_path), str(prepared), skip_symbolic_shape=True)
+        except Exception as exc:
+            raise QuantizationError(f"quant_pre_process failed even without symbolic shapes: {exc}") from exc
+    return prepared
+
+
+def calibrate(prepared: Path, reader: CalibrationDataReader, work_dir: Path) -> TensorsData:
+    """MinMax ranges of every float tensor, as ``quantize_static`` would compute them."""
+    calibrator = create_calibrator(
+        Path(prepared),
+        None,
+        augmented_model_path=str(work_dir / "augmented.onnx"),
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    with warnings.catch_warnings():
+        # All-NaN tensors make nanmin/nanmax warn; nonfinite_tensors() reports them properly.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        calibrator.collect_data(reader)
+        return calibrator.compute_data()
+
+
+def nonfinite_tensors(ranges: TensorsData) -> list[str]:
+    """Tensors whose calibrated min or max is NaN or infinite."""
+    bad = []
+    for name, data in ranges.items():
+        low, high = data.range_value
+        if not (np.isfinite(np.asarray(low)).all() and np.isfinite(np.asarray(high)).all()):
+            bad.append(name)
+    return sorted(bad)
+
+
+def quantize_int8(
+    prepared: Path,
+    output: Path,
+    reader: CalibrationDataReader,
+    info: QuantizeInfo,
+    work_dir: Path,
+) -> None:
+    """Calibrate (MinMax) and write the QDQ int8 model to ``output``; scratch files go to ``work_dir``."""
+    try:
+        ranges = calibrate(prepared, reader, work_dir)
+    except Exception as exc:
+        raise QuantizationError(f"calibration failed: {type(exc).__name__}: {exc}") from exc
+    bad = set(nonfinite_tensors(ranges))
+    model = onnx.load(str(prepared), load_external_data=False)
+    float_nodes = sorted(n.name for n in model.graph.node if bad & {*n.input, *n.output})
+    if bad:
+        log.warning(
+            "non-finite calibration ranges for %s; keeping nodes %s in float", sorted(bad), float_nodes
+        )
+        ranges = TensorsData(CalibrationMethod.MinMax, {k: v for k, v in ranges.items() if k not in bad})
+    info.nonfinite_tensors, info.float_nodes = sorted(bad), float_nodes
+    cache = work_dir / "calibration.json"
+    save_tensors_data(ranges, cache)
+
+    attempts: list[dict[str, Any]] = [{}, {"QDQDisableWeightAdjustForInt32Bias": True}]
+    last: Exception | None = None
+    for extra in attempts:
+        try:
+            quantize_static(
+                str(prepared),
+                str(output),
+                None,
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=float_nodes,
+                extra_options=dict(extra),
+                calibration_cache_path=str(cache),
+            )
+        except ValueError as exc:
+            log.info("quantize_static failed with extra_options=%s: %s", extra, exc)
+            info.notes.append(f"quantize_static with extra_options={extra} failed: {exc}"[:300])
+            last = exc
+            continue
+        except Exception as exc:
+            raise QuantizationError(f"quantize_static failed: {type(exc).__name__}: {exc}") from exc
+        info.extra_options = extra
+        drop_unused_opsets(output)
+        return
+    raise QuantizationError(f"quantize_static failed: {last}") from last
+
+
+def drop_unused_opsets(path: Path) -> None:
+    """Remove opset imports no node uses (``quant_pre_process`` adds training/preview/aten domains).
+
+    Fewer declared domains means fewer reasons for an older device runtime to
+    refuse the model; the default domain always stays.
+    """
+    model = onnx.load(str(path))
+    used = {n.domain for n in model.graph.node} | set(DEFAULT_DOMAINS)
+    keep = [imp for imp in model.opset_import if imp.domain in used]
+    if len(keep) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(path))
