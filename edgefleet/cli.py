@@ -497,7 +497,7 @@ def agent_cmd(
     from device_agent.config import load_config
     from device_agent.run import run_agent
 
-    run_agent(load_config(config), synthetic_hz=synthetic_hz)
+    run_agent(load_config(config), workload_hz=synthetic_hz)
 
 
 @app.command("sim")

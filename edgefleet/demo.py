@@ -86,6 +86,7 @@ def demo_stack(
             work / "devices",
             workload_hz=5.0,
             sample_inputs=sample_inputs,
+            telemetry_interval=1.0,
         )
         fleet.start()
         stack.callback(fleet.stop)
@@ -215,7 +216,7 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
                 result.figures["rollout_1_state"] = status["state"]
                 result.checks["digits:1 rollout completed"] = status["state"] == "completed"
                 result.checks["all devices serve digits:1"] = all(
-                    a.serving_sha256 == good_sha for a in fleet.agents.values()
+                    a.running_sha256 == good_sha for a in fleet.agents.values()
                 )
                 result.checks["every device proved it served digits:1"] = all(
                     d.get("running_model") and d["running_model"]["sha256"] == good_sha for d in api.devices()
@@ -243,7 +244,7 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
                     0 < len(got_bad) <= canary
                 )
                 wait_until(
-                    lambda: all(a.serving_sha256 == good_sha for a in fleet.agents.values()),
+                    lambda: all(a.running_sha256 == good_sha for a in fleet.agents.values()),
                     timeout=20,
                     what="canaries back on digits:1",
                 )

@@ -1,0 +1,74 @@
+"""Agent configuration: who the device is, where it keeps its state, where its broker is.
+
+A plain dataclass (not pydantic-settings) because a device reads one small TOML
+file written at provisioning; ``edgefleet agent --config device.toml`` loads it
+with :func:`load_config`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from device_agent import protocol
+
+
+@dataclass
+class AgentConfig:
+    """Everything one agent needs; paths are resolved against the TOML file's directory."""
+
+    device_id: str
+    hardware_id: str
+    data_dir: Path
+    trust_path: Path
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_version: int = 5  # 5 or 4 (3.1.1)
+    telemetry_interval: float = 10.0  # seconds between telemetry batches
+    targets: list[str] = field(default_factory=lambda: ["arm64-cpu"])
+    tags: dict[str, str] = field(default_factory=dict)
+    keepalive: int = 30
+    session_expiry: int = 3600  # MQTT 5: how long the broker keeps our session while we are away
+    max_inflight: int = 20  # bound on unacknowledged QoS 1 publishes (message ids wrap at 65,535)
+    intra_op_threads: int = 1  # onnxruntime threads per session: devices are small, sessions many
+
+    def __post_init__(self) -> None:
+        if not protocol.DEVICE_ID_RE.match(self.device_id):
+            raise ValueError(f"invalid device id {self.device_id!r}")
+        if self.mqtt_version not in (4, 5):
+            raise ValueError(f"mqtt_version must be 4 or 5, got {self.mqtt_version}")
+        if self.telemetry_interval <= 0:
+            raise ValueError("telemetry_interval must be > 0")
+        self.data_dir = Path(self.data_dir)
+        self.trust_path = Path(self.trust_path)
+        self.targets = [str(t) for t in self.targets]
+        self.tags = {str(k): str(v) for k, v in self.tags.items()}
+
+
+def config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> AgentConfig:
+    """Build a config from a mapping (TOML table); unknown keys are an error, not silently ignored."""
+    known = {f.name for f in fields(AgentConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown agent config keys: {', '.join(unknown)}")
+    values = dict(data)
+    for key in ("data_dir", "trust_path"):
+        if key in values:
+            p = Path(values[key]).expanduser()
+            if base_dir is not None and not p.is_absolute():
+                p = base_dir / p
+            values[key] = p
+    return AgentConfig(**values)
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Load ``path`` (TOML). Keys may sit at top level or under an ``[agent]`` table."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    table = data.get("agent", data)
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: [agent] must be a table")
+    return config_from_dict(table, base_dir=path.parent)

@@ -1,0 +1,124 @@
+"""Resumable, bounded, hash-while-streaming model downloads.
+
+The model is fetched into ``<slot>/<sha256>.part``; an interrupted download
+continues with an HTTP Range request. Bytes are hashed as they arrive (the
+existing prefix of a partial file once, then the stream), so no byte is read
+twice. The signed length is a hard ceiling: a server streaming endless data
+is cut off at ``length + 1`` bytes (``LengthMismatch``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import httpx
+
+from signing.errors import DigestMismatch, LengthMismatch
+
+DEVICE_HEADER = "X-Edgefleet-Device"
+CHUNK = 1 << 16
+MAX_ENVELOPE = 1 << 20
+
+
+class IncompleteDownload(Exception):
+    """The connection ended before ``length`` bytes arrived; the partial file is kept for resume."""
+
+    code = "download_incomplete"
+
+
+class DownloadError(Exception):
+    """The server answered with an unexpected status."""
+
+    code = "download_failed"
+
+
+def _hash_prefix(path: Path, length: int) -> tuple[hashlib._Hash, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as fh:
+        while n < length:
+            chunk = fh.read(min(1 << 20, length - n))
+            if not chunk:
+                break
+            h.update(chunk)
+            n += len(chunk)
+    return h, n
+
+
+async def download_model(
+    client: httpx.AsyncClient,
+    url: str,
+    part: Path,
+    *,
+    length: int,
+    sha256: str,
+    device_id: str,
+) -> Path:
+    """Download ``url`` into ``part`` (resuming it) and verify length + sha256; return ``part``.
+
+    Raises LengthMismatch (oversize: more than ``length`` bytes), DigestMismatch
+    (the partial file is deleted in both cases, it can never become valid),
+    IncompleteDownload (kept for resume), DownloadError, or httpx.TransportError.
+    """
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    if have > length:
+        part.unlink()
+        have = 0
+    h, have = _hash_prefix(part, have) if have else (hashlib.sha256(), 0)
+    if have < length:
+        headers = {DEVICE_HEADER: device_id}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        async with client.stream("GET", url, headers=headers) as resp:
+            if resp.status_code == 206 and have:
+                start = _content_range_start(resp.headers.get("content-range", ""))
+                if start != have:
+                    raise DownloadError(f"server resumed at byte {start}, asked for {have}")
+                mode = "ab"
+            elif resp.status_code == 200:
+                # Server ignored the Range (or there was none): start over.
+                h, have, mode = hashlib.sha256(), 0, "wb"
+            else:
+                raise DownloadError(f"GET {url}: HTTP {resp.status_code}")
+            with open(part, mode) as fh:
+                async for chunk in resp.aiter_bytes(CHUNK):
+                    if have + len(chunk) > length:
+                        fh.close()
+                        part.unlink(missing_ok=True)
+                        raise LengthMismatch(f"server sent more than the signed {length} bytes")
+                    fh.write(chunk)
+                    h.update(chunk)
+                    have += len(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+    if have < length:
+        raise IncompleteDownload(f"got {have} of {length} bytes")
+    if h.hexdigest() != sha256:
+        part.unlink(missing_ok=True)
+        raise DigestMismatch(f"downloaded sha256 {h.hexdigest()[:12]}..., signed {sha256[:12]}...")
+    return part
+
+
+def _content_range_start(value: str) -> int:
+    # "bytes 100-199/200"
+    try:
+        unit, rng = value.split(" ", 1)
+        return int(rng.split("-", 1)[0]) if unit == "bytes" else -1
+    except ValueError:
+        return -1
+
+
+async def fetch_envelope(client: httpx.AsyncClient, url: str, device_id: str) -> bytes:
+    """GET a bundle envelope (small JSON), refusing anything larger than ``MAX_ENVELOPE``."""
+    body = bytearray()
+    async with client.stream("GET", url, headers={DEVICE_HEADER: device_id}) as resp:
+        if resp.status_code != 200:
+            raise DownloadError(f"GET {url}: HTTP {resp.status_code}")
+        async for chunk in resp.aiter_bytes(CHUNK):
+            body += chunk
+            if len(body) > MAX_ENVELOPE:
+                raise LengthMismatch(f"envelope larger than {MAX_ENVELOPE} bytes")
+    return bytes(body)

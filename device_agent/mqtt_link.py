@@ -1,0 +1,314 @@
+"""One device's MQTT connection, driven by an asyncio loop (no paho thread).
+
+paho's documented asyncio pattern: the loop watches the socket and calls
+``loop_read``/``loop_write``; a small periodic task calls ``loop_misc`` for
+keepalive pings and timeouts. ``loop_start()`` per device is never used: paho's
+thread uses select() and breaks near ~340 clients, while this lets hundreds of
+devices share one loop (the simulator). Every paho callback therefore runs on
+the loop thread, so the link and the agent need no locks for MQTT state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from device_agent import protocol
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
+ConnectHandler = Callable[[], None]
+
+MISC_INTERVAL = 1.0  # s between loop_misc calls (keepalive granularity)
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+
+
+def backoff_delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt)).
+
+    Full jitter spreads a fleet that lost its broker at the same instant, so the
+    broker is not hit by every device again at the same instant.
+    """
+    return random.uniform(0.0, min(cap, base * (2 ** min(attempt, 20))))
+
+
+class MqttLink:
+    """A paho client bound to an asyncio loop: connect, subscribe to ``desired``, publish with a window.
+
+    Publishes happen only while connected; callers keep what must survive a
+    disconnect (the agent re-publishes Reported on every connect, telemetry
+    queues its batches).
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        host: str,
+        port: int,
+        *,
+        mqtt_version: int = 5,
+        keepalive: int = 30,
+        session_expiry: int = 3600,
+        max_inflight: int = 20,
+        on_message: MessageHandler,
+        on_connected: ConnectHandler | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.host = host
+        self.port = port
+        self.mqtt_version = mqtt_version
+        self.keepalive = keepalive
+        self.session_expiry = session_expiry
+        self.max_inflight = max_inflight
+        self._on_message_cb = on_message
+        self._on_connected_cb = on_connected
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._misc_task: asyncio.Task[None] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._window = asyncio.Event()
+        self._window.set()
+        self._inflight: set[int] = set()
+        self._stopping = False
+        self._sock: Any = None
+        self.reconnects = 0
+        self.publish_failures = 0
+
+        proto = MQTTProtocolVersion.MQTTv5 if mqtt_version == 5 else MQTTProtocolVersion.MQTTv311
+        kwargs: dict[str, Any] = {}
+        if mqtt_version != 5:
+            kwargs["clean_session"] = False  # keep our subscription and queued QoS 1 while away
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=proto, **kwargs)
+        # paho's own queue must not be the bound: we bound in-flight ourselves.
+        self.client.max_inflight_messages_set(max(max_inflight, 1))
+        offline = protocol.Status(device_id=device_id, state="offline")
+        self.client.will_set(
+            protocol.topic(device_id, protocol.Channel.STATUS), protocol.encode(offline), qos=1, retain=True
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.client.on_socket_open = self._on_socket_open
+        self.client.on_socket_close = self._on_socket_close
+        self.client.on_socket_register_write = self._on_register_write
+        self.client.on_socket_unregister_write = self._on_unregister_write
+
+    # -- public API -------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def start(self) -> None:
+        """Open the connection (retrying with backoff in the background if the broker is away)."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        try:
+            self._connect_once()
+        except OSError as exc:
+            log.warning(
+                "%s: connect to %s:%s failed (%s); retrying", self.device_id, self.host, self.port, exc
+            )
+            self._schedule_reconnect()
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Publish ``offline`` (a clean disconnect suppresses the will) and disconnect."""
+        self._stopping = True
+        for task in (self._reconnect_task, self._misc_task):
+            if task is not None:
+                task.cancel()
+        if self.connected:
+            offline = protocol.Status(device_id=self.device_id, state="offline")
+            await self.publish(
+                protocol.topic(self.device_id, protocol.Channel.STATUS),
+                protocol.encode(offline),
+                qos=1,
+                retain=True,
+                timeout=2.0,
+            )
+            await self.drain(timeout=2.0)
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+        # disconnect() writes DISCONNECT and closes the socket synchronously; make sure the
+        # reader/writer are gone even if paho did not call on_socket_close.
+        self._drop_socket()
+        self._connected.clear()
+
+    async def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 10.0
+    ) -> bool:
+        """Publish if connected, waiting while ``max_inflight`` QoS 1 messages are unacknowledged.
+
+        Returns False (and counts it) when not connected or the window does not open in time.
+        """
+        loop_deadline = asyncio.get_running_loop().time() + timeout
+        while qos > 0 and len(self._inflight) >= self.max_inflight:
+            self._window.clear()
+            remaining = loop_deadline - asyncio.get_running_loop().time()
+            if remaining <= 0 or not self.connected:
+                self.publish_failures += 1
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._window.wait(), remaining)
+        if not self.connected:
+            self.publish_failures += 1
+            return False
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.publish_failures += 1
+            return False
+        if qos > 0 and not info.is_published():
+            self._inflight.add(info.mid)
+        return True
+
+    async def drain(self, timeout: float = 5.0) -> bool:
+        """Wait until every QoS 1 publish is acknowledged (or the timeout passes)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._inflight and self.connected:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            self._window.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._window.wait(), 0.05)
+        return not self._inflight
+
+    # -- connection management ---------------------------------------------
+
+    def _connect_once(self) -> None:
+        if self.mqtt_version == 5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry
+            self.client.connect(self.host, self.port, self.keepalive, clean_start=False, properties=props)
+        else:
+            self.client.connect(self.host, self.port, self.keepalive)
+
+    def _schedule_reconnect(self) -> None:
+        if self._stopping or self._loop is None:
+            return
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = self._loop.create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        attempt = 0
+        while not self._stopping and not self.connected:
+            await asyncio.sleep(backoff_delay(attempt))
+            if self._stopping:
+                return
+            attempt += 1
+            try:
+                self._drop_socket()
+                self._connect_once()
+                self.reconnects += 1
+            except OSError as exc:
+                log.info("%s: reconnect attempt %d failed: %s", self.device_id, attempt, exc)
+                continue
+            # CONNACK arrives through the reader; give it time before trying again.
+            deadline = asyncio.get_running_loop().time() + max(5.0, self.keepalive)
+            while (
+                not self.connected and asyncio.get_running_loop().time() < deadline and self._sock is not None
+            ):
+                await asyncio.sleep(0.05)
+
+    # -- paho callbacks (all on the loop thread) ---------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.warning("%s: broker refused connection: %s", self.device_id, reason)
+            return
+        client.subscribe(protocol.topic(self.device_id, protocol.Channel.DESIRED), qos=1)
+        online = protocol.Status(device_id=self.device_id, state="online")
+        client.publish(
+            protocol.topic(self.device_id, protocol.Channel.STATUS),
+            protocol.encode(online),
+            qos=1,
+            retain=True,
+        )
+        self._connected.set()
+        if self._on_connected_cb is not None:
+            try:
+                self._on_connected_cb()
+            except Exception:
+                log.exception("%s: on_connected handler failed", self.device_id)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connected.clear()
+        # Unacked messages stay in paho's session and are resent on reconnect; our window
+        # restarts empty so a lost session can never wedge publishers.
+        self._inflight.clear()
+        self._window.set()
+        if not self._stopping:
+            log.info("%s: disconnected (%s); reconnecting", self.device_id, reason)
+            self._schedule_reconnect()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._on_message_cb(msg.topic, bytes(msg.payload), bool(msg.retain))
+        except Exception:
+            log.exception("%s: message handler failed on %s", self.device_id, msg.topic)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self._inflight.discard(mid)
+        if len(self._inflight) < self.max_inflight:
+            self._window.set()
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._sock = sock
+        self._loop.add_reader(sock, client.loop_read)
+        if self._misc_task is None or self._misc_task.done():
+            self._misc_task = self._loop.create_task(self._misc_loop())
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self._loop is not None and sock is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(sock)
+                self._loop.remove_writer(sock)
+        if sock is self._sock:
+            self._sock = None
+
+    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.add_writer(sock, client.loop_write)
+
+    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(sock)
+
+    def _drop_socket(self) -> None:
+        if self._sock is not None and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._sock)
+                self._loop.remove_writer(self._sock)
+        self._sock = None
+
+    async def _misc_loop(self) -> None:
+        """Keepalive pings and timeouts; notices a dead connection paho found in loop_misc."""
+        while not self._stopping:
+            await asyncio.sleep(MISC_INTERVAL)
+            if self._sock is None:
+                continue
+            rc = self.client.loop_misc()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stopping:
+                self._drop_socket()
+                self._connected.clear()
+                self._schedule_reconnect()

@@ -1,0 +1,1 @@
+"""Many real device agents in one process (one asyncio loop), for tests, demos and scale trials."""

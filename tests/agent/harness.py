@@ -1,0 +1,313 @@
+"""Test harness playing the fleet server's role: tiny ONNX models, signed bundles and
+directives, a real HTTP artifact server (Range + device header), a paho observer,
+and an agent on its own loop thread so tests can call ``infer`` from many threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import onnx
+import paho.mqtt.client as mqtt
+from onnx import TensorProto, helper, numpy_helper
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agent import protocol
+from device_agent.agent import Agent
+from device_agent.config import AgentConfig
+from edgefleet.broker import BrokerInfo
+from signing.dsse import sign_envelope
+from signing.keys import KeyPair
+from signing.manifest import ENVELOPE_NAME, sign_bundle
+
+T = TypeVar("T")
+HW = "rpi4"
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def unique_id(prefix: str = "dev") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def make_model(path: Path, seed: int = 0, nan: bool = False) -> Path:
+    """input "input" float [N,64] -> MatMul -> "scores" [N,10]; ``nan`` poisons the weights."""
+    w = np.random.default_rng(seed).standard_normal((64, 10)).astype(np.float32)
+    if nan:
+        w[0, 0] = np.nan
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "W"], ["scores"])],
+        f"tiny{seed}",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+@dataclass
+class Bundle:
+    dir: Path
+    sha256: str
+    length: int
+    name: str
+    version: str
+    target: str
+
+    @property
+    def model_path(self) -> Path:
+        return self.dir / "model.onnx"
+
+
+def make_bundle(
+    root: Path,
+    key: KeyPair,
+    seed: int = 0,
+    nan: bool = False,
+    version: str = "1",
+    hardware_ids: list[str] | None = None,
+    target: str = "arm64-cpu",
+    name: str = "tiny",
+) -> Bundle:
+    d = root / f"{name}-{version}-{seed}-{'nan' if nan else 'ok'}-{uuid.uuid4().hex[:4]}"
+    make_model(d / "model.onnx", seed=seed, nan=nan)
+    manifest = sign_bundle(
+        d,
+        {
+            "name": name,
+            "version": version,
+            "release": int(version) if version.isdigit() else 1,
+            "target": target,
+            "hardware_ids": hardware_ids or [HW],
+        },
+        ["model.onnx"],
+        key,
+    )
+    f = manifest.model_file
+    return Bundle(d, f.sha256, f.length, name, version, target)
+
+
+class ArtifactServer:
+    """Real HTTP server for bundle files: ``/m/<sha>`` model, ``/e/<sha>`` envelope.
+
+    Honours ``Range: bytes=a-``, requires ``X-Edgefleet-Device``, logs requests;
+    ``overrides[sha] = bytes`` serves other bytes for a model (tampering, oversize).
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.envelopes: dict[str, bytes] = {}
+        self.overrides: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str | None, str | None]] = []  # path, range, device
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                device = self.headers.get("X-Edgefleet-Device")
+                rng = self.headers.get("Range")
+                outer.requests.append((self.path, rng, device))
+                if not device:
+                    self.send_error(403)
+                    return
+                m = re.fullmatch(r"/(m|e)/([0-9a-f]{64})", self.path)
+                if not m:
+                    self.send_error(404)
+                    return
+                kind, sha = m.groups()
+                body = (
+                    outer.overrides.get(sha, outer.files.get(sha))
+                    if kind == "m"
+                    else outer.envelopes.get(sha)
+                )
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                if rng and kind == "m":
+                    rm = re.fullmatch(r"bytes=(\d+)-(\d*)", rng)
+                    if rm is None or int(rm.group(1)) >= len(body):
+                        self.send_error(416)
+                        return
+                    start = int(rm.group(1))
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                self.wfile.write(body[start:])
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def add(self, bundle: Bundle) -> None:
+        self.files[bundle.sha256] = bundle.model_path.read_bytes()
+        self.envelopes[bundle.sha256] = (bundle.dir / ENVELOPE_NAME).read_bytes()
+
+    def model_ref(self, bundle: Bundle, **changes: Any) -> protocol.ModelRef:
+        fields: dict[str, Any] = {
+            "name": bundle.name,
+            "version": bundle.version,
+            "release": 1,
+            "target": bundle.target,
+            "sha256": bundle.sha256,
+            "length": bundle.length,
+            "model_url": f"{self.base}/m/{bundle.sha256}",
+            "envelope_url": f"{self.base}/e/{bundle.sha256}",
+        }
+        fields.update(changes)
+        return protocol.ModelRef(**fields)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def sign_directive(
+    key: KeyPair,
+    device_id: str,
+    seq: int,
+    model: protocol.ModelRef | None,
+    ttl: float = 3600.0,
+) -> bytes:
+    now = protocol.utcnow()
+    d = protocol.Directive(
+        device_id=device_id,
+        seq=seq,
+        issued_at=now,
+        expires_at=now + timedelta(seconds=ttl),
+        model=model,
+    )
+    env = sign_envelope(d.model_dump_json().encode(), protocol.DIRECTIVE_PAYLOAD_TYPE, [key])
+    return json.dumps(env).encode()
+
+
+class Observer:
+    """A paho client (test side, its own thread) that publishes directives and records device messages."""
+
+    def __init__(self, broker: BrokerInfo) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique_id("observer"))
+        self.client.on_message = self._on_message
+        self.client.max_queued_messages_set(0)
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(
+            [(protocol.wildcard(c), 1) for c in ("events", "reported", "status", "telemetry")]
+        )
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+
+    def publish(self, device_id: str, payload: bytes, retain: bool = True) -> None:
+        info = self.client.publish(protocol.topic(device_id, "desired"), payload, qos=1, retain=retain)
+        info.wait_for_publish(5)
+
+    def events(self, device_id: str) -> list[protocol.Event]:
+        t = protocol.topic(device_id, "events")
+        with self._lock:
+            return [protocol.decode_event(p) for tp, p in self.messages if tp == t]
+
+    def reported(self, device_id: str) -> list[protocol.Reported]:
+        t = protocol.topic(device_id, "reported")
+        with self._lock:
+            return [protocol.decode_reported(p) for tp, p in self.messages if tp == t and p]
+
+    def telemetry(self, device_id: str) -> list[protocol.TelemetryBatch]:
+        t = protocol.topic(device_id, "telemetry")
+        with self._lock:
+            return [protocol.decode_telemetry(p) for tp, p in self.messages if tp == t]
+
+    def wait_event(
+        self, device_id: str, state: protocol.DeploymentState, seq: int | None = None, timeout: float = 10.0
+    ) -> protocol.Event:
+        def find() -> protocol.Event | None:
+            for e in self.events(device_id):
+                if e.state == state and (seq is None or e.seq == seq):
+                    return e
+            return None
+
+        return wait_for(find, timeout, f"{state} event (seq {seq}) from {device_id}")
+
+    def clear_retained(self, device_id: str) -> None:
+        self.client.publish(protocol.topic(device_id, "desired"), b"", qos=1, retain=True).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class LoopThread:
+    """An asyncio loop in a background thread (as on a device: agent on the loop, infer elsewhere)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def agent_config(
+    broker: BrokerInfo, data_dir: Path, trust_path: Path, device_id: str, **kw: Any
+) -> AgentConfig:
+    return AgentConfig(
+        device_id=device_id,
+        hardware_id=kw.pop("hardware_id", HW),
+        data_dir=data_dir,
+        trust_path=trust_path,
+        mqtt_host=broker.host,
+        mqtt_port=broker.port,
+        mqtt_version=kw.pop("mqtt_version", broker.mqtt_version),
+        telemetry_interval=kw.pop("telemetry_interval", 0.5),
+        **kw,
+    )
+
+
+def start_agent(lt: LoopThread, agent: Agent) -> Agent:
+    lt.run(agent.start())
+    assert lt.run(agent.wait_connected(10)), "agent did not connect"
+    return agent
+
+
+X = np.random.default_rng(42).standard_normal((1, 64)).astype(np.float32)

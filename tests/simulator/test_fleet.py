@@ -1,0 +1,63 @@
+"""20 real agents on one loop in one process, against a real broker, sharing ONNX sessions."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import numpy as np
+from agent.harness import ArtifactServer, Observer, make_bundle, sign_directive, unique_id, wait_for
+
+from device_agent import protocol
+from edgefleet.broker import BrokerInfo
+from signing.keyring import KeyDir
+from simulator.fleet import DeviceSpec, Fleet
+
+
+def test_twenty_agents_install_a_directive(
+    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, observer: Observer
+) -> None:
+    prefix = unique_id("sim")
+    specs = [DeviceSpec(f"{prefix}-{i:03d}", "rpi4", {"site": "lab"}) for i in range(20)]
+    bundle = make_bundle(tmp_path / "b", keydir.key("release"))
+    artifacts.add(bundle)
+    samples = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fleet = Fleet(
+        specs, broker_info, keydir.trust_path, tmp_path / "fleet", workload_hz=20.0, sample_inputs=samples
+    )
+    fleet.start()
+    try:
+        assert all(s["connected"] for s in fleet.snapshot().values())
+        fleet_key = keydir.key("fleet")
+        for spec in specs:
+            observer.publish(
+                spec.device_id, sign_directive(fleet_key, spec.device_id, 1, artifacts.model_ref(bundle))
+            )
+        wait_for(
+            lambda: all(s["running"] == bundle.sha256 for s in fleet.snapshot().values()),
+            timeout=30,
+            what="all 20 agents running the model",
+        )
+        wait_for(
+            lambda: all(s["inferences_ok"] > 0 for s in fleet.snapshot().values()),
+            what="workload inferences on every device",
+        )
+        # identical models are loaded once for the whole fleet
+        assert fleet.runtime.loads == 1
+        snap = fleet.snapshot()
+        assert all(s["history"] == [bundle.sha256] for s in snap.values())
+        assert all(s["state"] == protocol.DeploymentState.SERVING for s in snap.values())
+        assert fleet.workload_errors == 0
+        # the server's "done" signal reaches the broker for every device
+        wait_for(
+            lambda: all(
+                any(r.served_ok.get(bundle.sha256, 0) >= 1 for r in observer.reported(s.device_id))
+                for s in specs
+            ),
+            what="proof reports",
+        )
+    finally:
+        fleet.stop()
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"max RSS grew {(rss_after - rss_before) / 1024:.1f} MB for 20 agents")
