@@ -15,6 +15,21 @@ from typing import Any
 from device_agent import protocol
 
 
+@dataclass(frozen=True)
+class BrokerInfo:
+    """Where a broker listens and what it supports; passed to server, agents and simulator."""
+
+    host: str
+    port: int
+    mqtt_version: int = 5  # 5 or 4 (3.1.1)
+    shared_subscriptions: bool = True
+    kind: str = "mosquitto"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+
 @dataclass
 class AgentConfig:
     """Everything one agent needs; paths are resolved against the TOML file's directory."""

@@ -18,24 +18,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from device_agent.config import BrokerInfo
 
-@dataclass(frozen=True)
-class BrokerInfo:
-    """Where a broker listens and what it supports; passed to server, agents and simulator."""
-
-    host: str
-    port: int
-    mqtt_version: int = 5  # 5 or 4 (3.1.1)
-    shared_subscriptions: bool = True
-    kind: str = "mosquitto"
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+__all__ = ["Broker", "BrokerInfo", "start_broker", "start_embedded", "start_mosquitto"]
 
 
 def free_port() -> int:

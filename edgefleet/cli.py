@@ -174,7 +174,7 @@ def compile_cmd(
         fail(f"cannot load release key from {keys}: {exc}")
     gate: Gate | None = None
     if not no_gate:
-        overrides = {
+        overrides: dict[str, Any] = {
             k: v
             for k, v in {
                 "min_top1_agreement": min_agreement,

@@ -21,9 +21,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from device_agent.agent import Agent, NoModelError
-from device_agent.config import AgentConfig
+from device_agent.config import AgentConfig, BrokerInfo
 from device_agent.runtime import SharedRuntimeFactory
-from edgefleet.broker import BrokerInfo
 from signing.trust import TrustRoot
 
 CONNECT_BATCH = 100
