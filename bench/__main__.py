@@ -15,7 +15,7 @@ def main() -> int:
     rows: list[dict[str, object]] = []
     for module in (verify, inference):
         rows.extend(module.run())
-    console = Console()
+    console = Console(width=140)
     table = Table(
         "bench",
         "baseline",
