@@ -1,0 +1,311 @@
+"""HTTP routes of ``/api/v1`` (docs/contracts.md). Handlers are thin: store and services do the work.
+
+Handlers are plain ``def`` (FastAPI runs them in its thread pool) and open one
+short session each, so no session is shared between threads.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Header, Request, Response, UploadFile
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from fleet_server import artifacts
+from fleet_server.context import ServerContext
+from fleet_server.errors import ApiError
+from fleet_server.models import Device, Model, Rollout, utcnow
+from fleet_server.rollouts import create_rollout, operator_action, rollout_status
+from fleet_server.schemas import (
+    DeviceIn,
+    DeviceOut,
+    ModelOut,
+    RolloutIn,
+    RolloutOut,
+    RunningModelOut,
+    StatsOut,
+)
+from fleet_server.store import new_session
+from signing.errors import TrustError
+from signing.manifest import ENVELOPE_NAME
+
+router = APIRouter(prefix="/api/v1")
+health = APIRouter()
+DEVICE_HEADER = "X-Edgefleet-Device"
+
+
+def ctx(request: Request) -> ServerContext:
+    context: ServerContext = request.app.state.ctx
+    return context
+
+
+def db(c: Annotated[ServerContext, Depends(ctx)]) -> Iterator[Session]:
+    with new_session(c.engine) as session:
+        yield session
+
+
+Ctx = Annotated[ServerContext, Depends(ctx)]
+Db = Annotated[Session, Depends(db)]
+
+
+@health.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+# --- devices ---------------------------------------------------------------------------------
+
+
+def device_out(d: Device) -> DeviceOut:
+    running = (
+        RunningModelOut(name=d.running_name, version=d.running_version, sha256=d.running_sha256)
+        if d.running_sha256
+        else None
+    )
+    return DeviceOut(
+        device_id=d.id,
+        hardware_id=d.hardware_id,
+        tags=d.tags,
+        registered_at=d.registered_at,
+        online=d.online,
+        last_seen=d.last_seen,
+        running_model=running,
+        deployment_state=d.deployment_state,
+        deployment_seq=d.deployment_seq,
+        desired_seq=d.desired_seq,
+        agent_version=d.agent_version,
+    )
+
+
+@router.post("/devices", status_code=201, response_model=DeviceOut)
+def register_device(body: DeviceIn, session: Db, response: Response) -> DeviceOut:
+    existing = session.get(Device, body.device_id)
+    if existing is not None:
+        if existing.hardware_id == body.hardware_id and existing.tags == body.tags:
+            response.status_code = 200
+            return device_out(existing)
+        raise ApiError(409, "device_exists", f"device {body.device_id} is registered with other attributes")
+    device = Device(id=body.device_id, hardware_id=body.hardware_id, tags=body.tags, registered_at=utcnow())
+    session.add(device)
+    try:
+        session.commit()
+    except IntegrityError:  # registered concurrently
+        raise ApiError(409, "device_exists", f"device {body.device_id} is already registered") from None
+    return device_out(device)
+
+
+@router.get("/devices", response_model=list[DeviceOut])
+def list_devices(session: Db) -> list[DeviceOut]:
+    return [device_out(d) for d in session.exec(select(Device).order_by(col(Device.id))).all()]
+
+
+@router.get("/devices/{device_id}", response_model=DeviceOut)
+def get_device(device_id: str, session: Db) -> DeviceOut:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise ApiError(404, "device_not_found", f"no device {device_id}")
+    return device_out(device)
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+def model_out(m: Model) -> ModelOut:
+    return ModelOut(
+        name=m.name,
+        version=m.version,
+        release=m.release,
+        target=m.target,
+        hardware_ids=m.hardware_ids,
+        sha256=m.sha256,
+        length=m.length,
+        manifest=m.manifest,
+        created_at=m.created_at,
+    )
+
+
+@router.post("/models", status_code=201, response_model=ModelOut)
+def upload_model(
+    c: Ctx,
+    session: Db,
+    response: Response,
+    envelope: Annotated[UploadFile, File()],
+    files: Annotated[list[UploadFile], File()],
+) -> ModelOut:
+    raw = envelope.file.read(artifacts.MAX_ENVELOPE + 1)
+    uploads = [artifacts.Upload(f.filename or "", f.file) for f in files]
+    try:
+        staged = artifacts.stage_bundle(raw, uploads, c.trust, c.settings.upload_tmp_dir)
+    except TrustError as exc:
+        raise ApiError(400, exc.code, str(exc)) from None
+    manifest = staged.manifest
+    existing = session.exec(
+        select(Model).where(Model.name == manifest.name, Model.version == manifest.version)
+    ).first()
+    if existing is not None:
+        staged.discard()
+        if existing.manifest == manifest.to_dict():
+            response.status_code = 200
+            return model_out(existing)
+        raise ApiError(409, "model_exists", f"{manifest.ref} exists with different content")
+    path = staged.commit(c.settings.artifacts_dir)
+    model = Model(
+        name=manifest.name,
+        version=manifest.version,
+        release=manifest.release,
+        target=manifest.target,
+        hardware_ids=list(manifest.hardware_ids),
+        sha256=manifest.model_file.sha256,
+        length=manifest.model_file.length,
+        manifest=manifest.to_dict(),
+        storage_path=str(path),
+        created_at=utcnow(),
+    )
+    session.add(model)
+    try:
+        session.commit()
+    except IntegrityError:
+        shutil.rmtree(path, ignore_errors=True)
+        raise ApiError(409, "model_exists", f"{manifest.ref} was uploaded concurrently") from None
+    return model_out(model)
+
+
+@router.get("/models", response_model=list[ModelOut])
+def list_models(session: Db) -> list[ModelOut]:
+    rows = session.exec(select(Model).order_by(col(Model.name), col(Model.created_at))).all()
+    return [model_out(m) for m in rows]
+
+
+@router.get("/models/{name}/{version}", response_model=ModelOut)
+def get_model(name: str, version: str, session: Db) -> ModelOut:
+    model = session.exec(select(Model).where(Model.name == name, Model.version == version)).first()
+    if model is None:
+        raise ApiError(404, "model_not_found", f"no model {name}:{version}")
+    return model_out(model)
+
+
+# --- artifacts -------------------------------------------------------------------------------
+
+
+def _artifact(session: Session, sha256: str, device_id: str | None) -> Model:
+    if not device_id or session.get(Device, device_id) is None:
+        raise ApiError(
+            403, "unregistered_device", f"artifacts are served to registered devices ({DEVICE_HEADER})"
+        )
+    model = session.exec(
+        select(Model).where(Model.sha256 == sha256).order_by(col(Model.created_at).desc())
+    ).first()
+    if model is None:
+        raise ApiError(404, "artifact_not_found", f"no artifact {sha256}")
+    return model
+
+
+DeviceHeader = Annotated[str | None, Header(alias=DEVICE_HEADER)]
+
+
+@router.get("/artifacts/{sha256}")
+def get_artifact(
+    sha256: str,
+    session: Db,
+    device: DeviceHeader = None,
+    range_: Annotated[str | None, Header(alias="Range")] = None,
+) -> Response:
+    model = _artifact(session, sha256, device)
+    path = Path(model.storage_path) / str(model.manifest["files"][0]["path"])
+    size = path.stat().st_size
+    headers = {"Accept-Ranges": "bytes", "ETag": f'"{model.sha256}"'}
+    try:
+        span = artifacts.parse_range(range_, size)
+    except artifacts.RangeNotSatisfiable:
+        return Response(
+            status_code=416,
+            headers={**headers, "Content-Range": f"bytes */{size}"},
+            content=b"",
+        )
+    if span is None:
+        start, end, status = 0, size - 1, 200
+    else:
+        (start, end), status = span, 206
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    headers["Content-Length"] = str(end - start + 1)
+    return StreamingResponse(
+        artifacts.iter_file(path, start, end),
+        status_code=status,
+        headers=headers,
+        media_type="application/octet-stream",
+    )
+
+
+@router.get("/artifacts/{sha256}/envelope")
+def get_envelope(sha256: str, session: Db, device: DeviceHeader = None) -> Response:
+    model = _artifact(session, sha256, device)
+    raw = (Path(model.storage_path) / ENVELOPE_NAME).read_bytes()
+    return Response(content=raw, media_type="application/json")
+
+
+# --- rollouts --------------------------------------------------------------------------------
+
+
+@router.post("/rollouts", status_code=201, response_model=RolloutOut)
+def post_rollout(body: RolloutIn, c: Ctx, session: Db) -> RolloutOut:
+    with c.lock:
+        rollout = create_rollout(session, body)
+        session.commit()
+    return rollout_status(session, rollout)
+
+
+@router.get("/rollouts", response_model=list[RolloutOut])
+def list_rollouts(session: Db) -> list[RolloutOut]:
+    rows = session.exec(select(Rollout).order_by(col(Rollout.created_at))).all()
+    return [rollout_status(session, r) for r in rows]
+
+
+def _rollout(session: Session, rollout_id: str) -> Rollout:
+    rollout = session.get(Rollout, rollout_id)
+    if rollout is None:
+        raise ApiError(404, "rollout_not_found", f"no rollout {rollout_id}")
+    return rollout
+
+
+@router.get("/rollouts/{rollout_id}", response_model=RolloutOut)
+def get_rollout(rollout_id: str, session: Db) -> RolloutOut:
+    return rollout_status(session, _rollout(session, rollout_id))
+
+
+def _act(rollout_id: str, action: str, c: ServerContext, session: Session) -> RolloutOut:
+    with c.lock:
+        rollout = operator_action(session, _rollout(session, rollout_id), action)
+        session.commit()
+    return rollout_status(session, rollout)
+
+
+@router.post("/rollouts/{rollout_id}/pause", response_model=RolloutOut)
+def pause_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
+    return _act(rollout_id, "pause", c, session)
+
+
+@router.post("/rollouts/{rollout_id}/resume", response_model=RolloutOut)
+def resume_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
+    return _act(rollout_id, "resume", c, session)
+
+
+@router.post("/rollouts/{rollout_id}/abort", response_model=RolloutOut)
+def abort_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
+    return _act(rollout_id, "abort", c, session)
+
+
+# --- stats -----------------------------------------------------------------------------------
+
+
+@router.get("/stats", response_model=StatsOut)
+def stats(c: Ctx) -> StatsOut:
+    return StatsOut(**c.counters.snapshot())
+
+
+def validation_error_response(message: str) -> JSONResponse:
+    return JSONResponse(status_code=400, content={"detail": {"code": "invalid_request", "message": message}})

@@ -1,0 +1,28 @@
+"""The per-app objects request handlers need, kept on ``app.state.ctx`` (no globals)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine
+
+from fleet_server.counters import Counters
+from fleet_server.settings import ServerSettings
+from signing.trust import TrustRoot
+
+if TYPE_CHECKING:
+    from fleet_server.mqtt_bridge import MqttBridge
+    from fleet_server.ticker import Ticker
+
+
+@dataclass
+class ServerContext:
+    settings: ServerSettings
+    engine: Engine
+    trust: TrustRoot
+    counters: Counters = field(default_factory=Counters)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # rollout changes vs. the ticker
+    bridge: MqttBridge | None = None
+    ticker: Ticker | None = None

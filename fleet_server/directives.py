@@ -1,0 +1,56 @@
+"""Build and sign the desired-state directives the server publishes to devices.
+
+A directive names the model by absolute URLs on ``public_url`` plus the hash and
+length the device must find in the release-signed bundle (Uptane's
+director/image split), and carries a seq higher than any sent to that device.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+from device_agent import protocol
+from fleet_server.models import Model
+from signing.dsse import sign_envelope
+from signing.keys import KeyPair
+
+
+def model_ref(model: Model, public_url: str) -> protocol.ModelRef:
+    base = f"{public_url.rstrip('/')}/api/v1/artifacts/{model.sha256}"
+    return protocol.ModelRef(
+        name=model.name,
+        version=model.version,
+        release=model.release,
+        target=model.target,
+        sha256=model.sha256,
+        length=model.length,
+        model_url=base,
+        envelope_url=f"{base}/envelope",
+    )
+
+
+def build_directive(
+    device_id: str,
+    seq: int,
+    model: Model | None,
+    *,
+    public_url: str,
+    ttl_seconds: float,
+    now: datetime,
+    rollout_id: str | None = None,
+) -> protocol.Directive:
+    return protocol.Directive(
+        device_id=device_id,
+        seq=seq,
+        issued_at=now,
+        expires_at=now + timedelta(seconds=ttl_seconds),
+        model=model_ref(model, public_url) if model is not None else None,
+        rollout_id=rollout_id,
+    )
+
+
+def sign_directive(directive: protocol.Directive, fleet_key: KeyPair) -> bytes:
+    """The retained payload for ``ef/v1/{device}/desired``: a DSSE envelope by the fleet key."""
+    payload = directive.model_dump_json().encode()
+    return json.dumps(sign_envelope(payload, protocol.DIRECTIVE_PAYLOAD_TYPE, [fleet_key])).encode()

@@ -1,0 +1,11 @@
+"""API errors in the contract's shape: ``{"detail": {"code": "<snake_case>", "message": "..."}}``."""
+
+from __future__ import annotations
+
+from fastapi import HTTPException
+
+
+class ApiError(HTTPException):
+    def __init__(self, status_code: int, code: str, message: str) -> None:
+        super().__init__(status_code, detail={"code": code, "message": message})
+        self.code = code

@@ -1,0 +1,189 @@
+"""Every table of the fleet server, in one place so Alembic can generate migrations from it.
+
+Datetimes are stored timezone-aware in UTC (``UTCDateTime`` re-attaches UTC on
+SQLite, which drops the offset). JSON columns are replaced, never mutated in
+place, because SQLAlchemy does not track in-place changes to plain JSON.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, UniqueConstraint
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite returns naive values otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTCDateTime column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class RolloutState:
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+    ACTIVE = (RUNNING, PAUSED)
+
+
+class DeviceRolloutState:
+    PENDING = "pending"
+    NOTIFIED = "notified"
+    INSTALLING = "installing"
+    DONE = "done"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    ROLLED_BACK = "rolled_back"
+    IN_FLIGHT = (NOTIFIED, INSTALLING)
+    FINISHED = (DONE, FAILED, TIMED_OUT)
+
+
+class Device(SQLModel, table=True):
+    """A registered device and the latest state it reported."""
+
+    id: str = Field(primary_key=True, max_length=128)
+    hardware_id: str = Field(index=True)
+    tags: dict[str, str] = Field(default_factory=dict, sa_type=JSON)
+    registered_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    online: bool = False
+    last_seen: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    reported: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    running_sha256: str | None = None
+    running_name: str | None = None
+    running_version: str | None = None
+    deployment_state: str | None = None
+    deployment_seq: int = 0
+    desired_seq: int = 0  # seq of the last directive the server published to this device
+    agent_version: str | None = None
+
+
+class Model(SQLModel, table=True):
+    """A verified bundle; ``sha256``/``length`` are those of the model file (manifest.files[0])."""
+
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_model_name_version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True)
+    version: str
+    release: int
+    target: str
+    hardware_ids: list[str] = Field(default_factory=list, sa_type=JSON)
+    sha256: str = Field(index=True, max_length=64)
+    length: int
+    manifest: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    storage_path: str  # directory holding the model file(s) and bundle.dsse.json
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Rollout(SQLModel, table=True):
+    """A staged rollout of one model to the devices its selector matched at creation."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    model_id: int = Field(foreign_key="model.id")
+    model_ref: str  # name:version, for display
+    model_sha256: str = Field(max_length=64)
+    selector: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    stages: list[float] = Field(default_factory=list, sa_type=JSON)  # cumulative percents
+    soak_seconds: float = 0.0
+    device_timeout_seconds: float = 60.0
+    max_error_rate: float = 0.05
+    min_inferences: int = 20
+    max_failure_rate: float = 0.0
+    state: str = Field(default=RolloutState.RUNNING, index=True)
+    current_stage: int = 0
+    stage_ready_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # soak started
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class RolloutDecision(SQLModel, table=True):
+    """One engine or operator decision with the figures that caused it (audit trail)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    rollout_id: str = Field(foreign_key="rollout.id", index=True)
+    ts: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    action: str
+    reason: str
+    figures: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+
+
+class RolloutDevice(SQLModel, table=True):
+    """One targeted device of a rollout: its stage, state and the model to roll back to."""
+
+    __table_args__ = (UniqueConstraint("rollout_id", "device_id", name="uq_rollout_device"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    rollout_id: str = Field(foreign_key="rollout.id", index=True)
+    device_id: str = Field(foreign_key="device.id", index=True)
+    order_key: str  # sha256(rollout_id + device_id): deterministic assignment order
+    stage: int | None = None  # index of the stage that assigned it
+    state: str = DeviceRolloutState.PENDING
+    seq: int | None = None  # seq of the directive sent with the rollout model
+    notified_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    previous_sha256: str | None = None
+    previous_model_id: int | None = None
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    reason: str | None = None
+
+
+class EventRow(SQLModel, table=True):
+    """A deployment event a device sent (state transitions with reasons)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(index=True)
+    seq: int = Field(index=True)
+    state: str
+    reason: str | None = None
+    detail: str | None = None
+    model_sha256: str | None = None
+    ts: datetime = Field(sa_type=UTCDateTime)
+    received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class TelemetryBatchRow(SQLModel, table=True):
+    """A received telemetry batch; the unique key makes redelivered batches count once."""
+
+    __table_args__ = (UniqueConstraint("device_id", "batch_id", name="uq_telemetry_batch"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(index=True)
+    batch_id: str = Field(max_length=128)
+    window_start: datetime = Field(sa_type=UTCDateTime)
+    window_end: datetime = Field(sa_type=UTCDateTime)
+    inferences: int = 0
+    errors: int = 0
+    models: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ModelAggregate(SQLModel, table=True):
+    """Per (device, model hash) totals the gates read: served_ok from Reported, the rest from telemetry."""
+
+    device_id: str = Field(primary_key=True, max_length=128)
+    sha256: str = Field(primary_key=True, max_length=64)
+    served_ok: int = 0  # latest cumulative count the device reported
+    inferences: int = 0  # summed over telemetry batches
+    errors: int = 0
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -1,0 +1,82 @@
+"""Run the server: in a background thread (demo, tests) or in the foreground (``edgefleet server``)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from fleet_server.app import create_app
+from fleet_server.context import ServerContext
+from fleet_server.settings import ServerSettings
+
+
+class ServerThread:
+    """uvicorn in a thread. ``start()`` returns once ``/healthz`` answers; ``url`` is its base URL.
+
+    With ``port=0`` a free port is picked before starting, so ``url`` is known up
+    front; when ``settings.public_url`` was not set explicitly it becomes ``url``.
+    """
+
+    def __init__(self, settings: ServerSettings, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.settings = settings
+        self.host = host
+        self.port = port or _free_port(host)
+        if "public_url" not in settings.model_fields_set:
+            # devices must reach this server: default the download base to where it listens
+            settings = settings.model_copy(update={"public_url": self.url})
+            self.settings = settings
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host=host, port=self.port, log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def context(self) -> ServerContext:
+        ctx: ServerContext = self.app.state.ctx
+        return ctx
+
+    def start(self, timeout: float = 15.0) -> ServerThread:
+        self._thread = threading.Thread(target=self._server.run, name="ef-uvicorn", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._thread.is_alive():
+                raise RuntimeError("the server thread exited during startup")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"server did not answer /healthz within {timeout}s")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(15)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def main(settings: ServerSettings | None = None, host: str = "0.0.0.0", port: int = 8080) -> None:
+    """Foreground server for the ``edgefleet server`` command."""
+    uvicorn.run(create_app(settings or ServerSettings()), host=host, port=port, log_level="info")

@@ -1,0 +1,43 @@
+"""Server configuration, read from ``EDGEFLEET_*`` environment variables.
+
+One settings object is passed explicitly everywhere (no module-level globals), so
+tests and the demo can run several servers with different settings in one process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """Where the server keeps its data, which broker it bridges, and how fast the engine ticks."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", extra="ignore")
+
+    database_url: str | None = None  # None: SQLite file ``<data_dir>/fleet.db`` (WAL)
+    data_dir: Path = Path("./edgefleet-data")
+    keys_dir: Path = Path("./edgefleet-keys")  # needs trust.json (release keys) and fleet.key
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_version: int = Field(default=5, description="5 or 4 (MQTT 3.1.1)")
+    mqtt_client_id: str | None = None  # None: a unique id per server process
+    shared_subscriptions: bool = True
+    public_url: str = "http://127.0.0.1:8080"  # base URL devices download artifacts from
+    tick_interval: float = 1.0  # seconds between rollout engine runs
+    directive_ttl_seconds: float = 86400.0
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(Path(self.data_dir) / 'fleet.db').resolve()}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return Path(self.data_dir) / "bundles"
+
+    @property
+    def upload_tmp_dir(self) -> Path:
+        return Path(self.data_dir) / "uploads"

@@ -1,0 +1,43 @@
+"""Database engine and sessions for SQLite (default, WAL) and PostgreSQL.
+
+Each thread (request handler, MQTT ingest worker, engine ticker) opens its own
+short-lived ``Session``; only the thread-safe ``Engine`` is shared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlmodel import Session, SQLModel, create_engine
+
+from fleet_server import models  # noqa: F401 - registers the tables on SQLModel.metadata
+from fleet_server.settings import ServerSettings
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def make_engine(settings: ServerSettings) -> Engine:
+    """Create the engine and the schema (``create_all`` until Alembic migrations exist)."""
+    url = settings.resolved_database_url()
+    if url.startswith("sqlite"):
+        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    SQLModel.metadata.create_all(engine)
+    return engine
+
+
+def new_session(engine: Engine) -> Session:
+    # expire_on_commit=False: rows read in a transaction stay usable after it (for responses).
+    return Session(engine, expire_on_commit=False)

@@ -1,0 +1,183 @@
+"""Fixtures for the fleet server tests: a real server (uvicorn thread), real Mosquitto, signed bundles."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgefleet.broker import BrokerInfo
+from fleet_server.runner import ServerThread
+from fleet_server.settings import ServerSettings
+from signing.keyring import KeyDir
+from signing.keys import KeyPair
+from signing.manifest import ENVELOPE_NAME, sign_bundle
+
+HW = "rpi4"
+_client_ids = itertools.count()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_bundle(
+    root: Path,
+    key: KeyPair,
+    name: str = "det",
+    version: str = "1",
+    content: bytes = b"model-bytes-" * 100,
+    hardware_ids: tuple[str, ...] = (HW,),
+    release: int = 1,
+) -> Path:
+    bundle = root / f"{name}-{version}-{key.keyid[:6]}"
+    bundle.mkdir(parents=True)
+    (bundle / "model.onnx").write_bytes(content)
+    fields = {
+        "name": name,
+        "version": version,
+        "release": release,
+        "target": "arm64-cpu",
+        "hardware_ids": list(hardware_ids),
+    }
+    sign_bundle(bundle, fields, ["model.onnx"], key)
+    return bundle
+
+
+def upload(client: httpx.Client, bundle: Path, override: dict[str, bytes] | None = None) -> httpx.Response:
+    files: list[tuple[str, tuple[str, bytes, str]]] = [
+        ("envelope", (ENVELOPE_NAME, (bundle / ENVELOPE_NAME).read_bytes(), "application/json"))
+    ]
+    for p in sorted(bundle.iterdir()):
+        if p.name != ENVELOPE_NAME:
+            data = (override or {}).get(p.name, p.read_bytes())
+            files.append(("files", (p.name, data, "application/octet-stream")))
+    return client.post("/api/v1/models", files=files)
+
+
+def register(client: httpx.Client, device_id: str, hardware_id: str = HW, **tags: str) -> dict[str, Any]:
+    r = client.post(
+        "/api/v1/devices", json={"device_id": device_id, "hardware_id": hardware_id, "tags": tags}
+    )
+    assert r.status_code in (200, 201), r.text
+    return dict(r.json())
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll until ``predicate`` returns something truthy; fail with a clear message on the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def server_settings(tmp_path: Path, keydir: KeyDir, broker: BrokerInfo, **over: Any) -> ServerSettings:
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "server-data",
+        "keys_dir": keydir.path,
+        "mqtt_host": broker.host,
+        "mqtt_port": broker.port,
+        "mqtt_version": broker.mqtt_version,
+        "shared_subscriptions": broker.shared_subscriptions,
+        "public_url": "http://127.0.0.1:1",
+        "tick_interval": 0.1,
+    }
+    values.update(over)
+    return ServerSettings(**values)
+
+
+@pytest.fixture
+def make_server(
+    tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo
+) -> Iterator[Callable[..., ServerThread]]:
+    started: list[ServerThread] = []
+
+    def make(**over: Any) -> ServerThread:
+        port = free_port()
+        over.setdefault("public_url", f"http://127.0.0.1:{port}")
+        srv = ServerThread(server_settings(tmp_path, keydir, broker_info, **over), port=port).start()
+        started.append(srv)
+        assert srv.context.bridge is not None
+        wait_for(srv.context.bridge.subscribed.is_set, 10)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., ServerThread]) -> ServerThread:
+    return make_server()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        yield c
+
+
+class FakeDevice:
+    """A paho client speaking the wire protocol as a device would (no agent logic)."""
+
+    def __init__(self, broker: BrokerInfo, device_id: str) -> None:
+        self.device_id = device_id
+        self.received: list[tuple[str, bytes, bool]] = []
+        v5 = broker.mqtt_version == 5
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"test-{device_id}-{next(_client_ids)}",
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        )
+        self.client.on_message = lambda _c, _u, m: self.received.append((m.topic, bytes(m.payload), m.retain))
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        wait_for(self.client.is_connected, 5)
+
+    def subscribe_desired(self) -> None:
+        self.client.subscribe(f"ef/v1/{self.device_id}/desired", qos=1)
+
+    def publish(self, channel: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(
+            f"ef/v1/{self.device_id}/{channel}", payload, qos=1, retain=retain
+        ).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()  # first: wakes the network thread, so loop_stop returns at once
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def fake_device(broker_info: BrokerInfo) -> Iterator[Callable[[str], FakeDevice]]:
+    made: list[FakeDevice] = []
+
+    def make(device_id: str) -> FakeDevice:
+        d = FakeDevice(broker_info, device_id)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        # clear retained topics this test left behind (the broker lives for the session)
+        for ch in ("reported", "status", "desired"):
+            d.client.publish(f"ef/v1/{d.device_id}/{ch}", b"", qos=1, retain=True).wait_for_publish(5)
+        d.close()
+
+
+def stats(client: httpx.Client) -> dict[str, int]:
+    return dict(json.loads(client.get("/api/v1/stats").text))
