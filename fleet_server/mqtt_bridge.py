@@ -28,12 +28,14 @@ from fleet_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-INBOUND_CHANNELS = (
-    protocol.Channel.REPORTED,
-    protocol.Channel.EVENTS,
-    protocol.Channel.TELEMETRY,
-    protocol.Channel.STATUS,
-)
+# Retained snapshots: every replica subscribes with a plain wildcard, because MQTT 5
+# shared subscriptions never deliver retained messages, and a restarted server must
+# learn each device's last reported state and status at once. Storing a snapshot is
+# an idempotent upsert, so several replicas receiving it is harmless.
+SNAPSHOT_CHANNELS = (protocol.Channel.REPORTED, protocol.Channel.STATUS)
+# Streams: split across replicas with $share when the broker supports it.
+STREAM_CHANNELS = (protocol.Channel.EVENTS, protocol.Channel.TELEMETRY)
+INBOUND_CHANNELS = SNAPSHOT_CHANNELS + STREAM_CHANNELS
 MAX_BATCH = 500
 
 
@@ -99,9 +101,9 @@ class MqttBridge:
         if rc.is_failure:
             log.error("MQTT connect refused: %s", rc)
             return
-        filters = [
+        filters = [protocol.wildcard(ch) for ch in SNAPSHOT_CHANNELS] + [
             protocol.shared_subscription(ch) if self.settings.shared_subscriptions else protocol.wildcard(ch)
-            for ch in INBOUND_CHANNELS
+            for ch in STREAM_CHANNELS
         ]
         result, mid = client.subscribe([(f, 1) for f in filters])
         if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
