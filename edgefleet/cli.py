@@ -478,12 +478,38 @@ def rollouts_abort(rollout_id: str, server: ServerOpt = None, as_json: JsonOpt =
 def server_cmd(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
+    keys: Annotated[
+        Path | None, typer.Option("--keys", help="Dir with trust.json, fleet.key [EDGEFLEET_KEYS_DIR].")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Artifacts and SQLite [EDGEFLEET_DATA_DIR].")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL, e.g. PostgreSQL [EDGEFLEET_DATABASE_URL].")
+    ] = None,
+    mqtt: Annotated[str | None, typer.Option(help="Broker host:port [EDGEFLEET_MQTT_HOST/PORT].")] = None,
+    public_url: Annotated[
+        str | None, typer.Option(help="Base URL devices download from [EDGEFLEET_PUBLIC_URL].")
+    ] = None,
 ) -> None:
-    """Run the fleet server (settings from EDGEFLEET_* environment variables; see docs)."""
+    """Run the fleet server: admin API, rollout engine, MQTT bridge, artifact serving.
+
+    Every setting also comes from its EDGEFLEET_* environment variable; flags win.
+    """
     from fleet_server.runner import main
     from fleet_server.settings import ServerSettings
 
-    main(ServerSettings(), host, port)
+    overrides: dict[str, Any] = {
+        "keys_dir": keys,
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "public_url": public_url,
+    }
+    if mqtt:
+        mhost, _, mport = mqtt.rpartition(":")
+        overrides.update(mqtt_host=mhost or "127.0.0.1", mqtt_port=int(mport))
+    settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    if not (Path(settings.keys_dir) / "trust.json").is_file():
+        fail(f"no trust.json in {settings.keys_dir}: run `edgefleet keys init` or pass --keys")
+    main(settings, host, port)
 
 
 @app.command("agent")
@@ -494,10 +520,17 @@ def agent_cmd(
     ] = 0.0,
 ) -> None:
     """Run the device agent until SIGINT/SIGTERM."""
+    import logging
+
     from device_agent.config import load_config
     from device_agent.run import run_agent
 
-    run_agent(load_config(config), workload_hz=synthetic_hz)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(config)
+    except (ValueError, TypeError, OSError) as exc:
+        fail(f"{config}: {exc}")
+    run_agent(cfg, workload_hz=synthetic_hz)
 
 
 @app.command("sim")

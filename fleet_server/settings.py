@@ -19,7 +19,7 @@ class ServerSettings(BaseSettings):
 
     database_url: str | None = None  # None: SQLite file ``<data_dir>/fleet.db`` (WAL)
     data_dir: Path = Path("./edgefleet-data")
-    keys_dir: Path = Path("./edgefleet-keys")  # needs trust.json (release keys) and fleet.key
+    keys_dir: Path = Path("keys")  # needs trust.json (release keys) and fleet.key
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
     mqtt_version: int = Field(default=5, description="5 or 4 (MQTT 3.1.1)")
