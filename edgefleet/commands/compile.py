@@ -1,0 +1,118 @@
+"""`edgefleet compile`: quantize, evaluate, gate and sign a model for a target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from edgefleet.commands.common import (
+    JsonOpt,
+    console,
+    err,
+    fail,
+    print_json,
+)
+
+
+def compile_cmd(
+    model: Annotated[Path, typer.Argument(help="Float ONNX model.", exists=True, dir_okay=False)],
+    calib: Annotated[Path, typer.Option("--calib", help="Calibration samples (.npz).", exists=True)],
+    name: Annotated[str, typer.Option("--name", help="Model family name.")],
+    version: Annotated[str, typer.Option("--version", help="Version label, e.g. 7.")],
+    release: Annotated[int, typer.Option("--release", help="Monotonic release counter.")] = 1,
+    target: Annotated[str, typer.Option("--target", "-t", help="Hardware target.")] = "arm64-cpu",
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval", help="Held-out samples (.npz, optional labels y).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle directory to write.")] = None,
+    keys: Annotated[Path, typer.Option("--keys", help="Key directory (uses release.key).")] = Path("keys"),
+    hardware: Annotated[
+        list[str] | None, typer.Option("--hw", help="Hardware id the bundle is for (repeatable).")
+    ] = None,
+    min_agreement: Annotated[float | None, typer.Option(help="Gate: min top-1 agreement.")] = None,
+    min_snr: Annotated[float | None, typer.Option("--min-snr", help="Gate: min SNR in dB.")] = None,
+    min_cosine: Annotated[float | None, typer.Option(help="Gate: min cosine similarity.")] = None,
+    no_gate: Annotated[
+        bool, typer.Option("--no-gate", help="Write the bundle even if quality fails (recorded).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Quantize a float model for a target, measure what it cost, gate, and write a signed bundle."""
+    from rich.progress import Progress
+
+    from compiler import CompilerError, Gate, GateFailed
+    from compiler.pipeline import compile_model
+    from signing.keyring import KeyDir
+
+    try:
+        release_key = KeyDir(keys).key("release")
+    except (OSError, ValueError) as exc:
+        fail(f"cannot load release key from {keys}: {exc}")
+    gate: Gate | None = None
+    if not no_gate:
+        overrides: dict[str, Any] = {
+            k: v
+            for k, v in {
+                "min_top1_agreement": min_agreement,
+                "min_snr_db": min_snr,
+                "min_cosine": min_cosine,
+            }.items()
+            if v is not None
+        }
+        gate = Gate(**overrides)
+    out = out or Path(f"{name}-{version}.bundle")
+    try:
+        with Progress(console=err, transient=True, disable=as_json) as progress:
+            task = progress.add_task("compiling", total=1.0)
+
+            def report(step: str, fraction: float) -> None:
+                progress.update(task, description=step, completed=fraction)
+
+            result = compile_model(
+                model,
+                target=target,
+                calib_path=calib,
+                eval_path=eval_data,
+                out_dir=out,
+                release_key=release_key,
+                name=name,
+                version=version,
+                release=release,
+                hardware_ids=hardware or None,
+                gate=gate,
+                progress=report,
+            )
+    except GateFailed as exc:
+        if as_json:
+            print_json({"ok": False, "failures": exc.failures, "report": exc.report})
+        fail("quality gate failed, no bundle written:\n  " + "\n  ".join(exc.failures))
+    except (CompilerError, FileExistsError, FileNotFoundError) as exc:
+        fail(str(exc))
+    manifest = result.manifest
+    if as_json:
+        print_json({"ok": True, "bundle": str(result.bundle_dir), "manifest": manifest.to_dict()})
+        return
+    _print_report(result.report)
+    console.print(
+        f"[green]wrote[/] {result.bundle_dir} ({manifest.ref}, release {manifest.release}, "
+        f"{manifest.target}, sha256 {manifest.model_file.sha256[:12]}…)"
+    )
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    table = Table("figure", "value", title="quantization report")
+    for key, value in report.items():
+        if isinstance(value, dict | list):
+            value = json.dumps(value, default=str)
+            value = value if len(value) < 80 else value[:77] + "..."
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        table.add_row(str(key), str(value))
+    console.print(table)
+
+
+# ---------------------------------------------------------------- models
