@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import typer
 
+from edgefleet.commands.broker import broker_app
 from edgefleet.commands.compile import compile_cmd
 from edgefleet.commands.devices import devices_app
 from edgefleet.commands.keys import keys_app
 from edgefleet.commands.models import models_app
-from edgefleet.commands.processes import agent_cmd, broker_app, demo_cmd, server_cmd, sim_cmd
+from edgefleet.commands.processes import agent_cmd, demo_cmd, server_cmd
 from edgefleet.commands.rollouts import parse_selector, parse_stages, rollouts_app
+from edgefleet.commands.sim import sim_cmd
 
 app = typer.Typer(
     name="edgefleet",
