@@ -98,6 +98,15 @@ class ModelRef(_Msg):
         return f"{self.name}:{self.version}"
 
 
+class Probation(_Msg):
+    """How the agent judges a freshly swapped-in model before it reports success (issue 5)."""
+
+    seconds: float = Field(default=0.0, ge=0.0)  # watch window after the swap
+    min_inferences: int = Field(default=1, ge=0)  # ok inferences needed before success
+    max_error_rate: float = Field(default=0.05, ge=0.0, le=1.0)  # non-finite / runtime errors
+    max_latency_ratio: float = Field(default=3.0, gt=0.0)  # p95 new / p95 old on this device
+
+
 class Directive(_Msg):
     """The desired state of one device. Signed by the fleet key; higher ``seq`` wins."""
 
@@ -107,7 +116,11 @@ class Directive(_Msg):
     expires_at: datetime
     model: ModelRef | None  # None: run nothing new (keep current)
     rollout_id: str | None = None
-    probation_inferences: int = Field(default=1, ge=0)
+    probation_inferences: int = Field(default=1, ge=0)  # ok inferences before success is reported
+    probation: Probation | None = None  # watch the new model after the swap; revert on misbehaviour
+    shadow: ModelRef | None = None  # candidate to run beside ``model`` on sampled inputs, never served
+    shadow_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    not_before: datetime | None = None  # do not start before (maintenance windows)
 
 
 class DeploymentState(StrEnum):
@@ -117,7 +130,10 @@ class DeploymentState(StrEnum):
     INSTALLING = "installing"
     WARMING = "warming"
     SWAPPING = "swapping"
-    SERVING = "serving"  # the directive's model answers requests
+    PROBATION = "probation"  # swapped in, being watched; success not yet reported
+    SERVING = "serving"  # the directive's model answers requests (probation passed)
+    SHADOWING = "shadowing"  # a candidate runs beside the served model on sampled inputs
+    REVERTED = "reverted"  # probation failed; the agent went back to the previous slot by itself
     FAILED = "failed"
     REJECTED = "rejected"  # directive refused before any work (bad signature, old seq, ...)
 
@@ -126,6 +142,12 @@ class RunningModel(_Msg):
     name: str
     version: str
     sha256: str
+
+
+class Rejection(_Msg):
+    seq: int
+    reason: str
+    detail: str | None = None
 
 
 class Reported(_Msg):
@@ -141,6 +163,9 @@ class Reported(_Msg):
     deployment_state: DeploymentState = DeploymentState.IDLE
     deployment_error: str | None = None
     served_ok: dict[str, int] = Field(default_factory=dict)  # model sha256 -> successful inferences
+    served_errors: dict[str, int] = Field(default_factory=dict)  # model sha256 -> failed inferences
+    shadow_sha256: str | None = None  # candidate currently shadowed, if any
+    last_rejection: Rejection | None = None  # the last refused/failed directive, kept in the snapshot
     capabilities: dict[str, Any] = Field(default_factory=dict)
     ts: datetime = Field(default_factory=utcnow)
 
@@ -165,10 +190,32 @@ class ModelStats(_Msg):
     latency_buckets: list[int] = Field(default_factory=list)  # counts per LATENCY_BOUNDS_US bucket
     latency_sum_us: float = 0.0
     class_hist: dict[str, int] = Field(default_factory=dict)  # top-1 class -> count
+    # Drift sketches of the inputs (first input, flattened per sample): per-feature moments
+    # over at most INPUT_STAT_FEATURES features, and a histogram of all values on fixed bins.
+    input_count: int = 0
+    input_mean: list[float] = Field(default_factory=list)
+    input_m2: list[float] = Field(default_factory=list)  # sum of squared deviations (Welford), mergeable
+    input_hist: list[int] = Field(default_factory=list)  # counts per VALUE_BOUNDS bucket
+    output_hist: list[int] = Field(default_factory=list)  # first float output's values per VALUE_BOUNDS
+
+
+class ShadowStats(_Msg):
+    """A shadowed candidate compared with the served model on the same sampled inputs."""
+
+    samples: int = 0
+    top1_agree: int = 0  # samples whose top-1 class matched the served model's
+    errors: dict[str, int] = Field(default_factory=dict)
+    latency_buckets: list[int] = Field(default_factory=list)
+    latency_sum_us: float = 0.0
 
 
 # Fixed log-spaced latency bucket upper bounds in microseconds (last bucket: +inf).
 LATENCY_BOUNDS_US: tuple[float, ...] = tuple(round(10 * 2 ** (i / 2), 1) for i in range(40))
+# Fixed value bins for input/output histograms (symmetric, log-spaced; last bucket: +inf).
+VALUE_BOUNDS: tuple[float, ...] = tuple(
+    sorted({-(10.0 ** (e / 4)) for e in range(-16, 17)} | {0.0} | {10.0 ** (e / 4) for e in range(-16, 17)})
+)
+INPUT_STAT_FEATURES = 256
 
 
 class TelemetryBatch(_Msg):
@@ -177,7 +224,8 @@ class TelemetryBatch(_Msg):
     window_start: datetime
     window_end: datetime
     models: dict[str, ModelStats]  # model sha256 -> stats
-    dropped_batches: int = 0
+    shadow: dict[str, ShadowStats] = Field(default_factory=dict)  # candidate sha256 -> comparison
+    dropped_batches: int = 0  # batches this device discarded (offline queue full) since the last one sent
 
 
 class Status(_Msg):
