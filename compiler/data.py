@@ -105,6 +105,14 @@ def load_samples(path: Path, specs: tuple[TensorSpec, ...]) -> Samples:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise InvalidData(f"{path}: not a readable .npz file ({exc})") from exc
+    return samples_from_arrays(path, arrays, specs)
+
+
+def samples_from_arrays(
+    path: Path | str, arrays: dict[str, np.ndarray], specs: tuple[TensorSpec, ...]
+) -> Samples:
+    """Validate arrays laid out like an ``.npz`` (see module doc); ``path`` names the source in errors."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
     inputs = _select_inputs(path, arrays, specs)
     n = None
     for spec in specs:
@@ -122,7 +130,7 @@ def load_samples(path: Path, specs: tuple[TensorSpec, ...]) -> Samples:
 
 
 def _select_inputs(
-    path: Path, arrays: dict[str, np.ndarray], specs: tuple[TensorSpec, ...]
+    path: Path | str, arrays: dict[str, np.ndarray], specs: tuple[TensorSpec, ...]
 ) -> dict[str, Any]:
     names = [s.name for s in specs]
     if all(name in arrays for name in names):
@@ -138,7 +146,7 @@ def _select_inputs(
     raise InvalidData(f"{path}: expected {expected}; found keys {sorted(arrays) or 'none'}")
 
 
-def _check_array(path: Path, spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+def _check_array(path: Path | str, spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     want = spec.numpy_dtype
     # Numbers widen into a float input; floats never silently truncate into an integer input.
     allowed = {"f": "biuf", "i": "biu", "u": "biu", "b": "b"}.get(want.kind, "")
@@ -162,7 +170,7 @@ def _check_array(path: Path, spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     return converted
 
 
-def _labels(path: Path, arrays: dict[str, np.ndarray], n: int) -> np.ndarray | None:
+def _labels(path: Path | str, arrays: dict[str, np.ndarray], n: int) -> np.ndarray | None:
     for key in LABEL_KEYS:
         if key in arrays:
             labels = arrays[key]

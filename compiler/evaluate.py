@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +79,33 @@ def compare_output(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
     if is_classifier(ref):
         agree = np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)
         figures["top1_agreement"] = float(agree.mean()) if finite else None
+    figures["error_histogram"] = error_histogram(ref, out)
     return figures
 
 
 def is_classifier(output: np.ndarray) -> bool:
-    return output.ndim >= 2 and output.shape[-1] > 1
+    """[N, classes] scores. Rank > 2 outputs (detector boxes, [1,1,1,4] crops) are not class scores."""
+    return output.ndim == 2 and output.shape[-1] > 1
+
+
+def error_histogram(ref: np.ndarray, out: np.ndarray, bins: int = 24) -> dict[str, Any] | None:
+    """Distribution of int8 - fp32 per element, relative to the fp32 output's range (for the HTML plot)."""
+    diff = out.astype(np.float64) - ref.astype(np.float64)
+    if not np.isfinite(diff).all() or diff.size == 0:
+        return None
+    spread = float(np.ptp(ref)) or 1.0
+    rel = diff.ravel() / spread
+    bound = max(float(np.abs(rel).max()), 1e-6)
+    counts, edges = np.histogram(rel, bins=bins, range=(-bound, bound))
+    return {
+        "relative_to": "fp32 output range",
+        "edges": [round(float(e), 6) for e in edges],
+        "counts": [int(c) for c in counts],
+    }
 
 
 def evaluate(fp32_path: Path, int8_path: Path, samples: Samples, sig: IOSignature) -> dict[str, Any]:
-    """Run both models on ``samples`` and return the JSON-serialisable comparison report."""
+    """Run both ONNX models on ``samples`` and return the JSON-serialisable comparison report."""
     try:
         fp32_sess = session(fp32_path)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented classes
@@ -95,18 +114,47 @@ def evaluate(fp32_path: Path, int8_path: Path, samples: Samples, sig: IOSignatur
         int8_sess = session(int8_path)
     except Exception as exc:
         raise QuantizationError(f"onnxruntime cannot load the int8 model: {exc}") from exc
+    names = [o.name for o in sig.outputs]
+    return evaluate_runners(
+        lambda feed: [np.asarray(r) for r in fp32_sess.run(names, feed)],
+        lambda feed: [np.asarray(r) for r in int8_sess.run(names, feed)],
+        samples,
+        sig,
+        Path(fp32_path).stat().st_size,
+        Path(int8_path).stat().st_size,
+    )
+
+
+RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def _run(fn: RunFn, samples: Samples, sig: IOSignature) -> tuple[list[np.ndarray], float]:
+    parts: list[list[np.ndarray]] = [[] for _ in sig.outputs]
+    elapsed = 0.0
+    for feed in samples.batches(sig.inputs):
+        start = time.perf_counter()
+        results = fn(feed)
+        elapsed += time.perf_counter() - start
+        for part, result in zip(parts, results, strict=True):
+            part.append(np.asarray(result))
+    return [np.concatenate(p, axis=0) for p in parts], elapsed
+
+
+def evaluate_runners(
+    fp32: RunFn, int8: RunFn, samples: Samples, sig: IOSignature, fp32_bytes: int, int8_bytes: int
+) -> dict[str, Any]:
+    """Compare any two float-in/float-out model runs (ONNX or TFLite) on ``samples``."""
     try:
-        ref, ref_s = run_all(fp32_sess, samples, sig)
+        ref, ref_s = _run(fp32, samples, sig)
     except Exception as exc:
         raise InvalidModel(f"the float model fails on the evaluation samples: {exc}") from exc
     try:
-        out, out_s = run_all(int8_sess, samples, sig)
+        out, out_s = _run(int8, samples, sig)
     except Exception as exc:
         raise QuantizationError(f"the int8 model fails on the evaluation samples: {exc}") from exc
 
     n = len(ref[0]) if ref else 0
     outputs = {spec.name: compare_output(r, o) for spec, r, o in zip(sig.outputs, ref, out, strict=True)}
-    fp32_bytes, int8_bytes = Path(fp32_path).stat().st_size, Path(int8_path).stat().st_size
     report: dict[str, Any] = {
         "evaluation_samples": n,
         "outputs": outputs,
@@ -120,7 +168,7 @@ def evaluate(fp32_path: Path, int8_path: Path, samples: Samples, sig: IOSignatur
         "latency_ms_per_batch": {
             "fp32": _per_batch_ms(ref_s, samples, sig),
             "int8": _per_batch_ms(out_s, samples, sig),
-            "note": "this host, 1 thread; not the device",
+            "note": "this host, 1 thread, during evaluation; not the device",
         },
     }
     return report

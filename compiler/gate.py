@@ -25,6 +25,19 @@ class Gate:
     min_snr_db: float = 20.0
     max_accuracy_drop: float = 0.02
     max_nonfinite: int = 0
+    # NPU budgets (Ethos-U); None = the target's own budget (see compiler.targets).
+    max_sram_kib: float | None = None
+    max_flash_kib: float | None = None
+    max_cpu_fraction: float | None = None
+
+    def budgets(self, target_budgets: dict[str, float]) -> dict[str, float]:
+        """The target's budgets with this gate's overrides applied."""
+        merged = dict(target_budgets)
+        for key in ("max_sram_kib", "max_flash_kib", "max_cpu_fraction"):
+            value = getattr(self, key)
+            if value is not None:
+                merged[key] = float(value)
+        return merged
 
     def thresholds(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +68,22 @@ class Gate:
                 failures.append(
                     f"accuracy on {acc['output']!r} drops {drop:.4f} (fp32 {acc['fp32']:.4f} -> "
                     f"int8 {acc['int8']:.4f}), max {self.max_accuracy_drop:.4f}"
+                )
+        npu = report.get("npu")
+        if npu:
+            budgets, vela = npu.get("budgets", {}), npu.get("vela", {})
+            for key, figure, unit in (
+                ("max_sram_kib", "sram_kib", "KiB SRAM"),
+                ("max_flash_kib", "flash_kib", "KiB flash"),
+                ("max_flash_kib", "dram_kib", "KiB DRAM"),
+            ):
+                if key in budgets and vela.get(figure, 0) > budgets[key]:
+                    failures.append(f"Vela needs {vela[figure]:.1f} {unit}, budget {budgets[key]:.1f}")
+            if "max_cpu_fraction" in budgets and vela.get("cpu_fraction", 0) > budgets["max_cpu_fraction"]:
+                on_cpu = ", ".join(f"{op} x{n}" for op, n in vela.get("cpu_ops_by_type", {}).items())
+                failures.append(
+                    f"{vela['cpu_fraction']:.1%} of ops stay on the CPU ({on_cpu}), "
+                    f"max {budgets['max_cpu_fraction']:.1%}"
                 )
         return failures
 

@@ -26,13 +26,20 @@ from typing import Any
 import onnx
 import onnxruntime
 
-from compiler.data import Samples, SamplesReader, load_samples
+from compiler.coverage import onnx_coverage, tflite_coverage
+from compiler.data import Samples, SamplesReader
 from compiler.errors import CompilerError, GateFailed, InvalidData, InvalidModel
-from compiler.evaluate import evaluate
+from compiler.evaluate import evaluate, evaluate_runners
 from compiler.gate import Gate
-from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare, quantize_int8
+from compiler.html_report import write_html_report
+from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare, quantize_int8, quantize_qnn
+from compiler.runners import TFLiteRunner, latency
 from compiler.signature import IOSignature, io_signature
-from compiler.targets import ONNX_QDQ, Target, get_target
+from compiler.sources import DataSource, Preprocess, load_source
+from compiler.targets import ETHOS_U, ONNX_QDQ, QNN_QDQ, Target, get_target, known_targets
+from compiler.tflite_prep import drop_unused_buffers, op_histogram, prepare_tflite, read_tflite
+from compiler.tflite_quant import quantize_tflite
+from compiler.vela import VelaConfig, run_vela
 from signing.keys import KeyPair
 from signing.manifest import BundleManifest, sign_bundle
 
@@ -74,8 +81,8 @@ def compile_model(
     model_path: Path,
     *,
     target: str,
-    calib_path: Path,
-    eval_path: Path | None = None,
+    calib_path: DataSource,
+    eval_path: DataSource | None = None,
     out_dir: Path,
     release_key: KeyPair,
     name: str,
@@ -85,28 +92,120 @@ def compile_model(
     gate: Gate | None = DEFAULT_GATE,
     progress: Progress | None = None,
     overwrite: bool = False,
+    preprocess: Preprocess | None = None,
+    latency_repeats: int = 20,
+    html_report: Path | None = None,
 ) -> CompileResult:
     """Compile ``model_path`` for ``target`` into a signed bundle at ``out_dir``.
 
-    Without ``eval_path`` the calibration file is split 80/20 (deterministic)
+    ``calib_path``/``eval_path`` are an ``.npz``, an image folder (with
+    ``preprocess``), ``module:function`` or a callable (``compiler.sources``).
+    Without ``eval_path`` the calibration data is split 80/20 (deterministic)
     into calibration and held-out samples. The default gate applies unless the
     caller deliberately passes ``gate=None``, which skips it (the manifest
     records ``"gate": "skipped"``); otherwise a miss raises
-    ``GateFailed`` and nothing is written. ``out_dir`` must not exist unless
+    ``GateFailed`` and nothing is written (the HTML report still is, when
+    asked for, so the user can see why). ``out_dir`` must not exist unless
     ``overwrite``. Raises ``CompilerError`` subclasses for bad inputs.
     """
     started = time.perf_counter()
     report_progress = progress or (lambda _step, _fraction: None)
     tgt = get_target(target)
-    if tgt.backend != ONNX_QDQ:
-        raise CompilerError(f"target {tgt.name!r} uses backend {tgt.backend!r}, which is not implemented yet")
     _check_meta(name, version, release)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; choose another output directory or pass overwrite")
-
+    fmt = model_format(Path(model_path))
+    if fmt != tgt.accepts:
+        fitting = ", ".join(t for t in known_targets() if get_target(t).accepts == fmt)
+        raise InvalidModel(
+            f"{model_path}: target {tgt.name!r} takes {tgt.accepts.upper()} models, this is {fmt.upper()} "
+            f"(targets for {fmt.upper()}: {fitting})"
+        )
     report_progress("load", 0.0)
-    model = load_model(Path(model_path))
+    with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as tmp:
+        work = Path(tmp)
+        if fmt == "onnx":
+            built = _build_onnx(
+                Path(model_path), tgt, calib_path, eval_path, preprocess, work, report_progress
+            )
+        else:
+            built = _build_tflite(
+                Path(model_path), tgt, calib_path, eval_path, preprocess, gate, work, report_progress
+            )
+        report = built.report
+        report["target"] = {"name": tgt.name, "backend": tgt.backend, "runtime": tgt.runtime}
+        if latency_repeats > 0:
+            report_progress("latency", 0.8)
+            feed = {k: v[:1] for k, v in built.held_out.inputs.items()}
+            report["latency"] = latency(built.fp32, built.int8, feed, latency_repeats)
+        report_progress("gate", 0.85)
+        if gate is None:
+            report["gate"] = "skipped"
+        else:
+            failures = gate.check(report)
+            report["gate"] = {
+                "thresholds": gate.thresholds(),
+                "verdict": "failed" if failures else "passed",
+                "failures": failures,
+            }
+            if failures:
+                if html_report is not None:
+                    write_html_report(html_report, report, title=f"{name}:{version} for {tgt.name}")
+                raise GateFailed(failures, report)
+        report["compile_seconds"] = round(time.perf_counter() - started, 3)
+        if html_report is not None:
+            write_html_report(html_report, report, title=f"{name}:{version} for {tgt.name}")
+
+        report_progress("sign", 0.9)
+        fields = {
+            "name": name,
+            "version": version,
+            "release": release,
+            "target": tgt.name,
+            "hardware_ids": list(hardware_ids)
+            if hardware_ids is not None
+            else list(tgt.default_hardware_ids),
+            "io_signature": built.sig.to_dict(),
+            "quantization": report,
+            "provenance": _provenance(Path(model_path), calib_path, eval_path),
+        }
+        manifest = _write_bundle(out_dir, built.artifact, tgt, fields, release_key, overwrite)
+    report_progress("done", 1.0)
+    return CompileResult(out_dir, manifest, report)
+
+
+@dataclass
+class _Built:
+    """What a backend produced: the file to ship, the two models to compare, the report so far."""
+
+    artifact: Path
+    fp32: tuple[Path | bytes, str]
+    int8: tuple[Path | bytes, str]
+    sig: IOSignature
+    held_out: Samples
+    report: dict[str, Any]
+
+
+def model_format(path: Path) -> str:
+    """``onnx`` or ``tflite``, by content (the TFLite file identifier), not by name."""
+    if not path.is_file():
+        raise InvalidModel(f"{path}: no such file")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    return "tflite" if head[4:8] == b"TFL3" else "onnx"
+
+
+def _build_onnx(
+    model_path: Path,
+    tgt: Target,
+    calib_src: DataSource,
+    eval_src: DataSource | None,
+    pre: Preprocess | None,
+    work: Path,
+    report_progress: Progress,
+) -> _Built:
+    model = load_model(model_path)
     try:
         sig = io_signature(model)
     except ValueError as exc:
@@ -119,54 +218,90 @@ def compile_model(
             f"{model_path}: uses operator domain(s) {', '.join(foreign)}, which target {tgt.name!r} "
             f"does not run (supported: {', '.join(repr(d) for d in tgt.operator_domains)})"
         )
-    calib, held_out, eval_source = _samples(Path(calib_path), eval_path, sig)
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    coverage = onnx_coverage(ops, "qnn" if tgt.backend == QNN_QDQ else "cpu")
+    calib, held_out, eval_source = _samples(calib_src, eval_src, sig, pre)
 
-    with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as tmp:
-        work = Path(tmp)
-        source_copy = work / "source.onnx"
-        onnx.save(model, str(source_copy))
-        info = QuantizeInfo(source_opset=default_opset(model), opset=default_opset(model))
-        report_progress("prepare", 0.1)
-        prepared = prepare(model, work, info)
-        report_progress("quantize", 0.25)
-        int8_path = work / tgt.model_file
+    source_copy = work / "source.onnx"
+    onnx.save(model, str(source_copy))
+    info = QuantizeInfo(source_opset=default_opset(model), opset=default_opset(model))
+    report_progress("prepare", 0.1)
+    prepared = prepare(model, work, info)
+    report_progress("quantize", 0.25)
+    int8_path = work / tgt.model_file
+    if tgt.backend == QNN_QDQ:
+        quantize_qnn(prepared, int8_path, SamplesReader(calib, sig.inputs), info, tgt.option("activations"))
+    elif tgt.backend == ONNX_QDQ:
         quantize_int8(prepared, int8_path, SamplesReader(calib, sig.inputs), info, work)
-        report_progress("evaluate", 0.7)
-        # Compare against the untouched source model: that is what the user shipped before.
-        report = evaluate(source_copy, int8_path, held_out, sig)
-        report["calibration_samples"] = calib.usable(sig.inputs)
-        report["evaluation_source"] = eval_source
-        report["method"] = info.to_dict()
-        report_progress("gate", 0.85)
-        if gate is None:
-            report["gate"] = "skipped"
-        else:
-            failures = gate.check(report)
-            report["gate"] = {
-                "thresholds": gate.thresholds(),
-                "verdict": "failed" if failures else "passed",
-                "failures": failures,
-            }
-            if failures:
-                raise GateFailed(failures, report)
-        report["compile_seconds"] = round(time.perf_counter() - started, 3)
+    else:
+        raise CompilerError(f"target {tgt.name!r}: backend {tgt.backend!r} does not take ONNX")
+    report_progress("evaluate", 0.6)
+    # Compare against the untouched source model: that is what the user shipped before.
+    report = evaluate(source_copy, int8_path, held_out, sig)
+    report["calibration_samples"] = calib.usable(sig.inputs)
+    report["evaluation_source"] = eval_source
+    report["method"] = info.to_dict()
+    report["ops"] = coverage
+    return _Built(int8_path, (source_copy, "onnx"), (int8_path, "onnx"), sig, held_out, report)
 
-        report_progress("sign", 0.9)
-        fields = {
-            "name": name,
-            "version": version,
-            "release": release,
-            "target": tgt.name,
-            "hardware_ids": list(hardware_ids)
-            if hardware_ids is not None
-            else list(tgt.default_hardware_ids),
-            "io_signature": sig.to_dict(),
-            "quantization": report,
-            "provenance": _provenance(Path(model_path), Path(calib_path), eval_path),
+
+def _build_tflite(
+    model_path: Path,
+    tgt: Target,
+    calib_src: DataSource,
+    eval_src: DataSource | None,
+    pre: Preprocess | None,
+    gate: Gate | None,
+    work: Path,
+    report_progress: Progress,
+) -> _Built:
+    source = model_path.read_bytes()
+    prepared, prep_info = prepare_tflite(source, model_path)
+    try:
+        fp32_runner = TFLiteRunner(prepared)
+    except Exception as exc:  # LiteRT raises ValueError/RuntimeError on models it cannot allocate
+        raise InvalidModel(f"{model_path}: LiteRT cannot run the float model: {exc}") from exc
+    sig = fp32_runner.signature()
+    if any(s.numpy_dtype.kind != "f" for s in (*sig.inputs, *sig.outputs)):
+        raise InvalidModel(f"{model_path}: not a float model (inputs/outputs {sig.to_dict()})")
+    npu = tgt.backend == ETHOS_U
+    coverage = tflite_coverage(op_histogram(read_tflite(prepared)), npu)
+    calib, held_out, eval_source = _samples(calib_src, eval_src, sig, pre)
+    report_progress("quantize", 0.25)
+    one_by_one = [{k: v[i : i + 1] for k, v in calib.inputs.items()} for i in range(len(calib))]
+    int8 = drop_unused_buffers(quantize_tflite(prepared, one_by_one))
+    int8_path = work / "int8.tflite"
+    int8_path.write_bytes(int8)
+    int8_runner = TFLiteRunner(int8)
+    report_progress("evaluate", 0.6)
+    report = evaluate_runners(fp32_runner.run, int8_runner.run, held_out, sig, len(prepared), len(int8))
+    report["size"]["source_bytes"] = len(source)
+    report["calibration_samples"] = len(calib)
+    report["evaluation_source"] = eval_source
+    report["method"] = {
+        "quantizer": "ai-edge-quantizer",
+        "recipe": "static_wi8_ai8",
+        "calibration": "min/max over all samples (qsv_utils.min_max_update)",
+        "prepare": prep_info.to_dict(),
+        "io_quantization": int8_runner.io_quantization(),
+    }
+    report["ops"] = {**coverage, "int8": op_histogram(read_tflite(int8))}
+    artifact = int8_path
+    if npu:
+        assert tgt.vela is not None
+        report_progress("vela", 0.7)
+        compiled, summary = run_vela(int8_path, VelaConfig(*tgt.vela), work / "vela")
+        budgets = (gate or Gate()).budgets(dict(tgt.budgets))
+        report["npu"] = {
+            "vela": summary,
+            "budgets": budgets,
+            "compiled_bytes": compiled.stat().st_size,
+            "evaluated": "the int8 TFLite before Vela (the Ethos-U op cannot run on this host)",
         }
-        manifest = _write_bundle(out_dir, int8_path, tgt, fields, release_key, overwrite)
-    report_progress("done", 1.0)
-    return CompileResult(out_dir, manifest, report)
+        artifact = compiled
+    return _Built(artifact, (prepared, "tflite"), (int8, "tflite"), sig, held_out, report)
 
 
 def _check_meta(name: str, version: str, release: int) -> None:
@@ -178,14 +313,16 @@ def _check_meta(name: str, version: str, release: int) -> None:
         raise CompilerError(f"release must be a non-negative integer, got {release!r}")
 
 
-def _samples(calib_path: Path, eval_path: Path | None, sig: IOSignature) -> tuple[Samples, Samples, str]:
-    calib = load_samples(calib_path, sig.inputs)
+def _samples(
+    calib_path: DataSource, eval_path: DataSource | None, sig: IOSignature, pre: Preprocess | None
+) -> tuple[Samples, Samples, str]:
+    calib = load_source(calib_path, sig.inputs, pre)
     if eval_path is None:
         calib, held_out = calib.split(HELD_OUT_FRACTION, SPLIT_SEED)
         source = f"split {1 - HELD_OUT_FRACTION:.0%}/{HELD_OUT_FRACTION:.0%} of calibration data"
     else:
-        held_out = load_samples(Path(eval_path), sig.inputs)
-        source = "file"
+        held_out = load_source(eval_path, sig.inputs, pre)
+        source = "separate"
     for label, samples, path in (("calibration", calib, calib_path), ("evaluation", held_out, eval_path)):
         if samples.usable(sig.inputs) == 0:
             raise InvalidData(
@@ -195,11 +332,22 @@ def _samples(calib_path: Path, eval_path: Path | None, sig: IOSignature) -> tupl
     return calib, held_out, source
 
 
-def _provenance(model_path: Path, calib_path: Path, eval_path: Path | None) -> dict[str, Any]:
+def _source_id(source: DataSource | None) -> str | None:
+    """sha256 of a data file; the folder path or callable name otherwise (the data is in the report)."""
+    if source is None:
+        return None
+    if isinstance(source, str | Path) and Path(source).is_file():
+        return sha256_file(Path(source))
+    if isinstance(source, str | Path):
+        return str(source)
+    return getattr(source, "__qualname__", type(source).__name__)
+
+
+def _provenance(model_path: Path, calib_path: DataSource, eval_path: DataSource | None) -> dict[str, Any]:
     return {
         "source_sha256": sha256_file(model_path),
-        "calibration_sha256": sha256_file(calib_path),
-        "evaluation_sha256": sha256_file(Path(eval_path)) if eval_path is not None else None,
+        "calibration_sha256": _source_id(calib_path),
+        "evaluation_sha256": _source_id(eval_path),
         "compiler_version": compiler_version(),
         "onnxruntime_version": onnxruntime.__version__,
         "onnx_version": onnx.__version__,

@@ -66,12 +66,15 @@ class QuantizeInfo:
     nonfinite_tensors: list[str] = field(default_factory=list)
     float_nodes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    format: str = "QDQ"
+    activation_type: str = "QUInt8"
+    weight_type: str = "QInt8"
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": "QDQ",
-            "activation_type": "QUInt8",
-            "weight_type": "QInt8",
+            "format": self.format,
+            "activation_type": self.activation_type,
+            "weight_type": self.weight_type,
             "per_channel": True,
             "calibrate_method": "MinMax",
             "source_opset": self.source_opset,
@@ -243,3 +246,39 @@ def drop_unused_opsets(path: Path) -> None:
         model.opset_import.extend(keep)
         onnx.checker.check_model(model)
         onnx.save(model, str(path))
+
+
+def quantize_qnn(
+    prepared: Path, output: Path, reader: CalibrationDataReader, info: QuantizeInfo, activations: str
+) -> None:
+    """QDQ for onnxruntime's QNN EP (Hexagon HTP) with ``get_qnn_qdq_config``.
+
+    ``qnn_preprocess_model`` is not called: it raises TypeError on models
+    that carry ``metadata_props`` (PaddleOCR's do), and ``quant_pre_process``
+    already did the shape inference it would add. Weights are uint8
+    per-channel, activations uint8 or uint16 (``activations``), as the HTP
+    wants; the config's tensor overrides take care of the ops that need
+    fixed ranges (Sigmoid, Tanh...).
+    """
+    from onnxruntime.quantization import quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    act = {"uint8": QuantType.QUInt8, "uint16": QuantType.QUInt16}.get(activations)
+    if act is None:
+        raise QuantizationError(f"QNN activations must be uint8 or uint16, got {activations!r}")
+    try:
+        config = get_qnn_qdq_config(
+            str(prepared),
+            reader,
+            calibrate_method=CalibrationMethod.MinMax,
+            activation_type=act,
+            weight_type=QuantType.QUInt8,
+            per_channel=True,
+        )
+        quantize(str(prepared), str(output), config)
+    except Exception as exc:  # onnxruntime raises ValueError/AssertionError/RuntimeError here
+        raise QuantizationError(f"QNN quantization failed: {type(exc).__name__}: {exc}") from exc
+    info.format = f"QDQ for QNN HTP (activations {activations}, weights uint8 per-channel)"
+    info.activation_type = "QUInt16" if activations == "uint16" else "QUInt8"
+    info.weight_type = "QUInt8"
+    drop_unused_opsets(output)

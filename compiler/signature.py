@@ -59,8 +59,10 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
         raise ValueError(f"{value.name!r} is not a tensor (sequences and maps are not supported)")
     dims: list[Dim] = []
     for d in ttype.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value > 0:
             dims.append(int(d.dim_value))
+        elif d.HasField("dim_value"):  # Paddle exports write -1 for a dynamic axis
+            dims.append(None)
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)
         else:

@@ -19,14 +19,41 @@ from edgefleet.commands.common import (
 
 
 def compile_cmd(
-    model: Annotated[Path, typer.Argument(help="Float ONNX model.", exists=True, dir_okay=False)],
-    calib: Annotated[Path, typer.Option("--calib", help="Calibration samples (.npz).", exists=True)],
+    model: Annotated[Path, typer.Argument(help="Float ONNX or TFLite model.", exists=True, dir_okay=False)],
+    calib: Annotated[
+        str,
+        typer.Option(
+            "--calib", help="Calibration samples: .npz, image folder (see --preprocess) or module:function."
+        ),
+    ],
     name: Annotated[str, typer.Option("--name", help="Model family name.")],
     version: Annotated[str, typer.Option("--version", help="Version label, e.g. 7.")],
     release: Annotated[int, typer.Option("--release", help="Monotonic release counter.")] = 1,
-    target: Annotated[str, typer.Option("--target", "-t", help="Hardware target.")] = "arm64-cpu",
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            "-t",
+            help="Hardware target: arm64-cpu, qnn-htp, qnn-htp-a16 (ONNX); tflite-int8, ethos-u55-128, "
+            "ethos-u55-256, ethos-u65-256, ethos-u65-512 (TFLite).",
+        ),
+    ] = "arm64-cpu",
     eval_data: Annotated[
-        Path | None, typer.Option("--eval", help="Held-out samples (.npz, optional labels y).")
+        str | None, typer.Option("--eval", help="Held-out samples (same kinds as --calib; labels optional).")
+    ] = None,
+    preprocess: Annotated[
+        str | None,
+        typer.Option(help="Image preprocessing, e.g. size=48x192,layout=NCHW,scale=0.0039,mean=0.5,std=0.5."),
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Write a self-contained HTML report here.")
+    ] = None,
+    latency_repeats: Annotated[int, typer.Option(help="Host latency: median of N runs (0 = skip).")] = 20,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="Gate: max accuracy drop.")] = None,
+    max_sram_kib: Annotated[float | None, typer.Option(help="Gate (Ethos-U): max SRAM KiB.")] = None,
+    max_flash_kib: Annotated[float | None, typer.Option(help="Gate (Ethos-U): max flash/DRAM KiB.")] = None,
+    max_cpu_fraction: Annotated[
+        float | None, typer.Option(help="Gate (Ethos-U): max fraction of ops left on the CPU.")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle directory to write.")] = None,
     keys: Annotated[Path, typer.Option("--keys", help="Key directory (uses release.key).")] = Path("keys"),
@@ -46,6 +73,7 @@ def compile_cmd(
 
     from compiler import CompilerError, Gate, GateFailed
     from compiler.pipeline import compile_model
+    from compiler.sources import Preprocess
     from signing.keyring import KeyDir
 
     try:
@@ -60,11 +88,19 @@ def compile_cmd(
                 "min_top1_agreement": min_agreement,
                 "min_snr_db": min_snr,
                 "min_cosine": min_cosine,
+                "max_accuracy_drop": max_accuracy_drop,
+                "max_sram_kib": max_sram_kib,
+                "max_flash_kib": max_flash_kib,
+                "max_cpu_fraction": max_cpu_fraction,
             }.items()
             if v is not None
         }
         gate = Gate(**overrides)
     out = out or Path(f"{name}-{version}.bundle")
+    try:
+        pre = Preprocess.parse(preprocess) if preprocess else None
+    except CompilerError as exc:
+        fail(str(exc))
     try:
         with Progress(console=err, transient=True, disable=as_json) as progress:
             task = progress.add_task("compiling", total=1.0)
@@ -85,10 +121,15 @@ def compile_cmd(
                 hardware_ids=hardware or None,
                 gate=gate,
                 progress=report,
+                preprocess=pre,
+                latency_repeats=latency_repeats,
+                html_report=html,
             )
     except GateFailed as exc:
         if as_json:
             print_json({"ok": False, "failures": exc.failures, "report": exc.report})
+        if not as_json:
+            _print_report(exc.report)
         fail("quality gate failed, no bundle written:\n  " + "\n  ".join(exc.failures))
     except (CompilerError, FileExistsError, FileNotFoundError) as exc:
         fail(str(exc))
@@ -104,8 +145,19 @@ def compile_cmd(
 
 
 def _print_report(report: dict[str, Any]) -> None:
+    outputs = Table("output", "top-1 agree", "cosine", "SNR dB", title="int8 vs fp32 (held-out)")
+    for out_name, fig in report.get("outputs", {}).items():
+        outputs.add_row(
+            out_name,
+            _fmt(fig.get("top1_agreement")),
+            _fmt(fig.get("cosine_mean")),
+            _fmt(fig.get("snr_db")),
+        )
+    console.print(outputs)
     table = Table("figure", "value", title="quantization report")
     for key, value in report.items():
+        if key == "outputs":
+            continue
         if isinstance(value, dict | list):
             value = json.dumps(value, default=str)
             value = value if len(value) < 80 else value[:77] + "..."
@@ -113,6 +165,10 @@ def _print_report(report: dict[str, Any]) -> None:
             value = f"{value:.4g}"
         table.add_row(str(key), str(value))
     console.print(table)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 # ---------------------------------------------------------------- models

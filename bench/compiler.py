@@ -1,0 +1,91 @@
+"""Compiler figures per real model and target: size, agreement, SNR, host latency, Vela SRAM/flash/cycles.
+
+Rows follow bench/verify.py: baseline = fp32 host latency (1 thread, batch
+1), edgefleet = int8; ratio = int8/fp32 latency. The quality figures ride
+along in extra keys. Needs the models of scripts/fetch_models.py (skips the
+real models when the registry is unreachable) and runs with gate=None so a
+refused model is still measured.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from compiler.pipeline import compile_model
+from compiler.realdata import TEXT_CLS_PREPROCESS, photo_crops, write_text_line_folder
+from compiler.sources import Preprocess
+from signing.keys import generate_keypair
+
+PROJECT = Path(__file__).resolve().parent.parent
+JOBS = (
+    ("text_direction_cls", ("arm64-cpu", "qnn-htp", "qnn-htp-a16")),
+    ("hand_recrop", ("tflite-int8", "ethos-u55-128", "ethos-u65-256")),
+    ("face_detection_short_range", ("tflite-int8", "ethos-u55-128", "ethos-u65-256")),
+)
+
+
+def run(repeats: int = 20) -> list[dict[str, object]]:
+    sys.path.insert(0, str(PROJECT / "scripts"))
+    fetch_models = importlib.import_module("fetch_models")
+    try:
+        models = fetch_models.fetch()
+    except fetch_models.RegistryUnreachable as exc:
+        return [{"bench": "compiler", "skipped": f"registry unreachable: {exc}"}]
+    rows: list[dict[str, object]] = []
+    key = generate_keypair()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_text_line_folder(root / "tc", 96, seed=0)
+        write_text_line_folder(root / "te", 64, seed=1)
+        for name, size in (("hand_recrop", 256), ("face_detection_short_range", 128)):
+            np.savez(root / f"{name}_c.npz", x=photo_crops(64, size, size, seed=0))
+            np.savez(root / f"{name}_e.npz", x=photo_crops(32, size, size, seed=1))
+        for name, targets in JOBS:
+            text = name == "text_direction_cls"
+            calib = root / "tc" if text else root / f"{name}_c.npz"
+            evals = root / "te" if text else root / f"{name}_e.npz"
+            for target in targets:
+                r = compile_model(
+                    models[name],
+                    target=target,
+                    calib_path=calib,
+                    eval_path=evals,
+                    out_dir=root / f"{name}-{target}",
+                    release_key=key,
+                    name=name.replace("_", "-"),
+                    version="1",
+                    release=1,
+                    gate=None,
+                    preprocess=Preprocess.parse(TEXT_CLS_PREPROCESS) if text else None,
+                    latency_repeats=repeats,
+                ).report
+                lat = r["latency"]["threads_1"]
+                outs = r["outputs"].values()
+                agreement = [o["top1_agreement"] for o in outs if "top1_agreement" in o]
+                vela = r.get("npu", {}).get("vela", {})
+                rows.append(
+                    {
+                        "bench": f"compile {name} {target}",
+                        "baseline": "fp32 host latency, 1 thread",
+                        "baseline_ms": lat["fp32_ms"],
+                        "edgefleet_ms": lat["int8_ms"],
+                        "ratio": lat["ratio"],
+                        "target": "size ratio <= 0.35 (conv nets); top-1 agreement >= 0.98 (classifiers)",
+                        "size_ratio": r["size"]["ratio"],
+                        "top1_agreement": min(agreement) if agreement else None,
+                        "snr_db_min": min(o["snr_db"] for o in outs if o["snr_db"] is not None),
+                        "latency_ratio_2_threads": r["latency"]["threads_2"]["ratio"],
+                        "vela_sram_kib": vela.get("sram_kib"),
+                        "vela_flash_kib": (vela.get("flash_kib", 0) + vela.get("dram_kib", 0))
+                        if vela
+                        else None,
+                        "vela_cycles": vela.get("cycles_total"),
+                        "vela_cpu_fraction": vela.get("cpu_fraction"),
+                    }
+                )
+    return rows

