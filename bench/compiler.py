@@ -29,6 +29,13 @@ JOBS = (
 )
 
 
+def _saved(compaction: dict[str, int]) -> int | None:
+    """Bytes the ONNX compaction (names, value_info, zero zero-points) took off the int8 file."""
+    if "bytes_before" not in compaction:
+        return None
+    return compaction["bytes_before"] - compaction["bytes_after"]
+
+
 def run(repeats: int = 20) -> list[dict[str, object]]:
     sys.path.insert(0, str(PROJECT / "scripts"))
     fetch_models = importlib.import_module("fetch_models")
@@ -86,6 +93,8 @@ def run(repeats: int = 20) -> list[dict[str, object]]:
                         else None,
                         "vela_cycles": vela.get("cycles_total"),
                         "vela_cpu_fraction": vela.get("cpu_fraction"),
+                        "calibration": r["method"].get("calibrate_method", r["method"].get("calibration")),
+                        "compacted_bytes_saved": _saved(r["method"].get("compaction", {})),
                     }
                 )
     return rows

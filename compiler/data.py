@@ -61,9 +61,11 @@ class Samples:
         order = np.random.default_rng(seed).permutation(n)
         return self.take(np.sort(order[n_eval:])), self.take(np.sort(order[:n_eval]))
 
-    def batches(self, specs: tuple[TensorSpec, ...]) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds for ``session.run``: chunks of the model's fixed batch size, else of DEFAULT_BATCH."""
-        size = _batch_size(specs)
+    def batches(
+        self, specs: tuple[TensorSpec, ...], size: int | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds for ``session.run``: the model's fixed batch size, else ``size`` (DEFAULT_BATCH)."""
+        size = _batch_size(specs) if _fixed(specs) or size is None else size
         n = len(self)
         for start in range(0, n - n % size if _fixed(specs) else n, size):
             yield {k: v[start : start + size] for k, v in self.inputs.items()}
@@ -86,10 +88,17 @@ def _batch_size(specs: tuple[TensorSpec, ...]) -> int:
 
 
 class SamplesReader(CalibrationDataReader):
-    """Feeds samples to onnxruntime's calibrator batch by batch (one pass)."""
+    """Feeds samples to onnxruntime's calibrator batch by batch (one pass).
 
-    def __init__(self, samples: Samples, specs: tuple[TensorSpec, ...]) -> None:
-        self._feeds = samples.batches(specs)
+    ``batch_size`` applies to dynamic-batch models only: a moving-average
+    calibration averages per-feed ranges, so one sample per feed makes it a
+    per-sample average that does not depend on how the data was chunked.
+    """
+
+    def __init__(
+        self, samples: Samples, specs: tuple[TensorSpec, ...], batch_size: int | None = None
+    ) -> None:
+        self._feeds = samples.batches(specs, batch_size)
 
     def get_next(self) -> dict[str, Any] | None:
         return next(self._feeds, None)

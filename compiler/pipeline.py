@@ -12,6 +12,7 @@ pick it up.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime
 
@@ -234,7 +236,14 @@ def _build_onnx(
     if tgt.backend == QNN_QDQ:
         quantize_qnn(prepared, int8_path, SamplesReader(calib, sig.inputs), info, tgt.option("activations"))
     elif tgt.backend == ONNX_QDQ:
-        quantize_int8(prepared, int8_path, SamplesReader(calib, sig.inputs), info, work)
+        quantize_int8(
+            prepared,
+            int8_path,
+            lambda: SamplesReader(calib, sig.inputs, batch_size=1),
+            info,
+            work,
+            score=lambda candidate: _calibration_score(source_copy, candidate, calib, sig),
+        )
     else:
         raise CompilerError(f"target {tgt.name!r}: backend {tgt.backend!r} does not take ONNX")
     report_progress("evaluate", 0.6)
@@ -302,6 +311,23 @@ def _build_tflite(
         }
         artifact = compiled
     return _Built(artifact, (prepared, "tflite"), (int8, "tflite"), sig, held_out, report)
+
+
+SCORE_SAMPLES = 64
+
+
+def _calibration_score(fp32: Path, int8: Path, calib: Samples, sig: IOSignature) -> tuple[float, ...]:
+    """(min SNR dB, min top-1 agreement) of a candidate int8 model on (up to 64) calibration samples.
+
+    Only calibration samples: choosing on the held-out set would tune the model to the very data the
+    gate then judges it on.
+    """
+    n = min(len(calib), SCORE_SAMPLES)
+    figures = evaluate(fp32, int8, calib.take(np.arange(n)), sig)["outputs"].values()
+    snr = min((f["snr_db"] if f["snr_db"] is not None else -math.inf) for f in figures)
+    agreement = [f["top1_agreement"] for f in figures if "top1_agreement" in f]
+    worst = min((a if a is not None else -math.inf) for a in agreement) if agreement else 1.0
+    return (round(snr, 1), worst)
 
 
 def _check_meta(name: str, version: str, release: int) -> None:

@@ -21,13 +21,29 @@ Pitfalls handled here, each measured with onnxruntime 1.32:
   what it computed (NaN stays NaN, for the gate to see) instead of failing or
   silently quantizing garbage. The cache also spares the retry a second
   calibration pass.
+
+Calibration is chosen, not fixed: plain MinMax over many samples lets a few
+outlier activations stretch the ranges (PaddleOCR's MobileNetV3 text
+classifier: MinMax over 200 samples gave top-1 agreement 0.95 / SNR 13.5 dB),
+while onnxruntime's own ``moving_average`` MinMax (per-sample ranges averaged,
+i.e. ``CalibMovingAverage``) gave 0.99 / 19.7 dB on the same data; on other
+models plain MinMax is the better one. So every candidate of ``CALIBRATIONS``
+is tried and the one with the best figures on the *calibration* samples wins
+(``score``); the held-out evaluation set never takes part in the choice, so
+the gate stays an honest test. Entropy (= MinMax here) and Percentile
+(99.99: 0.97 / 18.5 dB, 99.9: 0.985 / 17.5 dB, 4x slower) were measured and
+not kept. Keeping the worst 1-5 layers in float (by per-layer SNR drop from
+``qdq_loss_debug``) did not help that model: its error is spread over its
+~50 quantized activations.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,11 +64,20 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from compiler.errors import InvalidModel, QuantizationError
+from compiler.onnx_compact import compact_qdq
 
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 13
 DEFAULT_DOMAINS = ("", "ai.onnx")
+# name -> extra options of onnxruntime's MinMaxCalibrater (what quantize_static's Calib* options set).
+CALIBRATIONS: dict[str, dict[str, Any]] = {
+    "MinMax": {},
+    "MinMax moving average": {"moving_average": True, "averaging_constant": 0.01},
+}
+ReaderFactory = Callable[[], CalibrationDataReader]
+# Figures of a candidate int8 model on the calibration samples; higher is better (compared as tuples).
+Score = Callable[[Path], tuple[float, ...]]
 
 
 @dataclass
@@ -69,6 +94,9 @@ class QuantizeInfo:
     format: str = "QDQ"
     activation_type: str = "QUInt8"
     weight_type: str = "QInt8"
+    calibrate_method: str = "MinMax"
+    calibration_candidates: dict[str, list[float]] = field(default_factory=dict)
+    compaction: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,7 +104,12 @@ class QuantizeInfo:
             "activation_type": self.activation_type,
             "weight_type": self.weight_type,
             "per_channel": True,
-            "calibrate_method": "MinMax",
+            "calibrate_method": self.calibrate_method,
+            "calibration_candidates": {
+                "chosen_by": "(min SNR dB, top-1 agreement) on calibration samples, never held-out ones",
+                "figures": dict(self.calibration_candidates),
+            },
+            "compaction": dict(self.compaction),
             "source_opset": self.source_opset,
             "opset": self.opset,
             "symbolic_shape_inference": self.symbolic_shape_inference,
@@ -153,13 +186,16 @@ def prepare(model: onnx.ModelProto, work_dir: Path, info: QuantizeInfo) -> Path:
     return prepared
 
 
-def calibrate(prepared: Path, reader: CalibrationDataReader, work_dir: Path) -> TensorsData:
+def calibrate(
+    prepared: Path, reader: CalibrationDataReader, work_dir: Path, options: dict[str, Any] | None = None
+) -> TensorsData:
     """MinMax ranges of every float tensor, as ``quantize_static`` would compute them."""
     calibrator = create_calibrator(
         Path(prepared),
         None,
         augmented_model_path=str(work_dir / "augmented.onnx"),
         calibrate_method=CalibrationMethod.MinMax,
+        extra_options=dict(options or {}),
     )
     with warnings.catch_warnings():
         # All-NaN tensors make nanmin/nanmax warn; nonfinite_tensors() reports them properly.
@@ -181,13 +217,40 @@ def nonfinite_tensors(ranges: TensorsData) -> list[str]:
 def quantize_int8(
     prepared: Path,
     output: Path,
+    readers: ReaderFactory,
+    info: QuantizeInfo,
+    work_dir: Path,
+    score: Score | None = None,
+) -> None:
+    """Write the best QDQ int8 model over ``CALIBRATIONS`` to ``output``; scratch files go to ``work_dir``.
+
+    ``readers`` makes a fresh calibration reader per pass. Without ``score``
+    only the first candidate (plain MinMax) is tried.
+    """
+    best: tuple[tuple[float, ...], str, Path, list[str], list[str]] | None = None
+    names = list(CALIBRATIONS) if score is not None else list(CALIBRATIONS)[:1]
+    for index, name in enumerate(names):
+        candidate = work_dir / f"candidate{index}.onnx"
+        _quantize_calibrated(prepared, candidate, readers(), info, work_dir, CALIBRATIONS[name])
+        figures = score(candidate) if score is not None else ()
+        info.calibration_candidates[name] = [round(f, 4) for f in figures]
+        if best is None or figures > best[0]:
+            best = (figures, name, candidate, info.nonfinite_tensors, info.float_nodes)
+    assert best is not None
+    _, info.calibrate_method, chosen, info.nonfinite_tensors, info.float_nodes = best
+    os.replace(chosen, output)
+
+
+def _quantize_calibrated(
+    prepared: Path,
+    output: Path,
     reader: CalibrationDataReader,
     info: QuantizeInfo,
     work_dir: Path,
+    options: dict[str, Any],
 ) -> None:
-    """Calibrate (MinMax) and write the QDQ int8 model to ``output``; scratch files go to ``work_dir``."""
     try:
-        ranges = calibrate(prepared, reader, work_dir)
+        ranges = calibrate(prepared, reader, work_dir, options)
     except Exception as exc:
         raise QuantizationError(f"calibration failed: {type(exc).__name__}: {exc}") from exc
     bad = set(nonfinite_tensors(ranges))
@@ -221,13 +284,16 @@ def quantize_int8(
             )
         except ValueError as exc:
             log.info("quantize_static failed with extra_options=%s: %s", extra, exc)
-            info.notes.append(f"quantize_static with extra_options={extra} failed: {exc}"[:300])
+            note = f"quantize_static with extra_options={extra} failed: {exc}"[:300]
+            if note not in info.notes:
+                info.notes.append(note)
             last = exc
             continue
         except Exception as exc:
             raise QuantizationError(f"quantize_static failed: {type(exc).__name__}: {exc}") from exc
         info.extra_options = extra
         drop_unused_opsets(output)
+        info.compaction = compact_qdq(output)
         return
     raise QuantizationError(f"quantize_static failed: {last}") from last
 
@@ -282,3 +348,5 @@ def quantize_qnn(
     info.activation_type = "QUInt16" if activations == "uint16" else "QUInt8"
     info.weight_type = "QUInt8"
     drop_unused_opsets(output)
+    # Names and value_info only: the HTP takes asymmetric uint8 weights, keep its zero points explicit.
+    info.compaction = compact_qdq(output, drop_zero_points=False)
