@@ -1,7 +1,9 @@
-"""Trust primitives for edgefleet: keys, DSSE envelopes, bundle manifests, trust roots.
+"""Trust primitives for edgefleet: keys, DSSE envelopes, bundle manifests, trust roots, delivery.
 
-Depends on ``cryptography`` only, so a device can verify everything it installs
-without the server's or the compiler's dependencies.
+Depends on ``cryptography`` and, for the TUF delivery metadata
+(``signing.tuf_repo``, ``signing.tuf_client``, ``signing.keyring``), on
+``tuf``: a device verifies everything it installs without the server's or the
+compiler's dependencies. See docs/trust.md.
 """
 
 from signing.dsse import sign_envelope, verify_envelope

@@ -69,3 +69,100 @@ class ExpiredMetadata(TrustError):
     """Signed metadata (directive, trust root) is past its expiry."""
 
     code = "expired"
+
+
+class RootChainBroken(TrustError):
+    """A new trust root is not version N+1 of the trusted one, or lacks the old or new root threshold."""
+
+    code = "root_chain_broken"
+
+
+# -- delivery (TUF) -------------------------------------------------------------
+# python-tuf decides; these classes name its verdicts so a refusal says which rule held.
+
+
+class DeliveryError(TrustError):
+    """Delivery metadata or a delivered target failed a TUF check."""
+
+    code = "delivery_error"
+
+
+class MetadataUnsigned(DeliveryError):
+    """Metadata lacks its role's threshold of valid signatures (unsigned, unknown, revoked or wrong key)."""
+
+    code = "metadata_unsigned"
+
+
+class MetadataRollback(DeliveryError):
+    """Metadata older than what the device already trusts was offered (replay / rollback)."""
+
+    code = "metadata_rollback"
+
+
+class MetadataMixAndMatch(DeliveryError):
+    """Metadata is not the version that newer signed metadata pins (mix-and-match of versions)."""
+
+    code = "metadata_mix_and_match"
+
+
+class MetadataExpired(DeliveryError, ExpiredMetadata):
+    """Delivery metadata is past its expiry (a freeze attack, or an offline repository)."""
+
+    code = "metadata_expired"
+
+
+class MetadataInvalid(DeliveryError):
+    """Delivery metadata is malformed or inconsistent in a way no finer class names."""
+
+    code = "metadata_invalid"
+
+
+class TargetNotFound(DeliveryError):
+    """The signed targets metadata does not list the requested target."""
+
+    code = "target_not_found"
+
+
+class TargetMismatch(DeliveryError, DigestMismatch):
+    """The delivered target's hash or length differs from its signed target metadata (tampered)."""
+
+    code = "target_mismatch"
+
+
+class EndlessData(DeliveryError, LengthMismatch):
+    """The server sent more bytes than the signed length allows (endless-data attack)."""
+
+    code = "endless_data"
+
+
+class DeliveryUnavailable(DeliveryError):
+    """The repository could not be reached or answered with an HTTP error (not a verdict on content)."""
+
+    code = "delivery_unavailable"
+
+
+# -- agreement (Uptane director vs image repository) ----------------------------
+
+
+class MalformedTargetInfo(DeliveryError):
+    """A target lacks the custom fields (hardware ids, release counter, family) edgefleet signs."""
+
+    code = "malformed_target"
+
+
+class DirectiveMismatch(TrustError):
+    """The signed directive and the signed release metadata disagree on hash or length."""
+
+    code = "directive_mismatch"
+
+
+class HardwareMismatch(TrustError):
+    """The release is not built for this device's hardware id."""
+
+    code = "hardware_mismatch"
+
+
+class RevokedRelease(TrustError):
+    """The release counter is below the signed revocation floor of its model family."""
+
+    code = "below_revocation_floor"

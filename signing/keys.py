@@ -73,26 +73,61 @@ class KeyPair:
     def sign(self, data: bytes) -> bytes:
         return self.private.sign(data)
 
-    def to_pem(self) -> bytes:
+    def to_pem(self, passphrase: bytes | None = None) -> bytes:
+        """PKCS#8 PEM; encrypted with ``passphrase`` (cryptography's best available scheme) if given."""
+        encryption: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+        )
         return self.private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
         )
 
-    def save(self, path: Path) -> None:
-        """Write the private key readable by its owner only."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(self.to_pem())
+    def save(self, path: Path, passphrase: bytes | None = None) -> None:
+        """Write the private key readable by its owner only, encrypted when a passphrase is given."""
+        write_private(Path(path), self.to_pem(passphrase))
 
     @classmethod
-    def load(cls, path: Path) -> KeyPair:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    def load(cls, path: Path, passphrase: bytes | None = None) -> KeyPair:
+        """Load a PEM key; an encrypted one needs its passphrase (KeyLocked / WrongPassphrase otherwise)."""
+        path = Path(path)
+        data = path.read_bytes()
+        encrypted = is_encrypted_pem(data)
+        if encrypted and not passphrase:
+            raise KeyLocked(f"{path} is encrypted: give its passphrase")
+        try:
+            key = serialization.load_pem_private_key(data, password=passphrase if encrypted else None)
+        except ValueError as exc:
+            if encrypted:
+                raise WrongPassphrase(f"{path}: wrong passphrase") from exc
+            raise ValueError(f"{path}: not a PEM private key: {exc}") from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path}: not an Ed25519 private key")
         return cls(key)
+
+
+class KeyLocked(ValueError):
+    """The private key on disk is encrypted and no passphrase was given."""
+
+
+class WrongPassphrase(ValueError):
+    """The passphrase does not decrypt the private key."""
+
+
+def is_encrypted_pem(data: bytes) -> bool:
+    """PKCS#8 encrypted keys (and legacy encrypted PEM) announce themselves in the armour."""
+    return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data or b"Proc-Type: 4,ENCRYPTED" in data
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write secret bytes owner-only (0600), replacing the file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def generate_keypair() -> KeyPair:

@@ -16,6 +16,7 @@ from edgefleet.commands.common import (
     fail,
     print_json,
 )
+from edgefleet.commands.keys import DEFAULT_PASS_ENV, PassEnvOpt, PassFileOpt, load_role_key
 
 
 def compile_cmd(
@@ -66,6 +67,8 @@ def compile_cmd(
     no_gate: Annotated[
         bool, typer.Option("--no-gate", help="Write the bundle even if quality fails (recorded).")
     ] = False,
+    passphrase_file: PassFileOpt = None,
+    passphrase_env: PassEnvOpt = DEFAULT_PASS_ENV,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize a float model for a target, measure what it cost, gate, and write a signed bundle."""
@@ -74,12 +77,8 @@ def compile_cmd(
     from compiler import CompilerError, Gate, GateFailed
     from compiler.pipeline import compile_model
     from compiler.sources import Preprocess
-    from signing.keyring import KeyDir
 
-    try:
-        release_key = KeyDir(keys).key("release")
-    except (OSError, ValueError) as exc:
-        fail(f"cannot load release key from {keys}: {exc}")
+    release_key = load_role_key(keys, "release", passphrase_file, passphrase_env)
     gate: Gate | None = None
     if not no_gate:
         overrides: dict[str, Any] = {

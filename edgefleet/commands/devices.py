@@ -1,7 +1,8 @@
-"""`edgefleet devices`: register and list devices."""
+"""`edgefleet devices`: register, list and provision devices."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,11 +14,13 @@ from edgefleet.commands.common import (
     api,
     client,
     console,
+    fail,
     parse_pairs,
     print_json,
 )
+from edgefleet.commands.keys import DEFAULT_PASS_ENV, InsecureOpt, PassEnvOpt, PassFileOpt, resolve_passphrase
 
-devices_app = typer.Typer(help="Register and list devices.", no_args_is_help=True)
+devices_app = typer.Typer(help="Register, list and provision devices.", no_args_is_help=True)
 
 
 @devices_app.command("register")
@@ -36,6 +39,60 @@ def devices_register(
         print_json(device)
     else:
         console.print(f"[green]registered[/] {device_id} ({hardware})")
+
+
+@devices_app.command("provision")
+def devices_provision(
+    device_id: Annotated[str, typer.Argument(help="Device id (its MQTT username and client id).")],
+    hardware: Annotated[str, typer.Option("--hw", help="Hardware id, e.g. rpi4.")],
+    broker_host: Annotated[str, typer.Option("--broker-host", help="Broker address the device connects to.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Bootstrap directory (default: ./ID).")
+    ] = None,
+    keys: Annotated[Path, typer.Option("--keys", help="Key directory (trust roots, fleet CA).")] = Path(
+        "keys"
+    ),
+    broker_port: Annotated[int, typer.Option("--broker-port", min=1, max=65535)] = 8883,
+    password_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--password-file", help="Mosquitto password file to add the device to (broker config dir)."
+        ),
+    ] = None,
+    metadata_url: Annotated[str | None, typer.Option("--metadata-url", help="TUF metadata base URL.")] = None,
+    targets_url: Annotated[str | None, typer.Option("--targets-url", help="TUF targets base URL.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-provision (new credentials).")] = False,
+    passphrase_file: PassFileOpt = None,
+    passphrase_env: PassEnvOpt = DEFAULT_PASS_ENV,
+    insecure: InsecureOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a device identity (password + client certificate) and its bootstrap file."""
+    from edgefleet.provision import ProvisionError, provision_device
+    from signing.errors import TrustError
+    from signing.keyring import KeyDir
+    from signing.keys import KeyLocked, WrongPassphrase
+
+    if not (keys / "trust.json").exists():
+        fail(f"no key directory at {keys} (run `edgefleet keys init`)")
+    passphrase = resolve_passphrase(passphrase_file, passphrase_env, insecure, confirm=False)
+    out = out or Path(device_id)
+    try:
+        result = provision_device(
+            KeyDir(keys), device_id, hardware, out, broker_host=broker_host, broker_port=broker_port,
+            password_file=password_file, metadata_url=metadata_url, targets_url=targets_url,
+            passphrase=passphrase, force=force,
+        )  # fmt: skip
+    except (ProvisionError, FileExistsError, KeyLocked, WrongPassphrase, TrustError, OSError) as exc:
+        fail(f"cannot provision {device_id!r}: {exc}")
+    info = {"device_id": device_id, "bootstrap": str(result.bootstrap), "cert": str(result.cert),
+            "password_file": str(password_file) if password_file else None}  # fmt: skip
+    if as_json:
+        print_json(info)
+        return
+    console.print(f"[green]provisioned[/] {device_id}: copy {out}/ to the device (it holds its secrets)")
+    if password_file:
+        console.print(f"added to {password_file}: reload the broker (SIGHUP) to let it in")
 
 
 @devices_app.command("list")

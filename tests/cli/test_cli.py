@@ -56,20 +56,22 @@ def test_console_script_installed() -> None:
 
 
 def test_keys_init_and_show_json(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["keys", "init", "--dir", str(tmp_path / "k"), "--json"])
+    result = runner.invoke(
+        app, ["keys", "init", "--insecure-no-passphrase", "--dir", str(tmp_path / "k"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["version"] == 1 and len(info["release_keys"]) == 1 and len(info["fleet_keys"]) == 1
     shown = runner.invoke(app, ["keys", "show", "--dir", str(tmp_path / "k"), "--json"])
     assert json.loads(shown.stdout)["release_keys"] == info["release_keys"]
     # refusing to overwrite is a failure with a reason, not a silent success
-    again = runner.invoke(app, ["keys", "init", "--dir", str(tmp_path / "k")])
+    again = runner.invoke(app, ["keys", "init", "--insecure-no-passphrase", "--dir", str(tmp_path / "k")])
     assert again.exit_code == 1
     assert "exists" in again.output
 
 
 def test_keys_show_rejects_tampered_trust_root(tmp_path: Path) -> None:
-    runner.invoke(app, ["keys", "init", "--dir", str(tmp_path / "k")])
+    runner.invoke(app, ["keys", "init", "--insecure-no-passphrase", "--dir", str(tmp_path / "k")])
     trust = tmp_path / "k" / "trust.json"
     env = json.loads(trust.read_text())
     env["signatures"][0]["sig"] = "A" * 88
@@ -93,3 +95,24 @@ def test_bad_stage_list_is_a_usage_error() -> None:
 def test_selector_parsing() -> None:
     assert parse_selector("hw=rpi4,site=berlin") == {"hardware_id": "rpi4", "tags": {"site": "berlin"}}
     assert parse_selector(None) == {}
+
+
+def test_compile_with_encrypted_release_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys are encrypted by default; compile asks for the passphrase only when it needs it."""
+    from compiler.examples import train_digits
+
+    monkeypatch.setenv("EDGEFLEET_KEY_PASSPHRASE", "correct horse battery")
+    assert runner.invoke(app, ["keys", "init", "--dir", str(tmp_path / "k")]).exit_code == 0
+    assert b"ENCRYPTED" in (tmp_path / "k" / "release.key").read_bytes()
+    ex = train_digits(tmp_path / "digits")
+    args = ["compile", str(ex.model_path), "--calib", str(ex.calib_path), "--name", "d", "--version", "1"]
+    args += ["--keys", str(tmp_path / "k"), "--json"]
+    ok = runner.invoke(app, [*args, "--out", str(tmp_path / "b1")])
+    assert ok.exit_code == 0, ok.output
+    monkeypatch.setenv("EDGEFLEET_KEY_PASSPHRASE", "wrong passphrase")
+    wrong = runner.invoke(app, [*args, "--out", str(tmp_path / "b2")])
+    assert wrong.exit_code == 1 and "wrong passphrase" in wrong.output
+    monkeypatch.delenv("EDGEFLEET_KEY_PASSPHRASE")
+    locked = runner.invoke(app, [*args, "--out", str(tmp_path / "b3")])
+    assert locked.exit_code == 2 and "--passphrase-file" in locked.output
+    assert not (tmp_path / "b2").exists() and not (tmp_path / "b3").exists()

@@ -68,7 +68,7 @@ def test_compile_push_rollout_with_real_processes(
     tmp_path: Path, mosquitto: Broker, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     keys = tmp_path / "keys"
-    ef("keys", "init", "--dir", str(keys))
+    ef("keys", "init", "--insecure-no-passphrase", "--dir", str(keys))
     ex = train_digits(tmp_path / "digits")
 
     # compile: a good model gives a bundle; a NaN model fails the gate, exit 1, no bundle

@@ -1,0 +1,93 @@
+"""A real static TUF repository served over real HTTP, and a device that fetches from it (helpers).
+
+Modelled on python-tuf's own tests (a repository driving the real ngclient
+Updater), but the repository is edgefleet's ``TufRepository`` writing files and
+the transport is a real HTTP server on loopback: attacks are edits an attacker
+who controls the server (or the network) could make to those files.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from signing.keyring import KeyDir
+from signing.targets import TargetCustom, VerifiedTarget
+from signing.tuf_client import fetch_target
+from signing.tuf_repo import TufRepository
+
+MODEL = "face-det/model.onnx"
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve_directory(root: Path) -> Iterator[str]:
+    """Serve ``root`` over real HTTP on loopback; yield its URL."""
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@dataclass
+class Delivery:
+    """A key directory, the repository it signs, and one device's pinned root and cache."""
+
+    keydir: KeyDir
+    repo: TufRepository
+    url: str
+    tmp: Path
+    pinned_root: bytes
+    cache: Path
+
+    @property
+    def metadata_url(self) -> str:
+        return f"{self.url}/metadata/"
+
+    @property
+    def targets_url(self) -> str:
+        return f"{self.url}/targets/"
+
+    def release(
+        self,
+        data: bytes,
+        *,
+        name: str = MODEL,
+        release: int = 1,
+        hardware_ids: list[str] | None = None,
+        family: str = "face-det",
+    ) -> None:
+        """Add a target signed by the release key(s) and publish snapshot + timestamp with the fleet key."""
+        src = self.tmp / "incoming.bin"
+        src.write_bytes(data)
+        custom = TargetCustom(family, release, hardware_ids or ["rpi4"])
+        self.repo.add_target(name, src, custom, self.keydir.keys("release"))
+        self.repo.publish(self.keydir.key("fleet"))
+
+    def fetch(
+        self, name: str = MODEL, *, cache: Path | None = None, root: bytes | None = None
+    ) -> VerifiedTarget:
+        """The device side: a new Updater anchored on the pinned root, downloading into its slot."""
+        return fetch_target(
+            name,
+            self.tmp / "slot" / "model.bin",
+            trusted_root=root or self.pinned_root,
+            cache_dir=cache or self.cache,
+            metadata_url=self.metadata_url,
+            targets_url=self.targets_url,
+        )
+
+    def meta(self, name: str) -> Path:
+        return self.repo.metadata_dir / name
