@@ -12,7 +12,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-MODULES = ["verify", "trust", "inference", "compiler"]
+MODULES = ["verify", "trust", "inference", "compiler", "server"]
 STANDARD = {"bench", "baseline", "ratio", "target"}
 
 

@@ -79,6 +79,9 @@ class ApiClient:
     def device(self, device_id: str) -> dict[str, Any]:
         return dict(self._request("GET", f"/api/v1/devices/{device_id}"))
 
+    def set_device_tags(self, device_id: str, tags: dict[str, str]) -> dict[str, Any]:
+        return dict(self._request("PUT", f"/api/v1/devices/{device_id}/tags", json={"tags": tags}))
+
     # models
     def push_bundle(self, bundle_dir: Path) -> dict[str, Any]:
         """Upload a bundle directory: its envelope plus every file its manifest lists."""
@@ -112,7 +115,24 @@ class ApiClient:
         return dict(self._request("GET", f"/api/v1/rollouts/{rollout_id}"))
 
     def rollout_action(self, rollout_id: str, action: str) -> dict[str, Any]:
+        """pause, resume, abort, approve or rollback: idempotent on the server."""
         return dict(self._request("POST", f"/api/v1/rollouts/{rollout_id}/{action}"))
+
+    def approve_rollout(self, rollout_id: str) -> dict[str, Any]:
+        return self.rollout_action(rollout_id, "approve")
+
+    def rollback_rollout(self, rollout_id: str) -> dict[str, Any]:
+        return self.rollout_action(rollout_id, "rollback")
+
+    def rollout_telemetry(self, rollout_id: str) -> list[dict[str, Any]]:
+        return list(self._request("GET", f"/api/v1/rollouts/{rollout_id}/telemetry"))
+
+    def telemetry(self, model: str | None = None, hardware_id: str | None = None) -> list[dict[str, Any]]:
+        params = {k: v for k, v in {"model": model, "hardware_id": hardware_id}.items() if v is not None}
+        return list(self._request("GET", "/api/v1/telemetry", params=params))
+
+    def server_info(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/api/v1/server"))
 
     def stats(self) -> dict[str, Any]:
         return dict(self._request("GET", "/api/v1/stats"))

@@ -1,7 +1,10 @@
 """HTTP routes of ``/api/v1`` (docs/contracts.md). Handlers are thin: store and services do the work.
 
 Handlers are plain ``def`` (FastAPI runs them in its thread pool) and open one
-short session each, so no session is shared between threads.
+short session each, so no session is shared between threads. Every route
+declares its response model and its error bodies, so the OpenAPI schema is
+complete. Authentication (issue 3) plugs in as one router-level dependency:
+``admin`` below is that seam and lets everything through for now.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Header, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -17,24 +20,40 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from fleet_server import artifacts
+from fleet_server.aggregates import telemetry_aggregates
 from fleet_server.context import ServerContext
 from fleet_server.errors import ApiError
+from fleet_server.migrate import current_revision
 from fleet_server.models import Device, Model, Rollout, utcnow
 from fleet_server.rollouts import create_rollout, operator_action, rollout_status
 from fleet_server.schemas import (
+    AggregateOut,
     DeviceIn,
     DeviceOut,
+    ErrorOut,
     ModelOut,
     RolloutIn,
     RolloutOut,
     RunningModelOut,
+    ServerOut,
     StatsOut,
+    TagsIn,
 )
 from fleet_server.store import new_session
 from signing.errors import TrustError
 from signing.manifest import ENVELOPE_NAME
 
-router = APIRouter(prefix="/api/v1")
+
+def admin() -> None:
+    """The authentication seam (issue 3): an admin-credential check goes here; open for now."""
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {400: "bad input or trust failure", 403: "forbidden", 404: "not found", 409: "conflict"}
+    return {c: {"model": ErrorOut, "description": text.get(c, "error")} for c in (400, *codes)}
+
+
+router = APIRouter(prefix="/api/v1", responses=_errors(), dependencies=[Depends(admin)])
 health = APIRouter()
 DEVICE_HEADER = "X-Edgefleet-Device"
 
@@ -79,10 +98,21 @@ def device_out(d: Device) -> DeviceOut:
         deployment_seq=d.deployment_seq,
         desired_seq=d.desired_seq,
         agent_version=d.agent_version,
+        inventory=_inventory(d),
     )
 
 
-@router.post("/devices", status_code=201, response_model=DeviceOut)
+def _inventory(d: Device) -> dict[str, Any]:
+    reported = d.reported or {}
+    return {
+        "capabilities": reported.get("capabilities") or {},
+        "slots": reported.get("slots") or {},
+        "active_slot": reported.get("active_slot"),
+        "shadow_sha256": reported.get("shadow_sha256"),
+    }
+
+
+@router.post("/devices", status_code=201, response_model=DeviceOut, responses=_errors(409))
 def register_device(body: DeviceIn, session: Db, response: Response) -> DeviceOut:
     existing = session.get(Device, body.device_id)
     if existing is not None:
@@ -104,11 +134,23 @@ def list_devices(session: Db) -> list[DeviceOut]:
     return [device_out(d) for d in session.exec(select(Device).order_by(col(Device.id))).all()]
 
 
-@router.get("/devices/{device_id}", response_model=DeviceOut)
+@router.get("/devices/{device_id}", response_model=DeviceOut, responses=_errors(404))
 def get_device(device_id: str, session: Db) -> DeviceOut:
     device = session.get(Device, device_id)
     if device is None:
         raise ApiError(404, "device_not_found", f"no device {device_id}")
+    return device_out(device)
+
+
+@router.put("/devices/{device_id}/tags", response_model=DeviceOut, responses=_errors(404))
+def set_device_tags(device_id: str, body: TagsIn, session: Db) -> DeviceOut:
+    """Replace a device's tags; a running rollout whose selector it now matches takes it in."""
+    device = session.get(Device, device_id)
+    if device is None:
+        raise ApiError(404, "device_not_found", f"no device {device_id}")
+    device.tags = dict(body.tags)
+    session.add(device)
+    session.commit()
     return device_out(device)
 
 
@@ -129,7 +171,7 @@ def model_out(m: Model) -> ModelOut:
     )
 
 
-@router.post("/models", status_code=201, response_model=ModelOut)
+@router.post("/models", status_code=201, response_model=ModelOut, responses=_errors(409))
 def upload_model(
     c: Ctx,
     session: Db,
@@ -181,7 +223,7 @@ def list_models(session: Db) -> list[ModelOut]:
     return [model_out(m) for m in rows]
 
 
-@router.get("/models/{name}/{version}", response_model=ModelOut)
+@router.get("/models/{name}/{version}", response_model=ModelOut, responses=_errors(404))
 def get_model(name: str, version: str, session: Db) -> ModelOut:
     model = session.exec(select(Model).where(Model.name == name, Model.version == version)).first()
     if model is None:
@@ -208,7 +250,15 @@ def _artifact(session: Session, sha256: str, device_id: str | None) -> Model:
 DeviceHeader = Annotated[str | None, Header(alias=DEVICE_HEADER)]
 
 
-@router.get("/artifacts/{sha256}")
+ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_errors(403, 404),
+    200: {"content": {"application/octet-stream": {}}, "description": "the model file"},
+    206: {"content": {"application/octet-stream": {}}, "description": "a byte range of it"},
+    416: {"description": "range not satisfiable"},
+}
+
+
+@router.get("/artifacts/{sha256}", responses=ARTIFACT_RESPONSES, response_class=Response)
 def get_artifact(
     sha256: str,
     session: Db,
@@ -241,7 +291,11 @@ def get_artifact(
     )
 
 
-@router.get("/artifacts/{sha256}/envelope")
+@router.get(
+    "/artifacts/{sha256}/envelope",
+    responses={**_errors(403, 404), 200: {"content": {"application/json": {}}, "description": "DSSE"}},
+    response_class=Response,
+)
 def get_envelope(sha256: str, session: Db, device: DeviceHeader = None) -> Response:
     model = _artifact(session, sha256, device)
     raw = (Path(model.storage_path) / ENVELOPE_NAME).read_bytes()
@@ -251,7 +305,7 @@ def get_envelope(sha256: str, session: Db, device: DeviceHeader = None) -> Respo
 # --- rollouts --------------------------------------------------------------------------------
 
 
-@router.post("/rollouts", status_code=201, response_model=RolloutOut)
+@router.post("/rollouts", status_code=201, response_model=RolloutOut, responses=_errors(404, 409))
 def post_rollout(body: RolloutIn, c: Ctx, session: Db) -> RolloutOut:
     with c.lock:
         rollout = create_rollout(session, body)
@@ -272,31 +326,61 @@ def _rollout(session: Session, rollout_id: str) -> Rollout:
     return rollout
 
 
-@router.get("/rollouts/{rollout_id}", response_model=RolloutOut)
+@router.get("/rollouts/{rollout_id}", response_model=RolloutOut, responses=_errors(404))
 def get_rollout(rollout_id: str, session: Db) -> RolloutOut:
     return rollout_status(session, _rollout(session, rollout_id))
 
 
 def _act(rollout_id: str, action: str, c: ServerContext, session: Session) -> RolloutOut:
-    with c.lock:
-        rollout = operator_action(session, _rollout(session, rollout_id), action)
+    with c.lock:  # this process's ticker; other replicas' wait on the row lock below
+        rollout = session.get(Rollout, rollout_id, with_for_update=True)
+        if rollout is None:
+            raise ApiError(404, "rollout_not_found", f"no rollout {rollout_id}")
+        rollout = operator_action(session, rollout, action)
         session.commit()
     return rollout_status(session, rollout)
 
 
-@router.post("/rollouts/{rollout_id}/pause", response_model=RolloutOut)
+ACTION_ERRORS = _errors(404, 409)
+
+
+@router.post("/rollouts/{rollout_id}/pause", response_model=RolloutOut, responses=ACTION_ERRORS)
 def pause_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
     return _act(rollout_id, "pause", c, session)
 
 
-@router.post("/rollouts/{rollout_id}/resume", response_model=RolloutOut)
+@router.post("/rollouts/{rollout_id}/resume", response_model=RolloutOut, responses=ACTION_ERRORS)
 def resume_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
     return _act(rollout_id, "resume", c, session)
 
 
-@router.post("/rollouts/{rollout_id}/abort", response_model=RolloutOut)
+@router.post("/rollouts/{rollout_id}/abort", response_model=RolloutOut, responses=ACTION_ERRORS)
 def abort_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
     return _act(rollout_id, "abort", c, session)
+
+
+@router.post("/rollouts/{rollout_id}/approve", response_model=RolloutOut, responses=ACTION_ERRORS)
+def approve_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
+    """Accept the current stage: passes the manual gate, or overrides a gate that paused the rollout."""
+    return _act(rollout_id, "approve", c, session)
+
+
+@router.post("/rollouts/{rollout_id}/rollback", response_model=RolloutOut, responses=ACTION_ERRORS)
+def rollback_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
+    """Send every device that got this rollout's model back to the model it ran before (any state)."""
+    return _act(rollout_id, "rollback", c, session)
+
+
+@router.get("/rollouts/{rollout_id}/telemetry", response_model=list[AggregateOut], responses=_errors(404))
+def rollout_telemetry(rollout_id: str, session: Db) -> list[AggregateOut]:
+    """The rollout's devices' telemetry per model, stage and hardware id (what its gates read)."""
+    return telemetry_aggregates(session, rollout=_rollout(session, rollout_id))
+
+
+@router.get("/telemetry", response_model=list[AggregateOut])
+def telemetry(session: Db, model: str | None = None, hardware_id: str | None = None) -> list[AggregateOut]:
+    """Telemetry per model version and device class (hardware id); ``model`` is name:version or a sha256."""
+    return telemetry_aggregates(session, model=model, hardware_id=hardware_id)
 
 
 # --- stats -----------------------------------------------------------------------------------
@@ -305,6 +389,18 @@ def abort_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
 @router.get("/stats", response_model=StatsOut)
 def stats(c: Ctx) -> StatsOut:
     return StatsOut(**c.counters.snapshot())
+
+
+@router.get("/server", response_model=ServerOut)
+def server_info(c: Ctx) -> ServerOut:
+    """This replica: whether it drives the rollout engine (leader), its database and schema revision."""
+    return ServerOut(
+        replica=c.bridge.client_id if c.bridge is not None else "",
+        leader=c.ticker.is_leader if c.ticker is not None else False,
+        database=c.engine.dialect.name,
+        schema_revision=current_revision(c.engine),
+        mqtt_connected=c.bridge.connected if c.bridge is not None else False,
+    )
 
 
 def validation_error_response(message: str) -> JSONResponse:

@@ -11,6 +11,7 @@ import json
 from datetime import datetime, timedelta
 
 from device_agent import protocol
+from fleet_server.gates import Policy
 from fleet_server.models import Model
 from signing.dsse import sign_envelope
 from signing.keys import KeyPair
@@ -39,7 +40,18 @@ def build_directive(
     ttl_seconds: float,
     now: datetime,
     rollout_id: str | None = None,
+    shadow: Model | None = None,
+    policy: Policy | None = None,
 ) -> protocol.Directive:
+    """``policy`` adds the agent-side probation (and the shadow sample rate) the rollout asks for."""
+    probation = None
+    if policy is not None and policy.probation_seconds is not None and shadow is None:
+        probation = protocol.Probation(
+            seconds=policy.probation_seconds,
+            min_inferences=policy.probation_min_inferences,
+            max_error_rate=policy.probation_max_error_rate,
+            max_latency_ratio=policy.probation_max_latency_ratio,
+        )
     return protocol.Directive(
         device_id=device_id,
         seq=seq,
@@ -47,6 +59,10 @@ def build_directive(
         expires_at=now + timedelta(seconds=ttl_seconds),
         model=model_ref(model, public_url) if model is not None else None,
         rollout_id=rollout_id,
+        probation=probation,
+        probation_inferences=probation.min_inferences if probation is not None else 1,
+        shadow=model_ref(shadow, public_url) if shadow is not None else None,
+        shadow_sample_rate=policy.shadow_sample_rate if policy is not None else 0.1,
     )
 
 

@@ -8,23 +8,22 @@ unregistered device is counted and dropped: one bad device must not stop ingest.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from device_agent import protocol
 from fleet_server.counters import Counters
-from fleet_server.models import Device, EventRow, ModelAggregate, TelemetryBatchRow, utcnow
+from fleet_server.models import Device, EventRow, ModelAggregate, utcnow
 from fleet_server.store import new_session
+from fleet_server.telemetry_store import SHA256_RE, store_telemetry
 
 log = logging.getLogger(__name__)
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_BATCH_ID = 128
 
 Decoded = protocol.Reported | protocol.Event | protocol.TelemetryBatch | protocol.Status
@@ -83,15 +82,18 @@ def ingest_batch(engine: Engine, messages: Sequence[Inbound], counters: Counters
 
 
 def _store(engine: Engine, items: Sequence[tuple[str, Decoded]], counters: Counters) -> None:
+    """Snapshots and events one by one (few); telemetry set-based (telemetry_store.py)."""
     pending = Counters()
+    now = utcnow()
     with new_session(engine) as session:
-        seen_batches: set[tuple[str, str]] = set()
+        ids = sorted({device_id for device_id, _ in items})
+        devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(ids))).all()}
+        telemetry: list[protocol.TelemetryBatch] = []
         for device_id, msg in items:
-            device = session.get(Device, device_id)
+            device = devices.get(device_id)
             if device is None:
                 pending.add("unregistered_messages")
                 continue
-            now = utcnow()
             device.last_seen = now
             if isinstance(msg, protocol.Reported):
                 _apply_reported(session, device, msg, now)
@@ -100,17 +102,15 @@ def _store(engine: Engine, items: Sequence[tuple[str, Decoded]], counters: Count
                 session.add(_event_row(msg, now))
                 pending.add("events")
             elif isinstance(msg, protocol.TelemetryBatch):
-                key = (device_id, msg.batch_id)
-                if key in seen_batches or _batch_exists(session, key):
-                    pending.add("duplicate_batches")
-                    continue
-                seen_batches.add(key)
-                _apply_telemetry(session, msg, now)
-                pending.add("telemetry_batches")
+                telemetry.append(msg)
             else:
                 device.online = msg.state == "online"
                 pending.add("status")
             session.add(device)
+        session.flush()
+        stored = store_telemetry(session, telemetry, now)
+        pending.add("telemetry_batches", stored)
+        pending.add("duplicate_batches", len(telemetry) - stored)
         session.commit()
     for name, value in pending.snapshot().items():
         if value:
@@ -146,40 +146,6 @@ def _event_row(msg: protocol.Event, now: datetime) -> EventRow:
         model_sha256=msg.model_sha256,
         ts=msg.ts,
         received_at=now,
-    )
-
-
-def _batch_exists(session: Session, key: tuple[str, str]) -> bool:
-    stmt = select(TelemetryBatchRow.id).where(
-        TelemetryBatchRow.device_id == key[0], TelemetryBatchRow.batch_id == key[1]
-    )
-    return session.exec(stmt).first() is not None
-
-
-def _apply_telemetry(session: Session, msg: protocol.TelemetryBatch, now: datetime) -> None:
-    total_inf = total_err = 0
-    for sha, stats in msg.models.items():
-        if not SHA256_RE.match(sha):
-            continue
-        errors = sum(stats.errors.values())
-        total_inf += stats.inferences
-        total_err += errors
-        agg = _aggregate(session, msg.device_id, sha)
-        agg.inferences += stats.inferences
-        agg.errors += errors
-        agg.updated_at = now
-        session.add(agg)
-    session.add(
-        TelemetryBatchRow(
-            device_id=msg.device_id,
-            batch_id=msg.batch_id,
-            window_start=msg.window_start,
-            window_end=msg.window_end,
-            inferences=total_inf,
-            errors=total_err,
-            models={sha: s.model_dump(mode="json") for sha, s in msg.models.items()},
-            received_at=now,
-        )
     )
 
 

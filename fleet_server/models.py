@@ -42,21 +42,25 @@ class UTCDateTime(TypeDecorator[datetime]):
 class RolloutState:
     RUNNING = "running"
     PAUSED = "paused"
+    AWAITING_APPROVAL = "awaiting_approval"  # a stage soaked; a human must approve the next one
     COMPLETED = "completed"
     ROLLED_BACK = "rolled_back"
     ABORTED = "aborted"
-    ACTIVE = (RUNNING, PAUSED)
+    ACTIVE = (RUNNING, PAUSED, AWAITING_APPROVAL)
+    FINISHED = (COMPLETED, ROLLED_BACK, ABORTED)
 
 
 class DeviceRolloutState:
     PENDING = "pending"
+    SHADOWING = "shadowing"  # runs the new model beside its current one, never served (shadow gate)
     NOTIFIED = "notified"
     INSTALLING = "installing"
+    RETRY_WAIT = "retry_wait"  # failed with a retryable class; re-notified after a backoff
     DONE = "done"
     FAILED = "failed"
     TIMED_OUT = "timed_out"
     ROLLED_BACK = "rolled_back"
-    IN_FLIGHT = (NOTIFIED, INSTALLING)
+    IN_FLIGHT = (SHADOWING, NOTIFIED, INSTALLING, RETRY_WAIT)
     FINISHED = (DONE, FAILED, TIMED_OUT)
 
 
@@ -114,6 +118,10 @@ class Rollout(SQLModel, table=True):
     state: str = Field(default=RolloutState.RUNNING, index=True)
     current_stage: int = 0
     stage_ready_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # soak started
+    stage_unit: str = "percent"  # "percent" (cumulative % of targeted) or "count" (cumulative devices)
+    policy: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)  # engine.Policy fields
+    approved_through: int = -1  # highest stage a human approved (manual gate / gate pause override)
+    rollback_requested: bool = False  # operator asked to roll back; the leader's ticker carries it out
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
@@ -144,6 +152,8 @@ class RolloutDevice(SQLModel, table=True):
     notified_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     previous_sha256: str | None = None
     previous_model_id: int | None = None
+    attempts: int = 0  # directives sent with the rollout model (1 + retries)
+    retry_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     reason: str | None = None
 
@@ -186,4 +196,9 @@ class ModelAggregate(SQLModel, table=True):
     served_ok: int = 0  # latest cumulative count the device reported
     inferences: int = 0  # summed over telemetry batches
     errors: int = 0
+    latency_buckets: list[int] = Field(default_factory=list, sa_type=JSON)  # per LATENCY_BOUNDS_US
+    output_hist: list[int] = Field(default_factory=list, sa_type=JSON)  # per VALUE_BOUNDS
+    class_hist: dict[str, int] = Field(default_factory=dict, sa_type=JSON)
+    shadow_samples: int = 0  # as a shadowed candidate: samples compared with the served model
+    shadow_agree: int = 0  # ... whose top-1 matched
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

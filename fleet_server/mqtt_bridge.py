@@ -51,9 +51,10 @@ class MqttBridge:
         self._idle = threading.Event()
         self._idle.set()
         v5 = settings.mqtt_version == 5
+        self.client_id = settings.mqtt_client_id or f"ef-server-{uuid.uuid4().hex[:12]}"
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=settings.mqtt_client_id or f"ef-server-{uuid.uuid4().hex[:12]}",
+            client_id=self.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else True,
         )
@@ -70,12 +71,21 @@ class MqttBridge:
         self.client.connect_async(self.settings.mqtt_host, self.settings.mqtt_port, keepalive=30)
         self.client.loop_start()
 
-    def stop(self) -> None:
+    def stop(self, discard_backlog: bool = False) -> None:
+        """Disconnect; the worker stores what was received unless ``discard_backlog`` (benchmarks)."""
         self.client.disconnect()
         self.client.loop_stop()
+        if discard_backlog:
+            with self._queue.mutex:
+                self._queue.queue.clear()
         self._queue.put(None)
         if self._worker is not None:
             self._worker.join(10)
+
+    @property
+    def backlog(self) -> int:
+        """Messages received but not stored yet."""
+        return self._queue.qsize()
 
     @property
     def connected(self) -> bool:

@@ -1,14 +1,22 @@
 """Creating rollouts, operator actions on them, and their status view.
 
-The targeted devices are fixed at creation (selector AND the model's hardware
-ids), which makes stage sizes stable and the one-active-rollout-per-device rule
-a simple check against the devices of running/paused rollouts.
+Targeted devices: selector AND the model's hardware ids, at creation; devices
+that match later join through the ticker (``enrol_joiners``). One active
+rollout per device. The conflict rule: a new rollout whose devices are in
+another active rollout is refused with 409 (``conflict="refuse"``, default)
+or leaves those devices out (``conflict="skip"``); a device that joins the
+selectors of several active rollouts goes to the oldest one (Mender's
+"oldest unfinished deployment first").
+
+Every operator action is idempotent (repeating it is a no-op that returns the
+rollout) and audited as a decision row naming the action and prior state.
 """
 
 from __future__ import annotations
 
 import uuid
 
+from sqlalchemy import exists
 from sqlmodel import Session, col, select
 
 from fleet_server.engine import assignment_order, stage_target
@@ -23,14 +31,20 @@ from fleet_server.models import (
     utcnow,
 )
 from fleet_server.models import DeviceRolloutState as DS
-from fleet_server.schemas import DecisionOut, RolloutIn, RolloutOut, StageOut
+from fleet_server.schemas import SKELETON_FIELDS, DecisionOut, RolloutIn, RolloutOut, StageOut
+from fleet_server.selector import matches
 
 
-def matches(device: Device, req: RolloutIn) -> bool:
-    sel = req.selector
-    if sel.hardware_id is not None and device.hardware_id != sel.hardware_id:
-        return False
-    return all(device.tags.get(k) == v for k, v in sel.tags.items())
+def busy_devices(session: Session, device_ids: list[str]) -> list[tuple[str, str]]:
+    """(device, rollout) pairs of the given devices that are in an active rollout."""
+    if not device_ids:
+        return []
+    rows = session.exec(
+        select(RolloutDevice.device_id, RolloutDevice.rollout_id)
+        .join(Rollout, col(Rollout.id) == col(RolloutDevice.rollout_id))
+        .where(col(Rollout.state).in_(RolloutState.ACTIVE), col(RolloutDevice.device_id).in_(device_ids))
+    ).all()
+    return [(d, r) for d, r in rows]
 
 
 def create_rollout(session: Session, req: RolloutIn) -> Rollout:
@@ -38,38 +52,34 @@ def create_rollout(session: Session, req: RolloutIn) -> Rollout:
     model = session.exec(select(Model).where(Model.name == name, Model.version == version)).first()
     if model is None or model.id is None:
         raise ApiError(404, "model_not_found", f"no model {req.model}")
-    targeted = [
-        d
-        for d in session.exec(select(Device)).all()
-        if matches(d, req) and d.hardware_id in model.hardware_ids
-    ]
+    selector = req.selector.model_dump()
+    targeted = [d for d in session.exec(select(Device)).all() if matches(d, selector, model.hardware_ids)]
     if not targeted:
         raise ApiError(
             400, "no_matching_devices", f"no registered device matches the selector and {model.hardware_ids}"
         )
-    busy = session.exec(
-        select(RolloutDevice.device_id, RolloutDevice.rollout_id)
-        .join(Rollout, col(Rollout.id) == col(RolloutDevice.rollout_id))
-        .where(
-            col(Rollout.state).in_(RolloutState.ACTIVE),
-            col(RolloutDevice.device_id).in_([d.id for d in targeted]),
-        )
-    ).all()
-    if busy:
+    busy = busy_devices(session, [d.id for d in targeted])
+    if busy and req.conflict == "refuse":
         others = sorted({r for _, r in busy})
         raise ApiError(
             409,
             "rollout_conflict",
             f"{len(busy)} targeted device(s) are in active rollout(s) {', '.join(others)}",
         )
+    skipped = {d for d, _ in busy}
+    targeted = [d for d in targeted if d.id not in skipped]
+    if not targeted:
+        raise ApiError(409, "rollout_conflict", "every targeted device is in another active rollout")
     now = utcnow()
     rollout = Rollout(
         id=uuid.uuid4().hex[:12],
         model_id=model.id,
         model_ref=f"{model.name}:{model.version}",
         model_sha256=model.sha256,
-        selector=req.selector.model_dump(),
+        selector=selector,
         stages=list(req.stages),
+        stage_unit=req.stage_unit,
+        policy=req.policy(),
         soak_seconds=req.soak_seconds,
         device_timeout_seconds=req.device_timeout_seconds,
         max_error_rate=req.max_error_rate,
@@ -94,8 +104,9 @@ def create_rollout(session: Session, req: RolloutIn) -> Rollout:
             rollout_id=rollout.id,
             ts=now,
             action="created",
-            reason=f"{len(targeted)} device(s) targeted, stages {req.stages}",
-            figures={"targeted": len(targeted), "stages": list(req.stages)},
+            reason=f"{len(targeted)} device(s) targeted, stages {req.stages} ({req.stage_unit})"
+            + (f"; {len(skipped)} busy device(s) left out" if skipped else ""),
+            figures={"targeted": len(targeted), "stages": list(req.stages), "skipped": sorted(skipped)},
         )
     )
     return rollout
@@ -103,32 +114,66 @@ def create_rollout(session: Session, req: RolloutIn) -> Rollout:
 
 OPERATOR_ACTIONS = {
     # action: (states it applies to, new state, states where it is a no-op)
-    "pause": ((RolloutState.RUNNING,), RolloutState.PAUSED, (RolloutState.PAUSED,)),
+    "pause": (
+        (RolloutState.RUNNING, RolloutState.AWAITING_APPROVAL),
+        RolloutState.PAUSED,
+        (RolloutState.PAUSED,),
+    ),
     "resume": ((RolloutState.PAUSED,), RolloutState.RUNNING, (RolloutState.RUNNING,)),
     "abort": (RolloutState.ACTIVE, RolloutState.ABORTED, (RolloutState.ABORTED,)),
 }
 
 
 def operator_action(session: Session, rollout: Rollout, action: str) -> Rollout:
-    """Pause/resume/abort: idempotent; 409 when the rollout is already finished otherwise."""
+    """Pause/resume/abort/approve/rollback: idempotent and audited; 409 when it cannot apply."""
+    if action == "approve":
+        return _approve(session, rollout)
+    if action == "rollback":
+        return _request_rollback(session, rollout)
     applies, new_state, noop = OPERATOR_ACTIONS[action]
     if rollout.state in noop:
         return rollout
     if rollout.state not in applies:
         raise ApiError(409, "rollout_finished", f"cannot {action} a {rollout.state} rollout")
-    now = utcnow()
+    _audit(session, rollout, action, f"operator: {action}")
+    rollout.state, rollout.updated_at = new_state, utcnow()
+    session.add(rollout)
+    return rollout
+
+
+def _approve(session: Session, rollout: Rollout) -> Rollout:
+    """Accept the current stage: passes a manual gate, or overrides a gate that paused the rollout."""
+    if rollout.state not in RolloutState.ACTIVE:
+        raise ApiError(409, "rollout_finished", f"cannot approve a {rollout.state} rollout")
+    if rollout.approved_through >= rollout.current_stage and rollout.state == RolloutState.RUNNING:
+        return rollout
+    _audit(session, rollout, "approve", f"operator: approve stage {rollout.current_stage + 1}")
+    rollout.approved_through = rollout.current_stage
+    rollout.state, rollout.updated_at = RolloutState.RUNNING, utcnow()
+    session.add(rollout)
+    return rollout
+
+
+def _request_rollback(session: Session, rollout: Rollout) -> Rollout:
+    """Ask the engine leader to send every device that got this model back to its previous one."""
+    if rollout.state == RolloutState.ROLLED_BACK or rollout.rollback_requested:
+        return rollout
+    _audit(session, rollout, "rollback_requested", "operator: roll back to the last good release")
+    rollout.rollback_requested, rollout.updated_at = True, utcnow()
+    session.add(rollout)
+    return rollout
+
+
+def _audit(session: Session, rollout: Rollout, action: str, reason: str) -> None:
     session.add(
         RolloutDecision(
             rollout_id=rollout.id,
-            ts=now,
+            ts=utcnow(),
             action=action,
-            reason=f"operator: {action}",
-            figures={"from": rollout.state},
+            reason=reason,
+            figures={"from": rollout.state, "stage": rollout.current_stage},
         )
     )
-    rollout.state, rollout.updated_at = new_state, now
-    session.add(rollout)
-    return rollout
 
 
 def rollout_status(session: Session, rollout: Rollout) -> RolloutOut:
@@ -144,7 +189,7 @@ def rollout_status(session: Session, rollout: Rollout) -> RolloutOut:
         stages.append(
             StageOut(
                 percent=percent,
-                target_count=stage_target(percent, len(rds)),
+                target_count=stage_target(percent, len(rds), rollout.stage_unit),
                 assigned=len(mine),
                 done=sum(1 for rd in mine if rd.state == DS.DONE),
                 failed=sum(1 for rd in mine if rd.state in (DS.FAILED, DS.TIMED_OUT)),
@@ -158,17 +203,18 @@ def rollout_status(session: Session, rollout: Rollout) -> RolloutOut:
         state=rollout.state,
         current_stage=rollout.current_stage,
         selector=rollout.selector,
-        settings={
-            "soak_seconds": rollout.soak_seconds,
-            "device_timeout_seconds": rollout.device_timeout_seconds,
-            "max_error_rate": rollout.max_error_rate,
-            "min_inferences": rollout.min_inferences,
-            "max_failure_rate": rollout.max_failure_rate,
-        },
+        settings={k: getattr(rollout, k) for k in sorted(SKELETON_FIELDS)},
+        stage_unit=rollout.stage_unit,
+        policy=rollout.policy,
+        approved_through=rollout.approved_through,
+        rollback_requested=rollout.rollback_requested,
         created_at=rollout.created_at,
         updated_at=rollout.updated_at,
         stages=stages,
         devices={rd.device_id: rd.state for rd in sorted(rds, key=lambda r: r.device_id)},
+        device_reasons={
+            rd.device_id: rd.reason for rd in sorted(rds, key=lambda r: r.device_id) if rd.reason
+        },
         decisions=[
             DecisionOut(ts=d.ts, action=d.action, reason=d.reason, figures=d.figures) for d in decisions
         ],
@@ -180,6 +226,48 @@ def _stage_state(rollout: Rollout, i: int) -> str:
         return "done"
     if i > rollout.current_stage:
         return "pending"
-    if rollout.state in (RolloutState.ROLLED_BACK, RolloutState.ABORTED, RolloutState.PAUSED):
+    if rollout.state in (
+        RolloutState.ROLLED_BACK,
+        RolloutState.ABORTED,
+        RolloutState.PAUSED,
+        RolloutState.AWAITING_APPROVAL,
+    ):
         return rollout.state
     return "soaking" if rollout.stage_ready_at is not None else "running"
+
+
+def enrol_joiners(session: Session, rollout: Rollout, hardware_ids: list[str]) -> int:
+    """Add devices that match the selector now and are in no active rollout (oldest rollout first)."""
+    in_active = exists().where(
+        col(RolloutDevice.device_id) == col(Device.id),
+        col(RolloutDevice.rollout_id) == col(Rollout.id),
+        col(Rollout.state).in_(RolloutState.ACTIVE),
+    )
+    mine = exists().where(
+        col(RolloutDevice.device_id) == col(Device.id), col(RolloutDevice.rollout_id) == rollout.id
+    )
+    candidates = session.exec(
+        select(Device).where(col(Device.hardware_id).in_(hardware_ids), ~in_active, ~mine)
+    ).all()
+    now = utcnow()
+    joined = [d for d in candidates if matches(d, rollout.selector, hardware_ids)]
+    for d in joined:
+        session.add(
+            RolloutDevice(
+                rollout_id=rollout.id,
+                device_id=d.id,
+                order_key=assignment_order(rollout.id, d.id),
+                updated_at=now,
+            )
+        )
+    if joined:
+        session.add(
+            RolloutDecision(
+                rollout_id=rollout.id,
+                ts=now,
+                action="joined",
+                reason=f"{len(joined)} device(s) joined the selector",
+                figures={"devices": sorted(d.id for d in joined)[:100], "count": len(joined)},
+            )
+        )
+    return len(joined)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 from itertools import pairwise
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from device_agent.protocol import DEVICE_ID_RE
 
@@ -23,6 +24,19 @@ class DeviceIn(BaseModel):
     def _valid_id(cls, v: str) -> str:
         if not DEVICE_ID_RE.match(v):
             raise ValueError("device_id must match [A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+        return v
+
+
+class TagsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tags: dict[str, str]
+
+    @field_validator("tags")
+    @classmethod
+    def _bounded(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > 64 or any(not 0 < len(k) <= 64 or len(x) > 256 for k, x in v.items()):
+            raise ValueError("at most 64 tags, keys 1..64 and values up to 256 characters")
         return v
 
 
@@ -44,6 +58,7 @@ class DeviceOut(BaseModel):
     deployment_seq: int
     desired_seq: int
     agent_version: str | None
+    inventory: dict[str, Any] = Field(default_factory=dict, description="what the device reports it has")
 
 
 class ModelOut(BaseModel):
@@ -59,10 +74,29 @@ class ModelOut(BaseModel):
 
 
 class Selector(BaseModel):
+    """Which devices a rollout targets; every given criterion must hold (AND)."""
+
     model_config = ConfigDict(extra="forbid")
 
     hardware_id: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    runtime: str | None = Field(default=None, description="a runtime the device reports, e.g. onnxruntime")
+    agent_version: str | None = Field(default=None, description="PEP 440 specifier, e.g. '>=0.2,<1'")
+
+    @field_validator("agent_version")
+    @classmethod
+    def _specifier(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                SpecifierSet(v)
+            except InvalidSpecifier:
+                raise ValueError(
+                    f"agent_version must be a PEP 440 specifier like '>=0.2', got {v!r}"
+                ) from None
+        return v
+
+
+GateAction = Literal["roll_back", "pause"]
 
 
 class RolloutIn(BaseModel):
@@ -76,13 +110,76 @@ class RolloutIn(BaseModel):
     max_error_rate: float = Field(default=0.05, ge=0, le=1)
     min_inferences: int = Field(default=20, ge=1)
     max_failure_rate: float = Field(default=0.0, ge=0, le=1)
+    # issue 6: stages by count, conflicts, gates and their actions, retries, rate, probation
+    stage_unit: Literal["percent", "count"] = "percent"
+    conflict: Literal["refuse", "skip"] = Field(
+        default="refuse",
+        description="devices already in an active rollout: refuse the rollout (409) or leave them out",
+    )
+    min_success_rate: float = Field(default=0.0, ge=0, le=1, description="done/assigned when a stage ends")
+    max_failures: int | None = Field(default=None, ge=0, description="absolute cap of failed devices")
+    failure_action: GateAction = "roll_back"
+    error_action: GateAction = "roll_back"
+    max_latency_ratio: float | None = Field(default=None, gt=0, description="p95 new / p95 replaced model")
+    min_latency_samples: int = Field(default=50, ge=1)
+    latency_action: GateAction = "roll_back"
+    max_output_psi: float | None = Field(default=None, gt=0, description="PSI of outputs vs replaced model")
+    min_drift_samples: int = Field(default=200, ge=1)
+    drift_action: GateAction = "pause"
+    min_shadow_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="shadow the model first; promote at this top-1 agreement"
+    )
+    min_shadow_samples: int = Field(default=50, ge=1)
+    shadow_action: GateAction = "roll_back"
+    shadow_sample_rate: float = Field(default=0.1, gt=0, le=1)
+    require_approval: bool = Field(default=False, description="a human approves each next stage")
+    retry_limits: dict[str, int] = Field(
+        default_factory=dict, description="failure class (or '*') -> retries, e.g. {'timed_out': 2}"
+    )
+    retry_backoff_seconds: float = Field(default=30.0, ge=0)
+    rate_per_minute: int | None = Field(default=None, ge=1, description="devices notified per minute")
+    rate_increment_factor: float = Field(default=1.0, ge=1.0, description="rate x factor each minute")
+    max_rate_per_minute: int | None = Field(default=None, ge=1)
+    probation_seconds: float | None = Field(default=None, ge=0, description="agent-side watch after swap")
+    probation_min_inferences: int = Field(default=1, ge=0)
+    probation_max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    probation_max_latency_ratio: float = Field(default=3.0, gt=0)
 
     @field_validator("stages")
     @classmethod
     def _increasing(cls, v: list[float]) -> list[float]:
-        if any(not 0 < p <= 100 for p in v) or any(b <= a for a, b in pairwise(v)):
-            raise ValueError("stages are cumulative percents: strictly increasing, each in (0, 100]")
+        if any(b <= a for a, b in pairwise(v)) or any(p <= 0 for p in v):
+            raise ValueError("stages are cumulative: strictly increasing and positive")
         return v
+
+    @field_validator("retry_limits")
+    @classmethod
+    def _retries(cls, v: dict[str, int]) -> dict[str, int]:
+        if any(n < 0 or n > 20 for n in v.values()):
+            raise ValueError("retry_limits values must be 0..20")
+        return v
+
+    @model_validator(mode="after")
+    def _unit(self) -> RolloutIn:
+        if self.stage_unit == "percent" and self.stages[-1] > 100:
+            raise ValueError("stages are cumulative percents: strictly increasing, each in (0, 100]")
+        if self.stage_unit == "count" and any(p != int(p) for p in self.stages):
+            raise ValueError("stages by count are whole numbers of devices")
+        return self
+
+    def policy(self) -> dict[str, Any]:
+        """The fields beyond the skeleton's, as stored in ``Rollout.policy`` (engine ``Policy``)."""
+        skip = {"model", "selector", "stages", "stage_unit", "conflict"} | SKELETON_FIELDS
+        return {k: v for k, v in self.model_dump().items() if k not in skip}
+
+
+SKELETON_FIELDS = {
+    "soak_seconds",
+    "device_timeout_seconds",
+    "max_error_rate",
+    "min_inferences",
+    "max_failure_rate",
+}
 
 
 class StageOut(BaseModel):
@@ -93,7 +190,7 @@ class StageOut(BaseModel):
     assigned: int
     done: int
     failed: int
-    state: str  # pending, running, soaking, done, rolled_back, aborted
+    state: str  # pending, running, soaking, awaiting_approval, done, paused, rolled_back, aborted
 
 
 class DecisionOut(BaseModel):
@@ -111,11 +208,54 @@ class RolloutOut(BaseModel):
     current_stage: int
     selector: dict[str, Any]
     settings: dict[str, float | int]
+    stage_unit: str = "percent"
+    policy: dict[str, Any] = Field(default_factory=dict)
+    approved_through: int = -1
+    rollback_requested: bool = False
     created_at: datetime
     updated_at: datetime
     stages: list[StageOut]
     devices: dict[str, str]
+    device_reasons: dict[str, str] = Field(default_factory=dict, description="why a device is in its state")
     decisions: list[DecisionOut]
+
+
+class ServerOut(BaseModel):
+    """This replica: does it drive the engine, which database and schema revision it runs on."""
+
+    replica: str
+    leader: bool
+    database: str
+    schema_revision: str | None
+    mqtt_connected: bool
+
+
+class AggregateOut(BaseModel):
+    """Telemetry of one model on one device class, in one rollout stage (or outside any rollout)."""
+
+    sha256: str
+    model: str | None
+    hardware_id: str
+    stage: int | None
+    devices: int
+    inferences: int
+    errors: int
+    error_rate: float
+    latency_p95_us: float | None
+    served_ok: int
+    shadow_samples: int
+    shadow_agreement: float | None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """Every error: ``{"detail": {"code": ..., "message": ...}}``."""
+
+    detail: ErrorBody
 
 
 class StatsOut(BaseModel):

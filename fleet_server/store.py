@@ -1,5 +1,9 @@
 """Database engine and sessions for SQLite (default, WAL) and PostgreSQL.
 
+The schema is Alembic's (``fleet_server/migrations``), applied at startup.
+SQLite is for one server process; several replicas need PostgreSQL (the
+engine's leader lock and row locks are PostgreSQL features).
+
 Each thread (request handler, MQTT ingest worker, engine ticker) opens its own
 short-lived ``Session``; only the thread-safe ``Engine`` is shared.
 """
@@ -10,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, event
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, create_engine
 
 from fleet_server import models  # noqa: F401 - registers the tables on SQLModel.metadata
+from fleet_server.migrate import upgrade
 from fleet_server.settings import ServerSettings
 
 
@@ -26,7 +31,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_engine(settings: ServerSettings) -> Engine:
-    """Create the engine and the schema (``create_all`` until Alembic migrations exist)."""
+    """Create the engine and bring the schema to the newest Alembic revision."""
     url = settings.resolved_database_url()
     if url.startswith("sqlite"):
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
@@ -34,7 +39,7 @@ def make_engine(settings: ServerSettings) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
-    SQLModel.metadata.create_all(engine)
+    upgrade(engine)
     return engine
 
 

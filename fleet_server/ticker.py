@@ -1,25 +1,31 @@
 """Runs the rollout engine every ``tick_interval`` and applies its plans.
 
-Reads one snapshot per active rollout, calls the pure ``engine.decide``,
-writes the plan (device states, stage, decisions, desired seqs) in one
-transaction, and only then publishes the signed directives, so a directive is
-never out before the seq it carries is recorded. ``lock`` serialises the
-ticker with API calls that change rollouts (pause/resume/abort/create) within
-this process; several replicas would need row locks (SELECT ... FOR UPDATE).
+Only the replica holding the leader lock ticks (leader.py). Per active
+rollout: enrol devices that joined the selector, read one snapshot (with the
+rollout row locked ``FOR UPDATE`` on PostgreSQL, so an operator action on
+another replica waits instead of being overwritten), call the pure
+``engine.decide``, write the plan (device states, stage, decisions, desired
+seqs) in one transaction, and only then publish the signed directives, so a
+directive is never out before the seq it carries is recorded. ``lock``
+serialises the ticker with API calls within this process (SQLite's case).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, and_, or_
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from fleet_server import engine as rollout_engine
 from fleet_server.directives import build_directive, sign_directive
+from fleet_server.gates import Histograms, Policy, add_counts
+from fleet_server.leader import LeaderLock
 from fleet_server.models import (
     Device,
     EventRow,
@@ -31,6 +37,8 @@ from fleet_server.models import (
     RolloutState,
     utcnow,
 )
+from fleet_server.models import DeviceRolloutState as DS
+from fleet_server.rollouts import enrol_joiners
 from fleet_server.settings import ServerSettings
 from fleet_server.store import new_session
 from signing.keys import KeyPair
@@ -40,41 +48,87 @@ log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], None]  # (device_id, signed directive)
 
 
-def snapshot(session: Session, rollout: Rollout) -> list[rollout_engine.DeviceSnapshot]:
-    """Everything the engine needs about the rollout's devices, in three queries."""
-    rows = session.exec(
-        select(RolloutDevice, Device)
+SNAPSHOT_COLUMNS = (
+    col(RolloutDevice.device_id),
+    col(RolloutDevice.state),
+    col(RolloutDevice.stage),
+    col(RolloutDevice.seq),
+    col(RolloutDevice.notified_at),
+    col(RolloutDevice.attempts),
+    col(RolloutDevice.retry_at),
+    col(RolloutDevice.reason),
+    col(RolloutDevice.previous_sha256),
+    col(Device.hardware_id),
+    col(Device.running_sha256),
+    col(Device.deployment_seq),
+    col(Device.deployment_state),
+    col(Device.reported),
+)
+AGGREGATE_COLUMNS = (
+    col(ModelAggregate.device_id),
+    col(ModelAggregate.sha256),
+    col(ModelAggregate.served_ok),
+    col(ModelAggregate.inferences),
+    col(ModelAggregate.errors),
+    col(ModelAggregate.latency_buckets),
+    col(ModelAggregate.output_hist),
+    col(ModelAggregate.shadow_samples),
+    col(ModelAggregate.shadow_agree),
+)
+
+
+def snapshot(
+    session: Session, rollout: Rollout
+) -> tuple[list[rollout_engine.DeviceSnapshot], dict[str, Histograms]]:
+    """Everything the engine needs about the rollout's devices, and the replaced models' baseline.
+
+    Plain column rows, joined on the rollout's devices (no ORM objects, no IN lists):
+    the snapshot of a 10,000-device rollout is the bulk of a tick.
+    """
+    mine = and_(
+        col(RolloutDevice.rollout_id) == rollout.id,
+        col(RolloutDevice.device_id) == col(ModelAggregate.device_id),
+    )
+    rows = session.execute(
+        sa_select(*SNAPSHOT_COLUMNS)
         .join(Device, col(Device.id) == col(RolloutDevice.device_id))
-        .where(RolloutDevice.rollout_id == rollout.id)
+        .where(col(RolloutDevice.rollout_id) == rollout.id)
     ).all()
-    ids = [rd.device_id for rd, _ in rows]
     aggs = {
         a.device_id: a
-        for a in session.exec(
-            select(ModelAggregate).where(
-                col(ModelAggregate.device_id).in_(ids), ModelAggregate.sha256 == rollout.model_sha256
-            )
+        for a in session.execute(
+            sa_select(*AGGREGATE_COLUMNS)
+            .join(RolloutDevice, mine)
+            .where(col(ModelAggregate.sha256) == rollout.model_sha256)
         ).all()
     }
-    seqs = {rd.device_id: rd.seq for rd, _ in rows if rd.seq is not None}
     failures: dict[str, str] = {}
     progress: set[str] = set()
-    if seqs:
-        events = session.exec(
-            select(EventRow)
-            .where(col(EventRow.device_id).in_(list(seqs)), col(EventRow.seq).in_(set(seqs.values())))
-            .order_by(col(EventRow.id))
-        ).all()
-        for ev in events:
-            if seqs.get(ev.device_id) != ev.seq:
-                continue
-            progress.add(ev.device_id)
-            if ev.state in rollout_engine.FAILED_DEPLOYMENT_STATES:
-                failures[ev.device_id] = ev.reason or ev.state
+    events = session.execute(
+        select(col(EventRow.device_id), col(EventRow.state), col(EventRow.reason))
+        .join(
+            RolloutDevice,
+            and_(
+                col(RolloutDevice.rollout_id) == rollout.id,
+                col(RolloutDevice.device_id) == col(EventRow.device_id),
+                col(RolloutDevice.seq) == col(EventRow.seq),
+            ),
+        )
+        .order_by(col(EventRow.id))
+    ).all()
+    for ev in events:
+        progress.add(ev.device_id)
+        if ev.state in rollout_engine.FAILED_DEPLOYMENT_STATES:
+            why = ev.reason or ev.state
+            failures[ev.device_id] = f"reverted: {why}" if ev.state == "reverted" else why
     out = []
-    for rd, dev in rows:
+    for rd in rows:
         agg = aggs.get(rd.device_id)
-        reported = dev.reported or {}
+        reported = rd.reported or {}
+        rejection = reported.get("last_rejection") or {}
+        failure = failures.get(rd.device_id)
+        if failure is None and rd.seq is not None and rejection.get("seq") == rd.seq:
+            failure = str(rejection.get("reason") or "rejected")
         out.append(
             rollout_engine.DeviceSnapshot(
                 device_id=rd.device_id,
@@ -82,18 +136,51 @@ def snapshot(session: Session, rollout: Rollout) -> list[rollout_engine.DeviceSn
                 stage=rd.stage,
                 seq=rd.seq,
                 notified_at=rd.notified_at,
-                running_sha256=dev.running_sha256,
-                reported_seq=dev.deployment_seq,
-                reported_state=dev.deployment_state,
+                running_sha256=rd.running_sha256,
+                reported_seq=rd.deployment_seq,
+                reported_state=rd.deployment_state,
                 reported_error=reported.get("deployment_error"),
-                event_failure=failures.get(rd.device_id),
+                event_failure=failure,
                 event_progress=rd.device_id in progress,
                 served_ok=agg.served_ok if agg else 0,
                 inferences=agg.inferences if agg else 0,
                 errors=agg.errors if agg else 0,
+                hardware_id=rd.hardware_id,
+                attempts=max(rd.attempts, 1),
+                retry_at=rd.retry_at,
+                latency_buckets=tuple(agg.latency_buckets) if agg else (),
+                output_hist=tuple(agg.output_hist) if agg else (),
+                shadow_samples=agg.shadow_samples if agg else 0,
+                shadow_agree=agg.shadow_agree if agg else 0,
+                reason=rd.reason,
             )
         )
-    return out
+    return out, _baseline(session, rollout, rows, mine)
+
+
+def _baseline(session: Session, rollout: Rollout, rows: Sequence[Any], mine: Any) -> dict[str, Histograms]:
+    """Summed sketches of the models the rollout's devices ran before, per hardware id."""
+    policy = Policy.from_dict(rollout.policy)
+    if policy.max_latency_ratio is None and policy.max_output_psi is None:
+        return {}
+    hw = {rd.device_id: rd.hardware_id for rd in rows}
+    previous = {rd.previous_sha256 for rd in rows if rd.previous_sha256}
+    previous |= {rd.running_sha256 for rd in rows if rd.stage is None and rd.running_sha256}
+    previous.discard(rollout.model_sha256)
+    if not previous:
+        return {}
+    groups: dict[str, Histograms] = {}
+    aggs = session.execute(
+        sa_select(*AGGREGATE_COLUMNS)
+        .join(RolloutDevice, mine)
+        .where(col(ModelAggregate.sha256).in_(previous))
+    ).all()
+    for a in aggs:
+        h = groups.get(hw[a.device_id], Histograms())
+        groups[hw[a.device_id]] = Histograms(
+            add_counts(h.latency, a.latency_buckets), add_counts(h.output, a.output_hist)
+        )
+    return groups
 
 
 def rollout_snapshot(r: Rollout) -> rollout_engine.RolloutSnapshot:
@@ -109,6 +196,11 @@ def rollout_snapshot(r: Rollout) -> rollout_engine.RolloutSnapshot:
         max_error_rate=r.max_error_rate,
         min_inferences=r.min_inferences,
         max_failure_rate=r.max_failure_rate,
+        policy=Policy.from_dict(r.policy),
+        stage_unit=r.stage_unit,
+        started_at=r.created_at,
+        approved_through=r.approved_through,
+        rollback_requested=r.rollback_requested,
     )
 
 
@@ -126,6 +218,7 @@ class Ticker:
         self.publish = publish
         self.fleet_key = fleet_key
         self.lock = lock
+        self.leader = LeaderLock(engine)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -137,11 +230,17 @@ class Ticker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        self.leader.release()
+
+    @property
+    def is_leader(self) -> bool:
+        return self.leader.is_leader
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.tick_interval):
             try:
-                self.tick()
+                if self.leader.acquire():
+                    self.tick()
             except Exception:  # the ticker must outlive any one bad rollout or DB hiccup
                 log.exception("engine tick failed")
 
@@ -150,7 +249,9 @@ class Ticker:
         with self.lock:
             with new_session(self.engine) as session:
                 ids = session.exec(
-                    select(Rollout.id).where(col(Rollout.state).in_(RolloutState.ACTIVE))
+                    select(Rollout.id)
+                    .where(or_(col(Rollout.state).in_(RolloutState.ACTIVE), col(Rollout.rollback_requested)))
+                    .order_by(col(Rollout.created_at))  # the oldest rollout claims joiners first
                 ).all()
             for rollout_id in ids:
                 self._tick_one(rollout_id, now or utcnow())
@@ -158,11 +259,21 @@ class Ticker:
     def _tick_one(self, rollout_id: str, now: datetime) -> None:
         outbox: list[tuple[str, bytes]] = []
         with new_session(self.engine) as session:
-            rollout = session.get(Rollout, rollout_id)
-            if rollout is None or rollout.state not in RolloutState.ACTIVE:
+            rollout = session.get(Rollout, rollout_id, with_for_update=True)
+            if rollout is None or not (rollout.state in RolloutState.ACTIVE or rollout.rollback_requested):
                 return
-            plan = rollout_engine.decide(rollout_snapshot(rollout), snapshot(session, rollout), now)
-            if plan.empty and plan.state == rollout.state and plan.stage_ready_at == rollout.stage_ready_at:
+            if rollout.state in RolloutState.ACTIVE and rollout.state != RolloutState.PAUSED:
+                model = session.get(Model, rollout.model_id)
+                if model is not None and enrol_joiners(session, rollout, model.hardware_ids):
+                    session.flush()
+            devices, baseline = snapshot(session, rollout)
+            plan = rollout_engine.decide(rollout_snapshot(rollout), devices, now, baseline)
+            if (
+                plan.empty
+                and plan.state == rollout.state
+                and plan.stage_ready_at == rollout.stage_ready_at
+                and not session.new
+            ):
                 return
             outbox = self._apply(session, rollout, plan, now)
             session.commit()
@@ -172,35 +283,64 @@ class Ticker:
     def _apply(
         self, session: Session, rollout: Rollout, plan: rollout_engine.Plan, now: datetime
     ) -> list[tuple[str, bytes]]:
-        rds = {
-            rd.device_id: rd
-            for rd in session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)).all()
-        }
+        touched = sorted(
+            {c.device_id for c in plan.changes} | {c.device_id for c in plan.notify} | set(plan.roll_back)
+        )
+        rds: dict[str, RolloutDevice] = {}
+        devices: dict[str, Device] = {}
+        for chunk in range(0, len(touched), 5000):  # bounded IN lists; one query per 5,000 devices
+            part = touched[chunk : chunk + 5000]
+            rds.update(
+                (rd.device_id, rd)
+                for rd in session.exec(
+                    select(RolloutDevice).where(
+                        RolloutDevice.rollout_id == rollout.id, col(RolloutDevice.device_id).in_(part)
+                    )
+                ).all()
+            )
+            devices.update(
+                (d.id, d) for d in session.exec(select(Device).where(col(Device.id).in_(part))).all()
+            )
         outbox: list[tuple[str, bytes]] = []
         new_model = session.get(Model, rollout.model_id)
+        policy = Policy.from_dict(rollout.policy)
+        model_ids: dict[str | None, int | None] = {}
         for ch in plan.changes:
             rd = rds[ch.device_id]
-            rd.state, rd.reason, rd.updated_at = ch.state, ch.reason, now
+            rd.state, rd.reason, rd.updated_at, rd.retry_at = ch.state, ch.reason, now, ch.retry_at
             session.add(rd)
         for ch in plan.notify:
             rd = rds[ch.device_id]
-            device = session.get(Device, ch.device_id)
+            device = devices.get(ch.device_id)
             if device is None or new_model is None:
                 continue
-            rd.previous_sha256 = device.running_sha256
-            rd.previous_model_id = _model_id_for(session, device.running_sha256)
+            if rd.stage is None:  # first assignment: remember what to roll back to
+                rd.previous_sha256 = device.running_sha256
+                if device.running_sha256 not in model_ids:
+                    model_ids[device.running_sha256] = _model_id_for(session, device.running_sha256)
+                rd.previous_model_id = model_ids[device.running_sha256]
             rd.stage, rd.state, rd.notified_at, rd.updated_at = ch.stage, ch.state, now, now
+            rd.attempts, rd.retry_at, rd.reason = ch.attempts, None, ch.reason
             rd.seq = self._next_seq(session, device)
-            outbox.append((device.id, self._signed(device.id, rd.seq, new_model, rollout.id, now)))
+            if ch.state == DS.SHADOWING:
+                current = session.get(Model, rd.previous_model_id) if rd.previous_model_id else None
+                payload = self._signed(
+                    device.id, rd.seq, current, rollout.id, now, shadow=new_model, policy=policy
+                )
+            else:
+                payload = self._signed(device.id, rd.seq, new_model, rollout.id, now, policy=policy)
+            outbox.append((device.id, payload))
             session.add(rd)
         for device_id in plan.roll_back:
             rd = rds[device_id]
-            device = session.get(Device, device_id)
+            device = devices.get(device_id)
             if device is None:
                 continue
             previous = session.get(Model, rd.previous_model_id) if rd.previous_model_id else None
             seq = self._next_seq(session, device)
             outbox.append((device.id, self._signed(device.id, seq, previous, rollout.id, now)))
+        if plan.rollback_done:
+            rollout.rollback_requested = False
         for d in plan.decisions:
             session.add(
                 RolloutDecision(
@@ -219,7 +359,17 @@ class Ticker:
         session.add(device)
         return device.desired_seq
 
-    def _signed(self, device_id: str, seq: int, model: Model | None, rollout_id: str, now: datetime) -> bytes:
+    def _signed(
+        self,
+        device_id: str,
+        seq: int,
+        model: Model | None,
+        rollout_id: str,
+        now: datetime,
+        *,
+        shadow: Model | None = None,
+        policy: Policy | None = None,
+    ) -> bytes:
         directive = build_directive(
             device_id,
             seq,
@@ -228,6 +378,8 @@ class Ticker:
             ttl_seconds=self.settings.directive_ttl_seconds,
             now=now,
             rollout_id=rollout_id,
+            shadow=shadow,
+            policy=policy,
         )
         return sign_directive(directive, self.fleet_key)
 

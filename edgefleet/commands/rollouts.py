@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 from typing import Annotated, Any
 
 import typer
@@ -23,12 +24,19 @@ rollouts_app = typer.Typer(help="Create and steer staged rollouts.", no_args_is_
 
 
 def parse_selector(selector: str | None) -> dict[str, Any]:
-    """``hw=rpi4,site=berlin`` -> {"hardware_id": "rpi4", "tags": {"site": "berlin"}}."""
+    """``hw=rpi4,site=berlin`` -> {"hardware_id": "rpi4", "tags": {"site": "berlin"}}.
+
+    ``runtime=onnxruntime`` and ``agent=>=0.2`` select by runtime and agent version.
+    """
     result: dict[str, Any] = {}
     tags: dict[str, str] = {}
     for key, value in parse_pairs([p for p in (selector or "").split(",") if p], "--selector").items():
         if key in ("hw", "hardware", "hardware_id"):
             result["hardware_id"] = value
+        elif key == "runtime":
+            result["runtime"] = value
+        elif key in ("agent", "agent_version"):
+            result["agent_version"] = value
         else:
             tags[key] = value
     if tags:
@@ -46,32 +54,117 @@ def parse_stages(stages: str) -> list[float]:
     return values
 
 
+def parse_counts(counts: str) -> list[float]:
+    """``5,50,500`` -> cumulative device counts."""
+    try:
+        values = [int(s.strip()) for s in counts.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--stage-counts must be whole numbers like 5,50,500, got {counts!r}", 2)
+    if not values or values[0] <= 0 or any(b <= a for a, b in pairwise(values)):
+        fail("--stage-counts must be increasing positive device counts", 2)
+    return [float(v) for v in values]
+
+
+def parse_retries(pairs: list[str] | None) -> dict[str, int]:
+    """``timed_out=2`` ``download_failed=3`` ``*=1`` -> {class: retries}."""
+    out: dict[str, int] = {}
+    for key, value in parse_pairs(pairs, "--retry").items():
+        if not value.isdigit():
+            fail(f"--retry wants CLASS=N with N a whole number, got {key}={value}", 2)
+        out[key] = int(value)
+    return out
+
+
+Action = Annotated[str | None, typer.Option(help="roll_back or pause (a human decides).")]
+
+
 @rollouts_app.command("create")
 def rollouts_create(
     model: Annotated[str, typer.Option("--model", "-m", help="name:version")],
-    selector: Annotated[str | None, typer.Option("--selector", "-l", help="hw=rpi4,key=value")] = None,
+    selector: Annotated[
+        str | None, typer.Option("--selector", "-l", help="hw=rpi4,key=value (tags), runtime=, agent=>=0.2")
+    ] = None,
     stages: Annotated[str, typer.Option("--stages", help="Cumulative percentages.")] = "10,50,100",
+    stage_counts: Annotated[
+        str | None, typer.Option(help="Cumulative device counts instead of --stages, e.g. 5,50,500.")
+    ] = None,
     soak: Annotated[float, typer.Option("--soak", help="Seconds each stage soaks before the next.")] = 60.0,
     device_timeout: Annotated[float, typer.Option(help="Seconds before a device is timed out.")] = 600.0,
     max_error_rate: Annotated[float, typer.Option(help="Gate: inference error rate.")] = 0.05,
     min_inferences: Annotated[int, typer.Option(help="Gate: minimum sample of inferences.")] = 20,
     max_failure_rate: Annotated[float, typer.Option(help="Gate: install failure rate.")] = 0.0,
+    max_failures: Annotated[int | None, typer.Option(help="Gate: failed devices (count).")] = None,
+    min_success_rate: Annotated[float | None, typer.Option(help="Gate: done/assigned at stage end.")] = None,
+    failure_action: Action = None,
+    error_action: Action = None,
+    max_latency_ratio: Annotated[
+        float | None, typer.Option(help="Gate: p95 latency vs the replaced model on the same hardware.")
+    ] = None,
+    latency_action: Action = None,
+    max_output_psi: Annotated[
+        float | None, typer.Option(help="Gate: PSI of the outputs vs the replaced model.")
+    ] = None,
+    drift_action: Action = None,
+    min_shadow_agreement: Annotated[
+        float | None, typer.Option(help="Shadow first; promote at this top-1 agreement.")
+    ] = None,
+    shadow_action: Action = None,
+    require_approval: Annotated[bool, typer.Option(help="A human approves each next stage.")] = False,
+    retry: Annotated[
+        list[str] | None, typer.Option("--retry", help="CLASS=N retries, e.g. timed_out=2 (repeat).")
+    ] = None,
+    retry_backoff: Annotated[float | None, typer.Option(help="Seconds before the first retry.")] = None,
+    rate: Annotated[int | None, typer.Option(help="Devices notified per minute.")] = None,
+    rate_factor: Annotated[float | None, typer.Option(help="Multiply the rate each minute.")] = None,
+    max_rate: Annotated[int | None, typer.Option(help="Cap of the ramped rate per minute.")] = None,
+    probation: Annotated[
+        float | None, typer.Option(help="Seconds the agent watches the new model before success.")
+    ] = None,
+    skip_busy: Annotated[
+        bool, typer.Option(help="Leave out devices in another active rollout instead of refusing.")
+    ] = False,
     server: ServerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a staged rollout of a pushed model to the devices matching a selector."""
     if ":" not in model:
         fail("--model must be name:version", 2)
-    body = {
+    body: dict[str, Any] = {
         "model": model,
         "selector": parse_selector(selector),
-        "stages": parse_stages(stages),
+        "stages": parse_counts(stage_counts) if stage_counts else parse_stages(stages),
         "soak_seconds": soak,
         "device_timeout_seconds": device_timeout,
         "max_error_rate": max_error_rate,
         "min_inferences": min_inferences,
         "max_failure_rate": max_failure_rate,
     }
+    if stage_counts:
+        body["stage_unit"] = "count"
+    if require_approval:
+        body["require_approval"] = True
+    if skip_busy:
+        body["conflict"] = "skip"
+    if retry:
+        body["retry_limits"] = parse_retries(retry)
+    optional = {
+        "max_failures": max_failures,
+        "min_success_rate": min_success_rate,
+        "failure_action": failure_action,
+        "error_action": error_action,
+        "max_latency_ratio": max_latency_ratio,
+        "latency_action": latency_action,
+        "max_output_psi": max_output_psi,
+        "drift_action": drift_action,
+        "min_shadow_agreement": min_shadow_agreement,
+        "shadow_action": shadow_action,
+        "retry_backoff_seconds": retry_backoff,
+        "rate_per_minute": rate,
+        "rate_increment_factor": rate_factor,
+        "max_rate_per_minute": max_rate,
+        "probation_seconds": probation,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
     with client(server) as conn:
         rollout = api(lambda: conn.create_rollout(**body))
     if as_json:
@@ -95,6 +188,7 @@ def rollouts_list(server: ServerOpt = None, as_json: JsonOpt = False) -> None:
 
 
 TERMINAL_STATES = {"completed", "rolled_back", "aborted"}
+WAITING_STATES = {"paused", "awaiting_approval"}  # --watch stops there too: a human must act
 
 
 @rollouts_app.command("status")
@@ -107,7 +201,7 @@ def rollouts_status(
     """Show a rollout's stages, device counts and every decision with its figures."""
     with client(server) as conn:
         status = api(lambda: conn.rollout(rollout_id))
-        while watch and status["state"] not in TERMINAL_STATES:
+        while watch and status["state"] not in TERMINAL_STATES | WAITING_STATES:
             if not as_json:
                 console.print(f"{status['state']} stage {status.get('current_stage')}", end="\r")
             time.sleep(1)
@@ -160,6 +254,18 @@ def rollouts_resume(rollout_id: str, server: ServerOpt = None, as_json: JsonOpt 
 def rollouts_abort(rollout_id: str, server: ServerOpt = None, as_json: JsonOpt = False) -> None:
     """Abort a rollout: no further devices are notified; devices keep what they run."""
     _rollout_action("abort", rollout_id, server, as_json)
+
+
+@rollouts_app.command("approve")
+def rollouts_approve(rollout_id: str, server: ServerOpt = None, as_json: JsonOpt = False) -> None:
+    """Approve the current stage: passes a manual gate, or overrides a gate that paused the rollout."""
+    _rollout_action("approve", rollout_id, server, as_json)
+
+
+@rollouts_app.command("rollback")
+def rollouts_rollback(rollout_id: str, server: ServerOpt = None, as_json: JsonOpt = False) -> None:
+    """Send every device that got this rollout's model back to the model it ran before."""
+    _rollout_action("rollback", rollout_id, server, as_json)
 
 
 # ---------------------------------------------------------------- processes

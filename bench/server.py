@@ -1,0 +1,374 @@
+"""Fleet server benchmarks (issue 6).
+
+1. Telemetry ingest end to end (devices -> Mosquitto -> server -> database):
+   batches/s stored during a sustained window (default 60 s) into SQLite and
+   into PostgreSQL, against a bare paho QoS 1 subscriber's receive rate under
+   the same publishers in the same run. Target: ratio >= 0.6.
+2. One engine decision tick (``engine.decide``) for 10,000 devices in the
+   middle of a rollout, every gate enabled. Target: <= 100 ms.
+
+``run(duration=5)`` gives a quick check; the default is what the issue asks.
+PostgreSQL is taken from ``EDGEFLEET_BENCH_PG`` (default: the test server on
+127.0.0.1:5432); without it the PostgreSQL row is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agent import protocol
+from edgefleet.broker import BrokerInfo, start_mosquitto
+
+PG_ADMIN = os.environ.get("EDGEFLEET_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+SHA = "a" * 64
+OLD = "b" * 64
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _template(device: str) -> bytes:
+    """One device's telemetry batch as JSON with a batch-id placeholder (filled per message)."""
+    stats = protocol.ModelStats(
+        inferences=100,
+        errors={"non_finite": 1},
+        latency_buckets=[0] * 15 + [10, 50, 30, 9, 1] + [0] * 21,
+        latency_sum_us=120_000.0,
+        class_hist={str(i): 10 for i in range(10)},
+        output_hist=[0] * 30 + [20, 60, 20] + [0] * 34,
+    )
+    batch = protocol.TelemetryBatch(
+        device_id=device, batch_id="@ID@", window_start=NOW, window_end=NOW, models={SHA: stats}
+    )
+    return batch.model_dump_json().encode()
+
+
+class Publishers:
+    """Devices on ``threads`` paho clients publishing telemetry QoS 1 as fast as acks allow.
+
+    A bounded window of unacknowledged publishes per client (paho's message ids
+    wrap, and an unbounded queue only measures memory). Every batch has a unique
+    id, so the server's dedupe never drops one.
+    """
+
+    def __init__(self, broker: BrokerInfo, devices: list[str], threads: int = 2, window: int = 200) -> None:
+        self.broker, self.devices, self.window = broker, devices, window
+        self.stop = threading.Event()
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i, threads), daemon=True) for i in range(threads)
+        ]
+        self._templates = {d: _template(d) for d in devices}
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def join(self) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self, index: int, of: int) -> None:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{uuid.uuid4().hex[:8]}")
+        client.max_inflight_messages_set(self.window)
+        client.connect(self.broker.host, self.broker.port)
+        client.loop_start()
+        mine = self.devices[index::of]
+        topics = {d: protocol.topic(d, "telemetry") for d in mine}
+        run = uuid.uuid4().hex[:8]
+        inflight: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
+        k = 0
+        while not self.stop.is_set():
+            device = mine[k % len(mine)]
+            payload = zlib.compress(self._templates[device].replace(b"@ID@", f"{run}-{k}".encode()), 1)
+            inflight.append(client.publish(topics[device], payload, qos=1))
+            k += 1
+            if len(inflight) >= self.window:
+                inflight.popleft().wait_for_publish(10)
+        while inflight:
+            inflight.popleft().wait_for_publish(10)
+        with self._lock:
+            self.sent += k
+        client.disconnect()
+        client.loop_stop()
+
+
+def _bare_subscriber_rate(broker: BrokerInfo, devices: list[str], duration: float) -> float:
+    received = 0
+    lock = threading.Lock()
+    ready = threading.Event()
+
+    def on_message(_c: Any, _u: Any, _m: Any) -> None:
+        nonlocal received
+        with lock:
+            received += 1
+
+    sub = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+    )
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *_a: ready.set()
+    sub.connect(broker.host, broker.port)
+    sub.loop_start()
+    sub.subscribe(protocol.shared_subscription("telemetry"), qos=1)
+    ready.wait(10)
+    pubs = Publishers(broker, devices)
+    pubs.start()
+    time.sleep(1.0)  # warm-up
+    with lock:
+        start = received
+    t0 = time.perf_counter()
+    time.sleep(duration)
+    with lock:
+        got = received - start
+    elapsed = time.perf_counter() - t0
+    pubs.join()
+    sub.disconnect()
+    sub.loop_stop()
+    return got / elapsed
+
+
+def _server_rate(
+    broker: BrokerInfo, devices: list[str], duration: float, database_url: str | None, data_dir: Path
+) -> float:
+    from fleet_server.counters import Counters
+    from fleet_server.models import Device
+    from fleet_server.mqtt_bridge import MqttBridge
+    from fleet_server.settings import ServerSettings
+    from fleet_server.store import make_engine, new_session
+
+    settings = ServerSettings(
+        database_url=database_url, data_dir=data_dir, mqtt_host=broker.host, mqtt_port=broker.port
+    )
+    engine = make_engine(settings)
+    with new_session(engine) as session:
+        for d in devices:
+            if session.get(Device, d) is None:
+                session.add(Device(id=d, hardware_id="bench"))
+        session.commit()
+    counters = Counters()
+    bridge = MqttBridge(settings, engine, counters)
+    bridge.start()
+    deadline = time.monotonic() + 10
+    while not bridge.subscribed.is_set() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pubs = Publishers(broker, devices)
+    pubs.start()
+    time.sleep(1.0)
+    start = counters.snapshot()["telemetry_batches"]
+    t0 = time.perf_counter()
+    time.sleep(duration)
+    stored = counters.snapshot()["telemetry_batches"] - start
+    elapsed = time.perf_counter() - t0
+    backlog = bridge.backlog
+    pubs.join()
+    bridge.stop(discard_backlog=True)
+    if backlog > 1000:
+        print(f"  ({database_url or 'sqlite'}: {backlog} messages still queued at the end of the window)")
+    engine.dispose()
+    return stored / elapsed
+
+
+def _pg_database() -> tuple[str, Any] | None:
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    admin = PG_ADMIN.replace("postgresql+psycopg://", "postgresql://")
+    name = f"efbench_{uuid.uuid4().hex[:8]}"
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError:
+        return None
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return PG_ADMIN.rsplit("/", 1)[0] + f"/{name}", drop
+
+
+def _ingest_row(name: str, base: float, mine: float, duration: float) -> dict[str, object]:
+    return {
+        "bench": f"telemetry ingest {duration:g} s -> {name}",
+        "baseline": "bare paho QoS 1 subscriber",
+        "baseline_us": round(1e6 / base, 1) if base else None,
+        "edgefleet_us": round(1e6 / mine, 1) if mine else None,
+        "ratio": round(mine / base, 3) if base else None,
+        "target": ">= 0.6 (rate ratio)",
+        "rate_baseline": round(base),
+        "rate_edgefleet": round(mine),
+    }
+
+
+def bench_ingest(duration: float = 60.0, devices: int = 50) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    ids = [f"bench-{i:04d}" for i in range(devices)]
+    with tempfile.TemporaryDirectory() as tmp, start_mosquitto(workdir=Path(tmp) / "mq") as broker:
+        info = broker.info
+        base = _bare_subscriber_rate(info, ids, duration)
+        sqlite = _server_rate(info, ids, duration, None, Path(tmp) / "sqlite")
+        rows.append(_ingest_row("SQLite", base, sqlite, duration))
+        pg = _pg_database()
+        if pg is None:
+            rows.append({"bench": "telemetry ingest -> PostgreSQL", "baseline": "skipped: no PostgreSQL",
+                         "ratio": None, "target": ">= 0.6"})  # fmt: skip
+        else:
+            url, drop = pg
+            try:
+                rate = _server_rate(info, ids, duration, url, Path(tmp) / "pg")
+            finally:
+                drop()
+            rows.append(_ingest_row("PostgreSQL", base, rate, duration))
+    return rows
+
+
+def _fleet(n: int) -> tuple[Any, list[Any], dict[str, Any]]:
+    from fleet_server.engine import DeviceSnapshot, RolloutSnapshot
+    from fleet_server.gates import Histograms, Policy
+    from fleet_server.models import DeviceRolloutState as DS
+
+    now = NOW + timedelta(minutes=10)
+    lat = tuple([0] * 15 + [10, 50, 30, 9, 1] + [0] * 21)
+    out = tuple([0] * 30 + [20, 60, 20] + [0] * 34)
+    policy = Policy(
+        max_latency_ratio=1.5, max_output_psi=0.25, min_success_rate=0.5, max_failures=n,
+        retry_limits={"timed_out": 1}, rate_per_minute=1000, rate_increment_factor=2.0,
+    )  # fmt: skip
+    r = RolloutSnapshot(
+        id="bench", state="running", model_sha256=SHA, stages=(1.0, 10.0, 50.0, 100.0), current_stage=2,
+        stage_ready_at=None, soak_seconds=60, device_timeout_seconds=3600, max_error_rate=0.05,
+        min_inferences=100, max_failure_rate=0.2, policy=policy, started_at=NOW,
+    )  # fmt: skip
+    devices = []
+    for i in range(n):
+        did = f"dev-{i:05d}"
+        hw = ("rpi4", "jetson", "imx8")[i % 3]
+        if i < n // 10:  # stages 1-2: done and serving
+            d = DeviceSnapshot(
+                did, DS.DONE, stage=1, seq=5, notified_at=NOW, running_sha256=SHA, served_ok=100,
+                inferences=100, errors=1, hardware_id=hw, latency_buckets=lat, output_hist=out,
+            )  # fmt: skip
+        elif i < n // 2:  # stage 3: in flight, some reported
+            d = DeviceSnapshot(
+                did, DS.NOTIFIED if i % 2 else DS.INSTALLING, stage=2, seq=6, notified_at=now,
+                running_sha256=SHA if i % 4 == 0 else OLD, reported_seq=6, reported_state="probation",
+                hardware_id=hw,
+            )  # fmt: skip
+        else:
+            d = DeviceSnapshot(did, DS.PENDING, running_sha256=OLD, hardware_id=hw)
+        devices.append(d)
+    baseline = {hw: Histograms(lat, out) for hw in ("rpi4", "jetson", "imx8")}
+    return (r, now), devices, baseline
+
+
+def bench_engine(n: int = 10_000, repeats: int = 15) -> list[dict[str, object]]:
+    from fleet_server.engine import decide
+
+    (r, now), devices, baseline = _fleet(n)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        plan = decide(r, devices, now, baseline)
+        times.append(time.perf_counter() - t)
+    ms = statistics.median(times) * 1e3
+    return [
+        {
+            "bench": f"engine decide, {n:,} devices",
+            "baseline": "budget",
+            "baseline_ms": 100.0,
+            "edgefleet_ms": round(ms, 1),
+            "ratio": round(ms / 100.0, 3),
+            "target": "<= 1.0 (<= 100 ms)",
+            "changes": len(plan.changes),
+            "notified": len(plan.notify),
+        }
+    ]
+
+
+def bench_ticker(n: int = 10_000, repeats: int = 5) -> list[dict[str, object]]:
+    """A whole ticker tick on SQLite (snapshot from the store, decide, write): context for the decide row."""
+    import threading
+
+    from sqlalchemy import insert
+
+    from fleet_server.engine import assignment_order
+    from fleet_server.models import Device, Model, Rollout, RolloutDevice, utcnow
+    from fleet_server.settings import ServerSettings
+    from fleet_server.store import make_engine
+    from fleet_server.ticker import Ticker
+    from signing.keys import generate_keypair
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = ServerSettings(data_dir=Path(tmp))
+        engine = make_engine(settings)
+        now = utcnow()
+        ids = [f"d{i:05d}" for i in range(n)]
+        with engine.begin() as c:
+            c.execute(insert(Model.__table__), [{  # type: ignore[attr-defined]
+                "id": 1, "name": "m", "version": "1", "release": 1, "target": "arm64-cpu",
+                "hardware_ids": ["hw"], "sha256": SHA, "length": 1, "manifest": {}, "storage_path": "/x",
+                "created_at": now}])  # fmt: skip
+            c.execute(insert(Device.__table__), [{  # type: ignore[attr-defined]
+                "id": d, "hardware_id": "hw", "tags": {}, "registered_at": now, "online": True,
+                "deployment_seq": 1, "desired_seq": 1, "running_sha256": OLD} for d in ids])  # fmt: skip
+            c.execute(insert(Rollout.__table__), [{  # type: ignore[attr-defined]
+                "id": "r", "model_id": 1, "model_ref": "m:1", "model_sha256": SHA, "selector": {},
+                "stages": [10, 50, 100], "soak_seconds": 0, "device_timeout_seconds": 3600,
+                "max_error_rate": 0.05, "min_inferences": 20, "max_failure_rate": 0.0, "state": "running",
+                "current_stage": 1, "stage_unit": "percent", "policy": {}, "approved_through": -1,
+                "rollback_requested": False, "created_at": now, "updated_at": now}])  # fmt: skip
+            c.execute(insert(RolloutDevice.__table__), [{  # type: ignore[attr-defined]
+                "rollout_id": "r", "device_id": d, "order_key": assignment_order("r", d),
+                "stage": 0 if i < n // 10 else None, "state": "notified" if i < n // 10 else "pending",
+                "seq": 1 if i < n // 10 else None, "notified_at": now if i < n // 10 else None,
+                "attempts": 1, "updated_at": now} for i, d in enumerate(ids)])  # fmt: skip
+        sent: list[str] = []
+        ticker = Ticker(settings, engine, lambda d, _p: sent.append(d), generate_keypair(), threading.Lock())
+        t = time.perf_counter()
+        ticker.tick(now)
+        first = (time.perf_counter() - t) * 1e3
+        idle = []
+        for k in range(repeats):
+            t = time.perf_counter()
+            ticker.tick(now + timedelta(seconds=k + 1))
+            idle.append((time.perf_counter() - t) * 1e3)
+        engine.dispose()
+    ms = statistics.median(idle)
+    return [
+        {
+            "bench": f"ticker tick (store + decide + write), {n:,} devices, SQLite",
+            "baseline": "budget",
+            "baseline_ms": 100.0,
+            "edgefleet_ms": round(ms, 1),
+            "ratio": round(ms / 100.0, 3),
+            "target": "info (decide row is the target)",
+            "tick_notifying_ms": round(first),
+            "notified": len(sent),
+        }
+    ]
+
+
+def run(duration: float = 60.0) -> list[dict[str, object]]:
+    return bench_engine() + bench_ticker() + bench_ingest(duration)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for row in run(float(sys.argv[1]) if len(sys.argv) > 1 else 60.0):
+        print(row)

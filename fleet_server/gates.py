@@ -1,0 +1,262 @@
+"""The health gates of a rollout stage: a policy, the figures they read, and the verdicts.
+
+Pure functions over already-aggregated numbers, so the engine stays pure and
+each gate is testable on its own. Each gate has a minimum sample below which
+it says nothing, and an action when it trips: ``roll_back`` or ``pause`` (a
+human decides). The ML gates are relative, never fixed thresholds: latency p95
+and the output distribution of the new model are compared with those of the
+model it replaces *on the same hardware* (comparable devices).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from device_agent.protocol import LATENCY_BOUNDS_US
+
+ROLL_BACK = "roll_back"
+PAUSE = "pause"
+GATE_ACTIONS = (ROLL_BACK, PAUSE)
+PSI_EPSILON = 1e-4  # share given to an empty bin, so PSI stays finite
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Everything about a rollout beyond the skeleton's five settings (stored as JSON on the rollout)."""
+
+    # install: success threshold (done / assigned when a stage finishes) and an absolute failure cap
+    min_success_rate: float = 0.0
+    max_failures: int | None = None
+    failure_action: str = ROLL_BACK
+    error_action: str = ROLL_BACK
+    # latency: p95 of the new model / p95 of the replaced model on the same hardware id
+    max_latency_ratio: float | None = None
+    min_latency_samples: int = 50
+    latency_action: str = ROLL_BACK
+    # drift: PSI of the new model's output histogram vs the replaced model's
+    max_output_psi: float | None = None
+    min_drift_samples: int = 200
+    drift_action: str = PAUSE
+    # shadow: when set, each device first runs the new model beside its own, never serving it
+    min_shadow_agreement: float | None = None
+    min_shadow_samples: int = 50
+    shadow_action: str = ROLL_BACK
+    shadow_sample_rate: float = 0.1
+    # a human approves each next stage (manual gate)
+    require_approval: bool = False
+    # retries per failure class ("timed_out", "reverted", an event reason code, or "*") with backoff
+    retry_limits: Mapping[str, int] = field(default_factory=dict)
+    retry_backoff_seconds: float = 30.0
+    # rate limit: devices notified per minute, ramping by a factor per minute up to a maximum
+    rate_per_minute: int | None = None
+    rate_increment_factor: float = 1.0
+    max_rate_per_minute: int | None = None
+    # probation the agent applies after swapping the model in (sent in each directive)
+    probation_seconds: float | None = None
+    probation_min_inferences: int = 1
+    probation_max_error_rate: float = 0.05
+    probation_max_latency_ratio: float = 3.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Policy:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in (d or {}).items() if k in known})
+
+
+@dataclass(frozen=True)
+class Histograms:
+    """Summed sketches of one model on one group of devices."""
+
+    latency: tuple[int, ...] = ()
+    output: tuple[int, ...] = ()
+
+    @property
+    def latency_samples(self) -> int:
+        return sum(self.latency)
+
+    @property
+    def output_samples(self) -> int:
+        return sum(self.output)
+
+
+@dataclass(frozen=True)
+class Trip:
+    gate: str
+    action: str
+    reason: str
+
+
+def add_counts(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    n = max(len(a), len(b))
+    return tuple((a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n))
+
+
+def merge(hists: Iterable[Histograms]) -> Histograms:
+    lat: tuple[int, ...] = ()
+    out: tuple[int, ...] = ()
+    for h in hists:
+        lat, out = add_counts(lat, h.latency), add_counts(out, h.output)
+    return Histograms(lat, out)
+
+
+def p95_us(buckets: Sequence[int]) -> float | None:
+    """Upper bound of the bucket holding the 95th percentile (+inf counts as twice the last bound)."""
+    total = sum(buckets)
+    if total == 0:
+        return None
+    need, seen = 0.95 * total, 0
+    for i, count in enumerate(buckets):
+        seen += count
+        if seen >= need:
+            return LATENCY_BOUNDS_US[i] if i < len(LATENCY_BOUNDS_US) else LATENCY_BOUNDS_US[-1] * 2
+    return LATENCY_BOUNDS_US[-1] * 2
+
+
+def psi(new: Sequence[int], old: Sequence[int]) -> float:
+    """Population stability index of two histograms on the same bins (0: identical; > 0.25: a big shift)."""
+    n = max(len(new), len(old))
+    tn, to = sum(new), sum(old)
+    if tn == 0 or to == 0:
+        return 0.0
+    total = 0.0
+    for i in range(n):
+        p = max((new[i] if i < len(new) else 0) / tn, PSI_EPSILON)
+        q = max((old[i] if i < len(old) else 0) / to, PSI_EPSILON)
+        total += (p - q) * math.log(p / q)
+    return total
+
+
+def latency_figures(
+    p: Policy, new: Mapping[str, Histograms], baseline: Mapping[str, Histograms]
+) -> dict[str, Any]:
+    """Worst p95 ratio over the hardware groups where both models have the minimum sample."""
+    groups: dict[str, Any] = {}
+    worst: float | None = None
+    for hw, h in sorted(new.items()):
+        base = baseline.get(hw)
+        if base is None:
+            continue
+        if h.latency_samples < p.min_latency_samples or base.latency_samples < p.min_latency_samples:
+            continue
+        p_new, p_old = p95_us(h.latency), p95_us(base.latency)
+        if p_new is None or p_old is None:
+            continue
+        ratio = p_new / p_old
+        groups[hw] = {
+            "p95_us": p_new,
+            "baseline_p95_us": p_old,
+            "ratio": round(ratio, 3),
+            "samples": h.latency_samples,
+            "baseline_samples": base.latency_samples,
+        }
+        worst = ratio if worst is None else max(worst, ratio)
+    return {"latency_p95_ratio": worst, "latency_groups": groups}
+
+
+def drift_figures(new: Mapping[str, Histograms], baseline: Mapping[str, Histograms]) -> dict[str, Any]:
+    """Output PSI of the new model vs the replaced one, over the hardware groups both were seen on."""
+    common = [hw for hw in new if hw in baseline]
+    n = merge(new[hw] for hw in common)
+    b = merge(baseline[hw] for hw in common)
+    return {
+        "output_psi": round(psi(n.output, b.output), 4) if n.output_samples and b.output_samples else None,
+        "drift_samples": n.output_samples,
+        "drift_baseline_samples": b.output_samples,
+    }
+
+
+def check(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
+    """The first gate that trips, in order: install, errors, latency, drift, shadow."""
+    if f["assigned"] and f["failure_rate"] > f["max_failure_rate"]:
+        return Trip(
+            "failure_rate",
+            p.failure_action,
+            f"{f['failed']} of {f['assigned']} devices failed or timed out "
+            f"({f['failure_rate']:.3f} > {f['max_failure_rate']:g})",
+        )
+    if p.max_failures is not None and f["failed"] > p.max_failures:
+        return Trip("failures", p.failure_action, f"{f['failed']} devices failed (> {p.max_failures})")
+    if stage_finished and f["assigned"] and f["success_rate"] < p.min_success_rate:
+        return Trip(
+            "install_success",
+            p.failure_action,
+            f"only {f['done']} of {f['assigned']} devices serve the model "
+            f"({f['success_rate']:.3f} < {p.min_success_rate:g})",
+        )
+    if (
+        f["inferences"] > 0
+        and f["inferences"] >= f["min_inferences"]
+        and f["error_rate"] > f["max_error_rate"]
+    ):
+        return Trip(
+            "error_rate",
+            p.error_action,
+            f"error rate {f['error_rate']:.3f} over {f['inferences']} inferences "
+            f"exceeds {f['max_error_rate']:g}",
+        )
+    ratio = f.get("latency_p95_ratio")
+    if p.max_latency_ratio is not None and ratio is not None and ratio > p.max_latency_ratio:
+        return Trip(
+            "latency_p95",
+            p.latency_action,
+            f"p95 latency {ratio:.2f}x the replaced model on comparable devices (> {p.max_latency_ratio:g}x)",
+        )
+    value = f.get("output_psi")
+    if (
+        p.max_output_psi is not None
+        and value is not None
+        and f["drift_samples"] >= p.min_drift_samples
+        and f["drift_baseline_samples"] >= p.min_drift_samples
+        and value > p.max_output_psi
+    ):
+        return Trip(
+            "output_drift",
+            p.drift_action,
+            f"output PSI {value:.3f} vs the replaced model exceeds {p.max_output_psi:g}",
+        )
+    agreement = f.get("shadow_agreement")
+    if (
+        p.min_shadow_agreement is not None
+        and agreement is not None
+        and f["shadow_samples"] >= p.min_shadow_samples
+        and agreement < p.min_shadow_agreement
+    ):
+        return Trip(
+            "shadow_agreement",
+            p.shadow_action,
+            f"shadow top-1 agreement {agreement:.3f} over {f['shadow_samples']} samples "
+            f"is below {p.min_shadow_agreement:g}",
+        )
+    return None
+
+
+def shadow_passed(p: Policy, f: Mapping[str, Any]) -> bool:
+    agreement = f.get("shadow_agreement")
+    return (
+        p.min_shadow_agreement is not None
+        and agreement is not None
+        and f["shadow_samples"] >= p.min_shadow_samples
+        and agreement >= p.min_shadow_agreement
+    )
+
+
+def rate_budget(p: Policy, minutes_running: float, notified_last_minute: int) -> int | None:
+    """How many more devices may be notified now (None: unlimited)."""
+    if p.rate_per_minute is None:
+        return None
+    rate = p.rate_per_minute * p.rate_increment_factor ** math.floor(max(minutes_running, 0.0))
+    if p.max_rate_per_minute is not None:
+        rate = min(rate, p.max_rate_per_minute)
+    return max(0, math.floor(rate) - notified_last_minute)
+
+
+def failure_class(reason: str | None) -> str:
+    """``digest_mismatch: ...`` -> ``digest_mismatch``; the key of ``Policy.retry_limits``."""
+    return (reason or "failed").split(":", 1)[0].strip() or "failed"
+
+
+def retries_allowed(p: Policy, cls: str) -> int:
+    return int(p.retry_limits.get(cls, p.retry_limits.get("*", 0)))

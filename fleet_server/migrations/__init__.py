@@ -1,0 +1,1 @@
+"""Alembic migrations of the fleet server's schema (``alembic upgrade head`` runs at startup)."""

@@ -1,0 +1,107 @@
+"""Alembic is the schema: upgrade head at startup on SQLite and PostgreSQL, from empty or the skeleton."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+from sqlmodel import SQLModel
+
+from fleet_server.migrate import alembic_config, current_revision
+from fleet_server.settings import ServerSettings
+from fleet_server.store import make_engine
+
+HEAD = "0002"
+
+
+def _assert_models_match(url: str) -> None:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
+    engine.dispose()
+
+
+def test_sqlite_fresh_database_is_migrated_to_head(tmp_path: Path) -> None:
+    engine = make_engine(ServerSettings(data_dir=tmp_path))
+    assert current_revision(engine) == HEAD
+    engine.dispose()
+    _assert_models_match(ServerSettings(data_dir=tmp_path).resolved_database_url())
+    again = make_engine(ServerSettings(data_dir=tmp_path))  # idempotent
+    assert current_revision(again) == HEAD
+
+
+def test_skeleton_database_is_stamped_and_upgraded_keeping_its_rows(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "0001")
+    raw = create_engine(url)
+    with raw.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))  # what create_all of the skeleton left
+        conn.execute(
+            text(
+                "INSERT INTO model (id, name, version, release, target, hardware_ids, sha256, length,"
+                " manifest, storage_path, created_at)"
+                " VALUES (1, 'm', '1', 1, 'arm64-cpu', '[]', 'x', 1, '{}', '/x', '2026-01-01 00:00:00')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO rollout (id, model_id, model_ref, model_sha256, selector, stages, soak_seconds,"
+                " device_timeout_seconds, max_error_rate, min_inferences, max_failure_rate, state,"
+                " current_stage, created_at, updated_at) VALUES ('old', 1, 'm:1', 'x', '{}', '[100]', 0, 60,"
+                " 0.05, 20, 0, 'completed', 0, '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+            )
+        )
+    raw.dispose()
+    engine = make_engine(ServerSettings(database_url=url, data_dir=tmp_path))
+    assert current_revision(engine) == HEAD
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT stage_unit, policy, approved_through FROM rollout")).one()
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # enforced again afterwards
+        assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+    assert (row[0], row[1], row[2]) == ("percent", "{}", -1)
+    _assert_models_match(url)
+
+
+@pytest.fixture
+def fresh_pg(pg_url: str) -> Iterator[str]:
+    admin = pg_url.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    name = f"efmig_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield pg_url.rsplit("/", 1)[0] + f"/{name}"
+    with contextlib.suppress(Exception), psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_postgres_replicas_starting_together_migrate_once(fresh_pg: str, tmp_path: Path) -> None:
+    results: list[str | None] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            engine = make_engine(ServerSettings(database_url=fresh_pg, data_dir=tmp_path))
+            results.append(current_revision(engine))
+            engine.dispose()
+        except BaseException as exc:  # collected and re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and results == [HEAD] * 3
+    _assert_models_match(fresh_pg)
+    engine = create_engine(fresh_pg)
+    assert "rolloutdevice" in inspect(engine).get_table_names()
+    engine.dispose()
