@@ -48,6 +48,16 @@ class AgentConfig:
     session_expiry: int = 3600  # MQTT 5: how long the broker keeps our session while we are away
     max_inflight: int = 20  # bound on unacknowledged QoS 1 publishes (message ids wrap at 65,535)
     intra_op_threads: int = 1  # onnxruntime threads per session: devices are small, sessions many
+    telemetry_batch_max: int = 5000  # cut a batch early once a window holds this many inferences
+    telemetry_queue_bytes: int = 8 << 20  # on-disk store-and-forward cap; oldest batches go first
+    sketch_every: int = 64  # drift sketches (input moments, value histograms) on every Nth inference
+    api_listen: str = ""  # local inference API: "127.0.0.1:8700", "unix:/run/edgefleet/agent.sock", "" off
+    api_max_body: int = 16 << 20  # largest request body the local API accepts
+    npu_delegate: str | None = None  # external delegate library for ethos-u* targets (LiteRT)
+    download_max_bytes_per_s: int = 0  # bandwidth cap for model downloads; 0 = unlimited
+    min_free_disk_bytes: int = 32 << 20  # keep this much disk free beyond a download, else refuse it
+    log_format: str = "json"  # "json" (one object per line, for journald/log shippers) or "text"
+    log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         if not protocol.DEVICE_ID_RE.match(self.device_id):
@@ -56,6 +66,18 @@ class AgentConfig:
             raise ValueError(f"mqtt_version must be 4 or 5, got {self.mqtt_version}")
         if self.telemetry_interval <= 0:
             raise ValueError("telemetry_interval must be > 0")
+        for name in ("telemetry_batch_max", "telemetry_queue_bytes", "sketch_every", "api_max_body"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        for name in ("download_max_bytes_per_s", "min_free_disk_bytes"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.log_format not in ("json", "text"):
+            raise ValueError(f"log_format must be 'json' or 'text', got {self.log_format!r}")
+        if self.api_listen and not self.api_listen.startswith("unix:"):
+            host, sep, port = self.api_listen.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"api_listen must be 'host:port' or 'unix:/path', got {self.api_listen!r}")
         self.data_dir = Path(self.data_dir)
         self.trust_path = Path(self.trust_path)
         self.targets = [str(t) for t in self.targets]

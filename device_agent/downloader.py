@@ -9,11 +9,15 @@ is cut off at ``length + 1`` bytes (``LengthMismatch``).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
+if TYPE_CHECKING:  # imported lazily: httpx costs ~18 MB RSS, paid only when downloading
+    import httpx
 
 from signing.errors import DigestMismatch, LengthMismatch
 
@@ -55,12 +59,14 @@ async def download_model(
     length: int,
     sha256: str,
     device_id: str,
+    max_bytes_per_s: int = 0,
 ) -> Path:
     """Download ``url`` into ``part`` (resuming it) and verify length + sha256; return ``part``.
 
     Raises LengthMismatch (oversize: more than ``length`` bytes), DigestMismatch
     (the partial file is deleted in both cases, it can never become valid),
     IncompleteDownload (kept for resume), DownloadError, or httpx.TransportError.
+    ``max_bytes_per_s`` > 0 paces the stream (a metered or shared uplink on the device).
     """
     part.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.exists() else 0
@@ -83,8 +89,10 @@ async def download_model(
                 h, have, mode = hashlib.sha256(), 0, "wb"
             else:
                 raise DownloadError(f"GET {url}: HTTP {resp.status_code}")
+            t0, got = time.monotonic(), 0
+            chunk_size = min(CHUNK, max(1024, max_bytes_per_s // 8)) if max_bytes_per_s > 0 else CHUNK
             with open(part, mode) as fh:
-                async for chunk in resp.aiter_bytes(CHUNK):
+                async for chunk in resp.aiter_bytes(chunk_size):
                     if have + len(chunk) > length:
                         fh.close()
                         part.unlink(missing_ok=True)
@@ -92,6 +100,12 @@ async def download_model(
                     fh.write(chunk)
                     h.update(chunk)
                     have += len(chunk)
+                    if max_bytes_per_s > 0:
+                        got += len(chunk)
+                        ahead = got / max_bytes_per_s - (time.monotonic() - t0)
+                        if ahead > 0:
+                            fh.flush()  # a kill while paced keeps what arrived for the resume
+                            await asyncio.sleep(ahead)
                 fh.flush()
                 os.fsync(fh.fileno())
     if have < length:

@@ -80,6 +80,7 @@ class MqttLink:
         self._window = asyncio.Event()
         self._window.set()
         self._inflight: set[int] = set()
+        self._acks: dict[int, asyncio.Future[bool]] = {}
         self._stopping = False
         self._sock: Any = None
         self.reconnects = 0
@@ -180,6 +181,41 @@ class MqttLink:
             self._inflight.add(info.mid)
         return True
 
+    async def publish_confirmed(self, topic: str, payload: bytes, timeout: float = 10.0) -> bool:
+        """Publish QoS 1 and wait for the broker's PUBACK; False if it did not come (keep the data).
+
+        Store-and-forward deletes a telemetry batch only after this returned True.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self._inflight) >= self.max_inflight:
+            self._window.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0 or not self.connected:
+                self.publish_failures += 1
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._window.wait(), remaining)
+        if not self.connected:
+            self.publish_failures += 1
+            return False
+        fut: asyncio.Future[bool] = loop.create_future()
+        info = self.client.publish(topic, payload, qos=1)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.publish_failures += 1
+            return False
+        if info.is_published():
+            return True
+        self._inflight.add(info.mid)
+        self._acks[info.mid] = fut
+        try:
+            return await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            self.publish_failures += 1
+            return False
+        finally:
+            self._acks.pop(info.mid, None)
+
     async def drain(self, timeout: float = 5.0) -> bool:
         """Wait until every QoS 1 publish is acknowledged (or the timeout passes)."""
         deadline = asyncio.get_running_loop().time() + timeout
@@ -255,6 +291,10 @@ class MqttLink:
         # restarts empty so a lost session can never wedge publishers.
         self._inflight.clear()
         self._window.set()
+        acks, self._acks = self._acks, {}
+        for fut in acks.values():
+            if not fut.done():
+                fut.set_result(False)
         if not self._stopping:
             log.info("%s: disconnected (%s); reconnecting", self.device_id, reason)
             self._schedule_reconnect()
@@ -267,6 +307,9 @@ class MqttLink:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         self._inflight.discard(mid)
+        fut = self._acks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(not getattr(reason, "is_failure", False))
         if len(self._inflight) < self.max_inflight:
             self._window.set()
 
@@ -311,4 +354,8 @@ class MqttLink:
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stopping:
                 self._drop_socket()
                 self._connected.clear()
+                acks, self._acks = self._acks, {}
+                for fut in acks.values():
+                    if not fut.done():
+                        fut.set_result(False)
                 self._schedule_reconnect()

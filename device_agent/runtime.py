@@ -1,20 +1,33 @@
 """The runtime seam: turn a verified model file into something that answers ``run(x)``.
 
 The agent depends on the :class:`RuntimeFactory` protocol only, so the
-simulator can share sessions between hundreds of devices and later targets
-(LiteRT, Ethos-U) plug in without touching the update logic.
+simulator can share sessions between hundreds of devices and targets plug in
+without touching the update logic. Backends:
+
+- onnxruntime for the ``*-cpu`` ONNX targets;
+- LiteRT (``ai-edge-litert``) for ``tflite*`` targets, with the legacy
+  ``tflite-runtime`` interpreter as a fallback on devices that only have it;
+- ``ethos-u*`` (Arm NPU) needs a delegate library; without one configured the
+  device says so clearly (``unsupported_target``) instead of running the NPU
+  graph's custom op on nothing.
+
+Heavy runtimes are imported lazily, so a LiteRT-only device never pays the
+onnxruntime import (tens of MB of RSS) and vice versa.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import threading
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import onnxruntime as ort
 
 ONNX_TARGETS = frozenset({"arm64-cpu", "x86_64-cpu", "cpu", "onnx-cpu"})
+TFLITE_TARGETS = frozenset({"tflite-int8", "tflite", "tflite-fp32", "tflite-cpu"})
+NPU_PREFIXES = ("ethos-u",)
 
 _NP_TYPES: dict[str, Any] = {
     "tensor(float)": np.float32,
@@ -57,10 +70,17 @@ class RuntimeFactory(Protocol):
     def load(self, path: Path, sha256: str) -> LoadedModel: ...
 
 
+def is_npu_target(target: str) -> bool:
+    return target.startswith(NPU_PREFIXES)
+
+
+# -- onnxruntime --------------------------------------------------------------
+
+
 class OnnxModel:
     """An onnxruntime InferenceSession (thread-safe ``run``) with its input signature."""
 
-    def __init__(self, session: ort.InferenceSession, sha256: str) -> None:
+    def __init__(self, session: Any, sha256: str) -> None:
         self.session = session
         self.sha256 = sha256
         inp = session.get_inputs()[0]
@@ -75,11 +95,13 @@ class OnnxModel:
             )
             for i in session.get_inputs()[1:]
         ]
+        # Bound once: the hot path is one dict build and one C call.
+        self._run = session.run
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
-        feed = {self.input_name: np.asarray(x, dtype=self.input_dtype)}
-        outputs = self.session.run(None, feed)
-        return [np.asarray(o) for o in outputs]
+        if type(x) is not np.ndarray or x.dtype != self.input_dtype:
+            x = np.asarray(x, dtype=self.input_dtype)
+        return self._run(None, {self.input_name: x})
 
     def warm_up(self) -> None:
         """One run on zeros shaped from every input, so the first real request is not the slow one."""
@@ -100,6 +122,8 @@ class OnnxRuntimeFactory:
         return target in self.targets
 
     def load(self, path: Path, sha256: str) -> OnnxModel:
+        import onnxruntime as ort
+
         path = Path(path)
         if path.suffix != ".onnx":
             raise UnsupportedTarget(f"{path.name}: onnxruntime runs .onnx files only")
@@ -114,6 +138,206 @@ class OnnxRuntimeFactory:
         except Exception as exc:  # onnxruntime raises its own exception zoo
             raise RuntimeLoadError(f"{path.name}: {exc}") from exc
         return model
+
+
+# -- LiteRT / tflite-runtime ----------------------------------------------------
+
+
+def tflite_interpreter_module() -> tuple[str, Any] | None:
+    """The best TFLite interpreter module installed: LiteRT first, legacy tflite-runtime second."""
+    for name in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+        top = name.split(".")[0]
+        if importlib.util.find_spec(top) is None:
+            continue
+        try:
+            return top, importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+class TfliteModel:
+    """A TFLite interpreter behind a lock (interpreters are not thread-safe), float in/out.
+
+    Full-int8 models take and return int8 tensors; callers of the agent speak
+    float, so inputs are quantized and outputs dequantized with the tensors'
+    own scale/zero point. A batch size other than the model's resizes the input
+    (rare on devices, and correct rather than fast).
+    """
+
+    def __init__(self, interpreter: Any, sha256: str, backend: str) -> None:
+        self.interpreter = interpreter
+        self.sha256 = sha256
+        self.backend = backend
+        self._lock = threading.Lock()
+        inp = interpreter.get_input_details()[0]
+        self._in_index: int = inp["index"]
+        self.input_name: str = inp["name"]
+        self.input_shape: tuple[int, ...] = tuple(int(d) if d > 0 else 1 for d in inp["shape"])
+        self._in_dtype: Any = inp["dtype"]
+        scale, zero = inp.get("quantization", (0.0, 0))
+        self._in_quant: tuple[float, int] | None = (scale, zero) if scale else None
+        # What callers should feed: float for quantized inputs (we quantize), else the tensor type.
+        self.input_dtype: Any = np.float32 if self._in_quant else self._in_dtype
+        self._outputs: list[tuple[int, tuple[float, int] | None]] = []
+        for out in interpreter.get_output_details():
+            s, z = out.get("quantization", (0.0, 0))
+            self._outputs.append((out["index"], (s, z) if s else None))
+        self._shape = self.input_shape
+
+    def _prepare(self, x: np.ndarray) -> np.ndarray:
+        if self._in_quant is not None and not np.issubdtype(x.dtype, np.integer):
+            scale, zero = self._in_quant
+            info = np.iinfo(self._in_dtype)
+            q = np.clip(np.round(x / scale) + zero, info.min, info.max)
+            return q.astype(self._in_dtype)
+        return np.ascontiguousarray(x, dtype=self._in_dtype)
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        data = self._prepare(x)
+        it = self.interpreter
+        with self._lock:
+            if data.shape != self._shape:
+                it.resize_tensor_input(self._in_index, list(data.shape))
+                it.allocate_tensors()
+                self._shape = tuple(data.shape)
+            it.set_tensor(self._in_index, data)
+            it.invoke()
+            raw = [(it.get_tensor(i), q) for i, q in self._outputs]
+        outs = []
+        for value, q in raw:
+            if q is not None:
+                value = (value.astype(np.float32) - q[1]) * np.float32(q[0])
+            outs.append(value)
+        return outs
+
+    def warm_up(self) -> None:
+        self.run(np.zeros(self.input_shape, dtype=self.input_dtype))
+
+
+class LiteRtFactory:
+    """Loads ``.tflite`` models with LiteRT (or tflite-runtime); NPU targets need a delegate.
+
+    ``npu_delegate`` is the path of an external delegate library (e.g. the
+    Ethos-U delegate); without it ``ethos-u*`` targets are refused up front.
+    """
+
+    def __init__(
+        self,
+        targets: frozenset[str] | set[str] = TFLITE_TARGETS,
+        threads: int = 1,
+        npu_delegate: str | None = None,
+        prefer: str | None = None,
+    ) -> None:
+        self.targets = frozenset(targets)
+        self.threads = threads
+        self.npu_delegate = npu_delegate
+        self.prefer = prefer  # "ai_edge_litert" | "tflite_runtime" | None (best available)
+        self._module: tuple[str, Any] | bool | None = False
+
+    def _backend(self) -> tuple[str, Any] | None:
+        if self._module is False:
+            if self.prefer:
+                try:
+                    self._module = (self.prefer, importlib.import_module(f"{self.prefer}.interpreter"))
+                except ImportError:
+                    self._module = None
+            else:
+                self._module = tflite_interpreter_module()
+        return self._module  # type: ignore[return-value]
+
+    @property
+    def backend_name(self) -> str | None:
+        mod = self._backend()
+        return mod[0] if mod else None
+
+    def supports(self, target: str) -> bool:
+        if is_npu_target(target):
+            return self.npu_delegate is not None and self._backend() is not None
+        return target in self.targets and self._backend() is not None
+
+    def unsupported_reason(self, target: str) -> str:
+        if self._backend() is None:
+            return f"{target}: no TFLite interpreter installed (pip install ai-edge-litert)"
+        if is_npu_target(target):
+            return f"{target} is an NPU target and no NPU delegate is configured (npu_delegate)"
+        return f"{target} is not a TFLite target"
+
+    def load(self, path: Path, sha256: str, target: str | None = None) -> TfliteModel:
+        path = Path(path)
+        backend = self._backend()
+        if backend is None:
+            raise UnsupportedTarget(self.unsupported_reason(target or "tflite"))
+        if path.suffix != ".tflite":
+            raise UnsupportedTarget(f"{path.name}: the TFLite interpreter runs .tflite files only")
+        name, mod = backend
+        delegates = []
+        try:
+            if target is not None and is_npu_target(target):
+                if self.npu_delegate is None:
+                    raise UnsupportedTarget(self.unsupported_reason(target))
+                delegates.append(mod.load_delegate(self.npu_delegate))
+            interp = mod.Interpreter(
+                model_path=str(path), num_threads=self.threads, experimental_delegates=delegates or None
+            )
+            interp.allocate_tensors()
+            model = TfliteModel(interp, sha256, name)
+            model.warm_up()
+        except UnsupportedTarget:
+            raise
+        except Exception as exc:  # interpreters raise ValueError/RuntimeError on bad flatbuffers
+            raise RuntimeLoadError(f"{path.name}: {exc}") from exc
+        return model
+
+
+# -- choosing by target -----------------------------------------------------------
+
+
+class AutoRuntimeFactory:
+    """One factory for the agent: picks onnxruntime or LiteRT by the bundle's target / file type."""
+
+    def __init__(self, intra_op_threads: int = 1, npu_delegate: str | None = None) -> None:
+        self.onnx = OnnxRuntimeFactory(intra_op_threads=intra_op_threads)
+        self.tflite = LiteRtFactory(threads=intra_op_threads, npu_delegate=npu_delegate)
+
+    def supports(self, target: str) -> bool:
+        if target in ONNX_TARGETS:
+            return importlib.util.find_spec("onnxruntime") is not None
+        return self.tflite.supports(target)
+
+    def unsupported_reason(self, target: str) -> str:
+        if target in ONNX_TARGETS:
+            return f"{target}: onnxruntime is not installed"
+        if target in TFLITE_TARGETS or is_npu_target(target):
+            return self.tflite.unsupported_reason(target)
+        return f"unknown target {target!r}"
+
+    def load(self, path: Path, sha256: str) -> LoadedModel:
+        if Path(path).suffix == ".tflite":
+            return self.tflite.load(path, sha256)
+        return self.onnx.load(path, sha256)
+
+
+def available_runtimes() -> dict[str, Any]:
+    """Installed runtimes with versions and providers/delegates, for the device's capabilities.
+
+    Reads package metadata instead of importing, so reporting costs no RSS.
+    """
+    from importlib import metadata
+
+    found: dict[str, Any] = {}
+    for dist, key in (
+        ("onnxruntime", "onnxruntime"),
+        ("ai-edge-litert", "litert"),
+        ("tflite-runtime", "tflite_runtime"),
+    ):
+        try:
+            found[key] = {"version": metadata.version(dist)}
+        except metadata.PackageNotFoundError:
+            continue
+    if "onnxruntime" in found:
+        found["onnxruntime"]["providers"] = ["CPUExecutionProvider"]
+    return found
 
 
 class SharedRuntimeFactory:

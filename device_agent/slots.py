@@ -55,12 +55,19 @@ class AgentState:
     active: str | None = None
     slots: dict[str, SlotInfo | None] = field(default_factory=lambda: dict.fromkeys(SLOT_NAMES))
     last_seq: int = 0
+    # A swap still on probation: {"seq", "slot", "previous", "sha256", "params", "boots"}. Written in
+    # the same atomic save as the activation, so a power cut mid-probation resumes (or reverts) it.
+    probation: dict[str, Any] | None = None
+    # The outcome of the last directive ({"seq", "state", "error"}), so a restarted agent reports the truth.
+    deployment: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "active": self.active,
             "last_seq": self.last_seq,
             "slots": {k: (asdict(v) if v else None) for k, v in self.slots.items()},
+            "probation": self.probation,
+            "deployment": self.deployment,
         }
 
     @classmethod
@@ -70,10 +77,14 @@ class AgentState:
             if name in SLOT_NAMES and info:
                 slots[name] = SlotInfo(**info)
         active = data.get("active")
+        probation = data.get("probation")
+        deployment = data.get("deployment")
         return cls(
             active=active if active in SLOT_NAMES else None,
             slots=slots,
             last_seq=int(data.get("last_seq", 0)),
+            probation=probation if isinstance(probation, dict) else None,
+            deployment=deployment if isinstance(deployment, dict) else None,
         )
 
 
@@ -167,16 +178,37 @@ class SlotStore:
         self.save()
         return info
 
-    def activate(self, name: str, seq: int | None = None) -> None:
+    def activate(
+        self,
+        name: str,
+        seq: int | None = None,
+        *,
+        probation: dict[str, Any] | None = None,
+        deployment: dict[str, Any] | None = None,
+    ) -> None:
+        """Make ``name`` the serving slot; probation/outcome records go in the same atomic write."""
         self.state.active = name
         if seq is not None:
             self.state.last_seq = max(self.state.last_seq, seq)
+        self.state.probation = probation
+        if deployment is not None:
+            self.state.deployment = deployment
         self.save()
 
     def record_seq(self, seq: int) -> None:
         if seq > self.state.last_seq:
             self.state.last_seq = seq
             self.save()
+
+    def record_outcome(self, seq: int, state: str, error: str | None = None) -> None:
+        """Persist the result of directive ``seq`` (and that it was handled)."""
+        self.state.last_seq = max(self.state.last_seq, seq)
+        self.state.deployment = {"seq": seq, "state": state, "error": error}
+        self.save()
+
+    def set_probation(self, probation: dict[str, Any] | None) -> None:
+        self.state.probation = probation
+        self.save()
 
     def slot_hashes(self) -> dict[str, str | None]:
         return {k: (v.sha256 if v else None) for k, v in self.state.slots.items()}

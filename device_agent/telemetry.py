@@ -1,9 +1,19 @@
 """Per-model inference statistics, batched for upload.
 
-``record`` is called from whatever thread ran the inference, so all counters
-sit behind one lock; a flush swaps the whole window out under that lock and
-builds the batch outside it. Unsent batches queue in memory (bounded) while
-the device is offline and are counted as dropped when the queue overflows.
+``record`` is called from whatever thread ran the inference, so it does the
+least it can: one bisect, one lock, a few integer adds. The drift sketches
+(per-feature input moments and value histograms of inputs and outputs) cost
+a few microseconds of numpy each, so they are taken on every
+``sketch_every``-th call only; they are estimates of distributions, and a
+sample of them is what the drift gates compare.
+
+Everything in a batch is mergeable on the server: latency counts per fixed
+log bucket, counts per class and per value bin, and Welford moments
+(count, mean, M2) combined with Chan's parallel formula.
+
+A closed window becomes a ``TelemetryBatch`` with a unique ``batch_id`` and is
+queued on disk (:mod:`device_agent.telemetry_store`) until the broker
+acknowledges it.
 """
 
 from __future__ import annotations
@@ -11,15 +21,18 @@ from __future__ import annotations
 import bisect
 import threading
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from device_agent import protocol
+from device_agent.telemetry_store import BatchStore
 
 NUM_BUCKETS = len(protocol.LATENCY_BOUNDS_US) + 1  # last bucket: above the largest bound
-MAX_QUEUED_BATCHES = 256
+NUM_VALUE_BINS = len(protocol.VALUE_BOUNDS) + 1
+_VALUE_BOUNDS = np.asarray(protocol.VALUE_BOUNDS, dtype=np.float64)
+_LAT_BOUNDS = protocol.LATENCY_BOUNDS_US
 
 
 @dataclass
@@ -29,6 +42,11 @@ class _Stats:
     buckets: list[int] = field(default_factory=lambda: [0] * NUM_BUCKETS)
     latency_sum_us: float = 0.0
     class_hist: dict[str, int] = field(default_factory=dict)
+    input_count: int = 0
+    input_mean: np.ndarray | None = None
+    input_m2: np.ndarray | None = None
+    input_hist: np.ndarray | None = None
+    output_hist: np.ndarray | None = None
 
     def freeze(self) -> protocol.ModelStats:
         return protocol.ModelStats(
@@ -37,7 +55,37 @@ class _Stats:
             latency_buckets=list(self.buckets),
             latency_sum_us=self.latency_sum_us,
             class_hist=dict(self.class_hist),
+            input_count=self.input_count,
+            input_mean=[] if self.input_mean is None else self.input_mean.tolist(),
+            input_m2=[] if self.input_m2 is None else self.input_m2.tolist(),
+            input_hist=[] if self.input_hist is None else self.input_hist.tolist(),
+            output_hist=[] if self.output_hist is None else self.output_hist.tolist(),
         )
+
+
+@dataclass
+class ModelTotals:
+    """Cumulative counts for one model hash since the agent started (probation reads these)."""
+
+    ok: int = 0
+    errors: int = 0
+    buckets: list[int] = field(default_factory=lambda: [0] * NUM_BUCKETS)
+
+    def copy(self) -> ModelTotals:
+        return ModelTotals(self.ok, self.errors, list(self.buckets))
+
+
+def latency_quantile(buckets: list[int], q: float) -> float | None:
+    """Upper bound (us) of the bucket holding quantile ``q``; None without samples."""
+    n = sum(buckets)
+    if n == 0:
+        return None
+    rank, seen = q * n, 0
+    for i, c in enumerate(buckets):
+        seen += c
+        if seen >= rank and c:
+            return _LAT_BOUNDS[i] if i < len(_LAT_BOUNDS) else _LAT_BOUNDS[-1] * 2
+    return _LAT_BOUNDS[-1] * 2
 
 
 def top1_classes(outputs: list[np.ndarray]) -> list[int]:
@@ -47,43 +95,146 @@ def top1_classes(outputs: list[np.ndarray]) -> list[int]:
     first = outputs[0]
     if first.size == 0 or first.ndim == 0 or not np.issubdtype(first.dtype, np.number):
         return []
+    if first.ndim == 1 or first.shape[0] == 1:
+        return [int(first.argmax())]
     flat = first.reshape(-1, first.shape[-1])
     return [int(i) for i in np.argmax(flat, axis=-1)]
 
 
-class Telemetry:
-    """Thread-safe accumulator of one device's inference statistics."""
+def value_hist(values: np.ndarray) -> np.ndarray:
+    """Counts of ``values`` per VALUE_BOUNDS bin (non-finite values land in the last bin)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = np.where(np.isfinite(v), v, np.inf)
+    idx = np.searchsorted(_VALUE_BOUNDS, v, side="left")
+    return np.bincount(idx, minlength=NUM_VALUE_BINS)
 
-    def __init__(self, device_id: str) -> None:
+
+def merge_moments(
+    n_a: int, mean_a: np.ndarray | None, m2_a: np.ndarray | None, rows: np.ndarray
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Fold a batch of rows into (count, mean, M2) with Chan's parallel update (mergeable)."""
+    n_b = rows.shape[0]
+    mean_b = rows.mean(axis=0)
+    m2_b = ((rows - mean_b) ** 2).sum(axis=0)
+    if mean_a is None or m2_a is None or n_a == 0 or mean_a.shape != mean_b.shape:
+        return n_b, mean_b, m2_b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta**2 * (n_a * n_b / n)
+
+
+def _sketch(st: _Stats, x: np.ndarray, outputs: list[np.ndarray]) -> None:
+    arr = np.asarray(x)
+    if arr.size and np.issubdtype(arr.dtype, np.number):
+        rows = arr.reshape(arr.shape[0] if arr.ndim > 1 else 1, -1)[:, : protocol.INPUT_STAT_FEATURES]
+        rows = rows.astype(np.float64)
+        if np.isfinite(rows).all():
+            st.input_count, st.input_mean, st.input_m2 = merge_moments(
+                st.input_count, st.input_mean, st.input_m2, rows
+            )
+        h = value_hist(arr)
+        st.input_hist = h if st.input_hist is None else st.input_hist + h
+    for out in outputs:
+        if np.issubdtype(out.dtype, np.floating):
+            h = value_hist(out)
+            st.output_hist = h if st.output_hist is None else st.output_hist + h
+            break
+
+
+class Telemetry:
+    """Thread-safe accumulator of one device's inference statistics, plus its on-disk queue."""
+
+    def __init__(self, device_id: str, store: BatchStore, sketch_every: int = 64) -> None:
         self.device_id = device_id
+        self.store = store
+        self.sketch_every = max(1, sketch_every)
         self._lock = threading.Lock()
         self._window: dict[str, _Stats] = {}
+        self._window_count = 0
+        self._shadow: dict[str, protocol.ShadowStats] = {}
         self._window_start = protocol.utcnow()
-        self.queue: deque[protocol.TelemetryBatch] = deque()
-        self.dropped_batches = 0
+        self._calls = 0
+        self.totals: dict[str, ModelTotals] = {}
 
-    def record(self, sha256: str, latency_us: float, error: str | None, classes: list[int]) -> None:
-        bucket = bisect.bisect_left(protocol.LATENCY_BOUNDS_US, latency_us)
+    def record(
+        self,
+        sha256: str,
+        latency_us: float,
+        error: str | None,
+        classes: list[int],
+        x: Any = None,
+        outputs: list[np.ndarray] | None = None,
+    ) -> None:
+        bucket = bisect.bisect_left(_LAT_BOUNDS, latency_us)
         with self._lock:
             st = self._window.get(sha256)
             if st is None:
                 st = self._window[sha256] = _Stats()
+            tot = self.totals.get(sha256)
+            if tot is None:
+                tot = self.totals[sha256] = ModelTotals()
             st.inferences += 1
+            self._window_count += 1
             st.buckets[bucket] += 1
+            tot.buckets[bucket] += 1
             st.latency_sum_us += latency_us
             if error is not None:
                 st.errors[error] = st.errors.get(error, 0) + 1
+                tot.errors += 1
+            else:
+                tot.ok += 1
+            hist = st.class_hist
             for c in classes:
                 key = str(c)
-                st.class_hist[key] = st.class_hist.get(key, 0) + 1
+                hist[key] = hist.get(key, 0) + 1
+            self._calls += 1
+            sketch = x is not None and self._calls % self.sketch_every == 0
+            if sketch:
+                _sketch(st, x, outputs or [])
+
+    def record_shadow(self, candidate: str, latency_us: float, error: str | None, agree: bool | None) -> None:
+        """One sampled input run on a shadowed candidate, compared with the served answer."""
+        bucket = bisect.bisect_left(_LAT_BOUNDS, latency_us)
+        with self._lock:
+            cur = self._shadow.get(candidate) or protocol.ShadowStats(latency_buckets=[0] * NUM_BUCKETS)
+            buckets = list(cur.latency_buckets) or [0] * NUM_BUCKETS
+            buckets[bucket] += 1
+            errors = dict(cur.errors)
+            if error is not None:
+                errors[error] = errors.get(error, 0) + 1
+            self._shadow[candidate] = protocol.ShadowStats(
+                samples=cur.samples + 1,
+                top1_agree=cur.top1_agree + (1 if agree else 0),
+                errors=errors,
+                latency_buckets=buckets,
+                latency_sum_us=cur.latency_sum_us + latency_us,
+            )
+
+    def totals_of(self, sha256: str) -> ModelTotals:
+        with self._lock:
+            tot = self.totals.get(sha256)
+            return tot.copy() if tot else ModelTotals()
+
+    def served_ok(self) -> dict[str, int]:
+        with self._lock:
+            return {k: v.ok for k, v in self.totals.items()}
+
+    def served_errors(self) -> dict[str, int]:
+        with self._lock:
+            return {k: v.errors for k, v in self.totals.items() if v.errors}
+
+    @property
+    def window_inferences(self) -> int:
+        return self._window_count
 
     def cut(self) -> protocol.TelemetryBatch | None:
-        """Close the current window; queue and return its batch (None if nothing happened)."""
+        """Close the current window; queue its batch on disk and return it (None if nothing happened)."""
         now = protocol.utcnow()
         with self._lock:
-            window, start = self._window, self._window_start
-            self._window, self._window_start = {}, now
-        if not window:
+            window, shadow, start = self._window, self._shadow, self._window_start
+            self._window, self._shadow, self._window_start = {}, {}, now
+            self._window_count = 0
+        if not window and not shadow:
             return None
         batch = protocol.TelemetryBatch(
             device_id=self.device_id,
@@ -91,10 +242,17 @@ class Telemetry:
             window_start=start,
             window_end=now,
             models={sha: st.freeze() for sha, st in window.items()},
-            dropped_batches=self.dropped_batches,
+            shadow=shadow,
         )
-        self.queue.append(batch)
-        while len(self.queue) > MAX_QUEUED_BATCHES:
-            self.queue.popleft()
-            self.dropped_batches += 1
-        return batch
+        final: list[protocol.TelemetryBatch] = [batch]
+
+        def encode(dropped: int) -> bytes:
+            final[0] = batch.model_copy(update={"dropped_batches": dropped})
+            return protocol.encode_telemetry(final[0])
+
+        self.store.put(batch.batch_id, encode)
+        return final[0]
+
+    @property
+    def dropped_batches(self) -> int:
+        return self.store.dropped_total

@@ -134,19 +134,23 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
         example = train_digits(work / "digits")
         result.figures["fp32_accuracy"] = round(example.accuracy, 4)
         progress.advance(step)
-        good = compile_model(
-            example.model_path,
-            target="arm64-cpu",
-            calib_path=example.calib_path,
-            eval_path=example.eval_path,
-            out_dir=work / "bundles" / "digits-1",
-            release_key=release_key,
-            name="digits",
-            version="1",
-            release=1,
-            hardware_ids=[HARDWARE],
-            gate=Gate(),
-        )
+
+        def build(src: Path, version: int, gate: Gate | None, out: str) -> Any:
+            return compile_model(
+                src,
+                target="arm64-cpu",
+                calib_path=example.calib_path,
+                eval_path=example.eval_path,
+                out_dir=work / "bundles" / out,
+                release_key=release_key,
+                name="digits",
+                version=str(version),
+                release=version,
+                hardware_ids=[HARDWARE],
+                gate=gate,
+            )
+
+        good = build(example.model_path, 1, Gate(), "digits-1")
         report = good.report
         scores = report["outputs"]["scores"]
         result.figures["int8_agreement"] = scores["top1_agreement"]
@@ -156,36 +160,12 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
         broken_src = work / "digits" / "broken.onnx"
         make_nan_model(example.model_path, broken_src)
         try:
-            compile_model(
-                broken_src,
-                target="arm64-cpu",
-                calib_path=example.calib_path,
-                eval_path=example.eval_path,
-                out_dir=work / "bundles" / "digits-2-gated",
-                release_key=release_key,
-                name="digits",
-                version="2",
-                release=2,
-                hardware_ids=[HARDWARE],
-                gate=Gate(),
-            )
+            build(broken_src, 2, Gate(), "digits-2-gated")
             result.checks["compiler gate refuses the NaN model"] = False
         except GateFailed:
             result.checks["compiler gate refuses the NaN model"] = True
         # A careless engineer skips the gate (recorded in the manifest); the fleet must still be safe.
-        broken = compile_model(
-            broken_src,
-            target="arm64-cpu",
-            calib_path=example.calib_path,
-            eval_path=example.eval_path,
-            out_dir=work / "bundles" / "digits-2",
-            release_key=release_key,
-            name="digits",
-            version="2",
-            release=2,
-            hardware_ids=[HARDWARE],
-            gate=None,
-        )
+        broken = build(broken_src, 2, None, "digits-2")
         progress.advance(step)
         good_sha = good.manifest.model_file.sha256
         bad_sha = broken.manifest.model_file.sha256
@@ -199,15 +179,7 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
             result.figures["broker"] = stack["broker"].info.kind
             with ApiClient(server.url) as api:
                 api.push_bundle(good.bundle_dir)
-                rollout = api.create_rollout(
-                    model="digits:1",
-                    selector={"hardware_id": HARDWARE},
-                    stages=STAGES,
-                    soak_seconds=1.0,
-                    device_timeout_seconds=30,
-                    max_error_rate=0.05,
-                    min_inferences=20,
-                )
+                rollout = _create_rollout(api, "digits:1")
                 t_rollout = time.monotonic()
                 status = _follow(
                     progress, api, rollout["id"], devices, "rollout digits:1 (10% -> 50% -> 100%)"
@@ -223,15 +195,7 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
                 )
 
                 api.push_bundle(broken.bundle_dir)
-                rollout2 = api.create_rollout(
-                    model="digits:2",
-                    selector={"hardware_id": HARDWARE},
-                    stages=STAGES,
-                    soak_seconds=1.0,
-                    device_timeout_seconds=30,
-                    max_error_rate=0.05,
-                    min_inferences=20,
-                )
+                rollout2 = _create_rollout(api, "digits:2")
                 t_bad = time.monotonic()
                 status2 = _follow(progress, api, rollout2["id"], devices, "rollout digits:2 (broken: NaN)")
                 result.figures["rollback_seconds"] = round(time.monotonic() - t_bad, 1)
@@ -256,6 +220,21 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
                     (d.get("reason") for d in reversed(status2.get("decisions", [])) if d.get("reason")),
                     None,
                 )
+
+
+def _create_rollout(api: Any, model: str) -> dict[str, Any]:
+    """The demo's rollout policy: three stages, 1 s soak, error-rate gate over >= 20 inferences."""
+    return dict(
+        api.create_rollout(
+            model=model,
+            selector={"hardware_id": HARDWARE},
+            stages=STAGES,
+            soak_seconds=1.0,
+            device_timeout_seconds=30,
+            max_error_rate=0.05,
+            min_inferences=20,
+        )
+    )
 
 
 def _follow(progress: Progress, api: Any, rollout_id: Any, devices: int, label: str) -> dict[str, Any]:

@@ -53,20 +53,25 @@ def server_cmd(
 def agent_cmd(
     config: Annotated[Path, typer.Option("--config", "-c", help="Agent TOML config.", exists=True)],
     synthetic_hz: Annotated[
-        float, typer.Option("--synthetic-load", help="Run N random inferences/s (demo only).")
+        float, typer.Option("--synthetic-load", help="Run N random inferences/s (demo only).", min=0.0)
     ] = 0.0,
+    log_format: Annotated[
+        str | None, typer.Option("--log-format", help="json (default from config) or text.")
+    ] = None,
 ) -> None:
-    """Run the device agent until SIGINT/SIGTERM."""
-    import logging
-
+    """Run the device agent until SIGINT/SIGTERM (see docs/agent.md for the config keys)."""
     from device_agent.config import load_config
+    from device_agent.logs import setup_logging
     from device_agent.run import run_agent
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(config)
     except (ValueError, TypeError, OSError) as exc:
         fail(f"{config}: {exc}")
+    fmt = log_format or cfg.log_format
+    if fmt not in ("json", "text"):
+        fail(f"--log-format must be json or text, not {fmt!r}")
+    setup_logging(fmt, cfg.log_level)
     run_agent(cfg, workload_hz=synthetic_hz)
 
 

@@ -79,10 +79,11 @@ class Bundle:
     name: str
     version: str
     target: str
+    file: str = "model.onnx"
 
     @property
     def model_path(self) -> Path:
-        return self.dir / "model.onnx"
+        return self.dir / self.file
 
 
 def make_bundle(
@@ -96,7 +97,14 @@ def make_bundle(
     name: str = "tiny",
 ) -> Bundle:
     d = root / f"{name}-{version}-{seed}-{'nan' if nan else 'ok'}-{uuid.uuid4().hex[:4]}"
-    make_model(d / "model.onnx", seed=seed, nan=nan)
+    if target.startswith(("tflite", "ethos-u")):
+        from .tflite_models import make_tflite
+
+        make_tflite(d / "model.tflite", seed=seed, nan=nan)
+        file = "model.tflite"
+    else:
+        make_model(d / "model.onnx", seed=seed, nan=nan)
+        file = "model.onnx"
     manifest = sign_bundle(
         d,
         {
@@ -106,11 +114,11 @@ def make_bundle(
             "target": target,
             "hardware_ids": hardware_ids or [HW],
         },
-        ["model.onnx"],
+        [file],
         key,
     )
     f = manifest.model_file
-    return Bundle(d, f.sha256, f.length, name, version, target)
+    return Bundle(d, f.sha256, f.length, name, version, target, file)
 
 
 class ArtifactServer:
@@ -201,7 +209,9 @@ def sign_directive(
     seq: int,
     model: protocol.ModelRef | None,
     ttl: float = 3600.0,
+    **fields: Any,
 ) -> bytes:
+    """A fleet-signed directive; ``fields`` sets the optional ones (probation, shadow, not_before...)."""
     now = protocol.utcnow()
     d = protocol.Directive(
         device_id=device_id,
@@ -209,6 +219,7 @@ def sign_directive(
         issued_at=now,
         expires_at=now + timedelta(seconds=ttl),
         model=model,
+        **fields,
     )
     env = sign_envelope(d.model_dump_json().encode(), protocol.DIRECTIVE_PAYLOAD_TYPE, [key])
     return json.dumps(env).encode()

@@ -1,0 +1,227 @@
+"""Agent benchmarks (issue 5): p99 latency during 100 hot swaps vs steady, and idle RSS.
+
+- ``swap``: 3 threads call ``agent.infer`` non-stop; first a steady phase, then
+  100 swaps between two models through the agent's real directive path
+  (slot lookup, re-verify, load + warm aside, swap one reference). Target:
+  p99 during swaps <= 2x steady p99, 0 failures.
+- ``rss``: a fresh interpreter builds an Agent (no model loaded, no broker)
+  and reports VmRSS; once with onnxruntime imported (target <= 80 MB) and once
+  with onnxruntime blocked and LiteRT only (target <= 60 MB). Baseline: the
+  bare interpreter with just the runtime imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from device_agent import protocol
+from device_agent.agent import Agent
+from device_agent.config import AgentConfig
+from signing.keyring import KeyDir, init_keys
+from signing.manifest import ENVELOPE_NAME, sign_bundle
+
+SWAPS = 100
+THREADS = 3
+
+
+def _model(path: Path, seed: int) -> Path:
+    """[N,64] -> MatMul(64x256) -> Relu -> MatMul(256x10): a small real graph, ~10 us per call."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((64, 256)).astype(np.float32)
+    w2 = rng.standard_normal((256, 10)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "W1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "W2"], ["scores"]),
+        ],
+        f"bench{seed}",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(m, str(path))
+    return path
+
+
+def _install(agent: Agent, keys: KeyDir, root: Path, seed: int, slot: str) -> protocol.ModelRef:
+    d = root / f"m{seed}"
+    _model(d / "model.onnx", seed)
+    manifest = sign_bundle(
+        d,
+        {
+            "name": "bench",
+            "version": str(seed),
+            "release": seed,
+            "target": "arm64-cpu",
+            "hardware_ids": ["hw"],
+        },
+        ["model.onnx"],
+        keys.key("release"),
+    )
+    part = root / f"{seed}.part"
+    part.write_bytes((d / "model.onnx").read_bytes())
+    agent.slots.commit(slot, part, (d / ENVELOPE_NAME).read_bytes(), manifest)
+    f = manifest.model_file
+    return protocol.ModelRef(
+        name="bench",
+        version=str(seed),
+        release=seed,
+        target="arm64-cpu",
+        sha256=f.sha256,
+        length=f.length,
+        model_url="http://unused.invalid/m",
+        envelope_url="http://unused.invalid/e",
+    )
+
+
+def _p99(xs: list[float]) -> float:
+    return float(np.percentile(np.asarray(xs), 99)) if xs else float("nan")
+
+
+def bench_swaps(steady_s: float = 2.0) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        init_keys(root / "keys")
+        keys = KeyDir(root / "keys")
+        agent = Agent(AgentConfig("bench-swap", "hw", root / "dev", keys.trust_path), keys.trust_root())
+        refs = [_install(agent, keys, root, 1, "a"), _install(agent, keys, root, 2, "b")]
+        agent.slots.activate("a", 1)
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(agent._restore())
+        x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+        phase = ["warm"]
+        lat: dict[str, list[float]] = {"steady": [], "swaps": []}
+        failures = [0]
+        stop = threading.Event()
+
+        def hammer() -> None:
+            mine: dict[str, list[float]] = {"steady": [], "swaps": [], "warm": []}
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    ok = agent.infer(x).ok
+                except Exception:
+                    ok = False
+                mine[phase[0]].append((time.perf_counter() - t0) * 1e6)
+                failures[0] += 0 if ok else 1
+            lat["steady"] += mine["steady"]
+            lat["swaps"] += mine["swaps"]
+
+        threads = [threading.Thread(target=hammer) for _ in range(THREADS)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        phase[0] = "steady"
+        time.sleep(steady_s)
+        phase[0] = "swaps"
+        now = protocol.utcnow()
+        t_swaps = time.perf_counter()
+        for seq in range(2, SWAPS + 2):
+            d = protocol.Directive(
+                device_id="bench-swap",
+                seq=seq,
+                issued_at=now,
+                expires_at=now + timedelta(hours=1),
+                model=refs[(seq - 1) % 2],
+            )
+            loop.run_until_complete(agent._apply(d))
+        swap_s = time.perf_counter() - t_swaps
+        stop.set()
+        for t in threads:
+            t.join()
+        loop.close()
+        swaps_done = agent.metrics.get("swaps", 0)
+    steady, during = _p99(lat["steady"]), _p99(lat["swaps"])
+    return {
+        "bench": f"agent.infer p99 during {SWAPS} swaps ({THREADS} threads)",
+        "baseline": "steady p99, same threads",
+        "baseline_us": round(steady, 1),
+        "edgefleet_us": round(during, 1),
+        "ratio": round(during / steady, 3),
+        "target": f"<= 2.0, 0 failures (failures {failures[0]}, swaps {swaps_done}, {swap_s:.1f} s)",
+    }
+
+
+_RSS_CHILD = r"""
+import json, sys, tempfile
+mode = sys.argv[1]
+if mode.endswith("litert"):
+    sys.modules["onnxruntime"] = None  # prove the agent needs no onnxruntime on a LiteRT device
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+if mode.startswith("bare"):
+    if mode.endswith("litert"):
+        import ai_edge_litert.interpreter
+    else:
+        import onnxruntime
+    print(json.dumps({"rss": rss()}))
+    raise SystemExit
+from pathlib import Path
+from device_agent.agent import Agent
+from device_agent.config import AgentConfig
+from signing.trust import TrustRoot
+trust_path, data = Path(sys.argv[2]), Path(sys.argv[3])
+if mode == "agent-onnx":
+    import onnxruntime
+else:
+    import ai_edge_litert.interpreter
+cfg = AgentConfig("rss", "hw", data, trust_path, targets=["tflite-int8", "arm64-cpu"])
+agent = Agent(cfg, TrustRoot.load_file(trust_path))
+print(json.dumps({"rss": rss()}))
+"""
+
+
+def _child_rss(mode: str, trust: Path, data: Path) -> float:
+    cmd = [sys.executable, "-c", _RSS_CHILD, mode, str(trust), str(data)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["rss"])
+
+
+def bench_rss() -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="ef-rss-"))
+    init_keys(tmp / "keys")
+    trust = KeyDir(tmp / "keys").trust_path
+    for runtime, target in (("onnx", 80), ("litert", 60)):
+        bare = _child_rss(f"bare-{runtime}", trust, tmp / runtime)
+        agent = _child_rss(f"agent-{runtime}", trust, tmp / runtime)
+        rows.append(
+            {
+                "bench": f"agent RSS, no model, {runtime} {'imported' if runtime == 'onnx' else 'only'}",
+                "baseline": f"python + {runtime} import",
+                "baseline_mb": round(bare, 1),
+                "edgefleet_mb": round(agent, 1),
+                "ratio": round(agent / bare, 3),
+                "target": f"<= {target} MB",
+            }
+        )
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def run() -> list[dict[str, object]]:
+    return [bench_swaps(), *bench_rss()]
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(row)

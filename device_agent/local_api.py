@@ -1,0 +1,204 @@
+"""The local inference API for on-device applications: HTTP on localhost or a Unix socket.
+
+Standard library only (``http.server``): a device has no room for a web
+framework, and one request per connection thread is plenty for local callers.
+
+``POST /v1/infer`` with JSON ``{"inputs": [[...], ...]}`` (nested lists, the
+model's input shape) or a raw ``.npy`` body (``Content-Type:
+application/x-npy``) -> ``{"outputs": [...], "ok", "error", "model_sha256",
+"model_version"}``: every answer names the model version that produced it,
+so an application can tell which side of a swap it was on.
+``GET /v1/model`` -> what is serving; ``GET /healthz`` -> ``{"status": "ok"}``.
+Bad input -> 400 ``{"error": {"code", "message"}}``; no model yet -> 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import socketserver
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from device_agent.agent import Agent
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, _ = super().get_request()
+        return sock, ("unix", 0)  # BaseHTTPRequestHandler wants a (host, port) client address
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _decode_input(body: bytes, content_type: str, dtype: Any) -> np.ndarray:
+    if content_type.startswith("application/x-npy"):
+        try:
+            arr = np.load(io.BytesIO(body), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ApiError(400, "bad_npy", f"body is not a .npy array: {exc}") from exc
+        return np.asarray(arr)
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_json", f"body is not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or "inputs" not in doc:
+        raise ApiError(400, "missing_inputs", 'expected {"inputs": [[...], ...]}')
+    try:
+        arr = np.asarray(doc["inputs"], dtype=dtype)
+    except (ValueError, TypeError) as exc:
+        raise ApiError(400, "bad_inputs", f"inputs are not a numeric array of one shape: {exc}") from exc
+    return arr
+
+
+def _make_handler(agent: Agent, max_body: int) -> type[BaseHTTPRequestHandler]:
+    from device_agent.agent import NoModelError
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _send(self, status: int, doc: dict[str, Any]) -> None:
+            body = json.dumps(doc).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _error(self, err: ApiError) -> None:
+            self._send(err.status, {"error": {"code": err.code, "message": err.message}})
+
+        def do_GET(self) -> None:
+            if self.path == "/healthz":
+                self._send(200, {"status": "ok"})
+            elif self.path == "/v1/model":
+                model = agent.running_model
+                self._send(
+                    200,
+                    {
+                        "model_sha256": agent.running_sha256,
+                        "model_version": agent.running_version,
+                        "input_shape": list(model.input_shape) if model else None,
+                        "input_dtype": np.dtype(model.input_dtype).name if model else None,
+                        "deployment_state": agent.deployment_state.value,
+                    },
+                )
+            else:
+                self._error(ApiError(404, "not_found", f"no route {self.path}"))
+
+        def do_POST(self) -> None:
+            try:
+                if self.path != "/v1/infer":
+                    raise ApiError(404, "not_found", f"no route {self.path}")
+                try:
+                    length = int(self.headers.get("Content-Length", ""))
+                except ValueError as exc:
+                    raise ApiError(411, "length_required", "Content-Length is required") from exc
+                if length < 0 or length > max_body:
+                    self.close_connection = True
+                    raise ApiError(413, "too_large", f"body of {length} bytes exceeds {max_body}")
+                body = self.rfile.read(length)
+                model = agent.running_model
+                if model is None:
+                    raise ApiError(503, "no_model", "no model installed yet")
+                x = _decode_input(body, self.headers.get("Content-Type", ""), model.input_dtype)
+                try:
+                    result = agent.infer(x)
+                except NoModelError as exc:
+                    raise ApiError(503, "no_model", str(exc)) from exc
+                if result.error == "runtime_error":
+                    raise ApiError(
+                        400,
+                        "inference_failed",
+                        f"the model refused input of shape {list(x.shape)}, want {list(model.input_shape)}",
+                    )
+                self._send(
+                    200,
+                    {
+                        "outputs": [o.tolist() for o in result.outputs],
+                        "ok": result.ok,
+                        "error": result.error,
+                        "model_sha256": result.model_sha256,
+                        "model_version": result.model_version,
+                    },
+                )
+            except ApiError as err:
+                self._error(err)
+
+    return Handler
+
+
+class LocalApi:
+    """Serves one agent on ``listen``: ``"host:port"`` (keep it on localhost) or ``"unix:/path"``."""
+
+    def __init__(self, agent: Agent, listen: str, max_body: int = 16 << 20) -> None:
+        self.listen = listen
+        handler = _make_handler(agent, max_body)
+        self.server: socketserver.BaseServer
+        if listen.startswith("unix:"):
+            path = Path(listen[5:])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_socket():
+                    path.unlink()  # a stale socket from a killed agent
+            self.server = _UnixHTTPServer(str(path), handler)
+            os.chmod(path, 0o660)
+            self.address: str = str(path)
+        else:
+            host, _, port = listen.rpartition(":")
+            httpd = ThreadingHTTPServer((host, int(port)), handler)
+            httpd.daemon_threads = True
+            self.server = httpd
+            self.address = f"http://{host}:{httpd.server_address[1]}"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.server.serve_forever, name="local-api", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        if self.listen.startswith("unix:"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.listen[5:])
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def unix_request(path: str, method: str, url: str, body: bytes = b"", content_type: str = "") -> Any:
+    """Minimal HTTP/1.1 client over a Unix socket (what the example client and tests use)."""
+    import http.client
+
+    class _Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout if isinstance(self.timeout, (int, float)) else 30)
+            s.connect(path)
+            self.sock = s
+
+    conn = _Conn("localhost", timeout=30)
+    try:
+        headers = {"Content-Type": content_type} if content_type else {}
+        conn.request(method, url, body=body or None, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    finally:
+        conn.close()

@@ -1,0 +1,127 @@
+"""Store-and-forward queue of encoded telemetry batches in SQLite on the device's disk.
+
+Batches are written here the moment a window closes and deleted only after
+the broker acknowledged them (QoS 1 PUBACK), so a power cut or a long outage
+loses nothing that fits. The queue has a size cap in bytes: when a new batch
+does not fit, the OLDEST batches go first (recent data is worth more to the
+rollout gates), and how many were dropped travels in the next batch's
+``dropped_batches`` so the loss itself is reported. A dropped batch that
+carried such a count passes its count on, so the total stays exact.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch_id TEXT NOT NULL UNIQUE,
+    dropped INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class BatchStore:
+    """A bounded FIFO of (batch_id, payload) rows; thread-safe (one connection, one lock)."""
+
+    def __init__(self, path: Path | str, max_bytes: int = 8 << 20) -> None:
+        if max_bytes <= 0:
+            raise ValueError("telemetry queue cap must be > 0 bytes")
+        self.path = path
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
+        self._db.executescript(SCHEMA)
+
+    def _meta(self, key: str) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    @property
+    def pending_dropped(self) -> int:
+        """Drops not yet carried by any queued batch."""
+        with self._lock:
+            return self._meta("pending_dropped")
+
+    @property
+    def dropped_total(self) -> int:
+        with self._lock:
+            return self._meta("dropped_total")
+
+    def put(self, batch_id: str, encode: Callable[[int], bytes]) -> int:
+        """Queue the batch ``encode(dropped)`` builds, evicting the oldest to fit; return drops now.
+
+        ``encode`` is called with the number of dropped batches the new batch must
+        report (it may be called again if evictions change that number).
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                pending = self._meta("pending_dropped")
+                total = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0]
+                evicted = 0
+                while True:
+                    payload = encode(pending)
+                    if total + len(payload) <= self.max_bytes:
+                        break
+                    row = self._db.execute(
+                        "SELECT id, dropped, size FROM batches ORDER BY id LIMIT 1"
+                    ).fetchone()
+                    if row is None:  # the new batch alone exceeds the cap: it is the one dropped
+                        self._set_meta("pending_dropped", pending + 1)
+                        self._set_meta("dropped_total", self._meta("dropped_total") + 1)
+                        self._db.execute("COMMIT")
+                        return evicted + 1
+                    self._db.execute("DELETE FROM batches WHERE id = ?", (row[0],))
+                    pending += 1 + int(row[1])
+                    total -= int(row[2])
+                    evicted += 1
+                self._db.execute(
+                    "INSERT INTO batches (batch_id, dropped, size, payload) VALUES (?, ?, ?, ?)",
+                    (batch_id, pending, len(payload), payload),
+                )
+                self._set_meta("pending_dropped", 0)
+                if evicted:
+                    self._set_meta("dropped_total", self._meta("dropped_total") + evicted)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return evicted
+
+    def oldest(self, limit: int = 20) -> list[tuple[int, str, bytes]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, batch_id, payload FROM batches ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+
+    def delete(self, row_id: int) -> None:
+        """Forget a batch the broker acknowledged."""
+        with self._lock:
+            self._db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
+
+    @property
+    def size_bytes(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,155 @@
+"""LiteRT backend chosen by bundle target, NPU targets refused clearly, and the local inference API."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from device_agent import protocol
+from device_agent.agent import Agent
+from device_agent.local_api import unix_request
+from device_agent.runtime import AutoRuntimeFactory, LiteRtFactory, UnsupportedTarget
+from edgefleet.broker import BrokerInfo
+from signing.keyring import KeyDir
+
+from .harness import (
+    ArtifactServer,
+    LoopThread,
+    Observer,
+    X,
+    agent_config,
+    make_bundle,
+    sign_directive,
+    start_agent,
+    unique_id,
+)
+from .tflite_models import make_tflite
+
+DS = protocol.DeploymentState
+REPO = Path(__file__).resolve().parents[2]
+TARGETS = ["arm64-cpu", "tflite-int8", "ethos-u55-128"]
+
+
+def _post(url: str, body: bytes, ctype: str = "application/json") -> tuple[int, Any]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_litert_runs_tflite_and_npu_without_delegate_is_refused(tmp_path: Path) -> None:
+    path = make_tflite(tmp_path / "m.tflite", seed=3)
+    factory = AutoRuntimeFactory()
+    assert factory.supports("tflite-int8") and not factory.supports("ethos-u55-128")
+    assert "NPU" in factory.unsupported_reason("ethos-u55-128")
+    model = factory.load(path, "x" * 64)
+    out = model.run(X)[0]
+    w = np.random.default_rng(3).standard_normal((10, 64)).astype(np.float32)
+    np.testing.assert_allclose(out, X @ w.T, rtol=1e-4, atol=1e-4)
+    assert model.run(np.vstack([X, X]))[0].shape == (2, 10)  # batch resize
+    with pytest.raises(UnsupportedTarget, match="no NPU delegate"):
+        LiteRtFactory().load(path, "x" * 64, target="ethos-u55-128")
+
+
+def test_agent_serves_tflite_bundle_and_api_names_the_version(
+    broker_info: BrokerInfo,
+    keydir: KeyDir,
+    tmp_path: Path,
+    artifacts: ArtifactServer,
+    observer: Observer,
+    loop_thread: LoopThread,
+) -> None:
+    dev = unique_id()
+    fleet, release = keydir.key("fleet"), keydir.key("release")
+    tfl = make_bundle(tmp_path, release, seed=3, target="tflite-int8", version="7")
+    npu = make_bundle(tmp_path, release, seed=4, target="ethos-u55-128", version="8")
+    artifacts.add(tfl)
+    artifacts.add(npu)
+    cfg = agent_config(
+        broker_info, tmp_path / dev, keydir.trust_path, dev, targets=TARGETS, api_listen="127.0.0.1:0"
+    )
+    agent = start_agent(loop_thread, Agent(cfg, keydir.trust_root()))
+    try:
+        api = agent.api.address
+        status, doc = _post(f"{api}/v1/infer", json.dumps({"inputs": X.tolist()}).encode())
+        assert status == 503 and doc["error"]["code"] == "no_model"
+        observer.publish(dev, sign_directive(fleet, dev, 1, artifacts.model_ref(tfl)))
+        observer.wait_event(dev, DS.SERVING, seq=1)
+        status, doc = _post(f"{api}/v1/infer", json.dumps({"inputs": X.tolist()}).encode())
+        assert status == 200 and doc["ok"], doc
+        assert doc["model_sha256"] == tfl.sha256 and doc["model_version"] == "7"
+        np.testing.assert_allclose(doc["outputs"][0], agent.infer(X).outputs[0].tolist(), rtol=1e-5)
+        buf = io.BytesIO()
+        np.save(buf, X)
+        status, doc = _post(f"{api}/v1/infer", buf.getvalue(), "application/x-npy")
+        assert status == 200 and doc["model_version"] == "7"
+        # bad input: clear 400s, and the agent keeps serving
+        for body, ctype, code in [
+            (b"{not json", "application/json", "bad_json"),
+            (b'{"x": 1}', "application/json", "missing_inputs"),
+            (b'{"inputs": [[1, 2], [3]]}', "application/json", "bad_inputs"),
+            (json.dumps({"inputs": [[1.0] * 63]}).encode(), "application/json", "inference_failed"),
+            (b"garbage", "application/x-npy", "bad_npy"),
+        ]:
+            status, doc = _post(f"{api}/v1/infer", body, ctype)
+            assert status == 400 and doc["error"]["code"] == code, (code, doc)
+        with urllib.request.urlopen(f"{api}/v1/model", timeout=5) as resp:
+            info = json.loads(resp.read())
+        assert info["model_version"] == "7" and info["input_shape"] == [1, 64]
+        # an NPU bundle on a device without the delegate: refused with the reason, old model kept
+        observer.publish(dev, sign_directive(fleet, dev, 2, artifacts.model_ref(npu)))
+        ev = observer.wait_event(dev, DS.FAILED, seq=2)
+        assert ev.reason == "unsupported_target" and "NPU" in (ev.detail or "")
+        assert agent.infer(X).model_sha256 == tfl.sha256
+        caps = agent.reported().capabilities
+        assert "litert" in caps["runtimes"] and "onnxruntime" in caps["runtimes"]
+        assert caps["runnable_targets"] == ["arm64-cpu", "tflite-int8"] and caps["disk_free"] > 0
+    finally:
+        loop_thread.run(agent.stop())
+
+
+def test_api_over_unix_socket(
+    broker_info: BrokerInfo,
+    keydir: KeyDir,
+    tmp_path: Path,
+    artifacts: ArtifactServer,
+    observer: Observer,
+    loop_thread: LoopThread,
+) -> None:
+    dev = unique_id()
+    bundle = make_bundle(tmp_path, keydir.key("release"), seed=5)
+    artifacts.add(bundle)
+    sock = tmp_path / "run" / "agent.sock"
+    cfg = agent_config(broker_info, tmp_path / dev, keydir.trust_path, dev, api_listen=f"unix:{sock}")
+    agent = start_agent(loop_thread, Agent(cfg, keydir.trust_root()))
+    try:
+        observer.publish(dev, sign_directive(keydir.key("fleet"), dev, 1, artifacts.model_ref(bundle)))
+        observer.wait_event(dev, DS.SERVING, seq=1)
+        status, doc = unix_request(
+            str(sock), "POST", "/v1/infer", json.dumps({"inputs": X.tolist()}).encode(), "application/json"
+        )
+        assert status == 200 and doc["model_sha256"] == bundle.sha256 and doc["model_version"] == "1"
+        assert unix_request(str(sock), "GET", "/healthz") == (200, {"status": "ok"})
+        # the documented example client, as an application would run it
+        out = subprocess.run(
+            [sys.executable, str(REPO / "examples" / "agent_client.py"), f"unix:{sock}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert f"answered by 1 {bundle.sha256[:12]} ok True" in out
+    finally:
+        loop_thread.run(agent.stop())
+    assert not sock.exists()

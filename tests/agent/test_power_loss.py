@@ -1,0 +1,143 @@
+"""Power loss: kill -9 the real agent process at each update state, many times, and restart it.
+
+Every time, the restarted agent must serve a valid model at once (the old or the
+new, never none), finish the update, and report what is really true (running
+hash = active slot = what its local API answers with). ``EDGEFLEET_AGENT_STALL``
+holds the agent in a state long enough to kill it there; downloads are killed
+mid-stream (bandwidth cap) so the restart has a partial file to resume.
+Repeats per state: ``EDGEFLEET_POWER_LOSS_REPEATS`` (default 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from device_agent import protocol
+from device_agent.local_api import unix_request
+from edgefleet.broker import BrokerInfo
+from signing.keyring import KeyDir
+
+from .harness import ArtifactServer, Observer, make_bundle, sign_directive, unique_id, wait_for
+
+DS = protocol.DeploymentState
+REPO = Path(__file__).resolve().parents[2]
+REPEATS = int(os.environ.get("EDGEFLEET_POWER_LOSS_REPEATS", "3"))
+STATES = ["downloading", "verifying", "installing", "warming", "swapping", "probation"]
+
+
+def _write_conf(path: Path, dev: str, data: Path, trust: Path, broker: BrokerInfo, **extra: Any) -> Path:
+    lines = [
+        "[agent]",
+        f'device_id = "{dev}"',
+        'hardware_id = "rpi4"',
+        f'data_dir = "{data}"',
+        f'trust_path = "{trust}"',
+        f"mqtt_port = {broker.port}",
+        f"mqtt_version = {broker.mqtt_version}",
+        "telemetry_interval = 0.5",
+        f'api_listen = "unix:{data / "api.sock"}"',
+        'log_format = "text"',
+    ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _spawn(conf: Path, stall: str = "", hz: float = 0.0) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, EDGEFLEET_AGENT_STALL=stall)
+    cmd = [sys.executable, "-m", "device_agent", "--config", str(conf), "--workload-hz", str(hz)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+
+
+def _api(data: Path, method: str, url: str) -> tuple[int, Any] | None:
+    try:
+        return unix_request(str(data / "api.sock"), method, url)
+    except OSError:
+        return None
+
+
+def _stop(proc: subprocess.Popen[bytes], kill: bool = False) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+    proc.wait(20)
+
+
+@pytest.mark.slow
+def test_kill_9_at_each_update_state_then_restart(
+    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, observer: Observer
+) -> None:
+    fleet, release = keydir.key("fleet"), keydir.key("release")
+    old = make_bundle(tmp_path, release, seed=1)
+    new = make_bundle(tmp_path, release, seed=2, version="2")
+    artifacts.add(old)
+    artifacts.add(new)
+    # one device installs the old model cleanly; every trial starts from a copy of its disk
+    template = tmp_path / "template"
+    dev0 = unique_id()
+    proc = _spawn(_write_conf(tmp_path / "t.toml", dev0, template, keydir.trust_path, broker_info))
+    try:
+        observer.publish(dev0, sign_directive(fleet, dev0, 1, artifacts.model_ref(old)))
+        observer.wait_event(dev0, DS.SERVING, seq=1, timeout=30)
+    finally:
+        _stop(proc)
+    (template / "api.sock").unlink(missing_ok=True)
+    probation = protocol.Probation(seconds=0.2, min_inferences=5)
+    outcomes: dict[str, list[str]] = {}
+    for state in STATES:
+        for trial in range(REPEATS):
+            dev = unique_id(f"{state[:4]}{trial}")
+            data = tmp_path / dev
+            shutil.copytree(template, data)
+            extra: dict[str, Any] = {}
+            if state == "downloading":
+                extra["download_max_bytes_per_s"] = max(256, new.length // 4)
+            conf = _write_conf(tmp_path / f"{dev}.toml", dev, data, keydir.trust_path, broker_info, **extra)
+            stall = "" if state in ("downloading", "probation") else f"{state}:60"
+            proc = _spawn(conf, stall=stall)
+            try:
+                observer.publish(
+                    dev, sign_directive(fleet, dev, 2, artifacts.model_ref(new), probation=probation)
+                )
+                observer.wait_event(dev, DS(state), seq=2, timeout=30)
+                if state == "downloading":
+                    part = data / "slots" / "b" / f"{new.sha256}.part"
+                    wait_for(lambda p=part: p.exists() and p.stat().st_size > 0, timeout=20, what="partial")
+            finally:
+                _stop(proc, kill=True)  # power loss
+            state_json = json.loads((data / "state.json").read_text())  # never torn
+            assert state_json["slots"][state_json["active"]] is not None
+            proc = _spawn(_write_conf(conf, dev, data, keydir.trust_path, broker_info), hz=50)
+            try:
+                first = wait_for(lambda d=data: _api(d, "GET", "/v1/model"), timeout=30, what="api up")
+                assert first[0] == 200 and first[1]["model_sha256"] in (old.sha256, new.sha256), first
+                outcomes.setdefault(state, []).append(first[1]["model_version"])
+                wait_for(
+                    lambda d=dev: any(
+                        r.deployment_seq == 2 and r.deployment_state == DS.SERVING
+                        for r in observer.reported(d)
+                    ),
+                    timeout=30,
+                    what=f"{dev} finishing the update after a kill in {state}",
+                )
+                status, doc = _api(data, "GET", "/v1/model") or (0, {})
+                assert status == 200 and doc["model_sha256"] == new.sha256
+                rep = [r for r in observer.reported(dev) if r.deployment_seq == 2][-1]
+                assert rep.running is not None and rep.running.sha256 == new.sha256
+                assert rep.slots[rep.active_slot or ""] == new.sha256
+                final = json.loads((data / "state.json").read_text())
+                assert final["slots"][final["active"]]["sha256"] == new.sha256
+                assert final["probation"] is None and final["deployment"]["state"] == "serving"
+            finally:
+                _stop(proc)
+    # after a kill mid-probation the new model was active and kept being watched
+    assert set(outcomes["probation"]) == {"2"}
+    assert set(outcomes["downloading"]) == {"1"}
