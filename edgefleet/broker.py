@@ -86,7 +86,11 @@ class Broker(contextlib.AbstractContextManager["Broker"]):
         self.stop()
 
 
-def start_mosquitto(port: int | None = None, workdir: Path | None = None, extra_conf: str = "") -> Broker:
+def start_mosquitto(
+    port: int | None = None, workdir: Path | None = None, extra_conf: str = "", persistence: bool = False
+) -> Broker:
+    """Start Mosquitto on a free loopback port; with ``persistence`` sessions and retained
+    messages survive a restart on the same ``workdir`` and port (broker-restart tests)."""
     binary = mosquitto_binary()
     if binary is None:
         raise FileNotFoundError("mosquitto is not installed (Debian: apt-get install mosquitto)")
@@ -95,6 +99,11 @@ def start_mosquitto(port: int | None = None, workdir: Path | None = None, extra_
     workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(workdir, 0o755)  # mosquitto drops to its own user and must read the config
     conf = workdir / "mosquitto.conf"
+    if persistence:
+        extra_conf += f"\npersistence true\npersistence_location {workdir}/\nautosave_interval 1\n"
+        if os.geteuid() == 0:
+            # Dropping to the mosquitto user would leave it unable to reach a private temp dir.
+            extra_conf += "user root\n"
     conf.write_text(MOSQUITTO_CONF.format(port=port, extra=extra_conf))
     os.chmod(conf, 0o644)
     log = open(workdir / "mosquitto.log", "ab")  # noqa: SIM115 - lives as long as the broker

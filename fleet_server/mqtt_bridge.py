@@ -17,6 +17,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy import Engine
@@ -51,12 +52,13 @@ class MqttBridge:
         self._idle = threading.Event()
         self._idle.set()
         v5 = settings.mqtt_version == 5
+        self.persistent = settings.mqtt_client_id is not None
         self.client_id = settings.mqtt_client_id or f"ef-server-{uuid.uuid4().hex[:12]}"
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else True,
+            clean_session=None if v5 else not self.persistent,
         )
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
         self.client.max_queued_messages_set(0)
@@ -68,7 +70,19 @@ class MqttBridge:
     def start(self) -> None:
         self._worker = threading.Thread(target=self._ingest_loop, name="ef-ingest", daemon=True)
         self._worker.start()
-        self.client.connect_async(self.settings.mqtt_host, self.settings.mqtt_port, keepalive=30)
+        props: Properties | None = None
+        if self.settings.mqtt_version == 5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.settings.mqtt_session_expiry if self.persistent else 0
+        self.client.connect_async(
+            self.settings.mqtt_host,
+            self.settings.mqtt_port,
+            keepalive=30,
+            clean_start=not self.persistent
+            if self.settings.mqtt_version == 5
+            else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=props,
+        )
         self.client.loop_start()
 
     def stop(self, discard_backlog: bool = False) -> None:

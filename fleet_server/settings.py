@@ -23,7 +23,11 @@ class ServerSettings(BaseSettings):
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
     mqtt_version: int = Field(default=5, description="5 or 4 (MQTT 3.1.1)")
-    mqtt_client_id: str | None = None  # None: a unique id per server process
+    # A stable client id per replica gives it a persistent broker session: QoS 1 events and
+    # telemetry published while it restarts are queued by the broker and delivered after.
+    # None: a fresh id and a clean session per process (messages sent while it is away are lost).
+    mqtt_client_id: str | None = None
+    mqtt_session_expiry: int = 600  # seconds the broker keeps a stable-id replica's session
     shared_subscriptions: bool = True
     public_url: str = "http://127.0.0.1:8080"  # base URL devices download artifacts from
     tick_interval: float = 1.0  # seconds between rollout engine runs
