@@ -18,7 +18,8 @@ from edgefleet.commands.keys import keys_app
 from edgefleet.commands.models import models_app
 from edgefleet.commands.processes import agent_cmd, demo_cmd, server_cmd
 from edgefleet.commands.rollouts import parse_selector, parse_stages, rollouts_app
-from edgefleet.commands.sim import sim_cmd
+from edgefleet.commands.sim import sim_app
+from edgefleet.commands.tokens import audit_app, tokens_app
 
 app = typer.Typer(
     name="edgefleet",
@@ -33,8 +34,10 @@ app.add_typer(devices_app, name="devices")
 app.add_typer(rollouts_app, name="rollouts")
 app.command("server")(server_cmd)
 app.command("agent")(agent_cmd)
-app.command("sim")(sim_cmd)
+app.add_typer(sim_app, name="sim")
 app.add_typer(broker_app, name="broker")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(audit_app, name="audit")
 app.command("demo")(demo_cmd)
 
 __all__ = ["app", "main", "parse_selector", "parse_stages"]

@@ -5,6 +5,13 @@ loop and the loaded ONNX sessions are shared. Sharing sessions
 (:class:`SharedRuntimeFactory`, keyed by sha256) is what keeps hundreds of
 devices in one process affordable (a session costs 16-45 MB RSS). Agents
 connect in batches because the broker's listen backlog is ~100.
+
+Devices can be taken down and brought back while the fleet runs, the way
+real devices fail: :meth:`Fleet.power_off` is a clean shutdown,
+:meth:`Fleet.crash` pulls the plug (tasks cancelled where they stand, the
+socket dropped without an MQTT DISCONNECT, nothing flushed), and
+:meth:`Fleet.power_on` boots a *new* Agent on the same data dir, which is the
+agent's crash-recovery path.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +30,7 @@ import numpy as np
 
 from device_agent.agent import Agent, NoModelError
 from device_agent.config import AgentConfig, BrokerInfo
-from device_agent.runtime import SharedRuntimeFactory
+from device_agent.runtime import RuntimeFactory, SharedRuntimeFactory
 from signing.trust import TrustRoot
 
 CONNECT_BATCH = 100
@@ -31,13 +39,22 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class DeviceSpec:
+    """One simulated device. ``hw_class`` picks a runtime from ``Fleet(class_runtimes=...)``;
+    ``mqtt_host``/``mqtt_port`` override the broker address (a fault proxy in front of it)."""
+
     device_id: str
     hardware_id: str
     tags: dict[str, str] = field(default_factory=dict)
+    hw_class: str = ""
+    targets: tuple[str, ...] = ()
+    mqtt_host: str | None = None
+    mqtt_port: int | None = None
+    start_online: bool = True
+    slow_inference: bool = False  # run the workload's inferences off the loop (the model sleeps)
 
 
 class Fleet:
-    """A simulated fleet. ``start()`` returns once every agent is connected; ``stop()`` ends them all."""
+    """A simulated fleet. ``start()`` returns once every online agent is connected; ``stop()`` ends all."""
 
     def __init__(
         self,
@@ -51,8 +68,13 @@ class Fleet:
         telemetry_interval: float = 5.0,
         targets: list[str] | None = None,
         connect_timeout: float = 60.0,
+        class_runtimes: dict[str, RuntimeFactory] | None = None,
+        runtime: SharedRuntimeFactory | None = None,
     ) -> None:
         self.specs = list(specs)
+        self.by_id = {s.device_id: s for s in self.specs}
+        if len(self.by_id) != len(self.specs):
+            raise ValueError("duplicate device ids in the fleet")
         self.broker = broker
         self.trust_path = Path(trust_path)
         self.data_root = Path(data_root)
@@ -61,12 +83,19 @@ class Fleet:
         self.telemetry_interval = telemetry_interval
         self.targets = targets or ["arm64-cpu"]
         self.connect_timeout = connect_timeout
-        self.runtime = SharedRuntimeFactory()
+        self.runtime = runtime or SharedRuntimeFactory()
+        self.class_runtimes = dict(class_runtimes or {})
         self.agents: dict[str, Agent] = {}
+        self.down: set[str] = set()  # devices powered off or crashed right now
         self.workload_errors = 0
+        self.lifecycle: Counter[str] = Counter()  # crashes, power_offs, power_ons
+        self.ever_ran: dict[str, set[str]] = {}  # device -> every sha it served, across restarts
+        self._retired_metrics: dict[str, Counter[str]] = {}  # counters of agents replaced by a reboot
+        self._trust: TrustRoot | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._workloads: list[asyncio.Task[None]] = []
+        self.max_loop_lag = 0.0  # s: how late the shared loop ran a 0.1 s timer (simulator overload)
 
     # -- lifecycle (caller's thread) ---------------------------------------
 
@@ -111,7 +140,34 @@ class Fleet:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    # -- device faults (caller's thread) -------------------------------------
+
+    def crash(self, device_id: str) -> None:
+        """Pull the plug: cancel the agent's work where it stands and drop its socket without DISCONNECT."""
+        self.run(self._crash(device_id), timeout=10)
+
+    def power_off(self, device_id: str) -> None:
+        """Clean shutdown (last telemetry sent, ``offline`` published)."""
+        self.run(self._power_off(device_id), timeout=15)
+
+    def power_on(self, device_id: str, wait: bool = False) -> None:
+        """Boot a new Agent on the device's data dir (restores from its slots, like a reboot)."""
+        self.run(self._power_on(device_id, wait), timeout=self.connect_timeout + 10)
+
     # -- views ----------------------------------------------------------------
+
+    def metric_total(self, key: str) -> int:
+        """A counter summed over every agent that ever ran in this fleet (reboots included)."""
+        total = sum(a.metrics.get(key, 0) for a in list(self.agents.values()))
+        return total + sum(c.get(key, 0) for c in self._retired_metrics.values())
+
+    def device_metrics(self, device_id: str) -> Counter[str]:
+        """One device's agent counters, summed over its reboots."""
+        out = Counter(self._retired_metrics.get(device_id, Counter()))
+        agent = self.agents.get(device_id)
+        if agent is not None and device_id not in self.down:
+            out.update(agent.metrics)
+        return out
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per device: running sha, deployment state/error, swap history, inference counts."""
@@ -119,48 +175,60 @@ class Fleet:
         for device_id, agent in list(self.agents.items()):
             served = agent.served_ok
             metrics = agent.metrics
+            up = device_id not in self.down
             out[device_id] = {
-                "running": agent.running_sha256,
-                "state": str(agent.deployment_state),
+                "running": agent.running_sha256 if up else None,
+                "state": str(agent.deployment_state) if up else "down",
                 "error": agent.deployment_error,
                 "history": list(agent.history),
+                "ever_ran": sorted(self.ever_ran.get(device_id, set()) | set(agent.history)),
                 "served_ok": served,
                 "inferences_ok": sum(served.values()),
                 "inference_errors": sum(v for k, v in metrics.items() if k.startswith("inference_")),
-                "connected": agent.link is not None and agent.link.connected,
+                "connected": up and agent.link is not None and agent.link.connected,
+                "hw_class": self.by_id[device_id].hw_class,
+                "hardware_id": self.by_id[device_id].hardware_id,
             }
         return out
 
     # -- on the loop ----------------------------------------------------------
 
+    def _make_agent(self, spec: DeviceSpec) -> Agent:
+        assert self._trust is not None
+        config = AgentConfig(
+            device_id=spec.device_id,
+            hardware_id=spec.hardware_id,
+            data_dir=self.data_root / spec.device_id,
+            trust_path=self.trust_path,
+            mqtt_host=spec.mqtt_host or self.broker.host,
+            mqtt_port=spec.mqtt_port or self.broker.port,
+            mqtt_version=self.broker.mqtt_version,
+            telemetry_interval=self.telemetry_interval,
+            targets=list(spec.targets or self.targets),
+            tags=dict(spec.tags),
+        )
+        runtime = self.class_runtimes.get(spec.hw_class, self.runtime)
+        return Agent(config, self._trust, runtime_factory=runtime)
+
     async def _start_all(self) -> None:
-        trust = TrustRoot.load_file(self.trust_path)
+        self._trust = TrustRoot.load_file(self.trust_path)
         for spec in self.specs:
-            config = AgentConfig(
-                device_id=spec.device_id,
-                hardware_id=spec.hardware_id,
-                data_dir=self.data_root / spec.device_id,
-                trust_path=self.trust_path,
-                mqtt_host=self.broker.host,
-                mqtt_port=self.broker.port,
-                mqtt_version=self.broker.mqtt_version,
-                telemetry_interval=self.telemetry_interval,
-                targets=list(self.targets),
-                tags=dict(spec.tags),
-            )
-            self.agents[spec.device_id] = Agent(config, trust, runtime_factory=self.runtime)
-        agents = list(self.agents.values())
-        for i in range(0, len(agents), CONNECT_BATCH):
-            batch = agents[i : i + CONNECT_BATCH]
+            self.agents[spec.device_id] = self._make_agent(spec)
+            if not spec.start_online:
+                self.down.add(spec.device_id)
+        online = [self.agents[s.device_id] for s in self.specs if s.start_online]
+        for i in range(0, len(online), CONNECT_BATCH):
+            batch = online[i : i + CONNECT_BATCH]
             await asyncio.gather(*(a.start() for a in batch))
             ok = await asyncio.gather(*(a.wait_connected(self.connect_timeout) for a in batch))
             if not all(ok):
                 missing = [a.device_id for a, c in zip(batch, ok, strict=True) if not c]
                 raise TimeoutError(f"{len(missing)} agents did not connect: {missing[:5]}")
+        self._workloads.append(asyncio.get_running_loop().create_task(self._lag_monitor()))
         if self.workload_hz > 0:
             loop = asyncio.get_running_loop()
-            for n, agent in enumerate(agents):
-                self._workloads.append(loop.create_task(self._workload(agent, n)))
+            for n, spec in enumerate(self.specs):
+                self._workloads.append(loop.create_task(self._workload(spec, n)))
 
     async def _stop_all(self) -> None:
         for task in self._workloads:
@@ -169,26 +237,99 @@ class Fleet:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._workloads = []
-        await asyncio.gather(*(a.stop() for a in self.agents.values()), return_exceptions=True)
+        up = [a for d, a in self.agents.items() if d not in self.down]
+        await asyncio.gather(*(a.stop() for a in up), return_exceptions=True)
 
-    async def _workload(self, agent: Agent, n: int) -> None:
-        """Infer on rows of ``sample_inputs`` at ``workload_hz`` (inline: the models are tiny)."""
+    def _retire(self, device_id: str, agent: Agent) -> None:
+        self.ever_ran.setdefault(device_id, set()).update(agent.history)
+        self._retired_metrics.setdefault(device_id, Counter()).update(agent.metrics)
+
+    async def _crash(self, device_id: str) -> None:
+        if device_id in self.down:
+            return
+        agent = self.agents[device_id]
+        self.down.add(device_id)
+        self.lifecycle["crashes"] += 1
+        await _pull_the_plug(agent)
+        self._retire(device_id, agent)
+
+    async def _power_off(self, device_id: str) -> None:
+        if device_id in self.down:
+            return
+        agent = self.agents[device_id]
+        self.down.add(device_id)
+        self.lifecycle["power_offs"] += 1
+        await agent.stop()
+        self._retire(device_id, agent)
+
+    async def _power_on(self, device_id: str, wait: bool) -> None:
+        if device_id not in self.down:
+            return
+        agent = self._make_agent(self.by_id[device_id])
+        self.agents[device_id] = agent
+        self.lifecycle["power_ons"] += 1
+        await agent.start()
+        self.down.discard(device_id)
+        if wait and not await agent.wait_connected(self.connect_timeout):
+            raise TimeoutError(f"{device_id} did not reconnect after power-on")
+
+    async def _lag_monitor(self, period: float = 0.1) -> None:
+        """Record how late the loop wakes up: when it lags by seconds, device-side timeouts
+        (connect, read) fire because the simulator is overloaded, not because the product is slow."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(period)
+            self.max_loop_lag = max(self.max_loop_lag, loop.time() - t - period)
+
+    async def _workload(self, spec: DeviceSpec, n: int) -> None:
+        """Infer on rows of ``sample_inputs`` at ``workload_hz`` on whichever agent the device runs now."""
         rng = np.random.default_rng(n)
         period = 1.0 / self.workload_hz
         await asyncio.sleep(rng.uniform(0, period))  # spread the fleet's inferences over the period
         i = n
+        device_id = spec.device_id
         while True:
-            model = agent.running_model
-            if model is not None:
+            agent = self.agents.get(device_id)
+            model = agent.running_model if agent is not None and device_id not in self.down else None
+            if agent is not None and model is not None:
                 if self.sample_inputs is not None and len(self.sample_inputs):
                     x = self.sample_inputs[i % len(self.sample_inputs)][None, ...]
                     i += 1
                 else:
                     x = rng.standard_normal(model.input_shape).astype(model.input_dtype)
                 try:
-                    agent.infer(x)
+                    if spec.slow_inference:
+                        await asyncio.to_thread(agent.infer, x)
+                    else:
+                        agent.infer(x)  # inline: the models are tiny
                 except NoModelError:
                     pass
                 except Exception:
                     self.workload_errors += 1
             await asyncio.sleep(period)
+
+
+async def _pull_the_plug(agent: Agent) -> None:
+    """Stop an agent the way power loss does: no clean shutdown, no DISCONNECT, nothing flushed.
+
+    Reaches into the agent's task lists and link because the agent (rightly) has
+    no "die badly" API; if those internals move, this is the one place to adapt.
+    """
+    tasks: list[asyncio.Task[Any]] = list(getattr(agent, "_tasks", [])) + list(
+        getattr(agent, "_background", ())
+    )
+    link = agent.link
+    if link is not None:
+        link._stopping = True
+        tasks += [t for t in (link._reconnect_task, link._misc_task) if t is not None]
+    for task in tasks:
+        task.cancel()
+    if link is not None:
+        sock = link.client.socket()
+        link._drop_socket()
+        if sock is not None:
+            with contextlib.suppress(Exception):
+                sock.close()  # the broker sees a dead TCP connection and publishes the will
+        link._connected.clear()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,4 +1,4 @@
-"""`edgefleet sim`: run many real device agents in one process."""
+"""`edgefleet sim`: run a scenario (`sim run x.toml`), or N real agents against a running stack."""
 
 from __future__ import annotations
 
@@ -7,12 +7,87 @@ from typing import Annotated
 
 import typer
 
-from edgefleet.commands.common import (
-    ServerOpt,
-    console,
+from edgefleet.commands.common import JsonOpt, ServerOpt, console, err, fail, print_json
+
+sim_app = typer.Typer(
+    help="Simulate a fleet: scenarios with faults against a real broker and server, or a plain fleet.",
+    no_args_is_help=True,
 )
 
 
+@sim_app.command("run")
+def run_cmd(
+    scenario: Annotated[Path, typer.Argument(help="Scenario TOML file (see docs/simulator.md).")],
+    small: Annotated[
+        bool, typer.Option("--small", help="Apply the file's [small] overrides (CI size).")
+    ] = False,
+    report_dir: Annotated[
+        Path | None, typer.Option(help="Where the report goes (default: <workdir>/report).")
+    ] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Work directory (default: a new temp dir).")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="Server database URL (default: SQLite in the workdir).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a broker and a server, run the scenario, write the report; exit 1 if an expectation fails."""
+    import logging
+
+    from edgefleet.sim_harness import run_scenario
+    from simulator.report import summary_rows
+    from simulator.scenario import ScenarioError
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("simulator.runner").setLevel(logging.INFO)
+    try:
+        outcome = run_scenario(
+            scenario, small=small, workdir=workdir, report_dir=report_dir, database_url=database_url
+        )
+    except ScenarioError as exc:
+        fail(str(exc), 2)
+    result = outcome.result
+    if as_json:
+        print_json(
+            {
+                "scenario": result.scenario,
+                "ok": result.ok,
+                "step_error": result.step_error,
+                "checks": [{"outcome": o, "expectation": e, "detail": d} for o, e, d in summary_rows(result)],
+                "figures": result.figures,
+                "report": {k: str(v) for k, v in outcome.report.items()},
+            }
+        )
+    else:
+        from rich.table import Table
+
+        table = Table("outcome", "expectation", "detail", title=f"scenario {result.scenario}")
+        colour = {"pass": "green", "FAIL": "bold red", "xfail": "yellow", "xpass": "cyan"}
+        for o, e, d in summary_rows(result):
+            table.add_row(f"[{colour[o]}]{o}[/]", e, d)
+        console.print(table)
+        if result.step_error:
+            err.print(f"[bold red]script stopped:[/] {result.step_error}")
+        console.print(f"report: {outcome.report.get('html')}")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@sim_app.command("check")
+def check_cmd(
+    scenario: Annotated[Path, typer.Argument(help="Scenario TOML file.")],
+    small: Annotated[bool, typer.Option("--small", help="Check with the [small] overrides applied.")] = False,
+) -> None:
+    """Validate a scenario file without running it (exit 2 with the bad keys named)."""
+    from simulator.scenario import ScenarioError, load_scenario
+
+    try:
+        sc = load_scenario(scenario, small=small)
+    except ScenarioError as exc:
+        fail(str(exc), 2)
+    console.print(f"{sc.name}: {sc.fleet.devices} devices {sc.class_counts()}, {len(sc.steps)} steps, ok")
+
+
+@sim_app.command("fleet")
 def sim_cmd(
     devices: Annotated[int, typer.Option("--devices", "-n", help="How many agents.")] = 50,
     broker: Annotated[str, typer.Option(help="host:port of the MQTT broker.")] = "127.0.0.1:1883",
@@ -22,12 +97,15 @@ def sim_cmd(
     ),
     hardware: Annotated[str, typer.Option("--hw", help="Hardware id of the devices.")] = "rpi4",
     prefix: Annotated[str, typer.Option(help="Device id prefix.")] = "sim",
+    first: Annotated[
+        int, typer.Option(help="Number of the first device (split a fleet over processes).")
+    ] = 0,
     workload_hz: Annotated[float, typer.Option(help="Inferences per second per device.")] = 2.0,
     data_root: Annotated[Path, typer.Option(help="Where device data dirs go.")] = Path(".sim"),
     register: Annotated[bool, typer.Option(help="Register the devices with the server first.")] = True,
     server: ServerOpt = None,
 ) -> None:
-    """Run N real device agents in one process until Ctrl-C."""
+    """Run N real device agents in one process against an existing broker and server until Ctrl-C."""
     import signal
     import threading
 
@@ -36,8 +114,10 @@ def sim_cmd(
     from simulator.registry import register_devices
 
     host, _, port = broker.rpartition(":")
+    if not port.isdigit():
+        fail(f"--broker must be host:port, got {broker!r}", 2)
     info = BrokerInfo(host or "127.0.0.1", int(port), mqtt_version, mqtt_version == 5)
-    specs = [DeviceSpec(f"{prefix}-{i:04d}", hardware, {"sim": "1"}) for i in range(devices)]
+    specs = [DeviceSpec(f"{prefix}-{i:05d}", hardware, {"sim": "1"}) for i in range(first, first + devices)]
     if register:
         from edgefleet.client import default_server
 

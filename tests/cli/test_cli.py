@@ -36,6 +36,9 @@ COMMANDS = [
     ["server"],
     ["agent"],
     ["sim"],
+    ["sim", "run"],
+    ["sim", "fleet"],
+    ["sim", "check"],
     ["demo"],
     ["broker", "run"],
 ]

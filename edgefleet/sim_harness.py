@@ -1,0 +1,336 @@
+"""The infrastructure of a scenario run: keys, model bundles, broker, fleet server, artifact proxy.
+
+Lives in ``edgefleet/`` because it starts the server and the compiler, which the
+simulator may not import (DESIGN.md's import rules); the simulator sees it only
+through :class:`simulator.runner.Harness`.
+
+- The broker is a real Mosquitto from a generated config **with persistence**
+  (its own directory, writable by the ``mosquitto`` user), so a restart keeps
+  retained directives and the server's session, like a production broker.
+- The server's ``public_url`` is the fault-injecting HTTP proxy, so the signed
+  directives point every download through it.
+- The server runs in its own process by default (``server_mode="process"``):
+  1,000 agents and the server in one interpreter fight over one GIL, and the
+  server then answers downloads too slowly for the agents' timeouts, which
+  measures the simulator, not the product. ``"thread"`` keeps it in-process.
+- A server restart terminates the server and starts a new one on the same port
+  and database; a broker restart terminates Mosquitto (it saves its database on
+  SIGTERM) and starts it again on the same port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agent.config import BrokerInfo
+from simulator.netem import HttpFaultProxy, NetworkThread
+from simulator.runner import RunResult, ScenarioRun
+from simulator.scenario import Scenario, load_scenario
+
+# Concurrent requests the artifact proxy lets through to the server, as an nginx in front of
+# it would. Unbounded, ~50+ simultaneous downloads stall the server until every one times out
+# (measured: 100 concurrent GETs of a 5 KB artifact, 0 answered within 30 s).
+ARTIFACT_CONCURRENCY = 32
+PERSISTENCE_CONF = "persistence true\npersistence_location {dir}/\nautosave_interval 1\n"
+
+
+@dataclass
+class RunOutcome:
+    result: RunResult
+    report: dict[str, Path]
+    workdir: Path
+
+
+class SimHarness:
+    """Start with :meth:`start`, end with :meth:`close` (or use it as a context manager)."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        workdir: Path,
+        database_url: str | None = None,
+        server_mode: str = "process",
+    ) -> None:
+        if server_mode not in ("process", "thread"):
+            raise ValueError(f"server_mode must be 'process' or 'thread', got {server_mode!r}")
+        self.server_mode = server_mode
+        self.scenario = scenario
+        self.workdir = Path(workdir)
+        self.database_url = database_url
+        self.model_shas: dict[str, str] = {}
+        self.model_refs: dict[str, str] = {}
+        self.sample_inputs: np.ndarray | None = None
+        self.net = NetworkThread()
+        self.artifact_proxy: HttpFaultProxy
+        self.broker: BrokerInfo
+        self.server_url = ""
+        self.trust_path = self.workdir / "keys" / "trust.json"
+        self._broker_handle: Any = None
+        self._server: Any = None
+        self._settings: Any = None
+        self._server_port = 0
+        self._bundles: dict[str, Path] = {}
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> SimHarness:
+        from edgefleet.broker import free_port
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._build_models()
+        self._broker_handle = self._start_broker(None)
+        self.broker = self._broker_handle.info
+        self._server_port = free_port()
+        self.artifact_proxy = HttpFaultProxy(
+            "127.0.0.1", self._server_port, seed=self.scenario.seed, max_upstream=ARTIFACT_CONCURRENCY
+        )
+        self.net.run(self.artifact_proxy.start())
+        self._start_server()
+        self._push_models()
+        return self
+
+    def close(self) -> None:
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                self._server.stop()
+            self._server = None
+        if self._broker_handle is not None:
+            with contextlib.suppress(Exception):
+                self._broker_handle.stop()
+            self._broker_handle = None
+        with contextlib.suppress(Exception):
+            self.net.run(self.artifact_proxy.close(), timeout=5)
+        self.net.close()
+
+    def __enter__(self) -> SimHarness:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- models -----------------------------------------------------------------
+
+    def _build_models(self) -> None:
+        """Train the digits classifier once, then compile and sign every model the scenario names."""
+        from compiler.examples import make_nan_model, train_digits
+        from compiler.pipeline import compile_model
+        from signing.keyring import KeyDir, init_keys
+
+        keys = self.workdir / "keys"
+        if not (keys / "trust.json").exists():
+            init_keys(keys)
+        release_key = KeyDir(keys).key("release")
+        example = train_digits(self.workdir / "digits")
+        self.sample_inputs = np.load(example.eval_path)["x"].astype(np.float32)
+        nan_src = self.workdir / "digits" / "nan.onnx"
+        all_hw = sorted({c.hw_id for c in self.scenario.fleet.classes})
+        for n, (key, spec) in enumerate(sorted(self.scenario.models.items())):
+            src = example.model_path
+            if spec.kind == "nan":
+                if not nan_src.exists():
+                    make_nan_model(example.model_path, nan_src)
+                src = nan_src
+            src = _tagged_copy(src, self.workdir / "digits" / f"{key}.onnx", f"{spec.name}:{spec.version}")
+            release = int(spec.version) if spec.version.isdigit() else n + 1
+            out = compile_model(
+                src,
+                target="arm64-cpu",
+                calib_path=example.calib_path,
+                eval_path=example.eval_path,
+                out_dir=self.workdir / "bundles" / key,
+                release_key=release_key,
+                name=spec.name,
+                version=spec.version,
+                release=release,
+                hardware_ids=spec.hardware or all_hw,
+                gate=None,  # the scenario is about the fleet's gates, not the compiler's
+                overwrite=True,
+                latency_repeats=1,
+            )
+            self._bundles[key] = out.bundle_dir
+            self.model_shas[key] = out.manifest.model_file.sha256
+            self.model_refs[key] = f"{spec.name}:{spec.version}"
+
+    def _push_models(self) -> None:
+        from edgefleet.client import ApiClient
+
+        with ApiClient(self.server_url) as api:
+            for bundle in self._bundles.values():
+                api.push_bundle(bundle)
+
+    # -- broker -------------------------------------------------------------------
+
+    def _start_broker(self, port: int | None) -> Any:
+        from edgefleet.broker import mosquitto_binary, start_mosquitto
+
+        if mosquitto_binary() is None:
+            raise RuntimeError(
+                "scenarios need Mosquitto (apt-get install mosquitto): broker restarts, $share"
+            )
+        bdir = self.workdir / "broker"
+        db = bdir / "db"
+        db.mkdir(parents=True, exist_ok=True)
+        os.chmod(db, 0o777)  # mosquitto drops to its own user and writes its database here
+        return start_mosquitto(port=port, workdir=bdir, extra_conf=PERSISTENCE_CONF.format(dir=db))
+
+    def restart_broker(self, down_seconds: float) -> None:
+        port = self.broker.port
+        self._broker_handle.stop()
+        time.sleep(down_seconds)
+        self._broker_handle = self._start_broker(port)
+
+    # -- server -------------------------------------------------------------------
+
+    def _start_server(self) -> None:
+        from fleet_server.runner import ServerThread
+        from fleet_server.settings import ServerSettings
+
+        if self._settings is None:
+            self._settings = ServerSettings(
+                database_url=self.database_url,
+                data_dir=self.workdir / "server",
+                keys_dir=self.workdir / "keys",
+                mqtt_host=self.broker.host,
+                mqtt_port=self.broker.port,
+                mqtt_version=self.broker.mqtt_version,
+                shared_subscriptions=self.broker.shared_subscriptions,
+                public_url=self.artifact_proxy.url,
+                tick_interval=self.scenario.tick_interval,
+            )
+        if self.server_mode == "thread":
+            self._server = ServerThread(self._settings, host="127.0.0.1", port=self._server_port).start()
+            self.server_url = self._server.url
+        else:
+            self._server = ServerProcess(
+                self._settings, self._server_port, self.workdir / "server.log"
+            ).start()
+            self.server_url = self._server.url
+
+    def restart_server(self, down_seconds: float) -> None:
+        self._server.stop()
+        self._server = None
+        time.sleep(down_seconds)
+        self._start_server()
+
+
+class ServerProcess:
+    """``fleet_server.runner.main`` in a child process, configured through ``EDGEFLEET_*`` variables."""
+
+    def __init__(self, settings: Any, port: int, log_path: Path) -> None:
+        self.settings = settings
+        self.port = port
+        self.log_path = log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        import httpx
+
+        env = dict(os.environ)
+        for key, value in self.settings.model_dump().items():
+            if value is not None:
+                text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+                env[f"EDGEFLEET_{key.upper()}"] = text
+        code = f"from fleet_server.runner import main; main(None, '127.0.0.1', {self.port})"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self._proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the fleet server exited during startup:\n{tail}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return self
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"the fleet server did not answer /healthz within {timeout}s")
+
+    def stop(self) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def device_root(work: Path) -> Iterator[Path]:
+    """Where the simulated devices keep their slots: in RAM (/dev/shm) when there is one.
+
+    The agent writes and fsyncs its slots on its event loop, which is right on a device; with
+    hundreds of agents on one loop, hundreds of fsyncs in a row stall every device for seconds
+    (measured: an 11 s stall at 1,000 devices on disk). RAM makes fsync cheap and keeps the
+    crash semantics the simulator needs (files survive an agent "crash", which is a process-level
+    event here). ``EDGEFLEET_SIM_ON_DISK=1`` keeps them in the work directory.
+    """
+    shm = Path("/dev/shm")
+    if os.environ.get("EDGEFLEET_SIM_ON_DISK") or not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield work / "devices"
+        return
+    root = Path(tempfile.mkdtemp(prefix="ef-sim-devices-", dir=shm))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _tagged_copy(src: Path, dst: Path, tag: str) -> Path:
+    """Copy an ONNX model with ``tag`` in its metadata: same behaviour, distinct bytes and sha256,
+    so two versions built from one trained model are two different artifacts to the fleet."""
+    import onnx
+
+    model = onnx.load(str(src))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "edgefleet.sim.model", tag
+    onnx.save(model, str(dst))
+    return dst
+
+
+def run_scenario(
+    path: Path,
+    *,
+    small: bool = False,
+    workdir: Path | None = None,
+    report_dir: Path | None = None,
+    database_url: str | None = None,
+    keep_workdir: bool = True,
+    server_mode: str = "process",
+) -> RunOutcome:
+    """Load, run and report one scenario file. Raises ``ScenarioError`` on a bad file (nothing started)."""
+    scenario = load_scenario(path, small=small)
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"ef-sim-{scenario.name}-"))
+    from simulator.report import write_report
+
+    with (
+        SimHarness(scenario, work, database_url=database_url, server_mode=server_mode) as harness,
+        device_root(work) as devices,
+    ):
+        run = ScenarioRun(scenario, harness, work, device_root=devices)
+        result = run.execute()
+    report = write_report(result, run.timeline, Path(report_dir) if report_dir else work / "report")
+    if not keep_workdir and result.ok:
+        for sub in ("devices", "server", "broker", "bundles", "digits"):
+            shutil.rmtree(work / sub, ignore_errors=True)
+    return RunOutcome(result, report, work)
+
+
+__all__ = ["RunOutcome", "SimHarness", "run_scenario"]

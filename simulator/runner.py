@@ -1,0 +1,512 @@
+"""Run a scenario: build the fleet and its network, play the script, check the expectations.
+
+The runner drives real parts only: real agents (:class:`simulator.fleet.Fleet`),
+real proxies (:mod:`simulator.netem`), the fleet server through its HTTP API.
+Starting, stopping and restarting the broker and the server is the
+:class:`Harness`'s job (``edgefleet.sim_harness``), because the simulator may
+not import the server (DESIGN.md's import rules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import numpy as np
+
+from device_agent.config import BrokerInfo
+from device_agent.runtime import RuntimeFactory, SharedRuntimeFactory
+from simulator.faults import ClassRuntime
+from simulator.fleet import DeviceSpec, Fleet
+from simulator.memory import rss_bytes
+from simulator.netem import HttpFaultProxy, LinkState, NetworkThread, TcpFaultProxy
+from simulator.registry import register_devices
+from simulator.scenario import Expectation, Scenario, Step
+from simulator.timeline import Timeline
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("completed", "rolled_back", "aborted")
+
+
+class Harness(Protocol):
+    """What the runner needs from the infrastructure (implemented in ``edgefleet.sim_harness``)."""
+
+    server_url: str  # admin API, direct
+    broker: BrokerInfo  # where the real broker listens
+    trust_path: Path
+    net: NetworkThread
+    artifact_proxy: HttpFaultProxy  # the server's public_url points here
+    model_shas: dict[str, str]  # scenario model key -> sha256 of its model file
+    model_refs: dict[str, str]  # scenario model key -> "name:version"
+    sample_inputs: np.ndarray | None
+
+    def restart_broker(self, down_seconds: float) -> None: ...
+
+    def restart_server(self, down_seconds: float) -> None: ...
+
+
+class StepFailed(RuntimeError):
+    """A step could not do what it says (e.g. a wait timed out); the rest of the script is skipped."""
+
+
+@dataclass
+class CheckResult:
+    label: str
+    ok: bool
+    detail: str
+    expected_failure: str | None = None
+
+    @property
+    def outcome(self) -> str:
+        if self.expected_failure is None:
+            return "pass" if self.ok else "FAIL"
+        return "xpass" if self.ok else "xfail"
+
+    @property
+    def counts_as_failure(self) -> bool:
+        return self.expected_failure is None and not self.ok
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    checks: list[CheckResult] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    step_error: str | None = None
+    events: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.step_error is None and not any(c.counts_as_failure for c in self.checks)
+
+
+class ScenarioRun:
+    """One run of one scenario against a started :class:`Harness`."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        harness: Harness,
+        workdir: Path,
+        sample_interval: float = 0.5,
+        device_root: Path | None = None,
+    ):
+        self.device_root = device_root or Path(workdir) / "devices"
+        self.sc = scenario
+        self.h = harness
+        self.workdir = Path(workdir)
+        self.rng = random.Random(scenario.seed)
+        self.sample_interval = sample_interval
+        self.specs: list[DeviceSpec] = []
+        self.class_of: dict[str, str] = {}
+        self.links: dict[str, LinkState] = {}
+        self.mqtt_proxies: dict[str, TcpFaultProxy] = {}
+        self.rollouts: dict[str, str] = {}  # scenario id -> server id
+        self.groups: dict[str, list[str]] = {}
+        self.faulted: set[str] = set()  # each new fault picks devices no earlier fault touched
+        self.result = RunResult(scenario.name)
+        self.fleet: Fleet | None = None
+        self.timeline: Timeline | None = None
+        self._timers: list[threading.Thread] = []
+        self._t0 = time.monotonic()
+        self._api = httpx.Client(base_url=harness.server_url, timeout=10.0)
+
+    # -- setup ----------------------------------------------------------------
+
+    def _build_specs(self) -> None:
+        counts = self.sc.class_counts()
+        net = self.h.net
+        for cls in self.sc.fleet.classes:
+            profile = self.sc.network[cls.network].profile() if cls.network != "ideal" else None
+            proxied = cls.proxied if cls.proxied is not None else profile is not None
+            for i in range(counts[cls.name]):
+                device_id = f"{self.sc.fleet.prefix}-{cls.name}-{i:05d}"
+                link = LinkState(profile=profile) if profile is not None else LinkState()
+                self.links[device_id] = link
+                self.h.artifact_proxy.links[device_id] = link
+                host, port = None, None
+                if proxied:
+                    proxy = TcpFaultProxy(self.h.broker.host, self.h.broker.port, link, seed=self.sc.seed + i)
+                    net.run(proxy.start())
+                    self.mqtt_proxies[device_id] = proxy
+                    host, port = "127.0.0.1", proxy.port
+                self.class_of[device_id] = cls.name
+                self.specs.append(
+                    DeviceSpec(
+                        device_id,
+                        cls.hw_id,
+                        {"sim": self.sc.name, "class": cls.name, **cls.tags},
+                        hw_class=cls.name,
+                        targets=tuple(cls.targets),
+                        mqtt_host=host,
+                        mqtt_port=port,
+                        slow_inference=cls.infer_delay_ms > 0,
+                    )
+                )
+
+    def _class_runtimes(self, shared: SharedRuntimeFactory) -> dict[str, RuntimeFactory]:
+        out: dict[str, RuntimeFactory] = {}
+        for cls in self.sc.fleet.classes:
+            failing = frozenset(self.h.model_shas[m] for m in cls.fails_models)
+            if failing or cls.infer_delay_ms > 0 or cls.load_delay_s > 0:
+                out[cls.name] = ClassRuntime(
+                    shared,
+                    failing_shas=failing,
+                    infer_delay_s=cls.infer_delay_ms / 1000.0,
+                    load_delay_s=cls.load_delay_s,
+                )
+        return out
+
+    # -- the run --------------------------------------------------------------
+
+    def execute(self) -> RunResult:
+        """Set up, play every step, then evaluate every expectation (also after a failed step)."""
+        fig = self.result.figures
+        fig["devices"] = self.sc.fleet.devices
+        fig["classes"] = dict(self.sc.class_counts())
+        t_setup = time.monotonic()
+        self._build_specs()
+        register_devices(self.h.server_url, self.specs)
+        shared = SharedRuntimeFactory()
+        rss_before = rss_bytes()
+        self.fleet = Fleet(
+            self.specs,
+            self.h.broker,
+            self.h.trust_path,
+            self.device_root,
+            workload_hz=self.sc.fleet.workload_hz,
+            sample_inputs=self.h.sample_inputs,
+            telemetry_interval=self.sc.fleet.telemetry_interval,
+            class_runtimes=self._class_runtimes(shared),
+            runtime=shared,
+            connect_timeout=120.0,
+        )
+        self.fleet.start()
+        fig["fleet_start_seconds"] = round(time.monotonic() - t_setup, 2)
+        self.timeline = Timeline(self.fleet, self._api, self.rollouts, self.class_of, self._t0)
+        self.timeline.start(self.sample_interval)
+        try:
+            deadline = self._t0 + self.sc.time_limit
+            for n, step in enumerate(self.sc.steps):
+                if time.monotonic() > deadline:
+                    raise StepFailed(f"time limit {self.sc.time_limit:g}s reached before step {n}")
+                self._event(
+                    f"step {n}: {step.action}" + (f" {step.id or step.rollout or ''}".rstrip()),
+                    mark=step.action in ("rollout", "restart_broker", "restart_server"),
+                )
+                self._run_step(step, deadline)
+        except StepFailed as exc:
+            self.result.step_error = str(exc)
+            self._event(f"step failed: {exc}")
+        except Exception as exc:  # report, evaluate what we can, exit non-zero
+            log.exception("scenario step crashed")
+            self.result.step_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            for t in self._timers:
+                t.join(30)
+            fig["rss_per_device_kb"] = round((rss_bytes() - rss_before) / len(self.specs) / 1024, 1)
+            self.timeline.stop()
+        self._finish()
+        return self.result
+
+    def _finish(self) -> None:
+        assert self.fleet is not None
+        fleet = self.fleet
+        fig = self.result.figures
+        snapshot = fleet.snapshot()
+        for d in list(fleet.down):
+            fleet.power_on(d)  # so a clean stop flushes everyone's telemetry
+        fleet.stop()
+        sent = fleet.metric_total("telemetry_batches")
+        stats = self._stats_settled(sent)
+        fig["telemetry_batches_sent"] = sent
+        fig["telemetry_batches_stored"] = stats.get("telemetry_batches")
+        fig["duplicate_batches"] = stats.get("duplicate_batches")
+        fig["malformed_messages"] = stats.get("malformed_messages")
+        fig["lifecycle"] = dict(fleet.lifecycle)
+        fig["model_loads"] = fleet.runtime.loads
+        fig["workload_errors"] = fleet.workload_errors
+        fig["max_loop_lag_s"] = round(fleet.max_loop_lag, 2)
+        fig["corrupted_downloads"] = sum(link.corrupted for link in self.links.values())
+        fig["cut_downloads"] = sum(link.cuts for link in self.links.values())
+        fig["wall_seconds"] = round(time.monotonic() - self._t0, 1)
+        final: dict[str, Any] = {}
+        for key, rid in self.rollouts.items():
+            with contextlib.suppress(httpx.HTTPError):
+                final[key] = self._api.get(f"/api/v1/rollouts/{rid}").json()
+        fig["rollouts"] = {k: v.get("state") for k, v in final.items()}
+        fig["rollout_devices"] = {
+            k: dict(Counter(str(st) for st in (v.get("devices") or {}).values())) for k, v in final.items()
+        }
+        for exp in self.sc.expect:
+            self.result.checks.append(self._check(exp, snapshot, final, sent, stats))
+        for proxy in self.mqtt_proxies.values():
+            with contextlib.suppress(Exception):
+                self.h.net.run(proxy.close(), timeout=5)
+        self._api.close()
+
+    def _stats_settled(self, sent: int, timeout: float = 15.0) -> dict[str, Any]:
+        """Server ingest counters, once the stored batches reach ``sent`` or stop moving."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                stats = dict(self._api.get("/api/v1/stats").json())
+                if int(stats.get("telemetry_batches", 0)) >= sent:
+                    return stats
+                last = stats
+            time.sleep(0.25)
+        return last
+
+    def _event(self, what: str, mark: bool = True) -> None:
+        """Log an event; ``mark`` also draws it on the timeline (faults and outcomes, not waits)."""
+        t = round(time.monotonic() - self._t0, 2)
+        self.result.events.append((t, what))
+        if mark and self.timeline is not None:
+            self.timeline.mark(t, what)
+        log.info("[%6.1fs] %s", t, what)
+
+    # -- steps ----------------------------------------------------------------
+
+    def _run_step(self, s: Step, deadline: float) -> None:
+        timeout_at = min(deadline, time.monotonic() + s.timeout)
+        if s.action == "rollout":
+            self._start_rollout(s)
+        elif s.action == "wait_rollout":
+            assert s.rollout is not None and s.states is not None
+            self._wait_rollout(s.rollout, s.states, timeout_at)
+        elif s.action == "wait_devices":
+            self._wait_devices(s, timeout_at)
+        elif s.action == "sleep":
+            assert s.seconds is not None
+            time.sleep(max(0.0, min(s.seconds, deadline - time.monotonic())))
+        elif s.action == "restart_broker":
+            self.h.restart_broker(s.down_seconds)
+            self._event("broker back")
+        elif s.action == "restart_server":
+            self.h.restart_server(s.down_seconds)
+            self._event("server back")
+        else:
+            self._device_fault(s, timeout_at)
+
+    def _start_rollout(self, s: Step) -> None:
+        assert s.id is not None and s.model is not None and s.stages is not None
+        body: dict[str, Any] = {
+            "model": self.h.model_refs[s.model],
+            "selector": {"hardware_id": s.hardware} if s.hardware else {},
+            "stages": s.stages,
+            "soak_seconds": s.soak_seconds,
+            "device_timeout_seconds": s.device_timeout_seconds,
+            "max_error_rate": s.max_error_rate,
+            "min_inferences": s.min_inferences,
+            "max_failure_rate": s.max_failure_rate,
+        }
+        resp = self._api.post("/api/v1/rollouts", json=body)
+        if resp.status_code >= 400:
+            raise StepFailed(f"rollout {s.id}: server answered {resp.status_code}: {resp.text[:300]}")
+        self.rollouts[s.id] = str(resp.json()["id"])
+
+    def _get_rollout(self, key: str) -> dict[str, Any] | None:
+        try:
+            resp = self._api.get(f"/api/v1/rollouts/{self.rollouts[key]}")
+        except httpx.HTTPError:
+            return None  # server restarting: try again
+        return dict(resp.json()) if resp.status_code == 200 else None
+
+    def _wait_rollout(self, key: str, states: list[str], timeout_at: float) -> None:
+        last = None
+        while time.monotonic() < timeout_at:
+            status = self._get_rollout(key)
+            if status is not None:
+                last = status.get("state")
+                if last in states:
+                    self._event(f"rollout {key}: {last}")
+                    return
+            time.sleep(0.2)
+        raise StepFailed(f"rollout {key} did not reach {states} in time (last state: {last})")
+
+    def _members(self, hw_class: str | None) -> list[str]:
+        return [s.device_id for s in self.specs if hw_class is None or s.hw_class == hw_class]
+
+    def _wait_devices(self, s: Step, timeout_at: float) -> None:
+        assert self.fleet is not None and s.model is not None
+        sha = self.h.model_shas[s.model]
+        members = self._members(s.hw_class)
+        need = math.ceil(s.share * len(members))
+        have = 0
+        while time.monotonic() < timeout_at:
+            agents = self.fleet.agents
+            have = sum(1 for d in members if d not in self.fleet.down and agents[d].running_sha256 == sha)
+            if have >= need:
+                return
+            time.sleep(0.2)
+        raise StepFailed(f"only {have} of {need} devices run {s.model} in time")
+
+    def _pick(self, s: Step) -> list[str]:
+        assert self.fleet is not None
+        if s.group is not None and s.devices is None:
+            return list(self.groups[s.group])
+        pool = self._members(s.hw_class)
+        if s.action in ("crash", "power_off", "partition", "corrupt_downloads", "cut_downloads"):
+            pool = [d for d in pool if d not in self.fleet.down]
+        if s.action == "power_on":
+            pool = [d for d in pool if d in self.fleet.down]
+        elif s.action == "heal":
+            pool = [d for d in pool if self.links[d].partitioned]
+        else:
+            pool = [d for d in pool if d not in self.faulted]
+        if s.action in ("partition", "heal"):
+            pool = [d for d in pool if d in self.mqtt_proxies]
+            if not pool:
+                raise StepFailed(f"{s.action}: no device behind a fault proxy (give the class a network)")
+        if s.devices == "all":
+            return pool
+        assert isinstance(s.devices, int)
+        if s.when_state is not None:
+            return pool  # the trigger picks the first devices to reach the state
+        if s.devices > len(pool):
+            raise StepFailed(f"{s.action}: wants {s.devices} devices, only {len(pool)} available")
+        return sorted(self.rng.sample(pool, s.devices))
+
+    def _device_fault(self, s: Step, timeout_at: float) -> None:
+        assert self.fleet is not None
+        fleet = self.fleet
+        picked = self._pick(s)
+        if s.when_state is not None:
+            want = len(picked) if s.devices == "all" else int(s.devices or 0)
+            picked = self._when_state(picked, s, want, timeout_at)
+        else:
+            for d in picked:
+                self._apply(s, d)
+        self.faulted.update(picked)
+        if s.group is not None and s.devices is not None:
+            self.groups[s.group] = picked
+        self._event(f"{s.action} x{len(picked)}" + (f" at {s.when_state}" if s.when_state else ""))
+        if s.restart_after is not None and s.action in ("crash", "power_off"):
+            timer = threading.Thread(
+                target=self._reboot_later, args=(picked, s.restart_after), daemon=True, name="sim-reboot"
+            )
+            timer.start()
+            self._timers.append(timer)
+        _ = fleet
+
+    def _when_state(self, pool: list[str], s: Step, want: int, timeout_at: float) -> list[str]:
+        """Hit each device the moment its agent reports ``when_state``, until ``want`` were hit."""
+        assert self.fleet is not None
+        hit: list[str] = []
+        while len(hit) < want:
+            if time.monotonic() > timeout_at:
+                raise StepFailed(f"{s.action}: only {len(hit)} of {want} devices reached {s.when_state!r}")
+            for d in pool:
+                if d in hit or d in self.fleet.down:
+                    continue
+                if str(self.fleet.agents[d].deployment_state) == s.when_state:
+                    self._apply(s, d)
+                    hit.append(d)
+                    if len(hit) >= want:
+                        break
+            time.sleep(0.005)
+        return hit
+
+    def _apply(self, s: Step, device_id: str) -> None:
+        assert self.fleet is not None
+        link = self.links[device_id]
+        if s.action == "crash":
+            self.fleet.crash(device_id)
+        elif s.action == "power_off":
+            self.fleet.power_off(device_id)
+        elif s.action == "power_on":
+            self.fleet.power_on(device_id)
+        elif s.action == "partition":
+            self.h.net.call(link.partition)
+        elif s.action == "heal":
+            self.h.net.call(link.heal)
+        elif s.action == "corrupt_downloads":
+            link.corrupt_downloads += 1
+        elif s.action == "cut_downloads":
+            link.cut_downloads_after = s.after_bytes
+
+    def _reboot_later(self, devices: list[str], delay: float) -> None:
+        assert self.fleet is not None
+        time.sleep(delay)
+        for d in devices:
+            try:
+                self.fleet.power_on(d)
+            except Exception as exc:  # reported as a failed reboot, the run goes on
+                self._event(f"power_on {d} failed: {exc}")
+        self._event(f"power_on x{len(devices)} (reboot)")
+
+    # -- expectations ---------------------------------------------------------
+
+    def _check(
+        self,
+        e: Expectation,
+        snapshot: dict[str, dict[str, Any]],
+        rollouts: dict[str, Any],
+        sent: int,
+        stats: dict[str, Any],
+    ) -> CheckResult:
+        members = self._members(e.hw_class)
+        ok, detail = False, ""
+        if e.check == "rollout_state":
+            assert e.rollout is not None and e.states is not None
+            state = rollouts.get(e.rollout, {}).get("state")
+            ok, detail = state in e.states, f"state {state}"
+        elif e.check == "devices_running":
+            assert e.model is not None
+            sha = self.h.model_shas[e.model]
+            n = sum(1 for d in members if snapshot[d]["running"] == sha)
+            ok = n >= math.ceil(e.at_least * len(members))
+            detail = f"{n}/{len(members)} run {e.model}"
+        elif e.check == "ever_ran":
+            assert e.model is not None
+            sha = self.h.model_shas[e.model]
+            n = sum(1 for d in members if sha in snapshot[d]["ever_ran"])
+            limit = e.at_most
+            if e.at_most_stage is not None:
+                assert e.rollout is not None
+                stages = rollouts.get(e.rollout, {}).get("stages", [])
+                stage_limit = (
+                    stages[e.at_most_stage].get("target_count") if len(stages) > e.at_most_stage else None
+                )
+                limit = stage_limit if limit is None or stage_limit is None else min(limit, stage_limit)
+            ok = limit is not None and n <= limit
+            detail = f"{n} device(s) ever ran {e.model} (limit {limit})"
+        elif e.check == "telemetry_lost":
+            stored = int(stats.get("telemetry_batches", 0))
+            lost = max(0, sent - stored)
+            ok = lost <= (e.at_most or 0)
+            detail = f"{sent} batches sent, {stored} stored, {lost} lost"
+        elif e.check == "failed_with":
+            assert e.reason is not None
+            reasons: Counter[str] = Counter()
+            for d in members:
+                for key, n in self._fleet_failures(d).items():
+                    reasons[key] += n
+            n = reasons.get(e.reason, 0)
+            low = e.at_least_count if e.at_least_count is not None else 1
+            ok = n >= low and (e.at_most is None or n <= e.at_most)
+            detail = f"{n} failure(s) {e.reason}; all: {dict(reasons)}"
+        return CheckResult(e.label, ok, detail, e.expected_failure)
+
+    def _fleet_failures(self, device_id: str) -> Counter[str]:
+        """``failed_<code>`` counters of every agent this device ran (reboots included)."""
+        assert self.fleet is not None
+        out: Counter[str] = Counter()
+        for key, n in self.fleet.device_metrics(device_id).items():
+            if key.startswith("failed_") and key != "failed_directives":
+                out[key.removeprefix("failed_")] += n
+        return out
+
+
+__all__ = ["CheckResult", "Harness", "RunResult", "ScenarioRun", "StepFailed"]

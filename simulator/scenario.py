@@ -1,0 +1,310 @@
+"""The scenario file: fleet, network profiles, models, a script of steps, and expectations (TOML).
+
+Every table forbids unknown keys and every step is checked for the fields its
+action needs, so a typo fails at load time with the path to the bad key,
+never halfway through a ten-minute run. A ``[small]`` table holds overrides
+(deep-merged over the file) for the CI-sized version of the same scenario.
+See docs/simulator.md for the format, with examples in ``scenarios/``.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from simulator.netem import NetProfile
+
+
+class ScenarioError(ValueError):
+    """The scenario file is unreadable or invalid; the message names the file and the bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkSpec(_Strict):
+    latency_ms: float = Field(0.0, ge=0)
+    jitter_ms: float = Field(0.0, ge=0)
+    bandwidth_kbps: float = Field(0.0, ge=0)
+    loss: float = Field(0.0, ge=0, lt=1)
+
+    def profile(self) -> NetProfile:
+        return NetProfile(self.latency_ms, self.jitter_ms, self.bandwidth_kbps, self.loss)
+
+
+class HardwareClass(_Strict):
+    """A slice of the fleet with its own hardware id, runtimes, network and quirks."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+    share: float = Field(1.0, gt=0)  # relative weight: shares are normalised over the classes
+    hardware_id: str | None = None  # default: the class name
+    targets: list[str] = Field(default_factory=lambda: ["arm64-cpu"])
+    network: str = "ideal"  # a key of [network]; "ideal" = straight to the broker
+    proxied: bool | None = None  # MQTT through a fault proxy; default: when the network is not ideal
+    fails_models: list[str] = Field(default_factory=list)  # model keys that output NaN on this class
+    infer_delay_ms: float = Field(0.0, ge=0)
+    load_delay_s: float = Field(0.0, ge=0)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def hw_id(self) -> str:
+        return self.hardware_id or self.name
+
+
+class FleetSpec(_Strict):
+    devices: int = Field(ge=1, le=20000)
+    prefix: str = Field("sim", pattern=r"^[A-Za-z0-9_-]{1,20}$")
+    workload_hz: float = Field(2.0, ge=0)
+    telemetry_interval: float = Field(1.0, gt=0)
+    classes: list[HardwareClass] = Field(min_length=1)
+
+
+class ModelSpec(_Strict):
+    """A model the harness builds and uploads: the digits classifier, or a copy that outputs NaN."""
+
+    kind: Literal["digits", "nan"] = "digits"
+    name: str = "digits"
+    version: str
+    hardware: list[str] | None = None  # hardware ids in the manifest; default: every class's
+
+
+Action = Literal[
+    "rollout",
+    "wait_rollout",
+    "wait_devices",
+    "sleep",
+    "crash",
+    "power_off",
+    "power_on",
+    "partition",
+    "heal",
+    "corrupt_downloads",
+    "cut_downloads",
+    "restart_broker",
+    "restart_server",
+]
+
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "rollout": ("id", "model", "stages"),
+    "wait_rollout": ("rollout", "states"),
+    "wait_devices": ("model",),
+    "sleep": ("seconds",),
+    "crash": ("devices",),
+    "power_off": ("devices",),
+    "power_on": ("devices",),
+    "partition": ("devices",),
+    "heal": ("devices",),
+    "corrupt_downloads": ("devices",),
+    "cut_downloads": ("devices", "after_bytes"),
+}
+# Steps that pick devices and remember them under ``group`` for later steps.
+DEVICE_ACTIONS = frozenset(
+    {"crash", "power_off", "power_on", "partition", "heal", "corrupt_downloads", "cut_downloads"}
+)
+
+
+class Step(_Strict):
+    """One line of the script, run in order. Only the fields of its ``action`` may be set."""
+
+    action: Action
+    id: str | None = None  # rollout: the name later steps and expectations use
+    model: str | None = None  # rollout / wait_devices: a key of [models]
+    stages: list[float] | None = None
+    hardware: str | None = None  # rollout selector: hardware id
+    soak_seconds: float = 0.0
+    device_timeout_seconds: float = 60.0
+    max_error_rate: float = 0.05
+    min_inferences: int = 20
+    max_failure_rate: float = 0.0
+    rollout: str | None = None  # wait_rollout
+    states: list[str] | None = None  # wait_rollout: any of these ends the wait
+    share: float = Field(1.0, gt=0, le=1)  # wait_devices: fraction of the (class's) devices
+    seconds: float | None = Field(None, ge=0)
+    timeout: float = Field(120.0, gt=0)
+    # device faults
+    devices: int | Literal["all"] | None = None  # how many devices (or "all" of the class / group)
+    hw_class: str | None = None  # pick among this class only
+    group: str | None = None  # name the picked devices, or (power_on/heal) act on a named group
+    when_state: str | None = None  # wait until each picked device's agent reaches this state, then act
+    restart_after: float | None = Field(None, ge=0)  # crash/power_off: boot a new agent after N s
+    after_bytes: int | None = Field(None, ge=0)  # cut_downloads
+    down_seconds: float = Field(1.0, ge=0)  # restart_broker / restart_server
+
+    @model_validator(mode="after")
+    def _fields_for_action(self) -> Step:
+        missing = [f for f in _NEEDS.get(self.action, ()) if getattr(self, f) is None]
+        if self.action in ("power_on", "heal") and self.group is not None:
+            missing = [f for f in missing if f != "devices"]
+        if missing:
+            raise ValueError(f"action {self.action!r} needs {', '.join(missing)}")
+        if self.stages is not None:
+            if not self.stages or any(not 0 < p <= 100 for p in self.stages):
+                raise ValueError("stages must be percents in (0, 100]")
+            if any(b <= a for a, b in zip(self.stages, self.stages[1:], strict=False)):
+                raise ValueError("stages must be strictly increasing")
+        if self.when_state is not None and self.action not in ("crash", "power_off", "partition"):
+            raise ValueError("when_state applies to crash, power_off and partition only")
+        return self
+
+
+Check = Literal["rollout_state", "devices_running", "ever_ran", "telemetry_lost", "failed_with"]
+
+
+class Expectation(_Strict):
+    """A check run at the end. ``expected_failure`` marks a known gap: the run passes if it fails."""
+
+    check: Check
+    rollout: str | None = None
+    states: list[str] | None = None  # rollout_state
+    model: str | None = None  # devices_running / ever_ran
+    hw_class: str | None = None
+    at_least: float = Field(1.0, ge=0, le=1)  # devices_running: share of the (class's) devices
+    at_most: int | None = Field(None, ge=0)  # ever_ran / telemetry_lost / failed_with: device count
+    at_most_stage: int | None = Field(None, ge=0)  # ever_ran: at most the devices of this stage index
+    at_least_count: int | None = Field(None, ge=0)  # failed_with: at least this many
+    reason: str | None = None  # failed_with: the failure code devices must report
+    expected_failure: str | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _fields_for_check(self) -> Expectation:
+        needs = {
+            "rollout_state": ("rollout", "states"),
+            "devices_running": ("model",),
+            "ever_ran": ("model",),
+            "telemetry_lost": (),
+            "failed_with": ("reason",),
+        }[self.check]
+        missing = [f for f in needs if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"check {self.check!r} needs {', '.join(missing)}")
+        if self.check == "ever_ran" and self.at_most is None and self.at_most_stage is None:
+            raise ValueError("check 'ever_ran' needs at_most or at_most_stage (with rollout)")
+        if self.at_most_stage is not None and self.rollout is None:
+            raise ValueError("at_most_stage needs the rollout whose stage it means")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        parts = [self.check] + [
+            f"{k}={v}"
+            for k, v in self.model_dump(exclude_none=True).items()
+            if k not in ("check", "expected_failure", "name") and not (k == "at_least" and v == 1.0)
+        ]
+        return " ".join(parts)
+
+
+class Scenario(_Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    time_limit: float = Field(300.0, gt=0)  # the whole run, setup included
+    tick_interval: float = Field(0.2, gt=0)  # the server's rollout engine
+    fleet: FleetSpec
+    network: dict[str, NetworkSpec] = Field(default_factory=dict)
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    steps: list[Step] = Field(min_length=1)
+    expect: list[Expectation] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references(self) -> Scenario:
+        classes = {c.name for c in self.fleet.classes}
+        if len(classes) != len(self.fleet.classes):
+            raise ValueError("fleet.classes: duplicate class names")
+        for c in self.fleet.classes:
+            if c.network != "ideal" and c.network not in self.network:
+                raise ValueError(
+                    f"class {c.name}: unknown network {c.network!r} (define [network.{c.network}])"
+                )
+            for m in c.fails_models:
+                if m not in self.models:
+                    raise ValueError(f"class {c.name}: fails_models names unknown model {m!r}")
+        rollouts: set[str] = set()
+        groups: set[str] = set()
+        for n, s in enumerate(self.steps):
+            where = f"steps[{n}] ({s.action})"
+            if s.model is not None and s.model not in self.models:
+                raise ValueError(f"{where}: unknown model {s.model!r}")
+            if s.hw_class is not None and s.hw_class not in classes:
+                raise ValueError(f"{where}: unknown hw_class {s.hw_class!r}")
+            if s.action == "rollout":
+                assert s.id is not None
+                if s.id in rollouts:
+                    raise ValueError(f"{where}: rollout id {s.id!r} used twice")
+                rollouts.add(s.id)
+            if s.rollout is not None and s.rollout not in rollouts:
+                raise ValueError(f"{where}: rollout {s.rollout!r} is not started by an earlier step")
+            if s.action in ("power_on", "heal") and s.devices is None and s.group not in groups:
+                raise ValueError(f"{where}: group {s.group!r} is not named by an earlier step")
+            if s.action in DEVICE_ACTIONS and s.devices is not None and s.group is not None:
+                groups.add(s.group)
+        for n, e in enumerate(self.expect):
+            if e.rollout is not None and e.rollout not in rollouts:
+                raise ValueError(f"expect[{n}]: unknown rollout {e.rollout!r}")
+            if e.model is not None and e.model not in self.models:
+                raise ValueError(f"expect[{n}]: unknown model {e.model!r}")
+            if e.hw_class is not None and e.hw_class not in classes:
+                raise ValueError(f"expect[{n}]: unknown hw_class {e.hw_class!r}")
+        return self
+
+    def class_counts(self) -> dict[str, int]:
+        """Devices per class: shares normalised, largest remainder, every class gets >= 1 device."""
+        total = sum(c.share for c in self.fleet.classes)
+        n = self.fleet.devices
+        raw = {c.name: c.share / total * n for c in self.fleet.classes}
+        counts = {k: max(1, math.floor(v)) for k, v in raw.items()}
+        order = sorted(raw, key=lambda k: raw[k] - math.floor(raw[k]), reverse=True)
+        i = 0
+        while sum(counts.values()) < n:
+            counts[order[i % len(order)]] += 1
+            i += 1
+        while sum(counts.values()) > n:
+            big = max(counts, key=lambda k: counts[k])
+            counts[big] -= 1
+        return counts
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_scenario(data: dict[str, Any], small: bool = False, source: str = "<scenario>") -> Scenario:
+    data = dict(data)
+    overrides = data.pop("small", {})
+    if not isinstance(overrides, dict):
+        raise ScenarioError(f"{source}: [small] must be a table")
+    if small:
+        data = _merge(data, overrides)
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ScenarioError(f"{source}: invalid scenario\n" + "\n".join(lines)) from None
+
+
+def load_scenario(path: Path, small: bool = False) -> Scenario:
+    """Read and validate a scenario TOML file (``small``: apply its ``[small]`` overrides)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
+    return parse_scenario(data, small=small, source=str(path))
+
+
+__all__ = ["Expectation", "Scenario", "ScenarioError", "Step", "load_scenario", "parse_scenario"]

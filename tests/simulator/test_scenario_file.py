@@ -1,0 +1,97 @@
+"""The scenario file format: every shipped file loads, and bad files fail early with the bad key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulator.scenario import ScenarioError, load_scenario, parse_scenario
+
+SCENARIOS = sorted((Path(__file__).parents[2] / "scenarios").glob("*.toml"))
+
+
+def minimal(**over: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": "t",
+        "fleet": {"devices": 10, "classes": [{"name": "a", "share": 3}, {"name": "b"}]},
+        "models": {"v1": {"version": "1"}},
+        "steps": [{"action": "rollout", "id": "r", "model": "v1", "stages": [50, 100]}],
+        "expect": [{"check": "rollout_state", "rollout": "r", "states": ["completed"]}],
+    }
+    data.update(over)
+    return data
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("small", [False, True])
+def test_shipped_scenarios_load(path: Path, small: bool) -> None:
+    sc = load_scenario(path, small=small)
+    assert sum(sc.class_counts().values()) == sc.fleet.devices
+    if small:
+        assert sc.fleet.devices <= 30  # CI size
+
+
+def test_shipped_set_covers_the_issue() -> None:
+    assert {p.stem for p in SCENARIOS} >= {
+        "canary-rollback",
+        "offline-catch-up",
+        "broker-restart",
+        "hardware-class-failure",
+        "server-restart",
+        "device-faults",
+    }
+
+
+def test_class_counts_split_by_share_and_never_leave_a_class_empty() -> None:
+    sc = parse_scenario(minimal())
+    assert sc.class_counts() == {"a": 8, "b": 2}
+    tiny = parse_scenario(
+        minimal(fleet={"devices": 2, "classes": [{"name": "a", "share": 100}, {"name": "b", "share": 1}]})
+    )
+    assert tiny.class_counts() == {"a": 1, "b": 1}
+
+
+def test_small_overrides_are_deep_merged() -> None:
+    data = minimal(small={"fleet": {"devices": 3}})
+    assert parse_scenario(data).fleet.devices == 10
+    small = parse_scenario(data, small=True)
+    assert small.fleet.devices == 3
+    assert [c.name for c in small.fleet.classes] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"fleet": {"devices": 10, "classes": [{"name": "a", "shar": 1}]}}, "fleet.classes.0.shar"),
+        ({"steps": [{"action": "rollout", "id": "r", "model": "v1"}]}, "needs stages"),
+        ({"steps": [{"action": "explode"}]}, "steps.0.action"),
+        ({"steps": [{"action": "rollout", "id": "r", "model": "v9", "stages": [100]}]}, "unknown model 'v9'"),
+        ({"steps": [{"action": "rollout", "id": "r", "model": "v1", "stages": [50, 10]}]}, "increasing"),
+        ({"steps": [{"action": "wait_rollout", "rollout": "nope", "states": ["completed"]}]}, "not started"),
+        ({"steps": [{"action": "heal", "group": "ghost"}]}, "group 'ghost'"),
+        ({"steps": [{"action": "sleep", "seconds": 1, "when_state": "downloading"}]}, "when_state"),
+        ({"expect": [{"check": "ever_ran", "model": "v1"}]}, "at_most"),
+        ({"expect": [{"check": "rollout_state", "rollout": "zz", "states": ["x"]}]}, "unknown rollout"),
+        ({"fleet": {"devices": 5, "classes": [{"name": "a", "network": "5g"}]}}, "unknown network '5g'"),
+        ({"fleet": {"devices": 5, "classes": [{"name": "a", "fails_models": ["v7"]}]}}, "unknown model 'v7'"),
+        ({"fleet": {"devices": 0, "classes": [{"name": "a"}]}}, "fleet.devices"),
+        ({"network": {"bad": {"loss": 1.5}}}, "network.bad.loss"),
+        ({"small": 3}, "[small] must be a table"),
+    ],
+)
+def test_bad_scenarios_are_refused_with_the_key_named(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(minimal(**change), source="x.toml")
+    assert message in str(info.value)
+    assert str(info.value).startswith("x.toml")
+
+
+def test_unreadable_and_broken_files(tmp_path: Path) -> None:
+    with pytest.raises(ScenarioError, match="cannot read"):
+        load_scenario(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[fleet\n')
+    with pytest.raises(ScenarioError, match="not valid TOML"):
+        load_scenario(bad)
