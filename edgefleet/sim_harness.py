@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,6 @@ from simulator.scenario import Scenario, load_scenario
 # it would. Unbounded, ~50+ simultaneous downloads stall the server until every one times out
 # (measured: 100 concurrent GETs of a 5 KB artifact, 0 answered within 30 s).
 ARTIFACT_CONCURRENCY = 32
-PERSISTENCE_CONF = "persistence true\npersistence_location {dir}/\nautosave_interval 1\n"
 
 
 @dataclass
@@ -180,11 +180,7 @@ class SimHarness:
             raise RuntimeError(
                 "scenarios need Mosquitto (apt-get install mosquitto): broker restarts, $share"
             )
-        bdir = self.workdir / "broker"
-        db = bdir / "db"
-        db.mkdir(parents=True, exist_ok=True)
-        os.chmod(db, 0o777)  # mosquitto drops to its own user and writes its database here
-        return start_mosquitto(port=port, workdir=bdir, extra_conf=PERSISTENCE_CONF.format(dir=db))
+        return start_mosquitto(port=port, workdir=self.workdir / "broker", persistence=True)
 
     def restart_broker(self, down_seconds: float) -> None:
         port = self.broker.port
@@ -206,9 +202,14 @@ class SimHarness:
                 mqtt_host=self.broker.host,
                 mqtt_port=self.broker.port,
                 mqtt_version=self.broker.mqtt_version,
-                shared_subscriptions=self.broker.shared_subscriptions,
+                # One replica: plain subscriptions. Mosquitto 2.0 does not restore a persistent
+                # session's $share subscriptions after a broker restart (docs/decisions/0003).
+                shared_subscriptions=False,
                 public_url=self.artifact_proxy.url,
                 tick_interval=self.scenario.tick_interval,
+                # A stable id: the broker keeps the server's session (and queues its QoS 1
+                # streams) while the server or the broker restarts.
+                mqtt_client_id=f"ef-sim-server-{uuid.uuid4().hex[:8]}",
             )
         if self.server_mode == "thread":
             self._server = ServerThread(self._settings, host="127.0.0.1", port=self._server_port).start()
