@@ -78,7 +78,7 @@ def utcnow() -> datetime:
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
 
 class ModelRef(_Msg):
