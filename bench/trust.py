@@ -9,6 +9,10 @@ Rows:
   versions, expiry, length, hash to expect), then the bytes are streamed from
   HTTP into the slot file while being hashed and length-capped, read once. This
   is the path the agent should take (its downloader already streams and resumes).
+- the agent's install path: ``device_agent.delivery.verify_release`` (a fresh
+  Updater, agreement of directive and release metadata, revocation floor, trust
+  state written atomically) + ``device_agent.downloader.download_model`` (httpx,
+  resumable, hashed and length-capped while streaming into the slot).
 
 Both fetch from a real HTTP server (``python -m http.server``, another process) on loopback.
 """
@@ -31,11 +35,13 @@ from signing.errors import DigestMismatch, EndlessData, LengthMismatch
 from signing.keyring import KeyDir, init_keys
 from signing.targets import TargetCustom, VerifiedTarget
 from signing.tuf_client import check_target, fetch_target
+from signing.tuf_release import target_name
 from signing.tuf_repo import TufRepository
 
 SIZE = 100 * 1024 * 1024
 CHUNK = 1 << 20
 NAME = "big/model.onnx"
+AGENT_NAME = target_name("big", "1")
 
 
 def _raw_sha(path: Path) -> None:
@@ -67,6 +73,40 @@ def _stream(pool: urllib3.PoolManager, url: str, dest: Path, target: VerifiedTar
         raise DigestMismatch("sha256 differs from the signed target")
 
 
+def _agent_install(url: str, served: Path, slot: Path, trust_dir: Path, pinned: bytes) -> None:
+    """What the agent does for one directive, minus MQTT: TUF check + checks, then one streamed pass."""
+    import asyncio
+
+    import httpx
+
+    from device_agent import protocol
+    from device_agent.delivery import verify_release
+    from device_agent.downloader import download_model
+    from device_agent.trust_state import TrustStore
+
+    store = TrustStore(trust_dir, pinned)
+    h = hashlib.sha256()  # the directive's hash/length come from the server; here: the signed ones
+    with open(served, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    ref = protocol.ModelRef(
+        name="big", version="1", release=1, target="arm64-cpu", sha256=h.hexdigest(),
+        length=served.stat().st_size, model_url=url, envelope_url=url,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    verify_release(store, url.rsplit("/targets/", 1)[0], ref, "x")
+
+    async def fetch() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            await download_model(client, url, slot, length=ref.length, sha256=ref.sha256, device_id="bench")
+
+    asyncio.run(fetch())
+    _AGENT_TIMES.append(time.perf_counter() - t0)
+
+
+_AGENT_TIMES: list[float] = []
+
+
 def run(repeats: int = 3) -> list[dict[str, object]]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -78,6 +118,7 @@ def run(repeats: int = 3) -> list[dict[str, object]]:
                 fh.write(os.urandom(CHUNK))
         repo = TufRepository.create(root / "www", keys.tuf_root(), keys.keys("release"), keys.key("fleet"))
         repo.add_target(NAME, src, TargetCustom("big", 1, ["x"]), keys.keys("release"))
+        repo.add_target(AGENT_NAME, src, TargetCustom("big", 1, ["x"]), keys.keys("release"))
         repo.publish(keys.key("fleet"))
         served = repo.target_file(NAME)
         # the repository is served by another process, as on a real fleet (no GIL shared with the device)
@@ -116,6 +157,10 @@ def run(repeats: int = 3) -> list[dict[str, object]]:
                 rel = served.relative_to(root / "www").as_posix()
                 _stream(pool, f"{url}/{rel}", root / "slot-b", target)
                 streamed.append(time.perf_counter() - t)
+                agent_rel = repo.target_file(AGENT_NAME).relative_to(root / "www").as_posix()
+                slot = root / f"slot-c{i}.part"
+                _agent_install(f"{url}/{agent_rel}", served, slot, root / f"trust-c{i}", pinned)
+                slot.unlink()
         finally:
             server.terminate()
             server.wait(10)
@@ -124,6 +169,7 @@ def run(repeats: int = 3) -> list[dict[str, object]]:
     for label, times in (
         ("TUF Updater.download_target 100 MiB over HTTP", tuf_dl),
         ("TUF check_target + 1-pass streamed download 100 MiB", streamed),
+        ("agent install path: verify_release + downloader 100 MiB", _AGENT_TIMES),
     ):
         mine = statistics.median(times)
         rows.append(

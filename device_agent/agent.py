@@ -38,9 +38,9 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -59,9 +59,13 @@ from device_agent.slots import SlotStore
 from device_agent.telemetry import ModelTotals, Telemetry, latency_quantile, top1_classes
 from device_agent.telemetry_store import BatchStore
 from signing.dsse import verify_envelope
-from signing.errors import MalformedEnvelope, TrustError
+from signing.errors import DeliveryUnavailable, MalformedEnvelope, TrustError, UnknownKey
+from signing.keys import PublicKey
 from signing.manifest import BundleManifest, FileEntry, manifest_from_envelope, verify_file
 from signing.trust import TrustRoot
+
+if TYPE_CHECKING:  # TUF (python-tuf, securesystemslib) is imported only by agents that use it
+    from device_agent.trust_state import TrustStore
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +212,12 @@ class Agent:
         )
         self._last_rejection: protocol.Rejection | None = None
         self._accepted_seq = self.slots.state.last_seq
+        self.trust_store: TrustStore | None = None
+        if config.tuf_root_path is not None:
+            from device_agent.trust_state import TrustStore
+
+            self.trust_store = TrustStore(self.slots.data_dir / "trust", config.tuf_root_path.read_bytes())
+            self._accepted_seq = max(self._accepted_seq, self.trust_store.state.last_seq)
         self._accepted_digest: str | None = None
         self._pending: protocol.Directive | None = None
         self._wake: asyncio.Event | None = None
@@ -219,6 +229,16 @@ class Agent:
         self._stall = _stall_plan()
         self._caps = capabilities(config, self.runtime)
         self._desired_topic = protocol.topic(self.device_id, protocol.Channel.DESIRED)
+
+    # -- keys ------------------------------------------------------------------
+
+    def fleet_keys(self) -> Mapping[str, PublicKey]:
+        """Directive signers: the newest verified TUF root's, or the skeleton's ``trust.json``."""
+        return self.trust_store.fleet_keys if self.trust_store is not None else self.trust.fleet_keys
+
+    def release_keys(self) -> Mapping[str, PublicKey]:
+        """Bundle (DSSE envelope) signers, from the same source as ``fleet_keys``."""
+        return self.trust_store.release_keys if self.trust_store is not None else self.trust.release_keys
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -505,11 +525,28 @@ class Agent:
             log.info("%s: empty desired payload (retained clear) ignored", self.device_id)
             return
         self._count("directives_received")
+        self._handle_directive(payload)
+
+    def _handle_directive(
+        self, payload: bytes, *, after_root_refresh: bool = False, refresh_failure: TrustError | None = None
+    ) -> None:
         try:
-            body = verify_envelope(payload, protocol.DIRECTIVE_PAYLOAD_TYPE, self.trust.fleet_keys)
+            body = verify_envelope(payload, protocol.DIRECTIVE_PAYLOAD_TYPE, self.fleet_keys())
         except MalformedEnvelope as exc:
             self._count("malformed_messages")
             log.warning("%s: malformed directive envelope: %s", self.device_id, exc)
+            return
+        except UnknownKey as exc:
+            if self.trust_store is not None and not after_root_refresh:
+                # Maybe the keys were rotated: only a newer root (verified chain) can vouch for them.
+                self._spawn(self._refresh_root_and_retry(payload, exc))
+                return
+            if refresh_failure is not None and not isinstance(refresh_failure, DeliveryUnavailable):
+                # The repository offered a root (or metadata) the chain does not vouch for,
+                # e.g. a root signed by a retired root key: that is the refusal to report.
+                self._reject(0, refresh_failure.code, f"{exc}; root refresh refused: {refresh_failure}")
+                return
+            self._reject(0, exc.code, f"{exc}" + (f"; {refresh_failure}" if refresh_failure else ""))
             return
         except TrustError as exc:
             self._reject(0, exc.code, str(exc))
@@ -537,10 +574,25 @@ class Agent:
             self._reject(directive.seq, "expired", f"expired at {directive.expires_at.isoformat()}")
             return
         self._accepted_seq, self._accepted_digest = directive.seq, digest
+        if self.trust_store is not None:
+            self.trust_store.advance(seq=directive.seq)
         self._count("directives_accepted")
         self._pending = directive  # latest wins: an older queued directive is superseded
         assert self._wake is not None
         self._wake.set()
+
+    async def _refresh_root_and_retry(self, payload: bytes, exc: UnknownKey) -> None:
+        """Walk the repository's root chain, then judge the directive again with the newest keys."""
+        from device_agent.delivery import refresh_root, repository_url
+
+        store = self.trust_store
+        assert store is not None
+        before = store.state.root_version
+        base = repository_url(self.config.tuf_url, None) or store.state.repository_url
+        failure = await asyncio.to_thread(refresh_root, store, base)
+        if store.state.root_version > before:
+            log.info("%s: followed the root chain to v%d", self.device_id, store.state.root_version)
+        self._handle_directive(payload, after_root_refresh=True, refresh_failure=failure)
 
     def _reject(self, seq: int, reason: str, detail: str) -> None:
         log.warning(
@@ -627,6 +679,8 @@ class Agent:
     async def _install(self, d: protocol.Directive, ref: protocol.ModelRef) -> tuple[str, Any]:
         """Get ``ref`` verified into a slot (reusing one that already holds it); return (slot, path)."""
         self._check_target(ref.target)
+        if self.trust_store is not None:
+            await self._verify_release(d, ref)
         slot = self.slots.find(ref.sha256)
         if slot is not None:
             await self._transition(d, DS.VERIFYING, sha=ref.sha256, detail=f"model already in slot {slot}")
@@ -703,6 +757,18 @@ class Agent:
         self._start_shadow(_Serving(model, ref.sha256, ref.name, ref.version, slot), d.shadow_sample_rate)
         await self._transition(d, DS.SHADOWING, sha=ref.sha256, detail=f"sample rate {d.shadow_sample_rate}")
 
+    async def _verify_release(self, d: protocol.Directive, ref: protocol.ModelRef) -> None:
+        """TUF mode: the release metadata must list ``ref``, agree with the directive, clear the floor."""
+        from device_agent.delivery import repository_url, verify_release
+
+        store = self.trust_store
+        assert store is not None
+        base = repository_url(self.config.tuf_url, ref)
+        if not base:
+            raise InstallError("no_repository", "no tuf_url configured and none derivable from the directive")
+        await self._transition(d, DS.VERIFYING, sha=ref.sha256, detail="release metadata (TUF)")
+        await asyncio.to_thread(verify_release, store, base, ref, self.config.hardware_id)
+
     def _check_manifest(self, ref: protocol.ModelRef, manifest: BundleManifest) -> None:
         """Director/image agreement (Uptane): the directive may only point at what a release key signed."""
         entry = manifest.model_file
@@ -739,7 +805,7 @@ class Agent:
         async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0)) as client:
             envelope = await fetch_envelope(client, ref.envelope_url, self.device_id)
             await self._transition(d, DS.VERIFYING, sha=ref.sha256, detail="bundle envelope")
-            manifest = manifest_from_envelope(envelope, self.trust.release_keys)
+            manifest = manifest_from_envelope(envelope, self.release_keys())
             self._check_manifest(ref, manifest)
             slot = self.slots.inactive
             self.slots.prepare(slot, keep_partial_for=ref.sha256)

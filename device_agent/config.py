@@ -58,6 +58,12 @@ class AgentConfig:
     min_free_disk_bytes: int = 32 << 20  # keep this much disk free beyond a download, else refuse it
     log_format: str = "json"  # "json" (one object per line, for journald/log shippers) or "text"
     log_level: str = "INFO"
+    # TUF delivery (docs/trust.md). With ``tuf_root_path`` (the root.json from provisioning) every
+    # install is first resolved in the release-signed TUF metadata and directives/bundles are checked
+    # against the keys of the newest verified root. Without it the agent runs the skeleton's mode:
+    # DSSE checks against ``trust_path`` only (the simulator and older tests use that).
+    tuf_root_path: Path | None = None
+    tuf_url: str = ""  # repository base (``<tuf_url>/metadata/``); "" = derived from the directive's URLs
 
     def __post_init__(self) -> None:
         if not protocol.DEVICE_ID_RE.match(self.device_id):
@@ -80,6 +86,7 @@ class AgentConfig:
                 raise ValueError(f"api_listen must be 'host:port' or 'unix:/path', got {self.api_listen!r}")
         self.data_dir = Path(self.data_dir)
         self.trust_path = Path(self.trust_path)
+        self.tuf_root_path = Path(self.tuf_root_path) if self.tuf_root_path else None
         self.targets = [str(t) for t in self.targets]
         self.tags = {str(k): str(v) for k, v in self.tags.items()}
 
@@ -91,8 +98,8 @@ def config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> Agen
     if unknown:
         raise ValueError(f"unknown agent config keys: {', '.join(unknown)}")
     values = dict(data)
-    for key in ("data_dir", "trust_path"):
-        if key in values:
+    for key in ("data_dir", "trust_path", "tuf_root_path"):
+        if values.get(key):
             p = Path(values[key]).expanduser()
             if base_dir is not None and not p.is_absolute():
                 p = base_dir / p

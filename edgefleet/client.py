@@ -12,13 +12,17 @@ from typing import Any
 
 import httpx
 
-from signing.manifest import ENVELOPE_NAME, read_bundle
+from signing.keys import KeyPair
+from signing.manifest import ENVELOPE_NAME, BundleManifest, read_bundle
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 
 
 def default_server() -> str:
     return os.environ.get("EDGEFLEET_SERVER", DEFAULT_SERVER)
+
+
+TOKEN_ENV = "EDGEFLEET_TOKEN"
 
 
 class ApiError(RuntimeError):
@@ -30,9 +34,13 @@ class ApiError(RuntimeError):
 
 
 class ApiClient:
-    def __init__(self, base_url: str | None = None, timeout: float = 30.0) -> None:
+    """``token`` (else ``$EDGEFLEET_TOKEN``) is sent as ``Authorization: Bearer``."""
+
+    def __init__(self, base_url: str | None = None, timeout: float = 30.0, token: str | None = None) -> None:
         self.base_url = (base_url or default_server()).rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        token = token or os.environ.get(TOKEN_ENV) or None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -83,8 +91,14 @@ class ApiClient:
         return dict(self._request("PUT", f"/api/v1/devices/{device_id}/tags", json={"tags": tags}))
 
     # models
-    def push_bundle(self, bundle_dir: Path) -> dict[str, Any]:
-        """Upload a bundle directory: its envelope plus every file its manifest lists."""
+    def push_bundle(self, bundle_dir: Path, release_keys: list[KeyPair] | None = None) -> dict[str, Any]:
+        """Upload a bundle directory: its envelope plus every file its manifest lists.
+
+        With ``release_keys`` the release is also added to the server's TUF repository:
+        the current targets metadata is fetched, the bundle's target (hash, length,
+        family, release counter, hardware ids) added and signed here, and uploaded
+        with the bundle. The release key never leaves this process.
+        """
         bundle_dir = Path(bundle_dir)
         manifest = read_bundle(bundle_dir)
         handles = [open(bundle_dir / f.path, "rb") for f in manifest.files]  # noqa: SIM115
@@ -92,6 +106,9 @@ class ApiClient:
             files: list[tuple[str, tuple[str, Any, str]]] = [
                 ("envelope", (ENVELOPE_NAME, (bundle_dir / ENVELOPE_NAME).read_bytes(), "application/json"))
             ]
+            if release_keys:
+                signed = self._signed_release(manifest, release_keys)
+                files.append(("targets", ("targets.json", signed, "application/json")))
             files += [
                 ("files", (f.path, h, "application/octet-stream"))
                 for f, h in zip(manifest.files, handles, strict=True)
@@ -103,6 +120,61 @@ class ApiClient:
 
     def models(self) -> list[dict[str, Any]]:
         return list(self._request("GET", "/api/v1/models"))
+
+    # TUF release metadata (signed here, with keys the server never sees)
+    def tuf_targets(self) -> bytes | None:
+        """The server's current targets metadata, or None before the first release."""
+        try:
+            resp = self._http.get("/tuf/metadata/targets.json")
+        except httpx.HTTPError as exc:
+            raise ApiError(0, "unreachable", f"{self.base_url}: {exc}") from exc
+        if resp.status_code == 404:
+            return None
+        if resp.status_code >= 400:
+            self._check(resp)
+        return resp.content
+
+    def _signed_release(self, manifest: BundleManifest, release_keys: list[KeyPair]) -> bytes:
+        from signing.tuf_release import sign_target_added, target_name
+        from signing.tuf_repo import custom_for_bundle
+
+        entry = manifest.model_file
+        return sign_target_added(
+            self.tuf_targets(),
+            target_name(manifest.name, manifest.version),
+            sha256=entry.sha256,
+            length=entry.length,
+            custom=custom_for_bundle(manifest.to_dict()),
+            release_keys=release_keys,
+        )
+
+    def revoke_below(self, family: str, release: int, release_keys: list[KeyPair]) -> dict[str, Any]:
+        """Raise ``family``'s signed revocation floor to ``release`` (devices refuse older releases)."""
+        from signing.targets import FLOORS_TARGET
+        from signing.tuf_release import sign_floor_raised
+
+        signed, floors = sign_floor_raised(self.tuf_targets(), family, release, release_keys)
+        files = [
+            ("targets", ("targets.json", signed, "application/json")),
+            ("files", (FLOORS_TARGET, floors, "application/json")),
+        ]
+        return dict(self._request("POST", "/api/v1/tuf/targets", files=files))
+
+    # tokens and audit
+    def create_token(self, name: str, role: str) -> dict[str, Any]:
+        return dict(self._request("POST", "/api/v1/tokens", json={"name": name, "role": role}))
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/api/v1/tokens"))
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return dict(self._request("DELETE", f"/api/v1/tokens/{token_id}"))
+
+    def audit(self, limit: int = 200, after_id: int = 0, actor: str | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, "after_id": after_id}
+        if actor:
+            params["actor"] = actor
+        return list(self._request("GET", "/api/v1/audit", params=params))
 
     # rollouts
     def create_rollout(self, **body: Any) -> dict[str, Any]:

@@ -177,8 +177,9 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
             fleet = stack["fleet"]
             server = stack["server"]
             result.figures["broker"] = stack["broker"].info.kind
-            with ApiClient(server.url) as api:
-                api.push_bundle(good.bundle_dir)
+            with ApiClient(server.url, token=server.admin_token) as api:
+                # Released through TUF: the release key signs the targets metadata here, never on the server.
+                api.push_bundle(good.bundle_dir, release_keys=[release_key])
                 rollout = _create_rollout(api, "digits:1")
                 t_rollout = time.monotonic()
                 status = _follow(
@@ -194,7 +195,7 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
                     d.get("running_model") and d["running_model"]["sha256"] == good_sha for d in api.devices()
                 )
 
-                api.push_bundle(broken.bundle_dir)
+                api.push_bundle(broken.bundle_dir, release_keys=[release_key])
                 rollout2 = _create_rollout(api, "digits:2")
                 t_bad = time.monotonic()
                 status2 = _follow(progress, api, rollout2["id"], devices, "rollout digits:2 (broken: NaN)")

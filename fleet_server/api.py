@@ -3,8 +3,9 @@
 Handlers are plain ``def`` (FastAPI runs them in its thread pool) and open one
 short session each, so no session is shared between threads. Every route
 declares its response model and its error bodies, so the OpenAPI schema is
-complete. Authentication (issue 3) plugs in as one router-level dependency:
-``admin`` below is that seam and lets everything through for now.
+complete. Authentication (``fleet_server.auth``): the router needs ``viewer``;
+mutating routes add ``operator``. Device-facing routes (artifacts here, TUF
+metadata in ``tuf_api``) are on ``device_router`` and need no admin token.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from fleet_server import artifacts
+from fleet_server import artifacts, tuf_api
 from fleet_server.aggregates import telemetry_aggregates
+from fleet_server.auth import require
 from fleet_server.context import ServerContext
 from fleet_server.errors import ApiError
 from fleet_server.migrate import current_revision
@@ -44,16 +46,20 @@ from signing.errors import TrustError
 from signing.manifest import ENVELOPE_NAME
 
 
-def admin() -> None:
-    """The authentication seam (issue 3): an admin-credential check goes here; open for now."""
-
-
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {400: "bad input or trust failure", 403: "forbidden", 404: "not found", 409: "conflict"}
     return {c: {"model": ErrorOut, "description": text.get(c, "error")} for c in (400, *codes)}
 
 
-router = APIRouter(prefix="/api/v1", responses=_errors(), dependencies=[Depends(admin)])
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "no or invalid API token"},
+    403: {"model": ErrorOut, "description": "forbidden (role)"},
+}
+router = APIRouter(
+    prefix="/api/v1", responses={**_errors(), **AUTH_ERRORS}, dependencies=[Depends(require("viewer"))]
+)
+device_router = APIRouter(prefix="/api/v1", responses=_errors())
+OPERATOR = [Depends(require("operator"))]
 health = APIRouter()
 DEVICE_HEADER = "X-Edgefleet-Device"
 
@@ -112,7 +118,9 @@ def _inventory(d: Device) -> dict[str, Any]:
     }
 
 
-@router.post("/devices", status_code=201, response_model=DeviceOut, responses=_errors(409))
+@router.post(
+    "/devices", status_code=201, response_model=DeviceOut, responses=_errors(409), dependencies=OPERATOR
+)
 def register_device(body: DeviceIn, session: Db, response: Response) -> DeviceOut:
     existing = session.get(Device, body.device_id)
     if existing is not None:
@@ -142,7 +150,9 @@ def get_device(device_id: str, session: Db) -> DeviceOut:
     return device_out(device)
 
 
-@router.put("/devices/{device_id}/tags", response_model=DeviceOut, responses=_errors(404))
+@router.put(
+    "/devices/{device_id}/tags", response_model=DeviceOut, responses=_errors(404), dependencies=OPERATOR
+)
 def set_device_tags(device_id: str, body: TagsIn, session: Db) -> DeviceOut:
     """Replace a device's tags; a running rollout whose selector it now matches takes it in."""
     device = session.get(Device, device_id)
@@ -171,20 +181,32 @@ def model_out(m: Model) -> ModelOut:
     )
 
 
-@router.post("/models", status_code=201, response_model=ModelOut, responses=_errors(409))
+@router.post(
+    "/models", status_code=201, response_model=ModelOut, responses=_errors(409), dependencies=OPERATOR
+)
 def upload_model(
     c: Ctx,
     session: Db,
     response: Response,
     envelope: Annotated[UploadFile, File()],
     files: Annotated[list[UploadFile], File()],
+    targets: Annotated[UploadFile | None, File()] = None,
 ) -> ModelOut:
+    """Verify the bundle (DSSE) and, with ``targets``, the release-signed TUF targets metadata
+    listing it; then publish snapshot + timestamp with the fleet key (docs/trust.md)."""
     raw = envelope.file.read(artifacts.MAX_ENVELOPE + 1)
+    signed_targets = targets.file.read(artifacts.MAX_ENVELOPE + 1) if targets is not None else None
     uploads = [artifacts.Upload(f.filename or "", f.file) for f in files]
     try:
         staged = artifacts.stage_bundle(raw, uploads, c.trust, c.settings.upload_tmp_dir)
     except TrustError as exc:
         raise ApiError(400, exc.code, str(exc)) from None
+    if signed_targets is not None:
+        try:
+            tuf_api.check_release_target(signed_targets, staged.manifest)
+        except TrustError as exc:
+            staged.discard()
+            raise ApiError(400, exc.code, str(exc)) from None
     manifest = staged.manifest
     existing = session.exec(
         select(Model).where(Model.name == manifest.name, Model.version == manifest.version)
@@ -192,10 +214,18 @@ def upload_model(
     if existing is not None:
         staged.discard()
         if existing.manifest == manifest.to_dict():
+            if signed_targets is not None:
+                tuf_api.publish_release(c, signed_targets, Path(existing.storage_path), manifest)
             response.status_code = 200
             return model_out(existing)
         raise ApiError(409, "model_exists", f"{manifest.ref} exists with different content")
     path = staged.commit(c.settings.artifacts_dir)
+    if signed_targets is not None:
+        try:
+            tuf_api.publish_release(c, signed_targets, path, manifest)
+        except ApiError:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
     model = Model(
         name=manifest.name,
         version=manifest.version,
@@ -258,7 +288,7 @@ ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/artifacts/{sha256}", responses=ARTIFACT_RESPONSES, response_class=Response)
+@device_router.get("/artifacts/{sha256}", responses=ARTIFACT_RESPONSES, response_class=Response)
 def get_artifact(
     sha256: str,
     session: Db,
@@ -291,7 +321,7 @@ def get_artifact(
     )
 
 
-@router.get(
+@device_router.get(
     "/artifacts/{sha256}/envelope",
     responses={**_errors(403, 404), 200: {"content": {"application/json": {}}, "description": "DSSE"}},
     response_class=Response,
@@ -305,7 +335,13 @@ def get_envelope(sha256: str, session: Db, device: DeviceHeader = None) -> Respo
 # --- rollouts --------------------------------------------------------------------------------
 
 
-@router.post("/rollouts", status_code=201, response_model=RolloutOut, responses=_errors(404, 409))
+@router.post(
+    "/rollouts",
+    status_code=201,
+    response_model=RolloutOut,
+    responses=_errors(404, 409),
+    dependencies=OPERATOR,
+)
 def post_rollout(body: RolloutIn, c: Ctx, session: Db) -> RolloutOut:
     with c.lock:
         rollout = create_rollout(session, body)
@@ -344,28 +380,44 @@ def _act(rollout_id: str, action: str, c: ServerContext, session: Session) -> Ro
 ACTION_ERRORS = _errors(404, 409)
 
 
-@router.post("/rollouts/{rollout_id}/pause", response_model=RolloutOut, responses=ACTION_ERRORS)
+@router.post(
+    "/rollouts/{rollout_id}/pause", response_model=RolloutOut, responses=ACTION_ERRORS, dependencies=OPERATOR
+)
 def pause_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
     return _act(rollout_id, "pause", c, session)
 
 
-@router.post("/rollouts/{rollout_id}/resume", response_model=RolloutOut, responses=ACTION_ERRORS)
+@router.post(
+    "/rollouts/{rollout_id}/resume", response_model=RolloutOut, responses=ACTION_ERRORS, dependencies=OPERATOR
+)
 def resume_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
     return _act(rollout_id, "resume", c, session)
 
 
-@router.post("/rollouts/{rollout_id}/abort", response_model=RolloutOut, responses=ACTION_ERRORS)
+@router.post(
+    "/rollouts/{rollout_id}/abort", response_model=RolloutOut, responses=ACTION_ERRORS, dependencies=OPERATOR
+)
 def abort_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
     return _act(rollout_id, "abort", c, session)
 
 
-@router.post("/rollouts/{rollout_id}/approve", response_model=RolloutOut, responses=ACTION_ERRORS)
+@router.post(
+    "/rollouts/{rollout_id}/approve",
+    response_model=RolloutOut,
+    responses=ACTION_ERRORS,
+    dependencies=OPERATOR,
+)
 def approve_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
     """Accept the current stage: passes the manual gate, or overrides a gate that paused the rollout."""
     return _act(rollout_id, "approve", c, session)
 
 
-@router.post("/rollouts/{rollout_id}/rollback", response_model=RolloutOut, responses=ACTION_ERRORS)
+@router.post(
+    "/rollouts/{rollout_id}/rollback",
+    response_model=RolloutOut,
+    responses=ACTION_ERRORS,
+    dependencies=OPERATOR,
+)
 def rollback_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
     """Send every device that got this rollout's model back to the model it ran before (any state)."""
     return _act(rollout_id, "rollback", c, session)

@@ -15,6 +15,7 @@ from signing.trust import TrustRoot
 if TYPE_CHECKING:
     from fleet_server.mqtt_bridge import MqttBridge
     from fleet_server.ticker import Ticker
+    from fleet_server.tuf_service import TufService
 
 
 @dataclass
@@ -26,3 +27,6 @@ class ServerContext:
     lock: threading.Lock = field(default_factory=threading.Lock)  # rollout changes vs. the ticker
     bridge: MqttBridge | None = None
     ticker: Ticker | None = None
+    tuf: TufService | None = None  # the TUF repository this server serves (None: not set up)
+    admin_token: str = ""  # the bootstrap admin token (plaintext only in memory)
+    admin_token_hash: str = ""

@@ -202,3 +202,30 @@ class ModelAggregate(SQLModel, table=True):
     shadow_samples: int = 0  # as a shadowed candidate: samples compared with the served model
     shadow_agree: int = 0  # ... whose top-1 matched
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ApiToken(SQLModel, table=True):
+    """An admin API credential. Only the SHA-256 of the token is stored (tokens are 256-bit random,
+    so a fast hash is enough: there is nothing to brute-force, unlike a password)."""
+
+    id: str = Field(primary_key=True, max_length=32)  # public handle, shown in lists and the audit log
+    name: str = Field(max_length=128)
+    role: str = Field(max_length=16)  # admin | operator | viewer
+    token_hash: str = Field(index=True, unique=True, max_length=64)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    created_by: str = Field(default="", max_length=160)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class AuditEntry(SQLModel, table=True):
+    """One mutating admin call: who, what, when, result. Append-only: nothing updates or deletes rows."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    ts: datetime = Field(sa_type=UTCDateTime, index=True)
+    actor: str = Field(max_length=160)  # token id + name, "bootstrap-admin" or "anonymous"
+    role: str = Field(default="", max_length=16)
+    method: str = Field(max_length=8)
+    path: str = Field(max_length=512)
+    status: int
+    result: str = Field(default="", max_length=64)  # "ok" or the error code
+    detail: str = Field(default="", max_length=512)

@@ -39,6 +39,11 @@ class ServerThread:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def admin_token(self) -> str:
+        """The bootstrap admin token (``settings.admin_token`` or ``<data_dir>/admin.token``)."""
+        return self.context.admin_token
+
+    @property
     def context(self) -> ServerContext:
         ctx: ServerContext = self.app.state.ctx
         return ctx

@@ -32,6 +32,17 @@ class ServerSettings(BaseSettings):
     public_url: str = "http://127.0.0.1:8080"  # base URL devices download artifacts from
     tick_interval: float = 1.0  # seconds between rollout engine runs
     directive_ttl_seconds: float = 86400.0
+    # Admin API auth (docs/contracts.md). The bootstrap admin token: this value, or when unset one
+    # generated at first start into <data_dir>/admin.token (0600). False = a call without a token is
+    # let through as "anonymous" (a token that is sent is still checked); the default flips to True
+    # once every harness sends tokens.
+    admin_token: str | None = None
+    auth_required: bool = False
+    # TUF delivery metadata (<data_dir>/tuf): lifetimes of what the fleet key signs, and how often the
+    # keeper checks whether to re-sign them (at half their lifetime).
+    tuf_timestamp_expiry_seconds: float = 86400.0
+    tuf_snapshot_expiry_seconds: float = 7 * 86400.0
+    tuf_refresh_interval: float = 60.0
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -41,6 +52,10 @@ class ServerSettings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return Path(self.data_dir) / "bundles"
+
+    @property
+    def tuf_dir(self) -> Path:
+        return Path(self.data_dir) / "tuf"
 
     @property
     def upload_tmp_dir(self) -> Path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -139,6 +140,57 @@ class TufRepository:
         repo._write_targets(targets, release_keys)
         repo.publish(fleet_key, snapshot_expiry=snapshot_expiry, timestamp_expiry=timestamp_expiry)
         return repo
+
+    @classmethod
+    def open_served(cls, path: Path, root_chain: list[bytes]) -> TufRepository:
+        """Open (or start) a repository that holds only what the server may sign itself.
+
+        The root chain is published (new links appended after a rotation); targets
+        metadata arrives later, signed by a release key elsewhere (``accept_targets``).
+        """
+        repo = cls(path)
+        repo.metadata_dir.mkdir(parents=True, exist_ok=True)
+        repo.targets_dir.mkdir(parents=True, exist_ok=True)
+        have = repo.root().signed.version if (repo.metadata_dir / "root.json").exists() else 0
+        for link in root_chain:
+            if Metadata[Root].from_bytes(link).signed.version > have:
+                repo.publish_root(link)
+        return repo
+
+    def has_targets(self) -> bool:
+        return (self.metadata_dir / "targets.json").exists()
+
+    def targets_bytes(self) -> bytes | None:
+        path = self.metadata_dir / "targets.json"
+        return path.read_bytes() if path.exists() else None
+
+    def accept_targets(self, data: bytes, files: Mapping[str, Path]) -> Metadata[Targets]:
+        """Install targets metadata a release key signed elsewhere, with the bytes of new targets.
+
+        ``signing.tuf_release.verify_targets_update`` checks signature, version,
+        expiry and floors; every listed target must then have its bytes here
+        (``files`` maps target name -> a file to hard-link or copy in), so devices
+        never see a target that cannot be fetched. The caller publishes after.
+        """
+        from signing.errors import TargetMismatch, TargetNotFound
+        from signing.tuf_release import verify_targets_update
+
+        md = verify_targets_update(self.root_bytes(), self.targets_bytes(), data)
+        for name, entry in md.signed.targets.items():
+            dest = self._target_file(name, entry.hashes["sha256"])
+            if dest.exists():
+                continue
+            src = files.get(name)
+            if src is None:
+                raise TargetNotFound(f"targets metadata lists {name!r} but its bytes were not uploaded")
+            if Path(src).stat().st_size != entry.length:
+                raise TargetMismatch(
+                    f"{name}: uploaded {Path(src).stat().st_size} bytes, signed {entry.length}"
+                )
+            _link_or_copy(Path(src), dest)
+        self._write(f"{md.signed.version}.targets.json", data)
+        self._write("targets.json", data)
+        return md
 
     # ---------------------------------------------------------------- read
 
@@ -323,6 +375,17 @@ def _check_name(name: str) -> None:
     parts = name.split("/")
     if not name or name.startswith("_edgefleet/") or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"illegal target name {name!r}")
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """Hard-link (no second copy of a 100 MB bundle) or, across file systems, copy atomically."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -16,6 +16,10 @@ ServerOpt = Annotated[
     str | None,
     typer.Option("--server", "-s", envvar="EDGEFLEET_SERVER", help="Fleet server URL."),
 ]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", envvar="EDGEFLEET_TOKEN", help="Admin API token.", show_default=False),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
@@ -28,10 +32,11 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def client(server: str | None) -> Any:
+def client(server: str | None, token: str | None = None) -> Any:
+    """An API client; the token defaults to ``$EDGEFLEET_TOKEN`` (inside ApiClient)."""
     from edgefleet.client import ApiClient
 
-    return ApiClient(server)
+    return ApiClient(server, token=token)
 
 
 def api(call: Any) -> Any:

@@ -88,7 +88,12 @@ def test_compile_push_rollout_with_real_processes(
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "EDGEFLEET_SERVER": url, "EDGEFLEET_TICK_INTERVAL": "0.2"}
+    env = {
+        **os.environ,
+        "EDGEFLEET_SERVER": url,
+        "EDGEFLEET_TICK_INTERVAL": "0.2",
+        "EDGEFLEET_AUTH_REQUIRED": "1",
+    }
     mqtt = f"{mosquitto.info.host}:{mosquitto.info.port}"
     server_log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
     processes.append(
@@ -101,11 +106,18 @@ def test_compile_push_rollout_with_real_processes(
     wait_http(f"{url}/healthz")
     os.environ["EDGEFLEET_SERVER"] = url
     try:
+        # auth is on: without a token the CLI is refused; the bootstrap admin token was generated 0600
+        denied = ef("devices", "list", check=False)
+        assert denied.returncode == 1 and "unauthenticated" in denied.stderr
+        os.environ["EDGEFLEET_TOKEN"] = (tmp_path / "srv" / "admin.token").read_text().strip()
+        operator = ef_json("tokens", "create", "--name", "ci", "--role", "operator", "--json")
+        os.environ["EDGEFLEET_TOKEN"] = operator["token"]
         ef("devices", "register", "cli-dev-1", "--hw", "rpi4", "--tag", "site=lab")
         (tmp_path / "agent.toml").write_text(
             "[agent]\n"
             'device_id = "cli-dev-1"\nhardware_id = "rpi4"\n'
             f'data_dir = "dev1"\ntrust_path = "{keys / "trust.json"}"\n'
+            f'tuf_root_path = "{keys / "root.json"}"\n'
             f'mqtt_host = "{mosquitto.info.host}"\nmqtt_port = {mosquitto.info.port}\n'
             "telemetry_interval = 1.0\n"
         )
@@ -117,7 +129,7 @@ def test_compile_push_rollout_with_real_processes(
         )
         processes.append(agent)
 
-        pushed = ef_json("models", "push", str(tmp_path / "digits-1"))
+        pushed = ef_json("models", "push", str(tmp_path / "digits-1"), "--keys", str(keys))
         assert pushed["name"] == "digits" and pushed["sha256"] == out["manifest"]["files"][0]["sha256"]
         assert [m["version"] for m in ef_json("models", "list")] == ["1"]
         # pushing a tampered bundle is refused with the reason, exit 1
@@ -126,7 +138,7 @@ def test_compile_push_rollout_with_real_processes(
         for f in (tmp_path / "digits-1").iterdir():
             data = f.read_bytes()
             (tampered / f.name).write_bytes(data[:-1] + b"\0" if f.suffix == ".onnx" else data)
-        refused = ef("models", "push", str(tampered), check=False)
+        refused = ef("models", "push", str(tampered), "--keys", str(keys), check=False)
         assert refused.returncode == 1 and "digest_mismatch" in refused.stderr
 
         rollout = ef_json(
@@ -144,7 +156,11 @@ def test_compile_push_rollout_with_real_processes(
         # steering a finished rollout is refused, exit 1
         assert ef("rollouts", "pause", str(rollout["id"]), check=False).returncode == 1
         assert any(r["id"] == rollout["id"] for r in ef_json("rollouts", "list"))
+        audit = ef_json("audit", "list", "--json")
+        assert any(e["path"] == "/api/v1/models" and e["result"] == "digest_mismatch" for e in audit)
+        assert {e["actor"] for e in audit} >= {"bootstrap-admin", f"{operator['id']}:ci"}
     finally:
         os.environ.pop("EDGEFLEET_SERVER", None)
+        os.environ.pop("EDGEFLEET_TOKEN", None)
     agent.send_signal(signal.SIGTERM)
     assert agent.wait(15) == 0

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from device_agent.agent import Agent
 from signing.keyring import KeyDir, init_keys
 from signing.tuf_repo import TufRepository
+from tests.agent.harness import ArtifactServer, LoopThread, Observer, agent_config, start_agent, unique_id
+from tests.security.agent_harness import Fleet
 from tests.security.delivery_harness import Delivery, serve_directory
 
 
@@ -27,3 +31,41 @@ def delivery(tmp_path: Path, http_root: tuple[Path, str]) -> Delivery:
     keydir = KeyDir(tmp_path / "keys")
     repo = TufRepository.create(root_dir, keydir.tuf_root(), keydir.keys("release"), keydir.key("fleet"))
     return Delivery(keydir, repo, url, tmp_path, keydir.tuf_root(), tmp_path / "device-cache")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, broker_info: Any) -> Iterator[Fleet]:
+    """A TUF-mode agent on a real broker, serving release 1 of ``tiny``, its repository over real HTTP."""
+    init_keys(tmp_path / "keys")
+    keydir = KeyDir(tmp_path / "keys")
+    www = tmp_path / "www"
+    www.mkdir()
+    repo = TufRepository.create(www, keydir.tuf_root(), keydir.keys("release"), keydir.key("fleet"))
+    served = serve_directory(www)
+    url = next(served)
+    artifacts = ArtifactServer()
+    observer = Observer(broker_info)
+    loop = LoopThread()
+    device = unique_id("sec")
+    config = agent_config(
+        broker_info,
+        tmp_path / "device",
+        keydir.trust_path,
+        device,
+        tuf_root_path=keydir.tuf_root_path,
+        tuf_url=url,
+    )
+    agent = Agent(config, keydir.trust_root())
+    f = Fleet(keydir, repo, url, artifacts, observer, loop, agent, tmp_path, serving=None)  # type: ignore[arg-type]
+    try:
+        start_agent(loop, agent)
+        first = f.bundle(seed=1, version="1")
+        f.release(first)
+        f.installs(first, f.direct(first))
+        yield f
+    finally:
+        loop.run(agent.stop())
+        loop.close()
+        observer.close()
+        artifacts.close()
+        next(served, None)

@@ -1,0 +1,115 @@
+"""The TUF half of an install decision on the device: release metadata, agreement, floors.
+
+Before a byte of a model is downloaded, the agent asks the repository (a new
+python-tuf ``Updater`` per check, anchored on the root in its trust state, never
+on the writable cache) what the release keys signed for the directive's model,
+then checks that the fleet-signed directive agrees with it (hash, length,
+hardware id) and that the release is not below its family's signed floor. The
+bytes themselves are then streamed once, resumably, by ``downloader`` and
+checked against the same hash (decision 0004: ``download_target`` would read
+them three times).
+
+Every refusal is a ``signing.errors.TrustError`` whose ``code`` the agent
+reports as the Event reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from tuf.api.metadata import Metadata, Root
+
+from device_agent import protocol
+from device_agent.trust_state import TrustStore
+from signing.agreement import check_agreement, check_floor, merge_floors
+from signing.errors import DeliveryError, DeliveryUnavailable
+from signing.targets import VerifiedTarget
+from signing.tuf_client import check_target, new_updater, trusted_root_bytes, tuf_errors
+from signing.tuf_release import target_name
+
+ARTIFACTS_PATH = "/api/v1/artifacts/"
+TUF_PATH = "/tuf"
+
+
+def repository_url(configured: str, ref: protocol.ModelRef | None) -> str:
+    """The repository base URL (``<base>/metadata/`` holds the metadata).
+
+    The agent's ``tuf_url`` wins; else it is derived from the directive's model
+    URL on a fleet server (``<origin>/api/v1/artifacts/...`` -> ``<origin>/tuf``).
+    Where the URL comes from does not matter for safety: every byte fetched from
+    it is verified against the root the device already trusts.
+    """
+    if configured:
+        return configured.rstrip("/")
+    if ref is not None:
+        parts = urlsplit(ref.model_url)
+        prefix, sep, _ = parts.path.partition(ARTIFACTS_PATH)
+        if sep:
+            return f"{parts.scheme}://{parts.netloc}{prefix}{TUF_PATH}"
+    return ""
+
+
+def _metadata_url(base: str) -> str:
+    return f"{base}/metadata/"
+
+
+def verify_release(
+    store: TrustStore, base_url: str, ref: protocol.ModelRef, hardware_id: str
+) -> VerifiedTarget:
+    """Resolve ``ref`` in the signed release metadata and run the agreement and floor checks.
+
+    Advances the trust state (newer root, higher floors) as soon as python-tuf
+    verified them, even when the install is then refused: a floor learnt is
+    never forgotten. Blocking (HTTP + signature checks): call it in a thread.
+    """
+    target = check_target(
+        target_name(ref.name, ref.version),
+        trusted_root=store.state.root,
+        cache_dir=store.cache_dir,
+        metadata_url=_metadata_url(base_url),
+    )
+    new_root = None
+    if target.root_version > store.state.root_version:
+        new_root = trusted_root_bytes(store.cache_dir, target.root_version)
+    floors = merge_floors(store.state.floors, target.floors)
+    store.advance(root=new_root, floors=floors, repository_url=base_url)
+    check_agreement(target, directive_sha256=ref.sha256, directive_length=ref.length, hardware_id=hardware_id)
+    check_floor(target, floors)
+    return target
+
+
+def refresh_root(store: TrustStore, base_url: str) -> DeliveryError | None:
+    """Walk the repository's root chain from the stored root as far as it is valid; store the result.
+
+    Called when a directive is signed by a key the stored root does not know:
+    after a rotation the new fleet key is only trusted once the new root is.
+    Returns what refused the rest of the chain (or the metadata after it), None
+    when everything verified: a forged root N+1 leaves the device at N.
+    """
+    if not base_url:
+        return DeliveryUnavailable("no repository URL known to refresh the root from")
+    before = store.state.root_version
+    failure: DeliveryError | None = None
+    try:
+        updater = new_updater(store.state.root, store.cache_dir, _metadata_url(base_url))
+        with tuf_errors():
+            updater.refresh()
+    except DeliveryError as exc:
+        failure = exc  # the root step may have advanced before a later link or role failed
+    after = cached_root_version(store.cache_dir)
+    if after > before:
+        store.advance(root=trusted_root_bytes(store.cache_dir, after))
+    return failure
+
+
+def cached_root_version(cache_dir: Path) -> int:
+    """The version of the root python-tuf last verified and persisted in ``cache_dir`` (0: none)."""
+    try:
+        version: int = Metadata[Root].from_bytes((cache_dir / "root.json").read_bytes()).signed.version
+    except (OSError, ValueError):
+        return 0
+    return version
+
+
+__all__ = ["refresh_root", "repository_url", "verify_release"]
