@@ -23,6 +23,12 @@ States, transitions and gates are drawn in docs/rollouts.md.
 - Gates (gates.py) over every device assigned so far decide: nothing, pause
   (a human decides; ``approve`` accepts the stage) or roll back. The gates are
   checked while paused too: pausing stops assignment, not protection.
+- The gates are judged per cohort (devices of one hardware id: a model may fail
+  on one class of hardware only) and pooled over the cohorts still going. A
+  cohort that fails alone is rolled back or paused alone and its unassigned
+  devices are ``held``; the rollout acts as a whole only when every cohort
+  fails or is halted, or when the pooled gate fails and no going cohort
+  contradicts it (docs/rollouts.md, "Gates per hardware class").
 - When every assigned device has finished, the success threshold holds and the
   soak time has passed, the next stage starts (after a human approval when the
   policy asks for one); after the last stage the rollout is ``completed``.
@@ -32,8 +38,10 @@ States, transitions and gates are drawn in docs/rollouts.md.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -47,6 +55,14 @@ from fleet_server.models import RolloutState as RS
 
 FAILED_DEPLOYMENT_STATES = ("failed", "rejected", "reverted")
 PROBATION_STATE = "probation"
+HELD = "held"
+"""Device state of a not-yet-assigned device whose cohort (hardware id) is halted by a gate.
+
+Persisted like every device state (``RolloutDevice.state`` is a plain string;
+``DeviceRolloutState`` in models.py does not list it yet), so a restart knows
+which cohorts are paused without re-judging them. A rolled-back cohort is
+known by its ``rolled_back`` devices; its unassigned ones are held too.
+"""
 
 
 @dataclass(frozen=True)
@@ -220,32 +236,46 @@ def decide(
                 state[d.device_id], reasons[d.device_id] = new, reason
                 plan.changes.append(DeviceChange(d.device_id, new, reason, retry_at=retry_at))
 
-    # 2. The gates, over every device assigned so far.
+    # 2. The gates, per cohort (hardware id) and pooled over the cohorts still going.
     assigned = [d for d in devices if d.stage is not None]
-    stage_finished = bool(assigned) and not any(state[d.device_id] in DS.IN_FLIGHT for d in assigned)
-    figures = _figures(r, assigned, state, baseline or {})
-    failure_classes: dict[str, int] = {}
-    for d in assigned:
-        if state[d.device_id] in (DS.FAILED, DS.TIMED_OUT):
-            cls = gates.failure_class(reasons[d.device_id])
-            failure_classes[cls] = failure_classes.get(cls, 0) + 1
-    figures["failure_classes"] = dict(sorted(failure_classes.items()))
-    trip = gates.check(p, figures, stage_finished)
-    if trip is not None and trip.action == gates.ROLL_BACK:
-        return _roll_back(plan, devices, state, trip.reason, figures, trip.gate)
-    if trip is not None and r.approved_through < plan.current_stage:
+    j = _judge(r, plan, devices, state, reasons, baseline or {})
+    whole = j.overall_trip
+    whole_figures = j.overall
+    if whole is None and j.failing and not j.going:
+        whole = _all_cohorts_trip(j)
+        whole_figures = _figures(
+            r, [d for d in assigned if d.hardware_id not in j.rolled], state, reasons, baseline
+        )
+    if whole is not None and whole.action == gates.ROLL_BACK:
+        return _roll_back(
+            plan, devices, state, whole.reason, {**whole_figures, **_whole_notes(j)}, whole.gate
+        )
+    for hw, trip in sorted(j.failing.items()):
+        if trip.action == gates.ROLL_BACK:
+            _roll_back_cohort(plan, j.cohorts[hw], state, reasons, trip, j.verdicts[hw])
+        elif hw not in j.held and whole is None:  # a whole-rollout pause stops every cohort anyway
+            _hold_cohort(plan, j.cohorts[hw], state, reasons, trip, j.verdicts[hw])
+    for hw in sorted(j.rolled | j.held):  # devices that joined a halted cohort since
+        _hold_cohort(
+            plan, j.cohorts[hw], state, reasons, None, {}, "rolled back" if hw in j.rolled else "paused"
+        )
+    if whole is not None:
         if r.state != RS.PAUSED:
             plan.state = RS.PAUSED
-            plan.decisions.append(Decision("pause", trip.reason, {**figures, "gate": trip.gate}))
+            notes = {**whole_figures, **_whole_notes(j), "gate": whole.gate}
+            plan.decisions.append(Decision("pause", whole.reason, notes))
         return plan
     if r.state == RS.PAUSED:
         return plan
+    halted = j.halted
+    figures = {**j.overall, "cohorts": j.going_figures, "halted_cohorts": _halted_summary(j, state)}
 
-    # 3. Shadow promotion, retries and new assignments, within the rate limit.
+    # 3. Shadow promotion, retries and new assignments, within the rate limit; halted cohorts get none.
     budget = _budget(r, devices, now)
-    shadow_first = p.min_shadow_agreement is not None and not gates.shadow_passed(p, figures)
+    shadow_first = p.min_shadow_agreement is not None and not gates.shadow_passed(p, j.overall)
     ordered = sorted(
-        devices, key=lambda d: assignment_order(r.id, d.device_id)
+        (d for d in devices if d.hardware_id not in halted),
+        key=lambda d: assignment_order(r.id, d.device_id),
     )  # input order must not matter
     promote = [d for d in ordered if state[d.device_id] == DS.SHADOWING and not shadow_first]
     for d in promote:
@@ -291,11 +321,16 @@ def decide(
                         "target_count": target,
                         "notified": len(batch),
                         "rate_budget": budget,
+                        "cohorts": dict(sorted(Counter(d.hardware_id for d in batch).items())),
+                        "halted_cohorts": sorted(halted),
                     },
                 )
             )
             return plan
-        if any(s in DS.IN_FLIGHT for s in state.values()):
+        # The stage waits for the devices of the cohorts still going; a halted cohort's stay as they are.
+        if any(state[d.device_id] in DS.IN_FLIGHT for d in ordered):
+            return plan
+        if j.deferred is not None:  # a pooled gate fails: wait for the cohorts' own verdicts
             return plan
         if plan.stage_ready_at is None:
             plan.stage_ready_at = now
@@ -310,9 +345,27 @@ def decide(
         if soaked < r.soak_seconds:
             return plan
         if plan.current_stage + 1 >= len(r.stages):
+            paused = sorted(j.paused)
+            if paused:
+                if r.state != RS.PAUSED:
+                    plan.state = RS.PAUSED
+                    plan.decisions.append(
+                        Decision(
+                            "pause",
+                            f"last stage soaked {soaked:.1f}s for the other hardware classes; "
+                            f"{', '.join(map(repr, paused))} paused by a gate: a human decides "
+                            "(approve completes them, rollback or abort ends the rollout)",
+                            {**figures, "gate": "cohort_paused"},
+                        )
+                    )
+                return plan
             plan.state = RS.COMPLETED
+            rolled = sorted(halted - j.paused)
+            note = f"; rolled back on {', '.join(map(repr, rolled))} only" if rolled else ""
             plan.decisions.append(
-                Decision("completed", f"last stage soaked {soaked:.1f}s with the gates passing", figures)
+                Decision(
+                    "completed", f"last stage soaked {soaked:.1f}s with the gates passing{note}", figures
+                )
             )
             return plan
         if p.require_approval and r.approved_through < plan.current_stage:
@@ -338,6 +391,268 @@ def decide(
         )
 
 
+@dataclass
+class _Judgement:
+    """The gates' verdicts on one tick, per cohort and pooled.
+
+    ``rolled``: cohorts already rolled back (a device of theirs is ``rolled_back``
+    while the rollout is active); ``held``: cohorts paused earlier (a device of
+    theirs is ``held``); ``failing``: cohorts whose own gate trips now;
+    ``going``: every other cohort, including those with no device assigned yet.
+    ``overall``: the figures pooled over the assigned devices of ``going``;
+    ``overall_trip`` acts on the whole rollout, ``deferred`` is a pooled trip
+    that a going cohort contradicts (it passes on its own figures), so the
+    stage waits instead.
+    """
+
+    cohorts: dict[str, list[DeviceSnapshot]]
+    rolled: set[str]
+    held: set[str]
+    verdicts: dict[str, dict[str, Any]]
+    failing: dict[str, gates.Trip]
+    going: list[str]
+    overall: dict[str, Any]
+    going_figures: dict[str, dict[str, Any]]
+    overall_trip: gates.Trip | None = None
+    deferred: gates.Trip | None = None
+
+    @property
+    def halted(self) -> set[str]:
+        return self.rolled | self.held | set(self.failing)
+
+    @property
+    def paused(self) -> set[str]:
+        """Halted cohorts a human must decide on (paused, not rolled back)."""
+        rolling = {hw for hw, t in self.failing.items() if t.action == gates.ROLL_BACK}
+        return (self.held - rolling) | {hw for hw, t in self.failing.items() if t.action == gates.PAUSE}
+
+
+def _judge(
+    r: RolloutSnapshot,
+    plan: Plan,
+    devices: Sequence[DeviceSnapshot],
+    state: dict[str, str],
+    reasons: dict[str, str | None],
+    baseline: Mapping[str, Histograms],
+) -> _Judgement:
+    """Every cohort's gates (each with its own minimum sample), then the pooled gates over those going.
+
+    A pausing gate is silenced for a stage a human approved (``approved_through``);
+    the approval also releases the held devices of a paused cohort (the same
+    meaning as for the whole rollout: approve accepts the stage). Roll-back gates
+    are never silenced.
+    """
+    p = r.policy
+    cohorts: dict[str, list[DeviceSnapshot]] = {}
+    for d in sorted(devices, key=lambda d: d.device_id):
+        cohorts.setdefault(d.hardware_id, []).append(d)
+    approved = r.approved_through >= plan.current_stage
+    rolled = {hw for hw, ds in cohorts.items() if any(state[d.device_id] == DS.ROLLED_BACK for d in ds)}
+    held = {
+        hw for hw, ds in cohorts.items() if hw not in rolled and any(state[d.device_id] == HELD for d in ds)
+    }
+    verdicts: dict[str, dict[str, Any]] = {}
+    failing: dict[str, gates.Trip] = {}
+    for hw, ds in cohorts.items():
+        mine = [d for d in ds if d.stage is not None]
+        if hw in rolled or not mine:
+            continue
+        verdicts[hw] = _figures(r, mine, state, reasons, baseline)
+        trip = gates.check(p, verdicts[hw], _finished(mine, state))
+        if trip is not None and not (trip.action == gates.PAUSE and approved):
+            failing[hw] = trip
+    if approved:
+        for hw in sorted(held - set(failing)):
+            for d in cohorts[hw]:
+                if state[d.device_id] == HELD:
+                    state[d.device_id], reasons[d.device_id] = DS.PENDING, "cohort released: stage approved"
+                    plan.changes.append(DeviceChange(d.device_id, DS.PENDING, reasons[d.device_id]))
+            held.discard(hw)
+    going = sorted(set(cohorts) - rolled - held - set(failing))
+    pooled = [d for hw in going for d in cohorts[hw] if d.stage is not None]
+    j = _Judgement(
+        cohorts,
+        rolled,
+        held,
+        verdicts,
+        failing,
+        going,
+        _figures(r, pooled, state, reasons, baseline),
+        {hw: verdicts[hw] for hw in going if hw in verdicts},
+    )
+    trip = gates.check(p, j.overall, _finished(pooled, state)) if pooled else None
+    if trip is None or (trip.action == gates.PAUSE and approved):
+        return j
+    if trip.gate in gates.SAMPLED_GATES and _contradicting(r, trip.gate, j, state, reasons, baseline):
+        j.deferred = trip
+    else:
+        j.overall_trip = trip
+    return j
+
+
+def _contradicting(
+    r: RolloutSnapshot,
+    gate: str,
+    j: _Judgement,
+    state: dict[str, str],
+    reasons: dict[str, str | None],
+    baseline: Mapping[str, Histograms],
+) -> list[str]:
+    """Going cohorts that, minimum samples waived, pass the gate the pooled figures fail.
+
+    Such a cohort is evidence that the failure is not across all cohorts: it
+    comes from a cohort still below its own minimum sample, which must not
+    trigger on its own, so the engine waits for it rather than stopping everyone.
+    """
+    loose = dataclasses.replace(r, min_inferences=1, policy=gates.without_minimums(r.policy))
+    out = []
+    for hw in j.going:
+        mine = [d for d in j.cohorts[hw] if d.stage is not None]
+        if not mine:
+            continue
+        f = _figures(loose, mine, state, reasons, baseline)
+        if (
+            gates.has_evidence(gate, f)
+            and gates.verdict(loose.policy, f, _finished(mine, state), gate) is None
+        ):
+            out.append(hw)
+    return out
+
+
+def _all_cohorts_trip(j: _Judgement) -> gates.Trip:
+    """No cohort is left going and some trip now: the whole rollout acts, rolling back if any gate says so."""
+    trips = sorted(j.failing.items())
+    action = gates.ROLL_BACK if any(t.action == gates.ROLL_BACK for _, t in trips) else gates.PAUSE
+    first = next(t for _, t in trips if t.action == action)
+    if len(j.cohorts) == 1:
+        return gates.Trip(first.gate, action, first.reason)
+    detail = "; ".join(f"{hw!r}: {t.reason}" for hw, t in trips)
+    return gates.Trip(first.gate, action, f"every hardware class fails or is halted: {detail}")
+
+
+def _whole_notes(j: _Judgement) -> dict[str, Any]:
+    """What a whole-rollout decision records about the cohorts: who tripped which gate, who was halted."""
+    return {
+        "scope": "rollout",
+        "failing_cohorts": {
+            hw: {"gate": t.gate, "action": t.action, "reason": t.reason}
+            for hw, t in sorted(j.failing.items())
+        },
+        "halted_cohorts": sorted(j.rolled | j.held),
+    }
+
+
+def _halted_summary(j: _Judgement, state: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per halted cohort: how (``rolled_back`` or ``paused``) and how many of its devices are where."""
+    out: dict[str, dict[str, Any]] = {}
+    for hw in sorted(j.halted):
+        counts = Counter(state[d.device_id] for d in j.cohorts[hw])
+        out[hw] = {
+            "state": "rolled_back"
+            if hw in j.rolled or j.failing.get(hw, _NO_TRIP).action == gates.ROLL_BACK
+            else "paused",
+            "devices": dict(sorted(counts.items())),
+        }
+    return out
+
+
+_NO_TRIP = gates.Trip("", "", "")
+
+
+def _finished(assigned: Sequence[DeviceSnapshot], state: dict[str, str]) -> bool:
+    return bool(assigned) and not any(state[d.device_id] in DS.IN_FLIGHT for d in assigned)
+
+
+def _roll_back_cohort(
+    plan: Plan,
+    cohort: Sequence[DeviceSnapshot],
+    state: dict[str, str],
+    reasons: dict[str, str | None],
+    trip: gates.Trip,
+    figures: dict[str, Any],
+) -> None:
+    """One hardware class goes back: devices that got the model get the previous one, the rest are held."""
+    hw = cohort[0].hardware_id
+    sent = DS.IN_FLIGHT + DS.FINISHED
+    back = {d.device_id for d in cohort if state[d.device_id] in sent}
+    earlier = {c.device_id: c for c in plan.changes if c.device_id in back}
+    plan.changes = [c for c in plan.changes if c.device_id not in back]
+    for d in cohort:
+        if d.device_id in back:
+            why = earlier[d.device_id].reason if d.device_id in earlier else None
+            note = f"rolled back with {hw!r} (was {state[d.device_id]}{': ' + why if why else ''})"
+            plan.roll_back.append(d.device_id)
+            plan.changes.append(DeviceChange(d.device_id, DS.ROLLED_BACK, note))
+            state[d.device_id], reasons[d.device_id] = DS.ROLLED_BACK, note
+    held = _hold(plan, cohort, state, reasons, f"cohort {hw!r} rolled back: {trip.reason}")
+    plan.decisions.append(
+        Decision(
+            "roll_back_cohort",
+            f"hardware {hw!r}: {trip.reason}",
+            {
+                **figures,
+                "scope": "cohort",
+                "cohort": hw,
+                "gate": trip.gate,
+                "rolled_back": len(back),
+                "held": held,
+            },
+        )
+    )
+
+
+def _hold_cohort(
+    plan: Plan,
+    cohort: Sequence[DeviceSnapshot],
+    state: dict[str, str],
+    reasons: dict[str, str | None],
+    trip: gates.Trip | None,
+    figures: dict[str, Any],
+    how: str = "paused",
+) -> None:
+    """A paused cohort (``trip``) or one halted earlier (None): its unassigned devices are held.
+
+    A pause is recorded once, when it first holds devices; with nothing left to
+    hold it has nothing to stop, and the rollout pauses for a human at its end.
+    """
+    hw = cohort[0].hardware_id
+    why = f"cohort {hw!r} paused: {trip.reason}" if trip is not None else _halt_reason(cohort, reasons, how)
+    held = _hold(plan, cohort, state, reasons, why)
+    if trip is not None and held:
+        plan.decisions.append(
+            Decision(
+                "pause_cohort",
+                f"hardware {hw!r}: {trip.reason}",
+                {**figures, "scope": "cohort", "cohort": hw, "gate": trip.gate, "held": held},
+            )
+        )
+
+
+def _halt_reason(cohort: Sequence[DeviceSnapshot], reasons: dict[str, str | None], how: str) -> str:
+    """The reason the cohort's held devices carry (joiners get the same)."""
+    for d in cohort:
+        why = reasons[d.device_id]
+        if why and why.startswith("cohort "):
+            return why
+    return f"cohort {cohort[0].hardware_id!r} {how}"
+
+
+def _hold(
+    plan: Plan,
+    cohort: Sequence[DeviceSnapshot],
+    state: dict[str, str],
+    reasons: dict[str, str | None],
+    why: str,
+) -> int:
+    n = 0
+    for d in cohort:
+        if d.stage is None and state[d.device_id] == DS.PENDING:
+            state[d.device_id], reasons[d.device_id] = HELD, why
+            plan.changes.append(DeviceChange(d.device_id, HELD, why))
+            n += 1
+    return n
+
+
 def _budget(r: RolloutSnapshot, devices: Sequence[DeviceSnapshot], now: datetime) -> int | None:
     if r.policy.rate_per_minute is None:
         return None
@@ -352,14 +667,22 @@ def _figures(
     r: RolloutSnapshot,
     assigned: Sequence[DeviceSnapshot],
     state: dict[str, str],
-    baseline: Mapping[str, Histograms],
+    reasons: dict[str, str | None],
+    baseline: Mapping[str, Histograms] | None,
 ) -> dict[str, Any]:
+    """The figures every gate reads, over ``assigned`` (one cohort, or the cohorts pooled)."""
+    baseline = baseline or {}
     inferences = sum(d.inferences for d in assigned)
     errors = sum(d.errors for d in assigned)
     failed = sum(1 for d in assigned if state[d.device_id] in (DS.FAILED, DS.TIMED_OUT))
     done = sum(1 for d in assigned if state[d.device_id] == DS.DONE)
     shadow_samples = sum(d.shadow_samples for d in assigned)
     shadow_agree = sum(d.shadow_agree for d in assigned)
+    failure_classes = Counter(
+        gates.failure_class(reasons[d.device_id])
+        for d in assigned
+        if state[d.device_id] in (DS.FAILED, DS.TIMED_OUT)
+    )
     figures: dict[str, Any] = {
         "assigned": len(assigned),
         "done": done,
@@ -374,6 +697,7 @@ def _figures(
         "min_inferences": r.min_inferences,
         "shadow_samples": shadow_samples,
         "shadow_agreement": shadow_agree / shadow_samples if shadow_samples else None,
+        "failure_classes": dict(sorted(failure_classes.items())),
     }
     p = r.policy
     if p.max_latency_ratio is not None or p.max_output_psi is not None:

@@ -11,8 +11,8 @@ model it replaces *on the same hardware* (comparable devices).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from device_agent.protocol import LATENCY_BOUNDS_US
@@ -168,8 +168,7 @@ def drift_figures(new: Mapping[str, Histograms], baseline: Mapping[str, Histogra
     }
 
 
-def check(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
-    """The first gate that trips, in order: install, errors, latency, drift, shadow."""
+def _failure_rate(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
     if f["assigned"] and f["failure_rate"] > f["max_failure_rate"]:
         return Trip(
             "failure_rate",
@@ -177,8 +176,16 @@ def check(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
             f"{f['failed']} of {f['assigned']} devices failed or timed out "
             f"({f['failure_rate']:.3f} > {f['max_failure_rate']:g})",
         )
+    return None
+
+
+def _failures(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
     if p.max_failures is not None and f["failed"] > p.max_failures:
         return Trip("failures", p.failure_action, f"{f['failed']} devices failed (> {p.max_failures})")
+    return None
+
+
+def _install_success(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
     if stage_finished and f["assigned"] and f["success_rate"] < p.min_success_rate:
         return Trip(
             "install_success",
@@ -186,6 +193,10 @@ def check(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
             f"only {f['done']} of {f['assigned']} devices serve the model "
             f"({f['success_rate']:.3f} < {p.min_success_rate:g})",
         )
+    return None
+
+
+def _error_rate(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
     if (
         f["inferences"] > 0
         and f["inferences"] >= f["min_inferences"]
@@ -197,6 +208,10 @@ def check(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
             f"error rate {f['error_rate']:.3f} over {f['inferences']} inferences "
             f"exceeds {f['max_error_rate']:g}",
         )
+    return None
+
+
+def _latency(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
     ratio = f.get("latency_p95_ratio")
     if p.max_latency_ratio is not None and ratio is not None and ratio > p.max_latency_ratio:
         return Trip(
@@ -204,6 +219,10 @@ def check(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
             p.latency_action,
             f"p95 latency {ratio:.2f}x the replaced model on comparable devices (> {p.max_latency_ratio:g}x)",
         )
+    return None
+
+
+def _drift(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
     value = f.get("output_psi")
     if (
         p.max_output_psi is not None
@@ -217,6 +236,10 @@ def check(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
             p.drift_action,
             f"output PSI {value:.3f} vs the replaced model exceeds {p.max_output_psi:g}",
         )
+    return None
+
+
+def _shadow(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
     agreement = f.get("shadow_agreement")
     if (
         p.min_shadow_agreement is not None
@@ -231,6 +254,62 @@ def check(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
             f"is below {p.min_shadow_agreement:g}",
         )
     return None
+
+
+GATES: dict[str, Callable[[Policy, Mapping[str, Any], bool], Trip | None]] = {
+    "failure_rate": _failure_rate,
+    "failures": _failures,
+    "install_success": _install_success,
+    "error_rate": _error_rate,
+    "latency_p95": _latency,
+    "output_drift": _drift,
+    "shadow_agreement": _shadow,
+}
+"""Every gate, in the order ``check`` tries them (install, errors, latency, drift, shadow)."""
+
+SAMPLED_GATES = frozenset({"error_rate", "latency_p95", "output_drift", "shadow_agreement"})
+"""Gates whose minimum sample grows with serving time (not with the number of devices assigned).
+
+Pooled over several hardware classes they can fail before the class that drives
+them has its own minimum sample: the engine then waits for that class's verdict
+instead of stopping classes that demonstrably pass (engine.py, "deferred").
+"""
+
+
+def check(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
+    """The first gate that trips, in order: install, errors, latency, drift, shadow."""
+    for gate in GATES.values():
+        trip = gate(p, f, stage_finished)
+        if trip is not None:
+            return trip
+    return None
+
+
+def verdict(p: Policy, f: Mapping[str, Any], stage_finished: bool, gate: str) -> Trip | None:
+    """One named gate's verdict (a key of ``GATES``)."""
+    return GATES[gate](p, f, stage_finished)
+
+
+def without_minimums(p: Policy) -> Policy:
+    """The policy with every minimum sample waived (1): a point estimate, never a verdict on its own.
+
+    Used to ask "does this hardware class, on what little it has shown, look
+    healthy?" when a pooled gate fails; see ``engine.decide``.
+    """
+    return replace(p, min_latency_samples=1, min_drift_samples=1, min_shadow_samples=1)
+
+
+def has_evidence(gate: str, f: Mapping[str, Any]) -> bool:
+    """Whether the figures hold any data at all for ``gate`` (a class with none neither passes nor fails)."""
+    if gate == "error_rate":
+        return bool(f["inferences"])
+    if gate == "latency_p95":
+        return f.get("latency_p95_ratio") is not None
+    if gate == "output_drift":
+        return f.get("output_psi") is not None
+    if gate == "shadow_agreement":
+        return bool(f["shadow_samples"])
+    return bool(f["assigned"])
 
 
 def shadow_passed(p: Policy, f: Mapping[str, Any]) -> bool:

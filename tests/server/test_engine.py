@@ -39,10 +39,10 @@ def apply(devices: list[DeviceSnapshot], plan: Plan, now: datetime) -> list[Devi
     """What the ticker would write back, for multi-step scenarios."""
     by_id = {d.device_id: d for d in devices}
     for c in plan.changes:
-        by_id[c.device_id] = dataclasses.replace(by_id[c.device_id], state=c.state)
+        by_id[c.device_id] = dataclasses.replace(by_id[c.device_id], state=c.state, reason=c.reason)
     for i, c in enumerate(plan.notify):
         by_id[c.device_id] = dataclasses.replace(
-            by_id[c.device_id], state=c.state, stage=c.stage, seq=i + 1, notified_at=now
+            by_id[c.device_id], state=c.state, stage=c.stage, seq=i + 1, notified_at=now, reason=c.reason
         )
     return list(by_id.values())
 
