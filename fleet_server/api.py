@@ -291,14 +291,18 @@ ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
 @device_router.get("/artifacts/{sha256}", responses=ARTIFACT_RESPONSES, response_class=Response)
 def get_artifact(
     sha256: str,
-    session: Db,
+    c: Ctx,
     device: DeviceHeader = None,
     range_: Annotated[str | None, Header(alias="Range")] = None,
 ) -> Response:
-    model = _artifact(session, sha256, device)
-    path = Path(model.storage_path) / str(model.manifest["files"][0]["path"])
+    # No ``Db`` dependency here: a yield-dependency keeps its session (and pooled connection)
+    # until the stream ends, and a wave of devices downloading at once then exhausts the pool
+    # while the threads that would finish the streams wait for it (tests: many_devices).
+    with new_session(c.engine) as session:
+        model = _artifact(session, sha256, device)
+        path = Path(model.storage_path) / str(model.manifest["files"][0]["path"])
     size = path.stat().st_size
-    headers = {"Accept-Ranges": "bytes", "ETag": f'"{model.sha256}"'}
+    headers = {"Accept-Ranges": "bytes", "ETag": f'"{sha256}"'}
     try:
         span = artifacts.parse_range(range_, size)
     except artifacts.RangeNotSatisfiable:
@@ -326,9 +330,10 @@ def get_artifact(
     responses={**_errors(403, 404), 200: {"content": {"application/json": {}}, "description": "DSSE"}},
     response_class=Response,
 )
-def get_envelope(sha256: str, session: Db, device: DeviceHeader = None) -> Response:
-    model = _artifact(session, sha256, device)
-    raw = (Path(model.storage_path) / ENVELOPE_NAME).read_bytes()
+def get_envelope(sha256: str, c: Ctx, device: DeviceHeader = None) -> Response:
+    with new_session(c.engine) as session:
+        storage = Path(_artifact(session, sha256, device).storage_path)
+    raw = (storage / ENVELOPE_NAME).read_bytes()
     return Response(content=raw, media_type="application/json")
 
 

@@ -55,14 +55,7 @@ from fleet_server.models import RolloutState as RS
 
 FAILED_DEPLOYMENT_STATES = ("failed", "rejected", "reverted")
 PROBATION_STATE = "probation"
-HELD = "held"
-"""Device state of a not-yet-assigned device whose cohort (hardware id) is halted by a gate.
-
-Persisted like every device state (``RolloutDevice.state`` is a plain string;
-``DeviceRolloutState`` in models.py does not list it yet), so a restart knows
-which cohorts are paused without re-judging them. A rolled-back cohort is
-known by its ``rolled_back`` devices; its unassigned ones are held too.
-"""
+HELD = DS.HELD  # a not-yet-assigned device whose cohort (hardware id) is halted by a gate
 
 
 @dataclass(frozen=True)

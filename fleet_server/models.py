@@ -60,6 +60,7 @@ class DeviceRolloutState:
     FAILED = "failed"
     TIMED_OUT = "timed_out"
     ROLLED_BACK = "rolled_back"
+    HELD = "held"  # not assigned: its hardware class (cohort) was halted by a gate
     IN_FLIGHT = (SHADOWING, NOTIFIED, INSTALLING, RETRY_WAIT)
     FINISHED = (DONE, FAILED, TIMED_OUT)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import httpx
 
+from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 from signing.keys import generate_keypair
 
@@ -177,3 +179,29 @@ def test_rollout_create_validation_and_conflict(client: httpx.Client, keydir: Ke
     # once aborted, its devices are free for a new rollout
     assert client.post("/api/v1/rollouts", json=spec).status_code == 201
     assert len(client.get("/api/v1/rollouts").json()) == 3
+
+
+def test_many_devices_download_at_once(
+    server: ServerThread, client: httpx.Client, keydir: KeyDir, tmp_path: Path
+) -> None:
+    """A wave of devices fetching the same artifact is served, not starved.
+
+    A streamed download must not hold a database connection: 150 concurrent
+    requests would otherwise exhaust the pool while the threads that would
+    finish the streams wait for it.
+    """
+    sha = upload(client, make_bundle(tmp_path, keydir.key("release"), content=CONTENT)).json()["sha256"]
+    register(client, "wave-1")
+
+    async def wave() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=server.url, timeout=20, limits=limits) as ac:
+            get = [
+                ac.get(f"/api/v1/artifacts/{sha}", headers={"X-Edgefleet-Device": "wave-1"})
+                for _ in range(150)
+            ]
+            return list(await asyncio.gather(*get))
+
+    responses = asyncio.run(wave())
+    assert [r.status_code for r in responses] == [200] * 150
+    assert all(r.content == CONTENT for r in responses)
