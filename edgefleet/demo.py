@@ -73,12 +73,13 @@ def demo_stack(
             shared_subscriptions=broker.info.shared_subscriptions,
             public_url=f"http://127.0.0.1:{port}",
             tick_interval=tick_interval,
+            auth_required=True,
         )
         server = ServerThread(settings, host="127.0.0.1", port=port)
         server.start()
         stack.callback(server.stop)
         specs = [DeviceSpec(f"dev-{i:03d}", HARDWARE, {"site": "demo"}) for i in range(devices)]
-        register_devices(server.url, specs)
+        register_devices(server.url, specs, token=server.admin_token)
         fleet = Fleet(
             specs,
             broker.info,
@@ -87,6 +88,7 @@ def demo_stack(
             workload_hz=5.0,
             sample_inputs=sample_inputs,
             telemetry_interval=1.0,
+            tuf_root_path=work / "keys" / "root.json",  # installs go through TUF release metadata
         )
         fleet.start()
         stack.callback(fleet.stop)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,11 @@ class SimHarness:
         self.artifact_proxy: HttpFaultProxy
         self.broker: BrokerInfo
         self.server_url = ""
+        # The scenario's operator token: the server requires one on its admin API.
+        self.admin_token = "ef_" + secrets.token_urlsafe(32)
         self.trust_path = self.workdir / "keys" / "trust.json"
+        # Devices are provisioned with the TUF root: installs go through release metadata.
+        self.tuf_root_path: Path | None = self.workdir / "keys" / "root.json"
         self._broker_handle: Any = None
         self._server: Any = None
         self._settings: Any = None
@@ -166,10 +171,13 @@ class SimHarness:
 
     def _push_models(self) -> None:
         from edgefleet.client import ApiClient
+        from signing.keyring import KeyDir
 
-        with ApiClient(self.server_url) as api:
+        release_key = KeyDir(self.workdir / "keys").key("release")
+        with ApiClient(self.server_url, token=self.admin_token) as api:
             for bundle in self._bundles.values():
-                api.push_bundle(bundle)
+                # Through TUF: the release key signs the target metadata here, never on the server.
+                api.push_bundle(bundle, release_keys=[release_key])
 
     # -- broker -------------------------------------------------------------------
 
@@ -210,6 +218,8 @@ class SimHarness:
                 # A stable id: the broker keeps the server's session (and queues its QoS 1
                 # streams) while the server or the broker restarts.
                 mqtt_client_id=f"ef-sim-server-{uuid.uuid4().hex[:8]}",
+                admin_token=self.admin_token,
+                auth_required=True,
             )
         if self.server_mode == "thread":
             self._server = ServerThread(self._settings, host="127.0.0.1", port=self._server_port).start()

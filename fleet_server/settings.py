@@ -37,7 +37,9 @@ class ServerSettings(BaseSettings):
     # let through as "anonymous" (a token that is sent is still checked); the default flips to True
     # once every harness sends tokens.
     admin_token: str | None = None
-    auth_required: bool = False
+    auth_required: bool = (
+        True  # admin API needs a bearer token (bootstrap: admin_token or <data_dir>/admin.token)
+    )
     # TUF delivery metadata (<data_dir>/tuf): lifetimes of what the fleet key signs, and how often the
     # keeper checks whether to re-sign them (at half their lifetime).
     tuf_timestamp_expiry_seconds: float = 86400.0

@@ -70,13 +70,18 @@ class Fleet:
         connect_timeout: float = 60.0,
         class_runtimes: dict[str, RuntimeFactory] | None = None,
         runtime: SharedRuntimeFactory | None = None,
+        tuf_root_path: Path | None = None,
     ) -> None:
+        """``tuf_root_path``: the TUF root devices are provisioned with; every install is then
+        checked against the server's release metadata (TUF mode). None: the skeleton's
+        DSSE-only mode (docs/decisions/0006)."""
         self.specs = list(specs)
         self.by_id = {s.device_id: s for s in self.specs}
         if len(self.by_id) != len(self.specs):
             raise ValueError("duplicate device ids in the fleet")
         self.broker = broker
         self.trust_path = Path(trust_path)
+        self.tuf_root_path = Path(tuf_root_path) if tuf_root_path else None
         self.data_root = Path(data_root)
         self.workload_hz = workload_hz
         self.sample_inputs = sample_inputs
@@ -206,6 +211,7 @@ class Fleet:
             telemetry_interval=self.telemetry_interval,
             targets=list(spec.targets or self.targets),
             tags=dict(spec.tags),
+            tuf_root_path=self.tuf_root_path,
         )
         runtime = self.class_runtimes.get(spec.hw_class, self.runtime)
         return Agent(config, self._trust, runtime_factory=runtime)

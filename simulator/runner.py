@@ -42,6 +42,8 @@ class Harness(Protocol):
     """What the runner needs from the infrastructure (implemented in ``edgefleet.sim_harness``)."""
 
     server_url: str  # admin API, direct
+    admin_token: str  # bearer token for the admin API
+    tuf_root_path: Path | None  # devices provisioned for TUF delivery (None: DSSE-only mode)
     broker: BrokerInfo  # where the real broker listens
     trust_path: Path
     net: NetworkThread
@@ -119,7 +121,11 @@ class ScenarioRun:
         self.timeline: Timeline | None = None
         self._timers: list[threading.Thread] = []
         self._t0 = time.monotonic()
-        self._api = httpx.Client(base_url=harness.server_url, timeout=10.0)
+        self._api = httpx.Client(
+            base_url=harness.server_url,
+            timeout=10.0,
+            headers={"Authorization": f"Bearer {harness.admin_token}"},
+        )
 
     # -- setup ----------------------------------------------------------------
 
@@ -176,7 +182,7 @@ class ScenarioRun:
         fig["classes"] = dict(self.sc.class_counts())
         t_setup = time.monotonic()
         self._build_specs()
-        register_devices(self.h.server_url, self.specs)
+        register_devices(self.h.server_url, self.specs, token=self.h.admin_token)
         shared = SharedRuntimeFactory()
         rss_before = rss_bytes()
         self.fleet = Fleet(
@@ -190,6 +196,7 @@ class ScenarioRun:
             class_runtimes=self._class_runtimes(shared),
             runtime=shared,
             connect_timeout=120.0,
+            tuf_root_path=self.h.tuf_root_path,
         )
         self.fleet.start()
         fig["fleet_start_seconds"] = round(time.monotonic() - t_setup, 2)

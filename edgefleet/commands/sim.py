@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgefleet.commands.common import JsonOpt, ServerOpt, console, err, fail, print_json
+from edgefleet.commands.common import JsonOpt, ServerOpt, TokenOpt, console, err, fail, print_json
 
 sim_app = typer.Typer(
     help="Simulate a fleet: scenarios with faults against a real broker and server, or a plain fleet.",
@@ -103,7 +103,12 @@ def sim_cmd(
     workload_hz: Annotated[float, typer.Option(help="Inferences per second per device.")] = 2.0,
     data_root: Annotated[Path, typer.Option(help="Where device data dirs go.")] = Path(".sim"),
     register: Annotated[bool, typer.Option(help="Register the devices with the server first.")] = True,
+    tuf_root: Annotated[
+        Path | None,
+        typer.Option(help="TUF root.json the devices are provisioned with (TUF mode; else DSSE-only)."),
+    ] = None,
     server: ServerOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Run N real device agents in one process against an existing broker and server until Ctrl-C."""
     import signal
@@ -121,8 +126,8 @@ def sim_cmd(
     if register:
         from edgefleet.client import default_server
 
-        register_devices(server or default_server(), specs)
-    fleet = Fleet(specs, info, trust, data_root, workload_hz=workload_hz)
+        register_devices(server or default_server(), specs, token=token)
+    fleet = Fleet(specs, info, trust, data_root, workload_hz=workload_hz, tuf_root_path=tuf_root)
     fleet.start()
     console.print(f"[green]{devices} agents running[/] (Ctrl-C to stop)")
     stop = threading.Event()

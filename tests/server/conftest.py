@@ -96,6 +96,9 @@ def server_settings(tmp_path: Path, keydir: KeyDir, broker: BrokerInfo, **over: 
         "shared_subscriptions": broker.shared_subscriptions,
         "public_url": "http://127.0.0.1:1",
         "tick_interval": 0.1,
+        # These tests exercise rollouts and ingest; admin auth (on by default) has its own
+        # tests in test_auth.py, and the demo, CLI loop and scenarios run with it on.
+        "auth_required": False,
     }
     values.update(over)
     return ServerSettings(**values)

@@ -202,3 +202,10 @@ def test_cli_tokens_and_env_token(
         ],
     )
     assert bad_role.exit_code == 1 and "invalid_request" in bad_role.output
+
+
+def test_auth_is_on_by_default() -> None:
+    """A server started with no settings at all refuses anonymous admin calls."""
+    from fleet_server.settings import ServerSettings
+
+    assert ServerSettings().auth_required is True

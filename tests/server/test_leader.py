@@ -72,6 +72,7 @@ def replicas(
         "EDGEFLEET_MQTT_PORT": str(broker_info.port),
         "EDGEFLEET_MQTT_VERSION": str(broker_info.mqtt_version),
         "EDGEFLEET_TICK_INTERVAL": "0.2",
+        "EDGEFLEET_AUTH_REQUIRED": "false",
         "EDGEFLEET_PUBLIC_URL": "http://127.0.0.1:1",
     }
 
