@@ -234,7 +234,11 @@ def decide(
     j = _judge(r, plan, devices, state, reasons, baseline or {})
     whole = j.overall_trip
     whole_figures = j.overall
-    if whole is None and j.failing and not j.going:
+    # A failure is isolated to its hardware classes only when another class has proved the
+    # model (a device of it is done). With no such evidence — a canary stage that held one
+    # class only — the failure may well be everywhere: the whole rollout acts, so the broken
+    # model never reaches more devices than the canary.
+    if whole is None and j.failing and not _proven(j, state):
         whole = _all_cohorts_trip(j)
         whole_figures = _figures(
             r, [d for d in assigned if d.hardware_id not in j.rolled], state, reasons, baseline
@@ -512,8 +516,13 @@ def _contradicting(
     return out
 
 
+def _proven(j: _Judgement, state: Mapping[str, str]) -> list[str]:
+    """Going cohorts with at least one device that proved it serves the new model (``done``)."""
+    return [hw for hw in j.going if any(state[d.device_id] == DS.DONE for d in j.cohorts[hw])]
+
+
 def _all_cohorts_trip(j: _Judgement) -> gates.Trip:
-    """No cohort is left going and some trip now: the whole rollout acts, rolling back if any gate says so."""
+    """No cohort has proved the model and some trip now: the whole rollout acts (roll back if any says so)."""
     trips = sorted(j.failing.items())
     action = gates.ROLL_BACK if any(t.action == gates.ROLL_BACK for _, t in trips) else gates.PAUSE
     first = next(t for _, t in trips if t.action == action)

@@ -263,3 +263,21 @@ def test_all_classes_failing_a_pausing_gate_pause_the_rollout_without_holding_cl
     assert [d.action for d in plan.decisions] == ["pause"]
     assert plan.decisions[0].figures["scope"] == "rollout"
     assert not any(c.state == HELD for c in plan.changes)
+
+
+def test_a_failure_with_no_class_proven_rolls_back_everything() -> None:
+    """The canary promise: a canary stage that held one class only gives no evidence the model
+    works anywhere, so its failure stops the whole rollout; no other class ever receives it."""
+    fleet = classes(rpi4=10, jetson=10)
+    rpi4 = {d.device_id for d in by_hw(fleet, "rpi4")}
+    # a rollout id whose pseudo-random canary pick (2 of 20) holds rpi4 devices only
+    r = next(
+        r
+        for r in (rollout(id=f"r{i}", stages=(10.0, 50.0, 100.0), soak_seconds=0) for i in range(200))
+        if {n.device_id for n in decide(r, fleet, T0).notify} <= rpi4
+    )
+    r, devices, plans = run(r, fleet, nan_on("rpi4"))
+    assert r.state == RS.ROLLED_BACK
+    assert all(d.stage is None for d in by_hw(devices, "jetson"))  # never notified
+    assert sum(1 for d in devices if d.stage is not None) == 2
+    assert decisions(plans, "roll_back_cohort") == []
