@@ -217,7 +217,13 @@ class Agent:
             from device_agent.trust_state import TrustStore
 
             self.trust_store = TrustStore(self.slots.data_dir / "trust", config.tuf_root_path.read_bytes())
-            self._accepted_seq = max(self._accepted_seq, self.trust_store.state.last_seq)
+            accepted = self.trust_store.state.last_seq
+            if accepted > self.slots.state.last_seq:
+                # Accepted before a crash or power loss but never finished (the slots record a
+                # directive's seq only once it succeeded or failed): the same retained directive
+                # must run again, while every older one stays refused.
+                accepted -= 1
+            self._accepted_seq = max(self._accepted_seq, accepted)
         self._accepted_digest: str | None = None
         self._pending: protocol.Directive | None = None
         self._wake: asyncio.Event | None = None
