@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import zip_longest
 from typing import Any
 
 from device_agent.protocol import LATENCY_BOUNDS_US
@@ -94,12 +95,16 @@ def add_counts(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
     return tuple((a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n))
 
 
+def _sum_columns(rows: Iterable[Sequence[int]]) -> tuple[int, ...]:
+    """Bucket-wise sum of histograms of any lengths (missing buckets count 0), column by column
+    in C (zip_longest) rather than device by device: the engine merges thousands per tick."""
+    present = [r for r in rows if r]
+    return tuple(sum(col) for col in zip_longest(*present, fillvalue=0)) if present else ()
+
+
 def merge(hists: Iterable[Histograms]) -> Histograms:
-    lat: tuple[int, ...] = ()
-    out: tuple[int, ...] = ()
-    for h in hists:
-        lat, out = add_counts(lat, h.latency), add_counts(out, h.output)
-    return Histograms(lat, out)
+    hs = list(hists)
+    return Histograms(_sum_columns(h.latency for h in hs), _sum_columns(h.output for h in hs))
 
 
 def p95_us(buckets: Sequence[int]) -> float | None:
