@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 
 DS = protocol.DeploymentState
 DOWNLOAD_ATTEMPTS = 4
+DELIVERY_ATTEMPTS = 6  # the server briefly away (restart, failover): ~15 s of backoff before failing
 PROBATION_POLL = 0.05  # s between probation checks
 PROBATION_MAX_BOOTS = 3  # restarts during one probation before the model is blamed (crash loop)
 MIN_LATENCY_SAMPLES = 20  # per model, before a p95 comparison means anything
@@ -773,7 +774,16 @@ class Agent:
         if not base:
             raise InstallError("no_repository", "no tuf_url configured and none derivable from the directive")
         await self._transition(d, DS.VERIFYING, sha=ref.sha256, detail="release metadata (TUF)")
-        await asyncio.to_thread(verify_release, store, base, ref, self.config.hardware_id)
+        for attempt in range(DELIVERY_ATTEMPTS):
+            try:
+                await asyncio.to_thread(verify_release, store, base, ref, self.config.hardware_id)
+                return
+            except DeliveryUnavailable as exc:
+                # Unreachable is not untrusted: retry with backoff before failing the directive.
+                if attempt == DELIVERY_ATTEMPTS - 1:
+                    raise
+                log.info("%s: release metadata unreachable (%s); retrying", self.device_id, exc)
+                await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=5.0))
 
     def _check_manifest(self, ref: protocol.ModelRef, manifest: BundleManifest) -> None:
         """Director/image agreement (Uptane): the directive may only point at what a release key signed."""
@@ -809,7 +819,15 @@ class Agent:
         self, httpx: Any, d: protocol.Directive, ref: protocol.ModelRef
     ) -> tuple[str, Any]:
         async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0)) as client:
-            envelope = await fetch_envelope(client, ref.envelope_url, self.device_id)
+            for attempt in range(DELIVERY_ATTEMPTS):
+                try:
+                    envelope = await fetch_envelope(client, ref.envelope_url, self.device_id)
+                    break
+                except httpx.TransportError as exc:  # server away; a refusal (4xx) is not retried
+                    if attempt == DELIVERY_ATTEMPTS - 1:
+                        raise
+                    log.info("%s: envelope fetch failed (%s); retrying", self.device_id, exc)
+                    await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=5.0))
             await self._transition(d, DS.VERIFYING, sha=ref.sha256, detail="bundle envelope")
             manifest = manifest_from_envelope(envelope, self.release_keys())
             self._check_manifest(ref, manifest)

@@ -8,6 +8,7 @@ keeps serving the model it had. The fixture's device serves ``tiny:1``.
 from __future__ import annotations
 
 import shutil
+import time
 from datetime import timedelta
 
 from device_agent import protocol
@@ -220,3 +221,17 @@ def test_repository_gone_is_reported_not_a_verdict(fleet: Fleet) -> None:
     shutil.rmtree(fleet.repo.metadata_dir)
     fleet.refused(fleet.direct(b), "delivery_unavailable")
     assert fleet.agent.deployment_state == protocol.DeploymentState.FAILED
+
+
+def test_repository_away_briefly_is_retried_then_installs(fleet: Fleet) -> None:
+    """Unreachable is not untrusted: a server restart during the release check costs a retry,
+    not a failed device (the rollout gate would count that failure)."""
+    b = fleet.bundle(seed=3, version="2")
+    fleet.release(b)
+    hidden = fleet.repo.metadata_dir.with_name("metadata-away")
+    fleet.repo.metadata_dir.rename(hidden)
+    seq = fleet.direct(b)
+    time.sleep(1.0)  # the agent's first check(s) fail: the metadata is gone
+    hidden.rename(fleet.repo.metadata_dir)
+    fleet.installs(b, seq, timeout=30)
+    assert not [e for e in fleet.observer.events(fleet.device_id) if e.seq == seq and e.reason]
