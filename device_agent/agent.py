@@ -38,9 +38,9 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -70,6 +70,7 @@ if TYPE_CHECKING:  # TUF (python-tuf, securesystemslib) is imported only by agen
 log = logging.getLogger(__name__)
 
 DS = protocol.DeploymentState
+_R = TypeVar("_R")
 DOWNLOAD_ATTEMPTS = 4
 DELIVERY_ATTEMPTS = 6  # the server briefly away (restart, failover): ~15 s of backoff before failing
 PROBATION_POLL = 0.05  # s between probation checks
@@ -774,16 +775,31 @@ class Agent:
         if not base:
             raise InstallError("no_repository", "no tuf_url configured and none derivable from the directive")
         await self._transition(d, DS.VERIFYING, sha=ref.sha256, detail="release metadata (TUF)")
-        for attempt in range(DELIVERY_ATTEMPTS):
+        # Unreachable is not untrusted: retry with backoff before failing the directive.
+        await self._retrying(
+            lambda: asyncio.to_thread(verify_release, store, base, ref, self.config.hardware_id),
+            (DeliveryUnavailable,),
+            DELIVERY_ATTEMPTS,
+            "release metadata check",
+        )
+
+    async def _retrying(
+        self,
+        call: Callable[[], Awaitable[_R]],
+        transient: tuple[type[BaseException], ...],
+        attempts: int,
+        what: str,
+        base: float = 0.5,
+    ) -> _R:
+        """``call()`` again after a ``transient`` error, with backoff and full jitter, up to
+        ``attempts`` times; the last error propagates. Any other error propagates at once."""
+        for attempt in range(attempts - 1):
             try:
-                await asyncio.to_thread(verify_release, store, base, ref, self.config.hardware_id)
-                return
-            except DeliveryUnavailable as exc:
-                # Unreachable is not untrusted: retry with backoff before failing the directive.
-                if attempt == DELIVERY_ATTEMPTS - 1:
-                    raise
-                log.info("%s: release metadata unreachable (%s); retrying", self.device_id, exc)
-                await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=5.0))
+                return await call()
+            except transient as exc:
+                log.info("%s: %s failed (%s); retrying", self.device_id, what, exc)
+                await asyncio.sleep(backoff_delay(attempt, base=base, cap=5.0))
+        return await call()
 
     def _check_manifest(self, ref: protocol.ModelRef, manifest: BundleManifest) -> None:
         """Director/image agreement (Uptane): the directive may only point at what a release key signed."""
@@ -819,15 +835,12 @@ class Agent:
         self, httpx: Any, d: protocol.Directive, ref: protocol.ModelRef
     ) -> tuple[str, Any]:
         async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0)) as client:
-            for attempt in range(DELIVERY_ATTEMPTS):
-                try:
-                    envelope = await fetch_envelope(client, ref.envelope_url, self.device_id)
-                    break
-                except httpx.TransportError as exc:  # server away; a refusal (4xx) is not retried
-                    if attempt == DELIVERY_ATTEMPTS - 1:
-                        raise
-                    log.info("%s: envelope fetch failed (%s); retrying", self.device_id, exc)
-                    await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=5.0))
+            envelope: bytes = await self._retrying(  # server away; a refusal (4xx) is not retried
+                lambda: fetch_envelope(client, ref.envelope_url, self.device_id),
+                (httpx.TransportError,),
+                DELIVERY_ATTEMPTS,
+                "envelope fetch",
+            )
             await self._transition(d, DS.VERIFYING, sha=ref.sha256, detail="bundle envelope")
             manifest = manifest_from_envelope(envelope, self.release_keys())
             self._check_manifest(ref, manifest)
@@ -836,23 +849,21 @@ class Agent:
             self._check_disk(slot, ref)
             part = self.slots.partial_path(slot, ref.sha256)
             await self._transition(d, DS.DOWNLOADING, sha=ref.sha256, detail=f"model into slot {slot}")
-            for attempt in range(DOWNLOAD_ATTEMPTS):
-                try:
-                    await download_model(
-                        client,
-                        ref.model_url,
-                        part,
-                        length=ref.length,
-                        sha256=ref.sha256,
-                        device_id=self.device_id,
-                        max_bytes_per_s=self.config.download_max_bytes_per_s,
-                    )
-                    break
-                except (IncompleteDownload, httpx.TransportError) as exc:
-                    if attempt == DOWNLOAD_ATTEMPTS - 1:
-                        raise
-                    log.info("%s: download interrupted (%s); resuming", self.device_id, exc)
-                    await asyncio.sleep(backoff_delay(attempt, base=0.2, cap=5.0))
+            await self._retrying(
+                lambda: download_model(
+                    client,
+                    ref.model_url,
+                    part,
+                    length=ref.length,
+                    sha256=ref.sha256,
+                    device_id=self.device_id,
+                    max_bytes_per_s=self.config.download_max_bytes_per_s,
+                ),
+                (IncompleteDownload, httpx.TransportError),
+                DOWNLOAD_ATTEMPTS,
+                "download (resuming)",
+                base=0.2,
+            )
         await self._transition(d, DS.INSTALLING, sha=ref.sha256)
         info = self.slots.commit(slot, part, envelope, manifest)
         return slot, self.slots.slot_dir(slot) / info.file
