@@ -7,6 +7,9 @@ branch on it and the CLI can print it and exit non-zero.
 from __future__ import annotations
 
 import os
+import random
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ def default_server() -> str:
 
 
 TOKEN_ENV = "EDGEFLEET_TOKEN"
+RELEASE_RACE_ROUNDS = 8  # re-sign this often when concurrent releases keep winning the targets version
 
 
 class ApiError(RuntimeError):
@@ -97,26 +101,47 @@ class ApiClient:
         With ``release_keys`` the release is also added to the server's TUF repository:
         the current targets metadata is fetched, the bundle's target (hash, length,
         family, release counter, hardware ids) added and signed here, and uploaded
-        with the bundle. The release key never leaves this process.
+        with the bundle. The release key never leaves this process. Two releases
+        signed from the same targets version race (the loser gets ``metadata_rollback``);
+        the loser re-reads the targets, re-signs and uploads again (optimistic concurrency).
         """
         bundle_dir = Path(bundle_dir)
         manifest = read_bundle(bundle_dir)
-        handles = [open(bundle_dir / f.path, "rb") for f in manifest.files]  # noqa: SIM115
-        try:
-            files: list[tuple[str, tuple[str, Any, str]]] = [
-                ("envelope", (ENVELOPE_NAME, (bundle_dir / ENVELOPE_NAME).read_bytes(), "application/json"))
-            ]
-            if release_keys:
-                signed = self._signed_release(manifest, release_keys)
-                files.append(("targets", ("targets.json", signed, "application/json")))
-            files += [
-                ("files", (f.path, h, "application/octet-stream"))
-                for f, h in zip(manifest.files, handles, strict=True)
-            ]
-            return dict(self._request("POST", "/api/v1/models", files=files))
-        finally:
-            for h in handles:
-                h.close()
+
+        def attempt() -> dict[str, Any]:
+            handles = [open(bundle_dir / f.path, "rb") for f in manifest.files]  # noqa: SIM115
+            try:
+                files: list[tuple[str, tuple[str, Any, str]]] = [
+                    (
+                        "envelope",
+                        (ENVELOPE_NAME, (bundle_dir / ENVELOPE_NAME).read_bytes(), "application/json"),
+                    )
+                ]
+                if release_keys:
+                    signed = self._signed_release(manifest, release_keys)
+                    files.append(("targets", ("targets.json", signed, "application/json")))
+                files += [
+                    ("files", (f.path, h, "application/octet-stream"))
+                    for f, h in zip(manifest.files, handles, strict=True)
+                ]
+                return dict(self._request("POST", "/api/v1/models", files=files))
+            finally:
+                for h in handles:
+                    h.close()
+
+        return self._resigning(attempt)
+
+    def _resigning(self, attempt: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``attempt`` (which signs against the targets it fetches) again while another
+        release wins the race for the next targets version; give up after a few rounds."""
+        for round_ in range(RELEASE_RACE_ROUNDS):
+            try:
+                return attempt()
+            except ApiError as exc:
+                if exc.code != "metadata_rollback" or round_ == RELEASE_RACE_ROUNDS - 1:
+                    raise
+                time.sleep(random.uniform(0.0, 0.05 * (2**round_)))  # jitter, not crypto
+        raise AssertionError("unreachable")
 
     def models(self) -> list[dict[str, Any]]:
         return list(self._request("GET", "/api/v1/models"))
@@ -153,12 +178,15 @@ class ApiClient:
         from signing.targets import FLOORS_TARGET
         from signing.tuf_release import sign_floor_raised
 
-        signed, floors = sign_floor_raised(self.tuf_targets(), family, release, release_keys)
-        files = [
-            ("targets", ("targets.json", signed, "application/json")),
-            ("files", (FLOORS_TARGET, floors, "application/json")),
-        ]
-        return dict(self._request("POST", "/api/v1/tuf/targets", files=files))
+        def attempt() -> dict[str, Any]:
+            signed, floors = sign_floor_raised(self.tuf_targets(), family, release, release_keys)
+            files = [
+                ("targets", ("targets.json", signed, "application/json")),
+                ("files", (FLOORS_TARGET, floors, "application/json")),
+            ]
+            return dict(self._request("POST", "/api/v1/tuf/targets", files=files))
+
+        return self._resigning(attempt)
 
     # tokens and audit
     def create_token(self, name: str, role: str) -> dict[str, Any]:

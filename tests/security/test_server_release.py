@@ -4,7 +4,9 @@ serves the repository; a TUF-mode agent installs only what was released that way
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -164,3 +166,28 @@ def test_the_server_keeps_the_timestamp_fresh(server: ServerThread, keydir: KeyD
         lambda: (t := timestamp().signed).version > first.version + 1 and t, 10, "re-signed timestamp"
     )
     assert later.expires > first.expires and later.expires > datetime.now(UTC)
+
+
+def test_concurrent_releases_all_land_in_the_targets_metadata(
+    server: ServerThread, keydir: KeyDir, tmp_path: Path
+) -> None:
+    """Four releases pushed at once each sign against the same targets version; the losers of
+    each round re-read, re-sign and push again, so every release ends up listed exactly once."""
+    release = keydir.key("release")
+    bundles = [make_bundle(tmp_path / "b", release, seed=i, version=str(i)) for i in range(1, 5)]
+    barrier = threading.Barrier(len(bundles))
+
+    def push(bundle_dir: Path) -> dict[str, object]:
+        with ApiClient(server.url, token=server.admin_token) as api:
+            barrier.wait()
+            return api.push_bundle(bundle_dir, release_keys=[release])
+
+    with ThreadPoolExecutor(len(bundles)) as pool:
+        pushed = list(pool.map(push, [b.dir for b in bundles]))
+    assert sorted(str(m["version"]) for m in pushed) == ["1", "2", "3", "4"]
+    with ApiClient(server.url, token=server.admin_token) as api:
+        raw = api.tuf_targets()
+    assert raw is not None
+    targets = Metadata[Targets].from_bytes(raw).signed
+    assert targets.version == len(bundles)
+    assert {target_name("tiny", str(i)) for i in range(1, 5)} <= set(targets.targets)
