@@ -4,8 +4,10 @@ An op the accelerator cannot take still runs (on the CPU, or as a fallback
 in onnxruntime), but it costs round trips and memory, so the user should know
 before spending minutes on calibration. The lists are the vendors' own:
 Vela's ``TFLiteSupportedOperators`` for Ethos-U, onnxruntime's QNN EP op
-table for the Hexagon HTP. Known quantizer gaps (ai-edge-quantizer 0.10
-leaves PRELU in float, so it cannot run on an int8-only NPU) are added.
+table for the Hexagon HTP. Known quantizer gaps the pipeline does not repair
+are added (``TFLITE_LEFT_FLOAT``; PRELU, which ai-edge-quantizer 0.10 leaves
+in float, is rewritten to int8 by ``compiler.tflite_post`` and Vela maps an
+int8 PRELU to the NPU).
 """
 
 from __future__ import annotations
@@ -98,8 +100,9 @@ QNN_HTP_OPS = frozenset(
         "Where",
     ]
 )
-# ai-edge-quantizer 0.10 leaves these in float; an int8-only NPU then runs them on the CPU.
-TFLITE_LEFT_FLOAT = {"PRELU": "ai-edge-quantizer 0.10 leaves PRELU in float; float ops run on the CPU"}
+# Ops the quantizer leaves in float and nothing repairs; an int8-only NPU then runs them on the CPU.
+# (PRELU was one: ai-edge-quantizer 0.10 has no policy for it, compiler.tflite_post quantizes it.)
+TFLITE_LEFT_FLOAT: dict[str, str] = {}
 
 
 def onnx_coverage(op_types: dict[str, int], backend: str) -> dict[str, Any]:

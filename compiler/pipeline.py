@@ -39,6 +39,7 @@ from compiler.runners import TFLiteRunner, latency
 from compiler.signature import IOSignature, io_signature
 from compiler.sources import DataSource, Preprocess, load_source
 from compiler.targets import ETHOS_U, ONNX_QDQ, QNN_QDQ, Target, get_target, known_targets
+from compiler.tflite_post import finish_int8
 from compiler.tflite_prep import drop_unused_buffers, op_histogram, prepare_tflite, read_tflite
 from compiler.tflite_quant import quantize_tflite
 from compiler.vela import VelaConfig, run_vela
@@ -280,7 +281,7 @@ def _build_tflite(
     calib, held_out, eval_source = _samples(calib_src, eval_src, sig, pre)
     report_progress("quantize", 0.25)
     one_by_one = [{k: v[i : i + 1] for k, v in calib.inputs.items()} for i in range(len(calib))]
-    int8 = drop_unused_buffers(quantize_tflite(prepared, one_by_one))
+    int8, post = finish_int8(drop_unused_buffers(quantize_tflite(prepared, one_by_one)), int8_prelu=npu)
     int8_path = work / "int8.tflite"
     int8_path.write_bytes(int8)
     int8_runner = TFLiteRunner(int8)
@@ -294,6 +295,7 @@ def _build_tflite(
         "recipe": "static_wi8_ai8",
         "calibration": "min/max over all samples (qsv_utils.min_max_update)",
         "prepare": prep_info.to_dict(),
+        "post": post.to_dict(),
         "io_quantization": int8_runner.io_quantization(),
     }
     report["ops"] = {**coverage, "int8": op_histogram(read_tflite(int8))}

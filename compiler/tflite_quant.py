@@ -8,7 +8,8 @@ so activations that peak on a few samples saturate, which ruined the SNR of
 some real models; plain min/max is what onnxruntime's MinMax does too. The
 recipe is ``static_wi8_ai8`` (int8 per-channel weights, int8 activations);
 ai-edge-quantizer leaves ops it cannot quantize (PRELU in 0.10) in float
-between DEQUANTIZE/QUANTIZE pairs, which the op report makes visible.
+between DEQUANTIZE/QUANTIZE pairs; ``compiler.tflite_post`` turns those PRELUs into
+int8 ones afterwards, anything else stays visible in the op report.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compiler import GateFailed, compile_model
+from compiler import Gate, compile_model
 from compiler.realdata import TEXT_CLS_PREPROCESS, photo_crops, write_text_line_folder
 from compiler.sources import Preprocess
 from compiler.tflite_prep import op_histogram, prepare_tflite, read_tflite
@@ -75,16 +75,19 @@ def test_old_schema_and_fp16_workarounds(real_models: dict[str, Path]) -> None:
 def test_text_direction_classifier_onnx_targets(
     real_models: dict[str, Path], real_data: Path, release_keys: KeyDir, tmp_path: Path
 ) -> None:
-    """uint8 activations lose too much on this MobileNetV3 and are refused; uint16 (QNN) passes."""
+    """On text lines laid out as PaddleOCR feeds them, 8-bit activations pass; uint16 (QNN) too.
+
+    With the earlier, out-of-distribution text lines (small text in a wide canvas, fp32 accuracy 0.90)
+    the same int8 model measured 0.89-0.96 agreement / 13 dB and was refused (docs/compiler.md).
+    """
     model, pre = real_models["text_direction_cls"], Preprocess.parse(TEXT_CLS_PREPROCESS)
     calib, evals = real_data / "text_calib", real_data / "text_eval"
-    with pytest.raises(GateFailed) as failed:
-        _compile(model, "arm64-cpu", calib, evals, release_keys, tmp_path / "cpu", preprocess=pre)
-    assert failed.value.report["method"]["opset"] >= 13  # opset 11 source upgraded
-    assert any("top-1 agreement" in f for f in failed.value.failures)
-    assert not (tmp_path / "cpu").exists()
+    cpu = _compile(model, "arm64-cpu", calib, evals, release_keys, tmp_path / "cpu", preprocess=pre).report
+    assert cpu["method"]["opset"] >= 13  # opset 11 source upgraded
+    out = next(iter(cpu["outputs"].values()))
+    assert out["top1_agreement"] >= 0.98 and out["snr_db"] >= 20  # 1.00 / 46 dB measured
+    assert cpu["accuracy"]["fp32"] >= 0.95  # the data is what the model expects, labels right
     # Size target met: names, value_info and zero zero-points stripped (0.57 before, 0.34 measured).
-    cpu = failed.value.report
     assert cpu["size"]["ratio"] <= 0.35
     assert cpu["method"]["compaction"]["zero_points_dropped"] > 0
     # Both calibrations were tried on the calibration samples; the figures are in the report.
@@ -95,7 +98,6 @@ def test_text_direction_classifier_onnx_targets(
     )
     out = next(iter(result.report["outputs"].values()))
     assert out["top1_agreement"] >= 0.98 and out["snr_db"] > 25
-    assert result.report["accuracy"]["fp32"] > 0.8  # the labels from the folder layout are right
     assert result.report["size"]["ratio"] < 0.42  # 0.39 measured (uint16 activations, 0.56 before compaction)
     assert result.report["method"]["activation_type"] == "QUInt16"
     assert "<svg" in html.read_text()
@@ -119,18 +121,29 @@ def test_mediapipe_models_for_tflite_and_ethos(
     assert fig["snr_db"] > 18 and fig["cosine_mean"] > 0.99 and "top1_agreement" not in fig
     assert hand.report["method"]["io_quantization"]["inputs"][0]["dtype"] == "int8"
     assert (hand.bundle_dir / "model.tflite").is_file()
-    # PRELU stays float (ai-edge-quantizer 0.10), so on Ethos-U 45% of ops fall back to the CPU: refused.
-    with pytest.raises(GateFailed) as failed:
-        _compile(
-            real_models["hand_recrop"],
-            "ethos-u55-128",
-            d / "hand_recrop_calib.npz",
-            d / "hand_recrop_eval.npz",
-            release_keys,
-            tmp_path / "hand-u55",
-        )
-    assert "PRELU" in failed.value.report["ops"]["unsupported"]
-    assert any("stay on the CPU" in f for f in failed.value.failures)
+    # For the CPU the quantizer's float PRELU (DEQUANTIZE -> PRELU -> QUANTIZE) stays: XNNPACK runs it.
+    assert hand.report["method"]["post"]["prelu_quantized"] == 0
+    assert hand.report["method"]["post"]["names_shortened"] > 0
+    assert hand.report["size"]["ratio"] < 0.58  # 0.58 before (names), see docs/compiler.md
+    # For Ethos-U compiler.tflite_post makes it one int8 PRELU, which Vela puts on the NPU (45% of ops
+    # were on the CPU before).
+    u55 = _compile(
+        real_models["hand_recrop"],
+        "ethos-u55-128",
+        d / "hand_recrop_calib.npz",
+        d / "hand_recrop_eval.npz",
+        release_keys,
+        tmp_path / "hand-u55",
+    )
+    post = u55.report["method"]["post"]
+    assert post["prelu_quantized"] == 13 and post["bytes_after"] < post["bytes_before"]
+    int8_ops = u55.report["ops"]["int8"]
+    assert int8_ops["PRELU"] == 13 and "DEQUANTIZE" not in int8_ops and "QUANTIZE" not in int8_ops
+    assert u55.report["size"]["ratio"] < 0.56  # 0.54 measured
+    assert u55.report["outputs"]["output_crop"]["snr_db"] > 18
+    assert "PRELU" not in u55.report["ops"]["unsupported"]
+    assert u55.report["npu"]["vela"]["cpu_operators"] == 0
+    assert u55.report["gate"]["verdict"] == "passed"
     # The fp16 face detector: all ops on the NPU; the int8 model is under a third of fp32.
     face = _compile(
         real_models["face_detection_short_range"],
@@ -145,5 +158,7 @@ def test_mediapipe_models_for_tflite_and_ethos(
     assert vela["cpu_operators"] == 0 and vela["sram_kib"] > 0 and vela["cycles_total"] > 0
     assert face.report["size"]["ratio"] < 0.35
     assert face.report["method"]["prepare"]["fp16_constants_folded"] == 74
+    # Still refused by the default gate: its score logits lose ~10 dB at 8 bits (docs/compiler.md).
+    assert any("classificators" in f for f in Gate().check(face.report))
     manifest = verify_bundle(face.bundle_dir, release_keys.trust_root().release_keys)
     assert manifest.target == "ethos-u65-256" and manifest.model_file.path == "model.tflite"
