@@ -17,8 +17,17 @@
   few KB on small models. ``shorten_names`` renames the internal tensors
   ``t<index>``; the model's input and output tensors and the SignatureDef keep
   theirs (the device feeds and reads by those).
+- **Repeated quantization vectors.** TFLite stores per-channel quantization as
+  a float32 scale and an int64 zero point per channel for every weight and
+  bias tensor; the zero points of symmetric int8 weights are all 0, so most
+  of those vectors are equal. FlatBuffers lets any number of tables point at
+  the same vector (offsets are plain references), so ``write_deduplicated``
+  writes each distinct numeric vector once (zero points, scales, shapes,
+  operator input/output lists). Buffer *data* is left alone. hand_recrop:
+  69.3 -> 56.9 KB (CPU), 66.8 -> 54.1 KB (Ethos-U); LiteRT outputs are
+  bit-identical and Vela's output file is byte-identical.
 
-Both work on the flatbuffer object model of ``ai_edge_litert`` like
+All work on the flatbuffer object model of ``ai_edge_litert`` like
 ``compiler.tflite_prep``.
 """
 
@@ -27,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import flatbuffers
 import numpy as np
 
 from compiler.tflite_prep import _drop_unused_tensors, op_names, opcode, read_tflite, schema, write_tflite
@@ -38,6 +48,7 @@ class TFLitePost:
 
     prelu_quantized: int = 0
     names_shortened: int = 0
+    vectors_shared: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
     notes: list[str] = field(default_factory=list)
@@ -46,6 +57,7 @@ class TFLitePost:
         return {
             "prelu_quantized": self.prelu_quantized,
             "names_shortened": self.names_shortened,
+            "vectors_shared": self.vectors_shared,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "notes": list(self.notes),
@@ -148,6 +160,54 @@ def shorten_names(model: Any) -> int:
     return renamed
 
 
+class _SharingBuilder(flatbuffers.Builder):
+    """A ``flatbuffers.Builder`` that writes each distinct numeric vector once and reuses its offset.
+
+    A flatbuffer offset is a plain forward reference, so several tables may point at one vector
+    (``Builder.CreateSharedString`` does the same for strings). ``uint8`` vectors (buffer data) are
+    not shared: each constant keeps its own bytes.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self._seen: dict[tuple[str, bytes], int] = {}
+        self.shared = 0
+
+    def CreateNumpyVector(self, x: np.ndarray) -> int:  # flatbuffers' method name
+        if x.dtype == np.uint8:
+            return int(super().CreateNumpyVector(x))
+        key = (x.dtype.str, x.tobytes())
+        offset = self._seen.get(key)
+        if offset is None:
+            offset = self._seen[key] = int(super().CreateNumpyVector(x))
+        else:
+            self.shared += 1
+        return offset
+
+
+_QUANT_FIELDS = (("scale", np.float32), ("zeroPoint", np.int64), ("min", np.float32), ("max", np.float32))
+
+
+def write_deduplicated(model: Any) -> tuple[bytes, int]:
+    """Serialize like ``write_tflite`` but with equal numeric vectors stored once; returns (bytes, shared).
+
+    Quantization vectors given as Python lists (``quantize_prelu``'s alpha) are made numpy arrays
+    first so they go through the same path.
+    """
+    for sg in model.subgraphs:
+        for tensor in sg.tensors or []:
+            quant = tensor.quantization
+            if quant is None:
+                continue
+            for name, dtype in _QUANT_FIELDS:
+                value = getattr(quant, name)
+                if value is not None and not isinstance(value, np.ndarray):
+                    setattr(quant, name, np.asarray(value, dtype=dtype))
+    builder = _SharingBuilder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output()), builder.shared
+
+
 def finish_int8(data: bytes, int8_prelu: bool) -> tuple[bytes, TFLitePost]:
     """Apply the passes to the quantizer's output; returns the new bytes and what was done.
 
@@ -169,6 +229,8 @@ def finish_int8(data: bytes, int8_prelu: bool) -> tuple[bytes, TFLitePost]:
             "(alpha int8 per tensor)"
         )
     info.names_shortened = shorten_names(model)
-    out = drop_unused_buffers(write_tflite(model))
+    out, info.vectors_shared = write_deduplicated(read_tflite(drop_unused_buffers(write_tflite(model))))
+    if info.vectors_shared:
+        info.notes.append(f"{info.vectors_shared} repeated quantization/shape vectors stored once")
     info.bytes_after = len(out)
     return out, info
