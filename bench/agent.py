@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from device_agent import protocol
+from device_agent import wire as protocol
 from device_agent.agent import Agent
 from device_agent.config import AgentConfig
 from signing.keyring import KeyDir, init_keys

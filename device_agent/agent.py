@@ -40,11 +40,14 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
-from device_agent import __version__, protocol
+from device_agent import __version__
+from device_agent import wire as protocol
+from device_agent.clock import WallClock, now_utc
 from device_agent.config import AgentConfig
 from device_agent.downloader import DownloadError, IncompleteDownload, download_model, fetch_envelope
 from device_agent.mqtt_link import MqttLink, backoff_delay
@@ -55,11 +58,11 @@ from device_agent.runtime import (
     RuntimeLoadError,
     available_runtimes,
 )
-from device_agent.slots import SlotStore
+from device_agent.slots import SlotStore, is_disk_full
 from device_agent.telemetry import ModelTotals, Telemetry, latency_quantile, top1_classes
 from device_agent.telemetry_store import BatchStore
 from signing.dsse import verify_envelope
-from signing.errors import DeliveryUnavailable, MalformedEnvelope, TrustError, UnknownKey
+from signing.errors import DeliveryUnavailable, MalformedEnvelope, MetadataExpired, TrustError, UnknownKey
 from signing.keys import PublicKey
 from signing.manifest import BundleManifest, FileEntry, manifest_from_envelope, verify_file
 from signing.trust import TrustRoot
@@ -183,8 +186,18 @@ def capabilities(config: AgentConfig, runtime: RuntimeFactory) -> dict[str, Any]
 class Agent:
     """One device. ``start``/``stop`` on an asyncio loop; ``infer`` from any thread."""
 
-    def __init__(self, config: AgentConfig, trust: TrustRoot, runtime_factory: RuntimeFactory | None = None):
+    def __init__(
+        self,
+        config: AgentConfig,
+        trust: TrustRoot,
+        runtime_factory: RuntimeFactory | None = None,
+        *,
+        clock: WallClock | None = None,
+    ):
+        """``clock``: the device's wall clock, seconds since the epoch (default ``time.time``);
+        see :mod:`device_agent.clock`. Only dates read it; timers stay monotonic."""
         self.config = config
+        self.clock: WallClock = clock or time.time
         self.device_id = config.device_id
         self.trust = trust
         self.runtime: RuntimeFactory = runtime_factory or AutoRuntimeFactory(
@@ -192,7 +205,7 @@ class Agent:
         )
         self.slots = SlotStore(config.data_dir)
         store = BatchStore(self.slots.data_dir / "telemetry.db", config.telemetry_queue_bytes)
-        self.telemetry = Telemetry(config.device_id, store, sketch_every=config.sketch_every)
+        self.telemetry = Telemetry(config.device_id, store, sketch_every=config.sketch_every, now=self.now)
         self.history: list[str] = []
         self.link: MqttLink | None = None
         self.api: Any = None  # device_agent.local_api.LocalApi when config.api_listen is set
@@ -235,8 +248,13 @@ class Agent:
         self._probation_task: asyncio.Task[None] | None = None
         self._send_lock: asyncio.Lock | None = None
         self._stall = _stall_plan()
+        self._aborted = False
         self._caps = capabilities(config, self.runtime)
         self._desired_topic = protocol.topic(self.device_id, protocol.Channel.DESIRED)
+
+    def now(self) -> datetime:
+        """The device's wall-clock time (``clock``, possibly skewed), as an aware UTC datetime."""
+        return now_utc(self.clock)
 
     # -- keys ------------------------------------------------------------------
 
@@ -252,6 +270,8 @@ class Agent:
 
     async def start(self) -> None:
         """Load the active slot's model, connect, and begin reconciling and reporting."""
+        if self._aborted:
+            raise RuntimeError(f"{self.device_id}: an aborted agent cannot start again; build a new one")
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._send_lock = asyncio.Lock()
@@ -271,6 +291,7 @@ class Agent:
             max_inflight=self.config.max_inflight,
             on_message=self._on_message,
             on_connected=self._on_connected,
+            now=self.now,
         )
         self._tasks = [
             self._loop.create_task(self._reconcile_loop(), name=f"{self.device_id}-reconcile"),
@@ -283,7 +304,11 @@ class Agent:
         return self.link is not None and await self.link.wait_connected(timeout)
 
     async def stop(self) -> None:
-        """Stop reconciling, send the last telemetry window, publish offline, disconnect."""
+        """Stop reconciling, send the last telemetry window, publish offline, disconnect.
+
+        (After :meth:`abort` there is nothing left to stop: a no-op.)"""
+        if self._aborted:
+            return
         tasks = list(self._tasks)
         if self._probation_task is not None:
             tasks.append(self._probation_task)
@@ -307,6 +332,46 @@ class Agent:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+    async def abort(self) -> None:
+        """Die like a power cut: the simulator's (and tests') "pull the plug". Call on the agent's loop.
+
+        - no ``offline`` status and no MQTT DISCONNECT: the socket is just closed, so the
+          broker publishes the last will (``offline``, retained) after it notices;
+        - nothing is flushed: the open telemetry window and unacknowledged publishes are
+          lost; what is on disk is exactly what was already written (``state.json`` and
+          the trust state are only ever replaced atomically, queued batches are in SQLite);
+        - the reconcile, telemetry, probation and background tasks are cancelled where
+          they stand (work already handed to a worker thread, e.g. a hash, finishes
+          there and its result is dropped); the shadow worker is told to quit, not joined;
+        - loaded models are dropped (``infer`` raises ``NoModelError``) and the local API
+          stops listening, so a new ``Agent`` on the same ``data_dir`` can boot at once
+          (that boot is the crash-recovery path).
+
+        The agent cannot be started again; build a new one. Idempotent.
+        """
+        if self._aborted:
+            return
+        self._aborted = True
+        tasks = [*self._tasks, *self._background]
+        if self._probation_task is not None:
+            tasks.append(self._probation_task)
+        self._tasks, self._probation_task = [], None
+        for task in tasks:
+            task.cancel()
+        if self.link is not None:
+            self.link.abort()
+        self._loop = None  # nothing new gets scheduled (``_spawn``, ``infer`` -> loop callbacks)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._serving = self._previous = self._shadow = None
+        q, self._shadow_queue, self._shadow_thread = self._shadow_queue, None, None
+        if q is not None:
+            with contextlib.suppress(queue.Full):
+                q.put_nowait(None)
+        if self.api is not None:
+            api, self.api = self.api, None
+            await asyncio.to_thread(api.stop)
+        self.telemetry.store.close()
 
     async def _load_slot(self, slot: str) -> _Serving | None:
         """Verify and load what ``slot`` holds; None if it is empty or unusable."""
@@ -516,6 +581,7 @@ class Agent:
             shadow_sha256=self.shadow_sha256,
             last_rejection=self._last_rejection,
             capabilities=self._caps,
+            ts=self.now(),
         )
 
     # -- MQTT inbound (loop thread) -----------------------------------------
@@ -578,12 +644,16 @@ class Agent:
                 directive.seq, "stale_sequence", f"seq {directive.seq} <= applied {self._accepted_seq}"
             )
             return
-        if directive.expires_at <= protocol.utcnow():
+        if directive.expires_at <= self.now():
             self._reject(directive.seq, "expired", f"expired at {directive.expires_at.isoformat()}")
             return
         self._accepted_seq, self._accepted_digest = directive.seq, digest
         if self.trust_store is not None:
-            self.trust_store.advance(seq=directive.seq)
+            try:
+                self.trust_store.advance(seq=directive.seq)
+            except OSError as exc:  # disk full: held in memory; a restart runs this directive again
+                self._count("state_write_failures")
+                log.warning("%s: could not persist accepted seq %d: %s", self.device_id, directive.seq, exc)
         self._count("directives_accepted")
         self._pending = directive  # latest wins: an older queued directive is superseded
         assert self._wake is not None
@@ -597,7 +667,7 @@ class Agent:
         assert store is not None
         before = store.state.root_version
         base = repository_url(self.config.tuf_url, None) or store.state.repository_url
-        failure = await asyncio.to_thread(refresh_root, store, base)
+        failure = await asyncio.to_thread(refresh_root, store, base, self.now())
         if store.state.root_version > before:
             log.info("%s: followed the root chain to v%d", self.device_id, store.state.root_version)
         self._handle_directive(payload, after_root_refresh=True, refresh_failure=failure)
@@ -615,7 +685,7 @@ class Agent:
         self._count(f"rejected_{reason}")
         self._last_rejection = protocol.Rejection(seq=seq, reason=reason, detail=detail[:500])
         event = protocol.Event(
-            device_id=self.device_id, seq=seq, state=DS.REJECTED, reason=reason, detail=detail
+            device_id=self.device_id, seq=seq, state=DS.REJECTED, reason=reason, detail=detail, ts=self.now()
         )
         self._spawn(self._publish_event(event))
         self._spawn(self._publish_reported())
@@ -644,6 +714,15 @@ class Agent:
                 await self._fail(directive, exc.code, str(exc))
             except (DownloadError, IncompleteDownload) as exc:
                 await self._fail(directive, getattr(exc, "code", "download_failed"), str(exc))
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    log.exception("%s: directive seq %d failed on I/O", self.device_id, directive.seq)
+                    await self._fail(directive, "io_error", repr(exc))
+                    continue
+                # The filesystem filled up under us (the free-space check passed, then something
+                # else wrote, or a quota hit): nothing was swapped; free what this install wrote.
+                freed = self.slots.discard_unrecorded(self.slots.inactive)
+                await self._fail(directive, "disk_full", f"{exc}; removed {freed} bytes of partial download")
             except Exception as exc:
                 log.exception("%s: directive seq %d failed unexpectedly", self.device_id, directive.seq)
                 await self._fail(directive, "internal_error", repr(exc))
@@ -651,7 +730,7 @@ class Agent:
     async def _wait_not_before(self, d: protocol.Directive) -> bool:
         """Hold a directive until its maintenance window opens; False if a newer one superseded it."""
         assert self._wake is not None and d.not_before is not None
-        delay = (d.not_before - protocol.utcnow()).total_seconds()
+        delay = (d.not_before - self.now()).total_seconds()
         if delay <= 0:
             return True
         await self._publish_event(
@@ -661,6 +740,7 @@ class Agent:
                 state=self._deployment.state,
                 reason="not_before",
                 detail=f"waiting until {d.not_before.isoformat()}",
+                ts=self.now(),
             )
         )
         with contextlib.suppress(TimeoutError):
@@ -724,22 +804,23 @@ class Agent:
                 "slot": slot,
                 "previous": previous.slot if previous else None,
                 "sha256": ref.sha256,
-                "params": d.probation.model_dump(),
+                "params": d.probation.to_dict(),
                 "min_inferences": max(d.probation.min_inferences, d.probation_inferences),
                 "boots": 0,
             }
             outcome = {"seq": d.seq, "state": DS.PROBATION.value, "error": None}
+            # Persist first: if the disk is full this raises and nothing was swapped.
+            self.slots.activate(slot, d.seq, probation=prob, deployment=outcome)
             self._previous = previous
             self._serving = new  # the swap
-            self.slots.activate(slot, d.seq, probation=prob, deployment=outcome)
             self._after_swap(ref.sha256)
             await self._transition(d, DS.PROBATION, sha=ref.sha256)
             self._probation_task = asyncio.get_running_loop().create_task(self._watch_probation(prob))
             return
+        self.slots.activate(slot, d.seq, deployment={"seq": d.seq, "state": DS.SERVING.value, "error": None})
         with self._lock:
             self._awaiting_proof = ref.sha256
-        self._serving = new  # the swap
-        self.slots.activate(slot, d.seq, deployment={"seq": d.seq, "state": DS.SERVING.value, "error": None})
+        self._serving = new  # the swap (after the activation is on disk)
         self._after_swap(ref.sha256)
         await self._transition(d, DS.SERVING, sha=ref.sha256)
 
@@ -776,12 +857,22 @@ class Agent:
             raise InstallError("no_repository", "no tuf_url configured and none derivable from the directive")
         await self._transition(d, DS.VERIFYING, sha=ref.sha256, detail="release metadata (TUF)")
         # Unreachable is not untrusted: retry with backoff before failing the directive.
-        await self._retrying(
-            lambda: asyncio.to_thread(verify_release, store, base, ref, self.config.hardware_id),
-            (DeliveryUnavailable,),
-            DELIVERY_ATTEMPTS,
-            "release metadata check",
-        )
+        try:
+            await self._retrying(
+                lambda: asyncio.to_thread(
+                    verify_release, store, base, ref, self.config.hardware_id, self.now()
+                ),
+                (DeliveryUnavailable,),
+                DELIVERY_ATTEMPTS,
+                "release metadata check",
+            )
+        except MetadataExpired as exc:
+            # A freeze attack, an offline repository, or this device's clock running ahead:
+            # say which time the device judged by, so an operator can tell them apart.
+            raise MetadataExpired(
+                f"{exc} (device clock {self.now().isoformat(timespec='seconds')}; "
+                f"host clock off by {self.clock() - time.time():+.0f} s)"
+            ) from exc
 
     async def _retrying(
         self,
@@ -893,7 +984,7 @@ class Agent:
 
     async def _watch_probation(self, prob: dict[str, Any]) -> None:
         """Judge the swapped-in model; revert to the previous slot on misbehaviour, else report success."""
-        params = protocol.Probation.model_validate(prob["params"])
+        params = protocol.Probation.from_dict(prob["params"])
         seq, sha = int(prob["seq"]), str(prob["sha256"])
         min_n = int(prob.get("min_inferences", params.min_inferences))
         previous = self._previous
@@ -956,14 +1047,19 @@ class Agent:
         )
         self._count("reverts")
         outcome = {"seq": seq, "state": DS.REVERTED.value, "error": reason}
-        if previous is not None:
-            self._serving = previous  # the swap back
-            self.history.append(previous.sha256)
-            self.slots.activate(previous.slot, seq, probation=None, deployment=outcome)
-        else:
-            # Nothing to go back to (first install): keep serving rather than serve nothing.
-            self.slots.state.probation = None
-            self.slots.record_outcome(seq, DS.REVERTED.value, reason)
+        try:
+            if previous is not None:
+                self._serving = previous  # the swap back: first, a misbehaving model must go now
+                self.history.append(previous.sha256)
+                self.slots.activate(previous.slot, seq, probation=None, deployment=outcome)
+            else:
+                # Nothing to go back to (first install): keep serving rather than serve nothing.
+                self.slots.state.probation = None
+                self.slots.record_outcome(seq, DS.REVERTED.value, reason)
+        except OSError as exc:
+            # Disk full: reverted in memory; after a reboot the probation resumes and judges again.
+            self._count("state_write_failures")
+            log.warning("%s: could not record the revert of seq %d: %s", self.device_id, seq, exc)
         self._previous = None
         self._probation_task = None
         self._last_rejection = protocol.Rejection(seq=seq, reason=reason, detail=detail)
@@ -976,6 +1072,7 @@ class Agent:
                 reason=reason,
                 detail=detail,
                 model_sha256=sha,
+                ts=self.now(),
             )
         )
         await self._publish_reported()
@@ -994,7 +1091,11 @@ class Agent:
         )
         self._count("failed_directives")
         self._count(f"failed_{code}")
-        self.slots.record_outcome(d.seq, DS.FAILED.value, code)
+        try:
+            self.slots.record_outcome(d.seq, DS.FAILED.value, code)
+        except OSError as exc:  # a full disk must not keep the failure from being reported
+            self._count("state_write_failures")
+            log.warning("%s: could not record the outcome of seq %d: %s", self.device_id, d.seq, exc)
         sha = d.model.sha256 if d.model else None
         self._deployment = _Deployment(seq=d.seq, state=DS.FAILED, error=code)
         self._last_rejection = protocol.Rejection(seq=d.seq, reason=code, detail=detail[:500])
@@ -1006,6 +1107,7 @@ class Agent:
                 reason=code,
                 detail=detail[:500],
                 model_sha256=sha,
+                ts=self.now(),
             )
         )
         await self._publish_reported()
@@ -1032,7 +1134,9 @@ class Agent:
             extra={"device_id": self.device_id, "seq": seq, "state": state.value, "model_sha256": sha},
         )
         await self._publish_event(
-            protocol.Event(device_id=self.device_id, seq=seq, state=state, detail=detail, model_sha256=sha)
+            protocol.Event(
+                device_id=self.device_id, seq=seq, state=state, detail=detail, model_sha256=sha, ts=self.now()
+            )
         )
         await self._publish_reported()
         stall = self._stall.get(state.value)
@@ -1075,8 +1179,14 @@ class Agent:
             ):
                 continue
             last = time.monotonic()
-            await asyncio.to_thread(self.telemetry.cut)
-            await self._send_telemetry()
+            try:
+                await asyncio.to_thread(self.telemetry.cut)
+                await self._send_telemetry()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one bad window end telemetry for good
+                self._count("telemetry_errors")
+                log.exception("%s: telemetry window failed", self.device_id)
 
     async def _send_telemetry(self) -> None:
         """Send queued batches oldest first, deleting each only once the broker acknowledged it."""
@@ -1093,12 +1203,13 @@ class Agent:
                 acks = await asyncio.gather(
                     *(link.publish_confirmed(topic, payload) for _, _, payload in rows)
                 )
+                deleted = True
                 for (row_id, _, _), acked in zip(rows, acks, strict=True):
                     if acked:
-                        await asyncio.to_thread(store.delete, row_id)
                         self._count("telemetry_batches")
-                if not all(acks):
-                    return
+                        deleted = await asyncio.to_thread(store.delete, row_id) and deleted
+                if not all(acks) or not deleted:
+                    return  # broker away, or a disk too full to forget sent batches: next tick
 
 
 __all__ = ["Agent", "InferenceResult", "InstallError", "NoModelError"]

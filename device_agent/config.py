@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from device_agent import protocol
+from device_agent import wire as protocol
 
 
 @dataclass(frozen=True)

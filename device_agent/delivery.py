@@ -11,22 +11,52 @@ them three times).
 
 Every refusal is a ``signing.errors.TrustError`` whose ``code`` the agent
 reports as the Event reason.
+
+Expiry is judged against the DEVICE's wall clock (``now``, the agent's injectable
+clock), like every other date the agent checks. python-tuf 7 has no public
+parameter for that: its ``Updater`` fixes the update's reference time (TUF spec
+5.1, "fixed update start time") in ``TrustedMetadataSet.reference_time`` when it
+is built, and reads it for every expiry check of that refresh. :func:`_at_time`
+sets that attribute on a fresh Updater before ``refresh()``; should a later
+python-tuf move it, the check falls back to python-tuf's own ``now`` and logs it
+once (the host clock, which is the device clock outside the simulator).
 """
 
 from __future__ import annotations
 
+import logging
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from tuf.api.metadata import Metadata, Root
 
-from device_agent import protocol
+from device_agent import wire as protocol
 from device_agent.trust_state import TrustStore
 from signing.agreement import check_agreement, check_floor, merge_floors
 from signing.errors import DeliveryError, DeliveryUnavailable
 from signing.targets import VerifiedTarget
-from signing.tuf_client import check_target, new_updater, trusted_root_bytes, tuf_errors
+from signing.tuf_client import _verified, new_updater, trusted_root_bytes, tuf_errors
 from signing.tuf_release import target_name
+
+log = logging.getLogger(__name__)
+_warned = False
+
+
+def _at_time(updater: Any, now: datetime | None) -> Any:
+    """Make ``updater`` judge expiry at ``now`` (the device clock) instead of the host's."""
+    global _warned
+    if now is None:
+        return updater
+    trusted = getattr(updater, "_trusted_set", None)
+    if trusted is not None and hasattr(trusted, "reference_time"):
+        trusted.reference_time = now
+    elif not _warned:
+        _warned = True
+        log.warning("this python-tuf has no reference_time: TUF expiry uses the host clock")
+    return updater
+
 
 ARTIFACTS_PATH = "/api/v1/artifacts/"
 TUF_PATH = "/tuf"
@@ -55,20 +85,21 @@ def _metadata_url(base: str) -> str:
 
 
 def verify_release(
-    store: TrustStore, base_url: str, ref: protocol.ModelRef, hardware_id: str
+    store: TrustStore,
+    base_url: str,
+    ref: protocol.ModelRef,
+    hardware_id: str,
+    now: datetime | None = None,
 ) -> VerifiedTarget:
     """Resolve ``ref`` in the signed release metadata and run the agreement and floor checks.
 
     Advances the trust state (newer root, higher floors) as soon as python-tuf
     verified them, even when the install is then refused: a floor learnt is
     never forgotten. Blocking (HTTP + signature checks): call it in a thread.
+    ``now``: the device's wall clock for the expiry checks (None: the host clock).
     """
-    target = check_target(
-        target_name(ref.name, ref.version),
-        trusted_root=store.state.root,
-        cache_dir=store.cache_dir,
-        metadata_url=_metadata_url(base_url),
-    )
+    updater = new_updater(store.state.root, store.cache_dir, _metadata_url(base_url))
+    _, target = _verified(_at_time(updater, now), store.cache_dir, target_name(ref.name, ref.version))
     new_root = None
     if target.root_version > store.state.root_version:
         new_root = trusted_root_bytes(store.cache_dir, target.root_version)
@@ -79,7 +110,7 @@ def verify_release(
     return target
 
 
-def refresh_root(store: TrustStore, base_url: str) -> DeliveryError | None:
+def refresh_root(store: TrustStore, base_url: str, now: datetime | None = None) -> DeliveryError | None:
     """Walk the repository's root chain from the stored root as far as it is valid; store the result.
 
     Called when a directive is signed by a key the stored root does not know:
@@ -92,7 +123,7 @@ def refresh_root(store: TrustStore, base_url: str) -> DeliveryError | None:
     before = store.state.root_version
     failure: DeliveryError | None = None
     try:
-        updater = new_updater(store.state.root, store.cache_dir, _metadata_url(base_url))
+        updater = _at_time(new_updater(store.state.root, store.cache_dir, _metadata_url(base_url)), now)
         with tuf_errors():
             updater.refresh()
     except DeliveryError as exc:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -22,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device_agent import protocol
+from device_agent import wire as protocol
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,10 @@ class MqttLink:
         max_inflight: int = 20,
         on_message: MessageHandler,
         on_connected: ConnectHandler | None = None,
+        now: Callable[[], datetime] = protocol.utcnow,
     ) -> None:
         self.device_id = device_id
+        self.now = now  # the device's wall clock (skewable): dates the Status messages
         self.host = host
         self.port = port
         self.mqtt_version = mqtt_version
@@ -93,7 +96,7 @@ class MqttLink:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=proto, **kwargs)
         # paho's own queue must not be the bound: we bound in-flight ourselves.
         self.client.max_inflight_messages_set(max(max_inflight, 1))
-        offline = protocol.Status(device_id=device_id, state="offline")
+        offline = protocol.Status(device_id=device_id, state="offline", ts=now())
         self.client.will_set(
             protocol.topic(device_id, protocol.Channel.STATUS), protocol.encode(offline), qos=1, retain=True
         )
@@ -138,7 +141,7 @@ class MqttLink:
             if task is not None:
                 task.cancel()
         if self.connected:
-            offline = protocol.Status(device_id=self.device_id, state="offline")
+            offline = protocol.Status(device_id=self.device_id, state="offline", ts=self.now())
             await self.publish(
                 protocol.topic(self.device_id, protocol.Channel.STATUS),
                 protocol.encode(offline),
@@ -153,6 +156,34 @@ class MqttLink:
         # reader/writer are gone even if paho did not call on_socket_close.
         self._drop_socket()
         self._connected.clear()
+
+    def abort(self) -> None:
+        """Drop the connection the way a power cut does: no ``offline``, no DISCONNECT, no drain.
+
+        The TCP socket is closed under paho's feet, so the broker sees a dead
+        connection and publishes the last will (``offline``, retained); unacked
+        QoS 1 publishes are forgotten (their waiters get False). Synchronous, on
+        the loop thread; the link is unusable afterwards.
+        """
+        self._stopping = True
+        for task in (self._reconnect_task, self._misc_task):
+            if task is not None:
+                task.cancel()
+        self._reconnect_task = self._misc_task = None
+        sock = self._sock
+        with contextlib.suppress(Exception):
+            sock = self.client.socket() or sock
+        self._drop_socket()
+        if sock is not None:
+            with contextlib.suppress(Exception):
+                sock.close()
+        self._connected.clear()
+        self._inflight.clear()
+        self._window.set()
+        acks, self._acks = self._acks, {}
+        for fut in acks.values():
+            if not fut.done():
+                fut.set_result(False)
 
     async def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 10.0
@@ -271,7 +302,7 @@ class MqttLink:
             log.warning("%s: broker refused connection: %s", self.device_id, reason)
             return
         client.subscribe(protocol.topic(self.device_id, protocol.Channel.DESIRED), qos=1)
-        online = protocol.Status(device_id=self.device_id, state="online")
+        online = protocol.Status(device_id=self.device_id, state="online", ts=self.now())
         client.publish(
             protocol.topic(self.device_id, protocol.Channel.STATUS),
             protocol.encode(online),

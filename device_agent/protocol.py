@@ -1,9 +1,11 @@
 """The one wire contract between devices and the fleet server (MQTT topics + message schemas).
 
 Kept free of heavy imports (pydantic only) because the server and the simulator
-import it too. Every inbound payload goes through ``decode_*``, which raises
-``ProtocolError`` on anything malformed so callers can count and drop it
-instead of crashing.
+import it too. The agent itself does not import this module: it speaks the same
+JSON through :mod:`device_agent.wire` (stdlib only, ~9 MB less RSS on a device);
+``tests/agent/test_wire.py`` holds the two to each other. Every inbound payload
+goes through ``decode_*``, which raises ``ProtocolError`` on anything malformed
+so callers can count and drop it instead of crashing.
 
 Topics (``ef/v1/{device}/...``):
 
@@ -21,60 +23,31 @@ status     broker LWT/device  yes       Status (JSON)
 from __future__ import annotations
 
 import json
-import re
 import zlib
-from datetime import UTC, datetime
-from enum import StrEnum
+from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-PREFIX = "ef/v1"
-DIRECTIVE_PAYLOAD_TYPE = "application/vnd.edgefleet.directive+json"
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-MAX_PAYLOAD = 1 << 20  # no legitimate message is larger; refuse before parsing
-
-
-class Channel(StrEnum):
-    DESIRED = "desired"
-    REPORTED = "reported"
-    EVENTS = "events"
-    TELEMETRY = "telemetry"
-    STATUS = "status"
-
-
-class ProtocolError(ValueError):
-    """An inbound message is malformed. Count it, log it, drop it."""
-
-
-def topic(device_id: str, channel: Channel | str) -> str:
-    if not DEVICE_ID_RE.match(device_id):
-        raise ValueError(f"invalid device id {device_id!r}")
-    return f"{PREFIX}/{device_id}/{Channel(channel).value}"
-
-
-def shared_subscription(channel: Channel | str, group: str = "fleet") -> str:
-    """Topic filter for server replicas splitting one channel across the fleet."""
-    return f"$share/{group}/{PREFIX}/+/{Channel(channel).value}"
-
-
-def wildcard(channel: Channel | str) -> str:
-    return f"{PREFIX}/+/{Channel(channel).value}"
-
-
-def parse_topic(t: str) -> tuple[str, Channel]:
-    """Split ``ef/v1/{device}/{channel}``; ProtocolError if it is not one of ours."""
-    parts = t.split("/")
-    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != PREFIX or not DEVICE_ID_RE.match(parts[2]):
-        raise ProtocolError(f"not an edgefleet topic: {t!r}")
-    try:
-        return parts[2], Channel(parts[3])
-    except ValueError as exc:
-        raise ProtocolError(f"unknown channel in {t!r}") from exc
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+# Topics, states and bounds live in ``wire`` (stdlib only, what the agent itself imports);
+# re-exported here so this module stays the one place the contract is read from.
+from device_agent.wire import (
+    DEVICE_ID_RE,
+    DIRECTIVE_PAYLOAD_TYPE,
+    INPUT_STAT_FEATURES,
+    LATENCY_BOUNDS_US,
+    MAX_PAYLOAD,
+    PREFIX,
+    VALUE_BOUNDS,
+    Channel,
+    DeploymentState,
+    ProtocolError,
+    parse_topic,
+    shared_subscription,
+    topic,
+    utcnow,
+    wildcard,
+)
 
 
 class _Msg(BaseModel):
@@ -121,21 +94,6 @@ class Directive(_Msg):
     shadow: ModelRef | None = None  # candidate to run beside ``model`` on sampled inputs, never served
     shadow_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
     not_before: datetime | None = None  # do not start before (maintenance windows)
-
-
-class DeploymentState(StrEnum):
-    IDLE = "idle"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    INSTALLING = "installing"
-    WARMING = "warming"
-    SWAPPING = "swapping"
-    PROBATION = "probation"  # swapped in, being watched; success not yet reported
-    SERVING = "serving"  # the directive's model answers requests (probation passed)
-    SHADOWING = "shadowing"  # a candidate runs beside the served model on sampled inputs
-    REVERTED = "reverted"  # probation failed; the agent went back to the previous slot by itself
-    FAILED = "failed"
-    REJECTED = "rejected"  # directive refused before any work (bad signature, old seq, ...)
 
 
 class RunningModel(_Msg):
@@ -207,15 +165,6 @@ class ShadowStats(_Msg):
     errors: dict[str, int] = Field(default_factory=dict)
     latency_buckets: list[int] = Field(default_factory=list)
     latency_sum_us: float = 0.0
-
-
-# Fixed log-spaced latency bucket upper bounds in microseconds (last bucket: +inf).
-LATENCY_BOUNDS_US: tuple[float, ...] = tuple(round(10 * 2 ** (i / 2), 1) for i in range(40))
-# Fixed value bins for input/output histograms (symmetric, log-spaced; last bucket: +inf).
-VALUE_BOUNDS: tuple[float, ...] = tuple(
-    sorted({-(10.0 ** (e / 4)) for e in range(-16, 17)} | {0.0} | {10.0 ** (e / 4) for e in range(-16, 17)})
-)
-INPUT_STAT_FEATURES = 256
 
 
 class TelemetryBatch(_Msg):
@@ -290,3 +239,41 @@ def decode_telemetry(payload: bytes, device_id: str | None = None) -> TelemetryB
 
 def dumps(obj: Any) -> bytes:
     return json.dumps(obj, default=str).encode()
+
+
+__all__ = [
+    "DEVICE_ID_RE",
+    "DIRECTIVE_PAYLOAD_TYPE",
+    "INPUT_STAT_FEATURES",
+    "LATENCY_BOUNDS_US",
+    "MAX_PAYLOAD",
+    "PREFIX",
+    "VALUE_BOUNDS",
+    "Channel",
+    "DeploymentState",
+    "Directive",
+    "Event",
+    "ModelRef",
+    "ModelStats",
+    "Probation",
+    "ProtocolError",
+    "Rejection",
+    "Reported",
+    "RunningModel",
+    "ShadowStats",
+    "Status",
+    "TelemetryBatch",
+    "decode_directive",
+    "decode_event",
+    "decode_reported",
+    "decode_status",
+    "decode_telemetry",
+    "dumps",
+    "encode",
+    "encode_telemetry",
+    "parse_topic",
+    "shared_subscription",
+    "topic",
+    "utcnow",
+    "wildcard",
+]

@@ -11,9 +11,12 @@ rename, fsync dir) so a power cut leaves either the old or the new state.
 from __future__ import annotations
 
 import contextlib
+import copy
+import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,13 +91,30 @@ class AgentState:
         )
 
 
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError saying the filesystem (or our quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write temp, fsync, rename over ``path``, fsync the directory."""
+    """Write temp, fsync, rename over ``path``, fsync the directory.
+
+    If anything fails before the rename (a full disk), the temp file is removed and
+    ``path`` is untouched: the old content stays, whole.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     os.replace(tmp, path)
     with contextlib.suppress(OSError):
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -130,6 +150,33 @@ class SlotStore:
     def save(self) -> None:
         atomic_write(self.state_path, json.dumps(self.state.to_dict(), indent=2).encode())
 
+    @contextlib.contextmanager
+    def _change(self) -> Iterator[AgentState]:
+        """Mutate the state and save it; if the save fails (disk full), memory goes back too,
+        so what the agent believes never differs from what a reboot would read."""
+        before = copy.deepcopy(self.state)
+        try:
+            yield self.state
+            self.save()
+        except BaseException:
+            self.state = before
+            raise
+
+    def discard_unrecorded(self, name: str) -> int:
+        """Delete whatever slot ``name`` holds that ``state.json`` does not vouch for (partial
+        downloads, an uncommitted model); return the bytes freed. Never touches the active slot."""
+        if name == self.state.active or self.state.slots.get(name) is not None:
+            return 0
+        freed = 0
+        for entry in list(self.slot_dir(name).iterdir()):
+            with contextlib.suppress(OSError):
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    freed += entry.stat().st_size
+                    entry.unlink()
+        return freed
+
     def slot_dir(self, name: str) -> Path:
         return self.data_dir / "slots" / name
 
@@ -158,8 +205,8 @@ class SlotStore:
         if name == self.state.active:
             raise ValueError("refusing to overwrite the active slot")
         keep = self.partial_path(name, keep_partial_for).name
-        self.state.slots[name] = None
-        self.save()  # forget the slot's old content before deleting its files
+        with self._change() as state:  # forget the slot's old content before deleting its files
+            state.slots[name] = None
         for entry in self.slot_dir(name).iterdir():
             if entry.name == keep:
                 continue
@@ -174,8 +221,8 @@ class SlotStore:
         slot = self.slot_dir(name)
         atomic_write(slot / ENVELOPE_NAME, envelope)
         os.replace(partial, slot / info.file)
-        self.state.slots[name] = info
-        self.save()
+        with self._change() as state:
+            state.slots[name] = info
         return info
 
     def activate(
@@ -187,28 +234,28 @@ class SlotStore:
         deployment: dict[str, Any] | None = None,
     ) -> None:
         """Make ``name`` the serving slot; probation/outcome records go in the same atomic write."""
-        self.state.active = name
-        if seq is not None:
-            self.state.last_seq = max(self.state.last_seq, seq)
-        self.state.probation = probation
-        if deployment is not None:
-            self.state.deployment = deployment
-        self.save()
+        with self._change() as state:
+            state.active = name
+            if seq is not None:
+                state.last_seq = max(state.last_seq, seq)
+            state.probation = probation
+            if deployment is not None:
+                state.deployment = deployment
 
     def record_seq(self, seq: int) -> None:
         if seq > self.state.last_seq:
-            self.state.last_seq = seq
-            self.save()
+            with self._change() as state:
+                state.last_seq = seq
 
     def record_outcome(self, seq: int, state: str, error: str | None = None) -> None:
         """Persist the result of directive ``seq`` (and that it was handled)."""
-        self.state.last_seq = max(self.state.last_seq, seq)
-        self.state.deployment = {"seq": seq, "state": state, "error": error}
-        self.save()
+        with self._change() as st:
+            st.last_seq = max(st.last_seq, seq)
+            st.deployment = {"seq": seq, "state": state, "error": error}
 
     def set_probation(self, probation: dict[str, Any] | None) -> None:
-        self.state.probation = probation
-        self.save()
+        with self._change() as state:
+            state.probation = probation
 
     def slot_hashes(self) -> dict[str, str | None]:
         return {k: (v.sha256 if v else None) for k, v in self.state.slots.items()}

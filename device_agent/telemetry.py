@@ -21,12 +21,14 @@ from __future__ import annotations
 import bisect
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 
-from device_agent import protocol
+from device_agent import wire as protocol
 from device_agent.telemetry_store import BatchStore
 
 NUM_BUCKETS = len(protocol.LATENCY_BOUNDS_US) + 1  # last bucket: above the largest bound
@@ -60,6 +62,24 @@ class _Stats:
             input_m2=[] if self.input_m2 is None else self.input_m2.tolist(),
             input_hist=[] if self.input_hist is None else self.input_hist.tolist(),
             output_hist=[] if self.output_hist is None else self.output_hist.tolist(),
+        )
+
+
+@dataclass
+class _Shadow:
+    samples: int = 0
+    top1_agree: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    buckets: list[int] = field(default_factory=lambda: [0] * NUM_BUCKETS)
+    latency_sum_us: float = 0.0
+
+    def freeze(self) -> protocol.ShadowStats:
+        return protocol.ShadowStats(
+            samples=self.samples,
+            top1_agree=self.top1_agree,
+            errors=dict(self.errors),
+            latency_buckets=list(self.buckets),
+            latency_sum_us=self.latency_sum_us,
         )
 
 
@@ -144,15 +164,22 @@ def _sketch(st: _Stats, x: np.ndarray, outputs: list[np.ndarray]) -> None:
 class Telemetry:
     """Thread-safe accumulator of one device's inference statistics, plus its on-disk queue."""
 
-    def __init__(self, device_id: str, store: BatchStore, sketch_every: int = 64) -> None:
+    def __init__(
+        self,
+        device_id: str,
+        store: BatchStore,
+        sketch_every: int = 64,
+        now: Callable[[], datetime] = protocol.utcnow,
+    ) -> None:
         self.device_id = device_id
         self.store = store
         self.sketch_every = max(1, sketch_every)
+        self.now = now  # the device's wall clock (skewable): dates the batch windows
         self._lock = threading.Lock()
         self._window: dict[str, _Stats] = {}
         self._window_count = 0
-        self._shadow: dict[str, protocol.ShadowStats] = {}
-        self._window_start = protocol.utcnow()
+        self._shadow: dict[str, _Shadow] = {}
+        self._window_start = now()
         self._calls = 0
         self.totals: dict[str, ModelTotals] = {}
 
@@ -196,19 +223,15 @@ class Telemetry:
         """One sampled input run on a shadowed candidate, compared with the served answer."""
         bucket = bisect.bisect_left(_LAT_BOUNDS, latency_us)
         with self._lock:
-            cur = self._shadow.get(candidate) or protocol.ShadowStats(latency_buckets=[0] * NUM_BUCKETS)
-            buckets = list(cur.latency_buckets) or [0] * NUM_BUCKETS
-            buckets[bucket] += 1
-            errors = dict(cur.errors)
+            cur = self._shadow.get(candidate)
+            if cur is None:
+                cur = self._shadow[candidate] = _Shadow()
+            cur.samples += 1
+            cur.top1_agree += 1 if agree else 0
+            cur.buckets[bucket] += 1
+            cur.latency_sum_us += latency_us
             if error is not None:
-                errors[error] = errors.get(error, 0) + 1
-            self._shadow[candidate] = protocol.ShadowStats(
-                samples=cur.samples + 1,
-                top1_agree=cur.top1_agree + (1 if agree else 0),
-                errors=errors,
-                latency_buckets=buckets,
-                latency_sum_us=cur.latency_sum_us + latency_us,
-            )
+                cur.errors[error] = cur.errors.get(error, 0) + 1
 
     def totals_of(self, sha256: str) -> ModelTotals:
         with self._lock:
@@ -229,7 +252,7 @@ class Telemetry:
 
     def cut(self) -> protocol.TelemetryBatch | None:
         """Close the current window; queue its batch on disk and return it (None if nothing happened)."""
-        now = protocol.utcnow()
+        now = self.now()
         with self._lock:
             window, shadow, start = self._window, self._shadow, self._window_start
             self._window, self._shadow, self._window_start = {}, {}, now
@@ -242,12 +265,12 @@ class Telemetry:
             window_start=start,
             window_end=now,
             models={sha: st.freeze() for sha, st in window.items()},
-            shadow=shadow,
+            shadow={sha: sh.freeze() for sha, sh in shadow.items()},
         )
         final: list[protocol.TelemetryBatch] = [batch]
 
         def encode(dropped: int) -> bytes:
-            final[0] = batch.model_copy(update={"dropped_batches": dropped})
+            final[0] = batch.with_dropped(dropped)
             return protocol.encode_telemetry(final[0])
 
         self.store.put(batch.batch_id, encode)

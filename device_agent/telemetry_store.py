@@ -7,14 +7,34 @@ does not fit, the OLDEST batches go first (recent data is worth more to the
 rollout gates), and how many were dropped travels in the next batch's
 ``dropped_batches`` so the loss itself is reported. A dropped batch that
 carried such a count passes its count on, so the total stays exact.
+
+A full disk is the same loss by other means: a batch SQLite cannot write
+(``SQLITE_FULL``, or an I/O error writing the journal) is dropped and counted in
+memory, and that count rides on the first batch that can be written again, so
+the agent never crashes on it and the server still learns how much it missed.
+(Until then ``dropped_total`` includes it; a restart before that forgets it.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+_SQLITE_FULL, _SQLITE_IOERR = 13, 10
+
+
+def _store_unwritable(exc: sqlite3.Error) -> bool:
+    """SQLite could not write: the disk (or its quota) is full, or the write itself failed."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)
+    return "full" in str(exc) or "disk I/O" in str(exc)
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -37,6 +57,7 @@ class BatchStore:
         self.path = path
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._unsaved_dropped = 0  # batches lost because the disk was full; not yet in ``meta``
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
@@ -53,12 +74,16 @@ class BatchStore:
     def pending_dropped(self) -> int:
         """Drops not yet carried by any queued batch."""
         with self._lock:
-            return self._meta("pending_dropped")
+            return self._meta("pending_dropped") + self._unsaved_dropped
 
     @property
     def dropped_total(self) -> int:
         with self._lock:
-            return self._meta("dropped_total")
+            return self._meta("dropped_total") + self._unsaved_dropped
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back by itself (SQLITE_FULL)
+            self._db.execute("ROLLBACK")
 
     def put(self, batch_id: str, encode: Callable[[int], bytes]) -> int:
         """Queue the batch ``encode(dropped)`` builds, evicting the oldest to fit; return drops now.
@@ -67,38 +92,56 @@ class BatchStore:
         report (it may be called again if evictions change that number).
         """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                pending = self._meta("pending_dropped")
-                total = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0]
-                evicted = 0
-                while True:
-                    payload = encode(pending)
-                    if total + len(payload) <= self.max_bytes:
-                        break
-                    row = self._db.execute(
-                        "SELECT id, dropped, size FROM batches ORDER BY id LIMIT 1"
-                    ).fetchone()
-                    if row is None:  # the new batch alone exceeds the cap: it is the one dropped
-                        self._set_meta("pending_dropped", pending + 1)
-                        self._set_meta("dropped_total", self._meta("dropped_total") + 1)
-                        self._db.execute("COMMIT")
-                        return evicted + 1
-                    self._db.execute("DELETE FROM batches WHERE id = ?", (row[0],))
-                    pending += 1 + int(row[1])
-                    total -= int(row[2])
-                    evicted += 1
-                self._db.execute(
-                    "INSERT INTO batches (batch_id, dropped, size, payload) VALUES (?, ?, ?, ?)",
-                    (batch_id, pending, len(payload), payload),
+                return self._put(batch_id, encode)
+            except sqlite3.Error as exc:
+                if not _store_unwritable(exc):
+                    raise
+                self._rollback()
+                self._unsaved_dropped += 1
+                log.warning(
+                    "telemetry queue %s not writable (%s): batch dropped (%d so far)",
+                    self.path,
+                    exc,
+                    self._unsaved_dropped,
                 )
-                self._set_meta("pending_dropped", 0)
-                if evicted:
-                    self._set_meta("dropped_total", self._meta("dropped_total") + evicted)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                return 1
+
+    def _put(self, batch_id: str, encode: Callable[[int], bytes]) -> int:
+        """One transaction; the caller holds the lock."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            unsaved = self._unsaved_dropped
+            pending = self._meta("pending_dropped") + unsaved
+            total = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0]
+            evicted = 0
+            while True:
+                payload = encode(pending)
+                if total + len(payload) <= self.max_bytes:
+                    break
+                row = self._db.execute("SELECT id, dropped, size FROM batches ORDER BY id LIMIT 1").fetchone()
+                if row is None:  # the new batch alone exceeds the cap: it is the one dropped
+                    self._set_meta("pending_dropped", pending + 1)
+                    self._set_meta("dropped_total", self._meta("dropped_total") + unsaved + evicted + 1)
+                    self._db.execute("COMMIT")
+                    self._unsaved_dropped -= unsaved
+                    return evicted + 1
+                self._db.execute("DELETE FROM batches WHERE id = ?", (row[0],))
+                pending += 1 + int(row[1])
+                total -= int(row[2])
+                evicted += 1
+            self._db.execute(
+                "INSERT INTO batches (batch_id, dropped, size, payload) VALUES (?, ?, ?, ?)",
+                (batch_id, pending, len(payload), payload),
+            )
+            self._set_meta("pending_dropped", 0)
+            if evicted or unsaved:
+                self._set_meta("dropped_total", self._meta("dropped_total") + evicted + unsaved)
+            self._db.execute("COMMIT")
+            self._unsaved_dropped -= unsaved
+        except BaseException:
+            self._rollback()
+            raise
         return evicted
 
     def oldest(self, limit: int = 20) -> list[tuple[int, str, bytes]]:
@@ -108,10 +151,18 @@ class BatchStore:
             ).fetchall()
         return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
 
-    def delete(self, row_id: int) -> None:
-        """Forget a batch the broker acknowledged."""
+    def delete(self, row_id: int) -> bool:
+        """Forget a batch the broker acknowledged; False if the disk is too full to (it is sent
+        again later, and the server dedupes it on ``batch_id``)."""
         with self._lock:
-            self._db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
+            try:
+                self._db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
+            except sqlite3.Error as exc:
+                if not _store_unwritable(exc):
+                    raise
+                self._rollback()
+                return False
+        return True
 
     def __len__(self) -> int:
         with self._lock:

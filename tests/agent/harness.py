@@ -6,6 +6,7 @@ and an agent on its own loop thread so tests can call ``infer`` from many thread
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import threading
@@ -14,7 +15,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from device_agent.agent import Agent
 from device_agent.config import AgentConfig
 from edgefleet.broker import BrokerInfo
 from signing.dsse import sign_envelope
+from signing.keyring import KeyDir
 from signing.keys import KeyPair
 from signing.manifest import ENVELOPE_NAME, sign_bundle
 
@@ -51,16 +53,18 @@ def unique_id(prefix: str = "dev") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def make_model(path: Path, seed: int = 0, nan: bool = False) -> Path:
-    """input "input" float [N,64] -> MatMul -> "scores" [N,10]; ``nan`` poisons the weights."""
-    w = np.random.default_rng(seed).standard_normal((64, 10)).astype(np.float32)
+def make_model(path: Path, seed: int = 0, nan: bool = False, width: int = 10) -> Path:
+    """input "input" float [N,64] -> MatMul -> "scores" [N,width]; ``nan`` poisons the weights.
+
+    ``width`` sizes the file (~256 bytes per class): 10 is ~2.6 KB, 2048 ~512 KB."""
+    w = np.random.default_rng(seed).standard_normal((64, width)).astype(np.float32)
     if nan:
         w[0, 0] = np.nan
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["input", "W"], ["scores"])],
         f"tiny{seed}",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", width])],
         [numpy_helper.from_array(w, "W")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -95,6 +99,7 @@ def make_bundle(
     hardware_ids: list[str] | None = None,
     target: str = "arm64-cpu",
     name: str = "tiny",
+    width: int = 10,
 ) -> Bundle:
     d = root / f"{name}-{version}-{seed}-{'nan' if nan else 'ok'}-{uuid.uuid4().hex[:4]}"
     if target.startswith(("tflite", "ethos-u")):
@@ -103,7 +108,7 @@ def make_bundle(
         make_tflite(d / "model.tflite", seed=seed, nan=nan)
         file = "model.tflite"
     else:
-        make_model(d / "model.onnx", seed=seed, nan=nan)
+        make_model(d / "model.onnx", seed=seed, nan=nan, width=width)
         file = "model.onnx"
     manifest = sign_bundle(
         d,
@@ -322,3 +327,45 @@ def start_agent(lt: LoopThread, agent: Agent) -> Agent:
 
 
 X = np.random.default_rng(42).standard_normal((1, 64)).astype(np.float32)
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class TufServer:
+    """A real TUF repository (``signing.tuf_repo``) served over real HTTP, for TUF-mode agents.
+
+    ``release(bundle)`` signs the bundle into the targets metadata with the release
+    keys and publishes snapshot + timestamp with the fleet key, as the server does.
+    """
+
+    def __init__(self, root: Path, keydir: KeyDir) -> None:
+        from signing.tuf_repo import TufRepository
+
+        self.keydir = keydir
+        root.mkdir(parents=True, exist_ok=True)
+        self.repo = TufRepository.create(root, keydir.tuf_root(), keydir.keys("release"), keydir.key("fleet"))
+        handler = functools.partial(_QuietFiles, directory=str(root))
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def release(self, bundle: Bundle) -> None:
+        from signing.targets import TargetCustom
+        from signing.tuf_release import target_name
+
+        release = int(bundle.version) if bundle.version.isdigit() else 1
+        custom = TargetCustom(bundle.name, release, [HW])
+        self.repo.add_target(
+            target_name(bundle.name, bundle.version), bundle.model_path, custom, self.keydir.keys("release")
+        )
+        self.repo.publish(self.keydir.key("fleet"))
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)

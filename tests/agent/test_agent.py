@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from signing.keys import generate_keypair
 
 from .harness import (
     ArtifactServer,
+    Bundle,
     LoopThread,
     Observer,
     X,
@@ -94,79 +96,73 @@ def test_valid_directive_installs_swaps_and_serves(
 
 
 def test_refusals_keep_the_old_model(
-    broker_info: BrokerInfo,
     keydir: KeyDir,
     tmp_path: Path,
     artifacts: ArtifactServer,
     observer: Observer,
-    loop_thread: LoopThread,
+    two_bundles: tuple[Bundle, Bundle],
+    running_agent: Callable[..., Agent],
 ) -> None:
     dev = unique_id()
     fleet, release = keydir.key("fleet"), keydir.key("release")
-    a = make_bundle(tmp_path / "b", release, seed=1)
-    b = make_bundle(tmp_path / "b", release, seed=2, version="2")
-    artifacts.add(a)
-    artifacts.add(b)
-    agent = start_agent(loop_thread, new_agent(broker_info, keydir, tmp_path, dev))
-    try:
-        observer.publish(dev, sign_directive(fleet, dev, 10, artifacts.model_ref(a)))
-        observer.wait_event(dev, DS.SERVING, seq=10)
+    a, b = two_bundles
+    agent = running_agent(dev)
+    observer.publish(dev, sign_directive(fleet, dev, 10, artifacts.model_ref(a)))
+    observer.wait_event(dev, DS.SERVING, seq=10)
 
-        def refused(payload: bytes, state: protocol.DeploymentState, reason: str) -> None:
-            observer.publish(dev, payload)
-            wait_for(
-                lambda: any(e.state == state and e.reason == reason for e in observer.events(dev)),
-                what=f"{state} {reason}",
-            )
-            r = agent.infer(X)
-            assert r.ok and r.model_sha256 == a.sha256
-
-        ref_b = artifacts.model_ref(b)
-        refused(sign_directive(fleet, "someone-else", 11, ref_b), DS.REJECTED, "wrong_device")
-        refused(sign_directive(fleet, dev, 9, ref_b), DS.REJECTED, "stale_sequence")
-        refused(sign_directive(fleet, dev, 12, ref_b, ttl=-5), DS.REJECTED, "expired")
-        refused(sign_directive(generate_keypair(), dev, 13, ref_b), DS.REJECTED, "unknown_key")
-        # tampered envelope: swap in another payload under the original signature
-        env = json.loads(sign_directive(fleet, dev, 14, ref_b))
-        forged = protocol.Directive.model_validate_json(base64.b64decode(env["payload"]))
-        forged = forged.model_copy(update={"seq": 99})
-        env["payload"] = base64.b64encode(forged.model_dump_json().encode()).decode()
-        refused(json.dumps(env).encode(), DS.REJECTED, "bad_signature")
-
-        # accepted directives whose install fails
-        good_bytes = artifacts.files[b.sha256]
-        artifacts.overrides[b.sha256] = bytes([good_bytes[0] ^ 0xFF]) + good_bytes[1:]
-        refused(sign_directive(fleet, dev, 20, ref_b), DS.FAILED, "digest_mismatch")
-        artifacts.overrides[b.sha256] = good_bytes + b"x" * 100
-        refused(sign_directive(fleet, dev, 21, ref_b), DS.FAILED, "length_mismatch")
-        del artifacts.overrides[b.sha256]
-        rogue = make_bundle(tmp_path / "b", generate_keypair(), seed=3, version="3")
-        artifacts.add(rogue)
-        refused(sign_directive(fleet, dev, 22, artifacts.model_ref(rogue)), DS.FAILED, "unknown_key")
-        jetson = make_bundle(tmp_path / "b", release, seed=4, version="4", hardware_ids=["jetson"])
-        artifacts.add(jetson)
-        refused(sign_directive(fleet, dev, 23, artifacts.model_ref(jetson)), DS.FAILED, "hardware_mismatch")
-        refused(
-            sign_directive(fleet, dev, 24, artifacts.model_ref(b, length=b.length + 1)),
-            DS.FAILED,
-            "directive_mismatch",
+    def refused(payload: bytes, state: protocol.DeploymentState, reason: str) -> None:
+        observer.publish(dev, payload)
+        wait_for(
+            lambda: any(e.state == state and e.reason == reason for e in observer.events(dev)),
+            what=f"{state} {reason}",
         )
-        other_target = artifacts.model_ref(b, target="ethos-u55")
-        refused(sign_directive(fleet, dev, 25, other_target), DS.FAILED, "unsupported_target")
+        r = agent.infer(X)
+        assert r.ok and r.model_sha256 == a.sha256
 
-        assert agent.history == [a.sha256]
-        m = agent.metrics
-        assert m["rejected_directives"] == 5 and m["failed_directives"] == 6
-        rep = observer.reported(dev)[-1]
-        assert rep.running is not None and rep.running.sha256 == a.sha256
-        assert rep.deployment_state == DS.FAILED and rep.deployment_error == "unsupported_target"
+    ref_b = artifacts.model_ref(b)
+    refused(sign_directive(fleet, "someone-else", 11, ref_b), DS.REJECTED, "wrong_device")
+    refused(sign_directive(fleet, dev, 9, ref_b), DS.REJECTED, "stale_sequence")
+    refused(sign_directive(fleet, dev, 12, ref_b, ttl=-5), DS.REJECTED, "expired")
+    refused(sign_directive(generate_keypair(), dev, 13, ref_b), DS.REJECTED, "unknown_key")
+    # tampered envelope: swap in another payload under the original signature
+    env = json.loads(sign_directive(fleet, dev, 14, ref_b))
+    forged = protocol.Directive.model_validate_json(base64.b64decode(env["payload"]))
+    forged = forged.model_copy(update={"seq": 99})
+    env["payload"] = base64.b64encode(forged.model_dump_json().encode()).decode()
+    refused(json.dumps(env).encode(), DS.REJECTED, "bad_signature")
 
-        # after all that, a valid directive still installs
-        observer.publish(dev, sign_directive(fleet, dev, 30, ref_b))
-        observer.wait_event(dev, DS.SERVING, seq=30)
-        assert agent.infer(X).model_sha256 == b.sha256
-    finally:
-        loop_thread.run(agent.stop())
+    # accepted directives whose install fails
+    good_bytes = artifacts.files[b.sha256]
+    artifacts.overrides[b.sha256] = bytes([good_bytes[0] ^ 0xFF]) + good_bytes[1:]
+    refused(sign_directive(fleet, dev, 20, ref_b), DS.FAILED, "digest_mismatch")
+    artifacts.overrides[b.sha256] = good_bytes + b"x" * 100
+    refused(sign_directive(fleet, dev, 21, ref_b), DS.FAILED, "length_mismatch")
+    del artifacts.overrides[b.sha256]
+    rogue = make_bundle(tmp_path / "b", generate_keypair(), seed=3, version="3")
+    artifacts.add(rogue)
+    refused(sign_directive(fleet, dev, 22, artifacts.model_ref(rogue)), DS.FAILED, "unknown_key")
+    jetson = make_bundle(tmp_path / "b", release, seed=4, version="4", hardware_ids=["jetson"])
+    artifacts.add(jetson)
+    refused(sign_directive(fleet, dev, 23, artifacts.model_ref(jetson)), DS.FAILED, "hardware_mismatch")
+    refused(
+        sign_directive(fleet, dev, 24, artifacts.model_ref(b, length=b.length + 1)),
+        DS.FAILED,
+        "directive_mismatch",
+    )
+    other_target = artifacts.model_ref(b, target="ethos-u55")
+    refused(sign_directive(fleet, dev, 25, other_target), DS.FAILED, "unsupported_target")
+
+    assert agent.history == [a.sha256]
+    m = agent.metrics
+    assert m["rejected_directives"] == 5 and m["failed_directives"] == 6
+    rep = observer.reported(dev)[-1]
+    assert rep.running is not None and rep.running.sha256 == a.sha256
+    assert rep.deployment_state == DS.FAILED and rep.deployment_error == "unsupported_target"
+
+    # after all that, a valid directive still installs
+    observer.publish(dev, sign_directive(fleet, dev, 30, ref_b))
+    observer.wait_event(dev, DS.SERVING, seq=30)
+    assert agent.infer(X).model_sha256 == b.sha256
 
 
 def test_malformed_payloads_are_counted_and_survived(
@@ -197,20 +193,16 @@ def test_malformed_payloads_are_counted_and_survived(
 
 
 def test_hot_swap_under_load(
-    broker_info: BrokerInfo,
     keydir: KeyDir,
-    tmp_path: Path,
     artifacts: ArtifactServer,
     observer: Observer,
-    loop_thread: LoopThread,
+    two_bundles: tuple[Bundle, Bundle],
+    running_agent: Callable[..., Agent],
 ) -> None:
     dev = unique_id()
-    fleet, release = keydir.key("fleet"), keydir.key("release")
-    a = make_bundle(tmp_path / "b", release, seed=1)
-    b = make_bundle(tmp_path / "b", release, seed=2, version="2")
-    artifacts.add(a)
-    artifacts.add(b)
-    agent = start_agent(loop_thread, new_agent(broker_info, keydir, tmp_path, dev))
+    fleet = keydir.key("fleet")
+    a, b = two_bundles
+    agent = running_agent(dev)
     refs = [artifacts.model_ref(a), artifacts.model_ref(b)]
     stop = threading.Event()
     results: list[list[InferenceResult]] = [[] for _ in range(3)]
@@ -249,7 +241,6 @@ def test_hot_swap_under_load(
         assert served[a.sha256] + served[b.sha256] == len(flat)
     finally:
         stop.set()
-        loop_thread.run(agent.stop())
 
 
 def test_restart_serves_the_installed_model(

@@ -153,3 +153,57 @@ def test_api_over_unix_socket(
     finally:
         loop_thread.run(agent.stop())
     assert not sock.exists()
+
+
+class _FakeInt8Interpreter:
+    """Just enough of a TFLite interpreter for a full-int8 model: identity on the int8 tensor."""
+
+    def __init__(self, in_q: tuple[float, int], out_q: tuple[float, int]) -> None:
+        self.in_q, self.out_q = in_q, out_q
+        self.tensor = np.zeros((1, 64), dtype=np.int8)
+
+    def get_input_details(self) -> list[dict[str, Any]]:
+        return [
+            {"index": 0, "name": "x", "shape": np.array([1, 64]), "dtype": np.int8, "quantization": self.in_q}
+        ]
+
+    def get_output_details(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "index": 1,
+                "name": "y",
+                "shape": np.array([1, 64]),
+                "dtype": np.int8,
+                "quantization": self.out_q,
+            }
+        ]
+
+    def set_tensor(self, index: int, value: np.ndarray) -> None:
+        assert index == 0 and value.dtype == np.int8
+        self.tensor = value.copy()
+
+    def invoke(self) -> None:
+        pass
+
+    def get_tensor(self, index: int) -> np.ndarray:
+        return self.tensor.copy()
+
+
+def test_int8_quantize_and_dequantize_match_the_reference_formula() -> None:
+    """The fast paths (float32 constants, clip ufunc, 256-entry table) compute what the textbook does."""
+    from device_agent.runtime import TfliteModel
+
+    in_q, out_q = (0.0281, 11), (0.191, -3)
+    model = TfliteModel(_FakeInt8Interpreter(in_q, out_q), "0" * 64, "fake")
+    assert model.input_dtype == np.float32
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32) * 3  # some values clip
+    x[0, :4] = [100.0, -100.0, 0.0, np.float32(0.5 * in_q[0])]
+    q_ref = np.clip(np.round(x / np.float32(in_q[0])) + in_q[1], -128, 127).astype(np.int8)
+    got_q = model._prepare(x)
+    assert got_q.dtype == np.int8 and np.abs(got_q.astype(int) - q_ref.astype(int)).max() <= 1  # ties
+    (out,) = model.run(x)
+    expected = (got_q.astype(np.float32) - np.float32(out_q[1])) * np.float32(out_q[0])
+    assert out.dtype == np.float32 and np.array_equal(out, expected)
+    # int8 inputs pass through untouched
+    raw = np.arange(-32, 32, dtype=np.int8).reshape(1, 64)
+    assert np.array_equal(model._prepare(raw), raw)

@@ -5,7 +5,9 @@ new, never none), finish the update, and report what is really true (running
 hash = active slot = what its local API answers with). ``EDGEFLEET_AGENT_STALL``
 holds the agent in a state long enough to kill it there; downloads are killed
 mid-stream (bandwidth cap) so the restart has a partial file to resume.
-Repeats per state: ``EDGEFLEET_POWER_LOSS_REPEATS`` (default 3).
+Repeats per state: ``EDGEFLEET_POWER_LOSS_REPEATS`` (default 3). The same runs in TUF
+mode (release metadata checked against a served TUF repository, trust state on disk)
+once per state (``EDGEFLEET_POWER_LOSS_TUF_REPEATS``, default 1).
 """
 
 from __future__ import annotations
@@ -26,11 +28,21 @@ from device_agent.local_api import unix_request
 from edgefleet.broker import BrokerInfo
 from signing.keyring import KeyDir
 
-from .harness import ArtifactServer, Observer, make_bundle, sign_directive, unique_id, wait_for
+from .harness import (
+    ArtifactServer,
+    Bundle,
+    Observer,
+    TufServer,
+    make_bundle,
+    sign_directive,
+    unique_id,
+    wait_for,
+)
 
 DS = protocol.DeploymentState
 REPO = Path(__file__).resolve().parents[2]
 REPEATS = int(os.environ.get("EDGEFLEET_POWER_LOSS_REPEATS", "3"))
+TUF_REPEATS = int(os.environ.get("EDGEFLEET_POWER_LOSS_TUF_REPEATS", "1"))
 STATES = ["downloading", "verifying", "installing", "warming", "swapping", "probation"]
 
 
@@ -71,21 +83,30 @@ def _stop(proc: subprocess.Popen[bytes], kill: bool = False) -> None:
     proc.wait(20)
 
 
-@pytest.mark.slow
-def test_kill_9_at_each_update_state_then_restart(
-    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, observer: Observer
+def _kill_at_each_state(
+    broker_info: BrokerInfo,
+    keydir: KeyDir,
+    tmp_path: Path,
+    artifacts: ArtifactServer,
+    observer: Observer,
+    old: Bundle,
+    new: Bundle,
+    repeats: int,
+    mode: dict[str, Any],
 ) -> None:
-    fleet, release = keydir.key("fleet"), keydir.key("release")
-    old = make_bundle(tmp_path, release, seed=1)
-    new = make_bundle(tmp_path, release, seed=2, version="2")
-    artifacts.add(old)
-    artifacts.add(new)
+    """Install ``old`` cleanly once, then per state and repeat: start the update to ``new``,
+    kill -9 the agent in that state, restart it, and check it serves and finishes the truth."""
+    fleet = keydir.key("fleet")
+
+    def ref(b: Bundle) -> protocol.ModelRef:
+        return artifacts.model_ref(b, release=int(b.version))
+
     # one device installs the old model cleanly; every trial starts from a copy of its disk
     template = tmp_path / "template"
     dev0 = unique_id()
-    proc = _spawn(_write_conf(tmp_path / "t.toml", dev0, template, keydir.trust_path, broker_info))
+    proc = _spawn(_write_conf(tmp_path / "t.toml", dev0, template, keydir.trust_path, broker_info, **mode))
     try:
-        observer.publish(dev0, sign_directive(fleet, dev0, 1, artifacts.model_ref(old)))
+        observer.publish(dev0, sign_directive(fleet, dev0, 1, ref(old)))
         observer.wait_event(dev0, DS.SERVING, seq=1, timeout=30)
     finally:
         _stop(proc)
@@ -93,20 +114,18 @@ def test_kill_9_at_each_update_state_then_restart(
     probation = protocol.Probation(seconds=0.2, min_inferences=5)
     outcomes: dict[str, list[str]] = {}
     for state in STATES:
-        for trial in range(REPEATS):
+        for trial in range(repeats):
             dev = unique_id(f"{state[:4]}{trial}")
             data = tmp_path / dev
             shutil.copytree(template, data)
-            extra: dict[str, Any] = {}
+            extra: dict[str, Any] = dict(mode)
             if state == "downloading":
                 extra["download_max_bytes_per_s"] = max(256, new.length // 4)
             conf = _write_conf(tmp_path / f"{dev}.toml", dev, data, keydir.trust_path, broker_info, **extra)
             stall = "" if state in ("downloading", "probation") else f"{state}:60"
             proc = _spawn(conf, stall=stall)
             try:
-                observer.publish(
-                    dev, sign_directive(fleet, dev, 2, artifacts.model_ref(new), probation=probation)
-                )
+                observer.publish(dev, sign_directive(fleet, dev, 2, ref(new), probation=probation))
                 observer.wait_event(dev, DS(state), seq=2, timeout=30)
                 if state == "downloading":
                     part = data / "slots" / "b" / f"{new.sha256}.part"
@@ -115,7 +134,9 @@ def test_kill_9_at_each_update_state_then_restart(
                 _stop(proc, kill=True)  # power loss
             state_json = json.loads((data / "state.json").read_text())  # never torn
             assert state_json["slots"][state_json["active"]] is not None
-            proc = _spawn(_write_conf(conf, dev, data, keydir.trust_path, broker_info), hz=50)
+            if mode:  # TUF mode: the trust state is never torn either
+                assert json.loads((data / "trust" / "state.json").read_text())["root_version"] >= 1
+            proc = _spawn(_write_conf(conf, dev, data, keydir.trust_path, broker_info, **mode), hz=50)
             try:
                 first = wait_for(lambda d=data: _api(d, "GET", "/v1/model"), timeout=30, what="api up")
                 assert first[0] == 200 and first[1]["model_sha256"] in (old.sha256, new.sha256), first
@@ -136,8 +157,40 @@ def test_kill_9_at_each_update_state_then_restart(
                 final = json.loads((data / "state.json").read_text())
                 assert final["slots"][final["active"]]["sha256"] == new.sha256
                 assert final["probation"] is None and final["deployment"]["state"] == "serving"
+                if mode:
+                    assert json.loads((data / "trust" / "state.json").read_text())["last_seq"] == 2
             finally:
                 _stop(proc)
     # after a kill mid-probation the new model was active and kept being watched
     assert set(outcomes["probation"]) == {"2"}
     assert set(outcomes["downloading"]) == {"1"}
+
+
+@pytest.mark.slow
+def test_kill_9_at_each_update_state_then_restart(
+    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, observer: Observer
+) -> None:
+    release = keydir.key("release")
+    old = make_bundle(tmp_path, release, seed=1)
+    new = make_bundle(tmp_path, release, seed=2, version="2")
+    artifacts.add(old)
+    artifacts.add(new)
+    _kill_at_each_state(broker_info, keydir, tmp_path, artifacts, observer, old, new, REPEATS, {})
+
+
+@pytest.mark.slow
+def test_kill_9_at_each_update_state_then_restart_tuf_mode(
+    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, observer: Observer
+) -> None:
+    release = keydir.key("release")
+    old = make_bundle(tmp_path, release, seed=1)
+    new = make_bundle(tmp_path, release, seed=2, version="2")
+    tuf = TufServer(tmp_path / "www", keydir)
+    try:
+        for b in (old, new):
+            artifacts.add(b)
+            tuf.release(b)
+        mode = {"tuf_root_path": str(keydir.tuf_root_path), "tuf_url": tuf.url}
+        _kill_at_each_state(broker_info, keydir, tmp_path, artifacts, observer, old, new, TUF_REPEATS, mode)
+    finally:
+        tuf.close()

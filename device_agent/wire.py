@@ -1,0 +1,527 @@
+"""The device's side of the wire contract, in the standard library only (no pydantic).
+
+:mod:`device_agent.protocol` is the one wire contract (topics + pydantic schemas)
+that the fleet server and the simulator validate with. This module holds the part
+of it that is not a schema (topics, channels, deployment states, histogram bounds:
+``protocol`` re-exports them from here, so they exist once) and a light codec for
+the messages a device handles:
+
+- it DECODES only the signed ``Directive`` (with ``ModelRef`` and ``Probation``),
+  validating every field the way the pydantic schema does (types, ranges, the
+  sha256 pattern), raising :class:`ProtocolError` on anything malformed;
+- it ENCODES ``Status``, ``Reported``, ``Event`` and ``TelemetryBatch`` as the same
+  JSON the pydantic models produce (field names, order, ``Z`` datetimes, enum values).
+
+Why: importing pydantic and declaring the protocol models costs the agent ~9 MB
+RSS before it handled a single message (issue 5's idle budget), and building their
+validators on first use a few MB more. ``tests/agent/test_wire.py`` checks that
+both sides agree: what this module encodes decodes with ``protocol``, and what
+``protocol`` encodes (or refuses) this module decodes (or refuses) alike.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+PREFIX = "ef/v1"
+DIRECTIVE_PAYLOAD_TYPE = "application/vnd.edgefleet.directive+json"
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_PAYLOAD = 1 << 20  # no legitimate message is larger; refuse before parsing
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Channel(StrEnum):
+    DESIRED = "desired"
+    REPORTED = "reported"
+    EVENTS = "events"
+    TELEMETRY = "telemetry"
+    STATUS = "status"
+
+
+class ProtocolError(ValueError):
+    """An inbound message is malformed. Count it, log it, drop it."""
+
+
+def topic(device_id: str, channel: Channel | str) -> str:
+    if not DEVICE_ID_RE.match(device_id):
+        raise ValueError(f"invalid device id {device_id!r}")
+    return f"{PREFIX}/{device_id}/{Channel(channel).value}"
+
+
+def shared_subscription(channel: Channel | str, group: str = "fleet") -> str:
+    """Topic filter for server replicas splitting one channel across the fleet."""
+    return f"$share/{group}/{PREFIX}/+/{Channel(channel).value}"
+
+
+def wildcard(channel: Channel | str) -> str:
+    return f"{PREFIX}/+/{Channel(channel).value}"
+
+
+def parse_topic(t: str) -> tuple[str, Channel]:
+    """Split ``ef/v1/{device}/{channel}``; ProtocolError if it is not one of ours."""
+    parts = t.split("/")
+    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != PREFIX or not DEVICE_ID_RE.match(parts[2]):
+        raise ProtocolError(f"not an edgefleet topic: {t!r}")
+    try:
+        return parts[2], Channel(parts[3])
+    except ValueError as exc:
+        raise ProtocolError(f"unknown channel in {t!r}") from exc
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class DeploymentState(StrEnum):
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    WARMING = "warming"
+    SWAPPING = "swapping"
+    PROBATION = "probation"  # swapped in, being watched; success not yet reported
+    SERVING = "serving"  # the directive's model answers requests (probation passed)
+    SHADOWING = "shadowing"  # a candidate runs beside the served model on sampled inputs
+    REVERTED = "reverted"  # probation failed; the agent went back to the previous slot by itself
+    FAILED = "failed"
+    REJECTED = "rejected"  # directive refused before any work (bad signature, old seq, ...)
+
+
+# Fixed log-spaced latency bucket upper bounds in microseconds (last bucket: +inf).
+LATENCY_BOUNDS_US: tuple[float, ...] = tuple(round(10 * 2 ** (i / 2), 1) for i in range(40))
+# Fixed value bins for input/output histograms (symmetric, log-spaced; last bucket: +inf).
+VALUE_BOUNDS: tuple[float, ...] = tuple(
+    sorted({-(10.0 ** (e / 4)) for e in range(-16, 17)} | {0.0} | {10.0 ** (e / 4) for e in range(-16, 17)})
+)
+INPUT_STAT_FEATURES = 256
+
+
+# -- decoding (the directive) ---------------------------------------------------------
+
+
+class _Fields:
+    """Typed reads from one JSON object; every miss is a ProtocolError naming the field."""
+
+    def __init__(self, what: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ProtocolError(f"malformed {what}: expected an object, got {type(data).__name__}")
+        self.what, self.data = what, data
+
+    def _fail(self, key: str, why: str) -> ProtocolError:
+        return ProtocolError(f"malformed {self.what}: {key}: {why}")
+
+    def _get(self, key: str, default: Any, required: bool) -> Any:
+        if key not in self.data:
+            if required:
+                raise self._fail(key, "field required")
+            return default
+        return self.data[key]
+
+    def text(self, key: str, *, default: str | None = None, required: bool = True) -> Any:
+        v = self._get(key, default, required)
+        if v is None and not required:
+            return None
+        if not isinstance(v, str):
+            raise self._fail(key, "expected a string")
+        return v
+
+    def integer(self, key: str, *, default: int = 0, required: bool = True, ge: int | None = None) -> int:
+        v = self._get(key, default, required)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self._fail(key, "expected an integer")
+        if ge is not None and v < ge:
+            raise self._fail(key, f"must be >= {ge}")
+        return v
+
+    def number(
+        self,
+        key: str,
+        *,
+        default: float = 0.0,
+        ge: float | None = None,
+        gt: float | None = None,
+        le: float | None = None,
+    ) -> float:
+        v = self._get(key, default, False)
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise self._fail(key, "expected a number")
+        v = float(v)
+        if v != v or v in (float("inf"), float("-inf")):
+            raise self._fail(key, "must be finite")
+        if (ge is not None and v < ge) or (gt is not None and v <= gt) or (le is not None and v > le):
+            raise self._fail(key, "out of range")
+        return v
+
+    def when(self, key: str, *, required: bool = True) -> Any:
+        v = self._get(key, None, required)
+        if v is None and not required:
+            return None
+        if not isinstance(v, str):
+            raise self._fail(key, "expected an ISO 8601 datetime string")
+        try:
+            dt = datetime.fromisoformat(v)
+        except ValueError as exc:
+            raise self._fail(key, f"not an ISO 8601 datetime ({exc})") from exc
+        return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)  # naive: the fleet speaks UTC
+
+    def obj(self, key: str) -> dict[str, Any] | None:
+        v = self._get(key, None, False)
+        if v is not None and not isinstance(v, dict):
+            raise self._fail(key, "expected an object or null")
+        return v
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """What a directive asks a device to run; the hash/length must agree with the signed bundle."""
+
+    name: str
+    version: str
+    release: int
+    target: str
+    sha256: str
+    length: int
+    model_url: str
+    envelope_url: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str = "ModelRef") -> ModelRef:
+        f = _Fields(what, data)
+        sha = f.text("sha256")
+        if not _SHA256_RE.match(sha):
+            raise ProtocolError(f"malformed {what}: sha256: not 64 lowercase hex digits")
+        length = f.integer("length")
+        if length <= 0:
+            raise ProtocolError(f"malformed {what}: length: must be > 0")
+        return cls(
+            name=f.text("name"),
+            version=f.text("version"),
+            release=f.integer("release"),
+            target=f.text("target"),
+            sha256=sha,
+            length=length,
+            model_url=f.text("model_url"),
+            envelope_url=f.text("envelope_url"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "release": self.release,
+            "target": self.target,
+            "sha256": self.sha256,
+            "length": self.length,
+            "model_url": self.model_url,
+            "envelope_url": self.envelope_url,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Probation:
+    """How the agent judges a freshly swapped-in model before it reports success (issue 5)."""
+
+    seconds: float = 0.0
+    min_inferences: int = 1
+    max_error_rate: float = 0.05
+    max_latency_ratio: float = 3.0
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Probation:
+        f = _Fields("Probation", data)
+        return cls(
+            seconds=f.number("seconds", default=0.0, ge=0.0),
+            min_inferences=f.integer("min_inferences", default=1, required=False, ge=0),
+            max_error_rate=f.number("max_error_rate", default=0.05, ge=0.0, le=1.0),
+            max_latency_ratio=f.number("max_latency_ratio", default=3.0, gt=0.0),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": self.seconds,
+            "min_inferences": self.min_inferences,
+            "max_error_rate": self.max_error_rate,
+            "max_latency_ratio": self.max_latency_ratio,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Directive:
+    """The desired state of one device. Signed by the fleet key; higher ``seq`` wins."""
+
+    device_id: str
+    seq: int
+    issued_at: datetime
+    expires_at: datetime
+    model: ModelRef | None  # None: run nothing new (keep current)
+    rollout_id: str | None = None
+    probation_inferences: int = 1
+    probation: Probation | None = None
+    shadow: ModelRef | None = None
+    shadow_sample_rate: float = 0.1
+    not_before: datetime | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Directive:
+        f = _Fields("Directive", data)
+        if "model" not in f.data:
+            raise ProtocolError("malformed Directive: model: field required")
+        model, shadow, probation = f.obj("model"), f.obj("shadow"), f.obj("probation")
+        return cls(
+            device_id=f.text("device_id"),
+            seq=f.integer("seq", ge=1),
+            issued_at=f.when("issued_at"),
+            expires_at=f.when("expires_at"),
+            model=ModelRef.from_dict(model, "Directive.model") if model is not None else None,
+            rollout_id=f.text("rollout_id", required=False),
+            probation_inferences=f.integer("probation_inferences", default=1, required=False, ge=0),
+            probation=Probation.from_dict(probation) if probation is not None else None,
+            shadow=ModelRef.from_dict(shadow, "Directive.shadow") if shadow is not None else None,
+            shadow_sample_rate=f.number("shadow_sample_rate", default=0.1, ge=0.0, le=1.0),
+            not_before=f.when("not_before", required=False),
+        )
+
+
+def decode_directive(payload: bytes) -> Directive:
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed Directive: invalid JSON ({exc})") from exc
+    return Directive.from_dict(data)
+
+
+# -- encoding (what the device sends) --------------------------------------------------
+
+
+def _ts(dt: datetime) -> str:
+    """pydantic's JSON form of an aware UTC datetime: ISO 8601 with ``Z``."""
+    s = dt.isoformat()
+    return s[:-6] + "Z" if s.endswith("+00:00") else s
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    device_id: str
+    state: str  # "online" | "offline"
+    ts: datetime = field(default_factory=utcnow)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device_id": self.device_id, "state": self.state, "ts": _ts(self.ts)}
+
+
+@dataclass(frozen=True, slots=True)
+class RunningModel:
+    name: str
+    version: str
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    seq: int
+    reason: str
+    detail: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass(frozen=True, slots=True)
+class Reported:
+    """Retained snapshot of a device; the server treats the latest as the truth."""
+
+    device_id: str
+    agent_version: str
+    hardware_id: str
+    running: RunningModel | None = None
+    slots: dict[str, str | None] = field(default_factory=dict)
+    active_slot: str | None = None
+    deployment_seq: int = 0
+    deployment_state: DeploymentState = DeploymentState.IDLE
+    deployment_error: str | None = None
+    served_ok: dict[str, int] = field(default_factory=dict)
+    served_errors: dict[str, int] = field(default_factory=dict)
+    shadow_sha256: str | None = None
+    last_rejection: Rejection | None = None
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    ts: datetime = field(default_factory=utcnow)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "agent_version": self.agent_version,
+            "hardware_id": self.hardware_id,
+            "running": self.running.to_dict() if self.running else None,
+            "slots": dict(self.slots),
+            "active_slot": self.active_slot,
+            "deployment_seq": self.deployment_seq,
+            "deployment_state": DeploymentState(self.deployment_state).value,
+            "deployment_error": self.deployment_error,
+            "served_ok": dict(self.served_ok),
+            "served_errors": dict(self.served_errors),
+            "shadow_sha256": self.shadow_sha256,
+            "last_rejection": self.last_rejection.to_dict() if self.last_rejection else None,
+            "capabilities": self.capabilities,
+            "ts": _ts(self.ts),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A deployment state transition with its reason (not retained)."""
+
+    device_id: str
+    seq: int
+    state: DeploymentState
+    reason: str | None = None
+    detail: str | None = None
+    model_sha256: str | None = None
+    ts: datetime = field(default_factory=utcnow)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "seq": self.seq,
+            "state": DeploymentState(self.state).value,
+            "reason": self.reason,
+            "detail": self.detail,
+            "model_sha256": self.model_sha256,
+            "ts": _ts(self.ts),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    """Inference statistics for one model hash within one batch window (see ``protocol.ModelStats``)."""
+
+    inferences: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    latency_buckets: list[int] = field(default_factory=list)
+    latency_sum_us: float = 0.0
+    class_hist: dict[str, int] = field(default_factory=dict)
+    input_count: int = 0
+    input_mean: list[float] = field(default_factory=list)
+    input_m2: list[float] = field(default_factory=list)
+    input_hist: list[int] = field(default_factory=list)
+    output_hist: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inferences": self.inferences,
+            "errors": self.errors,
+            "latency_buckets": self.latency_buckets,
+            "latency_sum_us": float(self.latency_sum_us),
+            "class_hist": self.class_hist,
+            "input_count": self.input_count,
+            "input_mean": self.input_mean,
+            "input_m2": self.input_m2,
+            "input_hist": self.input_hist,
+            "output_hist": self.output_hist,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowStats:
+    """A shadowed candidate compared with the served model on the same sampled inputs."""
+
+    samples: int = 0
+    top1_agree: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    latency_buckets: list[int] = field(default_factory=list)
+    latency_sum_us: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "top1_agree": self.top1_agree,
+            "errors": self.errors,
+            "latency_buckets": self.latency_buckets,
+            "latency_sum_us": float(self.latency_sum_us),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryBatch:
+    device_id: str
+    batch_id: str
+    window_start: datetime
+    window_end: datetime
+    models: dict[str, ModelStats]
+    shadow: dict[str, ShadowStats] = field(default_factory=dict)
+    dropped_batches: int = 0
+
+    def with_dropped(self, dropped: int) -> TelemetryBatch:
+        return replace(self, dropped_batches=dropped)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "batch_id": self.batch_id,
+            "window_start": _ts(self.window_start),
+            "window_end": _ts(self.window_end),
+            "models": {k: v.to_dict() for k, v in self.models.items()},
+            "shadow": {k: v.to_dict() for k, v in self.shadow.items()},
+            "dropped_batches": self.dropped_batches,
+        }
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode(msg: Status | Reported | Event | TelemetryBatch) -> bytes:
+    return _json(msg.to_dict())
+
+
+def encode_telemetry(batch: TelemetryBatch) -> bytes:
+    return zlib.compress(_json(batch.to_dict()), 6)
+
+
+__all__ = [
+    "DEVICE_ID_RE",
+    "DIRECTIVE_PAYLOAD_TYPE",
+    "INPUT_STAT_FEATURES",
+    "LATENCY_BOUNDS_US",
+    "MAX_PAYLOAD",
+    "PREFIX",
+    "VALUE_BOUNDS",
+    "Channel",
+    "DeploymentState",
+    "Directive",
+    "Event",
+    "ModelRef",
+    "ModelStats",
+    "Probation",
+    "ProtocolError",
+    "Rejection",
+    "Reported",
+    "RunningModel",
+    "ShadowStats",
+    "Status",
+    "TelemetryBatch",
+    "decode_directive",
+    "encode",
+    "encode_telemetry",
+    "parse_topic",
+    "shared_subscription",
+    "topic",
+    "utcnow",
+    "wildcard",
+]
