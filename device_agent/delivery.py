@@ -13,21 +13,14 @@ Every refusal is a ``signing.errors.TrustError`` whose ``code`` the agent
 reports as the Event reason.
 
 Expiry is judged against the DEVICE's wall clock (``now``, the agent's injectable
-clock), like every other date the agent checks. python-tuf 7 has no public
-parameter for that: its ``Updater`` fixes the update's reference time (TUF spec
-5.1, "fixed update start time") in ``TrustedMetadataSet.reference_time`` when it
-is built, and reads it for every expiry check of that refresh. :func:`_at_time`
-sets that attribute on a fresh Updater before ``refresh()``; should a later
-python-tuf move it, the check falls back to python-tuf's own ``now`` and logs it
-once (the host clock, which is the device clock outside the simulator).
+clock), like every other date the agent checks: ``signing.tuf_client.new_updater``
+takes it as the update's fixed reference time (TUF spec 5.1).
 """
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from tuf.api.metadata import Metadata, Root
@@ -37,26 +30,8 @@ from device_agent.trust_state import TrustStore
 from signing.agreement import check_agreement, check_floor, merge_floors
 from signing.errors import DeliveryError, DeliveryUnavailable
 from signing.targets import VerifiedTarget
-from signing.tuf_client import _verified, new_updater, trusted_root_bytes, tuf_errors
+from signing.tuf_client import new_updater, trusted_root_bytes, tuf_errors, verified_target
 from signing.tuf_release import target_name
-
-log = logging.getLogger(__name__)
-_warned = False
-
-
-def _at_time(updater: Any, now: datetime | None) -> Any:
-    """Make ``updater`` judge expiry at ``now`` (the device clock) instead of the host's."""
-    global _warned
-    if now is None:
-        return updater
-    trusted = getattr(updater, "_trusted_set", None)
-    if trusted is not None and hasattr(trusted, "reference_time"):
-        trusted.reference_time = now
-    elif not _warned:
-        _warned = True
-        log.warning("this python-tuf has no reference_time: TUF expiry uses the host clock")
-    return updater
-
 
 ARTIFACTS_PATH = "/api/v1/artifacts/"
 TUF_PATH = "/tuf"
@@ -98,8 +73,8 @@ def verify_release(
     never forgotten. Blocking (HTTP + signature checks): call it in a thread.
     ``now``: the device's wall clock for the expiry checks (None: the host clock).
     """
-    updater = new_updater(store.state.root, store.cache_dir, _metadata_url(base_url))
-    _, target = _verified(_at_time(updater, now), store.cache_dir, target_name(ref.name, ref.version))
+    updater = new_updater(store.state.root, store.cache_dir, _metadata_url(base_url), reference_time=now)
+    target = verified_target(updater, store.cache_dir, target_name(ref.name, ref.version))
     new_root = None
     if target.root_version > store.state.root_version:
         new_root = trusted_root_bytes(store.cache_dir, target.root_version)
@@ -123,7 +98,7 @@ def refresh_root(store: TrustStore, base_url: str, now: datetime | None = None) 
     before = store.state.root_version
     failure: DeliveryError | None = None
     try:
-        updater = _at_time(new_updater(store.state.root, store.cache_dir, _metadata_url(base_url)), now)
+        updater = new_updater(store.state.root, store.cache_dir, _metadata_url(base_url), reference_time=now)
         with tuf_errors():
             updater.refresh()
     except DeliveryError as exc:

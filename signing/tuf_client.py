@@ -20,7 +20,9 @@ What this module adds:
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_exc
@@ -40,6 +42,8 @@ from signing.errors import (
     TargetNotFound,
 )
 from signing.targets import FLOORS_TARGET, TargetCustom, VerifiedTarget, parse_floors
+
+log = logging.getLogger(__name__)
 
 
 def translate(exc: Exception) -> DeliveryError:
@@ -82,12 +86,21 @@ def new_updater(
     *,
     fetcher: FetcherInterface | None = None,
     config: UpdaterConfig | None = None,
+    reference_time: datetime | None = None,
 ) -> Updater:
-    """A fresh Updater anchored on ``trusted_root`` (bytes), caching metadata in ``cache_dir``."""
+    """A fresh Updater anchored on ``trusted_root`` (bytes), caching metadata in ``cache_dir``.
+
+    ``reference_time``: judge every expiry of this update at that instant instead of the
+    host clock (a device whose own clock is the one that counts, or a simulated skew).
+    python-tuf 7 fixes the update start time (TUF spec 5.1) in
+    ``TrustedMetadataSet.reference_time`` when the Updater is built and has no public
+    parameter for it, so it is set here, in one place; should a later python-tuf move
+    it, expiry falls back to the host clock and that is logged once.
+    """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tuf_errors():
-        return Updater(
+        updater = Updater(
             metadata_dir=str(cache_dir),
             metadata_base_url=metadata_url,
             target_base_url=targets_url,
@@ -95,6 +108,27 @@ def new_updater(
             config=config,
             bootstrap=trusted_root,
         )
+    if reference_time is not None:
+        _set_reference_time(updater, reference_time)
+    return updater
+
+
+_warned_no_reference_time = False
+
+
+def _set_reference_time(updater: Updater, when: datetime) -> None:
+    global _warned_no_reference_time
+    trusted = getattr(updater, "_trusted_set", None)
+    if trusted is not None and hasattr(trusted, "reference_time"):
+        trusted.reference_time = when
+    elif not _warned_no_reference_time:
+        _warned_no_reference_time = True
+        log.warning("this python-tuf has no reference_time: TUF expiry uses the host clock")
+
+
+def verified_target(updater: Updater, cache_dir: Path, name: str) -> VerifiedTarget:
+    """Refresh ``updater`` and return what its metadata says about target ``name``."""
+    return _verified(updater, cache_dir, name)[1]
 
 
 def _verified(updater: Updater, cache_dir: Path, name: str) -> tuple[TargetFile, VerifiedTarget]:
@@ -134,13 +168,16 @@ def check_target(
     metadata_url: str,
     fetcher: FetcherInterface | None = None,
     config: UpdaterConfig | None = None,
+    reference_time: datetime | None = None,
 ) -> VerifiedTarget:
     """Refresh metadata and return the verified target info without downloading it.
 
     For an agent that streams the bytes itself (resumable, hashing while it
     writes into a slot) and checks them against ``length``/``sha256``.
     """
-    updater = new_updater(trusted_root, cache_dir, metadata_url, fetcher=fetcher, config=config)
+    updater = new_updater(
+        trusted_root, cache_dir, metadata_url, fetcher=fetcher, config=config, reference_time=reference_time
+    )
     return _verified(updater, cache_dir, name)[1]
 
 
