@@ -14,20 +14,28 @@ through :class:`simulator.runner.Harness`.
   server then answers downloads too slowly for the agents' timeouts, which
   measures the simulator, not the product. ``"thread"`` keeps it in-process.
 - A server restart terminates the server and starts a new one on the same port
-  and database; a broker restart terminates Mosquitto (it saves its database on
-  SIGTERM) and starts it again on the same port.
+  and database; the new process is spawned and has imported the server *before*
+  the old one stops, so the server is away for ``down_seconds`` plus its
+  startup (~0.5 s), not plus the ~2-4 s of Python imports on a loaded machine.
+  A broker restart terminates Mosquitto (it saves its database on SIGTERM) and
+  starts it again on the same port.
+- ``model_cache``: a directory where the keys, the signed bundles and the sample
+  inputs of the scenario's models are kept after the first build; later runs
+  with the same models skip the compiler (and its memory) entirely.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -41,6 +49,8 @@ from device_agent.config import BrokerInfo
 from simulator.netem import HttpFaultProxy, NetworkThread
 from simulator.runner import RunResult, ScenarioRun
 from simulator.scenario import Scenario, load_scenario
+
+log = logging.getLogger(__name__)
 
 # Concurrent requests the artifact proxy lets through to the server, as an nginx in front of
 # it would. Unbounded, ~50+ simultaneous downloads stall the server until every one times out
@@ -64,6 +74,7 @@ class SimHarness:
         workdir: Path,
         database_url: str | None = None,
         server_mode: str = "process",
+        model_cache: Path | None = None,
     ) -> None:
         if server_mode not in ("process", "thread"):
             raise ValueError(f"server_mode must be 'process' or 'thread', got {server_mode!r}")
@@ -71,6 +82,7 @@ class SimHarness:
         self.scenario = scenario
         self.workdir = Path(workdir)
         self.database_url = database_url
+        self.model_cache = Path(model_cache) if model_cache else None
         self.model_shas: dict[str, str] = {}
         self.model_refs: dict[str, str] = {}
         self.sample_inputs: np.ndarray | None = None
@@ -92,19 +104,25 @@ class SimHarness:
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> SimHarness:
+        """Build the models, start broker, artifact proxy and server, push the models. On any
+        failure, what was started is stopped again (a leaked broker would outlive the run)."""
         from edgefleet.broker import free_port
 
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._build_models()
-        self._broker_handle = self._start_broker(None)
-        self.broker = self._broker_handle.info
-        self._server_port = free_port()
-        self.artifact_proxy = HttpFaultProxy(
-            "127.0.0.1", self._server_port, seed=self.scenario.seed, max_upstream=ARTIFACT_CONCURRENCY
-        )
-        self.net.run(self.artifact_proxy.start())
-        self._start_server()
-        self._push_models()
+        try:
+            self._build_models()
+            self._broker_handle = self._start_broker(None)
+            self.broker = self._broker_handle.info
+            self._server_port = free_port()
+            self.artifact_proxy = HttpFaultProxy(
+                "127.0.0.1", self._server_port, seed=self.scenario.seed, max_upstream=ARTIFACT_CONCURRENCY
+            )
+            self.net.run(self.artifact_proxy.start())
+            self._start_server()
+            self._push_models()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def close(self) -> None:
@@ -128,8 +146,49 @@ class SimHarness:
 
     # -- models -----------------------------------------------------------------
 
+    def _cache_key(self) -> dict[str, Any]:
+        return {
+            "models": {k: v.model_dump() for k, v in sorted(self.scenario.models.items())},
+            "hardware": sorted({c.hw_id for c in self.scenario.fleet.classes}),
+        }
+
+    def _load_cached_models(self) -> bool:
+        """Take keys, bundles and samples from ``model_cache`` if it holds this scenario's models."""
+        cache = self.model_cache
+        if cache is None or not (cache / "models.json").exists():
+            return False
+        index = json.loads((cache / "models.json").read_text())
+        if index.get("key") != self._cache_key():
+            return False
+        keys = self.workdir / "keys"
+        if not keys.exists():
+            shutil.copytree(cache / "keys", keys)
+        for key, entry in index["models"].items():
+            self._bundles[key] = cache / "bundles" / key
+            self.model_shas[key] = entry["sha256"]
+            self.model_refs[key] = entry["ref"]
+        self.sample_inputs = np.load(cache / "samples.npy")
+        return True
+
+    def _save_models(self) -> None:
+        cache = self.model_cache
+        if cache is None:
+            return
+        if cache.exists():
+            shutil.rmtree(cache)
+        cache.mkdir(parents=True)
+        shutil.copytree(self.workdir / "keys", cache / "keys")
+        for key, bundle in self._bundles.items():
+            shutil.copytree(bundle, cache / "bundles" / key)
+        assert self.sample_inputs is not None
+        np.save(cache / "samples.npy", self.sample_inputs)
+        models = {k: {"sha256": self.model_shas[k], "ref": self.model_refs[k]} for k in self._bundles}
+        (cache / "models.json").write_text(json.dumps({"key": self._cache_key(), "models": models}))
+
     def _build_models(self) -> None:
         """Train the digits classifier once, then compile and sign every model the scenario names."""
+        if self._load_cached_models():
+            return
         from compiler.examples import make_nan_model, train_digits
         from compiler.pipeline import compile_model
         from signing.keyring import KeyDir, init_keys
@@ -168,6 +227,7 @@ class SimHarness:
             self._bundles[key] = out.bundle_dir
             self.model_shas[key] = out.manifest.model_file.sha256
             self.model_refs[key] = f"{spec.name}:{spec.version}"
+        self._save_models()
 
     def _push_models(self) -> None:
         from edgefleet.client import ApiClient
@@ -190,16 +250,18 @@ class SimHarness:
             )
         return start_mosquitto(port=port, workdir=self.workdir / "broker", persistence=True)
 
-    def restart_broker(self, down_seconds: float) -> None:
+    def restart_broker(self, down_seconds: float) -> float:
+        """Stop Mosquitto, wait ``down_seconds``, start it on the same port; return how long it was away."""
         port = self.broker.port
+        t0 = time.monotonic()
         self._broker_handle.stop()
         time.sleep(down_seconds)
         self._broker_handle = self._start_broker(port)
+        return time.monotonic() - t0
 
     # -- server -------------------------------------------------------------------
 
-    def _start_server(self) -> None:
-        from fleet_server.runner import ServerThread
+    def _server_settings(self) -> Any:
         from fleet_server.settings import ServerSettings
 
         if self._settings is None:
@@ -221,24 +283,72 @@ class SimHarness:
                 admin_token=self.admin_token,
                 auth_required=True,
             )
-        if self.server_mode == "thread":
-            self._server = ServerThread(self._settings, host="127.0.0.1", port=self._server_port).start()
-            self.server_url = self._server.url
-        else:
-            self._server = ServerProcess(
-                self._settings, self._server_port, self.workdir / "server.log"
-            ).start()
-            self.server_url = self._server.url
+        return self._settings
 
-    def restart_server(self, down_seconds: float) -> None:
-        self._server.stop()
-        self._server = None
-        time.sleep(down_seconds)
-        self._start_server()
+    def _start_server(self) -> None:
+        settings = self._server_settings()
+        if self.server_mode == "thread":
+            from fleet_server.runner import ServerThread  # in this process: the server's imports too
+
+            self._server = ServerThread(settings, host="127.0.0.1", port=self._server_port).start()
+        else:
+            self._server = ServerProcess(settings, self._server_port, self.workdir / "server.log").start()
+        self.server_url = self._server.url
+
+    def restart_server(self, down_seconds: float) -> float:
+        """Stop the server, wait ``down_seconds``, start it again; return how long it was away."""
+        if self.server_mode == "thread":
+            t0 = time.monotonic()
+            self._server.stop()
+            self._server = None
+            time.sleep(down_seconds)
+            self._start_server()
+            return time.monotonic() - t0
+        nxt = ServerProcess(self._server_settings(), self._server_port, self.workdir / "server.log")
+        nxt.spawn()  # imports while the old server still serves
+        try:
+            nxt.wait_imported()
+            t0 = time.monotonic()
+            self._server.stop()
+            self._server = None
+            t_stopped = time.monotonic()
+            time.sleep(down_seconds)
+            t_go = time.monotonic()
+            self._server = nxt.start()
+        except BaseException:
+            nxt.stop()
+            raise
+        t_back = time.monotonic()
+        log.info(
+            "server restart: stopping took %.1f s, down %.1f s, starting took %.1f s",
+            t_stopped - t0,
+            t_go - t_stopped,
+            t_back - t_go,
+        )
+        return t_back - t0
+
+
+# The server child imports everything and builds the app (schema check, keys, TUF metadata; MQTT
+# and the ticker start later, with the lifespan), says so on stdout, then waits for a line on
+# stdin to bind its port and serve.
+_SERVER_CODE = """
+import sys
+import uvicorn
+from fleet_server.app import create_app
+app = create_app()
+print("imported", flush=True)
+if not sys.stdin.readline():
+    sys.exit(0)  # stopped before it was told to serve
+uvicorn.run(app, host="127.0.0.1", port={port}, log_level="info")
+"""
 
 
 class ServerProcess:
-    """``fleet_server.runner.main`` in a child process, configured through ``EDGEFLEET_*`` variables."""
+    """``fleet_server.runner.main`` in a child process, configured through ``EDGEFLEET_*`` variables.
+
+    :meth:`spawn` starts the interpreter and its imports; :meth:`start` (which spawns first if
+    needed) lets it bind the port and waits for ``/healthz``. A restart spawns the next
+    process while the old one still serves (see ``SimHarness.restart_server``)."""
 
     def __init__(self, settings: Any, port: int, log_path: Path) -> None:
         self.settings = settings
@@ -246,19 +356,58 @@ class ServerProcess:
         self.log_path = log_path
         self.url = f"http://127.0.0.1:{port}"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._imported = False
 
-    def start(self, timeout: float = 30.0) -> ServerProcess:
-        import httpx
-
+    def spawn(self) -> ServerProcess:
         env = dict(os.environ)
         for key, value in self.settings.model_dump().items():
             if value is not None:
                 text = json.dumps(value) if isinstance(value, dict | list) else str(value)
                 env[f"EDGEFLEET_{key.upper()}"] = text
-        code = f"from fleet_server.runner import main; main(None, '127.0.0.1', {self.port})"
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self._proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=log)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVER_CODE.format(port=self.port)],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
         log.close()
+        return self
+
+    def wait_imported(self, timeout: float = 60.0) -> None:
+        """Block until the child has imported the server (it prints ``imported``)."""
+        import select
+
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None
+        if self._imported:
+            return
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline() if ready else b""
+        if line.strip() != b"imported":
+            self.stop()
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the fleet server did not start (import failed?):\n{tail}")
+        self._imported = True
+        # from now on its output goes to the log like stderr does
+        threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True).start()
+
+    def _pump(self, stream: Any) -> None:
+        with open(self.log_path, "ab") as log:
+            for line in stream:
+                log.write(line)
+                log.flush()
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        import httpx
+
+        if self._proc is None:
+            self.spawn()
+        assert self._proc is not None and self._proc.stdin is not None
+        self.wait_imported()
+        self._proc.stdin.write(b"go\n")
+        self._proc.stdin.flush()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -275,6 +424,9 @@ class ServerProcess:
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
+        with contextlib.suppress(OSError):
+            if proc.stdin is not None:
+                proc.stdin.close()
         proc.terminate()
         try:
             proc.wait(15)
@@ -325,17 +477,24 @@ def run_scenario(
     database_url: str | None = None,
     keep_workdir: bool = True,
     server_mode: str = "process",
+    processes: int | None = None,
+    model_cache: Path | None = None,
 ) -> RunOutcome:
-    """Load, run and report one scenario file. Raises ``ScenarioError`` on a bad file (nothing started)."""
+    """Load, run and report one scenario file. Raises ``ScenarioError`` on a bad file (nothing started).
+
+    ``processes``: split the fleet over that many worker processes (default: the file's
+    ``fleet.processes``, else 1)."""
     scenario = load_scenario(path, small=small)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"ef-sim-{scenario.name}-"))
     from simulator.report import write_report
 
     with (
-        SimHarness(scenario, work, database_url=database_url, server_mode=server_mode) as harness,
+        SimHarness(
+            scenario, work, database_url=database_url, server_mode=server_mode, model_cache=model_cache
+        ) as harness,
         device_root(work) as devices,
     ):
-        run = ScenarioRun(scenario, harness, work, device_root=devices)
+        run = ScenarioRun(scenario, harness, work, device_root=devices, processes=processes)
         result = run.execute()
     report = write_report(result, run.timeline, Path(report_dir) if report_dir else work / "report")
     if not keep_workdir and result.ok:

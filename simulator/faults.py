@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,4 +93,21 @@ class ClassRuntime:
         return cached
 
 
-__all__ = ["ClassRuntime", "NaNModel", "SlowModel"]
+@dataclass(frozen=True)
+class ClassBehaviour:
+    """What a :class:`ClassRuntime` does, as plain data (a worker process builds its own runtime)."""
+
+    failing_shas: frozenset[str] = frozenset()
+    infer_delay_s: float = 0.0
+    load_delay_s: float = 0.0
+
+    def runtime(self, shared: RuntimeFactory) -> ClassRuntime:
+        return ClassRuntime(
+            shared,
+            failing_shas=self.failing_shas,
+            infer_delay_s=self.infer_delay_s,
+            load_delay_s=self.load_delay_s,
+        )
+
+
+__all__ = ["ClassBehaviour", "ClassRuntime", "NaNModel", "SlowModel"]

@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import threading
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from device_agent.agent import Agent, NoModelError
 from device_agent.config import AgentConfig, BrokerInfo
 from device_agent.runtime import RuntimeFactory, SharedRuntimeFactory
 from signing.trust import TrustRoot
+from simulator.memory import peak_rss_bytes, rss_bytes
 
 CONNECT_BATCH = 100
 _T = TypeVar("_T")
@@ -51,6 +53,29 @@ class DeviceSpec:
     mqtt_port: int | None = None
     start_online: bool = True
     slow_inference: bool = False  # run the workload's inferences off the loop (the model sleeps)
+    clock_skew_s: float = 0.0  # the device's clock runs this far ahead (+) or behind (-) of true time
+
+
+class DeviceStatus(NamedTuple):
+    """What a scenario polls: ``state`` is ``down``, ``disconnected`` or the agent's deployment state."""
+
+    state: str
+    running: str | None  # sha256 of the model served now (None when down)
+
+
+@dataclass
+class FleetTotals:
+    """A fleet's counters (reboots included) and its process's memory, read after ``stop()``."""
+
+    device_metrics: dict[str, dict[str, int]]  # device -> agent counters summed over its reboots
+    lifecycle: dict[str, int]
+    model_loads: int
+    workload_errors: int
+    max_loop_lag: float
+    processes: list[dict[str, Any]]  # per process: pid, devices, rss_mb, peak_rss_mb, rss_per_device_kb
+
+    def metric_total(self, key: str) -> int:
+        return sum(m.get(key, 0) for m in self.device_metrics.values())
 
 
 class Fleet:
@@ -101,12 +126,15 @@ class Fleet:
         self._thread: threading.Thread | None = None
         self._workloads: list[asyncio.Task[None]] = []
         self.max_loop_lag = 0.0  # s: how late the shared loop ran a 0.1 s timer (simulator overload)
+        self.rss_at_start = 0  # bytes, when start() was called (the fleet's growth is measured from here)
+        self.rss_at_stop = 0  # bytes, when stop() was called (every agent still up)
 
     # -- lifecycle (caller's thread) ---------------------------------------
 
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("fleet already started")
+        self.rss_at_start = rss_bytes()
         loop = asyncio.new_event_loop()
         self._loop = loop
         self._thread = threading.Thread(target=loop.run_forever, name="edgefleet-sim", daemon=True)
@@ -121,6 +149,7 @@ class Fleet:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
+        self.rss_at_stop = rss_bytes()
         if loop.is_running():
             with contextlib.suppress(Exception):
                 self.run(self._stop_all(), timeout=timeout)
@@ -147,13 +176,17 @@ class Fleet:
 
     # -- device faults (caller's thread) -------------------------------------
 
-    def crash(self, device_id: str) -> None:
-        """Pull the plug: cancel the agent's work where it stands and drop its socket without DISCONNECT."""
-        self.run(self._crash(device_id), timeout=10)
+    def crash(self, device_id: str, only_in_state: str | None = None) -> bool:
+        """Pull the plug: cancel the agent's work where it stands and drop its socket without DISCONNECT.
 
-    def power_off(self, device_id: str) -> None:
-        """Clean shutdown (last telemetry sent, ``offline`` published)."""
-        self.run(self._power_off(device_id), timeout=15)
+        ``only_in_state``: only if the agent is in that deployment state at that instant (checked on
+        the fleet's loop, so the state cannot change in between). Returns whether it crashed.
+        """
+        return self.run(self._crash(device_id, only_in_state), timeout=10)
+
+    def power_off(self, device_id: str, only_in_state: str | None = None) -> bool:
+        """Clean shutdown (last telemetry sent, ``offline`` published); ``only_in_state`` as for crash."""
+        return self.run(self._power_off(device_id, only_in_state), timeout=15)
 
     def power_on(self, device_id: str, wait: bool = False) -> None:
         """Boot a new Agent on the device's data dir (restores from its slots, like a reboot)."""
@@ -174,13 +207,50 @@ class Fleet:
             out.update(agent.metrics)
         return out
 
+    def status(self, devices: list[str] | None = None) -> dict[str, DeviceStatus]:
+        """Each device's state now (cheap: what a scenario polls while it waits)."""
+        out: dict[str, DeviceStatus] = {}
+        agents = self.agents
+        for device_id in devices if devices is not None else list(agents):
+            agent = agents.get(device_id)
+            if agent is None or device_id in self.down:
+                out[device_id] = DeviceStatus("down", None)
+            elif agent.link is None or not agent.link.connected:
+                out[device_id] = DeviceStatus("disconnected", agent.running_sha256)
+            else:
+                out[device_id] = DeviceStatus(str(agent.deployment_state), agent.running_sha256)
+        return out
+
+    def totals(self) -> FleetTotals:
+        """Counters of every device over its reboots, and this process's memory figures."""
+        n = max(1, len(self.specs))
+        rss_end = self.rss_at_stop or rss_bytes()
+        return FleetTotals(
+            device_metrics={d: dict(self.device_metrics(d)) for d in self.by_id},
+            lifecycle=dict(self.lifecycle),
+            model_loads=int(getattr(self.runtime, "loads", 0)),
+            workload_errors=self.workload_errors,
+            max_loop_lag=self.max_loop_lag,
+            processes=[
+                {
+                    "pid": os.getpid(),
+                    "devices": len(self.specs),
+                    "rss_mb": round(rss_end / 2**20, 1),
+                    "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
+                    "rss_per_device_kb": round((rss_end - self.rss_at_start) / n / 1024, 1),
+                    "max_loop_lag_s": round(self.max_loop_lag, 2),
+                }
+            ],
+        )
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per device: running sha, deployment state/error, swap history, inference counts."""
         out: dict[str, dict[str, Any]] = {}
         for device_id, agent in list(self.agents.items()):
             served = agent.served_ok
-            metrics = agent.metrics
             up = device_id not in self.down
+            # a crashed agent's store is closed: its counters were retired at the crash
+            metrics = agent.metrics if up else self._retired_metrics.get(device_id, Counter())
             out[device_id] = {
                 "running": agent.running_sha256 if up else None,
                 "state": str(agent.deployment_state) if up else "down",
@@ -214,6 +284,10 @@ class Fleet:
             tuf_root_path=self.tuf_root_path,
         )
         runtime = self.class_runtimes.get(spec.hw_class, self.runtime)
+        if spec.clock_skew_s:
+            from device_agent.clock import SkewedClock  # the agent's injectable wall clock
+
+            return Agent(config, self._trust, runtime_factory=runtime, clock=SkewedClock(spec.clock_skew_s))
         return Agent(config, self._trust, runtime_factory=runtime)
 
     async def _start_all(self) -> None:
@@ -250,23 +324,30 @@ class Fleet:
         self.ever_ran.setdefault(device_id, set()).update(agent.history)
         self._retired_metrics.setdefault(device_id, Counter()).update(agent.metrics)
 
-    async def _crash(self, device_id: str) -> None:
+    def _can_take_down(self, device_id: str, only_in_state: str | None) -> bool:
         if device_id in self.down:
-            return
+            return False
+        return only_in_state is None or str(self.agents[device_id].deployment_state) == only_in_state
+
+    async def _crash(self, device_id: str, only_in_state: str | None = None) -> bool:
+        if not self._can_take_down(device_id, only_in_state):
+            return False
         agent = self.agents[device_id]
         self.down.add(device_id)
         self.lifecycle["crashes"] += 1
+        self._retire(device_id, agent)  # its counters as they stand: a power cut sends nothing more
         await _pull_the_plug(agent)
-        self._retire(device_id, agent)
+        return True
 
-    async def _power_off(self, device_id: str) -> None:
-        if device_id in self.down:
-            return
+    async def _power_off(self, device_id: str, only_in_state: str | None = None) -> bool:
+        if not self._can_take_down(device_id, only_in_state):
+            return False
         agent = self.agents[device_id]
         self.down.add(device_id)
         self.lifecycle["power_offs"] += 1
         await agent.stop()
         self._retire(device_id, agent)
+        return True
 
     async def _power_on(self, device_id: str, wait: bool) -> None:
         if device_id not in self.down:
@@ -317,25 +398,6 @@ class Fleet:
 
 
 async def _pull_the_plug(agent: Agent) -> None:
-    """Stop an agent the way power loss does: no clean shutdown, no DISCONNECT, nothing flushed.
-
-    Reaches into the agent's task lists and link because the agent (rightly) has
-    no "die badly" API; if those internals move, this is the one place to adapt.
-    """
-    tasks: list[asyncio.Task[Any]] = list(getattr(agent, "_tasks", [])) + list(
-        getattr(agent, "_background", ())
-    )
-    link = agent.link
-    if link is not None:
-        link._stopping = True
-        tasks += [t for t in (link._reconnect_task, link._misc_task) if t is not None]
-    for task in tasks:
-        task.cancel()
-    if link is not None:
-        sock = link.client.socket()
-        link._drop_socket()
-        if sock is not None:
-            with contextlib.suppress(Exception):
-                sock.close()  # the broker sees a dead TCP connection and publishes the will
-        link._connected.clear()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    """Stop an agent the way power loss does: no clean shutdown, no DISCONNECT, nothing flushed
+    (:meth:`Agent.abort`, the agent's own "die like a power cut")."""
+    await agent.abort()

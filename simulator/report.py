@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from simulator.runner import RunResult
+from simulator.runner import CheckResult, RunResult
 from simulator.timeline import Timeline
 
 AGENT_ORDER = [
@@ -97,10 +97,12 @@ def _figure(timeline: Timeline, title: str) -> Any:
 
 
 def summary_rows(result: RunResult) -> list[tuple[str, str, str]]:
-    return [
-        (c.outcome, c.label, c.detail + (f" [known gap: {c.expected_failure}]" if c.expected_failure else ""))
-        for c in result.checks
-    ]
+    def detail(c: CheckResult) -> str:
+        if c.skipped is not None:
+            return f"skipped: {c.skipped}"
+        return c.detail + (f" [known gap: {c.expected_failure}]" if c.expected_failure else "")
+
+    return [(c.outcome, c.label, detail(c)) for c in result.checks]
 
 
 def write_report(result: RunResult, timeline: Timeline | None, out_dir: Path) -> dict[str, Path]:
@@ -128,6 +130,7 @@ def write_report(result: RunResult, timeline: Timeline | None, out_dir: Path) ->
     md = [f"# scenario {result.scenario}: {verdict}", ""]
     if result.step_error:
         md += [f"**script stopped:** {result.step_error}", ""]
+    md += [f"**skipped:** {why}" for why in result.skipped] + ([""] if result.skipped else [])
     md += ["| outcome | expectation | detail |", "|---|---|---|"]
     md += [f"| {o} | {label} | {d} |" for o, label, d in rows]
     md += ["", "| figure | value |", "|---|---|"]
@@ -140,6 +143,7 @@ def write_report(result: RunResult, timeline: Timeline | None, out_dir: Path) ->
                 "scenario": result.scenario,
                 "ok": result.ok,
                 "step_error": result.step_error,
+                "skipped": result.skipped,
                 "checks": [{"outcome": o, "expectation": label, "detail": d} for o, label, d in rows],
                 "figures": result.figures,
                 "events": result.events,
@@ -162,6 +166,7 @@ def write_report(result: RunResult, timeline: Timeline | None, out_dir: Path) ->
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}</style></head><body>
 <h1>scenario {esc(result.scenario)}: {verdict}</h1>
 {f"<p><b>script stopped:</b> {esc(result.step_error)}</p>" if result.step_error else ""}
+{"".join(f"<p><b>skipped:</b> {esc(why)}</p>" for why in result.skipped)}
 {table(["outcome", "expectation", "detail"], rows)}
 <h2>timeline</h2>{svg or "<p>(no samples)</p>"}
 <h2>figures</h2>{table(["figure", "value"], list(result.figures.items()))}

@@ -24,13 +24,13 @@ import httpx
 import numpy as np
 
 from device_agent.config import BrokerInfo
-from device_agent.runtime import RuntimeFactory, SharedRuntimeFactory
-from simulator.faults import ClassRuntime
-from simulator.fleet import DeviceSpec, Fleet
-from simulator.memory import rss_bytes
+from simulator.disk import DeviceDisks
+from simulator.faults import ClassBehaviour
+from simulator.fleet import DeviceSpec, FleetTotals
 from simulator.netem import HttpFaultProxy, LinkState, NetworkThread, TcpFaultProxy
+from simulator.procfleet import FleetControl, FleetPlan, ProcessFleet
 from simulator.registry import register_devices
-from simulator.scenario import Expectation, Scenario, Step
+from simulator.scenario import Expectation, Scenario, Step, skew_of
 from simulator.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,9 @@ class Harness(Protocol):
     model_refs: dict[str, str]  # scenario model key -> "name:version"
     sample_inputs: np.ndarray | None
 
-    def restart_broker(self, down_seconds: float) -> None: ...
+    def restart_broker(self, down_seconds: float) -> float | None: ...  # how long it was away
 
-    def restart_server(self, down_seconds: float) -> None: ...
+    def restart_server(self, down_seconds: float) -> float | None: ...
 
 
 class StepFailed(RuntimeError):
@@ -67,16 +67,19 @@ class CheckResult:
     ok: bool
     detail: str
     expected_failure: str | None = None
+    skipped: str | None = None  # why the check could not run here (e.g. no real disks without root)
 
     @property
     def outcome(self) -> str:
+        if self.skipped is not None:
+            return "skip"
         if self.expected_failure is None:
             return "pass" if self.ok else "FAIL"
         return "xpass" if self.ok else "xfail"
 
     @property
     def counts_as_failure(self) -> bool:
-        return self.expected_failure is None and not self.ok
+        return self.skipped is None and self.expected_failure is None and not self.ok
 
 
 @dataclass
@@ -86,6 +89,7 @@ class RunResult:
     figures: dict[str, Any] = field(default_factory=dict)
     step_error: str | None = None
     events: list[tuple[float, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # faults this machine could not inject, and why
 
     @property
     def ok(self) -> bool:
@@ -102,8 +106,12 @@ class ScenarioRun:
         workdir: Path,
         sample_interval: float = 0.5,
         device_root: Path | None = None,
+        processes: int | None = None,
     ):
+        """``processes``: split the fleet over that many worker processes (default: the scenario's
+        ``fleet.processes``); 1 runs every agent in this process."""
         self.device_root = device_root or Path(workdir) / "devices"
+        self.processes = processes or scenario.fleet.processes
         self.sc = scenario
         self.h = harness
         self.workdir = Path(workdir)
@@ -117,7 +125,10 @@ class ScenarioRun:
         self.groups: dict[str, list[str]] = {}
         self.faulted: set[str] = set()  # each new fault picks devices no earlier fault touched
         self.result = RunResult(scenario.name)
-        self.fleet: Fleet | None = None
+        self.fleet: FleetControl | None = None
+        self.totals: FleetTotals | None = None
+        self.disks = DeviceDisks()
+        self.disk_mb: dict[str, float] = {}  # device -> size of its own disk (classes with disk_mb)
         self.timeline: Timeline | None = None
         self._timers: list[threading.Thread] = []
         self._t0 = time.monotonic()
@@ -137,6 +148,8 @@ class ScenarioRun:
             proxied = cls.proxied if cls.proxied is not None else profile is not None
             for i in range(counts[cls.name]):
                 device_id = f"{self.sc.fleet.prefix}-{cls.name}-{i:05d}"
+                if cls.disk_mb is not None:
+                    self.disk_mb[device_id] = cls.disk_mb
                 link = LinkState(profile=profile) if profile is not None else LinkState()
                 self.links[device_id] = link
                 self.h.artifact_proxy.links[device_id] = link
@@ -157,21 +170,32 @@ class ScenarioRun:
                         mqtt_host=host,
                         mqtt_port=port,
                         slow_inference=cls.infer_delay_ms > 0,
+                        clock_skew_s=skew_of(cls, self.sc.seed, i),
                     )
                 )
 
-    def _class_runtimes(self, shared: SharedRuntimeFactory) -> dict[str, RuntimeFactory]:
-        out: dict[str, RuntimeFactory] = {}
+    def _class_behaviour(self) -> dict[str, ClassBehaviour]:
+        out: dict[str, ClassBehaviour] = {}
         for cls in self.sc.fleet.classes:
             failing = frozenset(self.h.model_shas[m] for m in cls.fails_models)
             if failing or cls.infer_delay_ms > 0 or cls.load_delay_s > 0:
-                out[cls.name] = ClassRuntime(
-                    shared,
+                out[cls.name] = ClassBehaviour(
                     failing_shas=failing,
                     infer_delay_s=cls.infer_delay_ms / 1000.0,
                     load_delay_s=cls.load_delay_s,
                 )
         return out
+
+    def _mount_disks(self) -> None:
+        """Give each device of a ``disk_mb`` class its own tmpfs; without root, note the skip."""
+        for device_id, mb in self.disk_mb.items():
+            if not self.disks.mount(device_id, self.device_root / device_id, int(mb * 2**20)):
+                reason = f"disk faults skipped: {self.disks.unavailable}"
+                self.result.skipped.append(reason)
+                self._event(reason, mark=False)
+                return
+        if self.disk_mb:
+            self._event(f"{len(self.disks.mounted)} device disk(s) mounted (tmpfs)", mark=False)
 
     # -- the run --------------------------------------------------------------
 
@@ -180,12 +204,27 @@ class ScenarioRun:
         fig = self.result.figures
         fig["devices"] = self.sc.fleet.devices
         fig["classes"] = dict(self.sc.class_counts())
+        fig["processes"] = self.processes
+        try:
+            self._setup()
+            self._play()
+            try:
+                self._finish()
+            except Exception as exc:  # e.g. a worker process died: report what happened
+                log.exception("collecting the fleet's end state failed")
+                why = f"end of run: {type(exc).__name__}: {exc}"
+                self.result.step_error = f"{self.result.step_error}; {why}" if self.result.step_error else why
+        finally:
+            self._teardown()
+        return self.result
+
+    def _setup(self) -> None:
+        fig = self.result.figures
         t_setup = time.monotonic()
         self._build_specs()
         register_devices(self.h.server_url, self.specs, token=self.h.admin_token)
-        shared = SharedRuntimeFactory()
-        rss_before = rss_bytes()
-        self.fleet = Fleet(
+        self._mount_disks()
+        plan = FleetPlan(
             self.specs,
             self.h.broker,
             self.h.trust_path,
@@ -193,15 +232,38 @@ class ScenarioRun:
             workload_hz=self.sc.fleet.workload_hz,
             sample_inputs=self.h.sample_inputs,
             telemetry_interval=self.sc.fleet.telemetry_interval,
-            class_runtimes=self._class_runtimes(shared),
-            runtime=shared,
             connect_timeout=120.0,
             tuf_root_path=self.h.tuf_root_path,
+            classes=self._class_behaviour(),
         )
+        if self.processes > 1:
+            self.fleet = ProcessFleet(plan, self.processes, log_dir=self.workdir)
+        else:
+            self.fleet = plan.build()
         self.fleet.start()
         fig["fleet_start_seconds"] = round(time.monotonic() - t_setup, 2)
         self.timeline = Timeline(self.fleet, self._api, self.rollouts, self.class_of, self._t0)
         self.timeline.start(self.sample_interval)
+
+    def _teardown(self) -> None:
+        """Always: end the fleet (if _finish did not), close the proxies, unmount the device disks."""
+        if self.timeline is not None:
+            self.timeline.stop(final_sample=False)
+        if self.fleet is not None and self.totals is None:
+            with contextlib.suppress(Exception):
+                self.fleet.stop()
+        for proxy in self.mqtt_proxies.values():
+            with contextlib.suppress(Exception):
+                self.h.net.run(proxy.close(), timeout=5)
+        self.mqtt_proxies.clear()
+        left = self.disks.unmount_all()
+        if left:
+            self._event(f"could not unmount {left}", mark=False)
+        self._api.close()
+
+    def _play(self) -> None:
+        """Every step in order; a failed step stops the script (the expectations are still checked)."""
+        assert self.timeline is not None
         try:
             deadline = self._t0 + self.sc.time_limit
             for n, step in enumerate(self.sc.steps):
@@ -221,29 +283,32 @@ class ScenarioRun:
         finally:
             for t in self._timers:
                 t.join(30)
-            fig["rss_per_device_kb"] = round((rss_bytes() - rss_before) / len(self.specs) / 1024, 1)
             self.timeline.stop()
-        self._finish()
-        return self.result
 
     def _finish(self) -> None:
         assert self.fleet is not None
         fleet = self.fleet
         fig = self.result.figures
         snapshot = fleet.snapshot()
-        for d in list(fleet.down):
-            fleet.power_on(d)  # so a clean stop flushes everyone's telemetry
+        for d, st in fleet.status().items():
+            if st.state == "down":
+                fleet.power_on(d)  # so a clean stop flushes everyone's telemetry
         fleet.stop()
-        sent = fleet.metric_total("telemetry_batches")
+        totals = self.totals = fleet.totals()
+        sent = totals.metric_total("telemetry_batches")
         stats = self._stats_settled(sent)
         fig["telemetry_batches_sent"] = sent
         fig["telemetry_batches_stored"] = stats.get("telemetry_batches")
         fig["duplicate_batches"] = stats.get("duplicate_batches")
         fig["malformed_messages"] = stats.get("malformed_messages")
-        fig["lifecycle"] = dict(fleet.lifecycle)
-        fig["model_loads"] = fleet.runtime.loads
-        fig["workload_errors"] = fleet.workload_errors
-        fig["max_loop_lag_s"] = round(fleet.max_loop_lag, 2)
+        fig["lifecycle"] = dict(totals.lifecycle)
+        fig["model_loads"] = totals.model_loads
+        fig["workload_errors"] = totals.workload_errors
+        fig["max_loop_lag_s"] = round(totals.max_loop_lag, 2)
+        grown = sum(p["rss_per_device_kb"] * p["devices"] for p in totals.processes)
+        fig["rss_per_device_kb"] = round(grown / max(1, len(self.specs)), 1)
+        if len(totals.processes) > 1:
+            fig["fleet_processes"] = totals.processes
         fig["corrupted_downloads"] = sum(link.corrupted for link in self.links.values())
         fig["cut_downloads"] = sum(link.cuts for link in self.links.values())
         fig["wall_seconds"] = round(time.monotonic() - self._t0, 1)
@@ -257,10 +322,6 @@ class ScenarioRun:
         }
         for exp in self.sc.expect:
             self.result.checks.append(self._check(exp, snapshot, final, sent, stats))
-        for proxy in self.mqtt_proxies.values():
-            with contextlib.suppress(Exception):
-                self.h.net.run(proxy.close(), timeout=5)
-        self._api.close()
 
     def _stats_settled(self, sent: int, timeout: float = 15.0) -> dict[str, Any]:
         """Server ingest counters, once the stored batches reach ``sent`` or stop moving."""
@@ -298,11 +359,11 @@ class ScenarioRun:
             assert s.seconds is not None
             time.sleep(max(0.0, min(s.seconds, deadline - time.monotonic())))
         elif s.action == "restart_broker":
-            self.h.restart_broker(s.down_seconds)
-            self._event("broker back")
+            away = self.h.restart_broker(s.down_seconds)
+            self._event("broker back" + (f" (away {away:.1f} s)" if away is not None else ""))
         elif s.action == "restart_server":
-            self.h.restart_server(s.down_seconds)
-            self._event("server back")
+            away = self.h.restart_server(s.down_seconds)
+            self._event("server back" + (f" (away {away:.1f} s)" if away is not None else ""))
         else:
             self._device_fault(s, timeout_at)
 
@@ -352,8 +413,7 @@ class ScenarioRun:
         need = math.ceil(s.share * len(members))
         have = 0
         while time.monotonic() < timeout_at:
-            agents = self.fleet.agents
-            have = sum(1 for d in members if d not in self.fleet.down and agents[d].running_sha256 == sha)
+            have = sum(1 for st in self.fleet.status(members).values() if st.running == sha)
             if have >= need:
                 return
             time.sleep(0.2)
@@ -364,10 +424,13 @@ class ScenarioRun:
         if s.group is not None and s.devices is None:
             return list(self.groups[s.group])
         pool = self._members(s.hw_class)
+        down = {d for d, st in self.fleet.status(pool).items() if st.state == "down"}
         if s.action in ("crash", "power_off", "partition", "corrupt_downloads", "cut_downloads"):
-            pool = [d for d in pool if d not in self.fleet.down]
+            pool = [d for d in pool if d not in down]
+        if s.action == "fill_disk":
+            pool = [d for d in pool if d in self.disks.mounted]
         if s.action == "power_on":
-            pool = [d for d in pool if d in self.fleet.down]
+            pool = [d for d in pool if d in down]
         elif s.action == "heal":
             pool = [d for d in pool if self.links[d].partitioned]
         else:
@@ -387,7 +450,9 @@ class ScenarioRun:
 
     def _device_fault(self, s: Step, timeout_at: float) -> None:
         assert self.fleet is not None
-        fleet = self.fleet
+        if s.action == "fill_disk" and self.disks.unavailable is not None:
+            self._event(f"{s.action} skipped: {self.disks.unavailable}")
+            return
         picked = self._pick(s)
         if s.when_state is not None:
             want = len(picked) if s.devices == "all" else int(s.devices or 0)
@@ -398,14 +463,14 @@ class ScenarioRun:
         self.faulted.update(picked)
         if s.group is not None and s.devices is not None:
             self.groups[s.group] = picked
-        self._event(f"{s.action} x{len(picked)}" + (f" at {s.when_state}" if s.when_state else ""))
+        what = f"{s.action} x{len(picked)}" + (f" at {s.when_state}" if s.when_state else "")
+        self._event(what + (f" ({', '.join(picked)})" if 0 < len(picked) <= 3 else ""))
         if s.restart_after is not None and s.action in ("crash", "power_off"):
             timer = threading.Thread(
                 target=self._reboot_later, args=(picked, s.restart_after), daemon=True, name="sim-reboot"
             )
             timer.start()
             self._timers.append(timer)
-        _ = fleet
 
     def _when_state(self, pool: list[str], s: Step, want: int, timeout_at: float) -> list[str]:
         """Hit each device the moment its agent reports ``when_state``, until ``want`` were hit."""
@@ -414,24 +479,35 @@ class ScenarioRun:
         while len(hit) < want:
             if time.monotonic() > timeout_at:
                 raise StepFailed(f"{s.action}: only {len(hit)} of {want} devices reached {s.when_state!r}")
-            for d in pool:
-                if d in hit or d in self.fleet.down:
+            waiting = [d for d in pool if d not in hit]
+            for d, st in self.fleet.status(waiting).items():
+                if st.state != s.when_state:
                     continue
-                if str(self.fleet.agents[d].deployment_state) == s.when_state:
-                    self._apply(s, d)
+                if s.action == "fill_disk" and s.when_state == "downloading" and not self._writing(d):
+                    continue  # the agent reports "downloading" before its free-space check, too
+                # crash / power_off re-check the state on the fleet's loop: a device that moved on
+                # since this poll is not hit (it would not be "mid-download" any more)
+                if self._apply(s, d, only_in_state=s.when_state):
                     hit.append(d)
                     if len(hit) >= want:
                         break
             time.sleep(0.005)
         return hit
 
-    def _apply(self, s: Step, device_id: str) -> None:
+    def _writing(self, device_id: str) -> bool:
+        """The device has begun writing a model download (a ``.part`` file in one of its slots)."""
+        return any((self.device_root / device_id / "slots").glob("*/*.part"))
+
+    def _apply(self, s: Step, device_id: str, only_in_state: str | None = None) -> bool:
+        """Inject the step's fault into one device; False when ``only_in_state`` no longer held."""
         assert self.fleet is not None
         link = self.links[device_id]
         if s.action == "crash":
-            self.fleet.crash(device_id)
+            return self.fleet.crash(device_id, only_in_state)
         elif s.action == "power_off":
-            self.fleet.power_off(device_id)
+            return self.fleet.power_off(device_id, only_in_state)
+        elif s.action == "fill_disk":
+            self.disks.fill(device_id, s.leave_bytes)
         elif s.action == "power_on":
             self.fleet.power_on(device_id)
         elif s.action == "partition":
@@ -442,6 +518,7 @@ class ScenarioRun:
             link.corrupt_downloads += 1
         elif s.action == "cut_downloads":
             link.cut_downloads_after = s.after_bytes
+        return True
 
     def _reboot_later(self, devices: list[str], delay: float) -> None:
         assert self.fleet is not None
@@ -464,7 +541,13 @@ class ScenarioRun:
         stats: dict[str, Any],
     ) -> CheckResult:
         members = self._members(e.hw_class)
+        if e.group is not None:
+            named = set(self.groups.get(e.group, []))
+            members = [d for d in members if d in named]
         ok, detail = False, ""
+        if e.requires == "disk" and self.disks.unavailable is not None:
+            why = self.disks.unavailable
+            return CheckResult(e.label, False, "not checked", e.expected_failure, skipped=why)
         if e.check == "rollout_state":
             assert e.rollout is not None and e.states is not None
             state = rollouts.get(e.rollout, {}).get("state")
@@ -500,17 +583,18 @@ class ScenarioRun:
             for d in members:
                 for key, n in self._fleet_failures(d).items():
                     reasons[key] += n
-            n = reasons.get(e.reason, 0)
+            wanted = [e.reason] if isinstance(e.reason, str) else list(e.reason)
+            n = sum(reasons.get(r, 0) for r in wanted)
             low = e.at_least_count if e.at_least_count is not None else 1
             ok = n >= low and (e.at_most is None or n <= e.at_most)
-            detail = f"{n} failure(s) {e.reason}; all: {dict(reasons)}"
+            detail = f"{n} failure(s) {' or '.join(wanted)}; all: {dict(reasons)}"
         return CheckResult(e.label, ok, detail, e.expected_failure)
 
     def _fleet_failures(self, device_id: str) -> Counter[str]:
         """``failed_<code>`` counters of every agent this device ran (reboots included)."""
-        assert self.fleet is not None
+        assert self.totals is not None
         out: Counter[str] = Counter()
-        for key, n in self.fleet.device_metrics(device_id).items():
+        for key, n in self.totals.device_metrics.get(device_id, {}).items():
             if key.startswith("failed_") and key != "failed_directives":
                 out[key.removeprefix("failed_")] += n
         return out

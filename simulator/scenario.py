@@ -50,6 +50,19 @@ class HardwareClass(_Strict):
     infer_delay_ms: float = Field(0.0, ge=0)
     load_delay_s: float = Field(0.0, ge=0)
     tags: dict[str, str] = Field(default_factory=dict)
+    # Each device of the class gets its own disk of this size (a tmpfs at its data dir, needs root):
+    # the ``fill_disk`` fault fills it up for real.
+    disk_mb: float | None = Field(None, gt=0)
+    # The devices' clocks are off by this many seconds: one value, or [low, high] drawn per device.
+    clock_skew_s: float | list[float] = 0.0
+
+    @model_validator(mode="after")
+    def _skew_range(self) -> HardwareClass:
+        if isinstance(self.clock_skew_s, list) and (
+            len(self.clock_skew_s) != 2 or self.clock_skew_s[0] > self.clock_skew_s[1]
+        ):
+            raise ValueError("clock_skew_s must be one number or [low, high] with low <= high")
+        return self
 
     @property
     def hw_id(self) -> str:
@@ -62,6 +75,8 @@ class FleetSpec(_Strict):
     workload_hz: float = Field(2.0, ge=0)
     telemetry_interval: float = Field(1.0, gt=0)
     classes: list[HardwareClass] = Field(min_length=1)
+    # Worker processes the devices are split over (each a fleet on its own loop); 1 = in-process.
+    processes: int = Field(1, ge=1, le=64)
 
 
 class ModelSpec(_Strict):
@@ -87,6 +102,7 @@ Action = Literal[
     "cut_downloads",
     "restart_broker",
     "restart_server",
+    "fill_disk",
 ]
 
 _NEEDS: dict[str, tuple[str, ...]] = {
@@ -101,10 +117,12 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "heal": ("devices",),
     "corrupt_downloads": ("devices",),
     "cut_downloads": ("devices", "after_bytes"),
+    "fill_disk": ("devices",),
 }
+WHEN_STATE_ACTIONS = ("crash", "power_off", "partition", "fill_disk")
 # Steps that pick devices and remember them under ``group`` for later steps.
 DEVICE_ACTIONS = frozenset(
-    {"crash", "power_off", "power_on", "partition", "heal", "corrupt_downloads", "cut_downloads"}
+    {"crash", "power_off", "power_on", "partition", "heal", "corrupt_downloads", "cut_downloads", "fill_disk"}
 )
 
 
@@ -133,6 +151,7 @@ class Step(_Strict):
     when_state: str | None = None  # wait until each picked device's agent reaches this state, then act
     restart_after: float | None = Field(None, ge=0)  # crash/power_off: boot a new agent after N s
     after_bytes: int | None = Field(None, ge=0)  # cut_downloads
+    leave_bytes: int = Field(0, ge=0)  # fill_disk: free bytes left on the device's disk
     down_seconds: float = Field(1.0, ge=0)  # restart_broker / restart_server
 
     @model_validator(mode="after")
@@ -147,8 +166,8 @@ class Step(_Strict):
                 raise ValueError("stages must be percents in (0, 100]")
             if any(b <= a for a, b in zip(self.stages, self.stages[1:], strict=False)):
                 raise ValueError("stages must be strictly increasing")
-        if self.when_state is not None and self.action not in ("crash", "power_off", "partition"):
-            raise ValueError("when_state applies to crash, power_off and partition only")
+        if self.when_state is not None and self.action not in WHEN_STATE_ACTIONS:
+            raise ValueError("when_state applies to crash, power_off, partition and fill_disk only")
         return self
 
 
@@ -163,13 +182,16 @@ class Expectation(_Strict):
     states: list[str] | None = None  # rollout_state
     model: str | None = None  # devices_running / ever_ran
     hw_class: str | None = None
+    group: str | None = None  # only the devices a fault step named so (with hw_class: both)
     at_least: float = Field(1.0, ge=0, le=1)  # devices_running: share of the (class's) devices
     at_most: int | None = Field(None, ge=0)  # ever_ran / telemetry_lost / failed_with: device count
     at_most_stage: int | None = Field(None, ge=0)  # ever_ran: at most the devices of this stage index
     at_least_count: int | None = Field(None, ge=0)  # failed_with: at least this many
-    reason: str | None = None  # failed_with: the failure code devices must report
+    reason: str | list[str] | None = None  # failed_with: the failure code(s) devices must report
     expected_failure: str | None = None
     name: str | None = None
+    # "disk": the check needs the devices' real disks (tmpfs mounts, root); skipped without them.
+    requires: Literal["disk"] | None = None
 
     @model_validator(mode="after")
     def _fields_for_check(self) -> Expectation:
@@ -196,7 +218,8 @@ class Expectation(_Strict):
         parts = [self.check] + [
             f"{k}={v}"
             for k, v in self.model_dump(exclude_none=True).items()
-            if k not in ("check", "expected_failure", "name") and not (k == "at_least" and v == 1.0)
+            if k not in ("check", "expected_failure", "name", "requires")
+            and not (k == "at_least" and v == 1.0)
         ]
         return " ".join(parts)
 
@@ -226,6 +249,7 @@ class Scenario(_Strict):
             for m in c.fails_models:
                 if m not in self.models:
                     raise ValueError(f"class {c.name}: fails_models names unknown model {m!r}")
+        disk_classes = {c.name for c in self.fleet.classes if c.disk_mb is not None}
         rollouts: set[str] = set()
         groups: set[str] = set()
         for n, s in enumerate(self.steps):
@@ -245,6 +269,8 @@ class Scenario(_Strict):
                 raise ValueError(f"{where}: group {s.group!r} is not named by an earlier step")
             if s.action in DEVICE_ACTIONS and s.devices is not None and s.group is not None:
                 groups.add(s.group)
+            if s.action == "fill_disk" and s.hw_class not in disk_classes:
+                raise ValueError(f"{where}: fill_disk needs hw_class naming a class with disk_mb")
         for n, e in enumerate(self.expect):
             if e.rollout is not None and e.rollout not in rollouts:
                 raise ValueError(f"expect[{n}]: unknown rollout {e.rollout!r}")
@@ -252,6 +278,8 @@ class Scenario(_Strict):
                 raise ValueError(f"expect[{n}]: unknown model {e.model!r}")
             if e.hw_class is not None and e.hw_class not in classes:
                 raise ValueError(f"expect[{n}]: unknown hw_class {e.hw_class!r}")
+            if e.group is not None and e.group not in groups:
+                raise ValueError(f"expect[{n}]: group {e.group!r} is not named by a step")
         return self
 
     def class_counts(self) -> dict[str, int]:
@@ -307,4 +335,22 @@ def load_scenario(path: Path, small: bool = False) -> Scenario:
     return parse_scenario(data, small=small, source=str(path))
 
 
-__all__ = ["Expectation", "Scenario", "ScenarioError", "Step", "load_scenario", "parse_scenario"]
+def skew_of(cls: HardwareClass, seed: int, n: int) -> float:
+    """The clock skew of a class's device ``n``: fixed, or drawn from [low, high] (stable per seed)."""
+    if not isinstance(cls.clock_skew_s, list):
+        return float(cls.clock_skew_s)
+    import random
+
+    low, high = cls.clock_skew_s
+    return round(random.Random(f"{seed}:{cls.name}:{n}").uniform(low, high), 3)
+
+
+__all__ = [
+    "Expectation",
+    "Scenario",
+    "ScenarioError",
+    "Step",
+    "load_scenario",
+    "parse_scenario",
+    "skew_of",
+]

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from simulator.fleet import Fleet
+from simulator.procfleet import FleetControl
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Timeline:
 
     def __init__(
         self,
-        fleet: Fleet,
+        fleet: FleetControl,
         api: httpx.Client,
         rollouts: dict[str, str],
         class_of: dict[str, str],
@@ -55,11 +55,15 @@ class Timeline:
         self._thread = threading.Thread(target=self._loop, args=(interval,), name="sim-timeline", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, final_sample: bool = True) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
-        self.sample()  # the end state
+        if final_sample:
+            with contextlib.suppress(Exception):
+                self.sample()  # the end state
 
     def mark(self, t: float, what: str) -> None:
         with self._lock:
@@ -72,15 +76,7 @@ class Timeline:
 
     def sample(self) -> None:
         t = time.monotonic() - self.t0
-        fleet = self.fleet
-        agents: Counter[str] = Counter()
-        for device_id, agent in list(fleet.agents.items()):
-            if device_id in fleet.down:
-                agents["down"] += 1
-            elif agent.link is None or not agent.link.connected:
-                agents["disconnected"] += 1
-            else:
-                agents[str(agent.deployment_state)] += 1
+        agents: Counter[str] = Counter(st.state for st in self.fleet.status().values())
         s = Sample(t, agents)
         for key, rid in list(self.rollouts.items()):
             try:

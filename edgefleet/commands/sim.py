@@ -28,6 +28,16 @@ def run_cmd(
     database_url: Annotated[
         str | None, typer.Option(help="Server database URL (default: SQLite in the workdir).")
     ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            "-p",
+            min=1,
+            max=64,
+            help="Split the fleet over N worker processes (default: the file's fleet.processes, else 1).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a broker and a server, run the scenario, write the report; exit 1 if an expectation fails."""
@@ -41,7 +51,12 @@ def run_cmd(
     logging.getLogger("simulator.runner").setLevel(logging.INFO)
     try:
         outcome = run_scenario(
-            scenario, small=small, workdir=workdir, report_dir=report_dir, database_url=database_url
+            scenario,
+            small=small,
+            workdir=workdir,
+            report_dir=report_dir,
+            database_url=database_url,
+            processes=processes,
         )
     except ScenarioError as exc:
         fail(str(exc), 2)
@@ -52,6 +67,7 @@ def run_cmd(
                 "scenario": result.scenario,
                 "ok": result.ok,
                 "step_error": result.step_error,
+                "skipped": result.skipped,
                 "checks": [{"outcome": o, "expectation": e, "detail": d} for o, e, d in summary_rows(result)],
                 "figures": result.figures,
                 "report": {k: str(v) for k, v in outcome.report.items()},
@@ -61,12 +77,14 @@ def run_cmd(
         from rich.table import Table
 
         table = Table("outcome", "expectation", "detail", title=f"scenario {result.scenario}")
-        colour = {"pass": "green", "FAIL": "bold red", "xfail": "yellow", "xpass": "cyan"}
+        colour = {"pass": "green", "FAIL": "bold red", "xfail": "yellow", "xpass": "cyan", "skip": "magenta"}
         for o, e, d in summary_rows(result):
             table.add_row(f"[{colour[o]}]{o}[/]", e, d)
         console.print(table)
         if result.step_error:
             err.print(f"[bold red]script stopped:[/] {result.step_error}")
+        for why in result.skipped:
+            err.print(f"[magenta]skipped:[/] {why}")
         console.print(f"report: {outcome.report.get('html')}")
     if not result.ok:
         raise typer.Exit(1)

@@ -61,3 +61,17 @@ def test_twenty_agents_install_a_directive(
         fleet.stop()
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"max RSS grew {(rss_after - rss_before) / 1024:.1f} MB for 20 agents")
+
+
+def test_a_device_spec_with_clock_skew_gets_a_skewed_agent_clock(keydir: KeyDir, tmp_path: Path) -> None:
+    import time
+
+    from signing.trust import TrustRoot
+
+    specs = [DeviceSpec("skew-fast", "rpi4", clock_skew_s=3600.0), DeviceSpec("skew-none", "rpi4")]
+    fleet = Fleet(specs, BrokerInfo("127.0.0.1", 1), keydir.trust_path, tmp_path / "f", workload_hz=0)
+    fleet._trust = TrustRoot.load_file(keydir.trust_path)  # what start() loads; no broker needed here
+    fast, plain = (fleet._make_agent(s) for s in specs)
+    assert abs(fast.clock() - time.time() - 3600.0) < 5
+    assert abs(plain.clock() - time.time()) < 5
+    assert (fast.now() - plain.now()).total_seconds() > 3590

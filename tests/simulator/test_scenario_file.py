@@ -79,6 +79,10 @@ def test_small_overrides_are_deep_merged() -> None:
         ({"fleet": {"devices": 0, "classes": [{"name": "a"}]}}, "fleet.devices"),
         ({"network": {"bad": {"loss": 1.5}}}, "network.bad.loss"),
         ({"small": 3}, "[small] must be a table"),
+        ({"fleet": {"devices": 5, "classes": [{"name": "a", "clock_skew_s": [60, -60]}]}}, "clock_skew_s"),
+        ({"fleet": {"devices": 5, "processes": 0, "classes": [{"name": "a"}]}}, "fleet.processes"),
+        ({"steps": [{"action": "fill_disk", "devices": 1, "hw_class": "a"}]}, "class with disk_mb"),
+        ({"expect": [{"check": "devices_running", "model": "v1", "group": "g"}]}, "group 'g'"),
     ],
 )
 def test_bad_scenarios_are_refused_with_the_key_named(change: dict[str, Any], message: str) -> None:
@@ -95,3 +99,21 @@ def test_unreadable_and_broken_files(tmp_path: Path) -> None:
     bad.write_text('name = "x"\n[fleet\n')
     with pytest.raises(ScenarioError, match="not valid TOML"):
         load_scenario(bad)
+
+
+def test_clock_skew_is_fixed_or_drawn_per_device_and_stable() -> None:
+    from simulator.scenario import skew_of
+
+    sc = parse_scenario(
+        minimal(
+            fleet={
+                "devices": 10,
+                "classes": [{"name": "a", "clock_skew_s": [-7200, 3600]}, {"name": "b", "clock_skew_s": 30}],
+            }
+        )
+    )
+    a, b = sc.fleet.classes
+    skews = [skew_of(a, sc.seed, n) for n in range(8)]
+    assert all(-7200 <= x <= 3600 for x in skews) and len(set(skews)) == 8
+    assert skews == [skew_of(a, sc.seed, n) for n in range(8)]
+    assert skew_of(b, sc.seed, 3) == 30.0
