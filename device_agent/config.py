@@ -56,6 +56,7 @@ class AgentConfig:
     npu_delegate: str | None = None  # external delegate library for ethos-u* targets (LiteRT)
     download_max_bytes_per_s: int = 0  # bandwidth cap for model downloads; 0 = unlimited
     min_free_disk_bytes: int = 32 << 20  # keep this much disk free beyond a download, else refuse it
+    delivery_retry_s: float = 60.0  # keep retrying an unreachable/busy server this long before failing
     log_format: str = "json"  # "json" (one object per line, for journald/log shippers) or "text"
     log_level: str = "INFO"
     # TUF delivery (docs/trust.md). With ``tuf_root_path`` (the root.json from provisioning) every
@@ -72,6 +73,8 @@ class AgentConfig:
             raise ValueError(f"mqtt_version must be 4 or 5, got {self.mqtt_version}")
         if self.telemetry_interval <= 0:
             raise ValueError("telemetry_interval must be > 0")
+        if self.delivery_retry_s < 0:
+            raise ValueError("delivery_retry_s must be >= 0")
         for name in ("telemetry_batch_max", "telemetry_queue_bytes", "sketch_every", "api_max_body"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be > 0")

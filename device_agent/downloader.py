@@ -38,6 +38,18 @@ class DownloadError(Exception):
     code = "download_failed"
 
 
+class ServerBusy(DownloadError):
+    """429/502/503/504: a proxy in front of a restarting server, or an overloaded one. Worth a retry."""
+
+
+BUSY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def _refused(url: str, status: int) -> DownloadError:
+    cls = ServerBusy if status in BUSY_STATUSES else DownloadError
+    return cls(f"GET {url}: HTTP {status}")
+
+
 def _hash_prefix(path: Path, length: int) -> tuple[hashlib._Hash, int]:
     h = hashlib.sha256()
     n = 0
@@ -88,7 +100,7 @@ async def download_model(
                 # Server ignored the Range (or there was none): start over.
                 h, have, mode = hashlib.sha256(), 0, "wb"
             else:
-                raise DownloadError(f"GET {url}: HTTP {resp.status_code}")
+                raise _refused(url, resp.status_code)
             t0, got = time.monotonic(), 0
             chunk_size = min(CHUNK, max(1024, max_bytes_per_s // 8)) if max_bytes_per_s > 0 else CHUNK
             with open(part, mode) as fh:
@@ -130,7 +142,7 @@ async def fetch_envelope(client: httpx.AsyncClient, url: str, device_id: str) ->
     body = bytearray()
     async with client.stream("GET", url, headers={DEVICE_HEADER: device_id}) as resp:
         if resp.status_code != 200:
-            raise DownloadError(f"GET {url}: HTTP {resp.status_code}")
+            raise _refused(url, resp.status_code)
         async for chunk in resp.aiter_bytes(CHUNK):
             body += chunk
             if len(body) > MAX_ENVELOPE:

@@ -58,6 +58,7 @@ class BatchStore:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._unsaved_dropped = 0  # batches lost because the disk was full; not yet in ``meta``
+        self._final_dropped: int | None = None  # set by close(): what dropped_total answers afterwards
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
@@ -79,6 +80,8 @@ class BatchStore:
     @property
     def dropped_total(self) -> int:
         with self._lock:
+            if self._final_dropped is not None:  # closed (agent stopped or aborted): last known
+                return self._final_dropped
             return self._meta("dropped_total") + self._unsaved_dropped
 
     def _rollback(self) -> None:
@@ -175,4 +178,7 @@ class BatchStore:
 
     def close(self) -> None:
         with self._lock:
+            if self._final_dropped is None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._final_dropped = self._meta("dropped_total") + self._unsaved_dropped
             self._db.close()

@@ -130,13 +130,16 @@ class ArtifactServer:
     """Real HTTP server for bundle files: ``/m/<sha>`` model, ``/e/<sha>`` envelope.
 
     Honours ``Range: bytes=a-``, requires ``X-Edgefleet-Device``, logs requests;
-    ``overrides[sha] = bytes`` serves other bytes for a model (tampering, oversize).
+    ``overrides[sha] = bytes`` serves other bytes for a model (tampering, oversize);
+    ``busy[path] = (n, status)`` answers the next ``n`` GETs of ``path`` with ``status``
+    (a proxy in front of a restarting server).
     """
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.envelopes: dict[str, bytes] = {}
         self.overrides: dict[str, bytes] = {}
+        self.busy: dict[str, tuple[int, int]] = {}
         self.requests: list[tuple[str, str | None, str | None]] = []  # path, range, device
         outer = self
 
@@ -150,6 +153,11 @@ class ArtifactServer:
                 outer.requests.append((self.path, rng, device))
                 if not device:
                     self.send_error(403)
+                    return
+                left, status = outer.busy.get(self.path, (0, 0))
+                if left > 0:
+                    outer.busy[self.path] = (left - 1, status)
+                    self.send_error(status)
                     return
                 m = re.fullmatch(r"/(m|e)/([0-9a-f]{64})", self.path)
                 if not m:

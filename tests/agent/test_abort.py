@@ -66,6 +66,7 @@ def test_abort_is_a_power_cut_and_a_new_agent_recovers(
     with pytest.raises(NoModelError):
         agent.infer(X)
     assert agent.link is not None and not agent.link.connected
+    assert agent.metrics["telemetry_dropped_batches"] == 0  # still readable after the power cut
     assert all(t.done() for t in asyncio.all_tasks(loop_thread.loop) if dev in t.get_name())
     loop_thread.run(agent.abort())  # idempotent
     loop_thread.run(agent.stop())  # and stop() after abort is a no-op

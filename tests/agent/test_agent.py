@@ -95,6 +95,34 @@ def test_valid_directive_installs_swaps_and_serves(
     )
 
 
+def test_a_busy_server_is_retried_within_the_time_budget(
+    keydir: KeyDir,
+    artifacts: ArtifactServer,
+    observer: Observer,
+    two_bundles: tuple[Bundle, Bundle],
+    running_agent: Callable[..., Agent],
+) -> None:
+    """502/503 from a proxy while the server restarts is not a verdict: the envelope and the
+    model are fetched again (with jittered backoff) until ``delivery_retry_s`` runs out."""
+    dev = unique_id()
+    fleet = keydir.key("fleet")
+    a, b = two_bundles
+    agent = running_agent(dev, delivery_retry_s=30.0)
+    artifacts.busy[f"/e/{a.sha256}"] = (3, 503)
+    artifacts.busy[f"/m/{a.sha256}"] = (2, 502)
+    observer.publish(dev, sign_directive(fleet, dev, 1, artifacts.model_ref(a)))
+    observer.wait_event(dev, DS.SERVING, seq=1, timeout=30)
+    assert agent.infer(X).model_sha256 == a.sha256
+    assert artifacts.busy[f"/e/{a.sha256}"][0] == 0 and artifacts.busy[f"/m/{a.sha256}"][0] == 0
+    # a server that stays busy past the budget fails the install with the reason; v1 keeps serving
+    agent.config.delivery_retry_s = 1.0
+    artifacts.busy[f"/e/{b.sha256}"] = (10_000, 503)
+    observer.publish(dev, sign_directive(fleet, dev, 2, artifacts.model_ref(b)))
+    event = observer.wait_event(dev, DS.FAILED, seq=2, timeout=20)
+    assert "503" in f"{event.reason} {event.detail}"
+    assert agent.infer(X).model_sha256 == a.sha256
+
+
 def test_refusals_keep_the_old_model(
     keydir: KeyDir,
     tmp_path: Path,

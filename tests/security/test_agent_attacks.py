@@ -219,6 +219,7 @@ def test_repository_gone_is_reported_not_a_verdict(fleet: Fleet) -> None:
     b = fleet.bundle(seed=2, version="2")
     fleet.release(b)
     shutil.rmtree(fleet.repo.metadata_dir)
+    fleet.agent.config.delivery_retry_s = 1.0  # retried this long, then failed with the reason
     fleet.refused(fleet.direct(b), "delivery_unavailable")
     assert fleet.agent.deployment_state == protocol.DeploymentState.FAILED
 
