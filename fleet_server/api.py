@@ -105,6 +105,8 @@ def device_out(d: Device) -> DeviceOut:
         desired_seq=d.desired_seq,
         agent_version=d.agent_version,
         inventory=_inventory(d),
+        clock_offset_seconds=d.clock_offset_seconds,
+        clock_offset_at=d.clock_offset_at,
     )
 
 

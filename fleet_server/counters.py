@@ -21,6 +21,8 @@ class Counters:
     reported: int = 0
     status: int = 0
     directives_published: int = 0
+    dropped_messages: int = 0  # valid messages the database refused (bad data), logged and acknowledged
+    mqtt_disconnects: int = 0  # unexpected MQTT disconnects of this server's clients (e.g. missed keepalive)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, n: int = 1) -> None:

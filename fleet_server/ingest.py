@@ -1,38 +1,61 @@
-"""Store what devices send (reported, events, telemetry, status), one batch per transaction.
+"""Store what devices send (reported, events, telemetry, status), one flush per transaction.
 
-Called by the MQTT bridge's ingest worker, never by the paho network thread, so a
-slow database cannot stall MQTT keepalives. Anything malformed or from an
-unregistered device is counted and dropped: one bad device must not stop ingest.
+Called by an ingest pipeline's store thread (``fleet_server/ingest_worker.py``),
+never by a paho network thread, so a slow database cannot stall MQTT keepalives.
+Anything malformed or from an unregistered device is counted and dropped (and
+acknowledged): one bad device must not stop ingest. A database that is
+unreachable or busy (``OperationalError``/``InterfaceError``) is different: the
+error propagates, the pipeline retries the same flush and acknowledges nothing
+meanwhile, so the broker keeps (and, after a crash, redelivers) those messages.
+
+Time: every decision-relevant timestamp written here (``last_seen``, event and
+batch ``received_at``) is the server's. Device timestamps are stored as sent
+(``EventRow.ts``, batch windows) and only used to record each device's clock
+offset (device ``ts`` minus server receive time) from live reported/online
+status messages.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine, or_, update
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from device_agent import protocol
 from fleet_server.counters import Counters
 from fleet_server.models import Device, EventRow, ModelAggregate, utcnow
 from fleet_server.store import new_session
-from fleet_server.telemetry_store import SHA256_RE, store_telemetry
+from fleet_server.telemetry_store import SHA256_RE, prepare, store_prepared
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH_ID = 128
+TRANSIENT_ERRORS = (OperationalError, InterfaceError)  # retry the flush; anything else: bad data
+LAST_SEEN_RESOLUTION = timedelta(seconds=1)
 
 Decoded = protocol.Reported | protocol.Event | protocol.TelemetryBatch | protocol.Status
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Inbound:
+    """One MQTT message as received: ``received_at`` is the server's clock (epoch seconds) when paho
+    delivered it; ``mid``/``qos`` acknowledge it once stored; ``retain`` marks a retained snapshot
+    delivered on subscribing (possibly old: no clock offset is measured from those)."""
+
     topic: str
     payload: bytes
+    received_at: float = 0.0
+    retain: bool = False
+    mid: int = 0
+    qos: int = 0
 
 
 def decode(msg: Inbound) -> tuple[str, protocol.Channel, Decoded] | None:
@@ -49,6 +72,8 @@ def decode(msg: Inbound) -> tuple[str, protocol.Channel, Decoded] | None:
         decoded = protocol.decode_telemetry(msg.payload, device_id)
         if not 0 < len(decoded.batch_id) <= MAX_BATCH_ID:
             raise protocol.ProtocolError(f"telemetry batch_id must be 1..{MAX_BATCH_ID} characters")
+        if decoded.window_start.tzinfo is None or decoded.window_end.tzinfo is None:
+            raise protocol.ProtocolError("telemetry window times need a UTC offset")
     elif channel is protocol.Channel.STATUS:
         decoded = protocol.decode_status(msg.payload, device_id)
     else:
@@ -56,9 +81,15 @@ def decode(msg: Inbound) -> tuple[str, protocol.Channel, Decoded] | None:
     return device_id, channel, decoded
 
 
+Item = tuple[str, Decoded, Inbound]
+
+
 def ingest_batch(engine: Engine, messages: Sequence[Inbound], counters: Counters) -> None:
-    """Decode and store a batch in one transaction; on a database error retry one by one."""
-    items: list[tuple[str, Decoded]] = []
+    """Decode and store a flush in one transaction; on a data error retry one by one.
+
+    Raises the ``TRANSIENT_ERRORS`` (database down or locked): nothing of the flush is
+    committed then, and the caller must retry it before acknowledging any of it."""
+    items: list[Item] = []
     for msg in messages:
         try:
             got = decode(msg)
@@ -67,54 +98,116 @@ def ingest_batch(engine: Engine, messages: Sequence[Inbound], counters: Counters
             log.warning("malformed message on %s: %s", msg.topic, str(exc)[:300])
             continue
         if got is not None:
-            items.append((got[0], got[2]))
+            items.append((got[0], got[2], msg))
     if not items:
         return
     try:
         _store(engine, items, counters)
+    except TRANSIENT_ERRORS:
+        raise
     except SQLAlchemyError:
-        log.exception("batch of %d messages failed; storing one by one", len(items))
+        log.exception("flush of %d messages failed; storing one by one", len(items))
         for item in items:
             try:
                 _store(engine, [item], counters)
+            except TRANSIENT_ERRORS:
+                raise
             except SQLAlchemyError:
+                counters.add("dropped_messages")
                 log.exception("dropping a message from %s", item[0])
 
 
-def _store(engine: Engine, items: Sequence[tuple[str, Decoded]], counters: Counters) -> None:
-    """Snapshots and events one by one (few); telemetry set-based (telemetry_store.py)."""
+def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> None:
+    """Snapshots and events through the ORM (few); telemetry set-based (telemetry_store.py)."""
     pending = Counters()
-    now = utcnow()
-    with new_session(engine) as session:
-        ids = sorted({device_id for device_id, _ in items})
-        devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(ids))).all()}
-        telemetry: list[protocol.TelemetryBatch] = []
-        for device_id, msg in items:
-            device = devices.get(device_id)
-            if device is None:
+    telemetry = [msg for _, msg, _ in items if isinstance(msg, protocol.TelemetryBatch)]
+    prepared = prepare(engine.dialect.name, telemetry) if telemetry else None  # before the transaction
+    with _sqlite_writer(engine), new_session(engine) as session:
+        now = utcnow()
+        ids = sorted({device_id for device_id, _, _ in items})
+        conn = session.connection()
+        # The first statement writes: it marks the registered senders seen (to the second: rows
+        # seen less than LAST_SEEN_RESOLUTION ago are left alone, so concurrent workers rarely
+        # wait on each other's device row locks), and on SQLite it takes the (single) write lock
+        # for the whole transaction, whether or not it changes a row.
+        conn.execute(
+            update(Device)
+            .where(col(Device.id).in_(ids))
+            .where(or_(col(Device.last_seen).is_(None), col(Device.last_seen) < now - LAST_SEEN_RESOLUTION))
+            .values(last_seen=now)
+        )
+        snapshot_ids = sorted({d for d, msg, _ in items if not isinstance(msg, protocol.TelemetryBatch)})
+        devices: dict[str, Device] = {}
+        if snapshot_ids:
+            devices = {
+                d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(snapshot_ids))).all()
+            }
+        known = set(devices) | set(
+            conn.execute(select(col(Device.id)).where(col(Device.id).in_(ids))).scalars()
+        )
+        registered_telemetry = 0
+        for device_id, msg, inbound in items:
+            if device_id not in known:
                 pending.add("unregistered_messages")
                 continue
-            device.last_seen = now
+            if isinstance(msg, protocol.TelemetryBatch):
+                registered_telemetry += 1
+                continue
+            device = devices[device_id]
+            received = datetime.fromtimestamp(inbound.received_at, UTC) if inbound.received_at else now
             if isinstance(msg, protocol.Reported):
                 _apply_reported(session, device, msg, now)
+                _clock_offset(device, msg.ts, received, inbound)
                 pending.add("reported")
             elif isinstance(msg, protocol.Event):
-                session.add(_event_row(msg, now))
+                session.add(_event_row(msg, received))
                 pending.add("events")
-            elif isinstance(msg, protocol.TelemetryBatch):
-                telemetry.append(msg)
             else:
                 device.online = msg.state == "online"
+                if device.online:
+                    _clock_offset(device, msg.ts, received, inbound)
                 pending.add("status")
             session.add(device)
         session.flush()
-        stored = store_telemetry(session, telemetry, now)
+        stored = store_prepared(session, prepared, now, known) if prepared is not None else 0
         pending.add("telemetry_batches", stored)
-        pending.add("duplicate_batches", len(telemetry) - stored)
+        pending.add("duplicate_batches", registered_telemetry - stored)
         session.commit()
     for name, value in pending.snapshot().items():
         if value:
             counters.add(name, value)
+
+
+_writer_locks: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def _sqlite_writer(engine: Engine) -> Iterator[None]:
+    """SQLite has one writer: the ingest processes of a server queue for it on an ``flock``, which
+    hands over as soon as it is released, instead of SQLite's busy handler, which polls with sleeps
+    of up to 100 ms. (Other writers, the API and the ticker, still meet the busy timeout.)"""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:":
+        yield
+        return
+    fd = _writer_locks.get(path)
+    if fd is None:
+        fd = _writer_locks[path] = os.open(f"{path}.ingest-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _clock_offset(device: Device, device_ts: datetime, received: datetime, inbound: Inbound) -> None:
+    """Record device clock minus server receive time, from live messages only: a retained snapshot
+    (delivered on subscribing) may be hours old, and a broker-sent will carries its connect time."""
+    if inbound.retain or not inbound.received_at:
+        return
+    ts = device_ts if device_ts.tzinfo is not None else device_ts.replace(tzinfo=UTC)
+    device.clock_offset_seconds = round((ts - received).total_seconds(), 3)
+    device.clock_offset_at = received
 
 
 def _apply_reported(session: Session, device: Device, msg: protocol.Reported, now: datetime) -> None:

@@ -82,6 +82,10 @@ class Device(SQLModel, table=True):
     deployment_seq: int = 0
     desired_seq: int = 0  # seq of the last directive the server published to this device
     agent_version: str | None = None
+    # The device's clock minus the server's receive time, measured on its last live (not retained)
+    # reported or online status message; informational only: decisions use server time alone.
+    clock_offset_seconds: float | None = None
+    clock_offset_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # server time measured
 
 
 class Model(SQLModel, table=True):
@@ -179,7 +183,7 @@ class TelemetryBatchRow(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("device_id", "batch_id", name="uq_telemetry_batch"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    device_id: str = Field(index=True)
+    device_id: str  # looked up through uq_telemetry_batch (device_id first): no index of its own
     batch_id: str = Field(max_length=128)
     window_start: datetime = Field(sa_type=UTCDateTime)
     window_end: datetime = Field(sa_type=UTCDateTime)

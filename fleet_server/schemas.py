@@ -59,6 +59,13 @@ class DeviceOut(BaseModel):
     desired_seq: int
     agent_version: str | None
     inventory: dict[str, Any] = Field(default_factory=dict, description="what the device reports it has")
+    clock_offset_seconds: float | None = Field(
+        default=None,
+        description="the device's clock minus the server's receive time, in seconds (transport delay"
+        " included), from its last live reported or online status message; null until measured."
+        " Informational: timeouts, soak and telemetry use the server's clock only",
+    )
+    clock_offset_at: datetime | None = Field(default=None, description="server time of that measurement")
 
 
 class ModelOut(BaseModel):
@@ -267,3 +274,7 @@ class StatsOut(BaseModel):
     reported: int
     status: int
     directives_published: int
+    dropped_messages: int = 0
+    mqtt_disconnects: int = Field(
+        default=0, description="unexpected MQTT disconnects of this replica's clients (keepalive missed, ...)"
+    )

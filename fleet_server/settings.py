@@ -28,6 +28,16 @@ class ServerSettings(BaseSettings):
     # None: a fresh id and a clean session per process (messages sent while it is away are lost).
     mqtt_client_id: str | None = None
     mqtt_session_expiry: int = 600  # seconds the broker keeps a stable-id replica's session
+    mqtt_keepalive: int = 30  # seconds; the broker drops a client silent for 1.5x this
+    # MQTT 5 Receive Maximum: unacknowledged messages the broker may send each client. Messages are
+    # acknowledged after their transaction commits, so this bounds what a crash can leave to redeliver
+    # and how far the server buffers ahead of the database (the broker queues the rest).
+    mqtt_receive_maximum: int = 2000
+    # Processes taking the telemetry and event streams (each its own MQTT client in the $share group),
+    # so decoding and storing never compete with the API and the main MQTT client for the GIL.
+    # 0: a thread of the server process does it (one process, e.g. for debugging).
+    ingest_workers: int = 2
+    ingest_max_batch: int = 1000  # messages stored per transaction at most
     shared_subscriptions: bool = True
     public_url: str = "http://127.0.0.1:8080"  # base URL devices download artifacts from
     tick_interval: float = 1.0  # seconds between rollout engine runs

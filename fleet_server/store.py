@@ -30,8 +30,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def make_engine(settings: ServerSettings) -> Engine:
-    """Create the engine and bring the schema to the newest Alembic revision."""
+def make_engine(settings: ServerSettings, migrate: bool = True) -> Engine:
+    """Create the engine and (unless ``migrate`` is False: ingest workers, whose parent
+    migrated) bring the schema to the newest Alembic revision."""
     url = settings.resolved_database_url()
     if url.startswith("sqlite"):
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
@@ -39,7 +40,8 @@ def make_engine(settings: ServerSettings) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
-    upgrade(engine)
+    if migrate:
+        upgrade(engine)
     return engine
 
 

@@ -1,51 +1,91 @@
-"""Store a batch of telemetry messages in a few set-based statements (the ingest hot path).
+"""Store a flush of telemetry batches in a few set-based statements (the ingest hot path).
 
 Per message the skeleton did a device lookup, a duplicate lookup and a
 read-modify-write of the aggregate, each behind an ORM autoflush: about 100
-batches/s. Here one transaction does, for N messages:
+batches/s. Now, for the N batches of one flush:
 
-1. one ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` of the batch rows: the
-   unique (device_id, batch_id) key both dedupes redelivered batches and tells
-   which ones are new (works on SQLite >= 3.35 and PostgreSQL);
-2. the new batches' figures summed in Python per (device, model hash);
-3. the aggregate rows created if missing, then read ``FOR UPDATE`` in key
-   order (PostgreSQL: two replicas adding to the same device's aggregate
-   serialise instead of losing an update; SQLite has one writer anyway), and
-   written back with one executemany.
+0. ``prepare``, before the transaction opens: dedupe within the flush, each
+   batch's row (SQLite: a tuple with its times already in SQLAlchemy's text
+   format; PostgreSQL: a JSON record, the validated batch as pydantic writes
+   it), and the figures summed per (device, model hash), histograms column by
+   column (``zip_longest`` in C), assuming every batch is new;
+1. ``store_prepared``, in the transaction: the dedupe. Every batch gets a row
+   keyed unique on (device_id, batch_id), so a redelivered batch counts once.
+   PostgreSQL: one ``INSERT ... SELECT FROM json_to_recordset(:rows) ON
+   CONFLICT DO NOTHING RETURNING`` (a fixed statement whatever the flush
+   size, prepared once by psycopg; no per-row SQL and no per-element array
+   escaping); SQLite: the keys already present read with one query under the
+   write lock the caller's first UPDATE took, then one raw ``executemany``;
+2. the aggregate rows created if missing, then read ``FOR UPDATE`` in key
+   order (PostgreSQL: two workers or replicas adding to the same device's
+   aggregate serialise instead of losing an update), and written back in one
+   statement: one row per (device, model) per flush, however many batches.
+   The sums of step 0 are used as they are when every batch was new and from
+   a registered device (the common case), recomputed otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from itertools import islice, zip_longest
 from typing import Any
 
-from sqlalchemy import bindparam, select, tuple_, update
+from pydantic import TypeAdapter
+from sqlalchemy import bindparam, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session, col
+from sqlmodel import Session
 
 from device_agent import protocol
 from fleet_server.gates import add_counts
-from fleet_server.models import ModelAggregate, TelemetryBatchRow
+from fleet_server.models import ModelAggregate
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_BINS = 128  # histograms longer than any protocol bounds are cut, not trusted
 MAX_CLASSES = 1000
+_MODELS_JSON = TypeAdapter(dict[str, protocol.ModelStats])
+
+# PostgreSQL statements with a fixed text whatever the flush size (prepared once by psycopg),
+# the rows passed as one JSON document: no per-row SQL, no per-element array escaping.
+_PG_INSERT_BATCHES = text(
+    "INSERT INTO telemetrybatchrow"
+    " (device_id, batch_id, window_start, window_end, inferences, errors, models, received_at)"
+    " SELECT r.device_id, r.batch_id, r.window_start, r.window_end, r.i, r.e, r.models, :now"
+    " FROM json_to_recordset(CAST(:rows AS json)) AS r(i bigint, e bigint, device_id varchar,"
+    " batch_id varchar, window_start timestamptz, window_end timestamptz, models json)"
+    " ON CONFLICT (device_id, batch_id) DO NOTHING RETURNING device_id, batch_id"
+)
+_PG_KEYS = "SELECT * FROM unnest(CAST(:d AS varchar[]), CAST(:s AS varchar[]))"
+_PG_CREATE_AGGREGATES = text(
+    "INSERT INTO modelaggregate (device_id, sha256, served_ok, inferences, errors, latency_buckets,"
+    " output_hist, class_hist, shadow_samples, shadow_agree, updated_at)"
+    f" SELECT k.d, k.s, 0, 0, 0, '[]', '[]', '{{}}', 0, 0, :now FROM ({_PG_KEYS}) AS k(d, s)"
+    " ON CONFLICT (device_id, sha256) DO NOTHING"
+)
+_PG_UPDATE_AGGREGATES = text(
+    "UPDATE modelaggregate AS a SET inferences = r.i, errors = r.e, latency_buckets = r.l,"
+    " output_hist = r.o, class_hist = r.c, shadow_samples = r.ss, shadow_agree = r.sa, updated_at = :now"
+    " FROM json_to_recordset(CAST(:rows AS json))"
+    " AS r(d varchar, s varchar, i bigint, e bigint, l json, o json, c json, ss bigint, sa bigint)"
+    " WHERE a.device_id = r.d AND a.sha256 = r.s"
+)
 
 
 def counts(values: Sequence[int]) -> list[int]:
     """A device's histogram as the gates may trust it: at most MAX_BINS bins, no negative counts."""
-    return [max(int(v), 0) for v in values[:MAX_BINS]]
+    cut = list(values[:MAX_BINS])
+    return cut if not cut or min(cut) >= 0 else [max(int(v), 0) for v in cut]
 
 
 @dataclass
 class _Delta:
     inferences: int = 0
     errors: int = 0
-    latency: tuple[int, ...] = ()
-    output: tuple[int, ...] = ()
+    latency: list[list[int]] = field(default_factory=list)
+    output: list[list[int]] = field(default_factory=list)
     classes: dict[str, int] = field(default_factory=dict)
     shadow_samples: int = 0
     shadow_agree: int = 0
@@ -60,98 +100,230 @@ def _insert(session: Session, table: Any) -> postgresql.Insert | sqlite.Insert:
     raise RuntimeError(f"unsupported database {dialect}")
 
 
-def store_telemetry(session: Session, batches: Sequence[protocol.TelemetryBatch], now: datetime) -> int:
-    """Store new batches and add them to the aggregates; returns how many were new (the rest: duplicates)."""
-    if not batches:
-        return 0
+@dataclass
+class Prepared:
+    """A flush's telemetry made ready before its transaction opens (decoded, deduped within the flush,
+    rows and per-(device, model) sums computed), so the transaction, which on SQLite holds the one
+    write lock and on PostgreSQL the aggregate row locks, only runs the statements."""
+
+    dialect: str
+    batches: dict[tuple[str, str], protocol.TelemetryBatch]
+    rows: dict[tuple[str, str], Any]  # per batch: the SQLite row tuple or the PostgreSQL JSON record
+    deltas: dict[tuple[str, str], _Delta]  # summed over every batch, assuming all are new
+
+
+def prepare(dialect: str, batches: Sequence[protocol.TelemetryBatch]) -> Prepared:
     unique: dict[tuple[str, str], protocol.TelemetryBatch] = {}
     for b in batches:
         unique.setdefault((b.device_id, b.batch_id), b)
-    rows = [
-        {
-            "device_id": b.device_id,
-            "batch_id": b.batch_id,
-            "window_start": b.window_start,
-            "window_end": b.window_end,
-            "inferences": sum(s.inferences for s in b.models.values()),
-            "errors": sum(sum(s.errors.values()) for s in b.models.values()),
-            "models": {sha: s.model_dump(mode="json") for sha, s in b.models.items()},
-            "received_at": now,
-        }
-        for b in unique.values()
-    ]
-    table = TelemetryBatchRow.__table__  # type: ignore[attr-defined]
-    stmt = (
-        _insert(session, table)
-        .on_conflict_do_nothing(index_elements=["device_id", "batch_id"])
-        .returning(table.c.device_id, table.c.batch_id)
-    )
-    new_keys = {(r[0], r[1]) for r in session.execute(stmt, rows)}
+    rows: dict[tuple[str, str], Any] = {}
+    for key, b in unique.items():
+        models = b.models.values()
+        inferences = sum(s.inferences for s in models)
+        errors = sum(sum(s.errors.values()) for s in models)
+        if dialect == "postgresql":
+            # the validated batch as pydantic writes it (an object: "{..."), the two sums in front
+            rows[key] = f'{{"i":{inferences},"e":{errors},{b.model_dump_json()[1:]}'
+        else:
+            models_json = _MODELS_JSON.dump_json(b.models).decode()
+            ws, we = _sqlite_time(b.window_start), _sqlite_time(b.window_end)
+            rows[key] = (key[0], key[1], ws, we, inferences, errors, models_json)
+    return Prepared(dialect, unique, rows, _deltas(unique.values()))
+
+
+def _deltas(batches: Iterable[protocol.TelemetryBatch]) -> dict[tuple[str, str], _Delta]:
     deltas: dict[tuple[str, str], _Delta] = {}
-    for key in new_keys:
-        _add(deltas, unique[key])
+    shas: dict[str, bool] = {}
+    for b in batches:
+        _add(deltas, b, shas)
+    return deltas
+
+
+def store_prepared(
+    session: Session, prep: Prepared, now: datetime, devices: Container[str] | None = None
+) -> int:
+    """``prepare``'s rows in (only those of ``devices`` when given: the registered ones), the aggregates
+    updated with the batches that were new; returns how many were."""
+    keys = [k for k in prep.rows if devices is None or k[0] in devices]
+    if not keys:
+        return 0
+    if prep.dialect == "postgresql":
+        new_keys = _insert_new_pg(session, [prep.rows[k] for k in keys], now)
+    else:
+        new_keys = _insert_new_sqlite(session, prep, keys, now)
+    # the common case: every batch of the flush was new and from a registered device
+    deltas = prep.deltas if len(new_keys) == len(prep.batches) else _deltas(prep.batches[k] for k in new_keys)
     if deltas:
         _apply(session, deltas, now)
     return len(new_keys)
 
 
-def _add(deltas: dict[tuple[str, str], _Delta], b: protocol.TelemetryBatch) -> None:
+def _insert_new_pg(session: Session, records: list[str], now: datetime) -> set[tuple[str, str]]:
+    rows = session.connection().execute(_PG_INSERT_BATCHES, {"rows": f"[{','.join(records)}]", "now": now})
+    return {(r[0], r[1]) for r in rows}
+
+
+_SQLITE_INSERT_BATCH = (
+    "INSERT INTO telemetrybatchrow"
+    " (device_id, batch_id, window_start, window_end, inferences, errors, models, received_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _sqlite_time(t: datetime) -> str:
+    """What ``UTCDateTime`` stores on SQLite (UTC, SQLAlchemy's text format), without its per-value
+    bind processing: the batch rows go in with one raw ``executemany``."""
+    if t.tzinfo is None:
+        raise ValueError("naive datetime in a telemetry batch")
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _sqlite_chunks(keys: list[tuple[str, str]]) -> Iterator[tuple[list[tuple[str, str]], str]]:
+    """Key pairs in chunks (SQLite binds at most 32,766 parameters) with their ``VALUES`` marks.
+
+    Looked up as a join on the VALUES list: SQLite plans ``(a, b) IN (VALUES ...)`` as a scan of
+    the whole index (a flush got slower as the table grew), the join as one index search per key."""
+    for i in range(0, len(keys), 400):
+        chunk = keys[i : i + 400]
+        yield chunk, ",".join(["(?,?)"] * len(chunk))
+
+
+def _insert_new_sqlite(
+    session: Session, prep: Prepared, keys: list[tuple[str, str]], now: datetime
+) -> set[tuple[str, str]]:
+    conn = session.connection()
+    seen: set[tuple[str, str]] = set()
+    for chunk, marks in _sqlite_chunks(keys):
+        seen.update(
+            (r[0], r[1])
+            for r in conn.exec_driver_sql(
+                f"SELECT t.device_id, t.batch_id FROM (VALUES {marks}) AS k"
+                " JOIN telemetrybatchrow AS t ON t.device_id = k.column1 AND t.batch_id = k.column2",
+                tuple(v for k in chunk for v in k),
+            )
+        )
+    new = [k for k in keys if k not in seen]
+    received = _sqlite_time(now)
+    if new:
+        conn.exec_driver_sql(_SQLITE_INSERT_BATCH, [(*prep.rows[k], received) for k in new])
+    return set(new)
+
+
+def _add(deltas: dict[tuple[str, str], _Delta], b: protocol.TelemetryBatch, shas: dict[str, bool]) -> None:
     for sha, s in b.models.items():
-        if not SHA256_RE.match(sha):
+        ok = shas.get(sha)
+        if ok is None:
+            ok = shas[sha] = SHA256_RE.match(sha) is not None
+        if not ok:
             continue
-        d = deltas.setdefault((b.device_id, sha), _Delta())
-        d.inferences += max(s.inferences, 0)
-        d.errors += sum(max(v, 0) for v in s.errors.values())
+        key = (b.device_id, sha)
+        d = deltas.get(key)
+        if d is None:
+            d = deltas[key] = _Delta()
+        if s.inferences > 0:
+            d.inferences += s.inferences
+        if s.errors:
+            d.errors += sum(v for v in s.errors.values() if v > 0)
         if s.latency_buckets:
-            d.latency = add_counts(d.latency, counts(s.latency_buckets))
+            d.latency.append(counts(s.latency_buckets))
         if s.output_hist:
-            d.output = add_counts(d.output, counts(s.output_hist))
-        for cls, n in list(s.class_hist.items())[:MAX_CLASSES]:
-            d.classes[cls[:64]] = d.classes.get(cls[:64], 0) + max(n, 0)
-    for sha, sh in b.shadow.items():
-        if not SHA256_RE.match(sha) or sh.samples < 0 or not 0 <= sh.top1_agree <= sh.samples:
-            continue
-        d = deltas.setdefault((b.device_id, sha), _Delta())
-        d.shadow_samples += sh.samples
-        d.shadow_agree += sh.top1_agree
+            d.output.append(counts(s.output_hist))
+        if s.class_hist:
+            classes = d.classes
+            for cls, n in islice(s.class_hist.items(), MAX_CLASSES):
+                if len(cls) > 64:
+                    cls = cls[:64]
+                classes[cls] = classes.get(cls, 0) + (n if n > 0 else 0)
+    if b.shadow:
+        for sha, sh in b.shadow.items():
+            if not SHA256_RE.match(sha) or sh.samples < 0 or not 0 <= sh.top1_agree <= sh.samples:
+                continue
+            d = deltas.setdefault((b.device_id, sha), _Delta())
+            d.shadow_samples += sh.samples
+            d.shadow_agree += sh.top1_agree
+
+
+def _columns(rows: list[list[int]]) -> tuple[int, ...]:
+    return tuple(sum(c) for c in zip_longest(*rows, fillvalue=0)) if rows else ()
 
 
 def _apply(session: Session, deltas: dict[tuple[str, str], _Delta], now: datetime) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        _apply_pg(session, deltas, now)
+        return
     keys = sorted(deltas)
     table = ModelAggregate.__table__  # type: ignore[attr-defined]
     session.execute(
         _insert(session, table).on_conflict_do_nothing(index_elements=["device_id", "sha256"]),
         [{"device_id": k[0], "sha256": k[1], "updated_at": now} for k in keys],
     )
-    current = session.execute(
-        select(table)
-        .where(tuple_(col(ModelAggregate.device_id), col(ModelAggregate.sha256)).in_(keys))
-        .order_by(table.c.device_id, table.c.sha256)
-        .with_for_update()
-    ).mappings()
+    current = []
+    for chunk, marks in _sqlite_chunks(keys):
+        for r in session.connection().exec_driver_sql(
+            "SELECT a.device_id, a.sha256, a.inferences, a.errors, a.latency_buckets, a.output_hist,"
+            f" a.class_hist, a.shadow_samples, a.shadow_agree FROM (VALUES {marks}) AS k"
+            " JOIN modelaggregate AS a ON a.device_id = k.column1 AND a.sha256 = k.column2",
+            tuple(v for k in chunk for v in k),
+        ):
+            row = dict(r._mapping)
+            for name in ("latency_buckets", "output_hist", "class_hist"):
+                row[name] = json.loads(row[name]) if row[name] else None
+            current.append(row)
     params = []
     for row in current:
-        d = deltas[(row["device_id"], row["sha256"])]
-        classes = dict(row["class_hist"] or {})
-        for cls, n in d.classes.items():
-            classes[cls] = classes.get(cls, 0) + n
-        params.append(
-            {
-                "k_device": row["device_id"],
-                "k_sha": row["sha256"],
-                "inferences": row["inferences"] + d.inferences,
-                "errors": row["errors"] + d.errors,
-                "latency_buckets": list(add_counts(row["latency_buckets"] or [], d.latency)),
-                "output_hist": list(add_counts(row["output_hist"] or [], d.output)),
-                "class_hist": classes,
-                "shadow_samples": row["shadow_samples"] + d.shadow_samples,
-                "shadow_agree": row["shadow_agree"] + d.shadow_agree,
-                "updated_at": now,
-            }
-        )
+        new = _sum(row, deltas[(row["device_id"], row["sha256"])])
+        params.append({"k_device": row["device_id"], "k_sha": row["sha256"], **new, "updated_at": now})
     stmt = (
         update(table)
         .where(table.c.device_id == bindparam("k_device"), table.c.sha256 == bindparam("k_sha"))
         .execution_options(synchronize_session=False)
     )
     session.connection().execute(stmt, params)
+
+
+def _apply_pg(session: Session, deltas: dict[tuple[str, str], _Delta], now: datetime) -> None:
+    keys = sorted(deltas)
+    conn = session.connection()
+    ks = {"d": [k[0] for k in keys], "s": [k[1] for k in keys]}
+    conn.execute(_PG_CREATE_AGGREGATES, {**ks, "now": now})
+    current = conn.execute(
+        text(
+            "SELECT device_id, sha256, inferences, errors, latency_buckets, output_hist, class_hist,"
+            f" shadow_samples, shadow_agree FROM modelaggregate WHERE (device_id, sha256) IN ({_PG_KEYS})"
+            " ORDER BY device_id, sha256 FOR UPDATE"
+        ),
+        ks,
+    ).mappings()
+    rows = []
+    for row in current:
+        new = _sum(row, deltas[(row["device_id"], row["sha256"])])
+        rows.append(
+            {
+                "d": row["device_id"],
+                "s": row["sha256"],
+                "i": new["inferences"],
+                "e": new["errors"],
+                "l": new["latency_buckets"],
+                "o": new["output_hist"],
+                "c": new["class_hist"],
+                "ss": new["shadow_samples"],
+                "sa": new["shadow_agree"],
+            }
+        )
+    conn.execute(_PG_UPDATE_AGGREGATES, {"rows": json.dumps(rows), "now": now})
+
+
+def _sum(row: Any, d: _Delta) -> dict[str, Any]:
+    """An aggregate row plus a flush's delta (histograms bucket by bucket)."""
+    classes = dict(row["class_hist"] or {})
+    for cls, n in d.classes.items():
+        classes[cls] = classes.get(cls, 0) + n
+    return {
+        "inferences": row["inferences"] + d.inferences,
+        "errors": row["errors"] + d.errors,
+        "latency_buckets": list(add_counts(row["latency_buckets"] or [], _columns(d.latency))),
+        "output_hist": list(add_counts(row["output_hist"] or [], _columns(d.output))),
+        "class_hist": classes,
+        "shadow_samples": row["shadow_samples"] + d.shadow_samples,
+        "shadow_agree": row["shadow_agree"] + d.shadow_agree,
+    }

@@ -20,7 +20,7 @@ from fleet_server.migrate import alembic_config, current_revision
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine
 
-HEAD = "0003"
+HEAD = "0004"
 
 
 def _assert_models_match(url: str) -> None:

@@ -1,0 +1,458 @@
+"""Ingest pipelines and the ingest worker process: MQTT in, stored, acknowledged after commit.
+
+``Pipeline``: paho's ``on_message`` only appends the raw message to a queue
+(a few microseconds, so the network thread always gets back to keepalives);
+one store thread takes everything queued (up to ``max_batch``), decodes and
+stores it in one transaction (``ingest.ingest_batch``), and only after the
+commit sends the PUBACKs (paho ``manual_ack``). A database error that is
+transient (down, locked) retries the same flush with a backoff and
+acknowledges nothing meanwhile.
+
+``IngestWorker``: the telemetry and event streams are taken by separate
+processes (``settings.ingest_workers``, default 2; events to the first one
+only, to keep a device's events in order), each with its own MQTT client in
+the replica's ``$share`` group, so decoding, aggregating and
+storing thousands of batches per second never competes for the GIL with the
+API, the engine ticker or the main MQTT client (which keeps the retained
+snapshots and publishes directives). Workers are forked from a
+``forkserver`` that has this module imported already (~tens of ms per
+worker after the first). The parent reads each worker's counters and state
+over a pipe; a worker exits when the pipe closes (its server died) and the
+server restarts a worker that died.
+
+Delivery guarantee (QoS 1): a message is acknowledged to the broker only
+after the transaction holding it committed (or after it was judged malformed,
+unregistered or refused by the database for its data, which are counted and
+logged). If the server dies between delivery and commit, the broker still
+holds the message as unacknowledged: with a stable ``mqtt_client_id`` (a
+persistent session) it is delivered again when the replica reconnects, and
+telemetry is deduped on (device_id, batch_id), so it counts exactly once;
+events may then be stored twice (they are idempotent for the engine). With
+a random client id (clean session, the default) the broker discards the
+session and its unacknowledged messages when the connection drops: run
+replicas with a stable id when telemetry must not be lost.
+
+Flow control: the workers ask for MQTT 5 Receive Maximum
+(``mqtt_receive_maximum``) and ``on_message`` holds paho's thread while that
+many messages wait (Mosquitto 2.0 sends past Receive Maximum once PUBACKs
+flow), so a slow database pushes back to the broker's queue instead of growing
+the server's memory; see ``acks_are_activity`` for the keepalive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from sqlalchemy import Engine
+
+from device_agent import protocol
+from fleet_server.counters import Counters
+from fleet_server.ingest import TRANSIENT_ERRORS, Inbound, ingest_batch
+from fleet_server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+STREAM_CHANNELS = (protocol.Channel.EVENTS, protocol.Channel.TELEMETRY)
+REPORT_INTERVAL = 0.05  # seconds between a worker's state reports to its server
+
+
+class Pipeline:
+    """Raw messages in (any thread), stored in flushes by one thread, then acknowledged."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        counters: Counters,
+        ack: Callable[[int, int], Any] | None,
+        max_batch: int = 1000,
+        name: str = "ef-ingest",
+        max_backlog: int = 4000,
+        max_wait: float = 5.0,
+    ) -> None:
+        self.engine, self.counters, self.ack, self.max_batch = engine, counters, ack, max_batch
+        self.max_backlog, self.max_wait = max(max_backlog, 2 * max_batch), max_wait
+        self.on_acked: Callable[[], None] | None = None
+        self._queue: queue.SimpleQueue[Inbound | None] = queue.SimpleQueue()
+        self._busy = 0  # messages taken from the queue but not stored yet
+        self._progress = time.monotonic()  # when the store thread last finished a flush (or idled)
+        self._stopping = threading.Event()
+        self._discard = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, msg: Inbound) -> None:
+        """From paho's ``on_message``: O(1), never blocks."""
+        self._queue.put(msg)
+
+    def on_message(self, _c: mqtt.Client, _ud: Any, m: mqtt.MQTTMessage) -> None:
+        """paho's callback: enqueue, O(1).
+
+        Backpressure: while ``max_backlog`` messages wait and the store thread is making progress,
+        hold the network thread (a few ms at a time), so the excess stays at the broker instead of
+        this process's memory (needed because Mosquitto 2.0 sends past the client's Receive
+        Maximum once acknowledgements flow). Never while the store thread is stalled for more than
+        ``max_wait`` (a slow or unavailable database): then paho must keep reading, or a PINGRESP
+        queued behind the deliveries would not be read within the keepalive."""
+        while (
+            self._queue.qsize() >= self.max_backlog
+            and time.monotonic() - self._progress < self.max_wait
+            and not self._stopping.is_set()
+        ):
+            time.sleep(0.002)
+        self._queue.put(Inbound(m.topic, bytes(m.payload), time.time(), bool(m.retain), m.mid, m.qos))
+
+    @property
+    def backlog(self) -> int:
+        """Messages received but not stored (and not acknowledged) yet."""
+        return self._queue.qsize() + self._busy
+
+    def stop(self, discard_backlog: bool = False, timeout: float = 15.0) -> None:
+        """Store (and acknowledge) what was received, unless ``discard_backlog``; then end the thread."""
+        self._discard = discard_backlog
+        self._stopping.set()
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._progress = time.monotonic()
+            item = self._queue.get()
+            if item is None:
+                return
+            self._progress = time.monotonic()
+            batch = [item]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            if self._discard:
+                return
+            self._busy = len(batch)
+            self._store(batch)
+            self._busy = 0
+            if stop:
+                return
+
+    def _store(self, batch: list[Inbound]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                ingest_batch(self.engine, batch, self.counters)
+                break
+            except TRANSIENT_ERRORS:
+                if self._stopping.is_set():
+                    log.error(
+                        "database unavailable while stopping: %d messages left unacknowledged", len(batch)
+                    )
+                    return  # not acknowledged: the broker keeps them (persistent session)
+                log.exception(
+                    "database unavailable; retrying a flush of %d messages in %.1fs", len(batch), delay
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception:  # never let one bad flush kill ingest
+                log.exception("ingest of %d messages failed", len(batch))
+                break
+        if self.ack is not None:
+            acked = False
+            for m in batch:
+                if m.qos:
+                    self.ack(m.mid, m.qos)
+                    acked = True
+            if acked and self.on_acked is not None:
+                self.on_acked()
+
+
+def pipeline_for(
+    settings: ServerSettings, engine: Engine, counters: Counters, client: mqtt.Client
+) -> Pipeline:
+    pipeline = Pipeline(
+        engine,
+        counters,
+        client.ack,
+        settings.ingest_max_batch,
+        max_backlog=settings.mqtt_receive_maximum,
+        max_wait=settings.mqtt_keepalive / 3,
+    )
+    pipeline.on_acked = lambda: acks_are_activity(client)
+    return pipeline
+
+
+def acks_are_activity(client: mqtt.Client) -> None:
+    """Tell paho that PUBACKs went out, so it pings only after ``keepalive`` without any packet sent.
+
+    paho 2.2 never counts ordinary writes as activity (eclipse-paho/paho.mqtt.python#813): it sends
+    a PINGREQ every keepalive however busy the connection, and expects the PINGRESP within the next
+    keepalive. Mosquitto 2.0 queues that PINGRESP behind every delivery it has already packetised
+    for us, and it packetises past our Receive Maximum once acknowledgements flow: a consumer a few
+    seconds behind the publishers then misses the PINGRESP and paho drops the connection ("keep
+    alive timeout") although the link is busy and healthy. PUBACKs are control packets: by MQTT
+    they satisfy the keepalive (the broker's 1.5x timer counts them too).
+    """
+    mutex = getattr(client, "_msgtime_mutex", None)
+    if mutex is not None and hasattr(client, "_last_msg_out"):
+        with mutex:
+            client._last_msg_out = mqtt.time_func()
+
+
+def connect_properties(settings: ServerSettings, persistent: bool) -> Properties | None:
+    if settings.mqtt_version != 5:
+        return None
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = settings.mqtt_session_expiry if persistent else 0
+    # Bounds the unacknowledged messages the broker sends us: acks wait for the commit.
+    props.ReceiveMaximum = settings.mqtt_receive_maximum
+    return props
+
+
+def new_client(settings: ServerSettings, client_id: str, persistent: bool) -> mqtt.Client:
+    v5 = settings.mqtt_version == 5
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else not persistent,
+        manual_ack=True,
+    )
+    client.reconnect_delay_set(min_delay=1, max_delay=10)
+    client.max_queued_messages_set(0)
+    return client
+
+
+def connect(client: mqtt.Client, settings: ServerSettings, persistent: bool) -> None:
+    client.connect_async(
+        settings.mqtt_host,
+        settings.mqtt_port,
+        keepalive=settings.mqtt_keepalive,
+        clean_start=not persistent if settings.mqtt_version == 5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+        properties=connect_properties(settings, persistent),
+    )
+    client.loop_start()
+
+
+def stream_filters(
+    settings: ServerSettings, channels: tuple[protocol.Channel, ...] = STREAM_CHANNELS
+) -> list[str]:
+    return [
+        protocol.shared_subscription(ch) if settings.shared_subscriptions else protocol.wildcard(ch)
+        for ch in channels
+    ]
+
+
+def worker_channels(index: int) -> tuple[protocol.Channel, ...]:
+    """Events go to the replica's first worker only: one device's events stay in order within a
+    replica (the engine reads them in arrival order); telemetry (sums) to every worker."""
+    return STREAM_CHANNELS if index == 0 else (protocol.Channel.TELEMETRY,)
+
+
+# --- the worker process --------------------------------------------------------------------------
+
+
+def worker_main(
+    settings: ServerSettings, client_id: str, channels: tuple[protocol.Channel, ...], conn: Connection
+) -> None:
+    """Entry point of an ingest worker process: until told to stop, or until its server is gone."""
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s ingest[{os.getpid()}] %(message)s")
+    from fleet_server.store import make_engine
+
+    engine = make_engine(settings, migrate=False)
+    # Thousands of short-lived objects per flush (decoded batches, rows): with the default
+    # thresholds the collector rescans every module-level object over and over (~25% of the
+    # store thread's CPU, measured). Everything alive now lives as long as the process.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+    counters = Counters()
+    persistent = settings.mqtt_client_id is not None
+    client = new_client(settings, client_id, persistent)
+    pipeline = pipeline_for(settings, engine, counters, client)
+    subscribed = threading.Event()
+    pending: set[int] = set()
+
+    def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None) -> None:
+        if rc.is_failure:
+            log.error("MQTT connect refused: %s", rc)
+            return
+        result, mid = c.subscribe([(f, 1) for f in stream_filters(settings, channels)])
+        if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            pending.add(mid)
+
+    def on_subscribe(
+        _c: mqtt.Client, _u: Any, mid: int, rcs: list[ReasonCode], _p: Properties | None
+    ) -> None:
+        if any(rc.is_failure for rc in rcs):
+            log.error("subscription refused: %s", rcs)
+            return
+        pending.discard(mid)
+        if not pending:
+            subscribed.set()
+
+    def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None) -> None:
+        subscribed.clear()
+        if rc.is_failure:
+            counters.add("mqtt_disconnects")
+            log.warning("MQTT disconnected (%s); paho reconnects", rc)
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_disconnect = on_disconnect
+    client.on_message = pipeline.on_message
+    pipeline.start()
+    connect(client, settings, persistent)
+    done = threading.Event()
+
+    def report() -> None:
+        last: dict[str, Any] = {}
+        while True:
+            state = {
+                "counters": counters.snapshot(),
+                "subscribed": subscribed.is_set(),
+                "connected": client.is_connected(),
+                "backlog": pipeline.backlog,
+            }
+            if state != last:
+                try:
+                    conn.send(state)
+                except OSError:
+                    return
+                last = state
+            if done.wait(REPORT_INTERVAL):
+                with contextlib.suppress(OSError):
+                    conn.send({**state, "counters": counters.snapshot(), "backlog": pipeline.backlog})
+                return
+
+    reporter = threading.Thread(target=report, name="ef-ingest-report", daemon=True)
+    reporter.start()
+    discard = False
+    try:
+        msg = conn.recv()  # blocks until the server says stop, or EOF: the server is gone
+        discard = bool(msg.get("discard_backlog")) if isinstance(msg, dict) else False
+    except (EOFError, OSError):
+        discard = False
+    pipeline.stop(discard_backlog=discard)  # store and acknowledge what was received
+    client.disconnect()  # after the PUBACKs: paho sends queued packets in order
+    client.loop_stop()
+    done.set()
+    reporter.join(2)
+    engine.dispose()
+
+
+def _context() -> Any:
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        # The forkserver imports this module (and with it sqlalchemy, pydantic, paho) once;
+        # a no-op once the forkserver runs.
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class IngestWorker:
+    """The server's handle on one ingest worker process (started, watched, restarted, stopped)."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        client_id: str,
+        counters: Counters,
+        on_change: Callable[[], None],
+        channels: tuple[protocol.Channel, ...] = STREAM_CHANNELS,
+    ) -> None:
+        self.settings, self.client_id, self.counters, self.channels = settings, client_id, counters, channels
+        self._on_change = on_change
+        self.subscribed = False
+        self.connected = False
+        self.backlog = 0
+        self._stopping = False
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> None:
+        ctx = _context()
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=worker_main,
+            args=(self.settings, self.client_id, self.channels, child),
+            name="ef-ingest-worker",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        self._proc, self._conn = proc, parent
+        self._reader = threading.Thread(
+            target=self._read, args=(parent,), name="ef-ingest-watch", daemon=True
+        )
+        self._reader.start()
+
+    def stop(self, discard_backlog: bool = False, timeout: float = 15.0) -> None:
+        self._stopping = True
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send({"stop": True, "discard_backlog": discard_backlog})
+        if self._proc is not None:
+            self._proc.join(timeout)
+            if self._proc.is_alive():
+                log.error("ingest worker %s did not stop; terminating it", self._proc.pid)
+                self._proc.terminate()
+                self._proc.join(5)
+        if self._reader is not None:
+            self._reader.join(5)
+
+    def _read(self, conn: Connection) -> None:
+        seen: dict[str, int] = {}
+        while True:
+            try:
+                state = conn.recv()
+            except (EOFError, OSError):
+                break
+            for name, value in state["counters"].items():
+                delta = value - seen.get(name, 0)
+                if delta:
+                    self.counters.add(name, delta)
+                seen[name] = value
+            self.subscribed, self.connected, self.backlog = (
+                state["subscribed"],
+                state["connected"],
+                state["backlog"],
+            )
+            self._on_change()
+        conn.close()
+        self.subscribed = self.connected = False
+        self.backlog = 0
+        self._on_change()
+        if not self._stopping:
+            if self._proc is not None:
+                self._proc.join(2)
+            code = self._proc.exitcode if self._proc is not None else None
+            log.error("ingest worker %s died (exit code %s); restarting it", self.pid, code)
+            time.sleep(1.0)
+            if not self._stopping:
+                self.start()

@@ -1,0 +1,238 @@
+"""Ingest: acknowledged after commit, redelivered after a crash, keepalive kept under load, and device
+clocks recorded but never trusted."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy.exc import OperationalError
+
+from device_agent import protocol
+from edgefleet.broker import BrokerInfo
+from fleet_server import ingest_worker
+from fleet_server.counters import Counters
+from fleet_server.ingest import Inbound, ingest_batch
+from fleet_server.ingest_worker import Pipeline
+from fleet_server.models import Device, ModelAggregate
+from fleet_server.runner import ServerThread
+from fleet_server.settings import ServerSettings
+from fleet_server.store import make_engine, new_session
+from signing.keyring import KeyDir
+
+from .conftest import FakeDevice, make_bundle, register, stats, upload, wait_for
+from .test_mqtt import reported, telemetry
+from .test_rollout_flow import directives, status
+
+SHA = "cd" * 32
+
+
+def test_a_flush_is_acknowledged_only_after_its_commit_and_retried_on_a_transient_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(ServerSettings(data_dir=tmp_path))
+    with new_session(engine) as session:
+        session.add(Device(id="ack-1", hardware_id="rpi4"))
+        session.commit()
+    acks: list[int] = []
+    calls: list[list[int]] = []
+    real = ingest_worker.ingest_batch
+
+    def flaky(engine_: object, batch: list[Inbound], counters: Counters) -> None:
+        calls.append([m.mid for m in batch])
+        assert acks == [], "acknowledged before the commit"
+        if len(calls) == 1:
+            raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+        real(engine, batch, counters)
+
+    monkeypatch.setattr(ingest_worker, "ingest_batch", flaky)
+    counters = Counters()
+    pipeline = Pipeline(engine, counters, lambda mid, _qos: acks.append(mid))
+    topic = protocol.topic("ack-1", protocol.Channel.TELEMETRY)
+    for mid in (1, 2, 3):
+        pipeline.put(Inbound(topic, telemetry("ack-1", f"a{mid}", SHA, 2), time.time(), False, mid, 1))
+    pipeline.start()
+    wait_for(lambda: acks == [1, 2, 3], timeout=10)
+    pipeline.stop()
+    assert calls == [[1, 2, 3], [1, 2, 3]]  # the same flush again, after a backoff
+    assert counters.telemetry_batches == 3
+    with new_session(engine) as session:
+        agg = session.get(ModelAggregate, ("ack-1", SHA))
+        assert agg is not None and agg.inferences == 6
+    engine.dispose()
+
+
+def test_batches_delivered_to_a_worker_that_dies_before_committing_are_redelivered(
+    make_server: Callable[..., ServerThread], fake_device: Callable[[str], FakeDevice]
+) -> None:
+    """Persistent session (stable client id): the broker holds what it delivered until the PUBACK,
+    which is sent after the commit; the server restarts its dead worker, which gets them again."""
+    server = make_server(mqtt_client_id=f"ef-crash-{uuid.uuid4().hex[:8]}", shared_subscriptions=False)
+    assert server.context.bridge is not None
+    worker = server.context.bridge.workers[0]
+    assert worker.pid is not None and worker.pid != os.getpid()  # ingest runs in its own process
+    api = httpx.Client(base_url=server.url, timeout=10)
+    register(api, "crash-1")
+    dev = fake_device("crash-1")
+    os.kill(worker.pid, signal.SIGSTOP)  # receives nothing, acknowledges nothing
+    try:
+        for i in range(5):
+            dev.publish("telemetry", telemetry("crash-1", f"c{i}", SHA, 1))
+        time.sleep(0.3)  # the broker has written them to the stopped worker's socket
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+    wait_for(lambda: stats(api)["telemetry_batches"] == 5, timeout=20)
+    assert stats(api)["duplicate_batches"] == 0
+    with new_session(server.context.engine) as session:
+        agg = session.get(ModelAggregate, ("crash-1", SHA))
+        assert agg is not None and agg.inferences == 5
+    api.close()
+
+
+def test_keepalive_holds_while_a_burst_of_telemetry_is_ingested(
+    make_server: Callable[..., ServerThread], broker_info: BrokerInfo
+) -> None:
+    """A 2 s keepalive: a network thread starved (or a PINGRESP stuck behind deliveries) for that
+    long disconnects, and is counted in ``mqtt_disconnects``."""
+    server = make_server(mqtt_keepalive=2)
+    api = httpx.Client(base_url=server.url, timeout=10)
+    devices = [f"burst-{i}" for i in range(10)]
+    for d in devices:
+        register(api, d)
+    n = 3000
+    payloads = [
+        (
+            protocol.topic(devices[k % 10], protocol.Channel.TELEMETRY),
+            telemetry(devices[k % 10], f"k{k}", SHA, 1),
+        )
+        for k in range(n)
+    ]
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"burst-{uuid.uuid4().hex[:8]}")
+    pub.connect(broker_info.host, broker_info.port)
+    pub.loop_start()
+    inflight: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
+    for topic, payload in payloads:
+        inflight.append(pub.publish(topic, payload, qos=1))
+        if len(inflight) >= 200:
+            inflight.popleft().wait_for_publish(10)
+    while inflight:
+        inflight.popleft().wait_for_publish(10)
+    pub.disconnect()
+    pub.loop_stop()
+    wait_for(lambda: stats(api)["telemetry_batches"] == n, timeout=60)
+    time.sleep(2.5)  # idle afterwards: keepalive pings on both clients
+    s = stats(api)
+    assert s["mqtt_disconnects"] == 0 and s["duplicate_batches"] == 0
+    assert server.context.bridge is not None and server.context.bridge.connected
+    assert api.get("/api/v1/server").json()["mqtt_connected"] is True
+    api.close()
+
+
+def test_device_clock_offset_is_recorded_and_never_used_for_time(
+    make_server: Callable[..., ServerThread],
+    keydir: KeyDir,
+    tmp_path: Path,
+    fake_device: Callable[[str], FakeDevice],
+) -> None:
+    ahead, behind = fake_device("skew-ahead"), fake_device("skew-behind")
+    server = make_server()
+    api = httpx.Client(base_url=server.url, timeout=10)
+    register(api, "skew-ahead")
+    register(api, "skew-behind")
+    model = upload(api, make_bundle(tmp_path, keydir.key("release"), name="skew")).json()
+    skew = {"skew-ahead": timedelta(hours=5), "skew-behind": -timedelta(days=2)}
+    for dev in (ahead, behind):
+        dev.subscribe_desired()
+        ts = datetime.now(UTC) + skew[dev.device_id]
+        dev.publish(
+            "status", protocol.encode(protocol.Status(device_id=dev.device_id, state="online", ts=ts))
+        )
+    for dev in (ahead, behind):
+        d = wait_for(lambda dev=dev: api.get(f"/api/v1/devices/{dev.device_id}").json()["clock_offset_at"])
+        assert d
+    out = {d: api.get(f"/api/v1/devices/{d}").json() for d in skew}
+    for d, delta in skew.items():
+        assert abs(out[d]["clock_offset_seconds"] - delta.total_seconds()) < 5
+        last_seen = datetime.fromisoformat(out[d]["last_seen"])
+        assert abs((last_seen - datetime.now(UTC)).total_seconds()) < 30  # the server's clock
+    schema = api.get("/openapi.json").json()["components"]["schemas"]["DeviceOut"]["properties"]
+    assert {"type": "number"} in schema["clock_offset_seconds"]["anyOf"]
+
+    # A rollout with a short device timeout: skewed device timestamps on every message (reported,
+    # events, telemetry windows) neither time a device out nor finish it early.
+    rid = api.post(
+        "/api/v1/rollouts",
+        json={"model": "skew:1", "stages": [100], "soak_seconds": 1, "device_timeout_seconds": 20},
+    ).json()["id"]
+    for dev in (ahead, behind):
+        d = wait_for(lambda dev=dev: directives(dev, keydir))[-1]
+        assert d.model is not None
+        ts = datetime.now(UTC) + skew[dev.device_id]
+        running = protocol.RunningModel(name="skew", version="1", sha256=d.model.sha256)
+        event = protocol.Event(
+            device_id=dev.device_id, seq=d.seq, state=protocol.DeploymentState.SERVING, ts=ts
+        )
+        dev.publish("events", protocol.encode(event))
+        dev.publish(
+            "reported",
+            reported(
+                dev.device_id,
+                running=running,
+                deployment_seq=d.seq,
+                deployment_state="serving",
+                served_ok={d.model.sha256: 5},
+                ts=ts,
+            ),
+            retain=True,
+        )
+        batch = protocol.TelemetryBatch(
+            device_id=dev.device_id,
+            batch_id="skewed",
+            window_start=ts - timedelta(seconds=60),
+            window_end=ts,
+            models={d.model.sha256: protocol.ModelStats(inferences=5)},
+        )
+        dev.publish("telemetry", protocol.encode_telemetry(batch))
+    wait_for(lambda: status(api, rid)["state"] == "completed", timeout=20)
+    assert status(api, rid)["devices"] == {"skew-ahead": "done", "skew-behind": "done"}
+    assert model["sha256"] == api.get("/api/v1/devices/skew-ahead").json()["running_model"]["sha256"]
+    api.close()
+
+
+def test_clock_offset_comes_from_live_messages_only(tmp_path: Path) -> None:
+    """A retained snapshot (delivered on subscribing) may be days old, and a will message carries
+    its connect time: neither gives an offset."""
+    engine = make_engine(ServerSettings(data_dir=tmp_path))
+    with new_session(engine) as session:
+        session.add(Device(id="off-1", hardware_id="rpi4"))
+        session.commit()
+    counters = Counters()
+    now = datetime.now(UTC)
+    topic = protocol.topic("off-1", protocol.Channel.REPORTED)
+    old = reported("off-1", ts=now - timedelta(days=3))
+    ingest_batch(engine, [Inbound(topic, old, time.time(), retain=True)], counters)
+    will = protocol.encode(protocol.Status(device_id="off-1", state="offline", ts=now - timedelta(days=3)))
+    ingest_batch(
+        engine, [Inbound(protocol.topic("off-1", protocol.Channel.STATUS), will, time.time())], counters
+    )
+    with new_session(engine) as session:
+        device = session.get(Device, "off-1")
+        assert device is not None and device.clock_offset_seconds is None and device.online is False
+    live = reported("off-1", ts=now + timedelta(seconds=90))
+    ingest_batch(engine, [Inbound(topic, live, now.timestamp())], counters)
+    with new_session(engine) as session:
+        device = session.get(Device, "off-1")
+        assert device is not None and device.clock_offset_seconds == pytest.approx(90, abs=0.01)
+        assert device.clock_offset_at is not None
+        assert abs((device.clock_offset_at - now).total_seconds()) < 0.001
+    engine.dispose()
