@@ -253,8 +253,31 @@ class Ticker:
                     .where(or_(col(Rollout.state).in_(RolloutState.ACTIVE), col(Rollout.rollback_requested)))
                     .order_by(col(Rollout.created_at))  # the oldest rollout claims joiners first
                 ).all()
+            self._enrol_joiners(ids)
             for rollout_id in ids:
                 self._tick_one(rollout_id, now or utcnow())
+
+    def _enrol_joiners(self, ids: Sequence[str]) -> None:
+        """Give devices that joined a selector to the oldest active rollout that wants them.
+
+        One pass over every rollout, oldest first, in one transaction, before any
+        rollout is decided: enrolling inside each rollout's own tick let a device
+        registered between two of those ticks go to the newer rollout.
+        """
+        with new_session(self.engine) as session:
+            enrolled = False
+            for rollout_id in ids:
+                rollout = session.get(Rollout, rollout_id, with_for_update=True)
+                if rollout is None or rollout.state not in RolloutState.ACTIVE:
+                    continue
+                if rollout.state == RolloutState.PAUSED:
+                    continue
+                model = session.get(Model, rollout.model_id)
+                if model is not None and enrol_joiners(session, rollout, model.hardware_ids):
+                    session.flush()
+                    enrolled = True
+            if enrolled:
+                session.commit()
 
     def _tick_one(self, rollout_id: str, now: datetime) -> None:
         outbox: list[tuple[str, bytes]] = []
@@ -262,10 +285,6 @@ class Ticker:
             rollout = session.get(Rollout, rollout_id, with_for_update=True)
             if rollout is None or not (rollout.state in RolloutState.ACTIVE or rollout.rollback_requested):
                 return
-            if rollout.state in RolloutState.ACTIVE and rollout.state != RolloutState.PAUSED:
-                model = session.get(Model, rollout.model_id)
-                if model is not None and enrol_joiners(session, rollout, model.hardware_ids):
-                    session.flush()
             devices, baseline = snapshot(session, rollout)
             plan = rollout_engine.decide(rollout_snapshot(rollout), devices, now, baseline)
             if (
