@@ -178,6 +178,14 @@ class MqttLink:
             with contextlib.suppress(Exception):
                 sock.close()
         self._connected.clear()
+        self._release_waiters()
+
+    def _release_waiters(self) -> None:
+        """The connection is gone: empty the publish window and answer every pending ack False.
+
+        Unacked messages stay in paho's session and are resent on reconnect; our window
+        restarts empty so a lost session can never wedge publishers.
+        """
         self._inflight.clear()
         self._window.set()
         acks, self._acks = self._acks, {}
@@ -318,14 +326,7 @@ class MqttLink:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._connected.clear()
-        # Unacked messages stay in paho's session and are resent on reconnect; our window
-        # restarts empty so a lost session can never wedge publishers.
-        self._inflight.clear()
-        self._window.set()
-        acks, self._acks = self._acks, {}
-        for fut in acks.values():
-            if not fut.done():
-                fut.set_result(False)
+        self._release_waiters()
         if not self._stopping:
             log.info("%s: disconnected (%s); reconnecting", self.device_id, reason)
             self._schedule_reconnect()
