@@ -24,7 +24,15 @@ class ServerThread:
     def __init__(self, settings: ServerSettings, host: str = "127.0.0.1", port: int = 0) -> None:
         self.settings = settings
         self.host = host
-        self.port = port or _free_port(host)
+        # port=0: bind a free port now and hand uvicorn the bound socket, so nothing can take
+        # the port between choosing it and listening on it (a test once lost that race)
+        self._socket: socket.socket | None = None
+        if not port:
+            self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.bind((host, 0))
+            port = int(self._socket.getsockname()[1])
+        self.port = port
         if "public_url" not in settings.model_fields_set:
             # devices must reach this server: default the download base to where it listens
             settings = settings.model_copy(update={"public_url": self.url})
@@ -49,7 +57,10 @@ class ServerThread:
         return ctx
 
     def start(self, timeout: float = 15.0) -> ServerThread:
-        self._thread = threading.Thread(target=self._server.run, name="ef-uvicorn", daemon=True)
+        sockets = [self._socket] if self._socket is not None else None
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": sockets}, name="ef-uvicorn", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -74,12 +85,6 @@ class ServerThread:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def main(settings: ServerSettings | None = None, host: str = "0.0.0.0", port: int = 8080) -> None:

@@ -94,7 +94,6 @@ def server_settings(tmp_path: Path, keydir: KeyDir, broker: BrokerInfo, **over: 
         "mqtt_port": broker.port,
         "mqtt_version": broker.mqtt_version,
         "shared_subscriptions": broker.shared_subscriptions,
-        "public_url": "http://127.0.0.1:1",
         "tick_interval": 0.1,
         # These tests exercise rollouts and ingest; admin auth (on by default) has its own
         # tests in test_auth.py, and the demo, CLI loop and scenarios run with it on.
@@ -111,9 +110,9 @@ def make_server(
     started: list[ServerThread] = []
 
     def make(**over: Any) -> ServerThread:
-        port = free_port()
-        over.setdefault("public_url", f"http://127.0.0.1:{port}")
-        srv = ServerThread(server_settings(tmp_path, keydir, broker_info, **over), port=port).start()
+        # port 0: ServerThread binds the socket itself (no race for a port chosen here) and
+        # defaults public_url to where it listens
+        srv = ServerThread(server_settings(tmp_path, keydir, broker_info, **over)).start()
         started.append(srv)
         assert srv.context.bridge is not None
         wait_for(srv.context.bridge.subscribed.is_set, 10)
