@@ -64,7 +64,12 @@ def render(report: dict[str, Any], title: str) -> str:
     if isinstance(gate, dict) and gate.get("failures"):
         parts.append("<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in gate["failures"]) + "</ul>")
     size = report.get("size", {})
-    parts.append("<h2>Size</h2>" + _table(list(size.items())))
+    parts.append("<h2>Size</h2>" + _table([(k, v) for k, v in size.items() if k != "parts"]))
+    split = size.get("parts")
+    if isinstance(split, dict):
+        rows = [(f"{which} {k}", v) for which in ("fp32", "int8") for k, v in split.get(which, {}).items()]
+        rows.append(("int8 data only / fp32 (the floor of any table rewrite)", split.get("data_ratio")))
+        parts.append("<h3>Where the bytes go</h3>" + _table(rows))
     if report.get("accuracy"):
         parts.append("<h2>Accuracy</h2>" + _table(list(report["accuracy"].items())))
     parts.append("<h2>Outputs (int8 vs fp32, held-out samples)</h2>")

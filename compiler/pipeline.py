@@ -37,6 +37,7 @@ from compiler.html_report import write_html_report
 from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare, quantize_int8, quantize_qnn
 from compiler.runners import TFLiteRunner, latency
 from compiler.signature import IOSignature, io_signature
+from compiler.size_parts import size_breakdown
 from compiler.sources import DataSource, Preprocess, load_source
 from compiler.targets import ETHOS_U, ONNX_QDQ, QNN_QDQ, Target, get_target, known_targets
 from compiler.tflite_post import finish_int8
@@ -138,6 +139,7 @@ def compile_model(
             )
         report = built.report
         report["target"] = {"name": tgt.name, "backend": tgt.backend, "runtime": tgt.runtime}
+        report["size"]["parts"] = size_breakdown(built.fp32, built.int8)
         if latency_repeats > 0:
             report_progress("latency", 0.8)
             feed = {k: v[:1] for k, v in built.held_out.inputs.items()}

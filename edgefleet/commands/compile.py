@@ -153,10 +153,20 @@ def _print_report(report: dict[str, Any]) -> None:
             _fmt(fig.get("snr_db")),
         )
     console.print(outputs)
+    split = report.get("size", {}).get("parts")
+    if split:
+        sizes = Table("file", "total", "constants", "quantization", "structure", title="size (bytes)")
+        for which in ("fp32", "int8"):
+            part = split[which]
+            sizes.add_row(which, *(str(part[k]) for k in ("total", "constants", "quantization", "structure")))
+        sizes.caption = f"int8 constants + quantization = {split['data_ratio']} of fp32 (floor of the ratio)"
+        console.print(sizes)
     table = Table("figure", "value", title="quantization report")
     for key, value in report.items():
         if key == "outputs":
             continue
+        if key == "size" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k != "parts"}
         if isinstance(value, dict | list):
             value = json.dumps(value, default=str)
             value = value if len(value) < 80 else value[:77] + "..."

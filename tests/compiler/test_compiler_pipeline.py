@@ -70,6 +70,16 @@ def test_digits_compiles_to_a_verified_bundle(
     assert report["accuracy"]["fp32"] > 0.9 and abs(report["accuracy"]["drop"]) <= 0.02
     assert report["nonfinite_outputs"] == 0
     assert report["size"]["int8_bytes"] < report["size"]["fp32_bytes"]
+    parts = report["size"]["parts"]
+    for which, total in (("fp32", report["size"]["fp32_bytes"]), ("int8", report["size"]["int8_bytes"])):
+        p = parts[which]
+        assert p["total"] == total == p["constants"] + p["quantization"] + p["structure"]
+        assert min(p.values()) >= 0
+    # int8 weights are a quarter of the float ones (int32 biases stay 4 bytes); Q/DQ brings scales
+    assert parts["int8"]["constants"] < 0.3 * parts["fp32"]["constants"]
+    assert parts["fp32"]["quantization"] == 0 < parts["int8"]["quantization"]
+    data = parts["int8"]["constants"] + parts["int8"]["quantization"]
+    assert parts["data_ratio"] == round(data / parts["fp32"]["total"], 3) <= report["size"]["ratio"]
     assert report["gate"]["verdict"] == "passed"
     assert report["method"]["per_channel"] and report["method"]["activation_type"] == "QUInt8"
     assert steps[0] == ("load", 0.0) and steps[-1] == ("done", 1.0)
