@@ -29,7 +29,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy signing compiler device_agent fleet_server simulator edgefleet
+	$(VENV)/bin/mypy signing compiler device_agent fleet_server simulator edgefleet bench
 
 fmt: $(STAMP)
 	$(VENV)/bin/ruff format .

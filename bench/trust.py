@@ -79,7 +79,7 @@ def _agent_install(url: str, served: Path, slot: Path, trust_dir: Path, pinned: 
 
     import httpx
 
-    from device_agent import protocol
+    from device_agent import wire
     from device_agent.delivery import verify_release
     from device_agent.downloader import download_model
     from device_agent.trust_state import TrustStore
@@ -89,7 +89,7 @@ def _agent_install(url: str, served: Path, slot: Path, trust_dir: Path, pinned: 
     with open(served, "rb") as fh:
         while chunk := fh.read(CHUNK):
             h.update(chunk)
-    ref = protocol.ModelRef(
+    ref = wire.ModelRef(
         name="big", version="1", release=1, target="arm64-cpu", sha256=h.hexdigest(),
         length=served.stat().st_size, model_url=url, envelope_url=url,
     )  # fmt: skip
