@@ -9,6 +9,16 @@ With labels, accuracy of fp32 and int8 on the first classifier output.
 The report must be strict JSON (it is signed into the manifest), so figures
 that cannot be measured (non-finite outputs) are ``None``, and a perfect SNR
 is capped at ``SNR_CAP_DB`` instead of infinity.
+
+An int8 ONNX model is evaluated with onnxruntime's graph optimizations off, so
+every DequantizeLinear -> op -> QuantizeLinear runs as written (the QDQ
+reference semantics). With them on, onnxruntime fuses the units into this
+host's integer kernels, and on x86 CPUs without AVX-512 VNNI the U8S8 kernels
+add pairs of uint8 x int8 products in saturating int16 (``vpmaddubsw``), an
+error the ARM devices (exact int32 accumulation) and the QNN HTP do not have:
+the digits model lost ~10 dB of SNR to it on an AVX2-only host and the gate
+refused models the device would run well. Host latency is still measured with
+the fused kernels (``compiler.runners``).
 """
 
 from __future__ import annotations
@@ -29,11 +39,17 @@ from compiler.signature import IOSignature
 SNR_CAP_DB = 120.0
 
 
-def session(path: Path) -> ort.InferenceSession:
-    """A CPU session with one intra-op thread: deterministic and comparable fp32 vs int8."""
+def session(path: Path, *, reference: bool = False) -> ort.InferenceSession:
+    """A CPU session with one intra-op thread: deterministic and comparable fp32 vs int8.
+
+    ``reference``: no graph optimization, so a QDQ model runs with the reference semantics instead of
+    this host's fused integer kernels (see the module docstring).
+    """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
+    if reference:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -111,7 +127,7 @@ def evaluate(fp32_path: Path, int8_path: Path, samples: Samples, sig: IOSignatur
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented classes
         raise InvalidModel(f"onnxruntime cannot load the float model: {exc}") from exc
     try:
-        int8_sess = session(int8_path)
+        int8_sess = session(int8_path, reference=True)
     except Exception as exc:
         raise QuantizationError(f"onnxruntime cannot load the int8 model: {exc}") from exc
     names = [o.name for o in sig.outputs]

@@ -13,7 +13,12 @@ Pitfalls handled here, each measured with onnxruntime 1.32:
 - a Gemm bias of shape ``[1, N]`` (skl2onnx) with per-channel weights raises
   ValueError in the int32-bias weight adjustment; we retry with
   ``QDQDisableWeightAdjustForInt32Bias``. We do not set it up front because
-  the adjustment protects against int32 bias overflow on the models it works on;
+  the adjustment protects against int32 bias overflow on the models it works on.
+  The quantizer then dequantizes that ``[1, N]`` bias per channel along axis 0,
+  whose length is 1: an invalid DequantizeLinear that onnxruntime only runs
+  because its optimizer folds it away (with optimizations off, as the
+  evaluation runs, it fails). ``repair_per_axis`` points such a DQ at the one
+  axis whose length matches its scales (``Gemm`` broadcasts ``[1, N]`` either way);
 - a tensor whose calibrated range is NaN/inf makes ``compute_scale_zp``
   assert. We calibrate ourselves (same MinMax calibrator), keep such tensors
   and the nodes touching them in float, and hand the cleaned ranges to
@@ -294,10 +299,46 @@ def _quantize_calibrated(
         except Exception as exc:
             raise QuantizationError(f"quantize_static failed: {type(exc).__name__}: {exc}") from exc
         info.extra_options = extra
+        repaired = repair_per_axis(output)
+        if repaired:
+            info.notes.append(f"{repaired} per-channel DequantizeLinear axis fixed (a [1, N] Gemm bias)")
         drop_unused_opsets(output)
         info.compaction = compact_qdq(output)
         return
     raise QuantizationError(f"quantize_static failed: {last}") from last
+
+
+def repair_per_axis(path: Path) -> int:
+    """Fix per-channel DQ nodes whose ``axis`` is not as long as their scales; returns how many.
+
+    Only the unambiguous case: a constant input with exactly one axis of the scales' length and every
+    other axis of length 1, so the values and their scales are unchanged and only the axis is right.
+    """
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    fixed = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 2:
+            continue
+        data, scale = inits.get(node.input[0]), inits.get(node.input[1])
+        if data is None or scale is None or len(scale.dims) != 1 or scale.dims[0] <= 1:
+            continue
+        dims, channels = list(data.dims), int(scale.dims[0])
+        axis_attr = next((a for a in node.attribute if a.name == "axis"), None)
+        axis = (axis_attr.i if axis_attr is not None else 1) % max(len(dims), 1)
+        if not dims or dims[axis] == channels:
+            continue
+        matching = [d for d, n in enumerate(dims) if n == channels]
+        if len(matching) != 1 or any(n != 1 for d, n in enumerate(dims) if d != matching[0]):
+            continue
+        if axis_attr is None:
+            node.attribute.append(onnx.helper.make_attribute("axis", matching[0]))
+        else:
+            axis_attr.i = matching[0]
+        fixed += 1
+    if fixed:
+        onnx.save(model, str(path))
+    return fixed
 
 
 def drop_unused_opsets(path: Path) -> None:

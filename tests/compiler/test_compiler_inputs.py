@@ -206,4 +206,11 @@ def test_skl2onnx_model_needs_and_gets_the_int32_bias_workaround(
     path.write_bytes(model.SerializeToString())
     result = _compile(path, digits.calib_path, release_keys, tmp_path / "b", gate=Gate())
     assert result.report["method"]["extra_options"] == {"QDQDisableWeightAdjustForInt32Bias": True}
+    # The quantizer's per-channel DQ of the [1, N] bias along axis 0 is repaired, so the shipped model
+    # is valid QDQ that runs without onnxruntime's graph optimizations too.
+    assert any("axis fixed" in n for n in result.report["method"]["notes"])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    reference = ort.InferenceSession(str(result.model_path), opts, providers=["CPUExecutionProvider"])
+    assert reference.run(None, {"X": data["x"][:4].astype(np.float32)})[1].shape == (4, 10)
     assert result.report["outputs"]["probabilities"]["top1_agreement"] >= 0.98

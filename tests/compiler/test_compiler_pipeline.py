@@ -153,3 +153,23 @@ def test_existing_output_dir_is_not_clobbered(
     assert (out / "keep.txt").read_text() == "mine"
     result = _compile(digits, release_keys, out, overwrite=True)
     assert sorted(p.name for p in result.bundle_dir.iterdir()) == [ENVELOPE_NAME, "model.onnx"]
+
+
+def test_int8_is_judged_by_qdq_reference_semantics_not_this_hosts_kernels(
+    digits: DigitsExample, release_keys: KeyDir, tmp_path: Path
+) -> None:
+    """The gate's figures are those of the QDQ graph run as written (graph optimizations off).
+
+    On an x86 host without AVX-512 VNNI, onnxruntime's fused U8S8 kernels saturate in int16, which the
+    ARM devices never do; judged by them, the digits model lost ~10 dB on such a host.
+    """
+    from compiler.evaluate import compare_output
+
+    result = _compile(digits, release_keys, tmp_path / "bundle", gate=None)
+    x = np.load(digits.eval_path)["x"]
+    fp32 = ort.InferenceSession(str(digits.model_path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    reference = ort.InferenceSession(str(result.model_path), opts, providers=["CPUExecutionProvider"])
+    expected = compare_output(fp32.run(None, {"input": x})[0], reference.run(None, {"input": x})[0])
+    assert result.report["outputs"]["scores"]["snr_db"] == pytest.approx(expected["snr_db"], abs=1e-6)
