@@ -1,0 +1,198 @@
+"""What every target family's ``build`` step shares: the request, the result, samples, the two formats.
+
+A family module (``compiler.targets.*``) supplies only what is its own: its quantize
+step (ONNX families) or what happens after int8 (Vela for Ethos-U). The steps
+every target needs — reading the model and its signature, loading calibration and
+held-out samples, evaluating int8 against the untouched float model — live here
+once, so all targets report the same figures the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from compiler.coverage import onnx_coverage, tflite_coverage
+from compiler.data import Samples
+from compiler.errors import InvalidData, InvalidModel
+from compiler.evaluate import evaluate, evaluate_runners
+from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare
+from compiler.runners import TFLiteRunner
+from compiler.signature import IOSignature, io_signature
+from compiler.sources import DataSource, Preprocess, load_source
+from compiler.tflite_post import finish_int8
+from compiler.tflite_prep import drop_unused_buffers, op_histogram, prepare_tflite, read_tflite
+from compiler.tflite_quant import quantize_tflite
+
+if TYPE_CHECKING:
+    from compiler.gate import Gate
+    from compiler.targets.registry import Target
+
+Progress = Callable[[str, float], None]
+HELD_OUT_FRACTION = 0.2
+SPLIT_SEED = 0
+SCORE_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """One compile, as a family's ``build`` receives it."""
+
+    model_path: Path
+    target: Target
+    calib: DataSource
+    evals: DataSource | None
+    preprocess: Preprocess | None
+    gate: Gate | None
+    work: Path  # a private temporary directory
+    progress: Progress
+
+
+@dataclass
+class Built:
+    """What a family produced: the file to ship, the two models to compare, the report so far."""
+
+    artifact: Path
+    fp32: tuple[Path | bytes, str]
+    int8: tuple[Path | bytes, str]
+    sig: IOSignature
+    held_out: Samples
+    report: dict[str, Any]
+
+
+BuildFn = Callable[[BuildRequest], Built]
+
+
+def load_samples_for(req: BuildRequest, sig: IOSignature) -> tuple[Samples, Samples, str]:
+    """(calibration, held-out, where the held-out set came from); split 80/20 without ``evals``."""
+    calib = load_source(req.calib, sig.inputs, req.preprocess)
+    if req.evals is None:
+        calib, held_out = calib.split(HELD_OUT_FRACTION, SPLIT_SEED)
+        source = f"split {1 - HELD_OUT_FRACTION:.0%}/{HELD_OUT_FRACTION:.0%} of calibration data"
+    else:
+        held_out = load_source(req.evals, sig.inputs, req.preprocess)
+        source = "separate"
+    for label, samples, path in (("calibration", calib, req.calib), ("evaluation", held_out, req.evals)):
+        if samples.usable(sig.inputs) == 0:
+            raise InvalidData(
+                f"{path or req.calib}: {len(samples)} {label} samples, "
+                "fewer than the model's fixed batch size"
+            )
+    return calib, held_out, source
+
+
+def calibration_score(fp32: Path, int8: Path, calib: Samples, sig: IOSignature) -> tuple[float, ...]:
+    """(min SNR dB, min top-1 agreement) of a candidate int8 model on (up to 64) calibration samples.
+
+    Only calibration samples: choosing on the held-out set would tune the model to the very data the
+    gate then judges it on.
+    """
+    n = min(len(calib), SCORE_SAMPLES)
+    figures = evaluate(fp32, int8, calib.take(np.arange(n)), sig)["outputs"].values()
+    snr = min((f["snr_db"] if f["snr_db"] is not None else -math.inf) for f in figures)
+    agreement = [f["top1_agreement"] for f in figures if "top1_agreement" in f]
+    worst = min((a if a is not None else -math.inf) for a in agreement) if agreement else 1.0
+    return (round(snr, 1), worst)
+
+
+@dataclass(frozen=True)
+class OnnxQuantizeJob:
+    """What an ONNX family's quantize step gets: the prepared float model and where to write int8."""
+
+    prepared: Path
+    out: Path
+    source: Path  # the untouched float model, for scoring candidates
+    calib: Samples
+    sig: IOSignature
+    info: QuantizeInfo
+    work: Path
+
+
+def build_onnx(req: BuildRequest, accelerator: str, quantize: Callable[[OnnxQuantizeJob], None]) -> Built:
+    """Check, prepare, quantize (the family's step) and evaluate an ONNX model.
+
+    ``accelerator`` picks the op-coverage table (``cpu`` or ``qnn``).
+    """
+    tgt, model_path, work = req.target, req.model_path, req.work
+    model = load_model(model_path)
+    try:
+        sig = io_signature(model)
+    except ValueError as exc:
+        raise InvalidModel(f"{model_path}: {exc}") from exc
+    if not sig.inputs or not sig.outputs:
+        raise InvalidModel(f"{model_path}: the model has no inputs or no outputs")
+    foreign = tgt.unsupported_domains({n.domain for n in model.graph.node})
+    if foreign:
+        raise InvalidModel(
+            f"{model_path}: uses operator domain(s) {', '.join(foreign)}, which target {tgt.name!r} "
+            f"does not run (supported: {', '.join(repr(d) for d in tgt.operator_domains)})"
+        )
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    coverage = onnx_coverage(ops, accelerator)
+    calib, held_out, eval_source = load_samples_for(req, sig)
+
+    source_copy = work / "source.onnx"
+    onnx.save(model, str(source_copy))
+    info = QuantizeInfo(source_opset=default_opset(model), opset=default_opset(model))
+    req.progress("prepare", 0.1)
+    prepared = prepare(model, work, info)
+    req.progress("quantize", 0.25)
+    int8_path = work / tgt.model_file
+    quantize(OnnxQuantizeJob(prepared, int8_path, source_copy, calib, sig, info, work))
+    req.progress("evaluate", 0.6)
+    # Compare against the untouched source model: that is what the user shipped before.
+    report = evaluate(source_copy, int8_path, held_out, sig)
+    report["calibration_samples"] = calib.usable(sig.inputs)
+    report["evaluation_source"] = eval_source
+    report["method"] = info.to_dict()
+    report["ops"] = coverage
+    return Built(int8_path, (source_copy, "onnx"), (int8_path, "onnx"), sig, held_out, report)
+
+
+def build_tflite_int8(req: BuildRequest, *, npu: bool) -> Built:
+    """Full-integer TFLite by ai-edge-quantizer, finished by ``compiler.tflite_post``, evaluated by LiteRT.
+
+    ``npu``: for an int8-only accelerator (PRELU made int8, the NPU's op table for coverage). The
+    artifact is the int8 file; a family that compiles it further (Vela) replaces ``artifact``.
+    """
+    model_path = req.model_path
+    source = model_path.read_bytes()
+    prepared, prep_info = prepare_tflite(source, model_path)
+    try:
+        fp32_runner = TFLiteRunner(prepared)
+    except Exception as exc:  # LiteRT raises ValueError/RuntimeError on models it cannot allocate
+        raise InvalidModel(f"{model_path}: LiteRT cannot run the float model: {exc}") from exc
+    sig = fp32_runner.signature()
+    if any(s.numpy_dtype.kind != "f" for s in (*sig.inputs, *sig.outputs)):
+        raise InvalidModel(f"{model_path}: not a float model (inputs/outputs {sig.to_dict()})")
+    coverage = tflite_coverage(op_histogram(read_tflite(prepared)), npu)
+    calib, held_out, eval_source = load_samples_for(req, sig)
+    req.progress("quantize", 0.25)
+    one_by_one = [{k: v[i : i + 1] for k, v in calib.inputs.items()} for i in range(len(calib))]
+    int8, post = finish_int8(drop_unused_buffers(quantize_tflite(prepared, one_by_one)), int8_prelu=npu)
+    int8_path = req.work / "int8.tflite"
+    int8_path.write_bytes(int8)
+    int8_runner = TFLiteRunner(int8)
+    req.progress("evaluate", 0.6)
+    report = evaluate_runners(fp32_runner.run, int8_runner.run, held_out, sig, len(prepared), len(int8))
+    report["size"]["source_bytes"] = len(source)
+    report["calibration_samples"] = len(calib)
+    report["evaluation_source"] = eval_source
+    report["method"] = {
+        "quantizer": "ai-edge-quantizer",
+        "recipe": "static_wi8_ai8",
+        "calibration": "min/max over all samples (qsv_utils.min_max_update)",
+        "prepare": prep_info.to_dict(),
+        "post": post.to_dict(),
+        "io_quantization": int8_runner.io_quantization(),
+    }
+    report["ops"] = {**coverage, "int8": op_histogram(read_tflite(int8))}
+    return Built(int8_path, (prepared, "tflite"), (int8, "tflite"), sig, held_out, report)

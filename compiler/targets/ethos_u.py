@@ -1,0 +1,71 @@
+"""``ethos-u55-*`` / ``ethos-u65-*``: ``tflite-int8`` (PRELU made int8) compiled by Vela for Arm Ethos-U.
+
+The evaluated model is the int8 TFLite before Vela (the Ethos-U custom op does
+not run on the host); the shipped file is Vela's. Vela's summary gives SRAM,
+flash/DRAM, cycles and the ops left on the Cortex-M CPU, which the gate checks
+against the budgets declared here per configuration.
+"""
+
+from __future__ import annotations
+
+from compiler.build import BuildRequest, Built, build_tflite_int8
+from compiler.gate import Gate
+from compiler.targets.registry import ETHOS_U, Family, Target, register_family, register_target
+from compiler.vela import VelaConfig, run_vela
+
+
+def build(req: BuildRequest) -> Built:
+    tgt = req.target
+    assert tgt.vela is not None, f"{tgt.name}: an Ethos-U target without a Vela config"
+    built = build_tflite_int8(req, npu=True)
+    req.progress("vela", 0.7)
+    compiled, summary = run_vela(built.artifact, VelaConfig(*tgt.vela), req.work / "vela")
+    built.report["npu"] = {
+        "vela": summary,
+        "budgets": (req.gate or Gate()).budgets(dict(tgt.budgets)),
+        "compiled_bytes": compiled.stat().st_size,
+        "evaluated": "the int8 TFLite before Vela (the Ethos-U op cannot run on this host)",
+    }
+    built.artifact = compiled
+    return built
+
+
+FAMILY = register_family(
+    Family(
+        name=ETHOS_U,
+        accepts="tflite",
+        emits="model.tflite",
+        build=build,
+        summary="tflite-int8 compiled by Vela for Arm Ethos-U, gated on SRAM, flash and CPU ops",
+    )
+)
+
+# Budgets: SRAM for the tensor arena, flash (weights + command stream; DRAM on Ethos-U65), and the
+# share of ops left on the Cortex-M CPU. Sized for typical boards (Corstone-300 / i.MX93 class).
+ETHOS_CONFIGS = {
+    "ethos-u55-128": (("Ethos_U55_High_End_Embedded", "Shared_Sram"), 2048.0, 4096.0),
+    "ethos-u55-256": (("Ethos_U55_High_End_Embedded", "Shared_Sram"), 2048.0, 4096.0),
+    "ethos-u65-256": (("Ethos_U65_High_End", "Dedicated_Sram"), 1024.0, 16384.0),
+    "ethos-u65-512": (("Ethos_U65_High_End", "Dedicated_Sram"), 1024.0, 16384.0),
+}
+MAX_CPU_FRACTION = 0.25
+for _name, ((_system, _memory), _sram, _flash) in ETHOS_CONFIGS.items():
+    register_target(
+        Target(
+            name=_name,
+            backend=FAMILY.name,
+            description=f"tflite-int8 compiled by Vela for Arm {_name.replace('ethos', 'Ethos')} "
+            f"({_system}, {_memory})",
+            model_file=FAMILY.emits,
+            default_hardware_ids=(f"{_name}-board",),
+            runtime="tflite-micro-ethos-u",
+            operator_domains=(),
+            accepts=FAMILY.accepts,
+            vela=(_name, _system, _memory),
+            budgets=(
+                ("max_sram_kib", _sram),
+                ("max_flash_kib", _flash),
+                ("max_cpu_fraction", MAX_CPU_FRACTION),
+            ),
+        )
+    )
