@@ -177,7 +177,7 @@ def build_tflite_int8(req: BuildRequest, *, npu: bool) -> Built:
     calib, held_out, eval_source = load_samples_for(req, sig)
     req.progress("quantize", 0.25)
     one_by_one = [{k: v[i : i + 1] for k, v in calib.inputs.items()} for i in range(len(calib))]
-    int8, post = finish_int8(drop_unused_buffers(quantize_tflite(prepared, one_by_one)), int8_prelu=npu)
+    int8, post = finish_int8(drop_unused_buffers(quantize_tflite(prepared, one_by_one)), npu=npu)
     int8_path = req.work / "int8.tflite"
     int8_path.write_bytes(int8)
     int8_runner = TFLiteRunner(int8)

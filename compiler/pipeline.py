@@ -122,7 +122,12 @@ def compile_model(
         built = family_of(tgt).build(request)
         report = built.report
         report["target"] = {"name": tgt.name, "backend": tgt.backend, "runtime": tgt.runtime}
-        report["size"]["parts"] = size_breakdown(built.fp32, built.int8)
+        size = report["size"]
+        size["parts"] = size_breakdown(built.fp32, built.int8)
+        # The file that ships: the int8 model itself, or what a family compiled it into (Vela).
+        size["artifact_bytes"] = built.artifact.stat().st_size
+        fp32_bytes = size["fp32_bytes"]
+        size["artifact_ratio"] = round(size["artifact_bytes"] / fp32_bytes, 3) if fp32_bytes else None
         if latency_repeats > 0:
             report_progress("latency", 0.8)
             feed = {k: v[:1] for k, v in built.held_out.inputs.items()}

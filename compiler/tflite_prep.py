@@ -138,8 +138,12 @@ def fold_fp16_dequantize(model: Any) -> int:
 
 
 def _drop_unused_tensors(model: Any) -> None:
-    """Remove tensors no op, input or output references (the folded fp16 sources) and reindex."""
-    for sg in model.subgraphs:
+    """Remove tensors no op, input or output references (the folded fp16 sources) and reindex.
+
+    SignatureDefs name their tensors by index, so they are reindexed too (their tensors are the
+    subgraph's inputs and outputs, which always stay).
+    """
+    for index, sg in enumerate(model.subgraphs):
         used: set[int] = set(sg.inputs or []) | set(sg.outputs or [])
         for op in sg.operators or []:
             used |= {i for i in op.inputs if i >= 0} | set(op.outputs)
@@ -154,6 +158,10 @@ def _drop_unused_tensors(model: Any) -> None:
             op.outputs = [remap[i] for i in op.outputs]
             if op.intermediates:
                 op.intermediates = [remap[i] for i in op.intermediates]
+        for sig in model.signatureDefs or []:
+            if sig.subgraphIndex == index:
+                for entry in (*(sig.inputs or []), *(sig.outputs or [])):
+                    entry.tensorIndex = remap[entry.tensorIndex]
 
 
 def add_signature(model: Any) -> bool:
