@@ -23,7 +23,7 @@ from compiler.realdata import TEXT_CLS_PREPROCESS, photo_crops, write_text_line_
 from compiler.runners import TFLiteRunner
 from compiler.signature import io_signature
 from compiler.sources import Preprocess
-from compiler.targets import QNN_QDQ, get_target
+from compiler.targets import QNN_QDQ, get_target, known_targets
 from compiler.tflite_post import finish_int8, write_deduplicated
 from compiler.tflite_prep import drop_unused_buffers, op_histogram, prepare_tflite, read_tflite, write_tflite
 from compiler.tflite_quant import quantize_tflite
@@ -290,3 +290,70 @@ def test_mediapipe_models_for_tflite_and_ethos(
     assert any("classificators" in f for f in Gate().check(face.report))
     manifest = verify_bundle(face.bundle_dir, release_keys.trust_root().release_keys)
     assert manifest.target == "ethos-u65-256" and manifest.model_file.path == "model.tflite"
+
+
+# The (model, target) pairs the tests above do not compile, so that together they cover every
+# registered target each real model fits, each with the gate's verdict and the figures it is built on.
+REMAINING_PAIRS = [
+    ("text_direction_cls", "qnn-htp", "passed"),
+    ("hand_recrop", "ethos-u55-256", "passed"),
+    ("hand_recrop", "ethos-u65-256", "passed"),
+    ("hand_recrop", "ethos-u65-512", "passed"),
+    ("face_detection_short_range", "tflite-int8", "failed"),
+    ("face_detection_short_range", "ethos-u55-128", "failed"),
+    ("face_detection_short_range", "ethos-u55-256", "failed"),
+    ("face_detection_short_range", "ethos-u65-512", "failed"),
+]
+
+
+def test_every_target_a_real_model_fits_is_covered() -> None:
+    covered = {
+        ("text_direction_cls", "arm64-cpu"),
+        ("text_direction_cls", "qnn-htp-a16"),
+        ("hand_recrop", "tflite-int8"),
+        ("hand_recrop", "ethos-u55-128"),
+        ("face_detection_short_range", "ethos-u65-256"),
+    } | {(m, t) for m, t, _ in REMAINING_PAIRS}
+    fits = {
+        (m, t)
+        for m, fmt in (
+            ("text_direction_cls", "onnx"),
+            ("hand_recrop", "tflite"),
+            ("face_detection_short_range", "tflite"),
+        )
+        for t in known_targets()
+        if get_target(t).accepts == fmt
+    }
+    assert fits <= covered, sorted(fits - covered)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "target", "verdict"), REMAINING_PAIRS)
+def test_real_model_on_its_other_targets(
+    real_models: dict[str, Path],
+    real_data: Path,
+    release_keys: KeyDir,
+    tmp_path: Path,
+    model: str,
+    target: str,
+    verdict: str,
+) -> None:
+    if model == "text_direction_cls":
+        calib, evals = real_data / "text_calib", real_data / "text_eval"
+        kw: dict[str, object] = {"preprocess": Preprocess.parse(TEXT_CLS_PREPROCESS)}
+    else:
+        calib, evals, kw = real_data / f"{model}_calib.npz", real_data / f"{model}_eval.npz", {}
+    report = _compile(
+        real_models[model], target, calib, evals, release_keys, tmp_path / "b", gate=None, **kw
+    ).report
+    failures = Gate().check(report)
+    assert ("failed" if failures else "passed") == verdict, failures
+    for figures in report["outputs"].values():
+        assert figures["snr_db"] is not None and figures["cosine_mean"] is not None
+    assert report["size"]["ratio"] < 0.5 and report["size"]["parts"]["data_ratio"] < report["size"]["ratio"]
+    if get_target(target).vela is not None:
+        vela = report["npu"]["vela"]
+        assert vela["cpu_operators"] == 0 and vela["sram_kib"] > 0 and vela["cycles_total"] > 0
+        assert report["size"]["artifact_bytes"] == report["npu"]["compiled_bytes"]
+    if model == "face_detection_short_range":
+        assert any("classificators" in f and "SNR" in f for f in failures)
