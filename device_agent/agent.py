@@ -792,7 +792,17 @@ class Agent:
             if self._probation_task is not None and not self._probation_task.done():
                 return  # the same model is still on probation: its watcher reports the outcome
             state = DS.SERVING if serving else DS.IDLE
-            self.slots.record_outcome(d.seq, state.value)
+            try:
+                self.slots.record_outcome(d.seq, state.value)
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                # Nothing on the device changes: it already runs what the directive asks for (a
+                # rollback to the served model, say). Only the record is lost; after a restart the
+                # retained directive lands here again. Failing it would count a device that serves
+                # the right model as a failure on a full disk.
+                self._count("state_write_failures")
+                log.warning("%s: seq %d done, outcome not persisted: %s", self.device_id, d.seq, exc)
             await self._transition(d, state, sha=serving.sha256 if serving else None)
             return
         await self._end_probation()  # a newer directive supersedes a probation in progress

@@ -150,12 +150,19 @@ def test_disk_fills_mid_download_fails_cleanly_and_recovers(
                     agent.infer(X)
                 wait_for(lambda: agent.telemetry.window_inferences == 0, what="window cut")
             assert all(not t.done() for t in agent._tasks), "a background loop died on the full disk"
+            # A directive for the model it already serves (a rollback) needs no space: it is done and
+            # reported serving, though its outcome cannot be written to the full disk.
+            writes_failed = agent.metrics.get("state_write_failures", 0)
+            observer.publish(dev, sign_directive(fleet, dev, 3, artifacts.model_ref(small)))
+            observer.wait_event(dev, DS.SERVING, seq=3, timeout=20)
+            assert agent.metrics["state_write_failures"] == writes_failed + 1
+            assert agent.infer(X).model_sha256 == small.sha256
             # space comes back: the update goes through, and telemetry (with its loss count) arrives
             for f in data.glob("ballast-*"):
                 f.unlink()
             del ballast
-            observer.publish(dev, sign_directive(fleet, dev, 3, artifacts.model_ref(big)))
-            observer.wait_event(dev, DS.SERVING, seq=3, timeout=20)
+            observer.publish(dev, sign_directive(fleet, dev, 4, artifacts.model_ref(big)))
+            observer.wait_event(dev, DS.SERVING, seq=4, timeout=20)
             assert agent.infer(X).model_sha256 == big.sha256
             dropped = agent.metrics["telemetry_dropped_batches"]
             assert dropped >= 1  # the windows closed on the full disk were dropped and counted
