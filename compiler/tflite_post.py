@@ -209,7 +209,9 @@ def channel_pads_to_conv(model: Any) -> int:
 
     Only when the PAD is exact as a convolution: rank-4 NHWC int8, constant paddings that are all
     zero except after the last axis, input and output with the same per-tensor scale and zero point
-    (a PAD never requantizes; its new values are the zero point).
+    (a PAD never requantizes; its new values are the zero point). And only when it saves bytes: the
+    identity weights (C_in x C_out) must be smaller than the block Vela would keep (H x W x new
+    channels); late, narrow maps with many channels keep their PAD (the face detector: 4 of 11).
     """
     s = schema()
     names = op_names()
@@ -234,6 +236,8 @@ def channel_pads_to_conv(model: Any) -> int:
         if pads[:3].any() or pads[3, 0] != 0 or pads[3, 1] <= 0:
             continue
         cin, cout = int(x.shape[3]), int(x.shape[3] + pads[3, 1])
+        if int(x.shape[1]) * int(x.shape[2]) * int(pads[3, 1]) <= cin * cout:
+            continue  # Vela's fill constant (H x W x new channels) is smaller than the identity weights
         weights = np.zeros((cout, 1, 1, cin), dtype=np.int8)
         weights[np.arange(cin), 0, 0, np.arange(cin)] = 1
         x_scale = float(np.float32(x.quantization.scale[0]))
