@@ -32,6 +32,18 @@ a random client id (clean session, the default) the broker discards the
 session and its unacknowledged messages when the connection drops: run
 replicas with a stable id when telemetry must not be lost.
 
+Leaving (the server stops, or dies: the worker sees its pipe close): a worker
+with a clean session first unsubscribes from its ``$share`` filters and waits
+for the UNSUBACK, so the broker hands the group's next messages to the other
+members (the other replicas, or the restarted server); everything delivered
+before the UNSUBACK has been queued by then (paho reads in order). The worker
+stores and acknowledges it, and whatever still trickles in until the stream
+goes quiet, and only then disconnects. Stopping the store thread while still
+subscribed lost every message the broker delivered in between (never stored,
+unacknowledged when the clean session ended: gone), which a replica killed
+mid-rollout hit under load. A persistent session stays subscribed instead: the
+broker keeps its messages until it is back.
+
 Flow control: the workers ask for MQTT 5 Receive Maximum
 (``mqtt_receive_maximum``) and ``on_message`` holds paho's thread while that
 many messages wait (Mosquitto 2.0 sends past Receive Maximum once PUBACKs
@@ -69,6 +81,11 @@ log = logging.getLogger(__name__)
 
 STREAM_CHANNELS = (protocol.Channel.EVENTS, protocol.Channel.TELEMETRY)
 REPORT_INTERVAL = 0.05  # seconds between a worker's state reports to its server
+UNSUBSCRIBE_TIMEOUT = 5.0  # seconds to wait for the UNSUBACK when leaving the $share group
+# After the UNSUBACK: messages the broker had queued for this client past its Receive Maximum still
+# come, as acknowledgements free slots; leaving waits until none came for QUIET (bounded by DRAIN).
+LEAVE_QUIET = 0.2
+LEAVE_DRAIN_TIMEOUT = 5.0
 
 
 class Pipeline:
@@ -90,6 +107,7 @@ class Pipeline:
         self._queue: queue.SimpleQueue[Inbound | None] = queue.SimpleQueue()
         self._busy = 0  # messages taken from the queue but not stored yet
         self._progress = time.monotonic()  # when the store thread last finished a flush (or idled)
+        self._received = time.monotonic()  # when the last message was put
         self._stopping = threading.Event()
         self._discard = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -99,6 +117,7 @@ class Pipeline:
 
     def put(self, msg: Inbound) -> None:
         """From paho's ``on_message``: O(1), never blocks."""
+        self._received = time.monotonic()
         self._queue.put(msg)
 
     def on_message(self, _c: mqtt.Client, _ud: Any, m: mqtt.MQTTMessage) -> None:
@@ -116,6 +135,7 @@ class Pipeline:
             and not self._stopping.is_set()
         ):
             time.sleep(0.002)
+        self._received = time.monotonic()
         self._queue.put(Inbound(m.topic, bytes(m.payload), time.time(), bool(m.retain), m.mid, m.qos))
 
     @property
@@ -123,8 +143,21 @@ class Pipeline:
         """Messages received but not stored (and not acknowledged) yet."""
         return self._queue.qsize() + self._busy
 
+    def drain(self, quiet: float = LEAVE_QUIET, timeout: float = LEAVE_DRAIN_TIMEOUT) -> bool:
+        """Wait until everything received is stored and acknowledged and nothing came for ``quiet``
+        seconds (after unsubscribing: the broker's last queued deliveries); False on ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.backlog or time.monotonic() - self._received < quiet:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                return False
+            time.sleep(0.01)
+        return True
+
     def stop(self, discard_backlog: bool = False, timeout: float = 15.0) -> None:
-        """Store (and acknowledge) what was received, unless ``discard_backlog``; then end the thread."""
+        """Store (and acknowledge) what was received, unless ``discard_backlog``; then end the thread.
+
+        Anything delivered after this is neither stored nor acknowledged: leave the subscriptions
+        first (``unsubscribe_and_wait``) when the messages must go to another consumer."""
         self._discard = discard_backlog
         self._stopping.set()
         self._queue.put(None)
@@ -254,6 +287,39 @@ def connect(client: mqtt.Client, settings: ServerSettings, persistent: bool) -> 
     client.loop_start()
 
 
+def unsubscribe_and_wait(
+    client: mqtt.Client, filters: list[str], timeout: float = UNSUBSCRIBE_TIMEOUT
+) -> bool:
+    """Unsubscribe ``filters`` and wait for the UNSUBACK: from then on the broker gives a ``$share``
+    group's messages to its other members, and every message it sent this client before has been
+    passed to ``on_message`` already (paho reads packets in order). False when not connected or
+    no UNSUBACK came within ``timeout``."""
+    if not filters or not client.is_connected():
+        return False
+    done = threading.Condition()
+    acked: set[int] = set()
+
+    def on_unsubscribe(_c: mqtt.Client, _u: Any, mid: int, _rcs: Any, _p: Properties | None) -> None:
+        with done:
+            acked.add(mid)
+            done.notify_all()
+
+    client.on_unsubscribe = on_unsubscribe
+    result, mid = client.unsubscribe(filters)
+    if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
+        return False
+    with done:
+        return done.wait_for(lambda: mid in acked, timeout)
+
+
+def leave(client: mqtt.Client, pipeline: Pipeline, filters: list[str], discard_backlog: bool) -> None:
+    """Stop consuming without dropping what the broker already sent: unsubscribe, store and
+    acknowledge every delivery, then stop the store thread (the caller disconnects afterwards)."""
+    if not discard_backlog and unsubscribe_and_wait(client, filters):
+        pipeline.drain()
+    pipeline.stop(discard_backlog=discard_backlog)
+
+
 def stream_filters(
     settings: ServerSettings, channels: tuple[protocol.Channel, ...] = STREAM_CHANNELS
 ) -> list[str]:
@@ -290,13 +356,17 @@ def worker_main(
     client = new_client(settings, client_id, persistent)
     pipeline = pipeline_for(settings, engine, counters, client)
     subscribed = threading.Event()
+    leaving = threading.Event()  # set once stopping: a reconnect must not subscribe again
     pending: set[int] = set()
+    filters = stream_filters(settings, channels)
 
     def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None) -> None:
         if rc.is_failure:
             log.error("MQTT connect refused: %s", rc)
             return
-        result, mid = c.subscribe([(f, 1) for f in stream_filters(settings, channels)])
+        if leaving.is_set():
+            return
+        result, mid = c.subscribe([(f, 1) for f in filters])
         if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
             pending.add(mid)
 
@@ -351,8 +421,13 @@ def worker_main(
         msg = conn.recv()  # blocks until the server says stop, or EOF: the server is gone
         discard = bool(msg.get("discard_backlog")) if isinstance(msg, dict) else False
     except (EOFError, OSError):
-        discard = False
-    pipeline.stop(discard_backlog=discard)  # store and acknowledge what was received
+        discard = False  # the server is gone (killed): hand the stream over to the other members
+    leaving.set()
+    subscribed.clear()
+    # Store and acknowledge what was received. A clean session leaves its $share group first: its
+    # unacknowledged messages end with it. A persistent session stays subscribed: the broker keeps
+    # what it did not acknowledge and queues the rest for it until the worker is back.
+    leave(client, pipeline, [] if persistent else filters, discard)
     client.disconnect()  # after the PUBACKs: paho sends queued packets in order
     client.loop_stop()
     done.set()

@@ -35,6 +35,7 @@ from fleet_server.ingest_worker import (
     STREAM_CHANNELS,
     IngestWorker,
     connect,
+    leave,
     new_client,
     pipeline_for,
     stream_filters,
@@ -59,6 +60,7 @@ class MqttBridge:
         self.counters = counters
         self.subscribed = threading.Event()  # set once every channel's SUBACK arrived (workers' too)
         self._own_subscribed = False
+        self._stopping = False  # a reconnect while stopping must not subscribe again
         self._pending_subs: set[int] = set()
         self.persistent = settings.mqtt_client_id is not None
         self.client_id = settings.mqtt_client_id or f"ef-server-{uuid.uuid4().hex[:12]}"
@@ -85,10 +87,15 @@ class MqttBridge:
 
     def stop(self, discard_backlog: bool = False) -> None:
         """Stop the workers, store (and acknowledge) what was received unless ``discard_backlog``
-        (benchmarks), then disconnect."""
+        (benchmarks), then disconnect. Stream consumers leave their ``$share`` group before they stop
+        storing (``ingest_worker.leave``), so what the broker sends meanwhile goes to other replicas."""
+        self._stopping = True
         for w in self.workers:
             w.stop(discard_backlog)
-        self.pipeline.stop(discard_backlog)
+        # Snapshots are retained (the next subscriber gets them again), and a persistent session keeps
+        # its subscriptions: the broker queues the streams for it until it is back (so it must not leave).
+        streams = [] if self.workers or self.persistent else stream_filters(self.settings)
+        leave(self.client, self.pipeline, streams, discard_backlog)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -131,6 +138,8 @@ class MqttBridge:
     ) -> None:
         if rc.is_failure:
             log.error("MQTT connect refused: %s", rc)
+            return
+        if self._stopping:
             return
         filters = [protocol.wildcard(ch) for ch in SNAPSHOT_CHANNELS]
         if not self.workers:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -16,7 +17,9 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
+from sqlmodel import col, select
 
 from device_agent import protocol
 from edgefleet.broker import BrokerInfo
@@ -24,7 +27,7 @@ from fleet_server import ingest_worker
 from fleet_server.counters import Counters
 from fleet_server.ingest import Inbound, ingest_batch
 from fleet_server.ingest_worker import Pipeline
-from fleet_server.models import Device, ModelAggregate
+from fleet_server.models import Device, ModelAggregate, TelemetryBatchRow
 from fleet_server.runner import ServerThread
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine, new_session
@@ -236,3 +239,88 @@ def test_clock_offset_comes_from_live_messages_only(tmp_path: Path) -> None:
         assert device.clock_offset_at is not None
         assert abs((device.clock_offset_at - now).total_seconds()) < 0.001
     engine.dispose()
+
+
+def test_a_worker_whose_server_died_hands_its_share_of_the_stream_over_without_losses(
+    tmp_path: Path, broker_info: BrokerInfo
+) -> None:
+    """A replica is killed (test_leader.py): its ingest workers see their pipe close and stop, still
+    members of the ``$share`` group until they disconnect. What the broker gave them meanwhile was
+    queued behind the store thread's stop and never stored, and, unacknowledged in a clean session,
+    dropped with it: telemetry lost under load. They leave the group first now: every message is
+    stored by the orphan or delivered to the surviving member, none lost."""
+    if not broker_info.shared_subscriptions:
+        pytest.skip("the broker has no shared subscriptions")
+    settings = ServerSettings(
+        data_dir=tmp_path,
+        mqtt_host=broker_info.host,
+        mqtt_port=broker_info.port,
+        mqtt_version=broker_info.mqtt_version,
+    )
+    engine = make_engine(settings)
+    devices = [f"orphan-{i}" for i in range(4)]
+    with new_session(engine) as session:
+        session.add_all(Device(id=d, hardware_id="rpi4") for d in devices)
+        session.commit()
+    worker = ingest_worker.IngestWorker(
+        settings, f"ef-orphan-{uuid.uuid4().hex[:8]}", Counters(), lambda: None, (protocol.Channel.TELEMETRY,)
+    )
+    worker.start()
+    survivor_got: set[str] = set()
+    survivor = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"survivor-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+    )
+    survivor.on_message = lambda _c, _u, m: survivor_got.add(
+        protocol.decode_telemetry(bytes(m.payload), protocol.parse_topic(m.topic)[0]).batch_id
+    )
+    survivor.connect(broker_info.host, broker_info.port)
+    survivor.loop_start()
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"orphan-pub-{uuid.uuid4().hex[:8]}")
+    pub.connect(broker_info.host, broker_info.port)
+    pub.loop_start()
+    try:
+        wait_for(lambda: worker.subscribed, timeout=20)
+        survivor.subscribe(protocol.shared_subscription(protocol.Channel.TELEMETRY), qos=1)
+        published: list[str] = []
+
+        def send(count: int) -> None:
+            for _ in range(count):
+                k = len(published)
+                dev = devices[k % len(devices)]
+                pub.publish(
+                    protocol.topic(dev, protocol.Channel.TELEMETRY), telemetry(dev, f"o{k}", SHA, 1), qos=1
+                ).wait_for_publish(5)
+                published.append(f"o{k}")
+                time.sleep(0.002)
+
+        send(100)  # both members take their share
+        assert survivor_got and worker.pid is not None
+        # The server dies: the worker's pipe closes (no stop message); it must not be restarted here.
+        worker._stopping = True
+        assert worker._conn is not None
+        socket.socket(fileno=os.dup(worker._conn.fileno())).shutdown(socket.SHUT_RDWR)
+        send(200)  # while the orphan stops
+        worker._proc.join(20)
+        assert worker._proc.exitcode == 0  # the orphan stored what it took before it exited
+        deadline = time.monotonic() + 5  # the survivor's last deliveries
+        while len(survivor_got) < len(set(published) - stored_batch_ids(engine, devices)):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        for c in (pub, survivor):
+            c.disconnect()
+            c.loop_stop()
+    stored = stored_batch_ids(engine, devices)
+    assert stored.isdisjoint(survivor_got)
+    lost = set(published) - stored - survivor_got
+    assert not lost, f"{len(lost)} of {len(published)} batches lost: {sorted(lost, key=lambda b: int(b[1:]))}"
+    engine.dispose()
+
+
+def stored_batch_ids(engine: Engine, devices: list[str]) -> set[str]:
+    with new_session(engine) as session:
+        rows = session.exec(
+            select(TelemetryBatchRow.batch_id).where(col(TelemetryBatchRow.device_id).in_(devices))
+        )
+        return set(rows.all())
