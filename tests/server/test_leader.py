@@ -17,7 +17,7 @@ from edgefleet.broker import BrokerInfo
 from signing.keyring import KeyDir
 
 from .conftest import FakeDevice, free_port, make_bundle, register, upload, wait_for
-from .test_rollout_flow import directives, serve, status
+from .test_rollout_flow import directed, directives, serve, status
 
 pytestmark = pytest.mark.slow
 
@@ -109,14 +109,13 @@ def test_leader_killed_mid_rollout_another_replica_takes_over(
         "/api/v1/rollouts",
         json={"model": "ha:1", "selector": {"tags": {"site": "ha"}}, "stages": [50, 100], "soak_seconds": 0},
     ).json()["id"]
-    first = wait_for(lambda: [d for d in devs.values() if directives(d, keydir)])
-    assert len(first) == 2
+    first = directed(devs.values(), keydir, 2)
 
     a.kill()  # the leader dies with stage 1 in flight
     wait_for(lambda: b.info().get("leader"), timeout=15)
     for dev in first:
         serve(dev, directives(dev, keydir)[-1], inferences=3)
-    second = wait_for(lambda: [d for d in devs.values() if d not in first and directives(d, keydir)], 20)
+    second = directed(devs.values(), keydir, 2, timeout=20, exclude=first)
     for dev in second:
         serve(dev, directives(dev, keydir)[-1], inferences=3)
     wait_for(lambda: status(client, rid)["state"] == "completed", timeout=20)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,30 @@ def directives(dev: FakeDevice, keydir: KeyDir) -> list[protocol.Directive]:
         for _, raw, _ in list(dev.received)
         if raw
     ]
+
+
+def directed(
+    devs: Iterable[FakeDevice],
+    keydir: KeyDir,
+    count: int,
+    timeout: float = 10.0,
+    exclude: Collection[FakeDevice] = (),
+) -> list[FakeDevice]:
+    """Wait until ``count`` of ``devs`` (not in ``exclude``) hold a directive; return exactly those.
+
+    A stage's directives are published one after another and each device's paho thread receives
+    its own: the first one in does not mean the whole stage is in (under load the others came tens
+    of ms later), and a test that served only the devices seen so far left the stage unfinished.
+    """
+    pool = [d for d in devs if d not in exclude]
+
+    def enough() -> list[FakeDevice] | None:
+        got = [d for d in pool if directives(d, keydir)]
+        return got if len(got) >= count else None
+
+    got: list[FakeDevice] = wait_for(enough, timeout)
+    assert len(got) == count, f"expected {count} devices directed, got {[d.device_id for d in got]}"
+    return got
 
 
 def serve(dev: FakeDevice, d: protocol.Directive, inferences: int, errors: int = 0) -> None:
@@ -121,8 +145,7 @@ def test_error_rate_gate_rolls_back_to_the_previous_model(
             "max_error_rate": 0.1,
         },
     ).json()["id"]
-    notified = wait_for(lambda: [d for d in devs.values() if directives(d, keydir)])
-    assert len(notified) == 2
+    notified = directed(devs.values(), keydir, 2)
     # the first device serves cleanly but below the minimum sample: no decision yet
     serve(notified[0], directives(notified[0], keydir)[-1], inferences=10)
     wait_for(lambda: status(client, rid)["devices"][notified[0].device_id] == "done")

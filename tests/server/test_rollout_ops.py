@@ -14,7 +14,7 @@ from signing.keyring import KeyDir
 
 from .conftest import FakeDevice, make_bundle, register, upload, wait_for
 from .test_mqtt import NOW, reported
-from .test_rollout_flow import directives, serve, status
+from .test_rollout_flow import directed, directives, serve, status
 
 
 def fleet_on_old_model(
@@ -250,18 +250,17 @@ def test_server_restart_mid_rollout_resumes_exactly(
     client = httpx.Client(base_url=srv.url, timeout=10)
     _, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "rs", 4)
     rid = create(client, "rs", stages=[50, 100], min_inferences=1)
-    first = wait_for(lambda: [d for d in devs.values() if directives(d, keydir)])
+    first = directed(devs.values(), keydir, 2)  # stage 1 of [50, 100] over 4 devices
     srv.stop()  # SQLite: one process at a time; the next one picks up the same file
     srv2 = make_server()
     client2 = httpx.Client(base_url=srv2.url, timeout=10)
     assert client2.get("/api/v1/server").json()["leader"] is True
     for dev in first:
         serve(dev, directives(dev, keydir)[-1], inferences=2)
-    rest = wait_for(lambda: [d for d in devs.values() if d not in first and directives(d, keydir)])
+    rest = directed(devs.values(), keydir, 2, exclude=first)
     for dev in rest:
         serve(dev, directives(dev, keydir)[-1], inferences=2)
-    # proofs pass through the new server's ingest workers; allow for a loaded CI machine
-    wait_for(lambda: status(client2, rid)["state"] == "completed", 30)
+    wait_for(lambda: status(client2, rid)["state"] == "completed")
     assert all(len(directives(d, keydir)) == 1 for d in devs.values())
     client.close()
     client2.close()
