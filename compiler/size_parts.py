@@ -21,36 +21,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from compiler.tflite_post import quantization_vectors
 from compiler.tflite_prep import read_tflite
 
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
-_QUANT_FIELDS = (("scale", np.float32), ("zeroPoint", np.int64), ("min", np.float32), ("max", np.float32))
 
 
 def _tflite_parts(data: bytes) -> tuple[int, int]:
     model = read_tflite(data)
     constants = sum(len(b.data) for b in model.buffers or [] if b.data is not None)
-    seen: set[tuple[str, bytes]] = set()
-    quantization = 0
-    for sg in model.subgraphs or []:
-        for tensor in sg.tensors or []:
-            quant = tensor.quantization
-            if quant is None:
-                continue
-            for name, dtype in _QUANT_FIELDS:
-                value = getattr(quant, name)
-                if value is None or not len(value):
-                    continue
-                vector = np.asarray(value, dtype=dtype)
-                key = (name, vector.tobytes())
-                if key not in seen:
-                    seen.add(key)
-                    quantization += vector.nbytes
-    return constants, quantization
+    distinct = {(name, vector.tobytes()) for _quant, name, vector in quantization_vectors(model)}
+    return constants, sum(len(raw) for _name, raw in distinct)
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:

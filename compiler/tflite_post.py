@@ -46,6 +46,7 @@ All work on the flatbuffer object model of ``ai_edge_litert`` like
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -298,7 +299,20 @@ class _SharingBuilder(flatbuffers.Builder):
         return offset
 
 
-_QUANT_FIELDS = (("scale", np.float32), ("zeroPoint", np.int64), ("min", np.float32), ("max", np.float32))
+QUANT_FIELDS = (("scale", np.float32), ("zeroPoint", np.int64), ("min", np.float32), ("max", np.float32))
+
+
+def quantization_vectors(model: Any) -> Iterator[tuple[Any, str, np.ndarray]]:
+    """Every non-empty quantization vector as (its QuantizationParameters, field name, numpy array)."""
+    for sg in model.subgraphs or []:
+        for tensor in sg.tensors or []:
+            quant = tensor.quantization
+            if quant is None:
+                continue
+            for name, dtype in QUANT_FIELDS:
+                value = getattr(quant, name)
+                if value is not None and len(value):
+                    yield quant, name, np.asarray(value, dtype=dtype)
 
 
 def write_deduplicated(model: Any) -> tuple[bytes, int]:
@@ -307,15 +321,8 @@ def write_deduplicated(model: Any) -> tuple[bytes, int]:
     Quantization vectors given as Python lists (``quantize_prelu``'s alpha) are made numpy arrays
     first so they go through the same path.
     """
-    for sg in model.subgraphs:
-        for tensor in sg.tensors or []:
-            quant = tensor.quantization
-            if quant is None:
-                continue
-            for name, dtype in _QUANT_FIELDS:
-                value = getattr(quant, name)
-                if value is not None and not isinstance(value, np.ndarray):
-                    setattr(quant, name, np.asarray(value, dtype=dtype))
+    for quant, name, vector in list(quantization_vectors(model)):
+        setattr(quant, name, vector)
     builder = _SharingBuilder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output()), builder.shared
