@@ -159,7 +159,7 @@ def _print_report(report: dict[str, Any]) -> None:
         for which in ("fp32", "int8"):
             part = split[which]
             sizes.add_row(which, *(str(part[k]) for k in ("total", "constants", "quantization", "structure")))
-        sizes.caption = f"int8 constants + quantization = {split['data_ratio']} of fp32 (floor of the ratio)"
+        sizes.caption = f"int8 numbers alone: {split['data_ratio']} of fp32 (no table rewrite goes below)"
         console.print(sizes)
     table = Table("figure", "value", title="quantization report")
     for key, value in report.items():
