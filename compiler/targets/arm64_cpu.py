@@ -44,11 +44,9 @@ register_target(
         name="arm64-cpu",
         backend=FAMILY.name,
         description="ONNX static QDQ int8 (U8S8, per-channel) for onnxruntime CPU/XNNPACK on 64-bit ARM",
-        model_file=FAMILY.emits,
         default_hardware_ids=("rpi4", "rpi5", "jetson-nano", "generic-arm64"),
         runtime="onnxruntime",
         # onnxruntime's CPU provider implements the standard, ONNX-ML and Microsoft contrib ops.
         operator_domains=("", "ai.onnx", "ai.onnx.ml", "com.microsoft"),
-        accepts=FAMILY.accepts,
     )
 )

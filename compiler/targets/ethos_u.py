@@ -56,11 +56,9 @@ for _name, ((_system, _memory), _sram, _flash) in ETHOS_CONFIGS.items():
             backend=FAMILY.name,
             description=f"tflite-int8 compiled by Vela for Arm {_name.replace('ethos', 'Ethos')} "
             f"({_system}, {_memory})",
-            model_file=FAMILY.emits,
             default_hardware_ids=(f"{_name}-board",),
             runtime="tflite-micro-ethos-u",
             operator_domains=(),
-            accepts=FAMILY.accepts,
             vela=(_name, _system, _memory),
             budgets=(
                 ("max_sram_kib", _sram),

@@ -39,11 +39,9 @@ for _bits in ("8", "16"):
             backend=FAMILY.name,
             description=f"ONNX QDQ for onnxruntime's QNN EP on the Qualcomm Hexagon NPU (HTP), "
             f"{_bits}-bit activations, 8-bit weights",
-            model_file=FAMILY.emits,
             default_hardware_ids=("qcs6490", "qcs8550", "snapdragon-8-gen3"),
             runtime="onnxruntime-qnn",
             operator_domains=("", "ai.onnx", "com.microsoft"),
-            accepts=FAMILY.accepts,
             options=(("activations", f"uint{_bits}"),),
         )
     )

@@ -41,22 +41,31 @@ class Family:
 class Target:
     """One compilation target.
 
-    ``model_file`` is the single file the runtime loads (``manifest.files[0]``);
+    ``backend`` names its family, which says what it accepts and the single
+    file it emits (``model_file``, ``manifest.files[0]``);
     ``default_hardware_ids`` are used when the caller does not narrow them.
     """
 
     name: str
     backend: str
     description: str
-    model_file: str
     default_hardware_ids: tuple[str, ...]
     runtime: str
     operator_domains: tuple[str, ...] = ("", "ai.onnx")
-    accepts: str = "onnx"  # input model format: onnx | tflite
     options: tuple[tuple[str, str], ...] = ()  # backend settings, e.g. (("activations", "uint16"),)
     # Ethos-U: the Vela accelerator/system/memory-mode config and the budgets the gate applies.
     vela: tuple[str, str, str] | None = None
     budgets: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def accepts(self) -> str:
+        """Input model format (``onnx`` | ``tflite``): its family's."""
+        return family_of(self).accepts
+
+    @property
+    def model_file(self) -> str:
+        """The file the runtime loads: what its family emits."""
+        return family_of(self).emits
 
     def option(self, key: str, default: str = "") -> str:
         return dict(self.options).get(key, default)
@@ -92,16 +101,11 @@ def family_of(target: Target) -> Family:
 def register_target(target: Target, *, replace: bool = False) -> None:
     """Add a target; refuses silent redefinition so two plugins cannot fight over a name.
 
-    The target must belong to a registered family and agree with what that family accepts and emits.
+    The target's family (``backend``) must be registered: it says what the target accepts and emits.
     """
     if target.name in _REGISTRY and not replace:
         raise ValueError(f"target {target.name!r} is already registered")
-    family = family_of(target)
-    if (target.accepts, target.model_file) != (family.accepts, family.emits):
-        raise ValueError(
-            f"target {target.name!r} says it takes {target.accepts} and emits {target.model_file}; "
-            f"family {family.name!r} takes {family.accepts} and emits {family.emits}"
-        )
+    family_of(target)
     _REGISTRY[target.name] = target
 
 

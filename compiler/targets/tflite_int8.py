@@ -30,10 +30,8 @@ register_target(
         name="tflite-int8",
         backend=FAMILY.name,
         description="full-integer TFLite (int8 in/out) by ai-edge-quantizer, run by LiteRT (ai-edge-litert)",
-        model_file=FAMILY.emits,
         default_hardware_ids=("rpi4", "rpi5", "generic-arm64", "android-arm64"),
         runtime="litert",
         operator_domains=(),
-        accepts=FAMILY.accepts,
     )
 )
