@@ -137,20 +137,9 @@ def quantize_prelu(model: Any) -> int:
             continue
         bound = float(np.abs(values).max())
         scale = bound / 127.0 if bound > 0 else 1.0
-        q_alpha = s.TensorT()
-        q_alpha.shape = list(alpha.shape)
-        q_alpha.type = int8
-        q_alpha.name = (alpha.name or b"alpha") + b"_int8" if isinstance(alpha.name, bytes) else "alpha_int8"
-        buffer = s.BufferT()
-        buffer.data = np.clip(np.round(values / scale), -127, 127).astype(np.int8).view(np.uint8)
-        model.buffers.append(buffer)
-        q_alpha.buffer = len(model.buffers) - 1
-        qp = s.QuantizationParametersT()
-        qp.scale = [scale]
-        qp.zeroPoint = [0]
-        q_alpha.quantization = qp
-        sg.tensors.append(q_alpha)
-        op.inputs = [x_int8, len(sg.tensors) - 1]
+        q_values = np.clip(np.round(values / scale), -127, 127).astype(np.int8).reshape(list(alpha.shape))
+        name = (alpha.name or b"alpha") + b"_int8" if isinstance(alpha.name, bytes) else "alpha_int8"
+        op.inputs = [x_int8, _const_tensor(model, sg, q_values, int8, [scale], name)]
         op.outputs = [y_int8]
         drop.add(id(quant))
         if users.get(x_float) == [op] and x_float not in outputs:
@@ -187,7 +176,15 @@ def _same_quantization(a: Any, b: Any) -> bool:
     )
 
 
-def _const_tensor(model: Any, sg: Any, values: np.ndarray, tensor_type: int, scales: list[float]) -> int:
+def _const_tensor(
+    model: Any,
+    sg: Any,
+    values: np.ndarray,
+    tensor_type: int,
+    scales: list[float],
+    name: str | bytes | None = None,
+) -> int:
+    """Append a constant tensor (own buffer, symmetric quantization by ``scales``); returns its index."""
     s = schema()
     buffer = s.BufferT()
     buffer.data = np.frombuffer(values.tobytes(), dtype=np.uint8).copy()
@@ -195,6 +192,7 @@ def _const_tensor(model: Any, sg: Any, values: np.ndarray, tensor_type: int, sca
     tensor = s.TensorT()
     tensor.shape = list(values.shape)
     tensor.type = tensor_type
+    tensor.name = name
     tensor.buffer = len(model.buffers) - 1
     quant = s.QuantizationParametersT()
     quant.scale = np.asarray(scales, dtype=np.float32)
