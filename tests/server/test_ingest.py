@@ -35,7 +35,7 @@ from signing.keyring import KeyDir
 
 from .conftest import FakeDevice, make_bundle, register, stats, upload, wait_for
 from .test_mqtt import reported, telemetry
-from .test_rollout_flow import directives, status
+from .test_rollout_flow import directives, serve, status
 
 SHA = "cd" * 32
 
@@ -181,31 +181,11 @@ def test_device_clock_offset_is_recorded_and_never_used_for_time(
         d = wait_for(lambda dev=dev: directives(dev, keydir))[-1]
         assert d.model is not None
         ts = datetime.now(UTC) + skew[dev.device_id]
-        running = protocol.RunningModel(name="skew", version="1", sha256=d.model.sha256)
         event = protocol.Event(
             device_id=dev.device_id, seq=d.seq, state=protocol.DeploymentState.SERVING, ts=ts
         )
         dev.publish("events", protocol.encode(event))
-        dev.publish(
-            "reported",
-            reported(
-                dev.device_id,
-                running=running,
-                deployment_seq=d.seq,
-                deployment_state="serving",
-                served_ok={d.model.sha256: 5},
-                ts=ts,
-            ),
-            retain=True,
-        )
-        batch = protocol.TelemetryBatch(
-            device_id=dev.device_id,
-            batch_id="skewed",
-            window_start=ts - timedelta(seconds=60),
-            window_end=ts,
-            models={d.model.sha256: protocol.ModelStats(inferences=5)},
-        )
-        dev.publish("telemetry", protocol.encode_telemetry(batch))
+        serve(dev, d, 5, ts=ts)
     wait_for(lambda: status(api, rid)["state"] == "completed", timeout=20)
     assert status(api, rid)["devices"] == {"skew-ahead": "done", "skew-behind": "done"}
     assert model["sha256"] == api.get("/api/v1/devices/skew-ahead").json()["running_model"]["sha256"]

@@ -26,10 +26,12 @@ def reported(device_id: str, **over: object) -> bytes:
     )
 
 
-def telemetry(device_id: str, batch_id: str, sha: str, inferences: int, errors: int = 0) -> bytes:
+def telemetry(
+    device_id: str, batch_id: str, sha: str, inferences: int, errors: int = 0, ts: datetime = NOW
+) -> bytes:
     stats = protocol.ModelStats(inferences=inferences, errors={"non_finite": errors} if errors else {})
     batch = protocol.TelemetryBatch(
-        device_id=device_id, batch_id=batch_id, window_start=NOW, window_end=NOW, models={sha: stats}
+        device_id=device_id, batch_id=batch_id, window_start=ts, window_end=ts, models={sha: stats}
     )
     return protocol.encode_telemetry(batch)
 

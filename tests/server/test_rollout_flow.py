@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from signing.dsse import verify_envelope
 from signing.keyring import KeyDir
 
 from .conftest import FakeDevice, make_bundle, register, upload, wait_for
-from .test_mqtt import reported, telemetry
+from .test_mqtt import NOW, reported, telemetry
 
 
 def directives(dev: FakeDevice, keydir: KeyDir) -> list[protocol.Directive]:
@@ -50,8 +51,13 @@ def directed(
     return got
 
 
-def serve(dev: FakeDevice, d: protocol.Directive, inferences: int, errors: int = 0) -> None:
-    """Act as an agent that installed the directive's model and served with it."""
+def serve(
+    dev: FakeDevice, d: protocol.Directive, inferences: int, errors: int = 0, ts: datetime | None = None
+) -> None:
+    """Act as an agent that installed the directive's model and served with it.
+
+    ``ts``: the device's clock for its messages (default: now in reported, the fixed NOW in telemetry).
+    """
     assert d.model is not None
     running = protocol.RunningModel(name=d.model.name, version=d.model.version, sha256=d.model.sha256)
     dev.publish(
@@ -62,10 +68,12 @@ def serve(dev: FakeDevice, d: protocol.Directive, inferences: int, errors: int =
             deployment_seq=d.seq,
             deployment_state="serving",
             served_ok={d.model.sha256: inferences - errors},
+            ts=ts or datetime.now(UTC),
         ),
         retain=True,
     )
-    dev.publish("telemetry", telemetry(dev.device_id, f"b{d.seq}", d.model.sha256, inferences, errors))
+    batch = telemetry(dev.device_id, f"b{d.seq}", d.model.sha256, inferences, errors, ts or NOW)
+    dev.publish("telemetry", batch)
 
 
 def status(client: httpx.Client, rid: str) -> dict[str, Any]:
