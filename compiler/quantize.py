@@ -17,8 +17,9 @@ Pitfalls handled here, each measured with onnxruntime 1.32:
   The quantizer then dequantizes that ``[1, N]`` bias per channel along axis 0,
   whose length is 1: an invalid DequantizeLinear that onnxruntime only runs
   because its optimizer folds it away (with optimizations off, as the
-  evaluation runs, it fails). ``repair_per_axis`` points such a DQ at the one
-  axis whose length matches its scales (``Gemm`` broadcasts ``[1, N]`` either way);
+  evaluation runs, it fails; the QNN config writes the same node). ``finish_qdq``
+  has ``repair_per_axis`` point such a DQ at the one axis whose length matches
+  its scales (``Gemm`` broadcasts ``[1, N]`` either way), for every ONNX target;
 - a tensor whose calibrated range is NaN/inf makes ``compute_scale_zp``
   assert. We calibrate ourselves (same MinMax calibrator), keep such tensors
   and the nodes touching them in float, and hand the cleaned ranges to
@@ -299,13 +300,20 @@ def _quantize_calibrated(
         except Exception as exc:
             raise QuantizationError(f"quantize_static failed: {type(exc).__name__}: {exc}") from exc
         info.extra_options = extra
-        repaired = repair_per_axis(output)
-        if repaired:
-            info.notes.append(f"{repaired} per-channel DequantizeLinear axis fixed (a [1, N] Gemm bias)")
-        drop_unused_opsets(output)
-        info.compaction = compact_qdq(output)
+        finish_qdq(output, info, drop_zero_points=True)
         return
     raise QuantizationError(f"quantize_static failed: {last}") from last
+
+
+def finish_qdq(output: Path, info: QuantizeInfo, *, drop_zero_points: bool) -> None:
+    """What every quantizer output gets before it is scored or evaluated: invalid per-channel DQ axes
+    repaired, unused opsets dropped, the file compacted (``compact_qdq``)."""
+    repaired = repair_per_axis(output)
+    note = f"{repaired} per-channel DequantizeLinear axis fixed (a [1, N] Gemm bias)"
+    if repaired and note not in info.notes:  # once, though each calibration candidate is finished
+        info.notes.append(note)
+    drop_unused_opsets(output)
+    info.compaction = compact_qdq(output, drop_zero_points=drop_zero_points)
 
 
 def repair_per_axis(path: Path) -> int:
@@ -392,10 +400,9 @@ def quantize_qnn(
     info.format = f"QDQ for QNN HTP (activations {activations}, weights uint8 per-channel)"
     info.activation_type = "QUInt16" if activations == "uint16" else "QUInt8"
     info.weight_type = "QUInt8"
-    drop_unused_opsets(output)
     # Names, value_info, shared equal scales/zero points; every Q/DQ keeps its explicit zero point
     # (uint8 weights are asymmetric on the HTP; sharing already makes the zero points cheap).
-    info.compaction = compact_qdq(output, drop_zero_points=False)
+    finish_qdq(output, info, drop_zero_points=False)
 
 
 def _opset21_for_uint16(prepared: Path, path: Path, info: QuantizeInfo) -> Path:

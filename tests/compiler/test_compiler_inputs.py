@@ -214,3 +214,36 @@ def test_skl2onnx_model_needs_and_gets_the_int32_bias_workaround(
     reference = ort.InferenceSession(str(result.model_path), opts, providers=["CPUExecutionProvider"])
     assert reference.run(None, {"X": data["x"][:4].astype(np.float32)})[1].shape == (4, 10)
     assert result.report["outputs"]["probabilities"]["top1_agreement"] >= 0.98
+
+
+@pytest.mark.parametrize("target", ["arm64-cpu", "qnn-htp", "qnn-htp-a16"])
+def test_a_row_vector_gemm_bias_is_valid_qdq_on_every_onnx_target(
+    release_keys: KeyDir, tmp_path: Path, target: str
+) -> None:
+    """Both quantizers dequantize a ``[1, N]`` Gemm bias per channel along axis 0 (length 1).
+
+    The evaluation runs the QDQ graph as written, which refuses such a node; every ONNX target's
+    output is repaired the same way before it is scored or evaluated.
+    """
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (16, 8)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (1, 8)).astype(np.float32), "b"),
+    ]
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"])],
+        "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "gemm.onnx"))
+    np.savez(tmp_path / "calib.npz", x=rng.random((100, 16)).astype(np.float32))
+    result = _compile(tmp_path / "gemm.onnx", tmp_path / "calib.npz", release_keys, tmp_path / "b", target)
+    notes = result.report["method"]["notes"]
+    assert [n for n in notes if "axis fixed" in n] == [
+        "1 per-channel DequantizeLinear axis fixed (a [1, N] Gemm bias)"
+    ]
+    assert result.report["outputs"]["y"]["snr_db"] > 30
