@@ -135,8 +135,7 @@ class Pipeline:
             and not self._stopping.is_set()
         ):
             time.sleep(0.002)
-        self._received = time.monotonic()
-        self._queue.put(Inbound(m.topic, bytes(m.payload), time.time(), bool(m.retain), m.mid, m.qos))
+        self.put(Inbound(m.topic, bytes(m.payload), time.time(), bool(m.retain), m.mid, m.qos))
 
     @property
     def backlog(self) -> int:
