@@ -293,6 +293,7 @@ class Agent:
             keepalive=self.config.keepalive,
             session_expiry=self.config.session_expiry,
             max_inflight=self.config.max_inflight,
+            security=self.config.mqtt_security(),
             on_message=self._on_message,
             on_connected=self._on_connected,
             now=self.now,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent import wire as protocol
+from device_agent.mqtt_security import MqttSecurity, read_secret
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,15 @@ class AgentConfig:
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
     mqtt_version: int = 5  # 5 or 4 (3.1.1)
+    # Broker security (device_agent.mqtt_security). Production brokers (``edgefleet broker config``)
+    # take TLS only and authenticate each device by client certificate or by username/password;
+    # leaving all of these unset talks to an open development broker.
+    mqtt_tls: bool = False
+    mqtt_ca_file: Path | None = None  # the fleet CA that signed the broker's certificate
+    mqtt_cert_file: Path | None = None  # this device's client certificate (CN = device id)
+    mqtt_key_file: Path | None = None
+    mqtt_username: str | None = None  # password auth: the device id (the broker binds client id to it)
+    mqtt_password_file: Path | None = None  # the password, in a file of its own (0600)
     telemetry_interval: float = 10.0  # seconds between telemetry batches
     targets: list[str] = field(default_factory=lambda: ["arm64-cpu"])
     tags: dict[str, str] = field(default_factory=dict)
@@ -90,8 +100,39 @@ class AgentConfig:
         self.data_dir = Path(self.data_dir)
         self.trust_path = Path(self.trust_path)
         self.tuf_root_path = Path(self.tuf_root_path) if self.tuf_root_path else None
+        for name in ("mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file", "mqtt_password_file"):
+            value = getattr(self, name)
+            setattr(self, name, Path(value) if value else None)
+        if self.mqtt_password_file is not None and not self.mqtt_username:
+            raise ValueError("mqtt_password_file needs mqtt_username")
+        if (self.mqtt_cert_file is None) != (self.mqtt_key_file is None):
+            raise ValueError("mqtt_cert_file and mqtt_key_file go together")
+        if not self.mqtt_tls and (self.mqtt_ca_file or self.mqtt_cert_file):
+            raise ValueError("mqtt_ca_file/mqtt_cert_file need mqtt_tls = true")
+
+    def mqtt_security(self) -> MqttSecurity:
+        """The broker connection's TLS and credentials (reads the password file now)."""
+        return MqttSecurity(
+            tls=self.mqtt_tls,
+            ca_file=self.mqtt_ca_file,
+            cert_file=self.mqtt_cert_file,
+            key_file=self.mqtt_key_file,
+            username=self.mqtt_username,
+            password=read_secret(self.mqtt_password_file) if self.mqtt_password_file else None,
+        )
         self.targets = [str(t) for t in self.targets]
         self.tags = {str(k): str(v) for k, v in self.tags.items()}
+
+
+PATH_KEYS = (
+    "data_dir",
+    "trust_path",
+    "tuf_root_path",
+    "mqtt_ca_file",
+    "mqtt_cert_file",
+    "mqtt_key_file",
+    "mqtt_password_file",
+)
 
 
 def config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> AgentConfig:
@@ -101,7 +142,7 @@ def config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> Agen
     if unknown:
         raise ValueError(f"unknown agent config keys: {', '.join(unknown)}")
     values = dict(data)
-    for key in ("data_dir", "trust_path", "tuf_root_path"):
+    for key in PATH_KEYS:
         if values.get(key):
             p = Path(values[key]).expanduser()
             if base_dir is not None and not p.is_absolute():

@@ -24,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agent import wire as protocol
+from device_agent.mqtt_security import MqttSecurity
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class MqttLink:
         keepalive: int = 30,
         session_expiry: int = 3600,
         max_inflight: int = 20,
+        security: MqttSecurity | None = None,
         on_message: MessageHandler,
         on_connected: ConnectHandler | None = None,
         now: Callable[[], datetime] = protocol.utcnow,
@@ -94,6 +96,7 @@ class MqttLink:
         if mqtt_version != 5:
             kwargs["clean_session"] = False  # keep our subscription and queued QoS 1 while away
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=proto, **kwargs)
+        (security or MqttSecurity()).apply(self.client)
         # paho's own queue must not be the bound: we bound in-flight ourselves.
         self.client.max_inflight_messages_set(max(max_inflight, 1))
         offline = protocol.Status(device_id=device_id, state="offline", ts=now())

@@ -1,8 +1,52 @@
-"""API errors in the contract's shape: ``{"detail": {"code": "<snake_case>", "message": "..."}}``."""
+"""Errors in the contract's shape: ``{"detail": {"code": "<snake_case>", "message": "..."}}``.
+
+Services (rollouts, models, devices, tokens) raise a :class:`DomainError`
+subclass naming what went wrong; the HTTP layer maps each class to its status
+in one exception handler, so no service imports FastAPI to say "not found".
+:class:`ApiError` stays for what only the HTTP layer knows (authentication,
+request framing).
+"""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from fastapi import HTTPException
+
+
+class DomainError(Exception):
+    """A request the service refuses; ``code`` is the stable snake_case reason on the wire."""
+
+    status_code: ClassVar[int] = 400
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class NotFound(DomainError):
+    status_code = 404
+
+
+class Conflict(DomainError):
+    """The request is well formed but the current state does not allow it."""
+
+    status_code = 409
+
+
+class Invalid(DomainError):
+    """The request names things that cannot work together (unknown model, bad selector, ...)."""
+
+    status_code = 422
+
+
+class Forbidden(DomainError):
+    status_code = 403
+
+
+class TooLarge(DomainError):
+    status_code = 413
 
 
 class ApiError(HTTPException):
