@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,7 @@ class PublicKey:
         return {"keyid": self.keyid, "scheme": self.scheme, "public": self.raw.hex()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> PublicKey:
+    def from_dict(cls, data: Mapping[str, object]) -> PublicKey:
         scheme = data.get("scheme")
         if scheme not in (ED25519, ECDSA_P256) or not isinstance(data.get("public"), str):
             raise ValueError(f"unsupported key entry: {data!r}")

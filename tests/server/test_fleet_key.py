@@ -67,7 +67,7 @@ def _secret(path: Path, value: str) -> Path:
 
 
 @pytest.fixture
-def started(tmp_path: Path) -> Iterator[list[ServerThread]]:
+def started() -> Iterator[list[ServerThread]]:
     servers: list[ServerThread] = []
     yield servers
     for srv in servers:
@@ -208,23 +208,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("passphrase", [None, "not the passphrase"])
+@pytest.mark.parametrize("given", ["nothing", "wrong env", "wrong --key-passphrase-file"])
 def test_edgefleet_server_reports_a_locked_key_in_one_line(
-    passphrase: str | None, tmp_path: Path, server_keys: KeyDir
+    given: str, tmp_path: Path, server_keys: KeyDir
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     env.pop("CREDENTIALS_DIRECTORY", None)
     env["COLUMNS"] = "60"  # a narrow terminal must not wrap the error over lines
-    if passphrase is not None:
-        env["EDGEFLEET_KEY_PASSPHRASE"] = passphrase
     cmd = [sys.executable, "-m", "edgefleet.cli", "server", "--keys", str(server_keys.path)]
     cmd += ["--data-dir", str(tmp_path / "data"), "--port", str(_free_port())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    wrong = cmd
+    if given == "wrong env":
+        env["EDGEFLEET_KEY_PASSPHRASE"] = "not the passphrase"
+    elif given == "wrong --key-passphrase-file":
+        wrong = [*cmd, "--key-passphrase-file", str(_secret(tmp_path / "pass", "not the passphrase"))]
+    proc = subprocess.run(wrong, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("error: ") and str(server_keys.path / "fleet.key") in lines[0]
-    assert ("wrong passphrase" if passphrase else "no passphrase was found") in lines[0]
+    assert ("no passphrase was found" if given == "nothing" else "wrong passphrase") in lines[0]
     # with the right one it gets past the key (and is then stopped by the test)
     env["EDGEFLEET_KEY_PASSPHRASE"] = PASS
     log = tmp_path / "server.log"
