@@ -6,7 +6,7 @@ Layout::
     release.key ...                release keys (sign bundles and TUF targets; offline or CI)
     release.pub.pem                the primary release key's public half (for third-party verifiers)
     fleet.key                      the online fleet key (directives, TUF snapshot/timestamp)
-    keys.json                      index: file -> role, key id, encrypted; revoked key ids
+    keys.json                      index: file -> role, key id, scheme, encrypted; revoked key ids
     trust.json                     current DSSE trust root (what directive/bundle checks read)
     root.json                      current TUF root metadata (same keys, same version)
     roots/N.trust.json, N.root.json  the whole chain, so a device pinned at any version can follow it
@@ -194,10 +194,9 @@ def rotate_keys(
     release_pubs = list(old.release_keys.values())
     fleet_pubs = list(old.fleet_keys.values())
     release_scheme = scheme_for(release_algorithm) if release_algorithm else _role_scheme(index, old)
-    schemes = {"release": release_scheme, "fleet": ED25519}
     for role, wanted in (("release", release), ("fleet", fleet)):
         if wanted:
-            fresh = generate_keypair(schemes[role])
+            fresh = generate_keypair(release_scheme if role == "release" else ED25519)
             retire += [f for f, e in index["files"].items() if e["role"] == role]
             new_files[f"{role}.key"] = (fresh, role)
             if role == "release":
