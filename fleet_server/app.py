@@ -19,13 +19,13 @@ from fleet_server.auth import AuditMiddleware, bootstrap_admin_token, hash_token
 from fleet_server.auth_api import audit_router, tokens_router
 from fleet_server.context import ServerContext
 from fleet_server.errors import ApiError
+from fleet_server.keyload import load_fleet_key
 from fleet_server.mqtt_bridge import MqttBridge
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine
 from fleet_server.ticker import Ticker
 from fleet_server.tuf_api import release_router, static_router
 from fleet_server.tuf_service import TufService
-from signing.keyring import KeyDir
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     context = ServerContext(
         settings=settings, engine=make_engine(settings), trust=load_trust(settings.keys_dir)
     )
-    fleet_key = KeyDir(Path(settings.keys_dir)).key("fleet")
+    fleet_key = load_fleet_key(settings)
     context.admin_token = bootstrap_admin_token(settings)
     context.admin_token_hash = hash_token(context.admin_token)
     try:

@@ -72,3 +72,9 @@ class ServerSettings(BaseSettings):
     @property
     def upload_tmp_dir(self) -> Path:
         return Path(self.data_dir) / "uploads"
+
+    # The encrypted fleet key's passphrase (fleet_server.keyload), first found wins: this file,
+    # then $EDGEFLEET_KEY_PASSPHRASE, then systemd's $CREDENTIALS_DIRECTORY/<key_credential>
+    # (LoadCredential=). The passphrase itself is deliberately not a setting: settings get logged.
+    key_passphrase_file: Path | None = None
+    key_credential: str = "edgefleet-key-passphrase"

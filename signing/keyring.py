@@ -4,8 +4,9 @@ Layout::
 
     root.key, root-<id>.key ...   root keys (k of n; offline in production)
     release.key ...                release keys (sign bundles and TUF targets; offline or CI)
+    release.pub.pem                the primary release key's public half (for third-party verifiers)
     fleet.key                      the online fleet key (directives, TUF snapshot/timestamp)
-    keys.json                      index: file -> role, key id, encrypted; revoked key ids
+    keys.json                      index: file -> role, key id, scheme, encrypted; revoked key ids
     trust.json                     current DSSE trust root (what directive/bundle checks read)
     root.json                      current TUF root metadata (same keys, same version)
     roots/N.trust.json, N.root.json  the whole chain, so a device pinned at any version can follow it
@@ -14,8 +15,13 @@ Layout::
 Private keys are PKCS#8 PEM, encrypted with the passphrase when one is given.
 The library writes unencrypted keys when called without a passphrase (tests,
 the demo); the CLI refuses that unless the user passes ``--insecure-no-passphrase``.
-In production root and release keys live offline; the server needs
-``trust.json``/``root.json`` and ``fleet.key``.
+Root and fleet keys are Ed25519; release keys are Ed25519 or, with
+``release_algorithm="ecdsa-p256"``, ECDSA P-256 (what OpenSSF ``model_signing``
+verifies). A rotation or revocation replaces a release key with one of the same
+algorithm unless told otherwise.
+
+In production root and release keys live offline; the server needs only
+``fleet.key``, ``trust.json`` and ``roots/`` (``SERVER_FILES``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from signing.keys import KeyPair, PublicKey, generate_keypair, is_encrypted_pem
+from signing.keys import ED25519, KeyPair, PublicKey, generate_keypair, is_encrypted_pem, scheme_for
 from signing.trust import TrustRoot, create_trust_root
 from signing.tuf_repo import build_root
 
@@ -36,7 +42,11 @@ TUF_ROOT_FILE = "root.json"
 INDEX_FILE = "keys.json"
 ROOTS_DIR = "roots"
 RETIRED_DIR = "retired"
+RELEASE_PUB_FILE = "release.pub.pem"
 ROLES = ("root", "release", "fleet")
+# What the online server reads from a key directory, and nothing else: its own key, the
+# DSSE trust root and the root chain it publishes. Root and release keys stay offline.
+SERVER_FILES = ("fleet.key", TRUST_FILE, ROOTS_DIR)
 
 
 class KeyDirError(ValueError):
@@ -115,20 +125,23 @@ def init_keys(
     root_keys: int = 1,
     root_threshold: int = 1,
     expires: datetime | None = None,
+    release_algorithm: str = ED25519,
 ) -> TrustRoot:
     """Generate root (k of n), release and fleet keys and version 1 of the trust root and TUF root.
 
     Without ``passphrase`` the private keys are written unencrypted: callers opt
     out explicitly by not giving one (the CLI demands ``--insecure-no-passphrase``).
+    ``release_algorithm`` is ``ed25519`` or ``ecdsa-p256``.
     """
     path = Path(path)
     if (path / TRUST_FILE).exists() and not force:
         raise FileExistsError(f"{path / TRUST_FILE} exists; pass force to overwrite")
     if not 1 <= root_threshold <= root_keys:
         raise KeyDirError(f"root threshold {root_threshold} must be between 1 and {root_keys}")
+    release_scheme = scheme_for(release_algorithm)
     path.mkdir(parents=True, exist_ok=True)
     roots = [generate_keypair() for _ in range(root_keys)]
-    release, fleet = generate_keypair(), generate_keypair()
+    release, fleet = generate_keypair(release_scheme), generate_keypair()
     new_files = {_file_name("root", k, i == 0): (k, "root") for i, k in enumerate(roots)}
     new_files["release.key"] = (release, "release")
     new_files["fleet.key"] = (fleet, "fleet")
@@ -158,11 +171,13 @@ def rotate_keys(
     release: bool = False,
     fleet: bool = False,
     expires: datetime | None = None,
+    release_algorithm: str | None = None,
 ) -> TrustRoot:
     """Publish trust root N+1: fresh root keys (``root_keys`` of them), release and/or fleet keys.
 
     N+1 is signed by the old root's threshold AND its own, so devices pinned at N
-    follow it and nobody holding only the old keys can sign N+2.
+    follow it and nobody holding only the old keys can sign N+2. A fresh release
+    key has ``release_algorithm``, by default the algorithm of the one it replaces.
     """
     old = keydir.trust_root()
     index = keydir.index()
@@ -178,9 +193,10 @@ def rotate_keys(
     threshold = root_threshold or min(old.root_threshold, len(roots))
     release_pubs = list(old.release_keys.values())
     fleet_pubs = list(old.fleet_keys.values())
+    release_scheme = scheme_for(release_algorithm) if release_algorithm else _role_scheme(index, old)
     for role, wanted in (("release", release), ("fleet", fleet)):
         if wanted:
-            fresh = generate_keypair()
+            fresh = generate_keypair(release_scheme if role == "release" else ED25519)
             retire += [f for f, e in index["files"].items() if e["role"] == role]
             new_files[f"{role}.key"] = (fresh, role)
             if role == "release":
@@ -224,6 +240,7 @@ def revoke_key(keydir: KeyDir, keyid_prefix: str, *, passphrase: bytes | None = 
             "give at least 6 characters of exactly one"
         )
     role, keyid = matches[0]
+    old_keys = {**old.release_keys, **old.fleet_keys}
     old_root_kps = _signing_root_keys(keydir, old, passphrase)
     keep = {
         "release": [k for i, k in old.release_keys.items() if i != keyid],
@@ -232,7 +249,7 @@ def revoke_key(keydir: KeyDir, keyid_prefix: str, *, passphrase: bytes | None = 
     new_files: dict[str, tuple[KeyPair, str]] = {}
     retire = [f for f, e in index["files"].items() if e.get("keyid") == keyid]
     if not keep[role]:
-        fresh = generate_keypair()
+        fresh = generate_keypair(old_keys[keyid].scheme)
         keep[role] = [fresh.public]
         new_files[f"{role}.key"] = (fresh, role)
     index["revoked"][keyid] = {"role": role}
@@ -260,6 +277,15 @@ def _signing_root_keys(keydir: KeyDir, trust: TrustRoot, passphrase: bytes | Non
             f"of v{trust.version}; {len(held)} are in {keydir.path}"
         )
     return held
+
+
+def _role_scheme(index: dict[str, Any], trust: TrustRoot) -> str:
+    """The scheme of the primary release key (``release.key``), so a rotation keeps the algorithm."""
+    keys = trust.release_keys
+    primary = index["files"].get("release.key", {}).get("keyid")
+    if primary in keys:
+        return keys[primary].scheme
+    return next(iter(keys.values())).scheme if keys else ED25519
 
 
 def _file_name(role: str, key: KeyPair, primary: bool) -> str:
@@ -309,16 +335,36 @@ def _write_version(
             os.replace(path / name, retired / f"{entry['role']}-{entry.get('keyid', 'unknown')[:12]}.key")
     for name, (kp, role) in new_files.items():
         kp.save(path / name, passphrase)
-        index["files"][name] = {"role": role, "keyid": kp.keyid, "encrypted": bool(passphrase)}
+        index["files"][name] = {
+            "role": role,
+            "keyid": kp.keyid,
+            "scheme": kp.scheme,
+            "encrypted": bool(passphrase),
+        }
     for role in ROLES:  # keep `{role}.key` the primary key of every role that still has one
         others = sorted(f for f, e in index["files"].items() if e["role"] == role)
         if others and f"{role}.key" not in others:
             os.replace(path / others[0], path / f"{role}.key")
             index["files"][f"{role}.key"] = index["files"].pop(others[0])
     _atomic(path / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True).encode())
+    _write_release_pem(path, index, release)
     _atomic(path / TUF_ROOT_FILE, tuf_root)
     _atomic(path / TRUST_FILE, trust.to_bytes())
     return trust
+
+
+def _write_release_pem(path: Path, index: dict[str, Any], release: list[PublicKey]) -> None:
+    """``release.pub.pem``: the primary release key as SubjectPublicKeyInfo PEM.
+
+    Third parties verify bundles with it (``model_signing verify key ... --public_key
+    release.pub.pem``) without reading our trust root format.
+    """
+    by_id = {k.keyid: k for k in release}
+    primary = by_id.get(index["files"].get("release.key", {}).get("keyid", ""))
+    if primary is None and len(release) == 1:
+        primary = release[0]
+    if primary is not None:
+        _atomic(path / RELEASE_PUB_FILE, primary.to_pem())
 
 
 def _atomic(path: Path, data: bytes) -> None:

@@ -28,7 +28,7 @@ from tuf.api.serialization.json import JSONSerializer
 from signing.errors import MetadataExpired, MetadataInvalid, MetadataRollback, MetadataUnsigned
 from signing.keys import KeyPair, PublicKey
 from signing.targets import FLOORS_TARGET, TargetCustom, parse_floors
-from signing.tuf_repo import TARGETS_EXPIRY, signer_for
+from signing.tuf_repo import TARGETS_EXPIRY, public_key_of, signer_for
 
 _SERIALIZER = JSONSerializer(compact=False)
 
@@ -127,13 +127,15 @@ def verify_targets_update(root: bytes, current: bytes | None, new: bytes) -> Met
 
 
 def role_keys(root: bytes, role: str) -> list[PublicKey]:
-    """The Ed25519 keys a TUF root trusts for ``role`` (``targets`` = release, ``timestamp`` = fleet)."""
+    """The keys a TUF root trusts for ``role`` (``targets`` = release, ``timestamp`` = fleet).
+
+    Ed25519 or ECDSA P-256, under our key ids; keys edgefleet never writes are skipped.
+    """
     md = Metadata[Root].from_bytes(root)
     out: list[PublicKey] = []
     for keyid in md.signed.roles[role].keyids:
-        key = md.signed.keys[keyid]
-        pub = PublicKey(bytes.fromhex(str(key.keyval["public"])))
-        if pub.keyid == keyid:  # our ids are sha256(raw key); anything else is not one of ours
+        pub = public_key_of(md.signed.keys[keyid])
+        if pub is not None:
             out.append(pub)
     return out
 

@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from securesystemslib.signer import CryptoSigner, SSlibKey
+from securesystemslib.signer import CryptoSigner, Key, SSlibKey
 from tuf.api.metadata import (
     Metadata,
     MetaFile,
@@ -39,7 +39,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from signing.keys import KeyPair, PublicKey
+from signing.keys import ECDSA_P256, ED25519, KeyPair, PublicKey
 from signing.targets import FLOORS_TARGET, TargetCustom
 
 METADATA_DIR = "metadata"
@@ -54,8 +54,32 @@ _SERIALIZER = JSONSerializer(compact=False)
 
 
 def sslib_key(public: PublicKey) -> SSlibKey:
-    """The TUF form of one of our Ed25519 keys, under the same key id as in DSSE envelopes."""
-    return SSlibKey(public.keyid, "ed25519", "ed25519", {"public": public.raw.hex()})
+    """The TUF form of one of our keys, under the same key id as in DSSE envelopes.
+
+    Ed25519 keys are keytype/scheme ``ed25519`` with the raw key in hex; P-256 release
+    keys are keytype ``ecdsa``, scheme ``ecdsa-sha2-nistp256`` with a PEM public key:
+    both are securesystemslib's own encodings, so python-tuf verifies them unaided.
+    """
+    return SSlibKey.from_crypto(public.crypto_key(), keyid=public.keyid, scheme=public.scheme)
+
+
+def public_key_of(key: Key) -> PublicKey | None:
+    """One of our keys back from its TUF form; None for a key type or id edgefleet never writes.
+
+    The key id must be ours (sha256 of the raw key): a root listing a key under
+    another id is not one we made, and trusting it by a different name would let
+    DSSE and TUF disagree about which key is which.
+    """
+    try:
+        if key.keytype == "ed25519" and key.scheme == ED25519:
+            pub = PublicKey(bytes.fromhex(str(key.keyval["public"])))
+        elif key.keytype == "ecdsa" and key.scheme == ECDSA_P256:
+            pub = PublicKey.from_pem(str(key.keyval["public"]).encode())
+        else:
+            return None
+    except (KeyError, ValueError, TypeError):
+        return None
+    return pub if pub.keyid == key.keyid and pub.scheme == key.scheme else None
 
 
 def signer_for(key: KeyPair) -> CryptoSigner:
@@ -405,4 +429,4 @@ def custom_for_bundle(manifest_fields: Mapping[str, Any], family: str | None = N
     )
 
 
-__all__ = ["TufRepository", "build_root", "custom_for_bundle", "signer_for", "sslib_key"]
+__all__ = ["TufRepository", "build_root", "custom_for_bundle", "public_key_of", "signer_for", "sslib_key"]

@@ -4,10 +4,15 @@ Private keys are encrypted with a passphrase. It comes from ``--passphrase-file`
 the environment variable named by ``--passphrase-env`` (default
 ``EDGEFLEET_KEY_PASSPHRASE``, for CI), or a prompt; unencrypted keys only with an
 explicit ``--insecure-no-passphrase``.
+
+Release keys are Ed25519 unless ``--release-algorithm ecdsa-p256`` asks for
+ECDSA P-256: bundles signed with such a key are in the OpenSSF model-signing
+format, which ``model_signing verify key`` checks against ``release.pub.pem``.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 from pathlib import Path
@@ -41,6 +46,23 @@ InsecureOpt = Annotated[
     ),
 ]
 DEFAULT_PASS_ENV = "EDGEFLEET_KEY_PASSPHRASE"
+
+
+class ReleaseAlgorithm(enum.StrEnum):
+    """Release key algorithms: Ed25519 (default), or P-256 for OpenSSF model-signing interop."""
+
+    ed25519 = "ed25519"
+    ecdsa_p256 = "ecdsa-p256"
+
+
+ReleaseAlgOpt = Annotated[
+    ReleaseAlgorithm | None,
+    typer.Option(
+        "--release-algorithm",
+        help="Release key algorithm: ed25519, or ecdsa-p256 so `model_signing verify key` "
+        "can check bundles (default: ed25519 for init, the current key's for rotate).",
+    ),
+]
 
 
 def resolve_passphrase(
@@ -101,6 +123,7 @@ def keys_init(
     root_threshold: Annotated[
         int, typer.Option("--root-threshold", min=1, help="Root signatures required (k of n).")
     ] = 1,
+    release_algorithm: ReleaseAlgOpt = None,
     passphrase_file: PassFileOpt = None,
     passphrase_env: PassEnvOpt = DEFAULT_PASS_ENV,
     insecure: InsecureOpt = False,
@@ -114,7 +137,12 @@ def keys_init(
     passphrase = resolve_passphrase(passphrase_file, passphrase_env, insecure, confirm=True)
     try:
         trust = init_keys(
-            directory, force=force, passphrase=passphrase, root_keys=root_keys, root_threshold=root_threshold
+            directory,
+            force=force,
+            passphrase=passphrase,
+            root_keys=root_keys,
+            root_threshold=root_threshold,
+            release_algorithm=(release_algorithm or ReleaseAlgorithm.ed25519).value,
         )
     except (FileExistsError, KeyDirError) as exc:
         fail(str(exc))
@@ -127,7 +155,8 @@ def keys_init(
     if passphrase is None:
         console.print("[bold yellow]private keys are NOT encrypted (--insecure-no-passphrase)[/]")
     console.print(
-        "[yellow]keep the root and release keys offline; the server needs trust.json, root.json, fleet.key[/]"
+        "[yellow]keep the root and release keys offline; the server needs only fleet.key, trust.json "
+        "and roots/[/]"
     )
 
 
@@ -142,6 +171,7 @@ def keys_rotate(
     ] = None,
     release: Annotated[bool, typer.Option("--release", help="Replace the release key.")] = False,
     fleet: Annotated[bool, typer.Option("--fleet", help="Replace the online fleet key.")] = False,
+    release_algorithm: ReleaseAlgOpt = None,
     passphrase_file: PassFileOpt = None,
     passphrase_env: PassEnvOpt = DEFAULT_PASS_ENV,
     insecure: InsecureOpt = False,
@@ -153,6 +183,8 @@ def keys_rotate(
 
     if not (root_keys or root_threshold or release or fleet):
         fail("nothing to rotate: give --root-keys, --root-threshold, --release and/or --fleet", 2)
+    if release_algorithm is not None and not release:
+        fail("--release-algorithm applies to a new release key: add --release", 2)
     passphrase = resolve_passphrase(passphrase_file, passphrase_env, insecure, confirm=False)
     try:
         trust = rotate_keys(
@@ -162,6 +194,7 @@ def keys_rotate(
             root_threshold=root_threshold,
             release=release,
             fleet=fleet,
+            release_algorithm=release_algorithm.value if release_algorithm else None,
         )
     except (KeyDirError, KeyLocked, WrongPassphrase, OSError) as exc:
         fail(f"cannot rotate keys in {directory}: {exc}")
@@ -238,6 +271,7 @@ def _trust_summary(trust: Any) -> dict[str, Any]:
         "root_keys": sorted(trust.root_keys),
         "release_keys": sorted(trust.release_keys),
         "fleet_keys": sorted(trust.fleet_keys),
+        "release_schemes": sorted({k.scheme for k in trust.release_keys.values()}),
     }
 
 
@@ -251,3 +285,4 @@ def _print_trust(info: dict[str, Any]) -> None:
     for role in ("root_keys", "release_keys", "fleet_keys"):
         table.add_row(role.removesuffix("_keys"), "\n".join(k[:16] + "…" for k in info[role]))
     console.print(table)
+    console.print(f"release key scheme: {', '.join(info['release_schemes'])}")

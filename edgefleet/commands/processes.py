@@ -27,11 +27,19 @@ def server_cmd(
     public_url: Annotated[
         str | None, typer.Option(help="Base URL devices download from [EDGEFLEET_PUBLIC_URL].")
     ] = None,
+    key_passphrase_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File holding fleet.key's passphrase [EDGEFLEET_KEY_PASSPHRASE_FILE; else "
+            "EDGEFLEET_KEY_PASSPHRASE, else systemd's $CREDENTIALS_DIRECTORY/edgefleet-key-passphrase]."
+        ),
+    ] = None,
 ) -> None:
     """Run the fleet server: admin API, rollout engine, MQTT bridge, artifact serving.
 
     Every setting also comes from its EDGEFLEET_* environment variable; flags win.
     """
+    from fleet_server.keyload import FleetKeyError
     from fleet_server.runner import main
     from fleet_server.settings import ServerSettings
 
@@ -40,6 +48,7 @@ def server_cmd(
         "data_dir": data_dir,
         "database_url": database_url,
         "public_url": public_url,
+        "key_passphrase_file": key_passphrase_file,
     }
     if mqtt:
         mhost, _, mport = mqtt.rpartition(":")
@@ -47,7 +56,10 @@ def server_cmd(
     settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
     if not (Path(settings.keys_dir) / "trust.json").is_file():
         fail(f"no trust.json in {settings.keys_dir}: run `edgefleet keys init` or pass --keys")
-    main(settings, host, port)
+    try:
+        main(settings, host, port)
+    except FleetKeyError as exc:  # a locked key is a configuration error: one line, no traceback
+        fail(str(exc))
 
 
 def agent_cmd(
