@@ -278,3 +278,45 @@ class StatsOut(BaseModel):
     mqtt_disconnects: int = Field(
         default=0, description="unexpected MQTT disconnects of this replica's clients (keepalive missed, ...)"
     )
+
+
+class TokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    role: Literal["admin", "operator", "viewer"]
+
+
+class TokenOut(BaseModel):
+    id: str
+    name: str
+    role: str
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None = None
+    token: str | None = Field(
+        default=None, description="the secret: only in the answer to the create call, never shown again"
+    )
+
+
+class AuditOut(BaseModel):
+    id: int
+    ts: datetime
+    actor: str
+    role: str
+    method: str
+    path: str
+    status: int
+    result: str
+    detail: str
+
+
+class TargetsOut(BaseModel):
+    """Versions after installing release-signed targets metadata and re-publishing the repository."""
+
+    targets_version: int
+    snapshot_version: int
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
