@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import File, UploadFile
+from fastapi import File, Response, UploadFile
 from fastapi.responses import FileResponse
 
 from fleet_server import releases
@@ -55,19 +55,22 @@ def post_targets(
 
 @static_router.get(
     "/metadata/{name}",
-    response_class=FileResponse,
+    response_class=Response,
     responses={
         200: {"content": {"application/json": {}}, "description": "TUF metadata"},
         **error_responses(404, 409),
     },
 )
-def get_metadata(name: str, c: Ctx) -> FileResponse:
+def get_metadata(name: str, c: Ctx) -> Response:
+    # Read in one go, not streamed: the unversioned files (timestamp.json, targets.json) are
+    # replaced while being served, and a stream could mix a new body with an old length.
     if not _METADATA_RE.match(name):
         raise NotFound("not_found", f"no metadata {name}")
     path = releases.tuf_repository(c).repo.metadata_dir / name
-    if not path.is_file():
-        raise NotFound("not_found", f"no metadata {name}")
-    return FileResponse(path, media_type="application/json")
+    try:
+        return Response(path.read_bytes(), media_type="application/json")
+    except (FileNotFoundError, IsADirectoryError):
+        raise NotFound("not_found", f"no metadata {name}") from None
 
 
 @static_router.get(

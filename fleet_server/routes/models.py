@@ -55,7 +55,8 @@ def upload_model(
     response: Response,
     envelope: Annotated[UploadFile, File(description="bundle.dsse.json")],
     files: Annotated[
-        list[UploadFile], File(description="one part per model file, named by its manifest path")
+        list[UploadFile],
+        File(min_length=1, description="one part per model file, named by its manifest path"),
     ],
     targets: Annotated[
         UploadFile | None, File(description="release-signed TUF targets metadata listing this bundle")
