@@ -27,7 +27,7 @@ ROUTERS: tuple[APIRouter, ...] = (
 
 
 def allowed_methods(path: str) -> list[str]:
-    """Every method some route serves at ``path`` (HEAD with GET, as Starlette answers it)."""
+    """Every method some route serves at ``path``, as a 405's ``Allow`` must list them."""
     methods = {
         method
         for router in ROUTERS

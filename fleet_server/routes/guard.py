@@ -2,8 +2,8 @@
 
 FastAPI reads (and spools to disk) a request body before it runs a route's
 dependencies, so an auth dependency alone lets anyone who reaches the port
-stream gigabytes before the 401. A ``GuardedRoute`` wraps its own ASGI app,
-which runs after routing and before FastAPI touches the body:
+stream gigabytes before the 401. A ``GuardedRoute`` checks first, in the
+handler FastAPI runs after routing and before it touches the body:
 
 1. the role the route declares (``Depends(require(role))``, read from its
    dependency tree, so the declaration has one home) is checked from the
@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive
 
 from fleet_server.auth import authenticate, ensure_role, required_role
 from fleet_server.context import BodyLimits
@@ -49,21 +49,41 @@ BodyKind = Literal["none", "json", "upload"]
 
 
 class GuardedRoute(APIRoute):
-    """An ``APIRoute`` that authenticates, then bounds and safely parses its body (see the module doc)."""
+    """An ``APIRoute`` that authenticates, then bounds and safely parses its body (see the module doc).
 
-    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
-        super().__init__(path, endpoint, **kwargs)
-        self.required_role = required_role(self.dependant)
-        self.body_kind = _body_kind(self)
-        self.app = _guard(self.app, self.required_role, self.body_kind)
+    The guard sits in the route handler FastAPI builds (``get_route_handler``),
+    which every way of mounting the route goes through, and runs before the
+    handler reads the body. Roles are read from the route's own dependencies
+    (its router's and its decorator's), so declare them there, not when
+    including the router.
+    """
+
+    required_role: str | None = None
+    body_kind: BodyKind = "none"
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        role = self.required_role = required_role(self.dependant)
+        kind = self.body_kind = _body_kind(self)
 
-        async def bounded_json(request: Request) -> Response:
-            return await handler(_BoundedJsonRequest(request.scope, request.receive))
+        async def guarded(request: Request) -> Response:
+            limits: BodyLimits = request.app.state.ctx.limits
+            limit = limits.upload if kind == "upload" else limits.request
+            announced = _content_length(request.headers)
+            try:
+                if role is not None:
+                    # a token lookup may query the database: keep it off the event loop
+                    ensure_role(await run_in_threadpool(authenticate, request), role)
+                if kind != "none" and announced is not None and announced > limit:
+                    raise _too_large(limit)
+            except ApiError as exc:
+                if announced or "transfer-encoding" in request.headers:  # the client is still sending
+                    exc.headers = {**(exc.headers or {}), "Connection": "close"}
+                raise
+            receive = request.receive if kind == "none" else _counted(request.receive, limit)
+            return await handler(_BoundedJsonRequest(request.scope, receive))
 
-        return bounded_json
+        return guarded
 
 
 def _body_kind(route: APIRoute) -> BodyKind:
@@ -71,33 +91,6 @@ def _body_kind(route: APIRoute) -> BodyKind:
     if not body:
         return "none"  # FastAPI never reads it: nothing to bound
     return "upload" if any(isinstance(p.field_info, params.Form) for p in body) else "json"
-
-
-def _limits(scope: Scope) -> BodyLimits:
-    limits: BodyLimits = scope["app"].state.ctx.limits
-    return limits
-
-
-def _guard(app: ASGIApp, role: str | None, body_kind: BodyKind) -> ASGIApp:
-    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
-        headers = Headers(scope=scope)
-        announced = _content_length(headers)
-        still_sending = bool(announced) or "transfer-encoding" in headers
-        limit = _limits(scope).upload if body_kind == "upload" else _limits(scope).request
-        try:
-            if role is not None:
-                # a token lookup may query the database: keep it off the event loop
-                principal = await run_in_threadpool(authenticate, Request(scope))
-                ensure_role(principal, role)
-            if body_kind != "none" and announced is not None and announced > limit:
-                raise _too_large(limit)
-        except ApiError as exc:
-            if still_sending:
-                exc.headers = {**(exc.headers or {}), "Connection": "close"}
-            raise
-        await app(scope, receive if body_kind == "none" else _counted(receive, limit), send)
-
-    return guarded
 
 
 def _content_length(headers: Headers) -> int | None:
@@ -132,8 +125,9 @@ class _BoundedJsonRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
+            limits: BodyLimits = self.app.state.ctx.limits
             try:
-                value = safejson.loads(body, max_bytes=_limits(self.scope).request)
+                value = safejson.loads(body, max_bytes=limits.request)
             except safejson.JsonError as exc:
                 raise ApiError(400, "invalid_request", f"request body: {exc}") from None
             _check_numbers(value)
