@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sqlmodel import Session, col, select
 
-from fleet_server.errors import ApiError
+from fleet_server.errors import NotFound
 from fleet_server.gates import add_counts, p95_us
 from fleet_server.models import Device, Model, ModelAggregate, Rollout, RolloutDevice
 from fleet_server.schemas import AggregateOut
@@ -84,7 +84,7 @@ def _sha_of(session: Session, model: str) -> str:
     name, version = model.split(":", 1)
     found = session.exec(select(Model.sha256).where(Model.name == name, Model.version == version)).first()
     if found is None:
-        raise ApiError(404, "model_not_found", f"no model {model}")
+        raise NotFound("model_not_found", f"no model {model}")
     return found
 
 

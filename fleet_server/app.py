@@ -1,4 +1,9 @@
-"""``create_app(settings)``: the FastAPI app whose lifespan runs the MQTT bridge and the engine ticker."""
+"""``create_app(settings)``: the FastAPI app whose lifespan runs the MQTT bridge and the engine ticker.
+
+The routes live in ``fleet_server.routes`` (one module per resource); every
+error they or FastAPI raise is rendered by the one handler in
+``fleet_server.routes.errors``.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +13,19 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
 
-from fleet_server.api import device_router, health, router, validation_error_response
 from fleet_server.artifacts import load_trust
-from fleet_server.auth import AuditMiddleware, bootstrap_admin_token, hash_token
-from fleet_server.auth_api import audit_router, tokens_router
+from fleet_server.audit import AuditMiddleware
+from fleet_server.auth import bootstrap_admin_token, hash_token
 from fleet_server.context import ServerContext
-from fleet_server.errors import ApiError
 from fleet_server.keyload import load_fleet_key
 from fleet_server.mqtt_bridge import MqttBridge
+from fleet_server.routes import ROUTERS, allowed_methods
+from fleet_server.routes.errors import install_error_handler
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine
 from fleet_server.ticker import Ticker
-from fleet_server.tuf_api import release_router, static_router
 from fleet_server.tuf_service import TufService
 
 log = logging.getLogger(__name__)
@@ -73,26 +74,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="edgefleet fleet server", version="0.1.0", lifespan=lifespan)
     app.state.ctx = context
-    app.include_router(health)
-    app.include_router(router)
-    app.include_router(device_router)
-    app.include_router(release_router)
-    app.include_router(tokens_router)
-    app.include_router(audit_router)
-    app.include_router(static_router)
+    for router in ROUTERS:
+        app.include_router(router)
+    # outermost: it records the outcome of every mutating call, refusals by the route guard included
     app.add_middleware(AuditMiddleware, engine=context.engine)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> Response:
-        request.state.error_code = exc.code  # the audit log records the reason, not only the status
-        return await http_exception_handler(request, exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
-        )
-        _request.state.error_code = "invalid_request"
-        return validation_error_response(errors or "invalid request")
-
+    install_error_handler(app, allowed_methods)
     return app

@@ -1,10 +1,13 @@
-"""Bundle uploads (verified before anything is accepted) and artifact serving with HTTP Range.
+"""Bundle staging (verified before anything is accepted) and artifact serving with HTTP Range.
 
 An upload is trusted only after the envelope verifies against the release keys
 of ``<keys_dir>/trust.json`` and every file matches its signed hash and length.
 Files are streamed to a private upload directory (never more than the signed
 length is written) and moved into place only once all checks passed, so a
 refused upload leaves nothing behind.
+
+Stored artifacts are public reads (docs/decisions/0009-public-delivery-and-request-guard.md):
+every byte is signed, so a device checks what it got, not who served it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from signing.errors import LengthMismatch, MalformedEnvelope, MissingFile, TrustError, UnexpectedFile
+from sqlalchemy import Engine
+from sqlmodel import col, select
+
+from fleet_server.errors import NotFound
+from fleet_server.models import Model
+from fleet_server.store import new_session
+from signing.errors import LengthMismatch, MalformedEnvelope, MissingFile, UnexpectedFile
 from signing.manifest import ENVELOPE_NAME, BundleManifest, manifest_from_envelope, verify_file
 from signing.trust import TrustRoot
 
@@ -98,7 +107,35 @@ def _copy_bounded(src: BinaryIO, dest: Path, limit: int) -> None:
             out.write(chunk)
 
 
-# --- Range serving --------------------------------------------------------------------------
+# --- serving ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Where a stored model file and its bundle's envelope are."""
+
+    model_file: Path
+    envelope: Path
+
+
+def find_artifact(engine: Engine, sha256: str) -> Artifact:
+    """The newest stored bundle whose model file has this hash.
+
+    Opens and closes its own session: a streamed download must not hold a pooled
+    connection for as long as the client takes to read it (a wave of devices
+    downloading at once would exhaust the pool).
+    """
+    with new_session(engine) as session:
+        model = session.exec(
+            select(Model).where(Model.sha256 == sha256).order_by(col(Model.created_at).desc())
+        ).first()
+    if model is None:
+        raise NotFound("artifact_not_found", f"no artifact {sha256}")
+    storage = Path(model.storage_path)
+    return Artifact(storage / str(model.manifest["files"][0]["path"]), storage / ENVELOPE_NAME)
+
+
+# --- Range --------------------------------------------------------------------------
 
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -145,10 +182,11 @@ def iter_file(path: Path, start: int, end: int) -> Iterator[bytes]:
 
 
 __all__ = [
+    "Artifact",
     "RangeNotSatisfiable",
     "StagedBundle",
-    "TrustError",
     "Upload",
+    "find_artifact",
     "iter_file",
     "load_trust",
     "parse_range",

@@ -1,40 +1,41 @@
-"""Admin API authentication, roles, and the audit log of every mutating call.
+"""Who is calling the admin API, and may they: bearer tokens, roles, the bootstrap admin token.
 
 Bearer tokens (``Authorization: Bearer ef_...``) with one of three roles,
 ordered: ``viewer`` (read), ``operator`` (devices, models, rollouts),
-``admin`` (tokens). Only a token's SHA-256 is stored. The bootstrap admin token
-comes from ``ServerSettings.admin_token`` or is generated once into
-``<data_dir>/admin.token`` (0600) and is compared in memory, never stored in the
-database. Without a token the answer is 401 when ``auth_required`` is on;
-with it off, a call without a token passes as ``anonymous`` (a token that is
-sent is still checked, so a wrong one is always 401). A known token with too
-small a role is 403.
+``admin`` (tokens). Only a token's SHA-256 is stored (``fleet_server.tokens``).
+The bootstrap admin token comes from ``ServerSettings.admin_token`` or is
+generated once into ``<data_dir>/admin.token`` (0600) and is compared in
+memory, never stored in the database. Without a token the answer is 401 when
+``auth_required`` is on; with it off, a call without a token passes as
+``anonymous`` (a token that is sent is still checked, so a wrong one is always
+401). A known token with too small a role is 403.
 
-The audit log is written by ``AuditMiddleware`` (pure ASGI, so streamed
-artifact downloads are not buffered) after each POST/PUT/PATCH/DELETE under
-``/api/v1/``: who (from the auth dependency), what (method, path), when, and
-the result (status and error code). Nothing ever updates or deletes a row.
+A route states the role it needs with ``Depends(require(role))``. The route
+guard (``fleet_server.routes.guard``) reads that declaration and checks it
+before the request body is read; the dependency itself then finds the caller
+already on the request, and is the check of last resort for any route the
+guard does not wrap.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
-from fastapi import Request
-from sqlalchemy import Engine
+from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import select
 
 from fleet_server.errors import ApiError
-from fleet_server.models import ApiToken, AuditEntry, utcnow
+from fleet_server.models import ApiToken
 from fleet_server.settings import ServerSettings
 from fleet_server.store import new_session
 
@@ -43,8 +44,11 @@ log = logging.getLogger(__name__)
 ROLES = ("viewer", "operator", "admin")
 RANK = {role: i for i, role in enumerate(ROLES)}
 TOKEN_FILE = "admin.token"
-MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-AUDITED_PREFIX = "/api/v1/"
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+# Declares the scheme in /openapi.json (clients and fuzzers learn which routes need a token);
+# it never refuses by itself: ``authenticate`` does, with the contract's error codes.
+bearer_scheme = HTTPBearer(auto_error=False, description="an API token: Bearer ef_...")
 
 
 @dataclass(frozen=True)
@@ -91,13 +95,14 @@ def _bearer(request: Request) -> str | None:
     return value.strip()
 
 
-_CHALLENGE = {"WWW-Authenticate": "Bearer"}
-
-
 def authenticate(request: Request) -> Principal:
-    """Who is calling (cached on the request); 401 for a bad token, or a missing one when required."""
+    """Who is calling (cached on the request); 401 for a bad token, or a missing one when required.
+
+    A refused caller is recorded on the request too, so the audit log names it.
+    May query the database: call it from a worker thread, not the event loop.
+    """
     cached = getattr(request.state, "principal", None)
-    if isinstance(cached, Principal):
+    if isinstance(cached, Principal) and cached.role:
         return cached
     ctx = request.app.state.ctx
     token = _bearer(request)
@@ -120,81 +125,59 @@ def authenticate(request: Request) -> Principal:
     return principal
 
 
-def require(role: str) -> Callable[[Request], Principal]:
-    """A route dependency: the caller must hold ``role`` or a higher one."""
-    if role not in RANK:
-        raise ValueError(f"unknown role {role!r}")
+def ensure_role(principal: Principal, role: str) -> None:
+    """403 unless ``principal`` holds ``role`` or a higher one."""
+    if RANK.get(principal.role, -1) < RANK[role]:
+        raise ApiError(
+            403, "forbidden", f"{principal.actor} ({principal.role}) may not do this: needs {role}"
+        )
 
-    def dependency(request: Request) -> Principal:
+
+@dataclass(frozen=True)
+class Require:
+    """A route dependency: the caller must hold ``role`` or a higher one."""
+
+    role: str
+
+    def __call__(
+        self,
+        request: Request,
+        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    ) -> Principal:
         principal = authenticate(request)
-        if RANK.get(principal.role, -1) < RANK[role]:
-            raise ApiError(
-                403, "forbidden", f"{principal.actor} ({principal.role}) may not do this: needs {role}"
-            )
+        ensure_role(principal, self.role)
         return principal
 
-    dependency.__name__ = f"require_{role}"
-    return dependency
+
+def require(role: str) -> Require:
+    if role not in RANK:
+        raise ValueError(f"unknown role {role!r}")
+    return Require(role)
 
 
-def record_audit(engine: Engine, entry: AuditEntry) -> None:
-    with new_session(engine) as session:
-        session.add(entry)
-        session.commit()
+def required_role(dependant: Dependant) -> str | None:
+    """The highest role any ``require`` in a route's dependency tree asks for (None: a public route)."""
+    roles = [d.call.role for d in _walk(dependant) if isinstance(d.call, Require)]
+    return max(roles, key=RANK.__getitem__) if roles else None
 
 
-class AuditMiddleware:
-    """Append one AuditEntry per mutating ``/api/v1/`` call, whatever its outcome."""
-
-    def __init__(self, app: Any, engine: Engine) -> None:
-        self.app = app
-        self.engine = engine
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] not in MUTATING
-            or not str(scope["path"]).startswith(AUDITED_PREFIX)
-        ):
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def send_status(message: Any) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            state = scope.get("state") or {}
-            principal = state.get("principal")
-            code = state.get("error_code") or ("ok" if status < 400 else f"http_{status}")
-            entry = AuditEntry(
-                ts=utcnow(),
-                actor=principal.actor if isinstance(principal, Principal) else "anonymous",
-                role=principal.role if isinstance(principal, Principal) else "",
-                method=str(scope["method"]),
-                path=str(scope["path"])[:512],
-                status=status,
-                result=str(code)[:64],
-                detail=str(state.get("audit_detail", ""))[:512],
-            )
-            try:
-                await asyncio.to_thread(record_audit, self.engine, entry)
-            except Exception:  # the call itself already happened; losing its record must be loud
-                log.exception("could not write the audit entry for %s %s", entry.method, entry.path)
+def _walk(dependant: Dependant) -> Iterator[Dependant]:
+    stack = [dependant]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(node.dependencies)
 
 
 __all__ = [
     "ROLES",
-    "AuditMiddleware",
     "Principal",
+    "Require",
     "authenticate",
     "bootstrap_admin_token",
+    "ensure_role",
     "hash_token",
     "new_token",
     "require",
+    "required_role",
 ]

@@ -1,10 +1,10 @@
 """Errors in the contract's shape: ``{"detail": {"code": "<snake_case>", "message": "..."}}``.
 
-Services (rollouts, models, devices, tokens) raise a :class:`DomainError`
+Services (releases, devices, tokens, rollouts) raise a :class:`DomainError`
 subclass naming what went wrong; the HTTP layer maps each class to its status
-in one exception handler, so no service imports FastAPI to say "not found".
-:class:`ApiError` stays for what only the HTTP layer knows (authentication,
-request framing).
+in one exception handler (``fleet_server.routes.errors``), so no service
+imports FastAPI to say "not found". :class:`ApiError` stays for what only the
+HTTP layer knows (authentication, request framing, body limits).
 """
 
 from __future__ import annotations
@@ -23,6 +23,16 @@ class DomainError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class Rejected(DomainError):
+    """The input is refused as given: malformed, or failing a signature or integrity check.
+
+    Trust failures keep the ``signing`` error's code (``digest_mismatch``,
+    ``unknown_key``, ...) so a client can tell a tampered bundle from a typo.
+    """
+
+    status_code = 400
 
 
 class NotFound(DomainError):

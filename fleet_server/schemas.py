@@ -4,40 +4,31 @@ from __future__ import annotations
 
 from datetime import datetime
 from itertools import pairwise
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from device_agent.protocol import DEVICE_ID_RE
+
+# Bounds of a device's tags, declared as types so /openapi.json states them too.
+TagKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+TagValue = Annotated[str, StringConstraints(max_length=256)]
+Tags = Annotated[dict[TagKey, TagValue], Field(max_length=64, description="at most 64 tags")]
 
 
 class DeviceIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    device_id: str
+    device_id: str = Field(pattern=DEVICE_ID_RE.pattern)
     hardware_id: str = Field(min_length=1, max_length=128)
-    tags: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("device_id")
-    @classmethod
-    def _valid_id(cls, v: str) -> str:
-        if not DEVICE_ID_RE.match(v):
-            raise ValueError("device_id must match [A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-        return v
+    tags: Tags = Field(default_factory=dict)
 
 
 class TagsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tags: dict[str, str]
-
-    @field_validator("tags")
-    @classmethod
-    def _bounded(cls, v: dict[str, str]) -> dict[str, str]:
-        if len(v) > 64 or any(not 0 < len(k) <= 64 or len(x) > 256 for k, x in v.items()):
-            raise ValueError("at most 64 tags, keys 1..64 and values up to 256 characters")
-        return v
+    tags: Tags
 
 
 class RunningModelOut(BaseModel):
@@ -278,3 +269,45 @@ class StatsOut(BaseModel):
     mqtt_disconnects: int = Field(
         default=0, description="unexpected MQTT disconnects of this replica's clients (keepalive missed, ...)"
     )
+
+
+class TokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    role: Literal["admin", "operator", "viewer"]
+
+
+class TokenOut(BaseModel):
+    id: str
+    name: str
+    role: str
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None = None
+    token: str | None = Field(
+        default=None, description="the secret: only in the answer to the create call, never shown again"
+    )
+
+
+class AuditOut(BaseModel):
+    id: int
+    ts: datetime
+    actor: str
+    role: str
+    method: str
+    path: str
+    status: int
+    result: str
+    detail: str
+
+
+class TargetsOut(BaseModel):
+    """Versions after installing release-signed targets metadata and re-publishing the repository."""
+
+    targets_version: int
+    snapshot_version: int
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]

@@ -80,7 +80,7 @@ def test_roles_viewer_operator_admin(
         assert v.get("/tuf/metadata/1.root.json").status_code == 200
         with _client(srv) as anon:
             assert anon.get("/tuf/metadata/root.json").status_code == 200
-            assert anon.get(f"/api/v1/artifacts/{'0' * 64}").json()["detail"]["code"] == "unregistered_device"
+            assert anon.get(f"/api/v1/artifacts/{'0' * 64}").json()["detail"]["code"] == "artifact_not_found"
     # revocation takes effect at once
     with ApiClient(srv.url, token=srv.admin_token) as admin:
         admin.revoke_token(operator["id"])

@@ -1,0 +1,136 @@
+"""``/api/v1/models`` (operator uploads, viewer reads) and ``/api/v1/artifacts`` (public reads).
+
+An upload is verified before anything is kept (``fleet_server.releases``).
+Artifacts are the stored model files and their signed envelopes; anyone may
+read them, because a device verifies every byte against keys it already trusts
+(docs/decisions/0009-public-delivery-and-request-guard.md). The ``X-Edgefleet-Device`` header
+agents send is a label for logs and network emulation, never a credential:
+these routes do not read it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import File, Header, Path, Response, UploadFile
+from fastapi.responses import FileResponse, StreamingResponse
+from sqlmodel import col, select
+
+from fleet_server import releases
+from fleet_server.artifacts import (
+    MAX_ENVELOPE,
+    RangeNotSatisfiable,
+    Upload,
+    find_artifact,
+    iter_file,
+    parse_range,
+)
+from fleet_server.errors import NotFound
+from fleet_server.models import Model
+from fleet_server.routes.common import API, OPERATOR, Ctx, Db, admin_router, public_router
+from fleet_server.routes.errors import error_responses
+from fleet_server.schemas import ModelOut
+
+router = admin_router(tags=["models"])
+artifacts_router = public_router(API, tags=["artifacts"])
+
+
+def model_out(m: Model) -> ModelOut:
+    return ModelOut.model_validate(m, from_attributes=True)
+
+
+@router.post(
+    "/models",
+    status_code=201,
+    response_model=ModelOut,
+    responses={
+        200: {"model": ModelOut, "description": "this exact bundle was already stored"},
+        **error_responses(409, 413),
+    },
+    dependencies=OPERATOR,
+)
+def upload_model(
+    c: Ctx,
+    session: Db,
+    response: Response,
+    envelope: Annotated[UploadFile, File(description="bundle.dsse.json")],
+    files: Annotated[
+        list[UploadFile],
+        File(min_length=1, description="one part per model file, named by its manifest path"),
+    ],
+    targets: Annotated[
+        UploadFile | None, File(description="release-signed TUF targets metadata listing this bundle")
+    ] = None,
+) -> ModelOut:
+    """Verify the bundle (DSSE) and, with ``targets``, the release-signed TUF targets metadata
+    listing it; then publish snapshot + timestamp with the fleet key (docs/trust.md)."""
+    accepted = releases.accept_bundle(
+        c,
+        session,
+        envelope.file.read(MAX_ENVELOPE + 1),
+        [Upload(f.filename or "", f.file) for f in files],
+        targets.file.read(releases.MAX_METADATA + 1) if targets is not None else None,
+    )
+    if not accepted.created:
+        response.status_code = 200
+    return model_out(accepted.model)
+
+
+@router.get("/models", response_model=list[ModelOut])
+def list_models(session: Db) -> list[ModelOut]:
+    rows = session.exec(select(Model).order_by(col(Model.name), col(Model.created_at))).all()
+    return [model_out(m) for m in rows]
+
+
+@router.get("/models/{name}/{version}", response_model=ModelOut, responses=error_responses(404))
+def get_model(name: str, version: str, session: Db) -> ModelOut:
+    model = session.exec(select(Model).where(Model.name == name, Model.version == version)).first()
+    if model is None:
+        raise NotFound("model_not_found", f"no model {name}:{version}")
+    return model_out(model)
+
+
+Sha256 = Annotated[str, Path(pattern="^[0-9a-f]{64}$", description="SHA-256 of the model file")]
+
+ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **error_responses(404),
+    200: {"content": {"application/octet-stream": {}}, "description": "the model file"},
+    206: {"content": {"application/octet-stream": {}}, "description": "a byte range of it"},
+    416: {"description": "range not satisfiable"},
+}
+
+
+@artifacts_router.get("/artifacts/{sha256}", responses=ARTIFACT_RESPONSES, response_class=Response)
+def get_artifact(
+    sha256: Sha256, c: Ctx, range_: Annotated[str | None, Header(alias="Range")] = None
+) -> Response:
+    """The model file, resumable with one ``Range: bytes=a-b`` (several ranges: 416)."""
+    path = find_artifact(c.engine, sha256).model_file
+    size = path.stat().st_size
+    headers = {"Accept-Ranges": "bytes", "ETag": f'"{sha256}"'}
+    try:
+        span = parse_range(range_, size)
+    except RangeNotSatisfiable:
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+    if span is None:
+        start, end, status = 0, size - 1, 200
+    else:
+        (start, end), status = span, 206
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    headers["Content-Length"] = str(end - start + 1)
+    return StreamingResponse(
+        iter_file(path, start, end),
+        status_code=status,
+        headers=headers,
+        media_type="application/octet-stream",
+    )
+
+
+@artifacts_router.get(
+    "/artifacts/{sha256}/envelope",
+    responses={**error_responses(404), 200: {"content": {"application/json": {}}, "description": "DSSE"}},
+    response_class=FileResponse,
+)
+def get_envelope(sha256: Sha256, c: Ctx) -> FileResponse:
+    """The bundle's signed envelope (the manifest the model file is checked against)."""
+    return FileResponse(find_artifact(c.engine, sha256).envelope, media_type="application/json")
