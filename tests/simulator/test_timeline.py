@@ -127,7 +127,7 @@ def test_the_drawn_labels_do_not_overlap_and_the_counts_are_whole_devices() -> N
     fig = figure(rec, "scenario test")
     try:
         fig.canvas.draw()
-        renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+        renderer = fig.canvas.get_renderer()
         lane_ax, *panels = fig.axes
         boxes = [t.get_window_extent(renderer) for t in lane_ax.texts]
         assert len(boxes) == len(rec.marks)
