@@ -21,7 +21,7 @@ import onnx
 from compiler.coverage import onnx_coverage, tflite_coverage
 from compiler.data import Samples
 from compiler.errors import InvalidData, InvalidModel
-from compiler.evaluate import evaluate, evaluate_runners
+from compiler.evaluate import SNR_CAP_DB, evaluate, evaluate_runners
 from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare
 from compiler.runners import TFLiteRunner
 from compiler.signature import IOSignature, io_signature
@@ -87,6 +87,9 @@ def load_samples_for(req: BuildRequest, sig: IOSignature) -> tuple[Samples, Samp
     return calib, held_out, source
 
 
+AGREEMENT = {"top1_agreement", "exact_agreement"}  # classifier scores, integer (label) outputs
+
+
 def calibration_score(fp32: Path, int8: Path, calib: Samples, sig: IOSignature) -> tuple[float, ...]:
     """(min SNR dB, min top-1 agreement) of a candidate int8 model on (up to 64) calibration samples.
 
@@ -95,8 +98,11 @@ def calibration_score(fp32: Path, int8: Path, calib: Samples, sig: IOSignature) 
     """
     n = min(len(calib), SCORE_SAMPLES)
     figures = evaluate(fp32, int8, calib.take(np.arange(n)), sig)["outputs"].values()
-    snr = min((f["snr_db"] if f["snr_db"] is not None else -math.inf) for f in figures)
-    agreement = [f["top1_agreement"] for f in figures if "top1_agreement" in f]
+    snr = min(
+        ((f["snr_db"] if f["snr_db"] is not None else -math.inf) for f in figures if "snr_db" in f),
+        default=SNR_CAP_DB,  # integer outputs only: no SNR to rank by
+    )
+    agreement = [f.get("top1_agreement", f.get("exact_agreement")) for f in figures if AGREEMENT & f.keys()]
     worst = min((a if a is not None else -math.inf) for a in agreement) if agreement else 1.0
     return (round(snr, 1), worst)
 

@@ -1,9 +1,13 @@
 """Measure the int8 model against the float model on held-out samples.
 
 Both models run in real onnxruntime CPU sessions on the same feeds. Figures
-per output: mean and worst per-sample cosine similarity, SNR in dB over the
-whole output (signal = fp32, noise = int8 - fp32), top-1 agreement for
-classifier-shaped outputs (rank >= 2, last dim > 1), and non-finite counts.
+per float output: mean and worst per-sample cosine similarity, SNR in dB over
+the whole output (signal = fp32, noise = int8 - fp32), top-1 agreement for
+classifier-shaped outputs (rank 2, last dim > 1), and non-finite counts.
+An integer output (a class label, an index) has no geometry to measure: a
+cosine of two labels is 1.0 whenever their signs agree and an SNR of labels
+rewards near misses, so it is compared for exact equality instead
+(``kind: "integer"``, the share of samples whose output is unchanged).
 With labels, accuracy of fp32 and int8 on the first classifier output.
 
 The report must be strict JSON (it is signed into the manifest), so figures
@@ -71,10 +75,33 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def is_integer(output: np.ndarray) -> bool:
+    """Labels, indices, masks: the float model's output is integer (or boolean) typed."""
+    return output.dtype.kind in "biu"
+
+
+def compare_integer_output(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
+    """Exact agreement of an integer output: per sample (the whole output equal) and per element."""
+    same = ref.reshape(len(ref), -1) == out.reshape(len(out), -1)
+    per_sample = same.all(axis=1)
+    return {
+        "kind": "integer",
+        "shape": list(ref.shape[1:]),
+        "nonfinite_fp32": 0,
+        "nonfinite_int8": 0,
+        "exact_agreement": float(per_sample.mean()) if len(per_sample) else None,
+        "element_agreement": float(same.mean()) if same.size else None,
+        "changed_samples": int((~per_sample).sum()),
+    }
+
+
 def compare_output(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
     """Similarity figures of one output (int8 ``out`` against fp32 ``ref``)."""
+    if is_integer(ref):
+        return compare_integer_output(ref, out)
     ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
     figures: dict[str, Any] = {
+        "kind": "float",
         "shape": list(ref.shape[1:]),
         "nonfinite_fp32": int(ref.size - np.isfinite(ref64).sum()),
         "nonfinite_int8": int(out.size - np.isfinite(out64).sum()),

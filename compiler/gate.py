@@ -3,7 +3,8 @@
 Thresholds are absolute and per output (worst output counts): a compiled
 model that disagrees with its own float original is refused at build time,
 long before a fleet rollout could notice. A figure that could not be measured
-(non-finite outputs) is a failure, never a pass.
+(non-finite outputs) is a failure, never a pass. An integer output (labels)
+is held to the agreement threshold by exact equality, never to cosine or SNR.
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ class Gate:
                 f"{nonfinite} non-finite output values (NaN/inf) in the int8 model, max {self.max_nonfinite}"
             )
         for name, fig in report.get("outputs", {}).items():
+            if fig.get("kind") == "integer":  # labels: unchanged or not (see compiler.evaluate)
+                self._at_least(
+                    failures,
+                    name,
+                    "exact agreement",
+                    fig.get("exact_agreement"),
+                    self.min_top1_agreement,
+                    ".4f",
+                )
+                continue
             self._at_least(
                 failures, name, "cosine similarity", fig.get("cosine_mean"), self.min_cosine, ".4f"
             )

@@ -14,6 +14,7 @@ import typer
 from edgefleet.commands.broker import broker_app
 from edgefleet.commands.compile import compile_cmd
 from edgefleet.commands.devices import devices_app
+from edgefleet.commands.examples import examples_app
 from edgefleet.commands.keys import keys_app
 from edgefleet.commands.models import models_app
 from edgefleet.commands.processes import agent_cmd, demo_cmd, server_cmd
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.add_typer(keys_app, name="keys")
 app.command("compile")(compile_cmd)
+app.add_typer(examples_app, name="examples")
 app.add_typer(models_app, name="models")
 app.add_typer(devices_app, name="devices")
 app.add_typer(rollouts_app, name="rollouts")

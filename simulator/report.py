@@ -13,87 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from simulator.runner import CheckResult, RunResult
-from simulator.timeline import Timeline
-
-AGENT_ORDER = [
-    "serving",
-    "idle",
-    "downloading",
-    "verifying",
-    "installing",
-    "warming",
-    "swapping",
-    "failed",
-    "rejected",
-    "disconnected",
-    "down",
-]
-ROLLOUT_ORDER = ["notified", "installing", "done", "failed", "timed_out", "rolled_back"]
-COLOURS = {
-    "serving": "#2e7d32",
-    "done": "#2e7d32",
-    "idle": "#9e9e9e",
-    "notified": "#90caf9",
-    "downloading": "#42a5f5",
-    "verifying": "#7e57c2",
-    "installing": "#5c6bc0",
-    "warming": "#ffb300",
-    "swapping": "#fb8c00",
-    "failed": "#c62828",
-    "rejected": "#ad1457",
-    "timed_out": "#6d4c41",
-    "rolled_back": "#ef6c00",
-    "disconnected": "#bdbdbd",
-    "down": "#212121",
-}
-
-
-def _order(seen: set[str], preferred: list[str]) -> list[str]:
-    return [s for s in preferred if s in seen] + sorted(seen - set(preferred))
-
-
-def _figure(timeline: Timeline, title: str) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    samples = timeline.samples
-    panels: list[tuple[str, str, int | None]] = [("fleet", "agents (all devices)", None)]
-    for key in timeline.stage_of:
-        stages = sorted({st for s in samples for st in s.rollouts.get(key, {}).get("per_stage", {})})
-        panels += [("rollout", f"rollout {key}: stage {st}", st) for st in stages]
-    keys = [p for p in panels]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(11, 2.2 + 1.9 * len(keys)), sharex=True, squeeze=False)
-    ts = [s.t for s in samples]
-    for ax, (kind, label, stage) in zip(axes[:, 0], keys, strict=True):
-        if kind == "fleet":
-            seen = {k for s in samples for k in s.agents}
-            order = _order(seen, AGENT_ORDER)
-            series = [[s.agents.get(k, 0) for s in samples] for k in order]
-        else:
-            rkey = label.split(":")[0].removeprefix("rollout ")
-            rows = [s.rollouts.get(rkey, {}).get("per_stage", {}).get(stage, {}) for s in samples]
-            seen = {k for r in rows for k in r}
-            order = _order(seen, ROLLOUT_ORDER)
-            series = [[r.get(k, 0) for r in rows] for k in order]
-        if ts and order:
-            ax.stackplot(
-                ts, series, labels=order, colors=[COLOURS.get(k, "#607d8b") for k in order], step="post"
-            )
-        ax.set_title(label, fontsize=9, loc="left")
-        ax.set_ylabel("devices", fontsize=8)
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
-        for t, _what in timeline.marks:
-            ax.axvline(t, color="black", lw=0.5, alpha=0.4)
-    top = axes[0, 0]
-    ymax = top.get_ylim()[1]
-    for t, what in timeline.marks:
-        top.text(t, ymax, what, rotation=90, fontsize=6, va="top", ha="right", alpha=0.8)
-    axes[-1, 0].set_xlabel("seconds since start")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    return fig
+from simulator.timeline import Timeline, figure
 
 
 def summary_rows(result: RunResult) -> list[tuple[str, str, str]]:
@@ -119,7 +39,7 @@ def write_report(result: RunResult, timeline: Timeline | None, out_dir: Path) ->
     }
     svg = ""
     if timeline is not None and timeline.samples:
-        fig = _figure(timeline, f"scenario {result.scenario}")
+        fig = figure(timeline, f"scenario {result.scenario}")
         fig.savefig(paths["png"], dpi=110)
         buf = io.StringIO()
         fig.savefig(buf, format="svg")

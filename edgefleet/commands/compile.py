@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import logging
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -101,7 +105,7 @@ def compile_cmd(
     except CompilerError as exc:
         fail(str(exc))
     try:
-        with Progress(console=err, transient=True, disable=as_json) as progress:
+        with captured_logs() as logs, Progress(console=err, transient=True, disable=as_json) as progress:
             task = progress.add_task("compiling", total=1.0)
 
             def report(step: str, fraction: float) -> None:
@@ -126,58 +130,99 @@ def compile_cmd(
             )
     except GateFailed as exc:
         if as_json:
-            print_json({"ok": False, "failures": exc.failures, "report": exc.report})
+            print_json({"ok": False, "failures": exc.failures, "report": exc.report, "log": logs.rows()})
         if not as_json:
             _print_report(exc.report)
+            _print_logs(logs)
         fail("quality gate failed, no bundle written:\n  " + "\n  ".join(exc.failures))
     except (CompilerError, FileExistsError, FileNotFoundError) as exc:
+        _print_logs(logs)
         fail(str(exc))
     manifest = result.manifest
     if as_json:
-        print_json({"ok": True, "bundle": str(result.bundle_dir), "manifest": manifest.to_dict()})
+        print_json(
+            {"ok": True, "bundle": str(result.bundle_dir), "manifest": manifest.to_dict(), "log": logs.rows()}
+        )
         return
     _print_report(result.report)
+    _print_logs(logs)
     console.print(
         f"[green]wrote[/] {result.bundle_dir} ({manifest.ref}, release {manifest.release}, "
         f"{manifest.target}, sha256 {manifest.model_file.sha256[:12]}…)"
     )
 
 
+# The terminal shows what decides whether to ship; the method and run details are in --html and --json.
+TERMINAL_TABLES = ("gate", "outputs", "accuracy", "size", "bytes", "latency", "npu", "budgets", "ops")
+
+
 def _print_report(report: dict[str, Any]) -> None:
-    outputs = Table("output", "top-1 agree", "cosine", "SNR dB", title="int8 vs fp32 (held-out)")
-    for out_name, fig in report.get("outputs", {}).items():
-        outputs.add_row(
-            out_name,
-            _fmt(fig.get("top1_agreement")),
-            _fmt(fig.get("cosine_mean")),
-            _fmt(fig.get("snr_db")),
-        )
-    console.print(outputs)
-    split = report.get("size", {}).get("parts")
-    if split:
-        sizes = Table("file", "total", "constants", "quantization", "structure", title="size (bytes)")
-        for which in ("fp32", "int8"):
-            part = split[which]
-            sizes.add_row(which, *(str(part[k]) for k in ("total", "constants", "quantization", "structure")))
-        sizes.caption = f"int8 numbers alone: {split['data_ratio']} of fp32 (no table rewrite goes below)"
-        console.print(sizes)
-    table = Table("figure", "value", title="quantization report")
-    for key, value in report.items():
-        if key == "outputs":
+    """The report's decisive tables (as the HTML page shows them), nested values as ``key: value`` lines."""
+    from compiler.report_tables import fmt, tables
+
+    for t in tables(report):
+        if t.key not in TERMINAL_TABLES:
             continue
-        if key == "size" and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k != "parts"}
-        if isinstance(value, dict | list):
-            value = json.dumps(value, default=str)
-            value = value if len(value) < 80 else value[:77] + "..."
-        elif isinstance(value, float):
-            value = f"{value:.4g}"
-        table.add_row(str(key), str(value))
-    console.print(table)
+        table = Table(
+            *t.head, title=t.title, caption=t.caption or None, title_justify="left", caption_justify="left"
+        )
+        for row in t.rows:
+            table.add_row(*(fmt(c) for c in row))
+        console.print(table)
+    console.print("[dim]method, calibration and run details: --html FILE or --json[/]")
 
 
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+class LogCapture(logging.Handler):
+    """Collects library log records while compiling, to show them once, each with the module that wrote it.
+
+    onnxruntime.quantization logs through the root logger (``logging.warning(...)``); with no
+    handler there, Python installs its default one on first use and every later record prints as a
+    stray ``WARNING:root:`` line between the progress bar and the report. A handler on the root logger
+    stops that.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: Counter[tuple[str, str, str]] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records[(record.levelname.lower(), _source(record), record.getMessage())] += 1
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [
+            {"level": level, "source": source, "message": message, "count": n}
+            for (level, source, message), n in self.records.items()
+        ]
 
 
-# ---------------------------------------------------------------- models
+def _source(record: logging.LogRecord) -> str:
+    """The logger's name; for the root logger, the module that called it (e.g. onnxruntime's gemm)."""
+    if record.name != "root":
+        return record.name
+    path = Path(record.pathname).resolve()
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve() == path:
+            return name
+    return record.module
+
+
+@contextmanager
+def captured_logs() -> Iterator[LogCapture]:
+    root = logging.getLogger()
+    handler = LogCapture()
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+
+
+def _print_logs(capture: LogCapture) -> None:
+    if not capture.records:
+        return
+    table = Table("level", "from", "message", title="toolchain messages", title_justify="left")
+    for row in capture.rows():
+        times = f" (x{row['count']})" if row["count"] > 1 else ""
+        table.add_row(row["level"], row["source"], row["message"] + times)
+    err.print(table)
