@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,7 +25,7 @@ from fleet_server import artifacts, tuf_api
 from fleet_server.aggregates import telemetry_aggregates
 from fleet_server.auth import require
 from fleet_server.context import ServerContext
-from fleet_server.errors import ApiError
+from fleet_server.errors import ApiError, DomainError
 from fleet_server.migrate import current_revision
 from fleet_server.models import Device, Model, Rollout, utcnow
 from fleet_server.rollouts import create_rollout, operator_action, rollout_status
@@ -350,7 +351,7 @@ def get_envelope(sha256: str, c: Ctx, device: DeviceHeader = None) -> Response:
     dependencies=OPERATOR,
 )
 def post_rollout(body: RolloutIn, c: Ctx, session: Db) -> RolloutOut:
-    with c.lock:
+    with c.lock, _http_status():
         rollout = create_rollout(session, body)
         session.commit()
     return rollout_status(session, rollout)
@@ -379,12 +380,22 @@ def _act(rollout_id: str, action: str, c: ServerContext, session: Session) -> Ro
         rollout = session.get(Rollout, rollout_id, with_for_update=True)
         if rollout is None:
             raise ApiError(404, "rollout_not_found", f"no rollout {rollout_id}")
-        rollout = operator_action(session, rollout, action)
+        with _http_status():
+            rollout = operator_action(session, rollout, action)
         session.commit()
     return rollout_status(session, rollout)
 
 
 ACTION_ERRORS = _errors(404, 409)
+
+
+@contextmanager
+def _http_status() -> Iterator[None]:
+    """A rollout service's domain error as the HTTP error of its class (404, 409, 422, ...)."""
+    try:
+        yield
+    except DomainError as exc:
+        raise ApiError(exc.status_code, exc.code, exc.message) from exc
 
 
 @router.post(

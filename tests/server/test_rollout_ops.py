@@ -93,7 +93,7 @@ def test_probation_in_directive_and_reverted_device_fails_the_new_model(
     client: httpx.Client, keydir: KeyDir, tmp_path: Path, fake_device: Callable[[str], FakeDevice]
 ) -> None:
     old, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "pr", 1)
-    rid = create(client, "pr", stages=[100], probation_seconds=30, probation_min_inferences=20)
+    rid = create(client, "pr", stages=[100], probation={"seconds": 30, "min_inferences": 20})
     dev = devs["pr-0"]
     (d,) = wait_for(lambda: directives(dev, keydir))
     assert d.probation is not None and d.probation.seconds == 30 and d.probation.min_inferences == 20
