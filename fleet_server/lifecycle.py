@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum, nonmember
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 
@@ -51,16 +52,14 @@ class DeviceRolloutState(StrEnum):
 
 
 class RolloutTrigger(StrEnum):
-    # operator actions (POST /api/v1/rollouts/{id}/{action})
     PAUSE = "pause"
     RESUME = "resume"
     ABORT = "abort"
-    APPROVE = "approve"  # accept the current stage: passes a manual gate or overrides a pausing one
-    ROLLBACK = "rollback"  # the operator asks; the engine leader carries it out on its next tick
-    # engine decisions
+    APPROVE = "approve"
+    ROLLBACK = "rollback"
     GATE_PAUSE = "gate_pause"
     GATE_ROLL_BACK = "gate_roll_back"
-    AWAIT_APPROVAL = "await_approval"  # a stage soaked and the policy wants a human for the next
+    AWAIT_APPROVAL = "await_approval"
     NEXT_STAGE = "next_stage"
     COMPLETE = "complete"
 
@@ -72,22 +71,23 @@ OPERATOR_ACTIONS = (
     RolloutTrigger.APPROVE,
     RolloutTrigger.ROLLBACK,
 )
+"""The triggers an operator fires (``POST /api/v1/rollouts/{id}/{action}``); the engine fires the rest."""
 
 
 class DeviceTrigger(StrEnum):
-    ASSIGN = "assign"  # its stage starts: a directive with the rollout model
-    ASSIGN_SHADOW = "assign_shadow"  # ... with the rollout model as a shadow beside its own
-    PROMOTE = "promote"  # the rollout's shadow agreement passed: the model for real
-    RETRY = "retry"  # the backoff elapsed: the model again, in a directive with a higher seq
+    ASSIGN = "assign"
+    ASSIGN_SHADOW = "assign_shadow"
+    PROMOTE = "promote"
+    RETRY = "retry"
     RETRY_SHADOW = "retry_shadow"
-    PROGRESS = "progress"  # an event or a report for the directive's seq
-    SERVING_PROOF = "serving_proof"  # runs the model, out of probation, served successfully with it
-    FAIL_RETRYABLE = "fail_retryable"  # failed, rejected, reverted or timed out; its class has retries left
-    FAIL = "fail"  # failed, rejected or reverted; no retries left
-    TIME_OUT = "time_out"  # device_timeout_seconds without serving proof; no retries left
-    HOLD = "hold"  # its hardware class (cohort) was halted by a gate
-    RELEASE = "release"  # a human approved the stage: a paused cohort's device may be assigned again
-    ROLL_BACK = "roll_back"  # a directive sends it back to the model it ran before
+    PROGRESS = "progress"
+    SERVING_PROOF = "serving_proof"
+    FAIL_RETRYABLE = "fail_retryable"
+    FAIL = "fail"
+    TIME_OUT = "time_out"
+    HOLD = "hold"
+    RELEASE = "release"
+    ROLL_BACK = "roll_back"
 
 
 S = TypeVar("S", bound=StrEnum)
@@ -112,6 +112,7 @@ class Lifecycle(Generic[S, T]):
     states: type[S]
     initial: S
     moves: Mapping[S, Mapping[T, S]]
+    notes: Mapping[T, str]  # when each trigger fires, for the docs
 
     def move(self, state: str, trigger: T) -> S:
         """The state ``trigger`` leads to from ``state``; raises :class:`IllegalMove` if it may not happen."""
@@ -136,9 +137,16 @@ class Lifecycle(Generic[S, T]):
         """The table as a mermaid state diagram (one arrow per move, in table order)."""
         lines = ["stateDiagram-v2", f"    [*] --> {self.initial}"]
         lines += [f"    {a} --> {b}: {t}" for a, t, b in self.edges()]
-        terminal = [s for s in self.states if not self.moves.get(s)]
-        lines += [f"    {s} --> [*]" for s in terminal]
+        lines += [f"    {s} --> [*]" for s in self.states if not self.moves.get(s)]
         return "\n".join(lines)
+
+    def markdown(self) -> str:
+        """The diagram and what each trigger means, as docs/rollouts.md shows them."""
+        triggers = dict.fromkeys(t for _, t, _ in self.edges())
+        legend = [f"| `{t}` | {self.notes[t]} |" for t in triggers]
+        return "\n".join(
+            ["```mermaid", self.mermaid(), "```", "", "| trigger | when |", "|---|---|", *legend]
+        )
 
 
 RS, DS = RolloutState, DeviceRolloutState
@@ -163,17 +171,17 @@ ROLLOUT: Lifecycle[RolloutState, RolloutTrigger] = Lifecycle(
         },
         RS.AWAITING_APPROVAL: {
             RT.APPROVE: RS.RUNNING,
-            RT.NEXT_STAGE: RS.RUNNING,  # the stage is approved (``approved_through``) and soaked
-            RT.GATE_PAUSE: RS.PAUSED,  # the gates still watch the devices already notified
+            RT.NEXT_STAGE: RS.RUNNING,
+            RT.GATE_PAUSE: RS.PAUSED,
             RT.GATE_ROLL_BACK: RS.ROLLED_BACK,
             RT.PAUSE: RS.PAUSED,
             RT.ABORT: RS.ABORTED,
             RT.ROLLBACK: RS.ROLLED_BACK,
         },
         RS.PAUSED: {
-            RT.RESUME: RS.RUNNING,  # a pausing gate that still fails pauses it again
-            RT.APPROVE: RS.RUNNING,  # ... unless a human approved the stage
-            RT.GATE_ROLL_BACK: RS.ROLLED_BACK,  # pausing stops assignment, not protection
+            RT.RESUME: RS.RUNNING,
+            RT.APPROVE: RS.RUNNING,
+            RT.GATE_ROLL_BACK: RS.ROLLED_BACK,
             RT.PAUSE: RS.PAUSED,
             RT.ABORT: RS.ABORTED,
             RT.ROLLBACK: RS.ROLLED_BACK,
@@ -181,6 +189,23 @@ ROLLOUT: Lifecycle[RolloutState, RolloutTrigger] = Lifecycle(
         RS.COMPLETED: {RT.ROLLBACK: RS.ROLLED_BACK},
         RS.ABORTED: {RT.ABORT: RS.ABORTED, RT.ROLLBACK: RS.ROLLED_BACK},
         RS.ROLLED_BACK: {RT.ROLLBACK: RS.ROLLED_BACK},
+    },
+    {
+        RT.NEXT_STAGE: "engine: the stage's devices finished, the gates pass and it soaked"
+        " (approved first if the policy requires approval)",
+        RT.AWAIT_APPROVAL: "engine: a stage soaked and `require_approval` wants a human before the next",
+        RT.COMPLETE: "engine: the last stage soaked with the gates passing",
+        RT.GATE_PAUSE: "engine: a gate whose action is `pause` trips (the gates keep watching while"
+        " awaiting approval)",
+        RT.GATE_ROLL_BACK: "engine: a gate whose action is `roll_back` trips; also while paused: pausing"
+        " stops assignment, not protection",
+        RT.PAUSE: "operator: no new devices are notified (repeated: no-op)",
+        RT.RESUME: "operator: assignment goes on; a pausing gate that still fails pauses again"
+        " (repeated: no-op)",
+        RT.APPROVE: "operator: accepts the current stage, passing a manual gate or overriding a pausing one",
+        RT.ABORT: "operator: nothing more is sent; devices keep what they run (repeated: no-op)",
+        RT.ROLLBACK: "operator asks, the engine leader carries it out on its next tick: every device"
+        " that got the model is sent back to the one it ran before (repeated: no-op)",
     },
 )
 
@@ -207,19 +232,55 @@ DEVICE: Lifecycle[DeviceRolloutState, DeviceTrigger] = Lifecycle(
         DS.TIMED_OUT: {DT.ROLL_BACK: DS.ROLLED_BACK},
         DS.ROLLED_BACK: {},
     },
+    {
+        DT.ASSIGN: "its stage starts: a directive with the rollout model is published",
+        DT.ASSIGN_SHADOW: "its stage starts under a shadow gate: the model runs beside its own, never served",
+        DT.HOLD: "its hardware class (cohort) was halted by a gate; it is not assigned",
+        DT.RELEASE: "a human approved the stage: a paused cohort's devices may be assigned again",
+        DT.PROMOTE: "the rollout's shadow agreement passed with its minimum sample: the model for real",
+        DT.FAIL_RETRYABLE: "failed, rejected, reverted or timed out, and its failure class has retries left",
+        DT.FAIL: "failed, rejected or reverted for the directive's seq, no retries left",
+        DT.TIME_OUT: "`device_timeout_seconds` without serving proof, no retries left",
+        DT.ROLL_BACK: "a directive sends it back to the model it ran before (the rollout or its cohort"
+        " rolls back)",
+        DT.PROGRESS: "an event or a report for the directive's seq",
+        DT.SERVING_PROOF: "it reports the rollout model running, out of probation, and served at least"
+        " one successful inference with it",
+        DT.RETRY: "the backoff elapsed: the model again, in a directive with a higher seq",
+        DT.RETRY_SHADOW: "the backoff elapsed while the rollout still shadows first",
+    },
 )
 
 MACHINES: dict[str, Lifecycle[Any, Any]] = {"rollout": ROLLOUT, "device": DEVICE}
 
+_BEGIN = "<!-- {name} lifecycle from fleet_server/lifecycle.py: python -m fleet_server.lifecycle --write -->"
+_END = "<!-- end of the generated {name} lifecycle -->"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "rollouts.md"
+
+
+def render_into(doc: str) -> str:
+    """``doc`` with each machine's block between its markers replaced by what the tables give now."""
+    for name, machine in MACHINES.items():
+        begin, end = _BEGIN.format(name=name), _END.format(name=name)
+        head, found, rest = doc.partition(begin)
+        _, found_end, tail = rest.partition(end)
+        if not (found and found_end):
+            raise ValueError(f"no {begin!r} ... {end!r} markers in the page")
+        doc = f"{head}{begin}\n{machine.markdown()}\n{end}{tail}"
+    return doc
+
 
 def main(argv: list[str]) -> int:
-    """Print the diagrams docs/rollouts.md holds: ``rollout``, ``device`` or both."""
-    names = argv or list(MACHINES)
-    for name in names:
+    """Print the diagrams (``rollout``, ``device`` or both), or ``--write [PAGE]`` them into the docs."""
+    if argv[:1] == ["--write"]:
+        page = Path(argv[1]) if len(argv) > 1 else DOC
+        page.write_text(render_into(page.read_text()))
+        return 0
+    for name in argv or list(MACHINES):
         if name not in MACHINES:
             print(f"unknown lifecycle {name!r}; known: {', '.join(MACHINES)}", file=sys.stderr)
             return 2
-        print(f"```mermaid\n{MACHINES[name].mermaid()}\n```")
+        print(MACHINES[name].markdown())
     return 0
 
 
