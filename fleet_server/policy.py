@@ -23,10 +23,13 @@ class GateAction(StrEnum):
     PAUSE = "pause"
 
 
-TIMED_OUT = "timed_out"
-"""Failure class of a device that gave no serving proof within ``device_timeout_seconds``."""
-REVERTED = "reverted"
-"""Failure class of a device whose agent went back to its previous model by itself (probation)."""
+class ServerFailure(StrEnum):
+    """The failure classes the server assigns (the others are the agent's reason codes)."""
+
+    TIMED_OUT = "timed_out"  # no serving proof within ``device_timeout_seconds``
+    REVERTED = "reverted"  # the agent went back to its previous model by itself (probation)
+
+
 ANY_FAILURE = "*"
 """Retry-limit key for every failure class the map does not name."""
 
@@ -86,7 +89,7 @@ These must equal the values of ``device_agent.protocol.ReasonCode``, the agent's
 the wire: a retry limit keyed on anything else could never match a failure.
 """
 
-FAILURE_CLASSES = AGENT_REASON_CODES | {TIMED_OUT, REVERTED}
+FAILURE_CLASSES = AGENT_REASON_CODES | set(ServerFailure)
 """What a ``retry_limits`` key may name: a reason code, or one of the two classes the server assigns."""
 
 RetryCount = Annotated[int, Field(ge=0, le=20)]
@@ -160,7 +163,7 @@ class Policy(BaseModel):
         if unknown:
             raise ValueError(
                 f"unknown failure class(es) {', '.join(map(repr, unknown))}: a key is an agent reason"
-                f" code ({', '.join(sorted(AGENT_REASON_CODES))}), {TIMED_OUT!r}, {REVERTED!r} or"
+                f" code ({', '.join(sorted(AGENT_REASON_CODES))}), {', '.join(map(repr, ServerFailure))} or"
                 f" {ANY_FAILURE!r}"
             )
         return v

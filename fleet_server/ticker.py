@@ -23,6 +23,7 @@ from sqlalchemy import Engine, and_, or_
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
+from device_agent.protocol import DeploymentState
 from fleet_server import engine as rollout_engine
 from fleet_server import policy as rollout_policy
 from fleet_server.directives import build_directive, sign_directive
@@ -40,7 +41,7 @@ from fleet_server.models import (
     RolloutDevice,
     utcnow,
 )
-from fleet_server.policy import REVERTED, Policy
+from fleet_server.policy import Policy, ServerFailure
 from fleet_server.rollouts import enrol_joiners
 from fleet_server.settings import ServerSettings
 from fleet_server.store import new_session
@@ -124,7 +125,9 @@ def snapshot(
         progress.add(ev.device_id)
         if ev.state in rollout_engine.FAILED_DEPLOYMENT_STATES:
             why = ev.reason or ev.state
-            failures[ev.device_id] = f"{REVERTED}: {why}" if ev.state == REVERTED else why
+            failures[ev.device_id] = (
+                f"{ServerFailure.REVERTED}: {why}" if ev.state == DeploymentState.REVERTED else why
+            )
     out = []
     for rd in rows:
         agg = aggs.get(rd.device_id)
