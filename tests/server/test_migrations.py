@@ -1,4 +1,5 @@
-"""Alembic is the schema: upgrade head at startup on SQLite and PostgreSQL, from empty or the skeleton."""
+"""Alembic is the schema: upgrade head at startup on SQLite and PostgreSQL, from empty or from a
+database whose tables were created without migrations (no ``alembic_version``)."""
 
 from __future__ import annotations
 
@@ -42,13 +43,13 @@ def test_sqlite_fresh_database_is_migrated_to_head(tmp_path: Path) -> None:
     assert current_revision(again) == HEAD
 
 
-def test_skeleton_database_is_stamped_and_upgraded_keeping_its_rows(tmp_path: Path) -> None:
+def test_database_created_without_migrations_is_stamped_and_upgraded_keeping_its_rows(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
     cfg = alembic_config(url)
     command.upgrade(cfg, "0001")
     raw = create_engine(url)
     with raw.begin() as conn:
-        conn.execute(text("DROP TABLE alembic_version"))  # what create_all of the skeleton left
+        conn.execute(text("DROP TABLE alembic_version"))  # tables made by create_all, no migration history
         conn.execute(
             text(
                 "INSERT INTO model (id, name, version, release, target, hardware_ids, sha256, length,"
