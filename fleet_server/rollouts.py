@@ -53,7 +53,7 @@ def create_rollout(session: Session, req: RolloutIn) -> Rollout:
         raise NotFound("model_not_found", f"no model {req.model}")
     selector = req.selector.model_dump()
     targeted = [d for d in session.exec(select(Device)).all() if matches(d, selector, model.hardware_ids)]
-    if not targeted:
+    if not targeted:  # the request is well formed and names real things, but selects no device
         raise DomainError(
             "no_matching_devices", f"no registered device matches the selector and {model.hardware_ids}"
         )
@@ -123,7 +123,7 @@ def operator_action(session: Session, rollout: Rollout, action: str) -> Rollout:
             f"cannot {action} a {rollout.state} rollout (allowed: {', '.join(allowed)})",
         ) from None
     if trigger == RolloutTrigger.ROLLBACK:
-        return _request_rollback(session, rollout)
+        return _request_rollback(session, rollout, target)
     if trigger == RolloutTrigger.APPROVE:
         return _approve(session, rollout, target)
     if target == rollout.state:
@@ -145,13 +145,13 @@ def _approve(session: Session, rollout: Rollout, target: RS) -> Rollout:
     return rollout
 
 
-def _request_rollback(session: Session, rollout: Rollout) -> Rollout:
+def _request_rollback(session: Session, rollout: Rollout, target: RS) -> Rollout:
     """Ask the engine leader to send every device that got this model back to its previous one.
 
-    The move itself (to ``rolled_back``) is the engine's, on its next tick: it holds the devices'
-    state and sends the directives.
+    The move itself (to ``target``, rolled back) is the engine's, on its next tick: it holds the
+    devices' state and sends the directives.
     """
-    if rollout.state == RS.ROLLED_BACK or rollout.rollback_requested:
+    if rollout.state == target or rollout.rollback_requested:
         return rollout
     _audit(session, rollout, "rollback_requested", "operator: roll back to the last good release")
     rollout.rollback_requested, rollout.updated_at = True, utcnow()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from fleet_server.engine import HELD, DeviceSnapshot, Plan, RolloutSnapshot, apply_plan, decide, stage_target
 from fleet_server.lifecycle import DeviceRolloutState as DS
 from fleet_server.lifecycle import RolloutState as RS
-from fleet_server.policy import Policy
+from fleet_server.policy import GateAction, Policy
 
 from .test_engine import OLD, SHA, T0, rollout, serving, tick
 
@@ -69,7 +70,7 @@ def by_hw(devices: list[DeviceSnapshot], hw: str) -> list[DeviceSnapshot]:
     return [d for d in devices if d.hardware_id == hw]
 
 
-def decisions(plans: list[Plan], action: str) -> list[dict[str, object]]:
+def decisions(plans: list[Plan], action: str) -> list[dict[str, Any]]:
     return [d.figures | {"reason": d.reason} for p in plans for d in p.decisions if d.action == action]
 
 
@@ -93,7 +94,7 @@ def test_one_class_failing_is_rolled_back_alone_and_the_others_complete() -> Non
     assert "rolled back on 'rpi4' only" in str(done["reason"])
     halted = done["halted_cohorts"]
     assert isinstance(halted, dict) and halted["rpi4"]["state"] == "rolled_back"
-    assert set(done["cohorts"]) == {"jetson"}  # type: ignore[arg-type]
+    assert set(done["cohorts"]) == {"jetson"}
     # stages still sized over the whole fleet: never more assigned than the stage allows
     assigned = sum(1 for d in devices if d.stage is not None)
     assert assigned <= stage_target(100.0, 20)
@@ -174,7 +175,7 @@ def test_thin_failures_pooled_over_classes_act_on_the_whole_rollout() -> None:
 
 
 def test_a_pausing_gate_holds_only_its_class_and_the_rollout_waits_for_a_human_at_the_end() -> None:
-    policy = Policy(error_action="pause")
+    policy = Policy(error_action=GateAction.PAUSE)
     r = rollout(stages=(20.0, 100.0), soak_seconds=0, min_inferences=20, policy=policy)
     fleet = classes(rpi4=5, jetson=5)
     r, devices, plans = run(r, fleet, nan_on("rpi4"))
@@ -198,7 +199,7 @@ def test_a_pausing_gate_holds_only_its_class_and_the_rollout_waits_for_a_human_a
 
 
 def test_a_paused_class_is_still_protected_by_roll_back_gates() -> None:
-    policy = Policy(error_action="pause", max_failures=0)
+    policy = Policy(error_action=GateAction.PAUSE, max_failures=0)
     r = rollout(stages=(50.0, 100.0), soak_seconds=0, min_inferences=20, max_failure_rate=1.0, policy=policy)
     fleet = classes(rpi4=4, jetson=4)
     r, devices, _ = run(r, fleet, nan_on("rpi4"), ticks=2)
@@ -248,7 +249,7 @@ def test_a_single_class_fleet_behaves_as_before() -> None:
 
 
 def test_all_classes_failing_a_pausing_gate_pause_the_rollout_without_holding_classes() -> None:
-    policy = Policy(error_action="pause")
+    policy = Policy(error_action=GateAction.PAUSE)
     r = rollout(stages=(50.0, 100.0), soak_seconds=0, min_inferences=20, policy=policy)
     fleet = classes(rpi4=4, jetson=4)
     _, devices, _ = tick(r, fleet, T0)
