@@ -297,8 +297,10 @@ def bench_ingest(duration: float = 60.0, devices: int = 50) -> list[dict[str, ob
 
 def _fleet(n: int) -> tuple[Any, list[Any], dict[str, Any]]:
     from fleet_server.engine import DeviceSnapshot, RolloutSnapshot
-    from fleet_server.gates import Histograms, Policy
-    from fleet_server.models import DeviceRolloutState as DS
+    from fleet_server.gates import Histograms
+    from fleet_server.lifecycle import DeviceRolloutState as DS
+    from fleet_server.lifecycle import RolloutState as RS
+    from fleet_server.policy import Policy
 
     now = NOW + timedelta(minutes=10)
     lat = tuple([0] * 15 + [10, 50, 30, 9, 1] + [0] * 21)
@@ -306,11 +308,12 @@ def _fleet(n: int) -> tuple[Any, list[Any], dict[str, Any]]:
     policy = Policy(
         max_latency_ratio=1.5, max_output_psi=0.25, min_success_rate=0.5, max_failures=n,
         retry_limits={"timed_out": 1}, rate_per_minute=1000, rate_increment_factor=2.0,
+        soak_seconds=60, device_timeout_seconds=3600, max_error_rate=0.05, min_inferences=100,
+        max_failure_rate=0.2,
     )  # fmt: skip
     r = RolloutSnapshot(
-        id="bench", state="running", model_sha256=SHA, stages=(1.0, 10.0, 50.0, 100.0), current_stage=2,
-        stage_ready_at=None, soak_seconds=60, device_timeout_seconds=3600, max_error_rate=0.05,
-        min_inferences=100, max_failure_rate=0.2, policy=policy, started_at=NOW,
+        id="bench", state=RS.RUNNING, model_sha256=SHA, stages=(1.0, 10.0, 50.0, 100.0), current_stage=2,
+        stage_ready_at=None, policy=policy, started_at=NOW,
     )  # fmt: skip
     devices = []
     for i in range(n):

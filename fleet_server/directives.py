@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
+from typing import Any
 
 from device_agent import protocol
-from fleet_server.gates import Policy
 from fleet_server.models import Model
+from fleet_server.policy import Policy
 from signing.dsse import sign_envelope
 from signing.keys import KeyPair
 
@@ -43,15 +44,21 @@ def build_directive(
     shadow: Model | None = None,
     policy: Policy | None = None,
 ) -> protocol.Directive:
-    """``policy`` adds the agent-side probation (and the shadow sample rate) the rollout asks for."""
+    """``policy`` adds the agent-side probation (and the shadow sample rate) the rollout asks for.
+
+    A directive without a policy (a roll back to the previous model) carries no probation and
+    leaves the sample rate at the wire's default: the device goes back to a model it ran before.
+    A shadow directive carries no probation either: it does not change the model served.
+    """
     probation = None
-    if policy is not None and policy.probation_seconds is not None and shadow is None:
-        probation = protocol.Probation(
-            seconds=policy.probation_seconds,
-            min_inferences=policy.probation_min_inferences,
-            max_error_rate=policy.probation_max_error_rate,
-            max_latency_ratio=policy.probation_max_latency_ratio,
-        )
+    if policy is not None and policy.probation is not None and shadow is None:
+        probation = protocol.Probation.model_validate(policy.probation.model_dump())
+    # Left out, these take the wire's defaults: no probation, the agent's own sample rate.
+    steer: dict[str, Any] = {}
+    if probation is not None:  # the agent reports success only once the probation's minimum is served
+        steer["probation_inferences"] = probation.min_inferences
+    if policy is not None:
+        steer["shadow_sample_rate"] = policy.shadow_sample_rate
     return protocol.Directive(
         device_id=device_id,
         seq=seq,
@@ -60,9 +67,8 @@ def build_directive(
         model=model_ref(model, public_url) if model is not None else None,
         rollout_id=rollout_id,
         probation=probation,
-        probation_inferences=probation.min_inferences if probation is not None else 1,
         shadow=model_ref(shadow, public_url) if shadow is not None else None,
-        shadow_sample_rate=policy.shadow_sample_rate if policy is not None else 0.1,
+        **steer,
     )
 
 

@@ -1,10 +1,12 @@
-"""The rollout decision, as a pure function: a snapshot of one rollout in, a plan out.
+"""The rollout decision, as pure functions: a snapshot of one rollout in, a plan out
+(``decide``), and the plan applied to the snapshot (``apply_plan``).
 
-No I/O here: the ticker reads the snapshot from the store, calls ``decide``,
-and applies the plan (rows + signed directives). That keeps every rule below
-testable without a database or a broker, lets the simulator run the same core,
-and makes a restart resume exactly: everything ``decide`` reads is persisted.
-States, transitions and gates are drawn in docs/rollouts.md.
+No I/O here: the ticker reads the snapshot from the store, calls ``decide``, and
+writes what ``apply_plan`` computes (rows) plus the signed directives. That keeps
+every rule below testable without a database or a broker, and makes a restart
+resume exactly: everything ``decide`` reads is persisted. Every state change goes
+through the tables of ``fleet_server.lifecycle`` (drawn in docs/rollouts.md), so a
+rule that tried an undesigned move would raise rather than write it.
 
 - Devices are assigned stage by stage; stage ``k`` covers ``ceil(stages[k]% *
   targeted)`` devices cumulatively (or ``stages[k]`` devices with the ``count``
@@ -48,29 +50,36 @@ from datetime import datetime, timedelta
 from fractions import Fraction
 from typing import Any
 
+from device_agent.protocol import DeploymentState
 from fleet_server import gates
-from fleet_server.gates import Histograms, Policy
-from fleet_server.models import DeviceRolloutState as DS
-from fleet_server.models import RolloutState as RS
+from fleet_server.gates import Histograms
+from fleet_server.lifecycle import DEVICE, ROLLOUT
+from fleet_server.lifecycle import DeviceRolloutState as DS
+from fleet_server.lifecycle import DeviceTrigger as DT
+from fleet_server.lifecycle import RolloutState as RS
+from fleet_server.lifecycle import RolloutTrigger as RT
+from fleet_server.policy import Policy, ServerFailure
 
-FAILED_DEPLOYMENT_STATES = ("failed", "rejected", "reverted")
-PROBATION_STATE = "probation"
+# What a device reports when the seq it was sent did not bring the rollout model into service.
+FAILED_DEPLOYMENT_STATES = (DeploymentState.FAILED, DeploymentState.REJECTED, DeploymentState.REVERTED)
+PROBATION = DeploymentState.PROBATION
+SENT = DEVICE.sources(DT.ROLL_BACK)  # devices that were sent the model: a roll back concerns them
+# The states the loops over every device compare with, as module globals: looking a member up on
+# its enum class takes about twice as long, and at 10,000 devices decide makes ~100,000 such checks.
+PENDING, SHADOWING, NOTIFIED, RETRY_WAIT = DS.PENDING, DS.SHADOWING, DS.NOTIFIED, DS.RETRY_WAIT
+DONE, FAILED, TIMED_OUT, ROLLED_BACK = DS.DONE, DS.FAILED, DS.TIMED_OUT, DS.ROLLED_BACK
 HELD = DS.HELD  # a not-yet-assigned device whose cohort (hardware id) is halted by a gate
+IN_FLIGHT = DS.IN_FLIGHT
 
 
 @dataclass(frozen=True)
 class RolloutSnapshot:
     id: str
-    state: str
+    state: RS
     model_sha256: str
     stages: tuple[float, ...]  # cumulative percents (or counts), strictly increasing
     current_stage: int
     stage_ready_at: datetime | None  # when the current stage finished (soak start)
-    soak_seconds: float
-    device_timeout_seconds: float
-    max_error_rate: float
-    min_inferences: int
-    max_failure_rate: float
     policy: Policy = field(default_factory=Policy)
     stage_unit: str = "percent"
     started_at: datetime | None = None
@@ -83,9 +92,10 @@ class DeviceSnapshot:
     """One targeted device as the engine sees it; figures concern the rollout's model hash."""
 
     device_id: str
-    state: str  # DeviceRolloutState
+    state: DS
     stage: int | None = None
     seq: int | None = None  # seq of the directive that carried the rollout model
+    desired_seq: int = 0  # seq of the last directive sent to the device, whatever it carried
     notified_at: datetime | None = None
     running_sha256: str | None = None
     reported_seq: int = 0
@@ -109,7 +119,7 @@ class DeviceSnapshot:
 @dataclass(frozen=True)
 class DeviceChange:
     device_id: str
-    state: str
+    state: DS
     reason: str | None = None
     stage: int | None = None
     retry_at: datetime | None = None
@@ -131,7 +141,7 @@ class Plan:
     (state ``shadowing``); ``roll_back``: send the previous model.
     """
 
-    state: str
+    state: RS
     current_stage: int
     stage_ready_at: datetime | None
     changes: list[DeviceChange] = field(default_factory=list)
@@ -143,6 +153,57 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not (self.changes or self.notify or self.roll_back or self.decisions)
+
+    @property
+    def touched(self) -> list[str]:
+        """Every device the plan changes or sends a directive to, sorted."""
+        return sorted(
+            {c.device_id for c in self.changes} | {c.device_id for c in self.notify} | set(self.roll_back)
+        )
+
+
+def apply_plan(
+    r: RolloutSnapshot, devices: Sequence[DeviceSnapshot], plan: Plan, now: datetime
+) -> tuple[RolloutSnapshot, list[DeviceSnapshot]]:
+    """The rollout and its devices once ``plan`` is carried out at ``now`` (same device order).
+
+    This is what the ticker writes back (and what the next ``decide`` reads), so a test driving
+    ``decide`` tick by tick sees exactly what the server would. Changes first, then the
+    directives: a held device released and assigned in one plan ends up assigned. Every directive
+    takes the device's next seq; one that carries the rollout model (``notify``) starts a new
+    attempt, so events and reports for the earlier seq no longer count.
+    """
+    by_id = {d.device_id: d for d in devices}
+    for c in plan.changes:
+        by_id[c.device_id] = dataclasses.replace(
+            by_id[c.device_id], state=c.state, reason=c.reason, retry_at=c.retry_at
+        )
+    for c in plan.notify:
+        d = by_id[c.device_id]
+        by_id[c.device_id] = dataclasses.replace(
+            d,
+            state=c.state,
+            reason=c.reason,
+            stage=c.stage,
+            seq=d.desired_seq + 1,
+            desired_seq=d.desired_seq + 1,
+            notified_at=now,
+            attempts=c.attempts,
+            retry_at=None,
+            event_failure=None,
+            event_progress=False,
+        )
+    for device_id in plan.roll_back:
+        d = by_id[device_id]
+        by_id[device_id] = dataclasses.replace(d, desired_seq=d.desired_seq + 1)
+    rollout = dataclasses.replace(
+        r,
+        state=plan.state,
+        current_stage=plan.current_stage,
+        stage_ready_at=plan.stage_ready_at,
+        rollback_requested=r.rollback_requested and not plan.rollback_done,
+    )
+    return rollout, [by_id[d.device_id] for d in devices]
 
 
 def assignment_order(rollout_id: str, device_id: str) -> str:
@@ -163,39 +224,51 @@ def _failure(d: DeviceSnapshot, r: RolloutSnapshot, now: datetime) -> str | None
     if d.event_failure is not None:
         return d.event_failure
     if d.seq is not None and d.reported_seq == d.seq and d.reported_state in FAILED_DEPLOYMENT_STATES:
-        if d.reported_state == "reverted":
-            return f"reverted: {d.reported_error}" if d.reported_error else "reverted"
+        if d.reported_state == DeploymentState.REVERTED:
+            return (
+                f"{ServerFailure.REVERTED}: {d.reported_error}"
+                if d.reported_error
+                else ServerFailure.REVERTED
+            )
         return d.reported_error or d.reported_state
-    if d.notified_at is not None and (now - d.notified_at).total_seconds() > r.device_timeout_seconds:
-        return f"timed_out: no success within {r.device_timeout_seconds:g}s"
+    timeout = r.policy.device_timeout_seconds
+    if d.notified_at is not None and (now - d.notified_at).total_seconds() > timeout:
+        return f"{ServerFailure.TIMED_OUT}: no success within {timeout:g}s"
     return None
 
 
-def observe(d: DeviceSnapshot, r: RolloutSnapshot, now: datetime) -> tuple[str, str | None, datetime | None]:
-    """New state of an in-flight device from what it reported (state, reason, retry_at)."""
-    if d.state == DS.RETRY_WAIT:
-        return d.state, None, d.retry_at
+def observe(d: DeviceSnapshot, r: RolloutSnapshot, now: datetime) -> DeviceChange | None:
+    """What an in-flight device's reports move it to, if anything."""
+    if d.state == RETRY_WAIT:
+        return None
     proves = d.served_ok > 0 or d.inferences - d.errors > 0
     if (
-        d.state != DS.SHADOWING
+        d.state != SHADOWING
         and d.running_sha256 == r.model_sha256
         and proves
-        and d.reported_state != PROBATION_STATE
+        and d.reported_state != PROBATION
     ):
-        return DS.DONE, "serving the rollout model", None
+        return DeviceChange(d.device_id, DEVICE.move(d.state, DT.SERVING_PROOF), "serving the rollout model")
     why = _failure(d, r, now)
     if why is not None:
         cls = gates.failure_class(why)
         if d.attempts <= gates.retries_allowed(r.policy, cls):
             wait = r.policy.retry_backoff_seconds * 2 ** (d.attempts - 1)
-            return DS.RETRY_WAIT, f"{why} (retry {d.attempts} in {wait:g}s)", now + timedelta(seconds=wait)
-        return (DS.TIMED_OUT if cls == "timed_out" else DS.FAILED), why, None
-    if d.state == DS.SHADOWING:
-        return d.state, None, None
+            return DeviceChange(
+                d.device_id,
+                DEVICE.move(d.state, DT.FAIL_RETRYABLE),
+                f"{why} (retry {d.attempts} in {wait:g}s)",
+                retry_at=now + timedelta(seconds=wait),
+            )
+        return DeviceChange(
+            d.device_id, DEVICE.move(d.state, DT.TIME_OUT if cls == ServerFailure.TIMED_OUT else DT.FAIL), why
+        )
+    if d.state == SHADOWING:
+        return None
     progressed = d.event_progress or (d.seq is not None and d.reported_seq == d.seq)
-    if d.state == DS.NOTIFIED and (progressed or d.running_sha256 == r.model_sha256):
-        return DS.INSTALLING, None, None
-    return d.state, None, None
+    if d.state == NOTIFIED and (progressed or d.running_sha256 == r.model_sha256):
+        return DeviceChange(d.device_id, DEVICE.move(d.state, DT.PROGRESS))
+    return None
 
 
 def decide(
@@ -215,7 +288,7 @@ def decide(
     if r.rollback_requested:
         plan.rollback_done = True
         return _roll_back(
-            plan, devices, state, "operator: roll back to the last good release", {}, "operator"
+            plan, devices, state, "operator: roll back to the last good release", {}, "operator", RT.ROLLBACK
         )
     if r.state not in RS.ACTIVE:
         return plan
@@ -223,11 +296,11 @@ def decide(
 
     # 1. What happened to the devices already notified.
     for d in devices:
-        if d.state in DS.IN_FLIGHT:
-            new, reason, retry_at = observe(d, r, now)
-            if new != d.state:
-                state[d.device_id], reasons[d.device_id] = new, reason
-                plan.changes.append(DeviceChange(d.device_id, new, reason, retry_at=retry_at))
+        if d.state in IN_FLIGHT:
+            change = observe(d, r, now)
+            if change is not None:
+                state[d.device_id], reasons[d.device_id] = change.state, change.reason
+                plan.changes.append(change)
 
     # 2. The gates, per cohort (hardware id) and pooled over the cohorts still going.
     assigned = [d for d in devices if d.stage is not None]
@@ -245,7 +318,13 @@ def decide(
         )
     if whole is not None and whole.action == gates.ROLL_BACK:
         return _roll_back(
-            plan, devices, state, whole.reason, {**whole_figures, **_whole_notes(j)}, whole.gate
+            plan,
+            devices,
+            state,
+            whole.reason,
+            {**whole_figures, **_whole_notes(j)},
+            whole.gate,
+            RT.GATE_ROLL_BACK,
         )
     for hw, trip in sorted(j.failing.items()):
         if trip.action == gates.ROLL_BACK:
@@ -258,7 +337,7 @@ def decide(
         )
     if whole is not None:
         if r.state != RS.PAUSED:
-            plan.state = RS.PAUSED
+            plan.state = ROLLOUT.move(plan.state, RT.GATE_PAUSE)
             notes = {**whole_figures, **_whole_notes(j), "gate": whole.gate}
             plan.decisions.append(Decision("pause", whole.reason, notes))
         return plan
@@ -274,28 +353,32 @@ def decide(
         (d for d in devices if d.hardware_id not in halted),
         key=lambda d: assignment_order(r.id, d.device_id),
     )  # input order must not matter
-    promote = [d for d in ordered if state[d.device_id] == DS.SHADOWING and not shadow_first]
+    promote = [d for d in ordered if state[d.device_id] == SHADOWING and not shadow_first]
     for d in promote:
-        state[d.device_id] = DS.NOTIFIED
+        state[d.device_id] = DEVICE.move(state[d.device_id], DT.PROMOTE)
         plan.notify.append(
-            DeviceChange(d.device_id, DS.NOTIFIED, "shadow agreement passed", d.stage, attempts=d.attempts)
+            DeviceChange(
+                d.device_id, state[d.device_id], "shadow agreement passed", d.stage, attempts=d.attempts
+            )
         )
     if promote:
         plan.decisions.append(
             Decision("promote", f"shadow agreement passed: {len(promote)} device(s) get the model", figures)
         )
-    fresh = DS.SHADOWING if shadow_first else DS.NOTIFIED
+    assign, retry = (DT.ASSIGN_SHADOW, DT.RETRY_SHADOW) if shadow_first else (DT.ASSIGN, DT.RETRY)
     for d in ordered:
-        if state[d.device_id] == DS.RETRY_WAIT and d.retry_at is not None and d.retry_at <= now:
+        if state[d.device_id] == RETRY_WAIT and d.retry_at is not None and d.retry_at <= now:
             if budget is not None and budget <= 0:
                 break
-            state[d.device_id] = fresh
+            state[d.device_id] = DEVICE.move(state[d.device_id], retry)
             plan.notify.append(
-                DeviceChange(d.device_id, fresh, f"retry {d.attempts}", d.stage, attempts=d.attempts + 1)
+                DeviceChange(
+                    d.device_id, state[d.device_id], f"retry {d.attempts}", d.stage, attempts=d.attempts + 1
+                )
             )
             budget = None if budget is None else budget - 1
 
-    pending = [d for d in ordered if d.stage is None and state[d.device_id] == DS.PENDING]
+    pending = [d for d in ordered if d.stage is None and state[d.device_id] == PENDING]
     n_assigned = len(assigned)
     while True:
         target = stage_target(r.stages[plan.current_stage], len(devices), r.stage_unit)
@@ -305,14 +388,14 @@ def decide(
                 return plan
             batch, pending = pending[:room], pending[room:]
             for d in batch:
-                state[d.device_id] = fresh
-                plan.notify.append(DeviceChange(d.device_id, fresh, None, plan.current_stage))
+                state[d.device_id] = DEVICE.move(state[d.device_id], assign)
+                plan.notify.append(DeviceChange(d.device_id, state[d.device_id], None, plan.current_stage))
             plan.stage_ready_at = None
             plan.decisions.append(
                 Decision(
                     "assign",
                     f"stage {plan.current_stage + 1}/{len(r.stages)}: "
-                    f"{'shadow' if fresh == DS.SHADOWING else 'notify'} {len(batch)} device(s)",
+                    f"{'shadow' if shadow_first else 'notify'} {len(batch)} device(s)",
                     {
                         "stage": plan.current_stage,
                         "target_count": target,
@@ -325,7 +408,7 @@ def decide(
             )
             return plan
         # The stage waits for the devices of the cohorts still going; a halted cohort's stay as they are.
-        if any(state[d.device_id] in DS.IN_FLIGHT for d in ordered):
+        if any(state[d.device_id] in IN_FLIGHT for d in ordered):
             return plan
         if j.deferred is not None:  # a pooled gate fails: wait for the cohorts' own verdicts
             return plan
@@ -334,18 +417,18 @@ def decide(
             plan.decisions.append(
                 Decision(
                     "stage_finished",
-                    f"stage {plan.current_stage + 1}: every device finished; soaking {r.soak_seconds:g}s",
+                    f"stage {plan.current_stage + 1}: every device finished; soaking {p.soak_seconds:g}s",
                     figures,
                 )
             )
         soaked = (now - plan.stage_ready_at).total_seconds()
-        if soaked < r.soak_seconds:
+        if soaked < p.soak_seconds:
             return plan
         if plan.current_stage + 1 >= len(r.stages):
             paused = sorted(j.paused)
             if paused:
                 if r.state != RS.PAUSED:
-                    plan.state = RS.PAUSED
+                    plan.state = ROLLOUT.move(plan.state, RT.GATE_PAUSE)
                     plan.decisions.append(
                         Decision(
                             "pause",
@@ -356,7 +439,7 @@ def decide(
                         )
                     )
                 return plan
-            plan.state = RS.COMPLETED
+            plan.state = ROLLOUT.move(plan.state, RT.COMPLETE)
             rolled = sorted(halted - j.paused)
             note = f"; rolled back on {', '.join(map(repr, rolled))} only" if rolled else ""
             plan.decisions.append(
@@ -367,7 +450,7 @@ def decide(
             return plan
         if p.require_approval and r.approved_through < plan.current_stage:
             if r.state != RS.AWAITING_APPROVAL:
-                plan.state = RS.AWAITING_APPROVAL
+                plan.state = ROLLOUT.move(plan.state, RT.AWAIT_APPROVAL)
                 plan.decisions.append(
                     Decision(
                         "await_approval",
@@ -376,7 +459,7 @@ def decide(
                     )
                 )
             return plan
-        plan.state = RS.RUNNING
+        plan.state = ROLLOUT.move(plan.state, RT.NEXT_STAGE)
         plan.current_stage += 1
         plan.stage_ready_at = None
         plan.decisions.append(
@@ -428,7 +511,7 @@ def _judge(
     r: RolloutSnapshot,
     plan: Plan,
     devices: Sequence[DeviceSnapshot],
-    state: dict[str, str],
+    state: dict[str, DS],
     reasons: dict[str, str | None],
     baseline: Mapping[str, Histograms],
 ) -> _Judgement:
@@ -444,7 +527,7 @@ def _judge(
     for d in sorted(devices, key=lambda d: d.device_id):
         cohorts.setdefault(d.hardware_id, []).append(d)
     approved = r.approved_through >= plan.current_stage
-    rolled = {hw for hw, ds in cohorts.items() if any(state[d.device_id] == DS.ROLLED_BACK for d in ds)}
+    rolled = {hw for hw, ds in cohorts.items() if any(state[d.device_id] == ROLLED_BACK for d in ds)}
     held = {
         hw for hw, ds in cohorts.items() if hw not in rolled and any(state[d.device_id] == HELD for d in ds)
     }
@@ -462,8 +545,9 @@ def _judge(
         for hw in sorted(held - set(failing)):
             for d in cohorts[hw]:
                 if state[d.device_id] == HELD:
-                    state[d.device_id], reasons[d.device_id] = DS.PENDING, "cohort released: stage approved"
-                    plan.changes.append(DeviceChange(d.device_id, DS.PENDING, reasons[d.device_id]))
+                    state[d.device_id] = DEVICE.move(state[d.device_id], DT.RELEASE)
+                    reasons[d.device_id] = "cohort released: stage approved"
+                    plan.changes.append(DeviceChange(d.device_id, state[d.device_id], reasons[d.device_id]))
             held.discard(hw)
     going = sorted(set(cohorts) - rolled - held - set(failing))
     pooled = [d for hw in going for d in cohorts[hw] if d.stage is not None]
@@ -491,7 +575,7 @@ def _contradicting(
     r: RolloutSnapshot,
     gate: str,
     j: _Judgement,
-    state: dict[str, str],
+    state: dict[str, DS],
     reasons: dict[str, str | None],
     baseline: Mapping[str, Histograms],
 ) -> list[str]:
@@ -501,7 +585,7 @@ def _contradicting(
     comes from a cohort still below its own minimum sample, which must not
     trigger on its own, so the engine waits for it rather than stopping everyone.
     """
-    loose = dataclasses.replace(r, min_inferences=1, policy=gates.without_minimums(r.policy))
+    loose = dataclasses.replace(r, policy=gates.without_minimums(r.policy))
     out = []
     for hw in j.going:
         mine = [d for d in j.cohorts[hw] if d.stage is not None]
@@ -516,9 +600,9 @@ def _contradicting(
     return out
 
 
-def _proven(j: _Judgement, state: Mapping[str, str]) -> list[str]:
+def _proven(j: _Judgement, state: Mapping[str, DS]) -> list[str]:
     """Going cohorts with at least one device that proved it serves the new model (``done``)."""
-    return [hw for hw in j.going if any(state[d.device_id] == DS.DONE for d in j.cohorts[hw])]
+    return [hw for hw in j.going if any(state[d.device_id] == DONE for d in j.cohorts[hw])]
 
 
 def _all_cohorts_trip(j: _Judgement) -> gates.Trip:
@@ -544,7 +628,7 @@ def _whole_notes(j: _Judgement) -> dict[str, Any]:
     }
 
 
-def _halted_summary(j: _Judgement, state: dict[str, str]) -> dict[str, dict[str, Any]]:
+def _halted_summary(j: _Judgement, state: dict[str, DS]) -> dict[str, dict[str, Any]]:
     """Per halted cohort: how (``rolled_back`` or ``paused``) and how many of its devices are where."""
     out: dict[str, dict[str, Any]] = {}
     for hw in sorted(j.halted):
@@ -561,22 +645,21 @@ def _halted_summary(j: _Judgement, state: dict[str, str]) -> dict[str, dict[str,
 _NO_TRIP = gates.Trip("", "", "")
 
 
-def _finished(assigned: Sequence[DeviceSnapshot], state: dict[str, str]) -> bool:
-    return bool(assigned) and not any(state[d.device_id] in DS.IN_FLIGHT for d in assigned)
+def _finished(assigned: Sequence[DeviceSnapshot], state: dict[str, DS]) -> bool:
+    return bool(assigned) and not any(state[d.device_id] in IN_FLIGHT for d in assigned)
 
 
 def _roll_back_cohort(
     plan: Plan,
     cohort: Sequence[DeviceSnapshot],
-    state: dict[str, str],
+    state: dict[str, DS],
     reasons: dict[str, str | None],
     trip: gates.Trip,
     figures: dict[str, Any],
 ) -> None:
     """One hardware class goes back: devices that got the model get the previous one, the rest are held."""
     hw = cohort[0].hardware_id
-    sent = DS.IN_FLIGHT + DS.FINISHED
-    back = {d.device_id for d in cohort if state[d.device_id] in sent}
+    back = {d.device_id for d in cohort if state[d.device_id] in SENT}
     earlier = {c.device_id: c for c in plan.changes if c.device_id in back}
     plan.changes = [c for c in plan.changes if c.device_id not in back]
     for d in cohort:
@@ -584,8 +667,8 @@ def _roll_back_cohort(
             why = earlier[d.device_id].reason if d.device_id in earlier else None
             note = f"rolled back with {hw!r} (was {state[d.device_id]}{': ' + why if why else ''})"
             plan.roll_back.append(d.device_id)
-            plan.changes.append(DeviceChange(d.device_id, DS.ROLLED_BACK, note))
-            state[d.device_id], reasons[d.device_id] = DS.ROLLED_BACK, note
+            state[d.device_id], reasons[d.device_id] = DEVICE.move(state[d.device_id], DT.ROLL_BACK), note
+            plan.changes.append(DeviceChange(d.device_id, state[d.device_id], note))
     held = _hold(plan, cohort, state, reasons, f"cohort {hw!r} rolled back: {trip.reason}")
     plan.decisions.append(
         Decision(
@@ -606,7 +689,7 @@ def _roll_back_cohort(
 def _hold_cohort(
     plan: Plan,
     cohort: Sequence[DeviceSnapshot],
-    state: dict[str, str],
+    state: dict[str, DS],
     reasons: dict[str, str | None],
     trip: gates.Trip | None,
     figures: dict[str, Any],
@@ -642,15 +725,15 @@ def _halt_reason(cohort: Sequence[DeviceSnapshot], reasons: dict[str, str | None
 def _hold(
     plan: Plan,
     cohort: Sequence[DeviceSnapshot],
-    state: dict[str, str],
+    state: dict[str, DS],
     reasons: dict[str, str | None],
     why: str,
 ) -> int:
     n = 0
     for d in cohort:
-        if d.stage is None and state[d.device_id] == DS.PENDING:
-            state[d.device_id], reasons[d.device_id] = HELD, why
-            plan.changes.append(DeviceChange(d.device_id, HELD, why))
+        if d.stage is None and state[d.device_id] == PENDING:
+            state[d.device_id], reasons[d.device_id] = DEVICE.move(state[d.device_id], DT.HOLD), why
+            plan.changes.append(DeviceChange(d.device_id, state[d.device_id], why))
             n += 1
     return n
 
@@ -668,40 +751,40 @@ def _budget(r: RolloutSnapshot, devices: Sequence[DeviceSnapshot], now: datetime
 def _figures(
     r: RolloutSnapshot,
     assigned: Sequence[DeviceSnapshot],
-    state: dict[str, str],
+    state: dict[str, DS],
     reasons: dict[str, str | None],
     baseline: Mapping[str, Histograms] | None,
 ) -> dict[str, Any]:
     """The figures every gate reads, over ``assigned`` (one cohort, or the cohorts pooled)."""
     baseline = baseline or {}
+    p = r.policy
     inferences = sum(d.inferences for d in assigned)
     errors = sum(d.errors for d in assigned)
-    failed = sum(1 for d in assigned if state[d.device_id] in (DS.FAILED, DS.TIMED_OUT))
-    done = sum(1 for d in assigned if state[d.device_id] == DS.DONE)
+    failed = sum(1 for d in assigned if state[d.device_id] in (FAILED, TIMED_OUT))
+    done = sum(1 for d in assigned if state[d.device_id] == DONE)
     shadow_samples = sum(d.shadow_samples for d in assigned)
     shadow_agree = sum(d.shadow_agree for d in assigned)
     failure_classes = Counter(
         gates.failure_class(reasons[d.device_id])
         for d in assigned
-        if state[d.device_id] in (DS.FAILED, DS.TIMED_OUT)
+        if state[d.device_id] in (FAILED, TIMED_OUT)
     )
     figures: dict[str, Any] = {
         "assigned": len(assigned),
         "done": done,
         "failed": failed,
         "failure_rate": failed / len(assigned) if assigned else 0.0,
-        "max_failure_rate": r.max_failure_rate,
+        "max_failure_rate": p.max_failure_rate,
         "success_rate": done / len(assigned) if assigned else 0.0,
         "inferences": inferences,
         "errors": errors,
         "error_rate": errors / inferences if inferences else 0.0,
-        "max_error_rate": r.max_error_rate,
-        "min_inferences": r.min_inferences,
+        "max_error_rate": p.max_error_rate,
+        "min_inferences": p.min_inferences,
         "shadow_samples": shadow_samples,
         "shadow_agreement": shadow_agree / shadow_samples if shadow_samples else None,
         "failure_classes": dict(sorted(failure_classes.items())),
     }
-    p = r.policy
     if p.max_latency_ratio is not None or p.max_output_psi is not None:
         groups: dict[str, list[Histograms]] = {}
         for d in assigned:
@@ -717,24 +800,24 @@ def _figures(
 def _roll_back(
     plan: Plan,
     devices: Sequence[DeviceSnapshot],
-    state: dict[str, str],
+    state: dict[str, DS],
     reason: str,
     figures: dict[str, Any],
     gate: str,
+    trigger: RT,
 ) -> Plan:
     """Every device that was sent the new model goes back to its previous one; pending ones never get it."""
     earlier = {c.device_id: c for c in plan.changes}
-    sent = DS.IN_FLIGHT + DS.FINISHED
-    changes = [c for c in plan.changes if c.state not in sent]
+    changes = [c for c in plan.changes if c.state not in SENT]
     for d in devices:
         prior = state[d.device_id]
-        if prior in sent:
+        if prior in SENT:
             plan.roll_back.append(d.device_id)
             why = earlier[d.device_id].reason if d.device_id in earlier else None
             note = f"rolled back (was {prior}{': ' + why if why else ''})"
-            changes.append(DeviceChange(d.device_id, DS.ROLLED_BACK, note))
+            changes.append(DeviceChange(d.device_id, DEVICE.move(prior, DT.ROLL_BACK), note))
     plan.changes = changes
-    plan.state = RS.ROLLED_BACK
+    plan.state = ROLLOUT.move(plan.state, trigger)
     plan.decisions.append(
         Decision("roll_back", reason, {**figures, "gate": gate, "rolled_back": len(plan.roll_back)})
     )

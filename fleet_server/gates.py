@@ -1,4 +1,4 @@
-"""The health gates of a rollout stage: a policy, the figures they read, and the verdicts.
+"""The health gates of a rollout stage: the figures they read from a policy, and the verdicts.
 
 Pure functions over already-aggregated numbers, so the engine stays pure and
 each gate is testable on its own. Each gate has a minimum sample below which
@@ -12,59 +12,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Any
 
 from device_agent.protocol import LATENCY_BOUNDS_US
+from fleet_server.policy import ANY_FAILURE, GateAction, Policy
 
-ROLL_BACK = "roll_back"
-PAUSE = "pause"
-GATE_ACTIONS = (ROLL_BACK, PAUSE)
+ROLL_BACK = GateAction.ROLL_BACK
+PAUSE = GateAction.PAUSE
+GATE_ACTIONS = tuple(GateAction)
 PSI_EPSILON = 1e-4  # share given to an empty bin, so PSI stays finite
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Everything about a rollout beyond the skeleton's five settings (stored as JSON on the rollout)."""
-
-    # install: success threshold (done / assigned when a stage finishes) and an absolute failure cap
-    min_success_rate: float = 0.0
-    max_failures: int | None = None
-    failure_action: str = ROLL_BACK
-    error_action: str = ROLL_BACK
-    # latency: p95 of the new model / p95 of the replaced model on the same hardware id
-    max_latency_ratio: float | None = None
-    min_latency_samples: int = 50
-    latency_action: str = ROLL_BACK
-    # drift: PSI of the new model's output histogram vs the replaced model's
-    max_output_psi: float | None = None
-    min_drift_samples: int = 200
-    drift_action: str = PAUSE
-    # shadow: when set, each device first runs the new model beside its own, never serving it
-    min_shadow_agreement: float | None = None
-    min_shadow_samples: int = 50
-    shadow_action: str = ROLL_BACK
-    shadow_sample_rate: float = 0.1
-    # a human approves each next stage (manual gate)
-    require_approval: bool = False
-    # retries per failure class ("timed_out", "reverted", an event reason code, or "*") with backoff
-    retry_limits: Mapping[str, int] = field(default_factory=dict)
-    retry_backoff_seconds: float = 30.0
-    # rate limit: devices notified per minute, ramping by a factor per minute up to a maximum
-    rate_per_minute: int | None = None
-    rate_increment_factor: float = 1.0
-    max_rate_per_minute: int | None = None
-    # probation the agent applies after swapping the model in (sent in each directive)
-    probation_seconds: float | None = None
-    probation_min_inferences: int = 1
-    probation_max_error_rate: float = 0.05
-    probation_max_latency_ratio: float = 3.0
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> Policy:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in (d or {}).items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -301,7 +259,14 @@ def without_minimums(p: Policy) -> Policy:
     Used to ask "does this hardware class, on what little it has shown, look
     healthy?" when a pooled gate fails; see ``engine.decide``.
     """
-    return replace(p, min_latency_samples=1, min_drift_samples=1, min_shadow_samples=1)
+    return p.model_copy(
+        update={
+            "min_inferences": 1,
+            "min_latency_samples": 1,
+            "min_drift_samples": 1,
+            "min_shadow_samples": 1,
+        }
+    )
 
 
 def has_evidence(gate: str, f: Mapping[str, Any]) -> bool:
@@ -338,9 +303,14 @@ def rate_budget(p: Policy, minutes_running: float, notified_last_minute: int) ->
 
 
 def failure_class(reason: str | None) -> str:
-    """``digest_mismatch: ...`` -> ``digest_mismatch``; the key of ``Policy.retry_limits``."""
+    """``digest_mismatch: ...`` -> ``digest_mismatch``: the reason code a failure's reason starts with.
+
+    Reasons are written ``code`` or ``code: detail`` (the agent's reason code, or ``timed_out`` /
+    ``reverted`` from the engine), so the class is what ``Policy.retry_limits`` keys on. A failure
+    that came without any reason is class ``failed``, which only the ``*`` limit covers.
+    """
     return (reason or "failed").split(":", 1)[0].strip() or "failed"
 
 
 def retries_allowed(p: Policy, cls: str) -> int:
-    return int(p.retry_limits.get(cls, p.retry_limits.get("*", 0)))
+    return p.retry_limits.get(cls, p.retry_limits.get(ANY_FAILURE, 0))

@@ -8,12 +8,16 @@ place, because SQLAlchemy does not track in-place changes to plain JSON.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
+from sqlmodel.sql.sqltypes import AutoString
+
+from fleet_server.lifecycle import DeviceRolloutState, RolloutState
 
 
 def utcnow() -> datetime:
@@ -39,30 +43,35 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-class RolloutState:
-    RUNNING = "running"
-    PAUSED = "paused"
-    AWAITING_APPROVAL = "awaiting_approval"  # a stage soaked; a human must approve the next one
-    COMPLETED = "completed"
-    ROLLED_BACK = "rolled_back"
-    ABORTED = "aborted"
-    ACTIVE = (RUNNING, PAUSED, AWAITING_APPROVAL)
-    FINISHED = (COMPLETED, ROLLED_BACK, ABORTED)
+class StateText(TypeDecorator[StrEnum]):
+    """A lifecycle state stored as its plain string value and read back as its enum member.
 
+    The column stays a VARCHAR (no database enum type, so adding a state needs no migration);
+    a value the enum does not know is refused on write and reported on read.
+    """
 
-class DeviceRolloutState:
-    PENDING = "pending"
-    SHADOWING = "shadowing"  # runs the new model beside its current one, never served (shadow gate)
-    NOTIFIED = "notified"
-    INSTALLING = "installing"
-    RETRY_WAIT = "retry_wait"  # failed with a retryable class; re-notified after a backoff
-    DONE = "done"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    ROLLED_BACK = "rolled_back"
-    HELD = "held"  # not assigned: its hardware class (cohort) was halted by a gate
-    IN_FLIGHT = (SHADOWING, NOTIFIED, INSTALLING, RETRY_WAIT)
-    FINISHED = (DONE, FAILED, TIMED_OUT)
+    impl = AutoString
+    cache_ok = True
+
+    def __init__(self, states: type[StrEnum]) -> None:
+        super().__init__()
+        self.states = states
+        self._members = {m.value: m for m in states}
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        if value not in self._members:
+            raise ValueError(f"{value!r} is not a {self.states.__name__}")
+        return str(value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> StrEnum | None:
+        if value is None:
+            return None
+        try:
+            return self._members[value]
+        except KeyError:
+            raise ValueError(f"stored {self.states.__name__} {value!r} is unknown to this server") from None
 
 
 class Device(SQLModel, table=True):
@@ -115,16 +124,17 @@ class Rollout(SQLModel, table=True):
     model_sha256: str = Field(max_length=64)
     selector: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
     stages: list[float] = Field(default_factory=list, sa_type=JSON)  # cumulative percents
-    soak_seconds: float = 0.0
-    device_timeout_seconds: float = 60.0
-    max_error_rate: float = 0.05
-    min_inferences: int = 20
-    max_failure_rate: float = 0.0
-    state: str = Field(default=RolloutState.RUNNING, index=True)
+    # The policy (fleet_server.policy): these five in columns of their own, the rest as JSON.
+    soak_seconds: float
+    device_timeout_seconds: float
+    max_error_rate: float
+    min_inferences: int
+    max_failure_rate: float
+    state: RolloutState = Field(default=RolloutState.RUNNING, sa_type=StateText(RolloutState), index=True)
     current_stage: int = 0
     stage_ready_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # soak started
     stage_unit: str = "percent"  # "percent" (cumulative % of targeted) or "count" (cumulative devices)
-    policy: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)  # engine.Policy fields
+    policy: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)  # policy.Policy, see above
     approved_through: int = -1  # highest stage a human approved (manual gate / gate pause override)
     rollback_requested: bool = False  # operator asked to roll back; the leader's ticker carries it out
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
@@ -152,7 +162,9 @@ class RolloutDevice(SQLModel, table=True):
     device_id: str = Field(foreign_key="device.id", index=True)
     order_key: str  # sha256(rollout_id + device_id): deterministic assignment order
     stage: int | None = None  # index of the stage that assigned it
-    state: str = DeviceRolloutState.PENDING
+    state: DeviceRolloutState = Field(
+        default=DeviceRolloutState.PENDING, sa_type=StateText(DeviceRolloutState)
+    )
     seq: int | None = None  # seq of the directive sent with the rollout model
     notified_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     previous_sha256: str | None = None

@@ -3,13 +3,17 @@
 Targeted devices: selector AND the model's hardware ids, at creation; devices
 that match later join through the ticker (``enrol_joiners``). One active
 rollout per device. The conflict rule: a new rollout whose devices are in
-another active rollout is refused with 409 (``conflict="refuse"``, default)
-or leaves those devices out (``conflict="skip"``); a device that joins the
-selectors of several active rollouts goes to the oldest one (Mender's
-"oldest unfinished deployment first").
+another active rollout is refused (``conflict="refuse"``, default) or leaves
+those devices out (``conflict="skip"``); a device that joins the selectors of
+several active rollouts goes to the oldest one (Mender's "oldest unfinished
+deployment first").
 
-Every operator action is idempotent (repeating it is a no-op that returns the
-rollout) and audited as a decision row naming the action and prior state.
+Operator actions move the rollout through the same lifecycle table as the
+engine (``fleet_server.lifecycle``); one the table does not allow is a
+``Conflict``. Every action is idempotent (repeating it is a no-op that returns
+the rollout) and audited as a decision row naming the action and prior state.
+
+Refusals are domain errors (``fleet_server.errors``); the HTTP layer maps them.
 """
 
 from __future__ import annotations
@@ -19,19 +23,14 @@ import uuid
 from sqlalchemy import exists
 from sqlmodel import Session, col, select
 
+from fleet_server import policy
 from fleet_server.engine import assignment_order, stage_target
-from fleet_server.errors import ApiError
-from fleet_server.models import (
-    Device,
-    Model,
-    Rollout,
-    RolloutDecision,
-    RolloutDevice,
-    RolloutState,
-    utcnow,
-)
-from fleet_server.models import DeviceRolloutState as DS
-from fleet_server.schemas import SKELETON_FIELDS, DecisionOut, RolloutIn, RolloutOut, StageOut
+from fleet_server.errors import Conflict, DomainError, Invalid, NotFound
+from fleet_server.lifecycle import OPERATOR_ACTIONS, ROLLOUT, IllegalMove, RolloutTrigger
+from fleet_server.lifecycle import DeviceRolloutState as DS
+from fleet_server.lifecycle import RolloutState as RS
+from fleet_server.models import Device, Model, Rollout, RolloutDecision, RolloutDevice, utcnow
+from fleet_server.schemas import DecisionOut, RolloutIn, RolloutOut, StageOut
 from fleet_server.selector import matches
 
 
@@ -42,7 +41,7 @@ def busy_devices(session: Session, device_ids: list[str]) -> list[tuple[str, str
     rows = session.exec(
         select(RolloutDevice.device_id, RolloutDevice.rollout_id)
         .join(Rollout, col(Rollout.id) == col(RolloutDevice.rollout_id))
-        .where(col(Rollout.state).in_(RolloutState.ACTIVE), col(RolloutDevice.device_id).in_(device_ids))
+        .where(col(Rollout.state).in_(RS.ACTIVE), col(RolloutDevice.device_id).in_(device_ids))
     ).all()
     return [(d, r) for d, r in rows]
 
@@ -51,25 +50,23 @@ def create_rollout(session: Session, req: RolloutIn) -> Rollout:
     name, version = req.model.split(":", 1)
     model = session.exec(select(Model).where(Model.name == name, Model.version == version)).first()
     if model is None or model.id is None:
-        raise ApiError(404, "model_not_found", f"no model {req.model}")
+        raise NotFound("model_not_found", f"no model {req.model}")
     selector = req.selector.model_dump()
     targeted = [d for d in session.exec(select(Device)).all() if matches(d, selector, model.hardware_ids)]
-    if not targeted:
-        raise ApiError(
-            400, "no_matching_devices", f"no registered device matches the selector and {model.hardware_ids}"
+    if not targeted:  # the request is well formed and names real things, but selects no device
+        raise DomainError(
+            "no_matching_devices", f"no registered device matches the selector and {model.hardware_ids}"
         )
     busy = busy_devices(session, [d.id for d in targeted])
     if busy and req.conflict == "refuse":
         others = sorted({r for _, r in busy})
-        raise ApiError(
-            409,
-            "rollout_conflict",
-            f"{len(busy)} targeted device(s) are in active rollout(s) {', '.join(others)}",
+        raise Conflict(
+            "rollout_conflict", f"{len(busy)} targeted device(s) are in active rollout(s) {', '.join(others)}"
         )
     skipped = {d for d, _ in busy}
     targeted = [d for d in targeted if d.id not in skipped]
     if not targeted:
-        raise ApiError(409, "rollout_conflict", "every targeted device is in another active rollout")
+        raise Conflict("rollout_conflict", "every targeted device is in another active rollout")
     now = utcnow()
     rollout = Rollout(
         id=uuid.uuid4().hex[:12],
@@ -79,12 +76,7 @@ def create_rollout(session: Session, req: RolloutIn) -> Rollout:
         selector=selector,
         stages=list(req.stages),
         stage_unit=req.stage_unit,
-        policy=req.policy(),
-        soak_seconds=req.soak_seconds,
-        device_timeout_seconds=req.device_timeout_seconds,
-        max_error_rate=req.max_error_rate,
-        min_inferences=req.min_inferences,
-        max_failure_rate=req.max_failure_rate,
+        **policy.to_row(req.policy()),
         created_at=now,
         updated_at=now,
     )
@@ -112,51 +104,54 @@ def create_rollout(session: Session, req: RolloutIn) -> Rollout:
     return rollout
 
 
-OPERATOR_ACTIONS = {
-    # action: (states it applies to, new state, states where it is a no-op)
-    "pause": (
-        (RolloutState.RUNNING, RolloutState.AWAITING_APPROVAL),
-        RolloutState.PAUSED,
-        (RolloutState.PAUSED,),
-    ),
-    "resume": ((RolloutState.PAUSED,), RolloutState.RUNNING, (RolloutState.RUNNING,)),
-    "abort": (RolloutState.ACTIVE, RolloutState.ABORTED, (RolloutState.ABORTED,)),
-}
-
-
 def operator_action(session: Session, rollout: Rollout, action: str) -> Rollout:
-    """Pause/resume/abort/approve/rollback: idempotent and audited; 409 when it cannot apply."""
-    if action == "approve":
-        return _approve(session, rollout)
-    if action == "rollback":
-        return _request_rollback(session, rollout)
-    applies, new_state, noop = OPERATOR_ACTIONS[action]
-    if rollout.state in noop:
+    """Pause/resume/abort/approve/rollback: idempotent and audited; ``Conflict`` when the lifecycle
+    does not allow it in the rollout's state."""
+    if action not in OPERATOR_ACTIONS:
+        raise Invalid(
+            "unknown_action", f"no operator action {action!r}; known: {', '.join(OPERATOR_ACTIONS)}"
+        )
+    trigger = RolloutTrigger(action)
+    try:
+        target = ROLLOUT.move(rollout.state, trigger)
+    except IllegalMove:
+        if rollout.state in RS.FINISHED:
+            raise Conflict("rollout_finished", f"cannot {action} a {rollout.state} rollout") from None
+        allowed = sorted(t for t in OPERATOR_ACTIONS if ROLLOUT.allows(rollout.state, t))
+        raise Conflict(
+            "action_not_allowed",
+            f"cannot {action} a {rollout.state} rollout (allowed: {', '.join(allowed)})",
+        ) from None
+    if trigger == RolloutTrigger.ROLLBACK:
+        return _request_rollback(session, rollout, target)
+    if trigger == RolloutTrigger.APPROVE:
+        return _approve(session, rollout, target)
+    if target == rollout.state:
         return rollout
-    if rollout.state not in applies:
-        raise ApiError(409, "rollout_finished", f"cannot {action} a {rollout.state} rollout")
     _audit(session, rollout, action, f"operator: {action}")
-    rollout.state, rollout.updated_at = new_state, utcnow()
+    rollout.state, rollout.updated_at = target, utcnow()
     session.add(rollout)
     return rollout
 
 
-def _approve(session: Session, rollout: Rollout) -> Rollout:
+def _approve(session: Session, rollout: Rollout, target: RS) -> Rollout:
     """Accept the current stage: passes a manual gate, or overrides a gate that paused the rollout."""
-    if rollout.state not in RolloutState.ACTIVE:
-        raise ApiError(409, "rollout_finished", f"cannot approve a {rollout.state} rollout")
-    if rollout.approved_through >= rollout.current_stage and rollout.state == RolloutState.RUNNING:
+    if rollout.approved_through >= rollout.current_stage and rollout.state == target:
         return rollout
     _audit(session, rollout, "approve", f"operator: approve stage {rollout.current_stage + 1}")
     rollout.approved_through = rollout.current_stage
-    rollout.state, rollout.updated_at = RolloutState.RUNNING, utcnow()
+    rollout.state, rollout.updated_at = target, utcnow()
     session.add(rollout)
     return rollout
 
 
-def _request_rollback(session: Session, rollout: Rollout) -> Rollout:
-    """Ask the engine leader to send every device that got this model back to its previous one."""
-    if rollout.state == RolloutState.ROLLED_BACK or rollout.rollback_requested:
+def _request_rollback(session: Session, rollout: Rollout, target: RS) -> Rollout:
+    """Ask the engine leader to send every device that got this model back to its previous one.
+
+    The move itself (to ``target``, rolled back) is the engine's, on its next tick: it holds the
+    devices' state and sends the directives.
+    """
+    if rollout.state == target or rollout.rollback_requested:
         return rollout
     _audit(session, rollout, "rollback_requested", "operator: roll back to the last good release")
     rollout.rollback_requested, rollout.updated_at = True, utcnow()
@@ -177,6 +172,7 @@ def _audit(session: Session, rollout: Rollout, action: str, reason: str) -> None
 
 
 def rollout_status(session: Session, rollout: Rollout) -> RolloutOut:
+    effective = policy.from_row(rollout)
     rds = session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)).all()
     decisions = session.exec(
         select(RolloutDecision)
@@ -203,9 +199,9 @@ def rollout_status(session: Session, rollout: Rollout) -> RolloutOut:
         state=rollout.state,
         current_stage=rollout.current_stage,
         selector=rollout.selector,
-        settings={k: getattr(rollout, k) for k in sorted(SKELETON_FIELDS)},
+        settings=policy.settings(effective),
         stage_unit=rollout.stage_unit,
-        policy=rollout.policy,
+        policy=policy.document(effective),
         approved_through=rollout.approved_through,
         rollback_requested=rollout.rollback_requested,
         created_at=rollout.created_at,
@@ -222,15 +218,15 @@ def rollout_status(session: Session, rollout: Rollout) -> RolloutOut:
 
 
 def _stage_state(rollout: Rollout, i: int) -> str:
-    if i < rollout.current_stage or rollout.state == RolloutState.COMPLETED:
+    if i < rollout.current_stage or rollout.state == RS.COMPLETED:
         return "done"
     if i > rollout.current_stage:
         return "pending"
     if rollout.state in (
-        RolloutState.ROLLED_BACK,
-        RolloutState.ABORTED,
-        RolloutState.PAUSED,
-        RolloutState.AWAITING_APPROVAL,
+        RS.ROLLED_BACK,
+        RS.ABORTED,
+        RS.PAUSED,
+        RS.AWAITING_APPROVAL,
     ):
         return rollout.state
     return "soaking" if rollout.stage_ready_at is not None else "running"
@@ -241,7 +237,7 @@ def enrol_joiners(session: Session, rollout: Rollout, hardware_ids: list[str]) -
     in_active = exists().where(
         col(RolloutDevice.device_id) == col(Device.id),
         col(RolloutDevice.rollout_id) == col(Rollout.id),
-        col(Rollout.state).in_(RolloutState.ACTIVE),
+        col(Rollout.state).in_(RS.ACTIVE),
     )
     mine = exists().where(
         col(RolloutDevice.device_id) == col(Device.id), col(RolloutDevice.rollout_id) == rollout.id

@@ -10,6 +10,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from device_agent.protocol import DEVICE_ID_RE
+from fleet_server.policy import Policy
 
 # Bounds of a device's tags, declared as types so /openapi.json states them too.
 TagKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -94,67 +95,23 @@ class Selector(BaseModel):
         return v
 
 
-GateAction = Literal["roll_back", "pause"]
-
-
-class RolloutIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RolloutIn(Policy):
+    """A rollout request: what to send where, in which stages, and its policy's fields as they are."""
 
     model: str = Field(pattern=r"^[^:]+:.+$", description="name:version")
     selector: Selector = Field(default_factory=Selector)
     stages: list[float] = Field(default_factory=lambda: [100.0], min_length=1, max_length=100)
-    soak_seconds: float = Field(default=0.0, ge=0)
-    device_timeout_seconds: float = Field(default=60.0, gt=0)
-    max_error_rate: float = Field(default=0.05, ge=0, le=1)
-    min_inferences: int = Field(default=20, ge=1)
-    max_failure_rate: float = Field(default=0.0, ge=0, le=1)
-    # issue 6: stages by count, conflicts, gates and their actions, retries, rate, probation
     stage_unit: Literal["percent", "count"] = "percent"
     conflict: Literal["refuse", "skip"] = Field(
         default="refuse",
         description="devices already in an active rollout: refuse the rollout (409) or leave them out",
     )
-    min_success_rate: float = Field(default=0.0, ge=0, le=1, description="done/assigned when a stage ends")
-    max_failures: int | None = Field(default=None, ge=0, description="absolute cap of failed devices")
-    failure_action: GateAction = "roll_back"
-    error_action: GateAction = "roll_back"
-    max_latency_ratio: float | None = Field(default=None, gt=0, description="p95 new / p95 replaced model")
-    min_latency_samples: int = Field(default=50, ge=1)
-    latency_action: GateAction = "roll_back"
-    max_output_psi: float | None = Field(default=None, gt=0, description="PSI of outputs vs replaced model")
-    min_drift_samples: int = Field(default=200, ge=1)
-    drift_action: GateAction = "pause"
-    min_shadow_agreement: float | None = Field(
-        default=None, ge=0, le=1, description="shadow the model first; promote at this top-1 agreement"
-    )
-    min_shadow_samples: int = Field(default=50, ge=1)
-    shadow_action: GateAction = "roll_back"
-    shadow_sample_rate: float = Field(default=0.1, gt=0, le=1)
-    require_approval: bool = Field(default=False, description="a human approves each next stage")
-    retry_limits: dict[str, int] = Field(
-        default_factory=dict, description="failure class (or '*') -> retries, e.g. {'timed_out': 2}"
-    )
-    retry_backoff_seconds: float = Field(default=30.0, ge=0)
-    rate_per_minute: int | None = Field(default=None, ge=1, description="devices notified per minute")
-    rate_increment_factor: float = Field(default=1.0, ge=1.0, description="rate x factor each minute")
-    max_rate_per_minute: int | None = Field(default=None, ge=1)
-    probation_seconds: float | None = Field(default=None, ge=0, description="agent-side watch after swap")
-    probation_min_inferences: int = Field(default=1, ge=0)
-    probation_max_error_rate: float = Field(default=0.05, ge=0, le=1)
-    probation_max_latency_ratio: float = Field(default=3.0, gt=0)
 
     @field_validator("stages")
     @classmethod
     def _increasing(cls, v: list[float]) -> list[float]:
         if any(b <= a for a, b in pairwise(v)) or any(p <= 0 for p in v):
             raise ValueError("stages are cumulative: strictly increasing and positive")
-        return v
-
-    @field_validator("retry_limits")
-    @classmethod
-    def _retries(cls, v: dict[str, int]) -> dict[str, int]:
-        if any(n < 0 or n > 20 for n in v.values()):
-            raise ValueError("retry_limits values must be 0..20")
         return v
 
     @model_validator(mode="after")
@@ -165,19 +122,9 @@ class RolloutIn(BaseModel):
             raise ValueError("stages by count are whole numbers of devices")
         return self
 
-    def policy(self) -> dict[str, Any]:
-        """The fields beyond the skeleton's, as stored in ``Rollout.policy`` (engine ``Policy``)."""
-        skip = {"model", "selector", "stages", "stage_unit", "conflict"} | SKELETON_FIELDS
-        return {k: v for k, v in self.model_dump().items() if k not in skip}
-
-
-SKELETON_FIELDS = {
-    "soak_seconds",
-    "device_timeout_seconds",
-    "max_error_rate",
-    "min_inferences",
-    "max_failure_rate",
-}
+    def policy(self) -> Policy:
+        """The request's policy, as the engine reads it and the rollout stores it."""
+        return Policy.model_validate(self.model_dump(include=set(Policy.model_fields)))
 
 
 class StageOut(BaseModel):

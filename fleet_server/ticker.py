@@ -4,10 +4,11 @@ Only the replica holding the leader lock ticks (leader.py). Per active
 rollout: enrol devices that joined the selector, read one snapshot (with the
 rollout row locked ``FOR UPDATE`` on PostgreSQL, so an operator action on
 another replica waits instead of being overwritten), call the pure
-``engine.decide``, write the plan (device states, stage, decisions, desired
-seqs) in one transaction, and only then publish the signed directives, so a
-directive is never out before the seq it carries is recorded. ``lock``
-serialises the ticker with API calls within this process (SQLite's case).
+``engine.decide``, write what the pure ``engine.apply_plan`` makes of it (device
+states, stage, decisions, desired seqs) in one transaction, and only then
+publish the signed directives, so a directive is never out before the seq it
+carries is recorded. ``lock`` serialises the ticker with API calls within this
+process (SQLite's case).
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ from sqlalchemy import Engine, and_, or_
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
+from device_agent.protocol import DeploymentState
 from fleet_server import engine as rollout_engine
+from fleet_server import policy as rollout_policy
 from fleet_server.directives import build_directive, sign_directive
-from fleet_server.gates import Histograms, Policy, add_counts
+from fleet_server.gates import Histograms, add_counts
 from fleet_server.leader import LeaderLock
+from fleet_server.lifecycle import DeviceRolloutState as DS
+from fleet_server.lifecycle import RolloutState
 from fleet_server.models import (
     Device,
     EventRow,
@@ -34,10 +39,9 @@ from fleet_server.models import (
     Rollout,
     RolloutDecision,
     RolloutDevice,
-    RolloutState,
     utcnow,
 )
-from fleet_server.models import DeviceRolloutState as DS
+from fleet_server.policy import Policy, ServerFailure
 from fleet_server.rollouts import enrol_joiners
 from fleet_server.settings import ServerSettings
 from fleet_server.store import new_session
@@ -62,6 +66,7 @@ SNAPSHOT_COLUMNS = (
     col(Device.running_sha256),
     col(Device.deployment_seq),
     col(Device.deployment_state),
+    col(Device.desired_seq),
     col(Device.reported),
 )
 AGGREGATE_COLUMNS = (
@@ -120,7 +125,9 @@ def snapshot(
         progress.add(ev.device_id)
         if ev.state in rollout_engine.FAILED_DEPLOYMENT_STATES:
             why = ev.reason or ev.state
-            failures[ev.device_id] = f"reverted: {why}" if ev.state == "reverted" else why
+            failures[ev.device_id] = (
+                f"{ServerFailure.REVERTED}: {why}" if ev.state == DeploymentState.REVERTED else why
+            )
     out = []
     for rd in rows:
         agg = aggs.get(rd.device_id)
@@ -135,6 +142,7 @@ def snapshot(
                 state=rd.state,
                 stage=rd.stage,
                 seq=rd.seq,
+                desired_seq=rd.desired_seq,
                 notified_at=rd.notified_at,
                 running_sha256=rd.running_sha256,
                 reported_seq=rd.deployment_seq,
@@ -155,12 +163,13 @@ def snapshot(
                 reason=rd.reason,
             )
         )
-    return out, _baseline(session, rollout, rows, mine)
+    return out, _baseline(session, rollout, rollout_policy.from_row(rollout), rows, mine)
 
 
-def _baseline(session: Session, rollout: Rollout, rows: Sequence[Any], mine: Any) -> dict[str, Histograms]:
+def _baseline(
+    session: Session, rollout: Rollout, policy: Policy, rows: Sequence[Any], mine: Any
+) -> dict[str, Histograms]:
     """Summed sketches of the models the rollout's devices ran before, per hardware id."""
-    policy = Policy.from_dict(rollout.policy)
     if policy.max_latency_ratio is None and policy.max_output_psi is None:
         return {}
     hw = {rd.device_id: rd.hardware_id for rd in rows}
@@ -191,12 +200,7 @@ def rollout_snapshot(r: Rollout) -> rollout_engine.RolloutSnapshot:
         stages=tuple(r.stages),
         current_stage=r.current_stage,
         stage_ready_at=r.stage_ready_at,
-        soak_seconds=r.soak_seconds,
-        device_timeout_seconds=r.device_timeout_seconds,
-        max_error_rate=r.max_error_rate,
-        min_inferences=r.min_inferences,
-        max_failure_rate=r.max_failure_rate,
-        policy=Policy.from_dict(r.policy),
+        policy=rollout_policy.from_row(r),
         stage_unit=r.stage_unit,
         started_at=r.created_at,
         approved_through=r.approved_through,
@@ -286,7 +290,8 @@ class Ticker:
             if rollout is None or not (rollout.state in RolloutState.ACTIVE or rollout.rollback_requested):
                 return
             devices, baseline = snapshot(session, rollout)
-            plan = rollout_engine.decide(rollout_snapshot(rollout), devices, now, baseline)
+            before = rollout_snapshot(rollout)
+            plan = rollout_engine.decide(before, devices, now, baseline)
             if (
                 plan.empty
                 and plan.state == rollout.state
@@ -294,17 +299,26 @@ class Ticker:
                 and not session.new
             ):
                 return
-            outbox = self._apply(session, rollout, plan, now)
+            after, applied = rollout_engine.apply_plan(before, devices, plan, now)
+            outbox = self._write(session, rollout, plan, after, applied, now)
             session.commit()
         for device_id, payload in outbox:
             self.publish(device_id, payload)
 
-    def _apply(
-        self, session: Session, rollout: Rollout, plan: rollout_engine.Plan, now: datetime
+    def _write(
+        self,
+        session: Session,
+        rollout: Rollout,
+        plan: rollout_engine.Plan,
+        after: rollout_engine.RolloutSnapshot,
+        applied: Sequence[rollout_engine.DeviceSnapshot],
+        now: datetime,
     ) -> list[tuple[str, bytes]]:
-        touched = sorted(
-            {c.device_id for c in plan.changes} | {c.device_id for c in plan.notify} | set(plan.roll_back)
-        )
+        """Store the applied plan (rows of the devices it touched, the rollout, the decisions)
+        and sign the directives it sends, in the order ``apply_plan`` numbered them."""
+        touched = plan.touched
+        wanted = set(touched)
+        new = {d.device_id: d for d in applied if d.device_id in wanted}
         rds: dict[str, RolloutDevice] = {}
         devices: dict[str, Device] = {}
         for chunk in range(0, len(touched), 5000):  # bounded IN lists; one query per 5,000 devices
@@ -320,63 +334,55 @@ class Ticker:
             devices.update(
                 (d.id, d) for d in session.exec(select(Device).where(col(Device.id).in_(part))).all()
             )
-        outbox: list[tuple[str, bytes]] = []
         new_model = session.get(Model, rollout.model_id)
-        policy = Policy.from_dict(rollout.policy)
+        if new_model is None:  # the foreign key forbids it
+            raise LookupError(f"rollout {rollout.id}: model row {rollout.model_id} is missing")
         model_ids: dict[str | None, int | None] = {}
-        for ch in plan.changes:
-            rd = rds[ch.device_id]
-            rd.state, rd.reason, rd.updated_at, rd.retry_at = ch.state, ch.reason, now, ch.retry_at
-            session.add(rd)
-        for ch in plan.notify:
-            rd = rds[ch.device_id]
-            device = devices.get(ch.device_id)
-            if device is None or new_model is None:
-                continue
-            if rd.stage is None:  # first assignment: remember what to roll back to
+        notified = {ch.device_id for ch in plan.notify}
+        for device_id in touched:
+            rd, d, device = rds[device_id], new[device_id], devices[device_id]
+            if device_id in notified and rd.stage is None:  # first assignment: remember what to roll back to
                 rd.previous_sha256 = device.running_sha256
                 if device.running_sha256 not in model_ids:
                     model_ids[device.running_sha256] = _model_id_for(session, device.running_sha256)
                 rd.previous_model_id = model_ids[device.running_sha256]
-            rd.stage, rd.state, rd.notified_at, rd.updated_at = ch.stage, ch.state, now, now
-            rd.attempts, rd.retry_at, rd.reason = ch.attempts, None, ch.reason
-            rd.seq = self._next_seq(session, device)
+            rd.state, rd.reason, rd.retry_at, rd.updated_at = d.state, d.reason, d.retry_at, now
+            if device_id in notified:
+                rd.stage, rd.seq, rd.notified_at, rd.attempts = d.stage, d.seq, d.notified_at, d.attempts
+            session.add(rd)
+            if device.desired_seq != d.desired_seq:
+                device.desired_seq = d.desired_seq
+                session.add(device)
+        outbox: list[tuple[str, bytes]] = []
+        for ch in plan.notify:
+            rd, device = rds[ch.device_id], devices[ch.device_id]
+            assert rd.seq is not None  # apply_plan numbered it
             if ch.state == DS.SHADOWING:
                 current = session.get(Model, rd.previous_model_id) if rd.previous_model_id else None
                 payload = self._signed(
-                    device.id, rd.seq, current, rollout.id, now, shadow=new_model, policy=policy
+                    device.id, rd.seq, current, rollout.id, now, shadow=new_model, policy=after.policy
                 )
             else:
-                payload = self._signed(device.id, rd.seq, new_model, rollout.id, now, policy=policy)
+                payload = self._signed(device.id, rd.seq, new_model, rollout.id, now, policy=after.policy)
             outbox.append((device.id, payload))
-            session.add(rd)
         for device_id in plan.roll_back:
-            rd = rds[device_id]
-            device = devices.get(device_id)
-            if device is None:
-                continue
+            rd, device = rds[device_id], devices[device_id]
             previous = session.get(Model, rd.previous_model_id) if rd.previous_model_id else None
-            seq = self._next_seq(session, device)
-            outbox.append((device.id, self._signed(device.id, seq, previous, rollout.id, now)))
-        if plan.rollback_done:
-            rollout.rollback_requested = False
-        for d in plan.decisions:
+            outbox.append(
+                (device.id, self._signed(device.id, new[device_id].desired_seq, previous, rollout.id, now))
+            )
+        for dec in plan.decisions:
             session.add(
                 RolloutDecision(
-                    rollout_id=rollout.id, ts=now, action=d.action, reason=d.reason, figures=d.figures
+                    rollout_id=rollout.id, ts=now, action=dec.action, reason=dec.reason, figures=dec.figures
                 )
             )
-            log.info("rollout %s: %s: %s", rollout.id, d.action, d.reason)
-        rollout.state, rollout.current_stage = plan.state, plan.current_stage
-        rollout.stage_ready_at, rollout.updated_at = plan.stage_ready_at, now
+            log.info("rollout %s: %s: %s", rollout.id, dec.action, dec.reason)
+        rollout.state, rollout.current_stage = after.state, after.current_stage
+        rollout.stage_ready_at, rollout.rollback_requested = after.stage_ready_at, after.rollback_requested
+        rollout.updated_at = now
         session.add(rollout)
         return outbox
-
-    @staticmethod
-    def _next_seq(session: Session, device: Device) -> int:
-        device.desired_seq += 1
-        session.add(device)
-        return device.desired_seq
 
     def _signed(
         self,

@@ -90,9 +90,9 @@ def rollouts_create(
     ] = None,
     soak: Annotated[float, typer.Option("--soak", help="Seconds each stage soaks before the next.")] = 60.0,
     device_timeout: Annotated[float, typer.Option(help="Seconds before a device is timed out.")] = 600.0,
-    max_error_rate: Annotated[float, typer.Option(help="Gate: inference error rate.")] = 0.05,
-    min_inferences: Annotated[int, typer.Option(help="Gate: minimum sample of inferences.")] = 20,
-    max_failure_rate: Annotated[float, typer.Option(help="Gate: install failure rate.")] = 0.0,
+    max_error_rate: Annotated[float | None, typer.Option(help="Gate: inference error rate.")] = None,
+    min_inferences: Annotated[int | None, typer.Option(help="Gate: minimum sample of inferences.")] = None,
+    max_failure_rate: Annotated[float | None, typer.Option(help="Gate: install failure rate.")] = None,
     max_failures: Annotated[int | None, typer.Option(help="Gate: failed devices (count).")] = None,
     min_success_rate: Annotated[float | None, typer.Option(help="Gate: done/assigned at stage end.")] = None,
     failure_action: Action = None,
@@ -120,13 +120,26 @@ def rollouts_create(
     probation: Annotated[
         float | None, typer.Option(help="Seconds the agent watches the new model before success.")
     ] = None,
+    probation_min_inferences: Annotated[
+        int | None, typer.Option(help="Probation: successful inferences before success (with --probation).")
+    ] = None,
+    probation_max_error_rate: Annotated[
+        float | None, typer.Option(help="Probation: error rate that makes the agent revert.")
+    ] = None,
+    probation_max_latency_ratio: Annotated[
+        float | None, typer.Option(help="Probation: p95 vs the previous model that makes the agent revert.")
+    ] = None,
     skip_busy: Annotated[
         bool, typer.Option(help="Leave out devices in another active rollout instead of refusing.")
     ] = False,
     server: ServerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Start a staged rollout of a pushed model to the devices matching a selector."""
+    """Start a staged rollout of a pushed model to the devices matching a selector.
+
+    Options left out take the server's policy defaults, except two chosen for rollouts run by
+    hand: each stage soaks 60 s and a device has 600 s to prove it serves the model.
+    """
     if ":" not in model:
         fail("--model must be name:version", 2)
     body: dict[str, Any] = {
@@ -135,9 +148,6 @@ def rollouts_create(
         "stages": parse_counts(stage_counts) if stage_counts else parse_stages(stages),
         "soak_seconds": soak,
         "device_timeout_seconds": device_timeout,
-        "max_error_rate": max_error_rate,
-        "min_inferences": min_inferences,
-        "max_failure_rate": max_failure_rate,
     }
     if stage_counts:
         body["stage_unit"] = "count"
@@ -147,7 +157,21 @@ def rollouts_create(
         body["conflict"] = "skip"
     if retry:
         body["retry_limits"] = parse_retries(retry)
+    probation_limits = {
+        "min_inferences": probation_min_inferences,
+        "max_error_rate": probation_max_error_rate,
+        "max_latency_ratio": probation_max_latency_ratio,
+    }
+    if probation is not None:
+        body["probation"] = {"seconds": probation} | {
+            k: v for k, v in probation_limits.items() if v is not None
+        }
+    elif any(v is not None for v in probation_limits.values()):
+        fail("--probation-* limits need --probation SECONDS", 2)
     optional = {
+        "max_error_rate": max_error_rate,
+        "min_inferences": min_inferences,
+        "max_failure_rate": max_failure_rate,
         "max_failures": max_failures,
         "min_success_rate": min_success_rate,
         "failure_action": failure_action,
@@ -162,7 +186,6 @@ def rollouts_create(
         "rate_per_minute": rate,
         "rate_increment_factor": rate_factor,
         "max_rate_per_minute": max_rate,
-        "probation_seconds": probation,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     with client(server) as conn:

@@ -24,7 +24,7 @@ def test_hawkbit_3185_success_is_not_counted_before_the_device_serves_the_model(
     client: httpx.Client, keydir: KeyDir, tmp_path: Path, fake_device: Callable[[str], FakeDevice]
 ) -> None:
     _, new, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "hb", 1)
-    rid = create(client, "hb", stages=[100], probation_seconds=10)
+    rid = create(client, "hb", stages=[100], probation={"seconds": 10})
     dev = devs["hb-0"]
     (d,) = wait_for(lambda: directives(dev, keydir))
     running = protocol.RunningModel(name="det", version="2", sha256=new["sha256"])

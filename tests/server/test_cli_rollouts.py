@@ -40,7 +40,8 @@ def test_create_with_policy_approve_and_rollback(
         "rollouts", "create", "--model", "det:2", "--selector", "site=cl,agent=>=0.1",
         "--stage-counts", "1,2", "--soak", "0", "--min-inferences", "1", "--require-approval",
         "--retry", "timed_out=1", "--retry", "download_failed=2", "--max-latency-ratio", "1.5",
-        "--drift-action", "roll_back", "--probation", "5", "--rate", "10", "--rate-factor", "2",
+        "--drift-action", "roll_back", "--probation", "5", "--probation-min-inferences", "2",
+        "--rate", "10", "--rate-factor", "2",
     )  # fmt: skip
     rid = str(created["id"])
     assert created["stage_unit"] == "count" and created["selector"]["agent_version"] == ">=0.1"
@@ -53,7 +54,9 @@ def test_create_with_policy_approve_and_rollback(
         10,
     )
     (first,) = wait_for(lambda: [d for d in devs.values() if directives(d, keydir)])
-    assert directives(first, keydir)[0].probation is not None
+    probation = directives(first, keydir)[0].probation
+    assert probation is not None and (probation.seconds, probation.min_inferences) == (5, 2)
+    assert (policy["probation"]["seconds"], policy["probation"]["min_inferences"]) == (5, 2)
     serve(first, directives(first, keydir)[-1], inferences=2)
     wait_for(lambda: status(client, rid)["state"] == "awaiting_approval")
     assert ef(server, "rollouts", "approve", rid)["state"] == "running"
@@ -68,6 +71,11 @@ def test_create_with_policy_approve_and_rollback(
 
 
 def test_bad_cli_options_are_usage_errors() -> None:
-    for args in (["--stage-counts", "5,2"], ["--stage-counts", "a,b"], ["--retry", "timed_out=x"]):
+    for args in (
+        ["--stage-counts", "5,2"],
+        ["--stage-counts", "a,b"],
+        ["--retry", "timed_out=x"],
+        ["--probation-min-inferences", "5"],  # a probation limit without the probation itself
+    ):
         result = runner.invoke(app, ["rollouts", "create", "--model", "m:1", *args])
         assert result.exit_code == 2, (args, result.output)

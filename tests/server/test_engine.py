@@ -5,16 +5,33 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime, timedelta
 
-from fleet_server.engine import DeviceSnapshot, Plan, RolloutSnapshot, assignment_order, decide, stage_target
-from fleet_server.models import DeviceRolloutState as DS
-from fleet_server.models import RolloutState as RS
+from fleet_server.engine import (
+    DeviceSnapshot,
+    Plan,
+    RolloutSnapshot,
+    apply_plan,
+    assignment_order,
+    decide,
+    stage_target,
+)
+from fleet_server.lifecycle import DeviceRolloutState as DS
+from fleet_server.lifecycle import RolloutState as RS
+from fleet_server.policy import Policy
 
 SHA = "a" * 64
 OLD = "b" * 64
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
+BASE = {"soak_seconds": 5.0}  # the tests' policy: the defaults, with a soak to wait for
+
+
 def rollout(**over: object) -> RolloutSnapshot:
+    """A running rollout over stages 10/50/100 %; ``over`` sets snapshot and policy fields alike
+    (``policy=`` gives the policy, whose explicitly set fields win over ``BASE``)."""
+    given = over.pop("policy", None)
+    fields = {k: over.pop(k) for k in list(over) if k in Policy.model_fields}
+    explicit = given.model_dump(exclude_unset=True) if isinstance(given, Policy) else {}
     base = RolloutSnapshot(
         id="r1",
         state=RS.RUNNING,
@@ -22,11 +39,7 @@ def rollout(**over: object) -> RolloutSnapshot:
         stages=(10.0, 50.0, 100.0),
         current_stage=0,
         stage_ready_at=None,
-        soak_seconds=5.0,
-        device_timeout_seconds=60.0,
-        max_error_rate=0.05,
-        min_inferences=20,
-        max_failure_rate=0.0,
+        policy=Policy.model_validate({**BASE, **explicit, **fields}),
     )
     return dataclasses.replace(base, **over)  # type: ignore[arg-type]
 
@@ -35,27 +48,23 @@ def fleet(n: int) -> list[DeviceSnapshot]:
     return [DeviceSnapshot(device_id=f"d{i:03d}", state=DS.PENDING, running_sha256=OLD) for i in range(n)]
 
 
-def apply(devices: list[DeviceSnapshot], plan: Plan, now: datetime) -> list[DeviceSnapshot]:
-    """What the ticker would write back, for multi-step scenarios."""
-    by_id = {d.device_id: d for d in devices}
-    for c in plan.changes:
-        by_id[c.device_id] = dataclasses.replace(by_id[c.device_id], state=c.state, reason=c.reason)
-    for i, c in enumerate(plan.notify):
-        by_id[c.device_id] = dataclasses.replace(
-            by_id[c.device_id], state=c.state, stage=c.stage, seq=i + 1, notified_at=now, reason=c.reason
-        )
-    return list(by_id.values())
+def tick(
+    r: RolloutSnapshot, devices: list[DeviceSnapshot], now: datetime
+) -> tuple[RolloutSnapshot, list[DeviceSnapshot], Plan]:
+    """One ticker tick: decide, then the plan applied as the ticker writes it back."""
+    plan = decide(r, devices, now)
+    r, devices = apply_plan(r, devices, plan, now)
+    return r, devices, plan
+
+
+def first_stage(r: RolloutSnapshot, n: int) -> list[DeviceSnapshot]:
+    """A fresh fleet of ``n`` after the rollout's first tick (its first stage notified)."""
+    return tick(r, fleet(n), T0)[1]
 
 
 def serving(d: DeviceSnapshot, inferences: int = 10, errors: int = 0) -> DeviceSnapshot:
     return dataclasses.replace(
         d, running_sha256=SHA, served_ok=inferences - errors, inferences=inferences, errors=errors
-    )
-
-
-def advance(r: RolloutSnapshot, plan: Plan) -> RolloutSnapshot:
-    return dataclasses.replace(
-        r, state=plan.state, current_stage=plan.current_stage, stage_ready_at=plan.stage_ready_at
     )
 
 
@@ -77,7 +86,7 @@ def test_first_stage_assigns_exactly_its_share_in_hash_order() -> None:
     assert all(c.stage == 0 for c in plan.notify)
     assert plan.decisions[0].action == "assign"
     # a second tick with nothing reported assigns nobody more
-    devices = apply(devices, plan, T0)
+    _, devices = apply_plan(rollout(), devices, plan, T0)
     assert decide(rollout(), devices, T0 + timedelta(seconds=1)).notify == []
 
 
@@ -87,9 +96,7 @@ def test_never_assigns_more_than_the_stage_allows_even_when_devices_finish() -> 
     now = T0
     assigned_per_stage = []
     for _ in range(20):
-        plan = decide(r, devices, now)
-        devices = apply(devices, plan, now)
-        r = advance(r, plan)
+        r, devices, _ = tick(r, devices, now)
         n = sum(1 for d in devices if d.stage is not None)
         assert n <= stage_target(r.stages[r.current_stage], 10)
         assigned_per_stage.append(n)
@@ -103,7 +110,7 @@ def test_never_assigns_more_than_the_stage_allows_even_when_devices_finish() -> 
 
 
 def test_done_needs_running_hash_and_a_successful_inference() -> None:
-    devices = apply(fleet(1), decide(rollout(stages=(100.0,)), fleet(1), T0), T0)
+    devices = first_stage(rollout(stages=(100.0,)), 1)
     d = devices[0]
     running_only = dataclasses.replace(d, running_sha256=SHA, reported_seq=1)
     plan = decide(rollout(stages=(100.0,)), [running_only], T0)
@@ -116,13 +123,11 @@ def test_done_needs_running_hash_and_a_successful_inference() -> None:
 
 def test_soak_time_holds_the_next_stage() -> None:
     r = rollout(stages=(50.0, 100.0), soak_seconds=5)
-    devices = fleet(2)
-    plan = decide(r, devices, T0)
-    devices = [serving(d) if d.state == DS.NOTIFIED else d for d in apply(devices, plan, T0)]
+    devices = [serving(d) if d.state == DS.NOTIFIED else d for d in first_stage(r, 2)]
     plan = decide(r, devices, T0 + timedelta(seconds=1))
     assert plan.stage_ready_at == T0 + timedelta(seconds=1)
     assert plan.notify == []
-    r, devices = advance(r, plan), apply(devices, plan, T0)
+    r, devices = apply_plan(r, devices, plan, T0)
     assert decide(r, devices, T0 + timedelta(seconds=5)).notify == []  # 4 s soaked
     plan = decide(r, devices, T0 + timedelta(seconds=6.5))
     assert plan.current_stage == 1 and len(plan.notify) == 1
@@ -131,7 +136,7 @@ def test_soak_time_holds_the_next_stage() -> None:
 
 def test_error_rate_gate_respects_the_minimum_sample() -> None:
     r = rollout(stages=(100.0,), min_inferences=20, max_error_rate=0.05)
-    devices = apply(fleet(2), decide(r, fleet(2), T0), T0)
+    devices = first_stage(r, 2)
     # 5 errors in 10 inferences: 50 %, but below the minimum sample -> no decision yet
     few = [
         dataclasses.replace(d, running_sha256=SHA, inferences=5, errors=0 if i else 5)
@@ -151,7 +156,7 @@ def test_error_rate_gate_respects_the_minimum_sample() -> None:
 
 def test_rollback_spares_devices_never_notified() -> None:
     r = rollout(stages=(10.0, 100.0))
-    devices = apply(fleet(10), decide(r, fleet(10), T0), T0)
+    devices = first_stage(r, 10)
     failed = [
         dataclasses.replace(
             d, reported_seq=d.seq or 0, reported_state="failed", reported_error="digest_mismatch"
@@ -170,7 +175,7 @@ def test_rollback_spares_devices_never_notified() -> None:
 
 def test_failure_within_the_allowed_rate_lets_the_stage_finish() -> None:
     r = rollout(stages=(100.0,), max_failure_rate=0.5, soak_seconds=0)
-    devices = apply(fleet(2), decide(r, fleet(2), T0), T0)
+    devices = first_stage(r, 2)
     devices = [serving(devices[0]), dataclasses.replace(devices[1], event_failure="hardware_mismatch")]
     plan = decide(r, devices, T0)
     assert plan.state == RS.COMPLETED
@@ -179,12 +184,12 @@ def test_failure_within_the_allowed_rate_lets_the_stage_finish() -> None:
 
 def test_timeout_marks_device_and_counts_as_failure() -> None:
     r = rollout(stages=(100.0,), device_timeout_seconds=30, max_failure_rate=0.0)
-    devices = apply(fleet(1), decide(r, fleet(1), T0), T0)
+    devices = first_stage(r, 1)
     assert decide(r, devices, T0 + timedelta(seconds=29)).changes == []
     plan = decide(r, devices, T0 + timedelta(seconds=31))
     assert plan.state == RS.ROLLED_BACK
     assert "timed_out" in (plan.changes[0].reason or "")
-    r_lenient = dataclasses.replace(r, max_failure_rate=1.0)
+    r_lenient = dataclasses.replace(r, policy=r.policy.model_copy(update={"max_failure_rate": 1.0}))
     plan = decide(r_lenient, devices, T0 + timedelta(seconds=31))
     assert [c.state for c in plan.changes] == [DS.TIMED_OUT]
 
@@ -196,7 +201,7 @@ def test_pause_stops_assignment_resume_continues_abort_stops_everything() -> Non
     assert decide(paused, devices, T0).notify == []
     plan = decide(r, devices, T0)  # resumed
     assert len(plan.notify) == 1
-    devices = [serving(d) if d.state == DS.NOTIFIED else d for d in apply(devices, plan, T0)]
+    devices = [serving(d) if d.state == DS.NOTIFIED else d for d in apply_plan(r, devices, plan, T0)[1]]
     plan = decide(paused, devices, T0)
     assert [c.state for c in plan.changes] == [DS.DONE]  # still observes devices
     assert plan.notify == [] and plan.current_stage == 0
@@ -206,7 +211,7 @@ def test_pause_stops_assignment_resume_continues_abort_stops_everything() -> Non
 
 def test_gate_still_protects_a_paused_rollout() -> None:
     r = rollout(stages=(100.0,), state=RS.PAUSED, min_inferences=10)
-    devices = apply(fleet(1), decide(rollout(stages=(100.0,)), fleet(1), T0), T0)
+    devices = first_stage(rollout(stages=(100.0,)), 1)
     bad = [serving(devices[0], inferences=10, errors=5)]
     assert decide(r, bad, T0).state == RS.ROLLED_BACK
 

@@ -1,7 +1,7 @@
 """Gates judged per hardware class (cohort): a model failing on one class stops only that class.
 
 Pure engine tests: a fleet of two or three hardware classes is driven tick by
-tick with the same in-test ticker as test_engine.py (``apply``), the devices
+tick (``decide``, then ``apply_plan`` as the ticker writes it back), the devices
 of one class misbehaving. Each test states the behaviour docs/rollouts.md
 promises ("Gates per hardware class").
 """
@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
-from fleet_server.engine import HELD, DeviceSnapshot, Plan, RolloutSnapshot, decide, stage_target
-from fleet_server.gates import Policy
-from fleet_server.models import DeviceRolloutState as DS
-from fleet_server.models import RolloutState as RS
+from fleet_server.engine import HELD, DeviceSnapshot, Plan, RolloutSnapshot, apply_plan, decide, stage_target
+from fleet_server.lifecycle import DeviceRolloutState as DS
+from fleet_server.lifecycle import RolloutState as RS
+from fleet_server.policy import GateAction, Policy
 
-from .test_engine import OLD, SHA, T0, advance, apply, rollout, serving
+from .test_engine import OLD, SHA, T0, rollout, serving, tick
 
 
 def classes(**sizes: int) -> list[DeviceSnapshot]:
@@ -56,10 +57,8 @@ def run(
     plans = []
     now = T0
     for _ in range(ticks):
-        plan = decide(r, devices, now)
+        r, devices, plan = tick(r, devices, now)
         plans.append(plan)
-        devices = apply(devices, plan, now)
-        r = advance(r, plan)
         if r.state != RS.RUNNING:
             break
         devices = [behave(d) for d in devices]
@@ -71,7 +70,7 @@ def by_hw(devices: list[DeviceSnapshot], hw: str) -> list[DeviceSnapshot]:
     return [d for d in devices if d.hardware_id == hw]
 
 
-def decisions(plans: list[Plan], action: str) -> list[dict[str, object]]:
+def decisions(plans: list[Plan], action: str) -> list[dict[str, Any]]:
     return [d.figures | {"reason": d.reason} for p in plans for d in p.decisions if d.action == action]
 
 
@@ -95,7 +94,7 @@ def test_one_class_failing_is_rolled_back_alone_and_the_others_complete() -> Non
     assert "rolled back on 'rpi4' only" in str(done["reason"])
     halted = done["halted_cohorts"]
     assert isinstance(halted, dict) and halted["rpi4"]["state"] == "rolled_back"
-    assert set(done["cohorts"]) == {"jetson"}  # type: ignore[arg-type]
+    assert set(done["cohorts"]) == {"jetson"}
     # stages still sized over the whole fleet: never more assigned than the stage allows
     assigned = sum(1 for d in devices if d.stage is not None)
     assert assigned <= stage_target(100.0, 20)
@@ -110,7 +109,7 @@ def test_all_classes_failing_roll_back_the_whole_rollout() -> None:
         return dataclasses.replace(d, running_sha256=SHA, inferences=30, errors=30)
 
     fleet = classes(rpi4=4, jetson=4)
-    devices = apply(fleet, decide(r, fleet, T0), T0)
+    _, devices, _ = tick(r, fleet, T0)
     assert {d.hardware_id for d in devices if d.stage is not None} == {"rpi4", "jetson"}
     plan = decide(r, [nan_everywhere(d) for d in devices], T0 + timedelta(seconds=1))
     assert plan.state == RS.ROLLED_BACK
@@ -141,7 +140,7 @@ def test_the_last_class_failing_after_another_was_rolled_back_rolls_back_the_rol
 def test_a_class_below_its_minimum_sample_never_triggers() -> None:
     r = rollout(stages=(100.0,), soak_seconds=0, min_inferences=20)
     fleet = classes(rpi4=1, jetson=3)
-    devices = apply(fleet, decide(r, fleet, T0), T0)
+    _, devices, _ = tick(r, fleet, T0)
     # rpi4: 15 inferences, all errors (below its 20); jetson: 3 x 30 clean. Pooled: 15/105 = 14 % > 5 %.
     few = [nan_on("rpi4", inferences=15)(d) for d in devices]
     plan = decide(r, few, T0 + timedelta(seconds=1))
@@ -151,7 +150,7 @@ def test_a_class_below_its_minimum_sample_never_triggers() -> None:
     )
     # ... but the stage does not finish either: the pooled gate fails, the class's verdict is awaited
     assert plan.stage_ready_at is None and not any(d.action == "completed" for d in plan.decisions)
-    devices = apply(few, plan, T0)
+    _, devices = apply_plan(r, few, plan, T0)
     # once rpi4 has its own minimum sample, it alone is rolled back, and the rollout completes
     enough = [nan_on("rpi4", inferences=20)(d) if d.hardware_id == "rpi4" else d for d in devices]
     enough = [
@@ -165,7 +164,7 @@ def test_a_class_below_its_minimum_sample_never_triggers() -> None:
 def test_thin_failures_pooled_over_classes_act_on_the_whole_rollout() -> None:
     r = rollout(stages=(100.0,), soak_seconds=0, min_inferences=20)
     fleet = classes(a=1, b=1, c=1)
-    devices = apply(fleet, decide(r, fleet, T0), T0)
+    _, devices, _ = tick(r, fleet, T0)
     # every class: 10 inferences, 5 errors; none has its own sample, none looks healthy
     thin = [dataclasses.replace(serving(d, inferences=10, errors=5)) for d in devices]
     plan = decide(r, thin, T0 + timedelta(seconds=1))
@@ -176,7 +175,7 @@ def test_thin_failures_pooled_over_classes_act_on_the_whole_rollout() -> None:
 
 
 def test_a_pausing_gate_holds_only_its_class_and_the_rollout_waits_for_a_human_at_the_end() -> None:
-    policy = Policy(error_action="pause")
+    policy = Policy(error_action=GateAction.PAUSE)
     r = rollout(stages=(20.0, 100.0), soak_seconds=0, min_inferences=20, policy=policy)
     fleet = classes(rpi4=5, jetson=5)
     r, devices, plans = run(r, fleet, nan_on("rpi4"))
@@ -200,7 +199,7 @@ def test_a_pausing_gate_holds_only_its_class_and_the_rollout_waits_for_a_human_a
 
 
 def test_a_paused_class_is_still_protected_by_roll_back_gates() -> None:
-    policy = Policy(error_action="pause", max_failures=0)
+    policy = Policy(error_action=GateAction.PAUSE, max_failures=0)
     r = rollout(stages=(50.0, 100.0), soak_seconds=0, min_inferences=20, max_failure_rate=1.0, policy=policy)
     fleet = classes(rpi4=4, jetson=4)
     r, devices, _ = run(r, fleet, nan_on("rpi4"), ticks=2)
@@ -250,10 +249,10 @@ def test_a_single_class_fleet_behaves_as_before() -> None:
 
 
 def test_all_classes_failing_a_pausing_gate_pause_the_rollout_without_holding_classes() -> None:
-    policy = Policy(error_action="pause")
+    policy = Policy(error_action=GateAction.PAUSE)
     r = rollout(stages=(50.0, 100.0), soak_seconds=0, min_inferences=20, policy=policy)
     fleet = classes(rpi4=4, jetson=4)
-    devices = apply(fleet, decide(r, fleet, T0), T0)
+    _, devices, _ = tick(r, fleet, T0)
     bad = [
         dataclasses.replace(d, running_sha256=SHA, inferences=30, errors=30) if d.stage is not None else d
         for d in devices

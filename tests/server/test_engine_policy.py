@@ -1,20 +1,21 @@
-"""The full engine (issue 6) as a pure function: gates and their actions, approval, retries, rate, shadow."""
+"""The full engine as a pure function: gates and their actions, approval, retries, rate, shadow."""
 
 from __future__ import annotations
 
 import dataclasses
 from datetime import timedelta
 
-from fleet_server.engine import DeviceSnapshot, decide, stage_target
-from fleet_server.gates import Histograms, Policy
-from fleet_server.models import DeviceRolloutState as DS
-from fleet_server.models import RolloutState as RS
+from fleet_server.engine import DeviceSnapshot, apply_plan, decide, stage_target
+from fleet_server.gates import Histograms
+from fleet_server.lifecycle import DeviceRolloutState as DS
+from fleet_server.lifecycle import RolloutState as RS
+from fleet_server.policy import Policy
 
-from .test_engine import OLD, SHA, T0, advance, apply, fleet, rollout, serving
+from .test_engine import OLD, SHA, T0, first_stage, fleet, rollout, serving
 
 
 def with_policy(**kw: object) -> Policy:
-    return Policy(**kw)  # type: ignore[arg-type]
+    return Policy.model_validate(kw)
 
 
 def test_stages_by_count() -> None:
@@ -27,7 +28,7 @@ def test_stages_by_count() -> None:
 
 def test_reverted_report_is_a_failure_of_the_new_model() -> None:
     r = rollout(stages=(100.0,), max_failure_rate=1.0)
-    d = apply(fleet(1), decide(r, fleet(1), T0), T0)[0]
+    d = first_stage(r, 1)[0]
     reverted = dataclasses.replace(
         d, running_sha256=OLD, reported_seq=d.seq or 0, reported_state="reverted", reported_error="latency"
     )
@@ -37,7 +38,7 @@ def test_reverted_report_is_a_failure_of_the_new_model() -> None:
 
 def test_probation_is_not_done_even_when_serving() -> None:
     r = rollout(stages=(100.0,))
-    d = apply(fleet(1), decide(r, fleet(1), T0), T0)[0]
+    d = first_stage(r, 1)[0]
     on_probation = dataclasses.replace(serving(d), reported_state="probation", reported_seq=d.seq or 0)
     assert [c.state for c in decide(r, [on_probation], T0).changes] == [DS.INSTALLING]
     passed = dataclasses.replace(on_probation, reported_state="serving")
@@ -46,14 +47,14 @@ def test_probation_is_not_done_even_when_serving() -> None:
 
 def test_failure_gate_can_pause_and_a_human_approval_overrides_it() -> None:
     r = rollout(stages=(50.0, 100.0), soak_seconds=0, policy=with_policy(failure_action="pause"))
-    devices = apply(fleet(2), decide(r, fleet(2), T0), T0)
+    devices = first_stage(r, 2)
     devices = [
         dataclasses.replace(d, event_failure="digest_mismatch") if d.stage == 0 else d for d in devices
     ]
     plan = decide(r, devices, T0)
     assert plan.state == RS.PAUSED and plan.roll_back == []
     assert plan.decisions[-1].action == "pause" and plan.decisions[-1].figures["gate"] == "failure_rate"
-    r, devices = advance(r, plan), apply(devices, plan, T0)
+    r, devices = apply_plan(r, devices, plan, T0)
     # paused: no assignment; a repeated tick adds no second pause decision
     again = decide(r, devices, T0)
     assert again.decisions == [] and again.notify == []
@@ -67,12 +68,12 @@ def test_failure_gate_can_pause_and_a_human_approval_overrides_it() -> None:
 
 def test_manual_approval_between_stages() -> None:
     r = rollout(stages=(50.0, 100.0), soak_seconds=0, policy=with_policy(require_approval=True))
-    devices = apply(fleet(2), decide(r, fleet(2), T0), T0)
+    devices = first_stage(r, 2)
     devices = [serving(d) if d.stage is not None else d for d in devices]
     plan = decide(r, devices, T0)
     assert plan.state == RS.AWAITING_APPROVAL and plan.notify == []
     assert plan.decisions[-1].action == "await_approval"
-    r, devices = advance(r, plan), apply(devices, plan, T0)
+    r, devices = apply_plan(r, devices, plan, T0)
     assert decide(r, devices, T0 + timedelta(seconds=60)).empty
     plan = decide(dataclasses.replace(r, approved_through=0), devices, T0)
     assert plan.state == RS.RUNNING and plan.current_stage == 1 and len(plan.notify) == 1
@@ -80,14 +81,14 @@ def test_manual_approval_between_stages() -> None:
 
 def test_last_stage_completes_without_approval() -> None:
     r = rollout(stages=(100.0,), soak_seconds=0, policy=with_policy(require_approval=True))
-    devices = [serving(d) for d in apply(fleet(1), decide(r, fleet(1), T0), T0)]
+    devices = [serving(d) for d in first_stage(r, 1)]
     assert decide(r, devices, T0).state == RS.COMPLETED
 
 
 def test_retries_per_failure_class_with_exponential_backoff() -> None:
     policy = with_policy(retry_limits={"download_failed": 2}, retry_backoff_seconds=10)
     r = rollout(stages=(100.0,), policy=policy)
-    d = apply(fleet(1), decide(r, fleet(1), T0), T0)[0]
+    d = first_stage(r, 1)[0]
     failed = dataclasses.replace(d, event_failure="download_failed: reset")
     plan = decide(r, [failed], T0)
     assert plan.state == RS.RUNNING
@@ -109,7 +110,7 @@ def test_retries_per_failure_class_with_exponential_backoff() -> None:
 
 def test_timeouts_can_be_retried_too() -> None:
     r = rollout(stages=(100.0,), device_timeout_seconds=5, policy=with_policy(retry_limits={"timed_out": 1}))
-    d = apply(fleet(1), decide(r, fleet(1), T0), T0)[0]
+    d = first_stage(r, 1)[0]
     plan = decide(r, [d], T0 + timedelta(seconds=6))
     assert plan.changes[0].state == DS.RETRY_WAIT
 
@@ -120,11 +121,11 @@ def test_rate_limit_ramps_exponentially() -> None:
     devices = fleet(20)
     plan = decide(r, devices, T0)
     assert len(plan.notify) == 2
-    devices = apply(devices, plan, T0)
+    _, devices = apply_plan(r, devices, plan, T0)
     assert decide(r, devices, T0 + timedelta(seconds=30)).notify == []  # 2 in the last minute
     plan = decide(r, devices, T0 + timedelta(seconds=61))  # minute 1: 4/min, none in the last 60 s
     assert len(plan.notify) == 4
-    devices = apply(devices, plan, T0 + timedelta(seconds=61))
+    _, devices = apply_plan(r, devices, plan, T0 + timedelta(seconds=61))
     plan = decide(r, devices, T0 + timedelta(minutes=5))  # 2 * 2**5 = 64, capped at 5
     assert len(plan.notify) == 5
 
@@ -134,7 +135,7 @@ def test_shadow_first_then_promote_when_agreement_passes() -> None:
     r = rollout(stages=(100.0,), soak_seconds=0, policy=policy)
     plan = decide(r, fleet(2), T0)
     assert {c.state for c in plan.notify} == {DS.SHADOWING}
-    devices = apply(fleet(2), plan, T0)
+    _, devices = apply_plan(r, fleet(2), plan, T0)
     # running the new hash as a shadow is not success
     few = [dataclasses.replace(d, shadow_samples=40, shadow_agree=40) for d in devices]
     plan = decide(r, few, T0)
@@ -148,7 +149,7 @@ def test_shadow_first_then_promote_when_agreement_passes() -> None:
 def test_shadow_disagreement_rolls_back_before_anything_is_served() -> None:
     policy = with_policy(min_shadow_agreement=0.9, min_shadow_samples=100)
     r = rollout(stages=(100.0,), policy=policy)
-    devices = apply(fleet(2), decide(r, fleet(2), T0), T0)
+    devices = first_stage(r, 2)
     bad = [dataclasses.replace(d, shadow_samples=60, shadow_agree=30) for d in devices]
     plan = decide(r, bad, T0)
     assert plan.state == RS.ROLLED_BACK
@@ -163,7 +164,7 @@ def _latency(bucket: int, n: int) -> tuple[int, ...]:
 def test_latency_gate_compares_with_the_replaced_model_on_the_same_hardware() -> None:
     policy = with_policy(max_latency_ratio=1.5, min_latency_samples=50)
     r = rollout(stages=(100.0,), policy=policy)
-    devices = apply(fleet(2), decide(r, fleet(2), T0), T0)
+    devices = first_stage(r, 2)
     slow = [
         dataclasses.replace(serving(d), hardware_id="rpi4", latency_buckets=_latency(12, 40)) for d in devices
     ]
@@ -186,7 +187,7 @@ def test_latency_gate_compares_with_the_replaced_model_on_the_same_hardware() ->
 def test_drift_gate_pauses_on_a_shifted_output_distribution() -> None:
     policy = with_policy(max_output_psi=0.2, min_drift_samples=100)
     r = rollout(stages=(50.0, 100.0), policy=policy)
-    devices = apply(fleet(2), decide(r, fleet(2), T0), T0)
+    devices = first_stage(r, 2)
     old_hist = tuple([0] * 30 + [100, 300, 100] + [0] * 34)
     same = tuple([0] * 30 + [50, 150, 50] + [0] * 34)
     shifted = tuple([0] * 40 + [50, 150, 50] + [0] * 24)
@@ -207,7 +208,7 @@ def test_drift_gate_pauses_on_a_shifted_output_distribution() -> None:
 def test_install_success_threshold_applies_when_the_stage_ends() -> None:
     policy = with_policy(min_success_rate=0.75)
     r = rollout(stages=(100.0,), max_failure_rate=1.0, policy=policy, soak_seconds=0)
-    devices = apply(fleet(4), decide(r, fleet(4), T0), T0)
+    devices = first_stage(r, 4)
     half = [serving(d) if i < 2 else dataclasses.replace(d, event_failure="x") for i, d in enumerate(devices)]
     plan = decide(r, half, T0)
     assert plan.state == RS.ROLLED_BACK and plan.decisions[-1].figures["gate"] == "install_success"
@@ -218,7 +219,7 @@ def test_install_success_threshold_applies_when_the_stage_ends() -> None:
 
 def test_max_failures_as_a_count() -> None:
     r = rollout(stages=(100.0,), max_failure_rate=1.0, policy=with_policy(max_failures=1))
-    devices = apply(fleet(4), decide(r, fleet(4), T0), T0)
+    devices = first_stage(r, 4)
     one = [dataclasses.replace(d, event_failure="x") if i == 0 else d for i, d in enumerate(devices)]
     assert decide(r, one, T0).state == RS.RUNNING
     two = [dataclasses.replace(d, event_failure="x") if i < 2 else d for i, d in enumerate(devices)]
@@ -237,7 +238,7 @@ def test_operator_rollback_from_a_completed_rollout() -> None:
 
 def test_devices_joining_grow_the_stage_targets() -> None:
     r = rollout(stages=(50.0, 100.0), soak_seconds=0)
-    devices = apply(fleet(2), decide(r, fleet(2), T0), T0)
+    devices = first_stage(r, 2)
     devices = [serving(d) if d.stage is not None else d for d in devices]
     joined = devices + [
         DeviceSnapshot(device_id=f"j{i}", state=DS.PENDING, running_sha256=OLD) for i in range(2)

@@ -1,6 +1,6 @@
 """Property tests (hypothesis) of the pure engine over random fleets, policies and device behaviour.
 
-A small in-test ticker applies each plan the way fleet_server.ticker does, a
+Each plan is applied with ``engine.apply_plan`` (what the ticker writes back), a
 simulated fleet answers the directives (serve well, serve with errors, fail,
 revert, or never answer), and a simulated operator approves whenever the
 rollout waits for a human. Properties: the engine never assigns more than the
@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleet_server import gates
-from fleet_server.engine import HELD, DeviceSnapshot, Plan, RolloutSnapshot, decide, stage_target
-from fleet_server.gates import Policy
-from fleet_server.models import DeviceRolloutState as DS
-from fleet_server.models import RolloutState as RS
+from fleet_server.engine import HELD, DeviceSnapshot, RolloutSnapshot, apply_plan, decide, stage_target
+from fleet_server.lifecycle import DeviceRolloutState as DS
+from fleet_server.lifecycle import RolloutState as RS
+from fleet_server.policy import Policy
 
 from .test_engine import OLD, SHA, T0
 
@@ -55,6 +55,11 @@ def scenarios(draw: st.DrawFn) -> tuple[RolloutSnapshot, list[str], list[int], l
         retry_backoff_seconds=draw(st.sampled_from([0.0, 5.0])),
         rate_per_minute=draw(st.none() | st.integers(1, 10)),
         rate_increment_factor=draw(st.sampled_from([1.0, 2.0])),
+        soak_seconds=draw(st.sampled_from([0.0, 10.0])),
+        device_timeout_seconds=120.0,
+        max_error_rate=0.1,
+        min_inferences=draw(st.integers(1, 30)),
+        max_failure_rate=draw(st.sampled_from([0.0, 0.3, 1.0])),
     )
     r = RolloutSnapshot(
         id="prop",
@@ -63,11 +68,6 @@ def scenarios(draw: st.DrawFn) -> tuple[RolloutSnapshot, list[str], list[int], l
         stages=tuple(float(c) for c in cuts),
         current_stage=0,
         stage_ready_at=None,
-        soak_seconds=draw(st.sampled_from([0.0, 10.0])),
-        device_timeout_seconds=120.0,
-        max_error_rate=0.1,
-        min_inferences=draw(st.integers(1, 30)),
-        max_failure_rate=draw(st.sampled_from([0.0, 0.3, 1.0])),
         policy=policy,
         stage_unit=unit,
         started_at=T0,
@@ -77,24 +77,6 @@ def scenarios(draw: st.DrawFn) -> tuple[RolloutSnapshot, list[str], list[int], l
         outcomes = [o if hw == "rpi4" else "ok" for o, hw in zip(outcomes, hardware, strict=True)]
     delays = draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
     return r, outcomes, delays, hardware
-
-
-def _apply(devices: dict[str, DeviceSnapshot], plan: Plan, now: object, seq: list[int]) -> None:
-    for c in plan.changes:
-        devices[c.device_id] = dataclasses.replace(devices[c.device_id], state=c.state, retry_at=c.retry_at)
-    for c in plan.notify:
-        seq[0] += 1
-        devices[c.device_id] = dataclasses.replace(
-            devices[c.device_id],
-            state=c.state,
-            stage=c.stage,
-            seq=seq[0],
-            notified_at=now,  # type: ignore[arg-type]
-            attempts=c.attempts,
-            retry_at=None,
-            event_failure=None,
-            reported_state=None,
-        )
 
 
 def _behave(d: DeviceSnapshot, outcome: str, ticks_since: int, delay: int) -> DeviceSnapshot:
@@ -135,7 +117,6 @@ def test_engine_properties(scenario: tuple[RolloutSnapshot, list[str], list[int]
     rolled_back_cohorts: set[str] = set()
     behaviour = {f"d{i:02d}": (outcomes[i], delays[i]) for i in range(n)}
     notified_tick: dict[str, int] = {}
-    seq = [0]
     now = T0
     for tick in range(600):
         snapshot = list(devices.values())
@@ -159,12 +140,10 @@ def test_engine_properties(scenario: tuple[RolloutSnapshot, list[str], list[int]
         for c in plan.changes:
             if c.state == DS.ROLLED_BACK and plan.state != RS.ROLLED_BACK:
                 rolled_back_cohorts.add(devices[c.device_id].hardware_id)
-        _apply(devices, plan, now, seq)
+        r, applied = apply_plan(r, snapshot, plan, now)
+        devices = {d.device_id: d for d in applied}
         for c in plan.notify:
             notified_tick[c.device_id] = tick
-        r = dataclasses.replace(
-            r, state=plan.state, current_stage=plan.current_stage, stage_ready_at=plan.stage_ready_at
-        )
         # never more than the stage allows
         assigned = sum(1 for d in devices.values() if d.stage is not None)
         assert assigned <= stage_target(r.stages[r.current_stage], n, r.stage_unit)

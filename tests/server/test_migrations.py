@@ -1,8 +1,10 @@
-"""Alembic is the schema: upgrade head at startup on SQLite and PostgreSQL, from empty or the skeleton."""
+"""Alembic is the schema: upgrade head at startup on SQLite and PostgreSQL, from empty or from a
+database whose tables were created without migrations (no ``alembic_version``)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -14,13 +16,15 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
-from sqlmodel import SQLModel
+from sqlmodel import Session, SQLModel, select
 
+from fleet_server import policy
 from fleet_server.migrate import alembic_config, current_revision
+from fleet_server.models import Rollout, RolloutDecision
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine
 
-HEAD = "0004"
+HEAD = "0005"
 
 
 def _assert_models_match(url: str) -> None:
@@ -39,13 +43,13 @@ def test_sqlite_fresh_database_is_migrated_to_head(tmp_path: Path) -> None:
     assert current_revision(again) == HEAD
 
 
-def test_skeleton_database_is_stamped_and_upgraded_keeping_its_rows(tmp_path: Path) -> None:
+def test_database_created_without_migrations_is_stamped_and_upgraded_keeping_its_rows(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
     cfg = alembic_config(url)
     command.upgrade(cfg, "0001")
     raw = create_engine(url)
     with raw.begin() as conn:
-        conn.execute(text("DROP TABLE alembic_version"))  # what create_all of the skeleton left
+        conn.execute(text("DROP TABLE alembic_version"))  # tables made by create_all, no migration history
         conn.execute(
             text(
                 "INSERT INTO model (id, name, version, release, target, hardware_ids, sha256, length,"
@@ -70,6 +74,63 @@ def test_skeleton_database_is_stamped_and_upgraded_keeping_its_rows(tmp_path: Pa
         assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
     assert (row[0], row[1], row[2]) == ("percent", "{}", -1)
     _assert_models_match(url)
+
+
+def test_stored_policies_are_read_in_the_policy_model_shape_after_upgrade(tmp_path: Path) -> None:
+    """Rollouts stored with the flat probation keys (and retry limits for classes no agent reports)
+    load as the engine's policy; what the upgrade removed is recorded on the rollout."""
+    url = f"sqlite:///{tmp_path / 'flat.db'}"
+    command.upgrade(alembic_config(url), "0004")
+    flat = {
+        "require_approval": True,
+        "retry_limits": {"timed_out": 1, "download_faild": 3},
+        "probation_seconds": 30.0,
+        "probation_min_inferences": 7,
+        "probation_max_error_rate": 0.1,
+        "probation_max_latency_ratio": 2.0,
+    }
+    without = {"probation_seconds": None, "probation_min_inferences": 1}
+    raw = create_engine(url)
+    with raw.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO model (id, name, version, release, target, hardware_ids, sha256, length,"
+                " manifest, storage_path, created_at)"
+                " VALUES (1, 'm', '1', 1, 'arm64-cpu', '[]', 'x', 1, '{}', '/x', '2026-01-01 00:00:00')"
+            )
+        )
+        for rid, stored in (("flat", flat), ("none", without), ("empty", {})):
+            conn.execute(
+                text(
+                    "INSERT INTO rollout (id, model_id, model_ref, model_sha256, selector, stages,"
+                    " soak_seconds, device_timeout_seconds, max_error_rate, min_inferences,"
+                    " max_failure_rate, state, current_stage, stage_unit, policy, approved_through,"
+                    " rollback_requested, created_at, updated_at) VALUES (:id, 1, 'm:1', 'x', '{}',"
+                    " '[100]', 5, 60, 0.05, 20, 0, 'running', 0, 'percent', :policy, -1, 0,"
+                    " '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+                ),
+                {"id": rid, "policy": json.dumps(stored)},
+            )
+    raw.dispose()
+    engine = make_engine(ServerSettings(database_url=url, data_dir=tmp_path))
+    with Session(engine) as session:
+        loaded = {r.id: policy.from_row(r) for r in session.exec(select(Rollout)).all()}
+        [note] = session.exec(select(RolloutDecision)).all()
+    p = loaded["flat"]
+    assert p.probation is not None
+    assert (p.probation.seconds, p.probation.min_inferences, p.probation.max_error_rate) == (30, 7, 0.1)
+    assert p.probation.max_latency_ratio == 2 and p.require_approval and p.soak_seconds == 5
+    assert p.retry_limits == {"timed_out": 1}
+    assert (note.rollout_id, note.action) == ("flat", "policy_migrated") and "download_faild" in note.reason
+    assert note.figures == {"removed_retry_limits": {"download_faild": 3}}
+    assert loaded["none"].probation is None and loaded["empty"] == loaded["none"]  # the defaults
+    command.downgrade(alembic_config(url), "0004")
+    with raw.connect() as conn:
+        back = json.loads(conn.execute(text("SELECT policy FROM rollout WHERE id = 'flat'")).scalar_one())
+    assert {k: back[k] for k in flat if k.startswith("probation_")} == {
+        k: v for k, v in flat.items() if k.startswith("probation_")
+    }
+    engine.dispose()
 
 
 @pytest.fixture

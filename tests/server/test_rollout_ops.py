@@ -56,6 +56,10 @@ def test_manual_approval_gate_and_idempotent_audited_approve(
     serve(first, directives(first, keydir)[-1], inferences=3)
     wait_for(lambda: status(client, rid)["state"] == "awaiting_approval")
     assert status(client, rid)["stages"][0]["state"] == "awaiting_approval"
+    # the lifecycle has no resume from awaiting_approval: the refusal says what is allowed
+    r = client.post(f"/api/v1/rollouts/{rid}/resume")
+    assert r.status_code == 409 and r.json()["detail"]["code"] == "action_not_allowed"
+    assert "approve" in r.json()["detail"]["message"]
     (other,) = [d for d in devs.values() if d is not first]
     assert directives(other, keydir) == []  # nobody else before a human approves
     for _ in range(2):
@@ -93,7 +97,7 @@ def test_probation_in_directive_and_reverted_device_fails_the_new_model(
     client: httpx.Client, keydir: KeyDir, tmp_path: Path, fake_device: Callable[[str], FakeDevice]
 ) -> None:
     old, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "pr", 1)
-    rid = create(client, "pr", stages=[100], probation_seconds=30, probation_min_inferences=20)
+    rid = create(client, "pr", stages=[100], probation={"seconds": 30, "min_inferences": 20})
     dev = devs["pr-0"]
     (d,) = wait_for(lambda: directives(dev, keydir))
     assert d.probation is not None and d.probation.seconds == 30 and d.probation.min_inferences == 20
@@ -211,6 +215,12 @@ def test_bad_rollout_requests_get_clear_errors(client: httpx.Client, keydir: Key
         ({"retry_limits": {"timed_out": -1}}, "retry_limits"),
         ({"rate_per_minute": 0}, "rate_per_minute"),
         ({"unknown_field": 1}, "unknown_field"),
+        # policy keys: a misspelt gate, a probation limit, the flat probation of older clients, a
+        # retry limit for a failure class no device reports: each named, nothing created
+        ({"max_eror_rate": 0.1}, "max_eror_rate"),
+        ({"probation": {"seconds": 30, "max_eror_rate": 0.1}}, "probation.max_eror_rate"),
+        ({"probation_seconds": 30}, "probation_seconds"),
+        ({"retry_limits": {"download_faild": 2}}, "download_faild"),
     ]
     for extra, needle in bad:
         r = client.post("/api/v1/rollouts", json={**base, **extra})

@@ -1,0 +1,212 @@
+"""The rollout policy: every setting that steers a rollout after its targets and stages, each
+with its default, declared once.
+
+The API request (``schemas.RolloutIn``) takes these fields as they are, the engine and the
+gates read them from the same model, and a stored rollout is read back into it. Unknown keys
+are refused, never dropped: a misspelt gate would otherwise leave a rollout unprotected.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from device_agent import protocol
+
+
+class GateAction(StrEnum):
+    """What a tripped gate does: roll the devices back, or pause so that a human decides."""
+
+    ROLL_BACK = "roll_back"
+    PAUSE = "pause"
+
+
+class ServerFailure(StrEnum):
+    """The failure classes the server assigns (the others are the agent's reason codes)."""
+
+    TIMED_OUT = "timed_out"  # no serving proof within ``device_timeout_seconds``
+    REVERTED = "reverted"  # the agent went back to its previous model by itself (probation)
+
+
+ANY_FAILURE = "*"
+"""Retry-limit key for every failure class the map does not name."""
+
+AGENT_REASON_CODES = frozenset(
+    {
+        # the directive was refused (signature, addressee, order, age)
+        "trust_error",
+        "malformed_envelope",
+        "wrong_payload_type",
+        "unknown_key",
+        "bad_signature",
+        "threshold_not_met",
+        "expired",
+        "root_chain_broken",
+        "wrong_device",
+        "stale_sequence",
+        # the release did not verify or does not fit the device
+        "digest_mismatch",
+        "length_mismatch",
+        "missing_file",
+        "unexpected_file",
+        "delivery_error",
+        "delivery_unavailable",
+        "metadata_unsigned",
+        "metadata_rollback",
+        "metadata_mix_and_match",
+        "metadata_expired",
+        "metadata_invalid",
+        "target_not_found",
+        "target_mismatch",
+        "endless_data",
+        "malformed_target",
+        "directive_mismatch",
+        "hardware_mismatch",
+        "below_revocation_floor",
+        "no_repository",
+        "unsupported_target",
+        # downloading, storing and loading it
+        "download_failed",
+        "download_incomplete",
+        "insufficient_disk",
+        "disk_full",
+        "io_error",
+        "load_failed",
+        "internal_error",
+        # waiting for a maintenance window
+        "not_before",
+        # probation verdicts that make the agent revert
+        "crash_loop",
+        "error_rate",
+        "latency_regression",
+    }
+)
+"""The reason codes the device agent reports in events and rejections.
+
+These must equal the values of ``device_agent.protocol.ReasonCode``, the agent's reason codes on
+the wire: a retry limit keyed on anything else could never match a failure.
+"""
+
+FAILURE_CLASSES = AGENT_REASON_CODES | set(ServerFailure)
+"""What a ``retry_limits`` key may name: a reason code, or one of the two classes the server assigns."""
+
+RetryCount = Annotated[int, Field(ge=0, le=20)]
+
+
+class ProbationPolicy(protocol.Probation):
+    """The probation each directive carries (the wire's ``Probation``, its fields and defaults),
+    refusing unknown keys like the rest of the policy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Policy(BaseModel):
+    """How a rollout proceeds: stage timing, the health gates with their actions, retries, rate
+    limit, shadowing and the agent-side probation (docs/rollouts.md, "Gates")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # stages: soak after a stage finished; a device without serving proof by then has timed out
+    soak_seconds: float = Field(default=0.0, ge=0)
+    device_timeout_seconds: float = Field(default=60.0, gt=0)
+    # install: failure rate and count over the devices assigned, success threshold at a stage's end
+    max_failure_rate: float = Field(default=0.0, ge=0, le=1)
+    max_failures: int | None = Field(default=None, ge=0, description="absolute cap of failed devices")
+    min_success_rate: float = Field(default=0.0, ge=0, le=1, description="done/assigned when a stage ends")
+    failure_action: GateAction = GateAction.ROLL_BACK
+    # errors: inference error rate of the new model, judged from a minimum sample
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    min_inferences: int = Field(default=20, ge=1)
+    error_action: GateAction = GateAction.ROLL_BACK
+    # latency: p95 of the new model / p95 of the replaced model on the same hardware id
+    max_latency_ratio: float | None = Field(default=None, gt=0, description="p95 new / p95 replaced model")
+    min_latency_samples: int = Field(default=50, ge=1)
+    latency_action: GateAction = GateAction.ROLL_BACK
+    # drift: PSI of the new model's output histogram vs the replaced model's
+    max_output_psi: float | None = Field(default=None, gt=0, description="PSI of outputs vs replaced model")
+    min_drift_samples: int = Field(default=200, ge=1)
+    drift_action: GateAction = GateAction.PAUSE
+    # shadow: each device first runs the new model beside its own on sampled inputs, never serving it
+    min_shadow_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="shadow the model first; promote at this top-1 agreement"
+    )
+    min_shadow_samples: int = Field(default=50, ge=1)
+    shadow_action: GateAction = GateAction.ROLL_BACK
+    shadow_sample_rate: float = Field(
+        # a rollout that says nothing samples at the rate an agent assumes when a directive says nothing
+        default=protocol.Directive.model_fields["shadow_sample_rate"].default,
+        gt=0,
+        le=1,
+    )
+    # a human approves each next stage (manual gate)
+    require_approval: bool = Field(default=False, description="a human approves each next stage")
+    # retries per failure class with exponential backoff
+    retry_limits: dict[str, RetryCount] = Field(
+        default_factory=dict,
+        description="failure class (an agent reason code, 'timed_out', 'reverted', or '*' for any"
+        " other) -> retries, e.g. {'timed_out': 2}",
+    )
+    retry_backoff_seconds: float = Field(default=30.0, ge=0)
+    # rate limit: devices notified per minute, ramping by a factor per minute up to a maximum
+    rate_per_minute: int | None = Field(default=None, ge=1, description="devices notified per minute")
+    rate_increment_factor: float = Field(default=1.0, ge=1.0, description="rate x factor each minute")
+    max_rate_per_minute: int | None = Field(default=None, ge=1)
+    # the agent watches the new model after the swap and reverts by itself on misbehaviour
+    probation: ProbationPolicy | None = Field(default=None, description="agent-side watch after the swap")
+
+    @field_validator("retry_limits")
+    @classmethod
+    def _known_classes(cls, v: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(v) - FAILURE_CLASSES - {ANY_FAILURE})
+        if unknown:
+            raise ValueError(
+                f"unknown failure class(es) {', '.join(map(repr, unknown))}: a key is an agent reason"
+                f" code ({', '.join(sorted(AGENT_REASON_CODES))}), {', '.join(map(repr, ServerFailure))} or"
+                f" {ANY_FAILURE!r}"
+            )
+        return v
+
+
+COLUMN_FIELDS = (
+    "soak_seconds",
+    "device_timeout_seconds",
+    "max_error_rate",
+    "min_inferences",
+    "max_failure_rate",
+)
+"""The policy fields the ``rollout`` table keeps in columns of their own (the rest is its JSON
+``policy`` column); the status view shows them as ``settings``."""
+
+
+class PolicyRow(Protocol):
+    """What a stored rollout holds of its policy (``models.Rollout``)."""
+
+    soak_seconds: float
+    device_timeout_seconds: float
+    max_error_rate: float
+    min_inferences: int
+    max_failure_rate: float
+    policy: dict[str, Any]
+
+
+def to_row(p: Policy) -> dict[str, Any]:
+    """The ``Rollout`` column values that store ``p``: the whole policy, defaults included, so a
+    stored rollout keeps the policy it started with whatever later versions default to."""
+    return {**settings(p), "policy": document(p)}
+
+
+def from_row(row: PolicyRow) -> Policy:
+    """The policy a stored rollout runs with (raises ``pydantic.ValidationError`` on a bad row)."""
+    return Policy.model_validate({**row.policy, **{k: getattr(row, k) for k in COLUMN_FIELDS}})
+
+
+def settings(p: Policy) -> dict[str, Any]:
+    """The fields stored in columns of their own, shown as the status view's ``settings``."""
+    return {k: getattr(p, k) for k in COLUMN_FIELDS}
+
+
+def document(p: Policy) -> dict[str, Any]:
+    """The rest, stored as the JSON ``policy`` column and shown as the status view's ``policy``."""
+    return p.model_dump(mode="json", exclude=set(COLUMN_FIELDS))
