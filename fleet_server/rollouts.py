@@ -135,14 +135,28 @@ def operator_action(session: Session, rollout: Rollout, action: str) -> Rollout:
 
 
 def _approve(session: Session, rollout: Rollout, target: RS) -> Rollout:
-    """Accept the current stage: passes a manual gate, or overrides a gate that paused the rollout."""
+    """Accept the current stage: passes a manual gate, or overrides a gate that paused the rollout
+    or held a cohort.
+
+    A running rollout with no held cohort waits for nobody, so approving it is a no-op: otherwise a
+    repeated click that lands after the engine started the next stage would approve that stage in
+    advance, skipping its manual gate and silencing its pausing gates.
+    """
     if rollout.approved_through >= rollout.current_stage and rollout.state == target:
+        return rollout
+    if rollout.state == RS.RUNNING and not _holds_devices(session, rollout):
         return rollout
     _audit(session, rollout, "approve", f"operator: approve stage {rollout.current_stage + 1}")
     rollout.approved_through = rollout.current_stage
     rollout.state, rollout.updated_at = target, utcnow()
     session.add(rollout)
     return rollout
+
+
+def _holds_devices(session: Session, rollout: Rollout) -> bool:
+    """Whether a gate holds some of the rollout's devices back until a human approves the stage."""
+    held = select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.state == DS.HELD)
+    return bool(session.exec(select(exists(held))).one())
 
 
 def _request_rollback(session: Session, rollout: Rollout, target: RS) -> Rollout:

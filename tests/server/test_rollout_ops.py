@@ -72,6 +72,23 @@ def test_manual_approval_gate_and_idempotent_audited_approve(
     assert client.post(f"/api/v1/rollouts/{rid}/approve").json()["detail"]["code"] == "rollout_finished"
 
 
+def test_approving_a_running_rollout_that_holds_nobody_is_a_no_op(
+    client: httpx.Client, keydir: KeyDir, tmp_path: Path, fake_device: Callable[[str], FakeDevice]
+) -> None:
+    """A late second click lands after the engine started the next stage: it must not approve that
+    stage in advance (which would skip its manual gate and silence its pausing gates)."""
+    _, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "ra", 2)
+    rid = create(client, "ra", stages=[50, 100], require_approval=True, min_inferences=1)
+    wait_for(lambda: [d for d in devs.values() if directives(d, keydir)])
+    assert status(client, rid)["state"] == "running"
+    r = client.post(f"/api/v1/rollouts/{rid}/approve")
+    assert r.status_code == 200 and r.json()["state"] == "running"
+    assert "approve" not in [d["action"] for d in status(client, rid)["decisions"]]
+    (first,) = [d for d in devs.values() if directives(d, keydir)]
+    serve(first, directives(first, keydir)[-1], inferences=3)
+    wait_for(lambda: status(client, rid)["state"] == "awaiting_approval")  # the gate still waits
+
+
 def test_operator_rollback_of_a_completed_rollout_to_the_last_good_release(
     client: httpx.Client, keydir: KeyDir, tmp_path: Path, fake_device: Callable[[str], FakeDevice]
 ) -> None:
