@@ -93,6 +93,68 @@ class DeploymentState(StrEnum):
     REJECTED = "rejected"  # directive refused before any work (bad signature, old seq, ...)
 
 
+class ReasonCode(StrEnum):
+    """Every reason the agent gives on the wire: ``Event.reason``, ``Rejection.reason`` and
+    ``Reported.deployment_error``.
+
+    The fleet server matches on these strings (retry limits per failure class, the
+    operator's view), so a value never changes once shipped. The trust checks in
+    :mod:`signing.errors` cannot import this module (``signing`` sits below
+    ``device_agent``) and keep their ``code`` strings; ``tests/agent`` checks that
+    every one of them is listed here.
+    """
+
+    # The directive itself (refused before any work: ``rejected``).
+    WRONG_DEVICE = "wrong_device"
+    STALE_SEQUENCE = "stale_sequence"
+    EXPIRED = "expired"  # also signing.errors.ExpiredMetadata
+    MALFORMED_DIRECTIVE = "malformed_directive"  # signed, but not a Directive
+    # Signatures and signed content (signing.errors).
+    TRUST_ERROR = "trust_error"
+    MALFORMED_ENVELOPE = "malformed_envelope"
+    WRONG_PAYLOAD_TYPE = "wrong_payload_type"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    THRESHOLD_NOT_MET = "threshold_not_met"
+    DIGEST_MISMATCH = "digest_mismatch"
+    LENGTH_MISMATCH = "length_mismatch"
+    MISSING_FILE = "missing_file"
+    UNEXPECTED_FILE = "unexpected_file"
+    ROOT_CHAIN_BROKEN = "root_chain_broken"
+    # TUF delivery metadata (signing.errors).
+    DELIVERY_ERROR = "delivery_error"
+    METADATA_UNSIGNED = "metadata_unsigned"
+    METADATA_ROLLBACK = "metadata_rollback"
+    METADATA_MIX_AND_MATCH = "metadata_mix_and_match"
+    METADATA_EXPIRED = "metadata_expired"
+    METADATA_INVALID = "metadata_invalid"
+    TARGET_NOT_FOUND = "target_not_found"
+    TARGET_MISMATCH = "target_mismatch"
+    ENDLESS_DATA = "endless_data"
+    DELIVERY_UNAVAILABLE = "delivery_unavailable"
+    MALFORMED_TARGET = "malformed_target"
+    # Directive against release (Uptane's director/image agreement).
+    DIRECTIVE_MISMATCH = "directive_mismatch"
+    HARDWARE_MISMATCH = "hardware_mismatch"
+    BELOW_REVOCATION_FLOOR = "below_revocation_floor"
+    # Carrying out an accepted directive (``failed``).
+    UNSUPPORTED_TARGET = "unsupported_target"
+    NO_REPOSITORY = "no_repository"
+    INSUFFICIENT_DISK = "insufficient_disk"
+    DOWNLOAD_FAILED = "download_failed"
+    DOWNLOAD_INCOMPLETE = "download_incomplete"
+    LOAD_FAILED = "load_failed"
+    DISK_FULL = "disk_full"
+    IO_ERROR = "io_error"
+    INTERNAL_ERROR = "internal_error"
+    # Probation of a swapped-in model (``reverted``).
+    CRASH_LOOP = "crash_loop"
+    ERROR_RATE = "error_rate"
+    LATENCY_REGRESSION = "latency_regression"
+    # Not a failure: the directive waits for its maintenance window.
+    NOT_BEFORE = "not_before"
+
+
 # Fixed log-spaced latency bucket upper bounds in microseconds (last bucket: +inf).
 LATENCY_BOUNDS_US: tuple[float, ...] = tuple(round(10 * 2 ** (i / 2), 1) for i in range(40))
 # Fixed value bins for input/output histograms (symmetric, log-spaced; last bucket: +inf).
@@ -510,6 +572,7 @@ __all__ = [
     "ModelStats",
     "Probation",
     "ProtocolError",
+    "ReasonCode",
     "Rejection",
     "Reported",
     "RunningModel",
