@@ -65,7 +65,7 @@ from device_agent.runtime import (
     available_runtimes,
 )
 from device_agent.slots import SlotStore, is_disk_full
-from device_agent.telemetry import ModelTotals, Telemetry, latency_quantile, top1_classes
+from device_agent.telemetry import ModelTotals, Telemetry, top1_classes
 from device_agent.telemetry_store import BatchStore
 from signing.dsse import verify_envelope
 from signing.errors import DeliveryUnavailable, MalformedEnvelope, MetadataExpired, TrustError, UnknownKey
@@ -1031,8 +1031,8 @@ class Agent:
             if loop.time() - t0 < params.seconds or ok < min_n:
                 continue
             new_buckets = [a - b for a, b in zip(now.buckets, base.buckets, strict=True)]
-            p_new = latency_quantile(new_buckets, 0.95)
-            p_old = latency_quantile(old.buckets, 0.95)
+            p_new = protocol.latency_quantile(new_buckets, 0.95)
+            p_old = protocol.latency_quantile(old.buckets, 0.95)
             if (
                 p_new is not None
                 and p_old is not None

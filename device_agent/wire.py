@@ -21,9 +21,11 @@ both sides agree: what this module encodes decodes with ``protocol``, and what
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -157,6 +159,32 @@ class ReasonCode(StrEnum):
 
 # Fixed log-spaced latency bucket upper bounds in microseconds (last bucket: +inf).
 LATENCY_BOUNDS_US: tuple[float, ...] = tuple(round(10 * 2 ** (i / 2), 1) for i in range(40))
+LATENCY_BUCKETS = len(LATENCY_BOUNDS_US) + 1  # one count per bound, then one above the largest
+
+
+def latency_bucket(latency_us: float) -> int:
+    """The index of the bucket counting ``latency_us`` (a value on a bound goes in that bound's bucket)."""
+    return bisect.bisect_left(LATENCY_BOUNDS_US, latency_us)
+
+
+def latency_quantile(buckets: Sequence[int], q: float) -> float | None:
+    """Upper bound (us) of the bucket holding quantile ``q`` of a latency histogram; None when empty.
+
+    The histogram only knows buckets, so this is the bound a device or the server
+    can both compute from the same counts; the overflow bucket counts as twice the
+    largest bound.
+    """
+    n = sum(buckets)
+    if n == 0:
+        return None
+    rank, seen = q * n, 0
+    for i, c in enumerate(buckets):
+        seen += c
+        if c and seen >= rank:
+            return LATENCY_BOUNDS_US[i] if i < len(LATENCY_BOUNDS_US) else LATENCY_BOUNDS_US[-1] * 2
+    return LATENCY_BOUNDS_US[-1] * 2
+
+
 # Fixed value bins for input/output histograms (symmetric, log-spaced; last bucket: +inf).
 VALUE_BOUNDS: tuple[float, ...] = tuple(
     sorted({-(10.0 ** (e / 4)) for e in range(-16, 17)} | {0.0} | {10.0 ** (e / 4) for e in range(-16, 17)})
@@ -561,6 +589,7 @@ __all__ = [
     "DIRECTIVE_PAYLOAD_TYPE",
     "INPUT_STAT_FEATURES",
     "LATENCY_BOUNDS_US",
+    "LATENCY_BUCKETS",
     "MAX_PAYLOAD",
     "PREFIX",
     "VALUE_BOUNDS",
@@ -582,6 +611,8 @@ __all__ = [
     "decode_directive",
     "encode",
     "encode_telemetry",
+    "latency_bucket",
+    "latency_quantile",
     "parse_topic",
     "shared_subscription",
     "topic",
