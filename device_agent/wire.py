@@ -1,5 +1,7 @@
 """The device's side of the wire contract, in the standard library only (no pydantic).
 
+(:mod:`signing.safejson`, which bounds untrusted JSON, is itself standard library only.)
+
 :mod:`device_agent.protocol` is the one wire contract (topics + pydantic schemas)
 that the fleet server and the simulator validate with. This module holds the part
 of it that is not a schema (topics, channels, deployment states, histogram bounds:
@@ -13,7 +15,7 @@ the messages a device handles:
   JSON the pydantic models produce (field names, order, ``Z`` datetimes, enum values).
 
 Why: importing pydantic and declaring the protocol models costs the agent ~9 MB
-RSS before it handled a single message (issue 5's idle budget), and building their
+RSS before it handled a single message (a large part of an idle agent's budget), and building their
 validators on first use a few MB more. ``tests/agent/test_wire.py`` checks that
 both sides agree: what this module encodes decodes with ``protocol``, and what
 ``protocol`` encodes (or refuses) this module decodes (or refuses) alike.
@@ -30,6 +32,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+
+from signing import safejson
 
 PREFIX = "ef/v1"
 DIRECTIVE_PAYLOAD_TYPE = "application/vnd.edgefleet.directive+json"
@@ -135,6 +139,7 @@ class ReasonCode(StrEnum):
     ENDLESS_DATA = "endless_data"
     DELIVERY_UNAVAILABLE = "delivery_unavailable"
     MALFORMED_TARGET = "malformed_target"
+    UNAVAILABLE = "unavailable"  # signing.errors.Unavailable: fetched nothing, judged nothing
     # Directive against release (Uptane's director/image agreement).
     DIRECTIVE_MISMATCH = "directive_mismatch"
     HARDWARE_MISMATCH = "hardware_mismatch"
@@ -321,7 +326,7 @@ class ModelRef:
 
 @dataclass(frozen=True, slots=True)
 class Probation:
-    """How the agent judges a freshly swapped-in model before it reports success (issue 5)."""
+    """How the agent judges a freshly swapped-in model before it reports success."""
 
     seconds: float = 0.0
     min_inferences: int = 1
@@ -385,12 +390,11 @@ class Directive:
 
 
 def decode_directive(payload: bytes) -> Directive:
-    if len(payload) > MAX_PAYLOAD:
-        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    """The signed directive's payload; ProtocolError on anything malformed, however deep or large."""
     try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"malformed Directive: invalid JSON ({exc})") from exc
+        data = safejson.loads(payload, max_bytes=MAX_PAYLOAD)
+    except safejson.JsonError as exc:
+        raise ProtocolError(f"malformed Directive: {exc}") from exc
     return Directive.from_dict(data)
 
 

@@ -38,6 +38,7 @@ ON_THE_WIRE = {
     "endless_data",
     "delivery_unavailable",
     "malformed_target",
+    "unavailable",
     "directive_mismatch",
     "hardware_mismatch",
     "below_revocation_floor",
