@@ -76,7 +76,7 @@ class ModelRef(_Msg):
 
 
 class Probation(_Msg):
-    """How the agent judges a freshly swapped-in model before it reports success (issue 5)."""
+    """How the agent judges a freshly swapped-in model before it reports success."""
 
     seconds: float = Field(default=0.0, ge=0.0)  # watch window after the swap
     min_inferences: int = Field(default=1, ge=0)  # ok inferences needed before success
