@@ -263,9 +263,10 @@ class Reconciler:
             # Persist first: if the disk is full this raises and nothing was swapped.
             self.slots.activate(slot, d.seq, probation=record, deployment=swapped.outcome)
             self.models.previous = previous
+            base = self.telemetry.totals_of(ref.sha256)  # from the swap on, every answer counts
             self._swap(new)
             await self._enter(swapped, sha=ref.sha256)
-            self.probation_task = asyncio.get_running_loop().create_task(self._watch_probation(record))
+            self.probation_task = asyncio.get_running_loop().create_task(self._watch_probation(record, base))
             return
         swapped = self.deployment.on(Trigger.SWAPPED, d.seq, model=ref.sha256)
         self.slots.activate(slot, d.seq, deployment=swapped.outcome)
@@ -314,10 +315,13 @@ class Reconciler:
             self.slots.set_probation(None)
         self.models.previous = None
 
-    async def _watch_probation(self, record: ProbationRecord) -> None:
-        """Judge the swapped-in model until it passes (report success) or must go (revert)."""
+    async def _watch_probation(self, record: ProbationRecord, base: ModelTotals | None = None) -> None:
+        """Judge the swapped-in model until it passes (report success) or must go (revert).
+
+        ``base``: its totals at the swap (default: now, as after a restart), so answers it
+        gave before the watch began still count."""
         previous = self.models.previous
-        base = self.telemetry.totals_of(record.sha256)
+        base = base if base is not None else self.telemetry.totals_of(record.sha256)
         old = self.telemetry.totals_of(previous.sha256) if previous else ModelTotals()
         loop = asyncio.get_running_loop()
         t0 = loop.time()

@@ -206,22 +206,28 @@ class ArtifactServer:
         self.envelopes[bundle.sha256] = (bundle.dir / ENVELOPE_NAME).read_bytes()
 
     def model_ref(self, bundle: Bundle, **changes: Any) -> protocol.ModelRef:
-        fields: dict[str, Any] = {
-            "name": bundle.name,
-            "version": bundle.version,
-            "release": 1,
-            "target": bundle.target,
-            "sha256": bundle.sha256,
-            "length": bundle.length,
-            "model_url": f"{self.base}/m/{bundle.sha256}",
-            "envelope_url": f"{self.base}/e/{bundle.sha256}",
-        }
-        fields.update(changes)
-        return protocol.ModelRef(**fields)
+        urls = f"{self.base}/m/{bundle.sha256}", f"{self.base}/e/{bundle.sha256}"
+        return model_ref(bundle, *urls, **changes)
 
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def model_ref(bundle: Bundle, model_url: str, envelope_url: str, **changes: Any) -> protocol.ModelRef:
+    """What a directive names for ``bundle`` fetched from these URLs (``changes`` override fields)."""
+    fields: dict[str, Any] = {
+        "name": bundle.name,
+        "version": bundle.version,
+        "release": 1,
+        "target": bundle.target,
+        "sha256": bundle.sha256,
+        "length": bundle.length,
+        "model_url": model_url,
+        "envelope_url": envelope_url,
+    }
+    fields.update(changes)
+    return protocol.ModelRef(**fields)
 
 
 def sign_directive(
@@ -334,6 +340,11 @@ def agent_config(
         telemetry_interval=kw.pop("telemetry_interval", 0.5),
         **kw,
     )
+
+
+def swapped(agent: Agent, n: int) -> bool:
+    """At least ``n`` models have served on ``agent`` (boot, swaps, reverts)."""
+    return len(agent.history) >= n
 
 
 def start_agent(lt: LoopThread, agent: Agent) -> Agent:

@@ -30,26 +30,12 @@ from signing.errors import DeliveryUnavailable, MalformedEnvelope, MetadataUnsig
 from signing.keys import KeyPair, generate_keypair
 from signing.manifest import BundleManifest
 
+from .test_wire import SHA, _ref
+
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 DEV = "dev-1"
 FLEET = generate_keypair()
 KEYS = {FLEET.keyid: FLEET.public}
-SHA = "ab" * 32
-
-
-def _ref(**kw: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "name": "tiny",
-        "version": "2",
-        "release": 2,
-        "target": "arm64-cpu",
-        "sha256": SHA,
-        "length": 1234,
-        "model_url": "http://h/m",
-        "envelope_url": "http://h/e",
-    }
-    doc.update(kw)
-    return doc
 
 
 def _payload(seq: int, device: str = DEV, ttl: float = 3600, key: KeyPair = FLEET, **kw: Any) -> bytes:

@@ -25,7 +25,7 @@ from device_agent.config import AgentConfig
 from device_agent.memory_link import MemoryLink
 from signing.keyring import KeyDir
 
-from .harness import HW, Bundle, LoopThread, X, make_bundle, sign_directive, unique_id, wait_for
+from .harness import HW, Bundle, LoopThread, X, make_bundle, model_ref, sign_directive, unique_id, wait_for
 from .memory_fetcher import MemoryFetcher
 
 DS = protocol.DeploymentState
@@ -44,18 +44,7 @@ class Device:
         return self.agent.device_id
 
     def ref(self, bundle: Bundle, **changes: Any) -> protocol.ModelRef:
-        model_url, envelope_url = self.fetcher.add(bundle)
-        fields: dict[str, Any] = {
-            "name": bundle.name,
-            "version": bundle.version,
-            "release": 1,
-            "target": bundle.target,
-            "sha256": bundle.sha256,
-            "length": bundle.length,
-            "model_url": model_url,
-            "envelope_url": envelope_url,
-        }
-        return protocol.ModelRef(**{**fields, **changes})
+        return model_ref(bundle, *self.fetcher.add(bundle), **changes)
 
     def direct(self, seq: int, bundle: Bundle | None, device: str | None = None, **kw: Any) -> None:
         ref = self.ref(bundle) if bundle is not None else None
