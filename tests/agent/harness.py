@@ -206,15 +206,18 @@ class ArtifactServer:
         self.envelopes[bundle.sha256] = (bundle.dir / ENVELOPE_NAME).read_bytes()
 
     def model_ref(self, bundle: Bundle, **changes: Any) -> protocol.ModelRef:
-        urls = f"{self.base}/m/{bundle.sha256}", f"{self.base}/e/{bundle.sha256}"
-        return model_ref(bundle, *urls, **changes)
+        urls = {
+            "model_url": f"{self.base}/m/{bundle.sha256}",
+            "envelope_url": f"{self.base}/e/{bundle.sha256}",
+        }
+        return model_ref(bundle, **{**urls, **changes})
 
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
 
 
-def model_ref(bundle: Bundle, model_url: str, envelope_url: str, **changes: Any) -> protocol.ModelRef:
+def model_ref(bundle: Bundle, *, model_url: str, envelope_url: str, **changes: Any) -> protocol.ModelRef:
     """What a directive names for ``bundle`` fetched from these URLs (``changes`` override fields)."""
     fields: dict[str, Any] = {
         "name": bundle.name,

@@ -44,7 +44,8 @@ class Device:
         return self.agent.device_id
 
     def ref(self, bundle: Bundle, **changes: Any) -> protocol.ModelRef:
-        return model_ref(bundle, *self.fetcher.add(bundle), **changes)
+        model_url, envelope_url = self.fetcher.add(bundle)
+        return model_ref(bundle, model_url=model_url, envelope_url=envelope_url, **changes)
 
     def direct(self, seq: int, bundle: Bundle | None, device: str | None = None, **kw: Any) -> None:
         ref = self.ref(bundle) if bundle is not None else None
