@@ -53,6 +53,12 @@ class HttpsSettings:
     cert_file: Path | None = None
     key_file: Path | None = None
 
+    def __post_init__(self) -> None:
+        # Said when the agent is built, not at its first download hours later.
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{path}: no such file (HTTPS settings)")
+
     def context(self) -> ssl.SSLContext:
         return _context(self)
 

@@ -1,8 +1,8 @@
 """Untrusted JSON on the device, bounded: a real broker, a real agent, its real local API.
 
-CPython's json raises RecursionError (not ValueError) on deep nesting, which used to
-escape the directive handler: the message was lost without a word to the fleet. Now
-every such input is a refusal with a reason, and the agent carries on.
+CPython's json raises RecursionError (not ValueError) on deep nesting, which escapes a
+handler written to catch malformed JSON: the message would be lost without a word to
+the fleet. Every such input must be a refusal with a reason, and the agent carries on.
 """
 
 from __future__ import annotations

@@ -160,3 +160,9 @@ def test_tuf_metadata_over_https(
     finally:
         for server in (artifacts, good, impostor):
             server.close()
+
+
+def test_a_missing_ca_file_is_said_when_the_agent_is_built(keydir: KeyDir, tmp_path: Path) -> None:
+    cfg = AgentConfig("dev-x", HW, tmp_path / "d", keydir.trust_path, http_ca_file=tmp_path / "nope.pem")
+    with pytest.raises(ValueError, match=r"nope\.pem: no such file"):
+        Agent(cfg, keydir.trust_root(), link=MemoryLink("dev-x"))
