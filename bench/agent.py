@@ -1,9 +1,10 @@
-"""Agent benchmarks (issue 5): p99 latency during 100 hot swaps vs steady, and idle RSS.
+"""Agent benchmarks: p99 latency during 100 hot swaps vs steady, and idle RSS.
 
 - ``swap``: 3 threads call ``agent.infer`` non-stop; first a steady phase, then
-  100 swaps between two models through the agent's real directive path
-  (slot lookup, re-verify, load + warm aside, swap one reference). Target:
-  p99 during swaps <= 2x steady p99, 0 failures.
+  100 swaps between two models, each a fleet-signed directive delivered through
+  the agent's link (held in memory: no broker in the measurement) and carried out
+  by its real path (signature and seq checks, slot lookup, re-verify, load + warm
+  aside, swap one reference). Target: p99 during swaps <= 2x steady p99, 0 failures.
 - ``rss``: a fresh interpreter builds an Agent (no model loaded, no broker)
   and reports VmRSS; once with onnxruntime imported (target <= 80 MB) and once
   with onnxruntime blocked and LiteRT only (target <= 60 MB). Baseline: the
@@ -30,7 +31,10 @@ from onnx import TensorProto, helper, numpy_helper
 from device_agent import wire as protocol
 from device_agent.agent import Agent
 from device_agent.config import AgentConfig
+from device_agent.memory_link import MemoryLink
+from signing.dsse import sign_envelope
 from signing.keyring import KeyDir, init_keys
+from signing.keys import KeyPair
 from signing.manifest import ENVELOPE_NAME, sign_bundle
 
 SWAPS = 100
@@ -91,6 +95,20 @@ def _install(agent: Agent, keys: KeyDir, root: Path, seed: int, slot: str) -> pr
     )
 
 
+def _directive(key: KeyPair, device_id: str, seq: int, ref: protocol.ModelRef) -> bytes:
+    now = protocol.utcnow()
+    doc = {
+        "device_id": device_id,
+        "seq": seq,
+        "issued_at": now.isoformat(),
+        "expires_at": (now + timedelta(hours=1)).isoformat(),
+        "model": ref.to_dict(),
+    }
+    return json.dumps(
+        sign_envelope(json.dumps(doc).encode(), protocol.DIRECTIVE_PAYLOAD_TYPE, [key])
+    ).encode()
+
+
 def _p99(xs: list[float]) -> float:
     return float(np.percentile(np.asarray(xs), 99)) if xs else float("nan")
 
@@ -100,11 +118,24 @@ def bench_swaps(steady_s: float = 2.0) -> dict[str, object]:
         root = Path(tmp)
         init_keys(root / "keys")
         keys = KeyDir(root / "keys")
-        agent = Agent(AgentConfig("bench-swap", "hw", root / "dev", keys.trust_path), keys.trust_root())
+        link = MemoryLink("bench-swap")
+        config = AgentConfig("bench-swap", "hw", root / "dev", keys.trust_path)
+        agent = Agent(config, keys.trust_root(), link=link)
         refs = [_install(agent, keys, root, 1, "a"), _install(agent, keys, root, 2, "b")]
         agent.slots.activate("a", 1)
         loop = asyncio.new_event_loop()
-        loop.run_until_complete(agent._restore())
+        loop.run_until_complete(agent.start())
+        fleet = keys.key("fleet")
+
+        async def swap(seq: int, ref: protocol.ModelRef) -> None:
+            link.deliver(_directive(fleet, "bench-swap", seq, ref))
+            done = await link.wait_until(
+                lambda: (
+                    agent.deployment.seq == seq and agent.deployment_state == protocol.DeploymentState.SERVING
+                )
+            )
+            assert done, f"swap {seq} did not finish: {agent.deployment}"
+
         x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
         phase = ["warm"]
         lat: dict[str, list[float]] = {"steady": [], "swaps": []}
@@ -131,21 +162,14 @@ def bench_swaps(steady_s: float = 2.0) -> dict[str, object]:
         phase[0] = "steady"
         time.sleep(steady_s)
         phase[0] = "swaps"
-        now = protocol.utcnow()
         t_swaps = time.perf_counter()
         for seq in range(2, SWAPS + 2):
-            d = protocol.Directive(
-                device_id="bench-swap",
-                seq=seq,
-                issued_at=now,
-                expires_at=now + timedelta(hours=1),
-                model=refs[(seq - 1) % 2],
-            )
-            loop.run_until_complete(agent._apply(d))
+            loop.run_until_complete(swap(seq, refs[(seq - 1) % 2]))
         swap_s = time.perf_counter() - t_swaps
         stop.set()
         for t in threads:
             t.join()
+        loop.run_until_complete(agent.stop())
         loop.close()
         swaps_done = agent.metrics.get("swaps", 0)
     steady, during = _p99(lat["steady"]), _p99(lat["swaps"])

@@ -1,6 +1,6 @@
 """Inference through the agent's in-process API vs the bare runtime on the same model.
 
-Target (issue 5): overhead <= 5% or <= 10 us per call, whichever is larger.
+Target: overhead <= 5% or <= 10 us per call, whichever is larger.
 
 - onnxruntime: the demo's int8 digits classifier vs bare ``session.run``;
 - LiteRT: a full-int8 ``.tflite`` (a float FULLY_CONNECTED 64 -> 10 built from
@@ -42,7 +42,7 @@ def _install(agent: Agent, bundle_dir: Path, tmp: Path) -> None:
     shutil.copy(bundle_dir / manifest.model_file.path, partial)
     agent.slots.commit("a", partial, (bundle_dir / ENVELOPE_NAME).read_bytes(), manifest)
     agent.slots.activate("a", 1)
-    asyncio.run(agent._restore())
+    asyncio.run(agent.restore())
 
 
 def _time_calls(fn: Callable[[np.ndarray], object], x: np.ndarray, calls: int) -> float:
@@ -120,7 +120,7 @@ def _overhead_row(
     repeats: int,
 ) -> dict[str, object]:
     """Time the bare runtime call and the agent's call alternately ``repeats`` times (so drift
-    hits both alike) and report the medians with the issue's overhead target."""
+    hits both alike) and report the medians with the overhead target."""
     bare_times, agent_times = [], []
     for _ in range(repeats):
         bare_times.append(_time_calls(bare[0], bare[1], CALLS))

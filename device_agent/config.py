@@ -71,10 +71,14 @@ class AgentConfig:
     log_level: str = "INFO"
     # TUF delivery (docs/trust.md). With ``tuf_root_path`` (the root.json from provisioning) every
     # install is first resolved in the release-signed TUF metadata and directives/bundles are checked
-    # against the keys of the newest verified root. Without it the agent runs the skeleton's mode:
-    # DSSE checks against ``trust_path`` only (the simulator and older tests use that).
+    # against the keys of the newest verified root. Without it the agent checks DSSE signatures
+    # against the keys in ``trust_path`` only (the simulator and many tests run that way).
     tuf_root_path: Path | None = None
     tuf_url: str = ""  # repository base (``<tuf_url>/metadata/``); "" = derived from the directive's URLs
+    # HTTPS to the artifact server and the TUF repository: the CA that signed the server's
+    # certificate (unset: the system's trust store). The device presents its client certificate
+    # (``mqtt_cert_file``/``mqtt_key_file``) on HTTPS too, where a server asks for one.
+    http_ca_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not protocol.DEVICE_ID_RE.match(self.device_id):
@@ -100,7 +104,7 @@ class AgentConfig:
         self.data_dir = Path(self.data_dir)
         self.trust_path = Path(self.trust_path)
         self.tuf_root_path = Path(self.tuf_root_path) if self.tuf_root_path else None
-        for name in ("mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file", "mqtt_password_file"):
+        for name in ("mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file", "mqtt_password_file", "http_ca_file"):
             value = getattr(self, name)
             setattr(self, name, Path(value) if value else None)
         if self.mqtt_password_file is not None and not self.mqtt_username:
@@ -109,6 +113,8 @@ class AgentConfig:
             raise ValueError("mqtt_cert_file and mqtt_key_file go together")
         if not self.mqtt_tls and (self.mqtt_ca_file or self.mqtt_cert_file):
             raise ValueError("mqtt_ca_file/mqtt_cert_file need mqtt_tls = true")
+        self.targets = [str(t) for t in self.targets]
+        self.tags = {str(k): str(v) for k, v in self.tags.items()}
 
     def mqtt_security(self) -> MqttSecurity:
         """The broker connection's TLS and credentials (reads the password file now)."""
@@ -120,8 +126,6 @@ class AgentConfig:
             username=self.mqtt_username,
             password=read_secret(self.mqtt_password_file) if self.mqtt_password_file else None,
         )
-        self.targets = [str(t) for t in self.targets]
-        self.tags = {str(k): str(v) for k, v in self.tags.items()}
 
 
 PATH_KEYS = (
@@ -132,6 +136,7 @@ PATH_KEYS = (
     "mqtt_cert_file",
     "mqtt_key_file",
     "mqtt_password_file",
+    "http_ca_file",
 )
 
 

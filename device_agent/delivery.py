@@ -10,7 +10,8 @@ checked against the same hash (decision 0004: ``download_target`` would read
 them three times).
 
 Every refusal is a ``signing.errors.TrustError`` whose ``code`` the agent
-reports as the Event reason.
+reports as the Event reason; a repository out of reach is a
+``DeliveryUnavailable`` (an ``Unavailable``, not a verdict: the agent retries).
 
 Expiry is judged against the DEVICE's wall clock (``now``, the agent's injectable
 clock), like every other date the agent checks: ``signing.tuf_client.new_updater``
@@ -24,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from tuf.api.metadata import Metadata, Root
+from tuf.ngclient import FetcherInterface
 
 from device_agent import wire as protocol
 from device_agent.trust_state import TrustStore
@@ -65,15 +67,20 @@ def verify_release(
     ref: protocol.ModelRef,
     hardware_id: str,
     now: datetime | None = None,
+    *,
+    fetcher: FetcherInterface | None = None,
 ) -> VerifiedTarget:
     """Resolve ``ref`` in the signed release metadata and run the agreement and floor checks.
 
     Advances the trust state (newer root, higher floors) as soon as python-tuf
     verified them, even when the install is then refused: a floor learnt is
     never forgotten. Blocking (HTTP + signature checks): call it in a thread.
-    ``now``: the device's wall clock for the expiry checks (None: the host clock).
+    ``now``: the device's wall clock for the expiry checks (None: the host clock);
+    ``fetcher``: how to reach the repository (None: python-tuf's own).
     """
-    updater = new_updater(store.state.root, store.cache_dir, _metadata_url(base_url), reference_time=now)
+    updater = new_updater(
+        store.state.root, store.cache_dir, _metadata_url(base_url), fetcher=fetcher, reference_time=now
+    )
     target = verified_target(updater, store.cache_dir, target_name(ref.name, ref.version))
     new_root = None
     if target.root_version > store.state.root_version:
@@ -85,7 +92,9 @@ def verify_release(
     return target
 
 
-def refresh_root(store: TrustStore, base_url: str, now: datetime | None = None) -> DeliveryError | None:
+def refresh_root(
+    store: TrustStore, base_url: str, now: datetime | None = None, *, fetcher: FetcherInterface | None = None
+) -> DeliveryError | None:
     """Walk the repository's root chain from the stored root as far as it is valid; store the result.
 
     Called when a directive is signed by a key the stored root does not know:
@@ -98,7 +107,9 @@ def refresh_root(store: TrustStore, base_url: str, now: datetime | None = None) 
     before = store.state.root_version
     failure: DeliveryError | None = None
     try:
-        updater = new_updater(store.state.root, store.cache_dir, _metadata_url(base_url), reference_time=now)
+        updater = new_updater(
+            store.state.root, store.cache_dir, _metadata_url(base_url), fetcher=fetcher, reference_time=now
+        )
         with tuf_errors():
             updater.refresh()
     except DeliveryError as exc:

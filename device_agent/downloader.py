@@ -19,27 +19,31 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported lazily: httpx costs ~18 MB RSS, paid only when downloading
     import httpx
 
-from signing.errors import DigestMismatch, LengthMismatch
+from signing.errors import CodedError, DigestMismatch, LengthMismatch, Unavailable
 
 DEVICE_HEADER = "X-Edgefleet-Device"
 CHUNK = 1 << 16
 MAX_ENVELOPE = 1 << 20
 
 
-class IncompleteDownload(Exception):
+class IncompleteDownload(Unavailable):
     """The connection ended before ``length`` bytes arrived; the partial file is kept for resume."""
 
     code = "download_incomplete"
 
 
-class DownloadError(Exception):
+class DownloadError(CodedError):
     """The server answered with an unexpected status."""
 
     code = "download_failed"
 
 
-class ServerBusy(DownloadError):
+class ServerBusy(DownloadError, Unavailable):
     """429/502/503/504: a proxy in front of a restarting server, or an overloaded one. Worth a retry."""
+
+
+class ServerUnreachable(DownloadError, Unavailable):
+    """No answer at all (refused, reset, timed out, TLS handshake failed). Worth a retry."""
 
 
 BUSY_STATUSES = frozenset({429, 502, 503, 504})
@@ -77,7 +81,8 @@ async def download_model(
 
     Raises LengthMismatch (oversize: more than ``length`` bytes), DigestMismatch
     (the partial file is deleted in both cases, it can never become valid),
-    IncompleteDownload (kept for resume), DownloadError, or httpx.TransportError.
+    IncompleteDownload (kept for resume), DownloadError, or httpx's errors (the
+    caller, :class:`device_agent.http_fetcher.HttpFetcher`, names them).
     ``max_bytes_per_s`` > 0 paces the stream (a metered or shared uplink on the device).
     """
     part.parent.mkdir(parents=True, exist_ok=True)

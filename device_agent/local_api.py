@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from signing import safejson
+
 if TYPE_CHECKING:
     from device_agent.agent import Agent
 
@@ -53,8 +55,8 @@ def _decode_input(body: bytes, content_type: str, dtype: Any) -> np.ndarray:
             raise ApiError(400, "bad_npy", f"body is not a .npy array: {exc}") from exc
         return np.asarray(arr)
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = safejson.loads(body)  # a local caller is still untrusted input: bounded depth
+    except safejson.JsonError as exc:
         raise ApiError(400, "bad_json", f"body is not JSON: {exc}") from exc
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise ApiError(400, "missing_inputs", 'expected {"inputs": [[...], ...]}')

@@ -25,11 +25,9 @@ from paho.mqtt.properties import Properties
 
 from device_agent import wire as protocol
 from device_agent.mqtt_security import MqttSecurity
+from device_agent.ports import ConnectHandler, MessageHandler
 
 log = logging.getLogger(__name__)
-
-MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
-ConnectHandler = Callable[[], None]
 
 MISC_INTERVAL = 1.0  # s between loop_misc calls (keepalive granularity)
 BACKOFF_BASE = 0.5
@@ -48,9 +46,9 @@ def backoff_delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF
 class MqttLink:
     """A paho client bound to an asyncio loop: connect, subscribe to ``desired``, publish with a window.
 
-    Publishes happen only while connected; callers keep what must survive a
-    disconnect (the agent re-publishes Reported on every connect, telemetry
-    queues its batches).
+    The agent's default :class:`device_agent.ports.Link`. Publishes happen only
+    while connected; callers keep what must survive a disconnect (the agent
+    re-publishes Reported on every connect, telemetry queues its batches).
     """
 
     def __init__(
@@ -64,8 +62,6 @@ class MqttLink:
         session_expiry: int = 3600,
         max_inflight: int = 20,
         security: MqttSecurity | None = None,
-        on_message: MessageHandler,
-        on_connected: ConnectHandler | None = None,
         now: Callable[[], datetime] = protocol.utcnow,
     ) -> None:
         self.device_id = device_id
@@ -76,8 +72,8 @@ class MqttLink:
         self.keepalive = keepalive
         self.session_expiry = session_expiry
         self.max_inflight = max_inflight
-        self._on_message_cb = on_message
-        self._on_connected_cb = on_connected
+        self._on_message_cb: MessageHandler | None = None
+        self._on_connected_cb: ConnectHandler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._misc_task: asyncio.Task[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -118,8 +114,9 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    async def start(self) -> None:
+    async def start(self, on_message: MessageHandler, on_connected: ConnectHandler | None = None) -> None:
         """Open the connection (retrying with backoff in the background if the broker is away)."""
+        self._on_message_cb, self._on_connected_cb = on_message, on_connected
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         try:
@@ -335,6 +332,8 @@ class MqttLink:
             self._schedule_reconnect()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._on_message_cb is None:
+            return
         try:
             self._on_message_cb(msg.topic, bytes(msg.payload), bool(msg.retain))
         except Exception:

@@ -36,12 +36,16 @@ from device_agent.wire import (
     DIRECTIVE_PAYLOAD_TYPE,
     INPUT_STAT_FEATURES,
     LATENCY_BOUNDS_US,
+    LATENCY_BUCKETS,
     MAX_PAYLOAD,
     PREFIX,
     VALUE_BOUNDS,
     Channel,
     DeploymentState,
     ProtocolError,
+    ReasonCode,
+    latency_bucket,
+    latency_quantile,
     parse_topic,
     shared_subscription,
     topic,
@@ -72,7 +76,7 @@ class ModelRef(_Msg):
 
 
 class Probation(_Msg):
-    """How the agent judges a freshly swapped-in model before it reports success (issue 5)."""
+    """How the agent judges a freshly swapped-in model before it reports success."""
 
     seconds: float = Field(default=0.0, ge=0.0)  # watch window after the swap
     min_inferences: int = Field(default=1, ge=0)  # ok inferences needed before success
@@ -246,6 +250,7 @@ __all__ = [
     "DIRECTIVE_PAYLOAD_TYPE",
     "INPUT_STAT_FEATURES",
     "LATENCY_BOUNDS_US",
+    "LATENCY_BUCKETS",
     "MAX_PAYLOAD",
     "PREFIX",
     "VALUE_BOUNDS",
@@ -257,6 +262,7 @@ __all__ = [
     "ModelStats",
     "Probation",
     "ProtocolError",
+    "ReasonCode",
     "Rejection",
     "Reported",
     "RunningModel",
@@ -271,6 +277,8 @@ __all__ = [
     "dumps",
     "encode",
     "encode_telemetry",
+    "latency_bucket",
+    "latency_quantile",
     "parse_topic",
     "shared_subscription",
     "topic",

@@ -42,7 +42,12 @@ _NP_TYPES: dict[str, Any] = {
 
 
 class RuntimeLoadError(Exception):
-    """The model could not be loaded or warmed up (corrupt graph, unsupported ops, ...)."""
+    """The model could not be loaded or warmed up (corrupt graph, unsupported ops, ...).
+
+    Not a ``signing.errors.CodedError``: this module imports on a device that has
+    only a runtime and numpy (no ``cryptography``); the agent reports it by ``code``
+    all the same (``device_agent.reconcile``).
+    """
 
     code = "load_failed"
 

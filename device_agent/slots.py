@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_agent.deployment import Outcome
+from device_agent.probation import ProbationRecord
 from signing.manifest import ENVELOPE_NAME, BundleManifest
 
 SLOT_NAMES = ("a", "b")
@@ -58,19 +60,19 @@ class AgentState:
     active: str | None = None
     slots: dict[str, SlotInfo | None] = field(default_factory=lambda: dict.fromkeys(SLOT_NAMES))
     last_seq: int = 0
-    # A swap still on probation: {"seq", "slot", "previous", "sha256", "params", "boots"}. Written in
-    # the same atomic save as the activation, so a power cut mid-probation resumes (or reverts) it.
-    probation: dict[str, Any] | None = None
-    # The outcome of the last directive ({"seq", "state", "error"}), so a restarted agent reports the truth.
-    deployment: dict[str, Any] | None = None
+    # A swap still on probation, written in the same atomic save as the activation, so a power
+    # cut mid-probation resumes (or reverts) it.
+    probation: ProbationRecord | None = None
+    # The outcome of the last directive, so a restarted agent reports the truth.
+    deployment: Outcome | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "active": self.active,
             "last_seq": self.last_seq,
             "slots": {k: (asdict(v) if v else None) for k, v in self.slots.items()},
-            "probation": self.probation,
-            "deployment": self.deployment,
+            "probation": self.probation.to_dict() if self.probation else None,
+            "deployment": self.deployment.to_dict() if self.deployment else None,
         }
 
     @classmethod
@@ -80,14 +82,12 @@ class AgentState:
             if name in SLOT_NAMES and info:
                 slots[name] = SlotInfo(**info)
         active = data.get("active")
-        probation = data.get("probation")
-        deployment = data.get("deployment")
         return cls(
             active=active if active in SLOT_NAMES else None,
             slots=slots,
             last_seq=int(data.get("last_seq", 0)),
-            probation=probation if isinstance(probation, dict) else None,
-            deployment=deployment if isinstance(deployment, dict) else None,
+            probation=ProbationRecord.from_dict(data.get("probation")),
+            deployment=Outcome.from_dict(data.get("deployment")),
         )
 
 
@@ -230,8 +230,8 @@ class SlotStore:
         name: str,
         seq: int | None = None,
         *,
-        probation: dict[str, Any] | None = None,
-        deployment: dict[str, Any] | None = None,
+        probation: ProbationRecord | None = None,
+        deployment: Outcome | None = None,
     ) -> None:
         """Make ``name`` the serving slot; probation/outcome records go in the same atomic write."""
         with self._change() as state:
@@ -247,13 +247,15 @@ class SlotStore:
             with self._change() as state:
                 state.last_seq = seq
 
-    def record_outcome(self, seq: int, state: str, error: str | None = None) -> None:
-        """Persist the result of directive ``seq`` (and that it was handled)."""
+    def record_outcome(self, outcome: Outcome, *, end_probation: bool = False) -> None:
+        """Persist the result of directive ``outcome.seq`` (and that it was handled)."""
         with self._change() as st:
-            st.last_seq = max(st.last_seq, seq)
-            st.deployment = {"seq": seq, "state": state, "error": error}
+            st.last_seq = max(st.last_seq, outcome.seq)
+            st.deployment = outcome
+            if end_probation:
+                st.probation = None
 
-    def set_probation(self, probation: dict[str, Any] | None) -> None:
+    def set_probation(self, probation: ProbationRecord | None) -> None:
         with self._change() as state:
             state.probation = probation
 

@@ -31,7 +31,7 @@ import numpy as np
 from device_agent import wire as protocol
 from device_agent.telemetry_store import BatchStore
 
-NUM_BUCKETS = len(protocol.LATENCY_BOUNDS_US) + 1  # last bucket: above the largest bound
+NUM_BUCKETS = protocol.LATENCY_BUCKETS
 NUM_VALUE_BINS = len(protocol.VALUE_BOUNDS) + 1
 _VALUE_BOUNDS = np.asarray(protocol.VALUE_BOUNDS, dtype=np.float64)
 _LAT_BOUNDS = protocol.LATENCY_BOUNDS_US
@@ -93,19 +93,6 @@ class ModelTotals:
 
     def copy(self) -> ModelTotals:
         return ModelTotals(self.ok, self.errors, list(self.buckets))
-
-
-def latency_quantile(buckets: list[int], q: float) -> float | None:
-    """Upper bound (us) of the bucket holding quantile ``q``; None without samples."""
-    n = sum(buckets)
-    if n == 0:
-        return None
-    rank, seen = q * n, 0
-    for i, c in enumerate(buckets):
-        seen += c
-        if seen >= rank and c:
-            return _LAT_BOUNDS[i] if i < len(_LAT_BOUNDS) else _LAT_BOUNDS[-1] * 2
-    return _LAT_BOUNDS[-1] * 2
 
 
 def top1_classes(outputs: list[np.ndarray]) -> list[int]:

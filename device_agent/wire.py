@@ -1,5 +1,7 @@
 """The device's side of the wire contract, in the standard library only (no pydantic).
 
+(:mod:`signing.safejson`, which bounds untrusted JSON, is itself standard library only.)
+
 :mod:`device_agent.protocol` is the one wire contract (topics + pydantic schemas)
 that the fleet server and the simulator validate with. This module holds the part
 of it that is not a schema (topics, channels, deployment states, histogram bounds:
@@ -13,7 +15,7 @@ the messages a device handles:
   JSON the pydantic models produce (field names, order, ``Z`` datetimes, enum values).
 
 Why: importing pydantic and declaring the protocol models costs the agent ~9 MB
-RSS before it handled a single message (issue 5's idle budget), and building their
+RSS before it handled a single message (a large part of an idle agent's budget), and building their
 validators on first use a few MB more. ``tests/agent/test_wire.py`` checks that
 both sides agree: what this module encodes decodes with ``protocol``, and what
 ``protocol`` encodes (or refuses) this module decodes (or refuses) alike.
@@ -21,13 +23,17 @@ both sides agree: what this module encodes decodes with ``protocol``, and what
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+
+from signing import safejson
 
 PREFIX = "ef/v1"
 DIRECTIVE_PAYLOAD_TYPE = "application/vnd.edgefleet.directive+json"
@@ -93,8 +99,97 @@ class DeploymentState(StrEnum):
     REJECTED = "rejected"  # directive refused before any work (bad signature, old seq, ...)
 
 
+class ReasonCode(StrEnum):
+    """Every reason the agent gives on the wire: ``Event.reason``, ``Rejection.reason`` and
+    ``Reported.deployment_error``.
+
+    The fleet server matches on these strings (retry limits per failure class, the
+    operator's view), so a value never changes once shipped. The trust checks in
+    :mod:`signing.errors` cannot import this module (``signing`` sits below
+    ``device_agent``) and keep their ``code`` strings; ``tests/agent`` checks that
+    every one of them is listed here.
+    """
+
+    # The directive itself (refused before any work: ``rejected``).
+    WRONG_DEVICE = "wrong_device"
+    STALE_SEQUENCE = "stale_sequence"
+    EXPIRED = "expired"  # also signing.errors.ExpiredMetadata
+    MALFORMED_DIRECTIVE = "malformed_directive"  # signed, but not a Directive
+    # Signatures and signed content (signing.errors).
+    TRUST_ERROR = "trust_error"
+    MALFORMED_ENVELOPE = "malformed_envelope"
+    WRONG_PAYLOAD_TYPE = "wrong_payload_type"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    THRESHOLD_NOT_MET = "threshold_not_met"
+    DIGEST_MISMATCH = "digest_mismatch"
+    LENGTH_MISMATCH = "length_mismatch"
+    MISSING_FILE = "missing_file"
+    UNEXPECTED_FILE = "unexpected_file"
+    ROOT_CHAIN_BROKEN = "root_chain_broken"
+    # TUF delivery metadata (signing.errors).
+    DELIVERY_ERROR = "delivery_error"
+    METADATA_UNSIGNED = "metadata_unsigned"
+    METADATA_ROLLBACK = "metadata_rollback"
+    METADATA_MIX_AND_MATCH = "metadata_mix_and_match"
+    METADATA_EXPIRED = "metadata_expired"
+    METADATA_INVALID = "metadata_invalid"
+    TARGET_NOT_FOUND = "target_not_found"
+    TARGET_MISMATCH = "target_mismatch"
+    ENDLESS_DATA = "endless_data"
+    DELIVERY_UNAVAILABLE = "delivery_unavailable"
+    MALFORMED_TARGET = "malformed_target"
+    UNAVAILABLE = "unavailable"  # signing.errors.Unavailable: fetched nothing, judged nothing
+    # Directive against release (Uptane's director/image agreement).
+    DIRECTIVE_MISMATCH = "directive_mismatch"
+    HARDWARE_MISMATCH = "hardware_mismatch"
+    BELOW_REVOCATION_FLOOR = "below_revocation_floor"
+    # Carrying out an accepted directive (``failed``).
+    UNSUPPORTED_TARGET = "unsupported_target"
+    NO_REPOSITORY = "no_repository"
+    INSUFFICIENT_DISK = "insufficient_disk"
+    DOWNLOAD_FAILED = "download_failed"
+    DOWNLOAD_INCOMPLETE = "download_incomplete"
+    LOAD_FAILED = "load_failed"
+    DISK_FULL = "disk_full"
+    IO_ERROR = "io_error"
+    INTERNAL_ERROR = "internal_error"
+    # Probation of a swapped-in model (``reverted``).
+    CRASH_LOOP = "crash_loop"
+    ERROR_RATE = "error_rate"
+    LATENCY_REGRESSION = "latency_regression"
+    # Not a failure: the directive waits for its maintenance window.
+    NOT_BEFORE = "not_before"
+
+
 # Fixed log-spaced latency bucket upper bounds in microseconds (last bucket: +inf).
 LATENCY_BOUNDS_US: tuple[float, ...] = tuple(round(10 * 2 ** (i / 2), 1) for i in range(40))
+LATENCY_BUCKETS = len(LATENCY_BOUNDS_US) + 1  # one count per bound, then one above the largest
+
+
+def latency_bucket(latency_us: float) -> int:
+    """The index of the bucket counting ``latency_us`` (a value on a bound goes in that bound's bucket)."""
+    return bisect.bisect_left(LATENCY_BOUNDS_US, latency_us)
+
+
+def latency_quantile(buckets: Sequence[int], q: float) -> float | None:
+    """Upper bound (us) of the bucket holding quantile ``q`` of a latency histogram; None when empty.
+
+    The histogram only knows buckets, so this is the bound a device or the server
+    can both compute from the same counts; the overflow bucket counts as twice the
+    largest bound.
+    """
+    n = sum(buckets)
+    if n == 0:
+        return None
+    rank, seen = q * n, 0
+    for i, c in enumerate(buckets):
+        seen += c
+        if c and seen >= rank:
+            return LATENCY_BOUNDS_US[i] if i < len(LATENCY_BOUNDS_US) else LATENCY_BOUNDS_US[-1] * 2
+    return LATENCY_BOUNDS_US[-1] * 2
+
+
 # Fixed value bins for input/output histograms (symmetric, log-spaced; last bucket: +inf).
 VALUE_BOUNDS: tuple[float, ...] = tuple(
     sorted({-(10.0 ** (e / 4)) for e in range(-16, 17)} | {0.0} | {10.0 ** (e / 4) for e in range(-16, 17)})
@@ -231,7 +326,7 @@ class ModelRef:
 
 @dataclass(frozen=True, slots=True)
 class Probation:
-    """How the agent judges a freshly swapped-in model before it reports success (issue 5)."""
+    """How the agent judges a freshly swapped-in model before it reports success."""
 
     seconds: float = 0.0
     min_inferences: int = 1
@@ -295,12 +390,11 @@ class Directive:
 
 
 def decode_directive(payload: bytes) -> Directive:
-    if len(payload) > MAX_PAYLOAD:
-        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    """The signed directive's payload; ProtocolError on anything malformed, however deep or large."""
     try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"malformed Directive: invalid JSON ({exc})") from exc
+        data = safejson.loads(payload, max_bytes=MAX_PAYLOAD)
+    except safejson.JsonError as exc:
+        raise ProtocolError(f"malformed Directive: {exc}") from exc
     return Directive.from_dict(data)
 
 
@@ -499,6 +593,7 @@ __all__ = [
     "DIRECTIVE_PAYLOAD_TYPE",
     "INPUT_STAT_FEATURES",
     "LATENCY_BOUNDS_US",
+    "LATENCY_BUCKETS",
     "MAX_PAYLOAD",
     "PREFIX",
     "VALUE_BOUNDS",
@@ -510,6 +605,7 @@ __all__ = [
     "ModelStats",
     "Probation",
     "ProtocolError",
+    "ReasonCode",
     "Rejection",
     "Reported",
     "RunningModel",
@@ -519,6 +615,8 @@ __all__ = [
     "decode_directive",
     "encode",
     "encode_telemetry",
+    "latency_bucket",
+    "latency_quantile",
     "parse_topic",
     "shared_subscription",
     "topic",

@@ -2,16 +2,21 @@
 
 Signatures cover PAE(payloadType, payload), so a payload signed as one type can
 never be replayed as another (a directive cannot pass for a bundle statement).
+
+An envelope arrives from the network before anything vouches for it (a directive
+from the broker, a bundle uploaded to the server), so it is parsed with
+:mod:`signing.safejson`: too large, too deeply nested or not JSON at all is one
+``MalformedEnvelope``, never a ``RecursionError`` escaping the caller's handler.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from signing import safejson
 from signing.errors import BadSignature, MalformedEnvelope, ThresholdNotMet, UnknownKey, WrongPayloadType
 from signing.keys import KeyPair, PublicKey
 
@@ -37,8 +42,8 @@ def parse_envelope(raw: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
     """Parse an envelope from bytes/str/dict, raising MalformedEnvelope on any shape error."""
     if isinstance(raw, (bytes, str)):
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            data = safejson.loads(raw)
+        except safejson.JsonError as exc:
             raise MalformedEnvelope(f"envelope is not JSON: {exc}") from exc
     else:
         data = dict(raw)

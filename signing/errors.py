@@ -1,14 +1,33 @@
-"""One exception class per way a trust check can fail.
+"""One exception class per way a trust check can fail, and the roots they share.
 
-Callers (agent, server, CLI) report the class name as the reason code, so every
-refusal upstream says exactly which check failed rather than "invalid bundle".
+Every class carries a ``code``: the reason a caller (agent, server, CLI) reports
+upstream, so a refusal says exactly which check failed rather than "invalid
+bundle". The device agent lists these strings in ``device_agent.wire.ReasonCode``.
+
+Two roots under :class:`CodedError`, split as python-tuf splits them:
+:class:`TrustError` is a verdict on content (never install it, never retry it),
+:class:`Unavailable` says the content could not be fetched at all (retry later; it
+says nothing about the content). A caller catches ``CodedError`` once to report
+any of them by its code.
 """
 
 
-class TrustError(Exception):
-    """Base class: something we were asked to trust failed a check."""
+class CodedError(Exception):
+    """Root of every failure reported upstream by its reason ``code``."""
+
+    code = "internal_error"
+
+
+class TrustError(CodedError):
+    """Something we were asked to trust failed a check."""
 
     code = "trust_error"
+
+
+class Unavailable(CodedError):
+    """What was to be checked could not be fetched (server away or busy, network down): no verdict."""
+
+    code = "unavailable"
 
 
 class MalformedEnvelope(TrustError):
@@ -81,25 +100,26 @@ class RootChainBroken(TrustError):
 # python-tuf decides; these classes name its verdicts so a refusal says which rule held.
 
 
-class DeliveryError(TrustError):
-    """Delivery metadata or a delivered target failed a TUF check."""
+class DeliveryError(CodedError):
+    """Something on the TUF delivery path failed: a verdict on metadata or a target (those
+    classes are also TrustErrors) or the repository out of reach (``DeliveryUnavailable``)."""
 
     code = "delivery_error"
 
 
-class MetadataUnsigned(DeliveryError):
+class MetadataUnsigned(DeliveryError, TrustError):
     """Metadata lacks its role's threshold of valid signatures (unsigned, unknown, revoked or wrong key)."""
 
     code = "metadata_unsigned"
 
 
-class MetadataRollback(DeliveryError):
+class MetadataRollback(DeliveryError, TrustError):
     """Metadata older than what the device already trusts was offered (replay / rollback)."""
 
     code = "metadata_rollback"
 
 
-class MetadataMixAndMatch(DeliveryError):
+class MetadataMixAndMatch(DeliveryError, TrustError):
     """Metadata is not the version that newer signed metadata pins (mix-and-match of versions)."""
 
     code = "metadata_mix_and_match"
@@ -111,13 +131,13 @@ class MetadataExpired(DeliveryError, ExpiredMetadata):
     code = "metadata_expired"
 
 
-class MetadataInvalid(DeliveryError):
+class MetadataInvalid(DeliveryError, TrustError):
     """Delivery metadata is malformed or inconsistent in a way no finer class names."""
 
     code = "metadata_invalid"
 
 
-class TargetNotFound(DeliveryError):
+class TargetNotFound(DeliveryError, TrustError):
     """The signed targets metadata does not list the requested target."""
 
     code = "target_not_found"
@@ -135,7 +155,7 @@ class EndlessData(DeliveryError, LengthMismatch):
     code = "endless_data"
 
 
-class DeliveryUnavailable(DeliveryError):
+class DeliveryUnavailable(DeliveryError, Unavailable):
     """The repository could not be reached or answered with an HTTP error (not a verdict on content)."""
 
     code = "delivery_unavailable"
@@ -144,7 +164,7 @@ class DeliveryUnavailable(DeliveryError):
 # -- agreement (Uptane director vs image repository) ----------------------------
 
 
-class MalformedTargetInfo(DeliveryError):
+class MalformedTargetInfo(DeliveryError, TrustError):
     """A target lacks the custom fields (hardware ids, release counter, family) edgefleet signs."""
 
     code = "malformed_target"

@@ -9,6 +9,7 @@ import asyncio
 import functools
 import json
 import re
+import ssl
 import threading
 import time
 import uuid
@@ -132,15 +133,17 @@ class ArtifactServer:
     Honours ``Range: bytes=a-``, requires ``X-Edgefleet-Device``, logs requests;
     ``overrides[sha] = bytes`` serves other bytes for a model (tampering, oversize);
     ``busy[path] = (n, status)`` answers the next ``n`` GETs of ``path`` with ``status``
-    (a proxy in front of a restarting server).
+    (a proxy in front of a restarting server). With ``tls`` it speaks HTTPS and
+    records the common name of each client certificate presented in ``peers``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.files: dict[str, bytes] = {}
         self.envelopes: dict[str, bytes] = {}
         self.overrides: dict[str, bytes] = {}
         self.busy: dict[str, tuple[int, int]] = {}
         self.requests: list[tuple[str, str | None, str | None]] = []  # path, range, device
+        self.peers: list[str] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -148,6 +151,9 @@ class ArtifactServer:
                 pass
 
             def do_GET(self) -> None:
+                peer = self.connection.getpeercert() if tls is not None else None
+                if peer:
+                    outer.peers.extend(v for rdn in peer["subject"] for k, v in rdn if k == "commonName")
                 device = self.headers.get("X-Edgefleet-Device")
                 rng = self.headers.get("Range")
                 outer.requests.append((self.path, rng, device))
@@ -189,31 +195,42 @@ class ArtifactServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.httpd.server_address[1]}"
 
     def add(self, bundle: Bundle) -> None:
         self.files[bundle.sha256] = bundle.model_path.read_bytes()
         self.envelopes[bundle.sha256] = (bundle.dir / ENVELOPE_NAME).read_bytes()
 
     def model_ref(self, bundle: Bundle, **changes: Any) -> protocol.ModelRef:
-        fields: dict[str, Any] = {
-            "name": bundle.name,
-            "version": bundle.version,
-            "release": 1,
-            "target": bundle.target,
-            "sha256": bundle.sha256,
-            "length": bundle.length,
+        urls = {
             "model_url": f"{self.base}/m/{bundle.sha256}",
             "envelope_url": f"{self.base}/e/{bundle.sha256}",
         }
-        fields.update(changes)
-        return protocol.ModelRef(**fields)
+        return model_ref(bundle, **{**urls, **changes})
 
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def model_ref(bundle: Bundle, *, model_url: str, envelope_url: str, **changes: Any) -> protocol.ModelRef:
+    """What a directive names for ``bundle`` fetched from these URLs (``changes`` override fields)."""
+    fields: dict[str, Any] = {
+        "name": bundle.name,
+        "version": bundle.version,
+        "release": 1,
+        "target": bundle.target,
+        "sha256": bundle.sha256,
+        "length": bundle.length,
+        "model_url": model_url,
+        "envelope_url": envelope_url,
+    }
+    fields.update(changes)
+    return protocol.ModelRef(**fields)
 
 
 def sign_directive(
@@ -328,6 +345,11 @@ def agent_config(
     )
 
 
+def swapped(agent: Agent, n: int) -> bool:
+    """At least ``n`` models have served on ``agent`` (boot, swaps, reverts)."""
+    return len(agent.history) >= n
+
+
 def start_agent(lt: LoopThread, agent: Agent) -> Agent:
     lt.run(agent.start())
     assert lt.run(agent.wait_connected(10)), "agent did not connect"
@@ -349,7 +371,7 @@ class TufServer:
     keys and publishes snapshot + timestamp with the fleet key, as the server does.
     """
 
-    def __init__(self, root: Path, keydir: KeyDir) -> None:
+    def __init__(self, root: Path, keydir: KeyDir, tls: ssl.SSLContext | None = None) -> None:
         from signing.tuf_repo import TufRepository
 
         self.keydir = keydir
@@ -358,9 +380,11 @@ class TufServer:
         handler = functools.partial(_QuietFiles, directory=str(root))
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.httpd.server_address[1]}"
 
     def release(self, bundle: Bundle) -> None:
         from signing.targets import TargetCustom

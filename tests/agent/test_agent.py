@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import threading
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from .harness import (
     make_bundle,
     sign_directive,
     start_agent,
+    swapped,
     unique_id,
     wait_for,
 )
@@ -253,7 +255,7 @@ def test_hot_swap_under_load(
         swaps = 60
         for seq in range(2, swaps + 2):
             observer.publish(dev, sign_directive(fleet, dev, seq, refs[(seq - 1) % 2]))
-            wait_for(lambda n=seq: len(agent.history) >= n, what=f"swap {seq}")
+            wait_for(functools.partial(swapped, agent, seq), what=f"swap {seq}")
         stop.set()
         for t in threads:
             t.join(10)

@@ -9,6 +9,7 @@ and must say so, keep serving, and recover once the clock is right again.
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from signing.keyring import KeyDir
 
 from .harness import (
     ArtifactServer,
+    Bundle,
     LoopThread,
     Observer,
     TufServer,
@@ -62,7 +64,7 @@ def test_two_hours_fast_or_slow_still_installs_and_reports(
             observer.publish(dev, payload)
             event = observer.wait_event(dev, DS.SERVING, seq=1)
             assert agent.infer(X).ok
-            batch = wait_for(lambda d=dev: observer.telemetry(d), what="telemetry")[0]
+            batch = wait_for(functools.partial(observer.telemetry, dev), what="telemetry")[0]
             rep = observer.reported(dev)[-1]
             status = [
                 protocol.decode_status(p)
@@ -107,8 +109,8 @@ def test_clock_far_ahead_sees_tuf_metadata_expired_keeps_serving_and_recovers(
     agent = start_agent(loop_thread, Agent(cfg, keydir.trust_root(), clock=clock))
     try:
 
-        def direct(seq: int, b: object, ttl: float = DAY_TTL) -> None:
-            ref = artifacts.model_ref(b, release=int(b.version))  # type: ignore[attr-defined]
+        def direct(seq: int, b: Bundle, ttl: float = DAY_TTL) -> None:
+            ref = artifacts.model_ref(b, release=int(b.version))
             observer.publish(dev, sign_directive(fleet, dev, seq, ref, ttl=ttl))
 
         direct(1, v1)

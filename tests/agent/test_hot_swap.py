@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .harness import (
     make_bundle,
     sign_directive,
     start_agent,
+    swapped,
     unique_id,
     wait_for,
 )
@@ -73,7 +75,7 @@ def test_100_swaps_under_load_zero_failures_and_right_model_answers(
             t.start()
         for seq in range(2, SWAPS + 2):
             observer.publish(dev, sign_directive(fleet, dev, seq, refs[(seq - 1) % 2]))
-            wait_for(lambda n=seq: len(agent.history) >= n, what=f"swap {seq}")
+            wait_for(functools.partial(swapped, agent, seq), what=f"swap {seq}")
         stop.set()
         for t in threads:
             t.join(10)

@@ -197,7 +197,7 @@ def test_int8_quantize_and_dequantize_match_the_reference_formula() -> None:
     model = TfliteModel(_FakeInt8Interpreter(in_q, out_q), "0" * 64, "fake")
     assert model.input_dtype == np.float32
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32) * 3  # some values clip
-    x[0, :4] = [100.0, -100.0, 0.0, np.float32(0.5 * in_q[0])]
+    x[0, :4] = np.array([100.0, -100.0, 0.0, 0.5 * in_q[0]], dtype=np.float32)
     q_ref = np.clip(np.round(x / np.float32(in_q[0])) + in_q[1], -128, 127).astype(np.int8)
     got_q = model._prepare(x)
     assert got_q.dtype == np.int8 and np.abs(got_q.astype(int) - q_ref.astype(int)).max() <= 1  # ties

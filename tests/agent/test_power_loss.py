@@ -12,6 +12,7 @@ once per state (``EDGEFLEET_POWER_LOSS_TUF_REPEATS``, default 1).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -77,6 +78,14 @@ def _api(data: Path, method: str, url: str) -> tuple[int, Any] | None:
         return None
 
 
+def _has_bytes(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
+
+
+def _finished(observer: Observer, dev: str, seq: int) -> bool:
+    return any(r.deployment_seq == seq and r.deployment_state == DS.SERVING for r in observer.reported(dev))
+
+
 def _stop(proc: subprocess.Popen[bytes], kill: bool = False) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
@@ -129,7 +138,7 @@ def _kill_at_each_state(
                 observer.wait_event(dev, DS(state), seq=2, timeout=30)
                 if state == "downloading":
                     part = data / "slots" / "b" / f"{new.sha256}.part"
-                    wait_for(lambda p=part: p.exists() and p.stat().st_size > 0, timeout=20, what="partial")
+                    wait_for(functools.partial(_has_bytes, part), timeout=20, what="partial")
             finally:
                 _stop(proc, kill=True)  # power loss
             state_json = json.loads((data / "state.json").read_text())  # never torn
@@ -138,14 +147,11 @@ def _kill_at_each_state(
                 assert json.loads((data / "trust" / "state.json").read_text())["root_version"] >= 1
             proc = _spawn(_write_conf(conf, dev, data, keydir.trust_path, broker_info, **mode), hz=50)
             try:
-                first = wait_for(lambda d=data: _api(d, "GET", "/v1/model"), timeout=30, what="api up")
+                first = wait_for(functools.partial(_api, data, "GET", "/v1/model"), timeout=30, what="api up")
                 assert first[0] == 200 and first[1]["model_sha256"] in (old.sha256, new.sha256), first
                 outcomes.setdefault(state, []).append(first[1]["model_version"])
                 wait_for(
-                    lambda d=dev: any(
-                        r.deployment_seq == 2 and r.deployment_state == DS.SERVING
-                        for r in observer.reported(d)
-                    ),
+                    functools.partial(_finished, observer, dev, 2),
                     timeout=30,
                     what=f"{dev} finishing the update after a kill in {state}",
                 )

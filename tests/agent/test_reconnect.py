@@ -6,7 +6,7 @@ from pathlib import Path
 
 from device_agent import protocol
 from device_agent.agent import Agent
-from device_agent.mqtt_link import backoff_delay
+from device_agent.mqtt_link import MqttLink, backoff_delay
 from edgefleet.broker import free_port, start_mosquitto
 from signing.keyring import KeyDir
 
@@ -45,7 +45,7 @@ def test_agent_reconnects_after_broker_restart(
         wait_for(lambda: not agent.link.connected, timeout=10, what="disconnect noticed")  # type: ignore[union-attr]
         broker = start_mosquitto(port=port, workdir=tmp_path / "mq2")  # same port, fresh broker, no session
         wait_for(lambda: agent.link.connected, timeout=20, what="reconnect")  # type: ignore[union-attr]
-        assert agent.link.reconnects >= 1
+        assert isinstance(agent.link, MqttLink) and agent.link.reconnects >= 1
         bundle = make_bundle(tmp_path / "b", keydir.key("release"))
         artifacts.add(bundle)
         obs = Observer(broker.info)

@@ -186,3 +186,17 @@ def test_the_agent_does_not_import_pydantic() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_latency_quantile_reads_bucket_bounds() -> None:
+    bounds, n = wire.LATENCY_BOUNDS_US, wire.LATENCY_BUCKETS
+    assert protocol.latency_quantile is wire.latency_quantile and n == len(bounds) + 1
+    assert wire.latency_quantile([0] * n, 0.95) is None
+    counts = [0] * n
+    counts[3], counts[10] = 94, 6  # 94% fast, 6% slow: p95 lands in the slow bucket
+    assert wire.latency_quantile(counts, 0.95) == bounds[10]
+    assert wire.latency_quantile(counts, 0.5) == bounds[3]
+    counts[-1] = 1000  # the overflow bucket counts as twice the largest bound
+    assert wire.latency_quantile(counts, 0.95) == bounds[-1] * 2
+    assert wire.latency_bucket(bounds[5]) == 5 and wire.latency_bucket(bounds[5] + 0.1) == 6
+    assert wire.latency_bucket(1e12) == n - 1

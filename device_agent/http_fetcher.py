@@ -1,0 +1,177 @@
+"""The agent's default :class:`device_agent.ports.Fetcher`: HTTP(S) for bundles, python-tuf for metadata.
+
+- envelopes and model files go through :mod:`device_agent.downloader` (bounded,
+  resumable, hashed while streaming) on an httpx client;
+- TUF mode's release metadata and root chain go through
+  :mod:`device_agent.delivery` (python-tuf), fetched with the same TLS settings.
+
+HTTPS is verified against ``http_ca_file`` (the fleet's CA) or, when that is
+unset, the system's trust store; a device with a client certificate
+(``mqtt_cert_file``/``mqtt_key_file``) presents it to a server that asks. The
+TLS context is built once per settings and shared (loading a CA store costs
+milliseconds; the simulator runs hundreds of agents).
+
+httpx and python-tuf are imported on first use: an idle agent does not carry
+them (~18 MB RSS).
+
+Failures are named for the agent's retry rule (see :mod:`device_agent.ports`):
+no answer at all is :class:`ServerUnreachable`, a busy proxy
+:class:`ServerBusy` (both Unavailable), any other HTTP status a final
+:class:`DownloadError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from device_agent.downloader import DownloadError, ServerUnreachable, download_model, fetch_envelope
+
+if TYPE_CHECKING:
+    import httpx
+    from tuf.ngclient import FetcherInterface
+
+    from device_agent.trust_state import TrustStore
+    from device_agent.wire import ModelRef
+    from signing.errors import DeliveryError
+
+TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class HttpsSettings:
+    """Which CA a server's certificate must chain to, and the client certificate to present."""
+
+    ca_file: Path | None = None  # None: the system's trust store
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        # Said when the agent is built, not at its first download hours later.
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{path}: no such file (HTTPS settings)")
+
+    def context(self) -> ssl.SSLContext:
+        return _context(self)
+
+
+@functools.lru_cache(maxsize=8)
+def _context(settings: HttpsSettings) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.cert_file is not None and settings.key_file is not None:
+        ctx.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+    return ctx
+
+
+class HttpFetcher:
+    """Bundles over HTTP(S) with the device's header and TLS settings; TUF metadata through python-tuf."""
+
+    def __init__(
+        self, device_id: str, https: HttpsSettings = HttpsSettings(), max_bytes_per_s: int = 0
+    ) -> None:
+        self.device_id = device_id
+        self.https = https
+        self.max_bytes_per_s = max_bytes_per_s  # bandwidth cap for model files (0: none)
+
+    def _client(self) -> httpx.AsyncClient:
+        import httpx
+
+        return httpx.AsyncClient(
+            verify=self.https.context(), timeout=httpx.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+        )
+
+    async def envelope(self, url: str) -> bytes:
+        async with _named_errors(), self._client() as client:
+            return await fetch_envelope(client, url, self.device_id)
+
+    async def model(self, url: str, part: Path, *, length: int, sha256: str) -> None:
+        async with _named_errors(), self._client() as client:
+            await download_model(
+                client,
+                url,
+                part,
+                length=length,
+                sha256=sha256,
+                device_id=self.device_id,
+                max_bytes_per_s=self.max_bytes_per_s,
+            )
+
+    def release(
+        self, store: TrustStore, base_url: str, ref: ModelRef, hardware_id: str, now: datetime
+    ) -> None:
+        from device_agent.delivery import verify_release
+
+        with _tuf_fetcher(self.https) as fetcher:
+            verify_release(store, base_url, ref, hardware_id, now, fetcher=fetcher)
+
+    def root(self, store: TrustStore, base_url: str, now: datetime) -> DeliveryError | None:
+        from device_agent.delivery import refresh_root
+
+        with _tuf_fetcher(self.https) as fetcher:
+            return refresh_root(store, base_url, now, fetcher=fetcher)
+
+
+@contextlib.asynccontextmanager
+async def _named_errors() -> AsyncIterator[None]:
+    """httpx's exceptions as the fetcher contract names them."""
+    import httpx
+
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise ServerUnreachable(f"{type(exc).__name__}: {exc}") from exc
+    except httpx.HTTPError as exc:
+        raise DownloadError(f"{type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _tuf_fetcher(https: HttpsSettings) -> Iterator[FetcherInterface]:
+    """A python-tuf fetcher over httpx with our TLS settings, for one update."""
+    import httpx
+
+    timeout = httpx.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+    with httpx.Client(verify=https.context(), timeout=timeout) as client:
+        yield _tuf_fetcher_type()(client)
+
+
+@functools.cache
+def _tuf_fetcher_type() -> Callable[[httpx.Client], FetcherInterface]:
+    """The class, built on first use: python-tuf is imported only by agents in TUF mode."""
+    import httpx
+    from tuf.api import exceptions
+    from tuf.ngclient import FetcherInterface
+
+    class HttpxTufFetcher(FetcherInterface):
+        def __init__(self, client: httpx.Client) -> None:
+            self.client = client
+
+        def _fetch(self, url: str) -> Iterator[bytes]:
+            # Errors raised here (no connection, TLS refused) become python-tuf DownloadErrors in fetch().
+            resp = self.client.send(self.client.build_request("GET", url), stream=True)
+            if resp.status_code >= 400:
+                resp.close()
+                raise exceptions.DownloadHTTPError(f"GET {url}: HTTP {resp.status_code}", resp.status_code)
+            return self._chunks(resp)
+
+        @staticmethod
+        def _chunks(resp: httpx.Response) -> Iterator[bytes]:
+            try:
+                yield from resp.iter_bytes()
+            except httpx.HTTPError as exc:
+                raise exceptions.DownloadError(f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                resp.close()
+
+    return HttpxTufFetcher
+
+
+__all__ = ["HttpFetcher", "HttpsSettings"]
