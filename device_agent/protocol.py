@@ -29,6 +29,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from device_agent import wire
+
 # Topics, states and bounds live in ``wire`` (stdlib only, what the agent itself imports);
 # re-exported here so this module stays the one place the contract is read from.
 from device_agent.wire import (
@@ -44,6 +46,7 @@ from device_agent.wire import (
     DeploymentState,
     ProtocolError,
     ReasonCode,
+    default_of,
     latency_bucket,
     latency_quantile,
     parse_topic,
@@ -78,10 +81,14 @@ class ModelRef(_Msg):
 class Probation(_Msg):
     """How the agent judges a freshly swapped-in model before it reports success."""
 
-    seconds: float = Field(default=0.0, ge=0.0)  # watch window after the swap
-    min_inferences: int = Field(default=1, ge=0)  # ok inferences needed before success
-    max_error_rate: float = Field(default=0.05, ge=0.0, le=1.0)  # non-finite / runtime errors
-    max_latency_ratio: float = Field(default=3.0, gt=0.0)  # p95 new / p95 old on this device
+    # watch window after the swap
+    seconds: float = Field(default=default_of(wire.Probation, "seconds"), ge=0.0)
+    # ok inferences needed before success
+    min_inferences: int = Field(default=default_of(wire.Probation, "min_inferences"), ge=0)
+    # non-finite / runtime errors
+    max_error_rate: float = Field(default=default_of(wire.Probation, "max_error_rate"), ge=0.0, le=1.0)
+    # p95 new / p95 old on this device
+    max_latency_ratio: float = Field(default=default_of(wire.Probation, "max_latency_ratio"), gt=0.0)
 
 
 class Directive(_Msg):
@@ -93,10 +100,13 @@ class Directive(_Msg):
     expires_at: datetime
     model: ModelRef | None  # None: run nothing new (keep current)
     rollout_id: str | None = None
-    probation_inferences: int = Field(default=1, ge=0)  # ok inferences before success is reported
+    # ok inferences before success is reported
+    probation_inferences: int = Field(default=default_of(wire.Directive, "probation_inferences"), ge=0)
     probation: Probation | None = None  # watch the new model after the swap; revert on misbehaviour
     shadow: ModelRef | None = None  # candidate to run beside ``model`` on sampled inputs, never served
-    shadow_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    shadow_sample_rate: float = Field(
+        default=default_of(wire.Directive, "shadow_sample_rate"), ge=0.0, le=1.0
+    )
     not_before: datetime | None = None  # do not start before (maintenance windows)
 
 

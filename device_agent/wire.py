@@ -28,7 +28,7 @@ import json
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -324,6 +324,15 @@ class ModelRef:
         }
 
 
+def default_of(cls: type, name: str) -> Any:
+    """The default a message dataclass declares for ``name``: the one place each wire default lives
+    (the decoder here and the pydantic schemas in :mod:`device_agent.protocol` read it)."""
+    for f in fields(cls):
+        if f.name == name:
+            return f.default
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Probation:
     """How the agent judges a freshly swapped-in model before it reports success."""
@@ -337,10 +346,16 @@ class Probation:
     def from_dict(cls, data: Any) -> Probation:
         f = _Fields("Probation", data)
         return cls(
-            seconds=f.number("seconds", default=0.0, ge=0.0),
-            min_inferences=f.integer("min_inferences", default=1, required=False, ge=0),
-            max_error_rate=f.number("max_error_rate", default=0.05, ge=0.0, le=1.0),
-            max_latency_ratio=f.number("max_latency_ratio", default=3.0, gt=0.0),
+            seconds=f.number("seconds", default=default_of(cls, "seconds"), ge=0.0),
+            min_inferences=f.integer(
+                "min_inferences", default=default_of(cls, "min_inferences"), required=False, ge=0
+            ),
+            max_error_rate=f.number(
+                "max_error_rate", default=default_of(cls, "max_error_rate"), ge=0.0, le=1.0
+            ),
+            max_latency_ratio=f.number(
+                "max_latency_ratio", default=default_of(cls, "max_latency_ratio"), gt=0.0
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -381,10 +396,14 @@ class Directive:
             expires_at=f.when("expires_at"),
             model=ModelRef.from_dict(model, "Directive.model") if model is not None else None,
             rollout_id=f.text("rollout_id", required=False),
-            probation_inferences=f.integer("probation_inferences", default=1, required=False, ge=0),
+            probation_inferences=f.integer(
+                "probation_inferences", default=default_of(cls, "probation_inferences"), required=False, ge=0
+            ),
             probation=Probation.from_dict(probation) if probation is not None else None,
             shadow=ModelRef.from_dict(shadow, "Directive.shadow") if shadow is not None else None,
-            shadow_sample_rate=f.number("shadow_sample_rate", default=0.1, ge=0.0, le=1.0),
+            shadow_sample_rate=f.number(
+                "shadow_sample_rate", default=default_of(cls, "shadow_sample_rate"), ge=0.0, le=1.0
+            ),
             not_before=f.when("not_before", required=False),
         )
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Any
 
-from device_agent.protocol import LATENCY_BOUNDS_US
+from device_agent.protocol import latency_quantile
 from fleet_server.policy import ANY_FAILURE, GateAction, Policy
 
 ROLL_BACK = GateAction.ROLL_BACK
@@ -66,16 +66,8 @@ def merge(hists: Iterable[Histograms]) -> Histograms:
 
 
 def p95_us(buckets: Sequence[int]) -> float | None:
-    """Upper bound of the bucket holding the 95th percentile (+inf counts as twice the last bound)."""
-    total = sum(buckets)
-    if total == 0:
-        return None
-    need, seen = 0.95 * total, 0
-    for i, count in enumerate(buckets):
-        seen += count
-        if seen >= need:
-            return LATENCY_BOUNDS_US[i] if i < len(LATENCY_BOUNDS_US) else LATENCY_BOUNDS_US[-1] * 2
-    return LATENCY_BOUNDS_US[-1] * 2
+    """Upper bound of the bucket holding the 95th percentile (the device's own quantile rule)."""
+    return latency_quantile(buckets, 0.95)
 
 
 def psi(new: Sequence[int], old: Sequence[int]) -> float:

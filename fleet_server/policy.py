@@ -33,61 +33,8 @@ class ServerFailure(StrEnum):
 ANY_FAILURE = "*"
 """Retry-limit key for every failure class the map does not name."""
 
-AGENT_REASON_CODES = frozenset(
-    {
-        # the directive was refused (signature, addressee, order, age)
-        "trust_error",
-        "malformed_envelope",
-        "wrong_payload_type",
-        "unknown_key",
-        "bad_signature",
-        "threshold_not_met",
-        "expired",
-        "root_chain_broken",
-        "wrong_device",
-        "stale_sequence",
-        # the release did not verify or does not fit the device
-        "digest_mismatch",
-        "length_mismatch",
-        "missing_file",
-        "unexpected_file",
-        "delivery_error",
-        "delivery_unavailable",
-        "metadata_unsigned",
-        "metadata_rollback",
-        "metadata_mix_and_match",
-        "metadata_expired",
-        "metadata_invalid",
-        "target_not_found",
-        "target_mismatch",
-        "endless_data",
-        "malformed_target",
-        "directive_mismatch",
-        "hardware_mismatch",
-        "below_revocation_floor",
-        "no_repository",
-        "unsupported_target",
-        # downloading, storing and loading it
-        "download_failed",
-        "download_incomplete",
-        "insufficient_disk",
-        "disk_full",
-        "io_error",
-        "load_failed",
-        "internal_error",
-        # waiting for a maintenance window
-        "not_before",
-        # probation verdicts that make the agent revert
-        "crash_loop",
-        "error_rate",
-        "latency_regression",
-    }
-)
-"""The reason codes the device agent reports in events and rejections.
-
-These must equal the values of ``device_agent.protocol.ReasonCode``, the agent's reason codes on
-the wire: a retry limit keyed on anything else could never match a failure.
-"""
+AGENT_REASON_CODES = frozenset(protocol.ReasonCode)
+"""The reason codes the device agent reports in events and rejections (its wire enum)."""
 
 FAILURE_CLASSES = AGENT_REASON_CODES | set(ServerFailure)
 """What a ``retry_limits`` key may name: a reason code, or one of the two classes the server assigns."""
