@@ -18,6 +18,7 @@ from fleet_server.artifacts import load_trust
 from fleet_server.auth import AuditMiddleware, bootstrap_admin_token, hash_token
 from fleet_server.auth_api import audit_router, tokens_router
 from fleet_server.context import ServerContext
+from fleet_server.drift_api import drift_router
 from fleet_server.errors import ApiError
 from fleet_server.mqtt_bridge import MqttBridge
 from fleet_server.settings import ServerSettings
@@ -55,10 +56,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        bridge = MqttBridge(settings, context.engine, context.counters)
+        bridge = MqttBridge(settings, context.engine, context.counters, context.trust.fleet_keys)
         ticker = Ticker(settings, context.engine, bridge.publish_desired, fleet_key, context.lock)
         context.bridge, context.ticker = bridge, ticker
-        bridge.start()
+        bridge.start(is_leader=lambda: ticker.is_leader)
         ticker.start()
         if context.tuf is not None:
             context.tuf.start(settings.tuf_refresh_interval)
@@ -79,6 +80,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(release_router)
     app.include_router(tokens_router)
     app.include_router(audit_router)
+    app.include_router(drift_router)
     app.include_router(static_router)
     app.add_middleware(AuditMiddleware, engine=context.engine)
 

@@ -278,3 +278,8 @@ class StatsOut(BaseModel):
     mqtt_disconnects: int = Field(
         default=0, description="unexpected MQTT disconnects of this replica's clients (keepalive missed, ...)"
     )
+    drift_detected: int = Field(
+        default=0, description="devices seen going off their desired seq or model (GET /api/v1/drift)"
+    )
+    directives_republished: int = Field(default=0, description="directives sent again to drifting devices")
+    directives_restored: int = Field(default=0, description="deleted retained directives put back")
