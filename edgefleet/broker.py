@@ -259,14 +259,17 @@ def start_secure_broker(
     keys_dir: Path | None = None,
     port: int | None = None,
     server_port: int | None = None,
+    passphrase: bytes | None = None,
 ) -> Broker:
     """Mosquitto from ``write_broker_config``'s production files, on free loopback ports.
 
     The same TLS, ACL and identity rules as a deployment; what differs is local: loopback
     addresses, a persistence directory under ``workdir``, and (as root) Mosquitto staying root,
     because a private temporary directory is not reachable by the ``mosquitto`` user.
-    ``keys_dir``: where the fleet CA lives (default ``workdir/keys``, created). Started again on
-    the same ``workdir`` and ports it keeps its retained messages, sessions and issued credentials.
+    ``keys_dir``: where the fleet CA lives (default ``workdir/keys``, created; ``passphrase``
+    unlocks an encrypted one, and then only ``edgefleet devices provision`` issues device
+    credentials). Started again on the same ``workdir`` and ports it keeps its retained messages,
+    sessions and issued credentials.
     """
     from edgefleet.broker_config import write_broker_config
     from signing.keyring import KeyDir
@@ -285,7 +288,7 @@ def start_secure_broker(
     files = write_broker_config(
         KeyDir(keys_dir), workdir / "broker", hostnames=["127.0.0.1", "localhost"], port=port,
         bind="127.0.0.1", auth=auth, persistence_dir=workdir / "broker" / "data", server_port=server_port,
-        run_as="root" if os.geteuid() == 0 else None,
+        run_as="root" if os.geteuid() == 0 else None, passphrase=passphrase,
     )  # fmt: skip
     log_path = workdir / "mosquitto.log"
     log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the broker
