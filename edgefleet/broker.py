@@ -47,6 +47,7 @@ __all__ = [
     "SecureBrokerInfo",
     "device_mqtt_keys",
     "device_security",
+    "fleet_mqtt_keys",
     "provision_devices",
     "security_label",
     "server_mqtt_settings",
@@ -226,7 +227,9 @@ def start_embedded(port: int | None = None) -> Broker:
     return Broker(BrokerInfo("127.0.0.1", port, 4, False, "amqtt"), stop)
 
 
-def start_broker(prefer: str = "auto", workdir: Path | None = None, auth: str = "mtls") -> Broker:
+def start_broker(
+    prefer: str = "auto", workdir: Path | None = None, auth: str = "mtls", keys_dir: Path | None = None
+) -> Broker:
     """The demo's and local trials' broker. ``prefer``: ``auto`` (the production configuration on
     Mosquitto when it is installed, else the embedded development broker), ``secure``,
     ``mosquitto`` (open development Mosquitto) or ``embedded``; ``EDGEFLEET_BROKER`` overrides it.
@@ -238,7 +241,7 @@ def start_broker(prefer: str = "auto", workdir: Path | None = None, auth: str = 
         return start_embedded()
     if prefer == "mosquitto":
         return start_mosquitto(workdir=workdir)
-    return start_secure_broker(workdir, auth=auth)
+    return start_secure_broker(workdir, auth=auth, keys_dir=keys_dir)
 
 
 def security_label(info: BrokerInfo) -> str:
@@ -347,9 +350,15 @@ def server_security(info: BrokerInfo) -> MqttSecurity:
 def device_mqtt_keys(info: BrokerInfo, device_id: str) -> dict[str, Any]:
     """The agent configuration's ``mqtt_*`` keys for ``device_id`` on this broker, issuing its
     credentials on first use; ``{}`` on an open broker."""
+    return fleet_mqtt_keys(info, [device_id]).get(device_id, {})
+
+
+def fleet_mqtt_keys(info: BrokerInfo, device_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """:func:`device_mqtt_keys` for a whole fleet at once (one password-file rewrite and reload);
+    empty on an open broker."""
     if not isinstance(info, SecureBrokerInfo):
         return {}
-    return provision_devices(info, [device_id])[device_id]
+    return provision_devices(info, device_ids)
 
 
 def device_security(info: BrokerInfo, device_id: str) -> MqttSecurity:
@@ -373,11 +382,13 @@ def device_security(info: BrokerInfo, device_id: str) -> MqttSecurity:
 _issue_lock = threading.Lock()
 
 
-def provision_devices(info: SecureBrokerInfo, device_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+def provision_devices(
+    info: SecureBrokerInfo, device_ids: Iterable[str], passphrase: bytes | None = None
+) -> dict[str, dict[str, Any]]:
     """Issue (once, kept under ``files_dir/devices/``) the broker credentials of many devices and
     return each one's agent ``mqtt_*`` keys. In password mode the new ones go into the password
     file in one rewrite and the broker is reloaded once (SIGHUP), and this returns when it
-    accepts them."""
+    accepts them. ``passphrase`` unlocks an encrypted fleet CA."""
     from edgefleet.provision import agent_mqtt_keys, set_passwords, write_device_identity
 
     out: dict[str, dict[str, Any]] = {}
@@ -386,7 +397,8 @@ def provision_devices(info: SecureBrokerInfo, device_ids: Iterable[str]) -> dict
         for device_id in dict.fromkeys(device_ids):
             d = info.files_dir / "devices" / device_id
             if not (d / "device.key").exists():
-                new_passwords[device_id] = write_device_identity(_ca(info.keys_dir), device_id, d)
+                ca = _ca(info.keys_dir, passphrase)
+                new_passwords[device_id] = write_device_identity(ca, device_id, d)
             out[device_id] = agent_mqtt_keys(
                 info.auth, ca_file=info.ca_file, cert_file=d / "device.crt", key_file=d / "device.key",
                 username=device_id, password_file=d / "mqtt.password",
@@ -398,11 +410,11 @@ def provision_devices(info: SecureBrokerInfo, device_ids: Iterable[str]) -> dict
 
 
 @functools.cache
-def _ca(keys_dir: Path) -> Any:
+def _ca(keys_dir: Path, passphrase: bytes | None) -> Any:
     from edgefleet.provision import fleet_ca
     from signing.keyring import KeyDir
 
-    return fleet_ca(KeyDir(keys_dir))
+    return fleet_ca(KeyDir(keys_dir), passphrase)
 
 
 def _reload(info: SecureBrokerInfo, device_id: str, password: str, timeout: float = 10.0) -> None:
