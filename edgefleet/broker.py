@@ -398,7 +398,8 @@ def provision_devices(
             d = info.files_dir / "devices" / device_id
             if not (d / "device.key").exists():
                 ca = _ca(info.keys_dir, passphrase)
-                new_passwords[device_id] = write_device_identity(ca, device_id, d)
+                # issued again if lost: no fsync per secret (a thousand devices in ~2 s instead of ~8)
+                new_passwords[device_id] = write_device_identity(ca, device_id, d, durable=False)
             out[device_id] = agent_mqtt_keys(
                 info.auth, ca_file=info.ca_file, cert_file=d / "device.crt", key_file=d / "device.key",
                 username=device_id, password_file=d / "mqtt.password",

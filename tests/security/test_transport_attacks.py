@@ -14,6 +14,7 @@ Every attack is counted in docs/trust.md ("Transport").
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 import zlib
 from collections.abc import Iterator
@@ -413,3 +414,83 @@ def test_our_server_without_the_server_certificate_stays_out(
         assert server.context.bridge is not None and not server.context.bridge.connected
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- the server keeps devices honest
+
+
+def test_the_server_brings_a_wiped_device_back_to_its_desired_seq(keydir: KeyDir, tmp_path: Path) -> None:
+    """The issue's replay: a device installed seq 2; an attacker re-publishes the older seq-1
+    directive (refused by the ACL); the device's data dir is wiped and the broker loses its store
+    (no retained directive any more). The device comes back idle at seq 0: the server sees it
+    behind its desired seq and republishes seq 2, which it installs."""
+    from edgefleet.broker import mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed")
+    broker = start_secure_broker(tmp_path / "broker")  # its own: it loses its store below
+    info = broker.info
+    assert isinstance(info, SecureBrokerInfo)
+    server = _server(tmp_path, keydir, info, reconcile_grace_seconds=0.5, reconcile_interval_seconds=2.0)
+    api, loop = ApiClient(server.url), LoopThread()
+    dev, mallory_id = unique_id("wiped"), unique_id("mallory")
+    api.register_device(dev, HW, {"role": "victim"})
+    api.register_device(mallory_id, HW, {"role": "attacker"})
+    agents: list[Agent] = []
+    try:
+        agent = _agent(info, keydir, tmp_path, dev)
+        mallory = _agent(info, keydir, tmp_path, mallory_id)
+        agents += [agent, mallory]
+        for a in agents:
+            loop.run(a.start())
+            assert loop.run(a.wait_connected(10))
+        bridge = server.context.bridge
+        assert bridge is not None
+        seqs: dict[int, bytes] = {}
+        for version in (1, 2):
+            b = make_bundle(tmp_path / "b", keydir.key("release"), seed=version, version=str(version))
+            api.push_bundle(b.dir)
+            rid = api.create_rollout(
+                model=f"tiny:{version}", selector={"hardware_id": HW, "tags": {"role": "victim"}},
+                stages=[100], min_inferences=1,
+            )["id"]  # fmt: skip
+            wait_for(lambda b=b: agent.running_sha256 == b.sha256, 30, f"v{version} installed")
+            agent.infer(X)
+            wait_for(lambda rid=rid: api.rollout(rid)["state"] == "completed", 30, f"rollout {version}")
+            held = bridge.reconciler.directive(dev)
+            assert held is not None
+            seqs[version] = held
+        v2_sha = agent.running_sha256
+        assert api.device(dev)["deployment_seq"] == 2
+        # the attacker replays the older, validly signed directive: refused
+        assert mallory.link is not None
+        assert (
+            _puback(loop, mallory.link, protocol.topic(dev, "desired"), seqs[1], retain=True)
+            == NOT_AUTHORIZED
+        )
+        # the device's data dir is wiped, and the broker loses its store
+        loop.run(agent.stop())
+        shutil.rmtree(tmp_path / dev)
+        broker.stop()
+        shutil.rmtree(info.files_dir / "data")
+        broker = start_secure_broker(tmp_path / "broker", port=info.port, server_port=info.server_port)
+        wait_for(lambda: bridge.connected, 20, "the server reconnected")
+        fresh = _agent(info, keydir, tmp_path, dev)
+        agents[0] = fresh
+        loop.run(fresh.start())
+        assert loop.run(fresh.wait_connected(10))
+        wait_for(lambda: fresh.running_sha256 == v2_sha, 30, "the server brought it back to seq 2")
+        fresh.infer(X)
+        wait_for(lambda: api.device(dev)["deployment_seq"] == 2, 10, "the server sees seq 2")
+        assert fresh.history == [v2_sha]  # never the replayed seq 1
+        s = api.stats()
+        assert s["directives_republished"] >= 1 and s["drift_detected"] >= 1
+        row = next(r for r in api.drift() if r["device_id"] == dev)
+        assert row["republished"] >= 1
+    finally:
+        for a in agents:
+            loop.run(a.stop())
+        loop.close()
+        api.close()
+        server.stop()
+        broker.stop()

@@ -101,8 +101,10 @@ def server_settings(tmp_path: Path, keydir: KeyDir, broker: BrokerInfo, **over: 
 
 @pytest.fixture
 def make_server(
-    tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo
+    tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo, fake_device: Callable[[str], FakeDevice]
 ) -> Iterator[Callable[..., ServerThread]]:
+    """Servers of this test, stopped before ``fake_device`` clears the retained topics (a running
+    server restores a deleted directive: ``fleet_server.reconciler``)."""
     started: list[ServerThread] = []
 
     def make(**over: Any) -> ServerThread:
