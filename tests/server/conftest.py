@@ -107,10 +107,11 @@ def make_server(
     server restores a deleted directive: ``fleet_server.reconciler``)."""
     started: list[ServerThread] = []
 
-    def make(**over: Any) -> ServerThread:
+    def make(tls_cert: Path | None = None, tls_key: Path | None = None, **over: Any) -> ServerThread:
         # port 0: ServerThread binds the socket itself (no race for a port chosen here) and
-        # defaults public_url to where it listens
-        srv = ServerThread(server_settings(tmp_path, keydir, broker_info, **over)).start()
+        # defaults public_url to where it listens (https:// with tls_cert/tls_key)
+        settings = server_settings(tmp_path, keydir, broker_info, **over)
+        srv = ServerThread(settings, tls_cert=tls_cert, tls_key=tls_key).start()
         started.append(srv)
         assert srv.context.bridge is not None
         wait_for(srv.context.bridge.subscribed.is_set, 10)
