@@ -176,6 +176,8 @@ class MqttBridge:
                 self.reconciler.on_desired(device_id, bytes(m.payload))
             except protocol.ProtocolError:
                 self.counters.add("malformed_messages")
+            except Exception:  # paho's network thread must survive whatever is on the broker
+                log.exception("handling a directive on %s failed", m.topic)
             finally:
                 if m.qos:
                     client.ack(m.mid, m.qos)

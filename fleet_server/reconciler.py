@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import base64
 import heapq
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from device_agent import protocol
 from fleet_server import reconcile
 from fleet_server.counters import Counters
 from fleet_server.models import utcnow
+from signing import safejson
 from signing.dsse import verify_envelope
 from signing.errors import TrustError
 from signing.keys import PublicKey
@@ -58,10 +59,17 @@ class DeviceDrift:
     detail: str = ""
 
 
-def directive_view(payload: bytes, seen_at: float) -> reconcile.Directive:
+def read_envelope(payload: bytes) -> dict[str, Any]:
+    """A directive's DSSE envelope, parsed with the bounds every untrusted document gets."""
+    env = safejson.loads(payload, max_bytes=protocol.MAX_PAYLOAD)
+    if not isinstance(env, dict) or not isinstance(env.get("payload"), str):
+        raise ValueError("not a DSSE envelope")
+    return env
+
+
+def directive_view(env: dict[str, Any], seen_at: float) -> reconcile.Directive:
     """The parts of a signed directive the decisions need (the envelope is not verified here)."""
-    env = json.loads(payload)
-    d = protocol.decode_directive(base64.b64decode(env["payload"]))
+    d = protocol.decode_directive(base64.b64decode(env["payload"], validate=True))
     return reconcile.Directive(
         seq=d.seq,
         model_sha256=d.model.sha256 if d.model is not None else None,
@@ -116,8 +124,8 @@ class Reconciler:
     def published(self, device_id: str, payload: bytes) -> None:
         """This replica published ``payload`` as ``device_id``'s directive."""
         try:
-            view = directive_view(payload, self.clock())
-        except (ValueError, KeyError, TypeError, protocol.ProtocolError):
+            view = directive_view(read_envelope(payload), self.clock())
+        except (ValueError, protocol.ProtocolError):
             log.exception("cannot read the directive just published for %s", device_id)
             return
         with self._lock:
@@ -129,10 +137,11 @@ class Reconciler:
             self._restore(device_id)
             return
         try:
+            env = read_envelope(payload)
             if self.fleet_keys:
-                verify_envelope(payload, protocol.DIRECTIVE_PAYLOAD_TYPE, self.fleet_keys)
-            view = directive_view(payload, self.clock())
-        except (TrustError, ValueError, KeyError, TypeError, protocol.ProtocolError) as exc:
+                verify_envelope(env, protocol.DIRECTIVE_PAYLOAD_TYPE, self.fleet_keys)
+            view = directive_view(env, self.clock())
+        except (TrustError, ValueError, protocol.ProtocolError) as exc:
             # not one of ours (another fleet key, or garbage on an open broker): never restored
             log.info("ignoring a directive on the broker for %s: %s", device_id, str(exc)[:200])
             return

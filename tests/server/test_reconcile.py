@@ -234,7 +234,9 @@ def test_only_the_leader_republishes(
     assert stats(client)["directives_republished"] == 0
 
 
-@pytest.mark.parametrize("payload", [b"not json", b'{"payload": "!!"}'])
+@pytest.mark.parametrize(
+    "payload", [b"not json", b'{"payload": "!!"}', b"[" * 100_000], ids=["text", "bad-base64", "deep"]
+)
 def test_garbage_on_a_desired_topic_is_never_restored(
     payload: bytes,
     make_server: Callable[..., ServerThread],
@@ -255,6 +257,7 @@ def test_garbage_on_a_desired_topic_is_never_restored(
         writer.publish("ef/v1/drift-5/desired", payload, qos=1, retain=True).wait_for_publish(5)
         time.sleep(0.5)
         assert bridge.reconciler.directive("drift-5") == held
+        assert bridge.connected  # paho's network thread survived it
     finally:
         writer.disconnect()
         writer.loop_stop()
