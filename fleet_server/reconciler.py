@@ -103,6 +103,7 @@ class Reconciler:
         self._drift: dict[str, DeviceDrift] = {}
         self._due: list[tuple[float, str, bool]] = []  # (when, device, restoring) to look at again
         self._scheduled: dict[str, float] = {}  # device -> earliest time it is in _due
+        self._missing: set[str] = set()  # devices whose retained directive was deleted, not back yet
         self._wake = threading.Condition(self._lock)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ef-reconcile", daemon=True)
@@ -134,6 +135,8 @@ class Reconciler:
     def on_desired(self, device_id: str, payload: bytes) -> None:
         """A message on the broker's ``desired`` topic: a directive (retained or live) or a deletion."""
         if not payload:
+            with self._lock:
+                self._missing.add(device_id)
             self._restore(device_id)
             return
         try:
@@ -146,6 +149,7 @@ class Reconciler:
             log.info("ignoring a directive on the broker for %s: %s", device_id, str(exc)[:200])
             return
         with self._lock:
+            self._missing.discard(device_id)
             held = self._directives.get(device_id)
             if held is None or view.seq > held[0].seq:
                 self._directives[device_id] = held = (view, payload)
@@ -224,6 +228,9 @@ class Reconciler:
         restoring: bool,
     ) -> None:
         if not self.is_leader():
+            # another replica drives the engine; if this one becomes the leader, it looks again
+            if verdict.drifting and (verdict.republish or verdict.retry_at is not None):
+                self._schedule(device_id, verdict.retry_at or self.clock() + self.policy.interval, restoring)
             return
         if verdict.republish and held is not None:
             with self._lock:
@@ -238,11 +245,14 @@ class Reconciler:
             log.warning("%s: %s: republishing seq %d", device_id, verdict.drift.value, held[0].seq)
             self._publish(device_id, held[1])
         elif verdict.retry_at is not None:
-            with self._wake:
-                if self._scheduled.get(device_id, float("inf")) > verdict.retry_at:
-                    self._scheduled[device_id] = verdict.retry_at
-                    heapq.heappush(self._due, (verdict.retry_at, device_id, restoring))
-                    self._wake.notify_all()
+            self._schedule(device_id, verdict.retry_at, restoring)
+
+    def _schedule(self, device_id: str, when: float, restoring: bool) -> None:
+        with self._wake:
+            if self._scheduled.get(device_id, float("inf")) > when:
+                self._scheduled[device_id] = when
+                heapq.heappush(self._due, (when, device_id, restoring))
+                self._wake.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -256,7 +266,8 @@ class Reconciler:
                     del self._scheduled[device_id]
             try:
                 if restoring:
-                    self._restore(device_id)
+                    if device_id in self._missing:  # not put back meanwhile (by us or another replica)
+                        self._restore(device_id)
                 else:
                     self._judge(device_id)
             except Exception:  # the timer must outlive any one device
