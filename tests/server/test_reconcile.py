@@ -4,6 +4,7 @@ directive restored; drift counted in stats and per device)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from device_agent import protocol
+from edgefleet.cli import app
 from fleet_server import reconcile
 from fleet_server.reconcile import Directive, Drift, Policy, Reported
 from fleet_server.runner import ServerThread
@@ -155,6 +158,10 @@ def test_a_device_reporting_an_older_seq_gets_its_directive_again(
     assert [(r["device_id"], r["drift"], r["episodes"], r["republished"]) for r in drift] == [
         ("drift-1", "seq_behind", 1, 2)
     ]
+    shown = CliRunner().invoke(
+        app, ["devices", "drift", "--server", str(client.base_url), "--drifting", "--json"]
+    )
+    assert shown.exit_code == 0 and [r["device_id"] for r in json.loads(shown.output)] == ["drift-1"]
     # it catches up: in sync again, no more directives
     running = protocol.RunningModel(name="det", version="1", sha256=d.model.sha256 if d.model else "")
     caught_up = reported("drift-1", running=running, deployment_seq=1, deployment_state="serving")
