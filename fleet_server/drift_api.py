@@ -20,6 +20,7 @@ drift_router = APIRouter(
     tags=["devices"],
     dependencies=[Depends(require("viewer"))],
     responses={
+        400: {"model": ErrorOut, "description": "bad input"},
         401: {"model": ErrorOut, "description": "no or invalid API token"},
         403: {"model": ErrorOut, "description": "forbidden (role)"},
     },
