@@ -48,3 +48,15 @@ def device_address(broker: BrokerInfo) -> tuple[str, int]:
 
 def server_address(broker: BrokerInfo) -> tuple[str, int]:
     return broker.host, broker.server_port if isinstance(broker, SecureBrokerInfo) else broker.port
+
+
+def publish_as_server(broker: BrokerInfo, topic: str, payload: bytes, retain: bool = True) -> None:
+    """One QoS 1 publish with the server's identity, acknowledged before this returns."""
+    c = server_client(broker)
+    c.connect(*server_address(broker))
+    c.loop_start()
+    try:
+        c.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+    finally:
+        c.disconnect()
+        c.loop_stop()

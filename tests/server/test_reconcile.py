@@ -15,12 +15,13 @@ import pytest
 from typer.testing import CliRunner
 
 from device_agent import protocol
+from edgefleet.broker import BrokerInfo
 from edgefleet.cli import app
 from fleet_server import reconcile
 from fleet_server.reconcile import Directive, Drift, Policy, Reported
 from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
-from tests.mqtt_clients import server_address, server_client
+from tests.mqtt_clients import publish_as_server
 
 from .conftest import FakeDevice, make_bundle, register, stats, upload, wait_for
 from .test_mqtt import reported
@@ -194,7 +195,7 @@ def test_a_deleted_retained_directive_is_restored(
     keydir: KeyDir,
     tmp_path: Path,
     fake_device: Callable[[str], FakeDevice],
-    broker_info: object,
+    broker_info: BrokerInfo,
 ) -> None:
     server, client, dev, _ = _directed_device(make_server, keydir, tmp_path, fake_device, "drift-3")
     bridge = server.context.bridge
@@ -202,15 +203,8 @@ def test_a_deleted_retained_directive_is_restored(
     held = bridge.reconciler.directive("drift-3")
     assert held is not None
     # someone with write access to desired (an operator's script, another tool) clears it
-    cleaner = server_client(broker_info)  # type: ignore[arg-type]
-    cleaner.connect(*server_address(broker_info))  # type: ignore[arg-type]
-    cleaner.loop_start()
-    try:
-        cleaner.publish("ef/v1/drift-3/desired", b"", qos=1, retain=True).wait_for_publish(5)
-        wait_for(lambda: stats(client)["directives_restored"] == 1, 10)
-    finally:
-        cleaner.disconnect()
-        cleaner.loop_stop()
+    publish_as_server(broker_info, "ef/v1/drift-3/desired", b"")
+    wait_for(lambda: stats(client)["directives_restored"] == 1, 10)
     # the broker holds it again: a device (re)subscribing now gets the very same directive
     dev.received.clear()
     dev.client.unsubscribe("ef/v1/drift-3/desired")
@@ -250,21 +244,14 @@ def test_garbage_on_a_desired_topic_is_never_restored(
     keydir: KeyDir,
     tmp_path: Path,
     fake_device: Callable[[str], FakeDevice],
-    broker_info: object,
+    broker_info: BrokerInfo,
 ) -> None:
     """What the server holds comes from its own publishes or the fleet key's signature."""
     server, _, _, _ = _directed_device(make_server, keydir, tmp_path, fake_device, "drift-5")
     bridge = server.context.bridge
     assert bridge is not None
     held = bridge.reconciler.directive("drift-5")
-    writer = server_client(broker_info)  # type: ignore[arg-type]
-    writer.connect(*server_address(broker_info))  # type: ignore[arg-type]
-    writer.loop_start()
-    try:
-        writer.publish("ef/v1/drift-5/desired", payload, qos=1, retain=True).wait_for_publish(5)
-        time.sleep(0.5)
-        assert bridge.reconciler.directive("drift-5") == held
-        assert bridge.connected  # paho's network thread survived it
-    finally:
-        writer.disconnect()
-        writer.loop_stop()
+    publish_as_server(broker_info, "ef/v1/drift-5/desired", payload)
+    time.sleep(0.5)
+    assert bridge.reconciler.directive("drift-5") == held
+    assert bridge.connected  # paho's network thread survived it
