@@ -139,8 +139,9 @@ def decide(
     return _when(drift, directive, last_republish, now, wall, policy)
 
 
-def restore(directive: Directive | None, last_republish: float | None, now: float, wall: datetime,
-            policy: Policy) -> Verdict:  # fmt: skip
+def restore(
+    directive: Directive | None, last_republish: float | None, now: float, wall: datetime, policy: Policy
+) -> Verdict:
     """The retained directive was deleted: put it back at once (no grace), but rate-limited."""
     if directive is None:  # nothing retained that this replica knows of: nothing to put back
         return Verdict(Drift.NONE, why="no directive held for the device")

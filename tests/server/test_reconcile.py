@@ -45,7 +45,9 @@ def rep(seq: int, state: str = "serving", sha: str | None = SHA_A, rejected: int
     return Reported(seq=seq, state=state, running_sha256=sha, rejected_seq=rejected)
 
 
-def decide(desired: int, d: Directive | None, r: Reported, last: float | None = None, now: float = 100.0):  # type: ignore[no-untyped-def]
+def decide(
+    desired: int, d: Directive | None, r: Reported, last: float | None = None, now: float = 100.0
+) -> reconcile.Verdict:
     return reconcile.decide(desired, d, r, last, now, NOW, POLICY)
 
 
