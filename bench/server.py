@@ -4,7 +4,11 @@
    batches/s stored (decoded, deduped, aggregated, committed, then
    acknowledged) during a sustained window (default 60 s) into SQLite and into
    PostgreSQL, against a bare paho QoS 1 subscriber's receive rate under the
-   same publishers in the same run. Target: ratio >= 0.6. The server ingests
+   same publishers in the same run. The broker is the production
+   configuration (``start_secure_broker``: TLS everywhere, each device on its
+   own connection with its own client certificate, the ACL); the server and
+   the bare subscriber both come in on the server listener with the server's
+   certificate, so TLS costs both sides alike. Target: ratio >= 0.6. The server ingests
    in its own worker processes, so the baseline subscriber runs in its own
    process too (in the publishers' process it would share their GIL, which
    made the ratio meaningless, > 1). The baseline is measured for half the
@@ -39,7 +43,15 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent import protocol
-from edgefleet.broker import BrokerInfo, start_mosquitto
+from device_agent.mqtt_security import MqttSecurity
+from edgefleet.broker import (
+    BrokerInfo,
+    device_security,
+    fleet_mqtt_keys,
+    server_mqtt_settings,
+    server_security,
+    start_secure_broker,
+)
 
 PG_ADMIN = os.environ.get("EDGEFLEET_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 SHA = "a" * 64
@@ -64,9 +76,10 @@ def _template(device: str) -> bytes:
 
 
 class Publishers:
-    """Devices on ``threads`` paho clients publishing telemetry QoS 1 as fast as acks allow.
+    """Devices on ``threads`` threads, each device its own paho client (the ACL lets a device speak
+    only for itself), publishing telemetry QoS 1 as fast as acks allow.
 
-    A bounded window of unacknowledged publishes per client (paho's message ids
+    A bounded window of unacknowledged publishes per thread (paho's message ids
     wrap, and an unbounded queue only measures memory). Every batch has a unique
     id, so the server's dedupe never drops one.
     """
@@ -76,6 +89,7 @@ class Publishers:
         self.stop = threading.Event()
         self.sent = 0
         self._lock = threading.Lock()
+        fleet_mqtt_keys(broker, devices)  # issue the identities before the threads connect
         self._threads = [
             threading.Thread(target=self._run, args=(i, threads), daemon=True) for i in range(threads)
         ]
@@ -91,11 +105,15 @@ class Publishers:
             t.join(30)
 
     def _run(self, index: int, of: int) -> None:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{uuid.uuid4().hex[:8]}")
-        client.max_inflight_messages_set(self.window)
-        client.connect(self.broker.host, self.broker.port)
-        client.loop_start()
         mine = self.devices[index::of]
+        clients: dict[str, mqtt.Client] = {}
+        for d in mine:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=d, protocol=mqtt.MQTTv5)
+            device_security(self.broker, d).apply(client)
+            client.max_inflight_messages_set(self.window)
+            client.connect(self.broker.host, self.broker.port)
+            client.loop_start()
+            clients[d] = client
         topics = {d: protocol.topic(d, "telemetry") for d in mine}
         run = uuid.uuid4().hex[:8]
         inflight: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
@@ -103,7 +121,7 @@ class Publishers:
         while not self.stop.is_set():
             device = mine[k % len(mine)]
             payload = zlib.compress(self._templates[device].replace(b"@ID@", f"{run}-{k}".encode()), 1)
-            inflight.append(client.publish(topics[device], payload, qos=1))
+            inflight.append(clients[device].publish(topics[device], payload, qos=1))
             k += 1
             if len(inflight) >= self.window:
                 inflight.popleft().wait_for_publish(10)
@@ -111,13 +129,16 @@ class Publishers:
             inflight.popleft().wait_for_publish(10)
         with self._lock:
             self.sent += k
-        client.disconnect()
-        client.loop_stop()
+        for client in clients.values():
+            client.disconnect()
+            client.loop_stop()
 
 
-def _bare_subscriber(host: str, port: int, conn: Any) -> None:
+def _bare_subscriber(host: str, port: int, security: MqttSecurity, conn: Any) -> None:
     """A bare paho QoS 1 subscriber (auto-ack, counts and drops), in its own process like the server's
-    ingest worker: the baseline is not slowed by sharing the GIL with the publishers."""
+    ingest worker: the baseline is not slowed by sharing the GIL with the publishers. It has the
+    server's identity and connection (TLS, the server listener): only the server may read every
+    device's telemetry."""
     received = 0
 
     def on_message(_c: Any, _u: Any, _m: Any) -> None:
@@ -129,6 +150,7 @@ def _bare_subscriber(host: str, port: int, conn: Any) -> None:
     )
     sub.on_message = on_message
     sub.on_subscribe = lambda *_a: conn.send("ready")
+    security.apply(sub)
     sub.connect(host, port)
     sub.loop_start()
     sub.subscribe(protocol.shared_subscription("telemetry"), qos=1)
@@ -141,7 +163,9 @@ def _bare_subscriber(host: str, port: int, conn: Any) -> None:
 def _bare_subscriber_rate(broker: BrokerInfo, devices: list[str], duration: float) -> float:
     ctx = multiprocessing.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_bare_subscriber, args=(broker.host, broker.port, child), daemon=True)
+    mqtt_settings = server_mqtt_settings(broker)
+    args = (broker.host, mqtt_settings["mqtt_port"], server_security(broker), child)
+    proc = ctx.Process(target=_bare_subscriber, args=args, daemon=True)
     proc.start()
     if not conn.poll(30):
         raise RuntimeError("the baseline subscriber did not subscribe")
@@ -175,11 +199,7 @@ def _server_rate(
     from fleet_server.store import make_engine, new_session
 
     settings = ServerSettings(
-        database_url=database_url,
-        data_dir=data_dir,
-        mqtt_host=broker.host,
-        mqtt_port=broker.port,
-        mqtt_keepalive=5,
+        database_url=database_url, data_dir=data_dir, **server_mqtt_settings(broker), mqtt_keepalive=5
     )
     engine = make_engine(settings)
     with new_session(engine) as session:
@@ -249,8 +269,8 @@ def _ingest_row(
     name: str, base: float, mine: float, duration: float, checks: dict[str, Any]
 ) -> dict[str, object]:
     return {
-        "bench": f"telemetry ingest {duration:g} s -> {name}",
-        "baseline": "bare paho QoS 1 subscriber",
+        "bench": f"telemetry ingest {duration:g} s -> {name} (TLS broker, mTLS devices)",
+        "baseline": "bare paho QoS 1 subscriber, same TLS broker",
         "baseline_us": round(1e6 / base, 1) if base else None,
         "edgefleet_us": round(1e6 / mine, 1) if mine else None,
         "ratio": round(mine / base, 3) if base else None,
@@ -267,7 +287,7 @@ def _ingest_row(
 def bench_ingest(duration: float = 60.0, devices: int = 50) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     ids = [f"bench-{i:04d}" for i in range(devices)]
-    with tempfile.TemporaryDirectory() as tmp, start_mosquitto(workdir=Path(tmp) / "mq") as broker:
+    with tempfile.TemporaryDirectory() as tmp, start_secure_broker(Path(tmp) / "mq") as broker:
         info = broker.info
         load_before = os.getloadavg()[0]
         before = _bare_subscriber_rate(info, ids, duration / 2)

@@ -5,8 +5,10 @@ Each fleet size then runs in a fresh process (``python -m bench.sim N CACHE``)
 that never imports the compiler, so its peak RSS is that of the fleet process
 alone: Python, the harness (artifact proxy, HTTP client) and N real agents with
 their shared onnxruntime sessions, as ``edgefleet sim run`` runs them. The
-broker (Mosquitto) and the fleet server run in their own processes and are not
-counted. Wall time is from creating the rollout to the server reporting it
+broker (Mosquitto, the production configuration: TLS, a client certificate per
+device; ``EDGEFLEET_BENCH_BROKER=password`` or ``insecure-dev`` for the other
+modes) and the fleet server run in their own processes and are not counted.
+Wall time is from creating the rollout to the server reporting it
 ``completed``; the baseline is the same run with 100 devices. The memory row
 gives the peak of each process, its RSS before the fleet started, the peak's
 growth per device, and the marginal cost of the 900 extra devices.
@@ -15,6 +17,7 @@ growth per device, and the marginal cost of the 900 extra devices.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 STAGES = [1, 10, 50, 100]
+BROKER = os.environ.get("EDGEFLEET_BENCH_BROKER", "mtls")  # mtls, password or insecure-dev
 
 
 def scenario(devices: int) -> dict[str, Any]:
@@ -77,7 +81,7 @@ def measure(devices: int, model_cache: Path, processes: int = 1) -> dict[str, An
     sc = parse_scenario(scenario(devices))
     with (
         tempfile.TemporaryDirectory() as tmp,
-        SimHarness(sc, Path(tmp), model_cache=model_cache) as harness,
+        SimHarness(sc, Path(tmp), model_cache=model_cache, broker_auth=BROKER) as harness,
         device_root(Path(tmp)) as device_dir,
     ):
         assert "compiler" not in sys.modules, "models must come from the cache"
@@ -110,6 +114,7 @@ def measure(devices: int, model_cache: Path, processes: int = 1) -> dict[str, An
             "checks": [(c.outcome, c.label, c.detail) for c in result.checks],
             "processes": result.figures.get("fleet_processes"),
             "wall_s": result.figures.get("wall_seconds"),
+            "broker": BROKER,
         }
 
 
@@ -150,7 +155,7 @@ def run(small: int = 100, large: int = 1000) -> list[dict[str, object]]:
     marginal_kb = round((big["peak_rss_mb"] - base["peak_rss_mb"]) * 1024 / extra, 1)
     return [
         {
-            "bench": f"sim: {large} devices, 4-stage rollout, zero soak (wall)",
+            "bench": f"sim: {large} devices, 4-stage rollout, zero soak (wall), broker {BROKER}",
             "baseline": f"same with {small} devices ({base['state']})",
             "baseline_ms": round(base["end_s"] * 1e3),
             "edgefleet_ms": round(big["end_s"] * 1e3),

@@ -236,3 +236,7 @@ class ApiClient:
 
     def stats(self) -> dict[str, Any]:
         return dict(self._request("GET", "/api/v1/stats"))
+
+    def drift(self, drifting: bool = False) -> list[dict[str, Any]]:
+        params = {"drifting": "true"} if drifting else {}
+        return list(self._request("GET", "/api/v1/drift", params=params))

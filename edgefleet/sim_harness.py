@@ -4,9 +4,14 @@ Lives in ``edgefleet/`` because it starts the server and the compiler, which the
 simulator may not import (DESIGN.md's import rules); the simulator sees it only
 through :class:`simulator.runner.Harness`.
 
-- The broker is a real Mosquitto from a generated config **with persistence**
-  (its own directory, writable by the ``mosquitto`` user), so a restart keeps
-  retained directives and the server's session, like a production broker.
+- The broker is a real Mosquitto running the production configuration
+  (``edgefleet.broker.start_secure_broker``: TLS, per-device identity, the ACL,
+  the server listener, persistence), so a restart keeps retained directives and
+  the server's session, and every device authenticates as itself: client
+  certificates by default (``broker_auth="mtls"``: issued once per fleet, no
+  broker reload), or passwords (``"password"``: one password-file rewrite and
+  one reload for the whole fleet). ``broker_auth="insecure-dev"`` runs the open
+  development broker instead (labelled as such in the run's figures).
 - The server's ``public_url`` is the fault-injecting HTTP proxy, so the signed
   directives point every download through it.
 - The server runs in its own process by default (``server_mode="process"``):
@@ -44,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import SecretStr
 
 from device_agent.config import BrokerInfo
 from simulator.netem import HttpFaultProxy, NetworkThread
@@ -56,6 +62,7 @@ log = logging.getLogger(__name__)
 # it would. Unbounded, ~50+ simultaneous downloads stall the server until every one times out
 # (measured: 100 concurrent GETs of a 5 KB artifact, 0 answered within 30 s).
 ARTIFACT_CONCURRENCY = 32
+BROKER_MODES = ("mtls", "password", "insecure-dev")
 
 
 @dataclass
@@ -75,10 +82,14 @@ class SimHarness:
         database_url: str | None = None,
         server_mode: str = "process",
         model_cache: Path | None = None,
+        broker_auth: str = "mtls",
     ) -> None:
         if server_mode not in ("process", "thread"):
             raise ValueError(f"server_mode must be 'process' or 'thread', got {server_mode!r}")
+        if broker_auth not in BROKER_MODES:
+            raise ValueError(f"broker_auth must be one of {', '.join(BROKER_MODES)}, got {broker_auth!r}")
         self.server_mode = server_mode
+        self.broker_auth = broker_auth
         self.scenario = scenario
         self.workdir = Path(workdir)
         self.database_url = database_url
@@ -241,22 +252,34 @@ class SimHarness:
 
     # -- broker -------------------------------------------------------------------
 
-    def _start_broker(self, port: int | None) -> Any:
-        from edgefleet.broker import mosquitto_binary, start_mosquitto
+    def _start_broker(self, port: int | None, server_port: int | None = None) -> Any:
+        from edgefleet.broker import mosquitto_binary, start_mosquitto, start_secure_broker
 
         if mosquitto_binary() is None:
             raise RuntimeError(
                 "scenarios need Mosquitto (apt-get install mosquitto): broker restarts, $share"
             )
-        return start_mosquitto(port=port, workdir=self.workdir / "broker", persistence=True)
+        if self.broker_auth == "insecure-dev":
+            return start_mosquitto(port=port, workdir=self.workdir / "broker", persistence=True)
+        return start_secure_broker(
+            self.workdir / "broker", auth=self.broker_auth, keys_dir=self.workdir / "keys",
+            port=port, server_port=server_port,
+        )  # fmt: skip
+
+    def device_credentials(self, device_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Each device's agent ``mqtt_*`` keys, issued once for the run (none on an open broker)."""
+        from edgefleet.broker import fleet_mqtt_keys
+
+        return fleet_mqtt_keys(self.broker, device_ids)
 
     def restart_broker(self, down_seconds: float) -> float:
         """Stop Mosquitto, wait ``down_seconds``, start it on the same port; return how long it was away."""
-        port = self.broker.port
+        port, server_port = self.broker.port, getattr(self.broker, "server_port", None)
         t0 = time.monotonic()
         self._broker_handle.stop()
         time.sleep(down_seconds)
-        self._broker_handle = self._start_broker(port)
+        self._broker_handle = self._start_broker(port, server_port)
+        self.broker = self._broker_handle.info
         return time.monotonic() - t0
 
     # -- server -------------------------------------------------------------------
@@ -265,16 +288,18 @@ class SimHarness:
         from fleet_server.settings import ServerSettings
 
         if self._settings is None:
+            from edgefleet.broker import server_mqtt_settings
+
             self._settings = ServerSettings(
                 database_url=self.database_url,
                 data_dir=self.workdir / "server",
                 keys_dir=self.workdir / "keys",
-                mqtt_host=self.broker.host,
-                mqtt_port=self.broker.port,
-                mqtt_version=self.broker.mqtt_version,
-                # One replica: plain subscriptions. Mosquitto 2.0 does not restore a persistent
-                # session's $share subscriptions after a broker restart (docs/decisions/0003).
-                shared_subscriptions=False,
+                **{
+                    **server_mqtt_settings(self.broker),
+                    # One replica: plain subscriptions. Mosquitto 2.0 does not restore a persistent
+                    # session's $share subscriptions after a broker restart (docs/decisions/0003).
+                    "shared_subscriptions": False,
+                },
                 public_url=self.artifact_proxy.url,
                 tick_interval=self.scenario.tick_interval,
                 # A stable id: the broker keeps the server's session (and queues its QoS 1
@@ -360,7 +385,11 @@ class ServerProcess:
 
     def spawn(self) -> ServerProcess:
         env = dict(os.environ)
-        for key, value in self.settings.model_dump().items():
+        # only what was set: a default passed on would count as set in the child and override
+        # what mqtt_credentials (fleet-server.json) says
+        for key, value in self.settings.model_dump(exclude_unset=True).items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
             if value is not None:
                 text = json.dumps(value) if isinstance(value, dict | list) else str(value)
                 env[f"EDGEFLEET_{key.upper()}"] = text
@@ -479,23 +508,33 @@ def run_scenario(
     server_mode: str = "process",
     processes: int | None = None,
     model_cache: Path | None = None,
+    broker_auth: str = "mtls",
 ) -> RunOutcome:
     """Load, run and report one scenario file. Raises ``ScenarioError`` on a bad file (nothing started).
 
     ``processes``: split the fleet over that many worker processes (default: the file's
-    ``fleet.processes``, else 1)."""
+    ``fleet.processes``, else 1). ``broker_auth``: how devices authenticate to the production
+    broker (``mtls``, ``password``), or ``insecure-dev`` for the open development broker."""
+    from edgefleet.broker import security_label
+
     scenario = load_scenario(path, small=small)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"ef-sim-{scenario.name}-"))
     from simulator.report import write_report
 
     with (
         SimHarness(
-            scenario, work, database_url=database_url, server_mode=server_mode, model_cache=model_cache
+            scenario,
+            work,
+            database_url=database_url,
+            server_mode=server_mode,
+            model_cache=model_cache,
+            broker_auth=broker_auth,
         ) as harness,
         device_root(work) as devices,
     ):
         run = ScenarioRun(scenario, harness, work, device_root=devices, processes=processes)
         result = run.execute()
+        result.figures["broker"] = security_label(harness.broker)
     report = write_report(result, run.timeline, Path(report_dir) if report_dir else work / "report")
     if not keep_workdir and result.ok:
         for sub in ("devices", "server", "broker", "bundles", "digits"):

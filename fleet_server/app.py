@@ -56,10 +56,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        bridge = MqttBridge(settings, context.engine, context.counters)
+        bridge = MqttBridge(settings, context.engine, context.counters, context.trust.fleet_keys)
         ticker = Ticker(settings, context.engine, bridge.publish_desired, fleet_key, context.lock)
         context.bridge, context.ticker = bridge, ticker
-        bridge.start()
+        bridge.start(is_leader=lambda: ticker.is_leader)
         ticker.start()
         if context.tuf is not None:
             context.tuf.start(settings.tuf_refresh_interval)

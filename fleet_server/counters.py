@@ -23,6 +23,9 @@ class Counters:
     directives_published: int = 0
     dropped_messages: int = 0  # valid messages the database refused (bad data), logged and acknowledged
     mqtt_disconnects: int = 0  # unexpected MQTT disconnects of this server's clients (e.g. missed keepalive)
+    drift_detected: int = 0  # devices seen going off their desired seq or model (fleet_server.reconcile)
+    directives_republished: int = 0  # directives sent again to a drifting device
+    directives_restored: int = 0  # deleted retained directives put back
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, n: int = 1) -> None:

@@ -30,6 +30,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from device_agent import protocol
+from fleet_server import reconcile
 from fleet_server.counters import Counters
 from fleet_server.models import Device, EventRow, ModelAggregate, utcnow
 from fleet_server.store import new_session
@@ -84,9 +85,13 @@ def decode(msg: Inbound) -> tuple[str, protocol.Channel, Decoded] | None:
 Item = tuple[str, Decoded, Inbound]
 
 
-def ingest_batch(engine: Engine, messages: Sequence[Inbound], counters: Counters) -> None:
+def ingest_batch(
+    engine: Engine, messages: Sequence[Inbound], counters: Counters
+) -> list[reconcile.Observation]:
     """Decode and store a flush in one transaction; on a data error retry one by one.
 
+    Returns the live reported snapshots stored, each with the seq last published to its device,
+    for the reconciler (retained ones, delivered on subscribing, may be old: not judged).
     Raises the ``TRANSIENT_ERRORS`` (database down or locked): nothing of the flush is
     committed then, and the caller must retry it before acknowledging any of it."""
     items: list[Item] = []
@@ -100,26 +105,29 @@ def ingest_batch(engine: Engine, messages: Sequence[Inbound], counters: Counters
         if got is not None:
             items.append((got[0], got[2], msg))
     if not items:
-        return
+        return []
     try:
-        _store(engine, items, counters)
+        return _store(engine, items, counters)
     except TRANSIENT_ERRORS:
         raise
     except SQLAlchemyError:
         log.exception("flush of %d messages failed; storing one by one", len(items))
-        for item in items:
-            try:
-                _store(engine, [item], counters)
-            except TRANSIENT_ERRORS:
-                raise
-            except SQLAlchemyError:
-                counters.add("dropped_messages")
-                log.exception("dropping a message from %s", item[0])
+    observed: list[reconcile.Observation] = []
+    for item in items:
+        try:
+            observed += _store(engine, [item], counters)
+        except TRANSIENT_ERRORS:
+            raise
+        except SQLAlchemyError:
+            counters.add("dropped_messages")
+            log.exception("dropping a message from %s", item[0])
+    return observed
 
 
-def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> None:
+def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> list[reconcile.Observation]:
     """Snapshots and events through the ORM (few); telemetry set-based (telemetry_store.py)."""
     pending = Counters()
+    observed: list[reconcile.Observation] = []
     telemetry = [msg for _, msg, _ in items if isinstance(msg, protocol.TelemetryBatch)]
     prepared = prepare(engine.dialect.name, telemetry) if telemetry else None  # before the transaction
     with _sqlite_writer(engine), new_session(engine) as session:
@@ -159,6 +167,8 @@ def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> None:
                 _apply_reported(session, device, msg, now)
                 _clock_offset(device, msg.ts, received, inbound)
                 pending.add("reported")
+                if not inbound.retain:
+                    observed.append(reconcile.Observation(device_id, device.desired_seq, _reported_view(msg)))
             elif isinstance(msg, protocol.Event):
                 session.add(_event_row(msg, received))
                 pending.add("events")
@@ -176,6 +186,7 @@ def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> None:
     for name, value in pending.snapshot().items():
         if value:
             counters.add(name, value)
+    return observed
 
 
 _writer_locks: dict[str, int] = {}
@@ -227,6 +238,15 @@ def _apply_reported(session: Session, device: Device, msg: protocol.Reported, no
         agg.served_ok = max(agg.served_ok, served)
         agg.updated_at = now
         session.add(agg)
+
+
+def _reported_view(msg: protocol.Reported) -> reconcile.Reported:
+    return reconcile.Reported(
+        seq=msg.deployment_seq,
+        state=msg.deployment_state.value,
+        running_sha256=msg.running.sha256 if msg.running else None,
+        rejected_seq=msg.last_rejection.seq if msg.last_rejection else None,
+    )
 
 
 def _event_row(msg: protocol.Event, now: datetime) -> EventRow:

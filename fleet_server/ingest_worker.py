@@ -66,15 +66,15 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy import Engine
 
 from device_agent import protocol
+from fleet_server import reconcile
 from fleet_server.counters import Counters
 from fleet_server.ingest import TRANSIENT_ERRORS, Inbound, ingest_batch
+from fleet_server.mqtt_client import connect, endpoint, new_client
 from fleet_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ class Pipeline:
         self.engine, self.counters, self.ack, self.max_batch = engine, counters, ack, max_batch
         self.max_backlog, self.max_wait = max(max_backlog, 2 * max_batch), max_wait
         self.on_acked: Callable[[], None] | None = None
+        # live reported snapshots, after they are committed and acknowledged (the reconciler)
+        self.on_reported: Callable[[list[reconcile.Observation]], None] | None = None
         self._queue: queue.SimpleQueue[Inbound | None] = queue.SimpleQueue()
         self._busy = 0  # messages taken from the queue but not stored yet
         self._progress = time.monotonic()  # when the store thread last finished a flush (or idled)
@@ -191,9 +193,10 @@ class Pipeline:
 
     def _store(self, batch: list[Inbound]) -> None:
         delay = 0.1
+        observed: list[reconcile.Observation] = []
         while True:
             try:
-                ingest_batch(self.engine, batch, self.counters)
+                observed = ingest_batch(self.engine, batch, self.counters)
                 break
             except TRANSIENT_ERRORS:
                 if self._stopping.is_set():
@@ -217,6 +220,11 @@ class Pipeline:
                     acked = True
             if acked and self.on_acked is not None:
                 self.on_acked()
+        if observed and self.on_reported is not None:
+            try:
+                self.on_reported(observed)
+            except Exception:  # judging drift must never stop ingest
+                log.exception("reconciling %d reported snapshots failed", len(observed))
 
 
 def pipeline_for(
@@ -249,41 +257,6 @@ def acks_are_activity(client: mqtt.Client) -> None:
     if mutex is not None and hasattr(client, "_last_msg_out"):
         with mutex:
             client._last_msg_out = mqtt.time_func()
-
-
-def connect_properties(settings: ServerSettings, persistent: bool) -> Properties | None:
-    if settings.mqtt_version != 5:
-        return None
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = settings.mqtt_session_expiry if persistent else 0
-    # Bounds the unacknowledged messages the broker sends us: acks wait for the commit.
-    props.ReceiveMaximum = settings.mqtt_receive_maximum
-    return props
-
-
-def new_client(settings: ServerSettings, client_id: str, persistent: bool) -> mqtt.Client:
-    v5 = settings.mqtt_version == 5
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-        clean_session=None if v5 else not persistent,
-        manual_ack=True,
-    )
-    client.reconnect_delay_set(min_delay=1, max_delay=10)
-    client.max_queued_messages_set(0)
-    return client
-
-
-def connect(client: mqtt.Client, settings: ServerSettings, persistent: bool) -> None:
-    client.connect_async(
-        settings.mqtt_host,
-        settings.mqtt_port,
-        keepalive=settings.mqtt_keepalive,
-        clean_start=not persistent if settings.mqtt_version == 5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-        properties=connect_properties(settings, persistent),
-    )
-    client.loop_start()
 
 
 def unsubscribe_and_wait(
@@ -352,7 +325,8 @@ def worker_main(
     gc.set_threshold(50_000, 20, 100)
     counters = Counters()
     persistent = settings.mqtt_client_id is not None
-    client = new_client(settings, client_id, persistent)
+    where = endpoint(settings)
+    client = new_client(settings, client_id, persistent, where)
     pipeline = pipeline_for(settings, engine, counters, client)
     subscribed = threading.Event()
     leaving = threading.Event()  # set once stopping: a reconnect must not subscribe again
@@ -390,7 +364,7 @@ def worker_main(
     client.on_disconnect = on_disconnect
     client.on_message = pipeline.on_message
     pipeline.start()
-    connect(client, settings, persistent)
+    connect(client, settings, persistent, where)
     done = threading.Event()
 
     def report() -> None:

@@ -6,6 +6,9 @@ Processes and threads (docs/rollouts.md, "Ingest"):
   and receives the retained snapshots (reported, status); its ``on_message``
   only enqueues, and a store thread (``ingest_worker.Pipeline``) stores them
   in flushes with its own sessions, acknowledging each message after commit;
+  it also watches the retained directives (``desired``) for the reconciler
+  (``fleet_server.reconciler``), which judges every live reported snapshot
+  once stored and republishes the directive of a device that drifted;
 - the streams (events, telemetry) go to ``settings.ingest_workers`` separate
   processes (``ingest_worker.IngestWorker``), each with its own client in the
   ``$share`` group, its own pipeline and engine; with ``ingest_workers=0``
@@ -13,7 +16,10 @@ Processes and threads (docs/rollouts.md, "Ingest"):
 
 So no SQLAlchemy session is ever shared with request handlers or the ticker,
 and a slow database never stalls keepalives. paho reconnects by itself and the
-subscriptions are renewed in ``on_connect``.
+subscriptions are renewed in ``on_connect``. Every connection has its own
+client id under the reserved ``fleet-server`` prefix (``mqtt_identity``) and
+reaches the broker as ``mqtt_client.endpoint`` says (TLS, the server's
+certificate or password).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -30,18 +36,21 @@ from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy import Engine
 
 from device_agent import protocol
+from fleet_server import reconcile
 from fleet_server.counters import Counters
 from fleet_server.ingest_worker import (
     STREAM_CHANNELS,
     IngestWorker,
-    connect,
     leave,
-    new_client,
     pipeline_for,
     stream_filters,
     worker_channels,
 )
+from fleet_server.mqtt_client import connect, endpoint, new_client
+from fleet_server.mqtt_identity import server_client_id, worker_client_id
+from fleet_server.reconciler import Reconciler
 from fleet_server.settings import ServerSettings
+from signing.keys import PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +60,19 @@ log = logging.getLogger(__name__)
 # an idempotent upsert, so several replicas receiving it is harmless.
 SNAPSHOT_CHANNELS = (protocol.Channel.REPORTED, protocol.Channel.STATUS)
 INBOUND_CHANNELS = SNAPSHOT_CHANNELS + STREAM_CHANNELS
+DESIRED_SUFFIX = f"/{protocol.Channel.DESIRED.value}"
 
 
 class MqttBridge:
-    def __init__(self, settings: ServerSettings, engine: Engine, counters: Counters) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        engine: Engine,
+        counters: Counters,
+        fleet_keys: Mapping[str, PublicKey] | None = None,
+    ) -> None:
+        """``fleet_keys``: the keys a directive found on the broker must be signed by before the
+        reconciler would ever restore it (None: believe the broker, e.g. benchmarks)."""
         self.settings = settings
         self.engine = engine
         self.counters = counters
@@ -62,34 +80,47 @@ class MqttBridge:
         self._own_subscribed = False
         self._stopping = False  # a reconnect while stopping must not subscribe again
         self._pending_subs: set[int] = set()
+        self.endpoint = endpoint(settings)
         self.persistent = settings.mqtt_client_id is not None
-        self.client_id = settings.mqtt_client_id or f"ef-server-{uuid.uuid4().hex[:12]}"
-        self.client = new_client(settings, self.client_id, self.persistent)
+        self.client_id = server_client_id(settings.mqtt_client_id)
+        self.client = new_client(settings, self.client_id, self.persistent, self.endpoint)
         # Without $share every worker would get every message: then one worker at most.
         n = settings.ingest_workers if settings.shared_subscriptions else min(settings.ingest_workers, 1)
         self.workers = [
             IngestWorker(
-                settings, f"{self.client_id}-ingest{i}", counters, self._update_subscribed, worker_channels(i)
+                settings,
+                worker_client_id(self.client_id, i),
+                counters,
+                self._update_subscribed,
+                worker_channels(i),
             )
             for i in range(max(n, 0))
         ]
         self.pipeline = pipeline_for(settings, engine, counters, self.client)
+        policy = reconcile.Policy(settings.reconcile_grace_seconds, settings.reconcile_interval_seconds)
+        self.reconciler = Reconciler(self._publish, counters, policy, fleet_keys)
+        self.pipeline.on_reported = self.reconciler.observe
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self.pipeline.on_message
+        self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
 
-    def start(self) -> None:
+    def start(self, is_leader: Callable[[], bool] | None = None) -> None:
+        """``is_leader``: whether this replica drives the engine (only the leader republishes)."""
+        if is_leader is not None:
+            self.reconciler.is_leader = is_leader
         for w in self.workers:
             w.start()
         self.pipeline.start()
-        connect(self.client, self.settings, self.persistent)
+        self.reconciler.start()
+        connect(self.client, self.settings, self.persistent, self.endpoint)
 
     def stop(self, discard_backlog: bool = False) -> None:
         """Stop the workers, store (and acknowledge) what was received unless ``discard_backlog``
         (benchmarks), then disconnect. Stream consumers leave their ``$share`` group before they stop
         storing (``ingest_worker.leave``), so what the broker sends meanwhile goes to other replicas."""
         self._stopping = True
+        self.reconciler.stop()
         for w in self.workers:
             w.stop(discard_backlog)
         # Snapshots are retained (the next subscriber gets them again), and a persistent session keeps
@@ -110,12 +141,16 @@ class MqttBridge:
 
     def publish_desired(self, device_id: str, payload: bytes) -> None:
         """Publish a signed directive, retained QoS 1 (paho queues it while disconnected)."""
+        self.reconciler.published(device_id, payload)
+        self._publish(device_id, payload)
+        self.counters.add("directives_published")
+
+    def _publish(self, device_id: str, payload: bytes) -> None:
         info = self.client.publish(
             protocol.topic(device_id, protocol.Channel.DESIRED), payload, qos=1, retain=True
         )
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("publishing the directive for %s failed: rc=%s", device_id, info.rc)
-        self.counters.add("directives_published")
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """For tests: wait until every message received so far has been stored."""
@@ -133,6 +168,22 @@ class MqttBridge:
             self.subscribed.clear()
 
     # paho callbacks (network thread): keep them short.
+    def _on_message(self, client: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:
+        """Directives (ours, echoed, or deleted) to the reconciler; everything else to the pipeline."""
+        if m.topic.endswith(DESIRED_SUFFIX):
+            try:
+                device_id, _ = protocol.parse_topic(m.topic)
+                self.reconciler.on_desired(device_id, bytes(m.payload))
+            except protocol.ProtocolError:
+                self.counters.add("malformed_messages")
+            except Exception:  # paho's network thread must survive whatever is on the broker
+                log.exception("handling a directive on %s failed", m.topic)
+            finally:
+                if m.qos:
+                    client.ack(m.mid, m.qos)
+            return
+        self.pipeline.on_message(client, userdata, m)
+
     def _on_connect(
         self, client: mqtt.Client, _ud: Any, _flags: Any, rc: ReasonCode, _props: Properties | None
     ) -> None:
@@ -141,7 +192,7 @@ class MqttBridge:
             return
         if self._stopping:
             return
-        filters = [protocol.wildcard(ch) for ch in SNAPSHOT_CHANNELS]
+        filters = [protocol.wildcard(ch) for ch in (*SNAPSHOT_CHANNELS, protocol.Channel.DESIRED)]
         if not self.workers:
             filters += stream_filters(self.settings)
         elif self.persistent:
@@ -150,12 +201,7 @@ class MqttBridge:
         result, mid = client.subscribe([(f, 1) for f in filters])
         if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
             self._pending_subs.add(mid)
-        log.info(
-            "MQTT connected to %s:%s, subscribing %s",
-            self.settings.mqtt_host,
-            self.settings.mqtt_port,
-            filters,
-        )
+        log.info("MQTT connected to %s as %s, subscribing %s", self.endpoint.url, self.client_id, filters)
 
     def _on_subscribe(
         self, _c: mqtt.Client, _ud: Any, mid: int, rcs: list[ReasonCode], _props: Properties | None

@@ -1,10 +1,17 @@
-"""Run the server: in a background thread (demo, tests) or in the foreground (``edgefleet server``)."""
+"""Run the server: in a background thread (demo, tests) or in the foreground (``edgefleet server``).
+
+HTTPS is an option on both (``tls_cert``/``tls_key``: uvicorn's ``ssl_certfile``/``ssl_keyfile``);
+the default public URL devices download from then follows the scheme and the port.
+"""
 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -21,9 +28,18 @@ class ServerThread:
     front; when ``settings.public_url`` was not set explicitly it becomes ``url``.
     """
 
-    def __init__(self, settings: ServerSettings, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ) -> None:
+        options = tls_options(tls_cert, tls_key)
         self.settings = settings
         self.host = host
+        self.tls_cert = tls_cert
         # port=0: bind a free port now and hand uvicorn the bound socket, so nothing can take
         # the port between choosing it and listening on it (a test once lost that race)
         self._socket: socket.socket | None = None
@@ -38,13 +54,15 @@ class ServerThread:
             settings = settings.model_copy(update={"public_url": self.url})
             self.settings = settings
         self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host=host, port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            self.app, host=host, port=self.port, log_level="warning", lifespan="on", **options
+        )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return base_url(self.host, self.port, self.tls_cert is not None)
 
     @property
     def admin_token(self) -> str:
@@ -67,13 +85,22 @@ class ServerThread:
             if not self._thread.is_alive():
                 raise RuntimeError("the server thread exited during startup")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0, verify=self._verify()).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"server did not answer /healthz within {timeout}s")
+
+    def _verify(self) -> ssl.SSLContext | bool:
+        """The readiness probe trusts exactly the certificate this server was given (a leaf: partial
+        chain), whoever issued it."""
+        if self.tls_cert is None:
+            return True
+        ctx = ssl.create_default_context(cafile=str(self.tls_cert))
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        return ctx
 
     def stop(self) -> None:
         self._server.should_exit = True
@@ -87,6 +114,37 @@ class ServerThread:
         self.stop()
 
 
-def main(settings: ServerSettings | None = None, host: str = "0.0.0.0", port: int = 8080) -> None:
-    """Foreground server for the ``edgefleet server`` command."""
-    uvicorn.run(create_app(settings or ServerSettings()), host=host, port=port, log_level="info")
+def tls_options(tls_cert: Path | None, tls_key: Path | None) -> dict[str, Any]:
+    """uvicorn's TLS options; a certificate and its key go together."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("HTTPS needs both a certificate and its key")
+    if tls_cert is None or tls_key is None:
+        return {}
+    for path in (tls_cert, tls_key):
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such file")
+    return {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)}
+
+
+def base_url(host: str, port: int, tls: bool) -> str:
+    """Where this server is reached: its scheme, address (a wildcard bind is given as loopback) and port."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
+
+
+def main(
+    settings: ServerSettings | None = None,
+    host: str = "0.0.0.0",
+    port: int = 8080,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> None:
+    """Foreground server for the ``edgefleet server`` command. Unless ``public_url`` was set, devices
+    are sent to this server's own scheme and port."""
+    settings = settings or ServerSettings()
+    options = tls_options(tls_cert, tls_key)
+    if "public_url" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"public_url": base_url(host, port, bool(options))})
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", **options)

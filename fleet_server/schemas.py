@@ -216,6 +216,11 @@ class StatsOut(BaseModel):
     mqtt_disconnects: int = Field(
         default=0, description="unexpected MQTT disconnects of this replica's clients (keepalive missed, ...)"
     )
+    drift_detected: int = Field(
+        default=0, description="devices seen going off their desired seq or model (GET /api/v1/drift)"
+    )
+    directives_republished: int = Field(default=0, description="directives sent again to drifting devices")
+    directives_restored: int = Field(default=0, description="deleted retained directives put back")
 
 
 class TokenIn(BaseModel):
@@ -258,3 +263,16 @@ class TargetsOut(BaseModel):
 
 class HealthOut(BaseModel):
     status: Literal["ok"]
+
+
+class DriftOut(BaseModel):
+    """One device a replica saw off its desired state (seq or model), and what the replica did."""
+
+    device_id: str
+    drift: str = Field(description="in_sync, seq_behind, seq_ahead, model_mismatch or directive_missing")
+    episodes: int = Field(description="times the device went from in sync to drifting")
+    republished: int = Field(description="directives republished to it")
+    restored: int = Field(description="deleted retained directives put back for it")
+    since: datetime | None = Field(description="when the current drift was first seen")
+    last_republish_at: datetime | None
+    detail: str

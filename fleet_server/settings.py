@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +33,23 @@ class ServerSettings(BaseSettings):
     # acknowledged after their transaction commits, so this bounds what a crash can leave to redeliver
     # and how far the server buffers ahead of the database (the broker queues the rest).
     mqtt_receive_maximum: int = 2000
+    # Broker TLS and identity (fleet_server/mqtt_client.py). A production broker (`edgefleet broker
+    # config`) lets the server in on its server listener with the client certificate it issued, and
+    # names host, port and files in fleet-server.json: point mqtt_credentials at that file. A field
+    # set here (or in its EDGEFLEET_MQTT_* variable) wins over the file. Nothing set: an open
+    # development broker.
+    mqtt_credentials: Path | None = None  # fleet-server.json from `edgefleet broker config`
+    mqtt_tls: bool = False
+    mqtt_ca_file: Path | None = None  # the CA that signed the broker's certificate (its name is checked)
+    mqtt_cert_file: Path | None = None  # client certificate + key (mutual TLS)
+    mqtt_key_file: Path | None = None
+    mqtt_username: str | None = None  # or a username and password (a broker with a password file)
+    mqtt_password: SecretStr | None = None
+    mqtt_password_file: Path | None = None  # the password in a file of its own (first line)
+    # Reconciliation (fleet_server/reconcile.py): a device that reports a seq or model other than
+    # its directive after the grace gets the directive republished, at most once per interval.
+    reconcile_grace_seconds: float = 10.0
+    reconcile_interval_seconds: float = 30.0
     # Processes taking the telemetry and event streams (each its own MQTT client in the $share group),
     # so decoding and storing never compete with the API and the main MQTT client for the GIL.
     # 0: a thread of the server process does it (one process, e.g. for debugging).

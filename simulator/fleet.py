@@ -1,7 +1,9 @@
 """Run N real :class:`device_agent.agent.Agent` instances on ONE asyncio loop in a background thread.
 
-Each agent has its own MQTT client id, data dir, slots and state: only the
-loop and the loaded ONNX sessions are shared. Sharing sessions
+Each agent has its own MQTT identity (client id, and on a production broker its
+own credentials: ``credentials``), data dir, slots and state: only the loop,
+the loaded ONNX sessions and the TLS contexts that hold nothing per device
+(``simulator.tls``) are shared. Sharing sessions
 (:class:`SharedRuntimeFactory`, keyed by sha256) is what keeps hundreds of
 devices in one process affordable (a session costs 16-45 MB RSS). Agents
 connect in batches because the broker's listen backlog is ~100.
@@ -22,7 +24,7 @@ import contextlib
 import os
 import threading
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -30,10 +32,11 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 
 from device_agent.agent import Agent, NoModelError
-from device_agent.config import AgentConfig, BrokerInfo
+from device_agent.config import BrokerInfo
 from device_agent.runtime import RuntimeFactory, SharedRuntimeFactory
 from signing.trust import TrustRoot
 from simulator.memory import peak_rss_bytes, rss_bytes
+from simulator.tls import SimAgentConfig
 
 CONNECT_BATCH = 100
 _T = TypeVar("_T")
@@ -96,10 +99,13 @@ class Fleet:
         class_runtimes: dict[str, RuntimeFactory] | None = None,
         runtime: SharedRuntimeFactory | None = None,
         tuf_root_path: Path | None = None,
+        credentials: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """``tuf_root_path``: the TUF root devices are provisioned with; every install is then
         checked against the server's release metadata (TUF mode). None: the skeleton's
-        DSSE-only mode (docs/decisions/0006)."""
+        DSSE-only mode (docs/decisions/0006). ``credentials``: per device, the ``mqtt_*`` keys of
+        its agent configuration (TLS, its certificate or password file) for a production
+        broker; a device without an entry connects as to an open development broker."""
         self.specs = list(specs)
         self.by_id = {s.device_id: s for s in self.specs}
         if len(self.by_id) != len(self.specs):
@@ -115,6 +121,7 @@ class Fleet:
         self.connect_timeout = connect_timeout
         self.runtime = runtime or SharedRuntimeFactory()
         self.class_runtimes = dict(class_runtimes or {})
+        self.credentials = {d: dict(keys) for d, keys in (credentials or {}).items()}
         self.agents: dict[str, Agent] = {}
         self.down: set[str] = set()  # devices powered off or crashed right now
         self.workload_errors = 0
@@ -270,7 +277,7 @@ class Fleet:
 
     def _make_agent(self, spec: DeviceSpec) -> Agent:
         assert self._trust is not None
-        config = AgentConfig(
+        config = SimAgentConfig(
             device_id=spec.device_id,
             hardware_id=spec.hardware_id,
             data_dir=self.data_root / spec.device_id,
@@ -282,6 +289,7 @@ class Fleet:
             targets=list(spec.targets or self.targets),
             tags=dict(spec.tags),
             tuf_root_path=self.tuf_root_path,
+            **self.credentials.get(spec.device_id, {}),
         )
         runtime = self.class_runtimes.get(spec.hw_class, self.runtime)
         if spec.clock_skew_s:

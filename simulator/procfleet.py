@@ -91,6 +91,7 @@ class FleetPlan:
     connect_timeout: float = 60.0
     tuf_root_path: Path | None = None
     classes: dict[str, ClassBehaviour] = field(default_factory=dict)  # hw_class -> model behaviour
+    credentials: dict[str, dict[str, Any]] = field(default_factory=dict)  # device -> agent mqtt_* keys
 
     def build(self) -> Fleet:
         shared = SharedRuntimeFactory()
@@ -106,12 +107,20 @@ class FleetPlan:
             runtime=shared,
             connect_timeout=self.connect_timeout,
             tuf_root_path=self.tuf_root_path,
+            credentials=self.credentials,
         )
 
     def split(self, parts: int) -> list[FleetPlan]:
         """Round-robin over ``parts`` plans (each class spread over all of them); none empty."""
         n = max(1, min(parts, len(self.specs)))
-        return [replace(self, specs=self.specs[i::n]) for i in range(n)]
+        out = []
+        for i in range(n):
+            specs = self.specs[i::n]
+            mine = {
+                s.device_id: self.credentials[s.device_id] for s in specs if s.device_id in self.credentials
+            }
+            out.append(replace(self, specs=specs, credentials=mine))
+        return out
 
 
 # A worker's command line: python -c _WORKER_CODE FD INDEX

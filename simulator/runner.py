@@ -54,6 +54,11 @@ class Harness(Protocol):
 
     def restart_broker(self, down_seconds: float) -> float | None: ...  # how long it was away
 
+    def device_credentials(self, device_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Each device's agent ``mqtt_*`` keys for the broker (issued once; {} per device on an
+        open broker)."""
+        ...
+
     def restart_server(self, down_seconds: float) -> float | None: ...
 
 
@@ -235,6 +240,7 @@ class ScenarioRun:
             connect_timeout=120.0,
             tuf_root_path=self.h.tuf_root_path,
             classes=self._class_behaviour(),
+            credentials=self.h.device_credentials([s.device_id for s in self.specs]),
         )
         if self.processes > 1:
             self.fleet = ProcessFleet(plan, self.processes, log_dir=self.workdir)

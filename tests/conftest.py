@@ -1,5 +1,11 @@
 """Shared fixtures: a real Mosquitto per test session, a real PostgreSQL database, fresh keys.
 
+The session's Mosquitto runs the production configuration (``edgefleet broker config``: TLS
+only, per-device client certificates, the per-device ACL, the server listener), so every test
+on it speaks as a device or as the server the way the product does (``tests/mqtt_clients.py``,
+``edgefleet.broker.device_mqtt_keys``). mTLS is the session's mode because a device needs no
+broker reload to join; ``tests/security`` covers password mode too.
+
 Tests that need a service skip with the reason when it is not on this machine;
 everything else runs on the embedded defaults.
 """
@@ -14,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.broker import Broker, BrokerInfo, mosquitto_binary, start_mosquitto
+from edgefleet.broker import Broker, BrokerInfo, mosquitto_binary, start_secure_broker
 from signing.keyring import KeyDir, init_keys
 
 PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -22,10 +28,10 @@ PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG", "postgresql+psycopg://postgre
 
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """One Mosquitto for the session, from a generated config on a free loopback port."""
+    """One Mosquitto for the session, from the production config on free loopback ports."""
     if mosquitto_binary() is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto): MQTT tests skipped")
-    broker = start_mosquitto(workdir=tmp_path_factory.mktemp("mosquitto"))
+    broker = start_secure_broker(tmp_path_factory.mktemp("mosquitto"), auth="mtls")
     yield broker
     broker.stop()
 

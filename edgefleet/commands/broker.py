@@ -1,4 +1,5 @@
-"""`edgefleet broker`: run a throwaway local broker, or write a production Mosquitto configuration."""
+"""`edgefleet broker`: run a local broker (the production configuration on loopback, or an open
+development one), or write a production Mosquitto configuration."""
 
 from __future__ import annotations
 
@@ -16,25 +17,108 @@ from edgefleet.commands.common import (
 from edgefleet.commands.keys import DEFAULT_PASS_ENV, InsecureOpt, PassEnvOpt, PassFileOpt, resolve_passphrase
 
 broker_app = typer.Typer(
-    help="Run a local MQTT broker for trials, or write a production Mosquitto config.", no_args_is_help=True
+    help="Run a local MQTT broker (production config on loopback, or --insecure-dev), "
+    "or write a production Mosquitto config.",
+    no_args_is_help=True,
 )
 
 
 @broker_app.command("run")
 def broker_run(
-    embedded: Annotated[bool, typer.Option(help="Use the embedded pure-Python broker.")] = False,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir", help="Broker directory: config, credentials, persistence (default: a temp dir)."
+        ),
+    ] = None,
+    keys: Annotated[
+        Path | None,
+        typer.Option("--keys", help="Key directory holding the fleet CA (default: keys/ if it exists)."),
+    ] = None,
+    auth: Annotated[str, typer.Option("--auth", help="Device authentication: mtls or password.")] = "mtls",
+    insecure_dev: Annotated[
+        bool,
+        typer.Option("--insecure-dev", help="An OPEN development broker instead: no TLS, anonymous, no ACL."),
+    ] = False,
+    embedded: Annotated[
+        bool, typer.Option(help="With --insecure-dev: the embedded pure-Python broker (MQTT 3.1.1).")
+    ] = False,
+    passphrase_file: PassFileOpt = None,
+    passphrase_env: PassEnvOpt = DEFAULT_PASS_ENV,
+    insecure: InsecureOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Start a throwaway local broker (Mosquitto if installed) and print its address."""
+    """Run a local broker until SIGINT/SIGTERM: the production configuration (TLS, per-device identity,
+    ACL; what `broker config` writes) on loopback ports, or with --insecure-dev an open one."""
+    import signal
+    import sys
     import threading
 
-    from edgefleet.broker import start_broker
+    from edgefleet.broker import (
+        SecureBrokerInfo,
+        security_label,
+        start_embedded,
+        start_mosquitto,
+        start_secure_broker,
+    )
+    from edgefleet.provision import AUTH_MODES, ProvisionError
+    from signing.keys import KeyLocked, WrongPassphrase
 
-    broker = start_broker("embedded" if embedded else "auto")
-    console.print(f"[green]{broker.info.kind}[/] on {broker.info.url} (MQTT v{broker.info.mqtt_version})")
+    if auth not in AUTH_MODES:
+        fail(f"--auth must be one of {', '.join(AUTH_MODES)}, got {auth!r}", 2)
+    if embedded and not insecure_dev:
+        fail("the embedded broker is open (no TLS, no ACL): ask for it with --insecure-dev --embedded", 2)
+    # before the broker starts: a SIGTERM from now on stops it instead of leaving it running
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if insecure_dev:
+        broker = start_embedded() if embedded else start_mosquitto(workdir=workdir)
+    else:
+        if keys is None and (Path("keys") / "trust.json").exists():
+            keys = Path("keys")
+        passphrase = None
+        if keys is not None:
+            passphrase = resolve_passphrase(passphrase_file, passphrase_env, insecure, confirm=False)
+        try:
+            broker = start_secure_broker(workdir, auth=auth, keys_dir=keys, passphrase=passphrase)
+        except (OSError, RuntimeError, ValueError, KeyLocked, WrongPassphrase, ProvisionError) as exc:
+            fail(f"cannot start the broker: {exc}")
+    info = broker.info
+    summary: dict[str, object] = {"kind": info.kind, "url": info.url, "security": security_label(info)}
+    if isinstance(info, SecureBrokerInfo):
+        summary |= {
+            "server_port": info.server_port,
+            "server_credentials": str(info.server_credentials),
+            "ca_file": str(info.ca_file),
+            "keys": str(info.keys_dir),
+            "pid": info.pid,
+            "password_file": str(info.files_dir / "passwd") if info.auth == "password" else None,
+        }
+    if as_json:
+        print_json(summary)
+    elif isinstance(info, SecureBrokerInfo):
+        console.print(f"[green]{info.kind}[/] devices on {info.url}, fleet server on port {info.server_port}")
+        console.print(f"  {summary['security']}")
+        console.print(f"  server: edgefleet server --mqtt-credentials {info.server_credentials}")
+        extra = (
+            f" --password-file {summary['password_file']} (then: kill -HUP {info.pid})"
+            if info.auth == "password"
+            else ""
+        )
+        console.print(
+            f"  devices: edgefleet devices provision ID --hw HW --keys {info.keys_dir} "
+            f"--broker-host {info.host} --broker-port {info.port}{extra}"
+        )
+    else:
+        console.print(f"[bold yellow]{info.kind}[/] on {info.url} (MQTT v{info.mqtt_version})")
+        console.print(f"[bold yellow]{summary['security']}[/]")
+    sys.stdout.flush()  # it runs on: a script reading this output must get it now
+    process = getattr(broker, "process", None)
     try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(0.5):
+            if process is not None and process.poll() is not None:
+                fail(f"the broker exited with code {process.returncode}")
     finally:
         broker.stop()
 
@@ -46,8 +130,19 @@ def broker_config(
         list[str], typer.Option("--hostname", help="Broker DNS name or IP for its certificate (repeatable).")
     ],
     keys: Annotated[Path, typer.Option("--keys", help="Key directory (holds the fleet CA).")] = Path("keys"),
-    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TLS listener port.")] = 8883,
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=65535, help="TLS listener port of the devices.")
+    ] = 8883,
     bind: Annotated[str, typer.Option("--bind", help="Listen address.")] = "0.0.0.0",
+    server_port: Annotated[
+        int,
+        typer.Option(
+            "--server-port", min=1, max=65535, help="TLS listener of the fleet server (its certificate only)."
+        ),
+    ] = 8884,
+    server_bind: Annotated[
+        str | None, typer.Option("--server-bind", help="Its listen address (default: --bind).")
+    ] = None,
     auth: Annotated[
         str, typer.Option("--auth", help="Device authentication: password or mtls.")
     ] = "password",
@@ -73,7 +168,7 @@ def broker_config(
     try:
         files = write_broker_config(
             KeyDir(keys), out, hostnames=hostname, port=port, bind=bind, auth=auth,
-            persistence_dir=data_dir, passphrase=passphrase,
+            persistence_dir=data_dir, passphrase=passphrase, server_port=server_port, server_bind=server_bind,
         )  # fmt: skip
     except (ValueError, OSError, KeyLocked, WrongPassphrase, ProvisionError) as exc:
         fail(f"cannot write the broker config: {exc}")
@@ -81,6 +176,11 @@ def broker_config(
     if as_json:
         print_json(info)
         return
-    console.print(f"[green]wrote[/] {files.conf} ({auth}, TLS on {bind}:{port})")
+    console.print(
+        f"[green]wrote[/] {files.conf} ({auth}, TLS: devices on {bind}:{port}, server on port {server_port})"
+    )
     console.print(f"start it with: mosquitto -c {files.conf}")
-    console.print(f"[yellow]the fleet server's broker credentials are in {files.server_credentials}[/]")
+    console.print(
+        "[yellow]the fleet server connects with: "
+        f"edgefleet server --mqtt-credentials {files.server_credentials}[/]"
+    )

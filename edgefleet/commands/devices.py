@@ -62,17 +62,33 @@ def devices_provision(
     metadata_url: Annotated[str | None, typer.Option("--metadata-url", help="TUF metadata base URL.")] = None,
     targets_url: Annotated[str | None, typer.Option("--targets-url", help="TUF targets base URL.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-provision (new credentials).")] = False,
+    auth: Annotated[
+        str | None,
+        typer.Option(
+            "--auth",
+            help="What agent.toml authenticates with: password or mtls "
+            "(default: password with --password-file, else mtls).",
+        ),
+    ] = None,
+    data_dir: Annotated[
+        str, typer.Option("--data-dir", help="Agent state directory in agent.toml (relative: next to it).")
+    ] = "data",
     passphrase_file: PassFileOpt = None,
     passphrase_env: PassEnvOpt = DEFAULT_PASS_ENV,
     insecure: InsecureOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a device identity (password + client certificate) and its bootstrap file."""
-    from edgefleet.provision import ProvisionError, provision_device
+    """Create a device identity (password + client certificate), its agent.toml and bootstrap file.
+
+    The directory is what the device needs: `python -m device_agent --config agent.toml` runs as
+    written (TLS to the broker, its credentials, trust anchors)."""
+    from edgefleet.provision import AUTH_MODES, ProvisionError, provision_device
     from signing.errors import TrustError
     from signing.keyring import KeyDir
     from signing.keys import KeyLocked, WrongPassphrase
 
+    if auth is not None and auth not in AUTH_MODES:
+        fail(f"--auth must be one of {', '.join(AUTH_MODES)}, got {auth!r}", 2)
     if not (keys / "trust.json").exists():
         fail(f"no key directory at {keys} (run `edgefleet keys init`)")
     passphrase = resolve_passphrase(passphrase_file, passphrase_env, insecure, confirm=False)
@@ -81,16 +97,18 @@ def devices_provision(
         result = provision_device(
             KeyDir(keys), device_id, hardware, out, broker_host=broker_host, broker_port=broker_port,
             password_file=password_file, metadata_url=metadata_url, targets_url=targets_url,
-            passphrase=passphrase, force=force,
+            passphrase=passphrase, force=force, auth=auth, data_dir=data_dir,
         )  # fmt: skip
     except (ProvisionError, FileExistsError, KeyLocked, WrongPassphrase, TrustError, OSError) as exc:
         fail(f"cannot provision {device_id!r}: {exc}")
     info = {"device_id": device_id, "bootstrap": str(result.bootstrap), "cert": str(result.cert),
+            "agent_config": str(result.agent_config), "auth": result.auth,
             "password_file": str(password_file) if password_file else None}  # fmt: skip
     if as_json:
         print_json(info)
         return
     console.print(f"[green]provisioned[/] {device_id}: copy {out}/ to the device (it holds its secrets)")
+    console.print(f"run it with: python -m device_agent --config {result.agent_config.name} ({result.auth})")
     if password_file:
         console.print(f"added to {password_file}: reload the broker (SIGHUP) to let it in")
 
@@ -115,6 +133,27 @@ def devices_list(server: ServerOpt = None, as_json: JsonOpt = False) -> None:
             str(d.get("deployment_seq") or 0),
             ",".join(f"{k}={v}" for k, v in (d.get("tags") or {}).items()),
         )
+    console.print(table)
+
+
+@devices_app.command("drift")
+def devices_drift(
+    drifting: Annotated[bool, typer.Option("--drifting", help="Only devices drifting now.")] = False,
+    server: ServerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Devices the server saw off their desired seq or model, and the directives it republished."""
+    with client(server) as conn:
+        rows = api(lambda: conn.drift(drifting))
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("device", "drift", "episodes", "republished", "restored", "since", "detail")
+    for r in rows:
+        table.add_row(
+            r["device_id"], r["drift"], str(r["episodes"]), str(r["republished"]), str(r["restored"]),
+            str(r.get("since") or "-"), r.get("detail") or "",
+        )  # fmt: skip
     console.print(table)
 
 

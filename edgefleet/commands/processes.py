@@ -9,6 +9,7 @@ import typer
 
 from edgefleet.commands.common import (
     JsonOpt,
+    err,
     fail,
 )
 
@@ -24,8 +25,13 @@ def server_cmd(
         str | None, typer.Option(help="SQLAlchemy URL, e.g. PostgreSQL [EDGEFLEET_DATABASE_URL].")
     ] = None,
     mqtt: Annotated[str | None, typer.Option(help="Broker host:port [EDGEFLEET_MQTT_HOST/PORT].")] = None,
-    public_url: Annotated[
-        str | None, typer.Option(help="Base URL devices download from [EDGEFLEET_PUBLIC_URL].")
+    mqtt_credentials: Annotated[
+        Path | None,
+        typer.Option(
+            "--mqtt-credentials",
+            help="fleet-server.json from `edgefleet broker config`: the broker's server listener, "
+            "CA and the server's client certificate [EDGEFLEET_MQTT_CREDENTIALS].",
+        ),
     ] = None,
     key_passphrase_file: Annotated[
         Path | None,
@@ -34,13 +40,25 @@ def server_cmd(
             "EDGEFLEET_KEY_PASSPHRASE, else systemd's $CREDENTIALS_DIRECTORY/edgefleet-key-passphrase]."
         ),
     ] = None,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Base URL devices download from [EDGEFLEET_PUBLIC_URL]; default: this server's "
+            "scheme, address and port."
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="Serve HTTPS with this certificate (PEM).")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="... and its private key (PEM).")] = None,
 ) -> None:
     """Run the fleet server: admin API, rollout engine, MQTT bridge, artifact serving.
 
     Every setting also comes from its EDGEFLEET_* environment variable; flags win.
     """
     from fleet_server.keyload import FleetKeyError
-    from fleet_server.runner import main
+    from fleet_server.mqtt_client import MqttConfigError, endpoint
+    from fleet_server.runner import main, tls_options
     from fleet_server.settings import ServerSettings
 
     overrides: dict[str, Any] = {
@@ -49,15 +67,25 @@ def server_cmd(
         "database_url": database_url,
         "public_url": public_url,
         "key_passphrase_file": key_passphrase_file,
+        "mqtt_credentials": mqtt_credentials,
     }
     if mqtt:
         mhost, _, mport = mqtt.rpartition(":")
+        if not mport.isdigit():
+            fail(f"--mqtt must be host:port, got {mqtt!r}", 2)
         overrides.update(mqtt_host=mhost or "127.0.0.1", mqtt_port=int(mport))
     settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
     if not (Path(settings.keys_dir) / "trust.json").is_file():
         fail(f"no trust.json in {settings.keys_dir}: run `edgefleet keys init` or pass --keys")
     try:
-        main(settings, host, port)
+        broker = endpoint(settings)
+        tls_options(tls_cert, tls_key)
+    except (MqttConfigError, ValueError) as exc:
+        fail(str(exc), 2)
+    if not broker.security.tls:
+        err.print(f"[yellow]warning:[/] the broker connection ({broker.url}) is not TLS: development only")
+    try:
+        main(settings, host, port, tls_cert=tls_cert, tls_key=tls_key)
     except FleetKeyError as exc:  # a locked key is a configuration error: one line, no traceback
         fail(str(exc))
 

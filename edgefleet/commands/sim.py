@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from edgefleet.commands.common import JsonOpt, ServerOpt, TokenOpt, console, err, fail, print_json
+from edgefleet.commands.keys import DEFAULT_PASS_ENV, InsecureOpt, PassEnvOpt, PassFileOpt, resolve_passphrase
 
 sim_app = typer.Typer(
     help="Simulate a fleet: scenarios with faults against a real broker and server, or a plain fleet.",
@@ -38,15 +39,25 @@ def run_cmd(
             help="Split the fleet over N worker processes (default: the file's fleet.processes, else 1).",
         ),
     ] = None,
+    broker_auth: Annotated[
+        str,
+        typer.Option(
+            "--broker-auth",
+            help="How devices authenticate to the production broker: mtls or password; "
+            "insecure-dev runs the open development broker instead.",
+        ),
+    ] = "mtls",
     as_json: JsonOpt = False,
 ) -> None:
     """Start a broker and a server, run the scenario, write the report; exit 1 if an expectation fails."""
     import logging
 
-    from edgefleet.sim_harness import run_scenario
+    from edgefleet.sim_harness import BROKER_MODES, run_scenario
     from simulator.report import summary_rows
     from simulator.scenario import ScenarioError
 
+    if broker_auth not in BROKER_MODES:
+        fail(f"--broker-auth must be one of {', '.join(BROKER_MODES)}, got {broker_auth!r}", 2)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("simulator.runner").setLevel(logging.INFO)
     try:
@@ -57,6 +68,7 @@ def run_cmd(
             report_dir=report_dir,
             database_url=database_url,
             processes=processes,
+            broker_auth=broker_auth,
         )
     except ScenarioError as exc:
         fail(str(exc), 2)
@@ -125,6 +137,19 @@ def sim_cmd(
         Path | None,
         typer.Option(help="TUF root.json the devices are provisioned with (TUF mode; else DSSE-only)."),
     ] = None,
+    broker_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--broker-dir",
+            help="A production broker's directory (`broker config --auth mtls` / `broker run`: its "
+            "ca.crt): devices get client certificates from the fleet CA in --keys, kept under "
+            "BROKER_DIR/devices/. Without it: an open development broker.",
+        ),
+    ] = None,
+    keys: Annotated[Path, typer.Option("--keys", help="Key directory holding the fleet CA.")] = Path("keys"),
+    passphrase_file: PassFileOpt = None,
+    passphrase_env: PassEnvOpt = DEFAULT_PASS_ENV,
+    insecure: InsecureOpt = False,
     server: ServerOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -132,7 +157,9 @@ def sim_cmd(
     import signal
     import threading
 
-    from edgefleet.broker import BrokerInfo
+    from edgefleet.broker import BrokerInfo, SecureBrokerInfo, provision_devices
+    from edgefleet.provision import ProvisionError
+    from signing.keys import KeyLocked, WrongPassphrase
     from simulator.fleet import DeviceSpec, Fleet
     from simulator.registry import register_devices
 
@@ -141,11 +168,34 @@ def sim_cmd(
         fail(f"--broker must be host:port, got {broker!r}", 2)
     info = BrokerInfo(host or "127.0.0.1", int(port), mqtt_version, mqtt_version == 5)
     specs = [DeviceSpec(f"{prefix}-{i:05d}", hardware, {"sim": "1"}) for i in range(first, first + devices)]
+    credentials: dict[str, dict[str, object]] = {}
+    if broker_dir is not None:
+        if not (broker_dir / "ca.crt").is_file():
+            fail(f"no ca.crt in {broker_dir}: give the directory `broker config` wrote", 2)
+        secure = SecureBrokerInfo(
+            info.host, info.port, mqtt_version, mqtt_version == 5, auth="mtls",
+            files_dir=broker_dir.resolve(), keys_dir=keys.resolve(),
+        )  # fmt: skip
+        passphrase = resolve_passphrase(passphrase_file, passphrase_env, insecure, confirm=False)
+        try:
+            credentials = dict(provision_devices(secure, [s.device_id for s in specs], passphrase))
+        except (ProvisionError, KeyLocked, WrongPassphrase, OSError) as exc:
+            fail(f"cannot issue the devices' certificates: {exc}")
+    else:
+        err.print("[yellow]no --broker-dir: the devices connect without TLS (an open development broker)[/]")
     if register:
         from edgefleet.client import default_server
 
         register_devices(server or default_server(), specs, token=token)
-    fleet = Fleet(specs, info, trust, data_root, workload_hz=workload_hz, tuf_root_path=tuf_root)
+    fleet = Fleet(
+        specs,
+        info,
+        trust,
+        data_root,
+        workload_hz=workload_hz,
+        tuf_root_path=tuf_root,
+        credentials=credentials,
+    )
     fleet.start()
     console.print(f"[green]{devices} agents running[/] (Ctrl-C to stop)")
     stop = threading.Event()

@@ -9,11 +9,12 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
-from fleet_server.routes import delivery, devices, models, rollouts, server, telemetry, tokens
+from fleet_server.routes import delivery, devices, drift, models, rollouts, server, telemetry, tokens
 
 ROUTERS: tuple[APIRouter, ...] = (
     server.health_router,
     devices.router,
+    drift.router,
     models.router,
     models.artifacts_router,
     rollouts.router,

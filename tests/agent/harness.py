@@ -24,16 +24,16 @@ import numpy as np
 import onnx
 import paho.mqtt.client as mqtt
 from onnx import TensorProto, helper, numpy_helper
-from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent import protocol
 from device_agent.agent import Agent
 from device_agent.config import AgentConfig
-from edgefleet.broker import BrokerInfo
+from edgefleet.broker import BrokerInfo, device_mqtt_keys
 from signing.dsse import sign_envelope
 from signing.keyring import KeyDir
 from signing.keys import KeyPair
 from signing.manifest import ENVELOPE_NAME, sign_bundle
+from tests.mqtt_clients import server_address, server_client
 
 T = TypeVar("T")
 HW = "rpi4"
@@ -256,15 +256,18 @@ def sign_directive(
 
 
 class Observer:
-    """A paho client (test side, its own thread) that publishes directives and records device messages."""
+    """A paho client (test side, its own thread) that publishes directives and records device messages.
+
+    It plays the fleet server, so on the production broker it has the server's identity (its
+    certificate, on the server listener): the only account that may write ``desired``."""
 
     def __init__(self, broker: BrokerInfo) -> None:
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique_id("observer"))
+        self.client = server_client(broker, unique_id("fleet-server-observer"))
         self.client.on_message = self._on_message
         self.client.max_queued_messages_set(0)
-        self.client.connect(broker.host, broker.port)
+        self.client.connect(*server_address(broker))
         self.client.subscribe(
             [(protocol.wildcard(c), 1) for c in ("events", "reported", "status", "telemetry")]
         )
@@ -332,6 +335,7 @@ class LoopThread:
 def agent_config(
     broker: BrokerInfo, data_dir: Path, trust_path: Path, device_id: str, **kw: Any
 ) -> AgentConfig:
+    """An agent of ``device_id`` on ``broker``, with the credentials the broker issued it."""
     return AgentConfig(
         device_id=device_id,
         hardware_id=kw.pop("hardware_id", HW),
@@ -341,13 +345,19 @@ def agent_config(
         mqtt_port=broker.port,
         mqtt_version=kw.pop("mqtt_version", broker.mqtt_version),
         telemetry_interval=kw.pop("telemetry_interval", 0.5),
-        **kw,
+        **{**device_mqtt_keys(broker, device_id), **kw},
     )
 
 
 def swapped(agent: Agent, n: int) -> bool:
     """At least ``n`` models have served on ``agent`` (boot, swaps, reverts)."""
     return len(agent.history) >= n
+
+
+def mqtt_toml(broker: BrokerInfo, device_id: str) -> str:
+    """The broker lines of an agent TOML for ``device_id`` (address, TLS and its credentials)."""
+    keys = {"mqtt_host": broker.host, "mqtt_port": broker.port, **device_mqtt_keys(broker, device_id)}
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
 
 
 def start_agent(lt: LoopThread, agent: Agent) -> Agent:

@@ -10,7 +10,7 @@ from pathlib import Path
 from edgefleet.broker import BrokerInfo
 from signing.keyring import KeyDir
 
-from .harness import Observer, unique_id, wait_for
+from .harness import Observer, mqtt_toml, unique_id, wait_for
 
 
 def test_run_agent_until_sigterm(
@@ -20,7 +20,7 @@ def test_run_agent_until_sigterm(
     conf = tmp_path / "device.toml"
     conf.write_text(
         f'[agent]\ndevice_id = "{dev}"\nhardware_id = "rpi4"\ndata_dir = "data"\n'
-        f'trust_path = "{keydir.trust_path}"\nmqtt_port = {broker_info.port}\n'
+        f'trust_path = "{keydir.trust_path}"\n' + mqtt_toml(broker_info, dev)
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "device_agent", "--config", str(conf), "--workload-hz", "5"],

@@ -1,15 +1,26 @@
-"""The throwaway broker launcher: Mosquitto from a generated config, and the embedded fallback."""
+"""The broker launcher: `edgefleet broker run` (the production configuration by default, stopped with
+it on SIGTERM/SIGINT), and the open development brokers (Mosquitto, the embedded fallback)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.broker import mosquitto_binary, start_embedded, start_mosquitto
+
+EXE = str(Path(sys.executable).parent / "edgefleet")
 
 
 def _retained(host: str, port: int, version: int, topic: str) -> list[bytes]:
@@ -59,3 +70,80 @@ def test_embedded_broker_speaks_mqtt_3_1_1() -> None:
         assert _retained(broker.info.host, broker.info.port, 4, "a/b") == [b"hi"]
     finally:
         broker.stop()
+
+
+def _broker_run(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """`edgefleet broker run --json` as a real process, once it printed where its broker listens."""
+    proc = subprocess.Popen(
+        [EXE, "broker", "run", "--dir", str(tmp_path / "broker"), "--json", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("}"):
+            break
+    try:
+        return proc, json.loads("".join(lines))
+    except ValueError:
+        proc.kill()
+        raise AssertionError(
+            f"no JSON from broker run: {''.join(lines)} {proc.stderr.read() if proc.stderr else ''}"
+        ) from None
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_broker_run_stops_its_broker_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed")
+    proc, info = _broker_run(tmp_path)
+    try:
+        port = int(info["url"].rsplit(":", 1)[1])
+        assert info["security"].startswith("production configuration: TLS")
+        assert _listening(port) and _listening(info["server_port"])
+        assert os.path.exists(f"/proc/{info['pid']}")
+        proc.send_signal(sig)
+        assert proc.wait(15) == 0
+        # the broker is gone with it: its process and both listeners
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{info['pid']}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{info['pid']}"), "mosquitto outlived `broker run`"
+        assert not _listening(port) and not _listening(info["server_port"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_broker_run_is_the_production_configuration(tmp_path: Path) -> None:
+    """By default: TLS only (a plaintext CONNECT gets nowhere) and the server credentials written."""
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed")
+    proc, info = _broker_run(tmp_path)
+    try:
+        port = int(info["url"].rsplit(":", 1)[1])
+        assert info["url"].startswith("mqtts://") and Path(info["server_credentials"]).is_file()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="plain", protocol=mqtt.MQTTv5)
+        c.connect("127.0.0.1", port, keepalive=5)
+        deadline = time.monotonic() + 3
+        while c.loop(0.1) == mqtt.MQTT_ERR_SUCCESS and time.monotonic() < deadline:
+            pass
+        assert not c.is_connected()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+
+
+def test_broker_run_asks_for_the_open_broker_explicitly(tmp_path: Path) -> None:
+    out = subprocess.run([EXE, "broker", "run", "--embedded"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--insecure-dev" in out.stderr

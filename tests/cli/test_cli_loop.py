@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from compiler.examples import make_nan_model, train_digits
-from edgefleet.broker import Broker, free_port
+from edgefleet.broker import Broker, free_port, server_mqtt_settings
+from tests.agent.harness import mqtt_toml
 
 EXE = str(Path(sys.executable).parent / "edgefleet")
 
@@ -94,12 +95,15 @@ def test_compile_push_rollout_with_real_processes(
         "EDGEFLEET_TICK_INTERVAL": "0.2",
         "EDGEFLEET_AUTH_REQUIRED": "1",
     }
-    mqtt = f"{mosquitto.info.host}:{mosquitto.info.port}"
+    # the production broker: the server comes in on its listener with fleet-server.json
+    mqtt = server_mqtt_settings(mosquitto.info)
     server_log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
     processes.append(
         subprocess.Popen(
             [EXE, "server", "--port", str(port), "--keys", str(keys), "--data-dir", str(tmp_path / "srv"),
-             "--mqtt", mqtt, "--public-url", url],
+             "--mqtt", f"{mqtt['mqtt_host']}:{mqtt['mqtt_port']}",
+             *(["--mqtt-credentials", str(mqtt["mqtt_credentials"])] if "mqtt_credentials" in mqtt else []),
+             "--public-url", url],
             env=env, stdout=server_log, stderr=subprocess.STDOUT,
         )
     )  # fmt: skip
@@ -118,8 +122,8 @@ def test_compile_push_rollout_with_real_processes(
             'device_id = "cli-dev-1"\nhardware_id = "rpi4"\n'
             f'data_dir = "dev1"\ntrust_path = "{keys / "trust.json"}"\n'
             f'tuf_root_path = "{keys / "root.json"}"\n'
-            f'mqtt_host = "{mosquitto.info.host}"\nmqtt_port = {mosquitto.info.port}\n'
-            "telemetry_interval = 1.0\n"
+            + mqtt_toml(mosquitto.info, "cli-dev-1")
+            + "telemetry_interval = 1.0\n"
         )
         agent_log = open(tmp_path / "agent.log", "wb")  # noqa: SIM115
         agent = subprocess.Popen(

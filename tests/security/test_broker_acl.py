@@ -1,7 +1,10 @@
 """A REAL mosquitto started from the config `edgefleet broker config` writes, attacked by real MQTT 5 clients.
 
 Devices A and B are provisioned with `provision_device`; the broker runs with
-TLS, the generated password file or mutual TLS, and the generated ACL.
+TLS, the generated password file or mutual TLS, and the generated ACL; the
+fleet server's account comes in on the server listener with the server CA's
+client certificate. (The same attacks with our own server and agent are in
+``test_transport_attacks.py``.)
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class Broker:
     ca: Path
     keydir: KeyDir
     devices: dict[str, Provisioned]
-    server_password: str | None
+    server_port: int
     auth: str
 
 
@@ -53,10 +56,11 @@ def _start(auth: str) -> Iterator[Broker]:
     try:
         init_keys(root / "keys")
         kd = KeyDir(root / "keys")
-        port = free_port()
+        port, server_port = free_port(), free_port()
         files = write_broker_config(
-            kd, root / "broker", hostnames=["127.0.0.1"], port=port, bind="127.0.0.1", auth=auth
-        )
+            kd, root / "broker", hostnames=["127.0.0.1"], port=port, bind="127.0.0.1", auth=auth,
+            server_port=server_port,
+        )  # fmt: skip
         devices = {
             d: provision_device(
                 kd,
@@ -69,19 +73,17 @@ def _start(auth: str) -> Iterator[Broker]:
             )
             for d in ("devA", "devB")
         }
-        import json
-
-        creds = json.loads(files.server_credentials.read_text())
         log = open(root / "mosquitto.log", "wb")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(
             [str(mosquitto_binary()), "-c", str(files.conf)], stdout=log, stderr=subprocess.STDOUT
         )
         try:
             wait_for_port("127.0.0.1", port)
+            wait_for_port("127.0.0.1", server_port)
         except TimeoutError:
             proc.kill()
             raise RuntimeError((root / "mosquitto.log").read_text()) from None
-        yield Broker(port, root / "broker", files.ca, kd, devices, creds.get("password"), auth)
+        yield Broker(port, root / "broker", files.ca, kd, devices, server_port, auth)
         proc.terminate()
         proc.wait(10)
         log.close()
@@ -140,6 +142,7 @@ def connect(
     password: str | None = None,
     cert: tuple[Path, Path] | None = None,
     tls: bool = True,
+    port: int | None = None,
 ) -> Client:
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     wrapped = Client(c)
@@ -156,9 +159,9 @@ def connect(
     c.on_publish = lambda cl, ud, mid, rc, props: wrapped.pubacks.__setitem__(mid, rc)
     c.on_message = lambda cl, ud, msg: wrapped.messages.append((msg.topic, msg.payload))
     c.on_disconnect = lambda cl, ud, flags, rc, props: wrapped.disconnected.set()
-    c.connect("127.0.0.1", broker.port, keepalive=30)
+    c.connect("127.0.0.1", port or broker.port, keepalive=30)
     c.loop_start()
-    wrapped.wait(lambda: wrapped.connack, f"CONNACK for {client_id}")
+    wrapped.wait(lambda: wrapped.connack or wrapped.disconnected.is_set(), f"CONNACK for {client_id}")
     return wrapped
 
 
@@ -172,13 +175,13 @@ def device(broker: Broker, device_id: str, client_id: str | None = None) -> Clie
     return c
 
 
-def server(broker: Broker) -> Client:
-    if broker.auth == "mtls":
-        d = broker.dir
-        c = connect(broker, "fleet-server", cert=(d / "fleet-server.crt", d / "fleet-server.key"))
-    else:
-        c = connect(broker, "fleet-server", username="fleet-server", password=broker.server_password)
-    assert not c.connack[0].is_failure, c.connack
+def server(broker: Broker, client_id: str = "fleet-server") -> Client:
+    """The fleet server's account: the server CA's certificate, on the server listener (both modes)."""
+    d = broker.dir
+    c = connect(
+        broker, client_id, cert=(d / "fleet-server.crt", d / "fleet-server.key"), port=broker.server_port
+    )
+    assert c.connack and not c.connack[0].is_failure, c.connack
     return c
 
 
@@ -277,12 +280,12 @@ def test_plaintext_is_refused(pw_broker: Broker) -> None:
     c.disconnect()
 
 
-def _tls_session(broker: Broker, cert: tuple[Path, Path] | None) -> str:
+def _tls_session(broker: Broker, cert: tuple[Path, Path] | None, port: int | None = None) -> str:
     """Open a TLS session to the broker and see whether it keeps it: "kept" or the way it ended."""
     ctx = ssl.create_default_context(cafile=str(broker.ca))
     if cert is not None:
         ctx.load_cert_chain(str(cert[0]), str(cert[1]))
-    with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as raw:
+    with socket.create_connection(("127.0.0.1", port or broker.port), timeout=5) as raw:
         try:
             with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
                 tls.settimeout(1.0)
@@ -326,3 +329,98 @@ def test_provisioned_bootstrap_holds_the_anchors(pw_broker: Broker) -> None:
     assert TrustRoot.load(boot["trust_root"]).version == 1
     assert p.bootstrap.stat().st_mode & 0o777 == 0o600
     assert p.password not in (pw_broker.dir / "passwd").read_text()  # stored hashed only
+
+
+# ---------------------------------------------------------------- the fleet server's account
+
+
+def _rogue_cert(tmp_path: Path, common_name: str) -> tuple[Path, Path]:
+    """A certificate for ``common_name`` from a CA that is neither the fleet CA nor the server CA."""
+    from edgefleet.provision import fleet_ca
+
+    init_keys(tmp_path / f"rogue-{common_name}")
+    rogue: FleetCA = fleet_ca(KeyDir(tmp_path / f"rogue-{common_name}"))
+    cert_pem, key = issue_cert(rogue, common_name)
+    paths = (tmp_path / f"{common_name}.crt", tmp_path / f"{common_name}.key")
+    write_cert_and_key(cert_pem, key, *paths)
+    return paths
+
+
+def test_only_the_server_ca_gets_onto_the_server_listener(broker: Broker, tmp_path: Path) -> None:
+    d = broker.dir
+    server_cert = (d / "fleet-server.crt", d / "fleet-server.key")
+    p = broker.devices["devA"]
+    assert _tls_session(broker, server_cert, broker.server_port) == "kept"
+    # a device certificate (fleet CA), none at all, or a "fleet-server" one from another CA: no TLS
+    for cert in ((p.cert, p.key), None, _rogue_cert(tmp_path, "fleet-server")):
+        outcome = _tls_session(broker, cert, broker.server_port)
+        assert outcome != "kept", (cert, outcome)
+    # the server's certificate on the device listener is no way in either (no password, wrong CA)
+    on_device_port = connect(broker, "fleet-server-x", cert=server_cert)
+    with clients(on_device_port):
+        assert not on_device_port.connack or on_device_port.connack[0].is_failure
+    if broker.auth == "password":
+        guess = connect(broker, "fleet-server", username="fleet-server", password="")
+        with clients(guess):
+            assert guess.connack and guess.connack[0].is_failure
+
+
+def test_server_connections_keep_their_own_client_ids(broker: Broker) -> None:
+    """Bridge, ingest workers and replicas share one account: each keeps its own client id."""
+    ids = ["fleet-server-r1", "fleet-server-r1-ingest0", "fleet-server-r1-ingest1", "fleet-server-r2"]
+    conns = [server(broker, i) for i in ids]
+    a = device(broker, "devA")
+    with clients(*conns, a):
+        for c in conns:
+            assert c.subscribe("ef/v1/+/events") < 0x80
+        assert a.publish("ef/v1/devA/events", b"seen by all") == 0
+        for c in conns:
+            c.wait(
+                lambda c=c: ("ef/v1/devA/events", b"seen by all") in c.messages, "every connection gets it"
+            )
+        time.sleep(0.2)
+        assert not any(c.disconnected.is_set() for c in conns)
+
+
+def test_the_server_account_cannot_speak_as_a_device(broker: Broker) -> None:
+    srv = server(broker)
+    with clients(srv):
+        for channel in ("reported", "status", "events", "telemetry"):
+            assert (
+                srv.publish(f"ef/v1/devA/{channel}", b"forged", retain=channel == "reported")
+                == NOT_AUTHORIZED
+            )
+        assert srv.publish("ef/v1/devA/desired", b"directed", retain=True) < 0x80
+        assert srv.publish("ef/v1/devA/desired", b"", retain=True) < 0x80  # and clears it again
+
+
+def test_a_device_cannot_take_a_server_client_id(broker: Broker) -> None:
+    """Client ids are global to the broker, but a device's is its id, and no device id may start with
+    the server's prefix: a device asking for a server connection's id does not disconnect it."""
+    from edgefleet.provision import ProvisionError, check_device_id
+
+    with pytest.raises(ProvisionError):
+        check_device_id("fleet-server-r1")
+    srv = server(broker, "fleet-server-r1")
+    with clients(srv):
+        impostor = device(broker, "devA", client_id="fleet-server-r1")
+        with clients(impostor):
+            time.sleep(0.2)
+            assert not srv.disconnected.is_set()
+            assert srv.subscribe("ef/v1/+/events") < 0x80
+
+
+def test_password_hashes_are_mosquitto_passwd_lines(tmp_path: Path) -> None:
+    """provision.hash_password_line writes what `mosquitto_passwd` writes, for the same salt."""
+    import base64
+
+    from edgefleet.provision import hash_password_line
+
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto_passwd not installed")
+    plain = tmp_path / "pw"
+    plain.write_text("devA:s3cret-pass word\n")
+    subprocess.run(["mosquitto_passwd", "-U", str(plain)], check=True, capture_output=True, timeout=30)
+    theirs = plain.read_text().strip()
+    salt = base64.b64decode(theirs.split("$")[3])
+    assert hash_password_line("devA", "s3cret-pass word", salt=salt) == theirs

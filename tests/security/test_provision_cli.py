@@ -63,7 +63,8 @@ def test_broker_config_and_provision(tmp_path: Path, keys: Path) -> None:
     assert r.exit_code == 0, r.output
     boot = json.loads((tmp_path / "cam-1" / "bootstrap.json").read_text())
     assert boot["broker"] == {"host": "mqtt.example", "port": 8883, "tls": True, "ca_file": "ca.crt"}
-    assert [ln.split(":")[0] for ln in (out / "passwd").read_text().splitlines()] == ["fleet-server", "cam-1"]
+    # the server is in no password file: its certificate (server CA) on the server listener only
+    assert [ln.split(":")[0] for ln in (out / "passwd").read_text().splitlines()] == ["cam-1"]
     again = runner.invoke(
         app, ["devices", "provision", "cam-1", "--hw", "rpi4", "--broker-host", "x", "--keys", str(keys),
               "--out", str(tmp_path / "cam-1"), NOPASS],

@@ -16,7 +16,7 @@ from tuf.api.metadata import Metadata, Targets, Timestamp
 
 from device_agent import protocol
 from device_agent.agent import Agent
-from edgefleet.broker import BrokerInfo
+from edgefleet.broker import BrokerInfo, server_mqtt_settings
 from edgefleet.client import ApiClient, ApiError
 from fleet_server.runner import ServerThread
 from fleet_server.settings import ServerSettings
@@ -37,10 +37,7 @@ def server(tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo) -> Iterator[
     settings = ServerSettings(
         data_dir=tmp_path / "server",
         keys_dir=keydir.path,
-        mqtt_host=broker_info.host,
-        mqtt_port=broker_info.port,
-        mqtt_version=broker_info.mqtt_version,
-        shared_subscriptions=broker_info.shared_subscriptions,
+        **server_mqtt_settings(broker_info),
         tick_interval=0.1,
         auth_required=True,
         tuf_timestamp_expiry_seconds=4.0,

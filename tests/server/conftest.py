@@ -11,16 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefleet.broker import BrokerInfo
+from edgefleet.broker import BrokerInfo, server_mqtt_settings
 from fleet_server.runner import ServerThread
 from fleet_server.settings import ServerSettings
 from signing.keyring import KeyDir
 from signing.keys import KeyPair
 from signing.manifest import ENVELOPE_NAME, sign_bundle
+from tests.mqtt_clients import device_address, device_client, server_address, server_client
 
 HW = "rpi4"
 _client_ids = itertools.count()
@@ -90,10 +89,7 @@ def server_settings(tmp_path: Path, keydir: KeyDir, broker: BrokerInfo, **over: 
     values: dict[str, Any] = {
         "data_dir": tmp_path / "server-data",
         "keys_dir": keydir.path,
-        "mqtt_host": broker.host,
-        "mqtt_port": broker.port,
-        "mqtt_version": broker.mqtt_version,
-        "shared_subscriptions": broker.shared_subscriptions,
+        **server_mqtt_settings(broker),  # the server listener and fleet-server.json on the production broker
         "tick_interval": 0.1,
         # These tests exercise rollouts and ingest; admin auth (on by default) has its own
         # tests in test_auth.py, and the demo, CLI loop and scenarios run with it on.
@@ -105,14 +101,17 @@ def server_settings(tmp_path: Path, keydir: KeyDir, broker: BrokerInfo, **over: 
 
 @pytest.fixture
 def make_server(
-    tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo
+    tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo, fake_device: Callable[[str], FakeDevice]
 ) -> Iterator[Callable[..., ServerThread]]:
+    """Servers of this test, stopped before ``fake_device`` clears the retained topics (a running
+    server restores a deleted directive: ``fleet_server.reconciler``)."""
     started: list[ServerThread] = []
 
-    def make(**over: Any) -> ServerThread:
+    def make(tls_cert: Path | None = None, tls_key: Path | None = None, **over: Any) -> ServerThread:
         # port 0: ServerThread binds the socket itself (no race for a port chosen here) and
-        # defaults public_url to where it listens
-        srv = ServerThread(server_settings(tmp_path, keydir, broker_info, **over)).start()
+        # defaults public_url to where it listens (https:// with tls_cert/tls_key)
+        settings = server_settings(tmp_path, keydir, broker_info, **over)
+        srv = ServerThread(settings, tls_cert=tls_cert, tls_key=tls_key).start()
         started.append(srv)
         assert srv.context.bridge is not None
         wait_for(srv.context.bridge.subscribed.is_set, 10)
@@ -135,19 +134,17 @@ def client(server: ServerThread) -> Iterator[httpx.Client]:
 
 
 class FakeDevice:
-    """A paho client speaking the wire protocol as a device would (no agent logic)."""
+    """A paho client speaking the wire protocol as a device would (no agent logic), with the
+    device's own identity: on the production broker it may only speak under its own topics."""
 
     def __init__(self, broker: BrokerInfo, device_id: str) -> None:
         self.device_id = device_id
+        self.broker = broker
         self.received: list[tuple[str, bytes, bool]] = []
-        v5 = broker.mqtt_version == 5
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"test-{device_id}-{next(_client_ids)}",
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-        )
+        # the production broker makes the client id the device id (use_username_as_clientid)
+        self.client = device_client(broker, device_id, client_id=f"test-{device_id}-{next(_client_ids)}")
         self.client.on_message = lambda _c, _u, m: self.received.append((m.topic, bytes(m.payload), m.retain))
-        self.client.connect(broker.host, broker.port)
+        self.client.connect(*device_address(broker))
         self.client.loop_start()
         wait_for(self.client.is_connected, 5)
 
@@ -174,11 +171,20 @@ def fake_device(broker_info: BrokerInfo) -> Iterator[Callable[[str], FakeDevice]
         return d
 
     yield make
+    if not made:
+        return
+    # clear retained topics this test left behind (the broker lives for the session): a device may
+    # clear its own reported and status, only the server account its desired
+    cleaner = server_client(broker_info)
+    cleaner.connect(*server_address(broker_info))
+    cleaner.loop_start()
     for d in made:
-        # clear retained topics this test left behind (the broker lives for the session)
-        for ch in ("reported", "status", "desired"):
+        for ch in ("reported", "status"):
             d.client.publish(f"ef/v1/{d.device_id}/{ch}", b"", qos=1, retain=True).wait_for_publish(5)
+        cleaner.publish(f"ef/v1/{d.device_id}/desired", b"", qos=1, retain=True).wait_for_publish(5)
         d.close()
+    cleaner.disconnect()
+    cleaner.loop_stop()
 
 
 def stats(client: httpx.Client) -> dict[str, int]:

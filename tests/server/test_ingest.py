@@ -16,13 +16,12 @@ from pathlib import Path
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import col, select
 
 from device_agent import protocol
-from edgefleet.broker import BrokerInfo
+from edgefleet.broker import BrokerInfo, server_mqtt_settings
 from fleet_server import ingest_worker
 from fleet_server.counters import Counters
 from fleet_server.ingest import Inbound, ingest_batch
@@ -32,6 +31,7 @@ from fleet_server.runner import ServerThread
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine, new_session
 from signing.keyring import KeyDir
+from tests.mqtt_clients import device_address, device_client, server_address, server_client
 
 from .conftest import FakeDevice, make_bundle, register, stats, upload, wait_for
 from .test_mqtt import reported, telemetry
@@ -120,18 +120,20 @@ def test_keepalive_holds_while_a_burst_of_telemetry_is_ingested(
         )
         for k in range(n)
     ]
-    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"burst-{uuid.uuid4().hex[:8]}")
-    pub.connect(broker_info.host, broker_info.port)
-    pub.loop_start()
+    pubs = {d: device_client(broker_info, d) for d in devices}  # each device speaks for itself
+    for pub in pubs.values():
+        pub.connect(*device_address(broker_info))
+        pub.loop_start()
     inflight: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
     for topic, payload in payloads:
-        inflight.append(pub.publish(topic, payload, qos=1))
+        inflight.append(pubs[protocol.parse_topic(topic)[0]].publish(topic, payload, qos=1))
         if len(inflight) >= 200:
             inflight.popleft().wait_for_publish(10)
     while inflight:
         inflight.popleft().wait_for_publish(10)
-    pub.disconnect()
-    pub.loop_stop()
+    for pub in pubs.values():
+        pub.disconnect()
+        pub.loop_stop()
     wait_for(lambda: stats(api)["telemetry_batches"] == n, timeout=60)
     time.sleep(2.5)  # idle afterwards: keepalive pings on both clients
     s = stats(api)
@@ -231,12 +233,7 @@ def test_a_worker_whose_server_died_hands_its_share_of_the_stream_over_without_l
     stored by the orphan or delivered to the surviving member, none lost."""
     if not broker_info.shared_subscriptions:
         pytest.skip("the broker has no shared subscriptions")
-    settings = ServerSettings(
-        data_dir=tmp_path,
-        mqtt_host=broker_info.host,
-        mqtt_port=broker_info.port,
-        mqtt_version=broker_info.mqtt_version,
-    )
+    settings = ServerSettings(data_dir=tmp_path, **server_mqtt_settings(broker_info))
     engine = make_engine(settings)
     devices = [f"orphan-{i}" for i in range(4)]
     with new_session(engine) as session:
@@ -247,17 +244,17 @@ def test_a_worker_whose_server_died_hands_its_share_of_the_stream_over_without_l
     )
     worker.start()
     survivor_got: set[str] = set()
-    survivor = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"survivor-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
-    )
+    # the other member of the $share group: another replica, so the server's identity
+    survivor = server_client(broker_info, f"fleet-server-survivor-{uuid.uuid4().hex[:8]}")
     survivor.on_message = lambda _c, _u, m: survivor_got.add(
         protocol.decode_telemetry(bytes(m.payload), protocol.parse_topic(m.topic)[0]).batch_id
     )
-    survivor.connect(broker_info.host, broker_info.port)
+    survivor.connect(*server_address(broker_info))
     survivor.loop_start()
-    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"orphan-pub-{uuid.uuid4().hex[:8]}")
-    pub.connect(broker_info.host, broker_info.port)
-    pub.loop_start()
+    pubs = {d: device_client(broker_info, d) for d in devices}  # each device speaks for itself
+    for pub in pubs.values():
+        pub.connect(*device_address(broker_info))
+        pub.loop_start()
     try:
         wait_for(lambda: worker.subscribed, timeout=20)
         survivor.subscribe(protocol.shared_subscription(protocol.Channel.TELEMETRY), qos=1)
@@ -267,7 +264,7 @@ def test_a_worker_whose_server_died_hands_its_share_of_the_stream_over_without_l
             for _ in range(count):
                 k = len(published)
                 dev = devices[k % len(devices)]
-                pub.publish(
+                pubs[dev].publish(
                     protocol.topic(dev, protocol.Channel.TELEMETRY), telemetry(dev, f"o{k}", SHA, 1), qos=1
                 ).wait_for_publish(5)
                 published.append(f"o{k}")
@@ -288,7 +285,7 @@ def test_a_worker_whose_server_died_hands_its_share_of_the_stream_over_without_l
                 break
             time.sleep(0.05)
     finally:
-        for c in (pub, survivor):
+        for c in (*pubs.values(), survivor):
             c.disconnect()
             c.loop_stop()
     stored = stored_batch_ids(engine, devices)

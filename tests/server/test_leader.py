@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from edgefleet.broker import BrokerInfo
+from edgefleet.broker import BrokerInfo, server_mqtt_settings
 from signing.keyring import KeyDir
 
 from .conftest import FakeDevice, free_port, make_bundle, register, upload, wait_for
@@ -68,9 +68,8 @@ def replicas(
         "EDGEFLEET_DATABASE_URL": pg_url,
         "EDGEFLEET_DATA_DIR": str(tmp_path / "shared-data"),  # artifacts: shared storage across replicas
         "EDGEFLEET_KEYS_DIR": str(keydir.path),
-        "EDGEFLEET_MQTT_HOST": broker_info.host,
-        "EDGEFLEET_MQTT_PORT": str(broker_info.port),
-        "EDGEFLEET_MQTT_VERSION": str(broker_info.mqtt_version),
+        # the server listener and fleet-server.json on the production broker
+        **{f"EDGEFLEET_{k.upper()}": str(v) for k, v in server_mqtt_settings(broker_info).items()},
         "EDGEFLEET_TICK_INTERVAL": "0.2",
         "EDGEFLEET_AUTH_REQUIRED": "false",
         "EDGEFLEET_PUBLIC_URL": "http://127.0.0.1:1",

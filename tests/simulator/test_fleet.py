@@ -9,7 +9,7 @@ import numpy as np
 from agent.harness import ArtifactServer, Observer, make_bundle, sign_directive, unique_id, wait_for
 
 from device_agent import protocol
-from edgefleet.broker import BrokerInfo
+from edgefleet.broker import BrokerInfo, fleet_mqtt_keys
 from signing.keyring import KeyDir
 from simulator.fleet import DeviceSpec, Fleet
 
@@ -24,8 +24,9 @@ def test_twenty_agents_install_a_directive(
     samples = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fleet = Fleet(
-        specs, broker_info, keydir.trust_path, tmp_path / "fleet", workload_hz=20.0, sample_inputs=samples
-    )
+        specs, broker_info, keydir.trust_path, tmp_path / "fleet", workload_hz=20.0, sample_inputs=samples,
+        credentials=fleet_mqtt_keys(broker_info, [s.device_id for s in specs]),
+    )  # fmt: skip
     fleet.start()
     try:
         assert all(s["connected"] for s in fleet.snapshot().values())

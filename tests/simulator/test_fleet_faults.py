@@ -11,7 +11,7 @@ from agent.harness import ArtifactServer, Bundle, Observer, make_bundle, sign_di
 
 from device_agent import protocol
 from device_agent.runtime import SharedRuntimeFactory
-from edgefleet.broker import BrokerInfo
+from edgefleet.broker import BrokerInfo, fleet_mqtt_keys
 from signing.keyring import KeyDir
 from simulator.faults import ClassRuntime
 from simulator.fleet import DeviceSpec, Fleet
@@ -52,7 +52,10 @@ def test_crash_mid_download_then_reboot_installs(
     net.run(proxy.start())
     # a slow link: the model takes ~1 s to arrive, so "downloading" lasts long enough to crash in
     proxy.links[device] = LinkState(profile=NetProfile(bandwidth_kbps=bundle.length * 8 / 1000))
-    fleet = Fleet([DeviceSpec(device, "rpi4")], broker_info, keydir.trust_path, tmp_path / "f", workload_hz=5)
+    fleet = Fleet(
+        [DeviceSpec(device, "rpi4")], broker_info, keydir.trust_path, tmp_path / "f", workload_hz=5,
+        credentials=fleet_mqtt_keys(broker_info, [device]),
+    )  # fmt: skip
     fleet.start()
     try:
         _send(observer, keydir, device, 1, _ref_via(proxy, artifacts, bundle))
@@ -78,7 +81,10 @@ def test_power_off_is_clean_and_power_on_restores_the_model(
     device = unique_id("pwr")
     bundle = make_bundle(tmp_path / "b", keydir.key("release"))
     artifacts.add(bundle)
-    fleet = Fleet([DeviceSpec(device, "rpi4")], broker_info, keydir.trust_path, tmp_path / "f", workload_hz=5)
+    fleet = Fleet(
+        [DeviceSpec(device, "rpi4")], broker_info, keydir.trust_path, tmp_path / "f", workload_hz=5,
+        credentials=fleet_mqtt_keys(broker_info, [device]),
+    )  # fmt: skip
     fleet.start()
     try:
         _send(observer, keydir, device, 1, artifacts.model_ref(bundle))
@@ -111,6 +117,7 @@ def test_a_model_fails_only_on_its_hardware_class(
         workload_hz=10,
         runtime=shared,
         class_runtimes={"rpi4": ClassRuntime(shared, failing_shas=frozenset({bundle.sha256}))},
+        credentials=fleet_mqtt_keys(broker_info, [s.device_id for s in specs]),
     )
     fleet.start()
     try:

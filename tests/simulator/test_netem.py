@@ -9,14 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
 from agent.harness import ArtifactServer, Bundle, make_bundle, wait_for
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.broker import BrokerInfo
 from signing.keyring import KeyDir
 from simulator.netem import HttpFaultProxy, LinkState, NetProfile, NetworkThread, TcpFaultProxy
+from tests.mqtt_clients import device_client
 
 
 @pytest.fixture
@@ -84,7 +83,7 @@ def test_partition_resets_connections_until_healed(net: NetworkThread, broker_in
     link = LinkState()
     proxy = TcpFaultProxy(broker_info.host, broker_info.port, link)
     net.run(proxy.start())
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="netem-partition", protocol=mqtt.MQTTv5)
+    client = device_client(broker_info, "netem-partition")  # TLS end to end, through the proxy
     client.reconnect_delay_set(1, 1)
     client.connect("127.0.0.1", proxy.port)
     client.loop_start()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from agent.harness import ArtifactServer, Observer, make_bundle, sign_directive, unique_id, wait_for
 
-from edgefleet.broker import BrokerInfo
+from edgefleet.broker import BrokerInfo, fleet_mqtt_keys
 from signing.keyring import KeyDir
 from simulator.fleet import DeviceSpec
 from simulator.procfleet import FleetPlan, ProcessFleet, WorkerError
@@ -25,8 +25,9 @@ def test_two_worker_processes_run_one_fleet(
     artifacts.add(bundle)
     samples = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     plan = FleetPlan(
-        specs, broker_info, keydir.trust_path, tmp_path / "f", workload_hz=10, sample_inputs=samples
-    )
+        specs, broker_info, keydir.trust_path, tmp_path / "f", workload_hz=10, sample_inputs=samples,
+        credentials=fleet_mqtt_keys(broker_info, [s.device_id for s in specs]),
+    )  # fmt: skip
     fleet = ProcessFleet(plan, processes=2, log_dir=tmp_path)
     assert [len(p.specs) for p in fleet.parts] == [2, 2]
     assert {fleet.owner[s.device_id] for s in specs} == {0, 1}
@@ -90,12 +91,14 @@ def test_a_worker_that_cannot_start_fails_the_start(
 
 
 def test_a_worker_that_dies_is_named(broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path) -> None:
+    specs = [DeviceSpec(f"{unique_id('die')}-{i}", "rpi4") for i in range(2)]
     plan = FleetPlan(
-        [DeviceSpec(f"{unique_id('die')}-{i}", "rpi4") for i in range(2)],
+        specs,
         broker_info,
         keydir.trust_path,
         tmp_path / "f",
         workload_hz=0,
+        credentials=fleet_mqtt_keys(broker_info, [s.device_id for s in specs]),
     )
     fleet = ProcessFleet(plan, processes=2)
     fleet.start()
