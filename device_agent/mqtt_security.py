@@ -15,7 +15,7 @@ optional, because the broker authenticates by one or the other.
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ class MqttSecurity:
     cert_file: Path | None = None  # client certificate, for a broker that authenticates by certificate
     key_file: Path | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in logs or tracebacks
 
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
