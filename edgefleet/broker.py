@@ -95,14 +95,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+def wait_for_port(
+    host: str, port: int, timeout: float = 10.0, alive: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until ``host:port`` accepts connections; give up early once ``alive`` has exited."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with socket.create_connection((host, port), timeout=0.2):
                 return
         except OSError:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (alive is not None and alive.poll() is not None):
                 raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
             time.sleep(0.01)
 
@@ -115,6 +118,51 @@ def mosquitto_binary() -> str | None:
         if os.access(candidate, os.X_OK):
             return candidate
     return None
+
+
+class PortTaken(RuntimeError):
+    """Another process bound a port chosen for the broker between choosing it and binding it."""
+
+
+def _launch(
+    binary: str, conf: Path, log_path: Path, ports: tuple[int, ...]
+) -> tuple[subprocess.Popen[bytes], Any]:
+    """Run Mosquitto on ``conf`` until every port in ``ports`` listens, and make sure it is OURS.
+
+    A port chosen by :func:`free_port` can be taken by another process (another test worker
+    starting its own broker) before Mosquitto binds it. Mosquitto then exits at once while the
+    other process answers on the port, so "something listens" is not proof: the broker must
+    still be running after its listeners answered. ``PortTaken`` lets the caller pick new ports.
+    """
+    log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the broker
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for port in ports:
+            wait_for_port("127.0.0.1", port, alive=proc)
+        time.sleep(0.05)  # a listener that failed to bind makes Mosquitto exit within milliseconds
+        if proc.poll() is not None:
+            raise TimeoutError
+    except TimeoutError:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log.close()
+        tail = log_path.read_text(errors="replace")[-2000:]
+        if "Address already in use" in tail:
+            raise PortTaken(tail) from None
+        raise RuntimeError(f"mosquitto did not start: {tail}") from None
+    return proc, log
+
+
+def _with_free_ports(start: Callable[[], Broker], chosen: bool, attempts: int = 5) -> Broker:
+    """``start()``; when its ports were picked here and another process took one, pick again."""
+    for attempt in range(attempts):
+        try:
+            return start()
+        except PortTaken:
+            if not chosen or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 MOSQUITTO_CONF = """\
@@ -158,32 +206,27 @@ def start_mosquitto(
     binary = mosquitto_binary()
     if binary is None:
         raise FileNotFoundError("mosquitto is not installed (Debian: apt-get install mosquitto)")
-    port = port or free_port()
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ef-mosquitto-"))
     workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(workdir, 0o755)  # mosquitto drops to its own user and must read the config
-    conf = workdir / "mosquitto.conf"
     if persistence:
         extra_conf += f"\npersistence true\npersistence_location {workdir}/\nautosave_interval 1\n"
         if os.geteuid() == 0:
             # Dropping to the mosquitto user would leave it unable to reach a private temp dir.
             extra_conf += "user root\n"
-    conf.write_text(MOSQUITTO_CONF.format(port=port, extra=extra_conf))
-    os.chmod(conf, 0o644)
-    log = open(workdir / "mosquitto.log", "ab")  # noqa: SIM115 - lives as long as the broker
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port("127.0.0.1", port)
-    except TimeoutError:
-        proc.kill()
-        raise RuntimeError(
-            f"mosquitto did not start: {(workdir / 'mosquitto.log').read_text()[-2000:]}"
-        ) from None
 
-    broker = Broker(BrokerInfo("127.0.0.1", port, 5, True, "mosquitto"), _stopper(proc, log))
-    broker.process = proc  # type: ignore[attr-defined]
-    broker.workdir = workdir  # type: ignore[attr-defined]
-    return broker
+    def start() -> Broker:
+        chosen = port or free_port()
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(MOSQUITTO_CONF.format(port=chosen, extra=extra_conf))
+        os.chmod(conf, 0o644)
+        proc, log = _launch(binary, conf, workdir / "mosquitto.log", (chosen,))
+        broker = Broker(BrokerInfo("127.0.0.1", chosen, 5, True, "mosquitto"), _stopper(proc, log))
+        broker.process = proc  # type: ignore[attr-defined]
+        broker.workdir = workdir  # type: ignore[attr-defined]
+        return broker
+
+    return _with_free_ports(start, chosen=port is None)
 
 
 def start_embedded(port: int | None = None) -> Broker:
@@ -284,33 +327,28 @@ def start_secure_broker(
     workdir.mkdir(parents=True, exist_ok=True)
     keys_dir = Path(keys_dir or workdir / "keys").resolve()
     keys_dir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    server_port = server_port or free_port()
-    while server_port == port:
-        server_port = free_port()
-    files = write_broker_config(
-        KeyDir(keys_dir), workdir / "broker", hostnames=["127.0.0.1", "localhost"], port=port,
-        bind="127.0.0.1", auth=auth, persistence_dir=workdir / "broker" / "data", server_port=server_port,
-        run_as="root" if os.geteuid() == 0 else None, passphrase=passphrase,
-    )  # fmt: skip
-    log_path = workdir / "mosquitto.log"
-    log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the broker
-    proc = subprocess.Popen([binary, "-c", str(files.conf)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port("127.0.0.1", port)
-        wait_for_port("127.0.0.1", server_port)
-    except TimeoutError:
-        proc.kill()
-        log.close()
-        raise RuntimeError(f"mosquitto did not start: {log_path.read_text()[-2000:]}") from None
-    info = SecureBrokerInfo(
-        "127.0.0.1", port, 5, True, "mosquitto",
-        server_port=server_port, auth=auth, files_dir=files.conf.parent, keys_dir=keys_dir, pid=proc.pid,
-    )  # fmt: skip
-    broker = Broker(info, _stopper(proc, log))
-    broker.process = proc  # type: ignore[attr-defined]
-    broker.workdir = workdir  # type: ignore[attr-defined]
-    return broker
+
+    def start() -> Broker:
+        device_port = port or free_port()
+        listener = server_port or free_port()
+        while listener == device_port:
+            listener = free_port()
+        files = write_broker_config(
+            KeyDir(keys_dir), workdir / "broker", hostnames=["127.0.0.1", "localhost"], port=device_port,
+            bind="127.0.0.1", auth=auth, persistence_dir=workdir / "broker" / "data", server_port=listener,
+            run_as="root" if os.geteuid() == 0 else None, passphrase=passphrase,
+        )  # fmt: skip
+        proc, log = _launch(binary, files.conf, workdir / "mosquitto.log", (device_port, listener))
+        info = SecureBrokerInfo(
+            "127.0.0.1", device_port, 5, True, "mosquitto",
+            server_port=listener, auth=auth, files_dir=files.conf.parent, keys_dir=keys_dir, pid=proc.pid,
+        )  # fmt: skip
+        broker = Broker(info, _stopper(proc, log))
+        broker.process = proc  # type: ignore[attr-defined]
+        broker.workdir = workdir  # type: ignore[attr-defined]
+        return broker
+
+    return _with_free_ports(start, chosen=port is None or server_port is None)
 
 
 def _stopper(proc: subprocess.Popen[bytes], log: Any) -> Callable[[], None]:

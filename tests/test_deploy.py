@@ -29,7 +29,13 @@ import httpx
 import pytest
 import yaml
 
-from edgefleet.broker import free_port, mosquitto_binary, start_mosquitto
+from edgefleet.broker import (
+    SecureBrokerInfo,
+    device_mqtt_keys,
+    free_port,
+    mosquitto_binary,
+    start_secure_broker,
+)
 from signing.keyring import init_keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,11 +144,13 @@ def wait_for(check: Any, proc: subprocess.Popen[bytes], what: str, timeout: floa
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[tuple[str, int]]:
+def broker(tmp_path: Path) -> Iterator[SecureBrokerInfo]:
+    """The production broker configuration (TLS, per-device certificates, ACLs), as deployed."""
     if mosquitto_binary() is None:
         pytest.skip("mosquitto is not installed")
-    b = start_mosquitto(workdir=tmp_path / "mosquitto")
-    yield b.info.host, b.info.port
+    b = start_secure_broker(tmp_path / "mosquitto")
+    assert isinstance(b.info, SecureBrokerInfo)
+    yield b.info
     b.stop()
 
 
@@ -150,7 +158,7 @@ def broker(tmp_path: Path) -> Iterator[tuple[str, int]]:
 @pytest.mark.postgres
 @needs_mosquitto
 def test_server_unit_command_serves_with_its_environment_file(
-    tmp_path: Path, broker: tuple[str, int], pg_url: str
+    tmp_path: Path, broker: SecureBrokerInfo, pg_url: str
 ) -> None:
     """ExecStart with deploy/server.env.example's variables (paths, database and broker made real)."""
     init_keys(tmp_path / "keys")
@@ -162,8 +170,7 @@ def test_server_unit_command_serves_with_its_environment_file(
         EDGEFLEET_DATABASE_URL=pg_url,
         EDGEFLEET_DATA_DIR=str(tmp_path / "data"),
         EDGEFLEET_KEYS_DIR=str(tmp_path / "keys"),
-        EDGEFLEET_MQTT_HOST=broker[0],
-        EDGEFLEET_MQTT_PORT=str(broker[1]),
+        EDGEFLEET_MQTT_CREDENTIALS=str(broker.server_credentials),
         EDGEFLEET_PUBLIC_URL=f"http://127.0.0.1:{port}",
     )
     env["PATH"] = "/usr/bin:/bin"  # systemd's clean environment, not this shell's
@@ -185,15 +192,20 @@ def test_server_unit_command_serves_with_its_environment_file(
     assert (tmp_path / "data").is_dir()
 
 
-def agent_config(tmp_path: Path, broker: tuple[str, int]) -> Path:
-    """deploy/agent.example.toml with this machine's paths and broker (every other line as shipped)."""
+def agent_config(tmp_path: Path, broker: SecureBrokerInfo) -> Path:
+    """deploy/agent.example.toml with this machine's paths, broker and the device's certificate
+    (every other line as shipped)."""
+    credentials = device_mqtt_keys(broker, "deploy-test-0001")
     values = {
         "device_id": '"deploy-test-0001"',
         "data_dir": f'"{tmp_path / "data"}"',
         "trust_path": f'"{tmp_path / "keys" / "trust.json"}"',
         "tuf_root_path": f'"{tmp_path / "keys" / "root.json"}"',
-        "mqtt_host": f'"{broker[0]}"',
-        "mqtt_port": str(broker[1]),
+        "mqtt_host": f'"{broker.host}"',
+        "mqtt_port": str(broker.port),
+        "mqtt_ca_file": f'"{credentials["mqtt_ca_file"]}"',
+        "mqtt_cert_file": f'"{credentials["mqtt_cert_file"]}"',
+        "mqtt_key_file": f'"{credentials["mqtt_key_file"]}"',
         "api_listen": f'"unix:{tmp_path / "run" / "agent.sock"}"',
     }
     text = (DEPLOY / "agent.example.toml").read_text()
@@ -208,7 +220,7 @@ def agent_config(tmp_path: Path, broker: tuple[str, int]) -> Path:
 @pytest.mark.slow
 @needs_mosquitto
 def test_agent_unit_command_serves_its_local_api_and_stops_on_sigterm(
-    tmp_path: Path, broker: tuple[str, int]
+    tmp_path: Path, broker: SecureBrokerInfo
 ) -> None:
     """`python -m device_agent --config ...` as the unit runs it: API socket up, exit 0 on SIGTERM."""
     init_keys(tmp_path / "keys")

@@ -147,3 +147,33 @@ def test_broker_run_is_the_production_configuration(tmp_path: Path) -> None:
 def test_broker_run_asks_for_the_open_broker_explicitly(tmp_path: Path) -> None:
     out = subprocess.run([EXE, "broker", "run", "--embedded"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--insecure-dev" in out.stderr
+
+
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+@pytest.mark.parametrize("secure", [False, True], ids=["open", "production"])
+def test_a_chosen_port_taken_by_another_process_is_chosen_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, secure: bool
+) -> None:
+    """Parallel test workers pick ports at the same time: when another process binds the port first,
+    the launcher must not take that process for its broker; it picks new ports and starts."""
+    import edgefleet.broker as launcher
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()  # answers connections, as another worker's broker would
+    taken = squatter.getsockname()[1]
+    picks = iter([taken])
+    real = launcher.free_port
+    monkeypatch.setattr(launcher, "free_port", lambda: next(picks, None) or real())
+    try:
+        start = launcher.start_secure_broker if secure else start_mosquitto
+        broker = start(workdir=tmp_path / "b")
+        try:
+            assert broker.info.port != taken
+            assert broker.process.poll() is None  # type: ignore[attr-defined]
+            with socket.create_connection(("127.0.0.1", broker.info.port), timeout=2):
+                pass
+        finally:
+            broker.stop()
+    finally:
+        squatter.close()

@@ -282,9 +282,8 @@ def test_taking_another_devices_client_id_neither_kicks_it_off_nor_reads_its_mes
     impostor = MqttLink(
         victim.device_id, stack.broker.host, stack.broker.port,
         security=device_security(stack.broker, mallory.device_id),
-        on_message=lambda t, p, r: got.append((t, p, r)),
     )  # fmt: skip
-    stack.loop.run(impostor.start())
+    stack.loop.run(impostor.start(on_message=lambda t, p, r: got.append((t, p, r))))
     try:
         assert stack.loop.run(impostor.wait_connected(10))  # it gets in, as mallory (client id = mallory)
         # a live directive for the victim (the server publishes it again): only the victim gets it
@@ -311,10 +310,8 @@ def test_taking_another_devices_client_id_neither_kicks_it_off_nor_reads_its_mes
 def _connects(
     loop: LoopThread, broker: BrokerInfo, device_id: str, security: MqttSecurity, port: int | None = None
 ) -> bool:
-    link = MqttLink(
-        device_id, broker.host, port or broker.port, security=security, on_message=lambda *_: None
-    )
-    loop.run(link.start())
+    link = MqttLink(device_id, broker.host, port or broker.port, security=security)
+    loop.run(link.start(on_message=lambda *_: None))
     try:
         return bool(loop.run(link.wait_connected(3)))
     finally:

@@ -16,7 +16,7 @@ import pytest
 from tuf.api.metadata import Metadata, Root, Timestamp
 
 from device_agent import protocol
-from edgefleet.broker import BrokerInfo
+from edgefleet.broker import BrokerInfo, SecureBrokerInfo
 from edgefleet.client import ApiClient
 from fleet_server.keyload import FleetKeyError, find_passphrase, load_fleet_key
 from fleet_server.runner import ServerThread
@@ -210,12 +210,14 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("given", ["nothing", "wrong env", "wrong --key-passphrase-file"])
 def test_edgefleet_server_reports_a_locked_key_in_one_line(
-    given: str, tmp_path: Path, server_keys: KeyDir
+    given: str, tmp_path: Path, server_keys: KeyDir, broker_info: SecureBrokerInfo
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     env.pop("CREDENTIALS_DIRECTORY", None)
     env["COLUMNS"] = "60"  # a narrow terminal must not wrap the error over lines
     cmd = [sys.executable, "-m", "edgefleet.cli", "server", "--keys", str(server_keys.path)]
+    cmd += ["--mqtt", f"{broker_info.host}:{broker_info.server_port}"]
+    cmd += ["--mqtt-credentials", str(broker_info.server_credentials)]
     cmd += ["--data-dir", str(tmp_path / "data"), "--port", str(_free_port())]
     wrong = cmd
     if given == "wrong env":
