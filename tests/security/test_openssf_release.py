@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from compiler.examples import train_digits
 from device_agent.agent import Agent
-from edgefleet.broker import BrokerInfo
+from edgefleet.broker import BrokerInfo, server_mqtt_settings
 from edgefleet.cli import app
 from edgefleet.client import ApiClient
 from fleet_server.runner import ServerThread
@@ -123,10 +123,7 @@ def server(tmp_path: Path, release: Release, broker_info: BrokerInfo) -> Iterato
         data_dir=tmp_path / "server",
         keys_dir=keys,
         key_passphrase_file=secret,
-        mqtt_host=broker_info.host,
-        mqtt_port=broker_info.port,
-        mqtt_version=broker_info.mqtt_version,
-        shared_subscriptions=broker_info.shared_subscriptions,
+        **server_mqtt_settings(broker_info),
         tick_interval=0.1,
         tuf_refresh_interval=0.1,
     )
