@@ -2,8 +2,8 @@
 
 Several replicas may start at once against one PostgreSQL: the upgrade runs
 under a session advisory lock, so one migrates and the others find the schema
-at head. A database made by the walking skeleton's ``create_all`` (tables but
-no ``alembic_version``) is stamped at the skeleton revision first, then upgraded.
+at head. A database made by ``create_all`` before migrations existed (tables but no
+``alembic_version``) is stamped at the first revision, then upgraded.
 """
 
 from __future__ import annotations

@@ -60,9 +60,9 @@ class ServerSettings(BaseSettings):
     tick_interval: float = 1.0  # seconds between rollout engine runs
     directive_ttl_seconds: float = 86400.0
     # Admin API auth (docs/contracts.md). The bootstrap admin token: this value, or when unset one
-    # generated at first start into <data_dir>/admin.token (0600). False = a call without a token is
-    # let through as "anonymous" (a token that is sent is still checked); the default flips to True
-    # once every harness sends tokens.
+    # generated at first start into <data_dir>/admin.token (0600). ``auth_required = False`` lets a
+    # call without a token through as "anonymous" (a token that is sent is still checked): for
+    # local experiments only, never a deployment.
     admin_token: str | None = None
     auth_required: bool = (
         True  # admin API needs a bearer token (bootstrap: admin_token or <data_dir>/admin.token)

@@ -1,8 +1,8 @@
 """Store a flush of telemetry batches in a few set-based statements (the ingest hot path).
 
-Per message the skeleton did a device lookup, a duplicate lookup and a
-read-modify-write of the aggregate, each behind an ORM autoflush: about 100
-batches/s. Now, for the N batches of one flush:
+Done per message, a device lookup, a duplicate lookup and a read-modify-write
+of the aggregate, each behind an ORM autoflush, came to about 100 batches/s.
+So for the N batches of one flush:
 
 0. ``prepare``, before the transaction opens: dedupe within the flush, each
    batch's row (SQLite: a tuple with its times already in SQLAlchemy's text

@@ -102,7 +102,7 @@ class Fleet:
         credentials: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """``tuf_root_path``: the TUF root devices are provisioned with; every install is then
-        checked against the server's release metadata (TUF mode). None: the skeleton's
+        checked against the server's release metadata (TUF mode). None: the
         DSSE-only mode (docs/decisions/0006). ``credentials``: per device, the ``mqtt_*`` keys of
         its agent configuration (TLS, its certificate or password file) for a production
         broker; a device without an entry connects as to an open development broker."""

@@ -74,7 +74,7 @@ def test_release_through_the_server_reaches_a_tuf_device(
             wait_for(lambda: agent.running_sha256 == good.sha256, 20, "the released model installed")
             agent.infer(X)
             wait_for(lambda: api.rollout(rid)["state"] == "completed", 20, "rollout completed")
-            # DSSE-only upload (skeleton path): the server stores it, but it is not released through TUF
+            # DSSE-only upload (DSSE-only path): the server stores it, but it is not released through TUF
             api.push_bundle(unreleased.dir)
             rid2 = _rollout(api, "tiny:2")
             event = observer.wait_event("tuf-dev-1", protocol.DeploymentState.FAILED, timeout=20)

@@ -1,4 +1,4 @@
-"""skeleton schema
+"""the first schema: devices, models, rollouts, telemetry
 
 Revision ID: 0001
 Revises:

@@ -1,4 +1,4 @@
-"""rollout policy, retries, model figures (issue 6); server defaults fill rows of older databases
+"""rollout policy, retries, model figures; server defaults fill rows of older databases
 
 Revision ID: 0002
 Revises: 0001

@@ -1,4 +1,4 @@
-"""api tokens (hashed, with roles) and the append-only audit log (issue 3)
+"""api tokens (hashed, with roles) and the append-only audit log
 
 Revision ID: 0003
 Revises: 0002
