@@ -79,7 +79,7 @@ class KeyDir:
         return [KeyPair.load(self.path / f, passphrase) for f in files]
 
     def index(self) -> dict[str, Any]:
-        """keys.json; a directory written before keys.json existed is indexed from its ``{role}.key`` files."""
+        """keys.json; a directory from before keys.json existed is indexed from its ``{role}.key`` files."""
         p = self.path / INDEX_FILE
         if p.exists():
             data: dict[str, Any] = json.loads(p.read_text())
