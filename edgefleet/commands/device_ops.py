@@ -57,25 +57,39 @@ class TagError(ValueError):
         self.usage = usage
 
 
-def apply_tag_changes(current: Mapping[str, str], changes: list[str], overwrite: bool) -> dict[str, str]:
-    """The tags after ``changes`` (``k=v`` sets, ``k-`` removes); pure, so it is tested without a server.
+TagChange = tuple[str, str | None]  # (key, value); None removes the key
+
+
+def parse_tag_changes(changes: list[str]) -> list[TagChange]:
+    """``k=v`` sets, ``k-`` removes; checked before anything is asked of the server."""
+    parsed: list[TagChange] = []
+    for change in changes:
+        key, sep, value = change.partition("=")
+        if sep and key:
+            parsed.append((key, value))
+        elif not sep and len(change) > 1 and change.endswith("-"):
+            parsed.append((change[:-1], None))
+        else:
+            raise TagError(f"a tag change is key=value or key-, got {change!r}", usage=True)
+    keys = [key for key, _ in parsed]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise TagError(f"tag {', '.join(map(repr, twice))} changed twice", usage=True)
+    return parsed
+
+
+def apply_tag_changes(
+    current: Mapping[str, str], changes: list[TagChange], overwrite: bool
+) -> dict[str, str]:
+    """The tags after ``changes``; pure, so it is tested without a server.
 
     Removing an absent key is a no-op (the result is what was asked for); setting a key
     that holds another value raises unless ``overwrite``: a typo must not silently move a
     device out of a rollout's selector.
     """
     tags = dict(current)
-    seen: set[str] = set()
-    for change in changes:
-        key, sep, value = change.partition("=")
-        remove = not sep and change.endswith("-")
-        key = key[:-1] if remove else key
-        if not key or (not sep and not remove):
-            raise TagError(f"a tag change is key=value or key-, got {change!r}", usage=True)
-        if key in seen:
-            raise TagError(f"tag {key!r} is changed twice", usage=True)
-        seen.add(key)
-        if remove:
+    for key, value in changes:
+        if value is None:
             tags.pop(key, None)
         elif key in tags and tags[key] != value and not overwrite:
             raise TagError(
@@ -215,12 +229,16 @@ def devices_tag(
 
     The change is read-modify-write of the device's whole tag set (PUT .../tags).
     """
+    try:
+        parsed = parse_tag_changes(changes)
+    except TagError as exc:
+        fail(str(exc), EXIT_USAGE)
     with client(server, token) as conn:
         device = api(lambda: conn.device(device_id))
         try:
-            tags = apply_tag_changes(device.get("tags") or {}, changes, overwrite)
+            tags = apply_tag_changes(device.get("tags") or {}, parsed, overwrite)
         except TagError as exc:
-            fail(str(exc), EXIT_USAGE if exc.usage else 1, code="usage_error" if exc.usage else "tag_exists")
+            fail(str(exc), code="tag_exists")
         if tags != device.get("tags"):
             device = api(lambda: conn.set_device_tags(device_id, tags))
     if as_json:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -59,7 +60,7 @@ def test_watch_piped_prints_one_line_per_change_and_exits_1_on_rollback(
     decisions = [line for line in lines if line.startswith("decision: ")]
     assert len(state_lines) + len(decisions) == len(lines), lines  # nothing else: no spinner, no table
     # one line per change: never the same state line twice in a row, and each decision once
-    assert all(a != b for a, b in zip(state_lines, state_lines[1:], strict=False)), state_lines
+    assert all(a != b for a, b in pairwise(state_lines)), state_lines
     assert len(decisions) == len(set(decisions))
     final = status(client, rid)
     assert len(decisions) == len(final["decisions"])
@@ -70,7 +71,9 @@ def test_watch_piped_prints_one_line_per_change_and_exits_1_on_rollback(
     assert state_lines[-1].startswith("state: rolled_back, stage 1/2, devices: ")
     assert "rolled_back=2" in state_lines[-1]
     # the reason is one line on stderr
-    assert errors.count("\n") == 1 and errors.startswith(f"error: rollout {rid} ended rolled_back: roll_back:")
+    assert errors.count("\n") == 1 and errors.startswith(
+        f"error: rollout {rid} ended rolled_back: roll_back:"
+    )
 
 
 def test_watch_exits_0_when_completed_and_1_when_aborted(
