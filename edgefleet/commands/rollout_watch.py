@@ -140,6 +140,25 @@ def _timeline(status: Status) -> Text:
     return text
 
 
+def stage_table(status: Status, **table_options: Any) -> Table:
+    """The stages, numbered from 1, with their cumulative counts; the running one in bold."""
+    table = Table("stage", "size", "target", "assigned", "done", "failed", "state", **table_options)
+    current = int(status.get("current_stage") or 0)
+    active = status["state"] not in FINISHED
+    for i, st in enumerate(status.get("stages") or []):
+        table.add_row(
+            str(i + 1),
+            stage_size(status, st),
+            str(st.get("target_count")),
+            str(st.get("assigned")),
+            str(st.get("done")),
+            str(st.get("failed")),
+            str(st.get("state")),
+            style="bold" if i == current and active else None,
+        )
+    return table
+
+
 def render(status: Status, now: datetime | None = None) -> RenderableType:
     """The live view: header, stage timeline, stage table, device counts, last decisions."""
     state = str(status["state"])
@@ -150,19 +169,7 @@ def render(status: Status, now: datetime | None = None) -> RenderableType:
         (state, STATE_STYLE.get(state, "bold")),
         f"  stage {current_stage_label(status)}  age {_age(status, now or datetime.now(UTC))}",
     )
-    table = Table("stage", "size", "target", "assigned", "done", "failed", "state", box=None, pad_edge=False)
-    current = int(status.get("current_stage") or 0)
-    for i, st in enumerate(status.get("stages") or []):
-        table.add_row(
-            str(i + 1),
-            stage_size(status, st),
-            str(st.get("target_count")),
-            str(st.get("assigned")),
-            str(st.get("done")),
-            str(st.get("failed")),
-            str(st.get("state")),
-            style="bold" if i == current and state not in FINISHED else None,
-        )
+    table = stage_table(status, box=None, pad_edge=False)
     counts = Text("devices: ")
     for n, (dev_state, count) in enumerate(device_counts(status)):
         if n:
@@ -222,6 +229,7 @@ __all__ = [
     "render",
     "stage_label",
     "stage_size",
+    "stage_table",
     "status_line",
     "stops_watching",
 ]

@@ -26,7 +26,7 @@ from edgefleet.commands.rollout_watch import (
     exit_code,
     follow,
     outcome_error,
-    stage_size,
+    stage_table,
 )
 
 rollouts_app = typer.Typer(help="Create and steer staged rollouts.", no_args_is_help=True)
@@ -268,18 +268,7 @@ def rollouts_status(
 
 
 def print_rollout(status: dict[str, Any]) -> None:
-    table = Table("stage", "size", "target", "assigned", "done", "failed", "state")
-    for i, st in enumerate(status.get("stages", [])):
-        table.add_row(
-            str(i + 1),
-            stage_size(status, st),
-            str(st.get("target_count")),
-            str(st.get("assigned")),
-            str(st.get("done")),
-            str(st.get("failed")),
-            str(st.get("state")),
-        )
-    console.print(table)
+    console.print(stage_table(status))
     console.print(
         Text.assemble(
             f"rollout {status['id']} of {status['model']}: ",
