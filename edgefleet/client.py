@@ -158,6 +158,14 @@ class ApiClient:
         manifest = read_bundle(bundle_dir)
 
         def attempt() -> dict[str, Any]:
+            sent = 0
+
+            def counted(n: int) -> None:
+                nonlocal sent
+                sent += n
+                if progress is not None:
+                    progress(n)
+
             handles = [open(bundle_dir / f.path, "rb") for f in manifest.files]  # noqa: SIM115
             try:
                 files: list[tuple[str, tuple[str, Any, str]]] = [
@@ -170,10 +178,13 @@ class ApiClient:
                     signed = self._signed_release(manifest, release_keys)
                     files.append(("targets", ("targets.json", signed, "application/json")))
                 files += [
-                    ("files", (f.path, h if progress is None else CountingReader(h, progress), OCTETS))
+                    ("files", (f.path, h if progress is None else CountingReader(h, counted), OCTETS))
                     for f, h in zip(manifest.files, handles, strict=True)
                 ]
                 return dict(self._request("POST", "/api/v1/models", files=files))
+            except ApiError:
+                counted(-sent)  # a retried upload starts over
+                raise
             finally:
                 for h in handles:
                     h.close()

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from typer.testing import CliRunner
 
 from edgefleet.cli import app
+from edgefleet.client import ApiClient, ApiError
 from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir, init_keys
 from signing.manifest import ENVELOPE_NAME, verify_bundle
@@ -193,3 +195,21 @@ def test_push_and_pull_show_progress_only_on_a_terminal(
     code, screen = run_on_pty([*base, "pull", "big:1", "--out", str(tmp_path / "p2"), "--server", server.url])
     assert code == 0 and "downloading model.onnx" in screen and "sha256 verified" in screen
     assert (tmp_path / "p2" / "model.onnx").read_bytes() == (big / "model.onnx").read_bytes()
+
+
+def test_upload_progress_counts_every_byte_and_rewinds_on_refusal(
+    server: ServerThread, keydir: KeyDir, tmp_path: Path
+) -> None:
+    release = keydir.key("release")
+    bundle = make_bundle(tmp_path, release, name="counted", content=os.urandom(300_000))
+    seen: list[int] = []
+    with ApiClient(server.url) as api:
+        api.push_bundle(bundle, release_keys=[release], progress=seen.append)
+        assert sum(seen) == 300_000 and len(seen) > 1 and max(seen) <= 64 * 1024  # streamed in chunks
+        tampered = make_bundle(tmp_path / "t", release, name="tampered", content=b"x" * 100_000)
+        (tampered / "model.onnx").write_bytes(b"y" * 100_000)
+        seen.clear()
+        with pytest.raises(ApiError) as refused:
+            api.push_bundle(tampered, release_keys=[release], progress=seen.append)
+    assert refused.value.code == "digest_mismatch"
+    assert seen[-1] == -100_000 and sum(seen) == 0  # the bar goes back to where it started
