@@ -46,12 +46,19 @@ def test_watch_piped_prints_one_line_per_change_and_exits_1_on_rollback(
     _, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "wp", 4)
     rid = create(client, "wp", stages=[50, 100], min_inferences=20, max_error_rate=0.1, soak_seconds=30)
     proc = watch(server, rid, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    seen = ""  # the watcher's first state line, before any device acts (it starts slowly under load)
+    while not seen.endswith("\n") or "state: " not in seen:
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=10)
+        seen += line
     notified = directed(devs.values(), keydir, 2)
     serve(notified[0], directives(notified[0], keydir)[-1], inferences=10)
     wait_for(lambda: status(client, rid)["devices"][notified[0].device_id] == "done")
-    time.sleep(0.5)  # the watcher sees this state before the next change
+    time.sleep(0.5)  # most often the watcher sees this state before the next change
     serve(notified[1], directives(notified[1], keydir)[-1], inferences=10, errors=10)
-    out, errors = proc.communicate(timeout=60)
+    rest, errors = proc.communicate(timeout=60)
+    out = seen + rest
 
     assert proc.returncode == 1, (out, errors)
     assert "\r" not in out and out.endswith("\n")
@@ -119,24 +126,12 @@ def test_watch_on_a_terminal_is_a_live_view(
     env = {**os.environ, "COLUMNS": "100", "LINES": "40", "TERM": "xterm-256color"}
     proc = watch(server, rid, stdout=slave, stderr=slave, env=env)
     os.close(slave)
+    screen = read_pty(master, until=b"last decisions:")  # the first frame, before any device acts
     first = directed(devs.values(), keydir, 1)[0]
     serve(first, directives(first, keydir)[-1], inferences=2)
     (second,) = directed(devs.values(), keydir, 1, exclude=[first])
     serve(second, directives(second, keydir)[-1], inferences=2)
-    screen = b""
-    deadline = time.monotonic() + 60
-    while proc.poll() is None or select.select([master], [], [], 0.2)[0]:
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(screen.decode(errors="replace"))
-        if select.select([master], [], [], 0.2)[0]:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the child closed the pty
-                break
-            if not chunk:
-                break
-            screen += chunk
+    screen += read_pty(master)
     os.close(master)
     raw = screen.decode(errors="replace")
     assert proc.wait(10) == 0, raw
@@ -145,3 +140,22 @@ def test_watch_on_a_terminal_is_a_live_view(
     assert f"rollout {rid} of det:2" in text and "last decisions:" in text
     assert "stage 2 (100%)" in text and "completed" in text
     assert "done=" not in text  # the pipe's lines are not what a terminal shows
+
+
+def read_pty(master: int, until: bytes | None = None, timeout: float = 60) -> bytes:
+    """What the terminal got: up to ``until`` (or until the child closes it)."""
+    screen = b""
+    deadline = time.monotonic() + timeout
+    while until is None or until not in screen:
+        if time.monotonic() > deadline:
+            raise AssertionError(screen.decode(errors="replace"))
+        if not select.select([master], [], [], 0.2)[0]:
+            continue
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the pty
+            break
+        if not chunk:
+            break
+        screen += chunk
+    return screen
