@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pty
-import re
-import select
 import subprocess
 import sys
 from collections.abc import Callable
@@ -25,12 +23,12 @@ from signing.keyring import KeyDir, init_keys
 from signing.manifest import ENVELOPE_NAME, verify_bundle
 
 from .conftest import FakeDevice, make_bundle, register, upload, wait_for
+from .test_cli_watch import ANSI, read_pty
 from .test_rollout_flow import directives, serve, status
 from .test_rollout_ops import create, fleet_on_old_model
 
 EXE = str(Path(sys.executable).parent / "edgefleet")
 runner = CliRunner()
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def ef(server: ServerThread, *args: str, code: int = 0) -> Any:
@@ -158,23 +156,12 @@ def test_token_is_uniform(make_server: Callable[..., ServerThread]) -> None:
     assert via_env.exit_code == 0 and json.loads(via_env.stdout) == []
 
 
-def run_on_pty(args: list[str], timeout: float = 60) -> tuple[int, str]:
-    """Run with stderr and stdout on a terminal; return the exit code and what the terminal got."""
+def run_on_pty(args: list[str]) -> tuple[int, str]:
+    """Run with stderr and stdout on a terminal; return the exit code and what the terminal showed."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(args, stdout=slave, stderr=slave, env={**os.environ, "COLUMNS": "100"})
     os.close(slave)
-    screen = b""
-    while True:
-        if not select.select([master], [], [], timeout)[0]:
-            proc.kill()
-            break
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        screen += chunk
+    screen = read_pty(master)
     os.close(master)
     return proc.wait(10), ANSI.sub("", screen.decode(errors="replace"))
 
