@@ -3,16 +3,36 @@
 Each command group lives in ``edgefleet/commands/``. Heavy imports
 (onnxruntime, fastapi, sqlmodel) happen inside the command that needs them, so
 ``edgefleet agent`` works on a device with the ``agent`` extra only, and
-``--help`` stays fast. Listing and status commands take ``--json``; every
-failure exits non-zero with the reason on stderr.
+``--help`` stays fast.
+
+The root command owns the manners every subcommand shares (docs/cli.md): help
+rendered as plain text (no markup eats ``[brackets]``, option names never
+cut), every failure one line on stderr (a JSON object under ``--json``) with
+exit code 1, usage errors exit code 2, and a traceback only with ``--debug``.
 """
 
 from __future__ import annotations
 
-import typer
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Annotated, Any
 
+import typer
+from typer.core import TyperGroup
+
+from edgefleet import __version__
 from edgefleet.commands.broker import broker_app
+from edgefleet.commands.common import (
+    EXIT_FAILURE,
+    OutputMode,
+    enable_debug,
+    output_mode,
+    output_mode_set,
+    report_error,
+)
 from edgefleet.commands.compile import compile_cmd
+from edgefleet.commands.device_ops import register_device_ops
 from edgefleet.commands.devices import devices_app
 from edgefleet.commands.examples import examples_app
 from edgefleet.commands.keys import keys_app
@@ -20,20 +40,126 @@ from edgefleet.commands.models import models_app
 from edgefleet.commands.processes import agent_cmd, demo_cmd, server_cmd
 from edgefleet.commands.rollouts import parse_selector, parse_stages, rollouts_app
 from edgefleet.commands.sim import sim_app
+from edgefleet.commands.telemetry import telemetry_cmd
 from edgefleet.commands.tokens import audit_app, tokens_app
+
+EPILOG = (
+    "Exit codes: 0 success; 1 failure (one line on stderr, or a JSON object "
+    '{"error": {"code", "message"}} on stderr with --json); 2 usage error. '
+    "`rollouts status --watch` exits 0 only when the rollout completed. "
+    "Environment: EDGEFLEET_SERVER, EDGEFLEET_TOKEN, EDGEFLEET_DEBUG. See docs/cli.md."
+)
+
+
+def describe_exception(exc: BaseException) -> tuple[str, str]:
+    """An unexpected exception as (code, one-line message): what failed, not where."""
+    from edgefleet.client import ApiError
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, ApiError):
+        return exc.code, text
+    if type(exc).__module__.split(".")[0] == "sqlalchemy":  # the server's database refused or broke
+        return "database_error", f"database: {text.split(' (Background on this error at:')[0]}"
+    if isinstance(exc, OSError):
+        return "os_error", text or type(exc).__name__
+    return "unexpected_error", f"{type(exc).__name__}: {text} (--debug shows the traceback)"
+
+
+# typer raises click's exceptions (or those of the click it vendors): find their classes through one
+# it exports, so this works whichever click typer was built on.
+_CLICK_ERRORS = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+ClickException: type[Exception] = _CLICK_ERRORS["ClickException"]
+UsageError: type[Exception] = _CLICK_ERRORS["UsageError"]
+
+
+class EdgefleetGroup(TyperGroup):
+    """The root group: renders every way an invocation can fail in the one output mode."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        with output_mode_set(OutputMode.from_args(argv)):
+            code = self._run(argv, prog_name, complete_var, **extra)
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+    def _run(self, argv: list[str], prog_name: str | None, complete_var: str | None, **extra: Any) -> int:
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            report_error("aborted", code="aborted")
+            return EXIT_FAILURE
+        except ClickException as exc:
+            exit_code = int(getattr(exc, "exit_code", EXIT_FAILURE))
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, as click shows it
+                exc.show()  # type: ignore[attr-defined]
+                return exit_code
+            message = exc.format_message()  # type: ignore[attr-defined]
+            if isinstance(exc, UsageError):
+                ctx = getattr(exc, "ctx", None)
+                where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                report_error(message + where, code="usage_error")
+            else:
+                report_error(message, code="failed")
+            return exit_code
+        except Exception as exc:
+            if output_mode().debug:
+                traceback.print_exception(exc)
+            code, message = describe_exception(exc)
+            report_error(message, code=code)
+            return EXIT_FAILURE
+        # click returns the exit code of a typer.Exit, else the command's return value (None)
+        return rv if isinstance(rv, int) else 0
+
 
 app = typer.Typer(
     name="edgefleet",
     help="Compile, sign, roll out and serve ML models on fleets of edge devices.",
+    epilog=EPILOG,
+    cls=EdgefleetGroup,
     no_args_is_help=True,
-    add_completion=False,
+    rich_markup_mode=None,  # plain help: literal [brackets], names never cut at 80 columns
+    pretty_exceptions_enable=False,  # EdgefleetGroup reports them in one line
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgefleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", envvar="EDGEFLEET_DEBUG", help="Print the traceback of an unexpected error."),
+    ] = False,
+) -> None:
+    """Compile, sign, roll out and serve ML models on fleets of edge devices."""
+    if debug:
+        enable_debug()
+
+
 app.add_typer(keys_app, name="keys")
 app.command("compile")(compile_cmd)
 app.add_typer(examples_app, name="examples")
 app.add_typer(models_app, name="models")
+register_device_ops(devices_app)
 app.add_typer(devices_app, name="devices")
 app.add_typer(rollouts_app, name="rollouts")
+app.command("telemetry")(telemetry_cmd)
 app.command("server")(server_cmd)
 app.command("agent")(agent_cmd)
 app.add_typer(sim_app, name="sim")

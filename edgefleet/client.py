@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -27,6 +27,44 @@ def default_server() -> str:
 
 TOKEN_ENV = "EDGEFLEET_TOKEN"
 RELEASE_RACE_ROUNDS = 8  # re-sign this often when concurrent releases keep winning the targets version
+
+
+OCTETS = "application/octet-stream"
+DOWNLOAD_CHUNK = 256 * 1024
+
+
+class CountingReader:
+    """A binary file handle that reports every chunk read from it: upload progress for httpx.
+
+    httpx streams a multipart file part by ``seek(0)`` then ``read(chunk)`` until empty, and
+    sizes it with ``fileno()``; all three are passed through, so the body keeps its
+    Content-Length and is never held in memory.
+    """
+
+    def __init__(self, raw: BinaryIO, on_bytes: Callable[[int], None]) -> None:
+        self._raw = raw
+        self._on_bytes = on_bytes
+        self._pos = raw.tell()
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        pos = self._raw.seek(offset, whence)
+        if pos != self._pos:
+            self._on_bytes(pos - self._pos)
+            self._pos = pos
+        return pos
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._raw.read(size)
+        if chunk:
+            self._pos += len(chunk)
+            self._on_bytes(len(chunk))
+        return chunk
 
 
 class ApiError(RuntimeError):
@@ -94,9 +132,20 @@ class ApiClient:
     def set_device_tags(self, device_id: str, tags: dict[str, str]) -> dict[str, Any]:
         return dict(self._request("PUT", f"/api/v1/devices/{device_id}/tags", json={"tags": tags}))
 
+    def delete_device(self, device_id: str) -> dict[str, Any]:
+        return dict(self._request("DELETE", f"/api/v1/devices/{device_id}"))
+
     # models
-    def push_bundle(self, bundle_dir: Path, release_keys: list[KeyPair] | None = None) -> dict[str, Any]:
+    def push_bundle(
+        self,
+        bundle_dir: Path,
+        release_keys: list[KeyPair] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
         """Upload a bundle directory: its envelope plus every file its manifest lists.
+
+        The model files are streamed from disk (never read whole); ``progress`` is called
+        with the bytes of each chunk sent (negative when a retried upload starts over).
 
         With ``release_keys`` the release is also added to the server's TUF repository:
         the current targets metadata is fetched, the bundle's target (hash, length,
@@ -109,6 +158,14 @@ class ApiClient:
         manifest = read_bundle(bundle_dir)
 
         def attempt() -> dict[str, Any]:
+            sent = 0
+
+            def counted(n: int) -> None:
+                nonlocal sent
+                sent += n
+                if progress is not None:
+                    progress(n)
+
             handles = [open(bundle_dir / f.path, "rb") for f in manifest.files]  # noqa: SIM115
             try:
                 files: list[tuple[str, tuple[str, Any, str]]] = [
@@ -121,10 +178,13 @@ class ApiClient:
                     signed = self._signed_release(manifest, release_keys)
                     files.append(("targets", ("targets.json", signed, "application/json")))
                 files += [
-                    ("files", (f.path, h, "application/octet-stream"))
+                    ("files", (f.path, h if progress is None else CountingReader(h, counted), OCTETS))
                     for f, h in zip(manifest.files, handles, strict=True)
                 ]
                 return dict(self._request("POST", "/api/v1/models", files=files))
+            except ApiError:
+                counted(-sent)  # a retried upload starts over
+                raise
             finally:
                 for h in handles:
                     h.close()
@@ -145,6 +205,45 @@ class ApiClient:
 
     def models(self) -> list[dict[str, Any]]:
         return list(self._request("GET", "/api/v1/models"))
+
+    def model(self, name: str, version: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/api/v1/models/{name}/{version}"))
+
+    def model_envelope(self, sha256: str) -> bytes:
+        """The bundle's signed envelope as stored (public: devices verify it themselves)."""
+        try:
+            resp = self._http.get(f"/api/v1/artifacts/{sha256}/envelope")
+        except httpx.HTTPError as exc:
+            raise ApiError(0, "unreachable", f"{self.base_url}: {exc}") from exc
+        self._check_status(resp)
+        return resp.content
+
+    def download_artifact(
+        self, sha256: str, dest: Path, progress: Callable[[int, int | None], None] | None = None
+    ) -> int:
+        """Stream the model file to ``dest``; ``progress(n_bytes, total)`` per chunk. Returns its length.
+
+        The caller checks the hash against the signed manifest: this only moves bytes.
+        """
+        written = 0
+        try:
+            with self._http.stream("GET", f"/api/v1/artifacts/{sha256}") as resp:
+                self._check_status(resp)
+                total = int(resp.headers["Content-Length"]) if "Content-Length" in resp.headers else None
+                with open(dest, "wb") as out:
+                    for chunk in resp.iter_bytes(DOWNLOAD_CHUNK):
+                        out.write(chunk)
+                        written += len(chunk)
+                        if progress is not None:
+                            progress(len(chunk), total)
+        except httpx.HTTPError as exc:
+            raise ApiError(0, "unreachable", f"{self.base_url}: {exc}") from exc
+        return written
+
+    def _check_status(self, resp: httpx.Response) -> None:
+        if resp.status_code >= 400:
+            resp.read()
+            self._check(resp)
 
     # TUF release metadata (signed here, with keys the server never sees)
     def tuf_targets(self) -> bytes | None:

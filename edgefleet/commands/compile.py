@@ -19,6 +19,7 @@ from edgefleet.commands.common import (
     err,
     fail,
     print_json,
+    shows_progress,
 )
 from edgefleet.commands.keys import DEFAULT_PASS_ENV, PassEnvOpt, PassFileOpt, load_role_key
 
@@ -105,7 +106,10 @@ def compile_cmd(
     except CompilerError as exc:
         fail(str(exc))
     try:
-        with captured_logs() as logs, Progress(console=err, transient=True, disable=as_json) as progress:
+        with (
+            captured_logs() as logs,
+            Progress(console=err, transient=True, disable=not shows_progress()) as progress,
+        ):
             task = progress.add_task("compiling", total=1.0)
 
             def report(step: str, fraction: float) -> None:
@@ -132,9 +136,9 @@ def compile_cmd(
         if as_json:
             print_json({"ok": False, "failures": exc.failures, "report": exc.report, "log": logs.rows()})
         if not as_json:
-            _print_report(exc.report)
+            print_report(exc.report)
             _print_logs(logs)
-        fail("quality gate failed, no bundle written:\n  " + "\n  ".join(exc.failures))
+        fail("quality gate failed, no bundle written: " + "; ".join(exc.failures), code="gate_failed")
     except (CompilerError, FileExistsError, FileNotFoundError) as exc:
         _print_logs(logs)
         fail(str(exc))
@@ -144,7 +148,7 @@ def compile_cmd(
             {"ok": True, "bundle": str(result.bundle_dir), "manifest": manifest.to_dict(), "log": logs.rows()}
         )
         return
-    _print_report(result.report)
+    print_report(result.report)
     _print_logs(logs)
     console.print(
         f"[green]wrote[/] {result.bundle_dir} ({manifest.ref}, release {manifest.release}, "
@@ -156,7 +160,7 @@ def compile_cmd(
 TERMINAL_TABLES = ("gate", "outputs", "accuracy", "size", "bytes", "latency", "npu", "budgets", "ops")
 
 
-def _print_report(report: dict[str, Any]) -> None:
+def print_report(report: dict[str, Any], footer: bool = True) -> None:
     """The report's decisive tables (as the HTML page shows them), nested values as ``key: value`` lines."""
     from compiler.report_tables import fmt, tables
 
@@ -169,7 +173,8 @@ def _print_report(report: dict[str, Any]) -> None:
         for row in t.rows:
             table.add_row(*(fmt(c) for c in row))
         console.print(table)
-    console.print("[dim]method, calibration and run details: --html FILE or --json[/]")
+    if footer:
+        console.print("[dim]method, calibration and run details: --html FILE or --json[/]")
 
 
 class LogCapture(logging.Handler):

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
-import time
+import sys
 from itertools import pairwise
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from edgefleet.commands.common import (
     JsonOpt,
     ServerOpt,
+    TokenOpt,
     api,
     client,
     console,
     fail,
     parse_pairs,
     print_json,
+)
+from edgefleet.commands.rollout_watch import (
+    current_stage_label,
+    exit_code,
+    follow,
+    outcome_error,
+    stage_table,
 )
 
 rollouts_app = typer.Typer(help="Create and steer staged rollouts.", no_args_is_help=True)
@@ -76,6 +85,7 @@ def parse_retries(pairs: list[str] | None) -> dict[str, int]:
 
 
 Action = Annotated[str | None, typer.Option(help="roll_back or pause (a human decides).")]
+RolloutIdArg = Annotated[str, typer.Argument(help="Rollout id.", show_default=False)]
 
 
 @rollouts_app.command("create")
@@ -111,7 +121,10 @@ def rollouts_create(
     shadow_action: Action = None,
     require_approval: Annotated[bool, typer.Option(help="A human approves each next stage.")] = False,
     retry: Annotated[
-        list[str] | None, typer.Option("--retry", help="CLASS=N retries, e.g. timed_out=2 (repeat).")
+        list[str] | None,
+        typer.Option(
+            "--retry", metavar="CLASS=N", help="Retries per failure class, e.g. timed_out=2 (repeat)."
+        ),
     ] = None,
     retry_backoff: Annotated[float | None, typer.Option(help="Seconds before the first retry.")] = None,
     rate: Annotated[int | None, typer.Option(help="Devices notified per minute.")] = None,
@@ -133,6 +146,7 @@ def rollouts_create(
         bool, typer.Option(help="Leave out devices in another active rollout instead of refusing.")
     ] = False,
     server: ServerOpt = None,
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a staged rollout of a pushed model to the devices matching a selector.
@@ -188,7 +202,7 @@ def rollouts_create(
         "max_rate_per_minute": max_rate,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
-    with client(server) as conn:
+    with client(server, token) as conn:
         rollout = api(lambda: conn.create_rollout(**body))
     if as_json:
         print_json(rollout)
@@ -197,63 +211,85 @@ def rollouts_create(
 
 
 @rollouts_app.command("list")
-def rollouts_list(server: ServerOpt = None, as_json: JsonOpt = False) -> None:
-    """List rollouts."""
-    with client(server) as conn:
+def rollouts_list(server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """List rollouts (stages numbered from 1)."""
+    with client(server, token) as conn:
         rollouts = api(conn.rollouts)
     if as_json:
         print_json(rollouts)
         return
     table = Table("id", "model", "state", "stage")
     for r in rollouts:
-        table.add_row(str(r["id"]), str(r["model"]), str(r["state"]), str(r.get("current_stage")))
+        table.add_row(str(r["id"]), str(r["model"]), str(r["state"]), current_stage_label(r))
     console.print(table)
-
-
-TERMINAL_STATES = {"completed", "rolled_back", "aborted"}
-WAITING_STATES = {"paused", "awaiting_approval"}  # --watch stops there too: a human must act
 
 
 @rollouts_app.command("status")
 def rollouts_status(
-    rollout_id: Annotated[str, typer.Argument(help="Rollout id.")],
-    watch: Annotated[bool, typer.Option("--watch", "-w", help="Follow until it ends.")] = False,
+    rollout_id: Annotated[str, typer.Argument(help="Rollout id.", show_default=False)],
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="Follow until the rollout finishes or waits for a human; exit 0 only if it completed.",
+        ),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.05, help="Seconds between polls with --watch.")
+    ] = 1.0,
     server: ServerOpt = None,
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show a rollout's stages, device counts and every decision with its figures."""
-    with client(server) as conn:
-        status = api(lambda: conn.rollout(rollout_id))
-        while watch and status["state"] not in TERMINAL_STATES | WAITING_STATES:
-            if not as_json:
-                console.print(f"{status['state']} stage {status.get('current_stage')}", end="\r")
-            time.sleep(1)
-            status = api(lambda: conn.rollout(rollout_id))
+    """Show a rollout's stages, device counts and every decision with its figures.
+
+    With --watch: on a terminal a live view (stage timeline, device counts per state, last
+    decisions); in a pipe one line per change. The exit code is then 0 if the rollout
+    completed, 1 if it was rolled back or aborted, or stopped for a human (paused,
+    awaiting_approval).
+    """
+    with client(server, token) as conn:
+        fetch = lambda: api(lambda: conn.rollout(rollout_id))  # noqa: E731
+        if not watch:
+            status = fetch()
+        elif as_json:
+            status = follow(fetch, interval=interval)
+        elif console.is_terminal:
+            status = follow(fetch, interval=interval, console=console)
+        else:
+            status = follow(fetch, interval=interval, out=sys.stdout)
     if as_json:
         print_json(status)
-        return
-    print_rollout(status)
+    elif not watch:
+        print_rollout(status)
+    if watch and (problem := outcome_error(status)) is not None:
+        fail(problem[1], exit_code(status), code=problem[0])
 
 
 def print_rollout(status: dict[str, Any]) -> None:
-    table = Table("stage", "percent", "target", "assigned", "done", "failed", "state")
-    for i, st in enumerate(status.get("stages", [])):
-        table.add_row(
-            str(i),
-            f"{st.get('percent')}%",
-            str(st.get("target_count")),
-            str(st.get("assigned")),
-            str(st.get("done")),
-            str(st.get("failed")),
-            str(st.get("state")),
+    console.print(stage_table(status))
+    console.print(
+        Text.assemble(
+            f"rollout {status['id']} of {status['model']}: ",
+            (str(status["state"]), "bold"),
+            f", stage {current_stage_label(status)}",
         )
-    console.print(table, f"rollout {status['id']} of {status['model']}: [bold]{status['state']}[/]")
+    )
+    decisions = Table.grid(padding=(0, 2))
+    decisions.add_column(no_wrap=True, style="dim")
+    decisions.add_column()
     for d in status.get("decisions", [])[-10:]:
-        console.print(f"  {d.get('ts')}  {d.get('action')}: {d.get('reason')}")
+        decisions.add_row(
+            f"  {str(d.get('ts'))[:19].replace('T', ' ')}", Text(f"{d.get('action')}: {d.get('reason')}")
+        )
+    console.print(decisions)
 
 
-def _rollout_action(action: str, rollout_id: str, server: str | None, as_json: bool) -> None:
-    with client(server) as conn:
+def _rollout_action(
+    action: str, rollout_id: str, server: str | None, token: str | None, as_json: bool
+) -> None:
+    with client(server, token) as conn:
         status = api(lambda: conn.rollout_action(rollout_id, action))
     if as_json:
         print_json(status)
@@ -262,33 +298,40 @@ def _rollout_action(action: str, rollout_id: str, server: str | None, as_json: b
 
 
 @rollouts_app.command("pause")
-def rollouts_pause(rollout_id: str, server: ServerOpt = None, as_json: JsonOpt = False) -> None:
+def rollouts_pause(
+    rollout_id: RolloutIdArg, server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
     """Pause a rollout: no new devices are notified until it resumes."""
-    _rollout_action("pause", rollout_id, server, as_json)
+    _rollout_action("pause", rollout_id, server, token, as_json)
 
 
 @rollouts_app.command("resume")
-def rollouts_resume(rollout_id: str, server: ServerOpt = None, as_json: JsonOpt = False) -> None:
+def rollouts_resume(
+    rollout_id: RolloutIdArg, server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
     """Resume a paused rollout."""
-    _rollout_action("resume", rollout_id, server, as_json)
+    _rollout_action("resume", rollout_id, server, token, as_json)
 
 
 @rollouts_app.command("abort")
-def rollouts_abort(rollout_id: str, server: ServerOpt = None, as_json: JsonOpt = False) -> None:
+def rollouts_abort(
+    rollout_id: RolloutIdArg, server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
     """Abort a rollout: no further devices are notified; devices keep what they run."""
-    _rollout_action("abort", rollout_id, server, as_json)
+    _rollout_action("abort", rollout_id, server, token, as_json)
 
 
 @rollouts_app.command("approve")
-def rollouts_approve(rollout_id: str, server: ServerOpt = None, as_json: JsonOpt = False) -> None:
+def rollouts_approve(
+    rollout_id: RolloutIdArg, server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
     """Approve the current stage: passes a manual gate, or overrides a gate that paused the rollout."""
-    _rollout_action("approve", rollout_id, server, as_json)
+    _rollout_action("approve", rollout_id, server, token, as_json)
 
 
 @rollouts_app.command("rollback")
-def rollouts_rollback(rollout_id: str, server: ServerOpt = None, as_json: JsonOpt = False) -> None:
+def rollouts_rollback(
+    rollout_id: RolloutIdArg, server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
     """Send every device that got this rollout's model back to the model it ran before."""
-    _rollout_action("rollback", rollout_id, server, as_json)
-
-
-# ---------------------------------------------------------------- processes
+    _rollout_action("rollback", rollout_id, server, token, as_json)

@@ -1,4 +1,4 @@
-"""``/api/v1/devices``: register devices, read what they report, re-tag them."""
+"""``/api/v1/devices``: register devices, read what they report, re-tag or delete them."""
 
 from __future__ import annotations
 
@@ -70,3 +70,14 @@ def get_device(device_id: str, session: Db) -> DeviceOut:
 def set_device_tags(device_id: str, body: TagsIn, session: Db) -> DeviceOut:
     """Replace a device's tags; a running rollout whose selector it now matches takes it in."""
     return device_out(devices.set_tags(session, device_id, body.tags))
+
+
+@router.delete(
+    "/devices/{device_id}",
+    response_model=DeviceOut,
+    responses=error_responses(404, 409),
+    dependencies=OPERATOR,
+)
+def delete_device(device_id: str, session: Db) -> DeviceOut:
+    """Forget a device (409 ``device_in_rollout`` while an active rollout holds it); returns what it was."""
+    return device_out(devices.delete_device(session, device_id))
