@@ -67,6 +67,14 @@ class ServerSettings(BaseSettings):
     auth_required: bool = (
         True  # admin API needs a bearer token (bootstrap: admin_token or <data_dir>/admin.token)
     )
+    # Request bodies the API accepts, in bytes, enforced while the body streams in
+    # (fleet_server.routes.guard): JSON documents are a few KB; an upload is one bundle.
+    max_request_bytes: int = Field(default=1 << 20, gt=0)
+    max_upload_bytes: int = Field(default=4 << 30, gt=0)
+    # How long the server keeps trying to reach its database at start before it gives up: a
+    # deployment starts PostgreSQL and the server together (compose, Kubernetes), and the server
+    # must wait for it rather than exit. The broker needs no such setting: MQTT reconnects forever.
+    startup_retry_seconds: float = Field(default=60.0, ge=0.0)
     # TUF delivery metadata (<data_dir>/tuf): lifetimes of what the fleet key signs, and how often the
     # keeper checks whether to re-sign them (at half their lifetime).
     tuf_timestamp_expiry_seconds: float = 86400.0

@@ -10,15 +10,21 @@ short-lived ``Session``; only the thread-safe ``Engine`` is shared.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, event
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, create_engine
 
 from fleet_server import models  # noqa: F401 - registers the tables on SQLModel.metadata
 from fleet_server.migrate import upgrade
 from fleet_server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -41,8 +47,49 @@ def make_engine(settings: ServerSettings, migrate: bool = True) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
     if migrate:
-        upgrade(engine)
+        until_reachable(lambda: upgrade(engine), settings.startup_retry_seconds)
     return engine
+
+
+def until_reachable(
+    step: Callable[[], None], budget_s: float, sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """Run ``step``, retrying while the database refuses connections, for up to ``budget_s``.
+
+    A deployment starts the database and the server together; the server waits for it (with
+    backoff, one log line per attempt) instead of exiting. Anything but an unreachable database
+    (bad credentials are reachable and refused; a failing migration) ends it at once, and so
+    does the budget: the last error is raised for the caller to report.
+    """
+    deadline = time.monotonic() + budget_s
+    delay = 0.5
+    while True:
+        try:
+            step()
+            return
+        except OperationalError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0 or not unreachable(exc):
+                raise
+            wait = min(delay, left)
+            log.warning("database not reachable (%s); retrying in %.1fs", first_line(exc), wait)
+            sleep(wait)
+            delay = min(delay * 2, 5.0)
+
+
+def unreachable(exc: OperationalError) -> bool:
+    """Whether the database could not be reached at all (as opposed to refusing us or failing)."""
+    text = str(exc.orig or exc).lower()
+    return any(
+        s in text
+        for s in ("connection refused", "could not connect", "timeout expired", "no route to host",
+                  "the database system is starting up", "name or service not known",
+                  "failed to resolve host", "temporary failure in name resolution")
+    )  # fmt: skip
+
+
+def first_line(exc: BaseException) -> str:
+    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
 
 
 def new_session(engine: Engine) -> Session:

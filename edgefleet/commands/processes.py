@@ -9,8 +9,8 @@ import typer
 
 from edgefleet.commands.common import (
     JsonOpt,
-    err,
     fail,
+    warn,
 )
 
 
@@ -83,7 +83,7 @@ def server_cmd(
     except (MqttConfigError, ValueError) as exc:
         fail(str(exc), 2)
     if not broker.security.tls:
-        err.print(f"[yellow]warning:[/] the broker connection ({broker.url}) is not TLS: development only")
+        warn(f"the broker connection ({broker.url}) is not TLS: development only")
     try:
         main(settings, host, port, tls_cert=tls_cert, tls_key=tls_key)
     except FleetKeyError as exc:  # a locked key is a configuration error: one line, no traceback

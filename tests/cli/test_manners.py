@@ -20,7 +20,7 @@ import typer
 from typer.testing import CliRunner
 
 from edgefleet import __version__
-from edgefleet.broker import free_port
+from edgefleet.broker import SecureBrokerInfo, free_port
 from edgefleet.cli import app, describe_exception
 from edgefleet.client import ApiError
 from edgefleet.commands.common import OutputMode
@@ -150,7 +150,9 @@ def test_usage_errors_are_one_line_and_exit_2() -> None:
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
 
 
-def test_down_database_is_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:
+def test_down_database_is_one_line_and_debug_shows_the_traceback(
+    tmp_path: Path, broker_info: SecureBrokerInfo
+) -> None:
     assert (
         runner.invoke(
             app, ["keys", "init", "--insecure-no-passphrase", "--dir", str(tmp_path / "k")]
@@ -166,15 +168,20 @@ def test_down_database_is_one_line_and_debug_shows_the_traceback(tmp_path: Path)
         str(tmp_path / "d"),
         "--database-url",
         down,
+        "--mqtt",
+        f"{broker_info.host}:{broker_info.server_port}",
+        "--mqtt-credentials",
+        str(broker_info.server_credentials),
     ]
-    proc = ef(*args, "--port", str(free_port()))
+    no_wait = {"EDGEFLEET_STARTUP_RETRY_SECONDS": "0"}  # the database does not come up: fail at once
+    proc = ef(*args, "--port", str(free_port()), env=no_wait)
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: database: "), proc.stderr
     assert "Connection refused" in proc.stderr
-    debug = ef("--debug", *args, "--port", str(free_port()))
+    debug = ef("--debug", *args, "--port", str(free_port()), env=no_wait)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.splitlines()[-1].startswith("error: database: ")
-    assert "Traceback" in ef(*args, env={"EDGEFLEET_DEBUG": "1"}).stderr
+    assert "Traceback" in ef(*args, env={"EDGEFLEET_DEBUG": "1", **no_wait}).stderr
 
 
 def test_describe_exception() -> None:
