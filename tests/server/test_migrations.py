@@ -24,7 +24,7 @@ from fleet_server.models import Rollout, RolloutDecision
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine
 
-HEAD = "0005"
+HEAD = "0006"
 
 
 def _assert_models_match(url: str) -> None:
