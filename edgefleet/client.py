@@ -82,13 +82,13 @@ class ApiClient:
             raise ApiError(0, "unreachable", f"{self.base_url}: {exc}") from exc
         return self._check(resp)
 
-    def page(self, path: str, **params: Any) -> dict[str, Any]:
+    def page(self, path: str, /, **params: Any) -> dict[str, Any]:
         """One page of a list as the server sends it: ``{"items": [...], "next": cursor or None}``;
         ``params`` are its filters, ``limit`` and ``cursor`` (None values are left out)."""
         query = {k: _param(v) for k, v in params.items() if v is not None}
         return dict(self._request("GET", path, params=query))
 
-    def pages(self, path: str, limit: int | None = None, **params: Any) -> list[dict[str, Any]]:
+    def pages(self, path: str, limit: int | None = None, /, **params: Any) -> list[dict[str, Any]]:
         """Every entry of a list (following ``next``), or its first ``limit`` entries."""
         items: list[dict[str, Any]] = []
         cursor: str | None = None

@@ -4,7 +4,8 @@ Every model and field carries a description (what it means, its unit and
 bounds): they are the reference a user reads in ``/docs``, and
 ``tests/server/test_openapi_docs.py`` fails on any that lacks one. Request
 bodies and the main responses carry an example, which ``/docs`` shows and
-pre-fills.
+pre-fills. The document leaves out null values, so an example gives a value
+to every required field.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from device_agent.protocol import DEVICE_ID_RE, DeploymentState
 from fleet_server.lifecycle import DeviceRolloutState, RolloutState
+from fleet_server.paging import encode_cursor
 from fleet_server.policy import Policy
 from fleet_server.selector import check_agent_specifier
 
@@ -395,8 +397,8 @@ AGGREGATE_EXAMPLE: dict[str, Any] = {
     "error_rate": 0.000249,
     "latency_p95_us": 6_553.6,
     "served_ok": 48_198,
-    "shadow_samples": 0,
-    "shadow_agreement": None,
+    "shadow_samples": 500,
+    "shadow_agreement": 0.994,
 }
 
 
@@ -566,19 +568,24 @@ class Page(BaseModel, Generic[T]):
 class DevicePage(Page[DeviceOut]):
     """A page of devices, by device id."""
 
-    model_config = _examples({"items": [DEVICE_EXAMPLE], "next": "WyJkZXZpY2VzIiwiY2FtLTAwNDIiXQ"})
+    model_config = _examples({"items": [DEVICE_EXAMPLE], "next": encode_cursor("devices", ("cam-0042",))})
 
 
 class ModelPage(Page[ModelOut]):
     """A page of models, by name, then upload order."""
 
-    model_config = _examples({"items": [MODEL_EXAMPLE], "next": None})
+    model_config = _examples({"items": [MODEL_EXAMPLE], "next": encode_cursor("models", ("face-det", 7))})
 
 
 class RolloutPage(Page[RolloutOut]):
     """A page of rollouts, oldest first."""
 
-    model_config = _examples({"items": [ROLLOUT_EXAMPLE], "next": None})
+    model_config = _examples(
+        {
+            "items": [ROLLOUT_EXAMPLE],
+            "next": encode_cursor("rollouts", (datetime.fromisoformat(TIME_EXAMPLE), ROLLOUT_EXAMPLE["id"])),
+        }
+    )
 
 
 class RolloutDevicePage(Page[RolloutDeviceOut]):
@@ -592,7 +599,9 @@ class DecisionPage(Page[DecisionOut]):
 class AggregatePage(Page[AggregateOut]):
     """A page of telemetry aggregates, by model sha256, hardware id, then stage."""
 
-    model_config = _examples({"items": [AGGREGATE_EXAMPLE], "next": None})
+    model_config = _examples(
+        {"items": [AGGREGATE_EXAMPLE], "next": encode_cursor("telemetry", (SHA_EXAMPLE, "rpi4", 1))}
+    )
 
 
 class TokenPage(Page[TokenOut]):

@@ -68,7 +68,8 @@ def parse_selector(text: str) -> dict[str, Any]:
                     f" values at most {TAG_VALUE_MAX}"
                 )
         if field in seen:
-            raise SelectorError(f"{key!r} is given twice")
+            what = key if field.startswith("tags.") else f"{key}: the {field.replace('_', ' ')}"
+            raise SelectorError(f"{what!r} is given twice" if what == key else f"{what} is given twice")
         seen.add(field)
         if field.startswith("tags."):
             tags[key] = value
