@@ -20,7 +20,7 @@ from device_agent.protocol import DEVICE_ID_RE, DeploymentState
 from fleet_server.lifecycle import DeviceRolloutState, RolloutState
 from fleet_server.paging import encode_cursor
 from fleet_server.policy import Policy
-from fleet_server.selector import check_agent_specifier
+from fleet_server.selector_syntax import check_agent_specifier
 
 # Bounds of a device's tags, declared as types so /openapi.json states them too.
 TagKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]

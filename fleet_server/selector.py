@@ -1,10 +1,9 @@
 """Which devices a selector picks: over tags, hardware id, runtime and agent version.
 
-One selector, three forms: the text people type (``hw=rpi4,site=lab``, the CLI's
-``--selector`` and the device list's ``?selector=``), the dict a rollout stores
+One selector, three forms: the text people type (``hw=rpi4,site=lab``, read by
+``selector_syntax.parse_selector``), the dict a rollout stores
 (``{"hardware_id": "rpi4", "tags": {"site": "lab"}}``, ``schemas.Selector``),
-and the test of one device. ``parse_selector`` turns the text into the dict;
-``matches`` tests a device row against the dict, so the ticker can re-apply a
+and the test of one device. ``matches`` tests a device row against the dict, so the ticker can re-apply a
 stored rollout's selector to devices that register or change after it began;
 ``sql_clauses`` states the criteria SQL can test (hardware id, tags, runtime),
 so a listing filters 10,000 devices in the database; only the agent version (a
@@ -23,70 +22,6 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import col
 
 from fleet_server.models import Device
-
-HARDWARE_KEYS = ("hw", "hardware", "hardware_id")
-AGENT_KEYS = ("agent", "agent_version")
-TAG_KEY_MAX = 64  # as schemas.TagKey: a longer key can match no device
-TAG_VALUE_MAX = 256
-SYNTAX = (
-    "comma-separated key=value: hw=<hardware id>, runtime=<name>, agent=<PEP 440 specifier>,"
-    " any other key a tag"
-)
-
-
-class SelectorError(ValueError):
-    """A selector text that cannot be read; the message names the part that is wrong."""
-
-
-def parse_selector(text: str) -> dict[str, Any]:
-    """``hw=rpi4,site=lab`` -> ``{"hardware_id": "rpi4", "tags": {"site": "lab"}}``.
-
-    ``hw`` (or ``hardware``, ``hardware_id``) selects a hardware id, ``runtime`` a runtime the
-    device reports, ``agent`` (or ``agent_version``) a PEP 440 specifier of the agent version
-    (``agent=>=0.2``); every other key is a tag that must have that value. Empty text selects
-    every device. A key given twice, a part without ``=``, or a bad specifier is refused.
-    """
-    result: dict[str, Any] = {}
-    tags: dict[str, str] = {}
-    seen: set[str] = set()
-    for part in (p for p in text.split(",") if p):
-        key, sep, value = part.partition("=")
-        if not sep or not key:
-            raise SelectorError(f"{part!r} is not key=value ({SYNTAX})")
-        if key in HARDWARE_KEYS:
-            field = "hardware_id"
-        elif key == "runtime":
-            field = "runtime"
-        elif key in AGENT_KEYS:
-            field = "agent_version"
-            check_agent_specifier(value)
-        else:
-            field = f"tags.{key}"
-            if len(key) > TAG_KEY_MAX or len(value) > TAG_VALUE_MAX:
-                raise SelectorError(
-                    f"tag {key[:TAG_KEY_MAX]!r}: keys are at most {TAG_KEY_MAX} characters,"
-                    f" values at most {TAG_VALUE_MAX}"
-                )
-        if field in seen:
-            what = key if field.startswith("tags.") else f"{key}: the {field.replace('_', ' ')}"
-            raise SelectorError(f"{what!r} is given twice" if what == key else f"{what} is given twice")
-        seen.add(field)
-        if field.startswith("tags."):
-            tags[key] = value
-        else:
-            result[field] = value
-    if tags:
-        result["tags"] = tags
-    return result
-
-
-def check_agent_specifier(value: str) -> str:
-    """``value`` if it is a PEP 440 specifier (the agent version criterion), else ``SelectorError``."""
-    try:
-        SpecifierSet(value)
-    except InvalidSpecifier:
-        raise SelectorError(f"agent version {value!r} is not a PEP 440 specifier like '>=0.2'") from None
-    return value
 
 
 def device_runtimes(device: Device) -> set[str]:
@@ -160,13 +95,4 @@ def _has_runtime(runtime: str, dialect: str) -> ColumnElement[bool]:
     return exists(select(1).select_from(each).where(name == runtime))
 
 
-__all__ = [
-    "SelectorError",
-    "agent_version_matches",
-    "check_agent_specifier",
-    "device_runtimes",
-    "matches",
-    "matches_selector",
-    "parse_selector",
-    "sql_clauses",
-]
+__all__ = ["agent_version_matches", "device_runtimes", "matches", "matches_selector", "sql_clauses"]

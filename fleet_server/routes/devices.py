@@ -14,7 +14,7 @@ from fleet_server.paging import DEFAULT_LIMIT
 from fleet_server.routes.common import OPERATOR, Cursor, Db, Limit, admin_router, page_out
 from fleet_server.routes.errors import error_responses
 from fleet_server.schemas import DeviceIn, DeviceOut, DevicePage, TagsIn
-from fleet_server.selector import SYNTAX, SelectorError, parse_selector
+from fleet_server.selector_syntax import SYNTAX, SelectorError, parse_selector
 
 router = admin_router(tags=["devices"])
 
