@@ -1,8 +1,9 @@
 """The audit log: one append-only row per mutating admin call, and reading it back.
 
 ``AuditMiddleware`` (pure ASGI, so streamed artifact downloads are not
-buffered) appends an entry after each POST/PUT/PATCH/DELETE under
-``/api/v1/``, whatever its outcome: who (the principal the route guard or the
+buffered) appends an entry for each POST/PUT/PATCH/DELETE under ``/api/v1/``
+as its answer starts (so the caller's next read of the log finds it),
+whatever its outcome: who (the principal the route guard or the
 auth dependency put on the request), what (method, path), when, and the result
 (status and the error code the exception handler recorded). Nothing ever
 updates or deletes a row. Reading pages by entry id (the primary key), with
@@ -103,34 +104,40 @@ class AuditMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        status = 500
+        recorded = False
 
         async def send_status(message: Any) -> None:
-            nonlocal status
+            nonlocal recorded
             if message["type"] == "http.response.start":
-                status = int(message["status"])
+                # written before the answer leaves: a caller that reads the log next finds its call
+                recorded = True
+                await self._record(scope, int(message["status"]))
             await send(message)
 
         try:
             await self.app(scope, receive, send_status)
         finally:
-            state = scope.get("state") or {}
-            principal = state.get("principal")
-            code = state.get("error_code") or ("ok" if status < 400 else f"http_{status}")
-            entry = AuditEntry(
-                ts=utcnow(),
-                actor=principal.actor if isinstance(principal, Principal) else "anonymous",
-                role=principal.role if isinstance(principal, Principal) else "",
-                method=str(scope["method"]),
-                path=str(scope["path"])[:512],
-                status=status,
-                result=str(code)[:64],
-                detail=str(state.get("audit_detail", ""))[:512],
-            )
-            try:
-                await asyncio.to_thread(record_audit, self.engine, entry)
-            except Exception:  # the call itself already happened; losing its record must be loud
-                log.exception("could not write the audit entry for %s %s", entry.method, entry.path)
+            if not recorded:  # no answer was started here (an unexpected error: the 500 comes later)
+                await self._record(scope, 500)
+
+    async def _record(self, scope: Any, status: int) -> None:
+        state = scope.get("state") or {}
+        principal = state.get("principal")
+        code = state.get("error_code") or ("ok" if status < 400 else f"http_{status}")
+        entry = AuditEntry(
+            ts=utcnow(),
+            actor=principal.actor if isinstance(principal, Principal) else "anonymous",
+            role=principal.role if isinstance(principal, Principal) else "",
+            method=str(scope["method"]),
+            path=str(scope["path"])[:512],
+            status=status,
+            result=str(code)[:64],
+            detail=str(state.get("audit_detail", ""))[:512],
+        )
+        try:
+            await asyncio.to_thread(record_audit, self.engine, entry)
+        except Exception:  # the call itself happened; losing its record must be loud
+            log.exception("could not write the audit entry for %s %s", entry.method, entry.path)
 
 
 __all__ = ["AuditFilter", "AuditMiddleware", "audit_entries", "record_audit"]
