@@ -1,4 +1,5 @@
-"""What every route module shares: the context and session dependencies and the two router kinds.
+"""What every route module shares: the context and session dependencies, the two router kinds,
+and the paging parameters (``Limit``, ``Cursor``) and page body (``page_out``) of every list.
 
 Handlers are plain ``def`` (FastAPI runs them in its thread pool) and open one
 short session each, so no session is shared between threads. Every router is
