@@ -1,7 +1,10 @@
 """A typed HTTP client for the fleet server's admin API, used by the CLI and the demo.
 
 Errors come back as ``ApiError`` carrying the server's ``code`` so scripts can
-branch on it and the CLI can print it and exit non-zero.
+branch on it and the CLI can print it and exit non-zero. Lists come from the
+server a page at a time (``{"items", "next"}``); the list methods here follow
+the cursors and return every entry (or the first ``limit``), and ``page``
+returns one page as the server sent it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,6 +30,7 @@ def default_server() -> str:
 
 
 TOKEN_ENV = "EDGEFLEET_TOKEN"
+PAGE_SIZE = 1000  # the server's largest page: fewest round trips when following cursors
 RELEASE_RACE_ROUNDS = 8  # re-sign this often when concurrent releases keep winning the targets version
 
 
@@ -115,6 +120,25 @@ class ApiClient:
             raise ApiError(0, "unreachable", f"{self.base_url}: {exc}") from exc
         return self._check(resp)
 
+    def page(self, path: str, /, **params: Any) -> dict[str, Any]:
+        """One page of a list as the server sends it: ``{"items": [...], "next": cursor or None}``;
+        ``params`` are its filters, ``limit`` and ``cursor`` (None values are left out)."""
+        query = {k: _param(v) for k, v in params.items() if v is not None}
+        return dict(self._request("GET", path, params=query))
+
+    def pages(self, path: str, limit: int | None = None, /, **params: Any) -> list[dict[str, Any]]:
+        """Every entry of a list (following ``next``), or its first ``limit`` entries."""
+        items: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while limit is None or len(items) < limit:
+            size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - len(items))
+            page = self.page(path, **params, limit=size, cursor=cursor)
+            items += page["items"]
+            cursor = page.get("next")
+            if cursor is None:
+                break
+        return items
+
     def health(self) -> Any:
         return self._request("GET", "/healthz")
 
@@ -123,8 +147,18 @@ class ApiClient:
         body = {"device_id": device_id, "hardware_id": hardware_id, "tags": tags or {}}
         return self._request("POST", "/api/v1/devices", json=body)
 
-    def devices(self) -> list[dict[str, Any]]:
-        return list(self._request("GET", "/api/v1/devices"))
+    def devices(
+        self,
+        selector: str | None = None,
+        state: str | None = None,
+        online: bool | None = None,
+        model: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Devices by id, filtered by the server: ``selector`` as the CLI's (``hw=rpi4,site=lab``),
+        ``state`` (the agent's deployment state), ``online``, ``model`` (name:version, name or sha256)."""
+        filters = {"selector": selector, "state": state, "online": online, "model": model}
+        return self.pages("/api/v1/devices", limit, **filters)
 
     def device(self, device_id: str) -> dict[str, Any]:
         return dict(self._request("GET", f"/api/v1/devices/{device_id}"))
@@ -203,8 +237,9 @@ class ApiClient:
                 time.sleep(random.uniform(0.0, 0.05 * (2**round_)))  # jitter, not crypto
         raise AssertionError("unreachable")
 
-    def models(self) -> list[dict[str, Any]]:
-        return list(self._request("GET", "/api/v1/models"))
+    def models(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Every model the server holds (of family ``name``), by name, then upload order."""
+        return self.pages("/api/v1/models", name=name)
 
     def model(self, name: str, version: str) -> dict[str, Any]:
         return dict(self._request("GET", f"/api/v1/models/{name}/{version}"))
@@ -291,24 +326,26 @@ class ApiClient:
     def create_token(self, name: str, role: str) -> dict[str, Any]:
         return dict(self._request("POST", "/api/v1/tokens", json={"name": name, "role": role}))
 
-    def tokens(self) -> list[dict[str, Any]]:
-        return list(self._request("GET", "/api/v1/tokens"))
+    def tokens(self, role: str | None = None) -> list[dict[str, Any]]:
+        return self.pages("/api/v1/tokens", role=role)
 
     def revoke_token(self, token_id: str) -> dict[str, Any]:
         return dict(self._request("DELETE", f"/api/v1/tokens/{token_id}"))
 
-    def audit(self, limit: int = 200, after_id: int = 0, actor: str | None = None) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {"limit": limit, "after_id": after_id}
-        if actor:
-            params["actor"] = actor
-        return list(self._request("GET", "/api/v1/audit", params=params))
+    def audit(
+        self, limit: int | None = 200, after_id: int = 0, actor: str | None = None, **filters: Any
+    ) -> list[dict[str, Any]]:
+        """Audit entries oldest first after ``after_id``: the first ``limit`` (None: all). ``filters``:
+        ``method``, ``path`` (a prefix), ``result``, ``since``, ``until`` (aware datetimes)."""
+        return self.pages("/api/v1/audit", limit, after_id=after_id or None, actor=actor or None, **filters)
 
     # rollouts
     def create_rollout(self, **body: Any) -> dict[str, Any]:
         return dict(self._request("POST", "/api/v1/rollouts", json=body))
 
-    def rollouts(self) -> list[dict[str, Any]]:
-        return list(self._request("GET", "/api/v1/rollouts"))
+    def rollouts(self, state: str | None = None, model: str | None = None) -> list[dict[str, Any]]:
+        """Every rollout (in ``state``, of ``model`` = name:version), oldest first, with its status."""
+        return self.pages("/api/v1/rollouts", state=state, model=model)
 
     def rollout(self, rollout_id: str) -> dict[str, Any]:
         return dict(self._request("GET", f"/api/v1/rollouts/{rollout_id}"))
@@ -323,12 +360,19 @@ class ApiClient:
     def rollback_rollout(self, rollout_id: str) -> dict[str, Any]:
         return self.rollout_action(rollout_id, "rollback")
 
+    def rollout_devices(self, rollout_id: str, state: str | None = None) -> list[dict[str, Any]]:
+        """The rollout's devices by id (in ``state``): stage, state, attempts, reason."""
+        return self.pages(f"/api/v1/rollouts/{rollout_id}/devices", state=state)
+
+    def rollout_decisions(self, rollout_id: str, action: str | None = None) -> list[dict[str, Any]]:
+        """The rollout's decisions oldest first (of ``action``), with their figures."""
+        return self.pages(f"/api/v1/rollouts/{rollout_id}/decisions", action=action)
+
     def rollout_telemetry(self, rollout_id: str) -> list[dict[str, Any]]:
-        return list(self._request("GET", f"/api/v1/rollouts/{rollout_id}/telemetry"))
+        return self.pages(f"/api/v1/rollouts/{rollout_id}/telemetry")
 
     def telemetry(self, model: str | None = None, hardware_id: str | None = None) -> list[dict[str, Any]]:
-        params = {k: v for k, v in {"model": model, "hardware_id": hardware_id}.items() if v is not None}
-        return list(self._request("GET", "/api/v1/telemetry", params=params))
+        return self.pages("/api/v1/telemetry", model=model, hardware_id=hardware_id)
 
     def server_info(self) -> dict[str, Any]:
         return dict(self._request("GET", "/api/v1/server"))
@@ -337,5 +381,14 @@ class ApiClient:
         return dict(self._request("GET", "/api/v1/stats"))
 
     def drift(self, drifting: bool = False) -> list[dict[str, Any]]:
-        params = {"drifting": "true"} if drifting else {}
-        return list(self._request("GET", "/api/v1/drift", params=params))
+        """Devices this replica saw off their desired state (``drifting``: only those drifting now)."""
+        return self.pages("/api/v1/drift", drifting=drifting or None)
+
+
+def _param(value: Any) -> Any:
+    """A query value as the server parses it (booleans as true/false, times as ISO 8601)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value

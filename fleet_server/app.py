@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from fleet_server.artifacts import load_trust
 from fleet_server.audit import AuditMiddleware
@@ -23,6 +24,7 @@ from fleet_server.keyload import load_fleet_key
 from fleet_server.mqtt_bridge import MqttBridge
 from fleet_server.routes import ROUTERS, allowed_methods
 from fleet_server.routes.errors import install_error_handler
+from fleet_server.routes.openapi import install_openapi
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine
 from fleet_server.ticker import Ticker
@@ -72,7 +74,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             bridge.stop()
             context.engine.dispose()
 
-    app = FastAPI(title="edgefleet fleet server", version="0.1.0", lifespan=lifespan)
+    app = FastAPIOffline(title="edgefleet fleet server", version="0.1.0", lifespan=lifespan)
+    install_openapi(app)
     app.state.ctx = context
     for router in ROUTERS:
         app.include_router(router)

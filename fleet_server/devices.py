@@ -1,22 +1,64 @@
-"""Device registry: register (idempotent), look up, re-tag, delete.
+"""Device registry: register (idempotent), list with filters, look up, re-tag, delete.
 
 Registration is idempotent so provisioning scripts can be re-run: the same
 id with the same attributes is the device that exists; with other attributes
 it is a conflict, never a silent overwrite (the hardware id decides which
 models a device may get).
+
+Listing pages by device id (the primary key's index) and filters in SQL:
+hardware id, tags, runtime, deployment state, online, running model. Only a
+selector's agent version (PEP 440 ordering) is tested here, on the ids and
+versions SQL returns, batch by batch, so a page is still full.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import ColumnElement, delete
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from fleet_server.errors import Conflict, NotFound
 from fleet_server.lifecycle import RolloutState as RS
 from fleet_server.models import Device, ModelAggregate, Rollout, RolloutDevice, utcnow
+from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
+from fleet_server.selector import agent_version_matches, sql_clauses
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class DeviceFilter:
+    """What a device listing keeps: every criterion given must hold (AND).
+
+    ``selector`` is the dict form (``selector.parse_selector``); ``model`` is ``name:version``,
+    a bare name (any version) or the model file's sha256, of the model the device runs.
+    """
+
+    selector: Mapping[str, Any] = field(default_factory=dict)
+    state: str | None = None
+    online: bool | None = None
+    model: str | None = None
+
+    def sql(self, dialect: str) -> list[ColumnElement[bool]]:
+        clauses = sql_clauses(self.selector, dialect)
+        if self.state is not None:
+            clauses.append(col(Device.deployment_state) == self.state)
+        if self.online is not None:
+            clauses.append(col(Device.online) == self.online)
+        if self.model is not None:
+            name, sep, version = self.model.partition(":")
+            if sep:
+                clauses += [col(Device.running_name) == name, col(Device.running_version) == version]
+            elif SHA256_RE.match(self.model):
+                clauses.append(col(Device.running_sha256) == self.model)
+            else:
+                clauses.append(col(Device.running_name) == self.model)
+        return clauses
 
 
 def register_device(
@@ -37,8 +79,36 @@ def register_device(
     return device, True
 
 
-def list_devices(session: Session) -> Sequence[Device]:
-    return session.exec(select(Device).order_by(col(Device.id))).all()
+def list_devices(
+    session: Session,
+    where: DeviceFilter | None = None,
+    *,
+    cursor: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> Page[Device]:
+    """One page of the devices ``where`` keeps, by id, after ``cursor``."""
+    where = where or DeviceFilter()
+    clauses = where.sql(session.get_bind().dialect.name)
+    spec = where.selector.get("agent_version")
+    if spec is None:
+        return select_page(
+            session, select(Device).where(*clauses), [col(Device.id)], "devices", cursor, limit
+        )
+    # PEP 440 ordering is tested here: scan only (id, agent version), then read the page's rows
+    versions = select(col(Device.id), col(Device.agent_version)).where(*clauses)
+    ids: Page[Any] = select_page(
+        session,
+        versions,
+        [col(Device.id)],
+        "devices",
+        cursor,
+        limit,
+        lambda r: agent_version_matches(r[1], spec),
+    )
+    rows = session.exec(
+        select(Device).where(col(Device.id).in_([r[0] for r in ids.items])).order_by(col(Device.id))
+    )
+    return Page(list(rows.all()), ids.next)
 
 
 def get_device(session: Session, device_id: str) -> Device:
@@ -90,3 +160,6 @@ def delete_device(session: Session, device_id: str) -> Device:
 
 
 __all__ = ["delete_device", "get_device", "list_devices", "register_device", "set_tags"]
+
+
+__all__ = ["DeviceFilter", "delete_device", "get_device", "list_devices", "register_device", "set_tags"]

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Index, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -117,6 +117,9 @@ class Model(SQLModel, table=True):
 
 class Rollout(SQLModel, table=True):
     """A staged rollout of one model to the devices its selector matched at creation."""
+
+    # the list's order and keyset (ids are random, so the creation time leads)
+    __table_args__ = (Index("ix_rollout_created_at_id", "created_at", "id"),)
 
     id: str = Field(primary_key=True, max_length=32)
     model_id: int = Field(foreign_key="model.id")
@@ -224,6 +227,8 @@ class ModelAggregate(SQLModel, table=True):
 class ApiToken(SQLModel, table=True):
     """An admin API credential. Only the SHA-256 of the token is stored (tokens are 256-bit random,
     so a fast hash is enough: there is nothing to brute-force, unlike a password)."""
+
+    __table_args__ = (Index("ix_apitoken_created_at_id", "created_at", "id"),)  # the list's order and keyset
 
     id: str = Field(primary_key=True, max_length=32)  # public handle, shown in lists and the audit log
     name: str = Field(max_length=128)

@@ -42,11 +42,32 @@ FAILURE_CLASSES = AGENT_REASON_CODES | set(ServerFailure)
 RetryCount = Annotated[int, Field(ge=0, le=20)]
 
 
-class ProbationPolicy(protocol.Probation):
-    """The probation each directive carries (the wire's ``Probation``, its fields and defaults),
-    refusing unknown keys like the rest of the policy."""
+PROBATION_FIELDS = {
+    "seconds": "watch window after the swap, in seconds (0: judge on the first inferences)",
+    "min_inferences": "successful inferences needed before the device reports success",
+    "max_error_rate": "error rate (runtime errors, non-finite outputs) above which it reverts, 0 to 1",
+    "max_latency_ratio": "p95 latency of the new model / of the old one on this device, above which it"
+    " reverts",
+}
+"""What each probation field means, for /openapi.json (the wire model states them in comments)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+def _describe_probation(schema: dict[str, Any]) -> None:
+    properties = schema.get("properties", {})
+    if set(properties) != set(PROBATION_FIELDS):  # a new wire field must be described here
+        raise AssertionError(
+            f"describe every probation field: {sorted(set(properties) ^ set(PROBATION_FIELDS))}"
+        )
+    for name, text in PROBATION_FIELDS.items():
+        properties[name]["description"] = text
+
+
+class ProbationPolicy(protocol.Probation):
+    """The agent's probation: it watches the new model after the swap and goes back to the
+    previous one by itself when the model misbehaves (the wire's ``Probation``, its fields and
+    defaults, refusing unknown keys like the rest of the policy)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_describe_probation)
 
 
 class Policy(BaseModel):
@@ -56,36 +77,72 @@ class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # stages: soak after a stage finished; a device without serving proof by then has timed out
-    soak_seconds: float = Field(default=0.0, ge=0)
-    device_timeout_seconds: float = Field(default=60.0, gt=0)
+    soak_seconds: float = Field(
+        default=0.0, ge=0, description="seconds a finished stage is watched before the next one starts"
+    )
+    device_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="seconds a notified device has to prove it serves the model"
+    )
     # install: failure rate and count over the devices assigned, success threshold at a stage's end
-    max_failure_rate: float = Field(default=0.0, ge=0, le=1)
-    max_failures: int | None = Field(default=None, ge=0, description="absolute cap of failed devices")
+    max_failure_rate: float = Field(
+        default=0.0, ge=0, le=1, description="failed / assigned devices above which the install gate trips"
+    )
+    max_failures: int | None = Field(
+        default=None, ge=0, description="failed devices above which the install gate trips, whatever the rate"
+    )
     min_success_rate: float = Field(default=0.0, ge=0, le=1, description="done/assigned when a stage ends")
-    failure_action: GateAction = GateAction.ROLL_BACK
+    failure_action: GateAction = Field(
+        default=GateAction.ROLL_BACK, description="when the install gate trips"
+    )
     # errors: inference error rate of the new model, judged from a minimum sample
-    max_error_rate: float = Field(default=0.05, ge=0, le=1)
-    min_inferences: int = Field(default=20, ge=1)
-    error_action: GateAction = GateAction.ROLL_BACK
+    max_error_rate: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="inference error rate of the new model above which the gate trips",
+    )
+    min_inferences: int = Field(
+        default=20, ge=1, description="inferences needed before the error gate judges"
+    )
+    error_action: GateAction = Field(default=GateAction.ROLL_BACK, description="when the error gate trips")
     # latency: p95 of the new model / p95 of the replaced model on the same hardware id
-    max_latency_ratio: float | None = Field(default=None, gt=0, description="p95 new / p95 replaced model")
-    min_latency_samples: int = Field(default=50, ge=1)
-    latency_action: GateAction = GateAction.ROLL_BACK
+    max_latency_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        description="p95 latency of the new / the replaced model on the same hardware above"
+        " which the latency gate trips (null: no latency gate)",
+    )
+    min_latency_samples: int = Field(
+        default=50, ge=1, description="latency samples of each model needed before the latency gate judges"
+    )
+    latency_action: GateAction = Field(
+        default=GateAction.ROLL_BACK, description="when the latency gate trips"
+    )
     # drift: PSI of the new model's output histogram vs the replaced model's
-    max_output_psi: float | None = Field(default=None, gt=0, description="PSI of outputs vs replaced model")
-    min_drift_samples: int = Field(default=200, ge=1)
-    drift_action: GateAction = GateAction.PAUSE
+    max_output_psi: float | None = Field(
+        default=None,
+        gt=0,
+        description="population stability index of the new model's outputs against the"
+        " replaced model's above which the drift gate trips (null: no drift gate)",
+    )
+    min_drift_samples: int = Field(
+        default=200, ge=1, description="output samples of each model needed before the drift gate judges"
+    )
+    drift_action: GateAction = Field(default=GateAction.PAUSE, description="when the drift gate trips")
     # shadow: each device first runs the new model beside its own on sampled inputs, never serving it
     min_shadow_agreement: float | None = Field(
         default=None, ge=0, le=1, description="shadow the model first; promote at this top-1 agreement"
     )
-    min_shadow_samples: int = Field(default=50, ge=1)
-    shadow_action: GateAction = GateAction.ROLL_BACK
+    min_shadow_samples: int = Field(
+        default=50, ge=1, description="shadow samples needed before the shadow gate judges"
+    )
+    shadow_action: GateAction = Field(default=GateAction.ROLL_BACK, description="when the shadow gate trips")
     shadow_sample_rate: float = Field(
         # a rollout that says nothing samples at the rate an agent assumes when a directive says nothing
         default=protocol.Directive.model_fields["shadow_sample_rate"].default,
         gt=0,
         le=1,
+        description="share of inputs a shadowing device also runs through the new model",
     )
     # a human approves each next stage (manual gate)
     require_approval: bool = Field(default=False, description="a human approves each next stage")
@@ -95,11 +152,15 @@ class Policy(BaseModel):
         description="failure class (an agent reason code, 'timed_out', 'reverted', or '*' for any"
         " other) -> retries, e.g. {'timed_out': 2}",
     )
-    retry_backoff_seconds: float = Field(default=30.0, ge=0)
+    retry_backoff_seconds: float = Field(
+        default=30.0, ge=0, description="seconds before the first retry; doubles with each further retry"
+    )
     # rate limit: devices notified per minute, ramping by a factor per minute up to a maximum
     rate_per_minute: int | None = Field(default=None, ge=1, description="devices notified per minute")
     rate_increment_factor: float = Field(default=1.0, ge=1.0, description="rate x factor each minute")
-    max_rate_per_minute: int | None = Field(default=None, ge=1)
+    max_rate_per_minute: int | None = Field(
+        default=None, ge=1, description="the ramp's ceiling, devices per minute"
+    )
     # the agent watches the new model after the swap and reverts by itself on misbehaviour
     probation: ProbationPolicy | None = Field(default=None, description="agent-side watch after the swap")
 

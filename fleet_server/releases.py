@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 from tuf.api.metadata import Metadata, Targets
 
 from fleet_server.artifacts import StagedBundle, Upload, stage_bundle
 from fleet_server.context import ServerContext
-from fleet_server.errors import Conflict, Rejected
+from fleet_server.errors import Conflict, NotFound, Rejected
 from fleet_server.models import Model, utcnow
+from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
 from fleet_server.tuf_service import TufService
 from signing import safejson
 from signing.errors import HardwareMismatch, MetadataInvalid, TargetMismatch, TargetNotFound, TrustError
@@ -152,6 +153,21 @@ def publish_release(
         tuf_repository(c).accept(signed_targets, {name: bundle_dir / manifest.model_file.path})
 
 
+def list_models(
+    session: Session, name: str | None = None, *, cursor: str | None = None, limit: int = DEFAULT_LIMIT
+) -> Page[Model]:
+    """One page of the stored models (of family ``name``), by name, then upload order."""
+    query = select(Model) if name is None else select(Model).where(col(Model.name) == name)
+    return select_page(session, query, [col(Model.name), col(Model.id)], "models", cursor, limit)
+
+
+def get_model(session: Session, name: str, version: str) -> Model:
+    model = session.exec(select(Model).where(Model.name == name, Model.version == version)).first()
+    if model is None:
+        raise NotFound("model_not_found", f"no model {name}:{version}")
+    return model
+
+
 def tuf_repository(c: ServerContext) -> TufService:
     if c.tuf is None:
         raise Conflict("tuf_disabled", "this server has no TUF repository")
@@ -196,6 +212,8 @@ __all__ = [
     "accept_bundle",
     "accept_targets",
     "check_release_target",
+    "get_model",
+    "list_models",
     "publish_release",
     "tuf_repository",
 ]

@@ -13,6 +13,9 @@ engine (``fleet_server.lifecycle``); one the table does not allow is a
 ``Conflict``. Every action is idempotent (repeating it is a no-op that returns
 the rollout) and audited as a decision row naming the action and prior state.
 
+Listing pages rollouts oldest first, and a rollout's devices (by id) and
+decisions (oldest first), with their filters in SQL.
+
 Refusals are domain errors (``fleet_server.errors``); the HTTP layer maps them.
 """
 
@@ -30,6 +33,7 @@ from fleet_server.lifecycle import OPERATOR_ACTIONS, ROLLOUT, IllegalMove, Rollo
 from fleet_server.lifecycle import DeviceRolloutState as DS
 from fleet_server.lifecycle import RolloutState as RS
 from fleet_server.models import Device, Model, Rollout, RolloutDecision, RolloutDevice, utcnow
+from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
 from fleet_server.schemas import DecisionOut, RolloutIn, RolloutOut, StageOut
 from fleet_server.selector import matches
 
@@ -183,6 +187,63 @@ def _audit(session: Session, rollout: Rollout, action: str, reason: str) -> None
             figures={"from": rollout.state, "stage": rollout.current_stage},
         )
     )
+
+
+def find_rollout(session: Session, rollout_id: str, *, for_update: bool = False) -> Rollout:
+    rollout = session.get(Rollout, rollout_id, with_for_update=for_update)
+    if rollout is None:
+        raise NotFound("rollout_not_found", f"no rollout {rollout_id}")
+    return rollout
+
+
+def list_rollouts(
+    session: Session,
+    state: RS | None = None,
+    model: str | None = None,
+    *,
+    cursor: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> Page[Rollout]:
+    """One page of the rollouts (in ``state``, of ``model`` = name:version), oldest first."""
+    query = select(Rollout)
+    if state is not None:
+        query = query.where(col(Rollout.state) == state)
+    if model is not None:
+        query = query.where(col(Rollout.model_ref) == model)
+    order = [col(Rollout.created_at), col(Rollout.id)]
+    return select_page(session, query, order, "rollouts", cursor, limit)
+
+
+def rollout_devices(
+    session: Session,
+    rollout: Rollout,
+    state: DS | None = None,
+    *,
+    cursor: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> Page[RolloutDevice]:
+    """One page of the rollout's devices (in ``state``), by device id."""
+    query = select(RolloutDevice).where(col(RolloutDevice.rollout_id) == rollout.id)
+    if state is not None:
+        query = query.where(col(RolloutDevice.state) == state)
+    order = [col(RolloutDevice.device_id)]
+    return select_page(session, query, order, "rollout-devices", cursor, limit)
+
+
+def rollout_decisions(
+    session: Session,
+    rollout: Rollout,
+    action: str | None = None,
+    *,
+    cursor: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> Page[RolloutDecision]:
+    """One page of the rollout's decisions (with ``action``), oldest first."""
+    query = select(RolloutDecision).where(col(RolloutDecision.rollout_id) == rollout.id)
+    if action is not None:
+        query = query.where(col(RolloutDecision.action) == action)
+    order = [col(RolloutDecision.id)]
+    return select_page(session, query, order, "rollout-decisions", cursor, limit)
 
 
 def rollout_status(session: Session, rollout: Rollout) -> RolloutOut:

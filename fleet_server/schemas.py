@@ -1,56 +1,141 @@
-"""Request and response bodies of the HTTP API (docs/contracts.md)."""
+"""Request and response bodies of the HTTP API (docs/contracts.md).
+
+Every model and field carries a description (what it means, its unit and
+bounds): they are the reference a user reads in ``/docs``, and
+``tests/server/test_openapi_docs.py`` fails on any that lacks one. Request
+bodies and the main responses carry an example, which ``/docs`` shows and
+pre-fills. The document leaves out null values, so an example gives a value
+to every required field.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 from itertools import pairwise
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from device_agent.protocol import DEVICE_ID_RE
+from device_agent.protocol import DEVICE_ID_RE, DeploymentState
+from fleet_server.lifecycle import DeviceRolloutState, RolloutState
+from fleet_server.paging import encode_cursor
 from fleet_server.policy import Policy
+from fleet_server.selector_syntax import check_agent_specifier
 
 # Bounds of a device's tags, declared as types so /openapi.json states them too.
 TagKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 TagValue = Annotated[str, StringConstraints(max_length=256)]
-Tags = Annotated[dict[TagKey, TagValue], Field(max_length=64, description="at most 64 tags")]
+Tags = Annotated[
+    dict[TagKey, TagValue],
+    Field(
+        max_length=64,
+        description="free-form labels a selector matches (site, line, customer, ...): at most 64,"
+        " keys 1 to 64 characters, values at most 256",
+    ),
+]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+SHA_EXAMPLE = "9f2c4e0b7d1a3f5e8c6b4a2d0f1e3c5b7a9d8e6f4c2b0a1d3e5f7c9b8a6d4e2f"
+TIME_EXAMPLE = "2026-03-14T09:26:53.589000Z"
+DEVICE_STATES = ", ".join(DeploymentState)
+ROLLOUT_STATES = ", ".join(RolloutState)
+ROLLOUT_DEVICE_STATES = ", ".join(DeviceRolloutState)
+
+
+def _examples(*examples: dict[str, Any]) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"examples": list(examples)})
 
 
 class DeviceIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A device to register. Registering again with the same attributes is a no-op (200)."""
 
-    device_id: str = Field(pattern=DEVICE_ID_RE.pattern)
-    hardware_id: str = Field(min_length=1, max_length=128)
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"device_id": "cam-0042", "hardware_id": "rpi4", "tags": {"site": "lab", "line": "3"}}
+            ]
+        },
+    )
+
+    device_id: str = Field(
+        pattern=DEVICE_ID_RE.pattern,
+        description="the device's id, also its MQTT client id and username: 1 to 128 letters, digits,"
+        " '_', '.' or '-', starting with a letter or digit",
+    )
+    hardware_id: str = Field(
+        min_length=1,
+        max_length=128,
+        description="its hardware class (e.g. rpi4): a model is sent only to devices whose hardware id"
+        " its bundle lists",
+    )
     tags: Tags = Field(default_factory=dict)
 
 
 class TagsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A device's new tags; they replace the old ones whole."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"tags": {"site": "berlin"}}]})
 
     tags: Tags
 
 
 class RunningModelOut(BaseModel):
-    name: str | None
-    version: str | None
-    sha256: str
+    """The model a device reports it serves."""
+
+    name: str | None = Field(description="model name from its bundle manifest; null if not reported")
+    version: str | None = Field(description="model version from its bundle manifest; null if not reported")
+    sha256: str = Field(description="SHA-256 of the model file, lowercase hex")
+
+
+DEVICE_EXAMPLE: dict[str, Any] = {
+    "device_id": "cam-0042",
+    "hardware_id": "rpi4",
+    "tags": {"site": "lab", "line": "3"},
+    "registered_at": TIME_EXAMPLE,
+    "online": True,
+    "last_seen": TIME_EXAMPLE,
+    "running_model": {"name": "face-det", "version": "7", "sha256": SHA_EXAMPLE},
+    "deployment_state": "serving",
+    "deployment_seq": 12,
+    "desired_seq": 12,
+    "agent_version": "0.3.1",
+    "inventory": {
+        "capabilities": {"runtimes": {"onnxruntime": "1.32.0"}},
+        "slots": {"a": SHA_EXAMPLE, "b": None},
+        "active_slot": "a",
+        "shadow_sha256": None,
+    },
+    "clock_offset_seconds": 0.042,
+    "clock_offset_at": TIME_EXAMPLE,
+}
 
 
 class DeviceOut(BaseModel):
-    device_id: str
-    hardware_id: str
-    tags: dict[str, str]
-    registered_at: datetime
-    online: bool
-    last_seen: datetime | None
-    running_model: RunningModelOut | None
-    deployment_state: str | None
-    deployment_seq: int
-    desired_seq: int
-    agent_version: str | None
-    inventory: dict[str, Any] = Field(default_factory=dict, description="what the device reports it has")
+    """A registered device and the latest state it reported."""
+
+    model_config = _examples(DEVICE_EXAMPLE)
+
+    device_id: str = Field(description="the device's id (its MQTT identity)")
+    hardware_id: str = Field(description="its hardware class, matched against a model's hardware ids")
+    tags: dict[str, str] = Field(description="its labels, as registered or last set")
+    registered_at: datetime = Field(description="when it was registered (UTC)")
+    online: bool = Field(description="whether its MQTT session is up (its last status message; LWT)")
+    last_seen: datetime | None = Field(description="server time of its last message; null if never seen")
+    running_model: RunningModelOut | None = Field(
+        description="the model it serves; null until it reports one"
+    )
+    deployment_state: str | None = Field(
+        description=f"its agent's state for the latest directive ({DEVICE_STATES}); null until reported"
+    )
+    deployment_seq: int = Field(description="seq of the latest directive the device reports acting on")
+    desired_seq: int = Field(description="seq of the latest directive the server published to it (0: none)")
+    agent_version: str | None = Field(description="its agent's version (PEP 440); null until reported")
+    inventory: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what the device reports it has: capabilities (runtimes, ...), slots (slot -> model"
+        " sha256), active_slot, shadow_sha256 (a candidate it runs in shadow)",
+    )
     clock_offset_seconds: float | None = Field(
         default=None,
         description="the device's clock minus the server's receive time, in seconds (transport delay"
@@ -60,48 +145,100 @@ class DeviceOut(BaseModel):
     clock_offset_at: datetime | None = Field(default=None, description="server time of that measurement")
 
 
+MODEL_EXAMPLE: dict[str, Any] = {
+    "name": "face-det",
+    "version": "7",
+    "release": 7,
+    "target": "arm64-cpu",
+    "hardware_ids": ["rpi4", "rpi5"],
+    "sha256": SHA_EXAMPLE,
+    "length": 2_412_544,
+    "manifest": {
+        "name": "face-det",
+        "version": "7",
+        "files": [{"path": "model.onnx", "sha256": SHA_EXAMPLE}],
+    },
+    "created_at": TIME_EXAMPLE,
+}
+
+
 class ModelOut(BaseModel):
-    name: str
-    version: str
-    release: int
-    target: str
-    hardware_ids: list[str]
-    sha256: str
-    length: int
-    manifest: dict[str, Any]
-    created_at: datetime
+    """A verified, signed bundle the server holds and can roll out."""
+
+    model_config = _examples(MODEL_EXAMPLE)
+
+    name: str = Field(description="model name (a family of versions)")
+    version: str = Field(description="model version; name:version is unique")
+    release: int = Field(
+        description="release counter of the family: devices refuse releases below the signed revocation floor"
+    )
+    target: str = Field(description="the compile target it was built and checked for, e.g. arm64-cpu")
+    hardware_ids: list[str] = Field(description="hardware classes it may be sent to")
+    sha256: str = Field(description="SHA-256 of the model file (lowercase hex): its id in /artifacts")
+    length: int = Field(description="size of the model file, in bytes")
+    manifest: dict[str, Any] = Field(
+        description="the signed bundle manifest: files with hashes, io signature, quantization report,"
+        " provenance"
+    )
+    created_at: datetime = Field(description="when the server accepted the upload (UTC)")
 
 
 class Selector(BaseModel):
-    """Which devices a rollout targets; every given criterion must hold (AND)."""
+    """Which devices a rollout targets; every given criterion must hold (AND).
 
-    model_config = ConfigDict(extra="forbid")
+    The model's hardware ids always apply too. The text form ``hw=rpi4,site=lab`` (the CLI's
+    ``--selector``, the device list's ``?selector=``) says the same.
+    """
 
-    hardware_id: str | None = None
-    tags: dict[str, str] = Field(default_factory=dict)
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"hardware_id": "rpi4", "tags": {"site": "lab"}}]},
+    )
+
+    hardware_id: str | None = Field(default=None, description="only devices of this hardware class")
+    tags: dict[str, str] = Field(default_factory=dict, description="only devices with all these tag values")
     runtime: str | None = Field(default=None, description="a runtime the device reports, e.g. onnxruntime")
     agent_version: str | None = Field(default=None, description="PEP 440 specifier, e.g. '>=0.2,<1'")
 
     @field_validator("agent_version")
     @classmethod
     def _specifier(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                SpecifierSet(v)
-            except InvalidSpecifier:
-                raise ValueError(
-                    f"agent_version must be a PEP 440 specifier like '>=0.2', got {v!r}"
-                ) from None
-        return v
+        return None if v is None else check_agent_specifier(v)
 
 
 class RolloutIn(Policy):
-    """A rollout request: what to send where, in which stages, and its policy's fields as they are."""
+    """A rollout request: which model to send where, in which stages, and its policy.
 
-    model: str = Field(pattern=r"^[^:]+:.+$", description="name:version")
-    selector: Selector = Field(default_factory=Selector)
-    stages: list[float] = Field(default_factory=lambda: [100.0], min_length=1, max_length=100)
-    stage_unit: Literal["percent", "count"] = "percent"
+    The policy fields (gates, timing, retries, rate, probation) are the rollout policy's,
+    each with its default; unknown fields are refused.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "face-det:7",
+                    "selector": {"hardware_id": "rpi4", "tags": {"site": "lab"}},
+                    "stages": [1, 10, 50, 100],
+                    "soak_seconds": 600,
+                    "max_error_rate": 0.02,
+                    "max_latency_ratio": 1.5,
+                    "retry_limits": {"timed_out": 2},
+                }
+            ]
+        }
+    )
+
+    model: str = Field(pattern=r"^[^:]+:.+$", description="the model to roll out, as name:version")
+    selector: Selector = Field(default_factory=Selector, description="which devices it targets (AND)")
+    stages: list[float] = Field(
+        default_factory=lambda: [100.0],
+        min_length=1,
+        max_length=100,
+        description="cumulative stage sizes, strictly increasing: percents of the targeted devices in"
+        " (0, 100], or whole device counts with stage_unit 'count'",
+    )
+    stage_unit: Literal["percent", "count"] = Field(default="percent", description="what stages count")
     conflict: Literal["refuse", "skip"] = Field(
         default="refuse",
         description="devices already in an active rollout: refuse the rollout (409) or leave them out",
@@ -128,91 +265,203 @@ class RolloutIn(Policy):
 
 
 class StageOut(BaseModel):
-    """Counts are cumulative: the devices of this stage and of every stage before it."""
+    """One stage of a rollout. Counts are cumulative: this stage's devices and every earlier one's."""
 
-    percent: float
-    target_count: int
-    assigned: int
-    done: int
-    failed: int
-    state: str  # pending, running, soaking, awaiting_approval, done, paused, rolled_back, aborted
+    percent: float = Field(
+        description="the stage's cumulative size: a percent, or a device count when the"
+        " rollout's stage_unit is 'count'"
+    )
+    target_count: int = Field(description="devices this stage covers, cumulative")
+    assigned: int = Field(description="devices assigned so far, cumulative")
+    done: int = Field(description="assigned devices that proved they serve the new model")
+    failed: int = Field(description="assigned devices that failed or timed out")
+    state: str = Field(
+        description="pending, running, soaking, awaiting_approval, done, paused, rolled_back or aborted"
+    )
 
 
 class DecisionOut(BaseModel):
-    ts: datetime
-    action: str
-    reason: str
-    figures: dict[str, Any]
+    """One decision of the engine or an operator on a rollout, with the figures behind it."""
+
+    ts: datetime = Field(description="when it was taken (server time, UTC)")
+    action: str = Field(description="what was decided, e.g. created, next_stage, pause, roll_back, joined")
+    reason: str = Field(description="why, in words")
+    figures: dict[str, Any] = Field(description="the numbers the decision read (rates, samples, PSI, ...)")
+
+
+ROLLOUT_EXAMPLE: dict[str, Any] = {
+    "id": "3f9a1c2b7d4e",
+    "model": "face-det:7",
+    "model_sha256": SHA_EXAMPLE,
+    "state": "running",
+    "current_stage": 1,
+    "selector": {"hardware_id": "rpi4", "tags": {"site": "lab"}, "runtime": None, "agent_version": None},
+    "settings": {
+        "soak_seconds": 600.0,
+        "device_timeout_seconds": 60.0,
+        "max_error_rate": 0.02,
+        "min_inferences": 20,
+        "max_failure_rate": 0.0,
+    },
+    "stage_unit": "percent",
+    "policy": {"max_latency_ratio": 1.5, "retry_limits": {"timed_out": 2}},
+    "approved_through": -1,
+    "rollback_requested": False,
+    "created_at": TIME_EXAMPLE,
+    "updated_at": TIME_EXAMPLE,
+    "stages": [
+        {"percent": 1.0, "target_count": 1, "assigned": 1, "done": 1, "failed": 0, "state": "done"},
+        {"percent": 10.0, "target_count": 10, "assigned": 10, "done": 4, "failed": 0, "state": "running"},
+    ],
+    "devices": {"cam-0042": "done", "cam-0043": "installing"},
+    "device_reasons": {},
+    "decisions": [
+        {
+            "ts": TIME_EXAMPLE,
+            "action": "created",
+            "reason": "100 device(s) targeted",
+            "figures": {"targeted": 100},
+        }
+    ],
+}
 
 
 class RolloutOut(BaseModel):
-    id: str
-    model: str
-    model_sha256: str
-    state: str
-    current_stage: int
-    selector: dict[str, Any]
-    settings: dict[str, float | int]
-    stage_unit: str = "percent"
-    policy: dict[str, Any] = Field(default_factory=dict)
-    approved_through: int = -1
-    rollback_requested: bool = False
-    created_at: datetime
-    updated_at: datetime
-    stages: list[StageOut]
-    devices: dict[str, str]
+    """A rollout's status: its stages with counts, every targeted device's state, every decision."""
+
+    model_config = _examples(ROLLOUT_EXAMPLE)
+
+    id: str = Field(description="the rollout's id (12 hex characters)")
+    model: str = Field(description="the model rolled out, name:version")
+    model_sha256: str = Field(description="SHA-256 of that model's file")
+    state: str = Field(description=f"one of {ROLLOUT_STATES}")
+    current_stage: int = Field(
+        description="index of the stage in progress (0-based; the CLI shows it 1-based)"
+    )
+    selector: dict[str, Any] = Field(description="the selector it was created with (see Selector)")
+    settings: dict[str, float | int] = Field(
+        description="the policy fields kept in columns of their own: soak_seconds,"
+        " device_timeout_seconds, max_error_rate, min_inferences, max_failure_rate"
+    )
+    stage_unit: str = Field(default="percent", description="'percent' or 'count': what stages' percent holds")
+    policy: dict[str, Any] = Field(
+        default_factory=dict, description="the rest of its policy, defaults included"
+    )
+    approved_through: int = Field(default=-1, description="highest stage index a human approved (-1: none)")
+    rollback_requested: bool = Field(
+        default=False,
+        description="an operator asked to roll back; the engine carries it out on its next tick",
+    )
+    created_at: datetime = Field(description="when it was created (UTC)")
+    updated_at: datetime = Field(description="when its state last changed (UTC)")
+    stages: list[StageOut] = Field(description="its stages, in order")
+    devices: dict[str, str] = Field(
+        description=f"targeted device id -> its state in this rollout ({ROLLOUT_DEVICE_STATES}); page"
+        " through them with /rollouts/{id}/devices"
+    )
     device_reasons: dict[str, str] = Field(default_factory=dict, description="why a device is in its state")
-    decisions: list[DecisionOut]
+    decisions: list[DecisionOut] = Field(
+        description="every decision, oldest first; page through them with /rollouts/{id}/decisions"
+    )
+
+
+class RolloutDeviceOut(BaseModel):
+    """One device targeted by a rollout, and where it stands in it."""
+
+    device_id: str = Field(description="the device's id")
+    state: str = Field(description=f"one of {ROLLOUT_DEVICE_STATES}")
+    stage: int | None = Field(description="index of the stage that assigned it; null while unassigned")
+    attempts: int = Field(description="directives sent to it with the rollout's model (1 + retries)")
+    reason: str | None = Field(description="why it is in its state (a reason code); null when nothing to say")
+    updated_at: datetime = Field(description="when its state last changed (UTC)")
 
 
 class ServerOut(BaseModel):
     """This replica: does it drive the engine, which database and schema revision it runs on."""
 
-    replica: str
-    leader: bool
-    database: str
-    schema_revision: str | None
-    mqtt_connected: bool
+    replica: str = Field(description="this replica's MQTT client id")
+    leader: bool = Field(description="whether it holds the leader lock and drives the rollout engine")
+    database: str = Field(description="database dialect: sqlite or postgresql")
+    schema_revision: str | None = Field(description="the Alembic revision of the database schema")
+    mqtt_connected: bool = Field(description="whether its MQTT bridge is connected to the broker")
+
+
+AGGREGATE_EXAMPLE: dict[str, Any] = {
+    "sha256": SHA_EXAMPLE,
+    "model": "face-det:7",
+    "hardware_id": "rpi4",
+    "stage": 1,
+    "devices": 10,
+    "inferences": 48_210,
+    "errors": 12,
+    "error_rate": 0.000249,
+    "latency_p95_us": 6_553.6,
+    "served_ok": 48_198,
+    "shadow_samples": 500,
+    "shadow_agreement": 0.994,
+}
 
 
 class AggregateOut(BaseModel):
     """Telemetry of one model on one device class, in one rollout stage (or outside any rollout)."""
 
-    sha256: str
-    model: str | None
-    hardware_id: str
-    stage: int | None
-    devices: int
-    inferences: int
-    errors: int
-    error_rate: float
-    latency_p95_us: float | None
-    served_ok: int
-    shadow_samples: int
-    shadow_agreement: float | None
+    model_config = _examples(AGGREGATE_EXAMPLE)
+
+    sha256: str = Field(description="SHA-256 of the model file")
+    model: str | None = Field(description="name:version of that file; null if the server does not hold it")
+    hardware_id: str = Field(description="the device class")
+    stage: int | None = Field(description="rollout stage index (rollout telemetry only); null otherwise")
+    devices: int = Field(description="devices that reported telemetry for this model")
+    inferences: int = Field(description="inferences counted in their telemetry")
+    errors: int = Field(description="of which failed (runtime errors, non-finite outputs)")
+    error_rate: float = Field(description="errors / inferences, 0 to 1 (0 when no inference)")
+    latency_p95_us: float | None = Field(
+        description="95th percentile latency in microseconds (upper bound of its histogram bucket); null"
+        " without samples"
+    )
+    served_ok: int = Field(description="successful inferences the devices reported serving with it")
+    shadow_samples: int = Field(description="inputs it ran on in shadow beside the served model")
+    shadow_agreement: float | None = Field(
+        description="share of those whose top-1 matched the served model, 0 to 1; null without samples"
+    )
 
 
 class ErrorBody(BaseModel):
-    code: str
-    message: str
+    """What went wrong."""
+
+    code: str = Field(
+        description="stable snake_case reason to branch on, e.g. invalid_cursor, device_not_found"
+    )
+    message: str = Field(description="for people: what was wrong and, where it helps, what to do")
 
 
 class ErrorOut(BaseModel):
     """Every error: ``{"detail": {"code": ..., "message": ...}}``."""
 
-    detail: ErrorBody
+    model_config = _examples(
+        {
+            "detail": {
+                "code": "invalid_request",
+                "message": "query.limit: Input should be less than or equal to 1000",
+            }
+        }
+    )
+
+    detail: ErrorBody = Field(description="the error")
 
 
 class StatsOut(BaseModel):
-    malformed_messages: int
-    unregistered_messages: int
-    telemetry_batches: int
-    duplicate_batches: int
-    events: int
-    reported: int
-    status: int
-    directives_published: int
-    dropped_messages: int = 0
+    """This process's ingest counters since it started, summed over its ingest workers."""
+
+    malformed_messages: int = Field(description="MQTT messages that did not parse as the protocol's")
+    unregistered_messages: int = Field(description="messages from device ids that are not registered")
+    telemetry_batches: int = Field(description="telemetry batches stored")
+    duplicate_batches: int = Field(description="telemetry batches received again and counted once")
+    events: int = Field(description="deployment events stored")
+    reported: int = Field(description="reported-state messages applied")
+    status: int = Field(description="online/offline status messages applied")
+    directives_published: int = Field(description="signed directives published to devices")
+    dropped_messages: int = Field(default=0, description="messages dropped because the ingest queue was full")
     mqtt_disconnects: int = Field(
         default=0, description="unexpected MQTT disconnects of this replica's clients (keepalive missed, ...)"
     )
@@ -224,55 +473,162 @@ class StatsOut(BaseModel):
 
 
 class TokenIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """An API token to create."""
 
-    name: str = Field(min_length=1, max_length=128)
-    role: Literal["admin", "operator", "viewer"]
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"name": "ci-deployer", "role": "operator"}]}
+    )
+
+    name: str = Field(
+        min_length=1, max_length=128, description="what it is for, shown in lists and the audit log"
+    )
+    role: Literal["admin", "operator", "viewer"] = Field(
+        description="viewer reads; operator also registers devices, uploads models, runs rollouts;"
+        " admin also manages tokens"
+    )
 
 
 class TokenOut(BaseModel):
-    id: str
-    name: str
-    role: str
-    created_at: datetime
-    created_by: str
-    revoked_at: datetime | None = None
+    """An API token (never its secret, except once in the answer that creates it)."""
+
+    model_config = _examples(
+        {
+            "id": "a1b2c3d4e5f6",
+            "name": "ci-deployer",
+            "role": "operator",
+            "created_at": TIME_EXAMPLE,
+            "created_by": "bootstrap-admin",
+            "revoked_at": None,
+            "token": None,
+        }
+    )
+
+    id: str = Field(description="the token's public handle (12 hex characters), used to revoke it")
+    name: str = Field(description="what it is for")
+    role: str = Field(description="admin, operator or viewer")
+    created_at: datetime = Field(description="when it was created (UTC)")
+    created_by: str = Field(description="the actor who created it")
+    revoked_at: datetime | None = Field(default=None, description="when it was revoked; null while valid")
     token: str | None = Field(
         default=None, description="the secret: only in the answer to the create call, never shown again"
     )
 
 
 class AuditOut(BaseModel):
-    id: int
-    ts: datetime
-    actor: str
-    role: str
-    method: str
-    path: str
-    status: int
-    result: str
-    detail: str
+    """One mutating admin call (POST, PUT, PATCH, DELETE under /api/v1/), whatever its outcome."""
+
+    model_config = _examples(
+        {
+            "id": 1042,
+            "ts": TIME_EXAMPLE,
+            "actor": "a1b2c3d4e5f6 (ci-deployer)",
+            "role": "operator",
+            "method": "POST",
+            "path": "/api/v1/rollouts",
+            "status": 201,
+            "result": "ok",
+            "detail": "",
+        }
+    )
+
+    id: int = Field(description="increasing entry number")
+    ts: datetime = Field(description="when the call was answered (UTC)")
+    actor: str = Field(description="who: token id and name, 'bootstrap-admin' or 'anonymous'")
+    role: str = Field(description="the caller's role; empty when not authenticated")
+    method: str = Field(description="HTTP method")
+    path: str = Field(description="request path")
+    status: int = Field(description="HTTP status of the answer")
+    result: str = Field(description="'ok' or the error code of the answer")
+    detail: str = Field(description="what the call changed, where the route says (e.g. the token it made)")
 
 
 class TargetsOut(BaseModel):
     """Versions after installing release-signed targets metadata and re-publishing the repository."""
 
-    targets_version: int
-    snapshot_version: int
+    targets_version: int = Field(description="version of the TUF targets metadata now published")
+    snapshot_version: int = Field(description="version of the TUF snapshot metadata now published")
 
 
 class HealthOut(BaseModel):
-    status: Literal["ok"]
+    """The server answers HTTP (for load balancers and container health checks)."""
+
+    status: Literal["ok"] = Field(description="always 'ok'")
+
+
+# ---------------------------------------------------------------- pages of lists
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """A page of a list: up to ``limit`` entries in the list's order, and where the next starts."""
+
+    items: list[T] = Field(description="this page's entries, in the list's order")
+    next: str | None = Field(
+        description="opaque cursor of the next page: pass it as 'cursor' with the same filters; null"
+        " on the last page. Entries added while paging appear at most once, later pages may hold them"
+    )
+
+
+class DevicePage(Page[DeviceOut]):
+    """A page of devices, by device id."""
+
+    model_config = _examples({"items": [DEVICE_EXAMPLE], "next": encode_cursor("devices", ("cam-0042",))})
+
+
+class ModelPage(Page[ModelOut]):
+    """A page of models, by name, then upload order."""
+
+    model_config = _examples({"items": [MODEL_EXAMPLE], "next": encode_cursor("models", ("face-det", 7))})
+
+
+class RolloutPage(Page[RolloutOut]):
+    """A page of rollouts, oldest first."""
+
+    model_config = _examples(
+        {
+            "items": [ROLLOUT_EXAMPLE],
+            "next": encode_cursor("rollouts", (datetime.fromisoformat(TIME_EXAMPLE), ROLLOUT_EXAMPLE["id"])),
+        }
+    )
+
+
+class RolloutDevicePage(Page[RolloutDeviceOut]):
+    """A page of a rollout's devices, by device id."""
+
+
+class DecisionPage(Page[DecisionOut]):
+    """A page of a rollout's decisions, oldest first."""
+
+
+class AggregatePage(Page[AggregateOut]):
+    """A page of telemetry aggregates, by model sha256, hardware id, then stage."""
+
+    model_config = _examples(
+        {"items": [AGGREGATE_EXAMPLE], "next": encode_cursor("telemetry", (SHA_EXAMPLE, "rpi4", 1))}
+    )
+
+
+class TokenPage(Page[TokenOut]):
+    """A page of API tokens, oldest first."""
+
+
+class AuditPage(Page[AuditOut]):
+    """A page of the audit log, oldest first."""
 
 
 class DriftOut(BaseModel):
     """One device a replica saw off its desired state (seq or model), and what the replica did."""
 
-    device_id: str
+    device_id: str = Field(description="the device")
     drift: str = Field(description="in_sync, seq_behind, seq_ahead, model_mismatch or directive_missing")
     episodes: int = Field(description="times the device went from in sync to drifting")
     republished: int = Field(description="directives republished to it")
     restored: int = Field(description="deleted retained directives put back for it")
     since: datetime | None = Field(description="when the current drift was first seen")
-    last_republish_at: datetime | None
-    detail: str
+    last_republish_at: datetime | None = Field(description="when its directive was last republished")
+    detail: str = Field(description="what differs: desired against reported seq and model")
+
+
+class DriftPage(Page[DriftOut]):
+    """A page of the devices a replica saw drift, by device id."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
 
 from sqlalchemy import Engine
 from sqlmodel import col, select
@@ -11,6 +10,7 @@ from sqlmodel import col, select
 from fleet_server.auth import hash_token, new_token
 from fleet_server.errors import NotFound
 from fleet_server.models import ApiToken, utcnow
+from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
 from fleet_server.store import new_session
 
 
@@ -32,9 +32,14 @@ def create_token(engine: Engine, name: str, role: str, created_by: str) -> tuple
     return row, secret
 
 
-def list_tokens(engine: Engine) -> Sequence[ApiToken]:
+def list_tokens(
+    engine: Engine, role: str | None = None, *, cursor: str | None = None, limit: int = DEFAULT_LIMIT
+) -> Page[ApiToken]:
+    """One page of the tokens (with ``role``), oldest first; revoked ones stay listed."""
+    query = select(ApiToken) if role is None else select(ApiToken).where(col(ApiToken.role) == role)
+    order = [col(ApiToken.created_at), col(ApiToken.id)]
     with new_session(engine) as session:
-        return session.exec(select(ApiToken).order_by(col(ApiToken.created_at))).all()
+        return select_page(session, query, order, "tokens", cursor, limit)
 
 
 def revoke_token(engine: Engine, token_id: str) -> ApiToken:

@@ -35,22 +35,16 @@ rollouts_app = typer.Typer(help="Create and steer staged rollouts.", no_args_is_
 def parse_selector(selector: str | None) -> dict[str, Any]:
     """``hw=rpi4,site=berlin`` -> {"hardware_id": "rpi4", "tags": {"site": "berlin"}}.
 
-    ``runtime=onnxruntime`` and ``agent=>=0.2`` select by runtime and agent version.
+    ``runtime=onnxruntime`` and ``agent=>=0.2`` select by runtime and agent version; the grammar
+    is the server's (``GET /api/v1/devices?selector=`` reads the same text).
     """
-    result: dict[str, Any] = {}
-    tags: dict[str, str] = {}
-    for key, value in parse_pairs([p for p in (selector or "").split(",") if p], "--selector").items():
-        if key in ("hw", "hardware", "hardware_id"):
-            result["hardware_id"] = value
-        elif key == "runtime":
-            result["runtime"] = value
-        elif key in ("agent", "agent_version"):
-            result["agent_version"] = value
-        else:
-            tags[key] = value
-    if tags:
-        result["tags"] = tags
-    return result
+    from fleet_server.selector_syntax import SelectorError
+    from fleet_server.selector_syntax import parse_selector as parse
+
+    try:
+        return parse(selector or "")
+    except SelectorError as exc:
+        fail(f"--selector: {exc}", 2)
 
 
 def parse_stages(stages: str) -> list[float]:

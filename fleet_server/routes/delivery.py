@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import File, Response, UploadFile
+from fastapi import File, Path, Response, UploadFile
 from fastapi.responses import FileResponse
 
 from fleet_server import releases
@@ -36,6 +36,7 @@ release_router = admin_router(f"{API}/tuf", tags=["tuf"])
     response_model=TargetsOut,
     responses=error_responses(409, 413),
     dependencies=OPERATOR,
+    summary="Install release-signed targets metadata",
 )
 def post_targets(
     c: Ctx,
@@ -60,8 +61,19 @@ def post_targets(
         200: {"content": {"application/json": {}}, "description": "TUF metadata"},
         **error_responses(404, 409),
     },
+    summary="Read TUF metadata",
 )
-def get_metadata(name: str, c: Ctx) -> Response:
+def get_metadata(
+    name: Annotated[
+        str,
+        Path(
+            description="N.root.json, timestamp.json, N.snapshot.json, N.targets.json or targets.json",
+            examples=["timestamp.json"],
+        ),
+    ],
+    c: Ctx,
+) -> Response:
+    """A TUF metadata file; no token needed (devices verify it against the root they trust)."""
     # Read in one go, not streamed: the unversioned files (timestamp.json, targets.json) are
     # replaced while being served, and a stream could mix a new body with an old length.
     if not _METADATA_RE.match(name):
@@ -80,8 +92,15 @@ def get_metadata(name: str, c: Ctx) -> Response:
         200: {"content": {"application/octet-stream": {}}, "description": "a target"},
         **error_responses(404, 409),
     },
+    summary="Read a TUF target",
 )
-def get_target(target: str, c: Ctx) -> FileResponse:
+def get_target(
+    target: Annotated[
+        str, Path(description="the target's path in the repository, e.g. models/<name>/<file>")
+    ],
+    c: Ctx,
+) -> FileResponse:
+    """A target file (consistent-snapshot name); no token needed (devices verify its hash and length)."""
     base = releases.tuf_repository(c).repo.targets_dir.resolve()
     path = (base / target).resolve()
     if not path.is_relative_to(base) or not path.is_file() or path.name.startswith("."):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Response
+from fastapi import Path, Query, Response
 
+from device_agent.protocol import DeploymentState
 from fleet_server import devices
+from fleet_server.errors import Rejected
 from fleet_server.models import Device
-from fleet_server.routes.common import OPERATOR, Db, admin_router
+from fleet_server.paging import DEFAULT_LIMIT
+from fleet_server.routes.common import OPERATOR, Cursor, Db, Limit, admin_router, page_out
 from fleet_server.routes.errors import error_responses
-from fleet_server.schemas import DeviceIn, DeviceOut, TagsIn
+from fleet_server.schemas import DeviceIn, DeviceOut, DevicePage, TagsIn
+from fleet_server.selector_syntax import SYNTAX, SelectorError, parse_selector
 
 router = admin_router(tags=["devices"])
 
@@ -36,6 +40,7 @@ def device_out(d: Device) -> DeviceOut:
 
 @router.post(
     "/devices",
+    summary="Register a device",
     status_code=201,
     response_model=DeviceOut,
     responses={
@@ -45,29 +50,80 @@ def device_out(d: Device) -> DeviceOut:
     dependencies=OPERATOR,
 )
 def register_device(body: DeviceIn, session: Db, response: Response) -> DeviceOut:
+    """Register a device so the server accepts its MQTT messages and may send it models.
+
+    Idempotent: the same id with the same attributes answers 200 with the device; with other
+    attributes it is a 409 ``device_exists`` (re-registering never overwrites).
+    """
     device, created = devices.register_device(session, body.device_id, body.hardware_id, body.tags)
     if not created:
         response.status_code = 200
     return device_out(device)
 
 
-@router.get("/devices", response_model=list[DeviceOut])
-def list_devices(session: Db) -> list[DeviceOut]:
-    return [device_out(d) for d in devices.list_devices(session)]
+DeviceId = Annotated[str, Path(description="the device's id", examples=["cam-0042"])]
+SelectorQuery = Annotated[
+    str | None,
+    Query(
+        max_length=4096,
+        description=f"only devices this selector picks: {SYNTAX}; every part must hold (AND), as for"
+        " `edgefleet rollouts create --selector`",
+        examples=["hw=rpi4,site=lab"],
+    ),
+]
+ModelQuery = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=256,
+        description="only devices running this model: name:version, a bare name (any version), or the"
+        " model file's sha256",
+        examples=["face-det:7"],
+    ),
+]
 
 
-@router.get("/devices/{device_id}", response_model=DeviceOut, responses=error_responses(404))
-def get_device(device_id: str, session: Db) -> DeviceOut:
+@router.get("/devices", response_model=DevicePage, summary="List devices")
+def list_devices(
+    session: Db,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+    selector: SelectorQuery = None,
+    state: Annotated[
+        DeploymentState | None, Query(description="only devices whose agent reports this deployment state")
+    ] = None,
+    online: Annotated[bool | None, Query(description="only devices online (true) or offline (false)")] = None,
+    model: ModelQuery = None,
+) -> DevicePage:
+    """Devices by id, a page at a time, filtered in the database.
+
+    A malformed selector or cursor is a 400 naming the part that is wrong.
+    """
+    try:
+        parsed = parse_selector(selector or "")
+    except SelectorError as exc:
+        raise Rejected("invalid_selector", f"selector: {exc}") from None
+    where = devices.DeviceFilter(selector=parsed, state=state, online=online, model=model)
+    rows = devices.list_devices(session, where, cursor=cursor, limit=limit)
+    return page_out(DevicePage, rows, device_out)
+
+
+@router.get(
+    "/devices/{device_id}", response_model=DeviceOut, responses=error_responses(404), summary="Get a device"
+)
+def get_device(device_id: DeviceId, session: Db) -> DeviceOut:
+    """One device and the latest state it reported."""
     return device_out(devices.get_device(session, device_id))
 
 
 @router.put(
     "/devices/{device_id}/tags",
+    summary="Replace a device's tags",
     response_model=DeviceOut,
     responses=error_responses(404, 413),
     dependencies=OPERATOR,
 )
-def set_device_tags(device_id: str, body: TagsIn, session: Db) -> DeviceOut:
+def set_device_tags(device_id: DeviceId, body: TagsIn, session: Db) -> DeviceOut:
     """Replace a device's tags; a running rollout whose selector it now matches takes it in."""
     return device_out(devices.set_tags(session, device_id, body.tags))
 
@@ -77,7 +133,8 @@ def set_device_tags(device_id: str, body: TagsIn, session: Db) -> DeviceOut:
     response_model=DeviceOut,
     responses=error_responses(404, 409),
     dependencies=OPERATOR,
+    summary="Delete a device",
 )
-def delete_device(device_id: str, session: Db) -> DeviceOut:
+def delete_device(device_id: DeviceId, session: Db) -> DeviceOut:
     """Forget a device (409 ``device_in_rollout`` while an active rollout holds it); returns what it was."""
     return device_out(devices.delete_device(session, device_id))

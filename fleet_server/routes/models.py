@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import File, Header, Path, Response, UploadFile
+from fastapi import File, Header, Path, Query, Response, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
-from sqlmodel import col, select
 
 from fleet_server import releases
 from fleet_server.artifacts import (
@@ -25,11 +24,21 @@ from fleet_server.artifacts import (
     iter_file,
     parse_range,
 )
-from fleet_server.errors import NotFound
 from fleet_server.models import Model
-from fleet_server.routes.common import API, OPERATOR, Ctx, Db, admin_router, public_router
+from fleet_server.paging import DEFAULT_LIMIT
+from fleet_server.routes.common import (
+    API,
+    OPERATOR,
+    Ctx,
+    Cursor,
+    Db,
+    Limit,
+    admin_router,
+    page_out,
+    public_router,
+)
 from fleet_server.routes.errors import error_responses
-from fleet_server.schemas import ModelOut
+from fleet_server.schemas import ModelOut, ModelPage
 
 router = admin_router(tags=["models"])
 artifacts_router = public_router(API, tags=["artifacts"])
@@ -41,6 +50,7 @@ def model_out(m: Model) -> ModelOut:
 
 @router.post(
     "/models",
+    summary="Upload a signed bundle",
     status_code=201,
     response_model=ModelOut,
     responses={
@@ -76,21 +86,34 @@ def upload_model(
     return model_out(accepted.model)
 
 
-@router.get("/models", response_model=list[ModelOut])
-def list_models(session: Db) -> list[ModelOut]:
-    rows = session.exec(select(Model).order_by(col(Model.name), col(Model.created_at))).all()
-    return [model_out(m) for m in rows]
+@router.get("/models", response_model=ModelPage, summary="List models")
+def list_models(
+    session: Db,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+    name: Annotated[
+        str | None, Query(min_length=1, max_length=256, description="only this model family's versions")
+    ] = None,
+) -> ModelPage:
+    """The models the server holds, by name, then upload order, a page at a time."""
+    return page_out(ModelPage, releases.list_models(session, name, cursor=cursor, limit=limit), model_out)
 
 
-@router.get("/models/{name}/{version}", response_model=ModelOut, responses=error_responses(404))
-def get_model(name: str, version: str, session: Db) -> ModelOut:
-    model = session.exec(select(Model).where(Model.name == name, Model.version == version)).first()
-    if model is None:
-        raise NotFound("model_not_found", f"no model {name}:{version}")
-    return model_out(model)
+@router.get(
+    "/models/{name}/{version}", response_model=ModelOut, responses=error_responses(404), summary="Get a model"
+)
+def get_model(
+    name: Annotated[str, Path(description="the model's name", examples=["face-det"])],
+    version: Annotated[str, Path(description="the model's version", examples=["7"])],
+    session: Db,
+) -> ModelOut:
+    """One model: its manifest, hashes and the hardware it is for."""
+    return model_out(releases.get_model(session, name, version))
 
 
-Sha256 = Annotated[str, Path(pattern="^[0-9a-f]{64}$", description="SHA-256 of the model file")]
+Sha256 = Annotated[
+    str, Path(pattern="^[0-9a-f]{64}$", description="SHA-256 of the model file (lowercase hex)")
+]
 
 ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
     **error_responses(404),
@@ -100,9 +123,18 @@ ARTIFACT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@artifacts_router.get("/artifacts/{sha256}", responses=ARTIFACT_RESPONSES, response_class=Response)
+@artifacts_router.get(
+    "/artifacts/{sha256}",
+    responses=ARTIFACT_RESPONSES,
+    response_class=Response,
+    summary="Download a model file",
+)
 def get_artifact(
-    sha256: Sha256, c: Ctx, range_: Annotated[str | None, Header(alias="Range")] = None
+    sha256: Sha256,
+    c: Ctx,
+    range_: Annotated[
+        str | None, Header(alias="Range", description="one byte range, 'bytes=first-last' or 'bytes=first-'")
+    ] = None,
 ) -> Response:
     """The model file, resumable with one ``Range: bytes=a-b`` (several ranges: 416)."""
     path = find_artifact(c.engine, sha256).model_file
@@ -130,6 +162,7 @@ def get_artifact(
     "/artifacts/{sha256}/envelope",
     responses={**error_responses(404), 200: {"content": {"application/json": {}}, "description": "DSSE"}},
     response_class=FileResponse,
+    summary="Download a bundle's signed envelope",
 )
 def get_envelope(sha256: Sha256, c: Ctx) -> FileResponse:
     """The bundle's signed envelope (the manifest the model file is checked against)."""

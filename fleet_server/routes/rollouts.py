@@ -7,49 +7,137 @@ pause never interleaves with a tick on another replica.
 
 from __future__ import annotations
 
-from sqlmodel import Session, col, select
+from typing import Annotated
+
+from fastapi import Path, Query
+from sqlmodel import Session
 
 from fleet_server.context import ServerContext
-from fleet_server.errors import NotFound
-from fleet_server.models import Rollout
-from fleet_server.rollouts import create_rollout, operator_action, rollout_status
-from fleet_server.routes.common import OPERATOR, Ctx, Db, admin_router
+from fleet_server.lifecycle import DeviceRolloutState, RolloutState
+from fleet_server.models import RolloutDecision, RolloutDevice
+from fleet_server.paging import DEFAULT_LIMIT
+from fleet_server.rollouts import (
+    create_rollout,
+    find_rollout,
+    list_rollouts,
+    operator_action,
+    rollout_decisions,
+    rollout_devices,
+    rollout_status,
+)
+from fleet_server.routes.common import OPERATOR, Ctx, Cursor, Db, Limit, admin_router, page_out
 from fleet_server.routes.errors import error_responses
-from fleet_server.schemas import RolloutIn, RolloutOut
+from fleet_server.schemas import (
+    DecisionOut,
+    DecisionPage,
+    RolloutDeviceOut,
+    RolloutDevicePage,
+    RolloutIn,
+    RolloutOut,
+    RolloutPage,
+)
 
 router = admin_router(tags=["rollouts"])
 
-
-def find_rollout(session: Session, rollout_id: str, *, for_update: bool = False) -> Rollout:
-    rollout = session.get(Rollout, rollout_id, with_for_update=for_update)
-    if rollout is None:
-        raise NotFound("rollout_not_found", f"no rollout {rollout_id}")
-    return rollout
+RolloutId = Annotated[str, Path(description="the rollout's id", examples=["3f9a1c2b7d4e"])]
 
 
 @router.post(
     "/rollouts",
+    summary="Start a staged rollout",
     status_code=201,
     response_model=RolloutOut,
     responses=error_responses(404, 409, 413, 422),
     dependencies=OPERATOR,
 )
 def post_rollout(body: RolloutIn, c: Ctx, session: Db) -> RolloutOut:
+    """Target the devices the selector picks (and the model's hardware ids allow), then assign them
+    stage by stage under the policy's gates. 404 ``model_not_found``, 400 ``no_matching_devices``,
+    409 ``rollout_conflict`` when targeted devices are in another active rollout."""
     with c.lock:
         rollout = create_rollout(session, body)
         session.commit()
     return rollout_status(session, rollout)
 
 
-@router.get("/rollouts", response_model=list[RolloutOut])
-def list_rollouts(session: Db) -> list[RolloutOut]:
-    rows = session.exec(select(Rollout).order_by(col(Rollout.created_at))).all()
-    return [rollout_status(session, r) for r in rows]
+@router.get("/rollouts", response_model=RolloutPage, summary="List rollouts")
+def get_rollouts(
+    session: Db,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+    state: Annotated[RolloutState | None, Query(description="only rollouts in this state")] = None,
+    model: Annotated[
+        str | None,
+        Query(pattern=r"^[^:]+:.+$", max_length=256, description="only rollouts of this model, name:version"),
+    ] = None,
+) -> RolloutPage:
+    """Rollouts with their status, oldest first, a page at a time."""
+    rows = list_rollouts(session, state, model, cursor=cursor, limit=limit)
+    return page_out(RolloutPage, rows, lambda r: rollout_status(session, r))
 
 
-@router.get("/rollouts/{rollout_id}", response_model=RolloutOut, responses=error_responses(404))
-def get_rollout(rollout_id: str, session: Db) -> RolloutOut:
+@router.get(
+    "/rollouts/{rollout_id}",
+    response_model=RolloutOut,
+    responses=error_responses(404),
+    summary="Get a rollout's status",
+)
+def get_rollout(rollout_id: RolloutId, session: Db) -> RolloutOut:
+    """Its stages with counts, every targeted device's state and every decision with its figures."""
     return rollout_status(session, find_rollout(session, rollout_id))
+
+
+def rollout_device_out(rd: RolloutDevice) -> RolloutDeviceOut:
+    return RolloutDeviceOut.model_validate(rd, from_attributes=True)
+
+
+@router.get(
+    "/rollouts/{rollout_id}/devices",
+    response_model=RolloutDevicePage,
+    responses=error_responses(404),
+    summary="List a rollout's devices",
+)
+def get_rollout_devices(
+    rollout_id: RolloutId,
+    session: Db,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+    state: Annotated[
+        DeviceRolloutState | None, Query(description="only devices in this state in the rollout")
+    ] = None,
+) -> RolloutDevicePage:
+    """The rollout's targeted devices by id, with their stage, state and reason, a page at a time."""
+    rows = rollout_devices(session, find_rollout(session, rollout_id), state, cursor=cursor, limit=limit)
+    return page_out(RolloutDevicePage, rows, rollout_device_out)
+
+
+def decision_out(d: RolloutDecision) -> DecisionOut:
+    return DecisionOut.model_validate(d, from_attributes=True)
+
+
+@router.get(
+    "/rollouts/{rollout_id}/decisions",
+    response_model=DecisionPage,
+    responses=error_responses(404),
+    summary="List a rollout's decisions",
+)
+def get_rollout_decisions(
+    rollout_id: RolloutId,
+    session: Db,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+    action: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=64,
+            description="only decisions of this action, e.g. next_stage, roll_back, pause, joined",
+        ),
+    ] = None,
+) -> DecisionPage:
+    """The engine's and operators' decisions on the rollout with their figures, oldest first."""
+    rows = rollout_decisions(session, find_rollout(session, rollout_id), action, cursor=cursor, limit=limit)
+    return page_out(DecisionPage, rows, decision_out)
 
 
 def _act(rollout_id: str, action: str, c: ServerContext, session: Session) -> RolloutOut:
@@ -63,43 +151,60 @@ ACTION_ERRORS = error_responses(404, 409)
 
 
 @router.post(
-    "/rollouts/{rollout_id}/pause", response_model=RolloutOut, responses=ACTION_ERRORS, dependencies=OPERATOR
+    "/rollouts/{rollout_id}/pause",
+    summary="Pause a rollout",
+    response_model=RolloutOut,
+    responses=ACTION_ERRORS,
+    dependencies=OPERATOR,
 )
-def pause_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
+def pause_rollout(rollout_id: RolloutId, c: Ctx, session: Db) -> RolloutOut:
+    """No new devices are notified until it is resumed or approved (repeated: no-op)."""
     return _act(rollout_id, "pause", c, session)
 
 
 @router.post(
-    "/rollouts/{rollout_id}/resume", response_model=RolloutOut, responses=ACTION_ERRORS, dependencies=OPERATOR
+    "/rollouts/{rollout_id}/resume",
+    summary="Resume a paused rollout",
+    response_model=RolloutOut,
+    responses=ACTION_ERRORS,
+    dependencies=OPERATOR,
 )
-def resume_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
+def resume_rollout(rollout_id: RolloutId, c: Ctx, session: Db) -> RolloutOut:
+    """Go on notifying devices where the rollout paused (repeated: no-op)."""
     return _act(rollout_id, "resume", c, session)
 
 
 @router.post(
-    "/rollouts/{rollout_id}/abort", response_model=RolloutOut, responses=ACTION_ERRORS, dependencies=OPERATOR
+    "/rollouts/{rollout_id}/abort",
+    summary="Abort a rollout",
+    response_model=RolloutOut,
+    responses=ACTION_ERRORS,
+    dependencies=OPERATOR,
 )
-def abort_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
+def abort_rollout(rollout_id: RolloutId, c: Ctx, session: Db) -> RolloutOut:
+    """Nothing more is sent; devices keep what they run (repeated: no-op)."""
     return _act(rollout_id, "abort", c, session)
 
 
 @router.post(
     "/rollouts/{rollout_id}/approve",
+    summary="Approve a rollout's current stage",
     response_model=RolloutOut,
     responses=ACTION_ERRORS,
     dependencies=OPERATOR,
 )
-def approve_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
+def approve_rollout(rollout_id: RolloutId, c: Ctx, session: Db) -> RolloutOut:
     """Accept the current stage: passes the manual gate, or overrides a gate that paused the rollout."""
     return _act(rollout_id, "approve", c, session)
 
 
 @router.post(
     "/rollouts/{rollout_id}/rollback",
+    summary="Roll a rollout back",
     response_model=RolloutOut,
     responses=ACTION_ERRORS,
     dependencies=OPERATOR,
 )
-def rollback_rollout(rollout_id: str, c: Ctx, session: Db) -> RolloutOut:
+def rollback_rollout(rollout_id: RolloutId, c: Ctx, session: Db) -> RolloutOut:
     """Send every device that got this rollout's model back to the model it ran before (any state)."""
     return _act(rollout_id, "rollback", c, session)

@@ -10,18 +10,19 @@ health_router = public_router("", tags=["server"])
 router = admin_router(tags=["server"])
 
 
-@health_router.get("/healthz", response_model=HealthOut)
+@health_router.get("/healthz", response_model=HealthOut, summary="Health check")
 def healthz() -> HealthOut:
+    """The server answers HTTP; no token needed (for load balancers and container health checks)."""
     return HealthOut(status="ok")
 
 
-@router.get("/stats", response_model=StatsOut)
+@router.get("/stats", response_model=StatsOut, summary="Ingest counters")
 def stats(c: Ctx) -> StatsOut:
     """This process's ingest counters (summed over its ingest workers)."""
     return StatsOut.model_validate(c.counters.snapshot())
 
 
-@router.get("/server", response_model=ServerOut)
+@router.get("/server", response_model=ServerOut, summary="This replica")
 def server_info(c: Ctx) -> ServerOut:
     """This replica: whether it drives the rollout engine (leader), its database and schema revision."""
     return ServerOut(

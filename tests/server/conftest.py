@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,20 @@ def server_settings(tmp_path: Path, keydir: KeyDir, broker: BrokerInfo, **over: 
     }
     values.update(over)
     return ServerSettings(**values)
+
+
+@pytest.fixture
+def fresh_pg(pg_url: str) -> Iterator[str]:
+    """An empty PostgreSQL database of its own for one test, dropped afterwards."""
+    import psycopg
+
+    admin = pg_url.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    name = f"efmig_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield pg_url.rsplit("/", 1)[0] + f"/{name}"
+    with contextlib.suppress(Exception), psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ CONTENT = bytes(range(256)) * 40  # 10,240 bytes
 
 def test_healthz_and_empty_lists(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/api/v1/devices").json() == []
-    assert client.get("/api/v1/models").json() == []
+    assert client.get("/api/v1/devices").json() == {"items": [], "next": None}
+    assert client.get("/api/v1/models").json() == {"items": [], "next": None}
 
 
 def test_upload_ok_and_listed(client: httpx.Client, keydir: KeyDir, tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ def test_upload_ok_and_listed(client: httpx.Client, keydir: KeyDir, tmp_path: Pa
     assert (body["name"], body["version"], body["length"]) == ("det", "1", len(CONTENT))
     assert body["hardware_ids"] == ["rpi4"] and body["manifest"]["files"][0]["path"] == "model.onnx"
     assert client.get("/api/v1/models/det/1").json()["sha256"] == body["sha256"]
-    assert [m["name"] for m in client.get("/api/v1/models").json()] == ["det"]
+    assert [m["name"] for m in client.get("/api/v1/models").json()["items"]] == ["det"]
     # the same bundle again is idempotent; other content under the same name:version is a conflict
     assert upload(client, bundle).status_code == 200
     other = make_bundle(tmp_path / "other", keydir.key("release"), content=b"different")
@@ -48,7 +48,7 @@ def test_tampered_file_refused(client: httpx.Client, keydir: KeyDir, tmp_path: P
     assert r.json()["detail"]["code"] == "digest_mismatch"
     r = upload(client, bundle, override={"model.onnx": CONTENT + b"x"})
     assert r.status_code == 400 and r.json()["detail"]["code"] == "length_mismatch"
-    assert client.get("/api/v1/models").json() == []
+    assert client.get("/api/v1/models").json()["items"] == []
 
 
 def test_unknown_key_refused(client: httpx.Client, tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_device_registration(client: httpx.Client) -> None:
     assert clash.status_code == 409 and clash.json()["detail"]["code"] == "device_exists"
     bad = client.post("/api/v1/devices", json={"device_id": "../x", "hardware_id": "rpi4"})
     assert bad.status_code == 400 and bad.json()["detail"]["code"] == "invalid_request"
-    assert [d["device_id"] for d in client.get("/api/v1/devices").json()] == ["dev-1"]
+    assert [d["device_id"] for d in client.get("/api/v1/devices").json()["items"]] == ["dev-1"]
     assert client.get("/api/v1/devices/dev-1").json()["tags"] == {"site": "a"}
     missing = client.get("/api/v1/devices/nope")
     assert missing.status_code == 404 and missing.json()["detail"]["code"] == "device_not_found"
@@ -178,7 +178,7 @@ def test_rollout_create_validation_and_conflict(client: httpx.Client, keydir: Ke
     assert r.status_code == 409
     # once aborted, its devices are free for a new rollout
     assert client.post("/api/v1/rollouts", json=spec).status_code == 201
-    assert len(client.get("/api/v1/rollouts").json()) == 3
+    assert len(client.get("/api/v1/rollouts").json()["items"]) == 3
 
 
 def test_many_devices_download_at_once(

@@ -10,6 +10,12 @@ exception, scoped to the operations it cannot hold for (``POSITIVE_ACCEPTANCE_EX
 The server holds a released model, registered devices and a running rollout first, and
 the fuzzer is told their ids, so it reaches the code behind a found resource (Range
 serving, rollout actions, TUF files) and not only the 404 in front of it.
+
+A list's ``cursor`` is valid only if the server made it, and a device ``selector`` has a
+grammar (key=value pairs, PEP 440 specifiers) beyond what JSON Schema states: the fuzzer
+sends a valid one of each (every other parameter of those operations stays generated, and
+the positive-acceptance check stays on). A malformed cursor or selector is a 400 by design,
+tested in ``tests/server/test_paging.py``.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
 from edgefleet.client import ApiClient
+from fleet_server.paging import encode_cursor
 from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 
@@ -51,10 +59,37 @@ POSITIVE_ACCEPTANCE_EXEMPT = {
 # parse as one ``bytes=a-b``: 416 is the documented answer, so it is an accepted outcome.
 RANGE_OPERATION = ("GET", "/api/v1/artifacts/{sha256}")
 
+SELECTOR = "hw=rpi4,site=lab"
+
+
+def _cursors() -> dict[str, str]:
+    """A valid cursor of each list (a position in its key order), by the list's operation."""
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    group = ("0" * 64, "rpi4", -1)  # telemetry: (sha256, hardware id, stage or -1)
+    return {
+        "GET /api/v1/devices": encode_cursor("devices", ("fz-1",)),
+        "GET /api/v1/models": encode_cursor("models", ("det", 1)),
+        "GET /api/v1/rollouts": encode_cursor("rollouts", (at, "0" * 12)),
+        "GET /api/v1/tokens": encode_cursor("tokens", (at, "0" * 12)),
+        "GET /api/v1/audit": encode_cursor("audit", (1,)),
+        "GET /api/v1/telemetry": encode_cursor("telemetry", group),
+        "GET /api/v1/rollouts/{rollout_id}/devices": encode_cursor("rollout-devices", ("fz-1",)),
+        "GET /api/v1/rollouts/{rollout_id}/decisions": encode_cursor("rollout-decisions", (1,)),
+        "GET /api/v1/rollouts/{rollout_id}/telemetry": encode_cursor("rollout-telemetry", group),
+        "GET /api/v1/drift": encode_cursor("drift", ("fz-1",)),
+    }
+
+
+def _operation(name: str, *settings: str, why: str | None = None) -> list[str]:
+    """A block of settings for one operation, named "METHOD path" (an operation's include-method
+    and include-path would each select on their own: every GET, every operation on the path)."""
+    return ["", "[[operations]]", *([f"# {why}"] if why else []), f'include-name = "{name}"', *settings]
+
 
 def _config(known: dict[str, str], tuf_files: dict[str, str]) -> str:
-    """The run's configuration: every check, the exemptions above, and the ids of resources that
-    exist, used for half of the path parameters (the other half stays generated)."""
+    """The run's configuration: every check, the exemptions above, the ids of resources that
+    exist, used for half of the path parameters (the other half stays generated), and a valid
+    cursor and selector for the lists."""
     lines = ["[checks]", "enabled = true  # every check, stated rather than left to the tool's default", ""]
     values = {**known, **{f"tuf_{k}": v for k, v in tuf_files.items()}}
     for name, value in values.items():
@@ -62,24 +97,22 @@ def _config(known: dict[str, str], tuf_files: dict[str, str]) -> str:
     lines += ["[parameters]"]
     lines += [f'"path.{name}" = {{ dictionary = "{name}", probability = 0.5 }}' for name in known]
     for (method, path), why in POSITIVE_ACCEPTANCE_EXEMPT.items():
-        lines += [
-            "",
-            "[[operations]]",
-            f"# {why}",
-            f'include-method = "{method}"',
-            f'include-path = "{path}"',
-        ]
-        lines += ["checks.positive_data_acceptance.enabled = false"]
+        lines += _operation(f"{method} {path}", "checks.positive_data_acceptance.enabled = false", why=why)
     method, path = RANGE_OPERATION
-    lines += ["", "[[operations]]", f'include-method = "{method}"', f'include-path = "{path}"']
-    lines += ['checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "416"]']
+    statuses = 'checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "416"]'
+    lines += _operation(f"{method} {path}", statuses)
     # /tuf/metadata/{name} shares its parameter name with /models/{name}/{version}
     for path, param, key in (
         ("/tuf/metadata/{name}", "name", "tuf_metadata"),
         ("/tuf/targets/{target}", "target", "tuf_target"),
     ):
-        lines += ["", "[[operations]]", f'include-path = "{path}"']
-        lines += [f'parameters = {{ "path.{param}" = {{ dictionary = "{key}", probability = 0.5 }} }}']
+        binding = f'"path.{param}" = {{ dictionary = "{key}", probability = 0.5 }}'
+        lines += _operation(f"GET {path}", f"parameters = {{ {binding} }}")
+    for name, cursor in _cursors().items():
+        fixed = [f'"query.cursor" = "{cursor}"']
+        if name == "GET /api/v1/devices":
+            fixed.append(f'"query.selector" = "{SELECTOR}"')
+        lines += _operation(name, f"parameters = {{ {', '.join(fixed)} }}")
     return "\n".join(lines) + "\n"
 
 

@@ -108,7 +108,7 @@ def test_audit_log_records_every_mutating_call(make_server: Callable[..., Server
         v.put("/api/v1/devices/aud-1/tags", json={"tags": {"a": "b"}})
         anon.post("/api/v1/devices", json={"device_id": "x", "hardware_id": "rpi4", "tags": {}})
         v.get("/api/v1/devices")  # reads are not audited
-        log = v.get("/api/v1/audit").json()
+        log = v.get("/api/v1/audit").json()["items"]
     got = [(e["actor"], e["method"], e["path"], e["status"], e["result"]) for e in log]
     assert got == [
         ("bootstrap-admin", "POST", "/api/v1/tokens", 201, "ok"),
@@ -145,7 +145,7 @@ def test_auth_off_lets_tokenless_calls_through_but_still_checks_tokens(server: S
         assert anon.get("/api/v1/devices").status_code == 200
         assert register(anon, "open-1")["device_id"] == "open-1"
         assert wrong.get("/api/v1/devices").status_code == 401
-        assert anon.get("/api/v1/audit").json()[-1]["actor"] == "anonymous"
+        assert anon.get("/api/v1/audit").json()["items"][-1]["actor"] == "anonymous"
 
 
 def test_bootstrap_token_file_and_setting(make_server: Callable[..., ServerThread], tmp_path: Path) -> None:

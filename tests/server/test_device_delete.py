@@ -25,7 +25,7 @@ def test_delete_then_register_again(client: httpx.Client) -> None:
     r = client.delete("/api/v1/devices/gone-1")
     assert r.status_code == 200 and r.json()["device_id"] == "gone-1" and r.json()["tags"] == {"site": "x"}
     assert client.get("/api/v1/devices/gone-1").status_code == 404
-    assert "gone-1" not in [d["device_id"] for d in client.get("/api/v1/devices").json()]
+    assert "gone-1" not in [d["device_id"] for d in client.get("/api/v1/devices").json()["items"]]
     # the id is free again, with other attributes (a deleted device is no conflict)
     assert register(client, "gone-1", "jetson")["hardware_id"] == "jetson"
 

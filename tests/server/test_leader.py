@@ -123,7 +123,7 @@ def test_leader_killed_mid_rollout_another_replica_takes_over(
     # exactly one directive per device: the new leader resumed, it did not start over
     assert all(len(directives(d, keydir)) == 1 for d in devs.values())
     # telemetry (a $share stream) reached the database through the surviving replica
-    rows = client.get("/api/v1/telemetry", params={"model": "ha:1"}).json()
+    rows = client.get("/api/v1/telemetry", params={"model": "ha:1"}).json()["items"]
     assert sum(r["inferences"] for r in rows) == 12
     client.close()
 

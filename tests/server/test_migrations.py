@@ -3,15 +3,10 @@ database whose tables were created without migrations (no ``alembic_version``)."
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
-import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -24,7 +19,7 @@ from fleet_server.models import Rollout, RolloutDecision
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine
 
-HEAD = "0005"
+HEAD = "0006"
 
 
 def _assert_models_match(url: str) -> None:
@@ -131,17 +126,6 @@ def test_stored_policies_are_read_in_the_policy_model_shape_after_upgrade(tmp_pa
         k: v for k, v in flat.items() if k.startswith("probation_")
     }
     engine.dispose()
-
-
-@pytest.fixture
-def fresh_pg(pg_url: str) -> Iterator[str]:
-    admin = pg_url.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + "/postgres"
-    name = f"efmig_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield pg_url.rsplit("/", 1)[0] + f"/{name}"
-    with contextlib.suppress(Exception), psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_postgres_replicas_starting_together_migrate_once(fresh_pg: str, tmp_path: Path) -> None:

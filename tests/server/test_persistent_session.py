@@ -40,5 +40,5 @@ def test_telemetry_sent_while_the_server_restarts_arrives_after(
     with httpx.Client(base_url=second.url, timeout=10) as api:
         # counters are per process: the restarted server counts the 5 queued batches
         wait_for(lambda: batches(api) == 5, timeout=15)
-        per_model = api.get("/api/v1/telemetry").json()
+        per_model = api.get("/api/v1/telemetry").json()["items"]
     assert per_model, "telemetry aggregates are empty after the restart"

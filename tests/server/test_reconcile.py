@@ -157,7 +157,7 @@ def test_a_device_reporting_an_older_seq_gets_its_directive_again(
     assert len(directives(dev, keydir)) == count
     # ... but a device still behind after the interval gets it once more (the timer looks again)
     wait_for(lambda: len(directives(dev, keydir)) == count + 1, 10)
-    drift = client.get("/api/v1/drift").json()
+    drift = client.get("/api/v1/drift").json()["items"]
     assert [(r["device_id"], r["drift"], r["episodes"], r["republished"]) for r in drift] == [
         ("drift-1", "seq_behind", 1, 2)
     ]
@@ -169,7 +169,7 @@ def test_a_device_reporting_an_older_seq_gets_its_directive_again(
     running = protocol.RunningModel(name="det", version="1", sha256=d.model.sha256 if d.model else "")
     caught_up = reported("drift-1", running=running, deployment_seq=1, deployment_state="serving")
     dev.publish("reported", caught_up, retain=True)
-    wait_for(lambda: client.get("/api/v1/drift?drifting=true").json() == [], 10)
+    wait_for(lambda: client.get("/api/v1/drift?drifting=true").json()["items"] == [], 10)
     settled = len(directives(dev, keydir))
     time.sleep(2.0)
     assert len(directives(dev, keydir)) == settled
@@ -189,7 +189,7 @@ def test_the_wrong_model_at_the_desired_seq_gets_the_directive_again(
     wrong = reported("drift-2", running=other, deployment_seq=d.seq, deployment_state="serving")
     dev.publish("reported", wrong, retain=True)
     wait_for(lambda: len(directives(dev, keydir)) > received, 10)
-    assert client.get("/api/v1/drift").json()[0]["drift"] == "model_mismatch"
+    assert client.get("/api/v1/drift").json()["items"][0]["drift"] == "model_mismatch"
 
 
 def test_a_deleted_retained_directive_is_restored(
@@ -213,8 +213,8 @@ def test_a_deleted_retained_directive_is_restored(
     dev.subscribe_desired()
     wait_for(lambda: [raw for _, raw, retained in dev.received if retained], 10)
     assert [raw for _, raw, retained in dev.received if retained] == [held]
-    assert client.get("/api/v1/drift?drifting=true").json() == []  # the restore settled it
-    row = client.get("/api/v1/drift").json()[0]
+    assert client.get("/api/v1/drift?drifting=true").json()["items"] == []  # the restore settled it
+    row = client.get("/api/v1/drift").json()["items"][0]
     assert (row["device_id"], row["restored"], row["episodes"]) == ("drift-3", 1, 1)
 
 

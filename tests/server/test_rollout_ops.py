@@ -157,7 +157,7 @@ def test_shadow_first_then_promoted_on_agreement(
     serve(dev, both[1], inferences=30)
     final = wait_for(lambda: (s := status(client, rid))["state"] == "completed" and s)
     assert "promote" in [x["action"] for x in final["decisions"]]
-    rows = client.get(f"/api/v1/rollouts/{rid}/telemetry").json()
+    rows = client.get(f"/api/v1/rollouts/{rid}/telemetry").json()["items"]
     shadow_row = next(r for r in rows if r["sha256"] == new["sha256"])
     assert shadow_row["shadow_samples"] == 20 and shadow_row["stage"] == 0
 
@@ -209,7 +209,7 @@ def test_telemetry_aggregates_per_model_and_device_class(
         dev.publish("telemetry", protocol.encode_telemetry(batch))
     rows = wait_for(
         lambda: (
-            (got := client.get("/api/v1/telemetry", params={"model": "det:1"}).json())
+            (got := client.get("/api/v1/telemetry", params={"model": "det:1"}).json()["items"])
             and got[0]["inferences"] == 20
             and got
         )
@@ -245,7 +245,7 @@ def test_bad_rollout_requests_get_clear_errors(client: httpx.Client, keydir: Key
         assert r.json()["detail"]["code"] == "invalid_request" and needle in r.json()["detail"]["message"], (
             r.text
         )
-    assert client.get("/api/v1/rollouts").json() == []  # nothing half-created
+    assert client.get("/api/v1/rollouts").json()["items"] == []  # nothing half-created
     assert client.post("/api/v1/rollouts/nope/approve").json()["detail"]["code"] == "rollout_not_found"
 
 
