@@ -34,12 +34,19 @@ from device_agent import wire
 # Topics, states and bounds live in ``wire`` (stdlib only, what the agent itself imports);
 # re-exported here so this module stays the one place the contract is read from.
 from device_agent.wire import (
+    CAPTURE_KEEP,
     DEVICE_ID_RE,
     DIRECTIVE_PAYLOAD_TYPE,
+    INPUT_CHECKS,
     INPUT_STAT_FEATURES,
+    LABEL_DELAY_BOUNDS_S,
+    LABEL_DELAY_BUCKETS,
+    LABEL_UNMATCHED,
     LATENCY_BOUNDS_US,
     LATENCY_BUCKETS,
+    MAX_LABEL_CLASSES,
     MAX_PAYLOAD,
+    OTHER_CLASS,
     PREFIX,
     VALUE_BOUNDS,
     Channel,
@@ -91,6 +98,15 @@ class Probation(_Msg):
     max_latency_ratio: float = Field(default=default_of(wire.Probation, "max_latency_ratio"), gt=0.0)
 
 
+class Capture(_Msg):
+    """What a device keeps of its inferences for retraining and where it uploads them (``wire.Capture``)."""
+
+    upload_url: str = Field(min_length=1)  # where the device uploads capture batches
+    sample_rate: float = Field(default=default_of(wire.Capture, "sample_rate"), ge=0.0, le=1.0)
+    keep: Literal["inputs", "outputs", "both"] = default_of(wire.Capture, "keep")
+    quota_bytes: int = Field(default=default_of(wire.Capture, "quota_bytes"), ge=1)  # on-device disk
+
+
 class Directive(_Msg):
     """The desired state of one device. Signed by the fleet key; higher ``seq`` wins."""
 
@@ -108,6 +124,7 @@ class Directive(_Msg):
         default=default_of(wire.Directive, "shadow_sample_rate"), ge=0.0, le=1.0
     )
     not_before: datetime | None = None  # do not start before (maintenance windows)
+    capture: Capture | None = None  # keep sampled inferences for retraining (off when None)
 
 
 class RunningModel(_Msg):
@@ -169,6 +186,21 @@ class ModelStats(_Msg):
     input_m2: list[float] = Field(default_factory=list)  # sum of squared deviations (Welford), mergeable
     input_hist: list[int] = Field(default_factory=list)  # counts per VALUE_BOUNDS bucket
     output_hist: list[int] = Field(default_factory=list)  # first float output's values per VALUE_BOUNDS
+    # Ground truth: labels matched on the device to this model's predictions in the window.
+    labels: int = 0  # labelled predictions
+    labels_correct: int = 0  # ... whose label is the predicted top-1 class (classifiers)
+    # "true:predicted" -> count; at most MAX_LABEL_CLASSES classes, the rest as OTHER_CLASS
+    confusion: dict[str, int] = Field(default_factory=dict)
+    label_delay_buckets: list[int] = Field(default_factory=list)  # per LABEL_DELAY_BOUNDS_S bucket
+    label_abs_error_sum: float = 0.0  # regressors: sum of |label - prediction| over ``labels``
+    # Availability at the local API: requests for this model, and those that got no prediction.
+    requests: int = 0
+    request_errors: dict[str, int] = Field(default_factory=dict)  # kind -> count ("timeout", ...)
+    # Feature availability: input name -> counts in INPUT_CHECKS order (checked, nan, missing,
+    # outside the calibration range)
+    input_checks: dict[str, list[int]] = Field(default_factory=dict)
+    cpu_ms: float = 0.0  # agent process CPU time spent on this model's inferences
+    captured: int = 0  # inferences kept for upload (Directive.capture)
 
 
 class ShadowStats(_Msg):
@@ -189,6 +221,8 @@ class TelemetryBatch(_Msg):
     models: dict[str, ModelStats]  # model sha256 -> stats
     shadow: dict[str, ShadowStats] = Field(default_factory=dict)  # candidate sha256 -> comparison
     dropped_batches: int = 0  # batches this device discarded (offline queue full) since the last one sent
+    labels_unmatched: dict[str, int] = Field(default_factory=dict)  # LABEL_UNMATCHED reason -> count
+    capture_evicted: int = 0  # captured inferences dropped on the device to stay in its disk quota
 
 
 class Status(_Msg):
@@ -256,14 +290,22 @@ def dumps(obj: Any) -> bytes:
 
 
 __all__ = [
+    "CAPTURE_KEEP",
     "DEVICE_ID_RE",
     "DIRECTIVE_PAYLOAD_TYPE",
+    "INPUT_CHECKS",
     "INPUT_STAT_FEATURES",
+    "LABEL_DELAY_BOUNDS_S",
+    "LABEL_DELAY_BUCKETS",
+    "LABEL_UNMATCHED",
     "LATENCY_BOUNDS_US",
     "LATENCY_BUCKETS",
+    "MAX_LABEL_CLASSES",
     "MAX_PAYLOAD",
+    "OTHER_CLASS",
     "PREFIX",
     "VALUE_BOUNDS",
+    "Capture",
     "Channel",
     "DeploymentState",
     "Directive",

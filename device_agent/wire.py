@@ -196,6 +196,17 @@ VALUE_BOUNDS: tuple[float, ...] = tuple(
 )
 INPUT_STAT_FEATURES = 256
 
+# Ground truth. A label's delay (label time minus inference time) is counted per bucket: 1 s up to
+# ~24 days, doubling every two buckets, then one above the largest.
+LABEL_DELAY_BOUNDS_S: tuple[float, ...] = tuple(round(2 ** (i / 2), 1) for i in range(43))
+LABEL_DELAY_BUCKETS = len(LABEL_DELAY_BOUNDS_S) + 1
+MAX_LABEL_CLASSES = 64  # confusion counts keep this many classes; the rest count as OTHER_CLASS
+OTHER_CLASS = "other"
+LABEL_UNMATCHED = ("unknown", "expired", "duplicate", "invalid")  # why a label matched no prediction
+# What each input check counts, in ``ModelStats.input_checks[name]`` order.
+INPUT_CHECKS = ("checked", "nan", "missing", "out_of_range")
+CAPTURE_KEEP = ("inputs", "outputs", "both")
+
 
 # -- decoding (the directive) ---------------------------------------------------------
 
@@ -368,6 +379,44 @@ class Probation:
 
 
 @dataclass(frozen=True, slots=True)
+class Capture:
+    """What a device keeps of its inferences for retraining, and where it sends it (off unless given).
+
+    ``sample_rate`` of inferences are stored on the device with their inference id, up to
+    ``quota_bytes`` on disk (the oldest go first, counted), and uploaded in batches to
+    ``upload_url`` with the device's own credentials.
+    """
+
+    upload_url: str
+    sample_rate: float = 0.01
+    keep: str = "both"  # one of CAPTURE_KEEP
+    quota_bytes: int = 64 << 20
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Capture:
+        f = _Fields("Capture", data)
+        keep = f.text("keep", default=default_of(cls, "keep"), required=False)
+        if keep not in CAPTURE_KEEP:
+            raise ProtocolError(f"malformed Capture: keep must be one of {', '.join(CAPTURE_KEEP)}")
+        return cls(
+            upload_url=f.text("upload_url"),
+            sample_rate=f.number("sample_rate", default=default_of(cls, "sample_rate"), ge=0.0, le=1.0),
+            keep=keep,
+            quota_bytes=f.integer(
+                "quota_bytes", default=default_of(cls, "quota_bytes"), required=False, ge=1
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "upload_url": self.upload_url,
+            "sample_rate": self.sample_rate,
+            "keep": self.keep,
+            "quota_bytes": self.quota_bytes,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Directive:
     """The desired state of one device. Signed by the fleet key; higher ``seq`` wins."""
 
@@ -382,6 +431,7 @@ class Directive:
     shadow: ModelRef | None = None
     shadow_sample_rate: float = 0.1
     not_before: datetime | None = None
+    capture: Capture | None = None  # keep sampled inferences for retraining (off when None)
 
     @classmethod
     def from_dict(cls, data: Any) -> Directive:
@@ -389,6 +439,7 @@ class Directive:
         if "model" not in f.data:
             raise ProtocolError("malformed Directive: model: field required")
         model, shadow, probation = f.obj("model"), f.obj("shadow"), f.obj("probation")
+        capture = f.obj("capture")
         return cls(
             device_id=f.text("device_id"),
             seq=f.integer("seq", ge=1),
@@ -405,6 +456,7 @@ class Directive:
                 "shadow_sample_rate", default=default_of(cls, "shadow_sample_rate"), ge=0.0, le=1.0
             ),
             not_before=f.when("not_before", required=False),
+            capture=Capture.from_dict(capture) if capture is not None else None,
         )
 
 
@@ -534,6 +586,16 @@ class ModelStats:
     input_m2: list[float] = field(default_factory=list)
     input_hist: list[int] = field(default_factory=list)
     output_hist: list[int] = field(default_factory=list)
+    labels: int = 0
+    labels_correct: int = 0
+    confusion: dict[str, int] = field(default_factory=dict)
+    label_delay_buckets: list[int] = field(default_factory=list)
+    label_abs_error_sum: float = 0.0
+    requests: int = 0
+    request_errors: dict[str, int] = field(default_factory=dict)
+    input_checks: dict[str, list[int]] = field(default_factory=dict)
+    cpu_ms: float = 0.0
+    captured: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -547,6 +609,16 @@ class ModelStats:
             "input_m2": self.input_m2,
             "input_hist": self.input_hist,
             "output_hist": self.output_hist,
+            "labels": self.labels,
+            "labels_correct": self.labels_correct,
+            "confusion": self.confusion,
+            "label_delay_buckets": self.label_delay_buckets,
+            "label_abs_error_sum": float(self.label_abs_error_sum),
+            "requests": self.requests,
+            "request_errors": self.request_errors,
+            "input_checks": self.input_checks,
+            "cpu_ms": float(self.cpu_ms),
+            "captured": self.captured,
         }
 
 
@@ -579,6 +651,8 @@ class TelemetryBatch:
     models: dict[str, ModelStats]
     shadow: dict[str, ShadowStats] = field(default_factory=dict)
     dropped_batches: int = 0
+    labels_unmatched: dict[str, int] = field(default_factory=dict)
+    capture_evicted: int = 0
 
     def with_dropped(self, dropped: int) -> TelemetryBatch:
         return replace(self, dropped_batches=dropped)
@@ -592,6 +666,8 @@ class TelemetryBatch:
             "models": {k: v.to_dict() for k, v in self.models.items()},
             "shadow": {k: v.to_dict() for k, v in self.shadow.items()},
             "dropped_batches": self.dropped_batches,
+            "labels_unmatched": self.labels_unmatched,
+            "capture_evicted": self.capture_evicted,
         }
 
 
@@ -608,14 +684,22 @@ def encode_telemetry(batch: TelemetryBatch) -> bytes:
 
 
 __all__ = [
+    "CAPTURE_KEEP",
     "DEVICE_ID_RE",
     "DIRECTIVE_PAYLOAD_TYPE",
+    "INPUT_CHECKS",
     "INPUT_STAT_FEATURES",
+    "LABEL_DELAY_BOUNDS_S",
+    "LABEL_DELAY_BUCKETS",
+    "LABEL_UNMATCHED",
     "LATENCY_BOUNDS_US",
     "LATENCY_BUCKETS",
+    "MAX_LABEL_CLASSES",
     "MAX_PAYLOAD",
+    "OTHER_CLASS",
     "PREFIX",
     "VALUE_BOUNDS",
+    "Capture",
     "Channel",
     "DeploymentState",
     "Directive",

@@ -7,6 +7,7 @@ what the schema refuses, the device refuses too. No broker, no I/O: milliseconds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -69,6 +70,15 @@ def test_shared_names_are_the_same_objects() -> None:
             unknown_field="ignored",
         ),
         _directive(probation={}),
+        _directive(capture={"upload_url": "https://fleet.example/api/v1/captures"}),
+        _directive(
+            capture={
+                "upload_url": "http://127.0.0.1:8080/api/v1/captures",
+                "sample_rate": 0.25,
+                "keep": "inputs",
+                "quota_bytes": 1 << 20,
+            }
+        ),
     ],
 )
 def test_directives_decode_like_the_schema(doc: dict[str, Any]) -> None:
@@ -81,6 +91,10 @@ def test_directives_decode_like_the_schema(doc: dict[str, Any]) -> None:
         assert (a is None) == (b is None)
         if a is not None and b is not None:
             assert a.to_dict() == b.model_dump() and a.ref == b.ref
+    if mine.capture is None:
+        assert theirs.capture is None
+    else:
+        assert theirs.capture is not None and mine.capture.to_dict() == theirs.capture.model_dump()
     if mine.probation is None:
         assert theirs.probation is None
     else:
@@ -102,6 +116,11 @@ def test_directives_decode_like_the_schema(doc: dict[str, Any]) -> None:
         _directive(probation={"max_error_rate": 1.5}),
         _directive(probation={"max_latency_ratio": 0}),
         _directive(shadow_sample_rate=-0.1),
+        _directive(capture={"sample_rate": 0.5}),
+        _directive(capture={"upload_url": "http://x/c", "keep": "everything"}),
+        _directive(capture={"upload_url": "http://x/c", "sample_rate": 2}),
+        _directive(capture={"upload_url": "http://x/c", "quota_bytes": 0}),
+        _directive(capture="yes"),
         {k: v for k, v in _directive().items() if k != "model"},
         {k: v for k, v in _directive().items() if k != "expires_at"},
         [1, 2],
@@ -169,11 +188,23 @@ def test_telemetry_batches_decode_with_the_schema() -> None:
         input_m2=[0.0, 0.0],
         input_hist=[1, 2],
         output_hist=[3],
+        labels=4,
+        labels_correct=3,
+        confusion={"3:3": 3, "1:3": 1},
+        label_delay_buckets=[0, 2, 2] + [0] * (wire.LABEL_DELAY_BUCKETS - 3),
+        label_abs_error_sum=0.0,
+        requests=6,
+        request_errors={"timeout": 1},
+        input_checks={"x": [5, 1, 0, 2]},
+        cpu_ms=1.25,
+        captured=2,
     )
     shadow = wire.ShadowStats(samples=2, top1_agree=1, latency_buckets=[2] + [0] * 40, latency_sum_us=9.0)
     batch = wire.TelemetryBatch("dev-1", "b1", NOW, NOW + timedelta(seconds=10), {SHA: stats}, {SHA: shadow})
+    batch = dataclasses.replace(batch, labels_unmatched={"unknown": 2, "expired": 1}, capture_evicted=4)
     got = protocol.decode_telemetry(wire.encode_telemetry(batch.with_dropped(3)), "dev-1")
     assert got.dropped_batches == 3 and got.window_end == NOW + timedelta(seconds=10)
+    assert got.labels_unmatched == {"unknown": 2, "expired": 1} and got.capture_evicted == 4
     assert got.models[SHA].model_dump() == stats.to_dict()
     assert got.shadow[SHA].model_dump() == shadow.to_dict()
 
