@@ -128,16 +128,16 @@ def demo_cmd(
 ) -> None:
     """End to end: train, compile, sign, push, roll out to simulated devices, catch a bad model.
 
-    Its temporary work directory is removed when it ends, passed, failed, interrupted (Ctrl-C)
-    or terminated (SIGTERM), unless --keep.
+    Its temporary work directory is removed when it ends, passed, failed, interrupted (Ctrl-C,
+    exit code 130) or terminated (SIGTERM, exit code 143), unless --keep.
     """
     import signal
 
     from edgefleet.demo import run_demo
 
-    def interrupted(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)  # unwinds: the stack stops, the dir goes
+    def terminated(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the stack stops, the directory goes
 
-    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGTERM, terminated)
     ok = run_demo(devices=devices, workdir=workdir, as_json=as_json, keep=keep)
     raise typer.Exit(0 if ok else 1)

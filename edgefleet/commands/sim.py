@@ -59,7 +59,6 @@ def run_cmd(
     import logging
 
     from edgefleet.sim_harness import BROKER_MODES, run_scenario
-    from simulator.report import summary_rows
     from simulator.scenario import ScenarioError
 
     if broker_auth not in BROKER_MODES:
@@ -78,29 +77,39 @@ def run_cmd(
         )
     except ScenarioError as exc:
         fail(str(exc), 2)
-    result = outcome.result
     if as_json:
-        print_json(
-            {
-                "scenario": result.scenario,
-                "ok": result.ok,
-                "step_error": result.step_error,
-                "skipped": result.skipped,
-                "checks": [{"outcome": o, "expectation": e, "detail": d} for o, e, d in summary_rows(result)],
-                "figures": result.figures,
-                "report": {k: str(v) for k, v in outcome.report.items()},
-            }
-        )
+        print_json(run_document(outcome.result, outcome.report))
     else:
-        console.print(checks_table(result))
-        console.print(figures_table(result.figures))
-        if result.step_error:
-            err.print(Text.assemble(("script stopped: ", "bold red"), result.step_error), highlight=False)
-        for why in result.skipped:
-            warn(f"skipped: {why}")
-        console.print(Text(f"report: {outcome.report.get('html')}"), highlight=False)
-    if not result.ok:
+        show_run(outcome.result, outcome.report)
+    if not outcome.result.ok:
         raise typer.Exit(1)
+
+
+def run_document(result: RunResult, report: dict[str, Path]) -> dict[str, Any]:
+    """What `sim run --json` prints: the checks and the figures as data."""
+    from simulator.report import summary_rows
+
+    return {
+        "scenario": result.scenario,
+        "ok": result.ok,
+        "step_error": result.step_error,
+        "skipped": result.skipped,
+        "checks": [{"outcome": o, "expectation": e, "detail": d} for o, e, d in summary_rows(result)],
+        "figures": result.figures,
+        "report": {k: str(v) for k, v in report.items()},
+    }
+
+
+def show_run(result: RunResult, report: dict[str, Path]) -> None:
+    """A run for a person: the checks and the figures as tables, then why the script stopped and
+    what was skipped (stderr, as text: a reason may hold brackets), then where the report is."""
+    console.print(checks_table(result))
+    console.print(figures_table(result.figures))
+    if result.step_error:
+        err.print(Text.assemble(("script stopped: ", "bold red"), result.step_error), highlight=False)
+    for why in result.skipped:
+        warn(f"skipped: {why}")
+    console.print(Text(f"report: {report.get('html')}"), highlight=False)
 
 
 OUTCOME_STYLES = {"pass": "green", "FAIL": "bold red", "xfail": "yellow", "xpass": "cyan", "skip": "magenta"}
