@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from edgefleet.commands.common import (
     JsonOpt,
@@ -135,21 +136,21 @@ def broker_run(
     if as_json:
         print_json(summary)
     elif isinstance(info, SecureBrokerInfo):
-        console.print(f"[green]{info.kind}[/] devices on {info.url}, fleet server on port {info.server_port}")
-        console.print(f"  {summary['security']}")
-        console.print(f"  server: edgefleet server --mqtt-credentials {info.server_credentials}")
+        say((info.kind, "green"), f" devices on {info.url}, fleet server on port {info.server_port}")
+        say(f"  {summary['security']}")
+        say(f"  server: edgefleet server --mqtt-credentials {info.server_credentials}")
         extra = (
             f" --password-file {summary['password_file']} (then: kill -HUP {info.pid})"
             if info.auth == "password"
             else ""
         )
-        console.print(
+        say(
             f"  devices: edgefleet devices provision ID --hw HW --keys {info.keys_dir} "
             f"--broker-host {info.host} --broker-port {info.port}{extra}"
         )
     else:
-        console.print(f"[bold yellow]{info.kind}[/] on {info.url} (MQTT v{info.mqtt_version})")
-        console.print(f"[bold yellow]{summary['security']}[/]")
+        say((info.kind, "bold yellow"), f" on {info.url} (MQTT v{info.mqtt_version})")
+        say((str(summary["security"]), "bold yellow"))
     sys.stdout.flush()  # it runs on: a script reading this output must get it now
     process = getattr(broker, "process", None)
     try:
@@ -213,11 +214,19 @@ def broker_config(
     if as_json:
         print_json(info)
         return
-    console.print(
-        f"[green]wrote[/] {files.conf} ({auth}, TLS: devices on {bind}:{port}, server on port {server_port})"
+    say(
+        ("wrote", "green"),
+        f" {files.conf} ({auth}, TLS: devices on {bind}:{port}, server on port {server_port})",
     )
-    console.print(f"start it with: mosquitto -c {files.conf}")
-    console.print(
-        "[yellow]the fleet server connects with: "
-        f"edgefleet server --mqtt-credentials {files.server_credentials}[/]"
+    say(f"start it with: mosquitto -c {files.conf}")
+    say(
+        (
+            f"the fleet server connects with: edgefleet server --mqtt-credentials {files.server_credentials}",
+            "yellow",
+        )
     )
+
+
+def say(*parts: str | tuple[str, str]) -> None:
+    """One line on stdout as text (paths may hold brackets; never markup), styled parts as (text, style)."""
+    console.print(Text.assemble(*parts), highlight=False, soft_wrap=True)
