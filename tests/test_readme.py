@@ -112,6 +112,7 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.mosquitto
+@pytest.mark.timeout(LOCK_WAIT_S + SCRIPT_TIMEOUT_S + 60)  # waiting its turn, then the loop itself
 def test_the_readme_loop_runs_as_written(tmp_path: Path) -> None:
     if mosquitto_binary() is None:
         pytest.skip("mosquitto is not installed (the README asks for it)")
