@@ -11,16 +11,22 @@ client certificate per device from the fleet CA, the per-device ACL; the server
 on its own listener with its own certificate). Only on a machine without
 Mosquitto does the demo fall back to the embedded development broker, and it
 says so in its summary (``broker_security``).
+
+Everything it writes (keys, bundles, the broker's and the server's files, the
+devices' data) goes into one work directory: a new temporary one, removed when
+the demo ends (passed, failed or interrupted) unless ``keep`` asks to keep it,
+or one the caller names, which is the caller's and stays.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +36,9 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
+
+from simulator.readable import readable
 
 HARDWARE = "rpi4"
 STAGES = [10.0, 50.0, 100.0]
@@ -100,22 +109,32 @@ def demo_stack(
         yield {"broker": broker, "server": server, "fleet": fleet, "specs": specs}
 
 
-def run_demo(devices: int = 50, workdir: Path | None = None, as_json: bool = False) -> bool:
+def run_demo(
+    devices: int = 50, workdir: Path | None = None, as_json: bool = False, keep: bool = False
+) -> bool:
+    """Run the demo; True when every check passed. ``workdir``: work there (it stays); else in a new
+    temporary directory, removed at the end, also after a failure or Ctrl-C, unless ``keep``."""
     console = Console(stderr=as_json)
     started = time.monotonic()
     result = DemoResult()
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
+    kept = keep or workdir is not None
     try:
-        _run(work, devices, console, result)
-    except Exception as exc:  # the demo reports any failure as a failed check, then exits 1
-        result.checks[f"ran to the end ({type(exc).__name__}: {exc})"] = False
-    result.figures["wall_seconds"] = round(time.monotonic() - started, 1)
-    result.checks["finished in under 60 s"] = result.figures["wall_seconds"] < 60
-    if as_json:
-        sys.stdout.write(json.dumps({"ok": result.ok, **result.__dict__}, indent=2, default=str) + "\n")
-    else:
-        _print_summary(console, result, work)
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            _run(work, devices, console, result)
+        except Exception as exc:  # the demo reports any failure as a failed check, then exits 1
+            result.checks[f"ran to the end ({type(exc).__name__}: {exc})"] = False
+        result.figures["wall_seconds"] = round(time.monotonic() - started, 1)
+        result.checks["finished in under 60 s"] = result.figures["wall_seconds"] < 60
+        if as_json:
+            document = {"ok": result.ok, **result.__dict__, "workdir": str(work) if kept else None}
+            sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+        else:
+            _print_summary(console, result, work if kept else None)
+    finally:
+        if not kept:
+            shutil.rmtree(work, ignore_errors=True)
     return result.ok
 
 
@@ -253,7 +272,7 @@ def _follow(progress: Progress, api: Any, rollout_id: Any, devices: int, label: 
     while True:
         status: dict[str, Any] = api.rollout(rollout_id)
         done = sum(1 for s in status.get("devices", {}).values() if s == "done")
-        progress.update(task, completed=done, description=f"{label} [{status['state']}]")
+        progress.update(task, completed=done, description=f"{label}: {status['state']}")
         if status["state"] in ("completed", "rolled_back", "aborted", "paused"):
             return status
         if time.monotonic() > deadline:
@@ -261,14 +280,53 @@ def _follow(progress: Progress, api: Any, rollout_id: Any, devices: int, label: 
         time.sleep(0.2)
 
 
-def _print_summary(console: Console, result: DemoResult, work: Path) -> None:
+def _percent(value: Any) -> str:
+    return f"{value:.1%}" if isinstance(value, int | float) else readable(value)
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.1f} s" if isinstance(value, int | float) else readable(value)
+
+
+# The demo's figures as a person reads them, in this order; a figure not named here is shown
+# under its own key (``readable`` value).
+FIGURE_ROWS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "fp32_accuracy": ("float accuracy", _percent),
+    "int8_accuracy": ("int8 accuracy", _percent),
+    "int8_agreement": ("int8 vs float: top-1 agreement", _percent),
+    "int8_snr_db": ("int8 vs float: SNR", lambda v: f"{readable(v)} dB"),
+    "broker": ("broker", readable),
+    "broker_security": ("broker security", readable),
+    "rollout_1_state": ("digits:1 rollout", readable),
+    "rollout_1_seconds": ("digits:1 rollout took", _seconds),
+    "rollout_2_state": ("digits:2 (NaN) rollout", readable),
+    "rollback_seconds": ("digits:2 rolled back after", _seconds),
+    "devices_that_ran_broken": ("devices that ran digits:2", readable),
+    "decision": ("gate decision", readable),
+    "telemetry_batches": ("telemetry batches stored", readable),
+    "malformed_messages": ("malformed messages", readable),
+    "wall_seconds": ("wall time", _seconds),
+}
+
+
+def figure_rows(figures: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The demo's figures as (what, value) rows of plain text: never a dict or a Python repr."""
+    rows = [(label, show(figures[key])) for key, (label, show) in FIGURE_ROWS.items() if key in figures]
+    return rows + [(key, readable(value)) for key, value in figures.items() if key not in FIGURE_ROWS]
+
+
+def _print_summary(console: Console, result: DemoResult, kept: Path | None) -> None:
     table = Table("check", "result", title="edgefleet demo")
     for name, ok in result.checks.items():
-        table.add_row(name, "[green]ok[/]" if ok else "[bold red]FAILED[/]")
+        table.add_row(Text(name), Text("ok", style="green") if ok else Text("FAILED", style="bold red"))
     console.print(table)
     figures = Table("figure", "value")
-    for name, value in result.figures.items():
-        figures.add_row(name, str(value))
+    for label, value in figure_rows(result.figures):
+        figures.add_row(Text(label), Text(value))
     console.print(figures)
-    console.print(f"work directory: {work}")
-    console.print("[bold green]demo passed[/]" if result.ok else "[bold red]demo failed[/]")
+    if kept is not None:
+        console.print(Text(f"work directory kept: {kept}"), highlight=False)
+    else:
+        console.print("work directory removed (--keep keeps it)", highlight=False)
+    verdict = ("demo passed", "bold green") if result.ok else ("demo failed", "bold red")
+    console.print(Text(*verdict))

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -53,6 +54,7 @@ SERVER_CA_CERT = "server-ca.crt"
 SERVER_CA_KEY = "server-ca.key"
 BOOTSTRAP_FILE = "bootstrap.json"
 AGENT_CONFIG_FILE = "agent.toml"
+HTTP_CA_FILE = "http-ca.crt"  # a device's copy of the CA of the server's HTTPS certificate
 PASSWORD_FILE = "mqtt.password"
 AUTH_MODES = ("password", "mtls")
 # Mosquitto 2.0's password hash: PBKDF2-HMAC-SHA512, 12-byte salt, 101 iterations (mosquitto_passwd)
@@ -346,6 +348,7 @@ def provision_device(
     force: bool = False,
     auth: str | None = None,
     data_dir: str = "data",
+    http_ca_file: Path | None = None,
 ) -> Provisioned:
     """Create a device's credentials, ``agent.toml`` and bootstrap directory; add its password hash
     to ``password_file``.
@@ -354,6 +357,8 @@ def provision_device(
     ``password`` when a broker password file is given, else ``mtls``. Both credentials are made
     either way (the bootstrap file carries both), so a broker can switch modes later.
     ``data_dir``: the agent's state directory as the TOML names it (relative: next to the TOML).
+    ``http_ca_file``: the CA of the server's HTTPS certificate, copied next to the TOML and named
+    in it (:func:`http_ca_choice`).
     """
     check_device_id(device_id)
     if not hardware_id or not DEVICE_ID_RE.match(hardware_id):
@@ -366,6 +371,8 @@ def provision_device(
     out_dir = Path(out_dir)
     if (out_dir / BOOTSTRAP_FILE).exists() and not force:
         raise FileExistsError(f"{out_dir / BOOTSTRAP_FILE} exists; pass force to re-provision")
+    http_ca = http_ca_choice(metadata_url, targets_url, http_ca_file)
+    http_ca_pem = http_ca_file.read_bytes() if http_ca_file is not None else None  # before any write
     trust_bytes = keydir.trust_path.read_bytes()
     keydir.trust_root()  # refuse to hand out a trust root that does not verify
     tuf_root = keydir.tuf_root()
@@ -408,12 +415,31 @@ def provision_device(
     tuf_url = _repository_base(metadata_url)
     if tuf_url:
         config["tuf_url"] = tuf_url
+    if http_ca_pem is not None:
+        (out_dir / HTTP_CA_FILE).write_bytes(http_ca_pem)
+    if http_ca is not None:
+        config["http_ca_file"] = http_ca
     write_private(out_dir / AGENT_CONFIG_FILE, agent_toml(config).encode())
     if password_file is not None:
         set_password(password_file, device_id, password)
         readable_by_broker(password_file)
     return Provisioned(device_id, out_dir / BOOTSTRAP_FILE, device_id, password, out_dir / "device.crt",
                        out_dir / "device.key", out_dir / AGENT_CONFIG_FILE, auth)  # fmt: skip
+
+
+def http_ca_choice(
+    metadata_url: str | None, targets_url: str | None, http_ca_file: Path | None
+) -> str | None:
+    """What ``agent.toml``'s ``http_ca_file`` names: a given CA's copy (``HTTP_CA_FILE``) always; else,
+    when a delivery URL is https, the fleet CA (``ca.crt``: the server's certificate issued from it,
+    as in a private fleet); else nothing, and the agent uses the system's trust store. Without URLs
+    the agent downloads from where each directive points (the server's public URL): give the CA
+    explicitly when that is https with a certificate no system store knows."""
+    if http_ca_file is not None:
+        return HTTP_CA_FILE
+    if any(url and urlsplit(url).scheme.lower() == "https" for url in (metadata_url, targets_url)):
+        return CA_CERT
+    return None
 
 
 def agent_toml(values: dict[str, Any]) -> str:

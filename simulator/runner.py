@@ -29,6 +29,7 @@ from simulator.faults import ClassBehaviour
 from simulator.fleet import DeviceSpec, FleetTotals
 from simulator.netem import HttpFaultProxy, LinkState, NetworkThread, TcpFaultProxy
 from simulator.procfleet import FleetControl, FleetPlan, ProcessFleet
+from simulator.readable import readable
 from simulator.registry import register_devices
 from simulator.scenario import Expectation, Scenario, Step, skew_of
 from simulator.timeline import Timeline
@@ -593,7 +594,7 @@ class ScenarioRun:
             n = sum(reasons.get(r, 0) for r in wanted)
             low = e.at_least_count if e.at_least_count is not None else 1
             ok = n >= low and (e.at_most is None or n <= e.at_most)
-            detail = f"{n} failure(s) {' or '.join(wanted)}; all: {dict(reasons)}"
+            detail = f"{n} failure(s) {' or '.join(wanted)}; all: {readable(dict(reasons))}"
         return CheckResult(e.label, ok, detail, e.expected_failure)
 
     def _fleet_failures(self, device_id: str) -> Counter[str]:

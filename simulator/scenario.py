@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from simulator.netem import NetProfile
+from simulator.readable import readable
 
 
 class ScenarioError(ValueError):
@@ -216,7 +217,7 @@ class Expectation(_Strict):
         if self.name:
             return self.name
         parts = [self.check] + [
-            f"{k}={v}"
+            f"{k}={readable(v)}"
             for k, v in self.model_dump(exclude_none=True).items()
             if k not in ("check", "expected_failure", "name", "requires")
             and not (k == "at_least" and v == 1.0)

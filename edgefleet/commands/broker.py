@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from edgefleet.commands.common import (
     JsonOpt,
@@ -36,6 +37,26 @@ def broker_run(
         typer.Option("--keys", help="Key directory holding the fleet CA (default: keys/ if it exists)."),
     ] = None,
     auth: Annotated[str, typer.Option("--auth", help="Device authentication: mtls or password.")] = "mtls",
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "--port",
+            min=1,
+            max=65535,
+            help="Port of the devices' listener (default: a free one).",
+            show_default=False,
+        ),
+    ] = None,
+    server_port: Annotated[
+        int | None,
+        typer.Option(
+            "--server-port",
+            min=1,
+            max=65535,
+            help="Port of the fleet server's TLS listener (default: a free one; production broker only).",
+            show_default=False,
+        ),
+    ] = None,
     insecure_dev: Annotated[
         bool,
         typer.Option("--insecure-dev", help="An OPEN development broker instead: no TLS, anonymous, no ACL."),
@@ -49,12 +70,15 @@ def broker_run(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a local broker until SIGINT/SIGTERM: the production configuration (TLS, per-device identity,
-    ACL; what `broker config` writes) on loopback ports, or with --insecure-dev an open one."""
+    ACL; what `broker config` writes) on loopback ports, or with --insecure-dev an open one.
+
+    It prints where it listens once it does (--json: one object, for scripts), then runs on."""
     import signal
     import sys
     import threading
 
     from edgefleet.broker import (
+        PortTaken,
         SecureBrokerInfo,
         security_label,
         start_embedded,
@@ -68,12 +92,21 @@ def broker_run(
         fail(f"--auth must be one of {', '.join(AUTH_MODES)}, got {auth!r}", 2)
     if embedded and not insecure_dev:
         fail("the embedded broker is open (no TLS, no ACL): ask for it with --insecure-dev --embedded", 2)
+    if server_port is not None and insecure_dev:
+        fail("--server-port is the production broker's server listener; the open broker has one port", 2)
+    if port is not None and port == server_port:
+        fail(f"--port and --server-port must differ, both are {port}", 2)
     # before the broker starts: a SIGTERM from now on stops it instead of leaving it running
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if insecure_dev:
-        broker = start_embedded() if embedded else start_mosquitto(workdir=workdir)
+        try:
+            broker = start_embedded(port) if embedded else start_mosquitto(port, workdir=workdir)
+        except PortTaken:
+            fail(f"cannot start the broker: port {port} is taken by another process")
+        except (OSError, RuntimeError) as exc:
+            fail(f"cannot start the broker: {exc}")
     else:
         if keys is None and (Path("keys") / "trust.json").exists():
             keys = Path("keys")
@@ -81,7 +114,12 @@ def broker_run(
         if keys is not None:
             passphrase = resolve_passphrase(passphrase_file, passphrase_env, insecure, confirm=False)
         try:
-            broker = start_secure_broker(workdir, auth=auth, keys_dir=keys, passphrase=passphrase)
+            broker = start_secure_broker(
+                workdir, auth=auth, keys_dir=keys, passphrase=passphrase, port=port, server_port=server_port
+            )
+        except PortTaken:
+            taken = " or ".join(str(p) for p in (port, server_port) if p is not None)
+            fail(f"cannot start the broker: port {taken} is taken by another process")
         except (OSError, RuntimeError, ValueError, KeyLocked, WrongPassphrase, ProvisionError) as exc:
             fail(f"cannot start the broker: {exc}")
     info = broker.info
@@ -98,21 +136,21 @@ def broker_run(
     if as_json:
         print_json(summary)
     elif isinstance(info, SecureBrokerInfo):
-        console.print(f"[green]{info.kind}[/] devices on {info.url}, fleet server on port {info.server_port}")
-        console.print(f"  {summary['security']}")
-        console.print(f"  server: edgefleet server --mqtt-credentials {info.server_credentials}")
+        say((info.kind, "green"), f" devices on {info.url}, fleet server on port {info.server_port}")
+        say(f"  {summary['security']}")
+        say(f"  server: edgefleet server --mqtt-credentials {info.server_credentials}")
         extra = (
             f" --password-file {summary['password_file']} (then: kill -HUP {info.pid})"
             if info.auth == "password"
             else ""
         )
-        console.print(
+        say(
             f"  devices: edgefleet devices provision ID --hw HW --keys {info.keys_dir} "
             f"--broker-host {info.host} --broker-port {info.port}{extra}"
         )
     else:
-        console.print(f"[bold yellow]{info.kind}[/] on {info.url} (MQTT v{info.mqtt_version})")
-        console.print(f"[bold yellow]{summary['security']}[/]")
+        say((info.kind, "bold yellow"), f" on {info.url} (MQTT v{info.mqtt_version})")
+        say((str(summary["security"]), "bold yellow"))
     sys.stdout.flush()  # it runs on: a script reading this output must get it now
     process = getattr(broker, "process", None)
     try:
@@ -176,11 +214,19 @@ def broker_config(
     if as_json:
         print_json(info)
         return
-    console.print(
-        f"[green]wrote[/] {files.conf} ({auth}, TLS: devices on {bind}:{port}, server on port {server_port})"
+    say(
+        ("wrote", "green"),
+        f" {files.conf} ({auth}, TLS: devices on {bind}:{port}, server on port {server_port})",
     )
-    console.print(f"start it with: mosquitto -c {files.conf}")
-    console.print(
-        "[yellow]the fleet server connects with: "
-        f"edgefleet server --mqtt-credentials {files.server_credentials}[/]"
+    say(f"start it with: mosquitto -c {files.conf}")
+    say(
+        (
+            f"the fleet server connects with: edgefleet server --mqtt-credentials {files.server_credentials}",
+            "yellow",
+        )
     )
+
+
+def say(*parts: str | tuple[str, str]) -> None:
+    """One line on stdout as text (paths may hold brackets; never markup), styled parts as (text, style)."""
+    console.print(Text.assemble(*parts), highlight=False, soft_wrap=True)

@@ -1,4 +1,4 @@
-"""`edgefleet devices`: register, list and provision devices."""
+"""`edgefleet devices`: register, list and provision devices (one-device verbs: ``device_ops``)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from edgefleet.commands.common import (
+    EXIT_USAGE,
     JsonOpt,
     ServerOpt,
+    TokenOpt,
     api,
     client,
     console,
@@ -18,6 +21,7 @@ from edgefleet.commands.common import (
     parse_pairs,
     print_json,
 )
+from edgefleet.commands.device_ops import DEVICE_COLUMNS, device_row
 from edgefleet.commands.keys import DEFAULT_PASS_ENV, InsecureOpt, PassEnvOpt, PassFileOpt, resolve_passphrase
 
 devices_app = typer.Typer(help="Register, list and provision devices.", no_args_is_help=True)
@@ -29,16 +33,17 @@ def devices_register(
     hardware: Annotated[str, typer.Option("--hw", help="Hardware id, e.g. rpi4.")],
     tag: Annotated[list[str] | None, typer.Option("--tag", help="key=value (repeatable).")] = None,
     server: ServerOpt = None,
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a device so the server accepts its messages and serves it bundles."""
     tags = parse_pairs(tag, "--tag")
-    with client(server) as conn:
+    with client(server, token) as conn:
         device = api(lambda: conn.register_device(device_id, hardware, tags))
     if as_json:
         print_json(device)
     else:
-        console.print(f"[green]registered[/] {device_id} ({hardware})")
+        console.print(Text.assemble(("registered", "green"), f" {device_id} ({hardware})"))
 
 
 @devices_app.command("provision")
@@ -61,6 +66,14 @@ def devices_provision(
     ] = None,
     metadata_url: Annotated[str | None, typer.Option("--metadata-url", help="TUF metadata base URL.")] = None,
     targets_url: Annotated[str | None, typer.Option("--targets-url", help="TUF targets base URL.")] = None,
+    http_ca_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--http-ca-file",
+            help="CA of the server's HTTPS certificate, copied for the agent (default with https "
+            "URLs: the fleet CA).",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-provision (new credentials).")] = False,
     auth: Annotated[
         str | None,
@@ -97,7 +110,7 @@ def devices_provision(
         result = provision_device(
             KeyDir(keys), device_id, hardware, out, broker_host=broker_host, broker_port=broker_port,
             password_file=password_file, metadata_url=metadata_url, targets_url=targets_url,
-            passphrase=passphrase, force=force, auth=auth, data_dir=data_dir,
+            passphrase=passphrase, force=force, auth=auth, data_dir=data_dir, http_ca_file=http_ca_file,
         )  # fmt: skip
     except (ProvisionError, FileExistsError, KeyLocked, WrongPassphrase, TrustError, OSError) as exc:
         fail(f"cannot provision {device_id!r}: {exc}")
@@ -107,32 +120,66 @@ def devices_provision(
     if as_json:
         print_json(info)
         return
-    console.print(f"[green]provisioned[/] {device_id}: copy {out}/ to the device (it holds its secrets)")
-    console.print(f"run it with: python -m device_agent --config {result.agent_config.name} ({result.auth})")
+    console.print(
+        Text.assemble(
+            ("provisioned", "green"), f" {device_id}: copy {out}/ to the device (it holds its secrets)"
+        ),
+        highlight=False,
+    )
+    console.print(
+        Text(f"run it with: python -m device_agent --config {result.agent_config.name} ({result.auth})"),
+        highlight=False,
+    )
     if password_file:
-        console.print(f"added to {password_file}: reload the broker (SIGHUP) to let it in")
+        console.print(
+            Text(f"added to {password_file}: reload the broker (SIGHUP) to let it in"), highlight=False
+        )
 
 
 @devices_app.command("list")
-def devices_list(server: ServerOpt = None, as_json: JsonOpt = False) -> None:
-    """List devices with what they run and their deployment state."""
-    with client(server) as conn:
-        devices = api(conn.devices)
+def devices_list(
+    selector: Annotated[
+        str | None,
+        typer.Option(
+            "--selector", "-l", help="Only devices it picks: hw=rpi4,site=lab (as `rollouts create`)."
+        ),
+    ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            "--state",
+            help="Only devices whose agent reports this deployment state: serving, failed, ...",
+            show_default=False,
+        ),
+    ] = None,
+    online: Annotated[
+        bool | None,
+        typer.Option(
+            "--online/--offline", help="Only devices online, or only those offline.", show_default=False
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Only devices running it: name:version, a name, or a sha256."),
+    ] = None,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List devices with what they run and their deployment state; the filters are the server's."""
+    if state is not None:
+        from device_agent.protocol import DeploymentState  # imports pydantic: only when asked for
+
+        if state not in set(DeploymentState):
+            fail(f"--state must be one of {', '.join(DeploymentState)}, got {state!r}", EXIT_USAGE)
+    with client(server, token) as conn:
+        devices = api(lambda: conn.devices(selector=selector, state=state, online=online, model=model))
     if as_json:
         print_json(devices)
         return
-    table = Table("device", "hw", "online", "running", "state", "seq", "tags")
+    table = Table(*DEVICE_COLUMNS)
     for d in devices:
-        running = d.get("running_model") or {}
-        table.add_row(
-            d["device_id"],
-            d["hardware_id"],
-            "yes" if d.get("online") else "no",
-            f"{running.get('name')}:{running.get('version')}" if running else "-",
-            str(d.get("deployment_state") or "-"),
-            str(d.get("deployment_seq") or 0),
-            ",".join(f"{k}={v}" for k, v in (d.get("tags") or {}).items()),
-        )
+        table.add_row(*device_row(d))
     console.print(table)
 
 
@@ -140,10 +187,11 @@ def devices_list(server: ServerOpt = None, as_json: JsonOpt = False) -> None:
 def devices_drift(
     drifting: Annotated[bool, typer.Option("--drifting", help="Only devices drifting now.")] = False,
     server: ServerOpt = None,
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Devices the server saw off their desired seq or model, and the directives it republished."""
-    with client(server) as conn:
+    with client(server, token) as conn:
         rows = api(lambda: conn.drift(drifting))
     if as_json:
         print_json(rows)
@@ -155,6 +203,3 @@ def devices_drift(
             str(r.get("since") or "-"), r.get("detail") or "",
         )  # fmt: skip
     console.print(table)
-
-
-# ---------------------------------------------------------------- rollouts

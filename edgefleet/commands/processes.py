@@ -117,11 +117,27 @@ def agent_cmd(
 
 def demo_cmd(
     devices: Annotated[int, typer.Option("--devices", "-n", help="Simulated devices.")] = 50,
-    keep: Annotated[Path | None, typer.Option(help="Keep the work directory here.")] = None,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the work directory (removed otherwise) and print where.")
+    ] = False,
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", help="Work in this directory instead of a temporary one (it stays)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """End to end: train, compile, sign, push, roll out to simulated devices, catch a bad model."""
+    """End to end: train, compile, sign, push, roll out to simulated devices, catch a bad model.
+
+    Its temporary work directory is removed when it ends, passed, failed, interrupted (Ctrl-C,
+    exit code 130) or terminated (SIGTERM, exit code 143), unless --keep.
+    """
+    import signal
+
     from edgefleet.demo import run_demo
 
-    ok = run_demo(devices=devices, workdir=keep, as_json=as_json)
+    def terminated(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the stack stops, the directory goes
+
+    signal.signal(signal.SIGTERM, terminated)
+    ok = run_demo(devices=devices, workdir=workdir, as_json=as_json, keep=keep)
     raise typer.Exit(0 if ok else 1)

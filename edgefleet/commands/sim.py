@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.table import Table
+from rich.text import Text
 
-from edgefleet.commands.common import JsonOpt, ServerOpt, TokenOpt, console, err, fail, print_json
+from edgefleet.commands.common import JsonOpt, ServerOpt, TokenOpt, console, err, fail, print_json, warn
 from edgefleet.commands.keys import DEFAULT_PASS_ENV, InsecureOpt, PassEnvOpt, PassFileOpt, resolve_passphrase
+
+if TYPE_CHECKING:
+    from simulator.runner import RunResult
 
 sim_app = typer.Typer(
     help="Simulate a fleet: scenarios with faults against a real broker and server, or a plain fleet.",
@@ -53,7 +59,6 @@ def run_cmd(
     import logging
 
     from edgefleet.sim_harness import BROKER_MODES, run_scenario
-    from simulator.report import summary_rows
     from simulator.scenario import ScenarioError
 
     if broker_auth not in BROKER_MODES:
@@ -72,49 +77,89 @@ def run_cmd(
         )
     except ScenarioError as exc:
         fail(str(exc), 2)
-    result = outcome.result
     if as_json:
-        print_json(
-            {
-                "scenario": result.scenario,
-                "ok": result.ok,
-                "step_error": result.step_error,
-                "skipped": result.skipped,
-                "checks": [{"outcome": o, "expectation": e, "detail": d} for o, e, d in summary_rows(result)],
-                "figures": result.figures,
-                "report": {k: str(v) for k, v in outcome.report.items()},
-            }
-        )
+        print_json(run_document(outcome.result, outcome.report))
     else:
-        from rich.table import Table
-
-        table = Table("outcome", "expectation", "detail", title=f"scenario {result.scenario}")
-        colour = {"pass": "green", "FAIL": "bold red", "xfail": "yellow", "xpass": "cyan", "skip": "magenta"}
-        for o, e, d in summary_rows(result):
-            table.add_row(f"[{colour[o]}]{o}[/]", e, d)
-        console.print(table)
-        if result.step_error:
-            err.print(f"[bold red]script stopped:[/] {result.step_error}")
-        for why in result.skipped:
-            err.print(f"[magenta]skipped:[/] {why}")
-        console.print(f"report: {outcome.report.get('html')}")
-    if not result.ok:
+        show_run(outcome.result, outcome.report)
+    if not outcome.result.ok:
         raise typer.Exit(1)
+
+
+def run_document(result: RunResult, report: dict[str, Path]) -> dict[str, Any]:
+    """What `sim run --json` prints: the checks and the figures as data."""
+    from simulator.report import summary_rows
+
+    return {
+        "scenario": result.scenario,
+        "ok": result.ok,
+        "step_error": result.step_error,
+        "skipped": result.skipped,
+        "checks": [{"outcome": o, "expectation": e, "detail": d} for o, e, d in summary_rows(result)],
+        "figures": result.figures,
+        "report": {k: str(v) for k, v in report.items()},
+    }
+
+
+def show_run(result: RunResult, report: dict[str, Path]) -> None:
+    """A run for a person: the checks and the figures as tables, then why the script stopped and
+    what was skipped (stderr, as text: a reason may hold brackets), then where the report is."""
+    console.print(checks_table(result))
+    console.print(figures_table(result.figures))
+    if result.step_error:
+        err.print(Text.assemble(("script stopped: ", "bold red"), result.step_error), highlight=False)
+    for why in result.skipped:
+        warn(f"skipped: {why}")
+    console.print(Text(f"report: {report.get('html')}"), highlight=False)
+
+
+OUTCOME_STYLES = {"pass": "green", "FAIL": "bold red", "xfail": "yellow", "xpass": "cyan", "skip": "magenta"}
+
+
+def checks_table(result: RunResult) -> Table:
+    """The run's checks: outcome, expectation, detail (cells are text, never markup)."""
+    from simulator.report import summary_rows
+
+    table = Table("outcome", "expectation", "detail", title=f"scenario {result.scenario}")
+    for outcome, expectation, detail in summary_rows(result):
+        table.add_row(Text(outcome, style=OUTCOME_STYLES[outcome]), Text(expectation), Text(detail))
+    return table
+
+
+def figures_table(figures: dict[str, Any]) -> Table:
+    """The run's figures with readable values (``rpi4=18, jetson=6``, not a dict)."""
+    from simulator.report import figure_rows
+
+    table = Table("figure", "value", title="figures")
+    for name, value in figure_rows(figures):
+        table.add_row(Text(name), Text(value))
+    return table
 
 
 @sim_app.command("check")
 def check_cmd(
     scenario: Annotated[Path, typer.Argument(help="Scenario TOML file.")],
     small: Annotated[bool, typer.Option("--small", help="Check with the [small] overrides applied.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Validate a scenario file without running it (exit 2 with the bad keys named)."""
+    from simulator.readable import readable
     from simulator.scenario import ScenarioError, load_scenario
 
     try:
         sc = load_scenario(scenario, small=small)
     except ScenarioError as exc:
         fail(str(exc), 2)
-    console.print(f"{sc.name}: {sc.fleet.devices} devices {sc.class_counts()}, {len(sc.steps)} steps, ok")
+    classes = dict(sc.class_counts())
+    if as_json:
+        print_json(
+            {"ok": True, "scenario": sc.name, "devices": sc.fleet.devices, "classes": classes,
+             "steps": len(sc.steps), "expectations": len(sc.expect)}
+        )  # fmt: skip
+        return
+    console.print(
+        Text(f"{sc.name}: {sc.fleet.devices} devices ({readable(classes)}), {len(sc.steps)} steps, ok"),
+        highlight=False,
+    )
 
 
 @sim_app.command("fleet")
@@ -152,10 +197,15 @@ def sim_cmd(
     insecure: InsecureOpt = False,
     server: ServerOpt = None,
     token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Run N real device agents in one process against an existing broker and server until Ctrl-C."""
+    """Run N real device agents in one process against an existing broker and server until Ctrl-C.
+
+    It prints one line (--json: one object) once every agent is connected, then runs on."""
     import signal
     import threading
+
+    import httpx
 
     from edgefleet.broker import BrokerInfo, SecureBrokerInfo, provision_devices
     from edgefleet.provision import ProvisionError
@@ -182,11 +232,18 @@ def sim_cmd(
         except (ProvisionError, KeyLocked, WrongPassphrase, OSError) as exc:
             fail(f"cannot issue the devices' certificates: {exc}")
     else:
-        err.print("[yellow]no --broker-dir: the devices connect without TLS (an open development broker)[/]")
+        warn("no --broker-dir: the devices connect without TLS (an open development broker)")
     if register:
         from edgefleet.client import default_server
 
-        register_devices(server or default_server(), specs, token=token)
+        url = server or default_server()
+        try:
+            register_devices(url, specs, token=token)
+        except httpx.HTTPStatusError as exc:
+            answer = f"HTTP {exc.response.status_code}: {exc.response.text[:200]}"
+            fail(f"cannot register the devices with {url}: {answer}")
+        except httpx.HTTPError as exc:
+            fail(f"cannot register the devices with {url}: {exc}", code="unreachable")
     fleet = Fleet(
         specs,
         info,
@@ -197,7 +254,13 @@ def sim_cmd(
         credentials=credentials,
     )
     fleet.start()
-    console.print(f"[green]{devices} agents running[/] (Ctrl-C to stop)")
+    if as_json:
+        print_json({"devices": devices, "first": specs[0].device_id if specs else None,
+                    "last": specs[-1].device_id if specs else None, "hardware_id": hardware,
+                    "broker": broker, "tls": broker_dir is not None})  # fmt: skip
+    else:
+        console.print(Text.assemble((f"{devices} agents running", "green"), " (Ctrl-C to stop)"))
+    sys.stdout.flush()  # it runs on: a script waiting for this line must get it now
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

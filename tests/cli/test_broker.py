@@ -177,3 +177,48 @@ def test_a_chosen_port_taken_by_another_process_is_chosen_again(
             broker.stop()
     finally:
         squatter.close()
+
+
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+def test_broker_run_on_chosen_ports(tmp_path: Path) -> None:
+    """--port and --server-port: the listeners where a script (or the README) expects them."""
+    from edgefleet.broker import free_port
+
+    port, server_port = free_port(), free_port()
+    while server_port == port:
+        server_port = free_port()
+    proc, info = _broker_run(tmp_path, "--port", str(port), "--server-port", str(server_port))
+    try:
+        assert info["url"] == f"mqtts://127.0.0.1:{port}" and info["server_port"] == server_port
+        assert _listening(port) and _listening(server_port)
+        assert json.loads(Path(info["server_credentials"]).read_text())["port"] == server_port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+def test_broker_run_on_a_taken_port_says_so(tmp_path: Path) -> None:
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    try:
+        for args in (["--port", str(taken)], ["--insecure-dev", "--port", str(taken)]):
+            out = subprocess.run(
+                [EXE, "broker", "run", "--dir", str(tmp_path / "b"), *args, "--json"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert out.returncode == 1 and out.stdout == "", (args, out.stderr)
+            error = json.loads(out.stderr)["error"]
+            assert error["message"] == f"cannot start the broker: port {taken} is taken by another process"
+    finally:
+        squatter.close()
+
+
+def test_broker_run_port_usage_errors(tmp_path: Path) -> None:
+    for args in (["--port", "9000", "--server-port", "9000"], ["--insecure-dev", "--server-port", "9001"]):
+        out = subprocess.run([EXE, "broker", "run", *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stderr.startswith("error: "), (args, out.stderr)

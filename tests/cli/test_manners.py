@@ -88,12 +88,10 @@ def test_root_help_documents_exit_codes_and_environment() -> None:
     assert "EDGEFLEET_SERVER" in text and "EDGEFLEET_TOKEN" in text
 
 
-# devices.py predates the shared --token: adopting TokenOpt there turns these two into passes
-# (strict: the xfail then fails and must go).
-NOT_YET_UNIFORM = pytest.mark.xfail(strict=True, reason="devices list/register have no --token yet")
 SERVER_COMMANDS = [
-    pytest.param(["devices", "list"], marks=NOT_YET_UNIFORM),
-    pytest.param(["devices", "register", "d1", "--hw", "rpi4"], marks=NOT_YET_UNIFORM),
+    ["devices", "list"],
+    ["devices", "register", "d1", "--hw", "rpi4"],
+    ["devices", "drift"],
     ["devices", "get", "d1"],
     ["devices", "describe", "d1"],
     ["devices", "delete", "d1"],
