@@ -22,6 +22,7 @@ Refusals are domain errors (``fleet_server.errors``); the HTTP layer maps them.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 from sqlalchemy import exists
 from sqlmodel import Session, col, select
@@ -100,12 +101,18 @@ def create_rollout(session: Session, req: RolloutIn) -> Rollout:
             rollout_id=rollout.id,
             ts=now,
             action="created",
-            reason=f"{len(targeted)} device(s) targeted, stages {req.stages} ({req.stage_unit})"
+            reason=f"{len(targeted)} device(s) targeted, stages {_stages_text(req.stages, req.stage_unit)}"
             + (f"; {len(skipped)} busy device(s) left out" if skipped else ""),
             figures={"targeted": len(targeted), "stages": list(req.stages), "skipped": sorted(skipped)},
         )
     )
     return rollout
+
+
+def _stages_text(stages: Sequence[float], unit: str) -> str:
+    """Stages as people write them: "10% 50% 100%", or device counts "5 20 devices"."""
+    suffix = "%" if unit == "percent" else ""
+    return " ".join(f"{s:g}{suffix}" for s in stages) + ("" if suffix else " devices")
 
 
 def operator_action(session: Session, rollout: Rollout, action: str) -> Rollout:
