@@ -72,10 +72,21 @@ def _template(device: str) -> bytes:
         latency_sum_us=120_000.0,
         class_hist={str(i): 10 for i in range(10)},
         output_hist=[0] * 30 + [20, 60, 20] + [0] * 34,
+        # ground truth and availability, as a device with labels and capture on sends them
+        labels=20,
+        labels_correct=18,
+        confusion={"0:0": 9, "1:1": 9, "1:0": 2},
+        label_delay_buckets=[0] * 10 + [5, 10, 5],
+        requests=101,
+        request_errors={"timeout": 1},
+        input_checks={"input": [100, 1, 0, 2]},
+        cpu_ms=85.0,
+        captured=5,
     )
     batch = protocol.TelemetryBatch(
-        device_id=device, batch_id="@ID@", window_start=NOW, window_end=NOW, models={SHA: stats}
-    )
+        device_id=device, batch_id="@ID@", window_start=NOW, window_end=NOW, models={SHA: stats},
+        labels_unmatched={"unknown": 1},
+    )  # fmt: skip
     return batch.model_dump_json().encode()
 
 

@@ -221,6 +221,32 @@ class ModelAggregate(SQLModel, table=True):
     class_hist: dict[str, int] = Field(default_factory=dict, sa_type=JSON)
     shadow_samples: int = 0  # as a shadowed candidate: samples compared with the served model
     shadow_agree: int = 0  # ... whose top-1 matched
+    # Ground truth matched on the device (protocol.ModelStats): labelled predictions, correct ones,
+    # "true:predicted" -> count, label delays per LABEL_DELAY_BOUNDS_S, |label - prediction| summed
+    labels: int = 0
+    labels_correct: int = 0
+    confusion: dict[str, int] = Field(default_factory=dict, sa_type=JSON)
+    label_delay_buckets: list[int] = Field(default_factory=list, sa_type=JSON)
+    label_abs_error_sum: float = 0.0
+    # Availability at the device's local API and feature availability per input (INPUT_CHECKS order)
+    requests: int = 0
+    request_errors: dict[str, int] = Field(default_factory=dict, sa_type=JSON)
+    input_checks: dict[str, list[int]] = Field(default_factory=dict, sa_type=JSON)
+    cpu_ms: float = 0.0  # agent process CPU time spent on this model's inferences
+    captured: int = 0  # inferences the device kept for upload
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class DeviceTotals(SQLModel, table=True):
+    """Per device totals of what a telemetry batch counts for the device as a whole, not per model:
+    labels that matched no prediction (per ``LABEL_UNMATCHED`` reason), captured inferences evicted
+    to keep the disk quota, batches discarded while offline. Summed once per stored batch, like
+    ``ModelAggregate``."""
+
+    device_id: str = Field(primary_key=True, max_length=128)
+    labels_unmatched: dict[str, int] = Field(default_factory=dict, sa_type=JSON)
+    capture_evicted: int = 0
+    dropped_batches: int = 0
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 

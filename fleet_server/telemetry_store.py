@@ -21,12 +21,22 @@ So for the N batches of one flush:
    aggregate serialise instead of losing an update), and written back in one
    statement: one row per (device, model) per flush, however many batches.
    The sums of step 0 are used as they are when every batch was new and from
-   a registered device (the common case), recomputed otherwise.
+   a registered device (the common case), recomputed otherwise;
+3. only for the few devices whose batches counted something for the device
+   as a whole (labels that matched no prediction, evicted captures, batches
+   dropped offline): their ``DeviceTotals`` row, the same way, after the
+   aggregates (one lock order for every worker: no deadlock).
+
+What a device counts is trusted only within bounds: negative counts are
+zero, a correct-label count above the label count is cut to it, non-finite
+sums are ignored, and named counts (classes, confusion cells, error kinds,
+inputs) are cut in number and name length, per batch and per aggregate.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,17 +45,24 @@ from itertools import islice, zip_longest
 from typing import Any
 
 from pydantic import TypeAdapter
-from sqlalchemy import bindparam, text, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from device_agent import protocol
 from fleet_server.gates import add_counts
-from fleet_server.models import ModelAggregate
+from fleet_server.models import DeviceTotals, ModelAggregate
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_BINS = 128  # histograms longer than any protocol bounds are cut, not trusted
 MAX_CLASSES = 1000
+MAX_NAME = 64  # a class, error kind or input name; longer ones are cut
+# confusion cells "true:predicted": the device keeps MAX_LABEL_CLASSES classes and OTHER_CLASS
+MAX_CONFUSION = (protocol.MAX_LABEL_CLASSES + 1) ** 2
+CONFUSION_OVERFLOW = f"{protocol.OTHER_CLASS}:{protocol.OTHER_CLASS}"
+MAX_KINDS = 32  # request error kinds, unmatched-label reasons
+MAX_INPUTS = 64  # inputs with feature checks
+_INF = math.inf  # a device's sums (CPU time, absolute error) are added when 0 < sum < inf
 _MODELS_JSON = TypeAdapter(dict[str, protocol.ModelStats])
 
 # PostgreSQL statements with a fixed text whatever the flush size (prepared once by psycopg),
@@ -61,23 +78,70 @@ _PG_INSERT_BATCHES = text(
 _PG_KEYS = "SELECT * FROM unnest(CAST(:d AS varchar[]), CAST(:s AS varchar[]))"
 _PG_CREATE_AGGREGATES = text(
     "INSERT INTO modelaggregate (device_id, sha256, served_ok, inferences, errors, latency_buckets,"
-    " output_hist, class_hist, shadow_samples, shadow_agree, updated_at)"
-    f" SELECT k.d, k.s, 0, 0, 0, '[]', '[]', '{{}}', 0, 0, :now FROM ({_PG_KEYS}) AS k(d, s)"
-    " ON CONFLICT (device_id, sha256) DO NOTHING"
+    " output_hist, class_hist, shadow_samples, shadow_agree, labels, labels_correct, confusion,"
+    " label_delay_buckets, label_abs_error_sum, requests, request_errors, input_checks, cpu_ms, captured,"
+    " updated_at)"
+    " SELECT k.d, k.s, 0, 0, 0, '[]', '[]', '{}', 0, 0,"
+    " 0, 0, '{}', '[]', 0, 0, '{}', '{}', 0, 0, :now"
+    f" FROM ({_PG_KEYS}) AS k(d, s) ON CONFLICT (device_id, sha256) DO NOTHING"
 )
+# one record per aggregate: the column values after the flush (``_sum``), keyed by ``_PG_FIELDS``
+_PG_FIELDS = {
+    "inferences": ("i", "bigint"),
+    "errors": ("e", "bigint"),
+    "latency_buckets": ("l", "json"),
+    "output_hist": ("o", "json"),
+    "class_hist": ("c", "json"),
+    "shadow_samples": ("ss", "bigint"),
+    "shadow_agree": ("sa", "bigint"),
+    "labels": ("lb", "bigint"),
+    "labels_correct": ("lc", "bigint"),
+    "confusion": ("cf", "json"),
+    "label_delay_buckets": ("ld", "json"),
+    "label_abs_error_sum": ("la", "double precision"),
+    "requests": ("rq", "bigint"),
+    "request_errors": ("re", "json"),
+    "input_checks": ("ic", "json"),
+    "cpu_ms": ("cpu", "double precision"),
+    "captured": ("cap", "bigint"),
+}
 _PG_UPDATE_AGGREGATES = text(
-    "UPDATE modelaggregate AS a SET inferences = r.i, errors = r.e, latency_buckets = r.l,"
-    " output_hist = r.o, class_hist = r.c, shadow_samples = r.ss, shadow_agree = r.sa, updated_at = :now"
-    " FROM json_to_recordset(CAST(:rows AS json))"
-    " AS r(d varchar, s varchar, i bigint, e bigint, l json, o json, c json, ss bigint, sa bigint)"
-    " WHERE a.device_id = r.d AND a.sha256 = r.s"
+    "UPDATE modelaggregate AS a SET "
+    + ", ".join(f"{column} = r.{key}" for column, (key, _) in _PG_FIELDS.items())
+    + ", updated_at = :now FROM json_to_recordset(CAST(:rows AS json)) AS r(d varchar, s varchar, "
+    + ", ".join(f"{key} {kind}" for key, kind in _PG_FIELDS.values())
+    + ") WHERE a.device_id = r.d AND a.sha256 = r.s"
 )
+_AGGREGATE_COLUMNS = ", ".join(_PG_FIELDS)
+_JSON_COLUMNS = tuple(column for column, (_, kind) in _PG_FIELDS.items() if kind == "json")
 
 
 def counts(values: Sequence[int]) -> list[int]:
     """A device's histogram as the gates may trust it: at most MAX_BINS bins, no negative counts."""
     cut = list(values[:MAX_BINS])
     return cut if not cut or min(cut) >= 0 else [max(int(v), 0) for v in cut]
+
+
+def _add_named(
+    into: dict[str, int], counted: dict[str, int], limit: int, name_length: int = MAX_NAME
+) -> None:
+    """Add a device's named counts: at most ``limit`` names, each cut to ``name_length``, no negatives."""
+    for name, n in counted.items() if len(counted) <= limit else islice(counted.items(), limit):
+        if len(name) > name_length:
+            name = name[:name_length]
+        into[name] = into.get(name, 0) + (n if n > 0 else 0)
+
+
+def _merged(
+    current: dict[str, int] | None, delta: dict[str, int], limit: int, overflow: str
+) -> dict[str, int]:
+    """``current`` plus ``delta``, at most ``limit`` names: further new names count under ``overflow``."""
+    out = dict(current or {})
+    for name, n in delta.items():
+        if name not in out and len(out) >= limit:
+            name = overflow
+        out[name] = out.get(name, 0) + n
+    return out
 
 
 @dataclass
@@ -89,6 +153,26 @@ class _Delta:
     classes: dict[str, int] = field(default_factory=dict)
     shadow_samples: int = 0
     shadow_agree: int = 0
+    labels: int = 0
+    labels_correct: int = 0
+    confusion: dict[str, int] = field(default_factory=dict)
+    label_delay: list[list[int]] = field(default_factory=list)
+    label_abs_error: float = 0.0
+    requests: int = 0
+    request_errors: dict[str, int] = field(default_factory=dict)
+    input_checks: dict[str, list[list[int]]] = field(default_factory=dict)  # per input: the batches' rows
+    cpu_ms: float = 0.0
+    captured: int = 0
+
+
+@dataclass
+class _DeviceDelta:
+    labels_unmatched: dict[str, int] = field(default_factory=dict)
+    capture_evicted: int = 0
+    dropped_batches: int = 0
+
+
+Deltas = tuple[dict[tuple[str, str], _Delta], dict[str, _DeviceDelta]]
 
 
 def _insert(session: Session, table: Any) -> postgresql.Insert | sqlite.Insert:
@@ -109,7 +193,7 @@ class Prepared:
     dialect: str
     batches: dict[tuple[str, str], protocol.TelemetryBatch]
     rows: dict[tuple[str, str], Any]  # per batch: the SQLite row tuple or the PostgreSQL JSON record
-    deltas: dict[tuple[str, str], _Delta]  # summed over every batch, assuming all are new
+    deltas: Deltas  # summed over every batch, assuming all are new: per (device, model), per device
 
 
 def prepare(dialect: str, batches: Sequence[protocol.TelemetryBatch]) -> Prepared:
@@ -131,12 +215,20 @@ def prepare(dialect: str, batches: Sequence[protocol.TelemetryBatch]) -> Prepare
     return Prepared(dialect, unique, rows, _deltas(unique.values()))
 
 
-def _deltas(batches: Iterable[protocol.TelemetryBatch]) -> dict[tuple[str, str], _Delta]:
+def _deltas(batches: Iterable[protocol.TelemetryBatch]) -> Deltas:
     deltas: dict[tuple[str, str], _Delta] = {}
+    devices: dict[str, _DeviceDelta] = {}
     shas: dict[str, bool] = {}
     for b in batches:
         _add(deltas, b, shas)
-    return deltas
+        if b.labels_unmatched or b.capture_evicted > 0 or b.dropped_batches > 0:
+            dd = devices.get(b.device_id)
+            if dd is None:
+                dd = devices[b.device_id] = _DeviceDelta()
+            _add_named(dd.labels_unmatched, b.labels_unmatched, MAX_KINDS)
+            dd.capture_evicted += max(b.capture_evicted, 0)
+            dd.dropped_batches += max(b.dropped_batches, 0)
+    return deltas, devices
 
 
 def store_prepared(
@@ -152,9 +244,12 @@ def store_prepared(
     else:
         new_keys = _insert_new_sqlite(session, prep, keys, now)
     # the common case: every batch of the flush was new and from a registered device
-    deltas = prep.deltas if len(new_keys) == len(prep.batches) else _deltas(prep.batches[k] for k in new_keys)
+    all_new = len(new_keys) == len(prep.batches)
+    deltas, device_deltas = prep.deltas if all_new else _deltas(prep.batches[k] for k in new_keys)
     if deltas:
         _apply(session, deltas, now)
+    if device_deltas:
+        _apply_devices(session, device_deltas, now)
     return len(new_keys)
 
 
@@ -229,11 +324,33 @@ def _add(deltas: dict[tuple[str, str], _Delta], b: protocol.TelemetryBatch, shas
         if s.output_hist:
             d.output.append(counts(s.output_hist))
         if s.class_hist:
-            classes = d.classes
-            for cls, n in islice(s.class_hist.items(), MAX_CLASSES):
-                if len(cls) > 64:
-                    cls = cls[:64]
-                classes[cls] = classes.get(cls, 0) + (n if n > 0 else 0)
+            _add_named(d.classes, s.class_hist, MAX_CLASSES)
+        n = s.labels
+        if n > 0:
+            d.labels += n
+            correct = s.labels_correct
+            d.labels_correct += n if correct > n else correct if correct > 0 else 0
+            if s.confusion:
+                _add_named(d.confusion, s.confusion, MAX_CONFUSION, 2 * MAX_NAME + 1)
+            if s.label_delay_buckets:
+                d.label_delay.append(counts(s.label_delay_buckets))
+            if 0 < s.label_abs_error_sum < _INF:
+                d.label_abs_error += s.label_abs_error_sum
+        if s.requests > 0:
+            d.requests += s.requests
+            if s.request_errors:
+                _add_named(d.request_errors, s.request_errors, MAX_KINDS)
+        if s.input_checks:  # summed per input when applied (``_sum``), like the histograms
+            checks = d.input_checks
+            for name, row in islice(s.input_checks.items(), MAX_INPUTS):
+                rows = checks.get(name)
+                if rows is None:
+                    rows = checks[name[:MAX_NAME]] = []
+                rows.append(row)
+        if 0 < s.cpu_ms < _INF:
+            d.cpu_ms += s.cpu_ms
+        if s.captured > 0:
+            d.captured += s.captured
     if b.shadow:
         for sha, sh in b.shadow.items():
             if not SHA256_RE.match(sha) or sh.samples < 0 or not 0 <= sh.top1_agree <= sh.samples:
@@ -260,13 +377,12 @@ def _apply(session: Session, deltas: dict[tuple[str, str], _Delta], now: datetim
     current = []
     for chunk, marks in _sqlite_chunks(keys):
         for r in session.connection().exec_driver_sql(
-            "SELECT a.device_id, a.sha256, a.inferences, a.errors, a.latency_buckets, a.output_hist,"
-            f" a.class_hist, a.shadow_samples, a.shadow_agree FROM (VALUES {marks}) AS k"
+            f"SELECT a.device_id, a.sha256, {_AGGREGATE_COLUMNS} FROM (VALUES {marks}) AS k"
             " JOIN modelaggregate AS a ON a.device_id = k.column1 AND a.sha256 = k.column2",
             tuple(v for k in chunk for v in k),
         ):
             row = dict(r._mapping)
-            for name in ("latency_buckets", "output_hist", "class_hist"):
+            for name in _JSON_COLUMNS:
                 row[name] = json.loads(row[name]) if row[name] else None
             current.append(row)
     params = []
@@ -288,28 +404,18 @@ def _apply_pg(session: Session, deltas: dict[tuple[str, str], _Delta], now: date
     conn.execute(_PG_CREATE_AGGREGATES, {**ks, "now": now})
     current = conn.execute(
         text(
-            "SELECT device_id, sha256, inferences, errors, latency_buckets, output_hist, class_hist,"
-            f" shadow_samples, shadow_agree FROM modelaggregate WHERE (device_id, sha256) IN ({_PG_KEYS})"
-            " ORDER BY device_id, sha256 FOR UPDATE"
+            f"SELECT device_id, sha256, {_AGGREGATE_COLUMNS} FROM modelaggregate"
+            f" WHERE (device_id, sha256) IN ({_PG_KEYS}) ORDER BY device_id, sha256 FOR UPDATE"
         ),
         ks,
     ).mappings()
     rows = []
     for row in current:
         new = _sum(row, deltas[(row["device_id"], row["sha256"])])
-        rows.append(
-            {
-                "d": row["device_id"],
-                "s": row["sha256"],
-                "i": new["inferences"],
-                "e": new["errors"],
-                "l": new["latency_buckets"],
-                "o": new["output_hist"],
-                "c": new["class_hist"],
-                "ss": new["shadow_samples"],
-                "sa": new["shadow_agree"],
-            }
-        )
+        record = {"d": row["device_id"], "s": row["sha256"]}
+        for column, (key, _) in _PG_FIELDS.items():
+            record[key] = new[column]
+        rows.append(record)
     conn.execute(_PG_UPDATE_AGGREGATES, {"rows": json.dumps(rows), "now": now})
 
 
@@ -318,6 +424,12 @@ def _sum(row: Any, d: _Delta) -> dict[str, Any]:
     classes = dict(row["class_hist"] or {})
     for cls, n in d.classes.items():
         classes[cls] = classes.get(cls, 0) + n
+    checks = dict(row["input_checks"] or {})
+    width = len(protocol.INPUT_CHECKS)
+    for name, rows in d.input_checks.items():
+        if name in checks or len(checks) < MAX_INPUTS:
+            added = _columns([counts(r[:width]) for r in rows])
+            checks[name] = list(add_counts(checks.get(name) or [], added))
     return {
         "inferences": row["inferences"] + d.inferences,
         "errors": row["errors"] + d.errors,
@@ -326,4 +438,50 @@ def _sum(row: Any, d: _Delta) -> dict[str, Any]:
         "class_hist": classes,
         "shadow_samples": row["shadow_samples"] + d.shadow_samples,
         "shadow_agree": row["shadow_agree"] + d.shadow_agree,
+        "labels": row["labels"] + d.labels,
+        "labels_correct": row["labels_correct"] + d.labels_correct,
+        "confusion": _merged(row["confusion"], d.confusion, MAX_CONFUSION, CONFUSION_OVERFLOW)
+        if d.confusion
+        else row["confusion"] or {},
+        "label_delay_buckets": list(add_counts(row["label_delay_buckets"] or [], _columns(d.label_delay))),
+        "label_abs_error_sum": row["label_abs_error_sum"] + d.label_abs_error,
+        "requests": row["requests"] + d.requests,
+        "request_errors": _merged(row["request_errors"], d.request_errors, MAX_KINDS, "other")
+        if d.request_errors
+        else row["request_errors"] or {},
+        "input_checks": checks,
+        "cpu_ms": row["cpu_ms"] + d.cpu_ms,
+        "captured": row["captured"] + d.captured,
     }
+
+
+def _apply_devices(session: Session, deltas: dict[str, _DeviceDelta], now: datetime) -> None:
+    """Add the flush's per-device counts to ``DeviceTotals`` (rows locked in key order, as above)."""
+    keys = sorted(deltas)
+    table = DeviceTotals.__table__  # type: ignore[attr-defined]
+    conn = session.connection()
+    conn.execute(
+        _insert(session, table).on_conflict_do_nothing(index_elements=["device_id"]),
+        [{"device_id": k, "labels_unmatched": {}, "updated_at": now} for k in keys],
+    )
+    query = select(table).where(table.c.device_id.in_(keys)).order_by(table.c.device_id)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    params = []
+    for row in conn.execute(query).mappings():
+        d = deltas[row["device_id"]]
+        params.append(
+            {
+                "k_device": row["device_id"],
+                "labels_unmatched": _merged(row["labels_unmatched"], d.labels_unmatched, MAX_KINDS, "other"),
+                "capture_evicted": row["capture_evicted"] + d.capture_evicted,
+                "dropped_batches": row["dropped_batches"] + d.dropped_batches,
+                "updated_at": now,
+            }
+        )
+    conn.execute(
+        update(table)
+        .where(table.c.device_id == bindparam("k_device"))
+        .execution_options(synchronize_session=False),
+        params,
+    )
