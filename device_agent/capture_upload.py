@@ -99,12 +99,15 @@ class CaptureUploader:
         self.upload_url = upload_url
         self.wake = asyncio.Event()
         self._identity: DeviceIdentity | None = None
+        self._no_identity = False
         self._attempt = 0
 
     def identity(self) -> DeviceIdentity | None:
-        """The device's signing identity, loaded once; None (said once, counted) without one."""
-        if self._identity is None:
+        """The device's signing identity, loaded on first use; None without one (said once: the
+        configuration does not change while the agent runs)."""
+        if self._identity is None and not self._no_identity:
             s = self.settings
+            self._no_identity = True
             if s.cert_file is None or s.key_file is None:
                 log.warning(
                     "%s: captures cannot be uploaded: no device certificate and key "
@@ -119,10 +122,15 @@ class CaptureUploader:
             except (OSError, ValueError, DeviceAuthError) as exc:
                 log.warning("%s: captures cannot be uploaded: device key unusable: %s", s.device_id, exc)
                 return None
+            self._no_identity = False
         return self._identity
 
     async def run(self) -> None:
-        """Upload until cancelled; one failure never ends the task."""
+        """Upload until cancelled; one failure never ends the task.
+
+        Between passes it waits for the writer's wake-up (a batch was sealed) or the idle poll;
+        after a failed attempt it sits out the whole backoff, wake-ups or not, so a fleet whose
+        server is down does not retry with every sealed batch."""
         while True:
             try:
                 delay = await self.upload_pending()
@@ -131,7 +139,11 @@ class CaptureUploader:
             except Exception:
                 self.metrics.count("capture_upload_errors")
                 log.exception("%s: capture upload failed", self.settings.device_id)
-                delay = backoff_delay(self._attempt, base=BACKOFF_BASE_S, cap=BACKOFF_CAP_S)
+                self._attempt += 1
+                delay = backoff_delay(self._attempt - 1, base=BACKOFF_BASE_S, cap=BACKOFF_CAP_S)
+            if self._attempt:
+                await asyncio.sleep(delay)
+                continue
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay)
@@ -190,11 +202,11 @@ class CaptureUploader:
         finally:
             self.store.release()  # retried or cancelled: the file stays, and may be evicted again
         if result is Outcome.DELIVERED:
-            self.metrics.count("capture_batches_uploaded")
             self.metrics.count("capture_items_uploaded", p.items)
+            self.metrics.count("capture_batches_uploaded")
         elif result is Outcome.REFUSED:
-            self.metrics.count("capture_batches_refused")
             self.metrics.count("capture_items_refused", p.items)
+            self.metrics.count("capture_batches_refused")
             log.warning(
                 "%s: capture batch %s refused (%s): %s", self.settings.device_id, p.batch_id, status, detail
             )

@@ -187,8 +187,9 @@ class CaptureServer:
     answers: list[tuple[int, int]] = field(default_factory=list)  # (status, batch count) log
     script: list[int] = field(default_factory=list)  # statuses to answer next, before storing
     refuse: Callable[[dict[str, Any]], str | None] = lambda doc: None  # a 4xx code for a batch, or None
-    hold_s: float = 0.0  # keep each request open this long before answering (to kill mid-upload)
-    received = 0  # requests that reached the handler
+    hold_s: float = 0.0  # hold a stored batch's answer this long (to kill the agent mid-upload)
+    received: int = 0  # requests that reached the handler
+    answered_at: list[float] = field(default_factory=list)  # time.monotonic() of each answer
     _httpd: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -214,6 +215,7 @@ class CaptureServer:
                 self.wfile.write(data)
                 with outer._lock:
                     outer.answers.append((status, len(outer.stored)))
+                    outer.answered_at.append(time.monotonic())
 
             def _refuse(self, status: int, code: str, message: str) -> None:
                 self._answer(status, {"detail": {"code": code, "message": message}})
@@ -222,8 +224,6 @@ class CaptureServer:
                 with outer._lock:
                     outer.received += 1
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if outer.hold_s:
-                    time.sleep(outer.hold_s)
                 with outer._lock:
                     scripted = outer.script.pop(0) if outer.script else None
                 if scripted is not None:
@@ -258,8 +258,10 @@ class CaptureServer:
                         status = 201
                 if status == 409:
                     self._refuse(409, "batch_conflict", "another body under this batch id")
-                else:
-                    self._answer(status, {"batch_id": batch_id, "items": len(doc["items"])})
+                    return
+                if outer.hold_s:  # stored, but the device does not know yet
+                    time.sleep(outer.hold_s)
+                self._answer(status, {"batch_id": batch_id, "items": len(doc["items"])})
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._httpd.daemon_threads = True
