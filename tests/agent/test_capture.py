@@ -64,10 +64,13 @@ def _infer_captured(dev: FieldDevice, n: int) -> list[str]:
     """``n`` inferences, paced so the capture queue never overflows (every one is captured)."""
     ids: list[str] = []
     start = dev.agent.metrics.get("captured", 0)
+
+    def written() -> bool:
+        return bool(dev.agent.metrics.get("captured", 0) == start + len(ids))
+
     while len(ids) < n:
         ids += _infer(dev, min(100, n - len(ids)))
-        want = start + len(ids)
-        wait_for(lambda want=want: dev.agent.metrics.get("captured", 0) == want, 20, "captures written")
+        wait_for(written, 20, "captures written")
     return ids
 
 
