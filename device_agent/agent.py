@@ -53,7 +53,7 @@ from device_agent.http_fetcher import HttpFetcher, HttpsSettings
 from device_agent.ids import IdMinter, format_id, parse_id
 from device_agent.install import Installer
 from device_agent.judgement import Accept, Duplicate, Mark, RefreshRoot, Reject, RootWalk, judge
-from device_agent.labels import LabelStatus, Matched, Prediction, PredictionRing, Unmatched
+from device_agent.labels import LabelStatus, Matched, PredictionRing, Unmatched
 from device_agent.labels import judge as judge_label
 from device_agent.metrics import Metrics
 from device_agent.mqtt_link import MqttLink
@@ -403,7 +403,7 @@ class Agent:
         latency_us = (time.perf_counter() - t0) * 1e6
         self.telemetry.record(s.sha256, latency_us, error, classes, x, outputs, s.check)
         width = outputs[0].shape[-1] if outputs and outputs[0].ndim else 1
-        self._predictions.add(Prediction(id128, s.sha256, classes, top, width))
+        self._predictions.add((id128, s.sha256, classes, top, width))
         if error is not None:
             self._metrics.count(f"inference_{error}")
         elif models.awaiting_proof is not None:

@@ -17,13 +17,11 @@ thousands of agents without capture carries no threads for it.
 from __future__ import annotations
 
 import base64
-import contextlib
-import functools
 import json
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +37,7 @@ log = logging.getLogger(__name__)
 
 QUEUE = 256  # sampled inferences waiting for the writer; more are skipped, never block inference
 BATCH_AGE_S = 5.0  # an open batch older than this is sealed, so captures flow while inferences trickle
-POLL_S = 0.2
+POLL_S = 0.1  # the writer drains the queue this often
 
 _Item = tuple[int, str, str, np.ndarray, list[np.ndarray], str]  # id, sha, input name, x, outputs, keep
 
@@ -68,7 +66,13 @@ def encode_item(id128: int, input_name: str, x: np.ndarray, outputs: list[np.nda
 
 
 class Capturer:
-    """The capture policy in force, the queue from the inference threads, and the writer thread."""
+    """The capture policy in force, the queue from the inference threads, and the writer thread.
+
+    The queue is a deque the writer drains every ``POLL_S``: appending is atomic and wakes
+    no one, so a sampled inference pays for its copies and one append, and the writer
+    encodes and writes a burst at a time with one flush, instead of taking the GIL for
+    every item while inferences want it.
+    """
 
     def __init__(
         self,
@@ -88,8 +92,10 @@ class Capturer:
         self.state = state
         self.rate = 0.0  # read on every inference: 0 means off
         self.keep = "both"
-        self._queue: queue.Queue[_Item | None] = queue.Queue(QUEUE)
+        self._pending: deque[_Item] = deque()
         self._thread: threading.Thread | None = None
+        self._quit = threading.Event()
+        self._drain_on_quit = True
         self._stopped = False
         if state.capture is not None:
             store.set_quota(state.capture.quota_bytes)
@@ -126,6 +132,8 @@ class Capturer:
             return
         self.keep = capture.keep
         if self._thread is None or not self._thread.is_alive():
+            self._quit.clear()
+            self._drain_on_quit = True
             self._thread = threading.Thread(
                 target=self._work, name=f"{self.store.device_id}-capture", daemon=True
             )
@@ -134,27 +142,25 @@ class Capturer:
 
     def offer(self, id128: int, sha256: str, input_name: str, x: Any, outputs: list[np.ndarray]) -> bool:
         """Queue one sampled inference (arrays copied: the caller may reuse its buffers); False if full."""
-        try:
-            item = (id128, sha256, input_name, np.array(x, copy=True), [o.copy() for o in outputs], self.keep)
-            self._queue.put_nowait(item)
-        except queue.Full:
+        if len(self._pending) >= QUEUE:
             return False
+        self._pending.append(
+            (id128, sha256, input_name, np.array(x, copy=True), [o.copy() for o in outputs], self.keep)
+        )
         return True
 
     def stop(self, wait: bool = True) -> None:
-        """Stop sampling and the writer: ``wait`` drains the queue to disk first (a graceful stop);
+        """Stop sampling and the writer: ``wait`` writes what is queued first (a graceful stop);
         without it (a power cut) what is queued is lost, as it was never captured."""
         self._stopped = True
         self.rate = 0.0
         thread, self._thread = self._thread, None
         if thread is not None:
-            if not wait:
-                with contextlib.suppress(queue.Empty):
-                    while True:
-                        self._queue.get_nowait()
-            with contextlib.suppress(queue.Full):
-                self._queue.put(None, timeout=1.0)
+            self._drain_on_quit = wait
+            self._quit.set()
             thread.join(5.0 if wait else 1.0)
+        if not wait:
+            self._pending.clear()
         self.store.close()
 
     def _evicted(self, n: int) -> None:
@@ -163,17 +169,16 @@ class Capturer:
 
     def _work(self) -> None:
         while True:
-            try:
-                item: _Item | None = self._queue.get(timeout=POLL_S)
-            except queue.Empty:
-                self._guarded(self._seal_old)
-                continue
-            if item is None:
+            quitting = self._quit.wait(POLL_S)
+            if quitting and not self._drain_on_quit:
                 return
-            self._guarded(functools.partial(self._write, item))
+            self._guarded(self._drain)
+            self._guarded(self._seal_old)
+            if quitting:
+                return
 
     def _guarded(self, step: Callable[[], None]) -> None:
-        """One step of the writer; a failure loses that sample (counted), never the thread."""
+        """One step of the writer; a failure loses those samples (counted), never the thread."""
         try:
             step()
         except OSError as exc:  # a full disk
@@ -187,19 +192,30 @@ class Capturer:
         if self.store.seal_if_older(self.batch_age_s):
             self.on_sealed()
 
-    def _write(self, item: _Item) -> None:
-        id128, sha, name, x, outputs, keep = item
-        done = self.store.append(sha, encode_item(id128, name, x, outputs, keep))
-        if not done.stored:
-            self.metrics.count("capture_too_large")
+    def _drain(self) -> None:
+        """Write everything queued, flush once, then count it captured (it is on disk now)."""
+        written: dict[str, int] = {}
+        evicted, sealed = 0, False
+        pending = self._pending
+        while pending:
+            id128, sha, name, x, outputs, keep = pending.popleft()
+            done = self.store.append(sha, encode_item(id128, name, x, outputs, keep))
+            if not done.stored:
+                self.metrics.count("capture_too_large")
+                continue
+            written[sha] = written.get(sha, 0) + 1
+            evicted += done.evicted
+            sealed = sealed or done.sealed
+        if not written:
             return
-        self.telemetry.record_captured(sha)
-        self.metrics.count("captured")
-        if done.evicted:
-            self._evicted(done.evicted)
-        if done.sealed:
+        self.store.flush()
+        for sha, n in written.items():
+            self.telemetry.record_captured(sha, n)
+            self.metrics.count("captured", n)
+        if evicted:
+            self._evicted(evicted)
+        if sealed:
             self.on_sealed()
-        self._seal_old()
 
 
 __all__ = ["BATCH_AGE_S", "QUEUE", "Capturer", "encode_item", "iso_millis", "tensor"]

@@ -3,9 +3,10 @@
 Layout under ``data_dir/capture/``:
 
 - ``open.jsonl``: the batch being filled. Its first line names the batch (id, model);
-  each further line is one captured item (the JSON the upload carries), written and
-  flushed as it comes, so a crash of the agent loses no item it counted as captured
-  (a power cut can tear the last line; recovery drops a line that does not parse);
+  each further line is one captured item (the JSON the upload carries). The writer
+  flushes after each burst of appends and only then counts them captured, so a crash
+  of the agent loses no item it counted (a power cut can tear the last line; recovery
+  drops a line that does not parse);
 - ``batches/<batch_id>.<items>.json``: sealed batches, each file exactly the body of
   its upload (so a resend after a crash has the same hash, and the server's
   idempotency on ``batch_id`` holds). Written atomically; batch ids are UUIDv7, so
@@ -165,10 +166,16 @@ class CaptureStore:
                 self._open(sha256)
             assert self._journal is not None and self._fh is not None
             self._fh.write(line + b"\n")
-            self._fh.flush()  # in the OS from here on: a crash of the agent does not lose it
             self._journal.size += len(line) + 1
             self._journal.items += 1
             return Appended(stored=True, evicted=self._fit(), sealed=sealed)
+
+    def flush(self) -> None:
+        """Hand what was appended to the OS: from here on a crash of the agent does not lose it
+        (a power cut may still tear the last line; recovery drops it)."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.flush()
 
     def seal_if_older(self, age_s: float) -> bool:
         """Seal the open batch if its first item is older than ``age_s``; True if one was sealed."""
@@ -201,6 +208,8 @@ class CaptureStore:
             self._journal = None  # the file stays: the next start recovers it
 
     def _open(self, sha256: str) -> None:
+        if (self.root / JOURNAL).exists():  # one a close() left behind: never truncate its items
+            self._seal_file(self.root / JOURNAL)
         j = _Journal(self.new_batch_id(), sha256, time.monotonic(), 0, 0)
         fh = open(self.root / JOURNAL, "wb")  # noqa: SIM115 - held open across appends, closed on seal
         try:

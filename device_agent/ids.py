@@ -7,7 +7,7 @@ bits after the version (``rand_a`` and the top 30 of ``rand_b``) are a counter
 a random value below 2**41 and goes up by one per id in this process; the low 32
 bits are random for each id. So, in one process:
 
-- ids are unique: two ids share a counter value only after 2**41 ids in between;
+- ids are unique: two ids share a counter value only after 2**42 ids in between;
 - ids sort in the order they were minted (sequentially, on any thread): the time
   never goes back (a wall clock stepped back is held at the last millisecond
   used) and within a millisecond the counter decides;
@@ -33,35 +33,31 @@ from datetime import UTC, datetime
 _VERSION = 0x7 << 76
 _VARIANT = 0b10 << 62
 _COUNTER_BITS = 42
-_COUNTER_MASK = (1 << _COUNTER_BITS) - 1
 _RAND_A_SHIFT = 64  # the counter's top 12 bits sit above the variant
+_time_ns = time.time_ns
 _ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
 class IdMinter:
-    """Mints UUIDv7 ints from ``clock`` (seconds since the epoch, the device's wall clock)."""
+    """Mints UUIDv7 ints from ``clock`` (seconds since the epoch: the device's wall clock; default
+    ``time.time_ns``). The bits fixed within a millisecond are built once per millisecond, which
+    halves the cost of an id (~0.5 us on a loaded 2-core VM)."""
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self._clock = clock
         self._counter = itertools.count(random.getrandbits(_COUNTER_BITS - 1))
-        self._last_ms = 0
         self._rand = random.getrandbits
+        self._last_ms = -1
+        self._prefix = 0
 
     def __call__(self) -> int:
-        ms = int(self._clock() * 1000) if self._clock is not None else time.time_ns() // 1_000_000
-        if ms < self._last_ms:
-            ms = self._last_ms  # the wall clock was stepped back: ids stay ordered
-        else:
+        clock = self._clock
+        ms = _time_ns() // 1_000_000 if clock is None else int(clock() * 1000)
+        if ms > self._last_ms:  # a new millisecond; a wall clock stepped back keeps the last one
             self._last_ms = ms
-        c = next(self._counter) & _COUNTER_MASK
-        return (
-            (ms & 0xFFFF_FFFF_FFFF) << 80
-            | _VERSION
-            | (c >> 30) << _RAND_A_SHIFT
-            | _VARIANT
-            | (c & 0x3FFF_FFFF) << 32
-            | self._rand(32)
-        )
+            self._prefix = (ms & 0xFFFF_FFFF_FFFF) << 80 | _VERSION | _VARIANT
+        c = next(self._counter)  # bits 30-41 go to rand_a, 0-29 to the top of rand_b
+        return self._prefix | (c >> 30 & 0xFFF) << _RAND_A_SHIFT | (c & 0x3FFF_FFFF) << 32 | self._rand(32)
 
 
 def format_id(value: int) -> str:

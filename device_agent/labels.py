@@ -80,36 +80,41 @@ class Unmatched:
 Verdict = Matched | Unmatched
 
 
+Entry = tuple[int, str, list[int], float | None, int]  # a Prediction's fields, as the ring stores them
+
+
 class PredictionRing:
     """The last ``size`` predictions by id. ``add`` takes no lock (it runs on every inference).
 
     Each prediction takes the next slot of a fixed list (``itertools.count`` is atomic in
     CPython) and the index maps its id to the slot. A lookup checks that the slot still
     holds that id, so a slot reused under a race reads as a lost prediction, never as
-    another one. Labelling (rare) takes a lock of its own.
+    another one. Labelling (rare) takes a lock of its own. Entries are plain tuples of a
+    :class:`Prediction`'s fields: building a NamedTuple costs ~3x more, on every inference.
     """
 
     def __init__(self, size: int) -> None:
         if size <= 0:
             raise ValueError("the prediction ring needs at least one slot")
         self.size = size
-        self._slots: list[Prediction | None] = [None] * size
+        self._slots: list[Entry | None] = [None] * size
         self._index: dict[int, int] = {}
         self._next = itertools.count()
         self._added = 0
         self._labelled: set[int] = set()
         self._label_lock = threading.Lock()
 
-    def add(self, p: Prediction) -> None:
+    def add(self, entry: Entry) -> None:
+        """Keep ``(id128, sha256, classes, top, width)``, pushing out the oldest when full."""
         n = next(self._next)
         pos = n % self.size
         old = self._slots[pos]
-        self._slots[pos] = p
+        self._slots[pos] = entry
         if old is not None:
-            self._index.pop(old.id128, None)
+            self._index.pop(old[0], None)
             if self._labelled:
-                self._labelled.discard(old.id128)
-        self._index[p.id128] = pos
+                self._labelled.discard(old[0])
+        self._index[entry[0]] = pos
         self._added = n + 1
 
     def oldest(self) -> int | None:
@@ -117,16 +122,16 @@ class PredictionRing:
         sort in minting order, so any id below it was pushed out."""
         if self._added < self.size:
             return None
-        p = self._slots[self._added % self.size]
-        return p.id128 if p is not None else None
+        entry = self._slots[self._added % self.size]
+        return entry[0] if entry is not None else None
 
     def find(self, id128: int) -> tuple[Prediction | None, bool]:
         """(the prediction with this id, was it labelled already?); (None, False) if not held."""
         pos = self._index.get(id128)
-        p = self._slots[pos] if pos is not None else None
-        if p is None or p.id128 != id128:
+        entry = self._slots[pos] if pos is not None else None
+        if entry is None or entry[0] != id128:
             return None, False
-        return p, id128 in self._labelled
+        return Prediction(*entry), id128 in self._labelled
 
     def mark(self, id128: int) -> bool:
         """Record that this prediction got its label; False if another label beat this one to it."""

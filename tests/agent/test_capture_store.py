@@ -122,6 +122,7 @@ def test_a_crashed_agents_journal_is_sealed_once_without_its_torn_line(tmp_path:
         iid, line = _line(mint)
         ids.append(iid)
         store.append(SHA_A, line)
+    store.flush()
     # The process dies here (no seal, no close); a power cut tore the last write in half.
     with open(tmp_path / JOURNAL, "ab") as fh:
         fh.write(_line(mint)[1][:40])
@@ -137,6 +138,7 @@ def test_a_journal_whose_batch_was_sealed_already_is_not_sealed_twice(tmp_path: 
     mint = IdMinter()
     for _ in range(3):
         store.append(SHA_A, _line(mint)[1])
+    store.flush()
     journal = (tmp_path / JOURNAL).read_bytes()
     store.seal()
     (tmp_path / JOURNAL).write_bytes(journal)  # as if its deletion never happened

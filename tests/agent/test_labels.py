@@ -125,7 +125,7 @@ def test_the_ring_keeps_the_last_predictions_and_marks_each_labelled_once() -> N
     mint = IdMinter()
     ids = [mint() for _ in range(6)]
     for i in ids:
-        ring.add(Prediction(i, "sha", [0], 1.0, 2))
+        ring.add((i, "sha", [0], 1.0, 2))
     assert len(ring) == 4
     assert ring.find(ids[0]) == (None, False) and ring.find(ids[1]) == (None, False)
     assert ring.oldest() == ids[2]
@@ -134,7 +134,7 @@ def test_the_ring_keeps_the_last_predictions_and_marks_each_labelled_once() -> N
     assert ring.mark(ids[5]) and not ring.mark(ids[5])
     assert ring.find(ids[5])[1]
     for _ in range(4):  # the labelled prediction is pushed out: its mark goes with it
-        ring.add(Prediction(mint(), "sha", [0], 1.0, 2))
+        ring.add((mint(), "sha", [0], 1.0, 2))
     assert ring.find(ids[5]) == (None, False)
 
 
