@@ -8,19 +8,36 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from cryptography import x509
 
 from device_agent.capture_store import JOURNAL
+from edgefleet.broker import BrokerInfo, device_mqtt_keys
 from edgefleet.provision import fleet_ca
 from signing.keyring import KeyDir
 
 from .field_device import CaptureServer, FieldDevice, device_identity, start_device
-from .harness import Bundle, LoopThread, make_bundle, unique_id, wait_for
+from .harness import (
+    ArtifactServer,
+    Bundle,
+    LoopThread,
+    Observer,
+    make_bundle,
+    mqtt_toml,
+    sign_directive,
+    unique_id,
+    wait_for,
+)
+
+REPO = Path(__file__).resolve().parents[2]
 
 RNG = np.random.default_rng(7)
 
@@ -82,8 +99,10 @@ def _on_disk(data: Path) -> list[str]:
     journal = data / "capture" / JOURNAL
     if journal.exists():
         for line in journal.read_bytes().split(b"\n")[1:]:
-            if line:
+            try:
                 ids.append(json.loads(line)["inference_id"])
+            except ValueError:  # empty, or torn by a kill mid-write: never counted as captured
+                continue
     return ids
 
 
@@ -301,3 +320,56 @@ def test_a_directive_without_capture_stops_sampling_but_what_is_kept_still_goes(
         wait_for(lambda: sorted(server.ids()) == sorted(ids), 60, "the kept captures uploaded")
     finally:
         _stop(loop_thread, dev)
+
+
+def test_a_real_agent_process_killed_mid_upload_loses_and_repeats_nothing(
+    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, observer: Observer
+) -> None:
+    """``kill -9`` of ``python -m device_agent`` while the server holds an upload it has stored, with
+    the synthetic workload capturing all along; the restarted process sends what was on disk."""
+    dev = unique_id("kill")
+    keys = device_mqtt_keys(broker_info, dev)
+    ca = x509.load_pem_x509_certificate(Path(keys["mqtt_ca_file"]).read_bytes())
+    server = CaptureServer(ca).start()
+    server.hold_s = 2.0
+    data = tmp_path / dev
+    conf = tmp_path / "agent.toml"
+    lines = [
+        "[agent]",
+        f'device_id = "{dev}"',
+        'hardware_id = "rpi4"',
+        f'data_dir = "{data}"',
+        f'trust_path = "{keydir.trust_path}"',
+        mqtt_toml(broker_info, dev).rstrip("\n"),
+        f"mqtt_version = {broker_info.mqtt_version}",
+        "capture_batch_age_s = 0.3",
+        'log_format = "text"',
+    ]
+    conf.write_text("\n".join(lines) + "\n")
+    bundle = make_bundle(tmp_path / "b", keydir.key("release"), seed=4)
+    artifacts.add(bundle)
+    cmd = [sys.executable, "-m", "device_agent", "--config", str(conf)]
+    proc = subprocess.Popen([*cmd, "--workload-hz", "40"], cwd=REPO, stderr=subprocess.DEVNULL)
+    try:
+        directive = sign_directive(
+            keydir.key("fleet"), dev, 1, artifacts.model_ref(bundle), capture=_policy(server)
+        )
+        observer.publish(dev, directive)
+        wait_for(lambda: server.stored, 30, "a batch stored while its upload is held open")
+        wait_for(lambda: len(_on_disk(data)) > len(server.ids()), 10, "more captured meanwhile")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(20)
+    at_kill = set(_on_disk(data)) | set(server.ids())
+    assert server.answers == [] and set(server.ids()) <= set(_on_disk(data))
+    server.hold_s = 0.0
+    proc = subprocess.Popen([*cmd, "--workload-hz", "0"], cwd=REPO, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: not _on_disk(data) and at_kill <= set(server.ids()), 30, "everything sent again")
+        ids = server.ids()
+        assert len(ids) == len(set(ids)) == len(at_kill)  # each captured inference exactly once
+        assert 200 in [status for status, _ in server.answers]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        server.stop()
