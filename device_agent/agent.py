@@ -16,7 +16,12 @@ For each retained directive on ``ef/v1/{id}/desired``:
 4. with ``directive.probation``: keep the previous model loaded and watch the new
    one; revert by itself if it misbehaves (``reverted`` + why), report ``serving``
    only after the window passed and enough inferences succeeded;
-5. with ``directive.shadow``: run the candidate on a sample of live inputs.
+5. with ``directive.shadow``: run the candidate on a sample of live inputs;
+6. with ``directive.capture``: keep a sample of inferences on disk and upload them
+   (:mod:`~device_agent.capture`, :mod:`~device_agent.capture_upload`).
+
+Every answer of ``infer`` carries a UUIDv7 inference id; ``label`` joins a later
+label to the prediction it names (:mod:`~device_agent.labels`).
 
 Every failure leaves the serving model untouched. ``infer`` reads the serving
 reference once, so calls in flight during a swap finish on the model they started
@@ -316,7 +321,10 @@ class Agent:
           there and its result is dropped); the shadow worker is told to quit, not joined;
         - loaded models are dropped (``infer`` raises ``NoModelError``) and the local API
           stops listening, so a new ``Agent`` on the same ``data_dir`` can boot at once
-          (that boot is the crash-recovery path).
+          (that boot is the crash-recovery path);
+        - sampled inferences still queued for the capture writer are lost (they were never
+          captured); an upload in flight is cut off and its batch stays on disk, to be sent
+          again by the next boot; the prediction ring (labels) is gone with the process.
 
         The agent cannot be started again; build a new one. Idempotent.
         """

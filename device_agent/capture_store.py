@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from device_agent.slots import atomic_write
 from device_agent.wire import Capture, ProtocolError, default_of
@@ -321,12 +321,6 @@ def _whole(line: bytes) -> bool:
         return False
 
 
-def item_ids(batch_body: bytes) -> list[str]:
-    """The inference ids in an upload body (tests and tools read batches with it)."""
-    doc: Any = json.loads(batch_body)
-    return [str(item["inference_id"]) for item in doc.get("items", [])]
-
-
 __all__ = [
     "BODY_OVERHEAD",
     "MAX_BODY",
@@ -336,6 +330,5 @@ __all__ = [
     "PolicyState",
     "batch_name",
     "body",
-    "item_ids",
     "parse_name",
 ]

@@ -12,7 +12,8 @@ id -> model, top-1 class per row and its score, or a regressor's value) and
 - ``unknown``: no such prediction here (never made on this device, or lost with a
   restart: the ring lives in memory);
 - ``expired``: the prediction is older than ``label_max_age_s``, or was pushed out
-  of the ring by newer ones (the id's own UUIDv7 time tells which);
+  of the ring by newer ones (ids sort in minting order, so an id below the oldest
+  one held was pushed out; the id's own time tells its age);
 - ``duplicate``: this prediction was labelled already (the first label counts);
 - ``invalid``: not a UUIDv7, a label of the wrong kind or length, a label time
   before the inference.
