@@ -65,7 +65,7 @@ def scan(outputs: list[np.ndarray]) -> tuple[bool, list[int], float | None]:
     argmax/argmin propagate NaN (they return its index) and land on +inf/-inf,
     so an array is all-finite iff the values at its argmax and argmin are: the
     same argmax is the top-1 class of a batch-1 classifier, and the value there
-    its score (a regressor's one output value). ~0.6 us instead of
+    its score (a regressor's one output value). ~1 us instead of
     isfinite().all() + a separate argmax (~3 us) on the hot path. The top value
     is None unless the first output is a float tensor of one row.
     """
@@ -77,13 +77,12 @@ def scan(outputs: list[np.ndarray]) -> tuple[bool, list[int], float | None]:
                 classes = top1_classes(outputs)
             continue
         hi = int(o.argmax())
-        flat = o.reshape(-1)
-        best = flat[hi]
-        if not (math.isfinite(best) and math.isfinite(flat[int(o.argmin())])):
+        best = o.item(hi)  # a Python float: no numpy scalar, no reshape
+        if not (math.isfinite(best) and math.isfinite(o.item(int(o.argmin())))):
             return True, [], None
         if i == 0:
             if o.ndim <= 1 or o.shape[0] == 1:
-                classes, top = [hi % o.shape[-1]] if o.ndim else [0], float(best)
+                classes, top = [hi % o.shape[-1]] if o.ndim else [0], best
             else:
                 classes = top1_classes(outputs)
     return False, classes, top

@@ -53,7 +53,7 @@ class _Stats:
     errors: dict[str, int] = field(default_factory=dict)
     buckets: list[int] = field(default_factory=lambda: [0] * NUM_BUCKETS)
     latency_sum_us: float = 0.0
-    class_hist: dict[str, int] = field(default_factory=dict)
+    class_hist: dict[int, int] = field(default_factory=dict)  # keyed by int: str() at freeze, not per call
     input_count: int = 0
     input_mean: np.ndarray | None = None
     input_m2: np.ndarray | None = None
@@ -82,7 +82,7 @@ class _Stats:
             errors=dict(self.errors),
             latency_buckets=list(self.buckets),
             latency_sum_us=self.latency_sum_us,
-            class_hist=dict(self.class_hist),
+            class_hist={str(k): v for k, v in self.class_hist.items()},
             input_count=self.input_count,
             input_mean=[] if self.input_mean is None else self.input_mean.tolist(),
             input_m2=[] if self.input_m2 is None else self.input_m2.tolist(),
@@ -266,8 +266,7 @@ class Telemetry:
                 tot.ok += 1
             hist = st.class_hist
             for c in classes:
-                key = str(c)
-                hist[key] = hist.get(key, 0) + 1
+                hist[c] = hist.get(c, 0) + 1
             self._calls += 1
             sketch = x is not None and self._calls % self.sketch_every == 0
             if sketch:
