@@ -198,7 +198,10 @@ def _make_handler(
                 telemetry.record_request(s.sha256, "bad_input")
                 telemetry.record_input_missing(s.sha256, s.input_name)
                 raise
-            work = pool.submit(agent.infer, x)
+            try:
+                work = pool.submit(agent.infer, x)
+            except RuntimeError as exc:  # the pool is shut down: the agent is stopping
+                raise ApiError(503, "stopping", "the agent is stopping") from exc
             try:
                 result = work.result(timeout)
             except FutureTimeout as exc:
