@@ -18,6 +18,7 @@ import pytest
 
 from compiler.examples import train_digits
 from compiler.pipeline import compile_model
+from device_agent.input_checks import InputCheck
 from device_agent.runtime import LoadedModel, OnnxRuntimeFactory
 from device_agent.telemetry import _Stats, share_cpu
 from signing.keyring import KeyDir
@@ -198,3 +199,25 @@ def test_cpu_time_is_shared_by_inferences_and_read_once_per_window(
         assert stats.inferences == 2000 and stats.cpu_ms > 0
     finally:
         loop_thread.run(dev.agent.stop())
+
+
+def test_the_input_check_reads_the_manifest_and_forgives_a_renamed_tensor() -> None:
+    manifest = {
+        "io_signature": {"inputs": [{"name": "pixels", "shape": ["N", 8, 8], "dtype": "float32"}]},
+        "quantization": {"input_ranges": {"pixels": {"min": 0.0, "max": 1.0}}},
+    }
+    # A converter renamed the tensor ("serving_default_pixels:0"): one input on each side is the same.
+    check = InputCheck.from_manifest("serving_default_pixels:0", manifest)
+    assert check == InputCheck("pixels", (None, 8, 8), 0.0, 1.0)
+    ok = np.zeros((3, 8, 8), np.float32)
+    assert check(ok) == (False, False, False)
+    assert check(ok + 2) == (False, False, True)
+    nan = ok.copy()
+    nan[0, 0, 0] = np.nan
+    assert check(nan) == (True, False, False)
+    all_nan = np.full((1, 8, 8), np.nan, np.float32)
+    assert check(all_nan) == (True, False, False)
+    for bad in (np.zeros((1, 8, 7), np.float32), np.zeros((1, 64), np.float32), np.zeros(0), "text", None):
+        assert check(bad) == (False, True, False)
+    bare = InputCheck.from_manifest("x", None)  # no manifest fields: NaN only
+    assert bare == InputCheck("x") and bare(ok + 5) == (False, False, False)

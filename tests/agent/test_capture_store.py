@@ -11,6 +11,7 @@ import numpy as np
 
 from device_agent.capture import QUEUE, Capturer, encode_item
 from device_agent.capture_store import BODY_OVERHEAD, JOURNAL, CaptureStore, PolicyState
+from device_agent.capture_upload import Outcome, batch_url, outcome
 from device_agent.ids import IdMinter, format_id, parse_id
 from device_agent.metrics import Metrics
 from device_agent.telemetry import Telemetry
@@ -165,3 +166,12 @@ def test_offering_never_blocks_a_full_queue_skips(tmp_path: Path) -> None:
     mint = IdMinter()
     assert all(capturer.offer(mint(), SHA_A, "input", x, [x]) for _ in range(QUEUE))
     assert not capturer.offer(mint(), SHA_A, "input", x, [x])
+
+
+def test_what_an_answer_to_an_upload_means() -> None:
+    assert [outcome(s) for s in (200, 201)] == [Outcome.DELIVERED] * 2
+    refused = (400, 401, 403, 404, 409, 413, 422)
+    assert [outcome(s) for s in refused] == [Outcome.REFUSED] * len(refused)
+    retried = (None, 408, 429, 500, 502, 503, 504)
+    assert [outcome(s) for s in retried] == [Outcome.RETRY] * len(retried)
+    assert batch_url("http://h/api/v1/captures/", "cam-1", "b") == "http://h/api/v1/captures/cam-1/b"
