@@ -294,6 +294,10 @@ def agent_mqtt_keys(
 
     The one place that says what a device presents: ``mtls`` its client certificate (the broker
     takes its CN as the username), ``password`` its username and the file holding its password.
+    In password mode the certificate is given too when there is one: the broker ignores it (it
+    verifies it against the same CA and takes the identity from the password), but the device
+    signs what it sends over HTTP with it (capture uploads, ``signing.device_auth``) and presents
+    it to an HTTPS server that asks.
     """
     if auth not in AUTH_MODES:
         raise ProvisionError(f"auth must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
@@ -306,6 +310,8 @@ def agent_mqtt_keys(
         if not username or password_file is None:
             raise ProvisionError("password auth needs a username and a password file")
         keys |= {"mqtt_username": username, "mqtt_password_file": str(password_file)}
+        if cert_file is not None and key_file is not None:
+            keys |= {"mqtt_cert_file": str(cert_file), "mqtt_key_file": str(key_file)}
     return keys
 
 

@@ -358,14 +358,21 @@ def test_a_wrong_password_gets_no_device_in(password_broker: SecureBrokerInfo, t
     a, b = unique_id("pw"), unique_id("pw")
     keys_a = device_mqtt_keys(password_broker, a)
     device_mqtt_keys(password_broker, b)
-    assert "mqtt_cert_file" not in keys_a and keys_a["mqtt_username"] == a
+    assert keys_a["mqtt_username"] == a and keys_a["mqtt_password_file"]
+    # its certificate is for HTTP (signed capture uploads): on this broker it is no way in alone
+    cert_only = MqttSecurity(
+        tls=True,
+        ca_file=password_broker.ca_file,
+        cert_file=Path(keys_a["mqtt_cert_file"]),
+        key_file=Path(keys_a["mqtt_key_file"]),
+    )
     loop = LoopThread()
     try:
         assert _connects(loop, password_broker, a, device_security(password_broker, a))  # control
         sec_b = device_security(password_broker, b)
         wrong = MqttSecurity(tls=True, ca_file=password_broker.ca_file, username=a, password="guess")
         others = MqttSecurity(tls=True, ca_file=password_broker.ca_file, username=a, password=sec_b.password)
-        for bad in (wrong, others, MqttSecurity(tls=True, ca_file=password_broker.ca_file)):
+        for bad in (wrong, others, cert_only, MqttSecurity(tls=True, ca_file=password_broker.ca_file)):
             assert not _connects(loop, password_broker, a, bad)
     finally:
         loop.close()
