@@ -299,16 +299,16 @@ def test_a_stage_never_promotes_blind_or_through_a_tripping_accuracy_gate(
     for _ in range(400):
         plan = decide(r, devices, now, base)
         approved = r.approved_through >= r.current_stage
-        for d in plan.decisions:
-            if d.action in ("next_stage", "completed", "await_approval"):
-                f = d.figures
-                assert approved or (f["labels"] >= p.min_labels and f["baseline_labels"] >= p.min_labels), d
+        for dec in plan.decisions:
+            if dec.action in ("next_stage", "completed", "await_approval"):
+                f = dec.figures
+                assert approved or (f["labels"] >= p.min_labels and f["baseline_labels"] >= p.min_labels), dec
                 trip = gates.check(p, f, stage_finished=True)
-                assert trip is None or (trip.action == gates.PAUSE and approved), (d, trip)
-            if d.action == "pause" and d.figures.get("gate") == "label_wait":
-                assert gates.labels_wanted(p, d.figures) is not None
-            if d.action in ("pause", "roll_back"):
-                event(f"{d.action} by {d.figures.get('gate')}")
+                assert trip is None or (trip.action == gates.PAUSE and approved), (dec, trip)
+            if dec.action == "pause" and dec.figures.get("gate") == "label_wait":
+                assert gates.labels_wanted(p, dec.figures) is not None
+            if dec.action in ("pause", "roll_back"):
+                event(f"{dec.action} by {dec.figures.get('gate')}")
         r, devices = apply_plan(r, devices, plan, now)
         if r.state in RS.FINISHED:
             break
