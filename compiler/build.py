@@ -157,6 +157,7 @@ def build_onnx(req: BuildRequest, accelerator: str, quantize: Callable[[OnnxQuan
     # Compare against the untouched source model: that is what the user shipped before.
     report = evaluate(source_copy, int8_path, held_out, sig)
     report["calibration_samples"] = calib.usable(sig.inputs)
+    report["input_ranges"] = calib.ranges()
     report["evaluation_source"] = eval_source
     report["method"] = info.to_dict()
     report["ops"] = coverage
@@ -191,6 +192,7 @@ def build_tflite_int8(req: BuildRequest, *, npu: bool) -> Built:
     report = evaluate_runners(fp32_runner.run, int8_runner.run, held_out, sig, len(prepared), len(int8))
     report["size"]["source_bytes"] = len(source)
     report["calibration_samples"] = len(calib)
+    report["input_ranges"] = calib.ranges()
     report["evaluation_source"] = eval_source
     report["method"] = {
         "quantizer": "ai-edge-quantizer",

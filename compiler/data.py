@@ -45,6 +45,22 @@ class Samples:
         labels = None if self.labels is None else self.labels[index]
         return Samples({k: v[index] for k, v in self.inputs.items()}, labels)
 
+    def ranges(self) -> dict[str, dict[str, float]]:
+        """Per input: the smallest and largest finite value, the range the model was calibrated on.
+
+        The manifest carries it (``quantization.input_ranges``) so a device can count inputs
+        outside it: an int8 model saturates there, however good it was inside.
+        """
+        out: dict[str, dict[str, float]] = {}
+        for name, values in self.inputs.items():
+            v = np.asarray(values)
+            if v.dtype.kind not in "fiu" or v.size == 0:
+                continue
+            finite = v[np.isfinite(v)] if v.dtype.kind == "f" else v
+            if finite.size:
+                out[name] = {"min": float(finite.min()), "max": float(finite.max())}
+        return out
+
     def split(self, held_out: float = 0.2, seed: int = 0) -> tuple[Samples, Samples]:
         """Deterministic shuffle-split into (calibration, held-out).
 

@@ -16,7 +16,12 @@ For each retained directive on ``ef/v1/{id}/desired``:
 4. with ``directive.probation``: keep the previous model loaded and watch the new
    one; revert by itself if it misbehaves (``reverted`` + why), report ``serving``
    only after the window passed and enough inferences succeeded;
-5. with ``directive.shadow``: run the candidate on a sample of live inputs.
+5. with ``directive.shadow``: run the candidate on a sample of live inputs;
+6. with ``directive.capture``: keep a sample of inferences on disk and upload them
+   (:mod:`~device_agent.capture`, :mod:`~device_agent.capture_upload`).
+
+Every answer of ``infer`` carries a UUIDv7 inference id; ``label`` joins a later
+label to the prediction it names (:mod:`~device_agent.labels`).
 
 Every failure leaves the serving model untouched. ``infer`` reads the serving
 reference once, so calls in flight during a swap finish on the model they started
@@ -29,31 +34,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import shutil
 import threading
 import time
 from collections.abc import Coroutine, Mapping
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from device_agent import __version__
 from device_agent import wire as protocol
 from device_agent.capabilities import capabilities, device_fit
+from device_agent.capture import Capturer
+from device_agent.capture_store import CaptureStore
+from device_agent.capture_upload import CaptureUploader, UploadSettings
 from device_agent.clock import WallClock, now_utc
 from device_agent.config import AgentConfig
 from device_agent.deployment import Deployment
 from device_agent.errors import InstallError, NoModelError
 from device_agent.http_fetcher import HttpFetcher, HttpsSettings
+from device_agent.ids import IdMinter, format_id, parse_id
 from device_agent.install import Installer
 from device_agent.judgement import Accept, Duplicate, Mark, RefreshRoot, Reject, RootWalk, judge
+from device_agent.labels import LabelStatus, Matched, PredictionRing, Unmatched
+from device_agent.labels import judge as judge_label
 from device_agent.metrics import Metrics
 from device_agent.mqtt_link import MqttLink
 from device_agent.ports import Fetcher, Link
 from device_agent.reconcile import DETAIL_MAX, Reconciler
 from device_agent.runtime import AutoRuntimeFactory, LoadedModel, RuntimeFactory
-from device_agent.serving import InferenceResult, Models, scan
+from device_agent.serving import InferenceResult, Models, Serving, scan
 from device_agent.slots import SlotStore
 from device_agent.telemetry import Telemetry
 from device_agent.telemetry_store import BatchStore
@@ -66,6 +78,27 @@ if TYPE_CHECKING:  # TUF (python-tuf, securesystemslib) is imported only by agen
     from device_agent.trust_state import TrustStore
 
 log = logging.getLogger(__name__)
+
+
+class LabelResult(NamedTuple):
+    """What became of one label: its status and, when it did not match, why."""
+
+    status: LabelStatus
+    detail: str
+
+
+def _label_time(value: Any, now: datetime) -> datetime | None:
+    """A label's time as an aware datetime (naive ones are UTC, as everywhere in the fleet)."""
+    if value is None:
+        return now
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class Agent:
@@ -113,6 +146,31 @@ class Agent:
         self._models = Models()
         self._proof_lock = threading.Lock()
         self._metrics = Metrics()
+        self._new_id = IdMinter(clock)  # the device's clock dates its inference ids
+        self._predictions = PredictionRing(config.label_ring_size)
+        captures = CaptureStore(
+            self.slots.data_dir / "capture", config.device_id, lambda: format_id(self._new_id())
+        )
+        self.capture = Capturer(
+            captures,
+            self.telemetry,
+            self._metrics,
+            batch_age_s=config.capture_batch_age_s,
+            on_sealed=lambda: self._call_on_loop(self._wake_uploader),
+        )
+        self._uploader = CaptureUploader(
+            UploadSettings(
+                config.device_id,
+                config.mqtt_cert_file,
+                config.mqtt_key_file,
+                config.http_ca_file,
+                config.capture_upload_bytes_per_s,
+            ),
+            captures,
+            self._metrics,
+            lambda: self.capture.upload_url,
+        )
+        self._upload_task: asyncio.Task[None] | None = None
         installer = Installer(
             config,
             self.slots,
@@ -180,7 +238,13 @@ class Agent:
         if self.config.api_listen:
             from device_agent.local_api import LocalApi
 
-            self.api = LocalApi(self, self.config.api_listen, max_body=self.config.api_max_body)
+            self.api = LocalApi(
+                self,
+                self.config.api_listen,
+                max_body=self.config.api_max_body,
+                timeout=self.config.api_request_timeout_s,
+                workers=self.config.api_workers,
+            )
             self.api.start()
         if self.link is None:
             self.link = MqttLink(
@@ -198,6 +262,8 @@ class Agent:
             self._loop.create_task(self._reconciler.run(), name=f"{self.device_id}-reconcile"),
             self._loop.create_task(self._uplink.run(), name=f"{self.device_id}-telemetry"),
         ]
+        self.capture.start()
+        self._start_uploader()
         self._reconciler.resume_probation()
         await self.link.start(self._on_message, self._on_connected)
 
@@ -209,6 +275,9 @@ class Agent:
         probation, self._reconciler.probation_task = self._reconciler.probation_task, None
         if probation is not None:
             tasks.append(probation)
+        upload, self._upload_task = self._upload_task, None
+        if upload is not None:
+            tasks.append(upload)
         self._tasks = []
         return tasks
 
@@ -228,6 +297,7 @@ class Agent:
         if self.api is not None:
             await asyncio.to_thread(self.api.stop)
             self.api = None
+        await asyncio.to_thread(self.capture.stop)
         if self.link is not None:
             if self.link.connected:
                 self.telemetry.cut()
@@ -251,7 +321,10 @@ class Agent:
           there and its result is dropped); the shadow worker is told to quit, not joined;
         - loaded models are dropped (``infer`` raises ``NoModelError``) and the local API
           stops listening, so a new ``Agent`` on the same ``data_dir`` can boot at once
-          (that boot is the crash-recovery path).
+          (that boot is the crash-recovery path);
+        - sampled inferences still queued for the capture writer are lost (they were never
+          captured); an upload in flight is cut off and its batch stays on disk, to be sent
+          again by the next boot; the prediction ring (labels) is gone with the process.
 
         The agent cannot be started again; build a new one. Idempotent.
         """
@@ -270,9 +343,17 @@ class Agent:
         if self.api is not None:
             api, self.api = self.api, None
             await asyncio.to_thread(api.stop)
+        # The writer finishes the item it is writing (a real power cut could tear it: the next
+        # start drops a torn line); what is still queued was never captured and is lost.
+        await asyncio.to_thread(self.capture.stop, False)
         self.telemetry.store.close()
 
     # -- inference (any thread) --------------------------------------------------
+
+    @property
+    def serving(self) -> Serving | None:
+        """The model answering now (one reference, replaced whole on a swap)."""
+        return self._models.serving
 
     @property
     def running_sha256(self) -> str | None:
@@ -305,24 +386,32 @@ class Agent:
         Failures do not raise: a non-finite output or a runtime exception is
         returned with ``ok=False`` and counted by kind, because the error rate
         is what the rollout gates (and probation) judge a model by.
+
+        Every answer carries a new UUIDv7 ``inference_id``: a label posted for it
+        later (:meth:`label`) is joined to this prediction, and a captured sample
+        (the directive's ``capture`` policy) is stored under it.
         """
         models = self._models
         s = models.serving  # read the reference once: a swap cannot change it under us
         if s is None:
             raise NoModelError(f"{self.device_id}: no model installed")
+        id128 = self._new_id()
         t0 = time.perf_counter()
         error: str | None = None
         classes: list[int] = []
+        top: float | None = None
         try:
             outputs = s.model.run(x)
-            bad, classes = scan(outputs)
+            bad, classes, top = scan(outputs)
             if bad:
                 error = "non_finite"
         except Exception as exc:
             log.debug("%s: inference failed: %s", self.device_id, exc)
             outputs, error = [], "runtime_error"
         latency_us = (time.perf_counter() - t0) * 1e6
-        self.telemetry.record(s.sha256, latency_us, error, classes, x, outputs)
+        self.telemetry.record(s.sha256, latency_us, error, classes, x, outputs, s.check)
+        width = outputs[0].shape[-1] if outputs and outputs[0].ndim else 1
+        self._predictions.add((id128, s.sha256, classes, top, width))
         if error is not None:
             self._metrics.count(f"inference_{error}")
         elif models.awaiting_proof is not None:
@@ -330,7 +419,77 @@ class Agent:
         shadow = models.shadow
         if shadow is not None and error is None and not shadow.offer(x, classes):
             self._metrics.count("shadow_skipped")
-        return InferenceResult(outputs, s.sha256, s.version, error is None, error)
+        capture = self.capture
+        if (
+            capture.rate
+            and random.random() < capture.rate
+            and not capture.offer(id128, s.sha256, s.input_name, x, outputs)
+        ):
+            self._metrics.count("capture_skipped")
+        return InferenceResult(outputs, s.sha256, s.version, error is None, error, id128)
+
+    # -- ground truth (any thread) -------------------------------------------------
+
+    def label(self, inference_id: Any, label: Any, label_time: Any = None) -> LabelResult:
+        """Join a label to the prediction ``inference_id`` named; never raises on bad input.
+
+        ``label``: the true class index (classifiers; a list with one per row for a batch), or the
+        true value (regressors). ``label_time``: when the truth was known (an aware datetime or
+        ISO 8601; default now, by the device clock), which dates the label delay. The answer's
+        ``status`` is ``matched``, ``unknown``, ``expired``, ``duplicate`` or ``invalid``
+        (:mod:`device_agent.labels`); a match counts in the model's telemetry, anything else in
+        the batch's ``labels_unmatched``.
+        """
+        verdict = self._judge_label(inference_id, label, label_time)
+        if isinstance(verdict, Matched):
+            self.telemetry.record_label(
+                verdict.sha256,
+                rows=verdict.rows,
+                correct=verdict.correct,
+                confusion=verdict.confusion,
+                delay_s=verdict.delay_s,
+                abs_error=verdict.abs_error,
+            )
+            self._metrics.count("labels_matched")
+            return LabelResult(LabelStatus.MATCHED, "")
+        self.telemetry.record_unmatched(verdict.status.value)
+        self._metrics.count(f"labels_{verdict.status.value}")
+        return LabelResult(verdict.status, verdict.detail)
+
+    def _judge_label(self, inference_id: Any, label: Any, label_time: Any) -> Matched | Unmatched:
+        id128 = parse_id(inference_id)
+        if id128 is None:
+            return Unmatched(LabelStatus.INVALID, "inference_id is not a UUIDv7")
+        now = self.now()
+        when = _label_time(label_time, now)
+        if when is None:
+            return Unmatched(LabelStatus.INVALID, "label_time is not an ISO 8601 date and time")
+        ring = self._predictions
+        prediction, labelled = ring.find(id128)
+        verdict = judge_label(
+            prediction,
+            labelled,
+            id128,
+            label,
+            label_ms=int(when.timestamp() * 1000),
+            now_ms=int(now.timestamp() * 1000),
+            max_age_ms=int(self.config.label_max_age_s * 1000),
+            oldest=ring.oldest(),
+        )
+        if isinstance(verdict, Matched) and not ring.mark(id128):
+            return Unmatched(LabelStatus.DUPLICATE, "this prediction was labelled already")
+        return verdict
+
+    # -- capture (loop thread) -----------------------------------------------------
+
+    def _start_uploader(self) -> None:
+        """Run the upload task once there is anywhere to upload to (a policy, now or from before)."""
+        if self._loop is None or self._upload_task is not None or self.capture.upload_url is None:
+            return
+        self._upload_task = self._loop.create_task(self._uploader.run(), name=f"{self.device_id}-capture")
+
+    def _wake_uploader(self) -> None:
+        self._uploader.wake.set()
 
     def _check_proof(self, sha256: str) -> None:
         models = self._models
@@ -439,6 +598,12 @@ class Agent:
     def _accept(self, verdict: Accept) -> None:
         directive = verdict.directive
         self._mark = verdict.mark
+        try:
+            self.capture.apply(directive.capture)
+        except OSError as exc:  # the policy could not be stored: sampling follows it all the same
+            self._metrics.count("state_write_failures")
+            log.warning("%s: capture policy of seq %d not persisted: %s", self.device_id, directive.seq, exc)
+        self._start_uploader()
         if self.trust_store is not None:
             try:
                 self.trust_store.advance(seq=directive.seq)
@@ -512,4 +677,4 @@ class Agent:
             await self.link.drain(timeout=2.0)
 
 
-__all__ = ["Agent", "InferenceResult", "InstallError", "NoModelError", "capabilities"]
+__all__ = ["Agent", "InferenceResult", "InstallError", "LabelResult", "NoModelError", "capabilities"]

@@ -63,6 +63,14 @@ class AgentConfig:
     sketch_every: int = 64  # drift sketches (input moments, value histograms) on every Nth inference
     api_listen: str = ""  # local inference API: "127.0.0.1:8700", "unix:/run/edgefleet/agent.sock", "" off
     api_max_body: int = 16 << 20  # largest request body the local API accepts
+    api_request_timeout_s: float = 5.0  # a local API inference not answered by then is a 504 ("timeout")
+    api_workers: int = 4  # inferences the local API runs at once (more requests wait, within the timeout)
+    # Ground truth: recent predictions kept to match labels (POST /v1/labels, Agent.label) by id.
+    label_ring_size: int = 4096  # predictions kept (~300 bytes each); older ones answer "expired"
+    label_max_age_s: float = 86400.0  # a label for an older prediction answers "expired"
+    # Capture (the directive's policy): sealed batches are uploaded at most this fast (0: no cap) ...
+    capture_upload_bytes_per_s: int = 0
+    capture_batch_age_s: float = 5.0  # ... and an open batch is sealed for upload after this long
     npu_delegate: str | None = None  # external delegate library for ethos-u* targets (LiteRT)
     download_max_bytes_per_s: int = 0  # bandwidth cap for model downloads; 0 = unlimited
     min_free_disk_bytes: int = 32 << 20  # keep this much disk free beyond a download, else refuse it
@@ -89,10 +97,20 @@ class AgentConfig:
             raise ValueError("telemetry_interval must be > 0")
         if self.delivery_retry_s < 0:
             raise ValueError("delivery_retry_s must be >= 0")
-        for name in ("telemetry_batch_max", "telemetry_queue_bytes", "sketch_every", "api_max_body"):
+        for name in (
+            "telemetry_batch_max",
+            "telemetry_queue_bytes",
+            "sketch_every",
+            "api_max_body",
+            "api_workers",
+            "label_ring_size",
+        ):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be > 0")
-        for name in ("download_max_bytes_per_s", "min_free_disk_bytes"):
+        for name in ("api_request_timeout_s", "label_max_age_s", "capture_batch_age_s"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be > 0")
+        for name in ("download_max_bytes_per_s", "min_free_disk_bytes", "capture_upload_bytes_per_s"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.log_format not in ("json", "text"):

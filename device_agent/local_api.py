@@ -6,10 +6,22 @@ framework, and one request per connection thread is plenty for local callers.
 ``POST /v1/infer`` with JSON ``{"inputs": [[...], ...]}`` (nested lists, the
 model's input shape) or a raw ``.npy`` body (``Content-Type:
 application/x-npy``) -> ``{"outputs": [...], "ok", "error", "model_sha256",
-"model_version"}``: every answer names the model version that produced it,
-so an application can tell which side of a swap it was on.
+"model_version", "inference_id"}``: every answer names the model version that
+produced it, so an application can tell which side of a swap it was on, and
+the UUIDv7 to post its label for.
+``POST /v1/labels`` with ``{"labels": [{"inference_id", "label", "label_time"?}, ...]}``
+-> ``{"results": [{"inference_id", "status", "detail"}], "counts": {status: n}}``
+(at most ``MAX_LABELS`` per request, ``MAX_LABELS_BODY`` bytes; an item that is
+not valid answers ``invalid`` and the rest are kept: see :mod:`device_agent.labels`).
 ``GET /v1/model`` -> what is serving; ``GET /healthz`` -> ``{"status": "ok"}``.
-Bad input -> 400 ``{"error": {"code", "message"}}``; no model yet -> 503.
+Bad input -> 400 ``{"error": {"code", "message"}}``; no model yet -> 503; an
+inference not answered within ``api_request_timeout_s`` -> 504 ``timeout``.
+
+Prediction availability is counted here, per model, in telemetry: every
+``/v1/infer`` request, and those that got no prediction by kind (``bad_input``,
+``runtime_error``, ``non_finite``, ``timeout``). Inferences run on a small pool of
+worker threads so a request can be answered ``timeout`` while a stuck model call
+finishes in the background (a model call cannot be interrupted).
 """
 
 from __future__ import annotations
@@ -21,6 +33,8 @@ import os
 import socket
 import socketserver
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,11 +81,49 @@ def _decode_input(body: bytes, content_type: str, dtype: Any) -> np.ndarray:
     return arr
 
 
-def _make_handler(agent: Agent, max_body: int) -> type[BaseHTTPRequestHandler]:
+MAX_LABELS = 1000  # labels per POST /v1/labels
+MAX_LABELS_BODY = 1 << 20  # bytes per POST /v1/labels
+READ_TIMEOUT_S = 30.0  # a client that stalls mid-request loses its connection, not a thread forever
+
+
+def label_items(body: bytes) -> list[Any]:
+    """The items of a ``/v1/labels`` body; ApiError if the body as a whole is unusable."""
+    try:
+        doc = safejson.loads(body)
+    except safejson.JsonError as exc:
+        raise ApiError(400, "bad_json", f"body is not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("labels"), list):
+        raise ApiError(400, "missing_labels", 'expected {"labels": [{"inference_id", "label"}, ...]}')
+    items: list[Any] = doc["labels"]
+    if len(items) > MAX_LABELS:
+        raise ApiError(413, "too_many_labels", f"{len(items)} labels in one request; at most {MAX_LABELS}")
+    return items
+
+
+def _label_one(agent: Agent, item: Any) -> dict[str, Any]:
+    """One item of a ``/v1/labels`` batch, judged on its own (a bad item never spoils the rest)."""
+    if not isinstance(item, dict):
+        agent.telemetry.record_unmatched("invalid")
+        return {"inference_id": None, "status": "invalid", "detail": 'a label is {"inference_id", "label"}'}
+    iid = item.get("inference_id")
+    result = agent.label(iid, item.get("label"), item.get("label_time"))
+    return {
+        "inference_id": iid if isinstance(iid, str) else None,
+        "status": result.status.value,
+        "detail": result.detail or None,
+    }
+
+
+def _make_handler(
+    agent: Agent, max_body: int, pool: ThreadPoolExecutor, timeout: float
+) -> type[BaseHTTPRequestHandler]:
     from device_agent.agent import NoModelError
+
+    telemetry = agent.telemetry
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = READ_TIMEOUT_S  # socket timeout per request: a stalled client frees its thread
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -105,44 +157,77 @@ def _make_handler(agent: Agent, max_body: int) -> type[BaseHTTPRequestHandler]:
             else:
                 self._error(ApiError(404, "not_found", f"no route {self.path}"))
 
+        def _body(self, limit: int) -> bytes:
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError as exc:
+                raise ApiError(411, "length_required", "Content-Length is required") from exc
+            if length < 0 or length > limit:
+                self.close_connection = True
+                raise ApiError(413, "too_large", f"body of {length} bytes exceeds {limit}")
+            return self.rfile.read(length)
+
         def do_POST(self) -> None:
             try:
-                if self.path != "/v1/infer":
+                if self.path == "/v1/infer":
+                    self._infer()
+                elif self.path == "/v1/labels":
+                    self._labels()
+                else:
                     raise ApiError(404, "not_found", f"no route {self.path}")
-                try:
-                    length = int(self.headers.get("Content-Length", ""))
-                except ValueError as exc:
-                    raise ApiError(411, "length_required", "Content-Length is required") from exc
-                if length < 0 or length > max_body:
-                    self.close_connection = True
-                    raise ApiError(413, "too_large", f"body of {length} bytes exceeds {max_body}")
-                body = self.rfile.read(length)
-                model = agent.running_model
-                if model is None:
-                    raise ApiError(503, "no_model", "no model installed yet")
-                x = _decode_input(body, self.headers.get("Content-Type", ""), model.input_dtype)
-                try:
-                    result = agent.infer(x)
-                except NoModelError as exc:
-                    raise ApiError(503, "no_model", str(exc)) from exc
-                if result.error == "runtime_error":
-                    raise ApiError(
-                        400,
-                        "inference_failed",
-                        f"the model refused input of shape {list(x.shape)}, want {list(model.input_shape)}",
-                    )
-                self._send(
-                    200,
-                    {
-                        "outputs": [o.tolist() for o in result.outputs],
-                        "ok": result.ok,
-                        "error": result.error,
-                        "model_sha256": result.model_sha256,
-                        "model_version": result.model_version,
-                    },
-                )
             except ApiError as err:
                 self._error(err)
+
+        def _labels(self) -> None:
+            items = label_items(self._body(min(max_body, MAX_LABELS_BODY)))
+            results = [_label_one(agent, item) for item in items]
+            counts: dict[str, int] = {}
+            for r in results:
+                counts[r["status"]] = counts.get(r["status"], 0) + 1
+            self._send(200, {"results": results, "counts": counts})
+
+        def _infer(self) -> None:
+            body = self._body(max_body)
+            s = agent.serving
+            if s is None:
+                raise ApiError(503, "no_model", "no model installed yet")
+            model = s.model
+            try:
+                x = _decode_input(body, self.headers.get("Content-Type", ""), model.input_dtype)
+            except ApiError:
+                telemetry.record_request(s.sha256, "bad_input")
+                telemetry.record_input_missing(s.sha256, s.input_name)
+                raise
+            try:
+                work = pool.submit(agent.infer, x)
+            except RuntimeError as exc:  # the pool is shut down: the agent is stopping
+                raise ApiError(503, "stopping", "the agent is stopping") from exc
+            try:
+                result = work.result(timeout)
+            except FutureTimeout as exc:
+                work.cancel()  # still queued behind stuck calls: it never runs
+                telemetry.record_request(s.sha256, "timeout")
+                raise ApiError(504, "timeout", f"no answer within {timeout:g} s") from exc
+            except NoModelError as exc:
+                raise ApiError(503, "no_model", str(exc)) from exc
+            telemetry.record_request(result.model_sha256, result.error)
+            if result.error == "runtime_error":
+                raise ApiError(
+                    400,
+                    "inference_failed",
+                    f"the model refused input of shape {list(x.shape)}, want {list(model.input_shape)}",
+                )
+            self._send(
+                200,
+                {
+                    "outputs": [o.tolist() for o in result.outputs],
+                    "ok": result.ok,
+                    "error": result.error,
+                    "model_sha256": result.model_sha256,
+                    "model_version": result.model_version,
+                    "inference_id": result.inference_id,
+                },
+            )
 
     return Handler
 
@@ -150,9 +235,18 @@ def _make_handler(agent: Agent, max_body: int) -> type[BaseHTTPRequestHandler]:
 class LocalApi:
     """Serves one agent on ``listen``: ``"host:port"`` (keep it on localhost) or ``"unix:/path"``."""
 
-    def __init__(self, agent: Agent, listen: str, max_body: int = 16 << 20) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        listen: str,
+        max_body: int = 16 << 20,
+        *,
+        timeout: float = 5.0,
+        workers: int = 4,
+    ) -> None:
         self.listen = listen
-        handler = _make_handler(agent, max_body)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="local-api-infer")
+        handler = _make_handler(agent, max_body, self.pool, timeout)
         self.server: socketserver.BaseServer
         if listen.startswith("unix:"):
             path = Path(listen[5:])
@@ -183,6 +277,7 @@ class LocalApi:
                 os.unlink(self.listen[5:])
         if self._thread is not None:
             self._thread.join(5)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def unix_request(path: str, method: str, url: str, body: bytes = b"", content_type: str = "") -> Any:

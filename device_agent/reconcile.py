@@ -27,6 +27,7 @@ from device_agent import probation
 from device_agent.config import AgentConfig
 from device_agent.deployment import Deployment, Trigger
 from device_agent.errors import InstallError
+from device_agent.input_checks import InputCheck
 from device_agent.install import Installer, Move
 from device_agent.metrics import Metrics
 from device_agent.probation import Pass, ProbationRecord, Revert
@@ -126,7 +127,15 @@ class Reconciler:
         except (CodedError, OSError) as exc:
             log.warning("%s: slot %s unusable: %s", self.who, slot, exc)
             return None
-        return Serving(model, info.sha256, info.name, info.version, slot)
+        return self._serving(model, info.sha256, info.name, info.version, slot)
+
+    def _serving(self, model: LoadedModel, sha256: str, name: str, version: str, slot: str) -> Serving:
+        """``model`` ready to serve, with the input check its slot's signed manifest describes."""
+        info = self.slots.state.slots.get(slot)
+        manifest = info.manifest if info is not None and info.sha256 == sha256 else None
+        return Serving(
+            model, sha256, name, version, slot, InputCheck.from_manifest(model.input_name, manifest)
+        )
 
     async def _load(self, path: Path, sha256: str) -> LoadedModel:
         """Load and warm a model in a worker thread; a runtime's refusal is reported by its code."""
@@ -248,7 +257,7 @@ class Reconciler:
         await self._move(Trigger.WARM, d.seq, sha=ref.sha256)
         model = await self._load(path, ref.sha256)
         await self._move(Trigger.SWAP, d.seq, sha=ref.sha256)
-        new = Serving(model, ref.sha256, ref.name, ref.version, slot)
+        new = self._serving(model, ref.sha256, ref.name, ref.version, slot)
         previous = self.models.serving
         if d.probation is not None:
             record = ProbationRecord(
@@ -292,7 +301,7 @@ class Reconciler:
         slot, path = await self.installer.install(ref, self._steps(d, ref))
         model = await self._load(path, ref.sha256)
         self.stop_shadow()
-        candidate = Serving(model, ref.sha256, ref.name, ref.version, slot)
+        candidate = self._serving(model, ref.sha256, ref.name, ref.version, slot)
         self.models.shadow = Shadow(
             candidate, d.shadow_sample_rate, self.telemetry, name=f"{self.who}-shadow"
         )

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from device_agent.ids import format_id
+from device_agent.input_checks import InputCheck
 from device_agent.runtime import LoadedModel
 from device_agent.telemetry import top1_classes
 
@@ -29,39 +31,61 @@ class Serving:
     name: str
     version: str
     slot: str
+    check: InputCheck | None = None  # its input as the signed manifest declares it (feature availability)
+
+    @property
+    def input_name(self) -> str:
+        """The input's name as the manifest (and so the fleet) knows it."""
+        return self.check.name if self.check is not None else self.model.input_name
 
 
 class InferenceResult(NamedTuple):
-    """One answer and the model that gave it (a NamedTuple: the cheapest immutable record to build)."""
+    """One answer and the model that gave it (a NamedTuple: the cheapest immutable record to build).
+
+    ``id128`` is the inference's UUIDv7 as an int; ``inference_id`` formats it when read, so an
+    inference whose id nobody asks for never pays for the string.
+    """
 
     outputs: list[np.ndarray]
     model_sha256: str
     model_version: str
     ok: bool = True
     error: str | None = None  # "non_finite" | "runtime_error"
+    id128: int = 0
+
+    @property
+    def inference_id(self) -> str:
+        return format_id(self.id128)
 
 
-def scan(outputs: list[np.ndarray]) -> tuple[bool, list[int]]:
-    """(any non-finite value?, top-1 class per row of the first output) in two cheap reductions.
+def scan(outputs: list[np.ndarray]) -> tuple[bool, list[int], float | None]:
+    """(any non-finite value?, top-1 class per row of the first output, its top value) in two cheap
+    reductions.
 
     argmax/argmin propagate NaN (they return its index) and land on +inf/-inf,
     so an array is all-finite iff the values at its argmax and argmin are: the
-    same argmax is the top-1 class of a batch-1 classifier. ~0.6 us instead of
-    isfinite().all() + a separate argmax (~3 us) on the hot path.
+    same argmax is the top-1 class of a batch-1 classifier, and the value there
+    its score (a regressor's one output value). ~1 us instead of
+    isfinite().all() + a separate argmax (~3 us) on the hot path. The top value
+    is None unless the first output is a float tensor of one row.
     """
     classes: list[int] = []
+    top: float | None = None
     for i, o in enumerate(outputs):
         if o.dtype.kind != "f" or o.size == 0:
             if i == 0:
                 classes = top1_classes(outputs)
             continue
         hi = int(o.argmax())
-        flat = o.reshape(-1)
-        if not (math.isfinite(flat[hi]) and math.isfinite(flat[int(o.argmin())])):
-            return True, []
+        best = o.item(hi)  # a Python float: no numpy scalar, no reshape
+        if not (math.isfinite(best) and math.isfinite(o.item(int(o.argmin())))):
+            return True, [], None
         if i == 0:
-            classes = [hi % o.shape[-1]] if o.ndim <= 1 or o.shape[0] == 1 else top1_classes(outputs)
-    return False, classes
+            if o.ndim <= 1 or o.shape[0] == 1:
+                classes, top = [hi % o.shape[-1]] if o.ndim else [0], best
+            else:
+                classes = top1_classes(outputs)
+    return False, classes, top
 
 
 class Models:

@@ -5,7 +5,15 @@ least it can: one bisect, one lock, a few integer adds. The drift sketches
 (per-feature input moments and value histograms of inputs and outputs) cost
 a few microseconds of numpy each, so they are taken on every
 ``sketch_every``-th call only; they are estimates of distributions, and a
-sample of them is what the drift gates compare.
+sample of them is what the drift gates compare. The input checks (NaN, missing,
+outside the calibration range: :mod:`device_agent.input_checks`) ride on the
+same sample.
+
+Ground truth and availability arrive beside the inferences: labels matched to
+a model's predictions (:mod:`device_agent.labels`), the local API's requests and
+the errors that left them without a prediction, inferences captured for
+retraining, and the process CPU time of the window, shared among the models by
+their inferences.
 
 Everything in a batch is mergeable on the server: latency counts per fixed
 log bucket, counts per class and per value bin, and Welford moments
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from device_agent import wire as protocol
+from device_agent.input_checks import InputCheck
 from device_agent.telemetry_store import BatchStore
 
 NUM_BUCKETS = protocol.LATENCY_BUCKETS
@@ -43,12 +53,28 @@ class _Stats:
     errors: dict[str, int] = field(default_factory=dict)
     buckets: list[int] = field(default_factory=lambda: [0] * NUM_BUCKETS)
     latency_sum_us: float = 0.0
-    class_hist: dict[str, int] = field(default_factory=dict)
+    class_hist: dict[int, int] = field(default_factory=dict)  # keyed by int: str() at freeze, not per call
     input_count: int = 0
     input_mean: np.ndarray | None = None
     input_m2: np.ndarray | None = None
     input_hist: np.ndarray | None = None
     output_hist: np.ndarray | None = None
+    labels: int = 0
+    labels_correct: int = 0
+    confusion: dict[str, int] = field(default_factory=dict)
+    label_delay: list[int] | None = None
+    label_abs_error_sum: float = 0.0
+    requests: int = 0
+    request_errors: dict[str, int] = field(default_factory=dict)
+    input_checks: dict[str, list[int]] = field(default_factory=dict)
+    cpu_ms: float = 0.0
+    captured: int = 0
+
+    def checks_of(self, name: str) -> list[int]:
+        counts = self.input_checks.get(name)
+        if counts is None:
+            counts = self.input_checks[name] = [0] * len(protocol.INPUT_CHECKS)
+        return counts
 
     def freeze(self) -> protocol.ModelStats:
         return protocol.ModelStats(
@@ -56,12 +82,22 @@ class _Stats:
             errors=dict(self.errors),
             latency_buckets=list(self.buckets),
             latency_sum_us=self.latency_sum_us,
-            class_hist=dict(self.class_hist),
+            class_hist={str(k): v for k, v in self.class_hist.items()},
             input_count=self.input_count,
             input_mean=[] if self.input_mean is None else self.input_mean.tolist(),
             input_m2=[] if self.input_m2 is None else self.input_m2.tolist(),
             input_hist=[] if self.input_hist is None else self.input_hist.tolist(),
             output_hist=[] if self.output_hist is None else self.output_hist.tolist(),
+            labels=self.labels,
+            labels_correct=self.labels_correct,
+            confusion=dict(self.confusion),
+            label_delay_buckets=list(self.label_delay or []),
+            label_abs_error_sum=self.label_abs_error_sum,
+            requests=self.requests,
+            request_errors=dict(self.request_errors),
+            input_checks={k: list(v) for k, v in self.input_checks.items()},
+            cpu_ms=round(self.cpu_ms, 3),
+            captured=self.captured,
         )
 
 
@@ -148,8 +184,25 @@ def _sketch(st: _Stats, x: np.ndarray, outputs: list[np.ndarray]) -> None:
             break
 
 
+def share_cpu(window: dict[str, _Stats], cpu_ms: float) -> None:
+    """Attribute a window's process CPU time to its models by their share of its inferences.
+
+    The agent cannot tell whose thread burned which millisecond without a clock read per
+    inference; the share is exact when the models cost alike and the agent does little else.
+    A window without inferences attributes nothing (idle cost is nobody's inference)."""
+    total = sum(st.inferences for st in window.values())
+    if total <= 0 or cpu_ms <= 0:
+        return
+    for st in window.values():
+        st.cpu_ms = cpu_ms * st.inferences / total
+
+
 class Telemetry:
-    """Thread-safe accumulator of one device's inference statistics, plus its on-disk queue."""
+    """Thread-safe accumulator of one device's inference statistics, plus its on-disk queue.
+
+    ``cpu_clock``: the process's CPU seconds (``time.process_time``), read once per window
+    and shared among the models by their share of the window's inferences.
+    """
 
     def __init__(
         self,
@@ -157,18 +210,31 @@ class Telemetry:
         store: BatchStore,
         sketch_every: int = 64,
         now: Callable[[], datetime] = protocol.utcnow,
+        cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
         self.device_id = device_id
         self.store = store
         self.sketch_every = max(1, sketch_every)
         self.now = now  # the device's wall clock (skewable): dates the batch windows
+        self.cpu_clock = cpu_clock
         self._lock = threading.Lock()
         self._window: dict[str, _Stats] = {}
         self._window_count = 0
         self._shadow: dict[str, _Shadow] = {}
+        self._unmatched: dict[str, int] = {}
+        self._evicted = 0
         self._window_start = now()
+        self._cpu_start = cpu_clock()
         self._calls = 0
+        self._missing_calls = 0
         self.totals: dict[str, ModelTotals] = {}
+
+    def _stats(self, sha256: str) -> _Stats:
+        """The window's stats of ``sha256`` (the caller holds the lock)."""
+        st = self._window.get(sha256)
+        if st is None:
+            st = self._window[sha256] = _Stats()
+        return st
 
     def record(
         self,
@@ -178,6 +244,7 @@ class Telemetry:
         classes: list[int],
         x: Any = None,
         outputs: list[np.ndarray] | None = None,
+        check: InputCheck | None = None,
     ) -> None:
         bucket = bisect.bisect_left(_LAT_BOUNDS, latency_us)
         with self._lock:
@@ -199,12 +266,67 @@ class Telemetry:
                 tot.ok += 1
             hist = st.class_hist
             for c in classes:
-                key = str(c)
-                hist[key] = hist.get(key, 0) + 1
+                hist[c] = hist.get(c, 0) + 1
             self._calls += 1
             sketch = x is not None and self._calls % self.sketch_every == 0
             if sketch:
                 _sketch(st, x, outputs or [])
+                if check is not None:
+                    nan, missing, outside = check(x)
+                    counts = st.checks_of(check.name)
+                    counts[0] += 1
+                    counts[1] += nan
+                    counts[2] += missing
+                    counts[3] += outside
+
+    def record_input_missing(self, sha256: str, name: str) -> None:
+        """A request that never reached the model for want of an input (the local API read none).
+
+        Sampled like the checks in :meth:`record` (every ``sketch_every``-th), so the share of
+        missing inputs among the checked ones is the true share."""
+        with self._lock:
+            self._missing_calls += 1
+            if self._missing_calls % self.sketch_every == 0:
+                counts = self._stats(sha256).checks_of(name)
+                counts[0] += 1
+                counts[2] += 1
+
+    def record_request(self, sha256: str, error: str | None) -> None:
+        """One local API request for ``sha256``; ``error``: the kind, when it got no prediction."""
+        with self._lock:
+            st = self._stats(sha256)
+            st.requests += 1
+            if error is not None:
+                st.request_errors[error] = st.request_errors.get(error, 0) + 1
+
+    def record_label(
+        self, sha256: str, *, rows: int, correct: int, confusion: list[str], delay_s: float, abs_error: float
+    ) -> None:
+        """A label matched to one of ``sha256``'s predictions (``rows`` labelled rows)."""
+        bucket = bisect.bisect_left(protocol.LABEL_DELAY_BOUNDS_S, delay_s)
+        with self._lock:
+            st = self._stats(sha256)
+            st.labels += rows
+            st.labels_correct += correct
+            for key in confusion:
+                st.confusion[key] = st.confusion.get(key, 0) + 1
+            if st.label_delay is None:
+                st.label_delay = [0] * protocol.LABEL_DELAY_BUCKETS
+            st.label_delay[bucket] += rows
+            st.label_abs_error_sum += abs_error
+
+    def record_unmatched(self, reason: str) -> None:
+        """A label that matched no prediction, by reason (``wire.LABEL_UNMATCHED``)."""
+        with self._lock:
+            self._unmatched[reason] = self._unmatched.get(reason, 0) + 1
+
+    def record_captured(self, sha256: str, n: int = 1) -> None:
+        with self._lock:
+            self._stats(sha256).captured += n
+
+    def record_capture_evicted(self, n: int) -> None:
+        with self._lock:
+            self._evicted += n
 
     def record_shadow(self, candidate: str, latency_us: float, error: str | None, agree: bool | None) -> None:
         """One sampled input run on a shadowed candidate, compared with the served answer."""
@@ -239,13 +361,16 @@ class Telemetry:
 
     def cut(self) -> protocol.TelemetryBatch | None:
         """Close the current window; queue its batch on disk and return it (None if nothing happened)."""
-        now = self.now()
+        now, cpu = self.now(), self.cpu_clock()
         with self._lock:
             window, shadow, start = self._window, self._shadow, self._window_start
+            unmatched, evicted, cpu_start = self._unmatched, self._evicted, self._cpu_start
             self._window, self._shadow, self._window_start = {}, {}, now
+            self._unmatched, self._evicted, self._cpu_start = {}, 0, cpu
             self._window_count = 0
-        if not window and not shadow:
+        if not window and not shadow and not unmatched and not evicted:
             return None
+        share_cpu(window, (cpu - cpu_start) * 1000.0)
         batch = protocol.TelemetryBatch(
             device_id=self.device_id,
             batch_id=uuid.uuid4().hex,
@@ -253,6 +378,8 @@ class Telemetry:
             window_end=now,
             models={sha: st.freeze() for sha, st in window.items()},
             shadow={sha: sh.freeze() for sha, sh in shadow.items()},
+            labels_unmatched=unmatched,
+            capture_evicted=evicted,
         )
         final: list[protocol.TelemetryBatch] = [batch]
 

@@ -4,7 +4,8 @@
     python examples/agent_client.py http://127.0.0.1:8700
 
 Standard library only, so an on-device application can copy it as is.
-Every answer names the model (sha256 + version) that produced it.
+Every answer names the model (sha256 + version) that produced it and carries an
+inference id, which a label for that prediction refers to.
 """
 
 from __future__ import annotations
@@ -60,8 +61,13 @@ class AgentClient:
         return dict(self._call("GET", "/v1/model"))
 
     def infer(self, inputs: Any) -> dict[str, Any]:
-        """``inputs``: nested lists in the model's input shape -> outputs + the model that answered."""
+        """``inputs``: nested lists in the model's input shape -> outputs, the model that answered,
+        and the ``inference_id`` to post a label for."""
         return dict(self._call("POST", "/v1/infer", {"inputs": inputs}))
+
+    def labels(self, labels: list[dict[str, Any]]) -> dict[str, Any]:
+        """``[{"inference_id", "label", "label_time"?}, ...]`` -> a status per label (matched, ...)."""
+        return dict(self._call("POST", "/v1/labels", {"labels": labels}))
 
 
 def main() -> None:
@@ -79,6 +85,11 @@ def main() -> None:
     answer = client.infer(flat)
     print("answered by", answer["model_version"], answer["model_sha256"][:12], "ok", answer["ok"])
     print("outputs", answer["outputs"])
+    # Later the application learns the truth and says so (here: the class the model chose).
+    scores = answer["outputs"][0][0] if answer["outputs"] else []
+    truth = max(range(len(scores)), key=scores.__getitem__) if isinstance(scores, list) and scores else 0
+    (result,) = client.labels([{"inference_id": answer["inference_id"], "label": truth}])["results"]
+    print("label for", answer["inference_id"], result["status"])
 
 
 if __name__ == "__main__":

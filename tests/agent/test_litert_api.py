@@ -150,6 +150,7 @@ def test_api_over_unix_socket(
             check=True,
         ).stdout
         assert f"answered by 1 {bundle.sha256[:12]} ok True" in out
+        assert " matched" in out.splitlines()[-1]  # and its label was joined to the prediction
     finally:
         loop_thread.run(agent.stop())
     assert not sock.exists()
