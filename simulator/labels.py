@@ -65,8 +65,9 @@ class LabelPlan:
         if bad:
             raise ValueError(f"accuracies are probabilities, got {bad}")
 
-    def source(self, device_index: int) -> LabelSource:
-        return LabelSource(self, random.Random(f"{self.seed}:labels:{device_index}"))
+    def source(self, device_id: str) -> LabelSource:
+        """The device's own stream of labels (seeded by its id: the same in any worker process)."""
+        return LabelSource(self, random.Random(f"{self.seed}:labels:{device_id}"))
 
 
 def draw_label(predicted: int, classes: int, accuracy: float, rng: random.Random) -> int:

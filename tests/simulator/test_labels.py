@@ -28,7 +28,7 @@ def scores(predicted: int, classes: int = 10) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("accuracy", [0.0, 0.9, 0.95, 1.0])
 def test_labels_confirm_the_prediction_at_the_configured_accuracy(accuracy: float) -> None:
-    source = LabelPlan(accuracy={SHA: accuracy}, seed=3).source(0)
+    source = LabelPlan(accuracy={SHA: accuracy}, seed=3).source("d0")
     n, right = 20_000, 0
     for i in range(n):
         got = source.label(SHA, scores(i % 10), None)
@@ -58,7 +58,7 @@ def test_the_wrong_labels_spread_over_every_other_class() -> None:
 
 def test_share_models_without_accuracy_and_the_truth() -> None:
     plan = LabelPlan(share=0.25, accuracy={SHA: 1.0}, seed=5)
-    source = plan.source(1)
+    source = plan.source("d1")
     got = [source.label(SHA, scores(2), None) for _ in range(8000)]
     labelled = sum(g is not None for g in got)
     low, high = wilson(labelled, 8000, confidence=0.999) or (0.0, 1.0)
@@ -66,7 +66,7 @@ def test_share_models_without_accuracy_and_the_truth() -> None:
     assert all(source.label(OTHER, scores(2), None) is None for _ in range(100))  # no accuracy: no label
     # the inputs' real labels win over any configured accuracy
     truth = np.array([7, 3, 1])
-    real = LabelPlan(truth=truth, accuracy={SHA: 0.0}).source(0)
+    real = LabelPlan(truth=truth, accuracy={SHA: 0.0}).source("d0")
     assert [real.label(SHA, scores(0), row) for row in (0, 1, 5)] == [(7, 0.0), (3, 0.0), (1, 0.0)]
 
 
@@ -74,7 +74,7 @@ def test_the_same_plan_labels_the_same_way_per_device() -> None:
     plan = LabelPlan(accuracy={SHA: 0.5}, delay=LabelDelay("uniform", 1, 3), seed=9)
 
     def run(device: int) -> list[tuple[int, float] | None]:
-        source = plan.source(device)
+        source = plan.source(f"d{device}")
         return [source.label(SHA, scores(i % 10), None) for i in range(50)]
 
     assert run(4) == run(4) and run(4) != run(5)
