@@ -17,7 +17,7 @@ from signing.keyring import KeyDir
 
 from .conftest import FakeDevice, make_bundle, register, upload, wait_for
 from .test_mqtt import reported
-from .test_rollout_flow import directed, directives, status
+from .test_rollout_flow import directed, directives, serve, status
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -33,19 +33,8 @@ def labelled_batch(device_id: str, batch_id: str, sha: str, labels: int, correct
 def serve_labelled(dev: FakeDevice, d: protocol.Directive, labels: int, correct: int) -> None:
     """An agent that installed the directive's model, served with it, and got labels back."""
     assert d.model is not None
-    running = protocol.RunningModel(name=d.model.name, version=d.model.version, sha256=d.model.sha256)
-    dev.publish(
-        "reported",
-        reported(
-            dev.device_id,
-            running=running,
-            deployment_seq=d.seq,
-            deployment_state="serving",
-            served_ok={d.model.sha256: labels},
-        ),
-        retain=True,
-    )
-    dev.publish("telemetry", labelled_batch(dev.device_id, f"b{d.seq}", d.model.sha256, labels, correct))
+    serve(dev, d, inferences=labels)
+    dev.publish("telemetry", labelled_batch(dev.device_id, f"l{d.seq}", d.model.sha256, labels, correct))
 
 
 def fleet_on_v1(
@@ -73,6 +62,12 @@ def fleet_on_v1(
     return old, devs
 
 
+def start_v2(client: httpx.Client, **policy: Any) -> str:
+    """det:2 in two stages (2 canaries, then all 4) with the accuracy gate on, over 300 labels."""
+    body = {"model": "det:2", "stages": [50, 100], "soak_seconds": 0, "max_accuracy_drop": 0.0}
+    return str(client.post("/api/v1/rollouts", json={**body, "min_labels": 300, **policy}).json()["id"])
+
+
 def test_a_less_accurate_model_is_rolled_back_from_its_canaries(
     server: ServerThread,
     client: httpx.Client,
@@ -81,16 +76,7 @@ def test_a_less_accurate_model_is_rolled_back_from_its_canaries(
     fake_device: Callable[[str], FakeDevice],
 ) -> None:
     old, devs = fleet_on_v1(client, keydir, tmp_path, fake_device, "acc")
-    rid = client.post(
-        "/api/v1/rollouts",
-        json={
-            "model": "det:2",
-            "stages": [50, 100],
-            "soak_seconds": 0,
-            "max_accuracy_drop": 0.0,
-            "min_labels": 300,
-        },
-    ).json()["id"]
+    rid = start_v2(client)
     canaries = directed(devs.values(), keydir, 2)
     for dev in canaries:  # 85% on 400 labels against 95% on 2,000
         serve_labelled(dev, directives(dev, keydir)[-1], labels=200, correct=170)
@@ -128,17 +114,7 @@ def test_a_stage_without_labels_waits_then_pauses_for_a_human(
     fake_device: Callable[[str], FakeDevice],
 ) -> None:
     _, devs = fleet_on_v1(client, keydir, tmp_path, fake_device, "wait")
-    rid = client.post(
-        "/api/v1/rollouts",
-        json={
-            "model": "det:2",
-            "stages": [50, 100],
-            "soak_seconds": 0,
-            "max_accuracy_drop": 0.0,
-            "min_labels": 300,
-            "max_label_wait_seconds": 1.5,
-        },
-    ).json()["id"]
+    rid = start_v2(client, max_label_wait_seconds=1.5)
     canaries = directed(devs.values(), keydir, 2)
     for dev in canaries:  # they serve, but only 40 of their predictions were labelled
         serve_labelled(dev, directives(dev, keydir)[-1], labels=20, correct=20)
