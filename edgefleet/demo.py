@@ -47,7 +47,7 @@ from simulator.readable import readable
 
 HARDWARE = "rpi4"
 STAGES = [10.0, 50.0, 100.0]
-WORKLOAD_HZ = 20.0  # inferences per device per second: the canaries' labels arrive at 100/s
+WORKLOAD_HZ = 30.0  # inferences per device per second: the canaries' labels arrive at 150/s
 # The subtly worse model: the good one with its first layer's weights perturbed (a fine-tune gone
 # slightly wrong), about this much less accurate on the held-out digits; same graph, same latency.
 ACCURACY_LOSS = 0.05
