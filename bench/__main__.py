@@ -12,7 +12,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-MODULES = ["verify", "trust", "inference", "agent", "compiler", "server", "sim"]
+MODULES = ["verify", "trust", "inference", "agent", "compiler", "server", "sim", "gates"]
 STANDARD = {"bench", "baseline", "ratio", "target"}
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
         title=f"edgefleet benchmarks on {platform.machine()} / {platform.python_version()}",
     )
     for r in rows:
-        unit = next((u for u in ("us", "ms", "mb", "s") if f"baseline_{u}" in r), "ms")
+        unit = next((u for u in ("us", "ms", "mb", "s", "pct") if f"baseline_{u}" in r), "ms")
         extra = {
             k: v for k, v in r.items() if k not in STANDARD and not k.startswith(("baseline_", "edgefleet_"))
         }

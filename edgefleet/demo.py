@@ -4,7 +4,12 @@ Train a digits classifier, compile it to int8 for arm64-cpu and sign it; start
 a broker, the fleet server (SQLite) and simulated devices running the real
 agent; roll the model out in stages; then roll out a broken model (NaN
 outputs) and show the first stage's gate roll the canaries back while the
-rest of the fleet never receives it. Every part talks over real MQTT and HTTP.
+rest of the fleet never receives it. The devices' apps label their answers
+with the true digit a moment later (the simulator's label source, through
+``Agent.label``); a third model, about 5 points less accurate on the digits
+but with finite outputs and the same latency, passes every other gate, and the
+accuracy gate rolls it back at the canary stage on those labels. Every part
+talks over real MQTT and HTTP.
 
 The broker is the production configuration (``edgefleet.broker``: TLS, a
 client certificate per device from the fleet CA, the per-device ACL; the server
@@ -42,6 +47,14 @@ from simulator.readable import readable
 
 HARDWARE = "rpi4"
 STAGES = [10.0, 50.0, 100.0]
+WORKLOAD_HZ = 30.0  # inferences per device per second: the canaries' labels arrive at 150/s
+# The subtly worse model: the good one with its first layer's weights perturbed (a fine-tune gone
+# slightly wrong), about this much less accurate on the held-out digits; same graph, same latency.
+ACCURACY_LOSS = 0.05
+# Labels the accuracy gate waits for on each side: a 5-point loss at ~92% is then ~5.8 standard
+# errors, where the always-valid test needs ~2.9 (docs/decisions/0016), so the canary stage
+# catches it in all but ~1 of 1,000 runs (at 600 labels: ~1 in 30).
+MIN_LABELS = 1000
 
 
 @dataclass
@@ -66,13 +79,19 @@ def wait_until(
 
 @contextmanager
 def demo_stack(
-    work: Path, devices: int, sample_inputs: np.ndarray, tick_interval: float = 0.2
+    work: Path,
+    devices: int,
+    sample_inputs: np.ndarray,
+    tick_interval: float = 0.2,
+    truth: np.ndarray | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Broker + server + registered simulated fleet, torn down in reverse order."""
+    """Broker + server + registered simulated fleet, torn down in reverse order. ``truth``: the
+    real class of each sample input; the devices' apps then label every answer with it."""
     from edgefleet.broker import fleet_mqtt_keys, free_port, server_mqtt_settings, start_broker
     from fleet_server.runner import ServerThread
     from fleet_server.settings import ServerSettings
     from simulator.fleet import DeviceSpec, Fleet
+    from simulator.labels import LabelDelay, LabelPlan
     from simulator.registry import register_devices
 
     with ExitStack() as stack:
@@ -98,11 +117,15 @@ def demo_stack(
             broker.info,
             work / "keys" / "trust.json",
             work / "devices",
-            workload_hz=5.0,
+            workload_hz=WORKLOAD_HZ,
             sample_inputs=sample_inputs,
             telemetry_interval=1.0,
             tuf_root_path=work / "keys" / "root.json",  # installs go through TUF release metadata
             credentials=fleet_mqtt_keys(broker.info, [s.device_id for s in specs]),
+            # the truth about an answer reaches the device's app 0.1-1 s after it
+            labels=LabelPlan(delay=LabelDelay("uniform", 0.1, 1.0), truth=truth)
+            if truth is not None
+            else None,
         )
         fleet.start()
         stack.callback(fleet.stop)
@@ -154,7 +177,7 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
         console=console,
     )
     with progress:
-        step = progress.add_task("keys, training, compiling", total=4)
+        step = progress.add_task("keys, training, compiling", total=5)
         init_keys(work / "keys")
         release_key = KeyDir(work / "keys").key("release")
         progress.advance(step)
@@ -194,12 +217,19 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
         # A careless engineer skips the gate (recorded in the manifest); the fleet must still be safe.
         broken = build(broken_src, 2, None, "digits-2")
         progress.advance(step)
+        worse_src = work / "digits" / "worse.onnx"
+        _make_worse_model(example.model_path, worse_src, example.eval_path, ACCURACY_LOSS)
+        worse = build(worse_src, 3, Gate(), "digits-3")  # a valid model: the compiler's gate passes it
+        result.figures["digits_3_int8_accuracy"] = round(worse.report["accuracy"]["int8"], 4)
+        progress.advance(step)
         good_sha = good.manifest.model_file.sha256
         bad_sha = broken.manifest.model_file.sha256
+        worse_sha = worse.manifest.model_file.sha256
 
         boot = progress.add_task("broker, server (SQLite), devices", total=3)
-        samples = np.load(example.eval_path)["x"].astype(np.float32)
-        with demo_stack(work, devices, samples) as stack:
+        held_out = np.load(example.eval_path)
+        samples = held_out["x"].astype(np.float32)
+        with demo_stack(work, devices, samples, truth=held_out["y"]) as stack:
             progress.update(boot, completed=3)
             fleet = stack["fleet"]
             server = stack["server"]
@@ -242,6 +272,9 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
                     what="canaries back on digits:1",
                 )
                 result.checks["canaries back on digits:1"] = True
+                _accuracy_step(
+                    progress, api, fleet, devices, worse.bundle_dir, release_key, worse_sha, result
+                )
                 stats = api.stats()
                 result.figures["telemetry_batches"] = stats.get("telemetry_batches")
                 result.figures["malformed_messages"] = stats.get("malformed_messages")
@@ -249,10 +282,48 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
                     (d.get("reason") for d in reversed(status2.get("decisions", [])) if d.get("reason")),
                     None,
                 )
+                result.figures["labels"] = dict(sorted(fleet.label_counts.items()))
 
 
-def _create_rollout(api: Any, model: str) -> dict[str, Any]:
-    """The demo's rollout policy: three stages, 1 s soak, error-rate gate over >= 20 inferences."""
+def _accuracy_step(
+    progress: Progress,
+    api: Any,
+    fleet: Any,
+    devices: int,
+    bundle: Path,
+    release_key: Any,
+    worse_sha: str,
+    result: DemoResult,
+) -> None:
+    """Roll out the subtly worse model with the accuracy gate on; it must stop at the canaries."""
+    api.push_bundle(bundle, release_keys=[release_key])
+    rollout = _create_rollout(api, "digits:3", max_accuracy_drop=0.0, min_labels=MIN_LABELS)
+    t0 = time.monotonic()
+    status = _follow(progress, api, rollout["id"], devices, "rollout digits:3 (5 points less accurate)")
+    result.figures["accuracy_rollback_seconds"] = round(time.monotonic() - t0, 1)
+    result.figures["rollout_3_state"] = status["state"]
+    stop: dict[str, Any] = next(
+        (d for d in reversed(status.get("decisions", [])) if d.get("action") == "roll_back"), {}
+    )
+    f = stop.get("figures") or {}
+    result.checks["subtly worse rollout rolled back by the accuracy gate"] = (
+        status["state"] == "rolled_back" and f.get("gate") == "accuracy"
+    )
+    if f.get("gate") == "accuracy":
+        result.figures["accuracy_gate"] = (
+            f"digits:3 {f['accuracy']:.1%} over {f['labels']} labels vs digits:1 "
+            f"{f['baseline_accuracy']:.1%} over {f['baseline_labels']}: {f['accuracy_change'] * 100:+.1f} "
+            f"points, p = {f['accuracy_p_value']:.1g} (always valid)"
+        )
+    canary = math.ceil(devices * STAGES[0] / 100)
+    got = [d for d, a in fleet.agents.items() if worse_sha in a.history]
+    result.figures["devices_that_ran_worse"] = len(got)
+    result.checks[f"only the {canary} canaries ever ran the less accurate model"] = 0 < len(got) <= canary
+
+
+def _create_rollout(api: Any, model: str, **gates: Any) -> dict[str, Any]:
+    """The demo's rollout policy: three stages, 1 s soak, error-rate gate over >= 20 inferences
+    (``gates``: more policy fields, e.g. the accuracy gate's)."""
     return dict(
         api.create_rollout(
             model=model,
@@ -262,8 +333,47 @@ def _create_rollout(api: Any, model: str) -> dict[str, Any]:
             device_timeout_seconds=30,
             max_error_rate=0.05,
             min_inferences=20,
+            **gates,
         )
     )
+
+
+def _make_worse_model(src: Path, dst: Path, eval_path: Path, loss: float) -> float:
+    """Write ``src`` with noise on its first layer's weights, the least that costs ``loss`` of its
+    accuracy on the held-out digits (a fine-tune gone slightly wrong); return that accuracy.
+
+    The graph is unchanged (same ops, same shapes), so the outputs stay finite and the latency the
+    same: only the labels can tell it apart. Seeded, so every demo rolls out the same model.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    held_out = np.load(eval_path)
+    x, y = held_out["x"].astype(np.float32), held_out["y"]
+
+    def accuracy(model: Any) -> float:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        scores = session.run(None, {session.get_inputs()[0].name: x})[0]
+        return float((scores.argmax(axis=1) == y).mean())
+
+    base = onnx.load(str(src))
+    first = next(t for t in base.graph.initializer if len(t.dims) == 2)  # the first layer's weights
+    weights = numpy_helper.to_array(first)
+    noise = np.random.default_rng(0).normal(0.0, weights.std(), weights.shape).astype(np.float32)
+    target = accuracy(base) - loss
+    model, got = base, accuracy(base)
+    for scale in np.arange(0.01, 2.0, 0.01):
+        model = onnx.load(str(src))
+        target_tensor = next(t for t in model.graph.initializer if t.name == first.name)
+        target_tensor.CopyFrom(
+            numpy_helper.from_array((weights + float(scale) * noise).astype(np.float32), first.name)
+        )
+        got = accuracy(model)
+        if got <= target:
+            break
+    onnx.save(model, str(dst))
+    return got
 
 
 def _follow(progress: Progress, api: Any, rollout_id: Any, devices: int, label: str) -> dict[str, Any]:
@@ -303,6 +413,12 @@ FIGURE_ROWS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "rollback_seconds": ("digits:2 rolled back after", _seconds),
     "devices_that_ran_broken": ("devices that ran digits:2", readable),
     "decision": ("gate decision", readable),
+    "digits_3_int8_accuracy": ("digits:3 int8 accuracy (held out)", _percent),
+    "rollout_3_state": ("digits:3 (less accurate) rollout", readable),
+    "accuracy_rollback_seconds": ("digits:3 rolled back after", _seconds),
+    "devices_that_ran_worse": ("devices that ran digits:3", readable),
+    "accuracy_gate": ("accuracy gate decision", readable),
+    "labels": ("labels the devices' apps posted", readable),
     "telemetry_batches": ("telemetry batches stored", readable),
     "malformed_messages": ("malformed messages", readable),
     "wall_seconds": ("wall time", _seconds),

@@ -33,7 +33,11 @@ rule that tried an undesigned move would raise rather than write it.
   contradicts it (docs/rollouts.md, "Gates per hardware class").
 - When every assigned device has finished, the success threshold holds and the
   soak time has passed, the next stage starts (after a human approval when the
-  policy asks for one); after the last stage the rollout is ``completed``.
+  policy asks for one); after the last stage the rollout is ``completed``. With
+  an accuracy gate, a stage also waits until both models have ``min_labels``
+  labelled predictions (the gate has not judged before), at most
+  ``max_label_wait_seconds`` after its devices finished; then it pauses for a
+  human instead of promoting blind.
 - An operator roll back (any state) sends every device that got the new model
   back to the model it ran before.
 """
@@ -113,6 +117,8 @@ class DeviceSnapshot:
     output_hist: tuple[int, ...] = ()
     shadow_samples: int = 0
     shadow_agree: int = 0
+    labels: int = 0  # its predictions that an app labelled with the truth
+    labels_correct: int = 0  # ... that the model got right
     reason: str | None = None  # why it is in its state (stored with the state)
 
 
@@ -314,7 +320,12 @@ def decide(
     if whole is None and j.failing and not _proven(j, state):
         whole = _all_cohorts_trip(j)
         whole_figures = _figures(
-            r, [d for d in assigned if d.hardware_id not in j.rolled], state, reasons, baseline
+            r,
+            [d for d in assigned if d.hardware_id not in j.rolled],
+            state,
+            reasons,
+            baseline,
+            len(j.cohorts),
         )
     if whole is not None and whole.action == gates.ROLL_BACK:
         return _roll_back(
@@ -423,6 +434,22 @@ def decide(
             )
         soaked = (now - plan.stage_ready_at).total_seconds()
         if soaked < p.soak_seconds:
+            return plan
+        wanted = gates.labels_wanted(p, j.overall)
+        if wanted is not None and r.approved_through < plan.current_stage:
+            # Not passing: the accuracy gate has not judged. Wait for the labels (they come late:
+            # the truth is often known hours after the prediction), then ask a human.
+            if soaked < p.max_label_wait_seconds:
+                return plan
+            plan.state = ROLLOUT.move(plan.state, RT.GATE_PAUSE)
+            plan.decisions.append(
+                Decision(
+                    "pause",
+                    f"stage {plan.current_stage + 1} waited {soaked:.0f}s for labels and has only "
+                    f"{wanted}: a human decides (approve promotes without them)",
+                    {**figures, "gate": "label_wait", "waited_seconds": round(soaked, 1)},
+                )
+            )
             return plan
         if plan.current_stage + 1 >= len(r.stages):
             paused = sorted(j.paused)
@@ -537,7 +564,7 @@ def _judge(
         mine = [d for d in ds if d.stage is not None]
         if hw in rolled or not mine:
             continue
-        verdicts[hw] = _figures(r, mine, state, reasons, baseline)
+        verdicts[hw] = _figures(r, mine, state, reasons, baseline, len(cohorts))
         trip = gates.check(p, verdicts[hw], _finished(mine, state))
         if trip is not None and not (trip.action == gates.PAUSE and approved):
             failing[hw] = trip
@@ -558,7 +585,7 @@ def _judge(
         verdicts,
         failing,
         going,
-        _figures(r, pooled, state, reasons, baseline),
+        _figures(r, pooled, state, reasons, baseline, len(cohorts)),
         {hw: verdicts[hw] for hw in going if hw in verdicts},
     )
     trip = gates.check(p, j.overall, _finished(pooled, state)) if pooled else None
@@ -591,11 +618,8 @@ def _contradicting(
         mine = [d for d in j.cohorts[hw] if d.stage is not None]
         if not mine:
             continue
-        f = _figures(loose, mine, state, reasons, baseline)
-        if (
-            gates.has_evidence(gate, f)
-            and gates.verdict(loose.policy, f, _finished(mine, state), gate) is None
-        ):
+        f = _figures(loose, mine, state, reasons, baseline, len(j.cohorts))
+        if gates.has_evidence(gate, f) and gates.looks_healthy(r.policy, f, _finished(mine, state), gate):
             out.append(hw)
     return out
 
@@ -754,8 +778,13 @@ def _figures(
     state: dict[str, DS],
     reasons: dict[str, str | None],
     baseline: Mapping[str, Histograms] | None,
+    cohorts: int = 1,
 ) -> dict[str, Any]:
-    """The figures every gate reads, over ``assigned`` (one cohort, or the cohorts pooled)."""
+    """The figures every gate reads, over ``assigned`` (one cohort, or the cohorts pooled).
+
+    ``cohorts``: how many hardware classes the rollout has, each judged on its own besides the
+    pooled verdict; the accuracy gate splits its false-alarm rate over them.
+    """
     baseline = baseline or {}
     p = r.policy
     inferences = sum(d.inferences for d in assigned)
@@ -785,15 +814,19 @@ def _figures(
         "shadow_agreement": shadow_agree / shadow_samples if shadow_samples else None,
         "failure_classes": dict(sorted(failure_classes.items())),
     }
-    if p.max_latency_ratio is not None or p.max_output_psi is not None:
+    if p.max_latency_ratio is not None or p.max_output_psi is not None or p.max_accuracy_drop is not None:
         groups: dict[str, list[Histograms]] = {}
         for d in assigned:
-            groups.setdefault(d.hardware_id, []).append(Histograms(d.latency_buckets, d.output_hist))
+            groups.setdefault(d.hardware_id, []).append(
+                Histograms(d.latency_buckets, d.output_hist, d.labels, d.labels_correct)
+            )
         new = {hw: gates.merge(hs) for hw, hs in groups.items()}
         if p.max_latency_ratio is not None:
             figures.update(gates.latency_figures(p, new, baseline))
         if p.max_output_psi is not None:
             figures.update(gates.drift_figures(new, baseline))
+        if p.max_accuracy_drop is not None:
+            figures.update(gates.accuracy_figures(p, new, baseline, gates.accuracy_alpha(p, cohorts)))
     return figures
 
 

@@ -3,9 +3,10 @@
 Pure functions over already-aggregated numbers, so the engine stays pure and
 each gate is testable on its own. Each gate has a minimum sample below which
 it says nothing, and an action when it trips: ``roll_back`` or ``pause`` (a
-human decides). The ML gates are relative, never fixed thresholds: latency p95
-and the output distribution of the new model are compared with those of the
-model it replaces *on the same hardware* (comparable devices).
+human decides). The ML gates are relative, never fixed thresholds: latency p95,
+the output distribution and the accuracy on labelled predictions of the new
+model are compared with those of the model it replaces *on the same hardware*
+(comparable devices).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from itertools import zip_longest
 from typing import Any
 
 from device_agent.protocol import latency_quantile
+from fleet_server import accuracy_stats
 from fleet_server.policy import ANY_FAILURE, GateAction, Policy
 
 ROLL_BACK = GateAction.ROLL_BACK
@@ -27,10 +29,12 @@ PSI_EPSILON = 1e-4  # share given to an empty bin, so PSI stays finite
 
 @dataclass(frozen=True)
 class Histograms:
-    """Summed sketches of one model on one group of devices."""
+    """Summed sketches and label counts of one model on one group of devices."""
 
     latency: tuple[int, ...] = ()
     output: tuple[int, ...] = ()
+    labels: int = 0  # predictions an app on the device labelled with the truth
+    labels_correct: int = 0  # ... that the model got right
 
     @property
     def latency_samples(self) -> int:
@@ -62,7 +66,12 @@ def _sum_columns(rows: Iterable[Sequence[int]]) -> tuple[int, ...]:
 
 def merge(hists: Iterable[Histograms]) -> Histograms:
     hs = list(hists)
-    return Histograms(_sum_columns(h.latency for h in hs), _sum_columns(h.output for h in hs))
+    return Histograms(
+        _sum_columns(h.latency for h in hs),
+        _sum_columns(h.output for h in hs),
+        sum(h.labels for h in hs),
+        sum(h.labels_correct for h in hs),
+    )
 
 
 def p95_us(buckets: Sequence[int]) -> float | None:
@@ -121,6 +130,91 @@ def drift_figures(new: Mapping[str, Histograms], baseline: Mapping[str, Histogra
         "drift_samples": n.output_samples,
         "drift_baseline_samples": b.output_samples,
     }
+
+
+def accuracy_alpha(p: Policy, cohorts: int) -> float:
+    """The false-alarm rate each accuracy verdict may spend: all of ``accuracy_alpha`` with one
+    hardware class; with several, an even split (Bonferroni) over one verdict per class and the
+    pooled one, so the chance that any of them trips while the model is no worse stays within
+    ``accuracy_alpha`` for the whole rollout."""
+    return p.accuracy_alpha if cohorts <= 1 else p.accuracy_alpha / (cohorts + 1)
+
+
+def accuracy_figures(
+    p: Policy, new: Mapping[str, Histograms], baseline: Mapping[str, Histograms], alpha: float
+) -> dict[str, Any]:
+    """Accuracy of the new model vs the replaced one on the hardware groups both have labels on.
+
+    ``alpha``: what this verdict may spend (``accuracy_alpha``). The figures: each model's
+    accuracy with its 95% Wilson interval (to read, fixed-sample) and label count, the change
+    and its always-valid upper bound, the always-valid p-value, and the same per group.
+    """
+    assert p.max_accuracy_drop is not None
+    groups = {
+        hw: accuracy_stats.Group(h.labels, h.labels_correct, base.labels, base.labels_correct)
+        for hw, h in sorted(new.items())
+        if (base := baseline.get(hw)) is not None
+    }
+    design = accuracy_stats.design_information(p.min_labels)
+    c = accuracy_stats.compare(groups.values(), p.max_accuracy_drop, alpha, design)
+    out: dict[str, Any] = {
+        "labels": sum(h.labels for h in new.values()),
+        "baseline_labels": sum(g.baseline_labels for g in groups.values()),
+        "accuracy_alpha": alpha,
+        "accuracy": None,
+        "accuracy_p_value": None,
+    }
+    if c is None:
+        return out
+    per_group = {}
+    for hw, g in groups.items():
+        if g.labels and g.baseline_labels:
+            one = accuracy_stats.compare([g], p.max_accuracy_drop, alpha, design)
+            assert one is not None
+            per_group[hw] = {
+                "labels": g.labels,
+                "accuracy": round(one.accuracy, 4),
+                "baseline_labels": g.baseline_labels,
+                "baseline_accuracy": round(one.baseline_accuracy, 4),
+                "change": round(one.change, 4),
+            }
+    out.update(
+        {
+            "labels": c.labels,
+            "baseline_labels": c.baseline_labels,
+            "accuracy": round(c.accuracy, 4),
+            "accuracy_ci95": _rounded(accuracy_stats.wilson(c.correct, c.labels)),
+            "baseline_accuracy": round(c.baseline_accuracy, 4),
+            "baseline_accuracy_ci95": _rounded(accuracy_stats.wilson(c.baseline_correct, c.baseline_labels)),
+            "accuracy_change": round(c.change, 4),
+            "accuracy_change_upper": round(c.change_upper, 4),
+            "accuracy_p_value": c.p_value,
+            "accuracy_groups": per_group,
+        }
+    )
+    return out
+
+
+def _rounded(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None else [round(interval[0], 4), round(interval[1], 4)]
+
+
+def labels_wanted(p: Policy, f: Mapping[str, Any]) -> str | None:
+    """What the accuracy gate still waits for before it can judge (None: nothing, or no gate).
+
+    A stage does not finish while this says something: without the labels the gate has not
+    judged, and promoting then would be promoting blind.
+    """
+    if p.max_accuracy_drop is None:
+        return None
+    short = []
+    if f["labels"] < p.min_labels:
+        short.append(f"{f['labels']} labelled predictions of the new model")
+    if f["baseline_labels"] < p.min_labels:
+        short.append(f"{f['baseline_labels']} of the replaced model on the same hardware")
+    if not short:
+        return None
+    return f"{' and '.join(short)} (the accuracy gate needs {p.min_labels} of each)"
 
 
 def _failure_rate(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
@@ -211,6 +305,27 @@ def _shadow(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | Non
     return None
 
 
+def _accuracy(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
+    p_value = f.get("accuracy_p_value")
+    if (
+        p.max_accuracy_drop is None
+        or p_value is None
+        or f["labels"] < p.min_labels
+        or f["baseline_labels"] < p.min_labels
+        or p_value > f["accuracy_alpha"]
+    ):
+        return None
+    return Trip(
+        "accuracy",
+        p.accuracy_action,
+        f"accuracy {f['accuracy']:.1%} over {f['labels']} labels vs {f['baseline_accuracy']:.1%} over "
+        f"{f['baseline_labels']} for the replaced model on the same hardware: a change of "
+        f"{f['accuracy_change'] * 100:+.1f} points (at most {f['accuracy_change_upper'] * 100:+.1f} at "
+        f"{1 - f['accuracy_alpha']:.1%}, always valid) is a loss beyond {p.max_accuracy_drop * 100:g} "
+        f"points (p = {p_value:.2g} <= {f['accuracy_alpha']:.3g})",
+    )
+
+
 GATES: dict[str, Callable[[Policy, Mapping[str, Any], bool], Trip | None]] = {
     "failure_rate": _failure_rate,
     "failures": _failures,
@@ -219,10 +334,11 @@ GATES: dict[str, Callable[[Policy, Mapping[str, Any], bool], Trip | None]] = {
     "latency_p95": _latency,
     "output_drift": _drift,
     "shadow_agreement": _shadow,
+    "accuracy": _accuracy,
 }
-"""Every gate, in the order ``check`` tries them (install, errors, latency, drift, shadow)."""
+"""Every gate, in the order ``check`` tries them (install, errors, latency, drift, shadow, accuracy)."""
 
-SAMPLED_GATES = frozenset({"error_rate", "latency_p95", "output_drift", "shadow_agreement"})
+SAMPLED_GATES = frozenset({"error_rate", "latency_p95", "output_drift", "shadow_agreement", "accuracy"})
 """Gates whose minimum sample grows with serving time (not with the number of devices assigned).
 
 Pooled over several hardware classes they can fail before the class that drives
@@ -232,7 +348,7 @@ instead of stopping classes that demonstrably pass (engine.py, "deferred").
 
 
 def check(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
-    """The first gate that trips, in order: install, errors, latency, drift, shadow."""
+    """The first gate that trips, in order: install, errors, latency, drift, shadow, accuracy."""
     for gate in GATES.values():
         trip = gate(p, f, stage_finished)
         if trip is not None:
@@ -257,6 +373,7 @@ def without_minimums(p: Policy) -> Policy:
             "min_latency_samples": 1,
             "min_drift_samples": 1,
             "min_shadow_samples": 1,
+            "min_labels": 1,
         }
     )
 
@@ -271,7 +388,22 @@ def has_evidence(gate: str, f: Mapping[str, Any]) -> bool:
         return f.get("output_psi") is not None
     if gate == "shadow_agreement":
         return bool(f["shadow_samples"])
+    if gate == "accuracy":
+        return f.get("accuracy_p_value") is not None
     return bool(f["assigned"])
+
+
+def looks_healthy(p: Policy, f: Mapping[str, Any], stage_finished: bool, gate: str) -> bool:
+    """Whether figures below the minimum sample pass ``gate`` on their face (a point estimate).
+
+    For the threshold gates that is their verdict with the minimums waived. The accuracy gate's
+    verdict is a test, which on a handful of labels never rejects: its face value is the
+    estimated change itself, no worse than the margin.
+    """
+    if gate == "accuracy":
+        change = f.get("accuracy_change")
+        return change is not None and p.max_accuracy_drop is not None and change >= -p.max_accuracy_drop
+    return verdict(without_minimums(p), f, stage_finished, gate) is None
 
 
 def shadow_passed(p: Policy, f: Mapping[str, Any]) -> bool:

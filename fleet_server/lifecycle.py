@@ -196,7 +196,7 @@ ROLLOUT: Lifecycle[RolloutState, RolloutTrigger] = Lifecycle(
         RT.AWAIT_APPROVAL: "engine: a stage soaked and `require_approval` wants a human before the next",
         RT.COMPLETE: "engine: the last stage soaked with the gates passing",
         RT.GATE_PAUSE: "engine: a gate whose action is `pause` trips (the gates keep watching while"
-        " awaiting approval)",
+        " awaiting approval), or a stage waited `max_label_wait_seconds` for the accuracy gate's labels",
         RT.GATE_ROLL_BACK: "engine: a gate whose action is `roll_back` trips; also while paused: pausing"
         " stops assignment, not protection",
         RT.PAUSE: "operator: no new devices are notified (repeated: no-op)",

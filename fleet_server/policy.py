@@ -137,6 +137,37 @@ class Policy(BaseModel):
         default=50, ge=1, description="shadow samples needed before the shadow gate judges"
     )
     shadow_action: GateAction = Field(default=GateAction.ROLL_BACK, description="when the shadow gate trips")
+    # accuracy: labelled predictions of the new model vs the replaced model's on the same hardware,
+    # an always-valid one-sided test (fleet_server/accuracy_stats.py), so looking every tick is free
+    max_accuracy_drop: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="accuracy (0 to 1) the new model may lose against the replaced model on the same"
+        " hardware; the accuracy gate trips when a one-sided test proves a larger loss (null: no"
+        " accuracy gate; 0: any loss the test proves)",
+    )
+    accuracy_alpha: float = Field(
+        default=0.05,
+        gt=0,
+        lt=0.5,
+        description="false-alarm rate of the accuracy gate over the whole rollout: the chance it ever"
+        " trips while the new model is no worse than max_accuracy_drop allows",
+    )
+    min_labels: int = Field(
+        default=500,
+        ge=1,
+        description="labelled predictions of each model needed before the accuracy gate judges; a"
+        " stage does not finish without them",
+    )
+    max_label_wait_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="seconds a finished stage waits for min_labels before it pauses for a human",
+    )
+    accuracy_action: GateAction = Field(
+        default=GateAction.ROLL_BACK, description="when the accuracy gate trips"
+    )
     shadow_sample_rate: float = Field(
         # a rollout that says nothing samples at the rate an agent assumes when a directive says nothing
         default=protocol.Directive.model_fields["shadow_sample_rate"].default,

@@ -79,6 +79,8 @@ AGGREGATE_COLUMNS = (
     col(ModelAggregate.output_hist),
     col(ModelAggregate.shadow_samples),
     col(ModelAggregate.shadow_agree),
+    col(ModelAggregate.labels),
+    col(ModelAggregate.labels_correct),
 )
 
 
@@ -160,6 +162,8 @@ def snapshot(
                 output_hist=tuple(agg.output_hist) if agg else (),
                 shadow_samples=agg.shadow_samples if agg else 0,
                 shadow_agree=agg.shadow_agree if agg else 0,
+                labels=agg.labels if agg else 0,
+                labels_correct=agg.labels_correct if agg else 0,
                 reason=rd.reason,
             )
         )
@@ -169,8 +173,13 @@ def snapshot(
 def _baseline(
     session: Session, rollout: Rollout, policy: Policy, rows: Sequence[Any], mine: Any
 ) -> dict[str, Histograms]:
-    """Summed sketches of the models the rollout's devices ran before, per hardware id."""
-    if policy.max_latency_ratio is None and policy.max_output_psi is None:
+    """Summed sketches and label counts of the models the rollout's devices ran before, per
+    hardware id (only what a relative gate of the policy compares with)."""
+    if (
+        policy.max_latency_ratio is None
+        and policy.max_output_psi is None
+        and policy.max_accuracy_drop is None
+    ):
         return {}
     hw = {rd.device_id: rd.hardware_id for rd in rows}
     previous = {rd.previous_sha256 for rd in rows if rd.previous_sha256}
@@ -187,7 +196,10 @@ def _baseline(
     for a in aggs:
         h = groups.get(hw[a.device_id], Histograms())
         groups[hw[a.device_id]] = Histograms(
-            add_counts(h.latency, a.latency_buckets), add_counts(h.output, a.output_hist)
+            add_counts(h.latency, a.latency_buckets),
+            add_counts(h.output, a.output_hist),
+            h.labels + a.labels,
+            h.labels_correct + a.labels_correct,
         )
     return groups
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
 import threading
 from collections import Counter
@@ -35,10 +36,12 @@ from device_agent.agent import Agent, NoModelError
 from device_agent.config import BrokerInfo
 from device_agent.runtime import RuntimeFactory, SharedRuntimeFactory
 from signing.trust import TrustRoot
+from simulator.labels import LabelPlan
 from simulator.memory import peak_rss_bytes, rss_bytes
 from simulator.tls import SimAgentConfig
 
 CONNECT_BATCH = 100
+log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
@@ -76,6 +79,7 @@ class FleetTotals:
     workload_errors: int
     max_loop_lag: float
     processes: list[dict[str, Any]]  # per process: pid, devices, rss_mb, peak_rss_mb, rss_per_device_kb
+    labels: dict[str, int] = field(default_factory=dict)  # label source: agents' answers by status
 
     def metric_total(self, key: str) -> int:
         return sum(m.get(key, 0) for m in self.device_metrics.values())
@@ -100,12 +104,14 @@ class Fleet:
         runtime: SharedRuntimeFactory | None = None,
         tuf_root_path: Path | None = None,
         credentials: Mapping[str, Mapping[str, Any]] | None = None,
+        labels: LabelPlan | None = None,
     ) -> None:
         """``tuf_root_path``: the TUF root devices are provisioned with; every install is then
         checked against the server's release metadata (TUF mode). None: the
         DSSE-only mode (docs/decisions/0006). ``credentials``: per device, the ``mqtt_*`` keys of
         its agent configuration (TLS, its certificate or password file) for a production
-        broker; a device without an entry connects as to an open development broker."""
+        broker; a device without an entry connects as to an open development broker. ``labels``:
+        the devices' apps post labels for some of their inferences (``simulator.labels``)."""
         self.specs = list(specs)
         self.by_id = {s.device_id: s for s in self.specs}
         if len(self.by_id) != len(self.specs):
@@ -122,6 +128,10 @@ class Fleet:
         self.runtime = runtime or SharedRuntimeFactory()
         self.class_runtimes = dict(class_runtimes or {})
         self.credentials = {d: dict(keys) for d, keys in (credentials or {}).items()}
+        self.labels = labels
+        # the agents' answers to posted labels by status (matched, unknown, ...), and "dropped":
+        # labels due while their device was off (its app was off too)
+        self.label_counts: Counter[str] = Counter()
         self.agents: dict[str, Agent] = {}
         self.down: set[str] = set()  # devices powered off or crashed right now
         self.workload_errors = 0
@@ -248,6 +258,7 @@ class Fleet:
                     "max_loop_lag_s": round(self.max_loop_lag, 2),
                 }
             ],
+            labels=dict(self.label_counts),
         )
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
@@ -378,31 +389,58 @@ class Fleet:
             self.max_loop_lag = max(self.max_loop_lag, loop.time() - t - period)
 
     async def _workload(self, spec: DeviceSpec, n: int) -> None:
-        """Infer on rows of ``sample_inputs`` at ``workload_hz`` on whichever agent the device runs now."""
+        """Infer on random rows of ``sample_inputs`` at ``workload_hz`` on whichever agent the device
+        runs now; with a label source, the device's app labels some of the answers a little later."""
         rng = np.random.default_rng(n)
         period = 1.0 / self.workload_hz
         await asyncio.sleep(rng.uniform(0, period))  # spread the fleet's inferences over the period
-        i = n
         device_id = spec.device_id
+        labels = self.labels.source(device_id) if self.labels is not None else None
+        loop = asyncio.get_running_loop()
         while True:
             agent = self.agents.get(device_id)
             model = agent.running_model if agent is not None and device_id not in self.down else None
             if agent is not None and model is not None:
+                row: int | None = None
                 if self.sample_inputs is not None and len(self.sample_inputs):
-                    x = self.sample_inputs[i % len(self.sample_inputs)][None, ...]
-                    i += 1
+                    # a random row each time, not the next one: devices walking the rows in step
+                    # would all see the same few inputs at once, and their labels would measure
+                    # a model's accuracy on those few instead of on the data
+                    row = int(rng.integers(len(self.sample_inputs)))
+                    x = self.sample_inputs[row][None, ...]
                 else:
                     x = rng.standard_normal(model.input_shape).astype(model.input_dtype)
                 try:
                     if spec.slow_inference:
-                        await asyncio.to_thread(agent.infer, x)
+                        result = await asyncio.to_thread(agent.infer, x)
                     else:
-                        agent.infer(x)  # inline: the models are tiny
+                        result = agent.infer(x)  # inline: the models are tiny
+                    if labels is not None and result.ok:
+                        label = labels.label(result.model_sha256, result.outputs, row)
+                        if label is not None:
+                            loop.call_later(
+                                label[1], self._post_label, device_id, result.inference_id, label[0]
+                            )
                 except NoModelError:
                     pass
                 except Exception:
+                    log.debug("%s: the workload's inference failed", device_id, exc_info=True)
                     self.workload_errors += 1
             await asyncio.sleep(period)
+
+    def _post_label(self, device_id: str, inference_id: str, label: int) -> None:
+        """The device's app posts a label to whichever agent runs there now (after a reboot, a new
+        agent that never made that prediction: its answer says so). A device that is off drops it."""
+        agent = self.agents.get(device_id)
+        if agent is None or device_id in self.down:
+            self.label_counts["dropped"] += 1
+            return
+        try:
+            status = str(agent.label(inference_id, label).status)
+        except Exception as exc:  # Agent.label never raises on bad input: this is a defect, show it
+            log.warning("%s: posting a label failed", device_id, exc_info=True)
+            status = f"error {type(exc).__name__}"
+        self.label_counts[status] += 1
 
 
 async def _pull_the_plug(agent: Agent) -> None:

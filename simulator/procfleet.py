@@ -51,6 +51,7 @@ from device_agent.config import BrokerInfo
 from device_agent.runtime import SharedRuntimeFactory
 from simulator.faults import ClassBehaviour
 from simulator.fleet import DeviceSpec, DeviceStatus, Fleet, FleetTotals
+from simulator.labels import LabelPlan
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class FleetPlan:
     tuf_root_path: Path | None = None
     classes: dict[str, ClassBehaviour] = field(default_factory=dict)  # hw_class -> model behaviour
     credentials: dict[str, dict[str, Any]] = field(default_factory=dict)  # device -> agent mqtt_* keys
+    labels: LabelPlan | None = None  # the devices' apps label some of their inferences
 
     def build(self) -> Fleet:
         shared = SharedRuntimeFactory()
@@ -108,6 +110,7 @@ class FleetPlan:
             connect_timeout=self.connect_timeout,
             tuf_root_path=self.tuf_root_path,
             credentials=self.credentials,
+            labels=self.labels,
         )
 
     def split(self, parts: int) -> list[FleetPlan]:
@@ -306,11 +309,14 @@ class ProcessFleet:
             raise RuntimeError("totals are read after stop()")
         metrics: dict[str, dict[str, int]] = {}
         lifecycle: dict[str, int] = {}
+        labels: dict[str, int] = {}
         processes: list[dict[str, Any]] = []
         for k, t in enumerate(self._totals):
             metrics.update(t.device_metrics)
             for key, n in t.lifecycle.items():
                 lifecycle[key] = lifecycle.get(key, 0) + n
+            for key, n in t.labels.items():
+                labels[key] = labels.get(key, 0) + n
             processes += [{"worker": k, **p} for p in t.processes]
         return FleetTotals(
             device_metrics=metrics,
@@ -319,6 +325,7 @@ class ProcessFleet:
             workload_errors=sum(t.workload_errors for t in self._totals),
             max_loop_lag=max((t.max_loop_lag for t in self._totals), default=0.0),
             processes=processes,
+            labels=labels,
         )
 
 

@@ -27,6 +27,7 @@ from device_agent.config import BrokerInfo
 from simulator.disk import DeviceDisks
 from simulator.faults import ClassBehaviour
 from simulator.fleet import DeviceSpec, FleetTotals
+from simulator.labels import LabelPlan
 from simulator.netem import HttpFaultProxy, LinkState, NetworkThread, TcpFaultProxy
 from simulator.procfleet import FleetControl, FleetPlan, ProcessFleet
 from simulator.readable import readable
@@ -37,6 +38,7 @@ from simulator.timeline import Timeline
 log = logging.getLogger(__name__)
 
 TERMINAL = ("completed", "rolled_back", "aborted")
+STOPS = ("roll_back", "pause", "roll_back_cohort", "pause_cohort")  # decisions where a gate stopped
 
 
 class Harness(Protocol):
@@ -192,6 +194,16 @@ class ScenarioRun:
                 )
         return out
 
+    def _label_plan(self) -> LabelPlan | None:
+        """The scenario's ``[labels]`` with each model's true accuracy, keyed by its sha256."""
+        spec = self.sc.labels
+        if spec is None:
+            return None
+        accuracy = {
+            self.h.model_shas[k]: m.accuracy for k, m in self.sc.models.items() if m.accuracy is not None
+        }
+        return LabelPlan(share=spec.share, delay=spec.delay(), accuracy=accuracy, seed=self.sc.seed)
+
     def _mount_disks(self) -> None:
         """Give each device of a ``disk_mb`` class its own tmpfs; without root, note the skip."""
         for device_id, mb in self.disk_mb.items():
@@ -242,6 +254,7 @@ class ScenarioRun:
             tuf_root_path=self.h.tuf_root_path,
             classes=self._class_behaviour(),
             credentials=self.h.device_credentials([s.device_id for s in self.specs]),
+            labels=self._label_plan(),
         )
         if self.processes > 1:
             self.fleet = ProcessFleet(plan, self.processes, log_dir=self.workdir)
@@ -311,6 +324,8 @@ class ScenarioRun:
         fig["lifecycle"] = dict(totals.lifecycle)
         fig["model_loads"] = totals.model_loads
         fig["workload_errors"] = totals.workload_errors
+        if self.sc.labels is not None:
+            fig["labels"] = dict(sorted(totals.labels.items()))
         fig["max_loop_lag_s"] = round(totals.max_loop_lag, 2)
         grown = sum(p["rss_per_device_kb"] * p["devices"] for p in totals.processes)
         fig["rss_per_device_kb"] = round(grown / max(1, len(self.specs)), 1)
@@ -386,6 +401,14 @@ class ScenarioRun:
             "min_inferences": s.min_inferences,
             "max_failure_rate": s.max_failure_rate,
         }
+        if s.max_accuracy_drop is not None:
+            body.update(
+                max_accuracy_drop=s.max_accuracy_drop,
+                accuracy_alpha=s.accuracy_alpha,
+                min_labels=s.min_labels,
+                max_label_wait_seconds=s.max_label_wait_seconds,
+                accuracy_action=s.accuracy_action,
+            )
         resp = self._api.post("/api/v1/rollouts", json=body)
         if resp.status_code >= 400:
             raise StepFailed(f"rollout {s.id}: server answered {resp.status_code}: {resp.text[:300]}")
@@ -595,6 +618,16 @@ class ScenarioRun:
             low = e.at_least_count if e.at_least_count is not None else 1
             ok = n >= low and (e.at_most is None or n <= e.at_most)
             detail = f"{n} failure(s) {' or '.join(wanted)}; all: {readable(dict(reasons))}"
+        elif e.check == "stopped_by":
+            assert e.rollout is not None
+            decisions = rollouts.get(e.rollout, {}).get("decisions") or []
+            stops = [d for d in decisions if d.get("action") in STOPS]
+            if stops:
+                gate = (stops[-1].get("figures") or {}).get("gate")
+                ok = gate == e.gate
+                detail = f"{stops[-1]['action']} by {gate}: {stops[-1].get('reason')}"
+            else:
+                detail = "no gate stopped it"
         return CheckResult(e.label, ok, detail, e.expected_failure)
 
     def _fleet_failures(self, device_id: str) -> Counter[str]:

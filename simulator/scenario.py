@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from simulator.labels import LabelDelay
 from simulator.netem import NetProfile
 from simulator.readable import readable
 
@@ -87,6 +88,39 @@ class ModelSpec(_Strict):
     name: str = "digits"
     version: str
     hardware: list[str] | None = None  # hardware ids in the manifest; default: every class's
+    # Its true accuracy as the label source sees it: the share of its predictions the labels
+    # confirm (the inputs are synthetic). None: its inferences are never labelled.
+    accuracy: float | None = Field(None, ge=0, le=1)
+
+
+class LabelsSpec(_Strict):
+    """The fleet's label source (``simulator.labels``): which inferences an app labels, and when.
+
+    The delay is ``delay_s`` (one number: fixed; ``[low, high]``: uniform) or ``delay_mean_s``
+    (exponential with that mean), not both.
+    """
+
+    share: float = Field(1.0, ge=0, le=1)  # of the inferences served without error
+    delay_s: float | list[float] | None = None
+    delay_mean_s: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_delay(self) -> LabelsSpec:
+        if self.delay_s is not None and self.delay_mean_s is not None:
+            raise ValueError("give delay_s (fixed or [low, high]) or delay_mean_s (exponential), not both")
+        d = self.delay_s
+        if isinstance(d, list) and (len(d) != 2 or not 0 <= d[0] <= d[1]):
+            raise ValueError("delay_s must be one number or [low, high] with 0 <= low <= high")
+        if isinstance(d, int | float) and d < 0:
+            raise ValueError("delay_s must be >= 0")
+        return self
+
+    def delay(self) -> LabelDelay:
+        if self.delay_mean_s is not None:
+            return LabelDelay("exponential", self.delay_mean_s)
+        if isinstance(self.delay_s, list):
+            return LabelDelay("uniform", self.delay_s[0], self.delay_s[1])
+        return LabelDelay("fixed", float(self.delay_s or 0.0))
 
 
 Action = Literal[
@@ -154,6 +188,12 @@ class Step(_Strict):
     after_bytes: int | None = Field(None, ge=0)  # cut_downloads
     leave_bytes: int = Field(0, ge=0)  # fill_disk: free bytes left on the device's disk
     down_seconds: float = Field(1.0, ge=0)  # restart_broker / restart_server
+    # rollout: the accuracy gate (docs/rollouts.md), on when max_accuracy_drop is set
+    max_accuracy_drop: float | None = Field(None, ge=0, lt=1)
+    accuracy_alpha: float = Field(0.05, gt=0, lt=0.5)
+    min_labels: int = Field(500, ge=1)
+    max_label_wait_seconds: float = Field(3600.0, ge=0)
+    accuracy_action: Literal["roll_back", "pause"] = "roll_back"
 
     @model_validator(mode="after")
     def _fields_for_action(self) -> Step:
@@ -172,7 +212,7 @@ class Step(_Strict):
         return self
 
 
-Check = Literal["rollout_state", "devices_running", "ever_ran", "telemetry_lost", "failed_with"]
+Check = Literal["rollout_state", "devices_running", "ever_ran", "telemetry_lost", "failed_with", "stopped_by"]
 
 
 class Expectation(_Strict):
@@ -189,6 +229,7 @@ class Expectation(_Strict):
     at_most_stage: int | None = Field(None, ge=0)  # ever_ran: at most the devices of this stage index
     at_least_count: int | None = Field(None, ge=0)  # failed_with: at least this many
     reason: str | list[str] | None = None  # failed_with: the failure code(s) devices must report
+    gate: str | None = None  # stopped_by: the gate whose decision stopped the rollout
     expected_failure: str | None = None
     name: str | None = None
     # "disk": the check needs the devices' real disks (tmpfs mounts, root); skipped without them.
@@ -202,6 +243,7 @@ class Expectation(_Strict):
             "ever_ran": ("model",),
             "telemetry_lost": (),
             "failed_with": ("reason",),
+            "stopped_by": ("rollout", "gate"),
         }[self.check]
         missing = [f for f in needs if getattr(self, f) is None]
         if missing:
@@ -234,6 +276,7 @@ class Scenario(_Strict):
     fleet: FleetSpec
     network: dict[str, NetworkSpec] = Field(default_factory=dict)
     models: dict[str, ModelSpec] = Field(min_length=1)
+    labels: LabelsSpec | None = None
     steps: list[Step] = Field(min_length=1)
     expect: list[Expectation] = Field(min_length=1)
 
@@ -250,6 +293,11 @@ class Scenario(_Strict):
             for m in c.fails_models:
                 if m not in self.models:
                     raise ValueError(f"class {c.name}: fails_models names unknown model {m!r}")
+        accurate = [k for k, m in self.models.items() if m.accuracy is not None]
+        if self.labels is not None and not accurate:
+            raise ValueError("[labels] labels only models with an accuracy: give one a value")
+        if self.labels is None and accurate:
+            raise ValueError(f"models {accurate} have an accuracy but no [labels] table posts labels")
         disk_classes = {c.name for c in self.fleet.classes if c.disk_mb is not None}
         rollouts: set[str] = set()
         groups: set[str] = set()
@@ -348,6 +396,7 @@ def skew_of(cls: HardwareClass, seed: int, n: int) -> float:
 
 __all__ = [
     "Expectation",
+    "LabelsSpec",
     "Scenario",
     "ScenarioError",
     "Step",

@@ -1,0 +1,62 @@
+"""The label source in a running fleet: real agents join the labels to their predictions and count
+them in their telemetry at the configured accuracy; a device that is off drops its app's labels."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from agent.harness import ArtifactServer, Observer, make_bundle, sign_directive, unique_id, wait_for
+
+from edgefleet.broker import BrokerInfo, fleet_mqtt_keys
+from fleet_server.accuracy_stats import wilson
+from signing.keyring import KeyDir
+from simulator.fleet import DeviceSpec, Fleet
+from simulator.labels import LabelDelay, LabelPlan
+
+
+def test_agents_count_the_labels_at_the_configured_accuracy(
+    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, observer: Observer
+) -> None:
+    prefix = unique_id("lab")
+    specs = [DeviceSpec(f"{prefix}-{i}", "rpi4") for i in range(4)]
+    bundle = make_bundle(tmp_path / "b", keydir.key("release"))
+    artifacts.add(bundle)
+    samples = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    plan = LabelPlan(share=0.5, delay=LabelDelay("uniform", 0.05, 0.3), accuracy={bundle.sha256: 0.8}, seed=1)
+    fleet = Fleet(
+        specs, broker_info, keydir.trust_path, tmp_path / "fleet", workload_hz=50.0, sample_inputs=samples,
+        telemetry_interval=0.5, credentials=fleet_mqtt_keys(broker_info, [s.device_id for s in specs]),
+        labels=plan,
+    )  # fmt: skip
+    fleet.start()
+    try:
+        for spec in specs:
+            observer.publish(
+                spec.device_id,
+                sign_directive(keydir.key("fleet"), spec.device_id, 1, artifacts.model_ref(bundle)),
+            )
+
+        def counted() -> tuple[int, int]:
+            stats = [
+                b.models[bundle.sha256]
+                for s in specs
+                for b in observer.telemetry(s.device_id)
+                if bundle.sha256 in b.models
+            ]
+            return sum(m.labels for m in stats), sum(m.labels_correct for m in stats)
+
+        wait_for(lambda: counted()[0] >= 600, timeout=60, what="600 labels in the agents' telemetry")
+        labels, correct = counted()
+        low, high = wilson(correct, labels, confidence=0.999) or (0.0, 1.0)
+        assert low <= 0.8 <= high, (correct, labels)
+        assert set(fleet.label_counts) == {"matched"}
+        assert fleet.workload_errors == 0
+        # a device switched off drops what its app would have posted meanwhile
+        fleet.power_off(specs[0].device_id)
+        time.sleep(0.5)
+        assert fleet.label_counts["dropped"] >= 1
+    finally:
+        fleet.stop()
+    assert fleet.totals().labels == dict(fleet.label_counts)
