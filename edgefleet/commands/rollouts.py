@@ -113,6 +113,24 @@ def rollouts_create(
         float | None, typer.Option(help="Shadow first; promote at this top-1 agreement.")
     ] = None,
     shadow_action: Action = None,
+    max_accuracy_drop: Annotated[
+        float | None,
+        typer.Option(
+            help="Gate: accuracy from field labels may fall at most this far below the replaced "
+            "model's on the same hardware (0 = no worse; off when left out)."
+        ),
+    ] = None,
+    accuracy_alpha: Annotated[
+        float | None, typer.Option(help="Accuracy gate: false-alarm rate of its one-sided test.")
+    ] = None,
+    min_labels: Annotated[
+        int | None, typer.Option(help="Accuracy gate: labelled predictions needed on each side.")
+    ] = None,
+    max_label_wait: Annotated[
+        float | None,
+        typer.Option(help="Accuracy gate: seconds a finished stage waits for labels before it pauses."),
+    ] = None,
+    accuracy_action: Action = None,
     require_approval: Annotated[bool, typer.Option(help="A human approves each next stage.")] = False,
     retry: Annotated[
         list[str] | None,
@@ -190,6 +208,11 @@ def rollouts_create(
         "drift_action": drift_action,
         "min_shadow_agreement": min_shadow_agreement,
         "shadow_action": shadow_action,
+        "max_accuracy_drop": max_accuracy_drop,
+        "accuracy_alpha": accuracy_alpha,
+        "min_labels": min_labels,
+        "max_label_wait_seconds": max_label_wait,
+        "accuracy_action": accuracy_action,
         "retry_backoff_seconds": retry_backoff,
         "rate_per_minute": rate,
         "rate_increment_factor": rate_factor,

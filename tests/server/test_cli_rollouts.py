@@ -79,3 +79,29 @@ def test_bad_cli_options_are_usage_errors() -> None:
     ):
         result = runner.invoke(app, ["rollouts", "create", "--model", "m:1", *args])
         assert result.exit_code == 2, (args, result.output)
+
+
+def test_create_with_the_accuracy_gate(
+    server: ServerThread,
+    client: httpx.Client,
+    keydir: KeyDir,
+    tmp_path: Path,
+    fake_device: Callable[[str], FakeDevice],
+) -> None:
+    fleet_on_old_model(client, keydir, tmp_path, fake_device, "acc", 1)
+    created = ef(
+        server,
+        "rollouts", "create", "--model", "det:2", "--selector", "site=acc", "--max-accuracy-drop", "0.02",
+        "--accuracy-alpha", "0.01", "--min-labels", "200", "--max-label-wait", "900",
+        "--accuracy-action", "pause",
+    )  # fmt: skip
+    policy = created["policy"]
+    assert isinstance(policy, dict)
+    assert (
+        policy["max_accuracy_drop"],
+        policy["accuracy_alpha"],
+        policy["min_labels"],
+        policy["max_label_wait_seconds"],
+        policy["accuracy_action"],
+    ) == (0.02, 0.01, 200, 900, "pause")
+    assert ef(server, "rollouts", "abort", str(created["id"]))["state"] == "aborted"
