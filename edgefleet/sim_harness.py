@@ -406,13 +406,16 @@ class ServerProcess:
 
     def wait_imported(self, timeout: float = 60.0) -> None:
         """Block until the child has imported the server (it prints ``imported``)."""
-        import select
+        import selectors
 
         proc = self._proc
         assert proc is not None and proc.stdout is not None
         if self._imported:
             return
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        # a selector, not select(): a long test session may hold descriptors past FD_SETSIZE
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            ready = sel.select(timeout)
         line = proc.stdout.readline() if ready else b""
         if line.strip() != b"imported":
             self.stop()

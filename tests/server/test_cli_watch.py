@@ -142,6 +142,13 @@ def test_watch_on_a_terminal_is_a_live_view(
     assert "done=" not in text  # the pipe's lines are not what a terminal shows
 
 
+def wait_readable(fd: int, timeout: float) -> bool:
+    """poll(), not select(): a long session may hold descriptors past FD_SETSIZE."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    return bool(poller.poll(timeout * 1000))
+
+
 def read_pty(master: int, until: bytes | None = None, timeout: float = 60) -> bytes:
     """What the terminal got: up to ``until`` (or until the child closes it)."""
     screen = b""
@@ -149,7 +156,7 @@ def read_pty(master: int, until: bytes | None = None, timeout: float = 60) -> by
     while until is None or until not in screen:
         if time.monotonic() > deadline:
             raise AssertionError(screen.decode(errors="replace"))
-        if not select.select([master], [], [], 0.2)[0]:
+        if not wait_readable(master, 0.2):
             continue
         try:
             chunk = os.read(master, 65536)
