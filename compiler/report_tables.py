@@ -184,7 +184,18 @@ def gate(report: dict[str, Any]) -> Table:
     )
 
 
+def notes(report: dict[str, Any]) -> Table | None:
+    """What the toolchain (onnxruntime, LiteRT, absl, Python warnings) said while compiling."""
+    found = report.get("notes")
+    if not found:
+        return None
+    rows = [[n.get("level"), n.get("source"), n.get("message"), n.get("count")] for n in found]
+    caption = "collected during the compile instead of printed (compiler.toolchain_notes)"
+    return Table("notes", "toolchain messages", ["level", "from", "message", "count"], rows, caption)
+
+
 SHOWN = {
+    "notes",
     "gate",
     "size",
     "accuracy",
@@ -215,6 +226,7 @@ def tables(report: dict[str, Any]) -> list[Table]:
         *npu(report),
         ops(report),
         *method(report),
+        notes(report),
         run(report),
     ]
     return [t for t in found if t is not None]
