@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,13 +21,20 @@ import onnx
 from compiler.coverage import onnx_coverage, tflite_coverage
 from compiler.data import Samples
 from compiler.errors import InvalidData, InvalidModel
-from compiler.evaluate import SNR_CAP_DB, evaluate, evaluate_runners
+from compiler.evaluate import SNR_CAP_DB, Judging, evaluate, evaluate_runners
 from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare
 from compiler.runners import TFLiteRunner
 from compiler.signature import IOSignature, io_signature
 from compiler.sources import DataSource, Preprocess, load_source
 from compiler.tflite_post import finish_int8
-from compiler.tflite_prep import drop_unused_buffers, op_histogram, prepare_tflite, read_tflite
+from compiler.tflite_prep import (
+    drop_unused_buffers,
+    op_histogram,
+    op_names,
+    opcode,
+    prepare_tflite,
+    read_tflite,
+)
 from compiler.tflite_quant import quantize_tflite
 
 if TYPE_CHECKING:
@@ -52,6 +59,7 @@ class BuildRequest:
     gate: Gate | None
     work: Path  # a private temporary directory
     progress: Progress
+    judging: Judging = field(default_factory=Judging)  # output kinds declared, user metric
 
 
 @dataclass
@@ -107,6 +115,52 @@ def calibration_score(fp32: Path, int8: Path, calib: Samples, sig: IOSignature) 
     return (round(snr, 1), worst)
 
 
+# Ops that only reshape or copy: the op that decides what an output is sits before them.
+PASSTHROUGH = frozenset(
+    {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "RESHAPE", "SQUEEZE", "CAST"}
+)
+
+
+def onnx_output_hints(model: onnx.ModelProto) -> dict[str, str]:
+    """Graph output -> the op that makes it (through reshapes), or ``ArgMax`` when one consumes it."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    hints: dict[str, str] = {}
+    for out in model.graph.output:
+        if "ArgMax" in consumers.get(out.name, []):
+            hints[out.name] = "ArgMax"
+            continue
+        node, seen = producer.get(out.name), 0
+        while node is not None and node.op_type in PASSTHROUGH and node.input and seen < 8:
+            node, seen = producer.get(node.input[0]), seen + 1
+        if node is not None:
+            hints[out.name] = node.op_type
+    return hints
+
+
+def tflite_output_hints(model: Any) -> dict[str, str]:
+    """Output tensor name -> the TFLite op that makes it (through reshapes)."""
+    names = op_names()
+    sg = model.subgraphs[0]
+    producer = {o: op for op in sg.operators or [] for o in op.outputs}
+
+    def op_name(op: Any) -> str:
+        return names.get(opcode(model.operatorCodes[op.opcodeIndex]), "?")
+
+    hints: dict[str, str] = {}
+    for index in sg.outputs:
+        op, seen = producer.get(index), 0
+        while op is not None and op_name(op) in PASSTHROUGH and seen < 8:
+            op, seen = producer.get(op.inputs[0]), seen + 1
+        if op is not None:
+            name = sg.tensors[index].name
+            hints[name.decode() if isinstance(name, bytes) else name] = op_name(op)
+    return hints
+
+
 @dataclass(frozen=True)
 class OnnxQuantizeJob:
     """What an ONNX family's quantize step gets: the prepared float model and where to write int8."""
@@ -155,7 +209,8 @@ def build_onnx(req: BuildRequest, accelerator: str, quantize: Callable[[OnnxQuan
     quantize(OnnxQuantizeJob(prepared, int8_path, source_copy, calib, sig, info, work))
     req.progress("evaluate", 0.6)
     # Compare against the untouched source model: that is what the user shipped before.
-    report = evaluate(source_copy, int8_path, held_out, sig)
+    judging = replace(req.judging, hints=onnx_output_hints(model))
+    report = evaluate(source_copy, int8_path, held_out, sig, judging)
     report["calibration_samples"] = calib.usable(sig.inputs)
     report["input_ranges"] = calib.ranges()
     report["evaluation_source"] = eval_source
@@ -189,7 +244,10 @@ def build_tflite_int8(req: BuildRequest, *, npu: bool) -> Built:
     int8_path.write_bytes(int8)
     int8_runner = TFLiteRunner(int8)
     req.progress("evaluate", 0.6)
-    report = evaluate_runners(fp32_runner.run, int8_runner.run, held_out, sig, len(prepared), len(int8))
+    judging = replace(req.judging, hints=tflite_output_hints(read_tflite(prepared)))
+    report = evaluate_runners(
+        fp32_runner.run, int8_runner.run, held_out, sig, len(prepared), len(int8), judging
+    )
     report["size"]["source_bytes"] = len(source)
     report["calibration_samples"] = len(calib)
     report["input_ranges"] = calib.ranges()

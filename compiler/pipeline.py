@@ -28,14 +28,17 @@ import onnxruntime
 
 from compiler.build import BuildRequest, Built, Progress
 from compiler.errors import CompilerError, GateFailed, InvalidModel
+from compiler.evaluate import Judging
 from compiler.gate import Gate
 from compiler.html_report import write_html_report
+from compiler.output_kinds import OutputKind, parse_declarations
 from compiler.runners import latency
 from compiler.size_parts import size_breakdown
 from compiler.sniff import describe, is_tflite, looks_like_onnx, read_head
 from compiler.sources import DataSource, Preprocess
 from compiler.targets import Target, family_of, get_target, known_targets
 from compiler.toolchain_notes import capture_toolchain
+from compiler.user_metric import UserMetric
 from signing.keys import KeyPair
 from signing.manifest import BundleManifest, sign_bundle
 
@@ -88,6 +91,7 @@ def compile_model(
     preprocess: Preprocess | None = None,
     latency_repeats: int = 20,
     html_report: Path | None = None,
+    output_kinds: dict[str, OutputKind] | str | None = None,
 ) -> CompileResult:
     """Compile ``model_path`` for ``target`` into a signed bundle at ``out_dir``.
 
@@ -99,7 +103,9 @@ def compile_model(
     records ``"gate": "skipped"``); otherwise a miss raises
     ``GateFailed`` and nothing is written (the HTML report still is, when
     asked for, so the user can see why). ``out_dir`` must not exist unless
-    ``overwrite``. Raises ``CompilerError`` subclasses for bad inputs.
+    ``overwrite``. ``output_kinds``: declared kinds per output (``compiler.output_kinds``: a
+    mapping, ``name=kind,...`` or a ``.toml``/``.json`` path); the rest are inferred. Raises
+    ``CompilerError`` subclasses for bad inputs.
     """
     started = time.perf_counter()
     report_progress = progress or (lambda _step, _fraction: None)
@@ -118,11 +124,14 @@ def compile_model(
             f"{model_path}: target {tgt.name!r} takes {tgt.accepts.upper()} models, this is {fmt.upper()} "
             f"(targets for {fmt.upper()}: {fitting})"
         )
+    declared = parse_declarations(output_kinds) if isinstance(output_kinds, str) else dict(output_kinds or {})
+    metric = UserMetric.load(gate.metric) if gate is not None and gate.metric else None
+    judging = Judging(declared=declared, metric=metric)
     report_progress("load", 0.0)
     with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as tmp:
         work = Path(tmp)
         request = BuildRequest(
-            Path(model_path), tgt, calib_path, eval_path, preprocess, gate, work, report_progress
+            Path(model_path), tgt, calib_path, eval_path, preprocess, gate, work, report_progress, judging
         )
         try:
             with capture_toolchain() as notes:
@@ -136,12 +145,8 @@ def compile_model(
         if gate is None:
             report["gate"] = "skipped"
         else:
-            failures = gate.check(report)
-            report["gate"] = {
-                "thresholds": gate.thresholds(),
-                "verdict": "failed" if failures else "passed",
-                "failures": failures,
-            }
+            report["gate"] = gate.decide(report)
+            failures = report["gate"]["failures"]
             if failures:
                 if html_report is not None:
                     write_html_report(html_report, report, title=f"{name}:{version} for {tgt.name}")

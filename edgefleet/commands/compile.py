@@ -67,6 +67,31 @@ def compile_cmd(
     min_agreement: Annotated[float | None, typer.Option(help="Gate: min top-1 agreement.")] = None,
     min_snr: Annotated[float | None, typer.Option("--min-snr", help="Gate: min SNR in dB.")] = None,
     min_cosine: Annotated[float | None, typer.Option(help="Gate: min cosine similarity.")] = None,
+    output_kind: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--output-kind",
+            help="Declare output kinds: name=kind[:param=v],... (classification, regression, detection, "
+            "segmentation, sequence, integer) or a .toml/.json file; undeclared ones are inferred.",
+        ),
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            "--metric", help="Your metric module:function(fp32_outputs, int8_outputs, labels) -> float."
+        ),
+    ] = None,
+    metric_threshold: Annotated[
+        float | None, typer.Option("--metric-threshold", help="Gate: min value of --metric.")
+    ] = None,
+    metric_only: Annotated[
+        bool, typer.Option("--metric-only", help="Gate on --metric alone, not on the outputs' kinds.")
+    ] = False,
+    min_box_f1: Annotated[float | None, typer.Option(help="Gate (detection): min box match F1.")] = None,
+    min_mask_iou: Annotated[float | None, typer.Option(help="Gate (segmentation): min mask IoU.")] = None,
+    max_sequence_error: Annotated[
+        float | None, typer.Option(help="Gate (sequence): max relative error after N steps.")
+    ] = None,
     no_gate: Annotated[
         bool, typer.Option("--no-gate", help="Write the bundle even if quality fails (recorded).")
     ] = False,
@@ -94,10 +119,18 @@ def compile_cmd(
                 "max_sram_kib": max_sram_kib,
                 "max_flash_kib": max_flash_kib,
                 "max_cpu_fraction": max_cpu_fraction,
+                "min_box_f1": min_box_f1,
+                "min_mask_iou": min_mask_iou,
+                "max_sequence_error": max_sequence_error,
+                "metric": metric,
+                "metric_threshold": metric_threshold,
             }.items()
             if v is not None
         }
-        gate = Gate(**overrides)
+        try:
+            gate = Gate(**overrides, metric_only=metric_only)
+        except ValueError as exc:
+            fail(f"--metric: {exc}")
     out = out or Path(f"{name}-{version}.bundle")
     try:
         pre = Preprocess.parse(preprocess) if preprocess else None
@@ -127,6 +160,7 @@ def compile_cmd(
                 latency_repeats=latency_repeats,
                 html_report=html,
                 overwrite=overwrite,
+                output_kinds=",".join(output_kind) if output_kind else None,
             )
     except GateFailed as exc:
         if as_json:
@@ -161,7 +195,18 @@ def compile_cmd(
 
 
 # The terminal shows what decides whether to ship; the method and run details are in --html and --json.
-TERMINAL_TABLES = ("gate", "outputs", "accuracy", "size", "bytes", "latency", "npu", "budgets", "ops")
+TERMINAL_TABLES = (
+    "gate",
+    "checks",
+    "outputs",
+    "accuracy",
+    "size",
+    "bytes",
+    "latency",
+    "npu",
+    "budgets",
+    "ops",
+)
 
 
 def print_report(report: dict[str, Any], footer: bool = True) -> None:
