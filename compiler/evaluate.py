@@ -154,7 +154,12 @@ def error_histogram(ref: np.ndarray, out: np.ndarray, bins: int = 24) -> dict[st
 
 
 def evaluate(
-    fp32_path: Path, int8_path: Path, samples: Samples, sig: IOSignature, judging: Judging | None = None
+    fp32_path: Path,
+    int8_path: Path,
+    samples: Samples,
+    sig: IOSignature,
+    judging: Judging | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Run both ONNX models on ``samples`` and return the JSON-serialisable comparison report."""
     try:
@@ -174,16 +179,19 @@ def evaluate(
         Path(fp32_path).stat().st_size,
         Path(int8_path).stat().st_size,
         judging,
+        batch_size,
     )
 
 
 RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
 
-def _run(fn: RunFn, samples: Samples, sig: IOSignature) -> tuple[list[np.ndarray], float]:
+def _run(
+    fn: RunFn, samples: Samples, sig: IOSignature, batch_size: int | None
+) -> tuple[list[np.ndarray], float]:
     parts: list[list[np.ndarray]] = [[] for _ in sig.outputs]
     elapsed = 0.0
-    for feed in samples.batches(sig.inputs):
+    for feed in samples.batches(sig.inputs, batch_size):
         start = time.perf_counter()
         results = fn(feed)
         elapsed += time.perf_counter() - start
@@ -209,15 +217,19 @@ def evaluate_runners(
     fp32_bytes: int,
     int8_bytes: int,
     judging: Judging | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Compare any two float-in/float-out model runs (ONNX or TFLite) on ``samples``."""
+    """Compare any two float-in/float-out model runs (ONNX or TFLite) on ``samples``.
+
+    ``batch_size``: samples per run for dynamic-batch models (``compiler.memory`` plans it).
+    """
     judging = judging or Judging()
     try:
-        ref, ref_s = _run(fp32, samples, sig)
+        ref, ref_s = _run(fp32, samples, sig, batch_size)
     except Exception as exc:
         raise InvalidModel(f"the float model fails on the evaluation samples: {exc}") from exc
     try:
-        out, out_s = _run(int8, samples, sig)
+        out, out_s = _run(int8, samples, sig, batch_size)
     except Exception as exc:
         raise QuantizationError(f"the int8 model fails on the evaluation samples: {exc}") from exc
 
@@ -242,8 +254,8 @@ def evaluate_runners(
             "ratio": round(int8_bytes / fp32_bytes, 3) if fp32_bytes else None,  # int8 / fp32
         },
         "latency_ms_per_batch": {
-            "fp32": _per_batch_ms(ref_s, samples, sig),
-            "int8": _per_batch_ms(out_s, samples, sig),
+            "fp32": _per_batch_ms(ref_s, samples, sig, batch_size),
+            "int8": _per_batch_ms(out_s, samples, sig, batch_size),
             "note": "this host, 1 thread, during evaluation; not the device",
         },
     }
@@ -252,8 +264,8 @@ def evaluate_runners(
     return report
 
 
-def _per_batch_ms(seconds: float, samples: Samples, sig: IOSignature) -> float:
-    batches = sum(1 for _ in samples.batches(sig.inputs))
+def _per_batch_ms(seconds: float, samples: Samples, sig: IOSignature, batch_size: int | None) -> float:
+    batches = sum(1 for _ in samples.batches(sig.inputs, batch_size))
     return round(1000 * seconds / max(batches, 1), 4)
 
 

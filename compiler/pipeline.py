@@ -31,6 +31,7 @@ from compiler.errors import CompilerError, GateFailed, InvalidModel
 from compiler.evaluate import Judging
 from compiler.gate import Gate
 from compiler.html_report import write_html_report
+from compiler.memory import MemoryPlan, budget_from_machine, peak_usage
 from compiler.output_kinds import OutputKind, parse_declarations
 from compiler.runners import latency
 from compiler.size_parts import size_breakdown
@@ -92,6 +93,7 @@ def compile_model(
     latency_repeats: int = 20,
     html_report: Path | None = None,
     output_kinds: dict[str, OutputKind] | str | None = None,
+    max_memory: int | None = None,
 ) -> CompileResult:
     """Compile ``model_path`` for ``target`` into a signed bundle at ``out_dir``.
 
@@ -104,7 +106,9 @@ def compile_model(
     ``GateFailed`` and nothing is written (the HTML report still is, when
     asked for, so the user can see why). ``out_dir`` must not exist unless
     ``overwrite``. ``output_kinds``: declared kinds per output (``compiler.output_kinds``: a
-    mapping, ``name=kind,...`` or a ``.toml``/``.json`` path); the rest are inferred. Raises
+    mapping, ``name=kind,...`` or a ``.toml``/``.json`` path); the rest are inferred.
+    ``max_memory``: bytes the compile plans its batches in (``compiler.memory``; default: from the
+    machine's limits). Raises
     ``CompilerError`` subclasses for bad inputs.
     """
     started = time.perf_counter()
@@ -127,11 +131,23 @@ def compile_model(
     declared = parse_declarations(output_kinds) if isinstance(output_kinds, str) else dict(output_kinds or {})
     metric = UserMetric.load(gate.metric) if gate is not None and gate.metric else None
     judging = Judging(declared=declared, metric=metric)
+    if max_memory is not None and max_memory <= 0:
+        raise CompilerError(f"max_memory must be a positive number of bytes, got {max_memory}")
+    plan = MemoryPlan(max_memory, "--max-memory") if max_memory else budget_from_machine()
     report_progress("load", 0.0)
     with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as tmp:
         work = Path(tmp)
         request = BuildRequest(
-            Path(model_path), tgt, calib_path, eval_path, preprocess, gate, work, report_progress, judging
+            Path(model_path),
+            tgt,
+            calib_path,
+            eval_path,
+            preprocess,
+            gate,
+            work,
+            report_progress,
+            judging,
+            plan,
         )
         try:
             with capture_toolchain() as notes:
@@ -141,6 +157,7 @@ def compile_model(
             raise
         report = built.report
         report["notes"] = notes.rows()
+        report.setdefault("memory", plan.to_dict())["peak_rss_bytes"] = peak_usage()
         report_progress("gate", 0.85)
         if gate is None:
             report["gate"] = "skipped"

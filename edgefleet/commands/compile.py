@@ -92,6 +92,14 @@ def compile_cmd(
     max_sequence_error: Annotated[
         float | None, typer.Option(help="Gate (sequence): max relative error after N steps.")
     ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="Memory the compile plans its calibration/evaluation batches in, e.g. 4G "
+            "(default: from the machine's limits).",
+        ),
+    ] = None,
     no_gate: Annotated[
         bool, typer.Option("--no-gate", help="Write the bundle even if quality fails (recorded).")
     ] = False,
@@ -103,9 +111,14 @@ def compile_cmd(
     from rich.progress import Progress
 
     from compiler import CompilerError, Gate, GateFailed
+    from compiler.memory import parse_size
     from compiler.pipeline import compile_model
     from compiler.sources import Preprocess
 
+    try:
+        memory_bytes = parse_size(max_memory) if max_memory is not None else None
+    except ValueError as exc:
+        fail(f"--max-memory: {exc}")
     release_key = load_role_key(keys, "release", passphrase_file, passphrase_env)
     gate: Gate | None = None
     if not no_gate:
@@ -161,6 +174,7 @@ def compile_cmd(
                 html_report=html,
                 overwrite=overwrite,
                 output_kinds=",".join(output_kind) if output_kind else None,
+                max_memory=memory_bytes,
             )
     except GateFailed as exc:
         if as_json:
