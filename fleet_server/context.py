@@ -14,6 +14,7 @@ from signing.trust import TrustRoot
 
 if TYPE_CHECKING:
     from fleet_server.mqtt_bridge import MqttBridge
+    from fleet_server.slo_runner import SloRunner
     from fleet_server.ticker import Ticker
     from fleet_server.tuf_service import TufService
 
@@ -44,6 +45,7 @@ class ServerContext:
     limits: BodyLimits = field(init=False)
     bridge: MqttBridge | None = None
     ticker: Ticker | None = None
+    slo: SloRunner | None = None  # the leader's SLO evaluation and alert delivery
     tuf: TufService | None = None  # the TUF repository this server serves (None: not set up)
     admin_token: str = ""  # the bootstrap admin token (plaintext only in memory)
     admin_token_hash: str = ""

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from bench.slo_drill import drill
 from fleet_server.slo.alerts import (
     TRANSITIONS,
     AlertEvent,
@@ -17,7 +18,6 @@ from fleet_server.slo.alerts import (
     transition,
 )
 from fleet_server.slo.burn import evaluate
-from fleet_server.slo.drill import drill
 from fleet_server.slo.series import Sample, Totals, events, latency_good, next_sample, thin, window_events
 from fleet_server.slo.spec import (
     DEFAULT_RULES,
