@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import httpx
 from sqlalchemy import Engine
@@ -67,6 +67,7 @@ class SloEvaluator:
         self.settings = settings
         self._samples: dict[str, list[Sample]] = {}
         self._runs = 0
+        self._latest = datetime.min.replace(tzinfo=UTC)
         self.last = Evaluation()
 
     def reset(self) -> None:
@@ -75,7 +76,9 @@ class SloEvaluator:
 
     def run(self, now: datetime | None = None) -> Evaluation:
         started = time.perf_counter()
-        now = now or utcnow()
+        # never back in time: samples and alert times only move forward, whatever the clock does
+        now = max(now or utcnow(), self._latest)
+        self._latest = now
         t = epoch(now)
         self._runs += 1
         with new_session(self.engine) as session:
@@ -113,7 +116,7 @@ class SloEvaluator:
                 pending_s=self.settings.slo_pending_seconds,
             )
             save_alerts(session, step.alerts, now)
-            enqueue(session, step.notifications, receivers(self.settings), now)
+            enqueue(session, step.notifications, receivers(self.settings), utcnow())  # sent by the wall clock
             session.commit()
         for n in step.notifications:
             log.warning("alert %s %s: %s", n.alert.key.id, n.status, "; ".join(n.alert.causes))
