@@ -49,8 +49,8 @@ def test_a_burn_fires_and_resolves_through_a_flaky_webhook_with_a_delivery_log(
         log = client.get("/api/v1/alerts/deliveries").json()["items"]
         assert sorted(d["attempts"] for d in log) == [1, 3] or sorted(d["attempts"] for d in log) == [2, 2]
         assert all(d["delivered_at"] for d in log) and receiver.refused == 2
-        # no more errors: the pages' short windows (5 and 30 min) empty out and the page resolves; the ticket's 6 h
-        # window still holds the burst, so the ticket stays open (and is not sent again)
+        # no more errors: the pages' short windows (5 and 30 min) empty out and the page resolves;
+        # the ticket's 6 h window still holds the burst, so it stays open (and is not sent again)
         evaluator.run(t0 + timedelta(minutes=40))
         wait_for(lambda: len(receiver.bodies) == 3, timeout=10)
         assert (receiver.bodies[2]["status"], receiver.bodies[2]["alert"]["id"]) == ("resolved", "det/*/page")
