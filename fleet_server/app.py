@@ -21,6 +21,8 @@ from fleet_server.audit import AuditMiddleware
 from fleet_server.auth import bootstrap_admin_token, hash_token
 from fleet_server.context import ServerContext
 from fleet_server.keyload import load_fleet_key
+from fleet_server.logs import RequestIdMiddleware
+from fleet_server.metrics import make_registry
 from fleet_server.mqtt_bridge import MqttBridge
 from fleet_server.routes import ROUTERS, allowed_methods
 from fleet_server.routes.errors import install_error_handler
@@ -85,5 +87,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         app.include_router(router)
     # outermost: it records the outcome of every mutating call, refusals by the route guard included
     app.add_middleware(AuditMiddleware, engine=context.engine)
+    # outside the audit: the request id is set before anything else runs and logged after it all
+    app.add_middleware(RequestIdMiddleware)
+    context.metrics = make_registry(context)
     install_error_handler(app, allowed_methods)
     return app

@@ -7,6 +7,7 @@ tests and the demo can run several servers with different settings in one proces
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -96,6 +97,9 @@ class ServerSettings(BaseSettings):
     alertmanager_resend_seconds: float = Field(default=60.0, gt=0.0)
     # /readyz answers 503 when the oldest unstored telemetry is older than this (ingest lag)
     ready_max_ingest_lag_seconds: float = Field(default=60.0, gt=0.0)
+
+    # ``edgefleet server``'s logs: one JSON object a line with the request id ("json"), or plain text
+    log_format: Literal["json", "text"] = "json"
 
     def resolved_database_url(self) -> str:
         if self.database_url:

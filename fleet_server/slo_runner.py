@@ -70,6 +70,10 @@ class SloEvaluator:
         self._latest = datetime.min.replace(tzinfo=UTC)
         self.last = Evaluation()
 
+    def samples(self, slo: str) -> list[Sample]:
+        """The cached samples of ``slo`` (empty before its first evaluation here)."""
+        return self._samples.get(slo, [])
+
     def reset(self) -> None:
         """Forget the cached samples (another replica may write them while this one does not lead)."""
         self._samples.clear()
