@@ -173,6 +173,9 @@ class FleetCollector(Collector):
                 "edgefleet_model_labels_correct", "labelled predictions that were right", labels=labels
             ),
         }
+        cpu = CounterMetricFamily(
+            "edgefleet_model_cpu_seconds", "agent CPU time spent on the model's inferences", labels=labels
+        )
         latency = HistogramMetricFamily(
             "edgefleet_model_latency_seconds", "inference latency as devices measured it", labels=labels
         )
@@ -181,8 +184,10 @@ class FleetCollector(Collector):
                 key = [name, version, hw]
                 for field, fam in fams.items():
                     fam.add_metric(key, float(getattr(t, field)))
+                cpu.add_metric(key, t.cpu_ms / 1000.0)
                 latency.add_metric(key, coarse_latency(t.latency), sum_value=float("nan"))
         yield from fams.values()
+        yield cpu
         yield latency
 
     def _slos(self) -> Iterator[Metric]:

@@ -52,6 +52,7 @@ def cohort_totals(session: Session) -> dict[Cohort, Totals]:
             col(ModelAggregate.output_hist),
             col(ModelAggregate.labels),
             col(ModelAggregate.labels_correct),
+            col(ModelAggregate.cpu_ms),
         ).join(Device, col(Device.id) == col(ModelAggregate.device_id))
     ).all()
     out: dict[Cohort, Totals] = {}
@@ -65,6 +66,7 @@ def cohort_totals(session: Session) -> dict[Cohort, Totals]:
             tuple(r.output_hist or ()),
             r.labels,
             r.labels_correct,
+            r.cpu_ms,
         )
         key = (r.sha256, r.hardware_id)
         prev = out.get(key)
@@ -107,6 +109,7 @@ def sample_of(row: SloSample) -> Sample:
             tuple(t.get("output", ())),
             int(t.get("labels", 0)),
             int(t.get("labels_correct", 0)),
+            float(t.get("cpu_ms", 0.0)),
         ),
         row.drift_bad,
         row.drift_steps,
@@ -124,6 +127,7 @@ def sample_row(slo: str, s: Sample) -> SloSample:
         "output": list(t.output),
         "labels": t.labels,
         "labels_correct": t.labels_correct,
+        "cpu_ms": t.cpu_ms,
     }
     return SloSample(slo=slo, t=at(s.t), totals=totals, drift_bad=s.drift_bad, drift_steps=s.drift_steps)
 

@@ -33,6 +33,7 @@ class Totals:
     output: tuple[int, ...] = ()  # per VALUE_BOUNDS
     labels: int = 0
     labels_correct: int = 0
+    cpu_ms: float = 0.0  # agent CPU time spent on the model's inferences (cost per inference)
 
     def __add__(self, other: Totals) -> Totals:
         return Totals(
@@ -44,6 +45,7 @@ class Totals:
             add_counts(self.output, other.output),
             self.labels + other.labels,
             self.labels_correct + other.labels_correct,
+            self.cpu_ms + other.cpu_ms,
         )
 
 
