@@ -40,6 +40,7 @@ from edgefleet.commands.models import models_app
 from edgefleet.commands.processes import agent_cmd, demo_cmd, server_cmd
 from edgefleet.commands.rollouts import parse_selector, parse_stages, rollouts_app
 from edgefleet.commands.sim import sim_app
+from edgefleet.commands.slo import slo_app
 from edgefleet.commands.telemetry import telemetry_cmd
 from edgefleet.commands.tokens import audit_app, tokens_app
 
@@ -166,6 +167,7 @@ app.add_typer(sim_app, name="sim")
 app.add_typer(broker_app, name="broker")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(audit_app, name="audit")
+app.add_typer(slo_app, name="slo")
 app.command("demo")(demo_cmd)
 
 __all__ = ["app", "main", "parse_selector", "parse_stages"]

@@ -323,6 +323,29 @@ class ApiClient:
         return self._resigning(attempt)
 
     # tokens and audit
+    # SLOs
+    def create_slo(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._request("POST", "/api/v1/slos", json=body))
+
+    def slos(self, model: str | None = None) -> list[dict[str, Any]]:
+        return self.pages("/api/v1/slos", model=model)
+
+    def slo_status(self, name: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/api/v1/slos/{name}/status"))
+
+    def alerts(self, state: str | None = None) -> list[dict[str, Any]]:
+        return self.pages("/api/v1/alerts", state=state)
+
+    def alert_deliveries(self, alert: str | None = None) -> list[dict[str, Any]]:
+        return self.pages("/api/v1/alerts/deliveries", alert=alert)
+
+    def planned_window(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._request("POST", "/api/v1/planned-windows", json=body))
+
+    def budget_override(self, model: str, reason: str, hours: float) -> dict[str, Any]:
+        body = {"reason": reason, "hours": hours}
+        return dict(self._request("POST", f"/api/v1/models/{model}/budget-override", json=body))
+
     def create_token(self, name: str, role: str) -> dict[str, Any]:
         return dict(self._request("POST", "/api/v1/tokens", json={"name": name, "role": role}))
 

@@ -21,11 +21,14 @@ from fleet_server.audit import AuditMiddleware
 from fleet_server.auth import bootstrap_admin_token, hash_token
 from fleet_server.context import ServerContext
 from fleet_server.keyload import load_fleet_key
+from fleet_server.logs import RequestIdMiddleware
+from fleet_server.metrics import make_registry
 from fleet_server.mqtt_bridge import MqttBridge
 from fleet_server.routes import ROUTERS, allowed_methods
 from fleet_server.routes.errors import install_error_handler
 from fleet_server.routes.openapi import install_openapi
 from fleet_server.settings import ServerSettings
+from fleet_server.slo_runner import SloRunner
 from fleet_server.store import make_engine
 from fleet_server.ticker import Ticker
 from fleet_server.tuf_service import TufService
@@ -60,9 +63,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bridge = MqttBridge(settings, context.engine, context.counters, context.trust.fleet_keys)
         ticker = Ticker(settings, context.engine, bridge.publish_desired, fleet_key, context.lock)
-        context.bridge, context.ticker = bridge, ticker
+        slo = SloRunner(context.engine, settings, lambda: ticker.is_leader)
+        context.bridge, context.ticker, context.slo = bridge, ticker, slo
         bridge.start(is_leader=lambda: ticker.is_leader)
         ticker.start()
+        slo.start()
         if context.tuf is not None:
             context.tuf.start(settings.tuf_refresh_interval)
         try:
@@ -70,6 +75,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         finally:
             if context.tuf is not None:
                 context.tuf.stop()
+            slo.stop()
             ticker.stop()
             bridge.stop()
             context.engine.dispose()
@@ -81,5 +87,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         app.include_router(router)
     # outermost: it records the outcome of every mutating call, refusals by the route guard included
     app.add_middleware(AuditMiddleware, engine=context.engine)
+    # outside the audit: the request id is set before anything else runs and logged after it all
+    app.add_middleware(RequestIdMiddleware)
+    context.metrics = make_registry(context)
     install_error_handler(app, allowed_methods)
     return app

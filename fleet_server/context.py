@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
 from fleet_server.counters import Counters
@@ -14,6 +15,7 @@ from signing.trust import TrustRoot
 
 if TYPE_CHECKING:
     from fleet_server.mqtt_bridge import MqttBridge
+    from fleet_server.slo_runner import SloRunner
     from fleet_server.ticker import Ticker
     from fleet_server.tuf_service import TufService
 
@@ -44,6 +46,8 @@ class ServerContext:
     limits: BodyLimits = field(init=False)
     bridge: MqttBridge | None = None
     ticker: Ticker | None = None
+    slo: SloRunner | None = None  # the leader's SLO evaluation and alert delivery
+    metrics: CollectorRegistry | None = None  # what /metrics exposes (fleet_server.metrics)
     tuf: TufService | None = None  # the TUF repository this server serves (None: not set up)
     admin_token: str = ""  # the bootstrap admin token (plaintext only in memory)
     admin_token_hash: str = ""

@@ -108,6 +108,7 @@ class Pipeline:
         self.on_reported: Callable[[list[reconcile.Observation]], None] | None = None
         self._queue: queue.SimpleQueue[Inbound | None] = queue.SimpleQueue()
         self._busy = 0  # messages taken from the queue but not stored yet
+        self._storing_since = 0.0  # arrival of the oldest message being stored (epoch s), 0: idle
         self._progress = time.monotonic()  # when the store thread last finished a flush (or idled)
         self._received = time.monotonic()  # when the last message was put
         self._stopping = threading.Event()
@@ -143,6 +144,13 @@ class Pipeline:
     def backlog(self) -> int:
         """Messages received but not stored (and not acknowledged) yet."""
         return self._queue.qsize() + self._busy
+
+    @property
+    def lag(self) -> float:
+        """Seconds the oldest message being stored has waited since it arrived (0 when idle): the
+        queued ones arrived later, so this is the ingest lag."""
+        since = self._storing_since
+        return max(time.time() - since, 0.0) if since else 0.0
 
     def drain(self, quiet: float = LEAVE_QUIET, timeout: float = LEAVE_DRAIN_TIMEOUT) -> bool:
         """Wait until everything received is stored and acknowledged and nothing came for ``quiet``
@@ -186,8 +194,10 @@ class Pipeline:
             if self._discard:
                 return
             self._busy = len(batch)
+            self._storing_since = min((m.received_at for m in batch if m.received_at), default=0.0)
             self._store(batch)
             self._busy = 0
+            self._storing_since = 0.0
             if stop:
                 return
 
@@ -375,6 +385,7 @@ def worker_main(
                 "subscribed": subscribed.is_set(),
                 "connected": client.is_connected(),
                 "backlog": pipeline.backlog,
+                "lag": int(pipeline.lag),  # whole seconds: a report a second at most while storing
             }
             if state != last:
                 try:
@@ -434,6 +445,7 @@ class IngestWorker:
         self.subscribed = False
         self.connected = False
         self.backlog = 0
+        self.lag = 0.0  # the worker's ingest lag, seconds (Pipeline.lag)
         self._stopping = False
         self._proc: Any = None
         self._conn: Connection | None = None
@@ -491,6 +503,7 @@ class IngestWorker:
                 state["connected"],
                 state["backlog"],
             )
+            self.lag = float(state.get("lag", 0.0))
             self._on_change()
         conn.close()
         self.subscribed = self.connected = False

@@ -277,3 +277,86 @@ class AuditEntry(SQLModel, table=True):
     status: int
     result: str = Field(default="", max_length=64)  # "ok" or the error code
     detail: str = Field(default="", max_length=512)
+
+
+class Slo(SQLModel, table=True):
+    """A service level objective of one model, optionally one hardware cohort (fleet_server.slo.spec)."""
+
+    __table_args__ = (Index("ix_slo_created_at_name", "created_at", "name"),)  # the list's order and keyset
+
+    name: str = Field(primary_key=True, max_length=64)
+    model: str = Field(index=True, max_length=128)
+    hardware_id: str | None = Field(default=None, max_length=128)
+    spec: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)  # spec_as_dict: objectives, rules
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    created_by: str = Field(default="", max_length=160)
+
+
+class SloSample(SQLModel, table=True):
+    """The running totals of an SLO's model and cohort at one time (fleet_server.slo.series.Sample);
+    thinned with age, so a window's events are the difference of two rows."""
+
+    __table_args__ = (UniqueConstraint("slo", "t", name="uq_slo_sample"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    slo: str = Field(foreign_key="slo.name", max_length=64)  # looked up through uq_slo_sample
+    t: datetime = Field(sa_type=UTCDateTime)
+    totals: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    drift_bad: int = 0
+    drift_steps: int = 0
+
+
+class SloAlert(SQLModel, table=True):
+    """One alert per (model, cohort, severity) and where it is in its lifecycle (fleet_server.slo.alerts)."""
+
+    id: str = Field(primary_key=True, max_length=300)  # model/cohort-or-*/severity
+    model: str = Field(max_length=128)
+    hardware_id: str = Field(default="", max_length=128)
+    severity: str = Field(max_length=16)
+    state: str = Field(max_length=16, index=True)
+    since: datetime = Field(sa_type=UTCDateTime)
+    fired_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    resolved_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    causes: list[str] = Field(default_factory=list, sa_type=JSON)
+    silenced: bool = False
+    notified: bool = False
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class PlannedWindow(SQLModel, table=True):
+    """A declared planned-rollout window: alerts of the model (one cohort, or all) are not notified in it."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    model: str = Field(index=True, max_length=128)
+    hardware_id: str | None = Field(default=None, max_length=128)
+    starts: datetime = Field(sa_type=UTCDateTime)
+    ends: datetime = Field(sa_type=UTCDateTime)
+    reason: str = Field(default="", max_length=512)
+    created_by: str = Field(default="", max_length=160)
+
+
+class BudgetOverride(SQLModel, table=True):
+    """A person's decision to roll a model out although its error budget is spent, with the reason."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    model: str = Field(index=True, max_length=128)
+    reason: str = Field(max_length=512)
+    actor: str = Field(max_length=160)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class AlertDelivery(SQLModel, table=True):
+    """One alert notification to one receiver, and every try to deliver it (the delivery log)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    alert_id: str = Field(max_length=300, index=True)
+    status: str = Field(max_length=16)  # firing | resolved
+    receiver: str = Field(max_length=512)  # alertmanager:URL or webhook:URL
+    payload: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
+    delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_error: str = Field(default="", max_length=512)
+    gave_up: bool = False

@@ -136,6 +136,11 @@ class MqttBridge:
         return self.pipeline.backlog + sum(w.backlog for w in self.workers)
 
     @property
+    def ingest_lag(self) -> float:
+        """Seconds the oldest message being stored has waited (this process and its workers)."""
+        return max([self.pipeline.lag, *(w.lag for w in self.workers)])
+
+    @property
     def connected(self) -> bool:
         return self.client.is_connected() and all(w.connected for w in self.workers)
 

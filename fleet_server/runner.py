@@ -18,6 +18,7 @@ import uvicorn
 
 from fleet_server.app import create_app
 from fleet_server.context import ServerContext
+from fleet_server.logs import uvicorn_log_config
 from fleet_server.settings import ServerSettings
 
 
@@ -147,4 +148,11 @@ def main(
     options = tls_options(tls_cert, tls_key)
     if "public_url" not in settings.model_fields_set:
         settings = settings.model_copy(update={"public_url": base_url(host, port, bool(options))})
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", **options)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=uvicorn_log_config(settings.log_format),
+        access_log=False,
+        **options,
+    )

@@ -555,6 +555,33 @@ class HealthOut(BaseModel):
     status: Literal["ok"] = Field(description="always 'ok'")
 
 
+class ReadyCheck(BaseModel):
+    """One readiness check."""
+
+    ok: bool = Field(description="whether it passes")
+    detail: str = Field(description="what was found")
+
+
+class ReadyOut(BaseModel):
+    """Whether this replica should get traffic: its database answers, its broker connection is up and
+    its ingest keeps up. Its leader state is reported, never a failure (followers serve the API)."""
+
+    model_config = _examples(
+        {
+            "status": "ready",
+            "checks": {
+                "database": {"ok": True, "detail": "postgresql"},
+                "broker": {"ok": True, "detail": "connected"},
+                "ingest_lag": {"ok": True, "detail": "0s (limit 60s)"},
+                "leader": {"ok": True, "detail": "leader"},
+            },
+        }
+    )
+
+    status: Literal["ready", "not_ready"] = Field(description="ready when every check passes")
+    checks: dict[str, ReadyCheck] = Field(description="database, broker, ingest_lag, leader")
+
+
 # ---------------------------------------------------------------- pages of lists
 
 T = TypeVar("T")

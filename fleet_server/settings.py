@@ -7,6 +7,7 @@ tests and the demo can run several servers with different settings in one proces
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -80,6 +81,25 @@ class ServerSettings(BaseSettings):
     tuf_timestamp_expiry_seconds: float = 86400.0
     tuf_snapshot_expiry_seconds: float = 7 * 86400.0
     tuf_refresh_interval: float = 60.0
+
+    # SLOs (docs/slo.md): how often the leader samples the telemetry totals and evaluates every SLO,
+    # how long a breach must last before its alert fires, and where alerts go: Alertmanager's v2 API
+    # (base URLs, like http://127.0.0.1:9093) and plain webhooks (full URLs), each as a JSON list in
+    # the environment. A notification is tried ``alert_max_attempts`` times, backing off to 5 min.
+    slo_interval: float = Field(default=60.0, gt=0.0)
+    slo_pending_seconds: float = Field(default=0.0, ge=0.0)
+    alertmanager_urls: list[str] = Field(default_factory=list)
+    alert_webhook_urls: list[str] = Field(default_factory=list)
+    alert_max_attempts: int = Field(default=10, ge=1)
+    alert_timeout_seconds: float = Field(default=5.0, gt=0.0)
+    # Alertmanager forgets a firing alert that is not sent again (resolve_timeout): the leader re-sends
+    # firing alerts this often, each valid for four times as long.
+    alertmanager_resend_seconds: float = Field(default=60.0, gt=0.0)
+    # /readyz answers 503 when the oldest unstored telemetry is older than this (ingest lag)
+    ready_max_ingest_lag_seconds: float = Field(default=60.0, gt=0.0)
+
+    # ``edgefleet server``'s logs: one JSON object a line with the request id ("json"), or plain text
+    log_format: Literal["json", "text"] = "json"
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
-from fleet_server.routes import delivery, devices, drift, models, rollouts, server, telemetry, tokens
+from fleet_server.routes import delivery, devices, drift, models, rollouts, server, slos, telemetry, tokens
 
 ROUTERS: tuple[APIRouter, ...] = (
     server.health_router,
@@ -18,6 +18,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     models.router,
     models.artifacts_router,
     rollouts.router,
+    slos.router,
     telemetry.router,
     tokens.router,
     tokens.audit_router,

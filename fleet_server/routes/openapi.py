@@ -42,6 +42,9 @@ TAG_DESCRIPTIONS = {
     " decisions, and act on it (pause, resume, approve, abort, roll back).",
     "telemetry": "What devices report about the models they serve, aggregated per model, hardware id and"
     " rollout stage: the figures the rollout gates read.",
+    "slos": "Service level objectives per model and cohort, their error budgets and burn-rate alerts,"
+    " the alert delivery log, planned-rollout windows that hold notifications, and the override of"
+    " the error-budget policy (docs/slo.md).",
     "tokens": "API tokens with roles (admin only). A token's secret is shown once, when it is created.",
     "audit": "The append-only trail of every mutating call: who, what, when, result.",
     "tuf": "Delivery metadata (TUF): the public repository devices verify against keys they already"

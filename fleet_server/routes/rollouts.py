@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Path, Query
-from sqlmodel import Session
+from fastapi import Path, Query, Request
+from sqlmodel import Session, select
 
 from fleet_server.context import ServerContext
 from fleet_server.lifecycle import DeviceRolloutState, RolloutState
-from fleet_server.models import RolloutDecision, RolloutDevice
+from fleet_server.models import Model, RolloutDecision, RolloutDevice, utcnow
 from fleet_server.paging import DEFAULT_LIMIT
 from fleet_server.rollouts import (
     create_rollout,
@@ -36,6 +36,7 @@ from fleet_server.schemas import (
     RolloutOut,
     RolloutPage,
 )
+from fleet_server.slos import check_budget_policy
 
 router = admin_router(tags=["rollouts"])
 
@@ -50,10 +51,18 @@ RolloutId = Annotated[str, Path(description="the rollout's id", examples=["3f9a1
     responses=error_responses(404, 409, 413, 422),
     dependencies=OPERATOR,
 )
-def post_rollout(body: RolloutIn, c: Ctx, session: Db) -> RolloutOut:
+def post_rollout(body: RolloutIn, request: Request, c: Ctx, session: Db) -> RolloutOut:
     """Target the devices the selector picks (and the model's hardware ids allow), then assign them
     stage by stage under the policy's gates. 404 ``model_not_found``, 400 ``no_matching_devices``,
-    409 ``rollout_conflict`` when targeted devices are in another active rollout."""
+    409 ``rollout_conflict`` when targeted devices are in another active rollout, 409
+    ``error_budget_spent`` when an SLO of the model has spent its budget and neither an override
+    holds nor the rollout goes back to an older release (docs/slo.md)."""
+    name, version = body.model.split(":", 1)
+    model = session.exec(select(Model).where(Model.name == name, Model.version == version)).first()
+    if model is not None:
+        override = check_budget_policy(session, model, utcnow())
+        if override is not None:
+            request.state.audit_detail = f"error budget spent, override {override.id}: {override.reason}"
     with c.lock:
         rollout = create_rollout(session, body)
         session.commit()

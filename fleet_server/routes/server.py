@@ -1,10 +1,18 @@
-"""This server itself: ``/healthz`` (public, for load balancers), ``/api/v1/stats``, ``/api/v1/server``."""
+"""This server itself: ``/healthz`` (alive), ``/readyz`` (fit for traffic) and ``/metrics`` (public,
+for load balancers, orchestrators and Prometheus), ``/api/v1/stats``, ``/api/v1/server``."""
 
 from __future__ import annotations
 
+from fastapi import Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from fleet_server.metrics import exposition
 from fleet_server.migrate import current_revision
 from fleet_server.routes.common import Ctx, admin_router, public_router
-from fleet_server.schemas import HealthOut, ServerOut, StatsOut
+from fleet_server.schemas import HealthOut, ReadyCheck, ReadyOut, ServerOut, StatsOut
 
 health_router = public_router("", tags=["server"])
 router = admin_router(tags=["server"])
@@ -14,6 +22,41 @@ router = admin_router(tags=["server"])
 def healthz() -> HealthOut:
     """The server answers HTTP; no token needed (for load balancers and container health checks)."""
     return HealthOut(status="ok")
+
+
+@health_router.get(
+    "/readyz",
+    response_model=ReadyOut,
+    responses={503: {"model": ReadyOut, "description": "a check failed"}},
+    summary="Readiness check",
+)
+def readyz(c: Ctx) -> Response:
+    """200 when the database answers, the broker connection is up and ingest lags less than
+    ``ready_max_ingest_lag_seconds``; 503 with the failing checks otherwise. No token needed."""
+    checks: dict[str, ReadyCheck] = {}
+    try:
+        with c.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        checks["database"] = ReadyCheck(ok=True, detail=c.engine.dialect.name)
+    except SQLAlchemyError as exc:
+        checks["database"] = ReadyCheck(ok=False, detail=f"{type(exc).__name__}: {exc}"[:200])
+    connected = c.bridge is not None and c.bridge.connected
+    checks["broker"] = ReadyCheck(ok=connected, detail="connected" if connected else "not connected")
+    lag, limit = (c.bridge.ingest_lag if c.bridge else 0.0), c.settings.ready_max_ingest_lag_seconds
+    checks["ingest_lag"] = ReadyCheck(ok=lag <= limit, detail=f"{lag:.0f}s (limit {limit:g}s)")
+    leading = c.ticker is not None and c.ticker.is_leader
+    checks["leader"] = ReadyCheck(ok=True, detail="leader" if leading else "follower")
+    ok = all(check.ok for check in checks.values())
+    body = ReadyOut(status="ready" if ok else "not_ready", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@health_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(c: Ctx) -> Response:
+    """The fleet, rollouts, ingest, SLOs and alerts in Prometheus' text format (docs/slo.md lists
+    them). No per-device series. No token needed: scrape it from inside the deployment."""
+    assert c.metrics is not None  # create_app makes it
+    return Response(exposition(c.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/stats", response_model=StatsOut, summary="Ingest counters")

@@ -1,0 +1,254 @@
+"""``/metrics``: the fleet, rollouts, ingest, SLOs and alerts in Prometheus' text format.
+
+No series carries a device: devices are counted by deployment state and online
+status, models by name, version and hardware cohort (at most ``MAX_MODEL_GROUPS``
+groups, the rest summed under version ``other``), latency on a coarse fixed set
+of buckets. So the number of series does not grow with the fleet.
+
+A scrape reads only a few grouped counts from the database; the per-model
+totals and the SLO figures come from the SLO loop's last pass (``SloRunner``),
+so a scrape at 10,000 devices stays cheap. Only the leader runs that loop, so
+only the leader exports them: summed over replicas, nothing counts twice. One registry per app,
+not the process-global one: tests run several servers in one process.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from device_agent.protocol import LATENCY_BOUNDS_US
+from fleet_server.lifecycle import RolloutState
+from fleet_server.models import Device, Rollout, SloAlert
+from fleet_server.slo.alerts import AlertState
+from fleet_server.slo.series import Totals, events, window_events
+from fleet_server.slo.spec import Severity, format_duration
+from fleet_server.slo_store import Cohort, VersionName
+from fleet_server.store import new_session
+
+if TYPE_CHECKING:
+    from fleet_server.context import ServerContext
+    from fleet_server.slo_runner import Evaluation
+
+MAX_MODEL_GROUPS = 50
+# seconds; each a bound the device histogram also has, or the sum of the buckets under it
+LATENCY_LE_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+INGEST_KINDS = (
+    "telemetry_batches",
+    "duplicate_batches",
+    "events",
+    "reported",
+    "status",
+    "malformed_messages",
+    "unregistered_messages",
+    "dropped_messages",
+)
+DEVICE_STATES_NONE = "none"
+
+
+def coarse_latency(buckets: tuple[int, ...]) -> list[tuple[str, float]]:
+    """Cumulative counts at ``LATENCY_LE_S`` and +Inf from the device histogram (a device bucket
+    counts under the first coarse bound at or above its own upper bound)."""
+    cuts = [bisect.bisect_right(LATENCY_BOUNDS_US, le * 1e6) for le in LATENCY_LE_S]
+    out = [(f"{le:g}", float(sum(buckets[:cut]))) for le, cut in zip(LATENCY_LE_S, cuts, strict=True)]
+    out.append(("+Inf", float(sum(buckets))))
+    return out
+
+
+def model_groups(
+    cohorts: Mapping[Cohort, Totals], names: Mapping[str, VersionName]
+) -> dict[tuple[str, str, str], Totals]:
+    """Totals per (model, version, cohort): the busiest ``MAX_MODEL_GROUPS``, the rest as version other."""
+    groups: dict[tuple[str, str, str], Totals] = {}
+    for (sha, hw), t in cohorts.items():
+        named = names.get(sha)
+        key = (named.name, named.version, hw) if named else ("unknown", "unknown", hw)
+        groups[key] = groups[key] + t if key in groups else t
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1].inferences)
+    out = dict(ranked[:MAX_MODEL_GROUPS])
+    for (name, _, hw), t in ranked[MAX_MODEL_GROUPS:]:
+        key = (name if len(out) < 2 * MAX_MODEL_GROUPS else "other", "other", hw)
+        out[key] = out[key] + t if key in out else t
+    return out
+
+
+class FleetCollector(Collector):
+    def __init__(self, context: ServerContext) -> None:
+        self.context = context
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.context
+        yield from self._fleet()
+        ingest = CounterMetricFamily(
+            "edgefleet_ingest_messages", "MQTT messages this replica took in", labels=["kind"]
+        )
+        snap = c.counters.snapshot()
+        for kind in INGEST_KINDS:
+            ingest.add_metric([kind], float(snap.get(kind, 0)))
+        yield ingest
+        bridge = c.bridge
+        yield GaugeMetricFamily(
+            "edgefleet_ingest_backlog_messages",
+            "messages received, not stored yet",
+            value=bridge.backlog if bridge else 0,
+        )
+        yield GaugeMetricFamily(
+            "edgefleet_ingest_lag_seconds",
+            "how long the oldest message being stored has waited",
+            value=bridge.ingest_lag if bridge else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "edgefleet_mqtt_connected",
+            "1 when this replica and its ingest workers are connected to the broker",
+            value=1.0 if bridge is not None and bridge.connected else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "edgefleet_leader",
+            "1 when this replica drives the rollout engine and the SLO loop",
+            value=1.0 if c.ticker is not None and c.ticker.is_leader else 0.0,
+        )
+        yield from self._models()
+        yield from self._slos()
+
+    def _fleet(self) -> Iterator[Metric]:
+        devices = GaugeMetricFamily("edgefleet_devices", "registered devices", labels=["state", "online"])
+        rollouts = GaugeMetricFamily("edgefleet_rollouts", "rollouts", labels=["state"])
+        alerts = GaugeMetricFamily("edgefleet_slo_alerts", "SLO alerts", labels=["severity", "state"])
+        with new_session(self.context.engine) as session:
+            for state, online, n in session.exec(
+                select(Device.deployment_state, Device.online, func.count()).group_by(
+                    col(Device.deployment_state), col(Device.online)
+                )
+            ):
+                devices.add_metric([state or DEVICE_STATES_NONE, "true" if online else "false"], n)
+            counted = dict(
+                session.exec(select(Rollout.state, func.count()).group_by(col(Rollout.state))).all()
+            )
+            for state in RolloutState:
+                rollouts.add_metric([str(state)], counted.get(state, 0))
+            by_state = {
+                (sev, st): n
+                for sev, st, n in session.exec(
+                    select(SloAlert.severity, SloAlert.state, func.count()).group_by(
+                        col(SloAlert.severity), col(SloAlert.state)
+                    )
+                )
+            }
+        for severity in Severity:
+            for state in (AlertState.PENDING, AlertState.FIRING, AlertState.RESOLVED):
+                alerts.add_metric([str(severity), str(state)], by_state.get((str(severity), str(state)), 0))
+        yield devices
+        yield rollouts
+        yield alerts
+
+    def _last(self) -> Evaluation | None:
+        slo, ticker = self.context.slo, self.context.ticker
+        if slo is None or ticker is None or not ticker.is_leader:
+            return None
+        return slo.evaluator.last
+
+    def _models(self) -> Iterator[Metric]:
+        last = self._last()
+        labels = ["model", "version", "cohort"]
+        fams = {
+            "inferences": CounterMetricFamily(
+                "edgefleet_model_inferences", "inferences devices counted", labels=labels
+            ),
+            "errors": CounterMetricFamily("edgefleet_model_errors", "inferences that failed", labels=labels),
+            "requests": CounterMetricFamily("edgefleet_model_requests", "local API requests", labels=labels),
+            "request_errors": CounterMetricFamily(
+                "edgefleet_model_request_errors", "local API requests that got no prediction", labels=labels
+            ),
+            "labels": CounterMetricFamily(
+                "edgefleet_model_labels", "predictions labelled with the truth", labels=labels
+            ),
+            "labels_correct": CounterMetricFamily(
+                "edgefleet_model_labels_correct", "labelled predictions that were right", labels=labels
+            ),
+        }
+        cpu = CounterMetricFamily(
+            "edgefleet_model_cpu_seconds", "agent CPU time spent on the model's inferences", labels=labels
+        )
+        latency = HistogramMetricFamily(
+            "edgefleet_model_latency_seconds", "inference latency as devices measured it", labels=labels
+        )
+        if last is not None:
+            for (name, version, hw), t in sorted(model_groups(last.cohorts, last.names).items()):
+                key = [name, version, hw]
+                for field, fam in fams.items():
+                    fam.add_metric(key, float(getattr(t, field)))
+                cpu.add_metric(key, t.cpu_ms / 1000.0)
+                latency.add_metric(key, coarse_latency(t.latency), sum_value=float("nan"))
+        yield from fams.values()
+        yield cpu
+        yield latency
+
+    def _slos(self) -> Iterator[Metric]:
+        last = self._last()
+        evaluator = self.context.slo.evaluator if self.context.slo is not None else None
+        labels = ["slo", "model", "cohort", "sli"]
+        total = CounterMetricFamily("edgefleet_slo_events", "events an SLO objective counts", labels=labels)
+        bad = CounterMetricFamily("edgefleet_slo_bad_events", "of which bad", labels=labels)
+        target = GaugeMetricFamily(
+            "edgefleet_slo_target", "the objective's target share of good events", labels=labels
+        )
+        remaining = GaugeMetricFamily(
+            "edgefleet_slo_error_budget_remaining",
+            "share of the window's budget left (below 0: overspent)",
+            labels=labels,
+        )
+        burn = GaugeMetricFamily(
+            "edgefleet_slo_burn_rate",
+            "budget burn rate over a window, as the server evaluates it",
+            labels=[*labels, "window"],
+        )
+        evaluated = GaugeMetricFamily(
+            "edgefleet_slo_evaluation_seconds", "how long the last SLO evaluation took"
+        )
+        evaluated_at = GaugeMetricFamily(
+            "edgefleet_slo_evaluation_timestamp_seconds", "when the last evaluation ran"
+        )
+        if last is not None and evaluator is not None:
+            evaluated.add_metric([], last.seconds)
+            evaluated_at.add_metric([], last.at)
+            for status in last.statuses:
+                spec = status.spec
+                for o in status.objectives:
+                    key = [spec.name, spec.model, spec.hardware_id or "all", str(o.objective.sli)]
+                    samples = evaluator.samples(spec.name)
+                    if samples:
+                        latest = samples[-1]
+                        b, n = events(o.objective, latest)
+                        total.add_metric(key, float(n))
+                        bad.add_metric(key, float(b))
+                    target.add_metric(key, o.objective.target)
+                    remaining.add_metric(key, o.budget_remaining)
+                    windows = sorted({w for r in o.rules for w in (r.rule.long_s, r.rule.short_s)})
+                    for w in windows:
+                        wb, wn = window_events(o.objective, samples, status.at, w)
+                        rate = (wb / wn) / o.objective.budget if wn else 0.0
+                        burn.add_metric([*key, _window(w)], rate)
+        yield from (total, bad, target, remaining, burn, evaluated, evaluated_at)
+
+
+def _window(seconds: float) -> str:
+    return format_duration(seconds)
+
+
+def make_registry(context: ServerContext) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(context))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,3 @@
+"""The server fixtures of tests/server (a real server thread, real Mosquitto, fake devices), shared."""
+
+from tests.server.conftest import client, fake_device, make_server, server  # noqa: F401

@@ -1,0 +1,132 @@
+"""/metrics (bounded cardinality), /healthz and /readyz, and the JSON request log, on a real server."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlmodel import Session
+
+from fleet_server.logs import JsonFormatter
+from fleet_server.models import Device, ModelAggregate
+from fleet_server.runner import ServerThread
+from signing.keyring import KeyDir
+from tests.ops.test_slo_api import SLO
+from tests.server.conftest import make_bundle, upload
+
+LATENCY = [0] * 10 + [50, 30, 10, 5, 3, 2]
+
+
+def series(client: httpx.Client) -> dict[str, float]:
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[s.name + json.dumps(s.labels, sort_keys=True)] = s.value
+    return out
+
+
+def add_devices(server: ServerThread, start: int, n: int, shas: list[str]) -> None:
+    """Devices as the ingest leaves them: registered, some online, running a model, with totals."""
+    with Session(server.context.engine) as session:
+        for i in range(start, start + n):
+            device_id = f"m-{i:05d}"
+            sha = shas[i % len(shas)]
+            session.add(
+                Device(
+                    id=device_id,
+                    hardware_id=("rpi4", "jetson")[i % 2],
+                    online=i % 3 != 0,
+                    running_sha256=sha,
+                    deployment_state=("running", "failed")[i % 5 == 0],
+                )
+            )
+            session.add(
+                ModelAggregate(
+                    device_id=device_id, sha256=sha, inferences=1000, errors=i % 7, latency_buckets=LATENCY
+                )
+            )
+        session.commit()
+
+
+def test_metrics_series_do_not_grow_with_the_fleet(
+    server: ServerThread, client: httpx.Client, keydir: KeyDir, tmp_path: Path
+) -> None:
+    key = keydir.key("release")
+    shas = [
+        upload(client, make_bundle(tmp_path, key, version=str(v), release=v, content=b"%d" % v * 500)).json()[
+            "sha256"
+        ]
+        for v in (1, 2)
+    ]
+    assert client.post("/api/v1/slos", json=SLO).status_code == 201
+    assert server.context.slo is not None
+    evaluator = server.context.slo.evaluator
+    t0 = datetime.now(UTC) + timedelta(minutes=1)
+    add_devices(server, 0, 20, shas)
+    evaluator.run(t0)
+    small = series(client)
+    add_devices(server, 20, 400, shas)
+    evaluator.run(t0 + timedelta(minutes=1))
+    large = series(client)
+    assert set(large) == set(small), set(large) ^ set(small)
+    assert len(large) < 2000
+    assert not [k for k in large if "m-0" in k]  # no device id anywhere
+    # the figures themselves follow the fleet
+    running_online = 'edgefleet_devices{"online": "true", "state": "running"}'
+    assert large[running_online] > small[running_online]
+    v1 = '{"cohort": "rpi4", "model": "det", "version": "1"}'
+    assert large["edgefleet_model_inferences_total" + v1] == 1000 * 210  # the even of 420 devices: v1 on rpi4
+    bucket = '{"cohort": "rpi4", "le": "+Inf", "model": "det", "version": "1"}'
+    assert large["edgefleet_model_latency_seconds_bucket" + bucket] == 100 * 210
+    slo = '{"cohort": "all", "model": "det", "sli": "availability", "slo": "det-avail"}'
+    assert (
+        large["edgefleet_slo_events_total" + slo] == 420_000 and large["edgefleet_slo_target" + slo] == 0.995
+    )
+    assert any(k.startswith("edgefleet_slo_burn_rate") and '"window": "1h"' in k for k in large)
+
+
+def test_healthz_and_readyz(server: ServerThread, client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    checks = ready.json()["checks"]
+    assert checks["database"] == {"ok": True, "detail": "sqlite"} and checks["broker"]["ok"]
+    assert checks["leader"]["detail"] == "leader"
+    assert server.context.bridge is not None
+    server.context.bridge.client.disconnect()  # the broker connection is gone: not ready
+    try:
+        down = client.get("/readyz")
+        assert down.status_code == 503 and down.json()["checks"]["broker"] == {
+            "ok": False,
+            "detail": "not connected",
+        }
+    finally:
+        server.context.bridge.client.reconnect()
+
+
+def test_every_api_call_logs_one_json_line_with_its_request_id(
+    client: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="edgefleet.access"):
+        given = client.get("/api/v1/devices", headers={"X-Request-ID": "trace-42"})
+        made = client.get("/api/v1/nope")
+        bad = client.get("/healthz", headers={"X-Request-ID": "no spaces allowed"})
+    assert given.headers["x-request-id"] == "trace-42"
+    assert len(made.headers["x-request-id"]) == 32 and bad.headers["x-request-id"] != "no spaces allowed"
+    # one line per call, written when its answer has gone (so not necessarily in the calls' order)
+    found = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == "edgefleet.access"]
+    lines = sorted(found, key=lambda x: {"/api/v1/devices": 0, "/api/v1/nope": 1, "/healthz": 2}[x["path"]])
+    assert [(x["path"], x["status"]) for x in lines] == [
+        ("/api/v1/devices", 200),
+        ("/api/v1/nope", 404),
+        ("/healthz", 200),
+    ]
+    assert lines[0]["request_id"] == "trace-42" and lines[0]["method"] == "GET"
+    assert lines[1]["request_id"] == made.headers["x-request-id"] and lines[0]["duration_ms"] >= 0
