@@ -482,9 +482,9 @@ class TokenIn(BaseModel):
     name: str = Field(
         min_length=1, max_length=128, description="what it is for, shown in lists and the audit log"
     )
-    role: Literal["admin", "operator", "viewer"] = Field(
+    role: Literal["admin", "operator", "viewer", "labeler"] = Field(
         description="viewer reads; operator also registers devices, uploads models, runs rollouts;"
-        " admin also manages tokens"
+        " admin also manages tokens; labeler only posts labels (POST /api/v1/labels) and reads nothing"
     )
 
 
@@ -505,7 +505,7 @@ class TokenOut(BaseModel):
 
     id: str = Field(description="the token's public handle (12 hex characters), used to revoke it")
     name: str = Field(description="what it is for")
-    role: str = Field(description="admin, operator or viewer")
+    role: str = Field(description="admin, operator, viewer or labeler")
     created_at: datetime = Field(description="when it was created (UTC)")
     created_by: str = Field(description="the actor who created it")
     revoked_at: datetime | None = Field(default=None, description="when it was revoked; null while valid")
@@ -632,3 +632,85 @@ class DriftOut(BaseModel):
 
 class DriftPage(Page[DriftOut]):
     """A page of the devices a replica saw drift, by device id."""
+
+
+_LABEL_SCALAR: dict[str, Any] = {
+    "anyOf": [
+        {"type": "number", "minimum": -(1 << 63), "maximum": (1 << 63) - 1},  # as the guard allows
+        {"type": "string", "minLength": 1, "maxLength": 256},
+    ]
+}
+LABEL_ITEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "one label; an item that does not fit is reported invalid, the rest of the batch is kept",
+    "properties": {
+        "inference_id": {
+            "type": "string",
+            "description": "the id the device gave the inference (UUIDv7, canonical lowercase)",
+        },
+        "label": {
+            "description": "the truth: a class index or name, a number (regressors), or a list of them"
+            " (one per row of a multi-row inference)",
+            "anyOf": [
+                _LABEL_SCALAR,
+                {"type": "array", "items": _LABEL_SCALAR, "minItems": 1, "maxItems": 1024},
+            ],
+        },
+        "label_time": {
+            "type": "string",
+            "description": "when the truth became known, ISO 8601 with an offset; default: when received",
+        },
+        "source": {
+            "type": "string",
+            "description": "who says so (an app, a person, a labelling service): 1 to 64 characters;"
+            " a source's first label of an inference stands",
+        },
+    },
+}
+LABEL_EXAMPLE: dict[str, Any] = {
+    "inference_id": "0193a5f0-7c1e-7a3b-9c2d-4e5f60718293",
+    "label": 7,
+    "label_time": TIME_EXAMPLE,
+    "source": "checkout-app",
+}
+
+
+class LabelsIn(BaseModel):
+    """A batch of labels for inferences devices made, joined to their captured predictions by id."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"labels": [LABEL_EXAMPLE]}]})
+
+    labels: list[Any] = Field(
+        description="at most 10,000 labels (and the 1 MiB body limit); more is a 413 too_many_labels."
+        " Each is judged on its own",
+        json_schema_extra={"items": LABEL_ITEM_SCHEMA},
+    )
+
+
+class LabelResultOut(BaseModel):
+    """What became of one label of the batch."""
+
+    status: Literal["accepted", "duplicate", "invalid"] = Field(
+        description="accepted (stored), duplicate (this source labelled this inference before: the first"
+        " label stands) or invalid (see detail; nothing stored)"
+    )
+    matched: bool = Field(
+        description="the server holds a capture of the inference, so the label is attributed to its"
+        " model version, hardware cohort and rollout stage; false is not an error (it may come later)"
+    )
+    detail: str | None = Field(default=None, description="why it is invalid or a duplicate")
+
+
+class LabelsOut(BaseModel):
+    """The outcome of every label of a batch, in the order sent, and their counts."""
+
+    model_config = _examples(
+        {
+            "results": [{"status": "accepted", "matched": True, "detail": None}],
+            "counts": {"accepted": 1, "duplicate": 0, "invalid": 0, "matched": 1},
+        }
+    )
+
+    results: list[LabelResultOut] = Field(description="one per label sent, in order")
+    counts: dict[str, int] = Field(description="labels per status, and how many matched a capture")

@@ -9,7 +9,17 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
-from fleet_server.routes import delivery, devices, drift, models, rollouts, server, telemetry, tokens
+from fleet_server.routes import (
+    delivery,
+    devices,
+    drift,
+    labels,
+    models,
+    rollouts,
+    server,
+    telemetry,
+    tokens,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     server.health_router,
@@ -19,6 +29,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     models.artifacts_router,
     rollouts.router,
     telemetry.router,
+    labels.router,
     tokens.router,
     tokens.audit_router,
     delivery.release_router,

@@ -22,8 +22,8 @@ download of model files and signed delivery metadata.
 
 **Authentication.** Send `Authorization: Bearer <token>` (the Authorize button above). Roles,
 ordered: `viewer` reads, `operator` also registers devices, uploads models and runs rollouts,
-`admin` also manages tokens. The first admin token is the server's bootstrap token
-(`<data_dir>/admin.token`).
+`admin` also manages tokens; `labeler` may only post labels. The first admin token is the server's
+bootstrap token (`<data_dir>/admin.token`).
 
 **Errors** are always `{{"detail": {{"code": "<snake_case>", "message": "..."}}}}`; branch on `code`.
 
@@ -42,6 +42,8 @@ TAG_DESCRIPTIONS = {
     " decisions, and act on it (pause, resume, approve, abort, roll back).",
     "telemetry": "What devices report about the models they serve, aggregated per model, hardware id and"
     " rollout stage: the figures the rollout gates read.",
+    "labels": "Ground truth for inferences devices made (by the inference id the device returned),"
+    " joined to their captured predictions. The `labeler` role may post labels and do nothing else.",
     "tokens": "API tokens with roles (admin only). A token's secret is shown once, when it is created.",
     "audit": "The append-only trail of every mutating call: who, what, when, result.",
     "tuf": "Delivery metadata (TUF): the public repository devices verify against keys they already"

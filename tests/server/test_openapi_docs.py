@@ -97,7 +97,7 @@ def _model(name: str) -> type[BaseModel] | None:
 
 def test_examples_are_given_and_valid(document: dict[str, Any]) -> None:
     components = document["components"]["schemas"]
-    bodies = {"DeviceIn", "TagsIn", "RolloutIn", "TokenIn"}
+    bodies = {"DeviceIn", "TagsIn", "RolloutIn", "TokenIn", "LabelsIn"}
     responses = {"DeviceOut", "ModelOut", "RolloutOut", "AggregateOut", "TokenOut", "AuditOut", "ErrorOut"}
     pages = {"DevicePage", "ModelPage", "RolloutPage", "AggregatePage"}
     for name in bodies | responses | pages:
