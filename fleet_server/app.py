@@ -19,6 +19,7 @@ from fastapi_offline import FastAPIOffline
 from fleet_server.artifacts import load_trust
 from fleet_server.audit import AuditMiddleware
 from fleet_server.auth import bootstrap_admin_token, hash_token
+from fleet_server.captures import load_device_ca
 from fleet_server.context import ServerContext
 from fleet_server.keyload import load_fleet_key
 from fleet_server.mqtt_bridge import MqttBridge
@@ -41,6 +42,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         settings=settings, engine=make_engine(settings), trust=load_trust(settings.keys_dir)
     )
     fleet_key = load_fleet_key(settings)
+    context.device_ca = load_device_ca(settings.device_ca_path)
     context.admin_token = bootstrap_admin_token(settings)
     context.admin_token_hash = hash_token(context.admin_token)
     try:

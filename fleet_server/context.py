@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cryptography import x509
 from sqlalchemy import Engine
 
 from fleet_server.counters import Counters
@@ -45,6 +46,7 @@ class ServerContext:
     bridge: MqttBridge | None = None
     ticker: Ticker | None = None
     tuf: TufService | None = None  # the TUF repository this server serves (None: not set up)
+    device_ca: x509.Certificate | None = None  # signs device certificates (None: captures refused)
     admin_token: str = ""  # the bootstrap admin token (plaintext only in memory)
     admin_token_hash: str = ""
 

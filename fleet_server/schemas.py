@@ -714,3 +714,78 @@ class LabelsOut(BaseModel):
 
     results: list[LabelResultOut] = Field(description="one per label sent, in order")
     counts: dict[str, int] = Field(description="labels per status, and how many matched a capture")
+
+
+class TensorIn(BaseModel):
+    """One array as a device captured it."""
+
+    dtype: str = Field(description="numpy dtype name, e.g. float32")
+    shape: list[int] = Field(description="the array's shape")
+    data: str = Field(description="base64 of the C-order little-endian bytes")
+
+
+class CaptureItemIn(BaseModel):
+    """One captured inference."""
+
+    inference_id: str = Field(description="the id the device gave the inference (UUIDv7); labels join on it")
+    ts: str = Field(description="when it ran (the UUIDv7's time), ISO 8601 UTC")
+    inputs: dict[str, TensorIn] | None = Field(
+        default=None, description="its input by name, when the policy keeps inputs"
+    )
+    outputs: list[TensorIn] | None = Field(
+        default=None, description="its outputs in order, when the policy keeps outputs"
+    )
+
+
+class CaptureBatchIn(BaseModel):
+    """A batch of captured inferences as the agent seals it (device_agent.capture_store.body)."""
+
+    model_config = _examples(
+        {
+            "device_id": "cam-0042",
+            "batch_id": "0193a5f0-7c1e-7a3b-9c2d-4e5f60718293",
+            "model_sha256": SHA_EXAMPLE,
+            "items": [
+                {
+                    "inference_id": "0193a5f0-7c1e-7a3b-9c2d-4e5f60718294",
+                    "ts": TIME_EXAMPLE,
+                    "outputs": [{"dtype": "float32", "shape": [1, 2], "data": "AACAPwAAAAA="}],
+                }
+            ],
+        }
+    )
+
+    device_id: str = Field(description="the device (must be the one in the URL and the signature)")
+    batch_id: str = Field(description="the batch id (must be the one in the URL)")
+    model_sha256: str = Field(description="SHA-256 of the model file that made these inferences")
+    items: list[CaptureItemIn] = Field(description="the captured inferences")
+
+
+class CaptureOut(BaseModel):
+    """A stored capture batch and what it was attributed to."""
+
+    model_config = _examples(
+        {
+            "device_id": "cam-0042",
+            "batch_id": "0193a5f0-7c1e-7a3b-9c2d-4e5f60718293",
+            "items": 40,
+            "skipped": 0,
+            "model_sha256": SHA_EXAMPLE,
+            "hardware_id": "rpi4",
+            "stage": 0,
+            "created": True,
+        }
+    )
+
+    device_id: str = Field(description="the device that captured it")
+    batch_id: str = Field(description="its id")
+    items: int = Field(description="inferences indexed")
+    skipped: int = Field(
+        description="items without a usable inference id or time (kept in the file, not indexed)"
+    )
+    model_sha256: str = Field(description="the model that made them")
+    hardware_id: str = Field(description="the device's hardware cohort")
+    stage: int | None = Field(
+        description="the rollout stage that put the model on the device; null outside one"
+    )
+    created: bool = Field(description="false when this exact batch was stored before (a resend)")

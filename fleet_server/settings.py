@@ -81,6 +81,12 @@ class ServerSettings(BaseSettings):
     tuf_snapshot_expiry_seconds: float = 7 * 86400.0
     tuf_refresh_interval: float = 60.0
 
+    # Captured inferences devices upload (fleet_server.captures): where the batches are kept (None:
+    # <data_dir>/captures), and the CA whose device certificates sign the uploads (None: the fleet
+    # CA `edgefleet devices provision` keeps, <keys_dir>/ca/ca.crt).
+    capture_dir: Path | None = None
+    device_ca_file: Path | None = None
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -93,6 +99,14 @@ class ServerSettings(BaseSettings):
     @property
     def tuf_dir(self) -> Path:
         return Path(self.data_dir) / "tuf"
+
+    @property
+    def captures_dir(self) -> Path:
+        return Path(self.capture_dir) if self.capture_dir else Path(self.data_dir) / "captures"
+
+    @property
+    def device_ca_path(self) -> Path:
+        return Path(self.device_ca_file) if self.device_ca_file else Path(self.keys_dir) / "ca" / "ca.crt"
 
     @property
     def upload_tmp_dir(self) -> Path:

@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
 from fleet_server.routes import (
+    captures,
     delivery,
     devices,
     drift,
@@ -30,6 +31,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     rollouts.router,
     telemetry.router,
     labels.router,
+    captures.router,
     tokens.router,
     tokens.audit_router,
     delivery.release_router,

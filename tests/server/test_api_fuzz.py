@@ -31,6 +31,7 @@ import httpx
 import pytest
 
 from edgefleet.client import ApiClient
+from edgefleet.provision import fleet_ca
 from fleet_server.paging import encode_cursor
 from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
@@ -52,6 +53,8 @@ POSITIVE_ACCEPTANCE_EXEMPT = {
     # stages are cumulative (strictly increasing; percents end at or below 100): a rule across
     # array items and fields that JSON Schema cannot express
     ("POST", "/api/v1/rollouts"): "stages must increase strictly, percents end at or below 100",
+    # the body must be signed by a device's fleet-CA key (headers the fuzzer cannot make)
+    ("PUT", "/api/v1/captures/{device_id}/{batch_id}"): "an upload must be signed by a provisioned device",
 }
 
 
@@ -129,6 +132,7 @@ def _config(known: dict[str, str], tuf_files: dict[str, str]) -> str:
 def _seed(srv: ServerThread, keydir: KeyDir, tmp_path: Path) -> dict[str, str]:
     """A released model, two devices and a rollout of it; return the ids the fuzzer should use."""
     release = keydir.key("release")
+    fleet_ca(keydir)  # provisioned devices' CA: capture uploads are checked against it
     with ApiClient(srv.url, token=srv.admin_token) as api:
         model = api.push_bundle(make_bundle(tmp_path / "bundles", release), release_keys=[release])
         for device in ("fz-1", "fz-2"):
