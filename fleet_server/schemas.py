@@ -789,3 +789,80 @@ class CaptureOut(BaseModel):
         description="the rollout stage that put the model on the device; null outside one"
     )
     created: bool = Field(description="false when this exact batch was stored before (a resend)")
+
+
+class AccuracyOut(BaseModel):
+    """Accuracy on labelled predictions, with its Wilson score interval."""
+
+    labels: int = Field(description="labelled predictions")
+    correct: int = Field(description="of which the label was the predicted top-1 class")
+    value: float | None = Field(description="correct / labels, 0 to 1; null without labels")
+    interval: list[float] | None = Field(description="[low, high] Wilson interval; null without labels")
+    confidence: float = Field(description="the interval's confidence level, e.g. 0.95")
+
+
+class ClassMetricsOut(BaseModel):
+    """One class's figures from the confusion counts (one class against the rest)."""
+
+    support: int = Field(description="labels whose true class is this one")
+    predicted: int = Field(description="labelled predictions of this class")
+    precision: float | None = Field(description="true positives / predicted; null when never predicted")
+    recall: float | None = Field(description="true positives / support; null without support")
+    fpr: float | None = Field(description="false positive rate: false positives / labels of other classes")
+
+
+class FeatureAvailabilityOut(BaseModel):
+    """How often one input reached the model usable."""
+
+    checked: int = Field(description="inputs checked on the devices")
+    nan_share: float | None = Field(description="share holding NaN, 0 to 1; null when none checked")
+    missing_share: float | None = Field(description="share missing, 0 to 1")
+    out_of_range_share: float | None = Field(description="share outside the compiler's calibration range")
+    available: float | None = Field(description="share with none of these, 0 to 1")
+
+
+class PredictionAvailabilityOut(BaseModel):
+    """Requests at the devices' local API that got a prediction."""
+
+    requests: int = Field(description="requests for this model")
+    failed: int = Field(description="requests that got no prediction (bad input, errors, timeouts)")
+    by_kind: dict[str, int] = Field(description="failed requests by kind: bad_input, runtime_error, ...")
+    value: float | None = Field(description="(requests - failed) / requests; null without requests")
+
+
+class MetricsGroupOut(BaseModel):
+    """The field figures of the model on one hardware cohort in one rollout stage (or all of them)."""
+
+    hardware_id: str | None = Field(description="the hardware cohort; null in the total over all")
+    stage: int | None = Field(
+        description="stage of the model's latest rollout that took these devices; null outside it (or total)"
+    )
+    devices: int = Field(description="devices that reported telemetry for the model")
+    inferences: int = Field(description="inferences they counted")
+    accuracy: AccuracyOut | None = Field(description="device-matched labels; null for a regressor")
+    mean_abs_error: float | None = Field(description="regressors: mean |label - prediction|; null otherwise")
+    classes: dict[str, ClassMetricsOut] = Field(description="per class: precision, recall, FPR")
+    label_coverage: float | None = Field(description="labelled predictions / inferences, 0 to 1")
+    label_delay_p50_s: float | None = Field(description="median label delay, seconds (bucket upper bound)")
+    label_delay_p95_s: float | None = Field(description="95th percentile label delay, seconds")
+    feature_availability: dict[str, FeatureAvailabilityOut] = Field(description="per input tensor")
+    prediction_availability: PredictionAvailabilityOut = Field(description="at the devices' local API")
+    cpu_ms_per_inference: float | None = Field(description="agent process CPU milliseconds per inference")
+    energy_mj_per_inference: float | None = Field(
+        description="millijoules per inference: null, see energy_note"
+    )
+    energy_note: str = Field(description="why energy is null")
+    captured: int = Field(description="inferences devices kept for upload")
+    server_labels: AccuracyOut = Field(
+        description="labels posted to the server (POST /api/v1/labels) joined to captured predictions"
+    )
+
+
+class ModelMetricsOut(BaseModel):
+    """A model version's field figures per hardware cohort and rollout stage, and over all."""
+
+    model: str = Field(description="name:version")
+    sha256: str = Field(description="SHA-256 of its model file")
+    rollout_id: str | None = Field(description="the latest rollout of it, whose stages the groups name")
+    groups: list[MetricsGroupOut] = Field(description="per hardware id and stage, sorted")
+    total: MetricsGroupOut = Field(description="over every device")
