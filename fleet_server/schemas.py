@@ -866,3 +866,34 @@ class ModelMetricsOut(BaseModel):
     rollout_id: str | None = Field(description="the latest rollout of it, whose stages the groups name")
     groups: list[MetricsGroupOut] = Field(description="per hardware id and stage, sorted")
     total: MetricsGroupOut = Field(description="over every device")
+
+
+class LabelOut(BaseModel):
+    """One source's label of an inference."""
+
+    label: Any = Field(description="the label as posted")
+    source: str = Field(description="who posted it")
+    label_time: datetime = Field(description="when the truth became known (UTC)")
+
+
+class CapturedOut(BaseModel):
+    """A captured inference with its attribution, labels and arrays: one row of a dataset."""
+
+    inference_id: str = Field(description="the device's id of the inference (UUIDv7)")
+    device_id: str = Field(description="the device that made it")
+    model: str = Field(description="name:version of the model that made it")
+    sha256: str = Field(description="SHA-256 of that model file")
+    hardware_id: str = Field(description="the device's hardware cohort")
+    rollout_id: str | None = Field(
+        description="the rollout that put the model on the device; null outside one"
+    )
+    stage: int | None = Field(description="that rollout's stage for the device; null outside one")
+    ts: datetime = Field(description="when the inference ran (UTC)")
+    predicted: str | None = Field(description="top-1 class of its first output row; null without outputs")
+    labels: list[LabelOut] = Field(description="its labels, one per source, by source")
+    inputs: dict[str, TensorIn] | None = Field(description="its input by name, when captured")
+    outputs: list[TensorIn] | None = Field(description="its outputs in order, when captured")
+
+
+class CapturedPage(Page[CapturedOut]):
+    """A page of captured inferences, in inference-id (time) order."""

@@ -32,6 +32,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     telemetry.router,
     labels.router,
     captures.router,
+    captures.list_router,
     tokens.router,
     tokens.audit_router,
     delivery.release_router,

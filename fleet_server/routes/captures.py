@@ -13,17 +13,20 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated, Any
 
-from fastapi import Path, Request, Response
+from fastapi import Path, Query, Request, Response
 from fastapi.routing import APIRouter
+from pydantic import AwareDatetime
 from starlette.concurrency import run_in_threadpool
 
 from fleet_server import captures
 from fleet_server.auth import Principal
+from fleet_server.datasets import dataset_page
 from fleet_server.errors import ApiError
-from fleet_server.routes.common import API, Ctx
+from fleet_server.paging import DEFAULT_LIMIT
+from fleet_server.routes.common import API, Ctx, Cursor, Db, Limit, admin_router, page_out
 from fleet_server.routes.errors import error_responses
 from fleet_server.routes.guard import RawBodyRoute
-from fleet_server.schemas import CaptureOut
+from fleet_server.schemas import CapturedOut, CapturedPage, CaptureOut
 from signing.device_auth import (
     CERT_HEADER,
     DEVICE_HEADER,
@@ -74,6 +77,8 @@ BatchId = Annotated[
         description="the device's id of the batch (a UUIDv7): the same id is the same batch",
     ),
 ]
+list_router = admin_router(f"{API}/captures", tags=["captures"])
+
 _STATUS_OF = {"device_unauthenticated": 401}
 SIGNED_HEADERS = (DEVICE_HEADER, CERT_HEADER, DIGEST_HEADER, SIGNATURE_HEADER)
 
@@ -130,3 +135,44 @@ async def put_capture(device_id: DeviceId, batch_id: BatchId, request: Request, 
     return Response(
         out.model_dump_json(), status_code=201 if done.created else 200, media_type="application/json"
     )
+
+
+@list_router.get(
+    "", response_model=CapturedPage, responses=error_responses(404), summary="List captured inferences"
+)
+def list_captures(
+    c: Ctx,
+    session: Db,
+    model: Annotated[
+        str,
+        Query(
+            min_length=1,
+            max_length=256,
+            description="a model family (every version) or name:version; 404 for an unknown one",
+            examples=["digits"],
+        ),
+    ],
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+    since: Annotated[
+        AwareDatetime | None,
+        Query(description="only inferences at or after this time (ISO 8601 with offset)"),
+    ] = None,
+    until: Annotated[
+        AwareDatetime | None, Query(description="only inferences before this time (ISO 8601 with offset)")
+    ] = None,
+    labeled: Annotated[bool, Query(description="only inferences with at least one label")] = False,
+) -> CapturedPage:
+    """Captured inferences of a model with their labels and arrays, oldest id first: the rows of a
+    retraining dataset (``edgefleet data export``)."""
+    page = dataset_page(
+        session,
+        c.settings.captures_dir,
+        model,
+        since=since,
+        until=until,
+        labeled=labeled,
+        cursor=cursor,
+        limit=limit,
+    )
+    return page_out(CapturedPage, page, CapturedOut.model_validate)

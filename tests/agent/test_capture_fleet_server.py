@@ -17,8 +17,10 @@ import httpx
 import numpy as np
 import pytest
 from sqlmodel import Session, col, select
+from typer.testing import CliRunner
 
 from edgefleet.broker import BrokerInfo
+from edgefleet.cli import app
 from edgefleet.client import ApiClient
 from edgefleet.provision import fleet_ca, write_device_identity
 from fleet_server.models import CaptureBatch, CaptureItem
@@ -106,6 +108,33 @@ def test_a_real_agent_uploads_to_the_fleet_server_and_labels_join_its_captures(
             out = client.post("/api/v1/labels", json={"labels": labels}).json()
         assert [r["matched"] for r in out["results"]] == [True] * 10 + [False]  # an unknown id: unmatched
         assert out["counts"]["accepted"] == 11
+
+        # the dataset: captures joined with their labels, arrays as the device saw them
+        ds = tmp_path / "ds.npz"
+        args = ["data", "export", "--model", "tiny", "--since", "1h", "--labeled", "--out", str(ds)]
+        run = CliRunner().invoke(app, [*args, "--server", fleet.url, "--json"])
+        assert run.exit_code == 0, run.output
+        assert json.loads(run.output)["rows"] == 10
+        with np.load(ds) as data:  # no pickles needed
+            assert data["inference_id"].tolist() == ids[:10]
+            assert data["label"].tolist() == [1] * 10 and data["label_present"].all()
+            assert set(data["label_source"].tolist()) == {"qa"} and set(data["device_id"].tolist()) == {
+                dev.id
+            }
+            assert set(data["model"].tolist()) == {"tiny:1"} and set(data["hardware_id"].tolist()) == {"rpi4"}
+            for i, iid in enumerate(data["inference_id"].tolist()):
+                assert np.array_equal(data["output_0"][i], by_id[iid].outputs[0])
+            assert data["input_input"].shape == (10, 1, 64) and data["ts"].dtype == np.dtype("datetime64[ms]")
+        run = CliRunner().invoke(
+            app, ["data", "export", "--model", "tiny", "--out", str(ds), "--server", fleet.url]
+        )
+        assert run.exit_code == 0, run.output
+        with np.load(ds) as data:
+            assert len(data["inference_id"]) == 30 and data["label_present"].sum() == 10
+        missing = CliRunner().invoke(
+            app, ["data", "export", "--model", "nope", "--out", str(ds), "--server", fleet.url]
+        )
+        assert missing.exit_code == 1 and "model_not_found" in missing.output
     finally:
         loop_thread.run(dev.agent.stop())
 

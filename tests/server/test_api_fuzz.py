@@ -88,6 +88,7 @@ def _cursors() -> dict[str, str]:
         "GET /api/v1/rollouts/{rollout_id}/decisions": encode_cursor("rollout-decisions", (1,)),
         "GET /api/v1/rollouts/{rollout_id}/telemetry": encode_cursor("rollout-telemetry", group),
         "GET /api/v1/drift": encode_cursor("drift", ("fz-1",)),
+        "GET /api/v1/captures": encode_cursor("captures", ("0193a5f0-7c1e-7a3b-9c2d-4e5f60718293",)),
     }
 
 
