@@ -23,6 +23,7 @@ from fleet_server.captures import load_device_ca
 from fleet_server.context import ServerContext
 from fleet_server.keyload import load_fleet_key
 from fleet_server.mqtt_bridge import MqttBridge
+from fleet_server.retrain import RetrainWatcher
 from fleet_server.routes import ROUTERS, allowed_methods
 from fleet_server.routes.errors import install_error_handler
 from fleet_server.routes.openapi import install_openapi
@@ -65,6 +66,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         context.bridge, context.ticker = bridge, ticker
         bridge.start(is_leader=lambda: ticker.is_leader)
         ticker.start()
+        retrain = RetrainWatcher(settings, context.engine, lambda: ticker.is_leader)
+        context.retrain = retrain
+        retrain.start()
         if context.tuf is not None:
             context.tuf.start(settings.tuf_refresh_interval)
         try:
@@ -72,6 +76,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         finally:
             if context.tuf is not None:
                 context.tuf.stop()
+            retrain.stop()
             ticker.stop()
             bridge.stop()
             context.engine.dispose()

@@ -15,6 +15,7 @@ from signing.trust import TrustRoot
 
 if TYPE_CHECKING:
     from fleet_server.mqtt_bridge import MqttBridge
+    from fleet_server.retrain import RetrainWatcher
     from fleet_server.ticker import Ticker
     from fleet_server.tuf_service import TufService
 
@@ -45,6 +46,7 @@ class ServerContext:
     limits: BodyLimits = field(init=False)
     bridge: MqttBridge | None = None
     ticker: Ticker | None = None
+    retrain: RetrainWatcher | None = None
     tuf: TufService | None = None  # the TUF repository this server serves (None: not set up)
     device_ca: x509.Certificate | None = None  # signs device certificates (None: captures refused)
     admin_token: str = ""  # the bootstrap admin token (plaintext only in memory)
