@@ -250,17 +250,14 @@ def test_artifacts_and_delivery_metadata_are_public_reads(
         _error(anon.get("/api/v1/models"), 401, "unauthenticated")
     spec = srv.app.openapi()
     public = {p for p, ops in spec["paths"].items() for op in ops.values() if "security" not in op}
-    assert (
-        public
-        == {
-            "/healthz",
-            "/api/v1/artifacts/{sha256}",
-            "/api/v1/artifacts/{sha256}/envelope",
-            "/tuf/metadata/{name}",
-            "/tuf/targets/{target}",
-            "/api/v1/captures/{device_id}/{batch_id}",  # no bearer: the device signs it
-        }
-    )
+    assert public == {
+        "/healthz",
+        "/api/v1/artifacts/{sha256}",
+        "/api/v1/artifacts/{sha256}/envelope",
+        "/tuf/metadata/{name}",
+        "/tuf/targets/{target}",
+        "/api/v1/captures/{device_id}/{batch_id}",  # no bearer: the device signs it
+    }
 
 
 def test_every_route_is_guarded() -> None:
