@@ -27,18 +27,27 @@ from fleet_server.models import CaptureBatch, CaptureItem
 from fleet_server.runner import ServerThread
 from signing.device_auth import DeviceIdentity, sign_request
 from signing.keyring import KeyDir
-from tests.server.conftest import server_settings
+from tests.server.conftest import fresh_pg, server_settings
 
 from .field_device import FieldDevice, device_identity, start_device
 from .harness import Bundle, LoopThread, make_bundle, unique_id, wait_for
 
 RNG = np.random.default_rng(11)
+__all__ = ["fresh_pg"]  # the fixture, for the PostgreSQL runs
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """None: the server's own SQLite; else an empty PostgreSQL database (dropped after the server)."""
+    return str(request.getfixturevalue("fresh_pg")) if request.param == "postgresql" else None
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo) -> Iterator[ServerThread]:
+def fleet(
+    database_url: str | None, tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo
+) -> Iterator[ServerThread]:
     fleet_ca(keydir)  # provisioning made the fleet CA before the server started
-    srv = ServerThread(server_settings(tmp_path, keydir, broker_info)).start()
+    srv = ServerThread(server_settings(tmp_path, keydir, broker_info, database_url=database_url)).start()
     yield srv
     srv.stop()
 
@@ -255,3 +264,58 @@ def test_items_without_a_usable_id_are_skipped_not_the_batch(
         r = client.put(path, content=body, headers=sign_request(identity, "PUT", path, body))
     assert r.status_code == 201 and (r.json()["items"], r.json()["skipped"]) == (1, 3)
     assert [i.predicted for i in _items(fleet)] == [None]  # no outputs kept: nothing to score
+
+
+def test_captures_and_their_labels_are_attributed_to_the_rollout_stage(
+    keydir: KeyDir, tmp_path: Path, fleet: ServerThread, bundle: Bundle
+) -> None:
+    with ApiClient(fleet.url) as api:
+        for d in ("st-1", "st-2"):
+            api.register_device(d, "rpi4")
+        rollout = api.create_rollout(model="tiny:1", stages=[50, 100])
+
+        def assigned() -> dict[str, int | None]:
+            rows = api.pages(f"/api/v1/rollouts/{rollout['id']}/devices")
+            return {r["device_id"]: r["stage"] for r in rows}
+
+        wait_for(lambda: 0 in assigned().values(), 20, "the first stage assigned")
+        stages = assigned()
+    ids: dict[str, list[str]] = {}
+    with httpx.Client(base_url=fleet.url, timeout=10) as client:
+        for n, device in enumerate(("st-1", "st-2")):
+            items = [
+                {
+                    "inference_id": f"0193a5f0-7c1e-7a3b-9c2d-4e5f607182{n}{i}",
+                    "ts": "2026-12-01T10:00:00Z",
+                    "outputs": [{"dtype": "float32", "shape": [1, 2], "data": "AACAPwAAAAA="}],  # top-1: 0
+                }
+                for i in range(4)
+            ]
+            ids[device] = [x["inference_id"] for x in items]
+            identity, batch_id, body = _signed_batch(keydir, tmp_path, device, bundle.sha256, items)
+            path = f"/api/v1/captures/{device}/{batch_id}"
+            r = client.put(path, content=body, headers=sign_request(identity, "PUT", path, body))
+            assert r.status_code == 201, r.text
+            assert r.json()["stage"] == stages[device] and r.json()["hardware_id"] == "rpi4"
+        labels = [{"inference_id": i, "label": 0, "source": "qa"} for i in ids["st-1"] + ids["st-2"][:2]]
+        labels.append({"inference_id": ids["st-2"][2], "label": 1, "source": "qa"})  # a wrong prediction
+        assert client.post("/api/v1/labels", json={"labels": labels}).json()["counts"]["matched"] == 7
+        metrics = client.get("/api/v1/models/tiny/1/metrics").json()
+    assert metrics["rollout_id"] == rollout["id"]
+    got = {(g["hardware_id"], g["stage"]): g["server_labels"] for g in metrics["groups"]}
+    first = next(d for d, s in stages.items() if s == 0)
+    other = next(d for d in stages if d != first)
+    assert set(got) == {("rpi4", 0), ("rpi4", stages[other])}
+    want_first = (4, 4) if first == "st-1" else (3, 2)
+    want_other = (3, 2) if first == "st-1" else (4, 4)
+    assert (got[("rpi4", 0)]["labels"], got[("rpi4", 0)]["correct"]) == want_first
+    assert (got[("rpi4", stages[other])]["labels"], got[("rpi4", stages[other])]["correct"]) == want_other
+    assert (metrics["total"]["server_labels"]["labels"], metrics["total"]["server_labels"]["correct"]) == (
+        7,
+        6,
+    )
+    with Session(fleet.context.engine) as session:
+        rows = session.exec(select(CaptureItem)).all()
+    assert {(r.device_id, r.stage, r.rollout_id) for r in rows} == {
+        (d, s, rollout["id"] if s is not None else None) for d, s in stages.items()
+    }
