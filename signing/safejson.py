@@ -45,7 +45,7 @@ def loads(
         raise JsonError(f"invalid JSON: {exc}") from exc
     deep = _opening_brackets(data) > max_depth
     if deep or int64_only:
-        bare = skeleton(data)  # once for both checks, in C
+        bare = skeleton(data)  # once for both checks; strings are most of a document's bytes
         if deep and _nesting_exceeds(bare, max_depth):
             raise JsonError(f"JSON nested deeper than {max_depth} levels")
         if int64_only and _UNSAFE_NUMBER.search(bare) is not None:
@@ -53,11 +53,20 @@ def loads(
     return value
 
 
-_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
 _INNERMOST = re.compile(rb"\[\]|\{\}")
 # what a number outside int64 or not finite needs in the text: NaN/Infinity, 19+ digits in a row,
 # or a 3-digit exponent; text without any of these needs no walk
 _UNSAFE_NUMBER = re.compile(rb"NaN|Infinity|\d{19}|[eE][+-]?\d{3}")
+
+
+def _utf8(data: bytes | bytearray | str) -> bytes:
+    if isinstance(data, str):
+        return data.encode("utf-8", "surrogatepass")
+    encoding = json.detect_encoding(data)
+    return (
+        bytes(data) if encoding == "utf-8" else bytes(data).decode(encoding).encode("utf-8", "surrogatepass")
+    )
 
 
 def skeleton(data: bytes | bytearray | str) -> bytes:
@@ -66,19 +75,14 @@ def skeleton(data: bytes | bytearray | str) -> bytes:
 
     Escapes occur only inside strings: drop escaped backslashes, then escaped quotes; the
     remaining quotes delimit strings, so every other piece between them is outside one."""
-    if isinstance(data, str):
-        raw = data.encode("utf-8", "surrogatepass")
-    elif json.detect_encoding(data) != "utf-8":
-        raw = bytes(data).decode(json.detect_encoding(data)).encode("utf-8", "surrogatepass")
-    else:
-        raw = bytes(data)
-    return b"".join(raw.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[0::2])
+    raw = _utf8(data).replace(b"\\\\", b"").replace(b'\\"', b"")
+    return b"".join(raw.split(b'"')[0::2])
 
 
 def _nesting_exceeds(bare: bytes, max_depth: int) -> bool:
     """Whether the containers of a parsed document's skeleton nest deeper than ``max_depth``: each
     pass takes out the innermost level (balanced, since the document parsed)."""
-    brackets = bare.translate(None, _NOT_BRACKETS)
+    brackets = bare.translate(None, _NOT_STRUCTURE)  # quotes are gone from a skeleton already
     for _ in range(max_depth):
         if not brackets:
             return False
