@@ -149,7 +149,7 @@ def test_a_real_agent_uploads_to_the_fleet_server_and_labels_join_its_captures(
 
 
 def _signed_batch(
-    keydir: KeyDir, tmp_path: Path, device_id: str, sha: str, items: list[dict[str, Any]] | None = None
+    keydir: KeyDir, tmp_path: Path, device_id: str, sha: str, items: list[Any] | None = None
 ) -> tuple[DeviceIdentity, str, bytes]:
     d = tmp_path / "id" / device_id
     write_device_identity(fleet_ca(keydir), device_id, d)
@@ -252,7 +252,7 @@ def test_items_without_a_usable_id_are_skipped_not_the_batch(
 ) -> None:
     with ApiClient(fleet.url) as api:
         api.register_device("dev-c", "rpi4")
-    items: list[dict[str, Any]] = [
+    items: list[Any] = [
         {"inference_id": "0193a5f0-7c1e-7a3b-9c2d-4e5f60718290", "ts": "2026-12-01T10:00:00Z"},
         {"inference_id": "nope", "ts": "2026-12-01T10:00:00Z"},
         {"inference_id": "0193a5f0-7c1e-7a3b-9c2d-4e5f60718291", "ts": "not a time"},
@@ -283,7 +283,7 @@ def test_captures_and_their_labels_are_attributed_to_the_rollout_stage(
     ids: dict[str, list[str]] = {}
     with httpx.Client(base_url=fleet.url, timeout=10) as client:
         for n, device in enumerate(("st-1", "st-2")):
-            items = [
+            items: list[dict[str, Any]] = [
                 {
                     "inference_id": f"0193a5f0-7c1e-7a3b-9c2d-4e5f607182{n}{i}",
                     "ts": "2026-12-01T10:00:00Z",
@@ -291,7 +291,7 @@ def test_captures_and_their_labels_are_attributed_to_the_rollout_stage(
                 }
                 for i in range(4)
             ]
-            ids[device] = [x["inference_id"] for x in items]
+            ids[device] = [str(x["inference_id"]) for x in items]
             identity, batch_id, body = _signed_batch(keydir, tmp_path, device, bundle.sha256, items)
             path = f"/api/v1/captures/{device}/{batch_id}"
             r = client.put(path, content=body, headers=sign_request(identity, "PUT", path, body))
