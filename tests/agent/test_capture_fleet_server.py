@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import pytest
 from sqlmodel import Session, col, select
 from typer.testing import CliRunner
 
-from edgefleet.broker import BrokerInfo
+from edgefleet.broker import BrokerInfo, device_mqtt_keys
 from edgefleet.cli import app
 from edgefleet.client import ApiClient
 from edgefleet.provision import fleet_ca, write_device_identity
@@ -30,9 +33,10 @@ from signing.keyring import KeyDir
 from tests.server.conftest import fresh_pg, server_settings
 
 from .field_device import FieldDevice, device_identity, start_device
-from .harness import Bundle, LoopThread, make_bundle, unique_id, wait_for
+from .harness import Bundle, LoopThread, make_bundle, mqtt_toml, unique_id, wait_for
 
 RNG = np.random.default_rng(11)
+REPO = Path(__file__).resolve().parents[2]
 __all__ = ["fresh_pg"]  # the fixture, for the PostgreSQL runs
 
 
@@ -319,3 +323,59 @@ def test_captures_and_their_labels_are_attributed_to_the_rollout_stage(
     assert {(r.device_id, r.stage, r.rollout_id) for r in rows} == {
         (d, s, rollout["id"] if s is not None else None) for d, s in stages.items()
     }
+
+
+def test_the_loop_a_rollout_with_capture_a_real_agent_process_labels_and_the_dataset(
+    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path
+) -> None:
+    """Nothing in between is a stand-in: the server's rollout carries a capture policy in its signed
+    directive over the real broker; ``python -m device_agent`` installs the model, serves its
+    synthetic workload, captures it and uploads to the server's URL from the directive; labels
+    posted to the server join those captures; the export holds them, attributed to stage 0."""
+    dev = unique_id("loop")
+    keys = device_mqtt_keys(broker_info, dev)
+    settings = server_settings(tmp_path, keydir, broker_info, device_ca_file=keys["mqtt_ca_file"])
+    srv = ServerThread(settings).start()
+    data = tmp_path / dev
+    conf = tmp_path / "agent.toml"
+    lines = [
+        "[agent]",
+        f'device_id = "{dev}"',
+        'hardware_id = "rpi4"',
+        f'data_dir = "{data}"',
+        f'trust_path = "{keydir.trust_path}"',
+        mqtt_toml(broker_info, dev).rstrip("\n"),
+        f"mqtt_version = {broker_info.mqtt_version}",
+        "capture_batch_age_s = 0.3",
+        'log_format = "text"',
+    ]
+    conf.write_text("\n".join(lines) + "\n")
+    cmd = [sys.executable, "-m", "device_agent", "--config", str(conf), "--workload-hz", "20"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL)
+    try:
+        b = make_bundle(tmp_path / "b", keydir.key("release"), seed=4)
+        with ApiClient(srv.url) as api:
+            api.push_bundle(b.dir)
+            api.register_device(dev, "rpi4")
+            rollout = api.create_rollout(
+                model="tiny:1", stages=[100], soak_seconds=0, capture={"sample_rate": 1.0, "keep": "both"}
+            )
+
+            def captured() -> list[CaptureItem]:
+                return [i for i in _items(srv, dev) if i.rollout_id == rollout["id"]]
+
+            wait_for(lambda: len(captured()) >= 20, 60, "captures of the rollout model on the server")
+            items = captured()
+            assert {(i.model_sha256, i.hardware_id, i.stage) for i in items} == {(b.sha256, "rpi4", 0)}
+            ids = sorted(i.inference_id for i in items)[:10]
+            out = api.post_labels([{"inference_id": i, "label": 7, "source": "field"} for i in ids])
+            assert out["counts"] == {"accepted": 10, "duplicate": 0, "invalid": 0, "matched": 10}
+            page = api.page("/api/v1/captures", model="tiny:1", labeled=True, limit=100)
+        assert [r["inference_id"] for r in page["items"]] == ids
+        row = page["items"][0]
+        assert (row["stage"], row["rollout_id"], row["labels"][0]["label"]) == (0, rollout["id"], 7)
+        assert row["inputs"] is not None and row["outputs"] is not None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        srv.stop()
