@@ -173,11 +173,16 @@ class Stored:
 
 
 def _attribution(session: Session, device_id: str, sha: str) -> tuple[str | None, int | None]:
-    """The rollout (and its stage) that put model ``sha`` on this device: the latest one."""
+    """The rollout (and its stage) that put model ``sha`` on this device: the latest one that
+    assigned the device a stage (a device a rollout holds but has not reached runs another model)."""
     row = session.exec(
         select(RolloutDevice.rollout_id, RolloutDevice.stage)
         .join(Rollout, col(Rollout.id) == col(RolloutDevice.rollout_id))
-        .where(RolloutDevice.device_id == device_id, Rollout.model_sha256 == sha)
+        .where(
+            RolloutDevice.device_id == device_id,
+            Rollout.model_sha256 == sha,
+            col(RolloutDevice.stage).is_not(None),
+        )
         .order_by(col(Rollout.created_at).desc())
     ).first()
     return (row[0], row[1]) if row is not None else (None, None)

@@ -44,7 +44,8 @@ def build_directive(
     shadow: Model | None = None,
     policy: Policy | None = None,
 ) -> protocol.Directive:
-    """``policy`` adds the agent-side probation (and the shadow sample rate) the rollout asks for.
+    """``policy`` adds the agent-side probation (and the shadow sample rate, and the capture
+    policy with this server's upload URL) the rollout asks for.
 
     A directive without a policy (a roll back to the previous model) carries no probation and
     leaves the sample rate at the wire's default: the device goes back to a model it ran before.
@@ -59,6 +60,12 @@ def build_directive(
         steer["probation_inferences"] = probation.min_inferences
     if policy is not None:
         steer["shadow_sample_rate"] = policy.shadow_sample_rate
+    if policy is not None and policy.capture is not None and shadow is None and model is not None:
+        # capture what the device serves: a shadow directive keeps the old model, a roll back
+        # (no policy) stops sampling; what the device holds still goes out
+        steer["capture"] = protocol.Capture(
+            upload_url=f"{public_url.rstrip('/')}/api/v1/captures", **policy.capture.model_dump()
+        )
     return protocol.Directive(
         device_id=device_id,
         seq=seq,

@@ -10,9 +10,9 @@ false``: it is never an error.
 
 Ingest is set-based, one statement per batch (chunked on SQLite): PostgreSQL inserts
 the rows from one JSON document (``json_to_recordset``, a fixed statement psycopg
-prepares once) with ``ON CONFLICT DO NOTHING RETURNING`` the keys it inserted; SQLite
-does the same with a multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING``. Whether
-an inference was captured is one keyed lookup per batch.
+prepares once) with ``ON CONFLICT DO NOTHING RETURNING`` the keys it inserted and whether
+each was captured; SQLite does the same with a multi-row ``INSERT ... ON CONFLICT DO
+NOTHING RETURNING``, then one keyed lookup of the captures per batch.
 """
 
 from __future__ import annotations
@@ -92,13 +92,13 @@ def parse_time(v: Any) -> datetime | str:
     return t.astimezone(UTC)
 
 
-def check(item: Any, now: datetime) -> LabelIn | str:
-    """One batch item as a label, or the reason it is not one (pure)."""
+def check(item: Any, now: datetime, times: dict[str, datetime | str] | None = None) -> LabelIn | str:
+    """One batch item as a label, or the reason it is not one (pure). ``times``: label times parsed
+    so far in this batch (a batch often carries one time many times over)."""
     if not isinstance(item, dict):
         return "an item must be an object"
-    extra = item.keys() - _FIELDS
-    if extra:
-        return f"unknown field(s): {', '.join(sorted(map(str, extra)))}"
+    if not _FIELDS.issuperset(item):
+        return f"unknown field(s): {', '.join(sorted(map(str, item.keys() - _FIELDS)))}"
     iid = item.get("inference_id")
     if not isinstance(iid, str) or not INFERENCE_ID_RE.match(iid):
         return "inference_id must be a UUID in canonical lowercase form"
@@ -108,12 +108,17 @@ def check(item: Any, now: datetime) -> LabelIn | str:
     if "label" not in item:
         return "label is required"
     label = item["label"]
-    why = _label_value(label)
+    why = None if type(label) is int else _label_value(label)  # a class index: the common case
     if why is not None:
         return why
     when = now
-    if item.get("label_time") is not None:
-        parsed = parse_time(item["label_time"])
+    raw = item.get("label_time")
+    if raw is not None:
+        parsed = times.get(raw) if times is not None and isinstance(raw, str) else None
+        if parsed is None:
+            parsed = parse_time(raw)
+            if times is not None and isinstance(raw, str) and len(times) < 1024:
+                times[raw] = parsed
         if isinstance(parsed, str):
             return parsed
         when = parsed
@@ -126,8 +131,9 @@ def judge(items: Sequence[Any], now: datetime) -> tuple[list[LabelIn], list[Outc
     fresh: list[LabelIn] = []
     outcomes: list[Outcome | None] = []
     seen: set[tuple[str, str]] = set()
+    times: dict[str, datetime | str] = {}
     for item in items:
-        got = check(item, now)
+        got = check(item, now, times)
         if isinstance(got, str):
             outcomes.append(Outcome("invalid", detail=got))
             continue
@@ -145,21 +151,30 @@ _PG_INSERT = text(
     "INSERT INTO label (inference_id, source, label, label_time, received_at)"
     " SELECT r.i, r.s, r.l, r.t, :now FROM json_to_recordset(CAST(:rows AS json))"
     " AS r(i varchar, s varchar, l json, t timestamptz)"
-    " ON CONFLICT (inference_id, source) DO NOTHING RETURNING inference_id, source"
+    " ON CONFLICT (inference_id, source) DO NOTHING RETURNING inference_id, source,"
+    " EXISTS (SELECT 1 FROM captureitem c WHERE c.inference_id = label.inference_id)"
 )
 _PG_CAPTURED = text("SELECT inference_id FROM captureitem WHERE inference_id = ANY(CAST(:ids AS varchar[]))")
 
 
-def _iso(t: datetime) -> str:
-    return t.isoformat()
-
-
-def _insert_pg(conn: Connection, labels: Sequence[LabelIn], now: datetime) -> set[tuple[str, str]]:
+def _insert_pg(
+    conn: Connection, labels: Sequence[LabelIn], now: datetime, matched: set[str]
+) -> set[tuple[str, str]]:
+    """Insert; the keys inserted, and the captured ones of those added to ``matched`` (one statement)."""
+    iso: dict[datetime, str] = {}
+    for x in labels:
+        if x.label_time not in iso:
+            iso[x.label_time] = x.label_time.isoformat()
     rows = json.dumps(
-        [{"i": x.inference_id, "s": x.source, "l": x.label, "t": _iso(x.label_time)} for x in labels],
+        [{"i": x.inference_id, "s": x.source, "l": x.label, "t": iso[x.label_time]} for x in labels],
         separators=(",", ":"),
     )
-    return {(r[0], r[1]) for r in conn.execute(_PG_INSERT, {"rows": rows, "now": now})}
+    inserted: set[tuple[str, str]] = set()
+    for iid, source, captured in conn.execute(_PG_INSERT, {"rows": rows, "now": now}):
+        inserted.add((iid, source))
+        if captured:
+            matched.add(iid)
+    return inserted
 
 
 def _insert_sqlite(conn: Connection, labels: Sequence[LabelIn], now: datetime) -> set[tuple[str, str]]:
@@ -204,10 +219,12 @@ def store(engine: Engine, items: Sequence[Any], now: datetime) -> list[Outcome]:
     if fresh:
         with engine.begin() as conn:
             if conn.dialect.name == "postgresql":
-                inserted = _insert_pg(conn, fresh, now)
+                inserted = _insert_pg(conn, fresh, now, matched)
+                again = [x.inference_id for x in fresh if (x.inference_id, x.source) not in inserted]
+                matched |= captured_ids(conn, again)  # duplicates: few, looked up apart
             else:
                 inserted = _insert_sqlite(conn, fresh, now)
-            matched = captured_ids(conn, (x.inference_id for x in fresh))
+                matched = captured_ids(conn, (x.inference_id for x in fresh))
     it = iter(fresh)
     out: list[Outcome] = []
     for o in outcomes:

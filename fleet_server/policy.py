@@ -9,7 +9,7 @@ are refused, never dropped: a misspelt gate would otherwise leave a rollout unpr
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -68,6 +68,29 @@ class ProbationPolicy(protocol.Probation):
     defaults, refusing unknown keys like the rest of the policy)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_describe_probation)
+
+
+class CapturePolicy(BaseModel):
+    """What the rollout's devices keep of their inferences for retraining (``protocol.Capture``
+    without the upload URL: the server names its own, ``<public_url>/api/v1/captures``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sample_rate: float = Field(
+        default=protocol.Capture.model_fields["sample_rate"].default,
+        gt=0,
+        le=1,
+        description="share of inferences each device keeps, 0 to 1",
+    )
+    keep: Literal["inputs", "outputs", "both"] = Field(
+        default=protocol.Capture.model_fields["keep"].default,
+        description="what of each: inputs, outputs, both",
+    )
+    quota_bytes: int = Field(
+        default=protocol.Capture.model_fields["quota_bytes"].default,
+        ge=4096,
+        description="disk each device may use for captures not yet uploaded, bytes (the oldest go first)",
+    )
 
 
 class Policy(BaseModel):
@@ -194,6 +217,12 @@ class Policy(BaseModel):
     )
     # the agent watches the new model after the swap and reverts by itself on misbehaviour
     probation: ProbationPolicy | None = Field(default=None, description="agent-side watch after the swap")
+    # capture for retraining: the rollout's devices keep a sample of their inferences and upload it
+    capture: CapturePolicy | None = Field(
+        default=None,
+        description="devices serving the model keep a sample of their inferences and upload it to"
+        " this server (GET /api/v1/captures; null: nothing captured)",
+    )
 
     @field_validator("retry_limits")
     @classmethod

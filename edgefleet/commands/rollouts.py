@@ -154,6 +154,16 @@ def rollouts_create(
     probation_max_latency_ratio: Annotated[
         float | None, typer.Option(help="Probation: p95 vs the previous model that makes the agent revert.")
     ] = None,
+    capture_rate: Annotated[
+        float | None,
+        typer.Option(help="Capture for retraining: share of inferences devices keep and upload (0 to 1]."),
+    ] = None,
+    capture_keep: Annotated[
+        str | None, typer.Option(help="Capture: inputs, outputs or both (with --capture-rate).")
+    ] = None,
+    capture_quota_mb: Annotated[
+        float | None, typer.Option(help="Capture: disk per device for captures not yet uploaded, MB.")
+    ] = None,
     skip_busy: Annotated[
         bool, typer.Option(help="Leave out devices in another active rollout instead of refusing.")
     ] = False,
@@ -194,6 +204,14 @@ def rollouts_create(
         }
     elif any(v is not None for v in probation_limits.values()):
         fail("--probation-* limits need --probation SECONDS", 2)
+    if capture_rate is not None:
+        body["capture"] = {"sample_rate": capture_rate}
+        if capture_keep is not None:
+            body["capture"]["keep"] = capture_keep
+        if capture_quota_mb is not None:
+            body["capture"]["quota_bytes"] = int(capture_quota_mb * (1 << 20))
+    elif capture_keep is not None or capture_quota_mb is not None:
+        fail("--capture-keep and --capture-quota-mb need --capture-rate", 2)
     optional = {
         "max_error_rate": max_error_rate,
         "min_inferences": min_inferences,

@@ -26,7 +26,6 @@ contract's shape by the one exception handler.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
@@ -43,7 +42,7 @@ from fleet_server.context import BodyLimits
 from fleet_server.errors import ApiError
 from signing import safejson
 
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+INT64_MIN, INT64_MAX = safejson.INT64_MIN, safejson.INT64_MAX
 
 BodyKind = Literal["none", "json", "upload"]
 
@@ -130,29 +129,11 @@ class _BoundedJsonRequest(Request):
             body = await self.body()
             limits: BodyLimits = self.app.state.ctx.limits
             try:
-                value = safejson.loads(body, max_bytes=limits.request)
+                value = safejson.loads(body, max_bytes=limits.request, int64_only=True)
             except safejson.JsonError as exc:
                 raise ApiError(400, "invalid_request", f"request body: {exc}") from None
-            _check_numbers(value)
             self._json = value
         return self._json
-
-
-def _check_numbers(value: Any) -> None:
-    """Refuse integers outside int64 and non-finite floats anywhere in a parsed document."""
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-        elif isinstance(node, bool):
-            continue
-        elif isinstance(node, int) and not INT64_MIN <= node <= INT64_MAX:
-            raise ApiError(400, "invalid_request", "request body: an integer is outside the 64-bit range")
-        elif isinstance(node, float) and not math.isfinite(node):
-            raise ApiError(400, "invalid_request", "request body: NaN and Infinity are not JSON numbers")
 
 
 class RawBodyRoute(GuardedRoute):

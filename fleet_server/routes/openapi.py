@@ -17,8 +17,9 @@ from fleet_server.paging import DEFAULT_LIMIT, MAX_LIMIT
 
 DESCRIPTION = f"""
 The fleet server's admin API: register devices, upload signed model bundles, run staged rollouts
-and read what devices report. Devices themselves talk MQTT; the only HTTP they use is the public
-download of model files and signed delivery metadata.
+and read what devices report. Devices themselves talk MQTT; the HTTP they use is the public
+download of model files and signed delivery metadata, and the upload of captured inferences,
+which each device signs with its own key (no token).
 
 **Authentication.** Send `Authorization: Bearer <token>` (the Authorize button above). Roles,
 ordered: `viewer` reads, `operator` also registers devices, uploads models and runs rollouts,

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import pytest
 from sqlmodel import Session, col, select
 from typer.testing import CliRunner
 
-from edgefleet.broker import BrokerInfo
+from edgefleet.broker import BrokerInfo, device_mqtt_keys
 from edgefleet.cli import app
 from edgefleet.client import ApiClient
 from edgefleet.provision import fleet_ca, write_device_identity
@@ -27,18 +30,28 @@ from fleet_server.models import CaptureBatch, CaptureItem
 from fleet_server.runner import ServerThread
 from signing.device_auth import DeviceIdentity, sign_request
 from signing.keyring import KeyDir
-from tests.server.conftest import server_settings
+from tests.server.conftest import fresh_pg, server_settings
 
 from .field_device import FieldDevice, device_identity, start_device
-from .harness import Bundle, LoopThread, make_bundle, unique_id, wait_for
+from .harness import Bundle, LoopThread, make_bundle, mqtt_toml, unique_id, wait_for
 
 RNG = np.random.default_rng(11)
+REPO = Path(__file__).resolve().parents[2]
+__all__ = ["fresh_pg"]  # the fixture, for the PostgreSQL runs
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """None: the server's own SQLite; else an empty PostgreSQL database (dropped after the server)."""
+    return str(request.getfixturevalue("fresh_pg")) if request.param == "postgresql" else None
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo) -> Iterator[ServerThread]:
+def fleet(
+    database_url: str | None, tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo
+) -> Iterator[ServerThread]:
     fleet_ca(keydir)  # provisioning made the fleet CA before the server started
-    srv = ServerThread(server_settings(tmp_path, keydir, broker_info)).start()
+    srv = ServerThread(server_settings(tmp_path, keydir, broker_info, database_url=database_url)).start()
     yield srv
     srv.stop()
 
@@ -140,7 +153,7 @@ def test_a_real_agent_uploads_to_the_fleet_server_and_labels_join_its_captures(
 
 
 def _signed_batch(
-    keydir: KeyDir, tmp_path: Path, device_id: str, sha: str, items: list[dict[str, Any]] | None = None
+    keydir: KeyDir, tmp_path: Path, device_id: str, sha: str, items: list[Any] | None = None
 ) -> tuple[DeviceIdentity, str, bytes]:
     d = tmp_path / "id" / device_id
     write_device_identity(fleet_ca(keydir), device_id, d)
@@ -243,7 +256,7 @@ def test_items_without_a_usable_id_are_skipped_not_the_batch(
 ) -> None:
     with ApiClient(fleet.url) as api:
         api.register_device("dev-c", "rpi4")
-    items: list[dict[str, Any]] = [
+    items: list[Any] = [
         {"inference_id": "0193a5f0-7c1e-7a3b-9c2d-4e5f60718290", "ts": "2026-12-01T10:00:00Z"},
         {"inference_id": "nope", "ts": "2026-12-01T10:00:00Z"},
         {"inference_id": "0193a5f0-7c1e-7a3b-9c2d-4e5f60718291", "ts": "not a time"},
@@ -255,3 +268,114 @@ def test_items_without_a_usable_id_are_skipped_not_the_batch(
         r = client.put(path, content=body, headers=sign_request(identity, "PUT", path, body))
     assert r.status_code == 201 and (r.json()["items"], r.json()["skipped"]) == (1, 3)
     assert [i.predicted for i in _items(fleet)] == [None]  # no outputs kept: nothing to score
+
+
+def test_captures_and_their_labels_are_attributed_to_the_rollout_stage(
+    keydir: KeyDir, tmp_path: Path, fleet: ServerThread, bundle: Bundle
+) -> None:
+    with ApiClient(fleet.url) as api:
+        for d in ("st-1", "st-2"):
+            api.register_device(d, "rpi4")
+        rollout = api.create_rollout(model="tiny:1", stages=[50, 100])
+
+        def assigned() -> dict[str, int | None]:
+            rows = api.pages(f"/api/v1/rollouts/{rollout['id']}/devices")
+            return {r["device_id"]: r["stage"] for r in rows}
+
+        wait_for(lambda: 0 in assigned().values(), 20, "the first stage assigned")
+        stages = assigned()
+    ids: dict[str, list[str]] = {}
+    with httpx.Client(base_url=fleet.url, timeout=10) as client:
+        for n, device in enumerate(("st-1", "st-2")):
+            items: list[dict[str, Any]] = [
+                {
+                    "inference_id": f"0193a5f0-7c1e-7a3b-9c2d-4e5f607182{n}{i}",
+                    "ts": "2026-12-01T10:00:00Z",
+                    "outputs": [{"dtype": "float32", "shape": [1, 2], "data": "AACAPwAAAAA="}],  # top-1: 0
+                }
+                for i in range(4)
+            ]
+            ids[device] = [str(x["inference_id"]) for x in items]
+            identity, batch_id, body = _signed_batch(keydir, tmp_path, device, bundle.sha256, items)
+            path = f"/api/v1/captures/{device}/{batch_id}"
+            r = client.put(path, content=body, headers=sign_request(identity, "PUT", path, body))
+            assert r.status_code == 201, r.text
+            assert r.json()["stage"] == stages[device] and r.json()["hardware_id"] == "rpi4"
+        labels = [{"inference_id": i, "label": 0, "source": "qa"} for i in ids["st-1"] + ids["st-2"][:2]]
+        labels.append({"inference_id": ids["st-2"][2], "label": 1, "source": "qa"})  # a wrong prediction
+        assert client.post("/api/v1/labels", json={"labels": labels}).json()["counts"]["matched"] == 7
+        metrics = client.get("/api/v1/models/tiny/1/metrics").json()
+    assert metrics["rollout_id"] == rollout["id"]
+    got = {(g["hardware_id"], g["stage"]): g["server_labels"] for g in metrics["groups"]}
+    first = next(d for d, s in stages.items() if s == 0)
+    other = next(d for d in stages if d != first)
+    assert set(got) == {("rpi4", 0), ("rpi4", stages[other])}
+    want_first = (4, 4) if first == "st-1" else (3, 2)
+    want_other = (3, 2) if first == "st-1" else (4, 4)
+    assert (got[("rpi4", 0)]["labels"], got[("rpi4", 0)]["correct"]) == want_first
+    assert (got[("rpi4", stages[other])]["labels"], got[("rpi4", stages[other])]["correct"]) == want_other
+    assert (metrics["total"]["server_labels"]["labels"], metrics["total"]["server_labels"]["correct"]) == (
+        7,
+        6,
+    )
+    with Session(fleet.context.engine) as session:
+        rows = session.exec(select(CaptureItem)).all()
+    assert {(r.device_id, r.stage, r.rollout_id) for r in rows} == {
+        (d, s, rollout["id"] if s is not None else None) for d, s in stages.items()
+    }
+
+
+def test_the_loop_a_rollout_with_capture_a_real_agent_process_labels_and_the_dataset(
+    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path
+) -> None:
+    """Nothing in between is a stand-in: the server's rollout carries a capture policy in its signed
+    directive over the real broker; ``python -m device_agent`` installs the model, serves its
+    synthetic workload, captures it and uploads to the server's URL from the directive; labels
+    posted to the server join those captures; the export holds them, attributed to stage 0."""
+    dev = unique_id("loop")
+    keys = device_mqtt_keys(broker_info, dev)
+    settings = server_settings(tmp_path, keydir, broker_info, device_ca_file=keys["mqtt_ca_file"])
+    srv = ServerThread(settings).start()
+    data = tmp_path / dev
+    conf = tmp_path / "agent.toml"
+    lines = [
+        "[agent]",
+        f'device_id = "{dev}"',
+        'hardware_id = "rpi4"',
+        f'data_dir = "{data}"',
+        f'trust_path = "{keydir.trust_path}"',
+        mqtt_toml(broker_info, dev).rstrip("\n"),
+        f"mqtt_version = {broker_info.mqtt_version}",
+        "capture_batch_age_s = 0.3",
+        'log_format = "text"',
+    ]
+    conf.write_text("\n".join(lines) + "\n")
+    cmd = [sys.executable, "-m", "device_agent", "--config", str(conf), "--workload-hz", "20"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL)
+    try:
+        b = make_bundle(tmp_path / "b", keydir.key("release"), seed=4)
+        with ApiClient(srv.url) as api:
+            api.push_bundle(b.dir)
+            api.register_device(dev, "rpi4")
+            rollout = api.create_rollout(
+                model="tiny:1", stages=[100], soak_seconds=0, capture={"sample_rate": 1.0, "keep": "both"}
+            )
+
+            def captured() -> list[CaptureItem]:
+                return [i for i in _items(srv, dev) if i.rollout_id == rollout["id"]]
+
+            wait_for(lambda: len(captured()) >= 20, 60, "captures of the rollout model on the server")
+            items = captured()
+            assert {(i.model_sha256, i.hardware_id, i.stage) for i in items} == {(b.sha256, "rpi4", 0)}
+            ids = sorted(i.inference_id for i in items)[:10]
+            out = api.post_labels([{"inference_id": i, "label": 7, "source": "field"} for i in ids])
+            assert out["counts"] == {"accepted": 10, "duplicate": 0, "invalid": 0, "matched": 10}
+            page = api.page("/api/v1/captures", model="tiny:1", labeled=True, limit=100)
+        assert [r["inference_id"] for r in page["items"]] == ids
+        row = page["items"][0]
+        assert (row["stage"], row["rollout_id"], row["labels"][0]["label"]) == (0, rollout["id"], 7)
+        assert row["inputs"] is not None and row["outputs"] is not None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        srv.stop()

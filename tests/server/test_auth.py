@@ -22,7 +22,9 @@ from signing.keyring import KeyDir
 
 from .conftest import make_bundle, register, upload
 
-DEVICE_FACING = re.compile(r"^/api/v1/artifacts/|^/tuf/")
+DEVICE_FACING = re.compile(
+    r"^/api/v1/artifacts/|^/tuf/|^/api/v1/captures/\{device_id\}"
+)  # uploads: device-signed
 
 
 def _admin_routes(srv: ServerThread) -> list[tuple[str, str]]:

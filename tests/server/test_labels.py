@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlmodel import Session, col, select
 
-from fleet_server.models import Label
+from fleet_server.models import CaptureItem, Label
 from fleet_server.runner import ServerThread
 
 LABELS = "/api/v1/labels"
@@ -139,3 +139,29 @@ def test_the_labeler_role_posts_labels_and_nothing_else(make_server: Callable[..
         audit = client.get("/api/v1/audit", params={"path": LABELS}, headers=admin).json()["items"]
         assert [e["status"] for e in audit] == [200, 200, 403, 401]
         assert audit[0]["detail"] == "1 accepted, 0 duplicate, 0 invalid, 0 matched"
+
+
+def test_a_label_of_a_captured_inference_is_matched(labels_server: ServerThread) -> None:
+    captured, other = new_id(), new_id()
+    with Session(labels_server.context.engine) as session:
+        session.add(
+            CaptureItem(
+                inference_id=captured,
+                device_id="d",
+                batch_id="b",
+                position=0,
+                model_sha256="a" * 64,
+                hardware_id="rpi4",
+                ts=datetime.now(UTC),
+            )
+        )
+        session.commit()
+    with httpx.Client(base_url=labels_server.url, timeout=10) as client:
+        first = client.post(LABELS, json={"labels": [label(captured), label(other)]}).json()
+        again = client.post(LABELS, json={"labels": [label(captured)]}).json()
+    assert [(r["status"], r["matched"]) for r in first["results"]] == [
+        ("accepted", True),
+        ("accepted", False),
+    ]
+    assert [(r["status"], r["matched"]) for r in again["results"]] == [("duplicate", True)]
+    assert first["counts"]["matched"] == 1

@@ -256,6 +256,7 @@ def test_artifacts_and_delivery_metadata_are_public_reads(
         "/api/v1/artifacts/{sha256}/envelope",
         "/tuf/metadata/{name}",
         "/tuf/targets/{target}",
+        "/api/v1/captures/{device_id}/{batch_id}",  # no bearer: the device signs it
     }
 
 
