@@ -252,6 +252,8 @@ def test_artifacts_and_delivery_metadata_are_public_reads(
     public = {p for p, ops in spec["paths"].items() for op in ops.values() if "security" not in op}
     assert public == {
         "/healthz",
+        "/readyz",  # probes carry no token; it names no device, model or secret
+        "/metrics",  # scrapers: open unless metrics_token is set; nginx keeps it off the public side
         "/api/v1/artifacts/{sha256}",
         "/api/v1/artifacts/{sha256}/envelope",
         "/tuf/metadata/{name}",
