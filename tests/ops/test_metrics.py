@@ -13,8 +13,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlmodel import Session
 
 from fleet_server.logs import JsonFormatter
+from fleet_server.metrics import MAX_MODEL_GROUPS, model_groups
 from fleet_server.models import Device, ModelAggregate
 from fleet_server.runner import ServerThread
+from fleet_server.slo.series import Totals
+from fleet_server.slo_store import VersionName
 from signing.keyring import KeyDir
 from tests.ops.test_slo_api import SLO
 from tests.server.conftest import make_bundle, upload
@@ -130,3 +133,14 @@ def test_every_api_call_logs_one_json_line_with_its_request_id(
     ]
     assert lines[0]["request_id"] == "trace-42" and lines[0]["method"] == "GET"
     assert lines[1]["request_id"] == made.headers["x-request-id"] and lines[0]["duration_ms"] >= 0
+
+
+def test_model_groups_beyond_the_bound_are_summed_as_one() -> None:
+    names = {f"{i:064d}": VersionName("m", str(i)) for i in range(MAX_MODEL_GROUPS + 10)}
+    cohorts = {(sha, "rpi4"): Totals(inferences=1000 - i) for i, sha in enumerate(names)}
+    groups = model_groups(cohorts, names)
+    assert len(groups) == MAX_MODEL_GROUPS + 1
+    assert groups[("other", "other", "other")].inferences == sum(
+        1000 - i for i in range(MAX_MODEL_GROUPS, MAX_MODEL_GROUPS + 10)
+    )
+    assert ("m", "0", "rpi4") in groups  # the busiest kept by name
