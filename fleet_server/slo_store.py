@@ -153,6 +153,8 @@ def alert_of(row: SloAlert) -> Alert:
         tuple(row.causes),
         row.silenced,
         row.notified,
+        epoch(row.clear_since) if row.clear_since else None,
+        row.quiet_s,
     )
 
 
@@ -176,6 +178,8 @@ def save_alerts(session: Session, alerts: Mapping[AlertKey, Alert], now: datetim
         row.fired_at = at(a.fired_at) if a.fired_at is not None else None
         row.resolved_at = at(a.resolved_at) if a.resolved_at is not None else None
         row.causes, row.silenced, row.notified, row.updated_at = list(a.causes), a.silenced, a.notified, now
+        row.clear_since = at(a.clear_since) if a.clear_since is not None else None
+        row.quiet_s = a.quiet_s
         session.add(row)
     for row in rows.values():
         session.delete(row)

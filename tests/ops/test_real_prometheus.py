@@ -142,7 +142,9 @@ def test_prometheus_agrees_with_the_server_and_alertmanager_sees_the_page_fire_a
     fake_device: Callable[[str], FakeDevice],
 ) -> None:
     am_url, hook = alertmanager
-    server = make_server(alertmanager_urls=[am_url], slo_interval=1.0, alertmanager_resend_seconds=5.0)
+    server = make_server(
+        alertmanager_urls=[am_url], slo_interval=1.0, alertmanager_resend_seconds=5.0, slo_resolve_seconds=0
+    )
     client = httpx.Client(base_url=server.url, timeout=10)
     v1 = upload(client, make_bundle(tmp_path, keydir.key("release"))).json()
     register(client, "prom-1")

@@ -98,6 +98,8 @@ def upgrade() -> None:
         sa.Column("causes", sa.JSON(), nullable=False),
         sa.Column("silenced", sa.Boolean(), nullable=False),
         sa.Column("notified", sa.Boolean(), nullable=False),
+        sa.Column("clear_since", UTCDateTime(timezone=True), nullable=True),
+        sa.Column("quiet_s", sa.Float(), nullable=False),
         sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
