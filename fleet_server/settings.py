@@ -97,6 +97,9 @@ class ServerSettings(BaseSettings):
     # Alertmanager forgets a firing alert that is not sent again (resolve_timeout): the leader re-sends
     # firing alerts this often, each valid for four times as long.
     alertmanager_resend_seconds: float = Field(default=60.0, gt=0.0)
+    # /metrics needs ``Authorization: Bearer <this>`` when set (Prometheus: ``authorization:
+    # credentials_file``); unset, anyone who reaches the port may scrape it (keep it off the public side)
+    metrics_token: SecretStr | None = None
     # /readyz answers 503 when the oldest unstored telemetry is older than this (ingest lag)
     ready_max_ingest_lag_seconds: float = Field(default=60.0, gt=0.0)
 

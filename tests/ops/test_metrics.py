@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -144,3 +145,16 @@ def test_model_groups_beyond_the_bound_are_summed_as_one() -> None:
         1000 - i for i in range(MAX_MODEL_GROUPS, MAX_MODEL_GROUPS + 10)
     )
     assert ("m", "0", "rpi4") in groups  # the busiest kept by name
+
+
+def test_a_metrics_token_guards_metrics(make_server: Callable[..., ServerThread]) -> None:
+    server = make_server(metrics_token="scrape-secret")
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        assert c.get("/metrics").status_code == 401
+        assert (
+            c.get("/metrics", headers={"Authorization": "Bearer wrong"}).json()["detail"]["code"]
+            == "unauthenticated"
+        )
+        ok = c.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+        assert ok.status_code == 200 and "edgefleet_devices" in ok.text
+        assert c.get("/healthz").status_code == 200  # health stays open
