@@ -21,7 +21,7 @@ from fleet_server.slo.series import Totals
 from fleet_server.slo_store import VersionName
 from signing.keyring import KeyDir
 from tests.ops.test_slo_api import SLO
-from tests.server.conftest import make_bundle, upload
+from tests.server.conftest import make_bundle, upload, wait_for
 
 LATENCY = [0] * 10 + [50, 30, 10, 5, 3, 2]
 
@@ -59,9 +59,19 @@ def add_devices(server: ServerThread, start: int, n: int, shas: list[str]) -> No
         session.commit()
 
 
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
 def test_metrics_series_do_not_grow_with_the_fleet(
-    server: ServerThread, client: httpx.Client, keydir: KeyDir, tmp_path: Path
+    db: str,
+    request: pytest.FixtureRequest,
+    make_server: Callable[..., ServerThread],
+    keydir: KeyDir,
+    tmp_path: Path,
 ) -> None:
+    over = {} if db == "sqlite" else {"database_url": request.getfixturevalue("fresh_pg")}
+    server = make_server(**over)
+    client = httpx.Client(base_url=server.url, timeout=10)
+    assert server.context.ticker is not None
+    wait_for(lambda: server.context.ticker is not None and server.context.ticker.is_leader)
     key = keydir.key("release")
     shas = [
         upload(client, make_bundle(tmp_path, key, version=str(v), release=v, content=b"%d" % v * 500)).json()[
