@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -168,3 +170,24 @@ def test_a_metrics_token_guards_metrics(make_server: Callable[..., ServerThread]
         ok = c.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
         assert ok.status_code == 200 and "edgefleet_devices" in ok.text
         assert c.get("/healthz").status_code == 200  # health stays open
+
+
+def test_the_server_log_config_writes_json_lines_with_the_request_id() -> None:
+    """As `edgefleet server` configures logging (fleet_server.runner.main), in a process of its own."""
+    script = """
+import logging, logging.config, threading
+from fleet_server.logs import request_id, uvicorn_log_config
+logging.config.dictConfig(uvicorn_log_config("json"))
+request_id.set("req-7")
+logging.getLogger("fleet_server.x").warning("stored %d batches", 3)
+t = threading.Thread(target=lambda: logging.getLogger("y").info("outside any call"))
+t.start(); t.join()
+logging.getLogger("uvicorn.access").warning("never: the access log is ours")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(x["logger"], x["msg"], x.get("request_id")) for x in lines] == [
+        ("fleet_server.x", "stored 3 batches", "req-7"),
+        ("y", "outside any call", None),
+    ]
+    assert lines[0]["level"] == "warning" and lines[0]["ts"].endswith("+00:00")
