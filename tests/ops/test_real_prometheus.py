@@ -173,7 +173,10 @@ def test_prometheus_agrees_with_the_server_and_alertmanager_sees_the_page_fire_a
             "severity": "page",
         }
         # its recording rules agree with the server's own burn rate over 5 minutes: 10% errors, 20x
-        wait_for(lambda: value(prom, 'edgefleet:slo_burn_rate:5m{slo="det-avail"}') is not None, timeout=15)
+        # (the rule runs every second; wait for a run that saw the incident's scrape)
+        wait_for(
+            lambda: (value(prom, 'edgefleet:slo_burn_rate:5m{slo="det-avail"}') or 0.0) > 1.0, timeout=15
+        )
         ours = server_burn(client, "5m")
         theirs = value(prom, 'edgefleet:slo_burn_rate:5m{slo="det-avail"}')
         assert ours == pytest.approx(20.0, rel=0.01) and theirs == pytest.approx(ours, rel=0.1), (
