@@ -16,6 +16,7 @@ from sqlalchemy import delete
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
+from fleet_server.gates import add_counts
 from fleet_server.models import Device, Model, ModelAggregate, PlannedWindow, Slo, SloAlert, SloSample
 from fleet_server.slo.alerts import Alert, AlertKey, AlertState, Silence
 from fleet_server.slo.series import Sample, Totals
@@ -53,6 +54,7 @@ def cohort_totals(session: Session) -> dict[Cohort, Totals]:
             col(ModelAggregate.labels),
             col(ModelAggregate.labels_correct),
             col(ModelAggregate.cpu_ms),
+            col(ModelAggregate.input_checks),
         ).join(Device, col(Device.id) == col(ModelAggregate.device_id))
     ).all()
     out: dict[Cohort, Totals] = {}
@@ -67,11 +69,20 @@ def cohort_totals(session: Session) -> dict[Cohort, Totals]:
             r.labels,
             r.labels_correct,
             r.cpu_ms,
+            _checks(r.input_checks),
         )
         key = (r.sha256, r.hardware_id)
         prev = out.get(key)
         out[key] = t if prev is None else prev + t
     return out
+
+
+def _checks(per_input: dict[str, list[int]] | None) -> tuple[int, ...]:
+    """Feature checks summed over a model's inputs (the per-input split stays in the API)."""
+    total: tuple[int, ...] = ()
+    for counts in (per_input or {}).values():
+        total = add_counts(total, counts)
+    return total
 
 
 def version_names(session: Session, shas: Iterable[str]) -> dict[str, VersionName]:

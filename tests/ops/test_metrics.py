@@ -55,7 +55,12 @@ def add_devices(server: ServerThread, start: int, n: int, shas: list[str]) -> No
             )
             session.add(
                 ModelAggregate(
-                    device_id=device_id, sha256=sha, inferences=1000, errors=i % 7, latency_buckets=LATENCY
+                    device_id=device_id,
+                    sha256=sha,
+                    inferences=1000,
+                    errors=i % 7,
+                    latency_buckets=LATENCY,
+                    input_checks={"x": [100, 1, 2, 3], "y": [100, 0, 5, 0]},
                 )
             )
         session.commit()
@@ -101,6 +106,8 @@ def test_metrics_series_do_not_grow_with_the_fleet(
     assert large["edgefleet_model_inferences_total" + v1] == 1000 * 210  # the even of 420 devices: v1 on rpi4
     bucket = '{"cohort": "rpi4", "le": "+Inf", "model": "det", "version": "1"}'
     assert large["edgefleet_model_latency_seconds_bucket" + bucket] == 100 * 210
+    checks = '{"cohort": "rpi4", "model": "det", "result": "missing", "version": "1"}'
+    assert large["edgefleet_model_input_checks_total" + checks] == 7 * 210  # summed over the inputs
     slo = '{"cohort": "all", "model": "det", "sli": "availability", "slo": "det-avail"}'
     assert (
         large["edgefleet_slo_events_total" + slo] == 420_000 and large["edgefleet_slo_target" + slo] == 0.995
