@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,13 +21,29 @@ import onnx
 from compiler.coverage import onnx_coverage, tflite_coverage
 from compiler.data import Samples
 from compiler.errors import InvalidData, InvalidModel
-from compiler.evaluate import SNR_CAP_DB, evaluate, evaluate_runners
+from compiler.evaluate import SNR_CAP_DB, Judging, evaluate, evaluate_runners
+from compiler.memory import (
+    CALIBRATION_COPIES,
+    EVALUATION_COPIES,
+    MemoryPlan,
+    budget_from_machine,
+    current_usage,
+    onnx_sample_bytes,
+    tflite_sample_bytes,
+)
 from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare
 from compiler.runners import TFLiteRunner
 from compiler.signature import IOSignature, io_signature
 from compiler.sources import DataSource, Preprocess, load_source
 from compiler.tflite_post import finish_int8
-from compiler.tflite_prep import drop_unused_buffers, op_histogram, prepare_tflite, read_tflite
+from compiler.tflite_prep import (
+    drop_unused_buffers,
+    op_histogram,
+    op_names,
+    opcode,
+    prepare_tflite,
+    read_tflite,
+)
 from compiler.tflite_quant import quantize_tflite
 
 if TYPE_CHECKING:
@@ -52,6 +68,8 @@ class BuildRequest:
     gate: Gate | None
     work: Path  # a private temporary directory
     progress: Progress
+    judging: Judging = field(default_factory=Judging)  # output kinds declared, user metric
+    memory: MemoryPlan = field(default_factory=budget_from_machine)  # bounds the batches
 
 
 @dataclass
@@ -90,14 +108,16 @@ def load_samples_for(req: BuildRequest, sig: IOSignature) -> tuple[Samples, Samp
 AGREEMENT = {"top1_agreement", "exact_agreement"}  # classifier scores, integer (label) outputs
 
 
-def calibration_score(fp32: Path, int8: Path, calib: Samples, sig: IOSignature) -> tuple[float, ...]:
+def calibration_score(
+    fp32: Path, int8: Path, calib: Samples, sig: IOSignature, batch_size: int | None = None
+) -> tuple[float, ...]:
     """(min SNR dB, min top-1 agreement) of a candidate int8 model on (up to 64) calibration samples.
 
     Only calibration samples: choosing on the held-out set would tune the model to the very data the
     gate then judges it on.
     """
     n = min(len(calib), SCORE_SAMPLES)
-    figures = evaluate(fp32, int8, calib.take(np.arange(n)), sig)["outputs"].values()
+    figures = evaluate(fp32, int8, calib.take(np.arange(n)), sig, batch_size=batch_size)["outputs"].values()
     snr = min(
         ((f["snr_db"] if f["snr_db"] is not None else -math.inf) for f in figures if "snr_db" in f),
         default=SNR_CAP_DB,  # integer outputs only: no SNR to rank by
@@ -105,6 +125,52 @@ def calibration_score(fp32: Path, int8: Path, calib: Samples, sig: IOSignature) 
     agreement = [f.get("top1_agreement", f.get("exact_agreement")) for f in figures if AGREEMENT & f.keys()]
     worst = min((a if a is not None else -math.inf) for a in agreement) if agreement else 1.0
     return (round(snr, 1), worst)
+
+
+# Ops that only reshape or copy: the op that decides what an output is sits before them.
+PASSTHROUGH = frozenset(
+    {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "RESHAPE", "SQUEEZE", "CAST"}
+)
+
+
+def onnx_output_hints(model: onnx.ModelProto) -> dict[str, str]:
+    """Graph output -> the op that makes it (through reshapes), or ``ArgMax`` when one consumes it."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    hints: dict[str, str] = {}
+    for out in model.graph.output:
+        if "ArgMax" in consumers.get(out.name, []):
+            hints[out.name] = "ArgMax"
+            continue
+        node, seen = producer.get(out.name), 0
+        while node is not None and node.op_type in PASSTHROUGH and node.input and seen < 8:
+            node, seen = producer.get(node.input[0]), seen + 1
+        if node is not None:
+            hints[out.name] = node.op_type
+    return hints
+
+
+def tflite_output_hints(model: Any) -> dict[str, str]:
+    """Output tensor name -> the TFLite op that makes it (through reshapes)."""
+    names = op_names()
+    sg = model.subgraphs[0]
+    producer = {o: op for op in sg.operators or [] for o in op.outputs}
+
+    def op_name(op: Any) -> str:
+        return names.get(opcode(model.operatorCodes[op.opcodeIndex]), "?")
+
+    hints: dict[str, str] = {}
+    for index in sg.outputs:
+        op, seen = producer.get(index), 0
+        while op is not None and op_name(op) in PASSTHROUGH and seen < 8:
+            op, seen = producer.get(op.inputs[0]), seen + 1
+        if op is not None:
+            name = sg.tensors[index].name
+            hints[name.decode() if isinstance(name, bytes) else name] = op_name(op)
+    return hints
 
 
 @dataclass(frozen=True)
@@ -118,6 +184,19 @@ class OnnxQuantizeJob:
     sig: IOSignature
     info: QuantizeInfo
     work: Path
+    batch: int = 1  # samples per calibration feed (dynamic-batch models), from the memory plan
+    eval_batch: int = 1  # samples per run when scoring candidates
+
+
+def memory_report(
+    plan: MemoryPlan, sample_bytes: int, calibration_batch: int, evaluation_batch: int
+) -> dict[str, Any]:
+    return plan.to_dict() | {
+        "sample_bytes_estimate": sample_bytes,
+        "calibration_batch": calibration_batch,
+        "evaluation_batch": evaluation_batch,
+        "one_sample_fits": sample_bytes * EVALUATION_COPIES <= plan.budget,
+    }
 
 
 def build_onnx(req: BuildRequest, accelerator: str, quantize: Callable[[OnnxQuantizeJob], None]) -> Built:
@@ -152,10 +231,19 @@ def build_onnx(req: BuildRequest, accelerator: str, quantize: Callable[[OnnxQuan
     prepared = prepare(model, work, info)
     req.progress("quantize", 0.25)
     int8_path = work / tgt.model_file
-    quantize(OnnxQuantizeJob(prepared, int8_path, source_copy, calib, sig, info, work))
+    shapes = {name: values.shape for name, values in calib.inputs.items()}
+    sample_bytes = onnx_sample_bytes(model, shapes)
+    in_use = current_usage()
+    calib_batch = req.memory.batch(sample_bytes, CALIBRATION_COPIES, in_use)
+    eval_batch = req.memory.batch(sample_bytes, EVALUATION_COPIES, in_use)
+    quantize(
+        OnnxQuantizeJob(prepared, int8_path, source_copy, calib, sig, info, work, calib_batch, eval_batch)
+    )
     req.progress("evaluate", 0.6)
     # Compare against the untouched source model: that is what the user shipped before.
-    report = evaluate(source_copy, int8_path, held_out, sig)
+    judging = replace(req.judging, hints=onnx_output_hints(model))
+    report = evaluate(source_copy, int8_path, held_out, sig, judging, eval_batch)
+    report["memory"] = memory_report(req.memory, sample_bytes, calib_batch, eval_batch)
     report["calibration_samples"] = calib.usable(sig.inputs)
     report["input_ranges"] = calib.ranges()
     report["evaluation_source"] = eval_source
@@ -189,8 +277,13 @@ def build_tflite_int8(req: BuildRequest, *, npu: bool) -> Built:
     int8_path.write_bytes(int8)
     int8_runner = TFLiteRunner(int8)
     req.progress("evaluate", 0.6)
-    report = evaluate_runners(fp32_runner.run, int8_runner.run, held_out, sig, len(prepared), len(int8))
+    judging = replace(req.judging, hints=tflite_output_hints(read_tflite(prepared)))
+    report = evaluate_runners(
+        fp32_runner.run, int8_runner.run, held_out, sig, len(prepared), len(int8), judging
+    )
     report["size"]["source_bytes"] = len(source)
+    # TFLite models have a fixed batch (1 in every real model): both steps already run one sample.
+    report["memory"] = memory_report(req.memory, tflite_sample_bytes(read_tflite(prepared)), 1, 1)
     report["calibration_samples"] = len(calib)
     report["input_ranges"] = calib.ranges()
     report["evaluation_source"] = eval_source

@@ -25,6 +25,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from compiler.errors import InvalidData
 from compiler.signature import TensorSpec
+from compiler.sniff import describe, is_zip, read_head
 
 SINGLE_INPUT_KEYS = ("x", "input", "inputs")
 LABEL_KEYS = ("y", "labels")
@@ -125,6 +126,9 @@ def load_samples(path: Path, specs: tuple[TensorSpec, ...]) -> Samples:
     path = Path(path)
     if not path.is_file():
         raise InvalidData(f"{path}: no such file")
+    head = read_head(path)
+    if not is_zip(head):  # np.load would take it for a pickle ("contains pickled data") or an .npy
+        raise InvalidData(f"{path}: not an .npz archive: the file is {describe(head)}")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}

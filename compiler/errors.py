@@ -11,7 +11,13 @@ from typing import Any
 
 
 class CompilerError(Exception):
-    """Base class: the compiler refused or failed; nothing was written."""
+    """Base class: the compiler refused or failed; nothing was written.
+
+    ``notes``: what the toolchain said before the failure (``compiler.toolchain_notes``), often the
+    real reason, since the message itself is the compiler's summary.
+    """
+
+    notes: list[dict[str, Any]] = []
 
 
 class UnknownTarget(CompilerError, ValueError):

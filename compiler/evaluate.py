@@ -1,14 +1,14 @@
 """Measure the int8 model against the float model on held-out samples.
 
-Both models run in real onnxruntime CPU sessions on the same feeds. Figures
-per float output: mean and worst per-sample cosine similarity, SNR in dB over
-the whole output (signal = fp32, noise = int8 - fp32), top-1 agreement for
-classifier-shaped outputs (rank 2, last dim > 1), and non-finite counts.
-An integer output (a class label, an index) has no geometry to measure: a
-cosine of two labels is 1.0 whenever their signs agree and an SNR of labels
-rewards near misses, so it is compared for exact equality instead
-(``kind: "integer"``, the share of samples whose output is unchanged).
-With labels, accuracy of fp32 and int8 on the first classifier output.
+Both models run on the same feeds. Each output has a kind
+(``compiler.output_kinds``: declared, or inferred conservatively from the
+fp32 values and the graph) and gets the figures of its kind
+(``compiler.metrics``): every float output the regression figures (cosine,
+SNR, errors), a classification output also top-1 agreement, detection box
+matching, segmentation mask IoU, sequence the error after N steps. An integer
+output (a class label, an index) has no geometry to measure: it is compared
+for exact equality. With labels, accuracy of fp32 and int8 on the first
+classification output; with a user metric (``compiler.user_metric``), its value.
 
 The report must be strict JSON (it is signed into the manifest), so figures
 that cannot be measured (non-finite outputs) are ``None``, and a perfect SNR
@@ -27,20 +27,24 @@ the fused kernels (``compiler.runners``).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from compiler import metrics, output_kinds
 from compiler.data import Samples
 from compiler.errors import InvalidModel, QuantizationError
+from compiler.metrics import SNR_CAP_DB
+from compiler.output_kinds import OutputKind, infer_kind
 from compiler.signature import IOSignature
+from compiler.user_metric import UserMetric
 
-SNR_CAP_DB = 120.0
+__all__ = ["SNR_CAP_DB", "Judging", "compare_output", "evaluate", "evaluate_runners"]
 
 
 def session(path: Path, *, reference: bool = False) -> ort.InferenceSession:
@@ -71,64 +75,66 @@ def run_all(sess: ort.InferenceSession, samples: Samples, sig: IOSignature) -> t
     return [np.concatenate(p, axis=0) for p in parts], elapsed
 
 
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
-
-
 def is_integer(output: np.ndarray) -> bool:
     """Labels, indices, masks: the float model's output is integer (or boolean) typed."""
     return output.dtype.kind in "biu"
 
 
-def compare_integer_output(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
-    """Exact agreement of an integer output: per sample (the whole output equal) and per element."""
-    same = ref.reshape(len(ref), -1) == out.reshape(len(out), -1)
-    per_sample = same.all(axis=1)
-    return {
-        "kind": "integer",
-        "shape": list(ref.shape[1:]),
-        "nonfinite_fp32": 0,
-        "nonfinite_int8": 0,
-        "exact_agreement": float(per_sample.mean()) if len(per_sample) else None,
-        "element_agreement": float(same.mean()) if same.size else None,
-        "changed_samples": int((~per_sample).sum()),
-    }
+def compare_output(
+    ref: np.ndarray,
+    out: np.ndarray,
+    kind: OutputKind | None = None,
+    scores: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Figures of one output (int8 ``out`` against fp32 ``ref``) for its kind (inferred when None).
 
-
-def compare_output(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
-    """Similarity figures of one output (int8 ``out`` against fp32 ``ref``)."""
-    if is_integer(ref):
-        return compare_integer_output(ref, out)
+    ``scores``: the (fp32, int8) score output a detection output names with ``scores=``.
+    """
+    kind = kind or infer_kind("", ref, None, labels=False)
+    figures: dict[str, Any] = {"kind": kind.kind, "kind_source": kind.source, "shape": list(ref.shape[1:])}
+    if kind.params:
+        figures["kind_params"] = dict(kind.params)
+    if is_integer(ref) and kind.kind in ("integer", "classification", "regression"):
+        # A label has no geometry: equal or not (a cosine of labels is 1.0 whenever signs agree).
+        figures.update(kind="integer", nonfinite_fp32=0, nonfinite_int8=0, **metrics.integer(ref, out))
+        return figures
     ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
-    figures: dict[str, Any] = {
-        "kind": "float",
-        "shape": list(ref.shape[1:]),
-        "nonfinite_fp32": int(ref.size - np.isfinite(ref64).sum()),
-        "nonfinite_int8": int(out.size - np.isfinite(out64).sum()),
-    }
-    finite = figures["nonfinite_fp32"] == 0 and figures["nonfinite_int8"] == 0
-    if finite:
-        a, b = ref64.reshape(len(ref64), -1), out64.reshape(len(out64), -1)
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cos = np.where(both_zero, 1.0, (a * b).sum(axis=1) / norms)
-        cos = np.nan_to_num(cos, nan=0.0)  # one side all-zero, the other not: no similarity
-        signal, noise = float((ref64**2).sum()), float(((ref64 - out64) ** 2).sum())
-        snr = SNR_CAP_DB if noise == 0 else min(SNR_CAP_DB, 10 * math.log10(max(signal, 1e-300) / noise))
-        figures.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), snr_db=snr)
-    else:
-        figures.update(cosine_mean=None, cosine_min=None, snr_db=None)
-    if is_classifier(ref):
-        agree = np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)
-        figures["top1_agreement"] = float(agree.mean()) if finite else None
+    figures["nonfinite_fp32"] = int(ref.size - np.isfinite(ref64).sum())
+    figures["nonfinite_int8"] = int(out.size - np.isfinite(out64).sum())
+    figures.update(metrics.regression(ref, out))
+    if kind.kind == "classification":
+        figures.update(metrics.classification(ref, out))
+    elif kind.kind == "detection":
+        figures.update(
+            metrics.detection(
+                ref,
+                out,
+                box=kind.param("box", "xyxy") or "xyxy",
+                threshold=float(kind.param("threshold", "0.5") or 0.5),
+                min_iou=float(kind.param("iou", "0.5") or 0.5),
+                ref_scores=scores[0] if scores else None,
+                out_scores=scores[1] if scores else None,
+            )
+        )
+    elif kind.kind == "segmentation":
+        axis = kind.param("axis")
+        figures.update(
+            metrics.segmentation(
+                ref,
+                out,
+                threshold=float(kind.param("threshold", "0.5") or 0.5),
+                axis=int(axis) if axis is not None else None,
+            )
+        )
+    elif kind.kind == "sequence":
+        step = kind.param("step")
+        figures.update(
+            metrics.sequence(
+                ref, out, axis=int(kind.param("axis", "1") or 1), step=int(step) if step is not None else None
+            )
+        )
     figures["error_histogram"] = error_histogram(ref, out)
     return figures
-
-
-def is_classifier(output: np.ndarray) -> bool:
-    """[N, classes] scores. Rank > 2 outputs (detector boxes, [1,1,1,4] crops) are not class scores."""
-    return output.ndim == 2 and output.shape[-1] > 1
 
 
 def error_histogram(ref: np.ndarray, out: np.ndarray, bins: int = 24) -> dict[str, Any] | None:
@@ -147,7 +153,14 @@ def error_histogram(ref: np.ndarray, out: np.ndarray, bins: int = 24) -> dict[st
     }
 
 
-def evaluate(fp32_path: Path, int8_path: Path, samples: Samples, sig: IOSignature) -> dict[str, Any]:
+def evaluate(
+    fp32_path: Path,
+    int8_path: Path,
+    samples: Samples,
+    sig: IOSignature,
+    judging: Judging | None = None,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
     """Run both ONNX models on ``samples`` and return the JSON-serialisable comparison report."""
     try:
         fp32_sess = session(fp32_path)
@@ -165,16 +178,20 @@ def evaluate(fp32_path: Path, int8_path: Path, samples: Samples, sig: IOSignatur
         sig,
         Path(fp32_path).stat().st_size,
         Path(int8_path).stat().st_size,
+        judging,
+        batch_size,
     )
 
 
 RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
 
-def _run(fn: RunFn, samples: Samples, sig: IOSignature) -> tuple[list[np.ndarray], float]:
+def _run(
+    fn: RunFn, samples: Samples, sig: IOSignature, batch_size: int | None
+) -> tuple[list[np.ndarray], float]:
     parts: list[list[np.ndarray]] = [[] for _ in sig.outputs]
     elapsed = 0.0
-    for feed in samples.batches(sig.inputs):
+    for feed in samples.batches(sig.inputs, batch_size):
         start = time.perf_counter()
         results = fn(feed)
         elapsed += time.perf_counter() - start
@@ -183,57 +200,90 @@ def _run(fn: RunFn, samples: Samples, sig: IOSignature) -> tuple[list[np.ndarray
     return [np.concatenate(p, axis=0) for p in parts], elapsed
 
 
+@dataclass(frozen=True)
+class Judging:
+    """How outputs are judged: declared kinds, graph hints for inference, an optional user metric."""
+
+    declared: dict[str, OutputKind] = field(default_factory=dict)
+    hints: dict[str, str] = field(default_factory=dict)  # output name -> op next to it in the graph
+    metric: UserMetric | None = None
+
+
 def evaluate_runners(
-    fp32: RunFn, int8: RunFn, samples: Samples, sig: IOSignature, fp32_bytes: int, int8_bytes: int
+    fp32: RunFn,
+    int8: RunFn,
+    samples: Samples,
+    sig: IOSignature,
+    fp32_bytes: int,
+    int8_bytes: int,
+    judging: Judging | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Compare any two float-in/float-out model runs (ONNX or TFLite) on ``samples``."""
+    """Compare any two float-in/float-out model runs (ONNX or TFLite) on ``samples``.
+
+    ``batch_size``: samples per run for dynamic-batch models (``compiler.memory`` plans it).
+    """
+    judging = judging or Judging()
     try:
-        ref, ref_s = _run(fp32, samples, sig)
+        ref, ref_s = _run(fp32, samples, sig, batch_size)
     except Exception as exc:
         raise InvalidModel(f"the float model fails on the evaluation samples: {exc}") from exc
     try:
-        out, out_s = _run(int8, samples, sig)
+        out, out_s = _run(int8, samples, sig, batch_size)
     except Exception as exc:
         raise QuantizationError(f"the int8 model fails on the evaluation samples: {exc}") from exc
 
     n = len(ref[0]) if ref else 0
-    outputs = {spec.name: compare_output(r, o) for spec, r, o in zip(sig.outputs, ref, out, strict=True)}
+    names = [spec.name for spec in sig.outputs]
+    refs, outs = dict(zip(names, ref, strict=True)), dict(zip(names, out, strict=True))
+    labels = samples.labels[:n] if samples.labels is not None else None
+    kinds = output_kinds.resolve(judging.declared, refs, judging.hints, labels is not None)
+    outputs = {}
+    for name in names:
+        score_name = kinds[name].param("scores")
+        scores = (refs[score_name], outs[score_name]) if score_name else None
+        outputs[name] = compare_output(refs[name], outs[name], kinds[name], scores)
     report: dict[str, Any] = {
         "evaluation_samples": n,
         "outputs": outputs,
         "nonfinite_outputs": sum(o["nonfinite_int8"] for o in outputs.values()),
-        "accuracy": _accuracy(samples, sig, ref, out, n),
+        "accuracy": _accuracy(labels, kinds, refs, outs),
         "size": {
             "fp32_bytes": fp32_bytes,
             "int8_bytes": int8_bytes,
             "ratio": round(int8_bytes / fp32_bytes, 3) if fp32_bytes else None,  # int8 / fp32
         },
         "latency_ms_per_batch": {
-            "fp32": _per_batch_ms(ref_s, samples, sig),
-            "int8": _per_batch_ms(out_s, samples, sig),
+            "fp32": _per_batch_ms(ref_s, samples, sig, batch_size),
+            "int8": _per_batch_ms(out_s, samples, sig, batch_size),
             "note": "this host, 1 thread, during evaluation; not the device",
         },
     }
+    if judging.metric is not None:
+        report["user_metric"] = judging.metric.measure(refs, outs, labels)
     return report
 
 
-def _per_batch_ms(seconds: float, samples: Samples, sig: IOSignature) -> float:
-    batches = sum(1 for _ in samples.batches(sig.inputs))
+def _per_batch_ms(seconds: float, samples: Samples, sig: IOSignature, batch_size: int | None) -> float:
+    batches = sum(1 for _ in samples.batches(sig.inputs, batch_size))
     return round(1000 * seconds / max(batches, 1), 4)
 
 
 def _accuracy(
-    samples: Samples, sig: IOSignature, ref: list[np.ndarray], out: list[np.ndarray], n: int
+    labels: np.ndarray | None,
+    kinds: dict[str, OutputKind],
+    refs: dict[str, np.ndarray],
+    outs: dict[str, np.ndarray],
 ) -> dict[str, Any] | None:
-    """Accuracy on the first classifier output whose sample axis lines up with the labels."""
-    if samples.labels is None:
+    """Accuracy on the first classification output (labels are class ids, one per sample)."""
+    if labels is None:
         return None
-    labels = samples.labels[:n]
-    for spec, r, o in zip(sig.outputs, ref, out, strict=True):
-        if r.ndim == 2 and is_classifier(r):
-            fp32 = float((np.argmax(r, axis=-1) == labels).mean())
-            int8 = float((np.argmax(o, axis=-1) == labels).mean())
-            if not (np.isfinite(r).all() and np.isfinite(o).all()):
-                return {"output": spec.name, "fp32": None, "int8": None, "drop": None}
-            return {"output": spec.name, "fp32": fp32, "int8": int8, "drop": fp32 - int8}
+    for name, kind in kinds.items():
+        if kind.kind != "classification":
+            continue
+        r, o = refs[name], outs[name]
+        if not (np.isfinite(r).all() and np.isfinite(o).all()):
+            return {"output": name, "fp32": None, "int8": None, "drop": None}
+        fp32, int8 = metrics.accuracy(r, labels), metrics.accuracy(o, labels)
+        return {"output": name, "fp32": fp32, "int8": int8, "drop": fp32 - int8}
     return None

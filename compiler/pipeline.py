@@ -26,14 +26,20 @@ from typing import Any
 import onnx
 import onnxruntime
 
-from compiler.build import BuildRequest, Progress
+from compiler.build import BuildRequest, Built, Progress
 from compiler.errors import CompilerError, GateFailed, InvalidModel
+from compiler.evaluate import Judging
 from compiler.gate import Gate
 from compiler.html_report import write_html_report
+from compiler.memory import MemoryPlan, budget_from_machine, peak_usage
+from compiler.output_kinds import OutputKind, parse_declarations
 from compiler.runners import latency
 from compiler.size_parts import size_breakdown
+from compiler.sniff import describe, is_tflite, looks_like_onnx, read_head
 from compiler.sources import DataSource, Preprocess
 from compiler.targets import Target, family_of, get_target, known_targets
+from compiler.toolchain_notes import capture_toolchain
+from compiler.user_metric import UserMetric
 from signing.keys import KeyPair
 from signing.manifest import BundleManifest, sign_bundle
 
@@ -86,6 +92,8 @@ def compile_model(
     preprocess: Preprocess | None = None,
     latency_repeats: int = 20,
     html_report: Path | None = None,
+    output_kinds: dict[str, OutputKind] | str | None = None,
+    max_memory: int | None = None,
 ) -> CompileResult:
     """Compile ``model_path`` for ``target`` into a signed bundle at ``out_dir``.
 
@@ -97,7 +105,11 @@ def compile_model(
     records ``"gate": "skipped"``); otherwise a miss raises
     ``GateFailed`` and nothing is written (the HTML report still is, when
     asked for, so the user can see why). ``out_dir`` must not exist unless
-    ``overwrite``. Raises ``CompilerError`` subclasses for bad inputs.
+    ``overwrite``. ``output_kinds``: declared kinds per output (``compiler.output_kinds``: a
+    mapping, ``name=kind,...`` or a ``.toml``/``.json`` path); the rest are inferred.
+    ``max_memory``: bytes the compile plans its batches in (``compiler.memory``; default: from the
+    machine's limits). Raises
+    ``CompilerError`` subclasses for bad inputs.
     """
     started = time.perf_counter()
     report_progress = progress or (lambda _step, _fraction: None)
@@ -105,7 +117,10 @@ def compile_model(
     _check_meta(name, version, release)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; choose another output directory or pass overwrite")
+        raise FileExistsError(
+            f"{out_dir} exists; choose another output directory or replace it with --overwrite "
+            "(overwrite=True in the API)"
+        )
     fmt = model_format(Path(model_path))
     if fmt != tgt.accepts:
         fitting = ", ".join(t for t in known_targets() if get_target(t).accepts == fmt)
@@ -113,35 +128,42 @@ def compile_model(
             f"{model_path}: target {tgt.name!r} takes {tgt.accepts.upper()} models, this is {fmt.upper()} "
             f"(targets for {fmt.upper()}: {fitting})"
         )
+    declared = parse_declarations(output_kinds) if isinstance(output_kinds, str) else dict(output_kinds or {})
+    metric = UserMetric.load(gate.metric) if gate is not None and gate.metric else None
+    judging = Judging(declared=declared, metric=metric)
+    if max_memory is not None and max_memory <= 0:
+        raise CompilerError(f"max_memory must be a positive number of bytes, got {max_memory}")
+    plan = MemoryPlan(max_memory, "--max-memory") if max_memory else budget_from_machine()
     report_progress("load", 0.0)
     with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as tmp:
         work = Path(tmp)
         request = BuildRequest(
-            Path(model_path), tgt, calib_path, eval_path, preprocess, gate, work, report_progress
+            Path(model_path),
+            tgt,
+            calib_path,
+            eval_path,
+            preprocess,
+            gate,
+            work,
+            report_progress,
+            judging,
+            plan,
         )
-        built = family_of(tgt).build(request)
+        try:
+            with capture_toolchain() as notes:
+                built = _build_and_measure(request, latency_repeats)
+        except CompilerError as exc:
+            exc.notes = notes.rows()
+            raise
         report = built.report
-        report["target"] = {"name": tgt.name, "backend": tgt.backend, "runtime": tgt.runtime}
-        size = report["size"]
-        size["parts"] = size_breakdown(built.fp32, built.int8)
-        # The file that ships: the int8 model itself, or what a family compiled it into (Vela).
-        size["artifact_bytes"] = built.artifact.stat().st_size
-        fp32_bytes = size["fp32_bytes"]
-        size["artifact_ratio"] = round(size["artifact_bytes"] / fp32_bytes, 3) if fp32_bytes else None
-        if latency_repeats > 0:
-            report_progress("latency", 0.8)
-            feed = {k: v[:1] for k, v in built.held_out.inputs.items()}
-            report["latency"] = latency(built.fp32, built.int8, feed, latency_repeats)
+        report["notes"] = notes.rows()
+        report.setdefault("memory", plan.to_dict())["peak_rss_bytes"] = peak_usage()
         report_progress("gate", 0.85)
         if gate is None:
             report["gate"] = "skipped"
         else:
-            failures = gate.check(report)
-            report["gate"] = {
-                "thresholds": gate.thresholds(),
-                "verdict": "failed" if failures else "passed",
-                "failures": failures,
-            }
+            report["gate"] = gate.decide(report)
+            failures = report["gate"]["failures"]
             if failures:
                 if html_report is not None:
                     write_html_report(html_report, report, title=f"{name}:{version} for {tgt.name}")
@@ -168,13 +190,50 @@ def compile_model(
     return CompileResult(out_dir, manifest, report)
 
 
+def _build_and_measure(request: BuildRequest, latency_repeats: int) -> Built:
+    """The family's build, then the sizes and host latency: every step that runs third-party code."""
+    tgt = request.target
+    built = family_of(tgt).build(request)
+    report = built.report
+    report["target"] = {"name": tgt.name, "backend": tgt.backend, "runtime": tgt.runtime}
+    size = report["size"]
+    size["parts"] = size_breakdown(built.fp32, built.int8)
+    # The file that ships: the int8 model itself, or what a family compiled it into (Vela).
+    size["artifact_bytes"] = built.artifact.stat().st_size
+    fp32_bytes = size["fp32_bytes"]
+    size["artifact_ratio"] = round(size["artifact_bytes"] / fp32_bytes, 3) if fp32_bytes else None
+    if latency_repeats > 0:
+        request.progress("latency", 0.8)
+        feed = {k: v[:1] for k, v in built.held_out.inputs.items()}
+        report["latency"] = latency(built.fp32, built.int8, feed, latency_repeats)
+    return built
+
+
 def model_format(path: Path) -> str:
-    """``onnx`` or ``tflite``, by content (the TFLite file identifier), not by name."""
+    """``onnx`` or ``tflite``, by content (``compiler.sniff``), never by name; anything else is refused.
+
+    A file that is neither gets one line naming what it is (text, a zip or ``.npz``, an image...),
+    so a wrong file is never reported as the other model format.
+    """
     if not path.is_file():
         raise InvalidModel(f"{path}: no such file")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    return "tflite" if head[4:8] == b"TFL3" else "onnx"
+    head = read_head(path)
+    if is_tflite(head):
+        return "tflite"
+    if looks_like_onnx(head) or _parses_as_onnx(path):
+        return "onnx"
+    raise InvalidModel(
+        f"{path}: not a model: the file is {describe(head)}; "
+        "compile takes an ONNX model or a float TFLite flatbuffer"
+    )
+
+
+def _parses_as_onnx(path: Path) -> bool:
+    """The rare ONNX file whose first field is not ``ir_version``: a full parse with a graph decides."""
+    try:
+        return bool(onnx.load(str(path), load_external_data=False).graph.node)
+    except Exception:  # protobuf raises DecodeError and others on what is not a ModelProto
+        return False
 
 
 def _check_meta(name: str, version: str, release: int) -> None:

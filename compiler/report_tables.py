@@ -45,27 +45,74 @@ def _shape(shape: Any) -> str:
     return "x".join(str(d) for d in shape) if shape else "scalar"
 
 
+TASK_FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
+    "integer": (("exact_agreement", "exact"),),
+    "classification": (("top1_agreement", "top-1"),),
+    "detection": (("box_f1", "box F1"), ("box_iou_mean", "IoU"), ("score_agreement", "scores")),
+    "segmentation": (("mask_iou_mean", "mask IoU"), ("mask_iou_min", "min")),
+    "sequence": (("step_error", "error"),),
+}
+
+
+def _task_figure(fig: dict[str, Any]) -> str:
+    """The kind's own figures in one cell: ``top-1 0.995``, ``box F1 0.97 IoU 0.91``, ``error@50 0.08``."""
+    kind = fig.get("kind", "")
+    parts = []
+    for key, label in TASK_FIGURES.get(kind, ()):
+        if key == "step_error":
+            label = f"error@{fig.get('step', '?')}"
+        parts.append(f"{label} {fmt(fig.get(key))}")
+    return " ".join(parts) or "-"
+
+
 def outputs(report: dict[str, Any]) -> Table:
-    """One row per model output. Integer outputs have exact agreement only (see compiler.evaluate)."""
+    """One row per model output: its kind (and where the kind came from), its task figure, and the
+    regression figures every float output has. Integer outputs have exact agreement only."""
     rows: list[list[Any]] = []
     for name, fig in report.get("outputs", {}).items():
-        if fig.get("kind") == "integer":
-            rows.append(
-                [name, "integer", _shape(fig.get("shape")), fig.get("exact_agreement"), *["n/a"] * 3, "-"]
-            )
+        kind = fig.get("kind", "float")
+        source = str(fig.get("kind_source", "")).split(":")[0]
+        label = f"{kind} ({source})" if source else kind
+        if kind == "integer":
+            rows.append([name, label, _shape(fig.get("shape")), _task_figure(fig), "n/a", "n/a", "-"])
             continue
-        kind = "scores" if "top1_agreement" in fig else "float"
         nonfinite = f"{fig.get('nonfinite_fp32', 0)} / {fig.get('nonfinite_int8', 0)}"
-        agree = fig.get("top1_agreement") if kind == "scores" else "n/a"
-        cosine = [fig.get("cosine_mean"), fig.get("cosine_min")]
-        rows.append([name, kind, _shape(fig.get("shape")), agree, *cosine, fig.get("snr_db"), nonfinite])
-    head = ["output", "kind", "shape", "agreement", "cosine mean", "cosine min", "SNR dB", "non-finite"]
+        rows.append(
+            [
+                name,
+                label,
+                _shape(fig.get("shape")),
+                _task_figure(fig),
+                fig.get("snr_db"),
+                fig.get("cosine_min"),
+                nonfinite,
+            ]
+        )
+    head = ["output", "kind", "shape", "task figure", "SNR dB", "cosine min", "non-finite"]
     caption = (
-        f"{report.get('evaluation_samples', '?')} held-out samples. Agreement: top-1 for class scores; "
-        "for integer outputs (labels) the share of samples whose output is unchanged, which have no "
-        "cosine or SNR. Non-finite: fp32 / int8 values."
+        f"{report.get('evaluation_samples', '?')} held-out samples. Kind: declared, inferred, or the "
+        "default (regression); the gate holds each output to its kind's figures. Non-finite: fp32 / int8."
     )
     return Table("outputs", "int8 vs fp32", head, rows, caption)
+
+
+def checks(report: dict[str, Any]) -> Table | None:
+    """Every figure the gate held to a threshold."""
+    g = report.get("gate")
+    found = g.get("checks") if isinstance(g, dict) else None
+    if not found:
+        return None
+    rows = [
+        [
+            c.get("output"),
+            c.get("figure"),
+            c.get("value"),
+            f"{c.get('bound')} {fmt(c.get('threshold'))}",
+            c.get("passed"),
+        ]
+        for c in found
+    ]
+    return Table("checks", "gate checks", ["output", "figure", "value", "threshold", "passed"], rows)
 
 
 def accuracy(report: dict[str, Any]) -> Table | None:
@@ -168,23 +215,46 @@ def method(report: dict[str, Any]) -> list[Table]:
     return [Table("method", "method", ["setting", "value"], rows), *out]
 
 
+def _decided(decided: Any) -> str:
+    if not isinstance(decided, dict):
+        return "-"
+    if decided.get("message"):
+        return str(decided["message"])
+    bound = decided.get("bound", "min")
+    return (
+        f"{decided.get('figure')} of {decided.get('output')!r} ({decided.get('kind') or '-'}): "
+        f"{fmt(decided.get('value'))}, {bound} {fmt(decided.get('threshold'))}"
+    )
+
+
 def gate(report: dict[str, Any]) -> Table:
     g = report.get("gate")
     if not isinstance(g, dict):
         return Table(
             "gate", "gate", ["verdict"], [[str(g)]], "the bundle was written without the quality gate"
         )
-    limits = {k: v for k, v in (g.get("thresholds") or {}).items() if v is not None}
     return Table(
         "gate",
         "gate",
-        ["verdict", "thresholds"],
-        [[g.get("verdict"), limits]],
+        ["verdict", "decided by"],
+        [[g.get("verdict"), _decided(g.get("decided_by"))]],
         "\n".join(g.get("failures") or []),
     )
 
 
+def notes(report: dict[str, Any]) -> Table | None:
+    """What the toolchain (onnxruntime, LiteRT, absl, Python warnings) said while compiling."""
+    found = report.get("notes")
+    if not found:
+        return None
+    rows = [[n.get("level"), n.get("source"), n.get("message"), n.get("count")] for n in found]
+    caption = "collected during the compile instead of printed (compiler.toolchain_notes)"
+    return Table("notes", "toolchain messages", ["level", "from", "message", "count"], rows, caption)
+
+
 SHOWN = {
+    "notes",
+    "user_metric",
     "gate",
     "size",
     "accuracy",
@@ -208,6 +278,7 @@ def tables(report: dict[str, Any]) -> list[Table]:
     """Every table of the report, in reading order."""
     found = [
         gate(report),
+        checks(report),
         outputs(report),
         accuracy(report),
         *size(report),
@@ -215,6 +286,7 @@ def tables(report: dict[str, Any]) -> list[Table]:
         *npu(report),
         ops(report),
         *method(report),
+        notes(report),
         run(report),
     ]
     return [t for t in found if t is not None]

@@ -199,8 +199,8 @@ def prepare_tflite(data: bytes, source: Path | str = "model") -> tuple[bytes, TF
         info.notes.append(
             f"old-schema file: {info.opcodes_fixed} operator codes taken from deprecatedBuiltinCode"
         )
-    if not model.signatureDefs:  # folding reindexes tensors, which existing signatures would point into
-        info.fp16_constants_folded = fold_fp16_dequantize(model)
+    # Folding reindexes the tensors; ``_drop_unused_tensors`` reindexes existing SignatureDefs with them.
+    info.fp16_constants_folded = fold_fp16_dequantize(model)
     if info.fp16_constants_folded:
         info.notes.append(
             f"{info.fp16_constants_folded} DEQUANTIZE(fp16 constant) ops folded to fp32 constants"

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import QuantizationError
-from compiler.tflite_prep import SIGNATURE_KEY
+from compiler.tflite_prep import read_tflite
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,17 @@ def quantize_tflite(prepared: bytes, calibration: Iterable[dict[str, np.ndarray]
             f"tflite targets need ai-edge-quantizer and ai-edge-litert (extra 'tflite'): {exc}"
         ) from exc
     quant = quantizer.Quantizer(bytearray(prepared), recipe.static_wi8_ai8())
+    key, by_tensor = signature_keys(prepared)
     sink = io.StringIO()
     try:
         with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
             calib = calibrator.Calibrator(
                 bytearray(prepared), num_threads=1, qsv_update_func=qsv_utils.min_max_update
             )
-            dataset: dict[str, Any] = {SIGNATURE_KEY: list(calibration)}
+            feeds = (
+                {by_tensor.get(name, name): value for name, value in feed.items()} for feed in calibration
+            )
+            dataset: dict[str, Any] = {key: list(feeds)}
             calib.calibrate(dataset, quant._recipe_manager)
             result = quant.quantize(calib.get_model_qsvs(), enable_progress_report=False)
     except Exception as exc:  # the quantizer raises ValueError/RuntimeError/KeyError on models it cannot take
@@ -54,3 +58,21 @@ def quantize_tflite(prepared: bytes, calibration: Iterable[dict[str, np.ndarray]
     if result.quantized_model is None:
         raise QuantizationError("ai-edge-quantizer produced no model")
     return bytes(result.quantized_model)
+
+
+def signature_keys(model: bytes) -> tuple[str, dict[str, str]]:
+    """The first SignatureDef's key and its input keys by tensor name.
+
+    Samples are keyed by tensor name (what LiteRT's ``get_input_details`` reports, e.g.
+    ``serving_default_x:0``), but ai-edge-quantizer's calibrator runs the signature and wants the
+    signature's own input keys (``x``). ``prepare_tflite`` guarantees one signature exists.
+    """
+    parsed = read_tflite(model)
+    sig = parsed.signatureDefs[0]
+    tensors = parsed.subgraphs[sig.subgraphIndex].tensors
+
+    def text(value: Any) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    key = text(sig.signatureKey)
+    return key, {text(tensors[e.tensorIndex].name): text(e.name) for e in sig.inputs or []}

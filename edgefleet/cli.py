@@ -32,6 +32,7 @@ from edgefleet.commands.common import (
     report_error,
 )
 from edgefleet.commands.compile import compile_cmd
+from edgefleet.commands.data import data_app
 from edgefleet.commands.device_ops import register_device_ops
 from edgefleet.commands.devices import devices_app
 from edgefleet.commands.examples import examples_app
@@ -157,6 +158,7 @@ app.add_typer(keys_app, name="keys")
 app.command("compile")(compile_cmd)
 app.add_typer(examples_app, name="examples")
 app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
 register_device_ops(devices_app)
 app.add_typer(devices_app, name="devices")
 app.add_typer(rollouts_app, name="rollouts")

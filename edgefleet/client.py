@@ -244,6 +244,14 @@ class ApiClient:
     def model(self, name: str, version: str) -> dict[str, Any]:
         return dict(self._request("GET", f"/api/v1/models/{name}/{version}"))
 
+    def model_metrics(self, name: str, version: str) -> dict[str, Any]:
+        """The model's field figures per hardware cohort and rollout stage, and in total."""
+        return dict(self._request("GET", f"/api/v1/models/{name}/{version}/metrics"))
+
+    def post_labels(self, labels: list[dict[str, Any]]) -> dict[str, Any]:
+        """Post a batch of labels; each item's outcome in order, and their counts."""
+        return dict(self._request("POST", "/api/v1/labels", json={"labels": labels}))
+
     def model_envelope(self, sha256: str) -> bytes:
         """The bundle's signed envelope as stored (public: devices verify it themselves)."""
         try:

@@ -8,13 +8,15 @@ histograms must be added bin by bin before taking a percentile.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlmodel import Session, col, select
 
+from fleet_server import model_metrics as mm
 from fleet_server.errors import NotFound
 from fleet_server.gates import add_counts, p95_us
-from fleet_server.models import Device, Model, ModelAggregate, Rollout, RolloutDevice
-from fleet_server.schemas import AggregateOut
+from fleet_server.models import CaptureItem, Device, Label, Model, ModelAggregate, Rollout, RolloutDevice
+from fleet_server.schemas import AggregateOut, MetricsGroupOut, ModelMetricsOut
 
 Key = tuple[str, str, int | None]  # (sha256, hardware_id, stage)
 
@@ -93,3 +95,54 @@ def _names(session: Session, shas: set[str]) -> dict[str, str]:
         return {}
     rows = session.exec(select(Model).where(col(Model.sha256).in_(shas))).all()
     return {m.sha256: f"{m.name}:{m.version}" for m in rows}
+
+
+def model_metrics(session: Session, name: str, version: str) -> ModelMetricsOut:
+    """The model's field figures (``fleet_server.model_metrics``) per hardware cohort and stage of its
+    latest rollout, and in total; server-side labels join its captured predictions."""
+    found = session.exec(select(Model).where(Model.name == name, Model.version == version)).first()
+    if found is None:
+        raise NotFound("model_not_found", f"no model {name}:{version}")
+    latest = session.exec(
+        select(Rollout).where(Rollout.model_sha256 == found.sha256).order_by(col(Rollout.created_at).desc())
+    ).first()
+    stages: dict[str, int | None] = {}
+    if latest is not None:
+        rows = session.exec(
+            select(RolloutDevice.device_id, RolloutDevice.stage).where(RolloutDevice.rollout_id == latest.id)
+        ).all()
+        stages = {d: s for d, s in rows}
+    stmt = (
+        select(ModelAggregate, Device.hardware_id)
+        .join(Device, col(Device.id) == col(ModelAggregate.device_id))
+        .where(ModelAggregate.sha256 == found.sha256)
+    )
+    groups: dict[tuple[str, int | None], mm.Counts] = {}
+    total = mm.Counts()
+    for agg, hw in session.exec(stmt).all():
+        groups.setdefault((hw, stages.get(agg.device_id)), mm.Counts()).add(agg)
+        total.add(agg)
+    joined: dict[tuple[str, int | None], list[tuple[Any, str | None]]] = {}
+    pairs = session.exec(
+        select(Label.label, CaptureItem.predicted, CaptureItem.hardware_id, CaptureItem.device_id)
+        .join(CaptureItem, col(CaptureItem.inference_id) == col(Label.inference_id))
+        .where(CaptureItem.model_sha256 == found.sha256)
+    ).all()
+    for label, predicted, hw, device in pairs:
+        joined.setdefault((hw, stages.get(device)), []).append((label, predicted))
+    for key in joined:
+        groups.setdefault(key, mm.Counts())
+
+    def group(
+        hw: str | None, stage: int | None, c: mm.Counts, j: list[tuple[Any, str | None]]
+    ) -> MetricsGroupOut:
+        return MetricsGroupOut.model_validate({"hardware_id": hw, "stage": stage, **mm.metrics(c, j)})
+
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1]))
+    return ModelMetricsOut(
+        model=f"{name}:{version}",
+        sha256=found.sha256,
+        rollout_id=latest.id if latest is not None else None,
+        groups=[group(hw, st, c, joined.get((hw, st), [])) for (hw, st), c in ordered],
+        total=group(None, None, total, [p for ps in joined.values() for p in ps]),
+    )

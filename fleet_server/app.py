@@ -19,11 +19,13 @@ from fastapi_offline import FastAPIOffline
 from fleet_server.artifacts import load_trust
 from fleet_server.audit import AuditMiddleware
 from fleet_server.auth import bootstrap_admin_token, hash_token
+from fleet_server.captures import load_device_ca
 from fleet_server.context import ServerContext
 from fleet_server.keyload import load_fleet_key
 from fleet_server.logs import RequestIdMiddleware
 from fleet_server.metrics import make_registry
 from fleet_server.mqtt_bridge import MqttBridge
+from fleet_server.retrain import RetrainWatcher
 from fleet_server.routes import ROUTERS, allowed_methods
 from fleet_server.routes.errors import install_error_handler
 from fleet_server.routes.openapi import install_openapi
@@ -44,6 +46,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         settings=settings, engine=make_engine(settings), trust=load_trust(settings.keys_dir)
     )
     fleet_key = load_fleet_key(settings)
+    context.device_ca = load_device_ca(settings.device_ca_path)
     context.admin_token = bootstrap_admin_token(settings)
     context.admin_token_hash = hash_token(context.admin_token)
     try:
@@ -68,6 +71,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         bridge.start(is_leader=lambda: ticker.is_leader)
         ticker.start()
         slo.start()
+        retrain = RetrainWatcher(settings, context.engine, lambda: ticker.is_leader)
+        context.retrain = retrain
+        retrain.start()
         if context.tuf is not None:
             context.tuf.start(settings.tuf_refresh_interval)
         try:
@@ -76,6 +82,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             if context.tuf is not None:
                 context.tuf.stop()
             slo.stop()
+            retrain.stop()
             ticker.stop()
             bridge.stop()
             context.engine.dispose()

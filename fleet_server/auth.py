@@ -2,7 +2,11 @@
 
 Bearer tokens (``Authorization: Bearer ef_...``) with one of three roles,
 ordered: ``viewer`` (read), ``operator`` (devices, models, rollouts),
-``admin`` (tokens). Only a token's SHA-256 is stored (``fleet_server.tokens``).
+``admin`` (tokens), or the side role ``labeler``: it may post labels and
+nothing else (not even read), so the app or labelling service that feeds
+ground truth back holds no key to the fleet. Operators and admins may post
+labels too; a viewer may not (labels move the accuracy gate). Only a
+token's SHA-256 is stored (``fleet_server.tokens``).
 The bootstrap admin token comes from ``ServerSettings.admin_token`` or is
 generated once into ``<data_dir>/admin.token`` (0600) and is compared in
 memory, never stored in the database. Without a token the answer is 401 when
@@ -41,8 +45,16 @@ from fleet_server.store import new_session
 
 log = logging.getLogger(__name__)
 
-ROLES = ("viewer", "operator", "admin")
-RANK = {role: i for i, role in enumerate(ROLES)}
+ROLES = ("viewer", "operator", "admin")  # ordered: each may do what the ones before it may
+LABELER = "labeler"  # outside the order: posts labels only
+# who satisfies a route's declared role
+GRANTS: dict[str, frozenset[str]] = {
+    **{role: frozenset(ROLES[i:]) for i, role in enumerate(ROLES)},
+    LABELER: frozenset({LABELER, "operator", "admin"}),
+}
+# which declaration wins when a route's dependencies declare several (the strictest)
+_STRENGTH = {"viewer": 0, LABELER: 1, "operator": 2, "admin": 3}
+TOKEN_ROLES = (*ROLES, LABELER)
 TOKEN_FILE = "admin.token"
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -126,8 +138,8 @@ def authenticate(request: Request) -> Principal:
 
 
 def ensure_role(principal: Principal, role: str) -> None:
-    """403 unless ``principal`` holds ``role`` or a higher one."""
-    if RANK.get(principal.role, -1) < RANK[role]:
+    """403 unless ``principal`` holds ``role`` or one that grants it (``GRANTS``)."""
+    if principal.role not in GRANTS[role]:
         raise ApiError(
             403, "forbidden", f"{principal.actor} ({principal.role}) may not do this: needs {role}"
         )
@@ -150,7 +162,7 @@ class Require:
 
 
 def require(role: str) -> Require:
-    if role not in RANK:
+    if role not in GRANTS:
         raise ValueError(f"unknown role {role!r}")
     return Require(role)
 
@@ -158,7 +170,7 @@ def require(role: str) -> Require:
 def required_role(dependant: Dependant) -> str | None:
     """The highest role any ``require`` in a route's dependency tree asks for (None: a public route)."""
     roles = [d.call.role for d in _walk(dependant) if isinstance(d.call, Require)]
-    return max(roles, key=RANK.__getitem__) if roles else None
+    return max(roles, key=_STRENGTH.__getitem__) if roles else None
 
 
 def _walk(dependant: Dependant) -> Iterator[Dependant]:
@@ -170,7 +182,10 @@ def _walk(dependant: Dependant) -> Iterator[Dependant]:
 
 
 __all__ = [
+    "GRANTS",
+    "LABELER",
     "ROLES",
+    "TOKEN_ROLES",
     "Principal",
     "Require",
     "authenticate",

@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cryptography import x509
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
@@ -15,6 +16,7 @@ from signing.trust import TrustRoot
 
 if TYPE_CHECKING:
     from fleet_server.mqtt_bridge import MqttBridge
+    from fleet_server.retrain import RetrainWatcher
     from fleet_server.slo_runner import SloRunner
     from fleet_server.ticker import Ticker
     from fleet_server.tuf_service import TufService
@@ -48,7 +50,9 @@ class ServerContext:
     ticker: Ticker | None = None
     slo: SloRunner | None = None  # the leader's SLO evaluation and alert delivery
     metrics: CollectorRegistry | None = None  # what /metrics exposes (fleet_server.metrics)
+    retrain: RetrainWatcher | None = None
     tuf: TufService | None = None  # the TUF repository this server serves (None: not set up)
+    device_ca: x509.Certificate | None = None  # signs device certificates (None: captures refused)
     admin_token: str = ""  # the bootstrap admin token (plaintext only in memory)
     admin_token_hash: str = ""
 

@@ -250,6 +250,66 @@ class DeviceTotals(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
+class Label(SQLModel, table=True):
+    """Ground truth for one inference from one source (a person, an app, a labelling service).
+
+    The key is (inference_id, source): a source repeating itself changes nothing (the first
+    label stands), while two sources may disagree and both are kept. Nothing about the
+    prediction is copied here: a label may arrive before or after the inference's capture,
+    so the join with ``CaptureItem`` is made when the labels are read.
+    """
+
+    inference_id: str = Field(primary_key=True, max_length=36)  # the device's UUIDv7
+    source: str = Field(primary_key=True, max_length=64)
+    label: Any = Field(sa_type=JSON)  # class index or name, a value, or a list (one per row)
+    label_time: datetime = Field(sa_type=UTCDateTime)  # when the truth became known
+    received_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class CaptureBatch(SQLModel, table=True):
+    """A batch of captured inferences a device uploaded, stored as its body in the capture directory.
+
+    The key is the device's (device_id, batch_id): a resend of the same body is recognised by
+    ``body_sha256`` (200, nothing stored twice), another body under the same id is refused. The
+    model, hardware cohort and rollout stage are those at upload time.
+    """
+
+    device_id: str = Field(primary_key=True, max_length=128)
+    batch_id: str = Field(primary_key=True, max_length=64)
+    body_sha256: str = Field(max_length=64)
+    model_sha256: str = Field(max_length=64, index=True)
+    hardware_id: str = Field(max_length=128)
+    rollout_id: str | None = Field(default=None, max_length=32)
+    stage: int | None = None
+    items: int = 0
+    path: str = Field(max_length=512)  # the body's file, relative to the capture directory
+    first_ts: datetime | None = Field(default=None, sa_type=UTCDateTime)  # oldest inference in it
+    last_ts: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    received_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class CaptureItem(SQLModel, table=True):
+    """One captured inference: where its arrays are (batch and position) and what it is attributed to.
+
+    Labels join on ``inference_id``; exports read by model and inference time
+    (``ix_captureitem_model_ts``). ``predicted`` is the top-1 class of the first output row when
+    outputs were captured, so a label can be scored without reading the batch file.
+    """
+
+    __table_args__ = (Index("ix_captureitem_model_ts", "model_sha256", "ts"),)
+
+    inference_id: str = Field(primary_key=True, max_length=36)
+    device_id: str = Field(max_length=128)
+    batch_id: str = Field(max_length=64)
+    position: int  # index in the batch's items
+    model_sha256: str = Field(max_length=64)
+    hardware_id: str = Field(max_length=128)
+    rollout_id: str | None = Field(default=None, max_length=32)
+    stage: int | None = None
+    ts: datetime = Field(sa_type=UTCDateTime)  # the inference's time (its UUIDv7's)
+    predicted: str | None = Field(default=None, max_length=64)
+
+
 class ApiToken(SQLModel, table=True):
     """An admin API credential. Only the SHA-256 of the token is stored (tokens are 256-bit random,
     so a fast hash is enough: there is nothing to brute-force, unlike a password)."""

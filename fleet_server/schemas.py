@@ -482,9 +482,9 @@ class TokenIn(BaseModel):
     name: str = Field(
         min_length=1, max_length=128, description="what it is for, shown in lists and the audit log"
     )
-    role: Literal["admin", "operator", "viewer"] = Field(
+    role: Literal["admin", "operator", "viewer", "labeler"] = Field(
         description="viewer reads; operator also registers devices, uploads models, runs rollouts;"
-        " admin also manages tokens"
+        " admin also manages tokens; labeler only posts labels (POST /api/v1/labels) and reads nothing"
     )
 
 
@@ -505,7 +505,7 @@ class TokenOut(BaseModel):
 
     id: str = Field(description="the token's public handle (12 hex characters), used to revoke it")
     name: str = Field(description="what it is for")
-    role: str = Field(description="admin, operator or viewer")
+    role: str = Field(description="admin, operator, viewer or labeler")
     created_at: datetime = Field(description="when it was created (UTC)")
     created_by: str = Field(description="the actor who created it")
     revoked_at: datetime | None = Field(default=None, description="when it was revoked; null while valid")
@@ -659,3 +659,268 @@ class DriftOut(BaseModel):
 
 class DriftPage(Page[DriftOut]):
     """A page of the devices a replica saw drift, by device id."""
+
+
+_LABEL_SCALAR: dict[str, Any] = {
+    "anyOf": [
+        {"type": "number", "minimum": -(1 << 63), "maximum": (1 << 63) - 1},  # as the guard allows
+        {"type": "string", "minLength": 1, "maxLength": 256},
+    ]
+}
+LABEL_ITEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "one label; an item that does not fit is reported invalid, the rest of the batch is kept",
+    "properties": {
+        "inference_id": {
+            "type": "string",
+            "description": "the id the device gave the inference (UUIDv7, canonical lowercase)",
+        },
+        "label": {
+            "description": "the truth: a class index or name, a number (regressors), or a list of them"
+            " (one per row of a multi-row inference)",
+            "anyOf": [
+                _LABEL_SCALAR,
+                {"type": "array", "items": _LABEL_SCALAR, "minItems": 1, "maxItems": 1024},
+            ],
+        },
+        "label_time": {
+            "type": "string",
+            "description": "when the truth became known, ISO 8601 with an offset; default: when received",
+        },
+        "source": {
+            "type": "string",
+            "description": "who says so (an app, a person, a labelling service): 1 to 64 characters;"
+            " a source's first label of an inference stands",
+        },
+    },
+}
+LABEL_EXAMPLE: dict[str, Any] = {
+    "inference_id": "0193a5f0-7c1e-7a3b-9c2d-4e5f60718293",
+    "label": 7,
+    "label_time": TIME_EXAMPLE,
+    "source": "checkout-app",
+}
+
+
+class LabelsIn(BaseModel):
+    """A batch of labels for inferences devices made, joined to their captured predictions by id."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"labels": [LABEL_EXAMPLE]}]})
+
+    labels: list[Any] = Field(
+        description="at most 10,000 labels (and the 1 MiB body limit); more is a 413 too_many_labels."
+        " Each is judged on its own",
+        json_schema_extra={"items": LABEL_ITEM_SCHEMA},
+    )
+
+
+class LabelResultOut(BaseModel):
+    """What became of one label of the batch."""
+
+    status: Literal["accepted", "duplicate", "invalid"] = Field(
+        description="accepted (stored), duplicate (this source labelled this inference before: the first"
+        " label stands) or invalid (see detail; nothing stored)"
+    )
+    matched: bool = Field(
+        description="the server holds a capture of the inference, so the label is attributed to its"
+        " model version, hardware cohort and rollout stage; false is not an error (it may come later)"
+    )
+    detail: str | None = Field(default=None, description="why it is invalid or a duplicate")
+
+
+class LabelsOut(BaseModel):
+    """The outcome of every label of a batch, in the order sent, and their counts."""
+
+    model_config = _examples(
+        {
+            "results": [{"status": "accepted", "matched": True, "detail": None}],
+            "counts": {"accepted": 1, "duplicate": 0, "invalid": 0, "matched": 1},
+        }
+    )
+
+    results: list[LabelResultOut] = Field(description="one per label sent, in order")
+    counts: dict[str, int] = Field(description="labels per status, and how many matched a capture")
+
+
+class TensorIn(BaseModel):
+    """One array as a device captured it."""
+
+    dtype: str = Field(description="numpy dtype name, e.g. float32")
+    shape: list[int] = Field(description="the array's shape")
+    data: str = Field(description="base64 of the C-order little-endian bytes")
+
+
+class CaptureItemIn(BaseModel):
+    """One captured inference."""
+
+    inference_id: str = Field(description="the id the device gave the inference (UUIDv7); labels join on it")
+    ts: str = Field(description="when it ran (the UUIDv7's time), ISO 8601 UTC")
+    inputs: dict[str, TensorIn] | None = Field(
+        default=None, description="its input by name, when the policy keeps inputs"
+    )
+    outputs: list[TensorIn] | None = Field(
+        default=None, description="its outputs in order, when the policy keeps outputs"
+    )
+
+
+class CaptureBatchIn(BaseModel):
+    """A batch of captured inferences as the agent seals it (device_agent.capture_store.body)."""
+
+    model_config = _examples(
+        {
+            "device_id": "cam-0042",
+            "batch_id": "0193a5f0-7c1e-7a3b-9c2d-4e5f60718293",
+            "model_sha256": SHA_EXAMPLE,
+            "items": [
+                {
+                    "inference_id": "0193a5f0-7c1e-7a3b-9c2d-4e5f60718294",
+                    "ts": TIME_EXAMPLE,
+                    "outputs": [{"dtype": "float32", "shape": [1, 2], "data": "AACAPwAAAAA="}],
+                }
+            ],
+        }
+    )
+
+    device_id: str = Field(description="the device (must be the one in the URL and the signature)")
+    batch_id: str = Field(description="the batch id (must be the one in the URL)")
+    model_sha256: str = Field(description="SHA-256 of the model file that made these inferences")
+    items: list[CaptureItemIn] = Field(description="the captured inferences")
+
+
+class CaptureOut(BaseModel):
+    """A stored capture batch and what it was attributed to."""
+
+    model_config = _examples(
+        {
+            "device_id": "cam-0042",
+            "batch_id": "0193a5f0-7c1e-7a3b-9c2d-4e5f60718293",
+            "items": 40,
+            "skipped": 0,
+            "model_sha256": SHA_EXAMPLE,
+            "hardware_id": "rpi4",
+            "stage": 0,
+            "created": True,
+        }
+    )
+
+    device_id: str = Field(description="the device that captured it")
+    batch_id: str = Field(description="its id")
+    items: int = Field(description="inferences indexed")
+    skipped: int = Field(
+        description="items without a usable inference id or time (kept in the file, not indexed)"
+    )
+    model_sha256: str = Field(description="the model that made them")
+    hardware_id: str = Field(description="the device's hardware cohort")
+    stage: int | None = Field(
+        description="the rollout stage that put the model on the device; null outside one"
+    )
+    created: bool = Field(description="false when this exact batch was stored before (a resend)")
+
+
+class AccuracyOut(BaseModel):
+    """Accuracy on labelled predictions, with its Wilson score interval."""
+
+    labels: int = Field(description="labelled predictions")
+    correct: int = Field(description="of which the label was the predicted top-1 class")
+    value: float | None = Field(description="correct / labels, 0 to 1; null without labels")
+    interval: list[float] | None = Field(description="[low, high] Wilson interval; null without labels")
+    confidence: float = Field(description="the interval's confidence level, e.g. 0.95")
+
+
+class ClassMetricsOut(BaseModel):
+    """One class's figures from the confusion counts (one class against the rest)."""
+
+    support: int = Field(description="labels whose true class is this one")
+    predicted: int = Field(description="labelled predictions of this class")
+    precision: float | None = Field(description="true positives / predicted; null when never predicted")
+    recall: float | None = Field(description="true positives / support; null without support")
+    fpr: float | None = Field(description="false positive rate: false positives / labels of other classes")
+
+
+class FeatureAvailabilityOut(BaseModel):
+    """How often one input reached the model usable."""
+
+    checked: int = Field(description="inputs checked on the devices")
+    nan_share: float | None = Field(description="share holding NaN, 0 to 1; null when none checked")
+    missing_share: float | None = Field(description="share missing, 0 to 1")
+    out_of_range_share: float | None = Field(description="share outside the compiler's calibration range")
+    available: float | None = Field(description="share with none of these, 0 to 1")
+
+
+class PredictionAvailabilityOut(BaseModel):
+    """Requests at the devices' local API that got a prediction."""
+
+    requests: int = Field(description="requests for this model")
+    failed: int = Field(description="requests that got no prediction (bad input, errors, timeouts)")
+    by_kind: dict[str, int] = Field(description="failed requests by kind: bad_input, runtime_error, ...")
+    value: float | None = Field(description="(requests - failed) / requests; null without requests")
+
+
+class MetricsGroupOut(BaseModel):
+    """The field figures of the model on one hardware cohort in one rollout stage (or all of them)."""
+
+    hardware_id: str | None = Field(description="the hardware cohort; null in the total over all")
+    stage: int | None = Field(
+        description="stage of the model's latest rollout that took these devices; null outside it (or total)"
+    )
+    devices: int = Field(description="devices that reported telemetry for the model")
+    inferences: int = Field(description="inferences they counted")
+    accuracy: AccuracyOut | None = Field(description="device-matched labels; null for a regressor")
+    mean_abs_error: float | None = Field(description="regressors: mean |label - prediction|; null otherwise")
+    classes: dict[str, ClassMetricsOut] = Field(description="per class: precision, recall, FPR")
+    label_coverage: float | None = Field(description="labelled predictions / inferences, 0 to 1")
+    label_delay_p50_s: float | None = Field(description="median label delay, seconds (bucket upper bound)")
+    label_delay_p95_s: float | None = Field(description="95th percentile label delay, seconds")
+    feature_availability: dict[str, FeatureAvailabilityOut] = Field(description="per input tensor")
+    prediction_availability: PredictionAvailabilityOut = Field(description="at the devices' local API")
+    cpu_ms_per_inference: float | None = Field(description="agent process CPU milliseconds per inference")
+    energy_mj_per_inference: float | None = Field(
+        description="millijoules per inference: null, see energy_note"
+    )
+    energy_note: str = Field(description="why energy is null")
+    captured: int = Field(description="inferences devices kept for upload")
+    server_labels: AccuracyOut = Field(
+        description="labels posted to the server (POST /api/v1/labels) joined to captured predictions"
+    )
+
+
+class ModelMetricsOut(BaseModel):
+    """A model version's field figures per hardware cohort and rollout stage, and over all."""
+
+    model: str = Field(description="name:version")
+    sha256: str = Field(description="SHA-256 of its model file")
+    rollout_id: str | None = Field(description="the latest rollout of it, whose stages the groups name")
+    groups: list[MetricsGroupOut] = Field(description="per hardware id and stage, sorted")
+    total: MetricsGroupOut = Field(description="over every device")
+
+
+class LabelOut(BaseModel):
+    """One source's label of an inference."""
+
+    label: Any = Field(description="the label as posted")
+    source: str = Field(description="who posted it")
+    label_time: datetime = Field(description="when the truth became known (UTC)")
+
+
+class CapturedOut(BaseModel):
+    """A captured inference with its attribution, labels and arrays: one row of a dataset."""
+
+    inference_id: str = Field(description="the device's id of the inference (UUIDv7)")
+    device_id: str = Field(description="the device that made it")
+    model: str = Field(description="name:version of the model that made it")
+    sha256: str = Field(description="SHA-256 of that model file")
+    hardware_id: str = Field(description="the device's hardware cohort")
+    rollout_id: str | None = Field(
+        description="the rollout that put the model on the device; null outside one"
+    )
+    stage: int | None = Field(description="that rollout's stage for the device; null outside one")
+    ts: datetime = Field(description="when the inference ran (UTC)")
+    predicted: str | None = Field(description="top-1 class of its first output row; null without outputs")
+    labels: list[LabelOut] = Field(description="its labels, one per source, by source")
+    inputs: dict[str, TensorIn] | None = Field(description="its input by name, when captured")
+    outputs: list[TensorIn] | None = Field(description="its outputs in order, when captured")
+
+
+class CapturedPage(Page[CapturedOut]):
+    """A page of captured inferences, in inference-id (time) order."""

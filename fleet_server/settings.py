@@ -106,6 +106,23 @@ class ServerSettings(BaseSettings):
     # ``edgefleet server``'s logs: one JSON object a line with the request id ("json"), or plain text
     log_format: Literal["json", "text"] = "json"
 
+    # Captured inferences devices upload (fleet_server.captures): where the batches are kept (None:
+    # <data_dir>/captures), and the CA whose device certificates sign the uploads (None: the fleet
+    # CA `edgefleet devices provision` keeps, <keys_dir>/ca/ca.crt).
+    capture_dir: Path | None = None
+    device_ca_file: Path | None = None
+    # The retrain webhook (fleet_server.retrain): POSTed when a model's accuracy falls under
+    # retrain_min_accuracy (with at least retrain_min_labels labels) or its output PSI against the
+    # model it replaced passes retrain_max_psi (both with retrain_min_samples outputs). None: off.
+    retrain_webhook_url: str | None = None
+    retrain_min_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    retrain_max_psi: float | None = Field(default=None, gt=0.0)
+    retrain_min_labels: int = Field(default=200, ge=1)
+    retrain_min_samples: int = Field(default=1000, ge=1)
+    retrain_window_seconds: float = Field(default=7 * 86400.0, gt=0.0)  # the dataset window it names
+    retrain_check_seconds: float = Field(default=60.0, gt=0.0)
+    retrain_webhook_attempts: int = Field(default=8, ge=1)
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -118,6 +135,14 @@ class ServerSettings(BaseSettings):
     @property
     def tuf_dir(self) -> Path:
         return Path(self.data_dir) / "tuf"
+
+    @property
+    def captures_dir(self) -> Path:
+        return Path(self.capture_dir) if self.capture_dir else Path(self.data_dir) / "captures"
+
+    @property
+    def device_ca_path(self) -> Path:
+        return Path(self.device_ca_file) if self.device_ca_file else Path(self.keys_dir) / "ca" / "ca.crt"
 
     @property
     def upload_tmp_dir(self) -> Path:

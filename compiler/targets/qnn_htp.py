@@ -17,7 +17,9 @@ def build(req: BuildRequest) -> Built:
     activations = req.target.option("activations")
 
     def quantize(job: OnnxQuantizeJob) -> None:
-        quantize_qnn(job.prepared, job.out, SamplesReader(job.calib, job.sig.inputs), job.info, activations)
+        quantize_qnn(
+            job.prepared, job.out, SamplesReader(job.calib, job.sig.inputs, job.batch), job.info, activations
+        )
 
     return build_onnx(req, "qnn", quantize)
 

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -62,6 +57,9 @@ def compile_cmd(
         float | None, typer.Option(help="Gate (Ethos-U): max fraction of ops left on the CPU.")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle directory to write.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the bundle directory if it exists.")
+    ] = False,
     keys: Annotated[Path, typer.Option("--keys", help="Key directory (uses release.key).")] = Path("keys"),
     hardware: Annotated[
         list[str] | None, typer.Option("--hw", help="Hardware id the bundle is for (repeatable).")
@@ -69,6 +67,39 @@ def compile_cmd(
     min_agreement: Annotated[float | None, typer.Option(help="Gate: min top-1 agreement.")] = None,
     min_snr: Annotated[float | None, typer.Option("--min-snr", help="Gate: min SNR in dB.")] = None,
     min_cosine: Annotated[float | None, typer.Option(help="Gate: min cosine similarity.")] = None,
+    output_kind: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--output-kind",
+            help="Declare output kinds: name=kind[:param=v],... (classification, regression, detection, "
+            "segmentation, sequence, integer) or a .toml/.json file; undeclared ones are inferred.",
+        ),
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            "--metric", help="Your metric module:function(fp32_outputs, int8_outputs, labels) -> float."
+        ),
+    ] = None,
+    metric_threshold: Annotated[
+        float | None, typer.Option("--metric-threshold", help="Gate: min value of --metric.")
+    ] = None,
+    metric_only: Annotated[
+        bool, typer.Option("--metric-only", help="Gate on --metric alone, not on the outputs' kinds.")
+    ] = False,
+    min_box_f1: Annotated[float | None, typer.Option(help="Gate (detection): min box match F1.")] = None,
+    min_mask_iou: Annotated[float | None, typer.Option(help="Gate (segmentation): min mask IoU.")] = None,
+    max_sequence_error: Annotated[
+        float | None, typer.Option(help="Gate (sequence): max relative error after N steps.")
+    ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="Memory the compile plans its calibration/evaluation batches in, e.g. 4G "
+            "(default: from the machine's limits).",
+        ),
+    ] = None,
     no_gate: Annotated[
         bool, typer.Option("--no-gate", help="Write the bundle even if quality fails (recorded).")
     ] = False,
@@ -80,9 +111,14 @@ def compile_cmd(
     from rich.progress import Progress
 
     from compiler import CompilerError, Gate, GateFailed
+    from compiler.memory import parse_size
     from compiler.pipeline import compile_model
     from compiler.sources import Preprocess
 
+    try:
+        memory_bytes = parse_size(max_memory) if max_memory is not None else None
+    except ValueError as exc:
+        fail(f"--max-memory: {exc}")
     release_key = load_role_key(keys, "release", passphrase_file, passphrase_env)
     gate: Gate | None = None
     if not no_gate:
@@ -96,20 +132,25 @@ def compile_cmd(
                 "max_sram_kib": max_sram_kib,
                 "max_flash_kib": max_flash_kib,
                 "max_cpu_fraction": max_cpu_fraction,
+                "min_box_f1": min_box_f1,
+                "min_mask_iou": min_mask_iou,
+                "max_sequence_error": max_sequence_error,
+                "metric": metric,
+                "metric_threshold": metric_threshold,
             }.items()
             if v is not None
         }
-        gate = Gate(**overrides)
+        try:
+            gate = Gate(**overrides, metric_only=metric_only)
+        except ValueError as exc:
+            fail(f"--metric: {exc}")
     out = out or Path(f"{name}-{version}.bundle")
     try:
         pre = Preprocess.parse(preprocess) if preprocess else None
     except CompilerError as exc:
         fail(str(exc))
     try:
-        with (
-            captured_logs() as logs,
-            Progress(console=err, transient=True, disable=not shows_progress()) as progress,
-        ):
+        with Progress(console=err, transient=True, disable=not shows_progress()) as progress:
             task = progress.add_task("compiling", total=1.0)
 
             def report(step: str, fraction: float) -> None:
@@ -131,25 +172,36 @@ def compile_cmd(
                 preprocess=pre,
                 latency_repeats=latency_repeats,
                 html_report=html,
+                overwrite=overwrite,
+                output_kinds=",".join(output_kind) if output_kind else None,
+                max_memory=memory_bytes,
             )
     except GateFailed as exc:
         if as_json:
-            print_json({"ok": False, "failures": exc.failures, "report": exc.report, "log": logs.rows()})
+            log = exc.report.get("notes", [])
+            print_json({"ok": False, "failures": exc.failures, "report": exc.report, "log": log})
         if not as_json:
             print_report(exc.report)
-            _print_logs(logs)
+            _notes_line(exc.report)
         fail("quality gate failed, no bundle written: " + "; ".join(exc.failures), code="gate_failed")
-    except (CompilerError, FileExistsError, FileNotFoundError) as exc:
-        _print_logs(logs)
+    except CompilerError as exc:
+        _print_notes(exc.notes)
+        fail(str(exc))
+    except (FileExistsError, FileNotFoundError) as exc:
         fail(str(exc))
     manifest = result.manifest
     if as_json:
         print_json(
-            {"ok": True, "bundle": str(result.bundle_dir), "manifest": manifest.to_dict(), "log": logs.rows()}
+            {
+                "ok": True,
+                "bundle": str(result.bundle_dir),
+                "manifest": manifest.to_dict(),
+                "log": result.report.get("notes", []),
+            }
         )
         return
     print_report(result.report)
-    _print_logs(logs)
+    _notes_line(result.report)
     console.print(
         f"[green]wrote[/] {result.bundle_dir} ({manifest.ref}, release {manifest.release}, "
         f"{manifest.target}, sha256 {manifest.model_file.sha256[:12]}…)"
@@ -157,7 +209,18 @@ def compile_cmd(
 
 
 # The terminal shows what decides whether to ship; the method and run details are in --html and --json.
-TERMINAL_TABLES = ("gate", "outputs", "accuracy", "size", "bytes", "latency", "npu", "budgets", "ops")
+TERMINAL_TABLES = (
+    "gate",
+    "checks",
+    "outputs",
+    "accuracy",
+    "size",
+    "bytes",
+    "latency",
+    "npu",
+    "budgets",
+    "ops",
+)
 
 
 def print_report(report: dict[str, Any], footer: bool = True) -> None:
@@ -167,9 +230,11 @@ def print_report(report: dict[str, Any], footer: bool = True) -> None:
     for t in tables(report):
         if t.key not in TERMINAL_TABLES:
             continue
-        table = Table(
-            *t.head, title=t.title, caption=t.caption or None, title_justify="left", caption_justify="left"
-        )
+        table = Table(title=t.title, caption=t.caption or None, title_justify="left", caption_justify="left")
+        for column in t.head:
+            # Fold long cells (output names, Vela figures) onto more lines: a cut cell hides the very
+            # figure (SRAM, cycles, an output's name) the user is reading for.
+            table.add_column(column, overflow="fold")
         for row in t.rows:
             table.add_row(*(fmt(c) for c in row))
         console.print(table)
@@ -177,57 +242,20 @@ def print_report(report: dict[str, Any], footer: bool = True) -> None:
         console.print("[dim]method, calibration and run details: --html FILE or --json[/]")
 
 
-class LogCapture(logging.Handler):
-    """Collects library log records while compiling, to show them once, each with the module that wrote it.
-
-    onnxruntime.quantization logs through the root logger (``logging.warning(...)``); with no
-    handler there, Python installs its default one on first use and every later record prints as a
-    stray ``WARNING:root:`` line between the progress bar and the report. A handler on the root logger
-    stops that.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: Counter[tuple[str, str, str]] = Counter()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records[(record.levelname.lower(), _source(record), record.getMessage())] += 1
-
-    def rows(self) -> list[dict[str, Any]]:
-        return [
-            {"level": level, "source": source, "message": message, "count": n}
-            for (level, source, message), n in self.records.items()
-        ]
-
-
-def _source(record: logging.LogRecord) -> str:
-    """The logger's name; for the root logger, the module that called it (e.g. onnxruntime's gemm)."""
-    if record.name != "root":
-        return record.name
-    path = Path(record.pathname).resolve()
-    for name, module in list(sys.modules.items()):
-        file = getattr(module, "__file__", None)
-        if file and Path(file).resolve() == path:
-            return name
-    return record.module
-
-
-@contextmanager
-def captured_logs() -> Iterator[LogCapture]:
-    root = logging.getLogger()
-    handler = LogCapture()
-    root.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
-
-
-def _print_logs(capture: LogCapture) -> None:
-    if not capture.records:
+def _print_notes(rows: list[dict[str, Any]]) -> None:
+    """After a failure without a report: the toolchain's messages, often the real reason."""
+    if not rows:
         return
     table = Table("level", "from", "message", title="toolchain messages", title_justify="left")
-    for row in capture.rows():
+    for row in rows:
         times = f" (x{row['count']})" if row["count"] > 1 else ""
         table.add_row(row["level"], row["source"], row["message"] + times)
     err.print(table)
+
+
+def _notes_line(report: dict[str, Any]) -> None:
+    count = len(report.get("notes") or [])
+    if count:
+        console.print(
+            f"[dim]{count} toolchain message(s) kept in the report's notes: --html FILE or --json[/]"
+        )

@@ -165,6 +165,88 @@ def models_show(
     _print_model(info)
 
 
+@models_app.command("metrics")
+def models_metrics(
+    ref: RefArg, server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """A model's figures in the field per hardware cohort and rollout stage: accuracy with its 95%
+    Wilson interval, label coverage and delay, prediction and feature availability, CPU per inference;
+    then precision, recall and FPR per class over all devices."""
+    name, version = split_ref(ref)
+    with client(server, token) as conn:
+        out = api(lambda: conn.model_metrics(name, version))
+    if as_json:
+        print_json(out)
+        return
+    _print_metrics(out)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _accuracy_cell(acc: Mapping[str, Any] | None) -> str:
+    if not acc or acc.get("value") is None:
+        return "-"
+    lo, hi = acc["interval"]
+    return f"{_pct(acc['value'])} [{_pct(lo)}, {_pct(hi)}] of {acc['labels']:,}"
+
+
+def _print_metrics(out: Mapping[str, Any]) -> None:
+    rollout = f", stages of rollout {out['rollout_id']}" if out.get("rollout_id") else ""
+    console.print(f"[bold]{out['model']}[/] ({out['sha256'][:12]}){rollout}")
+    table = Table(
+        "cohort",
+        "stage",
+        "devices",
+        "inferences",
+        "accuracy [95% CI] of labels",
+        "server labels",
+        "coverage",
+        "delay p50/p95 s",
+        "predictions ok",
+        "cpu ms/inf",
+    )
+    for g in [*out["groups"], out["total"]]:
+        stage = g["stage"]
+        table.add_row(
+            g["hardware_id"] or "[bold]all[/]",
+            "-" if stage is None else str(stage),
+            str(g["devices"]),
+            f"{g['inferences']:,}",
+            _accuracy_cell(g["accuracy"]) if g["accuracy"] else f"MAE {_num(g['mean_abs_error'], '{:.4g}')}",
+            _accuracy_cell(g["server_labels"]),
+            _pct(g["label_coverage"]),
+            f"{_num(g['label_delay_p50_s'], '{:g}')}/{_num(g['label_delay_p95_s'], '{:g}')}",
+            _pct(g["prediction_availability"]["value"]),
+            _num(g["cpu_ms_per_inference"], "{:.3f}"),
+        )
+    console.print(table)
+    total = out["total"]
+    if total["classes"]:
+        classes = Table("class", "support", "precision", "recall", "FPR", title="per class, all devices")
+        for c, f in total["classes"].items():
+            classes.add_row(c, f"{f['support']:,}", _pct(f["precision"]), _pct(f["recall"]), _pct(f["fpr"]))
+        console.print(classes)
+    if total["feature_availability"]:
+        features = Table("input", "checked", "NaN", "missing", "out of range", "available", title="inputs")
+        for n, f in total["feature_availability"].items():
+            features.add_row(
+                n,
+                f"{f['checked']:,}",
+                _pct(f["nan_share"]),
+                _pct(f["missing_share"]),
+                _pct(f["out_of_range_share"]),
+                _pct(f["available"]),
+            )
+        console.print(features)
+    console.print(f"energy per inference: null ({total['energy_note']})", highlight=False)
+
+
 @models_app.command("pull")
 def models_pull(
     ref: RefArg,

@@ -16,7 +16,9 @@ audit_app = typer.Typer(help="Read the append-only audit log of mutating API cal
 @tokens_app.command("create")
 def tokens_create(
     name: Annotated[str, typer.Option("--name", help="Who or what uses the token.")],
-    role: Annotated[str, typer.Option("--role", help="admin, operator or viewer.")] = "viewer",
+    role: Annotated[
+        str, typer.Option("--role", help="admin, operator, viewer or labeler (posts labels only).")
+    ] = "viewer",
     server: ServerOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,

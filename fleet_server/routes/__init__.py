@@ -9,7 +9,19 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
-from fleet_server.routes import delivery, devices, drift, models, rollouts, server, slos, telemetry, tokens
+from fleet_server.routes import (
+    captures,
+    delivery,
+    devices,
+    drift,
+    labels,
+    models,
+    rollouts,
+    server,
+    slos,
+    telemetry,
+    tokens,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     server.health_router,
@@ -20,6 +32,9 @@ ROUTERS: tuple[APIRouter, ...] = (
     rollouts.router,
     slos.router,
     telemetry.router,
+    labels.router,
+    captures.router,
+    captures.list_router,
     tokens.router,
     tokens.audit_router,
     delivery.release_router,

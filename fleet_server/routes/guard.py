@@ -60,6 +60,7 @@ class GuardedRoute(APIRoute):
 
     required_role: str | None = None
     body_kind: BodyKind = "none"
+    raw_body: bool = False  # the handler reads the body itself (bounded as JSON is)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -87,6 +88,8 @@ class GuardedRoute(APIRoute):
 
 
 def _body_kind(route: APIRoute) -> BodyKind:
+    if getattr(route, "raw_body", False):
+        return "json"
     body = route.dependant.body_params
     if not body:
         return "none"  # FastAPI never reads it: nothing to bound
@@ -152,4 +155,11 @@ def _check_numbers(value: Any) -> None:
             raise ApiError(400, "invalid_request", "request body: NaN and Infinity are not JSON numbers")
 
 
-__all__ = ["INT64_MAX", "INT64_MIN", "GuardedRoute"]
+class RawBodyRoute(GuardedRoute):
+    """A guarded route whose handler reads its (bounded) body as bytes: a signed upload, whose
+    signature covers the bytes as sent, not a re-encoding of what a parser made of them."""
+
+    raw_body = True
+
+
+__all__ = ["INT64_MAX", "INT64_MIN", "GuardedRoute", "RawBodyRoute"]

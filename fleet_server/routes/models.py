@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import File, Header, Path, Query, Response, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 
-from fleet_server import releases
+from fleet_server import aggregates, releases
 from fleet_server.artifacts import (
     MAX_ENVELOPE,
     RangeNotSatisfiable,
@@ -38,7 +38,7 @@ from fleet_server.routes.common import (
     public_router,
 )
 from fleet_server.routes.errors import error_responses
-from fleet_server.schemas import ModelOut, ModelPage
+from fleet_server.schemas import ModelMetricsOut, ModelOut, ModelPage
 
 router = admin_router(tags=["models"])
 artifacts_router = public_router(API, tags=["artifacts"])
@@ -109,6 +109,23 @@ def get_model(
 ) -> ModelOut:
     """One model: its manifest, hashes and the hardware it is for."""
     return model_out(releases.get_model(session, name, version))
+
+
+@router.get(
+    "/models/{name}/{version}/metrics",
+    response_model=ModelMetricsOut,
+    responses=error_responses(404),
+    summary="Field metrics of a model",
+)
+def get_model_metrics(
+    name: Annotated[str, Path(description="the model's name", examples=["digits"])],
+    version: Annotated[str, Path(description="the model's version", examples=["2"])],
+    session: Db,
+) -> ModelMetricsOut:
+    """Accuracy with a Wilson interval, precision/recall/FPR per class, label coverage and delay,
+    feature and prediction availability, CPU cost per inference: per hardware cohort and rollout
+    stage, and over all, from the devices' telemetry and the labels posted to the server."""
+    return aggregates.model_metrics(session, name, version)
 
 
 Sha256 = Annotated[

@@ -22,8 +22,8 @@ download of model files and signed delivery metadata.
 
 **Authentication.** Send `Authorization: Bearer <token>` (the Authorize button above). Roles,
 ordered: `viewer` reads, `operator` also registers devices, uploads models and runs rollouts,
-`admin` also manages tokens. The first admin token is the server's bootstrap token
-(`<data_dir>/admin.token`).
+`admin` also manages tokens; `labeler` may only post labels. The first admin token is the server's
+bootstrap token (`<data_dir>/admin.token`).
 
 **Errors** are always `{{"detail": {{"code": "<snake_case>", "message": "..."}}}}`; branch on `code`.
 
@@ -45,6 +45,10 @@ TAG_DESCRIPTIONS = {
     "slos": "Service level objectives per model and cohort, their error budgets and burn-rate alerts,"
     " the alert delivery log, planned-rollout windows that hold notifications, and the override of"
     " the error-budget policy (docs/slo.md).",
+    "labels": "Ground truth for inferences devices made (by the inference id the device returned),"
+    " joined to their captured predictions. The `labeler` role may post labels and do nothing else.",
+    "captures": "Captured inferences devices upload for retraining, signed with the device's own"
+    " certificate (no bearer token): stored as sent and indexed by model, cohort, stage and time.",
     "tokens": "API tokens with roles (admin only). A token's secret is shown once, when it is created.",
     "audit": "The append-only trail of every mutating call: who, what, when, result.",
     "tuf": "Delivery metadata (TUF): the public repository devices verify against keys they already"
@@ -74,12 +78,23 @@ def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             document = generate()
+            _add_raw_bodies(document)
             _describe_bodies(document)
             _describe_enums(document)
             app.openapi_schema = document
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the document
+
+
+def _add_raw_bodies(document: dict[str, Any]) -> None:
+    """The schemas of bodies a route reads as bytes (a signed upload): FastAPI does not see them."""
+    from fleet_server.schemas import CaptureBatchIn
+
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schema = CaptureBatchIn.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(schema.pop("$defs", {}))
+    schemas["CaptureBatchIn"] = schema
 
 
 def _describe_bodies(document: dict[str, Any]) -> None:

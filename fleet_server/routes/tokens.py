@@ -47,7 +47,8 @@ def list_tokens(
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
     role: Annotated[
-        Literal["admin", "operator", "viewer"] | None, Query(description="only tokens of this role")
+        Literal["admin", "operator", "viewer", "labeler"] | None,
+        Query(description="only tokens of this role"),
     ] = None,
 ) -> TokenPage:
     """Tokens oldest first, revoked ones included, never their secrets."""

@@ -114,8 +114,10 @@ def test_without_eval_file_the_calibration_data_is_split(
 def test_gate_failure_writes_no_bundle(digits: DigitsExample, release_keys: KeyDir, tmp_path: Path) -> None:
     out = tmp_path / "out" / "bundle"
     with pytest.raises(GateFailed) as info:
-        _compile(digits, release_keys, out, gate=Gate(min_snr_db=200.0))
+        # Declared regression: held to SNR, which a classifier (its inferred kind) is not.
+        _compile(digits, release_keys, out, gate=Gate(min_snr_db=200.0), output_kinds="scores=regression")
     assert any("SNR" in f for f in info.value.failures)
+    assert info.value.report["gate"]["decided_by"]["figure"] == "snr_db"
     assert info.value.report["gate"]["verdict"] == "failed"
     assert not out.exists()
     assert not out.parent.exists() or list(out.parent.iterdir()) == []

@@ -31,6 +31,7 @@ import httpx
 import pytest
 
 from edgefleet.client import ApiClient
+from edgefleet.provision import fleet_ca
 from fleet_server.paging import encode_cursor
 from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
@@ -55,6 +56,16 @@ POSITIVE_ACCEPTANCE_EXEMPT = {
     # an objective's fields depend on its sli (latency needs a threshold and takes no target,
     # availability the reverse), windows are durations like 28d, one objective per sli
     ("POST", "/api/v1/slos"): "an objective's required fields depend on its sli; windows are durations",
+    # the body must be signed by a device's fleet-CA key (headers the fuzzer cannot make)
+    ("PUT", "/api/v1/captures/{device_id}/{batch_id}"): "an upload must be signed by a provisioned device",
+}
+
+
+# ``negative_data_rejection`` says: a request the schema forbids must be refused. A label batch is
+# judged item by item on purpose (an invalid label is reported and the valid rest is kept), so an
+# item that breaks the documented item schema is a 200 with that item marked invalid.
+NEGATIVE_REJECTION_EXEMPT = {
+    ("POST", "/api/v1/labels"): "each label is judged on its own: an invalid item is reported, not refused",
 }
 
 
@@ -84,6 +95,7 @@ def _cursors() -> dict[str, str]:
         "GET /api/v1/alerts": encode_cursor("alerts", ("fz/*/page",)),
         "GET /api/v1/alerts/deliveries": encode_cursor("deliveries", (1,)),
         "GET /api/v1/planned-windows": encode_cursor("windows", (1,)),
+        "GET /api/v1/captures": encode_cursor("captures", ("0193a5f0-7c1e-7a3b-9c2d-4e5f60718293",)),
     }
 
 
@@ -105,6 +117,8 @@ def _config(known: dict[str, str], tuf_files: dict[str, str]) -> str:
     lines += [f'"path.{name}" = {{ dictionary = "{name}", probability = 0.5 }}' for name in known]
     for (method, path), why in POSITIVE_ACCEPTANCE_EXEMPT.items():
         lines += _operation(f"{method} {path}", "checks.positive_data_acceptance.enabled = false", why=why)
+    for (method, path), why in NEGATIVE_REJECTION_EXEMPT.items():
+        lines += _operation(f"{method} {path}", "checks.negative_data_rejection.enabled = false", why=why)
     method, path = RANGE_OPERATION
     statuses = 'checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "416"]'
     lines += _operation(f"{method} {path}", statuses)
@@ -126,6 +140,7 @@ def _config(known: dict[str, str], tuf_files: dict[str, str]) -> str:
 def _seed(srv: ServerThread, keydir: KeyDir, tmp_path: Path) -> dict[str, str]:
     """A released model, two devices and a rollout of it; return the ids the fuzzer should use."""
     release = keydir.key("release")
+    fleet_ca(keydir)  # provisioned devices' CA: capture uploads are checked against it
     with ApiClient(srv.url, token=srv.admin_token) as api:
         model = api.push_bundle(make_bundle(tmp_path / "bundles", release), release_keys=[release])
         for device in ("fz-1", "fz-2"):

@@ -2,7 +2,7 @@
 windows that hold notifications, and error-budget overrides
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-06 10:00:00
 """
 
@@ -17,7 +17,7 @@ from sqlmodel.sql.sqltypes import AutoString
 from fleet_server.models import UTCDateTime
 
 revision: str = "0009"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -98,8 +98,6 @@ def upgrade() -> None:
         sa.Column("causes", sa.JSON(), nullable=False),
         sa.Column("silenced", sa.Boolean(), nullable=False),
         sa.Column("notified", sa.Boolean(), nullable=False),
-        sa.Column("clear_since", UTCDateTime(timezone=True), nullable=True),
-        sa.Column("quiet_s", sa.Float(), nullable=False),
         sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )

@@ -1,0 +1,225 @@
+"""Labels from the field: check a batch item by item, store the valid ones once, say what each became.
+
+A batch is ``[{inference_id, label, label_time?, source}]``. Each item is judged on its
+own (:func:`check`, pure): an invalid one is reported with its reason and the valid rest
+is stored. Storing is idempotent on (inference_id, source): the first label a source gives
+an inference stands, a repeat (in the same batch or a later one) is ``duplicate``. A
+label for an inference the server holds no capture of is stored all the same (the
+capture may come later, or the inference was not sampled) and reported ``matched:
+false``: it is never an error.
+
+Ingest is set-based, one statement per batch (chunked on SQLite): PostgreSQL inserts
+the rows from one JSON document (``json_to_recordset``, a fixed statement psycopg
+prepares once) with ``ON CONFLICT DO NOTHING RETURNING`` the keys it inserted; SQLite
+does the same with a multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING``. Whether
+an inference was captured is one keyed lookup per batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, text
+
+INFERENCE_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+SOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,63}$")
+MAX_ITEMS = 10_000  # per request; the body limit (1 MiB) holds about this many small labels
+MAX_LABEL_TEXT = 256
+MAX_LABEL_LIST = 1024  # a multi-row inference's labels, one per row
+_FIELDS = frozenset({"inference_id", "label", "label_time", "source"})
+_SQLITE_CHUNK = 1000  # rows per statement: 5 parameters each, well under SQLite's 32,766
+
+
+@dataclass(frozen=True, slots=True)
+class LabelIn:
+    """A label that passed :func:`check`: what is stored."""
+
+    inference_id: str
+    source: str
+    label: Any
+    label_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one item: ``accepted``, ``duplicate`` or ``invalid`` (``detail`` says why);
+    ``matched``: the server holds a capture of that inference."""
+
+    status: str
+    matched: bool = False
+    detail: str | None = None
+
+
+def _label_value(v: Any) -> str | None:
+    """Why ``v`` is not a label (None: it is one): a class index or name, a finite number, or a
+    flat list of those (one per row of a multi-row inference)."""
+    if isinstance(v, bool):
+        return "label must be a number, a string or a list of them, not a boolean"
+    if isinstance(v, int):
+        return None
+    if isinstance(v, float):
+        return None if math.isfinite(v) else "label must be finite"
+    if isinstance(v, str):
+        return (
+            None if 0 < len(v) <= MAX_LABEL_TEXT else f"label text must be 1 to {MAX_LABEL_TEXT} characters"
+        )
+    if isinstance(v, list):
+        if not 0 < len(v) <= MAX_LABEL_LIST:
+            return f"a label list must hold 1 to {MAX_LABEL_LIST} entries"
+        for x in v:
+            if isinstance(x, list) or (why := _label_value(x)) is not None:
+                return "a label list holds numbers or strings only" if isinstance(x, list) else why
+        return None
+    return "label must be a number, a string or a list of them"
+
+
+def parse_time(v: Any) -> datetime | str:
+    """An ISO 8601 time with an offset (``Z`` allowed), or why not."""
+    if not isinstance(v, str) or len(v) > 40:
+        return "label_time must be an ISO 8601 time string"
+    try:
+        t = datetime.fromisoformat(v)
+    except ValueError:
+        return f"label_time {v!r} is not ISO 8601"
+    if t.tzinfo is None:
+        return "label_time needs an offset (e.g. Z)"
+    return t.astimezone(UTC)
+
+
+def check(item: Any, now: datetime) -> LabelIn | str:
+    """One batch item as a label, or the reason it is not one (pure)."""
+    if not isinstance(item, dict):
+        return "an item must be an object"
+    extra = item.keys() - _FIELDS
+    if extra:
+        return f"unknown field(s): {', '.join(sorted(map(str, extra)))}"
+    iid = item.get("inference_id")
+    if not isinstance(iid, str) or not INFERENCE_ID_RE.match(iid):
+        return "inference_id must be a UUID in canonical lowercase form"
+    source = item.get("source")
+    if not isinstance(source, str) or not SOURCE_RE.match(source):
+        return "source must be 1 to 64 characters of letters, digits and _.:@/- (first a letter or digit)"
+    if "label" not in item:
+        return "label is required"
+    label = item["label"]
+    why = _label_value(label)
+    if why is not None:
+        return why
+    when = now
+    if item.get("label_time") is not None:
+        parsed = parse_time(item["label_time"])
+        if isinstance(parsed, str):
+            return parsed
+        when = parsed
+    return LabelIn(iid, source, label, when)
+
+
+def judge(items: Sequence[Any], now: datetime) -> tuple[list[LabelIn], list[Outcome | None]]:
+    """Check every item; the distinct valid labels to store, and per item its outcome so far
+    (None: valid and first of its key in this batch, decided by the store)."""
+    fresh: list[LabelIn] = []
+    outcomes: list[Outcome | None] = []
+    seen: set[tuple[str, str]] = set()
+    for item in items:
+        got = check(item, now)
+        if isinstance(got, str):
+            outcomes.append(Outcome("invalid", detail=got))
+            continue
+        key = (got.inference_id, got.source)
+        if key in seen:
+            outcomes.append(Outcome("duplicate", detail="repeated in this batch"))
+            continue
+        seen.add(key)
+        fresh.append(got)
+        outcomes.append(None)
+    return fresh, outcomes
+
+
+_PG_INSERT = text(
+    "INSERT INTO label (inference_id, source, label, label_time, received_at)"
+    " SELECT r.i, r.s, r.l, r.t, :now FROM json_to_recordset(CAST(:rows AS json))"
+    " AS r(i varchar, s varchar, l json, t timestamptz)"
+    " ON CONFLICT (inference_id, source) DO NOTHING RETURNING inference_id, source"
+)
+_PG_CAPTURED = text("SELECT inference_id FROM captureitem WHERE inference_id = ANY(CAST(:ids AS varchar[]))")
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat()
+
+
+def _insert_pg(conn: Connection, labels: Sequence[LabelIn], now: datetime) -> set[tuple[str, str]]:
+    rows = json.dumps(
+        [{"i": x.inference_id, "s": x.source, "l": x.label, "t": _iso(x.label_time)} for x in labels],
+        separators=(",", ":"),
+    )
+    return {(r[0], r[1]) for r in conn.execute(_PG_INSERT, {"rows": rows, "now": now})}
+
+
+def _insert_sqlite(conn: Connection, labels: Sequence[LabelIn], now: datetime) -> set[tuple[str, str]]:
+    inserted: set[tuple[str, str]] = set()
+    stamp = now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    for start in range(0, len(labels), _SQLITE_CHUNK):
+        chunk = labels[start : start + _SQLITE_CHUNK]
+        values = ", ".join("(?, ?, ?, ?, ?)" for _ in chunk)
+        params: list[Any] = []
+        for x in chunk:
+            t = x.label_time.strftime("%Y-%m-%d %H:%M:%S.%f")
+            params += [x.inference_id, x.source, json.dumps(x.label), t, stamp]
+        sql = (
+            "INSERT INTO label (inference_id, source, label, label_time, received_at)"
+            f" VALUES {values} ON CONFLICT (inference_id, source) DO NOTHING RETURNING inference_id, source"
+        )
+        inserted.update((r[0], r[1]) for r in conn.exec_driver_sql(sql, tuple(params)))
+    return inserted
+
+
+def captured_ids(conn: Connection, ids: Iterable[str]) -> set[str]:
+    """Which of ``ids`` the server holds a capture of."""
+    wanted = list(dict.fromkeys(ids))
+    if not wanted:
+        return set()
+    if conn.dialect.name == "postgresql":
+        return {r[0] for r in conn.execute(_PG_CAPTURED, {"ids": wanted})}
+    found: set[str] = set()
+    for start in range(0, len(wanted), _SQLITE_CHUNK):
+        chunk = wanted[start : start + _SQLITE_CHUNK]
+        marks = ", ".join("?" for _ in chunk)
+        sql = f"SELECT inference_id FROM captureitem WHERE inference_id IN ({marks})"
+        found.update(r[0] for r in conn.exec_driver_sql(sql, tuple(chunk)))
+    return found
+
+
+def store(engine: Engine, items: Sequence[Any], now: datetime) -> list[Outcome]:
+    """Judge and store one batch; the outcome of every item, in order."""
+    fresh, outcomes = judge(items, now)
+    inserted: set[tuple[str, str]] = set()
+    matched: set[str] = set()
+    if fresh:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                inserted = _insert_pg(conn, fresh, now)
+            else:
+                inserted = _insert_sqlite(conn, fresh, now)
+            matched = captured_ids(conn, (x.inference_id for x in fresh))
+    it = iter(fresh)
+    out: list[Outcome] = []
+    for o in outcomes:
+        if o is not None:
+            out.append(o)
+            continue
+        x = next(it)
+        if (x.inference_id, x.source) in inserted:
+            out.append(Outcome("accepted", x.inference_id in matched))
+        else:
+            out.append(Outcome("duplicate", x.inference_id in matched, "this source labelled it before"))
+    return out
+
+
+__all__ = ["INFERENCE_ID_RE", "MAX_ITEMS", "LabelIn", "Outcome", "captured_ids", "check", "judge", "store"]
