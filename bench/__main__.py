@@ -12,7 +12,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-MODULES = ["verify", "trust", "inference", "agent", "compiler", "server", "labels", "sim", "gates"]
+MODULES = ["verify", "trust", "inference", "agent", "compiler", "server", "labels", "sim", "gates", "slo"]
 STANDARD = {"bench", "baseline", "ratio", "target"}
 
 

@@ -44,6 +44,7 @@ def drill(
     seed: int = 1,
     silences: Sequence[Silence] = (),
     warmup_s: float = 0.0,
+    resolve_s: float | None = None,
 ) -> DrillResult:
     """Run ``duration_s`` of simulated time (after ``warmup_s`` sampled but not evaluated: the profile
     sees negative times then);
@@ -67,7 +68,7 @@ def drill(
             samples = thin(samples, t, keep_s)
         if t >= 0:
             status = evaluate(spec, samples, t)
-            result = step_alerts(alerts, [status], silences, t)
+            result = step_alerts(alerts, [status], silences, t, resolve_s=resolve_s)
             alerts = result.alerts
             out.notifications.extend((t, n) for n in result.notifications)
             out.budget_remaining = min(o.budget_remaining for o in status.objectives)

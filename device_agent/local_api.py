@@ -13,7 +13,8 @@ the UUIDv7 to post its label for.
 -> ``{"results": [{"inference_id", "status", "detail"}], "counts": {status: n}}``
 (at most ``MAX_LABELS`` per request, ``MAX_LABELS_BODY`` bytes; an item that is
 not valid answers ``invalid`` and the rest are kept: see :mod:`device_agent.labels`).
-``GET /v1/model`` -> what is serving; ``GET /healthz`` -> ``{"status": "ok"}``.
+``GET /v1/model`` -> what is serving; ``GET /healthz`` -> ``{"status": "ok"}``; ``GET /metrics`` ->
+the agent's counters, deployment state and serving model in Prometheus' text format.
 Bad input -> 400 ``{"error": {"code", "message"}}``; no model yet -> 503; an
 inference not answered within ``api_request_timeout_s`` -> 504 ``timeout``.
 
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from device_agent.metrics import exposition
 from signing import safejson
 
 if TYPE_CHECKING:
@@ -142,6 +144,15 @@ def _make_handler(
         def do_GET(self) -> None:
             if self.path == "/healthz":
                 self._send(200, {"status": "ok"})
+            elif self.path == "/metrics":
+                body = exposition(
+                    agent.metrics, agent.deployment_state.value, agent.running_version, agent.running_sha256
+                )
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
             elif self.path == "/v1/model":
                 model = agent.running_model
                 self._send(

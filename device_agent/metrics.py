@@ -1,13 +1,17 @@
 """The agent's counters (directives, refusals, swaps, reverts, failures by reason, ...).
 
 Bumped from the inference threads and the loop alike, so behind one lock; read
-whole by ``Agent.metrics`` (the simulator's and the tests' view of a device).
+whole by ``Agent.metrics`` (the simulator's and the tests' view of a device),
+and by the local API's ``GET /metrics`` in Prometheus' text format
+(``exposition``: written here, so a device needs no Prometheus library; one
+series per counter name, so bounded by the code, never by traffic).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Mapping
 
 
 class Metrics:
@@ -28,4 +32,28 @@ class Metrics:
             return dict(self._counts)
 
 
-__all__ = ["Metrics"]
+def _label(value: str) -> str:
+    """A label value as the text format quotes it (backslash, double quote and newline escaped)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def exposition(counts: Mapping[str, int], state: str, version: str | None, sha256: str | None) -> bytes:
+    """The agent's counters, deployment state and serving model in Prometheus' text format 0.0.4."""
+    lines = [
+        "# HELP edgefleet_agent_events_total What this agent counted since it started, by event.",
+        "# TYPE edgefleet_agent_events_total counter",
+        *(f'edgefleet_agent_events_total{{event="{_label(k)}"}} {counts[k]}' for k in sorted(counts)),
+        "# HELP edgefleet_agent_deployment_state The agent's deployment state (1 for the current one).",
+        "# TYPE edgefleet_agent_deployment_state gauge",
+        f'edgefleet_agent_deployment_state{{state="{_label(state)}"}} 1',
+        "# HELP edgefleet_agent_model_info The model the agent serves.",
+        "# TYPE edgefleet_agent_model_info gauge",
+    ]
+    if sha256 is not None:
+        lines.append(
+            f'edgefleet_agent_model_info{{version="{_label(version or "")}",sha256="{_label(sha256)}"}} 1'
+        )
+    return ("\n".join(lines) + "\n").encode()
+
+
+__all__ = ["Metrics", "exposition"]

@@ -351,8 +351,8 @@ class ApiClient:
         return dict(self._request("POST", "/api/v1/planned-windows", json=body))
 
     def budget_override(self, model: str, reason: str, hours: float) -> dict[str, Any]:
-        body = {"reason": reason, "hours": hours}
-        return dict(self._request("POST", f"/api/v1/models/{model}/budget-override", json=body))
+        body = {"model": model, "reason": reason, "hours": hours}
+        return dict(self._request("POST", "/api/v1/budget-overrides", json=body))
 
     def create_token(self, name: str, role: str) -> dict[str, Any]:
         return dict(self._request("POST", "/api/v1/tokens", json={"name": name, "role": role}))

@@ -76,13 +76,14 @@ def uvicorn_log_config(fmt: str, level: str = "INFO") -> dict[str, Any]:
                 "class": "logging.StreamHandler",
                 "formatter": "default",
                 "stream": "ext://sys.stderr",
-            }
+            },
+            "null": {"class": "logging.NullHandler"},
         },
         "root": {"handlers": ["default"], "level": level},
         "loggers": {
             "uvicorn": {"level": level},
             "uvicorn.error": {"level": level},
-            "uvicorn.access": {"level": "WARNING", "propagate": False, "handlers": []},
+            "uvicorn.access": {"level": "WARNING", "propagate": False, "handlers": ["null"]},
         },
     }
 

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from device_agent.protocol import LATENCY_BOUNDS_US
+from device_agent.protocol import INPUT_CHECKS, LATENCY_BOUNDS_US
 from fleet_server.lifecycle import RolloutState
 from fleet_server.models import Device, Rollout, SloAlert
 from fleet_server.slo.alerts import AlertState
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from fleet_server.context import ServerContext
     from fleet_server.slo_runner import Evaluation
 
-MAX_MODEL_GROUPS = 50
+MAX_MODEL_GROUPS = 40  # x 26 series each (7 counters, 4 input checks, 15 histogram series)
 # seconds; each a bound the device histogram also has, or the sum of the buckets under it
 LATENCY_LE_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 INGEST_KINDS = (
@@ -65,7 +65,8 @@ def coarse_latency(buckets: tuple[int, ...]) -> list[tuple[str, float]]:
 def model_groups(
     cohorts: Mapping[Cohort, Totals], names: Mapping[str, VersionName]
 ) -> dict[tuple[str, str, str], Totals]:
-    """Totals per (model, version, cohort): the busiest ``MAX_MODEL_GROUPS``, the rest as version other."""
+    """Totals per (model, version, cohort): the busiest ``MAX_MODEL_GROUPS``, the rest summed as one
+    group (other, other, other), so a fleet with many versions or cohorts stays within bounds."""
     groups: dict[tuple[str, str, str], Totals] = {}
     for (sha, hw), t in cohorts.items():
         named = names.get(sha)
@@ -73,8 +74,8 @@ def model_groups(
         groups[key] = groups[key] + t if key in groups else t
     ranked = sorted(groups.items(), key=lambda kv: -kv[1].inferences)
     out = dict(ranked[:MAX_MODEL_GROUPS])
-    for (name, _, hw), t in ranked[MAX_MODEL_GROUPS:]:
-        key = (name if len(out) < 2 * MAX_MODEL_GROUPS else "other", "other", hw)
+    for _, t in ranked[MAX_MODEL_GROUPS:]:
+        key = ("other", "other", "other")
         out[key] = out[key] + t if key in out else t
     return out
 
@@ -150,7 +151,7 @@ class FleetCollector(Collector):
 
     def _last(self) -> Evaluation | None:
         slo, ticker = self.context.slo, self.context.ticker
-        if slo is None or ticker is None or not ticker.is_leader:
+        if slo is None or (ticker is not None and not ticker.is_leader):
             return None
         return slo.evaluator.last
 
@@ -173,6 +174,12 @@ class FleetCollector(Collector):
                 "edgefleet_model_labels_correct", "labelled predictions that were right", labels=labels
             ),
         }
+        checks = CounterMetricFamily(
+            "edgefleet_model_input_checks",
+            "inputs checked on devices (sampled), and of them with NaN, a missing feature or a value outside"
+            " the calibration range",
+            labels=[*labels, "result"],
+        )
         cpu = CounterMetricFamily(
             "edgefleet_model_cpu_seconds", "agent CPU time spent on the model's inferences", labels=labels
         )
@@ -185,9 +192,12 @@ class FleetCollector(Collector):
                 for field, fam in fams.items():
                     fam.add_metric(key, float(getattr(t, field)))
                 cpu.add_metric(key, t.cpu_ms / 1000.0)
+                for result, n in zip(INPUT_CHECKS, t.input_checks, strict=False):
+                    checks.add_metric([*key, result], float(n))
                 latency.add_metric(key, coarse_latency(t.latency), sum_value=float("nan"))
         yield from fams.values()
         yield cpu
+        yield checks
         yield latency
 
     def _slos(self) -> Iterator[Metric]:

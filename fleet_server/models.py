@@ -380,6 +380,8 @@ class SloAlert(SQLModel, table=True):
     causes: list[str] = Field(default_factory=list, sa_type=JSON)
     silenced: bool = False
     notified: bool = False
+    clear_since: datetime | None = Field(default=None, sa_type=UTCDateTime)  # firing, no breach since
+    quiet_s: float = 0.0  # how long it must stay clear to resolve
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 

@@ -88,6 +88,8 @@ class ServerSettings(BaseSettings):
     # the environment. A notification is tried ``alert_max_attempts`` times, backing off to 5 min.
     slo_interval: float = Field(default=60.0, gt=0.0)
     slo_pending_seconds: float = Field(default=0.0, ge=0.0)
+    # how long a firing alert must see no breach to resolve; None: the short window of its rules
+    slo_resolve_seconds: float | None = Field(default=None, ge=0.0)
     alertmanager_urls: list[str] = Field(default_factory=list)
     alert_webhook_urls: list[str] = Field(default_factory=list)
     alert_max_attempts: int = Field(default=10, ge=1)
@@ -95,6 +97,9 @@ class ServerSettings(BaseSettings):
     # Alertmanager forgets a firing alert that is not sent again (resolve_timeout): the leader re-sends
     # firing alerts this often, each valid for four times as long.
     alertmanager_resend_seconds: float = Field(default=60.0, gt=0.0)
+    # /metrics needs ``Authorization: Bearer <this>`` when set (Prometheus: ``authorization:
+    # credentials_file``); unset, anyone who reaches the port may scrape it (keep it off the public side)
+    metrics_token: SecretStr | None = None
     # /readyz answers 503 when the oldest unstored telemetry is older than this (ingest lag)
     ready_max_ingest_lag_seconds: float = Field(default=60.0, gt=0.0)
 

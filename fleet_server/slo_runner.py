@@ -118,6 +118,7 @@ class SloEvaluator:
                 silences(session, now),
                 t,
                 pending_s=self.settings.slo_pending_seconds,
+                resolve_s=self.settings.slo_resolve_seconds,
             )
             save_alerts(session, step.alerts, now)
             enqueue(session, step.notifications, receivers(self.settings), utcnow())  # sent by the wall clock

@@ -8,11 +8,14 @@ in ``/docs``); the semantic checks of an SLO (targets, thresholds, windows) are
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from fleet_server.schemas import TIME_EXAMPLE, Page
+
+LabelName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,63}$")]
+LabelValue = Annotated[str, StringConstraints(max_length=128)]
 
 SLI_HELP = (
     "availability (predictions served), error_rate (inferences without an error), latency_p95 /"
@@ -86,7 +89,7 @@ class SloIn(BaseModel):
     rules: list[RuleIn] | None = Field(
         default=None, max_length=8, description="burn-rate rules; null: the defaults"
     )
-    labels: dict[str, str] = Field(
+    labels: dict[LabelName, LabelValue] = Field(
         default_factory=dict, max_length=16, description="extra labels on this SLO's alerts (team, service)"
     )
 
@@ -203,12 +206,24 @@ class PlannedWindowIn(BaseModel):
     )
 
     model: str = Field(description="the model's name", min_length=1, max_length=128)
-    hardware_id: str | None = Field(default=None, max_length=128, description="one cohort; null: every one")
-    starts: datetime | None = Field(default=None, description="when it starts; null: now")
+    hardware_id: str | None = Field(
+        default=None, min_length=1, max_length=128, description="one cohort; null: every one"
+    )
+    starts: AwareDatetime | None = Field(
+        default=None, description="when it starts (ISO 8601 with an offset); null: now"
+    )
     minutes: float = Field(description="how long it lasts", gt=0, le=7 * 24 * 60)
     reason: str = Field(
         description="why (shown to whoever wonders why nobody was paged)", min_length=1, max_length=512
     )
+
+    @field_validator("starts", mode="before")
+    @classmethod
+    def _text_time(cls, value: Any) -> Any:
+        """A time as text only: a bare number would be read as seconds since 1970."""
+        if value is not None and not isinstance(value, str):
+            raise ValueError("an ISO 8601 time with an offset, like 2026-03-14T09:00:00Z")
+        return value
 
 
 class PlannedWindowOut(BaseModel):
@@ -232,9 +247,14 @@ class OverrideIn(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"reason": "fix for the latency regression, INC-231", "hours": 24}]},
+        json_schema_extra={
+            "examples": [
+                {"model": "face-det", "reason": "fix for the latency regression, INC-231", "hours": 24}
+            ]
+        },
     )
 
+    model: str = Field(description="the model's name", min_length=1, max_length=128)
     reason: str = Field(description="why (kept in the audit log)", min_length=3, max_length=512)
     hours: float = Field(default=24.0, gt=0, le=24 * 14, description="how long the override holds")
 

@@ -469,8 +469,9 @@ def test_server_deployment_probes_and_secrets() -> None:
     }
     pod = docs[("Deployment", "edgefleet-server")]["spec"]["template"]["spec"]
     (server,) = pod["containers"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert server[probe]["httpGet"]["path"] == "/healthz"
+    assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert (
         pod["securityContext"]["runAsUser"] == 10001 and server["securityContext"]["readOnlyRootFilesystem"]
     )

@@ -3,15 +3,20 @@ for load balancers, orchestrators and Prometheus), ``/api/v1/stats``, ``/api/v1/
 
 from __future__ import annotations
 
-from fastapi import Response
+import hmac
+from typing import Annotated
+
+from fastapi import Header, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from fleet_server.errors import ApiError
 from fleet_server.metrics import exposition
 from fleet_server.migrate import current_revision
 from fleet_server.routes.common import Ctx, admin_router, public_router
+from fleet_server.routes.errors import error_responses
 from fleet_server.schemas import HealthOut, ReadyCheck, ReadyOut, ServerOut, StatsOut
 
 health_router = public_router("", tags=["server"])
@@ -51,10 +56,18 @@ def readyz(c: Ctx) -> Response:
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-@health_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(c: Ctx) -> Response:
+@health_router.get(
+    "/metrics", summary="Prometheus metrics", response_class=Response, responses=error_responses(401)
+)
+def metrics(c: Ctx, authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> Response:
     """The fleet, rollouts, ingest, SLOs and alerts in Prometheus' text format (docs/slo.md lists
-    them). No per-device series. No token needed: scrape it from inside the deployment."""
+    them). No per-device series. When the server has a ``metrics_token``, a bearer token equal to it
+    is needed (401 otherwise); without one, scrape it from inside the deployment only."""
+    token = c.settings.metrics_token
+    if token is not None and not hmac.compare_digest(
+        (authorization or "").encode(), f"Bearer {token.get_secret_value()}".encode()
+    ):
+        raise ApiError(401, "unauthenticated", "/metrics needs the metrics bearer token")
     assert c.metrics is not None  # create_app makes it
     return Response(exposition(c.metrics), media_type=CONTENT_TYPE_LATEST)
 

@@ -40,7 +40,6 @@ Admin = Annotated[Principal, Depends(require("admin"))]
 SloName = Annotated[
     str, Path(description="the SLO's name", max_length=64, examples=["face-det-availability"])
 ]
-ModelName = Annotated[str, Path(description="the model's name", max_length=128, examples=["face-det"])]
 ModelFilter = Annotated[str | None, Query(max_length=128, description="only this model's (its name)")]
 
 
@@ -155,18 +154,16 @@ def override_out(row: BudgetOverride) -> OverrideOut:
 
 
 @router.post(
-    "/models/{name}/budget-override",
+    "/budget-overrides",
     status_code=201,
     response_model=OverrideOut,
     responses=error_responses(404, 413),
     summary="Override the error-budget policy",
 )
-def post_override(
-    name: ModelName, body: OverrideIn, request: Request, session: Db, who: Admin
-) -> OverrideOut:
+def post_override(body: OverrideIn, request: Request, session: Db, who: Admin) -> OverrideOut:
     """Let new rollouts of a model whose budget is spent go ahead for ``hours``; the reason is
     kept here and in the audit log. 404 ``model_not_found``."""
-    row = slos.create_override(session, name, body, who.actor, slos.now_utc())
+    row = slos.create_override(session, body.model, body, who.actor, slos.now_utc())
     session.commit()
-    request.state.audit_detail = f"budget override {row.id} for {name}: {body.reason}"
+    request.state.audit_detail = f"budget override {row.id} for {body.model}: {body.reason}"
     return override_out(row)

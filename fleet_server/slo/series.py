@@ -34,6 +34,8 @@ class Totals:
     labels: int = 0
     labels_correct: int = 0
     cpu_ms: float = 0.0  # agent CPU time spent on the model's inferences (cost per inference)
+    # feature checks summed over the inputs, in INPUT_CHECKS order (checked, nan, missing, outside)
+    input_checks: tuple[int, ...] = ()
 
     def __add__(self, other: Totals) -> Totals:
         return Totals(
@@ -46,6 +48,7 @@ class Totals:
             self.labels + other.labels,
             self.labels_correct + other.labels_correct,
             self.cpu_ms + other.cpu_ms,
+            add_counts(self.input_checks, other.input_checks),
         )
 
 

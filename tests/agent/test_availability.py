@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,3 +222,36 @@ def test_the_input_check_reads_the_manifest_and_forgives_a_renamed_tensor() -> N
         assert check(bad) == (False, True, False)
     bare = InputCheck.from_manifest("x", None)  # no manifest fields: NaN only
     assert bare == InputCheck("x") and bare(ok + 5) == (False, False, False)
+
+
+def test_the_local_api_serves_the_agents_counters_to_prometheus(
+    keydir: KeyDir, tmp_path: Path, loop_thread: LoopThread
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.ops.tools import tool
+
+    dev = start_device(keydir, tmp_path / "dev", loop_thread, api_listen="127.0.0.1:0")
+    try:
+        bundle = ranged_bundle(tmp_path, keydir, lo=-1.0, hi=1.0)
+        dev.serve(bundle)
+        assert _post(dev, _inputs(0.5))[0] == 200
+        host, port = dev.agent.api.address.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+    finally:
+        loop_thread.run(dev.agent.stop())
+    assert resp.status == 200 and resp.getheader("Content-Type", "").startswith("text/plain; version=0.0.4")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("edgefleet_agent_events_total", (("event", "swaps"),))] >= 1
+    assert samples[("edgefleet_agent_deployment_state", (("state", "serving"),))] == 1
+    assert samples[("edgefleet_agent_model_info", (("sha256", bundle.sha256), ("version", "1")))] == 1
+    lint = subprocess.run([tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr

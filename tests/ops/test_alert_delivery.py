@@ -30,7 +30,7 @@ def test_a_burn_fires_and_resolves_through_a_flaky_webhook_with_a_delivery_log(
     tmp_path: Path,
     fake_device: Callable[[str], FakeDevice],
 ) -> None:
-    server = make_server(alert_webhook_urls=[receiver.url], slo_interval=3600)
+    server = make_server(alert_webhook_urls=[receiver.url], slo_interval=3600, slo_resolve_seconds=0)
     assert server.context.slo is not None
     evaluator = server.context.slo.evaluator
     with httpx.Client(base_url=server.url, timeout=10) as client:

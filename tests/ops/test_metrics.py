@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,11 +16,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlmodel import Session
 
 from fleet_server.logs import JsonFormatter
+from fleet_server.metrics import MAX_MODEL_GROUPS, model_groups
 from fleet_server.models import Device, ModelAggregate
 from fleet_server.runner import ServerThread
+from fleet_server.slo.series import Totals
+from fleet_server.slo_store import VersionName
 from signing.keyring import KeyDir
 from tests.ops.test_slo_api import SLO
-from tests.server.conftest import make_bundle, upload
+from tests.server.conftest import make_bundle, upload, wait_for
 
 LATENCY = [0] * 10 + [50, 30, 10, 5, 3, 2]
 
@@ -49,15 +55,30 @@ def add_devices(server: ServerThread, start: int, n: int, shas: list[str]) -> No
             )
             session.add(
                 ModelAggregate(
-                    device_id=device_id, sha256=sha, inferences=1000, errors=i % 7, latency_buckets=LATENCY
+                    device_id=device_id,
+                    sha256=sha,
+                    inferences=1000,
+                    errors=i % 7,
+                    latency_buckets=LATENCY,
+                    input_checks={"x": [100, 1, 2, 3], "y": [100, 0, 5, 0]},
                 )
             )
         session.commit()
 
 
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
 def test_metrics_series_do_not_grow_with_the_fleet(
-    server: ServerThread, client: httpx.Client, keydir: KeyDir, tmp_path: Path
+    db: str,
+    request: pytest.FixtureRequest,
+    make_server: Callable[..., ServerThread],
+    keydir: KeyDir,
+    tmp_path: Path,
 ) -> None:
+    over = {} if db == "sqlite" else {"database_url": request.getfixturevalue("fresh_pg")}
+    server = make_server(**over)
+    client = httpx.Client(base_url=server.url, timeout=10)
+    assert server.context.ticker is not None
+    wait_for(lambda: server.context.ticker is not None and server.context.ticker.is_leader)
     key = keydir.key("release")
     shas = [
         upload(client, make_bundle(tmp_path, key, version=str(v), release=v, content=b"%d" % v * 500)).json()[
@@ -85,6 +106,8 @@ def test_metrics_series_do_not_grow_with_the_fleet(
     assert large["edgefleet_model_inferences_total" + v1] == 1000 * 210  # the even of 420 devices: v1 on rpi4
     bucket = '{"cohort": "rpi4", "le": "+Inf", "model": "det", "version": "1"}'
     assert large["edgefleet_model_latency_seconds_bucket" + bucket] == 100 * 210
+    checks = '{"cohort": "rpi4", "model": "det", "result": "missing", "version": "1"}'
+    assert large["edgefleet_model_input_checks_total" + checks] == 7 * 210  # summed over the inputs
     slo = '{"cohort": "all", "model": "det", "sli": "availability", "slo": "det-avail"}'
     assert (
         large["edgefleet_slo_events_total" + slo] == 420_000 and large["edgefleet_slo_target" + slo] == 0.995
@@ -130,3 +153,48 @@ def test_every_api_call_logs_one_json_line_with_its_request_id(
     ]
     assert lines[0]["request_id"] == "trace-42" and lines[0]["method"] == "GET"
     assert lines[1]["request_id"] == made.headers["x-request-id"] and lines[0]["duration_ms"] >= 0
+
+
+def test_model_groups_beyond_the_bound_are_summed_as_one() -> None:
+    names = {f"{i:064d}": VersionName("m", str(i)) for i in range(MAX_MODEL_GROUPS + 10)}
+    cohorts = {(sha, "rpi4"): Totals(inferences=1000 - i) for i, sha in enumerate(names)}
+    groups = model_groups(cohorts, names)
+    assert len(groups) == MAX_MODEL_GROUPS + 1
+    assert groups[("other", "other", "other")].inferences == sum(
+        1000 - i for i in range(MAX_MODEL_GROUPS, MAX_MODEL_GROUPS + 10)
+    )
+    assert ("m", "0", "rpi4") in groups  # the busiest kept by name
+
+
+def test_a_metrics_token_guards_metrics(make_server: Callable[..., ServerThread]) -> None:
+    server = make_server(metrics_token="scrape-secret")
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        assert c.get("/metrics").status_code == 401
+        assert (
+            c.get("/metrics", headers={"Authorization": "Bearer wrong"}).json()["detail"]["code"]
+            == "unauthenticated"
+        )
+        ok = c.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+        assert ok.status_code == 200 and "edgefleet_devices" in ok.text
+        assert c.get("/healthz").status_code == 200  # health stays open
+
+
+def test_the_server_log_config_writes_json_lines_with_the_request_id() -> None:
+    """As `edgefleet server` configures logging (fleet_server.runner.main), in a process of its own."""
+    script = """
+import logging, logging.config, threading
+from fleet_server.logs import request_id, uvicorn_log_config
+logging.config.dictConfig(uvicorn_log_config("json"))
+request_id.set("req-7")
+logging.getLogger("fleet_server.x").warning("stored %d batches", 3)
+t = threading.Thread(target=lambda: logging.getLogger("y").info("outside any call"))
+t.start(); t.join()
+logging.getLogger("uvicorn.access").warning("never: the access log is ours")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(x["logger"], x["msg"], x.get("request_id")) for x in lines] == [
+        ("fleet_server.x", "stored 3 batches", "req-7"),
+        ("y", "outside any call", None),
+    ]
+    assert lines[0]["level"] == "warning" and lines[0]["ts"].endswith("+00:00")

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlmodel import Session, select
 
 from device_agent import protocol
@@ -54,13 +55,21 @@ def test_slos_are_created_checked_listed_and_audited(client: httpx.Client) -> No
     assert audit[0]["result"] == "ok" and "slo det-avail" in audit[0]["detail"]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_server(request: pytest.FixtureRequest, make_server: Callable[..., ServerThread]) -> ServerThread:
+    if request.param == "sqlite":
+        return make_server()
+    return make_server(database_url=request.getfixturevalue("fresh_pg"))
+
+
 def test_a_spent_budget_blocks_new_rollouts_until_an_audited_override_and_lets_a_rollback_go(
-    server: ServerThread,
-    client: httpx.Client,
+    any_db_server: ServerThread,
     keydir: KeyDir,
     tmp_path: Path,
     fake_device: Callable[[str], FakeDevice],
 ) -> None:
+    server = any_db_server
+    client = httpx.Client(base_url=server.url, timeout=10)
     key = keydir.key("release")
     v1 = upload(client, make_bundle(tmp_path, key, version="1", release=1)).json()
     upload(client, make_bundle(tmp_path, key, version="2", release=2, content=b"v2" * 300))
@@ -86,16 +95,16 @@ def test_a_spent_budget_blocks_new_rollouts_until_an_audited_override_and_lets_a
     r = client.post("/api/v1/rollouts", json={"model": "det:2", "stages": [100]})
     assert r.status_code == 409 and r.json()["detail"]["code"] == "error_budget_spent", r.text
     assert "det-avail (availability)" in r.json()["detail"]["message"]
-    assert client.post("/api/v1/models/det/budget-override", json={"reason": ""}).status_code == 400
-    assert client.post("/api/v1/models/nope/budget-override", json={"reason": "fix"}).status_code == 404
-    o = client.post("/api/v1/models/det/budget-override", json={"reason": "fix for INC-7", "hours": 1})
+    assert client.post("/api/v1/budget-overrides", json={"model": "det", "reason": ""}).status_code == 400
+    assert client.post("/api/v1/budget-overrides", json={"model": "nope", "reason": "fix"}).status_code == 404
+    o = client.post("/api/v1/budget-overrides", json={"model": "det", "reason": "fix for INC-7", "hours": 1})
     assert o.status_code == 201, o.text
     r = client.post("/api/v1/rollouts", json={"model": "det:3", "stages": [100]})
     assert r.status_code == 201, r.text
     entries = client.get("/api/v1/audit", params={"path": "/api/v1/rollouts"}).json()["items"]
     assert [e["result"] for e in entries] == ["error_budget_spent", "ok"]
     assert "fix for INC-7" in entries[-1]["detail"]
-    overrides = client.get("/api/v1/audit", params={"path": "/api/v1/models/det/budget-override"}).json()
+    overrides = client.get("/api/v1/audit", params={"path": "/api/v1/budget-overrides"}).json()
     assert "fix for INC-7" in overrides["items"][-1]["detail"]
 
     # once the override lapses, a new release is refused again but going back to an older one goes

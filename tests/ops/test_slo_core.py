@@ -154,6 +154,10 @@ def test_no_false_page_over_28_days_steady_at_the_slo() -> None:
     result = drill(spec, lambda t: 0.005, duration_s=28 * DAY, step_s=60.0, rate=2.0)
     assert [n for _, n in result.notifications if n.alert.key.severity == Severity.PAGE] == []
     assert -0.3 < result.budget_remaining < 0.3  # at the SLO the budget ends about spent
+    # exactly at the SLO the 3-day burn hovers around the ticket's 1x: an alert resolves only after
+    # its short window (6 h) without a breach, so it opens a handful of tickets, not hundreds
+    tickets = [t for t, n in result.notifications if n.status == "firing"]
+    assert 0 < len(tickets) <= 15, len(tickets)
     assert time.monotonic() - start < 60
 
 
@@ -186,6 +190,12 @@ def test_alerts_are_pending_then_firing_deduplicated_grouped_and_resolved() -> N
     again = step_alerts(step.alerts, burning, [], now + 180, pending_s=120.0)  # type: ignore[arg-type]
     assert again.notifications == []  # the same burn is the same alert
     quiet = [_status("det", "rpi4", "a", 0, now + 240)]
+    # by default an alert resolves once clear for its rule's short window (5 min here)
+    held = step_alerts(again.alerts, quiet, [], now + 240, resolve_s=None)  # type: ignore[arg-type]
+    assert held.alerts[key].state == AlertState.FIRING and held.notifications == []
+    still = step_alerts(held.alerts, quiet, [], now + 240 + 299, resolve_s=None)  # type: ignore[arg-type]
+    assert still.alerts[key].state == AlertState.FIRING
+    assert step_alerts(held.alerts, quiet, [], now + 540, resolve_s=None).alerts[key].state == "resolved"  # type: ignore[arg-type]
     done = step_alerts(again.alerts, quiet, [], now + 240)  # type: ignore[arg-type]
     assert done.alerts[key].state == AlertState.RESOLVED
     assert [n.status for n in done.notifications] == ["resolved"]

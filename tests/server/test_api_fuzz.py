@@ -53,6 +53,9 @@ POSITIVE_ACCEPTANCE_EXEMPT = {
     # stages are cumulative (strictly increasing; percents end at or below 100): a rule across
     # array items and fields that JSON Schema cannot express
     ("POST", "/api/v1/rollouts"): "stages must increase strictly, percents end at or below 100",
+    # an objective's fields depend on its sli (latency needs a threshold and takes no target,
+    # availability the reverse), windows are durations like 28d, one objective per sli
+    ("POST", "/api/v1/slos"): "an objective's required fields depend on its sli; windows are durations",
     # the body must be signed by a device's fleet-CA key (headers the fuzzer cannot make)
     ("PUT", "/api/v1/captures/{device_id}/{batch_id}"): "an upload must be signed by a provisioned device",
 }
@@ -88,6 +91,10 @@ def _cursors() -> dict[str, str]:
         "GET /api/v1/rollouts/{rollout_id}/decisions": encode_cursor("rollout-decisions", (1,)),
         "GET /api/v1/rollouts/{rollout_id}/telemetry": encode_cursor("rollout-telemetry", group),
         "GET /api/v1/drift": encode_cursor("drift", ("fz-1",)),
+        "GET /api/v1/slos": encode_cursor("slos", (at, "fz")),
+        "GET /api/v1/alerts": encode_cursor("alerts", ("fz/*/page",)),
+        "GET /api/v1/alerts/deliveries": encode_cursor("deliveries", (1,)),
+        "GET /api/v1/planned-windows": encode_cursor("windows", (1,)),
         "GET /api/v1/captures": encode_cursor("captures", ("0193a5f0-7c1e-7a3b-9c2d-4e5f60718293",)),
     }
 
