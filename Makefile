@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# `make test`: the suite on TEST_WORKERS pytest-xdist workers (each with its own broker, ports,
+# temp dirs and PostgreSQL database), then the tests marked `serial` (they need a quiet machine)
+# on their own. Both steps always run; the target fails if either did.
+TEST_WORKERS ?= auto
+PYTEST_PARALLEL ?= -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
 
 .PHONY: demo test bench lint fmt typecheck clean venv models
 
@@ -18,7 +23,10 @@ demo: $(STAMP)
 	$(VENV)/bin/edgefleet demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	status=0; \
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS) || status=$$?; \
+	$(PY) -m pytest -q -m serial $(PYTEST_ARGS) || status=$$((status ? status : $$?)); \
+	exit $$status
 
 models: $(STAMP)
 	$(PY) scripts/fetch_models.py

@@ -21,11 +21,13 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, or_, update
+from sqlalchemy import Engine, event, or_, update
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
@@ -189,7 +191,26 @@ def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> list[re
     return observed
 
 
-_writer_locks: dict[str, int] = {}
+_writer_locks: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+_writer_locks_guard = threading.Lock()
+
+
+def _writer_lock(engine: Engine, path: str) -> int:
+    """The engine's lock file descriptor, opened once; closed when the engine is disposed (opened again
+    if it is used after that) or garbage collected, so stopped servers do not keep it."""
+    with _writer_locks_guard:
+        fd = _writer_locks.get(engine)
+        if fd is None:
+            fd = _writer_locks[engine] = os.open(f"{path}.ingest-lock", os.O_RDWR | os.O_CREAT, 0o600)
+            closer = weakref.finalize(engine, os.close, fd)
+            event.listen(engine, "engine_disposed", lambda e: _close_writer_lock(e, closer), once=True)
+        return fd
+
+
+def _close_writer_lock(engine: Engine, closer: Callable[[], object]) -> None:
+    with _writer_locks_guard:
+        _writer_locks.pop(engine, None)
+        closer()
 
 
 @contextlib.contextmanager
@@ -201,9 +222,7 @@ def _sqlite_writer(engine: Engine) -> Iterator[None]:
     if not path or path == ":memory:":
         yield
         return
-    fd = _writer_locks.get(path)
-    if fd is None:
-        fd = _writer_locks[path] = os.open(f"{path}.ingest-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _writer_lock(engine, path)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         yield

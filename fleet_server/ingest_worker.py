@@ -448,12 +448,13 @@ class IngestWorker:
         self.lag = 0.0  # the worker's ingest lag, seconds (Pipeline.lag)
         self._stopping = False
         self._proc: Any = None
+        self._pid: int | None = None  # kept: a closed process handle no longer tells it
         self._conn: Connection | None = None
         self._reader: threading.Thread | None = None
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._pid
 
     def start(self) -> None:
         ctx = _context()
@@ -466,7 +467,7 @@ class IngestWorker:
         )
         proc.start()
         child.close()
-        self._proc, self._conn = proc, parent
+        self._proc, self._conn, self._pid = proc, parent, proc.pid
         self._reader = threading.Thread(
             target=self._read, args=(parent,), name="ef-ingest-watch", daemon=True
         )
@@ -480,11 +481,12 @@ class IngestWorker:
         if self._proc is not None:
             self._proc.join(timeout)
             if self._proc.is_alive():
-                log.error("ingest worker %s did not stop; terminating it", self._proc.pid)
+                log.error("ingest worker %s did not stop; terminating it", self._pid)
                 self._proc.terminate()
                 self._proc.join(5)
         if self._reader is not None:
             self._reader.join(5)
+        _release(self._proc)
 
     def _read(self, conn: Connection) -> None:
         seen: dict[str, int] = {}
@@ -514,6 +516,15 @@ class IngestWorker:
                 self._proc.join(2)
             code = self._proc.exitcode if self._proc is not None else None
             log.error("ingest worker %s died (exit code %s); restarting it", self.pid, code)
+            _release(self._proc)
             time.sleep(1.0)
             if not self._stopping:
                 self.start()
+
+
+def _release(proc: Any) -> None:
+    """Close an ended worker's process handle: its pipes to the forkserver stay open until then, and
+    nothing else may release them (the server's app, and with it this handle, can outlive its stop)."""
+    if proc is not None and proc.exitcode is not None:
+        with contextlib.suppress(ValueError):  # closed already
+            proc.close()

@@ -46,7 +46,7 @@ from fleet_server.ingest_worker import (
     stream_filters,
     worker_channels,
 )
-from fleet_server.mqtt_client import connect, endpoint, new_client
+from fleet_server.mqtt_client import connect, endpoint, new_client, release
 from fleet_server.mqtt_identity import server_client_id, worker_client_id
 from fleet_server.reconciler import Reconciler
 from fleet_server.settings import ServerSettings
@@ -129,6 +129,7 @@ class MqttBridge:
         leave(self.client, self.pipeline, streams, discard_backlog)
         self.client.disconnect()
         self.client.loop_stop()
+        release(self.client)
 
     @property
     def backlog(self) -> int:

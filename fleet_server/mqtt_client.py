@@ -150,3 +150,11 @@ def connect(client: mqtt.Client, settings: ServerSettings, persistent: bool, whe
         properties=connect_properties(settings, persistent),
     )
     client.loop_start()
+
+
+def release(client: mqtt.Client) -> None:
+    """Close what a stopped client still holds open: paho keeps the socket pair that wakes its network
+    thread until the client is garbage collected (``Client.__del__``), and a stopped server's client
+    can stay referenced for long (FastAPI caches route callables, and the API docs' routes close over
+    the app, which holds the server's context). Call after ``disconnect()`` and ``loop_stop()``."""
+    client._reset_sockets()

@@ -13,8 +13,10 @@ everything else runs on the embedded defaults.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,54 @@ from edgefleet.broker import Broker, BrokerInfo, mosquitto_binary, start_secure_
 from signing.keyring import KeyDir, init_keys
 
 PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PROC_FDS = "/proc/self/fd"
+# More descriptors than this left open by one module is reported: a session fixture a module
+# starts first (the session broker, PostgreSQL) keeps a few for the session's lifetime.
+FD_LEAK_ALLOWANCE = 4
+
+
+class FileDescriptorLeak(UserWarning):
+    """A test module left file descriptors open: leaked across a long session they pass 1024,
+    where select() fails and the process's limit comes close."""
+
+
+def open_fds() -> dict[int, str]:
+    """This process's open descriptors and what each points at (a path, socket:[inode], pipe:[...])."""
+    fds: dict[int, str] = {}
+    for name in os.listdir(PROC_FDS):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            fds[int(name)] = os.readlink(f"{PROC_FDS}/{name}")
+    return fds
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fd_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Warn (``FileDescriptorLeak``) when a test module ends with more descriptors open than it
+    began with, naming what they point at, so a leaking fixture is found before it starves a
+    long serial session."""
+    if not os.path.isdir(PROC_FDS):
+        yield
+        return
+    before = open_fds()
+    yield
+    gc.collect()  # descriptors of objects dropped but not yet finalised are not leaks
+    after = open_fds()
+    new = sorted(target for fd, target in after.items() if before.get(fd) != target)
+    if len(after) - len(before) > FD_LEAK_ALLOWANCE:
+        kinds: dict[str, int] = {}
+        for target in new:
+            kind = (
+                target.split(":", 1)[0] if target.startswith(("socket:", "pipe:", "anon_inode:")) else target
+            )
+            kinds[kind] = kinds.get(kind, 0) + 1
+        summary = ", ".join(f"{n} x {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        warnings.warn(
+            FileDescriptorLeak(
+                f"{request.node.nodeid}: {len(after) - len(before)} more file descriptors open after "
+                f"the module ({len(before)} -> {len(after)}): {summary}"
+            ),
+            stacklevel=1,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,10 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
                 p.kill()
 
 
-def wait_http(url: str, timeout: float = 20) -> None:
+def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+    """Until ``url`` answers 200; fail at once, with the process's log, if ``proc`` exited first. The
+    deadline is generous because it is only reached on a hang: a server process imports for seconds
+    on a machine busy with the other test workers."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -59,8 +62,12 @@ def wait_http(url: str, timeout: float = 20) -> None:
                 return
         except httpx.HTTPError:
             pass
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"exited {proc.returncode} before {url} answered:\n{log.read_text()[-3000:]}"
+            )
         if time.monotonic() > deadline:
-            raise TimeoutError(url)
+            raise TimeoutError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
         time.sleep(0.1)
 
 
@@ -97,17 +104,16 @@ def test_compile_push_rollout_with_real_processes(
     }
     # the production broker: the server comes in on its listener with fleet-server.json
     mqtt = server_mqtt_settings(mosquitto.info)
-    server_log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
-    processes.append(
-        subprocess.Popen(
+    with open(tmp_path / "server.log", "wb") as server_log:  # the child keeps its own copy
+        server = subprocess.Popen(
             [EXE, "server", "--port", str(port), "--keys", str(keys), "--data-dir", str(tmp_path / "srv"),
              "--mqtt", f"{mqtt['mqtt_host']}:{mqtt['mqtt_port']}",
              *(["--mqtt-credentials", str(mqtt["mqtt_credentials"])] if "mqtt_credentials" in mqtt else []),
              "--public-url", url],
             env=env, stdout=server_log, stderr=subprocess.STDOUT,
-        )
-    )  # fmt: skip
-    wait_http(f"{url}/healthz")
+        )  # fmt: skip
+    processes.append(server)
+    wait_http(f"{url}/healthz", server, tmp_path / "server.log")
     os.environ["EDGEFLEET_SERVER"] = url
     try:
         # auth is on: without a token the CLI is refused; the bootstrap admin token was generated 0600
@@ -125,12 +131,12 @@ def test_compile_push_rollout_with_real_processes(
             + mqtt_toml(mosquitto.info, "cli-dev-1")
             + "telemetry_interval = 1.0\n"
         )
-        agent_log = open(tmp_path / "agent.log", "wb")  # noqa: SIM115
-        agent = subprocess.Popen(
-            [EXE, "agent", "--config", str(tmp_path / "agent.toml"), "--synthetic-load", "20"],
-            stdout=agent_log,
-            stderr=subprocess.STDOUT,
-        )
+        with open(tmp_path / "agent.log", "wb") as agent_log:  # the child keeps its own copy
+            agent = subprocess.Popen(
+                [EXE, "agent", "--config", str(tmp_path / "agent.toml"), "--synthetic-load", "20"],
+                stdout=agent_log,
+                stderr=subprocess.STDOUT,
+            )
         processes.append(agent)
 
         pushed = ef_json("models", "push", str(tmp_path / "digits-1"), "--keys", str(keys))

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,16 @@ def tmpdir_of_the_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     return tmp
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path, for a child's TMPDIR: the server's ingest forkserver
+    binds a Unix socket in it, and a path under a pytest-xdist worker's ``tmp_path`` plus the demo's
+    own directories passes the 107 bytes such a socket's path may have."""
+    path = Path(tempfile.mkdtemp(prefix="ef-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def demo_dirs(tmp: Path) -> list[Path]:
@@ -67,10 +79,9 @@ def test_a_named_work_directory_is_the_callers(tmp_path: Path, capsys: pytest.Ca
 @pytest.mark.slow
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
-def test_an_interrupted_demo_removes_its_work_directory(tmp_path: Path, sig: signal.Signals) -> None:
+def test_an_interrupted_demo_removes_its_work_directory(short_tmp: Path, sig: signal.Signals) -> None:
     """Stopped while its broker, server and devices run: they stop, the directory goes."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    tmp = short_tmp
     env = {**os.environ, "TMPDIR": str(tmp)}
     env.pop("EDGEFLEET_BROKER", None)
     proc = subprocess.Popen(

@@ -8,10 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from edgefleet.broker import mosquitto_binary
 from edgefleet.cli import app
+from edgefleet.commands import sim
 from edgefleet.commands.sim import show_run
 from simulator.readable import readable
 from simulator.report import write_report
@@ -103,7 +105,10 @@ def test_sim_check_json_errors(tmp_path: Path) -> None:
 def test_run_summary_on_the_terminal(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("COLUMNS", "250")  # rich reads it when it prints: no cell wraps
+    # a wide terminal, so no cell wraps. The command's console was made at import and took its width
+    # from COLUMNS then, if it was set (pytest-xdist workers run with COLUMNS=80): a console of this
+    # test's own, writing to the captured stdout
+    monkeypatch.setattr(sim, "console", Console(width=250))
     show_run(a_run(), {"html": tmp_path / "report.html"})
     out, err = capsys.readouterr()
     flat = " ".join(out.split())

@@ -60,6 +60,7 @@ def test_profile_rejects_nonsense() -> None:
         NetProfile(latency_ms=-1)
 
 
+@pytest.mark.serial  # times a plain loopback round trip against 0.2 s: a busy CPU alone can miss it
 def test_tcp_proxy_adds_latency_and_limits_bandwidth(net: NetworkThread) -> None:
     upstream = _echo_server(net)
     plain = TcpFaultProxy("127.0.0.1", upstream, LinkState())
