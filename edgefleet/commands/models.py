@@ -211,6 +211,8 @@ def _print_metrics(out: Mapping[str, Any]) -> None:
         "predictions ok",
         "cpu ms/inf",
     )
+    for column in table.columns:  # a narrow terminal wraps a cohort's name, never cuts it to "…"
+        column.overflow = "fold"
     for g in [*out["groups"], out["total"]]:
         stage = g["stage"]
         table.add_row(

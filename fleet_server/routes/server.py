@@ -57,7 +57,16 @@ def readyz(c: Ctx) -> Response:
 
 
 @health_router.get(
-    "/metrics", summary="Prometheus metrics", response_class=Response, responses=error_responses(401)
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            "description": "The exposition",
+        },
+        **error_responses(401),
+    },
 )
 def metrics(c: Ctx, authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> Response:
     """The fleet, rollouts, ingest, SLOs and alerts in Prometheus' text format (docs/slo.md lists
