@@ -9,7 +9,10 @@ once, so all targets report the same figures the same way.
 
 from __future__ import annotations
 
+import itertools
 import math
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,8 +34,13 @@ from compiler.memory import (
     onnx_sample_bytes,
     tflite_sample_bytes,
 )
-from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare
-from compiler.runners import TFLiteRunner
+from compiler.mixed_precision import SENSITIVITY_SAMPLES, layer_sensitivity, search
+from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare, quantize_from_cache
+from compiler.runners import (
+    OnnxRunner,
+    TFLiteRunner,
+    median_latency_ms,
+)
 from compiler.signature import IOSignature, io_signature
 from compiler.sources import DataSource, Preprocess, load_source
 from compiler.tflite_post import finish_int8
@@ -70,6 +78,7 @@ class BuildRequest:
     progress: Progress
     judging: Judging = field(default_factory=Judging)  # output kinds declared, user metric
     memory: MemoryPlan = field(default_factory=budget_from_machine)  # bounds the batches
+    mixed_seconds: float = 0.0  # time budget of a mixed-precision search when 8 bits miss the gate
 
 
 @dataclass
@@ -173,7 +182,7 @@ def tflite_output_hints(model: Any) -> dict[str, str]:
     return hints
 
 
-@dataclass(frozen=True)
+@dataclass
 class OnnxQuantizeJob:
     """What an ONNX family's quantize step gets: the prepared float model and where to write int8."""
 
@@ -186,6 +195,90 @@ class OnnxQuantizeJob:
     work: Path
     batch: int = 1  # samples per calibration feed (dynamic-batch models), from the memory plan
     eval_batch: int = 1  # samples per run when scoring candidates
+    gate: Gate | None = None  # the gate a mixed-precision search aims at (None: no search)
+    judging: Judging = field(default_factory=Judging)
+    progress: Progress = field(default=lambda _step, _fraction: None)
+    mixed_seconds: float = 0.0  # time budget of the mixed-precision search (0: none)
+
+
+def mixed_precision_onnx(job: OnnxQuantizeJob) -> None:
+    """If the all-8-bit model misses the gate on calibration samples, search a mix that passes
+    (``compiler.mixed_precision``) and replace ``job.out`` with it; the search goes in ``job.info``.
+
+    A search that breaks (a quantizer or runtime error on some candidate) keeps the all-8-bit model
+    and says why: the gate then judges that model as it would have without the search.
+    """
+    if job.gate is None or job.mixed_seconds <= 0 or job.info.calibration_cache is None:
+        return
+    try:
+        _mixed_precision_onnx(job, job.gate, job.info.calibration_cache)
+    except Exception as exc:  # onnxruntime raises its own classes; the 8-bit model stands
+        job.info.mixed_precision = {"error": f"{type(exc).__name__}: {exc}"[:300], "chosen": None}
+
+
+def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, cache: Path) -> None:
+    started = time.perf_counter()
+    subset = job.calib.take(np.arange(min(len(job.calib), SCORE_SAMPLES)))
+
+    def judge(candidate: Path) -> list[str]:
+        report = evaluate(job.source, candidate, subset, job.sig, job.judging, job.eval_batch)
+        return gate.check(report)
+
+    failures = judge(job.out)
+    if not failures:
+        return
+    kept_float = list(job.info.float_nodes)
+    named = name_nodes(job.prepared, job.work / "prepared-named.onnx")
+    scratch = QuantizeInfo(job.info.source_opset, job.info.opset)
+    base = job.work / "mixed-base.onnx"
+    quantize_from_cache(named, base, cache, scratch, kept_float, finish=False)
+    feeds = list(itertools.islice(job.calib.batches(job.sig.inputs, 1), SENSITIVITY_SAMPLES))
+    job.progress("mixed precision: layer sensitivity", 0.3)
+    ranked = layer_sensitivity(named, base, feeds)
+
+    def requantize(out: Path, float_nodes: list[str], overrides: dict[str, Any]) -> None:
+        quantize_from_cache(named, out, cache, scratch, kept_float + float_nodes, overrides)
+
+    def progress(step: str, fraction: float) -> None:
+        job.progress(step, 0.3 + 0.25 * fraction)
+
+    result = search(
+        named, ranked, requantize, judge, job.work, job.mixed_seconds, progress, failures, started
+    )
+    if result.chosen is not None:
+        chosen = job.work / f"mixed-{len(result.chosen.layers)}-{result.chosen.mode}.onnx"
+        feed = next(job.calib.batches(job.sig.inputs, 1))
+        eight = median_latency_ms(OnnxRunner(job.out), feed, 10)
+        mixed = median_latency_ms(OnnxRunner(chosen), feed, 10)
+        size8, size_mixed = job.out.stat().st_size, chosen.stat().st_size
+        result.cost = {
+            "size_bytes_8bit": size8,
+            "size_bytes": size_mixed,
+            "size_ratio_to_8bit": round(size_mixed / size8, 3),
+            "latency_ms_8bit": eight,
+            "latency_ms": mixed,
+            "latency_ratio_to_8bit": round(mixed / eight, 3) if eight else None,
+            "note": "this host, 1 thread, batch 1",
+        }
+        shutil.copyfile(chosen, job.out)
+        if result.chosen.mode == "float":
+            job.info.float_nodes = kept_float + result.chosen.layers
+    job.info.mixed_precision = result.to_dict()
+
+
+def name_nodes(path: Path, out: Path) -> Path:
+    """A copy of the model whose every node has a unique name (what ``nodes_to_exclude`` selects by)."""
+    model = onnx.load(str(path))
+    taken = {n.name for n in model.graph.node if n.name}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    onnx.save(model, str(out))
+    return out
 
 
 def memory_report(
@@ -236,14 +329,21 @@ def build_onnx(req: BuildRequest, accelerator: str, quantize: Callable[[OnnxQuan
     in_use = current_usage()
     calib_batch = req.memory.batch(sample_bytes, CALIBRATION_COPIES, in_use)
     eval_batch = req.memory.batch(sample_bytes, EVALUATION_COPIES, in_use)
-    quantize(
-        OnnxQuantizeJob(prepared, int8_path, source_copy, calib, sig, info, work, calib_batch, eval_batch)
+    job = OnnxQuantizeJob(prepared, int8_path, source_copy, calib, sig, info, work, calib_batch, eval_batch)
+    job.gate, job.judging, job.progress, job.mixed_seconds = (
+        req.gate,
+        replace(req.judging, hints=onnx_output_hints(model)),
+        req.progress,
+        req.mixed_seconds,
     )
+    quantize(job)
     req.progress("evaluate", 0.6)
     # Compare against the untouched source model: that is what the user shipped before.
     judging = replace(req.judging, hints=onnx_output_hints(model))
     report = evaluate(source_copy, int8_path, held_out, sig, judging, eval_batch)
     report["memory"] = memory_report(req.memory, sample_bytes, calib_batch, eval_batch)
+    if info.mixed_precision is not None:
+        report["mixed_precision"] = info.mixed_precision
     report["calibration_samples"] = calib.usable(sig.inputs)
     report["input_ranges"] = calib.ranges()
     report["evaluation_source"] = eval_source

@@ -94,6 +94,7 @@ def compile_model(
     html_report: Path | None = None,
     output_kinds: dict[str, OutputKind] | str | None = None,
     max_memory: int | None = None,
+    mixed_precision_seconds: float = 120.0,
 ) -> CompileResult:
     """Compile ``model_path`` for ``target`` into a signed bundle at ``out_dir``.
 
@@ -108,7 +109,9 @@ def compile_model(
     ``overwrite``. ``output_kinds``: declared kinds per output (``compiler.output_kinds``: a
     mapping, ``name=kind,...`` or a ``.toml``/``.json`` path); the rest are inferred.
     ``max_memory``: bytes the compile plans its batches in (``compiler.memory``; default: from the
-    machine's limits). Raises
+    machine's limits). ``mixed_precision_seconds``: time budget of the search for a mix of 16-bit
+    activations / float layers when all-8-bit misses the gate (``compiler.mixed_precision``; ONNX
+    CPU target; 0 turns it off). Raises
     ``CompilerError`` subclasses for bad inputs.
     """
     started = time.perf_counter()
@@ -148,6 +151,7 @@ def compile_model(
             report_progress,
             judging,
             plan,
+            mixed_precision_seconds,
         )
         try:
             with capture_toolchain() as notes:

@@ -105,6 +105,8 @@ class QuantizeInfo:
     calibrate_method: str = "MinMax"
     calibration_candidates: dict[str, list[float]] = field(default_factory=dict)
     compaction: dict[str, Any] = field(default_factory=dict)
+    calibration_cache: Path | None = None  # the chosen ranges, to re-quantize (mixed precision)
+    mixed_precision: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -235,7 +237,7 @@ def quantize_int8(
     ``readers`` makes a fresh calibration reader per pass. Without ``score``
     only the first candidate (plain MinMax) is tried.
     """
-    best: tuple[tuple[float, ...], str, Path, list[str], list[str]] | None = None
+    best: tuple[tuple[float, ...], str, Path, list[str], list[str], Path] | None = None
     names = list(CALIBRATIONS) if score is not None else list(CALIBRATIONS)[:1]
     for index, name in enumerate(names):
         candidate = work_dir / f"candidate{index}.onnx"
@@ -243,9 +245,10 @@ def quantize_int8(
         figures = score(candidate) if score is not None else ()
         info.calibration_candidates[name] = [round(f, 4) for f in figures]
         if best is None or figures > best[0]:
-            best = (figures, name, candidate, info.nonfinite_tensors, info.float_nodes)
+            cache = work_dir / f"calibration-{index}.json"
+            best = (figures, name, candidate, info.nonfinite_tensors, info.float_nodes, cache)
     assert best is not None
-    _, info.calibrate_method, chosen, info.nonfinite_tensors, info.float_nodes = best
+    _, info.calibrate_method, chosen, info.nonfinite_tensors, info.float_nodes, info.calibration_cache = best
     os.replace(chosen, output)
 
 
@@ -270,10 +273,32 @@ def _quantize_calibrated(
         )
         ranges = TensorsData(CalibrationMethod.MinMax, {k: v for k, v in ranges.items() if k not in bad})
     info.nonfinite_tensors, info.float_nodes = sorted(bad), float_nodes
-    cache = work_dir / "calibration.json"
+    cache = work_dir / f"calibration-{output.stem.removeprefix('candidate')}.json"
     save_tensors_data(ranges, cache)
+    quantize_from_cache(prepared, output, cache, info, float_nodes)
 
+
+def quantize_from_cache(
+    prepared: Path,
+    output: Path,
+    cache: Path,
+    info: QuantizeInfo,
+    float_nodes: list[str],
+    overrides: dict[str, Any] | None = None,
+    *,
+    finish: bool = True,
+) -> None:
+    """``quantize_static`` on saved ranges: U8S8 per-channel QDQ, ``float_nodes`` left float,
+    ``overrides`` as onnxruntime's ``TensorQuantOverrides`` (16-bit activations for chosen tensors).
+
+    ``finish``: repair, compact (``finish_qdq``); without it only the per-axis repair, names kept.
+    """
     attempts: list[dict[str, Any]] = [{}, {"QDQDisableWeightAdjustForInt32Bias": True}]
+    base: dict[str, Any] = {}
+    if overrides:
+        base["TensorQuantOverrides"] = overrides
+        if info.opset < QNN_UINT16_OPSET:  # 16-bit Q/DQ below opset 21 live in the com.microsoft domain
+            base["UseQDQContribOps"] = True
     last: Exception | None = None
     for extra in attempts:
         try:
@@ -287,7 +312,7 @@ def _quantize_calibrated(
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
                 nodes_to_exclude=float_nodes,
-                extra_options=dict(extra),
+                extra_options=base | extra,
                 calibration_cache_path=str(cache),
             )
         except ValueError as exc:
@@ -299,6 +324,9 @@ def _quantize_calibrated(
             continue
         except Exception as exc:
             raise QuantizationError(f"quantize_static failed: {type(exc).__name__}: {exc}") from exc
+        if not finish:
+            repair_per_axis(output)
+            return
         info.extra_options = extra
         finish_qdq(output, info, drop_zero_points=True)
         return
