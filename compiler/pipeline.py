@@ -34,7 +34,7 @@ from compiler.html_report import write_html_report
 from compiler.memory import MemoryPlan, budget_from_machine, peak_usage
 from compiler.output_kinds import OutputKind, parse_declarations
 from compiler.runners import latency
-from compiler.size_parts import size_breakdown
+from compiler.size_parts import size_breakdown, size_target
 from compiler.sniff import describe, is_tflite, looks_like_onnx, read_head
 from compiler.sources import DataSource, Preprocess
 from compiler.targets import Target, family_of, get_target, known_targets
@@ -202,6 +202,10 @@ def _build_and_measure(request: BuildRequest, latency_repeats: int) -> Built:
     report["target"] = {"name": tgt.name, "backend": tgt.backend, "runtime": tgt.runtime}
     size = report["size"]
     size["parts"] = size_breakdown(built.fp32, built.int8)
+    int8_parts = size["parts"]["int8"]
+    size["target"] = size_target(
+        size["fp32_bytes"], size["int8_bytes"], int8_parts["constants"] + int8_parts["quantization"]
+    )
     # The file that ships: the int8 model itself, or what a family compiled it into (Vela).
     size["artifact_bytes"] = built.artifact.stat().st_size
     fp32_bytes = size["fp32_bytes"]
