@@ -34,7 +34,7 @@ from compiler.memory import (
     onnx_sample_bytes,
     tflite_sample_bytes,
 )
-from compiler.mixed_precision import SENSITIVITY_SAMPLES, layer_sensitivity, search
+from compiler.mixed_precision import SENSITIVITY_SAMPLES, layer_sensitivity, overrides_for, search
 from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare, quantize_from_cache
 from compiler.runners import (
     OnnxRunner,
@@ -236,17 +236,20 @@ def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, cache: Path) -> None
     job.progress("mixed precision: layer sensitivity", 0.3)
     ranked = layer_sensitivity(named, base, feeds)
 
-    def requantize(out: Path, float_nodes: list[str], overrides: dict[str, Any]) -> None:
-        quantize_from_cache(named, out, cache, scratch, kept_float + float_nodes, overrides)
+    named_model = onnx.load(str(named), load_external_data=False)
+
+    def build(out: Path, layers: list[str], mode: str) -> None:
+        if mode == "a16":
+            quantize_from_cache(named, out, cache, scratch, kept_float, overrides_for(named_model, layers))
+        else:
+            quantize_from_cache(named, out, cache, scratch, kept_float + layers)
 
     def progress(step: str, fraction: float) -> None:
         job.progress(step, 0.3 + 0.25 * fraction)
 
-    result = search(
-        named, ranked, requantize, judge, job.work, job.mixed_seconds, progress, failures, started
-    )
-    if result.chosen is not None:
-        chosen = job.work / f"mixed-{len(result.chosen.layers)}-{result.chosen.mode}.onnx"
+    result = search(ranked, build, judge, job.work, job.mixed_seconds, progress, failures, started)
+    if result.chosen is not None and result.chosen_path is not None:
+        chosen = result.chosen_path
         feed = next(job.calib.batches(job.sig.inputs, 1))
         eight = median_latency_ms(OnnxRunner(job.out), feed, 10)
         mixed = median_latency_ms(OnnxRunner(chosen), feed, 10)

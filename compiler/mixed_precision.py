@@ -72,6 +72,7 @@ class SearchResult:
     elapsed: float = 0.0
     budget: float = 0.0
     cost: dict[str, Any] = field(default_factory=dict)
+    chosen_path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -165,16 +166,12 @@ def layer_sensitivity(
     tensors = sorted(pairs)
     f_sess = session_from_bytes(_with_outputs(fmodel, tensors))
     q_sess = session_from_bytes(_with_outputs(qmodel, [pairs[t] for t in tensors]), reference=True)
-    signal = dict.fromkeys(tensors, 0.0)
-    error = dict.fromkeys(tensors, 0.0)
+    meter = NoiseMeter()
     for feed in feeds:
-        f_out = f_sess.run(tensors, feed)
+        f_out = dict(zip(tensors, f_sess.run(tensors, feed), strict=True))
         q_out = q_sess.run([pairs[t] for t in tensors], feed)
-        for t, f, q in zip(tensors, f_out, q_out, strict=True):
-            f64 = np.asarray(f, dtype=np.float64)
-            signal[t] += float((f64**2).sum())
-            error[t] += float(((f64 - np.asarray(q, dtype=np.float64)) ** 2).sum())
-    noise = {t: error[t] / signal[t] if signal[t] > 0 else 0.0 for t in tensors if math.isfinite(error[t])}
+        meter.add(f_out, dict(zip(tensors, q_out, strict=True)))
+    noise = meter.ratios()
     nodes = [(n.name, list(n.input), list(n.output)) for n in fmodel.graph.node if n.name]
     return rank_layers(nodes, noise)
 
@@ -189,47 +186,71 @@ def overrides_for(model: onnx.ModelProto, layers: list[str]) -> dict[str, Any]:
     return {t: [{"quant_type": QuantType.QUInt16}] for t in sorted(tensors)}
 
 
-Requantize = Callable[[Path, list[str], dict[str, Any]], None]  # out, float nodes, overrides
+Build = Callable[[Path, list[str], str], None]  # write the candidate: out, layers, mode
 Judge = Callable[[Path], list[str]]  # gate failures of a candidate on calibration samples
 Progress = Callable[[str, float], None]
 
 
 def search(
-    prepared: Path,
     ranked: list[tuple[str, float]],
-    requantize: Requantize,
+    build: Build,
     judge: Judge,
     work: Path,
     budget_seconds: float,
     progress: Progress,
     triggered_by: list[str],
     started: float,
+    modes: tuple[str, ...] = MODES,
+    suffix: str = ".onnx",
 ) -> SearchResult:
     """Walk the ladder (see module doc) until a candidate passes, the ladder ends or time is up."""
-    model = onnx.load(str(prepared), load_external_data=False)
     result = SearchResult(
         triggered_by,
         [{"layer": name, "added_noise": round(added, 6)} for name, added in ranked],
         budget=budget_seconds,
     )
-    steps = [(k, mode) for k in ladder(len(ranked)) for mode in MODES]
+    steps = [(k, mode) for k in ladder(len(ranked)) for mode in modes]
     for index, (k, mode) in enumerate(steps):
         if time.perf_counter() - started > budget_seconds:
             result.stopped = "budget"
             break
         layers = [name for name, _ in ranked[:k]]
         progress(f"mixed precision: {k} layer(s) {mode}", index / len(steps))
-        candidate = work / f"mixed-{k}-{mode}.onnx"
+        candidate = work / f"mixed-{k}-{mode}{suffix}"
         t0 = time.perf_counter()
-        if mode == "a16":
-            requantize(candidate, [], overrides_for(model, layers))
-        else:
-            requantize(candidate, layers, {})
+        build(candidate, layers, mode)
         failures = judge(candidate)
         tried = Try(layers, mode, not failures, failures, time.perf_counter() - t0, candidate.stat().st_size)
         result.tries.append(tried)
         if not failures:
             result.chosen, result.stopped = tried, "passed"
+            result.chosen_path = candidate
             break
     result.elapsed = time.perf_counter() - started
     return result
+
+
+class NoiseMeter:
+    """Relative noise |q - f|^2 / |f|^2 per tensor, accumulated one sample at a time."""
+
+    def __init__(self) -> None:
+        self.signal: dict[str, float] = {}
+        self.error: dict[str, float] = {}
+
+    def add(self, floats: dict[str, np.ndarray], quantized: dict[str, np.ndarray]) -> None:
+        for name, f in floats.items():
+            if name not in quantized:
+                continue
+            f64 = np.asarray(f, dtype=np.float64)
+            q64 = np.asarray(quantized[name], dtype=np.float64)
+            if f64.shape != q64.shape:
+                continue
+            self.signal[name] = self.signal.get(name, 0.0) + float((f64**2).sum())
+            self.error[name] = self.error.get(name, 0.0) + float(((f64 - q64) ** 2).sum())
+
+    def ratios(self) -> dict[str, float]:
+        return {
+            t: self.error[t] / s if s > 0 else 0.0
+            for t, s in self.signal.items()
+            if math.isfinite(self.error[t])
+        }
