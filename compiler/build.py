@@ -34,7 +34,14 @@ from compiler.memory import (
     onnx_sample_bytes,
     tflite_sample_bytes,
 )
-from compiler.mixed_precision import SENSITIVITY_SAMPLES, layer_sensitivity, overrides_for, search
+from compiler.mixed_precision import (
+    SENSITIVITY_SAMPLES,
+    NoiseMeter,
+    layer_sensitivity,
+    overrides_for,
+    rank_layers,
+    search,
+)
 from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare, quantize_from_cache
 from compiler.runners import (
     OnnxRunner,
@@ -269,6 +276,98 @@ def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, cache: Path) -> None
     job.info.mixed_precision = result.to_dict()
 
 
+@dataclass(frozen=True)
+class TFLiteMixedJob:
+    """What the TFLite mixed-precision search needs from ``build_tflite_int8``."""
+
+    prepared: bytes
+    raw: bytes  # the quantizer's all-8-bit output, tensor names as in the float model
+    int8: bytes  # the finished all-8-bit file
+    feeds: list[dict[str, np.ndarray]]  # one calibration sample each, keyed by tensor name
+    calib: Samples
+    sig: IOSignature
+    judging: Judging
+    req: BuildRequest
+
+
+def mixed_precision_tflite(job: TFLiteMixedJob, gate: Gate) -> tuple[bytes, dict[str, Any] | None]:
+    """The TFLite side of ``compiler.mixed_precision``: 16-bit activations (16x8 kernels) for the most
+    sensitive ops, by ai-edge-quantizer recipe entries matched on each op's output tensor name.
+
+    Returns the bytes to ship (the all-8-bit ones unless a mix passed) and the search's report.
+    """
+    started = time.perf_counter()
+    subset = job.calib.take(np.arange(min(len(job.calib), SCORE_SAMPLES)))
+    fp32 = TFLiteRunner(job.prepared)
+
+    def judge(candidate: Path) -> list[str]:
+        data = candidate.read_bytes()
+        report = evaluate_runners(
+            fp32.run, TFLiteRunner(data).run, subset, job.sig, len(job.prepared), len(data), job.judging
+        )
+        return gate.check(report)
+
+    eight = job.req.work / "mixed-8bit.tflite"
+    eight.write_bytes(job.int8)
+    failures = judge(eight)
+    if not failures:
+        return job.int8, None
+    job.req.progress("mixed precision: layer sensitivity", 0.3)
+    model = read_tflite(job.prepared)
+    sg = model.subgraphs[0]
+
+    def name(index: int) -> str:
+        raw = sg.tensors[index].name
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    ops = [
+        (name(op.outputs[0]), [name(i) for i in op.inputs if i >= 0], [name(o) for o in op.outputs])
+        for op in sg.operators or []
+    ]
+    # Activations only: constants are per-channel int8 in the quantized model, not comparable here.
+    activations = {o for _, _, outs in ops for o in outs} | {name(i) for i in sg.inputs}
+    float_run, quant_run = TFLiteRunner(job.prepared, preserve=True), TFLiteRunner(job.raw, preserve=True)
+    meter = NoiseMeter()
+    for feed in job.feeds[:SENSITIVITY_SAMPLES]:
+        float_run.run(feed)
+        quant_run.run(feed)
+        floats = {k: v for k, v in float_run.intermediates().items() if k in activations}
+        meter.add(floats, quant_run.intermediates())
+    ranked = rank_layers(ops, meter.ratios())
+
+    inputs_of = {out: ins for out, ins, _ in ops}
+    produced = set(inputs_of)
+
+    def build(out: Path, layers: list[str], mode: str) -> None:
+        # The op and the producers of its inputs: a 16x8 op fed an 8-bit tensor has already lost the
+        # precision (the quantizer only inserts an int8 -> int16 QUANTIZE in front of it).
+        a16 = sorted({*layers, *(i for layer in layers for i in inputs_of.get(layer, []) if i in produced)})
+        candidate = quantize_tflite(job.prepared, job.feeds, a16=a16)
+        out.write_bytes(finish_int8(drop_unused_buffers(candidate), npu=False)[0])
+
+    def progress(step: str, fraction: float) -> None:
+        job.req.progress(step, 0.3 + 0.25 * fraction)
+
+    work, seconds = job.req.work, job.req.mixed_seconds
+    result = search(ranked, build, judge, work, seconds, progress, failures, started, ("a16",), ".tflite")
+    shipped = job.int8
+    if result.chosen_path is not None:
+        shipped = result.chosen_path.read_bytes()
+        feed = job.feeds[0]
+        eight_ms = median_latency_ms(TFLiteRunner(job.int8), feed, 10)
+        mixed_ms = median_latency_ms(TFLiteRunner(shipped), feed, 10)
+        result.cost = {
+            "size_bytes_8bit": len(job.int8),
+            "size_bytes": len(shipped),
+            "size_ratio_to_8bit": round(len(shipped) / len(job.int8), 3),
+            "latency_ms_8bit": eight_ms,
+            "latency_ms": mixed_ms,
+            "latency_ratio_to_8bit": round(mixed_ms / eight_ms, 3) if eight_ms else None,
+            "note": "this host, 1 thread, batch 1",
+        }
+    return shipped, result.to_dict()
+
+
 def name_nodes(path: Path, out: Path) -> Path:
     """A copy of the model whose every node has a unique name (what ``nodes_to_exclude`` selects by)."""
     model = onnx.load(str(path))
@@ -375,16 +474,26 @@ def build_tflite_int8(req: BuildRequest, *, npu: bool) -> Built:
     calib, held_out, eval_source = load_samples_for(req, sig)
     req.progress("quantize", 0.25)
     one_by_one = [{k: v[i : i + 1] for k, v in calib.inputs.items()} for i in range(len(calib))]
-    int8, post = finish_int8(drop_unused_buffers(quantize_tflite(prepared, one_by_one)), npu=npu)
+    raw = quantize_tflite(prepared, one_by_one)
+    int8, post = finish_int8(drop_unused_buffers(raw), npu=npu)
+    judging = replace(req.judging, hints=tflite_output_hints(read_tflite(prepared)))
+    mixed = None
+    if not npu and req.gate is not None and req.mixed_seconds > 0:
+        job = TFLiteMixedJob(prepared, raw, int8, one_by_one, calib, sig, judging, req)
+        try:
+            int8, mixed = mixed_precision_tflite(job, req.gate)
+        except Exception as exc:  # the quantizer or LiteRT failed on a candidate: the 8-bit model stands
+            mixed = {"error": f"{type(exc).__name__}: {exc}"[:300], "chosen": None}
     int8_path = req.work / "int8.tflite"
     int8_path.write_bytes(int8)
     int8_runner = TFLiteRunner(int8)
     req.progress("evaluate", 0.6)
-    judging = replace(req.judging, hints=tflite_output_hints(read_tflite(prepared)))
     report = evaluate_runners(
         fp32_runner.run, int8_runner.run, held_out, sig, len(prepared), len(int8), judging
     )
     report["size"]["source_bytes"] = len(source)
+    if mixed is not None:
+        report["mixed_precision"] = mixed
     # TFLite models have a fixed batch (1 in every real model): both steps already run one sample.
     report["memory"] = memory_report(req.memory, tflite_sample_bytes(read_tflite(prepared)), 1, 1)
     report["calibration_samples"] = len(calib)

@@ -104,7 +104,8 @@ def compile_cmd(
         float,
         typer.Option(
             "--mixed-precision-budget",
-            help="Seconds to search 16-bit/float layers when 8-bit misses the gate (arm64-cpu; 0 = off).",
+            help="Seconds to search 16-bit/float layers when 8-bit misses the gate "
+            "(arm64-cpu, tflite-int8; 0 = off).",
         ),
     ] = 120.0,
     no_gate: Annotated[

@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from ai_edge_litert import schema_py_generated as schema
 from onnx import TensorProto, helper, numpy_helper
+from tflite_builders import make_outlier_tflite
 
 from compiler import GateFailed, compile_model
 from compiler.mixed_precision import ladder, rank_layers
+from compiler.tflite_prep import read_tflite
 from signing.keyring import KeyDir
 
 
@@ -113,3 +116,33 @@ def test_the_search_stops_at_its_time_budget(release_keys: KeyDir, tmp_path: Pat
         _compile(tmp_path, release_keys, "b", mixed_precision_seconds=1e-6)
     mixed = refused.value.report["mixed_precision"]
     assert mixed["stopped"] == "budget" and mixed["chosen"] is None and mixed["tries"] == []
+
+
+def test_tflite_gets_16bit_activations_for_the_sensitive_op(release_keys: KeyDir, tmp_path: Path) -> None:
+    """ai-edge-quantizer recipe entries per op output: int16 activations (16x8 kernels) on one op."""
+    model = make_outlier_tflite(tmp_path / "m.tflite")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).normal(size=(80, 16)).astype(np.float32))
+
+    def build(out: str, **kw: object):
+        return compile_model(
+            model,
+            target="tflite-int8",
+            calib_path=tmp_path / "c.npz",
+            out_dir=tmp_path / out,
+            release_key=release_keys.key("release"),
+            name="m",
+            version="1",
+            release=1,
+            latency_repeats=0,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    with pytest.raises(GateFailed, match="SNR"):
+        build("plain", mixed_precision_seconds=0)
+    result = build("mixed")
+    mixed = result.report["mixed_precision"]
+    assert mixed["stopped"] == "passed" and mixed["chosen"]["mode"] == "a16"
+    assert mixed["chosen"]["layers"] == ["project"] and result.report["outputs"]["project"]["snr_db"] >= 20
+    shipped = read_tflite(result.model_path.read_bytes())
+    int16 = [t for t in shipped.subgraphs[0].tensors if t.type == schema.TensorType.INT16]
+    assert int16 and mixed["cost"]["size_ratio_to_8bit"] < 1.5
