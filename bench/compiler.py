@@ -23,7 +23,7 @@ import numpy as np
 from compiler.errors import GateFailed
 from compiler.gate import Gate
 from compiler.pipeline import compile_model
-from compiler.realdata import TEXT_CLS_PREPROCESS, photo_crops, write_text_line_folder
+from compiler.realdata import TEXT_CLS_PREPROCESS, photo_crops, text_pages, write_text_line_folder
 from compiler.sources import Preprocess
 from signing.keys import generate_keypair
 
@@ -32,7 +32,11 @@ JOBS = (
     ("text_direction_cls", ("arm64-cpu", "qnn-htp", "qnn-htp-a16")),
     ("hand_recrop", ("tflite-int8", "ethos-u55-128", "ethos-u65-256")),
     ("face_detection_short_range", ("tflite-int8", "ethos-u55-128", "ethos-u65-256")),
+    ("text_detector", ("arm64-cpu", "qnn-htp", "qnn-htp-a16")),
+    ("face_landmark", ("tflite-int8", "ethos-u55-128")),
 )
+# Outputs whose kind cannot be inferred: the detector's text probability map (DBNet's threshold 0.3).
+OUTPUT_KINDS = {"text_detector": "fetch_name_0=segmentation:threshold=0.3"}
 
 
 def _saved(compaction: dict[str, int]) -> int | None:
@@ -80,6 +84,11 @@ def run(repeats: int = 20) -> list[dict[str, object]]:
         for name, size in (("hand_recrop", 256), ("face_detection_short_range", 128)):
             np.savez(root / f"{name}_c.npz", x=photo_crops(64, size, size, seed=0))
             np.savez(root / f"{name}_e.npz", x=photo_crops(32, size, size, seed=1))
+        # MediaPipe's landmark model takes [0, 1] pixels; PP-OCR's detector any multiple of 32.
+        np.savez(root / "face_landmark_c.npz", x=(photo_crops(64, 192, 192, seed=0) + 1) / 2)
+        np.savez(root / "face_landmark_e.npz", x=(photo_crops(32, 192, 192, seed=1) + 1) / 2)
+        np.savez(root / "text_detector_c.npz", x=text_pages(32, 320, 320, seed=0))
+        np.savez(root / "text_detector_e.npz", x=text_pages(16, 256, 352, seed=1))
         for name, targets in JOBS:
             text = name == "text_direction_cls"
             calib = root / "tc" if text else root / f"{name}_c.npz"
@@ -98,6 +107,7 @@ def run(repeats: int = 20) -> list[dict[str, object]]:
                         release=1,
                         gate=Gate(),
                         preprocess=Preprocess.parse(TEXT_CLS_PREPROCESS) if text else None,
+                        output_kinds=OUTPUT_KINDS.get(name),
                         latency_repeats=repeats,
                     ).report
                 except GateFailed as refused:

@@ -31,7 +31,7 @@ from compiler.errors import CompilerError, GateFailed, InvalidModel
 from compiler.evaluate import Judging
 from compiler.gate import Gate
 from compiler.html_report import write_html_report
-from compiler.memory import MemoryPlan, budget_from_machine, peak_usage
+from compiler.memory import MemoryPlan, budget_from_machine, peak_usage, reset_peak
 from compiler.output_kinds import OutputKind, parse_declarations
 from compiler.runners import latency
 from compiler.size_parts import size_breakdown, size_target
@@ -115,6 +115,7 @@ def compile_model(
     ``CompilerError`` subclasses for bad inputs.
     """
     started = time.perf_counter()
+    reset_peak()  # the peak this compile reaches, not the process's earlier ones
     report_progress = progress or (lambda _step, _fraction: None)
     tgt = get_target(target)
     _check_meta(name, version, release)
@@ -162,6 +163,8 @@ def compile_model(
         report = built.report
         report["notes"] = notes.rows()
         report.setdefault("memory", plan.to_dict())["peak_rss_bytes"] = peak_usage()
+        # Before the gate, so a refused model's report says what the compile cost too.
+        report["compile_seconds"] = round(time.perf_counter() - started, 3)
         report_progress("gate", 0.85)
         if gate is None:
             report["gate"] = "skipped"
@@ -172,7 +175,6 @@ def compile_model(
                 if html_report is not None:
                     write_html_report(html_report, report, title=f"{name}:{version} for {tgt.name}")
                 raise GateFailed(failures, report)
-        report["compile_seconds"] = round(time.perf_counter() - started, 3)
         if html_report is not None:
             write_html_report(html_report, report, title=f"{name}:{version} for {tgt.name}")
 
