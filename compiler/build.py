@@ -37,6 +37,7 @@ from compiler.memory import (
 from compiler.mixed_precision import (
     SENSITIVITY_SAMPLES,
     NoiseMeter,
+    cost,
     layer_sensitivity,
     overrides_for,
     rank_layers,
@@ -257,19 +258,19 @@ def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, cache: Path) -> None
     result = search(ranked, build, judge, job.work, job.mixed_seconds, progress, failures, started)
     if result.chosen is not None and result.chosen_path is not None:
         chosen = result.chosen_path
+        all16 = job.work / "all-a16.onnx"
+        build(all16, [n.name for n in named_model.graph.node], "a16")
         feed = next(job.calib.batches(job.sig.inputs, 1))
-        eight = median_latency_ms(OnnxRunner(job.out), feed, 10)
-        mixed = median_latency_ms(OnnxRunner(chosen), feed, 10)
-        size8, size_mixed = job.out.stat().st_size, chosen.stat().st_size
-        result.cost = {
-            "size_bytes_8bit": size8,
-            "size_bytes": size_mixed,
-            "size_ratio_to_8bit": round(size_mixed / size8, 3),
-            "latency_ms_8bit": eight,
-            "latency_ms": mixed,
-            "latency_ratio_to_8bit": round(mixed / eight, 3) if eight else None,
-            "note": "this host, 1 thread, batch 1",
-        }
+        paths = (job.out, chosen, all16)
+        result.cost = cost(
+            (paths[0].stat().st_size, paths[1].stat().st_size, paths[2].stat().st_size),
+            (
+                median_latency_ms(OnnxRunner(paths[0]), feed, 10),
+                median_latency_ms(OnnxRunner(paths[1]), feed, 10),
+                median_latency_ms(OnnxRunner(paths[2]), feed, 10),
+            ),
+            not judge(all16),
+        )
         shutil.copyfile(chosen, job.out)
         if result.chosen.mode == "float":
             job.info.float_nodes = kept_float + result.chosen.layers
@@ -353,18 +354,19 @@ def mixed_precision_tflite(job: TFLiteMixedJob, gate: Gate) -> tuple[bytes, dict
     shipped = job.int8
     if result.chosen_path is not None:
         shipped = result.chosen_path.read_bytes()
+        all16 = work / "all-a16.tflite"
+        build(all16, [out for out, _, _ in ops], "a16")
+        wide = all16.read_bytes()
         feed = job.feeds[0]
-        eight_ms = median_latency_ms(TFLiteRunner(job.int8), feed, 10)
-        mixed_ms = median_latency_ms(TFLiteRunner(shipped), feed, 10)
-        result.cost = {
-            "size_bytes_8bit": len(job.int8),
-            "size_bytes": len(shipped),
-            "size_ratio_to_8bit": round(len(shipped) / len(job.int8), 3),
-            "latency_ms_8bit": eight_ms,
-            "latency_ms": mixed_ms,
-            "latency_ratio_to_8bit": round(mixed_ms / eight_ms, 3) if eight_ms else None,
-            "note": "this host, 1 thread, batch 1",
-        }
+        result.cost = cost(
+            (len(job.int8), len(shipped), len(wide)),
+            (
+                median_latency_ms(TFLiteRunner(job.int8), feed, 10),
+                median_latency_ms(TFLiteRunner(shipped), feed, 10),
+                median_latency_ms(TFLiteRunner(wide), feed, 10),
+            ),
+            not judge(all16),
+        )
     return shipped, result.to_dict()
 
 

@@ -254,3 +254,27 @@ class NoiseMeter:
             for t, s in self.signal.items()
             if math.isfinite(self.error[t])
         }
+
+
+def cost(
+    sizes: tuple[int, int, int], latencies: tuple[float, float, float], all16_passes: bool
+) -> dict[str, Any]:
+    """What the chosen mix costs against all-8-bit, and saves against all-16-bit activations.
+
+    ``sizes``/``latencies``: (all 8-bit, chosen mix, all 16-bit activations), bytes / ms.
+    """
+    (s8, sm, s16), (l8, lm, l16) = sizes, latencies
+    return {
+        "size_bytes_8bit": s8,
+        "size_bytes": sm,
+        "size_bytes_all16": s16,
+        "size_ratio_to_8bit": round(sm / s8, 3) if s8 else None,
+        "size_ratio_to_all16": round(sm / s16, 3) if s16 else None,
+        "latency_ms_8bit": l8,
+        "latency_ms": lm,
+        "latency_ms_all16": l16,
+        "latency_ratio_to_8bit": round(lm / l8, 3) if l8 else None,
+        "latency_ratio_to_all16": round(lm / l16, 3) if l16 else None,
+        "all16_passes": all16_passes,
+        "note": "this host, 1 thread, batch 1; all16 = every activation 16-bit, weights int8",
+    }

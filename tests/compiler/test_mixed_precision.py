@@ -106,6 +106,8 @@ def test_all_8bit_is_refused_and_the_search_finds_16bit_activations(
     cost = mixed["cost"]
     assert cost["size_bytes"] == result.model_path.stat().st_size and cost["size_ratio_to_8bit"] < 1.5
     assert cost["latency_ms"] > 0 and cost["latency_ms_8bit"] > 0
+    # All-16-bit activations pass too, at a larger file than the one-layer mix.
+    assert cost["all16_passes"] and cost["size_bytes_all16"] >= cost["size_bytes"]
     shipped = onnx.load(str(result.model_path))
     sixteen = [i for i in shipped.graph.initializer if i.data_type == TensorProto.UINT16]
     assert sixteen, "the shipped model carries 16-bit activation zero points"
@@ -146,3 +148,4 @@ def test_tflite_gets_16bit_activations_for_the_sensitive_op(release_keys: KeyDir
     shipped = read_tflite(result.model_path.read_bytes())
     int16 = [t for t in shipped.subgraphs[0].tensors if t.type == schema.TensorType.INT16]
     assert int16 and mixed["cost"]["size_ratio_to_8bit"] < 1.5
+    assert mixed["cost"]["all16_passes"] and mixed["cost"]["size_bytes_all16"] >= mixed["cost"]["size_bytes"]
