@@ -46,6 +46,7 @@ not kept. Keeping the worst 1-5 layers in float (by per-layer SNR drop from
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -171,7 +172,12 @@ def upgrade_opset(model: onnx.ModelProto, minimum: int = MIN_OPSET) -> onnx.Mode
 
 
 def prepare(model: onnx.ModelProto, work_dir: Path, info: QuantizeInfo) -> Path:
-    """Upgrade the opset and run ``quant_pre_process``; returns the path of the float model to quantize."""
+    """Upgrade the opset and run ``quant_pre_process``; returns the path of the float model to quantize.
+
+    It runs inside ``work_dir``: when symbolic shape inference gives up, onnxruntime saves
+    ``sym_shape_infer_temp.onnx`` and its weights as ``<uuid>.data`` into the *current* directory
+    (PP-OCRv6's detector left 10 MB per compile in the user's folder).
+    """
     upgraded = upgrade_opset(model)
     info.opset = default_opset(upgraded)
     upgraded_path = work_dir / "upgraded.onnx"
@@ -183,14 +189,16 @@ def prepare(model: onnx.ModelProto, work_dir: Path, info: QuantizeInfo) -> Path:
         info.notes.append("symbolic shape inference skipped: sympy is not installed")
     else:
         try:
-            quant_pre_process(str(upgraded_path), str(prepared))
+            with contextlib.chdir(work_dir):  # scratch files of a failed inference land here
+                quant_pre_process(str(upgraded_path), str(prepared))
         except Exception as exc:  # symbolic shape inference asserts (AssertionError) on some real models
             log.warning("symbolic shape inference failed (%s); retrying without it", exc)
             info.symbolic_shape_inference = False
             info.notes.append(f"symbolic shape inference failed, skipped: {type(exc).__name__}: {exc}"[:300])
     if not info.symbolic_shape_inference:
         try:
-            quant_pre_process(str(upgraded_path), str(prepared), skip_symbolic_shape=True)
+            with contextlib.chdir(work_dir):
+                quant_pre_process(str(upgraded_path), str(prepared), skip_symbolic_shape=True)
         except Exception as exc:
             raise QuantizationError(f"quant_pre_process failed even without symbolic shapes: {exc}") from exc
     return prepared
