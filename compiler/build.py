@@ -230,10 +230,12 @@ def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, cache: Path) -> None
 
     def judge(candidate: Path) -> list[str]:
         report = evaluate(job.source, candidate, subset, job.sig, job.judging, job.eval_batch)
-        return gate.check(report)
+        return gate.check(report) + float_model_broken(report)
 
     failures = judge(job.out)
     if not failures:
+        return
+    if float_model_broken(failures):
         return
     kept_float = list(job.info.float_nodes)
     named = name_nodes(job.prepared, job.work / "prepared-named.onnx")
@@ -306,12 +308,14 @@ def mixed_precision_tflite(job: TFLiteMixedJob, gate: Gate) -> tuple[bytes, dict
         report = evaluate_runners(
             fp32.run, TFLiteRunner(data).run, subset, job.sig, len(job.prepared), len(data), job.judging
         )
+        if float_model_broken(report):
+            return float_model_broken(report)
         return gate.check(report)
 
     eight = job.req.work / "mixed-8bit.tflite"
     eight.write_bytes(job.int8)
     failures = judge(eight)
-    if not failures:
+    if not failures or float_model_broken(failures):
         return job.int8, None
     job.req.progress("mixed precision: layer sensitivity", 0.3)
     model = read_tflite(job.prepared)
@@ -368,6 +372,18 @@ def mixed_precision_tflite(job: TFLiteMixedJob, gate: Gate) -> tuple[bytes, dict
             not judge(all16),
         )
     return shipped, result.to_dict()
+
+
+FLOAT_BROKEN = "the float model itself gives non-finite outputs"
+
+
+def float_model_broken(found: dict[str, Any] | list[str]) -> list[str]:
+    """``[FLOAT_BROKEN]`` when the float model's own outputs are NaN/inf (in a report, or already
+    among failures): no precision mix can repair that, so the search does not start."""
+    if isinstance(found, list):
+        return [FLOAT_BROKEN] if FLOAT_BROKEN in found else []
+    broken = any(fig.get("nonfinite_fp32", 0) for fig in found.get("outputs", {}).values())
+    return [FLOAT_BROKEN] if broken else []
 
 
 def name_nodes(path: Path, out: Path) -> Path:
