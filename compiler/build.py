@@ -209,22 +209,41 @@ class OnnxQuantizeJob:
     mixed_seconds: float = 0.0  # time budget of the mixed-precision search (0: none)
 
 
-def mixed_precision_onnx(job: OnnxQuantizeJob) -> None:
+# (float model, output, extra nodes kept float, TensorQuantOverrides, finish) -> writes a QDQ model.
+# ``finish=False`` keeps the float model's tensor names (for the sensitivity pass).
+OnnxMake = Callable[[Path, Path, list[str], dict[str, Any], bool], None]
+
+
+def mixed_precision_onnx(job: OnnxQuantizeJob, make: OnnxMake | None = None) -> None:
     """If the all-8-bit model misses the gate on calibration samples, search a mix that passes
     (``compiler.mixed_precision``) and replace ``job.out`` with it; the search goes in ``job.info``.
 
-    A search that breaks (a quantizer or runtime error on some candidate) keeps the all-8-bit model
-    and says why: the gate then judges that model as it would have without the search.
+    ``make`` quantizes a candidate the family's way; by default (the CPU target) from the chosen
+    calibration ranges. A search that breaks (a quantizer or runtime error on some candidate) keeps
+    the all-8-bit model and says why: the gate then judges that model as it would have without it.
     """
-    if job.gate is None or job.mixed_seconds <= 0 or job.info.calibration_cache is None:
+    if job.gate is None or job.mixed_seconds <= 0:
         return
+    if make is None:
+        cache = job.info.calibration_cache
+        if cache is None:
+            return
+        scratch = QuantizeInfo(job.info.source_opset, job.info.opset)
+        kept = list(job.info.float_nodes)
+
+        def from_cache(
+            prepared: Path, out: Path, floats: list[str], over: dict[str, Any], finish: bool
+        ) -> None:
+            quantize_from_cache(prepared, out, cache, scratch, kept + floats, over or None, finish=finish)
+
+        make = from_cache
     try:
-        _mixed_precision_onnx(job, job.gate, job.info.calibration_cache)
+        _mixed_precision_onnx(job, job.gate, make)
     except Exception as exc:  # onnxruntime raises its own classes; the 8-bit model stands
         job.info.mixed_precision = {"error": f"{type(exc).__name__}: {exc}"[:300], "chosen": None}
 
 
-def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, cache: Path) -> None:
+def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake) -> None:
     started = time.perf_counter()
     subset = job.calib.take(np.arange(min(len(job.calib), SCORE_SAMPLES)))
 
@@ -237,11 +256,9 @@ def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, cache: Path) -> None
         return
     if float_model_broken(failures):
         return
-    kept_float = list(job.info.float_nodes)
     named = name_nodes(job.prepared, job.work / "prepared-named.onnx")
-    scratch = QuantizeInfo(job.info.source_opset, job.info.opset)
     base = job.work / "mixed-base.onnx"
-    quantize_from_cache(named, base, cache, scratch, kept_float, finish=False)
+    make(named, base, [], {}, False)
     feeds = list(itertools.islice(job.calib.batches(job.sig.inputs, 1), SENSITIVITY_SAMPLES))
     job.progress("mixed precision: layer sensitivity", 0.3)
     ranked = layer_sensitivity(named, base, feeds)
@@ -250,9 +267,9 @@ def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, cache: Path) -> None
 
     def build(out: Path, layers: list[str], mode: str) -> None:
         if mode == "a16":
-            quantize_from_cache(named, out, cache, scratch, kept_float, overrides_for(named_model, layers))
+            make(named, out, [], overrides_for(named_model, layers), True)
         else:
-            quantize_from_cache(named, out, cache, scratch, kept_float + layers)
+            make(named, out, layers, {}, True)
 
     def progress(step: str, fraction: float) -> None:
         job.progress(step, 0.3 + 0.25 * fraction)
@@ -275,7 +292,7 @@ def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, cache: Path) -> None
         )
         shutil.copyfile(chosen, job.out)
         if result.chosen.mode == "float":
-            job.info.float_nodes = kept_float + result.chosen.layers
+            job.info.float_nodes = [*job.info.float_nodes, *result.chosen.layers]
     job.info.mixed_precision = result.to_dict()
 
 

@@ -402,7 +402,15 @@ def drop_unused_opsets(path: Path) -> None:
 
 
 def quantize_qnn(
-    prepared: Path, output: Path, reader: CalibrationDataReader, info: QuantizeInfo, activations: str
+    prepared: Path,
+    output: Path,
+    reader: CalibrationDataReader,
+    info: QuantizeInfo,
+    activations: str,
+    overrides: dict[str, Any] | None = None,
+    float_nodes: list[str] | None = None,
+    *,
+    finish: bool = True,
 ) -> None:
     """QDQ for onnxruntime's QNN EP (Hexagon HTP) with ``get_qnn_qdq_config``.
 
@@ -412,6 +420,10 @@ def quantize_qnn(
     per-channel, activations uint8 or uint16 (``activations``), as the HTP
     wants; the config's tensor overrides take care of the ops that need
     fixed ranges (Sigmoid, Tanh...).
+
+    ``overrides`` (``TensorQuantOverrides``: 16-bit activations for chosen tensors; the config adds
+    the uint8 <-> uint16 conversions the HTP needs) and ``float_nodes`` serve the mixed-precision
+    search; ``finish=False`` keeps the float model's tensor names (only the per-axis repair).
     """
     from onnxruntime.quantization import quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
@@ -419,8 +431,8 @@ def quantize_qnn(
     act = {"uint8": QuantType.QUInt8, "uint16": QuantType.QUInt16}.get(activations)
     if act is None:
         raise QuantizationError(f"QNN activations must be uint8 or uint16, got {activations!r}")
-    if act == QuantType.QUInt16:
-        prepared = _opset21_for_uint16(prepared, output.parent / "prepared-opset21.onnx", info)
+    if act == QuantType.QUInt16 or overrides:
+        prepared = _opset21_for_uint16(prepared, output.parent / f"{output.stem}-opset21.onnx", info)
     try:
         config = get_qnn_qdq_config(
             str(prepared),
@@ -429,10 +441,15 @@ def quantize_qnn(
             activation_type=act,
             weight_type=QuantType.QUInt8,
             per_channel=True,
+            init_overrides=overrides or None,
+            nodes_to_exclude=float_nodes or None,
         )
         quantize(str(prepared), str(output), config)
     except Exception as exc:  # onnxruntime raises ValueError/AssertionError/RuntimeError here
         raise QuantizationError(f"QNN quantization failed: {type(exc).__name__}: {exc}") from exc
+    if not finish:
+        repair_per_axis(output)
+        return
     info.format = f"QDQ for QNN HTP (activations {activations}, weights uint8 per-channel)"
     info.activation_type = "QUInt16" if activations == "uint16" else "QUInt8"
     info.weight_type = "QUInt8"

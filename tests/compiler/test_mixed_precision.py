@@ -70,12 +70,12 @@ def outlier_model(path: Path) -> Path:
     return path
 
 
-def _compile(tmp_path: Path, keys: KeyDir, out: str, **kw: object):
+def _compile(tmp_path: Path, keys: KeyDir, out: str, target: str = "arm64-cpu", **kw: object):
     model = outlier_model(tmp_path / "m.onnx")
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).normal(size=(120, 16)).astype(np.float32))
     return compile_model(
         model,
-        target="arm64-cpu",
+        target=target,
         calib_path=tmp_path / "c.npz",
         out_dir=tmp_path / out,
         release_key=keys.key("release"),
@@ -149,3 +149,14 @@ def test_tflite_gets_16bit_activations_for_the_sensitive_op(release_keys: KeyDir
     int16 = [t for t in shipped.subgraphs[0].tensors if t.type == schema.TensorType.INT16]
     assert int16 and mixed["cost"]["size_ratio_to_8bit"] < 1.5
     assert mixed["cost"]["all16_passes"] and mixed["cost"]["size_bytes_all16"] >= mixed["cost"]["size_bytes"]
+
+
+def test_qnn_htp_searches_with_its_own_config(release_keys: KeyDir, tmp_path: Path) -> None:
+    """qnn-htp: candidates from get_qnn_qdq_config with tensor overrides (it adds the u8 <-> u16
+    conversions the HTP needs); the shipped model mixes uint8 and uint16 activations."""
+    result = _compile(tmp_path, release_keys, "q", target="qnn-htp")
+    mixed = result.report["mixed_precision"]
+    assert mixed["chosen"] == {"mode": "a16", "layers": ["project"], "count": 1}
+    assert result.report["outputs"]["embedding"]["snr_db"] >= 20
+    types = {i.data_type for i in onnx.load(str(result.model_path)).graph.initializer}
+    assert {TensorProto.UINT8, TensorProto.UINT16} <= types
