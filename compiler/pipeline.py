@@ -110,8 +110,8 @@ def compile_model(
     mapping, ``name=kind,...`` or a ``.toml``/``.json`` path); the rest are inferred.
     ``max_memory``: bytes the compile plans its batches in (``compiler.memory``; default: from the
     machine's limits). ``mixed_precision_seconds``: time budget of the search for a mix of 16-bit
-    activations / float layers when all-8-bit misses the gate (``compiler.mixed_precision``; ONNX
-    CPU target; 0 turns it off). Raises
+    activations / float layers when all-8-bit misses the gate (``compiler.mixed_precision``;
+    arm64-cpu, qnn-htp, tflite-int8; 0 turns it off). Raises
     ``CompilerError`` subclasses for bad inputs.
     """
     started = time.perf_counter()

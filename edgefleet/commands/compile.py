@@ -105,7 +105,7 @@ def compile_cmd(
         typer.Option(
             "--mixed-precision-budget",
             help="Seconds to search 16-bit/float layers when 8-bit misses the gate "
-            "(arm64-cpu, tflite-int8; 0 = off).",
+            "(arm64-cpu, qnn-htp, tflite-int8; 0 = off).",
         ),
     ] = 120.0,
     no_gate: Annotated[
