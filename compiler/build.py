@@ -9,7 +9,10 @@ once, so all targets report the same figures the same way.
 
 from __future__ import annotations
 
+import itertools
 import math
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,8 +34,21 @@ from compiler.memory import (
     onnx_sample_bytes,
     tflite_sample_bytes,
 )
-from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare
-from compiler.runners import TFLiteRunner
+from compiler.mixed_precision import (
+    SENSITIVITY_SAMPLES,
+    NoiseMeter,
+    cost,
+    layer_sensitivity,
+    overrides_for,
+    rank_layers,
+    search,
+)
+from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare, quantize_from_cache
+from compiler.runners import (
+    OnnxRunner,
+    TFLiteRunner,
+    median_latency_ms,
+)
 from compiler.signature import IOSignature, io_signature
 from compiler.sources import DataSource, Preprocess, load_source
 from compiler.tflite_post import finish_int8
@@ -70,6 +86,7 @@ class BuildRequest:
     progress: Progress
     judging: Judging = field(default_factory=Judging)  # output kinds declared, user metric
     memory: MemoryPlan = field(default_factory=budget_from_machine)  # bounds the batches
+    mixed_seconds: float = 0.0  # time budget of a mixed-precision search when 8 bits miss the gate
 
 
 @dataclass
@@ -173,7 +190,7 @@ def tflite_output_hints(model: Any) -> dict[str, str]:
     return hints
 
 
-@dataclass(frozen=True)
+@dataclass
 class OnnxQuantizeJob:
     """What an ONNX family's quantize step gets: the prepared float model and where to write int8."""
 
@@ -186,6 +203,219 @@ class OnnxQuantizeJob:
     work: Path
     batch: int = 1  # samples per calibration feed (dynamic-batch models), from the memory plan
     eval_batch: int = 1  # samples per run when scoring candidates
+    gate: Gate | None = None  # the gate a mixed-precision search aims at (None: no search)
+    judging: Judging = field(default_factory=Judging)
+    progress: Progress = field(default=lambda _step, _fraction: None)
+    mixed_seconds: float = 0.0  # time budget of the mixed-precision search (0: none)
+
+
+# (float model, output, extra nodes kept float, TensorQuantOverrides, finish) -> writes a QDQ model.
+# ``finish=False`` keeps the float model's tensor names (for the sensitivity pass).
+OnnxMake = Callable[[Path, Path, list[str], dict[str, Any], bool], None]
+
+
+def mixed_precision_onnx(job: OnnxQuantizeJob, make: OnnxMake | None = None) -> None:
+    """If the all-8-bit model misses the gate on calibration samples, search a mix that passes
+    (``compiler.mixed_precision``) and replace ``job.out`` with it; the search goes in ``job.info``.
+
+    ``make`` quantizes a candidate the family's way; by default (the CPU target) from the chosen
+    calibration ranges. A search that breaks (a quantizer or runtime error on some candidate) keeps
+    the all-8-bit model and says why: the gate then judges that model as it would have without it.
+    """
+    if job.gate is None or job.mixed_seconds <= 0:
+        return
+    if make is None:
+        cache = job.info.calibration_cache
+        if cache is None:
+            return
+        scratch = QuantizeInfo(job.info.source_opset, job.info.opset)
+        kept = list(job.info.float_nodes)
+
+        def from_cache(
+            prepared: Path, out: Path, floats: list[str], over: dict[str, Any], finish: bool
+        ) -> None:
+            quantize_from_cache(prepared, out, cache, scratch, kept + floats, over or None, finish=finish)
+
+        make = from_cache
+    try:
+        _mixed_precision_onnx(job, job.gate, make)
+    except Exception as exc:  # onnxruntime raises its own classes; the 8-bit model stands
+        job.info.mixed_precision = {"error": f"{type(exc).__name__}: {exc}"[:300], "chosen": None}
+
+
+def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake) -> None:
+    started = time.perf_counter()
+    subset = job.calib.take(np.arange(min(len(job.calib), SCORE_SAMPLES)))
+
+    def judge(candidate: Path) -> list[str]:
+        report = evaluate(job.source, candidate, subset, job.sig, job.judging, job.eval_batch)
+        return gate.check(report) + float_model_broken(report)
+
+    failures = judge(job.out)
+    if not failures:
+        return
+    if float_model_broken(failures):
+        return
+    named = name_nodes(job.prepared, job.work / "prepared-named.onnx")
+    base = job.work / "mixed-base.onnx"
+    make(named, base, [], {}, False)
+    feeds = list(itertools.islice(job.calib.batches(job.sig.inputs, 1), SENSITIVITY_SAMPLES))
+    job.progress("mixed precision: layer sensitivity", 0.3)
+    ranked = layer_sensitivity(named, base, feeds)
+
+    named_model = onnx.load(str(named), load_external_data=False)
+
+    def build(out: Path, layers: list[str], mode: str) -> None:
+        if mode == "a16":
+            make(named, out, [], overrides_for(named_model, layers), True)
+        else:
+            make(named, out, layers, {}, True)
+
+    def progress(step: str, fraction: float) -> None:
+        job.progress(step, 0.3 + 0.25 * fraction)
+
+    result = search(ranked, build, judge, job.work, job.mixed_seconds, progress, failures, started)
+    if result.chosen is not None and result.chosen_path is not None:
+        chosen = result.chosen_path
+        all16 = job.work / "all-a16.onnx"
+        build(all16, [n.name for n in named_model.graph.node], "a16")
+        feed = next(job.calib.batches(job.sig.inputs, 1))
+        paths = (job.out, chosen, all16)
+        result.cost = cost(
+            (paths[0].stat().st_size, paths[1].stat().st_size, paths[2].stat().st_size),
+            (
+                median_latency_ms(OnnxRunner(paths[0]), feed, 10),
+                median_latency_ms(OnnxRunner(paths[1]), feed, 10),
+                median_latency_ms(OnnxRunner(paths[2]), feed, 10),
+            ),
+            not judge(all16),
+        )
+        shutil.copyfile(chosen, job.out)
+        if result.chosen.mode == "float":
+            job.info.float_nodes = [*job.info.float_nodes, *result.chosen.layers]
+    job.info.mixed_precision = result.to_dict()
+
+
+@dataclass(frozen=True)
+class TFLiteMixedJob:
+    """What the TFLite mixed-precision search needs from ``build_tflite_int8``."""
+
+    prepared: bytes
+    raw: bytes  # the quantizer's all-8-bit output, tensor names as in the float model
+    int8: bytes  # the finished all-8-bit file
+    feeds: list[dict[str, np.ndarray]]  # one calibration sample each, keyed by tensor name
+    calib: Samples
+    sig: IOSignature
+    judging: Judging
+    req: BuildRequest
+
+
+def mixed_precision_tflite(job: TFLiteMixedJob, gate: Gate) -> tuple[bytes, dict[str, Any] | None]:
+    """The TFLite side of ``compiler.mixed_precision``: 16-bit activations (16x8 kernels) for the most
+    sensitive ops, by ai-edge-quantizer recipe entries matched on each op's output tensor name.
+
+    Returns the bytes to ship (the all-8-bit ones unless a mix passed) and the search's report.
+    """
+    started = time.perf_counter()
+    subset = job.calib.take(np.arange(min(len(job.calib), SCORE_SAMPLES)))
+    fp32 = TFLiteRunner(job.prepared)
+
+    def judge(candidate: Path) -> list[str]:
+        data = candidate.read_bytes()
+        report = evaluate_runners(
+            fp32.run, TFLiteRunner(data).run, subset, job.sig, len(job.prepared), len(data), job.judging
+        )
+        if float_model_broken(report):
+            return float_model_broken(report)
+        return gate.check(report)
+
+    eight = job.req.work / "mixed-8bit.tflite"
+    eight.write_bytes(job.int8)
+    failures = judge(eight)
+    if not failures or float_model_broken(failures):
+        return job.int8, None
+    job.req.progress("mixed precision: layer sensitivity", 0.3)
+    model = read_tflite(job.prepared)
+    sg = model.subgraphs[0]
+
+    def name(index: int) -> str:
+        raw = sg.tensors[index].name
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    ops = [
+        (name(op.outputs[0]), [name(i) for i in op.inputs if i >= 0], [name(o) for o in op.outputs])
+        for op in sg.operators or []
+    ]
+    # Activations only: constants are per-channel int8 in the quantized model, not comparable here.
+    activations = {o for _, _, outs in ops for o in outs} | {name(i) for i in sg.inputs}
+    float_run, quant_run = TFLiteRunner(job.prepared, preserve=True), TFLiteRunner(job.raw, preserve=True)
+    meter = NoiseMeter()
+    for feed in job.feeds[:SENSITIVITY_SAMPLES]:
+        float_run.run(feed)
+        quant_run.run(feed)
+        floats = {k: v for k, v in float_run.intermediates().items() if k in activations}
+        meter.add(floats, quant_run.intermediates())
+    ranked = rank_layers(ops, meter.ratios())
+
+    inputs_of = {out: ins for out, ins, _ in ops}
+    produced = set(inputs_of)
+
+    def build(out: Path, layers: list[str], mode: str) -> None:
+        # The op and the producers of its inputs: a 16x8 op fed an 8-bit tensor has already lost the
+        # precision (the quantizer only inserts an int8 -> int16 QUANTIZE in front of it).
+        a16 = sorted({*layers, *(i for layer in layers for i in inputs_of.get(layer, []) if i in produced)})
+        candidate = quantize_tflite(job.prepared, job.feeds, a16=a16)
+        out.write_bytes(finish_int8(drop_unused_buffers(candidate), npu=False)[0])
+
+    def progress(step: str, fraction: float) -> None:
+        job.req.progress(step, 0.3 + 0.25 * fraction)
+
+    work, seconds = job.req.work, job.req.mixed_seconds
+    result = search(ranked, build, judge, work, seconds, progress, failures, started, ("a16",), ".tflite")
+    shipped = job.int8
+    if result.chosen_path is not None:
+        shipped = result.chosen_path.read_bytes()
+        all16 = work / "all-a16.tflite"
+        build(all16, [out for out, _, _ in ops], "a16")
+        wide = all16.read_bytes()
+        feed = job.feeds[0]
+        result.cost = cost(
+            (len(job.int8), len(shipped), len(wide)),
+            (
+                median_latency_ms(TFLiteRunner(job.int8), feed, 10),
+                median_latency_ms(TFLiteRunner(shipped), feed, 10),
+                median_latency_ms(TFLiteRunner(wide), feed, 10),
+            ),
+            not judge(all16),
+        )
+    return shipped, result.to_dict()
+
+
+FLOAT_BROKEN = "the float model itself gives non-finite outputs"
+
+
+def float_model_broken(found: dict[str, Any] | list[str]) -> list[str]:
+    """``[FLOAT_BROKEN]`` when the float model's own outputs are NaN/inf (in a report, or already
+    among failures): no precision mix can repair that, so the search does not start."""
+    if isinstance(found, list):
+        return [FLOAT_BROKEN] if FLOAT_BROKEN in found else []
+    broken = any(fig.get("nonfinite_fp32", 0) for fig in found.get("outputs", {}).values())
+    return [FLOAT_BROKEN] if broken else []
+
+
+def name_nodes(path: Path, out: Path) -> Path:
+    """A copy of the model whose every node has a unique name (what ``nodes_to_exclude`` selects by)."""
+    model = onnx.load(str(path))
+    taken = {n.name for n in model.graph.node if n.name}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    onnx.save(model, str(out))
+    return out
 
 
 def memory_report(
@@ -236,14 +466,21 @@ def build_onnx(req: BuildRequest, accelerator: str, quantize: Callable[[OnnxQuan
     in_use = current_usage()
     calib_batch = req.memory.batch(sample_bytes, CALIBRATION_COPIES, in_use)
     eval_batch = req.memory.batch(sample_bytes, EVALUATION_COPIES, in_use)
-    quantize(
-        OnnxQuantizeJob(prepared, int8_path, source_copy, calib, sig, info, work, calib_batch, eval_batch)
+    job = OnnxQuantizeJob(prepared, int8_path, source_copy, calib, sig, info, work, calib_batch, eval_batch)
+    job.gate, job.judging, job.progress, job.mixed_seconds = (
+        req.gate,
+        replace(req.judging, hints=onnx_output_hints(model)),
+        req.progress,
+        req.mixed_seconds,
     )
+    quantize(job)
     req.progress("evaluate", 0.6)
     # Compare against the untouched source model: that is what the user shipped before.
     judging = replace(req.judging, hints=onnx_output_hints(model))
     report = evaluate(source_copy, int8_path, held_out, sig, judging, eval_batch)
     report["memory"] = memory_report(req.memory, sample_bytes, calib_batch, eval_batch)
+    if info.mixed_precision is not None:
+        report["mixed_precision"] = info.mixed_precision
     report["calibration_samples"] = calib.usable(sig.inputs)
     report["input_ranges"] = calib.ranges()
     report["evaluation_source"] = eval_source
@@ -272,16 +509,26 @@ def build_tflite_int8(req: BuildRequest, *, npu: bool) -> Built:
     calib, held_out, eval_source = load_samples_for(req, sig)
     req.progress("quantize", 0.25)
     one_by_one = [{k: v[i : i + 1] for k, v in calib.inputs.items()} for i in range(len(calib))]
-    int8, post = finish_int8(drop_unused_buffers(quantize_tflite(prepared, one_by_one)), npu=npu)
+    raw = quantize_tflite(prepared, one_by_one)
+    int8, post = finish_int8(drop_unused_buffers(raw), npu=npu)
+    judging = replace(req.judging, hints=tflite_output_hints(read_tflite(prepared)))
+    mixed = None
+    if not npu and req.gate is not None and req.mixed_seconds > 0:
+        job = TFLiteMixedJob(prepared, raw, int8, one_by_one, calib, sig, judging, req)
+        try:
+            int8, mixed = mixed_precision_tflite(job, req.gate)
+        except Exception as exc:  # the quantizer or LiteRT failed on a candidate: the 8-bit model stands
+            mixed = {"error": f"{type(exc).__name__}: {exc}"[:300], "chosen": None}
     int8_path = req.work / "int8.tflite"
     int8_path.write_bytes(int8)
     int8_runner = TFLiteRunner(int8)
     req.progress("evaluate", 0.6)
-    judging = replace(req.judging, hints=tflite_output_hints(read_tflite(prepared)))
     report = evaluate_runners(
         fp32_runner.run, int8_runner.run, held_out, sig, len(prepared), len(int8), judging
     )
     report["size"]["source_bytes"] = len(source)
+    if mixed is not None:
+        report["mixed_precision"] = mixed
     # TFLite models have a fixed batch (1 in every real model): both steps already run one sample.
     report["memory"] = memory_report(req.memory, tflite_sample_bytes(read_tflite(prepared)), 1, 1)
     report["calibration_samples"] = len(calib)

@@ -47,32 +47,23 @@ from compiler.user_metric import UserMetric
 __all__ = ["SNR_CAP_DB", "Judging", "compare_output", "evaluate", "evaluate_runners"]
 
 
-def session(path: Path, *, reference: bool = False) -> ort.InferenceSession:
+def session(path: Path | bytes, *, reference: bool = False) -> ort.InferenceSession:
     """A CPU session with one intra-op thread: deterministic and comparable fp32 vs int8.
 
     ``reference``: no graph optimization, so a QDQ model runs with the reference semantics instead of
-    this host's fused integer kernels (see the module docstring).
+    this host's fused integer kernels (see the module docstring). ``path`` may be the model's bytes.
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
     if reference:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def run_all(sess: ort.InferenceSession, samples: Samples, sig: IOSignature) -> tuple[list[np.ndarray], float]:
-    """Run every batch; return outputs concatenated along the sample axis, and seconds spent."""
-    names = [o.name for o in sig.outputs]
-    parts: list[list[np.ndarray]] = [[] for _ in names]
-    elapsed = 0.0
-    for feed in samples.batches(sig.inputs):
-        start = time.perf_counter()
-        results = sess.run(names, feed)
-        elapsed += time.perf_counter() - start
-        for part, result in zip(parts, results, strict=True):
-            part.append(np.asarray(result))
-    return [np.concatenate(p, axis=0) for p in parts], elapsed
+def session_from_bytes(model: bytes, *, reference: bool = False) -> ort.InferenceSession:
+    return session(model, reference=reference)
 
 
 def is_integer(output: np.ndarray) -> bool:

@@ -22,6 +22,7 @@ Pure functions, plus ``current_usage`` and ``budget_from_machine`` that read
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import resource
@@ -96,8 +97,18 @@ def current_usage() -> int:
     return rss
 
 
+def reset_peak() -> None:
+    """Restart the peak-RSS count (``VmHWM``; Linux: ``5`` to ``/proc/self/clear_refs``), so a second
+    compile in the same process reports its own peak. Without it ``peak_usage`` is the process's."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_usage() -> int:
-    """The process's peak resident memory so far (``ru_maxrss``, KiB on Linux)."""
+    """Peak resident memory since ``reset_peak`` (``VmHWM``), else of the process (``ru_maxrss``)."""
+    hwm = _proc_status("VmHWM")
+    if hwm is not None:
+        return hwm
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

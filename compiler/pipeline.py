@@ -31,10 +31,10 @@ from compiler.errors import CompilerError, GateFailed, InvalidModel
 from compiler.evaluate import Judging
 from compiler.gate import Gate
 from compiler.html_report import write_html_report
-from compiler.memory import MemoryPlan, budget_from_machine, peak_usage
+from compiler.memory import MemoryPlan, budget_from_machine, peak_usage, reset_peak
 from compiler.output_kinds import OutputKind, parse_declarations
 from compiler.runners import latency
-from compiler.size_parts import size_breakdown
+from compiler.size_parts import size_breakdown, size_target
 from compiler.sniff import describe, is_tflite, looks_like_onnx, read_head
 from compiler.sources import DataSource, Preprocess
 from compiler.targets import Target, family_of, get_target, known_targets
@@ -94,6 +94,7 @@ def compile_model(
     html_report: Path | None = None,
     output_kinds: dict[str, OutputKind] | str | None = None,
     max_memory: int | None = None,
+    mixed_precision_seconds: float = 120.0,
 ) -> CompileResult:
     """Compile ``model_path`` for ``target`` into a signed bundle at ``out_dir``.
 
@@ -108,10 +109,13 @@ def compile_model(
     ``overwrite``. ``output_kinds``: declared kinds per output (``compiler.output_kinds``: a
     mapping, ``name=kind,...`` or a ``.toml``/``.json`` path); the rest are inferred.
     ``max_memory``: bytes the compile plans its batches in (``compiler.memory``; default: from the
-    machine's limits). Raises
+    machine's limits). ``mixed_precision_seconds``: time budget of the search for a mix of 16-bit
+    activations / float layers when all-8-bit misses the gate (``compiler.mixed_precision``;
+    arm64-cpu, qnn-htp, tflite-int8; 0 turns it off). Raises
     ``CompilerError`` subclasses for bad inputs.
     """
     started = time.perf_counter()
+    reset_peak()  # the peak this compile reaches, not the process's earlier ones
     report_progress = progress or (lambda _step, _fraction: None)
     tgt = get_target(target)
     _check_meta(name, version, release)
@@ -148,6 +152,7 @@ def compile_model(
             report_progress,
             judging,
             plan,
+            mixed_precision_seconds,
         )
         try:
             with capture_toolchain() as notes:
@@ -158,6 +163,8 @@ def compile_model(
         report = built.report
         report["notes"] = notes.rows()
         report.setdefault("memory", plan.to_dict())["peak_rss_bytes"] = peak_usage()
+        # Before the gate, so a refused model's report says what the compile cost too.
+        report["compile_seconds"] = round(time.perf_counter() - started, 3)
         report_progress("gate", 0.85)
         if gate is None:
             report["gate"] = "skipped"
@@ -168,7 +175,6 @@ def compile_model(
                 if html_report is not None:
                     write_html_report(html_report, report, title=f"{name}:{version} for {tgt.name}")
                 raise GateFailed(failures, report)
-        report["compile_seconds"] = round(time.perf_counter() - started, 3)
         if html_report is not None:
             write_html_report(html_report, report, title=f"{name}:{version} for {tgt.name}")
 
@@ -198,6 +204,10 @@ def _build_and_measure(request: BuildRequest, latency_repeats: int) -> Built:
     report["target"] = {"name": tgt.name, "backend": tgt.backend, "runtime": tgt.runtime}
     size = report["size"]
     size["parts"] = size_breakdown(built.fp32, built.int8)
+    int8_parts = size["parts"]["int8"]
+    size["target"] = size_target(
+        size["fp32_bytes"], size["int8_bytes"], int8_parts["constants"] + int8_parts["quantization"]
+    )
     # The file that ships: the int8 model itself, or what a family compiled it into (Vela).
     size["artifact_bytes"] = built.artifact.stat().st_size
     fp32_bytes = size["fp32_bytes"]

@@ -46,6 +46,7 @@ not kept. Keeping the worst 1-5 layers in float (by per-layer SNR drop from
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -105,6 +106,8 @@ class QuantizeInfo:
     calibrate_method: str = "MinMax"
     calibration_candidates: dict[str, list[float]] = field(default_factory=dict)
     compaction: dict[str, Any] = field(default_factory=dict)
+    calibration_cache: Path | None = None  # the chosen ranges, to re-quantize (mixed precision)
+    mixed_precision: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -169,7 +172,12 @@ def upgrade_opset(model: onnx.ModelProto, minimum: int = MIN_OPSET) -> onnx.Mode
 
 
 def prepare(model: onnx.ModelProto, work_dir: Path, info: QuantizeInfo) -> Path:
-    """Upgrade the opset and run ``quant_pre_process``; returns the path of the float model to quantize."""
+    """Upgrade the opset and run ``quant_pre_process``; returns the path of the float model to quantize.
+
+    It runs inside ``work_dir``: when symbolic shape inference gives up, onnxruntime saves
+    ``sym_shape_infer_temp.onnx`` and its weights as ``<uuid>.data`` into the *current* directory
+    (PP-OCRv6's detector left 10 MB per compile in the user's folder).
+    """
     upgraded = upgrade_opset(model)
     info.opset = default_opset(upgraded)
     upgraded_path = work_dir / "upgraded.onnx"
@@ -181,14 +189,16 @@ def prepare(model: onnx.ModelProto, work_dir: Path, info: QuantizeInfo) -> Path:
         info.notes.append("symbolic shape inference skipped: sympy is not installed")
     else:
         try:
-            quant_pre_process(str(upgraded_path), str(prepared))
+            with contextlib.chdir(work_dir):  # scratch files of a failed inference land here
+                quant_pre_process(str(upgraded_path), str(prepared))
         except Exception as exc:  # symbolic shape inference asserts (AssertionError) on some real models
             log.warning("symbolic shape inference failed (%s); retrying without it", exc)
             info.symbolic_shape_inference = False
             info.notes.append(f"symbolic shape inference failed, skipped: {type(exc).__name__}: {exc}"[:300])
     if not info.symbolic_shape_inference:
         try:
-            quant_pre_process(str(upgraded_path), str(prepared), skip_symbolic_shape=True)
+            with contextlib.chdir(work_dir):
+                quant_pre_process(str(upgraded_path), str(prepared), skip_symbolic_shape=True)
         except Exception as exc:
             raise QuantizationError(f"quant_pre_process failed even without symbolic shapes: {exc}") from exc
     return prepared
@@ -235,7 +245,7 @@ def quantize_int8(
     ``readers`` makes a fresh calibration reader per pass. Without ``score``
     only the first candidate (plain MinMax) is tried.
     """
-    best: tuple[tuple[float, ...], str, Path, list[str], list[str]] | None = None
+    best: tuple[tuple[float, ...], str, Path, list[str], list[str], Path] | None = None
     names = list(CALIBRATIONS) if score is not None else list(CALIBRATIONS)[:1]
     for index, name in enumerate(names):
         candidate = work_dir / f"candidate{index}.onnx"
@@ -243,9 +253,10 @@ def quantize_int8(
         figures = score(candidate) if score is not None else ()
         info.calibration_candidates[name] = [round(f, 4) for f in figures]
         if best is None or figures > best[0]:
-            best = (figures, name, candidate, info.nonfinite_tensors, info.float_nodes)
+            cache = work_dir / f"calibration-{index}.json"
+            best = (figures, name, candidate, info.nonfinite_tensors, info.float_nodes, cache)
     assert best is not None
-    _, info.calibrate_method, chosen, info.nonfinite_tensors, info.float_nodes = best
+    _, info.calibrate_method, chosen, info.nonfinite_tensors, info.float_nodes, info.calibration_cache = best
     os.replace(chosen, output)
 
 
@@ -270,10 +281,32 @@ def _quantize_calibrated(
         )
         ranges = TensorsData(CalibrationMethod.MinMax, {k: v for k, v in ranges.items() if k not in bad})
     info.nonfinite_tensors, info.float_nodes = sorted(bad), float_nodes
-    cache = work_dir / "calibration.json"
+    cache = work_dir / f"calibration-{output.stem.removeprefix('candidate')}.json"
     save_tensors_data(ranges, cache)
+    quantize_from_cache(prepared, output, cache, info, float_nodes)
 
+
+def quantize_from_cache(
+    prepared: Path,
+    output: Path,
+    cache: Path,
+    info: QuantizeInfo,
+    float_nodes: list[str],
+    overrides: dict[str, Any] | None = None,
+    *,
+    finish: bool = True,
+) -> None:
+    """``quantize_static`` on saved ranges: U8S8 per-channel QDQ, ``float_nodes`` left float,
+    ``overrides`` as onnxruntime's ``TensorQuantOverrides`` (16-bit activations for chosen tensors).
+
+    ``finish``: repair, compact (``finish_qdq``); without it only the per-axis repair, names kept.
+    """
     attempts: list[dict[str, Any]] = [{}, {"QDQDisableWeightAdjustForInt32Bias": True}]
+    base: dict[str, Any] = {}
+    if overrides:
+        base["TensorQuantOverrides"] = overrides
+        if info.opset < QNN_UINT16_OPSET:  # 16-bit Q/DQ below opset 21 live in the com.microsoft domain
+            base["UseQDQContribOps"] = True
     last: Exception | None = None
     for extra in attempts:
         try:
@@ -287,7 +320,7 @@ def _quantize_calibrated(
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
                 nodes_to_exclude=float_nodes,
-                extra_options=dict(extra),
+                extra_options=base | extra,
                 calibration_cache_path=str(cache),
             )
         except ValueError as exc:
@@ -299,6 +332,9 @@ def _quantize_calibrated(
             continue
         except Exception as exc:
             raise QuantizationError(f"quantize_static failed: {type(exc).__name__}: {exc}") from exc
+        if not finish:
+            repair_per_axis(output)
+            return
         info.extra_options = extra
         finish_qdq(output, info, drop_zero_points=True)
         return
@@ -366,7 +402,15 @@ def drop_unused_opsets(path: Path) -> None:
 
 
 def quantize_qnn(
-    prepared: Path, output: Path, reader: CalibrationDataReader, info: QuantizeInfo, activations: str
+    prepared: Path,
+    output: Path,
+    reader: CalibrationDataReader,
+    info: QuantizeInfo,
+    activations: str,
+    overrides: dict[str, Any] | None = None,
+    float_nodes: list[str] | None = None,
+    *,
+    finish: bool = True,
 ) -> None:
     """QDQ for onnxruntime's QNN EP (Hexagon HTP) with ``get_qnn_qdq_config``.
 
@@ -376,6 +420,10 @@ def quantize_qnn(
     per-channel, activations uint8 or uint16 (``activations``), as the HTP
     wants; the config's tensor overrides take care of the ops that need
     fixed ranges (Sigmoid, Tanh...).
+
+    ``overrides`` (``TensorQuantOverrides``: 16-bit activations for chosen tensors; the config adds
+    the uint8 <-> uint16 conversions the HTP needs) and ``float_nodes`` serve the mixed-precision
+    search; ``finish=False`` keeps the float model's tensor names (only the per-axis repair).
     """
     from onnxruntime.quantization import quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
@@ -383,8 +431,8 @@ def quantize_qnn(
     act = {"uint8": QuantType.QUInt8, "uint16": QuantType.QUInt16}.get(activations)
     if act is None:
         raise QuantizationError(f"QNN activations must be uint8 or uint16, got {activations!r}")
-    if act == QuantType.QUInt16:
-        prepared = _opset21_for_uint16(prepared, output.parent / "prepared-opset21.onnx", info)
+    if act == QuantType.QUInt16 or overrides:
+        prepared = _opset21_for_uint16(prepared, output.parent / f"{output.stem}-opset21.onnx", info)
     try:
         config = get_qnn_qdq_config(
             str(prepared),
@@ -393,10 +441,15 @@ def quantize_qnn(
             activation_type=act,
             weight_type=QuantType.QUInt8,
             per_channel=True,
+            init_overrides=overrides or None,
+            nodes_to_exclude=float_nodes or None,
         )
         quantize(str(prepared), str(output), config)
     except Exception as exc:  # onnxruntime raises ValueError/AssertionError/RuntimeError here
         raise QuantizationError(f"QNN quantization failed: {type(exc).__name__}: {exc}") from exc
+    if not finish:
+        repair_per_axis(output)
+        return
     info.format = f"QDQ for QNN HTP (activations {activations}, weights uint8 per-channel)"
     info.activation_type = "QUInt16" if activations == "uint16" else "QUInt8"
     info.weight_type = "QUInt8"

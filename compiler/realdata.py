@@ -130,3 +130,40 @@ def write_text_line_folder(folder: Path, n: int, seed: int = 0) -> Path:
 
 # PaddleOCR's classifier preprocessing: RGB, 48x192, NCHW, (x / 255 - 0.5) / 0.5.
 TEXT_CLS_PREPROCESS = "size=48x192,layout=NCHW,scale=0.00392156862745098,mean=0.5,std=0.5"
+
+
+def text_pages(n: int, height: int = 320, width: int = 320, seed: int = 0) -> np.ndarray:
+    """``n`` page crops with 2-6 text lines each, as PaddleOCR's text detector gets them.
+
+    Lines (``text_line_image``) pasted at random places on paper or on a blurred photo crop, the
+    page normalised like PaddleOCR's ``NormalizeImage`` (ImageNet mean/std), NCHW float32. Height and
+    width should be multiples of 32 (the detector's ``DetResizeForTest`` makes them so).
+    """
+    from PIL import Image, ImageFilter
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    fonts, photos = text_fonts(), list(load_sample_images().images)
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    out = np.empty((n, 3, height, width), dtype=np.float32)
+    for i in range(n):
+        if rng.random() < 0.5:
+            page = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(200, 256, size=3)))
+        else:
+            photo = photos[int(rng.integers(len(photos)))]
+            y0 = int(rng.integers(0, photo.shape[0] - height))
+            x0 = int(rng.integers(0, photo.shape[1] - width))
+            page = Image.fromarray(photo[y0 : y0 + height, x0 : x0 + width]).filter(
+                ImageFilter.GaussianBlur(2)
+            )
+        for _ in range(int(rng.integers(2, 7))):
+            line = text_line_image(rng, fonts, photos)
+            if line.width >= width or line.height >= height:
+                line = line.resize((min(line.width, width - 8), min(line.height, height - 8)))
+            x = int(rng.integers(0, width - line.width))
+            y = int(rng.integers(0, height - line.height))
+            page.paste(line, (x, y))
+        arr = (np.asarray(page, dtype=np.float32) / 255.0 - mean) / std
+        out[i] = arr.transpose(2, 0, 1)
+    return out

@@ -133,7 +133,13 @@ def size(report: dict[str, Any]) -> list[Table]:
         files.insert(0, ["source file", sz["source_bytes"], None])
     if "artifact_bytes" in sz:
         files.append(["shipped artifact", sz["artifact_bytes"], sz.get("artifact_ratio")])
-    out = [Table("size", "size", ["file", "bytes", "/ float"], files)]
+    target = sz.get("target")
+    caption = ""
+    if isinstance(target, dict):
+        verdict = "met" if target.get("met") else "not met"
+        figure = f"{fmt(target.get('value'))} <= {target.get('limit')}"
+        caption = f"size target ({target.get('rule')}): {figure}, {verdict}"
+    out = [Table("size", "size", ["file", "bytes", "/ float"], files, caption)]
     split = sz.get("parts")
     if isinstance(split, dict):
         cols = ["total", "constants", "quantization", "structure"]

@@ -54,12 +54,15 @@ class TFLiteRunner:
     kernels the device uses, so we do not).
     """
 
-    def __init__(self, model: Path | bytes, threads: int = 1) -> None:
+    def __init__(self, model: Path | bytes, threads: int = 1, *, preserve: bool = False) -> None:
+        """``preserve``: keep every intermediate tensor readable after ``run`` (``intermediates``)."""
         _quiet_litert()
         from ai_edge_litert.interpreter import Interpreter
 
         content = model if isinstance(model, bytes) else Path(model).read_bytes()
-        self._it = Interpreter(model_content=content, num_threads=threads)
+        self._it = Interpreter(
+            model_content=content, num_threads=threads, experimental_preserve_all_tensors=preserve
+        )
         self._it.allocate_tensors()
         self.inputs = self._it.get_input_details()
         self.outputs = self._it.get_output_details()
@@ -78,6 +81,17 @@ class TFLiteRunner:
             return {"name": d["name"], "dtype": np.dtype(d["dtype"]).name, "scale": scale, "zero_point": zero}
 
         return {"inputs": [q(d) for d in self.inputs], "outputs": [q(d) for d in self.outputs]}
+
+    def intermediates(self) -> dict[str, np.ndarray]:
+        """Every tensor of the last run by name, dequantized to float (needs ``preserve``)."""
+        out: dict[str, np.ndarray] = {}
+        for d in self._it.get_tensor_details():
+            try:
+                value = self._it.get_tensor(d["index"])
+            except ValueError:  # constants folded away, or not allocated
+                continue
+            out[d["name"]] = _from_tensor(value, d)
+        return out
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         n = len(next(iter(feed.values())))

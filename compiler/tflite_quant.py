@@ -18,7 +18,8 @@ import contextlib
 import io
 import logging
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,8 +30,15 @@ from compiler.tflite_prep import read_tflite
 log = logging.getLogger(__name__)
 
 
-def quantize_tflite(prepared: bytes, calibration: Iterable[dict[str, np.ndarray]]) -> bytes:
-    """Quantize ``prepared`` (output of ``prepare_tflite``); ``calibration`` yields one-sample feeds."""
+def quantize_tflite(
+    prepared: bytes, calibration: Iterable[dict[str, np.ndarray]], a16: Sequence[str] = ()
+) -> bytes:
+    """Quantize ``prepared`` (output of ``prepare_tflite``); ``calibration`` yields one-sample feeds.
+
+    ``a16``: output tensors whose ops get 16-bit activations (int8 weights; the quantizer inserts the
+    QUANTIZE ops between int8 and int16 tensors). The recipe matches an op by its output tensor's name
+    (ai-edge-quantizer's op *scope*: the output names, each followed by ``;``).
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         from ai_edge_quantizer import calibrator, quantizer, recipe
@@ -39,7 +47,7 @@ def quantize_tflite(prepared: bytes, calibration: Iterable[dict[str, np.ndarray]
         raise QuantizationError(
             f"tflite targets need ai-edge-quantizer and ai-edge-litert (extra 'tflite'): {exc}"
         ) from exc
-    quant = quantizer.Quantizer(bytearray(prepared), recipe.static_wi8_ai8())
+    quant = quantizer.Quantizer(bytearray(prepared), _recipe(a16) if a16 else recipe.static_wi8_ai8())
     key, by_tensor = signature_keys(prepared)
     sink = io.StringIO()
     try:
@@ -58,6 +66,19 @@ def quantize_tflite(prepared: bytes, calibration: Iterable[dict[str, np.ndarray]
     if result.quantized_model is None:
         raise QuantizationError("ai-edge-quantizer produced no model")
     return bytes(result.quantized_model)
+
+
+def _recipe(a16: Sequence[str]) -> Any:
+    from ai_edge_quantizer import recipe_manager
+
+    manager = recipe_manager.RecipeManager()
+    manager.add_static_config(regex=".*", operation_name="*", activation_num_bits=8, weight_num_bits=8)
+    for name in a16:  # later entries win for the ops they match
+        # An op's scope is its output names, each followed by ';' ("conv2d;"): match one exactly.
+        manager.add_static_config(
+            regex=f"(^|;){re.escape(name)};", operation_name="*", activation_num_bits=16, weight_num_bits=8
+        )
+    return manager.get_quantization_recipe()
 
 
 def signature_keys(model: bytes) -> tuple[str, dict[str, str]]:

@@ -11,6 +11,12 @@ descriptor 2 by pointing that descriptor at a temporary file. ``sys.stderr``
 is rebound to the real terminal meanwhile, so the caller's own output (the
 CLI's progress bar) still shows. ``parse_stderr`` turns the captured text into
 (level, source, message) rows; the report lists each distinct one with a count.
+
+File descriptor 2 belongs to the process: while a compile runs, other threads'
+native stderr is collected too (and lands in that compile's notes). The
+compiler is a CLI step and a library call that owns its process; an
+application that compiles on a thread and needs its own stderr meanwhile
+should compile in a subprocess.
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
 """Fetch the real float models the compiler is tested and benchmarked on (``make models``).
 
-No model hub is reachable from our machines, but two pinned wheels on PyPI
+No model hub is reachable from our machines, but pinned wheels on PyPI
 carry real float models: ``rapidocr-onnxruntime==1.4.4`` (PaddleOCR's
-text-direction classifier, a MobileNetV3 in ONNX) and ``mediapipe==0.10.21``
+text-direction classifier, a MobileNetV3 in ONNX), ``rapidocr==3.10.0``
+(PaddleOCR's PP-OCRv6 small text detector, ONNX, dynamic height and width: a
+DBNet whose output is a text probability map) and ``mediapipe==0.10.21``
 (``hand_recrop`` and ``face_detection_short_range``, old-schema TFLite, the
-latter with fp16 weights). We ``pip download --no-deps`` the wheels into a
-cache and unzip just those files, checking each against its pinned sha256 so a
-changed wheel cannot silently change what the tests measure.
+latter with fp16 weights; ``face_landmark``, a 468-point landmark regressor).
+We ``pip download --no-deps`` the wheels into a cache and unzip just those
+files, checking each against its pinned sha256 so a changed wheel cannot
+silently change what the tests measure.
 
 Idempotent: models already extracted with the right digest are not fetched
 again. Exit codes: 0 ok, 2 the package registry cannot be reached (tests
@@ -61,6 +64,20 @@ MODELS = (
         "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
         "text_direction_cls.onnx",
         "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+    ),
+    RealModel(
+        "text_detector",
+        "rapidocr==3.10.0",
+        "rapidocr/models/PP-OCRv6_det_small.onnx",
+        "text_detector.onnx",
+        "090f04abcd9d9a7498bc4ebf677e4cb9bdce1fe4197ddb7e529f1ef44e1ff94f",
+    ),
+    RealModel(
+        "face_landmark",
+        "mediapipe==0.10.21",
+        "mediapipe/modules/face_landmark/face_landmark.tflite",
+        "face_landmark.tflite",
+        "1055cb9d4a9ca8b8c688902a3a5194311138ba256bcc94e336d8373a5f30c814",
     ),
     RealModel(
         "hand_recrop",

@@ -8,7 +8,14 @@ calibration samples, then compacts the file (``compiler.onnx_compact``).
 
 from __future__ import annotations
 
-from compiler.build import BuildRequest, Built, OnnxQuantizeJob, build_onnx, calibration_score
+from compiler.build import (
+    BuildRequest,
+    Built,
+    OnnxQuantizeJob,
+    build_onnx,
+    calibration_score,
+    mixed_precision_onnx,
+)
 from compiler.data import SamplesReader
 from compiler.quantize import quantize_int8
 from compiler.targets.registry import ONNX_QDQ, Family, Target, register_family, register_target
@@ -23,6 +30,7 @@ def _quantize(job: OnnxQuantizeJob) -> None:
         job.work,
         score=lambda candidate: calibration_score(job.source, candidate, job.calib, job.sig, job.eval_batch),
     )
+    mixed_precision_onnx(job)
 
 
 def build(req: BuildRequest) -> Built:

@@ -3,13 +3,19 @@
 ``compiler.quantize.quantize_qnn`` builds the QDQ model with onnxruntime's own
 ``get_qnn_qdq_config`` (8- or 16-bit activations, 8-bit weights), so the
 quantization is the one the QNN EP expects; op coverage uses the EP's HTP table.
+When 8-bit activations miss the gate, ``qnn-htp`` searches 16-bit activations or
+float for the few sensitive layers (``compiler.mixed_precision``), each candidate
+quantized by the same QNN config with tensor overrides.
 """
 
 from __future__ import annotations
 
-from compiler.build import BuildRequest, Built, OnnxQuantizeJob, build_onnx
+from pathlib import Path
+from typing import Any
+
+from compiler.build import BuildRequest, Built, OnnxQuantizeJob, build_onnx, mixed_precision_onnx
 from compiler.data import SamplesReader
-from compiler.quantize import quantize_qnn
+from compiler.quantize import QuantizeInfo, quantize_qnn
 from compiler.targets.registry import QNN_QDQ, Family, Target, register_family, register_target
 
 
@@ -20,6 +26,16 @@ def build(req: BuildRequest) -> Built:
         quantize_qnn(
             job.prepared, job.out, SamplesReader(job.calib, job.sig.inputs, job.batch), job.info, activations
         )
+        if activations == "uint8":  # the a16 target is already all 16-bit
+            scratch = QuantizeInfo(job.info.source_opset, job.info.opset)
+
+            def make(
+                prepared: Path, out: Path, floats: list[str], over: dict[str, Any], finish: bool
+            ) -> None:
+                reader = SamplesReader(job.calib, job.sig.inputs, job.batch)  # each candidate calibrates
+                quantize_qnn(prepared, out, reader, scratch, activations, over, floats, finish=finish)
+
+            mixed_precision_onnx(job, make)
 
     return build_onnx(req, "qnn", quantize)
 

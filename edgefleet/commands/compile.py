@@ -100,6 +100,14 @@ def compile_cmd(
             "(default: from the machine's limits).",
         ),
     ] = None,
+    mixed_precision_budget: Annotated[
+        float,
+        typer.Option(
+            "--mixed-precision-budget",
+            help="Seconds to search 16-bit/float layers when 8-bit misses the gate "
+            "(arm64-cpu, qnn-htp, tflite-int8; 0 = off).",
+        ),
+    ] = 120.0,
     no_gate: Annotated[
         bool, typer.Option("--no-gate", help="Write the bundle even if quality fails (recorded).")
     ] = False,
@@ -175,6 +183,7 @@ def compile_cmd(
                 overwrite=overwrite,
                 output_kinds=",".join(output_kind) if output_kind else None,
                 max_memory=memory_bytes,
+                mixed_precision_seconds=mixed_precision_budget,
             )
     except GateFailed as exc:
         if as_json:

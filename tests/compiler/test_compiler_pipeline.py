@@ -131,6 +131,7 @@ def test_nan_model_fails_the_default_gate_and_passes_when_skipped(
         _compile(digits, release_keys, tmp_path / "refused", model_path=nan_model)
     assert any("non-finite" in f for f in info.value.failures)
     assert not (tmp_path / "refused").exists()
+    assert "mixed_precision" not in info.value.report  # no precision mix repairs a broken float model
 
     result = _compile(
         digits, release_keys, tmp_path / "nan-bundle", model_path=nan_model, gate=None, version="bad"

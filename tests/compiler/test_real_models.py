@@ -19,7 +19,7 @@ import pytest
 from compiler import Gate, compile_model
 from compiler.data import Samples, SamplesReader
 from compiler.onnx_compact import compact_qdq
-from compiler.realdata import TEXT_CLS_PREPROCESS, photo_crops, write_text_line_folder
+from compiler.realdata import TEXT_CLS_PREPROCESS, photo_crops, text_pages, write_text_line_folder
 from compiler.runners import TFLiteRunner
 from compiler.signature import io_signature
 from compiler.sources import Preprocess
@@ -359,3 +359,54 @@ def test_real_model_on_its_other_targets(
         assert report["size"]["artifact_bytes"] == report["npu"]["compiled_bytes"]
     if model == "face_detection_short_range":
         assert any("classificators" in f and "SNR" in f for f in failures)
+
+
+@pytest.mark.slow
+def test_text_detector_with_dynamic_input_is_judged_by_its_text_masks(
+    real_models: dict[str, Path], release_keys: KeyDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PP-OCRv6's detector: calibrated on 320x320 pages, evaluated on 256x352 ones (its height and
+    width are dynamic); its probability map declared a segmentation at DBNet's 0.3 threshold.
+
+    Its symbolic shape inference gives up, and onnxruntime then writes scratch files into the
+    current directory: the compile runs it in its own work directory, so the user's stays clean.
+    """
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    np.savez(tmp_path / "c.npz", x=text_pages(24, 320, 320, seed=0))
+    np.savez(tmp_path / "e.npz", x=text_pages(12, 256, 352, seed=1))
+    report = _compile(
+        real_models["text_detector"],
+        "arm64-cpu",
+        tmp_path / "c.npz",
+        tmp_path / "e.npz",
+        release_keys,
+        tmp_path / "b",
+        output_kinds="fetch_name_0=segmentation:threshold=0.3",
+    ).report
+    figures = report["outputs"]["fetch_name_0"]
+    assert figures["kind"] == "segmentation" and figures["shape"] == [1, 256, 352]
+    assert report["gate"]["verdict"] == "passed" and figures["mask_iou_mean"] >= 0.85
+    assert report["gate"]["decided_by"]["figure"] == "mask_iou_mean"
+    assert report["size"]["target"]["rule"].startswith("int8 / fp32") and report["size"]["target"]["met"]
+    assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_face_landmark_regressor_passes_as_regression(
+    real_models: dict[str, Path], release_keys: KeyDir, tmp_path: Path
+) -> None:
+    np.savez(tmp_path / "c.npz", x=(photo_crops(32, 192, 192, seed=0) + 1) / 2)
+    np.savez(tmp_path / "e.npz", x=(photo_crops(16, 192, 192, seed=1) + 1) / 2)
+    report = _compile(
+        real_models["face_landmark"],
+        "tflite-int8",
+        tmp_path / "c.npz",
+        tmp_path / "e.npz",
+        release_keys,
+        tmp_path / "b",
+    ).report
+    assert {f["kind"] for f in report["outputs"].values()} == {"regression"}
+    assert report["gate"]["verdict"] == "passed"
+    assert report["outputs"]["conv2d_21"]["snr_db"] > 25  # the 1404 landmark coordinates

@@ -99,3 +99,53 @@ def make_signature_tflite(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bytes(builder.Output()))
     return path
+
+
+def make_outlier_tflite(path: Path) -> Path:
+    """x [1, 16] -> FULLY_CONNECTED "expand" -> ADD "shift" (one channel +1000) -> FULLY_CONNECTED
+    "project" -> [1, 4]; "project" ignores the shifted channel. With 8-bit activations the small
+    channels of "shift" round to steps of ~4: the TFLite twin of the ONNX outlier model."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (8, 16)).astype(np.float32)
+    offset = np.zeros(8, np.float32)
+    offset[0] = 1000.0
+    w2 = rng.normal(0, 0.5, (4, 8)).astype(np.float32)
+    w2[:, 0] = 0
+    tensors = [
+        _tensor([1, 16], 0, "x"),
+        _tensor([8, 16], 1, "w1"),
+        _tensor([8], 2, "b1"),
+        _tensor([1, 8], 0, "expand"),
+        _tensor([8], 3, "offset"),
+        _tensor([1, 8], 0, "shift"),
+        _tensor([4, 8], 4, "w2"),
+        _tensor([4], 5, "b2"),
+        _tensor([1, 4], 0, "project"),
+    ]
+    buffers = [_buffer(None), _buffer(w1), _buffer(np.zeros(8, np.float32)), _buffer(offset)]
+    buffers += [_buffer(w2), _buffer(np.zeros(4, np.float32))]
+    codes = [_opcode(schema.BuiltinOperator.FULLY_CONNECTED), _opcode(schema.BuiltinOperator.ADD)]
+
+    def op(code: int, inputs: list[int], output: int) -> schema.OperatorT:
+        o = schema.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = code, inputs, [output]
+        if code == 0:
+            o.builtinOptionsType = schema.BuiltinOptions.FullyConnectedOptions
+            o.builtinOptions = schema.FullyConnectedOptionsT()
+        else:
+            o.builtinOptionsType = schema.BuiltinOptions.AddOptions
+            o.builtinOptions = schema.AddOptionsT()
+        return o
+
+    sub = schema.SubGraphT()
+    sub.tensors, sub.inputs, sub.outputs, sub.name = tensors, [0], [8], "main"
+    sub.operators = [op(0, [0, 1, 2], 3), op(1, [3, 4], 5), op(0, [5, 6, 7], 8)]
+    model = schema.ModelT()
+    model.version = 3
+    model.operatorCodes = codes
+    model.subgraphs = [sub]
+    model.buffers = buffers
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
+    return path

@@ -1,0 +1,162 @@
+"""When all-8-bit misses the gate, a bounded search keeps the few sensitive layers at higher precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from ai_edge_litert import schema_py_generated as schema
+from onnx import TensorProto, helper, numpy_helper
+from tflite_builders import make_outlier_tflite
+
+from compiler import GateFailed, compile_model
+from compiler.mixed_precision import ladder, rank_layers
+from compiler.tflite_prep import read_tflite
+from signing.keyring import KeyDir
+
+
+def test_layers_are_ranked_by_the_error_they_add_not_inherit() -> None:
+    nodes = [
+        ("first", ["x"], ["a"]),
+        ("second", ["a"], ["b"]),
+        ("third", ["b"], ["c"]),
+        ("shape", ["b"], ["s"]),  # not measured: left out
+    ]
+    noise = {"x": 0.0, "a": 0.01, "b": 0.02, "c": 0.5}
+    ranked = rank_layers(nodes, noise)
+    assert [name for name, _ in ranked] == ["third", "first", "second"]
+    assert ranked[0][1] == pytest.approx(0.48) and ranked[2][1] == pytest.approx(0.01)
+
+
+def test_the_ladder_doubles_up_to_a_quarter_of_the_layers() -> None:
+    assert ladder(1) == [1]
+    assert ladder(8) == [1, 2]
+    assert ladder(53) == [1, 2, 4, 8, 14]
+
+
+def outlier_model(path: Path) -> Path:
+    """x [N, 16] -> MatMul -> Add (one channel shifted by 1000) -> h [N, 8] -> MatMul -> embedding [N, 4].
+
+    One channel of ``h`` sits ~1000 above the rest and the last layer ignores it: with 8-bit
+    activations the small channels of ``h`` round to steps of ~4 and the embedding is lost; 16 bits
+    on ``h`` keep them. The outlier channels of real networks (transformers, some detectors) do this.
+    """
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (16, 8)).astype(np.float32)
+    offset = np.zeros(8, np.float32)
+    offset[0] = 1000.0
+    w2 = rng.normal(0, 0.5, (8, 4)).astype(np.float32)
+    w2[0, :] = 0
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["m"], name="expand"),
+            helper.make_node("Add", ["m", "offset"], ["h"], name="shift"),
+            helper.make_node("MatMul", ["h", "w2"], ["embedding"], name="project"),
+        ],
+        "outlier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 4])],
+        [
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(offset, "offset"),
+            numpy_helper.from_array(w2, "w2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _compile(tmp_path: Path, keys: KeyDir, out: str, target: str = "arm64-cpu", **kw: object):
+    model = outlier_model(tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).normal(size=(120, 16)).astype(np.float32))
+    return compile_model(
+        model,
+        target=target,
+        calib_path=tmp_path / "c.npz",
+        out_dir=tmp_path / out,
+        release_key=keys.key("release"),
+        name="m",
+        version="1",
+        release=1,
+        latency_repeats=0,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_all_8bit_is_refused_and_the_search_finds_16bit_activations(
+    release_keys: KeyDir, tmp_path: Path
+) -> None:
+    with pytest.raises(GateFailed, match="SNR") as refused:
+        _compile(tmp_path, release_keys, "plain", mixed_precision_seconds=0)
+    assert refused.value.report["outputs"]["embedding"]["snr_db"] < 10
+    assert "mixed_precision" not in refused.value.report
+
+    result = _compile(tmp_path, release_keys, "mixed")
+    report = result.report
+    assert report["gate"]["verdict"] == "passed" and report["outputs"]["embedding"]["snr_db"] >= 20
+    mixed = report["mixed_precision"]
+    assert mixed["stopped"] == "passed" and any("SNR" in f for f in mixed["triggered_by"])
+    assert mixed["sensitivity"][0]["layer"] == "project"  # where the error shows, not where it starts
+    assert mixed["chosen"] == {"mode": "a16", "layers": ["project"], "count": 1}
+    assert mixed["tries"][-1]["passed"] and mixed["judged_on"].startswith("calibration samples")
+    cost = mixed["cost"]
+    assert cost["size_bytes"] == result.model_path.stat().st_size and cost["size_ratio_to_8bit"] < 1.5
+    assert cost["latency_ms"] > 0 and cost["latency_ms_8bit"] > 0
+    # All-16-bit activations pass too, at a larger file than the one-layer mix.
+    assert cost["all16_passes"] and cost["size_bytes_all16"] >= cost["size_bytes"]
+    shipped = onnx.load(str(result.model_path))
+    sixteen = [i for i in shipped.graph.initializer if i.data_type == TensorProto.UINT16]
+    assert sixteen, "the shipped model carries 16-bit activation zero points"
+
+
+def test_the_search_stops_at_its_time_budget(release_keys: KeyDir, tmp_path: Path) -> None:
+    with pytest.raises(GateFailed) as refused:
+        _compile(tmp_path, release_keys, "b", mixed_precision_seconds=1e-6)
+    mixed = refused.value.report["mixed_precision"]
+    assert mixed["stopped"] == "budget" and mixed["chosen"] is None and mixed["tries"] == []
+
+
+def test_tflite_gets_16bit_activations_for_the_sensitive_op(release_keys: KeyDir, tmp_path: Path) -> None:
+    """ai-edge-quantizer recipe entries per op output: int16 activations (16x8 kernels) on one op."""
+    model = make_outlier_tflite(tmp_path / "m.tflite")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).normal(size=(80, 16)).astype(np.float32))
+
+    def build(out: str, **kw: object):
+        return compile_model(
+            model,
+            target="tflite-int8",
+            calib_path=tmp_path / "c.npz",
+            out_dir=tmp_path / out,
+            release_key=release_keys.key("release"),
+            name="m",
+            version="1",
+            release=1,
+            latency_repeats=0,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    with pytest.raises(GateFailed, match="SNR"):
+        build("plain", mixed_precision_seconds=0)
+    result = build("mixed")
+    mixed = result.report["mixed_precision"]
+    assert mixed["stopped"] == "passed" and mixed["chosen"]["mode"] == "a16"
+    assert mixed["chosen"]["layers"] == ["project"] and result.report["outputs"]["project"]["snr_db"] >= 20
+    shipped = read_tflite(result.model_path.read_bytes())
+    int16 = [t for t in shipped.subgraphs[0].tensors if t.type == schema.TensorType.INT16]
+    assert int16 and mixed["cost"]["size_ratio_to_8bit"] < 1.5
+    assert mixed["cost"]["all16_passes"] and mixed["cost"]["size_bytes_all16"] >= mixed["cost"]["size_bytes"]
+
+
+def test_qnn_htp_searches_with_its_own_config(release_keys: KeyDir, tmp_path: Path) -> None:
+    """qnn-htp: candidates from get_qnn_qdq_config with tensor overrides (it adds the u8 <-> u16
+    conversions the HTP needs); the shipped model mixes uint8 and uint16 activations."""
+    result = _compile(tmp_path, release_keys, "q", target="qnn-htp")
+    mixed = result.report["mixed_precision"]
+    assert mixed["chosen"] == {"mode": "a16", "layers": ["project"], "count": 1}
+    assert result.report["outputs"]["embedding"]["snr_db"] >= 20
+    types = {i.data_type for i in onnx.load(str(result.model_path)).graph.initializer}
+    assert {TensorProto.UINT8, TensorProto.UINT16} <= types
