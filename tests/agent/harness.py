@@ -11,9 +11,8 @@ import json
 import re
 import ssl
 import threading
-import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -34,20 +33,15 @@ from signing.keyring import KeyDir
 from signing.keys import KeyPair
 from signing.manifest import ENVELOPE_NAME, sign_bundle
 from tests.mqtt_clients import server_address, server_client
+from tests.support import waiting
 
 T = TypeVar("T")
 HW = "rpi4"
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+# The agent's predicates read memory (its state, an observer's messages): polled every 10 ms,
+# which catches a download under way or a swap in progress.
+wait_for = functools.partial(waiting.wait_for, interval=0.01)
 
 
 def unique_id(prefix: str = "dev") -> str:
