@@ -72,8 +72,13 @@ class LoopbackServer:
         self.close()
 
 
+def file_server(root: Path, tls: ssl.SSLContext | None = None) -> LoopbackServer:
+    """The files under ``root`` (a TUF repository, bundles) served over real HTTP(S) until ``close``."""
+    return LoopbackServer(functools.partial(QuietFiles, directory=str(root)), tls=tls)
+
+
 @contextmanager
 def serve_directory(root: Path, tls: ssl.SSLContext | None = None) -> Iterator[str]:
-    """Serve the files under ``root`` (a TUF repository, bundles) over real HTTP; yield the URL."""
-    with LoopbackServer(functools.partial(QuietFiles, directory=str(root)), tls=tls) as server:
+    """``file_server`` for the ``with`` block; yields its URL."""
+    with file_server(root, tls) as server:
         yield server.url
