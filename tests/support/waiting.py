@@ -32,17 +32,18 @@ def wait_for(
     ``output``, called only when the wait fails, adds what explains the failure (a log's tail).
     """
     deadline = time.monotonic() + timeout
+    last = ""  # the last exception ``ignore`` let pass, named if the wait fails
     while True:
         try:
             value = predicate()
-        except ignore:
-            value = None
+        except ignore as exc:
+            value, last = None, f" (last: {type(exc).__name__}: {exc})"
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(_message(f"exited with {proc.returncode} before {what}", output))
+            raise AssertionError(_message(f"exited with {proc.returncode} before {what}{last}", output))
         if time.monotonic() > deadline:
-            raise AssertionError(_message(f"timed out after {timeout:g}s waiting for {what}", output))
+            raise AssertionError(_message(f"timed out after {timeout:g}s waiting for {what}{last}", output))
         time.sleep(interval)
 
 
