@@ -24,26 +24,12 @@ import pytest
 
 from edgefleet.broker import Broker, BrokerInfo, mosquitto_binary, start_secure_broker
 from signing.keyring import KeyDir, init_keys
+from tests.support.descriptors import PROC_FDS, FileDescriptorLeak, open_fds
 
 PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-PROC_FDS = "/proc/self/fd"
 # More descriptors than this left open by one module is reported: a session fixture a module
 # starts first (the session broker, PostgreSQL) keeps a few for the session's lifetime.
 FD_LEAK_ALLOWANCE = 4
-
-
-class FileDescriptorLeak(UserWarning):
-    """A test module left file descriptors open: leaked across a long session they pass 1024,
-    where select() fails and the process's limit comes close."""
-
-
-def open_fds() -> dict[int, str]:
-    """This process's open descriptors and what each points at (a path, socket:[inode], pipe:[...])."""
-    fds: dict[int, str] = {}
-    for name in os.listdir(PROC_FDS):
-        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
-            fds[int(name)] = os.readlink(f"{PROC_FDS}/{name}")
-    return fds
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from edgefleet.broker import (
     start_secure_broker,
 )
 from signing.keyring import init_keys
+from tests.support.waiting import exited_output, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -127,22 +127,6 @@ def stop_like_systemd(proc: subprocess.Popen[bytes], unit: str) -> bool:
     return code == 0 or -code in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE)
 
 
-def wait_for(check: Any, proc: subprocess.Popen[bytes], what: str, timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-            pytest.fail(f"exited with {proc.returncode} before {what}:\n{out[-4000:]}")
-        try:
-            result = check()
-            if result:
-                return result
-        except (OSError, httpx.HTTPError):
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"no {what} within {timeout:g}s")
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[SecureBrokerInfo]:
     """The production broker configuration (TLS, per-device certificates, ACLs), as deployed."""
@@ -178,8 +162,12 @@ def test_server_unit_command_serves_with_its_environment_file(
     try:
         health = wait_for(
             lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200,
-            proc,
+            90,
             "/healthz",
+            interval=0.3,
+            proc=proc,
+            ignore=(OSError, httpx.HTTPError),
+            output=lambda: exited_output(proc),
         )
         assert health
     finally:
@@ -238,7 +226,15 @@ def test_agent_unit_command_serves_its_local_api_and_stops_on_sigterm(
             with httpx.Client(transport=transport, base_url="http://agent") as client:
                 return client.get("/healthz", timeout=2).status_code == 200
 
-        assert wait_for(healthy, proc, "the local API's /healthz")
+        assert wait_for(
+            healthy,
+            90,
+            "the local API's /healthz",
+            interval=0.3,
+            proc=proc,
+            ignore=(OSError, httpx.HTTPError),
+            output=lambda: exited_output(proc),
+        )
         assert oct(sock.stat().st_mode & 0o777) == "0o660"  # group members of edgefleet may connect
     finally:
         if proc.poll() is None:

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from edgefleet.provision import fleet_ca, write_device_identity
 from signing.device_auth import DeviceAuthError, verify_request
 from signing.keyring import KeyDir
 from signing.manifest import sign_bundle
+from tests.support.loopback_http import LoopbackServer, QuietHandler
 
 from .harness import HW, Bundle, LoopThread, make_model, model_ref, sign_directive, unique_id, wait_for
 from .memory_fetcher import MemoryFetcher
@@ -190,7 +190,7 @@ class CaptureServer:
     hold_s: float = 0.0  # hold a stored batch's answer this long (to kill the agent mid-upload)
     received: int = 0  # requests that reached the handler
     answered_at: list[float] = field(default_factory=list)  # time.monotonic() of each answer
-    _httpd: ThreadingHTTPServer | None = None
+    _server: LoopbackServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -200,11 +200,8 @@ class CaptureServer:
     def start(self) -> CaptureServer:
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
 
             def _answer(self, status: int, doc: dict[str, Any]) -> None:
                 data = json.dumps(doc).encode()
@@ -263,18 +260,15 @@ class CaptureServer:
                     time.sleep(outer.hold_s)
                 self._answer(status, {"batch_id": batch_id, "items": len(doc["items"])})
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self._server = LoopbackServer(Handler, port=self.port)
+        self.port = self._server.port
         return self
 
     def stop(self) -> None:
         """Gone: the port refuses connections until ``start`` again (on the same port)."""
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
 
     def ids(self) -> list[str]:
         """Every stored inference id, once per time it was stored (duplicates would show twice)."""

@@ -11,12 +11,10 @@ import json
 import re
 import ssl
 import threading
-import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,20 +32,16 @@ from signing.keyring import KeyDir
 from signing.keys import KeyPair
 from signing.manifest import ENVELOPE_NAME, sign_bundle
 from tests.mqtt_clients import server_address, server_client
+from tests.support import waiting
+from tests.support.loopback_http import LoopbackServer, QuietHandler, file_server
 
 T = TypeVar("T")
 HW = "rpi4"
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+# The agent's predicates read memory (its state, an observer's messages): polled every 10 ms,
+# which catches a download under way or a swap in progress.
+wait_for = functools.partial(waiting.wait_for, interval=0.01)
 
 
 def unique_id(prefix: str = "dev") -> str:
@@ -146,10 +140,7 @@ class ArtifactServer:
         self.peers: list[str] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 peer = self.connection.getpeercert() if tls is not None else None
                 if peer:
@@ -193,13 +184,8 @@ class ArtifactServer:
                 self.end_headers()
                 self.wfile.write(body[start:])
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        if tls is not None:
-            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.httpd.server_address[1]}"
+        self.server = LoopbackServer(Handler, tls=tls)
+        self.base = self.server.url
 
     def add(self, bundle: Bundle) -> None:
         self.files[bundle.sha256] = bundle.model_path.read_bytes()
@@ -213,8 +199,7 @@ class ArtifactServer:
         return model_ref(bundle, **{**urls, **changes})
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 def model_ref(bundle: Bundle, *, model_url: str, envelope_url: str, **changes: Any) -> protocol.ModelRef:
@@ -369,11 +354,6 @@ def start_agent(lt: LoopThread, agent: Agent) -> Agent:
 X = np.random.default_rng(42).standard_normal((1, 64)).astype(np.float32)
 
 
-class _QuietFiles(SimpleHTTPRequestHandler):
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 class TufServer:
     """A real TUF repository (``signing.tuf_repo``) served over real HTTP, for TUF-mode agents.
 
@@ -387,14 +367,8 @@ class TufServer:
         self.keydir = keydir
         root.mkdir(parents=True, exist_ok=True)
         self.repo = TufRepository.create(root, keydir.tuf_root(), keydir.keys("release"), keydir.key("fleet"))
-        handler = functools.partial(_QuietFiles, directory=str(root))
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        if tls is not None:
-            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.httpd.server_address[1]}"
+        self.server = file_server(root, tls)
+        self.url = self.server.url
 
     def release(self, bundle: Bundle) -> None:
         from signing.targets import TargetCustom
@@ -408,6 +382,4 @@ class TufServer:
         self.repo.publish(self.keydir.key("fleet"))
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
+        self.server.close()

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import pytest
 from compiler.examples import make_nan_model, train_digits
 from edgefleet.broker import Broker, free_port, server_mqtt_settings
 from tests.agent.harness import mqtt_toml
+from tests.support.waiting import wait_for
 
 EXE = str(Path(sys.executable).parent / "edgefleet")
 
@@ -55,20 +55,15 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float
     """Until ``url`` answers 200; fail at once, with the process's log, if ``proc`` exited first. The
     deadline is generous because it is only reached on a hang: a server process imports for seconds
     on a machine busy with the other test workers."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"exited {proc.returncode} before {url} answered:\n{log.read_text()[-3000:]}"
-            )
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
+    wait_for(
+        lambda: httpx.get(url, timeout=1).status_code == 200,
+        timeout,
+        f"{url} to answer",
+        interval=0.1,
+        proc=proc,
+        ignore=(httpx.HTTPError,),
+        output=lambda: log.read_text()[-3000:],
+    )
 
 
 @pytest.mark.slow

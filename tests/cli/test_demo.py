@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from rich.console import Console
 
 from edgefleet.broker import mosquitto_binary
 from edgefleet.demo import DemoResult, _print_summary, figure_rows, run_demo
+from tests.support.waiting import exited_output, wait_for
 
 EXE = str(Path(sys.executable).parent / "edgefleet")
 
@@ -88,11 +88,14 @@ def test_an_interrupted_demo_removes_its_work_directory(short_tmp: Path, sig: si
         [EXE, "demo", "--devices", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.monotonic() + 90
-        while not any((d / "devices").is_dir() for d in demo_dirs(tmp)):  # the fleet is starting
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the demo never started its fleet"
-            time.sleep(0.1)
+        wait_for(
+            lambda: any((d / "devices").is_dir() for d in demo_dirs(tmp)),
+            90,
+            "the demo to start its fleet",
+            interval=0.1,
+            proc=proc,
+            output=lambda: exited_output(proc),
+        )
         [work] = demo_dirs(tmp)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)

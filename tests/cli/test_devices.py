@@ -4,9 +4,8 @@ and the list's filters (selector, state, online, model) answered by the server."
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from fleet_server.runner import ServerThread
 from fleet_server.settings import ServerSettings
 from signing.keyring import KeyDir
 from simulator.fleet import DeviceSpec, Fleet
+from tests.support.waiting import wait_for
 
 TOKEN = "readme-cli-token-0123456789"
 NO_ENV: dict[str, str | None] = {"EDGEFLEET_TOKEN": None, "EDGEFLEET_SERVER": None}  # flags only
@@ -50,15 +50,6 @@ def ef(server: ServerThread, *args: str, code: int = 0, token: str | None = TOKE
 
 def ids(devices: list[dict[str, Any]]) -> list[str]:
     return sorted(d["device_id"] for d in devices)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.1)
-    return value
 
 
 def test_register_and_list_take_the_token(server: ServerThread) -> None:
@@ -100,9 +91,19 @@ def test_list_filters_are_the_servers(
         assert ids(ef(server, "devices", "list")) == everyone
         assert ids(ef(server, "devices", "list", "--selector", "hw=jetson")) == [f"lf{run}-off"]
         assert ids(ef(server, "devices", "list", "-l", "site=a")) == online
-        wait_for(lambda: ids(ef(server, "devices", "list", "--online")) == online)
+        wait_for(
+            lambda: ids(ef(server, "devices", "list", "--online")) == online,
+            20,
+            "the online devices listed",
+            interval=0.1,
+        )
         assert ids(ef(server, "devices", "list", "--offline")) == [f"lf{run}-off"]
-        wait_for(lambda: ids(ef(server, "devices", "list", "--state", "idle")) == online)
+        wait_for(
+            lambda: ids(ef(server, "devices", "list", "--state", "idle")) == online,
+            20,
+            "the idle devices listed",
+            interval=0.1,
+        )
         assert ef(server, "devices", "list", "--state", "serving") == []
         assert ef(server, "devices", "list", "--model", "digits:1") == []
         both = ef(server, "devices", "list", "--online", "--selector", "hw=jetson")

@@ -3,9 +3,7 @@ server's certificate (``http_ca_file``), and that CA does verify it in a real TL
 
 from __future__ import annotations
 
-import http.server
 import ssl
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from device_agent.http_fetcher import HttpsSettings
 from edgefleet.cli import app
 from edgefleet.provision import fleet_ca, issue_cert, write_cert_and_key
 from signing.keyring import KeyDir, init_keys
+from tests.support.loopback_http import serve_directory
 
 runner = CliRunner()
 NOPASS = "--insecure-no-passphrase"
@@ -35,15 +34,11 @@ def https_server(keys: Path, tmp_path: Path) -> Iterator[str]:
     """An HTTPS server whose certificate the fleet CA issued (as a private fleet's server has)."""
     cert, key = issue_cert(fleet_ca(KeyDir(keys)), "fleet", server=True, hostnames=["127.0.0.1", "localhost"])
     write_cert_and_key(cert, key, tmp_path / "srv.crt", tmp_path / "srv.key")
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(tmp_path / "srv.crt", tmp_path / "srv.key")
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"https://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    (tmp_path / "www").mkdir()
+    with serve_directory(tmp_path / "www", tls=ctx) as url:
+        yield url
 
 
 def provision(keys: Path, out: Path, *extra: str) -> None:

@@ -13,7 +13,8 @@ from signing.keyring import KeyDir, init_keys
 from signing.tuf_repo import TufRepository
 from tests.agent.harness import ArtifactServer, LoopThread, Observer, agent_config, start_agent, unique_id
 from tests.security.agent_harness import Fleet
-from tests.security.delivery_harness import Delivery, serve_directory
+from tests.security.delivery_harness import Delivery
+from tests.support.loopback_http import file_server, serve_directory
 
 
 @pytest.fixture
@@ -21,7 +22,8 @@ def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A directory and the URL a real HTTP server serves it at."""
     root = tmp_path / "www"
     root.mkdir()
-    yield from ((root, url) for url in serve_directory(root))
+    with serve_directory(root) as url:
+        yield root, url
 
 
 @pytest.fixture
@@ -41,8 +43,8 @@ def fleet(tmp_path: Path, broker_info: Any) -> Iterator[Fleet]:
     www = tmp_path / "www"
     www.mkdir()
     repo = TufRepository.create(www, keydir.tuf_root(), keydir.keys("release"), keydir.key("fleet"))
-    served = serve_directory(www)
-    url = next(served)
+    served = file_server(www)
+    url = served.url
     artifacts = ArtifactServer()
     observer = Observer(broker_info)
     loop = LoopThread()
@@ -68,4 +70,4 @@ def fleet(tmp_path: Path, broker_info: Any) -> Iterator[Fleet]:
         loop.close()
         observer.close()
         artifacts.close()
-        next(served, None)
+        served.close()

@@ -8,13 +8,8 @@ who controls the server (or the network) could make to those files.
 
 from __future__ import annotations
 
-import functools
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 from signing.keyring import KeyDir
 from signing.targets import TargetCustom, VerifiedTarget
@@ -22,23 +17,6 @@ from signing.tuf_client import fetch_target
 from signing.tuf_repo import TufRepository
 
 MODEL = "face-det/model.onnx"
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-def serve_directory(root: Path) -> Iterator[str]:
-    """Serve ``root`` over real HTTP on loopback; yield its URL."""
-    handler = functools.partial(_QuietHandler, directory=str(root))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
 
 
 @dataclass

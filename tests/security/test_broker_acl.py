@@ -31,6 +31,7 @@ from edgefleet.broker import free_port, mosquitto_binary, wait_for_port
 from edgefleet.broker_config import write_broker_config
 from edgefleet.provision import FleetCA, Provisioned, issue_cert, provision_device, write_cert_and_key
 from signing.keyring import KeyDir, init_keys
+from tests.support.waiting import wait_for
 
 NOT_AUTHORIZED = 0x87
 TIMEOUT = 10.0
@@ -113,13 +114,7 @@ class Client:
     disconnected: threading.Event = field(default_factory=threading.Event)
 
     def wait(self, check: Any, what: str) -> Any:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            got = check()
-            if got:
-                return got
-            time.sleep(0.005)
-        raise TimeoutError(what)
+        return wait_for(check, TIMEOUT, what, interval=0.005)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
         info = self.client.publish(topic, payload, qos=1, retain=retain)

@@ -341,7 +341,7 @@ def test_repository_created_after_rotations_serves_the_whole_chain(
     delivery: Delivery, tmp_path: Path
 ) -> None:
     from signing.tuf_repo import TufRepository
-    from tests.security.delivery_harness import serve_directory
+    from tests.support.loopback_http import serve_directory
 
     rotate_keys(delivery.keydir, root_keys=2, root_threshold=2)
     rotate_keys(delivery.keydir, fleet=True)
@@ -353,7 +353,7 @@ def test_repository_created_after_rotations_serves_the_whole_chain(
     repo.publish(kd.key("fleet"))
     with pytest.raises(ValueError, match="expected root v4"):
         repo.publish_root(kd.tuf_root(2))
-    for url in serve_directory(tmp_path / "www2"):
+    with serve_directory(tmp_path / "www2") as url:
         got = check_target(
             MODEL, trusted_root=kd.tuf_root(1), cache_dir=tmp_path / "c", metadata_url=f"{url}/metadata/"
         )

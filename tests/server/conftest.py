@@ -6,7 +6,6 @@ import contextlib
 import itertools
 import json
 import socket
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from signing.keyring import KeyDir
 from signing.keys import KeyPair
 from signing.manifest import ENVELOPE_NAME, sign_bundle
 from tests.mqtt_clients import device_address, device_client, server_address, server_client
+from tests.support.waiting import wait_for
 
 HW = "rpi4"
 _client_ids = itertools.count()
@@ -73,18 +73,6 @@ def register(client: httpx.Client, device_id: str, hardware_id: str = HW, **tags
     )
     assert r.status_code in (200, 201), r.text
     return dict(r.json())
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll until ``predicate`` returns something truthy; fail with a clear message on the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 def server_settings(tmp_path: Path, keydir: KeyDir, broker: BrokerInfo, **over: Any) -> ServerSettings:

@@ -4,11 +4,9 @@ receiver), and a real server firing it once a model's field accuracy falls under
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -22,6 +20,7 @@ from fleet_server.ingest import ingest_batch
 from fleet_server.retrain import Figures, Thresholds, decide, deliver, payload
 from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
+from tests.support.loopback_http import LoopbackServer, QuietHandler
 
 from .conftest import free_port, make_bundle, wait_for
 from .test_model_metrics import _telemetry
@@ -36,10 +35,7 @@ class Receiver:
         self.statuses: list[int] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 status = outer.script.pop(0) if outer.script else 200
@@ -49,13 +45,11 @@ class Receiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server = LoopbackServer(Handler)
+        self.url = f"{self.server.url}/hook"
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 @pytest.fixture
