@@ -211,8 +211,11 @@ def _print_metrics(out: Mapping[str, Any]) -> None:
         "predictions ok",
         "cpu ms/inf",
     )
-    for column in table.columns:  # a narrow terminal wraps a cohort's name, never cuts it to "…"
+    for column in table.columns:  # a narrow terminal wraps the figures, never cuts them to "…"
         column.overflow = "fold"
+    # the cohort's name is what a reader looks for: whole, on one line
+    table.columns[0].no_wrap = True
+    table.columns[0].min_width = max([len(g["hardware_id"] or "all") for g in out["groups"]] + [5])
     for g in [*out["groups"], out["total"]]:
         stage = g["stage"]
         table.add_row(
