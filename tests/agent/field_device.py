@@ -25,16 +25,46 @@ from device_agent import protocol, wire
 from device_agent.agent import Agent
 from device_agent.config import AgentConfig
 from device_agent.memory_link import MemoryLink
+from edgefleet.broker import BrokerInfo
 from edgefleet.provision import fleet_ca, write_device_identity
 from signing.device_auth import DeviceAuthError, verify_request
 from signing.keyring import KeyDir
 from signing.manifest import sign_bundle
 from tests.support.loopback_http import LoopbackServer, QuietHandler
 
-from .harness import HW, Bundle, LoopThread, make_model, model_ref, sign_directive, unique_id, wait_for
+from .harness import (
+    HW,
+    Bundle,
+    LoopThread,
+    make_model,
+    model_ref,
+    mqtt_toml,
+    sign_directive,
+    unique_id,
+    wait_for,
+)
 from .memory_fetcher import MemoryFetcher
 
 UPLOAD_PATH = "/api/v1/captures"
+
+
+def write_agent_toml(tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo, device_id: str) -> Path:
+    """The agent.toml of a real ``python -m device_agent`` process on the test broker that seals
+    capture batches quickly; its data directory is ``tmp_path / device_id``."""
+    conf = tmp_path / "agent.toml"
+    lines = [
+        "[agent]",
+        f'device_id = "{device_id}"',
+        'hardware_id = "rpi4"',
+        f'data_dir = "{tmp_path / device_id}"',
+        f'trust_path = "{keydir.trust_path}"',
+        mqtt_toml(broker_info, device_id).rstrip("\n"),
+        f"mqtt_version = {broker_info.mqtt_version}",
+        "capture_batch_age_s = 0.3",
+        'log_format = "text"',
+    ]
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
 
 
 def ranged_bundle(root: Path, keydir: KeyDir, *, lo: float, hi: float, seed: int = 5) -> Bundle:

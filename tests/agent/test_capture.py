@@ -24,14 +24,13 @@ from edgefleet.broker import BrokerInfo, device_mqtt_keys
 from edgefleet.provision import fleet_ca
 from signing.keyring import KeyDir
 
-from .field_device import CaptureServer, FieldDevice, device_identity, start_device
+from .field_device import CaptureServer, FieldDevice, device_identity, start_device, write_agent_toml
 from .harness import (
     ArtifactServer,
     Bundle,
     LoopThread,
     Observer,
     make_bundle,
-    mqtt_toml,
     sign_directive,
     unique_id,
     wait_for,
@@ -334,19 +333,7 @@ def test_a_real_agent_process_killed_mid_upload_loses_and_repeats_nothing(
     server = CaptureServer(ca).start()
     server.hold_s = 2.0
     data = tmp_path / dev
-    conf = tmp_path / "agent.toml"
-    lines = [
-        "[agent]",
-        f'device_id = "{dev}"',
-        'hardware_id = "rpi4"',
-        f'data_dir = "{data}"',
-        f'trust_path = "{keydir.trust_path}"',
-        mqtt_toml(broker_info, dev).rstrip("\n"),
-        f"mqtt_version = {broker_info.mqtt_version}",
-        "capture_batch_age_s = 0.3",
-        'log_format = "text"',
-    ]
-    conf.write_text("\n".join(lines) + "\n")
+    conf = write_agent_toml(tmp_path, keydir, broker_info, dev)
     bundle = make_bundle(tmp_path / "b", keydir.key("release"), seed=4)
     artifacts.add(bundle)
     cmd = [sys.executable, "-m", "device_agent", "--config", str(conf)]

@@ -32,8 +32,8 @@ from signing.device_auth import DeviceIdentity, sign_request
 from signing.keyring import KeyDir
 from tests.server.conftest import fresh_pg, server_settings
 
-from .field_device import FieldDevice, device_identity, start_device
-from .harness import Bundle, LoopThread, make_bundle, mqtt_toml, unique_id, wait_for
+from .field_device import FieldDevice, device_identity, start_device, write_agent_toml
+from .harness import Bundle, LoopThread, make_bundle, unique_id, wait_for
 
 RNG = np.random.default_rng(11)
 REPO = Path(__file__).resolve().parents[2]
@@ -336,20 +336,7 @@ def test_the_loop_a_rollout_with_capture_a_real_agent_process_labels_and_the_dat
     keys = device_mqtt_keys(broker_info, dev)
     settings = server_settings(tmp_path, keydir, broker_info, device_ca_file=keys["mqtt_ca_file"])
     srv = ServerThread(settings).start()
-    data = tmp_path / dev
-    conf = tmp_path / "agent.toml"
-    lines = [
-        "[agent]",
-        f'device_id = "{dev}"',
-        'hardware_id = "rpi4"',
-        f'data_dir = "{data}"',
-        f'trust_path = "{keydir.trust_path}"',
-        mqtt_toml(broker_info, dev).rstrip("\n"),
-        f"mqtt_version = {broker_info.mqtt_version}",
-        "capture_batch_age_s = 0.3",
-        'log_format = "text"',
-    ]
-    conf.write_text("\n".join(lines) + "\n")
+    conf = write_agent_toml(tmp_path, keydir, broker_info, dev)
     cmd = [sys.executable, "-m", "device_agent", "--config", str(conf), "--workload-hz", "20"]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL)
     try:
