@@ -86,7 +86,15 @@ def test_device_messages_are_stored(
         protocol.encode(protocol.Event(device_id="ing-1", seq=3, state=protocol.DeploymentState.SERVING)),
     )
     dev.publish("telemetry", telemetry("ing-1", "b1", sha, 10, 1))
-    wait_for(lambda: stats(client)["telemetry_batches"] >= 1 and stats(client)["reported"] >= 1)
+    # each topic may be stored by another ingest worker: wait for every one the test reads
+    wait_for(
+        lambda: (
+            (s := stats(client))["telemetry_batches"] >= 1
+            and s["reported"] >= 1
+            and s["events"] >= 1
+            and s["status"] >= 1
+        )
+    )
     d = client.get("/api/v1/devices/ing-1").json()
     assert d["online"] is True and d["last_seen"] is not None
     assert d["running_model"] == {"name": "det", "version": "1", "sha256": sha}
