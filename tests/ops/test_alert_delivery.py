@@ -11,14 +11,14 @@ import pytest
 
 from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
-from tests.ops.receiver import Receiver
 from tests.ops.test_slo_api import SLO, batch
 from tests.server.conftest import FakeDevice, make_bundle, register, upload, wait_for
+from tests.support.webhook import Receiver
 
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    r = Receiver(fail_first=2)
+    r = Receiver(script=[503, 503])
     yield r
     r.close()
 
@@ -43,8 +43,8 @@ def test_a_burn_fires_and_resolves_through_a_flaky_webhook_with_a_delivery_log(
         wait_for(lambda: client.get("/api/v1/stats").json()["telemetry_batches"] >= 1)
         evaluator.run(t0 + timedelta(minutes=1))
         # two 503s, then accepted: the sender backs off 2 s, then 4 s
-        wait_for(lambda: len(receiver.bodies) == 2, timeout=20)
-        firing = sorted((b["status"], b["alert"]["id"]) for b in receiver.bodies)
+        wait_for(lambda: len(receiver.accepted) == 2, timeout=20)
+        firing = sorted((b["status"], b["alert"]["id"]) for b in receiver.accepted)
         assert firing == [("firing", "det/*/page"), ("firing", "det/*/ticket")]
         log = client.get("/api/v1/alerts/deliveries").json()["items"]
         assert sorted(d["attempts"] for d in log) == [1, 3] or sorted(d["attempts"] for d in log) == [2, 2]
@@ -52,8 +52,11 @@ def test_a_burn_fires_and_resolves_through_a_flaky_webhook_with_a_delivery_log(
         # no more errors: the pages' short windows (5 and 30 min) empty out and the page resolves;
         # the ticket's 6 h window still holds the burst, so it stays open (and is not sent again)
         evaluator.run(t0 + timedelta(minutes=40))
-        wait_for(lambda: len(receiver.bodies) == 3, timeout=10)
-        assert (receiver.bodies[2]["status"], receiver.bodies[2]["alert"]["id"]) == ("resolved", "det/*/page")
+        wait_for(lambda: len(receiver.accepted) == 3, timeout=10)
+        assert (receiver.accepted[2]["status"], receiver.accepted[2]["alert"]["id"]) == (
+            "resolved",
+            "det/*/page",
+        )
         alerts = client.get("/api/v1/alerts").json()["items"]
         assert [(a["id"], a["state"]) for a in alerts] == [
             ("det/*/page", "resolved"),

@@ -16,11 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
-from tests.ops.receiver import Receiver
 from tests.ops.test_monitoring import DASHBOARDS, RULES
 from tests.ops.test_slo_api import batch
 from tests.ops.tools import tool
 from tests.server.conftest import FakeDevice, free_port, make_bundle, register, upload, wait_for
+from tests.support.webhook import Receiver
 
 # short windows so the incident and its end fit in a test; the SLO is otherwise an ordinary one
 SLO = {

@@ -3,7 +3,6 @@ receiver), and a real server firing it once a model's field accuracy falls under
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,36 +19,10 @@ from fleet_server.ingest import ingest_batch
 from fleet_server.retrain import Figures, Thresholds, decide, deliver, payload
 from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
-from tests.support.loopback_http import LoopbackServer, QuietHandler
+from tests.support.webhook import Receiver
 
 from .conftest import free_port, make_bundle, wait_for
 from .test_model_metrics import _telemetry
-
-
-class Receiver:
-    """A real HTTP endpoint that answers the statuses scripted, then 200, and keeps every body."""
-
-    def __init__(self, script: list[int] | None = None) -> None:
-        self.script = list(script or [])
-        self.bodies: list[dict[str, Any]] = []
-        self.statuses: list[int] = []
-        outer = self
-
-        class Handler(QuietHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status = outer.script.pop(0) if outer.script else 200
-                outer.bodies.append(body)
-                outer.statuses.append(status)
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = LoopbackServer(Handler)
-        self.url = f"{self.server.url}/hook"
-
-    def close(self) -> None:
-        self.server.close()
 
 
 @pytest.fixture
