@@ -35,12 +35,15 @@ from compiler.memory import (
     tflite_sample_bytes,
 )
 from compiler.mixed_precision import (
+    DYNAMIC,
     SENSITIVITY_SAMPLES,
     NoiseMeter,
     cost,
     layer_sensitivity,
     overrides_for,
+    quantize_recurrent,
     rank_layers,
+    recurrent_ops,
     search,
 )
 from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare, quantize_from_cache
@@ -219,11 +222,15 @@ def mixed_precision_onnx(job: OnnxQuantizeJob, make: OnnxMake | None = None) -> 
     (``compiler.mixed_precision``) and replace ``job.out`` with it; the search goes in ``job.info``.
 
     ``make`` quantizes a candidate the family's way; by default (the CPU target) from the chosen
-    calibration ranges. A search that breaks (a quantizer or runtime error on some candidate) keeps
-    the all-8-bit model and says why: the gate then judges that model as it would have without it.
+    calibration ranges, and then recurrent layers (which static QDQ leaves float) are a candidate
+    too: dynamic int8 weights on the shipped mix when it still passes, or the recurrent layers
+    dynamic and the rest float when no static mix does. A search that breaks (a quantizer or runtime
+    error on some candidate) keeps the all-8-bit model and says why: the gate then judges that
+    model as it would have without it.
     """
     if job.gate is None or job.mixed_seconds <= 0:
         return
+    recurrent: list[str] = []
     if make is None:
         cache = job.info.calibration_cache
         if cache is None:
@@ -237,13 +244,14 @@ def mixed_precision_onnx(job: OnnxQuantizeJob, make: OnnxMake | None = None) -> 
             quantize_from_cache(prepared, out, cache, scratch, kept + floats, over or None, finish=finish)
 
         make = from_cache
+        recurrent = recurrent_ops(onnx.load(str(job.prepared), load_external_data=False))
     try:
-        _mixed_precision_onnx(job, job.gate, make)
+        _mixed_precision_onnx(job, job.gate, make, recurrent)
     except Exception as exc:  # onnxruntime raises its own classes; the 8-bit model stands
         job.info.mixed_precision = {"error": f"{type(exc).__name__}: {exc}"[:300], "chosen": None}
 
 
-def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake) -> None:
+def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake, recurrent: list[str]) -> None:
     started = time.perf_counter()
     subset = job.calib.take(np.arange(min(len(job.calib), SCORE_SAMPLES)))
 
@@ -252,29 +260,39 @@ def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake) -> N
         return gate.check(report) + float_model_broken(report)
 
     failures = judge(job.out)
-    if not failures:
-        return
     if float_model_broken(failures):
+        return
+    if not failures:
+        if recurrent:
+            job.info.mixed_precision = _recurrent_on_top(job, judge, recurrent, started)
         return
     named = name_nodes(job.prepared, job.work / "prepared-named.onnx")
     base = job.work / "mixed-base.onnx"
     make(named, base, [], {}, False)
     feeds = list(itertools.islice(job.calib.batches(job.sig.inputs, 1), SENSITIVITY_SAMPLES))
     job.progress("mixed precision: layer sensitivity", 0.3)
-    ranked = layer_sensitivity(named, base, feeds)
+    ranked, groups = layer_sensitivity(named, base, feeds)
 
     named_model = onnx.load(str(named), load_external_data=False)
+    recurrent_nodes = [n.name for n in named_model.graph.node if n.op_type in recurrent]
 
     def build(out: Path, layers: list[str], mode: str) -> None:
+        if mode == DYNAMIC:
+            quantize_recurrent(named, out, recurrent)
+            return
+        whole = list(dict.fromkeys(m for layer in layers for m in groups.get(layer, [layer])))
         if mode == "a16":
-            make(named, out, [], overrides_for(named_model, layers), True)
+            make(named, out, [], overrides_for(named_model, whole), True)
         else:
-            make(named, out, layers, {}, True)
+            make(named, out, whole, {}, True)
 
     def progress(step: str, fraction: float) -> None:
         job.progress(step, 0.3 + 0.25 * fraction)
 
-    result = search(ranked, build, judge, job.work, job.mixed_seconds, progress, failures, started)
+    finals = ((recurrent_nodes, DYNAMIC),) if recurrent else ()
+    result = search(
+        ranked, build, judge, job.work, job.mixed_seconds, progress, failures, started, finals=finals
+    )
     if result.chosen is not None and result.chosen_path is not None:
         chosen = result.chosen_path
         all16 = job.work / "all-a16.onnx"
@@ -293,7 +311,41 @@ def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake) -> N
         shutil.copyfile(chosen, job.out)
         if result.chosen.mode == "float":
             job.info.float_nodes = [*job.info.float_nodes, *result.chosen.layers]
-    job.info.mixed_precision = result.to_dict()
+        if result.chosen.mode == DYNAMIC:
+            job.info.float_nodes = [n.name for n in named_model.graph.node if n.name not in recurrent_nodes]
+    report = result.to_dict()
+    if recurrent and result.chosen is not None and result.chosen.mode != DYNAMIC:
+        report["recurrent"] = _recurrent_on_top(job, judge, recurrent, time.perf_counter())["recurrent"]
+    job.info.mixed_precision = report
+
+
+def _recurrent_on_top(
+    job: OnnxQuantizeJob, judge: Callable[[Path], list[str]], recurrent: list[str], started: float
+) -> dict[str, Any]:
+    """Recurrent layers dynamic int8 on the model ``job.out`` holds; kept only if it still passes."""
+    candidate = job.work / "recurrent-dynamic.onnx"
+    quantize_recurrent(job.out, candidate, recurrent)
+    failures = judge(candidate)
+    feed = next(job.calib.batches(job.sig.inputs, 1))
+    before, after = job.out.stat().st_size, candidate.stat().st_size
+    figures = {
+        "ops": recurrent,
+        "mode": f"{DYNAMIC} (int8 weights, activations quantized at run time)",
+        "passed": not failures,
+        "failures": failures[:3],
+        "size_bytes_before": before,
+        "size_bytes": after,
+        "latency_ms_before": median_latency_ms(OnnxRunner(job.out), feed, 10),
+        "latency_ms": median_latency_ms(OnnxRunner(candidate), feed, 10),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if not failures:
+        shutil.copyfile(candidate, job.out)
+    return {
+        "chosen": None,
+        "recurrent": figures,
+        "judged_on": "calibration samples, by the gate's own checks",
+    }
 
 
 @dataclass(frozen=True)
