@@ -228,3 +228,30 @@ def voice_windows(n: int, steps: int = 64, seed: int = 0) -> dict[str, np.ndarra
             context = chunk[-VAD_CONTEXT:]
     state = np.zeros((n, 1, 128), np.float32)
     return {"input": windows, "h": state, "c": state.copy()}
+
+
+def face_crops(n: int, size: int, photos: list[Path], seed: int = 0) -> np.ndarray:
+    """``n`` square crops of ``photos`` (files with faces: scikit-image's astronaut and cameraman),
+    NHWC float32 in [-1, 1] as MediaPipe's face detector takes them.
+
+    Crops of 45-95% of the photo's short side at random places, some mirrored, some darker or
+    brighter: about half hold a whole face the float detector finds, the rest a part of one or
+    none, so its boxes, its misses and its near-threshold scores are all exercised.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
+    out = np.empty((n, size, size, 3), dtype=np.float32)
+    for i in range(n):
+        photo = images[i % len(images)]
+        short = min(photo.shape[:2])
+        side = int(rng.uniform(0.45, 0.95) * short)
+        y = int(rng.integers(0, photo.shape[0] - side + 1))
+        x = int(rng.integers(0, photo.shape[1] - side + 1))
+        crop = np.asarray(Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size)), np.float32)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        crop = np.clip(crop * rng.uniform(0.7, 1.2), 0, 255)
+        out[i] = crop / 127.5 - 1.0
+    return out

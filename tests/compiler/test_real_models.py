@@ -16,11 +16,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from bench import mediapipe_faces
 from compiler import Gate, compile_model
 from compiler.data import Samples, SamplesReader
 from compiler.onnx_compact import compact_qdq
 from compiler.realdata import (
     TEXT_CLS_PREPROCESS,
+    face_crops,
     photo_crops,
     text_pages,
     voice_windows,
@@ -445,3 +447,52 @@ def test_voice_activity_lstm_passes_by_its_error_after_n_steps(
     assert mixed["chosen"] == {"mode": "dynamic", "layers": ["/recurrent/LSTM"], "count": 1}
     assert report["gate"]["verdict"] == "passed"
     assert report["size"]["ratio"] < 0.75  # the LSTM's weights int8; the float STFT/encoder stay
+
+
+@pytest.mark.slow
+def test_face_detector_boxes_on_real_faces(
+    real_models: dict[str, Path], release_keys: KeyDir, tmp_path: Path
+) -> None:
+    """MediaPipe's face detector on crops of two real photos with faces (scikit-image's): its raw
+    heads judged per anchor (``match=index``) and, what an application sees, its faces after
+    decoding and NMS by a user metric (``bench.mediapipe_faces``) that decides alone."""
+    photos = [real_models["astronaut_photo"], real_models["cameraman_photo"]]
+    np.savez(tmp_path / "c.npz", x=face_crops(32, 128, photos, seed=0))
+    np.savez(tmp_path / "e.npz", x=face_crops(24, 128, photos, seed=1))
+    result = _compile(
+        real_models["face_detection_short_range"],
+        "tflite-int8",
+        tmp_path / "c.npz",
+        tmp_path / "e.npz",
+        release_keys,
+        tmp_path / "b",
+        output_kinds="regressors=detection:box=cxcywh:scores=classificators:match=index",
+        gate=Gate(metric="bench.mediapipe_faces:faces_f1", metric_threshold=0.9, metric_only=True),
+    )
+    report = result.report
+    anchors = report["outputs"]["regressors"]
+    assert anchors["kind"] == "detection" and report["outputs"]["classificators"]["kind"] == "scores"
+    assert anchors["boxes_fp32"] >= 50 and anchors["box_iou_mean"] >= 0.8  # real faces were found
+    assert anchors["boxes_matched"] >= 0.9 * anchors["boxes_fp32"]
+    assert report["gate"]["decided_by"]["figure"] == "user_metric" and report["user_metric"]["value"] >= 0.9
+    fp32, int8 = _face_outputs(
+        real_models["face_detection_short_range"], result.model_path, tmp_path / "e.npz"
+    )
+    faces = mediapipe_faces.face_figures(fp32, int8)
+    assert faces["boxes_fp32"] >= 10 and faces["box_f1"] == report["user_metric"]["value"]
+
+
+def _face_outputs(
+    source: Path, int8: Path, data: Path
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    prepared, _ = prepare_tflite(source.read_bytes())
+    runners = TFLiteRunner(prepared), TFLiteRunner(int8.read_bytes())
+    sig = runners[0].signature()
+    x = np.load(data)["x"]
+    found: tuple[dict[str, list[np.ndarray]], ...] = ({}, {})
+    for i in range(len(x)):
+        for runner, into in zip(runners, found, strict=True):
+            for spec, value in zip(sig.outputs, runner.run({sig.inputs[0].name: x[i : i + 1]}), strict=True):
+                into.setdefault(spec.name, []).append(value)
+    fp32, quant = ({k: np.concatenate(v) for k, v in side.items()} for side in found)
+    return fp32, quant
