@@ -360,6 +360,7 @@ class TFLiteMixedJob:
     sig: IOSignature
     judging: Judging
     req: BuildRequest
+    npu: bool = False  # candidates finished for an int8 NPU (Ethos-U: PRELU int8, PADs as convs)
 
 
 def mixed_precision_tflite(job: TFLiteMixedJob, gate: Gate) -> tuple[bytes, dict[str, Any] | None]:
@@ -417,7 +418,7 @@ def mixed_precision_tflite(job: TFLiteMixedJob, gate: Gate) -> tuple[bytes, dict
         # precision (the quantizer only inserts an int8 -> int16 QUANTIZE in front of it).
         a16 = sorted({*layers, *(i for layer in layers for i in inputs_of.get(layer, []) if i in produced)})
         candidate = quantize_tflite(job.prepared, job.feeds, a16=a16)
-        out.write_bytes(finish_int8(drop_unused_buffers(candidate), npu=False)[0])
+        out.write_bytes(finish_int8(drop_unused_buffers(candidate), npu=job.npu)[0])
 
     def progress(step: str, fraction: float) -> None:
         job.req.progress(step, 0.3 + 0.25 * fraction)
@@ -565,8 +566,8 @@ def build_tflite_int8(req: BuildRequest, *, npu: bool) -> Built:
     int8, post = finish_int8(drop_unused_buffers(raw), npu=npu)
     judging = replace(req.judging, hints=tflite_output_hints(read_tflite(prepared)))
     mixed = None
-    if not npu and req.gate is not None and req.mixed_seconds > 0:
-        job = TFLiteMixedJob(prepared, raw, int8, one_by_one, calib, sig, judging, req)
+    if req.gate is not None and req.mixed_seconds > 0:
+        job = TFLiteMixedJob(prepared, raw, int8, one_by_one, calib, sig, judging, req, npu)
         try:
             int8, mixed = mixed_precision_tflite(job, req.gate)
         except Exception as exc:  # the quantizer or LiteRT failed on a candidate: the 8-bit model stands

@@ -241,3 +241,31 @@ def test_recurrent_layers_go_dynamic_int8_when_the_model_still_passes(
     assert recurrent["size_bytes"] == result.model_path.stat().st_size
     assert recurrent["size_bytes"] < 0.5 * static.model_path.stat().st_size  # float weights were the bulk
     assert result.report["gate"]["verdict"] == "passed"
+
+
+def test_ethos_u_searches_16bit_activations_and_shows_the_vela_cost(
+    release_keys: KeyDir, tmp_path: Path
+) -> None:
+    """Ethos-U: the same 16-bit (int16x8) search, the chosen mix compiled by Vela beside the 8-bit
+    model so the report shows what it costs on the NPU (SRAM, cycles, ops left on the CPU)."""
+    model = make_outlier_tflite(tmp_path / "m.tflite")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).normal(size=(80, 16)).astype(np.float32))
+    result = compile_model(
+        model,
+        target="ethos-u55-128",
+        calib_path=tmp_path / "c.npz",
+        out_dir=tmp_path / "e",
+        release_key=release_keys.key("release"),
+        name="m",
+        version="1",
+        release=1,
+        latency_repeats=0,
+    )
+    report = result.report
+    mixed = report["mixed_precision"]
+    assert mixed["chosen"]["mode"] == "a16" and report["outputs"]["project"]["snr_db"] >= 20
+    cost = mixed["vela"]
+    assert cost["chosen"] == {k: report["npu"]["vela"][k] for k in cost["chosen"]}
+    assert cost["8bit"]["cycles_total"] > 0 and cost["chosen"]["cycles_total"] > 0
+    assert cost["chosen"]["sram_kib"] >= cost["8bit"]["sram_kib"]  # 16-bit tensors are wider
+    assert report["gate"]["verdict"] == "passed"

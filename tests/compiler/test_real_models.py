@@ -428,8 +428,9 @@ def test_voice_activity_lstm_passes_by_its_error_after_n_steps(
     (error after the last step), the LSTM's final state as regression. All-8-bit drifts far off
     (error ~0.5: the STFT and encoder at 8 bits, compounded by the LSTM); no static mix within a
     quarter of the layers passes, the recurrent layer dynamic int8 with the rest float does."""
-    np.savez(tmp_path / "c.npz", **voice_windows(24, 64, seed=0))
-    np.savez(tmp_path / "e.npz", **voice_windows(12, 64, seed=1))
+    for name, count, seed in (("c", 24, 0), ("e", 12, 1)):
+        windows = voice_windows(count, 64, seed=seed)
+        np.savez(tmp_path / f"{name}.npz", input=windows["input"], h=windows["h"], c=windows["c"])
     report = _compile(
         real_models["voice_activity"],
         "arm64-cpu",
