@@ -31,6 +31,7 @@ from compiler.realdata import (
     voice_windows,
     write_text_line_folder,
 )
+from compiler.report_tables import precision_mix
 from compiler.sources import Preprocess
 from signing.keys import generate_keypair
 
@@ -93,23 +94,6 @@ def _kind_figures(report: dict[str, object]) -> dict[str, dict[str, object]]:
         if picked:
             found[name] = {"kind": fig.get("kind"), **picked}
     return found
-
-
-def _precision(report: dict[str, object]) -> str:
-    """All 8-bit, or what the mixed-precision search kept at higher precision."""
-    mixed = report.get("mixed_precision")
-    if not isinstance(mixed, dict):
-        return "8-bit"
-    chosen = mixed.get("chosen")
-    recurrent = mixed.get("recurrent")
-    on_top = ", recurrent layers dynamic int8" if isinstance(recurrent, dict) and recurrent["passed"] else ""
-    if isinstance(chosen, dict) and chosen["mode"] == "dynamic":
-        return f"{chosen['count']} recurrent layer(s) dynamic int8, the rest float"
-    if isinstance(chosen, dict):
-        return f"8-bit, {chosen['count']} layer(s) {chosen['mode']}{on_top}"
-    if "stopped" not in mixed:
-        return f"8-bit{on_top}"
-    return f"8-bit (search {mixed.get('stopped', 'failed')})"
 
 
 def run(repeats: int = 20) -> list[dict[str, object]]:
@@ -178,7 +162,7 @@ def run(repeats: int = 20) -> list[dict[str, object]]:
                         "the gate by output kind",
                         "gate": r["gate"]["verdict"],
                         "decided_by": _decided(r["gate"].get("decided_by")),
-                        "precision": _precision(r),
+                        "precision": precision_mix(r),
                         "size_ratio": r["size"]["ratio"],
                         "size_target": r["size"]["target"]["rule"],
                         "size_target_value": r["size"]["target"]["value"],
