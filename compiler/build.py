@@ -290,15 +290,44 @@ def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake, recu
         job.progress(step, 0.3 + 0.25 * fraction)
 
     finals = ((recurrent_nodes, DYNAMIC),) if recurrent else ()
-    result = search(
-        ranked, build, judge, job.work, job.mixed_seconds, progress, failures, started, finals=finals
-    )
+    result = search(ranked, build, judge, job.work, job.mixed_seconds, progress, failures, started)
+    if result.chosen is None and result.stopped == "exhausted":
+        # Added noise misses error that later layers amplify (a recurrent layer integrates its
+        # input's error over the steps): rank again by what each layer alone does to the outputs.
+        job.progress("mixed precision: output sensitivity", 0.45)
+        deadline = started + job.mixed_seconds
+        by_output = output_sensitivity(
+            named_model, named, [n for n, _ in ranked], groups, make, feeds, job.work, deadline
+        )
+        second = search(
+            by_output, build, judge, job.work, job.mixed_seconds, progress, failures, started, finals=finals
+        )
+        for tried in second.tries:
+            tried.ranking = "output"
+        second.tries = [*result.tries, *second.tries]
+        second.output_sensitivity = [
+            {"layer": r["layer"], "output_noise": r["added_noise"]} for r in second.sensitivity
+        ]
+        second.sensitivity = result.sensitivity
+        result = second
+    report: dict[str, Any] = {}
     if result.chosen is not None and result.chosen_path is not None:
-        chosen = result.chosen_path
+        eight = job.work / "shipped-8bit.onnx"
+        shutil.copyfile(job.out, eight)
+        shutil.copyfile(result.chosen_path, job.out)
+        if result.chosen.mode == "float":
+            kept = [m for layer in result.chosen.layers for m in groups.get(layer, [layer])]
+            job.info.float_nodes = list(dict.fromkeys([*job.info.float_nodes, *kept]))
+        if result.chosen.mode == DYNAMIC:
+            job.info.float_nodes = [n.name for n in named_model.graph.node if n.name not in recurrent_nodes]
+        elif recurrent:
+            report["recurrent"] = _recurrent_on_top(job, judge, recurrent, time.perf_counter())["recurrent"]
         all16 = job.work / "all-a16.onnx"
         build(all16, [n.name for n in named_model.graph.node], "a16")
+        if recurrent:  # weights int8 there too: the recurrent layers' by dynamic quantization
+            quantize_recurrent(all16, all16, recurrent)
         feed = next(job.calib.batches(job.sig.inputs, 1))
-        paths = (job.out, chosen, all16)
+        paths = (eight, job.out, all16)  # the mix as shipped: with its recurrent layers dynamic
         result.cost = cost(
             (paths[0].stat().st_size, paths[1].stat().st_size, paths[2].stat().st_size),
             (
@@ -308,15 +337,43 @@ def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake, recu
             ),
             not judge(all16),
         )
-        shutil.copyfile(chosen, job.out)
-        if result.chosen.mode == "float":
-            job.info.float_nodes = [*job.info.float_nodes, *result.chosen.layers]
-        if result.chosen.mode == DYNAMIC:
-            job.info.float_nodes = [n.name for n in named_model.graph.node if n.name not in recurrent_nodes]
-    report = result.to_dict()
-    if recurrent and result.chosen is not None and result.chosen.mode != DYNAMIC:
-        report["recurrent"] = _recurrent_on_top(job, judge, recurrent, time.perf_counter())["recurrent"]
-    job.info.mixed_precision = report
+    job.info.mixed_precision = result.to_dict() | report
+
+
+def output_sensitivity(
+    model: onnx.ModelProto,
+    named: Path,
+    layers: list[str],
+    groups: dict[str, list[str]],
+    make: OnnxMake,
+    feeds: list[dict[str, np.ndarray]],
+    work: Path,
+    deadline: float,
+) -> list[tuple[str, float]]:
+    """(layer, relative noise on the model's outputs with only that layer at 8 bits), worst first.
+
+    One quantize and ``len(feeds)`` runs per layer, so it stops at ``deadline``: layers not reached
+    keep their place after the measured ones, in the order given.
+    """
+    from compiler.evaluate import session_from_bytes
+
+    reference = session_from_bytes(named.read_bytes())
+    refs = [{str(i): v for i, v in enumerate(reference.run(None, feed))} for feed in feeds]
+    everything = [n.name for n in model.graph.node]
+    measured: list[tuple[str, float]] = []
+    for layer in layers:
+        if time.perf_counter() > deadline:
+            break
+        alone = set(groups.get(layer, [layer]))
+        out = work / "alone.onnx"
+        make(named, out, [n for n in everything if n not in alone], {}, True)
+        candidate = session_from_bytes(out.read_bytes(), reference=True)
+        meter = NoiseMeter()
+        for feed, ref in zip(feeds, refs, strict=True):
+            meter.add(ref, {str(i): v for i, v in enumerate(candidate.run(None, feed))})
+        measured.append((layer, max(meter.ratios().values(), default=0.0)))
+    done = {name for name, _ in measured}
+    return sorted(measured, key=lambda r: -r[1]) + [(n, 0.0) for n in layers if n not in done]
 
 
 def _recurrent_on_top(

@@ -66,6 +66,7 @@ class Try:
     failures: list[str]
     seconds: float
     size_bytes: int | None = None
+    ranking: str = "added noise"  # or "output": each layer alone, its noise on the model's outputs
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +76,7 @@ class Try:
             "failures": self.failures[:3],
             "seconds": round(self.seconds, 2),
             "size_bytes": self.size_bytes,
+            "ranking": self.ranking,
         }
 
 
@@ -91,11 +93,17 @@ class SearchResult:
     budget: float = 0.0
     cost: dict[str, Any] = field(default_factory=dict)
     chosen_path: Path | None = None
+    output_sensitivity: list[dict[str, Any]] | None = None  # the second ranking, when it ran
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "triggered_by": self.triggered_by,
             "sensitivity": self.sensitivity[:10],
+            **(
+                {"output_sensitivity": self.output_sensitivity[:10]}
+                if self.output_sensitivity is not None
+                else {}
+            ),
             "tries": [t.to_dict() for t in self.tries],
             "chosen": None
             if self.chosen is None
