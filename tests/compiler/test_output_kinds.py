@@ -245,10 +245,16 @@ def test_a_landmark_regressor_passes_on_its_figures_not_top1(release_keys: KeyDi
     assert fig["kind"] == "regression" and fig["kind_source"].startswith("default")
     assert "top1_agreement" not in fig and fig["snr_db"] > 30
     assert result.report["gate"]["decided_by"]["figure"] in ("snr_db", "cosine_mean")
-    # Had it been taken for class scores, the argmax of near-equal coordinates would have refused it:
+    # Had it been taken for class scores, the argmax of near-equal coordinates would have refused
+    # its 8-bit model (the mixed-precision search off: it would keep layers float to chase the flips):
     with pytest.raises(GateFailed, match="top-1 agreement of 'Identity'"):
         _compile(
-            model, tmp_path / "c.npz", release_keys, tmp_path / "b2", output_kinds="Identity=classification"
+            model,
+            tmp_path / "c.npz",
+            release_keys,
+            tmp_path / "b2",
+            output_kinds="Identity=classification",
+            mixed_precision_seconds=0,
         )
 
 
@@ -360,7 +366,15 @@ def test_cli_declares_kinds_and_a_metric(release_keys: KeyDir, tmp_path: Path) -
     inferred = run("--out", str(tmp_path / "b1"))
     assert inferred.returncode == 0, inferred.stderr
     assert "regression (default)" in inferred.stdout and "decided by" in inferred.stdout
-    declared = run("--out", str(tmp_path / "b2"), "--output-kind", "Identity=classification")
+    # (the search off: with it, the 8-bit refusal would start a search for float layers)
+    declared = run(
+        "--out",
+        str(tmp_path / "b2"),
+        "--output-kind",
+        "Identity=classification",
+        "--mixed-precision-budget",
+        "0",
+    )
     assert declared.returncode != 0 and "top-1 agreement of 'Identity'" in declared.stderr + declared.stdout
     metric = run(
         "--out",
