@@ -38,6 +38,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -207,9 +208,13 @@ def fetch(cache: Path = DEFAULT_CACHE) -> dict[str, Path]:
         if model.derived is not None:
             name, filename, make = model.derived
             derived = cache / filename
-            tmp = derived.with_suffix(derived.suffix + ".part")
-            tmp.write_bytes(make(target.read_bytes()))
-            os.replace(tmp, derived)
+            data = make(target.read_bytes())
+            if not (derived.is_file() and derived.read_bytes() == data):
+                # A file of its own per writer: test workers fetch at the same time.
+                fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{filename}.", suffix=".part")
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, derived)
             paths[name] = derived
     return paths
 
