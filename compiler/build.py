@@ -35,12 +35,15 @@ from compiler.memory import (
     tflite_sample_bytes,
 )
 from compiler.mixed_precision import (
+    DYNAMIC,
     SENSITIVITY_SAMPLES,
     NoiseMeter,
     cost,
     layer_sensitivity,
     overrides_for,
+    quantize_recurrent,
     rank_layers,
+    recurrent_ops,
     search,
 )
 from compiler.quantize import QuantizeInfo, default_opset, load_model, prepare, quantize_from_cache
@@ -219,11 +222,15 @@ def mixed_precision_onnx(job: OnnxQuantizeJob, make: OnnxMake | None = None) -> 
     (``compiler.mixed_precision``) and replace ``job.out`` with it; the search goes in ``job.info``.
 
     ``make`` quantizes a candidate the family's way; by default (the CPU target) from the chosen
-    calibration ranges. A search that breaks (a quantizer or runtime error on some candidate) keeps
-    the all-8-bit model and says why: the gate then judges that model as it would have without it.
+    calibration ranges, and then recurrent layers (which static QDQ leaves float) are a candidate
+    too: dynamic int8 weights on the shipped mix when it still passes, or the recurrent layers
+    dynamic and the rest float when no static mix does. A search that breaks (a quantizer or runtime
+    error on some candidate) keeps the all-8-bit model and says why: the gate then judges that
+    model as it would have without it.
     """
     if job.gate is None or job.mixed_seconds <= 0:
         return
+    recurrent: list[str] = []
     if make is None:
         cache = job.info.calibration_cache
         if cache is None:
@@ -237,13 +244,14 @@ def mixed_precision_onnx(job: OnnxQuantizeJob, make: OnnxMake | None = None) -> 
             quantize_from_cache(prepared, out, cache, scratch, kept + floats, over or None, finish=finish)
 
         make = from_cache
+        recurrent = recurrent_ops(onnx.load(str(job.prepared), load_external_data=False))
     try:
-        _mixed_precision_onnx(job, job.gate, make)
+        _mixed_precision_onnx(job, job.gate, make, recurrent)
     except Exception as exc:  # onnxruntime raises its own classes; the 8-bit model stands
         job.info.mixed_precision = {"error": f"{type(exc).__name__}: {exc}"[:300], "chosen": None}
 
 
-def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake) -> None:
+def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake, recurrent: list[str]) -> None:
     started = time.perf_counter()
     subset = job.calib.take(np.arange(min(len(job.calib), SCORE_SAMPLES)))
 
@@ -252,35 +260,74 @@ def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake) -> N
         return gate.check(report) + float_model_broken(report)
 
     failures = judge(job.out)
-    if not failures:
-        return
     if float_model_broken(failures):
+        return
+    if not failures:
+        if recurrent:
+            job.info.mixed_precision = _recurrent_on_top(job, judge, recurrent, started)
         return
     named = name_nodes(job.prepared, job.work / "prepared-named.onnx")
     base = job.work / "mixed-base.onnx"
     make(named, base, [], {}, False)
     feeds = list(itertools.islice(job.calib.batches(job.sig.inputs, 1), SENSITIVITY_SAMPLES))
     job.progress("mixed precision: layer sensitivity", 0.3)
-    ranked = layer_sensitivity(named, base, feeds)
+    ranked, groups = layer_sensitivity(named, base, feeds)
 
     named_model = onnx.load(str(named), load_external_data=False)
+    recurrent_nodes = [n.name for n in named_model.graph.node if n.op_type in recurrent]
 
     def build(out: Path, layers: list[str], mode: str) -> None:
+        if mode == DYNAMIC:
+            quantize_recurrent(named, out, recurrent)
+            return
+        whole = list(dict.fromkeys(m for layer in layers for m in groups.get(layer, [layer])))
         if mode == "a16":
-            make(named, out, [], overrides_for(named_model, layers), True)
+            make(named, out, [], overrides_for(named_model, whole), True)
         else:
-            make(named, out, layers, {}, True)
+            make(named, out, whole, {}, True)
 
     def progress(step: str, fraction: float) -> None:
         job.progress(step, 0.3 + 0.25 * fraction)
 
+    finals = ((recurrent_nodes, DYNAMIC),) if recurrent else ()
     result = search(ranked, build, judge, job.work, job.mixed_seconds, progress, failures, started)
+    if result.chosen is None and result.stopped == "exhausted":
+        # Added noise misses error that later layers amplify (a recurrent layer integrates its
+        # input's error over the steps): rank again by what each layer alone does to the outputs.
+        job.progress("mixed precision: output sensitivity", 0.45)
+        deadline = started + job.mixed_seconds
+        by_output = output_sensitivity(
+            named_model, named, [n for n, _ in ranked], groups, make, feeds, job.work, deadline
+        )
+        second = search(
+            by_output, build, judge, job.work, job.mixed_seconds, progress, failures, started, finals=finals
+        )
+        for tried in second.tries:
+            tried.ranking = "output"
+        second.tries = [*result.tries, *second.tries]
+        second.output_sensitivity = [
+            {"layer": r["layer"], "output_noise": r["added_noise"]} for r in second.sensitivity
+        ]
+        second.sensitivity = result.sensitivity
+        result = second
+    report: dict[str, Any] = {}
     if result.chosen is not None and result.chosen_path is not None:
-        chosen = result.chosen_path
+        eight = job.work / "shipped-8bit.onnx"
+        shutil.copyfile(job.out, eight)
+        shutil.copyfile(result.chosen_path, job.out)
+        if result.chosen.mode == "float":
+            kept = [m for layer in result.chosen.layers for m in groups.get(layer, [layer])]
+            job.info.float_nodes = list(dict.fromkeys([*job.info.float_nodes, *kept]))
+        if result.chosen.mode == DYNAMIC:
+            job.info.float_nodes = [n.name for n in named_model.graph.node if n.name not in recurrent_nodes]
+        elif recurrent:
+            report["recurrent"] = _recurrent_on_top(job, judge, recurrent, time.perf_counter())["recurrent"]
         all16 = job.work / "all-a16.onnx"
         build(all16, [n.name for n in named_model.graph.node], "a16")
+        if recurrent:  # weights int8 there too: the recurrent layers' by dynamic quantization
+            quantize_recurrent(all16, all16, recurrent)
         feed = next(job.calib.batches(job.sig.inputs, 1))
-        paths = (job.out, chosen, all16)
+        paths = (eight, job.out, all16)  # the mix as shipped: with its recurrent layers dynamic
         result.cost = cost(
             (paths[0].stat().st_size, paths[1].stat().st_size, paths[2].stat().st_size),
             (
@@ -290,10 +337,72 @@ def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake) -> N
             ),
             not judge(all16),
         )
-        shutil.copyfile(chosen, job.out)
-        if result.chosen.mode == "float":
-            job.info.float_nodes = [*job.info.float_nodes, *result.chosen.layers]
-    job.info.mixed_precision = result.to_dict()
+    job.info.mixed_precision = result.to_dict() | report
+
+
+def output_sensitivity(
+    model: onnx.ModelProto,
+    named: Path,
+    layers: list[str],
+    groups: dict[str, list[str]],
+    make: OnnxMake,
+    feeds: list[dict[str, np.ndarray]],
+    work: Path,
+    deadline: float,
+) -> list[tuple[str, float]]:
+    """(layer, relative noise on the model's outputs with only that layer at 8 bits), worst first.
+
+    One quantize and ``len(feeds)`` runs per layer, so it stops at ``deadline``: layers not reached
+    keep their place after the measured ones, in the order given.
+    """
+    from compiler.evaluate import session_from_bytes
+
+    reference = session_from_bytes(named.read_bytes())
+    refs = [{str(i): v for i, v in enumerate(reference.run(None, feed))} for feed in feeds]
+    everything = [n.name for n in model.graph.node]
+    measured: list[tuple[str, float]] = []
+    for layer in layers:
+        if time.perf_counter() > deadline:
+            break
+        alone = set(groups.get(layer, [layer]))
+        out = work / "alone.onnx"
+        make(named, out, [n for n in everything if n not in alone], {}, True)
+        candidate = session_from_bytes(out.read_bytes(), reference=True)
+        meter = NoiseMeter()
+        for feed, ref in zip(feeds, refs, strict=True):
+            meter.add(ref, {str(i): v for i, v in enumerate(candidate.run(None, feed))})
+        measured.append((layer, max(meter.ratios().values(), default=0.0)))
+    done = {name for name, _ in measured}
+    return sorted(measured, key=lambda r: -r[1]) + [(n, 0.0) for n in layers if n not in done]
+
+
+def _recurrent_on_top(
+    job: OnnxQuantizeJob, judge: Callable[[Path], list[str]], recurrent: list[str], started: float
+) -> dict[str, Any]:
+    """Recurrent layers dynamic int8 on the model ``job.out`` holds; kept only if it still passes."""
+    candidate = job.work / "recurrent-dynamic.onnx"
+    quantize_recurrent(job.out, candidate, recurrent)
+    failures = judge(candidate)
+    feed = next(job.calib.batches(job.sig.inputs, 1))
+    before, after = job.out.stat().st_size, candidate.stat().st_size
+    figures = {
+        "ops": recurrent,
+        "mode": f"{DYNAMIC} (int8 weights, activations quantized at run time)",
+        "passed": not failures,
+        "failures": failures[:3],
+        "size_bytes_before": before,
+        "size_bytes": after,
+        "latency_ms_before": median_latency_ms(OnnxRunner(job.out), feed, 10),
+        "latency_ms": median_latency_ms(OnnxRunner(candidate), feed, 10),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if not failures:
+        shutil.copyfile(candidate, job.out)
+    return {
+        "chosen": None,
+        "recurrent": figures,
+        "judged_on": "calibration samples, by the gate's own checks",
+    }
 
 
 @dataclass(frozen=True)
@@ -308,6 +417,7 @@ class TFLiteMixedJob:
     sig: IOSignature
     judging: Judging
     req: BuildRequest
+    npu: bool = False  # candidates finished for an int8 NPU (Ethos-U: PRELU int8, PADs as convs)
 
 
 def mixed_precision_tflite(job: TFLiteMixedJob, gate: Gate) -> tuple[bytes, dict[str, Any] | None]:
@@ -365,7 +475,7 @@ def mixed_precision_tflite(job: TFLiteMixedJob, gate: Gate) -> tuple[bytes, dict
         # precision (the quantizer only inserts an int8 -> int16 QUANTIZE in front of it).
         a16 = sorted({*layers, *(i for layer in layers for i in inputs_of.get(layer, []) if i in produced)})
         candidate = quantize_tflite(job.prepared, job.feeds, a16=a16)
-        out.write_bytes(finish_int8(drop_unused_buffers(candidate), npu=False)[0])
+        out.write_bytes(finish_int8(drop_unused_buffers(candidate), npu=job.npu)[0])
 
     def progress(step: str, fraction: float) -> None:
         job.req.progress(step, 0.3 + 0.25 * fraction)
@@ -513,8 +623,8 @@ def build_tflite_int8(req: BuildRequest, *, npu: bool) -> Built:
     int8, post = finish_int8(drop_unused_buffers(raw), npu=npu)
     judging = replace(req.judging, hints=tflite_output_hints(read_tflite(prepared)))
     mixed = None
-    if not npu and req.gate is not None and req.mixed_seconds > 0:
-        job = TFLiteMixedJob(prepared, raw, int8, one_by_one, calib, sig, judging, req)
+    if req.gate is not None and req.mixed_seconds > 0:
+        job = TFLiteMixedJob(prepared, raw, int8, one_by_one, calib, sig, judging, req, npu)
         try:
             int8, mixed = mixed_precision_tflite(job, req.gate)
         except Exception as exc:  # the quantizer or LiteRT failed on a candidate: the 8-bit model stands

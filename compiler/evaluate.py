@@ -103,6 +103,7 @@ def compare_output(
                 box=kind.param("box", "xyxy") or "xyxy",
                 threshold=float(kind.param("threshold", "0.5") or 0.5),
                 min_iou=float(kind.param("iou", "0.5") or 0.5),
+                match=kind.param("match", "iou") or "iou",
                 ref_scores=scores[0] if scores else None,
                 out_scores=scores[1] if scores else None,
             )

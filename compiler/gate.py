@@ -80,6 +80,8 @@ KIND_CHECKS: dict[str, tuple[tuple[str, str, str, bool, str], ...]] = {
         ("score_agreement", "score agreement", "min_score_agreement", True, ".4f"),
     ),
     "segmentation": (("mask_iou_mean", "mask IoU", "min_mask_iou", True, ".4f"),),
+    # A detection's scores output: judged by that detection's figures, not on its own.
+    "scores": (),
     "sequence": (("step_error", "relative error after N steps", "max_sequence_error", False, ".4f"),),
 }
 # Reports without kinds (written before kinds existed) hold every float output to all of these.

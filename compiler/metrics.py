@@ -122,6 +122,7 @@ def detection(
     min_iou: float = 0.5,
     ref_scores: np.ndarray | None = None,
     out_scores: np.ndarray | None = None,
+    match: str = "iou",
 ) -> dict[str, Any]:
     """Boxes above the score threshold matched fp32 <-> int8 by IoU, and how often scores agree.
 
@@ -129,8 +130,12 @@ def detection(
     max of the extra columns, or of ``*_scores`` (``[N, boxes(, classes)]``) when scores are their own
     output, or 1 when there are none. Logits are squashed by a sigmoid. ``box_f1`` is 2 x matched /
     (fp32 boxes + int8 boxes), 1.0 when neither side has a box; ``score_agreement`` the share of
-    candidate boxes on the same side of the threshold in both models.
+    candidate boxes on the same side of the threshold in both models. ``match="index"`` pairs box
+    *i* with box *i* (an anchor-based detector's raw outputs, see ``compiler.output_kinds``): a pair
+    counts when both are above the threshold and their IoU reaches ``min_iou``.
     """
+    if match not in ("iou", "index"):
+        raise ValueError(f"detection match must be 'iou' or 'index', got {match!r}")
     if not (np.isfinite(ref).all() and np.isfinite(out).all()):
         return {"box_f1": None, "box_iou_mean": None, "score_agreement": None}
     n = len(ref)
@@ -153,7 +158,12 @@ def detection(
         ib = np.argsort(-sb[i])[:MAX_BOXES]
         ia, ib = ia[sa[i][ia] >= threshold], ib[sb[i][ib] >= threshold]
         kept_a, kept_b = kept_a + len(ia), kept_b + len(ib)
-        ious += match_boxes(xa[i][ia], xb[i][ib], min_iou)
+        if match == "index":
+            both = np.intersect1d(ia, ib)
+            pairs = [float(iou_matrix(xa[i][j : j + 1], xb[i][j : j + 1])[0, 0]) for j in both]
+            ious += [v for v in pairs if v >= min_iou]
+        else:
+            ious += match_boxes(xa[i][ia], xb[i][ib], min_iou)
     return {
         "box_f1": 1.0 if kept_a + kept_b == 0 else 2 * len(ious) / (kept_a + kept_b),
         "box_iou_mean": float(np.mean(ious)) if ious else (1.0 if kept_a + kept_b == 0 else 0.0),
@@ -162,6 +172,7 @@ def detection(
         "boxes_int8": kept_b,
         "boxes_matched": len(ious),
         "threshold": threshold,
+        "match": match,
     }
 
 

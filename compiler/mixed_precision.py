@@ -18,8 +18,23 @@ Measured, not guessed, and bounded:
    the cheapest found; the search stops there, when the ladder ends, or when
    the time budget is spent, and reports every try.
 
-Pure ranking and ladder functions (``rank_layers``, ``ladder``) are separate
-from the I/O (sessions, files) so they are unit-tested on their own.
+A *layer* is a measured node and the nodes that feed it through tensors the
+8-bit model does not quantize (``layer_groups``): a Conv fused with its Relu
+has a Q/DQ only after the Relu, so the Relu's measured error is the Conv's
+too, and keeping "the Relu" float must keep the Conv (its weights) float.
+
+Recurrent layers (LSTM, GRU, RNN) are left float by onnxruntime's static QDQ
+quantizer, which has no QDQ form for them: their weights are often the bulk
+of the model (Silero's VAD: 0.5 of its 1.2 MB). Dynamic quantization
+(``quantize_dynamic``: int8 weights, activations quantized per call at run
+time) is the tool made for them, so on the CPU target the recurrent layers
+are a candidate of their own (``DYNAMIC``): int8 on the chosen mix when it
+still passes, or, when no static mix passes, the recurrent layers dynamic
+and everything else float as the ladder's last rung.
+
+Pure ranking, grouping and ladder functions (``rank_layers``,
+``layer_groups``, ``ladder``) are separate from the I/O (sessions, files) so
+they are unit-tested on their own.
 """
 
 from __future__ import annotations
@@ -38,6 +53,9 @@ from onnxruntime.quantization import QuantType
 MAX_SHARE = 0.25  # at most this share of the quantized layers may leave 8 bits
 SENSITIVITY_SAMPLES = 16
 MODES = ("a16", "float")
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+DYNAMIC = "dynamic"  # recurrent layers with int8 weights by quantize_dynamic, the rest float
+GROUP_DEPTH = 4  # nodes a layer reaches back through unquantized tensors (Conv -> BatchNorm -> Relu)
 
 
 @dataclass
@@ -48,6 +66,7 @@ class Try:
     failures: list[str]
     seconds: float
     size_bytes: int | None = None
+    ranking: str = "added noise"  # or "output": each layer alone, its noise on the model's outputs
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +76,7 @@ class Try:
             "failures": self.failures[:3],
             "seconds": round(self.seconds, 2),
             "size_bytes": self.size_bytes,
+            "ranking": self.ranking,
         }
 
 
@@ -73,11 +93,17 @@ class SearchResult:
     budget: float = 0.0
     cost: dict[str, Any] = field(default_factory=dict)
     chosen_path: Path | None = None
+    output_sensitivity: list[dict[str, Any]] | None = None  # the second ranking, when it ran
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "triggered_by": self.triggered_by,
             "sensitivity": self.sensitivity[:10],
+            **(
+                {"output_sensitivity": self.output_sensitivity[:10]}
+                if self.output_sensitivity is not None
+                else {}
+            ),
             "tries": [t.to_dict() for t in self.tries],
             "chosen": None
             if self.chosen is None
@@ -106,6 +132,35 @@ def rank_layers(
         inherited = max((noise[i] for i in inputs if i in noise), default=0.0)
         ranked.append((name, max(measured) - inherited))
     return sorted(ranked, key=lambda r: -r[1])
+
+
+def layer_groups(
+    nodes: list[tuple[str, list[str], list[str]]],
+    measured: set[str],
+    recurrent: frozenset[str] = frozenset(),
+    depth: int = GROUP_DEPTH,
+) -> dict[str, list[str]]:
+    """Node -> the node and up to ``depth`` producers reached through unquantized tensors.
+
+    ``nodes``: (name, input tensors, output tensors); ``measured``: the tensors the 8-bit model
+    quantizes; ``recurrent``: names of recurrent nodes. A walk stops at a quantized tensor, at a
+    graph input or initializer (no producer) and at a recurrent node (a candidate of its own).
+    """
+    producer = {o: (name, ins) for name, ins, outs in nodes for o in outs}
+    groups: dict[str, list[str]] = {}
+    for name, inputs, _ in nodes:
+        group, frontier = [name], list(inputs)
+        while frontier and len(group) <= depth:
+            tensor = frontier.pop(0)
+            if tensor in measured or tensor not in producer:
+                continue
+            upstream, upstream_inputs = producer[tensor]
+            if upstream in group or upstream in recurrent:
+                continue
+            group.append(upstream)
+            frontier.extend(upstream_inputs)
+        groups[name] = group
+    return groups
 
 
 def ladder(quantized_layers: int) -> list[int]:
@@ -152,8 +207,9 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
 
 def layer_sensitivity(
     float_model: Path, qdq_model: Path, feeds: list[dict[str, np.ndarray]]
-) -> list[tuple[str, float]]:
-    """Rank the float model's nodes by the error each adds in the all-8-bit model (see module doc).
+) -> tuple[list[tuple[str, float]], dict[str, list[str]]]:
+    """Rank the float model's nodes by the error each adds in the all-8-bit model (see module doc);
+    with each node's layer (``layer_groups``).
 
     ``qdq_model`` must keep the float model's tensor names (``quantize_from_cache(finish=False)``).
     One sample at a time: memory stays at one sample's activations in each model.
@@ -173,7 +229,21 @@ def layer_sensitivity(
         meter.add(f_out, dict(zip(tensors, q_out, strict=True)))
     noise = meter.ratios()
     nodes = [(n.name, list(n.input), list(n.output)) for n in fmodel.graph.node if n.name]
-    return rank_layers(nodes, noise)
+    recurrent = frozenset(n.name for n in fmodel.graph.node if n.op_type in RECURRENT_OPS)
+    return rank_layers(nodes, noise), layer_groups(nodes, set(pairs), recurrent)
+
+
+def recurrent_ops(model: onnx.ModelProto) -> list[str]:
+    """The recurrent op types (LSTM, GRU, RNN) the model uses, sorted."""
+    return sorted({n.op_type for n in model.graph.node if n.op_type in RECURRENT_OPS})
+
+
+def quantize_recurrent(source: Path, out: Path, op_types: list[str]) -> None:
+    """``quantize_dynamic`` of the recurrent layers only: int8 weights (``DynamicQuantizeLSTM`` and
+    kin in onnxruntime's contrib domain), every other node as ``source`` has it (float or QDQ)."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(source), str(out), op_types_to_quantize=op_types, weight_type=QuantType.QInt8)
 
 
 def overrides_for(model: onnx.ModelProto, layers: list[str]) -> dict[str, Any]:
@@ -202,19 +272,22 @@ def search(
     started: float,
     modes: tuple[str, ...] = MODES,
     suffix: str = ".onnx",
+    finals: tuple[tuple[list[str], str], ...] = (),
 ) -> SearchResult:
-    """Walk the ladder (see module doc) until a candidate passes, the ladder ends or time is up."""
+    """Walk the ladder (see module doc), then ``finals`` ((layers, mode) candidates after the ladder:
+    the recurrent layers dynamic), until a candidate passes, the steps end or time is up."""
     result = SearchResult(
         triggered_by,
         [{"layer": name, "added_noise": round(added, 6)} for name, added in ranked],
         budget=budget_seconds,
     )
-    steps = [(k, mode) for k in ladder(len(ranked)) for mode in modes]
-    for index, (k, mode) in enumerate(steps):
+    steps = [([name for name, _ in ranked[:k]], mode) for k in ladder(len(ranked)) for mode in modes]
+    steps += list(finals)
+    for index, (layers, mode) in enumerate(steps):
         if time.perf_counter() - started > budget_seconds:
             result.stopped = "budget"
             break
-        layers = [name for name, _ in ranked[:k]]
+        k = len(layers)
         progress(f"mixed precision: {k} layer(s) {mode}", index / len(steps))
         candidate = work / f"mixed-{k}-{mode}{suffix}"
         t0 = time.perf_counter()

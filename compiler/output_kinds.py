@@ -18,7 +18,13 @@ Parameters (``name=kind:key=value:key=value``):
 - detection: ``box=xyxy|cxcywh`` (default xyxy), ``threshold`` (score, default
   0.5; logits are passed through a sigmoid), ``scores=<output>`` (scores in
   another output, e.g. a face detector's ``classificators``), ``iou`` (match
-  IoU, default 0.5);
+  IoU, default 0.5), ``match=iou|index`` (default ``iou``: boxes paired by
+  greedy IoU, for decoded boxes after NMS; ``index``: box *i* of the float
+  model with box *i* of the int8 model, for an anchor-based detector's raw
+  outputs, whose boxes are offsets from their anchor: IoU is unchanged by the
+  per-anchor shift and scale that decodes them, so it is the decoded boxes'
+  IoU, while pairing raw offsets by IoU across anchors would match unrelated
+  boxes);
 - segmentation: ``threshold`` (default 0.5), ``axis`` (argmax over this class
   axis instead of a threshold);
 - sequence: ``axis`` (time axis, default 1), ``step`` (which step's error
@@ -43,10 +49,11 @@ PARAMS: dict[str, set[str]] = {
     "classification": set(),
     "regression": set(),
     "integer": set(),
-    "detection": {"box", "threshold", "scores", "iou"},
+    "detection": {"box", "threshold", "scores", "iou", "match"},
     "segmentation": {"threshold", "axis"},
     "sequence": {"axis", "step"},
 }
+CHOICES = {"box": ("xyxy", "cxcywh"), "match": ("iou", "index")}
 CLASSIFIER_OPS = frozenset({"Softmax", "LogSoftmax", "SOFTMAX", "LOG_SOFTMAX", "ArgMax", "ARG_MAX"})
 CLASSIFIER_NAME = re.compile(r"(logit|score|prob|class|cls|label|pred)", re.IGNORECASE)
 # A regressor's output name: these win over the classifier words ("landmark_scores" is coordinates).
@@ -80,6 +87,8 @@ def parse_kind(name: str, text: str, source: str = "declared") -> OutputKind:
         if not sep or key not in PARAMS[kind]:
             allowed = ", ".join(sorted(PARAMS[kind])) or "none"
             raise InvalidData(f"output {name!r}: bad {kind} parameter {part!r} (parameters: {allowed})")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise InvalidData(f"output {name!r}: {key}={value!r}, expected one of {', '.join(CHOICES[key])}")
         params[key] = value
     return OutputKind(kind, source, params)
 
@@ -168,9 +177,24 @@ def resolve(
     hints: dict[str, str],
     labels: bool,
 ) -> dict[str, OutputKind]:
-    """Declared kinds where given, inferred ones for the rest, in output order."""
+    """Declared kinds where given, inferred ones for the rest, in output order.
+
+    An undeclared output that a detection output names with ``scores=`` is of kind ``scores``: its
+    values are judged through that detection (which boxes pass the threshold, score agreement), not
+    by its raw SNR, which for logits far below the threshold says nothing about the detections.
+    """
     check_declared(declared, list(refs))
+    score_of = {
+        kind.params["scores"]: name
+        for name, kind in declared.items()
+        if kind.kind == "detection" and "scores" in kind.params
+    }
     return {
-        name: declared.get(name) or infer_kind(name, ref, hints.get(name), labels)
+        name: declared.get(name)
+        or (
+            OutputKind("scores", f"inferred: the scores of detection output {score_of[name]!r}")
+            if name in score_of
+            else infer_kind(name, ref, hints.get(name), labels)
+        )
         for name, ref in refs.items()
     }

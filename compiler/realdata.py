@@ -167,3 +167,91 @@ def text_pages(n: int, height: int = 320, width: int = 320, seed: int = 0) -> np
         arr = (np.asarray(page, dtype=np.float32) / 255.0 - mean) / std
         out[i] = arr.transpose(2, 0, 1)
     return out
+
+
+SAMPLE_RATE = 16000
+VAD_CHUNK, VAD_CONTEXT = 512, 64  # Silero's 16 kHz chunk and the tail of the previous chunk it prepends
+
+
+def speech_like(rng: np.random.Generator, seconds: float) -> np.ndarray:
+    """Synthetic speech at 16 kHz: voiced stretches and pauses, no recording involved.
+
+    No speech recording ships in a package we can fetch, so voiced stretches are made the way a
+    formant synthesiser makes vowels: a glottal pulse train (pitch 90-230 Hz with slow vibrato)
+    through three formant resonators, a new vowel every 200 ms syllable, syllable envelopes, levels
+    between -24 and -4 dBFS; pauses are room noise. Silero's VAD calls most voiced stretches speech
+    (probabilities near 1) and the pauses silence, so its per-step probabilities swing over the
+    whole range, as on real audio; the timbre is not a human voice.
+    """
+    from scipy.signal import lfilter
+
+    n = int(seconds * SAMPLE_RATE)
+    out = np.zeros(n)
+    pos = 0
+    while pos < n:
+        dur = int(rng.uniform(0.3, 1.2) * SAMPLE_RATE)
+        if rng.random() < 0.4:
+            seg = rng.normal(0, rng.uniform(0.001, 0.01), dur)
+        else:
+            t = np.arange(dur) / SAMPLE_RATE
+            f0 = rng.uniform(90, 230) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t))
+            pulses = np.diff(np.floor(np.cumsum(f0 / SAMPLE_RATE)), prepend=0.0)
+            source = lfilter([1.0], [1.0, -0.95], pulses) + rng.normal(0, 0.02, dur)
+            seg = np.zeros(dur)
+            syllable = int(0.2 * SAMPLE_RATE)
+            for start in range(0, dur, syllable):
+                y = source[start : start + syllable]
+                formants = (rng.uniform(300, 850), rng.uniform(850, 2300), rng.uniform(2300, 3000))
+                for freq, bandwidth in zip(formants, (80, 100, 120), strict=True):
+                    r = np.exp(-np.pi * bandwidth / SAMPLE_RATE)
+                    theta = 2 * np.pi * freq / SAMPLE_RATE
+                    y = lfilter([1 - r], [1.0, -2 * r * np.cos(theta), r * r], y)
+                seg[start : start + syllable] = y * np.sin(np.pi * np.arange(len(y)) / len(y)) ** 0.5
+            seg = seg / (np.abs(seg).max() + 1e-9) * rng.uniform(0.06, 0.6) + rng.normal(0, 0.003, dur)
+        out[pos : pos + dur] = seg[: n - pos]
+        pos += dur
+    return out.astype(np.float32)
+
+
+def voice_windows(n: int, steps: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+    """``n`` windows of ``steps`` Silero chunks each (512 samples + 64 of context, 32 ms a step), as
+    ``voice_activity.onnx`` takes them: ``input [n, steps, 576]`` and the zero LSTM state of a stream's
+    start (``h``, ``c``: ``[n, 1, 128]``)."""
+    rng = np.random.default_rng(seed)
+    windows = np.empty((n, steps, VAD_CHUNK + VAD_CONTEXT), np.float32)
+    for i in range(n):
+        audio = speech_like(rng, steps * VAD_CHUNK / SAMPLE_RATE)
+        context = np.zeros(VAD_CONTEXT, np.float32)
+        for step in range(steps):
+            chunk = audio[step * VAD_CHUNK : (step + 1) * VAD_CHUNK]
+            windows[i, step] = np.concatenate([context, chunk])
+            context = chunk[-VAD_CONTEXT:]
+    state = np.zeros((n, 1, 128), np.float32)
+    return {"input": windows, "h": state, "c": state.copy()}
+
+
+def face_crops(n: int, size: int, photos: list[Path], seed: int = 0) -> np.ndarray:
+    """``n`` square crops of ``photos`` (files with faces: scikit-image's astronaut and cameraman),
+    NHWC float32 in [-1, 1] as MediaPipe's face detector takes them.
+
+    Crops of 45-95% of the photo's short side at random places, some mirrored, some darker or
+    brighter: about half hold a whole face the float detector finds, the rest a part of one or
+    none, so its boxes, its misses and its near-threshold scores are all exercised.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
+    out = np.empty((n, size, size, 3), dtype=np.float32)
+    for i in range(n):
+        photo = images[i % len(images)]
+        short = min(photo.shape[:2])
+        side = int(rng.uniform(0.45, 0.95) * short)
+        y = int(rng.integers(0, photo.shape[0] - side + 1))
+        x = int(rng.integers(0, photo.shape[1] - side + 1))
+        crop = np.asarray(Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size)), np.float32)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        crop = np.clip(crop * rng.uniform(0.7, 1.2), 0, 255)
+        out[i] = crop / 127.5 - 1.0
+    return out

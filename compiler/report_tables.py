@@ -221,6 +221,78 @@ def method(report: dict[str, Any]) -> list[Table]:
     return [Table("method", "method", ["setting", "value"], rows), *out]
 
 
+def precision_mix(report: dict[str, Any]) -> str:
+    """What shipped, in one line: ``8-bit``, ``8-bit, 2 layer(s) a16``, ``1 recurrent layer(s) dynamic
+    int8, the rest float``, ``8-bit (search exhausted)``; ``, recurrent layers dynamic int8`` when
+    they went dynamic on top."""
+    mixed = report.get("mixed_precision")
+    if not isinstance(mixed, dict):
+        return "8-bit"
+    chosen, recurrent = mixed.get("chosen"), mixed.get("recurrent")
+    on_top = (
+        ", recurrent layers dynamic int8" if isinstance(recurrent, dict) and recurrent.get("passed") else ""
+    )
+    if isinstance(chosen, dict) and chosen.get("mode") == "dynamic":
+        return f"{chosen.get('count')} recurrent layer(s) dynamic int8, the rest float"
+    if isinstance(chosen, dict):
+        return f"8-bit, {chosen.get('count')} layer(s) {chosen.get('mode')}{on_top}"
+    if "stopped" not in mixed:
+        return f"8-bit{on_top}" if "error" not in mixed else "8-bit (search failed)"
+    return f"8-bit (search {mixed.get('stopped')})"
+
+
+def precision(report: dict[str, Any]) -> Table | None:
+    """The precision mix that ships and what it cost: the mixed-precision search, recurrent layers
+    made dynamic, and on Ethos-U the Vela cost of the mix beside the all-8-bit model."""
+    mixed = report.get("mixed_precision")
+    if not isinstance(mixed, dict):
+        return None
+    rows: list[list[Any]] = [["shipped", precision_mix(report)]]
+    chosen = mixed.get("chosen")
+    if isinstance(chosen, dict):
+        rows.append(["layers kept wider", chosen.get("layers")])
+    if mixed.get("triggered_by"):
+        rows.append(["8-bit missed the gate", mixed["triggered_by"][0]])
+    if "tries" in mixed:
+        tries = mixed["tries"]
+        rows.append(["tries", f"{len(tries)} in {fmt(mixed.get('seconds'))} s, {mixed.get('stopped')}"])
+    cost = mixed.get("cost") or {}
+    if cost:
+        rows.append(
+            [
+                "size vs 8-bit / all-16-bit",
+                f"{fmt(cost.get('size_ratio_to_8bit'))} / {fmt(cost.get('size_ratio_to_all16'))}",
+            ]
+        )
+        rows.append(
+            [
+                "host latency vs 8-bit / all-16-bit",
+                f"{fmt(cost.get('latency_ratio_to_8bit'))} / {fmt(cost.get('latency_ratio_to_all16'))}",
+            ]
+        )
+    recurrent = mixed.get("recurrent")
+    if isinstance(recurrent, dict):
+        verdict = (
+            "kept" if recurrent.get("passed") else "not kept: " + "; ".join(recurrent.get("failures") or [])
+        )
+        rows.append(
+            [
+                f"recurrent ({', '.join(recurrent.get('ops') or [])}) dynamic int8",
+                f"{verdict}; {recurrent.get('size_bytes_before')} -> {recurrent.get('size_bytes')} B, "
+                f"{fmt(recurrent.get('latency_ms_before'))} -> {fmt(recurrent.get('latency_ms'))} ms",
+            ]
+        )
+    vela = mixed.get("vela")
+    if isinstance(vela, dict):
+        for side in ("8bit", "chosen"):
+            rows.append([f"Vela, {'all 8-bit' if side == '8bit' else 'the mix'}", vela.get(side)])
+    if mixed.get("error"):
+        rows.append(["search error (8-bit kept)", mixed["error"]])
+    return Table(
+        "precision", "precision", ["", "value"], rows, "judged on calibration samples by the gate's checks"
+    )
+
+
 def _decided(decided: Any) -> str:
     if not isinstance(decided, dict):
         return "-"
@@ -260,6 +332,7 @@ def notes(report: dict[str, Any]) -> Table | None:
 
 SHOWN = {
     "notes",
+    "mixed_precision",
     "user_metric",
     "gate",
     "size",
@@ -287,6 +360,7 @@ def tables(report: dict[str, Any]) -> list[Table]:
         checks(report),
         outputs(report),
         accuracy(report),
+        precision(report),
         *size(report),
         *latency(report),
         *npu(report),
@@ -298,4 +372,4 @@ def tables(report: dict[str, Any]) -> list[Table]:
     return [t for t in found if t is not None]
 
 
-__all__ = ["Table", "fmt", "tables"]
+__all__ = ["Table", "fmt", "precision_mix", "tables"]

@@ -223,6 +223,7 @@ TERMINAL_TABLES = (
     "checks",
     "outputs",
     "accuracy",
+    "precision",
     "size",
     "bytes",
     "latency",

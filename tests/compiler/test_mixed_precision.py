@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tflite_builders import make_outlier_tflite
 
 from compiler import GateFailed, compile_model
-from compiler.mixed_precision import ladder, rank_layers
+from compiler.mixed_precision import ladder, layer_groups, rank_layers
 from compiler.tflite_prep import read_tflite
 from signing.keyring import KeyDir
 
@@ -28,6 +28,24 @@ def test_layers_are_ranked_by_the_error_they_add_not_inherit() -> None:
     ranked = rank_layers(nodes, noise)
     assert [name for name, _ in ranked] == ["third", "first", "second"]
     assert ranked[0][1] == pytest.approx(0.48) and ranked[2][1] == pytest.approx(0.01)
+
+
+def test_a_layer_takes_the_producers_it_is_fused_with() -> None:
+    """Conv -> Relu with a Q/DQ only after the Relu: keeping the Relu float must keep the Conv too;
+    the walk stops at quantized tensors, graph inputs/initializers and recurrent nodes."""
+    nodes = [
+        ("conv", ["x", "w"], ["c"]),
+        ("relu", ["c"], ["r"]),  # c is not quantized (fused), r is
+        ("lstm", ["r", "wl"], ["y"]),
+        ("squeeze", ["y"], ["s"]),  # y is not quantized: LSTM has no QDQ form
+        ("out", ["s", "w2"], ["o"]),
+    ]
+    groups = layer_groups(nodes, measured={"x", "r", "s", "o"}, recurrent=frozenset({"lstm"}))
+    assert groups["relu"] == ["relu", "conv"]
+    assert groups["out"] == ["out"]  # its input is quantized
+    assert groups["squeeze"] == ["squeeze"]  # does not swallow the recurrent layer behind it
+    assert layer_groups(nodes, measured={"r", "s", "o"})["squeeze"] == ["squeeze", "lstm"]
+    assert layer_groups(nodes, measured=set(), depth=1)["out"] == ["out", "squeeze"]
 
 
 def test_the_ladder_doubles_up_to_a_quarter_of_the_layers() -> None:
@@ -160,3 +178,94 @@ def test_qnn_htp_searches_with_its_own_config(release_keys: KeyDir, tmp_path: Pa
     assert result.report["outputs"]["embedding"]["snr_db"] >= 20
     types = {i.data_type for i in onnx.load(str(result.model_path)).graph.initializer}
     assert {TensorProto.UINT8, TensorProto.UINT16} <= types
+
+
+def lstm_model(path: Path) -> Path:
+    """x [N, steps, 8] -> Transpose -> LSTM (hidden 64) -> y [steps, 1, N, 64] and the last state.
+
+    Static QDQ has no form for LSTM and leaves its 4 x 64 x (8 + 64) weights float; the CPU target
+    then tries them as dynamic int8.
+    """
+    rng = np.random.default_rng(0)
+    hidden, features = 64, 8
+    w = rng.normal(0, 0.3, (1, 4 * hidden, features)).astype(np.float32)
+    r = rng.normal(0, 0.1, (1, 4 * hidden, hidden)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2], name="time_major"),
+            helper.make_node("LSTM", ["xt", "w", "r"], ["y", "h"], hidden_size=hidden, name="lstm"),
+        ],
+        "recurrent",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12, features])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [12, 1, "N", hidden]),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "N", hidden]),
+        ],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(r, "r")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_recurrent_layers_go_dynamic_int8_when_the_model_still_passes(
+    release_keys: KeyDir, tmp_path: Path
+) -> None:
+    model = lstm_model(tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).normal(size=(40, 12, 8)).astype(np.float32))
+
+    def build(out: str, seconds: float):
+        return compile_model(
+            model,
+            target="arm64-cpu",
+            calib_path=tmp_path / "c.npz",
+            out_dir=tmp_path / out,
+            release_key=release_keys.key("release"),
+            name="m",
+            version="1",
+            release=1,
+            latency_repeats=0,
+            output_kinds="y=sequence:axis=0",
+            mixed_precision_seconds=seconds,
+        )
+
+    static = build("static", 0)
+    assert "mixed_precision" not in static.report
+    assert "LSTM" in {n.op_type for n in onnx.load(str(static.model_path)).graph.node}
+    result = build("dynamic", 60)
+    recurrent = result.report["mixed_precision"]["recurrent"]
+    assert recurrent["passed"] and recurrent["ops"] == ["LSTM"]
+    ops = {n.op_type for n in onnx.load(str(result.model_path)).graph.node}
+    assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops
+    assert recurrent["size_bytes"] == result.model_path.stat().st_size
+    assert recurrent["size_bytes"] < 0.5 * static.model_path.stat().st_size  # float weights were the bulk
+    assert result.report["gate"]["verdict"] == "passed"
+
+
+def test_ethos_u_searches_16bit_activations_and_shows_the_vela_cost(
+    release_keys: KeyDir, tmp_path: Path
+) -> None:
+    """Ethos-U: the same 16-bit (int16x8) search, the chosen mix compiled by Vela beside the 8-bit
+    model so the report shows what it costs on the NPU (SRAM, cycles, ops left on the CPU)."""
+    model = make_outlier_tflite(tmp_path / "m.tflite")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).normal(size=(80, 16)).astype(np.float32))
+    result = compile_model(
+        model,
+        target="ethos-u55-128",
+        calib_path=tmp_path / "c.npz",
+        out_dir=tmp_path / "e",
+        release_key=release_keys.key("release"),
+        name="m",
+        version="1",
+        release=1,
+        latency_repeats=0,
+    )
+    report = result.report
+    mixed = report["mixed_precision"]
+    assert mixed["chosen"]["mode"] == "a16" and report["outputs"]["project"]["snr_db"] >= 20
+    cost = mixed["vela"]
+    assert cost["chosen"] == {k: report["npu"]["vela"][k] for k in cost["chosen"]}
+    assert cost["8bit"]["cycles_total"] > 0 and cost["chosen"]["cycles_total"] > 0
+    assert cost["chosen"]["sram_kib"] >= cost["8bit"]["sram_kib"]  # 16-bit tensors are wider
+    assert report["gate"]["verdict"] == "passed"

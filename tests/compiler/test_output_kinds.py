@@ -96,6 +96,42 @@ def test_detection_matches_boxes_by_iou_and_counts_score_decisions() -> None:
     assert split["boxes_fp32"] == 1 and split["box_f1"] == 1.0
 
 
+def test_anchor_offsets_are_paired_by_index_not_by_iou_across_anchors() -> None:
+    """Raw SSD heads: box offsets from each anchor. Two anchors with the same small offset look alike
+    in raw coordinates; swapping them is a different detection, which IoU pairing would not see."""
+    raw = np.array([[[0.0, 0.0, 10, 10], [0.0, 0.0, 10, 10], [3.0, 0.0, 10, 10]]])
+    swapped_scores = (np.array([[[4.0], [-4.0], [4.0]]]), np.array([[[-4.0], [4.0], [4.0]]]))
+    by_iou = metrics.detection(
+        raw, raw, box="cxcywh", ref_scores=swapped_scores[0], out_scores=swapped_scores[1]
+    )
+    assert by_iou["box_f1"] == 1.0  # the wrong answer for anchor-relative boxes
+    by_index = metrics.detection(
+        raw, raw, box="cxcywh", ref_scores=swapped_scores[0], out_scores=swapped_scores[1], match="index"
+    )
+    assert by_index["box_f1"] == pytest.approx(0.5) and by_index["boxes_matched"] == 1
+    moved = raw.copy()
+    moved[0, 2, 0] = 8.0  # IoU 2/18 with its own anchor's float box: below 0.5
+    fig = metrics.detection(
+        raw, moved, box="cxcywh", ref_scores=swapped_scores[0], out_scores=swapped_scores[0], match="index"
+    )
+    assert fig["boxes_matched"] == 1 and fig["box_f1"] == pytest.approx(0.5)
+    with pytest.raises(InvalidData, match="match='nearest'"):
+        parse_declarations("boxes=detection:match=nearest")
+    with pytest.raises(InvalidData, match="box='yxyx'"):
+        parse_declarations("boxes=detection:box=yxyx")
+
+
+def test_a_detections_scores_output_is_judged_through_it() -> None:
+    refs = {"boxes": np.zeros((4, 8, 4)), "conf": np.zeros((4, 8))}
+    declared = parse_declarations("boxes=detection:scores=conf:match=index")
+    kinds = resolve(declared, refs, {}, labels=False)
+    assert kinds["conf"].kind == "scores" and "'boxes'" in kinds["conf"].source
+    report = {"outputs": {"conf": {"kind": "scores", "snr_db": 3.0, "cosine_mean": 0.5}}}
+    assert Gate().check(report) == []  # its SNR is reported, the detection's figures decide
+    plain = resolve({}, refs, {}, labels=False)
+    assert plain["conf"].kind == "regression"
+
+
 def test_segmentation_mask_iou_at_a_threshold_and_by_argmax() -> None:
     ref = np.zeros((2, 1, 4, 4))
     ref[:, :, :2, :2] = 0.9
@@ -209,10 +245,16 @@ def test_a_landmark_regressor_passes_on_its_figures_not_top1(release_keys: KeyDi
     assert fig["kind"] == "regression" and fig["kind_source"].startswith("default")
     assert "top1_agreement" not in fig and fig["snr_db"] > 30
     assert result.report["gate"]["decided_by"]["figure"] in ("snr_db", "cosine_mean")
-    # Had it been taken for class scores, the argmax of near-equal coordinates would have refused it:
+    # Had it been taken for class scores, the argmax of near-equal coordinates would have refused
+    # its 8-bit model (the mixed-precision search off: it would keep layers float to chase the flips):
     with pytest.raises(GateFailed, match="top-1 agreement of 'Identity'"):
         _compile(
-            model, tmp_path / "c.npz", release_keys, tmp_path / "b2", output_kinds="Identity=classification"
+            model,
+            tmp_path / "c.npz",
+            release_keys,
+            tmp_path / "b2",
+            output_kinds="Identity=classification",
+            mixed_precision_seconds=0,
         )
 
 
@@ -324,7 +366,15 @@ def test_cli_declares_kinds_and_a_metric(release_keys: KeyDir, tmp_path: Path) -
     inferred = run("--out", str(tmp_path / "b1"))
     assert inferred.returncode == 0, inferred.stderr
     assert "regression (default)" in inferred.stdout and "decided by" in inferred.stdout
-    declared = run("--out", str(tmp_path / "b2"), "--output-kind", "Identity=classification")
+    # (the search off: with it, the 8-bit refusal would start a search for float layers)
+    declared = run(
+        "--out",
+        str(tmp_path / "b2"),
+        "--output-kind",
+        "Identity=classification",
+        "--mixed-precision-budget",
+        "0",
+    )
     assert declared.returncode != 0 and "top-1 agreement of 'Identity'" in declared.stderr + declared.stdout
     metric = run(
         "--out",

@@ -16,10 +16,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from bench import mediapipe_faces
 from compiler import Gate, compile_model
 from compiler.data import Samples, SamplesReader
 from compiler.onnx_compact import compact_qdq
-from compiler.realdata import TEXT_CLS_PREPROCESS, photo_crops, text_pages, write_text_line_folder
+from compiler.realdata import (
+    TEXT_CLS_PREPROCESS,
+    face_crops,
+    photo_crops,
+    text_pages,
+    voice_windows,
+    write_text_line_folder,
+)
 from compiler.runners import TFLiteRunner
 from compiler.signature import io_signature
 from compiler.sources import Preprocess
@@ -410,3 +418,90 @@ def test_face_landmark_regressor_passes_as_regression(
     assert {f["kind"] for f in report["outputs"].values()} == {"regression"}
     assert report["gate"]["verdict"] == "passed"
     assert report["outputs"]["conv2d_21"]["snr_db"] > 25  # the 1404 landmark coordinates
+
+
+@pytest.mark.slow
+def test_voice_activity_lstm_passes_by_its_error_after_n_steps(
+    real_models: dict[str, Path], release_keys: KeyDir, tmp_path: Path
+) -> None:
+    """Silero's sequence VAD: 64 steps (2 s) per window, speech probabilities judged as a sequence
+    (error after the last step), the LSTM's final state as regression. All-8-bit drifts far off
+    (error ~0.5: the STFT and first encoder layers at 8 bits, compounded by the LSTM over the steps).
+    Ranked by the noise each layer adds, no mix passes; ranked by what each layer alone does to the
+    outputs, the STFT and the first encoder layers kept float pass, with the LSTM dynamic int8."""
+    for name, count, seed in (("c", 24, 0), ("e", 12, 1)):
+        windows = voice_windows(count, 64, seed=seed)
+        np.savez(tmp_path / f"{name}.npz", input=windows["input"], h=windows["h"], c=windows["c"])
+    result = _compile(
+        real_models["voice_activity"],
+        "arm64-cpu",
+        tmp_path / "c.npz",
+        tmp_path / "e.npz",
+        release_keys,
+        tmp_path / "b",
+        output_kinds="speech_probs=sequence:axis=1",
+    )
+    report = result.report
+    probs = report["outputs"]["speech_probs"]
+    assert probs["kind"] == "sequence" and probs["steps"] == 64 and probs["step_error"] <= 0.2
+    assert {report["outputs"][s]["kind"] for s in ("hn", "cn")} == {"regression"}
+    mixed = report["mixed_precision"]
+    assert any("after N steps" in f for f in mixed["triggered_by"])
+    by_noise = [t for t in mixed["tries"] if t["ranking"] == "added noise"]
+    assert by_noise and not any(t["passed"] for t in by_noise)
+    assert mixed["output_sensitivity"][0]["layer"].startswith("/stft/")
+    assert mixed["chosen"]["mode"] == "float" and "/stft/Conv" in mixed["chosen"]["layers"]
+    assert mixed["recurrent"]["passed"] and mixed["recurrent"]["ops"] == ["LSTM"]
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in onnx.load(str(result.model_path)).graph.node}
+    assert report["gate"]["verdict"] == "passed"
+    assert report["size"]["ratio"] < 0.65  # LSTM int8, STFT and two encoder layers float
+    assert mixed["cost"]["size_bytes"] == result.model_path.stat().st_size
+
+
+@pytest.mark.slow
+def test_face_detector_boxes_on_real_faces(
+    real_models: dict[str, Path], release_keys: KeyDir, tmp_path: Path
+) -> None:
+    """MediaPipe's face detector on crops of two real photos with faces (scikit-image's): its raw
+    heads judged per anchor (``match=index``) and, what an application sees, its faces after
+    decoding and NMS by a user metric (``bench.mediapipe_faces``) that decides alone."""
+    photos = [real_models["astronaut_photo"], real_models["cameraman_photo"]]
+    np.savez(tmp_path / "c.npz", x=face_crops(32, 128, photos, seed=0))
+    np.savez(tmp_path / "e.npz", x=face_crops(24, 128, photos, seed=1))
+    result = _compile(
+        real_models["face_detection_short_range"],
+        "tflite-int8",
+        tmp_path / "c.npz",
+        tmp_path / "e.npz",
+        release_keys,
+        tmp_path / "b",
+        output_kinds="regressors=detection:box=cxcywh:scores=classificators:match=index",
+        gate=Gate(metric="bench.mediapipe_faces:faces_f1", metric_threshold=0.9, metric_only=True),
+    )
+    report = result.report
+    anchors = report["outputs"]["regressors"]
+    assert anchors["kind"] == "detection" and report["outputs"]["classificators"]["kind"] == "scores"
+    assert anchors["boxes_fp32"] >= 50 and anchors["box_iou_mean"] >= 0.8  # real faces were found
+    assert anchors["boxes_matched"] >= 0.9 * anchors["boxes_fp32"]
+    assert report["gate"]["decided_by"]["figure"] == "user_metric" and report["user_metric"]["value"] >= 0.9
+    fp32, int8 = _face_outputs(
+        real_models["face_detection_short_range"], result.model_path, tmp_path / "e.npz"
+    )
+    faces = mediapipe_faces.face_figures(fp32, int8)
+    assert faces["boxes_fp32"] >= 10 and faces["box_f1"] == report["user_metric"]["value"]
+
+
+def _face_outputs(
+    source: Path, int8: Path, data: Path
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    prepared, _ = prepare_tflite(source.read_bytes())
+    runners = TFLiteRunner(prepared), TFLiteRunner(int8.read_bytes())
+    sig = runners[0].signature()
+    x = np.load(data)["x"]
+    found: tuple[dict[str, list[np.ndarray]], ...] = ({}, {})
+    for i in range(len(x)):
+        for runner, into in zip(runners, found, strict=True):
+            for spec, value in zip(sig.outputs, runner.run({sig.inputs[0].name: x[i : i + 1]}), strict=True):
+                into.setdefault(spec.name, []).append(value)
+    fp32, quant = ({k: np.concatenate(v) for k, v in side.items()} for side in found)
+    return fp32, quant

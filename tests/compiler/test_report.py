@@ -190,3 +190,34 @@ def test_the_terminal_summary_is_tables_and_library_warnings_are_attributed(
     assert {(e["level"], e["source"]) for e in log} >= {
         ("warning", "onnxruntime.quantization.operators.gemm")
     }
+
+
+def test_the_precision_table_says_what_shipped_and_what_it_cost() -> None:
+    from compiler.report_tables import precision, precision_mix
+
+    assert precision_mix({}) == "8-bit" and precision({}) is None
+    dynamic = {
+        "mixed_precision": {
+            "triggered_by": ["relative error after N steps of 'p' is 0.5, max 0.2"],
+            "tries": [{"mode": "a16"}, {"mode": "dynamic"}],
+            "stopped": "passed",
+            "seconds": 7.0,
+            "chosen": {"mode": "dynamic", "layers": ["/rnn/LSTM"], "count": 1},
+            "cost": {"size_ratio_to_8bit": 1.19, "size_ratio_to_all16": 1.19, "latency_ratio_to_8bit": 9.2},
+        }
+    }
+    assert precision_mix(dynamic) == "1 recurrent layer(s) dynamic int8, the rest float"
+    table = precision(dynamic)
+    assert table is not None
+    cells = {row[0]: row[1] for row in table.rows}
+    assert cells["layers kept wider"] == ["/rnn/LSTM"] and "after N steps" in cells["8-bit missed the gate"]
+    assert cells["tries"] == "2 in 7 s, passed" and cells["size vs 8-bit / all-16-bit"] == "1.19 / 1.19"
+    on_top = {
+        "mixed_precision": {"chosen": None, "recurrent": {"ops": ["GRU"], "passed": True, "failures": []}}
+    }
+    assert precision_mix(on_top) == "8-bit, recurrent layers dynamic int8"
+    refused = {
+        "mixed_precision": {"chosen": None, "recurrent": {"ops": ["GRU"], "passed": False, "failures": ["x"]}}
+    }
+    table = precision(refused)
+    assert precision_mix(refused) == "8-bit" and table is not None and "not kept: x" in table.rows[-1][1]
