@@ -39,6 +39,7 @@ def test_small_scenario_passes(path: Path, tmp_path: Path) -> None:
         pytest.skip("; ".join(result.skipped))
 
 
+@pytest.mark.slow
 @needs_mosquitto
 def test_a_failing_expectation_exits_non_zero(tmp_path: Path) -> None:
     """A scenario whose expectation cannot hold: the run reports FAIL and the command exits 1."""

@@ -224,6 +224,7 @@ def test_the_input_check_reads_the_manifest_and_forgives_a_renamed_tensor() -> N
     assert bare == InputCheck("x") and bare(ok + 5) == (False, False, False)
 
 
+@pytest.mark.slow
 def test_the_local_api_serves_the_agents_counters_to_prometheus(
     keydir: KeyDir, tmp_path: Path, loop_thread: LoopThread
 ) -> None:

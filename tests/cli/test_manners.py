@@ -150,6 +150,7 @@ def test_usage_errors_are_one_line_and_exit_2() -> None:
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
 
 
+@pytest.mark.slow
 def test_down_database_is_one_line_and_debug_shows_the_traceback(
     tmp_path: Path, broker_info: SecureBrokerInfo
 ) -> None:

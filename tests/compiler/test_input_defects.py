@@ -155,6 +155,7 @@ def _cli(args: list[str], keys: KeyDir, columns: int = 80) -> subprocess.Complet
     )
 
 
+@pytest.mark.slow
 def test_cli_npu_table_fits_80_columns_notes_replace_stderr_and_overwrite_exists(
     release_keys: KeyDir, tmp_path: Path
 ) -> None:

@@ -352,6 +352,7 @@ def test_a_probability_map_declared_segmentation_is_judged_by_mask_iou(
     assert [c["figure"] for c in result.report["gate"]["checks"]] == ["mask_iou_mean"]
 
 
+@pytest.mark.slow
 def test_cli_declares_kinds_and_a_metric(release_keys: KeyDir, tmp_path: Path) -> None:
     model = _landmark_regressor(tmp_path / "lm.onnx")
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(2).normal(size=(200, 32)).astype(np.float32))

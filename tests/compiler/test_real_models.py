@@ -78,6 +78,7 @@ def _compile(model: Path, target: str, calib: Path, evals: Path, keys: KeyDir, o
     )
 
 
+@pytest.mark.slow
 def test_old_schema_and_fp16_workarounds(real_models: dict[str, Path]) -> None:
     face = real_models["face_detection_short_range"].read_bytes()
     # Old schema: builtinCode is 0 (ADD) everywhere, the real op is in deprecatedBuiltinCode.

@@ -158,6 +158,7 @@ def _gemm_with_a_computed_bias(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_the_terminal_summary_is_tables_and_library_warnings_are_attributed(
     release_keys: KeyDir, tmp_path: Path
 ) -> None:

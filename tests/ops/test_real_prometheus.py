@@ -134,6 +134,7 @@ def server_burn(client: httpx.Client, window: str) -> float:
     raise AssertionError("no burn rate on /metrics")
 
 
+@pytest.mark.slow
 def test_prometheus_agrees_with_the_server_and_alertmanager_sees_the_page_fire_and_resolve(
     make_server: Callable[..., ServerThread],
     alertmanager: tuple[str, Receiver],

@@ -208,6 +208,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("given", ["nothing", "wrong env", "wrong --key-passphrase-file"])
 def test_edgefleet_server_reports_a_locked_key_in_one_line(
     given: str, tmp_path: Path, server_keys: KeyDir, broker_info: SecureBrokerInfo
