@@ -209,6 +209,12 @@ class FleetCollector(Collector):
         target = GaugeMetricFamily(
             "edgefleet_slo_target", "the objective's target share of good events", labels=labels
         )
+        min_events = GaugeMetricFamily(
+            "edgefleet_slo_min_events",
+            "events a rule's short window must hold before it may breach (a rule may ask more: the"
+            " default fast page tier asks 300)",
+            labels=labels,
+        )
         remaining = GaugeMetricFamily(
             "edgefleet_slo_error_budget_remaining",
             "share of the window's budget left (below 0: overspent)",
@@ -239,13 +245,14 @@ class FleetCollector(Collector):
                         total.add_metric(key, float(n))
                         bad.add_metric(key, float(b))
                     target.add_metric(key, o.objective.target)
+                    min_events.add_metric(key, float(o.objective.min_events))
                     remaining.add_metric(key, o.budget_remaining)
                     windows = sorted({w for r in o.rules for w in (r.rule.long_s, r.rule.short_s)})
                     for w in windows:
                         wb, wn = window_events(o.objective, samples, status.at, w)
                         rate = (wb / wn) / o.objective.budget if wn else 0.0
                         burn.add_metric([*key, _window(w)], rate)
-        yield from (total, bad, target, remaining, burn, evaluated, evaluated_at)
+        yield from (total, bad, target, min_events, remaining, burn, evaluated, evaluated_at)
 
 
 def _window(seconds: float) -> str:
