@@ -16,9 +16,11 @@ writes extra WAL for every row to guard against the rare repeat. When a key exis
 (a resend, or another batch racing for the same key: ``COPY`` waits for it and then fails on
 the unique key) the savepoint is rolled back and the batch goes through the exact path: the
 rows from one JSON document (``json_to_recordset``, a fixed statement psycopg prepares once)
-with ``ON CONFLICT DO NOTHING RETURNING`` the keys it inserted and whether each was captured.
-Either way the unique key decides, so the outcome is the same. SQLite does a multi-row
-``INSERT ... ON CONFLICT DO NOTHING RETURNING``, then one keyed lookup of the captures per batch.
+with ``ON CONFLICT DO NOTHING RETURNING`` the keys it inserted. Either way the unique key
+decides, so the outcome is the same. SQLite does a multi-row ``INSERT ... ON CONFLICT DO
+NOTHING RETURNING``. Then one keyed lookup of the captures per batch: the new labels of
+captured inferences are scored against their predictions and counted for the accuracy SLI
+(``fleet_server.server_label_counts``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, text
+
+from fleet_server.server_label_counts import add_counts, tally
 
 INFERENCE_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 SOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,63}$")
@@ -174,16 +178,16 @@ _PG_INSERT = text(
     "INSERT INTO label (inference_id, source, label, label_time, received_at)"
     " SELECT r.i, r.s, r.l, r.t, :now FROM json_to_recordset(CAST(:rows AS json))"
     " AS r(i varchar, s varchar, l json, t timestamptz)"
-    " ON CONFLICT (inference_id, source) DO NOTHING RETURNING inference_id, source,"
-    " EXISTS (SELECT 1 FROM captureitem c WHERE c.inference_id = label.inference_id)"
+    " ON CONFLICT (inference_id, source) DO NOTHING RETURNING inference_id, source"
 )
-_PG_CAPTURED = text("SELECT inference_id FROM captureitem WHERE inference_id = ANY(CAST(:ids AS varchar[]))")
+_PG_CAPTURED = text(
+    "SELECT inference_id, model_sha256, hardware_id, predicted FROM captureitem"
+    " WHERE inference_id = ANY(CAST(:ids AS varchar[]))"
+)
 
 
-def _insert_pg(
-    conn: Connection, labels: Sequence[LabelIn], now: datetime, matched: set[str]
-) -> set[tuple[str, str]]:
-    """Insert; the keys inserted, and the captured ones of those added to ``matched`` (one statement)."""
+def _insert_pg(conn: Connection, labels: Sequence[LabelIn], now: datetime) -> set[tuple[str, str]]:
+    """Insert what is new; the keys inserted (one statement)."""
     iso: dict[datetime, str] = {}
     for x in labels:
         if x.label_time not in iso:
@@ -192,12 +196,7 @@ def _insert_pg(
         [{"i": x.inference_id, "s": x.source, "l": x.label, "t": iso[x.label_time]} for x in labels],
         separators=(",", ":"),
     )
-    inserted: set[tuple[str, str]] = set()
-    for iid, source, captured in conn.execute(_PG_INSERT, {"rows": rows, "now": now}):
-        inserted.add((iid, source))
-        if captured:
-            matched.add(iid)
-    return inserted
+    return {(iid, source) for iid, source in conn.execute(_PG_INSERT, {"rows": rows, "now": now})}
 
 
 _PG_COPY = "COPY label (inference_id, source, label, label_time, received_at) FROM STDIN"
@@ -254,19 +253,25 @@ def _insert_sqlite(conn: Connection, labels: Sequence[LabelIn], now: datetime) -
     return inserted
 
 
-def captured_ids(conn: Connection, ids: Iterable[str]) -> set[str]:
-    """Which of ``ids`` the server holds a capture of."""
+Capture = tuple[str, str, str | None]  # model sha256, hardware id, predicted top-1
+
+
+def captures_of(conn: Connection, ids: Iterable[str]) -> dict[str, Capture]:
+    """The captures the server holds of ``ids``: what each is attributed to and predicted."""
     wanted = list(dict.fromkeys(ids))
     if not wanted:
-        return set()
+        return {}
     if conn.dialect.name == "postgresql":
-        return {r[0] for r in conn.execute(_PG_CAPTURED, {"ids": wanted})}
-    found: set[str] = set()
+        return {r[0]: (r[1], r[2], r[3]) for r in conn.execute(_PG_CAPTURED, {"ids": wanted})}
+    found: dict[str, Capture] = {}
     for start in range(0, len(wanted), _SQLITE_CHUNK):
         chunk = wanted[start : start + _SQLITE_CHUNK]
         marks = ", ".join("?" for _ in chunk)
-        sql = f"SELECT inference_id FROM captureitem WHERE inference_id IN ({marks})"
-        found.update(r[0] for r in conn.exec_driver_sql(sql, tuple(chunk)))
+        sql = (
+            "SELECT inference_id, model_sha256, hardware_id, predicted FROM captureitem"
+            f" WHERE inference_id IN ({marks})"
+        )
+        found.update((r[0], (r[1], r[2], r[3])) for r in conn.exec_driver_sql(sql, tuple(chunk)))
     return found
 
 
@@ -274,20 +279,24 @@ def store(engine: Engine, items: Sequence[Any], now: datetime) -> list[Outcome]:
     """Judge and store one batch; the outcome of every item, in order."""
     fresh, outcomes = judge(items, now)
     inserted: set[tuple[str, str]] = set()
-    matched: set[str] = set()
+    captures: dict[str, Capture] = {}
     if fresh:
         with engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                if _copy_pg(conn, fresh, now):
-                    inserted = {(x.inference_id, x.source) for x in fresh}
-                    matched = captured_ids(conn, (x.inference_id for x in fresh))
-                else:
-                    inserted = _insert_pg(conn, fresh, now, matched)
-                    again = [x.inference_id for x in fresh if (x.inference_id, x.source) not in inserted]
-                    matched |= captured_ids(conn, again)  # duplicates: few, looked up apart
-            else:
+            if conn.dialect.name != "postgresql":
                 inserted = _insert_sqlite(conn, fresh, now)
-                matched = captured_ids(conn, (x.inference_id for x in fresh))
+            elif _copy_pg(conn, fresh, now):
+                inserted = {(x.inference_id, x.source) for x in fresh}
+            else:
+                inserted = _insert_pg(conn, fresh, now)
+            captures = captures_of(conn, (x.inference_id for x in fresh))
+            if captures:  # new labels of captured inferences feed the accuracy SLI
+                met = [
+                    (*captures[x.inference_id][:2], x.label, captures[x.inference_id][2])
+                    for x in fresh
+                    if x.inference_id in captures and (x.inference_id, x.source) in inserted
+                ]
+                add_counts(conn, tally(met), now)
+    matched = captures.keys()
     it = iter(fresh)
     out: list[Outcome] = []
     for o in outcomes:
@@ -328,7 +337,7 @@ __all__ = [
     "LabelIn",
     "Outcome",
     "answer",
-    "captured_ids",
+    "captures_of",
     "check",
     "judge",
     "store",

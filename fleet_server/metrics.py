@@ -168,7 +168,9 @@ class FleetCollector(Collector):
                 "edgefleet_model_request_errors", "local API requests that got no prediction", labels=labels
             ),
             "labels": CounterMetricFamily(
-                "edgefleet_model_labels", "predictions labelled with the truth", labels=labels
+                "edgefleet_model_labels",
+                "predictions labelled with the truth: on devices, and posted to the server for a capture",
+                labels=labels,
             ),
             "labels_correct": CounterMetricFamily(
                 "edgefleet_model_labels_correct", "labelled predictions that were right", labels=labels

@@ -1,8 +1,9 @@
 """The SLO core's edge: telemetry totals read from the store, samples, alerts and windows kept in it.
 
 The ingest keeps running totals per (device, model hash) (``ModelAggregate``);
-one pass sums them per (model hash, hardware id), and each SLO takes the sum of
-its model's versions on its cohort. Samples, alerts, planned-rollout windows and
+one pass sums them per (model hash, hardware id), adds the server-side label
+counts (``ServerLabelCount``), and each SLO takes the sum of its model's
+versions on its cohort. Samples, alerts, planned-rollout windows and
 overrides are rows; the decisions on them are ``fleet_server.slo``'s.
 """
 
@@ -18,7 +19,16 @@ from sqlalchemy import delete
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from fleet_server.models import Device, Model, ModelAggregate, PlannedWindow, Slo, SloAlert, SloSample
+from fleet_server.models import (
+    Device,
+    Model,
+    ModelAggregate,
+    PlannedWindow,
+    ServerLabelCount,
+    Slo,
+    SloAlert,
+    SloSample,
+)
 from fleet_server.slo.alerts import Alert, AlertKey, AlertState, Silence
 from fleet_server.slo.series import Sample, Totals
 from fleet_server.slo.spec import Severity, SloSpec, spec_from
@@ -41,7 +51,22 @@ class VersionName:
 
 
 def cohort_totals(session: Session) -> dict[Cohort, Totals]:
-    """Every model hash's running totals per hardware id, summed over the devices (one pass)."""
+    """Every model hash's running totals per hardware id, summed over the devices (one pass), with the
+    labels posted to the server that met a captured prediction added to the ones devices matched."""
+    totals = _device_totals(session)
+    for sha, hw, n, correct in session.execute(
+        sa_select(
+            col(ServerLabelCount.model_sha256),
+            col(ServerLabelCount.hardware_id),
+            col(ServerLabelCount.labels),
+            col(ServerLabelCount.labels_correct),
+        )
+    ):
+        totals[(sha, hw)] = totals.get((sha, hw), Totals()) + Totals(labels=n, labels_correct=correct)
+    return totals
+
+
+def _device_totals(session: Session) -> dict[Cohort, Totals]:
     rows = session.execute(
         sa_select(
             col(ModelAggregate.sha256),
