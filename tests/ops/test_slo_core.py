@@ -45,7 +45,7 @@ def test_defaults_are_a_guarded_fast_page_then_the_workbook_rules() -> None:
         (Severity.PAGE, 6.0, 6 * HOUR, 30 * MIN, 0),
         (Severity.TICKET, 1.0, 3 * DAY, 6 * HOUR, 0),
     ]
-    assert DEFAULT_RULES == (FAST_PAGE_RULE, *WORKBOOK_RULES)
+    assert (FAST_PAGE_RULE, *WORKBOOK_RULES) == DEFAULT_RULES
     # the workbook's budget shares of a 30-day window: 2%, 5%, 10%
     assert [round(r.budget_share(30 * DAY), 3) for r in WORKBOOK_RULES] == [0.02, 0.05, 0.1]
     # a spec without rules gets the defaults, and its stored form keeps the guard
