@@ -25,6 +25,15 @@ from sqlalchemy import func
 from sqlmodel import col, select
 
 from device_agent.protocol import INPUT_CHECKS, LATENCY_BOUNDS_US
+from fleet_server.debug_series import (
+    CLASS_KINDS,
+    DEBUG_CLASSES,
+    DEBUG_GROUPS,
+    DEBUG_INPUTS,
+    Detail,
+    class_series,
+    input_series,
+)
 from fleet_server.lifecycle import RolloutState
 from fleet_server.models import Device, Rollout, SloAlert
 from fleet_server.slo.alerts import AlertState
@@ -78,6 +87,23 @@ def model_groups(
         key = ("other", "other", "other")
         out[key] = out[key] + t if key in out else t
     return out
+
+
+def debug_groups(
+    cohorts: Mapping[Cohort, Totals], details: Mapping[Cohort, Detail], names: Mapping[str, VersionName]
+) -> dict[tuple[str, str, str], Detail]:
+    """The per-input and per-class figures of the ``DEBUG_GROUPS`` busiest (model, version, cohort)
+    groups (named as ``model_groups`` names them)."""
+    inferences: dict[tuple[str, str, str], int] = {}
+    pooled: dict[tuple[str, str, str], Detail] = {}
+    for (sha, hw), detail in details.items():
+        named = names.get(sha)
+        key = (named.name, named.version, hw) if named else ("unknown", "unknown", hw)
+        t = cohorts.get((sha, hw))
+        inferences[key] = inferences.get(key, 0) + (t.inferences if t else 0)
+        pooled[key] = pooled[key] + detail if key in pooled else detail
+    busiest = sorted(pooled, key=lambda k: (-inferences[k], k))[:DEBUG_GROUPS]
+    return {k: pooled[k] for k in busiest}
 
 
 class FleetCollector(Collector):
@@ -201,6 +227,35 @@ class FleetCollector(Collector):
         yield cpu
         yield checks
         yield latency
+        yield from self._details(last)
+
+    def _details(self, last: Evaluation | None) -> Iterator[Metric]:
+        """Per input and per class, for the busiest groups only (``fleet_server.debug_series``)."""
+        labels = ["model", "version", "cohort"]
+        by_input = CounterMetricFamily(
+            "edgefleet_model_input_checks_by_input",
+            f"inputs checked on devices, per input tensor, and of them with NaN, a missing feature or a"
+            f" value outside the calibration range (the {DEBUG_GROUPS} busiest groups; {DEBUG_INPUTS}"
+            f" inputs each, the rest as other)",
+            labels=[*labels, "input", "result"],
+        )
+        by_class = CounterMetricFamily(
+            "edgefleet_model_class",
+            f"per top-1 class: predictions, labelled predictions whose truth it is, labelled predictions"
+            f" of it, and right ones (the {DEBUG_GROUPS} busiest groups; {DEBUG_CLASSES} classes each,"
+            f" the rest as other)",
+            labels=[*labels, "class", "kind"],
+        )
+        if last is not None:
+            for key, detail in debug_groups(last.cohorts, last.details, last.names).items():
+                for name, counts in input_series(detail).items():
+                    for result, n in zip(INPUT_CHECKS, counts, strict=True):
+                        by_input.add_metric([*key, name, result], float(n))
+                for c, row in class_series(detail).items():
+                    for kind in CLASS_KINDS:
+                        by_class.add_metric([*key, c, kind], float(row[kind]))
+        yield by_input
+        yield by_class
 
     def _slos(self) -> Iterator[Metric]:
         last = self._last()

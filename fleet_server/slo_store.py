@@ -19,6 +19,7 @@ from sqlalchemy import delete
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
+from fleet_server.debug_series import Detail, pooled
 from fleet_server.models import (
     Device,
     Model,
@@ -53,7 +54,13 @@ class VersionName:
 def cohort_totals(session: Session) -> dict[Cohort, Totals]:
     """Every model hash's running totals per hardware id, summed over the devices (one pass), with the
     labels posted to the server that met a captured prediction added to the ones devices matched."""
-    totals = _device_totals(session)
+    return cohort_figures(session)[0]
+
+
+def cohort_figures(session: Session) -> tuple[dict[Cohort, Totals], dict[Cohort, Detail]]:
+    """``cohort_totals``, and from the same rows the per-input and per-class figures of each cohort
+    (``fleet_server.debug_series``)."""
+    totals, details = _device_totals(session)
     for sha, hw, n, correct in session.execute(
         sa_select(
             col(ServerLabelCount.model_sha256),
@@ -63,10 +70,10 @@ def cohort_totals(session: Session) -> dict[Cohort, Totals]:
         )
     ):
         totals[(sha, hw)] = totals.get((sha, hw), Totals()) + Totals(labels=n, labels_correct=correct)
-    return totals
+    return totals, details
 
 
-def _device_totals(session: Session) -> dict[Cohort, Totals]:
+def _device_totals(session: Session) -> tuple[dict[Cohort, Totals], dict[Cohort, Detail]]:
     rows = session.execute(
         sa_select(
             col(ModelAggregate.sha256),
@@ -81,11 +88,16 @@ def _device_totals(session: Session) -> dict[Cohort, Totals]:
             col(ModelAggregate.labels_correct),
             col(ModelAggregate.cpu_ms),
             col(ModelAggregate.input_checks),
+            col(ModelAggregate.class_hist),
+            col(ModelAggregate.confusion),
         ).join(Device, col(Device.id) == col(ModelAggregate.device_id))
     ).all()
     groups: dict[Cohort, list[Any]] = {}
     for r in rows:
         groups.setdefault((r.sha256, r.hardware_id), []).append(r)
+    details = {
+        key: pooled((r.input_checks, r.class_hist, r.confusion) for r in rs) for key, rs in groups.items()
+    }
     return {
         key: Totals(
             sum(r.inferences for r in rs),
@@ -100,7 +112,7 @@ def _device_totals(session: Session) -> dict[Cohort, Totals]:
             _columns(c for r in rs if r.input_checks for c in r.input_checks.values()),
         )
         for key, rs in groups.items()
-    }
+    }, details
 
 
 def _columns(histograms: Iterable[Sequence[int] | None]) -> tuple[int, ...]:
