@@ -230,3 +230,21 @@ def test_the_answer_is_the_json_of_every_outcome_and_their_counts() -> None:
         "results": [],
         "counts": {"accepted": 0, "duplicate": 0, "invalid": 0, "matched": 0},
     }
+
+
+def test_labels_come_back_as_posted_through_copy(fresh_pg: str, tmp_path: Path) -> None:
+    """Text that COPY's format escapes (backslash, tab, newline, quotes) and non-ASCII, stored by the
+    optimistic COPY on PostgreSQL, reads back exactly as posted."""
+    from fleet_server import labels
+    from fleet_server.settings import ServerSettings
+    from fleet_server.store import make_engine
+
+    engine = make_engine(ServerSettings(data_dir=tmp_path, database_url=fresh_pg))
+    posted = {new_id(): 'a\\b\t"c"\nd é ✓', new_id(): ["\\N", "x\ty", 2, 1.5], new_id(): 7}
+    try:
+        out = labels.store(engine, [label(i, label=v) for i, v in posted.items()], datetime.now(UTC))
+        assert [o.status for o in out] == ["accepted"] * 3
+        with Session(engine) as session:
+            assert {r.inference_id: r.label for r in session.exec(select(Label)).all()} == posted
+    finally:
+        engine.dispose()
