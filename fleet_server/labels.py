@@ -180,9 +180,11 @@ _PG_INSERT = text(
     " AS r(i varchar, s varchar, l json, t timestamptz)"
     " ON CONFLICT (inference_id, source) DO NOTHING RETURNING inference_id, source"
 )
+# the ids as one comma-joined text split by the server: psycopg adapts a list of 7,000 strings to
+# an array element by element in Python (~2.5 us an id, measured), a single string costs nothing
 _PG_CAPTURED = text(
     "SELECT inference_id, model_sha256, hardware_id, predicted FROM captureitem"
-    " WHERE inference_id = ANY(CAST(:ids AS varchar[]))"
+    " WHERE inference_id = ANY(string_to_array(:ids, ','))"
 )
 
 
@@ -257,12 +259,14 @@ Capture = tuple[str, str, str | None]  # model sha256, hardware id, predicted to
 
 
 def captures_of(conn: Connection, ids: Iterable[str]) -> dict[str, Capture]:
-    """The captures the server holds of ``ids``: what each is attributed to and predicted."""
+    """The captures the server holds of ``ids`` (canonical UUIDs: no commas): what each is
+    attributed to and predicted."""
     wanted = list(dict.fromkeys(ids))
     if not wanted:
         return {}
     if conn.dialect.name == "postgresql":
-        return {r[0]: (r[1], r[2], r[3]) for r in conn.execute(_PG_CAPTURED, {"ids": wanted})}
+        joined = ",".join(wanted)
+        return {r[0]: (r[1], r[2], r[3]) for r in conn.execute(_PG_CAPTURED, {"ids": joined})}
     found: dict[str, Capture] = {}
     for start in range(0, len(wanted), _SQLITE_CHUNK):
         chunk = wanted[start : start + _SQLITE_CHUNK]
