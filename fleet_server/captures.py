@@ -267,8 +267,8 @@ def store(engine: Engine, root: Path, device_id: str, batch_id: str, body: bytes
                 table = CaptureItem.__table__  # type: ignore[attr-defined]
                 insert = dialect.insert(table).on_conflict_do_nothing().returning(table.c.inference_id)
                 new = {r[0] for r in conn.execute(insert, rows)}
-                _count_labels(conn, [x for x in parsed.items if x.inference_id in new], parsed.model_sha256,
-                              hardware_id)  # fmt: skip
+                fresh = [x for x in parsed.items if x.inference_id in new]
+                _count_labels(conn, fresh, parsed.model_sha256, hardware_id)
             session.commit()
             session.refresh(batch)
     except IntegrityError:  # the same batch id stored meanwhile by a concurrent upload

@@ -43,8 +43,7 @@ def upgrade() -> None:
             " JOIN captureitem c ON c.inference_id = l.inference_id WHERE c.predicted IS NOT NULL"
         )
     )
-    counts = tally((sha, hw, json.loads(label), predicted)
-                   for sha, hw, label, predicted in rows)  # fmt: skip
+    counts = tally((sha, hw, json.loads(label), predicted) for sha, hw, label, predicted in rows)
     add_counts(conn, counts, datetime.now(UTC))
 
 
