@@ -29,20 +29,31 @@ import math
 import os
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from fleet_server.errors import ApiError
 from fleet_server.labels import INFERENCE_ID_RE
-from fleet_server.models import CaptureBatch, CaptureItem, Device, Model, Rollout, RolloutDevice, utcnow
+from fleet_server.models import (
+    CaptureBatch,
+    CaptureItem,
+    Device,
+    Label,
+    Model,
+    Rollout,
+    RolloutDevice,
+    utcnow,
+)
+from fleet_server.server_label_counts import add_counts, tally
 from signing import safejson
 
 log = logging.getLogger(__name__)
@@ -251,8 +262,13 @@ def store(engine: Engine, root: Path, device_id: str, batch_id: str, body: bytes
             session.add(batch)
             session.flush()
             if rows:  # an inference id seen before (a device bug) keeps its first row
+                conn = session.connection()
                 dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-                session.execute(dialect.insert(CaptureItem).on_conflict_do_nothing(), rows)
+                table = CaptureItem.__table__  # type: ignore[attr-defined]
+                insert = dialect.insert(table).on_conflict_do_nothing().returning(table.c.inference_id)
+                new = {r[0] for r in conn.execute(insert, rows)}
+                fresh = [x for x in parsed.items if x.inference_id in new]
+                _count_labels(conn, fresh, parsed.model_sha256, hardware_id)
             session.commit()
             session.refresh(batch)
     except IntegrityError:  # the same batch id stored meanwhile by a concurrent upload
@@ -265,6 +281,19 @@ def store(engine: Engine, root: Path, device_id: str, batch_id: str, body: bytes
                 (root / relative).unlink()
         return _again(known, digest)
     return Stored(True, batch, parsed.skipped)
+
+
+def _count_labels(conn: Connection, items: Sequence[Item], sha: str, hardware_id: str) -> None:
+    """Score the labels that came before these new captures against their predictions, for the
+    accuracy SLI (``fleet_server.server_label_counts``; labels that come after count themselves)."""
+    predicted = {x.inference_id: x.predicted for x in items if x.predicted is not None}
+    ids = list(predicted)
+    met: list[tuple[str, str, Any, str | None]] = []
+    for start in range(0, len(ids), 1000):  # bound the IN list (SQLite's parameter limit)
+        chunk = ids[start : start + 1000]
+        rows = conn.execute(select(Label.inference_id, Label.label).where(col(Label.inference_id).in_(chunk)))
+        met.extend((sha, hardware_id, label, predicted[iid]) for iid, label in rows)
+    add_counts(conn, tally(met), utcnow())
 
 
 def _again(known: CaptureBatch, digest: str) -> Stored:

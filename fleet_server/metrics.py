@@ -25,6 +25,15 @@ from sqlalchemy import func
 from sqlmodel import col, select
 
 from device_agent.protocol import INPUT_CHECKS, LATENCY_BOUNDS_US
+from fleet_server.debug_series import (
+    CLASS_KINDS,
+    DEBUG_CLASSES,
+    DEBUG_GROUPS,
+    DEBUG_INPUTS,
+    Detail,
+    class_series,
+    input_series,
+)
 from fleet_server.lifecycle import RolloutState
 from fleet_server.models import Device, Rollout, SloAlert
 from fleet_server.slo.alerts import AlertState
@@ -78,6 +87,23 @@ def model_groups(
         key = ("other", "other", "other")
         out[key] = out[key] + t if key in out else t
     return out
+
+
+def debug_groups(
+    cohorts: Mapping[Cohort, Totals], details: Mapping[Cohort, Detail], names: Mapping[str, VersionName]
+) -> dict[tuple[str, str, str], Detail]:
+    """The per-input and per-class figures of the ``DEBUG_GROUPS`` busiest (model, version, cohort)
+    groups (named as ``model_groups`` names them)."""
+    inferences: dict[tuple[str, str, str], int] = {}
+    pooled: dict[tuple[str, str, str], Detail] = {}
+    for (sha, hw), detail in details.items():
+        named = names.get(sha)
+        key = (named.name, named.version, hw) if named else ("unknown", "unknown", hw)
+        t = cohorts.get((sha, hw))
+        inferences[key] = inferences.get(key, 0) + (t.inferences if t else 0)
+        pooled[key] = pooled[key] + detail if key in pooled else detail
+    busiest = sorted(pooled, key=lambda k: (-inferences[k], k))[:DEBUG_GROUPS]
+    return {k: pooled[k] for k in busiest}
 
 
 class FleetCollector(Collector):
@@ -168,7 +194,9 @@ class FleetCollector(Collector):
                 "edgefleet_model_request_errors", "local API requests that got no prediction", labels=labels
             ),
             "labels": CounterMetricFamily(
-                "edgefleet_model_labels", "predictions labelled with the truth", labels=labels
+                "edgefleet_model_labels",
+                "predictions labelled with the truth: on devices, and posted to the server for a capture",
+                labels=labels,
             ),
             "labels_correct": CounterMetricFamily(
                 "edgefleet_model_labels_correct", "labelled predictions that were right", labels=labels
@@ -199,6 +227,35 @@ class FleetCollector(Collector):
         yield cpu
         yield checks
         yield latency
+        yield from self._details(last)
+
+    def _details(self, last: Evaluation | None) -> Iterator[Metric]:
+        """Per input and per class, for the busiest groups only (``fleet_server.debug_series``)."""
+        labels = ["model", "version", "cohort"]
+        by_input = CounterMetricFamily(
+            "edgefleet_model_input_checks_by_input",
+            f"inputs checked on devices, per input tensor, and of them with NaN, a missing feature or a"
+            f" value outside the calibration range (the {DEBUG_GROUPS} busiest groups; {DEBUG_INPUTS}"
+            f" inputs each, the rest as other)",
+            labels=[*labels, "input", "result"],
+        )
+        by_class = CounterMetricFamily(
+            "edgefleet_model_class",
+            f"per top-1 class: predictions, labelled predictions whose truth it is, labelled predictions"
+            f" of it, and right ones (the {DEBUG_GROUPS} busiest groups; {DEBUG_CLASSES} classes each,"
+            f" the rest as other)",
+            labels=[*labels, "class", "kind"],
+        )
+        if last is not None:
+            for key, detail in debug_groups(last.cohorts, last.details, last.names).items():
+                for name, counts in input_series(detail).items():
+                    for result, n in zip(INPUT_CHECKS, counts, strict=True):
+                        by_input.add_metric([*key, name, result], float(n))
+                for c, row in class_series(detail).items():
+                    for kind in CLASS_KINDS:
+                        by_class.add_metric([*key, c, kind], float(row[kind]))
+        yield by_input
+        yield by_class
 
     def _slos(self) -> Iterator[Metric]:
         last = self._last()
@@ -208,6 +265,12 @@ class FleetCollector(Collector):
         bad = CounterMetricFamily("edgefleet_slo_bad_events", "of which bad", labels=labels)
         target = GaugeMetricFamily(
             "edgefleet_slo_target", "the objective's target share of good events", labels=labels
+        )
+        min_events = GaugeMetricFamily(
+            "edgefleet_slo_min_events",
+            "events a rule's short window must hold before it may breach (a rule may ask more: the"
+            " default fast page tier asks 300)",
+            labels=labels,
         )
         remaining = GaugeMetricFamily(
             "edgefleet_slo_error_budget_remaining",
@@ -239,13 +302,14 @@ class FleetCollector(Collector):
                         total.add_metric(key, float(n))
                         bad.add_metric(key, float(b))
                     target.add_metric(key, o.objective.target)
+                    min_events.add_metric(key, float(o.objective.min_events))
                     remaining.add_metric(key, o.budget_remaining)
                     windows = sorted({w for r in o.rules for w in (r.rule.long_s, r.rule.short_s)})
                     for w in windows:
                         wb, wn = window_events(o.objective, samples, status.at, w)
                         rate = (wb / wn) / o.objective.budget if wn else 0.0
                         burn.add_metric([*key, _window(w)], rate)
-        yield from (total, bad, target, remaining, burn, evaluated, evaluated_at)
+        yield from (total, bad, target, min_events, remaining, burn, evaluated, evaluated_at)
 
 
 def _window(seconds: float) -> str:

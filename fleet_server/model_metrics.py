@@ -25,6 +25,7 @@ from typing import Any
 from device_agent.protocol import INPUT_CHECKS, LABEL_DELAY_BOUNDS_S
 from fleet_server.accuracy_stats import wilson
 from fleet_server.gates import add_counts
+from fleet_server.server_label_counts import verdict
 
 CONFIDENCE = 0.95
 ENERGY_NOTE = "devices report no energy figure: null, not estimated"
@@ -151,13 +152,10 @@ def joined_accuracy(pairs: Iterable[tuple[Any, str | None]]) -> dict[str, Any]:
     labels whose inference was captured with its outputs (a label list counts its first row)."""
     n = correct = 0
     for label, predicted in pairs:
-        if predicted is None:
-            continue
-        first = label[0] if isinstance(label, list) and label else label
-        if isinstance(first, bool) or not isinstance(first, int | str):
-            continue
-        n += 1
-        correct += str(first) == predicted
+        right = verdict(label, predicted)
+        if right is not None:
+            n += 1
+            correct += right
     return accuracy(correct, n)
 
 

@@ -310,6 +310,23 @@ class CaptureItem(SQLModel, table=True):
     predicted: str | None = Field(default=None, max_length=64)
 
 
+class ServerLabelCount(SQLModel, table=True):
+    """Labels posted to the server that met a captured prediction, per model hash and hardware
+    cohort, and how many of them the prediction got right: the accuracy SLI adds these to the
+    labels devices matched themselves (``ModelAggregate.labels``).
+
+    Counted when a label and its capture meet, whichever arrives second (``fleet_server.
+    server_label_counts``), so the SLO pass reads one small row per cohort instead of joining
+    every label with its capture each minute.
+    """
+
+    model_sha256: str = Field(primary_key=True, max_length=64)
+    hardware_id: str = Field(primary_key=True, max_length=128)
+    labels: int = 0
+    labels_correct: int = 0
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
 class ApiToken(SQLModel, table=True):
     """An admin API credential. Only the SHA-256 of the token is stored (tokens are 256-bit random,
     so a fast hash is enough: there is nothing to brute-force, unlike a password)."""

@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 from sqlmodel import select
 
 from fleet_server.alert_delivery import deliver_due, enqueue, receivers, resend_firing
+from fleet_server.debug_series import Detail
 from fleet_server.models import Slo, utcnow
 from fleet_server.settings import ServerSettings
 from fleet_server.slo.alerts import AlertKey, AlertState, step_alerts
@@ -30,7 +31,7 @@ from fleet_server.slo.spec import Sli
 from fleet_server.slo_store import (
     Cohort,
     VersionName,
-    cohort_totals,
+    cohort_figures,
     drop_samples,
     epoch,
     load_alerts,
@@ -56,6 +57,7 @@ class Evaluation:
     at: float = 0.0
     statuses: list[SloStatus] = field(default_factory=list)
     cohorts: dict[Cohort, Totals] = field(default_factory=dict)
+    details: dict[Cohort, Detail] = field(default_factory=dict)  # per input and per class
     names: dict[str, VersionName] = field(default_factory=dict)
     alerts: dict[AlertKey, AlertState] = field(default_factory=dict)
     seconds: float = 0.0  # how long it took
@@ -87,7 +89,7 @@ class SloEvaluator:
         self._runs += 1
         with new_session(self.engine) as session:
             slos = session.exec(select(Slo)).all()
-            cohorts = cohort_totals(session)
+            cohorts, details = cohort_figures(session)
             names = version_names(session, {sha for sha, _ in cohorts})
             statuses = []
             for row in slos:
@@ -129,6 +131,7 @@ class SloEvaluator:
             t,
             statuses,
             cohorts,
+            details,
             names,
             {k: a.state for k, a in step.alerts.items()},
             time.perf_counter() - started,

@@ -71,10 +71,17 @@ class RuleIn(BaseModel):
     short: str = Field(
         description="the short window (5m): the alert stops soon after the burn does", max_length=16
     )
+    min_events: int | None = Field(
+        default=None,
+        ge=0,
+        description="events the short window must hold before the rule may breach, on top of the"
+        " objective's min_events (the larger counts); the default fast page tier asks 300",
+    )
 
 
 class SloIn(BaseModel):
-    """An SLO to create. Without 'rules' the SRE workbook's defaults apply (docs/slo.md)."""
+    """An SLO to create. Without 'rules' the default policy applies: a fast page tier and the SRE
+    workbook's three rules (docs/slo.md)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [SLO_EXAMPLE]})
 
@@ -105,7 +112,9 @@ class SloOut(BaseModel):
     objectives: list[dict[str, Any]] = Field(
         description="the objectives: sli, target, window, threshold, min_events"
     )
-    rules: list[dict[str, Any]] = Field(description="the burn-rate rules: severity, factor, long, short")
+    rules: list[dict[str, Any]] = Field(
+        description="the burn-rate rules: severity, factor, long, short (and min_events when set)"
+    )
     labels: dict[str, str] = Field(description="extra labels on its alerts")
     created_at: datetime = Field(description="when it was created")
     created_by: str = Field(description="who created it")

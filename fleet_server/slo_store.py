@@ -1,8 +1,9 @@
 """The SLO core's edge: telemetry totals read from the store, samples, alerts and windows kept in it.
 
 The ingest keeps running totals per (device, model hash) (``ModelAggregate``);
-one pass sums them per (model hash, hardware id), and each SLO takes the sum of
-its model's versions on its cohort. Samples, alerts, planned-rollout windows and
+one pass sums them per (model hash, hardware id), adds the server-side label
+counts (``ServerLabelCount``), and each SLO takes the sum of its model's
+versions on its cohort. Samples, alerts, planned-rollout windows and
 overrides are rows; the decisions on them are ``fleet_server.slo``'s.
 """
 
@@ -18,7 +19,17 @@ from sqlalchemy import delete
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from fleet_server.models import Device, Model, ModelAggregate, PlannedWindow, Slo, SloAlert, SloSample
+from fleet_server.debug_series import Detail, pooled
+from fleet_server.models import (
+    Device,
+    Model,
+    ModelAggregate,
+    PlannedWindow,
+    ServerLabelCount,
+    Slo,
+    SloAlert,
+    SloSample,
+)
 from fleet_server.slo.alerts import Alert, AlertKey, AlertState, Silence
 from fleet_server.slo.series import Sample, Totals
 from fleet_server.slo.spec import Severity, SloSpec, spec_from
@@ -41,7 +52,28 @@ class VersionName:
 
 
 def cohort_totals(session: Session) -> dict[Cohort, Totals]:
-    """Every model hash's running totals per hardware id, summed over the devices (one pass)."""
+    """Every model hash's running totals per hardware id, summed over the devices (one pass), with the
+    labels posted to the server that met a captured prediction added to the ones devices matched."""
+    return cohort_figures(session)[0]
+
+
+def cohort_figures(session: Session) -> tuple[dict[Cohort, Totals], dict[Cohort, Detail]]:
+    """``cohort_totals``, and from the same rows the per-input and per-class figures of each cohort
+    (``fleet_server.debug_series``)."""
+    totals, details = _device_totals(session)
+    for sha, hw, n, correct in session.execute(
+        sa_select(
+            col(ServerLabelCount.model_sha256),
+            col(ServerLabelCount.hardware_id),
+            col(ServerLabelCount.labels),
+            col(ServerLabelCount.labels_correct),
+        )
+    ):
+        totals[(sha, hw)] = totals.get((sha, hw), Totals()) + Totals(labels=n, labels_correct=correct)
+    return totals, details
+
+
+def _device_totals(session: Session) -> tuple[dict[Cohort, Totals], dict[Cohort, Detail]]:
     rows = session.execute(
         sa_select(
             col(ModelAggregate.sha256),
@@ -56,11 +88,16 @@ def cohort_totals(session: Session) -> dict[Cohort, Totals]:
             col(ModelAggregate.labels_correct),
             col(ModelAggregate.cpu_ms),
             col(ModelAggregate.input_checks),
+            col(ModelAggregate.class_hist),
+            col(ModelAggregate.confusion),
         ).join(Device, col(Device.id) == col(ModelAggregate.device_id))
     ).all()
     groups: dict[Cohort, list[Any]] = {}
     for r in rows:
         groups.setdefault((r.sha256, r.hardware_id), []).append(r)
+    details = {
+        key: pooled((r.input_checks, r.class_hist, r.confusion) for r in rs) for key, rs in groups.items()
+    }
     return {
         key: Totals(
             sum(r.inferences for r in rs),
@@ -75,7 +112,7 @@ def cohort_totals(session: Session) -> dict[Cohort, Totals]:
             _columns(c for r in rs if r.input_checks for c in r.input_checks.values()),
         )
         for key, rs in groups.items()
-    }
+    }, details
 
 
 def _columns(histograms: Iterable[Sequence[int] | None]) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ from edgefleet.commands.common import (
     fail,
     print_json,
 )
-from fleet_server.slo.spec import DEFAULT_RULES, FAST_PAGE_RULE
+from fleet_server.slo.spec import WORKBOOK_RULES
 
 slo_app = typer.Typer(
     help="Service level objectives per model: error budgets, burn-rate alerts (docs/slo.md).",
@@ -115,15 +115,18 @@ def slo_create(
     fast_page: Annotated[
         bool,
         typer.Option(
-            "--fast-page",
-            help="Add a page at 14.4x over 5m and 1m to the defaults: pages in minutes, not ~40.",
+            "--fast-page/--no-fast-page",
+            help="The default policy has a page at 14.4x over 5m and 1m (with 300 events in the"
+            " minute) before the SRE workbook's three rules: it pages in minutes, not ~40."
+            " --no-fast-page keeps the workbook's rules only.",
         ),
-    ] = False,
+    ] = True,
     server: ServerOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create an SLO: one objective per flag given, the SRE workbook's burn-rate rules."""
+    """Create an SLO: one objective per flag given; burn-rate rules: a fast page tier and the SRE
+    workbook's three."""
     objectives = objectives_of(
         window, availability, error_rate, latency_p95, latency_p99, drift_psi, drift_target, accuracy
     )
@@ -139,8 +142,8 @@ def slo_create(
         "hardware_id": hardware_id,
         "objectives": objectives,
     }
-    if fast_page:
-        body["rules"] = [r.as_dict() for r in (FAST_PAGE_RULE, *DEFAULT_RULES)]
+    if not fast_page:
+        body["rules"] = [r.as_dict() for r in WORKBOOK_RULES]
     with client(server, token) as conn:
         out = api(lambda: conn.create_slo(body))
     if as_json:

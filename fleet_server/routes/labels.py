@@ -9,9 +9,6 @@ The answer is serialised directly: a 10,000-item batch must not pay for a respon
 
 from __future__ import annotations
 
-import json
-from collections import Counter
-
 from fastapi import Depends, Request, Response
 from fastapi.routing import APIRouter
 
@@ -43,11 +40,6 @@ def post_labels(body: LabelsIn, request: Request, c: Ctx) -> Response:
         raise ApiError(
             413, "too_many_labels", f"{len(body.labels)} labels in one batch; at most {labels.MAX_ITEMS}"
         )
-    outcomes = labels.store(c.engine, body.labels, utcnow())
-    counts = Counter(o.status for o in outcomes)
-    summary = {s: counts.get(s, 0) for s in ("accepted", "duplicate", "invalid")}
-    summary["matched"] = sum(1 for o in outcomes if o.matched)
-    request.state.audit_detail = ", ".join(f"{n} {s}" for s, n in summary.items())
-    results = [{"status": o.status, "matched": o.matched, "detail": o.detail} for o in outcomes]
-    data = json.dumps({"results": results, "counts": summary}, separators=(",", ":"))
+    data, counts = labels.answer(labels.store(c.engine, body.labels, utcnow()))
+    request.state.audit_detail = ", ".join(f"{n} {s}" for s, n in counts.items())
     return Response(data, media_type="application/json")

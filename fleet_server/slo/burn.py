@@ -2,7 +2,8 @@
 
 Pure: a spec and its samples in, a status out. A rule breaches when the burn rate
 exceeds its factor over both its windows and the short window holds the
-objective's minimum of events (a handful of requests says nothing).
+objective's minimum of events and the rule's, whichever is larger (a handful of
+requests says nothing).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def evaluate_objective(
         lb, lt = window_events(objective, samples, now, rule.long_s)
         sb, st = window_events(objective, samples, now, rule.short_s)
         long_burn, short_burn = burn_rate(lb, lt, objective), burn_rate(sb, st, objective)
-        breaching = st >= objective.min_events and long_burn > rule.factor and short_burn > rule.factor
+        enough = st >= max(objective.min_events, rule.min_events)
+        breaching = enough and long_burn > rule.factor and short_burn > rule.factor
         statuses.append(RuleStatus(rule, long_burn, short_burn, st, breaching))
     return ObjectiveStatus(
         objective, sli_value(bad, total), total, bad, budget_remaining(bad, total, objective), tuple(statuses)

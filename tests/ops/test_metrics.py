@@ -61,6 +61,9 @@ def add_devices(server: ServerThread, start: int, n: int, shas: list[str]) -> No
                     errors=i % 7,
                     latency_buckets=LATENCY,
                     input_checks={"x": [100, 1, 2, 3], "y": [100, 0, 5, 0]},
+                    # 15 classes predicted: past the debug bound of 10, the rest summed as other
+                    class_hist={str(c): 100 + 10 * c for c in range(15)},
+                    confusion={"3:3": 4, "3:5": 1, "5:5": 2, "14:3": 1},
                 )
             )
         session.commit()
@@ -113,6 +116,25 @@ def test_metrics_series_do_not_grow_with_the_fleet(
         large["edgefleet_slo_events_total" + slo] == 420_000 and large["edgefleet_slo_target" + slo] == 0.995
     )
     assert any(k.startswith("edgefleet_slo_burn_rate") and '"window": "1h"' in k for k in large)
+    # per input and per class (the debug dashboard), bounded: 10 classes by name, the rest as other
+    y = '{"cohort": "rpi4", "input": "y", "model": "det", "result": "missing", "version": "1"}'
+    assert large["edgefleet_model_input_checks_by_input_total" + y] == 5 * 210
+    v1_classes = {
+        json.loads(k[k.index("{") :])["class"]
+        for k in large
+        if k.startswith("edgefleet_model_class_total") and '"cohort": "rpi4"' in k and '"version": "1"' in k
+    }
+    assert v1_classes == {str(c) for c in range(5, 15)} | {"other"}, v1_classes
+    cls = '{"class": "%s", "cohort": "rpi4", "kind": "%s", "model": "det", "version": "1"}'
+    assert large["edgefleet_model_class_total" + cls % ("14", "predictions")] == 240 * 210
+    assert (
+        large["edgefleet_model_class_total" + cls % ("other", "predictions")]
+        == (100 + 110 + 120 + 130 + 140) * 210
+    )
+    # class 3 is folded into other: its labels count there (truth 3: 5, predicted 3: 5, right: 4)
+    assert large["edgefleet_model_class_total" + cls % ("other", "true")] == 5 * 210
+    assert large["edgefleet_model_class_total" + cls % ("5", "correct")] == 2 * 210
+    assert large["edgefleet_model_class_total" + cls % ("5", "predicted")] == 3 * 210
 
 
 def test_healthz_and_readyz(server: ServerThread, client: httpx.Client) -> None:

@@ -36,7 +36,13 @@ def test_slos_are_created_checked_listed_and_audited(client: httpx.Client) -> No
     r = client.post("/api/v1/slos", json=SLO)
     assert r.status_code == 201, r.text
     out = r.json()
-    assert [x["factor"] for x in out["rules"]] == [14.4, 6.0, 1.0]  # the workbook defaults filled in
+    # the defaults filled in: the guarded fast page tier, then the workbook's three
+    assert [(x["factor"], x["long"], x.get("min_events")) for x in out["rules"]] == [
+        (14.4, "5m", 300),
+        (14.4, "1h", None),
+        (6.0, "6h", None),
+        (1.0, "3d", None),
+    ]
     assert client.post("/api/v1/slos", json=SLO).json()["detail"]["code"] == "slo_exists"
     bad = client.post("/api/v1/slos", json={**SLO, "name": "x", "objectives": [{"sli": "latency_p95"}]})
     assert bad.status_code == 422 and bad.json()["detail"]["code"] == "invalid_slo"

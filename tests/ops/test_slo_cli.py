@@ -58,6 +58,10 @@ def test_slo_create_list_status_and_the_errors(server: ServerThread) -> None:
     assert bad["error"]["code"] == "invalid_slo" and "between 0 and 1" in bad["error"]["message"]
     assert ef(server, "slo", "create", "y", "--model", "det", code=2)["error"]["code"] == "usage_error"
     assert ef(server, "slo", "create", "y", "--model", "det", "--availability", "lots", code=2)
+    workbook = ef(
+        server, "slo", "create", "det-wb", "--model", "det", "--availability", "99%", "--no-fast-page"
+    )
+    assert [r["long"] for r in workbook["rules"]] == ["1h", "6h", "3d"]
 
 
 def test_slo_window_override_and_alerts(server: ServerThread) -> None:

@@ -4,13 +4,18 @@ is refused whole, and the ``labeler`` role may post labels and do nothing else."
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 from sqlmodel import Session, col, select
 
 from fleet_server.models import CaptureItem, Label
@@ -165,3 +170,81 @@ def test_a_label_of_a_captured_inference_is_matched(labels_server: ServerThread)
     ]
     assert [(r["status"], r["matched"]) for r in again["results"]] == [("duplicate", True)]
     assert first["counts"]["matched"] == 1
+
+
+def test_a_batch_racing_another_for_a_key_keeps_the_first_label_and_the_rest(
+    fresh_pg: str, tmp_path: Path
+) -> None:
+    """On PostgreSQL a batch is copied in optimistically; a key another transaction holds makes the
+    copy wait for it, fail on the unique key once it commits, and the batch go through the exact
+    path: that key is a duplicate, every other label of the batch is stored, nothing twice."""
+    from fleet_server import labels
+    from fleet_server.settings import ServerSettings
+    from fleet_server.store import make_engine
+
+    engine = make_engine(ServerSettings(data_dir=tmp_path, database_url=fresh_pg))
+    held, mine = new_id(), [new_id() for _ in range(50)]
+    now = datetime.now(UTC)
+    try:
+        with engine.connect() as other:
+            other.execute(  # another batch, not yet committed, took ``held`` first
+                text(
+                    "INSERT INTO label (inference_id, source, label, label_time, received_at)"
+                    " VALUES (:i, 'app', '7', :t, :t)"
+                ),
+                {"i": held, "t": now},
+            )
+            with ThreadPoolExecutor(1) as pool:
+                racing = pool.submit(
+                    labels.store, engine, [label(i) for i in [*mine[:25], held, *mine[25:]]], now
+                )
+                time.sleep(0.5)
+                assert not racing.done()  # the copy waits on the other transaction's key
+                other.commit()
+                outcomes = racing.result(timeout=30)
+        assert [o.status for o in outcomes] == ["accepted"] * 25 + ["duplicate"] + ["accepted"] * 25
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT inference_id, label FROM label")).all()
+        assert sorted(rows) == sorted([(held, 7)] + [(i, 3) for i in mine])  # the first label stands
+    finally:
+        engine.dispose()
+
+
+def test_the_answer_is_the_json_of_every_outcome_and_their_counts() -> None:
+    from fleet_server.labels import Outcome, answer
+
+    outcomes = [
+        Outcome("accepted", True),
+        Outcome("invalid", detail='label "x\\y" is bad'),
+        Outcome("accepted", False),
+        Outcome("duplicate", True, "this source labelled it before"),
+        Outcome("accepted", True),
+    ]
+    data, counts = answer(outcomes)
+    assert json.loads(data) == {
+        "results": [{"status": o.status, "matched": o.matched, "detail": o.detail} for o in outcomes],
+        "counts": {"accepted": 3, "duplicate": 1, "invalid": 1, "matched": 3},
+    }
+    assert counts == json.loads(data)["counts"]
+    assert json.loads(answer([])[0]) == {
+        "results": [],
+        "counts": {"accepted": 0, "duplicate": 0, "invalid": 0, "matched": 0},
+    }
+
+
+def test_labels_come_back_as_posted_through_copy(fresh_pg: str, tmp_path: Path) -> None:
+    """Text that COPY's format escapes (backslash, tab, newline, quotes) and non-ASCII, stored by the
+    optimistic COPY on PostgreSQL, reads back exactly as posted."""
+    from fleet_server import labels
+    from fleet_server.settings import ServerSettings
+    from fleet_server.store import make_engine
+
+    engine = make_engine(ServerSettings(data_dir=tmp_path, database_url=fresh_pg))
+    posted = {new_id(): 'a\\b\t"c"\nd é ✓', new_id(): ["\\N", "x\ty", 2, 1.5], new_id(): 7}
+    try:
+        out = labels.store(engine, [label(i, label=v) for i, v in posted.items()], datetime.now(UTC))
+        assert [o.status for o in out] == ["accepted"] * 3
+        with Session(engine) as session:
+            assert {r.inference_id: r.label for r in session.exec(select(Label)).all()} == posted
+    finally:
+        engine.dispose()

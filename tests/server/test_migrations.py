@@ -19,7 +19,7 @@ from fleet_server.models import Rollout, RolloutDecision
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine
 
-HEAD = "0010"
+HEAD = "0011"
 
 
 def _assert_models_match(url: str) -> None:
@@ -149,4 +149,42 @@ def test_postgres_replicas_starting_together_migrate_once(fresh_pg: str, tmp_pat
     _assert_models_match(fresh_pg)
     engine = create_engine(fresh_pg)
     assert "rolloutdevice" in inspect(engine).get_table_names()
+    engine.dispose()
+
+
+def test_labels_that_met_their_capture_before_the_counts_existed_are_counted_on_upgrade(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    command.upgrade(alembic_config(url), "0010")
+    raw = create_engine(url)
+    with raw.begin() as conn:
+        for iid, predicted in (("i1", "3"), ("i2", "1"), ("i3", None)):
+            conn.execute(
+                text(
+                    "INSERT INTO captureitem (inference_id, device_id, batch_id, position, model_sha256,"
+                    " hardware_id, ts, predicted) VALUES (:i, 'd', 'b', 0, 'sha', 'rpi4', '2026-01-01', :p)"
+                ),
+                {"i": iid, "p": predicted},
+            )
+        for iid, source, label in (
+            ("i1", "app", "3"),
+            ("i1", "qa", '"3"'),
+            ("i2", "app", "[3]"),
+            ("i3", "app", "1"),
+        ):
+            conn.execute(
+                text(
+                    "INSERT INTO label (inference_id, source, label, label_time, received_at)"
+                    " VALUES (:i, :s, :l, '2026-01-01', '2026-01-01')"
+                ),
+                {"i": iid, "s": source, "l": label},
+            )
+    raw.dispose()
+    engine = make_engine(ServerSettings(database_url=url, data_dir=tmp_path))
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT model_sha256, hardware_id, labels, labels_correct FROM serverlabelcount")
+        )
+        assert rows.all() == [("sha", "rpi4", 3, 2)]  # i3: no prediction captured
     engine.dispose()

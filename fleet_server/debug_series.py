@@ -1,0 +1,130 @@
+"""Per-input and per-class figures of the busiest model groups, for the debug dashboard (pure).
+
+The devices count feature checks per input tensor (checked, NaN, missing, outside the
+calibration range: the share outside is a model's input drift, input by input), the top-1
+class of every prediction, and for labelled predictions the confusion cells "true:predicted".
+The SLO pass sums them per (model hash, cohort) (``Detail``); ``/metrics`` exports them for a
+few groups only, since every input and class multiplies the series: the ``DEBUG_GROUPS``
+busiest (model, version, cohort) groups, in each the ``DEBUG_INPUTS`` inputs with the most
+checks and the ``DEBUG_CLASSES`` classes with the most predictions and labels, the rest of
+each summed as ``other``. So the series stay under ``DEBUG_GROUPS x (DEBUG_INPUTS + 1) x 4 +
+DEBUG_GROUPS x (DEBUG_CLASSES + 1) x 4`` however large the fleet, its models or their outputs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from device_agent.protocol import INPUT_CHECKS, OTHER_CLASS
+from fleet_server.gates import add_counts
+
+DEBUG_GROUPS = 5
+DEBUG_INPUTS = 6
+DEBUG_CLASSES = 10
+OTHER = OTHER_CLASS  # the devices' own name for the classes past their bound
+CLASS_KINDS = ("predictions", "true", "predicted", "correct")
+
+
+@dataclass(frozen=True)
+class Detail:
+    """One group's per-input checks (``INPUT_CHECKS`` order), predictions per top-1 class, and
+    confusion cells of its labelled predictions."""
+
+    inputs: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    classes: Mapping[str, int] = field(default_factory=dict)
+    confusion: Mapping[str, int] = field(default_factory=dict)
+
+    def __add__(self, other: Detail) -> Detail:
+        inputs = dict(self.inputs)
+        for name, counts in other.inputs.items():
+            inputs[name] = add_counts(inputs.get(name, ()), counts)
+        return Detail(inputs, _add(self.classes, other.classes), _add(self.confusion, other.confusion))
+
+
+def _add(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for k, n in b.items():
+        out[k] = out.get(k, 0) + n
+    return out
+
+
+Stored = tuple[
+    Mapping[str, Iterable[int]] | None,  # input name -> INPUT_CHECKS counts
+    Mapping[str, int] | None,  # top-1 class -> predictions
+    Mapping[str, int] | None,  # "true:predicted" -> labelled predictions
+]
+
+
+def pooled(devices: Iterable[Stored]) -> Detail:
+    """The sum of many devices' figures as stored (JSON columns, possibly empty or null), in place:
+    a pass sums thousands of devices."""
+    inputs: dict[str, list[int]] = {}
+    classes: Counter[str] = Counter()
+    confusion: Counter[str] = Counter()
+    width = len(INPUT_CHECKS)
+    for checks, hist, cells in devices:
+        for name, counts in (checks or {}).items():
+            acc = inputs.get(name)
+            if acc is None:
+                acc = inputs[name] = [0] * width
+            for i, n in enumerate(list(counts)[:width]):
+                acc[i] += n
+        if hist:
+            classes.update(hist)
+        if cells:
+            confusion.update(cells)
+    return Detail({k: tuple(v) for k, v in inputs.items()}, dict(classes), dict(confusion))
+
+
+def input_series(detail: Detail) -> dict[str, tuple[int, ...]]:
+    """Checks per input: the ``DEBUG_INPUTS`` inputs checked most, the rest summed as ``other``."""
+    ranked = sorted(detail.inputs.items(), key=lambda kv: (-(kv[1][0] if kv[1] else 0), kv[0]))
+    out = dict(ranked[:DEBUG_INPUTS])
+    for _, counts in ranked[DEBUG_INPUTS:]:
+        out[OTHER] = add_counts(out.get(OTHER, ()), counts)
+    return {name: tuple(counts) + (0,) * (len(INPUT_CHECKS) - len(counts)) for name, counts in out.items()}
+
+
+def class_series(detail: Detail) -> dict[str, dict[str, int]]:
+    """Per class (``CLASS_KINDS``): predictions with it as top-1, labelled predictions whose truth it
+    is, labelled predictions of it, and right ones; the ``DEBUG_CLASSES`` busiest classes, the rest
+    summed as ``other`` (precision and recall of ``other`` are those of the classes in it, pooled)."""
+    per: dict[str, dict[str, int]] = {}
+
+    def add(c: str, kind: str, n: int) -> None:
+        row = per.setdefault(c, dict.fromkeys(CLASS_KINDS, 0))
+        row[kind] += n
+
+    for c, n in detail.classes.items():
+        add(c, "predictions", n)
+    for key, n in detail.confusion.items():
+        true, sep, predicted = key.partition(":")
+        if not sep or n <= 0:
+            continue
+        add(true, "true", n)
+        add(predicted, "predicted", n)
+        if true == predicted:
+            add(true, "correct", n)
+    named = sorted(
+        (c for c in per if c != OTHER), key=lambda c: (-(per[c]["predictions"] + per[c]["true"]), c)
+    )
+    out = {c: per[c] for c in named[:DEBUG_CLASSES]}
+    rest = [per[c] for c in named[DEBUG_CLASSES:]] + ([per[OTHER]] if OTHER in per else [])
+    if rest:
+        out[OTHER] = {kind: sum(row[kind] for row in rest) for kind in CLASS_KINDS}
+    return out
+
+
+__all__ = [
+    "CLASS_KINDS",
+    "DEBUG_CLASSES",
+    "DEBUG_GROUPS",
+    "DEBUG_INPUTS",
+    "OTHER",
+    "Detail",
+    "class_series",
+    "input_series",
+    "pooled",
+]
