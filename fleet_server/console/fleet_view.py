@@ -1,0 +1,321 @@
+"""The console's reads that the API has no single call for (fleet counts, a page of rollouts
+with their device counts, a model's delivery status), each one query or a few, and the pure
+shaping of rows for the templates.
+
+The fleet counts are GROUP BYs in the database (one per dimension), so the fleet page costs the
+same few queries at 10,000 devices as at 10; the device table is the API's keyset page.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session, col, func, select
+
+from fleet_server.context import ServerContext
+from fleet_server.lifecycle import DeviceRolloutState as DS
+from fleet_server.models import Device, Model, Rollout, RolloutDevice, Slo, TelemetryBatchRow
+from signing.targets import FLOORS_TARGET, parse_floors
+
+
+@dataclass(frozen=True)
+class FleetCounts:
+    total: int
+    online: int
+    by_state: list[tuple[str, int]]
+    by_hardware: list[tuple[str, int]]
+    by_model: list[tuple[str, int]]
+
+
+def _grouped(session: Session, column: Any) -> list[tuple[str, int]]:
+    rows = session.exec(select(column, func.count()).group_by(column)).all()
+    return sorted(
+        ((str(k) if k is not None else "none", int(n)) for k, n in rows), key=lambda kv: (-kv[1], kv[0])
+    )
+
+
+def fleet_counts(session: Session) -> FleetCounts:
+    by_online = dict(_grouped(session, col(Device.online)))
+    models = session.exec(
+        select(col(Device.running_name), col(Device.running_version), func.count()).group_by(
+            col(Device.running_name), col(Device.running_version)
+        )
+    ).all()
+    by_model = sorted(
+        ((f"{n}:{v}" if n else "none", int(c)) for n, v, c in models), key=lambda kv: (-kv[1], kv[0])
+    )
+    return FleetCounts(
+        total=sum(by_online.values()),
+        online=by_online.get("True", 0),
+        by_state=_grouped(session, col(Device.deployment_state)),
+        by_hardware=_grouped(session, col(Device.hardware_id)),
+        by_model=by_model,
+    )
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    id: str
+    hardware_id: str
+    tags: str
+    online: bool
+    state: str
+    model: str
+    agent_version: str
+    last_seen: datetime | None
+
+
+def device_row(d: Device) -> DeviceRow:
+    return DeviceRow(
+        d.id,
+        d.hardware_id,
+        ", ".join(f"{k}={v}" for k, v in sorted(d.tags.items())),
+        d.online,
+        d.deployment_state or "-",
+        f"{d.running_name}:{d.running_version}" if d.running_name else "-",
+        d.agent_version or "-",
+        d.last_seen,
+    )
+
+
+def shas_in(d: Device, batches: Iterable[TelemetryBatchRow]) -> set[str]:
+    shas = {str(sha) for sha in ((d.reported or {}).get("slots") or {}).values() if sha}
+    for b in batches:
+        shas.update(b.models)
+    return shas
+
+
+def model_names(session: Session, shas: Iterable[str]) -> dict[str, str]:
+    wanted = sorted(set(shas))
+    if not wanted:
+        return {}
+    rows = session.exec(select(Model).where(col(Model.sha256).in_(wanted))).all()
+    return {m.sha256: f"{m.name}:{m.version}" for m in rows}
+
+
+def slots(d: Device, names: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The device's model slots as it last reported them (slot name -> model hash)."""
+    reported = d.reported or {}
+    active = reported.get("active_slot")
+    return [
+        {
+            "name": name,
+            "active": name == active,
+            "model": names.get(str(sha), "-") if sha else "empty",
+            "sha256": str(sha)[:12] if sha else "-",
+        }
+        for name, sha in sorted((reported.get("slots") or {}).items())
+    ]
+
+
+def telemetry_row(b: TelemetryBatchRow, names: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "window_end": b.window_end,
+        "inferences": b.inferences,
+        "errors": b.errors,
+        "models": ", ".join(names.get(sha, sha[:12]) for sha in sorted(b.models)),
+    }
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    id: str
+    model: str
+    state: str
+    stage_text: str
+    devices: int
+    done: int
+    failed: int
+    in_flight: int
+    created_at: datetime
+    updated_at: datetime
+
+
+def rollout_rows(session: Session, rollouts: Sequence[Rollout]) -> list[RolloutRow]:
+    """A page of rollouts with their devices per state: one GROUP BY for the whole page."""
+    ids = [r.id for r in rollouts]
+    counts: dict[str, dict[str, int]] = {i: {} for i in ids}
+    if ids:
+        rows = session.exec(
+            select(col(RolloutDevice.rollout_id), col(RolloutDevice.state), func.count())
+            .where(col(RolloutDevice.rollout_id).in_(ids))
+            .group_by(col(RolloutDevice.rollout_id), col(RolloutDevice.state))
+        ).all()
+        for rid, state, n in rows:
+            counts[rid][str(state)] = int(n)
+    out = []
+    for r in rollouts:
+        c = counts[r.id]
+        out.append(
+            RolloutRow(
+                r.id,
+                r.model_ref,
+                str(r.state),
+                f"{min(r.current_stage + 1, len(r.stages))}/{len(r.stages)}",
+                sum(c.values()),
+                c.get(DS.DONE, 0),
+                c.get(DS.FAILED, 0) + c.get(DS.TIMED_OUT, 0),
+                sum(c.get(s, 0) for s in DS.IN_FLIGHT),
+                r.created_at,
+                r.updated_at,
+            )
+        )
+    return out
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeliveryTargets:
+    """What the served TUF targets metadata says: which model hashes it lists, the floors, expiry."""
+
+    shas: frozenset[str]
+    floors: dict[str, int]
+    expires: str
+    version: int
+
+
+def parse_targets(raw: bytes) -> DeliveryTargets:
+    signed = json.loads(raw).get("signed") or {}
+    shas: set[str] = set()
+    floors: dict[str, int] = {}
+    for path, info in (signed.get("targets") or {}).items():
+        if path == FLOORS_TARGET:
+            floors = parse_floors(info.get("custom"))
+            continue
+        sha = (info.get("hashes") or {}).get("sha256")
+        if isinstance(sha, str):
+            shas.add(sha)
+    return DeliveryTargets(
+        frozenset(shas), floors, str(signed.get("expires", "")), int(signed.get("version", 0))
+    )
+
+
+def delivery_targets(c: ServerContext) -> DeliveryTargets | None:
+    if c.tuf is None:
+        return None
+    raw = c.tuf.targets_bytes()
+    return None if raw is None else parse_targets(raw)
+
+
+def running_counts(session: Session) -> dict[str, int]:
+    rows = session.exec(
+        select(col(Device.running_sha256), func.count()).group_by(col(Device.running_sha256))
+    ).all()
+    return {str(s): int(n) for s, n in rows if s}
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    name: str
+    version: str
+    release: int
+    target: str
+    hardware_ids: str
+    sha256: str
+    length: int
+    created_at: datetime
+    running: int
+    signed: bool
+    in_tuf: bool | None  # None: this server has no TUF repository
+    floor: int | None
+    revoked: bool
+
+
+def model_row(m: Model, targets: DeliveryTargets | None, running: int) -> ModelRow:
+    floor = targets.floors.get(m.name) if targets else None
+    return ModelRow(
+        m.name,
+        m.version,
+        m.release,
+        m.target,
+        ", ".join(m.hardware_ids),
+        m.sha256,
+        m.length,
+        m.created_at,
+        running,
+        # the server stores a bundle only after its DSSE signature verified against the release keys
+        signed=True,
+        in_tuf=None if targets is None else m.sha256 in targets.shas,
+        floor=floor,
+        revoked=floor is not None and m.release < floor,
+    )
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and len(prefix) < 40:
+            out += _flat(v, key + ".")
+        elif isinstance(v, float):
+            out.append((key, f"{v:.6g}"))
+        elif isinstance(v, list) and len(v) > 8:
+            out.append((key, f"[{len(v)} values]"))
+        else:
+            out.append((key, json.dumps(v) if not isinstance(v, str) else v))
+    return out
+
+
+def model_detail(m: Model) -> dict[str, list[tuple[str, str]]]:
+    """The manifest's sections as (key, value) rows: the compile report, provenance, io, files."""
+    manifest = m.manifest or {}
+    return {
+        "Compile report": _flat(manifest.get("quantization") or {}),
+        "Provenance": _flat(manifest.get("provenance") or {}),
+        "IO signature": _flat(manifest.get("io") or manifest.get("io_signature") or {}),
+        "Files": [
+            (str(f.get("path")), f"{f.get('length')} bytes, sha256 {str(f.get('sha256'))[:16]}...")
+            for f in manifest.get("files") or []
+            if isinstance(f, Mapping)
+        ],
+    }
+
+
+# --- observability -----------------------------------------------------------------------------
+
+MAX_BATCHES = 50_000
+
+
+def batches_since(session: Session, start: datetime) -> list[tuple[float, str, dict[str, Any]]]:
+    """(window end, hardware id, per-model stats) of the batches received since ``start``."""
+    rows = session.exec(
+        select(col(TelemetryBatchRow.window_end), col(Device.hardware_id), col(TelemetryBatchRow.models))
+        .join(Device, col(Device.id) == col(TelemetryBatchRow.device_id))
+        .where(col(TelemetryBatchRow.received_at) >= start)
+        .order_by(col(TelemetryBatchRow.id).desc())
+        .limit(MAX_BATCHES)
+    ).all()
+    return [(t.timestamp(), hw, models or {}) for t, hw, models in rows]
+
+
+def slos_of(session: Session, model: str) -> list[Slo]:
+    return list(session.exec(select(Slo).where(col(Slo.model) == model).order_by(col(Slo.name))).all())
+
+
+__all__ = [
+    "DeliveryTargets",
+    "DeviceRow",
+    "FleetCounts",
+    "ModelRow",
+    "RolloutRow",
+    "batches_since",
+    "delivery_targets",
+    "device_row",
+    "fleet_counts",
+    "model_detail",
+    "model_names",
+    "model_row",
+    "parse_targets",
+    "rollout_rows",
+    "running_counts",
+    "shas_in",
+    "slos_of",
+    "slots",
+    "telemetry_row",
+]

@@ -1,0 +1,113 @@
+"""Time series of one model version per hardware cohort, from the telemetry batches: pure.
+
+The batches are what devices sent (``TelemetryBatchRow.models`` holds each model hash's
+``protocol.ModelStats`` for the window); they are summed into equal time buckets per cohort,
+and each bucket gives latency quantiles (from the latency histogram, as the gates read it),
+error rate, output PSI against the whole window's outputs of the same cohort (drift over
+time), accuracy on the labels that arrived, and label coverage (labelled / inferences).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from device_agent.protocol import LATENCY_BOUNDS_US
+from fleet_server.console.charts import Series
+from fleet_server.gates import add_counts, psi
+from fleet_server.model_metrics import bucket_quantile
+
+
+@dataclass
+class Bucket:
+    inferences: int = 0
+    errors: int = 0
+    latency: tuple[int, ...] = ()
+    output: tuple[int, ...] = ()
+    labels: int = 0
+    labels_correct: int = 0
+
+    def add(self, stats: Mapping[str, Any]) -> None:
+        self.inferences += int(stats.get("inferences") or 0)
+        self.errors += sum(int(v) for v in (stats.get("errors") or {}).values())
+        self.latency = add_counts(self.latency, stats.get("latency_buckets") or [])
+        self.output = add_counts(self.output, stats.get("output_hist") or [])
+        self.labels += int(stats.get("labels") or 0)
+        self.labels_correct += int(stats.get("labels_correct") or 0)
+
+
+@dataclass
+class CohortSeries:
+    cohort: str
+    times: list[float] = field(default_factory=list)
+    buckets: list[Bucket] = field(default_factory=list)
+
+
+def bucketed(
+    rows: Iterable[tuple[float, str, Mapping[str, Any]]], sha256: str, start: float, end: float, n: int
+) -> dict[str, CohortSeries]:
+    """``rows``: (window end in epoch seconds, hardware id, the batch's per-model stats)."""
+    width = (end - start) / n
+    out: dict[str, CohortSeries] = {}
+    for t, hw, models in rows:
+        stats = models.get(sha256)
+        if not isinstance(stats, Mapping) or t < start or t > end:
+            continue
+        series = out.get(hw)
+        if series is None:
+            series = out[hw] = CohortSeries(
+                hw, [start + (i + 1) * width for i in range(n)], [Bucket() for _ in range(n)]
+            )
+        series.buckets[min(int((t - start) / width), n - 1)].add(stats)
+    return out
+
+
+def _q(b: Bucket, q: float) -> float | None:
+    value = bucket_quantile(b.latency, LATENCY_BOUNDS_US, q)
+    return None if value is None else value / 1000.0  # ms
+
+
+def charts(cohorts: Mapping[str, CohortSeries]) -> dict[str, list[Series]]:
+    """Chart name -> its series (one per cohort, and per quantile for latency)."""
+    out: dict[str, list[Series]] = {
+        "Latency (ms)": [],
+        "Error rate": [],
+        "Output PSI vs the window": [],
+        "Accuracy": [],
+        "Label coverage": [],
+    }
+    for hw, s in sorted(cohorts.items()):
+        total_output: tuple[int, ...] = ()
+        for b in s.buckets:
+            total_output = add_counts(total_output, b.output)
+        for q, name in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
+            out["Latency (ms)"].append(Series(f"{hw} {name}", _points(s, lambda b, q=q: _q(b, q))))
+        out["Error rate"].append(
+            Series(hw, _points(s, lambda b: b.errors / b.inferences if b.inferences else None))
+        )
+        out["Output PSI vs the window"].append(
+            Series(hw, _points(s, lambda b, ref=total_output: psi(b.output, ref) if sum(b.output) else None))
+        )
+        out["Accuracy"].append(
+            Series(hw, _points(s, lambda b: b.labels_correct / b.labels if b.labels else None))
+        )
+        out["Label coverage"].append(
+            Series(hw, _points(s, lambda b: b.labels / b.inferences if b.inferences else None))
+        )
+    return out
+
+
+def _points(s: CohortSeries, f: Any) -> Sequence[tuple[float, float | None]]:
+    return [(t, f(b)) for t, b in zip(s.times, s.buckets, strict=True)]
+
+
+UNITS = {
+    "Latency (ms)": "",
+    "Error rate": "%",
+    "Output PSI vs the window": "",
+    "Accuracy": "%",
+    "Label coverage": "%",
+}
+
+__all__ = ["UNITS", "Bucket", "CohortSeries", "bucketed", "charts"]

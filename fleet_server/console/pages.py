@@ -1,0 +1,527 @@
+"""The console's routes under ``/ui``: thin handlers that read through the server's own services
+(never HTTP to itself), build a view and render a template.
+
+Every page needs a signed-in session (``signed_in``); every POST that changes something checks
+the session's CSRF token first (``acting``) and the caller's role through the same
+``ensure_role`` as the API, so a viewer's click is refused here exactly as their API call would
+be. Handlers are plain ``def`` (FastAPI runs them in its thread pool): they query the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlmodel import Session, col, func, select
+
+from fleet_server import audit, devices, releases, slos
+from fleet_server.auth import Principal, ensure_role, hash_token, principal_of
+from fleet_server.console import fleet_view, obs_view, rollout_view
+from fleet_server.console.charts import line_chart
+from fleet_server.console.session import COOKIE, ConsoleSession, SessionCodec, SessionRefused
+from fleet_server.context import ServerContext
+from fleet_server.errors import ApiError, DomainError
+from fleet_server.lifecycle import OPERATOR_ACTIONS, RolloutState
+from fleet_server.models import AuditEntry, Device, EventRow, Model, SloAlert, TelemetryBatchRow
+from fleet_server.rollouts import find_rollout, list_rollouts, operator_action, rollout_status
+from fleet_server.selector_syntax import SYNTAX, SelectorError, parse_selector
+from fleet_server.store import new_session
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+router = APIRouter(prefix="/ui", include_in_schema=False)
+PAGE = 50  # rows per page of the console's tables
+POLL_SECONDS = 2
+
+
+class NeedsSignIn(Exception):
+    """No valid session: the handler in ``fleet_server.console`` sends the browser to sign in."""
+
+    def __init__(self, why: str = "") -> None:
+        super().__init__(why)
+        self.why = why
+
+
+class Refused(Exception):
+    """A 403 page: a missing or wrong CSRF token, or a role too small for the action."""
+
+    def __init__(self, message: str, user: User | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.user = user
+
+
+class User:
+    """The signed-in caller of one request: who, with which role, and their session's CSRF token."""
+
+    def __init__(self, principal: Principal, session: ConsoleSession, csrf: str) -> None:
+        self.principal = principal
+        self.session = session
+        self.csrf = csrf
+
+    @property
+    def can_act(self) -> bool:
+        return self.principal.role in ("operator", "admin")
+
+
+def ctx_of(request: Request) -> ServerContext:
+    c: ServerContext = request.app.state.ctx
+    return c
+
+
+def codec_of(request: Request) -> SessionCodec:
+    codec: SessionCodec = request.app.state.console_codec
+    return codec
+
+
+def signed_in(request: Request) -> User:
+    """The caller's session, re-checked against the token store on every request."""
+    value = request.cookies.get(COOKIE)
+    if not value:
+        raise NeedsSignIn()
+    codec = codec_of(request)
+    try:
+        session = codec.read(value)
+    except SessionRefused as exc:
+        raise NeedsSignIn(str(exc)) from None
+    principal = principal_of(ctx_of(request), session.token_hash)
+    if principal is None or principal.role not in ("viewer", "operator", "admin"):
+        raise NeedsSignIn("the token of this session was revoked or may not read: sign in again")
+    request.state.principal = principal  # the audit log names the caller
+    return User(principal, session, codec.csrf_token(session))
+
+
+SignedIn = Annotated[User, Depends(signed_in)]
+
+
+def acting(request: Request, user: User, csrf: str | None, role: str = "operator") -> None:
+    """A state-changing POST: the session's CSRF token must come back, and the role must allow it."""
+    if not codec_of(request).csrf_ok(user.session, csrf):
+        request.state.error_code = "csrf_failed"
+        raise Refused(
+            "this form is stale or did not come from the console (CSRF check failed):"
+            " reload the page and try again",
+            user,
+        )
+    try:
+        ensure_role(user.principal, role)
+    except ApiError as exc:
+        request.state.error_code = "forbidden"
+        message = exc.detail["message"] if isinstance(exc.detail, dict) else str(exc.detail)
+        raise Refused(f"{message}. Ask an operator or an admin.", user) from None
+
+
+@contextmanager
+def db(request: Request) -> Iterator[Session]:
+    with new_session(ctx_of(request).engine) as session:
+        yield session
+
+
+def render(request: Request, name: str, user: User | None, status: int = 200, **values: Any) -> HTMLResponse:
+    return templates.TemplateResponse(
+        request, name, {"user": user, "now": datetime.now(UTC), **values}, status_code=status
+    )
+
+
+# --- sign in / out -----------------------------------------------------------------------------
+
+
+@router.get("", response_class=HTMLResponse)
+@router.get("/", response_class=HTMLResponse)
+def home() -> Response:
+    return RedirectResponse("/ui/rollouts", status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, why: str = "", next: str = "/ui/rollouts") -> HTMLResponse:
+    return render(request, "login.html", None, message=why, next=_safe_next(next))
+
+
+def _safe_next(target: str) -> str:
+    """Only a path of the console itself: a sign-in link must not send the browser elsewhere."""
+    return target if target.startswith("/ui/") and not target.startswith("/ui//") else "/ui/rollouts"
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(
+    request: Request,
+    token: Annotated[str, Form(max_length=512)] = "",
+    next: Annotated[str, Form()] = "/ui/rollouts",
+) -> Response:
+    token = token.strip()
+    principal = principal_of(ctx_of(request), hash_token(token)) if token else None
+    if principal is None or principal.role not in ("viewer", "operator", "admin"):
+        request.state.principal = Principal("invalid-token", "")
+        request.state.error_code = "invalid_token"
+        why = (
+            "enter an API token"
+            if not token
+            else "this token may post labels only, not use the console"
+            if principal is not None
+            else "unknown or revoked API token"
+        )
+        return render(request, "login.html", None, status=401, message=why, next=_safe_next(next))
+    request.state.principal = principal
+    codec = codec_of(request)
+    value, _ = codec.issue(hash_token(token))
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(
+        COOKIE,
+        value,
+        max_age=codec.max_age,
+        path="/ui",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, user: SignedIn, csrf: Annotated[str | None, Form()] = None) -> Response:
+    acting(request, user, csrf, role="viewer")
+    response = RedirectResponse("/ui/login?why=signed+out", status_code=303)
+    response.delete_cookie(COOKIE, path="/ui", httponly=True, samesite="strict")
+    return response
+
+
+# --- rollouts ----------------------------------------------------------------------------------
+
+
+@router.get("/rollouts", response_class=HTMLResponse)
+def rollouts_page(
+    request: Request,
+    user: SignedIn,
+    state: Annotated[RolloutState | None, Query()] = None,
+    cursor: Annotated[str | None, Query(max_length=1024)] = None,
+) -> HTMLResponse:
+    with db(request) as session:
+        try:
+            page = list_rollouts(session, state, None, cursor=cursor, limit=PAGE)
+        except DomainError as exc:
+            return render(request, "error.html", user, status=400, message=exc.message)
+        rows = fleet_view.rollout_rows(session, page.items)
+    return render(
+        request,
+        "rollouts.html",
+        user,
+        rows=rows,
+        state=state.value if state else "",
+        states=[s.value for s in RolloutState],
+        next_url=_next_url("/ui/rollouts", {"state": state.value if state else None}, page.next),
+    )
+
+
+def _rollout_context(request: Request, rollout_id: str) -> dict[str, Any] | None:
+    with db(request) as session:
+        try:
+            out = rollout_status(session, find_rollout(session, rollout_id))
+        except DomainError:
+            return None
+    return {"r": rollout_view.build(out), "labels": rollout_view.ACTION_LABELS, "poll": POLL_SECONDS}
+
+
+@router.get("/rollouts/{rollout_id}", response_class=HTMLResponse)
+def rollout_page(request: Request, rollout_id: str, user: SignedIn) -> HTMLResponse:
+    values = _rollout_context(request, rollout_id)
+    if values is None:
+        return render(request, "error.html", user, status=404, message=f"no rollout {rollout_id}")
+    return render(request, "rollout.html", user, **values)
+
+
+@router.get("/rollouts/{rollout_id}/live", response_class=HTMLResponse)
+def rollout_live(request: Request, rollout_id: str, user: SignedIn) -> HTMLResponse:
+    """The part of the detail page that changes, for the page's poller to swap in."""
+    values = _rollout_context(request, rollout_id)
+    if values is None:
+        return HTMLResponse("", status_code=404)
+    return render(request, "rollout_live.html", user, **values)
+
+
+@router.get("/rollouts/{rollout_id}/{action}", response_class=HTMLResponse)
+def confirm_page(request: Request, rollout_id: str, action: str, user: SignedIn) -> HTMLResponse:
+    """The confirmation step: what the action does, and the form that does it."""
+    values = _rollout_context(request, rollout_id)
+    if values is None or action not in OPERATOR_ACTIONS:
+        return render(
+            request, "error.html", user, status=404, message=f"no rollout {rollout_id} or action {action}"
+        )
+    if not user.can_act:
+        raise Refused(
+            f"{user.principal.actor} ({user.principal.role}) may not {action} rollouts: needs operator", user
+        )
+    return render(
+        request,
+        "confirm.html",
+        user,
+        action=action,
+        consequence=rollout_view.ACTION_CONSEQUENCES[action],
+        **values,
+    )
+
+
+@router.post("/rollouts/{rollout_id}/{action}", response_class=HTMLResponse)
+def act(
+    request: Request, rollout_id: str, action: str, user: SignedIn, csrf: Annotated[str | None, Form()] = None
+) -> Response:
+    acting(request, user, csrf)
+    if action not in OPERATOR_ACTIONS:
+        return render(request, "error.html", user, status=404, message=f"no action {action}")
+    c = ctx_of(request)
+    with db(request) as session:
+        try:
+            with c.lock:  # this process's ticker; other replicas' wait on the row lock
+                operator_action(session, find_rollout(session, rollout_id, for_update=True), action)
+                session.commit()
+        except DomainError as exc:
+            request.state.error_code = exc.code
+            session.rollback()
+            return render(request, "error.html", user, status=exc.status_code, message=exc.message)
+    return RedirectResponse(f"/ui/rollouts/{rollout_id}", status_code=303)
+
+
+# --- fleet -------------------------------------------------------------------------------------
+
+
+@router.get("/fleet", response_class=HTMLResponse)
+def fleet_page(
+    request: Request,
+    user: SignedIn,
+    selector: Annotated[str, Query(max_length=4096)] = "",
+    state: Annotated[str, Query(max_length=64)] = "",
+    online: Annotated[str, Query(pattern="^(|true|false)$")] = "",
+    model: Annotated[str, Query(max_length=256)] = "",
+    cursor: Annotated[str | None, Query(max_length=1024)] = None,
+) -> HTMLResponse:
+    problem = ""
+    rows: list[Device] = []
+    next_cursor = None
+    try:
+        parsed = parse_selector(selector)
+    except SelectorError as exc:
+        parsed, problem = None, f"selector: {exc}"
+    with db(request) as session:
+        counts = fleet_view.fleet_counts(session)
+        if parsed is not None:
+            where = devices.DeviceFilter(
+                selector=parsed,
+                state=state or None,
+                online=None if not online else online == "true",
+                model=model or None,
+            )
+            try:
+                page = devices.list_devices(session, where, cursor=cursor, limit=PAGE)
+                rows, next_cursor = page.items, page.next
+            except DomainError as exc:
+                problem = exc.message
+    filters = {
+        "selector": selector or None,
+        "state": state or None,
+        "online": online or None,
+        "model": model or None,
+    }
+    return render(
+        request,
+        "fleet.html",
+        user,
+        counts=counts,
+        rows=[fleet_view.device_row(d) for d in rows],
+        problem=problem,
+        filters={k: v or "" for k, v in filters.items()},
+        syntax=SYNTAX,
+        next_url=_next_url("/ui/fleet", filters, next_cursor),
+        status=400 if problem else 200,
+    )
+
+
+@router.get("/devices/{device_id}", response_class=HTMLResponse)
+def device_page(request: Request, device_id: str, user: SignedIn) -> HTMLResponse:
+    with db(request) as session:
+        device = session.get(Device, device_id)
+        if device is None:
+            return render(request, "error.html", user, status=404, message=f"no device {device_id}")
+        events = session.exec(
+            select(EventRow)
+            .where(col(EventRow.device_id) == device_id)
+            .order_by(col(EventRow.id).desc())
+            .limit(50)
+        ).all()
+        batches = session.exec(
+            select(TelemetryBatchRow)
+            .where(col(TelemetryBatchRow.device_id) == device_id)
+            .order_by(col(TelemetryBatchRow.id).desc())
+            .limit(20)
+        ).all()
+        names = fleet_view.model_names(session, fleet_view.shas_in(device, batches))
+    return render(
+        request,
+        "device.html",
+        user,
+        d=fleet_view.device_row(device),
+        slots=fleet_view.slots(device, names),
+        events=list(events),
+        telemetry=[fleet_view.telemetry_row(b, names) for b in batches],
+    )
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+@router.get("/models", response_class=HTMLResponse)
+def models_page(
+    request: Request, user: SignedIn, cursor: Annotated[str | None, Query(max_length=1024)] = None
+) -> HTMLResponse:
+    c = ctx_of(request)
+    targets = fleet_view.delivery_targets(c)
+    with db(request) as session:
+        try:
+            page = releases.list_models(session, cursor=cursor, limit=PAGE)
+        except DomainError as exc:
+            return render(request, "error.html", user, status=400, message=exc.message)
+        running = fleet_view.running_counts(session)
+    rows = [fleet_view.model_row(m, targets, running.get(m.sha256, 0)) for m in page.items]
+    return render(
+        request,
+        "models.html",
+        user,
+        rows=rows,
+        tuf=targets is not None,
+        next_url=_next_url("/ui/models", {}, page.next),
+    )
+
+
+@router.get("/models/{name}/{version}", response_class=HTMLResponse)
+def model_page(request: Request, name: str, version: str, user: SignedIn) -> HTMLResponse:
+    c = ctx_of(request)
+    with db(request) as session:
+        try:
+            m = releases.get_model(session, name, version)
+        except DomainError as exc:
+            return render(request, "error.html", user, status=404, message=exc.message)
+        running = fleet_view.running_counts(session).get(m.sha256, 0)
+    targets = fleet_view.delivery_targets(c)
+    report = Path(m.storage_path) / "report.html"
+    return render(
+        request,
+        "model.html",
+        user,
+        m=fleet_view.model_row(m, targets, running),
+        detail=fleet_view.model_detail(m),
+        has_report=report.is_file(),
+        tuf=targets is not None,
+    )
+
+
+@router.get("/models/{name}/{version}/report", response_class=HTMLResponse)
+def model_report(request: Request, name: str, version: str, user: SignedIn) -> Response:
+    """The compiler's HTML report shipped in the bundle, served as a file (sandboxed: no scripts)."""
+    with db(request) as session:
+        try:
+            m = releases.get_model(session, name, version)
+        except DomainError as exc:
+            return render(request, "error.html", user, status=404, message=exc.message)
+    report = Path(m.storage_path) / "report.html"
+    if not report.is_file():
+        return render(request, "error.html", user, status=404, message="this bundle has no HTML report")
+    return HTMLResponse(report.read_text(errors="replace"), headers={"Content-Security-Policy": "sandbox"})
+
+
+# --- observability -----------------------------------------------------------------------------
+
+WINDOWS = {"1h": 3600, "6h": 6 * 3600, "24h": 86400}
+
+
+@router.get("/observability", response_class=HTMLResponse)
+def observability_page(
+    request: Request,
+    user: SignedIn,
+    model: Annotated[str, Query(max_length=256)] = "",
+    window: Annotated[str, Query(pattern="^(1h|6h|24h)$")] = "6h",
+) -> HTMLResponse:
+    now = datetime.now(UTC)
+    start = now - timedelta(seconds=WINDOWS[window])
+    with db(request) as session:
+        models = session.exec(select(Model).order_by(col(Model.name), col(Model.id))).all()
+        chosen = next((m for m in models if f"{m.name}:{m.version}" == model), None)
+        if chosen is None and models and not model:
+            chosen = models[-1]
+        charts: list[str] = []
+        slo_rows: list[Any] = []
+        alerts: list[SloAlert] = []
+        if chosen is not None:
+            rows = fleet_view.batches_since(session, start)
+            series = obs_view.charts(
+                obs_view.bucketed(rows, chosen.sha256, start.timestamp(), now.timestamp(), 24)
+            )
+            charts = [line_chart(name, s, obs_view.UNITS[name]) for name, s in series.items()]
+            for row in fleet_view.slos_of(session, chosen.name):
+                status, samples = slos.status_of(session, row, now)
+                slo_rows.append((row, slos.status_out(status, samples)))
+            alerts = list(
+                session.exec(
+                    select(SloAlert).where(
+                        col(SloAlert.model) == chosen.name, col(SloAlert.state) == "firing"
+                    )
+                ).all()
+            )
+    return render(
+        request,
+        "observability.html",
+        user,
+        models=[f"{m.name}:{m.version}" for m in models],
+        chosen=f"{chosen.name}:{chosen.version}" if chosen else "",
+        window=window,
+        windows=list(WINDOWS),
+        charts=charts,
+        slo_rows=slo_rows,
+        alerts=alerts,
+    )
+
+
+# --- audit -------------------------------------------------------------------------------------
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def audit_page(
+    request: Request,
+    user: SignedIn,
+    actor: Annotated[str, Query(max_length=160)] = "",
+    path: Annotated[str, Query(max_length=512)] = "",
+    result: Annotated[str, Query(max_length=64)] = "",
+    cursor: Annotated[str | None, Query(max_length=1024)] = None,
+) -> HTMLResponse:
+    where = audit.AuditFilter(actor=actor or None, path=path or None, result=result or None)
+    try:
+        page = audit.audit_entries(ctx_of(request).engine, where, cursor=cursor, limit=PAGE)
+    except DomainError as exc:
+        return render(request, "error.html", user, status=400, message=exc.message)
+    with db(request) as session:
+        total = session.exec(select(func.count()).select_from(AuditEntry)).one()
+    filters = {"actor": actor or None, "path": path or None, "result": result or None}
+    return render(
+        request,
+        "audit.html",
+        user,
+        rows=page.items,
+        total=total,
+        filters={k: v or "" for k, v in filters.items()},
+        next_url=_next_url("/ui/audit", filters, page.next),
+    )
+
+
+def _next_url(base: str, filters: dict[str, str | None], cursor: str | None) -> str | None:
+    if cursor is None:
+        return None
+    query = {k: v for k, v in filters.items() if v}
+    query["cursor"] = cursor
+    return f"{base}?{urlencode(query)}"
+
+
+__all__ = ["NeedsSignIn", "Refused", "User", "render", "router"]
