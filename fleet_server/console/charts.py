@@ -72,7 +72,7 @@ def line_chart(title: str, series: Sequence[Series], unit: str = "", floor_zero:
             f'<text x="{LEFT - 4}" y="{y(v) + 4:.1f}" text-anchor="end">{escape(_fmt(v, unit))}</text>'
         )
     for t in (t0, t1):
-        stamp = datetime.fromtimestamp(t, UTC).strftime("%H:%M")
+        stamp = datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S" if t1 - t0 < 600 else "%H:%M")
         anchor = "start" if t == t0 else "end"
         parts.append(f'<text x="{x(t):.1f}" y="{HEIGHT - 8}" text-anchor="{anchor}">{stamp}</text>')
     for i, s in enumerate(series):
@@ -87,6 +87,12 @@ def line_chart(title: str, series: Sequence[Series], unit: str = "", floor_zero:
             pen_up = False
         if path:
             parts.append(f'<path d="{" ".join(path)}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        # a dot on every value: a lone bucket between gaps shows too
+        parts += [
+            f'<circle cx="{x(t):.1f}" cy="{y(value):.1f}" r="2.5" fill="{colour}"/>'
+            for t, value in s.points
+            if value is not None
+        ]
     parts.append("</svg>")
     legend = "".join(
         f'<li><span class="swatch" style="background:{PALETTE[i % len(PALETTE)]}"></span>'

@@ -283,9 +283,13 @@ MAX_BATCHES = 50_000
 
 
 def batches_since(session: Session, start: datetime) -> list[tuple[float, str, dict[str, Any]]]:
-    """(window end, hardware id, per-model stats) of the batches received since ``start``."""
+    """(time received, hardware id, per-model stats) of the batches received since ``start``.
+
+    The server's receive time places a batch on the chart, not the device's window: device
+    clocks drift, and the server decides on its own time alone.
+    """
     rows = session.exec(
-        select(col(TelemetryBatchRow.window_end), col(Device.hardware_id), col(TelemetryBatchRow.models))
+        select(col(TelemetryBatchRow.received_at), col(Device.hardware_id), col(TelemetryBatchRow.models))
         .join(Device, col(Device.id) == col(TelemetryBatchRow.device_id))
         .where(col(TelemetryBatchRow.received_at) >= start)
         .order_by(col(TelemetryBatchRow.id).desc())

@@ -47,18 +47,22 @@ class CohortSeries:
 def bucketed(
     rows: Iterable[tuple[float, str, Mapping[str, Any]]], sha256: str, start: float, end: float, n: int
 ) -> dict[str, CohortSeries]:
-    """``rows``: (window end in epoch seconds, hardware id, the batch's per-model stats)."""
-    width = (end - start) / n
+    """``rows``: (epoch seconds, hardware id, the batch's per-model stats), summed into ``n`` equal
+    buckets per hardware id. The buckets span from the model's first batch in the window (or
+    ``start``, if later) to ``end``: a version that started an hour ago fills the chart of a
+    day instead of its last sliver."""
+    mine = [(t, hw, stats) for t, hw, models in rows if isinstance(stats := models.get(sha256), Mapping)]
+    mine = [r for r in mine if start <= r[0] <= end]
+    if not mine:
+        return {}
+    start = min(t for t, _, _ in mine)
+    width = max(end - start, 1e-3) / n
     out: dict[str, CohortSeries] = {}
-    for t, hw, models in rows:
-        stats = models.get(sha256)
-        if not isinstance(stats, Mapping) or t < start or t > end:
-            continue
+    for t, hw, stats in mine:
         series = out.get(hw)
         if series is None:
-            series = out[hw] = CohortSeries(
-                hw, [start + (i + 1) * width for i in range(n)], [Bucket() for _ in range(n)]
-            )
+            times = [start + (i + 0.5) * width for i in range(n)]
+            series = out[hw] = CohortSeries(hw, times, [Bucket() for _ in range(n)])
         series.buckets[min(int((t - start) / width), n - 1)].add(stats)
     return out
 

@@ -95,8 +95,23 @@ def policy_of(out: RolloutOut) -> Policy:
     return Policy.model_validate({**out.policy, **out.settings})
 
 
-def allowed_actions(state: str) -> list[str]:
-    return [a for a in OPERATOR_ACTIONS if ROLLOUT.allows(state, RolloutTrigger(a))]
+def allowed_actions(state: str, holds_devices: bool = False) -> list[str]:
+    """The operator actions worth a button now: those the lifecycle allows that change something.
+
+    The lifecycle allows repeats (resuming a running rollout is a no-op), which a button should
+    not offer; approving a running rollout matters only while a gate holds some of its devices.
+    """
+    out = []
+    for a in OPERATOR_ACTIONS:
+        trigger = RolloutTrigger(a)
+        if not ROLLOUT.allows(state, trigger):
+            continue
+        if a == "approve" and state == "running" and not holds_devices:
+            continue
+        if a != "approve" and ROLLOUT.move(state, trigger) == state:
+            continue
+        out.append(str(a))
+    return out
 
 
 def _pct(x: float | None) -> str:
@@ -244,7 +259,7 @@ def build(out: RolloutOut) -> RolloutView:
         stages=stages,
         device_counts=sorted(counts.items()),
         devices=len(out.devices),
-        actions=allowed_actions(str(out.state)),
+        actions=allowed_actions(str(out.state), counts.get("held", 0) > 0),
         why=why,
         rollback_requested=out.rollback_requested,
         updated_at=out.updated_at,

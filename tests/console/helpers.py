@@ -58,4 +58,41 @@ def create(client: httpx.Client, prefix: str, **over: Any) -> str:
     return str(r.json()["id"])
 
 
-__all__ = ["FakeDevice", "create", "fleet_on_old_model", "mint", "tokens", "wait_for"]
+def serve_with_shape(devs: list[FakeDevice], sha: str, rounds: int, pause: float = 0.25) -> None:
+    """Telemetry batches as agents send them, with latency and output histograms and labels, a
+    round every ``pause`` seconds, so the observability charts have a line to draw (each device
+    a little slower than the one before, its outputs drifting round by round)."""
+    import random
+    import time
+    from datetime import UTC, datetime
+
+    rng = random.Random(7)
+    for i in range(rounds):
+        for n, dev in enumerate(devs):
+            latency = [0] * 40
+            for _ in range(200):
+                latency[max(0, min(39, 14 + 2 * n + i % 3 + int(rng.gauss(0, 1.5))))] += 1
+            output = [0] * 67
+            for _ in range(200):
+                output[max(0, min(66, 30 + i + int(rng.gauss(0, 3))))] += 1
+            stats = protocol.ModelStats(
+                inferences=200,
+                errors={"non_finite": rng.randint(0, 4)},
+                latency_buckets=latency,
+                output_hist=output,
+                labels=20 + 4 * i,
+                labels_correct=18 + 3 * i - rng.randint(0, 3),
+            )
+            now = datetime.now(UTC)
+            batch = protocol.TelemetryBatch(
+                device_id=dev.device_id,
+                batch_id=f"shape-{i}",
+                window_start=now,
+                window_end=now,
+                models={sha: stats},
+            )
+            dev.publish("telemetry", protocol.encode_telemetry(batch))
+        time.sleep(pause)
+
+
+__all__ = ["FakeDevice", "create", "fleet_on_old_model", "mint", "serve_with_shape", "tokens", "wait_for"]
