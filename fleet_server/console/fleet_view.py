@@ -9,11 +9,13 @@ same few queries at 10,000 devices as at 10; the device table is the API's keyse
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, func, select
 
 from fleet_server.context import ServerContext
@@ -31,30 +33,40 @@ class FleetCounts:
     by_model: list[tuple[str, int]]
 
 
-def _grouped(session: Session, column: Any) -> list[tuple[str, int]]:
-    rows = session.exec(select(column, func.count()).group_by(column)).all()
-    return sorted(
-        ((str(k) if k is not None else "none", int(n)) for k, n in rows), key=lambda kv: (-kv[1], kv[0])
-    )
+def _ranked(counts: Mapping[str, int]) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 def fleet_counts(session: Session) -> FleetCounts:
-    by_online = dict(_grouped(session, col(Device.online)))
-    models = session.exec(
-        select(col(Device.running_name), col(Device.running_version), func.count()).group_by(
-            col(Device.running_name), col(Device.running_version)
+    """Every count of the fleet page from one GROUP BY: one scan of the device table, however
+    many devices, and at most (classes x states x models x 2) groups to add up here."""
+    rows = session.execute(
+        sa_select(
+            col(Device.hardware_id),
+            col(Device.deployment_state),
+            col(Device.online),
+            col(Device.running_name),
+            col(Device.running_version),
+            func.count(),
+        ).group_by(
+            col(Device.hardware_id),
+            col(Device.deployment_state),
+            col(Device.online),
+            col(Device.running_name),
+            col(Device.running_version),
         )
     ).all()
-    by_model = sorted(
-        ((f"{n}:{v}" if n else "none", int(c)) for n, v, c in models), key=lambda kv: (-kv[1], kv[0])
-    )
-    return FleetCounts(
-        total=sum(by_online.values()),
-        online=by_online.get("True", 0),
-        by_state=_grouped(session, col(Device.deployment_state)),
-        by_hardware=_grouped(session, col(Device.hardware_id)),
-        by_model=by_model,
-    )
+    total = online = 0
+    by_state: Counter[str] = Counter()
+    by_hardware: Counter[str] = Counter()
+    by_model: Counter[str] = Counter()
+    for hw, state, is_online, name, version, n in rows:
+        total += n
+        online += n if is_online else 0
+        by_state[state or "none"] += n
+        by_hardware[hw] += n
+        by_model[f"{name}:{version}" if name else "none"] += n
+    return FleetCounts(total, online, _ranked(by_state), _ranked(by_hardware), _ranked(by_model))
 
 
 @dataclass(frozen=True)
@@ -279,23 +291,27 @@ def model_detail(m: Model) -> dict[str, list[tuple[str, str]]]:
 
 # --- observability -----------------------------------------------------------------------------
 
-MAX_BATCHES = 50_000
+MAX_BATCHES = 5_000
+"""The most recent batches one chart reads: the page reads raw batches, so it bounds its own cost
+(a per-minute rollup table would lift this; see docs/console.md)."""
 
 
-def batches_since(session: Session, start: datetime) -> list[tuple[float, str, dict[str, Any]]]:
-    """(time received, hardware id, per-model stats) of the batches received since ``start``.
+def batches_since(session: Session, sha256: str, start: datetime) -> list[tuple[float, str, dict[str, Any]]]:
+    """(time received, hardware id, {sha256: its stats}) of the batches received since ``start``
+    that carry the model ``sha256``; the database hands back only that model's part of each batch.
 
     The server's receive time places a batch on the chart, not the device's window: device
     clocks drift, and the server decides on its own time alone.
     """
+    stats = TelemetryBatchRow.__table__.c.models[sha256]  # type: ignore[attr-defined]
     rows = session.exec(
-        select(col(TelemetryBatchRow.received_at), col(Device.hardware_id), col(TelemetryBatchRow.models))
+        select(col(TelemetryBatchRow.received_at), col(Device.hardware_id), stats)
         .join(Device, col(Device.id) == col(TelemetryBatchRow.device_id))
         .where(col(TelemetryBatchRow.received_at) >= start)
         .order_by(col(TelemetryBatchRow.id).desc())
         .limit(MAX_BATCHES)
     ).all()
-    return [(t.timestamp(), hw, models or {}) for t, hw, models in rows]
+    return [(t.timestamp(), hw, {sha256: part}) for t, hw, part in rows if isinstance(part, dict)]
 
 
 def slos_of(session: Session, model: str) -> list[Slo]:

@@ -456,7 +456,7 @@ def observability_page(
         slo_rows: list[Any] = []
         alerts: list[SloAlert] = []
         if chosen is not None:
-            rows = fleet_view.batches_since(session, start)
+            rows = fleet_view.batches_since(session, chosen.sha256, start)
             series = obs_view.charts(
                 obs_view.bucketed(rows, chosen.sha256, start.timestamp(), now.timestamp(), 24)
             )

@@ -122,7 +122,7 @@ def test_a_rolled_back_rollout_shows_the_gates_reason(
     from playwright.sync_api import expect
 
     _, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "rb", 2)
-    rid = create(client, "rb", stages=[100], min_inferences=10, max_error_rate=0.1)
+    rid = create(client, "rb", stages=[100], min_inferences=10, max_error_rate=0.1, soak_seconds=30)
     for dev in devs.values():
         serve(dev, wait_for(lambda dev=dev: directives(dev, keydir))[-1], inferences=20, errors=10)  # type: ignore[misc]
     wait_for(lambda: status(client, rid)["state"] == "rolled_back")

@@ -152,7 +152,7 @@ def test_pages_show_the_fleet_the_rollout_and_the_gate_that_rolled_it_back(
     fake_device: Callable[[str], FakeDevice],
 ) -> None:
     _, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "pg", 2)
-    rid = create(client, "pg", stages=[100], min_inferences=10, max_error_rate=0.1)
+    rid = create(client, "pg", stages=[100], min_inferences=10, max_error_rate=0.1, soak_seconds=30)
     for dev in devs.values():
         serve(dev, wait_for(lambda dev=dev: directives(dev, keydir))[-1], inferences=20, errors=10)  # type: ignore[misc]
     wait_for(lambda: status(client, rid)["state"] == "rolled_back", output=lambda: str(status(client, rid)))
