@@ -1,7 +1,7 @@
 """The console's session cookie and CSRF tokens: stateless, signed, and tied to an API token.
 
 A sign-in posts an API token once; the cookie then carries the token's SHA-256 (never the
-token) and a random session id, signed with the server's console key (``itsdangerous``: HMAC
+token) and a random session id, signed with the server's console key (``itsdangerous``: HMAC-SHA256
 with a timestamp, so the cookie also expires on the server's side, whatever the browser keeps).
 Each request looks the hash up again (``fleet_server.auth.principal_of``): a revoked token ends
 its sessions at once, and a changed role shows on the next page, with no session table.
@@ -69,7 +69,9 @@ class SessionCodec:
     def __init__(self, secret: bytes, max_age_seconds: float) -> None:
         if len(secret) < 16:
             raise ValueError("the console secret must be at least 16 bytes")
-        self._serializer = URLSafeTimedSerializer(secret, salt=_SALT)
+        self._serializer = URLSafeTimedSerializer(
+            secret, salt=_SALT, signer_kwargs={"digest_method": hashlib.sha256}
+        )
         self._csrf_key = hashlib.sha256(b"edgefleet-console-csrf\0" + secret).digest()
         self.max_age = int(max_age_seconds)
 
