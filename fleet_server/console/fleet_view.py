@@ -303,14 +303,15 @@ def batches_since(session: Session, sha256: str, start: datetime) -> list[tuple[
     The server's receive time places a batch on the chart, not the device's window: device
     clocks drift, and the server decides on its own time alone.
     """
-    stats = TelemetryBatchRow.__table__.c.models[sha256]  # type: ignore[attr-defined]
-    rows = session.exec(
-        select(col(TelemetryBatchRow.received_at), col(Device.hardware_id), stats)
-        .join(Device, col(Device.id) == col(TelemetryBatchRow.device_id))
-        .where(col(TelemetryBatchRow.received_at) >= start)
-        .order_by(col(TelemetryBatchRow.id).desc())
+    batches = TelemetryBatchRow.__table__  # type: ignore[attr-defined]
+    query = (
+        sa_select(batches.c.received_at, col(Device.hardware_id), batches.c.models[sha256])
+        .join(Device, col(Device.id) == batches.c.device_id)
+        .where(batches.c.received_at >= start)
+        .order_by(batches.c.id.desc())
         .limit(MAX_BATCHES)
-    ).all()
+    )
+    rows = session.connection().execute(query).all()  # Core rows: no ORM bookkeeping per row
     return [(t.timestamp(), hw, {sha256: part}) for t, hw, part in rows if isinstance(part, dict)]
 
 

@@ -11,30 +11,47 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import zip_longest
 from typing import Any
 
 from device_agent.protocol import LATENCY_BOUNDS_US
 from fleet_server.console.charts import Series
-from fleet_server.gates import add_counts, psi
+from fleet_server.gates import psi
 from fleet_server.model_metrics import bucket_quantile
+
+
+def column_sums(rows: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """Bucket-wise sum of histograms of any lengths, column by column in C (``zip_longest``):
+    a chart sums thousands of batches per request."""
+    present = [r for r in rows if r]
+    return tuple(sum(c) for c in zip_longest(*present, fillvalue=0)) if present else ()
 
 
 @dataclass
 class Bucket:
     inferences: int = 0
     errors: int = 0
-    latency: tuple[int, ...] = ()
-    output: tuple[int, ...] = ()
     labels: int = 0
     labels_correct: int = 0
+    latency_rows: list[Sequence[int]] = field(default_factory=list)
+    output_rows: list[Sequence[int]] = field(default_factory=list)
 
     def add(self, stats: Mapping[str, Any]) -> None:
         self.inferences += int(stats.get("inferences") or 0)
         self.errors += sum(int(v) for v in (stats.get("errors") or {}).values())
-        self.latency = add_counts(self.latency, stats.get("latency_buckets") or [])
-        self.output = add_counts(self.output, stats.get("output_hist") or [])
+        self.latency_rows.append(stats.get("latency_buckets") or ())
+        self.output_rows.append(stats.get("output_hist") or ())
         self.labels += int(stats.get("labels") or 0)
         self.labels_correct += int(stats.get("labels_correct") or 0)
+
+    @cached_property
+    def latency(self) -> tuple[int, ...]:
+        return column_sums(self.latency_rows)
+
+    @cached_property
+    def output(self) -> tuple[int, ...]:
+        return column_sums(self.output_rows)
 
 
 @dataclass
@@ -82,9 +99,7 @@ def charts(cohorts: Mapping[str, CohortSeries]) -> dict[str, list[Series]]:
         "Label coverage": [],
     }
     for hw, s in sorted(cohorts.items()):
-        total_output: tuple[int, ...] = ()
-        for b in s.buckets:
-            total_output = add_counts(total_output, b.output)
+        total_output = column_sums([b.output for b in s.buckets])
         for q, name in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
             out["Latency (ms)"].append(Series(f"{hw} {name}", _points(s, lambda b, q=q: _q(b, q))))
         out["Error rate"].append(
