@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -101,9 +101,21 @@ def signed_in(request: Request) -> User:
 SignedIn = Annotated[User, Depends(signed_in)]
 
 
+def same_origin(request: Request) -> bool:
+    """A browser names the page a POST came from (``Origin``); it must be this server's host.
+
+    Only the host and port are compared: behind a proxy that ends TLS the scheme seen here is
+    not the browser's. No ``Origin`` (an older client, curl) passes: the CSRF token still holds.
+    """
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc == request.headers.get("host", "")
+
+
 def acting(request: Request, user: User, csrf: str | None, role: str = "operator") -> None:
-    """A state-changing POST: the session's CSRF token must come back, and the role must allow it."""
-    if not codec_of(request).csrf_ok(user.session, csrf):
+    """A state-changing POST: from this site, with the session's CSRF token, and a role that allows it."""
+    if not same_origin(request) or not codec_of(request).csrf_ok(user.session, csrf):
         request.state.error_code = "csrf_failed"
         raise Refused(
             "this form is stale or did not come from the console (CSRF check failed):"
@@ -155,6 +167,9 @@ def login(
     token: Annotated[str, Form(max_length=512)] = "",
     next: Annotated[str, Form()] = "/ui/rollouts",
 ) -> Response:
+    if not same_origin(request):  # a sign-in posted from another site (login CSRF)
+        request.state.error_code = "csrf_failed"
+        raise Refused("sign in from the console's own page")
     token = token.strip()
     principal = principal_of(ctx_of(request), hash_token(token)) if token else None
     if principal is None or principal.role not in ("viewer", "operator", "admin"):

@@ -89,6 +89,16 @@ def test_every_action_needs_the_sessions_csrf_token_and_an_operator(
         r = operator.post(f"/ui/rollouts/{rid}/pause", data=data)
         assert r.status_code == 403 and "CSRF check failed" in r.text
     assert status(client, rid)["state"] == "running"
+    # the right token posted from another site's page is refused too, as is a sign-in from there
+    r = operator.post(
+        f"/ui/rollouts/{rid}/pause", data={"csrf": token}, headers={"Origin": "https://evil.example"}
+    )
+    assert r.status_code == 403 and "CSRF check failed" in r.text
+    with httpx.Client(base_url=server.url, timeout=10) as other:
+        r = other.post(
+            "/ui/login", data={"token": tokens["viewer"]}, headers={"Origin": "https://evil.example"}
+        )
+        assert r.status_code == 403 and "ef_console" not in r.headers.get("set-cookie", "")
     # a viewer sees the rollout with its buttons disabled, and is refused the action itself
     seen = viewer.get(f"/ui/rollouts/{rid}")
     assert seen.status_code == 200 and 'disabled title="viewers cannot act"' in seen.text
