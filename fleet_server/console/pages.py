@@ -31,12 +31,23 @@ from fleet_server.errors import ApiError, DomainError
 from fleet_server.lifecycle import OPERATOR_ACTIONS, RolloutState
 from fleet_server.models import AuditEntry, Device, EventRow, Model, SloAlert, TelemetryBatchRow
 from fleet_server.rollouts import find_rollout, list_rollouts, operator_action, rollout_status
+from fleet_server.routes.guard import GuardedRoute
 from fleet_server.selector_syntax import SYNTAX, SelectorError, parse_selector
 from fleet_server.store import new_session
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
-router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+class ConsoleRoute(GuardedRoute):
+    """The API's route guard for the console's forms: a body is bounded while it streams in, at
+    ``max_request_bytes`` like a JSON document (a form of a token or a CSRF field is tiny), never
+    at the upload limit a form would otherwise get. Sign-in is checked by ``signed_in``."""
+
+    raw_body = True
+
+
+router = APIRouter(prefix="/ui", include_in_schema=False, route_class=ConsoleRoute)
 PAGE = 50  # rows per page of the console's tables
 POLL_SECONDS = 2
 

@@ -63,6 +63,11 @@ def test_sign_in_sets_a_strict_httponly_expiring_cookie_and_refuses_a_wrong_toke
     assert "secure" not in header  # plain http here; over https it is set (test below)
 
 
+def test_a_form_body_is_bounded_like_an_api_body(server: ServerThread) -> None:
+    r = httpx.post(f"{server.url}/ui/login", data={"token": "x" * (2 << 20)}, timeout=10)
+    assert r.status_code == 413 and r.json()["detail"]["code"] == "body_too_large"
+
+
 def test_a_forged_cookie_is_sent_to_sign_in(server: ServerThread) -> None:
     with httpx.Client(base_url=server.url, timeout=10, cookies={COOKIE: "eyJ0IjoiYSJ9.x.y"}) as c:
         r = c.get("/ui/rollouts")
