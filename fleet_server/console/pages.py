@@ -115,13 +115,15 @@ SignedIn = Annotated[User, Depends(signed_in)]
 def same_origin(request: Request) -> bool:
     """A browser names the page a POST came from (``Origin``); it must be this server's host.
 
-    Only the host and port are compared: behind a proxy that ends TLS the scheme seen here is
-    not the browser's. No ``Origin`` (an older client, curl) passes: the CSRF token still holds.
+    Only the host name is compared: behind a proxy that ends TLS the scheme seen here is not the
+    browser's, and a proxy may pass ``Host`` without the port the browser used. No ``Origin``
+    (an older client, curl) passes: the CSRF token still holds.
     """
     origin = request.headers.get("origin")
     if origin is None:
         return True
-    return urlsplit(origin).netloc == request.headers.get("host", "")
+    host = urlsplit(f"//{request.headers.get('host', '')}").hostname
+    return urlsplit(origin).hostname == host
 
 
 def acting(request: Request, user: User, csrf: str | None, role: str = "operator") -> None:
@@ -205,7 +207,8 @@ def login(
         path="/ui",
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        # https here, or behind a proxy that ends TLS for the public https address
+        secure=request.url.scheme == "https" or ctx_of(request).settings.public_url.startswith("https://"),
     )
     return response
 

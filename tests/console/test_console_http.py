@@ -220,3 +220,16 @@ def test_over_https_the_cookie_is_secure(
     assert (
         "; secure" in r.headers["set-cookie"].lower() and "samesite=strict" in r.headers["set-cookie"].lower()
     )
+
+
+def test_behind_a_proxy_ending_tls_the_cookie_is_secure_too(make_server: Callable[..., ServerThread]) -> None:
+    server = make_server(public_url="https://fleet.example")
+    r = httpx.post(f"{server.url}/ui/login", data={"token": server.admin_token})
+    assert r.status_code == 303 and "; secure" in r.headers["set-cookie"].lower()
+    # the proxy passes the host without the browser's port: the origin check compares host names
+    r = httpx.post(
+        f"{server.url}/ui/login",
+        data={"token": server.admin_token},
+        headers={"Origin": "https://127.0.0.1:8443"},
+    )
+    assert r.status_code == 303
