@@ -19,6 +19,9 @@ from device_agent.protocol import LATENCY_BOUNDS_US
 from fleet_server.console.charts import Series
 from fleet_server.gates import psi
 from fleet_server.model_metrics import bucket_quantile
+from fleet_server.slo.burn import evaluate
+from fleet_server.slo.series import Sample
+from fleet_server.slo.spec import SloSpec
 
 
 def column_sums(rows: Sequence[Sequence[int]]) -> tuple[int, ...]:
@@ -121,6 +124,20 @@ def _points(s: CohortSeries, f: Any) -> Sequence[tuple[float, float | None]]:
     return [(t, f(b)) for t, b in zip(s.times, s.buckets, strict=True)]
 
 
+def budget_series(spec: SloSpec, samples: Sequence[Sample], times: Sequence[float]) -> list[Series]:
+    """Each objective's error budget left (1 untouched, 0 spent, below 0 overspent) as the SLO
+    stood at each of ``times``, from the samples taken by then: how fast the budget burned."""
+    out = []
+    for i, objective in enumerate(spec.objectives):
+        points: list[tuple[float, float | None]] = []
+        for t in times:
+            seen = [s for s in samples if s.t <= t]
+            status = evaluate(spec, seen, t).objectives[i] if len(seen) > 1 else None
+            points.append((t, status.budget_remaining if status is not None and status.events else None))
+        out.append(Series(f"{spec.name} {objective.sli}", points))
+    return out
+
+
 UNITS = {
     "Latency (ms)": "",
     "Error rate": "%",
@@ -129,4 +146,4 @@ UNITS = {
     "Label coverage": "%",
 }
 
-__all__ = ["UNITS", "Bucket", "CohortSeries", "bucketed", "charts"]
+__all__ = ["UNITS", "Bucket", "CohortSeries", "bucketed", "budget_series", "charts", "column_sums"]

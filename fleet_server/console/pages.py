@@ -33,6 +33,7 @@ from fleet_server.models import AuditEntry, Device, EventRow, Model, SloAlert, T
 from fleet_server.rollouts import find_rollout, list_rollouts, operator_action, rollout_status
 from fleet_server.routes.guard import GuardedRoute
 from fleet_server.selector_syntax import SYNTAX, SelectorError, parse_selector
+from fleet_server.slo_store import load_samples, spec_of
 from fleet_server.store import new_session
 
 HERE = Path(__file__).parent
@@ -490,9 +491,14 @@ def observability_page(
                 obs_view.bucketed(rows, chosen.sha256, start.timestamp(), now.timestamp(), 24)
             )
             charts = [line_chart(name, s, obs_view.UNITS[name]) for name, s in series.items()]
+            times = [start.timestamp() + (i + 1) * WINDOWS[window] / 24 for i in range(24)]
+            budgets = []
             for row in fleet_view.slos_of(session, chosen.name):
-                status, samples = slos.status_of(session, row, now)
-                slo_rows.append((row, slos.status_out(status, samples)))
+                status, count = slos.status_of(session, row, now)
+                slo_rows.append((row, slos.status_out(status, count)))
+                budgets += obs_view.budget_series(spec_of(row), load_samples(session, row.name), times)
+            if budgets:
+                charts.append(line_chart("SLO error budget left", budgets, "%", floor_zero=False))
             alerts = list(
                 session.exec(
                     select(SloAlert).where(

@@ -194,8 +194,11 @@ def test_pages_show_the_fleet_the_rollout_and_the_gate_that_rolled_it_back(
     models = browser.get("/ui/models").text
     assert "det:1" in models and "det:2" in models and "verified" in models
     assert "det:2" in browser.get("/ui/models/det/2").text
+    slo = {"name": "det-avail", "model": "det", "objectives": [{"sli": "availability", "target": 0.99}]}
+    assert client.post("/api/v1/slos", json=slo).status_code == 201
     obs = browser.get("/ui/observability", params={"model": "det:2", "window": "24h"})
     assert obs.status_code == 200 and "Latency (ms)" in obs.text
+    assert "<td>det-avail</td>" in obs.text and "SLO error budget left" in obs.text
     audit = browser.get("/ui/audit", params={"path": "/api/v1/rollouts"}).text
     assert "POST /api/v1/rollouts" in audit
     browser.close()

@@ -207,3 +207,30 @@ def test_delivery_status_reads_the_targets_and_the_revocation_floors() -> None:
     targets = fleet_view.parse_targets(raw)
     assert targets.shas == {"a" * 64, "f" * 64} - {"f" * 64} and targets.floors == {"det": 2}
     assert targets.version == 4
+
+
+def test_the_slo_budget_burns_down_as_errors_come_in() -> None:
+    from fleet_server.slo.series import Sample, Totals
+    from fleet_server.slo.spec import spec_from
+
+    spec = spec_from(
+        {
+            "name": "det-avail",
+            "model": "det",
+            "objectives": [{"sli": "availability", "target": 0.99, "window": "1h"}],
+        }
+    )
+    # 1,000 inferences a minute; no errors for 10 minutes, then 2% errors (twice the budget's rate)
+    samples, inferences, errors = [], 0, 0
+    for minute in range(31):
+        samples.append(Sample(60.0 * minute, Totals(inferences=inferences, errors=errors)))
+        inferences += 1000
+        errors += 20 if minute >= 10 else 0
+    (series,) = obs_view.budget_series(spec, samples, [0.0, 600.0, 1200.0, 1800.0])
+    left = [v for _, v in series.points]
+    assert series.name == "det-avail availability"
+    assert left[0] is None  # nothing sampled yet
+    assert left[1] == 1.0  # ten clean minutes: the budget untouched
+    assert (
+        left[2] is not None and left[3] is not None and 0 > left[3] < left[2] < 1.0
+    )  # burning, then overspent
