@@ -9,7 +9,7 @@ decision that carries them, per hardware cohort and pooled, and each gate's verd
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -266,51 +266,17 @@ def build(out: RolloutOut) -> RolloutView:
     )
 
 
-@dataclass(frozen=True)
-class RolloutRow:
-    id: str
-    model: str
-    state: str
-    stage_text: str
-    devices: int
-    done: int
-    failed: int
-    created_at: datetime
-    updated_at: datetime
-
-
-def list_row(out: RolloutOut) -> RolloutRow:
-    last = out.stages[-1] if out.stages else None
-    return RolloutRow(
-        out.id,
-        out.model,
-        str(out.state),
-        f"{min(out.current_stage + 1, len(out.stages))}/{len(out.stages)}",
-        len(out.devices),
-        last.done if last else 0,
-        last.failed if last else 0,
-        out.created_at,
-        out.updated_at,
-    )
-
-
-def summary_counts(states: Sequence[str]) -> list[tuple[str, int]]:
-    return sorted(Counter(states).items())
-
-
 __all__ = [
     "ACTION_CONSEQUENCES",
     "ACTION_LABELS",
     "CohortGates",
     "DecisionView",
     "GateRow",
-    "RolloutRow",
     "RolloutView",
     "StageView",
     "allowed_actions",
     "build",
     "cohort_gates",
     "gate_rows",
-    "list_row",
     "policy_of",
 ]
