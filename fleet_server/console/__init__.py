@@ -16,7 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from fleet_server.console.pages import NeedsSignIn, Refused, render, router
+from fleet_server.console.access import NeedsSignIn, Refused
+from fleet_server.console.pages import render, router
 from fleet_server.console.session import SessionCodec, console_secret
 from fleet_server.settings import ServerSettings
 
