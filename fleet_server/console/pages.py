@@ -24,7 +24,6 @@ from fleet_server import audit, devices, releases, slos
 from fleet_server.auth import Principal, hash_token, principal_of
 from fleet_server.console import fleet_view, obs_view, rollout_view
 from fleet_server.console.access import (
-    NeedsSignIn,
     Refused,
     SignedIn,
     User,
