@@ -33,6 +33,8 @@ ACTION_CONSEQUENCES = {
     "approve": "The current stage is accepted: a manual gate passes, or a gate that paused is overridden.",
     "rollback": "Every device that got this model is sent the model it ran before. This cannot be undone.",
 }
+TROUBLED = frozenset({"failed", "timed_out", "held", "retry_wait"})
+MAX_TROUBLED = 50  # the page lists this many devices in trouble; the API pages through them all
 HALTING = frozenset({"roll_back", "roll_back_cohort", "pause", "pause_cohort"})
 
 
@@ -89,6 +91,7 @@ class RolloutView:
     why: DecisionView | None  # the latest decision that halted the rollout or a cohort
     rollback_requested: bool
     updated_at: datetime
+    troubled: list[tuple[str, str, str]]  # (device, state, reason) of failed, timed out or held devices
 
 
 def policy_of(out: RolloutOut) -> Policy:
@@ -263,6 +266,11 @@ def build(out: RolloutOut) -> RolloutView:
         why=why,
         rollback_requested=out.rollback_requested,
         updated_at=out.updated_at,
+        troubled=[
+            (device, str(state), out.device_reasons.get(device, ""))
+            for device, state in out.devices.items()
+            if str(state) in TROUBLED
+        ][:MAX_TROUBLED],
     )
 
 

@@ -116,6 +116,7 @@ def test_the_timeline_files_decisions_under_their_stage_and_names_the_gate_that_
     assert tables["all cohorts"]["error_rate"] == "pass"
     assert dict(view.device_counts) == {"done": 3, "failed": 1, "notified": 6}
     assert view.stage_text == "2/2" and view.actions == ["pause", "abort", "rollback"]
+    assert view.troubled == [("d3", "failed", "")]
 
 
 @pytest.mark.parametrize(
