@@ -18,9 +18,10 @@ from typing import Any
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, func, select
 
+from fleet_server.audit import AuditFilter
 from fleet_server.context import ServerContext
 from fleet_server.lifecycle import DeviceRolloutState as DS
-from fleet_server.models import Device, Model, Rollout, RolloutDevice, Slo, TelemetryBatchRow
+from fleet_server.models import AuditEntry, Device, Model, Rollout, RolloutDevice, Slo, TelemetryBatchRow
 from signing.targets import FLOORS_TARGET, parse_floors
 
 
@@ -289,6 +290,23 @@ def model_detail(m: Model) -> dict[str, list[tuple[str, str]]]:
     }
 
 
+# --- audit ---------------------------------------------------------------------------------------
+
+
+def audit_newest_first(
+    session: Session, where: AuditFilter, before: int | None, limit: int
+) -> tuple[list[AuditEntry], int | None]:
+    """One page of the audit entries ``where`` keeps, newest first (the API lists oldest first),
+    before entry ``before``; and the id to continue before (None: no older entries)."""
+    query = select(AuditEntry).where(*where.sql())
+    if before is not None:
+        query = query.where(col(AuditEntry.id) < before)
+    rows = list(session.exec(query.order_by(col(AuditEntry.id).desc()).limit(limit + 1)).all())
+    if len(rows) > limit:
+        return rows[:limit], rows[limit - 1].id
+    return rows, None
+
+
 # --- observability -----------------------------------------------------------------------------
 
 MAX_BATCHES = 5_000
@@ -325,6 +343,7 @@ __all__ = [
     "FleetCounts",
     "ModelRow",
     "RolloutRow",
+    "audit_newest_first",
     "batches_since",
     "delivery_targets",
     "device_row",

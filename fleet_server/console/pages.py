@@ -446,24 +446,22 @@ def audit_page(
     actor: Annotated[str, Query(max_length=160)] = "",
     path: Annotated[str, Query(max_length=512)] = "",
     result: Annotated[str, Query(max_length=64)] = "",
-    cursor: Annotated[str | None, Query(max_length=1024)] = None,
+    before: Annotated[int | None, Query(ge=1)] = None,
 ) -> HTMLResponse:
     where = audit.AuditFilter(actor=actor or None, path=path or None, result=result or None)
-    try:
-        page = audit.audit_entries(ctx_of(request).engine, where, cursor=cursor, limit=PAGE)
-    except DomainError as exc:
-        return render(request, "error.html", user, status=400, message=exc.message)
     with db(request) as session:
+        rows, older = fleet_view.audit_newest_first(session, where, before, PAGE)
         total = session.exec(select(func.count()).select_from(AuditEntry)).one()
     filters = {"actor": actor or None, "path": path or None, "result": result or None}
+    query = {k: v for k, v in filters.items() if v}
     return render(
         request,
         "audit.html",
         user,
-        rows=page.items,
+        rows=rows,
         total=total,
         filters={k: v or "" for k, v in filters.items()},
-        next_url=_next_url("/ui/audit", filters, page.next),
+        next_url=None if older is None else f"/ui/audit?{urlencode({**query, 'before': older})}",
     )
 
 

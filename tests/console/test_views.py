@@ -235,3 +235,30 @@ def test_the_slo_budget_burns_down_as_errors_come_in() -> None:
     assert (
         left[2] is not None and left[3] is not None and 0 > left[3] < left[2] < 1.0
     )  # burning, then overspent
+
+
+def test_the_audit_log_pages_newest_first_with_its_filters(tmp_path: Any) -> None:
+    from fleet_server.audit import AuditFilter, record_audit
+    from fleet_server.models import AuditEntry
+    from fleet_server.settings import ServerSettings
+    from fleet_server.store import make_engine, new_session
+
+    engine = make_engine(ServerSettings(data_dir=tmp_path))
+    for i in range(5):
+        record_audit(
+            engine,
+            AuditEntry(
+                ts=T0, actor="a" if i % 2 else "b", method="POST", path=f"/ui/x/{i}", status=200, result="ok"
+            ),
+        )
+    with new_session(engine) as session:
+        seen, before = [], None
+        while True:
+            rows, before = fleet_view.audit_newest_first(session, AuditFilter(), before, 2)
+            seen.append([r.path[-1] for r in rows])
+            if before is None:
+                break
+        assert seen == [["4", "3"], ["2", "1"], ["0"]]
+        rows, _ = fleet_view.audit_newest_first(session, AuditFilter(actor="a"), None, 10)
+        assert [r.path for r in rows] == ["/ui/x/3", "/ui/x/1"]
+    engine.dispose()
