@@ -22,7 +22,7 @@ from sqlmodel import Session, col, func, select
 
 from fleet_server import audit, devices, releases, slos
 from fleet_server.auth import Principal, hash_token, principal_of
-from fleet_server.console import fleet_view, obs_view, rollout_view
+from fleet_server.console import obs_view, reads, rollout_view
 from fleet_server.console.access import (
     Refused,
     SignedIn,
@@ -153,7 +153,7 @@ def rollouts_page(
             page = list_rollouts(session, state, None, cursor=cursor, limit=PAGE)
         except DomainError as exc:
             return render(request, "error.html", user, status=400, message=exc.message)
-        rows = fleet_view.rollout_rows(session, page.items)
+        rows = reads.rollout_rows(session, page.items)
     return render(
         request,
         "rollouts.html",
@@ -254,7 +254,7 @@ def fleet_page(
     except SelectorError as exc:
         parsed, problem = None, f"selector: {exc}"
     with db(request) as session:
-        counts = fleet_view.fleet_counts(session)
+        counts = reads.fleet_counts(session)
         if parsed is not None:
             where = devices.DeviceFilter(
                 selector=parsed,
@@ -278,7 +278,7 @@ def fleet_page(
         "fleet.html",
         user,
         counts=counts,
-        rows=[fleet_view.device_row(d) for d in rows],
+        rows=[reads.device_row(d) for d in rows],
         problem=problem,
         filters={k: v or "" for k, v in filters.items()},
         syntax=SYNTAX,
@@ -305,15 +305,15 @@ def device_page(request: Request, device_id: str, user: SignedIn) -> HTMLRespons
             .order_by(col(TelemetryBatchRow.id).desc())
             .limit(20)
         ).all()
-        names = fleet_view.model_names(session, fleet_view.shas_in(device, batches))
+        names = reads.model_names(session, reads.shas_in(device, batches))
     return render(
         request,
         "device.html",
         user,
-        d=fleet_view.device_row(device),
-        slots=fleet_view.slots(device, names),
+        d=reads.device_row(device),
+        slots=reads.slots(device, names),
         events=list(events),
-        telemetry=[fleet_view.telemetry_row(b, names) for b in batches],
+        telemetry=[reads.telemetry_row(b, names) for b in batches],
     )
 
 
@@ -325,14 +325,14 @@ def models_page(
     request: Request, user: SignedIn, cursor: Annotated[str | None, Query(max_length=1024)] = None
 ) -> HTMLResponse:
     c = ctx_of(request)
-    targets = fleet_view.delivery_targets(c)
+    targets = reads.delivery_targets(c)
     with db(request) as session:
         try:
             page = releases.list_models(session, cursor=cursor, limit=PAGE)
         except DomainError as exc:
             return render(request, "error.html", user, status=400, message=exc.message)
-        running = fleet_view.running_counts(session)
-    rows = [fleet_view.model_row(m, targets, running.get(m.sha256, 0)) for m in page.items]
+        running = reads.running_counts(session)
+    rows = [reads.model_row(m, targets, running.get(m.sha256, 0)) for m in page.items]
     return render(
         request,
         "models.html",
@@ -351,15 +351,15 @@ def model_page(request: Request, name: str, version: str, user: SignedIn) -> HTM
             m = releases.get_model(session, name, version)
         except DomainError as exc:
             return render(request, "error.html", user, status=404, message=exc.message)
-        running = fleet_view.running_counts(session).get(m.sha256, 0)
-    targets = fleet_view.delivery_targets(c)
+        running = reads.running_counts(session).get(m.sha256, 0)
+    targets = reads.delivery_targets(c)
     report = Path(m.storage_path) / "report.html"
     return render(
         request,
         "model.html",
         user,
-        m=fleet_view.model_row(m, targets, running),
-        detail=fleet_view.model_detail(m),
+        m=reads.model_row(m, targets, running),
+        detail=reads.model_detail(m),
         has_report=report.is_file(),
         tuf=targets is not None,
     )
@@ -402,14 +402,14 @@ def observability_page(
         slo_rows: list[Any] = []
         alerts: list[SloAlert] = []
         if chosen is not None:
-            rows = fleet_view.batches_since(session, chosen.sha256, start)
+            rows = reads.batches_since(session, chosen.sha256, start)
             series = obs_view.charts(
                 obs_view.bucketed(rows, chosen.sha256, start.timestamp(), now.timestamp(), 24)
             )
             charts = [line_chart(name, s, obs_view.UNITS[name]) for name, s in series.items()]
             times = [start.timestamp() + (i + 1) * WINDOWS[window] / 24 for i in range(24)]
             budgets = []
-            for row in fleet_view.slos_of(session, chosen.name):
+            for row in reads.slos_of(session, chosen.name):
                 status, count = slos.status_of(session, row, now)
                 slo_rows.append((row, slos.status_out(status, count)))
                 budgets += obs_view.budget_series(spec_of(row), load_samples(session, row.name), times)
@@ -450,7 +450,7 @@ def audit_page(
 ) -> HTMLResponse:
     where = audit.AuditFilter(actor=actor or None, path=path or None, result=result or None)
     with db(request) as session:
-        rows, older = fleet_view.audit_newest_first(session, where, before, PAGE)
+        rows, older = reads.audit_newest_first(session, where, before, PAGE)
         total = session.exec(select(func.count()).select_from(AuditEntry)).one()
     filters = {"actor": actor or None, "path": path or None, "result": result or None}
     query = {k: v for k, v in filters.items() if v}

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from fleet_server import policy
-from fleet_server.console import charts, fleet_view, obs_view, rollout_view
+from fleet_server.console import charts, obs_view, reads, rollout_view
 from fleet_server.policy import Policy
 from fleet_server.schemas import DecisionOut, RolloutOut, StageOut
 from signing.targets import FLOORS_TARGET
@@ -205,7 +205,7 @@ def test_delivery_status_reads_the_targets_and_the_revocation_floors() -> None:
             }
         }
     ).encode()
-    targets = fleet_view.parse_targets(raw)
+    targets = reads.parse_targets(raw)
     assert targets.shas == {"a" * 64, "f" * 64} - {"f" * 64} and targets.floors == {"det": 2}
     assert targets.version == 4
 
@@ -254,11 +254,11 @@ def test_the_audit_log_pages_newest_first_with_its_filters(tmp_path: Any) -> Non
     with new_session(engine) as session:
         seen, before = [], None
         while True:
-            rows, before = fleet_view.audit_newest_first(session, AuditFilter(), before, 2)
+            rows, before = reads.audit_newest_first(session, AuditFilter(), before, 2)
             seen.append([r.path[-1] for r in rows])
             if before is None:
                 break
         assert seen == [["4", "3"], ["2", "1"], ["0"]]
-        rows, _ = fleet_view.audit_newest_first(session, AuditFilter(actor="a"), None, 10)
+        rows, _ = reads.audit_newest_first(session, AuditFilter(actor="a"), None, 10)
         assert [r.path for r in rows] == ["/ui/x/3", "/ui/x/1"]
     engine.dispose()
