@@ -133,35 +133,72 @@ def demo_stack(
 
 
 def run_demo(
-    devices: int = 50, workdir: Path | None = None, as_json: bool = False, keep: bool = False
+    devices: int = 50,
+    workdir: Path | None = None,
+    as_json: bool = False,
+    keep: bool = False,
+    console_ui: bool = False,
 ) -> bool:
     """Run the demo; True when every check passed. ``workdir``: work there (it stays); else in a new
-    temporary directory, removed at the end, also after a failure or Ctrl-C, unless ``keep``."""
+    temporary directory, removed at the end, also after a failure or Ctrl-C, unless ``keep``.
+    ``console_ui``: once the checks are done and reported, leave the server, broker and devices
+    running and print the web console's address and a token to sign in with, until Ctrl-C."""
     console = Console(stderr=as_json)
     started = time.monotonic()
     result = DemoResult()
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     kept = keep or workdir is not None
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-        try:
-            _run(work, devices, console, result)
-        except Exception as exc:  # the demo reports any failure as a failed check, then exits 1
-            result.checks[f"ran to the end ({type(exc).__name__}: {exc})"] = False
+    reported = False
+
+    def report() -> None:
+        nonlocal reported
+        if reported:
+            return
+        reported = True
         result.figures["wall_seconds"] = round(time.monotonic() - started, 1)
         result.checks["finished in under 60 s"] = result.figures["wall_seconds"] < 60
         if as_json:
             document = {"ok": result.ok, **result.__dict__, "workdir": str(work) if kept else None}
             sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+            sys.stdout.flush()
         else:
-            _print_summary(console, result, work if kept else None)
+            _print_summary(console, result, work if kept else None, removed_later=console_ui)
+
+    def linger(server: Any) -> None:
+        report()
+        for line in (
+            f"web console: {server.url}/ui/",
+            f"sign in with the admin token: {server.admin_token}",
+            "the server, broker and devices keep running until Ctrl-C"
+            + ("" if kept else "; then the work directory is removed"),
+        ):
+            console.print(Text(line), highlight=False, soft_wrap=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            return
+
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            _run(work, devices, console, result, linger if console_ui else None)
+        except Exception as exc:  # the demo reports any failure as a failed check, then exits 1
+            result.checks[f"ran to the end ({type(exc).__name__}: {exc})"] = False
+        report()
     finally:
         if not kept:
             shutil.rmtree(work, ignore_errors=True)
     return result.ok
 
 
-def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None:
+def _run(
+    work: Path,
+    devices: int,
+    console: Console,
+    result: DemoResult,
+    linger: Callable[[Any], None] | None = None,
+) -> None:
     from compiler.examples import make_nan_model, train_digits
     from compiler.gate import Gate, GateFailed
     from compiler.pipeline import compile_model
@@ -283,6 +320,9 @@ def _run(work: Path, devices: int, console: Console, result: DemoResult) -> None
                     None,
                 )
                 result.figures["labels"] = dict(sorted(fleet.label_counts.items()))
+            if linger is not None:
+                progress.stop()  # the summary and the console's address print below a finished display
+                linger(server)
 
 
 def _accuracy_step(
@@ -431,7 +471,9 @@ def figure_rows(figures: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows + [(key, readable(value)) for key, value in figures.items() if key not in FIGURE_ROWS]
 
 
-def _print_summary(console: Console, result: DemoResult, kept: Path | None) -> None:
+def _print_summary(
+    console: Console, result: DemoResult, kept: Path | None, removed_later: bool = False
+) -> None:
     table = Table("check", "result", title="edgefleet demo")
     for name, ok in result.checks.items():
         table.add_row(Text(name), Text("ok", style="green") if ok else Text("FAILED", style="bold red"))
@@ -442,7 +484,7 @@ def _print_summary(console: Console, result: DemoResult, kept: Path | None) -> N
     console.print(figures)
     if kept is not None:
         console.print(Text(f"work directory kept: {kept}"), highlight=False)
-    else:
+    elif not removed_later:
         console.print("work directory removed (--keep keeps it)", highlight=False)
     verdict = ("demo passed", "bold green") if result.ok else ("demo failed", "bold red")
     console.print(Text(*verdict))

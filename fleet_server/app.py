@@ -21,6 +21,7 @@ from fleet_server.artifacts import load_trust
 from fleet_server.audit import AuditMiddleware
 from fleet_server.auth import bootstrap_admin_token, hash_token
 from fleet_server.captures import load_device_ca
+from fleet_server.console import install_console
 from fleet_server.context import ServerContext
 from fleet_server.keyload import load_fleet_key
 from fleet_server.logs import RequestIdMiddleware
@@ -100,6 +101,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.ctx = context
     for router in ROUTERS:
         app.include_router(router)
+    install_console(app, settings)  # the web console under /ui: same process, same tokens
     # outermost: it records the outcome of every mutating call, refusals by the route guard included
     app.add_middleware(AuditMiddleware, engine=context.engine)
     # outside the audit: the request id is set before anything else runs and logged after it all

@@ -2,6 +2,7 @@
 
 ``AuditMiddleware`` (pure ASGI, so streamed artifact downloads are not
 buffered) appends an entry for each POST/PUT/PATCH/DELETE under ``/api/v1/``
+or the console's ``/ui/`` (its sign-ins and actions)
 as its answer starts (so the caller's next read of the log finds it),
 whatever its outcome: who (the principal the route guard or the
 auth dependency put on the request), what (method, path), when, and the result
@@ -29,7 +30,7 @@ from fleet_server.store import new_session
 log = logging.getLogger(__name__)
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-AUDITED_PREFIX = "/api/v1/"
+AUDITED_PREFIXES = ("/api/v1/", "/ui/")
 
 
 def record_audit(engine: Engine, entry: AuditEntry) -> None:
@@ -100,7 +101,7 @@ class AuditMiddleware:
         if (
             scope["type"] != "http"
             or scope["method"] not in MUTATING
-            or not str(scope["path"]).startswith(AUDITED_PREFIX)
+            or not str(scope["path"]).startswith(AUDITED_PREFIXES)
         ):
             await self.app(scope, receive, send)
             return

@@ -31,7 +31,7 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
@@ -42,6 +42,9 @@ from fleet_server.errors import ApiError
 from fleet_server.models import ApiToken
 from fleet_server.settings import ServerSettings
 from fleet_server.store import new_session
+
+if TYPE_CHECKING:
+    from fleet_server.context import ServerContext
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +127,30 @@ def authenticate(request: Request) -> Principal:
             request.state.principal = Principal("unauthenticated", "")
             raise ApiError(401, "unauthenticated", "this route needs an API token (Bearer)", _CHALLENGE)
         principal = Principal("anonymous", "admin")
-    elif hmac.compare_digest(hash_token(token), ctx.admin_token_hash):
-        principal = Principal("bootstrap-admin", "admin")
     else:
-        with new_session(ctx.engine) as session:
-            row = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(token))).first()
-        if row is None or row.revoked_at is not None:
+        known = principal_of(ctx, hash_token(token))
+        if known is None:
             request.state.principal = Principal("invalid-token", "")
             raise ApiError(401, "invalid_token", "unknown or revoked API token", _CHALLENGE)
-        principal = Principal(f"{row.id}:{row.name}", row.role)
+        principal = known
     request.state.principal = principal
     return principal
+
+
+def principal_of(ctx: ServerContext, token_hash: str) -> Principal | None:
+    """Who holds the token with this SHA-256 now: None when it is unknown or revoked.
+
+    The one lookup behind both the bearer token and the console's session cookie (which carries
+    the hash), so revoking a token ends its console sessions on their next request too.
+    May query the database: call it from a worker thread, not the event loop.
+    """
+    if hmac.compare_digest(token_hash, ctx.admin_token_hash):
+        return Principal("bootstrap-admin", "admin")
+    with new_session(ctx.engine) as session:
+        row = session.exec(select(ApiToken).where(ApiToken.token_hash == token_hash)).first()
+    if row is None or row.revoked_at is not None:
+        return None
+    return Principal(f"{row.id}:{row.name}", row.role)
 
 
 def ensure_role(principal: Principal, role: str) -> None:
@@ -193,6 +209,7 @@ __all__ = [
     "ensure_role",
     "hash_token",
     "new_token",
+    "principal_of",
     "require",
     "required_role",
 ]

@@ -68,6 +68,11 @@ class ServerSettings(BaseSettings):
     auth_required: bool = (
         True  # admin API needs a bearer token (bootstrap: admin_token or <data_dir>/admin.token)
     )
+    # The web console (/ui, fleet_server.console): how long a sign-in lasts, and the key that signs its
+    # session cookie. Unset: one generated at first start into <data_dir>/console.secret (0600); give
+    # every replica behind one address the same value, or a cookie from one is refused by the next.
+    console_session_seconds: float = Field(default=8 * 3600.0, gt=0.0)
+    console_secret: SecretStr | None = None
     # Request bodies the API accepts, in bytes, enforced while the body streams in
     # (fleet_server.routes.guard): JSON documents are a few KB; an upload is one bundle.
     max_request_bytes: int = Field(default=1 << 20, gt=0)

@@ -125,6 +125,14 @@ def demo_cmd(
         typer.Option("--workdir", help="Work in this directory instead of a temporary one (it stays)."),
     ] = None,
     as_json: JsonOpt = False,
+    console_ui: Annotated[
+        bool,
+        typer.Option(
+            "--console",
+            help="Afterwards leave the server running and print the web console's URL and a token (Ctrl-C"
+            " stops it).",
+        ),
+    ] = False,
 ) -> None:
     """End to end: train, compile, sign, push, roll out to simulated devices, catch a bad model.
 
@@ -139,5 +147,5 @@ def demo_cmd(
         raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the stack stops, the directory goes
 
     signal.signal(signal.SIGTERM, terminated)
-    ok = run_demo(devices=devices, workdir=workdir, as_json=as_json, keep=keep)
+    ok = run_demo(devices=devices, workdir=workdir, as_json=as_json, keep=keep, console_ui=console_ui)
     raise typer.Exit(0 if ok else 1)
