@@ -105,11 +105,11 @@ def build_golden(
         return GoldenSet(None, None, f"one sample takes {len(data)} bytes, over the {limit}-byte budget")
     refs = {k: _stored(v[:n]) for k, v in refs_all.items()}
     outs = _per_sample(int8, name, xs[:n], names)
-    section_outputs = {
-        o: {"kind": str(outputs[o]["kind"]), "params": dict(outputs[o].get("kind_params") or {})}
+    spec_outputs = {
+        o: acceptance.OutputSpec(str(outputs[o]["kind"]), dict(outputs[o].get("kind_params") or {}))
         for o in names
     }
-    spec_outputs = {o: acceptance.OutputSpec(s["kind"], s["params"]) for o, s in section_outputs.items()}
+    section_outputs = {o: {"kind": s.kind, "params": s.params} for o, s in spec_outputs.items()}
     found = acceptance.measure(acceptance.Spec(FILE_NAME, n, spec_outputs, ()), refs, outs)
     checks = []
     for o, spec in spec_outputs.items():

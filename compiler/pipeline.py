@@ -290,11 +290,13 @@ def _provenance(model_path: Path, calib_path: DataSource, eval_path: DataSource 
 def _golden(built: Built, report: dict[str, Any]) -> GoldenSet:
     """The golden set on the held-out samples: fp32 reference outputs, and the int8 model's figures
     as the gate measured them (ONNX with the reference semantics, ``compiler.evaluate``)."""
-    fp32 = open_runner(*built.fp32)
-    path, fmt = built.int8
-    int8: Any = _ReferenceRunner(path) if fmt == "onnx" else open_runner(path, fmt)
     model_bytes = report["size"].get("artifact_bytes") or built.artifact.stat().st_size
     try:
+        fp32 = open_runner(*built.fp32)
+        path, fmt = built.int8
+        int8: Any = (
+            _ReferenceRunner(path) if isinstance(path, Path) and fmt == "onnx" else open_runner(path, fmt)
+        )
         return build_golden(built.held_out, built.sig, fp32.run, int8.run, report["outputs"], model_bytes)
     except Exception as exc:  # a model that will not run one sample at a time: no golden set, said so
         return GoldenSet(None, None, f"the golden set could not be measured: {exc}")

@@ -18,12 +18,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from device_agent import probation
+from device_agent import acceptance, probation
 from device_agent.config import AgentConfig
 from device_agent.deployment import Deployment, Trigger
 from device_agent.errors import InstallError
@@ -84,6 +85,8 @@ class Reconciler:
         self.who = config.device_id
         self.deployment = Deployment.restored(slots.state.deployment, slots.state.last_seq)
         self.last_rejection: Rejection | None = None  # the last refused/failed directive, reported
+        # model sha256 -> the acceptance check's verdict and figures (for the models in the slots)
+        self.acceptance: dict[str, dict[str, Any]] = {}
         self._pending: Directive | None = None
         self._wake = asyncio.Event()
         self.probation_task: asyncio.Task[None] | None = None
@@ -256,6 +259,7 @@ class Reconciler:
         slot, path = await self.installer.install(ref, self._steps(d, ref))
         await self._move(Trigger.WARM, d.seq, sha=ref.sha256)
         model = await self._load(path, ref.sha256)
+        await self._accept(ref, slot, model)
         await self._move(Trigger.SWAP, d.seq, sha=ref.sha256)
         new = self._serving(model, ref.sha256, ref.name, ref.version, slot)
         previous = self.models.serving
@@ -282,6 +286,34 @@ class Reconciler:
         self.models.awaiting_proof = ref.sha256
         self._swap(new)  # after the activation is on disk
         await self._enter(swapped, sha=ref.sha256)
+
+    async def _accept(self, ref: ModelRef, slot: str, model: LoadedModel) -> None:
+        """The on-device acceptance check (:mod:`device_agent.acceptance`): the bundle's golden set
+        on the loaded, warmed model, before the swap. Refuses with ``acceptance_failed`` and the
+        figures; a bundle without a golden set passes unchecked (bundles compiled before it)."""
+        info = self.slots.state.slots.get(slot)
+        manifest = info.manifest if info is not None else {}
+        try:
+            spec = acceptance.Spec.from_manifest(manifest)
+        except acceptance.MalformedAcceptance as exc:
+            raise InstallError(ReasonCode.ACCEPTANCE_FAILED, str(exc)) from exc
+        if spec is None:
+            return
+        entry = next(FileEntry(**f) for f in manifest["files"] if f["path"] == spec.file)
+        data = await self.installer.small_file(ref, slot, entry)
+        started = time.perf_counter()
+        try:
+            verdict = await asyncio.to_thread(check_golden, spec, data, model)
+        except acceptance.MalformedAcceptance as exc:
+            raise InstallError(ReasonCode.ACCEPTANCE_FAILED, str(exc)) from exc
+        seconds = time.perf_counter() - started
+        record = verdict.to_dict() | {"seconds": round(seconds, 4), "hardware_id": self.config.hardware_id}
+        self.acceptance = {k: v for k, v in self.acceptance.items() if k in self.slots.slot_hashes().values()}
+        self.acceptance[ref.sha256] = record
+        log.info("%s: %s", self.who, verdict.detail, extra={"model_sha256": ref.sha256})
+        if not verdict.passed:
+            self.metrics.count("acceptance_refusals")
+            raise InstallError(ReasonCode.ACCEPTANCE_FAILED, verdict.detail)
 
     def _swap(self, new: Serving) -> None:
         self.models.swap(new)
@@ -444,6 +476,13 @@ class Reconciler:
             log.warning("%s: stalling %.1fs in %s (%s)", self.who, stall, state, STALL_ENV)
             await self._drain()
             await asyncio.sleep(stall)
+
+
+def check_golden(spec: acceptance.Spec, data: bytes, model: LoadedModel) -> acceptance.Verdict:
+    """Run the golden set on ``model`` and judge it (blocking: the model runs once per sample)."""
+    golden = acceptance.Golden.parse(data, spec)
+    outs = acceptance.run_golden(model.run, golden, list(spec.outputs))
+    return acceptance.judge(spec, acceptance.measure(spec, golden.refs, outs))
 
 
 __all__ = ["DETAIL_MAX", "PROBATION_POLL", "STALL_ENV", "Reconciler", "stall_plan"]

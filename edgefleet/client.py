@@ -252,6 +252,15 @@ class ApiClient:
         """Post a batch of labels; each item's outcome in order, and their counts."""
         return dict(self._request("POST", "/api/v1/labels", json={"labels": labels}))
 
+    def bundle_file(self, sha256: str, name: str) -> bytes:
+        """Another (small) file of a bundle, by the name its manifest lists (the golden set)."""
+        try:
+            resp = self._http.get(f"/api/v1/artifacts/{sha256}/files/{name}")
+        except httpx.HTTPError as exc:
+            raise ApiError(0, "unreachable", f"{self.base_url}: {exc}") from exc
+        self._check_status(resp)
+        return resp.content
+
     def model_envelope(self, sha256: str) -> bytes:
         """The bundle's signed envelope as stored (public: devices verify it themselves)."""
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -283,8 +284,6 @@ def models_pull(
         with client(server, token) as conn:
             model = api(lambda: conn.model(name, version))
             manifest = BundleManifest.from_dict(model["manifest"])
-            if len(manifest.files) != 1:
-                fail(f"{ref} has {len(manifest.files)} files; the server serves single-file bundles only")
             entry = manifest.model_file
             (staging / ENVELOPE_NAME).write_bytes(api(lambda: conn.model_envelope(model["sha256"])))
             with transfer_progress(f"downloading {entry.path}", entry.length) as advance:
@@ -293,6 +292,10 @@ def models_pull(
                         model["sha256"], staging / entry.path, lambda n, _t: advance(n)
                     )
                 )
+            for other in manifest.files[1:]:  # the golden set: small, listed and signed
+                data: bytes = api(functools.partial(conn.bundle_file, model["sha256"], other.path))
+                (staging / other.path).write_bytes(data)
+                verify_file(staging / other.path, other)
         verify_file(staging / entry.path, entry)
         if read_bundle(staging).model_file != entry:
             fail(f"the envelope the server holds for {ref} lists another model file")

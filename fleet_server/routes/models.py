@@ -21,6 +21,7 @@ from fleet_server.artifacts import (
     RangeNotSatisfiable,
     Upload,
     find_artifact,
+    find_bundle_file,
     iter_file,
     parse_range,
 )
@@ -184,3 +185,22 @@ def get_artifact(
 def get_envelope(sha256: Sha256, c: Ctx) -> FileResponse:
     """The bundle's signed envelope (the manifest the model file is checked against)."""
     return FileResponse(find_artifact(c.engine, sha256).envelope, media_type="application/json")
+
+
+@artifacts_router.get(
+    "/artifacts/{sha256}/files/{name}",
+    responses={
+        **error_responses(404),
+        200: {"content": {"application/octet-stream": {}}, "description": "file"},
+    },
+    response_class=FileResponse,
+    summary="Download another file of a bundle (its golden set)",
+)
+def get_bundle_file(
+    sha256: Sha256,
+    c: Ctx,
+    name: Annotated[str, Path(max_length=255, description="a file name the bundle's signed manifest lists")],
+) -> FileResponse:
+    """A further file the bundle's signed manifest lists beside the model (the golden set the device's
+    acceptance check runs), checked by the device against its signed hash."""
+    return FileResponse(find_bundle_file(c.engine, sha256, name), media_type="application/octet-stream")
