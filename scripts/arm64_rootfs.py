@@ -7,14 +7,16 @@ numerics seen here are the device's (timing and memory are not: see
 docs/agent.md).
 
 ``build`` makes (or reuses) a bookworm arm64 rootfs with python3 and a venv
-holding the agent extra's dependencies and pytest, installed from the working
-tree's ``pyproject.toml``. It lives outside the repository under
-``/var/cache/edgefleet/arm64-<key>``; the key hashes every input that changes
-what is in it (the Debian suite and packages, the agent extra, the test
-packages, this script's build recipe), so a changed input builds anew and an
-unchanged one costs nothing. ``run -- CMD...`` executes a command inside it
-with the working tree mounted read-only at ``/src`` (first on ``PYTHONPATH``,
-so the code under test is always the tree's, never a copy from build time).
+holding the agent extra's dependencies and the test packages, as the working
+tree's ``pyproject.toml`` declares them. It lives outside the repository, in
+two cached layers keyed on hashes of their inputs: the Debian base under
+``/var/cache/edgefleet/arm64-<key>`` (suite, packages, recipe: ~7 min to
+build under emulation), and inside it the venv ``/opt/edgefleet-<key>`` (the
+agent extra, the test packages, the base's key: ~2 min). A changed input
+rebuilds its layer and what sits on it; an unchanged one costs nothing.
+``run -- CMD...`` executes a command inside it with the working tree mounted
+read-only at ``/src`` (first on ``PYTHONPATH``, so the code under test is
+always the tree's, never a copy from build time).
 
 The pitfalls this handles, each seen on this kind of machine:
 
@@ -54,9 +56,10 @@ CACHE = Path(os.environ.get("EDGEFLEET_ARM64_CACHE", "/var/cache/edgefleet"))
 SUITE = "bookworm"
 DEBIAN_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
 HOST_PACKAGES = ("qemu-user-static", "binfmt-support", "mmdebstrap")
-TEST_PACKAGES = ("pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100")
-RECIPE = "3"  # bump when the build steps below change what lands in the rootfs
-VENV = "/opt/edgefleet"  # inside the rootfs
+# The agent tests' own needs: pytest and its plugins, and onnx (the test harness writes tiny models).
+TEST_PACKAGES = ("pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "onnx>=1.16")
+RECIPE = "1"  # bump when the build steps below change what lands in the Debian base
+VENV_RECIPE = "1"  # ... or in the venv
 SRC = "/src"  # the working tree, mounted read-only
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
@@ -86,20 +89,35 @@ def agent_requirements(pyproject: Path = PROJECT / "pyproject.toml") -> list[str
     return [*project["dependencies"], *project["optional-dependencies"]["agent"]]
 
 
-def cache_key(requirements: Sequence[str]) -> str:
-    """A hash of everything that changes the rootfs; the agent's own code is not in it (mounted)."""
-    inputs = {
-        "suite": SUITE,
-        "debian": sorted(DEBIAN_PACKAGES),
-        "requirements": sorted(requirements),
-        "tests": sorted(TEST_PACKAGES),
-        "recipe": RECIPE,
-    }
+def _key(inputs: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def rootfs_path(requirements: Sequence[str] | None = None) -> Path:
-    return CACHE / f"arm64-{cache_key(requirements if requirements is not None else agent_requirements())}"
+def base_key() -> str:
+    """A hash of what changes the Debian base."""
+    return _key({"suite": SUITE, "debian": sorted(DEBIAN_PACKAGES), "recipe": RECIPE})
+
+
+def venv_key(requirements: Sequence[str]) -> str:
+    """A hash of what changes the venv; the agent's own code is not in it (it is mounted at /src)."""
+    return _key(
+        {
+            "base": base_key(),
+            "requirements": sorted(requirements),
+            "tests": sorted(TEST_PACKAGES),
+            "recipe": VENV_RECIPE,
+        }
+    )
+
+
+def rootfs_path() -> Path:
+    return CACHE / f"arm64-{base_key()}"
+
+
+def venv_path(requirements: Sequence[str] | None = None) -> str:
+    """The venv's path inside the rootfs."""
+    reqs = requirements if requirements is not None else agent_requirements()
+    return f"/opt/edgefleet-{venv_key(reqs)}"
 
 
 def cpuinfo_text(cpu: str, cores: int | None = None) -> str:
@@ -179,7 +197,7 @@ def remove_rootfs(root: Path) -> None:
 
 
 def chroot_command(
-    root: Path, argv: Sequence[str], *, cpu: str = "max", env: dict[str, str] | None = None
+    root: Path, argv: Sequence[str], *, cpu: str = "max", env: dict[str, str] | None = None, venv: str = ""
 ) -> list[str]:
     """``unshare -m`` + a shell that mounts proc, /dev, an ARM cpuinfo and the tree, then chroots.
 
@@ -193,7 +211,7 @@ def chroot_command(
     (root / SRC.lstrip("/")).mkdir(exist_ok=True)
     (root / "tmp").mkdir(exist_ok=True)
     base_env = {
-        "PATH": f"{VENV}/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "PATH": f"{venv or venv_path()}/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "QEMU_CPU": cpu,
@@ -231,47 +249,58 @@ def run_inside(
     env: dict[str, str] | None = None,
     cwd: str = SRC,
     check: bool = False,
+    venv: str = "",
     **kwargs: object,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` in the arm64 userland (from ``cwd`` inside it); returns the finished process."""
     inner = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd, *argv]
-    return subprocess.run(chroot_command(root, inner, cpu=cpu, env=env), check=check, text=True, **kwargs)  # type: ignore[call-overload, no-any-return]
+    command = chroot_command(root, inner, cpu=cpu, env=env, venv=venv)
+    return subprocess.run(command, check=check, text=True, **kwargs)  # type: ignore[call-overload, no-any-return]
 
 
 # -- the build ------------------------------------------------------------------------------------
 
 
 def build(force: bool = False) -> Path:
-    """The cached rootfs for the working tree's inputs, built when missing (or ``force``)."""
+    """The cached rootfs for the working tree's inputs, each layer built when missing (or ``force``)."""
     ensure_host()
     requirements = agent_requirements()
-    root = rootfs_path(requirements)
+    root, venv = rootfs_path(), venv_path(requirements)
     if force and root.exists():
         remove_rootfs(root)
-    if (root / MARKER).exists():
-        return root
+    steps: list[tuple[str, Callable[[], None]]] = []
     partial = root.with_name(root.name + ".partial")
-    if partial.exists():
-        remove_rootfs(partial)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    steps = (
-        ("debootstrap arm64 " + SUITE, lambda: _debootstrap(partial)),
-        ("venv", lambda: _venv(partial)),
-        ("pip install agent deps + pytest", lambda: _pip(partial, requirements)),
-        ("import check (onnxruntime on aarch64)", lambda: _smoke(partial)),
-    )
-    for label, step in _progress(steps):
-        _say(f"arm64 rootfs: {label}")
+    if not (root / MARKER).exists():
+        if partial.exists():
+            remove_rootfs(partial)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        steps.append((f"debootstrap arm64 {SUITE}", lambda: _debootstrap(partial)))
+        steps.append(("mark the base", lambda: _finish_base(partial, root)))
+    if not (root / venv.lstrip("/") / MARKER).exists():
+        steps.append(("venv", lambda: _venv(root, venv)))
+        steps.append(("pip install the agent extra + test packages", lambda: _pip(root, venv, requirements)))
+        steps.append(("import check (onnxruntime on aarch64)", lambda: _smoke(root, venv, requirements)))
+    for _label, step in _progress(steps):
         step()
-    (partial / MARKER).write_text(json.dumps({"requirements": requirements, "built": time.time()}))
-    partial.rename(root)
-    for old in CACHE.glob("arm64-*"):  # earlier keys: a changed input made them stale
-        if old != root and not old.name.endswith(".partial"):
-            try:
-                remove_rootfs(old)
-            except RuntimeError as exc:
-                _say(str(exc))
+    for old in CACHE.glob("arm64-*"):  # other keys: a changed input made them stale
+        if old != root:
+            _remove_quietly(old)
+    for old in (root / "opt").glob("edgefleet*"):
+        if f"/opt/{old.name}" != venv:
+            shutil.rmtree(old, ignore_errors=True)
     return root
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        remove_rootfs(path)
+    except RuntimeError as exc:
+        _say(str(exc))
+
+
+def _finish_base(partial: Path, root: Path) -> None:
+    (partial / MARKER).write_text(json.dumps({"base": base_key(), "built": time.time()}))
+    partial.rename(root)
 
 
 def _progress(steps: Sequence[tuple[str, Callable[[], None]]]) -> Iterator[tuple[str, Callable[[], None]]]:
@@ -306,19 +335,23 @@ def _debootstrap(root: Path) -> None:
     )
 
 
-def _venv(root: Path) -> None:
-    run_inside(root, ["python3", "-m", "venv", VENV], cwd="/", check=True)
+def _venv(root: Path, venv: str) -> None:
+    shutil.rmtree(root / venv.lstrip("/"), ignore_errors=True)
+    run_inside(root, ["python3", "-m", "venv", venv], cwd="/", check=True, venv=venv)
 
 
-def _pip(root: Path, requirements: Sequence[str]) -> None:
-    run_inside(root, [f"{VENV}/bin/pip", "install", "-q", *requirements, *TEST_PACKAGES], cwd="/", check=True)
+def _pip(root: Path, venv: str, requirements: Sequence[str]) -> None:
+    pip = [f"{venv}/bin/pip", "install", "-q", *requirements, *TEST_PACKAGES]
+    run_inside(root, pip, cwd="/", check=True, venv=venv)
 
 
-def _smoke(root: Path) -> None:
+def _smoke(root: Path, venv: str, requirements: Sequence[str]) -> None:
     probe = "import platform, numpy, onnxruntime; print(platform.machine(), onnxruntime.__version__)"
-    done = run_inside(root, ["python", "-c", probe], cwd="/", check=True, capture_output=True)
+    done = run_inside(root, ["python", "-c", probe], cwd="/", check=True, capture_output=True, venv=venv)
     if not done.stdout.startswith("aarch64"):
         raise RuntimeError(f"the rootfs does not run aarch64 code: {done.stdout!r}")
+    record = {"requirements": list(requirements), "tests": list(TEST_PACKAGES), "probe": done.stdout.strip()}
+    (root / venv.lstrip("/") / MARKER).write_text(json.dumps(record))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
