@@ -197,12 +197,20 @@ def remove_rootfs(root: Path) -> None:
 
 
 def chroot_command(
-    root: Path, argv: Sequence[str], *, cpu: str = "max", env: dict[str, str] | None = None, venv: str = ""
+    root: Path,
+    argv: Sequence[str],
+    *,
+    cpu: str = "max",
+    env: dict[str, str] | None = None,
+    venv: str = "",
+    binds: Sequence[Path] = (),
 ) -> list[str]:
     """``unshare -m`` + a shell that mounts proc, /dev, an ARM cpuinfo and the tree, then chroots.
 
-    Every mount lives in the new private namespace and goes away with the command, so no
-    bind mount outlives it (nothing of the host's /dev stays reachable from the cache)."""
+    ``binds``: host directories to mount at the same path inside (writable), e.g. a test's
+    temporary directory holding an agent's config, keys and data. Every mount lives in the new
+    private namespace and goes away with the command, so no bind mount outlives it (nothing of
+    the host's /dev stays reachable from the cache)."""
     cpuinfo = root / "etc" / "edgefleet-cpuinfo"
     cpuinfo.write_text(cpuinfo_text(cpu))
     shutil.copyfile(CA_BUNDLE, root / CA_BUNDLE.relative_to("/"))
@@ -234,6 +242,7 @@ def chroot_command(
             f"mount -t tmpfs tmpfs {r}/dev/shm 2>/dev/null || true",
             f"mount --bind {PROJECT} {r}{SRC}",
             f"mount -o remount,bind,ro {r}{SRC}",
+            *[f"mkdir -p {r}{b} && mount --bind {b} {r}{b}" for b in (str(Path(p).resolve()) for p in binds)],
             'exec chroot "$0" /usr/bin/env -i "$@"',
         ]
     )
@@ -250,12 +259,17 @@ def run_inside(
     cwd: str = SRC,
     check: bool = False,
     venv: str = "",
+    binds: Sequence[Path] = (),
     **kwargs: object,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` in the arm64 userland (from ``cwd`` inside it); returns the finished process."""
-    inner = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd, *argv]
-    command = chroot_command(root, inner, cpu=cpu, env=env, venv=venv)
+    command = chroot_command(root, inside(argv, cwd), cpu=cpu, env=env, venv=venv, binds=binds)
     return subprocess.run(command, check=check, text=True, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+def inside(argv: Sequence[str], cwd: str = SRC) -> list[str]:
+    """``argv`` run from ``cwd`` inside the chroot (exec: signals reach it, as a service's would)."""
+    return ["/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd, *argv]
 
 
 # -- the build ------------------------------------------------------------------------------------
