@@ -895,6 +895,39 @@ class ModelMetricsOut(BaseModel):
     total: MetricsGroupOut = Field(description="over every device")
 
 
+class AcceptanceFigureOut(BaseModel):
+    output: str
+    figure: str = Field(description="snr_db, cosine_mean, top1_agreement... (the output kind's figures)")
+    compiled: float | None = Field(description="measured on the host at compile time, on the golden set")
+    tolerance: float | None = Field(description="how far a device may fall below it (above, for errors)")
+    measured_median: float
+    measured_worst: float
+    devices: int
+
+
+class AcceptanceHardwareOut(BaseModel):
+    hardware_id: str
+    devices: int = Field(description="devices that reported an acceptance check of this model")
+    passed: int
+    refused: int = Field(description="devices that refused the swap (acceptance_failed)")
+    figures: list[AcceptanceFigureOut]
+
+
+class ModelAcceptanceOut(BaseModel):
+    """The devices' on-device acceptance checks of one model, per hardware class, beside the
+    figures compiled on the host (docs/agent.md, on-device acceptance)."""
+
+    model: str = Field(description="name:version")
+    sha256: str
+    golden_samples: int | None = Field(description="samples in the bundle's golden set (None: no golden set)")
+    golden_bytes: int | None
+    compiled: list[dict[str, Any]] = Field(
+        description="the signed checks: output, figure, compiled, tolerance"
+    )
+    hardware: list[AcceptanceHardwareOut]
+    summary: list[str] = Field(description="one line per figure and hardware class, for a report")
+
+
 class LabelOut(BaseModel):
     """One source's label of an inference."""
 

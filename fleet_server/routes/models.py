@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import File, Header, Path, Query, Response, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 
-from fleet_server import aggregates, releases
+from fleet_server import acceptance_report, aggregates, releases
 from fleet_server.artifacts import (
     MAX_ENVELOPE,
     RangeNotSatisfiable,
@@ -39,7 +39,7 @@ from fleet_server.routes.common import (
     public_router,
 )
 from fleet_server.routes.errors import error_responses
-from fleet_server.schemas import ModelMetricsOut, ModelOut, ModelPage
+from fleet_server.schemas import ModelAcceptanceOut, ModelMetricsOut, ModelOut, ModelPage
 
 router = admin_router(tags=["models"])
 artifacts_router = public_router(API, tags=["artifacts"])
@@ -127,6 +127,23 @@ def get_model_metrics(
     feature and prediction availability, CPU cost per inference: per hardware cohort and rollout
     stage, and over all, from the devices' telemetry and the labels posted to the server."""
     return aggregates.model_metrics(session, name, version)
+
+
+@router.get(
+    "/models/{name}/{version}/acceptance",
+    response_model=ModelAcceptanceOut,
+    responses=error_responses(404),
+    summary="On-device acceptance figures of a model",
+)
+def get_model_acceptance(
+    name: Annotated[str, Path(description="the model's name", examples=["digits"])],
+    version: Annotated[str, Path(description="the model's version", examples=["2"])],
+    session: Db,
+) -> ModelAcceptanceOut:
+    """What the devices' acceptance checks (the bundle's golden set on each device's own runtime,
+    before the swap) measured, per hardware class: passed, refused, and each figure's median and
+    worst next to the value compiled on the host."""
+    return ModelAcceptanceOut.model_validate(acceptance_report.model_acceptance(session, name, version))
 
 
 Sha256 = Annotated[
