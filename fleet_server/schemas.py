@@ -896,21 +896,25 @@ class ModelMetricsOut(BaseModel):
 
 
 class AcceptanceFigureOut(BaseModel):
-    output: str
+    """One figure of one output, as the devices of a hardware class measured it."""
+
+    output: str = Field(description="the model output it was measured on")
     figure: str = Field(description="snr_db, cosine_mean, top1_agreement... (the output kind's figures)")
     compiled: float | None = Field(description="measured on the host at compile time, on the golden set")
     tolerance: float | None = Field(description="how far a device may fall below it (above, for errors)")
-    measured_median: float
-    measured_worst: float
-    devices: int
+    measured_median: float = Field(description="the median over the devices")
+    measured_worst: float = Field(description="the worst device's value (lowest; highest for errors)")
+    devices: int = Field(description="devices that measured it")
 
 
 class AcceptanceHardwareOut(BaseModel):
-    hardware_id: str
+    """The acceptance checks of one hardware class."""
+
+    hardware_id: str = Field(description="the hardware class")
     devices: int = Field(description="devices that reported an acceptance check of this model")
-    passed: int
+    passed: int = Field(description="devices whose check passed (they swapped the model in)")
     refused: int = Field(description="devices that refused the swap (acceptance_failed)")
-    figures: list[AcceptanceFigureOut]
+    figures: list[AcceptanceFigureOut] = Field(description="per output and figure")
 
 
 class ModelAcceptanceOut(BaseModel):
@@ -918,13 +922,13 @@ class ModelAcceptanceOut(BaseModel):
     figures compiled on the host (docs/agent.md, on-device acceptance)."""
 
     model: str = Field(description="name:version")
-    sha256: str
+    sha256: str = Field(description="SHA-256 of its model file")
     golden_samples: int | None = Field(description="samples in the bundle's golden set (None: no golden set)")
-    golden_bytes: int | None
+    golden_bytes: int | None = Field(description="size of the golden set file")
     compiled: list[dict[str, Any]] = Field(
         description="the signed checks: output, figure, compiled, tolerance"
     )
-    hardware: list[AcceptanceHardwareOut]
+    hardware: list[AcceptanceHardwareOut] = Field(description="per hardware class, sorted")
     summary: list[str] = Field(description="one line per figure and hardware class, for a report")
 
 
