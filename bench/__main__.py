@@ -12,7 +12,19 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-MODULES = ["verify", "trust", "inference", "agent", "compiler", "server", "labels", "sim", "gates", "slo"]
+MODULES = [
+    "verify",
+    "trust",
+    "inference",
+    "agent",
+    "compiler",
+    "server",
+    "labels",
+    "sim",
+    "gates",
+    "slo",
+    "acceptance",
+]
 STANDARD = {"bench", "baseline", "ratio", "target"}
 
 
