@@ -18,10 +18,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from compiler import compile_model
@@ -52,33 +52,33 @@ def arm64_root() -> Path:
     return Path(given)
 
 
-@pytest.fixture
-def agent_process(
-    arm64_root: Path, tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    dev = unique_id("arm")
-    conf = write_agent_toml(tmp_path, keydir, broker_info, dev)
-    files = [Path(v) for k, v in device_mqtt_keys(broker_info, dev).items() if k.endswith("_file")]
+def start_agent(
+    root: Path, tmp_path: Path, keydir: KeyDir, broker: BrokerInfo, dev: str
+) -> subprocess.Popen[bytes]:
+    """``python -m device_agent`` in the arm64 userland (an emulated Cortex-A72), its config, keys
+    and data in host directories mounted at the same paths; stderr to ``agent.log``."""
+    conf = write_agent_toml(tmp_path, keydir, broker, dev)
+    files = [Path(v) for k, v in device_mqtt_keys(broker, dev).items() if k.endswith("_file")]
     binds = sorted({tmp_path, keydir.path, *(f.parent for f in files)})
     argv = ["python", "-m", "device_agent", "--config", str(conf), "--workload-hz", "5"]
-    cmd = arm64_rootfs.chroot_command(arm64_root, arm64_rootfs.inside(argv), cpu="cortex-a72", binds=binds)
-    proc = subprocess.Popen(cmd)
-    yield dev, proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    cmd = arm64_rootfs.chroot_command(root, arm64_rootfs.inside(argv), cpu="cortex-a72", binds=binds)
+    with open(tmp_path / "agent.log", "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def test_an_x86_server_updates_an_agent_on_arm64(
-    agent_process: tuple[str, subprocess.Popen[bytes]],
-    tmp_path: Path,
-    keydir: KeyDir,
-    broker_info: BrokerInfo,
+    arm64_root: Path, tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo
 ) -> None:
-    dev, proc = agent_process
+    dev = unique_id("arm")
     keys = device_mqtt_keys(broker_info, dev)
     srv = ServerThread(server_settings(tmp_path, keydir, broker_info, device_ca_file=keys["mqtt_ca_file"]))
     srv.start()
+    proc: subprocess.Popen[bytes] | None = None
+
+    def log() -> str:
+        path = tmp_path / "agent.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
     try:
         first = make_bundle(tmp_path / "b", keydir.key("release"), seed=4)
         ex = train_digits(tmp_path / "digits")
@@ -101,27 +101,41 @@ def test_an_x86_server_updates_an_agent_on_arm64(
             api.register_device(dev, "rpi4")
             api.push_bundle(first.dir)
             api.push_bundle(digits.bundle_dir)
+            proc = start_agent(arm64_root, tmp_path, keydir, broker_info, dev)
 
-            def device() -> dict[str, Any]:
-                return api.device(dev)
+            def reported() -> dict[str, Any] | None:
+                return api.device(dev).get("reported")
 
-            wait_for(lambda: device().get("online"), EMULATED, "the arm64 agent online")
-            reported = device()["reported"]
-            assert reported["capabilities"]["arch"] == "aarch64"
+            first_report = wait_for(reported, EMULATED, "the arm64 agent's report", proc=proc, output=log)
+            assert first_report["capabilities"]["arch"] == "aarch64"
             one = api.create_rollout(model="tiny:1", stages=[100], soak_seconds=0)
-            wait_for(lambda: api.rollout(one["id"])["state"] == "completed", EMULATED, "the first rollout")
+            done = "completed"
+            wait_for(
+                lambda: api.rollout(one["id"])["state"] == done, EMULATED, "the first rollout", output=log
+            )
             two = api.create_rollout(model="digits:2", stages=[100], soak_seconds=0)
             started = time.monotonic()
-            wait_for(lambda: api.rollout(two["id"])["state"] == "completed", EMULATED, "the update")
+            wait_for(lambda: api.rollout(two["id"])["state"] == done, EMULATED, "the update", output=log)
             update_s = time.monotonic() - started
-            after = device()
+            after = api.device(dev)
         assert after["running_sha256"] == new_sha
-        verdict = after["reported"]["acceptance"][new_sha]
+        verdict = wait_for(lambda: api_acceptance(srv.url, dev, new_sha), 30, "the acceptance figures")
+        report = httpx.get(f"{srv.url}/api/v1/models/digits/2/acceptance", timeout=10).json()
+        assert [(h["hardware_id"], h["passed"], h["refused"]) for h in report["hardware"]] == [("rpi4", 1, 0)]
         assert verdict["passed"] and verdict["hardware_id"] == "rpi4"
         assert {c["figure"] for c in verdict["checks"]} >= {"top1_agreement"}
         took = f"acceptance {verdict['seconds']} s on {verdict['samples']} samples"
-        print(f"arm64 update: {update_s:.1f} s; {took}")
+        print(f"arm64 update: {update_s:.1f} s; {took}; report: {report['summary']}")
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        assert proc.wait(60) == 0, log()
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
         srv.stop()
+
+
+def api_acceptance(url: str, dev: str, sha: str) -> dict[str, Any] | None:
+    with ApiClient(url) as api:
+        found = (api.device(dev).get("reported") or {}).get("acceptance", {}).get(sha)
+    return dict(found) if found else None
