@@ -134,7 +134,8 @@ class DeviceOut(BaseModel):
     inventory: dict[str, Any] = Field(
         default_factory=dict,
         description="what the device reports it has: capabilities (runtimes, ...), slots (slot -> model"
-        " sha256), active_slot, shadow_sha256 (a candidate it runs in shadow)",
+        " sha256), active_slot, shadow_sha256 (a candidate it runs in shadow), acceptance (model sha256 ->"
+        " its on-device acceptance check: passed, figures)",
     )
     clock_offset_seconds: float | None = Field(
         default=None,

@@ -103,10 +103,11 @@ def test_an_x86_server_updates_an_agent_on_arm64(
             api.push_bundle(digits.bundle_dir)
             proc = start_agent(arm64_root, tmp_path, keydir, broker_info, dev)
 
-            def reported() -> dict[str, Any] | None:
-                return api.device(dev).get("reported")
+            def inventory() -> dict[str, Any] | None:
+                found = api.device(dev)
+                return found["inventory"] if found["agent_version"] else None
 
-            first_report = wait_for(reported, EMULATED, "the arm64 agent's report", proc=proc, output=log)
+            first_report = wait_for(inventory, EMULATED, "the arm64 agent's report", proc=proc, output=log)
             assert first_report["capabilities"]["arch"] == "aarch64"
             one = api.create_rollout(model="tiny:1", stages=[100], soak_seconds=0)
             done = "completed"
@@ -118,7 +119,7 @@ def test_an_x86_server_updates_an_agent_on_arm64(
             wait_for(lambda: api.rollout(two["id"])["state"] == done, EMULATED, "the update", output=log)
             update_s = time.monotonic() - started
             after = api.device(dev)
-        assert after["running_sha256"] == new_sha
+        assert after["running_model"]["sha256"] == new_sha
         verdict = wait_for(lambda: api_acceptance(srv.url, dev, new_sha), 30, "the acceptance figures")
         report = httpx.get(f"{srv.url}/api/v1/models/digits/2/acceptance", timeout=10).json()
         assert [(h["hardware_id"], h["passed"], h["refused"]) for h in report["hardware"]] == [("rpi4", 1, 0)]
@@ -137,5 +138,5 @@ def test_an_x86_server_updates_an_agent_on_arm64(
 
 def api_acceptance(url: str, dev: str, sha: str) -> dict[str, Any] | None:
     with ApiClient(url) as api:
-        found = (api.device(dev).get("reported") or {}).get("acceptance", {}).get(sha)
+        found = api.device(dev)["inventory"].get("acceptance", {}).get(sha)
     return dict(found) if found else None
