@@ -193,7 +193,7 @@ def agreement(root: Path, work: Path) -> dict[str, Any]:
 def rollout(root: Path) -> dict[str, Any]:
     started = time.perf_counter()
     env = {**os.environ, "EDGEFLEET_ARM64_ROOTFS": str(root)}
-    argv = [sys.executable, "-m", "pytest", "-q", "-m", "arm64", "tests/arm64", "-p", "no:randomly"]
+    argv = [sys.executable, "-m", "pytest", "-q", "-rP", "-m", "arm64", "tests/arm64"]
     done = subprocess.run(argv, cwd=PROJECT, env=env)
     return {"returncode": done.returncode, "seconds": round(time.perf_counter() - started, 1)}
 
