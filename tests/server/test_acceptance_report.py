@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from typer.testing import CliRunner
 
 from device_agent import protocol
+from edgefleet.cli import app
 from fleet_server.acceptance_report import summarize
 from signing.keyring import KeyDir
-from signing.manifest import sign_bundle
+from signing.manifest import sign_bundle, verify_bundle
 from tests.support.waiting import wait_for
 
 from .conftest import FakeDevice, register, upload
@@ -92,6 +94,12 @@ def test_the_server_serves_the_golden_set_and_reports_the_devices_checks(
         refused = client.get(f"/api/v1/artifacts/{sha}/files/{name}")
         assert refused.status_code == 404, name
     assert client.get(f"/api/v1/artifacts/{'0' * 64}/files/golden.npz").status_code == 404
+    # models pull brings the whole bundle back, golden set included, and it verifies
+    out = tmp_path / "pulled"
+    pull = ["models", "pull", "acc:1", "--out", str(out), "--server", str(client.base_url), "--json"]
+    assert CliRunner().invoke(app, pull).exit_code == 0
+    assert verify_bundle(out, keydir.trust_root().release_keys).files == manifest.files
+    assert (out / "golden.npz").read_bytes() == b"golden-" * 50
 
     for i, (snr, passed) in enumerate(((39.5, True), (22.8, False))):
         dev = f"acc-{i}"
