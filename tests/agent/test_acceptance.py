@@ -11,6 +11,12 @@ figures, and the old model keeps serving.
 from __future__ import annotations
 
 import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +31,7 @@ from device_agent import acceptance, protocol
 from device_agent.agent import Agent
 from device_agent.config import AgentConfig
 from device_agent.memory_link import MemoryLink
-from device_agent.runtime import LoadedModel, OnnxRuntimeFactory
+from device_agent.runtime import LoadedModel, OnnxModel, OnnxRuntimeFactory
 from signing.errors import DigestMismatch
 from signing.keyring import KeyDir
 from signing.manifest import verify_bundle
@@ -189,7 +195,22 @@ class PerturbedModel:
         ]
 
 
-class PerturbedFactory(OnnxRuntimeFactory):
+class ReferenceFactory(OnnxRuntimeFactory):
+    """onnxruntime computing the QDQ reference semantics (graph optimizations off), as the ARM
+    kernels do for this model (docs/benchmarks.md): the same numerics on any x86 host running the
+    tests, with or without VNNI (the agent's default runtime on an AVX2-only host saturates)."""
+
+    def load(self, path: Path, sha256: str) -> Any:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return OnnxModel(session, sha256)
+
+
+class PerturbedFactory(ReferenceFactory):
     """onnxruntime, with the perturbing delegate for one model (``sha256``)."""
 
     def __init__(self, sha256: str, snr_db: float) -> None:
@@ -249,7 +270,7 @@ def test_the_device_runtime_passes_its_golden_set(
     device: Any, keydir_module: KeyDir, digits_bundle: tuple[Bundle, dict[str, Any]]
 ) -> None:
     bundle, _ = digits_bundle
-    d = device(OnnxRuntimeFactory())
+    d = device(ReferenceFactory())
     d.direct(keydir_module, 1, bundle)
     assert d.wait_end(1).state == DS.SERVING
     verdict = wait_for(lambda: d.reported().acceptance.get(bundle.sha256), 5, "the acceptance figures")
@@ -281,3 +302,35 @@ def test_a_runtime_that_computes_differently_is_refused_on_the_device(
     snr = next(c for c in verdict["checks"] if c["figure"] == "snr_db")
     assert not verdict["passed"] and snr["measured"] < snr["limit"] and snr["measured"] > Gate().min_snr_db
     assert d.agent.metrics.get("acceptance_refusals") == 1
+
+
+QEMU_X86 = shutil.which("qemu-x86_64-static") or shutil.which("qemu-x86_64")
+
+
+def _check_golden(bundle: Bundle, *prefix: str) -> tuple[int, dict[str, Any]]:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "check_golden.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+    done = subprocess.run(
+        [*prefix, sys.executable, str(script), str(bundle.dir)], capture_output=True, text=True, env=env
+    )
+    return done.returncode, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(QEMU_X86 is None, reason="needs qemu-user-static (qemu-x86_64) for an AVX2-only x86 CPU")
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="emulates an older x86 CPU on an x86 host")
+def test_an_avx2_only_x86_device_refuses_what_the_host_gate_passed(
+    digits_bundle: tuple[Bundle, dict[str, Any]],
+) -> None:
+    """The real case: onnxruntime's fused U8S8 kernels on an x86 CPU without VNNI add uint8 x int8
+    products in saturating int16. The compiler's gate (QDQ reference semantics) passed the model;
+    the same agent runtime on an emulated Haswell (AVX2, no VNNI) refuses it on its golden set."""
+    bundle, report = digits_bundle
+    assert report["gate"]["verdict"] == "passed"
+    assert QEMU_X86 is not None
+    code, refused = _check_golden(bundle, QEMU_X86, "-cpu", "Haswell-noTSX")
+    snr = next(c for c in refused["checks"] if c["figure"] == "snr_db")
+    assert code == 1 and not refused["passed"] and "scores.snr_db" in refused["detail"]
+    assert Gate().min_snr_db < snr["measured"] < snr["limit"]  # above the gate's floor, far below compiled
+    if {"avx512_vnni", "avx_vnni"} & set(Path("/proc/cpuinfo").read_text().split()):
+        code, accepted = _check_golden(bundle)  # this host, with VNNI: exact int32 sums, accepted
+        assert code == 0 and accepted["passed"]
