@@ -10,9 +10,10 @@ docs/agent.md).
 holding the agent extra's dependencies and the test packages, as the working
 tree's ``pyproject.toml`` declares them. It lives outside the repository, in
 two cached layers keyed on hashes of their inputs: the Debian base under
-``/var/cache/edgefleet/arm64-<key>`` (suite, packages, recipe: ~7 min to
-build under emulation), and inside it the venv ``/opt/edgefleet-<key>`` (the
-agent extra, the test packages, the base's key: ~2 min). A changed input
+``/var/cache/edgefleet/arm64-<key>`` (suite, packages, recipe: ~10 min to
+build under emulation on 2 loaded cores), and inside it the venv
+``/opt/edgefleet-<key>`` (the agent extra, the test packages, the base's key:
+~10 min, pip itself emulated). A changed input
 rebuilds its layer and what sits on it; an unchanged one costs nothing.
 ``run -- CMD...`` executes a command inside it with the working tree mounted
 read-only at ``/src`` (first on ``PYTHONPATH``, so the code under test is
@@ -323,7 +324,9 @@ def _progress(steps: Sequence[tuple[str, Callable[[], None]]]) -> Iterator[tuple
     try:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     except ImportError:
-        yield from steps
+        for label, step in steps:
+            _say(f"arm64 rootfs: {label}")
+            yield label, step
         return
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns) as progress:
