@@ -12,7 +12,9 @@ Three parts, each reported with its wall time:
    compared with the host's QDQ reference outputs the compiler's gate judged;
 3. **rollout**: ``tests/arm64`` on this host: the x86 fleet server on loopback, the
    project's TLS Mosquitto, and an agent process in the arm64 userland that the server
-   updates (``EDGEFLEET_ARM64_ROOTFS`` tells those tests where the rootfs is).
+   updates (``EDGEFLEET_ARM64_ROOTFS`` tells those tests where the rootfs is); and the
+   acceptance check of a bundle the host gate passed, refused on an AVX2-only x86 CPU
+   (``qemu-x86_64 -cpu Haswell-noTSX``).
 
 Exit 77 with the reason when the lane cannot run here (``arm64_rootfs.CannotRun``). The
 figures go to ``.cache/arm64-lane.json`` (docs/benchmarks.md quotes them).
@@ -46,6 +48,7 @@ AGENT_TESTS = (
     "tests/agent/test_shell.py",
 )
 SAMPLES = 64
+ACCEPTANCE_TESTS = "tests/agent/test_acceptance.py"  # its arm64-marked test: an AVX2-only x86 under qemu
 REPORT = PROJECT / ".cache" / "arm64-lane.json"
 
 
@@ -193,7 +196,7 @@ def agreement(root: Path, work: Path) -> dict[str, Any]:
 def rollout(root: Path) -> dict[str, Any]:
     started = time.perf_counter()
     env = {**os.environ, "EDGEFLEET_ARM64_ROOTFS": str(root)}
-    argv = [sys.executable, "-m", "pytest", "-q", "-rP", "-m", "arm64", "tests/arm64"]
+    argv = [sys.executable, "-m", "pytest", "-q", "-rP", "-m", "arm64", "tests/arm64", ACCEPTANCE_TESTS]
     done = subprocess.run(argv, cwd=PROJECT, env=env)
     return {"returncode": done.returncode, "seconds": round(time.perf_counter() - started, 1)}
 

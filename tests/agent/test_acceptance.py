@@ -316,6 +316,7 @@ def _check_golden(bundle: Bundle, *prefix: str) -> tuple[int, dict[str, Any]]:
     return done.returncode, json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.arm64  # the cheap part of the emulation lane: no root, no rootfs, ~5 s
 @pytest.mark.skipif(QEMU_X86 is None, reason="needs qemu-user-static (qemu-x86_64) for an AVX2-only x86 CPU")
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="emulates an older x86 CPU on an x86 host")
 def test_an_avx2_only_x86_device_refuses_what_the_host_gate_passed(
