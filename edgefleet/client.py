@@ -248,6 +248,10 @@ class ApiClient:
         """The model's field figures per hardware cohort and rollout stage, and in total."""
         return dict(self._request("GET", f"/api/v1/models/{name}/{version}/metrics"))
 
+    def model_acceptance(self, name: str, version: str) -> dict[str, Any]:
+        """The devices' on-device acceptance checks of the model per hardware class."""
+        return dict(self._request("GET", f"/api/v1/models/{name}/{version}/acceptance"))
+
     def post_labels(self, labels: list[dict[str, Any]]) -> dict[str, Any]:
         """Post a batch of labels; each item's outcome in order, and their counts."""
         return dict(self._request("POST", "/api/v1/labels", json={"labels": labels}))

@@ -182,6 +182,32 @@ def models_metrics(
     _print_metrics(out)
 
 
+@models_app.command("acceptance")
+def models_acceptance(
+    ref: RefArg, server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """What the devices' acceptance checks (the bundle's golden set on each device's own runtime,
+    before the swap) measured, per hardware class, beside the figures compiled on the host."""
+    name, version = split_ref(ref)
+    with client(server, token) as conn:
+        out = api(lambda: conn.model_acceptance(name, version))
+    if as_json:
+        print_json(out)
+        return
+    if out["golden_samples"] is None:
+        console.print(f"{out['model']}: the bundle carries no golden set (no on-device check)")
+        return
+    console.print(
+        f"{out['model']}: golden set of {out['golden_samples']} samples, {out['golden_bytes']} bytes"
+    )
+    for h in out["hardware"]:
+        console.print(
+            f"  {h['hardware_id']}: {h['devices']} devices, {h['passed']} passed, {h['refused']} refused"
+        )
+    for line in out["summary"] or ["no device has reported a check yet"]:
+        console.print(f"  {line}")
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 

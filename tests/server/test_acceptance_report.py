@@ -120,3 +120,6 @@ def test_the_server_serves_the_golden_set_and_reports_the_devices_checks(
     snr = next(f for f in rpi4["figures"] if f["figure"] == "snr_db")
     assert (snr["measured_worst"], snr["compiled"]) == (22.8, 39.6)
     assert client.get("/api/v1/models/acc/9/acceptance").status_code == 404
+    shown = CliRunner().invoke(app, ["models", "acceptance", "acc:1", "--server", str(client.base_url)])
+    assert shown.exit_code == 0 and "rpi4: 2 devices, 1 passed, 1 refused" in shown.stdout
+    assert "y.snr_db: compiled 39.6 on the host; measured" in shown.stdout
