@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -35,7 +36,7 @@ from device_agent.probation import Pass, ProbationRecord, Revert
 from device_agent.runtime import LoadedModel, RuntimeFactory, RuntimeLoadError
 from device_agent.serving import Models, Serving
 from device_agent.shadow import Shadow, sample_every
-from device_agent.slots import SlotStore, is_disk_full
+from device_agent.slots import SlotStore, atomic_write, is_disk_full
 from device_agent.telemetry import ModelTotals, Telemetry
 from device_agent.wire import Directive, Event, ModelRef, ReasonCode, Rejection
 from signing.errors import CodedError
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 PROBATION_POLL = 0.05  # s between probation checks
 DETAIL_MAX = 500  # characters of detail kept in the reported snapshot's last rejection
 STALL_ENV = "EDGEFLEET_AGENT_STALL"
+VERDICT_FILE = "acceptance.json"  # in a slot's directory, beside its model
 
 
 def stall_plan() -> dict[str, float]:
@@ -85,8 +87,9 @@ class Reconciler:
         self.who = config.device_id
         self.deployment = Deployment.restored(slots.state.deployment, slots.state.last_seq)
         self.last_rejection: Rejection | None = None  # the last refused/failed directive, reported
-        # model sha256 -> the acceptance check's verdict and figures (for the models in the slots)
-        self.acceptance: dict[str, dict[str, Any]] = {}
+        # model sha256 -> the acceptance check's verdict and figures (for the models in the slots),
+        # kept beside each slot's model so a restarted agent still reports them
+        self.acceptance: dict[str, dict[str, Any]] = self._stored_verdicts()
         self._pending: Directive | None = None
         self._wake = asyncio.Event()
         self.probation_task: asyncio.Task[None] | None = None
@@ -306,14 +309,36 @@ class Reconciler:
             verdict = await asyncio.to_thread(check_golden, spec, data, model)
         except acceptance.MalformedAcceptance as exc:
             raise InstallError(ReasonCode.ACCEPTANCE_FAILED, str(exc)) from exc
+        except Exception as exc:  # the runtime cannot even run the golden inputs: no swap either
+            raise InstallError(
+                ReasonCode.ACCEPTANCE_FAILED, f"the model fails on its golden set: {exc}"
+            ) from exc
         seconds = time.perf_counter() - started
         record = verdict.to_dict() | {"seconds": round(seconds, 4), "hardware_id": self.config.hardware_id}
         self.acceptance = {k: v for k, v in self.acceptance.items() if k in self.slots.slot_hashes().values()}
         self.acceptance[ref.sha256] = record
+        try:
+            body = json.dumps(record | {"sha256": ref.sha256}).encode()
+            atomic_write(self.slots.slot_dir(slot) / VERDICT_FILE, body)
+        except OSError as exc:  # reported now; only a restart would forget it
+            log.warning("%s: could not keep the acceptance verdict: %s", self.who, exc)
         log.info("%s: %s", self.who, verdict.detail, extra={"model_sha256": ref.sha256})
         if not verdict.passed:
             self.metrics.count("acceptance_refusals")
             raise InstallError(ReasonCode.ACCEPTANCE_FAILED, verdict.detail)
+
+    def _stored_verdicts(self) -> dict[str, dict[str, Any]]:
+        """The acceptance verdicts kept beside the slots' models (a slot's new model removes it)."""
+        found: dict[str, dict[str, Any]] = {}
+        for name, info in self.slots.state.slots.items():
+            path = self.slots.slot_dir(name) / VERDICT_FILE
+            if info is None or not path.is_file():
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(path.read_text())
+                if isinstance(record, dict) and record.pop("sha256", None) == info.sha256:
+                    found[info.sha256] = record
+        return found
 
     def _swap(self, new: Serving) -> None:
         self.models.swap(new)

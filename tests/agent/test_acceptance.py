@@ -252,8 +252,9 @@ class Device:
 def device(keydir_module: KeyDir, tmp_path: Path, loop_thread: LoopThread) -> Iterator[Any]:
     started: list[Agent] = []
 
-    def make(runtime: OnnxRuntimeFactory) -> Device:
-        dev = unique_id()
+    def make(runtime: OnnxRuntimeFactory, dev: str | None = None) -> Device:
+        """A running agent; ``dev``: an earlier one's id, to restart on its data directory."""
+        dev = dev or unique_id()
         cfg = AgentConfig(dev, HW, tmp_path / dev, keydir_module.trust_path, telemetry_interval=0.2)
         link, fetcher = MemoryLink(dev), MemoryFetcher()
         agent = Agent(cfg, keydir_module.trust_root(), runtime, link=link, fetcher=fetcher)
@@ -267,7 +268,7 @@ def device(keydir_module: KeyDir, tmp_path: Path, loop_thread: LoopThread) -> It
 
 
 def test_the_device_runtime_passes_its_golden_set(
-    device: Any, keydir_module: KeyDir, digits_bundle: tuple[Bundle, dict[str, Any]]
+    device: Any, keydir_module: KeyDir, digits_bundle: tuple[Bundle, dict[str, Any]], loop_thread: LoopThread
 ) -> None:
     bundle, _ = digits_bundle
     d = device(ReferenceFactory())
@@ -277,6 +278,11 @@ def test_the_device_runtime_passes_its_golden_set(
     assert verdict["passed"] and verdict["hardware_id"] == HW
     snr = next(c for c in verdict["checks"] if c["figure"] == "snr_db")
     assert snr["measured"] >= snr["limit"]
+    # a restarted agent still reports the verdict it reached for the model it serves
+    loop_thread.run(d.agent.stop())
+    again = device(ReferenceFactory(), dev=d.agent.device_id)
+    assert again.agent.running_sha256 == bundle.sha256
+    assert wait_for(lambda: again.reported().acceptance.get(bundle.sha256), 5, "the kept verdict") == verdict
 
 
 def test_a_runtime_that_computes_differently_is_refused_on_the_device(
