@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TEST_WORKERS ?= auto
 PYTEST_PARALLEL ?= -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
 
-.PHONY: demo test bench lint fmt typecheck clean venv models
+.PHONY: demo test test-arm64 bench lint fmt typecheck clean venv models
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS) || status=$$?; \
 	$(PY) -m pytest -q -m serial $(PYTEST_ARGS) || status=$$((status ? status : $$?)); \
 	exit $$status
+
+# The agent on an arm64 userland under qemu (root; builds or reuses the cached rootfs; exit 77 with
+# the reason where it cannot run). See docs/agent.md, "The aarch64 lane".
+test-arm64: $(STAMP)
+	$(PY) scripts/arm64_lane.py $(ARM64_ARGS)
 
 models: $(STAMP)
 	$(PY) scripts/fetch_models.py

@@ -24,6 +24,7 @@ MODULES = [
     "gates",
     "slo",
     "console",
+    "acceptance",
 ]
 STANDARD = {"bench", "baseline", "ratio", "target"}
 

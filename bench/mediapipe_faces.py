@@ -10,7 +10,7 @@ decoding and non-maximum suppression; this metric builds them the way
 MediaPipe's graph does (its SSD anchor layout and box decoding from
 ``face_detection_short_range.pbtxt``; greedy NMS at IoU 0.3 where MediaPipe
 blends overlapping boxes) and returns the F1 of int8 faces matched to float
-faces at IoU >= 0.5 (``compiler.metrics.detection``).
+faces at IoU >= 0.5 (``device_agent.figures.detection``).
 
 Use: ``--metric bench.mediapipe_faces:faces_f1 --metric-threshold 0.9``.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler.metrics import detection, iou_matrix
+from device_agent.figures import detection, iou_matrix
 
 INPUT = 128
 STRIDES = (8, 16, 16, 16)  # four anchor layers; layers of equal stride share one grid
@@ -71,7 +71,7 @@ def _all_faces(outputs: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def face_figures(fp32: dict[str, np.ndarray], int8: dict[str, np.ndarray]) -> dict[str, float]:
-    """``compiler.metrics.detection`` of the decoded, suppressed faces (box F1, IoU, counts)."""
+    """``device_agent.figures.detection`` of the decoded, suppressed faces (box F1, IoU, counts)."""
     return detection(_all_faces(fp32), _all_faces(int8), threshold=SCORE_THRESHOLD, min_iou=0.5)
 
 

@@ -3,11 +3,12 @@
 Both models run on the same feeds. Each output has a kind
 (``compiler.output_kinds``: declared, or inferred conservatively from the
 fp32 values and the graph) and gets the figures of its kind
-(``compiler.metrics``): every float output the regression figures (cosine,
-SNR, errors), a classification output also top-1 agreement, detection box
-matching, segmentation mask IoU, sequence the error after N steps. An integer
-output (a class label, an index) has no geometry to measure: it is compared
-for exact equality. With labels, accuracy of fp32 and int8 on the first
+(``device_agent.figures``, shared with the device's acceptance check): every
+float output the regression figures (cosine, SNR, errors), a classification
+output also top-1 agreement, detection box matching, segmentation mask IoU,
+sequence the error after N steps. An integer output (a class label, an index)
+has no geometry to measure: it is compared for exact equality. With labels,
+accuracy of fp32 and int8 on the first
 classification output; with a user metric (``compiler.user_metric``), its value.
 
 The report must be strict JSON (it is signed into the manifest), so figures
@@ -36,13 +37,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from compiler import metrics, output_kinds
+from compiler import output_kinds
 from compiler.data import Samples
 from compiler.errors import InvalidModel, QuantizationError
-from compiler.metrics import SNR_CAP_DB
 from compiler.output_kinds import OutputKind, infer_kind
 from compiler.signature import IOSignature
 from compiler.user_metric import UserMetric
+from device_agent import figures as metrics
+from device_agent.figures import SNR_CAP_DB
 
 __all__ = ["SNR_CAP_DB", "Judging", "compare_output", "evaluate", "evaluate_runners"]
 
@@ -85,46 +87,15 @@ def compare_output(
     figures: dict[str, Any] = {"kind": kind.kind, "kind_source": kind.source, "shape": list(ref.shape[1:])}
     if kind.params:
         figures["kind_params"] = dict(kind.params)
-    if is_integer(ref) and kind.kind in ("integer", "classification", "regression"):
+    found = metrics.of_kind(kind.kind, dict(kind.params), ref, out, scores)
+    if found.get("kind") == "integer":
         # A label has no geometry: equal or not (a cosine of labels is 1.0 whenever signs agree).
-        figures.update(kind="integer", nonfinite_fp32=0, nonfinite_int8=0, **metrics.integer(ref, out))
+        figures.update(nonfinite_fp32=0, nonfinite_int8=0, **found)
         return figures
     ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
     figures["nonfinite_fp32"] = int(ref.size - np.isfinite(ref64).sum())
     figures["nonfinite_int8"] = int(out.size - np.isfinite(out64).sum())
-    figures.update(metrics.regression(ref, out))
-    if kind.kind == "classification":
-        figures.update(metrics.classification(ref, out))
-    elif kind.kind == "detection":
-        figures.update(
-            metrics.detection(
-                ref,
-                out,
-                box=kind.param("box", "xyxy") or "xyxy",
-                threshold=float(kind.param("threshold", "0.5") or 0.5),
-                min_iou=float(kind.param("iou", "0.5") or 0.5),
-                match=kind.param("match", "iou") or "iou",
-                ref_scores=scores[0] if scores else None,
-                out_scores=scores[1] if scores else None,
-            )
-        )
-    elif kind.kind == "segmentation":
-        axis = kind.param("axis")
-        figures.update(
-            metrics.segmentation(
-                ref,
-                out,
-                threshold=float(kind.param("threshold", "0.5") or 0.5),
-                axis=int(axis) if axis is not None else None,
-            )
-        )
-    elif kind.kind == "sequence":
-        step = kind.param("step")
-        figures.update(
-            metrics.sequence(
-                ref, out, axis=int(kind.param("axis", "1") or 1), step=int(step) if step is not None else None
-            )
-        )
+    figures.update(found)
     figures["error_histogram"] = error_histogram(ref, out)
     return figures
 

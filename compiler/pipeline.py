@@ -28,12 +28,14 @@ import onnxruntime
 
 from compiler.build import BuildRequest, Built, Progress
 from compiler.errors import CompilerError, GateFailed, InvalidModel
-from compiler.evaluate import Judging
+from compiler.evaluate import Judging, session
 from compiler.gate import Gate
+from compiler.golden import FILE_NAME as GOLDEN_FILE
+from compiler.golden import GoldenSet, build_golden
 from compiler.html_report import write_html_report
 from compiler.memory import MemoryPlan, budget_from_machine, peak_usage, reset_peak
 from compiler.output_kinds import OutputKind, parse_declarations
-from compiler.runners import latency
+from compiler.runners import latency, open_runner
 from compiler.size_parts import size_breakdown, size_target
 from compiler.sniff import describe, is_tflite, looks_like_onnx, read_head
 from compiler.sources import DataSource, Preprocess
@@ -178,6 +180,12 @@ def compile_model(
         if html_report is not None:
             write_html_report(html_report, report, title=f"{name}:{version} for {tgt.name}")
 
+        report_progress("golden set", 0.88)
+        golden = _golden(built, report)
+        if golden.section is not None:
+            report["acceptance"] = golden.section
+        else:
+            report["acceptance_skipped"] = golden.why
         report_progress("sign", 0.9)
         fields = {
             "name": name,
@@ -191,7 +199,8 @@ def compile_model(
             "quantization": report,
             "provenance": _provenance(Path(model_path), calib_path, eval_path),
         }
-        manifest = _write_bundle(out_dir, built.artifact, tgt, fields, release_key, overwrite)
+        extra = {GOLDEN_FILE: golden.data} if golden.data is not None else {}
+        manifest = _write_bundle(out_dir, built.artifact, tgt, fields, release_key, overwrite, extra)
     report_progress("done", 1.0)
     return CompileResult(out_dir, manifest, report)
 
@@ -278,16 +287,50 @@ def _provenance(model_path: Path, calib_path: DataSource, eval_path: DataSource 
     }
 
 
+def _golden(built: Built, report: dict[str, Any]) -> GoldenSet:
+    """The golden set on the held-out samples: fp32 reference outputs, and the int8 model's figures
+    as the gate measured them (ONNX with the reference semantics, ``compiler.evaluate``)."""
+    model_bytes = report["size"].get("artifact_bytes") or built.artifact.stat().st_size
+    try:
+        fp32 = open_runner(*built.fp32)
+        path, fmt = built.int8
+        int8: Any = (
+            _ReferenceRunner(path) if isinstance(path, Path) and fmt == "onnx" else open_runner(path, fmt)
+        )
+        return build_golden(built.held_out, built.sig, fp32.run, int8.run, report["outputs"], model_bytes)
+    except Exception as exc:  # a model that will not run one sample at a time: no golden set, said so
+        return GoldenSet(None, None, f"the golden set could not be measured: {exc}")
+
+
+class _ReferenceRunner:
+    def __init__(self, path: Path) -> None:
+        self._sess = session(path, reference=True)
+        self._names = [o.name for o in self._sess.get_outputs()]
+
+    def run(self, feed: dict[str, Any]) -> list[Any]:
+        return list(self._sess.run(self._names, feed))
+
+
 def _write_bundle(
-    out_dir: Path, model_file: Path, tgt: Target, fields: dict[str, Any], key: KeyPair, overwrite: bool
+    out_dir: Path,
+    model_file: Path,
+    tgt: Target,
+    fields: dict[str, Any],
+    key: KeyPair,
+    overwrite: bool,
+    extra: dict[str, bytes] | None = None,
 ) -> BundleManifest:
-    """Sign in a staging dir beside ``out_dir`` (same filesystem), then rename it into place."""
+    """Sign in a staging dir beside ``out_dir`` (same filesystem), then rename it into place.
+
+    ``extra``: further files of the bundle (the golden set), listed and signed after the model."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".staging", dir=out_dir.parent))
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it owner-only; a bundle is public data
         shutil.copyfile(model_file, staging / tgt.model_file)
-        manifest = sign_bundle(staging, fields, [tgt.model_file], key)
+        for name, data in (extra or {}).items():
+            (staging / name).write_bytes(data)
+        manifest = sign_bundle(staging, fields, [tgt.model_file, *(extra or {})], key)
         if overwrite and out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)

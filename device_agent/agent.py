@@ -551,6 +551,7 @@ class Agent:
             shadow_sha256=self.shadow_sha256,
             last_rejection=self._reconciler.last_rejection,
             capabilities=self._caps,
+            acceptance=dict(self._reconciler.acceptance),
             ts=self.now(),
         )
 

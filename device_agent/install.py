@@ -21,6 +21,7 @@ has passed (:func:`retrying`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import shutil
 import time
@@ -28,6 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import quote
 
 from device_agent.config import AgentConfig
 from device_agent.deployment import Trigger
@@ -35,9 +37,9 @@ from device_agent.errors import InstallError
 from device_agent.judgement import DeviceFit, Refusal, check_disk, check_manifest, check_target
 from device_agent.mqtt_link import backoff_delay
 from device_agent.ports import Fetcher
-from device_agent.slots import SlotStore
+from device_agent.slots import SlotStore, atomic_write
 from device_agent.wire import ModelRef, ReasonCode
-from signing.errors import MetadataExpired, Unavailable
+from signing.errors import DigestMismatch, LengthMismatch, MetadataExpired, TrustError, Unavailable
 from signing.keys import PublicKey
 from signing.manifest import BundleManifest, FileEntry, manifest_from_envelope, verify_file
 
@@ -178,5 +180,40 @@ class Installer:
         info = self.slots.commit(slot, part, envelope, manifest)
         return slot, self.slots.slot_dir(slot) / info.file
 
+    async def small_file(self, ref: ModelRef, slot: str, entry: FileEntry) -> bytes:
+        """Another (small) signed file of the bundle in ``slot``, the golden set: from the slot when it
+        holds it intact, else fetched beside the model file and kept there. Checked against ``entry``
+        (from the release-signed manifest) either way."""
+        path = self.slots.slot_dir(slot) / entry.path
+        if path.is_file():
+            try:
+                await asyncio.to_thread(verify_file, path, entry)
+                return path.read_bytes()
+            except TrustError:
+                log.warning(
+                    "%s: %s in slot %s does not match its signed entry; fetching it",
+                    self.who,
+                    entry.path,
+                    slot,
+                )
+        data = await retrying(
+            lambda: self.fetcher.envelope(bundle_file_url(ref, entry.path)),
+            budget_s=self.config.delivery_retry_s,
+            what=f"{entry.path} fetch",
+            who=self.who,
+        )
+        if len(data) != entry.length:
+            raise LengthMismatch(f"{entry.path}: {len(data)} bytes, signed {entry.length}")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.sha256:
+            raise DigestMismatch(f"{entry.path}: sha256 {digest[:12]}..., signed {entry.sha256[:12]}...")
+        atomic_write(path, data)
+        return data
 
-__all__ = ["Installer", "Move", "refuse", "retrying"]
+
+def bundle_file_url(ref: ModelRef, name: str) -> str:
+    """Where a bundle's other files are served: beside the model file (``<model_url>/files/<name>``)."""
+    return f"{ref.model_url.rstrip('/')}/files/{quote(name)}"
+
+
+__all__ = ["Installer", "Move", "bundle_file_url", "refuse", "retrying"]

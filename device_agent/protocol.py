@@ -156,6 +156,9 @@ class Reported(_Msg):
     shadow_sha256: str | None = None  # candidate currently shadowed, if any
     last_rejection: Rejection | None = None  # the last refused/failed directive, kept in the snapshot
     capabilities: dict[str, Any] = Field(default_factory=dict)
+    # model sha256 -> the on-device acceptance check of that model: passed, samples, and each figure
+    # (measured on this device, compiled on the host, the limit) -- see device_agent.acceptance
+    acceptance: dict[str, Any] = Field(default_factory=dict)
     ts: datetime = Field(default_factory=utcnow)
 
 

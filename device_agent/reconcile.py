@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from device_agent import probation
+from device_agent import acceptance, probation
 from device_agent.config import AgentConfig
 from device_agent.deployment import Deployment, Trigger
 from device_agent.errors import InstallError
@@ -34,7 +36,7 @@ from device_agent.probation import Pass, ProbationRecord, Revert
 from device_agent.runtime import LoadedModel, RuntimeFactory, RuntimeLoadError
 from device_agent.serving import Models, Serving
 from device_agent.shadow import Shadow, sample_every
-from device_agent.slots import SlotStore, is_disk_full
+from device_agent.slots import SlotStore, atomic_write, is_disk_full
 from device_agent.telemetry import ModelTotals, Telemetry
 from device_agent.wire import Directive, Event, ModelRef, ReasonCode, Rejection
 from signing.errors import CodedError
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 PROBATION_POLL = 0.05  # s between probation checks
 DETAIL_MAX = 500  # characters of detail kept in the reported snapshot's last rejection
 STALL_ENV = "EDGEFLEET_AGENT_STALL"
+VERDICT_FILE = "acceptance.json"  # in a slot's directory, beside its model
 
 
 def stall_plan() -> dict[str, float]:
@@ -84,6 +87,9 @@ class Reconciler:
         self.who = config.device_id
         self.deployment = Deployment.restored(slots.state.deployment, slots.state.last_seq)
         self.last_rejection: Rejection | None = None  # the last refused/failed directive, reported
+        # model sha256 -> the acceptance check's verdict and figures (for the models in the slots),
+        # kept beside each slot's model so a restarted agent still reports them
+        self.acceptance: dict[str, dict[str, Any]] = self._stored_verdicts()
         self._pending: Directive | None = None
         self._wake = asyncio.Event()
         self.probation_task: asyncio.Task[None] | None = None
@@ -256,6 +262,7 @@ class Reconciler:
         slot, path = await self.installer.install(ref, self._steps(d, ref))
         await self._move(Trigger.WARM, d.seq, sha=ref.sha256)
         model = await self._load(path, ref.sha256)
+        await self._accept(ref, slot, model)
         await self._move(Trigger.SWAP, d.seq, sha=ref.sha256)
         new = self._serving(model, ref.sha256, ref.name, ref.version, slot)
         previous = self.models.serving
@@ -282,6 +289,56 @@ class Reconciler:
         self.models.awaiting_proof = ref.sha256
         self._swap(new)  # after the activation is on disk
         await self._enter(swapped, sha=ref.sha256)
+
+    async def _accept(self, ref: ModelRef, slot: str, model: LoadedModel) -> None:
+        """The on-device acceptance check (:mod:`device_agent.acceptance`): the bundle's golden set
+        on the loaded, warmed model, before the swap. Refuses with ``acceptance_failed`` and the
+        figures; a bundle without a golden set passes unchecked (bundles compiled before it)."""
+        info = self.slots.state.slots.get(slot)
+        manifest = info.manifest if info is not None else {}
+        try:
+            spec = acceptance.Spec.from_manifest(manifest)
+        except acceptance.MalformedAcceptance as exc:
+            raise InstallError(ReasonCode.ACCEPTANCE_FAILED, str(exc)) from exc
+        if spec is None:
+            return
+        entry = next(FileEntry(**f) for f in manifest["files"] if f["path"] == spec.file)
+        data = await self.installer.small_file(ref, slot, entry)
+        started = time.perf_counter()
+        try:
+            verdict = await asyncio.to_thread(check_golden, spec, data, model)
+        except acceptance.MalformedAcceptance as exc:
+            raise InstallError(ReasonCode.ACCEPTANCE_FAILED, str(exc)) from exc
+        except Exception as exc:  # the runtime cannot even run the golden inputs: no swap either
+            raise InstallError(
+                ReasonCode.ACCEPTANCE_FAILED, f"the model fails on its golden set: {exc}"
+            ) from exc
+        seconds = time.perf_counter() - started
+        record = verdict.to_dict() | {"seconds": round(seconds, 4), "hardware_id": self.config.hardware_id}
+        self.acceptance = {k: v for k, v in self.acceptance.items() if k in self.slots.slot_hashes().values()}
+        self.acceptance[ref.sha256] = record
+        try:
+            body = json.dumps(record | {"sha256": ref.sha256}).encode()
+            atomic_write(self.slots.slot_dir(slot) / VERDICT_FILE, body)
+        except OSError as exc:  # reported now; only a restart would forget it
+            log.warning("%s: could not keep the acceptance verdict: %s", self.who, exc)
+        log.info("%s: %s", self.who, verdict.detail, extra={"model_sha256": ref.sha256})
+        if not verdict.passed:
+            self.metrics.count("acceptance_refusals")
+            raise InstallError(ReasonCode.ACCEPTANCE_FAILED, verdict.detail)
+
+    def _stored_verdicts(self) -> dict[str, dict[str, Any]]:
+        """The acceptance verdicts kept beside the slots' models (a slot's new model removes it)."""
+        found: dict[str, dict[str, Any]] = {}
+        for name, info in self.slots.state.slots.items():
+            path = self.slots.slot_dir(name) / VERDICT_FILE
+            if info is None or not path.is_file():
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(path.read_text())
+                if isinstance(record, dict) and record.pop("sha256", None) == info.sha256:
+                    found[info.sha256] = record
+        return found
 
     def _swap(self, new: Serving) -> None:
         self.models.swap(new)
@@ -444,6 +501,13 @@ class Reconciler:
             log.warning("%s: stalling %.1fs in %s (%s)", self.who, stall, state, STALL_ENV)
             await self._drain()
             await asyncio.sleep(stall)
+
+
+def check_golden(spec: acceptance.Spec, data: bytes, model: LoadedModel) -> acceptance.Verdict:
+    """Run the golden set on ``model`` and judge it (blocking: the model runs once per sample)."""
+    golden = acceptance.Golden.parse(data, spec)
+    outs = acceptance.run_golden(model.run, golden, list(spec.outputs))
+    return acceptance.judge(spec, acceptance.measure(spec, golden.refs, outs))
 
 
 __all__ = ["DETAIL_MAX", "PROBATION_POLL", "STALL_ENV", "Reconciler", "stall_plan"]

@@ -151,6 +151,8 @@ class ReasonCode(StrEnum):
     DOWNLOAD_FAILED = "download_failed"
     DOWNLOAD_INCOMPLETE = "download_incomplete"
     LOAD_FAILED = "load_failed"
+    # The device's own runtime misses the figures the bundle's golden set was compiled with.
+    ACCEPTANCE_FAILED = "acceptance_failed"
     DISK_FULL = "disk_full"
     IO_ERROR = "io_error"
     INTERNAL_ERROR = "internal_error"
@@ -526,6 +528,8 @@ class Reported:
     shadow_sha256: str | None = None
     last_rejection: Rejection | None = None
     capabilities: dict[str, Any] = field(default_factory=dict)
+    # model sha256 -> the on-device acceptance check's verdict and figures (device_agent.acceptance)
+    acceptance: dict[str, Any] = field(default_factory=dict)
     ts: datetime = field(default_factory=utcnow)
 
     def to_dict(self) -> dict[str, Any]:
@@ -544,6 +548,7 @@ class Reported:
             "shadow_sha256": self.shadow_sha256,
             "last_rejection": self.last_rejection.to_dict() if self.last_rejection else None,
             "capabilities": self.capabilities,
+            "acceptance": self.acceptance,
             "ts": _ts(self.ts),
         }
 

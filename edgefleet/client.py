@@ -248,9 +248,22 @@ class ApiClient:
         """The model's field figures per hardware cohort and rollout stage, and in total."""
         return dict(self._request("GET", f"/api/v1/models/{name}/{version}/metrics"))
 
+    def model_acceptance(self, name: str, version: str) -> dict[str, Any]:
+        """The devices' on-device acceptance checks of the model per hardware class."""
+        return dict(self._request("GET", f"/api/v1/models/{name}/{version}/acceptance"))
+
     def post_labels(self, labels: list[dict[str, Any]]) -> dict[str, Any]:
         """Post a batch of labels; each item's outcome in order, and their counts."""
         return dict(self._request("POST", "/api/v1/labels", json={"labels": labels}))
+
+    def bundle_file(self, sha256: str, name: str) -> bytes:
+        """Another (small) file of a bundle, by the name its manifest lists (the golden set)."""
+        try:
+            resp = self._http.get(f"/api/v1/artifacts/{sha256}/files/{name}")
+        except httpx.HTTPError as exc:
+            raise ApiError(0, "unreachable", f"{self.base_url}: {exc}") from exc
+        self._check_status(resp)
+        return resp.content
 
     def model_envelope(self, sha256: str) -> bytes:
         """The bundle's signed envelope as stored (public: devices verify it themselves)."""

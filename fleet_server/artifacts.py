@@ -135,6 +135,19 @@ def find_artifact(engine: Engine, sha256: str) -> Artifact:
     return Artifact(storage / str(model.manifest["files"][0]["path"]), storage / ENVELOPE_NAME)
 
 
+def find_bundle_file(engine: Engine, sha256: str, name: str) -> Path:
+    """Another file of the bundle whose model file has this hash (its golden set), by the name its
+    signed manifest lists; any name it does not list is not found (no path is built from input)."""
+    with new_session(engine) as session:
+        model = session.exec(
+            select(Model).where(Model.sha256 == sha256).order_by(col(Model.created_at).desc())
+        ).first()
+    listed = [str(f["path"]) for f in model.manifest["files"][1:]] if model is not None else []
+    if model is None or name not in listed:
+        raise NotFound("artifact_not_found", f"no file {name!r} in the bundle of {sha256}")
+    return Path(model.storage_path) / listed[listed.index(name)]
+
+
 # --- Range --------------------------------------------------------------------------
 
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")

@@ -134,7 +134,8 @@ class DeviceOut(BaseModel):
     inventory: dict[str, Any] = Field(
         default_factory=dict,
         description="what the device reports it has: capabilities (runtimes, ...), slots (slot -> model"
-        " sha256), active_slot, shadow_sha256 (a candidate it runs in shadow)",
+        " sha256), active_slot, shadow_sha256 (a candidate it runs in shadow), acceptance (model sha256 ->"
+        " its on-device acceptance check: passed, figures)",
     )
     clock_offset_seconds: float | None = Field(
         default=None,
@@ -893,6 +894,43 @@ class ModelMetricsOut(BaseModel):
     rollout_id: str | None = Field(description="the latest rollout of it, whose stages the groups name")
     groups: list[MetricsGroupOut] = Field(description="per hardware id and stage, sorted")
     total: MetricsGroupOut = Field(description="over every device")
+
+
+class AcceptanceFigureOut(BaseModel):
+    """One figure of one output, as the devices of a hardware class measured it."""
+
+    output: str = Field(description="the model output it was measured on")
+    figure: str = Field(description="snr_db, cosine_mean, top1_agreement... (the output kind's figures)")
+    compiled: float | None = Field(description="measured on the host at compile time, on the golden set")
+    tolerance: float | None = Field(description="how far a device may fall below it (above, for errors)")
+    measured_median: float = Field(description="the median over the devices")
+    measured_worst: float = Field(description="the worst device's value (lowest; highest for errors)")
+    devices: int = Field(description="devices that measured it")
+
+
+class AcceptanceHardwareOut(BaseModel):
+    """The acceptance checks of one hardware class."""
+
+    hardware_id: str = Field(description="the hardware class")
+    devices: int = Field(description="devices that reported an acceptance check of this model")
+    passed: int = Field(description="devices whose check passed (they swapped the model in)")
+    refused: int = Field(description="devices that refused the swap (acceptance_failed)")
+    figures: list[AcceptanceFigureOut] = Field(description="per output and figure")
+
+
+class ModelAcceptanceOut(BaseModel):
+    """The devices' on-device acceptance checks of one model, per hardware class, beside the
+    figures compiled on the host (docs/agent.md, on-device acceptance)."""
+
+    model: str = Field(description="name:version")
+    sha256: str = Field(description="SHA-256 of its model file")
+    golden_samples: int | None = Field(description="samples in the bundle's golden set (None: no golden set)")
+    golden_bytes: int | None = Field(description="size of the golden set file")
+    compiled: list[dict[str, Any]] = Field(
+        description="the signed checks: output, figure, compiled, tolerance"
+    )
+    hardware: list[AcceptanceHardwareOut] = Field(description="per hardware class, sorted")
+    summary: list[str] = Field(description="one line per figure and hardware class, for a report")
 
 
 class LabelOut(BaseModel):

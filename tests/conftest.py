@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from edgefleet.broker import Broker, BrokerInfo, mosquitto_binary, start_secure_broker
 from signing.keyring import KeyDir, init_keys
@@ -30,6 +31,11 @@ PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG", "postgresql+psycopg://postgre
 # More descriptors than this left open by one module is reported: a session fixture a module
 # starts first (the session broker, PostgreSQL) keeps a few for the session's lifetime.
 FD_LEAK_ALLOWANCE = 4
+# Under qemu-user emulation (make test-arm64 sets this) an example runs 5-20x slower, so
+# Hypothesis's per-example deadline measures the emulator, not the code.
+settings.register_profile("emulated", deadline=None)
+if os.environ.get("EDGEFLEET_EMULATED"):
+    settings.load_profile("emulated")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

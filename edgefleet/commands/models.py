@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -181,6 +182,32 @@ def models_metrics(
     _print_metrics(out)
 
 
+@models_app.command("acceptance")
+def models_acceptance(
+    ref: RefArg, server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """What the devices' acceptance checks (the bundle's golden set on each device's own runtime,
+    before the swap) measured, per hardware class, beside the figures compiled on the host."""
+    name, version = split_ref(ref)
+    with client(server, token) as conn:
+        out = api(lambda: conn.model_acceptance(name, version))
+    if as_json:
+        print_json(out)
+        return
+    if out["golden_samples"] is None:
+        console.print(f"{out['model']}: the bundle carries no golden set (no on-device check)")
+        return
+    console.print(
+        f"{out['model']}: golden set of {out['golden_samples']} samples, {out['golden_bytes']} bytes"
+    )
+    for h in out["hardware"]:
+        console.print(
+            f"  {h['hardware_id']}: {h['devices']} devices, {h['passed']} passed, {h['refused']} refused"
+        )
+    for line in out["summary"] or ["no device has reported a check yet"]:
+        console.print(f"  {line}")
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
@@ -283,8 +310,6 @@ def models_pull(
         with client(server, token) as conn:
             model = api(lambda: conn.model(name, version))
             manifest = BundleManifest.from_dict(model["manifest"])
-            if len(manifest.files) != 1:
-                fail(f"{ref} has {len(manifest.files)} files; the server serves single-file bundles only")
             entry = manifest.model_file
             (staging / ENVELOPE_NAME).write_bytes(api(lambda: conn.model_envelope(model["sha256"])))
             with transfer_progress(f"downloading {entry.path}", entry.length) as advance:
@@ -293,6 +318,10 @@ def models_pull(
                         model["sha256"], staging / entry.path, lambda n, _t: advance(n)
                     )
                 )
+            for other in manifest.files[1:]:  # the golden set: small, listed and signed
+                data: bytes = api(functools.partial(conn.bundle_file, model["sha256"], other.path))
+                (staging / other.path).write_bytes(data)
+                verify_file(staging / other.path, other)
         verify_file(staging / entry.path, entry)
         if read_bundle(staging).model_file != entry:
             fail(f"the envelope the server holds for {ref} lists another model file")

@@ -32,6 +32,7 @@ def device_out(d: Device) -> DeviceOut:
         "slots": reported.get("slots") or {},
         "active_slot": reported.get("active_slot"),
         "shadow_sha256": reported.get("shadow_sha256"),
+        "acceptance": reported.get("acceptance") or {},
     }
     return DeviceOut.model_validate(
         {**d.model_dump(), "device_id": d.id, "running_model": running, "inventory": inventory}

@@ -15,12 +15,13 @@ from typing import Annotated, Any
 from fastapi import File, Header, Path, Query, Response, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 
-from fleet_server import aggregates, releases
+from fleet_server import acceptance_report, aggregates, releases
 from fleet_server.artifacts import (
     MAX_ENVELOPE,
     RangeNotSatisfiable,
     Upload,
     find_artifact,
+    find_bundle_file,
     iter_file,
     parse_range,
 )
@@ -38,7 +39,7 @@ from fleet_server.routes.common import (
     public_router,
 )
 from fleet_server.routes.errors import error_responses
-from fleet_server.schemas import ModelMetricsOut, ModelOut, ModelPage
+from fleet_server.schemas import ModelAcceptanceOut, ModelMetricsOut, ModelOut, ModelPage
 
 router = admin_router(tags=["models"])
 artifacts_router = public_router(API, tags=["artifacts"])
@@ -128,6 +129,23 @@ def get_model_metrics(
     return aggregates.model_metrics(session, name, version)
 
 
+@router.get(
+    "/models/{name}/{version}/acceptance",
+    response_model=ModelAcceptanceOut,
+    responses=error_responses(404),
+    summary="On-device acceptance figures of a model",
+)
+def get_model_acceptance(
+    name: Annotated[str, Path(description="the model's name", examples=["digits"])],
+    version: Annotated[str, Path(description="the model's version", examples=["2"])],
+    session: Db,
+) -> ModelAcceptanceOut:
+    """What the devices' acceptance checks (the bundle's golden set on each device's own runtime,
+    before the swap) measured, per hardware class: passed, refused, and each figure's median and
+    worst next to the value compiled on the host."""
+    return ModelAcceptanceOut.model_validate(acceptance_report.model_acceptance(session, name, version))
+
+
 Sha256 = Annotated[
     str, Path(pattern="^[0-9a-f]{64}$", description="SHA-256 of the model file (lowercase hex)")
 ]
@@ -184,3 +202,22 @@ def get_artifact(
 def get_envelope(sha256: Sha256, c: Ctx) -> FileResponse:
     """The bundle's signed envelope (the manifest the model file is checked against)."""
     return FileResponse(find_artifact(c.engine, sha256).envelope, media_type="application/json")
+
+
+@artifacts_router.get(
+    "/artifacts/{sha256}/files/{name}",
+    responses={
+        **error_responses(404),
+        200: {"content": {"application/octet-stream": {}}, "description": "file"},
+    },
+    response_class=FileResponse,
+    summary="Download another file of a bundle (its golden set)",
+)
+def get_bundle_file(
+    sha256: Sha256,
+    c: Ctx,
+    name: Annotated[str, Path(max_length=255, description="a file name the bundle's signed manifest lists")],
+) -> FileResponse:
+    """A further file the bundle's signed manifest lists beside the model (the golden set the device's
+    acceptance check runs), checked by the device against its signed hash."""
+    return FileResponse(find_bundle_file(c.engine, sha256, name), media_type="application/octet-stream")

@@ -32,6 +32,9 @@ class MemoryFetcher:
         model_url, envelope_url = f"mem://m/{bundle.sha256}", f"mem://e/{bundle.sha256}"
         self.files[model_url] = bundle.model_path.read_bytes() if model is None else model
         self.files[envelope_url] = (bundle.dir / ENVELOPE_NAME).read_bytes()
+        for other in bundle.dir.iterdir():  # the golden set, served beside the model file
+            if other.name not in (ENVELOPE_NAME, bundle.file):
+                self.files[f"{model_url}/files/{other.name}"] = other.read_bytes()
         return model_url, envelope_url
 
     def _get(self, url: str) -> bytes:

@@ -48,6 +48,7 @@ ON_THE_WIRE = {
     "download_failed",
     "download_incomplete",
     "load_failed",
+    "acceptance_failed",
     "disk_full",
     "io_error",
     "internal_error",

@@ -48,6 +48,7 @@ def test_devices_get_describe_tag_delete(server: ServerThread, client: httpx.Cli
         "slots": {},
         "active_slot": None,
         "shadow_sha256": None,
+        "acceptance": {},
     }
     tagged = ef(server, "devices", "tag", "ops-1", "zone=eu", "ring-")
     assert tagged["tags"] == {"site": "lab", "zone": "eu"}

@@ -2,7 +2,11 @@
 
 Pure functions of two arrays (sample axis first) and the kind's parameters
 (``compiler.output_kinds``); ``compiler.evaluate`` runs the models and calls
-them, ``compiler.gate`` holds the figures to thresholds. Every float output
+them, ``compiler.gate`` holds the figures to thresholds, and the device's
+acceptance check (``device_agent.acceptance``) computes the same figures on the
+device's own runtime. They live here, beside the agent, because the agent must
+install without the compiler's dependencies and both sides must measure alike:
+numpy is all this module needs. Every float output
 gets the regression figures (SNR, cosine, errors) whatever its kind, so they
 are always in the report; the kind adds its own, and decides which of them the
 gate applies.
@@ -236,3 +240,53 @@ def sequence(ref: np.ndarray, out: np.ndarray, *, axis: int = 1, step: int | Non
         # [step (1-based), relative error] at up to MAX_STEP_ERRORS evenly spaced steps
         "step_errors": [[int(i) + 1, round(float(errors[i]), 6)] for i in picks if math.isfinite(errors[i])],
     }
+
+
+def of_kind(
+    kind: str,
+    params: dict[str, str],
+    ref: np.ndarray,
+    out: np.ndarray,
+    scores: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Every figure of one output for its kind: an integer-typed output is compared for equality (a
+    label has no geometry), a float one gets the regression figures plus its kind's own.
+
+    ``params``: the kind's parameters as declared (strings); ``scores``: the (fp32, int8) score output
+    a detection output names with ``scores=``."""
+    if ref.dtype.kind in "biu" and kind in ("integer", "classification", "regression"):
+        return {"kind": "integer", **integer(ref, out)}
+    found: dict[str, Any] = regression(ref, out)
+    if kind == "classification":
+        found.update(classification(ref, out))
+    elif kind == "detection":
+        found.update(
+            detection(
+                ref,
+                out,
+                box=params.get("box", "xyxy") or "xyxy",
+                threshold=float(params.get("threshold", "0.5") or 0.5),
+                min_iou=float(params.get("iou", "0.5") or 0.5),
+                match=params.get("match", "iou") or "iou",
+                ref_scores=scores[0] if scores else None,
+                out_scores=scores[1] if scores else None,
+            )
+        )
+    elif kind == "segmentation":
+        axis = params.get("axis")
+        found.update(
+            segmentation(
+                ref,
+                out,
+                threshold=float(params.get("threshold", "0.5") or 0.5),
+                axis=int(axis) if axis is not None else None,
+            )
+        )
+    elif kind == "sequence":
+        step = params.get("step")
+        found.update(
+            sequence(
+                ref, out, axis=int(params.get("axis", "1") or 1), step=int(step) if step is not None else None
+            )
+        )
+    return found
