@@ -80,7 +80,10 @@ def test_release_through_the_server_reaches_a_tuf_device(
             event = observer.wait_event("tuf-dev-1", protocol.DeploymentState.FAILED, timeout=20)
             assert event.reason == "target_not_found"
             assert agent.running_sha256 == good.sha256 and agent.infer(X).model_sha256 == good.sha256
-            api.rollout_action(rid2, "abort")
+            try:
+                api.rollout_action(rid2, "abort")
+            except ApiError as exc:  # the failed install may have rolled it back on the last tick
+                assert exc.code == "rollout_finished", exc
             # the server answers the release key's floor; the device then refuses release 1 as well
             out = api.revoke_below("tiny", 2, [release])
             assert out["targets_version"] == 2  # v1: the push, v2: the floor
