@@ -30,8 +30,10 @@ test: $(STAMP)
 
 # The agent on an arm64 userland under qemu (root; builds or reuses the cached rootfs; exit 77 with
 # the reason where it cannot run). See docs/agent.md, "The aarch64 lane".
+# `make test-arm64`: the aarch64 lane under qemu (docs/agent.md). Where it cannot run (no root,
+# no binfmt_misc) it says why and skips (exit 77 from the script becomes success here).
 test-arm64: $(STAMP)
-	$(PY) scripts/arm64_lane.py $(ARM64_ARGS)
+	$(PY) scripts/arm64_lane.py $(ARM64_ARGS) || { rc=$$?; [ $$rc -eq 77 ] || exit $$rc; echo "arm64 lane skipped"; }
 
 models: $(STAMP)
 	$(PY) scripts/fetch_models.py
