@@ -12,9 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler import GateFailed, InvalidData, compile_model, metrics
+from compiler import GateFailed, InvalidData, compile_model
 from compiler.gate import Gate
 from compiler.output_kinds import infer_kind, parse_declarations, resolve
+from device_agent import figures as metrics
 from signing.keyring import KeyDir
 
 RNG = np.random.default_rng(0)
