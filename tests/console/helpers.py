@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-
 import httpx
 import pytest
 
 from device_agent import protocol
-from signing.keyring import KeyDir
-from tests.server.conftest import FakeDevice, make_bundle, register, upload
-from tests.server.test_mqtt import reported
+from tests.server.conftest import FakeDevice
+from tests.server.test_rollout_ops import create, fleet_on_old_model
 from tests.support.waiting import wait_for
 
 
@@ -25,37 +20,6 @@ def mint(client: httpx.Client, role: str, name: str | None = None) -> str:
 @pytest.fixture
 def tokens(client: httpx.Client) -> dict[str, str]:
     return {role: mint(client, role) for role in ("viewer", "operator", "labeler")}
-
-
-def fleet_on_old_model(
-    client: httpx.Client,
-    keydir: KeyDir,
-    tmp_path: Path,
-    fake_device: Callable[[str], FakeDevice],
-    prefix: str,
-    n: int,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, FakeDevice]]:
-    """``n`` devices tagged site=<prefix> running det:1, and det:2 uploaded to roll out."""
-    old = upload(client, make_bundle(tmp_path, keydir.key("release"), version="1", content=b"o" * 99)).json()
-    new = upload(client, make_bundle(tmp_path, keydir.key("release"), version="2", content=b"n" * 99)).json()
-    devs = {}
-    for i in range(n):
-        register(client, f"{prefix}-{i}", site=prefix)
-        dev = devs[f"{prefix}-{i}"] = fake_device(f"{prefix}-{i}")
-        running = protocol.RunningModel(name="det", version="1", sha256=old["sha256"])
-        dev.publish(
-            "reported", reported(dev.device_id, running=running, served_ok={old["sha256"]: 100}), retain=True
-        )
-        dev.subscribe_desired()
-    wait_for(lambda: all(client.get(f"/api/v1/devices/{i}").json()["running_model"] for i in devs))
-    return old, new, devs
-
-
-def create(client: httpx.Client, prefix: str, **over: Any) -> str:
-    body = {"model": "det:2", "selector": {"tags": {"site": prefix}}, "soak_seconds": 0, **over}
-    r = client.post("/api/v1/rollouts", json=body)
-    assert r.status_code == 201, r.text
-    return str(r.json()["id"])
 
 
 def serve_with_shape(devs: list[FakeDevice], sha: str, rounds: int, pause: float = 0.25) -> None:

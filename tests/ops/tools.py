@@ -3,12 +3,11 @@ machine allows it (root, apt-get present, EDGEFLEET_NO_APT unset), or a skip say
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-from functools import cache
 
 import pytest
+
+from tests.support.debian import apt_install
 
 PACKAGES = ("prometheus", "prometheus-alertmanager")
 TOOLS = {
@@ -19,27 +18,11 @@ TOOLS = {
 }
 
 
-@cache
-def _install() -> str:
-    """'' when installed, else why not."""
-    if os.environ.get("EDGEFLEET_NO_APT"):
-        return "EDGEFLEET_NO_APT is set"
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        return "no apt-get, or not root"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=900)
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    return "" if done.returncode == 0 else f"apt-get install failed: {done.stderr.strip()[-200:]}"
-
-
 def tool(name: str) -> str:
     """The path of ``name``, installing its Debian package when it is missing and that is possible."""
     found = shutil.which(name)
     if found is None:
-        why = _install()
+        why = apt_install(*PACKAGES)
         found = shutil.which(name)
         if found is None:
             why = why or "not found after install"

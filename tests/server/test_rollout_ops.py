@@ -24,7 +24,10 @@ def fleet_on_old_model(
     fake_device: Callable[[str], FakeDevice],
     prefix: str,
     n: int,
+    served: int = 9,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, FakeDevice]]:
+    """``n`` devices tagged site=<prefix> running det:1 (``served`` inferences each), and det:2
+    uploaded to roll out."""
     old = upload(client, make_bundle(tmp_path, keydir.key("release"), version="1", content=b"o" * 99)).json()
     new = upload(client, make_bundle(tmp_path, keydir.key("release"), version="2", content=b"n" * 99)).json()
     devs = {}
@@ -33,7 +36,9 @@ def fleet_on_old_model(
         dev = devs[f"{prefix}-{i}"] = fake_device(f"{prefix}-{i}")
         running = protocol.RunningModel(name="det", version="1", sha256=old["sha256"])
         dev.publish(
-            "reported", reported(dev.device_id, running=running, served_ok={old["sha256"]: 9}), retain=True
+            "reported",
+            reported(dev.device_id, running=running, served_ok={old["sha256"]: served}),
+            retain=True,
         )
         dev.subscribe_desired()
     wait_for(lambda: all(client.get(f"/api/v1/devices/{i}").json()["running_model"] for i in devs))
