@@ -140,6 +140,10 @@ def render(report: dict[str, Any], title: str) -> str:
     )
 
 
+REPORT_FILE = "report.html"
+"""The report's name inside a bundle (signed, listed after the model and the golden set)."""
+
+
 def write_html_report(path: Path, report: dict[str, Any], title: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from compiler.evaluate import Judging, session
 from compiler.gate import Gate
 from compiler.golden import FILE_NAME as GOLDEN_FILE
 from compiler.golden import GoldenSet, build_golden
-from compiler.html_report import write_html_report
+from compiler.html_report import REPORT_FILE, render, write_html_report
 from compiler.memory import MemoryPlan, budget_from_machine, peak_usage, reset_peak
 from compiler.output_kinds import OutputKind, parse_declarations
 from compiler.runners import latency, open_runner
@@ -200,6 +200,9 @@ def compile_model(
             "provenance": _provenance(Path(model_path), calib_path, eval_path),
         }
         extra = {GOLDEN_FILE: golden.data} if golden.data is not None else {}
+        # The report travels signed in the bundle, so the fleet server (its console) can show what
+        # the release key vouched for; devices never fetch it (they load files[0] and the golden set).
+        extra[REPORT_FILE] = render(report, f"{name}:{version} for {tgt.name}").encode()
         manifest = _write_bundle(out_dir, built.artifact, tgt, fields, release_key, overwrite, extra)
     report_progress("done", 1.0)
     return CompileResult(out_dir, manifest, report)

@@ -167,7 +167,7 @@ def test_the_golden_set_is_covered_by_the_signature(
     bundle, report = digits_bundle
     trusted = keydir_module.trust_root().release_keys
     manifest = verify_bundle(bundle.dir, trusted)
-    assert [f.path for f in manifest.files] == ["model.onnx", report["acceptance"]["file"]]
+    assert [f.path for f in manifest.files] == ["model.onnx", report["acceptance"]["file"], "report.html"]
     copy = tmp_path / "tampered"
     shutil.copytree(bundle.dir, copy)
     golden = copy / report["acceptance"]["file"]

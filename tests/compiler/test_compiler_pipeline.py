@@ -50,11 +50,21 @@ def test_digits_compiles_to_a_verified_bundle(
     steps: list[tuple[str, float]] = []
     result = _compile(digits, release_keys, tmp_path / "bundle", progress=lambda s, f: steps.append((s, f)))
 
-    assert sorted(p.name for p in result.bundle_dir.iterdir()) == [ENVELOPE_NAME, "golden.npz", "model.onnx"]
+    assert sorted(p.name for p in result.bundle_dir.iterdir()) == [
+        ENVELOPE_NAME,
+        "golden.npz",
+        "model.onnx",
+        "report.html",
+    ]
     manifest = verify_bundle(result.bundle_dir, release_keys.trust_root().release_keys)
     assert manifest == result.manifest
     assert manifest.target == "arm64-cpu" and manifest.files[0].path == "model.onnx"
-    assert [f.path for f in manifest.files[1:]] == ["golden.npz"]  # the device's acceptance check
+    # the device's acceptance check, and the report for the fleet server's console
+    assert [f.path for f in manifest.files[1:]] == ["golden.npz", "report.html"]
+    assert (
+        "<svg" in (result.bundle_dir / "report.html").read_text()
+        or "<table" in (result.bundle_dir / "report.html").read_text()
+    )
     assert manifest.hardware_ids == ["rpi4", "rpi5", "jetson-nano", "generic-arm64"]
     assert manifest.io_signature == {
         "inputs": [{"name": "input", "shape": ["N", 64], "dtype": "float32"}],
@@ -156,7 +166,12 @@ def test_existing_output_dir_is_not_clobbered(
         _compile(digits, release_keys, out)
     assert (out / "keep.txt").read_text() == "mine"
     result = _compile(digits, release_keys, out, overwrite=True)
-    assert sorted(p.name for p in result.bundle_dir.iterdir()) == [ENVELOPE_NAME, "golden.npz", "model.onnx"]
+    assert sorted(p.name for p in result.bundle_dir.iterdir()) == [
+        ENVELOPE_NAME,
+        "golden.npz",
+        "model.onnx",
+        "report.html",
+    ]
 
 
 def test_int8_is_judged_by_qdq_reference_semantics_not_this_hosts_kernels(

@@ -236,3 +236,39 @@ def test_behind_a_proxy_ending_tls_the_cookie_is_secure_too(make_server: Callabl
         headers={"Origin": "https://127.0.0.1:8443"},
     )
     assert r.status_code == 303
+
+
+def test_a_compiled_bundle_links_its_signed_report_served_without_scripts(
+    server: ServerThread, client: httpx.Client, keydir: KeyDir, tmp_path: Path, tokens: dict[str, str]
+) -> None:
+    """The compiler signs report.html into the bundle; after a push the model page links it, and it
+    is served sandboxed (an uploader's HTML must not run as the console's origin)."""
+    pytest.importorskip("sklearn", reason="compiling needs the compiler extra")
+    from compiler import compile_model
+    from compiler.examples import train_digits
+    from edgefleet.client import ApiClient
+
+    ex = train_digits(tmp_path / "ex")
+    result = compile_model(
+        ex.model_path,
+        target="arm64-cpu",
+        calib_path=ex.calib_path,
+        eval_path=ex.eval_path,
+        out_dir=tmp_path / "bundle",
+        release_key=keydir.key("release"),
+        name="digits",
+        version="7",
+        release=7,
+        latency_repeats=0,
+        mixed_precision_seconds=0,
+    )
+    assert "report.html" in [f.path for f in result.manifest.files]
+    with ApiClient(server.url, token=server.admin_token) as api:
+        api.push_bundle(result.bundle_dir)
+    browser = sign_in(server, tokens["viewer"])
+    page = browser.get("/ui/models/digits/7")
+    assert page.status_code == 200 and 'href="/ui/models/digits/7/report"' in page.text
+    report = browser.get("/ui/models/digits/7/report")
+    assert report.status_code == 200 and "digits:7 for arm64-cpu" in report.text
+    assert report.headers["content-security-policy"] == "sandbox"
+    assert browser.get("/ui/models/digits/9/report").status_code == 404
