@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import httpx
 import pytest
 
 from device_agent import protocol
+from signing.keyring import KeyDir
 from tests.server.conftest import FakeDevice
+from tests.server.test_rollout_flow import directives, serve, status
 from tests.server.test_rollout_ops import create, fleet_on_old_model
 from tests.support.waiting import wait_for
 
@@ -20,6 +25,23 @@ def mint(client: httpx.Client, role: str, name: str | None = None) -> str:
 @pytest.fixture
 def tokens(client: httpx.Client) -> dict[str, str]:
     return {role: mint(client, role) for role in ("viewer", "operator", "labeler")}
+
+
+def rolled_back_by_errors(
+    client: httpx.Client,
+    keydir: KeyDir,
+    tmp_path: Path,
+    fake_device: Callable[[str], FakeDevice],
+    prefix: str,
+) -> tuple[str, dict[str, FakeDevice]]:
+    """A rollout of det:2 to two devices that serve it with half their inferences failing, waited
+    until the error-rate gate rolled it back."""
+    _, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, prefix, 2)
+    rid = create(client, prefix, stages=[100], min_inferences=10, max_error_rate=0.1, soak_seconds=30)
+    for dev in devs.values():
+        serve(dev, wait_for(lambda dev=dev: directives(dev, keydir))[-1], inferences=20, errors=10)  # type: ignore[misc]
+    wait_for(lambda: status(client, rid)["state"] == "rolled_back", output=lambda: str(status(client, rid)))
+    return rid, devs
 
 
 def serve_with_shape(devs: list[FakeDevice], sha: str, rounds: int, pause: float = 0.25) -> None:
@@ -59,4 +81,13 @@ def serve_with_shape(devs: list[FakeDevice], sha: str, rounds: int, pause: float
         time.sleep(pause)
 
 
-__all__ = ["FakeDevice", "create", "fleet_on_old_model", "mint", "serve_with_shape", "tokens", "wait_for"]
+__all__ = [
+    "FakeDevice",
+    "create",
+    "fleet_on_old_model",
+    "mint",
+    "rolled_back_by_errors",
+    "serve_with_shape",
+    "tokens",
+    "wait_for",
+]

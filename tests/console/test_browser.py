@@ -17,7 +17,7 @@ from signing.keyring import KeyDir
 from tests.server.test_rollout_flow import directives, serve, status
 
 from .chromium import ARTIFACTS, chromium, launch_args
-from .helpers import FakeDevice, create, fleet_on_old_model, serve_with_shape, wait_for
+from .helpers import FakeDevice, create, fleet_on_old_model, rolled_back_by_errors, serve_with_shape, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -121,11 +121,7 @@ def test_a_rolled_back_rollout_shows_the_gates_reason(
 ) -> None:
     from playwright.sync_api import expect
 
-    _, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "rb", 2)
-    rid = create(client, "rb", stages=[100], min_inferences=10, max_error_rate=0.1, soak_seconds=30)
-    for dev in devs.values():
-        serve(dev, wait_for(lambda dev=dev: directives(dev, keydir))[-1], inferences=20, errors=10)  # type: ignore[misc]
-    wait_for(lambda: status(client, rid)["state"] == "rolled_back")
+    rid, _ = rolled_back_by_errors(client, keydir, tmp_path, fake_device, "rb")
     sign_in(page, server, tokens["viewer"])
     page.goto(f"{server.url}/ui/rollouts?state=rolled_back")
     page.get_by_role("link", name=rid).click()

@@ -15,9 +15,9 @@ from fleet_server.console.session import COOKIE
 from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 from tests.server.test_https import _http_cert
-from tests.server.test_rollout_flow import directives, serve, status
+from tests.server.test_rollout_flow import status
 
-from .helpers import FakeDevice, create, fleet_on_old_model, wait_for
+from .helpers import FakeDevice, create, fleet_on_old_model, rolled_back_by_errors
 
 CSRF = re.compile(r'name="csrf" value="([0-9a-f]+)"')
 
@@ -166,11 +166,7 @@ def test_pages_show_the_fleet_the_rollout_and_the_gate_that_rolled_it_back(
     tmp_path: Path,
     fake_device: Callable[[str], FakeDevice],
 ) -> None:
-    _, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "pg", 2)
-    rid = create(client, "pg", stages=[100], min_inferences=10, max_error_rate=0.1, soak_seconds=30)
-    for dev in devs.values():
-        serve(dev, wait_for(lambda dev=dev: directives(dev, keydir))[-1], inferences=20, errors=10)  # type: ignore[misc]
-    wait_for(lambda: status(client, rid)["state"] == "rolled_back", output=lambda: str(status(client, rid)))
+    rid, _ = rolled_back_by_errors(client, keydir, tmp_path, fake_device, "pg")
     browser = sign_in(server, tokens["viewer"])
     page = browser.get(f"/ui/rollouts/{rid}").text
     assert 'id="gate-reason"' in page and "error_rate gate" in page
