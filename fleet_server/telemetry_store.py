@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice, zip_longest
@@ -47,11 +47,12 @@ from typing import Any
 from pydantic import TypeAdapter
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from device_agent import protocol
 from fleet_server.gates import add_counts
-from fleet_server.models import DeviceTotals, ModelAggregate
+from fleet_server.models import Device, DeviceTotals, ModelAggregate
+from fleet_server.telemetry_minutes import add_minutes
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_BINS = 128  # histograms longer than any protocol bounds are cut, not trusted
@@ -163,6 +164,7 @@ class _Delta:
     input_checks: dict[str, list[list[int]]] = field(default_factory=dict)  # per input: the batches' rows
     cpu_ms: float = 0.0
     captured: int = 0
+    in_models: bool = False  # a batch listed the model (not only its shadow figures)
 
 
 @dataclass
@@ -232,11 +234,16 @@ def _deltas(batches: Iterable[protocol.TelemetryBatch]) -> Deltas:
 
 
 def store_prepared(
-    session: Session, prep: Prepared, now: datetime, devices: Container[str] | None = None
+    session: Session, prep: Prepared, now: datetime, hardware: Mapping[str, str] | None = None
 ) -> int:
-    """``prepare``'s rows in (only those of ``devices`` when given: the registered ones), the aggregates
-    updated with the batches that were new; returns how many were."""
-    keys = [k for k in prep.rows if devices is None or k[0] in devices]
+    """``prepare``'s rows in (only those of the devices in ``hardware`` when given: the registered ones,
+    with their hardware ids), the aggregates and the per-minute sums updated with the batches that
+    were new; returns how many were."""
+    if hardware is None:
+        ids = sorted({k[0] for k in prep.rows})
+        query = select(col(Device.id), col(Device.hardware_id)).where(col(Device.id).in_(ids))
+        hardware = {d: hw for d, hw in session.connection().execute(query)}
+    keys = [k for k in prep.rows if k[0] in hardware]
     if not keys:
         return 0
     if prep.dialect == "postgresql":
@@ -250,6 +257,8 @@ def store_prepared(
         _apply(session, deltas, now)
     if device_deltas:
         _apply_devices(session, device_deltas, now)
+    if deltas:
+        add_minutes(session, deltas, hardware, now)  # last: its few shared rows stay locked briefly
     return len(new_keys)
 
 
@@ -315,6 +324,7 @@ def _add(deltas: dict[tuple[str, str], _Delta], b: protocol.TelemetryBatch, shas
         d = deltas.get(key)
         if d is None:
             d = deltas[key] = _Delta()
+        d.in_models = True
         if s.inferences > 0:
             d.inferences += s.inferences
         if s.errors:
