@@ -50,8 +50,8 @@ def stats(rng: random.Random) -> protocol.ModelStats:
 
 
 def ingest(engine: Engine, sha: str, other: str, devices: dict[str, str]) -> int:
-    """Flushes over 12 minutes, a few a minute, from devices on two cohorts (and one unregistered), a redelivered
-    batch among them; returns how many batches were stored."""
+    """Flushes over 12 minutes, a few a minute, from devices on two cohorts (and one unregistered),
+    a redelivered batch among them; returns how many batches were stored."""
     rng = random.Random(7)
     sent: list[protocol.TelemetryBatch] = []
     stored = 0
