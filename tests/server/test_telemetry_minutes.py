@@ -15,10 +15,12 @@ from sqlmodel import col
 
 from device_agent import protocol
 from fleet_server.console import obs_view
+from fleet_server.counters import Counters
+from fleet_server.ingest import Inbound, ingest_batch
 from fleet_server.models import Device, TelemetryBatchRow
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine, new_session
-from fleet_server.telemetry_minutes import MINUTE, minute_of, minutes_since
+from fleet_server.telemetry_minutes import MINUTE, columns, minute_of, minutes_since
 from fleet_server.telemetry_store import prepare, store_prepared
 
 T0 = datetime(2026, 3, 1, 12, 0, 17, tzinfo=UTC)
@@ -115,5 +117,31 @@ def test_charts_from_the_minute_sums_equal_those_from_the_raw_batches(engine: En
     with new_session(engine) as session:
         rows = minutes_since(session, sha, T0)
     assert all(t % MINUTE == 0 for t, _, _ in rows)
-    total = sum(stats[sha]["inferences"] for _, _, stats in rows)
+    total = sum(part[sha]["inferences"] for _, _, part in rows)
     assert total == sum(m[sha]["inferences"] for _, _, m in raw_rows(engine, sha, T0))
+
+
+def test_the_ingest_keeps_the_sums_by_the_senders_hardware(engine: Engine) -> None:
+    sha = uuid.uuid4().hex * 2
+    devices = {f"i-{sha[:8]}-a": "rpi4", f"i-{sha[:8]}-b": "jetson", f"i-{sha[:8]}-c": "rpi4"}
+    with new_session(engine) as session:
+        session.add_all(Device(id=d, hardware_id=hw) for d, hw in devices.items())
+        session.commit()
+    now = datetime.now(UTC)
+    items = []
+    for i, device_id in enumerate([*devices, "i-unregistered"]):
+        stats = protocol.ModelStats(inferences=10 * (i + 1), latency_buckets=[i, 1])
+        batch = protocol.TelemetryBatch(
+            device_id=device_id, batch_id="b1", window_start=now, window_end=now, models={sha: stats}
+        )
+        topic = protocol.topic(device_id, protocol.Channel.TELEMETRY)
+        items.append(Inbound(topic, protocol.encode_telemetry(batch), now.timestamp()))
+    ingest_batch(engine, items, Counters())
+    ingest_batch(engine, items[:1], Counters())  # redelivered: counted once
+    with new_session(engine) as session:
+        rows = minutes_since(session, sha, now - timedelta(minutes=2))
+    by_hw: dict[str, tuple[int, list[int]]] = {}
+    for _, hw, part in rows:  # summed: the two flushes may fall on two minutes
+        n, latency = by_hw.get(hw, (0, []))
+        by_hw[hw] = (n + part[sha]["inferences"], columns([latency, part[sha]["latency_buckets"]]))
+    assert by_hw == {"rpi4": (10 + 30, [0 + 2, 2]), "jetson": (20, [1, 1])}
