@@ -25,7 +25,10 @@ So for the N batches of one flush:
 3. only for the few devices whose batches counted something for the device
    as a whole (labels that matched no prediction, evicted captures, batches
    dropped offline): their ``DeviceTotals`` row, the same way, after the
-   aggregates (one lock order for every worker: no deadlock).
+   aggregates (one lock order for every worker: no deadlock);
+4. the flush's sums per model and hardware cohort added to the rows of the current minute
+   (``fleet_server.telemetry_minutes``, what the console's charts read), last: those few rows
+   are shared by every worker, so they stay locked the shortest time.
 
 What a device counts is trusted only within bounds: negative counts are
 zero, a correct-label count above the label count is cut to it, non-finite
