@@ -66,17 +66,25 @@ class CohortSeries:
 
 
 def bucketed(
-    rows: Iterable[tuple[float, str, Mapping[str, Any]]], sha256: str, start: float, end: float, n: int
+    rows: Iterable[tuple[float, str, Mapping[str, Any]]],
+    sha256: str,
+    start: float,
+    end: float,
+    n: int,
+    resolution: float = 0.0,
 ) -> dict[str, CohortSeries]:
     """``rows``: (epoch seconds, hardware id, per-model stats), summed into ``n`` equal
     buckets per hardware id. The buckets span from the model's first batch in the window (or
     ``start``, if later) to ``end``: a version that started an hour ago fills the chart of a
-    day instead of its last sliver."""
+    day instead of its last sliver. No bucket is narrower than ``resolution`` (the rows' spacing:
+    fewer buckets then), so a version a few minutes old draws a line, not dots between gaps."""
     mine = [(t, hw, stats) for t, hw, models in rows if isinstance(stats := models.get(sha256), Mapping)]
     mine = [r for r in mine if start <= r[0] <= end]
     if not mine:
         return {}
     start = min(t for t, _, _ in mine)
+    if resolution > 0:
+        n = max(1, min(n, int((end - start) // resolution)))
     width = max(end - start, 1e-3) / n
     out: dict[str, CohortSeries] = {}
     for t, hw, stats in mine:

@@ -107,9 +107,9 @@ def test_charts_from_the_minute_sums_equal_those_from_the_raw_batches(engine: En
             minutes = minutes_since(session, sha, start)
         raw = raw_rows(engine, sha, start)
         assert len(raw) > 3 * len(minutes) / 2 > 0  # the sums are fewer rows than the batches
-        for n in (24, 7):
-            expected = obs_view.charts(obs_view.bucketed(raw, sha, minute_of(start), end, n))
-            got = obs_view.charts(obs_view.bucketed(minutes, sha, minute_of(start), end, n))
+        for n, resolution in ((24, 0.0), (7, 0.0), (24, MINUTE)):
+            expected = obs_view.charts(obs_view.bucketed(raw, sha, minute_of(start), end, n, resolution))
+            got = obs_view.charts(obs_view.bucketed(minutes, sha, minute_of(start), end, n, resolution))
             assert got == expected
             assert sorted(s.name for s in got["Error rate"]) == ["jetson", "rpi4"]
             assert any(v is not None and v > 0 for s in got["Latency (ms)"] for _, v in s.points)
