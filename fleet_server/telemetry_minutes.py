@@ -26,6 +26,7 @@ from sqlmodel import Session
 from fleet_server.models import TelemetryMinute
 
 MINUTE = 60
+MAX_BINS = 128  # a device's histograms longer than any protocol bounds are cut, not trusted
 
 
 class ModelDelta(Protocol):
@@ -139,6 +140,32 @@ def add_minutes(
     )
 
 
+def batch_sums(
+    batches: Iterable[tuple[datetime, str, Mapping[str, Any]]],
+) -> dict[tuple[str, str, int], MinuteSum]:
+    """Stored batches (receive time, sender's hardware id, ``models`` as stored) summed per (model,
+    hardware id, minute), trusting what a device counts within the ingest's bounds (no negative
+    count, no more correct labels than labels); pure. Sums the batches stored before these rows
+    were kept."""
+    out: dict[tuple[str, str, int], MinuteSum] = {}
+    for received, hw, models in batches:
+        minute = minute_of(received)
+        for sha, stats in (models or {}).items():
+            if not isinstance(stats, Mapping):
+                continue
+            s = out.get((sha, hw, minute))
+            if s is None:
+                s = out[(sha, hw, minute)] = MinuteSum()
+            s.inferences += max(int(stats.get("inferences") or 0), 0)
+            s.errors += sum(max(int(v), 0) for v in (stats.get("errors") or {}).values())
+            labels = max(int(stats.get("labels") or 0), 0)
+            s.labels += labels
+            s.labels_correct += min(max(int(stats.get("labels_correct") or 0), 0), labels)
+            s.latency.append([max(int(v), 0) for v in (stats.get("latency_buckets") or [])[:MAX_BINS]])
+            s.output.append([max(int(v), 0) for v in (stats.get("output_hist") or [])[:MAX_BINS]])
+    return out
+
+
 def minutes_since(session: Session, sha256: str, start: datetime) -> list[tuple[float, str, dict[str, Any]]]:
     """(minute, hardware id, {sha256: its summed stats}) of the model's minutes from the one holding
     ``start`` on, in the shape the charts read a batch's (``console.obs_view.bucketed``)."""
@@ -174,4 +201,13 @@ def minutes_since(session: Session, sha256: str, start: datetime) -> list[tuple[
     ]
 
 
-__all__ = ["MINUTE", "MinuteSum", "add_minutes", "cohort_sums", "columns", "minute_of", "minutes_since"]
+__all__ = [
+    "MINUTE",
+    "MinuteSum",
+    "add_minutes",
+    "batch_sums",
+    "cohort_sums",
+    "columns",
+    "minute_of",
+    "minutes_since",
+]

@@ -55,10 +55,9 @@ from sqlmodel import Session, col
 from device_agent import protocol
 from fleet_server.gates import add_counts
 from fleet_server.models import Device, DeviceTotals, ModelAggregate
-from fleet_server.telemetry_minutes import add_minutes
+from fleet_server.telemetry_minutes import MAX_BINS, add_minutes
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_BINS = 128  # histograms longer than any protocol bounds are cut, not trusted
 MAX_CLASSES = 1000
 MAX_NAME = 64  # a class, error kind or input name; longer ones are cut
 # confusion cells "true:predicted": the device keeps MAX_LABEL_CLASSES classes and OTHER_CLASS
