@@ -44,7 +44,6 @@ def _seed(engine: Any, devices: int, rollouts: int) -> dict[str, str]:
         Rollout,
         RolloutDecision,
         RolloutDevice,
-        TelemetryBatchRow,
         utcnow,
     )
 
@@ -102,17 +101,37 @@ def _seed(engine: Any, devices: int, rollouts: int) -> dict[str, str]:
         c.execute(insert(EventRow.__table__), [{  # type: ignore[attr-defined]
             "device_id": ids[i % 500], "seq": 2, "state": ("downloading", "verified", "serving")[i % 3],
             "ts": now, "received_at": now} for i in range(3000)])  # fmt: skip
-        stats = {"inferences": 200, "errors": {"x": 1}, "latency_buckets": [0] * 12 + [150, 40, 10],
-                 "output_hist": [0] * 30 + [100, 100], "labels": 20, "labels_correct": 18}  # fmt: skip
-        c.execute(insert(TelemetryBatchRow.__table__), [{  # type: ignore[attr-defined]
-            "device_id": ids[i % devices], "batch_id": f"b{i}", "window_start": now, "window_end": now,
-            "inferences": 200, "errors": 1, "received_at": now - timedelta(seconds=3600 - i),
-            "models": {shas[2]: stats}} for i in range(2000)])  # fmt: skip
         c.execute(insert(AuditEntry.__table__), [{  # type: ignore[attr-defined]
             "ts": now, "actor": "bench", "role": "operator", "method": "POST",
             "path": f"/api/v1/rollouts/r{i % 50:03d}/pause",
             "status": 200, "result": "ok", "detail": ""} for i in range(2000)])  # fmt: skip
+    _seed_telemetry(engine, ids, shas[2], now)
     return {"rollout": "r001", "device": ids[7]}
+
+
+def _seed_telemetry(engine: Any, ids: list[str], sha: str, now: Any) -> None:
+    """2,000 batches over the last hour, stored through the ingest's own path one flush a minute,
+    so the per-minute sums the charts read are kept as in production."""
+    from device_agent import protocol
+    from fleet_server.store import new_session
+    from fleet_server.telemetry_store import prepare, store_prepared
+
+    stats = protocol.ModelStats(
+        inferences=200, errors={"x": 1}, latency_buckets=[0] * 12 + [150, 40, 10],
+        output_hist=[0] * 30 + [100, 100], labels=20, labels_correct=18,
+    )  # fmt: skip
+    hardware = {d: HARDWARE[i % 4] for i, d in enumerate(ids)}
+    flushes: dict[int, list[Any]] = {}
+    for i in range(2000):
+        at = now - timedelta(seconds=3600 - i)
+        batch = protocol.TelemetryBatch(
+            device_id=ids[i % len(ids)], batch_id=f"b{i}", window_start=at, window_end=at, models={sha: stats}
+        )
+        flushes.setdefault(int(at.timestamp()) // 60, []).append(batch)
+    for _, batches in sorted(flushes.items()):
+        with new_session(engine) as session:
+            store_prepared(session, prepare(engine.dialect.name, batches), batches[-1].window_end, hardware)
+            session.commit()
 
 
 def _render_ms(url: str, cookie: dict[str, Any], paths: dict[str, str], loads: int) -> dict[str, float] | str:

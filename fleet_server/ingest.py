@@ -152,9 +152,9 @@ def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> list[re
             devices = {
                 d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(snapshot_ids))).all()
             }
-        known = set(devices) | set(
-            conn.execute(select(col(Device.id)).where(col(Device.id).in_(ids))).scalars()
-        )
+        query = select(col(Device.id), col(Device.hardware_id)).where(col(Device.id).in_(ids))
+        hardware: dict[str, str] = {device_id: hw for device_id, hw in conn.execute(query)}
+        known = set(devices) | set(hardware)
         registered_telemetry = 0
         for device_id, msg, inbound in items:
             if device_id not in known:
@@ -181,7 +181,7 @@ def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> list[re
                 pending.add("status")
             session.add(device)
         session.flush()
-        stored = store_prepared(session, prepared, now, known) if prepared is not None else 0
+        stored = store_prepared(session, prepared, now, hardware) if prepared is not None else 0
         pending.add("telemetry_batches", stored)
         pending.add("duplicate_batches", registered_telemetry - stored)
         session.commit()

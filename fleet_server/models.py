@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Index, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -235,6 +235,23 @@ class ModelAggregate(SQLModel, table=True):
     cpu_ms: float = 0.0  # agent process CPU time spent on this model's inferences
     captured: int = 0  # inferences the device kept for upload
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class TelemetryMinute(SQLModel, table=True):
+    """What the telemetry batches received in one minute said about one model hash on one hardware
+    cohort, summed at ingest: the observability charts read a few rows per minute instead of every
+    batch (thousands an hour at fleet scale). ``minute``: epoch seconds of the minute's start, by the
+    server's receive time."""
+
+    sha256: str = Field(primary_key=True, max_length=64)
+    hardware_id: str = Field(primary_key=True, max_length=128)
+    minute: int = Field(primary_key=True, sa_type=BigInteger)
+    inferences: int = Field(default=0, sa_type=BigInteger)
+    errors: int = Field(default=0, sa_type=BigInteger)
+    labels: int = Field(default=0, sa_type=BigInteger)
+    labels_correct: int = Field(default=0, sa_type=BigInteger)
+    latency_buckets: list[int] = Field(default_factory=list, sa_type=JSON)  # per LATENCY_BOUNDS_US
+    output_hist: list[int] = Field(default_factory=list, sa_type=JSON)  # per VALUE_BOUNDS
 
 
 class DeviceTotals(SQLModel, table=True):

@@ -22,9 +22,11 @@ Refusals are domain errors (``fleet_server.errors``); the HTTP layer maps them.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 
 from sqlalchemy import exists
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from fleet_server import policy
@@ -254,23 +256,69 @@ def rollout_decisions(
 
 
 def rollout_status(session: Session, rollout: Rollout) -> RolloutOut:
-    effective = policy.from_row(rollout)
-    rds = session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id)).all()
-    decisions = session.exec(
-        select(RolloutDecision)
-        .where(RolloutDecision.rollout_id == rollout.id)
+    return rollout_statuses(session, [rollout])[0]
+
+
+def rollout_statuses(session: Session, rollouts: Sequence[Rollout]) -> list[RolloutOut]:
+    """The status views of a page of rollouts from two column queries for the whole page (devices,
+    decisions), not one ORM load of every device and decision per rollout: a page of 50 rollouts
+    of 200 devices each took seconds that way."""
+    ids = [r.id for r in rollouts]
+    if not ids:
+        return []
+    devices: dict[str, list[tuple[str, str, int | None, str | None]]] = {i: [] for i in ids}
+    session.flush()  # the Core queries below see the session's pending changes (an action's decision)
+    conn = session.connection()  # Core rows: no ORM bookkeeping per device
+    for rid, device_id, state, stage, reason in conn.execute(
+        sa_select(
+            col(RolloutDevice.rollout_id),
+            col(RolloutDevice.device_id),
+            col(RolloutDevice.state),
+            col(RolloutDevice.stage),
+            col(RolloutDevice.reason),
+        ).where(col(RolloutDevice.rollout_id).in_(ids))
+    ).all():
+        devices[rid].append((device_id, state, stage, reason))
+    for rows in devices.values():
+        rows.sort()  # by device id in Python's order, not the database collation's
+    decisions: dict[str, list[DecisionOut]] = {i: [] for i in ids}
+    for rid, ts, action, reason, figures in conn.execute(
+        sa_select(
+            col(RolloutDecision.rollout_id),
+            col(RolloutDecision.ts),
+            col(RolloutDecision.action),
+            col(RolloutDecision.reason),
+            col(RolloutDecision.figures),
+        )
+        .where(col(RolloutDecision.rollout_id).in_(ids))
         .order_by(col(RolloutDecision.id))
-    ).all()
+    ).all():
+        decisions[rid].append(DecisionOut(ts=ts, action=action, reason=reason, figures=figures))
+    return [_status(r, devices[r.id], decisions[r.id]) for r in rollouts]
+
+
+def _status(
+    rollout: Rollout, rds: list[tuple[str, str, int | None, str | None]], decisions: list[DecisionOut]
+) -> RolloutOut:
+    """One rollout's status from its devices (device, state, stage, reason; sorted by device)."""
+    effective = policy.from_row(rollout)
+    # devices per (stage, state): a stage's counts are cumulative over it and every earlier stage
+    per_stage: Counter[tuple[int, str]] = Counter(
+        (stage, state) for _, state, stage, _ in rds if stage is not None
+    )
     stages = []
     for i, percent in enumerate(rollout.stages):
-        mine = [rd for rd in rds if rd.stage is not None and rd.stage <= i]
+        mine: Counter[str] = Counter()
+        for (stage, state), n in per_stage.items():
+            if stage <= i:
+                mine[state] += n
         stages.append(
             StageOut(
                 percent=percent,
                 target_count=stage_target(percent, len(rds), rollout.stage_unit),
-                assigned=len(mine),
-                done=sum(1 for rd in mine if rd.state == DS.DONE),
-                failed=sum(1 for rd in mine if rd.state in (DS.FAILED, DS.TIMED_OUT)),
+                assigned=mine.total(),
+                done=mine[DS.DONE],
+                failed=mine[DS.FAILED] + mine[DS.TIMED_OUT],
                 state=_stage_state(rollout, i),
             )
         )
@@ -289,13 +337,9 @@ def rollout_status(session: Session, rollout: Rollout) -> RolloutOut:
         created_at=rollout.created_at,
         updated_at=rollout.updated_at,
         stages=stages,
-        devices={rd.device_id: rd.state for rd in sorted(rds, key=lambda r: r.device_id)},
-        device_reasons={
-            rd.device_id: rd.reason for rd in sorted(rds, key=lambda r: r.device_id) if rd.reason
-        },
-        decisions=[
-            DecisionOut(ts=d.ts, action=d.action, reason=d.reason, figures=d.figures) for d in decisions
-        ],
+        devices={device_id: state for device_id, state, _, _ in rds},
+        device_reasons={device_id: reason for device_id, _, _, reason in rds if reason},
+        decisions=decisions,
     )
 
 

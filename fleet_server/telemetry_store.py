@@ -25,7 +25,10 @@ So for the N batches of one flush:
 3. only for the few devices whose batches counted something for the device
    as a whole (labels that matched no prediction, evicted captures, batches
    dropped offline): their ``DeviceTotals`` row, the same way, after the
-   aggregates (one lock order for every worker: no deadlock).
+   aggregates (one lock order for every worker: no deadlock);
+4. the flush's sums per model and hardware cohort added to the rows of the current minute
+   (``fleet_server.telemetry_minutes``, what the console's charts read), last: those few rows
+   are shared by every worker, so they stay locked the shortest time.
 
 What a device counts is trusted only within bounds: negative counts are
 zero, a correct-label count above the label count is cut to it, non-finite
@@ -38,7 +41,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice, zip_longest
@@ -47,14 +50,14 @@ from typing import Any
 from pydantic import TypeAdapter
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from device_agent import protocol
 from fleet_server.gates import add_counts
-from fleet_server.models import DeviceTotals, ModelAggregate
+from fleet_server.models import Device, DeviceTotals, ModelAggregate
+from fleet_server.telemetry_minutes import MAX_BINS, add_minutes
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_BINS = 128  # histograms longer than any protocol bounds are cut, not trusted
 MAX_CLASSES = 1000
 MAX_NAME = 64  # a class, error kind or input name; longer ones are cut
 # confusion cells "true:predicted": the device keeps MAX_LABEL_CLASSES classes and OTHER_CLASS
@@ -163,6 +166,7 @@ class _Delta:
     input_checks: dict[str, list[list[int]]] = field(default_factory=dict)  # per input: the batches' rows
     cpu_ms: float = 0.0
     captured: int = 0
+    in_models: bool = False  # a batch listed the model (not only its shadow figures)
 
 
 @dataclass
@@ -232,11 +236,16 @@ def _deltas(batches: Iterable[protocol.TelemetryBatch]) -> Deltas:
 
 
 def store_prepared(
-    session: Session, prep: Prepared, now: datetime, devices: Container[str] | None = None
+    session: Session, prep: Prepared, now: datetime, hardware: Mapping[str, str] | None = None
 ) -> int:
-    """``prepare``'s rows in (only those of ``devices`` when given: the registered ones), the aggregates
-    updated with the batches that were new; returns how many were."""
-    keys = [k for k in prep.rows if devices is None or k[0] in devices]
+    """``prepare``'s rows in (only those of the devices in ``hardware`` when given: the registered ones,
+    with their hardware ids), the aggregates and the per-minute sums updated with the batches that
+    were new; returns how many were."""
+    if hardware is None:
+        ids = sorted({k[0] for k in prep.rows})
+        query = select(col(Device.id), col(Device.hardware_id)).where(col(Device.id).in_(ids))
+        hardware = {d: hw for d, hw in session.connection().execute(query)}
+    keys = [k for k in prep.rows if k[0] in hardware]
     if not keys:
         return 0
     if prep.dialect == "postgresql":
@@ -250,6 +259,8 @@ def store_prepared(
         _apply(session, deltas, now)
     if device_deltas:
         _apply_devices(session, device_deltas, now)
+    if deltas:
+        add_minutes(session, deltas, hardware, now)  # last: its few shared rows stay locked briefly
     return len(new_keys)
 
 
@@ -315,6 +326,7 @@ def _add(deltas: dict[tuple[str, str], _Delta], b: protocol.TelemetryBatch, shas
         d = deltas.get(key)
         if d is None:
             d = deltas[key] = _Delta()
+        d.in_models = True
         if s.inferences > 0:
             d.inferences += s.inferences
         if s.errors:

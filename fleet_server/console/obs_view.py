@@ -1,7 +1,8 @@
-"""Time series of one model version per hardware cohort, from the telemetry batches: pure.
+"""Time series of one model version per hardware cohort, from its telemetry: pure.
 
-The batches are what devices sent (``TelemetryBatchRow.models`` holds each model hash's
-``protocol.ModelStats`` for the window); they are summed into equal time buckets per cohort,
+The input is what devices sent, per model hash in the shape of ``protocol.ModelStats``: the
+per-minute sums the ingest keeps (``fleet_server.telemetry_minutes``), or raw batches, which
+give the same figures when placed at their minute. They are summed into equal time buckets per cohort,
 and each bucket gives latency quantiles (from the latency histogram, as the gates read it),
 error rate, output PSI against the whole window's outputs of the same cohort (drift over
 time), accuracy on the labels that arrived, and label coverage (labelled / inferences).
@@ -65,17 +66,25 @@ class CohortSeries:
 
 
 def bucketed(
-    rows: Iterable[tuple[float, str, Mapping[str, Any]]], sha256: str, start: float, end: float, n: int
+    rows: Iterable[tuple[float, str, Mapping[str, Any]]],
+    sha256: str,
+    start: float,
+    end: float,
+    n: int,
+    resolution: float = 0.0,
 ) -> dict[str, CohortSeries]:
-    """``rows``: (epoch seconds, hardware id, the batch's per-model stats), summed into ``n`` equal
+    """``rows``: (epoch seconds, hardware id, per-model stats), summed into ``n`` equal
     buckets per hardware id. The buckets span from the model's first batch in the window (or
     ``start``, if later) to ``end``: a version that started an hour ago fills the chart of a
-    day instead of its last sliver."""
+    day instead of its last sliver. No bucket is narrower than ``resolution`` (the rows' spacing:
+    fewer buckets then), so a version a few minutes old draws a line, not dots between gaps."""
     mine = [(t, hw, stats) for t, hw, models in rows if isinstance(stats := models.get(sha256), Mapping)]
     mine = [r for r in mine if start <= r[0] <= end]
     if not mine:
         return {}
     start = min(t for t, _, _ in mine)
+    if resolution > 0:
+        n = max(1, min(n, int((end - start) // resolution)))
     width = max(end - start, 1e-3) / n
     out: dict[str, CohortSeries] = {}
     for t, hw, stats in mine:

@@ -42,6 +42,7 @@ from fleet_server.routes.guard import GuardedRoute
 from fleet_server.selector_syntax import SYNTAX, SelectorError, parse_selector
 from fleet_server.slo_store import load_samples, spec_of
 from fleet_server.store import new_session
+from fleet_server.telemetry_minutes import MINUTE, minute_of, minutes_since
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -402,9 +403,9 @@ def observability_page(
         slo_rows: list[Any] = []
         alerts: list[SloAlert] = []
         if chosen is not None:
-            rows = reads.batches_since(session, chosen.sha256, start)
+            rows = minutes_since(session, chosen.sha256, start)
             series = obs_view.charts(
-                obs_view.bucketed(rows, chosen.sha256, start.timestamp(), now.timestamp(), 24)
+                obs_view.bucketed(rows, chosen.sha256, minute_of(start), now.timestamp(), 24, MINUTE)
             )
             charts = [line_chart(name, s, obs_view.UNITS[name]) for name, s in series.items()]
             times = [start.timestamp() + (i + 1) * WINDOWS[window] / 24 for i in range(24)]

@@ -309,29 +309,6 @@ def audit_newest_first(
 
 # --- observability -----------------------------------------------------------------------------
 
-MAX_BATCHES = 5_000
-"""The most recent batches one chart reads: the page reads raw batches, so it bounds its own cost
-(a per-minute rollup table would lift this; see docs/console.md)."""
-
-
-def batches_since(session: Session, sha256: str, start: datetime) -> list[tuple[float, str, dict[str, Any]]]:
-    """(time received, hardware id, {sha256: its stats}) of the batches received since ``start``
-    that carry the model ``sha256``; the database hands back only that model's part of each batch.
-
-    The server's receive time places a batch on the chart, not the device's window: device
-    clocks drift, and the server decides on its own time alone.
-    """
-    batches = TelemetryBatchRow.__table__  # type: ignore[attr-defined]
-    query = (
-        sa_select(batches.c.received_at, col(Device.hardware_id), batches.c.models[sha256])
-        .join(Device, col(Device.id) == batches.c.device_id)
-        .where(batches.c.received_at >= start)
-        .order_by(batches.c.id.desc())
-        .limit(MAX_BATCHES)
-    )
-    rows = session.connection().execute(query).all()  # Core rows: no ORM bookkeeping per row
-    return [(t.timestamp(), hw, {sha256: part}) for t, hw, part in rows if isinstance(part, dict)]
-
 
 def slos_of(session: Session, model: str) -> list[Slo]:
     return list(session.exec(select(Slo).where(col(Slo.model) == model).order_by(col(Slo.name))).all())
@@ -344,7 +321,6 @@ __all__ = [
     "ModelRow",
     "RolloutRow",
     "audit_newest_first",
-    "batches_since",
     "delivery_targets",
     "device_row",
     "fleet_counts",

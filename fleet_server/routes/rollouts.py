@@ -24,6 +24,7 @@ from fleet_server.rollouts import (
     rollout_decisions,
     rollout_devices,
     rollout_status,
+    rollout_statuses,
 )
 from fleet_server.routes.common import OPERATOR, Ctx, Cursor, Db, Limit, admin_router, page_out
 from fleet_server.routes.errors import error_responses
@@ -82,7 +83,8 @@ def get_rollouts(
 ) -> RolloutPage:
     """Rollouts with their status, oldest first, a page at a time."""
     rows = list_rollouts(session, state, model, cursor=cursor, limit=limit)
-    return page_out(RolloutPage, rows, lambda r: rollout_status(session, r))
+    outs = {out.id: out for out in rollout_statuses(session, rows.items)}
+    return page_out(RolloutPage, rows, lambda r: outs[r.id])
 
 
 @router.get(

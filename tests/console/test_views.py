@@ -172,6 +172,20 @@ def test_time_series_per_cohort_of_one_model_version() -> None:
     assert obs_view.bucketed(rows, "c" * 64, 500.0, 1100.0, 2) == {}
 
 
+def test_buckets_are_never_narrower_than_the_rows_spacing() -> None:
+    """Per-minute rows of a version five minutes old: 24 buckets of 12.5 s would leave gaps
+    between minutes (dots, no line); at the minute's resolution every bucket has its minute."""
+    sha = "a" * 64
+    rows = [(60.0 * m, "rpi4", {sha: stats(10)}) for m in range(5)]
+    fine = obs_view.bucketed(rows, sha, 0.0, 300.0, 24)["rpi4"].buckets
+    assert len(fine) == 24 and sum(b.inferences == 0 for b in fine) == 19
+    coarse = obs_view.bucketed(rows, sha, 0.0, 300.0, 24, resolution=60.0)["rpi4"].buckets
+    assert [b.inferences for b in coarse] == [100] * 5
+    # an hour of minutes keeps the 24 buckets asked for
+    hour = [(60.0 * m, "rpi4", {sha: stats(10)}) for m in range(60)]
+    assert len(obs_view.bucketed(hour, sha, 0.0, 3600.0, 24, resolution=60.0)["rpi4"].buckets) == 24
+
+
 def test_a_chart_draws_its_series_and_says_when_there_is_nothing() -> None:
     svg = charts.line_chart(
         "Error rate",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from alembic import command
@@ -19,7 +20,7 @@ from fleet_server.models import Rollout, RolloutDecision
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine
 
-HEAD = "0011"
+HEAD = "0012"
 
 
 def _assert_models_match(url: str) -> None:
@@ -187,4 +188,50 @@ def test_labels_that_met_their_capture_before_the_counts_existed_are_counted_on_
             text("SELECT model_sha256, hardware_id, labels, labels_correct FROM serverlabelcount")
         )
         assert rows.all() == [("sha", "rpi4", 3, 2)]  # i3: no prediction captured
+    engine.dispose()
+
+
+def test_the_last_days_batches_are_summed_per_minute_on_upgrade(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    command.upgrade(alembic_config(url), "0011")
+    now = datetime.now(UTC)
+    sha = "a" * 64
+    old = SQLModel.metadata.tables
+    with create_engine(url).begin() as conn:
+        conn.execute(
+            old["device"].insert(),
+            [
+                {"id": d, "hardware_id": hw, "registered_at": now}
+                for d, hw in (("d1", "rpi4"), ("d2", "jetson"))
+            ],
+        )
+        stats = {
+            "inferences": 10,
+            "errors": {"x": 1},
+            "latency_buckets": [1, 2],
+            "labels": 2,
+            "labels_correct": 5,
+        }
+        conn.execute(
+            old["telemetrybatchrow"].insert(),
+            [
+                {"device_id": d, "batch_id": b, "window_start": now, "window_end": now, "received_at": t,
+                 "models": {sha: stats}}
+                for d, b, t in (("d1", "b1", now), ("d1", "b2", now), ("d2", "b3", now),
+                                ("d1", "b4", now - timedelta(days=2)))  # older than the longest window
+            ],
+        )  # fmt: skip
+    engine = make_engine(ServerSettings(database_url=url, data_dir=tmp_path))
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT hardware_id, minute, inferences, errors, labels, labels_correct, latency_buckets"
+                " FROM telemetryminute ORDER BY hardware_id"
+            )
+        ).all()
+    minute = int(now.timestamp()) // 60 * 60
+    assert [tuple(r) for r in rows] == [
+        ("jetson", minute, 10, 1, 2, 2, "[1, 2]"),
+        ("rpi4", minute, 20, 2, 4, 4, "[2, 4]"),  # at most as many right labels as labels
+    ]
     engine.dispose()
