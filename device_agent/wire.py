@@ -208,8 +208,9 @@ LABEL_UNMATCHED = ("unknown", "expired", "duplicate", "invalid")  # why a label 
 # What each input check counts, in ``ModelStats.input_checks[name]`` order.
 INPUT_CHECKS = ("checked", "nan", "missing", "out_of_range")
 # Buckets of an input's values relative to its calibration range [min, max], in
-# ``ModelStats.input_buckets[name]`` order: below min, ten equal bins, above max.
-INPUT_BUCKETS = ("below", *(f"{10 * i}-{10 * i + 10}%" for i in range(10)), "above")
+# ``ModelStats.input_buckets[name]`` order: below min, ten equal bins, above max. Numbered so the
+# names sort in this order (a dashboard sorts its bars by name).
+INPUT_BUCKETS = ("00 <min", *(f"{i + 1:02d} {10 * i}-{10 * i + 10}%" for i in range(10)), "11 >max")
 CAPTURE_KEEP = ("inputs", "outputs", "both")
 
 
