@@ -43,7 +43,8 @@ def _fleet(n: int, slos: int) -> tuple[Any, Any]:
             "shadow_samples": 0, "shadow_agree": 0, "labels": 10, "labels_correct": 9, "confusion": {},
             "label_delay_buckets": [], "label_abs_error_sum": 0.0, "requests": 1000,
             "request_errors": {"timeout": 1},
-            "input_checks": {"x": [10, 0, 1, 0]}, "cpu_ms": 12.5, "captured": 0, "updated_at": now}
+            "input_checks": {"x": [10, 0, 1, 0]}, "cpu_ms": 12.5, "captured": 0, "updated_at": now,
+            "input_buckets": {"x": [1, 2, 5, 10, 20, 20, 20, 10, 5, 2, 1, 4]}}
             for i in range(n)])  # fmt: skip
         for k in range(slos):
             objectives: list[dict[str, Any]] = [{"sli": "availability", "target": 0.995}]

@@ -8,6 +8,12 @@ answers all three for one input; telemetry runs it on a sample of inferences (ev
 ``sketch_every``-th, like the drift sketches) and counts per input name, in
 :data:`device_agent.wire.INPUT_CHECKS` order.
 
+On the same sample, an input with a calibration range also has its values counted per
+:data:`device_agent.wire.INPUT_BUCKETS` bucket (:meth:`InputCheck.buckets`): equal bins over
+``[min, max]`` plus one below and one above. The share outside says *that* inputs drifted;
+these counts say *where* they went (all pinned at a rail, shifted, or spread wider), in the
+bins the int8 model was calibrated on, so fleets with different input scales still compare.
+
 The declared shape and the calibration range come from the release-signed
 manifest the model was installed with (``io_signature`` and
 ``quantization.input_ranges``, which the compiler writes); a model whose manifest
@@ -21,6 +27,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from device_agent.wire import INPUT_BUCKETS
+
+# Values counted per sampled request at most: a large tensor (an image) is read with a stride,
+# so the cost of a sample stays bounded whatever the input's size.
+MAX_BUCKET_VALUES = 1024
+_INNER = len(INPUT_BUCKETS) - 2  # equal bins over [min, max]; then one below, one above
 
 Dim = int | None  # a fixed size, or None for a dynamic (named or unnamed) dimension
 
@@ -85,6 +98,27 @@ class InputCheck:
         low, high = values.min(), values.max()
         outside = bool((self.lo is not None and low < self.lo) or (self.hi is not None and high > self.hi))
         return nan, False, outside
+
+    def buckets(self, x: Any) -> np.ndarray | None:
+        """Counts of ``x``'s values per ``INPUT_BUCKETS`` bucket (None: no calibration range, or no
+        numeric values). The maximum itself is inside the range, as :meth:`__call__` judges it;
+        NaN is not counted (the check counts it), -inf and +inf land below and above."""
+        lo, hi = self.lo, self.hi
+        if lo is None or hi is None or not hi > lo:
+            return None
+        if type(x) is not np.ndarray or x.dtype.kind not in "fiub" or x.size == 0:
+            return None
+        flat = x.reshape(-1)
+        if flat.size > MAX_BUCKET_VALUES:
+            flat = flat[:: -(-flat.size // MAX_BUCKET_VALUES)]
+        v = flat.astype(np.float64)
+        if x.dtype.kind == "f":
+            v = v[~np.isnan(v)]
+        # 0: below min; 1.._INNER: the equal bins (index by floor, the maximum in the last one)
+        idx = np.floor((v - lo) * (_INNER / (hi - lo)))
+        idx = np.clip(idx, -1, _INNER - 1) + 1
+        idx[v > hi] = _INNER + 1
+        return np.bincount(idx.astype(np.intp), minlength=_INNER + 2)
 
 
 def _number(v: Any) -> float | None:

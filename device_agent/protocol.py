@@ -37,6 +37,7 @@ from device_agent.wire import (
     CAPTURE_KEEP,
     DEVICE_ID_RE,
     DIRECTIVE_PAYLOAD_TYPE,
+    INPUT_BUCKETS,
     INPUT_CHECKS,
     INPUT_STAT_FEATURES,
     LABEL_DELAY_BOUNDS_S,
@@ -204,6 +205,10 @@ class ModelStats(_Msg):
     input_checks: dict[str, list[int]] = Field(default_factory=dict)
     cpu_ms: float = 0.0  # agent process CPU time spent on this model's inferences
     captured: int = 0  # inferences kept for upload (Directive.capture)
+    # Input distributions: input name -> counts of its values per INPUT_BUCKETS bucket (relative
+    # to the input's calibration range; sampled like input_checks, at most a bounded number of
+    # values per sampled request)
+    input_buckets: dict[str, list[int]] = Field(default_factory=dict)
 
 
 class ShadowStats(_Msg):
@@ -296,6 +301,7 @@ __all__ = [
     "CAPTURE_KEEP",
     "DEVICE_ID_RE",
     "DIRECTIVE_PAYLOAD_TYPE",
+    "INPUT_BUCKETS",
     "INPUT_CHECKS",
     "INPUT_STAT_FEATURES",
     "LABEL_DELAY_BOUNDS_S",

@@ -6,8 +6,8 @@ least it can: one bisect, one lock, a few integer adds. The drift sketches
 a few microseconds of numpy each, so they are taken on every
 ``sketch_every``-th call only; they are estimates of distributions, and a
 sample of them is what the drift gates compare. The input checks (NaN, missing,
-outside the calibration range: :mod:`device_agent.input_checks`) ride on the
-same sample.
+outside the calibration range: :mod:`device_agent.input_checks`) and the inputs'
+value distributions over their calibration ranges ride on the same sample.
 
 Ground truth and availability arrive beside the inferences: labels matched to
 a model's predictions (:mod:`device_agent.labels`), the local API's requests and
@@ -69,6 +69,7 @@ class _Stats:
     input_checks: dict[str, list[int]] = field(default_factory=dict)
     cpu_ms: float = 0.0
     captured: int = 0
+    input_buckets: dict[str, np.ndarray] = field(default_factory=dict)
 
     def checks_of(self, name: str) -> list[int]:
         counts = self.input_checks.get(name)
@@ -98,6 +99,7 @@ class _Stats:
             input_checks={k: list(v) for k, v in self.input_checks.items()},
             cpu_ms=round(self.cpu_ms, 3),
             captured=self.captured,
+            input_buckets={k: v.tolist() for k, v in self.input_buckets.items()},
         )
 
 
@@ -278,6 +280,11 @@ class Telemetry:
                     counts[1] += nan
                     counts[2] += missing
                     counts[3] += outside
+                    if check.lo is not None and check.hi is not None:
+                        b = check.buckets(x)
+                        if b is not None:
+                            acc = st.input_buckets.get(check.name)
+                            st.input_buckets[check.name] = b if acc is None else acc + b
 
     def record_input_missing(self, sha256: str, name: str) -> None:
         """A request that never reached the model for want of an input (the local API read none).

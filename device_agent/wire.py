@@ -207,6 +207,10 @@ OTHER_CLASS = "other"
 LABEL_UNMATCHED = ("unknown", "expired", "duplicate", "invalid")  # why a label matched no prediction
 # What each input check counts, in ``ModelStats.input_checks[name]`` order.
 INPUT_CHECKS = ("checked", "nan", "missing", "out_of_range")
+# Buckets of an input's values relative to its calibration range [min, max], in
+# ``ModelStats.input_buckets[name]`` order: below min, ten equal bins, above max. Numbered so the
+# names sort in this order (a dashboard sorts its bars by name).
+INPUT_BUCKETS = ("00 <min", *(f"{i + 1:02d} {10 * i}-{10 * i + 10}%" for i in range(10)), "11 >max")
 CAPTURE_KEEP = ("inputs", "outputs", "both")
 
 
@@ -601,6 +605,7 @@ class ModelStats:
     input_checks: dict[str, list[int]] = field(default_factory=dict)
     cpu_ms: float = 0.0
     captured: int = 0
+    input_buckets: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -624,6 +629,7 @@ class ModelStats:
             "input_checks": self.input_checks,
             "cpu_ms": float(self.cpu_ms),
             "captured": self.captured,
+            "input_buckets": self.input_buckets,
         }
 
 
@@ -692,6 +698,7 @@ __all__ = [
     "CAPTURE_KEEP",
     "DEVICE_ID_RE",
     "DIRECTIVE_PAYLOAD_TYPE",
+    "INPUT_BUCKETS",
     "INPUT_CHECKS",
     "INPUT_STAT_FEATURES",
     "LABEL_DELAY_BOUNDS_S",

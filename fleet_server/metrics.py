@@ -24,13 +24,15 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from device_agent.protocol import INPUT_CHECKS, LATENCY_BOUNDS_US
+from device_agent.protocol import INPUT_BUCKETS, INPUT_CHECKS, LATENCY_BOUNDS_US
 from fleet_server.debug_series import (
     CLASS_KINDS,
+    DEBUG_BUCKET_INPUTS,
     DEBUG_CLASSES,
     DEBUG_GROUPS,
     DEBUG_INPUTS,
     Detail,
+    bucket_series,
     class_series,
     input_series,
 )
@@ -239,6 +241,13 @@ class FleetCollector(Collector):
             f" inputs each, the rest as other)",
             labels=[*labels, "input", "result"],
         )
+        by_bucket = CounterMetricFamily(
+            "edgefleet_model_input_bucket",
+            f"input values sampled on devices, per input tensor and bucket of its calibration range:"
+            f" below min, ten equal bins over [min, max] (as a share of the range), above max (the"
+            f" {DEBUG_GROUPS} busiest groups; their {DEBUG_BUCKET_INPUTS} inputs with the most checks)",
+            labels=[*labels, "input", "bucket"],
+        )
         by_class = CounterMetricFamily(
             "edgefleet_model_class",
             f"per top-1 class: predictions, labelled predictions whose truth it is, labelled predictions"
@@ -251,10 +260,14 @@ class FleetCollector(Collector):
                 for name, counts in input_series(detail).items():
                     for result, n in zip(INPUT_CHECKS, counts, strict=True):
                         by_input.add_metric([*key, name, result], float(n))
+                for name, counts in bucket_series(detail).items():
+                    for bucket, n in zip(INPUT_BUCKETS, counts, strict=True):
+                        by_bucket.add_metric([*key, name, bucket], float(n))
                 for c, row in class_series(detail).items():
                     for kind in CLASS_KINDS:
                         by_class.add_metric([*key, c, kind], float(row[kind]))
         yield by_input
+        yield by_bucket
         yield by_class
 
     def _slos(self) -> Iterator[Metric]:

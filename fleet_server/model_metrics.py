@@ -11,6 +11,8 @@ figures a person or a script reads to judge the model in the field:
 - label coverage (labelled predictions / inferences) and label delay p50/p95 (upper bound of
   the histogram bucket; the overflow bucket reports the largest bound, a lower bound then);
 - feature availability per input: shares of NaN, missing and out-of-calibration-range inputs;
+- input distribution per input: the share of its sampled values below, in each tenth of, and
+  above its calibration range;
 - prediction availability at the device's local API: requests that got a prediction;
 - cost per inference: agent CPU milliseconds. Energy is null: no device reports it yet, and a
   figure made up from CPU time would be a guess presented as a measurement.
@@ -22,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from device_agent.protocol import INPUT_CHECKS, LABEL_DELAY_BOUNDS_S
+from device_agent.protocol import INPUT_BUCKETS, INPUT_CHECKS, LABEL_DELAY_BOUNDS_S
 from fleet_server.accuracy_stats import wilson
 from fleet_server.gates import add_counts
 from fleet_server.server_label_counts import verdict
@@ -48,6 +50,7 @@ class Counts:
     input_checks: dict[str, tuple[int, ...]] = field(default_factory=dict)
     cpu_ms: float = 0.0
     captured: int = 0
+    input_buckets: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def add(self, agg: Any) -> None:
         """Add one device's aggregate (anything with ``ModelAggregate``'s fields)."""
@@ -65,6 +68,8 @@ class Counts:
             self.input_checks[name] = add_counts(self.input_checks.get(name, ()), checks)
         self.cpu_ms += agg.cpu_ms
         self.captured += agg.captured
+        for name, buckets in (agg.input_buckets or {}).items():
+            self.input_buckets[name] = add_counts(self.input_buckets.get(name, ()), buckets)
 
 
 def _add_named(into: dict[str, int], more: Mapping[str, int]) -> None:
@@ -147,6 +152,20 @@ def feature_availability(input_checks: Mapping[str, Sequence[int]]) -> dict[str,
     return out
 
 
+def input_distribution(input_buckets: Mapping[str, Sequence[int]]) -> dict[str, dict[str, Any]]:
+    """Per input with counted values: how many, and their share per ``INPUT_BUCKETS`` bucket."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(input_buckets):
+        counts = list(input_buckets[name][: len(INPUT_BUCKETS)])
+        n = sum(counts)
+        if n > 0:
+            out[name] = {
+                "values": n,
+                "shares": {b: c / n for b, c in zip(INPUT_BUCKETS, counts, strict=False)},
+            }
+    return out
+
+
 def joined_accuracy(pairs: Iterable[tuple[Any, str | None]]) -> dict[str, Any]:
     """Accuracy of server-side labels against the captured top-1: ``(label, predicted)`` pairs of
     labels whose inference was captured with its outputs (a label list counts its first row)."""
@@ -173,6 +192,7 @@ def metrics(c: Counts, joined: Iterable[tuple[Any, str | None]] = ()) -> dict[st
         "label_delay_p50_s": bucket_quantile(c.label_delay_buckets, LABEL_DELAY_BOUNDS_S, 0.5),
         "label_delay_p95_s": bucket_quantile(c.label_delay_buckets, LABEL_DELAY_BOUNDS_S, 0.95),
         "feature_availability": feature_availability(c.input_checks),
+        "input_distribution": input_distribution(c.input_buckets),
         "prediction_availability": {
             "requests": c.requests,
             "failed": failed,
@@ -194,6 +214,7 @@ __all__ = [
     "accuracy",
     "bucket_quantile",
     "feature_availability",
+    "input_distribution",
     "joined_accuracy",
     "metrics",
     "per_class",

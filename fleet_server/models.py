@@ -234,6 +234,8 @@ class ModelAggregate(SQLModel, table=True):
     input_checks: dict[str, list[int]] = Field(default_factory=dict, sa_type=JSON)
     cpu_ms: float = 0.0  # agent process CPU time spent on this model's inferences
     captured: int = 0  # inferences the device kept for upload
+    # input name -> its sampled values per INPUT_BUCKETS bucket of its calibration range
+    input_buckets: dict[str, list[int]] = Field(default_factory=dict, sa_type=JSON)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 

@@ -849,6 +849,16 @@ class FeatureAvailabilityOut(BaseModel):
     available: float | None = Field(description="share with none of these, 0 to 1")
 
 
+class InputDistributionOut(BaseModel):
+    """Where one input's sampled values lay relative to the range the model was calibrated on."""
+
+    values: int = Field(description="values counted on the devices (sampled inferences, strided values)")
+    shares: dict[str, float] = Field(
+        description="share of them per bucket: '00 <min', '01 0-10%' ... '10 90-100%' of [min, max],"
+        " '11 >max'"
+    )
+
+
 class PredictionAvailabilityOut(BaseModel):
     """Requests at the devices' local API that got a prediction."""
 
@@ -874,6 +884,9 @@ class MetricsGroupOut(BaseModel):
     label_delay_p50_s: float | None = Field(description="median label delay, seconds (bucket upper bound)")
     label_delay_p95_s: float | None = Field(description="95th percentile label delay, seconds")
     feature_availability: dict[str, FeatureAvailabilityOut] = Field(description="per input tensor")
+    input_distribution: dict[str, InputDistributionOut] = Field(
+        default_factory=dict, description="per input tensor with a calibration range"
+    )
     prediction_availability: PredictionAvailabilityOut = Field(description="at the devices' local API")
     cpu_ms_per_inference: float | None = Field(description="agent process CPU milliseconds per inference")
     energy_mj_per_inference: float | None = Field(

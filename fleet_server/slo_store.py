@@ -90,13 +90,15 @@ def _device_totals(session: Session) -> tuple[dict[Cohort, Totals], dict[Cohort,
             col(ModelAggregate.input_checks),
             col(ModelAggregate.class_hist),
             col(ModelAggregate.confusion),
+            col(ModelAggregate.input_buckets),
         ).join(Device, col(Device.id) == col(ModelAggregate.device_id))
     ).all()
     groups: dict[Cohort, list[Any]] = {}
     for r in rows:
         groups.setdefault((r.sha256, r.hardware_id), []).append(r)
     details = {
-        key: pooled((r.input_checks, r.class_hist, r.confusion) for r in rs) for key, rs in groups.items()
+        key: pooled((r.input_checks, r.class_hist, r.confusion, r.input_buckets) for r in rs)
+        for key, rs in groups.items()
     }
     return {
         key: Totals(

@@ -83,9 +83,9 @@ _PG_CREATE_AGGREGATES = text(
     "INSERT INTO modelaggregate (device_id, sha256, served_ok, inferences, errors, latency_buckets,"
     " output_hist, class_hist, shadow_samples, shadow_agree, labels, labels_correct, confusion,"
     " label_delay_buckets, label_abs_error_sum, requests, request_errors, input_checks, cpu_ms, captured,"
-    " updated_at)"
+    " input_buckets, updated_at)"
     " SELECT k.d, k.s, 0, 0, 0, '[]', '[]', '{}', 0, 0,"
-    " 0, 0, '{}', '[]', 0, 0, '{}', '{}', 0, 0, :now"
+    " 0, 0, '{}', '[]', 0, 0, '{}', '{}', 0, 0, '{}', :now"
     f" FROM ({_PG_KEYS}) AS k(d, s) ON CONFLICT (device_id, sha256) DO NOTHING"
 )
 # one record per aggregate: the column values after the flush (``_sum``), keyed by ``_PG_FIELDS``
@@ -107,6 +107,7 @@ _PG_FIELDS = {
     "input_checks": ("ic", "json"),
     "cpu_ms": ("cpu", "double precision"),
     "captured": ("cap", "bigint"),
+    "input_buckets": ("ib", "json"),
 }
 _PG_UPDATE_AGGREGATES = text(
     "UPDATE modelaggregate AS a SET "
@@ -167,6 +168,7 @@ class _Delta:
     cpu_ms: float = 0.0
     captured: int = 0
     in_models: bool = False  # a batch listed the model (not only its shadow figures)
+    input_buckets: dict[str, list[list[int]]] = field(default_factory=dict)  # likewise
 
 
 @dataclass
@@ -359,6 +361,8 @@ def _add(deltas: dict[tuple[str, str], _Delta], b: protocol.TelemetryBatch, shas
                 if rows is None:
                     rows = checks[name[:MAX_NAME]] = []
                 rows.append(row)
+        if s.input_buckets:
+            _add_rows(d.input_buckets, s.input_buckets)
         if 0 < s.cpu_ms < _INF:
             d.cpu_ms += s.cpu_ms
         if s.captured > 0:
@@ -370,6 +374,22 @@ def _add(deltas: dict[tuple[str, str], _Delta], b: protocol.TelemetryBatch, shas
             d = deltas.setdefault((b.device_id, sha), _Delta())
             d.shadow_samples += sh.samples
             d.shadow_agree += sh.top1_agree
+
+
+def _add_rows(into: dict[str, list[list[int]]], per_input: dict[str, list[int]]) -> None:
+    """Keep a batch's per-input rows to sum when applied: at most MAX_INPUTS inputs, names cut."""
+    for name, row in islice(per_input.items(), MAX_INPUTS):
+        into.setdefault(name[:MAX_NAME], []).append(row)
+
+
+def _summed_inputs(current: Any, rows: dict[str, list[list[int]]], width: int) -> dict[str, list[int]]:
+    """A stored per-input column plus a flush's rows, ``width`` counts per input, MAX_INPUTS inputs."""
+    out = dict(current or {})
+    for name, batch_rows in rows.items():
+        if name in out or len(out) < MAX_INPUTS:
+            added = _columns([counts(r[:width]) for r in batch_rows])
+            out[name] = list(add_counts(out.get(name) or [], added))
+    return out
 
 
 def _columns(rows: list[list[int]]) -> tuple[int, ...]:
@@ -464,6 +484,9 @@ def _sum(row: Any, d: _Delta) -> dict[str, Any]:
         "input_checks": checks,
         "cpu_ms": row["cpu_ms"] + d.cpu_ms,
         "captured": row["captured"] + d.captured,
+        "input_buckets": _summed_inputs(row["input_buckets"], d.input_buckets, len(protocol.INPUT_BUCKETS))
+        if d.input_buckets
+        else row["input_buckets"] or {},
     }
 
 

@@ -19,9 +19,10 @@ import pytest
 
 from compiler.examples import train_digits
 from compiler.pipeline import compile_model
-from device_agent.input_checks import InputCheck
+from device_agent.input_checks import MAX_BUCKET_VALUES, InputCheck
 from device_agent.runtime import LoadedModel, OnnxRuntimeFactory
 from device_agent.telemetry import _Stats, share_cpu
+from device_agent.wire import INPUT_BUCKETS
 from signing.keyring import KeyDir
 
 from .field_device import FieldDevice, ranged_bundle, start_device
@@ -131,6 +132,8 @@ def test_input_checks_are_sampled_like_the_drift_sketches(
             dev.agent.infer(bad)
         checked, nan, missing, outside = dev.stats(bundle.sha256)["input_checks"]["input"]
         assert checked == 10 and outside == 10 and nan == missing == 0
+        # the distribution rides on the same sample: 10 requests x 64 values, all above the range
+        assert dev.stats(bundle.sha256)["input_buckets"]["input"] == [0] * 11 + [640]
     finally:
         loop_thread.run(dev.agent.stop())
 
@@ -222,6 +225,29 @@ def test_the_input_check_reads_the_manifest_and_forgives_a_renamed_tensor() -> N
         assert check(bad) == (False, True, False)
     bare = InputCheck.from_manifest("x", None)  # no manifest fields: NaN only
     assert bare == InputCheck("x") and bare(ok + 5) == (False, False, False)
+
+
+def test_input_values_are_counted_per_bucket_of_the_calibration_range() -> None:
+    check = InputCheck("x", None, -1.0, 1.0)
+    assert (INPUT_BUCKETS[0], INPUT_BUCKETS[1], INPUT_BUCKETS[-1]) == ("00 <min", "01 0-10%", "11 >max")
+    # dashboards sort the bars by name
+    assert sorted(INPUT_BUCKETS) == list(INPUT_BUCKETS) and len(INPUT_BUCKETS) == 12
+    x = np.array([[-5.0, -1.0, -0.95, -0.7, 0.0, 0.05, 0.99, 1.0, 1.01, np.inf, -np.inf, np.nan]])
+    got = check.buckets(x)
+    assert got is not None
+    # below: -5, -inf | bin 0 [-1, -0.8): -1, -0.95 | bin 1: -0.7 | bin 5 [0, 0.2): 0, 0.05 |
+    # bin 9 [0.8, 1]: 0.99 and the maximum itself | above: 1.01, +inf | NaN: not counted
+    assert got.tolist() == [2, 2, 1, 0, 0, 0, 2, 0, 0, 0, 2, 2]
+    ints = check.buckets(np.array([[-3, 0, 1, 7]], np.int8))
+    assert ints is not None and ints.tolist() == [1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 1]
+    # a large tensor is read with a stride: a bounded number of values, the same distribution
+    big = np.tile(np.array([-2.0, 0.5, 0.5], np.float32), 40_000)[None, :]
+    counted = check.buckets(big)
+    assert counted is not None and 1000 <= counted.sum() <= MAX_BUCKET_VALUES
+    assert counted[0] + counted[8] == counted.sum() and abs(counted[8] - 2 * counted[0]) <= 2
+    # no range (or an empty one), or nothing numeric: no distribution
+    assert InputCheck("x").buckets(x) is None and InputCheck("x", None, 1.0, 1.0).buckets(x) is None
+    assert check.buckets(np.zeros(0, np.float32)) is None and check.buckets("text") is None
 
 
 @pytest.mark.slow

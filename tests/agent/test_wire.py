@@ -198,6 +198,7 @@ def test_telemetry_batches_decode_with_the_schema() -> None:
         input_checks={"x": [5, 1, 0, 2]},
         cpu_ms=1.25,
         captured=2,
+        input_buckets={"x": [1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3, 4]},
     )
     shadow = wire.ShadowStats(samples=2, top1_agree=1, latency_buckets=[2] + [0] * 40, latency_sum_us=9.0)
     batch = wire.TelemetryBatch("dev-1", "b1", NOW, NOW + timedelta(seconds=10), {SHA: stats}, {SHA: shadow})

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlmodel import Session
 
+from device_agent.protocol import INPUT_BUCKETS
 from fleet_server.logs import JsonFormatter
 from fleet_server.metrics import MAX_MODEL_GROUPS, model_groups
 from fleet_server.models import Device, ModelAggregate
@@ -61,6 +62,7 @@ def add_devices(server: ServerThread, start: int, n: int, shas: list[str]) -> No
                     errors=i % 7,
                     latency_buckets=LATENCY,
                     input_checks={"x": [100, 1, 2, 3], "y": [100, 0, 5, 0]},
+                    input_buckets={"x": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]},  # y: no calibration range
                     # 15 classes predicted: past the debug bound of 10, the rest summed as other
                     class_hist={str(c): 100 + 10 * c for c in range(15)},
                     confusion={"3:3": 4, "3:5": 1, "5:5": 2, "14:3": 1},
@@ -119,6 +121,17 @@ def test_metrics_series_do_not_grow_with_the_fleet(
     # per input and per class (the debug dashboard), bounded: 10 classes by name, the rest as other
     y = '{"cohort": "rpi4", "input": "y", "model": "det", "result": "missing", "version": "1"}'
     assert large["edgefleet_model_input_checks_by_input_total" + y] == 5 * 210
+    # each input's values per bucket of its calibration range, summed over the devices
+    x_buckets = {
+        json.loads(k[k.index("{") :])["bucket"]: v
+        for k, v in large.items()
+        if k.startswith("edgefleet_model_input_bucket_total")
+        and '"cohort": "rpi4"' in k
+        and '"version": "1"' in k
+        and '"input": "x"' in k
+    }
+    assert x_buckets == {b: (i + 1) * 210 for i, b in enumerate(INPUT_BUCKETS)}, x_buckets
+    assert not [k for k in large if k.startswith("edgefleet_model_input_bucket") and '"input": "y"' in k]
     v1_classes = {
         json.loads(k[k.index("{") :])["class"]
         for k in large

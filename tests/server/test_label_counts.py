@@ -32,6 +32,7 @@ def _stats(**over: object) -> protocol.ModelStats:
         "requests": 52,
         "request_errors": {"timeout": 1, "bad_input": 1},
         "input_checks": {"image": [50, 1, 0, 3]},
+        "input_buckets": {"image": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]},
         "cpu_ms": 12.5,
         "captured": 4,
     }
@@ -93,6 +94,7 @@ def test_label_counts_are_summed_once_per_batch_even_when_redelivered(engine: En
     assert agg.label_delay_buckets == [0, 8, 12]
     assert agg.request_errors == {"timeout": 2, "bad_input": 2}
     assert agg.input_checks == {"image": [50, 1, 0, 3], "extra": [5, 0, 5, 0]}
+    assert agg.input_buckets == {"image": [2 * n for n in range(1, 13)]}  # bucket by bucket, each batch once
     assert agg.label_abs_error_sum == pytest.approx(3.0) and agg.cpu_ms == pytest.approx(25.0)
     assert agg.inferences == 100  # the figures that were there before still add up alike
     assert (lone.labels, lone.labels_correct, lone.confusion) == (1, 1, {"cat:cat": 1})
@@ -104,6 +106,7 @@ def test_label_counts_are_summed_once_per_batch_even_when_redelivered(engine: En
         totals = session.get(DeviceTotals, "lc-1")
     assert agg is not None and totals is not None
     assert (agg.labels, agg.labels_correct, agg.confusion["cat:cat"]) == (30, 24, 10)
+    assert agg.input_buckets == {"image": [3 * n for n in range(1, 13)]}
     assert totals.labels_unmatched == {"unknown": 4, "expired": 2} and totals.capture_evicted == 6
 
 
@@ -120,6 +123,7 @@ def test_a_device_is_trusted_only_within_bounds(engine: Engine) -> None:
         captured=-1,
         label_delay_buckets=[-4, 2],
         input_checks={"image": [10, 1, 0, 2, 99, 99]},
+        input_buckets={"image": [-4, 2] + [0] * 10 + [99, 99], **{f"in{i}": [1] for i in range(100)}},
         confusion={f"{i}:{i}": 1 for i in range(5000)},
     )
     ingest_batch(engine, [_batch("lc-2", "bad", bad, capture_evicted=-7, dropped_batches=2)], Counters())
@@ -132,6 +136,8 @@ def test_a_device_is_trusted_only_within_bounds(engine: Engine) -> None:
     assert agg.cpu_ms == 0.0 and agg.label_abs_error_sum == 0.0
     assert agg.label_delay_buckets == [0, 2]
     assert agg.input_checks == {"image": [10, 1, 0, 2]}
+    # no negative counts, 12 buckets at most, a bounded number of inputs
+    assert agg.input_buckets["image"] == [0, 2] + [0] * 10 and len(agg.input_buckets) == 64
     assert len(agg.confusion) == (protocol.MAX_LABEL_CLASSES + 1) ** 2
     assert (totals.capture_evicted, totals.dropped_batches) == (0, 2)
 

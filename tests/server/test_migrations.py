@@ -20,7 +20,7 @@ from fleet_server.models import Rollout, RolloutDecision
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine
 
-HEAD = "0012"
+HEAD = "0013"
 
 
 def _assert_models_match(url: str) -> None:
@@ -235,3 +235,25 @@ def test_the_last_days_batches_are_summed_per_minute_on_upgrade(tmp_path: Path) 
         ("rpi4", minute, 20, 2, 4, 4, "[2, 4]"),  # at most as many right labels as labels
     ]
     engine.dispose()
+
+
+def test_aggregates_stored_before_input_buckets_start_with_none_and_downgrade_drops_them(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    command.upgrade(alembic_config(url), "0012")
+    raw = create_engine(url)
+    with raw.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO modelaggregate (device_id, sha256, served_ok, inferences, errors,"
+                " latency_buckets, output_hist, class_hist, shadow_samples, shadow_agree, updated_at)"
+                " VALUES ('d', 'sha', 0, 5, 0, '[]', '[]', '{}', 0, 0, '2026-01-01')"
+            )
+        )
+    command.upgrade(alembic_config(url), "0013")
+    with raw.connect() as conn:
+        assert conn.execute(text("SELECT inferences, input_buckets FROM modelaggregate")).all() == [(5, "{}")]
+    command.downgrade(alembic_config(url), "0012")
+    assert "input_buckets" not in {c["name"] for c in inspect(raw).get_columns("modelaggregate")}
+    raw.dispose()

@@ -40,6 +40,7 @@ def _agg(**over: object) -> SimpleNamespace:
         "requests": 50,
         "request_errors": {"timeout": 1, "bad_input": 1},
         "input_checks": {"image": [100, 1, 2, 3]},
+        "input_buckets": {"image": [5, 10, 10, 10, 10, 10, 10, 10, 10, 10, 0, 5]},
         "cpu_ms": 25.0,
         "captured": 4,
     }
@@ -76,6 +77,15 @@ def test_figures_from_counts() -> None:
         "out_of_range_share": 0.03,
         "available": 0.94,
     }
+    dist = m["input_distribution"]["image"]  # two devices' counts summed, then shares of 200 values
+    assert dist["values"] == 200 and list(dist["shares"]) == list(protocol.INPUT_BUCKETS)
+    assert (dist["shares"]["00 <min"], dist["shares"]["01 0-10%"], dist["shares"]["10 90-100%"]) == (
+        0.05,
+        0.1,
+        0.0,
+    )
+    assert sum(dist["shares"].values()) == pytest.approx(1.0)
+    assert mm.input_distribution({"x": [0] * 12}) == {}  # no values counted: no distribution
     assert m["prediction_availability"] == {
         "requests": 100,
         "failed": 4,
