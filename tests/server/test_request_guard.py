@@ -256,6 +256,7 @@ def test_artifacts_and_delivery_metadata_are_public_reads(
         "/metrics",  # scrapers: open unless metrics_token is set; nginx keeps it off the public side
         "/api/v1/artifacts/{sha256}",
         "/api/v1/artifacts/{sha256}/envelope",
+        "/api/v1/artifacts/{sha256}/files/{name}",  # a bundle's other signed files (the golden set)
         "/tuf/metadata/{name}",
         "/tuf/targets/{target}",
         "/api/v1/captures/{device_id}/{batch_id}",  # no bearer: the device signs it
