@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # `make test`: the suite on TEST_WORKERS pytest-xdist workers (each with its own broker, ports,
 # temp dirs and PostgreSQL database), then the tests marked `serial` (they need a quiet machine)
-# on their own. Both steps always run; the target fails if either did.
-TEST_WORKERS ?= auto
+# on their own. Both steps always run; the target fails if either did. One worker more than
+# cores: the suite's tests spend most of their wall time waiting on brokers, servers and
+# subprocesses (docs/decisions/0018), so a third worker on two cores fills those waits.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 PYTEST_PARALLEL ?= -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
 
 .PHONY: demo test test-arm64 bench lint fmt typecheck clean venv models
