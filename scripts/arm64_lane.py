@@ -48,6 +48,11 @@ AGENT_TESTS = (
     "tests/agent/test_shell.py",
 )
 SAMPLES = 64
+# The MediaPipe models compiled for tflite-int8, and the side of their square input. Few samples:
+# one 256x256 invocation costs seconds under emulation, and the lane runs each on every CPU.
+TFLITE_MODELS = {"hand_recrop": 256, "face_detection_short_range": 128}
+TFLITE_SAMPLES = 8
+TFLITE_CALIBRATION = 32
 ACCEPTANCE_TESTS = "tests/agent/test_acceptance.py"  # its arm64-marked test: an AVX2-only x86 under qemu
 REPORT = PROJECT / ".cache" / "arm64-lane.json"
 
@@ -120,6 +125,89 @@ def compile_models(work: Path) -> dict[str, tuple[Path, Path, Path, str | None]]
     return out
 
 
+def compile_tflite_models(work: Path) -> dict[str, tuple[Path, Path, Path]]:
+    """Compile the MediaPipe models for tflite-int8 on this host, as tests/compiler compiles them.
+
+    {name: (bundle dir, float model, held-out .npz)}; none when the registry is away. The face
+    detector is compiled without the gate (its score logits lose ~10 dB at 8 bits and the
+    default gate refuses it: docs/compiler.md); the lane asks what ARM computes, not whether to ship.
+    """
+    import numpy as np
+
+    from compiler import compile_model
+    from compiler.pipeline import DEFAULT_GATE
+    from compiler.realdata import photo_crops
+    from signing.keyring import KeyDir
+
+    try:
+        sys.path.insert(0, str(PROJECT / "scripts"))
+        import fetch_models
+
+        models = fetch_models.fetch()
+    except Exception as exc:  # the registry away: the lane still judges the ONNX models, and says so
+        _say(f"TFLite models left out: {exc}")
+        return {}
+    key = KeyDir(work / "keys").key("release")
+    out: dict[str, tuple[Path, Path, Path]] = {}
+    for name, side in TFLITE_MODELS.items():
+        calib, held = work / f"{name}_calib.npz", work / f"{name}_eval.npz"
+        np.savez(calib, x=photo_crops(TFLITE_CALIBRATION, side, side, seed=0))
+        np.savez(held, x=photo_crops(TFLITE_SAMPLES, side, side, seed=1))
+        compile_model(
+            models[name],
+            target="tflite-int8",
+            calib_path=calib,
+            eval_path=held,
+            out_dir=work / name,
+            name=name,
+            release_key=key,
+            version="1",
+            release=1,
+            latency_repeats=0,
+            gate=None if name == "face_detection_short_range" else DEFAULT_GATE,
+        )
+        out[name] = (work / name, models[name], held)
+    return out
+
+
+def tflite_reference_data(bundle: Path, fp32_model: Path, held: Path, into: Path) -> dict[str, Any]:
+    """Write model.tflite and data.npz (inputs, the host's int8 and fp32 outputs) into ``into``.
+
+    Both host runs go through the agent's own :class:`LiteRtFactory`, the code the device runs, so
+    the device's figures differ from these by the CPU's kernels alone (XNNPACK's x86 ones here)."""
+    import shutil
+
+    import numpy as np
+
+    from device_agent.runtime import LiteRtFactory
+    from signing.manifest import read_bundle
+
+    manifest = read_bundle(bundle)
+    into.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(bundle / manifest.model_file.path, into / "model.tflite")
+    with np.load(held) as data:
+        x = data["x"]
+    factory = LiteRtFactory()
+    int8 = factory.load(into / "model.tflite", "host", target="tflite-int8")
+    fp32 = factory.load(fp32_model, "host", target="tflite")
+    names = [d["name"] for d in int8.interpreter.get_output_details()]
+    arrays: dict[str, Any] = {"x": x}
+    for label, model in (("int8", int8), ("fp32", fp32)):
+        rows = [model.run(x[i : i + 1]) for i in range(len(x))]
+        for j, o in enumerate(names):
+            arrays[f"{label}:{o}"] = np.concatenate([r[j] for r in rows], axis=0)
+    np.savez(into / "data.npz", **arrays)
+    report = manifest.quantization
+    return {
+        "samples": len(x),
+        "compiled_snr_db": {k: v.get("snr_db") for k, v in report["outputs"].items()},
+        "compiled_top1": {k: v.get("top1_agreement") for k, v in report["outputs"].items()},
+        "gate": (report.get("gate") or {}).get("verdict"),
+        "golden_bytes": (report.get("acceptance") or {}).get("bytes"),
+        "model_bytes": manifest.model_file.length,
+    }
+
+
 def held_out(fp32_model: Path, source: Path, preprocess: str | None) -> Any:
     """The model's held-out inputs as the compile read them (an .npz, or an image folder)."""
     import onnx
@@ -171,9 +259,13 @@ def agreement(root: Path, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     lane = root / "tmp" / "edgefleet-lane"
     shutil.rmtree(lane, ignore_errors=True)
-    results: dict[str, Any] = {}
+    prepared: dict[str, dict[str, Any]] = {}
     for name, (bundle, fp32_model, source, pre) in compile_models(work).items():
-        info = reference_data(bundle, fp32_model, held_out(fp32_model, source, pre), lane / name)
+        prepared[name] = reference_data(bundle, fp32_model, held_out(fp32_model, source, pre), lane / name)
+    for name, (bundle, fp32_model, held) in compile_tflite_models(work).items():
+        prepared[name] = tflite_reference_data(bundle, fp32_model, held, lane / name)
+    results: dict[str, Any] = {}
+    for name, info in prepared.items():
         per_cpu: dict[str, Any] = {}
         for cpu in CPUS:
             t0 = time.perf_counter()

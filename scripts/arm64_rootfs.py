@@ -85,9 +85,18 @@ class CannotRun(Exception):
 
 
 def agent_requirements(pyproject: Path = PROJECT / "pyproject.toml") -> list[str]:
-    """The base dependencies and the ``agent`` extra, as the working tree declares them."""
+    """The base dependencies, the ``agent`` extra and LiteRT, as the working tree declares them.
+
+    LiteRT is the ``ai-edge-litert`` entry of the ``tflite`` extra alone (the agent serves
+    ``.tflite`` bundles with it; the extra's quantizer is a compiler tool a device never runs),
+    so its version bound is the tree's and a change to it rebuilds the venv.
+    """
     project = tomllib.loads(pyproject.read_text())["project"]
-    return [*project["dependencies"], *project["optional-dependencies"]["agent"]]
+    extras = project["optional-dependencies"]
+    litert = [r for r in extras["tflite"] if r.startswith("ai-edge-litert")]
+    if len(litert) != 1:
+        raise ValueError(f"the tflite extra should name ai-edge-litert once, it names {litert}")
+    return [*project["dependencies"], *extras["agent"], *litert]
 
 
 def _key(inputs: dict[str, object]) -> str:
@@ -294,7 +303,9 @@ def build(force: bool = False) -> Path:
     if not (root / venv.lstrip("/") / MARKER).exists():
         steps.append(("venv", lambda: _venv(root, venv)))
         steps.append(("pip install the agent extra + test packages", lambda: _pip(root, venv, requirements)))
-        steps.append(("import check (onnxruntime on aarch64)", lambda: _smoke(root, venv, requirements)))
+        steps.append(
+            ("import check (onnxruntime, LiteRT on aarch64)", lambda: _smoke(root, venv, requirements))
+        )
     for _label, step in _progress(steps):
         step()
     for old in CACHE.glob("arm64-*"):  # other keys: a changed input made them stale
@@ -363,7 +374,10 @@ def _pip(root: Path, venv: str, requirements: Sequence[str]) -> None:
 
 
 def _smoke(root: Path, venv: str, requirements: Sequence[str]) -> None:
-    probe = "import platform, numpy, onnxruntime; print(platform.machine(), onnxruntime.__version__)"
+    probe = (
+        "import platform, numpy, onnxruntime, ai_edge_litert.interpreter;"
+        " print(platform.machine(), onnxruntime.__version__)"
+    )
     done = run_inside(root, ["python", "-c", probe], cwd="/", check=True, capture_output=True, venv=venv)
     if not done.stdout.startswith("aarch64"):
         raise RuntimeError(f"the rootfs does not run aarch64 code: {done.stdout!r}")
