@@ -198,11 +198,12 @@ def tflite_reference_data(bundle: Path, fp32_model: Path, held: Path, into: Path
             arrays[f"{label}:{o}"] = np.concatenate([r[j] for r in rows], axis=0)
     np.savez(into / "data.npz", **arrays)
     report = manifest.quantization
+    gate = report.get("gate")
     return {
         "samples": len(x),
         "compiled_snr_db": {k: v.get("snr_db") for k, v in report["outputs"].items()},
         "compiled_top1": {k: v.get("top1_agreement") for k, v in report["outputs"].items()},
-        "gate": (report.get("gate") or {}).get("verdict"),
+        "gate": gate.get("verdict") if isinstance(gate, dict) else gate,  # a dict, or why none ran
         "golden_bytes": (report.get("acceptance") or {}).get("bytes"),
         "model_bytes": manifest.model_file.length,
     }
