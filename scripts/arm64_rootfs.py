@@ -215,7 +215,11 @@ def chroot_command(
     venv: str = "",
     binds: Sequence[Path] = (),
 ) -> list[str]:
-    """``unshare -m`` + a shell that mounts proc, /dev, an ARM cpuinfo and the tree, then chroots.
+    """``unshare -m`` + a shell that mounts proc, sys, /dev, an ARM cpuinfo and the tree, then chroots.
+
+    sysfs matters to LiteRT: XNNPACK's cpuinfo reads the CPU lists under
+    ``/sys/devices/system/cpu`` and, without them, fails to initialize, and LiteRT silently
+    runs its built-in kernels instead of the XNNPACK ones a device runs.
 
     ``binds``: host directories to mount at the same path inside (writable), e.g. a test's
     temporary directory holding an agent's config, keys and data. Every mount lives in the new
@@ -248,6 +252,7 @@ def chroot_command(
             "set -e",
             f"mount -t proc proc {r}/proc",
             f"mount --bind {cpuinfo} {r}/proc/cpuinfo",
+            f"mount -t sysfs sysfs {r}/sys",
             f"mount --rbind /dev {r}/dev",
             f"mount -t tmpfs tmpfs {r}/dev/shm 2>/dev/null || true",
             f"mount --bind {PROJECT} {r}{SRC}",
