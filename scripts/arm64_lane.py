@@ -10,7 +10,8 @@ Three parts, each reported with its wall time:
    both for arm64-cpu; MediaPipe's hand_recrop and face detector for tflite-int8, run on LiteRT),
    and each runs inside on the agent's runtime for several emulated CPUs (``QEMU_CPU``:
    cortex-a53 and -a72 (NEON), neoverse-n1 (``udot``), max (SVE, ``i8mm``)); its outputs are
-   compared with the host's QDQ reference outputs the compiler's gate judged;
+   compared with the host's QDQ reference outputs the compiler's gate judged (ONNX), or with
+   the agent's own LiteRT path on this x86 host (TFLite: what differs is XNNPACK's kernels);
 3. **rollout**: ``tests/arm64`` on this host: the x86 fleet server on loopback, the
    project's TLS Mosquitto, and an agent process in the arm64 userland that the server
    updates (``EDGEFLEET_ARM64_ROOTFS`` tells those tests where the rootfs is); and the

@@ -1,8 +1,8 @@
 """An arm64 Debian userland (under qemu-user emulation) in which the device agent runs, cached.
 
 Devices are ARM; the machines that build and test are x86. Under ``qemu-aarch64``
-the agent's own Python, onnxruntime's and numpy's real aarch64 wheels and their
-int8 kernels run instruction by instruction as an ARM core would run them, so
+the agent's own Python, onnxruntime's, LiteRT's and numpy's real aarch64 wheels and
+their int8 kernels run instruction by instruction as an ARM core would run them, so
 numerics seen here are the device's (timing and memory are not: see
 docs/agent.md).
 
@@ -12,7 +12,7 @@ tree's ``pyproject.toml`` declares them. It lives outside the repository, in
 two cached layers keyed on hashes of their inputs: the Debian base under
 ``/var/cache/edgefleet/arm64-<key>`` (suite, packages, recipe: ~10 min to
 build under emulation on 2 loaded cores), and inside it the venv
-``/opt/edgefleet-<key>`` (the agent extra, the test packages, the base's key:
+``/opt/edgefleet-<key>`` (the agent extra, LiteRT, the test packages, the base's key:
 ~10 min, pip itself emulated). A changed input
 rebuilds its layer and what sits on it; an unchanged one costs nothing.
 ``run -- CMD...`` executes a command inside it with the working tree mounted
