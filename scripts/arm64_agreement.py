@@ -1,13 +1,19 @@
 """Inside the arm64 userland: run one compiled model on the agent's own runtime and compare.
 
-Reads ``<dir>/model.onnx`` and ``<dir>/data.npz`` (``x``: inputs; ``int8:<output>``: the
-host's int8 outputs with onnxruntime's QDQ reference semantics, which the compiler's gate
-judged; ``fp32:<output>``: the float model's), runs the model one sample at a time with
-:class:`device_agent.runtime.OnnxRuntimeFactory` (what the agent serves with: graph
-optimizations on, so onnxruntime's fused ARM int8 kernels for the emulated CPU run), and
+Reads ``<dir>/model.onnx`` or ``<dir>/model.tflite`` and ``<dir>/data.npz`` (``x``: inputs;
+``int8:<output>``: the host's outputs of the int8 model; ``fp32:<output>``: the float
+model's), runs the model one sample at a time with the runtime the agent serves it with, and
 prints one JSON line: per output the share of bit-identical values, the largest absolute
-difference and the top-1 agreement against the reference, and the SNR against fp32 next
-to the host's. Only numpy, onnxruntime and the agent are needed.
+difference and (for a ``(samples, classes)`` output) the top-1 agreement against the host's,
+and the SNR against fp32 next to the host's. Only numpy, the runtimes and the agent are needed.
+
+- ONNX: :class:`device_agent.runtime.OnnxRuntimeFactory` (graph optimizations on, so
+  onnxruntime's fused ARM int8 kernels for the emulated CPU run); the host's outputs are
+  onnxruntime's QDQ reference semantics, which the compiler's gate judged.
+- TFLite: :class:`device_agent.runtime.LiteRtFactory` (LiteRT with its default XNNPACK
+  delegate, float in and out through the model's own scales); the host's outputs are the
+  same agent code on the host's x86 LiteRT, so the only thing that differs is the CPU's
+  kernels.
 
 Usage: ``python scripts/arm64_agreement.py DIR`` (``QEMU_CPU`` picks the emulated CPU).
 """
@@ -23,12 +29,37 @@ from pathlib import Path
 import numpy as np
 
 from device_agent.figures import regression
-from device_agent.runtime import OnnxRuntimeFactory
+from device_agent.runtime import LiteRtFactory, LoadedModel, OnnxRuntimeFactory
+
+
+def load(folder: Path) -> tuple[str, LoadedModel]:
+    """The folder's model on the agent's runtime for its format: ("onnx" | "tflite", model)."""
+    if (folder / "model.tflite").is_file():
+        return "tflite", LiteRtFactory().load(folder / "model.tflite", "lane", target="tflite-int8")
+    if (folder / "model.onnx").is_file():
+        return "onnx", OnnxRuntimeFactory().load(folder / "model.onnx", "lane")
+    raise FileNotFoundError(f"{folder}: neither model.tflite nor model.onnx")
+
+
+def compare(out: np.ndarray, ref: np.ndarray, fp32: np.ndarray) -> dict[str, float | None]:
+    """Device outputs ``out`` against the host's ``ref`` and the float model's ``fp32``."""
+    if out.shape != ref.shape:
+        raise ValueError(f"device output shape {out.shape} differs from the host's {ref.shape}")
+    diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+    figures: dict[str, float | None] = {
+        "bit_identical": float((out == ref).mean()),
+        "max_abs_diff": float(diff.max()),
+        "snr_db_device": regression(fp32, out)["snr_db"],
+        "snr_db_reference": regression(fp32, ref)["snr_db"],
+    }
+    if ref.ndim == 2 and ref.shape[1] > 1:  # scores per class: top-1 means something
+        figures["top1_agreement"] = float((ref.argmax(axis=1) == out.argmax(axis=1)).mean())
+    return figures
 
 
 def main(folder: str) -> int:
     root = Path(folder)
-    model = OnnxRuntimeFactory().load(root / "model.onnx", "lane")
+    runtime, model = load(root)
     with np.load(root / "data.npz", allow_pickle=False) as data:
         x = data["x"]
         names = [k.removeprefix("int8:") for k in data.files if k.startswith("int8:")]
@@ -41,20 +72,10 @@ def main(folder: str) -> int:
     result: dict[str, object] = {
         "cpu": os.environ.get("QEMU_CPU", "native"),
         "machine": platform.machine(),
+        "runtime": runtime,
         "samples": len(x),
-        "outputs": {},
+        "outputs": {n: compare(np.concatenate(outs[n], axis=0), ref[n], fp32[n]) for n in names},
     }
-    for n in names:
-        out = np.concatenate(outs[n], axis=0)
-        diff = np.abs(out.astype(np.float64) - ref[n].astype(np.float64))
-        flat_r, flat_o = ref[n].reshape(len(x), -1), out.reshape(len(x), -1)
-        result["outputs"][n] = {  # type: ignore[index]
-            "bit_identical": float((out == ref[n]).mean()),
-            "max_abs_diff": float(diff.max()),
-            "top1_agreement": float((flat_r.argmax(axis=1) == flat_o.argmax(axis=1)).mean()),
-            "snr_db_device": regression(fp32[n], out)["snr_db"],
-            "snr_db_reference": regression(fp32[n], ref[n])["snr_db"],
-        }
     print(json.dumps(result))
     return 0
 

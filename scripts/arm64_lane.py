@@ -6,10 +6,12 @@ Three parts, each reported with its wall time:
    extra: deployment table, judgement, probation verdict, wire, reasons, ids, acceptance, the
    shell over the in-memory link and fetcher with real onnxruntime) run inside the rootfs;
 2. **int8 agreement**: the project's models are compiled on this host (digits, trained here;
-   PaddleOCR's text-direction classifier from ``make models`` when the registry is reachable),
+   PaddleOCR's text-direction classifier from ``make models`` when the registry is reachable,
+   both for arm64-cpu; MediaPipe's hand_recrop and face detector for tflite-int8, run on LiteRT),
    and each runs inside on the agent's runtime for several emulated CPUs (``QEMU_CPU``:
    cortex-a53 and -a72 (NEON), neoverse-n1 (``udot``), max (SVE, ``i8mm``)); its outputs are
-   compared with the host's QDQ reference outputs the compiler's gate judged;
+   compared with the host's QDQ reference outputs the compiler's gate judged (ONNX), or with
+   the agent's own LiteRT path on this x86 host (TFLite: what differs is XNNPACK's kernels);
 3. **rollout**: ``tests/arm64`` on this host: the x86 fleet server on loopback, the
    project's TLS Mosquitto, and an agent process in the arm64 userland that the server
    updates (``EDGEFLEET_ARM64_ROOTFS`` tells those tests where the rootfs is); and the
@@ -48,6 +50,14 @@ AGENT_TESTS = (
     "tests/agent/test_shell.py",
 )
 SAMPLES = 64
+# The MediaPipe models compiled for tflite-int8, and the side of their square input. Few samples:
+# one 256x256 invocation costs seconds under emulation, and the lane runs each on every CPU.
+TFLITE_MODELS = {"hand_recrop": 256, "face_detection_short_range": 128}
+TFLITE_SAMPLES = 8
+# ``max`` advertises SME, and under qemu 7.2 XNNPACK's output there is garbage while ``max`` with
+# SME off is bit-identical to x86 (docs/benchmarks.md): both are run, so the figures show it.
+TFLITE_CPUS = (*CPUS, "max,sme=off")
+TFLITE_CALIBRATION = 32
 ACCEPTANCE_TESTS = "tests/agent/test_acceptance.py"  # its arm64-marked test: an AVX2-only x86 under qemu
 REPORT = PROJECT / ".cache" / "arm64-lane.json"
 
@@ -120,6 +130,90 @@ def compile_models(work: Path) -> dict[str, tuple[Path, Path, Path, str | None]]
     return out
 
 
+def compile_tflite_models(work: Path) -> dict[str, tuple[Path, Path, Path]]:
+    """Compile the MediaPipe models for tflite-int8 on this host, as tests/compiler compiles them.
+
+    {name: (bundle dir, float model, held-out .npz)}; none when the registry is away. The face
+    detector is compiled without the gate (its score logits lose ~10 dB at 8 bits and the
+    default gate refuses it: docs/compiler.md); the lane asks what ARM computes, not whether to ship.
+    """
+    import numpy as np
+
+    from compiler import compile_model
+    from compiler.pipeline import DEFAULT_GATE
+    from compiler.realdata import photo_crops
+    from signing.keyring import KeyDir
+
+    try:
+        sys.path.insert(0, str(PROJECT / "scripts"))
+        import fetch_models
+
+        models = fetch_models.fetch()
+    except Exception as exc:  # the registry away: the lane still judges the ONNX models, and says so
+        _say(f"TFLite models left out: {exc}")
+        return {}
+    key = KeyDir(work / "keys").key("release")
+    out: dict[str, tuple[Path, Path, Path]] = {}
+    for name, side in TFLITE_MODELS.items():
+        calib, held = work / f"{name}_calib.npz", work / f"{name}_eval.npz"
+        np.savez(calib, x=photo_crops(TFLITE_CALIBRATION, side, side, seed=0))
+        np.savez(held, x=photo_crops(TFLITE_SAMPLES, side, side, seed=1))
+        compile_model(
+            models[name],
+            target="tflite-int8",
+            calib_path=calib,
+            eval_path=held,
+            out_dir=work / name,
+            name=name,
+            release_key=key,
+            version="1",
+            release=1,
+            latency_repeats=0,
+            gate=None if name == "face_detection_short_range" else DEFAULT_GATE,
+        )
+        out[name] = (work / name, models[name], held)
+    return out
+
+
+def tflite_reference_data(bundle: Path, fp32_model: Path, held: Path, into: Path) -> dict[str, Any]:
+    """Write model.tflite and data.npz (inputs, the host's int8 and fp32 outputs) into ``into``.
+
+    Both host runs go through the agent's own :class:`LiteRtFactory`, the code the device runs, so
+    the device's figures differ from these by the CPU's kernels alone (XNNPACK's x86 ones here)."""
+    import shutil
+
+    import numpy as np
+
+    from device_agent.runtime import LiteRtFactory
+    from signing.manifest import read_bundle
+
+    manifest = read_bundle(bundle)
+    into.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(bundle / manifest.model_file.path, into / "model.tflite")
+    with np.load(held) as data:
+        x = data["x"]
+    factory = LiteRtFactory()
+    int8 = factory.load(into / "model.tflite", "host", target="tflite-int8")
+    fp32 = factory.load(fp32_model, "host", target="tflite")
+    names = [d["name"] for d in int8.interpreter.get_output_details()]
+    arrays: dict[str, Any] = {"x": x}
+    for label, model in (("int8", int8), ("fp32", fp32)):
+        rows = [model.run(x[i : i + 1]) for i in range(len(x))]
+        for j, o in enumerate(names):
+            arrays[f"{label}:{o}"] = np.concatenate([r[j] for r in rows], axis=0)
+    np.savez(into / "data.npz", **arrays)
+    report = manifest.quantization
+    gate = report.get("gate")
+    return {
+        "samples": len(x),
+        "compiled_snr_db": {k: v.get("snr_db") for k, v in report["outputs"].items()},
+        "compiled_top1": {k: v.get("top1_agreement") for k, v in report["outputs"].items()},
+        "gate": gate.get("verdict") if isinstance(gate, dict) else gate,  # a dict, or why none ran
+        "golden_bytes": (report.get("acceptance") or {}).get("bytes"),
+        "model_bytes": manifest.model_file.length,
+    }
+
+
 def held_out(fp32_model: Path, source: Path, preprocess: str | None) -> Any:
     """The model's held-out inputs as the compile read them (an .npz, or an image folder)."""
     import onnx
@@ -171,11 +265,15 @@ def agreement(root: Path, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     lane = root / "tmp" / "edgefleet-lane"
     shutil.rmtree(lane, ignore_errors=True)
-    results: dict[str, Any] = {}
+    prepared: dict[str, dict[str, Any]] = {}
     for name, (bundle, fp32_model, source, pre) in compile_models(work).items():
-        info = reference_data(bundle, fp32_model, held_out(fp32_model, source, pre), lane / name)
+        prepared[name] = reference_data(bundle, fp32_model, held_out(fp32_model, source, pre), lane / name)
+    for name, (bundle, fp32_model, held) in compile_tflite_models(work).items():
+        prepared[name] = tflite_reference_data(bundle, fp32_model, held, lane / name)
+    results: dict[str, Any] = {}
+    for name, info in prepared.items():
         per_cpu: dict[str, Any] = {}
-        for cpu in CPUS:
+        for cpu in TFLITE_CPUS if (lane / name / "model.tflite").is_file() else CPUS:
             t0 = time.perf_counter()
             script = ["python", f"{rootfs.SRC}/scripts/arm64_agreement.py", f"/tmp/edgefleet-lane/{name}"]
             done = rootfs.run_inside(root, script, cpu=cpu, capture_output=True)

@@ -1,8 +1,8 @@
 """An arm64 Debian userland (under qemu-user emulation) in which the device agent runs, cached.
 
 Devices are ARM; the machines that build and test are x86. Under ``qemu-aarch64``
-the agent's own Python, onnxruntime's and numpy's real aarch64 wheels and their
-int8 kernels run instruction by instruction as an ARM core would run them, so
+the agent's own Python, onnxruntime's, LiteRT's and numpy's real aarch64 wheels and
+their int8 kernels run instruction by instruction as an ARM core would run them, so
 numerics seen here are the device's (timing and memory are not: see
 docs/agent.md).
 
@@ -12,7 +12,7 @@ tree's ``pyproject.toml`` declares them. It lives outside the repository, in
 two cached layers keyed on hashes of their inputs: the Debian base under
 ``/var/cache/edgefleet/arm64-<key>`` (suite, packages, recipe: ~10 min to
 build under emulation on 2 loaded cores), and inside it the venv
-``/opt/edgefleet-<key>`` (the agent extra, the test packages, the base's key:
+``/opt/edgefleet-<key>`` (the agent extra, LiteRT, the test packages, the base's key:
 ~10 min, pip itself emulated). A changed input
 rebuilds its layer and what sits on it; an unchanged one costs nothing.
 ``run -- CMD...`` executes a command inside it with the working tree mounted
@@ -85,9 +85,18 @@ class CannotRun(Exception):
 
 
 def agent_requirements(pyproject: Path = PROJECT / "pyproject.toml") -> list[str]:
-    """The base dependencies and the ``agent`` extra, as the working tree declares them."""
+    """The base dependencies, the ``agent`` extra and LiteRT, as the working tree declares them.
+
+    LiteRT is the ``ai-edge-litert`` entry of the ``tflite`` extra alone (the agent serves
+    ``.tflite`` bundles with it; the extra's quantizer is a compiler tool a device never runs),
+    so its version bound is the tree's and a change to it rebuilds the venv.
+    """
     project = tomllib.loads(pyproject.read_text())["project"]
-    return [*project["dependencies"], *project["optional-dependencies"]["agent"]]
+    extras = project["optional-dependencies"]
+    litert = [r for r in extras["tflite"] if r.startswith("ai-edge-litert")]
+    if len(litert) != 1:
+        raise ValueError(f"the tflite extra should name ai-edge-litert once, it names {litert}")
+    return [*project["dependencies"], *extras["agent"], *litert]
 
 
 def _key(inputs: dict[str, object]) -> str:
@@ -206,7 +215,11 @@ def chroot_command(
     venv: str = "",
     binds: Sequence[Path] = (),
 ) -> list[str]:
-    """``unshare -m`` + a shell that mounts proc, /dev, an ARM cpuinfo and the tree, then chroots.
+    """``unshare -m`` + a shell that mounts proc, sys, /dev, an ARM cpuinfo and the tree, then chroots.
+
+    sysfs matters to LiteRT: XNNPACK's cpuinfo reads the CPU lists under
+    ``/sys/devices/system/cpu`` and, without them, fails to initialize, and LiteRT silently
+    runs its built-in kernels instead of the XNNPACK ones a device runs.
 
     ``binds``: host directories to mount at the same path inside (writable), e.g. a test's
     temporary directory holding an agent's config, keys and data. Every mount lives in the new
@@ -239,6 +252,7 @@ def chroot_command(
             "set -e",
             f"mount -t proc proc {r}/proc",
             f"mount --bind {cpuinfo} {r}/proc/cpuinfo",
+            f"mount -t sysfs sysfs {r}/sys",
             f"mount --rbind /dev {r}/dev",
             f"mount -t tmpfs tmpfs {r}/dev/shm 2>/dev/null || true",
             f"mount --bind {PROJECT} {r}{SRC}",
@@ -294,7 +308,9 @@ def build(force: bool = False) -> Path:
     if not (root / venv.lstrip("/") / MARKER).exists():
         steps.append(("venv", lambda: _venv(root, venv)))
         steps.append(("pip install the agent extra + test packages", lambda: _pip(root, venv, requirements)))
-        steps.append(("import check (onnxruntime on aarch64)", lambda: _smoke(root, venv, requirements)))
+        steps.append(
+            ("import check (onnxruntime, LiteRT on aarch64)", lambda: _smoke(root, venv, requirements))
+        )
     for _label, step in _progress(steps):
         step()
     for old in CACHE.glob("arm64-*"):  # other keys: a changed input made them stale
@@ -363,7 +379,10 @@ def _pip(root: Path, venv: str, requirements: Sequence[str]) -> None:
 
 
 def _smoke(root: Path, venv: str, requirements: Sequence[str]) -> None:
-    probe = "import platform, numpy, onnxruntime; print(platform.machine(), onnxruntime.__version__)"
+    probe = (
+        "import platform, numpy, onnxruntime, ai_edge_litert.interpreter;"
+        " print(platform.machine(), onnxruntime.__version__)"
+    )
     done = run_inside(root, ["python", "-c", probe], cwd="/", check=True, capture_output=True, venv=venv)
     if not done.stdout.startswith("aarch64"):
         raise RuntimeError(f"the rootfs does not run aarch64 code: {done.stdout!r}")
