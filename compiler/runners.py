@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from compiler.signature import IOSignature, TensorSpec
+from device_agent.runtime import input_quant_constants, quantize_input
 
 
 class Runner(Protocol):
@@ -110,9 +111,7 @@ def _to_tensor(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     dtype = np.dtype(detail["dtype"])
     if dtype.kind in "iu" and np.asarray(x).dtype.kind == "f":
         scale, zero = detail["quantization"]
-        info = np.iinfo(dtype)
-        q = np.round(np.asarray(x, dtype=np.float64) / scale) + zero
-        return np.clip(q, info.min, info.max).astype(dtype)
+        return quantize_input(x, input_quant_constants(scale, zero, dtype), dtype)
     return np.asarray(x, dtype=dtype)
 
 

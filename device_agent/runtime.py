@@ -152,6 +152,25 @@ _clip: Any = getattr(getattr(np, "_core", None), "umath", None)
 _clip = getattr(_clip, "clip", None) or np.clip
 
 
+def input_quant_constants(scale: float, zero: int, dtype: Any) -> tuple[Any, Any, Any, Any]:
+    """(1/scale, zero, min, max) as float32 scalars: how the device quantizes a float input."""
+    info = np.iinfo(dtype)
+    return np.float32(1.0 / scale), np.float32(zero), np.float32(info.min), np.float32(info.max)
+
+
+def quantize_input(x: np.ndarray, constants: tuple[Any, Any, Any, Any], dtype: Any) -> np.ndarray:
+    """A float input as the quantized model's integer tensor, the device's way: float32
+    ``rint(x * (1/scale) + zero)``, clipped. The compiler's evaluation calls this too, so the gate
+    judges the very integers a device feeds (float64 ``round(x / scale)`` puts inputs that sit on
+    half steps, such as ``pixel / 127.5 - 1``, one step apart)."""
+    inv, zero, lo, hi = constants
+    q = np.asarray(x, dtype=np.float32) * inv
+    q += zero
+    np.rint(q, out=q)
+    _clip(q, lo, hi, out=q)
+    return q.astype(dtype)
+
+
 def _installed(top: str) -> bool:
     """Whether package ``top`` is importable, without importing it (no RSS, no native libraries)."""
     try:
@@ -205,8 +224,7 @@ class TfliteModel:
         # Quantization constants as float32 scalars, computed once: the hot path is a handful
         # of ufunc calls (~1 us each on a small tensor), not np.round/np.clip/np.iinfo (~20 us).
         if self._in_quant is not None:
-            info = np.iinfo(self._in_dtype)
-            self._q = (np.float32(1.0 / scale), np.float32(zero), np.float32(info.min), np.float32(info.max))
+            self._q = input_quant_constants(scale, zero, self._in_dtype)
         # What callers should feed: float for quantized inputs (we quantize), else the tensor type.
         self.input_dtype: Any = np.float32 if self._in_quant else self._in_dtype
         # Per output: (tensor index, how to dequantize). An 8-bit output dequantizes through a
@@ -228,12 +246,7 @@ class TfliteModel:
 
     def _prepare(self, x: np.ndarray) -> np.ndarray:
         if self._in_quant is not None and x.dtype.kind == "f":
-            inv, zero, lo, hi = self._q
-            q = x * inv
-            q += zero
-            np.rint(q, out=q)
-            _clip(q, lo, hi, out=q)
-            return q.astype(self._in_dtype)
+            return quantize_input(x, self._q, self._in_dtype)
         return np.ascontiguousarray(x, dtype=self._in_dtype)
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:

@@ -208,3 +208,20 @@ def test_int8_quantize_and_dequantize_match_the_reference_formula() -> None:
     # int8 inputs pass through untouched
     raw = np.arange(-32, 32, dtype=np.int8).reshape(1, 64)
     assert np.array_equal(model._prepare(raw), raw)
+
+
+def test_the_compilers_evaluation_feeds_the_integers_a_device_feeds() -> None:
+    """MediaPipe-style inputs (pixel / 127.5 - 1) sit on half quantization steps, where float32
+    ``x * (1/scale)`` and float64 ``x / scale`` round apart: the gate must judge what devices run."""
+    from compiler.runners import _to_tensor
+    from device_agent.runtime import TfliteModel
+
+    scale, zero = 1 / 127.5, -1
+    model = TfliteModel(_FakeInt8Interpreter((scale, zero), (0.1, 0)), "0" * 64, "fake")
+    pixels = np.arange(64, dtype=np.float32).reshape(1, 64) * 4
+    x = pixels / np.float32(127.5) - np.float32(1.0)
+    device = model._prepare(x)
+    detail = {"dtype": np.int8, "quantization": (scale, zero)}
+    assert np.array_equal(_to_tensor(x, detail), device)
+    float64_way = np.clip(np.round(x.astype(np.float64) / scale) + zero, -128, 127).astype(np.int8)
+    assert not np.array_equal(float64_way, device)  # the two ways really differ on these inputs
