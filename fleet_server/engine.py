@@ -314,10 +314,12 @@ def decide(
     whole = j.overall_trip
     whole_figures = j.overall
     # A failure is isolated to its hardware classes only when another class has proved the
-    # model (a device of it is done). With no such evidence — a canary stage that held one
-    # class only — the failure may well be everywhere: the whole rollout acts, so the broken
-    # model never reaches more devices than the canary.
-    if whole is None and j.failing and not _proven(j, state):
+    # model (a device of it is done) or still may in this stage (a device of it is on its way):
+    # a failure that shows at install (the on-device acceptance check) comes before any device
+    # of a healthy class is done, and must not roll that class back. With neither — a canary
+    # stage that held one class only — the failure may well be everywhere: the whole rollout
+    # acts, so the broken model never reaches more devices than the canary.
+    if whole is None and j.failing and not _proven(j, state) and not _on_their_way(j, state):
         whole = _all_cohorts_trip(j)
         whole_figures = _figures(
             r,
@@ -627,6 +629,11 @@ def _contradicting(
 def _proven(j: _Judgement, state: Mapping[str, DS]) -> list[str]:
     """Going cohorts with at least one device that proved it serves the new model (``done``)."""
     return [hw for hw in j.going if any(state[d.device_id] == DONE for d in j.cohorts[hw])]
+
+
+def _on_their_way(j: _Judgement, state: Mapping[str, DS]) -> list[str]:
+    """Going cohorts with a device of this stage still installing (it may yet prove the model)."""
+    return [hw for hw in j.going if any(state[d.device_id] in IN_FLIGHT for d in j.cohorts[hw])]
 
 
 def _all_cohorts_trip(j: _Judgement) -> gates.Trip:

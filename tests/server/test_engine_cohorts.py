@@ -280,3 +280,28 @@ def test_a_failure_with_no_class_proven_rolls_back_everything() -> None:
     assert all(d.stage is None for d in by_hw(devices, "jetson"))  # never notified
     assert sum(1 for d in devices if d.stage is not None) == 2
     assert decisions(plans, "roll_back_cohort") == []
+
+
+def test_a_class_refusing_at_install_is_rolled_back_alone_while_another_is_still_on_its_way() -> None:
+    """The on-device acceptance check fails a device at install, before any device of a healthy
+    class can be done: that class is rolled back alone, and the healthy one, still installing,
+    goes on to prove the model and complete (it is not taken down with the failing one)."""
+    r = rollout(stages=(50.0, 100.0), soak_seconds=0, min_inferences=20)
+    fleet = classes(rpi4=4, jetson=4)
+    slow = {"jetson"}  # the healthy class takes a few ticks longer to install and serve
+
+    def behave(d: DeviceSnapshot) -> DeviceSnapshot:
+        if d.state not in (DS.NOTIFIED, DS.INSTALLING):
+            return d
+        if d.hardware_id == "rpi4":
+            return dataclasses.replace(d, event_failure="acceptance_failed")
+        if d.state == DS.NOTIFIED and d.hardware_id in slow:
+            return dataclasses.replace(d, event_progress=True, reported_state="installing")
+        return serving(d, inferences=30)
+
+    r, devices, plans = run(r, fleet, behave)
+    cohort_decisions = decisions(plans, "roll_back_cohort")
+    assert decisions(plans, "roll_back") == [], [p.decisions for p in plans if p.decisions]
+    assert [c["cohort"] for c in cohort_decisions] == ["rpi4"]
+    assert r.state == RS.COMPLETED
+    assert all(d.state == DS.DONE for d in by_hw(devices, "jetson"))
