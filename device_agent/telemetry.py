@@ -280,11 +280,10 @@ class Telemetry:
                     counts[1] += nan
                     counts[2] += missing
                     counts[3] += outside
-                    if check.lo is not None and check.hi is not None:
-                        b = check.buckets(x)
-                        if b is not None:
-                            acc = st.input_buckets.get(check.name)
-                            st.input_buckets[check.name] = b if acc is None else acc + b
+                    b = check.buckets(x)  # None without a calibration range
+                    if b is not None:
+                        acc = st.input_buckets.get(check.name)
+                        st.input_buckets[check.name] = b if acc is None else acc + b
 
     def record_input_missing(self, sha256: str, name: str) -> None:
         """A request that never reached the model for want of an input (the local API read none).

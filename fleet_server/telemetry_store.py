@@ -456,12 +456,6 @@ def _sum(row: Any, d: _Delta) -> dict[str, Any]:
     classes = dict(row["class_hist"] or {})
     for cls, n in d.classes.items():
         classes[cls] = classes.get(cls, 0) + n
-    checks = dict(row["input_checks"] or {})
-    width = len(protocol.INPUT_CHECKS)
-    for name, rows in d.input_checks.items():
-        if name in checks or len(checks) < MAX_INPUTS:
-            added = _columns([counts(r[:width]) for r in rows])
-            checks[name] = list(add_counts(checks.get(name) or [], added))
     return {
         "inferences": row["inferences"] + d.inferences,
         "errors": row["errors"] + d.errors,
@@ -481,12 +475,10 @@ def _sum(row: Any, d: _Delta) -> dict[str, Any]:
         "request_errors": _merged(row["request_errors"], d.request_errors, MAX_KINDS, "other")
         if d.request_errors
         else row["request_errors"] or {},
-        "input_checks": checks,
+        "input_checks": _summed_inputs(row["input_checks"], d.input_checks, len(protocol.INPUT_CHECKS)),
         "cpu_ms": row["cpu_ms"] + d.cpu_ms,
         "captured": row["captured"] + d.captured,
-        "input_buckets": _summed_inputs(row["input_buckets"], d.input_buckets, len(protocol.INPUT_BUCKETS))
-        if d.input_buckets
-        else row["input_buckets"] or {},
+        "input_buckets": _summed_inputs(row["input_buckets"], d.input_buckets, len(protocol.INPUT_BUCKETS)),
     }
 
 
