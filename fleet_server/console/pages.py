@@ -352,7 +352,7 @@ def model_page(request: Request, name: str, version: str, user: SignedIn) -> HTM
             m = releases.get_model(session, name, version)
         except DomainError as exc:
             return render(request, "error.html", user, status=404, message=exc.message)
-        running = reads.running_counts(session).get(m.sha256, 0)
+        running = reads.running_counts(session, m.sha256).get(m.sha256, 0)
     targets = reads.delivery_targets(c)
     report = Path(m.storage_path) / "report.html"
     return render(

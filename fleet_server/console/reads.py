@@ -216,11 +216,13 @@ def delivery_targets(c: ServerContext) -> DeliveryTargets | None:
     return None if raw is None else parse_targets(raw)
 
 
-def running_counts(session: Session) -> dict[str, int]:
-    rows = session.exec(
-        select(col(Device.running_sha256), func.count()).group_by(col(Device.running_sha256))
-    ).all()
-    return {str(s): int(n) for s, n in rows if s}
+def running_counts(session: Session, sha256: str | None = None) -> dict[str, int]:
+    """Devices running each model hash (only ``sha256``'s when given: one model's page need not
+    group the whole device table)."""
+    query = select(col(Device.running_sha256), func.count()).group_by(col(Device.running_sha256))
+    if sha256 is not None:
+        query = query.where(col(Device.running_sha256) == sha256)
+    return {str(s): int(n) for s, n in session.exec(query).all() if s}
 
 
 @dataclass(frozen=True)
