@@ -53,7 +53,11 @@ def make_delta(base: Path, new: Path, dest: Path, *, level: int = LEVEL) -> int:
 
     length = new.stat().st_size
     params = zstandard.ZstdCompressionParameters.from_level(
-        level, window_log=delta_window_log(length), enable_ldm=True, source_size=length
+        level,
+        window_log=delta_window_log(length),
+        enable_ldm=True,
+        source_size=length,
+        write_checksum=1,  # a corrupt delta is named as such on the device, before the hash
     )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
