@@ -41,8 +41,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
+
+    from signing.keys import KeyPair
 
 PROJECT = Path(__file__).resolve().parent.parent
 GEAR = np.random.default_rng(20).integers(0, 2**32, 256, dtype=np.uint64)
@@ -249,8 +255,13 @@ def onnx_variants(src: Path, root: Path, stem: str) -> dict[str, Path]:
     return {
         "base": write("base", lambda ts: None),
         "head": write("head", lambda ts: nudge(ts[-1])),
-        "full": write("full", lambda ts: [nudge(t) for t in ts] and None),
+        "full": write("full", lambda ts: _each(nudge, ts)),
     }
+
+
+def _each(f: Callable[[onnx.TensorProto], None], items: list[onnx.TensorProto]) -> None:
+    for item in items:
+        f(item)
 
 
 def tflite_variants(src: Path, root: Path, stem: str) -> dict[str, Path]:
@@ -305,7 +316,7 @@ def compiled(src: Path, target: str, calib: Path, out: Path, **kw: object) -> Pa
     return out / result.manifest.model_file.path
 
 
-KEY: dict[str, object] = {}
+KEY: dict[str, KeyPair] = {}
 
 
 def run() -> list[dict[str, object]]:

@@ -159,7 +159,9 @@ def test_a_head_only_fine_tune_installs_from_a_delta_with_far_fewer_bytes(
     assert second.bytes_fetched == envelope + size, (second.bytes_fetched, second.detail)
     assert second.bytes_fetched < 0.5 * first.bytes_fetched
     assert "rebuilt from" in (second.detail or "")
-    slot = fleet.agent.slots.slot_dir(fleet.agent.slots.state.active)
+    active = fleet.agent.slots.state.active
+    assert active is not None
+    slot = fleet.agent.slots.slot_dir(active)
     assert hashlib.sha256((slot / "model.onnx").read_bytes()).hexdigest() == v2.sha256
     assert not list(slot.glob("*.delta")) and not list(slot.glob("*.rebuild"))
 
