@@ -269,18 +269,25 @@ def test_the_fleet_server_builds_the_delta_a_device_then_installs_from(
         with ApiClient(server.url, token=server.admin_token) as api:
             api.register_device(dev, HW)
             start_agent(loop_thread, agent)
-            for b in (v1, v2):
+
+            def installed(b: Bundle) -> None:
                 api.push_bundle(b.dir, release_keys=[release])
-                rollout = api.create_rollout(
+                rid = api.create_rollout(
                     model=f"digits:{b.version}", selector={"hardware_id": HW}, stages=[100], min_inferences=1
-                )
-                wait_for(lambda sha=b.sha256: agent.running_sha256 == sha, 30, f"v{b.version} installed")
+                )["id"]
+
+                def running() -> bool:
+                    return agent.running_sha256 == b.sha256
+
+                def completed() -> bool:
+                    return bool(api.rollout(rid)["state"] == "completed")
+
+                wait_for(running, 30, f"v{b.version} installed")
                 agent.infer(X)
-                wait_for(
-                    lambda rid=rollout["id"]: api.rollout(rid)["state"] == "completed",
-                    30,
-                    "rollout completed",
-                )
+                wait_for(completed, 30, "rollout completed")
+
+            installed(v1)
+            installed(v2)
         delta = tmp_path / "server" / "tuf" / "targets" / protocol.delta_path(v1.sha256, v2.sha256)
         assert delta.is_file() and delta.stat().st_size < 0.25 * v2.length
         counted = [e for e in observer.events(dev) if e.bytes_fetched]
