@@ -299,3 +299,45 @@ def test_the_fleet_server_builds_the_delta_a_device_then_installs_from(
     finally:
         loop_thread.run(agent.stop())
         server.stop()
+
+
+def test_a_delta_streamed_past_its_bound_is_cut_off_whatever_it_declares(tmp_path: Path) -> None:
+    """A server that sends no length and then endless bytes: the device stops at the bound."""
+    import asyncio
+
+    from device_agent.delta import DeltaRefused, Fallback
+    from device_agent.http_fetcher import HttpFetcher
+    from tests.support.loopback_http import LoopbackServer, QuietHandler
+
+    class Endless(QuietHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()  # no Content-Length: the body runs until the connection closes
+            for _ in range(64):
+                self.wfile.write(b"\0" * 4096)
+
+    with LoopbackServer(Endless) as server, pytest.raises(DeltaRefused) as refused:
+        asyncio.run(HttpFetcher("dev-1").delta(f"{server.url}/d", tmp_path / "d", max_bytes=10_000))
+    assert refused.value.why is Fallback.TOO_LARGE
+    assert 10_000 < refused.value.received < 64 * 4096
+
+
+def test_a_frame_asking_for_a_window_beyond_the_signed_length_is_refused_before_it_allocates(
+    tmp_path: Path,
+) -> None:
+    from device_agent.delta import DeltaRefused, Fallback, rebuild
+
+    base, new = tmp_path / "base", tmp_path / "new"
+    base.write_bytes(bytes(range(256)) * 256)
+    new.write_bytes(bytes(range(256)) * 512)  # 128 KiB: its delta's window is 2**17
+    make_delta(base, new, tmp_path / "p")
+    with pytest.raises(DeltaRefused) as refused:  # a directive naming a 1 KiB file: window 2**10 at most
+        rebuild(base, tmp_path / "p", tmp_path / "out", length=1024, sha256="0" * 64)
+    assert refused.value.why is Fallback.CORRUPT
+    assert not (tmp_path / "out").exists()
+    rebuild(base, tmp_path / "p", tmp_path / "out", length=new.stat().st_size, sha256=_sha(new))
+    assert (tmp_path / "out").read_bytes() == new.read_bytes()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
