@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from device_agent.downloader import CHUNK, DEVICE_HEADER
+from device_agent.slots import is_disk_full
 from device_agent.wire import ModelRef, delta_path, delta_window_log, max_delta_bytes
 from signing.errors import CodedError, DigestMismatch, LengthMismatch, Unavailable
 
@@ -65,6 +66,7 @@ class Fallback(StrEnum):
     TOO_LARGE = "delta_too_large"
     CORRUPT = "delta_corrupt"
     WRONG_REBUILD = "rebuild_mismatch"
+    NO_ROOM = "no_room_for_delta"
 
 
 class DeltaRefused(Exception):
@@ -177,6 +179,12 @@ async def install_from_delta(
         return DeltaResult.fallback(Fallback.UNREACHABLE, str(exc), received)
     except CodedError as exc:  # the server refused in some other way: the full file may still come
         return DeltaResult.fallback(Fallback.NOT_FOUND, str(exc), received)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        # The patch is extra room the free-space check did not count; the full file needs none.
+        rebuilt.unlink(missing_ok=True)
+        return DeltaResult.fallback(Fallback.NO_ROOM, str(exc), received)
     finally:
         patch.unlink(missing_ok=True)
     os.replace(rebuilt, part)

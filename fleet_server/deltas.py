@@ -12,8 +12,10 @@ Which bases: when a release is stored, the previous releases of the same family
 and target (what a fleet runs before it moves up); when a rollout is created,
 whatever the targeted devices report running. A delta no smaller than
 ``MAX_DELTA_FRACTION`` of the new file is not kept (devices would refuse it).
-Building one costs CPU (level 19: about a second per MB, measured in
-bench/delta.py), paid once per (base, new) pair: an existing delta is reused.
+Building one costs CPU (level 19: 2.4 CPU-s for a head-only change of a 10 MB
+model, 8 s when every layer moved; bench/delta.py), paid once per (base, new)
+pair: an existing delta is reused. It runs in the request that stores the
+release or creates the rollout.
 A failure to build one never fails the release or the rollout; devices then
 take the full file.
 """
@@ -33,7 +35,9 @@ from fleet_server.models import Device, Model
 
 log = logging.getLogger(__name__)
 
-LEVEL = 19  # bench/delta.py: level 19 gives head-only patches ~2x smaller than level 3
+# Lower levels lose the matches far back in a large base: a head-only change of a 10 MB model gave
+# a patch of 81% of the file at level 3, 42% at 9, 0.01% at 19 (small models: the same at any level).
+LEVEL = 19
 RELEASE_BASES = 3  # the previous releases of a family a new release gets deltas from
 
 
