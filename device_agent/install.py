@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from urllib.parse import quote
 
 from device_agent.config import AgentConfig
-from device_agent.delta import DeltaResult, Fallback, install_from_delta
+from device_agent.delta import DeltaFetcher, DeltaResult, Fallback, install_from_delta
 from device_agent.deployment import Trigger
 from device_agent.errors import InstallError
 from device_agent.judgement import DeviceFit, Refusal, check_disk, check_manifest, check_target
@@ -202,6 +202,8 @@ class Installer:
         info = self.slots.state.slots.get(active) if active else None
         if not active or info is None:
             return DeltaResult.fallback(Fallback.NO_BASE)
+        if not isinstance(self.fetcher, DeltaFetcher):
+            return DeltaResult.fallback(Fallback.UNSUPPORTED)
         from device_agent.delivery import repository_url  # python-tuf: only once a delta is possible
 
         base = self.slots.slot_dir(active) / info.file
