@@ -35,7 +35,7 @@ from device_agent.config import AgentConfig
 from device_agent.delta import DeltaFetcher, DeltaResult, Fallback, install_from_delta
 from device_agent.deployment import Trigger
 from device_agent.errors import InstallError
-from device_agent.judgement import DeviceFit, Refusal, check_disk, check_manifest, check_target
+from device_agent.judgement import DETAIL_MAX, DeviceFit, Refusal, check_disk, check_manifest, check_target
 from device_agent.mqtt_link import backoff_delay
 from device_agent.ports import Fetcher
 from device_agent.slots import SlotStore, atomic_write
@@ -189,7 +189,7 @@ class Installer:
                 base=0.2,
             )
             fetched += ref.length - have
-        await move(Trigger.INSTALL, via.note, bytes_fetched=fetched)
+        await move(Trigger.INSTALL, via.note[:DETAIL_MAX], bytes_fetched=fetched)
         info = self.slots.commit(slot, part, envelope, manifest)
         return slot, self.slots.slot_dir(slot) / info.file
 
