@@ -9,6 +9,7 @@ install still succeeds; a file that is wrong both ways never swaps in.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -341,3 +342,73 @@ def test_a_frame_asking_for_a_window_beyond_the_signed_length_is_refused_before_
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_a_power_cut_mid_delta_leaves_the_served_model_and_the_next_boot_installs(
+    tmp_path: Path,
+    keydir: KeyDir,
+    broker_info: BrokerInfo,
+    artifacts: ArtifactServer,
+    observer: Observer,
+    digits_onnx: Path,
+) -> None:
+    """The agent process is killed -9 while the delta streams in (a slow mirror); on restart the
+    old model serves, and the retained directive is carried out from the delta."""
+    import time
+    from typing import Any
+
+    from tests.support.loopback_http import LoopbackServer, QuietFiles
+
+    from .test_power_loss import _api, _finished, _spawn, _stop, _write_conf
+
+    www = tmp_path / "www"
+    tuf = TufServer(www, keydir)
+
+    class SlowDeltas(QuietFiles):
+        def copyfile(self, source: Any, outputfile: Any) -> None:
+            if "/deltas/" not in self.path:
+                return super().copyfile(source, outputfile)
+            while chunk := source.read(128):
+                outputfile.write(chunk)
+                outputfile.flush()
+                time.sleep(0.1)
+
+    mirror = LoopbackServer(lambda *a, **kw: SlowDeltas(*a, directory=str(www), **kw))
+    fleet_key = keydir.key("fleet")
+    old = bundle_of(tmp_path / "b", digits_onnx, keydir, "1")
+    new = bundle_of(tmp_path / "b", fine_tuned(digits_onnx, tmp_path / "ft" / "v2.onnx", seed=2), keydir, "2")
+    for b in (old, new):
+        artifacts.add(b)
+        tuf.release(b)
+    make_delta(old.model_path, new.model_path, www / "targets" / protocol.delta_path(old.sha256, new.sha256))
+    dev, data = unique_id("cut"), tmp_path / "device"
+    mode = {"tuf_root_path": str(keydir.tuf_root_path), "tuf_url": mirror.url}
+    conf = _write_conf(tmp_path / "agent.toml", dev, data, keydir.trust_path, broker_info, **mode)
+
+    def ref(b: Bundle) -> protocol.ModelRef:
+        return artifacts.model_ref(b, release=int(b.version))
+
+    proc = _spawn(conf)
+    try:
+        observer.publish(dev, sign_directive(fleet_key, dev, 1, ref(old)))
+        observer.wait_event(dev, DS.SERVING, seq=1, timeout=30)
+        observer.publish(dev, sign_directive(fleet_key, dev, 2, ref(new)))
+        wait_for(lambda: list(data.glob(f"slots/*/{new.sha256}.delta")), 30, "the delta streaming in")
+    finally:
+        _stop(proc, kill=True)  # power loss mid-delta
+    state = json.loads((data / "state.json").read_text())
+    assert state["slots"][state["active"]]["sha256"] == old.sha256
+    (data / "api.sock").unlink(missing_ok=True)
+    proc = _spawn(conf)
+    try:
+        wait_for(lambda: _finished(observer, dev, 2), 60, "the update finished after the power cut")
+        status, doc = _api(data, "GET", "/v1/model") or (0, {})
+        assert status == 200 and doc["model_sha256"] == new.sha256
+        installs = [e for e in observer.events(dev) if e.seq == 2 and e.bytes_fetched]
+        assert "rebuilt from" in (installs[-1].detail or ""), installs[-1].detail
+        assert not any(path == f"/m/{new.sha256}" for path, _, _ in artifacts.requests)
+    finally:
+        _stop(proc)
+        mirror.close()
+        tuf.close()
