@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlmodel import Session, col, select
 
 from device_agent.protocol import delta_path, delta_window_log, max_delta_bytes
-from fleet_server.models import Device, Model
+from fleet_server.models import Device, Model, RolloutDevice
 
 log = logging.getLogger(__name__)
 
@@ -122,16 +122,16 @@ def release_bases(session: Session, model: Model, limit: int = RELEASE_BASES) ->
     return list(rows)
 
 
-def running_bases(session: Session, model: Model, device_ids: Iterable[str]) -> list[Model]:
-    """The stored models (same target as ``model``) these devices report running."""
-    ids = list(device_ids)
-    if not ids:
-        return []
-    running = {
-        sha
-        for sha in session.exec(select(Device.running_sha256).where(col(Device.id).in_(ids))).all()
-        if sha and sha != model.sha256
-    }
+def running_bases(session: Session, model: Model, rollout_id: str) -> list[Model]:
+    """The stored models (same target as ``model``) the rollout's devices report running."""
+    running = set(
+        session.exec(
+            select(Device.running_sha256)
+            .join(RolloutDevice, col(RolloutDevice.device_id) == col(Device.id))
+            .where(RolloutDevice.rollout_id == rollout_id)
+            .distinct()
+        ).all()
+    ) - {None, model.sha256}
     if not running:
         return []
     rows = session.exec(
@@ -140,12 +140,13 @@ def running_bases(session: Session, model: Model, device_ids: Iterable[str]) -> 
     return list(rows)
 
 
-def build_quietly(targets_dir: Path | None, new: Model, bases: list[Model]) -> list[Built]:
-    """:func:`build`, logging instead of raising: no delta is ever worth failing a release or rollout."""
-    if targets_dir is None or not bases:
+def build_quietly(targets_dir: Path | None, new: Model, bases: Callable[[], list[Model]]) -> list[Built]:
+    """:func:`build` from the models ``bases()`` picks, logging instead of raising: no delta is ever
+    worth failing a release or a rollout."""
+    if targets_dir is None:
         return []
     try:
-        return build(targets_dir, new, bases)
+        return build(targets_dir, new, bases())
     except Exception:
         log.exception("building deltas to %s:%s failed; devices take the full file", new.name, new.version)
         return []

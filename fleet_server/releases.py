@@ -108,7 +108,7 @@ def _store(c: ServerContext, session: Session, staged: StagedBundle, targets: by
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
-    deltas.build_quietly(delta_dir(c), model, deltas.release_bases(session, model))
+    deltas.build_quietly(delta_dir(c), model, lambda: deltas.release_bases(session, model))
     return model
 
 

@@ -69,10 +69,9 @@ def post_rollout(body: RolloutIn, request: Request, c: Ctx, session: Db) -> Roll
         rollout = create_rollout(session, body)
         session.commit()
     if model is not None:  # deltas from what the targeted devices run (outside the lock: CPU-bound)
-        targeted = session.exec(
-            select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == rollout.id)
-        ).all()
-        deltas.build_quietly(releases.delta_dir(c), model, deltas.running_bases(session, model, targeted))
+        deltas.build_quietly(
+            releases.delta_dir(c), model, lambda: deltas.running_bases(session, model, rollout.id)
+        )
     return rollout_status(session, rollout)
 
 

@@ -11,7 +11,7 @@ from sqlmodel import Session, SQLModel, create_engine
 
 from device_agent.protocol import delta_path, max_delta_bytes
 from fleet_server import deltas
-from fleet_server.models import Device, Model
+from fleet_server.models import Device, Model, Rollout, RolloutDevice
 
 
 def _model(root: Path, session: Session, version: int, data: bytes, target: str = "arm64-cpu") -> Model:
@@ -58,11 +58,29 @@ def test_release_and_rollout_bases_build_deltas_devices_find_by_name(tmp_path: P
             patch = targets / delta_path(b.sha256, new.sha256)
             assert patch.is_file() and patch.stat().st_size < 0.05 * new.length
         # a rollout also gets them from what its devices run (v1 is not among the last releases)
-        session.add(Device(id="d1", hardware_id="rpi4", running_sha256=versions[0].sha256))
-        session.add(Device(id="d2", hardware_id="rpi4", running_sha256=other_target.sha256))
-        session.add(Device(id="d3", hardware_id="rpi4", running_sha256=new.sha256))
+        running_on = {"d1": versions[0], "d2": other_target, "d3": new, "d4": versions[1]}
+        for dev, m in running_on.items():
+            session.add(Device(id=dev, hardware_id="rpi4", running_sha256=m.sha256))
+        session.add(Device(id="d5", hardware_id="rpi4"))  # reports nothing yet
         session.commit()
-        running = deltas.running_bases(session, new, ["d1", "d2", "d3"])
+        assert new.id is not None
+        rollout = Rollout(
+            id="r1",
+            model_id=new.id,
+            model_ref="fam:6",
+            model_sha256=new.sha256,
+            soak_seconds=1.0,
+            device_timeout_seconds=60.0,
+            max_error_rate=0.1,
+            min_inferences=1,
+            max_failure_rate=0.1,
+        )
+        session.add(rollout)
+        session.flush()
+        for dev in ("d1", "d2", "d3", "d5"):  # d4 (running v2) is not in this rollout
+            session.add(RolloutDevice(rollout_id="r1", device_id=dev, order_key=dev))
+        session.commit()
+        running = deltas.running_bases(session, new, "r1")
         assert [m.version for m in running] == ["1"]  # another target's file and the new one: no delta
         deltas.build(targets, new, running)
         assert (targets / delta_path(versions[0].sha256, new.sha256)).is_file()
@@ -72,5 +90,10 @@ def test_release_and_rollout_bases_build_deltas_devices_find_by_name(tmp_path: P
         assert not kept.kept and kept.size > max_delta_bytes(stranger.length)
         assert not (targets / delta_path(new.sha256, stranger.sha256)).exists()
         # nothing to build from, or no repository: nothing happens, nothing raises
-        assert deltas.build_quietly(None, new, bases) == []
-        assert deltas.build_quietly(targets, new, []) == []
+        assert deltas.build_quietly(None, new, lambda: bases) == []
+        assert deltas.build_quietly(targets, new, lambda: []) == []
+
+        def broken() -> list[Model]:
+            raise RuntimeError("the database went away")
+
+        assert deltas.build_quietly(targets, new, broken) == []
