@@ -67,6 +67,7 @@ class Fallback(StrEnum):
     CORRUPT = "delta_corrupt"
     WRONG_REBUILD = "rebuild_mismatch"
     NO_ROOM = "no_room_for_delta"
+    DISABLED = "deltas_disabled"  # the agent's delta_updates = false
 
 
 class DeltaRefused(Exception):

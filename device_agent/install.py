@@ -198,6 +198,8 @@ class Installer:
 
         The base is the active slot's file: the inactive slot was just emptied for
         this install, and the active one is only read."""
+        if not self.config.delta_updates:
+            return DeltaResult.fallback(Fallback.DISABLED)
         active = self.slots.state.active
         info = self.slots.state.slots.get(active) if active else None
         if not active or info is None:

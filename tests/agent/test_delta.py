@@ -84,6 +84,7 @@ class Fleet:
         artifacts: ArtifactServer,
         observer: Observer,
         loop: LoopThread,
+        **config: object,
     ) -> None:
         self.tmp, self.keydir, self.artifacts, self.observer = tmp, keydir, artifacts, observer
         self.tuf = TufServer(tmp / "www", keydir)
@@ -95,6 +96,7 @@ class Fleet:
             self.dev,
             tuf_root_path=keydir.tuf_root_path,
             tuf_url=self.tuf.url,
+            **config,
         )
         self.agent = start_agent(loop, Agent(cfg, keydir.trust_root()))
         self.seq = 0
@@ -201,6 +203,29 @@ def test_a_missing_oversize_corrupt_or_wrong_delta_falls_back_and_still_installs
         assert event.bytes_fetched is not None and event.bytes_fetched >= new.length
     served = fleet.agent.history
     assert v2.sha256 not in served[served.index(v4.sha256) :]  # the wrong rebuild never served
+
+
+def test_a_device_with_deltas_off_takes_the_full_file(
+    tmp_path: Path,
+    keydir: KeyDir,
+    broker_info: BrokerInfo,
+    artifacts: ArtifactServer,
+    observer: Observer,
+    loop_thread: LoopThread,
+    digits_onnx: Path,
+) -> None:
+    fleet = Fleet(tmp_path, keydir, broker_info, artifacts, observer, loop_thread, delta_updates=False)
+    try:
+        v1 = fleet.release(digits_onnx, "1")
+        v2 = fleet.release(fine_tuned(digits_onnx, fleet.tmp / "ft" / "v2.onnx", seed=2), "2")
+        fleet.install(v1)
+        make_delta(v1.model_path, v2.model_path, fleet.delta_file(v1, v2))
+        event = fleet.install(v2)
+        assert "deltas_disabled" in (event.detail or "") and fleet.model_gets(v2) == 1
+        assert event.bytes_fetched is not None and event.bytes_fetched > v2.length
+    finally:
+        loop_thread.run(fleet.agent.stop())
+        fleet.tuf.close()
 
 
 def test_a_file_wrong_as_delta_and_as_full_file_never_swaps(fleet: Fleet, digits_onnx: Path) -> None:
