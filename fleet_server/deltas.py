@@ -13,7 +13,7 @@ and target (what a fleet runs before it moves up); when a rollout is created,
 whatever the targeted devices report running. A delta no smaller than
 ``MAX_DELTA_FRACTION`` of the new file is not kept (devices would refuse it).
 Building one costs CPU (level 19: 2.4 CPU-s for a head-only change of a 10 MB
-model, 8 s when every layer moved; bench/delta.py), paid once per (base, new)
+model, 8 s when every layer moved, ~190 MB peak; docs/benchmarks.md), paid once per (base, new)
 pair: an existing delta is reused. It runs in the request that stores the
 release or creates the rollout.
 A failure to build one never fails the release or the rollout; devices then
