@@ -74,6 +74,9 @@ class AgentConfig:
     npu_delegate: str | None = None  # external delegate library for ethos-u* targets (LiteRT)
     download_max_bytes_per_s: int = 0  # bandwidth cap for model downloads; 0 = unlimited
     min_free_disk_bytes: int = 32 << 20  # keep this much disk free beyond a download, else refuse it
+    # Rebuild a new model from a delta against the served one (device_agent.delta) when one is
+    # published; a rebuild needs about the served file plus the new one in memory.
+    delta_updates: bool = True
     delivery_retry_s: float = 60.0  # keep retrying an unreachable/busy server this long before failing
     log_format: str = "json"  # "json" (one object per line, for journald/log shippers) or "text"
     log_level: str = "INFO"

@@ -105,6 +105,13 @@ class HttpFetcher:
                 max_bytes_per_s=self.max_bytes_per_s,
             )
 
+    async def delta(self, url: str, dest: Path, *, max_bytes: int) -> int:
+        """A delta (device_agent.delta), bounded by ``max_bytes``; its bytes are checked by the rebuild."""
+        from device_agent.delta import download_delta
+
+        async with _named_errors(), self._client() as client:
+            return await download_delta(client, url, dest, max_bytes=max_bytes, device_id=self.device_id)
+
     def release(
         self, store: TrustStore, base_url: str, ref: ModelRef, hardware_id: str, now: datetime
     ) -> None:

@@ -28,13 +28,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 from urllib.parse import quote
 
 from device_agent.config import AgentConfig
+from device_agent.delta import DeltaFetcher, DeltaResult, Fallback, install_from_delta
 from device_agent.deployment import Trigger
 from device_agent.errors import InstallError
-from device_agent.judgement import DeviceFit, Refusal, check_disk, check_manifest, check_target
+from device_agent.judgement import DETAIL_MAX, DeviceFit, Refusal, check_disk, check_manifest, check_target
 from device_agent.mqtt_link import backoff_delay
 from device_agent.ports import Fetcher
 from device_agent.slots import SlotStore, atomic_write
@@ -49,7 +50,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
-Move = Callable[[Trigger, str | None], Awaitable[None]]  # announce a step (trigger, detail)
+
+
+class Move(Protocol):
+    """Announce a step: (trigger, detail), and on the step after the download the bytes it fetched."""
+
+    def __call__(
+        self, trigger: Trigger, detail: str | None, /, *, bytes_fetched: int | None = None
+    ) -> Awaitable[None]: ...
 
 
 def refuse(refusal: Refusal | None) -> None:
@@ -169,16 +177,46 @@ class Installer:
             )
         )
         await move(Trigger.DOWNLOAD, f"model into slot {slot}")
-        await retrying(
-            lambda: self.fetcher.model(ref.model_url, part, length=ref.length, sha256=ref.sha256),
-            budget_s=budget,
-            what="download (resuming)",
-            who=self.who,
-            base=0.2,
-        )
-        await move(Trigger.INSTALL, None)
+        via = await self._from_delta(ref, part)
+        fetched = len(envelope) + via.received
+        if not via.rebuilt:
+            have = part.stat().st_size if part.exists() else 0
+            await retrying(
+                lambda: self.fetcher.model(ref.model_url, part, length=ref.length, sha256=ref.sha256),
+                budget_s=budget,
+                what="download (resuming)",
+                who=self.who,
+                base=0.2,
+            )
+            fetched += ref.length - have
+        await move(Trigger.INSTALL, via.note[:DETAIL_MAX], bytes_fetched=fetched)
         info = self.slots.commit(slot, part, envelope, manifest)
         return slot, self.slots.slot_dir(slot) / info.file
+
+    async def _from_delta(self, ref: ModelRef, part: Path) -> DeltaResult:
+        """The verified model at ``part`` rebuilt from a delta against the served model, or why not.
+
+        The base is the active slot's file: the inactive slot was just emptied for
+        this install, and the active one is only read."""
+        if not self.config.delta_updates:
+            return DeltaResult.fallback(Fallback.DISABLED)
+        active = self.slots.state.active
+        info = self.slots.state.slots.get(active) if active else None
+        if not active or info is None:
+            return DeltaResult.fallback(Fallback.NO_BASE)
+        if not isinstance(self.fetcher, DeltaFetcher):
+            return DeltaResult.fallback(Fallback.UNSUPPORTED)
+        from device_agent.delivery import repository_url  # python-tuf: only once a delta is possible
+
+        base = self.slots.slot_dir(active) / info.file
+        return await install_from_delta(
+            self.fetcher,
+            base=base,
+            base_sha256=info.sha256,
+            ref=ref,
+            part=part,
+            repository=repository_url(self.config.tuf_url, ref),
+        )
 
     async def small_file(self, ref: ModelRef, slot: str, entry: FileEntry) -> bytes:
         """Another (small) signed file of the bundle in ``slot``, the golden set: from the slot when it

@@ -35,6 +35,7 @@ from device_agent import wire
 # re-exported here so this module stays the one place the contract is read from.
 from device_agent.wire import (
     CAPTURE_KEEP,
+    DELTA_DIR,
     DEVICE_ID_RE,
     DIRECTIVE_PAYLOAD_TYPE,
     INPUT_BUCKETS,
@@ -45,6 +46,7 @@ from device_agent.wire import (
     LABEL_UNMATCHED,
     LATENCY_BOUNDS_US,
     LATENCY_BUCKETS,
+    MAX_DELTA_FRACTION,
     MAX_LABEL_CLASSES,
     MAX_PAYLOAD,
     OTHER_CLASS,
@@ -55,8 +57,11 @@ from device_agent.wire import (
     ProtocolError,
     ReasonCode,
     default_of,
+    delta_path,
+    delta_window_log,
     latency_bucket,
     latency_quantile,
+    max_delta_bytes,
     parse_topic,
     shared_subscription,
     topic,
@@ -173,6 +178,10 @@ class Event(_Msg):
     detail: str | None = None
     model_sha256: str | None = None
     ts: datetime = Field(default_factory=utcnow)
+    # Bytes of model data the install fetched (a delta and/or the full file, envelope included),
+    # sent once, on the event that follows the download; None on every other event. Summing it
+    # per rollout gives the bytes a rollout cost on the wire.
+    bytes_fetched: int | None = Field(default=None, ge=0)
 
 
 class ModelStats(_Msg):
@@ -299,6 +308,7 @@ def dumps(obj: Any) -> bytes:
 
 __all__ = [
     "CAPTURE_KEEP",
+    "DELTA_DIR",
     "DEVICE_ID_RE",
     "DIRECTIVE_PAYLOAD_TYPE",
     "INPUT_BUCKETS",
@@ -309,6 +319,7 @@ __all__ = [
     "LABEL_UNMATCHED",
     "LATENCY_BOUNDS_US",
     "LATENCY_BUCKETS",
+    "MAX_DELTA_FRACTION",
     "MAX_LABEL_CLASSES",
     "MAX_PAYLOAD",
     "OTHER_CLASS",
@@ -335,11 +346,14 @@ __all__ = [
     "decode_reported",
     "decode_status",
     "decode_telemetry",
+    "delta_path",
+    "delta_window_log",
     "dumps",
     "encode",
     "encode_telemetry",
     "latency_bucket",
     "latency_quantile",
+    "max_delta_bytes",
     "parse_topic",
     "shared_subscription",
     "topic",

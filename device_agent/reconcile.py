@@ -234,8 +234,8 @@ class Reconciler:
             await self._apply_shadow(d, d.shadow)
 
     def _steps(self, d: Directive, ref: ModelRef) -> Move:
-        async def move(trigger: Trigger, detail: str | None) -> None:
-            await self._move(trigger, d.seq, sha=ref.sha256, detail=detail)
+        async def move(trigger: Trigger, detail: str | None, /, *, bytes_fetched: int | None = None) -> None:
+            await self._move(trigger, d.seq, sha=ref.sha256, detail=detail, bytes_fetched=bytes_fetched)
 
         return move
 
@@ -473,13 +473,27 @@ class Reconciler:
         await self._enter(failed, sha=sha, detail=detail[:DETAIL_MAX], reason=code)
 
     async def _move(
-        self, trigger: Trigger, seq: int, *, sha: str | None = None, detail: str | None = None
+        self,
+        trigger: Trigger,
+        seq: int,
+        *,
+        sha: str | None = None,
+        detail: str | None = None,
+        bytes_fetched: int | None = None,
     ) -> None:
         """One step of the state machine, announced."""
-        await self._enter(self.deployment.on(trigger, seq), sha=sha, detail=detail)
+        await self._enter(
+            self.deployment.on(trigger, seq), sha=sha, detail=detail, bytes_fetched=bytes_fetched
+        )
 
     async def _enter(
-        self, dep: Deployment, *, sha: str | None = None, detail: str | None = None, reason: str | None = None
+        self,
+        dep: Deployment,
+        *,
+        sha: str | None = None,
+        detail: str | None = None,
+        reason: str | None = None,
+        bytes_fetched: int | None = None,
     ) -> None:
         """Take ``dep`` (the table's answer) as the deployment and tell the fleet: Event, then Reported."""
         self.deployment = dep
@@ -492,7 +506,14 @@ class Reconciler:
             extra={"device_id": self.who, "seq": dep.seq, "state": state, "model_sha256": sha},
         )
         event = Event(
-            self.who, dep.seq, dep.state, reason=reason, detail=detail, model_sha256=sha, ts=self.now()
+            self.who,
+            dep.seq,
+            dep.state,
+            reason=reason,
+            detail=detail,
+            model_sha256=sha,
+            ts=self.now(),
+            bytes_fetched=bytes_fetched,
         )
         await self._publish_event(event)
         await self._publish_reported()

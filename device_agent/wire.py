@@ -164,6 +164,35 @@ class ReasonCode(StrEnum):
     NOT_BEFORE = "not_before"
 
 
+# Deltas (docs/decisions/0024-delta-updates.md): a zstd frame that rebuilds the model file with
+# sha256 ``new`` from the one with sha256 ``base``, stored as a plain file under the repository's
+# targets tree at ``delta_path(base, new)``, so any static mirror serves it with no metadata of
+# its own. A device refuses one longer than ``MAX_DELTA_FRACTION`` of the full file's signed length
+# (it would save too little to be worth the rebuild), and the server does not store such a one.
+DELTA_DIR = "deltas"
+MAX_DELTA_FRACTION = 0.6
+
+
+def delta_path(base_sha256: str, new_sha256: str) -> str:
+    """The delta's path relative to the repository's ``targets/`` directory."""
+    for sha in (base_sha256, new_sha256):
+        if not _SHA256_RE.match(sha):
+            raise ValueError(f"not a sha256: {sha!r}")
+    return f"{DELTA_DIR}/{base_sha256}/{new_sha256}.zst"
+
+
+def max_delta_bytes(length: int) -> int:
+    """The longest delta worth fetching for a full file of ``length`` bytes."""
+    return int(length * MAX_DELTA_FRACTION)
+
+
+def delta_window_log(length: int) -> int:
+    """The zstd window (log2 bytes) a delta rebuilding a file of ``length`` bytes is made with, and the
+    largest a device accepts for it: the window must cover the whole new file for the old one (the
+    dictionary) to stay in reach until its last byte; zstd takes 2**10 to 2**31 (64-bit builds)."""
+    return min(31, max(10, (max(length, 1) - 1).bit_length()))
+
+
 # Fixed log-spaced latency bucket upper bounds in microseconds (last bucket: +inf).
 LATENCY_BOUNDS_US: tuple[float, ...] = tuple(round(10 * 2 ** (i / 2), 1) for i in range(40))
 LATENCY_BUCKETS = len(LATENCY_BOUNDS_US) + 1  # one count per bound, then one above the largest
@@ -568,6 +597,7 @@ class Event:
     detail: str | None = None
     model_sha256: str | None = None
     ts: datetime = field(default_factory=utcnow)
+    bytes_fetched: int | None = None  # model bytes this install fetched (delta + full file), once
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -578,6 +608,7 @@ class Event:
             "detail": self.detail,
             "model_sha256": self.model_sha256,
             "ts": _ts(self.ts),
+            "bytes_fetched": self.bytes_fetched,
         }
 
 
@@ -696,6 +727,7 @@ def encode_telemetry(batch: TelemetryBatch) -> bytes:
 
 __all__ = [
     "CAPTURE_KEEP",
+    "DELTA_DIR",
     "DEVICE_ID_RE",
     "DIRECTIVE_PAYLOAD_TYPE",
     "INPUT_BUCKETS",
@@ -706,6 +738,7 @@ __all__ = [
     "LABEL_UNMATCHED",
     "LATENCY_BOUNDS_US",
     "LATENCY_BUCKETS",
+    "MAX_DELTA_FRACTION",
     "MAX_LABEL_CLASSES",
     "MAX_PAYLOAD",
     "OTHER_CLASS",
@@ -728,10 +761,13 @@ __all__ = [
     "Status",
     "TelemetryBatch",
     "decode_directive",
+    "delta_path",
+    "delta_window_log",
     "encode",
     "encode_telemetry",
     "latency_bucket",
     "latency_quantile",
+    "max_delta_bytes",
     "parse_topic",
     "shared_subscription",
     "topic",

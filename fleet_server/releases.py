@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 from tuf.api.metadata import Metadata, Targets
 
+from fleet_server import deltas
 from fleet_server.artifacts import StagedBundle, Upload, stage_bundle
 from fleet_server.context import ServerContext
 from fleet_server.errors import Conflict, NotFound, Rejected
@@ -107,7 +108,13 @@ def _store(c: ServerContext, session: Session, staged: StagedBundle, targets: by
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
+    deltas.build_quietly(delta_dir(c), model, lambda: deltas.release_bases(session, model))
     return model
+
+
+def delta_dir(c: ServerContext) -> Path | None:
+    """Where deltas go: the TUF repository's targets tree (None: no repository, no deltas)."""
+    return c.tuf.repo.targets_dir if c.tuf is not None else None
 
 
 def accept_targets(c: ServerContext, targets: bytes, files: list[Upload]) -> Published:

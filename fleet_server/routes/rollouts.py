@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Path, Query, Request
 from sqlmodel import Session, select
 
+from fleet_server import deltas, releases
 from fleet_server.context import ServerContext
 from fleet_server.lifecycle import DeviceRolloutState, RolloutState
 from fleet_server.models import Model, RolloutDecision, RolloutDevice, utcnow
@@ -67,6 +68,10 @@ def post_rollout(body: RolloutIn, request: Request, c: Ctx, session: Db) -> Roll
     with c.lock:
         rollout = create_rollout(session, body)
         session.commit()
+    if model is not None:  # deltas from what the targeted devices run (outside the lock: CPU-bound)
+        deltas.build_quietly(
+            releases.delta_dir(c), model, lambda: deltas.running_bases(session, model, rollout.id)
+        )
     return rollout_status(session, rollout)
 
 

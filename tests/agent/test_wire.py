@@ -169,6 +169,7 @@ def test_device_messages_decode_with_the_schema() -> None:
         "detail": "x",
         "model_sha256": SHA,
         "ts": NOW,
+        "bytes_fetched": None,
     }
     st = protocol.decode_status(wire.encode(wire.Status("dev-1", "offline", ts=NOW)))
     assert st.state == "offline" and st.ts == NOW
