@@ -131,6 +131,11 @@ class DeviceOut(BaseModel):
     deployment_seq: int = Field(description="seq of the latest directive the device reports acting on")
     desired_seq: int = Field(description="seq of the latest directive the server published to it (0: none)")
     agent_version: str | None = Field(description="its agent's version (PEP 440); null until reported")
+    broker_shard: str | None = Field(
+        default=None,
+        description="the broker shard it is on, fixed at registration (null: registered before the"
+        " fleet had shards, so on the first one)",
+    )
     inventory: dict[str, Any] = Field(
         default_factory=dict,
         description="what the device reports it has: capabilities (runtimes, ...), slots (slot -> model"
