@@ -109,6 +109,7 @@ class RunResult:
     figures: dict[str, Any] = field(default_factory=dict)
     step_error: str | None = None
     events: list[tuple[float, str]] = field(default_factory=list)
+    started_at: float = 0.0  # epoch seconds at t = 0 of ``events`` (to line them up with server times)
     skipped: list[str] = field(default_factory=list)  # faults this machine could not inject, and why
 
     @property
@@ -152,6 +153,7 @@ class ScenarioRun:
         self.timeline: Timeline | None = None
         self._timers: list[threading.Thread] = []
         self._t0 = time.monotonic()
+        self.result.started_at = time.time()
         self._api = httpx.Client(
             base_url=harness.server_url,
             timeout=10.0,
