@@ -120,3 +120,33 @@ def test_the_server_reaches_each_shard_with_its_own_credentials(tmp_path: Path) 
     write_shards(tmp_path / "bare.json", [Shard("s0", "h", 8883)])
     with pytest.raises(MqttConfigError, match="names no server_credentials"):
         shard_endpoints(ServerSettings(mqtt_shards=tmp_path / "bare.json"))
+
+
+def test_registration_places_a_device_for_good_and_directives_follow_the_record(tmp_path: Path) -> None:
+    from sqlmodel import Session
+
+    from fleet_server.devices import register_device
+    from fleet_server.models import Device
+    from fleet_server.shard_router import ShardRouter
+    from fleet_server.store import make_engine
+
+    engine = make_engine(ServerSettings(data_dir=tmp_path))
+    names = ["a", "b", "c"]
+    with Session(engine) as s:
+        for i in range(30):
+            register_device(s, f"cam-{i}", "rpi4", {}, names)
+        s.add(Device(id="old-1", hardware_id="rpi4"))  # registered before the fleet had shards
+        s.commit()
+        # registering again with the shard list grown changes nothing
+        again, created = register_device(s, "cam-0", "rpi4", {}, [*names, "d"])
+        assert not created and again.broker_shard == assign("cam-0", names)
+    router = ShardRouter(engine, [*names, "d"])  # a shard added since: records still decide
+    assert {f"cam-{i}": router.shard_of(f"cam-{i}") for i in range(30)} == {
+        f"cam-{i}": assign(f"cam-{i}", names) for i in range(30)
+    }
+    assert router.shard_of("old-1") == "a"  # the first shard: the broker it always had
+    with Session(engine) as s:  # registered after the router loaded the records
+        register_device(s, "late-1", "rpi4", {}, [*names, "d"])
+    assert router.shard_of("late-1") == assign("late-1", [*names, "d"])
+    assert ShardRouter(engine, ["only"]).shard_of("cam-0") == "only"  # one broker: no lookups
+    engine.dispose()
