@@ -64,3 +64,38 @@ def test_a_killed_shard_stops_only_its_own_devices(tmp_path: Path) -> None:
     assert [d for d in on_killed if done[d] > back]
     # the others carried on: all of them were done while shard-1 was still down
     assert all(done[d] < back for d in others), [(d, done[d] - back) for d in others if done[d] >= back]
+
+
+def _scenario(steps: list[dict[str, object]], shards: int = 3) -> dict[str, object]:
+    return {
+        "name": "s",
+        "fleet": {"devices": 3, "broker_shards": shards, "classes": [{"name": "rpi4"}]},
+        "models": {"v1": {"version": "1"}},
+        "steps": steps,
+        "expect": [{"check": "devices_running", "model": "v1"}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("steps", "shards", "why"),
+    [
+        ([{"action": "stop_broker", "shards": ["shard-3"]}], 3, "unknown shards"),
+        ([{"action": "stop_broker"}], 3, "needs shards"),
+        ([{"action": "start_broker", "shards": ["shard-1"]}], 1, "unknown shards"),
+        ([{"action": "sleep", "seconds": 1, "shards": ["shard-0"]}], 3, "for the broker steps"),
+        ([{"action": "sleep", "seconds": 1, "kill": True}], 3, "kill is for"),
+    ],
+)
+def test_bad_shard_steps_are_refused_at_load(steps: list[dict[str, object]], shards: int, why: str) -> None:
+    from simulator.scenario import ScenarioError, parse_scenario
+
+    with pytest.raises(ScenarioError, match=why):
+        parse_scenario(_scenario(steps, shards))
+
+
+def test_the_shipped_scenario_loads_with_three_shards() -> None:
+    from simulator.scenario import load_scenario
+
+    sc = load_scenario(SCENARIO, small=True)
+    assert sc.fleet.shard_names == SHARDS
+    assert [s.action for s in sc.steps if s.shards] == ["stop_broker", "wait_devices", "start_broker"]
