@@ -28,7 +28,11 @@ up nothing on the others), with the same client ids (ids are per broker). A
 directive goes to the shard on its device's record; paho queues it while that
 shard is away and sends it when it is back. A broker that lost retained
 directives (killed before it saved them) is made whole by the reconciler: the
-device reports a seq below the one published and gets its directive again.
+device reports a seq below the one published and gets its directive again;
+and when a shard comes back, the retained directives it no longer holds are put
+back at once (``ShardLink`` marks the end of the retained burst with a probe,
+``Reconciler.restore_missing``), so a device offline meanwhile finds its
+directive waiting.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from fleet_server.ingest_worker import (
     worker_channels,
 )
 from fleet_server.mqtt_client import Endpoint, connect, new_client, release, shard_endpoints
-from fleet_server.mqtt_identity import server_client_id, worker_client_id
+from fleet_server.mqtt_identity import is_reserved, server_client_id, worker_client_id
 from fleet_server.reconciler import Reconciler
 from fleet_server.settings import ServerSettings
 from fleet_server.shard_router import ShardRouter
@@ -83,6 +87,12 @@ class ShardLink:
         self.bridge, self.name, self.endpoint = bridge, name, where
         self.subscribed = False
         self.pending_subs: set[int] = set()
+        self.connects = 0
+        self.sweep_since: float | None = None  # a reconnect: directives seen again since then are there
+        # Published (not retained) after the SUBACK: the broker delivers it after every retained
+        # directive it still holds, so its arrival ends the burst. Under the server's reserved
+        # prefix, so it is never a device's topic; each replica its own.
+        self.probe_topic = protocol.topic(f"{bridge.client_id}-sweep", protocol.Channel.DESIRED)
         self.client = new_client(settings, bridge.client_id, bridge.persistent, where)
         self.pipeline: Pipeline = pipeline_for(settings, engine, bridge.counters, self.client)
         self.client.on_connect = self._on_connect
@@ -95,7 +105,12 @@ class ShardLink:
         """Directives (ours, echoed, or deleted) to the reconciler; everything else to the pipeline."""
         if m.topic.endswith(DESIRED_SUFFIX):
             try:
+                if m.topic == self.probe_topic:
+                    self._swept()
+                    return
                 device_id, _ = protocol.parse_topic(m.topic)
+                if is_reserved(device_id):  # another replica's probe
+                    return
                 self.bridge.reconciler.on_desired(device_id, bytes(m.payload))
             except protocol.ProtocolError:
                 self.bridge.counters.add("malformed_messages")
@@ -116,6 +131,8 @@ class ShardLink:
         bridge = self.bridge
         if bridge._stopping:
             return
+        self.connects += 1
+        self.sweep_since = bridge.reconciler.clock() if self.connects > 1 else None
         filters = [protocol.wildcard(ch) for ch in (*SNAPSHOT_CHANNELS, protocol.Channel.DESIRED)]
         if not bridge.workers:
             filters += stream_filters(bridge.settings)
@@ -141,6 +158,28 @@ class ShardLink:
         if not self.pending_subs:
             self.subscribed = True
             self.bridge._update_subscribed()
+            if self.sweep_since is not None:
+                self.client.publish(self.probe_topic, b"", qos=1, retain=False)
+
+    def _swept(self) -> None:
+        """The retained burst after a reconnect is over: restore what this shard no longer holds
+        (off paho's thread: finding each device's shard may read the database)."""
+        since, self.sweep_since = self.sweep_since, None
+        if since is None:
+            return
+
+        def sweep() -> None:
+            try:
+                router = self.bridge.router
+                missing = self.bridge.reconciler.restore_missing(
+                    since, lambda d: router.shard_of(d) == self.name
+                )
+                if missing:
+                    log.warning("shard %s came back without %d retained directives", self.name, len(missing))
+            except Exception:  # a sweep that fails leaves the reconciler's drift checks to it
+                log.exception("restoring the directives shard %s lost failed", self.name)
+
+        threading.Thread(target=sweep, name=f"ef-sweep-{self.name}", daemon=True).start()
 
     def _on_disconnect(
         self, _c: mqtt.Client, _ud: Any, _flags: Any, rc: ReasonCode, _props: Properties | None

@@ -4,6 +4,7 @@ ingest from both, each directive on its device's shard only, and a shard that di
 from __future__ import annotations
 
 import itertools
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -11,6 +12,7 @@ import pytest
 
 from device_agent import protocol
 from edgefleet.broker import SecureBrokerInfo, mosquitto_binary, start_secure_shards
+from fleet_server.directives import sign_directive
 from fleet_server.runner import ServerThread
 from fleet_server.shards import assign
 from signing.keyring import KeyDir
@@ -30,6 +32,18 @@ def _one_per_shard() -> dict[str, str]:
         if len(found) == len(NAMES):
             return found
     raise AssertionError("unreachable")
+
+
+def _another_on(shard: str, taken: set[str]) -> str:
+    return next(d for i in itertools.count() if (d := f"shd-{i}") not in taken and assign(d, NAMES) == shard)
+
+
+def _signed(keydir: KeyDir, device_id: str, seq: int) -> bytes:
+    now = datetime.now(UTC)
+    directive = protocol.Directive(
+        device_id=device_id, seq=seq, issued_at=now, expires_at=now + timedelta(hours=1), model=None
+    )
+    return sign_directive(directive, keydir.key("fleet"))
 
 
 def _retained_desired(info: SecureBrokerInfo, device_id: str) -> list[bytes]:
@@ -88,8 +102,16 @@ def test_one_server_on_two_shards(tmp_path: Path, keydir: KeyDir) -> None:
                         f"for {fake.device_id}".encode()
                     ]
 
-                # shard-1 dies: the API stays ready and says which shard is away
+                # shard-1 holds the signed directive of a device that is not connected now
+                absent = _another_on("shard-1", set(devices.values()))
+                register(api, absent)
+                kept = _signed(keydir, absent, 1)
+                bridge.publish_desired(absent, kept)
+                wait_for(lambda: _retained_desired(infos["shard-1"], absent) == [kept])
+
+                # shard-1 dies and loses its store: the API stays ready and says which shard is away
                 group.kill("shard-1")
+                (group.workdir / "shard-1" / "broker" / "data" / "mosquitto.db").unlink(missing_ok=True)
                 wait_for(
                     lambda: (
                         api.get("/api/v1/server").json()["mqtt_shards"] == {NAMES[0]: True, NAMES[1]: False}
@@ -99,14 +121,17 @@ def test_one_server_on_two_shards(tmp_path: Path, keydir: KeyDir) -> None:
                 assert ready.status_code == 200 and "shard-1" in ready.json()["checks"]["broker"]["detail"]
                 # shard-0 carries on; shard-1's directive waits in the server until its broker is back
                 bridge.publish_desired(devices["shard-0"], b"second")
-                bridge.publish_desired(devices["shard-1"], b"while down")
+                while_down = _signed(keydir, devices["shard-1"], 2)
+                bridge.publish_desired(devices["shard-1"], while_down)
                 wait_for(lambda: any(p == b"second" for _, p, _ in fakes[0].received))
+                restored = stats(api)["directives_restored"]
 
                 group.restart("shard-1")
                 wait_for(bridge.subscribed.is_set, 30, "back on shard-1")
-                wait_for(
-                    lambda: _retained_desired(infos["shard-1"], devices["shard-1"]) == [b"while down"], 15
-                )
+                # what was sent while it was away arrives; what it lost is put back, with no device asking
+                wait_for(lambda: _retained_desired(infos["shard-1"], devices["shard-1"]) == [while_down], 15)
+                wait_for(lambda: _retained_desired(infos["shard-1"], absent) == [kept], 15)
+                assert stats(api)["directives_restored"] == restored + 1
                 assert srv.context.counters.snapshot().get("directives_unroutable", 0) == 0
         finally:
             for fake in fakes:
