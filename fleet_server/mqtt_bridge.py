@@ -37,6 +37,7 @@ directive waiting.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -61,7 +62,7 @@ from fleet_server.ingest_worker import (
     worker_channels,
 )
 from fleet_server.mqtt_client import Endpoint, connect, new_client, release, shard_endpoints
-from fleet_server.mqtt_identity import is_reserved, server_client_id, worker_client_id
+from fleet_server.mqtt_identity import SERVER_ACCOUNT, is_reserved, server_client_id, worker_client_id
 from fleet_server.reconciler import Reconciler
 from fleet_server.settings import ServerSettings
 from fleet_server.shard_router import ShardRouter
@@ -92,7 +93,8 @@ class ShardLink:
         # Published (not retained) after the SUBACK: the broker delivers it after every retained
         # directive it still holds, so its arrival ends the burst. Under the server's reserved
         # prefix, so it is never a device's topic; each replica its own.
-        self.probe_topic = protocol.topic(f"{bridge.client_id}-sweep", protocol.Channel.DESIRED)
+        tag = hashlib.blake2b(bridge.client_id.encode(), digest_size=8).hexdigest()
+        self.probe_topic = protocol.topic(f"{SERVER_ACCOUNT}-sweep-{tag}", protocol.Channel.DESIRED)
         self.client = new_client(settings, bridge.client_id, bridge.persistent, where)
         self.pipeline: Pipeline = pipeline_for(settings, engine, bridge.counters, self.client)
         self.client.on_connect = self._on_connect
