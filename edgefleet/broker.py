@@ -56,6 +56,7 @@ __all__ = [
     "start_embedded",
     "start_mosquitto",
     "start_secure_broker",
+    "start_secure_shards",
 ]
 
 INSECURE_LABEL = "INSECURE development broker: no TLS, anonymous, no ACL (any client may speak as any device)"
@@ -349,6 +350,92 @@ def start_secure_broker(
         return broker
 
     return _with_free_ports(start, chosen=port is None or server_port is None)
+
+
+class ShardedBrokers(contextlib.AbstractContextManager["ShardedBrokers"]):
+    """Several production brokers (shards) from one key directory, and the shards file naming them.
+
+    ``brokers[name]`` is each running shard; :meth:`kill` and :meth:`restart` take one away and
+    bring it back on the same ports, directory and configuration (retained messages, sessions
+    and issued credentials as its persistence kept them)."""
+
+    def __init__(
+        self, workdir: Path, shards_file: Path, brokers: dict[str, Broker], start: Callable[..., Broker]
+    ):
+        self.workdir, self.shards_file, self.brokers, self._start = workdir, shards_file, brokers, start
+
+    @property
+    def infos(self) -> dict[str, SecureBrokerInfo]:
+        return {name: b.info for name, b in self.brokers.items()}  # type: ignore[misc]
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one shard: no goodbye, no save of its persistence (what a crash does)."""
+        proc: subprocess.Popen[bytes] = self.brokers[name].process  # type: ignore[attr-defined]
+        proc.kill()
+        proc.wait()
+        self.brokers[name].stop()  # closes its log
+
+    def restart(self, name: str) -> Broker:
+        old: SecureBrokerInfo = self.brokers[name].info  # type: ignore[assignment]
+        self.brokers[name].stop()
+        self.brokers[name] = self._start(name, old.port, old.server_port)
+        return self.brokers[name]
+
+    def stop(self) -> None:
+        for b in self.brokers.values():
+            b.stop()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def start_secure_shards(
+    shards: int,
+    workdir: Path | None = None,
+    *,
+    auth: str = "mtls",
+    keys_dir: Path | None = None,
+    passphrase: bytes | None = None,
+) -> ShardedBrokers:
+    """``shards`` brokers in the production configuration (:func:`start_secure_broker` each, in
+    ``workdir/shard-<i>``), all from one fleet CA in ``keys_dir``, on free loopback ports, and
+    ``workdir/shards.json`` naming them (``ServerSettings.mqtt_shards``)."""
+    from edgefleet.broker_config import shard_name
+    from fleet_server.shards import SHARDS_FILE, Shard, write_shards
+
+    if shards < 1:
+        raise ValueError(f"the number of shards must be at least 1, got {shards}")
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="ef-shards-")).resolve()
+    keys_dir = Path(keys_dir or workdir / "keys").resolve()
+
+    def start(name: str, port: int | None = None, server_port: int | None = None) -> Broker:
+        return start_secure_broker(
+            workdir / name,
+            auth=auth,
+            keys_dir=keys_dir,
+            passphrase=passphrase,
+            port=port,
+            server_port=server_port,
+        )
+
+    brokers: dict[str, Broker] = {}
+    try:
+        for i in range(shards):
+            brokers[shard_name(i)] = start(shard_name(i))
+    except BaseException:
+        for b in brokers.values():
+            b.stop()
+        raise
+    rows = []
+    for name, b in brokers.items():
+        info: SecureBrokerInfo = b.info  # type: ignore[assignment]
+        pw = info.files_dir / "passwd" if auth == "password" else None
+        rows.append(Shard(name, info.host, info.port, info.server_credentials, pw))
+    path = workdir / SHARDS_FILE
+    write_shards(path, rows)
+    return ShardedBrokers(workdir, path, brokers, start)
 
 
 def _stopper(proc: subprocess.Popen[bytes], log: Any) -> Callable[[], None]:

@@ -50,10 +50,19 @@ from edgefleet.provision import (
     server_ca,
     write_cert_and_key,
 )
+from fleet_server.shards import SHARDS_FILE, Shard, write_shards
 from signing.keyring import KeyDir
 from signing.keys import write_private
 
-__all__ = ["AUTH_MODES", "BrokerFiles", "acl_text", "mosquitto_conf", "write_broker_config"]
+__all__ = [
+    "AUTH_MODES",
+    "BrokerFiles",
+    "acl_text",
+    "mosquitto_conf",
+    "shard_name",
+    "write_broker_config",
+    "write_shard_configs",
+]
 
 DEVICE_WRITES = (Channel.REPORTED, Channel.EVENTS, Channel.TELEMETRY, Channel.STATUS)
 SERVER_CREDENTIALS = "fleet-server.json"
@@ -251,3 +260,61 @@ def _give_to_mosquitto(path: Path) -> None:
     except KeyError:
         return
     os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def shard_name(index: int) -> str:
+    """The name ``--shards N`` gives its ``index``-th broker (and its directory)."""
+    return f"shard-{index}"
+
+
+def write_shard_configs(
+    keydir: KeyDir,
+    out_dir: Path,
+    shards: int,
+    *,
+    hostnames: list[str],
+    port: int = 8883,
+    server_port: int = 8884,
+    bind: str = "0.0.0.0",
+    server_bind: str | None = None,
+    auth: str = "password",
+    passphrase: bytes | None = None,
+    run_as: str | None = None,
+) -> tuple[Path, list[BrokerFiles]]:
+    """``shards`` brokers' configurations under ``out_dir/shard-<i>/`` (each with its persistence
+    in its own ``data/``) and the shards file that names them (``out_dir/shards.json``: what the
+    fleet server's ``mqtt_shards`` and ``edgefleet devices provision --shards`` read).
+
+    Every shard is :func:`write_broker_config`'s production configuration from the same key
+    directory: one fleet CA, so a device certificate is good on any shard (mTLS needs no
+    per-device broker state at all), and one server CA. In password mode each shard has its own
+    password file, and provisioning adds a device to its own shard's only. Shard ``i`` listens on
+    ``port + 2i`` (devices) and ``server_port + 2i`` (the fleet server), so all of them fit on one
+    host; on separate hosts, edit the shards file's hosts and ports to match.
+    """
+    if shards < 1:
+        raise ValueError(f"the number of shards must be at least 1, got {shards}")
+    ports = [p + 2 * i for i in range(shards) for p in (port, server_port)]
+    if len(set(ports)) != len(ports):
+        raise ValueError(
+            f"ports {port} and {server_port} + 2i collide across {shards} shards: use an odd gap"
+        )
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [
+        write_broker_config(
+            keydir, out_dir / shard_name(i), hostnames=hostnames, port=port + 2 * i,
+            server_port=server_port + 2 * i, bind=bind, server_bind=server_bind, auth=auth,
+            passphrase=passphrase, run_as=run_as,
+        )
+        for i in range(shards)
+    ]  # fmt: skip
+    path = out_dir / SHARDS_FILE
+    write_shards(
+        path,
+        [
+            Shard(shard_name(i), hostnames[0], f.port, f.server_credentials, f.password_file)
+            for i, f in enumerate(files)
+        ],
+    )
+    return path, files

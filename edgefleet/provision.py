@@ -355,6 +355,7 @@ def provision_device(
     auth: str | None = None,
     data_dir: str = "data",
     http_ca_file: Path | None = None,
+    shard: str | None = None,
 ) -> Provisioned:
     """Create a device's credentials, ``agent.toml`` and bootstrap directory; add its password hash
     to ``password_file``.
@@ -364,7 +365,8 @@ def provision_device(
     either way (the bootstrap file carries both), so a broker can switch modes later.
     ``data_dir``: the agent's state directory as the TOML names it (relative: next to the TOML).
     ``http_ca_file``: the CA of the server's HTTPS certificate, copied next to the TOML and named
-    in it (:func:`http_ca_choice`).
+    in it (:func:`http_ca_choice`). ``shard``: the broker shard ``broker_host`` is
+    (``fleet_server.shards``), kept in the bootstrap file so an operator can see where it belongs.
     """
     check_device_id(device_id)
     if not hardware_id or not DEVICE_ID_RE.match(hardware_id):
@@ -390,7 +392,13 @@ def provision_device(
     bootstrap: dict[str, Any] = {
         "device_id": device_id,
         "hardware_id": hardware_id,
-        "broker": {"host": broker_host, "port": broker_port, "tls": True, "ca_file": "ca.crt"},
+        "broker": {
+            "host": broker_host,
+            "port": broker_port,
+            "tls": True,
+            "ca_file": "ca.crt",
+            **({"shard": shard} if shard is not None else {}),
+        },
         "mqtt": {
             "username": device_id,
             "password": password,

@@ -24,6 +24,11 @@ through :class:`simulator.runner.Harness`.
   startup (~0.5 s), not plus the ~2-4 s of Python imports on a loaded machine.
   A broker restart terminates Mosquitto (it saves its database on SIGTERM) and
   starts it again on the same port.
+- ``[fleet] broker_shards = N`` runs N such brokers from one fleet CA
+  (``edgefleet.broker.start_secure_shards``): each device on the shard its id
+  hashes to (``fleet_server.shards.assign``, as provisioning and registration
+  place it), the server on every one (``mqtt_shards``). A shard can be
+  stopped (or killed: SIGKILL, nothing saved) and started again on its own.
 - ``model_cache``: a directory where the keys, the signed bundles and the sample
   inputs of the scenario's models are kept after the first build; later runs
   with the same models skip the compiler (and its memory) entirely.
@@ -107,6 +112,8 @@ class SimHarness:
         # Devices are provisioned with the TUF root: installs go through release metadata.
         self.tuf_root_path: Path | None = self.workdir / "keys" / "root.json"
         self._broker_handle: Any = None
+        self.shard_names = scenario.fleet.shard_names
+        self._shards: Any = None  # edgefleet.broker.ShardedBrokers with more than one shard
         self._server: Any = None
         self._settings: Any = None
         self._server_port = 0
@@ -122,8 +129,11 @@ class SimHarness:
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             self._build_models()
-            self._broker_handle = self._start_broker(None)
-            self.broker = self._broker_handle.info
+            if len(self.shard_names) > 1:
+                self._start_shards()
+            else:
+                self._broker_handle = self._start_broker(None)
+                self.broker = self._broker_handle.info
             self._server_port = free_port()
             self.artifact_proxy = HttpFaultProxy(
                 "127.0.0.1", self._server_port, seed=self.scenario.seed, max_upstream=ARTIFACT_CONCURRENCY
@@ -145,6 +155,10 @@ class SimHarness:
             with contextlib.suppress(Exception):
                 self._broker_handle.stop()
             self._broker_handle = None
+        if self._shards is not None:
+            with contextlib.suppress(Exception):
+                self._shards.stop()
+            self._shards = None
         with contextlib.suppress(Exception):
             self.net.run(self.artifact_proxy.close(), timeout=5)
         self.net.close()
@@ -266,16 +280,77 @@ class SimHarness:
             port=port, server_port=server_port,
         )  # fmt: skip
 
+    def _start_shards(self) -> None:
+        from edgefleet.broker import mosquitto_binary, start_secure_shards
+
+        if mosquitto_binary() is None:
+            raise RuntimeError("scenarios need Mosquitto (apt-get install mosquitto)")
+        if self.broker_auth == "insecure-dev":
+            raise ValueError("broker shards run the production configuration only (not insecure-dev)")
+        self._shards = start_secure_shards(
+            len(self.shard_names),
+            self.workdir / "broker",
+            auth=self.broker_auth,
+            keys_dir=self.workdir / "keys",
+        )
+        self.broker = self._shards.infos[self.shard_names[0]]
+
+    def shard_of(self, device_id: str) -> str:
+        from fleet_server.shards import assign
+
+        return assign(device_id, self.shard_names) if len(self.shard_names) > 1 else self.shard_names[0]
+
+    def broker_of(self, device_id: str) -> BrokerInfo:
+        if self._shards is None:
+            return self.broker
+        info: BrokerInfo = self._shards.infos[self.shard_of(device_id)]
+        return info
+
     def device_credentials(self, device_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Each device's agent ``mqtt_*`` keys, issued once for the run (none on an open broker)."""
+        """Each device's agent ``mqtt_*`` keys for its broker, issued once for the run (none on an
+        open broker)."""
         from edgefleet.broker import fleet_mqtt_keys
 
-        return fleet_mqtt_keys(self.broker, device_ids)
+        if self._shards is None:
+            return fleet_mqtt_keys(self.broker, device_ids)
+        out: dict[str, dict[str, Any]] = {}
+        for name, info in self._shards.infos.items():
+            out |= fleet_mqtt_keys(info, [d for d in device_ids if self.shard_of(d) == name])
+        return out
 
-    def restart_broker(self, down_seconds: float) -> float:
-        """Stop Mosquitto, wait ``down_seconds``, start it on the same port; return how long it was away."""
-        port, server_port = self.broker.port, getattr(self.broker, "server_port", None)
+    def stop_brokers(self, shards: list[str], kill: bool = False) -> None:
+        """Take these shards away (SIGTERM: Mosquitto saves its database; ``kill``: SIGKILL, it does not)."""
+        if self._shards is None:
+            raise ValueError("stop_broker needs [fleet] broker_shards > 1 (use restart_broker)")
+        for name in shards:
+            if kill:
+                self._shards.kill(name)
+            else:
+                self._shards.brokers[name].stop()
+
+    def start_brokers(self, shards: list[str]) -> None:
+        """Start these shards again on their ports, directories and configuration."""
+        if self._shards is None:
+            raise ValueError("start_broker needs [fleet] broker_shards > 1")
+        for name in shards:
+            self._shards.restart(name)
+        self.broker = self._shards.infos[self.shard_names[0]]
+
+    def restart_broker(
+        self, down_seconds: float, shards: list[str] | None = None, kill: bool = False
+    ) -> float:
+        """Stop Mosquitto (these shards, or every broker), wait ``down_seconds``, start it on the same
+        ports; return how long it was away."""
         t0 = time.monotonic()
+        if self._shards is not None:
+            names = shards or self.shard_names
+            self.stop_brokers(names, kill)
+            time.sleep(down_seconds)
+            self.start_brokers(names)
+            return time.monotonic() - t0
+        if kill:
+            self._broker_handle.process.kill()
+        port, server_port = self.broker.port, getattr(self.broker, "server_port", None)
         self._broker_handle.stop()
         time.sleep(down_seconds)
         self._broker_handle = self._start_broker(port, server_port)
@@ -296,6 +371,7 @@ class SimHarness:
                 keys_dir=self.workdir / "keys",
                 **{
                     **server_mqtt_settings(self.broker),
+                    **({"mqtt_shards": self._shards.shards_file} if self._shards is not None else {}),
                     # One replica: plain subscriptions. Mosquitto 2.0 does not restore a persistent
                     # session's $share subscriptions after a broker restart (docs/decisions/0003).
                     "shared_subscriptions": False,

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from fleet_server.counters import Counters
 from fleet_server.settings import ServerSettings
+from fleet_server.shards import shard_names
 from signing.trust import TrustRoot
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class ServerContext:
     device_ca: x509.Certificate | None = None  # signs device certificates (None: captures refused)
     admin_token: str = ""  # the bootstrap admin token (plaintext only in memory)
     admin_token_hash: str = ""
+    shard_names: list[str] = field(init=False)  # the brokers devices are registered onto, in order
 
     def __post_init__(self) -> None:
         self.limits = BodyLimits.of(self.settings)
+        self.shard_names = shard_names(self.settings.mqtt_shards)

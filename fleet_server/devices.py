@@ -14,7 +14,7 @@ versions SQL returns, batch by batch, so a page is still full.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from fleet_server.lifecycle import RolloutState as RS
 from fleet_server.models import Device, ModelAggregate, Rollout, RolloutDevice, utcnow
 from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
 from fleet_server.selector import agent_version_matches, sql_clauses
+from fleet_server.shards import DEFAULT_SHARD, assign
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -62,15 +63,27 @@ class DeviceFilter:
 
 
 def register_device(
-    session: Session, device_id: str, hardware_id: str, tags: dict[str, str]
+    session: Session,
+    device_id: str,
+    hardware_id: str,
+    tags: dict[str, str],
+    shards: Sequence[str] = (DEFAULT_SHARD,),
 ) -> tuple[Device, bool]:
-    """The device and whether this call created it."""
+    """The device and whether this call created it. A new device is placed on one of ``shards``
+    (``fleet_server.shards.assign``, as provisioning placed it), for good: registering it again
+    never moves it."""
     existing = session.get(Device, device_id)
     if existing is not None:
         if existing.hardware_id == hardware_id and existing.tags == tags:
             return existing, False
         raise Conflict("device_exists", f"device {device_id} is registered with other attributes")
-    device = Device(id=device_id, hardware_id=hardware_id, tags=dict(tags), registered_at=utcnow())
+    device = Device(
+        id=device_id,
+        hardware_id=hardware_id,
+        tags=dict(tags),
+        registered_at=utcnow(),
+        broker_shard=assign(device_id, shards),
+    )
     session.add(device)
     try:
         session.commit()

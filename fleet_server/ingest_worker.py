@@ -74,7 +74,7 @@ from device_agent import protocol
 from fleet_server import reconcile
 from fleet_server.counters import Counters
 from fleet_server.ingest import TRANSIENT_ERRORS, Inbound, ingest_batch
-from fleet_server.mqtt_client import connect, endpoint, new_client
+from fleet_server.mqtt_client import Endpoint, connect, new_client, shard_endpoints
 from fleet_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -335,46 +335,15 @@ def worker_main(
     gc.set_threshold(50_000, 20, 100)
     counters = Counters()
     persistent = settings.mqtt_client_id is not None
-    where = endpoint(settings)
-    client = new_client(settings, client_id, persistent, where)
-    pipeline = pipeline_for(settings, engine, counters, client)
-    subscribed = threading.Event()
-    leaving = threading.Event()  # set once stopping: a reconnect must not subscribe again
-    pending: set[int] = set()
     filters = stream_filters(settings, channels)
-
-    def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None) -> None:
-        if rc.is_failure:
-            log.error("MQTT connect refused: %s", rc)
-            return
-        if leaving.is_set():
-            return
-        result, mid = c.subscribe([(f, 1) for f in filters])
-        if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
-            pending.add(mid)
-
-    def on_subscribe(
-        _c: mqtt.Client, _u: Any, mid: int, rcs: list[ReasonCode], _p: Properties | None
-    ) -> None:
-        if any(rc.is_failure for rc in rcs):
-            log.error("subscription refused: %s", rcs)
-            return
-        pending.discard(mid)
-        if not pending:
-            subscribed.set()
-
-    def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None) -> None:
-        subscribed.clear()
-        if rc.is_failure:
-            counters.add("mqtt_disconnects")
-            log.warning("MQTT disconnected (%s); paho reconnects", rc)
-
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    client.on_disconnect = on_disconnect
-    client.on_message = pipeline.on_message
-    pipeline.start()
-    connect(client, settings, persistent, where)
+    leaving = threading.Event()  # set once stopping: a reconnect must not subscribe again
+    # one consumer per broker shard, all in the replica's $share group there
+    consumers = [
+        _Consumer(settings, client_id, persistent, name, where, engine, counters, filters, leaving)
+        for name, where in shard_endpoints(settings).items()
+    ]
+    for consumer in consumers:
+        consumer.start()
     done = threading.Event()
 
     def report() -> None:
@@ -382,10 +351,11 @@ def worker_main(
         while True:
             state = {
                 "counters": counters.snapshot(),
-                "subscribed": subscribed.is_set(),
-                "connected": client.is_connected(),
-                "backlog": pipeline.backlog,
-                "lag": int(pipeline.lag),  # whole seconds: a report a second at most while storing
+                "subscribed": all(c.subscribed.is_set() for c in consumers),
+                "connected": all(c.client.is_connected() for c in consumers),
+                "backlog": sum(c.pipeline.backlog for c in consumers),
+                # whole seconds: a report a second at most while storing
+                "lag": int(max(c.pipeline.lag for c in consumers)),
             }
             if state != last:
                 try:
@@ -395,7 +365,8 @@ def worker_main(
                 last = state
             if done.wait(REPORT_INTERVAL):
                 with contextlib.suppress(OSError):
-                    conn.send({**state, "counters": counters.snapshot(), "backlog": pipeline.backlog})
+                    backlog = sum(c.pipeline.backlog for c in consumers)
+                    conn.send({**state, "counters": counters.snapshot(), "backlog": backlog})
                 return
 
     reporter = threading.Thread(target=report, name="ef-ingest-report", daemon=True)
@@ -407,16 +378,77 @@ def worker_main(
     except (EOFError, OSError):
         discard = False  # the server is gone (killed): hand the stream over to the other members
     leaving.set()
-    subscribed.clear()
     # Store and acknowledge what was received. A clean session leaves its $share group first: its
     # unacknowledged messages end with it. A persistent session stays subscribed: the broker keeps
     # what it did not acknowledge and queues the rest for it until the worker is back.
-    leave(client, pipeline, [] if persistent else filters, discard)
-    client.disconnect()  # after the PUBACKs: paho sends queued packets in order
-    client.loop_stop()
+    for consumer in consumers:
+        consumer.subscribed.clear()
+        leave(consumer.client, consumer.pipeline, [] if persistent else filters, discard)
+        consumer.client.disconnect()  # after the PUBACKs: paho sends queued packets in order
+        consumer.client.loop_stop()
     done.set()
     reporter.join(2)
     engine.dispose()
+
+
+class _Consumer:
+    """A worker's client on one broker shard, with its own store thread (acknowledgements go back
+    on the connection the message came in on)."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        client_id: str,
+        persistent: bool,
+        shard: str,
+        where: Endpoint,
+        engine: Engine,
+        counters: Counters,
+        filters: list[str],
+        leaving: threading.Event,
+    ) -> None:
+        self.settings, self.persistent, self.shard, self.where = settings, persistent, shard, where
+        self.counters, self.filters, self.leaving = counters, filters, leaving
+        self.client = new_client(settings, client_id, persistent, where)
+        self.pipeline = pipeline_for(settings, engine, counters, self.client)
+        self.subscribed = threading.Event()
+        self.pending: set[int] = set()
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self.pipeline.on_message
+
+    def start(self) -> None:
+        self.pipeline.start()
+        connect(self.client, self.settings, self.persistent, self.where)
+
+    def _on_connect(self, c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None) -> None:
+        if rc.is_failure:
+            log.error("MQTT connect to shard %s refused: %s", self.shard, rc)
+            return
+        if self.leaving.is_set():
+            return
+        result, mid = c.subscribe([(f, 1) for f in self.filters])
+        if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self.pending.add(mid)
+
+    def _on_subscribe(
+        self, _c: mqtt.Client, _u: Any, mid: int, rcs: list[ReasonCode], _p: Properties | None
+    ) -> None:
+        if any(rc.is_failure for rc in rcs):
+            log.error("subscription on shard %s refused: %s", self.shard, rcs)
+            return
+        self.pending.discard(mid)
+        if not self.pending:
+            self.subscribed.set()
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        self.subscribed.clear()
+        if rc.is_failure:
+            self.counters.add("mqtt_disconnects")
+            log.warning("MQTT disconnected from shard %s (%s); paho reconnects", self.shard, rc)
 
 
 def _context() -> Any:

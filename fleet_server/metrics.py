@@ -138,6 +138,14 @@ class FleetCollector(Collector):
             "1 when this replica and its ingest workers are connected to the broker",
             value=1.0 if bridge is not None and bridge.connected else 0.0,
         )
+        shards = GaugeMetricFamily(
+            "edgefleet_mqtt_shard_connected",
+            "1 when this replica's main client is connected to the broker shard (one: 'default')",
+            labels=["shard"],
+        )
+        for name, up in (bridge.shard_connected() if bridge is not None else {}).items():
+            shards.add_metric([name], 1.0 if up else 0.0)
+        yield shards
         yield GaugeMetricFamily(
             "edgefleet_leader",
             "1 when this replica drives the rollout engine and the SLO loop",

@@ -95,6 +95,9 @@ class Device(SQLModel, table=True):
     # reported or online status message; informational only: decisions use server time alone.
     clock_offset_seconds: float | None = None
     clock_offset_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # server time measured
+    # The broker shard it is on (fleet_server.shards), set at registration and never changed after:
+    # its agent.toml names that broker. None: registered before the fleet had shards (the first one).
+    broker_shard: str | None = Field(default=None, max_length=64)
 
 
 class Model(SQLModel, table=True):

@@ -20,10 +20,24 @@ subscriptions are renewed in ``on_connect``. Every connection has its own
 client id under the reserved ``fleet-server`` prefix (``mqtt_identity``) and
 reaches the broker as ``mqtt_client.endpoint`` says (TLS, the server's
 certificate or password).
+
+Shards (``fleet_server.shards``): with several brokers, the main client, its
+store thread and every ingest worker's client exist once per shard, each
+connecting, subscribing and reconnecting on its own (a shard that is down holds
+up nothing on the others), with the same client ids (ids are per broker). A
+directive goes to the shard on its device's record; paho queues it while that
+shard is away and sends it when it is back. A broker that lost retained
+directives (killed before it saved them) is made whole by the reconciler: the
+device reports a seq below the one published and gets its directive again;
+and when a shard comes back, the retained directives it no longer holds are put
+back at once (``ShardLink`` marks the end of the retained burst with a probe,
+``Reconciler.restore_missing``), so a device offline meanwhile finds its
+directive waiting.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -41,15 +55,17 @@ from fleet_server.counters import Counters
 from fleet_server.ingest_worker import (
     STREAM_CHANNELS,
     IngestWorker,
+    Pipeline,
     leave,
     pipeline_for,
     stream_filters,
     worker_channels,
 )
-from fleet_server.mqtt_client import connect, endpoint, new_client, release
-from fleet_server.mqtt_identity import server_client_id, worker_client_id
+from fleet_server.mqtt_client import Endpoint, connect, new_client, release, shard_endpoints
+from fleet_server.mqtt_identity import SERVER_ACCOUNT, is_reserved, server_client_id, worker_client_id
 from fleet_server.reconciler import Reconciler
 from fleet_server.settings import ServerSettings
+from fleet_server.shard_router import ShardRouter
 from signing.keys import PublicKey
 
 log = logging.getLogger(__name__)
@@ -61,6 +77,120 @@ log = logging.getLogger(__name__)
 SNAPSHOT_CHANNELS = (protocol.Channel.REPORTED, protocol.Channel.STATUS)
 INBOUND_CHANNELS = SNAPSHOT_CHANNELS + STREAM_CHANNELS
 DESIRED_SUFFIX = f"/{protocol.Channel.DESIRED.value}"
+
+
+class ShardLink:
+    """The main client on one shard: its connection, its store thread, its subscription state."""
+
+    def __init__(
+        self, bridge: MqttBridge, name: str, where: Endpoint, settings: ServerSettings, engine: Engine
+    ) -> None:
+        self.bridge, self.name, self.endpoint = bridge, name, where
+        self.subscribed = False
+        self.pending_subs: set[int] = set()
+        self.connects = 0
+        self.sweep_since: float | None = None  # a reconnect: directives seen again since then are there
+        # Published (not retained) after the SUBACK: the broker delivers it after every retained
+        # directive it still holds, so its arrival ends the burst. Under the server's reserved
+        # prefix, so it is never a device's topic; each replica its own.
+        tag = hashlib.blake2b(bridge.client_id.encode(), digest_size=8).hexdigest()
+        self.probe_topic = protocol.topic(f"{SERVER_ACCOUNT}-sweep-{tag}", protocol.Channel.DESIRED)
+        self.client = new_client(settings, bridge.client_id, bridge.persistent, where)
+        self.pipeline: Pipeline = pipeline_for(settings, engine, bridge.counters, self.client)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+
+    # paho callbacks (this shard's network thread): keep them short.
+    def _on_message(self, client: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:
+        """Directives (ours, echoed, or deleted) to the reconciler; everything else to the pipeline."""
+        if m.topic.endswith(DESIRED_SUFFIX):
+            try:
+                if m.topic == self.probe_topic:
+                    self._swept()
+                    return
+                device_id, _ = protocol.parse_topic(m.topic)
+                if is_reserved(device_id):  # another replica's probe
+                    return
+                self.bridge.reconciler.on_desired(device_id, bytes(m.payload))
+            except protocol.ProtocolError:
+                self.bridge.counters.add("malformed_messages")
+            except Exception:  # paho's network thread must survive whatever is on the broker
+                log.exception("handling a directive on %s failed", m.topic)
+            finally:
+                if m.qos:
+                    client.ack(m.mid, m.qos)
+            return
+        self.pipeline.on_message(client, userdata, m)
+
+    def _on_connect(
+        self, client: mqtt.Client, _ud: Any, _flags: Any, rc: ReasonCode, _props: Properties | None
+    ) -> None:
+        if rc.is_failure:
+            log.error("MQTT connect to shard %s refused: %s", self.name, rc)
+            return
+        bridge = self.bridge
+        if bridge._stopping:
+            return
+        self.connects += 1
+        self.sweep_since = bridge.reconciler.clock() if self.connects > 1 else None
+        filters = [protocol.wildcard(ch) for ch in (*SNAPSHOT_CHANNELS, protocol.Channel.DESIRED)]
+        if not bridge.workers:
+            filters += stream_filters(bridge.settings)
+        elif bridge.persistent:
+            # a session from a version where this client took the streams itself
+            client.unsubscribe(stream_filters(bridge.settings))
+        result, mid = client.subscribe([(f, 1) for f in filters])
+        if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self.pending_subs.add(mid)
+        log.info(
+            "MQTT connected to %s (shard %s) as %s, subscribing %s",
+            self.endpoint.url, self.name, bridge.client_id, filters,
+        )  # fmt: skip
+
+    def _on_subscribe(
+        self, _c: mqtt.Client, _ud: Any, mid: int, rcs: list[ReasonCode], _props: Properties | None
+    ) -> None:
+        bad = [rc for rc in rcs if rc.is_failure]
+        if bad:
+            log.error("subscription on shard %s refused: %s", self.name, bad)
+            return
+        self.pending_subs.discard(mid)
+        if not self.pending_subs:
+            self.subscribed = True
+            self.bridge._update_subscribed()
+            if self.sweep_since is not None:
+                self.client.publish(self.probe_topic, b"", qos=1, retain=False)
+
+    def _swept(self) -> None:
+        """The retained burst after a reconnect is over: restore what this shard no longer holds
+        (off paho's thread: finding each device's shard may read the database)."""
+        since, self.sweep_since = self.sweep_since, None
+        if since is None:
+            return
+
+        def sweep() -> None:
+            try:
+                router = self.bridge.router
+                missing = self.bridge.reconciler.restore_missing(
+                    since, lambda d: router.shard_of(d) == self.name
+                )
+                if missing:
+                    log.warning("shard %s came back without %d retained directives", self.name, len(missing))
+            except Exception:  # a sweep that fails leaves the reconciler's drift checks to it
+                log.exception("restoring the directives shard %s lost failed", self.name)
+
+        threading.Thread(target=sweep, name=f"ef-sweep-{self.name}", daemon=True).start()
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _ud: Any, _flags: Any, rc: ReasonCode, _props: Properties | None
+    ) -> None:
+        self.subscribed = False
+        self.bridge._update_subscribed()
+        if rc.is_failure:
+            self.bridge.counters.add("mqtt_disconnects")
+            log.warning("MQTT disconnected from shard %s (%s); paho reconnects", self.name, rc)
 
 
 class MqttBridge:
@@ -77,13 +207,21 @@ class MqttBridge:
         self.engine = engine
         self.counters = counters
         self.subscribed = threading.Event()  # set once every channel's SUBACK arrived (workers' too)
-        self._own_subscribed = False
         self._stopping = False  # a reconnect while stopping must not subscribe again
-        self._pending_subs: set[int] = set()
-        self.endpoint = endpoint(settings)
+        self.endpoints = shard_endpoints(settings)
         self.persistent = settings.mqtt_client_id is not None
         self.client_id = server_client_id(settings.mqtt_client_id)
-        self.client = new_client(settings, self.client_id, self.persistent, self.endpoint)
+        policy = reconcile.Policy(settings.reconcile_grace_seconds, settings.reconcile_interval_seconds)
+        self.reconciler = Reconciler(self._publish, counters, policy, fleet_keys)
+        self.links = {
+            name: ShardLink(self, name, where, settings, engine) for name, where in self.endpoints.items()
+        }
+        for link in self.links.values():
+            link.pipeline.on_reported = self.reconciler.observe
+        self.router = ShardRouter(engine, list(self.links))
+        first = next(iter(self.links.values()))
+        # the first shard's, for callers that know of one broker only (tests, /api/v1/server)
+        self.endpoint, self.client, self.pipeline = first.endpoint, first.client, first.pipeline
         # Without $share every worker would get every message: then one worker at most.
         n = settings.ingest_workers if settings.shared_subscriptions else min(settings.ingest_workers, 1)
         self.workers = [
@@ -96,14 +234,6 @@ class MqttBridge:
             )
             for i in range(max(n, 0))
         ]
-        self.pipeline = pipeline_for(settings, engine, counters, self.client)
-        policy = reconcile.Policy(settings.reconcile_grace_seconds, settings.reconcile_interval_seconds)
-        self.reconciler = Reconciler(self._publish, counters, policy, fleet_keys)
-        self.pipeline.on_reported = self.reconciler.observe
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-        self.client.on_disconnect = self._on_disconnect
 
     def start(self, is_leader: Callable[[], bool] | None = None) -> None:
         """``is_leader``: whether this replica drives the engine (only the leader republishes)."""
@@ -111,9 +241,11 @@ class MqttBridge:
             self.reconciler.is_leader = is_leader
         for w in self.workers:
             w.start()
-        self.pipeline.start()
+        for link in self.links.values():
+            link.pipeline.start()
         self.reconciler.start()
-        connect(self.client, self.settings, self.persistent, self.endpoint)
+        for link in self.links.values():
+            connect(link.client, self.settings, self.persistent, link.endpoint)
 
     def stop(self, discard_backlog: bool = False) -> None:
         """Stop the workers, store (and acknowledge) what was received unless ``discard_backlog``
@@ -126,24 +258,34 @@ class MqttBridge:
         # Snapshots are retained (the next subscriber gets them again), and a persistent session keeps
         # its subscriptions: the broker queues the streams for it until it is back (so it must not leave).
         streams = [] if self.workers or self.persistent else stream_filters(self.settings)
-        leave(self.client, self.pipeline, streams, discard_backlog)
-        self.client.disconnect()
-        self.client.loop_stop()
-        release(self.client)
+        for link in self.links.values():
+            leave(link.client, link.pipeline, streams, discard_backlog)
+            link.client.disconnect()
+            link.client.loop_stop()
+            release(link.client)
 
     @property
     def backlog(self) -> int:
         """Messages received but not stored yet (this process and its workers)."""
-        return self.pipeline.backlog + sum(w.backlog for w in self.workers)
+        return sum(link.pipeline.backlog for link in self.links.values()) + sum(
+            w.backlog for w in self.workers
+        )
 
     @property
     def ingest_lag(self) -> float:
         """Seconds the oldest message being stored has waited (this process and its workers)."""
-        return max([self.pipeline.lag, *(w.lag for w in self.workers)])
+        return max([*(link.pipeline.lag for link in self.links.values()), *(w.lag for w in self.workers)])
 
     @property
     def connected(self) -> bool:
-        return self.client.is_connected() and all(w.connected for w in self.workers)
+        """Connected to every shard (and so is every worker)."""
+        return all(link.client.is_connected() for link in self.links.values()) and all(
+            w.connected for w in self.workers
+        )
+
+    def shard_connected(self) -> dict[str, bool]:
+        """Per shard: is the main client connected to it."""
+        return {name: link.client.is_connected() for name, link in self.links.items()}
 
     def publish_desired(self, device_id: str, payload: bytes) -> None:
         """Publish a signed directive, retained QoS 1 (paho queues it while disconnected)."""
@@ -152,11 +294,21 @@ class MqttBridge:
         self.counters.add("directives_published")
 
     def _publish(self, device_id: str, payload: bytes) -> None:
-        info = self.client.publish(
+        """On the device's shard: the one on its record, never another (its agent listens there only)."""
+        shard = self.router.shard_of(device_id)
+        link = self.links.get(shard) if shard is not None else None
+        if link is None:
+            self.counters.add("directives_unroutable")
+            log.error(
+                "no connection to shard %r of %s (not in the shards file): directive not published",
+                shard, device_id,
+            )  # fmt: skip
+            return
+        info = link.client.publish(
             protocol.topic(device_id, protocol.Channel.DESIRED), payload, qos=1, retain=True
         )
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            log.error("publishing the directive for %s failed: rc=%s", device_id, info.rc)
+            log.error("publishing the directive for %s on shard %s failed: rc=%s", device_id, shard, info.rc)
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """For tests: wait until every message received so far has been stored."""
@@ -168,64 +320,7 @@ class MqttBridge:
         return True
 
     def _update_subscribed(self) -> None:
-        if self._own_subscribed and all(w.subscribed for w in self.workers):
+        if all(link.subscribed for link in self.links.values()) and all(w.subscribed for w in self.workers):
             self.subscribed.set()
         else:
             self.subscribed.clear()
-
-    # paho callbacks (network thread): keep them short.
-    def _on_message(self, client: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:
-        """Directives (ours, echoed, or deleted) to the reconciler; everything else to the pipeline."""
-        if m.topic.endswith(DESIRED_SUFFIX):
-            try:
-                device_id, _ = protocol.parse_topic(m.topic)
-                self.reconciler.on_desired(device_id, bytes(m.payload))
-            except protocol.ProtocolError:
-                self.counters.add("malformed_messages")
-            except Exception:  # paho's network thread must survive whatever is on the broker
-                log.exception("handling a directive on %s failed", m.topic)
-            finally:
-                if m.qos:
-                    client.ack(m.mid, m.qos)
-            return
-        self.pipeline.on_message(client, userdata, m)
-
-    def _on_connect(
-        self, client: mqtt.Client, _ud: Any, _flags: Any, rc: ReasonCode, _props: Properties | None
-    ) -> None:
-        if rc.is_failure:
-            log.error("MQTT connect refused: %s", rc)
-            return
-        if self._stopping:
-            return
-        filters = [protocol.wildcard(ch) for ch in (*SNAPSHOT_CHANNELS, protocol.Channel.DESIRED)]
-        if not self.workers:
-            filters += stream_filters(self.settings)
-        elif self.persistent:
-            # a session from a version where this client took the streams itself
-            client.unsubscribe(stream_filters(self.settings))
-        result, mid = client.subscribe([(f, 1) for f in filters])
-        if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
-            self._pending_subs.add(mid)
-        log.info("MQTT connected to %s as %s, subscribing %s", self.endpoint.url, self.client_id, filters)
-
-    def _on_subscribe(
-        self, _c: mqtt.Client, _ud: Any, mid: int, rcs: list[ReasonCode], _props: Properties | None
-    ) -> None:
-        bad = [rc for rc in rcs if rc.is_failure]
-        if bad:
-            log.error("subscription refused: %s", bad)
-            return
-        self._pending_subs.discard(mid)
-        if not self._pending_subs:
-            self._own_subscribed = True
-            self._update_subscribed()
-
-    def _on_disconnect(
-        self, _c: mqtt.Client, _ud: Any, _flags: Any, rc: ReasonCode, _props: Properties | None
-    ) -> None:
-        self._own_subscribed = False
-        self._update_subscribed()
-        if rc.is_failure:
-            self.counters.add("mqtt_disconnects")
-            log.warning("MQTT disconnected (%s); paho reconnects", rc)

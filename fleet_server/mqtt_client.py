@@ -109,6 +109,30 @@ def endpoint(settings: ServerSettings) -> Endpoint:
     return Endpoint(str(values["mqtt_host"]), int(values["mqtt_port"]), security)
 
 
+def shard_endpoints(settings: ServerSettings) -> dict[str, Endpoint]:
+    """Every broker the server connects to, by shard name, in the shards file's order (its first is
+    where devices registered before the fleet was sharded stay): each shard's endpoint comes from
+    its ``fleet-server.json`` alone. Without a shards file, the one broker of :func:`endpoint`."""
+    from fleet_server.shards import DEFAULT_SHARD, ShardError, load_shards
+
+    if settings.mqtt_shards is None:
+        return {DEFAULT_SHARD: endpoint(settings)}
+    try:
+        shards = load_shards(settings.mqtt_shards)
+    except ShardError as exc:
+        raise MqttConfigError(str(exc)) from exc
+    out: dict[str, Endpoint] = {}
+    for shard in shards:
+        if shard.server_credentials is None:
+            raise MqttConfigError(f"{settings.mqtt_shards}: shard {shard.name!r} names no server_credentials")
+        only_file = ServerSettings.model_construct(
+            **{**settings.model_dump(exclude=set(CREDENTIAL_FIELDS.values()) | {"mqtt_password"}),
+               "mqtt_credentials": shard.server_credentials}
+        )  # fmt: skip
+        out[shard.name] = endpoint(only_file)
+    return out
+
+
 def _path(value: Any) -> Path | None:
     return Path(value) if value else None
 

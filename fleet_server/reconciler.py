@@ -8,6 +8,10 @@ and republishing (the decisions are ``fleet_server.reconcile``).
   broker is believed only when the fleet key signed it and its seq is not older than the one
   held: on a broker without ACLs (development) anyone could write there.
 - An empty retained message on ``desired`` is a deleted directive: it is restored (``restore``).
+- A broker (shard) that comes back may have lost retained directives (killed before it saved
+  them): nothing is deleted, they are just not delivered again. When the bridge has resubscribed
+  there and seen the end of the retained burst, ``restore_missing`` puts back every directive
+  held for a device on that broker that did not come again.
 - Live ``reported`` snapshots, once stored, come in through ``observe`` with the seq the
   database says was published; a drifting device gets its directive republished, and a device
   that is within the grace or the rate limit is looked at again by the timer thread with its
@@ -104,6 +108,7 @@ class Reconciler:
         self._due: list[tuple[float, str, bool]] = []  # (when, device, restoring) to look at again
         self._scheduled: dict[str, float] = {}  # device -> earliest time it is in _due
         self._missing: set[str] = set()  # devices whose retained directive was deleted, not back yet
+        self._seen: dict[str, float] = {}  # device -> when the broker last delivered its directive
         self._wake = threading.Condition(self._lock)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ef-reconcile", daemon=True)
@@ -150,6 +155,7 @@ class Reconciler:
             return
         with self._lock:
             self._missing.discard(device_id)
+            self._seen[device_id] = self.clock()
             held = self._directives.get(device_id)
             if held is None or view.seq > held[0].seq:
                 self._directives[device_id] = held = (view, payload)
@@ -160,6 +166,20 @@ class Reconciler:
             state = self._drift.get(device_id)
             if state is not None and state.drift == reconcile.Drift.MISSING.value and payload == held[1]:
                 state.drift, state.since, state.detail = reconcile.Drift.NONE.value, None, ""  # restored
+
+    def restore_missing(self, since: float, belongs: Callable[[str], bool]) -> list[str]:
+        """A broker came back and delivered its retained directives again (from ``since``, this
+        reconciler's clock): put back every directive held for a device on it (``belongs``) that did
+        not come, as a deleted one is (the leader at once, rate-limited; a follower if it leads
+        later). Returns those devices."""
+        with self._lock:
+            held = [d for d in self._directives if self._seen.get(d, float("-inf")) < since]
+        missing = [d for d in held if belongs(d)]
+        with self._lock:
+            self._missing.update(missing)
+        for device_id in missing:
+            self._restore(device_id)
+        return missing
 
     def observe(self, observations: Sequence[reconcile.Observation]) -> None:
         """Live reported snapshots, stored: decide for each device."""

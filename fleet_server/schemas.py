@@ -131,6 +131,11 @@ class DeviceOut(BaseModel):
     deployment_seq: int = Field(description="seq of the latest directive the device reports acting on")
     desired_seq: int = Field(description="seq of the latest directive the server published to it (0: none)")
     agent_version: str | None = Field(description="its agent's version (PEP 440); null until reported")
+    broker_shard: str | None = Field(
+        default=None,
+        description="the broker shard it is on, fixed at registration (null: registered before the"
+        " fleet had shards, so on the first one)",
+    )
     inventory: dict[str, Any] = Field(
         default_factory=dict,
         description="what the device reports it has: capabilities (runtimes, ...), slots (slot -> model"
@@ -385,6 +390,10 @@ class ServerOut(BaseModel):
     database: str = Field(description="database dialect: sqlite or postgresql")
     schema_revision: str | None = Field(description="the Alembic revision of the database schema")
     mqtt_connected: bool = Field(description="whether its MQTT bridge is connected to the broker")
+    mqtt_shards: dict[str, bool] = Field(
+        default_factory=dict,
+        description="per broker shard (one, 'default', without a shards file): is it connected to it",
+    )
 
 
 AGGREGATE_EXAMPLE: dict[str, Any] = {
@@ -471,6 +480,11 @@ class StatsOut(BaseModel):
     )
     directives_republished: int = Field(default=0, description="directives sent again to drifting devices")
     directives_restored: int = Field(default=0, description="deleted retained directives put back")
+    directives_unroutable: int = Field(
+        default=0,
+        description="directives not published: the device's record names a broker shard the shards file"
+        " does not list",
+    )
 
 
 class TokenIn(BaseModel):

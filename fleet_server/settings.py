@@ -47,6 +47,10 @@ class ServerSettings(BaseSettings):
     mqtt_username: str | None = None  # or a username and password (a broker with a password file)
     mqtt_password: SecretStr | None = None
     mqtt_password_file: Path | None = None  # the password in a file of its own (first line)
+    # Several brokers (fleet_server/shards.py): the shards file `edgefleet broker config --shards N`
+    # writes. Every connection is then made to every shard with that shard's fleet-server.json, and
+    # the single-broker fields above are not used. None: the one broker above is the only shard.
+    mqtt_shards: Path | None = None
     # Reconciliation (fleet_server/reconcile.py): a device that reports a seq or model other than
     # its directive after the grace gets the directive republished, at most once per interval.
     reconcile_grace_seconds: float = 10.0

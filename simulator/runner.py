@@ -55,7 +55,19 @@ class Harness(Protocol):
     model_refs: dict[str, str]  # scenario model key -> "name:version"
     sample_inputs: np.ndarray | None
 
-    def restart_broker(self, down_seconds: float) -> float | None: ...  # how long it was away
+    def restart_broker(
+        self, down_seconds: float, shards: list[str] | None = None, kill: bool = False
+    ) -> float | None: ...  # how long it was away
+
+    def stop_brokers(self, shards: list[str], kill: bool) -> None: ...
+
+    def start_brokers(self, shards: list[str]) -> None: ...
+
+    def broker_of(self, device_id: str) -> BrokerInfo:
+        """The broker (shard) this device connects to."""
+        ...
+
+    def shard_of(self, device_id: str) -> str: ...
 
     def device_credentials(self, device_ids: list[str]) -> dict[str, dict[str, Any]]:
         """Each device's agent ``mqtt_*`` keys for the broker (issued once; {} per device on an
@@ -97,6 +109,7 @@ class RunResult:
     figures: dict[str, Any] = field(default_factory=dict)
     step_error: str | None = None
     events: list[tuple[float, str]] = field(default_factory=list)
+    started_at: float = 0.0  # epoch seconds at t = 0 of ``events`` (to line them up with server times)
     skipped: list[str] = field(default_factory=list)  # faults this machine could not inject, and why
 
     @property
@@ -140,6 +153,7 @@ class ScenarioRun:
         self.timeline: Timeline | None = None
         self._timers: list[threading.Thread] = []
         self._t0 = time.monotonic()
+        self.result.started_at = time.time()
         self._api = httpx.Client(
             base_url=harness.server_url,
             timeout=10.0,
@@ -161,9 +175,10 @@ class ScenarioRun:
                 link = LinkState(profile=profile) if profile is not None else LinkState()
                 self.links[device_id] = link
                 self.h.artifact_proxy.links[device_id] = link
-                host, port = None, None
+                broker = self.h.broker_of(device_id)
+                host, port = broker.host, broker.port
                 if proxied:
-                    proxy = TcpFaultProxy(self.h.broker.host, self.h.broker.port, link, seed=self.sc.seed + i)
+                    proxy = TcpFaultProxy(broker.host, broker.port, link, seed=self.sc.seed + i)
                     net.run(proxy.start())
                     self.mqtt_proxies[device_id] = proxy
                     host, port = "127.0.0.1", proxy.port
@@ -291,7 +306,8 @@ class ScenarioRun:
                     raise StepFailed(f"time limit {self.sc.time_limit:g}s reached before step {n}")
                 self._event(
                     f"step {n}: {step.action}" + (f" {step.id or step.rollout or ''}".rstrip()),
-                    mark=step.action in ("rollout", "restart_broker", "restart_server"),
+                    mark=step.action
+                    in ("rollout", "restart_broker", "stop_broker", "start_broker", "restart_server"),
                 )
                 self._run_step(step, deadline)
         except StepFailed as exc:
@@ -381,8 +397,17 @@ class ScenarioRun:
             assert s.seconds is not None
             time.sleep(max(0.0, min(s.seconds, deadline - time.monotonic())))
         elif s.action == "restart_broker":
-            away = self.h.restart_broker(s.down_seconds)
-            self._event("broker back" + (f" (away {away:.1f} s)" if away is not None else ""))
+            away = self.h.restart_broker(s.down_seconds, s.shards, s.kill)
+            which = f"broker {','.join(s.shards)}" if s.shards else "broker"
+            self._event(f"{which} back" + (f" (away {away:.1f} s)" if away is not None else ""))
+        elif s.action == "stop_broker":
+            assert s.shards is not None
+            self.h.stop_brokers(s.shards, s.kill)
+            self._event(f"broker {','.join(s.shards)} {'killed' if s.kill else 'stopped'}")
+        elif s.action == "start_broker":
+            assert s.shards is not None
+            self.h.start_brokers(s.shards)
+            self._event(f"broker {','.join(s.shards)} back")
         elif s.action == "restart_server":
             away = self.h.restart_server(s.down_seconds)
             self._event("server back" + (f" (away {away:.1f} s)" if away is not None else ""))
@@ -440,6 +465,8 @@ class ScenarioRun:
         assert self.fleet is not None and s.model is not None
         sha = self.h.model_shas[s.model]
         members = self._members(s.hw_class)
+        if s.shards is not None:
+            members = [d for d in members if self.h.shard_of(d) in s.shards]
         need = math.ceil(s.share * len(members))
         have = 0
         while time.monotonic() < timeout_at:

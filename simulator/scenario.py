@@ -79,6 +79,13 @@ class FleetSpec(_Strict):
     classes: list[HardwareClass] = Field(min_length=1)
     # Worker processes the devices are split over (each a fleet on its own loop); 1 = in-process.
     processes: int = Field(1, ge=1, le=64)
+    # Mosquitto brokers the fleet is split over (fleet_server.shards): shard-0 .. shard-<N-1>, each
+    # device on the one its id hashes to, the server on all of them. 1 = one broker, as ever.
+    broker_shards: int = Field(1, ge=1, le=32)
+
+    @property
+    def shard_names(self) -> list[str]:
+        return [f"shard-{i}" for i in range(self.broker_shards)]
 
 
 class ModelSpec(_Strict):
@@ -136,6 +143,8 @@ Action = Literal[
     "corrupt_downloads",
     "cut_downloads",
     "restart_broker",
+    "stop_broker",
+    "start_broker",
     "restart_server",
     "fill_disk",
 ]
@@ -153,6 +162,8 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "corrupt_downloads": ("devices",),
     "cut_downloads": ("devices", "after_bytes"),
     "fill_disk": ("devices",),
+    "stop_broker": ("shards",),
+    "start_broker": ("shards",),
 }
 WHEN_STATE_ACTIONS = ("crash", "power_off", "partition", "fill_disk")
 # Steps that pick devices and remember them under ``group`` for later steps.
@@ -188,6 +199,10 @@ class Step(_Strict):
     after_bytes: int | None = Field(None, ge=0)  # cut_downloads
     leave_bytes: int = Field(0, ge=0)  # fill_disk: free bytes left on the device's disk
     down_seconds: float = Field(1.0, ge=0)  # restart_broker / restart_server
+    # Broker shards ([fleet] broker_shards): which ones restart_broker / stop_broker / start_broker
+    # act on (restart_broker: all when unset), or (wait_devices) whose devices count.
+    shards: list[str] | None = None
+    kill: bool = False  # restart_broker / stop_broker: SIGKILL (nothing saved), not SIGTERM
     # rollout: the accuracy gate (docs/rollouts.md), on when max_accuracy_drop is set
     max_accuracy_drop: float | None = Field(None, ge=0, lt=1)
     accuracy_alpha: float = Field(0.05, gt=0, lt=0.5)
@@ -318,6 +333,16 @@ class Scenario(_Strict):
                 raise ValueError(f"{where}: group {s.group!r} is not named by an earlier step")
             if s.action in DEVICE_ACTIONS and s.devices is not None and s.group is not None:
                 groups.add(s.group)
+            if s.shards is not None:
+                unknown = sorted(set(s.shards) - set(self.fleet.shard_names))
+                if unknown:
+                    raise ValueError(
+                        f"{where}: unknown shards {unknown} (this fleet has {self.fleet.shard_names})"
+                    )
+                if s.action not in ("restart_broker", "stop_broker", "start_broker", "wait_devices"):
+                    raise ValueError(f"{where}: shards is for the broker steps and wait_devices")
+            if s.kill and s.action not in ("restart_broker", "stop_broker"):
+                raise ValueError(f"{where}: kill is for restart_broker and stop_broker")
             if s.action == "fill_disk" and s.hw_class not in disk_classes:
                 raise ValueError(f"{where}: fill_disk needs hw_class naming a class with disk_mb")
         for n, e in enumerate(self.expect):

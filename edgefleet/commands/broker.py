@@ -4,7 +4,7 @@ development one), or write a production Mosquitto configuration."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.text import Text
@@ -64,6 +64,15 @@ def broker_run(
     embedded: Annotated[
         bool, typer.Option(help="With --insecure-dev: the embedded pure-Python broker (MQTT 3.1.1).")
     ] = False,
+    shards: Annotated[
+        int,
+        typer.Option(
+            "--shards",
+            min=1,
+            max=64,
+            help="Run N production brokers from one fleet CA on free ports, and DIR/shards.json naming them.",
+        ),
+    ] = 1,
     passphrase_file: PassFileOpt = None,
     passphrase_env: PassEnvOpt = DEFAULT_PASS_ENV,
     insecure: InsecureOpt = False,
@@ -96,10 +105,15 @@ def broker_run(
         fail("--server-port is the production broker's server listener; the open broker has one port", 2)
     if port is not None and port == server_port:
         fail(f"--port and --server-port must differ, both are {port}", 2)
+    if shards > 1 and (insecure_dev or port is not None or server_port is not None):
+        fail("--shards runs production brokers on free ports: no --insecure-dev, --port or --server-port", 2)
     # before the broker starts: a SIGTERM from now on stops it instead of leaving it running
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if shards > 1:
+        _run_shards(shards, workdir, keys, auth, passphrase_file, passphrase_env, insecure, as_json, stop)
+        return
     if insecure_dev:
         try:
             broker = start_embedded(port) if embedded else start_mosquitto(port, workdir=workdir)
@@ -187,13 +201,25 @@ def broker_config(
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Persistence directory (default: OUT/data).")
     ] = None,
+    shards: Annotated[
+        int,
+        typer.Option(
+            "--shards",
+            min=1,
+            max=64,
+            help="Write N brokers (OUT/shard-<i>/, ports PORT+2i and SERVER_PORT+2i) and OUT/shards.json "
+            "for the server's --mqtt-shards and `devices provision --shards`.",
+        ),
+    ] = 1,
     passphrase_file: PassFileOpt = None,
     passphrase_env: PassEnvOpt = DEFAULT_PASS_ENV,
     insecure: InsecureOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a production Mosquitto config: TLS, password file or mTLS, per-device ACL, persistence."""
-    from edgefleet.broker_config import AUTH_MODES, write_broker_config
+    """Write a production Mosquitto config: TLS, password file or mTLS, per-device ACL, persistence.
+
+    With --shards N, N such brokers from the same fleet CA, and the shards file naming them."""
+    from edgefleet.broker_config import AUTH_MODES, write_broker_config, write_shard_configs
     from edgefleet.provision import ProvisionError
     from signing.keyring import KeyDir
     from signing.keys import KeyLocked, WrongPassphrase
@@ -203,6 +229,40 @@ def broker_config(
     if not (keys / "trust.json").exists():
         fail(f"no key directory at {keys} (run `edgefleet keys init`)")
     passphrase = resolve_passphrase(passphrase_file, passphrase_env, insecure, confirm=False)
+    if shards > 1:
+        if data_dir is not None:
+            fail("--data-dir names one broker's persistence; with --shards each has OUT/shard-<i>/data", 2)
+        try:
+            shards_file, all_files = write_shard_configs(
+                KeyDir(keys), out, shards, hostnames=hostname, port=port, bind=bind, auth=auth,
+                passphrase=passphrase, server_port=server_port, server_bind=server_bind,
+            )  # fmt: skip
+        except (ValueError, OSError, KeyLocked, WrongPassphrase, ProvisionError) as exc:
+            fail(f"cannot write the broker configs: {exc}")
+        if as_json:
+            print_json(
+                {
+                    "shards_file": str(shards_file),
+                    "shards": [
+                        {k: str(v) if v is not None else None for k, v in vars(f).items()} for f in all_files
+                    ],
+                }
+            )
+            return
+        for f in all_files:
+            say(
+                ("wrote", "green"),
+                f" {f.conf} ({auth}, TLS: devices on port {f.port}, server on port {f.server_port})",
+            )
+        say(f"wrote {shards_file}: start each with mosquitto -c <its mosquitto.conf>")
+        say(
+            (
+                f"the fleet server connects to all of them: edgefleet server --mqtt-shards {shards_file}",
+                "yellow",
+            )
+        )
+        say(f"devices: edgefleet devices provision ID --hw HW --keys {keys} --shards {shards_file}")
+        return
     try:
         files = write_broker_config(
             KeyDir(keys), out, hostnames=hostname, port=port, bind=bind, auth=auth,
@@ -225,6 +285,69 @@ def broker_config(
             "yellow",
         )
     )
+
+
+def _run_shards(
+    shards: int,
+    workdir: Path | None,
+    keys: Path | None,
+    auth: str,
+    passphrase_file: Path | None,
+    passphrase_env: str,
+    insecure: bool,
+    as_json: bool,
+    stop: Any,
+) -> None:
+    """``broker run --shards N``: N production brokers until SIGINT/SIGTERM; one exiting ends all."""
+    import sys
+
+    from edgefleet.broker import security_label, start_secure_shards
+    from edgefleet.provision import ProvisionError
+    from signing.keys import KeyLocked, WrongPassphrase
+
+    if keys is None and (Path("keys") / "trust.json").exists():
+        keys = Path("keys")
+    passphrase = None
+    if keys is not None:
+        passphrase = resolve_passphrase(passphrase_file, passphrase_env, insecure, confirm=False)
+    try:
+        group = start_secure_shards(shards, workdir, auth=auth, keys_dir=keys, passphrase=passphrase)
+    except (OSError, RuntimeError, ValueError, KeyLocked, WrongPassphrase, ProvisionError) as exc:
+        fail(f"cannot start the brokers: {exc}")
+    infos = group.infos
+    first = next(iter(infos.values()))
+    summary = {
+        "kind": "mosquitto",
+        "security": security_label(first),
+        "shards_file": str(group.shards_file),
+        "keys": str(first.keys_dir),
+        "shards": [
+            {"name": name, "url": i.url, "server_port": i.server_port, "pid": i.pid,
+             "server_credentials": str(i.server_credentials),
+             "password_file": str(i.files_dir / "passwd") if auth == "password" else None}
+            for name, i in infos.items()
+        ],
+    }  # fmt: skip
+    if as_json:
+        print_json(summary)
+    else:
+        for name, i in infos.items():
+            say(("mosquitto", "green"), f" {name}: devices on {i.url}, fleet server on port {i.server_port}")
+        say(f"  {summary['security']}; shards file {group.shards_file}")
+        say(f"  server: edgefleet server --mqtt-shards {group.shards_file}")
+        say(
+            f"  devices: edgefleet devices provision ID --hw HW --keys {first.keys_dir} "
+            f"--shards {group.shards_file}"
+        )
+    sys.stdout.flush()
+    try:
+        while not stop.wait(0.5):
+            for name, b in group.brokers.items():
+                process = getattr(b, "process", None)
+                if process is not None and process.poll() is not None:
+                    fail(f"broker {name} exited with code {process.returncode}")
+    finally:
+        group.stop()
 
 
 def say(*parts: str | tuple[str, str]) -> None:

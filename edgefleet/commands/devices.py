@@ -50,7 +50,10 @@ def devices_register(
 def devices_provision(
     device_id: Annotated[str, typer.Argument(help="Device id (its MQTT username and client id).")],
     hardware: Annotated[str, typer.Option("--hw", help="Hardware id, e.g. rpi4.")],
-    broker_host: Annotated[str, typer.Option("--broker-host", help="Broker address the device connects to.")],
+    broker_host: Annotated[
+        str | None,
+        typer.Option("--broker-host", help="Broker address the device connects to (or --shards)."),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Bootstrap directory (default: ./ID).")
     ] = None,
@@ -58,6 +61,14 @@ def devices_provision(
         "keys"
     ),
     broker_port: Annotated[int, typer.Option("--broker-port", min=1, max=65535)] = 8883,
+    shards: Annotated[
+        Path | None,
+        typer.Option(
+            "--shards",
+            help="shards.json from `broker config --shards N`: the device goes on the shard its id hashes "
+            "to (its host, port and, in password mode, password file); replaces --broker-host/--broker-port.",
+        ),
+    ] = None,
     password_file: Annotated[
         Path | None,
         typer.Option(
@@ -102,8 +113,23 @@ def devices_provision(
 
     if auth is not None and auth not in AUTH_MODES:
         fail(f"--auth must be one of {', '.join(AUTH_MODES)}, got {auth!r}", 2)
+    if (broker_host is None) == (shards is None):
+        fail("give the broker with --broker-host, or the brokers with --shards (one of them)", 2)
     if not (keys / "trust.json").exists():
         fail(f"no key directory at {keys} (run `edgefleet keys init`)")
+    shard_name = None
+    if shards is not None:
+        from fleet_server.shards import ShardError, assign, by_name, load_shards
+
+        try:
+            all_shards = load_shards(shards)
+        except ShardError as exc:
+            fail(str(exc), 2)
+        shard = by_name(all_shards)[assign(device_id, [sh.name for sh in all_shards])]
+        shard_name, broker_host, broker_port = shard.name, shard.host, shard.port
+        if password_file is None and auth != "mtls":
+            password_file = shard.password_file
+    assert broker_host is not None
     passphrase = resolve_passphrase(passphrase_file, passphrase_env, insecure, confirm=False)
     out = out or Path(device_id)
     try:
@@ -111,12 +137,14 @@ def devices_provision(
             KeyDir(keys), device_id, hardware, out, broker_host=broker_host, broker_port=broker_port,
             password_file=password_file, metadata_url=metadata_url, targets_url=targets_url,
             passphrase=passphrase, force=force, auth=auth, data_dir=data_dir, http_ca_file=http_ca_file,
+            shard=shard_name,
         )  # fmt: skip
     except (ProvisionError, FileExistsError, KeyLocked, WrongPassphrase, TrustError, OSError) as exc:
         fail(f"cannot provision {device_id!r}: {exc}")
     info = {"device_id": device_id, "bootstrap": str(result.bootstrap), "cert": str(result.cert),
             "agent_config": str(result.agent_config), "auth": result.auth,
-            "password_file": str(password_file) if password_file else None}  # fmt: skip
+            "password_file": str(password_file) if password_file else None,
+            "broker": f"{broker_host}:{broker_port}", "shard": shard_name}  # fmt: skip
     if as_json:
         print_json(info)
         return

@@ -33,6 +33,14 @@ def server_cmd(
             "CA and the server's client certificate [EDGEFLEET_MQTT_CREDENTIALS].",
         ),
     ] = None,
+    mqtt_shards: Annotated[
+        Path | None,
+        typer.Option(
+            "--mqtt-shards",
+            help="shards.json from `edgefleet broker config --shards N`: several brokers, each with its "
+            "fleet-server.json; replaces --mqtt and --mqtt-credentials [EDGEFLEET_MQTT_SHARDS].",
+        ),
+    ] = None,
     key_passphrase_file: Annotated[
         Path | None,
         typer.Option(
@@ -57,7 +65,7 @@ def server_cmd(
     Every setting also comes from its EDGEFLEET_* environment variable; flags win.
     """
     from fleet_server.keyload import FleetKeyError
-    from fleet_server.mqtt_client import MqttConfigError, endpoint
+    from fleet_server.mqtt_client import MqttConfigError, shard_endpoints
     from fleet_server.runner import main, tls_options
     from fleet_server.settings import ServerSettings
 
@@ -68,6 +76,7 @@ def server_cmd(
         "public_url": public_url,
         "key_passphrase_file": key_passphrase_file,
         "mqtt_credentials": mqtt_credentials,
+        "mqtt_shards": mqtt_shards,
     }
     if mqtt:
         mhost, _, mport = mqtt.rpartition(":")
@@ -78,12 +87,13 @@ def server_cmd(
     if not (Path(settings.keys_dir) / "trust.json").is_file():
         fail(f"no trust.json in {settings.keys_dir}: run `edgefleet keys init` or pass --keys")
     try:
-        broker = endpoint(settings)
+        brokers = shard_endpoints(settings)
         tls_options(tls_cert, tls_key)
     except (MqttConfigError, ValueError) as exc:
         fail(str(exc), 2)
-    if not broker.security.tls:
-        warn(f"the broker connection ({broker.url}) is not TLS: development only")
+    for broker in brokers.values():
+        if not broker.security.tls:
+            warn(f"the broker connection ({broker.url}) is not TLS: development only")
     try:
         main(settings, host, port, tls_cert=tls_cert, tls_key=tls_key)
     except FleetKeyError as exc:  # a locked key is a configuration error: one line, no traceback

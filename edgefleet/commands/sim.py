@@ -192,6 +192,15 @@ def sim_cmd(
         ),
     ] = None,
     keys: Annotated[Path, typer.Option("--keys", help="Key directory holding the fleet CA.")] = Path("keys"),
+    shards: Annotated[
+        Path | None,
+        typer.Option(
+            "--shards",
+            help="shards.json of several production brokers (`broker run --shards N` / `broker config "
+            "--shards N`, mtls): each device on the shard its id hashes to, as provisioning places it. "
+            "Replaces --broker and --broker-dir.",
+        ),
+    ] = None,
     passphrase_file: PassFileOpt = None,
     passphrase_env: PassEnvOpt = DEFAULT_PASS_ENV,
     insecure: InsecureOpt = False,
@@ -219,7 +228,40 @@ def sim_cmd(
     info = BrokerInfo(host or "127.0.0.1", int(port), mqtt_version, mqtt_version == 5)
     specs = [DeviceSpec(f"{prefix}-{i:05d}", hardware, {"sim": "1"}) for i in range(first, first + devices)]
     credentials: dict[str, dict[str, object]] = {}
-    if broker_dir is not None:
+    if shards is not None:
+        if broker_dir is not None:
+            fail("--shards names every broker's directory: no --broker-dir with it", 2)
+        from fleet_server.shards import ShardError, assign, load_shards
+
+        try:
+            all_shards = load_shards(shards)
+        except ShardError as exc:
+            fail(str(exc), 2)
+        names = [sh.name for sh in all_shards]
+        where = {sh.name: sh for sh in all_shards}
+        placed = {s.device_id: assign(s.device_id, names) for s in specs}
+        specs = [
+            DeviceSpec(
+                s.device_id, s.hardware_id, s.tags,
+                mqtt_host=where[placed[s.device_id]].host, mqtt_port=where[placed[s.device_id]].port,
+            )
+            for s in specs
+        ]  # fmt: skip
+        info = BrokerInfo(all_shards[0].host, all_shards[0].port, mqtt_version, mqtt_version == 5)
+        passphrase = resolve_passphrase(passphrase_file, passphrase_env, insecure, confirm=False)
+        for sh in all_shards:
+            if sh.server_credentials is None:
+                fail(f"{shards}: shard {sh.name} names no server_credentials (its broker directory)", 2)
+            secure = SecureBrokerInfo(
+                sh.host, sh.port, mqtt_version, mqtt_version == 5, auth="mtls",
+                files_dir=sh.server_credentials.parent.resolve(), keys_dir=keys.resolve(),
+            )  # fmt: skip
+            mine = [d for d, name in placed.items() if name == sh.name]
+            try:
+                credentials |= provision_devices(secure, mine, passphrase)
+            except (ProvisionError, KeyLocked, WrongPassphrase, OSError) as exc:
+                fail(f"cannot issue the devices' certificates: {exc}")
+    elif broker_dir is not None:
         if not (broker_dir / "ca.crt").is_file():
             fail(f"no ca.crt in {broker_dir}: give the directory `broker config` wrote", 2)
         secure = SecureBrokerInfo(
@@ -257,7 +299,8 @@ def sim_cmd(
     if as_json:
         print_json({"devices": devices, "first": specs[0].device_id if specs else None,
                     "last": specs[-1].device_id if specs else None, "hardware_id": hardware,
-                    "broker": broker, "tls": broker_dir is not None})  # fmt: skip
+                    "broker": broker if shards is None else str(shards),
+                    "tls": broker_dir is not None or shards is not None})  # fmt: skip
     else:
         console.print(Text.assemble((f"{devices} agents running", "green"), " (Ctrl-C to stop)"))
     sys.stdout.flush()  # it runs on: a script waiting for this line must get it now

@@ -11,7 +11,7 @@ from fleet_server import devices
 from fleet_server.errors import Rejected
 from fleet_server.models import Device
 from fleet_server.paging import DEFAULT_LIMIT
-from fleet_server.routes.common import OPERATOR, Cursor, Db, Limit, admin_router, page_out
+from fleet_server.routes.common import OPERATOR, Ctx, Cursor, Db, Limit, admin_router, page_out
 from fleet_server.routes.errors import error_responses
 from fleet_server.schemas import DeviceIn, DeviceOut, DevicePage, TagsIn
 from fleet_server.selector_syntax import SYNTAX, SelectorError, parse_selector
@@ -50,13 +50,15 @@ def device_out(d: Device) -> DeviceOut:
     },
     dependencies=OPERATOR,
 )
-def register_device(body: DeviceIn, session: Db, response: Response) -> DeviceOut:
+def register_device(body: DeviceIn, session: Db, c: Ctx, response: Response) -> DeviceOut:
     """Register a device so the server accepts its MQTT messages and may send it models.
 
     Idempotent: the same id with the same attributes answers 200 with the device; with other
     attributes it is a 409 ``device_exists`` (re-registering never overwrites).
     """
-    device, created = devices.register_device(session, body.device_id, body.hardware_id, body.tags)
+    device, created = devices.register_device(
+        session, body.device_id, body.hardware_id, body.tags, c.shard_names
+    )
     if not created:
         response.status_code = 200
     return device_out(device)

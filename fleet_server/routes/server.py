@@ -45,8 +45,18 @@ def readyz(c: Ctx) -> Response:
         checks["database"] = ReadyCheck(ok=True, detail=c.engine.dialect.name)
     except SQLAlchemyError as exc:
         checks["database"] = ReadyCheck(ok=False, detail=f"{type(exc).__name__}: {exc}"[:200])
-    connected = c.bridge is not None and c.bridge.connected
-    checks["broker"] = ReadyCheck(ok=connected, detail="connected" if connected else "not connected")
+    # With several broker shards, one being down is the same for every replica: keep serving the API
+    # (the devices on the other shards go on); ready while connected to at least one.
+    shards = c.bridge.shard_connected() if c.bridge is not None else {}
+    down = sorted(name for name, up in shards.items() if not up)
+    # one broker: the main client and every ingest worker must be on it
+    sharded = len(shards) > 1
+    connected = len(down) < len(shards) if sharded else c.bridge is not None and c.bridge.connected
+    if sharded and down:
+        detail = f"not connected to {', '.join(down)}" if connected else "not connected"
+    else:
+        detail = "connected" if connected else "not connected"
+    checks["broker"] = ReadyCheck(ok=connected, detail=detail)
     lag, limit = (c.bridge.ingest_lag if c.bridge else 0.0), c.settings.ready_max_ingest_lag_seconds
     checks["ingest_lag"] = ReadyCheck(ok=lag <= limit, detail=f"{lag:.0f}s (limit {limit:g}s)")
     leading = c.ticker is not None and c.ticker.is_leader
@@ -96,4 +106,5 @@ def server_info(c: Ctx) -> ServerOut:
         database=c.engine.dialect.name,
         schema_revision=current_revision(c.engine),
         mqtt_connected=c.bridge.connected if c.bridge is not None else False,
+        mqtt_shards=c.bridge.shard_connected() if c.bridge is not None else {},
     )

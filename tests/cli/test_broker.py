@@ -222,3 +222,33 @@ def test_broker_run_port_usage_errors(tmp_path: Path) -> None:
     for args in (["--port", "9000", "--server-port", "9000"], ["--insecure-dev", "--server-port", "9001"]):
         out = subprocess.run([EXE, "broker", "run", *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and out.stderr.startswith("error: "), (args, out.stderr)
+
+
+def test_broker_run_shards_starts_them_all_and_stops_them_all(tmp_path: Path) -> None:
+    from fleet_server.mqtt_client import shard_endpoints
+    from fleet_server.settings import ServerSettings
+    from fleet_server.shards import load_shards
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed")
+    proc, info = _broker_run(tmp_path, "--shards", "3")
+    try:
+        shards = load_shards(Path(info["shards_file"]))
+        assert [s.name for s in shards] == ["shard-0", "shard-1", "shard-2"]
+        assert [s["name"] for s in info["shards"]] == [s.name for s in shards]
+        servers = shard_endpoints(ServerSettings(mqtt_shards=Path(info["shards_file"])))
+        assert [e.port for e in servers.values()] == [s["server_port"] for s in info["shards"]]
+        assert all(e.security.tls and e.security.cert_file for e in servers.values())
+        assert len({s.port for s in shards}) == 3 and all(_listening(s.port) for s in shards)
+        pids = [s["pid"] for s in info["shards"]]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        deadline = time.monotonic() + 5
+        while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(os.path.exists(f"/proc/{p}") for p in pids), "a shard outlived `broker run`"
+        assert not any(_listening(s.port) for s in shards)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

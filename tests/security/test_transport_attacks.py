@@ -426,8 +426,9 @@ def test_our_server_without_the_server_certificate_stays_out(
 def test_the_server_brings_a_wiped_device_back_to_its_desired_seq(keydir: KeyDir, tmp_path: Path) -> None:
     """The issue's replay: a device installed seq 2; an attacker re-publishes the older seq-1
     directive (refused by the ACL); the device's data dir is wiped and the broker loses its store
-    (no retained directive any more). The device comes back idle at seq 0: the server sees it
-    behind its desired seq and republishes seq 2, which it installs."""
+    (no retained directive any more). The device comes back idle at seq 0 and installs seq 2 only
+    because the server put it back: when the broker returned without it (the reconnect sweep), or
+    when the device reported itself behind its desired seq (drift)."""
     from edgefleet.broker import mosquitto_binary
 
     if mosquitto_binary() is None:
@@ -488,9 +489,9 @@ def test_the_server_brings_a_wiped_device_back_to_its_desired_seq(keydir: KeyDir
         wait_for(lambda: api.device(dev)["deployment_seq"] == 2, 10, "the server sees seq 2")
         assert fresh.history == [v2_sha]  # never the replayed seq 1
         s = api.stats()
-        assert s["directives_republished"] >= 1 and s["drift_detected"] >= 1
+        assert s["directives_republished"] + s["directives_restored"] >= 1 and s["drift_detected"] >= 1
         row = next(r for r in api.drift() if r["device_id"] == dev)
-        assert row["republished"] >= 1
+        assert row["republished"] + row["restored"] >= 1
     finally:
         for a in agents:
             loop.run(a.stop())
