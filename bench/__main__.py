@@ -25,6 +25,7 @@ MODULES = [
     "slo",
     "console",
     "acceptance",
+    "deploy",
 ]
 STANDARD = {"bench", "baseline", "ratio", "target"}
 

@@ -33,8 +33,8 @@ from edgefleet.commands.common import (
 )
 from edgefleet.commands.compile import compile_cmd
 from edgefleet.commands.config import register_config_commands
-from edgefleet.commands.deploy import deploy_cmd
 from edgefleet.commands.data import data_app
+from edgefleet.commands.deploy import deploy_cmd
 from edgefleet.commands.device_ops import register_device_ops
 from edgefleet.commands.devices import devices_app
 from edgefleet.commands.examples import examples_app

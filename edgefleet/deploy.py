@@ -31,10 +31,11 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fleet_server.declarative import ModelSpec
-from fleet_server.policy import ClassFailure
+if TYPE_CHECKING:  # the compile workers import this module: keep it free of the server's imports
+    from fleet_server.declarative import ModelSpec
+    from fleet_server.policy import ClassFailure
 
 
 class TargetSource(StrEnum):
@@ -107,6 +108,7 @@ def plan_classes(
         gate = model.gate.overrides() if model is not None else {}
         if per_class is not None:
             gate |= per_class.gate.overrides()
+        target: str | None
         if per_class is not None and per_class.target is not None:
             target, source = per_class.target, TargetSource.MODEL
         elif hardware_targets is not None and hw in hardware_targets:
@@ -131,7 +133,7 @@ def settle_failures(plans: Sequence[ClassPlan], on_failure: ClassFailure) -> lis
     Under ``abort`` one failed class means none is pushed (the others become ``not_started``);
     under ``skip`` the failed ones are left out. Pure: it only moves states."""
     failed = [p for p in plans if p.state is ClassState.FAILED]
-    if failed and on_failure is ClassFailure.ABORT:
+    if failed and on_failure == "abort":
         for p in plans:
             if p.state is ClassState.COMPILED:
                 p.state = ClassState.NOT_STARTED
@@ -174,6 +176,7 @@ class CompileJob:
     release: int
     gate: dict[str, float]
     mixed_precision_seconds: float
+    output_kinds: str | None = None  # name=kind[:param=v],... as compile --output-kind
 
 
 _events: Any = None  # the worker's progress queue (set by ``_init_worker``)
@@ -215,6 +218,7 @@ def compile_class(job: CompileJob) -> dict[str, Any]:
             overwrite=True,
             latency_repeats=0,  # host latency is not a gate; the devices' own probation judges latency
             mixed_precision_seconds=job.mixed_precision_seconds,
+            output_kinds=job.output_kinds,
         )
     except GateFailed as exc:
         return {"ok": False, "code": "gate_failed", "reason": "; ".join(exc.failures)}
@@ -239,9 +243,14 @@ def compile_all(
     """Run ``jobs`` on ``workers`` processes; report progress and each result as it comes."""
     import multiprocessing
 
-    context = multiprocessing.get_context("spawn")  # no fork of a process holding threads and sockets
+    # Workers fork from a fresh server process that imported the compiler once (never from this
+    # process, which holds threads and sockets); it stays for the next deploy in this process.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["edgefleet.deploy", "compiler.pipeline"])
     events = context.Queue()
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(events,)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(events,)
+    ) as pool:
         futures: dict[Future[dict[str, Any]], str] = {
             pool.submit(compile_class, job): job.hardware_class for job in jobs
         }

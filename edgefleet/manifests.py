@@ -91,7 +91,9 @@ class _Builder:
                     continue
                 key = self.build(key_node)
                 if not isinstance(key, str | int | float | bool) and key is not None:
-                    self.problems.append(f"{self.file}:{key_node.start_mark.line + 1}: a key must be a scalar")
+                    self.problems.append(
+                        f"{self.file}:{key_node.start_mark.line + 1}: a key must be a scalar"
+                    )
                     continue
                 if key in out:
                     self.problems.append(

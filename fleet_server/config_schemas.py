@@ -10,17 +10,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from fleet_server.declarative import API_VERSION
 from fleet_server.schemas import TIME_EXAMPLE, Page
 
-DOCUMENT_EXAMPLE = {
+DOCUMENT_EXAMPLE: dict[str, Any] = {
     "apiVersion": API_VERSION,
     "kind": "RolloutPolicy",
     "metadata": {"name": "canary", "labels": {"team": "vision"}},
     "spec": {"stages": [5, 50, 100], "soak_seconds": 600, "on_class_failure": "skip"},
 }
-CHANGE_EXAMPLE = {
+CHANGE_EXAMPLE: dict[str, Any] = {
     "kind": "RolloutPolicy",
     "name": "canary",
     "action": "created",
-    "diff": "--- /dev/null\n+++ declared/RolloutPolicy/canary\n@@ -0,0 +1,12 @@\n+apiVersion: edgefleet.dev/v1\n",
+    "diff": "--- /dev/null\n+++ declared/RolloutPolicy/canary\n@@ -0,0 +1,12 @@\n"
+    "+apiVersion: edgefleet.dev/v1\n",
 }
 
 
@@ -49,7 +50,9 @@ class ChangeOut(BaseModel):
     kind: str = Field(description="the document's kind")
     name: str = Field(description="the document's name")
     action: str = Field(description="created, configured or unchanged")
-    diff: str = Field(description="unified diff of the live document against the declared one; empty when unchanged")
+    diff: str = Field(
+        description="unified diff of the live document against the declared one; empty when unchanged"
+    )
 
 
 class ApplyOut(BaseModel):
@@ -128,12 +131,15 @@ class DocumentOut(BaseModel):
     updated_at: datetime = Field(description="last changed")
     updated_by: str = Field(description="who last changed it")
     apply_id: int = Field(description="the apply that last changed it")
-    document: dict[str, Any] = Field(description="the document as declared (apiVersion, kind, metadata, spec)")
+    document: dict[str, Any] = Field(
+        description="the document as declared (apiVersion, kind, metadata, spec)"
+    )
     effective: dict[str, Any] | None = Field(
         default=None, description="its spec with every default filled in (one document's read only)"
     )
     history: list[HistoryOut] | None = Field(
-        default=None, description="the applies that created or changed it, newest first (one document's read only)"
+        default=None,
+        description="the applies that created or changed it, newest first (one document's read only)",
     )
 
 

@@ -80,7 +80,7 @@ def apply(
         body = doc.body()
         row = rows[doc.key]
         if row is None:
-            row = ConfigDocument(kind=doc.kind, name=doc.name, created_at=now, generation=0)
+            row = ConfigDocument(kind=doc.kind, name=doc.name, sha256="", created_at=now, generation=0)
         row.body = body
         row.sha256 = declarative.digest(body)
         row.generation += 1
@@ -92,7 +92,9 @@ def apply(
         session.flush()
     except IntegrityError:
         session.rollback()
-        raise Conflict("config_conflict", "another apply changed these documents meanwhile: apply again") from None
+        raise Conflict(
+            "config_conflict", "another apply changed these documents meanwhile: apply again"
+        ) from None
     if dry_run:
         session.rollback()
         return Applied(None, changes, None)

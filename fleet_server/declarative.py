@@ -29,7 +29,15 @@ from enum import StrEnum
 from functools import cache
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+)
 
 from fleet_server.schemas import RolloutPlan
 from fleet_server.slo_schemas import SloIn
@@ -104,6 +112,11 @@ class ModelSpec(BaseModel):
     source: str = Field(min_length=1, description="float ONNX or TFLite file, relative to the fleet file")
     calib: str | None = Field(default=None, description="calibration samples (as edgefleet compile --calib)")
     eval: str | None = Field(default=None, description="held-out samples (as edgefleet compile --eval)")
+    output_kinds: dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], str] = Field(
+        default_factory=dict,
+        description="output name -> kind[:param=v] (classification, regression, detection, segmentation,"
+        " sequence, integer), as edgefleet compile --output-kind; undeclared outputs are inferred",
+    )
     gate: GateOptions = Field(default_factory=GateOptions, description="gate thresholds for every class")
     targets: dict[HardwareClass, ClassTarget] = Field(
         default_factory=dict, description="hardware class -> its target and gate thresholds"
@@ -183,12 +196,12 @@ def document_model(kind_name: str) -> type[BaseModel]:
     """The model of a whole document of one kind: apiVersion, kind, metadata, spec."""
     kind = _KINDS[kind_name]
     fields: dict[str, Any] = {
-        "apiVersion": (Literal[API_VERSION], Field(description="always " + API_VERSION)),  # type: ignore[valid-type]
-        "kind": (Literal[kind.name], Field(description=kind.summary)),  # type: ignore[valid-type]
+        "apiVersion": (Literal[API_VERSION], Field(description="always " + API_VERSION)),
+        "kind": (Literal[kind.name], Field(description=kind.summary)),
         "metadata": (Metadata, ...),
         "spec": (kind.spec, ...),
     }
-    model: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    model: type[BaseModel] = create_model(
         f"{kind.name}Document", __config__=ConfigDict(extra="forbid", title=f"{kind.name} document"), **fields
     )
     model.__doc__ = f"A {kind.name} document: {kind.summary}."
@@ -220,7 +233,9 @@ register_kind(
         aliases=("policy", "policies", "rp"),
     )
 )
-register_kind(Kind("SLO", SloDocumentSpec, "a service level objective of a model (created on apply)", plural="SLOs"))
+register_kind(
+    Kind("SLO", SloDocumentSpec, "a service level objective of a model (created on apply)", plural="SLOs")
+)
 register_kind(
     Kind(
         "HardwareTargets",

@@ -57,7 +57,8 @@ def _send(files: list[str], dry_run: bool, server: str | None, token: str | None
 def apply_cmd(
     files: FilesOpt,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Validate on the server and show what would change; store nothing.")
+        bool,
+        typer.Option("--dry-run", help="Validate on the server and show what would change; store nothing."),
     ] = False,
     server: ServerOpt = None,
     token: TokenOpt = None,
@@ -119,13 +120,18 @@ def plan_cmd(
         print_json({"changes": [{k: c[k] for k in ("kind", "name", "action")} for c in changes], **counts})
         return
     table = Table("ACTION", "KIND", "NAME", box=None, header_style="bold")
-    marks = {"created": ("+ create", "green"), "configured": ("~ change", "yellow"), "unchanged": ("  keep", "dim")}
+    marks = {
+        "created": ("+ create", "green"),
+        "configured": ("~ change", "yellow"),
+        "unchanged": ("  keep", "dim"),
+    }
     for c in changes:
         mark, style = marks[c["action"]]
         table.add_row(Text(mark, style=style), c["kind"], c["name"])
     console.print(table)
     console.print(
-        f"Plan: {counts['created']} to create, {counts['configured']} to change, {counts['unchanged']} unchanged."
+        f"Plan: {counts['created']} to create, {counts['configured']} to change,"
+        f" {counts['unchanged']} unchanged."
     )
 
 
@@ -143,7 +149,10 @@ def _age(ts: str) -> str:
 
 
 def get_cmd(
-    kind: Annotated[str | None, typer.Argument(help="Kind (Model, RolloutPolicy, SLO, HardwareTargets); all when left out.")] = None,
+    kind: Annotated[
+        str | None,
+        typer.Argument(help="Kind (Model, RolloutPolicy, SLO, HardwareTargets); all when left out."),
+    ] = None,
     name: Annotated[str | None, typer.Argument(help="One document's name.")] = None,
     output: Annotated[
         str | None, typer.Option("--output", "-o", help="yaml or json: the documents as declared.")
@@ -174,7 +183,9 @@ def get_cmd(
     table = Table("KIND", "NAME", "GENERATION", "UPDATED", "BY", "LABELS", box=None, header_style="bold")
     for r in rows:
         labels = ",".join(f"{k}={v}" for k, v in r["document"]["metadata"].get("labels", {}).items())
-        table.add_row(r["kind"], r["name"], str(r["generation"]), _age(r["updated_at"]), r["updated_by"], labels)
+        table.add_row(
+            r["kind"], r["name"], str(r["generation"]), _age(r["updated_at"]), r["updated_by"], labels
+        )
     console.print(table)
 
 
@@ -224,7 +235,9 @@ def _indent(text: str) -> str:
 def schema_cmd(
     write: Annotated[
         Path | None,
-        typer.Option("--write", help=f"Write the schema to this file (the published one: {DEFAULT_SCHEMA_PATH})."),
+        typer.Option(
+            "--write", help=f"Write the schema to this file (the published one: {DEFAULT_SCHEMA_PATH})."
+        ),
     ] = None,
 ) -> None:
     """Print the JSON schema of a fleet file's documents (generated from the kinds' models)."""

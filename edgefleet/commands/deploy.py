@@ -56,13 +56,19 @@ def load_policy(policy: str, conn: Any) -> tuple[Any, str]:
             fail(str(exc), code="invalid_document")
         found = [d for d in docs if d.kind == "RolloutPolicy"]
         if len(found) != 1:
-            fail(f"{policy}: holds {len(found)} RolloutPolicy documents; --policy takes a file with one", EXIT_USAGE)
+            fail(
+                f"{policy}: holds {len(found)} RolloutPolicy documents; --policy takes a file with one",
+                EXIT_USAGE,
+            )
         return found[0].spec, f"{policy} (RolloutPolicy/{found[0].name})"
     try:
         row = conn.config_document("RolloutPolicy", policy)
     except ApiError as exc:
         if exc.status == 404:
-            fail(f"--policy {policy}: no such file, and no RolloutPolicy {policy!r} has been applied", EXIT_USAGE)
+            fail(
+                f"--policy {policy}: no such file, and no RolloutPolicy {policy!r} has been applied",
+                EXIT_USAGE,
+            )
         fail(f"{exc.code}: {exc.message}", code=exc.code)
     return RolloutPlan.model_validate(row["document"]["spec"]), f"RolloutPolicy/{policy} (applied)"
 
@@ -85,36 +91,47 @@ def deploy_cmd(
     ],
     policy: Annotated[
         str,
-        typer.Option("--policy", "-p", help="A file with one RolloutPolicy document, or an applied one's name."),
+        typer.Option(
+            "--policy", "-p", help="A file with one RolloutPolicy document, or an applied one's name."
+        ),
     ],
     name: Annotated[
         str | None, typer.Option("--name", help="Model family name (default: the file's stem).")
     ] = None,
     version: Annotated[
         str | None,
-        typer.Option(help="Version label (default: the model file's sha256, 12 digits); each class's"
-        " bundle is VERSION-CLASS."),
+        typer.Option(
+            help="Version label (default: the model file's sha256, 12 digits); each class's"
+            " bundle is VERSION-CLASS."
+        ),
     ] = None,
     release: Annotated[int, typer.Option("--release", help="Monotonic release counter.")] = 1,
     calib: Annotated[
         str | None, typer.Option("--calib", help="Calibration samples (default: the applied Model's).")
     ] = None,
-    eval_data: Annotated[str | None, typer.Option("--eval", help="Held-out samples (labels optional).")] = None,
+    eval_data: Annotated[
+        str | None, typer.Option("--eval", help="Held-out samples (labels optional).")
+    ] = None,
     hardware_targets: Annotated[
         str | None,
         typer.Option(
-            "--hardware-targets", help="The applied HardwareTargets document to map classes with [default: default]."
+            "--hardware-targets",
+            help="The applied HardwareTargets document to map classes with [default: default].",
         ),
     ] = None,
     jobs: Annotated[
-        int | None, typer.Option("--jobs", "-j", min=1, help="Compiles at once (default: one per usable CPU).")
+        int | None,
+        typer.Option("--jobs", "-j", min=1, help="Compiles at once (default: one per usable CPU)."),
     ] = None,
     mixed_precision_budget: Annotated[
         float,
-        typer.Option(help="Seconds per class to search 16-bit/float layers when 8-bit misses the gate (0 = off)."),
+        typer.Option(
+            help="Seconds per class to search 16-bit/float layers when 8-bit misses the gate (0 = off)."
+        ),
     ] = 120.0,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Keep the bundles in this directory (default: temporary).")
+        Path | None,
+        typer.Option("--out", "-o", help="Keep the bundles in this directory (default: temporary)."),
     ] = None,
     keys: Annotated[Path, typer.Option("--keys", help="Key directory (uses release.key).")] = Path("keys"),
     passphrase_file: PassFileOpt = None,
@@ -131,8 +148,8 @@ def deploy_cmd(
     the deploy before anything is pushed, unless the policy says on_class_failure: skip. Exits 1
     on any refusal, naming the class and the reason.
     """
-    from compiler.pipeline import model_format
     from compiler.errors import CompilerError
+    from compiler.pipeline import model_format
     from edgefleet import deploy as core
     from edgefleet.commands.rollouts import parse_selector
     from fleet_server.declarative import ModelSpec
@@ -157,7 +174,10 @@ def deploy_cmd(
         mapping_name = hardware_targets or DEFAULT_HARDWARE_TARGETS
         mapping = _applied(conn, "HardwareTargets", mapping_name)
         if mapping is None and hardware_targets is not None:
-            fail(f"--hardware-targets {hardware_targets}: no such HardwareTargets document has been applied", EXIT_USAGE)
+            fail(
+                f"--hardware-targets {hardware_targets}: no such HardwareTargets document has been applied",
+                EXIT_USAGE,
+            )
         calib = calib or (model_spec.calib if model_spec is not None else None)
         eval_data = eval_data or (model_spec.eval if model_spec is not None else None)
         if calib is None:
@@ -182,6 +202,7 @@ def deploy_cmd(
                 release=release,
                 gate=p.gate,
                 mixed_precision_seconds=mixed_precision_budget,
+                output_kinds=_kinds(model_spec),
             )
             for p in plans
             if p.target is not None
@@ -216,7 +237,9 @@ def deploy_cmd(
                 p.state, p.code, p.reason = core.ClassState.REFUSED, "push_refused", _why(exc)
                 continue
             p.state, p.model = core.ClassState.PUSHED, f"{pushed['name']}:{pushed['version']}"
-            progress.update(tasks[p.hardware_class], description=_label(p, "starting the rollout"), completed=0.9)
+            progress.update(
+                tasks[p.hardware_class], description=_label(p, "starting the rollout"), completed=0.9
+            )
             body = {
                 **plan_spec.model_dump(mode="json"),
                 "model": p.model,
@@ -228,7 +251,9 @@ def deploy_cmd(
                 p.state, p.code, p.reason = core.ClassState.REFUSED, "rollout_refused", _why(exc)
                 continue
             p.state, p.rollout = core.ClassState.ROLLING_OUT, str(rollout["id"])
-            progress.update(tasks[p.hardware_class], description=_label(p, f"rollout {p.rollout}"), completed=1.0)
+            progress.update(
+                tasks[p.hardware_class], description=_label(p, f"rollout {p.rollout}"), completed=1.0
+            )
     report = {
         "ok": all(p.state in (core.ClassState.ROLLING_OUT, core.ClassState.SKIPPED) for p in plans)
         and any(p.state is core.ClassState.ROLLING_OUT for p in plans),
@@ -251,10 +276,20 @@ def deploy_cmd(
         aborted = any(p.state is core.ClassState.NOT_STARTED for p in plans) or not any(
             p.state is core.ClassState.ROLLING_OUT for p in plans
         )
-        head = "deploy aborted, nothing pushed" if aborted and not any(p.model for p in plans) else "deploy refused"
+        head = (
+            "deploy aborted, nothing pushed"
+            if aborted and not any(p.model for p in plans)
+            else "deploy refused"
+        )
         fail(f"{head}: " + "; ".join(refusals), code="deploy_refused")
     if not report["ok"]:
         fail("deploy refused: every class was left out", code="deploy_refused")
+
+
+def _kinds(spec: Any) -> str | None:
+    if spec is None or not spec.output_kinds:
+        return None
+    return ",".join(f"{name}={kind}" for name, kind in spec.output_kinds.items())
 
 
 def _why(exc: Exception) -> str:
@@ -283,7 +318,9 @@ def _progress() -> Any:
 
 
 def _print_table(plans: list[Any]) -> None:
-    table = Table("CLASS", "DEVICES", "TARGET", "FROM", "MODEL", "ROLLOUT", "RESULT", box=None, header_style="bold")
+    table = Table(
+        "CLASS", "DEVICES", "TARGET", "FROM", "MODEL", "ROLLOUT", "RESULT", box=None, header_style="bold"
+    )
     styles = {"rolling_out": "green", "skipped": "yellow", "failed": "red", "refused": "red"}
     for p in plans:
         result = str(p.state) + (f": {p.code}" if p.code else "")

@@ -31,13 +31,20 @@ from fleet_server.routes.errors import error_responses
 router = admin_router(f"{API}/config", tags=["config"])
 
 Operator = Annotated[Principal, Depends(require("operator"))]
-KindPath = Annotated[str, Path(description="the kind (Model, RolloutPolicy, SLO, HardwareTargets)", max_length=64)]
+KindPath = Annotated[
+    str, Path(description="the kind (Model, RolloutPolicy, SLO, HardwareTargets)", max_length=64)
+]
 NamePath = Annotated[str, Path(description="the document's name", max_length=64)]
 
 
 def apply_out(row: ConfigApply) -> ApplyOut:
     return ApplyOut(
-        id=row.id, dry_run=False, ts=row.ts, actor=row.actor, source=row.source, changes=row.changes  # type: ignore[arg-type]
+        id=row.id,
+        dry_run=False,
+        ts=row.ts,
+        actor=row.actor,
+        source=row.source,
+        changes=row.changes,  # type: ignore[arg-type]
     )
 
 
@@ -117,7 +124,12 @@ def get_document(kind: KindPath, name: NamePath, session: Db) -> DocumentOut:
 def _history(session: Session, kind: str, name: str) -> list[HistoryOut]:
     return [
         HistoryOut(
-            apply_id=row.id or 0, ts=row.ts, actor=row.actor, source=row.source, action=c["action"], diff=c["diff"]
+            apply_id=row.id or 0,
+            ts=row.ts,
+            actor=row.actor,
+            source=row.source,
+            action=c["action"],
+            diff=c["diff"],
         )
         for row, c in config_store.history(session, kind, name)
     ]

@@ -136,7 +136,9 @@ def test_errors_name_the_file_the_line_and_the_field(tmp_path: Path) -> None:
     dup.write_text(FLEET + "---\n" + FLEET.split("---\n")[0])
     out = runner.invoke(app, ["apply", "-f", str(dup)])
     assert out.exit_code == 1
-    assert f"{dup}:40: metadata.name: RolloutPolicy/canary is also declared at {dup}:1" in out.output, out.output
+    assert f"{dup}:40: metadata.name: RolloutPolicy/canary is also declared at {dup}:1" in out.output, (
+        out.output
+    )
 
 
 def test_apply_is_idempotent_and_each_apply_is_kept_with_its_diff_and_audited(
@@ -171,7 +173,9 @@ def test_apply_is_idempotent_and_each_apply_is_kept_with_its_diff_and_audited(
     fleet.write_text(FLEET.replace("stages: [10, 50, 100]", "stages: [5, 100]").replace("0.99", "0.995"))
     diff = runner.invoke(app, ["diff", "-f", str(fleet), "--exit-code", *s])
     assert diff.exit_code == 1, diff.output  # something would change
-    assert "--- live/RolloutPolicy/canary" in diff.stdout and "+++ declared/RolloutPolicy/canary" in diff.stdout
+    assert (
+        "--- live/RolloutPolicy/canary" in diff.stdout and "+++ declared/RolloutPolicy/canary" in diff.stdout
+    )
     assert "-  - 10.0" in diff.stdout or "-  - 10" in diff.stdout, diff.stdout
     assert "+  - 5" in diff.stdout, diff.stdout
     table = runner.invoke(app, ["plan", "-f", str(fleet), *s])
@@ -194,7 +198,9 @@ def test_apply_is_idempotent_and_each_apply_is_kept_with_its_diff_and_audited(
     described = ef("describe", "RolloutPolicy", "canary", *s)
     assert described["effective"]["stages"] == [5.0, 100.0] and described["effective"]["min_inferences"] == 20
     assert [h["action"] for h in described["history"]] == ["configured", "created"]
-    assert described["history"][0]["apply_id"] == changed["id"] and "+  - 5" in described["history"][0]["diff"]
+    assert (
+        described["history"][0]["apply_id"] == changed["id"] and "+  - 5" in described["history"][0]["diff"]
+    )
     text = runner.invoke(app, ["describe", "rp", "canary", *s])
     assert "Effective spec (with defaults):" in text.stdout and "min_inferences: 20" in text.stdout
     missing = runner.invoke(app, ["get", "model", "nope", *s])
@@ -229,7 +235,12 @@ def test_operators_apply_and_viewers_read(make_server: Callable[..., ServerThrea
 
 def test_the_server_refuses_what_the_schema_refuses(client: httpx.Client) -> None:
     """An API client that skips the CLI gets the same validation, naming document and field."""
-    doc = {"apiVersion": "edgefleet.dev/v1", "kind": "RolloutPolicy", "metadata": {"name": "x"}, "spec": {"gates": 1}}
+    doc = {
+        "apiVersion": "edgefleet.dev/v1",
+        "kind": "RolloutPolicy",
+        "metadata": {"name": "x"},
+        "spec": {"gates": 1},
+    }
     r = client.post("/api/v1/config/apply", json={"documents": [doc]})
     assert r.status_code == 422 and r.json()["detail"]["code"] == "invalid_document"
     assert "document 1: spec.gates: unknown field" in r.json()["detail"]["message"]
