@@ -40,7 +40,7 @@ class ApplyIn(BaseModel):
     )
     source: str = Field(default="", max_length=512, description="where they were read from, for the history")
     dry_run: bool = Field(
-        default=False, description="validate and compute the changes, store and enact nothing"
+        default=False, strict=True, description="validate and compute the changes, store and enact nothing"
     )
 
 
@@ -73,7 +73,7 @@ class ApplyOut(BaseModel):
         }
     )
 
-    id: int | None = Field(description="the apply's number in the history; null for a dry run")
+    id: int = Field(description="the apply's number in the history; 0 for a dry run (not kept)")
     dry_run: bool = Field(description="nothing was stored or enacted")
     ts: datetime | None = Field(description="when it was applied; null for a dry run")
     actor: str = Field(description="who applied it")

@@ -77,7 +77,7 @@ def apply_cmd(
     for c in result["changes"]:
         style = {"created": "green", "configured": "yellow"}.get(c["action"], "dim")
         console.print(Text.assemble(f"{c['kind'].lower()}/{c['name']} ", (c["action"], style), suffix))
-    if result.get("id") is not None:
+    if result.get("id"):
         console.print(f"[dim]apply {result['id']}[/]")
 
 

@@ -79,7 +79,7 @@ def post_apply(body: ApplyIn, request: Request, session: Db, who: Operator) -> A
         f"{'dry run' if body.dry_run else f'apply {done.id}'}: {summary} ({body.source or 'no source'})"
     )
     return ApplyOut(
-        id=done.id,
+        id=done.id or 0,
         dry_run=body.dry_run,
         ts=done.row.ts if done.row is not None else None,
         actor=who.actor,
@@ -148,10 +148,11 @@ def get_applies(session: Db, cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT
     summary="Get an apply",
 )
 def get_apply(
-    apply_id: Annotated[int, Path(ge=1, le=2**62, description="the apply's number")], session: Db
+    apply_id: Annotated[str, Path(pattern="^[0-9]{1,18}$", description="the apply's number", examples=["7"])],
+    session: Db,
 ) -> ApplyRecordOut:
     """One apply with the documents as they were sent."""
-    row = config_store.find_apply(session, apply_id)
+    row = config_store.find_apply(session, int(apply_id))
     return ApplyRecordOut(**apply_out(row).model_dump(), documents=row.documents)
 
 

@@ -151,7 +151,7 @@ def test_apply_is_idempotent_and_each_apply_is_kept_with_its_diff_and_audited(
     plan = ef("plan", "-f", str(fleet), *s)
     assert (plan["created"], plan["configured"], plan["unchanged"]) == (4, 0, 0)
     dry = ef("apply", "-f", str(fleet), "--dry-run", *s)
-    assert dry["id"] is None and dry["dry_run"] is True
+    assert dry["id"] == 0 and dry["dry_run"] is True
     assert client.get("/api/v1/config/documents").json()["items"] == []  # a dry run stores nothing
     assert client.get("/api/v1/slos/digits-availability").status_code == 404  # nor enacts anything
 
