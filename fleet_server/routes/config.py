@@ -39,7 +39,7 @@ NamePath = Annotated[str, Path(description="the document's name", max_length=64)
 
 def apply_out(row: ConfigApply) -> ApplyOut:
     return ApplyOut(
-        id=row.id,
+        id=row.id or 0,
         dry_run=False,
         ts=row.ts,
         actor=row.actor,
