@@ -253,3 +253,23 @@ def test_the_server_refuses_what_the_schema_refuses(client: httpx.Client) -> Non
     r = client.post("/api/v1/config/apply", json={"documents": [slo], "dry_run": True})
     assert r.status_code == 422 and r.json()["detail"]["code"] == "invalid_slo"  # the dry run enacts too
     assert client.get("/api/v1/config/applies").json()["items"] == []
+
+
+def test_a_directory_or_stdin_is_read_and_an_slo_keeps_its_model(
+    server: ServerThread, client: httpx.Client, tmp_path: Path
+) -> None:
+    slo = FLEET.split("---\n")[3]
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "slo.yaml").write_text(slo)
+    (conf / "notes.txt").write_text("not: [yaml")  # not a fleet file: left alone
+    assert ef("apply", "-f", str(conf), "--server", server.url)["changes"][0]["action"] == "created"
+    moved = runner.invoke(
+        app, ["apply", "-f", "-", "--server", server.url], input=slo.replace("model: digits", "model: other")
+    )
+    assert moved.exit_code == 1 and "slo_cohort_changed" in moved.output, moved.output
+    kept = client.get("/api/v1/config/documents/SLO/digits-availability").json()
+    assert kept["generation"] == 1 and kept["document"]["spec"]["model"] == "digits"  # nothing half-applied
+    assert (
+        client.get("/api/v1/config/applies").json()["items"][-1]["id"] == 1
+    )  # the refused apply is not kept
