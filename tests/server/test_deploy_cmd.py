@@ -173,8 +173,8 @@ def test_a_failing_class_aborts_the_deploy_or_is_left_out_as_the_policy_says(
     assert client.get("/api/v1/models").json()["items"] == []  # nothing pushed
     assert client.get("/api/v1/rollouts").json()["items"] == []
 
-    policy.write_text(POLICY.replace("ON_FAILURE", "skip"))
-    skipped = deploy(server, keydir, digits, policy)
+    apply(server, tmp_path / "policy.yaml", POLICY.replace("ON_FAILURE", "skip"))
+    skipped = deploy(server, keydir, digits, Path("canary"))  # the applied RolloutPolicy, by name
     assert skipped.exit_code == 0, skipped.output
     report = json.loads(skipped.stdout)
     assert report["ok"] is True
@@ -189,7 +189,7 @@ def test_a_failing_class_aborts_the_deploy_or_is_left_out_as_the_policy_says(
     assert rollout["model"] == "digits:7-rpi4"
 
     # a refusal by the server names the class too: the rpi4 devices are busy with that rollout
-    again = deploy(server, keydir, digits, policy, "--version", "8")
+    again = deploy(server, keydir, digits, Path("canary"), "--version", "8")
     assert again.exit_code == 1
     message = json.loads(again.stderr)["error"]["message"]
     assert message.startswith("deploy refused: rpi4: rollout_refused: "), message
