@@ -318,9 +318,10 @@ def _progress() -> Any:
 
 
 def _print_table(plans: list[Any]) -> None:
-    table = Table(
-        "CLASS", "DEVICES", "TARGET", "FROM", "MODEL", "ROLLOUT", "RESULT", box=None, header_style="bold"
-    )
+    table = Table(box=None, header_style="bold")
+    for column in ("CLASS", "DEVICES", "TARGET", "MODEL", "ROLLOUT"):  # --json: where each target came from
+        table.add_column(column, no_wrap=True)  # names and ids are copied from here: never cut them
+    table.add_column("RESULT", overflow="fold")
     styles = {"rolling_out": "green", "skipped": "yellow", "failed": "red", "refused": "red"}
     for p in plans:
         result = str(p.state) + (f": {p.code}" if p.code else "")
@@ -328,7 +329,6 @@ def _print_table(plans: list[Any]) -> None:
             p.hardware_class,
             str(p.devices),
             p.target or "-",
-            str(p.target_from),
             p.model or "-",
             p.rollout or "-",
             Text(result, style=styles.get(str(p.state), "")),
