@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -193,3 +194,44 @@ def test_a_failing_class_aborts_the_deploy_or_is_left_out_as_the_policy_says(
     assert again.exit_code == 1
     message = json.loads(again.stderr)["error"]["message"]
     assert message.startswith("deploy refused: rpi4: rollout_refused: "), message
+
+
+def test_a_tflite_model_goes_to_the_cpu_and_two_ethos_u_npus_by_the_compilers_defaults(
+    server: ServerThread, client: httpx.Client, keydir: KeyDir, tmp_path: Path
+) -> None:
+    """The model's format picks the targets: a TFLite model on rpi4 is tflite-int8, and each
+    Ethos-U board gets its Vela-compiled target, with no mapping applied."""
+    pytest.importorskip("ethosu.vela", reason="the ethos extra (ethos-u-vela) is not installed")
+    from tests.compiler.tflite_builders import make_signature_tflite
+
+    model = make_signature_tflite(tmp_path / "fc.tflite", features=16, outputs=4)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).normal(0, 1, (200, 16)).astype(np.float32))
+    for device, hw in (("pi-1", "rpi4"), ("npu-1", "ethos-u55-128-board"), ("npu-2", "ethos-u65-256-board")):
+        register(client, device, hw, app="ocr")
+    policy = tmp_path / "canary.yaml"
+    policy.write_text(POLICY.replace("ON_FAILURE", "abort"))
+    result = runner.invoke(
+        app,
+        [
+            "deploy", str(model), "--selector", "app=ocr", "--policy", str(policy), "--calib", str(calib),
+            "--version", "1", "--keys", str(keydir.path), "--mixed-precision-budget", "0",
+            "--server", server.url, "--json",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    got = {
+        c["hardware_class"]: (c["target"], c["target_from"], c["state"])
+        for c in json.loads(result.stdout)["classes"]
+    }
+    assert got == {
+        "rpi4": ("tflite-int8", "built-in", "rolling_out"),
+        "ethos-u55-128-board": ("ethos-u55-128", "built-in", "rolling_out"),
+        "ethos-u65-256-board": ("ethos-u65-256", "built-in", "rolling_out"),
+    }
+    models = {m["version"]: m["target"] for m in client.get("/api/v1/models").json()["items"]}
+    assert models == {
+        "1-rpi4": "tflite-int8",
+        "1-ethos-u55-128-board": "ethos-u55-128",
+        "1-ethos-u65-256-board": "ethos-u65-256",
+    }
