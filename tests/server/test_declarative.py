@@ -273,3 +273,20 @@ def test_a_directory_or_stdin_is_read_and_an_slo_keeps_its_model(
     assert (
         client.get("/api/v1/config/applies").json()["items"][-1]["id"] == 1
     )  # the refused apply is not kept
+
+
+def test_apply_and_history_on_postgresql(
+    make_server: Callable[..., ServerThread], fresh_pg: str, tmp_path: Path
+) -> None:
+    srv = make_server(database_url=fresh_pg)
+    assert srv.context.engine.dialect.name == "postgresql"
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(FLEET)
+    s = ["--server", srv.url]
+    assert {c["action"] for c in ef("apply", "-f", str(fleet), *s)["changes"]} == {"created"}
+    assert {c["action"] for c in ef("apply", "-f", str(fleet), *s)["changes"]} == {"unchanged"}
+    fleet.write_text(FLEET.replace("qcs8550: qnn-htp-a16", "qcs8550: qnn-htp"))
+    assert [c["action"] for c in ef("apply", "-f", str(fleet), *s)["changes"]][1] == "configured"
+    described = ef("describe", "HardwareTargets", "default", *s)
+    assert described["generation"] == 2 and described["effective"]["targets"] == {"qcs8550": "qnn-htp"}
+    assert [h["action"] for h in described["history"]] == ["configured", "created"]
