@@ -15,8 +15,6 @@ from typer.testing import CliRunner
 
 from compiler.examples import DigitsExample, train_digits
 from edgefleet.cli import app
-from edgefleet.deploy import TargetSource, built_in_target, plan_classes
-from fleet_server.declarative import ModelSpec
 from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 
@@ -77,31 +75,6 @@ def apply(server: ServerThread, path: Path, text: str) -> None:
     path.write_text(text)
     result = runner.invoke(app, ["apply", "-f", str(path), "--server", server.url])
     assert result.exit_code == 0, result.output
-
-
-def test_each_class_gets_its_target_from_the_model_the_mapping_or_the_compiler() -> None:
-    spec = ModelSpec.model_validate(
-        {
-            "source": "m.onnx",
-            "gate": {"min_cosine": 0.9},
-            "targets": {"rpi4": {"target": "qnn-htp", "gate": {"min_cosine": 0.95}}},
-        }
-    )
-    plans = plan_classes(
-        {"rpi4": 1, "qcs8550": 2, "rpi5": 3, "toaster": 1},
-        "onnx",
-        model=spec,
-        hardware_targets={"qcs8550": "qnn-htp-a16", "rpi4": "tflite-int8"},
-    )
-    got = {p.hardware_class: (p.target, p.target_from, p.gate, p.code) for p in plans}
-    assert got == {
-        "qcs8550": ("qnn-htp-a16", TargetSource.HARDWARE_TARGETS, {"min_cosine": 0.9}, ""),
-        "rpi4": ("qnn-htp", TargetSource.MODEL, {"min_cosine": 0.95}, ""),  # the model's own entry wins
-        "rpi5": ("arm64-cpu", TargetSource.BUILT_IN, {"min_cosine": 0.9}, ""),
-        "toaster": (None, TargetSource.NONE, {"min_cosine": 0.9}, "no_target"),
-    }
-    assert built_in_target("rpi4", "tflite") == "tflite-int8"  # the model's format picks the family
-    assert built_in_target("ethos-u55-128-board", "onnx") is None
 
 
 def test_deploy_compiles_gates_pushes_and_rolls_out_three_hardware_classes(
