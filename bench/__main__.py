@@ -26,6 +26,7 @@ MODULES = [
     "console",
     "acceptance",
     "delta",
+    "deploy",
 ]
 STANDARD = {"bench", "baseline", "ratio", "target"}
 

@@ -32,7 +32,9 @@ from edgefleet.commands.common import (
     report_error,
 )
 from edgefleet.commands.compile import compile_cmd
+from edgefleet.commands.config import register_config_commands
 from edgefleet.commands.data import data_app
+from edgefleet.commands.deploy import deploy_cmd
 from edgefleet.commands.device_ops import register_device_ops
 from edgefleet.commands.devices import devices_app
 from edgefleet.commands.examples import examples_app
@@ -171,6 +173,8 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(audit_app, name="audit")
 app.add_typer(slo_app, name="slo")
 app.command("demo")(demo_cmd)
+register_config_commands(app)
+app.command("deploy")(deploy_cmd)
 
 __all__ = ["app", "main", "parse_selector", "parse_stages"]
 

@@ -367,6 +367,25 @@ class ApiClient:
         body = {"model": model, "reason": reason, "hours": hours}
         return dict(self._request("POST", "/api/v1/budget-overrides", json=body))
 
+    # declarative configuration
+    def apply_config(
+        self, documents: list[dict[str, Any]], source: str = "", dry_run: bool = False
+    ) -> dict[str, Any]:
+        body = {"documents": documents, "source": source, "dry_run": dry_run}
+        return dict(self._request("POST", "/api/v1/config/apply", json=body))
+
+    def config_documents(self, kind: str | None = None) -> list[dict[str, Any]]:
+        return self.pages("/api/v1/config/documents", None, kind=kind)
+
+    def config_document(self, kind: str, name: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/api/v1/config/documents/{kind}/{name}"))
+
+    def config_applies(self) -> list[dict[str, Any]]:
+        return self.pages("/api/v1/config/applies")
+
+    def config_apply(self, apply_id: int) -> dict[str, Any]:
+        return dict(self._request("GET", f"/api/v1/config/applies/{apply_id}"))
+
     def create_token(self, name: str, role: str) -> dict[str, Any]:
         return dict(self._request("POST", "/api/v1/tokens", json={"name": name, "role": role}))
 

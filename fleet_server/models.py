@@ -461,3 +461,30 @@ class AlertDelivery(SQLModel, table=True):
     delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     last_error: str = Field(default="", max_length=512)
     gave_up: bool = False
+
+
+class ConfigDocument(SQLModel, table=True):
+    """The live declarative configuration: one document per (kind, name) as last applied
+    (``fleet_server.declarative``); ``generation`` counts the applies that changed it."""
+
+    kind: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=64)
+    body: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)  # apiVersion, kind, metadata, spec
+    sha256: str = Field(max_length=64)  # declarative.digest(body): equal documents, equal digests
+    generation: int = 1
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_by: str = Field(default="", max_length=160)
+    apply_id: int = 0  # the ConfigApply that last changed it
+
+
+class ConfigApply(SQLModel, table=True):
+    """One apply, kept for its history whatever it changed: who, when, from which file, the
+    documents as sent and what each did (action and diff). Never updated or deleted."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    ts: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    actor: str = Field(default="", max_length=160)
+    source: str = Field(default="", max_length=512)
+    documents: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON)
+    changes: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON)

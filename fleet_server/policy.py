@@ -23,6 +23,13 @@ class GateAction(StrEnum):
     PAUSE = "pause"
 
 
+class ClassFailure(StrEnum):
+    """What a deploy does with a hardware class it cannot compile or whose bundle misses the gate."""
+
+    ABORT = "abort"  # nothing is pushed, no rollout starts: the fleet stays as it was
+    SKIP = "skip"  # the class is left out (and named); the other classes roll out
+
+
 class ServerFailure(StrEnum):
     """The failure classes the server assigns (the others are the agent's reason codes)."""
 
@@ -200,6 +207,13 @@ class Policy(BaseModel):
     )
     # a human approves each next stage (manual gate)
     require_approval: bool = Field(default=False, description="a human approves each next stage")
+    # one-command deploy: a hardware class whose compile or quality gate fails
+    on_class_failure: ClassFailure = Field(
+        default=ClassFailure.ABORT,
+        description="edgefleet deploy: a hardware class whose compile or quality gate fails stops the"
+        " whole deploy before anything is pushed (abort), or is left out while the other classes roll"
+        " out (skip)",
+    )
     # retries per failure class with exponential backoff
     retry_limits: dict[str, RetryCount] = Field(
         default_factory=dict,

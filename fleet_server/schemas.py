@@ -212,7 +212,43 @@ class Selector(BaseModel):
         return None if v is None else check_agent_specifier(v)
 
 
-class RolloutIn(Policy):
+class RolloutPlan(Policy):
+    """How a rollout proceeds, whatever it rolls out and wherever: its stages and the policy.
+
+    What a ``RolloutPolicy`` document declares (``fleet_server.declarative``) and what
+    ``RolloutIn`` adds a model and a selector to.
+    """
+
+    stages: list[float] = Field(
+        default_factory=lambda: [100.0],
+        min_length=1,
+        max_length=100,
+        description="cumulative stage sizes, strictly increasing: percents of the targeted devices in"
+        " (0, 100], or whole device counts with stage_unit 'count'",
+    )
+    stage_unit: Literal["percent", "count"] = Field(default="percent", description="what stages count")
+    conflict: Literal["refuse", "skip"] = Field(
+        default="refuse",
+        description="devices already in an active rollout: refuse the rollout (409) or leave them out",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if any(b <= a for a, b in pairwise(v)) or any(p <= 0 for p in v):
+            raise ValueError("stages are cumulative: strictly increasing and positive")
+        return v
+
+    @model_validator(mode="after")
+    def _unit(self) -> RolloutPlan:
+        if self.stage_unit == "percent" and self.stages[-1] > 100:
+            raise ValueError("stages are cumulative percents: strictly increasing, each in (0, 100]")
+        if self.stage_unit == "count" and any(p != int(p) for p in self.stages):
+            raise ValueError("stages by count are whole numbers of devices")
+        return self
+
+
+class RolloutIn(RolloutPlan):
     """A rollout request: which model to send where, in which stages, and its policy.
 
     The policy fields (gates, timing, retries, rate, probation) are the rollout policy's,
@@ -237,33 +273,6 @@ class RolloutIn(Policy):
 
     model: str = Field(pattern=r"^[^:]+:.+$", description="the model to roll out, as name:version")
     selector: Selector = Field(default_factory=Selector, description="which devices it targets (AND)")
-    stages: list[float] = Field(
-        default_factory=lambda: [100.0],
-        min_length=1,
-        max_length=100,
-        description="cumulative stage sizes, strictly increasing: percents of the targeted devices in"
-        " (0, 100], or whole device counts with stage_unit 'count'",
-    )
-    stage_unit: Literal["percent", "count"] = Field(default="percent", description="what stages count")
-    conflict: Literal["refuse", "skip"] = Field(
-        default="refuse",
-        description="devices already in an active rollout: refuse the rollout (409) or leave them out",
-    )
-
-    @field_validator("stages")
-    @classmethod
-    def _increasing(cls, v: list[float]) -> list[float]:
-        if any(b <= a for a, b in pairwise(v)) or any(p <= 0 for p in v):
-            raise ValueError("stages are cumulative: strictly increasing and positive")
-        return v
-
-    @model_validator(mode="after")
-    def _unit(self) -> RolloutIn:
-        if self.stage_unit == "percent" and self.stages[-1] > 100:
-            raise ValueError("stages are cumulative percents: strictly increasing, each in (0, 100]")
-        if self.stage_unit == "count" and any(p != int(p) for p in self.stages):
-            raise ValueError("stages by count are whole numbers of devices")
-        return self
 
     def policy(self) -> Policy:
         """The request's policy, as the engine reads it and the rollout stores it."""

@@ -28,7 +28,7 @@ from fleet_server.models import (
 )
 from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
 from fleet_server.slo.burn import SloStatus, evaluate
-from fleet_server.slo.spec import format_duration, spec_as_dict, spec_from
+from fleet_server.slo.spec import SloSpec, format_duration, spec_as_dict, spec_from
 from fleet_server.slo_schemas import (
     ObjectiveStatusOut,
     OverrideIn,
@@ -41,15 +41,19 @@ from fleet_server.slo_schemas import (
 from fleet_server.slo_store import at, epoch, load_samples, spec_of
 
 
-def create_slo(session: Session, body: SloIn, actor: str) -> Slo:
+def _spec(body: SloIn) -> SloSpec:
     data = body.model_dump(exclude_none=True)
     for o in data["objectives"]:
         if o.get("min_events") is None:
             o.pop("min_events", None)
     try:
-        spec = spec_from(data)
+        return spec_from(data)
     except ValueError as exc:
         raise Invalid("invalid_slo", str(exc)) from None
+
+
+def create_slo(session: Session, body: SloIn, actor: str) -> Slo:
+    spec = _spec(body)
     if session.get(Slo, spec.name) is not None:
         raise Conflict("slo_exists", f"an SLO named {spec.name} exists")
     row = Slo(
@@ -64,6 +68,26 @@ def create_slo(session: Session, body: SloIn, actor: str) -> Slo:
         session.flush()
     except IntegrityError:
         raise Conflict("slo_exists", f"an SLO named {spec.name} exists") from None
+    return row
+
+
+def put_slo(session: Session, body: SloIn, actor: str) -> Slo:
+    """Create the SLO, or change its objectives, rules and labels in place (a declared SLO).
+
+    Its model and cohort stay: the stored samples and alerts are theirs, so another model or
+    cohort is another SLO (409 ``slo_cohort_changed``)."""
+    row = session.get(Slo, body.name)
+    if row is None:
+        return create_slo(session, body, actor)
+    spec = _spec(body)
+    if (row.model, row.hardware_id) != (spec.model, spec.hardware_id):
+        raise Conflict(
+            "slo_cohort_changed",
+            f"SLO {spec.name} measures {row.model} on {row.hardware_id or 'every cohort'}: another model or"
+            " cohort is another SLO (give it another name)",
+        )
+    row.spec = spec_as_dict(spec)
+    session.add(row)
     return row
 
 

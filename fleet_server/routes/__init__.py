@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 
 from fleet_server.routes import (
     captures,
+    config,
     delivery,
     devices,
     drift,
@@ -37,6 +38,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     captures.list_router,
     tokens.router,
     tokens.audit_router,
+    config.router,
     delivery.release_router,
     delivery.static_router,
     server.router,

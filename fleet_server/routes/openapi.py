@@ -50,6 +50,9 @@ TAG_DESCRIPTIONS = {
     " joined to their captured predictions. The `labeler` role may post labels and do nothing else.",
     "captures": "Captured inferences devices upload for retraining, signed with the device's own"
     " certificate (no bearer token): stored as sent and indexed by model, cohort, stage and time.",
+    "config": "Declarative configuration (`edgefleet apply`): documents in kubectl's shape (apiVersion,"
+    " kind, metadata, spec) validated by the published schema, applied idempotently, each apply kept"
+    " with its documents and diff. Operators apply, viewers read.",
     "tokens": "API tokens with roles (admin only). A token's secret is shown once, when it is created.",
     "audit": "The append-only trail of every mutating call: who, what, when, result.",
     "tuf": "Delivery metadata (TUF): the public repository devices verify against keys they already"

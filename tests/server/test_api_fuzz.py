@@ -58,6 +58,9 @@ POSITIVE_ACCEPTANCE_EXEMPT = {
     ("POST", "/api/v1/slos"): "an objective's required fields depend on its sli; windows are durations",
     # the body must be signed by a device's fleet-CA key (headers the fuzzer cannot make)
     ("PUT", "/api/v1/captures/{device_id}/{batch_id}"): "an upload must be signed by a provisioned device",
+    # each document is validated against its kind's schema (docs/schema/fleet.schema.json): the
+    # request schema takes any objects, the kinds are chosen by a discriminator inside them
+    ("POST", "/api/v1/config/apply"): "each document must match its kind's schema",
 }
 
 
@@ -96,6 +99,8 @@ def _cursors() -> dict[str, str]:
         "GET /api/v1/alerts/deliveries": encode_cursor("deliveries", (1,)),
         "GET /api/v1/planned-windows": encode_cursor("windows", (1,)),
         "GET /api/v1/captures": encode_cursor("captures", ("0193a5f0-7c1e-7a3b-9c2d-4e5f60718293",)),
+        "GET /api/v1/config/documents": encode_cursor("config", ("Model", "fz")),
+        "GET /api/v1/config/applies": encode_cursor("applies", (1,)),
     }
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
-from fleet_server import schemas, slo_schemas
+from fleet_server import config_schemas, schemas, slo_schemas
 from fleet_server.paging import DEFAULT_LIMIT, MAX_LIMIT
 from fleet_server.runner import ServerThread
 
@@ -92,7 +92,11 @@ def test_bearer_scheme_is_declared_and_required_by_admin_routes(document: dict[s
 
 
 def _model(name: str) -> type[BaseModel] | None:
-    found = getattr(schemas, name, None) or getattr(slo_schemas, name, None)
+    found = (
+        getattr(schemas, name, None)
+        or getattr(slo_schemas, name, None)
+        or getattr(config_schemas, name, None)
+    )
     return found if isinstance(found, type) and issubclass(found, BaseModel) else None
 
 
@@ -108,6 +112,7 @@ def test_examples_are_given_and_valid(document: dict[str, Any]) -> None:
         "OverrideIn",
         "LabelsIn",
         "CaptureBatchIn",
+        "ApplyIn",
     }
     responses = {"DeviceOut", "ModelOut", "RolloutOut", "AggregateOut", "TokenOut", "AuditOut", "ErrorOut"}
     pages = {"DevicePage", "ModelPage", "RolloutPage", "AggregatePage"}
@@ -148,7 +153,7 @@ def test_every_list_takes_the_same_paging_parameters(document: dict[str, Any]) -
         for method, path, op in operations(document)
         if method == "GET" and answer(op).endswith("Page")
     ]
-    assert len(lists) == 15, [p for p, _ in lists]
+    assert len(lists) == 17, [p for p, _ in lists]
     for path, op in lists:
         params = {p["name"]: p for p in op["parameters"] if p["in"] == "query"}
         limit = params["limit"]["schema"]
