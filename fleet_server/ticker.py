@@ -25,6 +25,7 @@ from sqlmodel import Session, col, select
 
 from device_agent.protocol import DeploymentState
 from fleet_server import engine as rollout_engine
+from fleet_server import experiments
 from fleet_server import policy as rollout_policy
 from fleet_server.directives import build_directive, sign_directive
 from fleet_server.gates import Histograms, add_counts
@@ -272,6 +273,14 @@ class Ticker:
             self._enrol_joiners(ids)
             for rollout_id in ids:
                 self._tick_one(rollout_id, now or utcnow())
+            self._tick_experiments()
+
+    def _tick_experiments(self) -> None:
+        """Evaluate the running experiments: guardrail stops, winners, auto-promote. The rollouts
+        that starts are ticked from the next tick on."""
+        with new_session(self.engine) as session:
+            if experiments.tick(session):
+                session.commit()
 
     def _enrol_joiners(self, ids: Sequence[str]) -> None:
         """Give devices that joined a selector to the oldest active rollout that wants them.
