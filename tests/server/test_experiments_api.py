@@ -1,0 +1,228 @@
+"""``/api/v1/experiments`` against a real server and broker, devices played over MQTT: assignment,
+each arm's signed directives, per-arm figures from telemetry, the 409s, guardrail stops and stop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from device_agent import protocol
+from fleet_server.runner import ServerThread
+from signing.keyring import KeyDir
+
+from .conftest import FakeDevice, wait_for
+from .test_mqtt import reported
+from .test_rollout_flow import directives
+from .test_rollout_ops import fleet_on_old_model
+
+
+def experiment(client: httpx.Client, prefix: str, **over: Any) -> dict[str, Any]:
+    body = {
+        "name": f"{prefix}-exp",
+        "selector": {"tags": {"site": prefix}},
+        "arms": [
+            {"name": "control", "model": "det:1", "weight": 1},
+            {"name": "candidate", "model": "det:2", "weight": 1},
+        ],
+        "metric": "accuracy",
+        "min_samples": 50,
+        "policy": {"soak_seconds": 0, "min_inferences": 1},
+        **over,
+    }
+    r = client.post("/api/v1/experiments", json=body)
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def serve_arm(
+    dev: FakeDevice,
+    d: protocol.Directive,
+    batch: str,
+    inferences: int,
+    errors: int = 0,
+    labels: int = 0,
+    correct: int = 0,
+) -> None:
+    """Act as an agent serving the directive's model: reported state, then one telemetry batch."""
+    assert d.model is not None
+    running = protocol.RunningModel(name=d.model.name, version=d.model.version, sha256=d.model.sha256)
+    dev.publish(
+        "reported",
+        reported(
+            dev.device_id,
+            running=running,
+            deployment_seq=d.seq,
+            deployment_state="serving",
+            served_ok={d.model.sha256: inferences - errors},
+            ts=datetime.now(UTC),
+        ),
+        retain=True,
+    )
+    stats = protocol.ModelStats(
+        inferences=inferences,
+        errors={"non_finite": errors} if errors else {},
+        labels=labels,
+        labels_correct=correct,
+        latency_buckets=[0] * 20 + [inferences] + [0] * 20,
+    )
+    now = datetime.now(UTC)
+    dev.publish(
+        "telemetry",
+        protocol.encode_telemetry(
+            protocol.TelemetryBatch(
+                device_id=dev.device_id,
+                batch_id=batch,
+                window_start=now,
+                window_end=now,
+                models={d.model.sha256: stats},
+            )
+        ),
+    )
+
+
+def get(client: httpx.Client, eid: str) -> dict[str, Any]:
+    return dict(client.get(f"/api/v1/experiments/{eid}").json())
+
+
+def test_arms_get_their_versions_figures_flow_and_rollouts_keep_off(
+    client: httpx.Client, keydir: KeyDir, tmp_path: Path, fake_device: Callable[[str], FakeDevice]
+) -> None:
+    old, new, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "ab", 6)
+    exp = experiment(client, "ab", guardrails=[{"metric": "error_rate", "max_harm": 0.02}])
+    eid = exp["id"]
+    arms = {a["name"]: a for a in exp["arms"]}
+    assert arms["control"]["devices"] == 3 and arms["candidate"]["devices"] == 3
+    assert exp["decisions"][0]["action"] == "created"
+    # each arm's devices get a signed directive for that arm's version
+    want = {"control": old["sha256"], "candidate": new["sha256"]}
+    got = wait_for(
+        lambda: (
+            {i: directives(d, keydir)[-1] for i, d in devs.items() if directives(d, keydir)}
+            if all(directives(d, keydir) for d in devs.values())
+            else None
+        )
+    )
+    by_sha: dict[str, list[str]] = {}
+    for device_id, d in got.items():
+        assert d.model is not None
+        by_sha.setdefault(d.model.sha256, []).append(device_id)
+    assert sorted(len(v) for v in by_sha.values()) == [3, 3] and set(by_sha) == set(want.values())
+
+    # a rollout over those devices is refused while the experiment holds them
+    r = client.post("/api/v1/rollouts", json={"model": "det:2", "selector": {"tags": {"site": "ab"}}})
+    assert r.status_code == 409 and r.json()["detail"]["code"] == "rollout_conflict"
+    assert f"experiment:{eid}" in r.json()["detail"]["message"]
+    # and so is a second experiment
+    r = client.post(
+        "/api/v1/experiments",
+        json={
+            "name": "again",
+            "selector": {"tags": {"site": "ab"}},
+            "arms": [
+                {"name": "a", "model": "det:1", "weight": 1},
+                {"name": "b", "model": "det:2", "weight": 1},
+            ],
+        },
+    )
+    assert r.status_code == 409 and r.json()["detail"]["code"] == "experiment_conflict"
+
+    # the devices serve: the candidate is more accurate, with an error rate within the guardrail
+    for device_id, d in got.items():
+        control = d.model is not None and d.model.sha256 == old["sha256"]
+        serve_arm(
+            devs[device_id], d, f"{device_id}-1", 400, errors=2, labels=400, correct=320 if control else 392
+        )
+    status = wait_for(
+        lambda: (
+            (s := get(client, eid))
+            and all(a["metrics"]["accuracy"]["samples"] == 1200 for a in s["arms"])
+            and s
+        )
+    )
+    arms = {a["name"]: a for a in status["arms"]}
+    assert (
+        arms["control"]["metrics"]["accuracy"]["value"] == 0.8
+        and arms["candidate"]["metrics"]["accuracy"]["value"] == 0.98
+    )
+    assert arms["candidate"]["serving"] == 3
+    (acc,) = [e for e in arms["candidate"]["effects"] if e["metric"] == "accuracy"]
+    assert acc["verdict"] == "better" and acc["lower"] > 0 and acc["estimate"] > 0.17
+    # the leader records the winner (no auto-promote: the experiment keeps running until stopped)
+    status = wait_for(
+        lambda: (s := get(client, eid)) and any(d["action"] == "winner" for d in s["decisions"]) and s
+    )
+    assert status["winner"] == "candidate" and status["state"] == "running"
+
+    # stop with promote: the winner goes to the whole selector
+    r = client.post(f"/api/v1/experiments/{eid}/stop", json={"promote": True, "reason": "ship it"})
+    assert r.status_code == 200, r.text
+    done = r.json()
+    assert done["state"] == "completed" and done["promoted_rollout_id"]
+    rollout = client.get(f"/api/v1/rollouts/{done['promoted_rollout_id']}").json()
+    assert rollout["model"] == "det:2" and len(rollout["devices"]) == 6
+    # stopping again is refused with a reason (a finished experiment cannot be promoted twice)
+    r = client.post(f"/api/v1/experiments/{eid}/stop", json={"promote": True})
+    assert r.status_code == 409 and r.json()["detail"]["code"] == "experiment_finished"
+
+
+def test_a_guardrail_breach_sends_the_arm_back_to_the_control(
+    client: httpx.Client, keydir: KeyDir, tmp_path: Path, fake_device: Callable[[str], FakeDevice]
+) -> None:
+    old, new, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "gr", 4)
+    exp = experiment(client, "gr", guardrails=[{"metric": "error_rate", "max_harm": 0.01}])
+    eid = exp["id"]
+    got = wait_for(
+        lambda: (
+            {i: directives(d, keydir)[-1] for i, d in devs.items()}
+            if all(directives(d, keydir) for d in devs.values())
+            else None
+        )
+    )
+    for device_id, d in got.items():
+        bad = d.model is not None and d.model.sha256 == new["sha256"]
+        serve_arm(devs[device_id], d, f"{device_id}-1", 2000, errors=400 if bad else 4)
+    status = wait_for(lambda: (s := get(client, eid)) and s["state"] != "running" and s, timeout=20)
+    arms = {a["name"]: a for a in status["arms"]}
+    cand = arms["candidate"]
+    assert (
+        cand["state"] == "stopped" and "guardrail error_rate" in cand["reason"] and cand["return_rollout_id"]
+    )
+    assert status["state"] == "completed" and status["winner"] == "control"
+    assert [d["action"] for d in status["decisions"]][:2] == ["created", "guardrail_stop"]
+    # the candidate's devices get a newer directive naming the control's version
+    back = [i for i, d in got.items() if d.model is not None and d.model.sha256 == new["sha256"]]
+    for device_id in back:
+        latest = wait_for(
+            lambda i=device_id: (
+                (ds := directives(devs[i], keydir))
+                and ds[-1].model
+                and ds[-1].model.sha256 == old["sha256"]
+                and ds[-1]
+            )
+        )
+        assert latest.seq > got[device_id].seq and latest.rollout_id == cand["return_rollout_id"]
+
+
+def test_bad_requests_name_the_problem(
+    client: httpx.Client, keydir: KeyDir, tmp_path: Path, fake_device: Callable[[str], FakeDevice]
+) -> None:
+    fleet_on_old_model(client, keydir, tmp_path, fake_device, "bad", 1)
+    arms = [{"name": "a", "model": "det:1", "weight": 1}, {"name": "b", "model": "det:2", "weight": 1}]
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        ({"name": "x", "arms": arms[:1]}, 400, "invalid_request"),
+        ({"name": "x", "arms": [arms[0], {**arms[1], "name": "a"}]}, 400, "invalid_request"),
+        ({"name": "x", "arms": arms, "metric": "happiness"}, 400, "invalid_request"),
+        ({"name": "x", "arms": [arms[0], {**arms[1], "model": "det:9"}]}, 404, "model_not_found"),
+        ({"name": "x", "arms": arms, "selector": {"tags": {"site": "nowhere"}}}, 400, "no_matching_devices"),
+        ({"name": "x", "arms": arms, "selector": {"tags": {"site": "bad"}}}, 400, "too_few_devices"),
+    ]
+    for body, code, reason in cases:
+        r = client.post("/api/v1/experiments", json=body)
+        assert r.status_code == code, (body, r.text)
+        assert r.json()["detail"]["code"] == reason
+    assert client.get("/api/v1/experiments").json()["items"] == []  # nothing of them was stored
+    assert client.get("/api/v1/experiments/nope").status_code == 404
