@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 
 from device_agent import protocol
-from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 
 from .conftest import FakeDevice, wait_for
