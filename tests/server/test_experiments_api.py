@@ -3,6 +3,7 @@ each arm's signed directives, per-arm figures from telemetry, the 409s, guardrai
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 
 from device_agent import protocol
+from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 
 from .conftest import FakeDevice, wait_for
@@ -184,7 +186,7 @@ def test_a_guardrail_breach_sends_the_arm_back_to_the_control(
     for device_id, d in got.items():
         bad = d.model is not None and d.model.sha256 == new["sha256"]
         serve_arm(devs[device_id], d, f"{device_id}-1", 2000, errors=400 if bad else 4)
-    status = wait_for(lambda: (s := get(client, eid)) and s["state"] != "running" and s, timeout=20)
+    status = wait_for(lambda: (s := get(client, eid)) and s["state"] != "running" and s, timeout=30)
     arms = {a["name"]: a for a in status["arms"]}
     cand = arms["candidate"]
     assert (
@@ -200,7 +202,8 @@ def test_a_guardrail_breach_sends_the_arm_back_to_the_control(
                 (ds := directives(devs[i], keydir))
                 and ds[-1].model
                 and ds[-1].model.sha256 == old["sha256"]
-                and ds[-1]
+                and ds[-1],
+            timeout=30,
             )
         )
         assert latest.seq > got[device_id].seq and latest.rollout_id == cand["return_rollout_id"]
@@ -225,3 +228,52 @@ def test_bad_requests_name_the_problem(
         assert r.json()["detail"]["code"] == reason
     assert client.get("/api/v1/experiments").json()["items"] == []  # nothing of them was stored
     assert client.get("/api/v1/experiments/nope").status_code == 404
+
+
+def test_cli_create_status_and_stop(
+    server: ServerThread,
+    client: httpx.Client,
+    keydir: KeyDir,
+    tmp_path: Path,
+    fake_device: Callable[[str], FakeDevice],
+) -> None:
+    from typer.testing import CliRunner
+
+    from edgefleet.cli import app
+
+    runner = CliRunner()
+
+    def ef(*args: str, code: int = 0) -> Any:
+        result = runner.invoke(app, [*args, "--server", server.url, "--json"])
+        assert result.exit_code == code, result.output
+        return json.loads(result.stdout) if code == 0 else result.output
+
+    fleet_on_old_model(client, keydir, tmp_path, fake_device, "cli", 4)
+    exp = ef(
+        "experiments", "create", "--name", "cli", "--selector", "site=cli", "--arm", "control=det:1",
+        "--arm", "candidate=det:2@1", "--guardrail", "latency_ms=5", "--guardrail", "error_rate",
+        "--min-inferences", "1",
+    )  # fmt: skip
+    assert [a["devices"] for a in exp["arms"]] == [2, 2]
+    assert exp["guardrails"] == [
+        {"metric": "latency_ms", "max_harm": 5.0, "better": None},
+        {"metric": "error_rate", "max_harm": 0.0, "better": None},
+    ]
+    status = ef("experiments", "status", exp["id"])
+    assert status["id"] == exp["id"] and {e["metric"] for e in status["arms"][1]["effects"]} == {
+        "accuracy",
+        "latency_ms",
+        "error_rate",
+    }
+    table = runner.invoke(app, ["experiments", "status", exp["id"], "--server", server.url])
+    assert table.exit_code == 0 and "always-valid" in table.output and "candidate" in table.output
+    # the control cannot be stopped on its own; an unknown experiment is a one-line error, exit 1
+    assert "control_arm" in ef("experiments", "stop", exp["id"], "--arm", "control", code=1)
+    stopped = ef("experiments", "stop", exp["id"], "--arm", "candidate", "--reason", "enough")
+    cand = next(a for a in stopped["arms"] if a["name"] == "candidate")
+    assert cand["state"] == "stopped" and cand["reason"] == "operator: enough" and cand["return_rollout_id"]
+    assert "experiment_not_found" in ef("experiments", "status", "nope", code=1)
+    assert ef("experiments", "create", "--name", "x", "--arm", "bad", code=2)
+    final = ef("experiments", "stop", exp["id"])
+    assert final["state"] in ("stopped", "completed")
+    assert [e["id"] for e in ef("experiments", "list")] == [exp["id"]]
