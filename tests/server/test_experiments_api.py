@@ -202,9 +202,9 @@ def test_a_guardrail_breach_sends_the_arm_back_to_the_control(
                 (ds := directives(devs[i], keydir))
                 and ds[-1].model
                 and ds[-1].model.sha256 == old["sha256"]
-                and ds[-1],
+                and ds[-1]
+            ),
             timeout=30,
-            )
         )
         assert latest.seq > got[device_id].seq and latest.rollout_id == cand["return_rollout_id"]
 
