@@ -197,15 +197,13 @@ def test_a_guardrail_breach_sends_the_arm_back_to_the_control(
     # the candidate's devices get a newer directive naming the control's version
     back = [i for i, d in got.items() if d.model is not None and d.model.sha256 == new["sha256"]]
     for device_id in back:
-        latest = wait_for(
-            lambda i=device_id: (
-                (ds := directives(devs[i], keydir))
-                and ds[-1].model
-                and ds[-1].model.sha256 == old["sha256"]
-                and ds[-1]
-            ),
-            timeout=30,
-        )
+
+        def returned(i: str = device_id) -> protocol.Directive | None:
+            ds = directives(devs[i], keydir)
+            model = ds[-1].model if ds else None
+            return ds[-1] if model is not None and model.sha256 == old["sha256"] else None
+
+        latest = wait_for(returned, timeout=30)
         assert latest.seq > got[device_id].seq and latest.rollout_id == cand["return_rollout_id"]
 
 
