@@ -318,11 +318,14 @@ def _harm(g: Guardrail, e: es.Effect) -> float:
 
 
 def evaluate(spec: Spec, arms: Mapping[str, ArmCounts], running: Iterable[str]) -> Evaluation:
-    """Every running non-control arm against the control: comparisons on the primary metric and the
-    guardrails, guardrail breaches, and a winner once the primary metric proves one."""
+    """Every non-control arm of ``running`` against the control: comparisons on the primary metric and
+    the guardrails, guardrail breaches, and a winner once the primary metric proves one. ``arms``
+    holds every declared arm (``alpha`` is split over all of them)."""
     control = arms.get(spec.control, {})
     others = [a for a in running if a != spec.control]
-    alpha = spec.alpha / max(1, len(others))
+    # split over every arm the experiment declared, not only those still running: an arm stopped
+    # early spent its share already
+    alpha = spec.alpha / max(1, len([a for a in set(arms) | set(running) if a != spec.control]))
     comparisons: list[Comparison] = []
     breaches: list[Breach] = []
     better_arms: list[tuple[float, str]] = []

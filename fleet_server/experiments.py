@@ -62,7 +62,7 @@ from fleet_server.selector import matches
 
 log = logging.getLogger(__name__)
 
-RUNNING, STOPPED, COMPLETED = "running", "stopped", "completed"
+RUNNING, STOPPED, COMPLETED, DONE = "running", "stopped", "completed", "done"
 
 
 def _model(session: Session, ref: str) -> Model:
@@ -425,6 +425,8 @@ def _finish(session: Session, exp: Experiment, state: str, reason: str, promote:
     for arm in arms:
         if arm.state == RUNNING:
             _abort(session, arm.rollout_id)
+            arm.state = DONE  # its devices keep its version until a rollout (the promotion) moves them
+            session.add(arm)
     exp.state, exp.reason, exp.updated_at = state, reason, utcnow()
     session.add(exp)
     session.flush()  # the devices are free before the promoting rollout looks for busy ones
@@ -506,9 +508,8 @@ def tick(session: Session) -> int:
 
 def status(session: Session, exp: Experiment, ev: core.Evaluation | None = None) -> ExperimentOut:
     counts = arm_counts(session, exp)
-    if ev is None:
-        arms_running = [a.name for a in _arms(session, exp) if a.state == RUNNING]
-        ev = core.evaluate(spec_of(exp), counts, arms_running)
+    if ev is None:  # every arm's figures, also of arms stopped or done (the verdict acts on running ones)
+        ev = core.evaluate(spec_of(exp), counts, [a.name for a in _arms(session, exp)])
     spec = spec_of(exp)
     members = session.exec(select(ExperimentDevice).where(ExperimentDevice.experiment_id == exp.id)).all()
     serving: dict[str, str | None] = {}

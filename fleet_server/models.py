@@ -497,7 +497,7 @@ class ExperimentArm(SQLModel, table=True):
     model_ref: str = Field(max_length=256)
     model_sha256: str = Field(max_length=64)
     weight: float
-    state: str = Field(default="running", max_length=16)  # running | stopped
+    state: str = Field(default="running", max_length=16)  # running | stopped | done
     reason: str = Field(default="", max_length=1024)
     rollout_id: str | None = Field(default=None, max_length=32, index=True)
     return_rollout_id: str | None = Field(default=None, max_length=32, index=True)
