@@ -455,6 +455,16 @@ def evaluate(session: Session, exp: Experiment) -> core.Evaluation:
     ev = core.evaluate(spec, arm_counts(session, exp), running)
     if exp.state != RUNNING:
         return ev
+    for arm in arms:  # a rollout gate (error rate, latency, probation) may have sent an arm back first
+        rollout = session.get(Rollout, arm.rollout_id) if arm.state == RUNNING and arm.rollout_id else None
+        if rollout is not None and rollout.state in (RS.ROLLED_BACK, RS.ABORTED):
+            last = session.exec(
+                select(RolloutDecision)
+                .where(RolloutDecision.rollout_id == rollout.id)
+                .order_by(col(RolloutDecision.id).desc())
+            ).first()
+            why = f"its rollout {rollout.id} was {rollout.state}" + (f": {last.reason}" if last else "")
+            _stop_arm(session, exp, arm, "rollout_stop", why)
     for b in ev.breaches:
         arm = next(a for a in arms if a.name == b.arm)
         if arm.state == RUNNING:
