@@ -23,8 +23,10 @@ figures as JSON. Seeded: the same seed gives the same figures.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -143,10 +145,19 @@ def measure(trials: int = 200, seed: int = 0, looks: int = LOOKS, per_look: int 
         if detected
         else None,
         "lift_p90_labels": (
-            float(np.percentile([t.labels_at_stop or 0 for t in detected], 90)) if detected else None
+            round(float(np.percentile([t.labels_at_stop or 0 for t in detected], 90))) if detected else None
         ),
+        # a fixed-horizon design for the same lift at 90% power, two-sided alpha: labels, both arms
+        "fixed_design_labels_90pct_power": _fixed_design(CONTROL, CONTROL + LIFT),
         "lift_z_once_detected": _rate(sum(t.z_once for t in ab), trials),
     }
+
+
+def _fixed_design(p0: float, p1: float, power: float = 0.9) -> int:
+    """Labels (both arms) a fixed-horizon z-test needs to detect ``p1 - p0`` with ``power``."""
+    z = NormalDist().inv_cdf(1 - ALPHA / 2) + NormalDist().inv_cdf(power)
+    per_arm = z * z * (p0 * (1 - p0) + p1 * (1 - p1)) / (p1 - p0) ** 2
+    return 2 * math.ceil(per_arm)
 
 
 def _pct(r: dict[str, Any]) -> float:
@@ -190,6 +201,7 @@ def run(trials: int = 200) -> list[dict[str, object]]:
             "median_labels_both_arms": m["lift_median_labels"],
             "p90_labels_both_arms": m["lift_p90_labels"],
             "wrong_sign": m["lift_wrong_sign"],
+            "fixed_design_labels_90pct_power": m["fixed_design_labels_90pct_power"],
         },
     ]
 
