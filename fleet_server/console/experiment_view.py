@@ -14,8 +14,11 @@ WIDTH, ROW, LEFT, RIGHT, TOP = 560, 26, 170, 16, 18
 BETTER, WORSE, OPEN = "#2b7a3d", "#b3461b", "#1f5fa8"
 
 
-def interval_chart(rows: Sequence[tuple[str, float, float, float, str]], unit: str = "") -> str:
-    """``rows``: (label, estimate, lower, upper, verdict); SVG markup (escaped), one axis for all."""
+def interval_chart(
+    rows: Sequence[tuple[str, float, float, float, str]], unit: str = "", key: str = "effects"
+) -> str:
+    """``rows``: (label, estimate, lower, upper, verdict); SVG markup (escaped), one axis for all.
+    ``key``: unique on the page (the ids of the chart's title and description)."""
     if not rows:
         return '<p class="nodata">No effect can be estimated yet: an arm or the control has no data.</p>'
     lo = min(min(r[2] for r in rows), 0.0)
@@ -31,18 +34,21 @@ def interval_chart(rows: Sequence[tuple[str, float, float, float, str]], unit: s
         return LEFT + (v - lo) / (hi - lo) * plot_w
 
     parts = [
-        f'<svg class="chart" role="img" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}"'
-        ' aria-labelledby="effects-title effects-desc">',
-        '<title id="effects-title">Effect of each arm against the control</title>',
-        '<desc id="effects-desc">Always-valid intervals: a bar wholly right or left of the zero line is a'
+        f'<svg class="chart intervals" role="img" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}"'
+        f' height="{height}" aria-labelledby="{key}-title {key}-desc">',
+        f'<title id="{key}-title">Effect of each arm against the control</title>',
+        f'<desc id="{key}-desc">Always-valid intervals: a bar wholly right or left of the zero line is a'
         " proven difference; the table below lists the same figures.</desc>",
         f'<line x1="{x(0):.1f}" x2="{x(0):.1f}" y1="{TOP - 6}" y2="{height - 20}" stroke="#555"'
         ' stroke-dasharray="3 3"/>',
         f'<text x="{x(0):.1f}" y="{height - 6}" text-anchor="middle" font-size="11">0</text>',
-        f'<text x="{x(lo):.1f}" y="{height - 6}" font-size="11">{escape(_fmt(lo, unit))}</text>',
-        f'<text x="{x(hi):.1f}" y="{height - 6}" text-anchor="end" font-size="11">'
-        f"{escape(_fmt(hi, unit))}</text>",
     ]
+    for end, anchor in ((lo, "start"), (hi, "end")):
+        if abs(x(end) - x(0)) > 60:  # an end label next to the zero label would overprint it
+            parts.append(
+                f'<text x="{x(end):.1f}" y="{height - 6}" text-anchor="{anchor}" font-size="11">'
+                f"{escape(_fmt(end, unit))}</text>"
+            )
     for i, (label, est, low, high, verdict) in enumerate(rows):
         y = TOP + ROW * i + ROW / 2
         color = BETTER if verdict == "better" else WORSE if verdict == "worse" else OPEN
@@ -72,7 +78,9 @@ def context(exp: ExperimentOut) -> dict[str, Any]:
             if e.estimate is not None and e.lower is not None and e.upper is not None:
                 by_metric.setdefault(e.metric, []).append((arm.name, e.estimate, e.lower, e.upper, e.verdict))
     order = [exp.metric, *sorted(m for m in by_metric if m != exp.metric)]
-    charts = [(m, interval_chart(by_metric[m])) for m in order if m in by_metric]
+    charts = [
+        (m, interval_chart(by_metric[m], key=f"effects-{i}")) for i, m in enumerate(order) if m in by_metric
+    ]
     metrics = sorted({k for a in exp.arms for k in a.metrics})
     return {"e": exp, "effects": effects, "charts": charts, "metrics": metrics}
 
