@@ -276,3 +276,36 @@ def test_cli_create_status_and_stop(
     final = ef("experiments", "stop", exp["id"])
     assert final["state"] in ("stopped", "completed")
     assert [e["id"] for e in ef("experiments", "list")] == [exp["id"]]
+
+
+def test_a_viewer_reads_but_cannot_create_or_stop_and_changes_are_audited(
+    server: ServerThread,
+    client: httpx.Client,
+    keydir: KeyDir,
+    tmp_path: Path,
+    fake_device: Callable[[str], FakeDevice],
+) -> None:
+    fleet_on_old_model(client, keydir, tmp_path, fake_device, "rb", 2)
+    r = client.post("/api/v1/tokens", json={"name": "watcher", "role": "viewer"})
+    assert r.status_code == 201, r.text
+    viewer = httpx.Client(
+        base_url=server.url, timeout=10, headers={"Authorization": f"Bearer {r.json()['token']}"}
+    )
+    body = {
+        "name": "rbac",
+        "selector": {"tags": {"site": "rb"}},
+        "arms": [{"name": "a", "model": "det:1", "weight": 1}, {"name": "b", "model": "det:2", "weight": 1}],
+    }
+    assert viewer.post("/api/v1/experiments", json=body).status_code == 403
+    exp = experiment(client, "rb")
+    assert viewer.get(f"/api/v1/experiments/{exp['id']}").status_code == 200
+    assert viewer.post(f"/api/v1/experiments/{exp['id']}/stop", json={}).status_code == 403
+    assert (
+        client.post(f"/api/v1/experiments/{exp['id']}/stop", json={"reason": "done"}).json()["state"]
+        == "stopped"
+    )
+    viewer.close()
+    audit = client.get("/api/v1/audit", params={"path": "/api/v1/experiments"}).json()["items"]
+    seen = [(a["method"], a["path"], a["status"]) for a in audit]
+    assert ("POST", "/api/v1/experiments", 403) in seen and ("POST", "/api/v1/experiments", 201) in seen
+    assert ("POST", f"/api/v1/experiments/{exp['id']}/stop", 200) in seen
