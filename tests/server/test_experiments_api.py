@@ -300,6 +300,12 @@ def test_a_viewer_reads_but_cannot_create_or_stop_and_changes_are_audited(
     exp = experiment(client, "rb")
     assert viewer.get(f"/api/v1/experiments/{exp['id']}").status_code == 200
     assert viewer.post(f"/api/v1/experiments/{exp['id']}/stop", json={}).status_code == 403
+    # a device a running experiment holds cannot be deleted (nor while its arm's rollout runs)
+    r = client.delete("/api/v1/devices/rb-0")
+    assert r.status_code == 409 and r.json()["detail"]["code"] in (
+        "device_in_experiment",
+        "device_in_rollout",
+    )
     assert (
         client.post(f"/api/v1/experiments/{exp['id']}/stop", json={"reason": "done"}).json()["state"]
         == "stopped"
@@ -309,3 +315,5 @@ def test_a_viewer_reads_but_cannot_create_or_stop_and_changes_are_audited(
     seen = [(a["method"], a["path"], a["status"]) for a in audit]
     assert ("POST", "/api/v1/experiments", 403) in seen and ("POST", "/api/v1/experiments", 201) in seen
     assert ("POST", f"/api/v1/experiments/{exp['id']}/stop", 200) in seen
+    # once it ended (and the arms' rollouts with it), the device can go
+    wait_for(lambda: client.delete("/api/v1/devices/rb-1").status_code == 200, timeout=30)
