@@ -411,7 +411,7 @@ def stop(
         winner = exp.decision.get("winner")
         if not winner:
             raise Conflict("no_winner", f"experiment {exp.id} has no proven winner to promote")
-        _finish(session, exp, COMPLETED, f"operator: promote {winner}: {reason}", promote=winner)
+        _finish(session, exp, COMPLETED, f"operator: promote {winner}: {reason}", promote=winner, strict=True)
         return exp
     for arm in arms:
         if arm.name != exp.control:
@@ -420,7 +420,16 @@ def stop(
     return exp
 
 
-def _finish(session: Session, exp: Experiment, state: str, reason: str, promote: str | None = None) -> None:
+def _finish(
+    session: Session,
+    exp: Experiment,
+    state: str,
+    reason: str,
+    promote: str | None = None,
+    strict: bool = False,
+) -> None:
+    """End the experiment; ``promote``: roll that arm's version out to the selector (``strict``: a
+    refused rollout is the caller's error, else it is recorded and the experiment ends without)."""
     arms = _arms(session, exp)
     for arm in arms:
         if arm.state == RUNNING:
@@ -432,12 +441,18 @@ def _finish(session: Session, exp: Experiment, state: str, reason: str, promote:
     session.flush()  # the devices are free before the promoting rollout looks for busy ones
     if promote is not None:
         winner = next(a for a in arms if a.name == promote)
-        rollout = create_rollout(
-            session,
-            RolloutIn.model_validate(
-                {**exp.policy, "model": winner.model_ref, "selector": exp.selector, "conflict": "skip"}
-            ),
+        request = RolloutIn.model_validate(
+            {**exp.policy, "model": winner.model_ref, "selector": exp.selector, "conflict": "skip"}
         )
+        try:  # create_rollout refuses before it writes anything
+            rollout = create_rollout(session, request)
+        except DomainError as exc:
+            if strict:
+                raise
+            # the leader's auto-promote: the experiment still ends, and says why nothing was rolled out
+            _decide(session, exp, "promote_refused", f"{winner.model_ref}: {exc.code}: {exc.message}", {})
+            _decide(session, exp, state, reason, {"winner": exp.decision.get("winner")})
+            return
         exp.promoted_rollout_id = rollout.id
         session.add(exp)
         _decide(
