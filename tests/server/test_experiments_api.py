@@ -47,6 +47,7 @@ def serve_arm(
     errors: int = 0,
     labels: int = 0,
     correct: int = 0,
+    outcomes: dict[str, list[float]] | None = None,
 ) -> None:
     """Act as an agent serving the directive's model: reported state, then one telemetry batch."""
     assert d.model is not None
@@ -69,6 +70,7 @@ def serve_arm(
         labels=labels,
         labels_correct=correct,
         latency_buckets=[0] * 20 + [inferences] + [0] * 20,
+        outcomes=outcomes or {},
     )
     now = datetime.now(UTC)
     dev.publish(
@@ -317,3 +319,49 @@ def test_a_viewer_reads_but_cannot_create_or_stop_and_changes_are_audited(
     assert ("POST", f"/api/v1/experiments/{exp['id']}/stop", 200) in seen
     # once it ended (and the arms' rollouts with it), the device can go
     wait_for(lambda: client.delete("/api/v1/devices/rb-1").status_code == 200, timeout=30)
+
+
+def test_on_postgresql_outcomes_and_labels_reach_the_arms(
+    make_server: Callable[..., ServerThread],
+    fresh_pg: str,
+    keydir: KeyDir,
+    tmp_path: Path,
+    fake_device: Callable[[str], FakeDevice],
+) -> None:
+    server = make_server(database_url=fresh_pg)
+    client = httpx.Client(base_url=server.url, timeout=10)
+    old, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "pg", 4)
+    exp = experiment(client, "pg", metric="outcome:clicks", min_samples=10)
+    got = wait_for(
+        lambda: (
+            {i: directives(d, keydir)[-1] for i, d in devs.items()}
+            if all(directives(d, keydir) for d in devs.values())
+            else None
+        )
+    )
+    for device_id, d in got.items():
+        control = d.model is not None and d.model.sha256 == old["sha256"]
+        # 200 click counts each: mean 1.0 (control) or 1.5, spread 0.5 (sum of squares n (mean^2 + 0.25))
+        mean = 1.0 if control else 1.5
+        clicks = [200.0, 200 * mean, 200 * (mean * mean + 0.25)]
+        serve_arm(
+            devs[device_id], d, f"{device_id}-1", 200, labels=100, correct=90, outcomes={"clicks": clicks}
+        )
+        serve_arm(
+            devs[device_id], d, f"{device_id}-1", 200, labels=100, correct=90, outcomes={"clicks": clicks}
+        )
+
+    def both() -> dict[str, Any] | None:
+        s = get(client, exp["id"])
+        ok = all(a["metrics"].get("outcome:clicks", {}).get("samples") == 400 for a in s["arms"])
+        return s if ok else None
+
+    status = wait_for(both, timeout=30)  # the same batch sent twice counted once
+    arms = {a["name"]: a for a in status["arms"]}
+    assert arms["control"]["metrics"]["outcome:clicks"]["value"] == 1.0
+    assert arms["candidate"]["metrics"]["outcome:clicks"]["value"] == 1.5
+    assert arms["candidate"]["metrics"]["accuracy"]["samples"] == 200
+    (eff,) = [e for e in arms["candidate"]["effects"] if e["metric"] == "outcome:clicks"]
+    assert eff["verdict"] == "better" and eff["lower"] > 0.3
+    wait_for(lambda: get(client, exp["id"])["winner"] == "candidate")
+    client.close()
