@@ -22,6 +22,7 @@ MODULES = [
     "labels",
     "sim",
     "gates",
+    "experiments",
     "slo",
     "console",
     "acceptance",

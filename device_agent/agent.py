@@ -62,6 +62,9 @@ from device_agent.labels import LabelStatus, Matched, PredictionRing, Unmatched
 from device_agent.labels import judge as judge_label
 from device_agent.metrics import Metrics
 from device_agent.mqtt_link import MqttLink
+from device_agent.outcomes import MAX_METRICS as MAX_OUTCOME_METRICS
+from device_agent.outcomes import OutcomeBook, OutcomeResult, OutcomeStatus
+from device_agent.outcomes import check as check_outcome
 from device_agent.ports import Fetcher, Link
 from device_agent.reconcile import DETAIL_MAX, Reconciler
 from device_agent.runtime import AutoRuntimeFactory, LoadedModel, RuntimeFactory
@@ -148,6 +151,7 @@ class Agent:
         self._metrics = Metrics()
         self._new_id = IdMinter(clock)  # the device's clock dates its inference ids
         self._predictions = PredictionRing(config.label_ring_size)
+        self._outcomes = OutcomeBook(4 * config.label_ring_size)
         captures = CaptureStore(
             self.slots.data_dir / "capture", config.device_id, lambda: format_id(self._new_id())
         )
@@ -455,6 +459,33 @@ class Agent:
         self.telemetry.record_unmatched(verdict.status.value)
         self._metrics.count(f"labels_{verdict.status.value}")
         return LabelResult(verdict.status, verdict.detail)
+
+    def outcome(self, inference_id: Any, metric: Any, value: Any) -> OutcomeResult:
+        """Join an app's outcome value to the prediction ``inference_id`` named and count it in that
+        model's telemetry (:mod:`device_agent.outcomes`); once per (inference, metric); never
+        raises on bad input."""
+        why = check_outcome(metric, value)
+        id128 = parse_id(inference_id)
+        if id128 is None:
+            why = why or "inference_id is not a UUIDv7"
+        if why is not None or id128 is None:
+            self._metrics.count("outcomes_invalid")
+            return OutcomeResult(OutcomeStatus.INVALID, why or "")
+        prediction, _ = self._predictions.find(id128)
+        if prediction is None:
+            self._metrics.count("outcomes_unknown")
+            return OutcomeResult(OutcomeStatus.UNKNOWN, "no prediction with this id is held on this device")
+        if not self._outcomes.mark(id128, metric):
+            self._metrics.count("outcomes_duplicate")
+            return OutcomeResult(
+                OutcomeStatus.DUPLICATE, "this outcome of this inference was counted already"
+            )
+        if not self.telemetry.record_outcome(prediction.sha256, metric, float(value), MAX_OUTCOME_METRICS):
+            return OutcomeResult(
+                OutcomeStatus.INVALID, f"at most {MAX_OUTCOME_METRICS} outcome metrics per model"
+            )
+        self._metrics.count("outcomes_matched")
+        return OutcomeResult(OutcomeStatus.MATCHED)
 
     def _judge_label(self, inference_id: Any, label: Any, label_time: Any) -> Matched | Unmatched:
         id128 = parse_id(inference_id)

@@ -13,6 +13,9 @@ the UUIDv7 to post its label for.
 -> ``{"results": [{"inference_id", "status", "detail"}], "counts": {status: n}}``
 (at most ``MAX_LABELS`` per request, ``MAX_LABELS_BODY`` bytes; an item that is
 not valid answers ``invalid`` and the rest are kept: see :mod:`device_agent.labels`).
+``POST /v1/outcomes`` with ``{"inference_id", "metric", "value"}`` (or ``{"outcomes": [...]}``)
+-> the same shape of results: an app's outcome metric joined to the model that made the prediction,
+once per (inference, metric) (:mod:`device_agent.outcomes`).
 ``GET /v1/model`` -> what is serving; ``GET /healthz`` -> ``{"status": "ok"}``; ``GET /metrics`` ->
 the agent's counters, deployment state and serving model in Prometheus' text format.
 Bad input -> 400 ``{"error": {"code", "message"}}``; no model yet -> 503; an
@@ -102,6 +105,45 @@ def label_items(body: bytes) -> list[Any]:
     return items
 
 
+def outcome_items(body: bytes) -> list[Any]:
+    """The items of a ``/v1/outcomes`` body: one ``{"inference_id", "metric", "value"}`` or a batch
+    ``{"outcomes": [...]}`` (at most ``MAX_LABELS``); ApiError if the body as a whole is unusable."""
+    try:
+        doc = safejson.loads(body)
+    except safejson.JsonError as exc:
+        raise ApiError(400, "bad_json", f"body is not JSON: {exc}") from exc
+    if isinstance(doc, dict) and "outcomes" not in doc and "inference_id" in doc:
+        return [doc]
+    if not isinstance(doc, dict) or not isinstance(doc.get("outcomes"), list):
+        raise ApiError(
+            400, "missing_outcomes", 'expected {"inference_id", "metric", "value"} or {"outcomes": [...]}'
+        )
+    items: list[Any] = doc["outcomes"]
+    if len(items) > MAX_LABELS:
+        raise ApiError(
+            413, "too_many_outcomes", f"{len(items)} outcomes in one request; at most {MAX_LABELS}"
+        )
+    return items
+
+
+def _outcome_one(agent: Agent, item: Any) -> dict[str, Any]:
+    """One outcome, judged on its own (a bad item never spoils the rest)."""
+    if not isinstance(item, dict):
+        return {
+            "inference_id": None,
+            "status": "invalid",
+            "detail": 'an outcome is {"inference_id", "metric", "value"}',
+        }
+    iid = item.get("inference_id")
+    result = agent.outcome(iid, item.get("metric"), item.get("value"))
+    return {
+        "inference_id": iid if isinstance(iid, str) else None,
+        "metric": item.get("metric") if isinstance(item.get("metric"), str) else None,
+        "status": result.status.value,
+        "detail": result.detail or None,
+    }
+
+
 def _label_one(agent: Agent, item: Any) -> dict[str, Any]:
     """One item of a ``/v1/labels`` batch, judged on its own (a bad item never spoils the rest)."""
     if not isinstance(item, dict):
@@ -184,6 +226,8 @@ def _make_handler(
                     self._infer()
                 elif self.path == "/v1/labels":
                     self._labels()
+                elif self.path == "/v1/outcomes":
+                    self._outcomes()
                 else:
                     raise ApiError(404, "not_found", f"no route {self.path}")
             except ApiError as err:
@@ -192,6 +236,14 @@ def _make_handler(
         def _labels(self) -> None:
             items = label_items(self._body(min(max_body, MAX_LABELS_BODY)))
             results = [_label_one(agent, item) for item in items]
+            counts: dict[str, int] = {}
+            for r in results:
+                counts[r["status"]] = counts.get(r["status"], 0) + 1
+            self._send(200, {"results": results, "counts": counts})
+
+        def _outcomes(self) -> None:
+            items = outcome_items(self._body(min(max_body, MAX_LABELS_BODY)))
+            results = [_outcome_one(agent, item) for item in items]
             counts: dict[str, int] = {}
             for r in results:
                 counts[r["status"]] = counts.get(r["status"], 0) + 1

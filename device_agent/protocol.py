@@ -218,6 +218,9 @@ class ModelStats(_Msg):
     # to the input's calibration range; sampled like input_checks, at most a bounded number of
     # values per sampled request)
     input_buckets: dict[str, list[int]] = Field(default_factory=dict)
+    # An app's outcome metrics joined on the device to this model's predictions (``POST
+    # /v1/outcomes``): metric -> [count, sum, sum of squares] of the values in the window
+    outcomes: dict[str, list[float]] = Field(default_factory=dict)
 
 
 class ShadowStats(_Msg):

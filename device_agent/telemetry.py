@@ -70,6 +70,7 @@ class _Stats:
     cpu_ms: float = 0.0
     captured: int = 0
     input_buckets: dict[str, np.ndarray] = field(default_factory=dict)
+    outcomes: dict[str, list[float]] = field(default_factory=dict)  # metric -> [n, sum, sum of squares]
 
     def checks_of(self, name: str) -> list[int]:
         counts = self.input_checks.get(name)
@@ -100,6 +101,7 @@ class _Stats:
             cpu_ms=round(self.cpu_ms, 3),
             captured=self.captured,
             input_buckets={k: v.tolist() for k, v in self.input_buckets.items()},
+            outcomes={k: list(v) for k, v in self.outcomes.items()},
         )
 
 
@@ -320,6 +322,21 @@ class Telemetry:
                 st.label_delay = [0] * protocol.LABEL_DELAY_BUCKETS
             st.label_delay[bucket] += rows
             st.label_abs_error_sum += abs_error
+
+    def record_outcome(self, sha256: str, metric: str, value: float, max_metrics: int) -> bool:
+        """An app's outcome value joined to one of ``sha256``'s predictions; False (not counted) when
+        the window holds ``max_metrics`` other metrics of that model already."""
+        with self._lock:
+            outcomes = self._stats(sha256).outcomes
+            acc = outcomes.get(metric)
+            if acc is None:
+                if len(outcomes) >= max_metrics:
+                    return False
+                acc = outcomes[metric] = [0.0, 0.0, 0.0]
+            acc[0] += 1
+            acc[1] += value
+            acc[2] += value * value
+        return True
 
     def record_unmatched(self, reason: str) -> None:
         """A label that matched no prediction, by reason (``wire.LABEL_UNMATCHED``)."""

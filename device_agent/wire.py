@@ -637,6 +637,7 @@ class ModelStats:
     cpu_ms: float = 0.0
     captured: int = 0
     input_buckets: dict[str, list[int]] = field(default_factory=dict)
+    outcomes: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -661,6 +662,7 @@ class ModelStats:
             "cpu_ms": float(self.cpu_ms),
             "captured": self.captured,
             "input_buckets": self.input_buckets,
+            "outcomes": {k: [float(x) for x in v] for k, v in self.outcomes.items()},
         }
 
 

@@ -38,6 +38,7 @@ from edgefleet.commands.deploy import deploy_cmd
 from edgefleet.commands.device_ops import register_device_ops
 from edgefleet.commands.devices import devices_app
 from edgefleet.commands.examples import examples_app
+from edgefleet.commands.experiments import experiments_app
 from edgefleet.commands.keys import keys_app
 from edgefleet.commands.models import models_app
 from edgefleet.commands.processes import agent_cmd, demo_cmd, server_cmd
@@ -164,6 +165,7 @@ app.add_typer(data_app, name="data")
 register_device_ops(devices_app)
 app.add_typer(devices_app, name="devices")
 app.add_typer(rollouts_app, name="rollouts")
+app.add_typer(experiments_app, name="experiments")
 app.command("telemetry")(telemetry_cmd)
 app.command("server")(server_cmd)
 app.command("agent")(agent_cmd)

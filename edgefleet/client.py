@@ -423,6 +423,20 @@ class ApiClient:
     def rollback_rollout(self, rollout_id: str) -> dict[str, Any]:
         return self.rollout_action(rollout_id, "rollback")
 
+    def create_experiment(self, **body: Any) -> dict[str, Any]:
+        return dict(self._request("POST", "/api/v1/experiments", json=body))
+
+    def experiments(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Every experiment (in ``state``), oldest first, with its figures."""
+        return self.pages("/api/v1/experiments", state=state)
+
+    def experiment(self, experiment_id: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/api/v1/experiments/{experiment_id}"))
+
+    def stop_experiment(self, experiment_id: str, **body: Any) -> dict[str, Any]:
+        """Stop an arm (``arm=``) or the whole experiment (``promote=True``: roll the winner out)."""
+        return dict(self._request("POST", f"/api/v1/experiments/{experiment_id}/stop", json=body))
+
     def rollout_devices(self, rollout_id: str, state: str | None = None) -> list[dict[str, Any]]:
         """The rollout's devices by id (in ``state``): stage, state, attempts, reason."""
         return self.pages(f"/api/v1/rollouts/{rollout_id}/devices", state=state)

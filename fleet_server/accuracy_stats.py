@@ -135,7 +135,7 @@ class Comparison:
         return self.baseline_correct / self.baseline_labels
 
 
-def _variance(correct: int, n: int) -> float:
+def proportion_variance(correct: int, n: int) -> float:
     """Variance of an accuracy estimate from add-one counts (never 0, even at 0 or n correct)."""
     p = (correct + 1) / (n + 2)
     return p * (1 - p) / (n + 2)
@@ -153,7 +153,10 @@ def compare(groups: Iterable[Group], margin: float, alpha: float, v_opt: float) 
         return None
     weight_sum = weighted = 0.0
     for g in usable:
-        w = 1 / (_variance(g.correct, g.labels) + _variance(g.baseline_correct, g.baseline_labels))
+        w = 1 / (
+            proportion_variance(g.correct, g.labels)
+            + proportion_variance(g.baseline_correct, g.baseline_labels)
+        )
         weight_sum += w
         weighted += w * (g.correct / g.labels - g.baseline_correct / g.baseline_labels)
     change, info = weighted / weight_sum, weight_sum
@@ -193,5 +196,6 @@ __all__ = [
     "design_information",
     "log_mixture",
     "log_ndtr",
+    "proportion_variance",
     "wilson",
 ]

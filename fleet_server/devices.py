@@ -24,7 +24,16 @@ from sqlmodel import Session, col, select
 
 from fleet_server.errors import Conflict, NotFound
 from fleet_server.lifecycle import RolloutState as RS
-from fleet_server.models import Device, ModelAggregate, Rollout, RolloutDevice, utcnow
+from fleet_server.models import (
+    Device,
+    Experiment,
+    ExperimentDevice,
+    ModelAggregate,
+    OutcomeAggregate,
+    Rollout,
+    RolloutDevice,
+    utcnow,
+)
 from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
 from fleet_server.selector import agent_version_matches, sql_clauses
 from fleet_server.shards import DEFAULT_SHARD, assign
@@ -162,8 +171,20 @@ def delete_device(session: Session, device_id: str) -> Device:
             f"device {device_id} is in active rollout(s) {', '.join(sorted(active))}: "
             "abort or finish them first",
         )
+    held = session.exec(
+        select(Experiment.id)
+        .join(ExperimentDevice, col(ExperimentDevice.experiment_id) == col(Experiment.id))
+        .where(ExperimentDevice.device_id == device_id, Experiment.state == "running")
+    ).all()
+    if held:
+        raise Conflict(
+            "device_in_experiment",
+            f"device {device_id} is in running experiment(s) {', '.join(sorted(held))}: stop them first",
+        )
     session.execute(delete(RolloutDevice).where(col(RolloutDevice.device_id) == device_id))
+    session.execute(delete(ExperimentDevice).where(col(ExperimentDevice.device_id) == device_id))
     session.execute(delete(ModelAggregate).where(col(ModelAggregate.device_id) == device_id))
+    session.execute(delete(OutcomeAggregate).where(col(OutcomeAggregate.device_id) == device_id))
     session.delete(device)
     try:
         session.commit()

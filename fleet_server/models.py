@@ -488,3 +488,82 @@ class ConfigApply(SQLModel, table=True):
     source: str = Field(default="", max_length=512)
     documents: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON)
     changes: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSON)
+
+
+class Experiment(SQLModel, table=True):
+    """An A/B experiment between model versions over a selector (``fleet_server.experiments``).
+
+    ``spec`` is what it is judged by (``experiment_core.Spec``: primary metric, alpha, minimum
+    sample, guardrails); ``policy`` the rollout policy its arms' rollouts run under; ``decision``
+    the last verdict with its figures. ``state``: running, stopped or completed."""
+
+    __table_args__ = (Index("ix_experiment_created_at_id", "created_at", "id"),)  # the list's order
+
+    id: str = Field(primary_key=True, max_length=32)
+    name: str = Field(max_length=128)
+    selector: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    control: str = Field(max_length=64)  # the control arm's name
+    spec: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    policy: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    auto_promote: bool = False
+    state: str = Field(default="running", max_length=16, index=True)
+    reason: str = Field(default="", max_length=1024)
+    decision: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    promoted_rollout_id: str | None = Field(default=None, max_length=32)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ExperimentArm(SQLModel, table=True):
+    """One arm: the model version it serves, its weight, the rollout that put the model on its
+    devices, and (once stopped) why and the rollout that sent them back to the control."""
+
+    __table_args__ = (UniqueConstraint("experiment_id", "name", name="uq_experiment_arm"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    experiment_id: str = Field(foreign_key="experiment.id", index=True, max_length=32)
+    name: str = Field(max_length=64)
+    model_id: int = Field(foreign_key="model.id")
+    model_ref: str = Field(max_length=256)
+    model_sha256: str = Field(max_length=64)
+    weight: float
+    state: str = Field(default="running", max_length=16)  # running | stopped | done
+    reason: str = Field(default="", max_length=1024)
+    rollout_id: str | None = Field(default=None, max_length=32, index=True)
+    return_rollout_id: str | None = Field(default=None, max_length=32, index=True)
+    stopped_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class ExperimentDevice(SQLModel, table=True):
+    """A device's arm, and the cumulative counts of that arm's model on it when it joined (what the
+    experiment's figures subtract, so that history from before the experiment does not count)."""
+
+    experiment_id: str = Field(foreign_key="experiment.id", primary_key=True, max_length=32)
+    device_id: str = Field(foreign_key="device.id", primary_key=True, max_length=128, index=True)
+    arm: str = Field(max_length=64)
+    hardware_id: str = Field(max_length=128)
+    start: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+
+
+class ExperimentDecision(SQLModel, table=True):
+    """One decision on an experiment (created, guardrail stop, winner, promote, operator stop)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    experiment_id: str = Field(foreign_key="experiment.id", index=True, max_length=32)
+    ts: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    action: str = Field(max_length=64)
+    reason: str = Field(max_length=1024)
+    figures: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+
+
+class OutcomeAggregate(SQLModel, table=True):
+    """An app's outcome metric per (device, model hash): count, sum and sum of squares of the values
+    the device joined to that model's predictions (``POST /v1/outcomes`` on the device)."""
+
+    device_id: str = Field(primary_key=True, max_length=128)
+    sha256: str = Field(primary_key=True, max_length=64)
+    metric: str = Field(primary_key=True, max_length=64)
+    n: int = Field(default=0, sa_type=BigInteger)
+    total: float = 0.0
+    total_sq: float = 0.0
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -25,7 +25,7 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 
-from sqlalchemy import exists
+from sqlalchemy import exists, or_
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -35,14 +35,25 @@ from fleet_server.errors import Conflict, DomainError, Invalid, NotFound
 from fleet_server.lifecycle import OPERATOR_ACTIONS, ROLLOUT, IllegalMove, RolloutTrigger
 from fleet_server.lifecycle import DeviceRolloutState as DS
 from fleet_server.lifecycle import RolloutState as RS
-from fleet_server.models import Device, Model, Rollout, RolloutDecision, RolloutDevice, utcnow
+from fleet_server.models import (
+    Device,
+    Experiment,
+    ExperimentArm,
+    ExperimentDevice,
+    Model,
+    Rollout,
+    RolloutDecision,
+    RolloutDevice,
+    utcnow,
+)
 from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
 from fleet_server.schemas import DecisionOut, RolloutIn, RolloutOut, StageOut
 from fleet_server.selector import matches
 
 
 def busy_devices(session: Session, device_ids: list[str]) -> list[tuple[str, str]]:
-    """(device, rollout) pairs of the given devices that are in an active rollout."""
+    """(device, holder) pairs of the given devices that are in an active rollout (the rollout's id)
+    or held by a running experiment (``experiment:<id>``; docs/experiments.md)."""
     if not device_ids:
         return []
     rows = session.exec(
@@ -50,7 +61,12 @@ def busy_devices(session: Session, device_ids: list[str]) -> list[tuple[str, str
         .join(Rollout, col(Rollout.id) == col(RolloutDevice.rollout_id))
         .where(col(Rollout.state).in_(RS.ACTIVE), col(RolloutDevice.device_id).in_(device_ids))
     ).all()
-    return [(d, r) for d, r in rows]
+    held = session.exec(
+        select(ExperimentDevice.device_id, ExperimentDevice.experiment_id)
+        .join(Experiment, col(Experiment.id) == col(ExperimentDevice.experiment_id))
+        .where(col(Experiment.state) == "running", col(ExperimentDevice.device_id).in_(device_ids))
+    ).all()
+    return [(d, r) for d, r in rows] + [(d, f"experiment:{e}") for d, e in held]
 
 
 def create_rollout(session: Session, req: RolloutIn) -> Rollout:
@@ -68,7 +84,9 @@ def create_rollout(session: Session, req: RolloutIn) -> Rollout:
     if busy and req.conflict == "refuse":
         others = sorted({r for _, r in busy})
         raise Conflict(
-            "rollout_conflict", f"{len(busy)} targeted device(s) are in active rollout(s) {', '.join(others)}"
+            "rollout_conflict",
+            f"{len(busy)} targeted device(s) are in active rollout(s) or running experiment(s)"
+            f" {', '.join(others)}",
         )
     skipped = {d for d, _ in busy}
     targeted = [d for d in targeted if d.id not in skipped]
@@ -359,17 +377,35 @@ def _stage_state(rollout: Rollout, i: int) -> str:
 
 
 def enrol_joiners(session: Session, rollout: Rollout, hardware_ids: list[str]) -> int:
-    """Add devices that match the selector now and are in no active rollout (oldest rollout first)."""
+    """Add devices that match the selector now and are in no active rollout (oldest rollout first).
+
+    A rollout an experiment started (an arm's, or a return to the control) targets exactly the
+    devices the experiment assigned, and a running experiment's devices join no rollout."""
+    started_by_experiment = session.exec(
+        select(ExperimentArm.id).where(
+            or_(
+                col(ExperimentArm.rollout_id) == rollout.id,
+                col(ExperimentArm.return_rollout_id) == rollout.id,
+            )
+        )
+    ).first()
+    if started_by_experiment is not None:
+        return 0
     in_active = exists().where(
         col(RolloutDevice.device_id) == col(Device.id),
         col(RolloutDevice.rollout_id) == col(Rollout.id),
         col(Rollout.state).in_(RS.ACTIVE),
     )
+    in_experiment = exists().where(
+        col(ExperimentDevice.device_id) == col(Device.id),
+        col(ExperimentDevice.experiment_id) == col(Experiment.id),
+        col(Experiment.state) == "running",
+    )
     mine = exists().where(
         col(RolloutDevice.device_id) == col(Device.id), col(RolloutDevice.rollout_id) == rollout.id
     )
     candidates = session.exec(
-        select(Device).where(col(Device.hardware_id).in_(hardware_ids), ~in_active, ~mine)
+        select(Device).where(col(Device.hardware_id).in_(hardware_ids), ~in_active, ~in_experiment, ~mine)
     ).all()
     now = utcnow()
     joined = [d for d in candidates if matches(d, rollout.selector, hardware_ids)]

@@ -55,6 +55,7 @@ from sqlmodel import Session, col
 from device_agent import protocol
 from fleet_server.gates import add_counts
 from fleet_server.models import Device, DeviceTotals, ModelAggregate
+from fleet_server.outcomes import add_outcomes
 from fleet_server.telemetry_minutes import MAX_BINS, add_minutes
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -259,6 +260,7 @@ def store_prepared(
     deltas, device_deltas = prep.deltas if all_new else _deltas(prep.batches[k] for k in new_keys)
     if deltas:
         _apply(session, deltas, now)
+        add_outcomes(session, prep.batches.values() if all_new else (prep.batches[k] for k in new_keys), now)
     if device_deltas:
         _apply_devices(session, device_deltas, now)
     if deltas:

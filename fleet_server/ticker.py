@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,7 @@ from sqlmodel import Session, col, select
 
 from device_agent.protocol import DeploymentState
 from fleet_server import engine as rollout_engine
+from fleet_server import experiments
 from fleet_server import policy as rollout_policy
 from fleet_server.directives import build_directive, sign_directive
 from fleet_server.gates import Histograms, add_counts
@@ -48,6 +50,7 @@ from fleet_server.store import new_session
 from signing.keys import KeyPair
 
 log = logging.getLogger(__name__)
+EXPERIMENT_EVERY_S = 1.0  # how often the leader evaluates the running experiments
 
 Publish = Callable[[str, bytes], None]  # (device_id, signed directive)
 
@@ -237,6 +240,7 @@ class Ticker:
         self.leader = LeaderLock(engine)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._experiments_at = -EXPERIMENT_EVERY_S
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="ef-ticker", daemon=True)
@@ -272,6 +276,20 @@ class Ticker:
             self._enrol_joiners(ids)
             for rollout_id in ids:
                 self._tick_one(rollout_id, now or utcnow())
+            self._tick_experiments()
+
+    def _tick_experiments(self) -> None:
+        """Evaluate the running experiments: guardrail stops, winners, auto-promote. The rollouts
+        that starts are ticked from the next tick on. At most once a second: an evaluation reads
+        every experiment device's counters, and telemetry arrives in windows of seconds anyway
+        (a look more or less changes nothing: the intervals are valid at any number of looks)."""
+        now = time.monotonic()
+        if now - self._experiments_at < EXPERIMENT_EVERY_S:
+            return
+        self._experiments_at = now
+        with new_session(self.engine) as session:
+            if experiments.tick(session):
+                session.commit()
 
     def _enrol_joiners(self, ids: Sequence[str]) -> None:
         """Give devices that joined a selector to the oldest active rollout that wants them.

@@ -36,7 +36,7 @@ from device_agent.agent import Agent, NoModelError
 from device_agent.config import BrokerInfo
 from device_agent.runtime import RuntimeFactory, SharedRuntimeFactory
 from signing.trust import TrustRoot
-from simulator.labels import LabelPlan
+from simulator.labels import LabelPlan, top1
 from simulator.memory import peak_rss_bytes, rss_bytes
 from simulator.tls import SimAgentConfig
 
@@ -132,6 +132,7 @@ class Fleet:
         # the agents' answers to posted labels by status (matched, unknown, ...), and "dropped":
         # labels due while their device was off (its app was off too)
         self.label_counts: Counter[str] = Counter()
+        self.outcome_counts: Counter[str] = Counter()
         self.agents: dict[str, Agent] = {}
         self.down: set[str] = set()  # devices powered off or crashed right now
         self.workload_errors = 0
@@ -418,8 +419,11 @@ class Fleet:
                     if labels is not None and result.ok:
                         label = labels.label(result.model_sha256, result.outputs, row)
                         if label is not None:
+                            right = None
+                            if labels.plan.outcome is not None:
+                                right = 1.0 if label[0] == top1(result.outputs)[0] else 0.0
                             loop.call_later(
-                                label[1], self._post_label, device_id, result.inference_id, label[0]
+                                label[1], self._post_label, device_id, result.inference_id, label[0], right
                             )
                 except NoModelError:
                     pass
@@ -428,7 +432,9 @@ class Fleet:
                     self.workload_errors += 1
             await asyncio.sleep(period)
 
-    def _post_label(self, device_id: str, inference_id: str, label: int) -> None:
+    def _post_label(
+        self, device_id: str, inference_id: str, label: int, outcome: float | None = None
+    ) -> None:
         """The device's app posts a label to whichever agent runs there now (after a reboot, a new
         agent that never made that prediction: its answer says so). A device that is off drops it."""
         agent = self.agents.get(device_id)
@@ -437,6 +443,10 @@ class Fleet:
             return
         try:
             status = str(agent.label(inference_id, label).status)
+            if outcome is not None and self.labels is not None and self.labels.outcome is not None:
+                self.outcome_counts[
+                    str(agent.outcome(inference_id, self.labels.outcome, outcome).status)
+                ] += 1
         except Exception as exc:  # Agent.label never raises on bad input: this is a defect, show it
             log.warning("%s: posting a label failed", device_id, exc_info=True)
             status = f"error {type(exc).__name__}"

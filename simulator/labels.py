@@ -56,6 +56,7 @@ class LabelPlan:
     delay: LabelDelay = field(default_factory=LabelDelay)
     accuracy: dict[str, float] = field(default_factory=dict)  # model sha256 -> its true accuracy
     truth: np.ndarray | None = None  # the real class of each row of the fleet's sample inputs
+    outcome: str | None = None  # with each label the app also posts this outcome: 1 right, 0 wrong
     seed: int = 0
 
     def __post_init__(self) -> None:

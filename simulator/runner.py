@@ -143,6 +143,7 @@ class ScenarioRun:
         self.links: dict[str, LinkState] = {}
         self.mqtt_proxies: dict[str, TcpFaultProxy] = {}
         self.rollouts: dict[str, str] = {}  # scenario id -> server id
+        self.experiments: dict[str, str] = {}  # scenario id -> server id
         self.groups: dict[str, list[str]] = {}
         self.faulted: set[str] = set()  # each new fault picks devices no earlier fault touched
         self.result = RunResult(scenario.name)
@@ -217,7 +218,9 @@ class ScenarioRun:
         accuracy = {
             self.h.model_shas[k]: m.accuracy for k, m in self.sc.models.items() if m.accuracy is not None
         }
-        return LabelPlan(share=spec.share, delay=spec.delay(), accuracy=accuracy, seed=self.sc.seed)
+        return LabelPlan(
+            share=spec.share, delay=spec.delay(), accuracy=accuracy, seed=self.sc.seed, outcome=spec.outcome
+        )
 
     def _mount_disks(self) -> None:
         """Give each device of a ``disk_mb`` class its own tmpfs; without root, note the skip."""
@@ -358,8 +361,18 @@ class ScenarioRun:
         fig["rollout_devices"] = {
             k: dict(Counter(str(st) for st in (v.get("devices") or {}).values())) for k, v in final.items()
         }
+        experiments: dict[str, Any] = {}
+        for key in self.experiments:
+            got = self._get_experiment(key)
+            if got is not None:
+                experiments[key] = got
+        if experiments:
+            fig["experiments"] = {k: _experiment_figures(v) for k, v in experiments.items()}
         for exp in self.sc.expect:
-            self.result.checks.append(self._check(exp, snapshot, final, sent, stats))
+            if exp.check == "experiment_winner":
+                self.result.checks.append(self._check_experiment(exp, experiments))
+            else:
+                self.result.checks.append(self._check(exp, snapshot, final, sent, stats))
 
     def _stats_settled(self, sent: int, timeout: float = 15.0) -> dict[str, Any]:
         """Server ingest counters, once the stored batches reach ``sent`` or stop moving."""
@@ -391,6 +404,11 @@ class ScenarioRun:
         elif s.action == "wait_rollout":
             assert s.rollout is not None and s.states is not None
             self._wait_rollout(s.rollout, s.states, timeout_at)
+        elif s.action == "experiment":
+            self._start_experiment(s)
+        elif s.action == "wait_experiment":
+            assert s.experiment is not None and s.states is not None
+            self._wait_experiment(s.experiment, s.states, timeout_at)
         elif s.action == "wait_devices":
             self._wait_devices(s, timeout_at)
         elif s.action == "sleep":
@@ -438,6 +456,57 @@ class ScenarioRun:
         if resp.status_code >= 400:
             raise StepFailed(f"rollout {s.id}: server answered {resp.status_code}: {resp.text[:300]}")
         self.rollouts[s.id] = str(resp.json()["id"])
+
+    def _start_experiment(self, s: Step) -> None:
+        assert s.id is not None and s.arms is not None
+        body: dict[str, Any] = {
+            "name": s.id,
+            "selector": {"hardware_id": s.hardware} if s.hardware else {},
+            "arms": [
+                {"name": a.name, "model": self.h.model_refs[a.model], "weight": a.weight} for a in s.arms
+            ],
+            "metric": s.metric,
+            "min_samples": s.min_samples,
+            "guardrails": s.guardrails,
+            "auto_promote": s.auto_promote,
+            "policy": {
+                "soak_seconds": s.soak_seconds,
+                "device_timeout_seconds": s.device_timeout_seconds,
+                "max_error_rate": s.max_error_rate,
+                "min_inferences": s.min_inferences,
+                "max_failure_rate": s.max_failure_rate,
+            },
+        }
+        if s.better is not None:
+            body["better"] = s.better
+        resp = self._api.post("/api/v1/experiments", json=body)
+        if resp.status_code >= 400:
+            raise StepFailed(f"experiment {s.id}: server answered {resp.status_code}: {resp.text[:300]}")
+        self.experiments[s.id] = str(resp.json()["id"])
+        self._event(
+            f"experiment {s.id}: " + ", ".join(f"{a['name']} {a['devices']}" for a in resp.json()["arms"])
+        )
+
+    def _get_experiment(self, key: str) -> dict[str, Any] | None:
+        try:
+            resp = self._api.get(f"/api/v1/experiments/{self.experiments[key]}")
+        except httpx.HTTPError:
+            return None  # server restarting: try again
+        return dict(resp.json()) if resp.status_code == 200 else None
+
+    def _wait_experiment(self, key: str, states: list[str], timeout_at: float) -> None:
+        """Until the experiment is in one of ``states`` (``decided``: a winner is recorded)."""
+        last = None
+        while time.monotonic() < timeout_at:
+            status = self._get_experiment(key)
+            if status is not None:
+                last = status.get("state")
+                decided = any(d.get("action") == "winner" for d in status.get("decisions", []))
+                if last in states or ("decided" in states and decided):
+                    self._event(f"experiment {key}: {last}, winner {status.get('winner')}")
+                    return
+            time.sleep(0.2)
+        raise StepFailed(f"experiment {key} did not reach {states} in time (last state: {last})")
 
     def _get_rollout(self, key: str) -> dict[str, Any] | None:
         try:
@@ -657,6 +726,14 @@ class ScenarioRun:
                 detail = "no gate stopped it"
         return CheckResult(e.label, ok, detail, e.expected_failure)
 
+    def _check_experiment(self, e: Expectation, experiments: dict[str, Any]) -> CheckResult:
+        assert e.experiment is not None
+        got = experiments.get(e.experiment) or {}
+        winner = got.get("winner")
+        return CheckResult(
+            e.label, winner == e.winner, f"winner {winner}: {got.get('verdict')}", e.expected_failure
+        )
+
     def _fleet_failures(self, device_id: str) -> Counter[str]:
         """``failed_<code>`` counters of every agent this device ran (reboots included)."""
         assert self.totals is not None
@@ -668,3 +745,36 @@ class ScenarioRun:
 
 
 __all__ = ["CheckResult", "Harness", "RunResult", "ScenarioRun", "StepFailed"]
+
+
+def _experiment_figures(status: dict[str, Any]) -> dict[str, Any]:
+    """What a report shows of an experiment: state, winner, and per arm its devices, figures and
+    effects against the control (rounded)."""
+
+    def r(v: Any) -> Any:
+        return round(v, 4) if isinstance(v, float) else v
+
+    return {
+        "state": status.get("state"),
+        "winner": status.get("winner"),
+        "arms": {
+            a["name"]: {
+                "model": a["model"],
+                "devices": a["devices"],
+                "state": a["state"],
+                "metrics": {
+                    k: {"value": r(m["value"]), "samples": m["samples"]} for k, m in a["metrics"].items()
+                },
+                "effects": {
+                    e["metric"]: {
+                        "estimate": r(e["estimate"]),
+                        "lower": r(e["lower"]),
+                        "upper": r(e["upper"]),
+                        "verdict": e["verdict"],
+                    }
+                    for e in a["effects"]
+                },
+            }
+            for a in status.get("arms", [])
+        },
+    }

@@ -100,6 +100,12 @@ class ModelSpec(_Strict):
     accuracy: float | None = Field(None, ge=0, le=1)
 
 
+class ExperimentArmSpec(_Strict):
+    name: str
+    model: str  # a key of [models]
+    weight: float = Field(1.0, gt=0)
+
+
 class LabelsSpec(_Strict):
     """The fleet's label source (``simulator.labels``): which inferences an app labels, and when.
 
@@ -110,6 +116,9 @@ class LabelsSpec(_Strict):
     share: float = Field(1.0, ge=0, le=1)  # of the inferences served without error
     delay_s: float | list[float] | None = None
     delay_mean_s: float | None = Field(None, ge=0)
+    # with a label, the app also posts this outcome metric (POST /v1/outcomes): 1 when the label
+    # confirms the prediction, else 0 (a "task succeeded" signal an app measures itself)
+    outcome: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]{0,63}$")
 
     @model_validator(mode="after")
     def _one_delay(self) -> LabelsSpec:
@@ -133,6 +142,8 @@ class LabelsSpec(_Strict):
 Action = Literal[
     "rollout",
     "wait_rollout",
+    "experiment",
+    "wait_experiment",
     "wait_devices",
     "sleep",
     "crash",
@@ -152,6 +163,8 @@ Action = Literal[
 _NEEDS: dict[str, tuple[str, ...]] = {
     "rollout": ("id", "model", "stages"),
     "wait_rollout": ("rollout", "states"),
+    "experiment": ("id", "arms"),
+    "wait_experiment": ("experiment", "states"),
     "wait_devices": ("model",),
     "sleep": ("seconds",),
     "crash": ("devices",),
@@ -209,6 +222,15 @@ class Step(_Strict):
     min_labels: int = Field(500, ge=1)
     max_label_wait_seconds: float = Field(3600.0, ge=0)
     accuracy_action: Literal["roll_back", "pause"] = "roll_back"
+    # experiment (docs/experiments.md): arms as {name, model (a key of [models]), weight}, the first
+    # the control; the figure it is decided on; the guardrails as {metric, max_harm}
+    arms: list[ExperimentArmSpec] | None = None
+    metric: str = "accuracy"
+    better: Literal["higher", "lower"] | None = None
+    min_samples: int = Field(200, ge=10)
+    guardrails: list[dict[str, Any]] = Field(default_factory=list)
+    auto_promote: bool = False
+    experiment: str | None = None  # wait_experiment
 
     @model_validator(mode="after")
     def _fields_for_action(self) -> Step:
@@ -227,7 +249,15 @@ class Step(_Strict):
         return self
 
 
-Check = Literal["rollout_state", "devices_running", "ever_ran", "telemetry_lost", "failed_with", "stopped_by"]
+Check = Literal[
+    "rollout_state",
+    "devices_running",
+    "ever_ran",
+    "telemetry_lost",
+    "failed_with",
+    "stopped_by",
+    "experiment_winner",
+]
 
 
 class Expectation(_Strict):
@@ -245,6 +275,8 @@ class Expectation(_Strict):
     at_least_count: int | None = Field(None, ge=0)  # failed_with: at least this many
     reason: str | list[str] | None = None  # failed_with: the failure code(s) devices must report
     gate: str | None = None  # stopped_by: the gate whose decision stopped the rollout
+    experiment: str | None = None  # experiment_winner
+    winner: str | None = None  # experiment_winner: the arm the experiment must have proven better
     expected_failure: str | None = None
     name: str | None = None
     # "disk": the check needs the devices' real disks (tmpfs mounts, root); skipped without them.
@@ -259,6 +291,7 @@ class Expectation(_Strict):
             "telemetry_lost": (),
             "failed_with": ("reason",),
             "stopped_by": ("rollout", "gate"),
+            "experiment_winner": ("experiment", "winner"),
         }[self.check]
         missing = [f for f in needs if getattr(self, f) is None]
         if missing:
@@ -315,6 +348,7 @@ class Scenario(_Strict):
             raise ValueError(f"models {accurate} have an accuracy but no [labels] table posts labels")
         disk_classes = {c.name for c in self.fleet.classes if c.disk_mb is not None}
         rollouts: set[str] = set()
+        experiments: set[str] = set()
         groups: set[str] = set()
         for n, s in enumerate(self.steps):
             where = f"steps[{n}] ({s.action})"
@@ -327,6 +361,16 @@ class Scenario(_Strict):
                 if s.id in rollouts:
                     raise ValueError(f"{where}: rollout id {s.id!r} used twice")
                 rollouts.add(s.id)
+            if s.action == "experiment":
+                assert s.id is not None and s.arms is not None
+                if s.id in experiments:
+                    raise ValueError(f"{where}: experiment id {s.id!r} used twice")
+                experiments.add(s.id)
+                for arm in s.arms:
+                    if arm.model not in self.models:
+                        raise ValueError(f"{where}: arm {arm.name}: unknown model {arm.model!r}")
+            if s.experiment is not None and s.experiment not in experiments:
+                raise ValueError(f"{where}: experiment {s.experiment!r} is not started by an earlier step")
             if s.rollout is not None and s.rollout not in rollouts:
                 raise ValueError(f"{where}: rollout {s.rollout!r} is not started by an earlier step")
             if s.action in ("power_on", "heal") and s.devices is None and s.group not in groups:
@@ -348,6 +392,8 @@ class Scenario(_Strict):
         for n, e in enumerate(self.expect):
             if e.rollout is not None and e.rollout not in rollouts:
                 raise ValueError(f"expect[{n}]: unknown rollout {e.rollout!r}")
+            if e.experiment is not None and e.experiment not in experiments:
+                raise ValueError(f"expect[{n}]: unknown experiment {e.experiment!r}")
             if e.model is not None and e.model not in self.models:
                 raise ValueError(f"expect[{n}]: unknown model {e.model!r}")
             if e.hw_class is not None and e.hw_class not in classes:

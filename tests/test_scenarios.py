@@ -38,6 +38,12 @@ def test_small_scenario_passes(path: Path, tmp_path: Path) -> None:
     assert "<svg" in html and "PASSED" in html
     data = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert data["ok"] is True and data["figures"]["devices"] == result.figures["devices"]
+    if path.stem == "ab-experiment":  # real agents: both arms served, labels and outcomes reached them
+        arms = data["figures"]["experiments"]["ab"]["arms"]
+        for arm in arms.values():
+            assert arm["devices"] >= 2 and arm["metrics"]["accuracy"]["samples"] > 0, arms
+            assert arm["metrics"]["outcome:task_success"]["samples"] > 0, arms
+        assert arms["candidate"]["effects"]["accuracy"]["verdict"] == "better", arms
     if result.skipped:  # e.g. no real disks without root: the rest passed, say what did not run
         pytest.skip("; ".join(result.skipped))
 

@@ -20,9 +20,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlmodel import Session, col, func, select
 
-from fleet_server import audit, devices, releases, slos
+from fleet_server import audit, devices, experiments, releases, slos
 from fleet_server.auth import Principal, hash_token, principal_of
-from fleet_server.console import obs_view, reads, rollout_view
+from fleet_server.console import experiment_view, obs_view, reads, rollout_view
 from fleet_server.console.access import (
     Refused,
     SignedIn,
@@ -232,6 +232,34 @@ def act(
             session.rollback()
             return render(request, "error.html", user, status=exc.status_code, message=exc.message)
     return RedirectResponse(f"/ui/rollouts/{rollout_id}", status_code=303)
+
+
+# --- experiments -------------------------------------------------------------------------------
+
+
+@router.get("/experiments", response_class=HTMLResponse)
+def experiments_page(
+    request: Request, user: SignedIn, cursor: Annotated[str | None, Query(max_length=1024)] = None
+) -> HTMLResponse:
+    with db(request) as session:
+        try:
+            page = experiments.list_experiments(session, None, cursor=cursor, limit=PAGE)
+        except DomainError as exc:
+            return render(request, "error.html", user, status=400, message=exc.message)
+        rows = [experiments.status(session, e) for e in page.items]
+    return render(
+        request, "experiments.html", user, rows=rows, next_url=_next_url("/ui/experiments", {}, page.next)
+    )
+
+
+@router.get("/experiments/{experiment_id}", response_class=HTMLResponse)
+def experiment_page(request: Request, experiment_id: str, user: SignedIn) -> HTMLResponse:
+    with db(request) as session:
+        try:
+            exp = experiments.status(session, experiments.find_experiment(session, experiment_id))
+        except DomainError as exc:
+            return render(request, "error.html", user, status=exc.status_code, message=exc.message)
+    return render(request, "experiment.html", user, **experiment_view.context(exp))
 
 
 # --- fleet -------------------------------------------------------------------------------------

@@ -227,3 +227,41 @@ def test_main_pages_pass_axe_and_take_the_keyboard(
     assert page.evaluate("document.activeElement.id") == "main"
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.closest('main') !== null")
+
+
+def test_an_experiment_page_shows_the_winner_and_its_interval_chart_and_passes_axe(
+    page: Any,
+    server: ServerThread,
+    client: httpx.Client,
+    tokens: dict[str, str],
+    keydir: KeyDir,
+    tmp_path: Path,
+    fake_device: Callable[[str], FakeDevice],
+) -> None:
+    from axe_playwright_python.sync_playwright import Axe
+    from playwright.sync_api import expect
+
+    from tests.server.test_experiments_api import experiment, serve_arm
+
+    old, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "bx", 4)
+    exp = experiment(client, "bx")
+    got = wait_for(
+        lambda: (
+            {i: directives(d, keydir)[-1] for i, d in devs.items()}
+            if all(directives(d, keydir) for d in devs.values())
+            else None
+        )
+    )
+    for device_id, d in got.items():
+        control = d.model is not None and d.model.sha256 == old["sha256"]
+        serve_arm(devs[device_id], d, f"{device_id}-1", 300, labels=300, correct=240 if control else 297)
+    wait_for(lambda: client.get(f"/api/v1/experiments/{exp['id']}").json()["winner"] == "candidate")
+    sign_in(page, server, tokens["viewer"])
+    page.goto(f"{server.url}/ui/experiments")
+    page.get_by_role("link", name=exp["id"]).click()
+    expect(page.locator("#experiment-winner")).to_have_text("candidate")
+    expect(page.get_by_role("img", name="Effect of each arm against the control").first).to_be_visible()
+    expect(page.locator("#effects")).to_contain_text("better")
+    found = Axe().run(page).response["violations"]
+    assert [v["id"] for v in found if v["impact"] in ("serious", "critical")] == []
+    shot(page, "experiment")

@@ -16,6 +16,7 @@ from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 from tests.server.test_https import _http_cert
 from tests.server.test_rollout_flow import status
+from tests.support.waiting import wait_for
 
 from .helpers import FakeDevice, create, fleet_on_old_model, rolled_back_by_errors
 
@@ -197,6 +198,44 @@ def test_pages_show_the_fleet_the_rollout_and_the_gate_that_rolled_it_back(
     assert "<td>det-avail</td>" in obs.text and "SLO error budget left" in obs.text
     audit = browser.get("/ui/audit", params={"path": "/api/v1/rollouts"}).text
     assert "POST /api/v1/rollouts" in audit
+    browser.close()
+
+
+def test_an_experiments_page_shows_its_arms_effects_with_intervals_and_decisions(
+    server: ServerThread,
+    client: httpx.Client,
+    tokens: dict[str, str],
+    keydir: KeyDir,
+    tmp_path: Path,
+    fake_device: Callable[[str], FakeDevice],
+) -> None:
+    from tests.server.test_experiments_api import experiment, serve_arm
+    from tests.server.test_rollout_flow import directives
+    from tests.server.test_rollout_ops import fleet_on_old_model as on_old
+
+    old, _, devs = on_old(client, keydir, tmp_path, fake_device, "xp", 4)
+    exp = experiment(client, "xp", guardrails=[{"metric": "latency_ms", "max_harm": 5}])
+    got = wait_for(
+        lambda: (
+            {i: directives(d, keydir)[-1] for i, d in devs.items()}
+            if all(directives(d, keydir) for d in devs.values())
+            else None
+        )
+    )
+    for device_id, d in got.items():
+        control = d.model is not None and d.model.sha256 == old["sha256"]
+        serve_arm(devs[device_id], d, f"{device_id}-1", 300, labels=300, correct=240 if control else 297)
+    wait_for(lambda: client.get(f"/api/v1/experiments/{exp['id']}").json()["winner"] == "candidate")
+    browser = sign_in(server, tokens["viewer"])
+    listing = browser.get("/ui/experiments").text
+    assert f'href="/ui/experiments/{exp["id"]}"' in listing and "det:1, det:2" in listing
+    page = browser.get(f"/ui/experiments/{exp['id']}").text
+    assert '<strong id="experiment-winner">candidate</strong>' in page
+    assert "<svg" in page and "Effect of each arm against the control" in page and "always valid" in page
+    # the table beside the chart: the candidate's accuracy effect (+0.19) with its interval, proven better
+    assert re.search(r"<td>candidate</td><td>accuracy</td><td class=\"num\">\+0\.19</td>", page), page
+    assert "<td>better</td>" in page and "winner" in page and "created" in page
+    assert browser.get("/ui/experiments/nope").status_code == 404
     browser.close()
 
 

@@ -56,6 +56,10 @@ POSITIVE_ACCEPTANCE_EXEMPT = {
     # an objective's fields depend on its sli (latency needs a threshold and takes no target,
     # availability the reverse), windows are durations like 28d, one objective per sli
     ("POST", "/api/v1/slos"): "an objective's required fields depend on its sli; windows are durations",
+    # arm names must be unique: a rule across array items
+    ("POST", "/api/v1/experiments"): "arm names must be unique",
+    # promote ends the whole experiment, so it takes no arm: a rule across fields
+    ("POST", "/api/v1/experiments/{experiment_id}/stop"): "promote takes no arm",
     # the body must be signed by a device's fleet-CA key (headers the fuzzer cannot make)
     ("PUT", "/api/v1/captures/{device_id}/{batch_id}"): "an upload must be signed by a provisioned device",
     # each document is validated against its kind's schema (docs/schema/fleet.schema.json): the
@@ -87,6 +91,7 @@ def _cursors() -> dict[str, str]:
         "GET /api/v1/devices": encode_cursor("devices", ("fz-1",)),
         "GET /api/v1/models": encode_cursor("models", ("det", 1)),
         "GET /api/v1/rollouts": encode_cursor("rollouts", (at, "0" * 12)),
+        "GET /api/v1/experiments": encode_cursor("experiments", (at, "0" * 12)),
         "GET /api/v1/tokens": encode_cursor("tokens", (at, "0" * 12)),
         "GET /api/v1/audit": encode_cursor("audit", (1,)),
         "GET /api/v1/telemetry": encode_cursor("telemetry", group),

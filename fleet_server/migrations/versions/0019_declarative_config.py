@@ -2,7 +2,7 @@
 documents and diff
 
 Revision ID: 0019
-Revises: 0013
+Revises: 0017
 Create Date: 2026-12-06 16:10:00
 """
 
