@@ -50,6 +50,9 @@ TAG_DESCRIPTIONS = {
     " joined to their captured predictions. The `labeler` role may post labels and do nothing else.",
     "captures": "Captured inferences devices upload for retraining, signed with the device's own"
     " certificate (no bearer token): stored as sent and indexed by model, cohort, stage and time.",
+    "experiments": "A/B experiments between model versions: arms with weights over a selector, per-arm"
+    " metrics with always-valid intervals (watch them any time), guardrails that stop an arm, and the"
+    " decision (docs/experiments.md).",
     "config": "Declarative configuration (`edgefleet apply`): documents in kubectl's shape (apiVersion,"
     " kind, metadata, spec) validated by the published schema, applied idempotently, each apply kept"
     " with its documents and diff. Operators apply, viewers read.",

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
-from fleet_server import config_schemas, schemas, slo_schemas
+from fleet_server import config_schemas, experiment_schemas, schemas, slo_schemas
 from fleet_server.paging import DEFAULT_LIMIT, MAX_LIMIT
 from fleet_server.runner import ServerThread
 
@@ -96,6 +96,7 @@ def _model(name: str) -> type[BaseModel] | None:
         getattr(schemas, name, None)
         or getattr(slo_schemas, name, None)
         or getattr(config_schemas, name, None)
+        or getattr(experiment_schemas, name, None)
     )
     return found if isinstance(found, type) and issubclass(found, BaseModel) else None
 
@@ -113,6 +114,8 @@ def test_examples_are_given_and_valid(document: dict[str, Any]) -> None:
         "LabelsIn",
         "CaptureBatchIn",
         "ApplyIn",
+        "ExperimentIn",
+        "StopIn",
     }
     responses = {"DeviceOut", "ModelOut", "RolloutOut", "AggregateOut", "TokenOut", "AuditOut", "ErrorOut"}
     pages = {"DevicePage", "ModelPage", "RolloutPage", "AggregatePage"}
@@ -153,7 +156,7 @@ def test_every_list_takes_the_same_paging_parameters(document: dict[str, Any]) -
         for method, path, op in operations(document)
         if method == "GET" and answer(op).endswith("Page")
     ]
-    assert len(lists) == 17, [p for p, _ in lists]
+    assert len(lists) == 18, [p for p, _ in lists]
     for path, op in lists:
         params = {p["name"]: p for p in op["parameters"] if p["in"] == "query"}
         limit = params["limit"]["schema"]
