@@ -21,6 +21,7 @@ has passed (:func:`retrying`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -101,6 +102,7 @@ class Installer:
         self.release_keys, self.fit, self.trust_store = release_keys, fit, trust_store
         self.now, self.clock = now, clock
         self.who = config.device_id
+        self.bytes_fetched = 0  # bytes the current install fetched (the caller resets it per directive)
 
     async def install(self, ref: ModelRef, move: Move) -> tuple[str, Path]:
         """Get ``ref`` verified into a slot (reusing one that already holds it); return (slot, path)."""
@@ -154,6 +156,7 @@ class Installer:
             what="envelope fetch",
             who=self.who,
         )
+        self.bytes_fetched += len(envelope)
         await move(Trigger.VERIFY, "bundle envelope")
         manifest = manifest_from_envelope(envelope, self.release_keys())
         refuse(check_manifest(ref, manifest, self.fit()))
@@ -169,13 +172,18 @@ class Installer:
             )
         )
         await move(Trigger.DOWNLOAD, f"model into slot {slot}")
-        await retrying(
-            lambda: self.fetcher.model(ref.model_url, part, length=ref.length, sha256=ref.sha256),
-            budget_s=budget,
-            what="download (resuming)",
-            who=self.who,
-            base=0.2,
-        )
+        had = part.stat().st_size if part.exists() else 0
+        try:
+            await retrying(
+                lambda: self.fetcher.model(ref.model_url, part, length=ref.length, sha256=ref.sha256),
+                budget_s=budget,
+                what="download (resuming)",
+                who=self.who,
+                base=0.2,
+            )
+        finally:  # what came over the link, a failed or resumed download's share included
+            with contextlib.suppress(OSError):
+                self.bytes_fetched += max(0, (part.stat().st_size if part.exists() else ref.length) - had)
         await move(Trigger.INSTALL, None)
         info = self.slots.commit(slot, part, envelope, manifest)
         return slot, self.slots.slot_dir(slot) / info.file
