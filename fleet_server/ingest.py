@@ -278,6 +278,7 @@ def _event_row(msg: protocol.Event, now: datetime) -> EventRow:
         model_sha256=msg.model_sha256,
         ts=msg.ts,
         received_at=now,
+        bytes_fetched=msg.bytes_fetched,
     )
 
 
