@@ -113,9 +113,11 @@ class Window(_Msg):
     ``days`` (mon..sun), ``start`` and ``end`` as ``HH:MM``; an end at or before the start crosses
     midnight, ``start == end`` is the whole day."""
 
-    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(min_length=1)
-    start: str
-    end: str
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
+        min_length=1, description="the days it opens on, in the device's local time"
+    )
+    start: str = Field(description="when it opens, HH:MM local time")
+    end: str = Field(description="when it closes, HH:MM local time (at or before start: the next day)")
 
     @field_validator("start", "end")
     @classmethod
