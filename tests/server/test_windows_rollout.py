@@ -5,6 +5,8 @@ Real server, real Mosquitto, paho clients playing the devices (as in ``test_roll
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -14,6 +16,7 @@ from typing import Any
 import httpx
 
 from device_agent import protocol
+from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 
 from .conftest import FakeDevice, make_bundle, register, upload, wait_for
@@ -53,7 +56,11 @@ def test_bad_window_and_link_policies_are_refused_naming_the_field(
 
 
 def test_cohort_windows_travel_signed_waiting_devices_do_not_time_out_and_bytes_are_summed(
-    client: httpx.Client, keydir: KeyDir, tmp_path: Path, fake_device: Callable[[str], FakeDevice]
+    server: ServerThread,
+    client: httpx.Client,
+    keydir: KeyDir,
+    tmp_path: Path,
+    fake_device: Callable[[str], FakeDevice],
 ) -> None:
     upload(client, make_bundle(tmp_path, keydir.key("release")))
     register(client, "win-day", site="win")
@@ -124,3 +131,12 @@ def test_cohort_windows_travel_signed_waiting_devices_do_not_time_out_and_bytes_
     final = wait_for(lambda: (s := status(client, rid))["devices"]["win-day"] == "done" and s, timeout=10)
     assert final["devices"]["win-night"] == "waiting" and final["state"] == "running"
     assert final["waiting"] == {"metered_link": 1}
+    # The operator's view: bytes per install and who waits for what.
+    exe = str(Path(sys.executable).parent / "edgefleet")
+    out = subprocess.run(
+        [exe, "rollouts", "status", rid, "--server", server.url], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "waiting" in text and "waiting: 1 metered_link" in text
+    assert "fetched " in text and " in 1 installs (" in text, text
