@@ -31,8 +31,9 @@ def win(days: list[str], start: str, end: str) -> Window:
     return Window.from_dict({"days": days, "start": start, "end": end})
 
 
-def local(tz: schedule.ZoneInfo, *args: int) -> datetime:
-    return datetime(*args, tzinfo=tz).astimezone(UTC)  # type: ignore[misc]
+def local(tz: schedule.ZoneInfo, year: int, month: int, day: int, hour: int, minute: int) -> datetime:
+    """A local wall-clock time in ``tz`` as the UTC instant it is."""
+    return datetime(year, month, day, hour, minute, tzinfo=tz).astimezone(UTC)
 
 
 def test_a_window_crossing_midnight_belongs_to_the_day_it_opens() -> None:

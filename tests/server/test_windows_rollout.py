@@ -86,7 +86,9 @@ def test_cohort_windows_travel_signed_waiting_devices_do_not_time_out_and_bytes_
     assert r.status_code == 201, r.text
     rid = r.json()["id"]
     assert r.json()["policy"]["windows"] == [WEEKNIGHTS]
-    got = {i: wait_for(lambda d=dev: directives(d, keydir), timeout=10)[-1] for i, dev in devs.items()}
+    got: dict[str, protocol.Directive] = {}
+    for i, dev in devs.items():
+        got[i] = wait_for(lambda dev=dev: directives(dev, keydir), timeout=10)[-1]  # type: ignore[misc]
     day, night = got["win-day"], got["win-night"]
     assert day.activation is not None and night.activation is not None
     assert [w.model_dump() for w in day.activation.windows] == [WEEKNIGHTS]
@@ -98,11 +100,12 @@ def test_cohort_windows_travel_signed_waiting_devices_do_not_time_out_and_bytes_
     # Each device reports why it waits, as an agent does: the day one staged its download.
     model = day.model
     assert model is not None
+    DS = protocol.DeploymentState
     for dev, d, state, reason in (
-        (devs["win-day"], day, "staged", "maintenance_window"),
-        (devs["win-night"], night, "idle", "metered_link"),
+        (devs["win-day"], day, DS.STAGED, "maintenance_window"),
+        (devs["win-night"], night, DS.IDLE, "metered_link"),
     ):
-        fetched = model.length if state == "staged" else None
+        fetched = model.length if state == DS.STAGED else None
         event = protocol.Event(
             device_id=dev.device_id, seq=d.seq, state=state, reason=None, bytes_fetched=fetched
         )
