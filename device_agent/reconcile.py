@@ -52,6 +52,7 @@ DETAIL_MAX = 500  # characters of detail kept in the reported snapshot's last re
 STALL_ENV = "EDGEFLEET_AGENT_STALL"
 VERDICT_FILE = "acceptance.json"  # in a slot's directory, beside its model
 USAGE_FILE = "link_usage.json"  # in the data directory: bytes fetched on a metered link today
+STAGED_FILE = "staged"  # in a slot's directory while its model waits for its window (never served)
 MAX_DEFER_S = 7 * 86400.0  # longest deferral one call may ask for (the policy caps what it gets)
 
 
@@ -147,7 +148,15 @@ class Reconciler:
         """
         state = self.slots.state
         candidates = [state.active] if state.active else []
-        candidates += [s for s in state.slots if s not in candidates and state.slots[s] is not None]
+        # The other slot is a fallback, unless its model is staged: that one waits for its window,
+        # and the retained directive stages it again.
+        candidates += [
+            s
+            for s in state.slots
+            if s not in candidates
+            and state.slots[s] is not None
+            and not (self.slots.slot_dir(s) / STAGED_FILE).exists()
+        ]
         for slot in candidates:
             serving = await self.load_slot(slot) if slot else None
             if serving is None:
@@ -434,8 +443,11 @@ class Reconciler:
         slot, path = await self._install(d, ref)
         if d.activation is not None and (hold := self._activation_hold(d)) is not None:
             # Downloaded and verified; the swap waits for the window (nothing is loaded meanwhile).
+            marker = self.slots.slot_dir(slot) / STAGED_FILE
+            atomic_write(marker, str(d.seq).encode())  # a reboot meanwhile must not serve it
             await self._enter(self.deployment.on(Trigger.STAGE, d.seq), sha=ref.sha256, detail=hold.detail)
             await self._hold(d, lambda: self._activation_hold(d))
+            marker.unlink(missing_ok=True)
             info = self.slots.state.slots.get(slot)
             assert info is not None
             # Hours may have passed: the file is checked again before it is loaded.

@@ -258,3 +258,35 @@ def test_bad_deferral_requests_get_a_clear_400(body: bytes, code: str) -> None:
         defer_request(body)
     assert err.value.status == 400 and err.value.code == code
     assert defer_request(b'{"seconds": 30}') == (30.0, "busy")
+
+
+def test_a_restart_while_staged_stages_again_without_downloading(
+    device: Callable[..., Device], two_bundles: tuple[Bundle, Bundle], keydir: KeyDir, loop_thread: LoopThread
+) -> None:
+    a, _ = two_bundles
+    d = device(timezone="UTC")
+    opening = (d.now() + timedelta(hours=1)).replace(second=0, microsecond=0)
+    d.direct(1, a, activation={"windows": [window_from(opening)]})
+    d.wait_event(1, DS.STAGED, "maintenance_window")
+    payload = d.link.retained[d.link.desired_topic]
+    loop_thread.run(d.agent.abort())  # power cut while staged
+    # The reboot: the same data dir and clock, the retained directive delivered again.
+    link, fetcher = MemoryLink(d.id), MemoryFetcher()
+    fetcher.add(a)
+    again = Agent(d.agent.config, keydir.trust_root(), clock=d.clock, link=link, fetcher=fetcher)
+    loop_thread.run(again.start())
+    try:
+        # Nothing was ever activated, but the boot must not serve the staged model either: its
+        # window is closed.
+        assert again.running_sha256 is None
+        link.deliver(payload)
+
+        def staged() -> bool:
+            events = [protocol.decode_event(m.payload) for m in link.published(protocol.Channel.EVENTS)]
+            return any(e.seq == 1 and e.state == DS.STAGED and e.reason is None for e in events)
+
+        wait_for(staged, 15.0, "staged again after the restart")
+        assert fetcher.calls == []  # the model was found in its slot and re-hashed, not fetched
+        assert again.running_sha256 is None and again.deployment_state == DS.STAGED
+    finally:
+        loop_thread.run(again.stop())
