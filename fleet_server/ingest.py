@@ -265,6 +265,7 @@ def _reported_view(msg: protocol.Reported) -> reconcile.Reported:
         state=msg.deployment_state.value,
         running_sha256=msg.running.sha256 if msg.running else None,
         rejected_seq=msg.last_rejection.seq if msg.last_rejection else None,
+        waiting_seq=msg.waiting.seq if msg.waiting else None,
     )
 
 

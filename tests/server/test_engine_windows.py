@@ -95,3 +95,22 @@ def test_a_stage_of_only_waiting_devices_waits_and_then_finishes() -> None:
     assert all(d.state == DS.DONE for d in devices)
     r, devices, plan = tick(r, devices, now + timedelta(seconds=1))
     assert r.state == "completed" and devices[0].running_sha256 == SHA
+
+
+def test_a_device_waiting_with_its_directive_is_not_drift() -> None:
+    """It reports the desired seq, settled on its old model: without ``waiting`` that is a model
+    mismatch the server would republish every interval; waiting for that seq, it is in sync."""
+    from datetime import UTC, datetime
+
+    from fleet_server import reconcile
+
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+    held = reconcile.Directive(5, "a" * 64, False, now + timedelta(days=1), None, 0.0)
+    policy = reconcile.Policy(grace=10.0, interval=30.0)
+    old = reconcile.Reported(seq=5, state="serving", running_sha256="b" * 64)
+    assert reconcile.decide(5, held, old, None, 100.0, now, policy).drift is reconcile.Drift.MODEL
+    waits = reconcile.Reported(seq=5, state="serving", running_sha256="b" * 64, waiting_seq=5)
+    verdict = reconcile.decide(5, held, waits, None, 100.0, now, policy)
+    assert verdict.drift is reconcile.Drift.NONE and not verdict.republish
+    stale = reconcile.Reported(seq=5, state="serving", running_sha256="b" * 64, waiting_seq=4)
+    assert reconcile.decide(5, held, stale, None, 100.0, now, policy).drift is reconcile.Drift.MODEL
