@@ -260,20 +260,26 @@ class Reconciler:
         delay = (d.not_before - self.now()).total_seconds()
         if delay <= 0:
             return True
+        detail = f"waiting until {d.not_before.isoformat()}"
+        self.waiting = Waiting(d.seq, ReasonCode.NOT_BEFORE, detail, d.not_before)  # reported: not late
         await self._publish_event(
             Event(
                 device_id=self.who,
                 seq=d.seq,
                 state=self.deployment.state,
                 reason=ReasonCode.NOT_BEFORE,
-                detail=f"waiting until {d.not_before.isoformat()}",
+                detail=detail,
                 ts=self.now(),
             )
         )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay)
-            return self._pending is None  # woken by a newer directive: that one wins
-        return True
+        await self._publish_reported()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+                return self._pending is None  # woken by a newer directive: that one wins
+            return True
+        finally:
+            self.waiting = None
 
     # -- windows, deferral, the link ------------------------------------------------
 

@@ -290,3 +290,17 @@ def test_a_restart_while_staged_stages_again_without_downloading(
         assert again.running_sha256 is None and again.deployment_state == DS.STAGED
     finally:
         loop_thread.run(again.stop())
+
+
+def test_a_not_before_wait_is_reported_as_waiting(
+    device: Callable[..., Device], two_bundles: tuple[Bundle, Bundle]
+) -> None:
+    a, _ = two_bundles
+    d = device(timezone="UTC")
+    start = d.now() + timedelta(seconds=1.5)
+    d.direct(1, a, not_before=start.isoformat())
+    d.wait_event(1, DS.IDLE, "not_before")
+    rep = wait_for(lambda: (r := d.reported()).waiting is not None and r, what="the waiting report")
+    assert rep.waiting is not None and rep.waiting.reason == "not_before" and rep.waiting.until == start
+    d.wait_event(1, DS.SERVING)
+    assert d.reported().waiting is None
