@@ -377,7 +377,8 @@ class RolloutOut(BaseModel):
     device_reasons: dict[str, str] = Field(default_factory=dict, description="why a device is in its state")
     waiting: dict[str, int] = Field(
         default_factory=dict,
-        description="devices waiting, per reason: maintenance_window, deferred, metered_link, link_budget",
+        description="devices waiting, per reason: maintenance_window, deferred, metered_link, link_budget,"
+        " not_before",
     )
     delivery: DeliveryOut = Field(
         default_factory=lambda: DeliveryOut(bytes_fetched=0, installs=0, bytes_per_install=None),
