@@ -538,6 +538,24 @@ class Agent:
         with contextlib.suppress(RuntimeError):  # loop closing
             loop.call_soon_threadsafe(fn)
 
+    # -- deferral and the link -----------------------------------------------------
+
+    def defer(self, seconds: float, reason: str, timeout: float = 10.0) -> dict[str, Any]:
+        """An app asks to hold activation ``seconds`` (0: withdraw); from any thread but the loop's.
+
+        Runs on the agent's loop (the reconciler's state lives there); the answer says until when
+        activation is held (capped by the directive's ``max_deferral_seconds``)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError(f"{self.device_id}: the agent is not running")
+        future = asyncio.run_coroutine_threadsafe(self._reconciler.defer(seconds, reason), loop)
+        return future.result(timeout)
+
+    def set_link_class(self, link_class: str) -> None:
+        """The device's link changed (metered or unmetered); call on the agent's loop."""
+        self._reconciler.set_link_class(link_class)
+        self._spawn(self._publish_reported())
+
     # -- views -------------------------------------------------------------------
 
     @property
@@ -583,6 +601,9 @@ class Agent:
             last_rejection=self._reconciler.last_rejection,
             capabilities=self._caps,
             acceptance=dict(self._reconciler.acceptance),
+            timezone=self.config.timezone,
+            link=self._reconciler.link(),
+            waiting=self._reconciler.waiting,
             ts=self.now(),
         )
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from device_agent import schedule
 from device_agent import wire as protocol
 from device_agent.mqtt_security import MqttSecurity, read_secret
 
@@ -90,6 +91,15 @@ class AgentConfig:
     # certificate (unset: the system's trust store). The device presents its client certificate
     # (``mqtt_cert_file``/``mqtt_key_file``) on HTTPS too, where a server asks for one.
     http_ca_file: Path | None = None
+    # Maintenance windows are read in the device's local time zone (an IANA name; "" = the
+    # system's: TZ, /etc/timezone, /etc/localtime, else UTC), reported to the fleet.
+    timezone: str = ""
+    # The link the device downloads over: "unmetered" or "metered" (cellular, satellite), and the
+    # bytes a metered link may fetch per local day (0: no budget of the device's own; a rollout's
+    # ``max_mb_per_day`` may cap it further).
+    link_class: str = "unmetered"
+    link_budget_bytes_per_day: int = 0
+    schedule_poll_s: float = 30.0  # a waiting directive re-reads the clock and the link this often
 
     def __post_init__(self) -> None:
         if not protocol.DEVICE_ID_RE.match(self.device_id):
@@ -116,6 +126,19 @@ class AgentConfig:
         for name in ("download_max_bytes_per_s", "min_free_disk_bytes", "capture_upload_bytes_per_s"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.link_class not in schedule.LINK_CLASSES:
+            raise ValueError(
+                f"link_class must be one of {', '.join(schedule.LINK_CLASSES)}, got {self.link_class!r}"
+            )
+        if self.link_budget_bytes_per_day < 0:
+            raise ValueError("link_budget_bytes_per_day must be >= 0")
+        if not self.schedule_poll_s > 0:
+            raise ValueError("schedule_poll_s must be > 0")
+        self.timezone = self.timezone or schedule.system_timezone()
+        try:
+            schedule.zone(self.timezone)
+        except schedule.ScheduleError as exc:
+            raise ValueError(f"timezone: {exc}") from exc
         if self.log_format not in ("json", "text"):
             raise ValueError(f"log_format must be 'json' or 'text', got {self.log_format!r}")
         if self.api_listen and not self.api_listen.startswith("unix:"):

@@ -9,11 +9,13 @@ not allow it (h11's rule: the table is the machine, and the diagram in
 
 States fall in two groups. *Resting* states are where a directive's work ends
 and where the next one may begin: ``idle``, ``serving``, ``shadowing``,
-``probation`` (a newer directive supersedes a probation), ``reverted`` and
-``failed``. *Working* states (``verifying``, ``downloading``, ``installing``,
-``warming``, ``swapping``) only lead on, or to ``failed``. ``rejected`` is never a
-state the device is in: a refused directive never became the deployment, so it
-is only ever the state of an Event.
+``probation`` (a newer directive supersedes a probation), ``staged`` (the
+model waits in the inactive slot for its maintenance window; a newer directive
+supersedes it too), ``reverted`` and ``failed``. *Working* states
+(``verifying``, ``downloading``, ``installing``, ``warming``, ``swapping``)
+only lead on, or to ``failed``. ``rejected`` is never a state the device is
+in: a refused directive never became the deployment, so it is only ever the
+state of an Event.
 
 The record also names the model that serves. Only a swap (``swapped``,
 ``swapped_on_probation``) or a probation's ``revert`` may change it; a restart
@@ -42,6 +44,7 @@ class Trigger(StrEnum):
     DOWNLOAD = "download"  # fetching the bundle envelope or the model file
     INSTALL = "install"  # committing the verified download into the inactive slot
     WARM = "warm"  # loading and warming the new model aside
+    STAGE = "stage"  # verified in the inactive slot; its window is closed (or an app defers)
     SWAP = "swap"  # about to replace the serving reference
     SWAPPED = "swapped"  # the new model serves
     SWAPPED_ON_PROBATION = "swapped_on_probation"  # the new model serves, watched, the old one kept
@@ -56,6 +59,7 @@ RESTING: tuple[DeploymentState, ...] = (
     DS.SERVING,
     DS.SHADOWING,
     DS.PROBATION,
+    DS.STAGED,
     DS.REVERTED,
     DS.FAILED,
 )
@@ -81,6 +85,9 @@ TRANSITIONS: Mapping[tuple[DeploymentState, Trigger], DeploymentState] = {
     (DS.DOWNLOADING, Trigger.VERIFY): DS.VERIFYING,  # the envelope arrived: check it before the model
     (DS.DOWNLOADING, Trigger.INSTALL): DS.INSTALLING,
     (DS.DOWNLOADING, Trigger.FAIL): DS.FAILED,
+    (DS.VERIFYING, Trigger.STAGE): DS.STAGED,  # already in a slot, but its window is closed
+    (DS.INSTALLING, Trigger.STAGE): DS.STAGED,
+    (DS.STAGED, Trigger.WARM): DS.WARMING,  # the window opened (and no app defers any more)
     (DS.INSTALLING, Trigger.WARM): DS.WARMING,
     (DS.INSTALLING, Trigger.SHADOW): DS.SHADOWING,
     (DS.INSTALLING, Trigger.FAIL): DS.FAILED,
@@ -178,7 +185,9 @@ class Deployment:
         """
         if stored is None:
             return cls(seq=max(0, last_seq))
-        state = stored.state if stored.state in RESTING else DS.IDLE
+        # ``staged`` is never stored (a restart stages the retained directive again), but a file
+        # that says so must not end the directive's work either.
+        state = stored.state if stored.state in RESTING and stored.state is not DS.STAGED else DS.IDLE
         return cls(seq=max(0, stored.seq), state=state, error=stored.error if state is DS.FAILED else None)
 
     def booted(self, model: str | None, probation_seq: int | None = None) -> Deployment:

@@ -21,6 +21,7 @@ has passed (:func:`retrying`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -53,11 +54,10 @@ _R = TypeVar("_R")
 
 
 class Move(Protocol):
-    """Announce a step: (trigger, detail), and on the step after the download the bytes it fetched."""
+    """Announce a step: (trigger, detail). The bytes an install fetched are counted in
+    ``Installer.bytes_fetched``, which the reconciler puts on the event that ends the install."""
 
-    def __call__(
-        self, trigger: Trigger, detail: str | None, /, *, bytes_fetched: int | None = None
-    ) -> Awaitable[None]: ...
+    def __call__(self, trigger: Trigger, detail: str | None, /) -> Awaitable[None]: ...
 
 
 def refuse(refusal: Refusal | None) -> None:
@@ -109,6 +109,7 @@ class Installer:
         self.release_keys, self.fit, self.trust_store = release_keys, fit, trust_store
         self.now, self.clock = now, clock
         self.who = config.device_id
+        self.bytes_fetched = 0  # bytes the current install fetched (the caller resets it per directive)
 
     async def install(self, ref: ModelRef, move: Move) -> tuple[str, Path]:
         """Get ``ref`` verified into a slot (reusing one that already holds it); return (slot, path)."""
@@ -162,6 +163,7 @@ class Installer:
             what="envelope fetch",
             who=self.who,
         )
+        self.bytes_fetched += len(envelope)
         await move(Trigger.VERIFY, "bundle envelope")
         manifest = manifest_from_envelope(envelope, self.release_keys())
         refuse(check_manifest(ref, manifest, self.fit()))
@@ -178,18 +180,21 @@ class Installer:
         )
         await move(Trigger.DOWNLOAD, f"model into slot {slot}")
         via = await self._from_delta(ref, part)
-        fetched = len(envelope) + via.received
+        self.bytes_fetched += via.received
         if not via.rebuilt:
-            have = part.stat().st_size if part.exists() else 0
-            await retrying(
-                lambda: self.fetcher.model(ref.model_url, part, length=ref.length, sha256=ref.sha256),
-                budget_s=budget,
-                what="download (resuming)",
-                who=self.who,
-                base=0.2,
-            )
-            fetched += ref.length - have
-        await move(Trigger.INSTALL, via.note[:DETAIL_MAX], bytes_fetched=fetched)
+            had = part.stat().st_size if part.exists() else 0
+            try:
+                await retrying(
+                    lambda: self.fetcher.model(ref.model_url, part, length=ref.length, sha256=ref.sha256),
+                    budget_s=budget,
+                    what="download (resuming)",
+                    who=self.who,
+                    base=0.2,
+                )
+            finally:  # what came over the link, a failed or resumed download's share included
+                with contextlib.suppress(OSError):
+                    self.bytes_fetched += max(0, (part.stat().st_size if part.exists() else ref.length) - had)
+        await move(Trigger.INSTALL, via.note[:DETAIL_MAX])
         info = self.slots.commit(slot, part, envelope, manifest)
         return slot, self.slots.slot_dir(slot) / info.file
 

@@ -16,6 +16,10 @@ not valid answers ``invalid`` and the rest are kept: see :mod:`device_agent.labe
 ``POST /v1/outcomes`` with ``{"inference_id", "metric", "value"}`` (or ``{"outcomes": [...]}``)
 -> the same shape of results: an app's outcome metric joined to the model that made the prediction,
 once per (inference, metric) (:mod:`device_agent.outcomes`).
+``POST /v1/defer`` with ``{"seconds": N, "reason": "..."}`` -> ``{"deferred_until", "holds_until",
+"max_deferral_seconds", "deployment_state"}``: the app is busy, so a model waiting for its
+maintenance window is not swapped in for ``N`` seconds (0 withdraws), up to the rollout's
+maximum deferral (``device_agent.schedule``); reported to the fleet as an event.
 ``GET /v1/model`` -> what is serving; ``GET /healthz`` -> ``{"status": "ok"}``; ``GET /metrics`` ->
 the agent's counters, deployment state and serving model in Prometheus' text format.
 Bad input -> 400 ``{"error": {"code", "message"}}``; no model yet -> 503; an
@@ -84,6 +88,31 @@ def _decode_input(body: bytes, content_type: str, dtype: Any) -> np.ndarray:
     except (ValueError, TypeError) as exc:
         raise ApiError(400, "bad_inputs", f"inputs are not a numeric array of one shape: {exc}") from exc
     return arr
+
+
+MAX_DEFER_BODY = 4096  # bytes per POST /v1/defer
+MAX_DEFER_REASON = 200  # characters of the reason kept
+
+
+def defer_request(body: bytes) -> tuple[float, str]:
+    """(seconds, reason) of a ``/v1/defer`` body; ApiError naming what is wrong."""
+    from device_agent.reconcile import MAX_DEFER_S
+
+    try:
+        doc = safejson.loads(body)
+    except safejson.JsonError as exc:
+        raise ApiError(400, "bad_json", f"body is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ApiError(400, "bad_defer", 'expected {"seconds": N, "reason": "..."}')
+    unknown = sorted(set(doc) - {"seconds", "reason"})
+    if unknown:
+        raise ApiError(400, "bad_defer", f"unknown field(s): {', '.join(unknown)}")
+    seconds, reason = doc.get("seconds"), doc.get("reason", "busy")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds <= MAX_DEFER_S:
+        raise ApiError(400, "bad_seconds", f"seconds: a number from 0 to {MAX_DEFER_S:g}")
+    if not isinstance(reason, str):
+        raise ApiError(400, "bad_reason", "reason: a string")
+    return float(seconds), reason[:MAX_DEFER_REASON]
 
 
 MAX_LABELS = 1000  # labels per POST /v1/labels
@@ -228,10 +257,20 @@ def _make_handler(
                     self._labels()
                 elif self.path == "/v1/outcomes":
                     self._outcomes()
+                elif self.path == "/v1/defer":
+                    self._defer()
                 else:
                     raise ApiError(404, "not_found", f"no route {self.path}")
             except ApiError as err:
                 self._error(err)
+
+        def _defer(self) -> None:
+            seconds, reason = defer_request(self._body(MAX_DEFER_BODY))
+            try:
+                answer = agent.defer(seconds, reason)
+            except RuntimeError as exc:
+                raise ApiError(503, "stopping", str(exc)) from exc
+            self._send(200, answer)
 
         def _labels(self) -> None:
             items = label_items(self._body(min(max_body, MAX_LABELS_BODY)))

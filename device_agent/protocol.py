@@ -27,9 +27,9 @@ import zlib
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from device_agent import wire
+from device_agent import schedule, wire
 
 # Topics, states and bounds live in ``wire`` (stdlib only, what the agent itself imports);
 # re-exported here so this module stays the one place the contract is read from.
@@ -113,6 +113,41 @@ class Capture(_Msg):
     quota_bytes: int = Field(default=default_of(wire.Capture, "quota_bytes"), ge=1)  # on-device disk
 
 
+class Window(_Msg):
+    """A weekly maintenance window in the device's local time (``device_agent.schedule.Window``):
+    ``days`` (mon..sun), ``start`` and ``end`` as ``HH:MM``; an end at or before the start crosses
+    midnight, ``start == end`` is the whole day."""
+
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
+        min_length=1, description="the days it opens on, in the device's local time"
+    )
+    start: str = Field(description="when it opens, HH:MM local time")
+    end: str = Field(description="when it closes, HH:MM local time (at or before start: the next day)")
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, v: str) -> str:
+        schedule.parse_hhmm(v, "time")  # raises ScheduleError (a ValueError) naming the format
+        return v
+
+    def to_schedule(self) -> schedule.Window:
+        return schedule.Window.from_dict(self.model_dump())
+
+
+class Activation(_Msg):
+    """When the device may swap in the downloaded model (``wire.Activation``)."""
+
+    windows: list[Window] = Field(default_factory=list)  # none: any time
+    max_deferral_seconds: float = Field(default=default_of(wire.Activation, "max_deferral_seconds"), ge=0.0)
+
+
+class MeteredRule(_Msg):
+    """What a metered link may download (``device_agent.schedule.MeteredRule``)."""
+
+    download: Literal["any", "unmetered_only"] = "any"
+    max_bytes_per_day: int | None = Field(default=None, ge=1)
+
+
 class Directive(_Msg):
     """The desired state of one device. Signed by the fleet key; higher ``seq`` wins."""
 
@@ -131,6 +166,17 @@ class Directive(_Msg):
     )
     not_before: datetime | None = None  # do not start before (maintenance windows)
     capture: Capture | None = None  # keep sampled inferences for retraining (off when None)
+    activation: Activation | None = None  # swap in only inside these windows (None: at once)
+    metered: MeteredRule | None = None  # what a metered link may download (None: anything)
+
+
+class Waiting(_Msg):
+    """Why directive ``seq`` waits rather than fails (``wire.Waiting``)."""
+
+    seq: int
+    reason: str
+    detail: str
+    until: datetime | None = None
 
 
 class RunningModel(_Msg):
@@ -165,6 +211,9 @@ class Reported(_Msg):
     # model sha256 -> the on-device acceptance check of that model: passed, samples, and each figure
     # (measured on this device, compiled on the host, the limit) -- see device_agent.acceptance
     acceptance: dict[str, Any] = Field(default_factory=dict)
+    timezone: str = "UTC"  # IANA name: the device's maintenance windows are read in it
+    link: dict[str, Any] = Field(default_factory=dict)  # class, budget_bytes_per_day, used_bytes_today
+    waiting: Waiting | None = None  # the directive waits for a window, a deferral or its link
     ts: datetime = Field(default_factory=utcnow)
 
 
@@ -328,11 +377,13 @@ __all__ = [
     "OTHER_CLASS",
     "PREFIX",
     "VALUE_BOUNDS",
+    "Activation",
     "Capture",
     "Channel",
     "DeploymentState",
     "Directive",
     "Event",
+    "MeteredRule",
     "ModelRef",
     "ModelStats",
     "Probation",
@@ -344,6 +395,8 @@ __all__ = [
     "ShadowStats",
     "Status",
     "TelemetryBatch",
+    "Waiting",
+    "Window",
     "decode_directive",
     "decode_event",
     "decode_reported",

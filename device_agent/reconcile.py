@@ -1,8 +1,11 @@
 """Carrying out accepted directives, one at a time, on the agent's loop.
 
 The :class:`Reconciler` takes the newest accepted directive (an older one still
-queued is superseded), waits for its maintenance window, installs and swaps in
-its model (:mod:`~device_agent.install`), watches a probation
+queued is superseded), waits for its ``not_before``, downloads when its link
+allows (a metered link may be held by the directive's rule or a daily budget),
+installs its model into the inactive slot (:mod:`~device_agent.install`), holds
+it ``staged`` until its maintenance window opens and no app defers it
+(:mod:`~device_agent.schedule`), swaps it in, watches a probation
 (:func:`device_agent.probation.verdict`) and starts a shadow candidate. Every
 change of the deployment state goes through the table in
 :mod:`~device_agent.deployment` and is announced (an Event, then the Reported
@@ -21,11 +24,11 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from device_agent import acceptance, probation
+from device_agent import acceptance, probation, schedule
 from device_agent.config import AgentConfig
 from device_agent.deployment import Deployment, Trigger
 from device_agent.errors import InstallError
@@ -38,7 +41,7 @@ from device_agent.serving import Models, Serving
 from device_agent.shadow import Shadow, sample_every
 from device_agent.slots import SlotStore, atomic_write, is_disk_full
 from device_agent.telemetry import ModelTotals, Telemetry
-from device_agent.wire import Directive, Event, ModelRef, ReasonCode, Rejection
+from device_agent.wire import Directive, Event, ModelRef, ReasonCode, Rejection, Waiting
 from signing.errors import CodedError
 from signing.manifest import FileEntry, verify_file
 
@@ -48,6 +51,9 @@ PROBATION_POLL = 0.05  # s between probation checks
 DETAIL_MAX = 500  # characters of detail kept in the reported snapshot's last rejection
 STALL_ENV = "EDGEFLEET_AGENT_STALL"
 VERDICT_FILE = "acceptance.json"  # in a slot's directory, beside its model
+USAGE_FILE = "link_usage.json"  # in the data directory: bytes fetched on a metered link today
+STAGED_FILE = "staged"  # in a slot's directory while its model waits for its window (never served)
+MAX_DEFER_S = 7 * 86400.0  # longest deferral one call may ask for (the policy caps what it gets)
 
 
 def stall_plan() -> dict[str, float]:
@@ -59,6 +65,33 @@ def stall_plan() -> dict[str, float]:
         with contextlib.suppress(ValueError):
             plan[state.strip()] = float(seconds or 3600)
     return plan
+
+
+class _Superseded(Exception):
+    """A newer directive arrived while this one waited: drop it, take the newer one up."""
+
+
+class LinkUsage:
+    """Bytes fetched on a metered link per local day, kept on disk so a restart does not reset
+    the budget (a damaged file counts as nothing used: the budget is a courtesy, not a defence)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.day, self.bytes = "", 0
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            doc = json.loads(path.read_text())
+            self.day, self.bytes = str(doc["day"]), max(0, int(doc["bytes"]))
+
+    def today(self, day: str) -> int:
+        return self.bytes if day == self.day else 0
+
+    def add(self, day: str, n: int) -> None:
+        self.bytes = self.today(day) + n
+        self.day = day
+        try:
+            atomic_write(self.path, json.dumps({"day": day, "bytes": self.bytes}).encode())
+        except OSError as exc:  # counted in memory; only a restart would forget it
+            log.warning("could not record the link usage: %s", exc)
 
 
 class Reconciler:
@@ -92,6 +125,16 @@ class Reconciler:
         self.acceptance: dict[str, dict[str, Any]] = self._stored_verdicts()
         self._pending: Directive | None = None
         self._wake = asyncio.Event()
+        # Windows, deferral and the link (device_agent.schedule).
+        self.tz = schedule.zone(config.timezone)
+        self.link_class = config.link_class  # the simulator (or a link monitor) may change it
+        self.usage = LinkUsage(slots.data_dir / USAGE_FILE)
+        self.waiting: Waiting | None = None  # reported: why the current directive waits
+        self.busy_until: datetime | None = None  # an app's deferral (POST /v1/defer)
+        self._ready_at: datetime | None = None  # when the staged model first could have gone in
+        self._max_deferral_s = 0.0
+        self._recheck = asyncio.Event()  # a deferral or the link changed: look again now
+        self._bytes_fetched: int | None = None  # the install's bytes, for the next event
         self.probation_task: asyncio.Task[None] | None = None
         self._stall = stall_plan()
 
@@ -105,7 +148,15 @@ class Reconciler:
         """
         state = self.slots.state
         candidates = [state.active] if state.active else []
-        candidates += [s for s in state.slots if s not in candidates and state.slots[s] is not None]
+        # The other slot is a fallback, unless its model is staged: that one waits for its window,
+        # and the retained directive stages it again.
+        candidates += [
+            s
+            for s in state.slots
+            if s not in candidates
+            and state.slots[s] is not None
+            and not (self.slots.slot_dir(s) / STAGED_FILE).exists()
+        ]
         for slot in candidates:
             serving = await self.load_slot(slot) if slot else None
             if serving is None:
@@ -184,6 +235,8 @@ class Reconciler:
                 await self._carry_out(directive)
             except asyncio.CancelledError:
                 raise
+            except _Superseded:
+                continue
             except CodedError as exc:
                 await self._fail(directive, exc.code, str(exc))
             except OSError as exc:
@@ -207,24 +260,158 @@ class Reconciler:
         delay = (d.not_before - self.now()).total_seconds()
         if delay <= 0:
             return True
+        detail = f"waiting until {d.not_before.isoformat()}"
+        self.waiting = Waiting(d.seq, ReasonCode.NOT_BEFORE, detail, d.not_before)  # reported: not late
         await self._publish_event(
             Event(
                 device_id=self.who,
                 seq=d.seq,
                 state=self.deployment.state,
                 reason=ReasonCode.NOT_BEFORE,
-                detail=f"waiting until {d.not_before.isoformat()}",
+                detail=detail,
                 ts=self.now(),
             )
         )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay)
-            return self._pending is None  # woken by a newer directive: that one wins
-        return True
+        await self._publish_reported()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+                return self._pending is None  # woken by a newer directive: that one wins
+            return True
+        finally:
+            self.waiting = None
+
+    # -- windows, deferral, the link ------------------------------------------------
+
+    def link(self) -> dict[str, Any]:
+        """What ``Reported.link`` says: the link class, the device's daily budget, used today."""
+        return {
+            "class": self.link_class,
+            "budget_bytes_per_day": self.config.link_budget_bytes_per_day or None,
+            "used_bytes_today": self.usage.today(schedule.local_day(self.now(), self.tz)),
+        }
+
+    def set_link_class(self, link_class: str) -> None:
+        """The link changed (a modem's metered flag, the simulator): a held download looks again."""
+        if link_class not in schedule.LINK_CLASSES:
+            raise ValueError(f"link class must be one of {', '.join(schedule.LINK_CLASSES)}")
+        self.link_class = link_class
+        self._recheck.set()
+
+    async def defer(self, seconds: float, reason: str) -> dict[str, Any]:
+        """An app is busy: hold activation ``seconds`` from now (0 withdraws the deferral).
+
+        Granted up to the directive's ``max_deferral_seconds`` counted from when the staged model
+        first could have gone in; the answer says until when activation is held as things stand.
+        Reported as an Event (reason ``deferred``) so the fleet sees who held what.
+        """
+        now = self.now()
+        self.busy_until = now + timedelta(seconds=seconds) if seconds > 0 else None
+        limit = (
+            self._ready_at + timedelta(seconds=self._max_deferral_s) if self._ready_at is not None else None
+        )
+        held = self.busy_until if limit is None or self.busy_until is None else min(self.busy_until, limit)
+        what = f"{reason}: busy for {seconds:g}s" if seconds > 0 else f"{reason}: deferral withdrawn"
+        await self._publish_event(
+            Event(
+                self.who,
+                self.deployment.seq,
+                self.deployment.state,
+                reason=ReasonCode.DEFERRED,
+                detail=what[:DETAIL_MAX],
+                ts=now,
+            )
+        )
+        self._recheck.set()
+        return {
+            "deferred_until": self.busy_until.isoformat() if self.busy_until else None,
+            "holds_until": held.isoformat() if held else None,
+            "max_deferral_seconds": self._max_deferral_s if self._ready_at is not None else None,
+            "deployment_state": self.deployment.state.value,
+        }
+
+    async def _hold(self, d: Directive, check: Callable[[], schedule.Hold | None]) -> None:
+        """Wait while ``check`` holds the directive (announcing each new reason: an Event, then the
+        Reported snapshot's ``waiting``), re-reading the clock every ``schedule_poll_s`` or at once
+        when a deferral or the link changes. Raises _Superseded when a newer directive arrives."""
+        last: tuple[str, str] | None = None
+        while True:
+            hold = check()
+            if hold is None:
+                self.waiting = None
+                return
+            if (hold.reason, hold.detail) != last:
+                last = (hold.reason, hold.detail)
+                self.waiting = Waiting(d.seq, hold.reason, hold.detail, hold.until)
+                log.info("%s: seq %d waits: %s", self.who, d.seq, hold.detail)
+                await self._publish_event(
+                    Event(
+                        self.who,
+                        d.seq,
+                        self.deployment.state,
+                        reason=hold.reason,
+                        detail=hold.detail,
+                        model_sha256=d.model.sha256 if d.model else None,
+                        ts=self.now(),
+                    )
+                )
+                await self._publish_reported()
+            delay = self.config.schedule_poll_s
+            if hold.until is not None:
+                delay = min(delay, max(0.0, (hold.until - self.now()).total_seconds()))
+            self._recheck.clear()
+            waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self._recheck.wait())]
+            try:
+                await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if self._pending is not None:
+                self.waiting = None
+                raise _Superseded
+
+    def _download_hold(self, d: Directive, ref: ModelRef) -> schedule.Hold | None:
+        now = self.now()
+        return schedule.download_hold(
+            now,
+            link_class=self.link_class,
+            rule=d.metered,
+            device_budget=self.config.link_budget_bytes_per_day,
+            used_today=self.usage.today(schedule.local_day(now, self.tz)),
+            length=ref.length,
+            tz=self.tz,
+        )
+
+    def _activation_hold(self, d: Directive) -> schedule.Hold | None:
+        assert d.activation is not None
+        hold, self._ready_at = schedule.activation_hold(
+            self.now(),
+            windows=d.activation.windows,
+            tz=self.tz,
+            busy_until=self.busy_until,
+            ready_at=self._ready_at,
+            max_deferral_s=d.activation.max_deferral_seconds,
+        )
+        return hold
+
+    async def _install(self, d: Directive, ref: ModelRef) -> tuple[str, Path]:
+        """Download (when the link allows) and verify ``ref`` into a slot; count what it fetched."""
+        if self.slots.find(ref.sha256) is None:
+            await self._hold(d, lambda: self._download_hold(d, ref))
+        self.installer.bytes_fetched = 0
+        try:
+            return await self.installer.install(ref, self._steps(d, ref))
+        finally:
+            fetched = self.installer.bytes_fetched
+            self._bytes_fetched = fetched
+            if fetched and self.link_class == "metered":
+                self.usage.add(schedule.local_day(self.now(), self.tz), fetched)
 
     # -- carrying one out --------------------------------------------------------
 
     async def _carry_out(self, d: Directive) -> None:
+        self._ready_at, self._bytes_fetched = None, None
+        self._max_deferral_s = d.activation.max_deferral_seconds if d.activation is not None else 0.0
         self.deployment = self.deployment.on(Trigger.BEGIN, d.seq)
         shadow = self.models.shadow
         if d.shadow is None or (shadow is not None and shadow.sha256 != d.shadow.sha256):
@@ -234,8 +421,8 @@ class Reconciler:
             await self._apply_shadow(d, d.shadow)
 
     def _steps(self, d: Directive, ref: ModelRef) -> Move:
-        async def move(trigger: Trigger, detail: str | None, /, *, bytes_fetched: int | None = None) -> None:
-            await self._move(trigger, d.seq, sha=ref.sha256, detail=detail, bytes_fetched=bytes_fetched)
+        async def move(trigger: Trigger, detail: str | None, /) -> None:
+            await self._move(trigger, d.seq, sha=ref.sha256, detail=detail)
 
         return move
 
@@ -259,7 +446,18 @@ class Reconciler:
             await self._enter(done, sha=serving.sha256 if serving else None)
             return
         await self._end_probation()  # a newer directive supersedes a probation in progress
-        slot, path = await self.installer.install(ref, self._steps(d, ref))
+        slot, path = await self._install(d, ref)
+        if d.activation is not None and (hold := self._activation_hold(d)) is not None:
+            # Downloaded and verified; the swap waits for the window (nothing is loaded meanwhile).
+            marker = self.slots.slot_dir(slot) / STAGED_FILE
+            atomic_write(marker, str(d.seq).encode())  # a reboot meanwhile must not serve it
+            await self._enter(self.deployment.on(Trigger.STAGE, d.seq), sha=ref.sha256, detail=hold.detail)
+            await self._hold(d, lambda: self._activation_hold(d))
+            marker.unlink(missing_ok=True)
+            info = self.slots.state.slots.get(slot)
+            assert info is not None
+            # Hours may have passed: the file is checked again before it is loaded.
+            await asyncio.to_thread(verify_file, path, FileEntry(info.file, info.sha256, info.length))
         await self._move(Trigger.WARM, d.seq, sha=ref.sha256)
         model = await self._load(path, ref.sha256)
         await self._accept(ref, slot, model)
@@ -355,7 +553,7 @@ class Reconciler:
         if self.probation_task is not None and not self.probation_task.done():
             # The inactive slot holds the revert target until the probation ends.
             await asyncio.shield(self.probation_task)
-        slot, path = await self.installer.install(ref, self._steps(d, ref))
+        slot, path = await self._install(d, ref)
         model = await self._load(path, ref.sha256)
         self.stop_shadow()
         candidate = self._serving(model, ref.sha256, ref.name, ref.version, slot)
@@ -479,12 +677,9 @@ class Reconciler:
         *,
         sha: str | None = None,
         detail: str | None = None,
-        bytes_fetched: int | None = None,
     ) -> None:
         """One step of the state machine, announced."""
-        await self._enter(
-            self.deployment.on(trigger, seq), sha=sha, detail=detail, bytes_fetched=bytes_fetched
-        )
+        await self._enter(self.deployment.on(trigger, seq), sha=sha, detail=detail)
 
     async def _enter(
         self,
@@ -493,7 +688,6 @@ class Reconciler:
         sha: str | None = None,
         detail: str | None = None,
         reason: str | None = None,
-        bytes_fetched: int | None = None,
     ) -> None:
         """Take ``dep`` (the table's answer) as the deployment and tell the fleet: Event, then Reported."""
         self.deployment = dep
@@ -505,6 +699,7 @@ class Reconciler:
             state,
             extra={"device_id": self.who, "seq": dep.seq, "state": state, "model_sha256": sha},
         )
+        fetched, self._bytes_fetched = self._bytes_fetched, None  # on the first event after the install
         event = Event(
             self.who,
             dep.seq,
@@ -513,7 +708,7 @@ class Reconciler:
             detail=detail,
             model_sha256=sha,
             ts=self.now(),
-            bytes_fetched=bytes_fetched,
+            bytes_fetched=fetched,
         )
         await self._publish_event(event)
         await self._publish_reported()
@@ -531,4 +726,4 @@ def check_golden(spec: acceptance.Spec, data: bytes, model: LoadedModel) -> acce
     return acceptance.judge(spec, acceptance.measure(spec, golden.refs, outs))
 
 
-__all__ = ["DETAIL_MAX", "PROBATION_POLL", "STALL_ENV", "Reconciler", "stall_plan"]
+__all__ = ["DETAIL_MAX", "PROBATION_POLL", "STALL_ENV", "LinkUsage", "Reconciler", "stall_plan"]

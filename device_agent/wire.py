@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from device_agent.schedule import MeteredRule, ScheduleError, Window, parse_windows
 from signing import safejson
 
 PREFIX = "ef/v1"
@@ -91,6 +92,7 @@ class DeploymentState(StrEnum):
     INSTALLING = "installing"
     WARMING = "warming"
     SWAPPING = "swapping"
+    STAGED = "staged"  # verified in the inactive slot; waits for its window (or an app's deferral)
     PROBATION = "probation"  # swapped in, being watched; success not yet reported
     SERVING = "serving"  # the directive's model answers requests (probation passed)
     SHADOWING = "shadowing"  # a candidate runs beside the served model on sampled inputs
@@ -162,6 +164,12 @@ class ReasonCode(StrEnum):
     LATENCY_REGRESSION = "latency_regression"
     # Not a failure: the directive waits for its maintenance window.
     NOT_BEFORE = "not_before"
+    # Not failures either: a staged model waits for its activation window (device_agent.schedule) or
+    # for an app's deferral, and a download waits for an unmetered link or for tomorrow's budget.
+    MAINTENANCE_WINDOW = "maintenance_window"
+    DEFERRED = "deferred"
+    METERED_LINK = "metered_link"
+    LINK_BUDGET = "link_budget"
 
 
 # Deltas (docs/decisions/0024-delta-updates.md): a zstd frame that rebuilds the model file with
@@ -452,6 +460,44 @@ class Capture:
 
 
 @dataclass(frozen=True, slots=True)
+class Activation:
+    """When a downloaded model may be swapped in: inside one of ``windows`` (weekly, the device's
+    local time; none: any time), held at most ``max_deferral_seconds`` by an app's deferral."""
+
+    windows: tuple[Window, ...] = ()
+    max_deferral_seconds: float = 3600.0
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Activation:
+        f = _Fields("Activation", data)
+        try:
+            windows = parse_windows(f.data.get("windows", []), "windows")
+        except ScheduleError as exc:
+            raise ProtocolError(f"malformed Activation: {exc}") from exc
+        return cls(
+            windows=windows,
+            max_deferral_seconds=f.number(
+                "max_deferral_seconds", default=default_of(cls, "max_deferral_seconds"), ge=0.0
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "windows": [w.to_dict() for w in self.windows],
+            "max_deferral_seconds": self.max_deferral_seconds,
+        }
+
+
+def _metered(data: dict[str, Any] | None) -> MeteredRule | None:
+    if data is None:
+        return None
+    try:
+        return MeteredRule.from_dict(data)
+    except ScheduleError as exc:
+        raise ProtocolError(f"malformed Directive: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
 class Directive:
     """The desired state of one device. Signed by the fleet key; higher ``seq`` wins."""
 
@@ -467,6 +513,8 @@ class Directive:
     shadow_sample_rate: float = 0.1
     not_before: datetime | None = None
     capture: Capture | None = None  # keep sampled inferences for retraining (off when None)
+    activation: Activation | None = None  # swap in only inside these windows (None: at once)
+    metered: MeteredRule | None = None  # what a metered link may download (None: anything)
 
     @classmethod
     def from_dict(cls, data: Any) -> Directive:
@@ -474,7 +522,7 @@ class Directive:
         if "model" not in f.data:
             raise ProtocolError("malformed Directive: model: field required")
         model, shadow, probation = f.obj("model"), f.obj("shadow"), f.obj("probation")
-        capture = f.obj("capture")
+        capture, activation = f.obj("capture"), f.obj("activation")
         return cls(
             device_id=f.text("device_id"),
             seq=f.integer("seq", ge=1),
@@ -492,6 +540,8 @@ class Directive:
             ),
             not_before=f.when("not_before", required=False),
             capture=Capture.from_dict(capture) if capture is not None else None,
+            activation=Activation.from_dict(activation) if activation is not None else None,
+            metered=_metered(f.obj("metered")),
         )
 
 
@@ -563,6 +613,9 @@ class Reported:
     capabilities: dict[str, Any] = field(default_factory=dict)
     # model sha256 -> the on-device acceptance check's verdict and figures (device_agent.acceptance)
     acceptance: dict[str, Any] = field(default_factory=dict)
+    timezone: str = "UTC"  # IANA name: the device's maintenance windows are read in it
+    link: dict[str, Any] = field(default_factory=dict)  # class, budget_bytes_per_day, used_bytes_today
+    waiting: Waiting | None = None  # the directive waits for a window, a deferral or its link
     ts: datetime = field(default_factory=utcnow)
 
     def to_dict(self) -> dict[str, Any]:
@@ -582,7 +635,29 @@ class Reported:
             "last_rejection": self.last_rejection.to_dict() if self.last_rejection else None,
             "capabilities": self.capabilities,
             "acceptance": self.acceptance,
+            "timezone": self.timezone,
+            "link": self.link,
+            "waiting": self.waiting.to_dict() if self.waiting else None,
             "ts": _ts(self.ts),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Why directive ``seq`` waits, not failing (a ReasonCode: maintenance_window, deferred,
+    metered_link, link_budget), and when the device looks again (None: when its link changes)."""
+
+    seq: int
+    reason: str
+    detail: str
+    until: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "reason": self.reason,
+            "detail": self.detail,
+            "until": _ts(self.until) if self.until else None,
         }
 
 
@@ -746,6 +821,7 @@ __all__ = [
     "OTHER_CLASS",
     "PREFIX",
     "VALUE_BOUNDS",
+    "Activation",
     "Capture",
     "Channel",
     "DeploymentState",
@@ -762,6 +838,7 @@ __all__ = [
     "ShadowStats",
     "Status",
     "TelemetryBatch",
+    "Waiting",
     "decode_directive",
     "delta_path",
     "delta_window_log",

@@ -8,12 +8,13 @@ director/image split), and carries a seq higher than any sent to that device.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 from device_agent import protocol
 from fleet_server.models import Model
-from fleet_server.policy import Policy
+from fleet_server.policy import Policy, activation_for, metered_for
 from signing.dsse import sign_envelope
 from signing.keys import KeyPair
 
@@ -43,9 +44,12 @@ def build_directive(
     rollout_id: str | None = None,
     shadow: Model | None = None,
     policy: Policy | None = None,
+    hardware_id: str = "",
+    tags: Mapping[str, str] | None = None,
 ) -> protocol.Directive:
     """``policy`` adds the agent-side probation (and the shadow sample rate, and the capture
-    policy with this server's upload URL) the rollout asks for.
+    policy with this server's upload URL) the rollout asks for, and the maintenance windows,
+    deferral cap and metered-link rule of the device's cohort (``hardware_id``, ``tags``).
 
     A directive without a policy (a roll back to the previous model) carries no probation and
     leaves the sample rate at the wire's default: the device goes back to a model it ran before.
@@ -66,6 +70,14 @@ def build_directive(
         steer["capture"] = protocol.Capture(
             upload_url=f"{public_url.rstrip('/')}/api/v1/captures", **policy.capture.model_dump()
         )
+    if policy is not None:
+        # Signed with the rest, so the device keeps to them offline too. A shadow directive swaps
+        # nothing in (no window); a roll back (no policy) goes in at once.
+        if shadow is None and model is not None:
+            steer["activation"] = activation_for(policy, hardware_id, tags or {})
+        metered = metered_for(policy, hardware_id, tags or {})
+        if metered is not None:
+            steer["metered"] = metered
     return protocol.Directive(
         device_id=device_id,
         seq=seq,

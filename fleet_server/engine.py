@@ -20,7 +20,14 @@ rule that tried an undesigned move would raise rather than write it.
 - A notified device is ``done`` only when it reports the rollout model's hash
   as running, out of probation, AND has served at least one successful
   inference with it; it fails on a failed/rejected/reverted report for the seq
-  it was sent, and times out after ``device_timeout_seconds``. A failure whose
+  it was sent, and times out after ``device_timeout_seconds``. A device that
+  reports waiting for that seq (its maintenance window, an app's deferral, its
+  metered link) is ``waiting``: not a failure, and its timeout clock stops; it
+  starts again from zero when the device stops waiting (``timeout_from``), so a
+  device that waited for Saturday night still has the whole timeout to prove the
+  model then. Waiting longer than ``max_wait_seconds`` is a timeout. A stage
+  waits for its waiting devices, and the gates judge only the devices that are
+  not waiting (``assigned`` counts those; ``waiting`` the others). A failure whose
   class has retries left waits ``backoff * 2**(attempt-1)`` and is re-sent.
 - Gates (gates.py) over every device assigned so far decide: nothing, pause
   (a human decides; ``approve`` accepts the stage) or roll back. The gates are
@@ -71,6 +78,7 @@ SENT = DEVICE.sources(DT.ROLL_BACK)  # devices that were sent the model: a roll 
 # The states the loops over every device compare with, as module globals: looking a member up on
 # its enum class takes about twice as long, and at 10,000 devices decide makes ~100,000 such checks.
 PENDING, SHADOWING, NOTIFIED, RETRY_WAIT = DS.PENDING, DS.SHADOWING, DS.NOTIFIED, DS.RETRY_WAIT
+INSTALLING, WAITING = DS.INSTALLING, DS.WAITING
 DONE, FAILED, TIMED_OUT, ROLLED_BACK = DS.DONE, DS.FAILED, DS.TIMED_OUT, DS.ROLLED_BACK
 HELD = DS.HELD  # a not-yet-assigned device whose cohort (hardware id) is halted by a gate
 IN_FLIGHT = DS.IN_FLIGHT
@@ -120,6 +128,8 @@ class DeviceSnapshot:
     labels: int = 0  # its predictions that an app labelled with the truth
     labels_correct: int = 0  # ... that the model got right
     reason: str | None = None  # why it is in its state (stored with the state)
+    waiting: str | None = None  # why the device reports waiting for ``seq`` (None: it does not)
+    timeout_from: datetime | None = None  # the timeout clock's start, when not ``notified_at``
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,7 @@ class DeviceChange:
     stage: int | None = None
     retry_at: datetime | None = None
     attempts: int = 1  # for notify: which attempt this directive is
+    timeout_from: datetime | None = None  # restart the timeout clock here (None: leave it)
 
 
 @dataclass(frozen=True)
@@ -181,8 +192,13 @@ def apply_plan(
     """
     by_id = {d.device_id: d for d in devices}
     for c in plan.changes:
+        d = by_id[c.device_id]
         by_id[c.device_id] = dataclasses.replace(
-            by_id[c.device_id], state=c.state, reason=c.reason, retry_at=c.retry_at
+            d,
+            state=c.state,
+            reason=c.reason,
+            retry_at=c.retry_at,
+            timeout_from=c.timeout_from if c.timeout_from is not None else d.timeout_from,
         )
     for c in plan.notify:
         d = by_id[c.device_id]
@@ -198,6 +214,8 @@ def apply_plan(
             retry_at=None,
             event_failure=None,
             event_progress=False,
+            waiting=None,
+            timeout_from=None,
         )
     for device_id in plan.roll_back:
         d = by_id[device_id]
@@ -237,8 +255,16 @@ def _failure(d: DeviceSnapshot, r: RolloutSnapshot, now: datetime) -> str | None
                 else ServerFailure.REVERTED
             )
         return d.reported_error or d.reported_state
+    start = d.timeout_from or d.notified_at
+    if start is None:
+        return None
+    if d.state == WAITING:
+        limit = r.policy.max_wait_seconds
+        if (now - start).total_seconds() > limit:
+            return f"{ServerFailure.TIMED_OUT}: waited more than {limit:g}s ({d.waiting or 'waiting'})"
+        return None
     timeout = r.policy.device_timeout_seconds
-    if d.notified_at is not None and (now - d.notified_at).total_seconds() > timeout:
+    if (now - start).total_seconds() > timeout:
         return f"{ServerFailure.TIMED_OUT}: no success within {timeout:g}s"
     return None
 
@@ -255,6 +281,17 @@ def observe(d: DeviceSnapshot, r: RolloutSnapshot, now: datetime) -> DeviceChang
         and d.reported_state != PROBATION
     ):
         return DeviceChange(d.device_id, DEVICE.move(d.state, DT.SERVING_PROOF), "serving the rollout model")
+    if d.waiting is not None and d.state in (NOTIFIED, INSTALLING) and d.event_failure is None:
+        # Not a failure and not late: the timeout clock stops; the wait has its own limit.
+        return DeviceChange(
+            d.device_id, DEVICE.move(d.state, DT.WAIT), f"waiting: {d.waiting}", timeout_from=now
+        )
+    if d.state == WAITING and d.waiting is None and d.event_failure is None:
+        reported_failure = d.reported_seq == d.seq and d.reported_state in FAILED_DEPLOYMENT_STATES
+        if not reported_failure:
+            return DeviceChange(
+                d.device_id, DEVICE.move(d.state, DT.PROCEED), "stopped waiting", timeout_from=now
+            )
     why = _failure(d, r, now)
     if why is not None:
         cls = gates.failure_class(why)
@@ -794,6 +831,9 @@ def _figures(
     """
     baseline = baseline or {}
     p = r.policy
+    waiting = sum(1 for d in assigned if state[d.device_id] == WAITING)
+    if waiting:  # the gates judge the devices that got on with it; those waiting have not
+        assigned = [d for d in assigned if state[d.device_id] != WAITING]
     inferences = sum(d.inferences for d in assigned)
     errors = sum(d.errors for d in assigned)
     failed = sum(1 for d in assigned if state[d.device_id] in (FAILED, TIMED_OUT))
@@ -807,6 +847,7 @@ def _figures(
     )
     figures: dict[str, Any] = {
         "assigned": len(assigned),
+        "waiting": waiting,
         "done": done,
         "failed": failed,
         "failure_rate": failed / len(assigned) if assigned else 0.0,

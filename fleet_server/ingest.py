@@ -265,6 +265,7 @@ def _reported_view(msg: protocol.Reported) -> reconcile.Reported:
         state=msg.deployment_state.value,
         running_sha256=msg.running.sha256 if msg.running else None,
         rejected_seq=msg.last_rejection.seq if msg.last_rejection else None,
+        waiting_seq=msg.waiting.seq if msg.waiting else None,
     )
 
 
@@ -278,6 +279,7 @@ def _event_row(msg: protocol.Event, now: datetime) -> EventRow:
         model_sha256=msg.model_sha256,
         ts=msg.ts,
         received_at=now,
+        bytes_fetched=msg.bytes_fetched,
     )
 
 

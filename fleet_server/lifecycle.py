@@ -41,13 +41,14 @@ class DeviceRolloutState(StrEnum):
     SHADOWING = "shadowing"  # runs the new model beside its current one, never served (shadow gate)
     NOTIFIED = "notified"
     INSTALLING = "installing"
+    WAITING = "waiting"  # the device waits for its window, an app's deferral or its link: no timeout
     RETRY_WAIT = "retry_wait"  # failed with a retryable class; re-notified after a backoff
     DONE = "done"
     FAILED = "failed"
     TIMED_OUT = "timed_out"
     ROLLED_BACK = "rolled_back"
     HELD = "held"  # not assigned: its hardware class (cohort) was halted by a gate
-    IN_FLIGHT = nonmember((SHADOWING, NOTIFIED, INSTALLING, RETRY_WAIT))
+    IN_FLIGHT = nonmember((SHADOWING, NOTIFIED, INSTALLING, WAITING, RETRY_WAIT))
     FINISHED = nonmember((DONE, FAILED, TIMED_OUT))
 
 
@@ -81,6 +82,8 @@ class DeviceTrigger(StrEnum):
     RETRY = "retry"
     RETRY_SHADOW = "retry_shadow"
     PROGRESS = "progress"
+    WAIT = "wait"
+    PROCEED = "proceed"
     SERVING_PROOF = "serving_proof"
     FAIL_RETRYABLE = "fail_retryable"
     FAIL = "fail"
@@ -224,8 +227,14 @@ DEVICE: Lifecycle[DeviceRolloutState, DeviceTrigger] = Lifecycle(
         DS.PENDING: {DT.ASSIGN: DS.NOTIFIED, DT.ASSIGN_SHADOW: DS.SHADOWING, DT.HOLD: DS.HELD},
         DS.HELD: {DT.RELEASE: DS.PENDING},
         DS.SHADOWING: {DT.PROMOTE: DS.NOTIFIED, **_FAILURES},
-        DS.NOTIFIED: {DT.PROGRESS: DS.INSTALLING, DT.SERVING_PROOF: DS.DONE, **_FAILURES},
-        DS.INSTALLING: {DT.SERVING_PROOF: DS.DONE, **_FAILURES},
+        DS.NOTIFIED: {
+            DT.PROGRESS: DS.INSTALLING,
+            DT.WAIT: DS.WAITING,
+            DT.SERVING_PROOF: DS.DONE,
+            **_FAILURES,
+        },
+        DS.INSTALLING: {DT.WAIT: DS.WAITING, DT.SERVING_PROOF: DS.DONE, **_FAILURES},
+        DS.WAITING: {DT.PROCEED: DS.INSTALLING, DT.SERVING_PROOF: DS.DONE, **_FAILURES},
         DS.RETRY_WAIT: {DT.RETRY: DS.NOTIFIED, DT.RETRY_SHADOW: DS.SHADOWING, DT.ROLL_BACK: DS.ROLLED_BACK},
         DS.DONE: {DT.ROLL_BACK: DS.ROLLED_BACK},
         DS.FAILED: {DT.ROLL_BACK: DS.ROLLED_BACK},
@@ -240,10 +249,14 @@ DEVICE: Lifecycle[DeviceRolloutState, DeviceTrigger] = Lifecycle(
         DT.PROMOTE: "the rollout's shadow agreement passed with its minimum sample: the model for real",
         DT.FAIL_RETRYABLE: "failed, rejected, reverted or timed out, and its failure class has retries left",
         DT.FAIL: "failed, rejected or reverted for the directive's seq, no retries left",
-        DT.TIME_OUT: "`device_timeout_seconds` without serving proof, no retries left",
+        DT.TIME_OUT: "`device_timeout_seconds` without serving proof (counted from when it last stopped"
+        " waiting), or `max_wait_seconds` waiting, no retries left",
         DT.ROLL_BACK: "a directive sends it back to the model it ran before (the rollout or its cohort"
         " rolls back)",
         DT.PROGRESS: "an event or a report for the directive's seq",
+        DT.WAIT: "it reports waiting for the directive's seq: its maintenance window, an app's deferral or"
+        " its metered link (not a failure; the device timeout stops)",
+        DT.PROCEED: "it no longer reports waiting: the device timeout starts again from now",
         DT.SERVING_PROOF: "it reports the rollout model running, out of probation, and served at least"
         " one successful inference with it",
         DT.RETRY: "the backoff elapsed: the model again, in a directive with a higher seq",

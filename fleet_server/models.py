@@ -179,6 +179,9 @@ class RolloutDevice(SQLModel, table=True):
     retry_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     reason: str | None = None
+    # When its timeout clock (re)started, if not at ``notified_at``: when it began or stopped waiting
+    # for its maintenance window, a deferral or its metered link (engine.py).
+    timeout_from: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class EventRow(SQLModel, table=True):
@@ -193,6 +196,7 @@ class EventRow(SQLModel, table=True):
     model_sha256: str | None = None
     ts: datetime = Field(sa_type=UTCDateTime)
     received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    bytes_fetched: int | None = None  # what the install fetched (on the event that ended it)
 
 
 class TelemetryBatchRow(SQLModel, table=True):

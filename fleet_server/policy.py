@@ -8,10 +8,11 @@ are refused, never dropped: a misspelt gate would otherwise leave a rollout unpr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from device_agent import protocol
 
@@ -98,6 +99,70 @@ class CapturePolicy(BaseModel):
         ge=4096,
         description="disk each device may use for captures not yet uploaded, bytes (the oldest go first)",
     )
+
+
+class WindowPolicy(protocol.Window):
+    """A weekly maintenance window in each device's own local time (the time zone it reports):
+    ``days`` (mon..sun), ``start`` and ``end`` as ``HH:MM``; an end at or before the start crosses
+    midnight (the window belongs to the day it opens), ``start == end`` is the whole day."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+MB = 1_000_000  # max_mb_per_day counts decimal megabytes, as link plans do
+
+
+class MeteredPolicy(BaseModel):
+    """What a device on a metered link (it reports its link class) may download for this rollout."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    download: Literal["any", "unmetered_only"] = Field(
+        default="any", description="'unmetered_only': a metered device waits for an unmetered link"
+    )
+    max_mb_per_day: float | None = Field(
+        default=None,
+        gt=0,
+        description="megabytes a metered device may fetch per local day (its own budget may be smaller);"
+        " a download that does not fit waits for the next day",
+    )
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> MeteredPolicy:
+        if self.download == "unmetered_only" and self.max_mb_per_day is not None:
+            raise ValueError("download 'unmetered_only' never uses a metered link: drop max_mb_per_day")
+        return self
+
+    def rule(self) -> protocol.MeteredRule:
+        """The rule as the directive carries it (bytes per day)."""
+        cap = None if self.max_mb_per_day is None else max(1, int(self.max_mb_per_day * MB))
+        return protocol.MeteredRule(download=self.download, max_bytes_per_day=cap)
+
+
+class CohortSchedule(BaseModel):
+    """Windows, deferral and metered rule for the devices one cohort matches (the first that
+    matches wins); a field left out takes the rollout's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hardware_id: str | None = Field(default=None, description="devices of this hardware class")
+    tags: dict[str, str] = Field(default_factory=dict, description="devices with all these tag values")
+    windows: list[WindowPolicy] | None = Field(default=None, description="this cohort's windows")
+    max_deferral_seconds: float | None = Field(default=None, ge=0, description="this cohort's cap")
+    metered: MeteredPolicy | None = Field(default=None, description="this cohort's metered-link rule")
+
+    @model_validator(mode="after")
+    def _selects(self) -> CohortSchedule:
+        if self.hardware_id is None and not self.tags:
+            raise ValueError(
+                "a cohort names a hardware_id or tags (the rollout's own fields cover every device)"
+            )
+        return self
+
+    def matches(self, hardware_id: str, tags: Mapping[str, str]) -> bool:
+        if self.hardware_id is not None and hardware_id != self.hardware_id:
+            return False
+        return all(tags.get(k) == v for k, v in self.tags.items())
 
 
 class Policy(BaseModel):
@@ -237,6 +302,35 @@ class Policy(BaseModel):
         description="devices serving the model keep a sample of their inferences and upload it to"
         " this server (GET /api/v1/captures; null: nothing captured)",
     )
+    # maintenance windows: devices download at once, swap the model in only inside a window of
+    # their own local time; an app on the device may defer the swap, up to a maximum
+    windows: list[WindowPolicy] = Field(
+        default_factory=list,
+        description="weekly windows in each device's local time in which it may swap the model in"
+        " (empty: any time); it downloads and verifies before",
+    )
+    max_deferral_seconds: float = Field(
+        default=protocol.Activation.model_fields["max_deferral_seconds"].default,
+        ge=0,
+        description="how long an app on the device may hold the swap once it could happen"
+        " (POST /v1/defer); then it goes in at the next chance inside a window",
+    )
+    metered: MeteredPolicy | None = Field(
+        default=None,
+        description="what devices on a metered link may download (null: as on any link, within"
+        " the device's own budget)",
+    )
+    cohorts: list[CohortSchedule] = Field(
+        default_factory=list,
+        max_length=100,
+        description="windows, deferral and metered rule per hardware class or tags; the first match wins",
+    )
+    max_wait_seconds: float = Field(
+        default=8 * 86400.0,
+        gt=0,
+        description="seconds a device may wait (window, deferral, metered link) before it counts as"
+        " timed out; the device timeout itself counts from when the wait ends",
+    )
 
     @field_validator("retry_limits")
     @classmethod
@@ -249,6 +343,34 @@ class Policy(BaseModel):
                 f" {ANY_FAILURE!r}"
             )
         return v
+
+
+def _schedule(
+    p: Policy, hardware_id: str, tags: Mapping[str, str]
+) -> tuple[list[WindowPolicy], float, MeteredPolicy | None]:
+    c = next((c for c in p.cohorts if c.matches(hardware_id, tags)), None)
+    windows = c.windows if c is not None and c.windows is not None else p.windows
+    defer = (
+        c.max_deferral_seconds
+        if c is not None and c.max_deferral_seconds is not None
+        else p.max_deferral_seconds
+    )
+    metered = c.metered if c is not None and c.metered is not None else p.metered
+    return windows, defer, metered
+
+
+def activation_for(p: Policy, hardware_id: str, tags: Mapping[str, str]) -> protocol.Activation:
+    """The activation rule a device of this hardware class and tags gets in its directive."""
+    windows, defer, _ = _schedule(p, hardware_id, tags)
+    return protocol.Activation(
+        windows=[protocol.Window.model_validate(w.model_dump()) for w in windows], max_deferral_seconds=defer
+    )
+
+
+def metered_for(p: Policy, hardware_id: str, tags: Mapping[str, str]) -> protocol.MeteredRule | None:
+    """The metered-link rule a device of this hardware class and tags gets (None: no rule)."""
+    _, _, metered = _schedule(p, hardware_id, tags)
+    return metered.rule() if metered is not None else None
 
 
 COLUMN_FIELDS = (

@@ -18,7 +18,8 @@ Drift kinds:
 
 - ``seq_behind``: the device reports an older seq than the server published;
 - ``model_mismatch``: the device reports the desired seq, settled (serving, probation, idle),
-  but runs another model than the directive names;
+  but runs another model than the directive names (not while it reports waiting for that seq:
+  its maintenance window, an app's deferral or its metered link);
 - ``seq_ahead``: the device reports a seq the server never published (counted; republishing
   cannot fix it, the rollout engine's next directive will);
 - ``directive_missing``: a retained directive this replica holds was deleted (restored at
@@ -67,6 +68,7 @@ class Reported:
     state: str
     running_sha256: str | None
     rejected_seq: int | None = None  # the seq of its last refused or failed directive
+    waiting_seq: int | None = None  # the seq it holds and waits with (window, deferral, metered link)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ def classify(desired_seq: int, directive: Directive | None, reported: Reported) 
         return Drift.AHEAD
     if reported.seq < target:
         return Drift.BEHIND
+    if reported.waiting_seq == target:
+        return Drift.NONE  # it has the directive and says why it waits: republishing changes nothing
     if (
         directive is not None
         and directive.seq == target

@@ -24,8 +24,9 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import exists, or_
+from sqlalchemy import exists, func, or_
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -37,6 +38,7 @@ from fleet_server.lifecycle import DeviceRolloutState as DS
 from fleet_server.lifecycle import RolloutState as RS
 from fleet_server.models import (
     Device,
+    EventRow,
     Experiment,
     ExperimentArm,
     ExperimentDevice,
@@ -47,7 +49,7 @@ from fleet_server.models import (
     utcnow,
 )
 from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
-from fleet_server.schemas import DecisionOut, RolloutIn, RolloutOut, StageOut
+from fleet_server.schemas import DecisionOut, DeliveryOut, RolloutIn, RolloutOut, StageOut
 from fleet_server.selector import matches
 
 
@@ -312,11 +314,46 @@ def rollout_statuses(session: Session, rollouts: Sequence[Rollout]) -> list[Roll
         .order_by(col(RolloutDecision.id))
     ).all():
         decisions[rid].append(DecisionOut(ts=ts, action=action, reason=reason, figures=figures))
-    return [_status(r, devices[r.id], decisions[r.id]) for r in rollouts]
+    delivery = _delivery(conn, ids)
+    return [_status(r, devices[r.id], decisions[r.id], delivery.get(r.id)) for r in rollouts]
+
+
+def _delivery(conn: Any, ids: list[str]) -> dict[str, DeliveryOut]:
+    """Bytes fetched per rollout: the events of its devices that carry ``bytes_fetched``, for the
+    seqs it sent them (up to the last with its model, so a later roll back's is not counted), received
+    since it began (a device's earlier rollouts' are not)."""
+    rows = conn.execute(
+        sa_select(
+            col(RolloutDevice.rollout_id),
+            func.sum(col(EventRow.bytes_fetched)),
+            func.count(col(EventRow.id)),
+        )
+        .join(EventRow, col(EventRow.device_id) == col(RolloutDevice.device_id))
+        .join(Rollout, col(Rollout.id) == col(RolloutDevice.rollout_id))
+        .where(
+            col(RolloutDevice.rollout_id).in_(ids),
+            col(EventRow.bytes_fetched).is_not(None),
+            col(RolloutDevice.seq).is_not(None),
+            col(EventRow.seq) <= col(RolloutDevice.seq),
+            col(EventRow.received_at) >= col(Rollout.created_at),
+        )
+        .group_by(col(RolloutDevice.rollout_id))
+    ).all()
+    return {
+        rid: DeliveryOut(
+            bytes_fetched=int(total or 0),
+            installs=int(n),
+            bytes_per_install=round(int(total or 0) / n, 1) if n else None,
+        )
+        for rid, total, n in rows
+    }
 
 
 def _status(
-    rollout: Rollout, rds: list[tuple[str, str, int | None, str | None]], decisions: list[DecisionOut]
+    rollout: Rollout,
+    rds: list[tuple[str, str, int | None, str | None]],
+    decisions: list[DecisionOut],
+    delivery: DeliveryOut | None = None,
 ) -> RolloutOut:
     """One rollout's status from its devices (device, state, stage, reason; sorted by device)."""
     effective = policy.from_row(rollout)
@@ -330,6 +367,15 @@ def _status(
         for (stage, state), n in per_stage.items():
             if stage <= i:
                 mine[state] += n
+        state = _stage_state(rollout, i)
+        on_their_way = sum(mine[s] for s in DS.IN_FLIGHT)
+        if (
+            state == "running"
+            and i == rollout.current_stage
+            and on_their_way
+            and on_their_way == mine[DS.WAITING]
+        ):
+            state = "waiting"  # not stalled: every device still on its way waits for its window or link
         stages.append(
             StageOut(
                 percent=percent,
@@ -337,9 +383,15 @@ def _status(
                 assigned=mine.total(),
                 done=mine[DS.DONE],
                 failed=mine[DS.FAILED] + mine[DS.TIMED_OUT],
-                state=_stage_state(rollout, i),
+                waiting=mine[DS.WAITING],
+                state=state,
             )
         )
+    waiting: Counter[str] = Counter(
+        (reason or "").removeprefix("waiting: ") or "waiting"
+        for _, state, _, reason in rds
+        if state == DS.WAITING
+    )
     return RolloutOut(
         id=rollout.id,
         model=rollout.model_ref,
@@ -357,6 +409,8 @@ def _status(
         stages=stages,
         devices={device_id: state for device_id, state, _, _ in rds},
         device_reasons={device_id: reason for device_id, _, _, reason in rds if reason},
+        waiting=dict(sorted(waiting.items())),
+        delivery=delivery or DeliveryOut(bytes_fetched=0, installs=0, bytes_per_install=None),
         decisions=decisions,
     )
 

@@ -290,9 +290,23 @@ class StageOut(BaseModel):
     assigned: int = Field(description="devices assigned so far, cumulative")
     done: int = Field(description="assigned devices that proved they serve the new model")
     failed: int = Field(description="assigned devices that failed or timed out")
-    state: str = Field(
-        description="pending, running, soaking, awaiting_approval, done, paused, rolled_back or aborted"
+    waiting: int = Field(
+        default=0,
+        description="assigned devices waiting for their maintenance window, an app's deferral or their"
+        " metered link (not failures, not timed out)",
     )
+    state: str = Field(
+        description="pending, running, waiting (every device still on its way waits for its window, a"
+        " deferral or its link), soaking, awaiting_approval, done, paused, rolled_back or aborted"
+    )
+
+
+class DeliveryOut(BaseModel):
+    """What the rollout's installs fetched, as the devices reported it (``Event.bytes_fetched``)."""
+
+    bytes_fetched: int = Field(description="bytes every install of this rollout fetched, retries included")
+    installs: int = Field(description="installs that reported their bytes (a model found in a slot: 0)")
+    bytes_per_install: float | None = Field(description="bytes_fetched / installs (null: none yet)")
 
 
 class DecisionOut(BaseModel):
@@ -375,6 +389,15 @@ class RolloutOut(BaseModel):
         " through them with /rollouts/{id}/devices"
     )
     device_reasons: dict[str, str] = Field(default_factory=dict, description="why a device is in its state")
+    waiting: dict[str, int] = Field(
+        default_factory=dict,
+        description="devices waiting, per reason: maintenance_window, deferred, metered_link, link_budget,"
+        " not_before",
+    )
+    delivery: DeliveryOut = Field(
+        default_factory=lambda: DeliveryOut(bytes_fetched=0, installs=0, bytes_per_install=None),
+        description="bytes the installs fetched, in total and per install",
+    )
     decisions: list[DecisionOut] = Field(
         description="every decision, oldest first; page through them with /rollouts/{id}/decisions"
     )

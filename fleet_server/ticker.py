@@ -65,6 +65,7 @@ SNAPSHOT_COLUMNS = (
     col(RolloutDevice.retry_at),
     col(RolloutDevice.reason),
     col(RolloutDevice.previous_sha256),
+    col(RolloutDevice.timeout_from),
     col(Device.hardware_id),
     col(Device.running_sha256),
     col(Device.deployment_seq),
@@ -141,6 +142,12 @@ def snapshot(
         failure = failures.get(rd.device_id)
         if failure is None and rd.seq is not None and rejection.get("seq") == rd.seq:
             failure = str(rejection.get("reason") or "rejected")
+        waits = reported.get("waiting") or {}
+        waiting = (
+            str(waits.get("reason") or "waiting")
+            if rd.seq is not None and waits.get("seq") == rd.seq
+            else None
+        )
         out.append(
             rollout_engine.DeviceSnapshot(
                 device_id=rd.device_id,
@@ -168,6 +175,8 @@ def snapshot(
                 labels=agg.labels if agg else 0,
                 labels_correct=agg.labels_correct if agg else 0,
                 reason=rd.reason,
+                waiting=waiting,
+                timeout_from=rd.timeout_from,
             )
         )
     return out, _baseline(session, rollout, rollout_policy.from_row(rollout), rows, mine)
@@ -377,6 +386,7 @@ class Ticker:
                     model_ids[device.running_sha256] = _model_id_for(session, device.running_sha256)
                 rd.previous_model_id = model_ids[device.running_sha256]
             rd.state, rd.reason, rd.retry_at, rd.updated_at = d.state, d.reason, d.retry_at, now
+            rd.timeout_from = d.timeout_from
             if device_id in notified:
                 rd.stage, rd.seq, rd.notified_at, rd.attempts = d.stage, d.seq, d.notified_at, d.attempts
             session.add(rd)
@@ -390,16 +400,16 @@ class Ticker:
             if ch.state == DS.SHADOWING:
                 current = session.get(Model, rd.previous_model_id) if rd.previous_model_id else None
                 payload = self._signed(
-                    device.id, rd.seq, current, rollout.id, now, shadow=new_model, policy=after.policy
+                    device, rd.seq, current, rollout.id, now, shadow=new_model, policy=after.policy
                 )
             else:
-                payload = self._signed(device.id, rd.seq, new_model, rollout.id, now, policy=after.policy)
+                payload = self._signed(device, rd.seq, new_model, rollout.id, now, policy=after.policy)
             outbox.append((device.id, payload))
         for device_id in plan.roll_back:
             rd, device = rds[device_id], devices[device_id]
             previous = session.get(Model, rd.previous_model_id) if rd.previous_model_id else None
             outbox.append(
-                (device.id, self._signed(device.id, new[device_id].desired_seq, previous, rollout.id, now))
+                (device.id, self._signed(device, new[device_id].desired_seq, previous, rollout.id, now))
             )
         for dec in plan.decisions:
             session.add(
@@ -416,7 +426,7 @@ class Ticker:
 
     def _signed(
         self,
-        device_id: str,
+        device: Device,
         seq: int,
         model: Model | None,
         rollout_id: str,
@@ -426,7 +436,7 @@ class Ticker:
         policy: Policy | None = None,
     ) -> bytes:
         directive = build_directive(
-            device_id,
+            device.id,
             seq,
             model,
             public_url=self.settings.public_url,
@@ -435,6 +445,8 @@ class Ticker:
             rollout_id=rollout_id,
             shadow=shadow,
             policy=policy,
+            hardware_id=device.hardware_id,
+            tags=device.tags,
         )
         return sign_directive(directive, self.fleet_key)
 

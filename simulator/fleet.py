@@ -33,6 +33,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 
 from device_agent.agent import Agent, NoModelError
+from device_agent.clock import SkewedClock
 from device_agent.config import BrokerInfo
 from device_agent.runtime import RuntimeFactory, SharedRuntimeFactory
 from signing.trust import TrustRoot
@@ -60,6 +61,10 @@ class DeviceSpec:
     start_online: bool = True
     slow_inference: bool = False  # run the workload's inferences off the loop (the model sleeps)
     clock_skew_s: float = 0.0  # the device's clock runs this far ahead (+) or behind (-) of true time
+    timezone: str = "UTC"  # IANA name: its maintenance windows are read in it
+    link_class: str = "unmetered"  # "metered" (cellular): a rollout's metered rule applies to it
+    link_budget_bytes_per_day: int = 0  # its own daily budget on a metered link (0: none)
+    schedule_poll_s: float = 0.5  # how often a waiting directive re-reads the clock (fast for scenarios)
 
 
 class DeviceStatus(NamedTuple):
@@ -112,6 +117,8 @@ class Fleet:
         its agent configuration (TLS, its certificate or password file) for a production
         broker; a device without an entry connects as to an open development broker. ``labels``:
         the devices' apps post labels for some of their inferences (``simulator.labels``)."""
+        self.clocks: dict[str, SkewedClock] = {}  # device -> its wall clock (scenarios move it)
+        self.link_classes: dict[str, str] = {}  # device -> its link class, once a scenario changed it
         self.specs = list(specs)
         self.by_id = {s.device_id: s for s in self.specs}
         if len(self.by_id) != len(self.specs):
@@ -210,6 +217,20 @@ class Fleet:
         """Boot a new Agent on the device's data dir (restores from its slots, like a reboot)."""
         self.run(self._power_on(device_id, wait), timeout=self.connect_timeout + 10)
 
+    def clock_jump(self, device_id: str, seconds: float) -> None:
+        """Move the device's wall clock ``seconds`` on (or back): its timers do not notice, its dates do."""
+        self.clocks.setdefault(device_id, SkewedClock(self.by_id[device_id].clock_skew_s)).skew_s += seconds
+
+    def set_link(self, device_id: str, link_class: str) -> None:
+        """The device's link becomes ``metered`` or ``unmetered`` (kept across its reboots)."""
+        self.link_classes[device_id] = link_class
+        agent = self.agents.get(device_id)
+        if agent is not None and device_id not in self.down:
+            self.run(self._set_link(agent, link_class), timeout=10)
+
+    async def _set_link(self, agent: Agent, link_class: str) -> None:
+        agent.set_link_class(link_class)
+
     # -- views ----------------------------------------------------------------
 
     def metric_total(self, key: str) -> int:
@@ -301,14 +322,18 @@ class Fleet:
             targets=list(spec.targets or self.targets),
             tags=dict(spec.tags),
             tuf_root_path=self.tuf_root_path,
+            timezone=spec.timezone,
+            link_class=self.link_classes.get(spec.device_id, spec.link_class),
+            link_budget_bytes_per_day=spec.link_budget_bytes_per_day,
+            schedule_poll_s=spec.schedule_poll_s,
             **self.credentials.get(spec.device_id, {}),
         )
         runtime = self.class_runtimes.get(spec.hw_class, self.runtime)
-        if spec.clock_skew_s:
-            from device_agent.clock import SkewedClock  # the agent's injectable wall clock
-
-            return Agent(config, self._trust, runtime_factory=runtime, clock=SkewedClock(spec.clock_skew_s))
-        return Agent(config, self._trust, runtime_factory=runtime)
+        # Every device has its own wall clock (the agent's injectable one): skewed from the start, and
+        # moved on by ``clock_jump`` (a scenario's fast-forward to a maintenance window). A reboot
+        # keeps the device's clock.
+        clock = self.clocks.setdefault(spec.device_id, SkewedClock(spec.clock_skew_s))
+        return Agent(config, self._trust, runtime_factory=runtime, clock=clock)
 
     async def _start_all(self) -> None:
         self._trust = TrustRoot.load_file(self.trust_path)

@@ -73,6 +73,10 @@ class FleetControl(Protocol):
 
     def power_on(self, device_id: str, wait: bool = False) -> None: ...
 
+    def clock_jump(self, device_id: str, seconds: float) -> None: ...
+
+    def set_link(self, device_id: str, link_class: str) -> None: ...
+
     def snapshot(self) -> dict[str, dict[str, Any]]: ...
 
     def totals(self) -> FleetTotals: ...
@@ -297,6 +301,12 @@ class ProcessFleet:
         timeout = self.plan.connect_timeout + 30
         self._call(self.owner[device_id], "power_on", (device_id, wait), timeout=timeout)
 
+    def clock_jump(self, device_id: str, seconds: float) -> None:
+        self._call(self.owner[device_id], "clock_jump", (device_id, seconds), timeout=30)
+
+    def set_link(self, device_id: str, link_class: str) -> None:
+        self._call(self.owner[device_id], "set_link", (device_id, link_class), timeout=30)
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for part in self._call_all("snapshot", (), timeout=60):
@@ -349,6 +359,8 @@ def _worker_main(conn: Connection, index: int) -> None:
         "crash": fleet.crash,
         "power_off": fleet.power_off,
         "power_on": fleet.power_on,
+        "clock_jump": fleet.clock_jump,
+        "set_link": fleet.set_link,
         "snapshot": fleet.snapshot,
         "stop": stop,
     }

@@ -17,8 +17,10 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
 import httpx
 import numpy as np
@@ -195,6 +197,9 @@ class ScenarioRun:
                         mqtt_port=port,
                         slow_inference=cls.infer_delay_ms > 0,
                         clock_skew_s=skew_of(cls, self.sc.seed, i),
+                        timezone=cls.timezone,
+                        link_class=cls.link_class,
+                        link_budget_bytes_per_day=int((cls.link_budget_mb_per_day or 0) * 1_000_000),
                     )
                 )
 
@@ -414,6 +419,20 @@ class ScenarioRun:
         elif s.action == "sleep":
             assert s.seconds is not None
             time.sleep(max(0.0, min(s.seconds, deadline - time.monotonic())))
+        elif s.action == "clock_jump":
+            assert self.fleet is not None and s.seconds is not None
+            for d in self._members(s.hw_class):
+                self.fleet.clock_jump(d, s.seconds)
+            self._event(f"clocks of {s.hw_class or 'every device'} jump {s.seconds:g} s on")
+        elif s.action == "set_link":
+            assert self.fleet is not None and s.link_class is not None
+            for d in self._members(s.hw_class):
+                self.fleet.set_link(d, s.link_class)
+            self._event(f"link of {s.hw_class or 'every device'}: {s.link_class}")
+        elif s.action == "wait_state":
+            self._wait_state(s, timeout_at)
+        elif s.action == "wait_rollout_devices":
+            self._wait_rollout_devices(s, timeout_at)
         elif s.action == "restart_broker":
             away = self.h.restart_broker(s.down_seconds, s.shards, s.kill)
             which = f"broker {','.join(s.shards)}" if s.shards else "broker"
@@ -444,6 +463,7 @@ class ScenarioRun:
             "min_inferences": s.min_inferences,
             "max_failure_rate": s.max_failure_rate,
         }
+        body.update(self._schedule_policy(s))
         if s.max_accuracy_drop is not None:
             body.update(
                 max_accuracy_drop=s.max_accuracy_drop,
@@ -507,6 +527,67 @@ class ScenarioRun:
                     return
             time.sleep(0.2)
         raise StepFailed(f"experiment {key} did not reach {states} in time (last state: {last})")
+
+    def _schedule_policy(self, s: Step) -> dict[str, Any]:
+        """The rollout's windows (one cohort per class, in its time zone), deferral, metered rule."""
+        out: dict[str, Any] = {}
+        if s.window_opens_in_s is not None:
+            opens = datetime.now(UTC) + timedelta(seconds=s.window_opens_in_s)
+            opens = opens.replace(second=0, microsecond=0) + timedelta(minutes=1)  # whole minutes, not sooner
+            closes = opens + timedelta(minutes=s.window_minutes)
+            every_day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+            out["cohorts"] = [
+                {
+                    "hardware_id": cls.hw_id,
+                    "windows": [
+                        {
+                            "days": every_day,
+                            "start": opens.astimezone(ZoneInfo(cls.timezone)).strftime("%H:%M"),
+                            "end": closes.astimezone(ZoneInfo(cls.timezone)).strftime("%H:%M"),
+                        }
+                    ],
+                }
+                for cls in self.sc.fleet.classes
+            ]
+            self._event(f"window opens {opens:%H:%M} UTC in each device's own zone", mark=False)
+        if s.max_deferral_seconds is not None:
+            out["max_deferral_seconds"] = s.max_deferral_seconds
+        if s.metered is not None:
+            out["metered"] = s.metered
+        if s.max_wait_seconds is not None:
+            out["max_wait_seconds"] = s.max_wait_seconds
+        return out
+
+    def _wait_state(self, s: Step, timeout_at: float) -> None:
+        """``share`` of the (class's) devices report deployment state ``s.state`` (e.g. ``staged``)."""
+        assert self.fleet is not None and s.state is not None
+        members = self._members(s.hw_class)
+        need = math.ceil(s.share * len(members))
+        have = 0
+        while time.monotonic() < timeout_at:
+            have = sum(1 for st in self.fleet.status(members).values() if st.state == s.state)
+            if have >= need:
+                self._event(f"{have} device(s) {s.state}")
+                return
+            time.sleep(0.2)
+        raise StepFailed(f"only {have} of {need} devices reached {s.state!r} in time")
+
+    def _wait_rollout_devices(self, s: Step, timeout_at: float) -> None:
+        """``share`` of the (class's) devices are in one of ``s.states`` in the rollout, by the server."""
+        assert s.rollout is not None and s.states is not None
+        members = set(self._members(s.hw_class))
+        need = math.ceil(s.share * len(members))
+        have = 0
+        while time.monotonic() < timeout_at:
+            status = self._get_rollout(s.rollout)
+            if status is not None:
+                devices = status.get("devices") or {}
+                have = sum(1 for d, st in devices.items() if d in members and st in s.states)
+                if have >= need:
+                    self._event(f"rollout {s.rollout}: {have} device(s) {'/'.join(s.states)}")
+                    return
+            time.sleep(0.2)
+        raise StepFailed(f"rollout {s.rollout}: only {have} of {need} devices {s.states} in time")
 
     def _get_rollout(self, key: str) -> dict[str, Any] | None:
         try:
@@ -714,6 +795,14 @@ class ScenarioRun:
             low = e.at_least_count if e.at_least_count is not None else 1
             ok = n >= low and (e.at_most is None or n <= e.at_most)
             detail = f"{n} failure(s) {' or '.join(wanted)}; all: {readable(dict(reasons))}"
+        elif e.check == "bytes_reported":
+            assert e.rollout is not None
+            status = rollouts.get(e.rollout, {})
+            delivery = status.get("delivery") or {}
+            installs, total = int(delivery.get("installs") or 0), int(delivery.get("bytes_fetched") or 0)
+            assigned = sum(1 for st in (status.get("devices") or {}).values() if st != "pending")
+            ok = installs >= assigned > 0 and total > 0
+            detail = f"{total} bytes over {installs} installs ({delivery.get('bytes_per_install')} each)"
         elif e.check == "stopped_by":
             assert e.rollout is not None
             decisions = rollouts.get(e.rollout, {}).get("decisions") or []

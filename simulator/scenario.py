@@ -14,8 +14,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from device_agent.schedule import zone
 from simulator.labels import LabelDelay
 from simulator.netem import NetProfile
 from simulator.readable import readable
@@ -57,6 +58,17 @@ class HardwareClass(_Strict):
     disk_mb: float | None = Field(None, gt=0)
     # The devices' clocks are off by this many seconds: one value, or [low, high] drawn per device.
     clock_skew_s: float | list[float] = 0.0
+    # Maintenance windows are read in this IANA time zone; the link is metered (cellular) or not,
+    # with a daily budget of the devices' own on a metered link (None: none).
+    timezone: str = "UTC"
+    link_class: Literal["unmetered", "metered"] = "unmetered"
+    link_budget_mb_per_day: float | None = Field(None, gt=0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        zone(v)  # ScheduleError (a ValueError) naming the unknown zone
+        return v
 
     @model_validator(mode="after")
     def _skew_range(self) -> HardwareClass:
@@ -158,6 +170,10 @@ Action = Literal[
     "start_broker",
     "restart_server",
     "fill_disk",
+    "clock_jump",
+    "set_link",
+    "wait_state",
+    "wait_rollout_devices",
 ]
 
 _NEEDS: dict[str, tuple[str, ...]] = {
@@ -177,6 +193,10 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "fill_disk": ("devices",),
     "stop_broker": ("shards",),
     "start_broker": ("shards",),
+    "clock_jump": ("seconds",),
+    "set_link": ("link_class",),
+    "wait_state": ("state",),
+    "wait_rollout_devices": ("rollout", "states"),
 }
 WHEN_STATE_ACTIONS = ("crash", "power_off", "partition", "fill_disk")
 # Steps that pick devices and remember them under ``group`` for later steps.
@@ -231,6 +251,19 @@ class Step(_Strict):
     guardrails: list[dict[str, Any]] = Field(default_factory=list)
     auto_promote: bool = False
     experiment: str | None = None  # wait_experiment
+    # rollout: a maintenance window opening this many seconds after the step runs, for
+    # ``window_minutes``, written in each class's own time zone (one cohort per class); the
+    # deferral cap, the metered-link rule (the policy's ``metered``) and the wait limit
+    window_opens_in_s: float | None = Field(None, ge=0)
+    window_minutes: int = Field(60, ge=1, le=1439)
+    max_deferral_seconds: float | None = Field(None, ge=0)
+    metered: dict[str, Any] | None = None
+    max_wait_seconds: float | None = Field(None, gt=0)
+    # clock_jump: every picked device's wall clock moves ``seconds`` on (all devices, or hw_class's)
+    # set_link: the link of hw_class's devices (or all) becomes ``link_class``
+    link_class: Literal["unmetered", "metered"] | None = None
+    # wait_state: ``share`` of hw_class's devices (or all) report the deployment state ``state``
+    state: str | None = None
 
     @model_validator(mode="after")
     def _fields_for_action(self) -> Step:
@@ -257,6 +290,7 @@ Check = Literal[
     "failed_with",
     "stopped_by",
     "experiment_winner",
+    "bytes_reported",
 ]
 
 
@@ -292,6 +326,7 @@ class Expectation(_Strict):
             "failed_with": ("reason",),
             "stopped_by": ("rollout", "gate"),
             "experiment_winner": ("experiment", "winner"),
+            "bytes_reported": ("rollout",),
         }[self.check]
         missing = [f for f in needs if getattr(self, f) is None]
         if missing:

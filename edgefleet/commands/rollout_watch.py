@@ -142,7 +142,9 @@ def _timeline(status: Status) -> Text:
 
 def stage_table(status: Status, **table_options: Any) -> Table:
     """The stages, numbered from 1, with their cumulative counts; the running one in bold."""
-    table = Table("stage", "size", "target", "assigned", "done", "failed", "state", **table_options)
+    table = Table(
+        "stage", "size", "target", "assigned", "done", "failed", "waiting", "state", **table_options
+    )
     current = int(status.get("current_stage") or 0)
     active = status["state"] not in FINISHED
     for i, st in enumerate(status.get("stages") or []):
@@ -153,10 +155,34 @@ def stage_table(status: Status, **table_options: Any) -> Table:
             str(st.get("assigned")),
             str(st.get("done")),
             str(st.get("failed")),
+            str(st.get("waiting", 0)),
             str(st.get("state")),
             style="bold" if i == current and active else None,
         )
     return table
+
+
+def delivery_line(status: Status) -> str | None:
+    """``fetched 12.3 MB in 40 installs (307.5 kB each); waiting: 3 maintenance_window``, or None."""
+    parts = []
+    delivery = status.get("delivery") or {}
+    if delivery.get("installs"):
+        each = delivery.get("bytes_per_install") or 0
+        parts.append(
+            f"fetched {_bytes(int(delivery.get('bytes_fetched') or 0))} in {delivery['installs']} installs"
+            f" ({_bytes(int(each))} each)"
+        )
+    waiting = status.get("waiting") or {}
+    if waiting:
+        parts.append("waiting: " + ", ".join(f"{n} {why}" for why, n in waiting.items()))
+    return "; ".join(parts) or None
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def render(status: Status, now: datetime | None = None) -> RenderableType:
@@ -180,7 +206,9 @@ def render(status: Status, now: datetime | None = None) -> RenderableType:
         decisions.append("\n  ")
         decisions.append(str(d.get("ts"))[11:19], style="dim")
         decisions.append(f" {d.get('action')}: {d.get('reason')}")
-    return Group(header, _timeline(status), table, counts, decisions)
+    line = delivery_line(status)
+    parts: list[RenderableType] = [header, _timeline(status), table, counts]
+    return Group(*parts, *([Text(line)] if line else []), decisions)
 
 
 def follow(

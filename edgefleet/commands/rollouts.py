@@ -23,6 +23,7 @@ from edgefleet.commands.common import (
 )
 from edgefleet.commands.rollout_watch import (
     current_stage_label,
+    delivery_line,
     exit_code,
     follow,
     outcome_error,
@@ -311,6 +312,8 @@ def print_rollout(status: dict[str, Any]) -> None:
             f", stage {current_stage_label(status)}",
         )
     )
+    if (line := delivery_line(status)) is not None:
+        console.print(line)
     decisions = Table.grid(padding=(0, 2))
     decisions.add_column(no_wrap=True, style="dim")
     decisions.add_column()

@@ -56,6 +56,10 @@ ON_THE_WIRE = {
     "error_rate",
     "latency_regression",
     "not_before",
+    "maintenance_window",
+    "deferred",
+    "metered_link",
+    "link_budget",
 }
 
 

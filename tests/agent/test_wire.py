@@ -72,6 +72,14 @@ def test_shared_names_are_the_same_objects() -> None:
         _directive(probation={}),
         _directive(capture={"upload_url": "https://fleet.example/api/v1/captures"}),
         _directive(
+            activation={
+                "windows": [{"days": ["sat", "sun"], "start": "22:00", "end": "04:00"}],
+                "max_deferral_seconds": 600,
+            },
+            metered={"download": "unmetered_only", "max_bytes_per_day": None},
+        ),
+        _directive(activation={}, metered={"max_bytes_per_day": 5_000_000}),
+        _directive(
             capture={
                 "upload_url": "http://127.0.0.1:8080/api/v1/captures",
                 "sample_rate": 0.25,
@@ -95,6 +103,14 @@ def test_directives_decode_like_the_schema(doc: dict[str, Any]) -> None:
         assert theirs.capture is None
     else:
         assert theirs.capture is not None and mine.capture.to_dict() == theirs.capture.model_dump()
+    if mine.activation is None:
+        assert theirs.activation is None
+    else:
+        assert theirs.activation is not None and mine.activation.to_dict() == theirs.activation.model_dump()
+    if mine.metered is None:
+        assert theirs.metered is None
+    else:
+        assert theirs.metered is not None and mine.metered.to_dict() == theirs.metered.model_dump()
     if mine.probation is None:
         assert theirs.probation is None
     else:
@@ -121,6 +137,14 @@ def test_directives_decode_like_the_schema(doc: dict[str, Any]) -> None:
         _directive(capture={"upload_url": "http://x/c", "sample_rate": 2}),
         _directive(capture={"upload_url": "http://x/c", "quota_bytes": 0}),
         _directive(capture="yes"),
+        _directive(activation={"windows": [{"days": ["someday"], "start": "22:00", "end": "04:00"}]}),
+        _directive(activation={"windows": [{"days": ["mon"], "start": "24:00", "end": "04:00"}]}),
+        _directive(activation={"windows": [{"days": ["mon"], "start": "2:00", "end": "04:00"}]}),
+        _directive(activation={"windows": [{"days": [], "start": "02:00", "end": "04:00"}]}),
+        _directive(activation={"windows": [{"days": ["mon"], "start": "02:00"}]}),
+        _directive(activation={"max_deferral_seconds": -1}),
+        _directive(metered={"download": "sometimes"}),
+        _directive(metered={"max_bytes_per_day": 0}),
         {k: v for k, v in _directive().items() if k != "model"},
         {k: v for k, v in _directive().items() if k != "expires_at"},
         [1, 2],
@@ -171,6 +195,21 @@ def test_device_messages_decode_with_the_schema() -> None:
         "ts": NOW,
         "bytes_fetched": None,
     }
+    fetched = wire.Event("dev-1", 7, DS.STAGED, reason="maintenance_window", ts=NOW, bytes_fetched=1234)
+    assert protocol.decode_event(wire.encode(fetched)).bytes_fetched == 1234
+    waits = wire.Reported(
+        "dev-1",
+        "0.1.0",
+        "rpi4",
+        deployment_state=DS.STAGED,
+        timezone="Europe/Berlin",
+        link={"class": "metered", "budget_bytes_per_day": 10, "used_bytes_today": 3},
+        waiting=wire.Waiting(7, "maintenance_window", "staged", NOW),
+        ts=NOW,
+    )
+    got = protocol.decode_reported(wire.encode(waits), "dev-1")
+    assert got.model_dump(mode="json") == json.loads(wire.encode(waits))
+    assert got.waiting is not None and got.waiting.until == NOW and got.timezone == "Europe/Berlin"
     st = protocol.decode_status(wire.encode(wire.Status("dev-1", "offline", ts=NOW)))
     assert st.state == "offline" and st.ts == NOW
     # byte-for-byte what the pydantic model would have sent
