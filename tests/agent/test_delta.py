@@ -116,9 +116,12 @@ class Fleet:
         ref = self.artifacts.model_ref(b, release=int(b.version))
         self.observer.publish(self.dev, sign_directive(self.keydir.key("fleet"), self.dev, self.seq, ref))
         self.observer.wait_event(self.dev, expect, seq=self.seq, timeout=30)
-        counted = [e for e in self.observer.events(self.dev) if e.seq == self.seq and e.bytes_fetched]
+        events = [e for e in self.observer.events(self.dev) if e.seq == self.seq]
+        counted = [e for e in events if e.bytes_fetched]
         assert len(counted) <= 1, counted  # one count per install: summing events never counts twice
-        return counted[0] if counted else self.observer.wait_event(self.dev, expect, seq=self.seq)
+        event = counted[0] if counted else self.observer.wait_event(self.dev, expect, seq=self.seq)
+        # how the model came (delta or full file, and why) is the `installing` step's detail
+        return event.model_copy(update={"detail": installing_detail(events)})
 
     def model_gets(self, b: Bundle) -> int:
         return sum(1 for path, _, _ in self.artifacts.requests if path == f"/m/{b.sha256}")
@@ -141,6 +144,11 @@ def fleet(
     yield f
     loop_thread.run(f.agent.stop())
     f.tuf.close()
+
+
+def installing_detail(events: list[protocol.Event]) -> str:
+    """The detail of the `installing` event among one directive's events: the delta's verdict."""
+    return " ".join(e.detail or "" for e in events if e.state == DS.INSTALLING)
 
 
 def test_a_head_only_fine_tune_installs_from_a_delta_with_far_fewer_bytes(
@@ -319,7 +327,8 @@ def test_the_fleet_server_builds_the_delta_a_device_then_installs_from(
         counted = [e for e in observer.events(dev) if e.bytes_fetched]
         assert len(counted) == 2, counted
         assert counted[0].bytes_fetched is not None and counted[0].bytes_fetched > v1.length
-        assert "rebuilt from" in (counted[1].detail or ""), counted[1].detail
+        second = installing_detail([e for e in observer.events(dev) if e.seq == counted[1].seq])
+        assert "rebuilt from" in second, second
         assert counted[1].bytes_fetched is not None and counted[1].bytes_fetched < 0.5 * v2.length
         assert agent.running_sha256 == v2.sha256
     finally:
@@ -431,7 +440,8 @@ def test_a_power_cut_mid_delta_leaves_the_served_model_and_the_next_boot_install
         status, doc = _api(data, "GET", "/v1/model") or (0, {})
         assert status == 200 and doc["model_sha256"] == new.sha256
         installs = [e for e in observer.events(dev) if e.seq == 2 and e.bytes_fetched]
-        assert "rebuilt from" in (installs[-1].detail or ""), installs[-1].detail
+        detail = installing_detail([e for e in observer.events(dev) if e.seq == 2])
+        assert installs and "rebuilt from" in detail, detail
         assert not any(path == f"/m/{new.sha256}" for path, _, _ in artifacts.requests)
     finally:
         _stop(proc)
