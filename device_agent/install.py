@@ -102,6 +102,8 @@ class Installer:
         self.release_keys, self.fit, self.trust_store = release_keys, fit, trust_store
         self.now, self.clock = now, clock
         self.who = config.device_id
+        self._preferred: str | None = None  # the mirror that delivered last
+        self._mirror_of: dict[str, str] = {}  # a URL composed on a mirror -> that mirror
 
     async def install(self, ref: ModelRef, move: Move) -> tuple[str, Path]:
         """Get ``ref`` verified into a slot (reusing one that already holds it); return (slot, path)."""
@@ -120,8 +122,17 @@ class Installer:
         return slot, path
 
     def _sources(self, direct: str, mirrored: Callable[[str], str]) -> list[str]:
-        """Where to fetch one thing from: each mirror in order, else the URL the directive names."""
-        return [mirrored(m) for m in self.config.mirrors] if self.config.mirrors else [direct]
+        """Where to fetch one thing from: each mirror in order, else the URL the directive names.
+
+        The mirror that delivered last goes first: once it passed the TUF check, asking the
+        mirrors before it (down, or refused) again for the envelope and the model is wasted.
+        """
+        if not self.config.mirrors:
+            return [direct]
+        ordered = sorted(self.config.mirrors, key=lambda m: m != self._preferred)
+        urls = [mirrored(m) for m in ordered]
+        self._mirror_of.update(zip(urls, ordered, strict=True))
+        return urls
 
     async def _check_release(self, ref: ModelRef, store: TrustStore, move: Move) -> None:
         """TUF mode: the release metadata must list ``ref``, agree with the directive, clear the floor."""
@@ -154,9 +165,15 @@ class Installer:
     ) -> _R:
         """:func:`retrying` over the sources in order (:func:`mirrors.first_of`); when the budget is
         spent with some mirror out of reach, what the others refused is the verdict, not "unavailable"."""
+
+        async def tracked(source: str) -> _R:
+            result = await call(source)
+            self._preferred = self._mirror_of.get(source, self._preferred)
+            return result
+
         try:
             return await retrying(
-                lambda: mirrors.first_of(sources, call, who=self.who, what=what),
+                lambda: mirrors.first_of(sources, tracked, who=self.who, what=what),
                 budget_s=self.config.delivery_retry_s,
                 what=what,
                 who=self.who,
