@@ -249,7 +249,7 @@ def test_artifacts_and_delivery_metadata_are_public_reads(
         # the server's local mirror (static delivery): the same files, published
         mirrored = anon.get(f"/mirror/bundles/{sha}/model")
         assert mirrored.status_code == 200 and "immutable" in mirrored.headers["cache-control"]
-        assert anon.get("/mirror/%2e%2e/%2e%2e/keys/fleet.key").status_code == 404  # never out of it
+        assert anon.get("/mirror/%2e%2e/tuf/metadata/1.root.json").status_code == 404  # never out of it
         _error(anon.get("/api/v1/artifacts/not-a-sha"), 400, "invalid_request")
         _error(anon.get("/api/v1/models"), 401, "unauthenticated")
     spec = srv.app.openapi()
