@@ -99,8 +99,7 @@ def _agent(
         device or unique_id("mirror"),
         tuf_root_path=p.keydir.tuf_root_path,
         mirrors=mirrors,
-        delivery_retry_s=5.0,
-        **extra,
+        **{"delivery_retry_s": 5.0, **extra},
     )
     return Agent(config, p.keydir.trust_root())
 
@@ -257,3 +256,30 @@ def test_an_https_mirror_must_chain_to_the_configured_ca(
             loop.close()
         assert impostor.requests() == []  # the TLS handshake failed: not one request reached it
         assert _asked(good, f"/targets/models/tiny/{b1.sha256}.1") == 1
+
+
+def test_mirrors_down_are_retried_then_unavailable_but_a_refusal_seen_meanwhile_is_the_verdict(
+    published: Published, broker_info: object, observer: Observer, tmp_path: Path
+) -> None:
+    b1 = published.release(seed=1, version="1")
+    published.repo.refresh_timestamp(published.keydir.key("fleet"), timedelta(seconds=-60))
+    frozen = published.publish("frozen")
+    down = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+    loop = LoopThread()
+    try:
+        with nginx(frozen) as freezer:
+            for mirrors, reason in (
+                (down, "delivery_unavailable"),
+                ([down[0], freezer.url], "metadata_expired"),
+            ):
+                agent = _agent(broker_info, published, mirrors, tmp_path / reason, delivery_retry_s=1.0)
+                try:
+                    start_agent(loop, agent)
+                    _direct(observer, published, agent, b1, seq=1)
+                    event = _outcome(observer, agent, 1)
+                    assert (event.state, event.reason) == (protocol.DeploymentState.FAILED, reason), event
+                finally:
+                    loop.run(agent.stop())
+            assert _asked(freezer, "/metadata/timestamp.json") >= 2  # asked again on each retry
+    finally:
+        loop.close()
