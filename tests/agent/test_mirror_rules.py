@@ -12,8 +12,11 @@ from device_agent.config import config_from_dict
 from device_agent.downloader import DownloadError, ServerUnreachable
 from device_agent.mirrors import (
     MirrorsUnavailable,
+    bundle_file_url,
     check_mirrors,
+    envelope_url,
     first_of,
+    model_url,
     target_url,
     verdict,
 )
@@ -54,6 +57,9 @@ def test_first_of_stops_at_the_first_mirror_that_delivers() -> None:
 
 def test_urls_and_configuration() -> None:
     assert target_url("http://m", "models/tiny/1", "ab") == "http://m/targets/models/tiny/ab.1"
+    assert bundle_file_url("http://m", "ab", "golden set.npz") == "http://m/bundles/ab/files/golden%20set.npz"
+    assert envelope_url("http://m", "ab") == "http://m/bundles/ab/envelope"
+    assert model_url("http://m", "ab") == "http://m/bundles/ab/model"
     assert check_mirrors(["https://cdn.example/ef/", "http://10.0.0.2:8080"]) == [
         "https://cdn.example/ef",
         "http://10.0.0.2:8080",
