@@ -28,6 +28,7 @@ MODULES = [
     "acceptance",
     "delta",
     "deploy",
+    "delivery",
 ]
 STANDARD = {"bench", "baseline", "ratio", "target"}
 
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> int:
         title=f"edgefleet benchmarks on {platform.machine()} / {platform.python_version()}",
     )
     for r in rows:
-        unit = next((u for u in ("us", "ms", "kb", "mb", "s", "pct") if f"baseline_{u}" in r), "ms")
+        unit = next((u for u in ("us", "ms", "kb", "mb", "s", "pct", "req") if f"baseline_{u}" in r), "ms")
         extra = {
             k: v for k, v in r.items() if k not in STANDARD and not k.startswith(("baseline_", "edgefleet_"))
         }

@@ -14,6 +14,7 @@ from typing import Any
 
 from device_agent import schedule
 from device_agent import wire as protocol
+from device_agent.mirrors import check_mirrors
 from device_agent.mqtt_security import MqttSecurity, read_secret
 
 
@@ -100,6 +101,11 @@ class AgentConfig:
     link_class: str = "unmetered"
     link_budget_bytes_per_day: int = 0
     schedule_poll_s: float = 30.0  # a waiting directive re-reads the clock and the link this often
+    # Static delivery (device_agent/mirrors.py, docs/trust.md): base URLs of published trees, tried
+    # in order for TUF metadata, model files and envelopes; the directive's URLs and ``tuf_url`` are
+    # then not used. HTTPS mirrors are verified against ``http_ca_file`` (or the system's store);
+    # plain HTTP works too, since every byte is signed, but lets an on-path party see and withhold.
+    mirrors: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not protocol.DEVICE_ID_RE.match(self.device_id):
@@ -158,6 +164,7 @@ class AgentConfig:
         if not self.mqtt_tls and (self.mqtt_ca_file or self.mqtt_cert_file):
             raise ValueError("mqtt_ca_file/mqtt_cert_file need mqtt_tls = true")
         self.targets = [str(t) for t in self.targets]
+        self.mirrors = check_mirrors(self.mirrors)
         self.tags = {str(k): str(v) for k, v in self.tags.items()}
 
     def mqtt_security(self) -> MqttSecurity:

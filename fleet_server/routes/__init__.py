@@ -43,6 +43,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     config.router,
     delivery.release_router,
     delivery.static_router,
+    delivery.mirror_router,
     server.router,
 )
 
