@@ -10,13 +10,21 @@ STAMP := $(VENV)/.installed
 # subprocesses (docs/decisions/0018), so a third worker on two cores fills those waits.
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 PYTEST_PARALLEL ?= -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
+# The suite starts hundreds of Python processes (workers, servers, CLIs, agents): with
+# PYTHONDONTWRITEBYTECODE set each one compiles the project from source again and every worker
+# rewrites every test module's asserts, so the suite runs with byte-code caches on (they go to
+# the clone's __pycache__ directories, which git ignores).
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest
 
 .PHONY: demo test test-arm64 bench lint fmt typecheck clean venv models
 
+# pip byte-compiles what it installs in one process; compileall does the same work on every core.
+# (Errors are pip's to ignore too: a few packages ship files that are not Python 3.)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[all]'
+	$(PY) -m pip install -q --no-compile -e '.[all]'
+	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -24,10 +32,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/edgefleet demo
 
+# The real models are fetched once before the workers start (each worker would fetch them at
+# the same time); a failure here is left to the tests that need them to report or skip.
 test: $(STAMP)
+	$(PY) scripts/fetch_models.py >/dev/null 2>&1 || true
 	status=0; \
-	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS) || status=$$?; \
-	$(PY) -m pytest -q -m serial $(PYTEST_ARGS) || status=$$((status ? status : $$?)); \
+	$(PYTEST) -q $(PYTEST_PARALLEL) $(PYTEST_ARGS) || status=$$?; \
+	$(PYTEST) -q -m serial $(PYTEST_ARGS) || status=$$((status ? status : $$?)); \
 	exit $$status
 
 # The agent on an arm64 userland under qemu (root; builds or reuses the cached rootfs; exit 77 with

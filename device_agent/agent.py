@@ -287,7 +287,8 @@ class Agent:
         return tasks
 
     async def stop(self) -> None:
-        """Stop reconciling, send the last telemetry window, publish offline, disconnect.
+        """Stop reconciling, send the last telemetry window, publish offline, disconnect, close
+        the telemetry queue.
 
         (After :meth:`abort` there is nothing left to stop: a no-op.)"""
         if self._aborted:
@@ -312,6 +313,7 @@ class Agent:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        self.telemetry.store.close()  # what is still queued stays on disk for the next start
 
     async def abort(self) -> None:
         """Die like a power cut: the simulator's (and tests') "pull the plug". Call on the agent's loop.

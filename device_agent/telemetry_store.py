@@ -58,7 +58,11 @@ class BatchStore:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._unsaved_dropped = 0  # batches lost because the disk was full; not yet in ``meta``
-        self._final_dropped: int | None = None  # set by close(): what dropped_total answers afterwards
+        # set by close(): what dropped_total, len() and size_bytes answer afterwards (a stopped
+        # agent's figures stay readable; nothing writes to the queue once it is closed)
+        self._final_dropped: int | None = None
+        self._final_count = 0
+        self._final_size = 0
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
@@ -169,16 +173,27 @@ class BatchStore:
 
     def __len__(self) -> int:
         with self._lock:
+            if self._final_dropped is not None:
+                return self._final_count
             return int(self._db.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
 
     @property
     def size_bytes(self) -> int:
         with self._lock:
+            if self._final_dropped is not None:
+                return self._final_size
             return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0])
 
     def close(self) -> None:
+        """Close the database (idempotent); the counts stay readable at their last values."""
         with self._lock:
-            if self._final_dropped is None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._final_dropped = self._meta("dropped_total") + self._unsaved_dropped
+            if self._final_dropped is not None:
+                return
+            self._final_dropped = self._unsaved_dropped
+            with contextlib.suppress(sqlite3.Error):
+                self._final_dropped += self._meta("dropped_total")
+                count, size = self._db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM batches"
+                ).fetchone()
+                self._final_count, self._final_size = int(count), int(size)
             self._db.close()

@@ -82,15 +82,18 @@ class ServerThread:
         )
         self._thread.start()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._thread.is_alive():
-                raise RuntimeError("the server thread exited during startup")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0, verify=self._verify()).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        # One client for the whole wait: a new one per poll loads the CA bundle into a new TLS
+        # context each time (~20 ms of CPU, every 50 ms, beside the server starting on the same GIL).
+        with httpx.Client(timeout=1.0, verify=self._verify()) as probe:
+            while time.monotonic() < deadline:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the server thread exited during startup")
+                try:
+                    if probe.get(f"{self.url}/healthz").status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"server did not answer /healthz within {timeout}s")
 

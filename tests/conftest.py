@@ -27,6 +27,9 @@ from edgefleet.broker import Broker, BrokerInfo, mosquitto_binary, start_secure_
 from signing.keyring import KeyDir, init_keys
 from tests.support.descriptors import PROC_FDS, FileDescriptorLeak, open_fds
 
+# --probe-times=PATH: per-test wall time and CPU (tests/support/timing_probe.py).
+pytest_plugins = ["tests.support.timing_probe"]
+
 PG_ADMIN_URL = os.environ.get("EDGEFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 # More descriptors than this left open by one module is reported: a session fixture a module
 # starts first (the session broker, PostgreSQL) keeps a few for the session's lifetime.

@@ -160,15 +160,16 @@ def test_server_unit_command_serves_with_its_environment_file(
     env["PATH"] = "/usr/bin:/bin"  # systemd's clean environment, not this shell's
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        health = wait_for(
-            lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200,
-            90,
-            "/healthz",
-            interval=0.3,
-            proc=proc,
-            ignore=(OSError, httpx.HTTPError),
-            output=lambda: exited_output(proc),
-        )
+        with httpx.Client(timeout=2) as probe:  # one TLS context for the wait, not one per poll
+            health = wait_for(
+                lambda: probe.get(f"http://127.0.0.1:{port}/healthz").status_code == 200,
+                90,
+                "/healthz",
+                interval=0.3,
+                proc=proc,
+                ignore=(OSError, httpx.HTTPError),
+                output=lambda: exited_output(proc),
+            )
         assert health
     finally:
         if proc.poll() is None:

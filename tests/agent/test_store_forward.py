@@ -52,6 +52,9 @@ def test_store_drops_oldest_at_cap_and_counts_exactly(tmp_path: Path) -> None:
     # every dropped batch is reported by exactly one surviving (or later dropped) batch
     assert sum(carried[b] for b in ("b7", "b8", "b9")) == 7
     store.close()
+    # closed (a stopped agent's): the counts stay readable at their last values, close again is a no-op
+    assert (len(store), store.size_bytes, store.dropped_total) == (3, 900, 7)
+    store.close()
     reopened = BatchStore(tmp_path / "q.db", max_bytes=1000)  # survives a restart
     assert len(reopened) == 3 and reopened.dropped_total == 7
     reopened.delete(rows[0][0])

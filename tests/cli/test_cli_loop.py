@@ -55,15 +55,16 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float
     """Until ``url`` answers 200; fail at once, with the process's log, if ``proc`` exited first. The
     deadline is generous because it is only reached on a hang: a server process imports for seconds
     on a machine busy with the other test workers."""
-    wait_for(
-        lambda: httpx.get(url, timeout=1).status_code == 200,
-        timeout,
-        f"{url} to answer",
-        interval=0.1,
-        proc=proc,
-        ignore=(httpx.HTTPError,),
-        output=lambda: log.read_text()[-3000:],
-    )
+    with httpx.Client(timeout=1) as probe:  # one TLS context for the wait, not one per poll
+        wait_for(
+            lambda: probe.get(url).status_code == 200,
+            timeout,
+            f"{url} to answer",
+            interval=0.1,
+            proc=proc,
+            ignore=(httpx.HTTPError,),
+            output=lambda: log.read_text()[-3000:],
+        )
 
 
 @pytest.mark.slow

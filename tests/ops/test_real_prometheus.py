@@ -35,7 +35,8 @@ def start(cmd: list[str], url: str, log: Path) -> subprocess.Popen[bytes]:
     out = log.open("wb")
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: _answers(url) or proc.poll() is not None, timeout=30)
+        with httpx.Client(timeout=1) as probe:  # one TLS context for the wait, not one per poll
+            wait_for(lambda: _answers(probe, url) or proc.poll() is not None, timeout=30)
     except AssertionError:
         proc.kill()
         raise
@@ -43,9 +44,9 @@ def start(cmd: list[str], url: str, log: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _answers(url: str) -> bool:
+def _answers(probe: httpx.Client, url: str) -> bool:
     try:
-        return httpx.get(url, timeout=1).status_code == 200
+        return probe.get(url).status_code == 200
     except httpx.HTTPError:
         return False
 

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from edgefleet.broker import BrokerInfo, server_mqtt_settings
+from fleet_server.mqtt_client import release
 from fleet_server.runner import ServerThread
 from fleet_server.settings import ServerSettings
 from signing.keyring import KeyDir
@@ -163,6 +164,7 @@ class FakeDevice:
     def close(self) -> None:
         self.client.disconnect()  # first: wakes the network thread, so loop_stop returns at once
         self.client.loop_stop()
+        release(self.client)  # the on_message closure keeps the client (and its socket pair) alive
 
 
 @pytest.fixture
@@ -189,6 +191,7 @@ def fake_device(broker_info: BrokerInfo) -> Iterator[Callable[[str], FakeDevice]
         d.close()
     cleaner.disconnect()
     cleaner.loop_stop()
+    release(cleaner)
 
 
 def stats(client: httpx.Client) -> dict[str, int]:

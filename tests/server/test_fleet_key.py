@@ -237,15 +237,16 @@ def test_edgefleet_server_reports_a_locked_key_in_one_line(
     with open(log, "wb") as out, subprocess.Popen(cmd, env=env, stdout=out, stderr=out) as running:
         try:
             url = f"http://127.0.0.1:{cmd[-1]}/healthz"
-            wait_for(lambda: _answers(url) or running.poll() is not None, 30)
+            with httpx.Client(timeout=1) as probe:  # one TLS context for the wait, not one per poll
+                wait_for(lambda: _answers(probe, url) or running.poll() is not None, 30)
             assert running.poll() is None, log.read_text()
         finally:
             running.terminate()
             running.wait(15)
 
 
-def _answers(url: str) -> bool:
+def _answers(probe: httpx.Client, url: str) -> bool:
     try:
-        return httpx.get(url, timeout=1).status_code == 200
+        return probe.get(url).status_code == 200
     except httpx.HTTPError:
         return False
