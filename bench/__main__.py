@@ -25,6 +25,7 @@ MODULES = [
     "slo",
     "console",
     "acceptance",
+    "delivery",
 ]
 STANDARD = {"bench", "baseline", "ratio", "target"}
 
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> int:
         title=f"edgefleet benchmarks on {platform.machine()} / {platform.python_version()}",
     )
     for r in rows:
-        unit = next((u for u in ("us", "ms", "mb", "s", "pct") if f"baseline_{u}" in r), "ms")
+        unit = next((u for u in ("us", "ms", "mb", "s", "pct", "req") if f"baseline_{u}" in r), "ms")
         extra = {
             k: v for k, v in r.items() if k not in STANDARD and not k.startswith(("baseline_", "edgefleet_"))
         }

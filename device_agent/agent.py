@@ -71,6 +71,7 @@ from device_agent.telemetry import Telemetry
 from device_agent.telemetry_store import BatchStore
 from device_agent.uplink import TelemetryUplink
 from device_agent.wire import ReasonCode
+from signing.errors import DeliveryError, Unavailable
 from signing.keys import PublicKey
 from signing.trust import TrustRoot
 
@@ -621,8 +622,19 @@ class Agent:
         store = self.trust_store
         assert store is not None
         before = store.state.root_version
-        base = repository_url(self.config.tuf_url, None) or store.state.repository_url
-        failure = await asyncio.to_thread(self.fetcher.root, store, base, self.now())
+        bases = self.config.mirrors or [
+            repository_url(self.config.tuf_url, None) or store.state.repository_url
+        ]
+        failures: list[DeliveryError] = []
+        for base in bases:  # in order, until one repository's chain verifies to its end
+            failed = await asyncio.to_thread(self.fetcher.root, store, base, self.now())
+            if failed is None:
+                failures = []
+                break
+            failures.append(failed)
+        # what a mirror that answered refused says more than one that was away
+        refused = [f for f in failures if not isinstance(f, Unavailable)]
+        failure = (refused or failures)[0] if failures else None
         if store.state.root_version > before:
             log.info("%s: followed the root chain to v%d", self.device_id, store.state.root_version)
         self._judge(payload, RootWalk(possible=False, failure=failure))

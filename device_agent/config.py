@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent import wire as protocol
+from device_agent.mirrors import check_mirrors
 from device_agent.mqtt_security import MqttSecurity, read_secret
 
 
@@ -87,6 +88,11 @@ class AgentConfig:
     # certificate (unset: the system's trust store). The device presents its client certificate
     # (``mqtt_cert_file``/``mqtt_key_file``) on HTTPS too, where a server asks for one.
     http_ca_file: Path | None = None
+    # Static delivery (device_agent/mirrors.py, docs/trust.md): base URLs of published trees, tried
+    # in order for TUF metadata, model files and envelopes; the directive's URLs and ``tuf_url`` are
+    # then not used. HTTPS mirrors are verified against ``http_ca_file`` (or the system's store);
+    # plain HTTP works too, since every byte is signed, but lets an on-path party see and withhold.
+    mirrors: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not protocol.DEVICE_ID_RE.match(self.device_id):
@@ -132,6 +138,7 @@ class AgentConfig:
         if not self.mqtt_tls and (self.mqtt_ca_file or self.mqtt_cert_file):
             raise ValueError("mqtt_ca_file/mqtt_cert_file need mqtt_tls = true")
         self.targets = [str(t) for t in self.targets]
+        self.mirrors = check_mirrors(self.mirrors)
         self.tags = {str(k): str(v) for k, v in self.tags.items()}
 
     def mqtt_security(self) -> MqttSecurity:

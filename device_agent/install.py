@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
 
+from device_agent import mirrors
 from device_agent.config import AgentConfig
 from device_agent.deployment import Trigger
 from device_agent.errors import InstallError
@@ -101,6 +102,8 @@ class Installer:
         self.release_keys, self.fit, self.trust_store = release_keys, fit, trust_store
         self.now, self.clock = now, clock
         self.who = config.device_id
+        self._preferred: str | None = None  # the mirror that delivered last
+        self._mirror_of: dict[str, str] = {}  # a URL composed on a mirror -> that mirror
 
     async def install(self, ref: ModelRef, move: Move) -> tuple[str, Path]:
         """Get ``ref`` verified into a slot (reusing one that already holds it); return (slot, path)."""
@@ -118,25 +121,37 @@ class Installer:
         await asyncio.to_thread(verify_file, path, FileEntry(info.file, info.sha256, info.length))
         return slot, path
 
+    def _sources(self, direct: str, mirrored: Callable[[str], str]) -> list[str]:
+        """Where to fetch one thing from: each mirror in order, else the URL the directive names.
+
+        The mirror that delivered last goes first: once it passed the TUF check, asking the
+        mirrors before it (down, or refused) again for the envelope and the model is wasted.
+        """
+        if not self.config.mirrors:
+            return [direct]
+        ordered = sorted(self.config.mirrors, key=lambda m: m != self._preferred)
+        urls = [mirrored(m) for m in ordered]
+        self._mirror_of.update(zip(urls, ordered, strict=True))
+        return urls
+
     async def _check_release(self, ref: ModelRef, store: TrustStore, move: Move) -> None:
         """TUF mode: the release metadata must list ``ref``, agree with the directive, clear the floor."""
         from device_agent.delivery import repository_url
 
-        base = repository_url(self.config.tuf_url, ref)
-        if not base:
+        bases = self._sources(repository_url(self.config.tuf_url, ref), mirrors.metadata_base)
+        if not all(bases):
             raise InstallError(
                 ReasonCode.NO_REPOSITORY, "no tuf_url configured and none derivable from the directive"
             )
+
+        def check(base: str) -> Awaitable[None]:
+            return asyncio.to_thread(
+                self.fetcher.release, store, base, ref, self.config.hardware_id, self.now()
+            )
+
         await move(Trigger.VERIFY, "release metadata (TUF)")
         try:
-            await retrying(
-                lambda: asyncio.to_thread(
-                    self.fetcher.release, store, base, ref, self.config.hardware_id, self.now()
-                ),
-                budget_s=self.config.delivery_retry_s,
-                what="release metadata check",
-                who=self.who,
-            )
+            await self._retrying(bases, check, what="release metadata check")
         except MetadataExpired as exc:
             # A freeze attack, an offline repository, or this device's clock running ahead:
             # say which time the device judged by, so an operator can tell them apart.
@@ -145,17 +160,43 @@ class Installer:
                 f"host clock off by {self.clock() - time.time():+.0f} s)"
             ) from exc
 
+    async def _retrying(
+        self, sources: list[str], call: Callable[[str], Awaitable[_R]], *, what: str, base: float = 0.5
+    ) -> _R:
+        """:func:`retrying` over the sources in order (:func:`mirrors.first_of`); when the budget is
+        spent with some mirror out of reach, what the others refused is the verdict, not "unavailable"."""
+
+        async def tracked(source: str) -> _R:
+            result = await call(source)
+            self._preferred = self._mirror_of.get(source, self._preferred)
+            return result
+
+        try:
+            return await retrying(
+                lambda: mirrors.first_of(sources, tracked, who=self.who, what=what),
+                budget_s=self.config.delivery_retry_s,
+                what=what,
+                who=self.who,
+                base=base,
+            )
+        except mirrors.MirrorsUnavailable as exc:
+            if exc.refusal is not None:
+                raise exc.refusal from exc
+            raise
+
     async def _download(self, ref: ModelRef, move: Move) -> tuple[str, Path]:
-        budget = self.config.delivery_retry_s
         await move(Trigger.DOWNLOAD, None)
-        envelope = await retrying(  # server away or busy; a refusal (4xx) is final
-            lambda: self.fetcher.envelope(ref.envelope_url),
-            budget_s=budget,
+
+        async def signed_envelope(url: str) -> tuple[bytes, BundleManifest]:
+            data = await self.fetcher.envelope(url)  # server away or busy: retried; a refusal (4xx): final
+            return data, manifest_from_envelope(data, self.release_keys())  # a bad copy: the next mirror
+
+        envelope, manifest = await self._retrying(
+            self._sources(ref.envelope_url, lambda m: mirrors.envelope_url(m, ref.sha256)),
+            signed_envelope,
             what="envelope fetch",
-            who=self.who,
         )
         await move(Trigger.VERIFY, "bundle envelope")
-        manifest = manifest_from_envelope(envelope, self.release_keys())
         refuse(check_manifest(ref, manifest, self.fit()))
         slot = self.slots.inactive
         self.slots.prepare(slot, keep_partial_for=ref.sha256)
@@ -169,16 +210,24 @@ class Installer:
             )
         )
         await move(Trigger.DOWNLOAD, f"model into slot {slot}")
-        await retrying(
-            lambda: self.fetcher.model(ref.model_url, part, length=ref.length, sha256=ref.sha256),
-            budget_s=budget,
+        await self._retrying(
+            self._sources(ref.model_url, lambda m: self._mirrored_model_url(m, ref)),
+            lambda url: self.fetcher.model(url, part, length=ref.length, sha256=ref.sha256),
             what="download (resuming)",
-            who=self.who,
             base=0.2,
         )
         await move(Trigger.INSTALL, None)
         info = self.slots.commit(slot, part, envelope, manifest)
         return slot, self.slots.slot_dir(slot) / info.file
+
+    def _mirrored_model_url(self, mirror: str, ref: ModelRef) -> str:
+        """A TUF-mode device fetches the released target (where a TUF client looks for it, and where
+        the repository keeps files derived from it); a device without TUF, the bundle's model file."""
+        if self.trust_store is None:
+            return mirrors.model_url(mirror, ref.sha256)
+        from signing.tuf_release import target_name
+
+        return mirrors.target_url(mirror, target_name(ref.name, ref.version), ref.sha256)
 
     async def small_file(self, ref: ModelRef, slot: str, entry: FileEntry) -> bytes:
         """Another (small) signed file of the bundle in ``slot``, the golden set: from the slot when it
@@ -196,17 +245,23 @@ class Installer:
                     entry.path,
                     slot,
                 )
-        data = await retrying(
-            lambda: self.fetcher.envelope(bundle_file_url(ref, entry.path)),
-            budget_s=self.config.delivery_retry_s,
+
+        async def checked(url: str) -> bytes:
+            data = await self.fetcher.envelope(url)
+            if len(data) != entry.length:
+                raise LengthMismatch(f"{entry.path}: {len(data)} bytes, signed {entry.length}")
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != entry.sha256:
+                raise DigestMismatch(f"{entry.path}: sha256 {digest[:12]}..., signed {entry.sha256[:12]}...")
+            return data
+
+        data = await self._retrying(
+            self._sources(
+                bundle_file_url(ref, entry.path), lambda m: mirrors.bundle_file_url(m, ref.sha256, entry.path)
+            ),
+            checked,
             what=f"{entry.path} fetch",
-            who=self.who,
         )
-        if len(data) != entry.length:
-            raise LengthMismatch(f"{entry.path}: {len(data)} bytes, signed {entry.length}")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry.sha256:
-            raise DigestMismatch(f"{entry.path}: sha256 {digest[:12]}..., signed {entry.sha256[:12]}...")
         atomic_write(path, data)
         return data
 

@@ -37,6 +37,7 @@ from edgefleet.commands.device_ops import register_device_ops
 from edgefleet.commands.devices import devices_app
 from edgefleet.commands.examples import examples_app
 from edgefleet.commands.keys import keys_app
+from edgefleet.commands.mirror import mirror_app
 from edgefleet.commands.models import models_app
 from edgefleet.commands.processes import agent_cmd, demo_cmd, server_cmd
 from edgefleet.commands.rollouts import parse_selector, parse_stages, rollouts_app
@@ -170,6 +171,7 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(audit_app, name="audit")
 app.add_typer(slo_app, name="slo")
+app.add_typer(mirror_app, name="mirror")
 app.command("demo")(demo_cmd)
 
 __all__ = ["app", "main", "parse_selector", "parse_stages"]

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from device_agent.mirrors import check_mirrors
 from device_agent.protocol import DEVICE_ID_RE
 from fleet_server.mqtt_identity import SERVER_ACCOUNT, is_reserved
 from signing.keyring import KeyDir
@@ -355,6 +356,7 @@ def provision_device(
     auth: str | None = None,
     data_dir: str = "data",
     http_ca_file: Path | None = None,
+    mirrors: list[str] | None = None,
 ) -> Provisioned:
     """Create a device's credentials, ``agent.toml`` and bootstrap directory; add its password hash
     to ``password_file``.
@@ -365,6 +367,8 @@ def provision_device(
     ``data_dir``: the agent's state directory as the TOML names it (relative: next to the TOML).
     ``http_ca_file``: the CA of the server's HTTPS certificate, copied next to the TOML and named
     in it (:func:`http_ca_choice`).
+    ``mirrors``: base URLs of published trees the agent downloads from, in order (static delivery,
+    docs/trust.md); none: from the URLs each directive names.
     """
     check_device_id(device_id)
     if not hardware_id or not DEVICE_ID_RE.match(hardware_id):
@@ -377,7 +381,11 @@ def provision_device(
     out_dir = Path(out_dir)
     if (out_dir / BOOTSTRAP_FILE).exists() and not force:
         raise FileExistsError(f"{out_dir / BOOTSTRAP_FILE} exists; pass force to re-provision")
-    http_ca = http_ca_choice(metadata_url, targets_url, http_ca_file)
+    try:
+        mirrors = check_mirrors(mirrors or [])
+    except ValueError as exc:
+        raise ProvisionError(str(exc)) from None
+    http_ca = http_ca_choice(metadata_url, targets_url, http_ca_file, mirrors)
     http_ca_pem = http_ca_file.read_bytes() if http_ca_file is not None else None  # before any write
     trust_bytes = keydir.trust_path.read_bytes()
     keydir.trust_root()  # refuse to hand out a trust root that does not verify
@@ -397,7 +405,7 @@ def provision_device(
             "cert_file": "device.crt",
             "key_file": "device.key",
         },
-        "delivery": {"metadata_url": metadata_url, "targets_url": targets_url},
+        "delivery": {"metadata_url": metadata_url, "targets_url": targets_url, "mirrors": mirrors},
         "trust_file": "trust.json",
         # the anchors, embedded so a device never bootstraps trust from anything it downloads
         "tuf_root": base64.b64encode(tuf_root).decode(),
@@ -421,6 +429,8 @@ def provision_device(
     tuf_url = _repository_base(metadata_url)
     if tuf_url:
         config["tuf_url"] = tuf_url
+    if mirrors:
+        config["mirrors"] = mirrors
     if http_ca_pem is not None:
         (out_dir / HTTP_CA_FILE).write_bytes(http_ca_pem)
     if http_ca is not None:
@@ -434,7 +444,10 @@ def provision_device(
 
 
 def http_ca_choice(
-    metadata_url: str | None, targets_url: str | None, http_ca_file: Path | None
+    metadata_url: str | None,
+    targets_url: str | None,
+    http_ca_file: Path | None,
+    mirrors: list[str] | None = None,
 ) -> str | None:
     """What ``agent.toml``'s ``http_ca_file`` names: a given CA's copy (``HTTP_CA_FILE``) always; else,
     when a delivery URL is https, the fleet CA (``ca.crt``: the server's certificate issued from it,
@@ -443,14 +456,15 @@ def http_ca_choice(
     explicitly when that is https with a certificate no system store knows."""
     if http_ca_file is not None:
         return HTTP_CA_FILE
-    if any(url and urlsplit(url).scheme.lower() == "https" for url in (metadata_url, targets_url)):
+    urls = [metadata_url, targets_url, *(mirrors or [])]
+    if any(url and urlsplit(url).scheme.lower() == "https" for url in urls):
         return CA_CERT
     return None
 
 
 def agent_toml(values: dict[str, Any]) -> str:
     """An ``[agent]`` table of plain values (strings, numbers, booleans). Relative paths in it are
-    resolved against the file's directory by ``device_agent.config.load_config``."""
+    resolved against the file's directory by ``device_agent.config.load_config``; a list of them."""
     lines = [
         "# Written by `edgefleet devices provision`; run: python -m device_agent --config agent.toml",
         "# Relative paths are resolved against this file's directory (docs/agent.md has every key).",
@@ -462,6 +476,8 @@ def agent_toml(values: dict[str, Any]) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

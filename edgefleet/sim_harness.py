@@ -57,7 +57,7 @@ from pydantic import SecretStr
 from device_agent.config import BrokerInfo
 from simulator.netem import HttpFaultProxy, NetworkThread
 from simulator.runner import RunResult, ScenarioRun
-from simulator.scenario import Scenario, load_scenario
+from simulator.scenario import NGINX_MIRROR, Scenario, load_scenario
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ class SimHarness:
         self._settings: Any = None
         self._server_port = 0
         self._bundles: dict[str, Path] = {}
+        self.mirror_url = ""  # the nginx mirror, when the fleet lists one (FleetSpec.mirrors)
+        self._nginx: Any = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -144,12 +146,22 @@ class SimHarness:
             self.public_url = self.delivery_cache.url if direct else self.artifact_proxy.url
             self._start_server()
             self._push_models()
+            if NGINX_MIRROR in self.scenario.fleet.mirrors:
+                from edgefleet.nginx import start_nginx
+
+                # the server published its repository and the bundles there as it took them
+                self._nginx = start_nginx(self._server_settings().mirror_dir, workers=2)
+                self.mirror_url = self._nginx.url
         except BaseException:
             self.close()
             raise
         return self
 
     def close(self) -> None:
+        if self._nginx is not None:
+            with contextlib.suppress(Exception):
+                self._nginx.stop()
+            self._nginx = None
         if self._server is not None:
             with contextlib.suppress(Exception):
                 self._server.stop()
@@ -555,6 +567,8 @@ def run_scenario(
         run = ScenarioRun(scenario, harness, work, device_root=devices, processes=processes)
         result = run.execute()
         result.figures["broker"] = security_label(harness.broker)
+        if harness.mirror_url:  # what the devices asked the nginx mirror (one line per request)
+            result.figures["mirror_requests"] = len(harness._nginx.requests())
     report = write_report(result, run.timeline, Path(report_dir) if report_dir else work / "report")
     if not keep_workdir and result.ok:
         for sub in ("devices", "server", "broker", "bundles", "digits"):

@@ -27,6 +27,7 @@ from fleet_server.keyload import load_fleet_key
 from fleet_server.logs import RequestIdMiddleware
 from fleet_server.metrics import make_registry
 from fleet_server.mqtt_bridge import MqttBridge
+from fleet_server.releases import make_publisher
 from fleet_server.retrain import RetrainWatcher
 from fleet_server.routes import ROUTERS, allowed_methods
 from fleet_server.routes.errors import install_error_handler
@@ -51,6 +52,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     context.device_ca = load_device_ca(settings.device_ca_path)
     context.admin_token = bootstrap_admin_token(settings)
     context.admin_token_hash = hash_token(context.admin_token)
+    context.publisher = make_publisher(settings, context.engine)
     try:
         context.tuf = TufService(
             settings.tuf_dir,
@@ -58,6 +60,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             fleet_key,
             timestamp_expiry=timedelta(seconds=settings.tuf_timestamp_expiry_seconds),
             snapshot_expiry=timedelta(seconds=settings.tuf_snapshot_expiry_seconds),
+            publisher=context.publisher,
         )
     except FileNotFoundError as exc:  # a key directory from before TUF: serve DSSE-only, say so loudly
         log.error(

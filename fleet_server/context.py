@@ -15,6 +15,7 @@ from fleet_server.settings import ServerSettings
 from signing.trust import TrustRoot
 
 if TYPE_CHECKING:
+    from fleet_server.mirror import Publisher
     from fleet_server.mqtt_bridge import MqttBridge
     from fleet_server.retrain import RetrainWatcher
     from fleet_server.slo_runner import SloRunner
@@ -52,6 +53,7 @@ class ServerContext:
     metrics: CollectorRegistry | None = None  # what /metrics exposes (fleet_server.metrics)
     retrain: RetrainWatcher | None = None
     tuf: TufService | None = None  # the TUF repository this server serves (None: not set up)
+    publisher: Publisher | None = None  # static delivery: publishes the repository and bundles (None: off)
     device_ca: x509.Certificate | None = None  # signs device certificates (None: captures refused)
     admin_token: str = ""  # the bootstrap admin token (plaintext only in memory)
     admin_token_hash: str = ""

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 from tuf.api.metadata import Metadata, Targets
@@ -28,8 +29,11 @@ from tuf.api.metadata import Metadata, Targets
 from fleet_server.artifacts import StagedBundle, Upload, stage_bundle
 from fleet_server.context import ServerContext
 from fleet_server.errors import Conflict, NotFound, Rejected
+from fleet_server.mirror import BundleSource, Publisher, open_storage
 from fleet_server.models import Model, utcnow
 from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
+from fleet_server.settings import ServerSettings
+from fleet_server.store import new_session
 from fleet_server.tuf_service import TufService
 from signing import safejson
 from signing.errors import HardwareMismatch, MetadataInvalid, TargetMismatch, TargetNotFound, TrustError
@@ -77,8 +81,13 @@ def accept_bundle(
             raise Conflict("model_exists", f"{manifest.ref} exists with different content")
         if targets is not None:
             publish_release(c, targets, Path(existing.storage_path), manifest)
-        return Accepted(existing, created=False)
-    return Accepted(_store(c, session, staged, targets), created=True)
+        accepted = Accepted(existing, created=False)
+    else:
+        accepted = Accepted(_store(c, session, staged, targets), created=True)
+    if c.publisher is not None:
+        # before the upload returns, so no rollout can name a bundle its mirrors do not hold yet
+        c.publisher.publish_quietly()
+    return accepted
 
 
 def _store(c: ServerContext, session: Session, staged: StagedBundle, targets: bytes | None) -> Model:
@@ -168,6 +177,35 @@ def get_model(session: Session, name: str, version: str) -> Model:
     return model
 
 
+def stored_bundles(engine: Engine) -> list[BundleSource]:
+    """Every stored bundle, by its model file's hash; where two share one, the newest (as served)."""
+    with new_session(engine) as session:
+        models = session.exec(select(Model).order_by(col(Model.created_at))).all()
+    newest = {m.sha256: m for m in models}
+    return [
+        BundleSource(
+            sha256=m.sha256,
+            directory=Path(m.storage_path),
+            model_file=str(m.manifest["files"][0]["path"]),
+            other_files=tuple(str(f["path"]) for f in m.manifest["files"][1:]),
+        )
+        for m in newest.values()
+    ]
+
+
+def make_publisher(settings: ServerSettings, engine: Engine) -> Publisher | None:
+    """The static-delivery publisher ``settings.mirror`` asks for (None: ``off``)."""
+    if settings.mirror == "off":
+        return None
+    storage = open_storage(
+        settings.mirror,
+        default_dir=settings.mirror_dir,
+        endpoint_url=settings.mirror_s3_endpoint_url,
+        region=settings.mirror_s3_region,
+    )
+    return Publisher(storage, settings.tuf_dir, lambda: stored_bundles(engine))
+
+
 def tuf_repository(c: ServerContext) -> TufService:
     if c.tuf is None:
         raise Conflict("tuf_disabled", "this server has no TUF repository")
@@ -214,6 +252,8 @@ __all__ = [
     "check_release_target",
     "get_model",
     "list_models",
+    "make_publisher",
     "publish_release",
+    "stored_bundles",
     "tuf_repository",
 ]

@@ -86,6 +86,14 @@ class ServerSettings(BaseSettings):
     tuf_timestamp_expiry_seconds: float = 86400.0
     tuf_snapshot_expiry_seconds: float = 7 * 86400.0
     tuf_refresh_interval: float = 60.0
+    # Static delivery (fleet_server/mirror.py, docs/trust.md): where the TUF metadata and every
+    # bundle are published for mirrors (any static web server or CDN) to serve: "" is
+    # <data_dir>/mirror, a path is that directory, s3://bucket/prefix a bucket (boto3's credential
+    # chain; mirror_s3_endpoint_url for an S3-compatible service other than AWS), "off" nothing.
+    # Published on every release, revocation and re-signing; `edgefleet mirror publish` re-runs it.
+    mirror: str = ""
+    mirror_s3_endpoint_url: str | None = None
+    mirror_s3_region: str | None = None
 
     # SLOs (docs/slo.md): how often the leader samples the telemetry totals and evaluates every SLO,
     # how long a breach must last before its alert fires, and where alerts go: Alertmanager's v2 API
@@ -140,6 +148,11 @@ class ServerSettings(BaseSettings):
     @property
     def tuf_dir(self) -> Path:
         return Path(self.data_dir) / "tuf"
+
+    @property
+    def mirror_dir(self) -> Path:
+        """The local mirror directory (the default storage, also served at ``/mirror/``)."""
+        return Path(self.data_dir) / "mirror"
 
     @property
     def captures_dir(self) -> Path:

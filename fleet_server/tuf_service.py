@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
+from fleet_server.mirror import Publisher
 from signing.keyring import KeyDir
 from signing.keys import KeyPair
 from signing.tuf_release import timestamp_due
@@ -40,8 +41,10 @@ class TufService:
         *,
         timestamp_expiry: timedelta = timedelta(days=1),
         snapshot_expiry: timedelta = timedelta(days=7),
+        publisher: Publisher | None = None,
     ) -> None:
         self.repo = TufRepository.open_served(Path(path), KeyDir(Path(keys_dir)).tuf_root_chain())
+        self.publisher = publisher  # static delivery: told after every change, retried by the keeper
         self.fleet_key = fleet_key
         self.timestamp_expiry = timestamp_expiry
         self.snapshot_expiry = snapshot_expiry
@@ -60,7 +63,13 @@ class TufService:
         """Install release-signed targets metadata (+ target bytes), publish; return the snapshot version."""
         with self.lock:
             self.repo.accept_targets(targets, files)
-            return self._publish()
+            version = self._publish()
+        self._mirror()
+        return version
+
+    def _mirror(self) -> None:
+        if self.publisher is not None:
+            self.publisher.publish_quietly()
 
     def _publish(self) -> int:
         return self.repo.publish(
@@ -86,13 +95,19 @@ class TufService:
         self._thread.start()
 
     def _run(self, interval: float) -> None:
-        while not self._stop.wait(interval):
+        first = True  # at start, publish to the mirror at once: it may have missed changes while down
+        while first or not self._stop.wait(interval):
+            first = False
             try:
                 refreshed = self.refresh_if_due()
                 if refreshed:
                     log.info("re-signed the TUF %s", refreshed)
             except Exception:  # keep trying: a stale timestamp freezes the whole fleet
                 log.exception("refreshing the TUF timestamp failed")
+                refreshed = None
+            # a mirror is as fresh as its last publish: after each re-signing, and until one succeeds
+            if self.publisher is not None and (refreshed or self.publisher.dirty):
+                self._mirror()
 
     def stop(self) -> None:
         self._stop.set()

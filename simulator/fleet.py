@@ -105,13 +105,16 @@ class Fleet:
         tuf_root_path: Path | None = None,
         credentials: Mapping[str, Mapping[str, Any]] | None = None,
         labels: LabelPlan | None = None,
+        mirrors: list[str] | None = None,
     ) -> None:
         """``tuf_root_path``: the TUF root devices are provisioned with; every install is then
         checked against the server's release metadata (TUF mode). None: the
         DSSE-only mode (docs/decisions/0006). ``credentials``: per device, the ``mqtt_*`` keys of
         its agent configuration (TLS, its certificate or password file) for a production
         broker; a device without an entry connects as to an open development broker. ``labels``:
-        the devices' apps post labels for some of their inferences (``simulator.labels``)."""
+        the devices' apps post labels for some of their inferences (``simulator.labels``).
+        ``mirrors``: base URLs of published trees every device downloads from, in order (static
+        delivery); none: from the URLs each directive names (the fleet server)."""
         self.specs = list(specs)
         self.by_id = {s.device_id: s for s in self.specs}
         if len(self.by_id) != len(self.specs):
@@ -129,6 +132,7 @@ class Fleet:
         self.class_runtimes = dict(class_runtimes or {})
         self.credentials = {d: dict(keys) for d, keys in (credentials or {}).items()}
         self.labels = labels
+        self.mirrors = list(mirrors or [])
         # the agents' answers to posted labels by status (matched, unknown, ...), and "dropped":
         # labels due while their device was off (its app was off too)
         self.label_counts: Counter[str] = Counter()
@@ -300,6 +304,7 @@ class Fleet:
             targets=list(spec.targets or self.targets),
             tags=dict(spec.tags),
             tuf_root_path=self.tuf_root_path,
+            mirrors=list(self.mirrors),
             **self.credentials.get(spec.device_id, {}),
         )
         runtime = self.class_runtimes.get(spec.hw_class, self.runtime)

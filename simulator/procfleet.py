@@ -94,6 +94,7 @@ class FleetPlan:
     classes: dict[str, ClassBehaviour] = field(default_factory=dict)  # hw_class -> model behaviour
     credentials: dict[str, dict[str, Any]] = field(default_factory=dict)  # device -> agent mqtt_* keys
     labels: LabelPlan | None = None  # the devices' apps label some of their inferences
+    mirrors: list[str] = field(default_factory=list)  # static delivery: where every device downloads
 
     def build(self) -> Fleet:
         shared = SharedRuntimeFactory()
@@ -111,6 +112,7 @@ class FleetPlan:
             tuf_root_path=self.tuf_root_path,
             credentials=self.credentials,
             labels=self.labels,
+            mirrors=self.mirrors,
         )
 
     def split(self, parts: int) -> list[FleetPlan]:

@@ -32,7 +32,7 @@ from simulator.netem import HttpFaultProxy, LinkState, NetworkThread, TcpFaultPr
 from simulator.procfleet import FleetControl, FleetPlan, ProcessFleet
 from simulator.readable import readable
 from simulator.registry import register_devices
-from simulator.scenario import Expectation, Scenario, Step, skew_of
+from simulator.scenario import NGINX_MIRROR, Expectation, Scenario, Step, skew_of
 from simulator.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class Harness(Protocol):
     model_shas: dict[str, str]  # scenario model key -> sha256 of its model file
     model_refs: dict[str, str]  # scenario model key -> "name:version"
     sample_inputs: np.ndarray | None
+    mirror_url: str  # the nginx mirror over the server's published tree ("" unless the fleet asks)
 
     def restart_broker(self, down_seconds: float) -> float | None: ...  # how long it was away
 
@@ -255,6 +256,7 @@ class ScenarioRun:
             classes=self._class_behaviour(),
             credentials=self.h.device_credentials([s.device_id for s in self.specs]),
             labels=self._label_plan(),
+            mirrors=[self.h.mirror_url if m == NGINX_MIRROR else m for m in self.sc.fleet.mirrors],
         )
         if self.processes > 1:
             self.fleet = ProcessFleet(plan, self.processes, log_dir=self.workdir)

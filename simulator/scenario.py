@@ -71,6 +71,9 @@ class HardwareClass(_Strict):
         return self.hardware_id or self.name
 
 
+NGINX_MIRROR = "nginx"  # FleetSpec.mirrors: the mirror the harness serves with nginx
+
+
 class FleetSpec(_Strict):
     devices: int = Field(ge=1, le=20000)
     prefix: str = Field("sim", pattern=r"^[A-Za-z0-9_-]{1,20}$")
@@ -79,6 +82,19 @@ class FleetSpec(_Strict):
     classes: list[HardwareClass] = Field(min_length=1)
     # Worker processes the devices are split over (each a fleet on its own loop); 1 = in-process.
     processes: int = Field(1, ge=1, le=64)
+    # Static delivery: the mirrors every device downloads from, in order. "nginx" is an nginx the
+    # harness starts over the fleet server's published mirror directory (edgefleet.nginx); any other
+    # entry is a base URL. Empty: devices download from the fleet server (through the fault proxy).
+    mirrors: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _mirror_urls(self) -> FleetSpec:
+        from device_agent.mirrors import check_mirrors
+
+        check_mirrors([m for m in self.mirrors if m != NGINX_MIRROR])
+        if self.mirrors.count(NGINX_MIRROR) > 1:
+            raise ValueError("the nginx mirror is listed twice")
+        return self
 
 
 class ModelSpec(_Strict):

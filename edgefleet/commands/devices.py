@@ -74,6 +74,14 @@ def devices_provision(
             "URLs: the fleet CA).",
         ),
     ] = None,
+    mirror: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--mirror",
+            help="Base URL of a mirror of the published tree (static delivery; repeat, in the order "
+            "the device tries them).",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-provision (new credentials).")] = False,
     auth: Annotated[
         str | None,
@@ -111,6 +119,7 @@ def devices_provision(
             KeyDir(keys), device_id, hardware, out, broker_host=broker_host, broker_port=broker_port,
             password_file=password_file, metadata_url=metadata_url, targets_url=targets_url,
             passphrase=passphrase, force=force, auth=auth, data_dir=data_dir, http_ca_file=http_ca_file,
+            mirrors=mirror,
         )  # fmt: skip
     except (ProvisionError, FileExistsError, KeyLocked, WrongPassphrase, TrustError, OSError) as exc:
         fail(f"cannot provision {device_id!r}: {exc}")

@@ -39,6 +39,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     tokens.audit_router,
     delivery.release_router,
     delivery.static_router,
+    delivery.mirror_router,
     server.router,
 )
 

@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse
 from fleet_server import releases
 from fleet_server.artifacts import Upload
 from fleet_server.errors import NotFound
+from fleet_server.mirror import IMMUTABLE_CACHE, TIMESTAMP_CACHE, TIMESTAMP_KEY, DirectoryStorage
 from fleet_server.routes.common import API, OPERATOR, Ctx, admin_router, public_router
 from fleet_server.routes.errors import error_responses
 from fleet_server.schemas import TargetsOut
@@ -27,6 +28,7 @@ from fleet_server.schemas import TargetsOut
 _METADATA_RE = re.compile(r"^(?:[0-9]{1,12}\.)?(?:root|timestamp|snapshot|targets)\.json$")
 
 static_router = public_router("/tuf", tags=["tuf"])
+mirror_router = public_router("/mirror", tags=["tuf"])
 release_router = admin_router(f"{API}/tuf", tags=["tuf"])
 
 
@@ -106,3 +108,30 @@ def get_target(
     if not path.is_relative_to(base) or not path.is_file() or path.name.startswith("."):
         raise NotFound("not_found", f"no target {target}")
     return FileResponse(path, media_type="application/octet-stream")
+
+
+@mirror_router.get(
+    "/{key:path}",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "a published file"},
+        **error_responses(404),
+    },
+    summary="Read a file of the local mirror",
+)
+def get_mirror_file(
+    key: Annotated[str, Path(description="a key of the published tree, e.g. metadata/timestamp.json")],
+    c: Ctx,
+) -> FileResponse:
+    """The local mirror directory (``mirror`` unset or a path), so this server can be one of the
+    mirrors a device lists; a static web server or CDN in front of the same directory takes the load
+    off it. No token: every byte is verified on the device."""
+    storage = c.publisher.storage if c.publisher is not None else None
+    if not isinstance(storage, DirectoryStorage):
+        raise NotFound("not_found", "this server publishes no local mirror")
+    base = storage.root.resolve()
+    path = (base / key).resolve()
+    if not path.is_relative_to(base) or not path.is_file() or path.name.startswith("."):
+        raise NotFound("not_found", f"no file {key}")
+    cache = TIMESTAMP_CACHE if key == TIMESTAMP_KEY else IMMUTABLE_CACHE
+    return FileResponse(path, media_type="application/octet-stream", headers={"Cache-Control": cache})
