@@ -8,18 +8,18 @@ device), sized by N and run two ways in the same bench:
   (TUF metadata, envelope, model, golden set: ~7 requests per install), through
   the simulator's HTTP proxy that lets 32 requests through at once, as an
   nginx without a cache in front of uvicorn would;
-- ``cache``: a real nginx caches the delivery paths in front of the server
-  (``edgefleet.delivery_cache``), as a CDN or edge cache would; devices reach it
-  directly.
+- ``mirror`` (static delivery): the server publishes the TUF repository and the
+  bundles to a directory, a real nginx serves it (``fleet.mirrors = ["nginx"]``),
+  and devices download from it; the fleet server leaves the download path.
 
 Each run is a fresh process (``python -m bench.scale N CACHE --delivery D
 --processes P``) with the models prebuilt. While it runs, the CPU time of each
 process (fleet server, Mosquitto, nginx, each fleet worker, the coordinator)
 is sampled from ``/proc`` every 0.5 s, so the figures cover exactly the
 rollout: from creating it to the server reporting it ``completed``. The
-delivery figures count what the devices asked of the delivery endpoint (the
-proxy or nginx) during the rollout, and, with the cache, what reached the
-server (misses). The load average is printed with every run: the machine is
+delivery figures count what the devices asked during the rollout: of the
+server (through the simulator's HTTP proxy) and of the mirror (nginx's access
+log). The load average is printed with every run: the machine is
 shared, so read wall times with it and prefer the CPU-seconds.
 
 ``python -m bench scale`` runs 100 and 1,000 devices both ways (~5 min);
@@ -52,7 +52,7 @@ def scenario(devices: int, delivery: str, processes: int) -> dict[str, Any]:
     data = tomllib.loads(SCENARIO_FILE.read_text())
     data.pop("small", None)
     data["name"] = f"scale-{devices}-{delivery}"
-    data["delivery"] = delivery
+    data["fleet"]["mirrors"] = ["nginx"] if delivery == "mirror" else []
     data["fleet"]["devices"] = devices
     data["fleet"]["processes"] = processes
     return dict(data)
@@ -129,7 +129,6 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from edgefleet.delivery_cache import read_access_log
     from edgefleet.sim_harness import SimHarness, device_root
     from simulator.runner import ScenarioRun
     from simulator.scenario import parse_scenario
@@ -143,7 +142,7 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
     ):
         run = ScenarioRun(sc, harness, Path(tmp), sample_interval=2.0, device_root=device_dir)
         fleet_pids = lambda: [p.pid for p in getattr(run.fleet, "_procs", [])]  # noqa: E731
-        nginx = harness.delivery_cache
+        nginx = harness._nginx
 
         def roles() -> dict[str, list[int]]:
             out = {
@@ -153,18 +152,18 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
                 "workers": fleet_pids(),
             }
             if nginx is not None:
-                out["nginx"] = [nginx.pid, *_children(nginx.pid)]
+                out["nginx"] = [nginx.proc.pid, *_children(nginx.proc.pid)]
             return out
 
         delivered: dict[str, tuple[int, int, int]] = {}  # when -> (requests, bytes, reached server)
         loads: list[float] = []
 
         def count() -> tuple[int, int, int]:
-            if nginx is not None:
-                lines = read_access_log(nginx.access_log)
-                return len(lines), sum(b for *_, b, _ in lines), sum(1 for *_, c in lines if c != "HIT")
+            """(requests, response bytes, requests that reached the fleet server) so far."""
             proxy = harness.artifact_proxy
-            return proxy.requests, proxy.bytes_out, proxy.requests
+            lines = nginx.requests() if nginx is not None else []
+            mirrored = sum(int(line.rsplit(" ", 1)[1]) for line in lines if line.rsplit(" ", 1)[1].isdigit())
+            return proxy.requests + len(lines), proxy.bytes_out + mirrored, proxy.requests
 
         meter = CpuMeter(roles).start()
         stop_watch = threading.Event()
@@ -239,7 +238,7 @@ def _subprocess(devices: int, cache: Path, delivery: str, processes: int) -> dic
 
 
 def row(base: dict[str, Any], new: dict[str, Any]) -> dict[str, object]:
-    """One bench row: the cache run against the server run of the same size."""
+    """One bench row: the mirror run against the server run of the same size."""
     n = new["devices"]
     outcome = "" if new["state"] == "completed" else f"; FAILED: ended {new['state']}"
 
@@ -255,7 +254,7 @@ def row(base: dict[str, Any], new: dict[str, Any]) -> dict[str, object]:
     walls = (base["rollout_s"], new["rollout_s"])
     return {
         "bench": f"scale: {n} devices, 4-stage rollout ({new['processes']} process(es), broker {BROKER})",
-        "baseline": f"downloads from the server ({base['state']})",
+        "baseline": f"downloads from the fleet server ({base['state']})",
         "baseline_s": walls[0],
         "edgefleet_s": walls[1],
         "ratio": round(walls[1] / walls[0], 2) if all(walls) else None,
@@ -281,7 +280,7 @@ def run(sizes: tuple[int, ...] = (100, 1000)) -> list[dict[str, object]]:
         for n in sizes:
             procs = max(1, n // 1000)
             base = _subprocess(n, cache, "server", procs)
-            new = _subprocess(n, cache, "cache", procs)
+            new = _subprocess(n, cache, "mirror", procs)
             rows.append(row(base, new))
     return rows
 
@@ -290,7 +289,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
     parser.add_argument("devices", type=int, nargs="?")
     parser.add_argument("cache", type=Path, nargs="?", help="model cache (built when missing)")
-    parser.add_argument("--delivery", choices=("server", "cache"), default="cache")
+    parser.add_argument("--delivery", choices=("server", "mirror"), default="mirror")
     parser.add_argument("--processes", "-p", type=int, default=0, help="fleet workers (default N/1000)")
     parser.add_argument("--baseline", action="store_true", help="also run it with delivery=server")
     args = parser.parse_args(argv)

@@ -13,10 +13,7 @@ through :class:`simulator.runner.Harness`.
   one reload for the whole fleet). ``broker_auth="insecure-dev"`` runs the open
   development broker instead (labelled as such in the run's figures).
 - The server's ``public_url`` is the fault-injecting HTTP proxy, so the signed
-  directives point every download through it. With ``delivery = "cache"`` a real
-  nginx caches the delivery paths in front of the server
-  (``edgefleet.delivery_cache``); devices then download from it directly, or
-  through the fault proxy in front of it when the scenario injects network faults.
+  directives point every download through it.
 - The server runs in its own process by default (``server_mode="process"``):
   1,000 agents and the server in one interpreter fight over one GIL, and the
   server then answers downloads too slowly for the agents' timeouts, which
@@ -102,8 +99,6 @@ class SimHarness:
         self.sample_inputs: np.ndarray | None = None
         self.net = NetworkThread()
         self.artifact_proxy: HttpFaultProxy
-        self.delivery_cache: Any = None  # a DeliveryCache with delivery = "cache"
-        self.public_url = ""  # where the directives send devices to download
         self.broker: BrokerInfo
         self.server_url = ""
         # The scenario's operator token: the server requires one on its admin API.
@@ -132,18 +127,10 @@ class SimHarness:
             self._broker_handle = self._start_broker(None)
             self.broker = self._broker_handle.info
             self._server_port = free_port()
-            upstream, limit = self._server_port, ARTIFACT_CONCURRENCY
-            if self.scenario.delivery == "cache":
-                from edgefleet.delivery_cache import start_delivery_cache
-
-                self.delivery_cache = start_delivery_cache(self.workdir / "delivery-cache", self._server_port)
-                upstream, limit = self.delivery_cache.port, 0  # the cache bounds what reaches the server
             self.artifact_proxy = HttpFaultProxy(
-                "127.0.0.1", upstream, seed=self.scenario.seed, max_upstream=limit
+                "127.0.0.1", self._server_port, seed=self.scenario.seed, max_upstream=ARTIFACT_CONCURRENCY
             )
             self.net.run(self.artifact_proxy.start())
-            direct = self.delivery_cache is not None and not self.scenario.http_faults()
-            self.public_url = self.delivery_cache.url if direct else self.artifact_proxy.url
             self._start_server()
             self._push_models()
             if NGINX_MIRROR in self.scenario.fleet.mirrors:
@@ -170,10 +157,6 @@ class SimHarness:
             with contextlib.suppress(Exception):
                 self._broker_handle.stop()
             self._broker_handle = None
-        if self.delivery_cache is not None:
-            with contextlib.suppress(Exception):
-                self.delivery_cache.stop()
-            self.delivery_cache = None
         with contextlib.suppress(Exception):
             self.net.run(self.artifact_proxy.close(), timeout=5)
         self.net.close()
@@ -329,7 +312,7 @@ class SimHarness:
                     # session's $share subscriptions after a broker restart (docs/decisions/0003).
                     "shared_subscriptions": False,
                 },
-                public_url=self.public_url,
+                public_url=self.artifact_proxy.url,
                 tick_interval=self.scenario.tick_interval,
                 # A stable id: the broker keeps the server's session (and queues its QoS 1
                 # streams) while the server or the broker restarts.

@@ -289,23 +289,12 @@ class Scenario(_Strict):
     seed: int = 0
     time_limit: float = Field(300.0, gt=0)  # the whole run, setup included
     tick_interval: float = Field(0.2, gt=0)  # the server's rollout engine
-    # How devices download: "server" straight from the fleet server (behind a 32-request
-    # limit, as an nginx without a cache would be); "cache" through a real caching nginx
-    # (edgefleet.delivery_cache), as a CDN or an edge cache in front of it would be.
-    delivery: Literal["server", "cache"] = "server"
     fleet: FleetSpec
     network: dict[str, NetworkSpec] = Field(default_factory=dict)
     models: dict[str, ModelSpec] = Field(min_length=1)
     labels: LabelsSpec | None = None
     steps: list[Step] = Field(min_length=1)
     expect: list[Expectation] = Field(min_length=1)
-
-    def http_faults(self) -> bool:
-        """Whether any download must pass the fault-injecting HTTP proxy (a network profile, or a
-        step that partitions, corrupts or cuts)."""
-        shaped = any(c.network != "ideal" or c.proxied for c in self.fleet.classes)
-        faulty = any(s.action in ("partition", "corrupt_downloads", "cut_downloads") for s in self.steps)
-        return shaped or faulty
 
     @model_validator(mode="after")
     def _references(self) -> Scenario:
