@@ -52,7 +52,10 @@ def scenario(devices: int, delivery: str, processes: int) -> dict[str, Any]:
     data = tomllib.loads(SCENARIO_FILE.read_text())
     data.pop("small", None)
     data["name"] = f"scale-{devices}-{delivery}"
-    data["fleet"]["mirrors"] = ["nginx"] if delivery == "mirror" else []
+    if delivery == "mirror":
+        data["fleet"]["mirrors"] = ["nginx"]
+    else:
+        data["fleet"].pop("mirrors", None)
     data["fleet"]["devices"] = devices
     data["fleet"]["processes"] = processes
     return dict(data)
@@ -142,7 +145,7 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
     ):
         run = ScenarioRun(sc, harness, Path(tmp), sample_interval=2.0, device_root=device_dir)
         fleet_pids = lambda: [p.pid for p in getattr(run.fleet, "_procs", [])]  # noqa: E731
-        nginx = harness._nginx
+        nginx = getattr(harness, "_nginx", None)  # none without a mirror (or before mirrors existed)
 
         def roles() -> dict[str, list[int]]:
             out = {
