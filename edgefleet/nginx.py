@@ -91,7 +91,9 @@ daemon off;
 worker_processes {workers};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 4096; }}
+# a simulated fleet of thousands opens as many connections at once: raise the 1,024-descriptor default
+worker_rlimit_nofile 20000;
+events {{ worker_connections 8192; }}
 http {{
     types {{ application/json json; }}
     default_type application/octet-stream;

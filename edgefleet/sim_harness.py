@@ -144,6 +144,10 @@ class SimHarness:
             raise
         return self
 
+    def mirror_requests(self) -> int:
+        """Requests the nginx mirror answered so far (its access log); 0 without one."""
+        return len(self._nginx.requests()) if self._nginx is not None else 0
+
     def close(self) -> None:
         if self._nginx is not None:
             with contextlib.suppress(Exception):
@@ -551,7 +555,7 @@ def run_scenario(
         result = run.execute()
         result.figures["broker"] = security_label(harness.broker)
         if harness.mirror_url:  # what the devices asked the nginx mirror (one line per request)
-            result.figures["mirror_requests"] = len(harness._nginx.requests())
+            result.figures["mirror_requests"] = harness.mirror_requests()
     report = write_report(result, run.timeline, Path(report_dir) if report_dir else work / "report")
     if not keep_workdir and result.ok:
         for sub in ("devices", "server", "broker", "bundles", "digits"):

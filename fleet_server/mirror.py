@@ -226,8 +226,17 @@ class DirectoryStorage:
                     fh.flush()
                     os.fsync(fh.fileno())
             os.replace(tmp, dest)
+            _fsync_dir(dest.parent)  # the new name is durable before anything that points at it
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _copy_synced(src: Path, dest: Path) -> None:

@@ -98,16 +98,21 @@ class TufService:
         first = True  # at start, publish to the mirror at once: it may have missed changes while down
         while first or not self._stop.wait(interval):
             first = False
-            try:
-                refreshed = self.refresh_if_due()
-                if refreshed:
-                    log.info("re-signed the TUF %s", refreshed)
-            except Exception:  # keep trying: a stale timestamp freezes the whole fleet
-                log.exception("refreshing the TUF timestamp failed")
-                refreshed = None
-            # a mirror is as fresh as its last publish: after each re-signing, and until one succeeds
-            if self.publisher is not None and (refreshed or self.publisher.dirty):
-                self._mirror()
+            self.keep_fresh()
+
+    def keep_fresh(self) -> str | None:
+        """One round of the keeper: re-sign what is due, then publish to the mirror if anything
+        changed or the last publish failed (a mirror is as fresh as its last publish)."""
+        try:
+            refreshed = self.refresh_if_due()
+            if refreshed:
+                log.info("re-signed the TUF %s", refreshed)
+        except Exception:  # keep trying: a stale timestamp freezes the whole fleet
+            log.exception("refreshing the TUF timestamp failed")
+            refreshed = None
+        if self.publisher is not None and (refreshed or self.publisher.dirty):
+            self._mirror()
+        return refreshed
 
     def stop(self) -> None:
         self._stop.set()

@@ -85,7 +85,12 @@ def observer(broker_info: object) -> Iterator[Observer]:
 
 
 def _agent(
-    broker_info: object, p: Published, mirrors: list[str], data_dir: Path, device: str | None = None
+    broker_info: object,
+    p: Published,
+    mirrors: list[str],
+    data_dir: Path,
+    device: str | None = None,
+    **extra: object,
 ) -> Agent:
     config = agent_config(
         broker_info,  # type: ignore[arg-type]
@@ -94,7 +99,7 @@ def _agent(
         device or unique_id("mirror"),
         tuf_root_path=p.keydir.tuf_root_path,
         mirrors=mirrors,
-        delivery_retry_s=5.0,
+        **{"delivery_retry_s": 5.0, **extra},
     )
     return Agent(config, p.keydir.trust_root())
 
@@ -161,7 +166,6 @@ def test_a_mirror_down_erring_or_serving_wrong_bytes_fails_over_to_the_next(
         assert _asked(good, "/metadata/") == 0  # TUF was satisfied before it
 
 
-@pytest.mark.slow
 def test_a_stale_mirror_is_refused_and_the_next_one_installs_alone_it_is_refused_for_its_reason(
     published: Published, broker_info: object, observer: Observer, tmp_path: Path
 ) -> None:
@@ -216,3 +220,66 @@ def test_a_stale_mirror_is_refused_and_the_next_one_installs_alone_it_is_refused
         finally:
             loop.run(agent.stop())
             loop.close()
+
+
+def test_an_https_mirror_must_chain_to_the_configured_ca(
+    published: Published, broker_info: object, observer: Observer, tmp_path: Path
+) -> None:
+    from edgefleet.provision import fleet_ca, issue_cert, write_cert_and_key
+
+    b1 = published.release(seed=1, version="1")
+    tree = published.publish("good")
+    ours, stranger = fleet_ca(KeyDir(tmp_path / "ours")), fleet_ca(KeyDir(tmp_path / "stranger"))
+    (tmp_path / "ca.pem").write_bytes(ours.cert_pem)
+    tls = {}
+    for name, ca in (("ours", ours), ("stranger", stranger)):
+        cert, key = issue_cert(ca, "mirror", server=True, hostnames=["127.0.0.1"])
+        write_cert_and_key(cert, key, tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+        tls[name] = (tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+    loop = LoopThread()
+    with nginx(tree, tls=tls["stranger"]) as impostor, nginx(tree, tls=tls["ours"]) as good:
+        assert impostor.url.startswith("https://")
+        agent = _agent(
+            broker_info,
+            published,
+            [impostor.url, good.url],
+            tmp_path / "dev",
+            http_ca_file=tmp_path / "ca.pem",
+        )
+        try:
+            start_agent(loop, agent)
+            _direct(observer, published, agent, b1, seq=1)
+            event = _outcome(observer, agent, 1)
+            assert event.state == protocol.DeploymentState.SERVING, (event.reason, event.detail)
+        finally:
+            loop.run(agent.stop())
+            loop.close()
+        assert impostor.requests() == []  # the TLS handshake failed: not one request reached it
+        assert _asked(good, f"/targets/models/tiny/{b1.sha256}.1") == 1
+
+
+def test_mirrors_down_are_retried_then_unavailable_but_a_refusal_seen_meanwhile_is_the_verdict(
+    published: Published, broker_info: object, observer: Observer, tmp_path: Path
+) -> None:
+    b1 = published.release(seed=1, version="1")
+    published.repo.refresh_timestamp(published.keydir.key("fleet"), timedelta(seconds=-60))
+    frozen = published.publish("frozen")
+    down = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+    loop = LoopThread()
+    try:
+        with nginx(frozen) as freezer:
+            for mirrors, reason in (
+                (down, "delivery_unavailable"),
+                ([down[0], freezer.url], "metadata_expired"),
+            ):
+                agent = _agent(broker_info, published, mirrors, tmp_path / reason, delivery_retry_s=1.0)
+                try:
+                    start_agent(loop, agent)
+                    _direct(observer, published, agent, b1, seq=1)
+                    event = _outcome(observer, agent, 1)
+                    assert (event.state, event.reason) == (protocol.DeploymentState.FAILED, reason), event
+                finally:
+                    loop.run(agent.stop())
+            assert _asked(freezer, "/metadata/timestamp.json") >= 2  # asked again on each retry
+    finally:
+        loop.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from fleet_server.mirror import (
     Publisher,
     open_storage,
 )
+from fleet_server.tuf_service import TufService
 from signing.keyring import KeyDir, init_keys
 from signing.manifest import ENVELOPE_NAME
 from signing.targets import TargetCustom
@@ -163,3 +165,37 @@ def test_open_storage_names_what_it_takes(tmp_path: Path) -> None:
         open_storage("https://cdn.example/x", default_dir=tmp_path)
     with pytest.raises(ValueError, match="leaves the mirror"):
         DirectoryStorage(tmp_path / "m").put(Item("../escape", data=b"x"))
+
+
+class Flaky(DirectoryStorage):
+    """A directory that refuses puts while ``down``."""
+
+    down = False
+
+    def put(self, item: Item) -> None:
+        if self.down:
+            raise OSError("the bucket is away")
+        super().put(item)
+
+
+def test_the_keeper_publishes_each_re_signing_and_retries_a_failed_publish(tmp_path: Path) -> None:
+    repo, keydir = _repo(tmp_path)
+    storage = Flaky(tmp_path / "mirror")
+    publisher = Publisher(storage, repo.path)
+    service = TufService(
+        repo.path,
+        keydir.path,
+        keydir.key("fleet"),
+        timestamp_expiry=timedelta(seconds=4),
+        publisher=publisher,
+    )
+    mirrored = tmp_path / "mirror" / "metadata" / "timestamp.json"
+    current = repo.path / "metadata" / "timestamp.json"
+    assert service.keep_fresh() is None and mirrored.read_bytes() == current.read_bytes()  # at start
+    repo.refresh_timestamp(keydir.key("fleet"), timedelta(seconds=1))  # about to expire
+    storage.down = True
+    assert service.keep_fresh() == "timestamp"  # re-signed, but the publish failed
+    assert publisher.dirty and mirrored.read_bytes() != current.read_bytes()
+    storage.down = False
+    assert service.keep_fresh() is None  # nothing due now, but the last publish failed: published
+    assert not publisher.dirty and mirrored.read_bytes() == current.read_bytes()

@@ -246,6 +246,10 @@ def test_artifacts_and_delivery_metadata_are_public_reads(
         assert anon.get(f"/api/v1/artifacts/{sha}").status_code == 200
         assert json.loads(anon.get(f"/api/v1/artifacts/{sha}/envelope").content)["signatures"]
         assert anon.get("/tuf/metadata/1.root.json").status_code == 200
+        # the server's local mirror (static delivery): the same files, published
+        mirrored = anon.get(f"/mirror/bundles/{sha}/model")
+        assert mirrored.status_code == 200 and "immutable" in mirrored.headers["cache-control"]
+        assert anon.get("/mirror/%2e%2e/tuf/metadata/1.root.json").status_code == 404  # never out of it
         _error(anon.get("/api/v1/artifacts/not-a-sha"), 400, "invalid_request")
         _error(anon.get("/api/v1/models"), 401, "unauthenticated")
     spec = srv.app.openapi()
@@ -259,6 +263,7 @@ def test_artifacts_and_delivery_metadata_are_public_reads(
         "/api/v1/artifacts/{sha256}/files/{name}",  # a bundle's other signed files (the golden set)
         "/tuf/metadata/{name}",
         "/tuf/targets/{target}",
+        "/mirror/{key}",  # the published tree, if this server is listed as a mirror
         "/api/v1/captures/{device_id}/{batch_id}",  # no bearer: the device signs it
     }
 

@@ -83,6 +83,8 @@ def test_small_overrides_are_deep_merged() -> None:
         ({"fleet": {"devices": 5, "processes": 0, "classes": [{"name": "a"}]}}, "fleet.processes"),
         ({"steps": [{"action": "fill_disk", "devices": 1, "hw_class": "a"}]}, "class with disk_mb"),
         ({"expect": [{"check": "devices_running", "model": "v1", "group": "g"}]}, "group 'g'"),
+        ({"fleet": {"devices": 5, "mirrors": ["cdn.example"], "classes": [{"name": "a"}]}}, "http(s)://"),
+        ({"fleet": {"devices": 5, "mirrors": ["nginx", "nginx"], "classes": [{"name": "a"}]}}, "twice"),
     ],
 )
 def test_bad_scenarios_are_refused_with_the_key_named(change: dict[str, Any], message: str) -> None:
