@@ -21,6 +21,7 @@ MODULES = [
     "server",
     "labels",
     "sim",
+    "scale",
     "gates",
     "experiments",
     "slo",

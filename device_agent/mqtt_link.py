@@ -5,7 +5,9 @@ paho's documented asyncio pattern: the loop watches the socket and calls
 keepalive pings and timeouts. ``loop_start()`` per device is never used: paho's
 thread uses select() and breaks near ~340 clients, while this lets hundreds of
 devices share one loop (the simulator). Every paho callback therefore runs on
-the loop thread, so the link and the agent need no locks for MQTT state.
+the loop thread, so the link and the agent need no locks for MQTT state. The one
+blocking call, ``connect`` (TCP connect and TLS handshake), runs in a thread;
+the socket callbacks paho makes from inside it are handed to the loop.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -84,6 +87,7 @@ class MqttLink:
         self._acks: dict[int, asyncio.Future[bool]] = {}
         self._stopping = False
         self._sock: Any = None
+        self._loop_thread = 0  # the loop's thread: paho's socket callbacks may come from a connect thread
         self.reconnects = 0
         self.publish_failures = 0
 
@@ -118,9 +122,10 @@ class MqttLink:
         """Open the connection (retrying with backoff in the background if the broker is away)."""
         self._on_message_cb, self._on_connected_cb = on_message, on_connected
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._stopping = False
         try:
-            self._connect_once()
+            await self._connect_off_loop()
         except OSError as exc:
             log.warning(
                 "%s: connect to %s:%s failed (%s); retrying", self.device_id, self.host, self.port, exc
@@ -268,6 +273,21 @@ class MqttLink:
 
     # -- connection management ---------------------------------------------
 
+    async def _connect_off_loop(self) -> None:
+        """paho's ``connect`` opens the TCP connection and runs the TLS handshake blocking (up to
+        its socket timeout when the broker is out of reach): in a thread, so the agent's loop
+        (local API, inferences, telemetry) never waits for a broker. paho's socket callbacks
+        reach the loop through :meth:`_on_loop`."""
+        await asyncio.to_thread(self._connect_once)
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on the agent's loop: now when called there, else as soon as the loop can."""
+        assert self._loop is not None
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
+
     def _connect_once(self) -> None:
         if self.mqtt_version == 5:
             props = Properties(PacketTypes.CONNECT)
@@ -291,7 +311,7 @@ class MqttLink:
             attempt += 1
             try:
                 self._drop_socket()
-                self._connect_once()
+                await self._connect_off_loop()
                 self.reconnects += 1
             except OSError as exc:
                 log.info("%s: reconnect attempt %d failed: %s", self.device_id, attempt, exc)
@@ -348,6 +368,9 @@ class MqttLink:
             self._window.set()
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._socket_opened, client, sock)
+
+    def _socket_opened(self, client: mqtt.Client, sock: Any) -> None:
         assert self._loop is not None
         self._sock = sock
         self._loop.add_reader(sock, client.loop_read)
@@ -355,6 +378,10 @@ class MqttLink:
             self._misc_task = self._loop.create_task(self._misc_loop())
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self._loop is not None:
+            self._on_loop(self._socket_closed, sock)
+
+    def _socket_closed(self, sock: Any) -> None:
         if self._loop is not None and sock is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(sock)
@@ -363,10 +390,17 @@ class MqttLink:
             self._sock = None
 
     def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._want_write, client, sock)
+
+    def _want_write(self, client: mqtt.Client, sock: Any) -> None:
         assert self._loop is not None
         self._loop.add_writer(sock, client.loop_write)
 
     def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self._loop is not None:
+            self._on_loop(self._no_write, sock)
+
+    def _no_write(self, sock: Any) -> None:
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_writer(sock)

@@ -187,9 +187,13 @@ class RolloutDevice(SQLModel, table=True):
 class EventRow(SQLModel, table=True):
     """A deployment event a device sent (state transitions with reasons)."""
 
+    # The ticker finds each rollout device's events by (device_id, seq); one index per column
+    # let SQLite search by seq, which a whole rollout shares (quadratic in the fleet).
+    __table_args__ = (Index("ix_eventrow_device_seq", "device_id", "seq"),)
+
     id: int | None = Field(default=None, primary_key=True)
-    device_id: str = Field(index=True)
-    seq: int = Field(index=True)
+    device_id: str
+    seq: int
     state: str
     reason: str | None = None
     detail: str | None = None

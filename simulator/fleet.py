@@ -46,6 +46,13 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
+def start_timeout(devices: int, connect_timeout: float) -> float:
+    """How long a fleet of ``devices`` may take to start: each batch of ``CONNECT_BATCH`` has
+    ``connect_timeout`` to connect, the batches go one after the other (a fixed bound for the
+    whole fleet failed 1,000-device workers on a loaded machine while every batch was in time)."""
+    return connect_timeout * max(1, -(-devices // CONNECT_BATCH)) + 30
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """One simulated device. ``hw_class`` picks a runtime from ``Fleet(class_runtimes=...)``;
@@ -169,7 +176,7 @@ class Fleet:
         self._thread = threading.Thread(target=loop.run_forever, name="edgefleet-sim", daemon=True)
         self._thread.start()
         try:
-            self.run(self._start_all(), timeout=self.connect_timeout + 30)
+            self.run(self._start_all(), timeout=start_timeout(len(self.specs), self.connect_timeout))
         except BaseException:
             self.stop()
             raise

@@ -183,6 +183,7 @@ class HttpFaultProxy:
         self.port = 0
         self.requests = 0
         self.bad_requests = 0
+        self.bytes_out = 0  # response bytes (head and body) relayed to the devices
         self._server: asyncio.AbstractServer | None = None
 
     @property
@@ -268,6 +269,7 @@ class HttpFaultProxy:
         """Relay the response; faults hit model bytes only (a broken envelope is another test)."""
         head = await u_reader.readuntil(b"\r\n\r\n")
         c_writer.write(head)
+        self.bytes_out += len(head)
         status_ok = model_bytes and head.split(b" ", 2)[1:2] in ([b"200"], [b"206"])
         corrupt = status_ok and link.corrupt_downloads > 0
         if corrupt:
@@ -298,6 +300,7 @@ class HttpFaultProxy:
             c_writer.write(data)
             await c_writer.drain()
             sent += len(data)
+            self.bytes_out += len(data)
 
 
 class NetworkThread:

@@ -50,7 +50,7 @@ import numpy as np
 from device_agent.config import BrokerInfo
 from device_agent.runtime import SharedRuntimeFactory
 from simulator.faults import ClassBehaviour
-from simulator.fleet import DeviceSpec, DeviceStatus, Fleet, FleetTotals
+from simulator.fleet import DeviceSpec, DeviceStatus, Fleet, FleetTotals, start_timeout
 from simulator.labels import LabelPlan
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,8 @@ class ProcessFleet:
                 self._conns.append(parent)
                 parent.send((part, log_path, level))
             # interpreter start + imports, then every agent connected
-            self._call_all("start", (), timeout=self.plan.connect_timeout + 120)
+            biggest = max(len(part.specs) for part in self.parts)
+            self._call_all("start", (), timeout=start_timeout(biggest, self.plan.connect_timeout) + 90)
         except BaseException:
             self.close()
             raise

@@ -38,6 +38,7 @@ from simulator.scenario import NGINX_MIRROR, Expectation, Scenario, Step, skew_o
 from simulator.timeline import Timeline
 
 log = logging.getLogger(__name__)
+SAMPLES_PER_S_DEVICES = 2000  # the timeline samples at most every devices / this many seconds
 
 TERMINAL = ("completed", "rolled_back", "aborted")
 STOPS = ("roll_back", "pause", "roll_back_cohort", "pause_cohort")  # decisions where a gate stopped
@@ -288,7 +289,10 @@ class ScenarioRun:
         self.fleet.start()
         fig["fleet_start_seconds"] = round(time.monotonic() - t_setup, 2)
         self.timeline = Timeline(self.fleet, self._api, self.rollouts, self.class_of, self._t0)
-        self.timeline.start(self.sample_interval)
+        # a sample asks the server for every device's rollout state and each worker for every
+        # device's: at 10,000 devices one every 5 s, not several a second, or the observer is
+        # what loads the server
+        self.timeline.start(max(self.sample_interval, len(self.specs) / SAMPLES_PER_S_DEVICES))
 
     def _teardown(self) -> None:
         """Always: end the fleet (if _finish did not), close the proxies, unmount the device disks."""
@@ -474,7 +478,9 @@ class ScenarioRun:
                 max_label_wait_seconds=s.max_label_wait_seconds,
                 accuracy_action=s.accuracy_action,
             )
-        resp = self._api.post("/api/v1/rollouts", json=body)
+        # creating it inserts a row per targeted device and answers with every one of them:
+        # seconds at 10,000 devices on a loaded machine, past the client's usual 10 s
+        resp = self._api.post("/api/v1/rollouts", json=body, timeout=max(10.0, len(self.specs) / 50))
         if resp.status_code >= 400:
             raise StepFailed(f"rollout {s.id}: server answered {resp.status_code}: {resp.text[:300]}")
         self.rollouts[s.id] = str(resp.json()["id"])
@@ -591,9 +597,12 @@ class ScenarioRun:
             time.sleep(0.2)
         raise StepFailed(f"rollout {s.rollout}: only {have} of {need} devices {s.states} in time")
 
-    def _get_rollout(self, key: str) -> dict[str, Any] | None:
+    def _get_rollout(self, key: str, devices: bool = True) -> dict[str, Any] | None:
+        """The rollout's status; ``devices=False``: without the per-device maps (a wait polls it
+        several times a second, and at 10,000 devices the maps were most of the server's cost)."""
         try:
-            resp = self._api.get(f"/api/v1/rollouts/{self.rollouts[key]}")
+            params = {} if devices else {"devices": "false"}
+            resp = self._api.get(f"/api/v1/rollouts/{self.rollouts[key]}", params=params)
         except httpx.HTTPError:
             return None  # server restarting: try again
         return dict(resp.json()) if resp.status_code == 200 else None
@@ -601,7 +610,7 @@ class ScenarioRun:
     def _wait_rollout(self, key: str, states: list[str], timeout_at: float) -> None:
         last = None
         while time.monotonic() < timeout_at:
-            status = self._get_rollout(key)
+            status = self._get_rollout(key, devices=False)
             if status is not None:
                 last = status.get("state")
                 if last in states:

@@ -166,3 +166,30 @@ def test_a_missing_ca_file_is_said_when_the_agent_is_built(keydir: KeyDir, tmp_p
     cfg = AgentConfig("dev-x", HW, tmp_path / "d", keydir.trust_path, http_ca_file=tmp_path / "nope.pem")
     with pytest.raises(ValueError, match=r"nope\.pem: no such file"):
         Agent(cfg, keydir.trust_root(), link=MemoryLink("dev-x"))
+
+
+def test_each_fetcher_builds_its_tls_context_once_and_none_for_plain_http(
+    pki: tuple[FleetCA, FleetCA, Path], tmp_path: Path
+) -> None:
+    """A process with many device identities (the simulator, a gateway) keeps one context per
+    fetcher: building one per download, as a cache of 8 shared by all did at 1,000 devices, was a
+    third of the fleet's CPU. A plain-HTTP URL gets a context that trusts nothing (fails closed)."""
+    from device_agent.http_fetcher import HttpFetcher, HttpsSettings
+
+    fleet = pki[0]
+    fetchers = []
+    for n in range(12):  # more identities than any small shared cache holds
+        cert, key = issue_cert(fleet, f"dev-{n}")
+        write_cert_and_key(cert, key, tmp_path / f"dev-{n}.crt", tmp_path / f"dev-{n}.key")
+        https = HttpsSettings(pki[2], tmp_path / f"dev-{n}.crt", tmp_path / f"dev-{n}.key")
+        fetchers.append(HttpFetcher(f"dev-{n}", https))
+    first = [f._verify("https://mirror.example/metadata/") for f in fetchers]
+    again = [f._verify("https://mirror.example/artifacts/x") for f in fetchers]  # interleaved: A..L, A..L
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    assert len({id(c) for c in first}) == len(fetchers)  # each device presents its own certificate
+    assert all(c.cert_store_stats()["x509_ca"] == 1 for c in first)  # the fleet CA only
+
+    plain = fetchers[0]._verify("http://127.0.0.1:8080/metadata/")
+    assert plain.cert_store_stats()["x509_ca"] == 0  # no trust anchors: any TLS use would fail
+    assert plain.verify_mode == ssl.CERT_REQUIRED and plain.check_hostname
+    assert fetchers[0]._context is first[0]  # the HTTPS context was not replaced by the plain one

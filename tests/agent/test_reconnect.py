@@ -58,3 +58,50 @@ def test_agent_reconnects_after_broker_restart(
     finally:
         loop_thread.run(agent.stop())
         broker.stop()
+
+
+def test_a_silent_broker_never_stalls_the_agents_loop(tmp_path: Path) -> None:
+    """A broker host that takes the TCP connection and never answers the TLS handshake: the connect
+    waits out paho's socket timeout (5 s) in a thread, while the loop (the agent's local API,
+    inferences, telemetry) keeps its pace. Blocking there stalled every device on the loop."""
+    import asyncio
+    import socket
+    import time
+
+    import certifi
+
+    from device_agent.mqtt_security import MqttSecurity
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepted by the kernel, never read: the ClientHello gets no answer
+    port = silent.getsockname()[1]
+
+    async def scenario() -> tuple[float, bool]:
+        link = MqttLink(
+            unique_id(), "127.0.0.1", port, security=MqttSecurity(tls=True, ca_file=Path(certifi.where()))
+        )
+        link.client.connect_timeout = 2.0
+        worst, last, stop = 0.0, time.monotonic(), asyncio.Event()
+
+        async def pace() -> None:
+            nonlocal worst, last
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
+                now = time.monotonic()
+                worst, last = max(worst, now - last), now
+
+        ticker = asyncio.create_task(pace())
+        await link.start(lambda *_: None)  # the handshake times out in its thread; a retry is scheduled
+        connected = await link.wait_connected(0.5)
+        stop.set()
+        await ticker
+        await link.stop()
+        return worst, connected
+
+    try:
+        worst, connected = asyncio.run(scenario())
+    finally:
+        silent.close()
+    assert not connected
+    assert worst < 1.0, f"the loop stood still for {worst:.1f} s during a connect"

@@ -1,0 +1,321 @@
+"""N simulated devices through a 4-stage rollout: wall, installs/s, CPU-seconds per 1,000 installs.
+
+The same scenario as ``scenarios/scale-10k.toml`` (one model, a 1/10/50/100 %
+rollout with zero soak, the secure broker: TLS and a client certificate per
+device), sized by N and run two ways in the same bench:
+
+- ``server`` (the baseline): every device downloads from the fleet server
+  (TUF metadata, envelope, model, golden set: ~7 requests per install), through
+  the simulator's HTTP proxy that lets 32 requests through at once, as an
+  nginx without a cache in front of uvicorn would;
+- ``mirror`` (static delivery): the server publishes the TUF repository and the
+  bundles to a directory, a real nginx serves it (``fleet.mirrors = ["nginx"]``),
+  and devices download from it; the fleet server leaves the download path.
+
+Each run is a fresh process (``python -m bench.scale N CACHE --delivery D
+--processes P``) with the models prebuilt. While it runs, the CPU time of each
+process (fleet server, Mosquitto, nginx, each fleet worker, the coordinator)
+is sampled from ``/proc`` every 0.5 s, so the figures cover exactly the
+rollout: from creating it to the server reporting it ``completed``. The
+delivery figures count what the devices asked during the rollout: of the
+server (through the simulator's HTTP proxy) and of the mirror (nginx's access
+log). The load average is printed with every run: the machine is
+shared, so read wall times with it and prefer the CPU-seconds.
+
+``python -m bench scale`` runs 100 and 1,000 devices both ways (~5 min);
+``python -m bench.scale 10000 CACHE --processes 10`` is the big run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+STAGES = [1, 10, 50, 100]
+BROKER = os.environ.get("EDGEFLEET_BENCH_BROKER", "mtls")
+SCENARIO_FILE = Path(__file__).resolve().parent.parent / "scenarios" / "scale-10k.toml"
+TICK_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def scenario(devices: int, delivery: str, processes: int) -> dict[str, Any]:
+    """The scale scenario file, resized: N devices over ``processes`` workers, with ``delivery``."""
+    import tomllib
+
+    data = tomllib.loads(SCENARIO_FILE.read_text())
+    data.pop("small", None)
+    data["name"] = f"scale-{devices}-{delivery}"
+    if delivery == "mirror":
+        data["fleet"]["mirrors"] = ["nginx"]
+    else:
+        data["fleet"].pop("mirrors", None)
+    data["fleet"]["devices"] = devices
+    data["fleet"]["processes"] = processes
+    return dict(data)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (its threads included), in seconds; 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK_HZ
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+class CpuMeter:
+    """Samples the CPU time of named processes every ``interval`` s (monotonic time, per role)."""
+
+    def __init__(self, roles: Any, interval: float = 0.5) -> None:
+        self.roles = roles  # () -> {role: [pids]}, asked at every sample (workers appear later)
+        self.interval = interval
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._seen: dict[int, float] = {}  # pid -> last CPU seen (a process that ended keeps it)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> CpuMeter:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        per_role: dict[str, float] = {}
+        for role, pids in self.roles().items():
+            total = 0.0
+            for pid in pids:
+                if pid == os.getpid():
+                    t = os.times()
+                    cpu = t.user + t.system
+                else:
+                    cpu = _cpu_seconds(pid) or self._seen.get(pid, 0.0)
+                self._seen[pid] = cpu
+                total += cpu
+            per_role[role] = total
+        self.samples.append((now, per_role))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def between(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU-seconds each role used between two monotonic instants (nearest samples)."""
+
+        def at(t: float) -> dict[str, float]:
+            return min(self.samples, key=lambda s: abs(s[0] - t))[1]
+
+        a, b = at(t0), at(t1)
+        return {role: round(b.get(role, 0.0) - a.get(role, 0.0), 2) for role in b}
+
+
+def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> dict[str, Any]:
+    """One run in this process (models prebuilt in ``model_cache``); the figures as a dict."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from edgefleet.sim_harness import SimHarness, device_root
+    from simulator.runner import ScenarioRun
+    from simulator.scenario import parse_scenario
+
+    sc = parse_scenario(scenario(devices, delivery, processes))
+    load_before = os.getloadavg()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        SimHarness(sc, Path(tmp), model_cache=model_cache, broker_auth=BROKER) as harness,
+        device_root(Path(tmp)) as device_dir,
+    ):
+        run = ScenarioRun(sc, harness, Path(tmp), sample_interval=2.0, device_root=device_dir)
+        fleet_pids = lambda: [p.pid for p in getattr(run.fleet, "_procs", [])]  # noqa: E731
+        nginx = getattr(harness, "_nginx", None)  # none without a mirror (or before mirrors existed)
+
+        def roles() -> dict[str, list[int]]:
+            out = {
+                "server": [harness._server._proc.pid],
+                "broker": [harness._broker_handle.process.pid],
+                "coordinator": [os.getpid()],
+                "workers": fleet_pids(),
+            }
+            if nginx is not None:
+                out["nginx"] = [nginx.proc.pid, *_children(nginx.proc.pid)]
+            return out
+
+        delivered: dict[str, tuple[int, int, int]] = {}  # when -> (requests, bytes, reached server)
+        loads: list[float] = []
+
+        def count() -> tuple[int, int, int]:
+            """(requests, response bytes, requests that reached the fleet server) so far."""
+            proxy = harness.artifact_proxy
+            lines = nginx.requests() if nginx is not None else []
+            mirrored = sum(int(line.rsplit(" ", 1)[1]) for line in lines if line.rsplit(" ", 1)[1].isdigit())
+            return proxy.requests + len(lines), proxy.bytes_out + mirrored, proxy.requests
+
+        meter = CpuMeter(roles).start()
+        stop_watch = threading.Event()
+
+        def watch() -> None:  # the delivery counters at the rollout's start and end
+            while not stop_watch.is_set():
+                events = [w for _, w in run.result.events]
+                if "start" not in delivered and any(w.startswith("step 0") for w in events):
+                    delivered["start"] = count()
+                if "end" not in delivered and any(w.startswith("rollout r:") for w in events):
+                    time.sleep(1.2)  # nginx flushes its access log every second
+                    delivered["end"] = count()
+                loads.append(os.getloadavg()[0])
+                stop_watch.wait(0.2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            result = run.execute()
+        finally:
+            stop_watch.set()
+            watcher.join(5)
+            meter.stop()
+        t0 = run._t0
+        start = next(t for t, w in result.events if w.startswith("step 0"))
+        end = next((t for t, w in result.events if w.startswith("rollout r:")), None)
+        state = result.figures.get("rollouts", {}).get("r")
+        done = int(result.figures.get("rollout_devices", {}).get("r", {}).get("done", 0))
+        cpu = meter.between(t0 + start, t0 + (end if end is not None else result.events[-1][0]))
+        d0, d1 = delivered.get("start", (0, 0, 0)), delivered.get("end", count())
+        requests, nbytes, upstream = (d1[i] - d0[i] for i in range(3))
+        per_k = 1000 / max(1, done)
+        wall = round(end - start, 2) if end is not None else None
+        return {
+            "devices": devices,
+            "processes": processes,
+            "delivery": delivery,
+            "broker": BROKER,
+            "ok": result.ok,
+            "state": state,
+            "done": done,
+            "rollout_s": wall,
+            "installs_per_s": round(done / wall, 1) if wall else None,
+            "fleet_start_s": result.figures.get("fleet_start_seconds"),
+            "cpu_s": cpu,
+            "cpu_s_per_1000": {k: round(v * per_k, 1) for k, v in cpu.items()},
+            "requests_per_install": round(requests / max(1, done), 2),
+            "server_requests_per_install": round(upstream / max(1, done), 3),
+            "bytes_per_install": round(nbytes / max(1, done)),
+            "max_loop_lag_s": result.figures.get("max_loop_lag_s"),
+            "load_before": [round(x, 1) for x in load_before],
+            "load_during": [round(min(loads), 1), round(max(loads), 1)] if loads else None,
+            "cores": os.cpu_count(),
+            "telemetry_lost": (result.figures.get("telemetry_batches_sent") or 0)
+            - (result.figures.get("telemetry_batches_stored") or 0),
+            "checks": [(c.outcome, c.label, c.detail) for c in result.checks],
+            "step_error": result.step_error,
+        }
+
+
+def _subprocess(devices: int, cache: Path, delivery: str, processes: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.scale", str(devices), str(cache), "--delivery", delivery,
+         "--processes", str(processes)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.scale {devices} {delivery} failed: {out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def row(base: dict[str, Any], new: dict[str, Any]) -> dict[str, object]:
+    """One bench row: the mirror run against the server run of the same size."""
+    n = new["devices"]
+    outcome = "" if new["state"] == "completed" else f"; FAILED: ended {new['state']}"
+
+    def both(key: str) -> str:
+        return f"{base[key]} -> {new[key]}"
+
+    def server_cpu(r: dict[str, Any]) -> str:
+        return f"{r['cpu_s_per_1000']['server']}"
+
+    def all_cpu(r: dict[str, Any]) -> str:
+        return f"{sum(r['cpu_s_per_1000'].values()):.0f}"
+
+    walls = (base["rollout_s"], new["rollout_s"])
+    return {
+        "bench": f"scale: {n} devices, 4-stage rollout ({new['processes']} process(es), broker {BROKER})",
+        "baseline": f"downloads from the fleet server ({base['state']})",
+        "baseline_s": walls[0],
+        "edgefleet_s": walls[1],
+        "ratio": round(walls[1] / walls[0], 2) if all(walls) else None,
+        "target": ("<= 15 s" if n <= 100 else "<= 300 s at 10,000") + outcome,
+        "installs_per_s": both("installs_per_s"),
+        "server_cpu_s_per_1000_installs": f"{server_cpu(base)} -> {server_cpu(new)}",
+        "all_cpu_s_per_1000": f"{all_cpu(base)} -> {all_cpu(new)}",
+        "requests_per_install": both("requests_per_install"),
+        "server_requests_per_install": both("server_requests_per_install"),
+        "bytes_per_install": both("bytes_per_install"),
+        "load": f"{base['load_during']} / {new['load_during']}",
+    }
+
+
+def run(sizes: tuple[int, ...] = (100, 1000)) -> list[dict[str, object]]:
+    """Each size both ways, each run in a fresh process with the models prebuilt."""
+    from bench.sim import prepare_models
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "models"
+        prepare_models(cache)
+        for n in sizes:
+            procs = max(1, n // 1000)
+            base = _subprocess(n, cache, "server", procs)
+            new = _subprocess(n, cache, "mirror", procs)
+            rows.append(row(base, new))
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
+    parser.add_argument("devices", type=int, nargs="?")
+    parser.add_argument("cache", type=Path, nargs="?", help="model cache (built when missing)")
+    parser.add_argument("--delivery", choices=("server", "mirror"), default="mirror")
+    parser.add_argument("--processes", "-p", type=int, default=0, help="fleet workers (default N/1000)")
+    parser.add_argument("--baseline", action="store_true", help="also run it with delivery=server")
+    args = parser.parse_args(argv)
+    if args.devices is None:
+        for r in run():
+            print(r)
+        return 0
+    procs = args.processes or max(1, args.devices // 1000)
+    cache = args.cache or Path(tempfile.gettempdir()) / "edgefleet-bench-models"
+    if not (cache / "models.json").exists():
+        from bench.sim import prepare_models
+
+        prepare_models(cache)
+    if args.baseline:
+        base = _subprocess(args.devices, cache, "server", procs)
+        new = _subprocess(args.devices, cache, args.delivery, procs)
+        print(json.dumps(base))
+        print(json.dumps(new))
+        print(row(base, new))
+        return 0
+    print(json.dumps(measure(args.devices, cache, args.delivery, procs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
