@@ -17,7 +17,10 @@ model, 8 s when every layer moved, ~190 MB peak; docs/benchmarks.md), paid once 
 pair: an existing delta is reused. It runs in the request that stores the
 release or creates the rollout.
 A failure to build one never fails the release or the rollout; devices then
-take the full file.
+take the full file. With static delivery on, the mirror is published after the
+deltas are built (the upload's publish comes after the release's deltas; a
+rollout publishes again when it built one), so devices that install from
+mirrors find them there.
 """
 
 from __future__ import annotations

@@ -69,9 +69,12 @@ def post_rollout(body: RolloutIn, request: Request, c: Ctx, session: Db) -> Roll
         rollout = create_rollout(session, body)
         session.commit()
     if model is not None:  # deltas from what the targeted devices run (outside the lock: CPU-bound)
-        deltas.build_quietly(
+        built = deltas.build_quietly(
             releases.delta_dir(c), model, lambda: deltas.running_bases(session, model, rollout.id)
         )
+        if c.publisher is not None and any(b.kept for b in built):
+            # mirrors hold only what was published: devices that install from them look there
+            c.publisher.publish_quietly()
     return rollout_status(session, rollout)
 
 
