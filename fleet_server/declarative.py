@@ -277,7 +277,7 @@ register_kind(
         "Experiment",
         ExperimentSpec,
         "an A/B experiment, started on apply; not edited in place",
-        aliases=("exp", "experiment"),
+        aliases=("exp",),
     )
 )
 
