@@ -18,10 +18,12 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from fleet_server import declarative, slos
+from fleet_server import declarative, experiments, slos
 from fleet_server.declarative import Action, Change, Document, DocumentSetError
 from fleet_server.errors import Conflict, Invalid, NotFound
-from fleet_server.models import ConfigApply, ConfigDocument, utcnow
+from fleet_server.experiment_schemas import ExperimentIn, ExperimentSpec
+from fleet_server.models import ConfigApply, ConfigDocument, Experiment, utcnow
+from fleet_server.named_windows import applied_windows
 from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
 from fleet_server.slo_schemas import SloIn
 
@@ -33,7 +35,26 @@ def _enact_slo(session: Session, doc: Document, actor: str) -> None:
     slos.put_slo(session, SloIn.model_validate({**doc.spec.model_dump(), "name": doc.name}), actor)
 
 
-EFFECTS: dict[str, Effect] = {"SLO": _enact_slo}
+def _enact_experiment(session: Session, doc: Document, actor: str) -> None:
+    """Start the experiment the document declares, unless one of its name is running: a running
+    experiment is not edited in place (its devices, arms and statistics started with its spec), so a
+    changed spec is refused until it ends. Once it has ended, a changed spec starts a new one."""
+    running = session.exec(
+        select(Experiment).where(col(Experiment.name) == doc.name, col(Experiment.state) == "running")
+    ).first()
+    if running is not None:
+        raise Conflict(
+            "experiment_running",
+            f"{doc.ref}: experiment {running.id} of that name is running, and experiments are not edited"
+            " in place: stop it (edgefleet experiments stop) and apply again, or give the changed"
+            " experiment another name",
+        )
+    assert isinstance(doc.spec, ExperimentSpec)
+    req = ExperimentIn.model_validate({**doc.spec.model_dump(), "name": doc.name})
+    experiments.create_experiment(session, req)
+
+
+EFFECTS: dict[str, Effect] = {"SLO": _enact_slo, "Experiment": _enact_experiment}
 """Kind -> its effect; a kind without one is configuration that its readers look up."""
 
 
@@ -56,6 +77,11 @@ def apply(
     """Apply ``raws`` (documents as JSON values); commits unless ``dry_run``."""
     try:
         docs = declarative.parse_documents(raws)
+        unknown = declarative.window_problems(
+            docs, applied_windows(session, declarative.referenced_windows(docs))
+        )
+        if unknown:
+            raise DocumentSetError(unknown)
     except DocumentSetError as exc:
         raise invalid(exc) from None
     rows = {d.key: session.get(ConfigDocument, d.key) for d in docs}
@@ -74,9 +100,6 @@ def apply(
     for doc, change in zip(docs, changes, strict=True):
         if change.action is Action.UNCHANGED:
             continue
-        effect = EFFECTS.get(doc.kind)
-        if effect is not None:
-            effect(session, doc, actor)
         body = doc.body()
         row = rows[doc.key]
         if row is None:
@@ -88,6 +111,13 @@ def apply(
         row.updated_by = actor
         row.apply_id = record.id
         session.add(row)
+    # every document is stored before any acts, so an effect reads the documents of the same apply
+    # (an experiment's policy the windows declared next to it)
+    session.flush()
+    for doc, change in zip(docs, changes, strict=True):
+        effect = EFFECTS.get(doc.kind)
+        if effect is not None and change.action is not Action.UNCHANGED:
+            effect(session, doc, actor)
     try:
         session.flush()
     except IntegrityError:

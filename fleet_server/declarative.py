@@ -10,8 +10,10 @@ A fleet file holds documents in kubectl's shape::
 
 Each kind's ``spec`` is a pydantic model that already has a home elsewhere: ``RolloutPolicy``
 is the rollout policy the API composes (``schemas.RolloutPlan``: ``policy.Policy`` plus the
-stages), ``SLO`` is the SLO request without its name (``slo_schemas.SloIn``); only ``Model``
-and ``HardwareTargets`` are declared here, because nothing else describes them. A kind is one
+stages), ``SLO`` is the SLO request without its name (``slo_schemas.SloIn``), ``Experiment``
+the experiment request without its name (``experiment_schemas.ExperimentSpec``); only ``Model``,
+``HardwareTargets`` and ``MaintenanceWindow`` (windows as the policy declares them, under a name
+the policies refer to) are declared here, because nothing else describes them. A kind is one
 ``register_kind`` call; the published JSON schema (``docs/schema/fleet.schema.json``) and the
 server's validation are generated from the registry, so they cannot disagree.
 
@@ -39,6 +41,8 @@ from pydantic import (
     create_model,
 )
 
+from fleet_server.experiment_schemas import ExperimentSpec
+from fleet_server.policy import Policy, WindowPolicy, window_names
 from fleet_server.schemas import RolloutPlan
 from fleet_server.slo_schemas import SloIn
 
@@ -131,6 +135,19 @@ class HardwareTargetsSpec(BaseModel):
 
     targets: dict[HardwareClass, TargetName] = Field(
         description="hardware class (a device's hardware id) -> compiler target", min_length=1
+    )
+
+
+class MaintenanceWindowSpec(BaseModel):
+    """Weekly windows under one name, for rollout policies to refer to (``maintenance_windows``,
+    of the policy or of a cohort): one place to change when a fleet's quiet hours change. A rollout
+    takes the windows when it is created and keeps them; a later change of the document applies
+    to the rollouts created after it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    windows: list[WindowPolicy] = Field(
+        min_length=1, max_length=64, description="weekly windows in each device's local time"
     )
 
 
@@ -245,6 +262,70 @@ register_kind(
         aliases=("hwtargets", "ht"),
     )
 )
+
+
+register_kind(
+    Kind(
+        "MaintenanceWindow",
+        MaintenanceWindowSpec,
+        "named weekly windows a rollout policy refers to (maintenance_windows)",
+        aliases=("mw", "window", "windows"),
+    )
+)
+register_kind(
+    Kind(
+        "Experiment",
+        ExperimentSpec,
+        "an A/B experiment, started on apply; not edited in place",
+        aliases=("exp",),
+    )
+)
+
+WINDOW_KIND = "MaintenanceWindow"
+
+
+def _policies(doc: Document) -> list[tuple[tuple[str | int, ...], Policy]]:
+    """The rollout policies a document holds, with their path in it."""
+    if isinstance(doc.spec, Policy):
+        return [(("spec",), doc.spec)]
+    if isinstance(doc.spec, ExperimentSpec):
+        return [(("spec", "policy"), doc.spec.policy)]
+    return []
+
+
+def window_problems(docs: Sequence[Document], known: Iterable[str]) -> list[DocumentError]:
+    """The window names ``docs`` refer to that neither one of them nor ``known`` (the applied
+    ``MaintenanceWindow`` names) declares, each at its field; ``index`` is the document's position
+    in ``docs``."""
+    declared = set(known) | {d.name for d in docs if d.kind == WINDOW_KIND}
+    errors = []
+    for i, doc in enumerate(docs):
+        problems = []
+        for at, pol in _policies(doc):
+            where: list[tuple[tuple[str | int, ...], list[str]]] = [
+                ((*at, "maintenance_windows"), pol.maintenance_windows)
+            ]
+            where += [
+                ((*at, "cohorts", n, "maintenance_windows"), c.maintenance_windows)
+                for n, c in enumerate(pol.cohorts)
+            ]
+            for loc, names in where:
+                problems += [
+                    Problem(
+                        (*loc, j),
+                        f"no MaintenanceWindow {name!r} in these documents or applied to the server",
+                    )
+                    for j, name in enumerate(names)
+                    if name not in declared
+                ]
+        if problems:
+            errors.append(DocumentError(i, problems))
+    return errors
+
+
+def referenced_windows(docs: Sequence[Document]) -> set[str]:
+    """Every window name ``docs`` refer to."""
+    return {n for doc in docs for _, pol in _policies(doc) for n in window_names(pol)}
 
 
 def schema_text() -> str:
@@ -449,6 +530,7 @@ __all__ = [
     "GateOptions",
     "HardwareTargetsSpec",
     "Kind",
+    "MaintenanceWindowSpec",
     "Metadata",
     "ModelSpec",
     "Problem",
@@ -461,6 +543,8 @@ __all__ = [
     "parse_document",
     "parse_documents",
     "plan",
+    "referenced_windows",
     "register_kind",
     "schema_text",
+    "window_problems",
 ]

@@ -10,14 +10,18 @@ length of the full file (``device_agent.delta``).
 
 Which bases: when a release is stored, the previous releases of the same family
 and target (what a fleet runs before it moves up); when a rollout is created,
-whatever the targeted devices report running. A delta no smaller than
+whatever the devices it targets report running, built before the rollout exists
+so its first devices find them. A delta no smaller than
 ``MAX_DELTA_FRACTION`` of the new file is not kept (devices would refuse it).
 Building one costs CPU (level 19: 2.4 CPU-s for a head-only change of a 10 MB
 model, 8 s when every layer moved, ~190 MB peak; docs/benchmarks.md), paid once per (base, new)
 pair: an existing delta is reused. It runs in the request that stores the
 release or creates the rollout.
 A failure to build one never fails the release or the rollout; devices then
-take the full file.
+take the full file. With static delivery on, the mirror is published after the
+deltas are built (the upload's publish comes after the release's deltas; a
+rollout publishes again when it built one), so devices that install from
+mirrors find them there.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlmodel import Session, col, select
 
 from device_agent.protocol import delta_path, delta_window_log, max_delta_bytes
 from fleet_server.models import Device, Model, RolloutDevice
+from fleet_server.selector import matches
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +137,25 @@ def running_bases(session: Session, model: Model, rollout_id: str) -> list[Model
             .where(RolloutDevice.rollout_id == rollout_id)
             .distinct()
         ).all()
-    ) - {None, model.sha256}
-    if not running:
+    )
+    return _stored(session, model, running)
+
+
+def selected_bases(session: Session, model: Model, selector: dict[str, Any]) -> list[Model]:
+    """The stored models (same target as ``model``) run by the devices a rollout of ``model`` with
+    ``selector`` would target: known before the rollout exists, so its deltas can be built (and
+    published) before any of its devices is told to install."""
+    devices = session.exec(select(Device)).all()
+    running = {d.running_sha256 for d in devices if matches(d, selector, model.hardware_ids)}
+    return _stored(session, model, running)
+
+
+def _stored(session: Session, model: Model, running: Iterable[str | None]) -> list[Model]:
+    wanted = set(running) - {None, model.sha256}
+    if not wanted:
         return []
     rows = session.exec(
-        select(Model).where(col(Model.sha256).in_(running), Model.target == model.target)
+        select(Model).where(col(Model.sha256).in_(wanted), Model.target == model.target)
     ).all()
     return list(rows)
 
@@ -152,4 +172,13 @@ def build_quietly(targets_dir: Path | None, new: Model, bases: Callable[[], list
         return []
 
 
-__all__ = ["Built", "build", "build_quietly", "make_delta", "model_file", "release_bases", "running_bases"]
+__all__ = [
+    "Built",
+    "build",
+    "build_quietly",
+    "make_delta",
+    "model_file",
+    "release_bases",
+    "running_bases",
+    "selected_bases",
+]

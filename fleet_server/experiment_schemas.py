@@ -51,29 +51,13 @@ class GuardrailIn(BaseModel):
         return v
 
 
-class ExperimentIn(BaseModel):
-    """An A/B experiment: arms with weights over a selector, the first (or ``control``) the control."""
+class ExperimentSpec(BaseModel):
+    """An A/B experiment but its name: arms with weights over a selector, the first (or
+    ``control``) the control. What an ``Experiment`` document declares (``fleet_server.declarative``,
+    named by its ``metadata.name``) and what ``ExperimentIn`` adds a name to."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "digits-v3-vs-v2",
-                    "selector": {"tags": {"app": "ocr"}},
-                    "arms": [
-                        {"name": "control", "model": "digits:2", "weight": 1},
-                        {"name": "candidate", "model": "digits:3", "weight": 1},
-                    ],
-                    "metric": "accuracy",
-                    "guardrails": [{"metric": "latency_ms", "max_harm": 5}, {"metric": "error_rate"}],
-                    "auto_promote": True,
-                }
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=128, description="a name for people (not unique)")
     selector: Selector = Field(default_factory=Selector, description="which devices take part (AND)")
     arms: list[ArmIn] = Field(
         min_length=2, max_length=MAX_ARMS, description="two to eight arms, each serving its own version"
@@ -112,7 +96,7 @@ class ExperimentIn(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _arms(self) -> ExperimentIn:
+    def _arms(self) -> ExperimentSpec:
         names = [a.name for a in self.arms]
         if len(set(names)) != len(names):
             raise ValueError("arm names must be unique")
@@ -123,6 +107,31 @@ class ExperimentIn(BaseModel):
     @property
     def control_arm(self) -> str:
         return self.control or self.arms[0].name
+
+
+class ExperimentIn(ExperimentSpec):
+    """An A/B experiment: arms with weights over a selector, the first (or ``control``) the control."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "digits-v3-vs-v2",
+                    "selector": {"tags": {"app": "ocr"}},
+                    "arms": [
+                        {"name": "control", "model": "digits:2", "weight": 1},
+                        {"name": "candidate", "model": "digits:3", "weight": 1},
+                    ],
+                    "metric": "accuracy",
+                    "guardrails": [{"metric": "latency_ms", "max_harm": 5}, {"metric": "error_rate"}],
+                    "auto_promote": True,
+                }
+            ]
+        },
+    )
+
+    name: str = Field(min_length=1, max_length=128, description="a name for people (not unique)")
 
 
 class StopIn(BaseModel):

@@ -54,6 +54,7 @@ from fleet_server.models import (
     RolloutDevice,
     utcnow,
 )
+from fleet_server.named_windows import resolve_windows
 from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
 from fleet_server.policy import Policy
 from fleet_server.rollouts import busy_devices, create_rollout, operator_action
@@ -102,6 +103,7 @@ def spec_of(exp: Experiment) -> core.Spec:
 
 
 def create_experiment(session: Session, req: ExperimentIn) -> Experiment:
+    req = req.model_copy(update={"policy": resolve_windows(session, req.policy)})
     models = {a.name: _model(session, a.model) for a in req.arms}
     selector = req.selector.model_dump()
     # a device takes part only if every arm's version may run on it

@@ -8,11 +8,11 @@ are refused, never dropped: a misspelt gate would otherwise leave a rollout unpr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from device_agent import protocol
 
@@ -109,6 +109,14 @@ class WindowPolicy(protocol.Window):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+WindowName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+"""The name of a ``MaintenanceWindow`` document (``fleet_server.declarative``)."""
+
+NAMED_WINDOWS_DESCRIPTION = (
+    "names of applied MaintenanceWindow documents whose windows are added to 'windows' when the"
+    " rollout is created (the rollout keeps the windows themselves, not the names)"
+)
+
 MB = 1_000_000  # max_mb_per_day counts decimal megabytes, as link plans do
 
 
@@ -148,6 +156,9 @@ class CohortSchedule(BaseModel):
     hardware_id: str | None = Field(default=None, description="devices of this hardware class")
     tags: dict[str, str] = Field(default_factory=dict, description="devices with all these tag values")
     windows: list[WindowPolicy] | None = Field(default=None, description="this cohort's windows")
+    maintenance_windows: list[WindowName] = Field(
+        default_factory=list, max_length=16, description=NAMED_WINDOWS_DESCRIPTION
+    )
     max_deferral_seconds: float | None = Field(default=None, ge=0, description="this cohort's cap")
     metered: MeteredPolicy | None = Field(default=None, description="this cohort's metered-link rule")
 
@@ -309,6 +320,9 @@ class Policy(BaseModel):
         description="weekly windows in each device's local time in which it may swap the model in"
         " (empty: any time); it downloads and verifies before",
     )
+    maintenance_windows: list[WindowName] = Field(
+        default_factory=list, max_length=16, description=NAMED_WINDOWS_DESCRIPTION
+    )
     max_deferral_seconds: float = Field(
         default=protocol.Activation.model_fields["max_deferral_seconds"].default,
         ge=0,
@@ -343,6 +357,52 @@ class Policy(BaseModel):
                 f" {ANY_FAILURE!r}"
             )
         return v
+
+
+def window_names(p: Policy) -> list[str]:
+    """Every ``MaintenanceWindow`` name ``p`` refers to (its own and its cohorts'), in order, once."""
+    names = [*p.maintenance_windows, *(n for c in p.cohorts for n in c.maintenance_windows)]
+    return list(dict.fromkeys(names))
+
+
+P = TypeVar("P", bound="Policy")
+
+
+def _merged(own: Sequence[WindowPolicy], named: Sequence[WindowPolicy]) -> list[WindowPolicy]:
+    out: dict[str, WindowPolicy] = {}
+    for w in [*own, *named]:  # a window given twice (declared and named, or by two names) counts once
+        out.setdefault(w.model_dump_json(), w)
+    return list(out.values())
+
+
+def resolve_windows(p: P, named: Mapping[str, Sequence[WindowPolicy]]) -> P:
+    """``p`` with every window name replaced by the windows it names (added to the policy's or the
+    cohort's own ``windows``). A cohort that names windows and declares none takes only the named
+    ones. Raises ``KeyError`` for a name ``named`` lacks: the caller says where names come from."""
+    if not window_names(p):
+        return p
+
+    def windows_of(names: Sequence[str]) -> list[WindowPolicy]:
+        return [w for n in names for w in named[n]]
+
+    cohorts = [
+        c.model_copy(
+            update={
+                "windows": _merged(c.windows or [], windows_of(c.maintenance_windows)),
+                "maintenance_windows": [],
+            }
+        )
+        if c.maintenance_windows
+        else c
+        for c in p.cohorts
+    ]
+    return p.model_copy(
+        update={
+            "windows": _merged(p.windows, windows_of(p.maintenance_windows)),
+            "maintenance_windows": [],
+            "cohorts": cohorts,
+        }
+    )
 
 
 def _schedule(

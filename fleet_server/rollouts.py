@@ -48,6 +48,7 @@ from fleet_server.models import (
     RolloutDevice,
     utcnow,
 )
+from fleet_server.named_windows import resolve_windows
 from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
 from fleet_server.schemas import DecisionOut, DeliveryOut, RolloutIn, RolloutOut, StageOut
 from fleet_server.selector import matches
@@ -72,6 +73,7 @@ def busy_devices(session: Session, device_ids: list[str]) -> list[tuple[str, str
 
 
 def create_rollout(session: Session, req: RolloutIn) -> Rollout:
+    req = resolve_windows(session, req)
     name, version = req.model.split(":", 1)
     model = session.exec(select(Model).where(Model.name == name, Model.version == version)).first()
     if model is None or model.id is None:

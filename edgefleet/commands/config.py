@@ -36,20 +36,31 @@ FilesOpt = Annotated[
 DEFAULT_SCHEMA_PATH = Path("docs/schema/fleet.schema.json")
 
 
-def read_documents(files: list[str]) -> tuple[list[dict[str, Any]], str]:
-    """The validated documents as JSON values, and the source named in the history."""
+def read_documents(files: list[str], conn: Any = None) -> tuple[list[dict[str, Any]], str]:
+    """The validated documents as JSON values, and the source named in the history. With a
+    connection, a window name that neither the files nor the server declare is named by its file
+    and line too (the server would refuse it with the document's name only)."""
     from edgefleet.manifests import ManifestError, load
+    from fleet_server import declarative
 
     try:
-        _, docs = load(files)
+        sourced, docs = load(files)
     except ManifestError as exc:
         fail(str(exc), code="invalid_document")
+    if conn is not None and declarative.referenced_windows(docs):
+        applied = api(lambda: conn.config_documents(declarative.WINDOW_KIND))
+        unknown = declarative.window_problems(docs, [row["name"] for row in applied])
+        if unknown:
+            fail(
+                "; ".join(sourced[e.index].where(p) for e in unknown for p in e.problems),
+                code="invalid_document",
+            )
     return [d.body() for d in docs], ", ".join(files)[:512]
 
 
 def _send(files: list[str], dry_run: bool, server: str | None, token: str | None) -> dict[str, Any]:
-    documents, source = read_documents(files)
     with client(server, token) as conn:
+        documents, source = read_documents(files, conn)
         result: dict[str, Any] = api(lambda: conn.apply_config(documents, source, dry_run))
     return result
 

@@ -25,7 +25,7 @@ from fleet_server.config_schemas import (
 from fleet_server.declarative import Action
 from fleet_server.models import ConfigApply, ConfigDocument
 from fleet_server.paging import DEFAULT_LIMIT
-from fleet_server.routes.common import API, Cursor, Db, Limit, admin_router, page_out
+from fleet_server.routes.common import API, Ctx, Cursor, Db, Limit, admin_router, page_out
 from fleet_server.routes.errors import error_responses
 
 router = admin_router(f"{API}/config", tags=["config"])
@@ -67,12 +67,16 @@ def document_out(row: ConfigDocument) -> DocumentOut:
     responses=error_responses(409, 413, 422),
     summary="Apply declarative configuration",
 )
-def post_apply(body: ApplyIn, request: Request, session: Db, who: Operator) -> ApplyOut:
+def post_apply(body: ApplyIn, request: Request, c: Ctx, session: Db, who: Operator) -> ApplyOut:
     """Validate the documents, store the changed ones and enact them (an SLO document creates or
-    changes the SLO), in one transaction; an unchanged document is left alone, so applying the
-    same documents again changes nothing. With ``dry_run`` nothing is stored. 422
-    ``invalid_document`` names the document and field."""
-    done = config_store.apply(session, body.documents, who.actor, body.source, dry_run=body.dry_run)
+    changes the SLO, an Experiment document starts the experiment), in one transaction; an
+    unchanged document is left alone, so applying the same documents again changes nothing. With
+    ``dry_run`` nothing is stored. 422 ``invalid_document`` names the document and field; 409
+    ``experiment_running`` refuses a changed Experiment while one of its name runs."""
+    # under the engine's lock, as the experiments route: an Experiment document assigns devices,
+    # which the engine's tick and other creations must not see half done
+    with c.lock:
+        done = config_store.apply(session, body.documents, who.actor, body.source, dry_run=body.dry_run)
     counts = {a: sum(c.action is a for c in done.changes) for a in Action}
     summary = ", ".join(f"{n} {a}" for a, n in counts.items() if n)
     request.state.audit_detail = (

@@ -65,13 +65,19 @@ def post_rollout(body: RolloutIn, request: Request, c: Ctx, session: Db) -> Roll
         override = check_budget_policy(session, model, utcnow())
         if override is not None:
             request.state.audit_detail = f"error budget spent, override {override.id}: {override.reason}"
+    if model is not None:
+        # deltas from what the selected devices run, before the rollout exists: its first devices
+        # are told to install on the next tick and look for them at once (CPU-bound: outside the lock)
+        selector = body.selector.model_dump()
+        built = deltas.build_quietly(
+            releases.delta_dir(c), model, lambda: deltas.selected_bases(session, model, selector)
+        )
+        if c.publisher is not None and any(b.kept for b in built):
+            # mirrors hold only what was published: devices that install from them look there
+            c.publisher.publish_quietly()
     with c.lock:
         rollout = create_rollout(session, body)
         session.commit()
-    if model is not None:  # deltas from what the targeted devices run (outside the lock: CPU-bound)
-        deltas.build_quietly(
-            releases.delta_dir(c), model, lambda: deltas.running_bases(session, model, rollout.id)
-        )
     return rollout_status(session, rollout)
 
 

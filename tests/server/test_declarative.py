@@ -16,8 +16,12 @@ from typer.testing import CliRunner
 from edgefleet.cli import app
 from edgefleet.client import ApiClient
 from fleet_server import declarative
+from fleet_server.experiment_schemas import ExperimentIn
 from fleet_server.runner import ServerThread
 from fleet_server.schemas import RolloutIn
+from signing.keyring import KeyDir
+
+from .conftest import make_bundle, register, upload
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +85,14 @@ def test_the_example_fleet_file_validates_against_the_published_schema() -> None
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads(PUBLISHED.read_text(encoding="utf-8"))
     docs = [d for d in yaml.safe_load_all(EXAMPLE.read_text(encoding="utf-8")) if d]
-    assert {d["kind"] for d in docs} == {"Model", "RolloutPolicy", "SLO", "HardwareTargets"}
+    assert {d["kind"] for d in docs} == {
+        "Model",
+        "RolloutPolicy",
+        "SLO",
+        "HardwareTargets",
+        "MaintenanceWindow",
+        "Experiment",
+    }
     for doc in docs:
         jsonschema.validate(doc, schema)  # a third party's validator agrees with ours
         declarative.parse_document(doc)
@@ -99,6 +110,17 @@ def test_a_rollout_policy_is_the_rollout_request_less_model_and_selector() -> No
     assert "on_class_failure" in spec.spec.model_fields
     slo = declarative.find_kind("slo")
     assert slo is not None and "name" not in slo.spec.model_fields and "objectives" in slo.spec.model_fields
+    exp = declarative.find_kind("exp")
+    assert exp is not None and set(exp.spec.model_fields) == set(ExperimentIn.model_fields) - {"name"}
+    with pytest.raises(declarative.DocumentError, match="arm names must be unique"):  # its validators too
+        declarative.parse_document(
+            {
+                "apiVersion": declarative.API_VERSION,
+                "kind": "Experiment",
+                "metadata": {"name": "x"},
+                "spec": {"arms": [{"name": "a", "model": "m:1", "weight": 1}] * 2},
+            }
+        )
 
 
 def test_errors_name_the_file_the_line_and_the_field(tmp_path: Path) -> None:
@@ -116,7 +138,8 @@ def test_errors_name_the_file_the_line_and_the_field(tmp_path: Path) -> None:
         f"{bad}:8: spec.soak_secondz: unknown field",
         f"{bad}:9: spec.max_error_rate: Input should be less than or equal to 1",
         f"{bad}:17: spec.targets.qcs8550: Input should be a valid string",
-        f"{bad}:30: kind: 'Slo': a kind is one of Model, RolloutPolicy, SLO, HardwareTargets",
+        f"{bad}:30: kind: 'Slo': a kind is one of Model, RolloutPolicy, SLO, HardwareTargets,"
+        " MaintenanceWindow, Experiment",
     ):
         assert expected in message, message
     assert "unreachable" not in message  # refused before anything was sent
@@ -290,3 +313,157 @@ def test_apply_and_history_on_postgresql(
     described = ef("describe", "HardwareTargets", "default", *s)
     assert described["generation"] == 2 and described["effective"]["targets"] == {"qcs8550": "qnn-htp"}
     assert [h["action"] for h in described["history"]] == ["configured", "created"]
+
+
+WINDOWS = """\
+apiVersion: edgefleet.dev/v1
+kind: RolloutPolicy
+metadata: {name: nightly}
+spec:
+  soak_seconds: 0
+  maintenance_windows: [nights]
+  cohorts:
+    - hardware_id: qcs8550
+      maintenance_windows: [weekends, nights]
+---
+apiVersion: edgefleet.dev/v1
+kind: MaintenanceWindow
+metadata: {name: nights}
+spec:
+  windows:
+    - {days: [mon, tue, wed, thu, fri], start: "01:00", end: "05:00"}
+---
+apiVersion: edgefleet.dev/v1
+kind: MaintenanceWindow
+metadata: {name: weekends}
+spec:
+  windows:
+    - {days: [sat, sun], start: "00:00", end: "00:00"}
+"""
+NIGHTS = {"days": ["mon", "tue", "wed", "thu", "fri"], "start": "01:00", "end": "05:00"}
+WEEKENDS = {"days": ["sat", "sun"], "start": "00:00", "end": "00:00"}
+
+
+def test_named_maintenance_windows_are_checked_on_apply_and_resolved_when_a_rollout_is_created(
+    server: ServerThread, client: httpx.Client, keydir: KeyDir, tmp_path: Path
+) -> None:
+    s = ["--server", server.url]
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(WINDOWS.replace("[weekends, nights]", "[weekends, nightz]"))  # line 9: a typo
+    typo = runner.invoke(app, ["apply", "-f", str(fleet), *s])
+    assert typo.exit_code == 1
+    assert (
+        f"{fleet}:9: spec.cohorts.0.maintenance_windows.1: no MaintenanceWindow 'nightz' in these documents"
+        " or applied to the server" in typo.output
+    ), typo.output
+    # an API client that skips the CLI gets the same refusal, naming the document and the field
+    docs = [d for d in yaml.safe_load_all(fleet.read_text()) if d]
+    r = client.post("/api/v1/config/apply", json={"documents": docs})
+    assert r.status_code == 422 and r.json()["detail"]["code"] == "invalid_document"
+    assert "document 1: spec.cohorts.0.maintenance_windows.1: no MaintenanceWindow 'nightz'" in r.text
+    assert client.get("/api/v1/config/documents").json()["items"] == []  # nothing stored
+
+    fleet.write_text(WINDOWS)
+    assert {c["action"] for c in ef("apply", "-f", str(fleet), *s)["changes"]} == {"created"}
+    # a policy applied later may name a window the server already has
+    later = tmp_path / "later.yaml"
+    later.write_text(WINDOWS.split("---\n")[0].replace("nightly", "late"))
+    assert ef("apply", "-f", str(later), *s)["changes"][0]["action"] == "created"
+
+    # a rollout created from the applied policy (as `edgefleet deploy --policy nightly` does) runs
+    # with the windows themselves: the policy's, and the cohort's named ones
+    upload(client, make_bundle(tmp_path, keydir.key("release"), version="1", content=b"w" * 64))
+    register(client, "decl-win-1", site="decl-win")
+    applied = client.get("/api/v1/config/documents/RolloutPolicy/nightly").json()["document"]["spec"]
+    body = {**applied, "model": "det:1", "selector": {"tags": {"site": "decl-win"}}}
+    r = client.post("/api/v1/rollouts", json=body)
+    assert r.status_code == 201, r.text
+    rollout = r.json()
+    assert rollout["policy"]["windows"] == [NIGHTS] and rollout["policy"]["maintenance_windows"] == []
+    cohort = rollout["policy"]["cohorts"][0]
+    assert cohort["windows"] == [WEEKENDS, NIGHTS] and cohort["maintenance_windows"] == []
+
+    # the rollout keeps its windows when the named ones change; later rollouts take the new ones
+    fleet.write_text(WINDOWS.replace('start: "01:00"', 'start: "02:00"'))
+    assert [c["action"] for c in ef("apply", "-f", str(fleet), *s)["changes"]][1] == "configured"
+    kept = client.get(f"/api/v1/rollouts/{rollout['id']}").json()
+    assert kept["policy"]["windows"] == [NIGHTS]
+
+    # a rollout request naming a window nobody applied is refused, naming it
+    r = client.post(
+        "/api/v1/rollouts",
+        json={"model": "det:1", "selector": {"tags": {"site": "decl-win"}}, "maintenance_windows": ["lunch"]},
+    )
+    assert r.status_code == 422 and r.json()["detail"]["code"] == "unknown_maintenance_window"
+    assert "'lunch'" in r.json()["detail"]["message"]
+
+
+EXPERIMENT = """\
+apiVersion: edgefleet.dev/v1
+kind: Experiment
+metadata: {name: det-ab}
+spec:
+  selector: {tags: {site: decl-ab}}
+  arms:
+    - {name: control, model: "det:1", weight: 1}
+    - {name: candidate, model: "det:2", weight: 1}
+  min_samples: 50
+  policy: {soak_seconds: 0, maintenance_windows: [nights]}
+---
+apiVersion: edgefleet.dev/v1
+kind: MaintenanceWindow
+metadata: {name: nights}
+spec:
+  windows:
+    - {days: [mon, tue, wed, thu, fri], start: "01:00", end: "05:00"}
+"""
+
+
+def test_an_experiment_document_starts_one_experiment_and_is_not_edited_in_place(
+    server: ServerThread, client: httpx.Client, keydir: KeyDir, tmp_path: Path
+) -> None:
+    s = ["--server", server.url]
+    for version in ("1", "2"):
+        upload(
+            client,
+            make_bundle(tmp_path, keydir.key("release"), version=version, content=version.encode() * 64),
+        )
+    for i in range(4):
+        register(client, f"decl-ab-{i}", site="decl-ab")
+    fleet = tmp_path / "exp.yaml"
+    fleet.write_text(EXPERIMENT)
+
+    dry = ef("apply", "-f", str(fleet), "--dry-run", *s)
+    assert [c["action"] for c in dry["changes"]] == ["created", "created"]
+    assert client.get("/api/v1/experiments").json()["items"] == []  # a dry run starts nothing
+
+    assert [c["action"] for c in ef("apply", "-f", str(fleet), *s)["changes"]] == ["created", "created"]
+    (exp,) = client.get("/api/v1/experiments").json()["items"]
+    assert exp["name"] == "det-ab" and exp["state"] == "running" and exp["metric"] == "accuracy"
+    assert sum(a["devices"] for a in exp["arms"]) == 4
+    # the arms' rollouts run with the window declared in the same file (after the experiment)
+    arm_rollout = client.get(f"/api/v1/rollouts/{exp['arms'][0]['rollout_id']}").json()
+    assert arm_rollout["policy"]["windows"] == [NIGHTS]
+
+    assert {c["action"] for c in ef("apply", "-f", str(fleet), *s)["changes"]} == {"unchanged"}
+    assert len(client.get("/api/v1/experiments").json()["items"]) == 1  # unchanged starts nothing
+
+    fleet.write_text(EXPERIMENT.replace("min_samples: 50", "min_samples: 80"))
+    refused = runner.invoke(app, ["apply", "-f", str(fleet), *s])
+    assert refused.exit_code == 1 and "experiment_running" in refused.output, refused.output
+    assert f"experiment {exp['id']}" in refused.output and "not edited in place" in refused.output
+    doc = client.get("/api/v1/config/documents/Experiment/det-ab").json()
+    assert doc["generation"] == 1 and doc["document"]["spec"]["min_samples"] == 50  # nothing half-applied
+
+    # once it has ended, the changed document starts a new experiment (here on other devices: the
+    # stopped one's devices are on their way back to the control)
+    for i in range(4):
+        register(client, f"decl-ab2-{i}", site="decl-ab2")
+    fleet.write_text(
+        EXPERIMENT.replace("min_samples: 50", "min_samples: 80").replace("site: decl-ab}", "site: decl-ab2}")
+    )
+    r = client.post(f"/api/v1/experiments/{exp['id']}/stop", json={"reason": "respecified"})
+    assert r.status_code == 200, r.text
+    assert [c["action"] for c in ef("apply", "-f", str(fleet), *s)["changes"]] == ["configured", "unchanged"]
+    running = [e for e in client.get("/api/v1/experiments").json()["items"] if e["state"] == "running"]
+    assert len(running) == 1 and running[0]["id"] != exp["id"] and running[0]["name"] == "det-ab"

@@ -84,10 +84,16 @@ def test_deploy_compiles_gates_pushes_and_rolls_out_three_hardware_classes(
         register(client, device, hw, app="ocr")
     register(client, "pi-other", "rpi4", app="billing")  # not selected
     apply(server, tmp_path / "fleet.yaml", MAPPING)
-    policy = tmp_path / "canary.yaml"
-    policy.write_text(POLICY.replace("ON_FAILURE", "abort"))
+    # the applied policy, by name, swapping in only inside a named maintenance window
+    night = {"days": ["mon", "tue"], "start": "01:00", "end": "05:00"}
+    nights = (
+        "kind: MaintenanceWindow\nmetadata: {name: nights}\n"
+        'spec: {windows: [{days: [mon, tue], start: "01:00", end: "05:00"}]}\n'
+    )
+    named = POLICY.replace("ON_FAILURE", "abort") + "  maintenance_windows: [nights]\n"
+    apply(server, tmp_path / "canary.yaml", named + "---\napiVersion: edgefleet.dev/v1\n" + nights)
 
-    result = deploy(server, keydir, digits, policy)
+    result = deploy(server, keydir, digits, Path("canary"))
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     print("deploy:", report["seconds"], "s; compiles:", [c["compile_seconds"] for c in report["classes"]])
@@ -110,6 +116,7 @@ def test_deploy_compiles_gates_pushes_and_rolls_out_three_hardware_classes(
         assert [s["percent"] for s in rollout["stages"]] == [50.0, 100.0] and rollout["policy"][
             "on_class_failure"
         ] == "abort"
+        assert rollout["policy"]["windows"] == [night] and rollout["policy"]["maintenance_windows"] == []
 
 
 def test_a_failing_class_aborts_the_deploy_or_is_left_out_as_the_policy_says(
