@@ -72,6 +72,7 @@ class DeviceSpec:
     link_class: str = "unmetered"  # "metered" (cellular): a rollout's metered rule applies to it
     link_budget_bytes_per_day: int = 0  # its own daily budget on a metered link (0: none)
     schedule_poll_s: float = 0.5  # how often a waiting directive re-reads the clock (fast for scenarios)
+    delta_updates: bool = True  # install from a delta when the server has one
 
 
 class DeviceStatus(NamedTuple):
@@ -337,6 +338,7 @@ class Fleet:
             link_class=self.link_classes.get(spec.device_id, spec.link_class),
             link_budget_bytes_per_day=spec.link_budget_bytes_per_day,
             schedule_poll_s=spec.schedule_poll_s,
+            delta_updates=spec.delta_updates,
             mirrors=list(self.mirrors),
             **self.credentials.get(spec.device_id, {}),
         )

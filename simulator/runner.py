@@ -202,6 +202,7 @@ class ScenarioRun:
                         timezone=cls.timezone,
                         link_class=cls.link_class,
                         link_budget_bytes_per_day=int((cls.link_budget_mb_per_day or 0) * 1_000_000),
+                        delta_updates=cls.delta_updates,
                     )
                 )
 

@@ -63,6 +63,10 @@ class HardwareClass(_Strict):
     timezone: str = "UTC"
     link_class: Literal["unmetered", "metered"] = "unmetered"
     link_budget_mb_per_day: float | None = Field(None, gt=0)
+    # Install from a delta when the server has one (the agent's default). A class whose faults
+    # are about full downloads (bytes corrupted or cut in flight, a disk filling mid-download)
+    # turns it off: a head-only update would otherwise arrive as a few KB that never meet the fault.
+    delta_updates: bool = True
 
     @field_validator("timezone")
     @classmethod
