@@ -281,12 +281,17 @@ class MqttLink:
         await asyncio.to_thread(self._connect_once)
 
     def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn`` on the agent's loop: now when called there, else as soon as the loop can."""
+        """Run ``fn`` on the agent's loop: now when called there, else as soon as the loop can.
+
+        Once the loop is closed there is nothing left to register a socket with: paho's client,
+        collected after the agent's loop ended (a process stopping on a signal), unregisters its
+        sockets from whatever thread the collector runs in, and that is dropped."""
         assert self._loop is not None
         if threading.get_ident() == self._loop_thread:
             fn(*args)
-        else:
-            self._loop.call_soon_threadsafe(fn, *args)
+        elif not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed between the check and the call
+                self._loop.call_soon_threadsafe(fn, *args)
 
     def _connect_once(self) -> None:
         if self.mqtt_version == 5:

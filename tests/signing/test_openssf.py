@@ -242,8 +242,13 @@ def test_p256_release_key_signs_tuf_targets_that_python_tuf_verifies(p256_keys: 
 
 def test_the_device_path_imports_no_sigstore_code() -> None:
     """The agent verifies the OpenSSF form with ``cryptography`` alone: no new device dependency."""
+    # A device installs the `agent` extra, which has no boto3; securesystemslib (python-tuf's
+    # signer library) imports boto3 for its AWS signer whenever it is installed, as the `s3` extra
+    # of the server does here, and boto3 pulls in pyOpenSSL. Block boto3 as a device lacks it.
     code = (
-        "import sys, device_agent.agent, device_agent.delivery, signing.manifest, signing.openssf\n"
+        "import sys\n"
+        "sys.modules['boto3'] = None\n"
+        "import device_agent.agent, device_agent.delivery, signing.manifest, signing.openssf\n"
         "heavy = {'model_signing', 'sigstore', 'sigstore_models', 'OpenSSL', 'in_toto_attestation'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
