@@ -58,12 +58,18 @@ def test_a_killed_shard_stops_only_its_own_devices(tmp_path: Path) -> None:
     assert set(done) == set(placed), "every device finished the rollout"
     on_killed = [d for d, s in placed.items() if s == "shard-1"]
     others = [d for d, s in placed.items() if s != "shard-1"]
-    # nothing from shard-1's devices reached the server while their broker was down ...
-    assert not [d for d in on_killed if killed < done[d] < back], (killed, back, done)
+    # nothing from shard-1's devices reached the server while their broker was down (a report the
+    # broker had delivered before SIGKILL may still be in the server's ingest queue for a moment
+    # on a loaded machine: INGEST_LAG_S after the kill, the server has drained it) ...
+    silent = [d for d in on_killed if killed + INGEST_LAG_S < done[d] < back]
+    assert not silent, (silent, killed, back, {d: done[d] for d in on_killed})
     # ... and some were still installing when it died: they finished after it came back
     assert [d for d in on_killed if done[d] > back]
     # the others carried on: all of them were done while shard-1 was still down
     assert all(done[d] < back for d in others), [(d, done[d] - back) for d in others if done[d] >= back]
+
+
+INGEST_LAG_S = 3.0
 
 
 def _scenario(steps: list[dict[str, object]], shards: int = 3) -> dict[str, object]:
