@@ -84,8 +84,21 @@ def test_an_interrupted_demo_removes_its_work_directory(short_tmp: Path, sig: si
     tmp = short_tmp
     env = {**os.environ, "TMPDIR": str(tmp)}
     env.pop("EDGEFLEET_BROKER", None)
+    # Started as from a terminal: SIGINT at its default and not blocked, whatever this test process
+    # carries (an ignored or blocked SIGINT passes through exec, and Python then never raises
+    # KeyboardInterrupt: a demo started in the background by a script rightly ignores Ctrl-C).
+    parent_sigint = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    at_a_terminal = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
     proc = subprocess.Popen(
-        [EXE, "demo", "--devices", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", at_a_terminal, EXE, "demo", "--devices", "3"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for(
@@ -103,7 +116,7 @@ def test_an_interrupted_demo_removes_its_work_directory(short_tmp: Path, sig: si
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 128 + sig, err  # 130 after Ctrl-C, 143 after SIGTERM
+    assert proc.returncode == 128 + sig, (err, parent_sigint)  # 130 after Ctrl-C, 143 after SIGTERM
     assert "Traceback" not in err, err
     assert not work.exists()
     mosquittos = subprocess.run(["pgrep", "-f", f"mosquitto -c {work}"], capture_output=True, text=True)
