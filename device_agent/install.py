@@ -251,8 +251,6 @@ class Installer:
             return DeltaResult.fallback(Fallback.NO_BASE)
         if not isinstance(self.fetcher, DeltaFetcher):
             return DeltaResult.fallback(Fallback.UNSUPPORTED)
-        from device_agent.delivery import repository_url  # python-tuf: only once a delta is possible
-
         base = self.slots.slot_dir(active) / info.file
         return await install_from_delta(
             self.fetcher,
@@ -260,17 +258,18 @@ class Installer:
             base_sha256=info.sha256,
             ref=ref,
             part=part,
-            repository=self._delta_repository(ref, repository_url),
+            repository=self._delta_repository(ref),
         )
 
-    def _delta_repository(self, ref: ModelRef, repository_url: Callable[[str, ModelRef], str]) -> str:
+    def _delta_repository(self, ref: ModelRef) -> str:
         """Where deltas are looked up: the mirror that delivered last (or the first one), whose
         published tree holds the repository's ``targets/deltas/``; without mirrors, the TUF repository.
 
         One place only: a delta that is missing or bad there costs the full file, which fails over."""
-        listed = mirrors.check_mirrors(self.config.mirrors)
-        if listed:
-            return mirrors.metadata_base(self._preferred or listed[0])
+        if self.config.mirrors:  # checked and normalised when the config was loaded
+            return mirrors.metadata_base(self._preferred or self.config.mirrors[0])
+        from device_agent.delivery import repository_url  # python-tuf: only once a delta is possible
+
         return repository_url(self.config.tuf_url, ref)
 
     def _mirrored_model_url(self, mirror: str, ref: ModelRef) -> str:
