@@ -101,8 +101,10 @@ def sigint_left_as_found() -> Iterator[None]:
     """Fail the test that leaves SIGINT handled otherwise (ignored, or by a handler of the code under
     test) or any signal blocked: both pass to every later test in this worker, and an ignored or
     blocked SIGINT passes through ``exec`` into the processes they start, which then never see
-    Ctrl-C. Autouse and first in the root conftest, so it is torn down after the test's own
-    fixtures and catches them too."""
+    Ctrl-C. Autouse in the root conftest, it is set up before the test's other function-scoped
+    fixtures and torn down after them, so it catches what they leave too. (A suite started with
+    SIGINT ignored, as a shell without job control starts a command run with ``&``, passes: only a
+    change made during a test fails it.)"""
     before = sigint_as_set()
     yield
     after = sigint_as_set()
