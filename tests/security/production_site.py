@@ -64,12 +64,6 @@ class Site:
         cli("broker", "config", "--out", str(root / "broker"), "--hostname", "127.0.0.1",
             "--bind", "127.0.0.1", "--port", str(self.port), "--server-port", str(self.server_port),
             "--auth", auth, "--keys", str(root / "keys"), NOPASS)  # fmt: skip
-        self._log = open(root / "mosquitto.log", "wb")  # noqa: SIM115 - closed by close()
-        self.broker = subprocess.Popen(
-            [str(mosquitto_binary()), "-c", str(root / "broker" / "mosquitto.conf")],
-            stdout=self._log,
-            stderr=self._log,
-        )
         self.settings = ServerSettings(
             data_dir=root / "server",
             keys_dir=self.keydir.path,
@@ -79,6 +73,13 @@ class Site:
         )
         self.server: ServerThread | None = None
         self.agents: list[subprocess.Popen[bytes]] = []
+        # last: once the broker runs, the caller's ``close()`` is what stops it
+        self._log = open(root / "mosquitto.log", "wb")  # noqa: SIM115 - closed by close()
+        self.broker = subprocess.Popen(
+            [str(mosquitto_binary()), "-c", str(root / "broker" / "mosquitto.conf")],
+            stdout=self._log,
+            stderr=self._log,
+        )
 
     def provision(self, device: str, *options: str) -> Path:
         """`devices provision` the device for this broker; the path of the ``agent.toml`` it wrote."""
