@@ -151,6 +151,8 @@ class Fleet:
         # the agents' answers to posted labels by status (matched, unknown, ...), and "dropped":
         # labels due while their device was off (its app was off too)
         self.label_counts: Counter[str] = Counter()
+        # per device, labels its app has scheduled and not posted yet (on the fleet's loop only)
+        self._labels_due: Counter[str] = Counter()
         self.outcome_counts: Counter[str] = Counter()
         self.agents: dict[str, Agent] = {}
         self.down: set[str] = set()  # devices powered off or crashed right now
@@ -221,9 +223,15 @@ class Fleet:
         """
         return self.run(self._crash(device_id, only_in_state), timeout=10)
 
-    def power_off(self, device_id: str, only_in_state: str | None = None) -> bool:
-        """Clean shutdown (last telemetry sent, ``offline`` published); ``only_in_state`` as for crash."""
-        return self.run(self._power_off(device_id, only_in_state), timeout=15)
+    def power_off(
+        self, device_id: str, only_in_state: str | None = None, *, only_with_labels_due: bool = False
+    ) -> bool:
+        """Clean shutdown (last telemetry sent, ``offline`` published); ``only_in_state`` as for crash.
+
+        ``only_with_labels_due``: only if the device's app has labels scheduled and not yet posted
+        (checked on the fleet's loop, like ``only_in_state``): each of them is then dropped, which
+        a caller can count on however late a loaded loop runs them."""
+        return self.run(self._power_off(device_id, only_in_state, only_with_labels_due), timeout=15)
 
     def power_on(self, device_id: str, wait: bool = False) -> None:
         """Boot a new Agent on the device's data dir (restores from its slots, like a reboot)."""
@@ -249,6 +257,10 @@ class Fleet:
         """A counter summed over every agent that ever ran in this fleet (reboots included)."""
         total = sum(a.metrics.get(key, 0) for a in list(self.agents.values()))
         return total + sum(c.get(key, 0) for c in self._retired_metrics.values())
+
+    def labels_due(self, device_id: str) -> int:
+        """Labels the device's app has scheduled and not posted (nor dropped) yet."""
+        return self._labels_due[device_id]
 
     def device_metrics(self, device_id: str) -> Counter[str]:
         """One device's agent counters, summed over its reboots."""
@@ -398,8 +410,12 @@ class Fleet:
         await _pull_the_plug(agent)
         return True
 
-    async def _power_off(self, device_id: str, only_in_state: str | None = None) -> bool:
+    async def _power_off(
+        self, device_id: str, only_in_state: str | None = None, only_with_labels_due: bool = False
+    ) -> bool:
         if not self._can_take_down(device_id, only_in_state):
+            return False
+        if only_with_labels_due and not self._labels_due[device_id]:
             return False
         agent = self.agents[device_id]
         self.down.add(device_id)
@@ -461,6 +477,7 @@ class Fleet:
                             right = None
                             if labels.plan.outcome is not None:
                                 right = 1.0 if label[0] == top1(result.outputs)[0] else 0.0
+                            self._labels_due[device_id] += 1
                             loop.call_later(
                                 label[1], self._post_label, device_id, result.inference_id, label[0], right
                             )
@@ -476,6 +493,7 @@ class Fleet:
     ) -> None:
         """The device's app posts a label to whichever agent runs there now (after a reboot, a new
         agent that never made that prediction: its answer says so). A device that is off drops it."""
+        self._labels_due[device_id] -= 1
         agent = self.agents.get(device_id)
         if agent is None or device_id in self.down:
             self.label_counts["dropped"] += 1

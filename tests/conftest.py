@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import signal
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -87,6 +88,34 @@ def fd_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
                 f"the module ({len(before)} -> {len(after)}): {summary}"
             ),
             stacklevel=1,
+        )
+
+
+def sigint_as_set() -> tuple[object, frozenset[int]]:
+    """SIGINT's disposition in this process and the signals this thread blocks."""
+    return signal.getsignal(signal.SIGINT), frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+@pytest.fixture(autouse=True)
+def sigint_left_as_found() -> Iterator[None]:
+    """Fail the test that leaves SIGINT handled otherwise (ignored, or by a handler of the code under
+    test) or any signal blocked: both pass to every later test in this worker, and an ignored or
+    blocked SIGINT passes through ``exec`` into the processes they start, which then never see
+    Ctrl-C. Autouse in the root conftest, it is set up before the test's other function-scoped
+    fixtures and torn down after them, so it catches what they leave too. (A suite started with
+    SIGINT ignored, as a shell without job control starts a command run with ``&``, passes: only a
+    change made during a test fails it.)"""
+    before = sigint_as_set()
+    yield
+    after = sigint_as_set()
+    if after != before:
+        if before[0] is not None:  # None: set outside Python, nothing Python can put back
+            signal.signal(signal.SIGINT, before[0])  # type: ignore[arg-type]
+        signal.pthread_sigmask(signal.SIG_SETMASK, before[1])
+        pytest.fail(
+            f"the test left SIGINT's handler or the signal mask changed: {before} -> {after} "
+            "(restore them where they are set)",
+            pytrace=False,
         )
 
 

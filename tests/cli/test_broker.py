@@ -19,6 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.broker import mosquitto_binary, start_embedded, start_mosquitto
+from tests.support.waiting import wait_for
 
 EXE = str(Path(sys.executable).parent / "edgefleet")
 
@@ -53,7 +54,8 @@ def test_persistent_mosquitto_keeps_retained_messages_across_a_restart(tmp_path:
     broker = start_mosquitto(workdir=tmp_path / "b", persistence=True)
     host, port = broker.info.host, broker.info.port
     _publish_retained(host, port, 5, "ef/v1/x/desired", b"kept")
-    time.sleep(1.2)  # autosave_interval 1
+    saved = tmp_path / "b" / "mosquitto.db"  # autosave_interval 1: written by the broker, not its stop
+    wait_for(lambda: saved.is_file() and b"kept" in saved.read_bytes(), 15, "the autosaved retained message")
     broker.stop()
     again = start_mosquitto(port=port, workdir=tmp_path / "b", persistence=True)
     try:

@@ -85,8 +85,10 @@ def test_an_interrupted_demo_removes_its_work_directory(short_tmp: Path, sig: si
     env = {**os.environ, "TMPDIR": str(tmp)}
     env.pop("EDGEFLEET_BROKER", None)
     # Started as from a terminal: SIGINT at its default and not blocked, whatever this test process
-    # carries (an ignored or blocked SIGINT passes through exec, and Python then never raises
-    # KeyboardInterrupt: a demo started in the background by a script rightly ignores Ctrl-C).
+    # carries. A suite started as `make test &` from a shell without job control (a script, a CI
+    # step) runs with SIGINT ignored; that passes through exec, Python then never raises
+    # KeyboardInterrupt, and the demo, rightly ignoring Ctrl-C like any background job, runs to
+    # its end. No test may change SIGINT or the signal mask (tests/conftest.py checks).
     parent_sigint = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
     at_a_terminal = (
         "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "

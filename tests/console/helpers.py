@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from device_agent import protocol
+from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 from tests.server.conftest import FakeDevice
 from tests.server.test_rollout_flow import directives, serve, status
@@ -42,6 +45,55 @@ def rolled_back_by_errors(
         serve(dev, wait_for(lambda dev=dev: directives(dev, keydir))[-1], inferences=20, errors=10)  # type: ignore[misc]
     wait_for(lambda: status(client, rid)["state"] == "rolled_back", output=lambda: str(status(client, rid)))
     return rid, devs
+
+
+@dataclass
+class ConsoleFleet:
+    """What a console test reads pages about: the fleet server, its admin API client, a token of
+    each role to sign in with, and fake devices to roll models out to (the ``fleet`` fixture)."""
+
+    server: ServerThread
+    client: httpx.Client
+    tokens: dict[str, str]
+    keydir: KeyDir
+    tmp_path: Path
+    fake_device: Callable[[str], FakeDevice]
+
+    def on_old_model(
+        self, prefix: str, n: int
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, FakeDevice]]:
+        """``n`` devices tagged site=<prefix> running det:1, with det:2 uploaded to roll out."""
+        return fleet_on_old_model(self.client, self.keydir, self.tmp_path, self.fake_device, prefix, n)
+
+    def rollout(self, prefix: str, n: int, **policy: Any) -> tuple[str, dict[str, FakeDevice]]:
+        """det:2 rolled out (``policy``) to ``n`` devices on det:1: the rollout's id and the devices."""
+        _, _, devs = self.on_old_model(prefix, n)
+        return create(self.client, prefix, **policy), devs
+
+    def rolled_back_by_errors(self, prefix: str) -> str:
+        rid, _ = rolled_back_by_errors(self.client, self.keydir, self.tmp_path, self.fake_device, prefix)
+        return rid
+
+    def experiment_with_a_winner(self, prefix: str, **options: Any) -> dict[str, Any]:
+        """An experiment of det:1 (control) against det:2 (candidate) on four devices, each serving
+        its arm with labels (the candidate right more often), waited until it names the candidate
+        its winner."""
+        from tests.server.test_experiments_api import experiment, serve_arm
+
+        old, _, devs = self.on_old_model(prefix, 4)
+        exp = experiment(self.client, prefix, **options)
+        got = wait_for(
+            lambda: (
+                {i: directives(d, self.keydir)[-1] for i, d in devs.items()}
+                if all(directives(d, self.keydir) for d in devs.values())
+                else None
+            )
+        )
+        for device_id, d in got.items():
+            control = d.model is not None and d.model.sha256 == old["sha256"]
+            serve_arm(devs[device_id], d, f"{device_id}-1", 300, labels=300, correct=240 if control else 297)
+        wait_for(lambda: self.client.get(f"/api/v1/experiments/{exp['id']}").json()["winner"] == "candidate")
+        return exp
 
 
 def serve_with_shape(devs: list[FakeDevice], sha: str, rounds: int, pause: float = 0.25) -> None:
@@ -82,6 +134,7 @@ def serve_with_shape(devs: list[FakeDevice], sha: str, rounds: int, pause: float
 
 
 __all__ = [
+    "ConsoleFleet",
     "FakeDevice",
     "create",
     "fleet_on_old_model",

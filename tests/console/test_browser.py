@@ -5,19 +5,16 @@ labels, focus and contrast on the main pages. Screenshots land in test-artifacts
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from fleet_server.runner import ServerThread
-from signing.keyring import KeyDir
 from tests.server.test_rollout_flow import directives, serve, status
 
 from .chromium import ARTIFACTS, chromium, launch_args
-from .helpers import FakeDevice, create, fleet_on_old_model, rolled_back_by_errors, serve_with_shape, wait_for
+from .helpers import ConsoleFleet, serve_with_shape, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -74,27 +71,18 @@ def test_a_wrong_token_is_refused_and_a_right_one_signs_in(
     assert page.evaluate("document.cookie") == ""  # out of reach of the page's scripts
 
 
-def test_watch_a_rollout_progress_live_then_pause_it(
-    page: Any,
-    server: ServerThread,
-    client: httpx.Client,
-    tokens: dict[str, str],
-    keydir: KeyDir,
-    tmp_path: Path,
-    fake_device: Callable[[str], FakeDevice],
-) -> None:
+def test_watch_a_rollout_progress_live_then_pause_it(page: Any, fleet: ConsoleFleet) -> None:
     from playwright.sync_api import expect
 
-    _, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "bw", 2)
-    rid = create(client, "bw", stages=[50, 100], min_inferences=1)
-    sign_in(page, server, tokens["operator"])
+    rid, devs = fleet.rollout("bw", 2, stages=[50, 100], min_inferences=1)
+    sign_in(page, fleet.server, fleet.tokens["operator"])
     page.get_by_role("link", name=rid).click()
     expect(page.locator("#rollout-state")).to_have_text("running")
     stage1 = page.locator(".stage").nth(0)
     expect(stage1).to_contain_text("1 of 1 assigned · 0 done")
     page.evaluate("window.__stayed = true")  # gone if the page reloads
-    (first,) = wait_for(lambda: [d for d in devs.values() if directives(d, keydir)])
-    serve(first, directives(first, keydir)[-1], inferences=5)
+    (first,) = wait_for(lambda: [d for d in devs.values() if directives(d, fleet.keydir)])
+    serve(first, directives(first, fleet.keydir)[-1], inferences=5)
     # the poller swaps the new state in: stage 1 done, stage 2 under way, no reload
     expect(stage1).to_contain_text("1 done", timeout=15_000)
     expect(page.locator(".stage").nth(1)).to_contain_text("2 of 2 assigned", timeout=15_000)
@@ -106,24 +94,16 @@ def test_watch_a_rollout_progress_live_then_pause_it(
     page.get_by_role("button", name="Yes, pause").click()
     expect(page.locator("#rollout-state")).to_have_text("paused")
     expect(page.get_by_role("link", name="Resume")).to_be_visible()
-    assert status(client, rid)["state"] == "paused"
+    assert status(fleet.client, rid)["state"] == "paused"
     shot(page, "rollout-paused")
 
 
-def test_a_rolled_back_rollout_shows_the_gates_reason(
-    page: Any,
-    server: ServerThread,
-    client: httpx.Client,
-    tokens: dict[str, str],
-    keydir: KeyDir,
-    tmp_path: Path,
-    fake_device: Callable[[str], FakeDevice],
-) -> None:
+def test_a_rolled_back_rollout_shows_the_gates_reason(page: Any, fleet: ConsoleFleet) -> None:
     from playwright.sync_api import expect
 
-    rid, _ = rolled_back_by_errors(client, keydir, tmp_path, fake_device, "rb")
-    sign_in(page, server, tokens["viewer"])
-    page.goto(f"{server.url}/ui/rollouts?state=rolled_back")
+    rid = fleet.rolled_back_by_errors("rb")
+    sign_in(page, fleet.server, fleet.tokens["viewer"])
+    page.goto(f"{fleet.server.url}/ui/rollouts?state=rolled_back")
     page.get_by_role("link", name=rid).click()
     expect(page.locator("#rollout-state")).to_have_text("rolled_back")
     expect(page.locator("#gate-reason")).to_contain_text("roll back by the error_rate gate")
@@ -132,65 +112,47 @@ def test_a_rolled_back_rollout_shows_the_gates_reason(
     shot(page, "rollout-rolled-back")
 
 
-def test_a_viewer_sees_no_action_and_is_refused_one(
-    page: Any,
-    server: ServerThread,
-    client: httpx.Client,
-    tokens: dict[str, str],
-    keydir: KeyDir,
-    tmp_path: Path,
-    fake_device: Callable[[str], FakeDevice],
-) -> None:
+def test_a_viewer_sees_no_action_and_is_refused_one(page: Any, fleet: ConsoleFleet) -> None:
     from playwright.sync_api import expect
 
-    fleet_on_old_model(client, keydir, tmp_path, fake_device, "vw", 1)
-    rid = create(client, "vw", stages=[100], min_inferences=1000)
-    sign_in(page, server, tokens["viewer"])
-    page.goto(f"{server.url}/ui/rollouts/{rid}")
+    rid, _ = fleet.rollout("vw", 1, stages=[100], min_inferences=1000)
+    sign_in(page, fleet.server, fleet.tokens["viewer"])
+    page.goto(f"{fleet.server.url}/ui/rollouts/{rid}")
     expect(page.get_by_role("button", name="Pause")).to_be_disabled()
     expect(page.get_by_role("link", name="Pause")).to_have_count(0)
     expect(page.locator(".actions")).to_contain_text("may look, not act")
     # the confirmation page itself, and a post with the session's own CSRF token: both refused
-    response = page.goto(f"{server.url}/ui/rollouts/{rid}/pause")
+    response = page.goto(f"{fleet.server.url}/ui/rollouts/{rid}/pause")
     assert response is not None and response.status == 403
     expect(page.locator("#error-message")).to_contain_text("needs operator")
     shot(page, "viewer-refused")
-    page.goto(f"{server.url}/ui/rollouts/{rid}")
+    page.goto(f"{fleet.server.url}/ui/rollouts/{rid}")
     token = page.locator('input[name="csrf"]').first.get_attribute("value")
     answer = page.evaluate(
         """async ([url, token]) => {
             const r = await fetch(url, {method: "POST", body: new URLSearchParams({csrf: token})});
             return r.status;
         }""",
-        [f"{server.url}/ui/rollouts/{rid}/pause", token],
+        [f"{fleet.server.url}/ui/rollouts/{rid}/pause", token],
     )
     assert answer == 403
-    assert status(client, rid)["state"] == "running"
+    assert status(fleet.client, rid)["state"] == "running"
 
 
 PAGES = ("rollouts", "rollout", "fleet", "device", "models", "model", "observability", "audit")
 
 
-def test_main_pages_pass_axe_and_take_the_keyboard(
-    page: Any,
-    server: ServerThread,
-    client: httpx.Client,
-    tokens: dict[str, str],
-    keydir: KeyDir,
-    tmp_path: Path,
-    fake_device: Callable[[str], FakeDevice],
-) -> None:
+def test_main_pages_pass_axe_and_take_the_keyboard(page: Any, fleet: ConsoleFleet) -> None:
     from axe_playwright_python.sync_playwright import Axe
 
-    _, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "ax", 2)
-    rid = create(client, "ax", stages=[50, 100], min_inferences=1)
-    (first,) = wait_for(lambda: [d for d in devs.values() if directives(d, keydir)])
-    serve(first, directives(first, keydir)[-1], inferences=5)
-    new_sha = directives(first, keydir)[-1].model.sha256  # type: ignore[union-attr]
+    rid, devs = fleet.rollout("ax", 2, stages=[50, 100], min_inferences=1)
+    (first,) = wait_for(lambda: [d for d in devs.values() if directives(d, fleet.keydir)])
+    serve(first, directives(first, fleet.keydir)[-1], inferences=5)
+    new_sha = directives(first, fleet.keydir)[-1].model.sha256  # type: ignore[union-attr]
     serve_with_shape(list(devs.values()), new_sha, 8)
-    wait_for(lambda: client.get(f"/api/v1/devices/{first.device_id}").json()["running_model"])
+    wait_for(lambda: fleet.client.get(f"/api/v1/devices/{first.device_id}").json()["running_model"])
     axe = Axe()
-    page.goto(f"{server.url}/ui/login")
+    page.goto(f"{fleet.server.url}/ui/login")
     problems: dict[str, list[str]] = {}
 
     def check(name: str) -> None:
@@ -202,7 +164,7 @@ def test_main_pages_pass_axe_and_take_the_keyboard(
             problems[name] = bad
 
     check("login")
-    sign_in(page, server, tokens["operator"])
+    sign_in(page, fleet.server, fleet.tokens["operator"])
     urls = {
         "rollouts": "/ui/rollouts",
         "rollout": f"/ui/rollouts/{rid}",
@@ -214,13 +176,13 @@ def test_main_pages_pass_axe_and_take_the_keyboard(
         "audit": "/ui/audit",
     }
     for name in PAGES:
-        page.goto(server.url + urls[name])
+        page.goto(fleet.server.url + urls[name])
         check(name)
         if name in ("fleet", "models", "observability", "audit", "device"):
             shot(page, name)
     assert problems == {}, problems
     # keyboard: the first Tab reaches the skip link, which moves focus to the content
-    page.goto(f"{server.url}/ui/fleet")
+    page.goto(f"{fleet.server.url}/ui/fleet")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent") == "Skip to content"
     page.keyboard.press("Enter")
@@ -230,34 +192,14 @@ def test_main_pages_pass_axe_and_take_the_keyboard(
 
 
 def test_an_experiment_page_shows_the_winner_and_its_interval_chart_and_passes_axe(
-    page: Any,
-    server: ServerThread,
-    client: httpx.Client,
-    tokens: dict[str, str],
-    keydir: KeyDir,
-    tmp_path: Path,
-    fake_device: Callable[[str], FakeDevice],
+    page: Any, fleet: ConsoleFleet
 ) -> None:
     from axe_playwright_python.sync_playwright import Axe
     from playwright.sync_api import expect
 
-    from tests.server.test_experiments_api import experiment, serve_arm
-
-    old, _, devs = fleet_on_old_model(client, keydir, tmp_path, fake_device, "bx", 4)
-    exp = experiment(client, "bx")
-    got = wait_for(
-        lambda: (
-            {i: directives(d, keydir)[-1] for i, d in devs.items()}
-            if all(directives(d, keydir) for d in devs.values())
-            else None
-        )
-    )
-    for device_id, d in got.items():
-        control = d.model is not None and d.model.sha256 == old["sha256"]
-        serve_arm(devs[device_id], d, f"{device_id}-1", 300, labels=300, correct=240 if control else 297)
-    wait_for(lambda: client.get(f"/api/v1/experiments/{exp['id']}").json()["winner"] == "candidate")
-    sign_in(page, server, tokens["viewer"])
-    page.goto(f"{server.url}/ui/experiments")
+    exp = fleet.experiment_with_a_winner("bx")
+    sign_in(page, fleet.server, fleet.tokens["viewer"])
+    page.goto(f"{fleet.server.url}/ui/experiments")
     page.get_by_role("link", name=exp["id"]).click()
     expect(page.locator("#experiment-winner")).to_have_text("candidate")
     expect(page.get_by_role("img", name="Effect of each arm against the control").first).to_be_visible()

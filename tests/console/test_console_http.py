@@ -16,9 +16,8 @@ from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 from tests.server.test_https import _http_cert
 from tests.server.test_rollout_flow import status
-from tests.support.waiting import wait_for
 
-from .helpers import FakeDevice, create, fleet_on_old_model, rolled_back_by_errors
+from .helpers import ConsoleFleet
 
 CSRF = re.compile(r'name="csrf" value="([0-9a-f]+)"')
 
@@ -76,17 +75,11 @@ def test_a_forged_cookie_is_sent_to_sign_in(server: ServerThread) -> None:
 
 
 def test_every_action_needs_the_sessions_csrf_token_and_an_operator(
-    server: ServerThread,
-    client: httpx.Client,
-    tokens: dict[str, str],
-    keydir: KeyDir,
-    tmp_path: Path,
-    fake_device: Callable[[str], FakeDevice],
+    fleet: ConsoleFleet,
 ) -> None:
-    fleet_on_old_model(client, keydir, tmp_path, fake_device, "cs", 2)
-    rid = create(client, "cs", stages=[50, 100], min_inferences=1)
-    operator = sign_in(server, tokens["operator"])
-    viewer = sign_in(server, tokens["viewer"])
+    rid, _ = fleet.rollout("cs", 2, stages=[50, 100], min_inferences=1)
+    operator = sign_in(fleet.server, fleet.tokens["operator"])
+    viewer = sign_in(fleet.server, fleet.tokens["viewer"])
     page = operator.get(f"/ui/rollouts/{rid}/pause")
     assert page.status_code == 200 and "Yes, pause" in page.text
     token = csrf_of(page)
@@ -94,15 +87,15 @@ def test_every_action_needs_the_sessions_csrf_token_and_an_operator(
     for data in ({}, {"csrf": "0" * 64}, {"csrf": csrf_of(viewer.get("/ui/rollouts"))}):
         r = operator.post(f"/ui/rollouts/{rid}/pause", data=data)
         assert r.status_code == 403 and "CSRF check failed" in r.text
-    assert status(client, rid)["state"] == "running"
+    assert status(fleet.client, rid)["state"] == "running"
     # the right token posted from another site's page is refused too, as is a sign-in from there
     r = operator.post(
         f"/ui/rollouts/{rid}/pause", data={"csrf": token}, headers={"Origin": "https://evil.example"}
     )
     assert r.status_code == 403 and "CSRF check failed" in r.text
-    with httpx.Client(base_url=server.url, timeout=10) as other:
+    with httpx.Client(base_url=fleet.server.url, timeout=10) as other:
         r = other.post(
-            "/ui/login", data={"token": tokens["viewer"]}, headers={"Origin": "https://evil.example"}
+            "/ui/login", data={"token": fleet.tokens["viewer"]}, headers={"Origin": "https://evil.example"}
         )
         assert r.status_code == 403 and "ef_console" not in r.headers.get("set-cookie", "")
     # a viewer sees the rollout with its buttons disabled, and is refused the action itself
@@ -112,11 +105,11 @@ def test_every_action_needs_the_sessions_csrf_token_and_an_operator(
     assert viewer.get(f"/ui/rollouts/{rid}/pause").status_code == 403
     r = viewer.post(f"/ui/rollouts/{rid}/pause", data={"csrf": csrf_of(seen)})
     assert r.status_code == 403 and "needs operator" in r.text
-    assert status(client, rid)["state"] == "running"
+    assert status(fleet.client, rid)["state"] == "running"
     # the operator with the session's token: paused, and the audit log names them
     r = operator.post(f"/ui/rollouts/{rid}/pause", data={"csrf": token})
     assert r.status_code == 303 and r.headers["location"] == f"/ui/rollouts/{rid}"
-    assert status(client, rid)["state"] == "paused"
+    assert status(fleet.client, rid)["state"] == "paused"
     assert (
         '<strong class="state state-paused" id="rollout-state">paused</strong>'
         in operator.get(r.headers["location"]).text
@@ -126,7 +119,7 @@ def test_every_action_needs_the_sessions_csrf_token_and_an_operator(
     assert r.status_code == 200 or r.status_code == 303
     r = operator.post(f"/ui/rollouts/{rid}/nonsense", data={"csrf": token})
     assert r.status_code == 404
-    audit = client.get("/api/v1/audit", params={"path": f"/ui/rollouts/{rid}"}).json()["items"]
+    audit = fleet.client.get("/api/v1/audit", params={"path": f"/ui/rollouts/{rid}"}).json()["items"]
     outcomes = [(e["actor"].split(":")[-1], e["status"], e["result"]) for e in audit]
     assert ("console-operator", 303, "ok") in outcomes
     assert ("console-viewer", 403, "forbidden") in outcomes
@@ -160,15 +153,10 @@ def test_sign_out_needs_the_csrf_token_and_clears_the_cookie(
 
 
 def test_pages_show_the_fleet_the_rollout_and_the_gate_that_rolled_it_back(
-    server: ServerThread,
-    client: httpx.Client,
-    tokens: dict[str, str],
-    keydir: KeyDir,
-    tmp_path: Path,
-    fake_device: Callable[[str], FakeDevice],
+    fleet: ConsoleFleet,
 ) -> None:
-    rid, _ = rolled_back_by_errors(client, keydir, tmp_path, fake_device, "pg")
-    browser = sign_in(server, tokens["viewer"])
+    rid = fleet.rolled_back_by_errors("pg")
+    browser = sign_in(fleet.server, fleet.tokens["viewer"])
     page = browser.get(f"/ui/rollouts/{rid}").text
     assert 'id="gate-reason"' in page and "error_rate gate" in page
     # the gate tripped on the first device's telemetry, or on both
@@ -181,8 +169,8 @@ def test_pages_show_the_fleet_the_rollout_and_the_gate_that_rolled_it_back(
     assert live.status_code == 200 and "<html" not in live.text and "error_rate gate" in live.text
     listing = browser.get("/ui/rollouts", params={"state": "rolled_back"}).text
     assert f'href="/ui/rollouts/{rid}"' in listing
-    fleet = browser.get("/ui/fleet", params={"selector": "site=pg"}).text
-    assert "pg-0" in fleet and "pg-1" in fleet
+    fleet_page = browser.get("/ui/fleet", params={"selector": "site=pg"}).text
+    assert "pg-0" in fleet_page and "pg-1" in fleet_page
     assert browser.get("/ui/fleet", params={"selector": "site=nowhere"}).text.count("/ui/devices/") == 0
     bad = browser.get("/ui/fleet", params={"selector": "=oops"})
     assert 'id="filter-problem"' in bad.text and "selector:" in bad.text
@@ -192,7 +180,7 @@ def test_pages_show_the_fleet_the_rollout_and_the_gate_that_rolled_it_back(
     assert "det:1" in models and "det:2" in models and "verified" in models
     assert "det:2" in browser.get("/ui/models/det/2").text
     slo = {"name": "det-avail", "model": "det", "objectives": [{"sli": "availability", "target": 0.99}]}
-    assert client.post("/api/v1/slos", json=slo).status_code == 201
+    assert fleet.client.post("/api/v1/slos", json=slo).status_code == 201
     obs = browser.get("/ui/observability", params={"model": "det:2", "window": "24h"})
     assert obs.status_code == 200 and "Latency (ms)" in obs.text
     assert "<td>det-avail</td>" in obs.text and "SLO error budget left" in obs.text
@@ -202,31 +190,10 @@ def test_pages_show_the_fleet_the_rollout_and_the_gate_that_rolled_it_back(
 
 
 def test_an_experiments_page_shows_its_arms_effects_with_intervals_and_decisions(
-    server: ServerThread,
-    client: httpx.Client,
-    tokens: dict[str, str],
-    keydir: KeyDir,
-    tmp_path: Path,
-    fake_device: Callable[[str], FakeDevice],
+    fleet: ConsoleFleet,
 ) -> None:
-    from tests.server.test_experiments_api import experiment, serve_arm
-    from tests.server.test_rollout_flow import directives
-    from tests.server.test_rollout_ops import fleet_on_old_model as on_old
-
-    old, _, devs = on_old(client, keydir, tmp_path, fake_device, "xp", 4)
-    exp = experiment(client, "xp", guardrails=[{"metric": "latency_ms", "max_harm": 5}])
-    got = wait_for(
-        lambda: (
-            {i: directives(d, keydir)[-1] for i, d in devs.items()}
-            if all(directives(d, keydir) for d in devs.values())
-            else None
-        )
-    )
-    for device_id, d in got.items():
-        control = d.model is not None and d.model.sha256 == old["sha256"]
-        serve_arm(devs[device_id], d, f"{device_id}-1", 300, labels=300, correct=240 if control else 297)
-    wait_for(lambda: client.get(f"/api/v1/experiments/{exp['id']}").json()["winner"] == "candidate")
-    browser = sign_in(server, tokens["viewer"])
+    exp = fleet.experiment_with_a_winner("xp", guardrails=[{"metric": "latency_ms", "max_harm": 5}])
+    browser = sign_in(fleet.server, fleet.tokens["viewer"])
     listing = browser.get("/ui/experiments").text
     assert f'href="/ui/experiments/{exp["id"]}"' in listing and "det:1, det:2" in listing
     page = browser.get(f"/ui/experiments/{exp['id']}").text

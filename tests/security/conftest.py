@@ -14,7 +14,15 @@ from signing.tuf_repo import TufRepository
 from tests.agent.harness import ArtifactServer, LoopThread, Observer, agent_config, start_agent, unique_id
 from tests.security.agent_harness import Fleet
 from tests.security.delivery_harness import Delivery
+from tests.security.production_site import mosquitto_reachable_dir
 from tests.support.loopback_http import file_server, serve_directory
+
+
+@pytest.fixture
+def site_root() -> Iterator[Path]:
+    """A directory for a production site (:mod:`tests.security.production_site`)."""
+    with mosquitto_reachable_dir("ef-site-") as d:
+        yield d
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ them in their telemetry at the configured accuracy; a device that is off drops i
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +52,14 @@ def test_agents_count_the_labels_at_the_configured_accuracy(
         assert low <= 0.8 <= high, (correct, labels)
         assert set(fleet.label_counts) == {"matched"}
         assert fleet.workload_errors == 0
-        # a device switched off drops what its app would have posted meanwhile
-        fleet.power_off(specs[0].device_id)
-        time.sleep(0.5)
+        # a device switched off drops what its app would have posted meanwhile. It is switched off
+        # at an instant its app has labels due (checked on the fleet's loop, so none is posted in
+        # between): however slowly a loaded machine runs the workload, there is one to drop.
+        off = specs[0].device_id
+        wait_for(
+            lambda: fleet.power_off(off, only_with_labels_due=True), timeout=30, what="off with labels due"
+        )
+        wait_for(lambda: fleet.labels_due(off) == 0, timeout=30, what="the off device's due labels")
         assert fleet.label_counts["dropped"] >= 1
     finally:
         fleet.stop()
