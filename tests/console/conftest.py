@@ -2,4 +2,4 @@
 (tests/server/conftest.py), and API tokens of each role to sign in with."""
 
 from tests.console.helpers import tokens  # noqa: F401
-from tests.server.conftest import client, fake_device, make_server, server  # noqa: F401
+from tests.server.conftest import client, fake_device, make_server, migrated_sqlite, server  # noqa: F401
