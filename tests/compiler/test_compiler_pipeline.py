@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from compiler import Gate, GateFailed, compile_model
-from compiler.examples import DigitsExample, make_nan_model
+from compiler.examples import DigitsExample, _trained_digits, make_nan_model, train_digits
 from signing.keyring import KeyDir
 from signing.manifest import ENVELOPE_NAME, verify_bundle
 
@@ -42,6 +42,21 @@ def test_digits_example_is_a_real_classifier(digits: DigitsExample) -> None:
     calib = np.load(digits.calib_path)["x"]
     # held-out: no evaluation row appears in the calibration set
     assert not ({r.tobytes() for r in data["x"]} & {r.tobytes() for r in calib})
+
+
+def test_digits_example_again_writes_the_same_files(digits: DigitsExample, tmp_path: Path) -> None:
+    """The process trains once per (hidden, seed); a second example is the same model and data in
+    its own directory, and the training's arrays cannot be changed through one caller's use."""
+    again = train_digits(tmp_path / "again")
+    assert again.model_path.parent != digits.model_path.parent
+    for a, b in ((digits.model_path, again.model_path), (digits.calib_path, again.calib_path)):
+        assert a.read_bytes() == b.read_bytes()
+    assert np.array_equal(np.load(digits.eval_path)["y"], np.load(again.eval_path)["y"])
+    assert (again.accuracy, again.n_calib, again.n_eval) == (digits.accuracy, digits.n_calib, digits.n_eval)
+    other = train_digits(tmp_path / "other", seed=1)
+    assert other.model_path.read_bytes() != digits.model_path.read_bytes()
+    with pytest.raises(ValueError, match="read-only"):
+        _trained_digits(32, 0).calib[0, 0] = 1.0
 
 
 def test_digits_compiles_to_a_verified_bundle(

@@ -377,13 +377,16 @@ def test_text_detector_with_dynamic_input_is_judged_by_its_text_masks(
     """PP-OCRv6's detector: calibrated on 320x320 pages, evaluated on 256x352 ones (its height and
     width are dynamic); its probability map declared a segmentation at DBNet's 0.3 threshold.
 
+    Twelve calibration pages: the ranges of 24 gave a mask IoU of 0.963, those of 12 gave 0.969
+    (gate 0.85), at three quarters of the compile's CPU.
+
     Its symbolic shape inference gives up, and onnxruntime then writes scratch files into the
     current directory: the compile runs it in its own work directory, so the user's stays clean.
     """
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    np.savez(tmp_path / "c.npz", x=text_pages(24, 320, 320, seed=0))
+    np.savez(tmp_path / "c.npz", x=text_pages(12, 320, 320, seed=0))
     np.savez(tmp_path / "e.npz", x=text_pages(12, 256, 352, seed=1))
     report = _compile(
         real_models["text_detector"],

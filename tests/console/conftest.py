@@ -11,7 +11,13 @@ import pytest
 from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 from tests.console.helpers import ConsoleFleet, FakeDevice, tokens  # noqa: F401
-from tests.server.conftest import client, fake_device, make_server, server  # noqa: F401
+from tests.server.conftest import (  # noqa: F401
+    client,
+    fake_device,
+    make_server,
+    migrated_sqlite,
+    server,
+)
 
 
 @pytest.fixture
