@@ -1,0 +1,62 @@
+"""The ingest lag a replica reports counts what waits in the broker's queue for its ingest workers.
+
+A worker that falls behind (starved of CPU, here stopped outright with SIGSTOP) leaves the
+backlog at the broker: its pipeline takes a bounded number of messages and stops reading. The
+lag must still show it (the metric, ``/api/v1/stats``, ``/readyz``), and the worker must catch up
+with nothing lost once it runs again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Callable
+
+import httpx
+
+from fleet_server.runner import ServerThread
+
+from .conftest import FakeDevice, register, stats, wait_for
+from .test_mqtt import telemetry
+
+SHA = "cd" * 32
+
+
+def lag_metric(api: httpx.Client) -> float:
+    found = re.search(r"^edgefleet_ingest_lag_seconds (\S+)$", api.get("/metrics").text, re.M)
+    assert found, "no edgefleet_ingest_lag_seconds in /metrics"
+    return float(found.group(1))
+
+
+def test_a_stalled_ingest_worker_shows_as_lag_and_catches_up(
+    make_server: Callable[..., ServerThread], fake_device: Callable[[str], FakeDevice]
+) -> None:
+    # one ingest worker takes the whole stream (plain subscriptions), as the scenarios run it
+    srv = make_server(shared_subscriptions=False, ready_max_ingest_lag_seconds=3.0)
+    bridge = srv.context.bridge
+    assert bridge is not None and len(bridge.workers) == 1
+    with httpx.Client(base_url=srv.url, timeout=10) as api:
+        register(api, "lag-1")
+        dev = fake_device("lag-1")
+        dev.publish("telemetry", telemetry("lag-1", "b0", SHA, 1))
+        wait_for(lambda: stats(api)["telemetry_batches"] == 1, timeout=15)
+        wait_for(lambda: lag_metric(api) < 2.0, timeout=15)
+        assert api.get("/readyz").status_code == 200
+        pid = bridge.workers[0].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for i in range(1, 21):  # the broker acknowledges them: queued for the stalled worker
+                dev.publish("telemetry", telemetry("lag-1", f"b{i}", SHA, 1))
+            # nothing stored, and the worker reports nothing: the lag must grow all the same
+            wait_for(lambda: lag_metric(api) >= 4.0, timeout=20)
+            assert stats(api)["telemetry_batches"] == 1
+            assert float(stats(api)["ingest_lag_seconds"]) >= 4.0
+            ready = api.get("/readyz")
+            assert ready.status_code == 503 and not ready.json()["checks"]["ingest_lag"]["ok"], ready.text
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: stats(api)["telemetry_batches"] == 21, timeout=30)
+        wait_for(lambda: lag_metric(api) < 2.0, timeout=30)  # caught up: the next probe comes back at once
+        assert api.get("/readyz").status_code == 200
