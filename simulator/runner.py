@@ -48,6 +48,7 @@ STOPS = ("roll_back", "pause", "roll_back_cohort", "pause_cohort")  # decisions 
 DRAIN_TIMEOUT = 600.0
 DRAIN_QUIET = 15.0
 DRAIN_LAG = 2.0
+DRAIN_SILENT = 120.0  # nor one that neither answers nor stores anything for this long
 
 
 class Harness(Protocol):
@@ -406,13 +407,15 @@ class ScenarioRun:
         deadline, moved = t0 + timeout, t0
         last: dict[str, Any] = {}
         first: int | None = None
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                stats = dict(self._api.get("/api/v1/stats").json())
-                stored = int(stats.get("telemetry_batches", 0))
-                first = stored if first is None else first
-                if stored != int(last.get("telemetry_batches", -1)):
+        while time.monotonic() < deadline and time.monotonic() - moved < DRAIN_SILENT:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+                reply = self._api.get("/api/v1/stats")
+                reply.raise_for_status()
+                stats = dict(reply.json())
+                stored = int(stats["telemetry_batches"])
+                if first is None or stored != int(last["telemetry_batches"]):
                     moved = time.monotonic()
+                    first = stored if first is None else first
                 last = stats
                 if stored >= sent:
                     break
@@ -422,6 +425,8 @@ class ScenarioRun:
                 )
                 if not behind and time.monotonic() - moved > quiet:
                     break
+                if behind:
+                    moved = max(moved, time.monotonic() - quiet)  # waiting on a server that says it is behind
             time.sleep(0.25)
         fig = self.result.figures
         fig["telemetry_stored_when_fleet_stopped"] = first

@@ -11,11 +11,16 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 
 from fleet_server.runner import ServerThread
+from simulator.runner import DRAIN_QUIET, ScenarioRun
+from simulator.scenario import parse_scenario
 
 from .conftest import FakeDevice, register, stats, wait_for
 from .test_mqtt import telemetry
@@ -60,3 +65,44 @@ def test_a_stalled_ingest_worker_shows_as_lag_and_catches_up(
         wait_for(lambda: stats(api)["telemetry_batches"] == 21, timeout=30)
         wait_for(lambda: lag_metric(api) < 2.0, timeout=30)  # caught up: the next probe comes back at once
         assert api.get("/readyz").status_code == 200
+
+
+def test_the_scenario_telemetry_check_waits_for_a_server_that_is_behind(
+    make_server: Callable[..., ServerThread], fake_device: Callable[[str], FakeDevice], tmp_path: Path
+) -> None:
+    """The scenario runner counts stored batches once the fleet stopped. A server still behind then
+    (its worker stalled longer than the runner's quiet period) is waited for, not counted short."""
+    srv = make_server(shared_subscriptions=False)
+    bridge = srv.context.bridge
+    assert bridge is not None
+    scenario = parse_scenario(
+        {
+            "name": "drain",
+            "fleet": {"devices": 1, "classes": [{"name": "rpi4"}]},
+            "models": {"v1": {"version": "1"}},
+            "steps": [{"action": "sleep", "seconds": 0}],
+            "expect": [{"check": "telemetry_lost", "at_most": 0}],
+        }
+    )
+    token = (tmp_path / "server-data" / "admin.token").read_text().strip()  # the server's bootstrap token
+    run = ScenarioRun(scenario, SimpleNamespace(server_url=srv.url, admin_token=token), tmp_path)  # type: ignore[arg-type]
+    with httpx.Client(base_url=srv.url, timeout=10) as api:
+        register(api, "drain-1")
+        dev = fake_device("drain-1")
+        dev.publish("telemetry", telemetry("drain-1", "d0", SHA, 1))
+        wait_for(lambda: stats(api)["telemetry_batches"] == 1, timeout=15)
+    pid = bridge.workers[0].pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(DRAIN_QUIET + 3.0, os.kill, (pid, signal.SIGCONT))
+    try:
+        for i in range(1, 21):
+            dev.publish("telemetry", telemetry("drain-1", f"d{i}", SHA, 1))
+        resume.start()
+        settled = run._stats_settled(21)
+    finally:
+        resume.cancel()
+        os.kill(pid, signal.SIGCONT)
+    assert settled["telemetry_batches"] == 21, settled
+    assert run.result.figures["telemetry_stored_when_fleet_stopped"] == 1
+    assert run.result.figures["telemetry_drain_s"] >= DRAIN_QUIET
