@@ -85,7 +85,7 @@ def test_the_scenario_telemetry_check_waits_for_a_server_that_is_behind(
         }
     )
     token = (tmp_path / "server-data" / "admin.token").read_text().strip()  # the server's bootstrap token
-    run = ScenarioRun(scenario, SimpleNamespace(server_url=srv.url, admin_token=token), tmp_path)  # type: ignore[arg-type]
+    run = ScenarioRun(scenario, SimpleNamespace(server_url=srv.url, admin_token=token), tmp_path)
     with httpx.Client(base_url=srv.url, timeout=10) as api:
         register(api, "drain-1")
         dev = fake_device("drain-1")
