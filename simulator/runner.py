@@ -365,6 +365,9 @@ class ScenarioRun:
         if self.sc.labels is not None:
             fig["labels"] = dict(sorted(totals.labels.items()))
         fig["max_loop_lag_s"] = round(totals.max_loop_lag, 2)
+        if self.timeline is not None:  # how far behind the server's ingest fell while the script ran
+            lags = [x.ingest_lag for x in self.timeline.samples if x.ingest_lag is not None]
+            fig["max_ingest_lag_s"] = round(max(lags), 1) if lags else None
         grown = sum(p["rss_per_device_kb"] * p["devices"] for p in totals.processes)
         fig["rss_per_device_kb"] = round(grown / max(1, len(self.specs)), 1)
         if len(totals.processes) > 1:
