@@ -16,7 +16,7 @@ Processes and threads (docs/rollouts.md, "Ingest"):
 
 - a thread publishes each worker's lag probes (``fleet_server.ingest_lag``): how
   far behind ingest is, the broker's queue for the workers included
-  (``ingest_lag``, the ``edgefleet_ingest_lag_seconds`` metric, ``/ready``).
+  (``ingest_lag``, the ``edgefleet_ingest_lag_seconds`` metric, ``/readyz``).
 
 So no SQLAlchemy session is ever shared with request handlers or the ticker,
 and a slow database never stalls keepalives. paho reconnects by itself and the
@@ -293,11 +293,15 @@ class MqttBridge:
                 if not w.subscribed:
                     continue
                 for shard, probe in w.probes.items():
-                    link = self.links[shard]
-                    if not probe.due() or not link.client.is_connected():
+                    link = self.links.get(shard)
+                    if link is None or not probe.due() or not link.client.is_connected():
                         continue
                     sent = token(time.time())
-                    info = link.client.publish(probe.topic, sent.encode(), qos=1, retain=False)
+                    try:
+                        info = link.client.publish(probe.topic, sent.encode(), qos=1, retain=False)
+                    except Exception:  # a failed probe is retried on the next tick; the thread goes on
+                        log.exception("publishing a lag probe on shard %s failed", shard)
+                        continue
                     if info.rc == mqtt.MQTT_ERR_SUCCESS:
                         probe.sent(sent)
 
