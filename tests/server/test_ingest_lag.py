@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import httpx
 
+from fleet_server.ingest_lag import LagProbe, probe_topic
 from fleet_server.runner import ServerThread
 from simulator.runner import DRAIN_QUIET, ScenarioRun
 from simulator.scenario import parse_scenario
@@ -106,3 +107,26 @@ def test_the_scenario_telemetry_check_waits_for_a_server_that_is_behind(
     assert settled["telemetry_batches"] == 21, settled
     assert run.result.figures["telemetry_stored_when_fleet_stopped"] == 1
     assert run.result.figures["telemetry_drain_s"] >= DRAIN_QUIET
+
+
+def test_a_lag_probe_measures_the_one_on_its_way_and_forgets_one_lost_with_a_session() -> None:
+    now = [100.0]
+    probe = LagProbe(probe_topic("fleet-server-x-ingest0"), interval=1.0, clock=lambda: now[0])
+    assert probe.due() and probe.lag == 0.0
+    probe.sent("a")
+    assert not probe.due()  # one at a time
+    now[0] += 7.0
+    assert probe.lag == 7.0  # still on its way: the lag grows with it
+    probe.stored("stale")  # a probe queued for an earlier session of the worker
+    assert probe.lag == 7.0 and not probe.due()
+    probe.stored("a")
+    assert probe.lag == 7.0 and probe.due()  # its round trip, until the next one is back
+    probe.sent("b")
+    now[0] += 0.5
+    probe.stored("b")
+    assert probe.lag == 0.5
+    now[0] += 1.0
+    probe.sent("c")
+    probe.reset()  # the worker reconnected with a clean session: "c" is gone with it
+    now[0] += 60.0
+    assert probe.due() and probe.lag == 0.5
