@@ -222,6 +222,9 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
             "cores": os.cpu_count(),
             "telemetry_lost": (result.figures.get("telemetry_batches_sent") or 0)
             - (result.figures.get("telemetry_batches_stored") or 0),
+            # how far behind the server's ingest fell, and how long it took to catch up at the end
+            "max_ingest_lag_s": result.figures.get("max_ingest_lag_s"),
+            "telemetry_drain_s": result.figures.get("telemetry_drain_s"),
             "checks": [(c.outcome, c.label, c.detail) for c in result.checks],
             "step_error": result.step_error,
         }

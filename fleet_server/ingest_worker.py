@@ -74,6 +74,7 @@ from device_agent import protocol
 from fleet_server import reconcile
 from fleet_server.counters import Counters
 from fleet_server.ingest import TRANSIENT_ERRORS, Inbound, ingest_batch
+from fleet_server.ingest_lag import LagProbe, probe_topic
 from fleet_server.mqtt_client import Endpoint, connect, new_client, shard_endpoints
 from fleet_server.settings import ServerSettings
 
@@ -104,6 +105,10 @@ class Pipeline:
         self.engine, self.counters, self.ack, self.max_batch = engine, counters, ack, max_batch
         self.max_backlog, self.max_wait = max(max_backlog, 2 * max_batch), max_wait
         self.on_acked: Callable[[], None] | None = None
+        # lag probes (``fleet_server.ingest_lag``): taken out of the flush they arrive in, and
+        # reported with their payload once that flush is committed
+        self.probe_topic: str | None = None
+        self.on_probe: Callable[[str], None] | None = None
         # live reported snapshots, after they are committed and acknowledged (the reconciler)
         self.on_reported: Callable[[list[reconcile.Observation]], None] | None = None
         self._queue: queue.SimpleQueue[Inbound | None] = queue.SimpleQueue()
@@ -204,9 +209,11 @@ class Pipeline:
     def _store(self, batch: list[Inbound]) -> None:
         delay = 0.1
         observed: list[reconcile.Observation] = []
+        probes = [m for m in batch if m.topic == self.probe_topic] if self.probe_topic else []
+        messages = [m for m in batch if m.topic != self.probe_topic] if probes else batch
         while True:
             try:
-                observed = ingest_batch(self.engine, batch, self.counters)
+                observed = ingest_batch(self.engine, messages, self.counters)
                 break
             except TRANSIENT_ERRORS:
                 if self._stopping.is_set():
@@ -230,6 +237,9 @@ class Pipeline:
                     acked = True
             if acked and self.on_acked is not None:
                 self.on_acked()
+        if probes and self.on_probe is not None:
+            for m in probes:
+                self.on_probe(m.payload.decode("ascii", "replace"))
         if observed and self.on_reported is not None:
             try:
                 self.on_reported(observed)
@@ -356,6 +366,7 @@ def worker_main(
                 "backlog": sum(c.pipeline.backlog for c in consumers),
                 # whole seconds: a report a second at most while storing
                 "lag": int(max(c.pipeline.lag for c in consumers)),
+                "probes": {c.shard: c.probe for c in consumers},  # the server measures the lag with them
             }
             if state != last:
                 try:
@@ -383,7 +394,7 @@ def worker_main(
     # what it did not acknowledge and queues the rest for it until the worker is back.
     for consumer in consumers:
         consumer.subscribed.clear()
-        leave(consumer.client, consumer.pipeline, [] if persistent else filters, discard)
+        leave(consumer.client, consumer.pipeline, [] if persistent else consumer.filters, discard)
         consumer.client.disconnect()  # after the PUBACKs: paho sends queued packets in order
         consumer.client.loop_stop()
     done.set()
@@ -408,9 +419,14 @@ class _Consumer:
         leaving: threading.Event,
     ) -> None:
         self.settings, self.persistent, self.shard, self.where = settings, persistent, shard, where
-        self.counters, self.filters, self.leaving = counters, filters, leaving
+        self.counters, self.leaving = counters, leaving
+        probe = probe_topic(client_id)  # plain, not shared: this worker's own lag probes
+        self.filters = [*filters, probe]
         self.client = new_client(settings, client_id, persistent, where)
         self.pipeline = pipeline_for(settings, engine, counters, self.client)
+        self.probe = ""  # the last lag probe stored, reported to the server
+        self.pipeline.probe_topic = probe
+        self.pipeline.on_probe = self._probe_stored
         self.subscribed = threading.Event()
         self.pending: set[int] = set()
         self.client.on_connect = self._on_connect
@@ -421,6 +437,9 @@ class _Consumer:
     def start(self) -> None:
         self.pipeline.start()
         connect(self.client, self.settings, self.persistent, self.where)
+
+    def _probe_stored(self, token: str) -> None:
+        self.probe = token
 
     def _on_connect(self, c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None) -> None:
         if rc.is_failure:
@@ -471,13 +490,17 @@ class IngestWorker:
         counters: Counters,
         on_change: Callable[[], None],
         channels: tuple[protocol.Channel, ...] = STREAM_CHANNELS,
+        shards: tuple[str, ...] = (),
     ) -> None:
+        """``shards``: the broker shards the server probes this worker's lag on
+        (``fleet_server.ingest_lag``; the server publishes the probes, see ``MqttBridge``)."""
         self.settings, self.client_id, self.counters, self.channels = settings, client_id, counters, channels
         self._on_change = on_change
         self.subscribed = False
         self.connected = False
         self.backlog = 0
-        self.lag = 0.0  # the worker's ingest lag, seconds (Pipeline.lag)
+        self.pipeline_lag = 0.0  # as the worker reports it (Pipeline.lag: since paho read the message)
+        self.probes = {name: LagProbe(probe_topic(client_id)) for name in shards}
         self._stopping = False
         self._proc: Any = None
         self._pid: int | None = None  # kept: a closed process handle no longer tells it
@@ -487,6 +510,12 @@ class IngestWorker:
     @property
     def pid(self) -> int | None:
         return self._pid
+
+    @property
+    def lag(self) -> float:
+        """Seconds a message reaching the broker now waits before this worker has stored it: the
+        probes' figure (the broker's queue included), or the pipeline's own if that is longer."""
+        return max([self.pipeline_lag, *(p.lag for p in self.probes.values())])
 
     def start(self) -> None:
         ctx = _context()
@@ -537,11 +566,19 @@ class IngestWorker:
                 state["connected"],
                 state["backlog"],
             )
-            self.lag = float(state.get("lag", 0.0))
+            self.pipeline_lag = float(state.get("lag", 0.0))
+            for shard, token in (state.get("probes") or {}).items():
+                if token and shard in self.probes:
+                    self.probes[shard].stored(token)
+            if not self.subscribed:  # (re)connecting: a probe queued for a clean session is gone
+                for probe in self.probes.values():
+                    probe.reset()
             self._on_change()
         conn.close()
         self.subscribed = self.connected = False
         self.backlog = 0
+        for probe in self.probes.values():
+            probe.reset()
         self._on_change()
         if not self._stopping:
             if self._proc is not None:

@@ -130,7 +130,8 @@ class FleetCollector(Collector):
         )
         yield GaugeMetricFamily(
             "edgefleet_ingest_lag_seconds",
-            "how long the oldest message being stored has waited",
+            "how long a message reaching the broker now waits before it is stored: the broker's queue"
+            " for the ingest workers (measured with probes through it) and this replica's own",
             value=bridge.ingest_lag if bridge else 0.0,
         )
         yield GaugeMetricFamily(

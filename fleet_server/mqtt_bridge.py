@@ -14,6 +14,10 @@ Processes and threads (docs/rollouts.md, "Ingest"):
   ``$share`` group, its own pipeline and engine; with ``ingest_workers=0``
   the main client takes them too.
 
+- a thread publishes each worker's lag probes (``fleet_server.ingest_lag``): how
+  far behind ingest is, the broker's queue for the workers included
+  (``ingest_lag``, the ``edgefleet_ingest_lag_seconds`` metric, ``/readyz``).
+
 So no SQLAlchemy session is ever shared with request handlers or the ticker,
 and a slow database never stalls keepalives. paho reconnects by itself and the
 subscriptions are renewed in ``on_connect``. Every connection has its own
@@ -52,6 +56,7 @@ from sqlalchemy import Engine
 from device_agent import protocol
 from fleet_server import reconcile
 from fleet_server.counters import Counters
+from fleet_server.ingest_lag import token
 from fleet_server.ingest_worker import (
     STREAM_CHANNELS,
     IngestWorker,
@@ -77,6 +82,7 @@ log = logging.getLogger(__name__)
 SNAPSHOT_CHANNELS = (protocol.Channel.REPORTED, protocol.Channel.STATUS)
 INBOUND_CHANNELS = SNAPSHOT_CHANNELS + STREAM_CHANNELS
 DESIRED_SUFFIX = f"/{protocol.Channel.DESIRED.value}"
+PROBE_TICK = 0.25  # seconds between checks for a lag probe due (ingest_lag.PROBE_INTERVAL paces them)
 
 
 class ShardLink:
@@ -231,9 +237,12 @@ class MqttBridge:
                 counters,
                 self._update_subscribed,
                 worker_channels(i),
+                tuple(self.links),
             )
             for i in range(max(n, 0))
         ]
+        self._probing = threading.Event()  # set: stop probing
+        self._prober = threading.Thread(target=self._probe_lag, name="ef-ingest-lag", daemon=True)
 
     def start(self, is_leader: Callable[[], bool] | None = None) -> None:
         """``is_leader``: whether this replica drives the engine (only the leader republishes)."""
@@ -246,12 +255,17 @@ class MqttBridge:
         self.reconciler.start()
         for link in self.links.values():
             connect(link.client, self.settings, self.persistent, link.endpoint)
+        if self.workers:
+            self._prober.start()
 
     def stop(self, discard_backlog: bool = False) -> None:
         """Stop the workers, store (and acknowledge) what was received unless ``discard_backlog``
         (benchmarks), then disconnect. Stream consumers leave their ``$share`` group before they stop
         storing (``ingest_worker.leave``), so what the broker sends meanwhile goes to other replicas."""
         self._stopping = True
+        self._probing.set()
+        if self._prober.is_alive():
+            self._prober.join(5)
         self.reconciler.stop()
         for w in self.workers:
             w.stop(discard_backlog)
@@ -271,9 +285,30 @@ class MqttBridge:
             w.backlog for w in self.workers
         )
 
+    def _probe_lag(self) -> None:
+        """Publish each worker's lag probes (``fleet_server.ingest_lag``): on every shard, one at a
+        time, while the worker is subscribed and this shard's main client connected."""
+        while not self._probing.wait(PROBE_TICK):
+            for w in self.workers:
+                if not w.subscribed:
+                    continue
+                for shard, probe in w.probes.items():
+                    link = self.links.get(shard)
+                    if link is None or not probe.due() or not link.client.is_connected():
+                        continue
+                    sent = token(time.time())
+                    try:
+                        info = link.client.publish(probe.topic, sent.encode(), qos=1, retain=False)
+                    except Exception:  # a failed probe is retried on the next tick; the thread goes on
+                        log.exception("publishing a lag probe on shard %s failed", shard)
+                        continue
+                    if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                        probe.sent(sent)
+
     @property
     def ingest_lag(self) -> float:
-        """Seconds the oldest message being stored has waited (this process and its workers)."""
+        """Seconds a message reaching the broker now waits before it is stored (this process and its
+        workers; the workers' figure includes what waits in the broker's queue for them)."""
         return max([*(link.pipeline.lag for link in self.links.values()), *(w.lag for w in self.workers)])
 
     @property

@@ -517,6 +517,12 @@ class StatsOut(BaseModel):
         description="directives not published: the device's record names a broker shard the shards file"
         " does not list",
     )
+    ingest_lag_seconds: float = Field(
+        default=0.0,
+        description="how long a message reaching the broker now waits before it is stored (the broker's"
+        " queue for the ingest workers included; the edgefleet_ingest_lag_seconds metric)",
+    )
+    ingest_backlog_messages: int = Field(default=0, description="messages received, not stored yet")
 
 
 class TokenIn(BaseModel):

@@ -42,6 +42,13 @@ SAMPLES_PER_S_DEVICES = 2000  # the timeline samples at most every devices / thi
 
 TERMINAL = ("completed", "rolled_back", "aborted")
 STOPS = ("roll_back", "pause", "roll_back_cohort", "pause_cohort")  # decisions where a gate stopped
+# The telemetry check counts once the server stored what the fleet sent: a server behind it (its
+# ingest lag above DRAIN_LAG s, or a backlog) is waited for up to DRAIN_TIMEOUT s; one caught up
+# that stores nothing for DRAIN_QUIET s is not.
+DRAIN_TIMEOUT = 600.0
+DRAIN_QUIET = 15.0
+DRAIN_LAG = 2.0
+DRAIN_SILENT = 120.0  # nor one that neither answers nor stores anything for this long
 
 
 class Harness(Protocol):
@@ -358,6 +365,9 @@ class ScenarioRun:
         if self.sc.labels is not None:
             fig["labels"] = dict(sorted(totals.labels.items()))
         fig["max_loop_lag_s"] = round(totals.max_loop_lag, 2)
+        if self.timeline is not None:  # how far behind the server's ingest fell while the script ran
+            lags = [x.ingest_lag for x in self.timeline.samples if x.ingest_lag is not None]
+            fig["max_ingest_lag_s"] = round(max(lags), 1) if lags else None
         grown = sum(p["rss_per_device_kb"] * p["devices"] for p in totals.processes)
         fig["rss_per_device_kb"] = round(grown / max(1, len(self.specs)), 1)
         if len(totals.processes) > 1:
@@ -386,17 +396,44 @@ class ScenarioRun:
             else:
                 self.result.checks.append(self._check(exp, snapshot, final, sent, stats))
 
-    def _stats_settled(self, sent: int, timeout: float = 15.0) -> dict[str, Any]:
-        """Server ingest counters, once the stored batches reach ``sent`` or stop moving."""
-        deadline = time.monotonic() + timeout
+    def _stats_settled(
+        self, sent: int, timeout: float = DRAIN_TIMEOUT, quiet: float = DRAIN_QUIET
+    ) -> dict[str, Any]:
+        """Server ingest counters, once the stored batches reach ``sent``.
+
+        A server behind the fleet (starved of CPU, say) still has batches waiting for it in the
+        broker's queue when the fleet stops: it is waited for while it says so (its ingest lag or
+        backlog, ``/api/v1/stats``) or stores more, up to ``timeout``. One that is caught up and
+        stored nothing for ``quiet`` seconds is not: what it lacks then is lost. The figures say
+        how far behind it was when the fleet stopped and how long it took to catch up."""
+        t0 = time.monotonic()
+        deadline, moved = t0 + timeout, t0
         last: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                stats = dict(self._api.get("/api/v1/stats").json())
-                if int(stats.get("telemetry_batches", 0)) >= sent:
-                    return stats
+        first: int | None = None
+        while time.monotonic() < deadline and time.monotonic() - moved < DRAIN_SILENT:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+                reply = self._api.get("/api/v1/stats")
+                reply.raise_for_status()
+                stats = dict(reply.json())
+                stored = int(stats["telemetry_batches"])
+                if first is None or stored != int(last["telemetry_batches"]):
+                    moved = time.monotonic()
+                    first = stored if first is None else first
                 last = stats
+                if stored >= sent:
+                    break
+                behind = (
+                    float(stats.get("ingest_lag_seconds", 0.0)) > DRAIN_LAG
+                    or int(stats.get("ingest_backlog_messages", 0)) > 0
+                )
+                if not behind and time.monotonic() - moved > quiet:
+                    break
+                if behind:
+                    moved = max(moved, time.monotonic() - quiet)  # waiting on a server that says it is behind
             time.sleep(0.25)
+        fig = self.result.figures
+        fig["telemetry_stored_when_fleet_stopped"] = first
+        fig["telemetry_drain_s"] = round(time.monotonic() - t0, 1)
         return last
 
     def _event(self, what: str, mark: bool = True) -> None:

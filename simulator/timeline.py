@@ -92,6 +92,7 @@ class Sample:
     rollouts: dict[str, dict[str, Any]] = field(
         default_factory=dict
     )  # key -> state, stage, per_stage, stages
+    ingest_lag: float | None = None  # the server's ingest lag, seconds (None: it did not answer)
 
 
 class Timeline:
@@ -146,6 +147,9 @@ class Timeline:
         t = time.monotonic() - self.t0
         agents: Counter[str] = Counter(st.state for st in self.fleet.status().values())
         s = Sample(t, agents)
+        with contextlib.suppress(httpx.HTTPError, ValueError, TypeError):
+            stats = self.api.get("/api/v1/stats").json()
+            s.ingest_lag = float(stats["ingest_lag_seconds"]) if "ingest_lag_seconds" in stats else None
         for key, rid in list(self.rollouts.items()):
             try:
                 status = self.api.get(f"/api/v1/rollouts/{rid}").json()

@@ -93,8 +93,13 @@ def metrics(c: Ctx, authorization: Annotated[str | None, Header(include_in_schem
 
 @router.get("/stats", response_model=StatsOut, summary="Ingest counters")
 def stats(c: Ctx) -> StatsOut:
-    """This process's ingest counters (summed over its ingest workers)."""
-    return StatsOut.model_validate(c.counters.snapshot())
+    """This process's ingest counters (summed over its ingest workers), and how far behind it is."""
+    lag = (
+        {"ingest_lag_seconds": c.bridge.ingest_lag, "ingest_backlog_messages": c.bridge.backlog}
+        if c.bridge
+        else {}
+    )
+    return StatsOut.model_validate({**c.counters.snapshot(), **lag})
 
 
 @router.get("/server", response_model=ServerOut, summary="This replica")
