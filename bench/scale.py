@@ -77,6 +77,16 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the server's forkserver and its ingest workers)."""
+    out, todo = [], _children(pid)
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(_children(child))
+    return out
+
+
 class CpuMeter:
     """Samples the CPU time of named processes every ``interval`` s (monotonic time, per role)."""
 
@@ -148,8 +158,11 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
         nginx = getattr(harness, "_nginx", None)  # none without a mirror (or before mirrors existed)
 
         def roles() -> dict[str, list[int]]:
+            server = harness._server._proc.pid
             out = {
-                "server": [harness._server._proc.pid],
+                "server": [server],
+                # its ingest workers (events, telemetry): processes of their own under a forkserver
+                "server_ingest": _descendants(server),
                 "broker": [harness._broker_handle.process.pid],
                 "coordinator": [os.getpid()],
                 "workers": fleet_pids(),
@@ -184,12 +197,15 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
+        profiler = _profile(lambda: harness._server._proc.pid, run)
         try:
             result = run.execute()
+            timings = _timeline(harness, run.rollouts.get("r"))
         finally:
             stop_watch.set()
             watcher.join(5)
             meter.stop()
+            profiler()
         t0 = run._t0
         start = next(t for t, w in result.events if w.startswith("step 0"))
         end = next((t for t, w in result.events if w.startswith("rollout r:")), None)
@@ -224,7 +240,57 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
             - (result.figures.get("telemetry_batches_stored") or 0),
             "checks": [(c.outcome, c.label, c.detail) for c in result.checks],
             "step_error": result.step_error,
+            "timeline": timings,
         }
+
+
+def _profile(server_pid: Any, run: Any) -> Any:
+    """With ``EDGEFLEET_BENCH_PROFILE=FILE``: py-spy samples the fleet server (and its ingest
+    workers) from the rollout's creation to the end of the run, collapsed stacks into FILE.
+    Returns the function that stops it."""
+    out = os.environ.get("EDGEFLEET_BENCH_PROFILE")
+    if not out:
+        return lambda: None
+    procs: list[subprocess.Popen[bytes]] = []
+    stop = threading.Event()
+
+    def start() -> None:
+        while not stop.is_set() and not any(w.startswith("step 0") for _, w in run.result.events):
+            stop.wait(0.05)
+        if stop.is_set():
+            return
+        spy = Path(sys.executable).parent / "py-spy"
+        cmd = [str(spy) if spy.exists() else "py-spy", "record", "--pid", str(server_pid()),
+               "--subprocesses", "--rate", "100", "--format", "raw", "--output", out,
+               "--nonblocking"]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    starter = threading.Thread(target=start, daemon=True)
+    starter.start()
+
+    def finish() -> None:
+        stop.set()
+        starter.join(5)
+        for proc in procs:
+            proc.send_signal(2)  # SIGINT: py-spy writes its file
+            proc.wait(30)
+
+    return finish
+
+
+def _timeline(harness: Any, rollout_id: str | None) -> dict[str, Any] | None:
+    """Where the rollout's wall time went (bench/rollout_timeline.py), from the server's database."""
+    if rollout_id is None:
+        return None
+    from bench.rollout_timeline import timeline, totals
+    from fleet_server.store import make_engine
+
+    engine = make_engine(harness._server_settings(), migrate=False)
+    try:
+        tl = timeline(engine, rollout_id)
+    finally:
+        engine.dispose()
+    return {"critical_path_totals": totals(tl), "stages": tl["stages"], "decisions": tl["decisions"]}
 
 
 def _subprocess(devices: int, cache: Path, delivery: str, processes: int) -> dict[str, Any]:
