@@ -4,11 +4,9 @@ rows the engine expects."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import Engine, insert
 from sqlmodel import select
@@ -30,20 +28,11 @@ HARDWARE = ("rpi4", "jetson", "imx8")
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """An empty store of each kind (on PostgreSQL a database of the test's own)."""
-    url = None
-    if request.param == "postgresql":
-        base = request.getfixturevalue("pg_url")
-        url = f"{base}_{uuid.uuid4().hex[:6]}"
-        admin = base.replace("postgresql+psycopg://", "postgresql://")
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{url.rsplit("/", 1)[1]}"')
+    url = request.getfixturevalue("fresh_pg") if request.param == "postgresql" else None
     engine = make_engine(ServerSettings(database_url=url, data_dir=tmp_path))
     assert engine.dialect.name == request.param
     yield engine
     engine.dispose()
-    if url is not None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
 
 
 def _fleet(engine: Engine, n: int) -> None:
