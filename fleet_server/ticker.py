@@ -69,6 +69,8 @@ MIN_WAKE_GAP_S = 0.05  # the least time between a tick and one a wake brings for
 SETTLED_STATES = frozenset(
     {DeploymentState.SERVING, DeploymentState.FAILED, DeploymentState.REJECTED, DeploymentState.REVERTED}
 )
+FINAL_FAILURES = SETTLED_STATES - {DeploymentState.SERVING}
+SWAPPED = frozenset({DeploymentState.SERVING, DeploymentState.PROBATION})  # states after the swap
 # In flight and able to finish on a report (a retry waits for its time, not for a report).
 WATCHED_STATES = frozenset(DS.IN_FLIGHT) - {DS.RETRY_WAIT}
 
@@ -259,36 +261,40 @@ def rollout_snapshot(r: Rollout) -> rollout_engine.RolloutSnapshot:
 class Watch:
     """Which live reports may let the engine move: per rollout, the devices it waits for.
 
-    ``track`` (after each tick of a rollout) records its in-flight devices, with the seq each was
-    sent, and which of them have not yet reported that seq settled. ``seen`` (each live report)
-    answers True when the report settles the last of a rollout's devices not settled yet, or
-    comes from one of its devices when all of them have settled: the report that proves a device
-    serves follows the one of its swap, and the engine counts a device done only on the proof.
-    A rollout with a device waiting for a retry is not watched (its stage waits for the retry).
+    ``track`` (after each tick of a rollout) records its in-flight devices with the seq each was
+    sent and the state each last reported for it. ``seen`` (each live report) answers True for
+    the report that settles the last of them (serving, or failed: a stage may end now) and for the
+    one that finishes the last of them. A device has finished once it failed, or once it reports
+    serving after a report of its swap (serving or probation): the agent reports its first served
+    inference with the new model in a report of its own, after the swap's, and the engine counts
+    a device done only on that proof. So a stage wakes the engine about twice, not once per
+    report. A rollout with a device waiting for a retry is not watched (its stage waits for it).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._devices: dict[str, tuple[str, int | None]] = {}  # device -> (rollout, seq sent)
+        self._last: dict[str, str | None] = {}  # device -> state it last reported for that seq
         self._unsettled: dict[str, set[str]] = {}  # rollout -> watched devices not settled yet
+        self._unfinished: dict[str, set[str]] = {}  # rollout -> watched devices not finished yet
 
     def track(self, rollout_id: str, devices: Sequence[rollout_engine.DeviceSnapshot]) -> None:
         watched = [d for d in devices if d.state in WATCHED_STATES]
         blocked = any(d.state == DS.RETRY_WAIT for d in devices)
         with self._lock:
-            for device_id in self._unsettled.pop(rollout_id, set()):
+            for device_id in self._unfinished.pop(rollout_id, set()):
                 self._devices.pop(device_id, None)
-            for device_id in [k for k, (r, _) in self._devices.items() if r == rollout_id]:
-                del self._devices[device_id]
+                self._last.pop(device_id, None)
+            self._unsettled.pop(rollout_id, None)
             if blocked or not watched:
                 return
             for d in watched:
                 self._devices[d.device_id] = (rollout_id, d.seq)
+                self._last[d.device_id] = d.reported_state if d.reported_seq == d.seq else None
             self._unsettled[rollout_id] = {
-                d.device_id
-                for d in watched
-                if not (d.reported_seq == d.seq and d.reported_state in SETTLED_STATES)
+                d.device_id for d in watched if self._last[d.device_id] not in SETTLED_STATES
             }
+            self._unfinished[rollout_id] = {d.device_id for d in watched}
 
     def forget(self, rollout_id: str) -> None:
         self.track(rollout_id, ())
@@ -301,13 +307,18 @@ class Watch:
             rollout_id, sent = held
             if sent is not None and seq != sent:
                 return False
-            unsettled = self._unsettled.get(rollout_id)
-            if unsettled is None:
-                return False
-            if state in SETTLED_STATES:
+            before, self._last[device_id] = self._last.get(device_id), state
+            wake = False
+            unsettled = self._unsettled.get(rollout_id, set())
+            if state in SETTLED_STATES and device_id in unsettled:
                 unsettled.discard(device_id)
-                return not unsettled
-            return False
+                wake = not unsettled
+            unfinished = self._unfinished.get(rollout_id, set())
+            finished = state in FINAL_FAILURES or (state == DeploymentState.SERVING and before in SWAPPED)
+            if finished and device_id in unfinished:
+                unfinished.discard(device_id)
+                wake = wake or not unfinished
+            return wake
 
 
 class Ticker:

@@ -20,7 +20,7 @@ from .conftest import FakeDevice, make_bundle, register, upload, wait_for
 from .test_rollout_flow import directives, serve, status
 
 
-def test_watch_wakes_on_the_report_that_settles_the_last_device() -> None:
+def test_watch_wakes_when_the_last_device_settles_and_when_it_finishes() -> None:
     watch = Watch()
     watch.track(
         "r",
@@ -33,14 +33,29 @@ def test_watch_wakes_on_the_report_that_settles_the_last_device() -> None:
     )
     assert not watch.seen("d", 1, DeploymentState.SERVING)  # not in flight
     assert not watch.seen("c", 2, DeploymentState.SERVING)  # done already
-    assert not watch.seen("a", 3, DeploymentState.PROBATION)  # not settled: the engine waits for its end
-    assert not watch.seen("a", 3, DeploymentState.SERVING)  # settled, but b is not
+    assert not watch.seen("a", 3, DeploymentState.SWAPPING)
+    assert not watch.seen("a", 3, DeploymentState.PROBATION)  # swapped, on probation: not settled
+    assert not watch.seen("a", 3, DeploymentState.SERVING)  # probation passed: a finished, b is not
     assert not watch.seen("b", 4, DeploymentState.FAILED)  # another seq than the one it was sent
-    assert watch.seen("b", 5, DeploymentState.FAILED)  # the last one: the stage may end
-    # Every device settled: a later report of one of them may be its proof (first served inference).
-    assert watch.seen("a", 3, DeploymentState.SERVING)
+    assert not watch.seen("b", 5, DeploymentState.SWAPPING)
+    assert watch.seen("b", 5, DeploymentState.SERVING)  # the last one settles: the stage may end now
+    assert watch.seen("b", 5, DeploymentState.SERVING)  # its proof: the last device finished
+    assert not watch.seen("b", 5, DeploymentState.SERVING)  # once
     watch.forget("r")
     assert not watch.seen("a", 3, DeploymentState.SERVING)
+
+
+def test_watch_counts_a_failure_as_finished_and_knows_the_states_reported_before() -> None:
+    watch = Watch()
+    watch.track(
+        "r",
+        [
+            DeviceSnapshot("a", DS.INSTALLING, stage=0, seq=3, reported_seq=3, reported_state="serving"),
+            DeviceSnapshot("b", DS.NOTIFIED, stage=0, seq=4),
+        ],
+    )
+    assert not watch.seen("a", 3, DeploymentState.SERVING)  # a's proof; b is on its way
+    assert watch.seen("b", 4, DeploymentState.FAILED)  # settles and finishes the last device
 
 
 def test_watch_leaves_a_rollout_with_a_retry_waiting_to_the_interval() -> None:
