@@ -45,8 +45,9 @@ SCENARIO_FILE = Path(__file__).resolve().parent.parent / "scenarios" / "scale-10
 TICK_HZ = os.sysconf("SC_CLK_TCK")
 
 
-def scenario(devices: int, delivery: str, processes: int) -> dict[str, Any]:
-    """The scale scenario file, resized: N devices over ``processes`` workers, with ``delivery``."""
+def scenario(devices: int, delivery: str, processes: int, workload_hz: float | None = None) -> dict[str, Any]:
+    """The scale scenario file, resized: N devices over ``processes`` workers, with ``delivery``
+    (and ``workload_hz`` inferences per second per device instead of the file's 0.2)."""
     import tomllib
 
     data = tomllib.loads(SCENARIO_FILE.read_text())
@@ -58,6 +59,8 @@ def scenario(devices: int, delivery: str, processes: int) -> dict[str, Any]:
         data["fleet"].pop("mirrors", None)
     data["fleet"]["devices"] = devices
     data["fleet"]["processes"] = processes
+    if workload_hz is not None:
+        data["fleet"]["workload_hz"] = workload_hz
     return dict(data)
 
 
@@ -137,8 +140,14 @@ class CpuMeter:
         return {role: round(b.get(role, 0.0) - a.get(role, 0.0), 2) for role in b}
 
 
-def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> dict[str, Any]:
-    """One run in this process (models prebuilt in ``model_cache``); the figures as a dict."""
+def measure(
+    devices: int, model_cache: Path, delivery: str, processes: int, workload_hz: float | None = None
+) -> dict[str, Any]:
+    """One run in this process (models prebuilt in ``model_cache``); the figures as a dict.
+
+    A device is done only once it served an inference with the new model, so the workload's
+    period bounds each stage from below: at 0.2 inferences/s the last of a stage's devices waits
+    up to 5 s after its swap (the timeline's ``proof_wait``)."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
@@ -146,7 +155,7 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
     from simulator.runner import ScenarioRun
     from simulator.scenario import parse_scenario
 
-    sc = parse_scenario(scenario(devices, delivery, processes))
+    sc = parse_scenario(scenario(devices, delivery, processes, workload_hz))
     load_before = os.getloadavg()
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -220,6 +229,7 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
             "devices": devices,
             "processes": processes,
             "delivery": delivery,
+            "workload_hz": sc.fleet.workload_hz,
             "broker": BROKER,
             "ok": result.ok,
             "state": state,
@@ -361,6 +371,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--delivery", choices=("server", "mirror"), default="mirror")
     parser.add_argument("--processes", "-p", type=int, default=0, help="fleet workers (default N/1000)")
     parser.add_argument("--baseline", action="store_true", help="also run it with delivery=server")
+    parser.add_argument("--workload-hz", type=float, default=None, help="inferences/s per device (file: 0.2)")
     args = parser.parse_args(argv)
     if args.devices is None:
         for r in run():
@@ -379,7 +390,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(new))
         print(row(base, new))
         return 0
-    print(json.dumps(measure(args.devices, cache, args.delivery, procs)))
+    print(json.dumps(measure(args.devices, cache, args.delivery, procs, args.workload_hz)))
     return 0
 
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, func, insert, or_
+from sqlalchemy import case, exists, func, insert, or_
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -329,20 +329,42 @@ def rollout_statuses(
     if not ids:
         return []
     devices: dict[str, list[tuple[str, str, int | None, str | None]]] = {i: [] for i in ids}
+    counts: dict[str, Counter[tuple[int | None, str, str | None]]] = {i: Counter() for i in ids}
     session.flush()  # the Core queries below see the session's pending changes (an action's decision)
     conn = session.connection()  # Core rows: no ORM bookkeeping per device
-    for rid, device_id, state, stage, reason in conn.execute(
-        sa_select(
-            col(RolloutDevice.rollout_id),
-            col(RolloutDevice.device_id),
-            col(RolloutDevice.state),
-            col(RolloutDevice.stage),
-            col(RolloutDevice.reason),
-        ).where(col(RolloutDevice.rollout_id).in_(ids))
-    ).all():
-        devices[rid].append((device_id, state, stage, reason))
-    for rows in devices.values() if with_devices else ():
-        rows.sort()  # by device id in Python's order, not the database collation's
+    if with_devices:
+        for rid, device_id, state, stage, reason in conn.execute(
+            sa_select(
+                col(RolloutDevice.rollout_id),
+                col(RolloutDevice.device_id),
+                col(RolloutDevice.state),
+                col(RolloutDevice.stage),
+                col(RolloutDevice.reason),
+            ).where(col(RolloutDevice.rollout_id).in_(ids))
+        ).all():
+            devices[rid].append((device_id, state, stage, reason))
+            counts[rid][(stage, state, reason if state == DS.WAITING else None)] += 1
+        for rows in devices.values():
+            rows.sort()  # by device id in Python's order, not the database collation's
+    else:  # the counts alone, counted by the database: a few rows instead of one per device
+        waiting_reason = case((col(RolloutDevice.state) == DS.WAITING, col(RolloutDevice.reason)))
+        for rid, stage, state, reason, n in conn.execute(
+            sa_select(
+                col(RolloutDevice.rollout_id),
+                col(RolloutDevice.stage),
+                col(RolloutDevice.state),
+                waiting_reason,
+                func.count(),
+            )
+            .where(col(RolloutDevice.rollout_id).in_(ids))
+            .group_by(
+                col(RolloutDevice.rollout_id),
+                col(RolloutDevice.stage),
+                col(RolloutDevice.state),
+                waiting_reason,
+            )
+        ).all():
+            counts[rid][(stage, state, reason)] += n
     decisions: dict[str, list[DecisionOut]] = {i: [] for i in ids}
     for rid, ts, action, reason, figures in conn.execute(
         sa_select(
@@ -357,7 +379,10 @@ def rollout_statuses(
     ).all():
         decisions[rid].append(DecisionOut(ts=ts, action=action, reason=reason, figures=figures))
     delivery = _delivery(conn, ids)
-    return [_status(r, devices[r.id], decisions[r.id], delivery.get(r.id), with_devices) for r in rollouts]
+    return [
+        _status(r, devices[r.id], counts[r.id], decisions[r.id], delivery.get(r.id), with_devices)
+        for r in rollouts
+    ]
 
 
 def _delivery(conn: Any, ids: list[str]) -> dict[str, DeliveryOut]:
@@ -394,16 +419,20 @@ def _delivery(conn: Any, ids: list[str]) -> dict[str, DeliveryOut]:
 def _status(
     rollout: Rollout,
     rds: list[tuple[str, str, int | None, str | None]],
+    counts: Counter[tuple[int | None, str, str | None]],
     decisions: list[DecisionOut],
     delivery: DeliveryOut | None = None,
     with_devices: bool = True,
 ) -> RolloutOut:
-    """One rollout's status from its devices (device, state, stage, reason; sorted by device)."""
+    """One rollout's status from its devices: ``counts`` per (stage, state, reason of a waiting
+    device), and with ``with_devices`` each device (device, state, stage, reason; sorted by id)."""
     effective = policy.from_row(rollout)
     # devices per (stage, state): a stage's counts are cumulative over it and every earlier stage
-    per_stage: Counter[tuple[int, str]] = Counter(
-        (stage, state) for _, state, stage, _ in rds if stage is not None
-    )
+    per_stage: Counter[tuple[int, str]] = Counter()
+    for (stage, state, _), n in counts.items():
+        if stage is not None:
+            per_stage[(stage, state)] += n
+    targeted = counts.total()
     stages = []
     for i, percent in enumerate(rollout.stages):
         mine: Counter[str] = Counter()
@@ -422,7 +451,7 @@ def _status(
         stages.append(
             StageOut(
                 percent=percent,
-                target_count=stage_target(percent, len(rds), rollout.stage_unit),
+                target_count=stage_target(percent, targeted, rollout.stage_unit),
                 assigned=mine.total(),
                 done=mine[DS.DONE],
                 failed=mine[DS.FAILED] + mine[DS.TIMED_OUT],
@@ -430,11 +459,10 @@ def _status(
                 state=state,
             )
         )
-    waiting: Counter[str] = Counter(
-        (reason or "").removeprefix("waiting: ") or "waiting"
-        for _, state, _, reason in rds
-        if state == DS.WAITING
-    )
+    waiting: Counter[str] = Counter()
+    for (_, state, reason), n in counts.items():
+        if state == DS.WAITING:
+            waiting[(reason or "").removeprefix("waiting: ") or "waiting"] += n
     return RolloutOut(
         id=rollout.id,
         model=rollout.model_ref,
