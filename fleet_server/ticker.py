@@ -77,7 +77,6 @@ WATCHED_STATES = frozenset(DS.IN_FLIGHT) - {DS.RETRY_WAIT}
 Publish = Callable[[str, bytes], None]  # (device_id, signed directive)
 
 
-_REPORTED = col(Device.reported)
 SNAPSHOT_COLUMNS = (
     col(RolloutDevice.device_id),
     col(RolloutDevice.state),
@@ -94,14 +93,7 @@ SNAPSHOT_COLUMNS = (
     col(Device.deployment_seq),
     col(Device.deployment_state),
     col(Device.desired_seq),
-    # The few fields of the reported snapshot the engine reads, taken out by the database (JSON
-    # paths on PostgreSQL and SQLite alike) as text: decoding every device's whole snapshot in
-    # Python was ~40 % of a 10,000-device tick. Seqs come as text and are compared as text.
-    _REPORTED["deployment_error"].as_string().label("reported_error"),
-    _REPORTED[("last_rejection", "seq")].as_string().label("rejected_seq"),
-    _REPORTED[("last_rejection", "reason")].as_string().label("rejected_reason"),
-    _REPORTED[("waiting", "seq")].as_string().label("waiting_seq"),
-    _REPORTED[("waiting", "reason")].as_string().label("waiting_reason"),
+    col(Device.reported),
 )
 AGGREGATE_COLUMNS = (
     col(ModelAggregate.device_id),
@@ -171,11 +163,17 @@ def snapshot(
     out = []
     for rd in rows:
         agg = aggs.get(rd.device_id)
-        sent = str(rd.seq) if rd.seq is not None else None
+        reported = rd.reported or {}
+        rejection = reported.get("last_rejection") or {}
         failure = failures.get(rd.device_id)
-        if failure is None and sent is not None and rd.rejected_seq == sent:
-            failure = rd.rejected_reason or "rejected"
-        waiting = (rd.waiting_reason or "waiting") if sent is not None and rd.waiting_seq == sent else None
+        if failure is None and rd.seq is not None and rejection.get("seq") == rd.seq:
+            failure = str(rejection.get("reason") or "rejected")
+        waits = reported.get("waiting") or {}
+        waiting = (
+            str(waits.get("reason") or "waiting")
+            if rd.seq is not None and waits.get("seq") == rd.seq
+            else None
+        )
         out.append(
             rollout_engine.DeviceSnapshot(
                 device_id=rd.device_id,
@@ -187,7 +185,7 @@ def snapshot(
                 running_sha256=rd.running_sha256,
                 reported_seq=rd.deployment_seq,
                 reported_state=rd.deployment_state,
-                reported_error=rd.reported_error,
+                reported_error=reported.get("deployment_error"),
                 event_failure=failure,
                 event_progress=rd.device_id in progress,
                 served_ok=agg.served_ok if agg else 0,
