@@ -1,8 +1,6 @@
 """What the engine's snapshot reads from each device's reported snapshot (a rejection or a wait
 for the seq it was sent, the deployment error), on SQLite and PostgreSQL, whatever the snapshot
-holds: fields missing, null, or about another seq. (Reading these few fields through JSON paths
-in the database instead was tried: on SQLite 3.40 five ``json_extract`` per row cost more than
-one ``json.loads``, and PostgreSQL gained nothing.)"""
+holds: fields missing, null, or about another seq."""
 
 from __future__ import annotations
 
