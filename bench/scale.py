@@ -45,8 +45,9 @@ SCENARIO_FILE = Path(__file__).resolve().parent.parent / "scenarios" / "scale-10
 TICK_HZ = os.sysconf("SC_CLK_TCK")
 
 
-def scenario(devices: int, delivery: str, processes: int) -> dict[str, Any]:
-    """The scale scenario file, resized: N devices over ``processes`` workers, with ``delivery``."""
+def scenario(devices: int, delivery: str, processes: int, workload_hz: float | None = None) -> dict[str, Any]:
+    """The scale scenario file, resized: N devices over ``processes`` workers, with ``delivery``
+    (and ``workload_hz`` inferences per second per device instead of the file's 0.2)."""
     import tomllib
 
     data = tomllib.loads(SCENARIO_FILE.read_text())
@@ -58,6 +59,8 @@ def scenario(devices: int, delivery: str, processes: int) -> dict[str, Any]:
         data["fleet"].pop("mirrors", None)
     data["fleet"]["devices"] = devices
     data["fleet"]["processes"] = processes
+    if workload_hz is not None:
+        data["fleet"]["workload_hz"] = workload_hz
     return dict(data)
 
 
@@ -75,6 +78,16 @@ def _children(pid: int) -> list[int]:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the server's forkserver and its ingest workers)."""
+    out, todo = [], _children(pid)
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(_children(child))
+    return out
 
 
 class CpuMeter:
@@ -127,8 +140,14 @@ class CpuMeter:
         return {role: round(b.get(role, 0.0) - a.get(role, 0.0), 2) for role in b}
 
 
-def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> dict[str, Any]:
-    """One run in this process (models prebuilt in ``model_cache``); the figures as a dict."""
+def measure(
+    devices: int, model_cache: Path, delivery: str, processes: int, workload_hz: float | None = None
+) -> dict[str, Any]:
+    """One run in this process (models prebuilt in ``model_cache``); the figures as a dict.
+
+    A device is done only once it served an inference with the new model, so the workload's
+    period bounds each stage from below: at 0.2 inferences/s the last of a stage's devices waits
+    up to 5 s after its swap (the timeline's ``proof_wait``)."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
@@ -136,7 +155,7 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
     from simulator.runner import ScenarioRun
     from simulator.scenario import parse_scenario
 
-    sc = parse_scenario(scenario(devices, delivery, processes))
+    sc = parse_scenario(scenario(devices, delivery, processes, workload_hz))
     load_before = os.getloadavg()
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -148,8 +167,11 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
         nginx = getattr(harness, "_nginx", None)  # none without a mirror (or before mirrors existed)
 
         def roles() -> dict[str, list[int]]:
+            server = harness._server._proc.pid
             out = {
-                "server": [harness._server._proc.pid],
+                "server": [server],
+                # its ingest workers (events, telemetry): processes of their own under a forkserver
+                "server_ingest": _descendants(server),
                 "broker": [harness._broker_handle.process.pid],
                 "coordinator": [os.getpid()],
                 "workers": fleet_pids(),
@@ -184,12 +206,15 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
+        profiler = _profile(lambda: harness._server._proc.pid, run)
         try:
             result = run.execute()
+            timings = _timeline(harness, run.rollouts.get("r"))
         finally:
             stop_watch.set()
             watcher.join(5)
             meter.stop()
+            profiler()
         t0 = run._t0
         start = next(t for t, w in result.events if w.startswith("step 0"))
         end = next((t for t, w in result.events if w.startswith("rollout r:")), None)
@@ -204,6 +229,7 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
             "devices": devices,
             "processes": processes,
             "delivery": delivery,
+            "workload_hz": sc.fleet.workload_hz,
             "broker": BROKER,
             "ok": result.ok,
             "state": state,
@@ -227,7 +253,57 @@ def measure(devices: int, model_cache: Path, delivery: str, processes: int) -> d
             "telemetry_drain_s": result.figures.get("telemetry_drain_s"),
             "checks": [(c.outcome, c.label, c.detail) for c in result.checks],
             "step_error": result.step_error,
+            "timeline": timings,
         }
+
+
+def _profile(server_pid: Any, run: Any) -> Any:
+    """With ``EDGEFLEET_BENCH_PROFILE=FILE``: py-spy samples the fleet server (and its ingest
+    workers) from the rollout's creation to the end of the run, collapsed stacks into FILE.
+    Returns the function that stops it."""
+    out = os.environ.get("EDGEFLEET_BENCH_PROFILE")
+    if not out:
+        return lambda: None
+    procs: list[subprocess.Popen[bytes]] = []
+    stop = threading.Event()
+
+    def start() -> None:
+        while not stop.is_set() and not any(w.startswith("step 0") for _, w in run.result.events):
+            stop.wait(0.05)
+        if stop.is_set():
+            return
+        spy = Path(sys.executable).parent / "py-spy"
+        cmd = [str(spy) if spy.exists() else "py-spy", "record", "--pid", str(server_pid()),
+               "--subprocesses", "--rate", "100", "--format", "raw", "--output", out,
+               "--nonblocking"]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    starter = threading.Thread(target=start, daemon=True)
+    starter.start()
+
+    def finish() -> None:
+        stop.set()
+        starter.join(5)
+        for proc in procs:
+            proc.send_signal(2)  # SIGINT: py-spy writes its file
+            proc.wait(30)
+
+    return finish
+
+
+def _timeline(harness: Any, rollout_id: str | None) -> dict[str, Any] | None:
+    """Where the rollout's wall time went (bench/rollout_timeline.py), from the server's database."""
+    if rollout_id is None:
+        return None
+    from bench.rollout_timeline import timeline, totals
+    from fleet_server.store import make_engine
+
+    engine = make_engine(harness._server_settings(), migrate=False)
+    try:
+        tl = timeline(engine, rollout_id)
+    finally:
+        engine.dispose()
+    return {"critical_path_totals": totals(tl), "stages": tl["stages"], "decisions": tl["decisions"]}
 
 
 def _subprocess(devices: int, cache: Path, delivery: str, processes: int) -> dict[str, Any]:
@@ -298,6 +374,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--delivery", choices=("server", "mirror"), default="mirror")
     parser.add_argument("--processes", "-p", type=int, default=0, help="fleet workers (default N/1000)")
     parser.add_argument("--baseline", action="store_true", help="also run it with delivery=server")
+    parser.add_argument("--workload-hz", type=float, default=None, help="inferences/s per device (file: 0.2)")
     args = parser.parse_args(argv)
     if args.devices is None:
         for r in run():
@@ -316,7 +393,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(new))
         print(row(base, new))
         return 0
-    print(json.dumps(measure(args.devices, cache, args.delivery, procs)))
+    print(json.dumps(measure(args.devices, cache, args.delivery, procs, args.workload_hz)))
     return 0
 
 

@@ -553,8 +553,169 @@ def bench_device_list(n: int = 10_000, repeats: int = 30) -> list[dict[str, obje
     return rows
 
 
+def _old_create_rollout(session: Any, body: Any) -> Any:
+    """Rollout creation as the server did it before (the baseline): every device loaded as an ORM
+    object and tested in Python (twice: once for the deltas' bases, once for the targets), the
+    busy check as an IN list of every targeted id, and one ORM object per rollout device."""
+    import uuid as _uuid
+
+    from sqlmodel import select
+
+    from fleet_server import deltas, policy
+    from fleet_server.engine import assignment_order
+    from fleet_server.models import Device, Model, Rollout, RolloutDecision, RolloutDevice, utcnow
+    from fleet_server.rollouts import busy_devices
+    from fleet_server.selector import matches
+
+    name, version = body.model.split(":", 1)
+    model = session.exec(select(Model).where(Model.name == name, Model.version == version)).first()
+    selector = body.selector.model_dump()
+    running = {
+        d.running_sha256
+        for d in session.exec(select(Device)).all()
+        if matches(d, selector, model.hardware_ids)
+    }
+    deltas._stored(session, model, running)
+    targeted = [d for d in session.exec(select(Device)).all() if matches(d, selector, model.hardware_ids)]
+    busy = busy_devices(session, [d.id for d in targeted])
+    assert not busy
+    now = utcnow()
+    rollout = Rollout(
+        id=_uuid.uuid4().hex[:12], model_id=model.id, model_ref=f"{model.name}:{model.version}",
+        model_sha256=model.sha256, selector=selector, stages=list(body.stages), stage_unit=body.stage_unit,
+        **policy.to_row(body.policy()), created_at=now, updated_at=now,
+    )  # fmt: skip
+    session.add(rollout)
+    session.flush()
+    for d in targeted:
+        session.add(
+            RolloutDevice(
+                rollout_id=rollout.id,
+                device_id=d.id,
+                order_key=assignment_order(rollout.id, d.id),
+                updated_at=now,
+            )
+        )
+    session.add(RolloutDecision(rollout_id=rollout.id, ts=now, action="created", reason="", figures={}))
+    session.commit()
+    return rollout
+
+
+def _rollout_create_s(database_url: str | None, data_dir: Path, n: int, repeats: int) -> dict[str, float]:
+    """Median seconds to create an n-device rollout: ``POST /api/v1/rollouts`` over HTTP (the status
+    it answers included), the same creation in process without HTTP, and the old ORM path in process.
+    The engine's ticker is stopped: these rows time the creation alone."""
+    import httpx
+    from sqlalchemy import insert, text
+
+    from fleet_server.models import Device, Model, utcnow
+    from fleet_server.rollouts import create_rollout, rollout_status
+    from fleet_server.runner import ServerThread
+    from fleet_server.schemas import RolloutIn
+    from fleet_server.settings import ServerSettings
+    from fleet_server.store import new_session
+    from signing.keyring import init_keys
+
+    init_keys(data_dir / "keys")
+    request = {
+        "model": "m:1",
+        "selector": {"hardware_id": "rpi4"},
+        "stages": [1, 10, 50, 100],
+        "soak_seconds": 0,
+    }
+    body = RolloutIn.model_validate(request)
+    with start_secure_broker(data_dir / "mq") as broker:
+        settings = ServerSettings(
+            database_url=database_url, data_dir=data_dir, keys_dir=data_dir / "keys",
+            **server_mqtt_settings(broker.info), auth_required=False,
+        )  # fmt: skip
+        srv = ServerThread(settings).start()
+        try:
+            if srv.context.ticker is not None:
+                srv.context.ticker.stop()
+            now = utcnow()
+            with srv.context.engine.begin() as c:
+                c.execute(insert(Model.__table__), [{  # type: ignore[attr-defined]
+                    "id": 1, "name": "m", "version": "1", "release": 1, "target": "arm64-cpu",
+                    "hardware_ids": ["rpi4"], "sha256": SHA, "length": 1, "manifest": {},
+                    "storage_path": str(data_dir / "none"), "created_at": now}])  # fmt: skip
+                c.execute(insert(Device.__table__), [{  # type: ignore[attr-defined]
+                    "id": f"dev-{i:05d}", "hardware_id": "rpi4", "tags": {"site": "lab"},
+                    "registered_at": now, "online": True, "running_sha256": OLD, "agent_version": "0.1.0",
+                    "reported": {"capabilities": {"runtimes": {"onnxruntime": "1"}}, "served_ok": {OLD: 5}},
+                    } for i in range(n)])  # fmt: skip
+
+            def forget() -> None:
+                with srv.context.engine.begin() as c:
+                    for table in ("rolloutdecision", "rolloutdevice", "rollout"):
+                        c.execute(text(f"DELETE FROM {table}"))
+
+            def old() -> None:
+                with new_session(srv.context.engine) as session:
+                    rollout_status(session, _old_create_rollout(session, body))
+
+            def new() -> None:
+                with new_session(srv.context.engine) as session:
+                    rollout = create_rollout(session, body)
+                    session.commit()
+                    rollout_status(session, rollout)
+
+            times: dict[str, list[float]] = {"old": [], "new": [], "http": []}
+            with httpx.Client(base_url=srv.url, timeout=600) as http:
+
+                def post() -> None:
+                    resp = http.post("/api/v1/rollouts", json=request)
+                    assert resp.status_code == 201, resp.text
+                    assert len(resp.json()["devices"]) == n
+
+                for _ in range(repeats):  # interleaved: the machine's load drifts
+                    for name, call in (("old", old), ("new", new), ("http", post)):
+                        t = time.perf_counter()
+                        call()
+                        times[name].append(time.perf_counter() - t)
+                        forget()
+        finally:
+            srv.stop()
+            srv.context.engine.dispose()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_rollout_create(n: int = 10_000, repeats: int = 3) -> list[dict[str, object]]:
+    """Creating a rollout of ``n`` registered devices, against the way it was created before."""
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        targets: list[tuple[str, str | None]] = [("SQLite", None)]
+        pg = _pg_database()
+        if pg is not None:
+            targets.append(("PostgreSQL", pg[0]))
+        try:
+            for name, url in targets:
+                s = _rollout_create_s(url, Path(tmp) / name, n, repeats)
+                rows.append(
+                    {
+                        "bench": f"create a {n:,}-device rollout -> {name}",
+                        "baseline": "ORM per device (the code before), in process",
+                        "baseline_s": round(s["old"], 3),
+                        "edgefleet_s": round(s["new"], 3),
+                        "ratio": round(s["new"] / s["old"], 3),
+                        "target": "info (the harness gave it 10 s)",
+                        "http_post_s": round(s["http"], 3),
+                    }
+                )
+        finally:
+            if pg is not None:
+                pg[1]()
+    return rows
+
+
 def run(duration: float = 60.0) -> list[dict[str, object]]:
-    return bench_engine() + bench_ticker() + bench_device_list() + bench_ingest(duration)
+    return (
+        bench_engine()
+        + bench_ticker()
+        + bench_rollout_create()
+        + bench_device_list()
+        + bench_ingest(duration)
+    )
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         ticker = Ticker(settings, context.engine, bridge.publish_desired, fleet_key, context.lock)
         slo = SloRunner(context.engine, settings, lambda: ticker.is_leader)
         context.bridge, context.ticker, context.slo = bridge, ticker, slo
+        bridge.reconciler.listeners.append(ticker.observe)  # a stage's last report wakes the engine
         bridge.start(is_leader=lambda: ticker.is_leader)
         ticker.start()
         slo.start()

@@ -37,7 +37,7 @@ from sqlmodel import Session, col, select
 
 from device_agent.protocol import delta_path, delta_window_log, max_delta_bytes
 from fleet_server.models import Device, Model, RolloutDevice
-from fleet_server.selector import matches
+from fleet_server.selector import matching_devices
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +145,9 @@ def selected_bases(session: Session, model: Model, selector: dict[str, Any]) -> 
     """The stored models (same target as ``model``) run by the devices a rollout of ``model`` with
     ``selector`` would target: known before the rollout exists, so its deltas can be built (and
     published) before any of its devices is told to install."""
-    devices = session.exec(select(Device)).all()
-    running = {d.running_sha256 for d in devices if matches(d, selector, model.hardware_ids)}
-    return _stored(session, model, running)
+    return _stored(
+        session, model, (t.running_sha256 for t in matching_devices(session, selector, model.hardware_ids))
+    )
 
 
 def _stored(session: Session, model: Model, running: Iterable[str | None]) -> list[Model]:

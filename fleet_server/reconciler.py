@@ -100,6 +100,8 @@ class Reconciler:
         self.fleet_keys = dict(fleet_keys or {})
         self.clock, self.wall = clock, wall
         self.is_leader: Callable[[], bool] = lambda: True
+        # Others that act on the same stored live reports (the engine's ticker wakes on them)
+        self.listeners: list[Callable[[Sequence[reconcile.Observation]], None]] = []
         self._lock = threading.Lock()
         self._directives: dict[str, tuple[reconcile.Directive, bytes]] = {}
         self._reports: dict[str, reconcile.Observation] = {}  # latest live report per device
@@ -187,6 +189,11 @@ class Reconciler:
             with self._lock:
                 self._reports[obs.device_id] = obs
             self._judge(obs.device_id)
+        for listener in self.listeners:
+            try:
+                listener(observations)
+            except Exception:  # a listener's defect must not stop reconciling
+                log.exception("a listener of reported snapshots failed")
 
     # -- views
 

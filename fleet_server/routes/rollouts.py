@@ -78,6 +78,8 @@ def post_rollout(body: RolloutIn, request: Request, c: Ctx, session: Db) -> Roll
     with c.lock:
         rollout = create_rollout(session, body)
         session.commit()
+    if c.ticker is not None:
+        c.ticker.wake()  # its first stage is assigned now, not at the next interval
     return rollout_status(session, rollout)
 
 
@@ -176,6 +178,8 @@ def _act(rollout_id: str, action: str, c: ServerContext, session: Session) -> Ro
     with c.lock:  # this process's ticker; other replicas' wait on the row lock below
         rollout = operator_action(session, find_rollout(session, rollout_id, for_update=True), action)
         session.commit()
+    if c.ticker is not None:
+        c.ticker.wake()  # the engine carries the action out (a resume, an approval, a roll back) now
     return rollout_status(session, rollout)
 
 

@@ -1,0 +1,137 @@
+"""Creating a rollout on SQLite and PostgreSQL: the devices it targets are exactly those the
+selector's Python test (``matches``) picks, and its device rows, written in bulk, are the pending
+rows the engine expects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, insert
+from sqlmodel import select
+
+from fleet_server.engine import assignment_order
+from fleet_server.errors import Conflict
+from fleet_server.lifecycle import DeviceRolloutState as DS
+from fleet_server.models import Device, Model, Rollout, RolloutDecision, RolloutDevice, utcnow
+from fleet_server.rollouts import create_rollout, enrol_joiners
+from fleet_server.schemas import RolloutIn
+from fleet_server.selector import matches
+from fleet_server.settings import ServerSettings
+from fleet_server.store import make_engine, new_session
+
+SITES = ("lab", "berlin", "oslo", "austin")
+HARDWARE = ("rpi4", "jetson", "imx8")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An empty store of each kind (on PostgreSQL a database of the test's own)."""
+    url = request.getfixturevalue("fresh_pg") if request.param == "postgresql" else None
+    engine = make_engine(ServerSettings(database_url=url, data_dir=tmp_path))
+    assert engine.dialect.name == request.param
+    yield engine
+    engine.dispose()
+
+
+def _fleet(engine: Engine, n: int) -> None:
+    now = utcnow()
+    rows = []
+    for i in range(n):
+        runtimes = {"onnxruntime": "1.20"} if i % 2 else {"litert": "1.0"}
+        rows.append(
+            {
+                "id": f"dev-{i:04d}",
+                "hardware_id": HARDWARE[i % 3],
+                "tags": {"site": SITES[i % len(SITES)], "line": str(i % 5)},
+                "registered_at": now,
+                "agent_version": f"0.{i % 4}.0",
+                "reported": {"capabilities": {"runtimes": runtimes}},
+                "running_sha256": "b" * 64,
+            }
+        )
+    with engine.begin() as c:
+        c.execute(insert(Device.__table__), rows)  # type: ignore[attr-defined]
+        c.execute(
+            insert(Model.__table__),  # type: ignore[attr-defined]
+            [
+                {
+                    "id": 1, "name": "m", "version": "1", "release": 1, "target": "arm64-cpu",
+                    "hardware_ids": ["rpi4", "jetson"], "sha256": "a" * 64, "length": 1, "manifest": {},
+                    "storage_path": "/nowhere", "created_at": now,
+                }
+            ],
+        )  # fmt: skip
+
+
+SELECTORS = [
+    {},
+    {"hardware_id": "rpi4"},
+    {"tags": {"site": "lab"}},
+    {"tags": {"site": "oslo", "line": "3"}},
+    {"runtime": "onnxruntime"},
+    {"agent_version": ">=0.2"},
+    {"hardware_id": "jetson", "tags": {"line": "1"}, "runtime": "litert", "agent_version": "<0.3"},
+]
+
+
+@pytest.mark.parametrize("selector", SELECTORS, ids=[str(s) or "all" for s in SELECTORS])
+def test_targets_what_matches_picks_in_bulk_rows(store: Engine, selector: dict[str, object]) -> None:
+    _fleet(store, 300)
+    with new_session(store) as session:
+        expected = {
+            d.id for d in session.exec(select(Device)).all() if matches(d, selector, ["rpi4", "jetson"])
+        }
+        assert expected, "the selector picks someone"
+        rollout = create_rollout(
+            session, RolloutIn.model_validate({"model": "m:1", "selector": selector, "stages": [10, 100]})
+        )
+        session.commit()
+        rid = rollout.id
+    with new_session(store) as session:
+        rows = session.exec(select(RolloutDevice).where(RolloutDevice.rollout_id == rid)).all()
+        assert {r.device_id for r in rows} == expected
+        for r in rows:
+            assert (r.state, r.stage, r.seq, r.attempts) == (DS.PENDING, None, None, 0)
+            assert r.order_key == assignment_order(rid, r.device_id)
+        created = session.exec(select(RolloutDecision).where(RolloutDecision.rollout_id == rid)).one()
+        assert created.figures["targeted"] == len(expected)
+
+
+def test_busy_devices_refused_or_skipped_and_joiners_added_in_bulk(store: Engine) -> None:
+    _fleet(store, 90)
+    with new_session(store) as session:
+        first = create_rollout(
+            session,
+            RolloutIn.model_validate(
+                {"model": "m:1", "selector": {"tags": {"site": "lab"}}, "stages": [100]}
+            ),
+        )
+        session.commit()
+        first_id = first.id
+    every = RolloutIn.model_validate({"model": "m:1", "selector": {}, "stages": [100]})
+    with new_session(store) as session, pytest.raises(Conflict, match="16 targeted device"):
+        create_rollout(session, every)
+    with new_session(store) as session:
+        second = create_rollout(session, every.model_copy(update={"conflict": "skip"}))
+        session.commit()
+        second_id = second.id
+        decision = session.exec(select(RolloutDecision).where(RolloutDecision.rollout_id == second_id)).one()
+        lab = [f"dev-{i:04d}" for i in range(90) if i % 4 == 0 and HARDWARE[i % 3] != "imx8"]
+        assert decision.figures["skipped"] == lab
+        assert decision.figures["targeted"] == 60 - len(lab)  # rpi4 and jetson, less the busy ones
+    with store.begin() as c:  # a device that registers later joins the oldest rollout that wants it
+        c.execute(
+            insert(Device.__table__),  # type: ignore[attr-defined]
+            [{"id": "late-lab", "hardware_id": "rpi4", "tags": {"site": "lab"}, "registered_at": utcnow()}],
+        )
+    with new_session(store) as session:
+        for rid in (first_id, second_id):
+            rollout = session.get_one(Rollout, rid)
+            enrol_joiners(session, rollout, ["rpi4", "jetson"])
+        session.commit()
+        late = session.exec(select(RolloutDevice).where(RolloutDevice.device_id == "late-lab")).all()
+        assert [(r.rollout_id, r.state, r.order_key) for r in late] == [
+            (first_id, DS.PENDING, assignment_order(first_id, "late-lab"))
+        ]
