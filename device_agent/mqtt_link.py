@@ -1,7 +1,7 @@
 """One device's MQTT connection, driven by an asyncio loop (no paho thread).
 
 paho's documented asyncio pattern: the loop watches the socket and calls
-``loop_read``/``loop_write``; a small periodic task calls ``loop_misc`` for
+``loop_read``/``loop_write``; a periodic timer calls ``loop_misc`` for
 keepalive pings and timeouts. ``loop_start()`` per device is never used: paho's
 thread uses select() and breaks near ~340 clients, while this lets hundreds of
 devices share one loop (the simulator). Every paho callback therefore runs on
@@ -78,7 +78,7 @@ class MqttLink:
         self._on_message_cb: MessageHandler | None = None
         self._on_connected_cb: ConnectHandler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._misc_task: asyncio.Task[None] | None = None
+        self._misc_timer: asyncio.TimerHandle | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._window = asyncio.Event()
@@ -142,9 +142,9 @@ class MqttLink:
     async def stop(self) -> None:
         """Publish ``offline`` (a clean disconnect suppresses the will) and disconnect."""
         self._stopping = True
-        for task in (self._reconnect_task, self._misc_task):
-            if task is not None:
-                task.cancel()
+        self._stop_misc()
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
         if self.connected:
             offline = protocol.Status(device_id=self.device_id, state="offline", ts=self.now())
             await self.publish(
@@ -171,10 +171,10 @@ class MqttLink:
         the loop thread; the link is unusable afterwards.
         """
         self._stopping = True
-        for task in (self._reconnect_task, self._misc_task):
-            if task is not None:
-                task.cancel()
-        self._reconnect_task = self._misc_task = None
+        self._stop_misc()
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+        self._reconnect_task = None
         sock = self._sock
         with contextlib.suppress(Exception):
             sock = self.client.socket() or sock
@@ -379,8 +379,8 @@ class MqttLink:
         assert self._loop is not None
         self._sock = sock
         self._loop.add_reader(sock, client.loop_read)
-        if self._misc_task is None or self._misc_task.done():
-            self._misc_task = self._loop.create_task(self._misc_loop())
+        if self._misc_timer is None and not self._stopping:
+            self._misc_timer = self._loop.call_later(MISC_INTERVAL, self._misc)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         if self._loop is not None:
@@ -417,18 +417,30 @@ class MqttLink:
                 self._loop.remove_writer(self._sock)
         self._sock = None
 
-    async def _misc_loop(self) -> None:
-        """Keepalive pings and timeouts; notices a dead connection paho found in loop_misc."""
-        while not self._stopping:
-            await asyncio.sleep(MISC_INTERVAL)
-            if self._sock is None:
-                continue
-            rc = self.client.loop_misc()
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stopping:
-                self._drop_socket()
-                self._connected.clear()
-                acks, self._acks = self._acks, {}
-                for fut in acks.values():
-                    if not fut.done():
-                        fut.set_result(False)
-                self._schedule_reconnect()
+    def _stop_misc(self) -> None:
+        if self._misc_timer is not None:
+            self._misc_timer.cancel()
+            self._misc_timer = None
+
+    def _misc(self) -> None:
+        """Keepalive pings and timeouts, every ``MISC_INTERVAL``; notices a dead connection paho
+        found in loop_misc. A plain timer callback, not a task sleeping in a loop: the same
+        schedule for a quarter of the loop's work per tick (no future, no task step), which is
+        what thousands of simulated devices on one loop pay for every second."""
+        self._misc_timer = None
+        if self._stopping or self._loop is None:
+            return
+        try:
+            if self._sock is not None:
+                rc = self.client.loop_misc()
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stopping:
+                    self._drop_socket()
+                    self._connected.clear()
+                    acks, self._acks = self._acks, {}
+                    for fut in acks.values():
+                        if not fut.done():
+                            fut.set_result(False)
+                    self._schedule_reconnect()
+        finally:
+            if not self._stopping and self._misc_timer is None and not self._loop.is_closed():
+                self._misc_timer = self._loop.call_later(MISC_INTERVAL, self._misc)
