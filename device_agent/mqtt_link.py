@@ -32,7 +32,18 @@ from device_agent.ports import ConnectHandler, MessageHandler
 
 log = logging.getLogger(__name__)
 
-MISC_INTERVAL = 1.0  # s between loop_misc calls (keepalive granularity)
+# s between loop_misc calls: a tenth of the keepalive, within these bounds. paho sends PINGREQ once
+# nothing went out or came in for ``keepalive`` s, so the ping leaves at most a tenth late, while the
+# broker waits 1.5 x keepalive before it drops a silent client; checking every second whatever the
+# keepalive was the largest per-device timer of a simulated fleet (30 s keepalive: 30 checks per ping).
+MISC_INTERVAL_MIN, MISC_INTERVAL_MAX = 0.1, 3.0
+
+
+def misc_interval(keepalive: float) -> float:
+    """How often the link lets paho check its keepalive (see ``MISC_INTERVAL_MIN``)."""
+    return min(MISC_INTERVAL_MAX, max(MISC_INTERVAL_MIN, keepalive / 10))
+
+
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 
@@ -73,6 +84,7 @@ class MqttLink:
         self.port = port
         self.mqtt_version = mqtt_version
         self.keepalive = keepalive
+        self._misc_interval = misc_interval(keepalive)
         self.session_expiry = session_expiry
         self.max_inflight = max_inflight
         self._on_message_cb: MessageHandler | None = None
@@ -380,7 +392,7 @@ class MqttLink:
         self._sock = sock
         self._loop.add_reader(sock, client.loop_read)
         if self._misc_timer is None and not self._stopping:
-            self._misc_timer = self._loop.call_later(MISC_INTERVAL, self._misc)
+            self._misc_timer = self._loop.call_later(self._misc_interval, self._misc)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         if self._loop is not None:
@@ -423,7 +435,7 @@ class MqttLink:
             self._misc_timer = None
 
     def _misc(self) -> None:
-        """Keepalive pings and timeouts, every ``MISC_INTERVAL``; notices a dead connection paho
+        """Keepalive pings and timeouts, every ``misc_interval(keepalive)``; notices a dead connection paho
         found in loop_misc. A plain timer callback, not a task sleeping in a loop: the same
         schedule for a quarter of the loop's work per tick (no future, no task step), which is
         what thousands of simulated devices on one loop pay for every second."""
@@ -443,4 +455,4 @@ class MqttLink:
                     self._schedule_reconnect()
         finally:
             if not self._stopping and self._misc_timer is None and not self._loop.is_closed():
-                self._misc_timer = self._loop.call_later(MISC_INTERVAL, self._misc)
+                self._misc_timer = self._loop.call_later(self._misc_interval, self._misc)
