@@ -45,9 +45,13 @@ SCENARIO_FILE = Path(__file__).resolve().parent.parent / "scenarios" / "scale-10
 TICK_HZ = os.sysconf("SC_CLK_TCK")
 
 
-def scenario(devices: int, delivery: str, processes: int, workload_hz: float | None = None) -> dict[str, Any]:
+def scenario(
+    devices: int, delivery: str, processes: int, workload_hz: float | None = None, idle: float = 0.0
+) -> dict[str, Any]:
     """The scale scenario file, resized: N devices over ``processes`` workers, with ``delivery``
-    (and ``workload_hz`` inferences per second per device instead of the file's 0.2)."""
+    (and ``workload_hz`` inferences per second per device instead of the file's 0.2);
+    ``idle`` > 0: after the rollout the fleet runs that many seconds more, serving the new model
+    (its background only: inferences, telemetry, keepalives)."""
     import tomllib
 
     data = tomllib.loads(SCENARIO_FILE.read_text())
@@ -61,6 +65,8 @@ def scenario(devices: int, delivery: str, processes: int, workload_hz: float | N
     data["fleet"]["processes"] = processes
     if workload_hz is not None:
         data["fleet"]["workload_hz"] = workload_hz
+    if idle > 0:
+        data["steps"] = [*data["steps"], {"action": "sleep", "seconds": idle}]
     return dict(data)
 
 
@@ -141,13 +147,24 @@ class CpuMeter:
 
 
 def measure(
-    devices: int, model_cache: Path, delivery: str, processes: int, workload_hz: float | None = None
+    devices: int,
+    model_cache: Path,
+    delivery: str,
+    processes: int,
+    workload_hz: float | None = None,
+    idle: float = 0.0,
 ) -> dict[str, Any]:
     """One run in this process (models prebuilt in ``model_cache``); the figures as a dict.
 
     A device is done only once it served an inference with the new model, so the workload's
     period bounds each stage from below: at 0.2 inferences/s the last of a stage's devices waits
-    up to 5 s after its swap (the timeline's ``proof_wait``)."""
+    up to 5 s after its swap (the timeline's ``proof_wait``).
+
+    ``idle`` > 0: the fleet runs that long after the rollout, and ``background`` gives what the
+    fleet costs per device-second then (inferences, telemetry, keepalives: what every device
+    costs whether or not it installs), measured over the idle window after its first telemetry
+    interval (the last installs' reports settle there). With one process the fleet runs in the
+    coordinator, so its figure is the coordinator's."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
@@ -155,7 +172,7 @@ def measure(
     from simulator.runner import ScenarioRun
     from simulator.scenario import parse_scenario
 
-    sc = parse_scenario(scenario(devices, delivery, processes, workload_hz))
+    sc = parse_scenario(scenario(devices, delivery, processes, workload_hz, idle))
     load_before = os.getloadavg()
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -217,6 +234,22 @@ def measure(
             profiler()
         t0 = run._t0
         start = next(t for t, w in result.events if w.startswith("step 0"))
+        background = None
+        sleep = next((t for t, w in result.events if w.startswith(f"step {len(sc.steps) - 1}: sleep")), None)
+        if idle > 0 and sleep is not None:
+            i0 = sleep + min(idle / 2, sc.fleet.telemetry_interval)
+            i1 = next((t for t, w in result.events if t > sleep and w.startswith("step")), None)
+            i1 = i1 if i1 is not None else sleep + idle
+            idle_cpu = meter.between(t0 + i0, t0 + i1)
+            span = max(1e-9, i1 - i0)
+            fleet_role = "workers" if processes > 1 else "coordinator"
+            background = {
+                "seconds": round(span, 1),
+                "fleet_cpu_s": idle_cpu.get(fleet_role, 0.0),
+                "fleet_cpu_ms_per_device_s": round(1000 * idle_cpu.get(fleet_role, 0.0) / span / devices, 4),
+                "server_cpu_s": idle_cpu.get("server", 0.0),
+                "broker_cpu_s": idle_cpu.get("broker", 0.0),
+            }
         end = next((t for t, w in result.events if w.startswith("rollout r:")), None)
         state = result.figures.get("rollouts", {}).get("r")
         done = int(result.figures.get("rollout_devices", {}).get("r", {}).get("done", 0))
@@ -239,6 +272,7 @@ def measure(
             "fleet_start_s": result.figures.get("fleet_start_seconds"),
             "cpu_s": cpu,
             "cpu_s_per_1000": {k: round(v * per_k, 1) for k, v in cpu.items()},
+            "background": background,
             "requests_per_install": round(requests / max(1, done), 2),
             "server_requests_per_install": round(upstream / max(1, done), 3),
             "bytes_per_install": round(nbytes / max(1, done)),
@@ -306,10 +340,12 @@ def _timeline(harness: Any, rollout_id: str | None) -> dict[str, Any] | None:
     return {"critical_path_totals": totals(tl), "stages": tl["stages"], "decisions": tl["decisions"]}
 
 
-def _subprocess(devices: int, cache: Path, delivery: str, processes: int) -> dict[str, Any]:
+def _subprocess(
+    devices: int, cache: Path, delivery: str, processes: int, idle: float = 0.0
+) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "bench.scale", str(devices), str(cache), "--delivery", delivery,
-         "--processes", str(processes)],
+         "--processes", str(processes), "--idle", str(idle)],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -375,6 +411,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--processes", "-p", type=int, default=0, help="fleet workers (default N/1000)")
     parser.add_argument("--baseline", action="store_true", help="also run it with delivery=server")
     parser.add_argument("--workload-hz", type=float, default=None, help="inferences/s per device (file: 0.2)")
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        help="run the fleet this many s before the rollout and report its background CPU per device-second",
+    )
     args = parser.parse_args(argv)
     if args.devices is None:
         for r in run():
@@ -387,13 +429,13 @@ def main(argv: list[str]) -> int:
 
         prepare_models(cache)
     if args.baseline:
-        base = _subprocess(args.devices, cache, "server", procs)
-        new = _subprocess(args.devices, cache, args.delivery, procs)
+        base = _subprocess(args.devices, cache, "server", procs, args.idle)
+        new = _subprocess(args.devices, cache, args.delivery, procs, args.idle)
         print(json.dumps(base))
         print(json.dumps(new))
         print(row(base, new))
         return 0
-    print(json.dumps(measure(args.devices, cache, args.delivery, procs, args.workload_hz)))
+    print(json.dumps(measure(args.devices, cache, args.delivery, procs, args.workload_hz, args.idle)))
     return 0
 
 

@@ -232,6 +232,14 @@ class Telemetry:
         self._calls = 0
         self._missing_calls = 0
         self.totals: dict[str, ModelTotals] = {}
+        self._full_at = 0  # window size at which ``_on_full`` is called (0: never)
+        self._on_full: Callable[[], None] | None = None
+
+    def notify_full(self, at: int, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` (from the recording thread, once per window) when a window reaches
+        ``at`` inferences: the uplink sleeps until its interval ends instead of polling the
+        window's size, and is woken by this when a busy window must be cut early."""
+        self._full_at, self._on_full = (at, callback) if callback is not None else (0, None)
 
     def _stats(self, sha256: str) -> _Stats:
         """The window's stats of ``sha256`` (the caller holds the lock)."""
@@ -260,6 +268,7 @@ class Telemetry:
                 tot = self.totals[sha256] = ModelTotals()
             st.inferences += 1
             self._window_count += 1
+            full = self._window_count == self._full_at
             st.buckets[bucket] += 1
             tot.buckets[bucket] += 1
             st.latency_sum_us += latency_us
@@ -286,6 +295,10 @@ class Telemetry:
                     if b is not None:
                         acc = st.input_buckets.get(check.name)
                         st.input_buckets[check.name] = b if acc is None else acc + b
+        if full:
+            on_full = self._on_full
+            if on_full is not None:
+                on_full()
 
     def record_input_missing(self, sha256: str, name: str) -> None:
         """A request that never reached the model for want of an input (the local API read none).

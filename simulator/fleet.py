@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import heapq
 import logging
 import os
 import threading
@@ -37,11 +38,12 @@ from device_agent.clock import SkewedClock
 from device_agent.config import BrokerInfo
 from device_agent.runtime import RuntimeFactory, SharedRuntimeFactory
 from signing.trust import TrustRoot
-from simulator.labels import LabelPlan, top1
+from simulator.labels import LabelPlan, LabelSource, top1
 from simulator.memory import peak_rss_bytes, rss_bytes
 from simulator.tls import SimAgentConfig
 
 CONNECT_BATCH = 100
+WORKLOAD_TICK = 0.05  # s: the workload's schedule wakes at most this often (devices due are run together)
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
@@ -377,9 +379,7 @@ class Fleet:
                 raise TimeoutError(f"{len(missing)} agents did not connect: {missing[:5]}")
         self._workloads.append(asyncio.get_running_loop().create_task(self._lag_monitor()))
         if self.workload_hz > 0:
-            loop = asyncio.get_running_loop()
-            for n, spec in enumerate(self.specs):
-                self._workloads.append(loop.create_task(self._workload(spec, n)))
+            self._workloads.append(asyncio.get_running_loop().create_task(self._workload()))
 
     async def _stop_all(self) -> None:
         for task in self._workloads:
@@ -444,49 +444,110 @@ class Fleet:
             await asyncio.sleep(period)
             self.max_loop_lag = max(self.max_loop_lag, loop.time() - t - period)
 
-    async def _workload(self, spec: DeviceSpec, n: int) -> None:
-        """Infer on random rows of ``sample_inputs`` at ``workload_hz`` on whichever agent the device
-        runs now; with a label source, the device's app labels some of the answers a little later."""
-        rng = np.random.default_rng(n)
-        period = 1.0 / self.workload_hz
-        await asyncio.sleep(rng.uniform(0, period))  # spread the fleet's inferences over the period
-        device_id = spec.device_id
-        labels = self.labels.source(device_id) if self.labels is not None else None
+    async def _workload(self) -> None:
+        """Infer on random rows of ``sample_inputs`` at ``workload_hz`` per device, on whichever agent
+        each device runs now; with a label source, a device's app labels some of the answers a
+        little later.
+
+        One task for the whole fleet walks a schedule (a heap of when each device infers next)
+        and wakes at most every ``WORKLOAD_TICK``, running every device that is due: one timer
+        for thousands of devices instead of a task sleeping per device (a wakeup of a sleeping
+        task costs more of the loop than the tiny model's inference). Each device keeps its own
+        phase (random within the period, so the fleet's inferences are spread) and its own
+        random rows."""
         loop = asyncio.get_running_loop()
-        while True:
-            agent = self.agents.get(device_id)
-            model = agent.running_model if agent is not None and device_id not in self.down else None
-            if agent is not None and model is not None:
-                row: int | None = None
-                if self.sample_inputs is not None and len(self.sample_inputs):
-                    # a random row each time, not the next one: devices walking the rows in step
-                    # would all see the same few inputs at once, and their labels would measure
-                    # a model's accuracy on those few instead of on the data
-                    row = int(rng.integers(len(self.sample_inputs)))
-                    x = self.sample_inputs[row][None, ...]
-                else:
-                    x = rng.standard_normal(model.input_shape).astype(model.input_dtype)
+        period = 1.0 / self.workload_hz
+        start = loop.time()
+        schedule: list[tuple[float, int]] = []
+        devices: list[_WorkloadDevice] = []
+        for n, spec in enumerate(self.specs):
+            rng = np.random.default_rng(n)
+            labels = self.labels.source(spec.device_id) if self.labels is not None else None
+            devices.append(_WorkloadDevice(spec, rng, labels))
+            schedule.append((start + rng.uniform(0, period), n))  # spread over the period
+        heapq.heapify(schedule)
+        slow: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                now = loop.time()
+                while schedule and schedule[0][0] <= now:
+                    due, n = heapq.heappop(schedule)
+                    device = devices[n]
+                    if device.spec.slow_inference:  # off the loop; due again a period after it ends
+                        task = loop.create_task(self._infer_slow(device, n, schedule, period))
+                        slow.add(task)
+                        task.add_done_callback(slow.discard)
+                        continue
+                    self._infer(device)
+                    heapq.heappush(schedule, (due + period if due + period > now else now + period, n))
+                wait = schedule[0][0] - loop.time() if schedule else period
+                await asyncio.sleep(max(wait, WORKLOAD_TICK))
+        finally:
+            for task in list(slow):
+                task.cancel()
+
+    async def _infer_slow(
+        self, device: _WorkloadDevice, n: int, schedule: list[tuple[float, int]], period: float
+    ) -> None:
+        try:
+            request = self._request(device)
+            if request is not None:
+                agent, x, row = request
                 try:
-                    if spec.slow_inference:
-                        result = await asyncio.to_thread(agent.infer, x)
-                    else:
-                        result = agent.infer(x)  # inline: the models are tiny
-                    if labels is not None and result.ok:
-                        label = labels.label(result.model_sha256, result.outputs, row)
-                        if label is not None:
-                            right = None
-                            if labels.plan.outcome is not None:
-                                right = 1.0 if label[0] == top1(result.outputs)[0] else 0.0
-                            self._labels_due[device_id] += 1
-                            loop.call_later(
-                                label[1], self._post_label, device_id, result.inference_id, label[0], right
-                            )
+                    self._answered(device, await asyncio.to_thread(agent.infer, x), row)
                 except NoModelError:
                     pass
                 except Exception:
-                    log.debug("%s: the workload's inference failed", device_id, exc_info=True)
+                    log.debug("%s: the workload's inference failed", device.spec.device_id, exc_info=True)
                     self.workload_errors += 1
-            await asyncio.sleep(period)
+        finally:
+            heapq.heappush(schedule, (asyncio.get_running_loop().time() + period, n))
+
+    def _infer(self, device: _WorkloadDevice) -> None:
+        """One inference of the device's workload, inline (the models are tiny)."""
+        request = self._request(device)
+        if request is None:
+            return
+        agent, x, row = request
+        try:
+            self._answered(device, agent.infer(x), row)
+        except NoModelError:
+            pass
+        except Exception:
+            log.debug("%s: the workload's inference failed", device.spec.device_id, exc_info=True)
+            self.workload_errors += 1
+
+    def _request(self, device: _WorkloadDevice) -> tuple[Agent, np.ndarray, int | None] | None:
+        """The agent the device runs now and an input for it (None while it is down or has no model)."""
+        device_id = device.spec.device_id
+        agent = self.agents.get(device_id)
+        model = agent.running_model if agent is not None and device_id not in self.down else None
+        if agent is None or model is None:
+            return None
+        row: int | None = None
+        if self.sample_inputs is not None and len(self.sample_inputs):
+            # a random row each time, not the next one: devices walking the rows in step
+            # would all see the same few inputs at once, and their labels would measure
+            # a model's accuracy on those few instead of on the data
+            row = int(device.rng.integers(len(self.sample_inputs)))
+            x = self.sample_inputs[row][None, ...]
+        else:
+            x = device.rng.standard_normal(model.input_shape).astype(model.input_dtype)
+        return agent, x, row
+
+    def _answered(self, device: _WorkloadDevice, result: Any, row: int | None) -> None:
+        labels = device.labels
+        if labels is None or not result.ok:
+            return
+        label = labels.label(result.model_sha256, result.outputs, row)
+        if label is not None:
+            right = None
+            if labels.plan.outcome is not None:
+                right = 1.0 if label[0] == top1(result.outputs)[0] else 0.0
+            self._labels_due[device.spec.device_id] += 1
+            asyncio.get_running_loop().call_later(
+                label[1], self._post_label, device.spec.device_id, result.inference_id, label[0], right
+            )
 
     def _post_label(
         self, device_id: str, inference_id: str, label: int, outcome: float | None = None
@@ -508,6 +569,14 @@ class Fleet:
             log.warning("%s: posting a label failed", device_id, exc_info=True)
             status = f"error {type(exc).__name__}"
         self.label_counts[status] += 1
+
+
+class _WorkloadDevice(NamedTuple):
+    """One device's workload: its spec, its own random rows, its app's label source (if any)."""
+
+    spec: DeviceSpec
+    rng: np.random.Generator
+    labels: LabelSource | None
 
 
 async def _pull_the_plug(agent: Agent) -> None:

@@ -1,0 +1,79 @@
+"""The telemetry uplink without polling: a full window wakes it, acknowledged batches go in one delete."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import zlib
+from pathlib import Path
+
+from device_agent import wire
+from device_agent.config import AgentConfig
+from device_agent.memory_link import MemoryLink
+from device_agent.metrics import Metrics
+from device_agent.telemetry import Telemetry
+from device_agent.telemetry_store import BatchStore
+from device_agent.uplink import TelemetryUplink
+
+
+def _batches(link: MemoryLink) -> list[dict[str, object]]:
+    return [json.loads(zlib.decompress(m.payload)) for m in link.published(wire.Channel.TELEMETRY)]
+
+
+def test_a_full_window_is_sent_at_once_and_an_idle_one_at_its_interval(tmp_path: Path) -> None:
+    """The uplink sleeps for the whole interval: only the window reaching ``telemetry_batch_max``
+    (recorded on another thread, as the local API does) wakes it early."""
+
+    async def main() -> None:
+        link = MemoryLink("dev-uplink")
+        await link.start(lambda *_: None, lambda: None)
+        telemetry = Telemetry("dev-uplink", BatchStore(tmp_path / "q.db"))
+        config = AgentConfig(
+            "dev-uplink", "rpi4", tmp_path, tmp_path / "trust.json", telemetry_interval=3.0,
+            telemetry_batch_max=5,
+        )  # fmt: skip
+        metrics = Metrics()
+        task = asyncio.get_running_loop().create_task(
+            TelemetryUplink(config, telemetry, metrics, lambda: link).run()
+        )
+        try:
+            for _ in range(4):
+                telemetry.record("a" * 64, 120.0, None, [1])
+            await asyncio.sleep(0.3)
+            assert _batches(link) == []  # 4 of 5: nothing to cut yet
+            await asyncio.to_thread(telemetry.record, "a" * 64, 120.0, None, [1])
+            assert await link.wait_until(lambda: len(_batches(link)) == 1, timeout=1.0)
+            first = _batches(link)[0]
+            assert first["models"]["a" * 64]["inferences"] == 5  # type: ignore[index]
+            for _ in range(100):  # acknowledged, then deleted (off the loop)
+                if len(telemetry.store) == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(telemetry.store) == 0
+
+            telemetry.record("a" * 64, 120.0, None, [2])  # a window that never fills...
+            await asyncio.sleep(0.5)
+            assert len(_batches(link)) == 1
+            assert await link.wait_until(lambda: len(_batches(link)) == 2, timeout=5.0)  # ...at the interval
+            assert _batches(link)[1]["models"]["a" * 64]["inferences"] == 1  # type: ignore[index]
+            assert metrics.get("telemetry_batches") == 2
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert telemetry._on_full is None  # a stopped uplink leaves no callback on the recorder
+        telemetry.store.close()
+
+    asyncio.run(main())
+
+
+def test_delete_many_forgets_exactly_the_named_batches(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path / "q.db")
+    for i in range(700):  # more than one chunk of parameters
+        store.put(f"b{i}", lambda dropped: b"x")
+    rows = store.oldest(700)
+    keep = {rows[3][0], rows[650][0]}
+    assert store.delete_many([r[0] for r in rows if r[0] not in keep])
+    assert sorted(r[1] for r in store.oldest(10)) == ["b3", "b650"]
+    assert store.delete_many([])
+    assert len(store) == 2
+    store.close()
