@@ -478,42 +478,21 @@ uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
 class ServerPort:
     """A loopback TCP port held by this process for the server children that serve on it.
 
-    Bound to an explicit port number and not listening until a child serves: connections are
-    refused while no server runs (a restart's "down" time stays a refused connection, as with a
-    real stopped server), yet no other process can bind the port meanwhile. The explicit port
-    matters: Linux keeps an explicitly bound port through :meth:`stop_listening`, while a socket
-    bound to port 0 would give its port back."""
+    Bound (no SO_REUSEADDR: no other socket can bind the port while this one holds it) and not
+    listening until the first child serves: connections are refused until then. From then on the
+    socket stays listening across restarts, so while one server stops and the next starts,
+    connections wait in its backlog and the next server answers them. Giving the listening state
+    back between two servers is not an option: Linux refuses the second ``listen()`` while
+    connections accepted on the port are still open or in TIME_WAIT."""
 
-    def __init__(self, attempts: int = 20) -> None:
-        last: OSError | None = None
-        for _ in range(attempts):
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-            probe.close()
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                # no SO_REUSEADDR: with it another SO_REUSEADDR socket (uvicorn, Mosquitto) could
-                # bind the same port while this one is not listening
-                sock.bind(("127.0.0.1", port))
-            except OSError as exc:  # taken in the microseconds between probe and bind
-                sock.close()
-                last = exc
-                continue
-            sock.set_inheritable(True)
-            self.socket = sock
-            self.port = port
-            return
-        raise OSError(f"no free loopback port after {attempts} attempts") from last
+    def __init__(self) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.set_inheritable(True)
+        self.port = int(self.socket.getsockname()[1])
 
     def fileno(self) -> int:
         return self.socket.fileno()
-
-    def stop_listening(self) -> None:
-        """After a child stopped serving: refuse connections again (and reset any queued in the
-        backlog), keeping the port bound. The next child listens on it again."""
-        with contextlib.suppress(OSError):  # never listened (the child died before serving)
-            self.socket.shutdown(socket.SHUT_RD)
 
     def close(self) -> None:
         self.socket.close()
@@ -535,7 +514,6 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port.port}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._imported = False
-        self._serving = False
 
     def spawn(self) -> ServerProcess:
         env = dict(os.environ)
@@ -593,7 +571,6 @@ class ServerProcess:
             self.spawn()
         assert self._proc is not None and self._proc.stdin is not None
         self.wait_imported()
-        self._serving = True
         self._proc.stdin.write(b"go\n")
         self._proc.stdin.flush()
         deadline = time.monotonic() + timeout
@@ -612,23 +589,17 @@ class ServerProcess:
 
     def stop(self) -> None:
         proc = self._proc
-        if proc is None:
+        if proc is None or proc.poll() is not None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                if proc.stdin is not None:
-                    proc.stdin.close()
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._serving:
-            # only a child that was told to serve made the shared socket listen; a spawned
-            # successor that never served must not stop its predecessor's listening
-            self._serving = False
-            self.server_port.stop_listening()
+        with contextlib.suppress(OSError):
+            if proc.stdin is not None:
+                proc.stdin.close()
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextlib.contextmanager

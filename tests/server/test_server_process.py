@@ -53,12 +53,16 @@ def test_the_child_serves_on_the_inherited_socket_and_the_port_stays_held(
         second.wait_imported()
         assert httpx.get(f"{first.url}/healthz", timeout=5).status_code == 200
         first.stop()
-        # down: refused like a stopped server, and still nobody else's port
-        assert _refused(port.port) and not _bindable(port.port)
+        # down: still nobody else's port; a request sent now waits for the next server
+        assert not _bindable(port.port)
+        waiting = socket.create_connection(("127.0.0.1", port.port), timeout=30)
+        waiting.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         second.start()
+        assert waiting.recv(64).startswith(b"HTTP/1.1 200")
+        waiting.close()
         assert httpx.get(f"{second.url}/healthz", timeout=5).status_code == 200
         second.stop()
-        assert _refused(port.port) and not _bindable(port.port)
+        assert not _bindable(port.port)
     finally:
         for proc in (first, second):
             if proc is not None:
