@@ -36,10 +36,10 @@ from device_agent.judgement import DeviceFit
 from device_agent.slots import SlotStore
 from device_agent.trust_state import TrustStore
 from device_agent.wire import ModelRef
-from edgefleet.broker import free_port, server_mqtt_settings, start_secure_broker
+from edgefleet.broker import server_mqtt_settings, start_secure_broker
 from edgefleet.client import ApiClient
 from edgefleet.nginx import Nginx, start_nginx
-from edgefleet.sim_harness import ServerProcess
+from edgefleet.sim_harness import ServerPort, ServerProcess
 from fleet_server.settings import ServerSettings
 from signing.keyring import KeyDir, init_keys
 from signing.manifest import sign_bundle
@@ -142,7 +142,7 @@ def run(installs: int = 300, concurrency: int = 16, model_kib: int = 512) -> lis
         init_keys(root / "keys")
         keydir = KeyDir(root / "keys")
         broker = start_secure_broker(root / "broker", auth="mtls")
-        port = free_port()
+        port = ServerPort()
         token = "ef_" + secrets.token_urlsafe(24)
         settings = ServerSettings(
             data_dir=root / "server",
@@ -179,6 +179,7 @@ def run(installs: int = 300, concurrency: int = 16, model_kib: int = 512) -> lis
                 mirrored = _measure("mirror", server, mirror, *common, [mirror.url], installs, concurrency)
         finally:
             server.stop()
+            port.close()
             broker.stop()
     load = os.getloadavg()[0]
     rows = []

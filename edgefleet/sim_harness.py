@@ -42,6 +42,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,7 @@ class SimHarness:
         self._server: Any = None
         self._settings: Any = None
         self._server_port = 0
+        self._port_holder: ServerPort | None = None  # process mode: the port the children serve on
         self._bundles: dict[str, Path] = {}
         self.mirror_url = ""  # the nginx mirror, when the fleet lists one (FleetSpec.mirrors)
         self._nginx: Any = None
@@ -136,7 +138,11 @@ class SimHarness:
             else:
                 self._broker_handle = self._start_broker(None)
                 self.broker = self._broker_handle.info
-            self._server_port = free_port()
+            if self.server_mode == "thread":
+                self._server_port = free_port()
+            else:
+                self._port_holder = ServerPort()
+                self._server_port = self._port_holder.port
             self.artifact_proxy = HttpFaultProxy(
                 "127.0.0.1", self._server_port, seed=self.scenario.seed, max_upstream=ARTIFACT_CONCURRENCY
             )
@@ -167,6 +173,9 @@ class SimHarness:
             with contextlib.suppress(Exception):
                 self._server.stop()
             self._server = None
+        if self._port_holder is not None:
+            self._port_holder.close()
+            self._port_holder = None
         if self._broker_handle is not None:
             with contextlib.suppress(Exception):
                 self._broker_handle.stop()
@@ -409,7 +418,8 @@ class SimHarness:
 
             self._server = ServerThread(settings, host="127.0.0.1", port=self._server_port).start()
         else:
-            self._server = ServerProcess(settings, self._server_port, self.workdir / "server.log").start()
+            assert self._port_holder is not None
+            self._server = ServerProcess(settings, self._port_holder, self.workdir / "server.log").start()
         self.server_url = self._server.url
 
     def restart_server(self, down_seconds: float) -> float:
@@ -421,7 +431,8 @@ class SimHarness:
             time.sleep(down_seconds)
             self._start_server()
             return time.monotonic() - t0
-        nxt = ServerProcess(self._server_settings(), self._server_port, self.workdir / "server.log")
+        assert self._port_holder is not None
+        nxt = ServerProcess(self._server_settings(), self._port_holder, self.workdir / "server.log")
         nxt.spawn()  # imports while the old server still serves
         try:
             nxt.wait_imported()
@@ -447,8 +458,11 @@ class SimHarness:
 
 # The server child imports everything and builds the app (schema check, keys, TUF metadata; MQTT
 # and the ticker start later, with the lifespan), says so on stdout, then waits for a line on
-# stdin to bind its port and serve.
+# stdin to serve. It serves on the socket the parent bound and handed over (descriptor {fd}):
+# the port is held from the moment it is chosen, through the child's seconds of imports and
+# across restarts, so no other process can take it.
 _SERVER_CODE = """
+import socket
 import sys
 import uvicorn
 from fleet_server.app import create_app
@@ -456,8 +470,32 @@ app = create_app()
 print("imported", flush=True)
 if not sys.stdin.readline():
     sys.exit(0)  # stopped before it was told to serve
-uvicorn.run(app, host="127.0.0.1", port={port}, log_level="info")
+sock = socket.socket(fileno={fd})
+uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
 """
+
+
+class ServerPort:
+    """A loopback TCP port held by this process for the server children that serve on it.
+
+    Bound (no SO_REUSEADDR: no other socket can bind the port while this one holds it) and not
+    listening until the first child serves: connections are refused until then. From then on the
+    socket stays listening across restarts, so while one server stops and the next starts,
+    connections wait in its backlog and the next server answers them. Giving the listening state
+    back between two servers is not an option: Linux refuses the second ``listen()`` while
+    connections accepted on the port are still open or in TIME_WAIT."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.set_inheritable(True)
+        self.port = int(self.socket.getsockname()[1])
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def close(self) -> None:
+        self.socket.close()
 
 
 class ServerProcess:
@@ -465,13 +503,15 @@ class ServerProcess:
 
     :meth:`spawn` starts the interpreter and its imports; :meth:`start` (which spawns first if
     needed) lets it bind the port and waits for ``/healthz``. A restart spawns the next
-    process while the old one still serves (see ``SimHarness.restart_server``)."""
+    process while the old one still serves (see ``SimHarness.restart_server``). The child serves
+    on ``port``'s socket, which the caller keeps (and closes) across restarts."""
 
-    def __init__(self, settings: Any, port: int, log_path: Path) -> None:
+    def __init__(self, settings: Any, port: ServerPort, log_path: Path) -> None:
         self.settings = settings
-        self.port = port
+        self.server_port = port
+        self.port = port.port
         self.log_path = log_path
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://127.0.0.1:{port.port}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._imported = False
 
@@ -487,8 +527,9 @@ class ServerProcess:
                 env[f"EDGEFLEET_{key.upper()}"] = text
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVER_CODE.format(port=self.port)],
+            [sys.executable, "-c", _SERVER_CODE.format(fd=self.server_port.fileno())],
             env=env,
+            pass_fds=(self.server_port.fileno(),),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,

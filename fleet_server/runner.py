@@ -6,8 +6,10 @@ the default public URL devices download from then follows the scheme and the por
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from uvicorn.server import STARTUP_FAILURE
 
 from fleet_server.app import create_app
 from fleet_server.context import ServerContext
@@ -144,14 +147,22 @@ def main(
     port: int = 8080,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    fd: int | None = None,
 ) -> None:
     """Foreground server for the ``edgefleet server`` command. Unless ``public_url`` was set, devices
-    are sent to this server's own scheme and port."""
+    are sent to this server's own scheme and port.
+
+    ``fd``: serve on that inherited, already bound TCP socket (its address replaces ``host`` and
+    ``port``): whoever started this process held the port from choosing it, through these imports."""
     settings = settings or ServerSettings()
     options = tls_options(tls_cert, tls_key)
+    sock: socket.socket | None = None
+    if fd is not None:
+        sock = socket.socket(fileno=fd)  # family and type read from the descriptor
+        host, port = sock.getsockname()[:2]
     if "public_url" not in settings.model_fields_set:
         settings = settings.model_copy(update={"public_url": base_url(host, port, bool(options))})
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=host,
         port=port,
@@ -159,3 +170,9 @@ def main(
         access_log=False,
         **options,
     )
+    server = uvicorn.Server(config)
+    # what uvicorn.run does for one worker without reload, plus the inherited socket
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock] if sock is not None else None)
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)

@@ -59,6 +59,15 @@ def server_cmd(
         Path | None, typer.Option("--tls-cert", help="Serve HTTPS with this certificate (PEM).")
     ] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="... and its private key (PEM).")] = None,
+    fd: Annotated[
+        int | None,
+        typer.Option(
+            "--fd",
+            help="Serve on this inherited, bound TCP socket (descriptor number) instead of binding "
+            "--host/--port: a supervisor or test holds the port from the moment it chooses it.",
+            min=0,
+        ),
+    ] = None,
 ) -> None:
     """Run the fleet server: admin API, rollout engine, MQTT bridge, artifact serving.
 
@@ -95,7 +104,7 @@ def server_cmd(
         if not broker.security.tls:
             warn(f"the broker connection ({broker.url}) is not TLS: development only")
     try:
-        main(settings, host, port, tls_cert=tls_cert, tls_key=tls_key)
+        main(settings, host, port, tls_cert=tls_cert, tls_key=tls_key, fd=fd)
     except FleetKeyError as exc:  # a locked key is a configuration error: one line, no traceback
         fail(str(exc))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import httpx
 import pytest
 
 from compiler.examples import make_nan_model, train_digits
-from edgefleet.broker import Broker, free_port, server_mqtt_settings
+from edgefleet.broker import Broker, server_mqtt_settings
 from tests.agent.harness import mqtt_toml
 from tests.support.waiting import wait_for
 
@@ -90,8 +91,11 @@ def test_compile_push_rollout_with_real_processes(
     assert bad.returncode == 1 and "quality gate failed" in bad.stderr
     assert not (tmp_path / "digits-2").exists()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    # the server serves on a socket bound here and handed over (--fd): nothing can take the port
+    # while the server process imports
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{held.getsockname()[1]}"
     env = {
         **os.environ,
         "EDGEFLEET_SERVER": url,
@@ -102,12 +106,14 @@ def test_compile_push_rollout_with_real_processes(
     mqtt = server_mqtt_settings(mosquitto.info)
     with open(tmp_path / "server.log", "wb") as server_log:  # the child keeps its own copy
         server = subprocess.Popen(
-            [EXE, "server", "--port", str(port), "--keys", str(keys), "--data-dir", str(tmp_path / "srv"),
+            [EXE, "server", "--fd", str(held.fileno()), "--keys", str(keys),
+             "--data-dir", str(tmp_path / "srv"),
              "--mqtt", f"{mqtt['mqtt_host']}:{mqtt['mqtt_port']}",
              *(["--mqtt-credentials", str(mqtt["mqtt_credentials"])] if "mqtt_credentials" in mqtt else []),
              "--public-url", url],
-            env=env, stdout=server_log, stderr=subprocess.STDOUT,
+            env=env, stdout=server_log, stderr=subprocess.STDOUT, pass_fds=(held.fileno(),),
         )  # fmt: skip
+    held.close()  # the server holds its own copy
     processes.append(server)
     wait_http(f"{url}/healthz", server, tmp_path / "server.log")
     os.environ["EDGEFLEET_SERVER"] = url

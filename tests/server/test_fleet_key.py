@@ -202,12 +202,6 @@ def test_missing_or_broken_key_file_is_one_line(tmp_path: Path, server_keys: Key
         load_fleet_key(_settings(tmp_path, server_keys), {})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("given", ["nothing", "wrong env", "wrong --key-passphrase-file"])
 def test_edgefleet_server_reports_a_locked_key_in_one_line(
@@ -219,13 +213,19 @@ def test_edgefleet_server_reports_a_locked_key_in_one_line(
     cmd = [sys.executable, "-m", "edgefleet.cli", "server", "--keys", str(server_keys.path)]
     cmd += ["--mqtt", f"{broker_info.host}:{broker_info.server_port}"]
     cmd += ["--mqtt-credentials", str(broker_info.server_credentials)]
-    cmd += ["--data-dir", str(tmp_path / "data"), "--port", str(_free_port())]
+    # the server serves on a socket bound here and handed over: nothing can take its port meanwhile
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    port = int(held.getsockname()[1])
+    cmd += ["--data-dir", str(tmp_path / "data"), "--fd", str(held.fileno())]
     wrong = cmd
     if given == "wrong env":
         env["EDGEFLEET_KEY_PASSPHRASE"] = "not the passphrase"
     elif given == "wrong --key-passphrase-file":
         wrong = [*cmd, "--key-passphrase-file", str(_secret(tmp_path / "pass", "not the passphrase"))]
-    proc = subprocess.run(wrong, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        wrong, env=env, capture_output=True, text=True, timeout=60, pass_fds=(held.fileno(),)
+    )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -234,9 +234,13 @@ def test_edgefleet_server_reports_a_locked_key_in_one_line(
     # with the right one it gets past the key (and is then stopped by the test)
     env["EDGEFLEET_KEY_PASSPHRASE"] = PASS
     log = tmp_path / "server.log"
-    with open(log, "wb") as out, subprocess.Popen(cmd, env=env, stdout=out, stderr=out) as running:
+    with (
+        held,
+        open(log, "wb") as out,
+        subprocess.Popen(cmd, env=env, stdout=out, stderr=out, pass_fds=(held.fileno(),)) as running,
+    ):
         try:
-            url = f"http://127.0.0.1:{cmd[-1]}/healthz"
+            url = f"http://127.0.0.1:{port}/healthz"
             with httpx.Client(timeout=1) as probe:  # one TLS context for the wait, not one per poll
                 wait_for(lambda: _answers(probe, url) or running.poll() is not None, 30)
             assert running.poll() is None, log.read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ import pytest
 from edgefleet.broker import BrokerInfo, server_mqtt_settings
 from signing.keyring import KeyDir
 
-from .conftest import FakeDevice, free_port, make_bundle, register, upload, wait_for
+from .conftest import FakeDevice, make_bundle, register, upload, wait_for
 from .test_rollout_flow import directed, directives, serve, status
 
 pytestmark = pytest.mark.slow
@@ -26,13 +27,21 @@ class Replica:
     """``edgefleet server`` as a real OS process (so it can be SIGKILLed like a crashed pod)."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log.open("wb")
-        code = f"from fleet_server.runner import main; main(host='127.0.0.1', port={self.port})"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code], env=env, stdout=self.log, stderr=subprocess.STDOUT
-        )
+        # the replica serves on a socket bound here and handed over: nothing can take the port
+        # while the replica imports
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            self.port = int(held.getsockname()[1])
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.log = log.open("wb")
+            code = f"from fleet_server.runner import main; main(fd={held.fileno()})"
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=env,
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(held.fileno(),),
+            )
         # one client for every poll: a new one per request builds a new TLS context (~20 ms of CPU)
         self.http = httpx.Client(timeout=2)
 
