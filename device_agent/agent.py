@@ -205,6 +205,7 @@ class Agent:
         self._background: set[asyncio.Task[Any]] = set()
         self._restored = False
         self._aborted = False
+        self._stopping = False  # stop() began: background work is no longer started
         self._caps = capabilities(config, self.runtime)
         self._desired_topic = protocol.topic(self.device_id, protocol.Channel.DESIRED)
 
@@ -293,6 +294,9 @@ class Agent:
         (After :meth:`abort` there is nothing left to stop: a no-op.)"""
         if self._aborted:
             return
+        # From here a late callback (a reconnect's "send what is queued", a state change's report)
+        # must not start work that would outlive the telemetry queue closed below.
+        self._stopping = True
         tasks = self._own_tasks()
         for task in tasks:
             task.cancel()
@@ -722,7 +726,7 @@ class Agent:
     # -- outbound (loop thread) --------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        if self._loop is None or self._loop.is_closed():
+        if self._stopping or self._loop is None or self._loop.is_closed():
             coro.close()
             return
         task = self._loop.create_task(coro)

@@ -44,6 +44,10 @@ from simulator.tls import SimAgentConfig
 
 CONNECT_BATCH = 100
 WORKLOAD_TICK = 0.05  # s: the workload's schedule wakes at most this often (devices due are run together)
+# A device more than this far behind its schedule (a stalled loop) skips what it missed instead of
+# bursting; within it, a device due several times in one pass runs each (a period shorter than
+# WORKLOAD_TICK keeps its rate).
+WORKLOAD_CATCH_UP = 1.0  # s
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
@@ -479,7 +483,8 @@ class Fleet:
                         task.add_done_callback(slow.discard)
                         continue
                     self._infer(device)
-                    heapq.heappush(schedule, (due + period if due + period > now else now + period, n))
+                    nxt = due + period
+                    heapq.heappush(schedule, (nxt if nxt > now - WORKLOAD_CATCH_UP else now + period, n))
                 wait = schedule[0][0] - loop.time() if schedule else period
                 await asyncio.sleep(max(wait, WORKLOAD_TICK))
         finally:
