@@ -39,6 +39,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -522,7 +523,11 @@ def _device_list_ms(database_url: str | None, data_dir: Path, n: int, repeats: i
     return {"filtered": filtered_ms, "unfiltered": unfiltered_ms, "sql": sql_ms}
 
 
-def bench_device_list(n: int = 10_000, repeats: int = 30) -> list[dict[str, object]]:
+def _on_each_store(
+    run: Callable[[str, str | None, Path], dict[str, object]],
+) -> tuple[list[dict[str, object]], bool]:
+    """``run(name, database_url, directory)`` on SQLite and, where it is reachable, on a fresh
+    PostgreSQL database (dropped afterwards); the rows, and whether PostgreSQL was there."""
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
         targets: list[tuple[str, str | None]] = [("SQLite", None)]
@@ -531,22 +536,28 @@ def bench_device_list(n: int = 10_000, repeats: int = 30) -> list[dict[str, obje
             targets.append(("PostgreSQL", pg[0]))
         try:
             for name, url in targets:
-                ms = _device_list_ms(url, Path(tmp) / name, n, repeats)
-                rows.append(
-                    {
-                        "bench": f"GET /devices?limit=100&selector={LIST_SELECTOR}, {n:,} devices -> {name}",
-                        "baseline": "unfiltered first page (limit=100), same server",
-                        "baseline_ms": round(ms["unfiltered"], 2),
-                        "edgefleet_ms": round(ms["filtered"], 2),
-                        "ratio": round(ms["filtered"] / ms["unfiltered"], 3),
-                        "target": "<= 2.0 (a filter costs at most one more page)",
-                        "bare_sql_ms": round(ms["sql"], 2),
-                    }
-                )
+                rows.append(run(name, url, Path(tmp) / name))
         finally:
             if pg is not None:
                 pg[1]()
-    if pg is None:
+    return rows, pg is not None
+
+
+def bench_device_list(n: int = 10_000, repeats: int = 30) -> list[dict[str, object]]:
+    def one(name: str, url: str | None, where: Path) -> dict[str, object]:
+        ms = _device_list_ms(url, where, n, repeats)
+        return {
+            "bench": f"GET /devices?limit=100&selector={LIST_SELECTOR}, {n:,} devices -> {name}",
+            "baseline": "unfiltered first page (limit=100), same server",
+            "baseline_ms": round(ms["unfiltered"], 2),
+            "edgefleet_ms": round(ms["filtered"], 2),
+            "ratio": round(ms["filtered"] / ms["unfiltered"], 3),
+            "target": "<= 2.0 (a filter costs at most one more page)",
+            "bare_sql_ms": round(ms["sql"], 2),
+        }
+
+    rows, had_pg = _on_each_store(one)
+    if not had_pg:
         rows.append(
             {"bench": "device list -> PostgreSQL", "baseline": "skipped: no PostgreSQL", "ratio": None}
         )
@@ -682,30 +693,20 @@ def _rollout_create_s(database_url: str | None, data_dir: Path, n: int, repeats:
 
 def bench_rollout_create(n: int = 10_000, repeats: int = 3) -> list[dict[str, object]]:
     """Creating a rollout of ``n`` registered devices, against the way it was created before."""
-    rows: list[dict[str, object]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        targets: list[tuple[str, str | None]] = [("SQLite", None)]
-        pg = _pg_database()
-        if pg is not None:
-            targets.append(("PostgreSQL", pg[0]))
-        try:
-            for name, url in targets:
-                s = _rollout_create_s(url, Path(tmp) / name, n, repeats)
-                rows.append(
-                    {
-                        "bench": f"create a {n:,}-device rollout -> {name}",
-                        "baseline": "ORM per device (the code before), in process",
-                        "baseline_s": round(s["old"], 3),
-                        "edgefleet_s": round(s["new"], 3),
-                        "ratio": round(s["new"] / s["old"], 3),
-                        "target": "info (the harness gave it 10 s)",
-                        "http_post_s": round(s["http"], 3),
-                    }
-                )
-        finally:
-            if pg is not None:
-                pg[1]()
-    return rows
+
+    def one(name: str, url: str | None, where: Path) -> dict[str, object]:
+        s = _rollout_create_s(url, where, n, repeats)
+        return {
+            "bench": f"create a {n:,}-device rollout -> {name}",
+            "baseline": "ORM per device (the code before), in process",
+            "baseline_s": round(s["old"], 3),
+            "edgefleet_s": round(s["new"], 3),
+            "ratio": round(s["new"] / s["old"], 3),
+            "target": "info (the harness gave it 10 s)",
+            "http_post_s": round(s["http"], 3),
+        }
+
+    return _on_each_store(one)[0]
 
 
 def run(duration: float = 60.0) -> list[dict[str, object]]:
