@@ -143,6 +143,9 @@ def test_arms_get_their_versions_figures_flow_and_rollouts_keep_off(
         lambda: (
             (s := get(client, eid))
             and all(a["metrics"]["accuracy"]["samples"] == 1200 for a in s["arms"])
+            # the arms' serving counts come from the devices' reported state, which the server
+            # reads on another path than their telemetry: wait for both
+            and all(a["serving"] == 3 for a in s["arms"] if a["name"] == "candidate")
             and s
         )
     )
