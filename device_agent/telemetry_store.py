@@ -161,15 +161,7 @@ class BatchStore:
     def delete(self, row_id: int) -> bool:
         """Forget a batch the broker acknowledged; False if the disk is too full to (it is sent
         again later, and the server dedupes it on ``batch_id``)."""
-        with self._lock:
-            try:
-                self._db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
-            except sqlite3.Error as exc:
-                if not _store_unwritable(exc):
-                    raise
-                self._rollback()
-                return False
-        return True
+        return self.delete_many([row_id])
 
     def delete_many(self, row_ids: list[int]) -> bool:
         """:meth:`delete` for several acknowledged batches in one statement (one WAL commit

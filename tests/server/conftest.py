@@ -14,11 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import Engine
 
 from edgefleet.broker import BrokerInfo, server_mqtt_settings
 from fleet_server.mqtt_client import release
 from fleet_server.runner import ServerThread
 from fleet_server.settings import ServerSettings
+from fleet_server.store import make_engine
 from signing.keyring import KeyDir
 from signing.keys import KeyPair
 from signing.manifest import ENVELOPE_NAME, sign_bundle
@@ -103,6 +105,16 @@ def fresh_pg(pg_url: str) -> Iterator[str]:
     yield pg_url.rsplit("/", 1)[0] + f"/{name}"
     with contextlib.suppress(Exception), psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An empty store of each kind, at the newest revision (on PostgreSQL a database of the test's own)."""
+    url = request.getfixturevalue("fresh_pg") if request.param == "postgresql" else None
+    engine = make_engine(ServerSettings(database_url=url, data_dir=tmp_path))
+    assert engine.dialect.name == request.param
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,6 @@ rows the engine expects."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from sqlalchemy import Engine, insert
 from sqlmodel import select
@@ -18,21 +15,10 @@ from fleet_server.models import Device, Model, Rollout, RolloutDecision, Rollout
 from fleet_server.rollouts import create_rollout, enrol_joiners
 from fleet_server.schemas import RolloutIn
 from fleet_server.selector import matches
-from fleet_server.settings import ServerSettings
-from fleet_server.store import make_engine, new_session
+from fleet_server.store import new_session
 
 SITES = ("lab", "berlin", "oslo", "austin")
 HARDWARE = ("rpi4", "jetson", "imx8")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    """An empty store of each kind (on PostgreSQL a database of the test's own)."""
-    url = request.getfixturevalue("fresh_pg") if request.param == "postgresql" else None
-    engine = make_engine(ServerSettings(database_url=url, data_dir=tmp_path))
-    assert engine.dialect.name == request.param
-    yield engine
-    engine.dispose()
 
 
 def _fleet(engine: Engine, n: int) -> None:

@@ -5,28 +5,14 @@ holds: fields missing, null, or about another seq."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import Engine, insert
 
 from fleet_server.engine import assignment_order
 from fleet_server.models import Device, Model, Rollout, RolloutDevice, utcnow
-from fleet_server.settings import ServerSettings
-from fleet_server.store import make_engine, new_session
+from fleet_server.store import new_session
 from fleet_server.ticker import snapshot
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    url = request.getfixturevalue("fresh_pg") if request.param == "postgresql" else None
-    engine = make_engine(ServerSettings(database_url=url, data_dir=tmp_path))
-    assert engine.dialect.name == request.param
-    yield engine
-    engine.dispose()
-
 
 REASONS = [None, "", "checksum_mismatch", "wartet auf das Fenster: ü", 'a "quoted" reason']
 
