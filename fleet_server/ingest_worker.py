@@ -13,11 +13,12 @@ own MQTT client in the replica's ``$share`` group, so decoding, aggregating and
 storing thousands of batches per second never competes for the GIL with the
 API, the engine ticker or the main MQTT client (which keeps the retained
 snapshots and publishes directives): ``settings.ingest_workers`` telemetry
-workers (default 2; sums, in any order) and one events worker
-(``EVENTS_ONLY``, ``TELEMETRY_ONLY``). Workers are forked from a ``forkserver`` that has this
-module imported already (~tens of ms per worker after the first). The parent
-reads each worker's counters and state over a pipe; a worker exits when the
-pipe closes (its server died) and the server restarts a worker that died.
+workers (``TELEMETRY_ONLY``, default 2; sums, stored in any order) and one
+events worker (``EVENTS_ONLY``). Workers are forked from a ``forkserver`` that
+has this module imported already (~tens of ms per worker after the first).
+The parent reads each worker's counters and state over a pipe; a worker exits
+when the pipe closes (its server died) and the server restarts a worker that
+died.
 
 Why events have a worker (a client, a session, a store thread) of their own:
 Mosquitto queues a client's deliveries in one FIFO whatever the subscription,
