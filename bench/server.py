@@ -256,7 +256,7 @@ def _server_rate(
         "disconnects": total["mqtt_disconnects"],
         "backlog_end": backlog,
         "rows": rows,
-        "workers": len(bridge.workers),
+        "workers": len(bridge.telemetry_workers),
     }
     return stored / elapsed, checks
 

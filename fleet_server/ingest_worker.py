@@ -8,17 +8,31 @@ commit sends the PUBACKs (paho ``manual_ack``). A database error that is
 transient (down, locked) retries the same flush with a backoff and
 acknowledges nothing meanwhile.
 
-``IngestWorker``: the telemetry and event streams are taken by separate
-processes (``settings.ingest_workers``, default 2; events to the first one
-only, to keep a device's events in order), each with its own MQTT client in
-the replica's ``$share`` group, so decoding, aggregating and
+``IngestWorker``: the streams are taken by separate processes, each with its
+own MQTT client in the replica's ``$share`` group, so decoding, aggregating and
 storing thousands of batches per second never competes for the GIL with the
 API, the engine ticker or the main MQTT client (which keeps the retained
-snapshots and publishes directives). Workers are forked from a
-``forkserver`` that has this module imported already (~tens of ms per
-worker after the first). The parent reads each worker's counters and state
-over a pipe; a worker exits when the pipe closes (its server died) and the
-server restarts a worker that died.
+snapshots and publishes directives): ``settings.ingest_workers`` telemetry
+workers (``TELEMETRY_ONLY``, default 2; sums, stored in any order) and one
+events worker (``EVENTS_ONLY``). Workers are forked from a ``forkserver`` that
+has this module imported already (~tens of ms per worker after the first).
+The parent reads each worker's counters and state over a pipe; a worker exits
+when the pipe closes (its server died) and the server restarts a worker that
+died.
+
+Why events have a worker (a client, a session, a store thread) of their own:
+Mosquitto queues a client's deliveries in one FIFO whatever the subscription,
+so events taken by a client that also takes telemetry wait behind every
+telemetry batch queued for it. Under load that queue was minutes long (a
+10,000-device run: ingest up to 267 s behind), and the engine, which moves
+devices on from their events (install progress, success, failure), saw them
+that late and timed out devices that were working. With a client of its own,
+a telemetry backlog delays only telemetry: events are few (a handful per
+device per rollout) and their queue stays short. One events consumer per
+broker shard and replica also keeps one device's events in order within a
+replica (the engine reads them in arrival order). Each worker has its own lag
+probe (``fleet_server.ingest_lag``), so the server reports the events' lag and
+the telemetry's separately.
 
 Delivery guarantee (QoS 1): a message is acknowledged to the broker only
 after the transaction holding it committed (or after it was judged malformed,
@@ -321,10 +335,15 @@ def stream_filters(
     ]
 
 
-def worker_channels(index: int) -> tuple[protocol.Channel, ...]:
-    """Events go to the replica's first worker only: one device's events stay in order within a
-    replica (the engine reads them in arrival order); telemetry (sums) to every worker."""
-    return STREAM_CHANNELS if index == 0 else (protocol.Channel.TELEMETRY,)
+EVENTS_ONLY = (protocol.Channel.EVENTS,)
+TELEMETRY_ONLY = (protocol.Channel.TELEMETRY,)
+
+
+def stale_filters(settings: ServerSettings, channels: tuple[protocol.Channel, ...]) -> list[str]:
+    """The stream filters a persistent session of a client taking ``channels`` may still hold from a
+    version where it took more (the first telemetry worker took the events too): unsubscribed on
+    connect, or the broker would go on sharing those streams with it."""
+    return stream_filters(settings, tuple(ch for ch in STREAM_CHANNELS if ch not in channels))
 
 
 # --- the worker process --------------------------------------------------------------------------
@@ -346,10 +365,11 @@ def worker_main(
     counters = Counters()
     persistent = settings.mqtt_client_id is not None
     filters = stream_filters(settings, channels)
+    stale = stale_filters(settings, channels) if persistent else []
     leaving = threading.Event()  # set once stopping: a reconnect must not subscribe again
     # one consumer per broker shard, all in the replica's $share group there
     consumers = [
-        _Consumer(settings, client_id, persistent, name, where, engine, counters, filters, leaving)
+        _Consumer(settings, client_id, persistent, name, where, engine, counters, filters, stale, leaving)
         for name, where in shard_endpoints(settings).items()
     ]
     for consumer in consumers:
@@ -416,9 +436,11 @@ class _Consumer:
         engine: Engine,
         counters: Counters,
         filters: list[str],
+        stale: list[str],
         leaving: threading.Event,
     ) -> None:
         self.settings, self.persistent, self.shard, self.where = settings, persistent, shard, where
+        self.stale = stale
         self.counters, self.leaving = counters, leaving
         probe = probe_topic(client_id)  # plain, not shared: this worker's own lag probes
         self.filters = [*filters, probe]
@@ -447,6 +469,8 @@ class _Consumer:
             return
         if self.leaving.is_set():
             return
+        if self.stale:
+            c.unsubscribe(self.stale)
         result, mid = c.subscribe([(f, 1) for f in self.filters])
         if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
             self.pending.add(mid)

@@ -134,6 +134,15 @@ class FleetCollector(Collector):
             " for the ingest workers (measured with probes through it) and this replica's own",
             value=bridge.ingest_lag if bridge else 0.0,
         )
+        streams = GaugeMetricFamily(
+            "edgefleet_ingest_stream_lag_seconds",
+            "edgefleet_ingest_lag_seconds per stream (events and telemetry have ingest workers and"
+            " broker queues of their own; none with ingest_workers=0)",
+            labels=["stream"],
+        )
+        for stream, lag in (bridge.stream_lag() if bridge is not None else {}).items():
+            streams.add_metric([stream], lag)
+        yield streams
         yield GaugeMetricFamily(
             "edgefleet_mqtt_connected",
             "1 when this replica and its ingest workers are connected to the broker",

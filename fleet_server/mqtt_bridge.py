@@ -9,14 +9,17 @@ Processes and threads (docs/rollouts.md, "Ingest"):
   it also watches the retained directives (``desired``) for the reconciler
   (``fleet_server.reconciler``), which judges every live reported snapshot
   once stored and republishes the directive of a device that drifted;
-- the streams (events, telemetry) go to ``settings.ingest_workers`` separate
-  processes (``ingest_worker.IngestWorker``), each with its own client in the
-  ``$share`` group, its own pipeline and engine; with ``ingest_workers=0``
-  the main client takes them too.
+- the streams go to separate processes (``ingest_worker.IngestWorker``), each
+  with its own client in the ``$share`` group, its own pipeline and engine:
+  telemetry to ``settings.ingest_workers`` of them, events to one more, so
+  events never queue at the broker behind a telemetry backlog (the engine
+  moves devices on from their events); with ``ingest_workers=0`` the main
+  client takes both streams too (one queue: for tests and small setups).
 
 - a thread publishes each worker's lag probes (``fleet_server.ingest_lag``): how
   far behind ingest is, the broker's queue for the workers included
-  (``ingest_lag``, the ``edgefleet_ingest_lag_seconds`` metric, ``/readyz``).
+  (``ingest_lag``, the ``edgefleet_ingest_lag_seconds`` metric, ``/readyz``;
+  per stream ``stream_lag``, ``edgefleet_ingest_stream_lag_seconds``).
 
 So no SQLAlchemy session is ever shared with request handlers or the ticker,
 and a slow database never stalls keepalives. paho reconnects by itself and the
@@ -58,16 +61,23 @@ from fleet_server import reconcile
 from fleet_server.counters import Counters
 from fleet_server.ingest_lag import token
 from fleet_server.ingest_worker import (
+    EVENTS_ONLY,
     STREAM_CHANNELS,
+    TELEMETRY_ONLY,
     IngestWorker,
     Pipeline,
     leave,
     pipeline_for,
     stream_filters,
-    worker_channels,
 )
 from fleet_server.mqtt_client import Endpoint, connect, new_client, release, shard_endpoints
-from fleet_server.mqtt_identity import SERVER_ACCOUNT, is_reserved, server_client_id, worker_client_id
+from fleet_server.mqtt_identity import (
+    SERVER_ACCOUNT,
+    events_client_id,
+    is_reserved,
+    server_client_id,
+    worker_client_id,
+)
 from fleet_server.reconciler import Reconciler
 from fleet_server.settings import ServerSettings
 from fleet_server.shard_router import ShardRouter
@@ -228,19 +238,23 @@ class MqttBridge:
         first = next(iter(self.links.values()))
         # the first shard's, for callers that know of one broker only (tests, /api/v1/server)
         self.endpoint, self.client, self.pipeline = first.endpoint, first.client, first.pipeline
-        # Without $share every worker would get every message: then one worker at most.
+        # Without $share every telemetry worker would get every message: then one at most.
         n = settings.ingest_workers if settings.shared_subscriptions else min(settings.ingest_workers, 1)
-        self.workers = [
+        shards, notify = tuple(self.links), self._update_subscribed
+        self.telemetry_workers = [
             IngestWorker(
-                settings,
-                worker_client_id(self.client_id, i),
-                counters,
-                self._update_subscribed,
-                worker_channels(i),
-                tuple(self.links),
+                settings, worker_client_id(self.client_id, i), counters, notify, TELEMETRY_ONLY, shards
             )
             for i in range(max(n, 0))
         ]
+        # Events have a worker of their own (ingest_worker's docstring says why), one per replica:
+        # a device's events stay in order within the replica.
+        self.events_worker = (
+            IngestWorker(settings, events_client_id(self.client_id), counters, notify, EVENTS_ONLY, shards)
+            if self.telemetry_workers
+            else None
+        )
+        self.workers = [*self.telemetry_workers, *([self.events_worker] if self.events_worker else [])]
         self._probing = threading.Event()  # set: stop probing
         self._prober = threading.Thread(target=self._probe_lag, name="ef-ingest-lag", daemon=True)
 
@@ -310,6 +324,16 @@ class MqttBridge:
         """Seconds a message reaching the broker now waits before it is stored (this process and its
         workers; the workers' figure includes what waits in the broker's queue for them)."""
         return max([*(link.pipeline.lag for link in self.links.values()), *(w.lag for w in self.workers)])
+
+    def stream_lag(self) -> dict[str, float]:
+        """``ingest_lag`` per stream: the events worker's and the telemetry workers' (empty when the
+        main client takes the streams itself, ``ingest_workers=0``)."""
+        if self.events_worker is None:
+            return {}
+        return {
+            protocol.Channel.EVENTS.value: self.events_worker.lag,
+            protocol.Channel.TELEMETRY.value: max(w.lag for w in self.telemetry_workers),
+        }
 
     @property
     def connected(self) -> bool:

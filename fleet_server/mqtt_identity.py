@@ -25,7 +25,8 @@ def is_reserved(name: str) -> bool:
 
 
 def server_client_id(configured: str | None) -> str:
-    """The client id of a replica's main connection (its workers append ``-ingest<n>``).
+    """The client id of a replica's main connection (its workers append ``-ingest<n>``, the events
+    worker ``-events``).
 
     ``configured`` (``EDGEFLEET_MQTT_CLIENT_ID``) is kept stable, so a persistent session
     survives a restart; it gets the reserved prefix unless it already has it. None: a fresh
@@ -38,3 +39,8 @@ def server_client_id(configured: str | None) -> str:
 
 def worker_client_id(main: str, index: int) -> str:
     return f"{main}-ingest{index}"
+
+
+def events_client_id(main: str) -> str:
+    """The events worker's: derived from the main id, so stable (a persistent session) when that is."""
+    return f"{main}-events"

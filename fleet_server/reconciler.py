@@ -146,6 +146,15 @@ class Reconciler:
                 self._missing.add(device_id)
             self._restore(device_id)
             return
+        with self._lock:
+            held = self._directives.get(device_id)
+            if held is not None and payload == held[1]:
+                # The bytes held already (published by this replica, or verified when they came):
+                # the subscription echoes every directive this replica publishes, thousands in a
+                # rollout's stage, on the network thread that also reads the reported snapshots;
+                # parsing and verifying each again cost ~0.4 ms (measured, a loaded 2-core box).
+                self._delivered(device_id, held[1])
+                return
         try:
             env = read_envelope(payload)
             if self.fleet_keys:
@@ -156,8 +165,6 @@ class Reconciler:
             log.info("ignoring a directive on the broker for %s: %s", device_id, str(exc)[:200])
             return
         with self._lock:
-            self._missing.discard(device_id)
-            self._seen[device_id] = self.clock()
             held = self._directives.get(device_id)
             if held is None or view.seq > held[0].seq:
                 self._directives[device_id] = held = (view, payload)
@@ -165,9 +172,21 @@ class Reconciler:
                 log.warning(
                     "%s: another directive with seq %d on the broker; keeping ours", device_id, view.seq
                 )
-            state = self._drift.get(device_id)
-            if state is not None and state.drift == reconcile.Drift.MISSING.value and payload == held[1]:
-                state.drift, state.since, state.detail = reconcile.Drift.NONE.value, None, ""  # restored
+            self._delivered(device_id, payload)
+
+    def _delivered(self, device_id: str, payload: bytes) -> None:
+        """Under the lock: the broker holds ``payload`` as the device's directive."""
+        self._missing.discard(device_id)
+        self._seen[device_id] = self.clock()
+        held = self._directives.get(device_id)
+        state = self._drift.get(device_id)
+        if (
+            state is not None
+            and state.drift == reconcile.Drift.MISSING.value
+            and held is not None
+            and payload == held[1]
+        ):
+            state.drift, state.since, state.detail = reconcile.Drift.NONE.value, None, ""  # restored
 
     def restore_missing(self, since: float, belongs: Callable[[str], bool]) -> list[str]:
         """A broker came back and delivered its retained directives again (from ``since``, this

@@ -522,6 +522,14 @@ class StatsOut(BaseModel):
         description="how long a message reaching the broker now waits before it is stored (the broker's"
         " queue for the ingest workers included; the edgefleet_ingest_lag_seconds metric)",
     )
+    ingest_events_lag_seconds: float = Field(
+        default=0.0,
+        description="ingest_lag_seconds for the events alone: they have an ingest worker (a broker"
+        " queue) of their own, so a telemetry backlog does not delay them (0 with ingest_workers=0)",
+    )
+    ingest_telemetry_lag_seconds: float = Field(
+        default=0.0, description="ingest_lag_seconds for the telemetry alone (0 with ingest_workers=0)"
+    )
     ingest_backlog_messages: int = Field(default=0, description="messages received, not stored yet")
 
 

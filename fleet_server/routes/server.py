@@ -94,11 +94,10 @@ def metrics(c: Ctx, authorization: Annotated[str | None, Header(include_in_schem
 @router.get("/stats", response_model=StatsOut, summary="Ingest counters")
 def stats(c: Ctx) -> StatsOut:
     """This process's ingest counters (summed over its ingest workers), and how far behind it is."""
-    lag = (
-        {"ingest_lag_seconds": c.bridge.ingest_lag, "ingest_backlog_messages": c.bridge.backlog}
-        if c.bridge
-        else {}
-    )
+    lag: dict[str, float] = {}
+    if c.bridge:
+        lag = {"ingest_lag_seconds": c.bridge.ingest_lag, "ingest_backlog_messages": c.bridge.backlog}
+        lag.update({f"ingest_{stream}_lag_seconds": v for stream, v in c.bridge.stream_lag().items()})
     return StatsOut.model_validate({**c.counters.snapshot(), **lag})
 
 

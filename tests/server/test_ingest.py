@@ -82,7 +82,7 @@ def test_batches_delivered_to_a_worker_that_dies_before_committing_are_redeliver
     which is sent after the commit; the server restarts its dead worker, which gets them again."""
     server = make_server(mqtt_client_id=f"ef-crash-{uuid.uuid4().hex[:8]}", shared_subscriptions=False)
     assert server.context.bridge is not None
-    worker = server.context.bridge.workers[0]
+    worker = server.context.bridge.telemetry_workers[0]
     assert worker.pid is not None and worker.pid != os.getpid()  # ingest runs in its own process
     api = httpx.Client(base_url=server.url, timeout=10)
     register(api, "crash-1")

@@ -38,10 +38,10 @@ def lag_metric(api: httpx.Client) -> float:
 def test_a_stalled_ingest_worker_shows_as_lag_and_catches_up(
     make_server: Callable[..., ServerThread], fake_device: Callable[[str], FakeDevice]
 ) -> None:
-    # one ingest worker takes the whole stream (plain subscriptions), as the scenarios run it
+    # one ingest worker takes the whole telemetry stream (plain subscriptions), as the scenarios run it
     srv = make_server(shared_subscriptions=False, ready_max_ingest_lag_seconds=3.0)
     bridge = srv.context.bridge
-    assert bridge is not None and len(bridge.workers) == 1
+    assert bridge is not None and len(bridge.telemetry_workers) == 1
     with httpx.Client(base_url=srv.url, timeout=10) as api:
         register(api, "lag-1")
         dev = fake_device("lag-1")
@@ -49,7 +49,7 @@ def test_a_stalled_ingest_worker_shows_as_lag_and_catches_up(
         wait_for(lambda: stats(api)["telemetry_batches"] == 1, timeout=15)
         wait_for(lambda: lag_metric(api) < 2.0, timeout=15)
         assert api.get("/readyz").status_code == 200
-        pid = bridge.workers[0].pid
+        pid = bridge.telemetry_workers[0].pid
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -92,7 +92,7 @@ def test_the_scenario_telemetry_check_waits_for_a_server_that_is_behind(
         dev = fake_device("drain-1")
         dev.publish("telemetry", telemetry("drain-1", "d0", SHA, 1))
         wait_for(lambda: stats(api)["telemetry_batches"] == 1, timeout=15)
-    pid = bridge.workers[0].pid
+    pid = bridge.telemetry_workers[0].pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
     resume = threading.Timer(DRAIN_QUIET + 3.0, os.kill, (pid, signal.SIGCONT))
