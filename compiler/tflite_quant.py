@@ -14,7 +14,6 @@ int8 ones afterwards, anything else stays visible in the op report.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import QuantizationError
+from compiler.std_streams import redirected
 from compiler.tflite_prep import read_tflite
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ def quantize_tflite(
     key, by_tensor = signature_keys(prepared)
     sink = io.StringIO()
     try:
-        with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+        # the quantizer prints progress; the redirects are process-wide, so taken in turn
+        with redirected("stderr", sink), redirected("stdout", sink):
             calib = calibrator.Calibrator(
                 bytearray(prepared), num_threads=1, qsv_update_func=qsv_utils.min_max_update
             )

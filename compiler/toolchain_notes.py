@@ -13,10 +13,10 @@ CLI's progress bar) still shows. ``parse_stderr`` turns the captured text into
 (level, source, message) rows; the report lists each distinct one with a count.
 
 File descriptor 2 belongs to the process: while a compile runs, other threads'
-native stderr is collected too (and lands in that compile's notes). The
-compiler is a CLI step and a library call that owns its process; an
-application that compiles on a thread and needs its own stderr meanwhile
-should compile in a subprocess.
+native stderr is collected too (and lands in that compile's notes). Compiles
+on several threads take turns (``compiler.std_streams.STDIO_LOCK``), so each
+puts back what it found; an application that compiles on a thread and needs
+its own stderr meanwhile should compile in a subprocess.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
+
+from compiler.std_streams import STDIO_LOCK
 
 Note = tuple[str, str, str]  # level, source, message
 
@@ -111,41 +113,50 @@ def _stderr_is_fd2() -> bool:
 
 @contextmanager
 def capture_toolchain() -> Iterator[Notes]:
-    """Collect log records, warnings and native stderr into ``Notes`` for the duration."""
-    notes = Notes()
-    handler = _Handler(notes)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    rebind = _stderr_is_fd2()
-    original: TextIO | None = sys.stderr
-    if original is not None:
-        original.flush()
-    saved = os.dup(2)
-    sink = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
-    terminal: TextIO | None = None
-    os.dup2(sink.fileno(), 2)
-    if rebind:
-        terminal = open(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
-        sys.stderr = terminal
-    catcher = warnings.catch_warnings(record=True)
-    caught = catcher.__enter__()
-    warnings.simplefilter("default")
-    try:
-        yield notes
-    finally:
-        catcher.__exit__(None, None, None)
-        for w in caught or []:
-            notes.add(("warning", f"{w.category.__name__} {_module_of(w.filename)}", str(w.message)))
-        root.removeHandler(handler)
-        if terminal is not None:
-            terminal.flush()
-            sys.stderr = original
-            terminal.close()
-        os.dup2(saved, 2)
-        os.close(saved)
-        sink.seek(0)
-        logged = {message for _, _, message in notes.counts}
-        for note in parse_stderr(sink.read().decode("utf-8", "replace")):
-            if note[2] not in logged:  # a Python logger that also wrote to stderr is already counted
-                notes.add(note)
-        sink.close()
+    """Collect log records, warnings and native stderr into ``Notes`` for the duration.
+
+    Serialised with every other redirect of the standard streams (``compiler.std_streams``): two
+    compiles on two threads would otherwise each restore descriptor 2 and ``sys.stderr`` to what
+    the other had put there."""
+    with STDIO_LOCK:
+        notes = Notes()
+        handler = _Handler(notes)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        rebind = _stderr_is_fd2()
+        original: TextIO | None = sys.stderr
+        if original is not None:
+            original.flush()
+        saved = os.dup(2)
+        sink = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
+        terminal: TextIO | None = None
+        os.dup2(sink.fileno(), 2)
+        if rebind:
+            terminal = open(os.dup(saved), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+            sys.stderr = terminal
+        catcher = warnings.catch_warnings(record=True)
+        caught = catcher.__enter__()
+        warnings.simplefilter("default")
+        try:
+            yield notes
+        finally:
+            catcher.__exit__(None, None, None)
+            for w in caught or []:
+                notes.add(("warning", f"{w.category.__name__} {_module_of(w.filename)}", str(w.message)))
+            root.removeHandler(handler)
+            if terminal is not None:
+                terminal.flush()
+                if sys.stderr is terminal:
+                    sys.stderr = original
+                    terminal.close()
+                # else someone replaced sys.stderr meanwhile and will put ``terminal`` back when
+                # done: it must still write (to the real stderr) then, so it stays open, closed
+                # with its last reference
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            logged = {message for _, _, message in notes.counts}
+            for note in parse_stderr(sink.read().decode("utf-8", "replace")):
+                if note[2] not in logged:  # a Python logger that also wrote to stderr is already counted
+                    notes.add(note)
+            sink.close()

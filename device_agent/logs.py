@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import TextIO
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -30,9 +31,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record comes, not to the object it was
+    when logging was configured: a process that swaps its standard streams for a while (a test's
+    capture, a redirect) would otherwise keep logging into the swapped-in stream after it was
+    closed, and every record would fail. The standard library's last-resort handler works so too.
+    """
+
+    def __init__(self, level: int = logging.NOTSET) -> None:
+        logging.Handler.__init__(self, level)  # not StreamHandler's: it would bind a stream
+
+    @property
+    def stream(self) -> TextIO | None:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        """The stream is always the current ``sys.stderr``."""
+
+
 def setup_logging(fmt: str = "json", level: str = "INFO") -> None:
     """Configure the root logger once for an agent process."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

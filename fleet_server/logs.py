@@ -72,11 +72,8 @@ def uvicorn_log_config(fmt: str, level: str = "INFO") -> dict[str, Any]:
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
         "handlers": {
-            "default": {
-                "class": "logging.StreamHandler",
-                "formatter": "default",
-                "stream": "ext://sys.stderr",
-            },
+            # sys.stderr as it is at each record, not as it was when logging was configured
+            "default": {"class": "device_agent.logs.StderrHandler", "formatter": "default"},
             "null": {"class": "logging.NullHandler"},
         },
         "root": {"handlers": ["default"], "level": level},

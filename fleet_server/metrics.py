@@ -290,7 +290,6 @@ class FleetCollector(Collector):
 
     def _slos(self) -> Iterator[Metric]:
         last = self._last()
-        evaluator = self.context.slo.evaluator if self.context.slo is not None else None
         labels = ["slo", "model", "cohort", "sli"]
         total = CounterMetricFamily("edgefleet_slo_events", "events an SLO objective counts", labels=labels)
         bad = CounterMetricFamily("edgefleet_slo_bad_events", "of which bad", labels=labels)
@@ -319,14 +318,14 @@ class FleetCollector(Collector):
         evaluated_at = GaugeMetricFamily(
             "edgefleet_slo_evaluation_timestamp_seconds", "when the last evaluation ran"
         )
-        if last is not None and evaluator is not None:
+        if last is not None:
             evaluated.add_metric([], last.seconds)
             evaluated_at.add_metric([], last.at)
             for status in last.statuses:
                 spec = status.spec
                 for o in status.objectives:
                     key = [spec.name, spec.model, spec.hardware_id or "all", str(o.objective.sli)]
-                    samples = evaluator.samples(spec.name)
+                    samples = last.samples.get(spec.name, ())
                     if samples:
                         latest = samples[-1]
                         b, n = events(o.objective, latest)

@@ -58,8 +58,18 @@ class ServerThread:
             settings = settings.model_copy(update={"public_url": self.url})
             self.settings = settings
         self.app = create_app(settings)
+        # log_config=None: a server on a thread of someone else's program leaves that program's
+        # logging as it is; uvicorn's default would replace every handler of the process and bind
+        # its own to whatever sys.stderr and sys.stdout are at this moment (in a test, a capture
+        # closed when the test ends). Its records go to the program's handlers instead.
         config = uvicorn.Config(
-            self.app, host=host, port=self.port, log_level="warning", lifespan="on", **options
+            self.app,
+            host=host,
+            port=self.port,
+            log_level="warning",
+            log_config=None,
+            lifespan="on",
+            **options,
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

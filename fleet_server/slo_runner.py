@@ -61,6 +61,10 @@ class Evaluation:
     names: dict[str, VersionName] = field(default_factory=dict)
     alerts: dict[AlertKey, AlertState] = field(default_factory=dict)
     seconds: float = 0.0  # how long it took
+    # each SLO's samples as this evaluation left them: /metrics reads them with ``statuses`` from
+    # here, not from the evaluator's cache, which the loop thread empties and refills meanwhile
+    # (a change of leader, the thinning)
+    samples: dict[str, tuple[Sample, ...]] = field(default_factory=dict)
 
 
 class SloEvaluator:
@@ -71,6 +75,8 @@ class SloEvaluator:
         self._runs = 0
         self._latest = datetime.min.replace(tzinfo=UTC)
         self.last = Evaluation()
+        # one evaluation at a time: the loop's, or a caller's beside it (an operator's tool, a test)
+        self._lock = threading.Lock()
 
     def samples(self, slo: str) -> list[Sample]:
         """The cached samples of ``slo`` (empty before its first evaluation here)."""
@@ -78,9 +84,14 @@ class SloEvaluator:
 
     def reset(self) -> None:
         """Forget the cached samples (another replica may write them while this one does not lead)."""
-        self._samples.clear()
+        with self._lock:
+            self._samples.clear()
 
     def run(self, now: datetime | None = None) -> Evaluation:
+        with self._lock:
+            return self._run(now)
+
+    def _run(self, now: datetime | None) -> Evaluation:
         started = time.perf_counter()
         # never back in time: samples and alert times only move forward, whatever the clock does
         now = max(now or utcnow(), self._latest)
@@ -135,6 +146,7 @@ class SloEvaluator:
             names,
             {k: a.state for k, a in step.alerts.items()},
             time.perf_counter() - started,
+            {row.name: tuple(self._samples.get(row.name, ())) for row in slos},
         )
         return self.last
 

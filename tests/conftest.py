@@ -16,6 +16,7 @@ import contextlib
 import gc
 import os
 import signal
+import sys
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from hypothesis import settings
 from edgefleet.broker import Broker, BrokerInfo, mosquitto_binary, start_secure_broker
 from signing.keyring import KeyDir, init_keys
 from tests.support.descriptors import PROC_FDS, FileDescriptorLeak, open_fds
+from tests.support.std_streams import damage, is_closed, std_streams
 
 # --probe-times=PATH: per-test wall time and CPU (tests/support/timing_probe.py).
 pytest_plugins = ["tests.support.timing_probe"]
@@ -131,6 +133,58 @@ def sigint_left_as_found() -> Iterator[None]:
             "(restore them where they are set)",
             pytrace=False,
         )
+
+
+@pytest.fixture(autouse=True)
+def std_streams_left_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test that leaves ``sys.stdout`` or ``sys.stderr`` closed or replaced (itself, or a
+    thread it started: a redirect that outlives the test, a log handler's stream closed): between
+    tests they are pytest's capture files, and once one is closed every later test in the worker
+    errors at setup and teardown, far from the cause. Torn down after the test's other fixtures
+    (``capsys`` puts its own streams back first), it puts back what it can, so the worker goes on,
+    and releases a capture fixture that could not close (its stream closed under it), which would
+    otherwise stay installed for every later test."""
+    before = std_streams()
+    yield
+    problems = damage(before, std_streams())
+    # pytest has no public way to ask whether a capture fixture is still installed
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    stuck = getattr(capman, "_capture_fixture", None)
+    if stuck is not None:
+        problems.append(
+            f"pytest's {stuck.request.fixturename} could not close (a stream it installed was closed)"
+        )
+        capman.unset_fixture()
+    for name, stream in before.items():
+        if not is_closed(stream):
+            setattr(sys, name, stream)
+    if problems:
+        pytest.fail(
+            "the test left the standard streams broken: "
+            + "; ".join(problems)
+            + " (restore a redirect where it is made, and close only streams you opened)",
+            pytrace=False,
+        )
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """The same check around the test function itself, inside pytest's capture: pytest puts its
+    own streams back when the call ends, so a stream the test's code swapped and left (a
+    ``redirect_stdout`` exited out of order on another thread) is only seen here."""
+    before = std_streams()
+    result = yield
+    problems = damage(before, std_streams())
+    for name, stream in before.items():
+        setattr(sys, name, stream)
+    if problems:
+        pytest.fail(
+            "the test left the standard streams broken: "
+            + "; ".join(problems)
+            + " (restore a redirect where it is made, and close only streams you opened)",
+            pytrace=False,
+        )
+    return result
 
 
 @pytest.fixture(scope="session")
