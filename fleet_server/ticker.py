@@ -332,8 +332,12 @@ class Ticker:
         publish: Publish,
         fleet_key: KeyPair,
         lock: threading.Lock,
+        ingest_lag: Callable[[], float] = lambda: 0.0,
     ) -> None:
+        """``ingest_lag``: how far behind the server's ingest is now, in seconds (the bridge's
+        probe measurement): the engine does not count that time against a device (``engine.heard_for``)."""
         self.settings = settings
+        self.ingest_lag = ingest_lag
         self.engine = engine
         self.publish = publish
         self.fleet_key = fleet_key
@@ -403,8 +407,18 @@ class Ticker:
                 ).all()
             self._enrol_joiners(ids)
             for rollout_id in ids:
-                self._tick_one(rollout_id, now or utcnow())
+                lag = self._lag()  # before ``now`` and the snapshot: the store holds at least ``now - lag``
+                self._tick_one(rollout_id, now or utcnow(), lag)
             self._tick_experiments()
+
+    def _lag(self) -> float:
+        """The ingest lag now, in seconds. A failing reading counts as none: the engine must go on
+        (and then judges as it would with ingest keeping up)."""
+        try:
+            return max(float(self.ingest_lag()), 0.0)
+        except Exception:
+            log.exception("reading the ingest lag failed; the tick counts none")
+            return 0.0
 
     def _tick_experiments(self) -> None:
         """Evaluate the running experiments: guardrail stops, winners, auto-promote. The rollouts
@@ -441,7 +455,7 @@ class Ticker:
             if enrolled:
                 session.commit()
 
-    def _tick_one(self, rollout_id: str, now: datetime) -> None:
+    def _tick_one(self, rollout_id: str, now: datetime, ingest_lag: float = 0.0) -> None:
         outbox: list[tuple[str, bytes]] = []
         with new_session(self.engine) as session:
             rollout = session.get(Rollout, rollout_id, with_for_update=True)
@@ -450,7 +464,7 @@ class Ticker:
                 return
             devices, baseline = snapshot(session, rollout)
             before = rollout_snapshot(rollout)
-            plan = rollout_engine.decide(before, devices, now, baseline)
+            plan = rollout_engine.decide(before, devices, now, baseline, ingest_lag)
             if (
                 plan.empty
                 and plan.state == rollout.state
