@@ -101,21 +101,20 @@ IN_FLIGHT = tuple(DS.IN_FLIGHT)
 REPORTED_IN_FLIGHT = case(
     (col(RolloutDevice.state).in_(IN_FLIGHT), col(Device.reported)), else_=null()
 ).label("reported")
-AGGREGATE_COLUMNS = (
+# An aggregate's counters, and with its sketches (JSON lists) for a policy with a relative gate:
+# without one nothing reads them, and decoding them is a tick's cost at fleet scale.
+COUNT_COLUMNS = (
     col(ModelAggregate.device_id),
     col(ModelAggregate.sha256),
     col(ModelAggregate.served_ok),
     col(ModelAggregate.inferences),
     col(ModelAggregate.errors),
-    col(ModelAggregate.latency_buckets),
-    col(ModelAggregate.output_hist),
     col(ModelAggregate.shadow_samples),
     col(ModelAggregate.shadow_agree),
     col(ModelAggregate.labels),
     col(ModelAggregate.labels_correct),
 )
-# The same without the sketches (JSON lists), for a policy with no relative gate: nothing reads them.
-COUNT_COLUMNS = tuple(c for c in AGGREGATE_COLUMNS if c.key not in ("latency_buckets", "output_hist"))
+AGGREGATE_COLUMNS = (*COUNT_COLUMNS, col(ModelAggregate.latency_buckets), col(ModelAggregate.output_hist))
 
 
 def snapshot(

@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import Engine, insert, update
 from sqlmodel import select
 
-from fleet_server.engine import DeviceSnapshot, apply_plan, decide, heard_for
+from fleet_server.engine import DeviceSnapshot, Plan, RolloutSnapshot, apply_plan, decide, heard_for
 from fleet_server.lifecycle import DeviceRolloutState as DS
 from fleet_server.lifecycle import RolloutState as RS
 from fleet_server.models import Device, Model, ModelAggregate, Rollout, RolloutDevice, utcnow
@@ -34,7 +34,7 @@ def test_heard_for_counts_only_the_time_whose_reports_are_stored() -> None:
     assert heard_for(T0, T0 + timedelta(seconds=100), -5.0) == 100.0  # a bad reading adds nothing
 
 
-def _notified_one(timeout: float = 30.0) -> tuple[object, list[DeviceSnapshot]]:
+def _notified_one(timeout: float = 30.0) -> tuple[RolloutSnapshot, list[DeviceSnapshot]]:
     r = rollout(stages=(100.0,), device_timeout_seconds=timeout, max_failure_rate=1.0)
     return r, first_stage(r, 1)  # notified at T0
 
@@ -85,10 +85,10 @@ def test_the_soak_waits_while_ingest_is_behind() -> None:
 
 
 def _step(
-    r: object, devices: list[DeviceSnapshot], now: datetime
-) -> tuple[object, list[DeviceSnapshot], object]:
-    plan = decide(r, devices, now)  # type: ignore[arg-type]
-    r2, d2 = apply_plan(r, devices, plan, now)  # type: ignore[arg-type]
+    r: RolloutSnapshot, devices: list[DeviceSnapshot], now: datetime
+) -> tuple[RolloutSnapshot, list[DeviceSnapshot], Plan]:
+    plan = decide(r, devices, now)
+    r2, d2 = apply_plan(r, devices, plan, now)
     return r2, d2, plan
 
 
