@@ -8,7 +8,10 @@ is not timed out, and the same device with ingest keeping up is.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -19,11 +22,13 @@ from fleet_server.engine import DeviceSnapshot, Plan, RolloutSnapshot, apply_pla
 from fleet_server.lifecycle import DeviceRolloutState as DS
 from fleet_server.lifecycle import RolloutState as RS
 from fleet_server.models import Device, Model, ModelAggregate, Rollout, RolloutDevice, utcnow
+from fleet_server.runner import ServerThread
 from fleet_server.settings import ServerSettings
 from fleet_server.store import new_session
 from fleet_server.ticker import Ticker
 from signing.keys import generate_keypair
 
+from .conftest import wait_for
 from .test_engine import OLD, SHA, T0, first_stage, rollout, serving
 
 
@@ -190,3 +195,21 @@ def test_ticker_survives_a_failing_lag_reading(store: Engine, tmp_path: Path) ->
     )
     ticker.tick(t0 + timedelta(seconds=90))  # judged as with no lag
     assert _device_state(store)[0] == DS.TIMED_OUT
+
+
+def test_a_real_server_ticks_with_its_measured_ingest_lag(make_server: Callable[..., ServerThread]) -> None:
+    """The server's ticker reads the bridge's lag: a stalled ingest worker shows in what the engine
+    is told (the probes queue behind it at the broker)."""
+    srv = make_server(shared_subscriptions=False)
+    bridge, ticker = srv.context.bridge, srv.context.ticker
+    assert bridge is not None and ticker is not None and len(bridge.workers) == 1
+    wait_for(lambda: ticker.ingest_lag() < 2.0, timeout=15)
+    pid = bridge.workers[0].pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: ticker.ingest_lag() >= 3.0, timeout=20)
+        assert abs(ticker.ingest_lag() - bridge.ingest_lag) < 1.0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: ticker.ingest_lag() < 2.0, timeout=30)
