@@ -70,7 +70,14 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bridge = MqttBridge(settings, context.engine, context.counters, context.trust.fleet_keys)
-        ticker = Ticker(settings, context.engine, bridge.publish_desired, fleet_key, context.lock)
+        ticker = Ticker(
+            settings,
+            context.engine,
+            bridge.publish_desired,
+            fleet_key,
+            context.lock,
+            ingest_lag=lambda: bridge.ingest_lag,  # what the server is behind is not a device's delay
+        )
         slo = SloRunner(context.engine, settings, lambda: ticker.is_leader)
         context.bridge, context.ticker, context.slo = bridge, ticker, slo
         bridge.reconciler.listeners.append(ticker.observe)  # a stage's last report wakes the engine

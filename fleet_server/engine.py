@@ -47,6 +47,17 @@ rule that tried an undesigned move would raise rather than write it.
   human instead of promoting blind.
 - An operator roll back (any state) sends every device that got the new model
   back to the model it ran before.
+- Every judgement of time that reads what devices sent counts only the time the
+  server has heard (``heard_for``): while ingest is behind (``ingest_lag``, the
+  measured wait of a message published now), what a device sent in the last
+  ``ingest_lag`` seconds is not in the store yet, so the device timeout, the
+  wait limit, the soak and the label wait are all measured up to ``now -
+  ingest_lag``. A lag that came and went needs nothing more: once ingest has
+  caught up, what the device sent during it is stored and read like any report
+  (a success is seen before a timeout is considered). Judgements on evidence
+  already stored (a failure report, a gate that trips) are not delayed: late
+  telemetry cannot make stored evidence untrue, and protection must not wait.
+  Times the engine sets itself (``retry_at``, the rate limit) are server time.
 """
 
 from __future__ import annotations
@@ -243,8 +254,26 @@ def stage_target(percent: float, targeted: int, unit: str = "percent") -> int:
     return min(targeted, math.ceil(share))
 
 
-def _failure(d: DeviceSnapshot, r: RolloutSnapshot, now: datetime) -> str | None:
-    """Why an in-flight device failed (``class: detail``), or None."""
+def heard_for(start: datetime, now: datetime, ingest_lag: float) -> float:
+    """Seconds since ``start`` whose reports the server has stored: ``now - ingest_lag - start``.
+
+    ``ingest_lag`` is how long a message published now waits before it is stored; ingest is
+    first in, first out, so at ``now`` the store holds what devices sent up to about ``now -
+    ingest_lag`` and nothing after. A judgement of "nothing came within T seconds" is fair only
+    over those seconds: counting the rest blames a device for the server being behind (a
+    working device whose success report waits minutes in the broker's queue for a busy ingest
+    worker). Never below zero, so a clock started at ``now`` during a lag stays at zero.
+    """
+    return max((now - start).total_seconds() - max(ingest_lag, 0.0), 0.0)
+
+
+def _behind(ingest_lag: float) -> str:
+    """What a timeout's reason says about a lag it forgave (nothing when ingest kept up)."""
+    return f" (ingest {ingest_lag:.0f}s behind)" if ingest_lag >= 1 else ""
+
+
+def _failure(d: DeviceSnapshot, r: RolloutSnapshot, now: datetime, ingest_lag: float = 0.0) -> str | None:
+    """Why an in-flight device failed (``class: detail``), or None; timeouts count heard time only."""
     if d.event_failure is not None:
         return d.event_failure
     if d.seq is not None and d.reported_seq == d.seq and d.reported_state in FAILED_DEPLOYMENT_STATES:
@@ -258,19 +287,25 @@ def _failure(d: DeviceSnapshot, r: RolloutSnapshot, now: datetime) -> str | None
     start = d.timeout_from or d.notified_at
     if start is None:
         return None
+    heard = heard_for(start, now, ingest_lag)
     if d.state == WAITING:
         limit = r.policy.max_wait_seconds
-        if (now - start).total_seconds() > limit:
-            return f"{ServerFailure.TIMED_OUT}: waited more than {limit:g}s ({d.waiting or 'waiting'})"
+        if heard > limit:
+            return (
+                f"{ServerFailure.TIMED_OUT}: waited more than {limit:g}s ({d.waiting or 'waiting'})"
+                f"{_behind(ingest_lag)}"
+            )
         return None
     timeout = r.policy.device_timeout_seconds
-    if (now - start).total_seconds() > timeout:
-        return f"{ServerFailure.TIMED_OUT}: no success within {timeout:g}s"
+    if heard > timeout:
+        return f"{ServerFailure.TIMED_OUT}: no success within {timeout:g}s{_behind(ingest_lag)}"
     return None
 
 
-def observe(d: DeviceSnapshot, r: RolloutSnapshot, now: datetime) -> DeviceChange | None:
-    """What an in-flight device's reports move it to, if anything."""
+def observe(
+    d: DeviceSnapshot, r: RolloutSnapshot, now: datetime, ingest_lag: float = 0.0
+) -> DeviceChange | None:
+    """What an in-flight device's reports move it to, if anything (``ingest_lag``: see ``heard_for``)."""
     if d.state == RETRY_WAIT:
         return None
     proves = d.served_ok > 0 or d.inferences - d.errors > 0
@@ -292,7 +327,7 @@ def observe(d: DeviceSnapshot, r: RolloutSnapshot, now: datetime) -> DeviceChang
             return DeviceChange(
                 d.device_id, DEVICE.move(d.state, DT.PROCEED), "stopped waiting", timeout_from=now
             )
-    why = _failure(d, r, now)
+    why = _failure(d, r, now, ingest_lag)
     if why is not None:
         cls = gates.failure_class(why)
         if d.attempts <= gates.retries_allowed(r.policy, cls):
@@ -319,11 +354,15 @@ def decide(
     devices: Sequence[DeviceSnapshot],
     now: datetime,
     baseline: Mapping[str, Histograms] | None = None,
+    ingest_lag: float = 0.0,
 ) -> Plan:
     """One engine step for one rollout. Pure: same inputs, same plan.
 
     ``baseline``: per hardware id, the summed sketches of the models the
     rollout's devices ran before (the comparison of the relative gates).
+    ``ingest_lag``: seconds the server's ingest is behind now (the ticker passes its
+    measurement); the timeouts, the soak and the label wait count only heard time
+    (``heard_for``).
     """
     plan = Plan(state=r.state, current_stage=r.current_stage, stage_ready_at=r.stage_ready_at)
     state = {d.device_id: d.state for d in devices}
@@ -340,7 +379,7 @@ def decide(
     # 1. What happened to the devices already notified.
     for d in devices:
         if d.state in IN_FLIGHT:
-            change = observe(d, r, now)
+            change = observe(d, r, now, ingest_lag)
             if change is not None:
                 state[d.device_id], reasons[d.device_id] = change.state, change.reason
                 plan.changes.append(change)
@@ -471,7 +510,9 @@ def decide(
                     figures,
                 )
             )
-        soaked = (now - plan.stage_ready_at).total_seconds()
+        # The soak watches the stage's devices serving: only the time whose telemetry is stored
+        # counts, or a stage would be promoted on seconds of telemetry nobody has read yet.
+        soaked = heard_for(plan.stage_ready_at, now, ingest_lag)
         if soaked < p.soak_seconds:
             return plan
         wanted = gates.labels_wanted(p, j.overall)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, or_
+from sqlalchemy import Engine, and_, case, null, or_
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -93,21 +93,28 @@ SNAPSHOT_COLUMNS = (
     col(Device.deployment_seq),
     col(Device.deployment_state),
     col(Device.desired_seq),
-    col(Device.reported),
 )
-AGGREGATE_COLUMNS = (
+# A device's reported snapshot and its events for the seq it was sent are read by the engine only
+# while the device is in flight (``engine.observe``): a finished, pending or held device's would be
+# decoded for nothing, and decoding the JSON documents was most of a tick at 10,000 devices.
+IN_FLIGHT = tuple(DS.IN_FLIGHT)
+REPORTED_IN_FLIGHT = case(
+    (col(RolloutDevice.state).in_(IN_FLIGHT), col(Device.reported)), else_=null()
+).label("reported")
+# An aggregate's counters, and with its sketches (JSON lists) for a policy with a relative gate:
+# without one nothing reads them, and decoding them is a tick's cost at fleet scale.
+COUNT_COLUMNS = (
     col(ModelAggregate.device_id),
     col(ModelAggregate.sha256),
     col(ModelAggregate.served_ok),
     col(ModelAggregate.inferences),
     col(ModelAggregate.errors),
-    col(ModelAggregate.latency_buckets),
-    col(ModelAggregate.output_hist),
     col(ModelAggregate.shadow_samples),
     col(ModelAggregate.shadow_agree),
     col(ModelAggregate.labels),
     col(ModelAggregate.labels_correct),
 )
+AGGREGATE_COLUMNS = (*COUNT_COLUMNS, col(ModelAggregate.latency_buckets), col(ModelAggregate.output_hist))
 
 
 def snapshot(
@@ -121,23 +128,27 @@ def snapshot(
     that are not entities) cost more than the SQL itself. The reported snapshot is decoded
     here, whole: taking its few fields out with JSON paths in SQL costs more on SQLite 3.40
     (a ``json_extract`` parses the document again for each field) and gains nothing on
-    PostgreSQL.
+    PostgreSQL. Only the in-flight devices' reported snapshots and events are read (the only
+    ones the engine looks at), and the latency and output sketches only for a policy with a
+    relative gate.
     """
     session.flush()  # what this session added is part of the snapshot, as with session.execute
     conn = session.connection()
+    policy = rollout_policy.from_row(rollout)
+    sketches = _relative(policy)
     mine = and_(
         col(RolloutDevice.rollout_id) == rollout.id,
         col(RolloutDevice.device_id) == col(ModelAggregate.device_id),
     )
     rows = conn.execute(
-        sa_select(*SNAPSHOT_COLUMNS)
+        sa_select(*SNAPSHOT_COLUMNS, REPORTED_IN_FLIGHT)
         .join(Device, col(Device.id) == col(RolloutDevice.device_id))
         .where(col(RolloutDevice.rollout_id) == rollout.id)
     ).all()
     aggs = {
         a.device_id: a
         for a in conn.execute(
-            sa_select(*AGGREGATE_COLUMNS)
+            sa_select(*(AGGREGATE_COLUMNS if sketches else COUNT_COLUMNS))
             .join(RolloutDevice, mine)
             .where(col(ModelAggregate.sha256) == rollout.model_sha256)
         ).all()
@@ -152,6 +163,7 @@ def snapshot(
                 col(RolloutDevice.rollout_id) == rollout.id,
                 col(RolloutDevice.device_id) == col(EventRow.device_id),
                 col(RolloutDevice.seq) == col(EventRow.seq),
+                col(RolloutDevice.state).in_(IN_FLIGHT),
             ),
         )
         .order_by(col(EventRow.id))
@@ -197,8 +209,8 @@ def snapshot(
                 hardware_id=rd.hardware_id,
                 attempts=max(rd.attempts, 1),
                 retry_at=rd.retry_at,
-                latency_buckets=tuple(agg.latency_buckets) if agg else (),
-                output_hist=tuple(agg.output_hist) if agg else (),
+                latency_buckets=tuple(agg.latency_buckets) if agg and sketches else (),
+                output_hist=tuple(agg.output_hist) if agg and sketches else (),
                 shadow_samples=agg.shadow_samples if agg else 0,
                 shadow_agree=agg.shadow_agree if agg else 0,
                 labels=agg.labels if agg else 0,
@@ -208,7 +220,16 @@ def snapshot(
                 timeout_from=rd.timeout_from,
             )
         )
-    return out, _baseline(session, rollout, rollout_policy.from_row(rollout), rows, mine)
+    return out, _baseline(session, rollout, policy, rows, mine)
+
+
+def _relative(policy: Policy) -> bool:
+    """Whether a gate of the policy compares sketches with the replaced models' (reads them)."""
+    return (
+        policy.max_latency_ratio is not None
+        or policy.max_output_psi is not None
+        or policy.max_accuracy_drop is not None
+    )
 
 
 def _baseline(
@@ -216,11 +237,7 @@ def _baseline(
 ) -> dict[str, Histograms]:
     """Summed sketches and label counts of the models the rollout's devices ran before, per
     hardware id (only what a relative gate of the policy compares with)."""
-    if (
-        policy.max_latency_ratio is None
-        and policy.max_output_psi is None
-        and policy.max_accuracy_drop is None
-    ):
+    if not _relative(policy):
         return {}
     hw = {rd.device_id: rd.hardware_id for rd in rows}
     previous = {rd.previous_sha256 for rd in rows if rd.previous_sha256}
@@ -332,8 +349,12 @@ class Ticker:
         publish: Publish,
         fleet_key: KeyPair,
         lock: threading.Lock,
+        ingest_lag: Callable[[], float] = lambda: 0.0,
     ) -> None:
+        """``ingest_lag``: how far behind the server's ingest is now, in seconds (the bridge's
+        probe measurement): the engine does not count that time against a device (``engine.heard_for``)."""
         self.settings = settings
+        self.ingest_lag = ingest_lag
         self.engine = engine
         self.publish = publish
         self.fleet_key = fleet_key
@@ -403,8 +424,18 @@ class Ticker:
                 ).all()
             self._enrol_joiners(ids)
             for rollout_id in ids:
-                self._tick_one(rollout_id, now or utcnow())
+                lag = self._lag()  # before ``now`` and the snapshot: the store holds at least ``now - lag``
+                self._tick_one(rollout_id, now or utcnow(), lag)
             self._tick_experiments()
+
+    def _lag(self) -> float:
+        """The ingest lag now, in seconds. A failing reading counts as none: the engine must go on
+        (and then judges as it would with ingest keeping up)."""
+        try:
+            return max(float(self.ingest_lag()), 0.0)
+        except Exception:
+            log.exception("reading the ingest lag failed; the tick counts none")
+            return 0.0
 
     def _tick_experiments(self) -> None:
         """Evaluate the running experiments: guardrail stops, winners, auto-promote. The rollouts
@@ -441,7 +472,7 @@ class Ticker:
             if enrolled:
                 session.commit()
 
-    def _tick_one(self, rollout_id: str, now: datetime) -> None:
+    def _tick_one(self, rollout_id: str, now: datetime, ingest_lag: float = 0.0) -> None:
         outbox: list[tuple[str, bytes]] = []
         with new_session(self.engine) as session:
             rollout = session.get(Rollout, rollout_id, with_for_update=True)
@@ -450,7 +481,7 @@ class Ticker:
                 return
             devices, baseline = snapshot(session, rollout)
             before = rollout_snapshot(rollout)
-            plan = rollout_engine.decide(before, devices, now, baseline)
+            plan = rollout_engine.decide(before, devices, now, baseline, ingest_lag)
             if (
                 plan.empty
                 and plan.state == rollout.state

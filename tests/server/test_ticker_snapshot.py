@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, insert
 
 from fleet_server.engine import assignment_order
-from fleet_server.models import Device, Model, Rollout, RolloutDevice, utcnow
+from fleet_server.models import Device, EventRow, Model, ModelAggregate, Rollout, RolloutDevice, utcnow
 from fleet_server.store import new_session
 from fleet_server.ticker import snapshot
 
@@ -88,3 +88,49 @@ def test_snapshot_reads_the_reported_fields_as_python_would(store: Engine) -> No
     assert got == expected
     kinds = {(f is not None, w is not None, e is not None) for f, w, e in expected.values()}
     assert len(kinds) >= 6, kinds  # the table covers failures, waits and errors in many combinations
+
+
+def test_snapshot_reads_reports_of_in_flight_devices_and_sketches_for_relative_gates(store: Engine) -> None:
+    """What the engine reads only in flight (reports, events for the seq) is read only in flight, and
+    the sketches only when a relative gate compares them; the counters always."""
+    now = utcnow()
+    states = {"d-done": "done", "d-pending": "pending", "d-flight": "installing", "d-wait": "waiting"}
+    rejected = {"last_rejection": {"seq": 1, "reason": "checksum_mismatch"}, "waiting": {"seq": 1}}
+    with store.begin() as c:
+        c.execute(insert(Model.__table__), [{  # type: ignore[attr-defined]
+            "id": 1, "name": "m", "version": "1", "release": 1, "target": "arm64-cpu",
+            "hardware_ids": ["hw"], "sha256": "a" * 64, "length": 1, "manifest": {}, "storage_path": "/x",
+            "created_at": now}])  # fmt: skip
+        c.execute(insert(Device.__table__), [{  # type: ignore[attr-defined]
+            "id": d, "hardware_id": "hw", "tags": {}, "registered_at": now, "reported": rejected}
+            for d in states])  # fmt: skip
+        c.execute(insert(Rollout.__table__), [{  # type: ignore[attr-defined]
+            "id": "r", "model_id": 1, "model_ref": "m:1", "model_sha256": "a" * 64, "selector": {},
+            "stages": [100], "soak_seconds": 0, "device_timeout_seconds": 3600, "max_error_rate": 0.05,
+            "min_inferences": 1, "max_failure_rate": 0.0, "state": "running", "current_stage": 0,
+            "stage_unit": "percent", "policy": {}, "approved_through": -1, "rollback_requested": False,
+            "created_at": now, "updated_at": now}])  # fmt: skip
+        c.execute(insert(RolloutDevice.__table__), [{  # type: ignore[attr-defined]
+            "rollout_id": "r", "device_id": d, "order_key": assignment_order("r", d),
+            "stage": None if s == "pending" else 0, "state": s, "seq": None if s == "pending" else 1,
+            "notified_at": now, "attempts": 1, "updated_at": now} for d, s in states.items()])  # fmt: skip
+        c.execute(insert(EventRow.__table__), [{  # type: ignore[attr-defined]
+            "device_id": d, "seq": 1, "state": "failed", "reason": "oom", "ts": now}
+            for d in states])  # fmt: skip
+        c.execute(insert(ModelAggregate.__table__), [{  # type: ignore[attr-defined]
+            "device_id": d, "sha256": "a" * 64, "inferences": 7, "latency_buckets": [1, 2],
+            "output_hist": [3]} for d in states])  # fmt: skip
+    with new_session(store) as session:
+        rollout = session.get_one(Rollout, "r")
+        snap = {d.device_id: d for d in snapshot(session, rollout)[0]}
+        assert {d: (s.event_failure, s.event_progress, s.waiting) for d, s in snap.items()} == {
+            "d-done": (None, False, None),
+            "d-pending": (None, False, None),
+            "d-flight": ("oom", True, "waiting"),
+            "d-wait": ("oom", True, "waiting"),
+        }
+        assert {s.inferences for s in snap.values()} == {7}
+        assert {s.latency_buckets for s in snap.values()} == {()}
+        rollout.policy = {"max_latency_ratio": 1.5}
+        snap = {d.device_id: d for d in snapshot(session, rollout)[0]}
+        assert {(s.latency_buckets, s.output_hist) for s in snap.values()} == {((1, 2), (3,))}
