@@ -202,9 +202,9 @@ def test_a_real_server_ticks_with_its_measured_ingest_lag(make_server: Callable[
     is told (the probes queue behind it at the broker)."""
     srv = make_server(shared_subscriptions=False)
     bridge, ticker = srv.context.bridge, srv.context.ticker
-    assert bridge is not None and ticker is not None and len(bridge.workers) == 1
+    assert bridge is not None and ticker is not None and len(bridge.telemetry_workers) == 1
     wait_for(lambda: ticker.ingest_lag() < 2.0, timeout=15)
-    pid = bridge.workers[0].pid
+    pid = bridge.telemetry_workers[0].pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
     try:
