@@ -621,11 +621,19 @@ class ReadyCheck(BaseModel):
 
     ok: bool = Field(description="whether it passes")
     detail: str = Field(description="what was found")
+    required: bool = Field(
+        default=True,
+        description="a failing required check makes the replica not ready (503); a failing advisory one"
+        " only degraded (200)",
+    )
 
 
 class ReadyOut(BaseModel):
-    """Whether this replica should get traffic: its database answers, its broker connection is up and
-    its ingest keeps up. Its leader state is reported, never a failure (followers serve the API)."""
+    """Whether this replica should get traffic: its database answers and its broker connection is up.
+    Ingest lag is advisory: a replica behind on telemetry still serves the API and the downloads
+    (taking it out of a load balancer would not speed its ingest up, and with one replica it would
+    take the whole API down); it says ``degraded``, and the ingest-lag alert pages about it. Its
+    leader state is reported, never a failure (followers serve the API)."""
 
     model_config = _examples(
         {
@@ -633,13 +641,15 @@ class ReadyOut(BaseModel):
             "checks": {
                 "database": {"ok": True, "detail": "postgresql"},
                 "broker": {"ok": True, "detail": "connected"},
-                "ingest_lag": {"ok": True, "detail": "0s (limit 60s)"},
+                "ingest_lag": {"ok": True, "detail": "0s (limit 60s)", "required": False},
                 "leader": {"ok": True, "detail": "leader"},
             },
         }
     )
 
-    status: Literal["ready", "not_ready"] = Field(description="ready when every check passes")
+    status: Literal["ready", "degraded", "not_ready"] = Field(
+        description="ready when every check passes, degraded when only advisory ones fail (still 200)"
+    )
     checks: dict[str, ReadyCheck] = Field(description="database, broker, ingest_lag, leader")
 
 

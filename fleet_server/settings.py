@@ -117,7 +117,7 @@ class ServerSettings(BaseSettings):
     # /metrics needs ``Authorization: Bearer <this>`` when set (Prometheus: ``authorization:
     # credentials_file``); unset, anyone who reaches the port may scrape it (keep it off the public side)
     metrics_token: SecretStr | None = None
-    # /readyz answers 503 when the oldest unstored telemetry is older than this (ingest lag)
+    # /readyz says ``degraded`` (still 200) when the oldest unstored telemetry is older than this
     ready_max_ingest_lag_seconds: float = Field(default=60.0, gt=0.0)
 
     # ``edgefleet server``'s logs: one JSON object a line with the request id ("json"), or plain text

@@ -36,8 +36,9 @@ def healthz() -> HealthOut:
     summary="Readiness check",
 )
 def readyz(c: Ctx) -> Response:
-    """200 when the database answers, the broker connection is up and ingest lags less than
-    ``ready_max_ingest_lag_seconds``; 503 with the failing checks otherwise. No token needed."""
+    """200 when the database answers and the broker connection is up, 503 with the failing checks
+    otherwise; ingest lagging more than ``ready_max_ingest_lag_seconds`` makes it ``degraded`` but
+    still 200 (see ``ReadyOut``). No token needed."""
     checks: dict[str, ReadyCheck] = {}
     try:
         with c.engine.connect() as conn:
@@ -58,11 +59,14 @@ def readyz(c: Ctx) -> Response:
         detail = "connected" if connected else "not connected"
     checks["broker"] = ReadyCheck(ok=connected, detail=detail)
     lag, limit = (c.bridge.ingest_lag if c.bridge else 0.0), c.settings.ready_max_ingest_lag_seconds
-    checks["ingest_lag"] = ReadyCheck(ok=lag <= limit, detail=f"{lag:.0f}s (limit {limit:g}s)")
+    checks["ingest_lag"] = ReadyCheck(
+        ok=lag <= limit, detail=f"{lag:.0f}s (limit {limit:g}s)", required=False
+    )
     leading = c.ticker is not None and c.ticker.is_leader
     checks["leader"] = ReadyCheck(ok=True, detail="leader" if leading else "follower")
-    ok = all(check.ok for check in checks.values())
-    body = ReadyOut(status="ready" if ok else "not_ready", checks=checks)
+    ok = all(check.ok for check in checks.values() if check.required)
+    status = "not_ready" if not ok else "ready" if all(c.ok for c in checks.values()) else "degraded"
+    body = ReadyOut(status=status, checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 

@@ -159,7 +159,8 @@ def test_healthz_and_readyz(server: ServerThread, client: httpx.Client) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
     checks = ready.json()["checks"]
-    assert checks["database"] == {"ok": True, "detail": "sqlite"} and checks["broker"]["ok"]
+    assert checks["database"] == {"ok": True, "detail": "sqlite", "required": True}
+    assert checks["broker"]["ok"] and not checks["ingest_lag"]["required"]
     assert checks["leader"]["detail"] == "leader"
     assert server.context.bridge is not None
     server.context.bridge.client.disconnect()  # the broker connection is gone: not ready
@@ -168,6 +169,7 @@ def test_healthz_and_readyz(server: ServerThread, client: httpx.Client) -> None:
         assert down.status_code == 503 and down.json()["checks"]["broker"] == {
             "ok": False,
             "detail": "not connected",
+            "required": True,
         }
     finally:
         server.context.bridge.client.reconnect()

@@ -60,12 +60,14 @@ def test_a_stalled_ingest_worker_shows_as_lag_and_catches_up(
             assert stats(api)["telemetry_batches"] == 1
             assert float(stats(api)["ingest_lag_seconds"]) >= 4.0
             ready = api.get("/readyz")
-            assert ready.status_code == 503 and not ready.json()["checks"]["ingest_lag"]["ok"], ready.text
+            # advisory: the replica still serves the API and the downloads, and says it is behind
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["status"] == "degraded" and not ready.json()["checks"]["ingest_lag"]["ok"]
         finally:
             os.kill(pid, signal.SIGCONT)
         wait_for(lambda: stats(api)["telemetry_batches"] == 21, timeout=30)
         wait_for(lambda: lag_metric(api) < 2.0, timeout=30)  # caught up: the next probe comes back at once
-        assert api.get("/readyz").status_code == 200
+        assert api.get("/readyz").json()["status"] == "ready"
 
 
 def test_the_scenario_telemetry_check_waits_for_a_server_that_is_behind(
