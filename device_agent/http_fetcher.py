@@ -14,8 +14,9 @@ pass one ``HttpClients`` to all its agents' fetchers.
 HTTPS is verified against ``http_ca_file`` (the fleet's CA) or, when that is
 unset, the system's trust store; a device with a client certificate
 (``mqtt_cert_file``/``mqtt_key_file``) presents it to a server that asks. The
-TLS context is built with the pool's client, once (loading the system's trust
-store costs ~10-30 ms of CPU). A plain ``http://`` URL (a mirror or cache on
+TLS context is built with the first pool's client, once (loading the system's trust
+store costs ~10-30 ms of CPU) and kept by the fetcher, for its async and its
+blocking pool alike. A plain ``http://`` URL (a mirror or cache on
 the device's own network) needs no context at all: its client gets one that
 trusts nothing, so that were it ever used for TLS (it is not: redirects are not
 followed) verification would fail closed. The pools are keyed by these
@@ -118,12 +119,20 @@ class HttpFetcher:
         self.max_bytes_per_s = max_bytes_per_s  # bandwidth cap for model files (0: none)
         self.clients = clients or HttpClients()
         self._owns_clients = clients is None
+        self._context: ssl.SSLContext | None = None
+
+    def _verify(self, url: str) -> ssl.SSLContext:
+        """The TLS context for ``url``: this device's, built once; none needed for plain HTTP."""
+        if not url.lower().startswith("https:"):
+            return _trusts_nothing()
+        if self._context is None:
+            self._context = self.https.context()
+        return self._context
 
     def _pool(self, url: str) -> tuple[Hashable, Callable[[], ssl.SSLContext]]:
-        """Which pool serves ``url`` and how its TLS context is built: this device's for HTTPS."""
-        if not url.lower().startswith("https:"):
-            return PLAIN, _trusts_nothing
-        return self.https, self.https.context
+        """Which pool serves ``url`` (plain HTTP, or this device's TLS settings) and its context."""
+        key = self.https if url.lower().startswith("https:") else PLAIN
+        return key, lambda: self._verify(url)
 
     def _client(self, url: str) -> httpx.AsyncClient:
         return self.clients.async_client(*self._pool(url))
