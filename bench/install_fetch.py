@@ -12,7 +12,7 @@ without MQTT, model loading or telemetry. The model is random bytes (delivery
 does not load it).
 
 ``python -m bench.install_fetch [N]``; ``--shared``: the devices' fetchers share one
-``HttpClients`` (what ``simulator.fleet`` does).
+``HttpClients`` (one pool for the whole process instead of one per device).
 """
 
 from __future__ import annotations

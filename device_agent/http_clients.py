@@ -7,13 +7,19 @@ time (a simulated fleet spent a large share of its install CPU on that); a
 pool that outlives the request keeps the connection open and reuses it.
 
 One :class:`HttpClients` belongs to one agent (the default, closed when the
-agent stops) or is shared by many agents of one process (a simulated fleet;
-its owner closes it). Clients are keyed by what makes a connection safe to
-share: the TLS settings it was opened with (the CA it verifies against, the
-client certificate it presents), or plain HTTP. Nothing else about a request
-is in the pool: the device header goes with each request, redirects are not
+agent stops), or is shared by several fetchers that pass it in (its maker
+closes it). Clients are keyed by what makes a connection safe to share: the
+TLS settings it was opened with (the CA it verifies against, the client
+certificate it presents), or plain HTTP. Nothing else about a request is in
+the pool: the device header goes with each request, redirects are not
 followed, and no cookie is ever kept (a shared pool must not carry one
 device's cookie on another's request; a fresh client per request never did).
+
+The simulator does not share one pool between its agents: httpcore walks every
+connection of a pool (a ``poll`` on each idle one, and a quadratic count of
+the idle ones) whenever a request enters or leaves it, so one pool for a
+process's hundreds of concurrently installing devices cost more CPU per install
+than a small pool each (``bench.install_fetch --shared``).
 
 Two kinds of client, because the fetcher works from two places:
 
@@ -58,8 +64,7 @@ def _options(verify: ssl.SSLContext) -> dict[str, object]:
     return {
         "verify": verify,
         "timeout": httpx.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
-        # No cap on connections: every request had its own before, and a cap would queue a
-        # device's (or a simulated fleet's) downloads behind each other with a pool timeout.
+        # No cap on connections (a client per request had none): a request never waits for the pool.
         "limits": httpx.Limits(max_connections=None, keepalive_expiry=KEEPALIVE_EXPIRY_S),
         "cookies": _no_cookies(),
         "follow_redirects": False,
@@ -115,7 +120,7 @@ class HttpClients:
 
     @property
     def open_clients(self) -> int:
-        """How many clients are held (for tests and the simulator's accounting)."""
+        """How many clients are held (one per TLS setting and kind in use)."""
         return len(self._async) + len(self._sync)
 
 

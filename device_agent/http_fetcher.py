@@ -8,8 +8,7 @@
 Every request goes through the fetcher's :class:`device_agent.http_clients.HttpClients`:
 connection pools kept for the agent's life (closed by :meth:`HttpFetcher.aclose`,
 which the agent calls when it stops), so an install's metadata, envelope and model
-requests reuse one connection instead of opening one each. A simulated fleet may
-pass one ``HttpClients`` to all its agents' fetchers.
+requests reuse one connection instead of opening one each.
 
 HTTPS is verified against ``http_ca_file`` (the fleet's CA) or, when that is
 unset, the system's trust store; a device with a client certificate
@@ -102,8 +101,8 @@ def _context(settings: HttpsSettings) -> ssl.SSLContext:
 class HttpFetcher:
     """Bundles over HTTP(S) with the device's header and TLS settings; TUF metadata through python-tuf.
 
-    ``clients``: the connection pools to use, shared with other fetchers (a simulated fleet's,
-    closed by whoever made them); None: the fetcher's own, closed by :meth:`aclose`.
+    ``clients``: connection pools shared with other fetchers (closed by whoever made them);
+    None: the fetcher's own, closed by :meth:`aclose`.
     """
 
     def __init__(

@@ -2,19 +2,11 @@
 
 Each agent has its own MQTT identity (client id, and on a production broker its
 own credentials: ``credentials``), data dir, slots and state: only the loop,
-the loaded ONNX sessions, the TLS contexts that hold nothing per device
-(``simulator.tls``) and the HTTP connection pools are shared. Sharing sessions
+the loaded ONNX sessions and the TLS contexts that hold nothing per device
+(``simulator.tls``) are shared. Sharing sessions
 (:class:`SharedRuntimeFactory`, keyed by sha256) is what keeps hundreds of
-devices in one process affordable (a session costs 16-45 MB RSS). The HTTP
-pools (:class:`device_agent.http_clients.HttpClients`, passed to every agent's
-fetcher) are keyed by TLS settings, so devices share a connection only where
-they would open it alike: over plain HTTP (a mirror), or with the same CA and
-no client certificate of their own; a device with its own certificate has its
-own pool. Every request still carries its device's header, and each device
-verifies what it fetched itself; a mirror just sees fewer connections than
-that many real devices would open (and the fleet's CPU is spent on installs,
-not on handshakes). Agents connect in batches because the broker's listen
-backlog is ~100.
+devices in one process affordable (a session costs 16-45 MB RSS). Agents
+connect in batches because the broker's listen backlog is ~100.
 
 Devices can be taken down and brought back while the fleet runs, the way
 real devices fail: :meth:`Fleet.power_off` is a clean shutdown,
@@ -44,8 +36,6 @@ import numpy as np
 from device_agent.agent import Agent, NoModelError
 from device_agent.clock import SkewedClock
 from device_agent.config import BrokerInfo
-from device_agent.http_clients import HttpClients
-from device_agent.http_fetcher import fetcher_for
 from device_agent.runtime import RuntimeFactory, SharedRuntimeFactory
 from signing.trust import TrustRoot
 from simulator.labels import LabelPlan, LabelSource, top1
@@ -180,7 +170,6 @@ class Fleet:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._workloads: list[asyncio.Task[None]] = []
-        self._http = HttpClients()  # every agent's downloads (see the module doc); closed by stop()
         self.max_loop_lag = 0.0  # s: how late the shared loop ran a 0.1 s timer (simulator overload)
         self.rss_at_start = 0  # bytes, when start() was called (the fleet's growth is measured from here)
         self.rss_at_stop = 0  # bytes, when stop() was called (every agent still up)
@@ -376,9 +365,7 @@ class Fleet:
         # moved on by ``clock_jump`` (a scenario's fast-forward to a maintenance window). A reboot
         # keeps the device's clock.
         clock = self.clocks.setdefault(spec.device_id, SkewedClock(spec.clock_skew_s))
-        return Agent(
-            config, self._trust, runtime_factory=runtime, clock=clock, fetcher=fetcher_for(config, self._http)
-        )
+        return Agent(config, self._trust, runtime_factory=runtime, clock=clock)
 
     async def _start_all(self) -> None:
         self._trust = TrustRoot.load_file(self.trust_path)
@@ -407,7 +394,6 @@ class Fleet:
         self._workloads = []
         up = [a for d, a in self.agents.items() if d not in self.down]
         await asyncio.gather(*(a.stop() for a in up), return_exceptions=True)
-        await self._http.aclose()
 
     def _retire(self, device_id: str, agent: Agent) -> None:
         self.ever_ran.setdefault(device_id, set()).update(agent.history)

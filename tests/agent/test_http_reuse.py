@@ -140,7 +140,7 @@ def test_two_installs_share_the_agents_connections_and_stop_closes_them(
 def test_fetchers_given_one_pool_share_its_connection_and_only_its_owner_closes_it(
     mirror: tuple[str, Connections, list[Bundle]],
 ) -> None:
-    """A simulated fleet's pool: two devices' plain-HTTP requests go over one connection (each with
+    """A pool passed to two fetchers: both devices' plain-HTTP requests go over one connection (each with
     its own device header); a fetcher's ``aclose`` leaves a pool it was given open."""
     url, counts, bundles = mirror
     clients = HttpClients()
