@@ -103,7 +103,9 @@ def mirror(tmp_path: Path, keydir: KeyDir) -> Iterator[tuple[str, Connections, l
         yield server.url, counts, bundles
 
 
+@pytest.mark.parametrize("ending", ["stop", "abort"])
 def test_two_installs_share_the_agents_connections_and_stop_closes_them(
+    ending: str,
     keydir: KeyDir,
     tmp_path: Path,
     loop_thread: LoopThread,
@@ -129,12 +131,12 @@ def test_two_installs_share_the_agents_connections_and_stop_closes_them(
             wait_for(lambda b=b: agent.running_sha256 == b.sha256, 20, f"{b.version} serving")
         assert agent.infer(X).model_sha256 == bundles[1].sha256
     finally:
-        loop_thread.run(agent.stop())
+        loop_thread.run(agent.stop() if ending == "stop" else agent.abort())
     # Two installs: TUF metadata (root, timestamp, snapshot, targets), envelope and model each.
     assert counts.requests >= 8, counts.requests
     # One connection for python-tuf's blocking pool, one for the agent's async pool.
     assert counts.opened == 2, (counts.opened, counts.requests)
-    wait_for(lambda: counts.closed == counts.opened, 5, "the agent's connections closed on stop")
+    wait_for(lambda: counts.closed == counts.opened, 5, f"the agent's connections closed on {ending}")
 
 
 def test_fetchers_given_one_pool_share_its_connection_and_only_its_owner_closes_it(
