@@ -54,7 +54,7 @@ from device_agent.clock import WallClock, now_utc
 from device_agent.config import AgentConfig
 from device_agent.deployment import Deployment
 from device_agent.errors import InstallError, NoModelError
-from device_agent.http_fetcher import HttpFetcher, HttpsSettings
+from device_agent.http_fetcher import HttpFetcher, fetcher_for
 from device_agent.ids import IdMinter, format_id, parse_id
 from device_agent.install import Installer
 from device_agent.judgement import Accept, Duplicate, Mark, RefreshRoot, Reject, RootWalk, judge
@@ -133,11 +133,12 @@ class Agent:
         store = BatchStore(self.slots.data_dir / "telemetry.db", config.telemetry_queue_bytes)
         self.telemetry = Telemetry(config.device_id, store, sketch_every=config.sketch_every, now=self.now)
         self.link: Link | None = link
-        self.fetcher: Fetcher = fetcher or HttpFetcher(
-            config.device_id,
-            HttpsSettings(config.http_ca_file, config.mqtt_cert_file, config.mqtt_key_file),
-            max_bytes_per_s=config.download_max_bytes_per_s,
-        )
+        # The connections of a fetcher the agent built are the agent's to close; an injected one's
+        # are its maker's.
+        self._own_fetcher: HttpFetcher | None = None
+        if fetcher is None:
+            fetcher = self._own_fetcher = fetcher_for(config)
+        self.fetcher: Fetcher = fetcher
         self.api: Any = None  # device_agent.local_api.LocalApi when config.api_listen is set
         self.trust_store: TrustStore | None = None
         accepted: int | None = None
@@ -317,6 +318,7 @@ class Agent:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        await self._close_fetcher()
         self.telemetry.store.close()  # what is still queued stays on disk for the next start
 
     async def abort(self) -> None:
@@ -357,7 +359,13 @@ class Agent:
         # The writer finishes the item it is writing (a real power cut could tear it: the next
         # start drops a torn line); what is still queued was never captured and is lost.
         await asyncio.to_thread(self.capture.stop, False)
+        await self._close_fetcher()  # the sockets go with the power (the next boot opens its own)
         self.telemetry.store.close()
+
+    async def _close_fetcher(self) -> None:
+        """Close the connections the agent's own fetcher keeps between downloads."""
+        if self._own_fetcher is not None:
+            await self._own_fetcher.aclose()
 
     # -- inference (any thread) --------------------------------------------------
 

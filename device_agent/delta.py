@@ -46,7 +46,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from device_agent.downloader import CHUNK, DEVICE_HEADER
+from device_agent.downloader import CHUNK, DEVICE_HEADER, discard
 from device_agent.slots import is_disk_full
 from device_agent.wire import ModelRef, delta_path, delta_window_log, max_delta_bytes
 from signing.errors import CodedError, DigestMismatch, LengthMismatch, Unavailable
@@ -197,7 +197,8 @@ async def download_delta(
 ) -> int:
     """GET a delta into ``dest``, refusing one longer than ``max_bytes`` (declared or streamed)."""
     async with client.stream("GET", url, headers={DEVICE_HEADER: device_id}) as resp:
-        if resp.status_code != 200:
+        if resp.status_code != 200:  # no delta published for this pair: the usual case
+            await discard(resp)
             raise DeltaRefused(Fallback.NOT_FOUND, f"GET {url}: HTTP {resp.status_code}")
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:

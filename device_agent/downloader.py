@@ -54,6 +54,24 @@ def _refused(url: str, status: int) -> DownloadError:
     return cls(f"GET {url}: HTTP {status}")
 
 
+ERROR_BODY_KEPT = 1 << 16  # an error answer's body up to this size is read, so its connection is reused
+
+
+async def discard(resp: httpx.Response) -> None:
+    """Read a short error body (a 404, a 503 page) so the pooled connection can serve the next
+    request; a longer or broken one is not read on, and closing the response drops its connection."""
+    import httpx
+
+    got = 0
+    try:
+        async for chunk in resp.aiter_bytes():
+            got += len(chunk)
+            if got > ERROR_BODY_KEPT:
+                return
+    except httpx.HTTPError:
+        return
+
+
 def _hash_prefix(path: Path, length: int) -> tuple[hashlib._Hash, int]:
     h = hashlib.sha256()
     n = 0
@@ -105,6 +123,7 @@ async def download_model(
                 # Server ignored the Range (or there was none): start over.
                 h, have, mode = hashlib.sha256(), 0, "wb"
             else:
+                await discard(resp)
                 raise _refused(url, resp.status_code)
             t0, got = time.monotonic(), 0
             chunk_size = min(CHUNK, max(1024, max_bytes_per_s // 8)) if max_bytes_per_s > 0 else CHUNK
@@ -147,6 +166,7 @@ async def fetch_envelope(client: httpx.AsyncClient, url: str, device_id: str) ->
     body = bytearray()
     async with client.stream("GET", url, headers={DEVICE_HEADER: device_id}) as resp:
         if resp.status_code != 200:
+            await discard(resp)
             raise _refused(url, resp.status_code)
         async for chunk in resp.aiter_bytes(CHUNK):
             body += chunk

@@ -5,16 +5,22 @@
 - TUF mode's release metadata and root chain go through
   :mod:`device_agent.delivery` (python-tuf), fetched with the same TLS settings.
 
+Every request goes through the fetcher's :class:`device_agent.http_clients.HttpClients`:
+connection pools kept for the agent's life (closed by :meth:`HttpFetcher.aclose`,
+which the agent calls when it stops), so an install's metadata, envelope and model
+requests reuse one connection instead of opening one each.
+
 HTTPS is verified against ``http_ca_file`` (the fleet's CA) or, when that is
 unset, the system's trust store; a device with a client certificate
 (``mqtt_cert_file``/``mqtt_key_file``) presents it to a server that asks. The
-TLS context is built once per fetcher, on its first ``https://`` request, and
-kept: loading the system's trust store costs ~10-30 ms of CPU, and building it
-per download (three or four per install) was a third of a simulated fleet's
-CPU. A plain ``http://`` URL (a mirror or cache on the device's own network)
-needs no context at all: it gets one that trusts nothing, so that were it ever
-used for TLS (it is not: redirects are not followed) verification would fail
-closed.
+TLS context is built with the first pool's client, once (loading the system's trust
+store costs ~10-30 ms of CPU) and kept by the fetcher, for its async and its
+blocking pool alike. A plain ``http://`` URL (a mirror or cache on
+the device's own network) needs no context at all: its client gets one that
+trusts nothing, so that were it ever used for TLS (it is not: redirects are not
+followed) verification would fail closed. The pools are keyed by these
+settings, so a connection is only ever reused with the TLS identity it was
+opened with.
 
 httpx and python-tuf are imported on first use: an idle agent does not carry
 them (~18 MB RSS).
@@ -30,24 +36,31 @@ from __future__ import annotations
 import contextlib
 import functools
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from device_agent.downloader import DownloadError, ServerUnreachable, download_model, fetch_envelope
+from device_agent.downloader import (
+    ERROR_BODY_KEPT,
+    DownloadError,
+    ServerUnreachable,
+    download_model,
+    fetch_envelope,
+)
+from device_agent.http_clients import HttpClients
 
 if TYPE_CHECKING:
     import httpx
     from tuf.ngclient import FetcherInterface
 
+    from device_agent.config import AgentConfig
     from device_agent.trust_state import TrustStore
     from device_agent.wire import ModelRef
     from signing.errors import DeliveryError
 
-TIMEOUT_S = 30.0
-CONNECT_TIMEOUT_S = 10.0
+PLAIN = "http"  # the pool key of plain-HTTP clients (their context trusts nothing)
 
 
 @dataclass(frozen=True)
@@ -86,14 +99,25 @@ def _context(settings: HttpsSettings) -> ssl.SSLContext:
 
 
 class HttpFetcher:
-    """Bundles over HTTP(S) with the device's header and TLS settings; TUF metadata through python-tuf."""
+    """Bundles over HTTP(S) with the device's header and TLS settings; TUF metadata through python-tuf.
+
+    ``clients``: connection pools shared with other fetchers (closed by whoever made them);
+    None: the fetcher's own, closed by :meth:`aclose`.
+    """
 
     def __init__(
-        self, device_id: str, https: HttpsSettings = HttpsSettings(), max_bytes_per_s: int = 0
+        self,
+        device_id: str,
+        https: HttpsSettings = HttpsSettings(),
+        max_bytes_per_s: int = 0,
+        *,
+        clients: HttpClients | None = None,
     ) -> None:
         self.device_id = device_id
         self.https = https
         self.max_bytes_per_s = max_bytes_per_s  # bandwidth cap for model files (0: none)
+        self.clients = clients or HttpClients()
+        self._owns_clients = clients is None
         self._context: ssl.SSLContext | None = None
 
     def _verify(self, url: str) -> ssl.SSLContext:
@@ -104,21 +128,28 @@ class HttpFetcher:
             self._context = self.https.context()
         return self._context
 
-    def _client(self, url: str) -> httpx.AsyncClient:
-        import httpx
+    def _pool(self, url: str) -> tuple[Hashable, Callable[[], ssl.SSLContext]]:
+        """Which pool serves ``url`` (plain HTTP, or this device's TLS settings) and its context."""
+        key = self.https if url.lower().startswith("https:") else PLAIN
+        return key, lambda: self._verify(url)
 
-        return httpx.AsyncClient(
-            verify=self._verify(url), timeout=httpx.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-        )
+    def _client(self, url: str) -> httpx.AsyncClient:
+        return self.clients.async_client(*self._pool(url))
+
+    async def aclose(self) -> None:
+        """Close the fetcher's own connections (a shared pool is left to its owner). The agent
+        calls it when it stops; a request after it opens a new connection."""
+        if self._owns_clients:
+            await self.clients.aclose()
 
     async def envelope(self, url: str) -> bytes:
-        async with _named_errors(), self._client(url) as client:
-            return await fetch_envelope(client, url, self.device_id)
+        async with _named_errors():
+            return await fetch_envelope(self._client(url), url, self.device_id)
 
     async def model(self, url: str, part: Path, *, length: int, sha256: str) -> None:
-        async with _named_errors(), self._client(url) as client:
+        async with _named_errors():
             await download_model(
-                client,
+                self._client(url),
                 url,
                 part,
                 length=length,
@@ -131,22 +162,37 @@ class HttpFetcher:
         """A delta (device_agent.delta), bounded by ``max_bytes``; its bytes are checked by the rebuild."""
         from device_agent.delta import download_delta
 
-        async with _named_errors(), self._client(url) as client:
-            return await download_delta(client, url, dest, max_bytes=max_bytes, device_id=self.device_id)
+        async with _named_errors():
+            return await download_delta(
+                self._client(url), url, dest, max_bytes=max_bytes, device_id=self.device_id
+            )
 
     def release(
         self, store: TrustStore, base_url: str, ref: ModelRef, hardware_id: str, now: datetime
     ) -> None:
         from device_agent.delivery import verify_release
 
-        with _tuf_fetcher(self._verify(base_url)) as fetcher:
-            verify_release(store, base_url, ref, hardware_id, now, fetcher=fetcher)
+        verify_release(store, base_url, ref, hardware_id, now, fetcher=self._tuf_fetcher(base_url))
 
     def root(self, store: TrustStore, base_url: str, now: datetime) -> DeliveryError | None:
         from device_agent.delivery import refresh_root
 
-        with _tuf_fetcher(self._verify(base_url)) as fetcher:
-            return refresh_root(store, base_url, now, fetcher=fetcher)
+        return refresh_root(store, base_url, now, fetcher=self._tuf_fetcher(base_url))
+
+    def _tuf_fetcher(self, base_url: str) -> FetcherInterface:
+        """python-tuf's fetcher over this device's blocking pool (python-tuf runs in a worker thread)."""
+        return _tuf_fetcher_type()(self.clients.sync_client(*self._pool(base_url)))
+
+
+def fetcher_for(config: AgentConfig, clients: HttpClients | None = None) -> HttpFetcher:
+    """The fetcher an agent with ``config`` downloads through (its TLS settings and bandwidth cap);
+    ``clients``: pools shared with other agents (None: its own)."""
+    return HttpFetcher(
+        config.device_id,
+        HttpsSettings(config.http_ca_file, config.mqtt_cert_file, config.mqtt_key_file),
+        max_bytes_per_s=config.download_max_bytes_per_s,
+        clients=clients,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -162,14 +208,25 @@ async def _named_errors() -> AsyncIterator[None]:
         raise DownloadError(f"{type(exc).__name__}: {exc}") from exc
 
 
-@contextlib.contextmanager
-def _tuf_fetcher(verify: ssl.SSLContext) -> Iterator[FetcherInterface]:
-    """A python-tuf fetcher over httpx with our TLS context, for one update."""
+def _discard(resp: httpx.Response) -> None:
+    """Read a short error body and close ``resp``: the connection then goes back to the pool.
+
+    python-tuf asks for the next root on every update, and until a rotation that is a 404:
+    closed unread, it took its connection with it. A longer body (or a broken one) is not
+    read on: closing then drops the connection, as before.
+    """
     import httpx
 
-    timeout = httpx.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-    with httpx.Client(verify=verify, timeout=timeout) as client:
-        yield _tuf_fetcher_type()(client)
+    try:
+        got = 0
+        for chunk in resp.iter_bytes():
+            got += len(chunk)
+            if got > ERROR_BODY_KEPT:
+                break
+    except httpx.HTTPError:
+        pass
+    finally:
+        resp.close()
 
 
 @functools.cache
@@ -187,7 +244,7 @@ def _tuf_fetcher_type() -> Callable[[httpx.Client], FetcherInterface]:
             # Errors raised here (no connection, TLS refused) become python-tuf DownloadErrors in fetch().
             resp = self.client.send(self.client.build_request("GET", url), stream=True)
             if resp.status_code >= 400:
-                resp.close()
+                _discard(resp)
                 raise exceptions.DownloadHTTPError(f"GET {url}: HTTP {resp.status_code}", resp.status_code)
             return self._chunks(resp)
 
@@ -203,4 +260,4 @@ def _tuf_fetcher_type() -> Callable[[httpx.Client], FetcherInterface]:
     return HttpxTufFetcher
 
 
-__all__ = ["HttpFetcher", "HttpsSettings"]
+__all__ = ["HttpFetcher", "HttpsSettings", "fetcher_for"]

@@ -46,6 +46,7 @@ class TrustStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / STATE_FILE
         self.cache_dir = self.directory / "tuf-cache"
+        self._written: tuple[object, ...] | None = None  # what the file holds, as last read or written
         self.state = self._load(provisioned_root)
         self._keys_for = b""
         self._fleet: dict[str, PublicKey] = {}
@@ -65,6 +66,8 @@ class TrustStore:
             )
             if stored.root_version < base.root_version:  # reprovisioned with a newer root
                 stored.root = provisioned
+            else:
+                self._written = _persisted(stored)
             return stored
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("trust state %s unreadable (%s); starting from the provisioned root", self.path, exc)
@@ -80,6 +83,7 @@ class TrustStore:
             "repository_url": s.repository_url,
         }
         atomic_write(self.path, json.dumps(body, indent=1, sort_keys=True).encode())
+        self._written = _persisted(s)
 
     def advance(
         self,
@@ -89,7 +93,12 @@ class TrustStore:
         seq: int | None = None,
         repository_url: str | None = None,
     ) -> None:
-        """Move forward only (newer root, higher floors, higher seq) and persist once."""
+        """Move forward only (newer root, higher floors, higher seq) and persist once.
+
+        When the file already holds exactly this state (an install of a release whose floors
+        and root the device already knows), it is not written again: each write is two
+        fsyncs, and this runs once per install.
+        """
         s = self.state
         if root is not None and root_version(root) > s.root_version:
             s.root = root
@@ -99,7 +108,8 @@ class TrustStore:
             s.last_seq = seq
         if repository_url:
             s.repository_url = repository_url
-        self.save()
+        if self._written != _persisted(s):
+            self.save()
 
     def _refresh_keys(self) -> None:
         if self._keys_for != self.state.root:
@@ -116,6 +126,11 @@ class TrustStore:
     def release_keys(self) -> dict[str, PublicKey]:
         self._refresh_keys()
         return dict(self._release)
+
+
+def _persisted(s: TrustState) -> tuple[object, ...]:
+    """The state as the file holds it, compared by value."""
+    return (s.root, tuple(sorted(s.floors.items())), s.last_seq, s.repository_url)
 
 
 __all__ = ["TrustState", "TrustStore"]
