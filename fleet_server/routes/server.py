@@ -4,7 +4,7 @@ for load balancers, orchestrators and Prometheus), ``/api/v1/stats``, ``/api/v1/
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Header, Response
 from fastapi.responses import JSONResponse
@@ -65,7 +65,9 @@ def readyz(c: Ctx) -> Response:
     leading = c.ticker is not None and c.ticker.is_leader
     checks["leader"] = ReadyCheck(ok=True, detail="leader" if leading else "follower")
     ok = all(check.ok for check in checks.values() if check.required)
-    status = "not_ready" if not ok else "ready" if all(c.ok for c in checks.values()) else "degraded"
+    status: Literal["ready", "degraded", "not_ready"] = (
+        "not_ready" if not ok else "ready" if all(c.ok for c in checks.values()) else "degraded"
+    )
     body = ReadyOut(status=status, checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
