@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from edgefleet.client import ApiClient
+from edgefleet.ports import free_port
 from fleet_server.counters import Counters
 from fleet_server.ingest import ingest_batch
 from fleet_server.retrain import Figures, Thresholds, decide, deliver, payload
@@ -21,7 +22,7 @@ from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 from tests.support.webhook import Receiver
 
-from .conftest import free_port, make_bundle, wait_for
+from .conftest import make_bundle, wait_for
 from .test_model_metrics import _telemetry
 
 
