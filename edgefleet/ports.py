@@ -12,6 +12,7 @@ moment: another process (another test worker) can bind it before the server does
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -25,6 +26,7 @@ __all__ = [
     "bound_socket",
     "free_port",
     "launch",
+    "owns_listener",
     "start_on_free_port",
     "wait_for_port",
 ]
@@ -83,6 +85,41 @@ def wait_for_port(
             time.sleep(0.01)
 
 
+def listening_inodes(
+    port: int, tables: Sequence[Path] = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
+) -> set[str]:
+    """The socket inodes listening on TCP ``port`` (any address), from Linux's socket tables."""
+    found: set[str] = set()
+    for table in tables:
+        try:
+            lines = table.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # sl local_address rem_address st ... inode: st 0A is LISTEN
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.add(fields[9])
+    return found
+
+
+def owns_listener(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds a socket listening on ``port``: the proof that a server which
+    answers there is this one and not another process that took the port first. ``None`` where
+    the system does not tell (no /proc)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    if not Path("/proc/net/tcp").exists() or not fd_dir.exists():
+        return None
+    inodes = listening_inodes(port)
+    if not inodes:
+        return False
+    try:
+        links = {os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
+    except OSError:
+        return None
+    return any(f"socket:[{inode}]" in links for inode in inodes)
+
+
 def launch(
     cmd: Sequence[str],
     log_path: Path,
@@ -99,8 +136,9 @@ def launch(
     process ends).
 
     "Something answers on the port" is no proof: when another process took the port first, that
-    one answers while ours fails to bind and exits. So the program must still run ``settle``
-    seconds after it looked ready. If it exited and its output says the address was in use,
+    one answers while ours fails to bind and exits. So the program must hold the listening socket
+    itself (:func:`owns_listener`; where the system cannot tell, still run ``settle`` seconds after
+    it looked ready). If it exited and its output says the address was in use,
     :class:`PortTaken` (the caller picks new ports: :func:`start_on_free_port`); any other failure
     is a ``RuntimeError`` with the output's tail."""
     name = what or Path(cmd[0]).name
@@ -110,6 +148,10 @@ def launch(
         deadline = time.monotonic() + timeout
         for port in ports:
             wait_for_port("127.0.0.1", port, timeout=max(0.0, deadline - time.monotonic()), alive=proc)
+            while owns_listener(proc.pid, port) is False:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise TimeoutError
+                time.sleep(0.02)
         while ready is not None and not _safely(ready):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise TimeoutError

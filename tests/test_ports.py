@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,3 +82,12 @@ def test_other_start_failures_are_not_taken_for_a_lost_race(tmp_path: Path) -> N
 def test_programs_saying_the_address_is_in_use_are_recognised(line: str) -> None:
     assert address_in_use(line)
     assert not address_in_use("permission denied")
+
+
+def test_a_listener_is_told_from_the_process_that_holds_it(squatter: int) -> None:
+    assert ports.owns_listener(os.getpid(), squatter) is True
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as other:
+        try:
+            assert ports.owns_listener(other.pid, squatter) is False
+        finally:
+            other.kill()
