@@ -184,12 +184,22 @@ def test_a_chosen_port_taken_by_another_process_is_chosen_again(
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 def test_broker_run_on_chosen_ports(tmp_path: Path) -> None:
     """--port and --server-port: the listeners where a script (or the README) expects them."""
-    from edgefleet.broker import free_port
+    from edgefleet.ports import PortTaken, free_port, start_on_free_port
 
-    port, server_port = free_port(), free_port()
-    while server_port == port:
-        server_port = free_port()
-    proc, info = _broker_run(tmp_path, "--port", str(port), "--server-port", str(server_port))
+    def run() -> tuple[subprocess.Popen[str], dict[str, Any], int, int]:
+        # ports chosen here can be taken before the broker binds them: then it says so, and new ones
+        port, server_port = free_port(), free_port()
+        while server_port == port:
+            server_port = free_port()
+        try:
+            proc, info = _broker_run(tmp_path, "--port", str(port), "--server-port", str(server_port))
+        except AssertionError as failed:
+            if "is taken by another process" in str(failed):
+                raise PortTaken(str(failed)) from None
+            raise
+        return proc, info, port, server_port
+
+    proc, info, port, server_port = start_on_free_port(run)
     try:
         assert info["url"] == f"mqtts://127.0.0.1:{port}" and info["server_port"] == server_port
         assert _listening(port) and _listening(server_port)
