@@ -38,7 +38,7 @@ from typing import Any
 
 from device_agent.config import BrokerInfo
 from device_agent.mqtt_security import MqttSecurity
-from edgefleet.ports import PortTaken, free_port, launch, start_on_free_port, wait_for_port
+from edgefleet.ports import PortTaken, address_in_use, free_port, launch, start_on_free_port, wait_for_port
 
 __all__ = [
     "INSECURE_LABEL",
@@ -180,39 +180,63 @@ def start_embedded(port: int | None = None) -> Broker:
     without Mosquitto, small demos only."""
     from amqtt.broker import Broker as AmqttBroker
 
-    port = port or free_port()
-    config = {
-        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-    }
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, object] = {}
+    def start() -> Broker:
+        chosen = port or free_port()
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{chosen}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        holder: dict[str, object] = {}
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        broker = AmqttBroker(config, loop=loop)
-        holder["broker"] = broker
-        loop.run_until_complete(broker.start())
-        ready.set()
-        loop.run_forever()
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            broker = AmqttBroker(config, loop=loop)
+            holder["broker"] = broker
+            try:
+                loop.run_until_complete(broker.start())
+            except Exception as exc:  # its listener could not bind, say: the caller decides
+                holder["error"] = exc
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_forever()
 
-    thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
-    thread.start()
-    if not ready.wait(10):
-        raise RuntimeError("embedded broker did not start")
-    wait_for_port("127.0.0.1", port)
-
-    def stop() -> None:
-        broker = holder.get("broker")
-        if broker is not None and loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)  # type: ignore[attr-defined]
-            with contextlib.suppress(Exception):
-                fut.result(5)
-            loop.call_soon_threadsafe(loop.stop)
+        thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
+        thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("embedded broker did not start")
+        if "error" in holder:
+            error = holder["error"]
             thread.join(5)
+            if address_in_use(_chain_text(error)):
+                raise PortTaken(str(error))
+            raise RuntimeError(f"embedded broker did not start: {error}")
+        wait_for_port("127.0.0.1", chosen)
 
-    return Broker(BrokerInfo("127.0.0.1", port, 4, False, "amqtt"), stop)
+        def stop() -> None:
+            broker = holder.get("broker")
+            if broker is not None and loop.is_running():
+                fut = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)  # type: ignore[attr-defined]
+                with contextlib.suppress(Exception):
+                    fut.result(5)
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(5)
+
+        return Broker(BrokerInfo("127.0.0.1", chosen, 4, False, "amqtt"), stop)
+
+    return start_on_free_port(start, chosen=port is None)
+
+
+def _chain_text(error: object) -> str:
+    """An exception's message with its causes' (amqtt wraps the OSError of a failed bind)."""
+    parts = []
+    while isinstance(error, BaseException):
+        parts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
 
 
 def start_broker(

@@ -151,6 +151,28 @@ def test_broker_run_asks_for_the_open_broker_explicitly(tmp_path: Path) -> None:
     assert out.returncode == 2 and "--insecure-dev" in out.stderr
 
 
+def test_the_embedded_broker_on_a_taken_port_starts_on_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgefleet.broker as launcher
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    picks = iter([taken])
+    real = launcher.free_port
+    monkeypatch.setattr(launcher, "free_port", lambda: next(picks, None) or real())
+    try:
+        broker = start_embedded()
+        try:
+            assert broker.info.port != taken and _listening(broker.info.port)
+        finally:
+            broker.stop()
+        with pytest.raises(launcher.PortTaken):
+            start_embedded(port=taken)  # a port the caller fixed is not swapped for another
+    finally:
+        squatter.close()
+
+
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 @pytest.mark.parametrize("secure", [False, True], ids=["open", "production"])
 def test_a_chosen_port_taken_by_another_process_is_chosen_again(
