@@ -12,6 +12,7 @@ moment: another process (another test worker) can bind it before the server does
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -114,9 +115,13 @@ def owns_listener(pid: int, port: int) -> bool | None:
     if not inodes:
         return False
     try:
-        links = {os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
-    except OSError:
+        fds = os.listdir(fd_dir)
+    except OSError:  # not ours to look at
         return None
+    links = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):  # closed since listed (listdir's own descriptor, say)
+            links.add(os.readlink(fd_dir / fd))
     return any(f"socket:[{inode}]" in links for inode in inodes)
 
 
@@ -142,6 +147,8 @@ def launch(
     :class:`PortTaken` (the caller picks new ports: :func:`start_on_free_port`); any other failure
     is a ``RuntimeError`` with the output's tail."""
     name = what or Path(cmd[0]).name
+    # only this start's output counts: an earlier attempt's "address in use" is in the same log
+    offset = log_path.stat().st_size if log_path.exists() else 0
     log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
@@ -166,7 +173,9 @@ def launch(
         log.close()
         if not isinstance(exc, TimeoutError):
             raise
-        tail = log_path.read_text(errors="replace")[-2000:]
+        with open(log_path, "rb") as written:
+            written.seek(offset)
+            tail = written.read().decode(errors="replace")[-2000:]
         if address_in_use(tail):
             raise PortTaken(tail) from None
         raise RuntimeError(f"{name} did not start: {tail}") from None

@@ -43,8 +43,8 @@ def test_a_port_taken_before_the_server_binds_costs_a_restart_on_a_new_port(
         port = ports.free_port()
         tried.append(port)
         cmd, log = http_server(tmp_path, port)
-        # the squatter answers at once; only the server still running afterwards proves it is ours
-        proc, out = launch(cmd, log, [port], settle=1.0)
+        # the squatter answers at once; only a listener the started process holds is its own
+        proc, out = launch(cmd, log, [port])
         out.close()
         return proc, port
 
@@ -60,7 +60,7 @@ def test_a_port_taken_before_the_server_binds_costs_a_restart_on_a_new_port(
 def test_without_a_new_port_the_taken_one_is_reported(tmp_path: Path, squatter: int) -> None:
     cmd, log = http_server(tmp_path, squatter)
     with pytest.raises(PortTaken):
-        start_on_free_port(lambda: launch(cmd, log, [squatter], settle=1.0), chosen=False)
+        start_on_free_port(lambda: launch(cmd, log, [squatter]), chosen=False)
 
 
 def test_other_start_failures_are_not_taken_for_a_lost_race(tmp_path: Path) -> None:
