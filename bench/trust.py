@@ -30,7 +30,7 @@ from pathlib import Path
 
 import urllib3
 
-from edgefleet.broker import free_port, wait_for_port
+from edgefleet.ports import free_port, launch, start_on_free_port
 from signing.errors import DigestMismatch, EndlessData, LengthMismatch
 from signing.keyring import KeyDir, init_keys
 from signing.targets import TargetCustom, VerifiedTarget
@@ -121,23 +121,17 @@ def run(repeats: int = 3) -> list[dict[str, object]]:
         repo.add_target(AGENT_NAME, src, TargetCustom("big", 1, ["x"]), keys.keys("release"))
         repo.publish(keys.key("fleet"))
         served = repo.target_file(NAME)
+
         # the repository is served by another process, as on a real fleet (no GIL shared with the device)
-        port = free_port()
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "http.server",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--directory",
-                str(root / "www"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port("127.0.0.1", port)
+        def serve() -> tuple[subprocess.Popen[bytes], int]:
+            # http.server takes its port on the command line: a port taken first costs a new one
+            port = free_port()
+            cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+            proc, log = launch([*cmd, "--directory", str(root / "www")], root / "http.log", [port])
+            log.close()  # the child holds its own copy
+            return proc, port
+
+        server, port = start_on_free_port(serve)
         url = f"http://127.0.0.1:{port}"
         pinned = keys.tuf_root()
         pool = urllib3.PoolManager()

@@ -26,7 +26,6 @@ import functools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -39,15 +38,18 @@ from typing import Any
 
 from device_agent.config import BrokerInfo
 from device_agent.mqtt_security import MqttSecurity
+from edgefleet.ports import PortTaken, address_in_use, free_port, launch, start_on_free_port, wait_for_port
 
 __all__ = [
     "INSECURE_LABEL",
     "Broker",
     "BrokerInfo",
+    "PortTaken",
     "SecureBrokerInfo",
     "device_mqtt_keys",
     "device_security",
     "fleet_mqtt_keys",
+    "free_port",
     "provision_devices",
     "security_label",
     "server_mqtt_settings",
@@ -57,6 +59,7 @@ __all__ = [
     "start_mosquitto",
     "start_secure_broker",
     "start_secure_shards",
+    "wait_for_port",
 ]
 
 INSECURE_LABEL = "INSECURE development broker: no TLS, anonymous, no ACL (any client may speak as any device)"
@@ -90,27 +93,6 @@ class SecureBrokerInfo(BrokerInfo):
         return self.files_dir / "fleet-server.json"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(
-    host: str, port: int, timeout: float = 10.0, alive: subprocess.Popen[bytes] | None = None
-) -> None:
-    """Wait until ``host:port`` accepts connections; give up early once ``alive`` has exited."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline or (alive is not None and alive.poll() is not None):
-                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
-            time.sleep(0.01)
-
-
 def mosquitto_binary() -> str | None:
     found = shutil.which("mosquitto")
     if found:
@@ -121,49 +103,11 @@ def mosquitto_binary() -> str | None:
     return None
 
 
-class PortTaken(RuntimeError):
-    """Another process bound a port chosen for the broker between choosing it and binding it."""
-
-
 def _launch(
     binary: str, conf: Path, log_path: Path, ports: tuple[int, ...]
 ) -> tuple[subprocess.Popen[bytes], Any]:
-    """Run Mosquitto on ``conf`` until every port in ``ports`` listens, and make sure it is OURS.
-
-    A port chosen by :func:`free_port` can be taken by another process (another test worker
-    starting its own broker) before Mosquitto binds it. Mosquitto then exits at once while the
-    other process answers on the port, so "something listens" is not proof: the broker must
-    still be running after its listeners answered. ``PortTaken`` lets the caller pick new ports.
-    """
-    log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the broker
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        for port in ports:
-            wait_for_port("127.0.0.1", port, alive=proc)
-        time.sleep(0.05)  # a listener that failed to bind makes Mosquitto exit within milliseconds
-        if proc.poll() is not None:
-            raise TimeoutError
-    except TimeoutError:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        log.close()
-        tail = log_path.read_text(errors="replace")[-2000:]
-        if "Address already in use" in tail:
-            raise PortTaken(tail) from None
-        raise RuntimeError(f"mosquitto did not start: {tail}") from None
-    return proc, log
-
-
-def _with_free_ports(start: Callable[[], Broker], chosen: bool, attempts: int = 5) -> Broker:
-    """``start()``; when its ports were picked here and another process took one, pick again."""
-    for attempt in range(attempts):
-        try:
-            return start()
-        except PortTaken:
-            if not chosen or attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+    """Mosquitto on ``conf`` until its listeners answer; :class:`PortTaken` when a port was taken."""
+    return launch([binary, "-c", str(conf)], log_path, ports, timeout=10.0, what="mosquitto")
 
 
 MOSQUITTO_CONF = """\
@@ -227,7 +171,7 @@ def start_mosquitto(
         broker.workdir = workdir  # type: ignore[attr-defined]
         return broker
 
-    return _with_free_ports(start, chosen=port is None)
+    return start_on_free_port(start, chosen=port is None)
 
 
 def start_embedded(port: int | None = None) -> Broker:
@@ -236,39 +180,63 @@ def start_embedded(port: int | None = None) -> Broker:
     without Mosquitto, small demos only."""
     from amqtt.broker import Broker as AmqttBroker
 
-    port = port or free_port()
-    config = {
-        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-    }
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, object] = {}
+    def start() -> Broker:
+        chosen = port or free_port()
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{chosen}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        holder: dict[str, object] = {}
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        broker = AmqttBroker(config, loop=loop)
-        holder["broker"] = broker
-        loop.run_until_complete(broker.start())
-        ready.set()
-        loop.run_forever()
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            broker = AmqttBroker(config, loop=loop)
+            holder["broker"] = broker
+            try:
+                loop.run_until_complete(broker.start())
+            except Exception as exc:  # its listener could not bind, say: the caller decides
+                holder["error"] = exc
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_forever()
 
-    thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
-    thread.start()
-    if not ready.wait(10):
-        raise RuntimeError("embedded broker did not start")
-    wait_for_port("127.0.0.1", port)
-
-    def stop() -> None:
-        broker = holder.get("broker")
-        if broker is not None and loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)  # type: ignore[attr-defined]
-            with contextlib.suppress(Exception):
-                fut.result(5)
-            loop.call_soon_threadsafe(loop.stop)
+        thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
+        thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("embedded broker did not start")
+        if "error" in holder:
+            error = holder["error"]
             thread.join(5)
+            if address_in_use(_chain_text(error)):
+                raise PortTaken(str(error))
+            raise RuntimeError(f"embedded broker did not start: {error}")
+        wait_for_port("127.0.0.1", chosen)
 
-    return Broker(BrokerInfo("127.0.0.1", port, 4, False, "amqtt"), stop)
+        def stop() -> None:
+            broker = holder.get("broker")
+            if broker is not None and loop.is_running():
+                fut = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)  # type: ignore[attr-defined]
+                with contextlib.suppress(Exception):
+                    fut.result(5)
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(5)
+
+        return Broker(BrokerInfo("127.0.0.1", chosen, 4, False, "amqtt"), stop)
+
+    return start_on_free_port(start, chosen=port is None)
+
+
+def _chain_text(error: object) -> str:
+    """An exception's message with its causes' (amqtt wraps the OSError of a failed bind)."""
+    parts = []
+    while isinstance(error, BaseException):
+        parts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
 
 
 def start_broker(
@@ -349,7 +317,7 @@ def start_secure_broker(
         broker.workdir = workdir  # type: ignore[attr-defined]
         return broker
 
-    return _with_free_ports(start, chosen=port is None or server_port is None)
+    return start_on_free_port(start, chosen=port is None or server_port is None)
 
 
 class ShardedBrokers(contextlib.AbstractContextManager["ShardedBrokers"]):

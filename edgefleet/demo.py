@@ -87,7 +87,7 @@ def demo_stack(
 ) -> Iterator[dict[str, Any]]:
     """Broker + server + registered simulated fleet, torn down in reverse order. ``truth``: the
     real class of each sample input; the devices' apps then label every answer with it."""
-    from edgefleet.broker import fleet_mqtt_keys, free_port, server_mqtt_settings, start_broker
+    from edgefleet.broker import fleet_mqtt_keys, server_mqtt_settings, start_broker
     from fleet_server.runner import ServerThread
     from fleet_server.settings import ServerSettings
     from simulator.fleet import DeviceSpec, Fleet
@@ -98,16 +98,15 @@ def demo_stack(
         # the fleet CA lives with the fleet's other keys (work/keys/ca)
         broker = start_broker(workdir=work / "broker", keys_dir=work / "keys")
         stack.callback(broker.stop)
-        port = free_port()
         settings = ServerSettings(
             data_dir=work / "server",
             keys_dir=work / "keys",
             **server_mqtt_settings(broker.info),
-            public_url=f"http://127.0.0.1:{port}",
             tick_interval=tick_interval,
             auth_required=True,
         )
-        server = ServerThread(settings, host="127.0.0.1", port=port)
+        # port 0: the server binds a free port itself (devices download from where it listens)
+        server = ServerThread(settings, host="127.0.0.1")
         server.start()
         stack.callback(server.stop)
         specs = [DeviceSpec(f"dev-{i:03d}", HARDWARE, {"site": "demo"}) for i in range(devices)]

@@ -18,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from edgefleet.broker import free_port, wait_for_port
+from edgefleet.ports import bound_socket, wait_for_port
 from fleet_server.mirror import IMMUTABLE_CACHE, TIMESTAMP_CACHE
 
 LOG_FORMAT = '$remote_addr "$request" $status $body_bytes_sent'
@@ -153,9 +154,12 @@ def start_nginx(
     fault: int | None = None,
     proxy_to: str | None = None,
     workers: int = 1,
+    sock: socket.socket | None = None,
 ) -> Nginx:
     """Serve the mirror tree ``root`` (or a ``fault``, or a proxy) until ``stop()``; nginx must be there.
 
+    Without ``port``, it serves on ``sock`` or a free port, on a socket bound here and inherited
+    (so no other process can take the port between choosing and serving it).
     Run as root, the workers stay root (``user root``) so they can read a test's private
     temporary directories; a deployment runs nginx as its own unprivileged user instead.
     """
@@ -165,7 +169,16 @@ def start_nginx(
     owned = prefix is None
     prefix = Path(prefix) if prefix is not None else Path(tempfile.mkdtemp(prefix="ef-nginx-"))
     (prefix / "tmp").mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
+    # Without a fixed port: a socket bound and listening here, inherited by nginx (its ``NGINX``
+    # variable, what its binary upgrade uses), so no other process can take the port in between.
+    held: socket.socket | None = None
+    if not port:
+        # ``sock``: the caller's bound socket (it kept the port from choosing it, refusing
+        # connections until now); it is nginx's from here on
+        held = sock if sock is not None else bound_socket()
+        held.set_inheritable(True)
+        held.listen(511)
+        port = int(held.getsockname()[1])
     conf = prefix / "nginx.conf"
     user = "root" if os.geteuid() == 0 else None
     conf.write_text(
@@ -180,11 +193,22 @@ def start_nginx(
             user=user,
         )
     )
+    env = dict(os.environ)
+    if held is not None:
+        env["NGINX"] = f"{held.fileno()};"
     log = open(prefix / "stderr.log", "wb")  # noqa: SIM115 - the child holds it; closed below
     try:
-        proc = subprocess.Popen([binary, "-p", str(prefix), "-c", str(conf)], stdout=log, stderr=log)
+        proc = subprocess.Popen(
+            [binary, "-p", str(prefix), "-c", str(conf)],
+            stdout=log,
+            stderr=log,
+            env=env,
+            pass_fds=(held.fileno(),) if held is not None else (),
+        )
     finally:
         log.close()
+        if held is not None:
+            held.close()  # nginx has its own copy; ours would keep accepting after nginx stops
     try:
         wait_for_port("127.0.0.1", port, alive=proc)
     except Exception as exc:

@@ -118,7 +118,7 @@ class SimHarness:
         self._server: Any = None
         self._settings: Any = None
         self._server_port = 0
-        self._port_holder: ServerPort | None = None  # process mode: the port the children serve on
+        self._port_holder: ServerPort | None = None  # the port the servers serve on
         self._bundles: dict[str, Path] = {}
         self.mirror_url = ""  # the nginx mirror, when the fleet lists one (FleetSpec.mirrors)
         self._nginx: Any = None
@@ -128,8 +128,6 @@ class SimHarness:
     def start(self) -> SimHarness:
         """Build the models, start broker, artifact proxy and server, push the models. On any
         failure, what was started is stopped again (a leaked broker would outlive the run)."""
-        from edgefleet.broker import free_port
-
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             self._build_models()
@@ -138,11 +136,10 @@ class SimHarness:
             else:
                 self._broker_handle = self._start_broker(None)
                 self.broker = self._broker_handle.info
-            if self.server_mode == "thread":
-                self._server_port = free_port()
-            else:
-                self._port_holder = ServerPort()
-                self._server_port = self._port_holder.port
+            # held by this process for every server that serves on it (thread or child), so no
+            # other process can take it, even while the server restarts
+            self._port_holder = ServerPort()
+            self._server_port = self._port_holder.port
             self.artifact_proxy = HttpFaultProxy(
                 "127.0.0.1", self._server_port, seed=self.scenario.seed, max_upstream=ARTIFACT_CONCURRENCY
             )
@@ -416,7 +413,10 @@ class SimHarness:
         if self.server_mode == "thread":
             from fleet_server.runner import ServerThread  # in this process: the server's imports too
 
-            self._server = ServerThread(settings, host="127.0.0.1", port=self._server_port).start()
+            assert self._port_holder is not None
+            # a duplicate: uvicorn closes its socket on stop, the holder keeps the port
+            sock = self._port_holder.socket.dup()
+            self._server = ServerThread(settings, sock=sock).start()
         else:
             assert self._port_holder is not None
             self._server = ServerProcess(settings, self._port_holder, self.workdir / "server.log").start()
@@ -456,22 +456,20 @@ class SimHarness:
         return t_back - t0
 
 
-# The server child imports everything and builds the app (schema check, keys, TUF metadata; MQTT
-# and the ticker start later, with the lifespan), says so on stdout, then waits for a line on
-# stdin to serve. It serves on the socket the parent bound and handed over (descriptor {fd}):
-# the port is held from the moment it is chosen, through the child's seconds of imports and
-# across restarts, so no other process can take it.
+# The server child is ``edgefleet server`` on the socket the parent bound and handed over
+# (descriptor {fd}): the port is held from the moment it is chosen, through the child's seconds of
+# imports and across restarts, so no other process can take it. Once the app is built (schema
+# check, keys, TUF metadata; MQTT and the ticker start later, with the lifespan) it says so on
+# stdout and waits for a line on stdin before it serves.
 _SERVER_CODE = """
-import socket
 import sys
-import uvicorn
-from fleet_server.app import create_app
-app = create_app()
-print("imported", flush=True)
-if not sys.stdin.readline():
-    sys.exit(0)  # stopped before it was told to serve
-sock = socket.socket(fileno={fd})
-uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+from fleet_server.runner import main
+
+def go():
+    print("imported", flush=True)
+    return bool(sys.stdin.readline())  # EOF: stopped before it was told to serve
+
+main(fd={fd}, before_serve=go)
 """
 
 

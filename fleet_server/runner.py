@@ -12,6 +12,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ class ServerThread:
     """uvicorn in a thread. ``start()`` returns once ``/healthz`` answers; ``url`` is its base URL.
 
     With ``port=0`` a free port is picked before starting, so ``url`` is known up
-    front; when ``settings.public_url`` was not set explicitly it becomes ``url``.
+    front; when ``settings.public_url`` was not set explicitly it becomes ``url``. ``sock``: serve
+    on that bound socket instead (its address replaces ``host`` and ``port``; uvicorn closes it
+    when the server stops, so hand over a ``dup()`` of a socket that must outlive the server).
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class ServerThread:
         port: int = 0,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         options = tls_options(tls_cert, tls_key)
         self.settings = settings
@@ -46,8 +50,11 @@ class ServerThread:
         self.tls_cert = tls_cert
         # port=0: bind a free port now and hand uvicorn the bound socket, so nothing can take
         # the port between choosing it and listening on it (a test once lost that race)
-        self._socket: socket.socket | None = None
-        if not port:
+        self._socket: socket.socket | None = sock
+        if sock is not None:
+            host, port = sock.getsockname()[:2]
+            self.host = host
+        elif not port:
             self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._socket.bind((host, 0))
@@ -158,12 +165,17 @@ def main(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     fd: int | None = None,
+    before_serve: Callable[[], bool] | None = None,
 ) -> None:
     """Foreground server for the ``edgefleet server`` command. Unless ``public_url`` was set, devices
     are sent to this server's own scheme and port.
 
     ``fd``: serve on that inherited, already bound TCP socket (its address replaces ``host`` and
-    ``port``): whoever started this process held the port from choosing it, through these imports."""
+    ``port``): whoever started this process held the port from choosing it, through these imports.
+
+    ``before_serve``: called once the app is built (imports, schema check, keys, TUF metadata) and
+    before it serves; ``False`` ends the process without serving. A parent that starts the next
+    server while the current one still serves waits there for its turn (``ServerProcess``)."""
     settings = settings or ServerSettings()
     options = tls_options(tls_cert, tls_key)
     sock: socket.socket | None = None
@@ -172,8 +184,11 @@ def main(
         host, port = sock.getsockname()[:2]
     if "public_url" not in settings.model_fields_set:
         settings = settings.model_copy(update={"public_url": base_url(host, port, bool(options))})
+    app = create_app(settings)
+    if before_serve is not None and not before_serve():
+        return
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=host,
         port=port,
         log_config=uvicorn_log_config(settings.log_format),

@@ -16,16 +16,18 @@ import contextlib
 import gc
 import os
 import signal
+import socket
 import sys
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
 from edgefleet.broker import Broker, BrokerInfo, mosquitto_binary, start_secure_broker
+from edgefleet.ports import bound_socket
 from signing.keyring import KeyDir, init_keys
 from tests.support.descriptors import PROC_FDS, FileDescriptorLeak, open_fds
 from tests.support.std_streams import damage, is_closed, std_streams
@@ -185,6 +187,22 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
             pytrace=False,
         )
     return result
+
+
+@pytest.fixture
+def refused_port() -> Iterator[Callable[[], int]]:
+    """Ports where a connection is refused for the whole test: each is bound here and never
+    listened on. A port merely found free could be taken by another process (another test worker
+    starting a server) and start answering."""
+    held: list[socket.socket] = []
+
+    def port() -> int:
+        held.append(bound_socket())
+        return int(held[-1].getsockname()[1])
+
+    yield port
+    for sock in held:
+        sock.close()
 
 
 @pytest.fixture(scope="session")

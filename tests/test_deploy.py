@@ -31,10 +31,10 @@ import yaml
 from edgefleet.broker import (
     SecureBrokerInfo,
     device_mqtt_keys,
-    free_port,
     mosquitto_binary,
     start_secure_broker,
 )
+from edgefleet.ports import free_port, launch, start_on_free_port
 from signing.keyring import init_keys
 from tests.support.waiting import exited_output, wait_for
 
@@ -146,38 +146,43 @@ def test_server_unit_command_serves_with_its_environment_file(
 ) -> None:
     """ExecStart with deploy/server.env.example's variables (paths, database and broker made real)."""
     init_keys(tmp_path / "keys")
-    port = free_port()
-    argv = exec_start("edgefleet-server.service", **{"8080": str(port), "0.0.0.0": "127.0.0.1"})
-    assert argv[:2] == [VENV_BIN + "edgefleet", "server"]
-    env = env_file(
-        DEPLOY / "server.env.example",
-        EDGEFLEET_DATABASE_URL=pg_url,
-        EDGEFLEET_DATA_DIR=str(tmp_path / "data"),
-        EDGEFLEET_KEYS_DIR=str(tmp_path / "keys"),
-        EDGEFLEET_MQTT_CREDENTIALS=str(broker.server_credentials),
-        EDGEFLEET_PUBLIC_URL=f"http://127.0.0.1:{port}",
-    )
-    env["PATH"] = "/usr/bin:/bin"  # systemd's clean environment, not this shell's
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
+    log = tmp_path / "server.log"
+
+    def serve() -> tuple[subprocess.Popen[bytes], int]:
+        # the unit takes its port on the command line: a port another process took first costs a
+        # start on a new one (the server says "address already in use" and exits)
+        port = free_port()
+        argv = exec_start("edgefleet-server.service", **{"8080": str(port), "0.0.0.0": "127.0.0.1"})
+        assert argv[:2] == [VENV_BIN + "edgefleet", "server"]
+        env = env_file(
+            DEPLOY / "server.env.example",
+            EDGEFLEET_DATABASE_URL=pg_url,
+            EDGEFLEET_DATA_DIR=str(tmp_path / "data"),
+            EDGEFLEET_KEYS_DIR=str(tmp_path / "keys"),
+            EDGEFLEET_MQTT_CREDENTIALS=str(broker.server_credentials),
+            EDGEFLEET_PUBLIC_URL=f"http://127.0.0.1:{port}",
+        )
+        env["PATH"] = "/usr/bin:/bin"  # systemd's clean environment, not this shell's
         with httpx.Client(timeout=2) as probe:  # one TLS context for the wait, not one per poll
-            health = wait_for(
-                lambda: probe.get(f"http://127.0.0.1:{port}/healthz").status_code == 200,
-                90,
-                "/healthz",
-                interval=0.3,
-                proc=proc,
-                ignore=(OSError, httpx.HTTPError),
-                output=lambda: exited_output(proc),
+            proc, out = launch(
+                argv,
+                log,
+                [port],
+                ready=lambda: probe.get(f"http://127.0.0.1:{port}/healthz").status_code == 200,
+                timeout=90,
+                env=env,
+                what="edgefleet server",
             )
-        assert health
+        out.close()  # the child holds its own copy
+        return proc, port
+
+    proc, port = start_on_free_port(serve)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
     finally:
         if proc.poll() is None:
             clean = stop_like_systemd(proc, "edgefleet-server.service")
-            assert clean, (
-                proc.returncode,
-                proc.stdout.read().decode(errors="replace")[-4000:] if proc.stdout else "",
-            )
+            assert clean, (proc.returncode, log.read_text(errors="replace")[-4000:])
     assert (tmp_path / "data").is_dir()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from device_agent import protocol
 from device_agent.agent import Agent
 from device_agent.mqtt_link import MqttLink, backoff_delay
-from edgefleet.broker import free_port, start_mosquitto
+from edgefleet.broker import start_mosquitto
 from signing.keyring import KeyDir
 
 from .harness import (
@@ -32,8 +32,8 @@ def test_backoff_is_capped_full_jitter() -> None:
 def test_agent_reconnects_after_broker_restart(
     keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, loop_thread: LoopThread
 ) -> None:
-    port = free_port()
-    broker = start_mosquitto(port=port, workdir=tmp_path / "mq1")
+    broker = start_mosquitto(workdir=tmp_path / "mq1")  # on a free port (a taken one: another)
+    port = broker.info.port
     dev = unique_id()
     cfg = agent_config(broker.info, tmp_path / dev, keydir.trust_path, dev, keepalive=2)
     agent = Agent(cfg, keydir.trust_root())

@@ -18,7 +18,7 @@ from device_agent import protocol
 from device_agent.agent import Agent
 from device_agent.telemetry import merge_moments
 from device_agent.telemetry_store import BatchStore
-from edgefleet.broker import free_port, start_mosquitto
+from edgefleet.broker import start_mosquitto
 from signing.keyring import KeyDir
 
 from .harness import (
@@ -112,12 +112,12 @@ class Collector:
 def test_broker_down_30s_under_load_every_batch_arrives_once(
     keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, loop_thread: LoopThread
 ) -> None:
-    port = free_port()
     # mosquitto drops to its own user, which cannot enter pytest's 0700 tmp dirs
     persist = Path(tempfile.mkdtemp(prefix="ef-mq-persist-"))
     persist.chmod(0o777)
     conf = f"persistence true\npersistence_location {persist}/\nautosave_interval 1\n"
-    broker = start_mosquitto(port=port, workdir=tmp_path / "mq", extra_conf=conf)
+    broker = start_mosquitto(workdir=tmp_path / "mq", extra_conf=conf)  # a taken free port: another
+    port = broker.info.port
     dev = unique_id()
     bundle = make_bundle(tmp_path, keydir.key("release"))
     artifacts.add(bundle)

@@ -151,6 +151,28 @@ def test_broker_run_asks_for_the_open_broker_explicitly(tmp_path: Path) -> None:
     assert out.returncode == 2 and "--insecure-dev" in out.stderr
 
 
+def test_the_embedded_broker_on_a_taken_port_starts_on_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgefleet.broker as launcher
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    picks = iter([taken])
+    real = launcher.free_port
+    monkeypatch.setattr(launcher, "free_port", lambda: next(picks, None) or real())
+    try:
+        broker = start_embedded()
+        try:
+            assert broker.info.port != taken and _listening(broker.info.port)
+        finally:
+            broker.stop()
+        with pytest.raises(launcher.PortTaken):
+            start_embedded(port=taken)  # a port the caller fixed is not swapped for another
+    finally:
+        squatter.close()
+
+
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 @pytest.mark.parametrize("secure", [False, True], ids=["open", "production"])
 def test_a_chosen_port_taken_by_another_process_is_chosen_again(
@@ -184,12 +206,22 @@ def test_a_chosen_port_taken_by_another_process_is_chosen_again(
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 def test_broker_run_on_chosen_ports(tmp_path: Path) -> None:
     """--port and --server-port: the listeners where a script (or the README) expects them."""
-    from edgefleet.broker import free_port
+    from edgefleet.ports import PortTaken, free_port, start_on_free_port
 
-    port, server_port = free_port(), free_port()
-    while server_port == port:
-        server_port = free_port()
-    proc, info = _broker_run(tmp_path, "--port", str(port), "--server-port", str(server_port))
+    def run() -> tuple[subprocess.Popen[str], dict[str, Any], int, int]:
+        # ports chosen here can be taken before the broker binds them: then it says so, and new ones
+        port, server_port = free_port(), free_port()
+        while server_port == port:
+            server_port = free_port()
+        try:
+            proc, info = _broker_run(tmp_path, "--port", str(port), "--server-port", str(server_port))
+        except AssertionError as failed:
+            if "is taken by another process" in str(failed):
+                raise PortTaken(str(failed)) from None
+            raise
+        return proc, info, port, server_port
+
+    proc, info, port, server_port = start_on_free_port(run)
     try:
         assert info["url"] == f"mqtts://127.0.0.1:{port}" and info["server_port"] == server_port
         assert _listening(port) and _listening(server_port)

@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,14 +123,14 @@ def test_server_commands_take_server_token_and_json(cmd: list[str]) -> None:
     assert error["code"] == "unreachable" and "127.0.0.1:9" in error["message"]
 
 
-def test_unreachable_server_is_one_stderr_line_and_exit_1() -> None:
-    proc = ef("rollouts", "list", "--server", f"http://127.0.0.1:{free_port()}")
+def test_unreachable_server_is_one_stderr_line_and_exit_1(refused_port: Callable[[], int]) -> None:
+    proc = ef("rollouts", "list", "--server", f"http://127.0.0.1:{refused_port()}")
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: unreachable: http://127.0.0.1:")
 
 
-def test_json_errors_keep_their_exit_code() -> None:
-    down = ef("devices", "get", "x", "--server", f"http://127.0.0.1:{free_port()}", "--json")
+def test_json_errors_keep_their_exit_code(refused_port: Callable[[], int]) -> None:
+    down = ef("devices", "get", "x", "--server", f"http://127.0.0.1:{refused_port()}", "--json")
     assert down.returncode == 1 and down.stdout == ""
     assert down.stderr.count("\n") == 1
     assert set(json.loads(down.stderr)) == {"error"}
@@ -152,7 +152,7 @@ def test_usage_errors_are_one_line_and_exit_2() -> None:
 
 @pytest.mark.slow
 def test_down_database_is_one_line_and_debug_shows_the_traceback(
-    tmp_path: Path, broker_info: SecureBrokerInfo
+    tmp_path: Path, broker_info: SecureBrokerInfo, refused_port: Callable[[], int]
 ) -> None:
     assert (
         runner.invoke(
@@ -160,7 +160,7 @@ def test_down_database_is_one_line_and_debug_shows_the_traceback(
         ).exit_code
         == 0
     )
-    down = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nothing"
+    down = f"postgresql+psycopg://postgres@127.0.0.1:{refused_port()}/nothing"
     args = [
         "server",
         "--keys",

@@ -14,12 +14,13 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from edgefleet.ports import free_port, launch, start_on_free_port
 from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 from tests.ops.test_monitoring import DASHBOARDS, RULES
 from tests.ops.test_slo_api import batch
 from tests.ops.tools import tool
-from tests.server.conftest import FakeDevice, free_port, make_bundle, register, upload, wait_for
+from tests.server.conftest import FakeDevice, make_bundle, register, upload, wait_for
 from tests.support.webhook import Receiver
 
 # short windows so the incident and its end fit in a test; the SLO is otherwise an ordinary one
@@ -31,17 +32,19 @@ SLO = {
 }
 
 
-def start(cmd: list[str], url: str, log: Path) -> subprocess.Popen[bytes]:
-    out = log.open("wb")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    try:
+def start(cmd: Callable[[int], list[str]], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``cmd(port)`` on a free port until ``/-/ready`` answers; its process and base URL. When another
+    process took the port first (the program says "address already in use"), on a new port."""
+
+    def attempt() -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
         with httpx.Client(timeout=1) as probe:  # one TLS context for the wait, not one per poll
-            wait_for(lambda: _answers(probe, url) or proc.poll() is not None, timeout=30)
-    except AssertionError:
-        proc.kill()
-        raise
-    assert proc.poll() is None, log.read_text()[-2000:]
-    return proc
+            proc, out = launch(cmd(port), log, [port], ready=lambda: _answers(probe, f"{url}/-/ready"))
+        out.close()  # the child holds its own copy
+        return proc, url
+
+    return start_on_free_port(attempt)
 
 
 def _answers(probe: httpx.Client, url: str) -> bool:
@@ -75,22 +78,23 @@ def alertmanager(tmp_path: Path) -> Iterator[tuple[str, Receiver]]:
         "receivers": [{"name": "hook", "webhook_configs": [{"url": hook.url, "send_resolved": True}]}],
     }
     (tmp_path / "am.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [
-        binary,
-        f"--config.file={tmp_path / 'am.yml'}",
-        f"--storage.path={tmp_path / 'am-data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--cluster.listen-address=",
-    ]
-    proc = start(cmd, f"{url}/-/ready", tmp_path / "alertmanager.log")
+
+    def cmd(port: int) -> list[str]:
+        return [
+            binary,
+            f"--config.file={tmp_path / 'am.yml'}",
+            f"--storage.path={tmp_path / 'am-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ]
+
+    proc, url = start(cmd, tmp_path / "alertmanager.log")
     yield url, hook
     stop(proc)
     hook.close()
 
 
-def prometheus_for(target: str, tmp_path: Path) -> tuple[list[str], str]:
+def prometheus_for(target: str, tmp_path: Path) -> Callable[[int], list[str]]:
     """A Prometheus scraping ``target`` every second with the shipped rules, evaluated every second."""
     rule_files = []
     for path in RULES:
@@ -106,14 +110,17 @@ def prometheus_for(target: str, tmp_path: Path) -> tuple[list[str], str]:
         "scrape_configs": [{"job_name": "edgefleet-server", "static_configs": [{"targets": [target]}]}],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    cmd = [
-        tool("prometheus"),
-        f"--config.file={tmp_path / 'prometheus.yml'}",
-        f"--storage.tsdb.path={tmp_path / 'prom-data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-    ]
-    return cmd, f"http://127.0.0.1:{port}"
+    binary = tool("prometheus")
+
+    def cmd(port: int) -> list[str]:
+        return [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'prom-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]
+
+    return cmd
 
 
 def query(prom: str, expr: str) -> list[dict[str, Any]]:
@@ -158,8 +165,9 @@ def test_prometheus_agrees_with_the_server_and_alertmanager_sees_the_page_fire_a
     v1 = upload(client, make_bundle(tmp_path, keydir.key("release"))).json()
     register(client, "prom-1")
     assert client.post("/api/v1/slos", json=SLO).status_code == 201
-    cmd, prom = prometheus_for(server.url.removeprefix("http://"), tmp_path)
-    proc = start(cmd, f"{prom}/-/ready", tmp_path / "prometheus.log")
+    proc, prom = start(
+        prometheus_for(server.url.removeprefix("http://"), tmp_path), tmp_path / "prometheus.log"
+    )
     try:
         # Prometheus sees the SLO's counters at zero before anything happens
         events = 'edgefleet_slo_events_total{slo="det-avail"}'

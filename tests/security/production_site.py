@@ -15,12 +15,14 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from typer.testing import CliRunner
 
-from edgefleet.broker import free_port, mosquitto_binary, wait_for_port
+from edgefleet.broker import mosquitto_binary, wait_for_port
 from edgefleet.cli import app
+from edgefleet.ports import free_port, launch, start_on_free_port
 from fleet_server.runner import ServerThread
 from fleet_server.settings import ServerSettings
 from signing.keyring import KeyDir, init_keys
@@ -60,10 +62,16 @@ class Site:
         self.root = root
         init_keys(root / "keys")
         self.keydir = KeyDir(root / "keys")
-        self.port, self.server_port = free_port(), free_port()
-        cli("broker", "config", "--out", str(root / "broker"), "--hostname", "127.0.0.1",
-            "--bind", "127.0.0.1", "--port", str(self.port), "--server-port", str(self.server_port),
-            "--auth", auth, "--keys", str(root / "keys"), NOPASS)  # fmt: skip
+        self.port = self.server_port = 0  # the broker's, once it runs
+
+        def configure() -> None:
+            self.port, self.server_port = free_port(), free_port()
+            while self.server_port == self.port:
+                self.server_port = free_port()
+            cli("broker", "config", "--out", str(root / "broker"), "--hostname", "127.0.0.1",
+                "--bind", "127.0.0.1", "--port", str(self.port), "--server-port", str(self.server_port),
+                "--auth", auth, "--keys", str(root / "keys"), NOPASS)  # fmt: skip
+
         self.settings = ServerSettings(
             data_dir=root / "server",
             keys_dir=self.keydir.path,
@@ -74,12 +82,17 @@ class Site:
         self.server: ServerThread | None = None
         self.agents: list[subprocess.Popen[bytes]] = []
         # last: once the broker runs, the caller's ``close()`` is what stops it
-        self._log = open(root / "mosquitto.log", "wb")  # noqa: SIM115 - closed by close()
-        self.broker = subprocess.Popen(
-            [str(mosquitto_binary()), "-c", str(root / "broker" / "mosquitto.conf")],
-            stdout=self._log,
-            stderr=self._log,
-        )
+
+        def start_broker() -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+            # ports picked now can be taken before Mosquitto binds them: then a new configuration
+            configure()
+            return launch(
+                [str(mosquitto_binary()), "-c", str(root / "broker" / "mosquitto.conf")],
+                root / "mosquitto.log",
+                [self.port, self.server_port],
+            )
+
+        self.broker, self._log = start_on_free_port(start_broker)
 
     def provision(self, device: str, *options: str) -> Path:
         """`devices provision` the device for this broker; the path of the ``agent.toml`` it wrote."""

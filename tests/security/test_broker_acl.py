@@ -27,8 +27,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgefleet.broker import free_port, mosquitto_binary, wait_for_port
+from edgefleet.broker import mosquitto_binary
 from edgefleet.broker_config import write_broker_config
+from edgefleet.ports import free_port, launch, start_on_free_port
 from edgefleet.provision import FleetCA, Provisioned, issue_cert, provision_device, write_cert_and_key
 from signing.keyring import KeyDir, init_keys
 from tests.support.waiting import wait_for
@@ -57,33 +58,35 @@ def _start(auth: str) -> Iterator[Broker]:
     try:
         init_keys(root / "keys")
         kd = KeyDir(root / "keys")
-        port, server_port = free_port(), free_port()
-        files = write_broker_config(
-            kd, root / "broker", hostnames=["127.0.0.1"], port=port, bind="127.0.0.1", auth=auth,
-            server_port=server_port,
-        )  # fmt: skip
-        devices = {
-            d: provision_device(
-                kd,
-                d,
-                "rpi4",
-                root / d,
-                broker_host="127.0.0.1",
-                broker_port=port,
-                password_file=files.password_file,
+
+        def attempt() -> tuple[subprocess.Popen[bytes], Any, int, int, Any, dict[str, Any]]:
+            # ports picked now can be taken before Mosquitto binds them: then new ones
+            port, server_port = free_port(), free_port()
+            while server_port == port:
+                server_port = free_port()
+            files = write_broker_config(
+                kd, root / "broker", hostnames=["127.0.0.1"], port=port, bind="127.0.0.1", auth=auth,
+                server_port=server_port,
+            )  # fmt: skip
+            devices = {
+                d: provision_device(
+                    kd,
+                    d,
+                    "rpi4",
+                    root / d,
+                    broker_host="127.0.0.1",
+                    broker_port=port,
+                    password_file=files.password_file,
+                    force=True,  # a new attempt re-issues them for its port
+                )
+                for d in ("devA", "devB")
+            }
+            proc, log = launch(
+                [str(mosquitto_binary()), "-c", str(files.conf)], root / "mosquitto.log", [port, server_port]
             )
-            for d in ("devA", "devB")
-        }
-        log = open(root / "mosquitto.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(
-            [str(mosquitto_binary()), "-c", str(files.conf)], stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            wait_for_port("127.0.0.1", port)
-            wait_for_port("127.0.0.1", server_port)
-        except TimeoutError:
-            proc.kill()
-            raise RuntimeError((root / "mosquitto.log").read_text()) from None
+            return proc, log, port, server_port, files, devices
+
+        proc, log, port, server_port, files, devices = start_on_free_port(attempt)
         yield Broker(port, root / "broker", files.ca, kd, devices, server_port, auth)
         proc.terminate()
         proc.wait(10)

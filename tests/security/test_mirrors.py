@@ -7,7 +7,7 @@ its directives name URLs where nothing listens, so every byte it installs came f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -16,8 +16,8 @@ import pytest
 
 from device_agent import protocol
 from device_agent.agent import Agent
-from edgefleet.broker import free_port
 from edgefleet.nginx import Nginx
+from edgefleet.ports import bound_socket
 from fleet_server.mirror import BundleSource, DirectoryStorage, Publisher
 from signing.keyring import KeyDir, init_keys
 from signing.targets import TargetCustom
@@ -39,7 +39,9 @@ from tests.agent.harness import (
 )
 from tests.support.nginx import nginx
 
-NOWHERE = f"http://127.0.0.1:{free_port()}"  # the directive's own URLs: nothing listens there
+# the directive's own URLs: a port held (bound, never listening) for the whole run refuses them
+_NOWHERE = bound_socket()
+NOWHERE = f"http://127.0.0.1:{_NOWHERE.getsockname()[1]}"
 
 
 @dataclass
@@ -130,7 +132,11 @@ def _asked(server: Nginx, path: str) -> int:
 
 
 def test_a_mirror_down_erring_or_serving_wrong_bytes_fails_over_to_the_next(
-    published: Published, broker_info: object, observer: Observer, tmp_path: Path
+    published: Published,
+    broker_info: object,
+    observer: Observer,
+    tmp_path: Path,
+    refused_port: Callable[[], int],
 ) -> None:
     b1 = published.release(seed=1, version="1")
     good_tree = published.publish("good")
@@ -145,7 +151,7 @@ def test_a_mirror_down_erring_or_serving_wrong_bytes_fails_over_to_the_next(
         nginx(tampered) as liar,
         nginx(good_tree) as good,
     ):
-        down = f"http://127.0.0.1:{free_port()}"
+        down = f"http://127.0.0.1:{refused_port()}"
         mirrors = [down, broken.url, empty.url, liar.url, good.url]
         agent = _agent(broker_info, published, mirrors, tmp_path / "dev")
         try:
@@ -259,12 +265,16 @@ def test_an_https_mirror_must_chain_to_the_configured_ca(
 
 
 def test_mirrors_down_are_retried_then_unavailable_but_a_refusal_seen_meanwhile_is_the_verdict(
-    published: Published, broker_info: object, observer: Observer, tmp_path: Path
+    published: Published,
+    broker_info: object,
+    observer: Observer,
+    tmp_path: Path,
+    refused_port: Callable[[], int],
 ) -> None:
     b1 = published.release(seed=1, version="1")
     published.repo.refresh_timestamp(published.keydir.key("fleet"), timedelta(seconds=-60))
     frozen = published.publish("frozen")
-    down = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+    down = [f"http://127.0.0.1:{refused_port()}", f"http://127.0.0.1:{refused_port()}"]
     loop = LoopThread()
     try:
         with nginx(frozen) as freezer:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.broker import free_port
 from edgefleet.client import ApiClient
+from edgefleet.ports import bound_socket
 from tests.agent.harness import make_bundle, wait_for
 from tests.security.production_site import production_site
 from tests.support.nginx import need_nginx, nginx
@@ -26,7 +26,9 @@ from tests.support.nginx import need_nginx, nginx
 def test_devices_install_from_the_mirror_while_the_fleet_server_is_down(site_root: Path) -> None:
     need_nginx()
     root = site_root
-    mirror_port = free_port()
+    # held from now on (connections refused until nginx serves on it): no other process can take it
+    mirror_socket = bound_socket()
+    mirror_port = mirror_socket.getsockname()[1]
     mirror_url = f"http://127.0.0.1:{mirror_port}"
     with production_site(root, "mtls") as site:
         toml_path = site.provision("cam-1", "--mirror", mirror_url)
@@ -62,7 +64,7 @@ def test_devices_install_from_the_mirror_while_the_fleet_server_is_down(site_roo
         api.close()
         site.stop_server()
 
-        with nginx(published, port=mirror_port) as mirror:
+        with nginx(published, sock=mirror_socket) as mirror:
             state = root / "cam-1" / "data" / "state.json"
             wait_for(
                 lambda: state.is_file() and bundle.sha256 in state.read_text(),

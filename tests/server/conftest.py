@@ -6,7 +6,6 @@ import contextlib
 import itertools
 import json
 import shutil
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,12 +28,6 @@ from tests.support.waiting import wait_for
 
 HW = "rpi4"
 _client_ids = itertools.count()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_bundle(

@@ -7,15 +7,12 @@ and that a device's TUF client verifies what the bucket serves."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from edgefleet.broker import free_port, wait_for_port
+from edgefleet.ports import wait_for_port
 from fleet_server.mirror import IMMUTABLE_CACHE, TIMESTAMP_CACHE, TIMESTAMP_KEY, Publisher, S3Storage
 from signing.keyring import KeyDir, init_keys
 from signing.targets import TargetCustom
@@ -26,27 +23,24 @@ boto3 = pytest.importorskip("boto3")
 
 
 @pytest.fixture
-def s3_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A moto S3 server on a free loopback port, with throwaway credentials in the environment."""
-    binary = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    if not Path(binary).exists():
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
-    port = free_port()
-    log = open(tmp_path / "moto.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A moto S3 server (real HTTP, in a thread) on a free loopback port, with throwaway credentials
+    in the environment. It binds port 0 itself: no other process can take its port in between."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     for name, value in {
         "AWS_ACCESS_KEY_ID": "edgefleet-test",
         "AWS_SECRET_ACCESS_KEY": "edgefleet-test-secret",
         "AWS_DEFAULT_REGION": "us-east-1",
     }.items():
         monkeypatch.setenv(name, value)
+    server.start()
     try:
-        wait_for_port("127.0.0.1", port, timeout=30, alive=proc)
-        yield f"http://127.0.0.1:{port}"
+        host, port = server.get_host_and_port()
+        wait_for_port(host, port, timeout=30)
+        yield f"http://{host}:{port}"
     finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+        server.stop()
 
 
 def test_publishing_to_a_bucket_sets_cache_headers_is_idempotent_and_serves_a_tuf_client(

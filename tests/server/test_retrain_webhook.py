@@ -4,7 +4,7 @@ receiver), and a real server firing it once a model's field accuracy falls under
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from fleet_server.runner import ServerThread
 from signing.keyring import KeyDir
 from tests.support.webhook import Receiver
 
-from .conftest import free_port, make_bundle, wait_for
+from .conftest import make_bundle, wait_for
 from .test_model_metrics import _telemetry
 
 
@@ -67,14 +67,14 @@ def test_the_payload_names_the_dataset_to_retrain_on() -> None:
     }
 
 
-def test_delivery_retries_until_a_2xx(receiver: Receiver) -> None:
+def test_delivery_retries_until_a_2xx(receiver: Receiver, refused_port: Callable[[], int]) -> None:
     receiver.script = [503, 500]
     assert deliver(receiver.url, {"x": 1}, attempts=5, base_s=0.05)
     assert receiver.statuses == [503, 500, 200] and receiver.bodies == [{"x": 1}] * 3
     receiver.script = [503] * 10
     assert not deliver(receiver.url, {"x": 2}, attempts=3, base_s=0.01)
     assert receiver.statuses[3:] == [503] * 3
-    nobody = f"http://127.0.0.1:{free_port()}/hook"  # connection refused: retried, then given up
+    nobody = f"http://127.0.0.1:{refused_port()}/hook"  # connection refused: retried, then given up
     started = time.monotonic()
     assert not deliver(nobody, {"x": 3}, attempts=3, base_s=0.01)
     assert time.monotonic() - started < 5

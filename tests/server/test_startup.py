@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from edgefleet.broker import Broker, free_port, start_secure_broker
+from edgefleet.broker import Broker, start_secure_broker
+from edgefleet.ports import bound_socket
 from fleet_server.runner import ServerThread
 from fleet_server.store import until_reachable
 from signing.keyring import KeyDir
@@ -25,19 +26,20 @@ from .conftest import server_settings, wait_for
 
 
 class Forwarder:
-    """A TCP forwarder that starts listening only when asked: the database "comes up" then."""
+    """A TCP forwarder that starts listening only when asked: the database "comes up" then. Its
+    port is bound from the start (refused until then, and nobody else's in the meantime)."""
 
-    def __init__(self, port: int, upstream: tuple[str, int]) -> None:
-        self.port, self.upstream = port, upstream
-        self._sock: socket.socket | None = None
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self._sock = bound_socket()
+        self.port = int(self._sock.getsockname()[1])
         self._open: list[socket.socket] = []
 
     def start(self) -> None:
-        self._sock = socket.create_server(("127.0.0.1", self.port))
+        self._sock.listen()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        assert self._sock is not None
         with contextlib.suppress(OSError):
             while True:
                 client, _ = self._sock.accept()
@@ -55,7 +57,7 @@ class Forwarder:
             dst.shutdown(socket.SHUT_WR)
 
     def stop(self) -> None:
-        for s in [*self._open, *([self._sock] if self._sock else [])]:
+        for s in [*self._open, self._sock]:
             with contextlib.suppress(OSError):
                 s.close()
 
@@ -79,10 +81,9 @@ def test_the_server_waits_for_a_database_that_comes_up_late(
     pg_url: str, tmp_path: Path, keydir: KeyDir, broker_info: Any
 ) -> None:
     url = make_url(pg_url)
-    port = free_port()
-    late = url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    forwarder = Forwarder((url.host or "127.0.0.1", url.port or 5432))
+    late = url.set(host="127.0.0.1", port=forwarder.port).render_as_string(hide_password=False)
     settings = server_settings(tmp_path, keydir, broker_info, database_url=late, startup_retry_seconds=60)
-    forwarder = Forwarder(port, (url.host or "127.0.0.1", url.port or 5432))
     thread, box = _start_in_background(settings)
     try:
         time.sleep(2.0)
