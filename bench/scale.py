@@ -425,7 +425,7 @@ def main(argv: list[str]) -> int:
         "--telemetry-interval",
         type=float,
         default=None,
-        help="s between a device's telemetry batches (file: 10)",
+        help="s between a device's telemetry batches (file: 60)",
     )
     parser.add_argument(
         "--idle",
