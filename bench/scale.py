@@ -46,10 +46,16 @@ TICK_HZ = os.sysconf("SC_CLK_TCK")
 
 
 def scenario(
-    devices: int, delivery: str, processes: int, workload_hz: float | None = None, idle: float = 0.0
+    devices: int,
+    delivery: str,
+    processes: int,
+    workload_hz: float | None = None,
+    idle: float = 0.0,
+    telemetry_interval: float | None = None,
 ) -> dict[str, Any]:
     """The scale scenario file, resized: N devices over ``processes`` workers, with ``delivery``
-    (and ``workload_hz`` inferences per second per device instead of the file's 0.2);
+    (and ``workload_hz`` inferences per second per device instead of the file's, and
+    ``telemetry_interval`` seconds between a device's telemetry batches instead of the file's);
     ``idle`` > 0: after the rollout the fleet runs that many seconds more, serving the new model
     (its background only: inferences, telemetry, keepalives)."""
     import tomllib
@@ -65,6 +71,8 @@ def scenario(
     data["fleet"]["processes"] = processes
     if workload_hz is not None:
         data["fleet"]["workload_hz"] = workload_hz
+    if telemetry_interval is not None:
+        data["fleet"]["telemetry_interval"] = telemetry_interval
     if idle > 0:
         data["steps"] = [*data["steps"], {"action": "sleep", "seconds": idle}]
     return dict(data)
@@ -153,6 +161,7 @@ def measure(
     processes: int,
     workload_hz: float | None = None,
     idle: float = 0.0,
+    telemetry_interval: float | None = None,
 ) -> dict[str, Any]:
     """One run in this process (models prebuilt in ``model_cache``); the figures as a dict.
 
@@ -172,7 +181,7 @@ def measure(
     from simulator.runner import ScenarioRun
     from simulator.scenario import parse_scenario
 
-    sc = parse_scenario(scenario(devices, delivery, processes, workload_hz, idle))
+    sc = parse_scenario(scenario(devices, delivery, processes, workload_hz, idle, telemetry_interval))
     load_before = os.getloadavg()
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -263,6 +272,7 @@ def measure(
             "processes": processes,
             "delivery": delivery,
             "workload_hz": sc.fleet.workload_hz,
+            "telemetry_interval": sc.fleet.telemetry_interval,
             "broker": BROKER,
             "ok": result.ok,
             "state": state,
@@ -412,6 +422,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--baseline", action="store_true", help="also run it with delivery=server")
     parser.add_argument("--workload-hz", type=float, default=None, help="inferences/s per device (file: 0.2)")
     parser.add_argument(
+        "--telemetry-interval",
+        type=float,
+        default=None,
+        help="s between a device's telemetry batches (file: 60)",
+    )
+    parser.add_argument(
         "--idle",
         type=float,
         default=0.0,
@@ -435,7 +451,19 @@ def main(argv: list[str]) -> int:
         print(json.dumps(new))
         print(row(base, new))
         return 0
-    print(json.dumps(measure(args.devices, cache, args.delivery, procs, args.workload_hz, args.idle)))
+    print(
+        json.dumps(
+            measure(
+                args.devices,
+                cache,
+                args.delivery,
+                procs,
+                args.workload_hz,
+                args.idle,
+                args.telemetry_interval,
+            )
+        )
+    )
     return 0
 
 
