@@ -36,6 +36,10 @@ from device_agent import protocol
 from fleet_server.mqtt_identity import SERVER_ACCOUNT
 
 PROBE_INTERVAL = 1.0  # seconds between probes to one worker on one shard (one in flight at a time)
+# A probe still on its way after this long gets a successor: the broker may have dropped the first
+# (a full session queue), and without a successor the lag would grow until the worker's session
+# changed. The worker's queue is FIFO, so the successor arriving first says the first was lost.
+PROBE_RESEND = 15.0
 
 
 def probe_topic(client_id: str) -> str:
@@ -48,43 +52,60 @@ class LagProbe:
     """One worker's probes on one shard, as the server's main process sees them (thread-safe)."""
 
     def __init__(
-        self, topic: str, interval: float = PROBE_INTERVAL, clock: Callable[[], float] = time.time
+        self,
+        topic: str,
+        interval: float = PROBE_INTERVAL,
+        clock: Callable[[], float] = time.time,
+        resend: float = PROBE_RESEND,
     ) -> None:
-        self.topic, self.interval, self.clock = topic, interval, clock
+        self.topic, self.interval, self.clock, self.resend = topic, interval, clock, resend
         self._lock = threading.Lock()
-        self._token: str | None = None  # the probe on its way
-        self._sent_at = 0.0
+        self._on_way: dict[str, float] = {}  # probes on their way, oldest first: token -> sent at
         self._last = 0.0  # round trip of the last probe stored, seconds
         self._next = 0.0
 
     def due(self) -> bool:
-        """No probe on its way and the interval since the last one has passed."""
+        """No probe on its way and the interval since the last one has passed; or the newest on
+        its way has been for ``resend`` seconds (it may have been dropped)."""
         with self._lock:
-            return self._token is None and self.clock() >= self._next
+            now = self.clock()
+            if self._on_way:
+                return now - next(reversed(self._on_way.values())) >= self.resend
+            return now >= self._next
 
     def sent(self, token: str) -> None:
         with self._lock:
             now = self.clock()
-            self._token, self._sent_at, self._next = token, now, now + self.interval
+            self._on_way[token] = now
+            self._next = now + self.interval
 
     def stored(self, token: str) -> None:
-        """The worker stored (committed) this probe; tokens of probes not on their way are ignored
-        (one queued for an earlier session of the worker)."""
+        """The worker stored (committed) this probe. Probes sent before it and not stored are
+        lost (the queue is FIFO); tokens not on their way are ignored (one queued for an earlier
+        session of the worker)."""
         with self._lock:
-            if token == self._token:
-                self._last = max(self.clock() - self._sent_at, 0.0)
-                self._token = None
+            if token not in self._on_way:
+                return
+            self._last = max(self.clock() - self._on_way[token], 0.0)
+            while self._on_way:
+                first = next(iter(self._on_way))
+                del self._on_way[first]
+                if first == token:
+                    break
 
     def reset(self) -> None:
         """The worker's session changed (restarted, reconnected): a probe queued for the old one
         may never arrive, so stop waiting for it; the next goes out at once."""
         with self._lock:
-            self._token, self._next = None, 0.0
+            self._on_way.clear()
+            self._next = 0.0
 
     @property
     def lag(self) -> float:
+        """The last round trip, or how long the oldest probe on its way has been, if longer."""
         with self._lock:
-            waiting = self.clock() - self._sent_at if self._token is not None else 0.0
+            oldest = next(iter(self._on_way.values()), None)
+            waiting = self.clock() - oldest if oldest is not None else 0.0
             return max(self._last, waiting, 0.0)
 
 
@@ -93,4 +114,4 @@ def token(now: float) -> str:
     return f"{now:.6f}"
 
 
-__all__ = ["PROBE_INTERVAL", "LagProbe", "probe_topic", "token"]
+__all__ = ["PROBE_INTERVAL", "PROBE_RESEND", "LagProbe", "probe_topic", "token"]

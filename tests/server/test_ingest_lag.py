@@ -137,3 +137,23 @@ def test_a_lag_probe_measures_the_one_on_its_way_and_forgets_one_lost_with_a_ses
     probe.reset()  # the worker reconnected with a clean session: "c" is gone with it
     now[0] += 60.0
     assert probe.due() and probe.lag == 0.5
+
+
+def test_a_dropped_probe_gets_a_successor_and_stops_counting_once_it_is_back() -> None:
+    """A probe the broker dropped (a full session queue) must not read as a lag that grows for ever:
+    after ``resend`` a successor goes out, and when it is stored the first one is known lost."""
+    now = [100.0]
+    probe = LagProbe(probe_topic("fleet-server-x-ingest0"), interval=1.0, clock=lambda: now[0], resend=15.0)
+    probe.sent("a")  # dropped by the broker
+    now[0] += 14.0
+    assert not probe.due() and probe.lag == 14.0
+    now[0] += 1.0
+    assert probe.due()  # on its way for 15 s: send a successor
+    probe.sent("b")
+    assert not probe.due()
+    now[0] += 2.0
+    assert probe.lag == 17.0  # the oldest still counts until we know it is lost
+    probe.stored("b")  # FIFO: "a" would have come first, so it was lost
+    assert probe.lag == 2.0 and probe.due()
+    probe.stored("a")  # too late to matter (if it ever comes): nothing changes
+    assert probe.lag == 2.0
