@@ -79,6 +79,12 @@ class LagProbe:
             self._on_way[token] = now
             self._next = now + self.interval
 
+    def forget(self, token: str) -> None:
+        """A probe marked on its way was not published after all: it will never be stored."""
+        with self._lock:
+            self._on_way.pop(token, None)
+            self._next = 0.0
+
     def stored(self, token: str) -> None:
         """The worker stored (committed) this probe. Probes sent before it and not stored are
         lost (the queue is FIFO); tokens not on their way are ignored (one queued for an earlier

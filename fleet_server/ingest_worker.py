@@ -563,7 +563,7 @@ class IngestWorker:
         if self._conn is not None:
             with contextlib.suppress(OSError):
                 self._conn.send({"stop": True, "discard_backlog": discard_backlog})
-        if self._proc is not None:
+        if self._proc is not None and not _closed(self._proc):
             self._proc.join(timeout)
             if self._proc.is_alive():
                 log.error("ingest worker %s did not stop; terminating it", self._pid)
@@ -615,9 +615,18 @@ class IngestWorker:
                 self.start()
 
 
+def _closed(proc: Any) -> bool:
+    """The handle was released already: the worker ended (killed with its process group, say) and
+    the watcher closed it, or stop() runs a second time."""
+    try:
+        proc.is_alive()
+    except ValueError:
+        return True
+    return False
+
+
 def _release(proc: Any) -> None:
     """Close an ended worker's process handle: its pipes to the forkserver stay open until then, and
     nothing else may release them (the server's app, and with it this handle, can outlive its stop)."""
-    if proc is not None and proc.exitcode is not None:
-        with contextlib.suppress(ValueError):  # closed already
-            proc.close()
+    if proc is not None and not _closed(proc) and proc.exitcode is not None:
+        proc.close()

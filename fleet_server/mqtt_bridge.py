@@ -311,13 +311,18 @@ class MqttBridge:
                     if link is None or not probe.due() or not link.client.is_connected():
                         continue
                     sent = token(time.time())
+                    # On its way before it is published: on a busy machine the worker can store it
+                    # and report it before this thread runs again, and a report of a probe not yet
+                    # on its way would be ignored (the lag would then grow until a successor).
+                    probe.sent(sent)
                     try:
                         info = link.client.publish(probe.topic, sent.encode(), qos=1, retain=False)
                     except Exception:  # a failed probe is retried on the next tick; the thread goes on
                         log.exception("publishing a lag probe on shard %s failed", shard)
+                        probe.forget(sent)
                         continue
-                    if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                        probe.sent(sent)
+                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                        probe.forget(sent)
 
     @property
     def ingest_lag(self) -> float:

@@ -151,6 +151,11 @@ def test_the_readme_loop_runs_as_written(tmp_path: Path) -> None:
     stderr = (tmp_path / "stderr").read_text(errors="replace")
     server_log = (work / "server.log").read_text(errors="replace") if (work / "server.log").exists() else ""
     context = f"exit {code} after {wall:.1f} s\n--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-4000:]}"
+    # the server's warnings and errors first (a stall shows there), then the log's tail
+    noted = [
+        line for line in server_log.splitlines() if '"level": "warning"' in line or '"level": "error"' in line
+    ]
+    context += "\n--- server.log warnings and errors\n" + "\n".join(line[:400] for line in noted[:30])
     context += f"\n--- server.log\n{server_log[-3000:]}"
     assert code == 0, context
     print(f"README loop: {wall:.1f} s wall")

@@ -301,3 +301,19 @@ def stored_batch_ids(engine: Engine, devices: list[str]) -> set[str]:
             select(TelemetryBatchRow.batch_id).where(col(TelemetryBatchRow.device_id).in_(devices))
         )
         return set(rows.all())
+
+
+def test_a_server_stops_cleanly_after_its_workers_were_killed_with_the_process_group(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    """SIGTERM to the server's process group (a service manager, Ctrl-C in a script) ends the ingest
+    workers first; the watcher releases their handles, and the server's own stop must not trip
+    over a handle that is closed already."""
+    server = make_server(shared_subscriptions=False)
+    assert server.context.bridge is not None
+    worker = server.context.bridge.telemetry_workers[0]
+    assert worker.pid is not None
+    os.kill(worker.pid, signal.SIGTERM)
+    wait_for(lambda: ingest_worker._closed(worker._proc), timeout=10)  # the watcher saw it die
+    worker.stop()  # raised "process object is closed" before
+    worker.stop()  # and a second stop is harmless too

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import pytest
 
 from fleet_server.ingest_lag import LagProbe, probe_topic
 from fleet_server.runner import ServerThread
@@ -157,3 +158,20 @@ def test_a_dropped_probe_gets_a_successor_and_stops_counting_once_it_is_back() -
     assert probe.lag == 2.0 and probe.due()
     probe.stored("a")  # too late to matter (if it ever comes): nothing changes
     assert probe.lag == 2.0
+
+
+def test_a_probe_stored_before_its_sender_marked_it_is_still_counted() -> None:
+    """The bridge marks a probe on its way before publishing it: on a loaded machine the worker can
+    store and report it before the publishing thread runs again, and a report of a probe that is
+    not on its way is ignored, which left the lag growing (and a rollout's soak waiting)."""
+    now = [100.0]
+    probe = LagProbe(probe_topic("fleet-server-x-ingest0"), interval=1.0, clock=lambda: now[0])
+    probe.sent("a")  # marked first, then published
+    now[0] += 0.2
+    probe.stored("a")  # the report came back before anything else happened in the sender
+    assert probe.lag == pytest.approx(0.2) and not probe.due()
+    now[0] += 1.0
+    assert probe.due()
+    probe.sent("b")
+    probe.forget("b")  # the publish failed: never on its way, nothing to wait for
+    assert probe.due() and probe.lag == pytest.approx(0.2)
