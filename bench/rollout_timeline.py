@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,17 +78,21 @@ def _median(rows: list[dict[str, float | None]], key_a: str, key_b: str) -> floa
     return round(statistics.median(gaps), 3) if gaps else None
 
 
+END_ACTIONS = ("completed", "roll_back", "pause")
+
+
 def timeline(engine: Engine, rollout_id: str) -> dict[str, Any]:
     """The rollout's stages, each with its decisions' times and its critical path (see the module)."""
     origin = _created(engine, rollout_id)
     with engine.connect() as conn:
         decisions = conn.execute(
-            text("SELECT ts, action, figures FROM rolloutdecision WHERE rollout_id = :r ORDER BY id"),
+            text("SELECT ts, action, reason, figures FROM rolloutdecision WHERE rollout_id = :r ORDER BY id"),
             {"r": rollout_id},
         ).all()
         devices = conn.execute(
             text(
-                "SELECT rd.device_id, rd.stage, rd.seq, rd.notified_at, rd.updated_at, rd.state, d.reported "
+                "SELECT rd.device_id, rd.stage, rd.seq, rd.notified_at, rd.updated_at, rd.state, rd.reason,"
+                " d.reported "
                 "FROM rolloutdevice rd JOIN device d ON d.id = rd.device_id WHERE rd.rollout_id = :r"
             ),
             {"r": rollout_id},
@@ -127,7 +132,7 @@ def timeline(engine: Engine, rollout_id: str) -> dict[str, Any]:
             }
         )
     assigns = {stage: t for t, action, stage in marks if action == "assign"}
-    end_marks = [t for t, action, _ in marks if action in ("completed", "roll_back", "pause")]
+    end_marks = [t for t, action, _ in marks if action in END_ACTIONS]
     stages = []
     for k in sorted(per_stage):
         rows = per_stage[k]
@@ -162,7 +167,24 @@ def timeline(engine: Engine, rollout_id: str) -> dict[str, Any]:
                 },
             }
         )
-    return {"rollout": rollout_id, "stages": stages, "decisions": marks}
+    # Why it ended, and why its devices failed (a rollback's cause, which the times alone do not
+    # tell): the final decision's reason and the devices' reasons, counted by their first words.
+    ended = next(
+        ({"action": d.action, "reason": d.reason} for d in reversed(decisions) if d.action in END_ACTIONS),
+        None,
+    )
+    failed = Counter(
+        " ".join(str(d.reason).split()[:6])
+        for d in devices
+        if d.state not in ("done", "pending", "notified") and d.reason
+    )
+    return {
+        "rollout": rollout_id,
+        "stages": stages,
+        "decisions": marks,
+        "ended": ended,
+        "device_reasons": dict(failed.most_common(8)),
+    }
 
 
 def totals(tl: dict[str, Any]) -> dict[str, float]:

@@ -347,7 +347,13 @@ def _timeline(harness: Any, rollout_id: str | None) -> dict[str, Any] | None:
         tl = timeline(engine, rollout_id)
     finally:
         engine.dispose()
-    return {"critical_path_totals": totals(tl), "stages": tl["stages"], "decisions": tl["decisions"]}
+    return {
+        "critical_path_totals": totals(tl),
+        "stages": tl["stages"],
+        "decisions": tl["decisions"],
+        "ended": tl["ended"],
+        "device_reasons": tl["device_reasons"],
+    }
 
 
 def _subprocess(
