@@ -160,6 +160,10 @@ def std_streams_left_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
     for name, stream in before.items():
         if not is_closed(stream):
             setattr(sys, name, stream)
+    _fail_if_broken(problems)
+
+
+def _fail_if_broken(problems: list[str]) -> None:
     if problems:
         pytest.fail(
             "the test left the standard streams broken: "
@@ -179,13 +183,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     problems = damage(before, std_streams())
     for name, stream in before.items():
         setattr(sys, name, stream)
-    if problems:
-        pytest.fail(
-            "the test left the standard streams broken: "
-            + "; ".join(problems)
-            + " (restore a redirect where it is made, and close only streams you opened)",
-            pytrace=False,
-        )
+    _fail_if_broken(problems)
     return result
 
 
