@@ -507,6 +507,10 @@ class ScenarioRun:
             "min_inferences": s.min_inferences,
             "max_failure_rate": s.max_failure_rate,
         }
+        if s.retry_limits is not None:
+            body["retry_limits"] = s.retry_limits
+        if s.retry_backoff_seconds is not None:
+            body["retry_backoff_seconds"] = s.retry_backoff_seconds
         body.update(self._schedule_policy(s))
         if s.max_accuracy_drop is not None:
             body.update(

@@ -239,6 +239,9 @@ class Step(_Strict):
     max_error_rate: float = 0.05
     min_inferences: int = 20
     max_failure_rate: float = 0.0
+    # rollout: failure class (an agent reason code, "timed_out", "*") -> retries, with backoff
+    retry_limits: dict[str, int] | None = None
+    retry_backoff_seconds: float | None = Field(None, ge=0)
     rollout: str | None = None  # wait_rollout
     states: list[str] | None = None  # wait_rollout: any of these ends the wait
     share: float = Field(1.0, gt=0, le=1)  # wait_devices: fraction of the (class's) devices

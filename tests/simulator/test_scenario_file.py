@@ -119,3 +119,21 @@ def test_clock_skew_is_fixed_or_drawn_per_device_and_stable() -> None:
     assert all(-7200 <= x <= 3600 for x in skews) and len(set(skews)) == 8
     assert skews == [skew_of(a, sc.seed, n) for n in range(8)]
     assert skew_of(b, sc.seed, 3) == 30.0
+
+
+def test_a_rollout_step_takes_the_policys_retries() -> None:
+    data = minimal(
+        steps=[
+            {
+                "action": "rollout",
+                "id": "r",
+                "model": "v1",
+                "stages": [100],
+                "retry_limits": {"delivery_unavailable": 2},
+                "retry_backoff_seconds": 5.0,
+            }
+        ]
+    )
+    step = parse_scenario(data).steps[0]
+    assert step.retry_limits == {"delivery_unavailable": 2} and step.retry_backoff_seconds == 5.0
+    assert parse_scenario(minimal()).steps[0].retry_limits is None  # unset: the server's default
