@@ -511,6 +511,8 @@ class ScenarioRun:
             body["retry_limits"] = s.retry_limits
         if s.retry_backoff_seconds is not None:
             body["retry_backoff_seconds"] = s.retry_backoff_seconds
+        if s.rate_per_minute is not None:
+            body["rate_per_minute"] = s.rate_per_minute
         body.update(self._schedule_policy(s))
         if s.max_accuracy_drop is not None:
             body.update(

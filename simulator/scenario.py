@@ -242,6 +242,7 @@ class Step(_Strict):
     # rollout: failure class (an agent reason code, "timed_out", "*") -> retries, with backoff
     retry_limits: dict[str, int] | None = None
     retry_backoff_seconds: float | None = Field(None, ge=0)
+    rate_per_minute: int | None = Field(None, ge=1)  # rollout: devices notified per minute at most
     rollout: str | None = None  # wait_rollout
     states: list[str] | None = None  # wait_rollout: any of these ends the wait
     share: float = Field(1.0, gt=0, le=1)  # wait_devices: fraction of the (class's) devices
