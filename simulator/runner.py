@@ -51,6 +51,17 @@ DRAIN_LAG = 2.0
 DRAIN_SILENT = 120.0  # nor one that neither answers nor stores anything for this long
 
 
+# A rollout step's policy fields sent only when the scenario sets them (unset: the server's default).
+OPTIONAL_POLICY = (
+    "retry_limits",
+    "retry_backoff_seconds",
+    "rate_per_minute",
+    "max_deferral_seconds",
+    "metered",
+    "max_wait_seconds",
+)
+
+
 class Harness(Protocol):
     """What the runner needs from the infrastructure (implemented in ``edgefleet.sim_harness``)."""
 
@@ -507,12 +518,7 @@ class ScenarioRun:
             "min_inferences": s.min_inferences,
             "max_failure_rate": s.max_failure_rate,
         }
-        if s.retry_limits is not None:
-            body["retry_limits"] = s.retry_limits
-        if s.retry_backoff_seconds is not None:
-            body["retry_backoff_seconds"] = s.retry_backoff_seconds
-        if s.rate_per_minute is not None:
-            body["rate_per_minute"] = s.rate_per_minute
+        body.update({k: getattr(s, k) for k in OPTIONAL_POLICY if getattr(s, k) is not None})
         body.update(self._schedule_policy(s))
         if s.max_accuracy_drop is not None:
             body.update(
@@ -581,7 +587,7 @@ class ScenarioRun:
         raise StepFailed(f"experiment {key} did not reach {states} in time (last state: {last})")
 
     def _schedule_policy(self, s: Step) -> dict[str, Any]:
-        """The rollout's windows (one cohort per class, in its time zone), deferral, metered rule."""
+        """The rollout's windows: one cohort per class, in its time zone."""
         out: dict[str, Any] = {}
         if s.window_opens_in_s is not None:
             opens = datetime.now(UTC) + timedelta(seconds=s.window_opens_in_s)
@@ -602,12 +608,6 @@ class ScenarioRun:
                 for cls in self.sc.fleet.classes
             ]
             self._event(f"window opens {opens:%H:%M} UTC in each device's own zone", mark=False)
-        if s.max_deferral_seconds is not None:
-            out["max_deferral_seconds"] = s.max_deferral_seconds
-        if s.metered is not None:
-            out["metered"] = s.metered
-        if s.max_wait_seconds is not None:
-            out["max_wait_seconds"] = s.max_wait_seconds
         return out
 
     def _wait_state(self, s: Step, timeout_at: float) -> None:
