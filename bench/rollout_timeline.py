@@ -99,7 +99,8 @@ def timeline(engine: Engine, rollout_id: str) -> dict[str, Any]:
         ).all()
         events = conn.execute(
             text(
-                "SELECT e.device_id, e.state, e.ts, e.received_at FROM eventrow e JOIN rolloutdevice rd "
+                "SELECT e.device_id, e.state, e.reason, e.detail, e.ts, e.received_at FROM eventrow e"
+                " JOIN rolloutdevice rd "
                 "ON rd.device_id = e.device_id AND rd.seq = e.seq WHERE rd.rollout_id = :r ORDER BY e.id"
             ),
             {"r": rollout_id},
@@ -184,7 +185,33 @@ def timeline(engine: Engine, rollout_id: str) -> dict[str, Any]:
         "decisions": marks,
         "ended": ended,
         "device_reasons": dict(failed.most_common(8)),
+        "failures": _failures(events, devices, origin),
     }
+
+
+def _failures(events: Any, devices: Any, origin: datetime) -> dict[str, Any]:
+    """Per stage, the devices' failure events by reason, with when they came (the median and the
+    range, seconds from the rollout's creation) and up to three details each: which stage's devices
+    failed how, and what they said, which the final counts alone do not tell."""
+    stage_of = {d.device_id: d.stage for d in devices}
+    seen: dict[tuple[Any, str], list[float]] = {}
+    samples: dict[tuple[Any, str], list[str]] = {}
+    for ev in events:
+        if ev.state != "failed" and not ev.reason:
+            continue
+        key = (stage_of.get(ev.device_id), f"{ev.state}:{ev.reason}")
+        seen.setdefault(key, []).append(_t(ev.ts, origin))
+        if ev.detail and len(samples.setdefault(key, [])) < 3:
+            samples[key].append(str(ev.detail)[:300])
+    out: dict[str, Any] = {}
+    for (stage, what), times in sorted(seen.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        out.setdefault(f"stage {stage}", {})[what] = {
+            "count": len(times),
+            "at_median": round(statistics.median(times), 1),
+            "at_range": [min(times), max(times)],
+            "details": samples.get((stage, what), []),
+        }
+    return out
 
 
 def totals(tl: dict[str, Any]) -> dict[str, float]:

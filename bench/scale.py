@@ -353,6 +353,7 @@ def _timeline(harness: Any, rollout_id: str | None) -> dict[str, Any] | None:
         "decisions": tl["decisions"],
         "ended": tl["ended"],
         "device_reasons": tl["device_reasons"],
+        "failures": tl["failures"],
     }
 
 

@@ -28,6 +28,7 @@ from edgefleet.ports import bound_socket, wait_for_port
 from fleet_server.mirror import IMMUTABLE_CACHE, TIMESTAMP_CACHE
 
 LOG_FORMAT = '$remote_addr "$request" $status $body_bytes_sent'
+LISTEN_BACKLOG = 4096
 
 
 def nginx_binary() -> str | None:
@@ -44,8 +45,15 @@ def server_block(
     fault: int | None = None,
     proxy_to: str | None = None,
 ) -> str:
-    """The ``server { }`` block serving a mirror tree at ``root`` (what docs/trust.md shows)."""
-    lines = [f"    listen {listen}{' ssl' if tls else ''};"]
+    """The ``server { }`` block serving a mirror tree at ``root`` (what docs/trust.md shows).
+
+    The listen queue is deep (``backlog``; the kernel caps it at ``net.core.somaxconn``): a
+    stage's devices connect within the same seconds, and a full queue drops their handshakes,
+    which a device sees as a connect timeout after its SYN retries, not as a busy server. nginx's
+    default of 511 overflowed in a 10,000-device run (5,000 devices notified at once) and failed
+    devices' downloads on ``ConnectTimeout``.
+    """
+    lines = [f"    listen {listen} backlog={LISTEN_BACKLOG}{' ssl' if tls else ''};"]
     if tls is not None:
         lines += [f"    ssl_certificate {tls[0]};", f"    ssl_certificate_key {tls[1]};"]
     if fault is not None:
@@ -94,7 +102,8 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 # a simulated fleet of thousands opens as many connections at once: raise the 1,024-descriptor default
 worker_rlimit_nofile 20000;
-events {{ worker_connections 8192; }}
+# multi_accept: a worker that gets the CPU back empties the listen queue at once, not one per wake
+events {{ worker_connections 8192; multi_accept on; }}
 http {{
     types {{ application/json json; }}
     default_type application/octet-stream;
@@ -177,7 +186,11 @@ def start_nginx(
         # connections until now); it is nginx's from here on
         held = sock if sock is not None else bound_socket()
         held.set_inheritable(True)
-        held.listen(511)
+        # nginx takes an inherited socket as it finds it and never makes it non-blocking, and with
+        # multi_accept a worker accepts until EAGAIN: on a blocking socket its last accept() would
+        # wait for the next client with the worker stuck in it
+        held.setblocking(False)
+        held.listen(LISTEN_BACKLOG)
         port = int(held.getsockname()[1])
     conf = prefix / "nginx.conf"
     user = "root" if os.geteuid() == 0 else None
