@@ -293,9 +293,7 @@ def test_through_the_server_a_device_that_cannot_fetch_is_retried_then_holds_the
     down, up = devs["dh-0"], devs["dh-1"]
     serve(up, wait_for(lambda: directives(up, keydir))[-1], inferences=3)
     for attempt in (1, 2, 3):  # the first directive and the two retries the policy gives by default
-        d = wait_for(
-            lambda attempt=attempt: (got := directives(down, keydir)) and len(got) == attempt and got
-        )[-1]  # type: ignore[misc]
+        d = wait_for(lambda n=attempt: len(got := directives(down, keydir)) == n and got)[-1]  # type: ignore[misc]
         assert d.model is not None and d.model.sha256 == new["sha256"]
         event = protocol.Event(
             device_id=down.device_id,
