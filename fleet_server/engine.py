@@ -31,7 +31,10 @@ rule that tried an undesigned move would raise rather than write it.
   class has retries left waits ``backoff * 2**(attempt-1)`` and is re-sent.
 - Gates (gates.py) over every device assigned so far decide: nothing, pause
   (a human decides; ``approve`` accepts the stage) or roll back. The gates are
-  checked while paused too: pausing stops assignment, not protection.
+  checked while paused too: pausing stops assignment, not protection. Devices
+  that could not fetch the release (a delivery failure class) are retried by
+  default and, once failed, pause the rollout rather than roll it back when
+  only they make an install gate trip (``delivery_action``).
 - The gates are judged per cohort (devices of one hardware id: a model may fail
   on one class of hardware only) and pooled over the cohorts still going. A
   cohort that fails alone is rolled back or paused alone and its unassigned
@@ -80,7 +83,7 @@ from fleet_server.lifecycle import DeviceRolloutState as DS
 from fleet_server.lifecycle import DeviceTrigger as DT
 from fleet_server.lifecycle import RolloutState as RS
 from fleet_server.lifecycle import RolloutTrigger as RT
-from fleet_server.policy import Policy, ServerFailure
+from fleet_server.policy import DELIVERY_FAILURES, Policy, ServerFailure
 
 # What a device reports when the seq it was sent did not bring the rollout model into service.
 FAILED_DEPLOYMENT_STATES = (DeploymentState.FAILED, DeploymentState.REJECTED, DeploymentState.REVERTED)
@@ -902,6 +905,7 @@ def _figures(
         "shadow_samples": shadow_samples,
         "shadow_agreement": shadow_agree / shadow_samples if shadow_samples else None,
         "failure_classes": dict(sorted(failure_classes.items())),
+        "delivery_failed": sum(n for c, n in failure_classes.items() if c in DELIVERY_FAILURES),
     }
     if p.max_latency_ratio is not None or p.max_output_psi is not None or p.max_accuracy_drop is not None:
         groups: dict[str, list[Histograms]] = {}

@@ -19,7 +19,7 @@ from typing import Any
 
 from device_agent.protocol import latency_quantile
 from fleet_server import accuracy_stats
-from fleet_server.policy import ANY_FAILURE, GateAction, Policy
+from fleet_server.policy import ANY_FAILURE, DELIVERY_FAILURES, GateAction, Policy
 
 ROLL_BACK = GateAction.ROLL_BACK
 PAUSE = GateAction.PAUSE
@@ -217,30 +217,88 @@ def labels_wanted(p: Policy, f: Mapping[str, Any]) -> str | None:
     return f"{' and '.join(short)} (the accuracy gate needs {p.min_labels} of each)"
 
 
+def delivery_failed(f: Mapping[str, Any]) -> int:
+    """Failed devices whose class says the delivery path failed (``policy.DELIVERY_FAILURES``).
+
+    Figures recorded before they carried the count hold none (read by the console)."""
+    return int(f.get("delivery_failed", 0))
+
+
+def _delivery_trip(p: Policy, f: Mapping[str, Any], why: str) -> Trip:
+    """The install gates tripped only once the devices that could not fetch the release count."""
+    classes = f.get("failure_classes") or {}
+    listed = ", ".join(f"{c} {n}" for c, n in sorted(classes.items()) if c in DELIVERY_FAILURES)
+    return Trip(
+        "delivery",
+        p.delivery_action,
+        f"{delivery_failed(f)} of {f['assigned']} devices could not fetch the release"
+        f"{f' ({listed})' if listed else ''}: the delivery path failed, not the model ({why})",
+    )
+
+
+def _besides(n: int) -> str:
+    return f"; {n} more could not fetch the release" if n else ""
+
+
+# The install gates judge the devices' own failures first: those alone trip with
+# ``failure_action``. Devices that could not fetch the release say nothing about the model, so
+# they are set aside from the rates; only if the gate trips once they count too does it trip,
+# as gate ``delivery`` with ``delivery_action`` (a hold, by default, not a roll back that would
+# send every device another directive down the same failing path).
+
+
 def _failure_rate(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
-    if f["assigned"] and f["failure_rate"] > f["max_failure_rate"]:
+    if not f["assigned"]:
+        return None
+    undelivered = delivery_failed(f)
+    fetched = f["assigned"] - undelivered
+    own = f["failed"] - undelivered
+    rate = own / fetched if fetched else 0.0
+    if rate > f["max_failure_rate"]:
         return Trip(
             "failure_rate",
             p.failure_action,
-            f"{f['failed']} of {f['assigned']} devices failed or timed out "
-            f"({f['failure_rate']:.3f} > {f['max_failure_rate']:g})",
+            f"{own} of {fetched} devices failed or timed out "
+            f"({rate:.3f} > {f['max_failure_rate']:g}){_besides(undelivered)}",
         )
+    if f["failure_rate"] > f["max_failure_rate"]:
+        return _delivery_trip(p, f, f"failure rate {f['failure_rate']:.3f} > {f['max_failure_rate']:g}")
     return None
 
 
 def _failures(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
-    if p.max_failures is not None and f["failed"] > p.max_failures:
-        return Trip("failures", p.failure_action, f"{f['failed']} devices failed (> {p.max_failures})")
+    if p.max_failures is None:
+        return None
+    undelivered = delivery_failed(f)
+    own = f["failed"] - undelivered
+    if own > p.max_failures:
+        return Trip(
+            "failures", p.failure_action, f"{own} devices failed (> {p.max_failures}){_besides(undelivered)}"
+        )
+    if f["failed"] > p.max_failures:
+        return _delivery_trip(p, f, f"{f['failed']} devices failed > {p.max_failures}")
     return None
 
 
 def _install_success(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
-    if stage_finished and f["assigned"] and f["success_rate"] < p.min_success_rate:
+    if not (stage_finished and f["assigned"]):
+        return None
+    undelivered = delivery_failed(f)
+    fetched = f["assigned"] - undelivered
+    rate = f["done"] / fetched if fetched else 1.0
+    if rate < p.min_success_rate:
         return Trip(
             "install_success",
             p.failure_action,
-            f"only {f['done']} of {f['assigned']} devices serve the model "
-            f"({f['success_rate']:.3f} < {p.min_success_rate:g})",
+            f"only {f['done']} of {fetched} devices serve the model "
+            f"({rate:.3f} < {p.min_success_rate:g}){_besides(undelivered)}",
+        )
+    if f["success_rate"] < p.min_success_rate:
+        return _delivery_trip(
+            p,
+            f,
+            f"only {f['done']} of {f['assigned']} serve the model,"
+            f" {f['success_rate']:.3f} < {p.min_success_rate:g}",
         )
     return None
 
@@ -437,4 +495,8 @@ def failure_class(reason: str | None) -> str:
 
 
 def retries_allowed(p: Policy, cls: str) -> int:
-    return p.retry_limits.get(cls, p.retry_limits.get(ANY_FAILURE, 0))
+    """Retries of failure class ``cls``: its own limit, else the ``*`` limit, else none, except
+    for a delivery failure (``delivery_retries``): an outage of the delivery path is often over
+    by the next attempt, and a retry costs the model nothing."""
+    default = p.delivery_retries if cls in DELIVERY_FAILURES else 0
+    return p.retry_limits.get(cls, p.retry_limits.get(ANY_FAILURE, default))

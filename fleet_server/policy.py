@@ -47,6 +47,21 @@ AGENT_REASON_CODES = frozenset(protocol.ReasonCode)
 FAILURE_CLASSES = AGENT_REASON_CODES | set(ServerFailure)
 """What a ``retry_limits`` key may name: a reason code, or one of the two classes the server assigns."""
 
+DELIVERY_FAILURES = frozenset(
+    {
+        protocol.ReasonCode.DELIVERY_UNAVAILABLE,  # repository or mirror out of reach, or an HTTP error
+        protocol.ReasonCode.UNAVAILABLE,  # fetched nothing, judged nothing (signing.errors.Unavailable)
+        protocol.ReasonCode.DOWNLOAD_FAILED,  # the artifact server answered with an error status
+        protocol.ReasonCode.DOWNLOAD_INCOMPLETE,  # the connection ended before the signed length arrived
+    }
+)
+"""The failure classes that say the delivery path (server, mirror, CDN, link) could not hand the
+release over: nothing was fetched, so nothing about the model was judged. The install gates
+hold a rollout on these (``delivery_action``) instead of blaming the model, and they are retried
+by default (``delivery_retries``). A verdict on what *was* fetched (``digest_mismatch``,
+``bad_signature``, ``metadata_expired``, ``target_mismatch``, ...) is never one of them: a
+tampered or frozen mirror is a security failure, not an outage."""
+
 RetryCount = Annotated[int, Field(ge=0, le=20)]
 
 
@@ -200,6 +215,12 @@ class Policy(BaseModel):
     failure_action: GateAction = Field(
         default=GateAction.ROLL_BACK, description="when the install gate trips"
     )
+    delivery_action: GateAction = Field(
+        default=GateAction.PAUSE,
+        description="when the install gate trips only because devices could not fetch the release"
+        " (delivery_unavailable, unavailable, download_failed, download_incomplete): an outage of the"
+        " delivery path says nothing about the model",
+    )
     # errors: inference error rate of the new model, judged from a minimum sample
     max_error_rate: float = Field(
         default=0.05,
@@ -298,6 +319,11 @@ class Policy(BaseModel):
     )
     retry_backoff_seconds: float = Field(
         default=30.0, ge=0, description="seconds before the first retry; doubles with each further retry"
+    )
+    delivery_retries: RetryCount = Field(
+        default=2,
+        description="retries of a device that could not fetch the release (a delivery failure class)"
+        " when retry_limits names neither its class nor '*'",
     )
     # rate limit: devices notified per minute, ramping by a factor per minute up to a maximum
     rate_per_minute: int | None = Field(default=None, ge=1, description="devices notified per minute")

@@ -56,6 +56,8 @@ OPTIONAL_POLICY = (
     "retry_limits",
     "retry_backoff_seconds",
     "rate_per_minute",
+    "delivery_action",
+    "delivery_retries",
     "max_deferral_seconds",
     "metered",
     "max_wait_seconds",

@@ -243,6 +243,10 @@ class Step(_Strict):
     retry_limits: dict[str, int] | None = None
     retry_backoff_seconds: float | None = Field(None, ge=0)
     rate_per_minute: int | None = Field(None, ge=1)  # rollout: devices notified per minute at most
+    # rollout: when only devices that could not fetch the release trip the failure gates, and the
+    # retries such a device gets unless retry_limits names its class (unset: the server's default)
+    delivery_action: Literal["roll_back", "pause"] | None = None
+    delivery_retries: int | None = Field(None, ge=0)
     rollout: str | None = None  # wait_rollout
     states: list[str] | None = None  # wait_rollout: any of these ends the wait
     share: float = Field(1.0, gt=0, le=1)  # wait_devices: fraction of the (class's) devices

@@ -101,6 +101,13 @@ def rollouts_create(
     max_failures: Annotated[int | None, typer.Option(help="Gate: failed devices (count).")] = None,
     min_success_rate: Annotated[float | None, typer.Option(help="Gate: done/assigned at stage end.")] = None,
     failure_action: Action = None,
+    delivery_action: Annotated[
+        str | None,
+        typer.Option(
+            help="roll_back or pause: when only devices that could not fetch the release trip the"
+            " failure gates (default pause)."
+        ),
+    ] = None,
     error_action: Action = None,
     max_latency_ratio: Annotated[
         float | None, typer.Option(help="Gate: p95 latency vs the replaced model on the same hardware.")
@@ -140,6 +147,12 @@ def rollouts_create(
         ),
     ] = None,
     retry_backoff: Annotated[float | None, typer.Option(help="Seconds before the first retry.")] = None,
+    delivery_retries: Annotated[
+        int | None,
+        typer.Option(
+            help="Retries of a device that could not fetch the release, unless --retry names its class."
+        ),
+    ] = None,
     rate: Annotated[int | None, typer.Option(help="Devices notified per minute.")] = None,
     rate_factor: Annotated[float | None, typer.Option(help="Multiply the rate each minute.")] = None,
     max_rate: Annotated[int | None, typer.Option(help="Cap of the ramped rate per minute.")] = None,
@@ -220,6 +233,7 @@ def rollouts_create(
         "max_failures": max_failures,
         "min_success_rate": min_success_rate,
         "failure_action": failure_action,
+        "delivery_action": delivery_action,
         "error_action": error_action,
         "max_latency_ratio": max_latency_ratio,
         "latency_action": latency_action,
@@ -233,6 +247,7 @@ def rollouts_create(
         "max_label_wait_seconds": max_label_wait,
         "accuracy_action": accuracy_action,
         "retry_backoff_seconds": retry_backoff,
+        "delivery_retries": delivery_retries,
         "rate_per_minute": rate,
         "rate_increment_factor": rate_factor,
         "max_rate_per_minute": max_rate,

@@ -41,13 +41,14 @@ def test_create_with_policy_approve_and_rollback(
         "--stage-counts", "1,2", "--soak", "0", "--min-inferences", "1", "--require-approval",
         "--retry", "timed_out=1", "--retry", "download_failed=2", "--max-latency-ratio", "1.5",
         "--drift-action", "roll_back", "--probation", "5", "--probation-min-inferences", "2",
-        "--rate", "10", "--rate-factor", "2",
+        "--rate", "10", "--rate-factor", "2", "--delivery-action", "roll_back", "--delivery-retries", "1",
     )  # fmt: skip
     rid = str(created["id"])
     assert created["stage_unit"] == "count" and created["selector"]["agent_version"] == ">=0.1"
     policy = created["policy"]
     assert isinstance(policy, dict)
     assert policy["retry_limits"] == {"timed_out": 1, "download_failed": 2}
+    assert (policy["delivery_action"], policy["delivery_retries"]) == ("roll_back", 1)
     assert (policy["require_approval"], policy["max_latency_ratio"], policy["rate_per_minute"]) == (
         True,
         1.5,

@@ -98,11 +98,13 @@ def test_retries_per_failure_class_with_exponential_backoff() -> None:
     assert decide(r, [waiting], T0 + timedelta(seconds=9)).notify == []
     plan = decide(r, [waiting], T0 + timedelta(seconds=10))
     assert [(c.state, c.attempts) for c in plan.notify] == [(DS.NOTIFIED, 2)]
-    # second failure: backoff doubles; third: no retries left -> failed -> rollback gate
+    # second failure: backoff doubles; third: no retries left -> failed; a download failure is the
+    # delivery path's, not the model's: the rollout holds (delivery_action) instead of rolling back
     second = dataclasses.replace(d, attempts=2, event_failure="download_failed")
     assert decide(r, [second], T0).changes[0].retry_at == T0 + timedelta(seconds=20)
     third = dataclasses.replace(d, attempts=3, event_failure="download_failed")
-    assert decide(r, [third], T0).state == RS.ROLLED_BACK
+    plan = decide(r, [third], T0)
+    assert plan.state == RS.PAUSED and plan.decisions[-1].figures["gate"] == "delivery"
     # another class has no retries
     other = dataclasses.replace(d, event_failure="digest_mismatch")
     assert decide(r, [other], T0).state == RS.ROLLED_BACK

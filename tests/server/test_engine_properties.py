@@ -2,7 +2,7 @@
 
 Each plan is applied with ``engine.apply_plan`` (what the ticker writes back), a
 simulated fleet answers the directives (serve well, serve with errors, fail,
-revert, or never answer), and a simulated operator approves whenever the
+fail to fetch the release, revert, or never answer), and a simulated operator approves whenever the
 rollout waits for a human. Properties: the engine never assigns more than the
 stage allows, never advances through a failing gate, always terminates, and a
 restart (the same persisted snapshot decided again, or a repeated tick) gives
@@ -31,7 +31,7 @@ from fleet_server.policy import Policy
 
 from .test_engine import OLD, SHA, T0
 
-OUTCOMES = ("ok", "errors", "fail", "revert", "silent")
+OUTCOMES = ("ok", "errors", "fail", "undelivered", "revert", "silent")
 
 
 @st.composite
@@ -46,6 +46,8 @@ def scenarios(draw: st.DrawFn) -> tuple[RolloutSnapshot, list[str], list[int], l
         cuts = sorted(set(draw(st.lists(st.integers(1, n + 5), min_size=1, max_size=4))))
     policy = Policy(
         failure_action=draw(st.sampled_from(gates.GATE_ACTIONS)),
+        delivery_action=draw(st.sampled_from(gates.GATE_ACTIONS)),
+        delivery_retries=draw(st.sampled_from([0, 2])),
         error_action=draw(st.sampled_from(gates.GATE_ACTIONS)),
         drift_action=gates.PAUSE,
         max_failures=draw(st.none() | st.integers(0, 5)),
@@ -97,6 +99,8 @@ def _behave(d: DeviceSnapshot, outcome: str, ticks_since: int, delay: int) -> De
     if outcome == "errors":
         return dataclasses.replace(d, running_sha256=SHA, served_ok=5, inferences=10, errors=5)
     if outcome == "fail":
+        return dataclasses.replace(d, event_failure="load_failed")
+    if outcome == "undelivered":
         return dataclasses.replace(d, event_failure="download_failed")
     if outcome == "revert":
         return dataclasses.replace(d, running_sha256=OLD, reported_seq=d.seq or 0, reported_state="reverted")

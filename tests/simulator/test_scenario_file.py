@@ -132,10 +132,13 @@ def test_a_rollout_step_takes_the_policys_retries() -> None:
                 "retry_limits": {"delivery_unavailable": 2},
                 "retry_backoff_seconds": 5.0,
                 "rate_per_minute": 3000,
+                "delivery_action": "roll_back",
+                "delivery_retries": 0,
             }
         ]
     )
     step = parse_scenario(data).steps[0]
     assert step.retry_limits == {"delivery_unavailable": 2} and step.retry_backoff_seconds == 5.0
     assert step.rate_per_minute == 3000
+    assert (step.delivery_action, step.delivery_retries) == ("roll_back", 0)
     assert parse_scenario(minimal()).steps[0].retry_limits is None  # unset: the server's default

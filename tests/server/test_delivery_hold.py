@@ -1,0 +1,273 @@
+"""Devices that could not fetch the release hold a rollout instead of rolling back its model
+(pure: the gates and the engine; through a server: test_delivery_hold_server.py).
+
+A delivery failure (the mirror, CDN or server out of reach or overloaded) says nothing about the
+model: the install gates judge the devices' own failures first, and trip on the delivery
+failures only as gate ``delivery`` with ``delivery_action`` (pause by default). Such failures
+are retried by default (``delivery_retries``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from device_agent import protocol
+from fleet_server import gates
+from fleet_server.lifecycle import DeviceRolloutState as DS
+from fleet_server.lifecycle import RolloutState as RS
+from fleet_server.policy import AGENT_REASON_CODES, DELIVERY_FAILURES, GateAction, Policy
+
+from .test_engine import T0, first_stage, rollout, serving, tick
+
+
+def figures(p: Policy, assigned: int, done: int, failures: dict[str, int]) -> dict[str, Any]:
+    """The install figures as the engine computes them (``engine._figures``) for these outcomes."""
+    failed = sum(failures.values())
+    return {
+        "assigned": assigned,
+        "done": done,
+        "failed": failed,
+        "failure_rate": failed / assigned,
+        "max_failure_rate": p.max_failure_rate,
+        "success_rate": done / assigned,
+        "failure_classes": dict(sorted(failures.items())),
+        "delivery_failed": sum(n for c, n in failures.items() if c in DELIVERY_FAILURES),
+    }
+
+
+def install_trip(p: Policy, f: dict[str, Any], finished: bool = False) -> gates.Trip | None:
+    """The first install gate that trips (the gates after them need figures these tests omit)."""
+    for gate in ("failure_rate", "failures", "install_success"):
+        trip = gates.verdict(p, f, finished, gate)
+        if trip is not None:
+            return trip
+    return None
+
+
+def test_the_delivery_classes_are_agent_codes_that_mean_nothing_was_fetched() -> None:
+    assert {"delivery_unavailable", "unavailable", "download_failed", "download_incomplete"} <= (
+        DELIVERY_FAILURES
+    )
+    assert DELIVERY_FAILURES <= AGENT_REASON_CODES
+    # a verdict on what was fetched is a model or security failure, never an outage
+    for verdict in ("digest_mismatch", "bad_signature", "metadata_expired", "target_mismatch", "expired"):
+        assert verdict not in DELIVERY_FAILURES
+    assert "timed_out" not in DELIVERY_FAILURES and "reverted" not in DELIVERY_FAILURES
+
+
+def test_delivery_failures_over_the_rate_pause_with_a_reason_that_says_so() -> None:
+    p = Policy(max_failure_rate=0.01)
+    f = figures(p, 1000, 670, {"delivery_unavailable": 300, "download_failed": 30})
+    trip = install_trip(p, f)
+    assert trip == gates.Trip(
+        "delivery",
+        GateAction.PAUSE,
+        "330 of 1000 devices could not fetch the release (delivery_unavailable 300, download_failed 30):"
+        " the delivery path failed, not the model (failure rate 0.330 > 0.01)",
+    )
+    # the whole check (every gate, in order) gives the same verdict
+    full = {**f, "inferences": 0, "errors": 0, "error_rate": 0.0, "max_error_rate": 0.05}
+    full |= {"min_inferences": 20, "shadow_samples": 0, "shadow_agreement": None}
+    assert gates.check(p, full, stage_finished=False) == trip
+    # an operator who wants delivery outages rolled back says so
+    back = Policy(max_failure_rate=0.01, delivery_action=GateAction.ROLL_BACK)
+    trip = install_trip(back, figures(back, 1000, 670, {"delivery_unavailable": 330}))
+    assert trip is not None and (trip.gate, trip.action) == ("delivery", GateAction.ROLL_BACK)
+
+
+def test_model_failures_over_the_rate_roll_back_with_the_same_reason_as_before() -> None:
+    p = Policy(max_failure_rate=0.01)
+    trip = install_trip(p, figures(p, 100, 95, {"digest_mismatch": 3, "timed_out": 2}))
+    assert trip == gates.Trip(
+        "failure_rate", GateAction.ROLL_BACK, "5 of 100 devices failed or timed out (0.050 > 0.01)"
+    )
+
+
+def test_mixed_failures_roll_back_when_the_devices_own_failures_alone_trip() -> None:
+    p = Policy(max_failure_rate=0.05)
+    # 6 of the 90 devices that fetched the release failed: 0.067 > 0.05, whatever the mirror did
+    trip = install_trip(p, figures(p, 100, 84, {"load_failed": 6, "delivery_unavailable": 10}))
+    assert trip == gates.Trip(
+        "failure_rate",
+        GateAction.ROLL_BACK,
+        "6 of 90 devices failed or timed out (0.067 > 0.05); 10 more could not fetch the release",
+    )
+    # 2 of 90 is within the rate: only the delivery failures make it trip, and they hold it
+    trip = install_trip(p, figures(p, 100, 88, {"load_failed": 2, "delivery_unavailable": 10}))
+    assert trip is not None and (trip.gate, trip.action) == ("delivery", GateAction.PAUSE)
+    assert trip.reason.startswith("10 of 100 devices could not fetch the release (delivery_unavailable 10)")
+
+
+def test_failure_count_and_install_success_judge_the_devices_own_failures_first() -> None:
+    p = Policy(max_failure_rate=1.0, max_failures=3)
+    assert install_trip(p, figures(p, 10, 6, {"io_error": 4})) == gates.Trip(
+        "failures", GateAction.ROLL_BACK, "4 devices failed (> 3)"
+    )
+    trip = install_trip(p, figures(p, 10, 5, {"io_error": 2, "download_incomplete": 3}))
+    assert trip is not None and (trip.gate, trip.action) == ("delivery", GateAction.PAUSE)
+    assert trip.reason.endswith("the delivery path failed, not the model (5 devices failed > 3)")
+
+    s = Policy(max_failure_rate=1.0, min_success_rate=0.9)
+    assert install_trip(s, figures(s, 10, 8, {"acceptance_failed": 2}), finished=True) == gates.Trip(
+        "install_success", GateAction.ROLL_BACK, "only 8 of 10 devices serve the model (0.800 < 0.9)"
+    )
+    # 8 of the 9 that fetched it serve it (0.889 < 0.9): the model's own shortfall
+    trip = install_trip(s, figures(s, 10, 8, {"acceptance_failed": 1, "unavailable": 1}), finished=True)
+    assert trip is not None and (trip.gate, trip.action) == ("install_success", GateAction.ROLL_BACK)
+    assert (
+        trip.reason == "only 8 of 9 devices serve the model (0.889 < 0.9); 1 more could not fetch the release"
+    )
+    # every device that fetched it serves it: the stage falls short only by the outage
+    trip = install_trip(s, figures(s, 10, 8, {"unavailable": 2}), finished=True)
+    assert trip is not None and (trip.gate, trip.action) == ("delivery", GateAction.PAUSE)
+
+
+def test_figures_recorded_without_the_delivery_count_are_judged_as_before() -> None:
+    p = Policy(max_failure_rate=0.01)
+    old = figures(p, 100, 95, {"download_failed": 5})
+    del old["delivery_failed"]
+    trip = install_trip(p, old)
+    assert trip is not None and trip.gate == "failure_rate"
+
+
+@pytest.mark.parametrize(
+    ("limits", "delivery_retries", "expected"),
+    [
+        ({}, 2, {"delivery_unavailable": 2, "download_failed": 2, "digest_mismatch": 0, "timed_out": 0}),
+        ({}, 0, {"delivery_unavailable": 0, "digest_mismatch": 0}),
+        ({"*": 1}, 2, {"delivery_unavailable": 1, "digest_mismatch": 1}),  # '*' is the operator's word
+        ({"download_failed": 5}, 2, {"download_failed": 5, "unavailable": 2, "timed_out": 0}),
+    ],
+)
+def test_delivery_failures_are_retried_by_default(
+    limits: dict[str, int], delivery_retries: int, expected: dict[str, int]
+) -> None:
+    p = Policy(retry_limits=limits, delivery_retries=delivery_retries)
+    assert {cls: gates.retries_allowed(p, cls) for cls in expected} == expected
+
+
+def test_engine_pauses_on_delivery_failures_and_rolls_back_on_model_failures() -> None:
+    r = rollout(stages=(100.0,), max_failure_rate=0.2, delivery_retries=0)
+    devices = first_stage(r, 10)
+
+    def outcome(failures: dict[int, str]) -> list[Any]:
+        return [
+            dataclasses.replace(d, event_failure=f"{failures[i]}: GET /m: HTTP 503")
+            if i in failures
+            else serving(d)
+            for i, d in enumerate(devices)
+        ]
+
+    plan = tick(r, outcome({0: "delivery_unavailable", 1: "delivery_unavailable", 2: "download_failed"}), T0)[
+        2
+    ]
+    assert plan.state == RS.PAUSED and plan.roll_back == []
+    decision = plan.decisions[-1]
+    assert decision.action == "pause" and decision.figures["gate"] == "delivery"
+    assert decision.figures["delivery_failed"] == 3 and decision.figures["failed"] == 3
+    assert decision.reason == (
+        "3 of 10 devices could not fetch the release (delivery_unavailable 2, download_failed 1):"
+        " the delivery path failed, not the model (failure rate 0.300 > 0.2)"
+    )
+
+    plan = tick(r, outcome({0: "load_failed", 1: "load_failed", 2: "load_failed"}), T0)[2]
+    assert plan.state == RS.ROLLED_BACK and len(plan.roll_back) == 10
+    assert plan.decisions[-1].figures["gate"] == "failure_rate"
+    assert plan.decisions[-1].figures["delivery_failed"] == 0
+
+    # 2 of the 8 that fetched it failed on their own (0.25 > 0.2): rolled back despite the outage
+    mixed = outcome({0: "load_failed", 1: "load_failed", 2: "download_failed", 3: "unavailable"})
+    plan = tick(r, mixed, T0)[2]
+    assert plan.state == RS.ROLLED_BACK and plan.decisions[-1].figures["gate"] == "failure_rate"
+    assert plan.decisions[-1].reason == (
+        "2 of 8 devices failed or timed out (0.250 > 0.2); 2 more could not fetch the release"
+    )
+
+
+def test_a_paused_delivery_hold_is_approved_by_a_human_and_the_rollout_goes_on() -> None:
+    r = rollout(stages=(50.0, 100.0), soak_seconds=0, delivery_retries=0)
+    devices = first_stage(r, 4)
+    devices = [
+        dataclasses.replace(d, event_failure="delivery_unavailable") if d.stage == 0 and i % 2 else d
+        for i, d in enumerate(devices)
+    ]
+    devices = [serving(d) if d.stage == 0 and d.event_failure is None else d for d in devices]
+    r, devices, plan = tick(r, devices, T0)
+    assert r.state == RS.PAUSED and plan.decisions[-1].figures["gate"] == "delivery"
+    # resume alone: the failed device stays failed, so the hold trips again
+    resumed = dataclasses.replace(r, state=RS.RUNNING)
+    assert tick(resumed, devices, T0)[0].state == RS.PAUSED
+    # approve accepts the stage: the next one starts, the failed device is not sent the model again
+    r, devices, plan = tick(dataclasses.replace(resumed, approved_through=0), devices, T0)
+    assert r.state == RS.RUNNING and r.current_stage == 1 and len(plan.notify) == 2
+    assert Counter(d.state for d in devices)[DS.FAILED] == 1
+
+
+def test_a_delivery_failure_is_retried_by_default_and_the_device_then_counts_done() -> None:
+    r = rollout(stages=(100.0,), soak_seconds=0, retry_backoff_seconds=10)
+    (d,) = first_stage(r, 1)
+    r, devices, plan = tick(r, [dataclasses.replace(d, event_failure="download_failed: HTTP 503")], T0)
+    (change,) = plan.changes
+    assert change.state == DS.RETRY_WAIT and change.retry_at == T0 + timedelta(seconds=10)
+    assert "retry 1 in 10s" in (change.reason or "")
+    # waiting for its retry it is not a failure: nothing trips, the stage waits for it
+    assert r.state == RS.RUNNING and plan.decisions == []
+    later = T0 + timedelta(seconds=10)
+    r, devices, plan = tick(r, devices, later)
+    assert [(c.state, c.attempts) for c in plan.notify] == [(DS.NOTIFIED, 2)]
+    # the second attempt fails too; the third (the last of the two retries) gets through
+    r, devices, plan = tick(r, [dataclasses.replace(devices[0], event_failure="unavailable")], later)
+    assert plan.changes[0].retry_at == later + timedelta(seconds=20)
+    r, devices, plan = tick(r, devices, later + timedelta(seconds=20))
+    assert [(c.state, c.attempts) for c in plan.notify] == [(DS.NOTIFIED, 3)]
+    r, devices, plan = tick(r, [serving(devices[0])], later + timedelta(seconds=21))
+    assert r.state == RS.COMPLETED and devices[0].state == DS.DONE
+    assert plan.decisions[-1].figures["failed"] == 0 and plan.decisions[-1].figures["done"] == 1
+
+
+def test_retries_exhausted_the_device_fails_and_the_rollout_holds() -> None:
+    r = rollout(stages=(100.0,), retry_backoff_seconds=0)
+    (d,) = first_stage(r, 1)
+    third = dataclasses.replace(d, attempts=3, event_failure="delivery_unavailable")
+    plan = tick(r, [third], T0)[2]
+    assert plan.changes[0].state == DS.FAILED
+    assert plan.state == RS.PAUSED and plan.decisions[-1].figures["gate"] == "delivery"
+
+
+def test_a_hardware_class_whose_devices_could_not_fetch_is_paused_not_rolled_back() -> None:
+    r = rollout(stages=(40.0, 100.0), delivery_retries=0, soak_seconds=0)
+    devices = [
+        dataclasses.replace(d, hardware_id="rpi4" if i % 2 else "jetson")
+        for i, d in enumerate(first_stage(r, 10))
+    ]
+    got = [d for d in devices if d.stage == 0]
+    assert {d.hardware_id for d in got} == {"rpi4", "jetson"}, got
+    devices = [
+        (
+            dataclasses.replace(d, event_failure="delivery_unavailable")
+            if d.hardware_id == "rpi4"
+            else serving(d)
+        )
+        if d.stage == 0
+        else d
+        for d in devices
+    ]
+    r, devices, plan = tick(r, devices, T0)
+    assert r.state == RS.RUNNING and plan.roll_back == []
+    assert [(x.action, x.figures["gate"]) for x in plan.decisions if x.action.endswith("_cohort")] == [
+        ("pause_cohort", "delivery")
+    ]
+    assert all(d.state in (DS.HELD, DS.FAILED) for d in devices if d.hardware_id == "rpi4")
+
+
+def test_the_policy_refuses_an_unknown_delivery_action() -> None:
+    with pytest.raises(ValueError, match="delivery_action"):
+        Policy.model_validate({"delivery_action": "shrug"})
+    with pytest.raises(ValueError, match="delivery_retries"):
+        Policy.model_validate({"delivery_retries": -1})
+    assert protocol.ReasonCode.DOWNLOAD_FAILED in DELIVERY_FAILURES
