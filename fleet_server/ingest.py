@@ -23,11 +23,11 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, event, or_, update
+from sqlalchemy import Engine, Table, event, insert, or_, update
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
@@ -127,7 +127,12 @@ def ingest_batch(
 
 
 def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> list[reconcile.Observation]:
-    """Snapshots and events through the ORM (few); telemetry set-based (telemetry_store.py)."""
+    """Events and telemetry set-based; only the devices whose row a message changes through the ORM.
+
+    Events are the most numerous messages of a rollout and never change the device row: they are
+    inserted as plain rows in one statement, in the order they came (the ticker reads a device's
+    events by ``id``). Reported snapshots and status change the row, so only their senders are
+    loaded as ``Device`` objects, and applied in order (the last one of a device wins)."""
     pending = Counters()
     observed: list[reconcile.Observation] = []
     telemetry = [msg for _, msg, _ in items if isinstance(msg, protocol.TelemetryBatch)]
@@ -146,40 +151,46 @@ def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> list[re
             .where(or_(col(Device.last_seen).is_(None), col(Device.last_seen) < now - LAST_SEEN_RESOLUTION))
             .values(last_seen=now)
         )
-        snapshot_ids = sorted({d for d, msg, _ in items if not isinstance(msg, protocol.TelemetryBatch)})
-        devices: dict[str, Device] = {}
-        if snapshot_ids:
-            devices = {
-                d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(snapshot_ids))).all()
-            }
         query = select(col(Device.id), col(Device.hardware_id)).where(col(Device.id).in_(ids))
         hardware: dict[str, str] = {device_id: hw for device_id, hw in conn.execute(query)}
-        known = set(devices) | set(hardware)
+        changing = sorted({d for d, msg, _ in items if isinstance(msg, _CHANGES_DEVICE) and d in hardware})
+        devices: dict[str, Device] = {}
+        if changing:
+            devices = {
+                d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(changing))).all()
+            }
+            _load_aggregates(session, items, devices)
+        events: list[dict[str, object]] = []
         registered_telemetry = 0
         for device_id, msg, inbound in items:
-            if device_id not in known:
+            if device_id not in hardware:
                 pending.add("unregistered_messages")
                 continue
             if isinstance(msg, protocol.TelemetryBatch):
                 registered_telemetry += 1
                 continue
-            device = devices[device_id]
             received = datetime.fromtimestamp(inbound.received_at, UTC) if inbound.received_at else now
+            if isinstance(msg, protocol.Event):
+                events.append(_event_values(msg, received))
+                continue
+            device = devices.get(device_id)
+            if device is None:  # deleted between the two reads
+                pending.add("unregistered_messages")
+                continue
             if isinstance(msg, protocol.Reported):
                 _apply_reported(session, device, msg, now)
                 _clock_offset(device, msg.ts, received, inbound)
                 pending.add("reported")
                 if not inbound.retain:
                     observed.append(reconcile.Observation(device_id, device.desired_seq, _reported_view(msg)))
-            elif isinstance(msg, protocol.Event):
-                session.add(_event_row(msg, received))
-                pending.add("events")
             else:
                 device.online = msg.state == "online"
                 if device.online:
                     _clock_offset(device, msg.ts, received, inbound)
                 pending.add("status")
-            session.add(device)
+        if events:
+            conn.execute(insert(_EVENTS), events)
+            pending.add("events", len(events))
         session.flush()
         stored = store_prepared(session, prepared, now, hardware) if prepared is not None else 0
         pending.add("telemetry_batches", stored)
@@ -189,6 +200,10 @@ def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> list[re
         if value:
             counters.add(name, value)
     return observed
+
+
+_CHANGES_DEVICE = (protocol.Reported, protocol.Status)
+_EVENTS: Table = EventRow.__table__  # type: ignore[attr-defined]
 
 
 _writer_locks: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
@@ -269,18 +284,42 @@ def _reported_view(msg: protocol.Reported) -> reconcile.Reported:
     )
 
 
-def _event_row(msg: protocol.Event, now: datetime) -> EventRow:
-    return EventRow(
-        device_id=msg.device_id,
-        seq=msg.seq,
-        state=msg.state.value,
-        reason=msg.reason,
-        detail=(msg.detail or None) and msg.detail[:2000],
-        model_sha256=msg.model_sha256,
-        ts=msg.ts,
-        received_at=now,
-        bytes_fetched=msg.bytes_fetched,
-    )
+def _event_values(msg: protocol.Event, received: datetime) -> dict[str, object]:
+    return {
+        "device_id": msg.device_id,
+        "seq": msg.seq,
+        "state": msg.state.value,
+        "reason": msg.reason,
+        "detail": (msg.detail or None) and msg.detail[:2000],
+        "model_sha256": msg.model_sha256,
+        "ts": msg.ts,
+        "received_at": received,
+        "bytes_fetched": msg.bytes_fetched,
+    }
+
+
+def _load_aggregates(session: Session, items: Sequence[Item], devices: Mapping[str, Device]) -> None:
+    """The aggregate rows the flush's snapshots will raise ``served_ok`` on, read in one query (and
+    the missing ones created) into the cache ``_aggregate`` looks in first, instead of one lookup
+    per device and model."""
+    keys = {
+        (d, sha)
+        for d, msg, _ in items
+        if isinstance(msg, protocol.Reported) and d in devices
+        for sha in msg.served_ok
+        if SHA256_RE.match(sha)
+    }
+    if not keys:
+        return
+    cache: dict[tuple[str, str], ModelAggregate] = session.info.setdefault("aggregates", {})
+    query = select(ModelAggregate).where(col(ModelAggregate.device_id).in_(sorted({d for d, _ in keys})))
+    for agg in session.exec(query):
+        key = (agg.device_id, agg.sha256)
+        if key in keys:
+            cache[key] = agg
+    for device_id, sha in sorted(keys - set(cache)):
+        agg = cache[device_id, sha] = ModelAggregate(device_id=device_id, sha256=sha)
+        session.add(agg)
 
 
 def _aggregate(session: Session, device_id: str, sha: str) -> ModelAggregate:
