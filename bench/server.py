@@ -966,10 +966,9 @@ def _event_ingest_cpu(
             backend = _pg_backends_cpu(engine) - backend0 if pg else 0.0
         with engine.connect() as c:
             stored = c.execute(select(func.count()).select_from(EventRow)).scalar_one()
-        if stored != events or counters.snapshot()["events"] != events:
-            raise AssertionError(
-                f"{stored} event rows, {counters.snapshot()['events']} counted, {events} sent"
-            )
+        got = counters.snapshot()
+        if stored != events or got["events"] != events or got["reported"] != len(messages) - events:
+            raise AssertionError(f"{stored} event rows stored of {events} sent; counted {got}")
         reset()
         return cpu, wall, backend, counters
 
