@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, Table, event, insert, or_, update
+from sqlalchemy import Engine, Table, event, func, insert, or_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
@@ -159,8 +160,8 @@ def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> list[re
             devices = {
                 d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(changing))).all()
             }
-            _load_aggregates(session, items, devices)
         events: list[dict[str, object]] = []
+        served: dict[tuple[str, str], int] = {}
         registered_telemetry = 0
         for device_id, msg, inbound in items:
             if device_id not in hardware:
@@ -178,7 +179,7 @@ def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> list[re
                 pending.add("unregistered_messages")
                 continue
             if isinstance(msg, protocol.Reported):
-                _apply_reported(session, device, msg, now)
+                _apply_reported(device, msg, served)
                 _clock_offset(device, msg.ts, received, inbound)
                 pending.add("reported")
                 if not inbound.retain:
@@ -191,7 +192,9 @@ def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> list[re
         if events:
             conn.execute(insert(_EVENTS), events)
             pending.add("events", len(events))
-        session.flush()
+        session.flush()  # the device rows before the aggregates: the lock order of every writer
+        if served:
+            _raise_served(session, served, now)
         stored = store_prepared(session, prepared, now, hardware) if prepared is not None else 0
         pending.add("telemetry_batches", stored)
         pending.add("duplicate_batches", registered_telemetry - stored)
@@ -255,7 +258,7 @@ def _clock_offset(device: Device, device_ts: datetime, received: datetime, inbou
     device.clock_offset_at = received
 
 
-def _apply_reported(session: Session, device: Device, msg: protocol.Reported, now: datetime) -> None:
+def _apply_reported(device: Device, msg: protocol.Reported, served: dict[tuple[str, str], int]) -> None:
     device.reported = msg.model_dump(mode="json")
     device.online = True
     device.agent_version = msg.agent_version
@@ -265,13 +268,10 @@ def _apply_reported(session: Session, device: Device, msg: protocol.Reported, no
     device.running_sha256 = running.sha256 if running else None
     device.running_name = running.name if running else None
     device.running_version = running.version if running else None
-    for sha, served in msg.served_ok.items():
-        if not SHA256_RE.match(sha):
-            continue
-        agg = _aggregate(session, device.id, sha)
-        agg.served_ok = max(agg.served_ok, served)
-        agg.updated_at = now
-        session.add(agg)
+    for sha, count in msg.served_ok.items():
+        if SHA256_RE.match(sha):
+            key = (device.id, sha)
+            served[key] = max(served.get(key, 0), count)
 
 
 def _reported_view(msg: protocol.Reported) -> reconcile.Reported:
@@ -298,37 +298,21 @@ def _event_values(msg: protocol.Event, received: datetime) -> dict[str, object]:
     }
 
 
-def _load_aggregates(session: Session, items: Sequence[Item], devices: Mapping[str, Device]) -> None:
-    """The aggregate rows the flush's snapshots will raise ``served_ok`` on, read in one query (and
-    the missing ones created) into the cache ``_aggregate`` looks in first, instead of one lookup
-    per device and model."""
-    keys = {
-        (d, sha)
-        for d, msg, _ in items
-        if isinstance(msg, protocol.Reported) and d in devices
-        for sha in msg.served_ok
-        if SHA256_RE.match(sha)
-    }
-    if not keys:
-        return
-    cache: dict[tuple[str, str], ModelAggregate] = session.info.setdefault("aggregates", {})
-    query = select(ModelAggregate).where(col(ModelAggregate.device_id).in_(sorted({d for d, _ in keys})))
-    for agg in session.exec(query):
-        key = (agg.device_id, agg.sha256)
-        if key in keys:
-            cache[key] = agg
-    for device_id, sha in sorted(keys - set(cache)):
-        agg = cache[device_id, sha] = ModelAggregate(device_id=device_id, sha256=sha)
-        session.add(agg)
-
-
-def _aggregate(session: Session, device_id: str, sha: str) -> ModelAggregate:
-    """The aggregate row, created once per transaction (pending rows are cached in ``session.info``)."""
-    cache: dict[tuple[str, str], ModelAggregate] = session.info.setdefault("aggregates", {})
-    key = (device_id, sha)
-    agg = cache.get(key) or session.get(ModelAggregate, key)
-    if agg is None:
-        agg = ModelAggregate(device_id=device_id, sha256=sha)
-        session.add(agg)
-    cache[key] = agg
-    return agg
+def _raise_served(session: Session, served: Mapping[tuple[str, str], int], now: datetime) -> None:
+    """``served_ok`` of each (device, model) raised to the highest count its snapshots reported (the
+    count only grows on a device, and a redelivered old snapshot must not lower it), the rows
+    created where missing: one statement, in key order (the order telemetry workers lock them in)."""
+    table: Table = ModelAggregate.__table__  # type: ignore[attr-defined]
+    pg = session.get_bind().dialect.name == "postgresql"
+    stmt = postgresql.insert(table) if pg else sqlite.insert(table)
+    higher = (func.greatest if pg else func.max)(table.c.served_ok, stmt.excluded.served_ok)
+    session.connection().execute(
+        stmt.on_conflict_do_update(
+            index_elements=["device_id", "sha256"],
+            set_={"served_ok": higher, "updated_at": stmt.excluded.updated_at},
+        ),
+        [
+            {"device_id": d, "sha256": sha, "served_ok": n, "updated_at": now}
+            for (d, sha), n in sorted(served.items())
+        ],
+    )
