@@ -299,9 +299,10 @@ def _event_values(msg: protocol.Event, received: datetime) -> dict[str, object]:
 
 
 def _raise_served(session: Session, served: Mapping[tuple[str, str], int], now: datetime) -> None:
-    """``served_ok`` of each (device, model) raised to the highest count its snapshots reported (the
-    count only grows on a device, and a redelivered old snapshot must not lower it), the rows
-    created where missing: one statement, in key order (the order telemetry workers lock them in)."""
+    """``served_ok`` of each (device, model) raised to the highest count the flush's snapshots
+    reported, never lowered (an older snapshot, retained or redelivered, may come after a newer
+    one), the rows created where missing: one statement, in key order (the order telemetry workers
+    lock them in)."""
     table: Table = ModelAggregate.__table__  # type: ignore[attr-defined]
     pg = session.get_bind().dialect.name == "postgresql"
     stmt = postgresql.insert(table) if pg else sqlite.insert(table)
