@@ -22,6 +22,11 @@
    selector (``hw=rpi4,site=lab``: one device in twelve) at 10,000 devices,
    over real HTTP, against the unfiltered first page in the same run, on
    SQLite and PostgreSQL; the same query as bare SQL is reported beside it.
+4. Storing a rollout stage's deployment events (20,000 from 5,000 devices, and
+   one reported snapshot per four events) through ``ingest_batch`` in flushes
+   of the pipeline's size: CPU-seconds of the storing process (and, on
+   PostgreSQL, of its backends), against the previous ORM ``_store`` kept here
+   as ``_old_store``, interleaved in the same run.
 
 ``run(duration=5)`` gives a quick check; the default is what the issue asks.
 PostgreSQL is taken from ``EDGEFLEET_BENCH_PG`` (default: the test server on
@@ -31,6 +36,8 @@ PostgreSQL is taken from ``EDGEFLEET_BENCH_PG`` (default: the test server on
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
 import multiprocessing
 import os
 import statistics
@@ -749,11 +756,274 @@ def bench_rollout_create(n: int = 10_000, repeats: int = 3) -> list[dict[str, ob
     return _on_each_store(one)[0]
 
 
+def _old_store(engine: Any, items: Any, counters: Any) -> list[Any]:
+    """``fleet_server.ingest._store`` as it was before (the baseline): every sender of an event or a
+    snapshot loaded as a full ``Device`` ORM row, one ORM ``EventRow`` per event, ``session.add``
+    of the device per message, and one ``session.get`` per served model hash of a snapshot."""
+    from sqlalchemy import or_, update
+    from sqlmodel import col, select
+
+    from fleet_server import reconcile
+    from fleet_server.counters import Counters
+    from fleet_server.ingest import (
+        LAST_SEEN_RESOLUTION,
+        _clock_offset,
+        _reported_view,
+        _sqlite_writer,
+    )
+    from fleet_server.models import Device, EventRow, ModelAggregate, utcnow
+    from fleet_server.store import new_session
+    from fleet_server.telemetry_store import SHA256_RE, prepare, store_prepared
+
+    def aggregate(session: Any, device_id: str, sha: str) -> Any:
+        cache: dict[tuple[str, str], Any] = session.info.setdefault("aggregates", {})
+        key = (device_id, sha)
+        agg = cache.get(key) or session.get(ModelAggregate, key)
+        if agg is None:
+            agg = ModelAggregate(device_id=device_id, sha256=sha)
+            session.add(agg)
+        cache[key] = agg
+        return agg
+
+    def apply_reported(session: Any, device: Any, msg: Any, now: datetime) -> None:
+        device.reported = msg.model_dump(mode="json")
+        device.online = True
+        device.agent_version = msg.agent_version
+        device.deployment_state = msg.deployment_state.value
+        device.deployment_seq = msg.deployment_seq
+        running = msg.running
+        device.running_sha256 = running.sha256 if running else None
+        device.running_name = running.name if running else None
+        device.running_version = running.version if running else None
+        for sha, served in msg.served_ok.items():
+            if not SHA256_RE.match(sha):
+                continue
+            agg = aggregate(session, device.id, sha)
+            agg.served_ok = max(agg.served_ok, served)
+            agg.updated_at = now
+            session.add(agg)
+
+    pending = Counters()
+    observed: list[Any] = []
+    telemetry = [msg for _, msg, _ in items if isinstance(msg, protocol.TelemetryBatch)]
+    prepared = prepare(engine.dialect.name, telemetry) if telemetry else None
+    with _sqlite_writer(engine), new_session(engine) as session:
+        now = utcnow()
+        ids = sorted({device_id for device_id, _, _ in items})
+        conn = session.connection()
+        conn.execute(
+            update(Device)
+            .where(col(Device.id).in_(ids))
+            .where(or_(col(Device.last_seen).is_(None), col(Device.last_seen) < now - LAST_SEEN_RESOLUTION))
+            .values(last_seen=now)
+        )
+        snapshot_ids = sorted({d for d, msg, _ in items if not isinstance(msg, protocol.TelemetryBatch)})
+        devices: dict[str, Any] = {}
+        if snapshot_ids:
+            devices = {
+                d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(snapshot_ids))).all()
+            }
+        query = select(col(Device.id), col(Device.hardware_id)).where(col(Device.id).in_(ids))
+        hardware: dict[str, str] = {device_id: hw for device_id, hw in conn.execute(query)}
+        known = set(devices) | set(hardware)
+        registered_telemetry = 0
+        for device_id, msg, inbound in items:
+            if device_id not in known:
+                pending.add("unregistered_messages")
+                continue
+            if isinstance(msg, protocol.TelemetryBatch):
+                registered_telemetry += 1
+                continue
+            device = devices[device_id]
+            received = datetime.fromtimestamp(inbound.received_at, UTC) if inbound.received_at else now
+            if isinstance(msg, protocol.Reported):
+                apply_reported(session, device, msg, now)
+                _clock_offset(device, msg.ts, received, inbound)
+                pending.add("reported")
+                if not inbound.retain:
+                    observed.append(reconcile.Observation(device_id, device.desired_seq, _reported_view(msg)))
+            elif isinstance(msg, protocol.Event):
+                session.add(
+                    EventRow(
+                        device_id=msg.device_id, seq=msg.seq, state=msg.state.value, reason=msg.reason,
+                        detail=(msg.detail or None) and msg.detail[:2000], model_sha256=msg.model_sha256,
+                        ts=msg.ts, received_at=received, bytes_fetched=msg.bytes_fetched,
+                    )
+                )  # fmt: skip
+                pending.add("events")
+            else:
+                device.online = msg.state == "online"
+                if device.online:
+                    _clock_offset(device, msg.ts, received, inbound)
+                pending.add("status")
+            session.add(device)
+        session.flush()
+        stored = store_prepared(session, prepared, now, hardware) if prepared is not None else 0
+        pending.add("telemetry_batches", stored)
+        pending.add("duplicate_batches", registered_telemetry - stored)
+        session.commit()
+    for name, value in pending.snapshot().items():
+        if value:
+            counters.add(name, value)
+    return observed
+
+
+ROLLOUT_EVENTS = ("downloading", "verifying", "swapping", "serving")
+
+
+def _rollout_messages(devices: list[str], events: int) -> list[Any]:
+    """What a stage of a rollout sends: each device's deployment events in turn, and after every
+    fourth event the sender's reported snapshot (each device reports once per four events)."""
+    from fleet_server.ingest import Inbound
+
+    base = time.time()
+    out: list[Any] = []
+    k = 0
+    while k < events:
+        step, i = divmod(k, len(devices))
+        d = devices[i]
+        state = ROLLOUT_EVENTS[step % len(ROLLOUT_EVENTS)]
+        event = protocol.Event(
+            device_id=d, seq=2, state=protocol.DeploymentState(state), model_sha256=SHA,
+            bytes_fetched=4_000_000 if state == "verifying" else None, ts=NOW,
+        )  # fmt: skip
+        received = base + len(out) * 1e-4
+        out.append(Inbound(protocol.topic(d, protocol.Channel.EVENTS), protocol.encode(event), received))
+        if (i + step) % 4 == 3:
+            snap = _reported(d, 2, state, SHA)
+            snap["ts"] = datetime.fromtimestamp(received, UTC).isoformat()
+            payload = json.dumps(snap).encode()
+            out.append(Inbound(protocol.topic(d, protocol.Channel.REPORTED), payload, received))
+        k += 1
+    return out
+
+
+def _pg_backends_cpu(engine: Any) -> float:
+    """CPU-seconds (user + system) the PostgreSQL backends of this database have used so far, read
+    from /proc (the server runs on this machine); 0 when they cannot be read."""
+    from sqlalchemy import text
+
+    with engine.connect() as c:
+        pids = [
+            r[0]
+            for r in c.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"))
+        ]
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def _event_ingest_cpu(
+    database_url: str | None, data_dir: Path, devices: int, events: int, repeats: int
+) -> dict[str, Any]:
+    """CPU-seconds of this process (and, on PostgreSQL, of its backends) to store a rollout's
+    events and snapshots through ``ingest_batch`` in flushes of the pipeline's size, the old
+    ``_store`` and the new one interleaved on the same database, reset between runs."""
+    from unittest import mock
+
+    from sqlalchemy import func, insert, select, text
+
+    from fleet_server import ingest
+    from fleet_server.counters import Counters
+    from fleet_server.models import Device, EventRow, utcnow
+    from fleet_server.settings import ServerSettings
+    from fleet_server.store import make_engine
+
+    settings = ServerSettings(database_url=database_url, data_dir=data_dir)
+    engine = make_engine(settings)
+    ids = [f"dev-{i:05d}" for i in range(devices)]
+    now = utcnow()
+    with engine.begin() as c:
+        c.execute(insert(Device.__table__), [{  # type: ignore[attr-defined]
+            "id": d, "hardware_id": "hw", "tags": {}, "registered_at": now, "online": True,
+            "deployment_seq": 1, "deployment_state": "serving", "desired_seq": 2,
+            "running_sha256": OLD, "reported": _reported(d, 1, "serving", OLD)} for d in ids])  # fmt: skip
+    messages = _rollout_messages(ids, events)
+    batch = settings.ingest_max_batch
+    pg = engine.dialect.name == "postgresql"
+
+    def reset() -> None:
+        with engine.begin() as c:
+            c.execute(text("DELETE FROM eventrow"))
+            c.execute(text("DELETE FROM modelaggregate"))
+            c.execute(text("UPDATE device SET last_seen = NULL"))
+
+    def once(old: bool) -> tuple[float, float, float, Counters]:
+        counters = Counters()
+        patch = mock.patch.object(ingest, "_store", _old_store) if old else contextlib.nullcontext()
+        with patch:
+            backend0 = _pg_backends_cpu(engine) if pg else 0.0
+            t, c0 = time.perf_counter(), time.process_time()
+            for k in range(0, len(messages), batch):
+                ingest.ingest_batch(engine, messages[k : k + batch], counters)
+            cpu, wall = time.process_time() - c0, time.perf_counter() - t
+            backend = _pg_backends_cpu(engine) - backend0 if pg else 0.0
+        with engine.connect() as c:
+            stored = c.execute(select(func.count()).select_from(EventRow)).scalar_one()
+        got = counters.snapshot()
+        if stored != events or got["events"] != events or got["reported"] != len(messages) - events:
+            raise AssertionError(f"{stored} event rows stored of {events} sent; counted {got}")
+        reset()
+        return cpu, wall, backend, counters
+
+    runs: dict[str, list[tuple[float, float, float]]] = {"old": [], "new": []}
+    load0 = os.getloadavg()[0]
+    once(False)  # warm-up: statement caches, the first connections
+    for _ in range(repeats):  # interleaved: the machine's load drifts
+        for name in ("old", "new"):
+            cpu, wall, backend, _counters = once(name == "old")
+            runs[name].append((cpu, wall, backend))
+    engine.dispose()
+
+    def med(name: str, i: int) -> float:
+        return statistics.median(r[i] for r in runs[name])
+
+    return {
+        "messages": len(messages),
+        "load": f"{load0:.1f}->{os.getloadavg()[0]:.1f}",
+        **{f"{n}_{what}": med(n, i) for n in runs for i, what in enumerate(("cpu", "wall", "backend"))},
+    }
+
+
+def bench_event_ingest(
+    devices: int = 5_000, events: int = 20_000, repeats: int = 3
+) -> list[dict[str, object]]:
+    """Server CPU to store a rollout stage's deployment events (and one reported snapshot per four
+    events), against the ORM path stored them with before."""
+
+    def one(name: str, url: str | None, where: Path) -> dict[str, object]:
+        m = _event_ingest_cpu(url, where, devices, events, repeats)
+        row: dict[str, object] = {
+            "bench": f"store {events:,} events + {m['messages'] - events:,} snapshots of {devices:,} devices"
+            f" -> {name} (CPU)",
+            "baseline": "ORM rows per event and per sender (the code before)",
+            "baseline_s": round(m["old_cpu"], 2),
+            "edgefleet_s": round(m["new_cpu"], 2),
+            "ratio": round(m["new_cpu"] / m["old_cpu"], 3),
+            "target": "info (CPU per stored message)",
+            "us_per_message": "->".join(f"{m[k] / m['messages'] * 1e6:.0f}" for k in ("old_cpu", "new_cpu")),
+            "wall_s": f"{m['old_wall']:.2f}->{m['new_wall']:.2f}",
+            "load_1m": m["load"],
+        }
+        if m["old_backend"]:
+            row["pg_backend_cpu_s"] = f"{m['old_backend']:.2f}->{m['new_backend']:.2f}"
+        return row
+
+    return _on_each_store(one)[0]
+
+
 def run(duration: float = 60.0) -> list[dict[str, object]]:
     return (
         bench_engine()
         + bench_ticker()
         + bench_rollout_create()
+        + bench_event_ingest()
         + bench_device_list()
         + bench_ingest(duration)
     )

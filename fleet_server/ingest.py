@@ -23,11 +23,12 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, event, or_, update
+from sqlalchemy import Engine, Table, event, func, insert, or_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
@@ -127,7 +128,12 @@ def ingest_batch(
 
 
 def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> list[reconcile.Observation]:
-    """Snapshots and events through the ORM (few); telemetry set-based (telemetry_store.py)."""
+    """Events and telemetry set-based; only the devices whose row a message changes through the ORM.
+
+    Events are the most numerous messages of a rollout and never change the device row: they are
+    inserted as plain rows in one statement, in the order they came (the ticker reads a device's
+    events by ``id``). Reported snapshots and status change the row, so only their senders are
+    loaded as ``Device`` objects, and applied in order (the last one of a device wins)."""
     pending = Counters()
     observed: list[reconcile.Observation] = []
     telemetry = [msg for _, msg, _ in items if isinstance(msg, protocol.TelemetryBatch)]
@@ -146,41 +152,49 @@ def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> list[re
             .where(or_(col(Device.last_seen).is_(None), col(Device.last_seen) < now - LAST_SEEN_RESOLUTION))
             .values(last_seen=now)
         )
-        snapshot_ids = sorted({d for d, msg, _ in items if not isinstance(msg, protocol.TelemetryBatch)})
-        devices: dict[str, Device] = {}
-        if snapshot_ids:
-            devices = {
-                d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(snapshot_ids))).all()
-            }
         query = select(col(Device.id), col(Device.hardware_id)).where(col(Device.id).in_(ids))
         hardware: dict[str, str] = {device_id: hw for device_id, hw in conn.execute(query)}
-        known = set(devices) | set(hardware)
+        changing = sorted({d for d, msg, _ in items if isinstance(msg, _CHANGES_DEVICE) and d in hardware})
+        devices: dict[str, Device] = {}
+        if changing:
+            devices = {
+                d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(changing))).all()
+            }
+        events: list[dict[str, object]] = []
+        served: dict[tuple[str, str], int] = {}
         registered_telemetry = 0
         for device_id, msg, inbound in items:
-            if device_id not in known:
+            if device_id not in hardware:
                 pending.add("unregistered_messages")
                 continue
             if isinstance(msg, protocol.TelemetryBatch):
                 registered_telemetry += 1
                 continue
-            device = devices[device_id]
             received = datetime.fromtimestamp(inbound.received_at, UTC) if inbound.received_at else now
+            if isinstance(msg, protocol.Event):
+                events.append(_event_values(msg, received))
+                continue
+            device = devices.get(device_id)
+            if device is None:  # deleted between the two reads
+                pending.add("unregistered_messages")
+                continue
             if isinstance(msg, protocol.Reported):
-                _apply_reported(session, device, msg, now)
+                _apply_reported(device, msg, served)
                 _clock_offset(device, msg.ts, received, inbound)
                 pending.add("reported")
                 if not inbound.retain:
                     observed.append(reconcile.Observation(device_id, device.desired_seq, _reported_view(msg)))
-            elif isinstance(msg, protocol.Event):
-                session.add(_event_row(msg, received))
-                pending.add("events")
             else:
                 device.online = msg.state == "online"
                 if device.online:
                     _clock_offset(device, msg.ts, received, inbound)
                 pending.add("status")
-            session.add(device)
-        session.flush()
+        if events:
+            conn.execute(insert(_EVENTS), events)
+            pending.add("events", len(events))
+        session.flush()  # the device rows before the aggregates: the lock order of every writer
+        if served:
+            _raise_served(session, served, now)
         stored = store_prepared(session, prepared, now, hardware) if prepared is not None else 0
         pending.add("telemetry_batches", stored)
         pending.add("duplicate_batches", registered_telemetry - stored)
@@ -189,6 +203,10 @@ def _store(engine: Engine, items: Sequence[Item], counters: Counters) -> list[re
         if value:
             counters.add(name, value)
     return observed
+
+
+_CHANGES_DEVICE = (protocol.Reported, protocol.Status)
+_EVENTS: Table = EventRow.__table__  # type: ignore[attr-defined]
 
 
 _writer_locks: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
@@ -240,7 +258,7 @@ def _clock_offset(device: Device, device_ts: datetime, received: datetime, inbou
     device.clock_offset_at = received
 
 
-def _apply_reported(session: Session, device: Device, msg: protocol.Reported, now: datetime) -> None:
+def _apply_reported(device: Device, msg: protocol.Reported, served: dict[tuple[str, str], int]) -> None:
     device.reported = msg.model_dump(mode="json")
     device.online = True
     device.agent_version = msg.agent_version
@@ -250,13 +268,10 @@ def _apply_reported(session: Session, device: Device, msg: protocol.Reported, no
     device.running_sha256 = running.sha256 if running else None
     device.running_name = running.name if running else None
     device.running_version = running.version if running else None
-    for sha, served in msg.served_ok.items():
-        if not SHA256_RE.match(sha):
-            continue
-        agg = _aggregate(session, device.id, sha)
-        agg.served_ok = max(agg.served_ok, served)
-        agg.updated_at = now
-        session.add(agg)
+    for sha, count in msg.served_ok.items():
+        if SHA256_RE.match(sha):
+            key = (device.id, sha)
+            served[key] = max(served.get(key, 0), count)
 
 
 def _reported_view(msg: protocol.Reported) -> reconcile.Reported:
@@ -269,27 +284,36 @@ def _reported_view(msg: protocol.Reported) -> reconcile.Reported:
     )
 
 
-def _event_row(msg: protocol.Event, now: datetime) -> EventRow:
-    return EventRow(
-        device_id=msg.device_id,
-        seq=msg.seq,
-        state=msg.state.value,
-        reason=msg.reason,
-        detail=(msg.detail or None) and msg.detail[:2000],
-        model_sha256=msg.model_sha256,
-        ts=msg.ts,
-        received_at=now,
-        bytes_fetched=msg.bytes_fetched,
+def _event_values(msg: protocol.Event, received: datetime) -> dict[str, object]:
+    return {
+        "device_id": msg.device_id,
+        "seq": msg.seq,
+        "state": msg.state.value,
+        "reason": msg.reason,
+        "detail": (msg.detail or None) and msg.detail[:2000],
+        "model_sha256": msg.model_sha256,
+        "ts": msg.ts,
+        "received_at": received,
+        "bytes_fetched": msg.bytes_fetched,
+    }
+
+
+def _raise_served(session: Session, served: Mapping[tuple[str, str], int], now: datetime) -> None:
+    """``served_ok`` of each (device, model) raised to the highest count the flush's snapshots
+    reported, never lowered (an older snapshot, retained or redelivered, may come after a newer
+    one), the rows created where missing: one statement, in key order (the order telemetry workers
+    lock them in)."""
+    table: Table = ModelAggregate.__table__  # type: ignore[attr-defined]
+    pg = session.get_bind().dialect.name == "postgresql"
+    stmt = postgresql.insert(table) if pg else sqlite.insert(table)
+    higher = (func.greatest if pg else func.max)(table.c.served_ok, stmt.excluded.served_ok)
+    session.connection().execute(
+        stmt.on_conflict_do_update(
+            index_elements=["device_id", "sha256"],
+            set_={"served_ok": higher, "updated_at": stmt.excluded.updated_at},
+        ),
+        [
+            {"device_id": d, "sha256": sha, "served_ok": n, "updated_at": now}
+            for (d, sha), n in sorted(served.items())
+        ],
     )
-
-
-def _aggregate(session: Session, device_id: str, sha: str) -> ModelAggregate:
-    """The aggregate row, created once per transaction (pending rows are cached in ``session.info``)."""
-    cache: dict[tuple[str, str], ModelAggregate] = session.info.setdefault("aggregates", {})
-    key = (device_id, sha)
-    agg = cache.get(key) or session.get(ModelAggregate, key)
-    if agg is None:
-        agg = ModelAggregate(device_id=device_id, sha256=sha)
-        session.add(agg)
-    cache[key] = agg
-    return agg
