@@ -233,6 +233,10 @@ def measure(
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         profiler = _profile(lambda: harness._server._proc.pid, run)
+        idle_profiler = _profile_background(
+            lambda: fleet_pids() if processes > 1 else [os.getpid()], run, len(sc.steps) - 1,
+            min(idle / 2, sc.fleet.telemetry_interval), idle,
+        )  # fmt: skip
         try:
             result = run.execute()
             timings = _timeline(harness, run.rollouts.get("r"))
@@ -241,6 +245,7 @@ def measure(
             watcher.join(5)
             meter.stop()
             profiler()
+            idle_profiler()
         t0 = run._t0
         start = next(t for t, w in result.events if w.startswith("step 0"))
         background = None
@@ -331,6 +336,48 @@ def _profile(server_pid: Any, run: Any) -> Any:
         for proc in procs:
             proc.send_signal(2)  # SIGINT: py-spy writes its file
             proc.wait(30)
+
+    return finish
+
+
+def _profile_background(pids: Any, run: Any, last_step: int, after: float, idle: float) -> Any:
+    """With ``EDGEFLEET_BENCH_PROFILE_BACKGROUND=FILE`` and ``idle`` > 0: py-spy samples the fleet
+    (the coordinator with one process, else each worker: ``FILE.<pid>``) over the window
+    ``background`` measures, collapsed stacks; ``FILE.gil``: the same, only the thread that holds
+    the GIL (what the process's Python spends its CPU on). Returns the function that stops it."""
+    out = os.environ.get("EDGEFLEET_BENCH_PROFILE_BACKGROUND")
+    if not out or idle <= 0:
+        return lambda: None
+    procs: list[subprocess.Popen[bytes]] = []
+    stop = threading.Event()
+
+    def start() -> None:
+        mark = f"step {last_step}: sleep"
+        while not stop.is_set() and not any(w.startswith(mark) for _, w in run.result.events):
+            stop.wait(0.05)
+        if stop.wait(after):
+            return
+        spy = Path(sys.executable).parent / "py-spy"
+        targets = pids()
+        for pid in targets:
+            name = out if len(targets) == 1 else f"{out}.{pid}"
+            cmd = [str(spy) if spy.exists() else "py-spy", "record", "--pid", str(pid), "--rate", "50",
+                   "--duration", str(max(1, int(idle - after) - 2)), "--format", "raw", "--output", name,
+                   "--nonblocking"]  # fmt: skip
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            # and the samples of the thread holding the GIL only: a thread waiting for the GIL
+            # reads as busy in the first file, at whatever line it waits in
+            cmd = [*cmd[:-2], f"{name}.gil", "--nonblocking", "--gil"]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    starter = threading.Thread(target=start, daemon=True)
+    starter.start()
+
+    def finish() -> None:
+        stop.set()
+        starter.join(5)
+        for proc in procs:
+            proc.wait(60)
 
     return finish
 
