@@ -29,6 +29,7 @@ shared, so read wall times with it and prefer the CPU-seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -217,6 +218,7 @@ def measure(
             return proxy.requests + len(lines), proxy.bytes_out + mirrored, proxy.requests
 
         meter = CpuMeter(roles).start()
+        collections = _GcClock().start()  # this process's: the fleet's, with one process
         stop_watch = threading.Event()
 
         def watch() -> None:  # the delivery counters at the rollout's start and end
@@ -244,6 +246,7 @@ def measure(
             stop_watch.set()
             watcher.join(5)
             meter.stop()
+            collections.stop()
             profiler()
             idle_profiler()
         t0 = run._t0
@@ -263,6 +266,8 @@ def measure(
                 "fleet_cpu_ms_per_device_s": round(1000 * idle_cpu.get(fleet_role, 0.0) / span / devices, 4),
                 "server_cpu_s": idle_cpu.get("server", 0.0),
                 "broker_cpu_s": idle_cpu.get("broker", 0.0),
+                # the coordinator's garbage collections in the window: count and seconds per generation
+                "coordinator_gc": collections.between(t0 + i0, t0 + i1),
             }
         end = next((t for t, w in result.events if w.startswith("rollout r:")), None)
         state = result.figures.get("rollouts", {}).get("r")
@@ -304,6 +309,45 @@ def measure(
             "step_error": result.step_error,
             "timeline": timings,
         }
+
+
+class _GcClock:
+    """When and how long this process's garbage collector ran, per generation (``gc.callbacks``):
+    a fleet of thousands of agents in one process holds millions of objects, which a full
+    collection walks."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[float, int, float]] = []  # (monotonic start, generation, seconds)
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.runs.append(
+                (time.monotonic(), int(info.get("generation", -1)), time.perf_counter() - self._start)
+            )
+
+    def start(self) -> _GcClock:
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def stop(self) -> None:
+        import gc
+
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._callback)
+
+    def between(self, t0: float, t1: float) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for when, gen, seconds in self.runs:
+            if t0 <= when <= t1:
+                acc = out.setdefault(str(gen), [0, 0.0])
+                acc[0] += 1
+                acc[1] = round(acc[1] + seconds, 3)
+        return out
 
 
 def _profile(server_pid: Any, run: Any) -> Any:

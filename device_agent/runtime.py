@@ -106,14 +106,16 @@ class OnnxModel:
         # model); here the feed is always the one input and plain arrays, on the CPU provider, so
         # the binding is called directly when the session exposes it. A model with another
         # required input fails in the binding instead, with the same outcome: a runtime error.
-        binding = getattr(session, "_sess", None)
+        binding: Any = getattr(session, "_sess", None)
         self._outputs: list[str] = [o.name for o in session.get_outputs()]
-        self._run: Any = binding.run if callable(getattr(binding, "run", None)) else session.run
+        self._run: Any = getattr(binding, "run", None)
+        if not callable(self._run):
+            self._run = session.run
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         if type(x) is not np.ndarray or x.dtype != self.input_dtype:
             x = np.asarray(x, dtype=self.input_dtype)
-        return self._run(self._outputs, {self.input_name: x}, None)  # type: ignore[no-any-return]
+        return self._run(self._outputs, {self.input_name: x}, None)
 
     def warm_up(self) -> None:
         """One run on zeros shaped from every input, so the first real request is not the slow one."""
