@@ -29,6 +29,7 @@ shared, so read wall times with it and prefer the CPU-seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -217,6 +218,7 @@ def measure(
             return proxy.requests + len(lines), proxy.bytes_out + mirrored, proxy.requests
 
         meter = CpuMeter(roles).start()
+        collections = _GcClock().start()  # this process's: the fleet's, with one process
         stop_watch = threading.Event()
 
         def watch() -> None:  # the delivery counters at the rollout's start and end
@@ -233,6 +235,10 @@ def measure(
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         profiler = _profile(lambda: harness._server._proc.pid, run)
+        idle_profiler = _profile_background(
+            lambda: fleet_pids() if processes > 1 else [os.getpid()], run, len(sc.steps) - 1,
+            min(idle / 2, sc.fleet.telemetry_interval), idle,
+        )  # fmt: skip
         try:
             result = run.execute()
             timings = _timeline(harness, run.rollouts.get("r"))
@@ -240,7 +246,9 @@ def measure(
             stop_watch.set()
             watcher.join(5)
             meter.stop()
+            collections.stop()
             profiler()
+            idle_profiler()
         t0 = run._t0
         start = next(t for t, w in result.events if w.startswith("step 0"))
         background = None
@@ -258,6 +266,8 @@ def measure(
                 "fleet_cpu_ms_per_device_s": round(1000 * idle_cpu.get(fleet_role, 0.0) / span / devices, 4),
                 "server_cpu_s": idle_cpu.get("server", 0.0),
                 "broker_cpu_s": idle_cpu.get("broker", 0.0),
+                # the coordinator's garbage collections in the window: count and seconds per generation
+                "coordinator_gc": collections.between(t0 + i0, t0 + i1),
             }
         end = next((t for t, w in result.events if w.startswith("rollout r:")), None)
         state = result.figures.get("rollouts", {}).get("r")
@@ -301,6 +311,45 @@ def measure(
         }
 
 
+class _GcClock:
+    """When and how long this process's garbage collector ran, per generation (``gc.callbacks``):
+    a fleet of thousands of agents in one process holds millions of objects, which a full
+    collection walks."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[float, int, float]] = []  # (monotonic start, generation, seconds)
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.runs.append(
+                (time.monotonic(), int(info.get("generation", -1)), time.perf_counter() - self._start)
+            )
+
+    def start(self) -> _GcClock:
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def stop(self) -> None:
+        import gc
+
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._callback)
+
+    def between(self, t0: float, t1: float) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for when, gen, seconds in self.runs:
+            if t0 <= when <= t1:
+                acc = out.setdefault(str(gen), [0, 0.0])
+                acc[0] += 1
+                acc[1] = round(acc[1] + seconds, 3)
+        return out
+
+
 def _profile(server_pid: Any, run: Any) -> Any:
     """With ``EDGEFLEET_BENCH_PROFILE=FILE``: py-spy samples the fleet server (and its ingest
     workers) from the rollout's creation to the end of the run, collapsed stacks into FILE.
@@ -331,6 +380,48 @@ def _profile(server_pid: Any, run: Any) -> Any:
         for proc in procs:
             proc.send_signal(2)  # SIGINT: py-spy writes its file
             proc.wait(30)
+
+    return finish
+
+
+def _profile_background(pids: Any, run: Any, last_step: int, after: float, idle: float) -> Any:
+    """With ``EDGEFLEET_BENCH_PROFILE_BACKGROUND=FILE`` and ``idle`` > 0: py-spy samples the fleet
+    (the coordinator with one process, else each worker: ``FILE.<pid>``) over the window
+    ``background`` measures, collapsed stacks; ``FILE.gil``: the same, only the thread that holds
+    the GIL (what the process's Python spends its CPU on). Returns the function that stops it."""
+    out = os.environ.get("EDGEFLEET_BENCH_PROFILE_BACKGROUND")
+    if not out or idle <= 0:
+        return lambda: None
+    procs: list[subprocess.Popen[bytes]] = []
+    stop = threading.Event()
+
+    def start() -> None:
+        mark = f"step {last_step}: sleep"
+        while not stop.is_set() and not any(w.startswith(mark) for _, w in run.result.events):
+            stop.wait(0.05)
+        if stop.wait(after):
+            return
+        spy = Path(sys.executable).parent / "py-spy"
+        targets = pids()
+        for pid in targets:
+            name = out if len(targets) == 1 else f"{out}.{pid}"
+            cmd = [str(spy) if spy.exists() else "py-spy", "record", "--pid", str(pid), "--rate", "50",
+                   "--duration", str(max(1, int(idle - after) - 2)), "--format", "raw", "--output", name,
+                   "--nonblocking"]  # fmt: skip
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            # and the samples of the thread holding the GIL only: a thread waiting for the GIL
+            # reads as busy in the first file, at whatever line it waits in
+            cmd = [*cmd[:-2], f"{name}.gil", "--nonblocking", "--gil"]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    starter = threading.Thread(target=start, daemon=True)
+    starter.start()
+
+    def finish() -> None:
+        stop.set()
+        starter.join(5)
+        for proc in procs:
+            proc.wait(60)
 
     return finish
 

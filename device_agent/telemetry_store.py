@@ -63,6 +63,10 @@ class BatchStore:
         self._final_dropped: int | None = None
         self._final_count = 0
         self._final_size = 0
+        # ``meta.pending_dropped`` as last committed through this connection (None: read it). It is
+        # 0 after almost every put, and only this store writes the file (one connection, under the
+        # lock), so a put reads and rewrites it only when it is, or is about to become, non-zero.
+        self._pending_saved: int | None = None
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
@@ -119,7 +123,10 @@ class BatchStore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             unsaved = self._unsaved_dropped
-            pending = self._meta("pending_dropped") + unsaved
+            saved = self._pending_saved
+            if saved is None:
+                saved = self._meta("pending_dropped")
+            pending = saved + unsaved
             total = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0]
             evicted = 0
             while True:
@@ -131,6 +138,7 @@ class BatchStore:
                     self._set_meta("pending_dropped", pending + 1)
                     self._set_meta("dropped_total", self._meta("dropped_total") + unsaved + evicted + 1)
                     self._db.execute("COMMIT")
+                    self._pending_saved = pending + 1
                     self._unsaved_dropped -= unsaved
                     return evicted + 1
                 self._db.execute("DELETE FROM batches WHERE id = ?", (row[0],))
@@ -141,12 +149,15 @@ class BatchStore:
                 "INSERT INTO batches (batch_id, dropped, size, payload) VALUES (?, ?, ?, ?)",
                 (batch_id, pending, len(payload), payload),
             )
-            self._set_meta("pending_dropped", 0)
+            if saved:
+                self._set_meta("pending_dropped", 0)
             if evicted or unsaved:
                 self._set_meta("dropped_total", self._meta("dropped_total") + evicted + unsaved)
             self._db.execute("COMMIT")
+            self._pending_saved = 0
             self._unsaved_dropped -= unsaved
         except BaseException:
+            self._pending_saved = None  # rolled back, or not: read it again
             self._rollback()
             raise
         return evicted

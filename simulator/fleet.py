@@ -48,6 +48,9 @@ WORKLOAD_TICK = 0.05  # s: the workload's schedule wakes at most this often (dev
 # bursting; within it, a device due several times in one pass runs each (a period shorter than
 # WORKLOAD_TICK keeps its rate).
 WORKLOAD_CATCH_UP = 1.0  # s
+# a device's random rows of ``sample_inputs`` are drawn this many at a time: one numpy call per
+# draw costs about as much as the rest of the simulator's share of an inference
+ROW_DRAWS = 64
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
@@ -467,7 +470,7 @@ class Fleet:
         for n, spec in enumerate(self.specs):
             rng = np.random.default_rng(n)
             labels = self.labels.source(spec.device_id) if self.labels is not None else None
-            devices.append(_WorkloadDevice(spec, rng, labels))
+            devices.append(_WorkloadDevice(spec, rng, labels, []))
             schedule.append((start + rng.uniform(0, period), n))  # spread over the period
         heapq.heapify(schedule)
         slow: set[asyncio.Task[None]] = set()
@@ -534,8 +537,11 @@ class Fleet:
             # a random row each time, not the next one: devices walking the rows in step
             # would all see the same few inputs at once, and their labels would measure
             # a model's accuracy on those few instead of on the data
-            row = int(device.rng.integers(len(self.sample_inputs)))
-            x = self.sample_inputs[row][None, ...]
+            rows = device.rows
+            if not rows:
+                rows.extend(device.rng.integers(len(self.sample_inputs), size=ROW_DRAWS).tolist())
+            row = rows.pop()
+            x = self.sample_inputs[row : row + 1]
         else:
             x = device.rng.standard_normal(model.input_shape).astype(model.input_dtype)
         return agent, x, row
@@ -582,6 +588,7 @@ class _WorkloadDevice(NamedTuple):
     spec: DeviceSpec
     rng: np.random.Generator
     labels: LabelSource | None
+    rows: list[int]  # its next random rows of ``sample_inputs``, drawn ``ROW_DRAWS`` at a time
 
 
 async def _pull_the_plug(agent: Agent) -> None:
