@@ -49,9 +49,8 @@ def server_block(
 
     The listen queue is deep (``backlog``; the kernel caps it at ``net.core.somaxconn``): a
     stage's devices connect within the same seconds, and a full queue drops their handshakes,
-    which a device sees as a connect timeout after its SYN retries, not as a busy server. nginx's
-    default of 511 overflowed in a 10,000-device run (5,000 devices notified at once) and failed
-    devices' downloads on ``ConnectTimeout``.
+    which a device sees as a connect timeout after its SYN retries, not as a busy server
+    (nginx's default is 511; a 10,000-device stage notifies 5,000 devices at once).
     """
     lines = [f"    listen {listen} backlog={LISTEN_BACKLOG}{' ssl' if tls else ''};"]
     if tls is not None:
