@@ -240,29 +240,34 @@ def _besides(n: int) -> str:
     return f"; {n} more could not fetch the release" if n else ""
 
 
-# The install gates judge the devices' own failures first: those alone trip with
-# ``failure_action``. Devices that could not fetch the release say nothing about the model, so
-# they are set aside from the rates; only if the gate trips once they count too does it trip,
-# as gate ``delivery`` with ``delivery_action`` (a hold, by default, not a roll back that would
-# send every device another directive down the same failing path).
+# The install gates judge the devices' own failures: devices that could not fetch the release
+# say nothing about the model, so they are set aside from the rates and counts. The ``delivery``
+# gate, tried after every other gate, trips only when the install gates would trip once those
+# devices count too: a hold (``delivery_action``, pause by default) rather than a roll back that
+# would send every device another directive down the same failing path. Last, so that no gate
+# that judges the model (errors, latency, drift, shadow, accuracy) is hidden behind a hold, and
+# an approved hold silences only itself.
+
+
+def _own_failure_rate(f: Mapping[str, Any]) -> tuple[int, int, float]:
+    """(own failures, devices that fetched, their failure rate)."""
+    undelivered = delivery_failed(f)
+    fetched = f["assigned"] - undelivered
+    own = f["failed"] - undelivered
+    return own, fetched, own / fetched if fetched else 0.0
 
 
 def _failure_rate(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
     if not f["assigned"]:
         return None
-    undelivered = delivery_failed(f)
-    fetched = f["assigned"] - undelivered
-    own = f["failed"] - undelivered
-    rate = own / fetched if fetched else 0.0
+    own, fetched, rate = _own_failure_rate(f)
     if rate > f["max_failure_rate"]:
         return Trip(
             "failure_rate",
             p.failure_action,
             f"{own} of {fetched} devices failed or timed out "
-            f"({rate:.3f} > {f['max_failure_rate']:g}){_besides(undelivered)}",
+            f"({rate:.3f} > {f['max_failure_rate']:g}){_besides(delivery_failed(f))}",
         )
-    if f["failure_rate"] > f["max_failure_rate"]:
-        return _delivery_trip(p, f, f"failure rate {f['failure_rate']:.3f} > {f['max_failure_rate']:g}")
     return None
 
 
@@ -275,8 +280,6 @@ def _failures(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | N
         return Trip(
             "failures", p.failure_action, f"{own} devices failed (> {p.max_failures}){_besides(undelivered)}"
         )
-    if f["failed"] > p.max_failures:
-        return _delivery_trip(p, f, f"{f['failed']} devices failed > {p.max_failures}")
     return None
 
 
@@ -293,7 +296,18 @@ def _install_success(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> T
             f"only {f['done']} of {fetched} devices serve the model "
             f"({rate:.3f} < {p.min_success_rate:g}){_besides(undelivered)}",
         )
-    if f["success_rate"] < p.min_success_rate:
+    return None
+
+
+def _delivery(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
+    """The install gates' limits with every failure counted, the undelivered ones included."""
+    if not f["assigned"] or not delivery_failed(f):
+        return None
+    if f["failure_rate"] > f["max_failure_rate"]:
+        return _delivery_trip(p, f, f"failure rate {f['failure_rate']:.3f} > {f['max_failure_rate']:g}")
+    if p.max_failures is not None and f["failed"] > p.max_failures:
+        return _delivery_trip(p, f, f"{f['failed']} devices failed > {p.max_failures}")
+    if stage_finished and f["success_rate"] < p.min_success_rate:
         return _delivery_trip(
             p,
             f,
@@ -393,8 +407,10 @@ GATES: dict[str, Callable[[Policy, Mapping[str, Any], bool], Trip | None]] = {
     "output_drift": _drift,
     "shadow_agreement": _shadow,
     "accuracy": _accuracy,
+    "delivery": _delivery,
 }
-"""Every gate, in the order ``check`` tries them (install, errors, latency, drift, shadow, accuracy)."""
+"""Every gate, in the order ``check`` tries them (install, errors, latency, drift, shadow, accuracy,
+then the delivery hold)."""
 
 SAMPLED_GATES = frozenset({"error_rate", "latency_p95", "output_drift", "shadow_agreement", "accuracy"})
 """Gates whose minimum sample grows with serving time (not with the number of devices assigned).
@@ -406,7 +422,8 @@ instead of stopping classes that demonstrably pass (engine.py, "deferred").
 
 
 def check(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
-    """The first gate that trips, in order: install, errors, latency, drift, shadow, accuracy."""
+    """The first gate that trips, in order: install, errors, latency, drift, shadow, accuracy,
+    delivery (a hold comes only when nothing that judges the model trips)."""
     for gate in GATES.values():
         trip = gate(p, f, stage_finished)
         if trip is not None:

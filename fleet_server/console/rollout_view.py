@@ -134,6 +134,11 @@ def gate_rows(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> list[Gat
             f"<= {_pct(p.max_failure_rate)}",
         ),
         (
+            "delivery",
+            f"{gates.delivery_failed(f)} could not fetch the release",
+            f"{p.delivery_action} when the failures above count them",
+        ),
+        (
             "error_rate",
             f"{_pct(f.get('error_rate'))} of {f.get('inferences', 0)} inferences",
             f"<= {_pct(p.max_error_rate)} (min {p.min_inferences} inferences)",

@@ -2,9 +2,9 @@
 (pure: the gates and the engine; through a server: test_delivery_hold_server.py).
 
 A delivery failure (the mirror, CDN or server out of reach or overloaded) says nothing about the
-model: the install gates judge the devices' own failures first, and trip on the delivery
-failures only as gate ``delivery`` with ``delivery_action`` (pause by default). Such failures
-are retried by default (``delivery_retries``).
+model: the install gates judge the devices' own failures, and the delivery failures trip only
+gate ``delivery``, tried after every gate that judges the model, with ``delivery_action`` (pause
+by default). Such failures are retried by default (``delivery_retries``).
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def figures(p: Policy, assigned: int, done: int, failures: dict[str, int]) -> di
 
 
 def install_trip(p: Policy, f: dict[str, Any], finished: bool = False) -> gates.Trip | None:
-    """The first install gate that trips (the gates after them need figures these tests omit)."""
-    for gate in ("failure_rate", "failures", "install_success"):
+    """The first install gate that trips, or else the delivery hold (the gates between them need
+    figures these tests omit)."""
+    for gate in ("failure_rate", "failures", "install_success", "delivery"):
         trip = gates.verdict(p, f, finished, gate)
         if trip is not None:
             return trip
@@ -271,3 +272,39 @@ def test_the_policy_refuses_an_unknown_delivery_action() -> None:
     with pytest.raises(ValueError, match="delivery_retries"):
         Policy.model_validate({"delivery_retries": -1})
     assert protocol.ReasonCode.DOWNLOAD_FAILED in DELIVERY_FAILURES
+
+
+def serving_figures(p: Policy, f: dict[str, Any], inferences: int, errors: int) -> dict[str, Any]:
+    """``f`` with the serving figures every gate after the install gates reads."""
+    return {
+        **f,
+        "inferences": inferences,
+        "errors": errors,
+        "error_rate": errors / inferences if inferences else 0.0,
+        "max_error_rate": p.max_error_rate,
+        "min_inferences": p.min_inferences,
+        "shadow_samples": 0,
+        "shadow_agreement": None,
+    }
+
+
+def test_a_delivery_hold_never_hides_a_gate_that_judges_the_model() -> None:
+    # one device of ten could not fetch; the nine that did serve a model failing 30 % of its
+    # inferences: the error gate rolls back, the hold would have kept the bad model serving
+    p = Policy()
+    f = serving_figures(p, figures(p, 10, 9, {"download_failed": 1}), inferences=1000, errors=300)
+    trip = gates.check(p, f, stage_finished=False)
+    assert trip is not None and (trip.gate, trip.action) == ("error_rate", GateAction.ROLL_BACK)
+    # with a healthy model the same figures hold for the delivery path
+    healthy = serving_figures(p, figures(p, 10, 9, {"download_failed": 1}), inferences=1000, errors=0)
+    trip = gates.check(p, healthy, stage_finished=False)
+    assert trip is not None and (trip.gate, trip.action) == ("delivery", GateAction.PAUSE)
+
+
+def test_a_delivery_hold_never_hides_the_devices_own_failure_count() -> None:
+    # 4 devices failed on their own (> max_failures 3) beside 10 undelivered: the count rolls back
+    # although the rate of own failures (4 of 10 that fetched) is within 0.5
+    p = Policy(max_failure_rate=0.5, max_failures=3)
+    f = figures(p, 20, 6, {"download_failed": 10, "load_failed": 4})
+    trip = install_trip(p, f)
+    assert trip is not None and (trip.gate, trip.action) == ("failures", GateAction.ROLL_BACK)
