@@ -197,7 +197,7 @@ def _failures(events: Any, devices: Any, origin: datetime) -> dict[str, Any]:
     seen: dict[tuple[Any, str], list[float]] = {}
     samples: dict[tuple[Any, str], list[str]] = {}
     for ev in events:
-        if ev.state != "failed" and not ev.reason:
+        if ev.state not in ("failed", "rejected"):  # not a wait's reason (not_before, deferred)
             continue
         key = (stage_of.get(ev.device_id), f"{ev.state}:{ev.reason}")
         seen.setdefault(key, []).append(_t(ev.ts, origin))
