@@ -350,6 +350,14 @@ class _GcClock:
         return out
 
 
+def _py_spy(pid: int, output: str, *, rate: int, extra: list[str]) -> subprocess.Popen[bytes]:
+    """py-spy recording ``pid`` into ``output`` (raw collapsed stacks, without pausing it)."""
+    spy = Path(sys.executable).parent / "py-spy"
+    cmd = [str(spy) if spy.exists() else "py-spy", "record", "--pid", str(pid), "--rate", str(rate),
+           "--format", "raw", "--output", output, "--nonblocking", *extra]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _profile(server_pid: Any, run: Any) -> Any:
     """With ``EDGEFLEET_BENCH_PROFILE=FILE``: py-spy samples the fleet server (and its ingest
     workers) from the rollout's creation to the end of the run, collapsed stacks into FILE.
@@ -365,11 +373,7 @@ def _profile(server_pid: Any, run: Any) -> Any:
             stop.wait(0.05)
         if stop.is_set():
             return
-        spy = Path(sys.executable).parent / "py-spy"
-        cmd = [str(spy) if spy.exists() else "py-spy", "record", "--pid", str(server_pid()),
-               "--subprocesses", "--rate", "100", "--format", "raw", "--output", out,
-               "--nonblocking"]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(_py_spy(server_pid(), out, rate=100, extra=["--subprocesses"]))
 
     starter = threading.Thread(target=start, daemon=True)
     starter.start()
@@ -401,18 +405,14 @@ def _profile_background(pids: Any, run: Any, last_step: int, after: float, idle:
             stop.wait(0.05)
         if stop.wait(after):
             return
-        spy = Path(sys.executable).parent / "py-spy"
         targets = pids()
+        duration = ["--duration", str(max(1, int(idle - after) - 2))]
         for pid in targets:
             name = out if len(targets) == 1 else f"{out}.{pid}"
-            cmd = [str(spy) if spy.exists() else "py-spy", "record", "--pid", str(pid), "--rate", "50",
-                   "--duration", str(max(1, int(idle - after) - 2)), "--format", "raw", "--output", name,
-                   "--nonblocking"]  # fmt: skip
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(_py_spy(pid, name, rate=50, extra=duration))
             # and the samples of the thread holding the GIL only: a thread waiting for the GIL
             # reads as busy in the first file, at whatever line it waits in
-            cmd = [*cmd[:-2], f"{name}.gil", "--nonblocking", "--gil"]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(_py_spy(pid, f"{name}.gil", rate=50, extra=[*duration, "--gil"]))
 
     starter = threading.Thread(target=start, daemon=True)
     starter.start()
@@ -421,7 +421,10 @@ def _profile_background(pids: Any, run: Any, last_step: int, after: float, idle:
         stop.set()
         starter.join(5)
         for proc in procs:
-            proc.wait(60)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:  # a run that failed early: its error, not this, is the news
+                proc.kill()
 
     return finish
 
