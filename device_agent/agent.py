@@ -309,10 +309,9 @@ class Agent:
             await asyncio.to_thread(self.api.stop)
             self.api = None
         await asyncio.to_thread(self.capture.stop)
+        # The open window is queued even with the broker away: on disk, it goes out at the next start.
+        await self._uplink.flush()
         if self.link is not None:
-            if self.link.connected:
-                self.telemetry.cut()
-                await self._uplink.send()
             await self.link.stop()
         pending = list(self._background)
         for task in pending:

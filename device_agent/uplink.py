@@ -97,12 +97,23 @@ class TelemetryUplink:
         link = self.link()
         return link is not None and link.connected and not self._sending.locked()
 
-    async def send(self, rows: list[tuple[int, str, bytes]] | None = None) -> None:
+    async def flush(self) -> None:
+        """Cut the open window and send everything queued: a clean stop's last word.
+
+        Unlike a tick, it waits for a send under way (a reconnect's "send what is
+        queued" may hold the queue for as long as new windows keep arriving) and then
+        reads the queue again, so the window cut here leaves before the link closes
+        instead of waiting on disk for the next start."""
+        self._cuts += await asyncio.to_thread(self.telemetry.cut) is not None
+        await self.send(wait=True)
+
+    async def send(self, rows: list[tuple[int, str, bytes]] | None = None, *, wait: bool = False) -> None:
         """Send queued batches oldest first, deleting each only once the broker acknowledged it.
 
-        ``rows``: the queue's oldest batches when the caller just read them (None: read here)."""
+        ``rows``: the queue's oldest batches when the caller just read them (None: read here).
+        ``wait``: queue behind a send under way instead of leaving the work to it."""
         link = self.link()
-        if link is None or self._sending.locked():
+        if link is None or (self._sending.locked() and not wait):
             return
         store = self.telemetry.store
         limit = max(1, self.config.max_inflight)

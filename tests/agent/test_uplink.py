@@ -77,3 +77,50 @@ def test_delete_many_forgets_exactly_the_named_batches(tmp_path: Path) -> None:
     assert store.delete_many([])
     assert len(store) == 2
     store.close()
+
+
+class _HeldLink(MemoryLink):
+    """Holds every acknowledgement until released: a send under way, frozen mid-flight."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(device_id)
+        self.release = asyncio.Event()
+
+    async def publish_confirmed(self, topic: str, payload: bytes, timeout: float = 10.0) -> bool:
+        sent = await self.publish(topic, payload)
+        await self.release.wait()
+        return sent and self.acks
+
+
+def test_flush_sends_the_last_window_behind_a_send_already_under_way(tmp_path: Path) -> None:
+    """A reconnect's "send what is queued" can hold the queue when the agent stops: the stop's
+    last window must queue behind it and leave too, not wait on disk for the next start."""
+
+    async def main() -> None:
+        link = _HeldLink("dev-flush")
+        await link.start(lambda *_: None, lambda: None)
+        telemetry = Telemetry("dev-flush", BatchStore(tmp_path / "q.db"))
+        config = AgentConfig("dev-flush", "rpi4", tmp_path, tmp_path / "trust.json", max_inflight=4)
+        uplink = TelemetryUplink(config, telemetry, Metrics(), lambda: link)
+        telemetry.record("a" * 64, 120.0, None, [1])
+        assert telemetry.cut() is not None
+        under_way = asyncio.create_task(uplink.send())
+        assert await link.wait_until(lambda: len(_batches(link)) == 1, timeout=1.0)
+        telemetry.record("a" * 64, 120.0, None, [2])
+        telemetry.record("a" * 64, 120.0, None, [2])
+        flush = asyncio.create_task(uplink.flush())
+        await asyncio.sleep(0.1)
+        link.release.set()
+        await asyncio.wait_for(asyncio.gather(under_way, flush), timeout=5.0)
+        counts = [b["models"]["a" * 64]["inferences"] for b in _batches(link)]  # type: ignore[index]
+        assert counts == [1, 2]
+        assert len(telemetry.store) == 0  # both acknowledged, both forgotten
+
+        link.disconnect()  # the broker is away: the last window is kept on disk, not dropped
+        await asyncio.sleep(0.05)
+        telemetry.record("a" * 64, 120.0, None, [3])
+        await asyncio.wait_for(uplink.flush(), timeout=5.0)
+        assert len(telemetry.store) == 1 and len(_batches(link)) == 2
+        telemetry.store.close()
+
+    asyncio.run(main())
