@@ -29,7 +29,6 @@ shared, so read wall times with it and prefer the CPU-seconds.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -39,6 +38,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from simulator.gc_clock import GcClock
 
 STAGES = [1, 10, 50, 100]
 BROKER = os.environ.get("EDGEFLEET_BENCH_BROKER", "mtls")
@@ -218,7 +219,7 @@ def measure(
             return proxy.requests + len(lines), proxy.bytes_out + mirrored, proxy.requests
 
         meter = CpuMeter(roles).start()
-        collections = _GcClock().start()  # this process's: the fleet's, with one process
+        collections = GcClock().start()  # this process's: the fleet's, with one process
         stop_watch = threading.Event()
 
         def watch() -> None:  # the delivery counters at the rollout's start and end
@@ -297,6 +298,8 @@ def measure(
             "server_requests_per_install": round(upstream / max(1, done), 3),
             "bytes_per_install": round(nbytes / max(1, done)),
             "max_loop_lag_s": result.figures.get("max_loop_lag_s"),
+            # the fleet processes' garbage collections while started (per generation: count, seconds)
+            "fleet_gc": _fleet_gc(result.figures.get("fleet_processes"), collections),
             "load_before": [round(x, 1) for x in load_before],
             "load_during": [round(min(loads), 1), round(max(loads), 1)] if loads else None,
             "cores": os.cpu_count(),
@@ -311,43 +314,18 @@ def measure(
         }
 
 
-class _GcClock:
-    """When and how long this process's garbage collector ran, per generation (``gc.callbacks``):
-    a fleet of thousands of agents in one process holds millions of objects, which a full
-    collection walks."""
-
-    def __init__(self) -> None:
-        self.runs: list[tuple[float, int, float]] = []  # (monotonic start, generation, seconds)
-        self._start = 0.0
-
-    def _callback(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._start = time.perf_counter()
-        else:
-            self.runs.append(
-                (time.monotonic(), int(info.get("generation", -1)), time.perf_counter() - self._start)
-            )
-
-    def start(self) -> _GcClock:
-        import gc
-
-        gc.callbacks.append(self._callback)
-        return self
-
-    def stop(self) -> None:
-        import gc
-
-        with contextlib.suppress(ValueError):
-            gc.callbacks.remove(self._callback)
-
-    def between(self, t0: float, t1: float) -> dict[str, list[float]]:
-        out: dict[str, list[float]] = {}
-        for when, gen, seconds in self.runs:
-            if t0 <= when <= t1:
-                acc = out.setdefault(str(gen), [0, 0.0])
-                acc[0] += 1
-                acc[1] = round(acc[1] + seconds, 3)
-        return out
+def _fleet_gc(processes: list[dict[str, Any]] | None, coordinator: GcClock) -> dict[str, Any]:
+    """The fleet's collections summed over its worker processes (with one process, the fleet runs
+    in the coordinator, whose own clock is the figure), and the longest single collection."""
+    if not processes:
+        return {"gc": coordinator.between(), "gc_longest_s": coordinator.longest()}
+    gens: dict[str, list[float]] = {}
+    for proc in processes:
+        for gen, (count, seconds) in proc.get("gc", {}).items():
+            acc = gens.setdefault(gen, [0, 0.0])
+            acc[0] += count
+            acc[1] = round(acc[1] + seconds, 3)
+    return {"gc": gens, "gc_longest_s": max((p.get("gc_longest_s", 0.0) for p in processes), default=0.0)}
 
 
 def _py_spy(pid: int, output: str, *, rate: int, extra: list[str]) -> subprocess.Popen[bytes]:

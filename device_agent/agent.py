@@ -65,7 +65,7 @@ from device_agent.mqtt_link import MqttLink
 from device_agent.outcomes import MAX_METRICS as MAX_OUTCOME_METRICS
 from device_agent.outcomes import OutcomeBook, OutcomeResult, OutcomeStatus
 from device_agent.outcomes import check as check_outcome
-from device_agent.ports import Fetcher, Link
+from device_agent.ports import Admission, Fetcher, Link
 from device_agent.reconcile import DETAIL_MAX, Reconciler
 from device_agent.runtime import AutoRuntimeFactory, LoadedModel, RuntimeFactory
 from device_agent.serving import InferenceResult, Models, Serving, scan
@@ -117,11 +117,14 @@ class Agent:
         clock: WallClock | None = None,
         link: Link | None = None,
         fetcher: Fetcher | None = None,
+        admission: Admission | None = None,
     ):
         """``clock``: the device's wall clock, seconds since the epoch (default ``time.time``);
         see :mod:`device_agent.clock`. Only dates read it; timers stay monotonic.
         ``link``: default MQTT to ``config.mqtt_*`` (built at ``start``, when the password file
-        is read); ``fetcher``: default HTTP(S) + TUF with the config's TLS settings."""
+        is read); ``fetcher``: default HTTP(S) + TUF with the config's TLS settings;
+        ``admission``: turns at an install's heavy steps shared with other agents on the same CPU
+        (:class:`device_agent.ports.Admission`; default none, a device's CPU is its own)."""
         self.config = config
         self.clock: WallClock = clock or time.time
         self.device_id = config.device_id
@@ -199,6 +202,7 @@ class Agent:
             publish_reported=self._publish_reported,
             drain=self._drain,
             now=self.now,
+            admission=admission,
         )
         self._uplink = TelemetryUplink(config, self.telemetry, self._metrics, lambda: self.link)
         self._loop: asyncio.AbstractEventLoop | None = None

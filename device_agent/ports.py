@@ -21,12 +21,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from device_agent.trust_state import TrustStore
     from device_agent.wire import ModelRef
     from signing.errors import DeliveryError
 
 MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
 ConnectHandler = Callable[[], None]
+
+
+class Admission(Protocol):
+    """A turn at the install's heavy steps (fetch and verify; load and acceptance check), held for
+    their length: ``async with admission: ...``. An ``asyncio.Semaphore`` is one.
+
+    A device has its CPU to itself and needs none (the default admits at once). The simulator
+    runs a thousand agents on one loop and one core: without taking turns, every install's
+    network timeouts would measure the other agents' work (decision 0030)."""
+
+    async def __aenter__(self) -> object: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None, /
+    ) -> object: ...
 
 
 class Link(Protocol):
@@ -95,4 +112,4 @@ class Fetcher(Protocol):
         ...
 
 
-__all__ = ["ConnectHandler", "Fetcher", "Link", "MessageHandler"]
+__all__ = ["Admission", "ConnectHandler", "Fetcher", "Link", "MessageHandler"]

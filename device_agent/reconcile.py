@@ -35,6 +35,7 @@ from device_agent.errors import InstallError
 from device_agent.input_checks import InputCheck
 from device_agent.install import Installer, Move
 from device_agent.metrics import Metrics
+from device_agent.ports import Admission
 from device_agent.probation import Pass, ProbationRecord, Revert
 from device_agent.runtime import LoadedModel, RuntimeFactory, RuntimeLoadError
 from device_agent.serving import Models, Serving
@@ -112,12 +113,16 @@ class Reconciler:
         publish_reported: Callable[[], Awaitable[None]],
         drain: Callable[[], Awaitable[Any]],
         now: Callable[[], datetime],
+        admission: Admission | None = None,
     ) -> None:
         self.config, self.slots, self.runtime, self.telemetry = config, slots, runtime, telemetry
         self.models, self.metrics, self.installer = models, metrics, installer
         self._publish_event, self._publish_reported, self._drain = publish_event, publish_reported, drain
         self.now = now
         self.who = config.device_id
+        # Held around the heavy steps only, never across a hold: a device waiting for its window,
+        # deferral or link must not keep another from installing.
+        self.admission: Admission = admission if admission is not None else contextlib.nullcontext()
         self.deployment = Deployment.restored(slots.state.deployment, slots.state.last_seq)
         self.last_rejection: Rejection | None = None  # the last refused/failed directive, reported
         # model sha256 -> the acceptance check's verdict and figures (for the models in the slots),
@@ -400,7 +405,8 @@ class Reconciler:
             await self._hold(d, lambda: self._download_hold(d, ref))
         self.installer.bytes_fetched = 0
         try:
-            return await self.installer.install(ref, self._steps(d, ref))
+            async with self.admission:
+                return await self.installer.install(ref, self._steps(d, ref))
         finally:
             fetched = self.installer.bytes_fetched
             self._bytes_fetched = fetched
@@ -459,8 +465,9 @@ class Reconciler:
             # Hours may have passed: the file is checked again before it is loaded.
             await asyncio.to_thread(verify_file, path, FileEntry(info.file, info.sha256, info.length))
         await self._move(Trigger.WARM, d.seq, sha=ref.sha256)
-        model = await self._load(path, ref.sha256)
-        await self._accept(ref, slot, model)
+        async with self.admission:
+            model = await self._load(path, ref.sha256)
+            await self._accept(ref, slot, model)
         await self._move(Trigger.SWAP, d.seq, sha=ref.sha256)
         new = self._serving(model, ref.sha256, ref.name, ref.version, slot)
         previous = self.models.serving
@@ -554,7 +561,8 @@ class Reconciler:
             # The inactive slot holds the revert target until the probation ends.
             await asyncio.shield(self.probation_task)
         slot, path = await self._install(d, ref)
-        model = await self._load(path, ref.sha256)
+        async with self.admission:
+            model = await self._load(path, ref.sha256)
         self.stop_shadow()
         candidate = self._serving(model, ref.sha256, ref.name, ref.version, slot)
         self.models.shadow = Shadow(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import heapq
 import logging
 import os
@@ -38,6 +39,7 @@ from device_agent.clock import SkewedClock
 from device_agent.config import BrokerInfo
 from device_agent.runtime import RuntimeFactory, SharedRuntimeFactory
 from signing.trust import TrustRoot
+from simulator.gc_clock import GcClock
 from simulator.labels import LabelPlan, LabelSource, top1
 from simulator.memory import peak_rss_bytes, rss_bytes
 from simulator.tls import SimAgentConfig
@@ -128,6 +130,7 @@ class Fleet:
         credentials: Mapping[str, Mapping[str, Any]] | None = None,
         labels: LabelPlan | None = None,
         mirrors: list[str] | None = None,
+        installs_at_once: int | None = None,
     ) -> None:
         """``tuf_root_path``: the TUF root devices are provisioned with; every install is then
         checked against the server's release metadata (TUF mode). None: the
@@ -136,7 +139,12 @@ class Fleet:
         broker; a device without an entry connects as to an open development broker. ``labels``:
         the devices' apps post labels for some of their inferences (``simulator.labels``).
         ``mirrors``: base URLs of published trees every device downloads from, in order (static
-        delivery); none: from the URLs each directive names (the fleet server)."""
+        delivery); none: from the URLs each directive names (the fleet server).
+        ``installs_at_once``: how many of this fleet's agents may be in an install's heavy steps
+        (fetch and verify; load and acceptance check) at once; the others wait their turn
+        (:class:`device_agent.ports.Admission`). None: no turns. Every agent here shares one loop
+        and one core where a real device has its own: with a thousand installing at once, each
+        one's connect and retry timeouts measure the others' work (docs/decisions/0030)."""
         self.clocks: dict[str, SkewedClock] = {}  # device -> its wall clock (scenarios move it)
         self.link_classes: dict[str, str] = {}  # device -> its link class, once a scenario changed it
         self.specs = list(specs)
@@ -157,6 +165,10 @@ class Fleet:
         self.credentials = {d: dict(keys) for d, keys in (credentials or {}).items()}
         self.labels = labels
         self.mirrors = list(mirrors or [])
+        if installs_at_once is not None and installs_at_once < 1:
+            raise ValueError("installs_at_once must be at least 1")
+        self.installs_at_once = installs_at_once
+        self._turns: asyncio.Semaphore | None = None  # made on the fleet's loop
         # the agents' answers to posted labels by status (matched, unknown, ...), and "dropped":
         # labels due while their device was off (its app was off too)
         self.label_counts: Counter[str] = Counter()
@@ -176,6 +188,7 @@ class Fleet:
         self.max_loop_lag = 0.0  # s: how late the shared loop ran a 0.1 s timer (simulator overload)
         self.rss_at_start = 0  # bytes, when start() was called (the fleet's growth is measured from here)
         self.rss_at_stop = 0  # bytes, when stop() was called (every agent still up)
+        self._gc = GcClock()  # this process's collections from the end of start() to stop()
 
     # -- lifecycle (caller's thread) ---------------------------------------
 
@@ -192,12 +205,21 @@ class Fleet:
         except BaseException:
             self.stop()
             raise
+        # Every agent's long-lived objects (clients, sessions, stores, trust) exist now and live as
+        # long as the fleet: moved out of the collector's generations, a full collection no longer
+        # walks them, each one a stall of every agent's loop at once (0.6 s of CPU at 1,000 agents,
+        # several seconds of wall on a loaded machine). What agents allocate from here on is
+        # collected as before; only cyclic garbage of an agent a reboot replaces is kept.
+        gc.freeze()
+        self._gc.start()  # the collections that matter: the rollout's and the serving fleet's
 
     def stop(self, timeout: float = 30.0) -> None:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
         self.rss_at_stop = rss_bytes()
+        self._gc.stop()
+        gc.unfreeze()
         if loop.is_running():
             with contextlib.suppress(Exception):
                 self.run(self._stop_all(), timeout=timeout)
@@ -311,6 +333,9 @@ class Fleet:
                     "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
                     "rss_per_device_kb": round((rss_end - self.rss_at_start) / n / 1024, 1),
                     "max_loop_lag_s": round(self.max_loop_lag, 2),
+                    # garbage collections while started, per generation: [count, seconds]
+                    "gc": self._gc.between(),
+                    "gc_longest_s": self._gc.longest(),
                 }
             ],
             labels=dict(self.label_counts),
@@ -368,10 +393,12 @@ class Fleet:
         # moved on by ``clock_jump`` (a scenario's fast-forward to a maintenance window). A reboot
         # keeps the device's clock.
         clock = self.clocks.setdefault(spec.device_id, SkewedClock(spec.clock_skew_s))
-        return Agent(config, self._trust, runtime_factory=runtime, clock=clock)
+        return Agent(config, self._trust, runtime_factory=runtime, clock=clock, admission=self._turns)
 
     async def _start_all(self) -> None:
         self._trust = TrustRoot.load_file(self.trust_path)
+        if self.installs_at_once is not None:
+            self._turns = asyncio.Semaphore(self.installs_at_once)
         for spec in self.specs:
             self.agents[spec.device_id] = self._make_agent(spec)
             if not spec.start_online:

@@ -99,6 +99,7 @@ class FleetPlan:
     credentials: dict[str, dict[str, Any]] = field(default_factory=dict)  # device -> agent mqtt_* keys
     labels: LabelPlan | None = None  # the devices' apps label some of their inferences
     mirrors: list[str] = field(default_factory=list)  # static delivery: where every device downloads
+    installs_at_once: int | None = None  # per process: turns at the installs' heavy steps (None: all)
 
     def build(self) -> Fleet:
         shared = SharedRuntimeFactory()
@@ -117,6 +118,7 @@ class FleetPlan:
             credentials=self.credentials,
             labels=self.labels,
             mirrors=self.mirrors,
+            installs_at_once=self.installs_at_once,
         )
 
     def split(self, parts: int) -> list[FleetPlan]:

@@ -302,6 +302,7 @@ class ScenarioRun:
             credentials=self.h.device_credentials([s.device_id for s in self.specs]),
             labels=self._label_plan(),
             mirrors=[self.h.mirror_url if m == NGINX_MIRROR else m for m in self.sc.fleet.mirrors],
+            installs_at_once=self.sc.fleet.installs_at_once,
         )
         if self.processes > 1:
             self.fleet = ProcessFleet(plan, self.processes, log_dir=self.workdir)

@@ -101,6 +101,11 @@ class FleetSpec(_Strict):
     # Mosquitto brokers the fleet is split over (fleet_server.shards): shard-0 .. shard-<N-1>, each
     # device on the one its id hashes to, the server on all of them. 1 = one broker, as ever.
     broker_shards: int = Field(1, ge=1, le=32)
+    # Installs each fleet process lets through its heavy steps at once (fetch and verify; load and
+    # acceptance check); the others wait their turn, which is not a timeout. None: all at once. A
+    # thousand agents share one loop and one core, where a real device has its own: see
+    # docs/decisions/0030-simulated-devices-take-turns.md.
+    installs_at_once: int | None = Field(None, ge=1)
 
     @property
     def shard_names(self) -> list[str]:

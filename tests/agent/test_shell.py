@@ -7,6 +7,7 @@ driven directly and fast, including a Hypothesis property over directive sequenc
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import tempfile
 import time
@@ -66,11 +67,12 @@ class Device:
 
 def _device(keydir: KeyDir, data: Path, loop: LoopThread, **config: Any) -> Device:
     dev = unique_id()
+    admission = config.pop("admission", None)
     cfg = AgentConfig(
         dev, HW, data, keydir.trust_path, telemetry_interval=config.pop("telemetry_interval", 0.2), **config
     )
     link, fetcher = MemoryLink(dev), MemoryFetcher()
-    agent = Agent(cfg, keydir.trust_root(), link=link, fetcher=fetcher)
+    agent = Agent(cfg, keydir.trust_root(), link=link, fetcher=fetcher, admission=admission)
     loop.run(agent.start())
     assert loop.run(agent.wait_connected(5))
     return Device(agent, link, fetcher, loop, keydir)
@@ -136,6 +138,45 @@ def test_an_unavailable_server_is_retried_within_the_budget(
     failed = d.wait_event(DS.FAILED, 2)
     assert failed.reason == "download_failed" and "503" in (failed.detail or "")
     assert d.agent.infer(X).model_sha256 == a.sha256
+
+
+class Turns:
+    """One turn at a time, shared by agents on one loop, counting who held it and how many at once."""
+
+    def __init__(self) -> None:
+        self.sem = asyncio.Semaphore(1)
+        self.holders = self.most = self.turns = 0
+
+    async def __aenter__(self) -> None:
+        await self.sem.acquire()
+        self.holders += 1
+        self.turns += 1
+        self.most = max(self.most, self.holders)
+
+    async def __aexit__(self, *exc: object) -> None:  # any exception passes on
+        self.holders -= 1
+        self.sem.release()
+
+
+def test_agents_sharing_a_cpu_take_turns_and_a_wait_is_not_the_delivery_budget(
+    device: Callable[..., Device], two_bundles: tuple[Bundle, Bundle], loop_thread: LoopThread
+) -> None:
+    """The simulator's agents share one core: an install waits for its turn at the heavy steps
+    without reporting anything, and the wait is not spent from its delivery retry budget."""
+    a, _ = two_bundles
+    turns = Turns()
+    first, second = device(admission=turns), device(admission=turns, delivery_retry_s=0.5)
+    loop_thread.run(turns.sem.acquire())  # someone else's install holds the only turn
+    first.direct(1, a)
+    second.fetcher.away[f"mem://e/{a.sha256}"] = 1  # one retry needed, well inside 0.5 s of budget
+    second.direct(1, a)
+    time.sleep(1.5)  # three budgets' worth of waiting
+    assert first.events() == [] and second.events() == []  # nothing began, nothing failed
+    loop_thread.loop.call_soon_threadsafe(turns.sem.release)
+    first.wait_event(DS.SERVING, 1)
+    second.wait_event(DS.SERVING, 1)
+    assert not [e for d in (first, second) for e in d.events() if e.reason]
+    assert turns.most == 1 and turns.turns == 4  # fetch + verify, then load + check, for each
 
 
 def test_refusals_and_failures_keep_the_model(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import resource
 from pathlib import Path
 
@@ -26,10 +27,13 @@ def test_twenty_agents_install_a_directive(
     fleet = Fleet(
         specs, broker_info, keydir.trust_path, tmp_path / "fleet", workload_hz=20.0, sample_inputs=samples,
         credentials=fleet_mqtt_keys(broker_info, [s.device_id for s in specs]),
+        installs_at_once=4,  # the 20 take turns, four at a time
     )  # fmt: skip
     fleet.start()
     try:
         assert all(s["connected"] for s in fleet.snapshot().values())
+        # the started agents are out of the collector's generations: a full collection skips them
+        assert gc.get_freeze_count() > 0
         fleet_key = keydir.key("fleet")
         for spec in specs:
             observer.publish(
@@ -60,6 +64,9 @@ def test_twenty_agents_install_a_directive(
         )
     finally:
         fleet.stop()
+    assert gc.get_freeze_count() == 0  # a stopped fleet's objects are collectable again
+    proc = fleet.totals().processes[0]
+    assert proc["gc"]["0"][0] > 0 and proc["gc_longest_s"] > 0  # young collections, clocked
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"max RSS grew {(rss_after - rss_before) / 1024:.1f} MB for 20 agents")
 

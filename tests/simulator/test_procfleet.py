@@ -70,6 +70,7 @@ def test_two_worker_processes_run_one_fleet(
     assert totals.metric_total("telemetry_batches") > 0
     assert [p["devices"] for p in totals.processes] == [2, 2]
     assert all(p["peak_rss_mb"] > 0 for p in totals.processes)
+    assert all(p["gc"]["0"][0] > 0 for p in totals.processes)  # each worker clocks its own collector
     assert (tmp_path / "fleet-worker-0.log").exists()
     with pytest.raises(WorkerError):
         fleet.crash(a)  # the workers are gone

@@ -85,6 +85,10 @@ def test_small_overrides_are_deep_merged() -> None:
         ({"expect": [{"check": "devices_running", "model": "v1", "group": "g"}]}, "group 'g'"),
         ({"fleet": {"devices": 5, "mirrors": ["cdn.example"], "classes": [{"name": "a"}]}}, "http(s)://"),
         ({"fleet": {"devices": 5, "mirrors": ["nginx", "nginx"], "classes": [{"name": "a"}]}}, "twice"),
+        (
+            {"fleet": {"devices": 5, "installs_at_once": 0, "classes": [{"name": "a"}]}},
+            "fleet.installs_at_once",
+        ),
     ],
 )
 def test_bad_scenarios_are_refused_with_the_key_named(change: dict[str, Any], message: str) -> None:
