@@ -1,5 +1,6 @@
 """A device that cannot fetch the release, through a real server and broker: retried by default,
-then the rollout holds (gate ``delivery``) instead of rolling back, and a human approves."""
+then the rollout holds (gate ``delivery``) instead of rolling back, and a human approves; or, once
+the delivery path is fixed, resumes, and the devices that could not fetch it are sent it again."""
 
 from __future__ import annotations
 
@@ -9,9 +10,16 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import Engine, insert
+from sqlmodel import select
 
 from device_agent import protocol
+from fleet_server.engine import RESENT_ON_RESUME, assignment_order, decide
+from fleet_server.models import Device, Model, Rollout, RolloutDecision, RolloutDevice, utcnow
+from fleet_server.rollouts import find_rollout, operator_action
 from fleet_server.runner import ServerThread
+from fleet_server.store import new_session
+from fleet_server.ticker import rollout_snapshot, snapshot
 from signing.keyring import KeyDir
 
 from .conftest import FakeDevice, wait_for
@@ -97,8 +105,8 @@ def held_by_the_mirror(
 
 
 def test_resume_after_a_delivery_hold_sends_the_release_again_and_the_rollout_completes(
+    database_url: str | None,  # before make_server: the database is dropped after the server stopped
     make_server: Callable[..., ServerThread],
-    database_url: str | None,
     keydir: KeyDir,
     tmp_path: Path,
     fake_device: Callable[[str], FakeDevice],
@@ -154,3 +162,70 @@ def test_approve_after_a_delivery_hold_sends_nothing_again(
     final = wait_for(lambda: (s := status(client, rid))["state"] == "completed" and s)
     assert [final["devices"][f"rd-{i}"] for i in range(3)] == ["failed"] * 3
     assert all(len(directives(dev, keydir)) == 1 for dev in devs.values())
+
+
+def test_resume_writes_the_devices_sent_again_and_the_released_class_the_engine_then_notifies(
+    store: Engine,
+) -> None:
+    """The resume's rows on SQLite and PostgreSQL, read back by the ticker's snapshot: the devices
+    that could not fetch wait for an immediate retry as attempt 1, the paused class's held devices
+    are pending again, and the engine's next tick sends the release to all of them."""
+    now = utcnow()
+    rows = {  # device: (hardware id, state, reason)
+        "p0": ("rpi4", "failed", "delivery_unavailable: GET /m: HTTP 503"),
+        "p1": ("rpi4", "failed", "load_failed: unsupported op"),
+        "p2": ("rpi4", "held", "cohort 'rpi4' paused: 1 of 2 devices could not fetch the release"),
+        "j0": ("jetson", "done", "serving the rollout model"),
+        "j1": ("jetson", "failed", "download_incomplete: 10 of 99 bytes"),
+        "j2": ("jetson", "timed_out", "timed_out: no success within 600s"),
+        "k0": ("kiosk", "rolled_back", "rolled back with 'kiosk'"),
+        "k1": ("kiosk", "failed", "delivery_unavailable"),
+        "k2": ("kiosk", "held", "cohort 'kiosk' rolled back: ..."),
+    }
+    with store.begin() as c:
+        c.execute(insert(Model.__table__), [{  # type: ignore[attr-defined]
+            "id": 1, "name": "m", "version": "1", "release": 1, "target": "arm64-cpu",
+            "hardware_ids": ["rpi4", "jetson", "kiosk"], "sha256": "a" * 64, "length": 1, "manifest": {},
+            "storage_path": "/x", "created_at": now}])  # fmt: skip
+        c.execute(insert(Device.__table__), [{  # type: ignore[attr-defined]
+            "id": d, "hardware_id": hw, "tags": {}, "registered_at": now, "desired_seq": 3}
+            for d, (hw, _, _) in rows.items()])  # fmt: skip
+        c.execute(insert(Rollout.__table__), [{  # type: ignore[attr-defined]
+            "id": "r", "model_id": 1, "model_ref": "m:1", "model_sha256": "a" * 64, "selector": {},
+            "stages": [50, 100], "soak_seconds": 0, "device_timeout_seconds": 3600, "max_error_rate": 0.05,
+            "min_inferences": 1, "max_failure_rate": 0.5, "state": "paused", "current_stage": 1,
+            "stage_ready_at": now, "stage_unit": "percent", "policy": {}, "approved_through": -1,
+            "rollback_requested": False, "created_at": now, "updated_at": now}])  # fmt: skip
+        c.execute(insert(RolloutDevice.__table__), [{  # type: ignore[attr-defined]
+            "rollout_id": "r", "device_id": d, "order_key": assignment_order("r", d),
+            "stage": None if s == "held" else 0, "state": s, "seq": None if s == "held" else 3,
+            "notified_at": None if s == "held" else now, "attempts": 0 if s == "held" else 3,
+            "reason": why, "updated_at": now} for d, (_, s, why) in rows.items()])  # fmt: skip
+    with new_session(store) as session:
+        rollout = operator_action(session, find_rollout(session, "r", for_update=True), "resume")
+        session.commit()
+    with new_session(store) as session:
+        rollout = session.get_one(Rollout, "r")
+        assert rollout.state == "running" and rollout.stage_ready_at is None
+        (decision,) = session.exec(select(RolloutDecision).where(RolloutDecision.rollout_id == "r")).all()
+        assert decision.reason == (
+            "operator: resume; 2 devices that could not fetch the release are sent it again;"
+            " 1 held device released (a paused hardware class)"
+        )
+        assert decision.figures == {"from": "paused", "stage": 1, "redelivered": 2, "released": 1}
+        stored = {rd.device_id: rd for rd in session.exec(select(RolloutDevice)).all()}
+        assert {d: rd.state for d, rd in stored.items()} == {
+            **{d: s for d, (_, s, _) in rows.items()},
+            "p0": "retry_wait",
+            "j1": "retry_wait",
+            "p2": "pending",
+        }
+        assert stored["p0"].attempts == 0 and stored["p0"].retry_at is not None
+        assert stored["p0"].reason == f"{RESENT_ON_RESUME} (was failed: {rows['p0'][2]})"
+        assert stored["p1"].attempts == 3 and stored["p1"].reason == rows["p1"][2]
+        devices, _ = snapshot(session, rollout)
+        plan = decide(rollout_snapshot(rollout), devices, utcnow())
+    assert [(c.device_id, c.state, c.attempts) for c in plan.notify if c.reason == RESENT_ON_RESUME] == [
+        (d, "notified", 1) for d in sorted(["p0", "j1"], key=lambda d: assignment_order("r", d))
+    ]
+    assert {c.device_id for c in plan.notify} == {"p0", "j1", "p2"} and plan.roll_back == []
