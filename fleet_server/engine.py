@@ -34,7 +34,8 @@ rule that tried an undesigned move would raise rather than write it.
   checked while paused too: pausing stops assignment, not protection. Devices
   that could not fetch the release (a delivery failure class) are retried by
   default and, once failed, pause the rollout rather than roll it back when
-  only they make an install gate trip (``delivery_action``).
+  only they make an install gate trip (``delivery_action``). A human who resumes the paused
+  rollout sends them the release again (``redelivery``: back to ``retry_wait``, due at once).
 - The gates are judged per cohort (devices of one hardware id: a model may fail
   on one class of hardware only) and pooled over the cohorts still going. A
   cohort that fails alone is rolled back or paused alone and its unassigned
