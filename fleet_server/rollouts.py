@@ -231,10 +231,10 @@ def _resume(session: Session, rollout: Rollout, target: RS) -> Rollout:
 
     Which devices is the engine's pure ``redelivery`` (their state, stored reason and hardware
     class); here it is read and written. Only the devices it may concern are read (failed, held,
-    rolled back: a few rows, not the rollout's 10,000), and written by primary key in one
-    statement each. The engine sends the release on its next tick through its retry path, within
-    the rate limit. A stage that had finished (soaking) has devices on their way again: its soak
-    starts again once they are done, so the devices sent again are soaked too.
+    rolled back; never the whole rollout), and written by primary key, one executemany each. The
+    engine sends the release on its next tick through its retry path, within the rate limit. A
+    stage that had finished (soaking) has devices on their way again: its soak starts again once
+    they are done, so the devices sent again are soaked too.
     """
     now = utcnow()
     rows = (

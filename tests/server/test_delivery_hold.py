@@ -201,7 +201,7 @@ def test_a_paused_delivery_hold_is_approved_by_a_human_and_the_rollout_goes_on()
     devices = [serving(d) if d.stage == 0 and d.event_failure is None else d for d in devices]
     r, devices, plan = tick(r, devices, T0)
     assert r.state == RS.PAUSED and plan.decisions[-1].figures["gate"] == "delivery"
-    # resume alone: the failed device stays failed, so the hold trips again
+    # running again with the failed device still failed (nothing sent again): the hold trips again
     resumed = dataclasses.replace(r, state=RS.RUNNING)
     assert tick(resumed, devices, T0)[0].state == RS.PAUSED
     # approve accepts the stage: the next one starts, the failed device is not sent the model again
