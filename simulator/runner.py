@@ -650,15 +650,22 @@ class ScenarioRun:
         does: the server answers with the rollout, and a refusal (409: not allowed in its state)
         fails the step with the server's word for it."""
         assert s.rollout is not None and s.op is not None
+        before = self._get_rollout(s.rollout, devices=False) or {}
+        seen = len(before.get("decisions") or [])
         resp = self._api.post(f"/api/v1/rollouts/{self.rollouts[s.rollout]}/{s.op}")
         if resp.status_code >= 400:
             raise StepFailed(
                 f"rollout {s.rollout}: {s.op}: server answered {resp.status_code}: {resp.text[:300]}"
             )
         status = resp.json()
-        # its reason when the last decision is of its kind (a repeat is a no-op and writes none)
-        last = (status.get("decisions") or [{}])[-1]
-        said = f": {last.get('reason')}" if last.get("action") in (s.op, f"{s.op}_requested") else ""
+        # what the action wrote (a repeat is a no-op and writes nothing), e.g. how many devices a
+        # resume after a delivery hold sends the release again
+        wrote = [
+            d.get("reason")
+            for d in (status.get("decisions") or [])[seen:]
+            if d.get("action") in (s.op, f"{s.op}_requested")
+        ]
+        said = f": {wrote[-1]}" if wrote else ""
         self._event(f"operator: {s.op} rollout {s.rollout} -> {status.get('state')}{said}")
 
     def _get_rollout(self, key: str, devices: bool = True) -> dict[str, Any] | None:

@@ -4,8 +4,10 @@ the delivery path is fixed, resumes, and the devices that could not fetch it are
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -21,6 +23,8 @@ from fleet_server.runner import ServerThread
 from fleet_server.store import new_session
 from fleet_server.ticker import rollout_snapshot, snapshot
 from signing.keyring import KeyDir
+from simulator.runner import ScenarioRun, StepFailed
+from simulator.scenario import parse_scenario
 
 from .conftest import FakeDevice, wait_for
 from .test_rollout_flow import directives, serve, status
@@ -229,3 +233,47 @@ def test_resume_writes_the_devices_sent_again_and_the_released_class_the_engine_
         (d, "notified", 1) for d in sorted(["p0", "j1"], key=lambda d: assignment_order("r", d))
     ]
     assert {c.device_id for c in plan.notify} == {"p0", "j1", "p2"} and plan.roll_back == []
+
+
+def test_a_scenario_step_plays_the_operator_who_resumes_after_the_hold(
+    server: ServerThread,
+    client: httpx.Client,
+    keydir: KeyDir,
+    tmp_path: Path,
+    fake_device: Callable[[str], FakeDevice],
+) -> None:
+    """The simulator's ``operate`` step, run by the scenario runner against a real server: hold ->
+    (the mirror fixed) -> resume sends the release again; a refused action fails the step."""
+    rid, devs = held_by_the_mirror(client, keydir, tmp_path, fake_device)
+    scenario = parse_scenario(
+        {
+            "name": "hold-resume",
+            "fleet": {"devices": 1, "classes": [{"name": "rpi4"}]},
+            "models": {"v2": {"version": "2"}},
+            "steps": [
+                {"action": "rollout", "id": "update", "model": "v2", "stages": [100]},
+                {"action": "operate", "rollout": "update", "op": "resume"},
+                {"action": "operate", "rollout": "update", "op": "resume"},
+            ],
+            "expect": [{"check": "rollout_state", "rollout": "update", "states": ["completed"]}],
+        }
+    )
+    token = (tmp_path / "server-data" / "admin.token").read_text().strip()  # the server's bootstrap token
+    run = ScenarioRun(scenario, SimpleNamespace(server_url=server.url, admin_token=token), tmp_path)
+    try:
+        run.rollouts["update"] = rid  # as its rollout step would have recorded it
+        deadline = time.monotonic() + 30
+        run._run_step(scenario.steps[1], deadline)
+        assert run.result.events[-1][1] == (
+            "operator: resume rollout update -> running: operator: resume; 2 devices that could not fetch"
+            " the release are sent it again"
+        )
+        wait_for(lambda: all(len(directives(devs[k], keydir)) == 2 for k in ("rd-0", "rd-1")))
+        run._run_step(scenario.steps[2], deadline)  # a repeat: nothing more
+        assert run.result.events[-1][1] == "operator: resume rollout update -> running"
+        assert status(client, rid)["state"] == "running"
+        client.post(f"/api/v1/rollouts/{rid}/abort")
+        with pytest.raises(StepFailed, match="resume: server answered 409"):
+            run._run_step(scenario.steps[1], deadline)
+    finally:
+        run._api.close()
