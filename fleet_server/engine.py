@@ -34,7 +34,8 @@ rule that tried an undesigned move would raise rather than write it.
   checked while paused too: pausing stops assignment, not protection. Devices
   that could not fetch the release (a delivery failure class) are retried by
   default and, once failed, pause the rollout rather than roll it back when
-  only they make an install gate trip (``delivery_action``).
+  only they make an install gate trip (``delivery_action``). A human who resumes the paused
+  rollout sends them the release again (``redelivery``: back to ``retry_wait``, due at once).
 - The gates are judged per cohort (devices of one hardware id: a model may fail
   on one class of hardware only) and pooled over the cohorts still going. A
   cohort that fails alone is rolled back or paused alone and its unassigned
@@ -305,6 +306,86 @@ def _failure(d: DeviceSnapshot, r: RolloutSnapshot, now: datetime, ingest_lag: f
     return None
 
 
+RESENT_ON_RESUME = "sent the release again: the rollout resumed after a delivery hold"
+RELEASED_ON_RESUME = "cohort released: the rollout resumed after a delivery hold"
+
+
+@dataclass(frozen=True)
+class Redelivery:
+    """What resuming a paused rollout does to its devices (``redelivery``).
+
+    ``resent``: devices that could not fetch the release, back to ``retry_wait`` with ``retry_at``
+    the resume and no attempt made (``attempts`` 0): the engine's retry path sends them the
+    release on its next tick as attempt 1, so they get the policy's delivery retries anew.
+    ``released``: the ``held`` devices of the paused hardware classes those devices belong to,
+    back to ``pending``.
+    """
+
+    resent: list[DeviceChange]
+    released: list[DeviceChange]
+
+    @property
+    def changes(self) -> list[DeviceChange]:
+        return [*self.resent, *self.released]
+
+    def apply(self, devices: Sequence[DeviceSnapshot]) -> list[DeviceSnapshot]:
+        """``devices`` as the resume writes them back (same order), as ``apply_plan`` does for a tick."""
+        by_id = {c.device_id: c for c in self.changes}
+        resent = {c.device_id for c in self.resent}
+        out = []
+        for d in devices:
+            c = by_id.get(d.device_id)
+            if c is None:
+                out.append(d)
+                continue
+            attempts = c.attempts if d.device_id in resent else d.attempts
+            out.append(
+                dataclasses.replace(d, state=c.state, reason=c.reason, retry_at=c.retry_at, attempts=attempts)
+            )
+        return out
+
+
+def redelivery(devices: Sequence[DeviceSnapshot], now: datetime) -> Redelivery:
+    """The devices a resume of a paused rollout sends the release again, and the devices it releases.
+
+    A device ``failed`` with a delivery class (``policy.DELIVERY_FAILURES``, read from its stored
+    reason) judged nothing about the model: the mirror, CDN or link could not hand the release
+    over. Once a human has fixed that and resumes, leaving it failed would only pause the rollout
+    again on the next tick, its failure still counted. Every other failure (the model's own,
+    ``timed_out``: it may have fetched the model and hung on it, security verdicts on what was
+    fetched) stays final. A cohort rolled back keeps its devices where they are.
+
+    A hardware class paused by a gate holds its unassigned devices (``held``), and a held class is
+    halted: the engine sends its devices nothing, not even a retry. So the held devices of every
+    class that has a device sent again are released too. That cannot let a failing model through:
+    the gates judge the class again on the next tick, before anything is assigned, and hold it
+    again if a pausing gate other than the delivery hold still fails.
+    """
+    rolled = {d.hardware_id for d in devices if d.state == ROLLED_BACK}
+    ordered = sorted(devices, key=lambda d: d.device_id)
+    resent = [
+        DeviceChange(
+            d.device_id,
+            DEVICE.move(d.state, DT.REDELIVER),
+            f"{RESENT_ON_RESUME} (was failed: {d.reason})",
+            retry_at=now,
+            attempts=0,
+        )
+        for d in ordered
+        if d.state == FAILED
+        and d.hardware_id not in rolled
+        and gates.failure_class(d.reason) in DELIVERY_FAILURES
+    ]
+    again = {c.device_id for c in resent}
+    classes = {d.hardware_id for d in ordered if d.device_id in again}
+    released = [
+        DeviceChange(d.device_id, DEVICE.move(d.state, DT.RELEASE), RELEASED_ON_RESUME)
+        for d in ordered
+        if d.state == HELD and d.hardware_id in classes
+    ]
+    return Redelivery(resent, released)
+
+
 def observe(
     d: DeviceSnapshot, r: RolloutSnapshot, now: datetime, ingest_lag: float = 0.0
 ) -> DeviceChange | None:
@@ -463,10 +544,9 @@ def decide(
             if budget is not None and budget <= 0:
                 break
             state[d.device_id] = DEVICE.move(state[d.device_id], retry)
+            why = f"retry {d.attempts}" if d.attempts else RESENT_ON_RESUME
             plan.notify.append(
-                DeviceChange(
-                    d.device_id, state[d.device_id], f"retry {d.attempts}", d.stage, attempts=d.attempts + 1
-                )
+                DeviceChange(d.device_id, state[d.device_id], why, d.stage, attempts=d.attempts + 1)
             )
             budget = None if budget is None else budget - 1
 

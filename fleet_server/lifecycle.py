@@ -90,6 +90,7 @@ class DeviceTrigger(StrEnum):
     TIME_OUT = "time_out"
     HOLD = "hold"
     RELEASE = "release"
+    REDELIVER = "redeliver"
     ROLL_BACK = "roll_back"
 
 
@@ -204,7 +205,8 @@ ROLLOUT: Lifecycle[RolloutState, RolloutTrigger] = Lifecycle(
         " stops assignment, not protection",
         RT.PAUSE: "operator: no new devices are notified (repeated: no-op)",
         RT.RESUME: "operator: assignment goes on; a pausing gate that still fails pauses again"
-        " (repeated: no-op)",
+        " (repeated: no-op); from paused, the devices that could not fetch the release are sent it"
+        " again",
         RT.APPROVE: "operator: accepts the current stage, passing a manual gate or overriding a pausing one",
         RT.ABORT: "operator: nothing more is sent; devices keep what they run (repeated: no-op)",
         RT.ROLLBACK: "operator asks, the engine leader carries it out on its next tick: every device"
@@ -237,7 +239,7 @@ DEVICE: Lifecycle[DeviceRolloutState, DeviceTrigger] = Lifecycle(
         DS.WAITING: {DT.PROCEED: DS.INSTALLING, DT.SERVING_PROOF: DS.DONE, **_FAILURES},
         DS.RETRY_WAIT: {DT.RETRY: DS.NOTIFIED, DT.RETRY_SHADOW: DS.SHADOWING, DT.ROLL_BACK: DS.ROLLED_BACK},
         DS.DONE: {DT.ROLL_BACK: DS.ROLLED_BACK},
-        DS.FAILED: {DT.ROLL_BACK: DS.ROLLED_BACK},
+        DS.FAILED: {DT.REDELIVER: DS.RETRY_WAIT, DT.ROLL_BACK: DS.ROLLED_BACK},
         DS.TIMED_OUT: {DT.ROLL_BACK: DS.ROLLED_BACK},
         DS.ROLLED_BACK: {},
     },
@@ -245,7 +247,8 @@ DEVICE: Lifecycle[DeviceRolloutState, DeviceTrigger] = Lifecycle(
         DT.ASSIGN: "its stage starts: a directive with the rollout model is published",
         DT.ASSIGN_SHADOW: "its stage starts under a shadow gate: the model runs beside its own, never served",
         DT.HOLD: "its hardware class (cohort) was halted by a gate; it is not assigned",
-        DT.RELEASE: "a human approved the stage: a paused cohort's devices may be assigned again",
+        DT.RELEASE: "a human approved the stage, or resumed the rollout after a delivery hold: a paused"
+        " cohort's devices may be assigned again",
         DT.PROMOTE: "the rollout's shadow agreement passed with its minimum sample: the model for real",
         DT.FAIL_RETRYABLE: "failed, rejected, reverted or timed out, and its failure class has retries left",
         DT.FAIL: "failed, rejected or reverted for the directive's seq, no retries left",
@@ -261,6 +264,8 @@ DEVICE: Lifecycle[DeviceRolloutState, DeviceTrigger] = Lifecycle(
         " one successful inference with it",
         DT.RETRY: "the backoff elapsed: the model again, in a directive with a higher seq",
         DT.RETRY_SHADOW: "the backoff elapsed while the rollout still shadows first",
+        DT.REDELIVER: "a human resumed the paused rollout and its failure class is a delivery failure"
+        " (it could not fetch the release): sent it again at once, with the delivery retries anew",
     },
 )
 

@@ -175,7 +175,9 @@ class RolloutDevice(SQLModel, table=True):
     notified_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     previous_sha256: str | None = None
     previous_model_id: int | None = None
-    attempts: int = 0  # directives sent with the rollout model (1 + retries)
+    # Directives sent with the rollout model (1 + retries); counted anew from 0 when a resume sends
+    # the release again to a device that could not fetch it (engine.redelivery).
+    attempts: int = 0
     retry_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     reason: str | None = None

@@ -27,12 +27,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, exists, func, insert, or_
+from sqlalchemy import case, exists, func, insert, or_, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from fleet_server import policy
-from fleet_server.engine import assignment_order, stage_target
+from fleet_server.engine import DeviceSnapshot, Redelivery, assignment_order, redelivery, stage_target
 from fleet_server.errors import Conflict, DomainError, Invalid, NotFound
 from fleet_server.lifecycle import OPERATOR_ACTIONS, ROLLOUT, IllegalMove, RolloutTrigger
 from fleet_server.lifecycle import DeviceRolloutState as DS
@@ -197,6 +197,8 @@ def operator_action(session: Session, rollout: Rollout, action: str) -> Rollout:
         return _request_rollback(session, rollout, target)
     if trigger == RolloutTrigger.APPROVE:
         return _approve(session, rollout, target)
+    if trigger == RolloutTrigger.RESUME and rollout.state == RS.PAUSED:
+        return _resume(session, rollout, target)
     if target == rollout.state:
         return rollout
     _audit(session, rollout, action, f"operator: {action}")
@@ -224,6 +226,91 @@ def _approve(session: Session, rollout: Rollout, target: RS) -> Rollout:
     return rollout
 
 
+def _resume(session: Session, rollout: Rollout, target: RS) -> Rollout:
+    """Resume a paused rollout, sending the release again to its devices that could not fetch it.
+
+    Which devices is the engine's pure ``redelivery`` (their state, stored reason and hardware
+    class); here it is read and written. Only the devices it may concern are read (failed, held,
+    rolled back; never the whole rollout), and written by primary key, one executemany each. The
+    engine sends the release on its next tick through its retry path, within the rate limit. A
+    stage that had finished (soaking) has devices on their way again: its soak starts again once
+    they are done, so the devices sent again are soaked too.
+    """
+    now = utcnow()
+    rows = (
+        session.connection()
+        .execute(
+            sa_select(
+                col(RolloutDevice.id),
+                col(RolloutDevice.device_id),
+                col(RolloutDevice.state),
+                col(RolloutDevice.reason),
+                col(Device.hardware_id),
+            )
+            .join(Device, col(Device.id) == col(RolloutDevice.device_id))
+            .where(
+                col(RolloutDevice.rollout_id) == rollout.id,
+                col(RolloutDevice.state).in_((DS.FAILED, DS.HELD, DS.ROLLED_BACK)),
+            )
+        )
+        .all()
+    )
+    again = redelivery(
+        [
+            DeviceSnapshot(
+                device_id=r.device_id, state=DS(r.state), reason=r.reason, hardware_id=r.hardware_id
+            )
+            for r in rows
+        ],
+        now,
+    )
+    pk = {r.device_id: r.id for r in rows}
+    if again.resent:
+        session.execute(
+            update(RolloutDevice),
+            [
+                {
+                    "id": pk[c.device_id],
+                    "state": c.state,
+                    "reason": c.reason,
+                    "retry_at": c.retry_at,
+                    "attempts": c.attempts,
+                    "timeout_from": None,
+                    "updated_at": now,
+                }
+                for c in again.resent
+            ],
+        )
+        rollout.stage_ready_at = None
+    if again.released:
+        session.execute(
+            update(RolloutDevice),
+            [
+                {"id": pk[c.device_id], "state": c.state, "reason": c.reason, "updated_at": now}
+                for c in again.released
+            ],
+        )
+    reason, figures = _resume_note(again)
+    _audit(session, rollout, "resume", reason, figures)
+    rollout.state, rollout.updated_at = target, now
+    session.add(rollout)
+    return rollout
+
+
+def _resume_note(again: Redelivery) -> tuple[str, dict[str, Any]]:
+    """The resume's audit reason and figures: how many devices are sent the release again."""
+    n, held = len(again.resent), len(again.released)
+    reason = "operator: resume"
+    if n:
+        reason += (
+            f"; {n} device{'s' if n != 1 else ''} that could not fetch the release"
+            f" {'are' if n != 1 else 'is'} sent it again"
+        )
+    if held:
+        reason += f"; {held} held device{'s' if held != 1 else ''} released (a paused hardware class)"
+    return reason, {"redelivered": n, "released": held}
+
+
 def _holds_devices(session: Session, rollout: Rollout) -> bool:
     """Whether a gate holds some of the rollout's devices back until a human approves the stage."""
     held = select(RolloutDevice).where(RolloutDevice.rollout_id == rollout.id, RolloutDevice.state == DS.HELD)
@@ -244,14 +331,16 @@ def _request_rollback(session: Session, rollout: Rollout, target: RS) -> Rollout
     return rollout
 
 
-def _audit(session: Session, rollout: Rollout, action: str, reason: str) -> None:
+def _audit(
+    session: Session, rollout: Rollout, action: str, reason: str, figures: dict[str, Any] | None = None
+) -> None:
     session.add(
         RolloutDecision(
             rollout_id=rollout.id,
             ts=utcnow(),
             action=action,
             reason=reason,
-            figures={"from": rollout.state, "stage": rollout.current_stage},
+            figures={"from": rollout.state, "stage": rollout.current_stage, **(figures or {})},
         )
     )
 

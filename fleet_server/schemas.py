@@ -409,7 +409,10 @@ class RolloutDeviceOut(BaseModel):
     device_id: str = Field(description="the device's id")
     state: str = Field(description=f"one of {ROLLOUT_DEVICE_STATES}")
     stage: int | None = Field(description="index of the stage that assigned it; null while unassigned")
-    attempts: int = Field(description="directives sent to it with the rollout's model (1 + retries)")
+    attempts: int = Field(
+        description="directives sent to it with the rollout's model (1 + retries); counted anew when a"
+        " resume sends the release again to a device that could not fetch it (0 until it is sent)"
+    )
     reason: str | None = Field(description="why it is in its state (a reason code); null when nothing to say")
     updated_at: datetime = Field(description="when its state last changed (UTC)")
 

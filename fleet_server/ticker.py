@@ -207,7 +207,8 @@ def snapshot(
                 inferences=agg.inferences if agg else 0,
                 errors=agg.errors if agg else 0,
                 hardware_id=rd.hardware_id,
-                attempts=max(rd.attempts, 1),
+                # 0 only for a device a resume sends the release again: its next directive is attempt 1
+                attempts=rd.attempts if rd.state == DS.RETRY_WAIT else max(rd.attempts, 1),
                 retry_at=rd.retry_at,
                 latency_buckets=tuple(agg.latency_buckets) if agg and sketches else (),
                 output_hist=tuple(agg.output_hist) if agg and sketches else (),

@@ -491,6 +491,8 @@ class ScenarioRun:
             self._wait_state(s, timeout_at)
         elif s.action == "wait_rollout_devices":
             self._wait_rollout_devices(s, timeout_at)
+        elif s.action == "operate":
+            self._operate(s)
         elif s.action == "restart_broker":
             away = self.h.restart_broker(s.down_seconds, s.shards, s.kill)
             which = f"broker {','.join(s.shards)}" if s.shards else "broker"
@@ -643,6 +645,29 @@ class ScenarioRun:
                     return
             time.sleep(0.2)
         raise StepFailed(f"rollout {s.rollout}: only {have} of {need} devices {s.states} in time")
+
+    def _operate(self, s: Step) -> None:
+        """The operator acts on the rollout through the server's API, as ``edgefleet rollouts {op}``
+        does: the server answers with the rollout, and a refusal (409: not allowed in its state)
+        fails the step with the server's word for it."""
+        assert s.rollout is not None and s.op is not None
+        before = self._get_rollout(s.rollout, devices=False) or {}
+        seen = len(before.get("decisions") or [])
+        resp = self._api.post(f"/api/v1/rollouts/{self.rollouts[s.rollout]}/{s.op}")
+        if resp.status_code >= 400:
+            raise StepFailed(
+                f"rollout {s.rollout}: {s.op}: server answered {resp.status_code}: {resp.text[:300]}"
+            )
+        status = resp.json()
+        # what the action wrote (a repeat is a no-op and writes nothing), e.g. how many devices a
+        # resume after a delivery hold sends the release again
+        wrote = [
+            d.get("reason")
+            for d in (status.get("decisions") or [])[seen:]
+            if d.get("action") in (s.op, f"{s.op}_requested")
+        ]
+        said = f": {wrote[-1]}" if wrote else ""
+        self._event(f"operator: {s.op} rollout {s.rollout} -> {status.get('state')}{said}")
 
     def _get_rollout(self, key: str, devices: bool = True) -> dict[str, Any] | None:
         """The rollout's status; ``devices=False``: without the per-device maps (a wait polls it

@@ -200,6 +200,7 @@ Action = Literal[
     "set_link",
     "wait_state",
     "wait_rollout_devices",
+    "operate",
 ]
 
 _NEEDS: dict[str, tuple[str, ...]] = {
@@ -223,7 +224,11 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "set_link": ("link_class",),
     "wait_state": ("state",),
     "wait_rollout_devices": ("rollout", "states"),
+    "operate": ("rollout", "op"),
 }
+# What an ``operate`` step may do to a rollout: the operator's actions of the server's API
+# (``POST /api/v1/rollouts/{id}/{op}``, docs/rollouts.md "Operations"), as the scenario plays them.
+OPERATOR_OPS = ("pause", "resume", "approve", "abort", "rollback")
 WHEN_STATE_ACTIONS = ("crash", "power_off", "partition", "fill_disk")
 # Steps that pick devices and remember them under ``group`` for later steps.
 DEVICE_ACTIONS = frozenset(
@@ -298,6 +303,9 @@ class Step(_Strict):
     link_class: Literal["unmetered", "metered"] | None = None
     # wait_state: ``share`` of hw_class's devices (or all) report the deployment state ``state``
     state: str | None = None
+    # operate: what the operator does to ``rollout`` (one of OPERATOR_OPS), e.g. resume once a
+    # fault step healed the delivery path. A str checked here, so an unknown op is named.
+    op: str | None = None
 
     @model_validator(mode="after")
     def _fields_for_action(self) -> Step:
@@ -311,6 +319,10 @@ class Step(_Strict):
                 raise ValueError("stages must be percents in (0, 100]")
             if any(b <= a for a, b in zip(self.stages, self.stages[1:], strict=False)):
                 raise ValueError("stages must be strictly increasing")
+        if self.op is not None and self.action != "operate":
+            raise ValueError("op applies to operate only")
+        if self.op is not None and self.op not in OPERATOR_OPS:
+            raise ValueError(f"unknown op {self.op!r}; known: {', '.join(OPERATOR_OPS)}")
         if self.when_state is not None and self.action not in WHEN_STATE_ACTIONS:
             raise ValueError("when_state applies to crash, power_off, partition and fill_disk only")
         return self
@@ -535,6 +547,7 @@ def skew_of(cls: HardwareClass, seed: int, n: int) -> float:
 
 
 __all__ = [
+    "OPERATOR_OPS",
     "Expectation",
     "LabelsSpec",
     "Scenario",

@@ -362,7 +362,7 @@ def rollouts_pause(
 def rollouts_resume(
     rollout_id: RolloutIdArg, server: ServerOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 ) -> None:
-    """Resume a paused rollout."""
+    """Resume a paused rollout; devices that could not fetch the release are sent it again."""
     _rollout_action("resume", rollout_id, server, token, as_json)
 
 

@@ -28,7 +28,8 @@ ACTION_LABELS = {
 }
 ACTION_CONSEQUENCES = {
     "pause": "No new devices are sent the model until the rollout is resumed or approved.",
-    "resume": "Devices are sent the model again where the rollout paused.",
+    "resume": "Devices are sent the model again where the rollout paused; those that could not"
+    " fetch it are sent it once more.",
     "abort": "Nothing more is sent; devices keep what they run now. This cannot be undone.",
     "approve": "The current stage is accepted: a manual gate passes, or a gate that paused is overridden.",
     "rollback": "Every device that got this model is sent the model it ran before. This cannot be undone.",

@@ -206,7 +206,9 @@ def pause_rollout(rollout_id: RolloutId, c: Ctx, session: Db) -> RolloutOut:
     dependencies=OPERATOR,
 )
 def resume_rollout(rollout_id: RolloutId, c: Ctx, session: Db) -> RolloutOut:
-    """Go on notifying devices where the rollout paused (repeated: no-op)."""
+    """Go on notifying devices where the rollout paused (repeated: no-op). Its devices that failed
+    because they could not fetch the release (a delivery failure class) are sent it again, with the
+    delivery retries anew, and the held devices of their paused hardware class are released."""
     return _act(rollout_id, "resume", c, session)
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from device_agent import protocol
 from fleet_server import gates
+from fleet_server.engine import RESENT_ON_RESUME, DeviceSnapshot, RolloutSnapshot, redelivery
 from fleet_server.lifecycle import DeviceRolloutState as DS
 from fleet_server.lifecycle import RolloutState as RS
 from fleet_server.policy import AGENT_REASON_CODES, DELIVERY_FAILURES, GateAction, Policy
@@ -200,7 +201,7 @@ def test_a_paused_delivery_hold_is_approved_by_a_human_and_the_rollout_goes_on()
     devices = [serving(d) if d.stage == 0 and d.event_failure is None else d for d in devices]
     r, devices, plan = tick(r, devices, T0)
     assert r.state == RS.PAUSED and plan.decisions[-1].figures["gate"] == "delivery"
-    # resume alone: the failed device stays failed, so the hold trips again
+    # running again with the failed device still failed (nothing sent again): the hold trips again
     resumed = dataclasses.replace(r, state=RS.RUNNING)
     assert tick(resumed, devices, T0)[0].state == RS.PAUSED
     # approve accepts the stage: the next one starts, the failed device is not sent the model again
@@ -308,3 +309,121 @@ def test_a_delivery_hold_never_hides_the_devices_own_failure_count() -> None:
     f = figures(p, 20, 6, {"download_failed": 10, "load_failed": 4})
     trip = install_trip(p, f)
     assert trip is not None and (trip.gate, trip.action) == ("failures", GateAction.ROLL_BACK)
+
+
+def delivery_hold(r: RolloutSnapshot, n: int, failures: dict[int, str]) -> list[DeviceSnapshot]:
+    """``n`` devices through the first stage: ``failures`` by index (no retries left), the rest serve."""
+    devices = first_stage(r, n)
+    return [
+        (dataclasses.replace(d, event_failure=failures[i]) if i in failures else serving(d))
+        if d.stage == 0
+        else d
+        for i, d in enumerate(devices)
+    ]
+
+
+def test_resume_sends_the_release_again_to_the_devices_that_could_not_fetch_it() -> None:
+    r = rollout(stages=(100.0,), soak_seconds=0, max_failure_rate=0.2, delivery_retries=0)
+    failures = {0: "delivery_unavailable: HTTP 503", 1: "download_failed: HTTP 502", 2: "load_failed: bad op"}
+    r, devices, plan = tick(r, delivery_hold(r, 10, failures), T0)
+    assert r.state == RS.PAUSED and plan.decisions[-1].figures["gate"] == "delivery"
+    failed = {d.device_id for d in devices if d.state == DS.FAILED}
+    assert len(failed) == 3
+
+    later = T0 + timedelta(minutes=5)
+    again = redelivery(devices, later)
+    assert [c.device_id for c in again.resent] == ["d000", "d001"] and again.released == []
+    assert all(c.state == DS.RETRY_WAIT and c.retry_at == later and c.attempts == 0 for c in again.resent)
+    assert again.resent[0].reason == f"{RESENT_ON_RESUME} (was failed: delivery_unavailable: HTTP 503)"
+    devices = again.apply(devices)
+    # the resume: the rollout runs, the engine's retry path sends them the release as attempt 1
+    r, devices, plan = tick(dataclasses.replace(r, state=RS.RUNNING), devices, later)
+    assert r.state == RS.RUNNING and plan.decisions == []
+    assert [(c.device_id, c.state, c.attempts, c.reason) for c in plan.notify] == [
+        ("d000", DS.NOTIFIED, 1, RESENT_ON_RESUME),
+        ("d001", DS.NOTIFIED, 1, RESENT_ON_RESUME),
+    ]
+    by_id = {d.device_id: d for d in devices}
+    assert by_id["d002"].state == DS.FAILED  # its own failure stays final
+    assert by_id["d000"].seq == by_id["d000"].desired_seq == 2  # a fresh seq the agent accepts
+    # the mirror is fixed: they fetch the release and serve it; the rollout completes
+    fixed = [serving(d) if d.device_id in ("d000", "d001") else d for d in devices]
+    r, devices, plan = tick(r, fixed, later + timedelta(seconds=1))
+    assert r.state == RS.COMPLETED, plan.decisions
+    assert plan.decisions[-1].figures["done"] == 9 and plan.decisions[-1].figures["failed"] == 1
+
+
+def test_a_device_sent_the_release_again_gets_the_delivery_retries_anew() -> None:
+    r = rollout(stages=(100.0,), soak_seconds=0, retry_backoff_seconds=10)
+    (d,) = first_stage(r, 1)
+    third = dataclasses.replace(d, attempts=3, event_failure="unavailable")
+    r, devices, _ = tick(r, [third], T0)
+    assert r.state == RS.PAUSED and devices[0].state == DS.FAILED
+    devices = redelivery(devices, T0).apply(devices)
+    r, devices, plan = tick(dataclasses.replace(r, state=RS.RUNNING), devices, T0)
+    assert [c.attempts for c in plan.notify] == [1]
+    # the outage is back: the device fails again and is retried twice more before it fails
+    for attempt, wait in ((1, 10), (2, 20)):
+        r, devices, plan = tick(r, [dataclasses.replace(devices[0], event_failure="unavailable")], T0)
+        assert plan.changes[0].state == DS.RETRY_WAIT, attempt
+        assert plan.changes[0].retry_at == T0 + timedelta(seconds=wait)
+        r, devices, plan = tick(r, devices, T0 + timedelta(seconds=wait))
+        assert [c.attempts for c in plan.notify] == [attempt + 1]
+    r, devices, plan = tick(r, [dataclasses.replace(devices[0], event_failure="unavailable")], T0)
+    assert devices[0].state == DS.FAILED and r.state == RS.PAUSED
+
+
+def test_a_resume_leaves_failures_that_judged_the_model_and_rolled_back_classes_alone() -> None:
+    own = ("load_failed: x", "timed_out: no success within 60s", "digest_mismatch", "reverted: boom", None)
+    devices = [
+        DeviceSnapshot(device_id=f"o{i}", state=DS.FAILED, reason=why, hardware_id="rpi4")
+        for i, why in enumerate(own)
+    ]
+    devices += [
+        DeviceSnapshot(device_id="t0", state=DS.TIMED_OUT, reason="timed_out: x", hardware_id="rpi4"),
+        DeviceSnapshot(device_id="x0", state=DS.ROLLED_BACK, reason="rolled back", hardware_id="jetson"),
+        DeviceSnapshot(device_id="x1", state=DS.FAILED, reason="delivery_unavailable", hardware_id="jetson"),
+        DeviceSnapshot(
+            device_id="x2", state=DS.HELD, reason="cohort 'jetson' rolled back", hardware_id="jetson"
+        ),
+        DeviceSnapshot(device_id="h0", state=DS.HELD, reason="cohort 'rpi4' paused: x", hardware_id="rpi4"),
+    ]
+    again = redelivery(devices, T0)
+    assert again.resent == [] and again.released == []
+
+
+def test_a_resume_releases_the_hardware_class_the_delivery_hold_paused() -> None:
+    r = rollout(stages=(40.0, 100.0), delivery_retries=0, soak_seconds=0)
+    devices = [
+        dataclasses.replace(d, hardware_id="rpi4" if i % 2 else "jetson")
+        for i, d in enumerate(first_stage(r, 10))
+    ]
+    devices = [
+        (
+            dataclasses.replace(d, event_failure="delivery_unavailable")
+            if d.hardware_id == "rpi4"
+            else serving(d)
+        )
+        if d.stage == 0
+        else d
+        for d in devices
+    ]
+    r, devices, plan = tick(r, devices, T0)
+    assert [x.action for x in plan.decisions if x.action.endswith("_cohort")] == ["pause_cohort"]
+    held = {d.device_id for d in devices if d.state == DS.HELD}
+    failed = {d.device_id for d in devices if d.state == DS.FAILED}
+    assert held and failed
+    # the other class goes on to the last stage, which soaks; then the rollout waits for a human
+    r, devices, plan = tick(r, [serving(d) if d.state == DS.NOTIFIED else d for d in devices], T0)
+    assert r.state == RS.PAUSED and r.current_stage == 1
+    assert plan.decisions[-1].figures["gate"] == "cohort_paused"
+    # resume: the held class is released and its failed devices are sent the release again
+    again = redelivery(devices, T0)
+    assert {c.device_id for c in again.resent} == failed and {c.device_id for c in again.released} == held
+    assert all(c.state == DS.PENDING for c in again.released)
+    devices = again.apply(devices)
+    r, devices, plan = tick(dataclasses.replace(r, state=RS.RUNNING, stage_ready_at=None), devices, T0)
+    assert {c.device_id for c in plan.notify} == failed | held
+    assert not any(x.action.endswith("_cohort") for x in plan.decisions)
+    r, devices, plan = tick(r, [serving(d) if d.state == DS.NOTIFIED else d for d in devices], T0)
+    assert r.state == RS.COMPLETED and all(d.state == DS.DONE for d in devices), plan.decisions

@@ -122,3 +122,13 @@ def test_devices_that_got_the_model_are_the_ones_a_roll_back_concerns() -> None:
     sent = DEVICE.sources(DeviceTrigger.ROLL_BACK)
     assert sent == set(DeviceRolloutState.IN_FLIGHT) | set(DeviceRolloutState.FINISHED)
     assert DeviceRolloutState.PENDING not in sent and DeviceRolloutState.HELD not in sent
+
+
+def test_only_a_failed_device_is_sent_the_release_again() -> None:
+    """``redeliver`` (a resume after a delivery hold) leaves ``failed`` only, back in flight."""
+    assert DEVICE.sources(DeviceTrigger.REDELIVER) == {DeviceRolloutState.FAILED}
+    assert DEVICE.move("failed", DeviceTrigger.REDELIVER) is DeviceRolloutState.RETRY_WAIT
+    assert DeviceRolloutState.RETRY_WAIT in DeviceRolloutState.IN_FLIGHT
+    for state in set(DeviceRolloutState) - {DeviceRolloutState.FAILED}:
+        with pytest.raises(IllegalMove, match="redeliver"):
+            DEVICE.move(state, DeviceTrigger.REDELIVER)

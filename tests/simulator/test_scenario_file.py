@@ -146,3 +146,38 @@ def test_a_rollout_step_takes_the_policys_retries() -> None:
     assert step.rate_per_minute == 3000
     assert (step.delivery_action, step.delivery_retries) == ("roll_back", 0)
     assert parse_scenario(minimal()).steps[0].retry_limits is None  # unset: the server's default
+
+
+ROLLOUT_STEP = {"action": "rollout", "id": "r", "model": "v1", "stages": [100]}
+
+
+def test_an_operate_step_plays_the_operator_on_a_rollout() -> None:
+    """Hold -> fix -> resume: the scenario resumes the rollout the way an operator would."""
+    steps = [
+        ROLLOUT_STEP,
+        {"action": "wait_rollout", "rollout": "r", "states": ["paused"]},
+        {"action": "heal", "devices": "all"},
+        {"action": "operate", "rollout": "r", "op": "resume"},
+    ]
+    sc = parse_scenario(minimal(steps=steps))
+    assert (sc.steps[-1].action, sc.steps[-1].rollout, sc.steps[-1].op) == ("operate", "r", "resume")
+    for op in ("pause", "resume", "approve", "abort", "rollback"):
+        step = {"action": "operate", "rollout": "r", "op": op}
+        assert parse_scenario(minimal(steps=[ROLLOUT_STEP, step])).steps[1].op == op
+
+
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        ({"action": "operate", "rollout": "r", "op": "resum"}, "unknown op 'resum'; known: pause, resume"),
+        ({"action": "operate", "rollout": "r"}, "action 'operate' needs op"),
+        ({"action": "operate", "op": "pause"}, "action 'operate' needs rollout"),
+        ({"action": "operate", "rollout": "zz", "op": "pause"}, "rollout 'zz' is not started"),
+        ({"action": "sleep", "seconds": 1, "op": "pause"}, "op applies to operate only"),
+    ],
+)
+def test_a_bad_operate_step_is_refused_naming_what_is_wrong(step: dict[str, Any], message: str) -> None:
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(minimal(steps=[ROLLOUT_STEP, step]), source="x.toml")
+    assert message in str(info.value)
+    assert "steps.1" in str(info.value) or "steps[1]" in str(info.value)  # the bad step, named
