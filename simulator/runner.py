@@ -652,6 +652,11 @@ class ScenarioRun:
         fails the step with the server's word for it."""
         assert s.rollout is not None and s.op is not None
         before = self._get_rollout(s.rollout, devices=False) or {}
+        if s.states is not None and before.get("state") not in s.states:
+            self._event(
+                f"operator: no {s.op} of rollout {s.rollout}: it is {before.get('state')}, not {s.states}"
+            )
+            return
         seen = len(before.get("decisions") or [])
         resp = self._api.post(f"/api/v1/rollouts/{self.rollouts[s.rollout]}/{s.op}")
         if resp.status_code >= 400:

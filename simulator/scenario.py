@@ -304,7 +304,9 @@ class Step(_Strict):
     # wait_state: ``share`` of hw_class's devices (or all) report the deployment state ``state``
     state: str | None = None
     # operate: what the operator does to ``rollout`` (one of OPERATOR_OPS), e.g. resume once a
-    # fault step healed the delivery path. A str checked here, so an unknown op is named.
+    # fault step healed the delivery path. A str checked here, so an unknown op is named. With
+    # ``states``, only when the rollout is in one of them (an operator who resumes a held rollout
+    # does nothing to a completed one); otherwise the step logs that and goes on.
     op: str | None = None
 
     @model_validator(mode="after")

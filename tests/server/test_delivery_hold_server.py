@@ -254,6 +254,7 @@ def test_a_scenario_step_plays_the_operator_who_resumes_after_the_hold(
                 {"action": "rollout", "id": "update", "model": "v2", "stages": [100]},
                 {"action": "operate", "rollout": "update", "op": "resume"},
                 {"action": "operate", "rollout": "update", "op": "resume"},
+                {"action": "operate", "rollout": "update", "op": "resume", "states": ["paused"]},
             ],
             "expect": [{"check": "rollout_state", "rollout": "update", "states": ["completed"]}],
         }
@@ -272,6 +273,10 @@ def test_a_scenario_step_plays_the_operator_who_resumes_after_the_hold(
         run._run_step(scenario.steps[2], deadline)  # a repeat: nothing more
         assert run.result.events[-1][1] == "operator: resume rollout update -> running"
         assert status(client, rid)["state"] == "running"
+        run._run_step(scenario.steps[3], deadline)  # only if paused: it is running, so nothing
+        assert run.result.events[-1][1] == (
+            "operator: no resume of rollout update: it is running, not ['paused']"
+        )
         client.post(f"/api/v1/rollouts/{rid}/abort")
         with pytest.raises(StepFailed, match="resume: server answered 409"):
             run._run_step(scenario.steps[1], deadline)
