@@ -43,6 +43,7 @@ from simulator.gc_clock import GcClock
 
 STAGES = [1, 10, 50, 100]
 BROKER = os.environ.get("EDGEFLEET_BENCH_BROKER", "mtls")
+FINISHED = ("rollout r: completed", "rollout r: rolled_back", "rollout r: aborted")
 SCENARIO_FILE = Path(__file__).resolve().parent.parent / "scenarios" / "scale-10k.toml"
 TICK_HZ = os.sysconf("SC_CLK_TCK")
 
@@ -227,7 +228,7 @@ def measure(
                 events = [w for _, w in run.result.events]
                 if "start" not in delivered and any(w.startswith("step 0") for w in events):
                     delivered["start"] = count()
-                if "end" not in delivered and any(w.startswith("rollout r:") for w in events):
+                if "end" not in delivered and any(w.startswith(FINISHED) for w in events):
                     time.sleep(1.2)  # nginx flushes its access log every second
                     delivered["end"] = count()
                 loads.append(os.getloadavg()[0])
@@ -270,7 +271,9 @@ def measure(
                 # the coordinator's garbage collections in the window: count and seconds per generation
                 "coordinator_gc": collections.between(t0 + i0, t0 + i1),
             }
-        end = next((t for t, w in result.events if w.startswith("rollout r:")), None)
+        # a rollout held, then resumed by the scenario's operator, ends at its last word
+        ends = [t for t, w in result.events if w.startswith("rollout r:")]
+        end = next((t for t, w in result.events if w.startswith(FINISHED)), ends[-1] if ends else None)
         state = result.figures.get("rollouts", {}).get("r")
         done = int(result.figures.get("rollout_devices", {}).get("r", {}).get("done", 0))
         cpu = meter.between(t0 + start, t0 + (end if end is not None else result.events[-1][0]))
@@ -298,6 +301,8 @@ def measure(
             "server_requests_per_install": round(upstream / max(1, done), 3),
             "bytes_per_install": round(nbytes / max(1, done)),
             "max_loop_lag_s": result.figures.get("max_loop_lag_s"),
+            # what the scenario's operator did (a resume after a delivery hold), with when
+            "operator": [(round(t - start, 1), w) for t, w in result.events if w.startswith("operator:")],
             # the fleet processes' garbage collections while started (per generation: count, seconds)
             "fleet_gc": _fleet_gc(result.figures.get("fleet_processes"), collections),
             "load_before": [round(x, 1) for x in load_before],
