@@ -220,7 +220,7 @@ def measure(
             return proxy.requests + len(lines), proxy.bytes_out + mirrored, proxy.requests
 
         meter = CpuMeter(roles).start()
-        collections = GcClock().start()  # this process's: the fleet's, with one process
+        collections = GcClock(keep=True).start()  # this process's: the fleet's, with one process
         stop_watch = threading.Event()
 
         def watch() -> None:  # the delivery counters at the rollout's start and end
@@ -272,7 +272,7 @@ def measure(
                 "coordinator_gc": collections.between(t0 + i0, t0 + i1),
             }
         # a rollout held, then resumed by the scenario's operator, ends at its last word
-        ends = [t for t, w in result.events if w.startswith("rollout r:")]
+        ends = [t for t, w in result.events if w.startswith("rollout r:") and len(w.split()) == 3]
         end = next((t for t, w in result.events if w.startswith(FINISHED)), ends[-1] if ends else None)
         state = result.figures.get("rollouts", {}).get("r")
         done = int(result.figures.get("rollout_devices", {}).get("r", {}).get("done", 0))
@@ -323,7 +323,7 @@ def _fleet_gc(processes: list[dict[str, Any]] | None, coordinator: GcClock) -> d
     """The fleet's collections summed over its worker processes (with one process, the fleet runs
     in the coordinator, whose own clock is the figure), and the longest single collection."""
     if not processes:
-        return {"gc": coordinator.between(), "gc_longest_s": coordinator.longest()}
+        return {"gc": coordinator.totals(), "gc_longest_s": coordinator.longest()}
     gens: dict[str, list[float]] = {}
     for proc in processes:
         for gen, (count, seconds) in proc.get("gc", {}).items():

@@ -189,6 +189,7 @@ class Agent:
             trust_store=self.trust_store,
             now=self.now,
             clock=self.clock,
+            admission=admission,
         )
         self._reconciler = Reconciler(
             config,
@@ -203,6 +204,7 @@ class Agent:
             drain=self._drain,
             now=self.now,
             admission=admission,
+            idle=self._close_fetcher,
         )
         self._uplink = TelemetryUplink(config, self.telemetry, self._metrics, lambda: self.link)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -314,7 +316,11 @@ class Agent:
             self.api = None
         await asyncio.to_thread(self.capture.stop)
         # The open window is queued even with the broker away: on disk, it goes out at the next start.
-        await self._uplink.flush()
+        try:
+            await self._uplink.flush()
+        except Exception:  # the rest of the stop (offline, disconnect, closing) must still happen
+            self._metrics.count("telemetry_errors")
+            log.exception("%s: the last telemetry window could not be queued or sent", self.device_id)
         if self.link is not None:
             await self.link.stop()
         pending = list(self._background)
@@ -366,7 +372,8 @@ class Agent:
         self.telemetry.store.close()
 
     async def _close_fetcher(self) -> None:
-        """Close the connections the agent's own fetcher keeps between downloads."""
+        """Close the connections the agent's own fetcher opened (after each directive, and at the
+        end); it opens new ones on its next request."""
         if self._own_fetcher is not None:
             await self._own_fetcher.aclose()
 

@@ -39,7 +39,7 @@ from device_agent.deployment import Trigger
 from device_agent.errors import InstallError
 from device_agent.judgement import DETAIL_MAX, DeviceFit, Refusal, check_disk, check_manifest, check_target
 from device_agent.mqtt_link import backoff_delay
-from device_agent.ports import Fetcher
+from device_agent.ports import Admission, Fetcher
 from device_agent.slots import SlotStore, atomic_write
 from device_agent.wire import ModelRef, ReasonCode
 from signing.errors import DigestMismatch, LengthMismatch, MetadataExpired, TrustError, Unavailable
@@ -67,7 +67,13 @@ def refuse(refusal: Refusal | None) -> None:
 
 
 async def retrying(
-    call: Callable[[], Awaitable[_R]], *, budget_s: float, what: str, who: str, base: float = 0.5
+    call: Callable[[], Awaitable[_R]],
+    *,
+    budget_s: float,
+    what: str,
+    who: str,
+    base: float = 0.5,
+    admission: Admission | None = None,
 ) -> _R:
     """``call()`` again after an :class:`Unavailable`, with backoff and full jitter, until ``budget_s``
     have passed since the first try; then the last error propagates. Any other error propagates at once.
@@ -76,13 +82,22 @@ async def retrying(
     is a random time (6 attempts were 0-12.5 s, and a 4 s server restart failed
     14% of the devices caught mid-fetch), while a restart or failover lasts seconds
     whatever the dice say. Progress made meanwhile (a resumed download) is kept.
+
+    ``admission``: each attempt takes a turn (:class:`device_agent.ports.Admission`), the backoff
+    sleeps do not hold one, so a source that is down does not keep other installs from theirs; the
+    budget starts when the first turn is granted (waiting for it is not trying).
     """
-    deadline = time.monotonic() + budget_s
+    turn: Admission = admission if admission is not None else contextlib.nullcontext()
+    deadline: float | None = None
     attempt = 0
     while True:
         try:
-            return await call()
+            async with turn:
+                if deadline is None:
+                    deadline = time.monotonic() + budget_s
+                return await call()
         except Unavailable as exc:
+            assert deadline is not None  # set before the call could raise
             left = deadline - time.monotonic()
             if left <= 0:
                 raise
@@ -105,8 +120,10 @@ class Installer:
         trust_store: TrustStore | None,
         now: Callable[[], datetime],
         clock: Callable[[], float],
+        admission: Admission | None = None,
     ) -> None:
         self.config, self.slots, self.fetcher = config, slots, fetcher
+        self.admission = admission  # a turn per fetch attempt (the simulator's shared core)
         self.release_keys, self.fit, self.trust_store = release_keys, fit, trust_store
         self.now, self.clock = now, clock
         self.who = config.device_id
@@ -187,6 +204,7 @@ class Installer:
                 what=what,
                 who=self.who,
                 base=base,
+                admission=self.admission,
             )
         except mirrors.MirrorsUnavailable as exc:
             if exc.refusal is not None:

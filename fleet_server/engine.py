@@ -339,8 +339,16 @@ class Redelivery:
                 out.append(d)
                 continue
             attempts = c.attempts if d.device_id in resent else d.attempts
+            timeout_from = None if d.device_id in resent else d.timeout_from  # as ``_resume`` writes it
             out.append(
-                dataclasses.replace(d, state=c.state, reason=c.reason, retry_at=c.retry_at, attempts=attempts)
+                dataclasses.replace(
+                    d,
+                    state=c.state,
+                    reason=c.reason,
+                    retry_at=c.retry_at,
+                    attempts=attempts,
+                    timeout_from=timeout_from,
+                )
             )
         return out
 
@@ -356,12 +364,17 @@ def redelivery(devices: Sequence[DeviceSnapshot], now: datetime) -> Redelivery:
     fetched) stays final. A cohort rolled back keeps its devices where they are.
 
     A hardware class paused by a gate holds its unassigned devices (``held``), and a held class is
-    halted: the engine sends its devices nothing, not even a retry. So the held devices of every
-    class that has a device sent again are released too. That cannot let a failing model through:
-    the gates judge the class again on the next tick, before anything is assigned, and hold it
-    again if a pausing gate other than the delivery hold still fails.
+    halted: the engine sends its devices nothing, not even a retry. A class the delivery gate held
+    (its held devices' reason says so: ``gates.held_for_delivery``) has its held devices released
+    along with the devices sent again. A class another gate held (the model failed its own
+    installs, errors, latency) keeps them held and its failed devices failed: the devices sent
+    again would change what that gate saw (in flight, they no longer count as failed, and the
+    rate's denominator grows), and it could pass a model it had stopped. That class is for
+    ``approve`` (accept it as it is) or ``rollback``.
     """
-    rolled = {d.hardware_id for d in devices if d.state == ROLLED_BACK}
+    # classes whose devices stay where they are: rolled back, or held by a gate that judged the model
+    excluded = {d.hardware_id for d in devices if d.state == ROLLED_BACK}
+    excluded |= {d.hardware_id for d in devices if d.state == HELD and not gates.held_for_delivery(d.reason)}
     ordered = sorted(devices, key=lambda d: d.device_id)
     resent = [
         DeviceChange(
@@ -373,7 +386,7 @@ def redelivery(devices: Sequence[DeviceSnapshot], now: datetime) -> Redelivery:
         )
         for d in ordered
         if d.state == FAILED
-        and d.hardware_id not in rolled
+        and d.hardware_id not in excluded
         and gates.failure_class(d.reason) in DELIVERY_FAILURES
     ]
     again = {c.device_id for c in resent}

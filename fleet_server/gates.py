@@ -224,6 +224,16 @@ def delivery_failed(f: Mapping[str, Any]) -> int:
     return int(f.get("delivery_failed", 0))
 
 
+DELIVERY_HOLD = "the delivery path failed, not the model"
+"""Every delivery-gate reason says this, and so does a device held by it (``cohort ... paused:
+<reason>``): what tells a resume which holds are the delivery path's to lift."""
+
+
+def held_for_delivery(reason: str | None) -> bool:
+    """Whether a held device's reason says the delivery gate held its class (no model gate did)."""
+    return reason is not None and DELIVERY_HOLD in reason
+
+
 def _delivery_trip(p: Policy, f: Mapping[str, Any], why: str) -> Trip:
     """The install gates tripped only once the devices that could not fetch the release count."""
     classes = f.get("failure_classes") or {}
@@ -232,7 +242,7 @@ def _delivery_trip(p: Policy, f: Mapping[str, Any], why: str) -> Trip:
         "delivery",
         p.delivery_action,
         f"{delivery_failed(f)} of {f['assigned']} devices could not fetch the release"
-        f"{f' ({listed})' if listed else ''}: the delivery path failed, not the model ({why})",
+        f"{f' ({listed})' if listed else ''}: {DELIVERY_HOLD} ({why})",
     )
 
 

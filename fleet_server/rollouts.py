@@ -237,6 +237,13 @@ def _resume(session: Session, rollout: Rollout, target: RS) -> Rollout:
     they are done, so the devices sent again are soaked too.
     """
     now = utcnow()
+    if rollout.rollback_requested:  # the next tick rolls every device back: sending it again is moot
+        _audit(
+            session, rollout, "resume", "operator: resume (a roll back is requested: nothing is sent again)"
+        )
+        rollout.state, rollout.updated_at = target, now
+        session.add(rollout)
+        return rollout
     rows = (
         session.connection()
         .execute(

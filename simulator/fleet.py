@@ -334,7 +334,7 @@ class Fleet:
                     "rss_per_device_kb": round((rss_end - self.rss_at_start) / n / 1024, 1),
                     "max_loop_lag_s": round(self.max_loop_lag, 2),
                     # garbage collections while started, per generation: [count, seconds]
-                    "gc": self._gc.between(),
+                    "gc": self._gc.totals(),
                     "gc_longest_s": self._gc.longest(),
                 }
             ],

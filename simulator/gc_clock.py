@@ -15,19 +15,30 @@ from typing import Any
 
 
 class GcClock:
-    """Collections this process ran while started: (monotonic end, generation, seconds) each."""
+    """Collections this process ran while started: totals per generation and the longest one, and
+    with ``keep`` each one's (monotonic end, generation, seconds) for :meth:`between` a window.
 
-    def __init__(self) -> None:
+    A busy fleet process collects its young generation tens of times a second: a record each is
+    kept only where a window is asked for (the bench's own process), never in a fleet worker."""
+
+    def __init__(self, keep: bool = False) -> None:
         self.runs: list[tuple[float, int, float]] = []
+        self.keep = keep
+        self._totals: dict[str, list[float]] = {}
+        self._longest = 0.0
         self._start = 0.0
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._start = time.perf_counter()
-        else:
-            self.runs.append(
-                (time.monotonic(), int(info.get("generation", -1)), time.perf_counter() - self._start)
-            )
+            return
+        seconds, gen = time.perf_counter() - self._start, int(info.get("generation", -1))
+        acc = self._totals.setdefault(str(gen), [0, 0.0])
+        acc[0] += 1
+        acc[1] += seconds
+        self._longest = max(self._longest, seconds)
+        if self.keep:
+            self.runs.append((time.monotonic(), gen, seconds))
 
     def start(self) -> GcClock:
         gc.callbacks.append(self._callback)
@@ -37,8 +48,13 @@ class GcClock:
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._callback)
 
-    def between(self, t0: float = float("-inf"), t1: float = float("inf")) -> dict[str, list[float]]:
-        """Per generation, ``[collections, seconds]`` of those that ended within ``[t0, t1]``."""
+    def totals(self) -> dict[str, list[float]]:
+        """Per generation, ``[collections, seconds]`` since started."""
+        return {gen: [n, round(sec, 3)] for gen, (n, sec) in self._totals.items()}
+
+    def between(self, t0: float, t1: float) -> dict[str, list[float]]:
+        """Per generation, ``[collections, seconds]`` of those that ended within ``[t0, t1]``
+        (a clock made with ``keep``)."""
         out: dict[str, list[float]] = {}
         for when, gen, seconds in self.runs:
             if t0 <= when <= t1:
@@ -49,7 +65,7 @@ class GcClock:
 
     def longest(self) -> float:
         """The longest single collection, seconds (what one stall of every loop in the process cost)."""
-        return round(max((s for _, _, s in self.runs), default=0.0), 3)
+        return round(self._longest, 3)
 
 
 __all__ = ["GcClock"]

@@ -659,6 +659,9 @@ class ScenarioRun:
             return
         seen = len(before.get("decisions") or [])
         resp = self._api.post(f"/api/v1/rollouts/{self.rollouts[s.rollout]}/{s.op}")
+        if resp.status_code == 409 and s.states is not None:  # it moved on between the read and the act
+            self._event(f"operator: no {s.op} of rollout {s.rollout}: refused ({resp.text[:200]})")
+            return
         if resp.status_code >= 400:
             raise StepFailed(
                 f"rollout {s.rollout}: {s.op}: server answered {resp.status_code}: {resp.text[:300]}"

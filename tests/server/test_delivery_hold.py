@@ -427,3 +427,55 @@ def test_a_resume_releases_the_hardware_class_the_delivery_hold_paused() -> None
     assert not any(x.action.endswith("_cohort") for x in plan.decisions)
     r, devices, plan = tick(r, [serving(d) if d.state == DS.NOTIFIED else d for d in devices], T0)
     assert r.state == RS.COMPLETED and all(d.state == DS.DONE for d in devices), plan.decisions
+
+
+def test_a_resume_leaves_a_class_held_by_a_gate_that_judged_the_model() -> None:
+    """A class whose own installs failed (the failure-rate gate paused it) keeps its hold and its
+    delivery-failed devices: sent again, they would leave the gate's figures (in flight, not
+    failed) and a model the gate stopped could go on to the class's held devices."""
+    r = rollout(
+        stages=(50.0, 100.0), delivery_retries=0, soak_seconds=0, failure_action=GateAction.PAUSE,
+        max_failure_rate=0.3,
+    )  # fmt: skip
+    devices = [
+        dataclasses.replace(d, hardware_id="rpi4" if i % 2 else "jetson")
+        for i, d in enumerate(first_stage(r, 40))
+    ]
+    first = [d for d in devices if d.stage == 0 and d.hardware_id == "rpi4"]
+    assert len(first) == 10
+    fails = {first[i].device_id: ("load_failed" if i < 2 else "download_failed") for i in range(7)}
+    devices = [
+        (dataclasses.replace(d, event_failure=fails[d.device_id]) if d.device_id in fails else serving(d))
+        if d.stage == 0
+        else d
+        for d in devices
+    ]
+    r, devices, plan = tick(r, devices, T0)
+    held = [d for d in devices if d.state == DS.HELD]
+    assert held and all(not gates.held_for_delivery(d.reason) for d in held)
+    assert [x.figures["gate"] for x in plan.decisions if x.action == "pause_cohort"] == ["failure_rate"]
+    again = redelivery(devices, T0)
+    assert again.resent == [] and again.released == []
+
+    # the same class, held by the delivery gate (its own failures under the limit): lifted
+    ok = {first[i].device_id: "download_failed" for i in range(2, 7)}
+    r2 = rollout(
+        stages=(50.0, 100.0), delivery_retries=0, soak_seconds=0, failure_action=GateAction.PAUSE,
+        max_failure_rate=0.3,
+    )  # fmt: skip
+    devices = [
+        dataclasses.replace(d, hardware_id="rpi4" if i % 2 else "jetson")
+        for i, d in enumerate(first_stage(r2, 40))
+    ]
+    devices = [
+        (dataclasses.replace(d, event_failure=ok[d.device_id]) if d.device_id in ok else serving(d))
+        if d.stage == 0
+        else d
+        for d in devices
+    ]
+    r2, devices, plan = tick(r2, devices, T0)
+    held = [d for d in devices if d.state == DS.HELD]
+    assert held and all(gates.held_for_delivery(d.reason) for d in held)
+    again = redelivery(devices, T0)
+    assert {c.device_id for c in again.resent} == set(ok)
+    assert {c.device_id for c in again.released} == {d.device_id for d in held}

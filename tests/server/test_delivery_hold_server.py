@@ -17,6 +17,7 @@ from sqlmodel import select
 
 from device_agent import protocol
 from fleet_server.engine import RESENT_ON_RESUME, assignment_order, decide
+from fleet_server.gates import DELIVERY_HOLD
 from fleet_server.models import Device, Model, Rollout, RolloutDecision, RolloutDevice, utcnow
 from fleet_server.rollouts import find_rollout, operator_action
 from fleet_server.runner import ServerThread
@@ -178,7 +179,11 @@ def test_resume_writes_the_devices_sent_again_and_the_released_class_the_engine_
     rows = {  # device: (hardware id, state, reason)
         "p0": ("rpi4", "failed", "delivery_unavailable: GET /m: HTTP 503"),
         "p1": ("rpi4", "failed", "load_failed: unsupported op"),
-        "p2": ("rpi4", "held", "cohort 'rpi4' paused: 1 of 2 devices could not fetch the release"),
+        "p2": (
+            "rpi4",
+            "held",
+            f"cohort 'rpi4' paused: 1 of 2 devices could not fetch the release: {DELIVERY_HOLD}",
+        ),
         "j0": ("jetson", "done", "serving the rollout model"),
         "j1": ("jetson", "failed", "download_incomplete: 10 of 99 bytes"),
         "j2": ("jetson", "timed_out", "timed_out: no success within 600s"),
