@@ -121,9 +121,10 @@ class Reconciler:
         self._publish_event, self._publish_reported, self._drain = publish_event, publish_reported, drain
         self.now = now
         self.who = config.device_id
-        # Held around loading and checking a model (the installer takes one per fetch attempt),
-        # never across a hold: a device waiting for its window, deferral or link must not keep
-        # another from installing.
+        # Held around loading a model and running its acceptance check (the installer takes one
+        # per fetch attempt), never around another turn (a turn waiting for a turn deadlocks once
+        # every turn does) and never across a hold: a device waiting for its window, deferral or
+        # link must not keep another from installing.
         self.admission: Admission = admission if admission is not None else contextlib.nullcontext()
         # Called once a directive is carried out: the connections its fetches opened are closed.
         # Installs are minutes to months apart and servers drop idle connections long before
@@ -483,7 +484,7 @@ class Reconciler:
         await self._move(Trigger.WARM, d.seq, sha=ref.sha256)
         async with self.admission:
             model = await self._load(path, ref.sha256)
-            await self._accept(ref, slot, model)
+        await self._accept(ref, slot, model)  # its fetch and its check take a turn each
         await self._move(Trigger.SWAP, d.seq, sha=ref.sha256)
         new = self._serving(model, ref.sha256, ref.name, ref.version, slot)
         previous = self.models.serving
@@ -527,7 +528,8 @@ class Reconciler:
         data = await self.installer.small_file(ref, slot, entry)
         started = time.perf_counter()
         try:
-            verdict = await asyncio.to_thread(check_golden, spec, data, model)
+            async with self.admission:  # not around the fetch above: that takes a turn of its own
+                verdict = await asyncio.to_thread(check_golden, spec, data, model)
         except acceptance.MalformedAcceptance as exc:
             raise InstallError(ReasonCode.ACCEPTANCE_FAILED, str(exc)) from exc
         except Exception as exc:  # the runtime cannot even run the golden inputs: no swap either

@@ -10,6 +10,7 @@ figures, and the old model keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -252,12 +253,15 @@ class Device:
 def device(keydir_module: KeyDir, tmp_path: Path, loop_thread: LoopThread) -> Iterator[Any]:
     started: list[Agent] = []
 
-    def make(runtime: OnnxRuntimeFactory, dev: str | None = None) -> Device:
-        """A running agent; ``dev``: an earlier one's id, to restart on its data directory."""
+    def make(runtime: OnnxRuntimeFactory, dev: str | None = None, admission: Any = None) -> Device:
+        """A running agent; ``dev``: an earlier one's id, to restart on its data directory;
+        ``admission``: its turns at the heavy steps (``device_agent.ports.Admission``)."""
         dev = dev or unique_id()
         cfg = AgentConfig(dev, HW, tmp_path / dev, keydir_module.trust_path, telemetry_interval=0.2)
         link, fetcher = MemoryLink(dev), MemoryFetcher()
-        agent = Agent(cfg, keydir_module.trust_root(), runtime, link=link, fetcher=fetcher)
+        agent = Agent(
+            cfg, keydir_module.trust_root(), runtime, link=link, fetcher=fetcher, admission=admission
+        )
         loop_thread.run(agent.start())
         started.append(agent)
         return Device(agent, link, fetcher)
@@ -271,7 +275,9 @@ def test_the_device_runtime_passes_its_golden_set(
     device: Any, keydir_module: KeyDir, digits_bundle: tuple[Bundle, dict[str, Any]], loop_thread: LoopThread
 ) -> None:
     bundle, _ = digits_bundle
-    d = device(ReferenceFactory())
+    # One turn at a time, as a simulated device shares it: fetching the golden set takes a turn of
+    # its own, so it must not be fetched while the load's turn is held (that deadlocked).
+    d = device(ReferenceFactory(), admission=asyncio.Semaphore(1))
     d.direct(keydir_module, 1, bundle)
     assert d.wait_end(1).state == DS.SERVING
     verdict = wait_for(lambda: d.reported().acceptance.get(bundle.sha256), 5, "the acceptance figures")
