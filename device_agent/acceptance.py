@@ -20,7 +20,6 @@ verdict. Running the model and reading the file is the shell's
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent import figures
+from device_agent import figures, npy
 
 SECTION = "acceptance"  # the key in the manifest's quantization report
 INPUT_KEY = "input"  # the golden file's input array (sample axis first)
@@ -118,9 +117,9 @@ class Golden:
     def parse(cls, data: bytes, spec: Spec) -> Golden:
         """Read the golden file (an ``.npz`` without pickles) and check it against ``spec``."""
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                inputs = np.asarray(npz[INPUT_KEY])
-                refs = {name: np.asarray(npz[REF_PREFIX + name]) for name in spec.outputs}
+            with npy.npz(data) as archive:
+                inputs = np.asarray(archive[INPUT_KEY])
+                refs = {name: np.asarray(archive[REF_PREFIX + name]) for name in spec.outputs}
         except (KeyError, ValueError, OSError, EOFError) as exc:
             raise MalformedAcceptance(f"golden set is unreadable: {exc}") from exc
         if len(inputs) != spec.samples or any(len(r) != spec.samples for r in refs.values()):

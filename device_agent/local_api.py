@@ -35,7 +35,6 @@ finishes in the background (a model call cannot be interrupted).
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import socket
@@ -49,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from device_agent import npy
 from device_agent.metrics import exposition
 from signing import safejson
 
@@ -73,10 +73,9 @@ class ApiError(Exception):
 def _decode_input(body: bytes, content_type: str, dtype: Any) -> np.ndarray:
     if content_type.startswith("application/x-npy"):
         try:
-            arr = np.load(io.BytesIO(body), allow_pickle=False)
+            return npy.array(body)
         except (ValueError, OSError, EOFError) as exc:
             raise ApiError(400, "bad_npy", f"body is not a .npy array: {exc}") from exc
-        return np.asarray(arr)
     try:
         doc = safejson.loads(body)  # a local caller is still untrusted input: bounded depth
     except safejson.JsonError as exc:
