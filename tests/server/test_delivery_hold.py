@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -49,6 +50,24 @@ def install_trip(p: Policy, f: dict[str, Any], finished: bool = False) -> gates.
         if trip is not None:
             return trip
     return None
+
+
+def two_classes(
+    r: RolloutSnapshot, n: int, fails: Callable[[DeviceSnapshot], str | None]
+) -> list[DeviceSnapshot]:
+    """``n`` devices of ``r`` assigned its first stage, every other one rpi4, the rest jetson; in
+    that stage each fails with what ``fails`` says of it (None: it serves the model)."""
+    devices = [
+        dataclasses.replace(d, hardware_id="rpi4" if i % 2 else "jetson")
+        for i, d in enumerate(first_stage(r, n))
+    ]
+    out = []
+    for d in devices:
+        if d.stage == 0:
+            why = fails(d)
+            d = dataclasses.replace(d, event_failure=why) if why is not None else serving(d)
+        out.append(d)
+    return out
 
 
 def test_the_delivery_classes_are_agent_codes_that_mean_nothing_was_fetched() -> None:
@@ -243,22 +262,9 @@ def test_retries_exhausted_the_device_fails_and_the_rollout_holds() -> None:
 
 def test_a_hardware_class_whose_devices_could_not_fetch_is_paused_not_rolled_back() -> None:
     r = rollout(stages=(40.0, 100.0), delivery_retries=0, soak_seconds=0)
-    devices = [
-        dataclasses.replace(d, hardware_id="rpi4" if i % 2 else "jetson")
-        for i, d in enumerate(first_stage(r, 10))
-    ]
+    devices = two_classes(r, 10, lambda d: "delivery_unavailable" if d.hardware_id == "rpi4" else None)
     got = [d for d in devices if d.stage == 0]
     assert {d.hardware_id for d in got} == {"rpi4", "jetson"}, got
-    devices = [
-        (
-            dataclasses.replace(d, event_failure="delivery_unavailable")
-            if d.hardware_id == "rpi4"
-            else serving(d)
-        )
-        if d.stage == 0
-        else d
-        for d in devices
-    ]
     r, devices, plan = tick(r, devices, T0)
     assert r.state == RS.RUNNING and plan.roll_back == []
     assert [(x.action, x.figures["gate"]) for x in plan.decisions if x.action.endswith("_cohort")] == [
@@ -394,20 +400,7 @@ def test_a_resume_leaves_failures_that_judged_the_model_and_rolled_back_classes_
 
 def test_a_resume_releases_the_hardware_class_the_delivery_hold_paused() -> None:
     r = rollout(stages=(40.0, 100.0), delivery_retries=0, soak_seconds=0)
-    devices = [
-        dataclasses.replace(d, hardware_id="rpi4" if i % 2 else "jetson")
-        for i, d in enumerate(first_stage(r, 10))
-    ]
-    devices = [
-        (
-            dataclasses.replace(d, event_failure="delivery_unavailable")
-            if d.hardware_id == "rpi4"
-            else serving(d)
-        )
-        if d.stage == 0
-        else d
-        for d in devices
-    ]
+    devices = two_classes(r, 10, lambda d: "delivery_unavailable" if d.hardware_id == "rpi4" else None)
     r, devices, plan = tick(r, devices, T0)
     assert [x.action for x in plan.decisions if x.action.endswith("_cohort")] == ["pause_cohort"]
     held = {d.device_id for d in devices if d.state == DS.HELD}
@@ -433,47 +426,29 @@ def test_a_resume_leaves_a_class_held_by_a_gate_that_judged_the_model() -> None:
     """A class whose own installs failed (the failure-rate gate paused it) keeps its hold and its
     delivery-failed devices: sent again, they would leave the gate's figures (in flight, not
     failed) and a model the gate stopped could go on to the class's held devices."""
-    r = rollout(
-        stages=(50.0, 100.0), delivery_retries=0, soak_seconds=0, failure_action=GateAction.PAUSE,
-        max_failure_rate=0.3,
-    )  # fmt: skip
-    devices = [
-        dataclasses.replace(d, hardware_id="rpi4" if i % 2 else "jetson")
-        for i, d in enumerate(first_stage(r, 40))
-    ]
-    first = [d for d in devices if d.stage == 0 and d.hardware_id == "rpi4"]
+
+    def policy() -> RolloutSnapshot:
+        return rollout(
+            stages=(50.0, 100.0), delivery_retries=0, soak_seconds=0, failure_action=GateAction.PAUSE,
+            max_failure_rate=0.3,
+        )  # fmt: skip
+
+    everyone = two_classes(policy(), 40, lambda d: None)
+    first = [d.device_id for d in everyone if d.stage == 0 and d.hardware_id == "rpi4"]
     assert len(first) == 10
-    fails = {first[i].device_id: ("load_failed" if i < 2 else "download_failed") for i in range(7)}
-    devices = [
-        (dataclasses.replace(d, event_failure=fails[d.device_id]) if d.device_id in fails else serving(d))
-        if d.stage == 0
-        else d
-        for d in devices
-    ]
-    r, devices, plan = tick(r, devices, T0)
+
+    # 2 of the class's own failures in 5 that got the release (0.4 > 0.3), 5 more could not fetch
+    own = {first[i]: ("load_failed" if i < 2 else "download_failed") for i in range(7)}
+    _, devices, plan = tick(policy(), two_classes(policy(), 40, lambda d: own.get(d.device_id)), T0)
     held = [d for d in devices if d.state == DS.HELD]
     assert held and all(not gates.held_for_delivery(d.reason) for d in held)
     assert [x.figures["gate"] for x in plan.decisions if x.action == "pause_cohort"] == ["failure_rate"]
     again = redelivery(devices, T0)
     assert again.resent == [] and again.released == []
 
-    # the same class, held by the delivery gate (its own failures under the limit): lifted
-    ok = {first[i].device_id: "download_failed" for i in range(2, 7)}
-    r2 = rollout(
-        stages=(50.0, 100.0), delivery_retries=0, soak_seconds=0, failure_action=GateAction.PAUSE,
-        max_failure_rate=0.3,
-    )  # fmt: skip
-    devices = [
-        dataclasses.replace(d, hardware_id="rpi4" if i % 2 else "jetson")
-        for i, d in enumerate(first_stage(r2, 40))
-    ]
-    devices = [
-        (dataclasses.replace(d, event_failure=ok[d.device_id]) if d.device_id in ok else serving(d))
-        if d.stage == 0
-        else d
-        for d in devices
-    ]
-    r2, devices, plan = tick(r2, devices, T0)
+    # the same class with no failure of its own: the delivery gate held it, and a resume lifts that
+    ok = {first[i]: "download_failed" for i in range(2, 7)}
+    _, devices, _ = tick(policy(), two_classes(policy(), 40, lambda d: ok.get(d.device_id)), T0)
     held = [d for d in devices if d.state == DS.HELD]
     assert held and all(gates.held_for_delivery(d.reason) for d in held)
     again = redelivery(devices, T0)
