@@ -104,7 +104,8 @@ class TelemetryUplink:
         queued" may hold the queue for as long as new windows keep arriving) and then
         reads the queue again, so the window cut here leaves before the link closes
         instead of waiting on disk for the next start."""
-        self._cuts += await asyncio.to_thread(self.telemetry.cut) is not None
+        queued = await asyncio.to_thread(self.telemetry.cut) is not None
+        self._cuts += queued  # read after the await: a tick's cut meanwhile is not lost
         await self.send(wait=True)
 
     async def send(self, rows: list[tuple[int, str, bytes]] | None = None, *, wait: bool = False) -> None:
