@@ -237,13 +237,19 @@ def _resume(session: Session, rollout: Rollout, target: RS) -> Rollout:
     they are done, so the devices sent again are soaked too.
     """
     now = utcnow()
+    figures: dict[str, Any]
     if rollout.rollback_requested:  # the next tick rolls every device back: sending it again is moot
-        _audit(
-            session, rollout, "resume", "operator: resume (a roll back is requested: nothing is sent again)"
-        )
-        rollout.state, rollout.updated_at = target, now
-        session.add(rollout)
-        return rollout
+        reason, figures = "operator: resume (a roll back is requested: nothing is sent again)", {}
+    else:
+        reason, figures = _resume_note(_redeliver(session, rollout, now))
+    _audit(session, rollout, "resume", reason, figures)
+    rollout.state, rollout.updated_at = target, now
+    session.add(rollout)
+    return rollout
+
+
+def _redeliver(session: Session, rollout: Rollout, now: datetime) -> Redelivery:
+    """Read the devices ``redelivery`` may concern, write what it decides; what it decided."""
     rows = (
         session.connection()
         .execute(
@@ -297,11 +303,7 @@ def _resume(session: Session, rollout: Rollout, target: RS) -> Rollout:
                 for c in again.released
             ],
         )
-    reason, figures = _resume_note(again)
-    _audit(session, rollout, "resume", reason, figures)
-    rollout.state, rollout.updated_at = target, now
-    session.add(rollout)
-    return rollout
+    return again
 
 
 def _resume_note(again: Redelivery) -> tuple[str, dict[str, Any]]:

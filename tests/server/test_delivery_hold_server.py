@@ -169,12 +169,13 @@ def test_approve_after_a_delivery_hold_sends_nothing_again(
     assert all(len(directives(dev, keydir)) == 1 for dev in devs.values())
 
 
-def test_resume_writes_the_devices_sent_again_and_the_released_class_the_engine_then_notifies(
-    store: Engine,
-) -> None:
-    """The resume's rows on SQLite and PostgreSQL, read back by the ticker's snapshot: the devices
-    that could not fetch wait for an immediate retry as attempt 1, the paused class's held devices
-    are pending again, and the engine's next tick sends the release to all of them."""
+RowsByDevice = dict[str, tuple[str, str, str]]
+
+
+def paused_after_a_hold(store: Engine, rollback_requested: bool = False) -> RowsByDevice:
+    """Rollout ``r`` paused in its second stage: devices of three classes in every state a resume
+    reads (failed for delivery or for the model, held by the delivery gate or a roll back, done,
+    timed out, rolled back). Returns device -> (hardware id, state, reason)."""
     now = utcnow()
     rows = {  # device: (hardware id, state, reason)
         "p0": ("rpi4", "failed", "delivery_unavailable: GET /m: HTTP 503"),
@@ -204,12 +205,22 @@ def test_resume_writes_the_devices_sent_again_and_the_released_class_the_engine_
             "stages": [50, 100], "soak_seconds": 0, "device_timeout_seconds": 3600, "max_error_rate": 0.05,
             "min_inferences": 1, "max_failure_rate": 0.5, "state": "paused", "current_stage": 1,
             "stage_ready_at": now, "stage_unit": "percent", "policy": {}, "approved_through": -1,
-            "rollback_requested": False, "created_at": now, "updated_at": now}])  # fmt: skip
+            "rollback_requested": rollback_requested, "created_at": now, "updated_at": now}])  # fmt: skip
         c.execute(insert(RolloutDevice.__table__), [{  # type: ignore[attr-defined]
             "rollout_id": "r", "device_id": d, "order_key": assignment_order("r", d),
             "stage": None if s == "held" else 0, "state": s, "seq": None if s == "held" else 3,
             "notified_at": None if s == "held" else now, "attempts": 0 if s == "held" else 3,
             "reason": why, "updated_at": now} for d, (_, s, why) in rows.items()])  # fmt: skip
+    return rows
+
+
+def test_resume_writes_the_devices_sent_again_and_the_released_class_the_engine_then_notifies(
+    store: Engine,
+) -> None:
+    """The resume's rows on SQLite and PostgreSQL, read back by the ticker's snapshot: the devices
+    that could not fetch wait for an immediate retry as attempt 1, the paused class's held devices
+    are pending again, and the engine's next tick sends the release to all of them."""
+    rows = paused_after_a_hold(store)
     with new_session(store) as session:
         rollout = operator_action(session, find_rollout(session, "r", for_update=True), "resume")
         session.commit()
@@ -238,6 +249,20 @@ def test_resume_writes_the_devices_sent_again_and_the_released_class_the_engine_
         (d, "notified", 1) for d in sorted(["p0", "j1"], key=lambda d: assignment_order("r", d))
     ]
     assert {c.device_id for c in plan.notify} == {"p0", "j1", "p2"} and plan.roll_back == []
+
+
+def test_a_resume_while_a_roll_back_is_requested_sends_nothing_again(store: Engine) -> None:
+    """The next tick rolls every device back: the resume moves the rollout on and touches no device."""
+    rows = paused_after_a_hold(store, rollback_requested=True)
+    with new_session(store) as session:
+        operator_action(session, find_rollout(session, "r", for_update=True), "resume")
+        session.commit()
+    with new_session(store) as session:
+        assert session.get_one(Rollout, "r").state == "running"
+        (decision,) = session.exec(select(RolloutDecision).where(RolloutDecision.rollout_id == "r")).all()
+        assert decision.reason == "operator: resume (a roll back is requested: nothing is sent again)"
+        stored = {rd.device_id: (rd.state, rd.reason) for rd in session.exec(select(RolloutDevice)).all()}
+    assert stored == {d: (s, why) for d, (_, s, why) in rows.items()}
 
 
 def test_a_scenario_step_plays_the_operator_who_resumes_after_the_hold(
