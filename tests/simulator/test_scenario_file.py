@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from simulator.scenario import ScenarioError, load_scenario, parse_scenario
+from fleet_server.lifecycle import OPERATOR_ACTIONS
+from simulator.scenario import OPERATOR_OPS, ScenarioError, load_scenario, parse_scenario
 
 SCENARIOS = sorted((Path(__file__).parents[2] / "scenarios").glob("*.toml"))
 
@@ -164,6 +165,8 @@ def test_an_operate_step_plays_the_operator_on_a_rollout() -> None:
     for op in ("pause", "resume", "approve", "abort", "rollback"):
         step = {"action": "operate", "rollout": "r", "op": op}
         assert parse_scenario(minimal(steps=[ROLLOUT_STEP, step])).steps[1].op == op
+    # the simulator may not import the server: its list of the operator's actions is a copy, kept equal
+    assert set(OPERATOR_ACTIONS) == set(OPERATOR_OPS)
 
 
 @pytest.mark.parametrize(
