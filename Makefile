@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # `make test`: the suite on TEST_WORKERS pytest-xdist workers (each with its own broker, ports,
 # temp dirs and PostgreSQL database), then the tests marked `serial` (they need a quiet machine)
-# on their own. Both steps always run; the target fails if either did. One worker more than
-# cores: the suite's tests spend most of their wall time waiting on brokers, servers and
-# subprocesses (docs/decisions/0018), so a third worker on two cores fills those waits.
-TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
+# on their own. Both steps always run; the target fails if either did. Two workers per core:
+# the suite's tests spend most of their wall time waiting on brokers, servers and subprocesses
+# (docs/decisions/0018). On the 2-core VM, one run each: 3 workers 521 s, 4 workers 456 s, 6
+# workers 470 s (six stretch every CPU-heavy test three-fold; docs/benchmarks.md).
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) * 2 )))
 PYTEST_PARALLEL ?= -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
 # The suite starts hundreds of Python processes (workers, servers, CLIs, agents): with
 # PYTHONDONTWRITEBYTECODE set each one compiles the project from source again and every worker
@@ -18,13 +19,18 @@ PYTEST := env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest
 
 .PHONY: demo test test-arm64 bench lint fmt typecheck clean venv models
 
-# pip byte-compiles what it installs in one process; compileall does the same work on every core.
-# (Errors are pip's to ignore too: a few packages ship files that are not Python 3.)
+# uv (from PyPI, into the venv) resolves, downloads and byte-compiles in parallel: on the 2-core
+# VM a fresh venv takes ~25 s against pip's ~41 s, and the same versions (docs/benchmarks.md).
+# Where uv cannot be had or fails, pip does it: pip byte-compiles what it installs in one process,
+# so compileall does that work on every core (errors are pip's to ignore too: a few packages ship
+# files that are not Python 3).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -e '.[all]'
-	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
+	{ $(PY) -m pip install -q 'uv>=0.5' && \
+	  $(PY) -m uv pip install -q --python $(PY) --compile-bytecode -e '.[all]'; } || { \
+	  $(PY) -m pip install -q --upgrade pip && \
+	  $(PY) -m pip install -q --no-compile -e '.[all]' && \
+	  { $(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true; }; }
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -76,6 +76,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     row = {
         "test": item.nodeid,
         "worker": _worker(item.config),
+        "start": round(time.time() - (time.perf_counter() - wall0), 3),
         "wall": round(time.perf_counter() - wall0, 3),
         "cpu_self": round(own1 - own0, 3),
         "cpu_children": round(kids1 - kids0, 3),
