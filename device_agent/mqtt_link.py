@@ -105,6 +105,12 @@ class MqttLink:
         self._loop_thread = 0  # the loop's thread: paho's socket callbacks may come from a connect thread
         self.reconnects = 0
         self.publish_failures = 0
+        # Attempts that ended without a session: no TCP/TLS connection, a CONNACK refusing us, or
+        # the broker closing the connection before its CONNACK (a TLS listener fed plaintext).
+        self.connect_failures = 0
+        self.last_connect_failure: str | None = None
+        self._refused = asyncio.Event()  # set by a failed attempt, cleared by a session
+        self._attempting = False  # an attempt is under way and not yet judged
 
         proto = MQTTProtocolVersion.MQTTv5 if mqtt_version == 5 else MQTTProtocolVersion.MQTTv311
         kwargs: dict[str, Any] = {}
@@ -147,12 +153,21 @@ class MqttLink:
             )
             self._schedule_reconnect()
 
-    async def wait_connected(self, timeout: float | None = None) -> bool:
+    async def wait_connected(self, timeout: float | None = None, *, until_refused: bool = False) -> bool:
+        """True once connected within ``timeout``. ``until_refused``: False as soon as an attempt
+        fails instead (no connection, a refusing CONNACK, the broker hanging up first), so a
+        caller that only asks "does this identity get in?" learns "no" from the broker, not
+        from a timeout."""
+        waits = [asyncio.ensure_future(self._connected.wait())]
+        if until_refused:
+            waits.append(asyncio.ensure_future(self._refused.wait()))
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        return self.connected
 
     async def stop(self) -> None:
         """Publish ``offline`` (a clean disconnect suppresses the will) and disconnect."""
@@ -293,7 +308,12 @@ class MqttLink:
         its socket timeout when the broker is out of reach): in a thread, so the agent's loop
         (local API, inferences, telemetry) never waits for a broker. paho's socket callbacks
         reach the loop through :meth:`_on_loop`."""
-        await asyncio.to_thread(self._connect_once)
+        self._attempting = True
+        try:
+            await asyncio.to_thread(self._connect_once)
+        except OSError as exc:
+            self._attempt_failed(str(exc) or type(exc).__name__)
+            raise
 
     def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn`` on the agent's loop: now when called there, else as soon as the loop can.
@@ -345,10 +365,23 @@ class MqttLink:
 
     # -- paho callbacks (all on the loop thread) ---------------------------
 
+    def _attempt_failed(self, why: str) -> None:
+        """Count an attempt that got no session, once (a refusing CONNACK is followed by the
+        broker's hang-up, which is the same attempt)."""
+        if not self._attempting:
+            return
+        self._attempting = False
+        self.connect_failures += 1
+        self.last_connect_failure = why
+        self._refused.set()
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             log.warning("%s: broker refused connection: %s", self.device_id, reason)
+            self._attempt_failed(f"refused: {reason}")
             return
+        self._attempting = False
+        self._refused.clear()
         client.subscribe(protocol.topic(self.device_id, protocol.Channel.DESIRED), qos=1)
         online = protocol.Status(device_id=self.device_id, state="online", ts=self.now())
         client.publish(
@@ -365,6 +398,8 @@ class MqttLink:
                 log.exception("%s: on_connected handler failed", self.device_id)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not self._connected.is_set():
+            self._attempt_failed(f"closed before CONNACK: {reason}")
         self._connected.clear()
         self._release_waiters()
         if not self._stopping:

@@ -310,10 +310,15 @@ def test_taking_another_devices_client_id_neither_kicks_it_off_nor_reads_its_mes
 def _connects(
     loop: LoopThread, broker: BrokerInfo, device_id: str, security: MqttSecurity, port: int | None = None
 ) -> bool:
+    """Whether ``device_id`` gets a session with ``security``; "no" is the broker's answer (the
+    link saw its attempt fail: TLS refused, CONNACK refused, or hung up on), never a timeout."""
     link = MqttLink(device_id, broker.host, port or broker.port, security=security)
     loop.run(link.start(on_message=lambda *_: None))
     try:
-        return bool(loop.run(link.wait_connected(3)))
+        if loop.run(link.wait_connected(10, until_refused=True)):
+            return True
+        assert link.connect_failures >= 1 and link.last_connect_failure, "no answer from the broker in 10 s"
+        return False
     finally:
         loop.run(link.stop())
 
@@ -396,7 +401,10 @@ def test_the_agent_process_in_password_mode_gets_in_from_its_own_config(
             password_broker, keydir, tmp_path / "x", device, mqtt_password_file=keys["mqtt_password_file"]
         )
         loop.run(impostor.start())
-        assert not loop.run(impostor.wait_connected(3))
+        link = impostor.link
+        assert isinstance(link, MqttLink)
+        assert not loop.run(link.wait_connected(10, until_refused=True))  # the broker's "no"
+        assert link.connect_failures >= 1 and "refused" in (link.last_connect_failure or "")
         loop.run(impostor.stop())
     finally:
         loop.close()
