@@ -81,6 +81,12 @@ def server_settings(tmp_path: Path, keydir: KeyDir, broker: BrokerInfo, **over: 
         # These tests exercise rollouts and ingest; admin auth (on by default) has its own
         # tests in test_auth.py, and the demo, CLI loop and scenarios run with it on.
         "auth_required": False,
+        # The server process takes telemetry and events itself (the product's one-process mode):
+        # three forked ingest workers per server cost each test ~0.4 s of wall time and a TLS
+        # session apiece. The worker processes are tested where they are the point (modules
+        # marked ``ingest_workers``) and run in every scenario, demo and CLI loop, whose servers
+        # are ``edgefleet server`` processes on the defaults.
+        "ingest_workers": 0,
     }
     values.update(over)
     return ServerSettings(**values)
@@ -127,6 +133,7 @@ def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def make_server(
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     keydir: KeyDir,
     broker_info: BrokerInfo,
@@ -135,10 +142,15 @@ def make_server(
 ) -> Iterator[Callable[..., ServerThread]]:
     """Servers of this test, stopped before ``fake_device`` clears the retained topics (a running
     server restores a deleted directive: ``fleet_server.reconciler``). A server on SQLite whose data
-    directory holds no database yet starts from a copy of ``migrated_sqlite``."""
+    directory holds no database yet starts from a copy of ``migrated_sqlite``. A test marked
+    ``ingest_workers(n)`` gets servers with n telemetry workers and the events worker (the
+    product's default is 2), others one-process servers (``server_settings``)."""
     started: list[ServerThread] = []
+    marker = request.node.get_closest_marker("ingest_workers")
+    workers = {"ingest_workers": marker.args[0] if marker.args else 2} if marker else {}
 
     def make(tls_cert: Path | None = None, tls_key: Path | None = None, **over: Any) -> ServerThread:
+        over = {**workers, **over}
         # port 0: ServerThread binds the socket itself (no race for a port chosen here) and
         # defaults public_url to where it listens (https:// with tls_cert/tls_key)
         settings = server_settings(tmp_path, keydir, broker_info, **over)

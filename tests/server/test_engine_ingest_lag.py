@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, insert, update
 from sqlmodel import select
 
@@ -30,6 +31,8 @@ from signing.keys import generate_keypair
 
 from .conftest import wait_for
 from .test_engine import OLD, SHA, T0, first_stage, rollout, serving
+
+pytestmark = pytest.mark.ingest_workers  # the engine reading the workers' lag
 
 
 def test_heard_for_counts_only_the_time_whose_reports_are_stored() -> None:

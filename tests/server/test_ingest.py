@@ -37,6 +37,8 @@ from .conftest import FakeDevice, make_bundle, register, stats, upload, wait_for
 from .test_mqtt import reported, telemetry
 from .test_rollout_flow import directives, serve, status
 
+pytestmark = pytest.mark.ingest_workers  # the ingest workers: crash, backlog and keepalive behaviour
+
 SHA = "cd" * 32
 
 

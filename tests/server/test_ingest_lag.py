@@ -27,6 +27,8 @@ from simulator.scenario import parse_scenario
 from .conftest import FakeDevice, register, stats, wait_for
 from .test_mqtt import telemetry
 
+pytestmark = pytest.mark.ingest_workers  # each worker's lag probe
+
 SHA = "cd" * 32
 # The drain test's quiet period: a stalled worker shows as lag above DRAIN_LAG within about
 # ingest_lag.PROBE_INTERVAL + DRAIN_LAG s, well inside it, so only the lag keeps the runner waiting.

@@ -36,6 +36,8 @@ from tests.mqtt_clients import server_address, server_client
 from .conftest import FakeDevice, register, stats, wait_for
 from .test_mqtt import telemetry
 
+pytestmark = pytest.mark.ingest_workers  # telemetry and events in workers of their own
+
 SHA = "cd" * 32
 BACKLOG = 300
 

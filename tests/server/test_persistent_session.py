@@ -7,11 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from fleet_server.runner import ServerThread
 
 from .conftest import FakeDevice, register, wait_for
 from .test_mqtt import telemetry
+
+pytestmark = pytest.mark.ingest_workers  # the workers' persistent sessions
 
 SHA = "ab" * 32
 

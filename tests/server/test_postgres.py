@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from fleet_server.models import ModelAggregate
 from fleet_server.runner import ServerThread
@@ -16,6 +17,8 @@ from signing.keys import generate_keypair
 from .conftest import FakeDevice, make_bundle, register, stats, upload, wait_for
 from .test_mqtt import telemetry
 from .test_rollout_flow import directives, serve, status
+
+pytestmark = pytest.mark.ingest_workers  # the workers storing into PostgreSQL
 
 
 def test_postgres_store_end_to_end(

@@ -70,7 +70,9 @@ def test_one_server_on_two_shards(tmp_path: Path, keydir: KeyDir) -> None:
     devices = {name: devices[name] for name in NAMES}
     with start_secure_shards(2, tmp_path / "brokers") as group:
         infos = group.infos
-        settings = server_settings(tmp_path, keydir, infos["shard-0"], mqtt_shards=group.shards_file)
+        settings = server_settings(
+            tmp_path, keydir, infos["shard-0"], mqtt_shards=group.shards_file, ingest_workers=2
+        )
         srv = ServerThread(settings).start()
         fakes: list[FakeDevice] = []
         try:
