@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 # on their own. Both steps always run; the target fails if either did. Two workers per core:
 # the suite's tests spend most of their wall time waiting on brokers, servers and subprocesses
 # (docs/decisions/0018). On the 2-core VM, one run each: 3 workers 521 s, 4 workers 456 s, 6
-# workers 470 s (six stretch every CPU-heavy test three-fold; docs/benchmarks.md).
-TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) * 2 )))
+# workers 470 s (six stretch every CPU-heavy test three-fold; docs/benchmarks.md). At most 16:
+# each worker has its own broker, PostgreSQL database and servers with connection pools.
+TEST_WORKERS ?= $(shell n=$$(( $$(nproc 2>/dev/null || echo 1) * 2 )); echo $$(( n > 16 ? 16 : n )))
 PYTEST_PARALLEL ?= -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
 # The suite starts hundreds of Python processes (workers, servers, CLIs, agents): with
 # PYTHONDONTWRITEBYTECODE set each one compiles the project from source again and every worker
@@ -20,14 +21,16 @@ PYTEST := env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest
 .PHONY: demo test test-arm64 bench lint fmt typecheck clean venv models
 
 # uv (from PyPI, into the venv) resolves, downloads and byte-compiles in parallel: on the 2-core
-# VM a fresh venv takes ~25 s against pip's ~41 s, and the same versions (docs/benchmarks.md).
-# Where uv cannot be had or fails, pip does it: pip byte-compiles what it installs in one process,
-# so compileall does that work on every core (errors are pip's to ignore too: a few packages ship
-# files that are not Python 3).
+# VM a fresh venv took ~25 s against pip's ~41 s, with the versions pip picks but for one backport
+# (docs/benchmarks.md). uv reads no pip configuration: the system's CA store (--native-tls, where
+# pip's PIP_CERT points) and PIP_FIND_LINKS are handed to it. Where uv cannot be had or fails, pip
+# does it: pip byte-compiles what it installs in one process, so compileall does that work on
+# every core (errors are pip's to ignore too: a few packages ship files that are not Python 3).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	{ $(PY) -m pip install -q 'uv>=0.5' && \
-	  $(PY) -m uv pip install -q --python $(PY) --compile-bytecode -e '.[all]'; } || { \
+	  $${PIP_FIND_LINKS:+env UV_FIND_LINKS="$$PIP_FIND_LINKS"} \
+	  $(PY) -m uv pip install -q --native-tls --python $(PY) --compile-bytecode -e '.[all]'; } || { \
 	  $(PY) -m pip install -q --upgrade pip && \
 	  $(PY) -m pip install -q --no-compile -e '.[all]' && \
 	  { $(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true; }; }

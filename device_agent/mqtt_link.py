@@ -145,6 +145,8 @@ class MqttLink:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._stopping = False
+        self._attempting = False
+        self._refused.clear()  # a failure before an earlier stop is not this start's answer
         try:
             await self._connect_off_loop()
         except OSError as exc:
@@ -362,6 +364,8 @@ class MqttLink:
                 not self.connected and asyncio.get_running_loop().time() < deadline and self._sock is not None
             ):
                 await asyncio.sleep(0.05)
+            if not self.connected:
+                self._attempt_failed("no CONNACK in time")
 
     # -- paho callbacks (all on the loop thread) ---------------------------
 

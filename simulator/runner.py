@@ -46,10 +46,12 @@ STOPS = ("roll_back", "pause", "roll_back_cohort", "pause_cohort")  # decisions 
 # ingest lag above DRAIN_LAG s, or a backlog) is waited for up to DRAIN_TIMEOUT s; one caught up
 # that stores nothing for DRAIN_QUIET s is not. A scenario that checks no telemetry loss reads the
 # stored count only as a figure, and many lose telemetry on purpose (a server restarted with a
-# clean session): it waits DRAIN_QUIET_FIGURES s, not the 15 s that prove nothing more is coming.
+# clean session): it waits DRAIN_QUIET_FIGURES s, not the 15 s that prove nothing more is coming:
+# long enough for a stalled ingest worker to show (its lag probe goes out every second and counts
+# as behind above DRAIN_LAG), so a server still behind is waited for.
 DRAIN_TIMEOUT = 600.0
 DRAIN_QUIET = 15.0
-DRAIN_QUIET_FIGURES = 2.0
+DRAIN_QUIET_FIGURES = 4.0
 DRAIN_LAG = 2.0
 DRAIN_SILENT = 120.0  # nor one that neither answers nor stores anything for this long
 

@@ -73,6 +73,9 @@ def register(client: httpx.Client, device_id: str, hardware_id: str = HW, **tags
 
 
 def server_settings(tmp_path: Path, keydir: KeyDir, broker: BrokerInfo, **over: Any) -> ServerSettings:
+    """A test server's settings: the production broker, fast ticks, the streams in the server
+    process unless ``ingest_workers`` is given (the ``ingest_workers`` marker is read by
+    ``make_server``, not here)."""
     values: dict[str, Any] = {
         "data_dir": tmp_path / "server-data",
         "keys_dir": keydir.path,

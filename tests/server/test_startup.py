@@ -136,7 +136,7 @@ def test_the_server_starts_before_its_broker_and_connects_when_it_comes_up(
     tmp_path: Path, keydir: KeyDir, late_broker: Broker
 ) -> None:
     info = late_broker.info
-    settings = server_settings(tmp_path, keydir, info)
+    settings = server_settings(tmp_path, keydir, info, ingest_workers=2)  # workers connect late too
     srv = ServerThread(settings).start()  # the broker is down: the API serves anyway
     try:
         assert srv.context.bridge is not None and not srv.context.bridge.subscribed.is_set()
