@@ -101,7 +101,7 @@ class TelemetryUplink:
         """Delete acknowledged batches and count those this removed as sent, in one worker-thread trip.
 
         A batch counts once, when the queue forgets it: ``telemetry_batches`` is what the server
-        should have stored. Counting each acknowledgement counted a batch delivered twice twice
+        should have stored. Counting acknowledgements counted a batch twice when it went out twice
         (a stop cancels a send between its acknowledgements and its delete, the delete never
         runs, and the stop's flush sends the batch again). Counting on the loop after the delete
         would miss a delete that ran while its send was cancelled; here both happen or neither."""
