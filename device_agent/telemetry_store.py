@@ -172,23 +172,25 @@ class BatchStore:
     def delete(self, row_id: int) -> bool:
         """Forget a batch the broker acknowledged; False if the disk is too full to (it is sent
         again later, and the server dedupes it on ``batch_id``)."""
-        return self.delete_many([row_id])
+        return self.delete_many([row_id]) is not None
 
-    def delete_many(self, row_ids: list[int]) -> bool:
+    def delete_many(self, row_ids: list[int]) -> int | None:
         """:meth:`delete` for several acknowledged batches in one statement (one WAL commit
-        instead of one per batch)."""
+        instead of one per batch). Returns how many were still queued (a batch sent twice is
+        forgotten once), None if the disk is too full to forget them."""
+        gone = 0
         with self._lock:
             try:
                 for i in range(0, len(row_ids), 500):  # below SQLite's limit on parameters
                     chunk = row_ids[i : i + 500]
                     marks = ",".join("?" * len(chunk))
-                    self._db.execute(f"DELETE FROM batches WHERE id IN ({marks})", chunk)
+                    gone += self._db.execute(f"DELETE FROM batches WHERE id IN ({marks})", chunk).rowcount
             except sqlite3.Error as exc:
                 if not _store_unwritable(exc):
                     raise
                 self._rollback()
-                return False
-        return True
+                return None
+        return gone
 
     def __len__(self) -> int:
         with self._lock:

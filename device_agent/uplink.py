@@ -39,6 +39,7 @@ class TelemetryUplink:
         self.topic = wire.topic(config.device_id, wire.Channel.TELEMETRY)
         self._sending = asyncio.Lock()
         self._cuts = 0  # windows this uplink queued: a send that read the queue before one re-reads
+        self._sends = 0  # sends that took the queue: rows a tick read before one began may be gone
 
     async def run(self) -> None:
         """Cut and send windows until cancelled; one bad window never ends telemetry for good."""
@@ -85,12 +86,30 @@ class TelemetryUplink:
             queued = self.telemetry.cut() is not None
             return queued, store.oldest(limit) if self._ready() else []
 
+        sends = self._sends
         queued, rows = await asyncio.to_thread(cut)
         self._cuts += queued
-        if rows:
+        if rows and self._sends == sends:
             await self.send(rows)
-        elif queued:
-            await self.send()  # a send under way sees the new batch (or none could start)
+        elif rows or queued:
+            # A send under way sees the new batch (or none could start). One that began while the
+            # rows were read (a reconnect's) may have delivered and forgotten them already: the
+            # queue is read again rather than deliver them twice.
+            await self.send()
+
+    def _forget(self, row_ids: list[int]) -> bool:
+        """Delete acknowledged batches and count those this removed as sent, in one worker-thread trip.
+
+        A batch counts once, when the queue forgets it: ``telemetry_batches`` is what the server
+        should have stored. Counting acknowledgements counted a batch twice when it went out twice
+        (a stop cancels a send between its acknowledgements and its delete, the delete never
+        runs, and the stop's flush sends the batch again). Counting on the loop after the delete
+        would miss a delete that ran while its send was cancelled; here both happen or neither."""
+        gone = self.telemetry.store.delete_many(row_ids)
+        if gone is None:
+            return False
+        self.metrics.count("telemetry_batches", gone)
+        return True
 
     def _ready(self) -> bool:
         """Whether :meth:`send` would send now (connected, no send under way)."""
@@ -111,7 +130,8 @@ class TelemetryUplink:
     async def send(self, rows: list[tuple[int, str, bytes]] | None = None, *, wait: bool = False) -> None:
         """Send queued batches oldest first, deleting each only once the broker acknowledged it.
 
-        ``rows``: the queue's oldest batches when the caller just read them (None: read here).
+        ``rows``: the queue's oldest batches, read by the caller since the last send began (None: read
+        here).
         ``wait``: queue behind a send under way instead of leaving the work to it."""
         link = self.link()
         if link is None or (self._sending.locked() and not wait):
@@ -119,6 +139,7 @@ class TelemetryUplink:
         store = self.telemetry.store
         limit = max(1, self.config.max_inflight)
         async with self._sending:
+            self._sends += 1
             seen = self._cuts
             while link.connected:
                 if rows is None:
@@ -132,8 +153,7 @@ class TelemetryUplink:
                 acked = [row_id for (row_id, _, _), ok in zip(rows, acks, strict=True) if ok]
                 deleted = True
                 if acked:
-                    self.metrics.count("telemetry_batches", len(acked))
-                    deleted = await asyncio.to_thread(store.delete_many, acked)
+                    deleted = await asyncio.to_thread(self._forget, acked)
                 if not all(acks) or not deleted:
                     return  # broker away, or a disk too full to forget sent batches: next tick
                 if len(rows) < limit and self._cuts == seen:
