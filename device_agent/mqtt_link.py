@@ -109,7 +109,9 @@ class MqttLink:
         # the broker closing the connection before its CONNACK (a TLS listener fed plaintext).
         self.connect_failures = 0
         self.last_connect_failure: str | None = None
-        self._refused = asyncio.Event()  # set by a failed attempt, cleared by a session
+        # Set once the broker has answered: a session, or an attempt that failed (it stays set
+        # through the reconnects after a failure); cleared by start() and by a session's end.
+        self._answered = asyncio.Event()
         self._attempting = False  # an attempt is under way and not yet judged
 
         proto = MQTTProtocolVersion.MQTTv5 if mqtt_version == 5 else MQTTProtocolVersion.MQTTv311
@@ -146,7 +148,7 @@ class MqttLink:
         self._loop_thread = threading.get_ident()
         self._stopping = False
         self._attempting = False
-        self._refused.clear()  # a failure before an earlier stop is not this start's answer
+        self._answered.clear()  # a failure before an earlier stop is not this start's answer
         try:
             await self._connect_off_loop()
         except OSError as exc:
@@ -160,15 +162,13 @@ class MqttLink:
         fails instead (no connection, a refusing CONNACK, the broker hanging up first), so a
         caller that only asks "does this identity get in?" learns "no" from the broker, not
         from a timeout."""
-        waits = [asyncio.ensure_future(self._connected.wait())]
-        if until_refused:
-            waits.append(asyncio.ensure_future(self._refused.wait()))
+        # One awaitable, no helper tasks: a waiter abandoned when its loop closes (a process
+        # stopping) must have nothing left to cancel on that loop.
+        event = self._answered if until_refused else self._connected
         try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            return False
         return self.connected
 
     async def stop(self) -> None:
@@ -377,7 +377,7 @@ class MqttLink:
         self._attempting = False
         self.connect_failures += 1
         self.last_connect_failure = why
-        self._refused.set()
+        self._answered.set()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
@@ -385,7 +385,7 @@ class MqttLink:
             self._attempt_failed(f"refused: {reason}")
             return
         self._attempting = False
-        self._refused.clear()
+        self._answered.set()
         client.subscribe(protocol.topic(self.device_id, protocol.Channel.DESIRED), qos=1)
         online = protocol.Status(device_id=self.device_id, state="online", ts=self.now())
         client.publish(
@@ -404,6 +404,8 @@ class MqttLink:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if not self._connected.is_set():
             self._attempt_failed(f"closed before CONNACK: {reason}")
+        else:
+            self._answered.clear()  # the next attempt answers anew
         self._connected.clear()
         self._release_waiters()
         if not self._stopping:
