@@ -94,10 +94,17 @@ def _on_disk(data: Path) -> list[str]:
     """The inference ids a device holds for upload (sealed batches and the open journal)."""
     ids = []
     for f in sorted((data / "capture" / "batches").glob("*.json")):
-        ids += [i["inference_id"] for i in json.loads(f.read_bytes())["items"]]
-    journal = data / "capture" / JOURNAL
-    if journal.exists():
-        for line in journal.read_bytes().split(b"\n")[1:]:
+        try:
+            raw = f.read_bytes()
+        except FileNotFoundError:  # uploaded and forgotten between the listing and the read
+            continue
+        ids += [i["inference_id"] for i in json.loads(raw)["items"]]
+    try:
+        journal = (data / "capture" / JOURNAL).read_bytes()
+    except FileNotFoundError:  # none open, or sealed into a batch since the listing
+        journal = b""
+    if journal:
+        for line in journal.split(b"\n")[1:]:
             try:
                 ids.append(json.loads(line)["inference_id"])
             except ValueError:  # empty, or torn by a kill mid-write: never counted as captured
