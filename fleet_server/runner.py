@@ -117,6 +117,15 @@ class ServerThread:
         self.stop()
         raise TimeoutError(f"server did not answer /healthz within {timeout}s")
 
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Whether the bridge, its ingest workers included, has every subscription within ``timeout``.
+
+        ``start`` returns once the API answers, which may be before: a device that publishes
+        meanwhile on clean sessions loses what it sent (the broker has no subscriber to give it to).
+        """
+        bridge = self.context.bridge
+        return bridge is not None and bridge.subscribed.wait(timeout)
+
     def _verify(self) -> ssl.SSLContext | bool:
         """The readiness probe trusts exactly the certificate this server was given (a leaf: partial
         chain), whoever issued it."""

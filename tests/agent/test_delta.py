@@ -298,8 +298,7 @@ def test_the_fleet_server_builds_the_delta_a_device_then_installs_from(
         broker_info, tmp_path / dev, keydir.trust_path, dev, tuf_root_path=keydir.tuf_root_path
     )
     server = ServerThread(settings).start()
-    assert server.context.bridge is not None  # listening before the device speaks (its events)
-    wait_for(server.context.bridge.subscribed.is_set, 30, "the server (and its ingest workers) subscribed")
+    assert server.wait_subscribed(30), "the server (and its ingest workers) subscribed"  # before the device
     agent = Agent(cfg, keydir.trust_root())
     try:
         with ApiClient(server.url, token=server.admin_token) as api:

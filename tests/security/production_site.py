@@ -26,7 +26,6 @@ from edgefleet.ports import free_port, launch, start_on_free_port
 from fleet_server.runner import ServerThread
 from fleet_server.settings import ServerSettings
 from signing.keyring import KeyDir, init_keys
-from tests.agent.harness import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 NOPASS = "--insecure-no-passphrase"
@@ -105,8 +104,7 @@ class Site:
         """The fleet server, in once it has subscribed on the broker's server listener."""
         server = ServerThread(self.settings).start()
         self.server = server
-        assert server.context.bridge is not None
-        wait_for(server.context.bridge.subscribed.is_set, 15, "the server is in, on the server listener")
+        assert server.wait_subscribed(15), "the server is in, on the server listener"
         return server
 
     def stop_server(self) -> None:

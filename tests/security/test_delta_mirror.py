@@ -50,8 +50,7 @@ def server(tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo) -> Iterator[
     # Listening before the device speaks: an event published while no ingest worker has subscribed
     # yet is dropped by the broker (a clean session), and a cold forkserver takes seconds on a busy
     # machine to start them.
-    assert srv.context.bridge is not None
-    wait_for(srv.context.bridge.subscribed.is_set, 30, "the server (and its ingest workers) subscribed")
+    assert srv.wait_subscribed(30), "the server (and its ingest workers) subscribed"
     yield srv
     srv.stop()
 

@@ -106,8 +106,7 @@ def stack(tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo) -> Iterator[S
     """Our server; a victim serving a model it installed through it; mallory, another device."""
     broker = _secure(broker_info)
     server = _server(tmp_path, keydir, broker)
-    assert server.context.bridge is not None
-    wait_for(server.context.bridge.subscribed.is_set, 15, "server subscribed")
+    assert server.wait_subscribed(15), "server subscribed"
     api = ApiClient(server.url)
     loop = LoopThread()
     victim_id, mallory_id = unique_id("victim"), unique_id("mallory")

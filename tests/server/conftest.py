@@ -164,8 +164,7 @@ def make_server(
                 shutil.copyfile(migrated_sqlite, db)
         srv = ServerThread(settings, tls_cert=tls_cert, tls_key=tls_key).start()
         started.append(srv)
-        assert srv.context.bridge is not None
-        wait_for(srv.context.bridge.subscribed.is_set, 10)
+        assert srv.wait_subscribed(10), "the server (and its ingest workers) subscribed"
         return srv
 
     yield make

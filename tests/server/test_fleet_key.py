@@ -96,8 +96,7 @@ def test_server_runs_and_signs_with_an_encrypted_fleet_key(
         clean_env.setenv("CREDENTIALS_DIRECTORY", str(creds))
     srv = ServerThread(server_settings(tmp_path, server_keys, broker_info, **over)).start()
     started.append(srv)
-    assert srv.context.bridge is not None
-    wait_for(srv.context.bridge.subscribed.is_set, 10)
+    assert srv.wait_subscribed(10), "the server subscribed"
     trust = offline_keys.trust_root()
     release = offline_keys.key("release", PASS.encode())
     with ApiClient(srv.url, token=srv.admin_token) as api:
