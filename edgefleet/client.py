@@ -83,7 +83,7 @@ class ApiError(RuntimeError):
 
 
 @functools.cache
-def _tls_context() -> ssl.SSLContext:
+def tls_context() -> ssl.SSLContext:
     """The verifying TLS context every client in this process shares (httpx's default: the CA
     bundle, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``). httpx builds a new one per client otherwise,
     parsing the whole CA bundle each time (~20 ms of CPU), and a process may open many clients."""
@@ -98,7 +98,7 @@ class ApiClient:
         token = token or os.environ.get(TOKEN_ENV) or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
-            base_url=self.base_url, timeout=timeout, headers=headers, verify=_tls_context()
+            base_url=self.base_url, timeout=timeout, headers=headers, verify=tls_context()
         )
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ from fleet_server.app import create_app
 from fleet_server.context import ServerContext
 from fleet_server.logs import uvicorn_log_config
 from fleet_server.settings import ServerSettings
+from fleet_server.tls_context import default_verify_context
 
 
 class ServerThread:
@@ -126,11 +127,11 @@ class ServerThread:
         bridge = self.context.bridge
         return bridge is not None and bridge.subscribed.wait(timeout)
 
-    def _verify(self) -> ssl.SSLContext | bool:
+    def _verify(self) -> ssl.SSLContext:
         """The readiness probe trusts exactly the certificate this server was given (a leaf: partial
         chain), whoever issued it."""
         if self.tls_cert is None:
-            return True
+            return default_verify_context()
         ctx = ssl.create_default_context(cafile=str(self.tls_cert))
         ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         return ctx

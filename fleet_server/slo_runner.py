@@ -44,6 +44,7 @@ from fleet_server.slo_store import (
     version_names,
 )
 from fleet_server.store import new_session
+from fleet_server.tls_context import default_verify_context
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,9 @@ class SloRunner:
             self._thread.join(10)
 
     def _run(self) -> None:
-        with httpx.Client(timeout=self.settings.alert_timeout_seconds) as http:
+        with httpx.Client(
+            timeout=self.settings.alert_timeout_seconds, verify=default_verify_context()
+        ) as http:
             while not self._stop.wait(1.0):
                 try:
                     self.step(http)

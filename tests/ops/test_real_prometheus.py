@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgefleet.ports import free_port, launch, start_on_free_port
 from fleet_server.runner import ServerThread
+from fleet_server.tls_context import default_verify_context
 from signing.keyring import KeyDir
 from tests.ops.test_monitoring import DASHBOARDS, RULES
 from tests.ops.test_slo_api import batch
@@ -124,7 +125,9 @@ def prometheus_for(target: str, tmp_path: Path) -> Callable[[int], list[str]]:
 
 
 def query(prom: str, expr: str) -> list[dict[str, Any]]:
-    r = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=5).json()
+    r = httpx.get(
+        f"{prom}/api/v1/query", params={"query": expr}, timeout=5, verify=default_verify_context()
+    ).json()
     assert r["status"] == "success", (expr, r)
     return list(r["data"]["result"])
 

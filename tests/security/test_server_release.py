@@ -158,13 +158,17 @@ def test_the_server_keeps_the_timestamp_fresh(server: ServerThread, keydir: KeyD
     with ApiClient(server.url, token=server.admin_token) as api:
         api.push_bundle(b.dir, release_keys=[keydir.key("release")])
 
-    def timestamp() -> Metadata[Timestamp]:
-        return Metadata[Timestamp].from_bytes(httpx.get(f"{server.url}/tuf/metadata/timestamp.json").content)
+    with httpx.Client() as http:  # one client for the polls, not a TLS context per poll
 
-    first = timestamp().signed
-    later = wait_for(
-        lambda: (t := timestamp().signed).version > first.version + 1 and t, 10, "re-signed timestamp"
-    )
+        def timestamp() -> Metadata[Timestamp]:
+            return Metadata[Timestamp].from_bytes(
+                http.get(f"{server.url}/tuf/metadata/timestamp.json").content
+            )
+
+        first = timestamp().signed
+        later = wait_for(
+            lambda: (t := timestamp().signed).version > first.version + 1 and t, 10, "re-signed timestamp"
+        )
     assert later.expires > first.expires and later.expires > datetime.now(UTC)
 
 

@@ -20,6 +20,7 @@ from fleet_server.mqtt_client import release
 from fleet_server.runner import ServerThread
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine
+from fleet_server.tls_context import default_verify_context
 from signing.keyring import KeyDir
 from signing.keys import KeyPair
 from signing.manifest import ENVELOPE_NAME, sign_bundle
@@ -179,7 +180,7 @@ def server(make_server: Callable[..., ServerThread]) -> ServerThread:
 
 @pytest.fixture
 def client(server: ServerThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=10) as c:
+    with httpx.Client(base_url=server.url, timeout=10, verify=default_verify_context()) as c:
         yield c
 
 
