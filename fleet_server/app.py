@@ -15,7 +15,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
 
 from fleet_server.artifacts import load_trust
 from fleet_server.audit import AuditMiddleware
@@ -30,6 +29,7 @@ from fleet_server.mqtt_bridge import MqttBridge
 from fleet_server.releases import make_publisher
 from fleet_server.retrain import RetrainWatcher
 from fleet_server.routes import ROUTERS, allowed_methods
+from fleet_server.routes.docs_pages import install_docs
 from fleet_server.routes.errors import install_error_handler
 from fleet_server.routes.openapi import install_openapi
 from fleet_server.settings import ServerSettings
@@ -64,7 +64,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         )
     except FileNotFoundError as exc:  # a key directory from before TUF: serve DSSE-only, say so loudly
         log.error(
-            "no TUF root chain in %s (%s): TUF delivery is off (409 tuf_disabled)", settings.keys_dir, exc
+            "no TUF root chain in %s (%s): TUF delivery is off (409 tuf_disabled)",
+            settings.keys_dir,
+            str(exc),
         )
 
     @asynccontextmanager
@@ -107,8 +109,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             bridge.stop()
             context.engine.dispose()
 
-    app = FastAPIOffline(title="edgefleet fleet server", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="edgefleet fleet server", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     install_openapi(app)
+    install_docs(app)
     app.state.ctx = context
     for router in ROUTERS:
         app.include_router(router)

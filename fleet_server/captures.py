@@ -84,8 +84,10 @@ def load_device_ca(path: Path) -> x509.Certificate | None:
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
     except (OSError, ValueError) as exc:
+        # the message, not the exception: a record kept by a handler would keep its traceback's
+        # frames, and with them the server being built
         log.warning(
-            "no device CA at %s (%s): capture uploads are refused (503) until there is one", path, exc
+            "no device CA at %s (%s): capture uploads are refused (503) until there is one", path, str(exc)
         )
         return None
 

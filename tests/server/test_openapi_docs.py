@@ -7,16 +7,24 @@ every tag is described; the bearer scheme is declared; lists take the same pagin
 
 from __future__ import annotations
 
+import gc
 import re
+import weakref
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import BaseModel
 
+from edgefleet.broker import BrokerInfo
 from fleet_server import config_schemas, experiment_schemas, schemas, slo_schemas
 from fleet_server.paging import DEFAULT_LIMIT, MAX_LIMIT
 from fleet_server.runner import ServerThread
+from fleet_server.tls_context import default_verify_context
+from signing.keyring import KeyDir
+
+from .conftest import server_settings
 
 METHODS = {"get", "post", "put", "patch", "delete"}
 
@@ -174,3 +182,22 @@ def test_docs_and_redoc_are_served_without_a_cdn(server: ServerThread, client: h
         for src in scripts:
             asset = client.get(src)
             assert asset.status_code == 200 and len(asset.content) > 100_000, src
+
+
+def test_a_stopped_server_leaves_nothing_alive(
+    tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo
+) -> None:
+    """FastAPI keeps every route callable it classified in a process-wide LRU: a route handler
+    closing over its app would keep each stopped server (its engine, context, route table) alive
+    for the life of the process."""
+    srv = ServerThread(server_settings(tmp_path, keydir, broker_info)).start()
+    try:
+        docs = httpx.get(f"{srv.url}/docs", verify=default_verify_context()).status_code
+        app = weakref.ref(srv.app)
+    finally:
+        srv.stop()
+    del srv  # the assert below must not hold it in a temporary of its own
+    gc.collect()
+    alive = app() is not None
+    assert docs == 200
+    assert not alive
