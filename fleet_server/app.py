@@ -96,11 +96,16 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         # and set off full collections, each walking the whole heap (~190,000 objects here):
         # measured, GC was a third of the time a label batch took. gc.freeze is CPython's own
         # tool for a long-lived heap; unfreeze on the way out (tests run many servers a process).
-        gc.freeze()
+        # A heap someone else froze (the process embedding the server) is left as it is: unfreeze
+        # cannot tell their objects from ours, and would undo theirs.
+        froze = gc.get_freeze_count() == 0
+        if froze:
+            gc.freeze()
         try:
             yield
         finally:
-            gc.unfreeze()
+            if froze:
+                gc.unfreeze()
             if context.tuf is not None:
                 context.tuf.stop()
             slo.stop()

@@ -189,6 +189,7 @@ class Fleet:
         self.rss_at_start = 0  # bytes, when start() was called (the fleet's growth is measured from here)
         self.rss_at_stop = 0  # bytes, when stop() was called (every agent still up)
         self._gc = GcClock()  # this process's collections from the end of start() to stop()
+        self._froze = False  # whether start() froze the heap (and stop() unfreezes it)
 
     # -- lifecycle (caller's thread) ---------------------------------------
 
@@ -209,8 +210,11 @@ class Fleet:
         # long as the fleet: moved out of the collector's generations, a full collection no longer
         # walks them, each one a stall of every agent's loop at once (0.6 s of CPU at 1,000 agents,
         # several seconds of wall on a loaded machine). What agents allocate from here on is
-        # collected as before; only cyclic garbage of an agent a reboot replaces is kept.
-        gc.freeze()
+        # collected as before; only cyclic garbage of an agent a reboot replaces is kept. A heap
+        # the embedding process froze is left as it is: unfreeze would undo theirs.
+        self._froze = gc.get_freeze_count() == 0
+        if self._froze:
+            gc.freeze()
         self._gc.start()  # the collections that matter: the rollout's and the serving fleet's
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -219,7 +223,9 @@ class Fleet:
             return
         self.rss_at_stop = rss_bytes()
         self._gc.stop()
-        gc.unfreeze()
+        if self._froze:
+            gc.unfreeze()
+            self._froze = False
         if loop.is_running():
             with contextlib.suppress(Exception):
                 self.run(self._stop_all(), timeout=timeout)

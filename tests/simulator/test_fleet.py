@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gc
 import resource
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 from agent.harness import ArtifactServer, Observer, make_bundle, sign_directive, unique_id, wait_for
 
 from device_agent import protocol
@@ -15,8 +17,22 @@ from signing.keyring import KeyDir
 from simulator.fleet import DeviceSpec, Fleet
 
 
+@pytest.fixture
+def unfrozen_heap() -> Iterator[None]:
+    """A heap nobody froze, as in the simulator's own process: the suite freezes its workers' heap
+    after collection, and a fleet leaves a heap someone else froze as it is. Not frozen again after:
+    the fixtures still alive then would be frozen with it, their objects never collected."""
+    gc.unfreeze()
+    yield
+
+
 def test_twenty_agents_install_a_directive(
-    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, observer: Observer
+    unfrozen_heap: None,
+    broker_info: BrokerInfo,
+    keydir: KeyDir,
+    tmp_path: Path,
+    artifacts: ArtifactServer,
+    observer: Observer,
 ) -> None:
     prefix = unique_id("sim")
     specs = [DeviceSpec(f"{prefix}-{i:03d}", "rpi4", {"site": "lab"}) for i in range(20)]
@@ -83,3 +99,31 @@ def test_a_device_spec_with_clock_skew_gets_a_skewed_agent_clock(keydir: KeyDir,
     assert abs(fast.clock() - time.time() - 3600.0) < 5
     assert abs(plain.clock() - time.time()) < 5
     assert (fast.now() - plain.now()).total_seconds() > 3590
+
+
+def test_a_fleet_leaves_a_heap_someone_else_froze_frozen(
+    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path
+) -> None:
+    """Unfreezing cannot tell the embedding process's objects from the fleet's: a fleet started in a
+    process that froze its heap neither freezes (the count would grow by the fleet's objects; frozen
+    objects only leave it by dying) nor unfreezes it (the embedder's objects stay out of the
+    collector's generations)."""
+    embedders = [object()]  # tracked by the collector: a container
+    gc.collect()  # as an embedder would: freeze what lives, not earlier tests' garbage
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+
+    def still_frozen() -> bool:
+        return not any(o is embedders for o in gc.get_objects())
+
+    specs = [DeviceSpec(unique_id("frz"), "rpi4", {})]
+    fleet = Fleet(
+        specs, broker_info, keydir.trust_path, tmp_path / "fleet",
+        credentials=fleet_mqtt_keys(broker_info, [s.device_id for s in specs]),
+    )  # fmt: skip
+    fleet.start()
+    try:
+        assert gc.get_freeze_count() <= frozen and still_frozen()
+    finally:
+        fleet.stop()
+    assert still_frozen()
