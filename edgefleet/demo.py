@@ -109,6 +109,9 @@ def demo_stack(
         server = ServerThread(settings, host="127.0.0.1")
         server.start()
         stack.callback(server.stop)
+        # the API answers before the bridge has subscribed; a device's first events published
+        # meanwhile would have no subscriber to reach (clean sessions)
+        server.wait_subscribed(15)
         specs = [DeviceSpec(f"dev-{i:03d}", HARDWARE, {"site": "demo"}) for i in range(devices)]
         register_devices(server.url, specs, token=server.admin_token)
         fleet = Fleet(

@@ -417,6 +417,7 @@ class SimHarness:
             # a duplicate: uvicorn closes its socket on stop, the holder keeps the port
             sock = self._port_holder.socket.dup()
             self._server = ServerThread(settings, sock=sock).start()
+            self._server.wait_subscribed(15)  # devices speak next: their first events need a subscriber
         else:
             assert self._port_holder is not None
             self._server = ServerProcess(settings, self._port_holder, self.workdir / "server.log").start()

@@ -52,6 +52,7 @@ def fleet(
 ) -> Iterator[ServerThread]:
     fleet_ca(keydir)  # provisioning made the fleet CA before the server started
     srv = ServerThread(server_settings(tmp_path, keydir, broker_info, database_url=database_url)).start()
+    assert srv.wait_subscribed(10), "the server subscribed before any device speaks"
     yield srv
     srv.stop()
 
@@ -336,6 +337,7 @@ def test_the_loop_a_rollout_with_capture_a_real_agent_process_labels_and_the_dat
     keys = device_mqtt_keys(broker_info, dev)
     settings = server_settings(tmp_path, keydir, broker_info, device_ca_file=keys["mqtt_ca_file"])
     srv = ServerThread(settings).start()
+    assert srv.wait_subscribed(10), "the server subscribed before the device speaks"
     conf = write_agent_toml(tmp_path, keydir, broker_info, dev)
     cmd = [sys.executable, "-m", "device_agent", "--config", str(conf), "--workload-hz", "20"]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL)

@@ -73,6 +73,7 @@ def test_an_x86_server_updates_an_agent_on_arm64(
     keys = device_mqtt_keys(broker_info, dev)
     srv = ServerThread(server_settings(tmp_path, keydir, broker_info, device_ca_file=keys["mqtt_ca_file"]))
     srv.start()
+    assert srv.wait_subscribed(30), "the server subscribed before the device speaks"
     proc: subprocess.Popen[bytes] | None = None
 
     def log() -> str:

@@ -37,6 +37,7 @@ def server(tmp_path: Path, keydir: KeyDir, mosquitto: Broker) -> Iterator[Server
         admin_token=TOKEN,
     )
     srv = ServerThread(settings).start()
+    assert srv.wait_subscribed(10), "the server subscribed before any device speaks"
     yield srv
     srv.stop()
 

@@ -128,6 +128,7 @@ def server(tmp_path: Path, release: Release, broker_info: BrokerInfo) -> Iterato
         tuf_refresh_interval=0.1,
     )
     srv = ServerThread(settings).start()
+    assert srv.wait_subscribed(10), "the server subscribed before any device speaks"
     yield srv
     srv.stop()
 

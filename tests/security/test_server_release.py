@@ -44,6 +44,7 @@ def server(tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo) -> Iterator[
         tuf_refresh_interval=0.1,
     )
     srv = ServerThread(settings).start()
+    assert srv.wait_subscribed(10), "the server subscribed before any device speaks"
     yield srv
     srv.stop()
 
