@@ -37,18 +37,21 @@ from fleet_server.slo_runner import SloRunner
 from fleet_server.store import make_engine
 from fleet_server.ticker import Ticker
 from fleet_server.tuf_service import TufService
+from signing.keys import KeyPair
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: ServerSettings | None = None) -> FastAPI:
-    """Build the app; the database schema is created here, MQTT and the ticker start with the lifespan."""
+def create_app(settings: ServerSettings | None = None, fleet_key: KeyPair | None = None) -> FastAPI:
+    """Build the app; the database schema is created here, MQTT and the ticker start with the lifespan.
+
+    ``fleet_key``: the fleet key already loaded (and decrypted) by the caller; else it is loaded here."""
     settings = settings or ServerSettings()
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     context = ServerContext(
         settings=settings, engine=make_engine(settings), trust=load_trust(settings.keys_dir)
     )
-    fleet_key = load_fleet_key(settings)
+    fleet_key = fleet_key or load_fleet_key(settings)
     context.device_ca = load_device_ca(settings.device_ca_path)
     context.admin_token = bootstrap_admin_token(settings)
     context.admin_token_hash = hash_token(context.admin_token)

@@ -129,3 +129,14 @@ def _from_pem(data: bytes, passphrase: bytes | None, path: Path) -> KeyPair:
         raise
     except ValueError as exc:
         raise FleetKeyError(str(exc).splitlines()[0]) from None
+
+
+def unlock_fleet_key(settings: ServerSettings, environ: Mapping[str, str] | None = None) -> KeyPair | None:
+    """The fleet key decrypted now when it is encrypted, so that a missing or wrong passphrase is
+    reported before the server's imports and database checks; None when it is not encrypted (or
+    not readable): the app loads it then, with its warning or its error in their usual place."""
+    try:
+        data = (Path(settings.keys_dir) / FLEET_KEY_FILE).read_bytes()
+    except OSError:
+        return None
+    return load_fleet_key(settings, environ) if is_encrypted_pem(data) else None

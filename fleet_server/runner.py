@@ -25,6 +25,7 @@ from fleet_server.context import ServerContext
 from fleet_server.logs import uvicorn_log_config
 from fleet_server.settings import ServerSettings
 from fleet_server.tls_context import default_verify_context
+from signing.keys import KeyPair
 
 
 class ServerThread:
@@ -176,6 +177,7 @@ def main(
     tls_key: Path | None = None,
     fd: int | None = None,
     before_serve: Callable[[], bool] | None = None,
+    fleet_key: KeyPair | None = None,
 ) -> None:
     """Foreground server for the ``edgefleet server`` command. Unless ``public_url`` was set, devices
     are sent to this server's own scheme and port.
@@ -185,7 +187,10 @@ def main(
 
     ``before_serve``: called once the app is built (imports, schema check, keys, TUF metadata) and
     before it serves; ``False`` ends the process without serving. A parent that starts the next
-    server while the current one still serves waits there for its turn (``ServerProcess``)."""
+    server while the current one still serves waits there for its turn (``ServerProcess``).
+
+    ``fleet_key``: the fleet key the caller loaded (``edgefleet server`` does, before importing the
+    server, so a locked key is reported at once); else the app loads it."""
     settings = settings or ServerSettings()
     options = tls_options(tls_cert, tls_key)
     sock: socket.socket | None = None
@@ -194,7 +199,7 @@ def main(
         host, port = sock.getsockname()[:2]
     if "public_url" not in settings.model_fields_set:
         settings = settings.model_copy(update={"public_url": base_url(host, port, bool(options))})
-    app = create_app(settings)
+    app = create_app(settings, fleet_key)
     if before_serve is not None and not before_serve():
         return
     config = uvicorn.Config(

@@ -73,9 +73,8 @@ def server_cmd(
 
     Every setting also comes from its EDGEFLEET_* environment variable; flags win.
     """
-    from fleet_server.keyload import FleetKeyError
+    from fleet_server.keyload import FleetKeyError, unlock_fleet_key
     from fleet_server.mqtt_client import MqttConfigError, shard_endpoints
-    from fleet_server.runner import main, tls_options
     from fleet_server.settings import ServerSettings
 
     overrides: dict[str, Any] = {
@@ -96,6 +95,13 @@ def server_cmd(
     if not (Path(settings.keys_dir) / "trust.json").is_file():
         fail(f"no trust.json in {settings.keys_dir}: run `edgefleet keys init` or pass --keys")
     try:
+        # before the server's imports (a second or more of CPU): a locked key is reported at once
+        fleet_key = unlock_fleet_key(settings)
+    except FleetKeyError as exc:  # a locked key is a configuration error: one line, no traceback
+        fail(str(exc))
+    from fleet_server.runner import main, tls_options
+
+    try:
         brokers = shard_endpoints(settings)
         tls_options(tls_cert, tls_key)
     except (MqttConfigError, ValueError) as exc:
@@ -103,10 +109,7 @@ def server_cmd(
     for broker in brokers.values():
         if not broker.security.tls:
             warn(f"the broker connection ({broker.url}) is not TLS: development only")
-    try:
-        main(settings, host, port, tls_cert=tls_cert, tls_key=tls_key, fd=fd)
-    except FleetKeyError as exc:  # a locked key is a configuration error: one line, no traceback
-        fail(str(exc))
+    main(settings, host, port, tls_cert=tls_cert, tls_key=tls_key, fd=fd, fleet_key=fleet_key)
 
 
 def agent_cmd(

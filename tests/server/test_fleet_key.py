@@ -201,36 +201,53 @@ def test_missing_or_broken_key_file_is_one_line(tmp_path: Path, server_keys: Key
         load_fleet_key(_settings(tmp_path, server_keys), {})
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("given", ["nothing", "wrong env", "wrong --key-passphrase-file"])
-def test_edgefleet_server_reports_a_locked_key_in_one_line(
-    given: str, tmp_path: Path, server_keys: KeyDir, broker_info: SecureBrokerInfo
-) -> None:
+def _server_command(
+    tmp_path: Path, server_keys: KeyDir, broker_info: SecureBrokerInfo, held: socket.socket
+) -> tuple[list[str], dict[str, str]]:
+    """``edgefleet server`` on the production broker, serving on ``held`` (a socket bound here and
+    handed over: nothing can take its port meanwhile), with no passphrase in its environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     env.pop("CREDENTIALS_DIRECTORY", None)
     env["COLUMNS"] = "60"  # a narrow terminal must not wrap the error over lines
     cmd = [sys.executable, "-m", "edgefleet.cli", "server", "--keys", str(server_keys.path)]
     cmd += ["--mqtt", f"{broker_info.host}:{broker_info.server_port}"]
     cmd += ["--mqtt-credentials", str(broker_info.server_credentials)]
-    # the server serves on a socket bound here and handed over: nothing can take its port meanwhile
-    held = socket.socket()
-    held.bind(("127.0.0.1", 0))
-    port = int(held.getsockname()[1])
     cmd += ["--data-dir", str(tmp_path / "data"), "--fd", str(held.fileno())]
-    wrong = cmd
-    if given == "wrong env":
-        env["EDGEFLEET_KEY_PASSPHRASE"] = "not the passphrase"
-    elif given == "wrong --key-passphrase-file":
-        wrong = [*cmd, "--key-passphrase-file", str(_secret(tmp_path / "pass", "not the passphrase"))]
-    proc = subprocess.run(
-        wrong, env=env, capture_output=True, text=True, timeout=60, pass_fds=(held.fileno(),)
-    )
+    return cmd, env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given", ["nothing", "wrong env", "wrong --key-passphrase-file"])
+def test_edgefleet_server_reports_a_locked_key_in_one_line(
+    given: str, tmp_path: Path, server_keys: KeyDir, broker_info: SecureBrokerInfo
+) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        cmd, env = _server_command(tmp_path, server_keys, broker_info, held)
+        if given == "wrong env":
+            env["EDGEFLEET_KEY_PASSPHRASE"] = "not the passphrase"
+        elif given == "wrong --key-passphrase-file":
+            cmd += ["--key-passphrase-file", str(_secret(tmp_path / "pass", "not the passphrase"))]
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=60, pass_fds=(held.fileno(),)
+        )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("error: ") and str(server_keys.path / "fleet.key") in lines[0]
     assert ("no passphrase was found" if given == "nothing" else "wrong passphrase") in lines[0]
-    # with the right one it gets past the key (and is then stopped by the test)
+
+
+@pytest.mark.slow
+def test_edgefleet_server_gets_past_the_key_with_the_right_passphrase(
+    tmp_path: Path, server_keys: KeyDir, broker_info: SecureBrokerInfo
+) -> None:
+    """The other half of the locked-key test above, run once: the same command with the right
+    passphrase serves (and is then stopped by the test)."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    port = int(held.getsockname()[1])
+    cmd, env = _server_command(tmp_path, server_keys, broker_info, held)
     env["EDGEFLEET_KEY_PASSPHRASE"] = PASS
     log = tmp_path / "server.log"
     with (
