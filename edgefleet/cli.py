@@ -13,6 +13,8 @@ exit code 1, usage errors exit code 2, and a traceback only with ``--debug``.
 
 from __future__ import annotations
 
+import copy
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -125,7 +127,42 @@ class EdgefleetGroup(TyperGroup):
         return rv if isinstance(rv, int) else 0
 
 
-app = typer.Typer(
+class EdgefleetTyper(typer.Typer):
+    """The root app: a command line call builds only the command it names.
+
+    typer turns every command's signature and type hints into click parameters before it parses
+    anything; for the whole tree that was about a third of a short command's CPU (``edgefleet
+    devices list`` and the like: scripts and the demo call the CLI again and again). The command
+    named first on the command line is the only one it can run, so the root is built with that one
+    alone (its group complete); anything else (help, no command, an unknown name, shell
+    completion, a call with arguments) gets the whole tree, with its listing and suggestions.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        only = None if args or kwargs else self._named(sys.argv[1:])
+        return typer.Typer.__call__(only or self, *args, **kwargs)
+
+    def _named(self, argv: Sequence[str]) -> typer.Typer | None:
+        """This app with only the command ``argv`` names; None when it names none of them."""
+        if any(k.startswith("_") and k.endswith("_COMPLETE") for k in os.environ):
+            return None
+        rest = [a for a in argv if a != "--debug"]  # the root's one option a command may follow
+        if not rest or rest[0].startswith("-"):
+            return None
+        name = rest[0]
+        commands = [c for c in self.registered_commands if c.name == name]
+        groups = [g for g in self.registered_groups if g.name == name]
+        unnamed = any(not isinstance(c.name, str) for c in self.registered_commands) or any(
+            not isinstance(g.name, str) for g in self.registered_groups
+        )
+        if unnamed or len(commands) + len(groups) != 1:
+            return None
+        only = copy.copy(self)
+        only.registered_commands, only.registered_groups = commands, groups
+        return only
+
+
+app = EdgefleetTyper(
     name="edgefleet",
     help="Compile, sign, roll out and serve ML models on fleets of edge devices.",
     epilog=EPILOG,
