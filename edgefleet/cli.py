@@ -223,8 +223,9 @@ def root(
         enable_debug()
 
 
-# The root's commands and groups, in the order its help lists them; EdgefleetGroup takes them from
-# here one at a time (``LazyCommands``). Each under an explicit name.
+# The root's commands and groups (its help lists the commands in this order, then the groups, as
+# typer does); EdgefleetGroup takes them from here one at a time (``LazyCommands``). Each under an
+# explicit name.
 registry = typer.Typer()
 registry.add_typer(keys_app, name="keys")
 registry.command("compile")(compile_cmd)
