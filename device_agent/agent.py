@@ -61,6 +61,7 @@ from device_agent.judgement import Accept, Duplicate, Mark, RefreshRoot, Reject,
 from device_agent.labels import LabelStatus, Matched, PredictionRing, Unmatched
 from device_agent.labels import judge as judge_label
 from device_agent.metrics import Metrics
+from device_agent.mirrors import repository_url
 from device_agent.mqtt_link import MqttLink
 from device_agent.outcomes import MAX_METRICS as MAX_OUTCOME_METRICS
 from device_agent.outcomes import OutcomeBook, OutcomeResult, OutcomeStatus
@@ -693,8 +694,6 @@ class Agent:
 
     async def _refresh_root_and_judge(self, payload: bytes) -> None:
         """Walk the repository's root chain, then judge the directive again with the newest keys."""
-        from device_agent.delivery import repository_url
-
         store = self.trust_store
         assert store is not None
         before = store.state.root_version

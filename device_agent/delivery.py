@@ -22,39 +22,18 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from tuf.api.metadata import Metadata, Root
 from tuf.ngclient import FetcherInterface
 
 from device_agent import wire as protocol
+from device_agent.mirrors import repository_url
 from device_agent.trust_state import TrustStore
 from signing.agreement import check_agreement, check_floor, merge_floors
 from signing.errors import DeliveryError, DeliveryUnavailable
 from signing.targets import VerifiedTarget
 from signing.tuf_client import new_updater, trusted_root_bytes, tuf_errors, verified_target
 from signing.tuf_release import target_name
-
-ARTIFACTS_PATH = "/api/v1/artifacts/"
-TUF_PATH = "/tuf"
-
-
-def repository_url(configured: str, ref: protocol.ModelRef | None) -> str:
-    """The repository base URL (``<base>/metadata/`` holds the metadata).
-
-    The agent's ``tuf_url`` wins; else it is derived from the directive's model
-    URL on a fleet server (``<origin>/api/v1/artifacts/...`` -> ``<origin>/tuf``).
-    Where the URL comes from does not matter for safety: every byte fetched from
-    it is verified against the root the device already trusts.
-    """
-    if configured:
-        return configured.rstrip("/")
-    if ref is not None:
-        parts = urlsplit(ref.model_url)
-        prefix, sep, _ = parts.path.partition(ARTIFACTS_PATH)
-        if sep:
-            return f"{parts.scheme}://{parts.netloc}{prefix}{TUF_PATH}"
-    return ""
 
 
 def _metadata_url(base: str) -> str:

@@ -162,9 +162,7 @@ class Installer:
 
     async def _check_release(self, ref: ModelRef, store: TrustStore, move: Move) -> None:
         """TUF mode: the release metadata must list ``ref``, agree with the directive, clear the floor."""
-        from device_agent.delivery import repository_url
-
-        bases = self._sources(repository_url(self.config.tuf_url, ref), mirrors.metadata_base)
+        bases = self._sources(mirrors.repository_url(self.config.tuf_url, ref), mirrors.metadata_base)
         if not all(bases):
             raise InstallError(
                 ReasonCode.NO_REPOSITORY, "no tuf_url configured and none derivable from the directive"
@@ -286,9 +284,7 @@ class Installer:
         One place only: a delta that is missing or bad there costs the full file, which fails over."""
         if self.config.mirrors:  # checked and normalised when the config was loaded
             return mirrors.metadata_base(self._preferred or self.config.mirrors[0])
-        from device_agent.delivery import repository_url  # python-tuf: only once a delta is possible
-
-        return repository_url(self.config.tuf_url, ref)
+        return mirrors.repository_url(self.config.tuf_url, ref)
 
     def _mirrored_model_url(self, mirror: str, ref: ModelRef) -> str:
         """A TUF-mode device fetches the released target (where a TUF client looks for it, and where

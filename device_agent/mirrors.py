@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote, urlsplit
 
 from signing.errors import CodedError, DeliveryUnavailable, TrustError
+
+if TYPE_CHECKING:
+    from device_agent.wire import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,31 @@ def check_mirrors(urls: Sequence[str]) -> list[str]:
     if len(set(out)) != len(out):
         raise ValueError("a mirror is listed twice")
     return out
+
+
+# Where the TUF repository is, kept apart from the TUF code (``device_agent.delivery``): a device
+# without TUF asks it too (where deltas are looked up), and importing python-tuf costs a device
+# a good part of its start-up CPU.
+ARTIFACTS_PATH = "/api/v1/artifacts/"
+TUF_PATH = "/tuf"
+
+
+def repository_url(configured: str, ref: ModelRef | None) -> str:
+    """The repository base URL (``<base>/metadata/`` holds the metadata).
+
+    The agent's ``tuf_url`` wins; else it is derived from the directive's model
+    URL on a fleet server (``<origin>/api/v1/artifacts/...`` -> ``<origin>/tuf``).
+    Where the URL comes from does not matter for safety: every byte fetched from
+    it is verified against the root the device already trusts.
+    """
+    if configured:
+        return configured.rstrip("/")
+    if ref is not None:
+        parts = urlsplit(ref.model_url)
+        prefix, sep, _ = parts.path.partition(ARTIFACTS_PATH)
+        if sep:
+            return f"{parts.scheme}://{parts.netloc}{prefix}{TUF_PATH}"
+    return ""
 
 
 def metadata_base(mirror: str) -> str:

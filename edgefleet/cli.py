@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
+from typer.models import CommandInfo, TyperInfo
 
 from edgefleet import __version__
 from edgefleet.commands.broker import broker_app
@@ -78,8 +79,72 @@ ClickException: type[Exception] = _CLICK_ERRORS["ClickException"]
 UsageError: type[Exception] = _CLICK_ERRORS["UsageError"]
 
 
+class LazyCommands(MutableMapping[str, Any]):
+    """The root's commands by name, each turned into its click command when first asked for.
+
+    typer makes click parameters out of every command's signature and type hints before it
+    parses anything; for all of them that was about a third of the CPU of a short call such as
+    ``edgefleet devices list`` (scripts, the demo and the tests call the CLI again and again).
+    A call runs one command: click asks for that one by name (``get_command``), and only the
+    help listing and shell completion ask for every one. Names and their order (commands, then
+    groups, in the order registered, as typer lists them) are known without building anything.
+    """
+
+    def __init__(self, registry: typer.Typer, group: TyperGroup) -> None:
+        infos: list[CommandInfo | TyperInfo] = [*registry.registered_commands, *registry.registered_groups]
+        self._infos: dict[str, CommandInfo | TyperInfo] = {}
+        for info in infos:
+            if not isinstance(info.name, str):  # typer would derive it: name every command here
+                raise TypeError(f"register {info} under an explicit name")
+            self._infos[info.name] = info
+        self._names = list(self._infos)
+        self._built: dict[str, Any] = {}
+        self._group = group
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._built:
+            info = self._infos[name]  # KeyError: no such command
+            short = app.pretty_exceptions_short
+            markup = self._group.rich_markup_mode
+            self._built[name] = (
+                typer.main.get_command_from_info(info, pretty_exceptions_short=short, rich_markup_mode=markup)
+                if isinstance(info, CommandInfo)
+                else typer.main.get_group_from_info(
+                    info,
+                    pretty_exceptions_short=short,
+                    rich_markup_mode=markup,
+                    suggest_commands=self._group.suggest_commands,
+                )
+            )
+        return self._built[name]
+
+    def __setitem__(self, name: str, command: Any) -> None:  # click's add_command
+        if name not in self._names:
+            self._names.append(name)
+        self._built[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._names:
+            raise KeyError(name)
+        self._names.remove(name)
+        self._infos.pop(name, None)
+        self._built.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 class EdgefleetGroup(TyperGroup):
-    """The root group: renders every way an invocation can fail in the one output mode."""
+    """The root group: renders every way an invocation can fail in the one output mode, and
+    builds the command it runs only (``LazyCommands``; the commands are registered on
+    ``registry``, not on ``app``, so typer builds none of them up front)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands = LazyCommands(registry, self)
 
     def main(  # type: ignore[override]
         self,
@@ -158,29 +223,33 @@ def root(
         enable_debug()
 
 
-app.add_typer(keys_app, name="keys")
-app.command("compile")(compile_cmd)
-app.add_typer(examples_app, name="examples")
-app.add_typer(models_app, name="models")
-app.add_typer(data_app, name="data")
+# The root's commands and groups (its help lists the commands in this order, then the groups, as
+# typer does); EdgefleetGroup takes them from here one at a time (``LazyCommands``). Each under an
+# explicit name.
+registry = typer.Typer()
+registry.add_typer(keys_app, name="keys")
+registry.command("compile")(compile_cmd)
+registry.add_typer(examples_app, name="examples")
+registry.add_typer(models_app, name="models")
+registry.add_typer(data_app, name="data")
 register_device_ops(devices_app)
-app.add_typer(devices_app, name="devices")
-app.add_typer(rollouts_app, name="rollouts")
-app.add_typer(experiments_app, name="experiments")
-app.command("telemetry")(telemetry_cmd)
-app.command("server")(server_cmd)
-app.command("agent")(agent_cmd)
-app.add_typer(sim_app, name="sim")
-app.add_typer(broker_app, name="broker")
-app.add_typer(tokens_app, name="tokens")
-app.add_typer(audit_app, name="audit")
-app.add_typer(slo_app, name="slo")
-app.add_typer(mirror_app, name="mirror")
-app.command("demo")(demo_cmd)
-register_config_commands(app)
-app.command("deploy")(deploy_cmd)
+registry.add_typer(devices_app, name="devices")
+registry.add_typer(rollouts_app, name="rollouts")
+registry.add_typer(experiments_app, name="experiments")
+registry.command("telemetry")(telemetry_cmd)
+registry.command("server")(server_cmd)
+registry.command("agent")(agent_cmd)
+registry.add_typer(sim_app, name="sim")
+registry.add_typer(broker_app, name="broker")
+registry.add_typer(tokens_app, name="tokens")
+registry.add_typer(audit_app, name="audit")
+registry.add_typer(slo_app, name="slo")
+registry.add_typer(mirror_app, name="mirror")
+registry.command("demo")(demo_cmd)
+register_config_commands(registry)
+registry.command("deploy")(deploy_cmd)
 
-__all__ = ["app", "main", "parse_selector", "parse_stages"]
+__all__ = ["app", "main", "parse_selector", "parse_stages", "registry"]
 
 
 def main() -> None:  # pragma: no cover - console entry point

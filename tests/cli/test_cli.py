@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
-from edgefleet.cli import app, parse_selector
+from edgefleet.cli import app, parse_selector, registry
 
 runner = CliRunner()
 
@@ -56,6 +59,27 @@ def test_help_everywhere(cmd: list[str]) -> None:
     result = runner.invoke(app, [*cmd, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+def test_the_root_builds_only_the_command_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the root (every call does) builds none of its commands; naming one builds that one."""
+    root = [*registry.registered_commands, *registry.registered_groups]
+    built: list[object] = []
+
+    def recording(real: Callable[..., Any]) -> Callable[..., Any]:
+        def build(*args: Any, **kwargs: Any) -> Any:
+            built.extend([*args[:1], kwargs.get("command_info"), kwargs.get("group_info")])
+            return real(*args, **kwargs)
+
+        return build
+
+    for name in ("get_command_from_info", "get_group_from_info"):
+        monkeypatch.setattr(typer.main, name, recording(getattr(typer.main, name)))
+    group = typer.main.get_command(app)
+    assert [info.name for info in root if any(info is b for b in built)] == []
+    assert list(group.commands) == [info.name for info in root]  # the help's order, as typer lists them
+    assert group.commands["devices"].name == "devices"
+    assert [info.name for info in root if any(info is b for b in built)] == ["devices"]
 
 
 def test_console_script_installed() -> None:
