@@ -24,7 +24,7 @@ import onnx
 from compiler.coverage import onnx_coverage, tflite_coverage
 from compiler.data import Samples
 from compiler.errors import InvalidData, InvalidModel
-from compiler.evaluate import SNR_CAP_DB, Judging, evaluate, evaluate_runners
+from compiler.evaluate import SNR_CAP_DB, Judging, RunMemo, evaluate, evaluate_runners
 from compiler.memory import (
     CALIBRATION_COPIES,
     EVALUATION_COPIES,
@@ -128,16 +128,15 @@ def load_samples_for(req: BuildRequest, sig: IOSignature) -> tuple[Samples, Samp
 AGREEMENT = {"top1_agreement", "exact_agreement"}  # classifier scores, integer (label) outputs
 
 
-def calibration_score(
-    fp32: Path, int8: Path, calib: Samples, sig: IOSignature, batch_size: int | None = None
-) -> tuple[float, ...]:
+def calibration_score(fp32: Path, int8: Path, sig: IOSignature, runs: RunMemo) -> tuple[float, ...]:
     """(min SNR dB, min top-1 agreement) of a candidate int8 model on (up to 64) calibration samples.
 
     Only calibration samples: choosing on the held-out set would tune the model to the very data the
-    gate then judges it on.
+    gate then judges it on. ``runs``: the job's ``scoring`` memo (those samples, its batches).
     """
-    n = min(len(calib), SCORE_SAMPLES)
-    figures = evaluate(fp32, int8, calib.take(np.arange(n)), sig, batch_size=batch_size)["outputs"].values()
+    figures = evaluate(fp32, int8, runs.samples, sig, batch_size=runs.batch_size, runs=runs)[
+        "outputs"
+    ].values()
     snr = min(
         ((f["snr_db"] if f["snr_db"] is not None else -math.inf) for f in figures if "snr_db" in f),
         default=SNR_CAP_DB,  # integer outputs only: no SNR to rank by
@@ -210,6 +209,15 @@ class OnnxQuantizeJob:
     judging: Judging = field(default_factory=Judging)
     progress: Progress = field(default=lambda _step, _fraction: None)
     mixed_seconds: float = 0.0  # time budget of the mixed-precision search (0: none)
+    scoring: RunMemo | None = None  # runs on the first SCORE_SAMPLES calibration samples (``scoring_runs``)
+
+    def scoring_runs(self) -> RunMemo:
+        """Choosing a calibration and the mixed-precision search judge candidates on the same (up to
+        64) calibration samples in ``eval_batch`` batches: one memo, so each model runs there once."""
+        if self.scoring is None:
+            subset = self.calib.take(np.arange(min(len(self.calib), SCORE_SAMPLES)))
+            self.scoring = RunMemo(subset, self.eval_batch)
+        return self.scoring
 
 
 # (float model, output, extra nodes kept float, TensorQuantOverrides, finish) -> writes a QDQ model.
@@ -253,10 +261,10 @@ def mixed_precision_onnx(job: OnnxQuantizeJob, make: OnnxMake | None = None) -> 
 
 def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake, recurrent: list[str]) -> None:
     started = time.perf_counter()
-    subset = job.calib.take(np.arange(min(len(job.calib), SCORE_SAMPLES)))
+    runs = job.scoring_runs()
 
     def judge(candidate: Path) -> list[str]:
-        report = evaluate(job.source, candidate, subset, job.sig, job.judging, job.eval_batch)
+        report = evaluate(job.source, candidate, runs.samples, job.sig, job.judging, runs.batch_size, runs)
         return gate.check(report) + float_model_broken(report)
 
     failures = judge(job.out)
