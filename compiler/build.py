@@ -623,13 +623,16 @@ def build_tflite_int8(req: BuildRequest, *, npu: bool) -> Built:
     sig = fp32_runner.signature()
     if any(s.numpy_dtype.kind != "f" for s in (*sig.inputs, *sig.outputs)):
         raise InvalidModel(f"{model_path}: not a float model (inputs/outputs {sig.to_dict()})")
-    coverage = tflite_coverage(op_histogram(read_tflite(prepared)), npu)
+    # Parsed once for the three read-only looks below (ops, output hints, tensor sizes): a parse of the
+    # flatbuffer into objects costs as much as a LiteRT run of a small model.
+    prepared_model = read_tflite(prepared)
+    coverage = tflite_coverage(op_histogram(prepared_model), npu)
     calib, held_out, eval_source = load_samples_for(req, sig)
     req.progress("quantize", 0.25)
     one_by_one = [{k: v[i : i + 1] for k, v in calib.inputs.items()} for i in range(len(calib))]
     raw = quantize_tflite(prepared, one_by_one)
     int8, post = finish_int8(drop_unused_buffers(raw), npu=npu)
-    judging = replace(req.judging, hints=tflite_output_hints(read_tflite(prepared)))
+    judging = replace(req.judging, hints=tflite_output_hints(prepared_model))
     mixed = None
     if req.gate is not None and req.mixed_seconds > 0:
         job = TFLiteMixedJob(prepared, raw, int8, one_by_one, calib, sig, judging, req, npu)
@@ -648,7 +651,7 @@ def build_tflite_int8(req: BuildRequest, *, npu: bool) -> Built:
     if mixed is not None:
         report["mixed_precision"] = mixed
     # TFLite models have a fixed batch (1 in every real model): both steps already run one sample.
-    report["memory"] = memory_report(req.memory, tflite_sample_bytes(read_tflite(prepared)), 1, 1)
+    report["memory"] = memory_report(req.memory, tflite_sample_bytes(prepared_model), 1, 1)
     report["calibration_samples"] = len(calib)
     report["input_ranges"] = calib.ranges()
     report["evaluation_source"] = eval_source
