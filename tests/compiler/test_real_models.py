@@ -377,8 +377,9 @@ def test_text_detector_with_dynamic_input_is_judged_by_its_text_masks(
     """PP-OCRv6's detector: calibrated on 320x320 pages, evaluated on 256x352 ones (its height and
     width are dynamic); its probability map declared a segmentation at DBNet's 0.3 threshold.
 
-    Twelve calibration pages: the ranges of 24 gave a mask IoU of 0.963, those of 12 gave 0.969
-    (gate 0.85), at three quarters of the compile's CPU.
+    Eight calibration and eight evaluation pages: the ranges of 24 pages gave a mask IoU of 0.963,
+    those of 12 0.969 on 12 evaluation pages, those of 8 0.968 on 8 (gate 0.85; the same verdict,
+    decided by the same figure, size ratio 0.264 either way), at 70% of the 12-page compile's CPU.
 
     Its symbolic shape inference gives up, and onnxruntime then writes scratch files into the
     current directory: the compile runs it in its own work directory, so the user's stays clean.
@@ -386,8 +387,8 @@ def test_text_detector_with_dynamic_input_is_judged_by_its_text_masks(
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    np.savez(tmp_path / "c.npz", x=text_pages(12, 320, 320, seed=0))
-    np.savez(tmp_path / "e.npz", x=text_pages(12, 256, 352, seed=1))
+    np.savez(tmp_path / "c.npz", x=text_pages(8, 320, 320, seed=0))
+    np.savez(tmp_path / "e.npz", x=text_pages(8, 256, 352, seed=1))
     report = _compile(
         real_models["text_detector"],
         "arm64-cpu",
