@@ -592,6 +592,7 @@ def build_onnx(req: BuildRequest, accelerator: str, quantize: Callable[[OnnxQuan
         req.mixed_seconds,
     )
     quantize(job)
+    job.scoring = None  # the scoring runs' outputs are not needed past the quantize step
     req.progress("evaluate", 0.6)
     # Compare against the untouched source model: that is what the user shipped before.
     judging = replace(req.judging, hints=onnx_output_hints(model))
