@@ -47,7 +47,7 @@ from compiler.user_metric import UserMetric
 from device_agent import figures as metrics
 from device_agent.figures import SNR_CAP_DB
 
-__all__ = ["SNR_CAP_DB", "Judging", "RunMemo", "compare_output", "evaluate", "evaluate_runners"]
+__all__ = ["SNR_CAP_DB", "Judging", "RunMemo", "compare_output", "evaluate", "evaluate_runners", "run_float"]
 
 
 def session(path: Path | bytes, *, reference: bool = False) -> ort.InferenceSession:
@@ -179,11 +179,9 @@ class RunMemo:
     def __init__(self, samples: Samples, batch_size: int | None) -> None:
         self.samples = samples
         self.batch_size = batch_size
-        self._seen: dict[tuple[str, bool], tuple[list[np.ndarray], float]] = {}
+        self._seen: dict[tuple[str, bool], Ran] = {}
 
-    def outputs(
-        self, path: Path, names: list[str], sig: IOSignature, *, reference: bool
-    ) -> tuple[list[np.ndarray], float]:
+    def outputs(self, path: Path, names: list[str], sig: IOSignature, *, reference: bool) -> Ran:
         """(outputs in ``names`` order, seconds the run took when it was made)."""
         key = (hashlib.sha256(Path(path).read_bytes()).hexdigest() + "|" + ",".join(names), reference)
         if key not in self._seen:
@@ -204,11 +202,18 @@ class RunMemo:
 
 
 RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+Ran = tuple[list[np.ndarray], float]  # outputs in signature order, seconds the runs took
 
 
-def _run(
-    fn: RunFn, samples: Samples, sig: IOSignature, batch_size: int | None
-) -> tuple[list[np.ndarray], float]:
+def run_float(fp32: RunFn, samples: Samples, sig: IOSignature, batch_size: int | None) -> Ran:
+    """The float model's outputs on ``samples``, as ``evaluate_runners`` computes them."""
+    try:
+        return _run(fp32, samples, sig, batch_size)
+    except Exception as exc:
+        raise InvalidModel(f"the float model fails on the evaluation samples: {exc}") from exc
+
+
+def _run(fn: RunFn, samples: Samples, sig: IOSignature, batch_size: int | None) -> Ran:
     parts: list[list[np.ndarray]] = [[] for _ in sig.outputs]
     elapsed = 0.0
     for feed in samples.batches(sig.inputs, batch_size):
@@ -238,15 +243,16 @@ def evaluate_runners(
     int8_bytes: int,
     judging: Judging | None = None,
     batch_size: int | None = None,
+    *,
+    reference: Ran | None = None,
 ) -> dict[str, Any]:
     """Compare any two float-in/float-out model runs (ONNX or TFLite) on ``samples``.
 
     ``batch_size``: samples per run for dynamic-batch models (``compiler.memory`` plans it).
+    ``reference``: ``run_float(fp32, samples, sig, batch_size)`` already made, for a caller that
+    judges several candidates against the same float model on the same samples.
     """
-    try:
-        ref_run = _run(fp32, samples, sig, batch_size)
-    except Exception as exc:
-        raise InvalidModel(f"the float model fails on the evaluation samples: {exc}") from exc
+    ref_run = reference if reference is not None else run_float(fp32, samples, sig, batch_size)
     try:
         out_run = _run(int8, samples, sig, batch_size)
     except Exception as exc:
@@ -255,8 +261,8 @@ def evaluate_runners(
 
 
 def _compare(
-    ref_run: tuple[list[np.ndarray], float],
-    out_run: tuple[list[np.ndarray], float],
+    ref_run: Ran,
+    out_run: Ran,
     samples: Samples,
     sig: IOSignature,
     fp32_bytes: int,
