@@ -24,7 +24,7 @@ import onnx
 from compiler.coverage import onnx_coverage, tflite_coverage
 from compiler.data import Samples
 from compiler.errors import InvalidData, InvalidModel
-from compiler.evaluate import SNR_CAP_DB, Judging, evaluate, evaluate_runners
+from compiler.evaluate import SNR_CAP_DB, Judging, Ran, RunMemo, evaluate, evaluate_runners, run_float
 from compiler.memory import (
     CALIBRATION_COPIES,
     EVALUATION_COPIES,
@@ -128,16 +128,15 @@ def load_samples_for(req: BuildRequest, sig: IOSignature) -> tuple[Samples, Samp
 AGREEMENT = {"top1_agreement", "exact_agreement"}  # classifier scores, integer (label) outputs
 
 
-def calibration_score(
-    fp32: Path, int8: Path, calib: Samples, sig: IOSignature, batch_size: int | None = None
-) -> tuple[float, ...]:
+def calibration_score(fp32: Path, int8: Path, sig: IOSignature, runs: RunMemo) -> tuple[float, ...]:
     """(min SNR dB, min top-1 agreement) of a candidate int8 model on (up to 64) calibration samples.
 
     Only calibration samples: choosing on the held-out set would tune the model to the very data the
-    gate then judges it on.
+    gate then judges it on. ``runs``: the job's ``scoring`` memo (those samples, its batches).
     """
-    n = min(len(calib), SCORE_SAMPLES)
-    figures = evaluate(fp32, int8, calib.take(np.arange(n)), sig, batch_size=batch_size)["outputs"].values()
+    figures = evaluate(fp32, int8, runs.samples, sig, batch_size=runs.batch_size, runs=runs)[
+        "outputs"
+    ].values()
     snr = min(
         ((f["snr_db"] if f["snr_db"] is not None else -math.inf) for f in figures if "snr_db" in f),
         default=SNR_CAP_DB,  # integer outputs only: no SNR to rank by
@@ -210,6 +209,15 @@ class OnnxQuantizeJob:
     judging: Judging = field(default_factory=Judging)
     progress: Progress = field(default=lambda _step, _fraction: None)
     mixed_seconds: float = 0.0  # time budget of the mixed-precision search (0: none)
+    scoring: RunMemo | None = None  # runs on the first SCORE_SAMPLES calibration samples (``scoring_runs``)
+
+    def scoring_runs(self) -> RunMemo:
+        """Choosing a calibration and the mixed-precision search judge candidates on the same (up to
+        64) calibration samples in ``eval_batch`` batches: one memo, so each model runs there once."""
+        if self.scoring is None:
+            subset = self.calib.take(np.arange(min(len(self.calib), SCORE_SAMPLES)))
+            self.scoring = RunMemo(subset, self.eval_batch)
+        return self.scoring
 
 
 # (float model, output, extra nodes kept float, TensorQuantOverrides, finish) -> writes a QDQ model.
@@ -253,10 +261,10 @@ def mixed_precision_onnx(job: OnnxQuantizeJob, make: OnnxMake | None = None) -> 
 
 def _mixed_precision_onnx(job: OnnxQuantizeJob, gate: Gate, make: OnnxMake, recurrent: list[str]) -> None:
     started = time.perf_counter()
-    subset = job.calib.take(np.arange(min(len(job.calib), SCORE_SAMPLES)))
+    runs = job.scoring_runs()
 
     def judge(candidate: Path) -> list[str]:
-        report = evaluate(job.source, candidate, subset, job.sig, job.judging, job.eval_batch)
+        report = evaluate(job.source, candidate, runs.samples, job.sig, job.judging, runs.batch_size, runs)
         return gate.check(report) + float_model_broken(report)
 
     failures = judge(job.out)
@@ -429,11 +437,21 @@ def mixed_precision_tflite(job: TFLiteMixedJob, gate: Gate) -> tuple[bytes, dict
     started = time.perf_counter()
     subset = job.calib.take(np.arange(min(len(job.calib), SCORE_SAMPLES)))
     fp32 = TFLiteRunner(job.prepared)
+    reference: list[Ran] = []  # the float model's runs on the subset, made by the first judge
 
     def judge(candidate: Path) -> list[str]:
         data = candidate.read_bytes()
+        if not reference:
+            reference.append(run_float(fp32.run, subset, job.sig, None))
         report = evaluate_runners(
-            fp32.run, TFLiteRunner(data).run, subset, job.sig, len(job.prepared), len(data), job.judging
+            fp32.run,
+            TFLiteRunner(data).run,
+            subset,
+            job.sig,
+            len(job.prepared),
+            len(data),
+            job.judging,
+            reference=reference[0],
         )
         if float_model_broken(report):
             return float_model_broken(report)
@@ -584,6 +602,7 @@ def build_onnx(req: BuildRequest, accelerator: str, quantize: Callable[[OnnxQuan
         req.mixed_seconds,
     )
     quantize(job)
+    job.scoring = None  # the scoring runs' outputs are not needed past the quantize step
     req.progress("evaluate", 0.6)
     # Compare against the untouched source model: that is what the user shipped before.
     judging = replace(req.judging, hints=onnx_output_hints(model))
@@ -615,13 +634,16 @@ def build_tflite_int8(req: BuildRequest, *, npu: bool) -> Built:
     sig = fp32_runner.signature()
     if any(s.numpy_dtype.kind != "f" for s in (*sig.inputs, *sig.outputs)):
         raise InvalidModel(f"{model_path}: not a float model (inputs/outputs {sig.to_dict()})")
-    coverage = tflite_coverage(op_histogram(read_tflite(prepared)), npu)
+    # Parsed once for the three read-only looks below (ops, output hints, tensor sizes): a parse of the
+    # flatbuffer into objects costs as much as a LiteRT run of a small model.
+    prepared_model = read_tflite(prepared)
+    coverage = tflite_coverage(op_histogram(prepared_model), npu)
     calib, held_out, eval_source = load_samples_for(req, sig)
     req.progress("quantize", 0.25)
     one_by_one = [{k: v[i : i + 1] for k, v in calib.inputs.items()} for i in range(len(calib))]
     raw = quantize_tflite(prepared, one_by_one)
     int8, post = finish_int8(drop_unused_buffers(raw), npu=npu)
-    judging = replace(req.judging, hints=tflite_output_hints(read_tflite(prepared)))
+    judging = replace(req.judging, hints=tflite_output_hints(prepared_model))
     mixed = None
     if req.gate is not None and req.mixed_seconds > 0:
         job = TFLiteMixedJob(prepared, raw, int8, one_by_one, calib, sig, judging, req, npu)
@@ -640,7 +662,7 @@ def build_tflite_int8(req: BuildRequest, *, npu: bool) -> Built:
     if mixed is not None:
         report["mixed_precision"] = mixed
     # TFLite models have a fixed batch (1 in every real model): both steps already run one sample.
-    report["memory"] = memory_report(req.memory, tflite_sample_bytes(read_tflite(prepared)), 1, 1)
+    report["memory"] = memory_report(req.memory, tflite_sample_bytes(prepared_model), 1, 1)
     report["calibration_samples"] = len(calib)
     report["input_ranges"] = calib.ranges()
     report["evaluation_source"] = eval_source

@@ -28,6 +28,7 @@ the fused kernels (``compiler.runners``).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from compiler.user_metric import UserMetric
 from device_agent import figures as metrics
 from device_agent.figures import SNR_CAP_DB
 
-__all__ = ["SNR_CAP_DB", "Judging", "compare_output", "evaluate", "evaluate_runners"]
+__all__ = ["SNR_CAP_DB", "Judging", "RunMemo", "compare_output", "evaluate", "evaluate_runners", "run_float"]
 
 
 def session(path: Path | bytes, *, reference: bool = False) -> ort.InferenceSession:
@@ -123,20 +124,32 @@ def evaluate(
     sig: IOSignature,
     judging: Judging | None = None,
     batch_size: int | None = None,
+    runs: RunMemo | None = None,
 ) -> dict[str, Any]:
-    """Run both ONNX models on ``samples`` and return the JSON-serialisable comparison report."""
-    try:
-        fp32_sess = session(fp32_path)
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented classes
-        raise InvalidModel(f"onnxruntime cannot load the float model: {exc}") from exc
-    try:
-        int8_sess = session(int8_path, reference=True)
-    except Exception as exc:
-        raise QuantizationError(f"onnxruntime cannot load the int8 model: {exc}") from exc
+    """Run both ONNX models on ``samples`` and return the JSON-serialisable comparison report.
+
+    ``runs``: outputs already computed on these very samples and batches (``RunMemo``), reused for
+    any model file whose content it has seen.
+    """
+    memo = runs if runs is not None else RunMemo(samples, batch_size)
+    if memo.samples is not samples or memo.batch_size != batch_size:
+        raise ValueError("the run memo was made for other samples or another batch size")
     names = [o.name for o in sig.outputs]
-    return evaluate_runners(
-        lambda feed: [np.asarray(r) for r in fp32_sess.run(names, feed)],
-        lambda feed: [np.asarray(r) for r in int8_sess.run(names, feed)],
+    try:
+        ref = memo.outputs(fp32_path, names, sig, reference=False)
+    except _CannotLoad as exc:
+        raise InvalidModel(f"onnxruntime cannot load the float model: {exc.__cause__}") from exc.__cause__
+    except Exception as exc:
+        raise InvalidModel(f"the float model fails on the evaluation samples: {exc}") from exc
+    try:
+        out = memo.outputs(int8_path, names, sig, reference=True)
+    except _CannotLoad as exc:
+        raise QuantizationError(f"onnxruntime cannot load the int8 model: {exc.__cause__}") from exc.__cause__
+    except Exception as exc:
+        raise QuantizationError(f"the int8 model fails on the evaluation samples: {exc}") from exc
+    return _compare(
+        ref,
+        out,
         samples,
         sig,
         Path(fp32_path).stat().st_size,
@@ -146,12 +159,61 @@ def evaluate(
     )
 
 
+class _CannotLoad(Exception):
+    """onnxruntime refused the model file itself (the cause), as opposed to failing on a sample."""
+
+
+class RunMemo:
+    """Each ONNX model's outputs on one fixed sample set, remembered by the model file's content.
+
+    Choosing a calibration and judging a mixed-precision search compare candidates on the same
+    calibration samples: without it the float model runs again for every candidate, and the chosen
+    candidate runs again when the search first judges it. Same session settings, same samples,
+    same batches: the outputs are the ones a new run would give, so the figures are too. It keeps
+    the float model's runs and the last ``QUANTIZED_KEPT`` quantized ones (a search's candidates
+    are many; only the one just scored is asked for again).
+    """
+
+    QUANTIZED_KEPT = 2
+
+    def __init__(self, samples: Samples, batch_size: int | None) -> None:
+        self.samples = samples
+        self.batch_size = batch_size
+        self._seen: dict[tuple[str, bool], Ran] = {}
+
+    def outputs(self, path: Path, names: list[str], sig: IOSignature, *, reference: bool) -> Ran:
+        """(outputs in ``names`` order, seconds the run took when it was made)."""
+        key = (hashlib.sha256(Path(path).read_bytes()).hexdigest() + "|" + ",".join(names), reference)
+        if key not in self._seen:
+            try:
+                sess = session(path, reference=reference)
+            except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented classes
+                raise _CannotLoad() from exc
+            self._seen[key] = _run(
+                lambda feed: [np.asarray(r) for r in sess.run(names, feed)],
+                self.samples,
+                sig,
+                self.batch_size,
+            )
+            quantized = [k for k in self._seen if k[1]]
+            for old in quantized[: max(0, len(quantized) - self.QUANTIZED_KEPT)]:
+                del self._seen[old]
+        return self._seen[key]
+
+
 RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+Ran = tuple[list[np.ndarray], float]  # outputs in signature order, seconds the runs took
 
 
-def _run(
-    fn: RunFn, samples: Samples, sig: IOSignature, batch_size: int | None
-) -> tuple[list[np.ndarray], float]:
+def run_float(fp32: RunFn, samples: Samples, sig: IOSignature, batch_size: int | None) -> Ran:
+    """The float model's outputs on ``samples``, as ``evaluate_runners`` computes them."""
+    try:
+        return _run(fp32, samples, sig, batch_size)
+    except Exception as exc:
+        raise InvalidModel(f"the float model fails on the evaluation samples: {exc}") from exc
+
+
+def _run(fn: RunFn, samples: Samples, sig: IOSignature, batch_size: int | None) -> Ran:
     parts: list[list[np.ndarray]] = [[] for _ in sig.outputs]
     elapsed = 0.0
     for feed in samples.batches(sig.inputs, batch_size):
@@ -181,21 +243,35 @@ def evaluate_runners(
     int8_bytes: int,
     judging: Judging | None = None,
     batch_size: int | None = None,
+    *,
+    reference: Ran | None = None,
 ) -> dict[str, Any]:
     """Compare any two float-in/float-out model runs (ONNX or TFLite) on ``samples``.
 
     ``batch_size``: samples per run for dynamic-batch models (``compiler.memory`` plans it).
+    ``reference``: ``run_float(fp32, samples, sig, batch_size)`` already made, for a caller that
+    judges several candidates against the same float model on the same samples.
     """
-    judging = judging or Judging()
+    ref_run = reference if reference is not None else run_float(fp32, samples, sig, batch_size)
     try:
-        ref, ref_s = _run(fp32, samples, sig, batch_size)
-    except Exception as exc:
-        raise InvalidModel(f"the float model fails on the evaluation samples: {exc}") from exc
-    try:
-        out, out_s = _run(int8, samples, sig, batch_size)
+        out_run = _run(int8, samples, sig, batch_size)
     except Exception as exc:
         raise QuantizationError(f"the int8 model fails on the evaluation samples: {exc}") from exc
+    return _compare(ref_run, out_run, samples, sig, fp32_bytes, int8_bytes, judging, batch_size)
 
+
+def _compare(
+    ref_run: Ran,
+    out_run: Ran,
+    samples: Samples,
+    sig: IOSignature,
+    fp32_bytes: int,
+    int8_bytes: int,
+    judging: Judging | None,
+    batch_size: int | None,
+) -> dict[str, Any]:
+    judging = judging or Judging()
+    (ref, ref_s), (out, out_s) = ref_run, out_run
     n = len(ref[0]) if ref else 0
     names = [spec.name for spec in sig.outputs]
     refs, outs = dict(zip(names, ref, strict=True)), dict(zip(names, out, strict=True))

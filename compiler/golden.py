@@ -95,7 +95,12 @@ def build_golden(
     if n_max == 0:
         return GoldenSet(None, None, "no held-out samples")
     names = [o.name for o in sig.outputs]
-    refs_all = _per_sample(fp32, name, xs[:n_max], names)
+    first = _per_sample(fp32, name, xs[:1], names)
+    one = _npz(xs[:1], {k: _stored(v) for k, v in first.items()})
+    if len(one) > limit:  # what the shrinking below ends at, without running and packing the rest first
+        return GoldenSet(None, None, f"one sample takes {len(one)} bytes, over the {limit}-byte budget")
+    rest = _per_sample(fp32, name, xs[1:n_max], names) if n_max > 1 else None
+    refs_all = {k: np.concatenate([v, rest[k]], axis=0) if rest else v for k, v in first.items()}
     n = n_max
     data = _npz(xs[:n], {k: _stored(v[:n]) for k, v in refs_all.items()})
     while len(data) > limit and n > 1:  # shrink in proportion (compression keeps it approximate)

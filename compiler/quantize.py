@@ -204,22 +204,35 @@ def prepare(model: onnx.ModelProto, work_dir: Path, info: QuantizeInfo) -> Path:
     return prepared
 
 
-def calibrate(
-    prepared: Path, reader: CalibrationDataReader, work_dir: Path, options: dict[str, Any] | None = None
-) -> TensorsData:
-    """MinMax ranges of every float tensor, as ``quantize_static`` would compute them."""
+def calibrate_candidates(
+    prepared: Path, reader: CalibrationDataReader, work_dir: Path, candidates: dict[str, dict[str, Any]]
+) -> dict[str, TensorsData]:
+    """The ranges of each of ``candidates`` (name -> ``MinMaxCalibrater`` options) from one pass.
+
+    The augmented model's per-sample minima and maxima are all the calibrator keeps; plain MinMax
+    takes their extremes and ``moving_average`` their mean (with no ``max_intermediate_outputs``
+    nothing is merged in between, so ``averaging_constant`` plays no part). The model therefore runs
+    over the calibration samples once, not once per candidate, for the same ranges bit for bit.
+    """
     calibrator = create_calibrator(
         Path(prepared),
         None,
         augmented_model_path=str(work_dir / "augmented.onnx"),
         calibrate_method=CalibrationMethod.MinMax,
-        extra_options=dict(options or {}),
     )
+    # collect_data reduces what it collected and then drops it; the other candidates need it still.
+    calibrator.clear_collected_data = lambda: None
+    found: dict[str, TensorsData] = {}
     with warnings.catch_warnings():
         # All-NaN tensors make nanmin/nanmax warn; nonfinite_tensors() reports them properly.
         warnings.simplefilter("ignore", RuntimeWarning)
         calibrator.collect_data(reader)
-        return calibrator.compute_data()
+        for name, options in candidates.items():
+            calibrator.moving_average = bool(options.get("moving_average", False))
+            calibrator.averaging_constant = options.get("averaging_constant", 0.01)
+            calibrator.calibrate_tensors_range = None
+            found[name] = calibrator.compute_data()
+    return found
 
 
 def nonfinite_tensors(ranges: TensorsData) -> list[str]:
@@ -242,14 +255,18 @@ def quantize_int8(
 ) -> None:
     """Write the best QDQ int8 model over ``CALIBRATIONS`` to ``output``; scratch files go to ``work_dir``.
 
-    ``readers`` makes a fresh calibration reader per pass. Without ``score``
+    ``readers`` makes the calibration reader (one pass serves every candidate). Without ``score``
     only the first candidate (plain MinMax) is tried.
     """
     best: tuple[tuple[float, ...], str, Path, list[str], list[str], Path] | None = None
     names = list(CALIBRATIONS) if score is not None else list(CALIBRATIONS)[:1]
+    try:
+        ranges = calibrate_candidates(prepared, readers(), work_dir, {n: CALIBRATIONS[n] for n in names})
+    except Exception as exc:
+        raise QuantizationError(f"calibration failed: {type(exc).__name__}: {exc}") from exc
     for index, name in enumerate(names):
         candidate = work_dir / f"candidate{index}.onnx"
-        _quantize_calibrated(prepared, candidate, readers(), info, work_dir, CALIBRATIONS[name])
+        _quantize_calibrated(prepared, candidate, ranges[name], info, work_dir)
         figures = score(candidate) if score is not None else ()
         info.calibration_candidates[name] = [round(f, 4) for f in figures]
         if best is None or figures > best[0]:
@@ -261,17 +278,8 @@ def quantize_int8(
 
 
 def _quantize_calibrated(
-    prepared: Path,
-    output: Path,
-    reader: CalibrationDataReader,
-    info: QuantizeInfo,
-    work_dir: Path,
-    options: dict[str, Any],
+    prepared: Path, output: Path, ranges: TensorsData, info: QuantizeInfo, work_dir: Path
 ) -> None:
-    try:
-        ranges = calibrate(prepared, reader, work_dir, options)
-    except Exception as exc:
-        raise QuantizationError(f"calibration failed: {type(exc).__name__}: {exc}") from exc
     bad = set(nonfinite_tensors(ranges))
     model = onnx.load(str(prepared), load_external_data=False)
     float_nodes = sorted(n.name for n in model.graph.node if bad & {*n.input, *n.output})

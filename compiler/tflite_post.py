@@ -53,7 +53,14 @@ from typing import Any
 import flatbuffers
 import numpy as np
 
-from compiler.tflite_prep import _drop_unused_tensors, op_names, opcode, read_tflite, schema, write_tflite
+from compiler.tflite_prep import (
+    _drop_unused_tensors,
+    drop_unused_buffers_of,
+    op_names,
+    opcode,
+    read_tflite,
+    schema,
+)
 
 
 @dataclass
@@ -335,8 +342,6 @@ def finish_int8(data: bytes, npu: bool) -> tuple[bytes, TFLitePost]:
     the rewrite splits the graph at every PRELU onto the builtin kernel: hand_recrop 2.7 -> 4.5 ms on
     this host for 5 KB less. There the float PRELU stays.
     """
-    from compiler.tflite_prep import drop_unused_buffers
-
     info = TFLitePost(bytes_before=len(data))
     model = read_tflite(data)
     info.prelu_quantized = quantize_prelu(model) if npu else 0
@@ -354,7 +359,8 @@ def finish_int8(data: bytes, npu: bool) -> tuple[bytes, TFLitePost]:
             "(alpha int8 per tensor)"
         )
     info.names_shortened = shorten_names(model)
-    out, info.vectors_shared = write_deduplicated(read_tflite(drop_unused_buffers(write_tflite(model))))
+    drop_unused_buffers_of(model)  # on the parsed model: no write and parse again in between
+    out, info.vectors_shared = write_deduplicated(model)
     if info.vectors_shared:
         info.notes.append(f"{info.vectors_shared} repeated quantization/shape vectors stored once")
     info.bytes_after = len(out)

@@ -218,11 +218,16 @@ def drop_unused_buffers(data: bytes) -> bytes:
     sentinel every schema reader expects).
     """
     model = read_tflite(data)
+    return write_tflite(model) if drop_unused_buffers_of(model) else data
+
+
+def drop_unused_buffers_of(model: Any) -> bool:
+    """``drop_unused_buffers`` on a parsed model, in place; whether any buffer went."""
     used = {0} | {t.buffer for sg in model.subgraphs for t in sg.tensors or []}
     used |= {m.buffer for m in model.metadata or []}
     order = sorted(i for i in used if i < len(model.buffers))
     if len(order) == len(model.buffers):
-        return data
+        return False
     remap = {old: new for new, old in enumerate(order)}
     model.buffers = [model.buffers[i] for i in order]
     for sg in model.subgraphs:
@@ -230,4 +235,4 @@ def drop_unused_buffers(data: bytes) -> bytes:
             t.buffer = remap[t.buffer]
     for m in model.metadata or []:
         m.buffer = remap[m.buffer]
-    return write_tflite(model)
+    return True

@@ -21,6 +21,7 @@ its own stderr meanwhile should compile in a subprocess.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -99,9 +100,21 @@ def _module_of(filename: str) -> str:
     path = Path(filename).resolve()
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
-        if file and Path(file).resolve() == path:
+        if file and _resolved(file) == path:
             return name
     return path.name
+
+
+def _resolved(file: str) -> Path:
+    """``Path(file).resolve()``, remembered for absolute paths: a process can hold thousands of
+    modules, and resolving each one's file (a stat per path component) again for every warning
+    took ~0.3 s a warning in a test process."""
+    return _resolved_absolute(file) if os.path.isabs(file) else Path(file).resolve()
+
+
+@functools.cache
+def _resolved_absolute(file: str) -> Path:
+    return Path(file).resolve()
 
 
 def _stderr_is_fd2() -> bool:

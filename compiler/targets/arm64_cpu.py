@@ -28,7 +28,7 @@ def _quantize(job: OnnxQuantizeJob) -> None:
         lambda: SamplesReader(job.calib, job.sig.inputs, batch_size=1),
         job.info,
         job.work,
-        score=lambda candidate: calibration_score(job.source, candidate, job.calib, job.sig, job.eval_batch),
+        score=lambda candidate: calibration_score(job.source, candidate, job.sig, job.scoring_runs()),
     )
     mixed_precision_onnx(job)
 

@@ -89,7 +89,10 @@ COMPILE_UNDER_LIMIT = textwrap.dedent(
         print(json.dumps(result.report["memory"]))
     """
 )
-LIMIT = int(1.8e9)  # address space; batches of 32 samples need ~2.5 GB of it, planned batches ~1.5 GB
+# Address space. Batches of 32 samples die in the allocator at 1.3 GB of it and compile at 1.35 GB (the
+# float and the int8 sessions' arenas are alive one after the other, not together); the planned
+# batches peak at 0.96 GB (qnn-htp; arm64-cpu 0.65 GB). Midway between.
+LIMIT = int(1.15e9)
 
 
 def _compile_under_limit(target: str, max_memory: str, tmp_path: Path) -> dict:
