@@ -139,6 +139,8 @@ async def first_of(
 
 
 __all__ = [
+    "ARTIFACTS_PATH",
+    "TUF_PATH",
     "MirrorsUnavailable",
     "bundle_file_url",
     "check_mirrors",
@@ -146,6 +148,7 @@ __all__ = [
     "first_of",
     "metadata_base",
     "model_url",
+    "repository_url",
     "target_url",
     "verdict",
 ]

@@ -130,6 +130,9 @@ class LazyCommands(MutableMapping[str, Any]):
         self._infos.pop(name, None)
         self._built.pop(name, None)
 
+    def __contains__(self, name: object) -> bool:  # without building it (Mapping's would)
+        return name in self._names
+
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._names))
 
@@ -144,6 +147,8 @@ class EdgefleetGroup(TyperGroup):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if app.registered_commands or app.registered_groups:  # they would be dropped silently
+            raise TypeError("register edgefleet's commands on `registry`, not on `app`")
         self.commands = LazyCommands(registry, self)
 
     def main(  # type: ignore[override]

@@ -111,7 +111,8 @@ def demo_stack(
         stack.callback(server.stop)
         # the API answers before the bridge has subscribed; a device's first events published
         # meanwhile would have no subscriber to reach (clean sessions)
-        server.wait_subscribed(15)
+        if not server.wait_subscribed(15):
+            raise RuntimeError("the fleet server's MQTT bridge did not subscribe within 15 s")
         specs = [DeviceSpec(f"dev-{i:03d}", HARDWARE, {"site": "demo"}) for i in range(devices)]
         register_devices(server.url, specs, token=server.admin_token)
         fleet = Fleet(

@@ -417,7 +417,11 @@ class SimHarness:
             # a duplicate: uvicorn closes its socket on stop, the holder keeps the port
             sock = self._port_holder.socket.dup()
             self._server = ServerThread(settings, sock=sock).start()
-            self._server.wait_subscribed(15)  # devices speak next: their first events need a subscriber
+            # devices speak next: their first events need a subscriber (clean sessions)
+            if not self._server.wait_subscribed(15):
+                log.warning(
+                    "the server's MQTT bridge has not subscribed in 15 s: devices' first events may be lost"
+                )
         else:
             assert self._port_holder is not None
             self._server = ServerProcess(settings, self._port_holder, self.workdir / "server.log").start()

@@ -51,7 +51,8 @@ def create_app(settings: ServerSettings | None = None, fleet_key: KeyPair | None
     context = ServerContext(
         settings=settings, engine=make_engine(settings), trust=load_trust(settings.keys_dir)
     )
-    fleet_key = fleet_key or load_fleet_key(settings)
+    if fleet_key is None:
+        fleet_key = load_fleet_key(settings)
     context.device_ca = load_device_ca(settings.device_ca_path)
     context.admin_token = bootstrap_admin_token(settings)
     context.admin_token_hash = hash_token(context.admin_token)
@@ -98,9 +99,10 @@ def create_app(settings: ServerSettings | None = None, fleet_key: KeyPair | None
         # Request bodies parsed into many dicts (a 7,000-label batch) reach the oldest generation
         # and set off full collections, each walking the whole heap (~190,000 objects here):
         # measured, GC was a third of the time a label batch took. gc.freeze is CPython's own
-        # tool for a long-lived heap; unfreeze on the way out (tests run many servers a process).
-        # A heap someone else froze (the process embedding the server) is left as it is: unfreeze
-        # cannot tell their objects from ours, and would undo theirs.
+        # tool for a long-lived heap. Only a heap nobody froze is frozen here, and unfrozen on the
+        # way out: a process that froze its own (an embedder, the test suite's workers, a fleet
+        # started first) keeps it as it is, since unfreeze cannot tell their objects from ours.
+        # (The first of two such owners to stop unfreezes the whole heap: gc has one frozen set.)
         froze = gc.get_freeze_count() == 0
         if froze:
             gc.freeze()

@@ -132,11 +132,14 @@ def _from_pem(data: bytes, passphrase: bytes | None, path: Path) -> KeyPair:
 
 
 def unlock_fleet_key(settings: ServerSettings, environ: Mapping[str, str] | None = None) -> KeyPair | None:
-    """The fleet key decrypted now when it is encrypted, so that a missing or wrong passphrase is
-    reported before the server's imports and database checks; None when it is not encrypted (or
-    not readable): the app loads it then, with its warning or its error in their usual place."""
+    """The fleet key decrypted now when it is encrypted, so that a missing or wrong passphrase (or
+    an unreadable key file) is reported before the server's imports and database checks; None when
+    it is not encrypted: the app loads it then, its warning in its usual place.
+
+    Raises FleetKeyError as :func:`load_fleet_key` does."""
+    path = Path(settings.keys_dir) / FLEET_KEY_FILE
     try:
-        data = (Path(settings.keys_dir) / FLEET_KEY_FILE).read_bytes()
-    except OSError:
-        return None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise FleetKeyError(f"cannot read the fleet key {path}: {exc.strerror or exc}") from None
     return load_fleet_key(settings, environ) if is_encrypted_pem(data) else None

@@ -211,7 +211,8 @@ class Fleet:
         # walks them, each one a stall of every agent's loop at once (0.6 s of CPU at 1,000 agents,
         # several seconds of wall on a loaded machine). What agents allocate from here on is
         # collected as before; only cyclic garbage of an agent a reboot replaces is kept. A heap
-        # the embedding process froze is left as it is: unfreeze would undo theirs.
+        # the embedding process (or a server in it) froze first is left as it is: unfreeze cannot
+        # tell their objects from ours, and would undo theirs.
         self._froze = gc.get_freeze_count() == 0
         if self._froze:
             gc.freeze()

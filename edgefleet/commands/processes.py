@@ -109,7 +109,10 @@ def server_cmd(
     for broker in brokers.values():
         if not broker.security.tls:
             warn(f"the broker connection ({broker.url}) is not TLS: development only")
-    main(settings, host, port, tls_cert=tls_cert, tls_key=tls_key, fd=fd, fleet_key=fleet_key)
+    try:
+        main(settings, host, port, tls_cert=tls_cert, tls_key=tls_key, fd=fd, fleet_key=fleet_key)
+    except FleetKeyError as exc:  # an unencrypted key that is not a key: found by the app
+        fail(str(exc))
 
 
 def agent_cmd(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import fastapi_offline
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -28,12 +28,23 @@ REDOC_URL = "/redoc"
 router = APIRouter(include_in_schema=False)
 
 
+def _root(request: Request) -> str:
+    """The prefix a proxy serves the app under, as FastAPI's own pages take it."""
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+def _openapi_url(app: FastAPI) -> str:
+    if app.openapi_url is None:  # no document: the pages have nothing to show
+        raise HTTPException(status_code=404, detail="the API document is not served")
+    return app.openapi_url
+
+
 @router.get(DOCS_URL)
 async def swagger_ui(request: Request) -> HTMLResponse:
     app: FastAPI = request.app
-    root = request.scope.get("root_path", "")
+    root = _root(request)
     return get_swagger_ui_html(
-        openapi_url=f"{root}{app.openapi_url}",
+        openapi_url=f"{root}{_openapi_url(app)}",
         title=f"{app.title} - Swagger UI",
         oauth2_redirect_url=f"{root}{OAUTH2_REDIRECT_URL}",
         swagger_js_url=f"{root}{STATIC_URL}/swagger-ui-bundle.js",
@@ -51,9 +62,9 @@ async def swagger_ui_redirect() -> HTMLResponse:
 @router.get(REDOC_URL)
 async def redoc(request: Request) -> HTMLResponse:
     app: FastAPI = request.app
-    root = request.scope.get("root_path", "")
+    root = _root(request)
     return get_redoc_html(
-        openapi_url=f"{root}{app.openapi_url}",
+        openapi_url=f"{root}{_openapi_url(app)}",
         title=f"{app.title} - ReDoc",
         redoc_js_url=f"{root}{STATIC_URL}/redoc.standalone.js",
         with_google_fonts=False,

@@ -71,3 +71,20 @@ def test_urls_and_configuration() -> None:
     with pytest.raises(ValueError, match="http\\(s\\)://"):
         config_from_dict({**base, "mirrors": ["s3://bucket"]}, Path("/tmp"))
     assert config_from_dict({**base, "mirrors": ["http://m/"]}, Path("/tmp")).mirrors == ["http://m"]
+
+
+def test_an_agent_without_tuf_does_not_import_python_tuf() -> None:
+    """Building the agent and the URLs of an install imports nothing of python-tuf (nor boto3, which
+    securesystemslib's signers pull in): only an agent configured for TUF needs them."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "import device_agent.agent, device_agent.install, device_agent.mirrors as m\n"
+        "m.repository_url('http://fleet.example:8080/tuf', None)\n"
+        "print(sorted(n for n in ('tuf', 'securesystemslib', 'boto3') if n in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

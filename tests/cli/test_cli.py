@@ -77,9 +77,14 @@ def test_the_root_builds_only_the_command_asked_for(monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(typer.main, name, recording(getattr(typer.main, name)))
     group = typer.main.get_command(app)
     assert [info.name for info in root if any(info is b for b in built)] == []
-    assert list(group.commands) == [info.name for info in root]  # the help's order, as typer lists them
+    assert list(group.commands) == [info.name for info in root]
+    assert "devices" in group.commands and "nope" not in group.commands  # asking builds nothing
+    assert [info.name for info in root if any(info is b for b in built)] == []
     assert group.commands["devices"].name == "devices"
     assert [info.name for info in root if any(info is b for b in built)] == ["devices"]
+    monkeypatch.undo()
+    eager = typer.main.get_group(registry)  # typer's own build of every command: the help's order
+    assert list(group.commands) == list(eager.commands)
 
 
 def test_console_script_installed() -> None:

@@ -49,14 +49,14 @@ def test_a_burn_fires_and_resolves_through_a_flaky_webhook_with_a_delivery_log(
         # the sender records a pass's attempts when the pass ends, after the receiver has answered
         log = wait_for(
             lambda: (
-                (items := client.get("/api/v1/alerts/deliveries").json()["items"])
+                len(items := client.get("/api/v1/alerts/deliveries").json()["items"]) == 2
                 and all(d["delivered_at"] for d in items)
                 and items
             ),
             what="both deliveries recorded as delivered",
         )
         assert sorted(d["attempts"] for d in log) == [1, 3] or sorted(d["attempts"] for d in log) == [2, 2]
-        assert all(d["delivered_at"] for d in log) and receiver.refused == 2
+        assert receiver.refused == 2
         # no more errors: the pages' short windows (5 and 30 min) empty out and the page resolves;
         # the ticket's 6 h window still holds the burst, so it stays open (and is not sent again)
         evaluator.run(t0 + timedelta(minutes=40))

@@ -18,7 +18,7 @@ from tuf.api.metadata import Metadata, Root, Timestamp
 from device_agent import protocol
 from edgefleet.broker import BrokerInfo, SecureBrokerInfo
 from edgefleet.client import ApiClient
-from fleet_server.keyload import FleetKeyError, find_passphrase, load_fleet_key
+from fleet_server.keyload import FleetKeyError, find_passphrase, load_fleet_key, unlock_fleet_key
 from fleet_server.runner import ServerThread
 from fleet_server.settings import ServerSettings
 from signing.dsse import verify_envelope
@@ -214,6 +214,50 @@ def _server_command(
     cmd += ["--mqtt-credentials", str(broker_info.server_credentials)]
     cmd += ["--data-dir", str(tmp_path / "data"), "--fd", str(held.fileno())]
     return cmd, env
+
+
+def test_unlock_decrypts_an_encrypted_key_and_leaves_a_plain_one_to_the_app(
+    tmp_path: Path, server_keys: KeyDir, clean_env: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tmp_path, server_keys)
+    with pytest.raises(FleetKeyError, match="no passphrase was found"):
+        unlock_fleet_key(settings, {})
+    assert unlock_fleet_key(settings, {"EDGEFLEET_KEY_PASSPHRASE": PASS}) is not None
+    plain = tmp_path / "plain"
+    init_keys(plain)  # no passphrase: the app loads it (and warns that it is not encrypted)
+    assert unlock_fleet_key(_settings(tmp_path, KeyDir(plain)), {}) is None
+    (plain / "fleet.key").unlink()
+    with pytest.raises(FleetKeyError, match="cannot read the fleet key"):
+        unlock_fleet_key(_settings(tmp_path, KeyDir(plain)), {})
+
+
+UNLOCK_FIRST = """
+import sys
+from edgefleet.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print("exit", code, "fleet_server.app" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("case", ["locked", "missing"])
+def test_a_locked_or_missing_key_fails_before_the_server_is_imported(
+    case: str, tmp_path: Path, server_keys: KeyDir
+) -> None:
+    if case == "missing":
+        (server_keys.path / "fleet.key").unlink()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    args = ["server", "--keys", str(server_keys.path), "--data-dir", str(tmp_path / "data")]
+    done = subprocess.run(
+        [sys.executable, "-c", UNLOCK_FIRST, *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip().splitlines()[-1] == "exit 1 False", done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert ("no passphrase was found" if case == "locked" else "cannot read the fleet key") in lines[0]
 
 
 @pytest.mark.slow

@@ -196,8 +196,36 @@ def test_a_stopped_server_leaves_nothing_alive(
         app = weakref.ref(srv.app)
     finally:
         srv.stop()
+    assert srv._thread is not None and not srv._thread.is_alive(), "the server thread ended"
     del srv  # the assert below must not hold it in a temporary of its own
     gc.collect()
     alive = app() is not None
     assert docs == 200
     assert not alive
+
+
+def test_the_docs_pages_follow_the_proxys_prefix(
+    tmp_path: Path, keydir: KeyDir, broker_info: BrokerInfo
+) -> None:
+    """Behind a proxy serving the API under a prefix (``root_path``, with or without its trailing
+    slash) every URL the pages load carries it once."""
+    import asyncio
+
+    from fleet_server.app import create_app
+
+    app = create_app(server_settings(tmp_path, keydir, broker_info))
+
+    async def pages(root: str) -> tuple[str, str, int]:
+        transport = httpx.ASGITransport(app=app, root_path=root)  # what uvicorn --root-path passes on
+        async with httpx.AsyncClient(transport=transport, base_url="http://fleet.example") as http:
+            docs, redoc = await http.get("/docs"), await http.get("/redoc")
+            redirect = await http.get("/docs/oauth2-redirect")
+        return docs.text, redoc.text, redirect.status_code
+
+    for root in ("/proxy", "/proxy/"):
+        docs, redoc, redirect = asyncio.run(pages(root))
+        assert redirect == 200
+        assert "/proxy/openapi.json" in docs and "/proxy/docs/oauth2-redirect" in docs
+        assert "/proxy/static-offline-docs/swagger-ui-bundle.js" in docs
+        assert "/proxy/openapi.json" in redoc and "/proxy/static-offline-docs/redoc.standalone.js" in redoc
+        assert "/proxy//" not in docs + redoc
