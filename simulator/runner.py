@@ -33,7 +33,7 @@ from simulator.labels import LabelPlan
 from simulator.netem import HttpFaultProxy, LinkState, NetworkThread, TcpFaultProxy
 from simulator.procfleet import FleetControl, FleetPlan, ProcessFleet
 from simulator.readable import readable
-from simulator.registry import register_devices
+from simulator.registry import api_tls_context, register_devices
 from simulator.scenario import NGINX_MIRROR, Expectation, Scenario, Step, skew_of
 from simulator.timeline import Timeline
 
@@ -188,6 +188,7 @@ class ScenarioRun:
             base_url=harness.server_url,
             timeout=10.0,
             headers={"Authorization": f"Bearer {harness.admin_token}"},
+            verify=api_tls_context(),
         )
 
     # -- setup ----------------------------------------------------------------
