@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +67,13 @@ class AgentState:
     deployment: Outcome | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """For ``json.dumps`` at once (the state file): a slot's manifest is the state's own dict,
+        not a copy. ``dataclasses.asdict`` deep-copied it on every save, most of a save's CPU
+        besides the encoding, and a simulated fleet saves hundreds of times a rollout."""
         return {
             "active": self.active,
             "last_seq": self.last_seq,
-            "slots": {k: (asdict(v) if v else None) for k, v in self.slots.items()},
+            "slots": {k: (_fields_of(v) if v else None) for k, v in self.slots.items()},
             "probation": self.probation.to_dict() if self.probation else None,
             "deployment": self.deployment.to_dict() if self.deployment else None,
         }
@@ -89,6 +92,10 @@ class AgentState:
             probation=ProbationRecord.from_dict(data.get("probation")),
             deployment=Outcome.from_dict(data.get("deployment")),
         )
+
+
+def _fields_of(info: SlotInfo) -> dict[str, Any]:
+    return {f.name: getattr(info, f.name) for f in fields(info)}
 
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})

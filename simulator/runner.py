@@ -33,7 +33,7 @@ from simulator.labels import LabelPlan
 from simulator.netem import HttpFaultProxy, LinkState, NetworkThread, TcpFaultProxy
 from simulator.procfleet import FleetControl, FleetPlan, ProcessFleet
 from simulator.readable import readable
-from simulator.registry import register_devices
+from simulator.registry import api_tls_context, register_devices
 from simulator.scenario import NGINX_MIRROR, Expectation, Scenario, Step, skew_of
 from simulator.timeline import Timeline
 
@@ -54,6 +54,13 @@ DRAIN_QUIET = 15.0
 DRAIN_QUIET_FIGURES = 4.0
 DRAIN_LAG = 2.0
 DRAIN_SILENT = 120.0  # nor one that neither answers nor stores anything for this long
+# How often a wait step looks again. One that asks the server (a rollout's or an experiment's
+# state) does so at the timeline's default sampling interval: every ask is a request through the
+# server's whole HTTP stack and database (a few ms of the server's CPU each on the 2-core VM), and
+# the states waited for last until the script acts on them. One that reads the in-process fleet's
+# states costs next to nothing and looks more often.
+SERVER_POLL_S = 0.5
+FLEET_POLL_S = 0.2
 
 
 # A rollout step's policy fields sent only when the scenario sets them (unset: the server's default).
@@ -188,6 +195,7 @@ class ScenarioRun:
             base_url=harness.server_url,
             timeout=10.0,
             headers={"Authorization": f"Bearer {harness.admin_token}"},
+            verify=api_tls_context(),
         )
 
     # -- setup ----------------------------------------------------------------
@@ -594,7 +602,7 @@ class ScenarioRun:
                 if last in states or ("decided" in states and decided):
                     self._event(f"experiment {key}: {last}, winner {status.get('winner')}")
                     return
-            time.sleep(0.2)
+            time.sleep(SERVER_POLL_S)
         raise StepFailed(f"experiment {key} did not reach {states} in time (last state: {last})")
 
     def _schedule_policy(self, s: Step) -> dict[str, Any]:
@@ -632,7 +640,7 @@ class ScenarioRun:
             if have >= need:
                 self._event(f"{have} device(s) {s.state}")
                 return
-            time.sleep(0.2)
+            time.sleep(FLEET_POLL_S)
         raise StepFailed(f"only {have} of {need} devices reached {s.state!r} in time")
 
     def _wait_rollout_devices(self, s: Step, timeout_at: float) -> None:
@@ -649,7 +657,7 @@ class ScenarioRun:
                 if have >= need:
                     self._event(f"rollout {s.rollout}: {have} device(s) {'/'.join(s.states)}")
                     return
-            time.sleep(0.2)
+            time.sleep(SERVER_POLL_S)
         raise StepFailed(f"rollout {s.rollout}: only {have} of {need} devices {s.states} in time")
 
     def _operate(self, s: Step) -> None:
@@ -702,7 +710,7 @@ class ScenarioRun:
                 if last in states:
                     self._event(f"rollout {key}: {last}")
                     return
-            time.sleep(0.2)
+            time.sleep(SERVER_POLL_S)
         raise StepFailed(f"rollout {key} did not reach {states} in time (last state: {last})")
 
     def _members(self, hw_class: str | None) -> list[str]:
@@ -720,7 +728,7 @@ class ScenarioRun:
             have = sum(1 for st in self.fleet.status(members).values() if st.running == sha)
             if have >= need:
                 return
-            time.sleep(0.2)
+            time.sleep(FLEET_POLL_S)
         raise StepFailed(f"only {have} of {need} devices run {s.model} in time")
 
     def _pick(self, s: Step) -> list[str]:
