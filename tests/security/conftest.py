@@ -75,6 +75,8 @@ def fleet(tmp_path: Path, broker_info: Any) -> Iterator[Fleet]:
         yield f
     finally:
         loop.run(agent.stop())
+        if f.agent is not agent:  # a test that restarted the device: stop the agent it left running
+            loop.run(f.agent.stop())
         loop.close()
         observer.close()
         artifacts.close()
