@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TYPE_CHECKING
@@ -51,6 +52,18 @@ CONNECT_TIMEOUT_S = 10.0
 # Below the servers' own idle timeouts (uvicorn 5 s, nginx 75 s): a connection the server may
 # be closing just then is not reused (that race ends in "server disconnected", a retry).
 KEEPALIVE_EXPIRY_S = 4.0
+
+
+@functools.cache
+def default_verify_context() -> ssl.SSLContext:
+    """httpx's default verifying context (the CA bundle, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``),
+    built once per process for the clients that talk to a server's API (the CLI, the simulator).
+    httpx builds one for every client it is not handed one, parsing the whole CA bundle (~20 ms of
+    CPU) even for a plain ``http://`` server. (The fleet server keeps its own twin,
+    ``fleet_server.tls_context``: of this package it imports only the wire protocol.)"""
+    import httpx
+
+    return httpx.create_ssl_context()
 
 
 def _no_cookies() -> CookieJar:

@@ -9,10 +9,8 @@ returns one page as the server sent it.
 
 from __future__ import annotations
 
-import functools
 import os
 import random
-import ssl
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -21,6 +19,7 @@ from typing import Any, BinaryIO
 
 import httpx
 
+from device_agent.http_clients import default_verify_context
 from signing.keys import KeyPair
 from signing.manifest import ENVELOPE_NAME, BundleManifest, read_bundle
 
@@ -82,14 +81,6 @@ class ApiError(RuntimeError):
         self.message = message
 
 
-@functools.cache
-def tls_context() -> ssl.SSLContext:
-    """The verifying TLS context every client in this process shares (httpx's default: the CA
-    bundle, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``). httpx builds a new one per client otherwise,
-    parsing the whole CA bundle each time (~20 ms of CPU), and a process may open many clients."""
-    return httpx.create_ssl_context()
-
-
 class ApiClient:
     """``token`` (else ``$EDGEFLEET_TOKEN``) is sent as ``Authorization: Bearer``."""
 
@@ -98,7 +89,7 @@ class ApiClient:
         token = token or os.environ.get(TOKEN_ENV) or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
-            base_url=self.base_url, timeout=timeout, headers=headers, verify=tls_context()
+            base_url=self.base_url, timeout=timeout, headers=headers, verify=default_verify_context()
         )
 
     def close(self) -> None:

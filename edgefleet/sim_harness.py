@@ -570,7 +570,7 @@ class ServerProcess:
     def start(self, timeout: float = 30.0) -> ServerProcess:
         import httpx
 
-        from edgefleet.client import tls_context
+        from device_agent.http_clients import default_verify_context
 
         if self._proc is None:
             self.spawn()
@@ -580,7 +580,7 @@ class ServerProcess:
         self._proc.stdin.flush()
         deadline = time.monotonic() + timeout
         # One client for the whole wait: a new one per poll builds a new TLS context (~20 ms of CPU).
-        with httpx.Client(timeout=1.0, verify=tls_context()) as probe:
+        with httpx.Client(timeout=1.0, verify=default_verify_context()) as probe:
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:
                     tail = self.log_path.read_text(errors="replace")[-2000:]

@@ -98,15 +98,23 @@ def load_fleet_key(settings: ServerSettings, environ: Mapping[str, str] | None =
     missing or wrong, or the file is not a key. An unencrypted key (tests, the
     demo) loads as it is, with a warning: production keys are encrypted.
     """
-    environ = os.environ if environ is None else environ
     path = Path(settings.keys_dir) / FLEET_KEY_FILE
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise FleetKeyError(f"cannot read the fleet key {path}: {exc.strerror or exc}") from None
+    data = _read_key(path)
     if not is_encrypted_pem(data):
         log.warning("%s is not encrypted at rest: use `edgefleet keys init` with a passphrase", path)
         return _from_pem(data, None, path)
+    return _decrypt(data, path, settings, environ)
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise FleetKeyError(f"cannot read the fleet key {path}: {exc.strerror or exc}") from None
+
+
+def _decrypt(data: bytes, path: Path, settings: ServerSettings, environ: Mapping[str, str] | None) -> KeyPair:
+    environ = os.environ if environ is None else environ
     found = find_passphrase(settings, environ)
     if found is None:
         raise FleetKeyError(
@@ -138,8 +146,5 @@ def unlock_fleet_key(settings: ServerSettings, environ: Mapping[str, str] | None
 
     Raises FleetKeyError as :func:`load_fleet_key` does."""
     path = Path(settings.keys_dir) / FLEET_KEY_FILE
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise FleetKeyError(f"cannot read the fleet key {path}: {exc.strerror or exc}") from None
-    return load_fleet_key(settings, environ) if is_encrypted_pem(data) else None
+    data = _read_key(path)
+    return _decrypt(data, path, settings, environ) if is_encrypted_pem(data) else None

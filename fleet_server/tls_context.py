@@ -4,7 +4,9 @@ httpx builds a new context for every client it is not handed one, parsing the wh
 time (~20 ms of CPU); a server starts clients for its alert loop and its own readiness probe, and a
 process may run many servers (replicas, tests). The context is httpx's default (the CA bundle, or
 ``SSL_CERT_FILE``/``SSL_CERT_DIR``), built once on first use: ``ssl.SSLContext`` is safe to share
-between threads and clients.
+between threads and clients. Never change it (``http2=True`` or ``cert=`` would, for every client).
+The CLI and the simulator share ``device_agent.http_clients.default_verify_context``, its twin:
+the server imports of the agent's package only its wire protocol.
 """
 
 from __future__ import annotations

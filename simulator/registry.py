@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import os
-import ssl
 from collections.abc import Iterable
 
 import httpx
 
+from device_agent.http_clients import default_verify_context
 from simulator.fleet import DeviceSpec
-
-
-@functools.cache
-def api_tls_context() -> ssl.SSLContext:
-    """The verifying TLS context the simulator's clients of the server API share (httpx's default:
-    the CA bundle, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``). httpx builds one per client otherwise,
-    parsing the whole CA bundle (~18 ms of CPU) even for a plain ``http://`` server, and a
-    scenario opens one client to register its fleet and another for its script and timeline."""
-    return httpx.create_ssl_context()
 
 
 def register_devices(
@@ -34,7 +24,9 @@ def register_devices(
     out: list[dict[str, object]] = []
     token = token or os.environ.get("EDGEFLEET_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with httpx.Client(base_url=base, timeout=timeout, headers=headers, verify=api_tls_context()) as client:
+    with httpx.Client(
+        base_url=base, timeout=timeout, headers=headers, verify=default_verify_context()
+    ) as client:
         for spec in specs:
             resp = client.post(
                 "/api/v1/devices",

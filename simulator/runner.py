@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 
 from device_agent.config import BrokerInfo
+from device_agent.http_clients import default_verify_context
 from simulator.disk import DeviceDisks
 from simulator.faults import ClassBehaviour
 from simulator.fleet import DeviceSpec, FleetTotals
@@ -33,7 +34,7 @@ from simulator.labels import LabelPlan
 from simulator.netem import HttpFaultProxy, LinkState, NetworkThread, TcpFaultProxy
 from simulator.procfleet import FleetControl, FleetPlan, ProcessFleet
 from simulator.readable import readable
-from simulator.registry import api_tls_context, register_devices
+from simulator.registry import register_devices
 from simulator.scenario import NGINX_MIRROR, Expectation, Scenario, Step, skew_of
 from simulator.timeline import Timeline
 
@@ -195,7 +196,7 @@ class ScenarioRun:
             base_url=harness.server_url,
             timeout=10.0,
             headers={"Authorization": f"Bearer {harness.admin_token}"},
-            verify=api_tls_context(),
+            verify=default_verify_context(),
         )
 
     # -- setup ----------------------------------------------------------------
