@@ -103,7 +103,10 @@ class MqttLink:
         self._flush_for: Any = None  # the socket a write is scheduled for on the loop's next pass
         self._flushing: Any = None  # the socket being written now (paho's callbacks come from inside)
         self._loop_thread = 0  # the loop's thread: paho's socket callbacks may come from a connect thread
+        # Sessions the broker granted after the first: counted in the CONNACK handler, so a
+        # caller that sees ``connected`` again also sees the count that says it reconnected.
         self.reconnects = 0
+        self._sessions = 0
         self.publish_failures = 0
         # Attempts that ended without a session: no TCP/TLS connection, a CONNACK refusing us, or
         # the broker closing the connection before its CONNACK (a TLS listener fed plaintext).
@@ -148,6 +151,7 @@ class MqttLink:
         self._loop_thread = threading.get_ident()
         self._stopping = False
         self._attempting = False
+        self._sessions = 0
         self._answered.clear()  # a failure before an earlier stop is not this start's answer
         try:
             await self._connect_off_loop()
@@ -354,7 +358,6 @@ class MqttLink:
             try:
                 self._drop_socket()
                 await self._connect_off_loop()
-                self.reconnects += 1
             except OSError as exc:
                 log.info("%s: reconnect attempt %d failed: %s", self.device_id, attempt, exc)
                 continue
@@ -386,6 +389,9 @@ class MqttLink:
             return
         self._attempting = False
         self._answered.set()
+        if self._sessions:
+            self.reconnects += 1
+        self._sessions += 1
         client.subscribe(protocol.topic(self.device_id, protocol.Channel.DESIRED), qos=1)
         online = protocol.Status(device_id=self.device_id, state="online", ts=self.now())
         client.publish(

@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -174,6 +174,30 @@ def start_mosquitto(
     return start_on_free_port(start, chosen=port is None)
 
 
+class SnapshotTable(dict[str, Any]):
+    """A dict whose iteration walks a copy of its keys or items.
+
+    amqtt 0.12 walks its subscription table while awaiting, in three places: sending a
+    connecting session the retained messages, broadcasting a publish, and dropping a closed
+    session's subscriptions. Another session subscribing or leaving meanwhile changes the
+    table's size and the walk raises: the connecting session is left half-open (its client id
+    then waits in amqtt for good) or the publish is not delivered ("messages not broadcasted").
+    Walking a copy makes each walk see the table as it was when it began, which is what each
+    of those walks needs."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        return list(super().keys())
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return list(super().values())
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return list(super().items())
+
+
 def start_embedded(port: int | None = None) -> Broker:
     """Run amqtt in a thread: MQTT 3.1.1, no shared subscriptions, and OPEN (no TLS, no ACL; it also
     delivered another device's retained message past an ACL): a development fallback for machines
@@ -193,6 +217,8 @@ def start_embedded(port: int | None = None) -> Broker:
         def run() -> None:
             asyncio.set_event_loop(loop)
             broker = AmqttBroker(config, loop=loop)
+            if type(getattr(broker, "_subscriptions", None)) is dict:  # see SnapshotTable
+                broker._subscriptions = SnapshotTable(broker._subscriptions)
             holder["broker"] = broker
             try:
                 loop.run_until_complete(broker.start())

@@ -4,6 +4,7 @@ it on SIGTERM/SIGINT), and the open development brokers (Mosquitto, the embedded
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefleet.broker import mosquitto_binary, start_embedded, start_mosquitto
+from edgefleet.broker import SnapshotTable, mosquitto_binary, start_embedded, start_mosquitto
 from tests.support.waiting import wait_for
 
 EXE = str(Path(sys.executable).parent / "edgefleet")
@@ -68,6 +70,35 @@ def test_embedded_broker_speaks_mqtt_3_1_1() -> None:
     broker = start_embedded()
     try:
         assert (broker.info.mqtt_version, broker.info.shared_subscriptions) == (4, False)
+        _publish_retained(broker.info.host, broker.info.port, 4, "a/b", b"hi")
+        assert _retained(broker.info.host, broker.info.port, 4, "a/b") == [b"hi"]
+    finally:
+        broker.stop()
+
+
+def test_the_embedded_brokers_subscription_walks_survive_a_session_changing_the_table() -> None:
+    """amqtt walks its subscription table across awaits while other sessions subscribe and
+    leave; the embedded broker hands it a table whose walks see a snapshot."""
+    from amqtt.broker import Broker as AmqttBroker
+
+    walks: list[Callable[[SnapshotTable], Iterable[Any]]] = [
+        iter,
+        SnapshotTable.keys,
+        SnapshotTable.values,
+        SnapshotTable.items,
+    ]
+    for walk in walks:
+        table = SnapshotTable({"a/+": [], "b/#": []})
+        seen = 0
+        for _ in walk(table):  # a plain dict raises here: its size changed during iteration
+            table[f"c/{seen}"] = []  # another session subscribes meanwhile
+            table.pop("b/#", None)  # and another one leaves
+            seen += 1
+        assert seen == 2 and set(table) == {"a/+", "c/0", "c/1"}
+    broker = start_embedded()
+    try:
+        [amqtt] = [o for o in gc.get_objects() if isinstance(o, AmqttBroker) and o._loop.is_running()]
+        assert isinstance(amqtt._subscriptions, SnapshotTable)
         _publish_retained(broker.info.host, broker.info.port, 4, "a/b", b"hi")
         assert _retained(broker.info.host, broker.info.port, 4, "a/b") == [b"hi"]
     finally:
