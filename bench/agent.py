@@ -8,7 +8,8 @@
 - ``rss``: a fresh interpreter builds an Agent (no model loaded, no broker)
   and reports VmRSS; once with onnxruntime imported (target <= 80 MB) and once
   with onnxruntime blocked and LiteRT only (target <= 60 MB). Baseline: the
-  bare interpreter with just the runtime imported.
+  bare interpreter with just the runtime imported. Both measure a device's package set
+  (no dnspython, which only the development extra brings).
 """
 
 from __future__ import annotations
@@ -183,8 +184,13 @@ def bench_swaps(steady_s: float = 2.0) -> dict[str, object]:
     }
 
 
+# A device installs ``edgefleet[agent]`` (and ``[tflite]``): dnspython is not in it, but the bench's
+# venv has it (the dev extra's model-signing -> sigstore-rekor-types -> pydantic[email] ->
+# email-validator), and paho imports ``dns.resolver`` whenever it can (SRV lookups), +2.7 MB. The
+# child measures the device's package set.
 _RSS_CHILD = r"""
 import json, sys, tempfile
+sys.modules["dns"] = None  # absent on a device (see above)
 mode = sys.argv[1]
 if mode.endswith("litert"):
     sys.modules["onnxruntime"] = None  # prove the agent needs no onnxruntime on a LiteRT device
