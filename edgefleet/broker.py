@@ -180,8 +180,9 @@ class SnapshotTable(dict[str, Any]):
     amqtt 0.12 walks its subscription table while awaiting, in three places: sending a
     connecting session the retained messages, broadcasting a publish, and dropping a closed
     session's subscriptions. Another session subscribing or leaving meanwhile changes the
-    table's size and the walk raises: the connecting session is left half-open (its client id
-    then waits in amqtt for good) or the publish is not delivered ("messages not broadcasted").
+    table's size and the walk raises: the connecting session is left half-open (its device did
+    not get in before the demo's deadline) or the publish is not delivered ("messages not
+    broadcasted").
     Walking a copy makes each walk see the table as it was when it began, which is what each
     of those walks needs."""
 
