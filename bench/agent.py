@@ -1,10 +1,11 @@
 """Agent benchmarks: p99 latency during 100 hot swaps vs steady, and idle RSS.
 
 - ``swap``: 3 threads call ``agent.infer`` non-stop through 10 pairs of a steady
-  phase (0.2 s) and 10 swaps between two models (100 swaps in all), each a fleet-signed directive delivered through
-  the agent's link (held in memory: no broker in the measurement) and carried out
-  by its real path (signature and seq checks, slot lookup, re-verify, load + warm
-  aside, swap one reference). Target: p99 during swaps <= 2x steady p99, 0 failures.
+  phase (0.2 s) and 10 swaps between two models (100 swaps in all), each a
+  fleet-signed directive delivered through the agent's link (held in memory: no
+  broker in the measurement) and carried out by its real path (signature and seq
+  checks, slot lookup, re-verify, load + warm aside, swap one reference). Target:
+  p99 during swaps <= 2x steady p99, 0 failures.
 - ``rss``: a fresh interpreter builds an Agent (no model loaded, no broker)
   and reports VmRSS; once with onnxruntime imported (target <= 80 MB) and once
   with onnxruntime blocked and LiteRT only (target <= 60 MB). Baseline: the
