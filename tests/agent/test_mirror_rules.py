@@ -21,6 +21,7 @@ from device_agent.mirrors import (
     verdict,
 )
 from signing.errors import DigestMismatch, MetadataExpired, MetadataRollback
+from tests.support.fresh_imports import imported_by
 
 
 def test_every_mirror_refusing_is_the_first_refusal_and_final() -> None:
@@ -76,15 +77,8 @@ def test_urls_and_configuration() -> None:
 def test_an_agent_without_tuf_does_not_import_python_tuf() -> None:
     """Building the agent and the URLs of an install imports nothing of python-tuf (nor boto3, which
     securesystemslib's signers pull in): only an agent configured for TUF needs them."""
-    import subprocess
-    import sys
-
-    probe = (
-        "import sys\n"
+    code = (
         "import device_agent.agent, device_agent.install, device_agent.mirrors as m\n"
-        "m.repository_url('http://fleet.example:8080/tuf', None)\n"
-        "print(sorted(n for n in ('tuf', 'securesystemslib', 'boto3') if n in sys.modules))\n"
+        "m.repository_url('http://fleet.example:8080/tuf', None)"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]", done.stdout
+    assert imported_by(code, ("tuf", "securesystemslib", "boto3"), timeout=60) == []

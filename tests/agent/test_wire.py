@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from device_agent import protocol, wire
+from tests.support.fresh_imports import imported_by
 
 SHA = "ab" * 32
 NOW = datetime(2026, 11, 27, 7, 58, 35, 123456, tzinfo=UTC)
@@ -251,13 +250,9 @@ def test_telemetry_batches_decode_with_the_schema() -> None:
 
 
 def test_the_agent_does_not_import_pydantic() -> None:
-    code = (
-        "import sys; import device_agent.agent, device_agent.run, device_agent.local_api, "
-        "device_agent.delivery; print(sorted(m for m in ('pydantic', 'device_agent.protocol', "
-        "'onnxruntime', 'ai_edge_litert', 'httpx') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    code = "import device_agent.agent, device_agent.run, device_agent.local_api, device_agent.delivery"
+    watched = ("pydantic", "device_agent.protocol", "onnxruntime", "ai_edge_litert", "httpx")
+    assert imported_by(code, watched) == []
 
 
 def test_latency_quantile_reads_bucket_bounds() -> None:

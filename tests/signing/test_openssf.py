@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import model_signing
@@ -33,6 +31,7 @@ from signing.targets import TargetCustom
 from signing.trust import TrustRoot
 from signing.tuf_release import release_keys_of, sign_target_added, verify_targets_update
 from signing.tuf_repo import public_key_of, sslib_key
+from tests.support.fresh_imports import imported_by
 
 FIELDS = {"name": "m", "version": "2", "release": 2, "target": "arm64-cpu", "hardware_ids": ["rpi4"]}
 
@@ -245,13 +244,6 @@ def test_the_device_path_imports_no_sigstore_code() -> None:
     # A device installs the `agent` extra, which has no boto3; securesystemslib (python-tuf's
     # signer library) imports boto3 for its AWS signer whenever it is installed, as the `s3` extra
     # of the server does here, and boto3 pulls in pyOpenSSL. Block boto3 as a device lacks it.
-    code = (
-        "import sys\n"
-        "sys.modules['boto3'] = None\n"
-        "import device_agent.agent, device_agent.delivery, signing.manifest, signing.openssf\n"
-        "heavy = {'model_signing', 'sigstore', 'sigstore_models', 'OpenSSL', 'in_toto_attestation'}\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    code = "import device_agent.agent, device_agent.delivery, signing.manifest, signing.openssf"
+    heavy = ("model_signing", "sigstore", "sigstore_models", "OpenSSL", "in_toto_attestation")
+    assert imported_by(code, heavy, blocked=["boto3"]) == []
