@@ -24,7 +24,7 @@ import onnx
 from compiler.coverage import onnx_coverage, tflite_coverage
 from compiler.data import Samples
 from compiler.errors import InvalidData, InvalidModel
-from compiler.evaluate import SNR_CAP_DB, Judging, Ran, RunMemo, evaluate, evaluate_runners, run_float
+from compiler.evaluate import SNR_CAP_DB, Judging, RunMemo, evaluate, evaluate_runners, run_float
 from compiler.memory import (
     CALIBRATION_COPIES,
     EVALUATION_COPIES,
@@ -437,12 +437,10 @@ def mixed_precision_tflite(job: TFLiteMixedJob, gate: Gate) -> tuple[bytes, dict
     started = time.perf_counter()
     subset = job.calib.take(np.arange(min(len(job.calib), SCORE_SAMPLES)))
     fp32 = TFLiteRunner(job.prepared)
-    reference: list[Ran] = []  # the float model's runs on the subset, made by the first judge
+    reference = run_float(fp32.run, subset, job.sig, None)  # every candidate is judged against it
 
     def judge(candidate: Path) -> list[str]:
         data = candidate.read_bytes()
-        if not reference:
-            reference.append(run_float(fp32.run, subset, job.sig, None))
         report = evaluate_runners(
             fp32.run,
             TFLiteRunner(data).run,
@@ -451,7 +449,7 @@ def mixed_precision_tflite(job: TFLiteMixedJob, gate: Gate) -> tuple[bytes, dict
             len(job.prepared),
             len(data),
             job.judging,
-            reference=reference[0],
+            reference=reference,
         )
         if float_model_broken(report):
             return float_model_broken(report)

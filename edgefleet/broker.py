@@ -182,12 +182,11 @@ class SnapshotTable(dict[str, Any]):
     session's subscriptions. Another session subscribing or leaving meanwhile changes the
     table's size and the walk raises: the connecting session is left half-open (its device did
     not get in before the demo's deadline) or the publish is not delivered ("messages not
-    broadcasted").
-    Walking a copy makes each walk see the table as it was when it began, which is what each
-    of those walks needs."""
+    broadcasted"). Walking a copy makes each walk see the table as it was when it began, which
+    is what each of those walks needs."""
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(super().keys()))
+        return iter(self.keys())
 
     def keys(self) -> list[str]:  # type: ignore[override]
         return list(super().keys())
