@@ -31,6 +31,7 @@ from fleet_server.retrain import RetrainWatcher
 from fleet_server.routes import ROUTERS, allowed_methods
 from fleet_server.routes.docs_pages import install_docs
 from fleet_server.routes.errors import install_error_handler
+from fleet_server.routes.mount import mount_routes
 from fleet_server.routes.openapi import install_openapi
 from fleet_server.settings import ServerSettings
 from fleet_server.slo_runner import SloRunner
@@ -126,7 +127,7 @@ def create_app(settings: ServerSettings | None = None, fleet_key: KeyPair | None
     install_docs(app)
     app.state.ctx = context
     for router in ROUTERS:
-        app.include_router(router)
+        mount_routes(app, router)
     install_console(app, settings)  # the web console under /ui: same process, same tokens
     # outermost: it records the outcome of every mutating call, refusals by the route guard included
     app.add_middleware(AuditMiddleware, engine=context.engine)

@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from fleet_server.console.access import NeedsSignIn, Refused
 from fleet_server.console.pages import render, router
 from fleet_server.console.session import SessionCodec, console_secret
+from fleet_server.routes.mount import mount_routes
 from fleet_server.settings import ServerSettings
 
 STATIC = Path(__file__).parent / "static"
@@ -26,7 +27,7 @@ STATIC = Path(__file__).parent / "static"
 
 def install_console(app: FastAPI, settings: ServerSettings) -> None:
     app.state.console_codec = SessionCodec(console_secret(settings), settings.console_session_seconds)
-    app.include_router(router)
+    mount_routes(app, router)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="console-static")
 
     async def needs_sign_in(request: Request, exc: Exception) -> Response:

@@ -19,6 +19,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagge
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from fleet_server.routes.mount import mount_routes
+
 STATIC_URL = "/static-offline-docs"
 STATIC_DIR = Path(fastapi_offline.__file__).parent / "static"
 DOCS_URL = "/docs"
@@ -76,7 +78,7 @@ def install_docs(app: FastAPI) -> None:
     """Serve the documentation pages and their static files on ``app`` (built with ``docs_url=None``
     and ``redoc_url=None``, so FastAPI adds none of its own)."""
     app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="static-offline-docs")
-    app.include_router(router)
+    mount_routes(app, router)
 
 
 __all__ = ["STATIC_URL", "install_docs"]
