@@ -885,7 +885,7 @@ def _rollout_messages(devices: list[str], events: int) -> list[Any]:
         state = ROLLOUT_EVENTS[step % len(ROLLOUT_EVENTS)]
         event = protocol.Event(
             device_id=d, seq=2, state=protocol.DeploymentState(state), model_sha256=SHA,
-            bytes_fetched=4_000_000 if state == "verifying" else None, ts=NOW,
+            bytes_fetched=4_000_000 if state == "verifying" else None, ts=NOW, event_id=f"{d}-{k}",
         )  # fmt: skip
         received = base + len(out) * 1e-4
         out.append(Inbound(protocol.topic(d, protocol.Channel.EVENTS), protocol.encode(event), received))

@@ -54,6 +54,7 @@ from device_agent.clock import WallClock, now_utc
 from device_agent.config import AgentConfig
 from device_agent.deployment import Deployment
 from device_agent.errors import InstallError, NoModelError
+from device_agent.event_outbox import EventOutbox
 from device_agent.http_fetcher import HttpFetcher, fetcher_for
 from device_agent.ids import IdMinter, format_id, parse_id
 from device_agent.install import Installer
@@ -211,6 +212,8 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
+        self._events = EventOutbox()
+        self._events_sending: asyncio.Lock | None = None  # made on the loop: one sender, in order
         self._restored = False
         self._aborted = False
         self._stopping = False  # stop() began: background work is no longer started
@@ -636,6 +639,7 @@ class Agent:
     # -- inbound (loop thread) ---------------------------------------------------
 
     def _on_connected(self) -> None:
+        self._spawn(self._send_events())  # what happened while away, before the state it led to
         self._spawn(self._publish_reported())
         self._spawn(self._uplink.send())
 
@@ -751,9 +755,27 @@ class Agent:
         task.add_done_callback(self._background.discard)
 
     async def _publish_event(self, event: protocol.Event) -> None:
-        if self.link is not None:
-            topic = protocol.topic(self.device_id, protocol.Channel.EVENTS)
-            await self.link.publish(topic, protocol.encode(event), qos=1)
+        """Queue ``event`` (with its id) and send what the queue holds, oldest first."""
+        dropped = self._events.dropped
+        self._events.add(event)
+        if self._events.dropped > dropped:
+            self._metrics.count("events_dropped", self._events.dropped - dropped)
+        await self._send_events()
+
+    async def _send_events(self) -> None:
+        """Hand the queued events to the link in order, until it refuses one (the broker is away:
+        the rest wait for the next connection, which calls this again)."""
+        if self.link is None:
+            return
+        if self._events_sending is None:
+            self._events_sending = asyncio.Lock()
+        topic = protocol.topic(self.device_id, protocol.Channel.EVENTS)
+        async with self._events_sending:
+            while (event := self._events.head()) is not None:
+                if not await self.link.publish(topic, protocol.encode(event), qos=1):
+                    self._metrics.count("events_held")
+                    return
+                self._events.sent(event)
 
     async def _publish_reported(self) -> None:
         if self.link is not None:

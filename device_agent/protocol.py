@@ -38,6 +38,7 @@ from device_agent.wire import (
     DELTA_DIR,
     DEVICE_ID_RE,
     DIRECTIVE_PAYLOAD_TYPE,
+    EVENT_ID_MAX,
     INPUT_BUCKETS,
     INPUT_CHECKS,
     INPUT_STAT_FEATURES,
@@ -231,6 +232,10 @@ class Event(_Msg):
     # sent once, on the event that follows the download; None on every other event. Summing it
     # per rollout gives the bytes a rollout cost on the wire.
     bytes_fetched: int | None = Field(default=None, ge=0)
+    # The agent's id for this event, unique per device (its start's random prefix and a count):
+    # an event the agent sends again after a lost connection is stored once. None from agents that
+    # predate it; those events are stored as they come.
+    event_id: str | None = Field(default=None, min_length=1, max_length=EVENT_ID_MAX)
 
 
 class ModelStats(_Msg):
@@ -363,6 +368,7 @@ __all__ = [
     "DELTA_DIR",
     "DEVICE_ID_RE",
     "DIRECTIVE_PAYLOAD_TYPE",
+    "EVENT_ID_MAX",
     "INPUT_BUCKETS",
     "INPUT_CHECKS",
     "INPUT_STAT_FEATURES",

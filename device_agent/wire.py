@@ -40,6 +40,7 @@ PREFIX = "ef/v1"
 DIRECTIVE_PAYLOAD_TYPE = "application/vnd.edgefleet.directive+json"
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_PAYLOAD = 1 << 20  # no legitimate message is larger; refuse before parsing
+EVENT_ID_MAX = 64  # an event id: its agent start's random prefix and a count
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -673,6 +674,7 @@ class Event:
     model_sha256: str | None = None
     ts: datetime = field(default_factory=utcnow)
     bytes_fetched: int | None = None  # model bytes this install fetched (delta + full file), once
+    event_id: str | None = None  # unique per device: a resent event is stored once
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -684,6 +686,7 @@ class Event:
             "model_sha256": self.model_sha256,
             "ts": _ts(self.ts),
             "bytes_fetched": self.bytes_fetched,
+            "event_id": self.event_id,
         }
 
 
@@ -807,6 +810,7 @@ __all__ = [
     "DELTA_DIR",
     "DEVICE_ID_RE",
     "DIRECTIVE_PAYLOAD_TYPE",
+    "EVENT_ID_MAX",
     "INPUT_BUCKETS",
     "INPUT_CHECKS",
     "INPUT_STAT_FEATURES",

@@ -40,8 +40,9 @@ unregistered or refused by the database for its data, which are counted and
 logged). If the server dies between delivery and commit, the broker still
 holds the message as unacknowledged: with a stable ``mqtt_client_id`` (a
 persistent session) it is delivered again when the replica reconnects, and
-telemetry is deduped on (device_id, batch_id), so it counts exactly once;
-events may then be stored twice (they are idempotent for the engine). With
+telemetry is deduped on (device_id, batch_id), so it counts exactly once,
+and events on (device_id, event_id), so each is stored once (events of agents
+that send no id may be stored twice: they are idempotent for the engine). With
 a random client id (clean session, the default) the broker discards the
 session and its unacknowledged messages when the connection drops: run
 replicas with a stable id when telemetry must not be lost.

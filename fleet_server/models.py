@@ -190,8 +190,13 @@ class EventRow(SQLModel, table=True):
     """A deployment event a device sent (state transitions with reasons)."""
 
     # The ticker finds each rollout device's events by (device_id, seq); one index per column
-    # let SQLite search by seq, which a whole rollout shares (quadratic in the fleet).
-    __table_args__ = (Index("ix_eventrow_device_seq", "device_id", "seq"),)
+    # let SQLite search by seq, which a whole rollout shares (quadratic in the fleet). An agent
+    # resends the events the broker did not take; the unique key stores each one once (events
+    # without an id, from older agents, are all kept: NULLs never collide).
+    __table_args__ = (
+        Index("ix_eventrow_device_seq", "device_id", "seq"),
+        UniqueConstraint("device_id", "event_id", name="uq_eventrow_device_event"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     device_id: str
@@ -203,6 +208,7 @@ class EventRow(SQLModel, table=True):
     ts: datetime = Field(sa_type=UTCDateTime)
     received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     bytes_fetched: int | None = None  # what the install fetched (on the event that ended it)
+    event_id: str | None = Field(default=None, max_length=64)  # the agent's id for it (wire.EVENT_ID_MAX)
 
 
 class TelemetryBatchRow(SQLModel, table=True):

@@ -502,7 +502,7 @@ class StatsOut(BaseModel):
     unregistered_messages: int = Field(description="messages from device ids that are not registered")
     telemetry_batches: int = Field(description="telemetry batches stored")
     duplicate_batches: int = Field(description="telemetry batches received again and counted once")
-    events: int = Field(description="deployment events stored")
+    events: int = Field(description="deployment events received (one sent again is stored once)")
     reported: int = Field(description="reported-state messages applied")
     status: int = Field(description="online/offline status messages applied")
     directives_published: int = Field(description="signed directives published to devices")

@@ -183,7 +183,9 @@ def test_device_messages_decode_with_the_schema() -> None:
     got = protocol.decode_reported(wire.encode(rep), "dev-1")
     assert got.model_dump(mode="json") == json.loads(wire.encode(rep))
     assert got.ts == NOW and got.deployment_state == DS.PROBATION and got.running is not None
-    ev = wire.Event("dev-1", 7, DS.FAILED, reason="disk_full", detail="x", model_sha256=SHA, ts=NOW)
+    ev = wire.Event(
+        "dev-1", 7, DS.FAILED, reason="disk_full", detail="x", model_sha256=SHA, ts=NOW, event_id="p-1"
+    )
     assert protocol.decode_event(wire.encode(ev)).model_dump() == {
         "device_id": "dev-1",
         "seq": 7,
@@ -193,6 +195,7 @@ def test_device_messages_decode_with_the_schema() -> None:
         "model_sha256": SHA,
         "ts": NOW,
         "bytes_fetched": None,
+        "event_id": "p-1",
     }
     fetched = wire.Event("dev-1", 7, DS.STAGED, reason="maintenance_window", ts=NOW, bytes_fetched=1234)
     assert protocol.decode_event(wire.encode(fetched)).bytes_fetched == 1234

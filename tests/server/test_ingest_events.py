@@ -160,3 +160,35 @@ def test_a_flush_refused_for_one_events_data_is_stored_one_by_one(engine: Engine
     with new_session(engine) as session:
         rows = session.exec(select(EventRow).order_by(col(EventRow.id))).all()
         assert [(r.device_id, r.state) for r in rows] == [("ev-1", "downloading"), ("ev-2", "serving")]
+
+
+def test_an_event_sent_again_is_stored_once_and_events_without_an_id_all_are(engine: Engine) -> None:
+    """An agent resends the events the broker may not have taken: the same (device, event id) is
+    one row, within one flush and across flushes; the same id on another device is another event;
+    events from agents that send no id are all kept."""
+    t = time.time()
+    counters = Counters()
+    ingest_batch(
+        engine,
+        [
+            event("ev-1", "downloading", t, event_id="a1-1"),
+            event("ev-1", "downloading", t + 1, event_id="a1-1"),  # resent in the same flush
+            event("ev-2", "downloading", t + 1, event_id="a1-1"),  # another device's own id
+            event("ev-1", "serving", t + 2),
+            event("ev-1", "serving", t + 3),  # no id: an older agent's, kept as sent
+        ],
+        counters,
+    )
+    ingest_batch(engine, [event("ev-1", "downloading", t + 4, event_id="a1-1")], counters)  # later
+    ingest_batch(engine, [event("ev-1", "verifying", t + 5, event_id="a1-2")], counters)
+    assert counters.snapshot()["events"] == 7  # received; stored once each below
+    with new_session(engine) as session:
+        rows = session.exec(select(EventRow).order_by(col(EventRow.id))).all()
+        assert [(r.device_id, r.state, r.event_id) for r in rows] == [
+            ("ev-1", "downloading", "a1-1"),
+            ("ev-2", "downloading", "a1-1"),
+            ("ev-1", "serving", None),
+            ("ev-1", "serving", None),
+            ("ev-1", "verifying", "a1-2"),
+        ]
+        assert abs(rows[0].received_at.timestamp() - t) < 0.001  # the first copy is the one kept

@@ -20,7 +20,7 @@ from fleet_server.models import Rollout, RolloutDecision
 from fleet_server.settings import ServerSettings
 from fleet_server.store import make_engine
 
-HEAD = "0022"
+HEAD = "0023"
 
 
 def _assert_models_match(url: str) -> None:
