@@ -85,6 +85,9 @@ if TYPE_CHECKING:  # TUF (python-tuf, securesystemslib) is imported only by agen
 
 log = logging.getLogger(__name__)
 
+EVENT_RETRY_S = 1.0  # a refused event while connected (the publish window stayed full): next try
+STOP_SEND_S = 2.0  # how long a stop gives the events still queued, as it gives the last telemetry
+
 
 class LabelResult(NamedTuple):
     """What became of one label: its status and, when it did not match, why."""
@@ -326,6 +329,9 @@ class Agent:
             self._metrics.count("telemetry_errors")
             log.exception("%s: the last telemetry window could not be queued or sent", self.device_id)
         if self.link is not None:
+            if len(self._events):  # what waited for the link, if it is there: briefly, as telemetry
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._send_events(), STOP_SEND_S)
             await self.link.stop()
         pending = list(self._background)
         for task in pending:
@@ -639,9 +645,14 @@ class Agent:
     # -- inbound (loop thread) ---------------------------------------------------
 
     def _on_connected(self) -> None:
-        self._spawn(self._send_events())  # what happened while away, before the state it led to
-        self._spawn(self._publish_reported())
+        self._spawn(self._resume())
         self._spawn(self._uplink.send())
+
+    async def _resume(self) -> None:
+        """After a (re)connect: what happened while away, then the state it led to (one task, so
+        the report cannot overtake events still waiting for the publish window)."""
+        await self._send_events()
+        await self._publish_reported()
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic != self._desired_topic:
@@ -755,16 +766,21 @@ class Agent:
         task.add_done_callback(self._background.discard)
 
     async def _publish_event(self, event: protocol.Event) -> None:
-        """Queue ``event`` (with its id) and send what the queue holds, oldest first."""
+        """Queue ``event`` (with its id) and send what the queue holds, oldest first. While a
+        sender is at work (a reconnect's backlog) it takes this one too: the caller, the
+        reconciler, does not wait behind the backlog."""
         dropped = self._events.dropped
         self._events.add(event)
         if self._events.dropped > dropped:
             self._metrics.count("events_dropped", self._events.dropped - dropped)
+        if self._events_sending is not None and self._events_sending.locked():
+            return
         await self._send_events()
 
     async def _send_events(self) -> None:
-        """Hand the queued events to the link in order, until it refuses one (the broker is away:
-        the rest wait for the next connection, which calls this again)."""
+        """Hand the queued events to the link in order, until it refuses one. Refused while
+        disconnected: the next connection sends the rest; refused while connected (the publish
+        window stayed full): tried again shortly."""
         if self.link is None:
             return
         if self._events_sending is None:
@@ -773,7 +789,9 @@ class Agent:
         async with self._events_sending:
             while (event := self._events.head()) is not None:
                 if not await self.link.publish(topic, protocol.encode(event), qos=1):
-                    self._metrics.count("events_held")
+                    self._metrics.count("event_sends_refused")
+                    if self.link.connected and self._loop is not None:
+                        self._loop.call_later(EVENT_RETRY_S, lambda: self._spawn(self._send_events()))
                     return
                 self._events.sent(event)
 

@@ -4,8 +4,9 @@ An event is a record of why a device did what it did (a refused directive, a fai
 revert), and the rollout engine and the operator's event trail read it. Handing one to the link
 fails while the broker is away, which is when such events happen most, so the agent keeps them
 here and sends them, oldest first, as soon as the link is back. Once paho has taken a QoS 1
-message it resends it itself until the broker acknowledges it; what is kept here is only what
-it could not take.
+message it resends it itself until the broker acknowledges it; what is kept here is what the link
+refused. (paho may keep a message it refused for want of a connection too, and send it on
+reconnecting: the event then arrives twice, and the server stores it once.)
 
 Each event gets an id unique to the device (a random prefix per agent start and a count), so the
 server stores an event sent twice (a resend after a lost acknowledgement) once. The queue is held

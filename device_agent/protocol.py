@@ -235,7 +235,16 @@ class Event(_Msg):
     # The agent's id for this event, unique per device (its start's random prefix and a count):
     # an event the agent sends again after a lost connection is stored once. None from agents that
     # predate it; those events are stored as they come.
-    event_id: str | None = Field(default=None, min_length=1, max_length=EVENT_ID_MAX)
+    event_id: str | None = None
+
+    @field_validator("event_id", mode="before")
+    @classmethod
+    def _usable_id(cls, value: object) -> str | None:
+        """An id that cannot serve as a key (not text, empty, too long) is dropped, not the event:
+        the event is worth more than its dedupe."""
+        if isinstance(value, str) and 0 < len(value) <= EVENT_ID_MAX:
+            return value
+        return None
 
 
 class ModelStats(_Msg):

@@ -17,6 +17,7 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 from sqlmodel.sql.sqltypes import AutoString
 
+from device_agent.wire import EVENT_ID_MAX
 from fleet_server.lifecycle import DeviceRolloutState, RolloutState
 
 
@@ -208,7 +209,7 @@ class EventRow(SQLModel, table=True):
     ts: datetime = Field(sa_type=UTCDateTime)
     received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     bytes_fetched: int | None = None  # what the install fetched (on the event that ended it)
-    event_id: str | None = Field(default=None, max_length=64)  # the agent's id for it (wire.EVENT_ID_MAX)
+    event_id: str | None = Field(default=None, max_length=EVENT_ID_MAX)  # the agent's id for it
 
 
 class TelemetryBatchRow(SQLModel, table=True):

@@ -2,16 +2,15 @@
 
 FastAPI's ``include_router`` keeps the router behind a wrapper and derives each route's request
 handling again for every app that includes it (parameter models, dependency tree, response
-field), lazily, at the first request that walks past the route, and every later request walks
-through the wrappers too. Measured on the 2-core VM: the first request to each of ten routers
-cost 0.18-0.23 s of CPU more per app, and each request after 30-40% more. A server process
-builds one app; the test suite builds hundreds.
+field), at the first request that walks past the route, and every later request walks through
+the wrappers too (docs/decisions/0009 has the cost). A server process builds one app; the test
+suite builds hundreds.
 
 Our routers need nothing an app would add: each carries its own prefix, tags, route class and
-error responses, and no app overrides dependencies. So the routes built once at import serve
-every app as they are, in the order given: what ``include_router`` did before it became lazy.
-A router that holds another router is refused: its routes would need the wrapper's path and
-context composition.
+error responses, and no app overrides dependencies (``app.dependency_overrides`` would not reach
+these routes). So the routes built once at import serve every app as they are, in the order
+given. A router that holds another router is refused: its routes would need the wrapper's path
+and context composition.
 """
 
 from __future__ import annotations

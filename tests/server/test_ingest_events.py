@@ -192,3 +192,15 @@ def test_an_event_sent_again_is_stored_once_and_events_without_an_id_all_are(eng
             ("ev-1", "verifying", "a1-2"),
         ]
         assert abs(rows[0].received_at.timestamp() - t) < 0.001  # the first copy is the one kept
+
+
+@pytest.mark.parametrize("bad_id", ["", "x" * 65, 42])
+def test_an_unusable_event_id_loses_the_id_not_the_event(engine: Engine, bad_id: object) -> None:
+    payload = json.loads(event("ev-1", "failed", 0).payload)
+    payload["event_id"] = bad_id
+    counters = Counters()
+    topic = protocol.topic("ev-1", protocol.Channel.EVENTS)
+    ingest_batch(engine, [Inbound(topic, json.dumps(payload).encode(), time.time())], counters)
+    assert (counters.snapshot()["events"], counters.snapshot()["malformed_messages"]) == (1, 0)
+    with new_session(engine) as session:
+        assert [(r.state, r.event_id) for r in session.exec(select(EventRow)).all()] == [("failed", None)]
