@@ -26,7 +26,7 @@ from simulator.netem import LinkState, NetworkThread, TcpFaultProxy
 
 from .harness import HW, Bundle, LoopThread, X, agent_config, make_bundle, unique_id, wait_for
 from .memory_fetcher import MemoryFetcher
-from .test_shell import DS, Device
+from .test_shell import AN_INSTALL, DS, Device
 
 
 def _event(seq: int, **kw: object) -> wire.Event:
@@ -95,15 +95,7 @@ def test_events_of_an_install_while_the_broker_is_away_arrive_in_order_once_it_i
     d.link.reconnect()
     d.wait_event(DS.SERVING, 1)
     events = d.events()
-    assert [e.state for e in events] == [
-        DS.DOWNLOADING,
-        DS.VERIFYING,
-        DS.DOWNLOADING,
-        DS.INSTALLING,
-        DS.WARMING,
-        DS.SWAPPING,
-        DS.SERVING,
-    ]
+    assert [e.state for e in events] == AN_INSTALL
     ids = [e.event_id for e in events]
     assert None not in ids and len(set(ids)) == len(ids)
     # after the reconnect, what happened while away went out before the state it led to
@@ -178,15 +170,7 @@ def test_a_device_cut_off_during_an_install_loses_no_event_and_the_server_stores
 
         wait_for(lambda: any(r.state == "serving" for r in stored()), 30, "the serving event stored")
         rows = stored()
-        assert [r.state for r in rows] == [
-            "downloading",
-            "verifying",
-            "downloading",
-            "installing",
-            "warming",
-            "swapping",
-            "serving",
-        ]
+        assert [r.state for r in rows] == [state.value for state in AN_INSTALL]
         assert len({r.event_id for r in rows}) == len(rows) and None not in {r.event_id for r in rows}
     finally:
         loop_thread.run(agent.stop())

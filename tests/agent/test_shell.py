@@ -30,6 +30,16 @@ from .harness import HW, Bundle, LoopThread, X, make_bundle, model_ref, sign_dir
 from .memory_fetcher import MemoryFetcher
 
 DS = protocol.DeploymentState
+# the events of one full install, in order (the envelope is downloaded and verified before the model)
+AN_INSTALL = [
+    DS.DOWNLOADING,
+    DS.VERIFYING,
+    DS.DOWNLOADING,
+    DS.INSTALLING,
+    DS.WARMING,
+    DS.SWAPPING,
+    DS.SERVING,
+]
 
 
 @dataclass
@@ -101,15 +111,7 @@ def test_installs_and_serves_without_a_broker(
     assert [protocol.decode_status(m.payload).state for m in statuses] == ["online"]
     d.direct(1, a)
     d.wait_event(DS.SERVING, 1)
-    assert [e.state for e in d.events()] == [
-        DS.DOWNLOADING,
-        DS.VERIFYING,
-        DS.DOWNLOADING,
-        DS.INSTALLING,
-        DS.WARMING,
-        DS.SWAPPING,
-        DS.SERVING,
-    ]
+    assert [e.state for e in d.events()] == AN_INSTALL
     assert d.agent.infer(X).model_sha256 == a.sha256
     assert d.agent.deployment.model == d.agent.running_sha256 == a.sha256 and d.agent.history == [a.sha256]
     assert d.fetcher.calls == [f"mem://e/{a.sha256}", f"mem://m/{a.sha256}"]
