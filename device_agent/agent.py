@@ -216,7 +216,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._events = EventOutbox()
-        self._events_sending: asyncio.Lock | None = None  # made on the loop: one sender, in order
+        self._events_sending = asyncio.Lock()  # one sender at a time: the queue leaves in order
         self._restored = False
         self._aborted = False
         self._stopping = False  # stop() began: background work is no longer started
@@ -773,7 +773,7 @@ class Agent:
         self._events.add(event)
         if self._events.dropped > dropped:
             self._metrics.count("events_dropped", self._events.dropped - dropped)
-        if self._events_sending is not None and self._events_sending.locked():
+        if self._events_sending.locked():
             return
         await self._send_events()
 
@@ -783,8 +783,6 @@ class Agent:
         window stayed full): tried again shortly."""
         if self.link is None:
             return
-        if self._events_sending is None:
-            self._events_sending = asyncio.Lock()
         topic = protocol.topic(self.device_id, protocol.Channel.EVENTS)
         async with self._events_sending:
             while (event := self._events.head()) is not None:

@@ -15,14 +15,14 @@ from device_agent.config import AgentConfig
 from device_agent.event_outbox import EventOutbox
 from device_agent.http_fetcher import HttpFetcher, fetcher_for
 from device_agent.memory_link import MemoryLink
-from edgefleet.broker import BrokerInfo, SecureBrokerInfo, server_mqtt_settings
+from edgefleet.broker import BrokerInfo, SecureBrokerInfo
 from edgefleet.client import ApiClient
 from fleet_server.models import EventRow
 from fleet_server.runner import ServerThread
-from fleet_server.settings import ServerSettings
 from fleet_server.store import new_session
 from signing.keyring import KeyDir
 from simulator.netem import LinkState, NetworkThread, TcpFaultProxy
+from tests.server.conftest import server_settings
 
 from .harness import HW, Bundle, LoopThread, X, agent_config, make_bundle, unique_id, wait_for
 from .memory_fetcher import MemoryFetcher
@@ -133,15 +133,8 @@ def test_a_device_cut_off_during_an_install_loses_no_event_and_the_server_stores
     partition = LinkState()
     proxy = TcpFaultProxy(broker_info.host, broker_info.port, partition)
     net.run(proxy.start())
-    settings = ServerSettings(
-        data_dir=tmp_path / "server",
-        keys_dir=keydir.path,
-        **server_mqtt_settings(broker_info),
-        tick_interval=0.1,
-        auth_required=False,
-        ingest_workers=0,  # the events in the server process: what is tested is the device's side
-    )
-    server = ServerThread(settings).start()
+    # the events in the server process (no ingest workers): what is tested is the device's side
+    server = ServerThread(server_settings(tmp_path, keydir, broker_info)).start()
     api = ApiClient(server.url)
     dev = unique_id("cut")
     api.register_device(dev, HW, {"role": dev})

@@ -19,7 +19,7 @@ def test_the_server_serves_every_routers_own_route_objects(server: ServerThread)
     ours = [id(r) for router in ROUTERS for r in router.routes]
     start = ids.index(ours[0])
     assert ids[start : start + len(ours)] == ours  # every route, the same object, in ROUTERS' order
-    # a request is served by the route as built at import: nothing was derived for this app
+    # and those objects serve this app's requests
     assert httpx.get(f"{server.url}/api/v1/devices", timeout=10).status_code == 200
 
 
