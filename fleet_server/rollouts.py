@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, exists, func, insert, or_, update
+from sqlalchemy import case, exists, func, insert, update
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -599,20 +599,45 @@ def _stage_state(rollout: Rollout, i: int) -> str:
     return "soaking" if rollout.stage_ready_at is not None else "running"
 
 
-def enrol_joiners(session: Session, rollout: Rollout, hardware_ids: list[str]) -> int:
-    """Add devices that match the selector now and are in no active rollout (oldest rollout first).
+def claim_joiners(
+    wanting: Sequence[tuple[str, Mapping[str, Any], list[str]]], candidates: Sequence[Device]
+) -> dict[str, list[str]]:
+    """Which rollout each free device joins: the first (oldest) of ``wanting`` -- (rollout id,
+    selector, the model's hardware ids) -- whose selector and hardware it matches. Rollouts no
+    device joins are left out."""
+    claimed: set[str] = set()
+    joined: dict[str, list[str]] = {}
+    for rollout_id, selector, hardware_ids in wanting:
+        mine = [d.id for d in candidates if d.id not in claimed and matches(d, selector, hardware_ids)]
+        if mine:
+            claimed.update(mine)
+            joined[rollout_id] = mine
+    return joined
 
-    A rollout an experiment started (an arm's, or a return to the control) targets exactly the
-    devices the experiment assigned, and a running experiment's devices join no rollout."""
-    started_by_experiment = session.exec(
-        select(ExperimentArm.id).where(
-            or_(
-                col(ExperimentArm.rollout_id) == rollout.id,
-                col(ExperimentArm.return_rollout_id) == rollout.id,
-            )
-        )
-    ).first()
-    if started_by_experiment is not None:
+
+def enrol_joiners(session: Session, rollouts: Sequence[tuple[Rollout, list[str]]]) -> int:
+    """Add the devices that match a rollout's selector now and are in no active rollout, each to
+    the oldest of ``rollouts`` (given oldest first, with their models' hardware ids) that wants it.
+
+    The free devices are read once for every rollout: reading them per rollout let a device that
+    registered between two of those reads go to the newer rollout (a transaction does not stop
+    that: each statement reads what is committed then, on PostgreSQL at READ COMMITTED and on
+    SQLite, whose driver leaves reads outside a transaction). A rollout an experiment started (an
+    arm's, or a return to the control) targets exactly the devices the experiment assigned, and a
+    running experiment's devices join no rollout."""
+    ids = [r.id for r, _ in rollouts]
+    if not ids:
+        return 0
+    by_experiment = set(
+        session.exec(select(ExperimentArm.rollout_id).where(col(ExperimentArm.rollout_id).in_(ids))).all()
+    ) | set(
+        session.exec(
+            select(ExperimentArm.return_rollout_id).where(col(ExperimentArm.return_rollout_id).in_(ids))
+        ).all()
+    )
+    wanting = [(r.id, r.selector, hw) for r, hw in rollouts if r.id not in by_experiment]
+    hardware = sorted({h for _, _, hw in wanting for h in hw})
+    if not hardware:
         return 0
     in_active = exists().where(
         col(RolloutDevice.device_id) == col(Device.id),
@@ -624,23 +649,20 @@ def enrol_joiners(session: Session, rollout: Rollout, hardware_ids: list[str]) -
         col(ExperimentDevice.experiment_id) == col(Experiment.id),
         col(Experiment.state) == "running",
     )
-    mine = exists().where(
-        col(RolloutDevice.device_id) == col(Device.id), col(RolloutDevice.rollout_id) == rollout.id
-    )
     candidates = session.exec(
-        select(Device).where(col(Device.hardware_id).in_(hardware_ids), ~in_active, ~in_experiment, ~mine)
+        select(Device).where(col(Device.hardware_id).in_(hardware), ~in_active, ~in_experiment)
     ).all()
     now = utcnow()
-    joined = [d for d in candidates if matches(d, rollout.selector, hardware_ids)]
-    add_rollout_devices(session, rollout.id, [d.id for d in joined], now)
-    if joined:
+    joined = claim_joiners(wanting, candidates)
+    for rollout_id, device_ids in joined.items():
+        add_rollout_devices(session, rollout_id, device_ids, now)
         session.add(
             RolloutDecision(
-                rollout_id=rollout.id,
+                rollout_id=rollout_id,
                 ts=now,
                 action="joined",
-                reason=f"{len(joined)} device(s) joined the selector",
-                figures={"devices": sorted(d.id for d in joined)[:100], "count": len(joined)},
+                reason=f"{len(device_ids)} device(s) joined the selector",
+                figures={"devices": sorted(device_ids)[:100], "count": len(device_ids)},
             )
         )
-    return len(joined)
+    return sum(len(d) for d in joined.values())

@@ -454,12 +454,13 @@ class Ticker:
     def _enrol_joiners(self, ids: Sequence[str]) -> None:
         """Give devices that joined a selector to the oldest active rollout that wants them.
 
-        One pass over every rollout, oldest first, in one transaction, before any
-        rollout is decided: enrolling inside each rollout's own tick let a device
-        registered between two of those ticks go to the newer rollout.
+        One pass over every rollout, oldest first, before any rollout is decided, with the free
+        devices read once (``rollouts.enrol_joiners``): enrolling inside each rollout's own tick,
+        or reading the devices per rollout, let a device registered in between go to the newer
+        rollout.
         """
         with new_session(self.engine) as session:
-            enrolled = False
+            wanting: list[tuple[Rollout, list[str]]] = []
             for rollout_id in ids:
                 rollout = session.get(Rollout, rollout_id, with_for_update=True)
                 if rollout is None or rollout.state not in RolloutState.ACTIVE:
@@ -467,10 +468,9 @@ class Ticker:
                 if rollout.state == RolloutState.PAUSED:
                     continue
                 model = session.get(Model, rollout.model_id)
-                if model is not None and enrol_joiners(session, rollout, model.hardware_ids):
-                    session.flush()
-                    enrolled = True
-            if enrolled:
+                if model is not None:
+                    wanting.append((rollout, model.hardware_ids))
+            if enrol_joiners(session, wanting):
                 session.commit()
 
     def _tick_one(self, rollout_id: str, now: datetime, ingest_lag: float = 0.0) -> None:

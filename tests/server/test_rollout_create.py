@@ -12,7 +12,7 @@ from fleet_server.engine import assignment_order
 from fleet_server.errors import Conflict
 from fleet_server.lifecycle import DeviceRolloutState as DS
 from fleet_server.models import Device, Model, Rollout, RolloutDecision, RolloutDevice, utcnow
-from fleet_server.rollouts import create_rollout, enrol_joiners
+from fleet_server.rollouts import claim_joiners, create_rollout, enrol_joiners
 from fleet_server.schemas import RolloutIn
 from fleet_server.selector import matches
 from fleet_server.store import new_session
@@ -113,11 +113,25 @@ def test_busy_devices_refused_or_skipped_and_joiners_added_in_bulk(store: Engine
             [{"id": "late-lab", "hardware_id": "rpi4", "tags": {"site": "lab"}, "registered_at": utcnow()}],
         )
     with new_session(store) as session:
-        for rid in (first_id, second_id):
-            rollout = session.get_one(Rollout, rid)
-            enrol_joiners(session, rollout, ["rpi4", "jetson"])
+        wanting = [(session.get_one(Rollout, rid), ["rpi4", "jetson"]) for rid in (first_id, second_id)]
+        assert enrol_joiners(session, wanting) == 1
         session.commit()
         late = session.exec(select(RolloutDevice).where(RolloutDevice.device_id == "late-lab")).all()
         assert [(r.rollout_id, r.state, r.order_key) for r in late] == [
             (first_id, DS.PENDING, assignment_order(first_id, "late-lab"))
         ]
+
+
+def test_a_free_device_joins_the_first_rollout_that_wants_it_and_only_that_one() -> None:
+    devices = [
+        Device(id="both", hardware_id="rpi4", tags={"site": "lab"}),
+        Device(id="newer-only", hardware_id="rpi4", tags={"site": "oslo"}),
+        Device(id="wrong-hardware", hardware_id="imx8", tags={"site": "lab"}),
+        Device(id="nobody", hardware_id="jetson", tags={"site": "austin"}),
+    ]
+    older = ("older", {"tags": {"site": "lab"}}, ["rpi4", "jetson"])
+    newer = ("newer", {"hardware_id": "rpi4"}, ["rpi4"])
+    assert claim_joiners([older, newer], devices) == {"older": ["both"], "newer": ["newer-only"]}
+    # the order given decides, whatever the ids: the caller passes the oldest rollout first
+    assert claim_joiners([newer, older], devices) == {"newer": ["both", "newer-only"]}
+    assert claim_joiners([], devices) == {}
