@@ -36,6 +36,7 @@ from device_agent.runtime import LoadedModel, OnnxModel, OnnxRuntimeFactory
 from signing.errors import DigestMismatch
 from signing.keyring import KeyDir
 from signing.manifest import verify_bundle
+from tests.support.debian import apt_install
 
 from .harness import HW, Bundle, LoopThread, X, make_bundle, model_ref, sign_directive, unique_id, wait_for
 from .memory_fetcher import MemoryFetcher
@@ -316,7 +317,17 @@ def test_a_runtime_that_computes_differently_is_refused_on_the_device(
     assert d.agent.metrics.get("acceptance_refusals") == 1
 
 
-QEMU_X86 = shutil.which("qemu-x86_64-static") or shutil.which("qemu-x86_64")
+def qemu_x86() -> str:
+    """qemu's x86 user-mode emulator, installed from Debian's qemu-user-static where it is
+    missing; skips with the reason where it cannot be had."""
+    found = shutil.which("qemu-x86_64-static") or shutil.which("qemu-x86_64")
+    if found is None:
+        why = apt_install("qemu-user-static")
+        found = shutil.which("qemu-x86_64-static")
+        if found is None:
+            why = why or "installed without qemu-x86_64-static"
+            pytest.skip(f"needs qemu-user-static (qemu-x86_64): {why}")
+    return found
 
 
 def _check_golden(bundle: Bundle, *prefix: str) -> tuple[int, dict[str, Any]]:
@@ -329,7 +340,6 @@ def _check_golden(bundle: Bundle, *prefix: str) -> tuple[int, dict[str, Any]]:
 
 
 @pytest.mark.arm64  # the cheap part of the emulation lane: no root, no rootfs, ~5 s
-@pytest.mark.skipif(QEMU_X86 is None, reason="needs qemu-user-static (qemu-x86_64) for an AVX2-only x86 CPU")
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="emulates an older x86 CPU on an x86 host")
 def test_an_avx2_only_x86_device_refuses_what_the_host_gate_passed(
     digits_bundle: tuple[Bundle, dict[str, Any]],
@@ -339,8 +349,7 @@ def test_an_avx2_only_x86_device_refuses_what_the_host_gate_passed(
     the same agent runtime on an emulated Haswell (AVX2, no VNNI) refuses it on its golden set."""
     bundle, report = digits_bundle
     assert report["gate"]["verdict"] == "passed"
-    assert QEMU_X86 is not None
-    code, refused = _check_golden(bundle, QEMU_X86, "-cpu", "Haswell-noTSX")
+    code, refused = _check_golden(bundle, qemu_x86(), "-cpu", "Haswell-noTSX")
     snr = next(c for c in refused["checks"] if c["figure"] == "snr_db")
     assert code == 1 and not refused["passed"] and "scores.snr_db" in refused["detail"]
     assert Gate().min_snr_db < snr["measured"] < snr["limit"]  # above the gate's floor, far below compiled
