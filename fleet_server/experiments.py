@@ -60,6 +60,7 @@ from fleet_server.policy import Policy
 from fleet_server.rollouts import busy_devices, create_rollout, operator_action
 from fleet_server.schemas import RolloutIn
 from fleet_server.selector import matches
+from fleet_server.store import hold_assignment_lock
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def create_experiment(session: Session, req: ExperimentIn) -> Experiment:
     req = req.model_copy(update={"policy": resolve_windows(session, req.policy)})
     models = {a.name: _model(session, a.model) for a in req.arms}
     selector = req.selector.model_dump()
+    hold_assignment_lock(session)  # until the experiment's devices are committed (store.py)
     # a device takes part only if every arm's version may run on it
     targeted = [
         d

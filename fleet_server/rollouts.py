@@ -53,6 +53,7 @@ from fleet_server.named_windows import resolve_windows
 from fleet_server.paging import DEFAULT_LIMIT, Page, select_page
 from fleet_server.schemas import DecisionOut, DeliveryOut, RolloutIn, RolloutOut, StageOut
 from fleet_server.selector import matches, matching_devices
+from fleet_server.store import hold_assignment_lock
 
 
 def busy_devices(session: Session, device_ids: list[str]) -> list[tuple[str, str]]:
@@ -123,6 +124,7 @@ def create_rollout(session: Session, req: RolloutIn) -> Rollout:
     if model is None or model.id is None:
         raise NotFound("model_not_found", f"no model {req.model}")
     selector = req.selector.model_dump()
+    hold_assignment_lock(session)  # until the new rows are committed: nobody takes a device meanwhile
     targeted = [t.id for t in matching_devices(session, selector, model.hardware_ids)]
     if not targeted:  # the request is well formed and names real things, but selects no device
         raise DomainError(
@@ -639,6 +641,7 @@ def enrol_joiners(session: Session, rollouts: Sequence[tuple[Rollout, list[str]]
     hardware = sorted({h for _, _, hw in wanting for h in hw})
     if not hardware:
         return 0
+    hold_assignment_lock(session)
     in_active = exists().where(
         col(RolloutDevice.device_id) == col(Device.id),
         col(RolloutDevice.rollout_id) == col(Rollout.id),

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, create_engine
 
@@ -90,6 +90,27 @@ def unreachable(exc: OperationalError) -> bool:
 
 def first_line(exc: BaseException) -> str:
     return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+
+
+ASSIGNMENT_LOCK = 0x6566_6173  # "efas": PostgreSQL advisory lock key of device assignment
+
+
+def hold_assignment_lock(session: Session) -> None:
+    """Hold, until ``session``'s transaction ends, the lock every transaction takes before it
+    reads which devices are free and gives some to a rollout or an experiment.
+
+    "One active rollout or experiment per device" is a read (who is busy) followed by a write (the
+    new rows), and nothing in the schema forbids a device's second row: two such transactions side
+    by side (two operators creating rollouts, a creation and the ticker enrolling joiners) would
+    each find a device free and both take it. On PostgreSQL this is a transaction advisory lock; on
+    SQLite it is the database's write lock, taken at once by a write that changes nothing (the
+    driver opens a transaction for it), so the reads after it see every commit before it.
+    """
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ASSIGNMENT_LOCK})
+    else:
+        conn.execute(text("UPDATE rollout SET id = id WHERE 0 = 1"))
 
 
 def new_session(engine: Engine) -> Session:

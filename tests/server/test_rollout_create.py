@@ -4,13 +4,20 @@ rows the engine expects."""
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 from sqlalchemy import Engine, insert
-from sqlmodel import select
+from sqlmodel import col, select
 
+from fleet_server import rollouts
 from fleet_server.engine import assignment_order
 from fleet_server.errors import Conflict
 from fleet_server.lifecycle import DeviceRolloutState as DS
+from fleet_server.lifecycle import RolloutState as RS
 from fleet_server.models import Device, Model, Rollout, RolloutDecision, RolloutDevice, utcnow
 from fleet_server.rollouts import claim_joiners, create_rollout, enrol_joiners
 from fleet_server.schemas import RolloutIn
@@ -135,3 +142,110 @@ def test_a_free_device_joins_the_first_rollout_that_wants_it_and_only_that_one()
     # the order given decides, whatever the ids: the caller passes the oldest rollout first
     assert claim_joiners([newer, older], devices) == {"newer": ["both", "newer-only"]}
     assert claim_joiners([], devices) == {}
+
+
+class _Paused:
+    """Holds the thread named ``first`` inside ``fn`` (after it returns its value) until released,
+    so that a second transaction runs while the first has read which devices are free."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        value = self.fn(*args, **kwargs)
+        if threading.current_thread().name == "first":
+            self.inside.set()
+            self.release.wait(30)
+        return value
+
+
+def _side_by_side(
+    first: Callable[[], object], second: Callable[[], object], paused: _Paused
+) -> tuple[list[object], bool]:
+    """Run ``first`` until it has read the free devices, then ``second`` (given a second to get
+    past ``first`` if nothing stops it). Returns each one's result or exception, and whether
+    ``second`` was still waiting when ``first`` went on."""
+    results: list[object] = [None, None]
+
+    def run(i: int, fn: Callable[[], object]) -> None:
+        try:
+            results[i] = fn()
+        except Exception as exc:
+            results[i] = exc
+
+    one = threading.Thread(target=run, args=(0, first), name="first")
+    two = threading.Thread(target=run, args=(1, second), name="second")
+    one.start()
+    assert paused.inside.wait(30), "the first transaction read the free devices"
+    two.start()
+    two.join(1.0)
+    waited = two.is_alive()
+    paused.release.set()
+    one.join(30)
+    two.join(30)
+    return results, waited
+
+
+def _active_rollouts_per_device(engine: Engine) -> Counter[str]:
+    with new_session(engine) as session:
+        rows = session.exec(
+            select(RolloutDevice.device_id)
+            .join(Rollout, col(Rollout.id) == col(RolloutDevice.rollout_id))
+            .where(col(Rollout.state).in_(RS.ACTIVE))
+        ).all()
+    return Counter(rows)
+
+
+def _create(engine: Engine, body: dict[str, Any]) -> str:
+    with new_session(engine) as session:
+        rollout = create_rollout(session, RolloutIn.model_validate(body))
+        session.commit()
+        return rollout.id
+
+
+def test_two_rollouts_created_side_by_side_never_share_a_device(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fleet(store, 40)
+    paused = _Paused(rollouts.busy_among)
+    monkeypatch.setattr(rollouts, "busy_among", paused)
+    lab = {"model": "m:1", "selector": {"tags": {"site": "lab"}}, "stages": [100]}
+    every = {"model": "m:1", "selector": {}, "stages": [100], "conflict": "skip"}
+    (first, second), waited = _side_by_side(
+        lambda: _create(store, lab), lambda: _create(store, every), paused
+    )
+    assert isinstance(first, str) and isinstance(second, str), (first, second)
+    assert max(_active_rollouts_per_device(store).values()) == 1
+    assert waited  # for the first one's commit
+    with new_session(store) as session:
+        skipped = session.exec(select(RolloutDecision).where(RolloutDecision.rollout_id == second)).one()
+        assert skipped.figures["skipped"]  # the lab devices the first one took
+
+
+def test_a_joiner_enrolled_while_a_rollout_is_created_goes_to_one_of_them(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fleet(store, 12)
+    older = _create(store, {"model": "m:1", "selector": {"tags": {"site": "lab"}}, "stages": [100]})
+    with store.begin() as c:
+        c.execute(
+            insert(Device.__table__),  # type: ignore[attr-defined]
+            [{"id": "late-lab", "hardware_id": "rpi4", "tags": {"site": "lab"}, "registered_at": utcnow()}],
+        )
+    paused = _Paused(rollouts.claim_joiners)
+    monkeypatch.setattr(rollouts, "claim_joiners", paused)
+
+    def enrol() -> int:
+        with new_session(store) as session:
+            joined = enrol_joiners(session, [(session.get_one(Rollout, older), ["rpi4", "jetson"])])
+            session.commit()
+            return joined
+
+    every = {"model": "m:1", "selector": {}, "stages": [100], "conflict": "skip"}
+    (joined, newer), waited = _side_by_side(enrol, lambda: _create(store, every), paused)
+    assert joined == 1 and isinstance(newer, str), (joined, newer)
+    per_device = _active_rollouts_per_device(store)
+    assert per_device["late-lab"] == 1 and max(per_device.values()) == 1
+    assert waited
