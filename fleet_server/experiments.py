@@ -390,10 +390,16 @@ def _abort(session: Session, rollout_id: str | None) -> None:
 
 
 def stop(
-    session: Session, exp: Experiment, arm_name: str | None, reason: str, promote: bool = False
+    session: Session, experiment_id: str, arm_name: str | None, reason: str, promote: bool = False
 ) -> Experiment:
     """Stop one arm (its devices back to the control) or the whole experiment (every arm but the
-    control back to the control; with ``promote``, the proven winner rolled out instead)."""
+    control back to the control; with ``promote``, the proven winner rolled out instead).
+
+    The assignment lock comes before the experiment's row and its rollouts' rows (a promotion
+    gives devices out): every transaction that takes it takes it first, so none waits for it
+    while holding a row another holder waits for (``store.hold_assignment_lock``)."""
+    hold_assignment_lock(session)
+    exp = find_experiment(session, experiment_id, for_update=True)
     if exp.state != RUNNING:
         if arm_name is None and not promote:
             return exp  # stopping a stopped experiment: a no-op
@@ -528,6 +534,8 @@ def _decision_figures(ev: core.Evaluation, spec: core.Spec) -> dict[str, Any]:
 def tick(session: Session) -> int:
     """Evaluate every running experiment (the engine leader, every tick); returns how many."""
     ids = session.exec(select(Experiment.id).where(Experiment.state == RUNNING)).all()
+    if ids:  # an evaluation may promote (give devices out): the lock before any row (``stop``)
+        hold_assignment_lock(session)
     for exp_id in ids:
         exp = session.get(Experiment, exp_id, with_for_update=True)
         if exp is not None and exp.state == RUNNING:

@@ -617,19 +617,23 @@ def claim_joiners(
     return joined
 
 
-def enrol_joiners(session: Session, rollouts: Sequence[tuple[Rollout, list[str]]]) -> int:
-    """Add the devices that match a rollout's selector now and are in no active rollout, each to
-    the oldest of ``rollouts`` (given oldest first, with their models' hardware ids) that wants it.
+def find_joiners(session: Session, rollouts: Sequence[tuple[Rollout, list[str]]]) -> dict[str, list[str]]:
+    """Which free devices (in no active rollout or running experiment) would join which of
+    ``rollouts`` (given oldest first, with their models' hardware ids): ``claim_joiners`` over
+    the free devices, read once for every rollout. Reads only; without the assignment lock held
+    it is a forecast (``enrol_joiners`` holds it).
 
-    The free devices are read once for every rollout: reading them per rollout let a device that
-    registered between two of those reads go to the newer rollout (a transaction does not stop
-    that: each statement reads what is committed then, on PostgreSQL at READ COMMITTED and on
-    SQLite, whose driver leaves reads outside a transaction). A rollout an experiment started (an
-    arm's, or a return to the control) targets exactly the devices the experiment assigned, and a
-    running experiment's devices join no rollout."""
-    ids = [r.id for r, _ in rollouts]
+    Reading the free devices per rollout let a device that registered between two of those reads
+    go to the newer rollout: a transaction does not stop that, as each statement reads what is
+    committed then (on PostgreSQL at READ COMMITTED, and on SQLite, whose driver leaves reads
+    outside a transaction). Only running and soaking rollouts take joiners (not paused, awaiting
+    approval or ended ones). A rollout an experiment started (an arm's, or a return to the
+    control) targets exactly the devices the experiment assigned, and a running experiment's
+    devices join no rollout."""
+    takers = [(r, hw) for r, hw in rollouts if r.state in RS.ACTIVE and r.state != RS.PAUSED]
+    ids = [r.id for r, _ in takers]
     if not ids:
-        return 0
+        return {}
     by_experiment = set(
         session.exec(select(ExperimentArm.rollout_id).where(col(ExperimentArm.rollout_id).in_(ids))).all()
     ) | set(
@@ -637,11 +641,10 @@ def enrol_joiners(session: Session, rollouts: Sequence[tuple[Rollout, list[str]]
             select(ExperimentArm.return_rollout_id).where(col(ExperimentArm.return_rollout_id).in_(ids))
         ).all()
     )
-    wanting = [(r.id, r.selector, hw) for r, hw in rollouts if r.id not in by_experiment]
+    wanting = [(r.id, r.selector, hw) for r, hw in takers if r.id not in by_experiment]
     hardware = sorted({h for _, _, hw in wanting for h in hw})
     if not hardware:
-        return 0
-    hold_assignment_lock(session)
+        return {}
     in_active = exists().where(
         col(RolloutDevice.device_id) == col(Device.id),
         col(RolloutDevice.rollout_id) == col(Rollout.id),
@@ -655,8 +658,16 @@ def enrol_joiners(session: Session, rollouts: Sequence[tuple[Rollout, list[str]]
     candidates = session.exec(
         select(Device).where(col(Device.hardware_id).in_(hardware), ~in_active, ~in_experiment)
     ).all()
+    return claim_joiners(wanting, candidates)
+
+
+def enrol_joiners(session: Session, rollouts: Sequence[tuple[Rollout, list[str]]]) -> int:
+    """Add the devices ``find_joiners`` finds to their rollouts, under the assignment lock (a
+    caller that locks rollout rows takes the lock before them: ``store.hold_assignment_lock``).
+    Returns how many joined."""
+    hold_assignment_lock(session)
+    joined = find_joiners(session, rollouts)
     now = utcnow()
-    joined = claim_joiners(wanting, candidates)
     for rollout_id, device_ids in joined.items():
         add_rollout_devices(session, rollout_id, device_ids, now)
         session.add(

@@ -97,7 +97,8 @@ ASSIGNMENT_LOCK = 0x6566_6173  # "efas": PostgreSQL advisory lock key of device 
 
 def hold_assignment_lock(session: Session) -> None:
     """Hold, until ``session``'s transaction ends, the lock every transaction takes before it
-    reads which devices are free and gives some to a rollout or an experiment.
+    reads which devices are free and gives some to a rollout or an experiment. Taken before any
+    row lock of the transaction, so that no holder waits for a row another waiter holds.
 
     "One active rollout or experiment per device" is a read (who is busy) followed by a write (the
     new rows), and nothing in the schema forbids a device's second row: two such transactions side

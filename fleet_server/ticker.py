@@ -55,9 +55,9 @@ from fleet_server.models import (
 )
 from fleet_server.policy import Policy, ServerFailure
 from fleet_server.reconcile import Observation
-from fleet_server.rollouts import enrol_joiners
+from fleet_server.rollouts import enrol_joiners, find_joiners
 from fleet_server.settings import ServerSettings
-from fleet_server.store import new_session
+from fleet_server.store import hold_assignment_lock, new_session
 from signing.keys import KeyPair
 
 log = logging.getLogger(__name__)
@@ -455,23 +455,29 @@ class Ticker:
         """Give devices that joined a selector to the oldest active rollout that wants them.
 
         One pass over every rollout, oldest first, before any rollout is decided, with the free
-        devices read once (``rollouts.enrol_joiners``): enrolling inside each rollout's own tick,
+        devices read once (``rollouts.find_joiners``): enrolling inside each rollout's own tick,
         or reading the devices per rollout, let a device registered in between go to the newer
-        rollout.
+        rollout. The look is without locks; only when it finds someone does a second transaction
+        take the assignment lock, then the rollout rows, and enrol what it finds then.
         """
         with new_session(self.engine) as session:
-            wanting: list[tuple[Rollout, list[str]]] = []
-            for rollout_id in ids:
-                rollout = session.get(Rollout, rollout_id, with_for_update=True)
-                if rollout is None or rollout.state not in RolloutState.ACTIVE:
-                    continue
-                if rollout.state == RolloutState.PAUSED:
-                    continue
-                model = session.get(Model, rollout.model_id)
-                if model is not None:
-                    wanting.append((rollout, model.hardware_ids))
-            if enrol_joiners(session, wanting):
+            if not find_joiners(session, self._takers(session, ids, for_update=False)):
+                return
+        with new_session(self.engine) as session:
+            hold_assignment_lock(session)  # before the rollout rows (store.hold_assignment_lock)
+            if enrol_joiners(session, self._takers(session, ids, for_update=True)):
                 session.commit()
+
+    @staticmethod
+    def _takers(session: Session, ids: Sequence[str], for_update: bool) -> list[tuple[Rollout, list[str]]]:
+        """The rollouts ``ids`` (oldest first) with their models' hardware ids."""
+        found: list[tuple[Rollout, list[str]]] = []
+        for rollout_id in ids:
+            rollout = session.get(Rollout, rollout_id, with_for_update=for_update)
+            model = session.get(Model, rollout.model_id) if rollout is not None else None
+            if rollout is not None and model is not None:
+                found.append((rollout, model.hardware_ids))
+        return found
 
     def _tick_one(self, rollout_id: str, now: datetime, ingest_lag: float = 0.0) -> None:
         outbox: list[tuple[str, bytes]] = []

@@ -81,12 +81,6 @@ def stop_experiment(experiment_id: ExperimentId, body: StopIn, c: Ctx, session: 
     goes back to the control; ``promote``: the proven winner is rolled out to the selector instead
     (409 ``no_winner`` without one). Stopping a stopped experiment is a no-op."""
     with c.lock:
-        exp = stop(
-            session,
-            find_experiment(session, experiment_id, for_update=True),
-            body.arm,
-            body.reason,
-            body.promote,
-        )
+        exp = stop(session, experiment_id, body.arm, body.reason, body.promote)
         session.commit()
     return status(session, exp)

@@ -178,13 +178,16 @@ def _side_by_side(
     one = threading.Thread(target=run, args=(0, first), name="first")
     two = threading.Thread(target=run, args=(1, second), name="second")
     one.start()
-    assert paused.inside.wait(30), "the first transaction read the free devices"
-    two.start()
-    two.join(1.0)
-    waited = two.is_alive()
-    paused.release.set()
-    one.join(30)
-    two.join(30)
+    try:
+        assert paused.inside.wait(30), f"the first transaction read the free devices: {results}"
+        two.start()
+        two.join(1.0)
+        waited = two.is_alive()
+    finally:  # never leave the first holding the lock and its connection past the test
+        paused.release.set()
+        one.join(30)
+        if two.ident is not None:
+            two.join(30)
     return results, waited
 
 
@@ -248,4 +251,32 @@ def test_a_joiner_enrolled_while_a_rollout_is_created_goes_to_one_of_them(
     assert joined == 1 and isinstance(newer, str), (joined, newer)
     per_device = _active_rollouts_per_device(store)
     assert per_device["late-lab"] == 1 and max(per_device.values()) == 1
+    assert waited
+
+
+def test_an_experiment_and_a_rollout_created_side_by_side_never_share_a_device(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet_server import experiments
+    from fleet_server.experiment_schemas import ExperimentIn
+
+    _fleet(store, 40)
+    paused = _Paused(experiments.busy_devices)
+    monkeypatch.setattr(experiments, "busy_devices", paused)
+    arms = [
+        {"name": "control", "model": "m:1", "weight": 1},
+        {"name": "candidate", "model": "m:1", "weight": 1},
+    ]
+    body = {"name": "ab", "selector": {"tags": {"site": "lab"}}, "arms": arms}
+
+    def experiment() -> str:
+        with new_session(store) as session:
+            exp = experiments.create_experiment(session, ExperimentIn.model_validate(body))
+            session.commit()
+            return exp.id
+
+    every = {"model": "m:1", "selector": {}, "stages": [100], "conflict": "skip"}
+    (exp, rollout), waited = _side_by_side(experiment, lambda: _create(store, every), paused)
+    assert isinstance(exp, str) and isinstance(rollout, str), (exp, rollout)
+    assert max(_active_rollouts_per_device(store).values()) == 1  # the arms' rollouts and the new one
     assert waited
