@@ -60,7 +60,7 @@ from fleet_server.policy import Policy
 from fleet_server.rollouts import busy_devices, create_rollout, operator_action
 from fleet_server.schemas import RolloutIn
 from fleet_server.selector import matches
-from fleet_server.store import hold_assignment_lock
+from fleet_server.store import assignment_lock_first, hold_assignment_lock
 
 log = logging.getLogger(__name__)
 
@@ -396,9 +396,8 @@ def stop(
     control back to the control; with ``promote``, the proven winner rolled out instead).
 
     The assignment lock comes before the experiment's row and its rollouts' rows (a promotion
-    gives devices out): every transaction that takes it takes it first, so none waits for it
-    while holding a row another holder waits for (``store.hold_assignment_lock``)."""
-    hold_assignment_lock(session)
+    gives devices out: ``store.assignment_lock_first``)."""
+    assignment_lock_first(session)
     exp = find_experiment(session, experiment_id, for_update=True)
     if exp.state != RUNNING:
         if arm_name is None and not promote:
@@ -534,8 +533,8 @@ def _decision_figures(ev: core.Evaluation, spec: core.Spec) -> dict[str, Any]:
 def tick(session: Session) -> int:
     """Evaluate every running experiment (the engine leader, every tick); returns how many."""
     ids = session.exec(select(Experiment.id).where(Experiment.state == RUNNING)).all()
-    if ids:  # an evaluation may promote (give devices out): the lock before any row (``stop``)
-        hold_assignment_lock(session)
+    if ids:  # an evaluation may promote (give devices out): the lock before any row
+        assignment_lock_first(session)
     for exp_id in ids:
         exp = session.get(Experiment, exp_id, with_for_update=True)
         if exp is not None and exp.state == RUNNING:

@@ -663,7 +663,7 @@ def find_joiners(session: Session, rollouts: Sequence[tuple[Rollout, list[str]]]
 
 def enrol_joiners(session: Session, rollouts: Sequence[tuple[Rollout, list[str]]]) -> int:
     """Add the devices ``find_joiners`` finds to their rollouts, under the assignment lock (a
-    caller that locks rollout rows takes the lock before them: ``store.hold_assignment_lock``).
+    caller that locks rollout rows takes the lock before them: ``store.assignment_lock_first``).
     Returns how many joined."""
     hold_assignment_lock(session)
     joined = find_joiners(session, rollouts)

@@ -97,8 +97,8 @@ ASSIGNMENT_LOCK = 0x6566_6173  # "efas": PostgreSQL advisory lock key of device 
 
 def hold_assignment_lock(session: Session) -> None:
     """Hold, until ``session``'s transaction ends, the lock every transaction takes before it
-    reads which devices are free and gives some to a rollout or an experiment. Taken before any
-    row lock of the transaction, so that no holder waits for a row another waiter holds.
+    reads which devices are free and gives some to a rollout or an experiment. A transaction
+    that locks rows first takes it before them (``assignment_lock_first``).
 
     "One active rollout or experiment per device" is a read (who is busy) followed by a write (the
     new rows), and nothing in the schema forbids a device's second row: two such transactions side
@@ -112,6 +112,17 @@ def hold_assignment_lock(session: Session) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ASSIGNMENT_LOCK})
     else:
         conn.execute(text("UPDATE rollout SET id = id WHERE 0 = 1"))
+
+
+def assignment_lock_first(session: Session) -> None:
+    """The assignment lock now, for a transaction that locks rows and may then give devices out
+    (an experiment's stop or evaluation may promote; the ticker enrols into rows it locked), where
+    the database also has row locks: PostgreSQL. Taken later, a holder of the assignment lock
+    could wait for a row whose holder waits for the assignment lock. SQLite has no row locks to
+    order against, and its write lock taken this early would stop every other writer (the
+    ingest) for the whole transaction: there the assignment takes it when it comes."""
+    if session.connection().dialect.name == "postgresql":
+        hold_assignment_lock(session)
 
 
 def new_session(engine: Engine) -> Session:

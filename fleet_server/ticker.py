@@ -57,7 +57,7 @@ from fleet_server.policy import Policy, ServerFailure
 from fleet_server.reconcile import Observation
 from fleet_server.rollouts import enrol_joiners, find_joiners
 from fleet_server.settings import ServerSettings
-from fleet_server.store import hold_assignment_lock, new_session
+from fleet_server.store import assignment_lock_first, new_session
 from signing.keys import KeyPair
 
 log = logging.getLogger(__name__)
@@ -464,7 +464,7 @@ class Ticker:
             if not find_joiners(session, self._takers(session, ids, for_update=False)):
                 return
         with new_session(self.engine) as session:
-            hold_assignment_lock(session)  # before the rollout rows (store.hold_assignment_lock)
+            assignment_lock_first(session)  # before the rollout rows
             if enrol_joiners(session, self._takers(session, ids, for_update=True)):
                 session.commit()
 

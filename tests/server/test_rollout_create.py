@@ -280,3 +280,10 @@ def test_an_experiment_and_a_rollout_created_side_by_side_never_share_a_device(
     assert isinstance(exp, str) and isinstance(rollout, str), (exp, rollout)
     assert max(_active_rollouts_per_device(store).values()) == 1  # the arms' rollouts and the new one
     assert waited
+    # the evaluation and a stop take the lock before the experiment's row (on PostgreSQL)
+    with new_session(store) as session:
+        assert experiments.tick(session) == 1
+        session.commit()
+    with new_session(store) as session:
+        assert experiments.stop(session, exp, None, "done").state == "stopped"
+        session.commit()
