@@ -161,6 +161,16 @@ class _Paused:
         return value
 
 
+def _pause(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> _Paused:
+    """``owner.name`` replaced by a ``_Paused`` of itself for the test."""
+    paused = _Paused(getattr(owner, name))
+    monkeypatch.setattr(owner, name, paused)
+    return paused
+
+
+EVERY_SKIPPING_BUSY = {"model": "m:1", "selector": {}, "stages": [100], "conflict": "skip"}
+
+
 def _side_by_side(
     first: Callable[[], object], second: Callable[[], object], paused: _Paused
 ) -> tuple[list[object], bool]:
@@ -212,12 +222,10 @@ def test_two_rollouts_created_side_by_side_never_share_a_device(
     store: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _fleet(store, 40)
-    paused = _Paused(rollouts.busy_among)
-    monkeypatch.setattr(rollouts, "busy_among", paused)
+    paused = _pause(monkeypatch, rollouts, "busy_among")
     lab = {"model": "m:1", "selector": {"tags": {"site": "lab"}}, "stages": [100]}
-    every = {"model": "m:1", "selector": {}, "stages": [100], "conflict": "skip"}
     (first, second), waited = _side_by_side(
-        lambda: _create(store, lab), lambda: _create(store, every), paused
+        lambda: _create(store, lab), lambda: _create(store, EVERY_SKIPPING_BUSY), paused
     )
     assert isinstance(first, str) and isinstance(second, str), (first, second)
     assert max(_active_rollouts_per_device(store).values()) == 1
@@ -237,8 +245,7 @@ def test_a_joiner_enrolled_while_a_rollout_is_created_goes_to_one_of_them(
             insert(Device.__table__),  # type: ignore[attr-defined]
             [{"id": "late-lab", "hardware_id": "rpi4", "tags": {"site": "lab"}, "registered_at": utcnow()}],
         )
-    paused = _Paused(rollouts.claim_joiners)
-    monkeypatch.setattr(rollouts, "claim_joiners", paused)
+    paused = _pause(monkeypatch, rollouts, "claim_joiners")
 
     def enrol() -> int:
         with new_session(store) as session:
@@ -246,8 +253,7 @@ def test_a_joiner_enrolled_while_a_rollout_is_created_goes_to_one_of_them(
             session.commit()
             return joined
 
-    every = {"model": "m:1", "selector": {}, "stages": [100], "conflict": "skip"}
-    (joined, newer), waited = _side_by_side(enrol, lambda: _create(store, every), paused)
+    (joined, newer), waited = _side_by_side(enrol, lambda: _create(store, EVERY_SKIPPING_BUSY), paused)
     assert joined == 1 and isinstance(newer, str), (joined, newer)
     per_device = _active_rollouts_per_device(store)
     assert per_device["late-lab"] == 1 and max(per_device.values()) == 1
@@ -261,8 +267,7 @@ def test_an_experiment_and_a_rollout_created_side_by_side_never_share_a_device(
     from fleet_server.experiment_schemas import ExperimentIn
 
     _fleet(store, 40)
-    paused = _Paused(experiments.busy_devices)
-    monkeypatch.setattr(experiments, "busy_devices", paused)
+    paused = _pause(monkeypatch, experiments, "busy_devices")
     arms = [
         {"name": "control", "model": "m:1", "weight": 1},
         {"name": "candidate", "model": "m:1", "weight": 1},
@@ -275,8 +280,7 @@ def test_an_experiment_and_a_rollout_created_side_by_side_never_share_a_device(
             session.commit()
             return exp.id
 
-    every = {"model": "m:1", "selector": {}, "stages": [100], "conflict": "skip"}
-    (exp, rollout), waited = _side_by_side(experiment, lambda: _create(store, every), paused)
+    (exp, rollout), waited = _side_by_side(experiment, lambda: _create(store, EVERY_SKIPPING_BUSY), paused)
     assert isinstance(exp, str) and isinstance(rollout, str), (exp, rollout)
     assert max(_active_rollouts_per_device(store).values()) == 1  # the arms' rollouts and the new one
     assert waited
