@@ -664,8 +664,11 @@ def find_joiners(session: Session, rollouts: Sequence[tuple[Rollout, list[str]]]
 def enrol_joiners(session: Session, rollouts: Sequence[tuple[Rollout, list[str]]]) -> int:
     """Add the devices ``find_joiners`` finds to their rollouts, under the assignment lock (a
     caller that locks rollout rows takes the lock before them: ``store.assignment_lock_first``).
-    Returns how many joined."""
+    Returns how many joined. The rollouts are read again under the lock: one paused or ended
+    since the caller read it takes nobody."""
     hold_assignment_lock(session)
+    for rollout, _ in rollouts:
+        session.refresh(rollout)
     joined = find_joiners(session, rollouts)
     now = utcnow()
     for rollout_id, device_ids in joined.items():

@@ -291,3 +291,20 @@ def test_an_experiment_and_a_rollout_created_side_by_side_never_share_a_device(
     with new_session(store) as session:
         assert experiments.stop(session, exp, None, "done").state == "stopped"
         session.commit()
+
+
+def test_a_rollout_paused_since_it_was_read_takes_no_joiner(store: Engine) -> None:
+    _fleet(store, 12)
+    rid = _create(store, {"model": "m:1", "selector": {"tags": {"site": "lab"}}, "stages": [100]})
+    with store.begin() as c:
+        c.execute(
+            insert(Device.__table__),  # type: ignore[attr-defined]
+            [{"id": "late-lab", "hardware_id": "rpi4", "tags": {"site": "lab"}, "registered_at": utcnow()}],
+        )
+    with new_session(store) as session:
+        stale = session.get_one(Rollout, rid)  # read as running
+        with new_session(store) as other:
+            other.get_one(Rollout, rid).state = RS.PAUSED
+            other.commit()
+        assert stale.state == RS.RUNNING
+        assert enrol_joiners(session, [(stale, ["rpi4", "jetson"])]) == 0
