@@ -661,15 +661,27 @@ def find_joiners(session: Session, rollouts: Sequence[tuple[Rollout, list[str]]]
     return claim_joiners(wanting, candidates)
 
 
-def enrol_joiners(session: Session, rollouts: Sequence[tuple[Rollout, list[str]]]) -> int:
-    """Add the devices ``find_joiners`` finds to their rollouts, under the assignment lock (a
-    caller that locks rollout rows takes the lock before them: ``store.assignment_lock_first``).
-    Returns how many joined. The rollouts are read again under the lock: one paused or ended
-    since the caller read it takes nobody."""
+def joiner_rollouts(
+    session: Session, rollout_ids: Sequence[str], *, for_update: bool = False
+) -> list[tuple[Rollout, list[str]]]:
+    """The rollouts ``rollout_ids`` (oldest first) with their models' hardware ids, as
+    ``find_joiners`` takes them."""
+    found: list[tuple[Rollout, list[str]]] = []
+    for rollout_id in rollout_ids:
+        rollout = session.get(Rollout, rollout_id, with_for_update=for_update)
+        model = session.get(Model, rollout.model_id) if rollout is not None else None
+        if rollout is not None and model is not None:
+            found.append((rollout, model.hardware_ids))
+    return found
+
+
+def enrol_joiners(session: Session, rollout_ids: Sequence[str]) -> int:
+    """Add the devices ``find_joiners`` finds to the rollouts ``rollout_ids`` (oldest first).
+    Returns how many joined. The assignment lock comes first, then the rollout rows are read (and
+    locked, on PostgreSQL): a rollout paused or ended since the caller last looked takes nobody,
+    and no holder of the lock waits for a row whose holder waits for the lock."""
     hold_assignment_lock(session)
-    for rollout, _ in rollouts:
-        session.refresh(rollout)
-    joined = find_joiners(session, rollouts)
+    joined = find_joiners(session, joiner_rollouts(session, rollout_ids, for_update=True))
     now = utcnow()
     for rollout_id, device_ids in joined.items():
         add_rollout_devices(session, rollout_id, device_ids, now)

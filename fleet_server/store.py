@@ -116,8 +116,8 @@ def hold_assignment_lock(session: Session) -> None:
 
 def assignment_lock_first(session: Session) -> None:
     """The assignment lock now, for a transaction that locks rows and may then give devices out
-    (an experiment's stop or evaluation may promote; the ticker enrols into rows it locked), where
-    the database also has row locks: PostgreSQL. Taken later, a holder of the assignment lock
+    (an experiment's stop or evaluation may promote), where the database also has row locks:
+    PostgreSQL. Taken later, a holder of the assignment lock
     could wait for a row whose holder waits for the assignment lock. SQLite has no row locks to
     order against, and its write lock taken this early would stop every other writer (the
     ingest) for the whole transaction: there the assignment takes it when it comes."""

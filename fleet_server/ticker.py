@@ -55,9 +55,9 @@ from fleet_server.models import (
 )
 from fleet_server.policy import Policy, ServerFailure
 from fleet_server.reconcile import Observation
-from fleet_server.rollouts import enrol_joiners, find_joiners
+from fleet_server.rollouts import enrol_joiners, find_joiners, joiner_rollouts
 from fleet_server.settings import ServerSettings
-from fleet_server.store import assignment_lock_first, new_session
+from fleet_server.store import new_session
 from signing.keys import KeyPair
 
 log = logging.getLogger(__name__)
@@ -458,26 +458,14 @@ class Ticker:
         devices read once (``rollouts.find_joiners``): enrolling inside each rollout's own tick,
         or reading the devices per rollout, let a device registered in between go to the newer
         rollout. The look is without locks; only when it finds someone does a second transaction
-        take the assignment lock, then the rollout rows, and enrol what it finds then.
+        enrol (``rollouts.enrol_joiners``: the assignment lock, then the rollout rows).
         """
         with new_session(self.engine) as session:
-            if not find_joiners(session, self._takers(session, ids, for_update=False)):
+            if not find_joiners(session, joiner_rollouts(session, ids)):
                 return
         with new_session(self.engine) as session:
-            assignment_lock_first(session)  # before the rollout rows
-            if enrol_joiners(session, self._takers(session, ids, for_update=True)):
+            if enrol_joiners(session, ids):
                 session.commit()
-
-    @staticmethod
-    def _takers(session: Session, ids: Sequence[str], for_update: bool) -> list[tuple[Rollout, list[str]]]:
-        """The rollouts ``ids`` (oldest first) with their models' hardware ids."""
-        found: list[tuple[Rollout, list[str]]] = []
-        for rollout_id in ids:
-            rollout = session.get(Rollout, rollout_id, with_for_update=for_update)
-            model = session.get(Model, rollout.model_id) if rollout is not None else None
-            if rollout is not None and model is not None:
-                found.append((rollout, model.hardware_ids))
-        return found
 
     def _tick_one(self, rollout_id: str, now: datetime, ingest_lag: float = 0.0) -> None:
         outbox: list[tuple[str, bytes]] = []

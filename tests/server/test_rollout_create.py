@@ -19,7 +19,7 @@ from fleet_server.errors import Conflict
 from fleet_server.lifecycle import DeviceRolloutState as DS
 from fleet_server.lifecycle import RolloutState as RS
 from fleet_server.models import Device, Model, Rollout, RolloutDecision, RolloutDevice, utcnow
-from fleet_server.rollouts import claim_joiners, create_rollout, enrol_joiners
+from fleet_server.rollouts import claim_joiners, create_rollout, enrol_joiners, find_joiners, joiner_rollouts
 from fleet_server.schemas import RolloutIn
 from fleet_server.selector import matches
 from fleet_server.store import new_session
@@ -56,6 +56,18 @@ def _fleet(engine: Engine, n: int) -> None:
                 }
             ],
         )  # fmt: skip
+
+
+def _register_late_lab(engine: Engine) -> None:
+    """A lab device that registers after the rollouts were created."""
+    with engine.begin() as c:
+        c.execute(
+            insert(Device.__table__),  # type: ignore[attr-defined]
+            [{"id": "late-lab", "hardware_id": "rpi4", "tags": {"site": "lab"}, "registered_at": utcnow()}],
+        )
+
+
+LAB = {"model": "m:1", "selector": {"tags": {"site": "lab"}}, "stages": [100]}
 
 
 SELECTORS = [
@@ -95,12 +107,7 @@ def test_targets_what_matches_picks_in_bulk_rows(store: Engine, selector: dict[s
 def test_busy_devices_refused_or_skipped_and_joiners_added_in_bulk(store: Engine) -> None:
     _fleet(store, 90)
     with new_session(store) as session:
-        first = create_rollout(
-            session,
-            RolloutIn.model_validate(
-                {"model": "m:1", "selector": {"tags": {"site": "lab"}}, "stages": [100]}
-            ),
-        )
+        first = create_rollout(session, RolloutIn.model_validate(LAB))
         session.commit()
         first_id = first.id
     every = RolloutIn.model_validate({"model": "m:1", "selector": {}, "stages": [100]})
@@ -114,14 +121,9 @@ def test_busy_devices_refused_or_skipped_and_joiners_added_in_bulk(store: Engine
         lab = [f"dev-{i:04d}" for i in range(90) if i % 4 == 0 and HARDWARE[i % 3] != "imx8"]
         assert decision.figures["skipped"] == lab
         assert decision.figures["targeted"] == 60 - len(lab)  # rpi4 and jetson, less the busy ones
-    with store.begin() as c:  # a device that registers later joins the oldest rollout that wants it
-        c.execute(
-            insert(Device.__table__),  # type: ignore[attr-defined]
-            [{"id": "late-lab", "hardware_id": "rpi4", "tags": {"site": "lab"}, "registered_at": utcnow()}],
-        )
+    _register_late_lab(store)  # a device that registers later joins the oldest rollout that wants it
     with new_session(store) as session:
-        wanting = [(session.get_one(Rollout, rid), ["rpi4", "jetson"]) for rid in (first_id, second_id)]
-        assert enrol_joiners(session, wanting) == 1
+        assert enrol_joiners(session, [first_id, second_id]) == 1
         session.commit()
         late = session.exec(select(RolloutDevice).where(RolloutDevice.device_id == "late-lab")).all()
         assert [(r.rollout_id, r.state, r.order_key) for r in late] == [
@@ -223,9 +225,8 @@ def test_two_rollouts_created_side_by_side_never_share_a_device(
 ) -> None:
     _fleet(store, 40)
     paused = _pause(monkeypatch, rollouts, "busy_among")
-    lab = {"model": "m:1", "selector": {"tags": {"site": "lab"}}, "stages": [100]}
     (first, second), waited = _side_by_side(
-        lambda: _create(store, lab), lambda: _create(store, EVERY_SKIPPING_BUSY), paused
+        lambda: _create(store, LAB), lambda: _create(store, EVERY_SKIPPING_BUSY), paused
     )
     assert isinstance(first, str) and isinstance(second, str), (first, second)
     assert max(_active_rollouts_per_device(store).values()) == 1
@@ -239,17 +240,13 @@ def test_a_joiner_enrolled_while_a_rollout_is_created_goes_to_one_of_them(
     store: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _fleet(store, 12)
-    older = _create(store, {"model": "m:1", "selector": {"tags": {"site": "lab"}}, "stages": [100]})
-    with store.begin() as c:
-        c.execute(
-            insert(Device.__table__),  # type: ignore[attr-defined]
-            [{"id": "late-lab", "hardware_id": "rpi4", "tags": {"site": "lab"}, "registered_at": utcnow()}],
-        )
+    older = _create(store, LAB)
+    _register_late_lab(store)
     paused = _pause(monkeypatch, rollouts, "claim_joiners")
 
     def enrol() -> int:
         with new_session(store) as session:
-            joined = enrol_joiners(session, [(session.get_one(Rollout, older), ["rpi4", "jetson"])])
+            joined = enrol_joiners(session, [older])
             session.commit()
             return joined
 
@@ -293,18 +290,14 @@ def test_an_experiment_and_a_rollout_created_side_by_side_never_share_a_device(
         session.commit()
 
 
-def test_a_rollout_paused_since_it_was_read_takes_no_joiner(store: Engine) -> None:
+def test_a_rollout_paused_since_the_look_takes_no_joiner(store: Engine) -> None:
     _fleet(store, 12)
-    rid = _create(store, {"model": "m:1", "selector": {"tags": {"site": "lab"}}, "stages": [100]})
-    with store.begin() as c:
-        c.execute(
-            insert(Device.__table__),  # type: ignore[attr-defined]
-            [{"id": "late-lab", "hardware_id": "rpi4", "tags": {"site": "lab"}, "registered_at": utcnow()}],
-        )
+    rid = _create(store, LAB)
+    _register_late_lab(store)
+    with new_session(store) as session:  # the ticker's look, without the lock: someone to enrol
+        assert find_joiners(session, joiner_rollouts(session, [rid])) == {rid: ["late-lab"]}
     with new_session(store) as session:
-        stale = session.get_one(Rollout, rid)  # read as running
-        with new_session(store) as other:
-            other.get_one(Rollout, rid).state = RS.PAUSED
-            other.commit()
-        assert stale.state == RS.RUNNING
-        assert enrol_joiners(session, [(stale, ["rpi4", "jetson"])]) == 0
+        session.get_one(Rollout, rid).state = RS.PAUSED
+        session.commit()
+    with new_session(store) as session:  # enrolling reads the rollout again, under the lock
+        assert enrol_joiners(session, [rid]) == 0
