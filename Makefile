@@ -12,28 +12,29 @@ STAMP := $(VENV)/.installed
 # each worker has its own broker, PostgreSQL database and servers with connection pools.
 TEST_WORKERS ?= $(shell n=$$(( $$(nproc 2>/dev/null || echo 1) * 2 )); echo $$(( n > 16 ? 16 : n )))
 PYTEST_PARALLEL ?= -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
-# The suite starts hundreds of Python processes (workers, servers, CLIs, agents): with
-# PYTHONDONTWRITEBYTECODE set each one compiles the project from source again and every worker
-# rewrites every test module's asserts, so the suite runs with byte-code caches on (they go to
-# the clone's __pycache__ directories, which git ignores).
-PYTEST := env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest
+# Byte-code caches on, whatever the caller's PYTHONDONTWRITEBYTECODE: the suite and the demo start
+# hundreds of Python processes (workers, servers, CLIs, agents), and with it set each one compiles
+# everything it imports again and every worker rewrites every test module's asserts. Each module
+# is compiled by the first process that imports it, into the clone's or the venv's __pycache__
+# (git ignores them).
+unexport PYTHONDONTWRITEBYTECODE
+PYTEST := $(PY) -m pytest
 
 .PHONY: demo test test-arm64 bench lint fmt typecheck clean venv models
 
-# uv (from PyPI, into the venv) resolves, downloads and byte-compiles in parallel: on the 2-core
-# VM a fresh venv took ~25 s against pip's ~41 s, with the versions pip picks but for one backport
-# (docs/benchmarks.md). uv reads no pip configuration: the system's CA store (--native-tls, where
-# pip's PIP_CERT points) and PIP_FIND_LINKS are handed to it. Where uv cannot be had or fails, pip
-# does it: pip byte-compiles what it installs in one process, so compileall does that work on
-# every core (errors are pip's to ignore too: a few packages ship files that are not Python 3).
+# uv (from PyPI, into the venv) resolves and installs in parallel. Nothing is byte-compiled ahead:
+# the venv holds ~14,300 modules and the suite's collection imports ~3,400 of them, so compiling
+# each module when a process first imports it (the cache is kept) costs ~10 CPU-s where compiling
+# them all cost ~28 (docs/benchmarks.md). uv reads no pip configuration: the system's CA store
+# (--native-tls, where pip's PIP_CERT points) and PIP_FIND_LINKS are handed to it. Where uv cannot
+# be had or fails, pip does it.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	{ $(PY) -m pip install -q 'uv>=0.5' && \
 	  $${PIP_FIND_LINKS:+env UV_FIND_LINKS="$$PIP_FIND_LINKS"} \
-	  $(PY) -m uv pip install -q --native-tls --python $(PY) --compile-bytecode -e '.[all]'; } || { \
+	  $(PY) -m uv pip install -q --native-tls --python $(PY) -e '.[all]'; } || { \
 	  $(PY) -m pip install -q --upgrade pip && \
-	  $(PY) -m pip install -q --no-compile -e '.[all]' && \
-	  { $(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true; }; }
+	  $(PY) -m pip install -q --no-compile -e '.[all]'; }
 	touch $(STAMP)
 
 venv: $(STAMP)
