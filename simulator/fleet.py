@@ -485,6 +485,16 @@ class Fleet:
             await asyncio.sleep(period)
             self.max_loop_lag = max(self.max_loop_lag, loop.time() - t - period)
 
+    def set_workload_hz(self, hz: float) -> None:
+        """Change every device's inference rate while the fleet runs (from any thread): e.g. to
+        have a few canaries label answers as fast as a larger fleet's would. A fleet started with
+        no workload (``workload_hz=0``) has none to change."""
+        if hz <= 0:
+            raise ValueError("the workload rate must be positive")
+        if self.workload_hz <= 0:
+            raise ValueError("this fleet was started without a workload")
+        self.workload_hz = hz
+
     async def _workload(self) -> None:
         """Infer on random rows of ``sample_inputs`` at ``workload_hz`` per device, on whichever agent
         each device runs now; with a label source, a device's app labels some of the answers a
@@ -495,7 +505,8 @@ class Fleet:
         for thousands of devices instead of a task sleeping per device (a wakeup of a sleeping
         task costs more of the loop than the tiny model's inference). Each device keeps its own
         phase (random within the period, so the fleet's inferences are spread) and its own
-        random rows."""
+        random rows. The rate is read again at each device's next inference, so a change of
+        ``workload_hz`` while the fleet runs (:meth:`set_workload_hz`) applies within a period."""
         loop = asyncio.get_running_loop()
         period = 1.0 / self.workload_hz
         start = loop.time()
@@ -511,6 +522,7 @@ class Fleet:
         try:
             while True:
                 now = loop.time()
+                period = 1.0 / self.workload_hz
                 while schedule and schedule[0][0] <= now:
                     due, n = heapq.heappop(schedule)
                     device = devices[n]

@@ -6,6 +6,7 @@ import resource
 from pathlib import Path
 
 import numpy as np
+import pytest
 from agent.harness import ArtifactServer, Observer, make_bundle, sign_directive, unique_id, wait_for
 
 from device_agent import protocol
@@ -65,6 +66,52 @@ def test_twenty_agents_install_a_directive(
     assert proc["gc"]["0"][0] > 0 and proc["gc_longest_s"] > 0  # young collections, clocked
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"max RSS grew {(rss_after - rss_before) / 1024:.1f} MB for 20 agents")
+
+
+def test_the_workload_rate_changes_while_the_fleet_runs(
+    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, observer: Observer
+) -> None:
+    """The demo's few canaries label as fast as a large fleet's: the rate applies at once."""
+    import time
+
+    prefix = unique_id("rate")
+    specs = [DeviceSpec(f"{prefix}-{i}", "rpi4") for i in range(2)]
+    bundle = make_bundle(tmp_path / "b", keydir.key("release"))
+    artifacts.add(bundle)
+    samples = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    fleet = Fleet(
+        specs, broker_info, keydir.trust_path, tmp_path / "fleet", workload_hz=2.0, sample_inputs=samples,
+        credentials=fleet_mqtt_keys(broker_info, [s.device_id for s in specs]),
+    )  # fmt: skip
+
+    def answered() -> int:
+        return sum(s["inferences_ok"] for s in fleet.snapshot().values())
+
+    def answered_in(seconds: float) -> int:
+        before = answered()
+        time.sleep(seconds)
+        return answered() - before
+
+    fleet.start()
+    try:
+        fleet_key = keydir.key("fleet")
+        for spec in specs:
+            observer.publish(
+                spec.device_id, sign_directive(fleet_key, spec.device_id, 1, artifacts.model_ref(bundle))
+            )
+        wait_for(lambda: answered() > 0, timeout=30, what="the first workload inferences")
+        slow = answered_in(1.5)  # 2 devices at 2 Hz: ~6
+        fleet.set_workload_hz(40.0)
+        time.sleep(0.6)  # each device's next inference was scheduled at the old rate
+        fast = answered_in(1.5)  # at 40 Hz: ~120
+        assert slow <= 12 and fast >= 5 * max(slow, 6), (slow, fast)
+        with pytest.raises(ValueError, match="positive"):
+            fleet.set_workload_hz(0)
+    finally:
+        fleet.stop()
+    idle = Fleet(specs, broker_info, keydir.trust_path, tmp_path / "idle", workload_hz=0)
+    with pytest.raises(ValueError, match="without a workload"):
+        idle.set_workload_hz(10.0)
 
 
 def test_a_device_spec_with_clock_skew_gets_a_skewed_agent_clock(keydir: KeyDir, tmp_path: Path) -> None:
