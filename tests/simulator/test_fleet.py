@@ -5,24 +5,21 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
-import numpy as np
 import pytest
-from agent.harness import ArtifactServer, Observer, make_bundle, sign_directive, unique_id, wait_for
+from agent.harness import ArtifactServer, Observer, wait_for
 
 from device_agent import protocol
 from edgefleet.broker import BrokerInfo, fleet_mqtt_keys
 from signing.keyring import KeyDir
 from simulator.fleet import DeviceSpec, Fleet
 
+from .lab import direct_all, lab_fleet
+
 
 def test_twenty_agents_install_a_directive(
     broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, observer: Observer
 ) -> None:
-    prefix = unique_id("sim")
-    specs = [DeviceSpec(f"{prefix}-{i:03d}", "rpi4", {"site": "lab"}) for i in range(20)]
-    bundle = make_bundle(tmp_path / "b", keydir.key("release"))
-    artifacts.add(bundle)
-    samples = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    specs, bundle, samples = lab_fleet("sim", 20, keydir, tmp_path, artifacts, tags={"site": "lab"})
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fleet = Fleet(
         specs, broker_info, keydir.trust_path, tmp_path / "fleet", workload_hz=20.0, sample_inputs=samples,
@@ -32,11 +29,7 @@ def test_twenty_agents_install_a_directive(
     fleet.start()
     try:
         assert all(s["connected"] for s in fleet.snapshot().values())
-        fleet_key = keydir.key("fleet")
-        for spec in specs:
-            observer.publish(
-                spec.device_id, sign_directive(fleet_key, spec.device_id, 1, artifacts.model_ref(bundle))
-            )
+        direct_all(observer, keydir, artifacts, specs, bundle)
         wait_for(
             lambda: all(s["running"] == bundle.sha256 for s in fleet.snapshot().values()),
             timeout=30,
@@ -74,11 +67,7 @@ def test_the_workload_rate_changes_while_the_fleet_runs(
     """The demo's few canaries label as fast as a large fleet's: the rate applies at once."""
     import time
 
-    prefix = unique_id("rate")
-    specs = [DeviceSpec(f"{prefix}-{i}", "rpi4") for i in range(2)]
-    bundle = make_bundle(tmp_path / "b", keydir.key("release"))
-    artifacts.add(bundle)
-    samples = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    specs, bundle, samples = lab_fleet("rate", 2, keydir, tmp_path, artifacts)
     fleet = Fleet(
         specs, broker_info, keydir.trust_path, tmp_path / "fleet", workload_hz=2.0, sample_inputs=samples,
         credentials=fleet_mqtt_keys(broker_info, [s.device_id for s in specs]),
@@ -94,11 +83,7 @@ def test_the_workload_rate_changes_while_the_fleet_runs(
 
     fleet.start()
     try:
-        fleet_key = keydir.key("fleet")
-        for spec in specs:
-            observer.publish(
-                spec.device_id, sign_directive(fleet_key, spec.device_id, 1, artifacts.model_ref(bundle))
-            )
+        direct_all(observer, keydir, artifacts, specs, bundle)
         wait_for(lambda: answered() > 0, timeout=30, what="the first workload inferences")
         slow = answered_in(1.5)  # 2 devices at 2 Hz: ~6
         fleet.set_workload_hz(40.0)

@@ -5,24 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-from agent.harness import ArtifactServer, Observer, make_bundle, sign_directive, unique_id, wait_for
+from agent.harness import ArtifactServer, Observer, wait_for
 
 from edgefleet.broker import BrokerInfo, fleet_mqtt_keys
 from fleet_server.accuracy_stats import wilson
 from signing.keyring import KeyDir
-from simulator.fleet import DeviceSpec, Fleet
+from simulator.fleet import Fleet
 from simulator.labels import LabelDelay, LabelPlan
+
+from .lab import direct_all, lab_fleet
 
 
 def test_agents_count_the_labels_at_the_configured_accuracy(
     broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, observer: Observer
 ) -> None:
-    prefix = unique_id("lab")
-    specs = [DeviceSpec(f"{prefix}-{i}", "rpi4") for i in range(4)]
-    bundle = make_bundle(tmp_path / "b", keydir.key("release"))
-    artifacts.add(bundle)
-    samples = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    specs, bundle, samples = lab_fleet("lab", 4, keydir, tmp_path, artifacts, rows=16)
     plan = LabelPlan(share=0.5, delay=LabelDelay("uniform", 0.05, 0.3), accuracy={bundle.sha256: 0.8}, seed=1)
     fleet = Fleet(
         specs, broker_info, keydir.trust_path, tmp_path / "fleet", workload_hz=50.0, sample_inputs=samples,
@@ -31,11 +28,7 @@ def test_agents_count_the_labels_at_the_configured_accuracy(
     )  # fmt: skip
     fleet.start()
     try:
-        for spec in specs:
-            observer.publish(
-                spec.device_id,
-                sign_directive(keydir.key("fleet"), spec.device_id, 1, artifacts.model_ref(bundle)),
-            )
+        direct_all(observer, keydir, artifacts, specs, bundle)
 
         def counted() -> tuple[int, int]:
             stats = [

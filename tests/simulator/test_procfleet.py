@@ -6,24 +6,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from agent.harness import ArtifactServer, Observer, make_bundle, sign_directive, unique_id, wait_for
+from agent.harness import ArtifactServer, Observer, unique_id, wait_for
 
 from edgefleet.broker import BrokerInfo, fleet_mqtt_keys
 from signing.keyring import KeyDir
 from simulator.fleet import DeviceSpec
 from simulator.procfleet import FleetPlan, ProcessFleet, WorkerError
 
+from .lab import direct_all, lab_fleet
+
 
 def test_two_worker_processes_run_one_fleet(
     broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, observer: Observer
 ) -> None:
-    prefix = unique_id("proc")
-    specs = [DeviceSpec(f"{prefix}-{i}", "rpi4", hw_class="rpi4") for i in range(4)]
-    bundle = make_bundle(tmp_path / "b", keydir.key("release"))
-    artifacts.add(bundle)
-    samples = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    specs, bundle, samples = lab_fleet("proc", 4, keydir, tmp_path, artifacts, hw_class="rpi4")
     plan = FleetPlan(
         specs, broker_info, keydir.trust_path, tmp_path / "f", workload_hz=10, sample_inputs=samples,
         credentials=fleet_mqtt_keys(broker_info, [s.device_id for s in specs]),
@@ -33,11 +30,7 @@ def test_two_worker_processes_run_one_fleet(
     assert {fleet.owner[s.device_id] for s in specs} == {0, 1}
     fleet.start()
     try:
-        for spec in specs:
-            observer.publish(
-                spec.device_id,
-                sign_directive(keydir.key("fleet"), spec.device_id, 1, artifacts.model_ref(bundle)),
-            )
+        direct_all(observer, keydir, artifacts, specs, bundle)
         wait_for(
             lambda: all(st.running == bundle.sha256 for st in fleet.status().values()),
             timeout=30,
