@@ -53,6 +53,11 @@ WORKLOAD_CATCH_UP = 1.0  # s
 # a device's random rows of ``sample_inputs`` are drawn this many at a time: one numpy call per
 # draw costs about as much as the rest of the simulator's share of an inference
 ROW_DRAWS = 64
+# Threads of the fleet's loop for what agents run off it (a model's load, a file's hash, a slow
+# inference, a connect): one per device, up to this many. asyncio's default, min(32, cores + 4),
+# made devices that each wait on their own (a slow load is a sleep in the simulator) queue six
+# at a time on a 2-core machine.
+EXECUTOR_THREADS = 64
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
@@ -198,6 +203,11 @@ class Fleet:
             raise RuntimeError("fleet already started")
         self.rss_at_start = rss_bytes()
         loop = asyncio.new_event_loop()
+        default = min(32, (os.cpu_count() or 1) + 4)
+        threads = max(default, min(len(self.specs), EXECUTOR_THREADS))
+        loop.set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edgefleet-sim-io")
+        )
         self._loop = loop
         self._thread = threading.Thread(target=loop.run_forever, name="edgefleet-sim", daemon=True)
         self._thread.start()
