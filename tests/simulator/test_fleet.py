@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import resource
+import time
 from pathlib import Path
 
 import pytest
-from agent.harness import ArtifactServer, Observer, wait_for
+from agent.harness import ArtifactServer, Observer, unique_id, wait_for
 
 from device_agent import protocol
 from edgefleet.broker import BrokerInfo, fleet_mqtt_keys
@@ -65,8 +67,6 @@ def test_the_workload_rate_changes_while_the_fleet_runs(
     broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer, observer: Observer
 ) -> None:
     """The demo's few canaries label as fast as a large fleet's: the rate applies at once."""
-    import time
-
     specs, bundle, samples = lab_fleet("rate", 2, keydir, tmp_path, artifacts)
     fleet = Fleet(
         specs, broker_info, keydir.trust_path, tmp_path / "fleet", workload_hz=2.0, sample_inputs=samples,
@@ -100,15 +100,13 @@ def test_the_workload_rate_changes_while_the_fleet_runs(
 
 
 def test_each_device_waits_on_its_own_slow_step(
-    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path, artifacts: ArtifactServer
+    broker_info: BrokerInfo, keydir: KeyDir, tmp_path: Path
 ) -> None:
     """Agents run their slow steps (a load, a slow inference, a connect) off the fleet's one loop;
     16 devices each waiting 0.5 s there wait side by side, not six at a time (asyncio's default
     on 2 cores: three rounds, 1.5 s)."""
-    import asyncio
-    import time
-
-    specs, _, _ = lab_fleet("wait", 16, keydir, tmp_path, artifacts)
+    prefix = unique_id("wait")
+    specs = [DeviceSpec(f"{prefix}-{i:03d}", "rpi4") for i in range(16)]  # no model: none is installed
     fleet = Fleet(
         specs, broker_info, keydir.trust_path, tmp_path / "fleet", workload_hz=0,
         credentials=fleet_mqtt_keys(broker_info, [s.device_id for s in specs]),
@@ -128,8 +126,6 @@ def test_each_device_waits_on_its_own_slow_step(
 
 
 def test_a_device_spec_with_clock_skew_gets_a_skewed_agent_clock(keydir: KeyDir, tmp_path: Path) -> None:
-    import time
-
     from signing.trust import TrustRoot
 
     specs = [DeviceSpec("skew-fast", "rpi4", clock_skew_s=3600.0), DeviceSpec("skew-none", "rpi4")]
