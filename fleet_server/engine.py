@@ -741,8 +741,8 @@ def _judge(
         if hw in rolled or not mine:
             continue
         verdicts[hw] = _figures(r, mine, state, reasons, baseline, len(cohorts))
-        trip = gates.check(p, verdicts[hw], _finished(mine, state))
-        if trip is not None and not (trip.action == gates.PAUSE and approved):
+        trip = gates.check(p, verdicts[hw], _finished(mine, state), approved)
+        if trip is not None:
             failing[hw] = trip
     if approved:
         for hw in sorted(held - set(failing)):
@@ -764,8 +764,8 @@ def _judge(
         _figures(r, pooled, state, reasons, baseline, len(cohorts)),
         {hw: verdicts[hw] for hw in going if hw in verdicts},
     )
-    trip = gates.check(p, j.overall, _finished(pooled, state)) if pooled else None
-    if trip is None or (trip.action == gates.PAUSE and approved):
+    trip = gates.check(p, j.overall, _finished(pooled, state), approved) if pooled else None
+    if trip is None:
         return j
     if trip.gate in gates.SAMPLED_GATES and _contradicting(r, trip.gate, j, state, reasons, baseline):
         j.deferred = trip

@@ -431,12 +431,16 @@ instead of stopping classes that demonstrably pass (engine.py, "deferred").
 """
 
 
-def check(p: Policy, f: Mapping[str, Any], stage_finished: bool) -> Trip | None:
+def check(p: Policy, f: Mapping[str, Any], stage_finished: bool, approved: bool = False) -> Trip | None:
     """The first gate that trips, in order: install, errors, latency, drift, shadow, accuracy,
-    delivery (a hold comes only when nothing that judges the model trips)."""
+    delivery (a hold comes only when nothing that judges the model trips).
+
+    ``approved``: a human accepted the stage, which silences its pausing gates but never a
+    roll-back gate; the pausing ones are passed over, so one that trips first cannot hide a
+    roll-back gate behind it (a class that both fails installs and serves errors is rolled back)."""
     for gate in GATES.values():
         trip = gate(p, f, stage_finished)
-        if trip is not None:
+        if trip is not None and not (approved and trip.action == PAUSE):
             return trip
     return None
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import timedelta
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fleet_server import gates
@@ -107,8 +107,48 @@ def _behave(d: DeviceSnapshot, outcome: str, ticks_since: int, delay: int) -> De
     return d
 
 
+# Found by this test: a class both failing installs (a pausing gate) and serving errors (a
+# roll-back gate). Once a human approved the pause, the silenced pausing gate hid the roll-back
+# one, the class counted as going, and the stage waited on it forever.
+PAUSE_THEN_ERRORS = (
+    RolloutSnapshot(
+        id="prop",
+        state=RS.RUNNING,
+        model_sha256=SHA,
+        stages=(100.0,),
+        current_stage=0,
+        stage_ready_at=None,
+        policy=Policy(
+            soak_seconds=0.0,
+            device_timeout_seconds=120.0,
+            max_failure_rate=0.3,
+            min_success_rate=0.0,
+            failure_action=gates.PAUSE,
+            delivery_action=gates.ROLL_BACK,
+            delivery_retries=0,
+            max_error_rate=0.1,
+            min_inferences=1,
+            error_action=gates.ROLL_BACK,
+            drift_action=gates.PAUSE,
+            require_approval=False,
+            retry_limits={},
+            retry_backoff_seconds=0.0,
+            rate_increment_factor=1.0,
+            max_failures=None,
+            rate_per_minute=None,
+        ),
+        stage_unit="percent",
+        started_at=T0,
+    ),
+    ["ok", "ok", "ok", "ok", "errors", "fail"],
+    [0, 0, 0, 1, 0, 0],
+    ["rpi4", "rpi4", "rpi4", "rpi4", "jetson", "jetson"],
+)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
+@example(PAUSE_THEN_ERRORS)
 def test_engine_properties(scenario: tuple[RolloutSnapshot, list[str], list[int], list[str]]) -> None:
     r, outcomes, delays, hardware = scenario
     n = len(outcomes)
