@@ -160,7 +160,10 @@ def new_client(settings: ServerSettings, client_id: str, persistent: bool, where
         where.security.apply(client)
     except MqttSecurityError as exc:
         raise MqttConfigError(f"MQTT TLS: {exc}") from exc
-    client.reconnect_delay_set(min_delay=1, max_delay=10)
+    # At most 2 s between attempts (a handful of clients against one broker): after a broker
+    # restart, what devices send before a $share consumer has subscribed again is dropped, and
+    # devices, backing off from half a second, are usually back first (docs/deploy.md).
+    client.reconnect_delay_set(min_delay=1, max_delay=2)
     client.max_queued_messages_set(0)
     return client
 

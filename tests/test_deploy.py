@@ -35,6 +35,7 @@ from edgefleet.broker import (
     start_secure_broker,
 )
 from edgefleet.ports import free_port, launch, start_on_free_port
+from fleet_server.settings import ServerSettings
 from signing.keyring import init_keys
 from tests.support.waiting import exited_output, wait_for
 
@@ -487,3 +488,31 @@ def test_server_deployment_probes_and_secrets() -> None:
         "trust.json",
         "roots",
     }  # SERVER_FILES only
+
+
+def test_each_single_replica_deployment_keeps_the_device_streams_across_restarts() -> None:
+    """A stable client id and plain subscriptions in every shipped configuration (one replica each):
+    what devices send while the server or the broker restarts is queued for it, not dropped
+    (tests/agent/test_event_outbox.py runs the server and a device through a broker restart on
+    server.env.example's values)."""
+    env_file = dict(
+        line.split("=", 1)
+        for line in (DEPLOY / "server.env.example").read_text().splitlines()
+        if line.startswith("EDGEFLEET_")
+    )
+    compose_env = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["server"]["environment"]
+    k8s = {
+        (d["kind"], d["metadata"]["name"]): d
+        for d in yaml.safe_load_all((DEPLOY / "k8s" / "server.yaml").read_text())
+    }
+    assert k8s[("Deployment", "edgefleet-server")]["spec"]["replicas"] == 1
+    for where, env in (
+        ("server.env.example", env_file),
+        ("compose.yaml", compose_env),
+        ("k8s/server.yaml", k8s[("ConfigMap", "edgefleet-server")]["data"]),
+    ):
+        settings = ServerSettings(
+            mqtt_client_id=env.get("EDGEFLEET_MQTT_CLIENT_ID"),
+            shared_subscriptions=env.get("EDGEFLEET_SHARED_SUBSCRIPTIONS", "true"),
+        )
+        assert settings.mqtt_client_id and not settings.shared_subscriptions, where

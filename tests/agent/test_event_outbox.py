@@ -3,8 +3,10 @@ with an id the server stores once."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlmodel import col, select
@@ -15,18 +17,22 @@ from device_agent.config import AgentConfig
 from device_agent.event_outbox import EventOutbox
 from device_agent.http_fetcher import HttpFetcher, fetcher_for
 from device_agent.memory_link import MemoryLink
-from edgefleet.broker import BrokerInfo, SecureBrokerInfo
+from device_agent.protocol import Channel, topic
+from edgefleet.broker import BrokerInfo, SecureBrokerInfo, start_secure_broker
 from edgefleet.client import ApiClient
-from fleet_server.models import EventRow
+from fleet_server.models import EventRow, TelemetryBatchRow
 from fleet_server.runner import ServerThread
 from fleet_server.store import new_session
 from signing.keyring import KeyDir
 from simulator.netem import LinkState, NetworkThread, TcpFaultProxy
+from tests.mqtt_clients import server_address, server_client
 from tests.server.conftest import server_settings
 
 from .harness import HW, Bundle, LoopThread, X, agent_config, make_bundle, unique_id, wait_for
 from .memory_fetcher import MemoryFetcher
 from .test_shell import AN_INSTALL, DS, Device
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _event(seq: int, **kw: object) -> wire.Event:
@@ -170,3 +176,94 @@ def test_a_device_cut_off_during_an_install_loses_no_event_and_the_server_stores
         api.close()
         server.stop()
         net.close()
+
+
+def _shipped_mqtt_durability() -> dict[str, object]:
+    """The MQTT session settings a single-replica deployment ships with (deploy/server.env.example)."""
+    env = dict(
+        line.split("=", 1)
+        for line in (REPO / "deploy" / "server.env.example").read_text().splitlines()
+        if line.startswith("EDGEFLEET_MQTT_CLIENT_ID=") or line.startswith("EDGEFLEET_SHARED_SUBSCRIPTIONS=")
+    )
+    return {
+        "mqtt_client_id": env["EDGEFLEET_MQTT_CLIENT_ID"],
+        "shared_subscriptions": env["EDGEFLEET_SHARED_SUBSCRIPTIONS"] == "true",
+    }
+
+
+def _broker_holds_directive(info: BrokerInfo, device_id: str) -> bool:
+    """Whether the broker has a retained directive for ``device_id`` (the server's reading of it)."""
+    got = threading.Event()
+    client = server_client(info, unique_id("fleet-server-check"))
+    client.on_message = lambda *_: got.set()
+    client.connect(*server_address(info))
+    client.subscribe(topic(device_id, Channel.DESIRED), qos=1)
+    client.loop_start()
+    try:
+        return got.wait(2)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.mark.slow
+def test_what_a_device_sends_after_a_broker_restart_before_the_server_is_back_is_stored(
+    keydir: KeyDir, tmp_path: Path, loop_thread: LoopThread
+) -> None:
+    """A broker of its own (restarted on its data) and our server with its ingest workers, on the
+    deployment's session settings, its connections through a proxy that cuts them off. The
+    server is cut off, the broker restarts, and a device coming online meanwhile installs the
+    directive the broker kept and sends every event of the install and its telemetry before the
+    server is back. Once it is, the server stores all of it: its persistent session's
+    subscriptions outlived the broker's restart (Mosquitto restores plain ones, not ``$share``)."""
+    broker = start_secure_broker(tmp_path / "broker")
+    info = broker.info
+    assert isinstance(info, SecureBrokerInfo)
+    net = NetworkThread()
+    server_link = LinkState()
+    proxy = TcpFaultProxy(info.host, info.server_port, server_link)
+    net.run(proxy.start())
+    settings = server_settings(
+        tmp_path, keydir, info, ingest_workers=2, mqtt_port=proxy.port, **_shipped_mqtt_durability()
+    )
+    server = ServerThread(settings).start()
+    api = ApiClient(server.url)
+    dev = unique_id("late")
+    agent: Agent | None = None
+    try:
+        assert server.wait_subscribed(20)
+        api.register_device(dev, HW, {"role": dev})
+        bundle = make_bundle(tmp_path / "b", keydir.key("release"))
+        api.push_bundle(bundle.dir)
+        api.create_rollout(model="tiny:1", selector={"hardware_id": HW, "tags": {"role": dev}}, stages=[100])
+        wait_for(lambda: _broker_holds_directive(info, dev), 20, "the directive retained on the broker")
+        net.call(server_link.partition)
+        wait_for(lambda: not server.wait_subscribed(0), 10, "the server cut off from the broker")
+        broker.stop()
+        broker = start_secure_broker(tmp_path / "broker", port=info.port, server_port=info.server_port)
+        cfg = agent_config(info, tmp_path / dev, keydir.trust_path, dev, telemetry_interval=0.3)
+        agent = Agent(cfg, keydir.trust_root())
+        loop_thread.run(agent.start())
+        wait_for(lambda: agent.running_sha256 == bundle.sha256, 30, "installed from the kept directive")
+        for _ in range(5):
+            agent.infer(X)
+        sent = agent.metrics.get("telemetry_batches", 0)
+        wait_for(lambda: agent.metrics.get("telemetry_batches", 0) > sent, 10, "telemetry taken")
+        assert not server.wait_subscribed(0)  # all of it went out while the server was away
+        net.call(server_link.heal)
+
+        def stored(model: type[EventRow] | type[TelemetryBatchRow]) -> list[Any]:
+            with new_session(server.context.engine) as session:
+                query = select(model).where(model.device_id == dev).order_by(col(model.id))
+                return list(session.exec(query).all())
+
+        wait_for(lambda: any(r.state == "serving" for r in stored(EventRow)), 30, "the serving event stored")
+        assert [r.state for r in stored(EventRow)] == [state.value for state in AN_INSTALL]
+        wait_for(lambda: len(stored(TelemetryBatchRow)) > 0, 10, "telemetry stored")
+    finally:
+        if agent is not None:
+            loop_thread.run(agent.stop())
+        api.close()
+        server.stop()
+        net.close()
+        broker.stop()
