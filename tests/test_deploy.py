@@ -37,6 +37,7 @@ from edgefleet.broker import (
 from edgefleet.ports import free_port, launch, start_on_free_port
 from fleet_server.settings import ServerSettings
 from signing.keyring import init_keys
+from tests.support.debian import apt_install
 from tests.support.waiting import exited_output, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -281,7 +282,12 @@ def compose(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """`config` of deploy/compose.yaml with the host directories under a temporary /srv."""
     cli = compose_cli()
     if cli is None:
-        pytest.skip("neither `docker compose` nor docker-compose is installed")
+        # Debian's docker-compose (1.29, no daemon needed for `config`); the compose plugin, where
+        # Docker has it, is found first
+        why = apt_install("docker-compose")
+        cli = compose_cli()
+        if cli is None:
+            pytest.skip(f"neither `docker compose` nor docker-compose is installed ({why or 'not found'})")
     srv = tmp_path_factory.mktemp("srv")
     env = os.environ | {
         "EDGEFLEET_KEYS_DIR": str(srv / "keys"),
