@@ -240,6 +240,11 @@ class MqttBridge:
         self.endpoint, self.client, self.pipeline = first.endpoint, first.client, first.pipeline
         # Without $share every telemetry worker would get every message: then one at most.
         n = settings.ingest_workers if settings.shared_subscriptions else min(settings.ingest_workers, 1)
+        if n < settings.ingest_workers:
+            log.info(
+                "shared subscriptions off: %d telemetry worker of the %d configured (only a $share group "
+                "splits the stream between several)", n, settings.ingest_workers,
+            )  # fmt: skip
         shards, notify = tuple(self.links), self._update_subscribed
         self.telemetry_workers = [
             IngestWorker(

@@ -57,7 +57,8 @@ class ServerSettings(BaseSettings):
     reconcile_interval_seconds: float = 30.0
     # Processes taking the telemetry and event streams (each its own MQTT client in the $share group),
     # so decoding and storing never compete with the API and the main MQTT client for the GIL.
-    # 0: a thread of the server process does it (one process, e.g. for debugging).
+    # 0: a thread of the server process does it (one process, e.g. for debugging). Several telemetry
+    # workers need shared subscriptions (a $share group splits the stream); without, one runs.
     ingest_workers: int = 2
     ingest_max_batch: int = 1000  # messages stored per transaction at most
     shared_subscriptions: bool = True
