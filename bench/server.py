@@ -210,7 +210,12 @@ def _bare_subscriber_rate(broker: BrokerInfo, devices: list[str], duration: floa
 
 
 def _server_rate(
-    broker: BrokerInfo, devices: list[str], duration: float, database_url: str | None, data_dir: Path
+    broker: BrokerInfo,
+    devices: list[str],
+    duration: float,
+    database_url: str | None,
+    data_dir: Path,
+    shared: bool = True,
 ) -> tuple[float, dict[str, Any]]:
     """Batches/s the server stored (decoded, deduped, aggregated, committed, then acknowledged) during
     ``duration``, and checks: unexpected MQTT disconnects (keepalive 5 s, so a starved network thread
@@ -222,7 +227,10 @@ def _server_rate(
     from fleet_server.store import make_engine, new_session
 
     settings = ServerSettings(
-        database_url=database_url, data_dir=data_dir, **server_mqtt_settings(broker), mqtt_keepalive=5
+        database_url=database_url,
+        data_dir=data_dir,
+        **{**server_mqtt_settings(broker), "shared_subscriptions": shared and broker.shared_subscriptions},
+        mqtt_keepalive=5,
     )
     engine = make_engine(settings)
     with new_session(engine) as session:
@@ -320,6 +328,16 @@ def bench_ingest(duration: float = 60.0, devices: int = 50) -> list[dict[str, ob
             url, drop = pg
             try:
                 measured.append(("PostgreSQL", *_server_rate(info, ids, duration, url, Path(tmp) / "pg")))
+            finally:
+                drop()
+        pg = _pg_database()
+        if pg is not None:
+            # what the shipped single-replica configurations run (deploy/server.env.example): plain
+            # subscriptions, so one telemetry worker where a $share group splits the stream over two
+            url, drop = pg
+            try:
+                rate, checks = _server_rate(info, ids, duration, url, Path(tmp) / "pg1", shared=False)
+                measured.append(("PostgreSQL, shipped settings (no $share)", rate, checks))
             finally:
                 drop()
         load_after = os.getloadavg()[0]
