@@ -323,21 +323,16 @@ def bench_ingest(duration: float = 60.0, devices: int = 50) -> list[dict[str, ob
         load_before = os.getloadavg()[0]
         before = _bare_subscriber_rate(info, ids, duration / 2)
         measured = [("SQLite", *_server_rate(info, ids, duration, None, Path(tmp) / "sqlite"))]
-        pg = _pg_database()
-        if pg is not None:
+        # the defaults (a $share group splits telemetry over two workers), then what the shipped
+        # single-replica configurations run (deploy/server.env.example): plain subscriptions, one
+        pg_runs = [("PostgreSQL", True, "pg"), ("PostgreSQL, shipped settings (no $share)", False, "pg1")]
+        for name, shared, where in pg_runs:
+            pg = _pg_database()
+            if pg is None:
+                break
             url, drop = pg
             try:
-                measured.append(("PostgreSQL", *_server_rate(info, ids, duration, url, Path(tmp) / "pg")))
-            finally:
-                drop()
-        pg = _pg_database()
-        if pg is not None:
-            # what the shipped single-replica configurations run (deploy/server.env.example): plain
-            # subscriptions, so one telemetry worker where a $share group splits the stream over two
-            url, drop = pg
-            try:
-                rate, checks = _server_rate(info, ids, duration, url, Path(tmp) / "pg1", shared=False)
-                measured.append(("PostgreSQL, shipped settings (no $share)", rate, checks))
+                measured.append((name, *_server_rate(info, ids, duration, url, Path(tmp) / where, shared)))
             finally:
                 drop()
         load_after = os.getloadavg()[0]

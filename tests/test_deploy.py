@@ -35,13 +35,13 @@ from edgefleet.broker import (
     start_secure_broker,
 )
 from edgefleet.ports import free_port, launch, start_on_free_port
-from fleet_server.settings import ServerSettings
 from signing.keyring import init_keys
 from tests.support.debian import apt_install
+from tests.support.deploy_files import DEPLOY, env_file, mqtt_session_settings
 from tests.support.waiting import exited_output, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
+
 UNITS = ["edgefleet-server.service", "edgefleet-agent.service"]
 INSTALL_BIN = "/opt/edgefleet/bin/"  # where docs/deploy.md installs the venv
 VENV_BIN = str(Path(sys.executable).parent) + "/"
@@ -98,16 +98,6 @@ def exec_start(unit: str, **replace: str) -> list[str]:
         a.replace(INSTALL_BIN, VENV_BIN, 1) if a.startswith(INSTALL_BIN) else a for a in shlex.split(line)
     ]
     return [replace.get(a, a) for a in argv]
-
-
-def env_file(path: Path, **override: str) -> dict[str, str]:
-    """``KEY=value`` lines as systemd's EnvironmentFile= reads them, then ``override``."""
-    env = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            env[key.strip()] = value.strip()
-    return env | override
 
 
 def stop_like_systemd(proc: subprocess.Popen[bytes], unit: str) -> bool:
@@ -501,11 +491,6 @@ def test_each_single_replica_deployment_keeps_the_device_streams_across_restarts
     what devices send while the server or the broker restarts is queued for it, not dropped
     (tests/agent/test_event_outbox.py runs the server and a device through a broker restart on
     server.env.example's values)."""
-    env_file = dict(
-        line.split("=", 1)
-        for line in (DEPLOY / "server.env.example").read_text().splitlines()
-        if line.startswith("EDGEFLEET_")
-    )
     compose_env = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["server"]["environment"]
     k8s = {
         (d["kind"], d["metadata"]["name"]): d
@@ -513,12 +498,9 @@ def test_each_single_replica_deployment_keeps_the_device_streams_across_restarts
     }
     assert k8s[("Deployment", "edgefleet-server")]["spec"]["replicas"] == 1
     for where, env in (
-        ("server.env.example", env_file),
+        ("server.env.example", env_file(DEPLOY / "server.env.example")),
         ("compose.yaml", compose_env),
         ("k8s/server.yaml", k8s[("ConfigMap", "edgefleet-server")]["data"]),
     ):
-        settings = ServerSettings(
-            mqtt_client_id=env.get("EDGEFLEET_MQTT_CLIENT_ID"),
-            shared_subscriptions=env.get("EDGEFLEET_SHARED_SUBSCRIPTIONS", "true"),
-        )
-        assert settings.mqtt_client_id and not settings.shared_subscriptions, where
+        session = mqtt_session_settings(env)
+        assert session["mqtt_client_id"] and not session["shared_subscriptions"], where

@@ -27,12 +27,11 @@ from signing.keyring import KeyDir
 from simulator.netem import LinkState, NetworkThread, TcpFaultProxy
 from tests.mqtt_clients import server_address, server_client
 from tests.server.conftest import server_settings
+from tests.support.deploy_files import DEPLOY, env_file, mqtt_session_settings
 
 from .harness import HW, Bundle, LoopThread, X, agent_config, make_bundle, unique_id, wait_for
 from .memory_fetcher import MemoryFetcher
 from .test_shell import AN_INSTALL, DS, Device
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _event(seq: int, **kw: object) -> wire.Event:
@@ -178,19 +177,6 @@ def test_a_device_cut_off_during_an_install_loses_no_event_and_the_server_stores
         net.close()
 
 
-def _shipped_mqtt_durability() -> dict[str, object]:
-    """The MQTT session settings a single-replica deployment ships with (deploy/server.env.example)."""
-    env = dict(
-        line.split("=", 1)
-        for line in (REPO / "deploy" / "server.env.example").read_text().splitlines()
-        if line.startswith("EDGEFLEET_MQTT_CLIENT_ID=") or line.startswith("EDGEFLEET_SHARED_SUBSCRIPTIONS=")
-    )
-    return {
-        "mqtt_client_id": env["EDGEFLEET_MQTT_CLIENT_ID"],
-        "shared_subscriptions": env["EDGEFLEET_SHARED_SUBSCRIPTIONS"] == "true",
-    }
-
-
 def _broker_holds_directive(info: BrokerInfo, device_id: str) -> bool:
     """Whether the broker has a retained directive for ``device_id`` (the server's reading of it)."""
     got = threading.Event()
@@ -224,7 +210,12 @@ def test_what_a_device_sends_after_a_broker_restart_before_the_server_is_back_is
     proxy = TcpFaultProxy(info.host, info.server_port, server_link)
     net.run(proxy.start())
     settings = server_settings(
-        tmp_path, keydir, info, ingest_workers=2, mqtt_port=proxy.port, **_shipped_mqtt_durability()
+        tmp_path,
+        keydir,
+        info,
+        ingest_workers=2,
+        mqtt_port=proxy.port,
+        **mqtt_session_settings(env_file(DEPLOY / "server.env.example")),
     )
     server = ServerThread(settings).start()
     api = ApiClient(server.url)
