@@ -38,12 +38,12 @@ import asyncio
 import contextlib
 import functools
 import threading
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported on first use: httpx costs ~18 MB RSS, paid only when downloading
     import ssl
     from collections.abc import Callable, Hashable
+    from http.cookiejar import CookieJar
 
     import httpx
 
@@ -68,6 +68,8 @@ def default_verify_context() -> ssl.SSLContext:
 
 def _no_cookies() -> CookieJar:
     """A jar that accepts no cookie (every domain is outside ``allowed_domains``)."""
+    from http.cookiejar import CookieJar, DefaultCookiePolicy  # with httpx, which needs it too
+
     return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 

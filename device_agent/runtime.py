@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -394,23 +397,42 @@ class AutoRuntimeFactory:
 def available_runtimes() -> dict[str, Any]:
     """Installed runtimes with versions and providers/delegates, for the device's capabilities.
 
-    Reads package metadata instead of importing, so reporting costs no RSS.
+    Read from the wheels' ``{name}-{version}.dist-info`` directory names on ``sys.path``, neither
+    importing the runtimes nor ``importlib.metadata``: that module and the packages it pulls in
+    (email, zipfile, csv) cost a LiteRT device's idle agent 1.3 MB of its 60 MB.
     """
-    from importlib import metadata
-
     found: dict[str, Any] = {}
     for dist, key in (
         ("onnxruntime", "onnxruntime"),
-        ("ai-edge-litert", "litert"),
-        ("tflite-runtime", "tflite_runtime"),
+        ("ai_edge_litert", "litert"),
+        ("tflite_runtime", "tflite_runtime"),
     ):
-        try:
-            found[key] = {"version": metadata.version(dist)}
-        except metadata.PackageNotFoundError:
-            continue
+        version = installed_version(dist)
+        if version is not None:
+            found[key] = {"version": version}
     if "onnxruntime" in found:
         found["onnxruntime"]["providers"] = ["CPUExecutionProvider"]
     return found
+
+
+def installed_version(dist: str, path: Sequence[str] | None = None) -> str | None:
+    """The version of the distribution ``dist`` (normalized: lower case, ``_`` for ``-`` and ``.``)
+    that an import would find first on ``path`` (default ``sys.path``); None if none is installed.
+
+    A wheel's installer names its metadata directory ``{name}-{version}.dist-info`` with both parts
+    escaped so that neither holds a ``-`` (PEP 427), which this reads."""
+    for entry in sys.path if path is None else path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:  # a zip, a missing or unreadable directory
+            continue
+        for name in names:
+            if not name.endswith(".dist-info"):
+                continue
+            head, _, version = name[: -len(".dist-info")].partition("-")
+            if version and head.lower().replace("-", "_").replace(".", "_") == dist:
+                return version
+    return None
 
 
 class SharedRuntimeFactory:
