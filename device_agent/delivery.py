@@ -57,15 +57,16 @@ def verify_release(
     ``now``: the device's wall clock for the expiry checks (None: the host clock);
     ``fetcher``: how to reach the repository (None: python-tuf's own).
     """
-    updater = new_updater(
-        store.state.root, store.cache_dir, _metadata_url(base_url), fetcher=fetcher, reference_time=now
-    )
-    target = verified_target(updater, store.cache_dir, target_name(ref.name, ref.version))
-    new_root = None
-    if target.root_version > store.state.root_version:
-        new_root = trusted_root_bytes(store.cache_dir, target.root_version)
-    floors = merge_floors(store.state.floors, target.floors)
-    store.advance(root=new_root, floors=floors, repository_url=base_url)
+    with store.cache_lock:  # one Updater at a time on the cache (TrustStore.cache_lock)
+        updater = new_updater(
+            store.state.root, store.cache_dir, _metadata_url(base_url), fetcher=fetcher, reference_time=now
+        )
+        target = verified_target(updater, store.cache_dir, target_name(ref.name, ref.version))
+        new_root = None
+        if target.root_version > store.state.root_version:
+            new_root = trusted_root_bytes(store.cache_dir, target.root_version)
+        floors = merge_floors(store.state.floors, target.floors)
+        store.advance(root=new_root, floors=floors, repository_url=base_url)
     check_agreement(target, directive_sha256=ref.sha256, directive_length=ref.length, hardware_id=hardware_id)
     check_floor(target, floors)
     return target
@@ -83,19 +84,24 @@ def refresh_root(
     """
     if not base_url:
         return DeliveryUnavailable("no repository URL known to refresh the root from")
-    before = store.state.root_version
     failure: DeliveryError | None = None
-    try:
-        updater = new_updater(
-            store.state.root, store.cache_dir, _metadata_url(base_url), fetcher=fetcher, reference_time=now
-        )
-        with tuf_errors():
-            updater.refresh()
-    except DeliveryError as exc:
-        failure = exc  # the root step may have advanced before a later link or role failed
-    after = cached_root_version(store.cache_dir)
-    if after > before:
-        store.advance(root=trusted_root_bytes(store.cache_dir, after))
+    with store.cache_lock:  # one Updater at a time on the cache (TrustStore.cache_lock)
+        before = store.state.root_version
+        try:
+            updater = new_updater(
+                store.state.root,
+                store.cache_dir,
+                _metadata_url(base_url),
+                fetcher=fetcher,
+                reference_time=now,
+            )
+            with tuf_errors():
+                updater.refresh()
+        except DeliveryError as exc:
+            failure = exc  # the root step may have advanced before a later link or role failed
+        after = cached_root_version(store.cache_dir)
+        if after > before:
+            store.advance(root=trusted_root_bytes(store.cache_dir, after))
     return failure
 
 

@@ -6,12 +6,17 @@ the new state, never a mix. The root only moves forward along a verified chain
 (python-tuf walks it); floors only rise; the seq only rises. The provisioned
 root (``AgentConfig.tuf_root_path``) is the anchor the first time, and stays
 the fallback should this file be lost: a device can always re-walk the chain.
+
+Shared between threads: the event loop persists each accepted seq while worker threads check
+releases and walk the root chain. ``advance`` is serialized (one file, one temporary name), and
+``cache_lock`` is held by whoever opens python-tuf on ``cache_dir`` (see ``device_agent.delivery``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +51,11 @@ class TrustStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / STATE_FILE
         self.cache_dir = self.directory / "tuf-cache"
+        # python-tuf's Updater is one per metadata directory: opening one replaces the directory's
+        # root.json link (remove, then symlink), so a second opened meanwhile fails ("File exists").
+        # Held across a whole check or root walk, in the worker thread that runs it.
+        self.cache_lock = threading.Lock()
+        self._lock = threading.RLock()  # the state and its file: advance() from any thread
         self._written: tuple[object, ...] | None = None  # what the file holds, as last read or written
         self.state = self._load(provisioned_root)
         self._keys_for = b""
@@ -74,6 +84,10 @@ class TrustStore:
             return base
 
     def save(self) -> None:
+        with self._lock:
+            self._save()
+
+    def _save(self) -> None:
         s = self.state
         body = {
             "root": s.root.decode(),
@@ -99,23 +113,25 @@ class TrustStore:
         and root the device already knows), it is not written again: each write is two
         fsyncs, and this runs once per install.
         """
-        s = self.state
-        if root is not None and root_version(root) > s.root_version:
-            s.root = root
-        if floors:
-            s.floors = merge_floors(s.floors, floors)
-        if seq is not None and seq > s.last_seq:
-            s.last_seq = seq
-        if repository_url:
-            s.repository_url = repository_url
-        if self._written != _persisted(s):
-            self.save()
+        with self._lock:
+            s = self.state
+            if root is not None and root_version(root) > s.root_version:
+                s.root = root
+            if floors:
+                s.floors = merge_floors(s.floors, floors)
+            if seq is not None and seq > s.last_seq:
+                s.last_seq = seq
+            if repository_url:
+                s.repository_url = repository_url
+            if self._written != _persisted(s):
+                self.save()
 
     def _refresh_keys(self) -> None:
-        if self._keys_for != self.state.root:
-            self._fleet = {k.keyid: k for k in fleet_keys_of(self.state.root)}
-            self._release = {k.keyid: k for k in release_keys_of(self.state.root)}
-            self._keys_for = self.state.root
+        with self._lock:
+            if self._keys_for != self.state.root:
+                self._fleet = {k.keyid: k for k in fleet_keys_of(self.state.root)}
+                self._release = {k.keyid: k for k in release_keys_of(self.state.root)}
+                self._keys_for = self.state.root
 
     @property
     def fleet_keys(self) -> dict[str, PublicKey]:
