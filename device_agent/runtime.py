@@ -419,19 +419,21 @@ def installed_version(dist: str, path: Sequence[str] | None = None) -> str | Non
     """The version of the distribution ``dist`` (normalized: lower case, ``_`` for ``-`` and ``.``)
     that an import would find first on ``path`` (default ``sys.path``); None if none is installed.
 
-    A wheel's installer names its metadata directory ``{name}-{version}.dist-info`` with both parts
-    escaped so that neither holds a ``-`` (PEP 427), which this reads."""
+    Read from the name of its metadata directory: ``{name}-{version}.dist-info`` as installers of
+    wheels write it, with both parts escaped so that neither holds a ``-`` (PEP 427), or setuptools'
+    ``{name}-{version}[-py3.X].egg-info`` (distribution packages still ship some)."""
     for entry in sys.path if path is None else path:
         try:
             names = os.listdir(entry or ".")
         except OSError:  # a zip, a missing or unreadable directory
             continue
         for name in names:
-            if not name.endswith(".dist-info"):
+            stem, dot, kind = name.rpartition(".")
+            if not dot or kind not in ("dist-info", "egg-info"):
                 continue
-            head, _, version = name[: -len(".dist-info")].partition("-")
+            head, _, version = stem.partition("-")
             if version and head.lower().replace("-", "_").replace(".", "_") == dist:
-                return version
+                return version.split("-", 1)[0]  # an egg's "-py3.11" tag is not the version
     return None
 
 

@@ -41,6 +41,8 @@ def test_the_first_on_the_path_wins_and_unreadable_entries_are_passed_over(tmp_p
         (where / f"ai_edge_litert-{version}.dist-info").mkdir(parents=True)
     (first / "ai_edge_litert_extra-9.dist-info").mkdir()  # a longer name with the same start
     (second / "Foo.Bar-1.0rc1.dist-info").mkdir()  # old installers keep the case and the dot
+    (second / "tflite_runtime-2.14.0-py3.11.egg-info").mkdir()  # setuptools, as some distros ship it
+    (second / "numpy-1.26.4.egg-info").write_text("Metadata-Version: 2.1\n")  # an egg-info file
     (first / "onnxruntime").mkdir()  # a package, not its metadata
     zipped, missing = tmp_path / "lib.zip", tmp_path / "nowhere"
     zipped.write_bytes(b"PK\x05\x06" + bytes(18))
@@ -48,6 +50,8 @@ def test_the_first_on_the_path_wins_and_unreadable_entries_are_passed_over(tmp_p
     assert installed_version("ai_edge_litert", path) == "2.3.0"
     assert installed_version("ai_edge_litert", path[3:]) == "1.0"
     assert installed_version("foo_bar", path) == "1.0rc1"
+    assert installed_version("tflite_runtime", path) == "2.14.0"
+    assert installed_version("numpy", path) == "1.26.4"
     assert installed_version("onnxruntime", path) is None
     assert installed_version("ai_edge", path) is None
 
