@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 from tuf.api.metadata import Metadata, Root
-from tuf.ngclient import FetcherInterface
+from tuf.ngclient import FetcherInterface, Updater
 
 from device_agent import wire as protocol
 from device_agent.mirrors import repository_url
@@ -36,8 +36,13 @@ from signing.tuf_client import new_updater, trusted_root_bytes, tuf_errors, veri
 from signing.tuf_release import target_name
 
 
-def _metadata_url(base: str) -> str:
-    return f"{base}/metadata/"
+def _updater(
+    store: TrustStore, base_url: str, now: datetime | None, fetcher: FetcherInterface | None
+) -> Updater:
+    """An Updater anchored on the stored root, caching in the store's directory. Call it, and use
+    what it returns, with ``store.cache_lock`` held: opening one swaps the cache's root.json link."""
+    metadata_url = f"{base_url}/metadata/"
+    return new_updater(store.state.root, store.cache_dir, metadata_url, fetcher=fetcher, reference_time=now)
 
 
 def verify_release(
@@ -57,11 +62,10 @@ def verify_release(
     ``now``: the device's wall clock for the expiry checks (None: the host clock);
     ``fetcher``: how to reach the repository (None: python-tuf's own).
     """
-    with store.cache_lock:  # one Updater at a time on the cache (TrustStore.cache_lock)
-        updater = new_updater(
-            store.state.root, store.cache_dir, _metadata_url(base_url), fetcher=fetcher, reference_time=now
+    with store.cache_lock:
+        target = verified_target(
+            _updater(store, base_url, now, fetcher), store.cache_dir, target_name(ref.name, ref.version)
         )
-        target = verified_target(updater, store.cache_dir, target_name(ref.name, ref.version))
         new_root = None
         if target.root_version > store.state.root_version:
             new_root = trusted_root_bytes(store.cache_dir, target.root_version)
@@ -85,16 +89,10 @@ def refresh_root(
     if not base_url:
         return DeliveryUnavailable("no repository URL known to refresh the root from")
     failure: DeliveryError | None = None
-    with store.cache_lock:  # one Updater at a time on the cache (TrustStore.cache_lock)
+    with store.cache_lock:
         before = store.state.root_version
         try:
-            updater = new_updater(
-                store.state.root,
-                store.cache_dir,
-                _metadata_url(base_url),
-                fetcher=fetcher,
-                reference_time=now,
-            )
+            updater = _updater(store, base_url, now, fetcher)
             with tuf_errors():
                 updater.refresh()
         except DeliveryError as exc:

@@ -432,7 +432,7 @@ def installed_version(dist: str, path: Sequence[str] | None = None) -> str | Non
             if not dot or kind not in ("dist-info", "egg-info"):
                 continue
             head, _, version = stem.partition("-")
-            if version and head.lower().replace("-", "_").replace(".", "_") == dist:
+            if version and head.lower().replace(".", "_") == dist:
                 return version.split("-", 1)[0]  # an egg's "-py3.11" tag is not the version
     return None
 

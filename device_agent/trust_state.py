@@ -85,19 +85,16 @@ class TrustStore:
 
     def save(self) -> None:
         with self._lock:
-            self._save()
-
-    def _save(self) -> None:
-        s = self.state
-        body = {
-            "root": s.root.decode(),
-            "root_version": s.root_version,
-            "last_seq": s.last_seq,
-            "floors": s.floors,
-            "repository_url": s.repository_url,
-        }
-        atomic_write(self.path, json.dumps(body, indent=1, sort_keys=True).encode())
-        self._written = _persisted(s)
+            s = self.state
+            body = {
+                "root": s.root.decode(),
+                "root_version": s.root_version,
+                "last_seq": s.last_seq,
+                "floors": s.floors,
+                "repository_url": s.repository_url,
+            }
+            atomic_write(self.path, json.dumps(body, indent=1, sort_keys=True).encode())
+            self._written = _persisted(s)
 
     def advance(
         self,
